@@ -1,0 +1,12 @@
+//! The keys of every event's metadata: who did it and how. The service layer writes them;
+//! the ledger store reads the tenant from them; the audit projection copies them out.
+
+/// The organization the event belongs to; absent for platform events.
+pub const ORGANIZATION_ID: &str = "organization_id";
+/// `api_key` for requests, `cli:bootstrap` (or another `cli:` command) for the CLI.
+pub const ACTOR_KIND: &str = "actor_kind";
+pub const ACTOR_USER_ID: &str = "actor_user_id";
+pub const ACTOR_KEY_ID: &str = "actor_key_id";
+pub const REQUEST_ID: &str = "request_id";
+pub const CLIENT_IP: &str = "client_ip";
+pub const USER_AGENT: &str = "user_agent";

@@ -1,0 +1,233 @@
+//! Input rules shared by commands and the HTTP layer: names, slugs, country codes, domains,
+//! e-mail addresses. Each returns the normalised value or a message a client can act on.
+
+/// The officially assigned ISO 3166-1 alpha-2 codes.
+const ISO_3166_1_ALPHA_2: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF \
+BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW \
+CX CY CZ DE DJ DK DM DO DZ EC EE EG EH ER ES ET FI FJ FK FM FO FR GA GB GD GE GF GG GH GI GL GM \
+GN GP GQ GR GS GT GU GW GY HK HM HN HR HT HU ID IE IL IM IN IO IQ IR IS IT JE JM JO JP KE KG KH \
+KI KM KN KP KR KW KY KZ LA LB LC LI LK LR LS LT LU LV LY MA MC MD ME MF MG MH MK ML MM MN MO MP \
+MQ MR MS MT MU MV MW MX MY MZ NA NC NE NF NG NI NL NO NP NR NU NZ OM PA PE PF PG PH PK PL PM PN \
+PR PS PT PW PY QA RE RO RS RU RW SA SB SC SD SE SG SH SI SJ SK SL SM SN SO SR SS ST SV SX SY SZ \
+TC TD TF TG TH TJ TK TL TM TN TO TR TT TV TW TZ UA UG UM US UY UZ VA VC VE VG VI VN VU WF WS YE \
+YT ZA ZM ZW";
+
+pub const MAX_NAME_CHARS: usize = 200;
+pub const MAX_DESCRIPTION_CHARS: usize = 2000;
+pub const MAX_EMAIL_CHARS: usize = 254;
+pub const MAX_REASON_CHARS: usize = 500;
+
+/// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters.
+pub fn name(field: &str, value: &str) -> Result<String, String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err(format!("{field} must not be empty"));
+    }
+    if v.chars().count() > MAX_NAME_CHARS {
+        return Err(format!(
+            "{field} must be at most {MAX_NAME_CHARS} characters"
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(format!("{field} must not contain control characters"));
+    }
+    Ok(v.to_string())
+}
+
+/// Free text up to [`MAX_DESCRIPTION_CHARS`] characters (may be empty).
+pub fn description(value: &str) -> Result<String, String> {
+    if value.chars().count() > MAX_DESCRIPTION_CHARS {
+        return Err(format!(
+            "description must be at most {MAX_DESCRIPTION_CHARS} characters"
+        ));
+    }
+    Ok(value.trim().to_string())
+}
+
+/// A URL-safe slug: lower-case ASCII letters, digits and inner hyphens, 1 to 63 characters.
+pub fn slug(value: &str) -> Result<String, String> {
+    let ok = (1..=63).contains(&value.len())
+        && value
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if ok {
+        Ok(value.to_string())
+    } else {
+        Err("slug must be 1-63 characters of a-z, 0-9 and inner hyphens".to_string())
+    }
+}
+
+/// An ISO 3166-1 alpha-2 code, accepted in either case and stored upper-case.
+pub fn country_code(value: &str) -> Result<String, String> {
+    let upper = value.to_ascii_uppercase();
+    if upper.len() == 2
+        && ISO_3166_1_ALPHA_2
+            .split_ascii_whitespace()
+            .any(|c| c == upper)
+    {
+        Ok(upper)
+    } else {
+        Err(format!(
+            "`{value}` is not an ISO 3166-1 alpha-2 country code"
+        ))
+    }
+}
+
+/// A DNS domain name (`example.com`), stored lower-case.
+pub fn domain(value: &str) -> Result<String, String> {
+    let v = value.to_ascii_lowercase();
+    let labels_ok = v.split('.').all(|l| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|c| c.is_ascii_alphanumeric() || c == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    });
+    if v.len() <= 253 && v.contains('.') && labels_ok {
+        Ok(v)
+    } else {
+        Err(format!("`{value}` is not a valid domain name"))
+    }
+}
+
+/// An e-mail address, deliberately strict: `local@domain` with a dotted domain, no spaces.
+/// Returns the address with its domain lower-cased (the local part keeps its case).
+pub fn email(value: &str) -> Result<String, String> {
+    let v = value.trim();
+    let err = || format!("`{v}` is not a valid e-mail address");
+    if v.len() > MAX_EMAIL_CHARS {
+        return Err(err());
+    }
+    let (local, dom) = v.rsplit_once('@').ok_or_else(err)?;
+    let local_ok = (1..=64).contains(&local.len())
+        && local
+            .bytes()
+            .all(|c| c.is_ascii_alphanumeric() || b"!#$%&'*+-/=?^_`{|}~.".contains(&c))
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..");
+    let dom = domain(dom).map_err(|_| err())?;
+    if !local_ok {
+        return Err(err());
+    }
+    Ok(format!("{local}@{dom}"))
+}
+
+/// An optional reason for a state change: trimmed, at most [`MAX_REASON_CHARS`] characters.
+/// A blank reason is no reason, so the events never carry empty strings.
+pub fn reason(value: Option<&str>) -> Result<Option<String>, String> {
+    let Some(v) = value.map(str::trim).filter(|v| !v.is_empty()) else {
+        return Ok(None);
+    };
+    if v.chars().count() > MAX_REASON_CHARS {
+        return Err(format!(
+            "reason must be at most {MAX_REASON_CHARS} characters"
+        ));
+    }
+    Ok(Some(v.to_string()))
+}
+
+/// A BLAKE3 digest in hex. Only lower case is accepted: digests are compared and claimed
+/// as text, so two spellings of one digest must not both exist.
+pub fn hex_digest(field: &str, value: &str) -> Result<String, String> {
+    if value.len() == 64
+        && value
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        Ok(value.to_string())
+    } else {
+        Err(format!("{field} must be 64 lower-case hexadecimal digits"))
+    }
+}
+
+/// The form of an address that uniqueness is decided on: the whole address lower-cased.
+pub fn email_identity(normalised: &str) -> String {
+    normalised.to_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn country_list_is_the_full_iso_table() {
+        assert_eq!(ISO_3166_1_ALPHA_2.split_ascii_whitespace().count(), 249);
+        assert_eq!(country_code("de").unwrap(), "DE");
+        assert!(country_code("XX").is_err());
+        assert!(country_code("DEU").is_err());
+        assert!(country_code("").is_err());
+    }
+
+    #[test]
+    fn names_are_trimmed_and_bounded() {
+        assert_eq!(name("name", "  Acme ").unwrap(), "Acme");
+        assert!(name("name", "   ").is_err());
+        assert!(name("name", &"x".repeat(201)).is_err());
+        assert!(name("name", "a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn slugs_are_url_safe() {
+        assert!(slug("acme-corp-2").is_ok());
+        for bad in [
+            "",
+            "-acme",
+            "acme-",
+            "Acme",
+            "ac me",
+            "acme_corp",
+            &"a".repeat(64),
+        ] {
+            assert!(slug(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn emails() {
+        assert_eq!(email(" Ada@Example.COM ").unwrap(), "Ada@example.com");
+        for bad in [
+            "",
+            "ada",
+            "ada@",
+            "@example.com",
+            "ada@example",
+            "a da@example.com",
+            "ada@@example.com",
+            ".ada@example.com",
+        ] {
+            assert!(email(bad).is_err(), "{bad}");
+        }
+        assert_eq!(email_identity("Ada@example.com"), "ada@example.com");
+    }
+
+    #[test]
+    fn reasons_are_trimmed_bounded_and_blank_means_none() {
+        assert_eq!(reason(None).unwrap(), None);
+        assert_eq!(reason(Some("   ")).unwrap(), None);
+        assert_eq!(reason(Some(" late ")).unwrap().as_deref(), Some("late"));
+        assert!(reason(Some(&"x".repeat(500))).is_ok());
+        assert!(reason(Some(&"x".repeat(501))).is_err());
+    }
+
+    #[test]
+    fn hex_digests_are_64_lower_case_digits() {
+        assert!(hex_digest("hash", &"ab".repeat(32)).is_ok());
+        for bad in [
+            "".to_string(),
+            "ab".repeat(31),
+            "AB".repeat(32),
+            "zz".repeat(32),
+        ] {
+            assert!(hex_digest("hash", &bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn domains() {
+        assert_eq!(domain("Example.COM").unwrap(), "example.com");
+        assert!(domain("localhost").is_err());
+        assert!(domain("-bad.com").is_err());
+    }
+}

@@ -1,0 +1,65 @@
+//! The errors of applying one event and of running projections.
+
+/// Why one event could not be applied to a read model.
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The stored event is not one this projection understands (unknown type or version,
+    /// malformed payload or metadata). Retrying cannot help until the code changes.
+    #[error("cannot decode the event at position {position}: {message}")]
+    Decode { position: i64, message: String },
+    /// The event is well formed but does not fit the read model, e.g. it changes a row that
+    /// was never created. Applying it anyway would let the read model drift silently.
+    #[error("the event at position {position} does not fit the read model: {message}")]
+    Inconsistent { position: i64, message: String },
+}
+
+impl ProjectionError {
+    pub(crate) fn decode(position: i64, message: impl Into<String>) -> Self {
+        Self::Decode { position, message: message.into() }
+    }
+
+    pub(crate) fn inconsistent(position: i64, message: impl Into<String>) -> Self {
+        Self::Inconsistent { position, message: message.into() }
+    }
+
+    /// The SQL error, if the failure belongs to the moment (a lost connection, a deadlock,
+    /// a cancelled statement) rather than to the event: such errors are retried, not
+    /// recorded as the event's failure.
+    pub(crate) fn into_transient(self) -> Result<sqlx::Error, Self> {
+        match self {
+            Self::Sql(e) if is_transient_sql(&e) => Ok(e),
+            other => Err(other),
+        }
+    }
+}
+
+fn is_transient_sql(e: &sqlx::Error) -> bool {
+    match e {
+        // SQLSTATE classes 08 (connection), 40 (serialization failure, deadlock),
+        // 53 (insufficient resources), 57 (operator intervention: cancel, shutdown).
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))),
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        _ => false,
+    }
+}
+
+/// Why running projections did not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("database error: {0}")]
+    Sql(#[from] sqlx::Error),
+    /// The projection is stopped at an event it could not apply; see `projection_failures`.
+    #[error("projection `{name}` is stopped at position {position}: {error}")]
+    Failed { name: &'static str, position: i64, error: String },
+    #[error("unknown projection `{0}`")]
+    UnknownProjection(String),
+}

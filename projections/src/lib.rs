@@ -1,0 +1,51 @@
+//! ledgerline's read models: how each event of the ledger lands in its tables, and the
+//! runner that applies events in position order, exactly once, with a checkpoint per
+//! projection.
+#![forbid(unsafe_code)]
+
+use chrono::{DateTime, Utc};
+use uuid::Uuid;
+
+mod decode;
+mod error;
+mod projection;
+mod projector;
+mod runner;
+
+pub mod api_keys;
+pub mod audit_events;
+pub mod organizations;
+pub mod roles;
+pub mod user_roles;
+pub mod users;
+
+pub use error::{ProjectionError, RunError};
+pub use projection::Projection;
+pub use projector::{Projector, ProjectorHandle};
+pub use runner::{
+    catch_up, names, reset, retry, run_batch, status, BatchOutcome, ProjectionFailure,
+    ProjectionStatus,
+};
+
+/// One row of the ledger's `events` table, as projections and verifiers read it.
+/// `payload` and `metadata` are the exact JSON text stored (and hashed).
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub organization_id: Option<Uuid>,
+    pub recorded_at: DateTime<Utc>,
+    pub payload: String,
+    pub metadata: String,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+/// The column list that [`StoredEvent`] is read with, in field order.
+pub const STORED_EVENT_COLUMNS: &str = "position, aggregate_type, aggregate_id, sequence, \
+     event_type, event_version, organization_id, recorded_at, payload::text AS payload, \
+     metadata::text AS metadata, prev_hash, hash";

@@ -1,0 +1,75 @@
+//! The set of projections, as an enum: each knows its stable name (the checkpoint key), the
+//! tables it owns (what a rebuild truncates) and how to apply one event.
+
+use sqlx::PgConnection;
+
+use crate::{
+    api_keys, audit_events, organizations, roles, user_roles, users, ProjectionError,
+    StoredEvent,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Projection {
+    Organizations,
+    Users,
+    Roles,
+    UserRoles,
+    ApiKeys,
+    AuditEvents,
+}
+
+impl Projection {
+    pub const ALL: [Projection; 6] = [
+        Projection::Organizations,
+        Projection::Users,
+        Projection::Roles,
+        Projection::UserRoles,
+        Projection::ApiKeys,
+        Projection::AuditEvents,
+    ];
+
+    /// Stable: it keys `projection_checkpoints` and `projection_failures`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Projection::Organizations => organizations::NAME,
+            Projection::Users => users::NAME,
+            Projection::Roles => roles::NAME,
+            Projection::UserRoles => user_roles::NAME,
+            Projection::ApiKeys => api_keys::NAME,
+            Projection::AuditEvents => audit_events::NAME,
+        }
+    }
+
+    /// The read-model tables this projection alone writes.
+    pub fn tables(self) -> &'static [&'static str] {
+        match self {
+            Projection::Organizations => organizations::TABLES,
+            Projection::Users => users::TABLES,
+            Projection::Roles => roles::TABLES,
+            Projection::UserRoles => user_roles::TABLES,
+            Projection::ApiKeys => api_keys::TABLES,
+            Projection::AuditEvents => audit_events::TABLES,
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Projection> {
+        Projection::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Applies one event inside the caller's transaction. Events of aggregate types the
+    /// projection does not read are accepted and change nothing.
+    pub async fn apply(
+        self,
+        conn: &mut PgConnection,
+        event: &StoredEvent,
+    ) -> Result<(), ProjectionError> {
+        match self {
+            Projection::Organizations => organizations::apply(conn, event).await,
+            Projection::Users => users::apply(conn, event).await,
+            Projection::Roles => roles::apply(conn, event).await,
+            Projection::UserRoles => user_roles::apply(conn, event).await,
+            Projection::ApiKeys => api_keys::apply(conn, event).await,
+            Projection::AuditEvents => audit_events::apply(conn, event).await,
+        }
+    }
+}

@@ -1,0 +1,328 @@
+//! Applying the log to the read models: a batch of events and the checkpoint that covers it
+//! commit together, so each event takes effect exactly once; an event that cannot be applied
+//! stops its projection there, recorded in `projection_failures`, until an operator retries.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+
+use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+
+/// Batch size for [`catch_up`]: large enough that a rebuild is not dominated by commits.
+const CATCH_UP_BATCH: i64 = 1000;
+
+/// An event a projection could not apply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProjectionFailure {
+    pub position: i64,
+    pub error: String,
+    pub failed_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOutcome {
+    /// `applied` events were applied (0 when there was nothing new); the checkpoint is now
+    /// `checkpoint`.
+    Applied { applied: usize, checkpoint: i64 },
+    /// The projection is stopped just before `failure.position` (`checkpoint` is the last
+    /// event applied). It stays there, whatever the later events, until [`retry`].
+    Failed { checkpoint: i64, failure: ProjectionFailure },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ProjectionStatus {
+    pub name: &'static str,
+    /// The last position applied.
+    pub position: i64,
+    /// The last position in the ledger.
+    pub head: i64,
+    pub lag: i64,
+    pub failures: Vec<ProjectionFailure>,
+}
+
+/// The stable names of all projections, in the order they are run.
+pub fn names() -> Vec<&'static str> {
+    Projection::ALL.iter().map(|p| p.name()).collect()
+}
+
+/// Applies up to `max_events` events after the projection's checkpoint, in one transaction
+/// that also advances the checkpoint. Concurrent runners of the same projection (in this
+/// process or another) serialise on the checkpoint row.
+pub async fn run_batch(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+) -> Result<BatchOutcome, RunError> {
+    let name = projection.name();
+    let mut tx = pool.begin().await?;
+    let checkpoint = lock_checkpoint(&mut tx, name).await?;
+    if let Some(failure) = first_failure(&mut tx, name).await? {
+        tx.commit().await?;
+        return Ok(BatchOutcome::Failed { checkpoint, failure });
+    }
+    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 \
+         ORDER BY position LIMIT $2"
+    ))
+    .bind(checkpoint)
+    .bind(max_events.max(1))
+    .fetch_all(&mut *tx)
+    .await?;
+    match apply_all(&mut tx, projection, &events).await {
+        Ok(()) => {
+            let last = events.last().map_or(checkpoint, |e| e.position);
+            if last != checkpoint {
+                advance(&mut tx, name, last).await?;
+            }
+            tx.commit().await?;
+            Ok(BatchOutcome::Applied { applied: events.len(), checkpoint: last })
+        }
+        Err((index, error)) => {
+            // The failed statement aborted the transaction: start over without the event.
+            tx.rollback().await?;
+            stop_at(pool, projection, checkpoint, &events, index, error).await
+        }
+    }
+}
+
+/// Applies the events before the failing one and records the failure, in one transaction.
+/// If one of those events now fails too (the database changed in between), the projection
+/// stops at that earlier one instead.
+async fn stop_at(
+    pool: &PgPool,
+    projection: Projection,
+    checkpoint: i64,
+    events: &[StoredEvent],
+    mut index: usize,
+    mut error: ProjectionError,
+) -> Result<BatchOutcome, RunError> {
+    let name = projection.name();
+    loop {
+        // A lost connection or a deadlock says nothing about the event: retry the batch
+        // later rather than stop the projection.
+        error = match error.into_transient() {
+            Ok(e) => return Err(RunError::Sql(e)),
+            Err(error) => error,
+        };
+        let mut tx = pool.begin().await?;
+        let now = lock_checkpoint(&mut tx, name).await?;
+        if now != checkpoint {
+            // Another runner got here first; re-applying our prefix would apply it twice.
+            let failure = first_failure(&mut tx, name).await?;
+            tx.commit().await?;
+            return Ok(match failure {
+                Some(failure) => BatchOutcome::Failed { checkpoint: now, failure },
+                None => BatchOutcome::Applied { applied: 0, checkpoint: now },
+            });
+        }
+        let prefix = &events[..index];
+        if let Err((earlier, e)) = apply_all(&mut tx, projection, prefix).await {
+            tx.rollback().await?;
+            (index, error) = (earlier, e);
+            continue;
+        }
+        let last = prefix.last().map_or(checkpoint, |e| e.position);
+        if last != checkpoint {
+            advance(&mut tx, name, last).await?;
+        }
+        let position = events[index].position;
+        let message = error.to_string();
+        let failed_at: DateTime<Utc> = sqlx::query_scalar(
+            "INSERT INTO projection_failures (name, position, error) VALUES ($1, $2, $3) \
+             ON CONFLICT (name, position) DO UPDATE SET error = EXCLUDED.error, \
+             failed_at = now() RETURNING failed_at",
+        )
+        .bind(name)
+        .bind(position)
+        .bind(&message)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        tracing::error!(
+            projection = name,
+            position,
+            error = %message,
+            "projection stopped at an event it cannot apply"
+        );
+        let failure = ProjectionFailure { position, error: message, failed_at };
+        return Ok(BatchOutcome::Failed { checkpoint: last, failure });
+    }
+}
+
+/// Applies `events` in order; on failure, the index of the failing event and why.
+async fn apply_all(
+    conn: &mut PgConnection,
+    projection: Projection,
+    events: &[StoredEvent],
+) -> Result<(), (usize, ProjectionError)> {
+    for (index, event) in events.iter().enumerate() {
+        projection.apply(conn, event).await.map_err(|e| (index, e))?;
+    }
+    Ok(())
+}
+
+/// The projection's checkpoint, locked until the transaction ends (created at 0 if new).
+async fn lock_checkpoint(tx: &mut Transaction<'_, Postgres>, name: &str) -> sqlx::Result<i64> {
+    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .fetch_one(&mut **tx)
+        .await
+}
+
+async fn advance(tx: &mut Transaction<'_, Postgres>, name: &str, position: i64) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+    )
+    .bind(name)
+    .bind(position)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+async fn first_failure(
+    conn: &mut PgConnection,
+    name: &str,
+) -> sqlx::Result<Option<ProjectionFailure>> {
+    let row: Option<(i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT position, error, failed_at FROM projection_failures WHERE name = $1 \
+         ORDER BY position LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(position, error, failed_at)| ProjectionFailure { position, error, failed_at }))
+}
+
+async fn head(pool: &PgPool) -> sqlx::Result<i64> {
+    sqlx::query_scalar("SELECT COALESCE(MAX(position), 0)::bigint FROM events")
+        .fetch_one(pool)
+        .await
+}
+
+/// Runs every projection up to the head as it is now. Each projection is run even if an
+/// earlier one failed, so one broken projection does not hold back the others; the first
+/// failure is then returned.
+pub async fn catch_up(pool: &PgPool) -> Result<(), RunError> {
+    let head = head(pool).await?;
+    let mut first_error = None;
+    for projection in Projection::ALL {
+        let name = projection.name();
+        loop {
+            match run_batch(pool, projection, CATCH_UP_BATCH).await? {
+                BatchOutcome::Applied { applied, checkpoint } => {
+                    if applied > 0 {
+                        tracing::info!(projection = name, position = checkpoint, head, "caught up to");
+                    }
+                    if applied == 0 || checkpoint >= head {
+                        break;
+                    }
+                }
+                BatchOutcome::Failed { failure, .. } => {
+                    first_error.get_or_insert(RunError::Failed {
+                        name,
+                        position: failure.position,
+                        error: failure.error,
+                    });
+                    break;
+                }
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Where every projection stands, for operators and health checks.
+pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
+    let head = head(pool).await?;
+    let checkpoints: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, position FROM projection_checkpoints")
+            .fetch_all(pool)
+            .await?;
+    let failures: Vec<(String, i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT name, position, error, failed_at FROM projection_failures ORDER BY name, position",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(Projection::ALL
+        .iter()
+        .map(|p| {
+            let name = p.name();
+            let position =
+                checkpoints.iter().find(|(n, _)| n == name).map_or(0, |(_, pos)| *pos);
+            let failures = failures
+                .iter()
+                .filter(|(n, ..)| n == name)
+                .map(|(_, position, error, failed_at)| ProjectionFailure {
+                    position: *position,
+                    error: error.clone(),
+                    failed_at: *failed_at,
+                })
+                .collect();
+            ProjectionStatus { name, position, head, lag: head - position, failures }
+        })
+        .collect())
+}
+
+/// Empties the read models of the named projections (all if `None`) and forgets their
+/// checkpoints and failures, in one transaction, so that the next run rebuilds them from
+/// the start of the log. `permissions` (reference data) and `subject_keys` (destroyed keys
+/// must stay destroyed) are never touched.
+pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError> {
+    let mut projections = match names {
+        None => Projection::ALL.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| Projection::from_name(n).ok_or_else(|| RunError::UnknownProjection(n.to_string())))
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    projections.sort_by_key(|p| p.name());
+    projections.dedup();
+    if projections.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    let tables: Vec<&str> = projections.iter().flat_map(|p| p.tables().iter().copied()).collect();
+    let mut tx = pool.begin().await?;
+    // Take the checkpoint rows first, in name order, as runners do: a batch in flight then
+    // finishes before the truncation instead of deadlocking against it.
+    sqlx::query(
+        "SELECT name FROM projection_checkpoints WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+    )
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("TRUNCATE {}", tables.join(", ")))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = ANY($1)")
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("DELETE FROM projection_failures WHERE name = ANY($1)")
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    tracing::info!(projections = ?names, "projections reset; they rebuild from position 0");
+    Ok(())
+}
+
+/// Clears the projection's recorded failures so that its next run tries the failed event
+/// again. It never skips the event: if it still fails, the projection stops there again.
+/// Returns how many failure rows were cleared.
+pub async fn retry(pool: &PgPool, name: &str) -> Result<u64, RunError> {
+    let projection =
+        Projection::from_name(name).ok_or_else(|| RunError::UnknownProjection(name.to_string()))?;
+    let cleared = sqlx::query("DELETE FROM projection_failures WHERE name = $1")
+        .bind(projection.name())
+        .execute(pool)
+        .await?
+        .rows_affected();
+    tracing::info!(projection = name, cleared, "projection failures cleared for a retry");
+    Ok(cleared)
+}

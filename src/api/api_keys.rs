@@ -1,0 +1,156 @@
+//! `/v1/organizations/{org}/api-keys`: issue (the secret is answered once), read, revoke,
+//! rotate. Only the secret's hash and visible prefix are ever stored.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::api_key::ApiKeyCommand;
+use ledgerline_aggregates::permissions::may_grant;
+use ledgerline_aggregates::{Permission, PermissionSet};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path};
+use super::organizations::{self, Reason};
+use super::{users, OptionalJson};
+use crate::app::App;
+use crate::keys;
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ApiKeyView {
+    pub id: Uuid,
+    pub organization_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    pub label: String,
+    pub prefix: String,
+    pub permissions: Vec<String>,
+    pub status: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub rotated_at: Option<DateTime<Utc>>,
+}
+
+/// A key just issued or rotated: the only answer that ever carries its secret.
+#[derive(Debug, Serialize)]
+pub struct IssuedKey {
+    #[serde(flatten)]
+    pub key: ApiKeyView,
+    /// Shown once; ledgerline keeps only its hash.
+    pub secret: String,
+}
+
+const SELECT: &str = "SELECT id, organization_id, user_id, label, prefix, permissions, status, expires_at, created_at, revoked_at, rotated_at FROM api_keys";
+
+async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<ApiKeyView> {
+    sqlx::query_as(&format!("{SELECT} WHERE id = $1 AND organization_id = $2"))
+        .bind(id)
+        .bind(org)
+        .fetch_optional(&app.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("API key"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssueKey {
+    label: String,
+    permissions: PermissionSet,
+    /// The user the key acts as; omitted for a service key.
+    user_id: Option<Uuid>,
+    expires_at: Option<DateTime<Utc>>,
+}
+
+pub async fn issue(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Json(body): Json<IssueKey>,
+) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
+    caller.require_in(org, Permission::KeysWrite)?;
+    organizations::find(&app, org).await?;
+    if let Some(user) = body.user_id {
+        let u = users::find(&app, org, user)
+            .await
+            .map_err(|_| ApiError::invalid("user_id is not a user of this organization"))?;
+        if u.status != "active" {
+            return Err(ApiError::conflict("keys can be issued only for active users"));
+        }
+    }
+    let id = Uuid::new_v4();
+    let secret = keys::generate();
+    let command = ApiKeyCommand::Issue {
+        key_id: id,
+        organization_id: Some(org),
+        user_id: body.user_id,
+        label: body.label,
+        permissions: body.permissions,
+        expires_at: body.expires_at,
+        prefix: secret.prefix.clone(),
+        secret_hash: secret.hash.clone(),
+        bootstrap: false,
+        grantable: caller.permissions.clone(),
+        now: Utc::now(),
+    };
+    app.execute(&app.cqrs.api_keys, id, Some(org), &caller.actor, command).await?;
+    let key = find(&app, org, id).await?;
+    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key, secret: secret.secret })))
+}
+
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::KeysRead)?;
+    organizations::find(&app, org).await?;
+    let items: Vec<ApiKeyView> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"))
+        .bind(org)
+        .fetch_all(&app.pool)
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "items": items })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, key)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<ApiKeyView>> {
+    caller.require_in(org, Permission::KeysRead)?;
+    Ok(axum::Json(find(&app, org, key).await?))
+}
+
+pub async fn revoke(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, key)): Path<(Uuid, Uuid)>,
+    body: OptionalJson<Reason>,
+) -> ApiResult<axum::Json<ApiKeyView>> {
+    caller.require_in(org, Permission::KeysWrite)?;
+    find(&app, org, key).await?;
+    let command = ApiKeyCommand::Revoke { reason: body.0.unwrap_or_default().reason };
+    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(&app, org, key).await?))
+}
+
+/// A new secret for the same key; the old secret stops working with the event.
+pub async fn rotate(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, key)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<IssuedKey>> {
+    caller.require_in(org, Permission::KeysWrite)?;
+    let current = find(&app, org, key).await?;
+    // Holding a fresh secret is holding the key's powers: no more than the caller's own.
+    let held: PermissionSet = current.permissions.iter().filter_map(|p| p.parse().ok()).collect();
+    if !may_grant(&caller.permissions, &held) {
+        return Err(ApiError::forbidden("cannot rotate a key that holds permissions this key does not"));
+    }
+    let secret = keys::generate();
+    let command = ApiKeyCommand::Rotate { prefix: secret.prefix.clone(), secret_hash: secret.hash.clone() };
+    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command).await?;
+    let key = find(&app, org, key).await?;
+    Ok(axum::Json(IssuedKey { key, secret: secret.secret }))
+}

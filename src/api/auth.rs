@@ -1,0 +1,200 @@
+//! Who is calling: the bearer key is looked up on every request (no cache, so a revoked key
+//! fails on its very next request) and turned into effective permissions.
+
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts};
+use axum::http::request::Parts;
+use axum::http::header;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::{Permission, PermissionSet};
+use uuid::Uuid;
+
+use super::error::{ApiError, ApiResult};
+use crate::app::{Actor, App};
+use crate::keys;
+
+/// The authenticated caller of a request.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: Uuid,
+    pub prefix: String,
+    pub organization_id: Option<Uuid>,
+    pub user_id: Option<Uuid>,
+    /// What this request may do: the key's permissions, cut down to its user's roles.
+    pub permissions: PermissionSet,
+    pub actor: Actor,
+}
+
+impl Caller {
+    pub fn is_platform_admin(&self) -> bool {
+        self.permissions.contains(&Permission::PlatformAdmin)
+    }
+
+    pub fn require(&self, p: Permission) -> ApiResult<()> {
+        if self.is_platform_admin() || self.permissions.contains(&p) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!("this key lacks the `{p}` permission")))
+        }
+    }
+
+    /// Access to one organization: another tenant's anything is a 404, so that keys cannot
+    /// probe which organizations exist; within its own, a missing permission is a 403.
+    pub fn require_in(&self, org: Uuid, p: Permission) -> ApiResult<()> {
+        if !self.is_platform_admin() && self.organization_id != Some(org) {
+            return Err(ApiError::not_found("organization"));
+        }
+        self.require(p)
+    }
+}
+
+/// Request facts every handler's events record.
+pub fn request_actor(parts: &Parts) -> Actor {
+    let header = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.chars().take(512).collect::<String>())
+    };
+    Actor {
+        kind: "api_key".into(),
+        user_id: None,
+        key_id: None,
+        request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
+        client_ip: parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(a)| a.ip().to_string()),
+        user_agent: header(header::USER_AGENT.as_str()),
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct KeyRow {
+    id: Uuid,
+    organization_id: Option<Uuid>,
+    user_id: Option<Uuid>,
+    key_hash: String,
+    permissions: Vec<String>,
+    status: String,
+    expires_at: Option<DateTime<Utc>>,
+    org_status: Option<String>,
+    user_status: Option<String>,
+}
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>`"))?
+            .to_str()
+            .ok()
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(str::trim)
+            .ok_or_else(|| ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`"))?;
+        let invalid = || ApiError::unauthorized("invalid API key");
+        let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
+        let row: KeyRow = sqlx::query_as(
+            "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
+                    o.status AS org_status, u.status AS user_status
+             FROM api_keys k
+             LEFT JOIN organizations o ON o.id = k.organization_id
+             LEFT JOIN users u ON u.id = k.user_id
+             WHERE k.prefix = $1",
+        )
+        .bind(prefix)
+        .fetch_optional(&app.pool)
+        .await?
+        .ok_or_else(invalid)?;
+        if !keys::matches(presented, &row.key_hash) {
+            return Err(invalid());
+        }
+        if row.status != "active" {
+            return Err(ApiError::unauthorized("this API key has been revoked"));
+        }
+        if row.expires_at.is_some_and(|t| t <= Utc::now()) {
+            return Err(ApiError::unauthorized("this API key has expired"));
+        }
+        if row.organization_id.is_some() && row.org_status.as_deref() != Some("active") {
+            return Err(ApiError::unauthorized("this key's organization is suspended"));
+        }
+        if row.user_id.is_some() && row.user_status.as_deref() != Some("active") {
+            return Err(ApiError::unauthorized("this key's user is not active"));
+        }
+        let mut permissions: PermissionSet = row.permissions.iter().filter_map(|p| p.parse().ok()).collect();
+        if let Some(user) = row.user_id {
+            let held = user_permissions(&app.pool, user).await?;
+            permissions.retain(|p| held.contains(p));
+        }
+        let mut actor = request_actor(parts);
+        actor.key_id = Some(row.id);
+        actor.user_id = row.user_id;
+        Ok(Caller {
+            key_id: row.id,
+            prefix: prefix.to_string(),
+            organization_id: row.organization_id,
+            user_id: row.user_id,
+            permissions,
+            actor,
+        })
+    }
+}
+
+/// A user's permissions now: its unexpired role assignments, each role with its ancestors.
+pub async fn user_permissions(pool: &sqlx::PgPool, user_id: Uuid) -> Result<PermissionSet, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "WITH RECURSIVE granted(id, parent, depth) AS (
+             SELECT r.id, r.parent_role_id, 0
+             FROM user_roles ur JOIN roles r ON r.id = ur.role_id
+             WHERE ur.user_id = $1 AND (ur.expires_at IS NULL OR ur.expires_at > now())
+           UNION
+             SELECT p.id, p.parent_role_id, g.depth + 1
+             FROM roles p JOIN granted g ON p.id = g.parent
+             WHERE g.depth < 64
+         )
+         SELECT DISTINCT rp.permission FROM granted g JOIN role_permissions rp ON rp.role_id = g.id",
+    )
+    .bind(user_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().filter_map(|(p,)| p.parse().ok()).collect())
+}
+
+/// A role's effective permissions: its own and every ancestor's.
+pub async fn role_permissions(pool: &sqlx::PgPool, role_id: Uuid) -> Result<PermissionSet, sqlx::Error> {
+    let rows: Vec<(String,)> = sqlx::query_as(
+        "WITH RECURSIVE chain(id, parent, depth) AS (
+             SELECT id, parent_role_id, 0 FROM roles WHERE id = $1
+           UNION
+             SELECT p.id, p.parent_role_id, c.depth + 1 FROM roles p JOIN chain c ON p.id = c.parent
+             WHERE c.depth < 64
+         )
+         SELECT DISTINCT rp.permission FROM chain c JOIN role_permissions rp ON rp.role_id = c.id",
+    )
+    .bind(role_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().filter_map(|(p,)| p.parse().ok()).collect())
+}
+
+/// A role and its ancestors, nearest first (the role itself included).
+pub async fn role_ancestry(pool: &sqlx::PgPool, role_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
+    let rows: Vec<(Uuid,)> = sqlx::query_as(
+        "WITH RECURSIVE chain(id, parent, depth) AS (
+             SELECT id, parent_role_id, 0 FROM roles WHERE id = $1
+           UNION
+             SELECT p.id, p.parent_role_id, c.depth + 1 FROM roles p JOIN chain c ON p.id = c.parent
+             WHERE c.depth < 64
+         )
+         SELECT id FROM chain ORDER BY depth",
+    )
+    .bind(role_id)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows.into_iter().map(|(id,)| id).collect())
+}

@@ -1,0 +1,119 @@
+//! The one error type of the HTTP API and its one JSON shape:
+//! `{"error": {"status": 422, "code": "invalid", "message": "..."}}`.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ledgerline_aggregates::Rejection;
+use serde_json::json;
+
+use crate::app::CommandError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, m)
+    }
+    pub fn invalid(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNPROCESSABLE_ENTITY, m)
+    }
+    pub fn unauthorized(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, m)
+    }
+    pub fn forbidden(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, m)
+    }
+    pub fn not_found(what: &str) -> Self {
+        Self::new(StatusCode::NOT_FOUND, format!("{what} not found"))
+    }
+    pub fn conflict(m: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, m)
+    }
+    /// The cause goes to the log, never to the client.
+    pub fn internal(cause: impl std::fmt::Display) -> Self {
+        tracing::error!(error = %cause, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+
+    fn code(&self) -> &'static str {
+        match self.status {
+            StatusCode::BAD_REQUEST => "bad_request",
+            StatusCode::UNAUTHORIZED => "unauthorized",
+            StatusCode::FORBIDDEN => "forbidden",
+            StatusCode::NOT_FOUND => "not_found",
+            StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+            StatusCode::CONFLICT => "conflict",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            StatusCode::UNPROCESSABLE_ENTITY => "invalid",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            _ => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"status": self.status.as_u16(), "code": self.code(), "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::internal(e)
+    }
+}
+
+/// Something a rejected command can say about itself.
+pub trait Rejectable: std::error::Error {
+    fn rejection(&self) -> Rejection;
+}
+
+macro_rules! rejectable {
+    ($($t:ty),*) => {$(
+        impl Rejectable for $t {
+            fn rejection(&self) -> Rejection {
+                <$t>::rejection(self)
+            }
+        }
+    )*};
+}
+rejectable!(
+    ledgerline_aggregates::organization::OrganizationError,
+    ledgerline_aggregates::user::UserError,
+    ledgerline_aggregates::role::RoleError,
+    ledgerline_aggregates::api_key::ApiKeyError
+);
+
+impl<E: Rejectable> From<CommandError<E>> for ApiError {
+    fn from(e: CommandError<E>) -> Self {
+        match e {
+            CommandError::Rejected(e) => {
+                let status = match e.rejection() {
+                    Rejection::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
+                    Rejection::NotFound => StatusCode::NOT_FOUND,
+                    Rejection::Conflict => StatusCode::CONFLICT,
+                    Rejection::Forbidden => StatusCode::FORBIDDEN,
+                };
+                ApiError::new(status, e.to_string())
+            }
+            CommandError::Conflict => ApiError::conflict(e.to_string()),
+            CommandError::Taken(scope) => ApiError::conflict(format!("{} is already taken", scope.replace('_', " "))),
+            CommandError::Internal(cause) => ApiError::internal(cause),
+        }
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

@@ -1,0 +1,75 @@
+//! The auditor's raw view of the ledger: the head, and one tenant's events exactly as
+//! stored (payload and metadata as the hashed JSON text) with their hashes.
+
+use axum::extract::State;
+use chrono::SecondsFormat;
+use ledgerline_aggregates::Permission;
+use ledgerline_projections::STORED_EVENT_COLUMNS;
+use serde::Deserialize;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Path, Query};
+use super::organizations;
+use crate::app::App;
+use crate::ledger::verify::StoredEventRow;
+
+pub async fn head(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require(Permission::LedgerRead)?;
+    let head = app.store.head().await?;
+    Ok(axum::Json(json!({ "position": head.position, "hash": hex::encode(head.hash) })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Only events after this position (the `next_cursor` of the previous page).
+    after: Option<i64>,
+    limit: Option<i64>,
+}
+
+pub async fn events(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Query(q): Query<EventsQuery>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::LedgerRead)?;
+    organizations::find(&app, org).await?;
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
+    }
+    let rows: Vec<StoredEventRow> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND position > $2 ORDER BY position LIMIT $3"
+    ))
+    .bind(org)
+    .bind(q.after.unwrap_or(0))
+    .bind(limit)
+    .fetch_all(&app.pool)
+    .await?;
+    let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.0.position)).flatten();
+    let items: Vec<_> = rows
+        .into_iter()
+        .map(|StoredEventRow(e)| {
+            json!({
+                "position": e.position,
+                "aggregate_type": e.aggregate_type,
+                "aggregate_id": e.aggregate_id,
+                "sequence": e.sequence,
+                "event_type": e.event_type,
+                "event_version": e.event_version,
+                "organization_id": e.organization_id,
+                "recorded_at": e.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                "recorded_at_micros": e.recorded_at.timestamp_micros(),
+                "payload": e.payload,
+                "metadata": e.metadata,
+                "prev_hash": hex::encode(&e.prev_hash),
+                "hash": hex::encode(&e.hash),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })))
+}

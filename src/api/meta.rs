@@ -1,0 +1,92 @@
+//! Health, readiness, the caller's own identity, and the OpenAPI document.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use serde_json::json;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::ROUTES;
+use crate::app::App;
+
+pub async fn healthz() -> axum::Json<serde_json::Value> {
+    axum::Json(json!({ "status": "ok" }))
+}
+
+/// Ready when the database answers and no projection is stopped on a failure.
+pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::Value>> {
+    let statuses = ledgerline_projections::status(&app.pool)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database not ready: {e}")))?;
+    let failed: Vec<_> = statuses.iter().filter(|s| !s.failures.is_empty()).map(|s| s.name).collect();
+    if !failed.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("projections stopped on a failure: {}", failed.join(", ")),
+        ));
+    }
+    Ok(axum::Json(json!({ "status": "ready" })))
+}
+
+pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+    let organization = match caller.organization_id {
+        Some(org) => Some(super::organizations::find(&app, org).await?),
+        None => None,
+    };
+    Ok(axum::Json(json!({
+        "key": { "id": caller.key_id, "prefix": caller.prefix },
+        "user_id": caller.user_id,
+        "organization": organization,
+        "permissions": caller.permissions,
+    })))
+}
+
+/// The OpenAPI 3.1 document, generated from the same route table the router is checked against.
+pub async fn openapi() -> axum::Json<serde_json::Value> {
+    axum::Json(document())
+}
+
+pub fn document() -> serde_json::Value {
+    let mut paths = serde_json::Map::new();
+    for r in ROUTES {
+        let params: Vec<_> = r
+            .path
+            .split('/')
+            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
+            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+            .collect();
+        let mut op = json!({
+            "summary": r.summary,
+            "operationId": format!("{}_{}", r.method.to_lowercase(), r.path.trim_start_matches('/').replace(['/', '{', '}', '-'], "_")),
+            "parameters": params,
+            "responses": {
+                "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            }
+        });
+        op["responses"][r.success.to_string()] = json!({"description": "success"});
+        if let Some(p) = r.permission {
+            op["security"] = json!([{ "bearer": [] }]);
+            op["x-permission"] = json!(p);
+        }
+        paths
+            .entry(r.path.to_string())
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .expect("object")
+            .insert(r.method.to_lowercase(), op);
+    }
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "ledgerline", "version": env!("CARGO_PKG_VERSION")},
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {"Error": {
+                "type": "object",
+                "properties": {"error": {"type": "object", "properties": {
+                    "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"}
+                }}}
+            }}
+        }
+    })
+}

@@ -1,0 +1,151 @@
+//! The HTTP API: the router, its route table (which the OpenAPI document is generated from),
+//! and the extractors and middleware every route shares.
+
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::http::{HeaderName, StatusCode};
+use axum::routing::{get, post, put};
+use axum::Router;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+use crate::app::App;
+use error::ApiError;
+
+pub mod api_keys;
+pub mod audit;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod ledger;
+pub mod meta;
+pub mod organizations;
+pub mod roles;
+pub mod users;
+
+/// Request bodies over this many bytes get a 413.
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+
+/// One route as documented: the router below must serve every entry (a test checks it).
+pub struct RouteDoc {
+    pub method: &'static str,
+    pub path: &'static str,
+    pub permission: Option<&'static str>,
+    pub success: u16,
+    pub summary: &'static str,
+}
+
+const fn r(method: &'static str, path: &'static str, permission: Option<&'static str>, success: u16, summary: &'static str) -> RouteDoc {
+    RouteDoc { method, path, permission, success, summary }
+}
+
+const ORG: &str = "/v1/organizations/{org}";
+
+pub const ROUTES: &[RouteDoc] = &[
+    r("GET", "/healthz", None, 200, "Liveness"),
+    r("GET", "/readyz", None, 200, "Readiness: database up, no projection failed"),
+    r("GET", "/v1/openapi.json", None, 200, "This document"),
+    r("GET", "/v1/me", Some("any"), 200, "The calling key, its organization and effective permissions"),
+    r("POST", "/v1/organizations", Some("platform:admin"), 201, "Create an organization with its built-in roles"),
+    r("GET", "/v1/organizations", Some("organizations:read"), 200, "List organizations"),
+    r("GET", "/v1/organizations/{org}", Some("organizations:read"), 200, "Read an organization"),
+    r("PATCH", "/v1/organizations/{org}", Some("organizations:write"), 200, "Update an organization"),
+    r("POST", "/v1/organizations/{org}/suspend", Some("platform:admin"), 200, "Suspend: every key of the organization stops working"),
+    r("POST", "/v1/organizations/{org}/reactivate", Some("platform:admin"), 200, "Reactivate a suspended organization"),
+    r("POST", "/v1/organizations/{org}/users", Some("users:write"), 201, "Invite a user"),
+    r("GET", "/v1/organizations/{org}/users", Some("users:read"), 200, "List users"),
+    r("GET", "/v1/organizations/{org}/users/{user}", Some("users:read"), 200, "Read a user"),
+    r("PATCH", "/v1/organizations/{org}/users/{user}", Some("users:write"), 200, "Update a user's e-mail or name"),
+    r("POST", "/v1/organizations/{org}/users/{user}/deactivate", Some("users:write"), 200, "Deactivate a user"),
+    r("POST", "/v1/organizations/{org}/users/{user}/reactivate", Some("users:write"), 200, "Reactivate a user"),
+    r("POST", "/v1/organizations/{org}/users/{user}/erase", Some("users:erase"), 200, "Erase a user's personal data (crypto-shredding)"),
+    r("GET", "/v1/organizations/{org}/users/{user}/roles", Some("roles:read"), 200, "List a user's role assignments"),
+    r("PUT", "/v1/organizations/{org}/users/{user}/roles/{role}", Some("roles:write"), 200, "Assign a role, optionally until a time"),
+    r("DELETE", "/v1/organizations/{org}/users/{user}/roles/{role}", Some("roles:write"), 204, "Revoke a role assignment"),
+    r("POST", "/v1/organizations/{org}/roles", Some("roles:write"), 201, "Create a role"),
+    r("GET", "/v1/organizations/{org}/roles", Some("roles:read"), 200, "List roles"),
+    r("GET", "/v1/organizations/{org}/roles/{role}", Some("roles:read"), 200, "Read a role with its effective permissions"),
+    r("PATCH", "/v1/organizations/{org}/roles/{role}", Some("roles:write"), 200, "Change a role"),
+    r("DELETE", "/v1/organizations/{org}/roles/{role}", Some("roles:write"), 204, "Delete a role (not a built-in one)"),
+    r("POST", "/v1/organizations/{org}/api-keys", Some("keys:write"), 201, "Issue an API key; the secret is answered once"),
+    r("GET", "/v1/organizations/{org}/api-keys", Some("keys:read"), 200, "List API keys (never their secrets)"),
+    r("GET", "/v1/organizations/{org}/api-keys/{key}", Some("keys:read"), 200, "Read an API key"),
+    r("POST", "/v1/organizations/{org}/api-keys/{key}/revoke", Some("keys:write"), 200, "Revoke an API key, effective on the next request"),
+    r("POST", "/v1/organizations/{org}/api-keys/{key}/rotate", Some("keys:write"), 200, "Give a key a new secret; the old one stops working"),
+    r("GET", "/v1/organizations/{org}/audit-events", Some("audit:read"), 200, "The audit view, filtered and paged"),
+    r("GET", "/v1/organizations/{org}/ledger/events", Some("ledger:read"), 200, "The tenant's raw ledger events with hashes"),
+    r("GET", "/v1/ledger/head", Some("ledger:read"), 200, "The ledger head: position and hash"),
+];
+
+pub fn router(app: App) -> Router {
+    let x_request_id = HeaderName::from_static("x-request-id");
+    let o = |p: &str| format!("{ORG}{p}");
+    Router::new()
+        .route("/healthz", get(meta::healthz))
+        .route("/readyz", get(meta::readyz))
+        .route("/v1/openapi.json", get(meta::openapi))
+        .route("/v1/me", get(meta::me))
+        .route("/v1/organizations", post(organizations::create).get(organizations::list))
+        .route(ORG, get(organizations::get).patch(organizations::update))
+        .route(&o("/suspend"), post(organizations::suspend))
+        .route(&o("/reactivate"), post(organizations::reactivate))
+        .route(&o("/users"), post(users::invite).get(users::list))
+        .route(&o("/users/{user}"), get(users::get).patch(users::update))
+        .route(&o("/users/{user}/deactivate"), post(users::deactivate))
+        .route(&o("/users/{user}/reactivate"), post(users::reactivate))
+        .route(&o("/users/{user}/erase"), post(users::erase))
+        .route(&o("/users/{user}/roles"), get(roles::list_assignments))
+        .route(&o("/users/{user}/roles/{role}"), put(roles::assign).delete(roles::revoke))
+        .route(&o("/roles"), post(roles::create).get(roles::list))
+        .route(&o("/roles/{role}"), get(roles::get).patch(roles::update).delete(roles::delete))
+        .route(&o("/api-keys"), post(api_keys::issue).get(api_keys::list))
+        .route(&o("/api-keys/{key}"), get(api_keys::get))
+        .route(&o("/api-keys/{key}/revoke"), post(api_keys::revoke))
+        .route(&o("/api-keys/{key}/rotate"), post(api_keys::rotate))
+        .route(&o("/audit-events"), get(audit::list))
+        .route(&o("/ledger/events"), get(ledger::events))
+        .route("/v1/ledger/head", get(ledger::head))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
+        .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route") })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
+        .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
+            let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
+            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
+        }))
+        .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .with_state(app)
+}
+
+/// A JSON body that may be absent (empty), with our error shape when present and wrong.
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = Bytes::from_request(req, state)
+            .await
+            .map_err(|r| ApiError::new(r.status(), if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "request body is larger than 1 MiB".to_string() } else { r.body_text() }))?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        serde_json::from_slice(&bytes).map(|v| OptionalJson(Some(v))).map_err(|e| {
+            if e.is_data() {
+                ApiError::invalid(format!("invalid request body: {e}"))
+            } else {
+                ApiError::bad_request(format!("malformed JSON: {e}"))
+            }
+        })
+    }
+}
+
+/// For PATCH fields where absent means "leave it" and `null` means "clear it".
+pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+    Option::<T>::deserialize(d).map(Some)
+}

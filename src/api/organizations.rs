@@ -1,0 +1,179 @@
+//! `/v1/organizations`: create (platform operator), read, update, suspend, reactivate.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
+use ledgerline_aggregates::role::RoleCommand;
+use ledgerline_aggregates::{Permission, PermissionSet};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path};
+use super::double_option;
+use crate::app::{Actor, App};
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct OrganizationView {
+    pub id: Uuid,
+    pub name: String,
+    pub slug: String,
+    pub country_code: Option<String>,
+    pub domain: Option<String>,
+    pub settings: serde_json::Value,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SELECT: &str = "SELECT id, name, slug, country_code, domain, settings, status, created_at, updated_at FROM organizations";
+
+pub async fn find(app: &App, id: Uuid) -> ApiResult<OrganizationView> {
+    sqlx::query_as(&format!("{SELECT} WHERE id = $1"))
+        .bind(id)
+        .fetch_optional(&app.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("organization"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrganization {
+    name: String,
+    slug: String,
+    country_code: Option<String>,
+    domain: Option<String>,
+    #[serde(default)]
+    settings: serde_json::Map<String, serde_json::Value>,
+}
+
+pub async fn create(
+    State(app): State<App>,
+    caller: Caller,
+    Json(body): Json<CreateOrganization>,
+) -> ApiResult<(StatusCode, axum::Json<OrganizationView>)> {
+    caller.require(Permission::PlatformAdmin)?;
+    let id = Uuid::new_v4();
+    let command = OrganizationCommand::Create {
+        organization_id: id,
+        name: body.name,
+        slug: body.slug,
+        country_code: body.country_code,
+        domain: body.domain,
+        settings: body.settings,
+    };
+    app.execute(&app.cqrs.organizations, id, Some(id), &caller.actor, command).await?;
+    create_built_in_roles(&app, id, &caller.actor).await?;
+    Ok((StatusCode::CREATED, axum::Json(find(&app, id).await?)))
+}
+
+/// Every organization starts with the built-in roles, each a real role made by events.
+/// Their ids are derived from the organization's, so a creation interrupted between the
+/// organization and its roles can be completed by running this again.
+pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiResult<()> {
+    let everything: PermissionSet = Permission::ALL.into_iter().collect();
+    for name in built_in_roles::NAMES {
+        let role_id = built_in_roles::role_id(org, name);
+        let command = RoleCommand::Create {
+            role_id,
+            organization_id: org,
+            name: name.to_string(),
+            description: built_in_roles::description(name).to_string(),
+            permissions: built_in_roles::permissions(name).expect("built-in role"),
+            parent_role_id: None,
+            built_in: true,
+            grantable: everything.clone(),
+        };
+        app.execute(&app.cqrs.roles, role_id, Some(org), actor, command).await?;
+    }
+    Ok(())
+}
+
+pub async fn list(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+    let items: Vec<OrganizationView> = if caller.is_platform_admin() {
+        sqlx::query_as(&format!("{SELECT} ORDER BY created_at, id"))
+            .fetch_all(&app.pool)
+            .await?
+    } else {
+        caller.require(Permission::OrganizationsRead)?;
+        sqlx::query_as(&format!("{SELECT} WHERE id = $1"))
+            .bind(caller.organization_id)
+            .fetch_all(&app.pool)
+            .await?
+    };
+    Ok(axum::Json(serde_json::json!({ "items": items })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<OrganizationView>> {
+    caller.require_in(org, Permission::OrganizationsRead)?;
+    Ok(axum::Json(find(&app, org).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateOrganization {
+    name: Option<String>,
+    slug: Option<String>,
+    #[serde(default, deserialize_with = "double_option")]
+    country_code: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    domain: Option<Option<String>>,
+    settings: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+pub async fn update(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Json(body): Json<UpdateOrganization>,
+) -> ApiResult<axum::Json<OrganizationView>> {
+    caller.require_in(org, Permission::OrganizationsWrite)?;
+    find(&app, org).await?;
+    let command = OrganizationCommand::Update {
+        name: body.name,
+        slug: body.slug,
+        country_code: body.country_code,
+        domain: body.domain,
+        settings: body.settings,
+    };
+    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(&app, org).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reason {
+    pub reason: Option<String>,
+}
+
+/// Suspension is the platform operator's act: it stops every key of the organization.
+pub async fn suspend(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    body: super::OptionalJson<Reason>,
+) -> ApiResult<axum::Json<OrganizationView>> {
+    caller.require(Permission::PlatformAdmin)?;
+    find(&app, org).await?;
+    let command = OrganizationCommand::Suspend { reason: body.0.unwrap_or_default().reason };
+    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(&app, org).await?))
+}
+
+pub async fn reactivate(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<OrganizationView>> {
+    caller.require(Permission::PlatformAdmin)?;
+    find(&app, org).await?;
+    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, OrganizationCommand::Reactivate)
+        .await?;
+    Ok(axum::Json(find(&app, org).await?))
+}

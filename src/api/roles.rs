@@ -1,0 +1,295 @@
+//! `/v1/organizations/{org}/roles` and role assignments under `.../users/{user}/roles`.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::permissions::{may_grant, missing};
+use ledgerline_aggregates::role::RoleCommand;
+use ledgerline_aggregates::user::UserCommand;
+use ledgerline_aggregates::{Permission, PermissionSet};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::{role_ancestry, role_permissions, Caller};
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path};
+use super::{double_option, organizations, users, OptionalJson};
+use crate::app::App;
+
+#[derive(Debug, sqlx::FromRow)]
+struct RoleRow {
+    id: Uuid,
+    organization_id: Uuid,
+    name: String,
+    description: String,
+    parent_role_id: Option<Uuid>,
+    is_built_in: bool,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RoleView {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub name: String,
+    pub description: String,
+    pub parent_role_id: Option<Uuid>,
+    pub built_in: bool,
+    /// The role's own permissions.
+    pub permissions: Vec<Permission>,
+    /// Its own and every ancestor's: what holding the role grants.
+    pub effective_permissions: Vec<Permission>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SELECT: &str = "SELECT id, organization_id, name, description, parent_role_id, is_built_in, created_at, updated_at FROM roles";
+
+async fn view(app: &App, r: RoleRow) -> ApiResult<RoleView> {
+    let own: Vec<(String,)> = sqlx::query_as("SELECT permission FROM role_permissions WHERE role_id = $1")
+        .bind(r.id)
+        .fetch_all(&app.pool)
+        .await?;
+    let own: PermissionSet = own.into_iter().filter_map(|(p,)| p.parse().ok()).collect();
+    let effective = role_permissions(&app.pool, r.id).await?;
+    Ok(RoleView {
+        id: r.id,
+        organization_id: r.organization_id,
+        name: r.name,
+        description: r.description,
+        parent_role_id: r.parent_role_id,
+        built_in: r.is_built_in,
+        permissions: own.into_iter().collect(),
+        effective_permissions: effective.into_iter().collect(),
+        created_at: r.created_at,
+        updated_at: r.updated_at,
+    })
+}
+
+async fn find_row(app: &App, org: Uuid, id: Uuid) -> ApiResult<RoleRow> {
+    sqlx::query_as(&format!("{SELECT} WHERE id = $1 AND organization_id = $2"))
+        .bind(id)
+        .bind(org)
+        .fetch_optional(&app.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("role"))
+}
+
+pub async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<RoleView> {
+    let row = find_row(app, org, id).await?;
+    view(app, row).await
+}
+
+/// A parent named in a request must be a role of the same organization.
+async fn check_parent(app: &App, org: Uuid, parent: Uuid) -> ApiResult<()> {
+    find_row(app, org, parent)
+        .await
+        .map(|_| ())
+        .map_err(|_| ApiError::invalid("parent_role_id is not a role of this organization"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRole {
+    name: String,
+    #[serde(default)]
+    description: String,
+    #[serde(default)]
+    permissions: PermissionSet,
+    parent_role_id: Option<Uuid>,
+}
+
+/// What the caller may put into a role: its own permissions, less what a parent already
+/// grants being irrelevant — the whole effective set of the role must be grantable.
+fn check_grantable(caller: &Caller, effective: &PermissionSet) -> ApiResult<()> {
+    if may_grant(&caller.permissions, effective) {
+        Ok(())
+    } else {
+        let names: Vec<String> = missing(&caller.permissions, effective).iter().map(|p| p.to_string()).collect();
+        Err(ApiError::forbidden(format!("cannot grant permissions this key does not hold: {}", names.join(", "))))
+    }
+}
+
+pub async fn create(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Json(body): Json<CreateRole>,
+) -> ApiResult<(StatusCode, axum::Json<RoleView>)> {
+    caller.require_in(org, Permission::RolesWrite)?;
+    organizations::find(&app, org).await?;
+    let mut effective = body.permissions.clone();
+    if let Some(parent) = body.parent_role_id {
+        check_parent(&app, org, parent).await?;
+        effective.extend(role_permissions(&app.pool, parent).await?);
+    }
+    check_grantable(&caller, &effective)?;
+    let id = Uuid::new_v4();
+    let command = RoleCommand::Create {
+        role_id: id,
+        organization_id: org,
+        name: body.name,
+        description: body.description,
+        permissions: body.permissions,
+        parent_role_id: body.parent_role_id,
+        built_in: false,
+        grantable: caller.permissions.clone(),
+    };
+    app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command).await?;
+    Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
+}
+
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::RolesRead)?;
+    organizations::find(&app, org).await?;
+    let rows: Vec<RoleRow> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, name"))
+        .bind(org)
+        .fetch_all(&app.pool)
+        .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    for r in rows {
+        items.push(view(&app, r).await?);
+    }
+    Ok(axum::Json(serde_json::json!({ "items": items })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, role)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<RoleView>> {
+    caller.require_in(org, Permission::RolesRead)?;
+    Ok(axum::Json(find(&app, org, role).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRole {
+    name: Option<String>,
+    description: Option<String>,
+    permissions: Option<PermissionSet>,
+    #[serde(default, deserialize_with = "double_option")]
+    parent_role_id: Option<Option<Uuid>>,
+}
+
+pub async fn update(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, role)): Path<(Uuid, Uuid)>,
+    Json(body): Json<UpdateRole>,
+) -> ApiResult<axum::Json<RoleView>> {
+    caller.require_in(org, Permission::RolesWrite)?;
+    let current = find(&app, org, role).await?;
+    let parent = body.parent_role_id.unwrap_or(current.parent_role_id);
+    let mut effective: PermissionSet = body
+        .permissions
+        .clone()
+        .unwrap_or_else(|| current.permissions.iter().copied().collect());
+    let mut ancestry = Vec::new();
+    if let Some(p) = parent {
+        check_parent(&app, org, p).await?;
+        ancestry = role_ancestry(&app.pool, p).await?;
+        effective.extend(role_permissions(&app.pool, p).await?);
+    }
+    check_grantable(&caller, &effective)?;
+    let command = RoleCommand::Update {
+        name: body.name,
+        description: body.description,
+        permissions: body.permissions,
+        parent_role_id: body.parent_role_id,
+        parent_ancestry: ancestry,
+        grantable: caller.permissions.clone(),
+    };
+    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(&app, org, role).await?))
+}
+
+pub async fn delete(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, role)): Path<(Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    caller.require_in(org, Permission::RolesWrite)?;
+    find(&app, org, role).await?;
+    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, RoleCommand::Delete).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Assign {
+    expires_at: Option<DateTime<Utc>>,
+    reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct AssignmentView {
+    pub role_id: Uuid,
+    pub role_name: String,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub reason: Option<String>,
+    pub assigned_at: DateTime<Utc>,
+    /// False once `expires_at` has passed: an expired assignment grants nothing.
+    pub active: bool,
+}
+
+async fn assignments(app: &App, user: Uuid) -> ApiResult<Vec<AssignmentView>> {
+    Ok(sqlx::query_as(
+        "SELECT ur.role_id, r.name AS role_name, ur.expires_at, ur.reason, ur.assigned_at,
+                (ur.expires_at IS NULL OR ur.expires_at > now()) AS active
+         FROM user_roles ur JOIN roles r ON r.id = ur.role_id
+         WHERE ur.user_id = $1 ORDER BY r.name",
+    )
+    .bind(user)
+    .fetch_all(&app.pool)
+    .await?)
+}
+
+pub async fn assign(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user, role)): Path<(Uuid, Uuid, Uuid)>,
+    body: OptionalJson<Assign>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::RolesWrite)?;
+    users::find(&app, org, user).await?;
+    find_row(&app, org, role).await?;
+    // Assigning a role is granting what it grants: no more than the caller holds.
+    check_grantable(&caller, &role_permissions(&app.pool, role).await?)?;
+    let body = body.0.unwrap_or_default();
+    let command = UserCommand::AssignRole {
+        role_id: role,
+        expires_at: body.expires_at,
+        reason: body.reason,
+        now: Utc::now(),
+    };
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(serde_json::json!({ "items": assignments(&app, user).await? })))
+}
+
+pub async fn revoke(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user, role)): Path<(Uuid, Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    caller.require_in(org, Permission::RolesWrite)?;
+    users::find(&app, org, user).await?;
+    let command = UserCommand::RevokeRole { role_id: role, reason: None };
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_assignments(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::RolesRead)?;
+    users::find(&app, org, user).await?;
+    Ok(axum::Json(serde_json::json!({ "items": assignments(&app, user).await? })))
+}

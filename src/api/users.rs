@@ -1,0 +1,212 @@
+//! `/v1/organizations/{org}/users`: invite, read, update, deactivate, reactivate, erase.
+//! Personal data is validated and sealed here, opened only on the way out.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::user::{SealedEmail, SealedProfile, UserCommand};
+use ledgerline_aggregates::{validate, Permission};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path};
+use super::organizations::{self, Reason};
+use super::OptionalJson;
+use crate::app::App;
+use crate::crypto::DataKey;
+
+#[derive(Debug, sqlx::FromRow)]
+struct UserRow {
+    id: Uuid,
+    organization_id: Uuid,
+    email_sealed: Option<String>,
+    full_name_sealed: Option<String>,
+    status: String,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+}
+
+/// A user as the API shows it: e-mail and name opened, or null once erased.
+#[derive(Debug, Serialize)]
+pub struct UserView {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub email: Option<String>,
+    pub full_name: Option<String>,
+    pub status: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+const SELECT: &str =
+    "SELECT id, organization_id, email_sealed, full_name_sealed, status, created_at, updated_at FROM users";
+
+async fn open(app: &App, rows: Vec<UserRow>) -> ApiResult<Vec<UserView>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let keys: HashMap<Uuid, DataKey> = app.vault.keys(&app.pool, &ids).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| UserView {
+            email: r.email_sealed.and_then(|s| app.vault.open(&keys, "email", &s)),
+            full_name: r.full_name_sealed.and_then(|s| app.vault.open(&keys, "full_name", &s)),
+            id: r.id,
+            organization_id: r.organization_id,
+            status: r.status,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+        })
+        .collect())
+}
+
+/// The user, which must belong to `org`.
+pub async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<UserView> {
+    let row: UserRow = sqlx::query_as(&format!("{SELECT} WHERE id = $1 AND organization_id = $2"))
+        .bind(id)
+        .bind(org)
+        .fetch_optional(&app.pool)
+        .await?
+        .ok_or_else(|| ApiError::not_found("user"))?;
+    Ok(open(app, vec![row]).await?.remove(0))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InviteUser {
+    email: String,
+    full_name: String,
+}
+
+fn sealed_email(app: &App, key: &DataKey, org: Uuid, user: Uuid, raw: &str) -> ApiResult<SealedEmail> {
+    let email = validate::email(raw).map_err(ApiError::invalid)?;
+    Ok(SealedEmail {
+        sealed: app.vault.seal(key, user, "email", &email),
+        blind_index: app.vault.blind_index(org, &validate::email_identity(&email)),
+    })
+}
+
+pub async fn invite(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Json(body): Json<InviteUser>,
+) -> ApiResult<(StatusCode, axum::Json<UserView>)> {
+    caller.require_in(org, Permission::UsersWrite)?;
+    organizations::find(&app, org).await?;
+    // Validate before a key exists, so bad input leaves nothing behind.
+    validate::email(&body.email).map_err(ApiError::invalid)?;
+    let full_name = validate::name("full_name", &body.full_name).map_err(ApiError::invalid)?;
+    let id = Uuid::new_v4();
+    let key = app.vault.create_key(&app.pool, id, Some(org)).await?;
+    let profile = SealedProfile {
+        email: sealed_email(&app, &key, org, id, &body.email)?,
+        full_name: app.vault.seal(&key, id, "full_name", &full_name),
+    };
+    let command = UserCommand::Invite { user_id: id, organization_id: org, profile };
+    if let Err(e) = app.execute(&app.cqrs.users, id, Some(org), &caller.actor, command).await {
+        // The user never came to be: its key protects nothing.
+        app.vault.destroy_key(&app.pool, id).await?;
+        return Err(e.into());
+    }
+    Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
+}
+
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::UsersRead)?;
+    organizations::find(&app, org).await?;
+    let rows: Vec<UserRow> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"))
+        .bind(org)
+        .fetch_all(&app.pool)
+        .await?;
+    Ok(axum::Json(serde_json::json!({ "items": open(&app, rows).await? })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<UserView>> {
+    caller.require_in(org, Permission::UsersRead)?;
+    Ok(axum::Json(find(&app, org, user).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateUser {
+    email: Option<String>,
+    full_name: Option<String>,
+}
+
+pub async fn update(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+    Json(body): Json<UpdateUser>,
+) -> ApiResult<axum::Json<UserView>> {
+    caller.require_in(org, Permission::UsersWrite)?;
+    find(&app, org, user).await?;
+    let keys = app.vault.keys(&app.pool, &[user]).await?;
+    let key = keys.get(&user).ok_or_else(|| ApiError::conflict("the user has been erased"))?;
+    let email = body.email.as_deref().map(|e| sealed_email(&app, key, org, user, e)).transpose()?;
+    let full_name = body
+        .full_name
+        .as_deref()
+        .map(|n| validate::name("full_name", n).map(|n| app.vault.seal(key, user, "full_name", &n)))
+        .transpose()
+        .map_err(ApiError::invalid)?;
+    let command = UserCommand::UpdateProfile { email, full_name };
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(&app, org, user).await?))
+}
+
+async fn simple(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    user: Uuid,
+    permission: Permission,
+    command: UserCommand,
+) -> ApiResult<axum::Json<UserView>> {
+    caller.require_in(org, permission)?;
+    find(app, org, user).await?;
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    Ok(axum::Json(find(app, org, user).await?))
+}
+
+pub async fn deactivate(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+    body: OptionalJson<Reason>,
+) -> ApiResult<axum::Json<UserView>> {
+    let reason = body.0.unwrap_or_default().reason;
+    simple(&app, &caller, org, user, Permission::UsersWrite, UserCommand::Deactivate { reason }).await
+}
+
+pub async fn reactivate(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<UserView>> {
+    simple(&app, &caller, org, user, Permission::UsersWrite, UserCommand::Reactivate).await
+}
+
+/// Erasure: the event is appended, and the users projection destroys the user's data key in
+/// the same transaction that applies it, so every sealed copy becomes unreadable.
+pub async fn erase(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, user)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<UserView>> {
+    let view = simple(&app, &caller, org, user, Permission::UsersErase, UserCommand::Erase).await?;
+    // Also here, so the key is gone even while the users projection is behind or failed.
+    app.vault.destroy_key(&app.pool, user).await?;
+    Ok(view)
+}

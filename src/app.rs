@@ -1,0 +1,185 @@
+//! The wiring: one cqrs-es framework per aggregate over the chained store, the vault, the
+//! projector, and the one way commands are executed (metadata in, read-your-writes out).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_es::persist::PersistedEventStore;
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use ledgerline_aggregates::api_key::ApiKey;
+use ledgerline_aggregates::metadata;
+use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::role::Role;
+use ledgerline_aggregates::user::User;
+use ledgerline_projections::{Projector, ProjectorHandle};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::crypto::Vault;
+use crate::ledger::{AppendError, LedgerStore};
+
+pub type Framework<A> = CqrsFramework<A, PersistedEventStore<LedgerStore, A>>;
+
+/// How long a command waits for the read models to show its effect before answering anyway.
+const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Who issued a command and how; becomes every event's metadata.
+#[derive(Debug, Clone, Default)]
+pub struct Actor {
+    /// `api_key` for requests, `cli:<command>` for the CLI.
+    pub kind: String,
+    pub user_id: Option<Uuid>,
+    pub key_id: Option<Uuid>,
+    pub request_id: String,
+    pub client_ip: Option<String>,
+    pub user_agent: Option<String>,
+}
+
+impl Actor {
+    pub fn cli(command: &str) -> Self {
+        Self {
+            kind: format!("cli:{command}"),
+            request_id: Uuid::new_v4().to_string(),
+            ..Self::default()
+        }
+    }
+
+    fn metadata(&self, organization_id: Option<Uuid>) -> HashMap<String, String> {
+        let mut m = HashMap::new();
+        m.insert(metadata::ACTOR_KIND.into(), self.kind.clone());
+        m.insert(metadata::REQUEST_ID.into(), self.request_id.clone());
+        let optional = [
+            (metadata::ORGANIZATION_ID, organization_id.map(|o| o.to_string())),
+            (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
+            (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
+            (metadata::CLIENT_IP, self.client_ip.clone()),
+            (metadata::USER_AGENT, self.user_agent.clone()),
+        ];
+        for (k, v) in optional {
+            if let Some(v) = v {
+                m.insert(k.into(), v);
+            }
+        }
+        m
+    }
+}
+
+/// Why a command did not take effect, before it is turned into an HTTP answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CommandError<E: std::error::Error> {
+    #[error("{0}")]
+    Rejected(E),
+    #[error("the resource was changed concurrently; reload and retry")]
+    Conflict,
+    #[error("{0} is already taken")]
+    Taken(&'static str),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl<E: std::error::Error> From<AggregateError<E>> for CommandError<E> {
+    fn from(e: AggregateError<E>) -> Self {
+        match e {
+            AggregateError::UserError(e) => CommandError::Rejected(e),
+            AggregateError::AggregateConflict => CommandError::Conflict,
+            AggregateError::UnexpectedError(inner) => match inner.downcast_ref::<AppendError>() {
+                Some(AppendError::Taken { scope }) => CommandError::Taken(scope),
+                Some(AppendError::Conflict) => CommandError::Conflict,
+                _ => CommandError::Internal(inner.to_string()),
+            },
+            other => CommandError::Internal(other.to_string()),
+        }
+    }
+}
+
+pub struct Frameworks {
+    pub organizations: Framework<Organization>,
+    pub users: Framework<User>,
+    pub roles: Framework<Role>,
+    pub api_keys: Framework<ApiKey>,
+}
+
+fn framework<A: Aggregate<Services = ()>>(store: &LedgerStore) -> Framework<A> {
+    CqrsFramework::new(PersistedEventStore::new_event_store(store.clone()), vec![], ())
+}
+
+pub struct AppInner {
+    pub pool: PgPool,
+    pub store: LedgerStore,
+    pub vault: Vault,
+    pub cqrs: Frameworks,
+    pub projector: Option<ProjectorHandle>,
+}
+
+/// The application, cheap to clone into handlers.
+#[derive(Clone)]
+pub struct App(pub Arc<AppInner>);
+
+impl std::ops::Deref for App {
+    type Target = AppInner;
+    fn deref(&self) -> &AppInner {
+        &self.0
+    }
+}
+
+impl App {
+    /// Wires the app over a migrated database. With `run_projector`, read models follow the
+    /// ledger in this process and commands wait for them (read-your-writes).
+    pub fn new(pool: PgPool, vault: Vault, run_projector: bool) -> Self {
+        let store = LedgerStore::start(pool.clone());
+        let projector = run_projector.then(|| Projector::spawn(pool.clone(), store.committed()));
+        let cqrs = Frameworks {
+            organizations: framework(&store),
+            users: framework(&store),
+            roles: framework(&store),
+            api_keys: framework(&store),
+        };
+        App(Arc::new(AppInner {
+            pool,
+            store,
+            vault,
+            cqrs,
+            projector,
+        }))
+    }
+
+    /// Executes one command with the actor's metadata; on success waits until every read
+    /// model has applied it, so an immediate GET shows its effect.
+    pub async fn execute<A>(
+        &self,
+        framework: &Framework<A>,
+        aggregate_id: Uuid,
+        organization_id: Option<Uuid>,
+        actor: &Actor,
+        command: A::Command,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Error: std::error::Error,
+    {
+        framework
+            .execute_with_metadata(&aggregate_id.to_string(), command, actor.metadata(organization_id))
+            .await?;
+        self.await_projections().await;
+        Ok(())
+    }
+
+    /// Waits until the read models show everything this process has committed.
+    pub async fn await_projections(&self) {
+        if let Some(projector) = &self.projector {
+            let target = *self.store.committed().borrow();
+            if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
+                tracing::warn!(position = target, "read models did not catch up in time; answering anyway");
+            }
+        }
+    }
+
+    pub async fn shutdown(self) {
+        if let Ok(inner) = Arc::try_unwrap(self.0) {
+            if let Some(p) = inner.projector {
+                p.shutdown().await;
+            }
+        }
+    }
+}

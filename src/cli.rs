@@ -1,0 +1,160 @@
+//! The `ledgerline` commands: serve, migrate, bootstrap, verify, projections status.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use chrono::Utc;
+use ledgerline_aggregates::api_key::ApiKeyCommand;
+use ledgerline_aggregates::{Permission, PermissionSet};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::app::{Actor, App, CommandError};
+use crate::config::{BootstrapArgs, Cli, Command, ProjectionsCommand, ServeArgs, VerifyArgs};
+use crate::crypto::Vault;
+use crate::ledger::verify::verify_database;
+use crate::{api, db, keys};
+
+/// Runs one command. Errors that stop a command from running exit with 2, so that
+/// `verify`'s 1 always means "tampered".
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        Command::Serve(args) => serve(&cli.db, args).await.map(|_| ExitCode::SUCCESS),
+        Command::Migrate => migrate(&cli.db).await.map(|_| ExitCode::SUCCESS),
+        Command::Bootstrap(args) => bootstrap(&cli.db, args).await,
+        Command::Verify(args) => verify(&cli.db, args).await,
+        Command::Projections { command: ProjectionsCommand::Status } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
+    };
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        ExitCode::from(2)
+    })
+}
+
+async fn pool(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    db::migrate(&pool).await?;
+    Ok(pool)
+}
+
+async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
+    pool(db_args).await?;
+    println!("migrations applied");
+    Ok(())
+}
+
+async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let master = args.keys.load()?;
+    let pool = pool(db_args).await?;
+    let app = App::new(pool, Vault::new(&master), true);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("listening on {}", args.listen))?;
+    tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
+    axum::serve(listener, api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .context("serving HTTP")?;
+    tracing::info!("in-flight requests finished; stopping projections");
+    app.shutdown().await;
+    Ok(())
+}
+
+/// SIGINT or SIGTERM: stop accepting, let in-flight commands finish.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutdown signal received");
+}
+
+/// Makes the platform operator's key; the ledger's unique claim makes a second run fail.
+pub async fn bootstrap_key(app: &App, label: &str) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
+    let id = Uuid::new_v4();
+    let secret = keys::generate();
+    let all: PermissionSet = Permission::ALL.into_iter().collect();
+    let command = ApiKeyCommand::Issue {
+        key_id: id,
+        organization_id: None,
+        user_id: None,
+        label: label.to_string(),
+        permissions: PermissionSet::from([Permission::PlatformAdmin]),
+        expires_at: None,
+        prefix: secret.prefix,
+        secret_hash: secret.hash,
+        bootstrap: true,
+        grantable: all,
+        now: Utc::now(),
+    };
+    app.execute(&app.cqrs.api_keys, id, None, &Actor::cli("bootstrap"), command).await?;
+    Ok(secret.secret)
+}
+
+async fn bootstrap(db_args: &crate::config::DatabaseArgs, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
+    let pool = pool(db_args).await?;
+    // No personal data is sealed here; a throwaway vault keeps the wiring uniform.
+    let app = App::new(pool.clone(), Vault::new(&crate::crypto::MasterKey::generate()), false);
+    match bootstrap_key(&app, &args.label).await {
+        Ok(secret) => {
+            ledgerline_projections::catch_up(&pool).await.context("projecting the new key")?;
+            println!("{}", json!({ "api_key": secret }));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(CommandError::Taken(_)) => {
+            eprintln!("error: the platform is already bootstrapped; its operator key was shown when it was made");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => Err(anyhow::anyhow!("{e}")),
+    }
+}
+
+async fn verify(db_args: &crate::config::DatabaseArgs, args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let report = verify_database(&pool, args.workers).await.context("reading the ledger")?;
+    let secs = report.elapsed.as_secs_f64();
+    match &report.first_bad {
+        None => {
+            println!(
+                "intact: {} events verified in {secs:.3}s ({:.0} events/s); head position {} hash {}",
+                report.events,
+                report.rate(),
+                report.head_position,
+                hex::encode(report.head_hash)
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(bad) => {
+            println!(
+                "TAMPERED: first bad position {}: {} ({} events read in {secs:.3}s)",
+                bad.position, bad.fault, report.events
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let statuses = ledgerline_projections::status(&pool).await.context("reading projection status")?;
+    println!("{:<16} {:>10} {:>10} {:>8}  failures", "projection", "position", "head", "lag");
+    for s in statuses {
+        println!("{:<16} {:>10} {:>10} {:>8}  {}", s.name, s.position, s.head, s.lag, s.failures.len());
+        for f in &s.failures {
+            println!("  at position {}: {} ({})", f.position, f.error, f.failed_at);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,12 @@
+//! ledgerline: an audit-first, event-sourced backend. The service library: the ledger store,
+//! the HTTP API, the CLI and the wiring, so that tests can start the app in-process.
+#![forbid(unsafe_code)]
+
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod keys;
+pub mod ledger;
