@@ -71,7 +71,11 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
         // The old secret stops working because its prefix and hash are overwritten here.
         // Matching on the previous prefix proves the log and the row agree on which secret
         // is being replaced.
-        ApiKeyEvent::ApiKeyRotated { prefix, secret_hash, previous_prefix } => {
+        ApiKeyEvent::ApiKeyRotated {
+            prefix,
+            secret_hash,
+            previous_prefix,
+        } => {
             sqlx::query(
                 "UPDATE api_keys SET prefix = $2, key_hash = $3, rotated_at = $4, \
                  version = $5 WHERE id = $1 AND prefix = $6",

@@ -61,9 +61,15 @@ pub(crate) struct Metadata {
 impl Metadata {
     pub(crate) fn of(event: &StoredEvent) -> Result<Self, ProjectionError> {
         let fields = serde_json::from_str(&event.metadata).map_err(|e| {
-            ProjectionError::decode(event.position, format!("metadata is not a JSON object: {e}"))
+            ProjectionError::decode(
+                event.position,
+                format!("metadata is not a JSON object: {e}"),
+            )
         })?;
-        Ok(Self { position: event.position, fields })
+        Ok(Self {
+            position: event.position,
+            fields,
+        })
     }
 
     pub(crate) fn text(&self, key: &str) -> Result<Option<&str>, ProjectionError> {

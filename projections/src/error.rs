@@ -17,11 +17,17 @@ pub enum ProjectionError {
 
 impl ProjectionError {
     pub(crate) fn decode(position: i64, message: impl Into<String>) -> Self {
-        Self::Decode { position, message: message.into() }
+        Self::Decode {
+            position,
+            message: message.into(),
+        }
     }
 
     pub(crate) fn inconsistent(position: i64, message: impl Into<String>) -> Self {
-        Self::Inconsistent { position, message: message.into() }
+        Self::Inconsistent {
+            position,
+            message: message.into(),
+        }
     }
 
     /// The SQL error, if the failure belongs to the moment (a lost connection, a deadlock,
@@ -39,9 +45,11 @@ fn is_transient_sql(e: &sqlx::Error) -> bool {
     match e {
         // SQLSTATE classes 08 (connection), 40 (serialization failure, deadlock),
         // 53 (insufficient resources), 57 (operator intervention: cancel, shutdown).
-        sqlx::Error::Database(db) => db
-            .code()
-            .is_some_and(|c| ["08", "40", "53", "57"].iter().any(|class| c.starts_with(class))),
+        sqlx::Error::Database(db) => db.code().is_some_and(|c| {
+            ["08", "40", "53", "57"]
+                .iter()
+                .any(|class| c.starts_with(class))
+        }),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
@@ -59,7 +67,11 @@ pub enum RunError {
     Sql(#[from] sqlx::Error),
     /// The projection is stopped at an event it could not apply; see `projection_failures`.
     #[error("projection `{name}` is stopped at position {position}: {error}")]
-    Failed { name: &'static str, position: i64, error: String },
+    Failed {
+        name: &'static str,
+        position: i64,
+        error: String,
+    },
     #[error("unknown projection `{0}`")]
     UnknownProjection(String),
 }

@@ -17,7 +17,10 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
     let id = decode::aggregate_id(event)?;
     let at = event.recorded_at;
     let result = match decode::payload::<OrganizationEvent>(event)? {
-        OrganizationEvent::OrganizationCreated { organization_id, profile } => {
+        OrganizationEvent::OrganizationCreated {
+            organization_id,
+            profile,
+        } => {
             if organization_id != id {
                 return Err(ProjectionError::inconsistent(
                     event.position,

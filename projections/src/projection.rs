@@ -4,8 +4,7 @@
 use sqlx::PgConnection;
 
 use crate::{
-    api_keys, audit_events, organizations, roles, user_roles, users, ProjectionError,
-    StoredEvent,
+    api_keys, audit_events, organizations, roles, user_roles, users, ProjectionError, StoredEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -21,7 +21,10 @@ pub struct Projector {
 
 impl Default for Projector {
     fn default() -> Self {
-        Self { batch_size: 500, poll_interval: Duration::from_secs(1) }
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+        }
     }
 }
 
@@ -54,12 +57,26 @@ impl Projector {
         let mut progress = Vec::new();
         let mut tasks = Vec::new();
         for projection in Projection::ALL {
-            let (tx, rx) = watch::channel(Progress { checkpoint: 0, failed_at: None });
+            let (tx, rx) = watch::channel(Progress {
+                checkpoint: 0,
+                failed_at: None,
+            });
             progress.push((projection.name(), rx));
-            let task = run(self, projection, pool.clone(), head.clone(), stop.clone(), tx);
+            let task = run(
+                self,
+                projection,
+                pool.clone(),
+                head.clone(),
+                stop.clone(),
+                tx,
+            );
             tasks.push(tokio::spawn(task));
         }
-        ProjectorHandle { progress, shutdown, tasks }
+        ProjectorHandle {
+            progress,
+            shutdown,
+            tasks,
+        }
     }
 }
 
@@ -87,7 +104,10 @@ impl ProjectorHandle {
 
     /// The last checkpoint each task has reported, by projection name.
     pub fn checkpoints(&self) -> Vec<(&'static str, i64)> {
-        self.progress.iter().map(|(name, rx)| (*name, rx.borrow().checkpoint)).collect()
+        self.progress
+            .iter()
+            .map(|(name, rx)| (*name, rx.borrow().checkpoint))
+            .collect()
     }
 
     /// Stops the tasks after their current batch and waits for them.
@@ -118,13 +138,31 @@ async fn run(
         // Marks the head as seen: a commit published while the batch runs wakes us again.
         head.borrow_and_update();
         let caught_up = match run_batch(&pool, projection, config.batch_size).await {
-            Ok(BatchOutcome::Applied { applied, checkpoint }) => {
-                publish(&progress, Progress { checkpoint, failed_at: None });
+            Ok(BatchOutcome::Applied {
+                applied,
+                checkpoint,
+            }) => {
+                publish(
+                    &progress,
+                    Progress {
+                        checkpoint,
+                        failed_at: None,
+                    },
+                );
                 // A short batch has read every committed event.
                 (applied as i64) < config.batch_size
             }
-            Ok(BatchOutcome::Failed { checkpoint, failure }) => {
-                publish(&progress, Progress { checkpoint, failed_at: Some(failure.position) });
+            Ok(BatchOutcome::Failed {
+                checkpoint,
+                failure,
+            }) => {
+                publish(
+                    &progress,
+                    Progress {
+                        checkpoint,
+                        failed_at: Some(failure.position),
+                    },
+                );
                 true
             }
             Err(e) => {

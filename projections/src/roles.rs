@@ -19,7 +19,12 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
     let id = decode::aggregate_id(event)?;
     let at = event.recorded_at;
     match decode::payload::<RoleEvent>(event)? {
-        RoleEvent::RoleCreated { role_id, organization_id, spec, built_in } => {
+        RoleEvent::RoleCreated {
+            role_id,
+            organization_id,
+            spec,
+            built_in,
+        } => {
             if role_id != id {
                 return Err(ProjectionError::inconsistent(
                     event.position,

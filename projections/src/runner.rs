@@ -26,7 +26,10 @@ pub enum BatchOutcome {
     Applied { applied: usize, checkpoint: i64 },
     /// The projection is stopped just before `failure.position` (`checkpoint` is the last
     /// event applied). It stays there, whatever the later events, until [`retry`].
-    Failed { checkpoint: i64, failure: ProjectionFailure },
+    Failed {
+        checkpoint: i64,
+        failure: ProjectionFailure,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,7 +61,10 @@ pub async fn run_batch(
     let checkpoint = lock_checkpoint(&mut tx, name).await?;
     if let Some(failure) = first_failure(&mut tx, name).await? {
         tx.commit().await?;
-        return Ok(BatchOutcome::Failed { checkpoint, failure });
+        return Ok(BatchOutcome::Failed {
+            checkpoint,
+            failure,
+        });
     }
     let events: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 \
@@ -75,7 +81,10 @@ pub async fn run_batch(
                 advance(&mut tx, name, last).await?;
             }
             tx.commit().await?;
-            Ok(BatchOutcome::Applied { applied: events.len(), checkpoint: last })
+            Ok(BatchOutcome::Applied {
+                applied: events.len(),
+                checkpoint: last,
+            })
         }
         Err((index, error)) => {
             // The failed statement aborted the transaction: start over without the event.
@@ -111,8 +120,14 @@ async fn stop_at(
             let failure = first_failure(&mut tx, name).await?;
             tx.commit().await?;
             return Ok(match failure {
-                Some(failure) => BatchOutcome::Failed { checkpoint: now, failure },
-                None => BatchOutcome::Applied { applied: 0, checkpoint: now },
+                Some(failure) => BatchOutcome::Failed {
+                    checkpoint: now,
+                    failure,
+                },
+                None => BatchOutcome::Applied {
+                    applied: 0,
+                    checkpoint: now,
+                },
             });
         }
         let prefix = &events[..index];
@@ -144,8 +159,15 @@ async fn stop_at(
             error = %message,
             "projection stopped at an event it cannot apply"
         );
-        let failure = ProjectionFailure { position, error: message, failed_at };
-        return Ok(BatchOutcome::Failed { checkpoint: last, failure });
+        let failure = ProjectionFailure {
+            position,
+            error: message,
+            failed_at,
+        };
+        return Ok(BatchOutcome::Failed {
+            checkpoint: last,
+            failure,
+        });
     }
 }
 
@@ -156,7 +178,10 @@ async fn apply_all(
     events: &[StoredEvent],
 ) -> Result<(), (usize, ProjectionError)> {
     for (index, event) in events.iter().enumerate() {
-        projection.apply(conn, event).await.map_err(|e| (index, e))?;
+        projection
+            .apply(conn, event)
+            .await
+            .map_err(|e| (index, e))?;
     }
     Ok(())
 }
@@ -173,7 +198,11 @@ async fn lock_checkpoint(tx: &mut Transaction<'_, Postgres>, name: &str) -> sqlx
         .await
 }
 
-async fn advance(tx: &mut Transaction<'_, Postgres>, name: &str, position: i64) -> sqlx::Result<()> {
+async fn advance(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &str,
+    position: i64,
+) -> sqlx::Result<()> {
     sqlx::query(
         "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
     )
@@ -195,7 +224,11 @@ async fn first_failure(
     .bind(name)
     .fetch_optional(conn)
     .await?;
-    Ok(row.map(|(position, error, failed_at)| ProjectionFailure { position, error, failed_at }))
+    Ok(row.map(|(position, error, failed_at)| ProjectionFailure {
+        position,
+        error,
+        failed_at,
+    }))
 }
 
 async fn head(pool: &PgPool) -> sqlx::Result<i64> {
@@ -214,9 +247,17 @@ pub async fn catch_up(pool: &PgPool) -> Result<(), RunError> {
         let name = projection.name();
         loop {
             match run_batch(pool, projection, CATCH_UP_BATCH).await? {
-                BatchOutcome::Applied { applied, checkpoint } => {
+                BatchOutcome::Applied {
+                    applied,
+                    checkpoint,
+                } => {
                     if applied > 0 {
-                        tracing::info!(projection = name, position = checkpoint, head, "caught up to");
+                        tracing::info!(
+                            projection = name,
+                            position = checkpoint,
+                            head,
+                            "caught up to"
+                        );
                     }
                     if applied == 0 || checkpoint >= head {
                         break;
@@ -252,8 +293,10 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
         .iter()
         .map(|p| {
             let name = p.name();
-            let position =
-                checkpoints.iter().find(|(n, _)| n == name).map_or(0, |(_, pos)| *pos);
+            let position = checkpoints
+                .iter()
+                .find(|(n, _)| n == name)
+                .map_or(0, |(_, pos)| *pos);
             let failures = failures
                 .iter()
                 .filter(|(n, ..)| n == name)
@@ -263,7 +306,13 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
                     failed_at: *failed_at,
                 })
                 .collect();
-            ProjectionStatus { name, position, head, lag: head - position, failures }
+            ProjectionStatus {
+                name,
+                position,
+                head,
+                lag: head - position,
+                failures,
+            }
         })
         .collect())
 }
@@ -277,7 +326,9 @@ pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError
         None => Projection::ALL.to_vec(),
         Some(names) => names
             .iter()
-            .map(|n| Projection::from_name(n).ok_or_else(|| RunError::UnknownProjection(n.to_string())))
+            .map(|n| {
+                Projection::from_name(n).ok_or_else(|| RunError::UnknownProjection(n.to_string()))
+            })
             .collect::<Result<Vec<_>, _>>()?,
     };
     projections.sort_by_key(|p| p.name());
@@ -286,7 +337,10 @@ pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError
         return Ok(());
     }
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    let tables: Vec<&str> = projections.iter().flat_map(|p| p.tables().iter().copied()).collect();
+    let tables: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
     let mut tx = pool.begin().await?;
     // Take the checkpoint rows first, in name order, as runners do: a batch in flight then
     // finishes before the truncation instead of deadlocking against it.
@@ -323,6 +377,10 @@ pub async fn retry(pool: &PgPool, name: &str) -> Result<u64, RunError> {
         .execute(pool)
         .await?
         .rows_affected();
-    tracing::info!(projection = name, cleared, "projection failures cleared for a retry");
+    tracing::info!(
+        projection = name,
+        cleared,
+        "projection failures cleared for a retry"
+    );
     Ok(cleared)
 }

@@ -35,7 +35,11 @@ async fn apply_user_event(
 ) -> Result<(), ProjectionError> {
     let user_id = decode::aggregate_id(event)?;
     match decode::payload::<UserEvent>(event)? {
-        UserEvent::UserRoleAssigned { role_id, expires_at, reason } => {
+        UserEvent::UserRoleAssigned {
+            role_id,
+            expires_at,
+            reason,
+        } => {
             // The event does not repeat its tenant: the ledger records it beside the event.
             let Some(organization_id) = event.organization_id else {
                 return Err(ProjectionError::decode(

@@ -18,7 +18,13 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
     let at = event.recorded_at;
     let seq = event.sequence;
     let result = match decode::payload::<UserEvent>(event)? {
-        UserEvent::UserInvited { user_id, organization_id, email, full_name, email_blind_index } => {
+        UserEvent::UserInvited {
+            user_id,
+            organization_id,
+            email,
+            full_name,
+            email_blind_index,
+        } => {
             if user_id != id {
                 return Err(ProjectionError::inconsistent(
                     event.position,
@@ -41,7 +47,12 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
             .await?
         }
         // Only the fields that changed are present; the others keep their value.
-        UserEvent::UserProfileUpdated { email, email_blind_index, full_name, .. } => {
+        UserEvent::UserProfileUpdated {
+            email,
+            email_blind_index,
+            full_name,
+            ..
+        } => {
             sqlx::query(
                 "UPDATE users SET email_sealed = COALESCE($2, email_sealed), \
                  email_blind_index = COALESCE($3, email_blind_index), \

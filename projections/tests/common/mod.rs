@@ -40,7 +40,10 @@ impl TestDb {
             .connect(&format!("{}/{name}", admin_url()))
             .await
             .expect("connect to the test database");
-        sqlx::migrate!("../migrations").run(&pool).await.expect("migrate");
+        sqlx::migrate!("../migrations")
+            .run(&pool)
+            .await
+            .expect("migrate");
         TestDb { pool, name }
     }
 }
@@ -51,10 +54,14 @@ impl Drop for TestDb {
         // with a runtime of its own. FORCE ends the pool's connections.
         let name = self.name.clone();
         let dropped = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .ok()?;
             rt.block_on(async {
-                let mut admin =
-                    PgConnection::connect(&format!("{}/postgres", admin_url())).await.ok()?;
+                let mut admin = PgConnection::connect(&format!("{}/postgres", admin_url()))
+                    .await
+                    .ok()?;
                 let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
                 admin.execute(sql.as_str()).await.ok()
             })
@@ -78,17 +85,30 @@ pub struct Actor {
 impl Actor {
     /// A request authenticated by `key_id`, a key of `user_id` in `organization_id`.
     pub fn api(organization_id: Uuid, user_id: Option<Uuid>, key_id: Uuid) -> Actor {
-        Actor { organization_id: Some(organization_id), kind: "api_key", user_id, key_id: Some(key_id) }
+        Actor {
+            organization_id: Some(organization_id),
+            kind: "api_key",
+            user_id,
+            key_id: Some(key_id),
+        }
     }
 
     /// `ledgerline bootstrap`, acting for the platform (no organization).
     pub fn cli() -> Actor {
-        Actor { organization_id: None, kind: "cli:bootstrap", user_id: None, key_id: None }
+        Actor {
+            organization_id: None,
+            kind: "cli:bootstrap",
+            user_id: None,
+            key_id: None,
+        }
     }
 
     /// The CLI acting inside an organization.
     pub fn cli_in(organization_id: Uuid) -> Actor {
-        Actor { organization_id: Some(organization_id), ..Actor::cli() }
+        Actor {
+            organization_id: Some(organization_id),
+            ..Actor::cli()
+        }
     }
 }
 
@@ -106,7 +126,11 @@ pub struct Ledger {
 
 impl Ledger {
     pub fn new(pool: &PgPool) -> Ledger {
-        Ledger { pool: pool.clone(), position: 0, sequences: HashMap::new() }
+        Ledger {
+            pool: pool.clone(),
+            position: 0,
+            sequences: HashMap::new(),
+        }
     }
 
     pub fn head(&self) -> i64 {
@@ -124,8 +148,15 @@ impl Ledger {
         let payload = serde_json::to_string(event).unwrap();
         let event_type = event.event_type();
         let version = event.event_version();
-        self.append_raw(aggregate_type, &aggregate_id.to_string(), &event_type, &version, &payload, actor)
-            .await
+        self.append_raw(
+            aggregate_type,
+            &aggregate_id.to_string(),
+            &event_type,
+            &version,
+            &payload,
+            actor,
+        )
+        .await
     }
 
     /// Appends whatever text it is given, for events the projections must refuse.
@@ -175,7 +206,10 @@ pub fn metadata(actor: &Actor, position: i64) -> Value {
         }
     };
     use ledgerline_aggregates::metadata as keys;
-    put(keys::ORGANIZATION_ID, actor.organization_id.map(|u| u.to_string()));
+    put(
+        keys::ORGANIZATION_ID,
+        actor.organization_id.map(|u| u.to_string()),
+    );
     put(keys::ACTOR_KIND, Some(actor.kind.to_string()));
     put(keys::ACTOR_USER_ID, actor.user_id.map(|u| u.to_string()));
     put(keys::ACTOR_KEY_ID, actor.key_id.map(|u| u.to_string()));
@@ -197,10 +231,12 @@ pub fn hash_hex() -> String {
 
 /// Every row of a table, as sorted JSON texts: what "identical contents" compares.
 pub async fn rows(pool: &PgPool, table: &str) -> Vec<String> {
-    sqlx::query_scalar(&format!("SELECT to_jsonb(t)::text FROM {table} t ORDER BY 1"))
-        .fetch_all(pool)
-        .await
-        .unwrap()
+    sqlx::query_scalar(&format!(
+        "SELECT to_jsonb(t)::text FROM {table} t ORDER BY 1"
+    ))
+    .fetch_all(pool)
+    .await
+    .unwrap()
 }
 
 pub async fn checkpoint(pool: &PgPool, name: &str) -> i64 {
@@ -266,7 +302,9 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         secret_hash: hash_hex(),
         bootstrap: true,
     };
-    ledger.append("ApiKey", s.platform_key, &issued, &platform).await;
+    ledger
+        .append("ApiKey", s.platform_key, &issued, &platform)
+        .await;
     let profile = OrganizationProfile {
         name: "Acme".into(),
         slug: "acme".into(),
@@ -274,12 +312,17 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         domain: Some("acme.example".into()),
         settings: settings(json!({"locale": "fr-FR", "retention_days": 400})),
     };
-    let created =
-        OrganizationEvent::OrganizationCreated { organization_id: s.org, profile: profile.clone() };
+    let created = OrganizationEvent::OrganizationCreated {
+        organization_id: s.org,
+        profile: profile.clone(),
+    };
     ledger.append("Organization", s.org, &created, &admin).await;
     let updated = OrganizationEvent::OrganizationUpdated {
         before: profile.clone(),
-        after: OrganizationProfile { name: "Acme Corp".into(), ..profile },
+        after: OrganizationProfile {
+            name: "Acme Corp".into(),
+            ..profile
+        },
     };
     ledger.append("Organization", s.org, &updated, &admin).await;
 
@@ -311,10 +354,27 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         };
         ledger.append("User", user, &ev, &admin).await;
     }
-    let assign = |role| UserEvent::UserRoleAssigned { role_id: role, expires_at: None, reason: Some("on call".into()) };
-    ledger.append("User", s.alice, &assign(s.ops_role), &admin).await;
-    ledger.append("User", s.bob, &assign(s.temp_role), &admin).await;
-    ledger.append("Role", s.temp_role, &RoleEvent::RoleDeleted { name: "temp".into() }, &admin).await;
+    let assign = |role| UserEvent::UserRoleAssigned {
+        role_id: role,
+        expires_at: None,
+        reason: Some("on call".into()),
+    };
+    ledger
+        .append("User", s.alice, &assign(s.ops_role), &admin)
+        .await;
+    ledger
+        .append("User", s.bob, &assign(s.temp_role), &admin)
+        .await;
+    ledger
+        .append(
+            "Role",
+            s.temp_role,
+            &RoleEvent::RoleDeleted {
+                name: "temp".into(),
+            },
+            &admin,
+        )
+        .await;
 
     let alice_key = ApiKeyEvent::ApiKeyIssued {
         key_id: s.alice_key,
@@ -327,23 +387,53 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         secret_hash: hash_hex(),
         bootstrap: false,
     };
-    ledger.append("ApiKey", s.alice_key, &alice_key, &admin).await;
+    ledger
+        .append("ApiKey", s.alice_key, &alice_key, &admin)
+        .await;
     let rotated = ApiKeyEvent::ApiKeyRotated {
         prefix: "ll_alice2".into(),
         secret_hash: hash_hex(),
         previous_prefix: "ll_alice1".into(),
     };
     let as_alice = Actor::api(s.org, Some(s.alice), s.alice_key);
-    ledger.append("ApiKey", s.alice_key, &rotated, &as_alice).await;
-    ledger.append("User", s.bob, &UserEvent::UserErased { email_blind_index: "bi-Ym9i".into() }, &as_alice).await;
-    ledger.append("Organization", s.org, &OrganizationEvent::OrganizationSuspended { reason: Some("unpaid".into()) }, &Actor::cli_in(s.org)).await;
+    ledger
+        .append("ApiKey", s.alice_key, &rotated, &as_alice)
+        .await;
+    ledger
+        .append(
+            "User",
+            s.bob,
+            &UserEvent::UserErased {
+                email_blind_index: "bi-Ym9i".into(),
+            },
+            &as_alice,
+        )
+        .await;
+    ledger
+        .append(
+            "Organization",
+            s.org,
+            &OrganizationEvent::OrganizationSuspended {
+                reason: Some("unpaid".into()),
+            },
+            &Actor::cli_in(s.org),
+        )
+        .await;
     s
 }
 
 /// Every read-model table, as [`rows`] sees it.
 pub async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
     let mut all = Vec::new();
-    for table in ["organizations", "users", "roles", "role_permissions", "user_roles", "api_keys", "audit_events"] {
+    for table in [
+        "organizations",
+        "users",
+        "roles",
+        "role_permissions",
+        "user_roles",
+        "api_keys",
+        "audit_events",
+    ] {
         all.push((table.to_string(), rows(pool, table).await));
     }
     all

@@ -1,0 +1,405 @@
+//! The runner's guarantees: a failing event stops its projection there (recorded, never
+//! skipped), retry resumes at it, reset + catch_up rebuilds the same read models, concurrent
+//! runners apply each event once, and the background projector serves read-your-writes.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{checkpoint, populate, rows, sealed, snapshot, Actor, Ledger, TestDb};
+use ledgerline_aggregates::organization::{OrganizationEvent, OrganizationProfile};
+use ledgerline_aggregates::user::UserEvent;
+use ledgerline_projections::{
+    catch_up, reset, retry, run_batch, status, BatchOutcome, Projection, Projector, RunError,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+fn invite(user: Uuid, org: Uuid) -> UserEvent {
+    UserEvent::UserInvited {
+        user_id: user,
+        organization_id: org,
+        email: sealed(user, "ZQ"),
+        full_name: sealed(user, "bg"),
+        email_blind_index: format!("bi-{user}"),
+    }
+}
+
+async fn user_ids(pool: &PgPool) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT id FROM users ORDER BY created_at")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+fn failed_at(result: Result<(), RunError>) -> (&'static str, i64) {
+    match result {
+        Err(RunError::Failed { name, position, .. }) => (name, position),
+        other => panic!("expected a stopped projection, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_event_stops_its_projections_there_and_is_never_skipped() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let (org, first, later) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    ledger
+        .append("User", first, &invite(first, org), &actor)
+        .await;
+    let bad = ledger
+        .append_raw(
+            "User",
+            &Uuid::new_v4().to_string(),
+            "UserInvited",
+            "1",
+            r#"{"UserInvited":{"user_id":"nope"}}"#,
+            &actor,
+        )
+        .await;
+    ledger
+        .append("User", later, &invite(later, org), &actor)
+        .await;
+    let created = OrganizationEvent::OrganizationCreated {
+        organization_id: org,
+        profile: OrganizationProfile {
+            name: "Acme".into(),
+            slug: "acme".into(),
+            country_code: None,
+            domain: None,
+            settings: common::empty_settings(),
+        },
+    };
+    ledger.append("Organization", org, &created, &actor).await;
+    let head = ledger.head();
+
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("users", bad));
+    assert_eq!(
+        user_ids(&db.pool).await,
+        vec![first],
+        "the event before it is applied"
+    );
+    assert_eq!(checkpoint(&db.pool, "users").await, bad - 1);
+    // user_roles reads User events too and stops at the same place; the others go on.
+    assert_eq!(checkpoint(&db.pool, "user_roles").await, bad - 1);
+    assert_eq!(checkpoint(&db.pool, "audit_events").await, head);
+    assert_eq!(checkpoint(&db.pool, "organizations").await, head);
+
+    let statuses = status(&db.pool).await.unwrap();
+    let users = statuses.iter().find(|s| s.name == "users").unwrap();
+    assert_eq!(
+        (users.position, users.head, users.lag),
+        (bad - 1, head, head - bad + 1)
+    );
+    assert_eq!(users.failures.len(), 1);
+    assert_eq!(users.failures[0].position, bad);
+    assert!(
+        users.failures[0].error.contains("UserInvited"),
+        "{}",
+        users.failures[0].error
+    );
+    let audit = statuses.iter().find(|s| s.name == "audit_events").unwrap();
+    assert_eq!((audit.lag, audit.failures.len()), (0, 0));
+
+    // Running again does not move past it.
+    let outcome = run_batch(&db.pool, Projection::Users, 100).await.unwrap();
+    match outcome {
+        BatchOutcome::Failed {
+            checkpoint,
+            failure,
+        } => {
+            assert_eq!((checkpoint, failure.position), (bad - 1, bad));
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    assert_eq!(
+        user_ids(&db.pool).await,
+        vec![first],
+        "later events are not applied"
+    );
+
+    // Retry clears the failure, tries the event again, and stops there again.
+    assert_eq!(retry(&db.pool, "users").await.unwrap(), 1);
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("users", bad));
+    assert_eq!(user_ids(&db.pool).await, vec![first]);
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_failures")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 2, "users and user_roles, once each");
+    assert!(matches!(
+        retry(&db.pool, "nope").await,
+        Err(RunError::UnknownProjection(_))
+    ));
+}
+
+#[tokio::test]
+async fn unknown_event_types_and_versions_of_a_known_aggregate_are_errors() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let merged = ledger
+        .append_raw(
+            "Organization",
+            &org.to_string(),
+            "OrganizationMerged",
+            "1",
+            r#"{"OrganizationMerged":{}}"#,
+            &actor,
+        )
+        .await;
+    assert_eq!(
+        failed_at(catch_up(&db.pool).await),
+        ("organizations", merged)
+    );
+
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let v2 = ledger
+        .append_raw(
+            "Organization",
+            &org.to_string(),
+            "OrganizationReactivated",
+            "2",
+            r#"{"OrganizationReactivated":{}}"#,
+            &actor,
+        )
+        .await;
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("organizations", v2));
+    let error: String = sqlx::query_scalar("SELECT error FROM projection_failures")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert!(error.contains("unsupported version 2"), "{error}");
+
+    // A payload of another type than its event_type column says is refused too.
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let lying = ledger
+        .append_raw(
+            "Organization",
+            &org.to_string(),
+            "OrganizationSuspended",
+            "1",
+            r#"{"OrganizationReactivated":{}}"#,
+            &actor,
+        )
+        .await;
+    assert_eq!(
+        failed_at(catch_up(&db.pool).await),
+        ("organizations", lying)
+    );
+}
+
+#[tokio::test]
+async fn retry_resumes_at_the_failed_event_once_its_cause_is_fixed() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    // A fault outside the event (here a trigger, in life a bad migration or a full disk)
+    // makes the read model refuse the second invitation.
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.id = '{}' THEN RAISE EXCEPTION 'read model refuses'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse();",
+        users[1]
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    for user in &users {
+        ledger
+            .append("User", *user, &invite(*user, org), &actor)
+            .await;
+    }
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("users", 2));
+    assert_eq!(user_ids(&db.pool).await, users[..1]);
+
+    sqlx::raw_sql("DROP TRIGGER refuse ON users")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Fixing the cause is not enough: an operator decides to retry.
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("users", 2));
+    assert_eq!(retry(&db.pool, "users").await.unwrap(), 1);
+    catch_up(&db.pool).await.unwrap();
+    assert_eq!(user_ids(&db.pool).await, users);
+    let users_status = status(&db.pool)
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|s| s.name == "users")
+        .unwrap();
+    assert_eq!((users_status.position, users_status.lag), (3, 0));
+    assert!(users_status.failures.is_empty());
+}
+
+#[tokio::test]
+async fn reset_and_catch_up_rebuild_identical_read_models() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let story = populate(&mut ledger).await;
+    sqlx::query("INSERT INTO subject_keys (subject_id, wrapped_key) VALUES ($1, $2)")
+        .bind(story.alice)
+        .bind(vec![1u8; 48])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    // Small batches, so that the rebuild crosses batch boundaries.
+    for projection in Projection::ALL {
+        while let BatchOutcome::Applied { applied: 1.., .. } =
+            run_batch(&db.pool, projection, 3).await.unwrap()
+        {}
+    }
+    let before = snapshot(&db.pool).await;
+    assert!(
+        before.iter().all(|(_, rows)| !rows.is_empty()),
+        "the story fills every table"
+    );
+
+    reset(&db.pool, Some(&["roles"])).await.unwrap();
+    assert!(
+        rows(&db.pool, "roles").await.is_empty()
+            && rows(&db.pool, "role_permissions").await.is_empty()
+    );
+    assert_eq!(
+        rows(&db.pool, "users").await,
+        before[1].1,
+        "other projections untouched"
+    );
+    assert_eq!(checkpoint(&db.pool, "roles").await, 0);
+    catch_up(&db.pool).await.unwrap();
+    assert_eq!(snapshot(&db.pool).await, before);
+
+    reset(&db.pool, None).await.unwrap();
+    for (table, rows) in snapshot(&db.pool).await {
+        assert!(rows.is_empty(), "{table} is empty after reset");
+    }
+    let permissions: i64 = sqlx::query_scalar("SELECT count(*) FROM permissions")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(permissions, 12, "reference data stays");
+    catch_up(&db.pool).await.unwrap();
+    assert_eq!(snapshot(&db.pool).await, before);
+    let keys: Vec<Uuid> = sqlx::query_scalar("SELECT subject_id FROM subject_keys")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(keys, vec![story.alice], "reset does not touch subject keys");
+
+    assert!(matches!(
+        reset(&db.pool, Some(&["nope"])).await,
+        Err(RunError::UnknownProjection(_))
+    ));
+}
+
+#[tokio::test]
+async fn concurrent_runners_apply_each_event_once() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    for _ in 0..200 {
+        let user = Uuid::new_v4();
+        ledger
+            .append("User", user, &invite(user, org), &actor)
+            .await;
+    }
+    let mut runners = tokio::task::JoinSet::new();
+    for _ in 0..4 {
+        let pool = db.pool.clone();
+        runners.spawn(async move {
+            for projection in [Projection::Users, Projection::AuditEvents] {
+                while let BatchOutcome::Applied { applied: 1.., .. } =
+                    run_batch(&pool, projection, 7).await.unwrap()
+                {}
+            }
+        });
+    }
+    while let Some(done) = runners.join_next().await {
+        done.unwrap();
+    }
+    // A double application would have hit the users primary key and been recorded.
+    let failures: i64 = sqlx::query_scalar("SELECT count(*) FROM projection_failures")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(failures, 0);
+    assert_eq!(user_ids(&db.pool).await.len(), 200);
+    assert_eq!(rows(&db.pool, "audit_events").await.len(), 200);
+    assert_eq!(checkpoint(&db.pool, "users").await, 200);
+}
+
+#[tokio::test]
+async fn the_projector_follows_the_head_and_reports_stopped_projections() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let (head_tx, head_rx) = tokio::sync::watch::channel(0i64);
+    let projector = Projector::spawn(db.pool.clone(), head_rx);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+
+    let user = Uuid::new_v4();
+    let position = ledger
+        .append("User", user, &invite(user, org), &actor)
+        .await;
+    head_tx.send_replace(position);
+    assert!(projector.wait_for(position, Duration::from_secs(10)).await);
+    assert_eq!(user_ids(&db.pool).await, vec![user], "read your writes");
+
+    // Written by "another process": no head notification, found by polling.
+    let other = Uuid::new_v4();
+    let position = ledger
+        .append("User", other, &invite(other, org), &actor)
+        .await;
+    assert!(projector.wait_for(position, Duration::from_secs(10)).await);
+    assert!(projector
+        .checkpoints()
+        .iter()
+        .all(|(_, cp)| *cp == position));
+
+    let bad = ledger
+        .append_raw(
+            "User",
+            &Uuid::new_v4().to_string(),
+            "UserErased",
+            "1",
+            r#"{"UserErased":{}}"#,
+            &actor,
+        )
+        .await;
+    head_tx.send_replace(bad);
+    let started = Instant::now();
+    assert!(!projector.wait_for(bad, Duration::from_secs(30)).await);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "a stopped projection is reported, not waited out"
+    );
+    assert!(projector.wait_for(bad - 1, Duration::from_secs(1)).await);
+    let checkpoints = projector.checkpoints();
+    assert!(
+        checkpoints.contains(&("users", bad - 1)) && checkpoints.contains(&("audit_events", bad))
+    );
+
+    let stopped = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), projector.shutdown())
+        .await
+        .unwrap();
+    assert!(stopped.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn status_of_an_empty_ledger() {
+    let db = TestDb::new().await;
+    catch_up(&db.pool).await.unwrap();
+    let statuses = status(&db.pool).await.unwrap();
+    assert_eq!(statuses.len(), 6);
+    assert!(statuses
+        .iter()
+        .all(|s| s.position == 0 && s.head == 0 && s.lag == 0 && s.failures.is_empty()));
+}

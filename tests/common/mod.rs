@@ -1,0 +1,364 @@
+//! Test harness: a fresh, migrated database per test and the app served in-process on
+//! 127.0.0.1:0, with the platform bootstrapped. The database is dropped when the harness is.
+#![allow(dead_code)] // each test binary uses its own part of the harness
+
+use std::net::SocketAddr;
+
+use ledgerline::app::App;
+use ledgerline::crypto::{MasterKey, Vault};
+use ledgerline::ledger::verify::{verify_database, Report};
+use reqwest::Method;
+use serde_json::{json, Value};
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// The server every test database is created on; trust auth as the `postgres` superuser.
+pub fn admin_url() -> String {
+    std::env::var("LEDGERLINE_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn db_url(name: &str) -> String {
+    let admin = admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// A fresh database, migrated, dropped on drop.
+pub struct TestDb {
+    pub name: String,
+    pub url: String,
+    pub pool: PgPool,
+}
+
+impl TestDb {
+    pub async fn new() -> Self {
+        let name = format!("ll_test_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url())
+            .await
+            .expect("PostgreSQL is reachable (see README)");
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await
+            .expect("create test database");
+        admin.close().await.ok();
+        let url = db_url(&name);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .connect(&url)
+            .await
+            .expect("connect test database");
+        ledgerline::db::migrate(&pool)
+            .await
+            .expect("migrations apply");
+        Self { name, url, pool }
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop runs outside async context guarantees; a helper thread with its own runtime
+        // can always run the DROP.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub db: TestDb,
+    pub app: App,
+    pub base: String,
+    pub admin_key: String,
+    pub client: reqwest::Client,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+pub struct Response {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl TestApp {
+    pub async fn spawn() -> Self {
+        let db = TestDb::new().await;
+        let app = App::new(db.pool.clone(), Vault::new(&MasterKey::generate()), true);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let router = ledgerline::api::router(app.clone());
+        let server = tokio::spawn(async move {
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .await
+            .expect("serve");
+        });
+        let admin_key = ledgerline::cli::bootstrap_key(&app, "test operator")
+            .await
+            .expect("bootstrap");
+        Self {
+            db,
+            app,
+            base: format!("http://{addr}"),
+            admin_key,
+            client: reqwest::Client::new(),
+            server,
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.db.pool
+    }
+
+    pub async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> Response {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request sent");
+        let status = res.status().as_u16();
+        let text = res.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Response { status, body }
+    }
+
+    pub async fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        content_type: &str,
+        body: Vec<u8>,
+    ) -> Response {
+        let res = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = res.status().as_u16();
+        let text = res.text().await.expect("body");
+        Response {
+            status,
+            body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        }
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Response {
+        self.call(Method::GET, path, Some(key), None).await
+    }
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Response {
+        self.call(Method::POST, path, Some(key), Some(body)).await
+    }
+    pub async fn patch(&self, path: &str, key: &str, body: Value) -> Response {
+        self.call(Method::PATCH, path, Some(key), Some(body)).await
+    }
+    pub async fn put(&self, path: &str, key: &str, body: Value) -> Response {
+        self.call(Method::PUT, path, Some(key), Some(body)).await
+    }
+    pub async fn delete(&self, path: &str, key: &str) -> Response {
+        self.call(Method::DELETE, path, Some(key), None).await
+    }
+
+    /// Creates an organization as the platform operator; returns its id.
+    pub async fn create_org(&self, name: &str) -> Uuid {
+        let slug: String = name
+            .to_lowercase()
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        let r = self
+            .post(
+                "/v1/organizations",
+                &self.admin_key,
+                json!({"name": name, "slug": slug}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "create org: {}", r.body);
+        r.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// The id of a built-in role of `org`.
+    pub async fn role_id(&self, org: Uuid, name: &str) -> Uuid {
+        let r = self
+            .get(&format!("/v1/organizations/{org}/roles"), &self.admin_key)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let role = r.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["name"] == name)
+            .expect("role exists");
+        role["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Invites a user into `org`; returns its id.
+    pub async fn invite(&self, org: Uuid, email: &str, name: &str) -> Uuid {
+        let r = self
+            .post(
+                &format!("/v1/organizations/{org}/users"),
+                &self.admin_key,
+                json!({"email": email, "full_name": name}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "invite: {}", r.body);
+        r.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// A user holding the built-in role `role`, and a key of theirs with every permission
+    /// of that role. Returns (user id, key secret).
+    pub async fn member_with_key(&self, org: Uuid, role: &str, email: &str) -> (Uuid, String) {
+        let user = self.invite(org, email, "Test Person").await;
+        let role_id = self.role_id(org, role).await;
+        let r = self
+            .put(
+                &format!("/v1/organizations/{org}/users/{user}/roles/{role_id}"),
+                &self.admin_key,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "assign: {}", r.body);
+        let perms = ledgerline_aggregates::organization::built_in_roles::permissions(role).unwrap();
+        let r = self
+            .post(
+                &format!("/v1/organizations/{org}/api-keys"),
+                &self.admin_key,
+                json!({"label": format!("{role} key"), "permissions": perms, "user_id": user}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "issue: {}", r.body);
+        (user, r.body["secret"].as_str().unwrap().to_string())
+    }
+
+    pub async fn head(&self) -> i64 {
+        let (max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events")
+            .fetch_one(self.pool())
+            .await
+            .unwrap();
+        max.unwrap_or(0)
+    }
+
+    pub async fn verify(&self) -> Report {
+        verify_database(self.pool(), 2).await.expect("verify runs")
+    }
+}
+
+/// The `code` the one error shape carries for an HTTP status (see src/api/error.rs).
+pub fn error_code(status: u16) -> &'static str {
+    match status {
+        400 => "bad_request",
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        422 => "invalid",
+        503 => "unavailable",
+        _ => "internal",
+    }
+}
+
+/// Asserts `r` is an error of `status` in the one JSON shape
+/// `{"error": {"status": N, "code": "...", "message": "..."}}`, with nothing else beside it.
+#[track_caller]
+pub fn assert_error(r: &Response, status: u16) {
+    assert_eq!(
+        r.status, status,
+        "expected {status}, got {}: {}",
+        r.status, r.body
+    );
+    let top = r
+        .body
+        .as_object()
+        .unwrap_or_else(|| panic!("error body is not a JSON object: {}", r.body));
+    assert_eq!(top.len(), 1, "only `error` at the top level: {}", r.body);
+    let e = &r.body["error"];
+    assert_eq!(
+        e.as_object().map(|o| o.len()),
+        Some(3),
+        "status, code and message only: {}",
+        r.body
+    );
+    assert_eq!(
+        e["status"],
+        json!(status),
+        "error.status matches the HTTP status: {}",
+        r.body
+    );
+    assert_eq!(
+        e["code"],
+        json!(error_code(status)),
+        "error.code: {}",
+        r.body
+    );
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.trim().is_empty()),
+        "a message: {}",
+        r.body
+    );
+}
+
+impl TestApp {
+    /// A request whose `Authorization` header is exactly `authorization` (or absent).
+    pub async fn with_authorization(
+        &self,
+        method: Method,
+        path: &str,
+        authorization: Option<&str>,
+    ) -> Response {
+        let mut req = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let res = req.send().await.expect("request sent");
+        let status = res.status().as_u16();
+        let text = res.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or(Value::String(text))
+        };
+        Response { status, body }
+    }
+}

@@ -1,0 +1,138 @@
+//! Concurrency: optimistic concurrency per aggregate (one winner per sequence, 409 for the
+//! rest, never a fork) and group commit across aggregates (positions 1..N with no gap).
+
+mod common;
+
+use std::sync::Arc;
+
+use common::TestApp;
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
+    let t = Arc::new(TestApp::spawn().await);
+    let org = t.create_org("Contended").await;
+    let before: (i64,) = sqlx::query_as("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
+        .bind(org.to_string())
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+
+    let tasks: Vec<_> = (0..32)
+        .map(|i| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                t.patch(&format!("/v1/organizations/{org}"), &t.admin_key, json!({"name": format!("Contended {i}")}))
+                    .await
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut conflicts = 0;
+    for task in tasks {
+        let r = task.await.unwrap();
+        match r.status {
+            200 => ok += 1,
+            409 => {
+                conflicts += 1;
+                assert_eq!(r.body["error"]["code"], "conflict", "{}", r.body);
+            }
+            other => panic!("unexpected status {other}: {}", r.body),
+        }
+    }
+    assert_eq!(ok + conflicts, 32);
+    assert!(ok >= 1 && conflicts >= 1, "expected contention: {ok} ok, {conflicts} conflicts");
+
+    // Every success is exactly one new event, at consecutive sequence numbers: no fork.
+    let seqs: Vec<(i64,)> = sqlx::query_as("SELECT sequence FROM events WHERE aggregate_id = $1 AND sequence > $2 ORDER BY sequence")
+        .bind(org.to_string())
+        .bind(before.0)
+        .fetch_all(t.pool())
+        .await
+        .unwrap();
+    let seqs: Vec<i64> = seqs.into_iter().map(|(s,)| s).collect();
+    assert_eq!(seqs, ((before.0 + 1)..=(before.0 + ok as i64)).collect::<Vec<_>>());
+
+    let (count, max): (i64, Option<i64>) = sqlx::query_as("SELECT count(*), max(position) FROM events").fetch_one(t.pool()).await.unwrap();
+    assert_eq!(Some(count), max, "positions are gap-free");
+    let report = t.verify().await;
+    assert!(report.intact(), "{:?}", report.first_bad);
+
+    // The read model shows the last successful name; the released names are free again.
+    let name = t.get(&format!("/v1/organizations/{org}"), &t.admin_key).await.body["name"].clone();
+    let last: (String,) = sqlx::query_as(
+        "SELECT payload::jsonb #>> '{OrganizationUpdated,after,name}' FROM events WHERE aggregate_id = $1 ORDER BY sequence DESC LIMIT 1",
+    )
+    .bind(org.to_string())
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(name, json!(last.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_commands_from_32_tasks_are_gap_free_and_projected() {
+    let t = Arc::new(TestApp::spawn().await);
+    let orgs = [t.create_org("Alpha").await, t.create_org("Beta").await, t.create_org("Gamma").await];
+    let start = t.head().await;
+
+    let tasks: Vec<_> = (0..32)
+        .map(|w| {
+            let t = t.clone();
+            tokio::spawn(async move {
+                let mut ids = Vec::new();
+                for i in (w..1000).step_by(32) {
+                    let org = orgs[i % orgs.len()];
+                    let r = t
+                        .post(
+                            &format!("/v1/organizations/{org}/users"),
+                            &t.admin_key,
+                            json!({"email": format!("user{i}@example.com"), "full_name": format!("User {i}")}),
+                        )
+                        .await;
+                    assert_eq!(r.status, 201, "{}", r.body);
+                    ids.push((org, r.body["id"].as_str().unwrap().to_string(), i));
+                }
+                ids
+            })
+        })
+        .collect();
+    let mut users = Vec::new();
+    for task in tasks {
+        users.extend(task.await.unwrap());
+    }
+    assert_eq!(users.len(), 1000);
+
+    let positions: Vec<(i64,)> = sqlx::query_as("SELECT position FROM events ORDER BY position").fetch_all(t.pool()).await.unwrap();
+    let positions: Vec<i64> = positions.into_iter().map(|(p,)| p).collect();
+    let n = positions.len() as i64;
+    assert_eq!(positions, (1..=n).collect::<Vec<_>>(), "positions are exactly 1..N");
+    assert_eq!(n, start + 1000);
+    let report = t.verify().await;
+    assert!(report.intact(), "{:?}", report.first_bad);
+    assert_eq!(report.events as i64, n);
+
+    // Every projection has reached the head and says what the events say.
+    for (name, position) in t.app.projector.as_ref().unwrap().checkpoints() {
+        assert_eq!(position, n, "projection {name} is at the head");
+    }
+    let (audit_rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_events").fetch_one(t.pool()).await.unwrap();
+    assert_eq!(audit_rows, n);
+    for (org, id, i) in &users {
+        let r = t.get(&format!("/v1/organizations/{org}/users/{id}"), &t.admin_key).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.body["email"], format!("user{i}@example.com"));
+    }
+    let per_org: Vec<(uuid::Uuid, i64)> =
+        sqlx::query_as("SELECT organization_id, count(*) FROM users GROUP BY organization_id ORDER BY organization_id")
+            .fetch_all(t.pool())
+            .await
+            .unwrap();
+    let from_events: Vec<(uuid::Uuid, i64)> = sqlx::query_as(
+        "SELECT organization_id, count(*) FROM events WHERE event_type = 'UserInvited' GROUP BY organization_id ORDER BY organization_id",
+    )
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(per_org, from_events);
+}
