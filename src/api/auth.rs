@@ -94,8 +94,10 @@ impl FromRequestParts<App> for Caller {
             .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>`"))?
             .to_str()
             .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
             .ok_or_else(|| ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`"))?;
         let invalid = || ApiError::unauthorized("invalid API key");
         let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;

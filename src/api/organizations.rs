@@ -159,7 +159,7 @@ pub async fn suspend(
     Path(org): Path<Uuid>,
     body: super::OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<OrganizationView>> {
-    caller.require(Permission::PlatformAdmin)?;
+    caller.require_in(org, Permission::PlatformAdmin)?;
     find(&app, org).await?;
     let command = OrganizationCommand::Suspend { reason: body.0.unwrap_or_default().reason };
     app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, command).await?;
@@ -171,7 +171,7 @@ pub async fn reactivate(
     caller: Caller,
     Path(org): Path<Uuid>,
 ) -> ApiResult<axum::Json<OrganizationView>> {
-    caller.require(Permission::PlatformAdmin)?;
+    caller.require_in(org, Permission::PlatformAdmin)?;
     find(&app, org).await?;
     app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, OrganizationCommand::Reactivate)
         .await?;

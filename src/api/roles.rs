@@ -216,6 +216,16 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     find(&app, org, role).await?;
+    // A child would silently lose what it inherits; make the operator re-parent it first.
+    let (children,): (i64,) = sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")
+        .bind(role)
+        .fetch_one(&app.pool)
+        .await?;
+    if children > 0 {
+        return Err(ApiError::conflict(format!(
+            "{children} role(s) inherit from this role; change their parent first"
+        )));
+    }
     app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, RoleCommand::Delete).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,0 +1,1501 @@
+//! Who may do what: 401 for bad credentials, 403 for missing permissions, 404 across tenants,
+//! no privilege escalation, keys cut by revocation, expiry, suspension and role changes, and
+//! an OpenAPI document that matches the router.
+
+mod common;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use common::{assert_error, Response, TestApp};
+use ledgerline::api::ROUTES;
+use ledgerline_aggregates::organization::built_in_roles;
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn org_path(org: Uuid, rest: &str) -> String {
+    format!("/v1/organizations/{org}{rest}")
+}
+
+/// The wire names of a built-in role's permissions, in the order the API lists them.
+fn role_permissions(role: &str) -> Vec<String> {
+    built_in_roles::permissions(role)
+        .unwrap()
+        .into_iter()
+        .map(String::from)
+        .collect()
+}
+
+fn permissions_of(me: &Response) -> Vec<String> {
+    me.body["permissions"]
+        .as_array()
+        .unwrap_or_else(|| panic!("permissions in /v1/me: {}", me.body))
+        .iter()
+        .map(|p| p.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Issues a key in `org` with `issuer`'s key; returns the raw answer.
+async fn issue_key(t: &TestApp, org: Uuid, issuer: &str, body: Value) -> Response {
+    t.post(&org_path(org, "/api-keys"), issuer, body).await
+}
+
+/// Issues a key in `org` as the platform operator; returns (key id, secret).
+async fn issued(t: &TestApp, org: Uuid, body: Value) -> (Uuid, String) {
+    let r = issue_key(t, org, &t.admin_key, body).await;
+    assert_eq!(r.status, 201, "issue: {}", r.body);
+    (
+        r.body["id"].as_str().unwrap().parse().unwrap(),
+        r.body["secret"].as_str().unwrap().to_string(),
+    )
+}
+
+/// The id of the key whose secret is `secret`, as /v1/me reports it.
+async fn key_id(t: &TestApp, secret: &str) -> Uuid {
+    let me = t.get("/v1/me", secret).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    me.body["key"]["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// Creates a custom role in `org` as the platform operator; returns its id.
+async fn create_role(t: &TestApp, org: Uuid, name: &str, permissions: &[&str]) -> Uuid {
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": name, "permissions": permissions}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "create role: {}", r.body);
+    r.body["id"].as_str().unwrap().parse().unwrap()
+}
+
+/// A user holding `role` (by id) and a key of theirs with `permissions`.
+async fn user_with_role_and_key(
+    t: &TestApp,
+    org: Uuid,
+    email: &str,
+    role: Uuid,
+    permissions: &[&str],
+) -> (Uuid, String) {
+    let user = t.invite(org, email, "Role Holder").await;
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{user}/roles/{role}")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "assign: {}", r.body);
+    let (_, secret) = issued(
+        t,
+        org,
+        json!({"label": "custom", "permissions": permissions, "user_id": user}),
+    )
+    .await;
+    (user, secret)
+}
+
+fn in_seconds(s: i64) -> DateTime<Utc> {
+    Utc::now() + chrono::Duration::seconds(s)
+}
+
+/// Sleeps until `at` has passed by a little.
+async fn sleep_past(at: DateTime<Utc>) {
+    let left = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+    tokio::time::sleep(left + Duration::from_millis(600)).await;
+}
+
+/// A string of the shape of a key (`ll_<12 hex>_<43 base64url>`) that was never issued.
+fn unknown_key() -> String {
+    format!(
+        "ll_{}_{}",
+        &Uuid::new_v4().simple().to_string()[..12],
+        "A".repeat(43)
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// 401: no, malformed, unknown, revoked, expired, rotated-away and suspended keys
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn missing_authorization_header_is_401() {
+    let t = TestApp::spawn().await;
+    for path in ["/v1/me", "/v1/organizations", "/v1/ledger/head"] {
+        let r = t.with_authorization(Method::GET, path, None).await;
+        assert_error(&r, 401);
+    }
+    let before = t.head().await;
+    let r = t
+        .call(
+            Method::POST,
+            "/v1/organizations",
+            None,
+            Some(json!({"name": "Nope", "slug": "nope"})),
+        )
+        .await;
+    assert_error(&r, 401);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn malformed_authorization_headers_are_401() {
+    let t = TestApp::spawn().await;
+    let admin = t.admin_key.clone();
+    let cases = [
+        "Basic x".to_string(),
+        "Basic dXNlcjpwYXNz".to_string(),
+        "Bearer".to_string(),
+        "Bearer ".to_string(),
+        "garbage".to_string(),
+        admin.clone(), // the right key without its scheme
+        format!("Token {admin}"),
+        "Bearer not-a-key".to_string(),
+        format!("Bearer {}", &admin[..admin.len() - 1]), // truncated
+        format!("Bearer {admin}x"),                      // too long
+    ];
+    for header in &cases {
+        let r = t
+            .with_authorization(Method::GET, "/v1/me", Some(header))
+            .await;
+        assert_error(&r, 401);
+    }
+    // The control: the same key, properly presented, works.
+    let r = t
+        .with_authorization(Method::GET, "/v1/me", Some(&format!("Bearer {admin}")))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn unknown_key_of_the_right_shape_is_401() {
+    let t = TestApp::spawn().await;
+    let r = t.get("/v1/me", &unknown_key()).await;
+    assert_error(&r, 401);
+}
+
+#[tokio::test]
+async fn known_prefix_with_a_wrong_secret_is_401() {
+    let t = TestApp::spawn().await;
+    let admin = &t.admin_key;
+    let last = admin.chars().last().unwrap();
+    let forged = format!(
+        "{}{}",
+        &admin[..admin.len() - 1],
+        if last == 'A' { 'B' } else { 'A' }
+    );
+    let r = t.get("/v1/me", &forged).await;
+    assert_error(&r, 401);
+}
+
+#[tokio::test]
+async fn revoked_key_is_refused_on_its_very_next_request() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Revokers").await;
+    let (id, secret) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read"]}),
+    )
+    .await;
+    assert_eq!(t.get("/v1/me", &secret).await.status, 200);
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{id}/revoke")),
+            &t.admin_key,
+            json!({"reason": "leaked"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "revoked");
+    let r = t.get(&org_path(org, "/users"), &secret).await;
+    assert_error(&r, 401);
+    assert_error(&t.get("/v1/me", &secret).await, 401);
+}
+
+#[tokio::test]
+async fn a_key_can_revoke_itself_and_is_then_refused() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Self Revokers").await;
+    let (id, secret) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["keys:write", "keys:read"]}),
+    )
+    .await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{id}/revoke")),
+            &secret,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error(&t.get(&org_path(org, "/api-keys"), &secret).await, 401);
+}
+
+#[tokio::test]
+async fn expired_key_is_401() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Expirers").await;
+    let expires_at = in_seconds(2);
+    let (_, secret) = issued(
+        &t,
+        org,
+        json!({"label": "short", "permissions": ["users:read"], "expires_at": expires_at}),
+    )
+    .await;
+    let r = t.get(&org_path(org, "/users"), &secret).await;
+    assert_eq!(r.status, 200, "works before it expires: {}", r.body);
+    sleep_past(expires_at).await;
+    assert_error(&t.get(&org_path(org, "/users"), &secret).await, 401);
+    assert_error(&t.get("/v1/me", &secret).await, 401);
+}
+
+#[tokio::test]
+async fn rotated_key_old_secret_is_401_and_new_secret_works() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Rotators").await;
+    let (id, old) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read"]}),
+    )
+    .await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{id}/rotate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let new = r.body["secret"].as_str().unwrap().to_string();
+    assert_ne!(new, old);
+    assert_eq!(r.body["id"], json!(id), "the same key, a new secret");
+    assert_eq!(r.body["prefix"].as_str().unwrap(), &new[..15]);
+    assert_error(&t.get("/v1/me", &old).await, 401);
+    let me = t.get("/v1/me", &new).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["key"]["id"], json!(id));
+    assert_eq!(t.get(&org_path(org, "/users"), &new).await.status, 200);
+}
+
+#[tokio::test]
+async fn suspended_organization_keys_are_401_until_reactivated() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Suspendables").await;
+    let (_, owner_key) = t
+        .member_with_key(org, "owner", "owner@suspendables.example")
+        .await;
+    let (_, service_key) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read"]}),
+    )
+    .await;
+    let other = t.create_org("Bystanders").await;
+    let (_, bystander) = t
+        .member_with_key(other, "member", "member@bystanders.example")
+        .await;
+
+    let r = t
+        .post(
+            &org_path(org, "/suspend"),
+            &t.admin_key,
+            json!({"reason": "unpaid"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "suspended");
+    for key in [&owner_key, &service_key] {
+        assert_error(&t.get("/v1/me", key).await, 401);
+        assert_error(&t.get(&org_path(org, "/users"), key).await, 401);
+    }
+    assert_eq!(
+        t.get("/v1/me", &bystander).await.status,
+        200,
+        "other tenants are unaffected"
+    );
+
+    let r = t
+        .post(&org_path(org, "/reactivate"), &t.admin_key, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "active");
+    for key in [&owner_key, &service_key] {
+        assert_eq!(t.get(&org_path(org, "/users"), key).await.status, 200);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Keys cut by what happens to their user
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn revoking_the_users_role_cuts_the_users_key() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Cutters").await;
+    let (user, key) = t
+        .member_with_key(org, "admin", "admin@cutters.example")
+        .await;
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(permissions_of(&me), role_permissions("admin"));
+    assert_eq!(t.get(&org_path(org, "/api-keys"), &key).await.status, 200);
+
+    let admin_role = t.role_id(org, "admin").await;
+    let r = t
+        .delete(
+            &org_path(org, &format!("/users/{user}/roles/{admin_role}")),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(
+        permissions_of(&me),
+        Vec::<String>::new(),
+        "no role, no permissions"
+    );
+    assert_error(&t.get(&org_path(org, "/api-keys"), &key).await, 403);
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, "/users"),
+            &key,
+            json!({"email": "x@cutters.example", "full_name": "X"}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn deactivating_the_user_cuts_the_users_key_and_reactivating_restores_it() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Deactivators").await;
+    let (user, key) = t
+        .member_with_key(org, "member", "member@deactivators.example")
+        .await;
+    assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
+
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/deactivate")),
+            &t.admin_key,
+            json!({"reason": "left"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error(&t.get(&org_path(org, "/users"), &key).await, 401);
+    assert_error(&t.get("/v1/me", &key).await, 401);
+
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/reactivate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
+}
+
+#[tokio::test]
+async fn expired_role_assignment_grants_nothing() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Temporaries").await;
+    let user = t
+        .invite(org, "temp@temporaries.example", "Temp Worker")
+        .await;
+    let member = t.role_id(org, "member").await;
+    let expires_at = in_seconds(3);
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{user}/roles/{member}")),
+            &t.admin_key,
+            json!({"expires_at": expires_at, "reason": "trial"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, key) = issued(
+        &t,
+        org,
+        json!({"label": "temp", "permissions": role_permissions("member"), "user_id": user}),
+    )
+    .await;
+
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(
+        permissions_of(&me),
+        role_permissions("member"),
+        "granted while the assignment lasts"
+    );
+    assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
+
+    sleep_past(expires_at).await;
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(
+        permissions_of(&me),
+        Vec::<String>::new(),
+        "an expired assignment grants nothing"
+    );
+    assert_error(&t.get(&org_path(org, "/users"), &key).await, 403);
+    let r = t
+        .get(
+            &org_path(org, &format!("/users/{user}/roles")),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["items"][0]["active"], json!(false), "{}", r.body);
+}
+
+#[tokio::test]
+async fn user_key_permissions_are_the_intersection_of_key_and_role() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Intersections").await;
+    let (user, _) = t
+        .member_with_key(org, "member", "member@intersections.example")
+        .await;
+    // The key asks for more than the member role grants; the role cuts it down.
+    let (_, key) = issued(&t, org, json!({"label": "wide", "permissions": ["users:read", "users:write", "keys:read"], "user_id": user})).await;
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(permissions_of(&me), vec!["users:read".to_string()]);
+    assert_error(&t.get(&org_path(org, "/api-keys"), &key).await, 403);
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, "/users"),
+            &key,
+            json!({"email": "y@intersections.example", "full_name": "Y"}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn deleting_or_narrowing_a_role_cuts_its_holders_keys() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Shrinkers").await;
+    let narrowed = create_role(&t, org, "narrowed", &["users:read", "keys:read"]).await;
+    let deleted = create_role(&t, org, "deleted", &["roles:read"]).await;
+    let user = t.invite(org, "holder@shrinkers.example", "Holder").await;
+    for role in [narrowed, deleted] {
+        let r = t
+            .put(
+                &org_path(org, &format!("/users/{user}/roles/{role}")),
+                &t.admin_key,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let (_, key) = issued(&t, org, json!({"label": "k", "permissions": ["users:read", "roles:read", "keys:read"], "user_id": user})).await;
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &key).await),
+        vec!["users:read", "roles:read", "keys:read"]
+    );
+
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{narrowed}")),
+            &t.admin_key,
+            json!({"permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &key).await),
+        vec!["users:read", "roles:read"]
+    );
+    assert_error(&t.get(&org_path(org, "/api-keys"), &key).await, 403);
+
+    let r = t
+        .delete(&org_path(org, &format!("/roles/{deleted}")), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &key).await),
+        vec!["users:read"]
+    );
+    assert_error(&t.get(&org_path(org, "/roles"), &key).await, 403);
+}
+
+#[tokio::test]
+async fn a_roles_parent_permissions_are_granted_through_it() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Inheritors").await;
+    let member = t.role_id(org, "member").await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "member plus", "permissions": ["keys:read"], "parent_role_id": member}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let child: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    let (_, key) = user_with_role_and_key(
+        &t,
+        org,
+        "heir@inheritors.example",
+        child,
+        &["users:read", "keys:read", "roles:read"],
+    )
+    .await;
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &key).await),
+        vec!["users:read", "roles:read", "keys:read"]
+    );
+    assert_eq!(
+        t.get(&org_path(org, "/roles"), &key).await.status,
+        200,
+        "roles:read comes from the parent"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 403: a valid key without the permission
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn member_key_cannot_invite_read_keys_audit_or_ledger() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Members Only").await;
+    let (_, key) = t
+        .member_with_key(org, "member", "member@members.example")
+        .await;
+    assert_eq!(
+        t.get(&org_path(org, "/users"), &key).await.status,
+        200,
+        "members read the directory"
+    );
+    assert_eq!(t.get(&org_path(org, "/roles"), &key).await.status, 200);
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, "/users"),
+            &key,
+            json!({"email": "new@members.example", "full_name": "New Person"}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_error(&t.get(&org_path(org, "/api-keys"), &key).await, 403);
+    assert_error(&t.get(&org_path(org, "/audit-events"), &key).await, 403);
+    assert_error(&t.get(&org_path(org, "/ledger/events"), &key).await, 403);
+    assert_error(&t.get("/v1/ledger/head", &key).await, 403);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn auditor_key_reads_audit_and_ledger_but_issues_no_command() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Audited").await;
+    let (auditor, key) = t
+        .member_with_key(org, "auditor", "auditor@audited.example")
+        .await;
+    let other = t.invite(org, "other@audited.example", "Other Person").await;
+    let custom = create_role(&t, org, "readers", &["users:read"]).await;
+    let member = t.role_id(org, "member").await;
+    let own_key = key_id(&t, &key).await;
+
+    for path in [
+        org_path(org, "/audit-events"),
+        org_path(org, "/ledger/events"),
+        "/v1/ledger/head".into(),
+        org_path(org, "/users"),
+        org_path(org, "/api-keys"),
+    ] {
+        let r = t.get(&path, &key).await;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+
+    let before = t.head().await;
+    let commands: Vec<(Method, String, Value)> = vec![
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Mine", "slug": "mine"}),
+        ),
+        (Method::PATCH, org_path(org, ""), json!({"name": "Renamed"})),
+        (Method::POST, org_path(org, "/suspend"), json!({})),
+        (Method::POST, org_path(org, "/reactivate"), json!({})),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": "new@audited.example", "full_name": "New"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/users/{other}")),
+            json!({"full_name": "Changed"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{other}/deactivate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{other}/reactivate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{other}/erase")),
+            json!({}),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{other}/roles/{member}")),
+            json!({}),
+        ),
+        (
+            Method::DELETE,
+            org_path(
+                org,
+                &format!("/users/{auditor}/roles/{}", t.role_id(org, "auditor").await),
+            ),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "new role", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{custom}")),
+            json!({"description": "changed"}),
+        ),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/roles/{custom}")),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "mine", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{own_key}/rotate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{own_key}/revoke")),
+            json!({}),
+        ),
+    ];
+    for (method, path, body) in commands {
+        let body = (!body.is_null()).then_some(body);
+        let r = t.call(method.clone(), &path, Some(&key), body).await;
+        assert_eq!(r.status, 403, "{method} {path}: {}", r.body);
+        assert_error(&r, 403);
+    }
+    assert_eq!(
+        t.head().await,
+        before,
+        "no command of the auditor changed anything"
+    );
+    assert_eq!(
+        t.get("/v1/me", &key).await.status,
+        200,
+        "the auditor's key still works"
+    );
+}
+
+#[tokio::test]
+async fn admin_key_cannot_erase_users() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("No Erasers").await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@noerasers.example")
+        .await;
+    let user = t.invite(org, "victim@noerasers.example", "Victim").await;
+    let before = t.head().await;
+    assert_error(
+        &t.post(
+            &org_path(org, &format!("/users/{user}/erase")),
+            &admin,
+            json!({}),
+        )
+        .await,
+        403,
+    );
+    assert_eq!(t.head().await, before);
+    let r = t
+        .get(&org_path(org, &format!("/users/{user}")), &admin)
+        .await;
+    assert_eq!(r.body["email"], "victim@noerasers.example");
+}
+
+#[tokio::test]
+async fn only_the_platform_operator_creates_organizations() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Tenant").await;
+    let (_, owner) = t
+        .member_with_key(org, "owner", "owner@tenant.example")
+        .await;
+    let before = t.head().await;
+    let r = t
+        .post(
+            "/v1/organizations",
+            &owner,
+            json!({"name": "Owner's Own", "slug": "owners-own"}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+    let r = t
+        .post(
+            "/v1/organizations",
+            &t.admin_key,
+            json!({"name": "Owner's Own", "slug": "owners-own"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test]
+async fn only_the_platform_operator_suspends_even_its_own_organization() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Self Suspenders").await;
+    let (_, owner) = t
+        .member_with_key(org, "owner", "owner@selfsuspenders.example")
+        .await;
+    let before = t.head().await;
+    assert_error(
+        &t.post(&org_path(org, "/suspend"), &owner, json!({})).await,
+        403,
+    );
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn org_key_lists_only_its_own_organization() {
+    let t = TestApp::spawn().await;
+    let a = t.create_org("Listed A").await;
+    let b = t.create_org("Listed B").await;
+    let (_, key) = t.member_with_key(a, "member", "member@a.example").await;
+    let r = t.get("/v1/organizations", &key).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ids: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![a.to_string()]);
+    let r = t.get("/v1/organizations", &t.admin_key).await;
+    let ids: Vec<&str> = r.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&a.to_string().as_str()) && ids.contains(&b.to_string().as_str()),
+        "{}",
+        r.body
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 404 across tenants
+// ---------------------------------------------------------------------------------------------
+
+/// Two organizations, each with an owner (key), a member and a custom role.
+struct TwoTenants {
+    a: Uuid,
+    a_owner_key: String,
+    a_member: Uuid,
+    b: Uuid,
+    b_member: Uuid,
+    b_role: Uuid,
+    b_key: Uuid,
+}
+
+async fn two_tenants(t: &TestApp) -> TwoTenants {
+    let a = t.create_org("Tenant A").await;
+    let b = t.create_org("Tenant B").await;
+    let (_, a_owner_key) = t.member_with_key(a, "owner", "owner@a.example").await;
+    let a_member = t.invite(a, "member@a.example", "A Member").await;
+    let (b_member, b_secret) = t.member_with_key(b, "member", "member@b.example").await;
+    let b_role = create_role(t, b, "b readers", &["users:read"]).await;
+    let b_key = key_id(t, &b_secret).await;
+    TwoTenants {
+        a,
+        a_owner_key,
+        a_member,
+        b,
+        b_member,
+        b_role,
+        b_key,
+    }
+}
+
+#[tokio::test]
+async fn cross_tenant_reads_are_404() {
+    let t = TestApp::spawn().await;
+    let x = two_tenants(&t).await;
+    let (b, user, role, key) = (x.b, x.b_member, x.b_role, x.b_key);
+    let paths = [
+        org_path(b, ""),
+        org_path(b, "/users"),
+        org_path(b, &format!("/users/{user}")),
+        org_path(b, &format!("/users/{user}/roles")),
+        org_path(b, "/roles"),
+        org_path(b, &format!("/roles/{role}")),
+        org_path(b, "/api-keys"),
+        org_path(b, &format!("/api-keys/{key}")),
+        org_path(b, "/audit-events"),
+        org_path(b, "/ledger/events"),
+        // B's resources named under A's own organization are not A's either.
+        org_path(x.a, &format!("/users/{user}")),
+        org_path(x.a, &format!("/users/{user}/roles")),
+        org_path(x.a, &format!("/roles/{role}")),
+        org_path(x.a, &format!("/api-keys/{key}")),
+    ];
+    for path in paths {
+        let r = t.get(&path, &x.a_owner_key).await;
+        assert_eq!(r.status, 404, "GET {path}: {}", r.body);
+        assert_error(&r, 404);
+    }
+}
+
+#[tokio::test]
+async fn cross_tenant_commands_are_404_and_change_nothing() {
+    let t = TestApp::spawn().await;
+    let x = two_tenants(&t).await;
+    let (a, b, user, role, key) = (x.a, x.b, x.b_member, x.b_role, x.b_key);
+    let b_member_role = t.role_id(b, "member").await;
+    let before = t.head().await;
+    let commands: Vec<(Method, String, Value)> = vec![
+        (
+            Method::PATCH,
+            org_path(b, ""),
+            json!({"name": "Taken Over"}),
+        ),
+        (
+            Method::POST,
+            org_path(b, "/users"),
+            json!({"email": "spy@a.example", "full_name": "Spy"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(b, &format!("/users/{user}")),
+            json!({"full_name": "Renamed"}),
+        ),
+        (
+            Method::POST,
+            org_path(b, &format!("/users/{user}/deactivate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(b, &format!("/users/{user}/reactivate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(b, &format!("/users/{user}/erase")),
+            json!({}),
+        ),
+        (
+            Method::PUT,
+            org_path(b, &format!("/users/{user}/roles/{role}")),
+            json!({}),
+        ),
+        (
+            Method::DELETE,
+            org_path(b, &format!("/users/{user}/roles/{b_member_role}")),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            org_path(b, "/roles"),
+            json!({"name": "spies", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::PATCH,
+            org_path(b, &format!("/roles/{role}")),
+            json!({"description": "mine now"}),
+        ),
+        (
+            Method::DELETE,
+            org_path(b, &format!("/roles/{role}")),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            org_path(b, "/api-keys"),
+            json!({"label": "spy", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::POST,
+            org_path(b, &format!("/api-keys/{key}/revoke")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(b, &format!("/api-keys/{key}/rotate")),
+            json!({}),
+        ),
+        // B's resources named under A's own organization.
+        (
+            Method::PATCH,
+            org_path(a, &format!("/users/{user}")),
+            json!({"full_name": "Renamed"}),
+        ),
+        (
+            Method::POST,
+            org_path(a, &format!("/users/{user}/deactivate")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(a, &format!("/users/{user}/erase")),
+            json!({}),
+        ),
+        (
+            Method::PUT,
+            org_path(a, &format!("/users/{user}/roles/{role}")),
+            json!({}),
+        ),
+        (
+            Method::PUT,
+            org_path(a, &format!("/users/{}/roles/{role}", x.a_member)),
+            json!({}),
+        ),
+        (
+            Method::PATCH,
+            org_path(a, &format!("/roles/{role}")),
+            json!({"description": "mine now"}),
+        ),
+        (
+            Method::DELETE,
+            org_path(a, &format!("/roles/{role}")),
+            Value::Null,
+        ),
+        (
+            Method::POST,
+            org_path(a, &format!("/api-keys/{key}/revoke")),
+            json!({}),
+        ),
+        (
+            Method::POST,
+            org_path(a, &format!("/api-keys/{key}/rotate")),
+            json!({}),
+        ),
+    ];
+    for (method, path, body) in commands {
+        let body = (!body.is_null()).then_some(body);
+        let r = t
+            .call(method.clone(), &path, Some(&x.a_owner_key), body)
+            .await;
+        assert_eq!(r.status, 404, "{method} {path}: {}", r.body);
+        assert_error(&r, 404);
+    }
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn organization_keys_cannot_reach_the_platform_key() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Platform Probers").await;
+    let (_, owner) = t
+        .member_with_key(org, "owner", "owner@probers.example")
+        .await;
+    let platform_key = key_id(&t, &t.admin_key).await;
+    let before = t.head().await;
+    assert_error(
+        &t.get(&org_path(org, &format!("/api-keys/{platform_key}")), &owner)
+            .await,
+        404,
+    );
+    for action in ["revoke", "rotate"] {
+        let r = t
+            .post(
+                &org_path(org, &format!("/api-keys/{platform_key}/{action}")),
+                &owner,
+                json!({}),
+            )
+            .await;
+        assert_error(&r, 404);
+    }
+    assert_eq!(t.head().await, before);
+    assert_eq!(t.get("/v1/me", &t.admin_key).await.status, 200);
+}
+
+#[tokio::test]
+async fn cross_tenant_suspend_and_reactivate_are_404() {
+    let t = TestApp::spawn().await;
+    let x = two_tenants(&t).await;
+    let before = t.head().await;
+    for action in ["/suspend", "/reactivate"] {
+        let r = t
+            .post(&org_path(x.b, action), &x.a_owner_key, json!({}))
+            .await;
+        assert_error(&r, 404);
+    }
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn cross_tenant_404_is_indistinguishable_from_a_missing_organization() {
+    let t = TestApp::spawn().await;
+    let x = two_tenants(&t).await;
+    let real = t.get(&org_path(x.b, "/users"), &x.a_owner_key).await;
+    let missing = t
+        .get(&org_path(Uuid::new_v4(), "/users"), &x.a_owner_key)
+        .await;
+    assert_error(&real, 404);
+    assert_eq!(real.body, missing.body);
+}
+
+// ---------------------------------------------------------------------------------------------
+// No privilege escalation
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn key_issuance_beyond_the_issuers_permissions_is_403() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Key Managers").await;
+    let role = create_role(
+        &t,
+        org,
+        "key manager",
+        &["keys:write", "keys:read", "users:read"],
+    )
+    .await;
+    let (_, key) = user_with_role_and_key(
+        &t,
+        org,
+        "km@keymanagers.example",
+        role,
+        &["keys:write", "keys:read", "users:read"],
+    )
+    .await;
+
+    let before = t.head().await;
+    for wanted in [
+        json!(["roles:write"]),
+        json!(["users:read", "roles:write"]),
+        json!(["users:erase"]),
+    ] {
+        let r = issue_key(
+            &t,
+            org,
+            &key,
+            json!({"label": "escalated", "permissions": wanted}),
+        )
+        .await;
+        assert_error(&r, 403);
+    }
+    assert_eq!(t.head().await, before);
+    // The control: a subset of its own is fine.
+    let r = issue_key(
+        &t,
+        org,
+        &key,
+        json!({"label": "reader", "permissions": ["users:read"]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test]
+async fn admin_key_cannot_issue_a_key_with_owner_only_permissions() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Admins Issuing").await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@issuing.example")
+        .await;
+    let before = t.head().await;
+    let r = issue_key(
+        &t,
+        org,
+        &admin,
+        json!({"label": "eraser", "permissions": ["users:erase"]}),
+    )
+    .await;
+    assert_error(&r, 403);
+    let r = issue_key(
+        &t,
+        org,
+        &admin,
+        json!({"label": "owner", "permissions": role_permissions("owner")}),
+    )
+    .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn admin_key_cannot_rotate_a_key_holding_more_than_it_does() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Admins Rotating").await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@rotating.example")
+        .await;
+    let (_, owner) = t
+        .member_with_key(org, "owner", "owner@rotating.example")
+        .await;
+    let owner_key = key_id(&t, &owner).await;
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{owner_key}/rotate")),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+    assert_eq!(
+        t.get("/v1/me", &owner).await.status,
+        200,
+        "the owner's secret still works"
+    );
+}
+
+#[tokio::test]
+async fn admin_key_cannot_create_a_role_granting_more_than_it_holds() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Makers").await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@rolemakers.example")
+        .await;
+    let owner_role = t.role_id(org, "owner").await;
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &admin,
+            json!({"name": "erasers", "permissions": ["users:erase"]}),
+        )
+        .await;
+    assert_error(&r, 403);
+    // Inheriting from a role that holds more is the same escalation.
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &admin,
+            json!({"name": "heirs", "permissions": [], "parent_role_id": owner_role}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &admin,
+            json!({"name": "readers", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "the control: {}", r.body);
+}
+
+#[tokio::test]
+async fn admin_key_cannot_widen_a_role_beyond_what_it_holds() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Wideners").await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@rolewideners.example")
+        .await;
+    let readers = create_role(&t, org, "readers", &["users:read"]).await;
+    let admin_role = t.role_id(org, "admin").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let before = t.head().await;
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{readers}")),
+            &admin,
+            json!({"permissions": ["users:read", "users:erase"]}),
+        )
+        .await;
+    assert_error(&r, 403);
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{readers}")),
+            &admin,
+            json!({"parent_role_id": owner_role}),
+        )
+        .await;
+    assert_error(&r, 403);
+    let mut more = role_permissions("admin");
+    more.push("ledger:read".into());
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{admin_role}")),
+            &admin,
+            json!({"permissions": more}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before);
+}
+
+#[tokio::test]
+async fn admin_key_cannot_assign_the_owner_role() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Assigners").await;
+    let (admin_user, admin) = t
+        .member_with_key(org, "admin", "admin@assigners.example")
+        .await;
+    let other = t
+        .invite(org, "other@assigners.example", "Other Person")
+        .await;
+    let owner_role = t.role_id(org, "owner").await;
+    let before = t.head().await;
+    for user in [other, admin_user] {
+        let r = t
+            .put(
+                &org_path(org, &format!("/users/{user}/roles/{owner_role}")),
+                &admin,
+                json!({}),
+            )
+            .await;
+        assert_error(&r, 403);
+    }
+    assert_eq!(t.head().await, before);
+    let member_role = t.role_id(org, "member").await;
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{other}/roles/{member_role}")),
+            &admin,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "the control: {}", r.body);
+}
+
+#[tokio::test]
+async fn organization_keys_can_never_hold_platform_admin() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("No Platform").await;
+    let before = t.head().await;
+    let r = issue_key(
+        &t,
+        org,
+        &t.admin_key,
+        json!({"label": "god", "permissions": ["platform:admin"]}),
+    )
+    .await;
+    assert!(
+        r.status == 403 || r.status == 422,
+        "refused: {} {}",
+        r.status,
+        r.body
+    );
+    assert_error(&r, r.status);
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "gods", "permissions": ["platform:admin"]}),
+        )
+        .await;
+    assert!(
+        r.status == 403 || r.status == 422,
+        "refused: {} {}",
+        r.status,
+        r.body
+    );
+    assert_error(&r, r.status);
+    assert_eq!(t.head().await, before);
+}
+
+// ---------------------------------------------------------------------------------------------
+// /v1/me, health, readiness and the OpenAPI document
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn me_describes_a_user_key() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Selves").await;
+    let (user, key) = t
+        .member_with_key(org, "auditor", "auditor@selves.example")
+        .await;
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["key"]["prefix"].as_str().unwrap(), &key[..15]);
+    assert!(me.body["key"]["id"]
+        .as_str()
+        .unwrap()
+        .parse::<Uuid>()
+        .is_ok());
+    assert_eq!(me.body["user_id"], json!(user));
+    assert_eq!(me.body["organization"]["id"], json!(org));
+    assert_eq!(me.body["organization"]["name"], "Selves");
+    assert_eq!(me.body["organization"]["status"], "active");
+    assert_eq!(permissions_of(&me), role_permissions("auditor"));
+    let text = me.body.to_string();
+    assert!(!text.contains(&key), "/v1/me never repeats the secret");
+}
+
+#[tokio::test]
+async fn me_describes_a_service_key_and_the_platform_key() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Services").await;
+    let (id, key) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read", "audit:read"]}),
+    )
+    .await;
+    let me = t.get("/v1/me", &key).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["key"]["id"], json!(id));
+    assert_eq!(me.body["user_id"], Value::Null);
+    assert_eq!(me.body["organization"]["id"], json!(org));
+    assert_eq!(
+        permissions_of(&me),
+        vec!["users:read".to_string(), "audit:read".to_string()]
+    );
+
+    let me = t.get("/v1/me", &t.admin_key).await;
+    assert_eq!(me.status, 200, "{}", me.body);
+    assert_eq!(me.body["organization"], Value::Null);
+    assert_eq!(me.body["user_id"], Value::Null);
+    assert_eq!(permissions_of(&me), vec!["platform:admin".to_string()]);
+}
+
+#[tokio::test]
+async fn health_readiness_and_openapi_need_no_key() {
+    let t = TestApp::spawn().await;
+    let r = t.with_authorization(Method::GET, "/healthz", None).await;
+    assert_eq!((r.status, &r.body), (200, &json!({"status": "ok"})));
+    let r = t.with_authorization(Method::GET, "/readyz", None).await;
+    assert_eq!((r.status, &r.body), (200, &json!({"status": "ready"})));
+    let r = t
+        .with_authorization(Method::GET, "/v1/openapi.json", None)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["openapi"], "3.1.0");
+}
+
+#[tokio::test]
+async fn openapi_documents_every_route_and_nothing_else() {
+    let t = TestApp::spawn().await;
+    let doc = t
+        .with_authorization(Method::GET, "/v1/openapi.json", None)
+        .await
+        .body;
+    let paths = doc["paths"].as_object().expect("paths");
+    for route in ROUTES {
+        let op = &doc["paths"][route.path][route.method.to_lowercase()];
+        assert!(
+            op.is_object(),
+            "{} {} is documented",
+            route.method,
+            route.path
+        );
+        assert!(
+            op["responses"][route.success.to_string()].is_object(),
+            "{} {} success code",
+            route.method,
+            route.path
+        );
+        match route.permission {
+            Some(p) => assert_eq!(
+                op["x-permission"],
+                json!(p),
+                "{} {}",
+                route.method,
+                route.path
+            ),
+            None => assert!(
+                op.get("security").is_none(),
+                "{} {} needs no key",
+                route.method,
+                route.path
+            ),
+        }
+    }
+    let documented: usize = paths
+        .values()
+        .map(|item| item.as_object().unwrap().len())
+        .sum();
+    assert_eq!(
+        documented,
+        ROUTES.len(),
+        "no operation beyond the route table"
+    );
+}
+
+/// `path` with every `{param}` replaced by a fresh UUID.
+fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            if seg.starts_with('{') && seg.ends_with('}') {
+                Uuid::new_v4().to_string()
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+fn is_router_miss(r: &Response) -> bool {
+    r.status == 405 || (r.status == 404 && r.body["error"]["message"] == "no such route")
+}
+
+#[tokio::test]
+async fn router_serves_every_documented_route() {
+    let t = TestApp::spawn().await;
+    // The discriminator works: an undocumented path and a wrong method are router misses.
+    let miss = t.get("/v1/nothing-here", &t.admin_key).await;
+    assert_error(&miss, 404);
+    assert!(is_router_miss(&miss), "{}", miss.body);
+    let wrong_method = t.delete("/v1/organizations", &t.admin_key).await;
+    assert_error(&wrong_method, 405);
+
+    let before = t.head().await;
+    for route in ROUTES {
+        let method: Method = route.method.parse().unwrap();
+        let path = concrete(route.path);
+        let body = matches!(route.method, "POST" | "PUT" | "PATCH").then(|| json!({}));
+        let r = t.call(method, &path, Some(&t.admin_key), body).await;
+        assert!(
+            !is_router_miss(&r),
+            "{} {} is not served: {} {}",
+            route.method,
+            route.path,
+            r.status,
+            r.body
+        );
+        if r.status == 404 {
+            assert!(
+                r.body["error"]["message"]
+                    .as_str()
+                    .unwrap()
+                    .ends_with("not found"),
+                "{} {}: {}",
+                route.method,
+                route.path,
+                r.body
+            );
+        }
+    }
+    assert_eq!(
+        t.head().await,
+        before,
+        "probing with unknown ids changed nothing"
+    );
+}

@@ -1,0 +1,1492 @@
+//! Bad input gets a clear 4xx in the one JSON error shape and changes nothing: after every
+//! rejected request the ledger head is where it was.
+
+mod common;
+
+use common::{assert_error, Response, TestApp};
+use ledgerline_aggregates::organization::built_in_roles;
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers
+// ---------------------------------------------------------------------------------------------
+
+fn org_path(org: Uuid, rest: &str) -> String {
+    format!("/v1/organizations/{org}{rest}")
+}
+
+/// An organization with a user, a custom role and a service key to aim bad requests at.
+struct Fixture {
+    t: TestApp,
+    org: Uuid,
+    user: Uuid,
+    role: Uuid,
+    key: Uuid,
+}
+
+async fn fixture() -> Fixture {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let user = t.invite(org, "ada@example.com", "Ada Lovelace").await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "support", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let role = r.body["id"].as_str().unwrap().parse().unwrap();
+    let r = t
+        .post(
+            &org_path(org, "/api-keys"),
+            &t.admin_key,
+            json!({"label": "svc", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key = r.body["id"].as_str().unwrap().parse().unwrap();
+    Fixture {
+        t,
+        org,
+        user,
+        role,
+        key,
+    }
+}
+
+/// Sends `body` as JSON with the platform key and asserts it is refused with `status`
+/// in the error shape, leaving the ledger head where it was.
+async fn refused(t: &TestApp, method: Method, path: &str, body: Value, status: u16) -> Response {
+    let before = t.head().await;
+    let r = t
+        .call(method.clone(), path, Some(&t.admin_key), Some(body.clone()))
+        .await;
+    assert_eq!(r.status, status, "{method} {path} {body}: {}", r.body);
+    assert_error(&r, status);
+    assert_eq!(
+        t.head().await,
+        before,
+        "{method} {path} {body} changed the ledger"
+    );
+    r
+}
+
+/// Like [`refused`], with raw bytes and a content type of the caller's choosing.
+async fn refused_raw(
+    t: &TestApp,
+    method: Method,
+    path: &str,
+    content_type: &str,
+    body: Vec<u8>,
+    status: u16,
+) -> Response {
+    let before = t.head().await;
+    let r = t
+        .raw(method.clone(), path, &t.admin_key, content_type, body)
+        .await;
+    assert_eq!(
+        r.status, status,
+        "{method} {path} ({content_type}): {}",
+        r.body
+    );
+    assert_error(&r, status);
+    assert_eq!(t.head().await, before, "{method} {path} changed the ledger");
+    r
+}
+
+/// Like [`refused`] for a request without a body.
+async fn refused_bodyless(t: &TestApp, method: Method, path: &str, status: u16) -> Response {
+    let before = t.head().await;
+    let r = t.call(method.clone(), path, Some(&t.admin_key), None).await;
+    assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+    assert_error(&r, status);
+    assert_eq!(t.head().await, before, "{method} {path} changed the ledger");
+    r
+}
+
+async fn subject_keys(t: &TestApp) -> i64 {
+    let (n,): (i64,) = sqlx::query_as("SELECT count(*) FROM subject_keys")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    n
+}
+
+/// Every route that takes a JSON body, with a valid body for it.
+fn json_routes(f: &Fixture) -> Vec<(Method, String, Value)> {
+    let (org, user, role, key) = (f.org, f.user, f.role, f.key);
+    let member = built_in_roles::role_id(org, "member");
+    vec![
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Globex", "slug": "globex"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, ""),
+            json!({"name": "Acme Two"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/suspend"),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": "bob@example.com", "full_name": "Bob"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/users/{user}")),
+            json!({"full_name": "Ada King"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{user}/deactivate")),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{user}/roles/{member}")),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{role}")),
+            json!({"description": "d"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{key}/revoke")),
+            json!({"reason": "r"}),
+        ),
+    ]
+}
+
+// ---------------------------------------------------------------------------------------------
+// Body syntax, shape, size and type
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn malformed_json_is_400() {
+    let f = fixture().await;
+    for (method, path, _) in json_routes(&f) {
+        for bad in [
+            &b"{"[..],
+            b"{\"na",
+            b"not json",
+            b"{'name': 'single quotes'}",
+            b"{,}",
+        ] {
+            refused_raw(
+                &f.t,
+                method.clone(),
+                &path,
+                "application/json",
+                bad.to_vec(),
+                400,
+            )
+            .await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn unknown_fields_are_422() {
+    let f = fixture().await;
+    for (method, path, mut body) in json_routes(&f) {
+        body["unexpected"] = json!(1);
+        let r = refused(&f.t, method, &path, body, 422).await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unexpected"),
+            "names the field: {}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn wrong_json_types_are_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let member = t.role_id(org, "member").await;
+    let cases: Vec<(Method, String, Value)> = vec![
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": 5, "slug": "five"}),
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Five", "slug": ["five"]}),
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Five", "slug": "five", "settings": [1, 2]}),
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Five", "slug": "five", "country_code": 49}),
+        ),
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!(["name", "slug"]),
+        ),
+        (Method::POST, "/v1/organizations".into(), json!("Acme")),
+        (Method::PATCH, org_path(org, ""), json!({"name": true})),
+        (
+            Method::PATCH,
+            org_path(org, ""),
+            json!({"settings": "none"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/suspend"),
+            json!({"reason": 7}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": 1, "full_name": "Bob"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": "bob@example.com", "full_name": {"first": "Bob"}}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/users/{user}")),
+            json!({"email": ["ada@example.org"]}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{user}/deactivate")),
+            json!({"reason": false}),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{user}/roles/{member}")),
+            json!({"expires_at": 5}),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{user}/roles/{member}")),
+            json!({"expires_at": "next tuesday"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": "users:read"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "parent_role_id": "not-a-uuid"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{role}")),
+            json!({"permissions": [1]}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": ["users:read"], "expires_at": "tomorrow"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": ["users:read"], "user_id": 42}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": 1, "permissions": ["users:read"]}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        refused(t, method, &path, body, 422).await;
+    }
+}
+
+#[tokio::test]
+async fn missing_required_fields_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let cases: Vec<(String, Value)> = vec![
+        ("/v1/organizations".into(), json!({"slug": "globex"})),
+        ("/v1/organizations".into(), json!({"name": "Globex"})),
+        ("/v1/organizations".into(), json!({})),
+        (org_path(org, "/users"), json!({"full_name": "Bob"})),
+        (org_path(org, "/users"), json!({"email": "bob@example.com"})),
+        (
+            org_path(org, "/roles"),
+            json!({"permissions": ["users:read"]}),
+        ),
+        (
+            org_path(org, "/api-keys"),
+            json!({"permissions": ["users:read"]}),
+        ),
+        (org_path(org, "/api-keys"), json!({"label": "k"})),
+    ];
+    for (path, body) in cases {
+        let r = refused(t, Method::POST, &path, body, 422).await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("missing field"),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn bodies_over_one_mib_are_413() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let blob = "x".repeat(1024 * 1024 + 1024);
+    let cases: Vec<(Method, String, Value)> = vec![
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Big", "slug": "big", "settings": {"blob": blob}}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, ""),
+            json!({"settings": {"blob": blob}}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": "big@example.com", "full_name": blob}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{user}/deactivate")),
+            json!({"reason": blob}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        let r = refused_raw(
+            t,
+            method,
+            &path,
+            "application/json",
+            serde_json::to_vec(&body).unwrap(),
+            413,
+        )
+        .await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("1 MiB"),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn bodies_over_one_mib_are_413_even_on_routes_that_take_no_body() {
+    let f = fixture().await;
+    let (t, org, user, key) = (&f.t, f.org, f.user, f.key);
+    let big = serde_json::to_vec(&json!({"pad": "x".repeat(2 * 1024 * 1024)})).unwrap();
+    for path in [
+        org_path(org, &format!("/users/{user}/erase")),
+        org_path(org, &format!("/api-keys/{key}/rotate")),
+        org_path(org, "/reactivate"),
+    ] {
+        refused_raw(t, Method::POST, &path, "application/json", big.clone(), 413).await;
+    }
+    let r = t
+        .get(&org_path(org, &format!("/users/{user}")), &t.admin_key)
+        .await;
+    assert_eq!(r.body["status"], "active", "the user was not erased");
+}
+
+#[tokio::test]
+async fn body_just_under_one_mib_is_read() {
+    let f = fixture().await;
+    // Under the limit the body is parsed, so a bad field is a 422, not a 413.
+    let blob = "x".repeat(1024 * 1024 - 1024);
+    let body =
+        json!({"name": "Big", "slug": "big", "settings": {"blob": blob}, "unexpected": true});
+    refused(&f.t, Method::POST, "/v1/organizations", body, 422).await;
+}
+
+#[tokio::test]
+async fn wrong_or_missing_content_type_is_415() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let cases: Vec<(Method, String, Value)> = vec![
+        (
+            Method::POST,
+            "/v1/organizations".into(),
+            json!({"name": "Globex", "slug": "globex"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, ""),
+            json!({"name": "Acme Two"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!({"email": "bob@example.com", "full_name": "Bob"}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/users/{user}")),
+            json!({"full_name": "Ada King"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": ["users:read"]}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{role}")),
+            json!({"description": "d"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": ["users:read"]}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        let bytes = serde_json::to_vec(&body).unwrap();
+        for content_type in [
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "application/xml",
+        ] {
+            refused_raw(t, method.clone(), &path, content_type, bytes.clone(), 415).await;
+        }
+        refused_bodyless(t, method, &path, 415).await;
+    }
+}
+
+#[tokio::test]
+async fn non_json_content_type_is_415_on_routes_with_an_optional_body() {
+    let f = fixture().await;
+    let (t, org, user, key) = (&f.t, f.org, f.user, f.key);
+    let member = t.role_id(org, "member").await;
+    let cases: Vec<(Method, String, Value)> = vec![
+        (
+            Method::POST,
+            org_path(org, "/suspend"),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{user}/deactivate")),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{user}/roles/{member}")),
+            json!({"reason": "r"}),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{key}/revoke")),
+            json!({"reason": "r"}),
+        ),
+    ];
+    for (method, path, body) in cases {
+        refused_raw(
+            t,
+            method,
+            &path,
+            "text/plain",
+            serde_json::to_vec(&body).unwrap(),
+            415,
+        )
+        .await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Field rules
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn empty_or_overlong_names_are_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let long = "n".repeat(201);
+    for bad in ["", "   ", long.as_str(), "tab\tinside"] {
+        refused(
+            t,
+            Method::POST,
+            "/v1/organizations",
+            json!({"name": bad, "slug": "globex"}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, ""),
+            json!({"name": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/users"),
+            json!({"email": "bob@example.com", "full_name": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/users/{user}")),
+            json!({"full_name": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/roles"),
+            json!({"name": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/roles/{role}")),
+            json!({"name": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/api-keys"),
+            json!({"label": bad, "permissions": ["users:read"]}),
+            422,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn names_of_exactly_200_characters_are_accepted() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let name = "n".repeat(200);
+    let r = t
+        .post(
+            "/v1/organizations",
+            &t.admin_key,
+            json!({"name": name, "slug": "long"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = t
+        .post(
+            &org_path(org, "/users"),
+            &t.admin_key,
+            json!({"email": "long@example.com", "full_name": name}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["full_name"], json!(name));
+}
+
+#[tokio::test]
+async fn overlong_descriptions_and_reasons_are_422() {
+    let f = fixture().await;
+    let (t, org, user, role, key) = (&f.t, f.org, f.user, f.role, f.key);
+    let member = t.role_id(org, "member").await;
+    let description = "d".repeat(2001);
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, "/roles"),
+        json!({"name": "ops", "description": description}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{role}")),
+        json!({"description": description}),
+        422,
+    )
+    .await;
+    let reason = "r".repeat(501);
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, "/suspend"),
+        json!({"reason": reason}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/users/{user}/deactivate")),
+        json!({"reason": reason}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::PUT,
+        &org_path(org, &format!("/users/{user}/roles/{member}")),
+        json!({"reason": reason}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/api-keys/{key}/revoke")),
+        json!({"reason": reason}),
+        422,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn bad_slugs_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let long = "a".repeat(64);
+    for bad in [
+        "",
+        "Acme",
+        "-acme",
+        "acme-",
+        "ac me",
+        "acme_corp",
+        "acmé",
+        long.as_str(),
+    ] {
+        refused(
+            t,
+            Method::POST,
+            "/v1/organizations",
+            json!({"name": "Globex", "slug": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, ""),
+            json!({"slug": bad}),
+            422,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn bad_country_codes_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    for bad in ["XX", "DEU", "D", "", "ZZ", "1A"] {
+        let r = refused(
+            t,
+            Method::POST,
+            "/v1/organizations",
+            json!({"name": "Globex", "slug": "globex", "country_code": bad}),
+            422,
+        )
+        .await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("country"),
+            "{}",
+            r.body
+        );
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, ""),
+            json!({"country_code": bad}),
+            422,
+        )
+        .await;
+    }
+    // The control: a real code in lower case is accepted and stored upper-case.
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"country_code": "de"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["country_code"], "DE");
+}
+
+#[tokio::test]
+async fn bad_domains_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    for bad in [
+        "localhost",
+        "-bad.com",
+        "bad-.com",
+        "a..b",
+        "spa ce.com",
+        "",
+    ] {
+        refused(
+            t,
+            Method::POST,
+            "/v1/organizations",
+            json!({"name": "Globex", "slug": "globex", "domain": bad}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, ""),
+            json!({"domain": bad}),
+            422,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn bad_emails_are_422_and_leave_no_data_key_behind() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let keys = subject_keys(t).await;
+    let long = format!("{}@example.com", "a".repeat(250));
+    for bad in [
+        "",
+        "ada",
+        "ada@",
+        "@example.com",
+        "ada@example",
+        "a da@example.com",
+        "ada@@example.com",
+        ".ada@example.com",
+        "ada..l@example.com",
+        long.as_str(),
+    ] {
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/users"),
+            json!({"email": bad, "full_name": "Bob"}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/users/{user}")),
+            json!({"email": bad}),
+            422,
+        )
+        .await;
+    }
+    assert_eq!(
+        subject_keys(t).await,
+        keys,
+        "no data key for a user that never was"
+    );
+}
+
+#[tokio::test]
+async fn unknown_permission_names_are_422() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    for bad in ["users:delete", "USERS:READ", "", "*"] {
+        let r = refused(
+            t,
+            Method::POST,
+            &org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": ["users:read", bad]}),
+            422,
+        )
+        .await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("unknown permission"),
+            "{}",
+            r.body
+        );
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/roles/{role}")),
+            json!({"permissions": [bad]}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": [bad]}),
+            422,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_key_issuance_is_refused() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let path = org_path(org, "/api-keys");
+    refused(
+        t,
+        Method::POST,
+        &path,
+        json!({"label": "k", "permissions": []}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &path,
+        json!({"label": "k", "permissions": ["users:read"], "expires_at": "2020-01-01T00:00:00Z"}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &path,
+        json!({"label": "k", "permissions": ["users:read"], "user_id": Uuid::new_v4()}),
+        422,
+    )
+    .await;
+    // A user of another organization is not a user of this one.
+    let other = t.create_org("Other").await;
+    let stranger = t.invite(other, "stranger@example.com", "Stranger").await;
+    refused(
+        t,
+        Method::POST,
+        &path,
+        json!({"label": "k", "permissions": ["users:read"], "user_id": stranger}),
+        422,
+    )
+    .await;
+    // Only active users get keys.
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/deactivate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused(
+        t,
+        Method::POST,
+        &path,
+        json!({"label": "k", "permissions": ["users:read"], "user_id": user}),
+        409,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn invalid_role_assignment_is_refused() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let path = org_path(org, &format!("/users/{user}/roles/{role}"));
+    refused(
+        t,
+        Method::PUT,
+        &path,
+        json!({"expires_at": "2020-01-01T00:00:00Z"}),
+        422,
+    )
+    .await;
+    let r = t
+        .put(&path, &t.admin_key, json!({"reason": "on call"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The same assignment again would only add noise to the ledger.
+    refused(t, Method::PUT, &path, json!({"reason": "on call"}), 422).await;
+    // Revoking what is not assigned.
+    let member = t.role_id(org, "member").await;
+    refused_bodyless(
+        t,
+        Method::DELETE,
+        &org_path(org, &format!("/users/{user}/roles/{member}")),
+        409,
+    )
+    .await;
+    // A role that does not exist, or is another organization's.
+    refused(
+        t,
+        Method::PUT,
+        &org_path(org, &format!("/users/{user}/roles/{}", Uuid::new_v4())),
+        json!({}),
+        404,
+    )
+    .await;
+    let other = t.create_org("Other").await;
+    let foreign = t.role_id(other, "member").await;
+    refused(
+        t,
+        Method::PUT,
+        &org_path(org, &format!("/users/{user}/roles/{foreign}")),
+        json!({}),
+        404,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn updates_that_change_nothing_are_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    refused(t, Method::PATCH, &org_path(org, ""), json!({}), 422).await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        json!({"name": "Acme", "slug": "acme"}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/users/{user}")),
+        json!({}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{role}")),
+        json!({}),
+        422,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{role}")),
+        json!({"name": "support"}),
+        422,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn state_transitions_that_do_not_apply_are_409() {
+    let f = fixture().await;
+    let (t, org, user, key) = (&f.t, f.org, f.user, f.key);
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, "/reactivate"),
+        json!({}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/users/{user}/reactivate")),
+        json!({}),
+        409,
+    )
+    .await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{key}/revoke")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/api-keys/{key}/revoke")),
+        json!({}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/api-keys/{key}/rotate")),
+        json!({}),
+        409,
+    )
+    .await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/erase")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/users/{user}/erase")),
+        json!({}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/users/{user}")),
+        json!({"full_name": "Back Again"}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/users/{user}/deactivate")),
+        json!({}),
+        409,
+    )
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Paths and query strings
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn invalid_uuids_in_paths_are_400() {
+    let f = fixture().await;
+    let (t, org, user, role, key) = (&f.t, f.org, f.user, f.role, f.key);
+    let cases: Vec<(Method, String, Option<Value>)> = vec![
+        (Method::GET, "/v1/organizations/not-a-uuid".into(), None),
+        (
+            Method::PATCH,
+            "/v1/organizations/123".into(),
+            Some(json!({"name": "X"})),
+        ),
+        (
+            Method::POST,
+            "/v1/organizations/acme/suspend".into(),
+            Some(json!({})),
+        ),
+        (Method::GET, "/v1/organizations/acme/users".into(), None),
+        (
+            Method::POST,
+            "/v1/organizations/acme/users".into(),
+            Some(json!({"email": "bob@example.com", "full_name": "Bob"})),
+        ),
+        (Method::GET, org_path(org, "/users/bob"), None),
+        (
+            Method::PATCH,
+            org_path(org, "/users/bob"),
+            Some(json!({"full_name": "Bob"})),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users/bob/erase"),
+            Some(json!({})),
+        ),
+        (
+            Method::PUT,
+            org_path(org, &format!("/users/{user}/roles/admin")),
+            Some(json!({})),
+        ),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/users/bob/roles/{role}")),
+            None,
+        ),
+        (Method::GET, org_path(org, "/roles/support"), None),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/roles/{}", &role.to_string()[..35])),
+            None,
+        ),
+        (Method::GET, org_path(org, "/api-keys/ll_123"), None),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{key}x/revoke")),
+            Some(json!({})),
+        ),
+        (
+            Method::GET,
+            "/v1/organizations/%00/audit-events".into(),
+            None,
+        ),
+        (
+            Method::GET,
+            "/v1/organizations/acme/ledger/events".into(),
+            None,
+        ),
+    ];
+    for (method, path, body) in cases {
+        let before = t.head().await;
+        let r = t
+            .call(method.clone(), &path, Some(&t.admin_key), body)
+            .await;
+        assert_eq!(r.status, 400, "{method} {path}: {}", r.body);
+        assert_error(&r, 400);
+        assert_eq!(t.head().await, before);
+    }
+}
+
+#[tokio::test]
+async fn bad_audit_query_params_are_400() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let path = org_path(org, "/audit-events");
+    for query in [
+        "limit=0",
+        "limit=501",
+        "limit=-1",
+        "limit=ten",
+        "order=sideways",
+        "cursor=abc",
+        "actor=nobody",
+        "from=yesterday",
+        "to=2024-13-01T00:00:00Z",
+        "unknown=1",
+    ] {
+        refused_bodyless(t, Method::GET, &format!("{path}?{query}"), 400).await;
+    }
+    // The controls: the limits themselves are fine.
+    for query in [
+        "limit=1",
+        "limit=500",
+        "order=asc&limit=2&cursor=1",
+        "actor=00000000-0000-0000-0000-000000000000",
+    ] {
+        let r = t.get(&format!("{path}?{query}"), &t.admin_key).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.body);
+    }
+}
+
+#[tokio::test]
+async fn bad_ledger_query_params_are_400() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let path = org_path(org, "/ledger/events");
+    for query in ["limit=0", "limit=1001", "limit=x", "after=abc", "unknown=1"] {
+        refused_bodyless(t, Method::GET, &format!("{path}?{query}"), 400).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Uniqueness and structural rules
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn duplicate_organization_name_or_slug_is_409() {
+    let f = fixture().await;
+    let t = &f.t;
+    refused(
+        t,
+        Method::POST,
+        "/v1/organizations",
+        json!({"name": "Acme", "slug": "acme-2"}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        "/v1/organizations",
+        json!({"name": "ACME", "slug": "acme-3"}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::POST,
+        "/v1/organizations",
+        json!({"name": "Acme Two", "slug": "acme"}),
+        409,
+    )
+    .await;
+    // Renaming another organization onto a taken name or slug.
+    let other = t.create_org("Globex").await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(other, ""),
+        json!({"name": "acme"}),
+        409,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(other, ""),
+        json!({"slug": "acme"}),
+        409,
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn duplicate_email_in_an_organization_is_409_case_insensitively() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let keys = subject_keys(t).await;
+    for dup in [
+        "ada@example.com",
+        "ADA@EXAMPLE.COM",
+        "Ada@Example.com",
+        " ada@example.com ",
+    ] {
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/users"),
+            json!({"email": dup, "full_name": "Another Ada"}),
+            409,
+        )
+        .await;
+    }
+    assert_eq!(
+        subject_keys(t).await,
+        keys,
+        "a refused invite leaves no data key behind"
+    );
+    // Changing another user's address onto a taken one.
+    let bob = t.invite(org, "bob@example.com", "Bob").await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/users/{bob}")),
+        json!({"email": "ADA@example.com"}),
+        409,
+    )
+    .await;
+    let r = t
+        .get(&org_path(org, &format!("/users/{bob}")), &t.admin_key)
+        .await;
+    assert_eq!(r.body["email"], "bob@example.com");
+}
+
+#[tokio::test]
+async fn the_same_email_in_another_organization_is_fine() {
+    let f = fixture().await;
+    let other = f.t.create_org("Globex").await;
+    let r =
+        f.t.post(
+            &org_path(other, "/users"),
+            &f.t.admin_key,
+            json!({"email": "ada@example.com", "full_name": "Ada Elsewhere"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test]
+async fn duplicate_role_name_is_409() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    for dup in ["support", "Support", "SUPPORT", "owner", "Admin"] {
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/roles"),
+            json!({"name": dup}),
+            409,
+        )
+        .await;
+    }
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "ops"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let ops = r.body["id"].as_str().unwrap();
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{ops}")),
+        json!({"name": "Support"}),
+        409,
+    )
+    .await;
+    // Another organization may use the name.
+    let other = t.create_org("Globex").await;
+    let r = t
+        .post(
+            &org_path(other, "/roles"),
+            &t.admin_key,
+            json!({"name": "support"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+#[tokio::test]
+async fn built_in_roles_cannot_be_deleted_or_renamed() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    for name in ["owner", "admin", "member", "auditor"] {
+        let id = t.role_id(org, name).await;
+        refused_bodyless(
+            t,
+            Method::DELETE,
+            &org_path(org, &format!("/roles/{id}")),
+            409,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/roles/{id}")),
+            json!({"name": format!("{name} 2")}),
+            409,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn cycles_in_role_parents_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let create = |name: &'static str, parent: Option<String>| {
+        let body = json!({"name": name, "permissions": ["users:read"], "parent_role_id": parent});
+        async move {
+            let r = t.post(&org_path(org, "/roles"), &t.admin_key, body).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            r.body["id"].as_str().unwrap().to_string()
+        }
+    };
+    let a = create("a", None).await;
+    let b = create("b", Some(a.clone())).await;
+    let c = create("c", Some(b.clone())).await;
+    for (role, parent) in [(&a, &a), (&a, &b), (&a, &c), (&b, &c)] {
+        let r = refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/roles/{role}")),
+            json!({"parent_role_id": parent}),
+            422,
+        )
+        .await;
+        assert!(
+            r.body["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains("inherit"),
+            "{}",
+            r.body
+        );
+    }
+}
+
+#[tokio::test]
+async fn role_parent_must_be_a_role_of_the_organization() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    let other = t.create_org("Globex").await;
+    let foreign = t.role_id(other, "member").await;
+    for parent in [foreign, Uuid::new_v4()] {
+        refused(
+            t,
+            Method::POST,
+            &org_path(org, "/roles"),
+            json!({"name": "ops", "parent_role_id": parent}),
+            422,
+        )
+        .await;
+        refused(
+            t,
+            Method::PATCH,
+            &org_path(org, &format!("/roles/{role}")),
+            json!({"parent_role_id": parent}),
+            422,
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn deleted_role_is_gone() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    assert_eq!(
+        t.delete(&org_path(org, &format!("/roles/{role}")), &t.admin_key)
+            .await
+            .status,
+        204
+    );
+    refused_bodyless(
+        t,
+        Method::DELETE,
+        &org_path(org, &format!("/roles/{role}")),
+        404,
+    )
+    .await;
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{role}")),
+        json!({"description": "back"}),
+        404,
+    )
+    .await;
+    refused(
+        t,
+        Method::PUT,
+        &org_path(org, &format!("/users/{}/roles/{role}", f.user)),
+        json!({}),
+        404,
+    )
+    .await;
+}
