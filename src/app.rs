@@ -50,7 +50,10 @@ impl Actor {
         m.insert(metadata::ACTOR_KIND.into(), self.kind.clone());
         m.insert(metadata::REQUEST_ID.into(), self.request_id.clone());
         let optional = [
-            (metadata::ORGANIZATION_ID, organization_id.map(|o| o.to_string())),
+            (
+                metadata::ORGANIZATION_ID,
+                organization_id.map(|o| o.to_string()),
+            ),
             (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
             (metadata::CLIENT_IP, self.client_ip.clone()),
@@ -101,7 +104,11 @@ pub struct Frameworks {
 }
 
 fn framework<A: Aggregate<Services = ()>>(store: &LedgerStore) -> Framework<A> {
-    CqrsFramework::new(PersistedEventStore::new_event_store(store.clone()), vec![], ())
+    CqrsFramework::new(
+        PersistedEventStore::new_event_store(store.clone()),
+        vec![],
+        (),
+    )
 }
 
 pub struct AppInner {
@@ -159,7 +166,11 @@ impl App {
         A::Error: std::error::Error,
     {
         framework
-            .execute_with_metadata(&aggregate_id.to_string(), command, actor.metadata(organization_id))
+            .execute_with_metadata(
+                &aggregate_id.to_string(),
+                command,
+                actor.metadata(organization_id),
+            )
             .await?;
         self.await_projections().await;
         Ok(())
@@ -170,7 +181,10 @@ impl App {
         if let Some(projector) = &self.projector {
             let target = *self.store.committed().borrow();
             if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
-                tracing::warn!(position = target, "read models did not catch up in time; answering anyway");
+                tracing::warn!(
+                    position = target,
+                    "read models did not catch up in time; answering anyway"
+                );
             }
         }
     }

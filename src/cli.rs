@@ -24,7 +24,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate => migrate(&cli.db).await.map(|_| ExitCode::SUCCESS),
         Command::Bootstrap(args) => bootstrap(&cli.db, args).await,
         Command::Verify(args) => verify(&cli.db, args).await,
-        Command::Projections { command: ProjectionsCommand::Status } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
+        Command::Projections {
+            command: ProjectionsCommand::Status,
+        } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -52,10 +54,13 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
-    axum::serve(listener, api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .context("serving HTTP")?;
+    axum::serve(
+        listener,
+        api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .context("serving HTTP")?;
     tracing::info!("in-flight requests finished; stopping projections");
     app.shutdown().await;
     Ok(())
@@ -68,7 +73,8 @@ pub async fn shutdown_signal() {
     };
     #[cfg(unix)]
     let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
             s.recv().await;
         }
     };
@@ -82,7 +88,10 @@ pub async fn shutdown_signal() {
 }
 
 /// Makes the platform operator's key; the ledger's unique claim makes a second run fail.
-pub async fn bootstrap_key(app: &App, label: &str) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
+pub async fn bootstrap_key(
+    app: &App,
+    label: &str,
+) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
     let id = Uuid::new_v4();
     let secret = keys::generate();
     let all: PermissionSet = Permission::ALL.into_iter().collect();
@@ -99,17 +108,33 @@ pub async fn bootstrap_key(app: &App, label: &str) -> Result<String, CommandErro
         grantable: all,
         now: Utc::now(),
     };
-    app.execute(&app.cqrs.api_keys, id, None, &Actor::cli("bootstrap"), command).await?;
+    app.execute(
+        &app.cqrs.api_keys,
+        id,
+        None,
+        &Actor::cli("bootstrap"),
+        command,
+    )
+    .await?;
     Ok(secret.secret)
 }
 
-async fn bootstrap(db_args: &crate::config::DatabaseArgs, args: BootstrapArgs) -> anyhow::Result<ExitCode> {
+async fn bootstrap(
+    db_args: &crate::config::DatabaseArgs,
+    args: BootstrapArgs,
+) -> anyhow::Result<ExitCode> {
     let pool = pool(db_args).await?;
     // No personal data is sealed here; a throwaway vault keeps the wiring uniform.
-    let app = App::new(pool.clone(), Vault::new(&crate::crypto::MasterKey::generate()), false);
+    let app = App::new(
+        pool.clone(),
+        Vault::new(&crate::crypto::MasterKey::generate()),
+        false,
+    );
     match bootstrap_key(&app, &args.label).await {
         Ok(secret) => {
-            ledgerline_projections::catch_up(&pool).await.context("projecting the new key")?;
+            ledgerline_projections::catch_up(&pool)
+                .await
+                .context("projecting the new key")?;
             println!("{}", json!({ "api_key": secret }));
             Ok(ExitCode::SUCCESS)
         }
@@ -121,9 +146,14 @@ async fn bootstrap(db_args: &crate::config::DatabaseArgs, args: BootstrapArgs) -
     }
 }
 
-async fn verify(db_args: &crate::config::DatabaseArgs, args: VerifyArgs) -> anyhow::Result<ExitCode> {
+async fn verify(
+    db_args: &crate::config::DatabaseArgs,
+    args: VerifyArgs,
+) -> anyhow::Result<ExitCode> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
-    let report = verify_database(&pool, args.workers).await.context("reading the ledger")?;
+    let report = verify_database(&pool, args.workers)
+        .await
+        .context("reading the ledger")?;
     let secs = report.elapsed.as_secs_f64();
     match &report.first_bad {
         None => {
@@ -148,12 +178,27 @@ async fn verify(db_args: &crate::config::DatabaseArgs, args: VerifyArgs) -> anyh
 
 async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
-    let statuses = ledgerline_projections::status(&pool).await.context("reading projection status")?;
-    println!("{:<16} {:>10} {:>10} {:>8}  failures", "projection", "position", "head", "lag");
+    let statuses = ledgerline_projections::status(&pool)
+        .await
+        .context("reading projection status")?;
+    println!(
+        "{:<16} {:>10} {:>10} {:>8}  failures",
+        "projection", "position", "head", "lag"
+    );
     for s in statuses {
-        println!("{:<16} {:>10} {:>10} {:>8}  {}", s.name, s.position, s.head, s.lag, s.failures.len());
+        println!(
+            "{:<16} {:>10} {:>10} {:>8}  {}",
+            s.name,
+            s.position,
+            s.head,
+            s.lag,
+            s.failures.len()
+        );
         for f in &s.failures {
-            println!("  at position {}: {} ({})", f.position, f.error, f.failed_at);
+            println!(
+                "  at position {}: {} ({})",
+                f.position, f.error, f.failed_at
+            );
         }
     }
     Ok(())

@@ -27,7 +27,11 @@ impl std::str::FromStr for Secret {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "ledgerline", version, about = "An audit-first, event-sourced backend with a hash-chained ledger")]
+#[command(
+    name = "ledgerline",
+    version,
+    about = "An audit-first, event-sourced backend with a hash-chained ledger"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub db: DatabaseArgs,
@@ -47,7 +51,12 @@ pub enum LogFormat {
 #[derive(Debug, Args, Clone)]
 pub struct DatabaseArgs {
     /// PostgreSQL URL, e.g. postgres://user@127.0.0.1:5432/ledgerline
-    #[arg(long, env = "LEDGERLINE_DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LEDGERLINE_DATABASE_URL",
+        global = true,
+        hide_env_values = true
+    )]
     pub database_url: Option<Secret>,
     /// Connections in the pool.
     #[arg(long, env = "LEDGERLINE_DB_POOL", default_value_t = 16, global = true)]

@@ -37,7 +37,9 @@ impl MasterKey {
     pub fn from_hex(text: &str) -> Result<Self, KeyError> {
         let t = text.trim();
         let bytes = hex::decode(t).map_err(|_| KeyError::BadMasterKey(t.len()))?;
-        let key: [u8; 32] = bytes.try_into().map_err(|_| KeyError::BadMasterKey(t.len()))?;
+        let key: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| KeyError::BadMasterKey(t.len()))?;
         Ok(Self(key))
     }
 
@@ -73,7 +75,13 @@ fn seal_with(cipher: &XChaCha20Poly1305, aad: &[u8], plaintext: &[u8]) -> Vec<u8
     let mut nonce = [0u8; 24];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
     let ct = cipher
-        .encrypt(XNonce::from_slice(&nonce), Payload { msg: plaintext, aad })
+        .encrypt(
+            XNonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad,
+            },
+        )
         .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory buffers");
     [nonce.as_slice(), &ct].concat()
 }
@@ -83,7 +91,9 @@ fn open_with(cipher: &XChaCha20Poly1305, aad: &[u8], sealed: &[u8]) -> Option<Ve
         return None;
     }
     let (nonce, ct) = sealed.split_at(24);
-    cipher.decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad }).ok()
+    cipher
+        .decrypt(XNonce::from_slice(nonce), Payload { msg: ct, aad })
+        .ok()
 }
 
 impl Vault {
@@ -122,11 +132,12 @@ impl Vault {
         db: impl PgExecutor<'e>,
         subjects: &[Uuid],
     ) -> Result<HashMap<Uuid, DataKey>, sqlx::Error> {
-        let rows: Vec<(Uuid, Vec<u8>)> =
-            sqlx::query_as("SELECT subject_id, wrapped_key FROM subject_keys WHERE subject_id = ANY($1)")
-                .bind(subjects)
-                .fetch_all(db)
-                .await?;
+        let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT subject_id, wrapped_key FROM subject_keys WHERE subject_id = ANY($1)",
+        )
+        .bind(subjects)
+        .fetch_all(db)
+        .await?;
         let mut out = HashMap::with_capacity(rows.len());
         for (subject, wrapped) in rows {
             match open_with(&self.wrapping, subject.as_bytes(), &wrapped) {
@@ -140,7 +151,11 @@ impl Vault {
     }
 
     /// Deletes a subject's key row: crypto-shredding.
-    pub async fn destroy_key<'e>(&self, db: impl PgExecutor<'e>, subject: Uuid) -> Result<(), sqlx::Error> {
+    pub async fn destroy_key<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        subject: Uuid,
+    ) -> Result<(), sqlx::Error> {
         sqlx::query("DELETE FROM subject_keys WHERE subject_id = $1")
             .bind(subject)
             .execute(db)
@@ -153,7 +168,12 @@ impl Vault {
     pub fn seal(&self, key: &DataKey, subject: Uuid, field: &str, value: &str) -> Sealed {
         let cipher = XChaCha20Poly1305::new((&key.0).into());
         let body = seal_with(&cipher, &aad(subject, field), value.as_bytes());
-        Sealed(format!("{}{}:{}", Sealed::PREFIX, subject, URL_SAFE_NO_PAD.encode(body)))
+        Sealed(format!(
+            "{}{}:{}",
+            Sealed::PREFIX,
+            subject,
+            URL_SAFE_NO_PAD.encode(body)
+        ))
     }
 
     /// Opens a sealed value, or `None` when its key is gone (erased) or it is not ours.
@@ -163,7 +183,11 @@ impl Vault {
         let subject = Uuid::parse_str(subject).ok()?;
         let key = keys.get(&subject)?;
         let cipher = XChaCha20Poly1305::new((&key.0).into());
-        let plain = open_with(&cipher, &aad(subject, field), &URL_SAFE_NO_PAD.decode(body).ok()?)?;
+        let plain = open_with(
+            &cipher,
+            &aad(subject, field),
+            &URL_SAFE_NO_PAD.decode(body).ok()?,
+        )?;
         String::from_utf8(plain).ok()
     }
 
@@ -194,9 +218,20 @@ mod tests {
         assert!(sealed.is_well_formed());
         assert!(!sealed.0.contains("ada"));
         let keys = HashMap::from([(subject, key)]);
-        assert_eq!(vault.open(&keys, "email", &sealed.0).as_deref(), Some("ada@example.com"));
-        assert_eq!(vault.open(&keys, "full_name", &sealed.0), None, "field is bound");
-        assert_eq!(vault.open(&HashMap::new(), "email", &sealed.0), None, "no key, no data");
+        assert_eq!(
+            vault.open(&keys, "email", &sealed.0).as_deref(),
+            Some("ada@example.com")
+        );
+        assert_eq!(
+            vault.open(&keys, "full_name", &sealed.0),
+            None,
+            "field is bound"
+        );
+        assert_eq!(
+            vault.open(&HashMap::new(), "email", &sealed.0),
+            None,
+            "no key, no data"
+        );
     }
 
     #[test]
@@ -206,7 +241,10 @@ mod tests {
         let org = Uuid::new_v4();
         assert_eq!(a.blind_index(org, "x@y.io"), a.blind_index(org, "x@y.io"));
         assert_ne!(a.blind_index(org, "x@y.io"), b.blind_index(org, "x@y.io"));
-        assert_ne!(a.blind_index(org, "x@y.io"), a.blind_index(Uuid::new_v4(), "x@y.io"));
+        assert_ne!(
+            a.blind_index(org, "x@y.io"),
+            a.blind_index(Uuid::new_v4(), "x@y.io")
+        );
     }
 
     #[test]

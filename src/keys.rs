@@ -45,7 +45,10 @@ pub fn prefix_of(presented: &str) -> Option<&str> {
 
 /// Compares a presented key with a stored hash in constant time.
 pub fn matches(presented: &str, stored_hash: &str) -> bool {
-    hash(presented).as_bytes().ct_eq(stored_hash.as_bytes()).into()
+    hash(presented)
+        .as_bytes()
+        .ct_eq(stored_hash.as_bytes())
+        .into()
 }
 
 #[cfg(test)]

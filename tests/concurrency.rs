@@ -22,8 +22,12 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
         .map(|i| {
             let t = t.clone();
             tokio::spawn(async move {
-                t.patch(&format!("/v1/organizations/{org}"), &t.admin_key, json!({"name": format!("Contended {i}")}))
-                    .await
+                t.patch(
+                    &format!("/v1/organizations/{org}"),
+                    &t.admin_key,
+                    json!({"name": format!("Contended {i}")}),
+                )
+                .await
             })
         })
         .collect();
@@ -41,25 +45,41 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
         }
     }
     assert_eq!(ok + conflicts, 32);
-    assert!(ok >= 1 && conflicts >= 1, "expected contention: {ok} ok, {conflicts} conflicts");
+    assert!(
+        ok >= 1 && conflicts >= 1,
+        "expected contention: {ok} ok, {conflicts} conflicts"
+    );
 
     // Every success is exactly one new event, at consecutive sequence numbers: no fork.
-    let seqs: Vec<(i64,)> = sqlx::query_as("SELECT sequence FROM events WHERE aggregate_id = $1 AND sequence > $2 ORDER BY sequence")
-        .bind(org.to_string())
-        .bind(before.0)
-        .fetch_all(t.pool())
-        .await
-        .unwrap();
+    let seqs: Vec<(i64,)> = sqlx::query_as(
+        "SELECT sequence FROM events WHERE aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
+    )
+    .bind(org.to_string())
+    .bind(before.0)
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
     let seqs: Vec<i64> = seqs.into_iter().map(|(s,)| s).collect();
-    assert_eq!(seqs, ((before.0 + 1)..=(before.0 + ok as i64)).collect::<Vec<_>>());
+    assert_eq!(
+        seqs,
+        ((before.0 + 1)..=(before.0 + ok as i64)).collect::<Vec<_>>()
+    );
 
-    let (count, max): (i64, Option<i64>) = sqlx::query_as("SELECT count(*), max(position) FROM events").fetch_one(t.pool()).await.unwrap();
+    let (count, max): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), max(position) FROM events")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
     assert_eq!(Some(count), max, "positions are gap-free");
     let report = t.verify().await;
     assert!(report.intact(), "{:?}", report.first_bad);
 
     // The read model shows the last successful name; the released names are free again.
-    let name = t.get(&format!("/v1/organizations/{org}"), &t.admin_key).await.body["name"].clone();
+    let name = t
+        .get(&format!("/v1/organizations/{org}"), &t.admin_key)
+        .await
+        .body["name"]
+        .clone();
     let last: (String,) = sqlx::query_as(
         "SELECT payload::jsonb #>> '{OrganizationUpdated,after,name}' FROM events WHERE aggregate_id = $1 ORDER BY sequence DESC LIMIT 1",
     )
@@ -73,7 +93,11 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_thousand_commands_from_32_tasks_are_gap_free_and_projected() {
     let t = Arc::new(TestApp::spawn().await);
-    let orgs = [t.create_org("Alpha").await, t.create_org("Beta").await, t.create_org("Gamma").await];
+    let orgs = [
+        t.create_org("Alpha").await,
+        t.create_org("Beta").await,
+        t.create_org("Gamma").await,
+    ];
     let start = t.head().await;
 
     let tasks: Vec<_> = (0..32)
@@ -103,10 +127,17 @@ async fn a_thousand_commands_from_32_tasks_are_gap_free_and_projected() {
     }
     assert_eq!(users.len(), 1000);
 
-    let positions: Vec<(i64,)> = sqlx::query_as("SELECT position FROM events ORDER BY position").fetch_all(t.pool()).await.unwrap();
+    let positions: Vec<(i64,)> = sqlx::query_as("SELECT position FROM events ORDER BY position")
+        .fetch_all(t.pool())
+        .await
+        .unwrap();
     let positions: Vec<i64> = positions.into_iter().map(|(p,)| p).collect();
     let n = positions.len() as i64;
-    assert_eq!(positions, (1..=n).collect::<Vec<_>>(), "positions are exactly 1..N");
+    assert_eq!(
+        positions,
+        (1..=n).collect::<Vec<_>>(),
+        "positions are exactly 1..N"
+    );
     assert_eq!(n, start + 1000);
     let report = t.verify().await;
     assert!(report.intact(), "{:?}", report.first_bad);
@@ -116,10 +147,15 @@ async fn a_thousand_commands_from_32_tasks_are_gap_free_and_projected() {
     for (name, position) in t.app.projector.as_ref().unwrap().checkpoints() {
         assert_eq!(position, n, "projection {name} is at the head");
     }
-    let (audit_rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_events").fetch_one(t.pool()).await.unwrap();
+    let (audit_rows,): (i64,) = sqlx::query_as("SELECT count(*) FROM audit_events")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
     assert_eq!(audit_rows, n);
     for (org, id, i) in &users {
-        let r = t.get(&format!("/v1/organizations/{org}/users/{id}"), &t.admin_key).await;
+        let r = t
+            .get(&format!("/v1/organizations/{org}/users/{id}"), &t.admin_key)
+            .await;
         assert_eq!(r.status, 200);
         assert_eq!(r.body["email"], format!("user{i}@example.com"));
     }

@@ -8,13 +8,23 @@ use serde_json::json;
 
 /// Every read-model table, each row as JSON, in a stable order.
 async fn snapshot(t: &TestApp) -> Vec<(String, Vec<String>)> {
-    let tables = ["organizations", "users", "roles", "role_permissions", "user_roles", "api_keys", "audit_events"];
+    let tables = [
+        "organizations",
+        "users",
+        "roles",
+        "role_permissions",
+        "user_roles",
+        "api_keys",
+        "audit_events",
+    ];
     let mut out = Vec::new();
     for table in tables {
-        let rows: Vec<(String,)> = sqlx::query_as(&format!("SELECT row_to_json(t)::text FROM {table} t ORDER BY row_to_json(t)::text"))
-            .fetch_all(t.pool())
-            .await
-            .unwrap();
+        let rows: Vec<(String,)> = sqlx::query_as(&format!(
+            "SELECT row_to_json(t)::text FROM {table} t ORDER BY row_to_json(t)::text"
+        ))
+        .fetch_all(t.pool())
+        .await
+        .unwrap();
         out.push((table.to_string(), rows.into_iter().map(|(r,)| r).collect()));
     }
     out
@@ -29,41 +39,192 @@ async fn rebuilt_read_models_equal_the_live_ones() {
     let ada = t.invite(org, "ada@example.com", "Ada").await;
     let bob = t.invite(org, "bob@example.com", "Bob").await;
     t.invite(other, "ada@example.com", "Ada Elsewhere").await;
-    assert_eq!(t.patch(&format!("{o}/users/{ada}"), &t.admin_key, json!({"full_name": "Ada L."})).await.status, 200);
-    assert_eq!(t.post(&format!("{o}/users/{bob}/deactivate"), &t.admin_key, json!({"reason": "left"})).await.status, 200);
-    assert_eq!(t.post(&format!("{o}/users/{bob}/reactivate"), &t.admin_key, json!({})).await.status, 200);
+    assert_eq!(
+        t.patch(
+            &format!("{o}/users/{ada}"),
+            &t.admin_key,
+            json!({"full_name": "Ada L."})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.post(
+            &format!("{o}/users/{bob}/deactivate"),
+            &t.admin_key,
+            json!({"reason": "left"})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.post(
+            &format!("{o}/users/{bob}/reactivate"),
+            &t.admin_key,
+            json!({})
+        )
+        .await
+        .status,
+        200
+    );
 
-    let base = t.post(&format!("{o}/roles"), &t.admin_key, json!({"name": "base", "permissions": ["users:read"]})).await;
+    let base = t
+        .post(
+            &format!("{o}/roles"),
+            &t.admin_key,
+            json!({"name": "base", "permissions": ["users:read"]}),
+        )
+        .await;
     let base_id = base.body["id"].as_str().unwrap().to_string();
-    let child = t.post(&format!("{o}/roles"), &t.admin_key, json!({"name": "child", "permissions": ["audit:read"], "parent_role_id": base_id})).await;
+    let child = t
+        .post(
+            &format!("{o}/roles"),
+            &t.admin_key,
+            json!({"name": "child", "permissions": ["audit:read"], "parent_role_id": base_id}),
+        )
+        .await;
     assert_eq!(child.status, 201, "{}", child.body);
     let child_id = child.body["id"].as_str().unwrap().to_string();
-    assert_eq!(t.patch(&format!("{o}/roles/{child_id}"), &t.admin_key, json!({"permissions": ["audit:read", "keys:read"]})).await.status, 200);
-    let temp = t.post(&format!("{o}/roles"), &t.admin_key, json!({"name": "temp", "permissions": []})).await;
+    assert_eq!(
+        t.patch(
+            &format!("{o}/roles/{child_id}"),
+            &t.admin_key,
+            json!({"permissions": ["audit:read", "keys:read"]})
+        )
+        .await
+        .status,
+        200
+    );
+    let temp = t
+        .post(
+            &format!("{o}/roles"),
+            &t.admin_key,
+            json!({"name": "temp", "permissions": []}),
+        )
+        .await;
     let temp_id = temp.body["id"].as_str().unwrap().to_string();
-    assert_eq!(t.put(&format!("{o}/users/{ada}/roles/{child_id}"), &t.admin_key, json!({"expires_at": "2099-01-01T00:00:00Z", "reason": "audit"})).await.status, 200);
-    assert_eq!(t.put(&format!("{o}/users/{ada}/roles/{temp_id}"), &t.admin_key, json!({})).await.status, 200);
-    assert_eq!(t.delete(&format!("{o}/roles/{temp_id}"), &t.admin_key).await.status, 204);
-    assert_eq!(t.put(&format!("{o}/users/{bob}/roles/{base_id}"), &t.admin_key, json!({})).await.status, 200);
-    assert_eq!(t.delete(&format!("{o}/users/{bob}/roles/{base_id}"), &t.admin_key).await.status, 204);
+    assert_eq!(
+        t.put(
+            &format!("{o}/users/{ada}/roles/{child_id}"),
+            &t.admin_key,
+            json!({"expires_at": "2099-01-01T00:00:00Z", "reason": "audit"})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.put(
+            &format!("{o}/users/{ada}/roles/{temp_id}"),
+            &t.admin_key,
+            json!({})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.delete(&format!("{o}/roles/{temp_id}"), &t.admin_key)
+            .await
+            .status,
+        204
+    );
+    assert_eq!(
+        t.put(
+            &format!("{o}/users/{bob}/roles/{base_id}"),
+            &t.admin_key,
+            json!({})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.delete(&format!("{o}/users/{bob}/roles/{base_id}"), &t.admin_key)
+            .await
+            .status,
+        204
+    );
 
-    let key = t.post(&format!("{o}/api-keys"), &t.admin_key, json!({"label": "ci", "permissions": ["users:read"]})).await;
+    let key = t
+        .post(
+            &format!("{o}/api-keys"),
+            &t.admin_key,
+            json!({"label": "ci", "permissions": ["users:read"]}),
+        )
+        .await;
     let key_id = key.body["id"].as_str().unwrap().to_string();
-    assert_eq!(t.post(&format!("{o}/api-keys/{key_id}/rotate"), &t.admin_key, json!({})).await.status, 200);
-    let key2 = t.post(&format!("{o}/api-keys"), &t.admin_key, json!({"label": "old", "permissions": ["users:read"], "user_id": ada})).await;
+    assert_eq!(
+        t.post(
+            &format!("{o}/api-keys/{key_id}/rotate"),
+            &t.admin_key,
+            json!({})
+        )
+        .await
+        .status,
+        200
+    );
+    let key2 = t
+        .post(
+            &format!("{o}/api-keys"),
+            &t.admin_key,
+            json!({"label": "old", "permissions": ["users:read"], "user_id": ada}),
+        )
+        .await;
     let key2_id = key2.body["id"].as_str().unwrap().to_string();
-    assert_eq!(t.post(&format!("{o}/api-keys/{key2_id}/revoke"), &t.admin_key, json!({"reason": "lost"})).await.status, 200);
-    assert_eq!(t.patch(&o, &t.admin_key, json!({"country_code": "de", "settings": {"tier": "gold"}})).await.status, 200);
-    assert_eq!(t.post(&format!("{o}/suspend"), &t.admin_key, json!({})).await.status, 200);
-    assert_eq!(t.post(&format!("{o}/reactivate"), &t.admin_key, json!({})).await.status, 200);
-    assert_eq!(t.post(&format!("{o}/users/{bob}/erase"), &t.admin_key, json!({})).await.status, 200);
+    assert_eq!(
+        t.post(
+            &format!("{o}/api-keys/{key2_id}/revoke"),
+            &t.admin_key,
+            json!({"reason": "lost"})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.patch(
+            &o,
+            &t.admin_key,
+            json!({"country_code": "de", "settings": {"tier": "gold"}})
+        )
+        .await
+        .status,
+        200
+    );
+    assert_eq!(
+        t.post(&format!("{o}/suspend"), &t.admin_key, json!({}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        t.post(&format!("{o}/reactivate"), &t.admin_key, json!({}))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        t.post(&format!("{o}/users/{bob}/erase"), &t.admin_key, json!({}))
+            .await
+            .status,
+        200
+    );
 
     let live = snapshot(&t).await;
-    assert!(live.iter().all(|(_, rows)| !rows.is_empty()), "every table has rows to compare");
+    assert!(
+        live.iter().all(|(_, rows)| !rows.is_empty()),
+        "every table has rows to compare"
+    );
 
     ledgerline_projections::reset(t.pool(), None).await.unwrap();
     let emptied = snapshot(&t).await;
-    assert!(emptied.iter().all(|(_, rows)| rows.is_empty()), "reset empties every read model");
+    assert!(
+        emptied.iter().all(|(_, rows)| rows.is_empty()),
+        "reset empties every read model"
+    );
     ledgerline_projections::catch_up(t.pool()).await.unwrap();
     let rebuilt = snapshot(&t).await;
     for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {

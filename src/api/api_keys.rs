@@ -76,7 +76,9 @@ pub async fn issue(
             .await
             .map_err(|_| ApiError::invalid("user_id is not a user of this organization"))?;
         if u.status != "active" {
-            return Err(ApiError::conflict("keys can be issued only for active users"));
+            return Err(ApiError::conflict(
+                "keys can be issued only for active users",
+            ));
         }
     }
     let id = Uuid::new_v4();
@@ -94,9 +96,16 @@ pub async fn issue(
         grantable: caller.permissions.clone(),
         now: Utc::now(),
     };
-    app.execute(&app.cqrs.api_keys, id, Some(org), &caller.actor, command).await?;
+    app.execute(&app.cqrs.api_keys, id, Some(org), &caller.actor, command)
+        .await?;
     let key = find(&app, org, id).await?;
-    Ok((StatusCode::CREATED, axum::Json(IssuedKey { key, secret: secret.secret })))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(IssuedKey {
+            key,
+            secret: secret.secret,
+        }),
+    ))
 }
 
 pub async fn list(
@@ -106,10 +115,12 @@ pub async fn list(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::KeysRead)?;
     organizations::find(&app, org).await?;
-    let items: Vec<ApiKeyView> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"))
-        .bind(org)
-        .fetch_all(&app.pool)
-        .await?;
+    let items: Vec<ApiKeyView> = sqlx::query_as(&format!(
+        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"
+    ))
+    .bind(org)
+    .fetch_all(&app.pool)
+    .await?;
     Ok(axum::Json(serde_json::json!({ "items": items })))
 }
 
@@ -130,8 +141,11 @@ pub async fn revoke(
 ) -> ApiResult<axum::Json<ApiKeyView>> {
     caller.require_in(org, Permission::KeysWrite)?;
     find(&app, org, key).await?;
-    let command = ApiKeyCommand::Revoke { reason: body.0.unwrap_or_default().reason };
-    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command).await?;
+    let command = ApiKeyCommand::Revoke {
+        reason: body.0.unwrap_or_default().reason,
+    };
+    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command)
+        .await?;
     Ok(axum::Json(find(&app, org, key).await?))
 }
 
@@ -144,13 +158,26 @@ pub async fn rotate(
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;
     // Holding a fresh secret is holding the key's powers: no more than the caller's own.
-    let held: PermissionSet = current.permissions.iter().filter_map(|p| p.parse().ok()).collect();
+    let held: PermissionSet = current
+        .permissions
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect();
     if !may_grant(&caller.permissions, &held) {
-        return Err(ApiError::forbidden("cannot rotate a key that holds permissions this key does not"));
+        return Err(ApiError::forbidden(
+            "cannot rotate a key that holds permissions this key does not",
+        ));
     }
     let secret = keys::generate();
-    let command = ApiKeyCommand::Rotate { prefix: secret.prefix.clone(), secret_hash: secret.hash.clone() };
-    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command).await?;
+    let command = ApiKeyCommand::Rotate {
+        prefix: secret.prefix.clone(),
+        secret_hash: secret.hash.clone(),
+    };
+    app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command)
+        .await?;
     let key = find(&app, org, key).await?;
-    Ok(axum::Json(IssuedKey { key, secret: secret.secret }))
+    Ok(axum::Json(IssuedKey {
+        key,
+        secret: secret.secret,
+    }))
 }

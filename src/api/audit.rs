@@ -69,7 +69,9 @@ pub async fn list(
     organizations::find(&app, org).await?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_PAGE}")));
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
     }
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT position, organization_id, actor_kind, actor_user_id, actor_key_id, event_type, aggregate_type,
@@ -96,9 +98,18 @@ pub async fn list(
         sql.push(" AND recorded_at < ").push_bind(to);
     }
     if let Some(c) = q.cursor {
-        sql.push(if q.order == Order::Desc { " AND position < " } else { " AND position > " }).push_bind(c);
+        sql.push(if q.order == Order::Desc {
+            " AND position < "
+        } else {
+            " AND position > "
+        })
+        .push_bind(c);
     }
-    sql.push(if q.order == Order::Desc { " ORDER BY position DESC" } else { " ORDER BY position ASC" });
+    sql.push(if q.order == Order::Desc {
+        " ORDER BY position DESC"
+    } else {
+        " ORDER BY position ASC"
+    });
     sql.push(" LIMIT ").push_bind(limit + 1);
     let mut items: Vec<AuditEventView> = sql.build_query_as().fetch_all(&app.pool).await?;
     let next_cursor = if items.len() as i64 > limit {
@@ -107,5 +118,7 @@ pub async fn list(
     } else {
         None
     };
-    Ok(axum::Json(serde_json::json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(axum::Json(
+        serde_json::json!({ "items": items, "next_cursor": next_cursor }),
+    ))
 }

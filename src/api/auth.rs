@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::request::Parts;
 use axum::http::header;
+use axum::http::request::Parts;
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use uuid::Uuid;
@@ -35,7 +35,9 @@ impl Caller {
         if self.is_platform_admin() || self.permissions.contains(&p) {
             Ok(())
         } else {
-            Err(ApiError::forbidden(format!("this key lacks the `{p}` permission")))
+            Err(ApiError::forbidden(format!(
+                "this key lacks the `{p}` permission"
+            )))
         }
     }
 
@@ -98,7 +100,9 @@ impl FromRequestParts<App> for Caller {
             .and_then(|v| v.split_once(' '))
             .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
             .map(|(_, key)| key.trim())
-            .ok_or_else(|| ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`"))?;
+            .ok_or_else(|| {
+                ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`")
+            })?;
         let invalid = || ApiError::unauthorized("invalid API key");
         let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
         let row: KeyRow = sqlx::query_as(
@@ -123,12 +127,18 @@ impl FromRequestParts<App> for Caller {
             return Err(ApiError::unauthorized("this API key has expired"));
         }
         if row.organization_id.is_some() && row.org_status.as_deref() != Some("active") {
-            return Err(ApiError::unauthorized("this key's organization is suspended"));
+            return Err(ApiError::unauthorized(
+                "this key's organization is suspended",
+            ));
         }
         if row.user_id.is_some() && row.user_status.as_deref() != Some("active") {
             return Err(ApiError::unauthorized("this key's user is not active"));
         }
-        let mut permissions: PermissionSet = row.permissions.iter().filter_map(|p| p.parse().ok()).collect();
+        let mut permissions: PermissionSet = row
+            .permissions
+            .iter()
+            .filter_map(|p| p.parse().ok())
+            .collect();
         if let Some(user) = row.user_id {
             let held = user_permissions(&app.pool, user).await?;
             permissions.retain(|p| held.contains(p));
@@ -148,7 +158,10 @@ impl FromRequestParts<App> for Caller {
 }
 
 /// A user's permissions now: its unexpired role assignments, each role with its ancestors.
-pub async fn user_permissions(pool: &sqlx::PgPool, user_id: Uuid) -> Result<PermissionSet, sqlx::Error> {
+pub async fn user_permissions(
+    pool: &sqlx::PgPool,
+    user_id: Uuid,
+) -> Result<PermissionSet, sqlx::Error> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "WITH RECURSIVE granted(id, parent, depth) AS (
              SELECT r.id, r.parent_role_id, 0
@@ -168,7 +181,10 @@ pub async fn user_permissions(pool: &sqlx::PgPool, user_id: Uuid) -> Result<Perm
 }
 
 /// A role's effective permissions: its own and every ancestor's.
-pub async fn role_permissions(pool: &sqlx::PgPool, role_id: Uuid) -> Result<PermissionSet, sqlx::Error> {
+pub async fn role_permissions(
+    pool: &sqlx::PgPool,
+    role_id: Uuid,
+) -> Result<PermissionSet, sqlx::Error> {
     let rows: Vec<(String,)> = sqlx::query_as(
         "WITH RECURSIVE chain(id, parent, depth) AS (
              SELECT id, parent_role_id, 0 FROM roles WHERE id = $1

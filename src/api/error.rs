@@ -110,7 +110,9 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
                 ApiError::new(status, e.to_string())
             }
             CommandError::Conflict => ApiError::conflict(e.to_string()),
-            CommandError::Taken(scope) => ApiError::conflict(format!("{} is already taken", scope.replace('_', " "))),
+            CommandError::Taken(scope) => {
+                ApiError::conflict(format!("{} is already taken", scope.replace('_', " ")))
+            }
             CommandError::Internal(cause) => ApiError::internal(cause),
         }
     }

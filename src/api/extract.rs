@@ -28,7 +28,9 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     let message = match &r {
         JsonRejection::JsonDataError(e) => format!("invalid request body: {}", e.body_text()),
         JsonRejection::JsonSyntaxError(e) => format!("malformed JSON: {}", e.body_text()),
-        JsonRejection::MissingJsonContentType(_) => "expected `Content-Type: application/json`".into(),
+        JsonRejection::MissingJsonContentType(_) => {
+            "expected `Content-Type: application/json`".into()
+        }
         _ if status == StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than 1 MiB".into(),
         other => other.body_text(),
     };

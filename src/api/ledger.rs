@@ -16,10 +16,15 @@ use super::organizations;
 use crate::app::App;
 use crate::ledger::verify::StoredEventRow;
 
-pub async fn head(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+pub async fn head(
+    State(app): State<App>,
+    caller: Caller,
+) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require(Permission::LedgerRead)?;
     let head = app.store.head().await?;
-    Ok(axum::Json(json!({ "position": head.position, "hash": hex::encode(head.hash) })))
+    Ok(axum::Json(
+        json!({ "position": head.position, "hash": hex::encode(head.hash) }),
+    ))
 }
 
 #[derive(Debug, Deserialize)]
@@ -50,7 +55,9 @@ pub async fn events(
     .bind(limit)
     .fetch_all(&app.pool)
     .await?;
-    let next_cursor = (rows.len() as i64 == limit).then(|| rows.last().map(|r| r.0.position)).flatten();
+    let next_cursor = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.0.position))
+        .flatten();
     let items: Vec<_> = rows
         .into_iter()
         .map(|StoredEventRow(e)| {
@@ -71,5 +78,7 @@ pub async fn events(
             })
         })
         .collect();
-    Ok(axum::Json(json!({ "items": items, "next_cursor": next_cursor })))
+    Ok(axum::Json(
+        json!({ "items": items, "next_cursor": next_cursor }),
+    ))
 }

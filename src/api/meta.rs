@@ -17,8 +17,17 @@ pub async fn healthz() -> axum::Json<serde_json::Value> {
 pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::Value>> {
     let statuses = ledgerline_projections::status(&app.pool)
         .await
-        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, format!("database not ready: {e}")))?;
-    let failed: Vec<_> = statuses.iter().filter(|s| !s.failures.is_empty()).map(|s| s.name).collect();
+        .map_err(|e| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("database not ready: {e}"),
+            )
+        })?;
+    let failed: Vec<_> = statuses
+        .iter()
+        .filter(|s| !s.failures.is_empty())
+        .map(|s| s.name)
+        .collect();
     if !failed.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -28,7 +37,10 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
     Ok(axum::Json(json!({ "status": "ready" })))
 }
 
-pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+pub async fn me(
+    State(app): State<App>,
+    caller: Caller,
+) -> ApiResult<axum::Json<serde_json::Value>> {
     let organization = match caller.organization_id {
         Some(org) => Some(super::organizations::find(&app, org).await?),
         None => None,

@@ -41,46 +41,244 @@ pub struct RouteDoc {
     pub summary: &'static str,
 }
 
-const fn r(method: &'static str, path: &'static str, permission: Option<&'static str>, success: u16, summary: &'static str) -> RouteDoc {
-    RouteDoc { method, path, permission, success, summary }
+const fn r(
+    method: &'static str,
+    path: &'static str,
+    permission: Option<&'static str>,
+    success: u16,
+    summary: &'static str,
+) -> RouteDoc {
+    RouteDoc {
+        method,
+        path,
+        permission,
+        success,
+        summary,
+    }
 }
 
 const ORG: &str = "/v1/organizations/{org}";
 
 pub const ROUTES: &[RouteDoc] = &[
     r("GET", "/healthz", None, 200, "Liveness"),
-    r("GET", "/readyz", None, 200, "Readiness: database up, no projection failed"),
+    r(
+        "GET",
+        "/readyz",
+        None,
+        200,
+        "Readiness: database up, no projection failed",
+    ),
     r("GET", "/v1/openapi.json", None, 200, "This document"),
-    r("GET", "/v1/me", Some("any"), 200, "The calling key, its organization and effective permissions"),
-    r("POST", "/v1/organizations", Some("platform:admin"), 201, "Create an organization with its built-in roles"),
-    r("GET", "/v1/organizations", Some("organizations:read"), 200, "List organizations"),
-    r("GET", "/v1/organizations/{org}", Some("organizations:read"), 200, "Read an organization"),
-    r("PATCH", "/v1/organizations/{org}", Some("organizations:write"), 200, "Update an organization"),
-    r("POST", "/v1/organizations/{org}/suspend", Some("platform:admin"), 200, "Suspend: every key of the organization stops working"),
-    r("POST", "/v1/organizations/{org}/reactivate", Some("platform:admin"), 200, "Reactivate a suspended organization"),
-    r("POST", "/v1/organizations/{org}/users", Some("users:write"), 201, "Invite a user"),
-    r("GET", "/v1/organizations/{org}/users", Some("users:read"), 200, "List users"),
-    r("GET", "/v1/organizations/{org}/users/{user}", Some("users:read"), 200, "Read a user"),
-    r("PATCH", "/v1/organizations/{org}/users/{user}", Some("users:write"), 200, "Update a user's e-mail or name"),
-    r("POST", "/v1/organizations/{org}/users/{user}/deactivate", Some("users:write"), 200, "Deactivate a user"),
-    r("POST", "/v1/organizations/{org}/users/{user}/reactivate", Some("users:write"), 200, "Reactivate a user"),
-    r("POST", "/v1/organizations/{org}/users/{user}/erase", Some("users:erase"), 200, "Erase a user's personal data (crypto-shredding)"),
-    r("GET", "/v1/organizations/{org}/users/{user}/roles", Some("roles:read"), 200, "List a user's role assignments"),
-    r("PUT", "/v1/organizations/{org}/users/{user}/roles/{role}", Some("roles:write"), 200, "Assign a role, optionally until a time"),
-    r("DELETE", "/v1/organizations/{org}/users/{user}/roles/{role}", Some("roles:write"), 204, "Revoke a role assignment"),
-    r("POST", "/v1/organizations/{org}/roles", Some("roles:write"), 201, "Create a role"),
-    r("GET", "/v1/organizations/{org}/roles", Some("roles:read"), 200, "List roles"),
-    r("GET", "/v1/organizations/{org}/roles/{role}", Some("roles:read"), 200, "Read a role with its effective permissions"),
-    r("PATCH", "/v1/organizations/{org}/roles/{role}", Some("roles:write"), 200, "Change a role"),
-    r("DELETE", "/v1/organizations/{org}/roles/{role}", Some("roles:write"), 204, "Delete a role (not a built-in one)"),
-    r("POST", "/v1/organizations/{org}/api-keys", Some("keys:write"), 201, "Issue an API key; the secret is answered once"),
-    r("GET", "/v1/organizations/{org}/api-keys", Some("keys:read"), 200, "List API keys (never their secrets)"),
-    r("GET", "/v1/organizations/{org}/api-keys/{key}", Some("keys:read"), 200, "Read an API key"),
-    r("POST", "/v1/organizations/{org}/api-keys/{key}/revoke", Some("keys:write"), 200, "Revoke an API key, effective on the next request"),
-    r("POST", "/v1/organizations/{org}/api-keys/{key}/rotate", Some("keys:write"), 200, "Give a key a new secret; the old one stops working"),
-    r("GET", "/v1/organizations/{org}/audit-events", Some("audit:read"), 200, "The audit view, filtered and paged"),
-    r("GET", "/v1/organizations/{org}/ledger/events", Some("ledger:read"), 200, "The tenant's raw ledger events with hashes"),
-    r("GET", "/v1/ledger/head", Some("ledger:read"), 200, "The ledger head: position and hash"),
+    r(
+        "GET",
+        "/v1/me",
+        Some("any"),
+        200,
+        "The calling key, its organization and effective permissions",
+    ),
+    r(
+        "POST",
+        "/v1/organizations",
+        Some("platform:admin"),
+        201,
+        "Create an organization with its built-in roles",
+    ),
+    r(
+        "GET",
+        "/v1/organizations",
+        Some("organizations:read"),
+        200,
+        "List organizations",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}",
+        Some("organizations:read"),
+        200,
+        "Read an organization",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}",
+        Some("organizations:write"),
+        200,
+        "Update an organization",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/suspend",
+        Some("platform:admin"),
+        200,
+        "Suspend: every key of the organization stops working",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/reactivate",
+        Some("platform:admin"),
+        200,
+        "Reactivate a suspended organization",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/users",
+        Some("users:write"),
+        201,
+        "Invite a user",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/users",
+        Some("users:read"),
+        200,
+        "List users",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/users/{user}",
+        Some("users:read"),
+        200,
+        "Read a user",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}/users/{user}",
+        Some("users:write"),
+        200,
+        "Update a user's e-mail or name",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/users/{user}/deactivate",
+        Some("users:write"),
+        200,
+        "Deactivate a user",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/users/{user}/reactivate",
+        Some("users:write"),
+        200,
+        "Reactivate a user",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/users/{user}/erase",
+        Some("users:erase"),
+        200,
+        "Erase a user's personal data (crypto-shredding)",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/users/{user}/roles",
+        Some("roles:read"),
+        200,
+        "List a user's role assignments",
+    ),
+    r(
+        "PUT",
+        "/v1/organizations/{org}/users/{user}/roles/{role}",
+        Some("roles:write"),
+        200,
+        "Assign a role, optionally until a time",
+    ),
+    r(
+        "DELETE",
+        "/v1/organizations/{org}/users/{user}/roles/{role}",
+        Some("roles:write"),
+        204,
+        "Revoke a role assignment",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/roles",
+        Some("roles:write"),
+        201,
+        "Create a role",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/roles",
+        Some("roles:read"),
+        200,
+        "List roles",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/roles/{role}",
+        Some("roles:read"),
+        200,
+        "Read a role with its effective permissions",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}/roles/{role}",
+        Some("roles:write"),
+        200,
+        "Change a role",
+    ),
+    r(
+        "DELETE",
+        "/v1/organizations/{org}/roles/{role}",
+        Some("roles:write"),
+        204,
+        "Delete a role (not a built-in one)",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/api-keys",
+        Some("keys:write"),
+        201,
+        "Issue an API key; the secret is answered once",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/api-keys",
+        Some("keys:read"),
+        200,
+        "List API keys (never their secrets)",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/api-keys/{key}",
+        Some("keys:read"),
+        200,
+        "Read an API key",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/api-keys/{key}/revoke",
+        Some("keys:write"),
+        200,
+        "Revoke an API key, effective on the next request",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/api-keys/{key}/rotate",
+        Some("keys:write"),
+        200,
+        "Give a key a new secret; the old one stops working",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/audit-events",
+        Some("audit:read"),
+        200,
+        "The audit view, filtered and paged",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/ledger/events",
+        Some("ledger:read"),
+        200,
+        "The tenant's raw ledger events with hashes",
+    ),
+    r(
+        "GET",
+        "/v1/ledger/head",
+        Some("ledger:read"),
+        200,
+        "The ledger head: position and hash",
+    ),
 ];
 
 pub fn router(app: App) -> Router {
@@ -134,7 +332,11 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        return ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is larger than 1 MiB").into_response();
+        return ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body is larger than 1 MiB",
+        )
+        .into_response();
     }
     next.run(req).await
 }
@@ -153,28 +355,43 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
             .and_then(|v| v.split(';').next())
             .map(|mime| {
                 let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json" || (mime.starts_with("application/") && mime.ends_with("+json"))
+                mime == "application/json"
+                    || (mime.starts_with("application/") && mime.ends_with("+json"))
             });
-        let bytes = Bytes::from_request(req, state)
-            .await
-            .map_err(|r| ApiError::new(r.status(), if r.status() == StatusCode::PAYLOAD_TOO_LARGE { "request body is larger than 1 MiB".to_string() } else { r.body_text() }))?;
+        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
+            ApiError::new(
+                r.status(),
+                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                    "request body is larger than 1 MiB".to_string()
+                } else {
+                    r.body_text()
+                },
+            )
+        })?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(None));
         }
         if is_json != Some(true) {
-            return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, "expected `Content-Type: application/json`"));
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "expected `Content-Type: application/json`",
+            ));
         }
-        serde_json::from_slice(&bytes).map(|v| OptionalJson(Some(v))).map_err(|e| {
-            if e.is_data() {
-                ApiError::invalid(format!("invalid request body: {e}"))
-            } else {
-                ApiError::bad_request(format!("malformed JSON: {e}"))
-            }
-        })
+        serde_json::from_slice(&bytes)
+            .map(|v| OptionalJson(Some(v)))
+            .map_err(|e| {
+                if e.is_data() {
+                    ApiError::invalid(format!("invalid request body: {e}"))
+                } else {
+                    ApiError::bad_request(format!("malformed JSON: {e}"))
+                }
+            })
     }
 }
 
 /// For PATCH fields where absent means "leave it" and `null` means "clear it".
-pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(d: D) -> Result<Option<Option<T>>, D::Error> {
+pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
 }

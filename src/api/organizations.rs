@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::auth::Caller;
+use super::double_option;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
-use super::double_option;
 use crate::app::{Actor, App};
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -64,7 +64,14 @@ pub async fn create(
         domain: body.domain,
         settings: body.settings,
     };
-    app.execute(&app.cqrs.organizations, id, Some(id), &caller.actor, command).await?;
+    app.execute(
+        &app.cqrs.organizations,
+        id,
+        Some(id),
+        &caller.actor,
+        command,
+    )
+    .await?;
     create_built_in_roles(&app, id, &caller.actor).await?;
     Ok((StatusCode::CREATED, axum::Json(find(&app, id).await?)))
 }
@@ -86,12 +93,16 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
             built_in: true,
             grantable: everything.clone(),
         };
-        app.execute(&app.cqrs.roles, role_id, Some(org), actor, command).await?;
+        app.execute(&app.cqrs.roles, role_id, Some(org), actor, command)
+            .await?;
     }
     Ok(())
 }
 
-pub async fn list(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<serde_json::Value>> {
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+) -> ApiResult<axum::Json<serde_json::Value>> {
     let items: Vec<OrganizationView> = if caller.is_platform_admin() {
         sqlx::query_as(&format!("{SELECT} ORDER BY created_at, id"))
             .fetch_all(&app.pool)
@@ -142,7 +153,14 @@ pub async fn update(
         domain: body.domain,
         settings: body.settings,
     };
-    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, command).await?;
+    app.execute(
+        &app.cqrs.organizations,
+        org,
+        Some(org),
+        &caller.actor,
+        command,
+    )
+    .await?;
     Ok(axum::Json(find(&app, org).await?))
 }
 
@@ -159,11 +177,8 @@ pub async fn suspend(
     Path(org): Path<Uuid>,
     body: super::OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<OrganizationView>> {
-    caller.require_in(org, Permission::PlatformAdmin)?;
-    find(&app, org).await?;
-    let command = OrganizationCommand::Suspend { reason: body.0.unwrap_or_default().reason };
-    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, command).await?;
-    Ok(axum::Json(find(&app, org).await?))
+    let reason = body.0.unwrap_or_default().reason;
+    operator_act(&app, &caller, org, OrganizationCommand::Suspend { reason }).await
 }
 
 pub async fn reactivate(
@@ -171,9 +186,24 @@ pub async fn reactivate(
     caller: Caller,
     Path(org): Path<Uuid>,
 ) -> ApiResult<axum::Json<OrganizationView>> {
+    operator_act(&app, &caller, org, OrganizationCommand::Reactivate).await
+}
+
+async fn operator_act(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    command: OrganizationCommand,
+) -> ApiResult<axum::Json<OrganizationView>> {
     caller.require_in(org, Permission::PlatformAdmin)?;
-    find(&app, org).await?;
-    app.execute(&app.cqrs.organizations, org, Some(org), &caller.actor, OrganizationCommand::Reactivate)
-        .await?;
-    Ok(axum::Json(find(&app, org).await?))
+    find(app, org).await?;
+    app.execute(
+        &app.cqrs.organizations,
+        org,
+        Some(org),
+        &caller.actor,
+        command,
+    )
+    .await?;
+    Ok(axum::Json(find(app, org).await?))
 }

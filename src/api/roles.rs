@@ -47,10 +47,11 @@ pub struct RoleView {
 const SELECT: &str = "SELECT id, organization_id, name, description, parent_role_id, is_built_in, created_at, updated_at FROM roles";
 
 async fn view(app: &App, r: RoleRow) -> ApiResult<RoleView> {
-    let own: Vec<(String,)> = sqlx::query_as("SELECT permission FROM role_permissions WHERE role_id = $1")
-        .bind(r.id)
-        .fetch_all(&app.pool)
-        .await?;
+    let own: Vec<(String,)> =
+        sqlx::query_as("SELECT permission FROM role_permissions WHERE role_id = $1")
+            .bind(r.id)
+            .fetch_all(&app.pool)
+            .await?;
     let own: PermissionSet = own.into_iter().filter_map(|(p,)| p.parse().ok()).collect();
     let effective = role_permissions(&app.pool, r.id).await?;
     Ok(RoleView {
@@ -106,8 +107,14 @@ fn check_grantable(caller: &Caller, effective: &PermissionSet) -> ApiResult<()> 
     if may_grant(&caller.permissions, effective) {
         Ok(())
     } else {
-        let names: Vec<String> = missing(&caller.permissions, effective).iter().map(|p| p.to_string()).collect();
-        Err(ApiError::forbidden(format!("cannot grant permissions this key does not hold: {}", names.join(", "))))
+        let names: Vec<String> = missing(&caller.permissions, effective)
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        Err(ApiError::forbidden(format!(
+            "cannot grant permissions this key does not hold: {}",
+            names.join(", ")
+        )))
     }
 }
 
@@ -136,7 +143,8 @@ pub async fn create(
         built_in: false,
         grantable: caller.permissions.clone(),
     };
-    app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command).await?;
+    app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command)
+        .await?;
     Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
 }
 
@@ -147,10 +155,12 @@ pub async fn list(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
     organizations::find(&app, org).await?;
-    let rows: Vec<RoleRow> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, name"))
-        .bind(org)
-        .fetch_all(&app.pool)
-        .await?;
+    let rows: Vec<RoleRow> = sqlx::query_as(&format!(
+        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, name"
+    ))
+    .bind(org)
+    .fetch_all(&app.pool)
+    .await?;
     let mut items = Vec::with_capacity(rows.len());
     for r in rows {
         items.push(view(&app, r).await?);
@@ -205,7 +215,8 @@ pub async fn update(
         parent_ancestry: ancestry,
         grantable: caller.permissions.clone(),
     };
-    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command).await?;
+    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
+        .await?;
     Ok(axum::Json(find(&app, org, role).await?))
 }
 
@@ -217,16 +228,24 @@ pub async fn delete(
     caller.require_in(org, Permission::RolesWrite)?;
     find(&app, org, role).await?;
     // A child would silently lose what it inherits; make the operator re-parent it first.
-    let (children,): (i64,) = sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")
-        .bind(role)
-        .fetch_one(&app.pool)
-        .await?;
+    let (children,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")
+            .bind(role)
+            .fetch_one(&app.pool)
+            .await?;
     if children > 0 {
         return Err(ApiError::conflict(format!(
             "{children} role(s) inherit from this role; change their parent first"
         )));
     }
-    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, RoleCommand::Delete).await?;
+    app.execute(
+        &app.cqrs.roles,
+        role,
+        Some(org),
+        &caller.actor,
+        RoleCommand::Delete,
+    )
+    .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -278,8 +297,11 @@ pub async fn assign(
         reason: body.reason,
         now: Utc::now(),
     };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
-    Ok(axum::Json(serde_json::json!({ "items": assignments(&app, user).await? })))
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+        .await?;
+    Ok(axum::Json(
+        serde_json::json!({ "items": assignments(&app, user).await? }),
+    ))
 }
 
 pub async fn revoke(
@@ -289,8 +311,12 @@ pub async fn revoke(
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     users::find(&app, org, user).await?;
-    let command = UserCommand::RevokeRole { role_id: role, reason: None };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    let command = UserCommand::RevokeRole {
+        role_id: role,
+        reason: None,
+    };
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -301,5 +327,7 @@ pub async fn list_assignments(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
     users::find(&app, org, user).await?;
-    Ok(axum::Json(serde_json::json!({ "items": assignments(&app, user).await? })))
+    Ok(axum::Json(
+        serde_json::json!({ "items": assignments(&app, user).await? }),
+    ))
 }

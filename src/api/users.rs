@@ -51,8 +51,12 @@ async fn open(app: &App, rows: Vec<UserRow>) -> ApiResult<Vec<UserView>> {
     Ok(rows
         .into_iter()
         .map(|r| UserView {
-            email: r.email_sealed.and_then(|s| app.vault.open(&keys, "email", &s)),
-            full_name: r.full_name_sealed.and_then(|s| app.vault.open(&keys, "full_name", &s)),
+            email: r
+                .email_sealed
+                .and_then(|s| app.vault.open(&keys, "email", &s)),
+            full_name: r
+                .full_name_sealed
+                .and_then(|s| app.vault.open(&keys, "full_name", &s)),
             id: r.id,
             organization_id: r.organization_id,
             status: r.status,
@@ -80,11 +84,19 @@ pub struct InviteUser {
     full_name: String,
 }
 
-fn sealed_email(app: &App, key: &DataKey, org: Uuid, user: Uuid, raw: &str) -> ApiResult<SealedEmail> {
+fn sealed_email(
+    app: &App,
+    key: &DataKey,
+    org: Uuid,
+    user: Uuid,
+    raw: &str,
+) -> ApiResult<SealedEmail> {
     let email = validate::email(raw).map_err(ApiError::invalid)?;
     Ok(SealedEmail {
         sealed: app.vault.seal(key, user, "email", &email),
-        blind_index: app.vault.blind_index(org, &validate::email_identity(&email)),
+        blind_index: app
+            .vault
+            .blind_index(org, &validate::email_identity(&email)),
     })
 }
 
@@ -105,8 +117,15 @@ pub async fn invite(
         email: sealed_email(&app, &key, org, id, &body.email)?,
         full_name: app.vault.seal(&key, id, "full_name", &full_name),
     };
-    let command = UserCommand::Invite { user_id: id, organization_id: org, profile };
-    if let Err(e) = app.execute(&app.cqrs.users, id, Some(org), &caller.actor, command).await {
+    let command = UserCommand::Invite {
+        user_id: id,
+        organization_id: org,
+        profile,
+    };
+    if let Err(e) = app
+        .execute(&app.cqrs.users, id, Some(org), &caller.actor, command)
+        .await
+    {
         // The user never came to be: its key protects nothing.
         app.vault.destroy_key(&app.pool, id).await?;
         return Err(e.into());
@@ -121,11 +140,15 @@ pub async fn list(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::UsersRead)?;
     organizations::find(&app, org).await?;
-    let rows: Vec<UserRow> = sqlx::query_as(&format!("{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"))
-        .bind(org)
-        .fetch_all(&app.pool)
-        .await?;
-    Ok(axum::Json(serde_json::json!({ "items": open(&app, rows).await? })))
+    let rows: Vec<UserRow> = sqlx::query_as(&format!(
+        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"
+    ))
+    .bind(org)
+    .fetch_all(&app.pool)
+    .await?;
+    Ok(axum::Json(
+        serde_json::json!({ "items": open(&app, rows).await? }),
+    ))
 }
 
 pub async fn get(
@@ -153,8 +176,14 @@ pub async fn update(
     caller.require_in(org, Permission::UsersWrite)?;
     find(&app, org, user).await?;
     let keys = app.vault.keys(&app.pool, &[user]).await?;
-    let key = keys.get(&user).ok_or_else(|| ApiError::conflict("the user has been erased"))?;
-    let email = body.email.as_deref().map(|e| sealed_email(&app, key, org, user, e)).transpose()?;
+    let key = keys
+        .get(&user)
+        .ok_or_else(|| ApiError::conflict("the user has been erased"))?;
+    let email = body
+        .email
+        .as_deref()
+        .map(|e| sealed_email(&app, key, org, user, e))
+        .transpose()?;
     let full_name = body
         .full_name
         .as_deref()
@@ -162,7 +191,8 @@ pub async fn update(
         .transpose()
         .map_err(ApiError::invalid)?;
     let command = UserCommand::UpdateProfile { email, full_name };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+        .await?;
     Ok(axum::Json(find(&app, org, user).await?))
 }
 
@@ -176,7 +206,8 @@ async fn simple(
 ) -> ApiResult<axum::Json<UserView>> {
     caller.require_in(org, permission)?;
     find(app, org, user).await?;
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command).await?;
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+        .await?;
     Ok(axum::Json(find(app, org, user).await?))
 }
 
@@ -187,7 +218,15 @@ pub async fn deactivate(
     body: OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<UserView>> {
     let reason = body.0.unwrap_or_default().reason;
-    simple(&app, &caller, org, user, Permission::UsersWrite, UserCommand::Deactivate { reason }).await
+    simple(
+        &app,
+        &caller,
+        org,
+        user,
+        Permission::UsersWrite,
+        UserCommand::Deactivate { reason },
+    )
+    .await
 }
 
 pub async fn reactivate(
@@ -195,7 +234,15 @@ pub async fn reactivate(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<axum::Json<UserView>> {
-    simple(&app, &caller, org, user, Permission::UsersWrite, UserCommand::Reactivate).await
+    simple(
+        &app,
+        &caller,
+        org,
+        user,
+        Permission::UsersWrite,
+        UserCommand::Reactivate,
+    )
+    .await
 }
 
 /// Erasure: the event is appended, and the users projection destroys the user's data key in
@@ -205,7 +252,15 @@ pub async fn erase(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<axum::Json<UserView>> {
-    let view = simple(&app, &caller, org, user, Permission::UsersErase, UserCommand::Erase).await?;
+    let view = simple(
+        &app,
+        &caller,
+        org,
+        user,
+        Permission::UsersErase,
+        UserCommand::Erase,
+    )
+    .await?;
     // Also here, so the key is gone even while the users projection is behind or failed.
     app.vault.destroy_key(&app.pool, user).await?;
     Ok(view)

@@ -262,7 +262,8 @@ async fn commit_batch(
         .await?;
     let head = read_head(&mut *tx).await?;
 
-    let mut outcomes: Vec<Option<Result<i64, AppendError>>> = (0..batch.len()).map(|_| None).collect();
+    let mut outcomes: Vec<Option<Result<i64, AppendError>>> =
+        (0..batch.len()).map(|_| None).collect();
     let existing = existing_first_events(&mut tx, batch).await?;
     let mut claims = ClaimBook::load(&mut tx, batch).await?;
 
@@ -271,13 +272,20 @@ async fn commit_batch(
     for (i, p) in batch.iter().enumerate() {
         let clash = existing.contains(&i)
             || p.rows.iter().any(|r| {
-                taken_sequences.contains(&(p.aggregate_type.as_str(), p.aggregate_id.as_str(), r.sequence))
+                taken_sequences.contains(&(
+                    p.aggregate_type.as_str(),
+                    p.aggregate_id.as_str(),
+                    r.sequence,
+                ))
             });
         if clash {
             outcomes[i] = Some(Err(AppendError::Conflict));
             continue;
         }
-        if let Err(scope) = claims.apply(&p.claims, &format!("{}:{}", p.aggregate_type, p.aggregate_id)) {
+        if let Err(scope) = claims.apply(
+            &p.claims,
+            &format!("{}:{}", p.aggregate_type, p.aggregate_id),
+        ) {
             outcomes[i] = Some(Err(AppendError::Taken { scope }));
             continue;
         }
@@ -323,7 +331,10 @@ async fn commit_batch(
     }
     tx.commit().await?;
     Ok((
-        outcomes.into_iter().map(|o| o.expect("every command decided")).collect(),
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every command decided"))
+            .collect(),
         position,
     ))
 }
@@ -534,7 +545,8 @@ impl PersistedEventRepository for LedgerStore {
         aggregate_id: &str,
         last_sequence: usize,
     ) -> Result<Vec<SerializedEvent>, PersistenceError> {
-        self.load_from::<A>(aggregate_id, last_sequence as i64).await
+        self.load_from::<A>(aggregate_id, last_sequence as i64)
+            .await
     }
 
     // Snapshots are not used: cqrs-es 0.5's snapshot mode applies events twice.

@@ -26,9 +26,16 @@ pub enum Fault {
 impl std::fmt::Display for Fault {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Fault::ContentChanged => f.write_str("content changed: the stored fields do not hash to the stored hash"),
-            Fault::Reordered { written_at } => write!(f, "reordered: this event was written at position {written_at}"),
-            Fault::LinkBroken => f.write_str("link broken: prev_hash is not the hash of the event before"),
+            Fault::ContentChanged => {
+                f.write_str("content changed: the stored fields do not hash to the stored hash")
+            }
+            Fault::Reordered { written_at } => write!(
+                f,
+                "reordered: this event was written at position {written_at}"
+            ),
+            Fault::LinkBroken => {
+                f.write_str("link broken: prev_hash is not the hash of the event before")
+            }
             Fault::Missing => f.write_str("position gap: no event holds this position (deleted?)"),
         }
     }
@@ -62,7 +69,6 @@ impl Report {
 /// The result of checking one contiguous range on its own.
 struct Segment {
     start: i64,
-    end: i64,
     events: u64,
     /// The stored prev_hash of the range's first event (checked against the join).
     first_prev: Option<[u8; 32]>,
@@ -78,9 +84,10 @@ const SEGMENT: i64 = 65_536;
 
 pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sqlx::Error> {
     let started = Instant::now();
-    let (count, max): (i64, Option<i64>) = sqlx::query_as("SELECT count(*), max(position) FROM events")
-        .fetch_one(pool)
-        .await?;
+    let (count, max): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), max(position) FROM events")
+            .fetch_one(pool)
+            .await?;
     // With N rows the first gap, if any, is at or below N + 1: a row moved to a huge position
     // must not make us walk billions of empty ranges.
     let max = max.unwrap_or(0).min(count.saturating_add(1));
@@ -97,7 +104,8 @@ pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sq
     .buffered(workers.max(1));
     use futures::StreamExt;
     while let Some(joined) = pending.next().await {
-        let seg = joined.map_err(|e| sqlx::Error::Protocol(format!("verifier task failed: {e}")))??;
+        let seg =
+            joined.map_err(|e| sqlx::Error::Protocol(format!("verifier task failed: {e}")))??;
         segments.push(seg);
     }
     Ok(join(segments, started.elapsed()))
@@ -117,7 +125,10 @@ fn join(segments: Vec<Segment>, elapsed: Duration) -> Report {
         }
         if let Some(first_prev) = seg.first_prev {
             if first_prev != prev_hash {
-                first_bad = Some(BadEvent { position: seg.start, fault: Fault::LinkBroken });
+                first_bad = Some(BadEvent {
+                    position: seg.start,
+                    fault: Fault::LinkBroken,
+                });
                 continue;
             }
         }
@@ -127,15 +138,31 @@ fn join(segments: Vec<Segment>, elapsed: Duration) -> Report {
             head_position = seg.last_position;
         }
     }
-    Report { events, head_position, head_hash: prev_hash, first_bad, elapsed }
+    Report {
+        events,
+        head_position,
+        head_hash: prev_hash,
+        first_bad,
+        elapsed,
+    }
 }
 
 async fn verify_range(pool: &PgPool, start: i64, end: i64) -> Result<Segment, sqlx::Error> {
     let sql = format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position BETWEEN $1 AND $2 ORDER BY position"
     );
-    let mut rows = sqlx::query_as::<_, StoredEventRow>(&sql).bind(start).bind(end).fetch(pool);
-    let mut seg = Segment { start, end, events: 0, first_prev: None, last_hash: None, last_position: start - 1, first_bad: None };
+    let mut rows = sqlx::query_as::<_, StoredEventRow>(&sql)
+        .bind(start)
+        .bind(end)
+        .fetch(pool);
+    let mut seg = Segment {
+        start,
+        events: 0,
+        first_prev: None,
+        last_hash: None,
+        last_position: start - 1,
+        first_bad: None,
+    };
     let mut expected = start;
     let mut prev: Option<[u8; 32]> = None;
     while let Some(StoredEventRow(e)) = rows.try_next().await? {
@@ -145,7 +172,10 @@ async fn verify_range(pool: &PgPool, start: i64, end: i64) -> Result<Segment, sq
         }
         let stored_prev = to32(&e.prev_hash);
         if e.position != expected {
-            seg.first_bad = Some(BadEvent { position: expected, fault: Fault::Missing });
+            seg.first_bad = Some(BadEvent {
+                position: expected,
+                fault: Fault::Missing,
+            });
             continue;
         }
         let recomputed = event_hash(&stored_prev, &EventFields::of(&e));
@@ -154,13 +184,19 @@ async fn verify_range(pool: &PgPool, start: i64, end: i64) -> Result<Segment, sq
                 Some(q) => Fault::Reordered { written_at: q },
                 None => Fault::ContentChanged,
             };
-            seg.first_bad = Some(BadEvent { position: e.position, fault });
+            seg.first_bad = Some(BadEvent {
+                position: e.position,
+                fault,
+            });
             continue;
         }
         match prev {
             None => seg.first_prev = Some(stored_prev),
             Some(p) if p != stored_prev => {
-                seg.first_bad = Some(BadEvent { position: e.position, fault: Fault::LinkBroken });
+                seg.first_bad = Some(BadEvent {
+                    position: e.position,
+                    fault: Fault::LinkBroken,
+                });
                 continue;
             }
             Some(_) => {}
@@ -171,7 +207,10 @@ async fn verify_range(pool: &PgPool, start: i64, end: i64) -> Result<Segment, sq
         expected += 1;
     }
     if seg.first_bad.is_none() && expected <= end {
-        seg.first_bad = Some(BadEvent { position: expected, fault: Fault::Missing });
+        seg.first_bad = Some(BadEvent {
+            position: expected,
+            fault: Fault::Missing,
+        });
     }
     Ok(seg)
 }
