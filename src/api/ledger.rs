@@ -4,7 +4,7 @@
 use axum::extract::State;
 use chrono::SecondsFormat;
 use ledgerline_aggregates::Permission;
-use ledgerline_projections::STORED_EVENT_COLUMNS;
+use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
 use serde::Deserialize;
 use serde_json::json;
 use uuid::Uuid;
@@ -14,7 +14,6 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query};
 use super::organizations;
 use crate::app::App;
-use crate::ledger::verify::StoredEventRow;
 
 pub async fn head(
     State(app): State<App>,
@@ -47,7 +46,7 @@ pub async fn events(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
     }
-    let rows: Vec<StoredEventRow> = sqlx::query_as(&format!(
+    let rows: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND position > $2 ORDER BY position LIMIT $3"
     ))
     .bind(org)
@@ -56,11 +55,11 @@ pub async fn events(
     .fetch_all(&app.pool)
     .await?;
     let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.0.position))
+        .then(|| rows.last().map(|r| r.position))
         .flatten();
     let items: Vec<_> = rows
         .into_iter()
-        .map(|StoredEventRow(e)| {
+        .map(|e| {
             json!({
                 "position": e.position,
                 "aggregate_type": e.aggregate_type,

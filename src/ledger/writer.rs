@@ -1,0 +1,375 @@
+//! The group-commit writer: one task per process that appends every queued command in
+//! shared transactions, assigning gap-free positions and chained hashes under the ledger lock.
+//!
+//! Why one task: positions must be gap-free and in commit order, which needs one lock held
+//! until commit (DESIGN-NOTES.md). Taking it once per command caps throughput at one commit per
+//! command; the writer instead takes whatever queued up while the last batch was committing.
+//! It keeps a connection of its own (no pool wait) and spends four round trips on a batch
+//! without claims: BEGIN + lock, head + conflict check, INSERT, COMMIT.
+
+use std::collections::HashSet;
+
+use chrono::Utc;
+use cqrs_es::persist::SerializedEvent;
+use ledgerline_aggregates::{claims_for, metadata, ClaimOp};
+use serde_json::Value;
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::sync::{mpsc, oneshot, watch};
+use uuid::Uuid;
+
+use super::claim_book::ClaimBook;
+use super::hash::{event_hash, truncate_to_micros, EventFields, GENESIS};
+use super::store::AppendError;
+
+/// One round trip: the transaction, and the advisory lock every appender holds until commit
+/// in every process (key 0x6c6564676572, "ledger").
+const BEGIN_AND_LOCK: &str = "BEGIN; SELECT pg_advisory_xact_lock(119182731994482)";
+/// How many commands one transaction may carry.
+pub(super) const MAX_BATCH_COMMANDS: usize = 512;
+
+/// One command's events, prepared (serialized, tenant read, claims derived) outside the lock.
+pub(super) struct Prepared {
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub first_sequence: i64,
+    pub rows: Vec<Row>,
+    pub claims: Vec<ClaimOp>,
+}
+
+pub(super) struct Row {
+    sequence: i64,
+    event_type: String,
+    event_version: String,
+    organization_id: Option<Uuid>,
+    payload: String,
+    metadata: String,
+}
+
+pub(super) struct AppendRequest {
+    pub prepared: Prepared,
+    pub reply: oneshot::Sender<Result<i64, AppendError>>,
+}
+
+pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendError> {
+    let first = events
+        .first()
+        .ok_or_else(|| AppendError::Invalid("no events".into()))?;
+    let mut rows = Vec::with_capacity(events.len());
+    let mut claims = Vec::new();
+    for e in events {
+        let organization_id = match e.metadata.get(metadata::ORGANIZATION_ID) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(
+                Uuid::parse_str(s)
+                    .map_err(|_| AppendError::Invalid(format!("bad organization_id `{s}`")))?,
+            ),
+            Some(other) => {
+                return Err(AppendError::Invalid(format!(
+                    "bad organization_id `{other}`"
+                )))
+            }
+        };
+        claims.extend(
+            claims_for(&e.aggregate_type, organization_id, &e.payload)
+                .map_err(|err| AppendError::Invalid(err.to_string()))?,
+        );
+        rows.push(Row {
+            sequence: e.sequence as i64,
+            event_type: e.event_type.clone(),
+            event_version: e.event_version.clone(),
+            organization_id,
+            payload: e.payload.to_string(),
+            metadata: e.metadata.to_string(),
+        });
+    }
+    Ok(Prepared {
+        aggregate_type: first.aggregate_type.clone(),
+        aggregate_id: first.aggregate_id.clone(),
+        first_sequence: first.sequence as i64,
+        rows,
+        claims,
+    })
+}
+
+/// The writer's own connection, made on first use and after any failure.
+struct Conn {
+    options: PgConnectOptions,
+    conn: Option<PgConnection>,
+}
+
+impl Conn {
+    async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
+        if self.conn.is_none() {
+            let mut c = PgConnection::connect_with(&self.options).await?;
+            // The conflict check is one prepared statement; a generic plan cached while the
+            // table was small would scan it whole on every batch.
+            c.execute("SET plan_cache_mode = force_custom_plan").await?;
+            self.conn = Some(c);
+        }
+        Ok(self.conn.as_mut().expect("just connected"))
+    }
+
+    /// After a failure the transaction state is unknown: drop the connection (the server
+    /// rolls back whatever was open) and reconnect next time.
+    fn reset(&mut self) {
+        self.conn = None;
+    }
+}
+
+pub(super) async fn run(
+    pool: PgPool,
+    mut receiver: mpsc::Receiver<AppendRequest>,
+    committed: watch::Sender<i64>,
+) {
+    let mut conn = Conn {
+        options: (*pool.connect_options()).clone(),
+        conn: None,
+    };
+    let mut batch = Vec::with_capacity(MAX_BATCH_COMMANDS);
+    while let Some(first) = receiver.recv().await {
+        batch.push(first);
+        while batch.len() < MAX_BATCH_COMMANDS {
+            match receiver.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let (prepared, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
+            .into_iter()
+            .map(|r| (r.prepared, r.reply))
+            .unzip();
+        match commit_batch(&mut conn, &prepared).await {
+            Ok((outcomes, head)) => {
+                publish(&committed, head);
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Err(e) => {
+                conn.reset();
+                // A failure of the shared transaction must not fail commands that would
+                // have committed alone: retry each on its own.
+                tracing::warn!(error = %e, commands = prepared.len(), "append batch failed; retrying one by one");
+                for (p, reply) in prepared.into_iter().zip(replies) {
+                    let outcome = match commit_batch(&mut conn, std::slice::from_ref(&p)).await {
+                        Ok((mut outcomes, head)) => {
+                            publish(&committed, head);
+                            outcomes.pop().unwrap_or(Err(AppendError::WriterGone))
+                        }
+                        Err(e) => {
+                            conn.reset();
+                            Err(AppendError::Database(e))
+                        }
+                    };
+                    let _ = reply.send(outcome);
+                }
+            }
+        }
+    }
+}
+
+fn publish(committed: &watch::Sender<i64>, head: i64) {
+    committed.send_if_modified(|p| {
+        let newer = head > *p;
+        *p = (*p).max(head);
+        newer
+    });
+}
+
+/// Commits what it can of `batch` in one transaction. Returns, per command, its last
+/// position or why it was refused, and the head position after the commit.
+async fn commit_batch(
+    conn: &mut Conn,
+    batch: &[Prepared],
+) -> Result<(Vec<Result<i64, AppendError>>, i64), sqlx::Error> {
+    let conn = conn.get().await?;
+    // The lock in a statement of its own, so that every later statement's snapshot is taken
+    // after it is held and sees every earlier appender's commit.
+    conn.execute(BEGIN_AND_LOCK).await?;
+    let (head_position, head_hash, existing) = head_and_conflicts(conn, batch).await?;
+    let mut claims = ClaimBook::load(conn, batch).await?;
+
+    // Decide, in arrival order, which commands go in.
+    let mut outcomes: Vec<Option<Result<i64, AppendError>>> =
+        (0..batch.len()).map(|_| None).collect();
+    let mut taken: HashSet<(&str, &str, i64)> = HashSet::new();
+    for (i, p) in batch.iter().enumerate() {
+        let clash = existing.contains(&i)
+            || p.rows.iter().any(|r| {
+                taken.contains(&(
+                    p.aggregate_type.as_str(),
+                    p.aggregate_id.as_str(),
+                    r.sequence,
+                ))
+            });
+        if clash {
+            outcomes[i] = Some(Err(AppendError::Conflict));
+            continue;
+        }
+        if let Err(scope) = claims.apply(
+            &p.claims,
+            &format!("{}:{}", p.aggregate_type, p.aggregate_id),
+        ) {
+            outcomes[i] = Some(Err(AppendError::Taken { scope }));
+            continue;
+        }
+        for r in &p.rows {
+            taken.insert((&p.aggregate_type, &p.aggregate_id, r.sequence));
+        }
+    }
+
+    let recorded_at = truncate_to_micros(Utc::now());
+    let mut cols = Columns::default();
+    let mut position = head_position;
+    let mut prev = head_hash;
+    for (i, p) in batch.iter().enumerate() {
+        if outcomes[i].is_some() {
+            continue;
+        }
+        for r in &p.rows {
+            position += 1;
+            let hash = event_hash(
+                &prev,
+                &EventFields {
+                    position,
+                    aggregate_type: &p.aggregate_type,
+                    aggregate_id: &p.aggregate_id,
+                    sequence: r.sequence,
+                    event_type: &r.event_type,
+                    event_version: &r.event_version,
+                    organization_id: r.organization_id,
+                    recorded_at,
+                    payload: &r.payload,
+                    metadata: &r.metadata,
+                },
+            );
+            cols.push(p, r, position, recorded_at, &prev, &hash);
+            prev = hash;
+        }
+        outcomes[i] = Some(Ok(position));
+    }
+
+    if !cols.position.is_empty() {
+        cols.insert(conn).await?;
+        claims.save(conn).await?;
+    }
+    conn.execute("COMMIT").await?;
+    Ok((
+        outcomes
+            .into_iter()
+            .map(|o| o.expect("every command decided"))
+            .collect(),
+        position,
+    ))
+}
+
+/// The head, and the indexes of the commands whose first sequence number is already stored
+/// (a concurrent command on the same aggregate committed first), in one round trip.
+async fn head_and_conflicts(
+    conn: &mut PgConnection,
+    batch: &[Prepared],
+) -> Result<(i64, [u8; 32], HashSet<usize>), sqlx::Error> {
+    let types: Vec<&str> = batch.iter().map(|p| p.aggregate_type.as_str()).collect();
+    let ids: Vec<&str> = batch.iter().map(|p| p.aggregate_id.as_str()).collect();
+    let seqs: Vec<i64> = batch.iter().map(|p| p.first_sequence).collect();
+    let (position, hash, existing): (Option<i64>, Option<Vec<u8>>, Vec<i64>) = sqlx::query_as(
+        "SELECT h.position, h.hash,
+                ARRAY(SELECT t.idx FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS t(ty, id, seq, idx)
+                      JOIN events e ON e.aggregate_type = t.ty AND e.aggregate_id = t.id AND e.sequence = t.seq)
+         FROM (SELECT 1) AS one
+         LEFT JOIN LATERAL (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) h ON true",
+    )
+    .bind(&types)
+    .bind(&ids)
+    .bind(&seqs)
+    .fetch_one(&mut *conn)
+    .await?;
+    let hash = match hash {
+        Some(h) => h
+            .try_into()
+            .map_err(|_| sqlx::Error::Protocol("head hash is not 32 bytes".into()))?,
+        None => GENESIS,
+    };
+    Ok((
+        position.unwrap_or(0),
+        hash,
+        existing.into_iter().map(|idx| idx as usize - 1).collect(),
+    ))
+}
+
+/// The batch's rows as column arrays, for one multi-row INSERT.
+#[derive(Default)]
+struct Columns<'a> {
+    aggregate_type: Vec<&'a str>,
+    aggregate_id: Vec<&'a str>,
+    sequence: Vec<i64>,
+    event_type: Vec<&'a str>,
+    event_version: Vec<&'a str>,
+    payload: Vec<&'a str>,
+    metadata: Vec<&'a str>,
+    position: Vec<i64>,
+    organization_id: Vec<Option<Uuid>>,
+    recorded_at: Vec<chrono::DateTime<Utc>>,
+    prev_hash: Vec<Vec<u8>>,
+    hash: Vec<Vec<u8>>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(
+        &mut self,
+        p: &'a Prepared,
+        r: &'a Row,
+        position: i64,
+        recorded_at: chrono::DateTime<Utc>,
+        prev: &[u8; 32],
+        hash: &[u8; 32],
+    ) {
+        self.aggregate_type.push(&p.aggregate_type);
+        self.aggregate_id.push(&p.aggregate_id);
+        self.sequence.push(r.sequence);
+        self.event_type.push(&r.event_type);
+        self.event_version.push(&r.event_version);
+        self.payload.push(&r.payload);
+        self.metadata.push(&r.metadata);
+        self.position.push(position);
+        self.organization_id.push(r.organization_id);
+        self.recorded_at.push(recorded_at);
+        self.prev_hash.push(prev.to_vec());
+        self.hash.push(hash.to_vec());
+    }
+
+    async fn insert(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                                 payload, metadata, position, organization_id, recorded_at, prev_hash, hash)
+             SELECT ty, id, seq, et, ev, pl::json, md::json, pos, org, at, ph, h
+             FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
+                         $7::text[], $8::bigint[], $9::uuid[], $10::timestamptz[], $11::bytea[], $12::bytea[])
+                  AS t(ty, id, seq, et, ev, pl, md, pos, org, at, ph, h)",
+        )
+        .bind(&self.aggregate_type)
+        .bind(&self.aggregate_id)
+        .bind(&self.sequence)
+        .bind(&self.event_type)
+        .bind(&self.event_version)
+        .bind(&self.payload)
+        .bind(&self.metadata)
+        .bind(&self.position)
+        .bind(&self.organization_id)
+        .bind(&self.recorded_at)
+        .bind(&self.prev_hash)
+        .bind(&self.hash)
+        .execute(&mut *conn)
+        .await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_lock_statement_names_the_ledger_lock() {
+        assert!(super::BEGIN_AND_LOCK.contains(&format!("({})", 0x6c65_6467_6572_i64)));
+    }
+}
