@@ -27,6 +27,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Projections {
             command: ProjectionsCommand::Status,
         } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
+        Command::Projections {
+            command: ProjectionsCommand::Retry { name },
+        } => retry(&cli.db, &name).await.map(|_| ExitCode::SUCCESS),
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -201,5 +204,15 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
             );
         }
     }
+    Ok(())
+}
+
+/// After the cause is fixed: the running projector picks the event up on its next poll.
+async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Result<()> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let cleared = ledgerline_projections::retry(&pool, name)
+        .await
+        .with_context(|| format!("retrying projection `{name}`"))?;
+    println!("{name}: {cleared} failure(s) cleared; the projection resumes at the failed event");
     Ok(())
 }

@@ -141,4 +141,9 @@ pub struct VerifyArgs {
 pub enum ProjectionsCommand {
     /// Each projection's position, lag and failures.
     Status,
+    /// Clear a stopped projection's failure so it tries the failed event again.
+    Retry {
+        /// The projection's name, as `projections status` shows it.
+        name: String,
+    },
 }

@@ -1,0 +1,67 @@
+//! The operator's projection commands, run as the built binary against a test database.
+
+mod common;
+
+use std::process::Command;
+
+use common::TestApp;
+
+fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(args)
+        .env("LEDGERLINE_DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ledgerline");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn projections_status_shows_every_projection_at_the_head() {
+    let t = TestApp::spawn().await;
+    t.create_org("Status Co").await;
+    let head = t.head().await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]);
+    assert_eq!(code, 0, "{err}");
+    for name in ledgerline_projections::names() {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("{name} missing: {out}"));
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(
+            cols[1..4],
+            [head.to_string(), head.to_string(), "0".to_string()],
+            "{line}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
+    let t = TestApp::spawn().await;
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) VALUES ('users', 1, 'boom')",
+    )
+    .execute(t.pool())
+    .await
+    .unwrap();
+    let (_, out, _) = ledgerline(&t.db.url, &["projections", "status"]);
+    assert!(out.contains("at position 1: boom"), "{out}");
+
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "retry", "users"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 failure(s) cleared"), "{out}");
+    let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_failures")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+
+    let (code, _, err) = ledgerline(&t.db.url, &["projections", "retry", "no_such_projection"]);
+    assert_eq!(code, 2, "{err}");
+}
