@@ -1,6 +1,7 @@
 //! The ledger: the append-only, hash-chained event log and the cqrs-es wiring around it.
 
 mod claim_book;
+mod copy_binary;
 pub mod hash;
 mod loader;
 pub mod store;
