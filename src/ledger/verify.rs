@@ -464,3 +464,306 @@ fn written_at(input: &mut [u8], at: i64, stored_hash: &[u8; 32]) -> Option<i64> 
 fn to32(b: &[u8]) -> [u8; 32] {
     b.try_into().unwrap_or([0xff; 32])
 }
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::ledger::hash::{event_hash, EventFields};
+
+    /// An event as stored, with its stored `prev_hash` and `hash`.
+    #[derive(Clone)]
+    struct Stored {
+        position: i64,
+        aggregate_type: String,
+        aggregate_id: String,
+        sequence: i64,
+        event_type: String,
+        event_version: String,
+        organization_id: Option<Uuid>,
+        recorded_at: DateTime<Utc>,
+        payload: String,
+        metadata: String,
+        prev_hash: [u8; 32],
+        hash: [u8; 32],
+    }
+
+    impl Stored {
+        fn fields(&self) -> EventFields<'_> {
+            EventFields {
+                position: self.position,
+                aggregate_type: &self.aggregate_type,
+                aggregate_id: &self.aggregate_id,
+                sequence: self.sequence,
+                event_type: &self.event_type,
+                event_version: &self.event_version,
+                organization_id: self.organization_id,
+                recorded_at: self.recorded_at,
+                payload: &self.payload,
+                metadata: &self.metadata,
+            }
+        }
+
+        /// The row as `COPY ... (FORMAT binary)` sends the columns of `COLUMNS`.
+        fn binary(&self) -> Vec<Option<Vec<u8>>> {
+            let micros = self.recorded_at.timestamp_micros() - PG_EPOCH_UNIX_MICROS;
+            vec![
+                Some(self.position.to_be_bytes().to_vec()),
+                Some(self.aggregate_type.as_bytes().to_vec()),
+                Some(self.aggregate_id.as_bytes().to_vec()),
+                Some(self.sequence.to_be_bytes().to_vec()),
+                Some(self.event_type.as_bytes().to_vec()),
+                Some(self.event_version.as_bytes().to_vec()),
+                self.organization_id.map(|u| u.as_bytes().to_vec()),
+                Some(micros.to_be_bytes().to_vec()),
+                Some(self.payload.as_bytes().to_vec()),
+                Some(self.metadata.as_bytes().to_vec()),
+                Some(self.prev_hash.to_vec()),
+                Some(self.hash.to_vec()),
+            ]
+        }
+    }
+
+    fn event(position: i64, prev_hash: [u8; 32]) -> Stored {
+        let mut e = Stored {
+            position,
+            aggregate_type: "User".into(),
+            aggregate_id: Uuid::from_u128(position as u128).to_string(),
+            sequence: 1,
+            event_type: "UserInvited".into(),
+            event_version: "1".into(),
+            organization_id: (position % 3 != 0).then(|| Uuid::from_u128(7)),
+            recorded_at: DateTime::from_timestamp_micros(1_700_000_000_123_456 + position).unwrap(),
+            payload: format!(r#"{{"n": {position}, "name":"Zoë \u00e9"}}"#),
+            metadata: r#"{"request_id":"r"}"#.into(),
+            prev_hash,
+            hash: [0; 32],
+        };
+        e.hash = event_hash(&prev_hash, &e.fields());
+        e
+    }
+
+    /// A valid chain of positions 1..=n.
+    fn chain(n: i64) -> Vec<Stored> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|p| {
+                let e = event(p, prev);
+                prev = e.hash;
+                e
+            })
+            .collect()
+    }
+
+    fn walk(rows: &[Vec<Option<Vec<u8>>>], start: i64, end: i64) -> Result<Segment, sqlx::Error> {
+        let mut w = RangeWalk::new(start, end);
+        for r in rows {
+            let fields: [Option<&[u8]>; N_COLUMNS] = std::array::from_fn(|i| r[i].as_deref());
+            w.row(&fields)?;
+        }
+        Ok(w.finish())
+    }
+
+    fn walk_events(events: &[Stored], start: i64, end: i64) -> Segment {
+        let rows: Vec<_> = events.iter().map(Stored::binary).collect();
+        walk(&rows, start, end).expect("no decoding error")
+    }
+
+    #[test]
+    fn the_one_buffer_encoding_hashes_like_event_hash() {
+        let mut cases = vec![event(1, GENESIS), event(3, [9; 32])];
+        // docs/ledger-format.md, vector 4: extreme values, non-ASCII, empty text, nil UUID.
+        cases.push(Stored {
+            position: 9_007_199_254_740_993,
+            aggregate_type: "Édition".into(),
+            aggregate_id: String::new(),
+            sequence: 0,
+            event_type: "X".into(),
+            event_version: "1".into(),
+            organization_id: Some(Uuid::nil()),
+            recorded_at: DateTime::from_timestamp_micros(-1).unwrap(),
+            payload: "{}".into(),
+            metadata: r#"{"note":"\u00e9 \"quoted\" \\ tab\t"}"#.into(),
+            prev_hash: std::array::from_fn(|i| i as u8),
+            hash: [0; 32],
+        });
+        // More than one BLAKE3 chunk (1024 bytes) of input.
+        let mut long = event(5, [1; 32]);
+        long.payload = format!(r#"{{"sealed":"{}"}}"#, "x".repeat(5000));
+        cases.push(long);
+        let mut input = Vec::new();
+        for e in &cases {
+            let bin = e.binary();
+            let fields: [Option<&[u8]>; N_COLUMNS] = std::array::from_fn(|i| bin[i].as_deref());
+            let raw = decode_row(&fields).unwrap();
+            encode_v1(&mut input, &raw);
+            assert_eq!(
+                <[u8; 32]>::from(blake3::hash(&input)),
+                event_hash(&e.prev_hash, &e.fields()),
+                "position {}",
+                e.position
+            );
+        }
+        // docs/ledger-format.md gives vector 4's hash.
+        assert_eq!(
+            hex::encode(event_hash(&cases[2].prev_hash, &cases[2].fields())),
+            "176e5795e01b6bac2645b1da760928644000669d368711957b7f5ad795cfad78"
+        );
+    }
+
+    #[test]
+    fn an_intact_range() {
+        let events = chain(10);
+        let seg = walk_events(&events[3..], 4, 10);
+        assert!(seg.first_bad.is_none());
+        assert_eq!(seg.events, 7);
+        assert_eq!(seg.first_prev, Some(events[2].hash));
+        assert_eq!(seg.last_hash, Some(events[9].hash));
+        assert_eq!(seg.last_position, 10);
+        assert!(seg.clean_and_full());
+    }
+
+    #[test]
+    fn faults_in_a_range() {
+        let events = chain(10);
+        let first_bad = |events: &[Stored]| walk_events(events, 1, 10).first_bad;
+        let bad = |position, fault| Some(BadEvent { position, fault });
+
+        let mut edited = events.clone();
+        edited[4].payload.push(' ');
+        assert_eq!(first_bad(&edited), bad(5, Fault::ContentChanged));
+
+        // Events 5 and 6 swapped: the row at position 5 was written at 6.
+        let mut moved = events.clone();
+        moved.swap(4, 5);
+        moved[4].position = 5;
+        moved[5].position = 6;
+        assert_eq!(
+            first_bad(&moved),
+            bad(5, Fault::Reordered { written_at: 6 })
+        );
+
+        let mut deleted = events.clone();
+        deleted.remove(4);
+        assert_eq!(first_bad(&deleted), bad(5, Fault::Missing));
+        assert_eq!(first_bad(&events[..9]), bad(10, Fault::Missing)); // the last one
+        let seg = walk_events(&events[..9], 1, 10);
+        assert_eq!(seg.events, 9);
+        assert!(!seg.clean_and_full());
+
+        let mut relinked = events.clone();
+        relinked[4].prev_hash = [7; 32];
+        relinked[4].hash = event_hash(&[7; 32], &relinked[4].fields());
+        assert_eq!(first_bad(&relinked), bad(5, Fault::LinkBroken));
+
+        let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
+        rows[2][11] = Some(vec![1, 2, 3]);
+        assert_eq!(
+            walk(&rows, 1, 10).unwrap().first_bad,
+            bad(3, Fault::ContentChanged)
+        );
+
+        // After the first fault the rest is counted, not checked.
+        let seg = walk_events(&edited, 1, 10);
+        assert_eq!((seg.events, seg.last_position), (10, 4));
+        assert!(!seg.clean_and_full());
+    }
+
+    #[test]
+    fn impossible_values_are_errors_naming_the_column() {
+        let events = chain(3);
+        let decode_error = |column: usize, value: Option<Vec<u8>>| {
+            let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
+            rows[1][column] = value;
+            match walk(&rows, 1, 3) {
+                Err(sqlx::Error::ColumnDecode { index, source }) => {
+                    format!("{index}: {source}")
+                }
+                other => panic!(
+                    "expected a decoding error, got {:?}",
+                    other.map(|s| s.first_bad)
+                ),
+            }
+        };
+        assert_eq!(decode_error(1, None), "aggregate_type: NULL at position 2");
+        assert_eq!(decode_error(11, None), "hash: NULL at position 2");
+        assert_eq!(
+            decode_error(3, Some(vec![0; 4])),
+            "sequence: a 4-byte bigint at position 2"
+        );
+        assert_eq!(
+            decode_error(6, Some(vec![0; 15])),
+            "organization_id: a 15-byte uuid at position 2"
+        );
+        // timestamptz 'infinity'.
+        assert!(decode_error(7, Some(i64::MAX.to_be_bytes().to_vec()))
+            .starts_with("recorded_at: a time"));
+        assert_eq!(
+            decode_error(0, Some(vec![1])),
+            "position: a 1-byte bigint in a row without a valid position"
+        );
+
+        // Past the first fault nothing is decoded: a NULL there is counted, not an error.
+        let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
+        rows[0][8] = Some(b"{}".to_vec());
+        rows[1][1] = None;
+        let seg = walk(&rows, 1, 3).unwrap();
+        assert_eq!(seg.events, 3);
+        assert_eq!(
+            seg.first_bad,
+            Some(BadEvent {
+                position: 1,
+                fault: Fault::ContentChanged
+            })
+        );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_a_content_change() {
+        let events = chain(2);
+        let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
+        rows[1][2] = Some(vec![0xff, 0xfe]);
+        assert_eq!(
+            walk(&rows, 1, 2).unwrap().first_bad,
+            Some(BadEvent {
+                position: 2,
+                fault: Fault::ContentChanged
+            })
+        );
+    }
+
+    #[test]
+    fn a_copy_stream_in_small_chunks() {
+        let events = chain(20);
+        let mut stream = b"PGCOPY\n\xff\r\n\0".to_vec();
+        stream.extend_from_slice(&0i32.to_be_bytes());
+        stream.extend_from_slice(&0i32.to_be_bytes());
+        for e in &events {
+            let row = e.binary();
+            stream.extend_from_slice(&(row.len() as i16).to_be_bytes());
+            for f in &row {
+                match f {
+                    None => stream.extend_from_slice(&(-1i32).to_be_bytes()),
+                    Some(b) => {
+                        stream.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                        stream.extend_from_slice(b);
+                    }
+                }
+            }
+        }
+        stream.extend_from_slice(&(-1i16).to_be_bytes());
+        for chunk_len in [1, 7, 100, 4096, stream.len()] {
+            let mut reader = CopyBinaryReader::<N_COLUMNS>::new();
+            let mut w = RangeWalk::new(1, 20);
+            for chunk in stream.chunks(chunk_len) {
+                reader.feed(chunk, |row| w.row(row)).unwrap();
+            }
+            reader.finish().unwrap();
+            let seg = w.finish();
+            assert!(seg.clean_and_full(), "chunks of {chunk_len}");
+            assert_eq!(seg.last_hash, Some(events[19].hash));
+        }
+    }
+}
