@@ -44,36 +44,75 @@ impl<'a> EventFields<'a> {
     }
 }
 
-fn put_bytes(h: &mut blake3::Hasher, b: &[u8]) {
-    h.update(&(b.len() as u64).to_be_bytes());
-    h.update(b);
+/// The v1 hash input's fields as bytes: text as its stored bytes, the tenant as its 16 raw
+/// UUID bytes, the time as microseconds since the Unix epoch. The verifier reads rows in this
+/// form straight from the database; [`event_hash`] converts [`EventFields`] to it.
+#[derive(Debug, Clone, Copy)]
+pub struct RawFields<'a> {
+    pub position: i64,
+    pub aggregate_type: &'a [u8],
+    pub aggregate_id: &'a [u8],
+    pub sequence: i64,
+    pub event_type: &'a [u8],
+    pub event_version: &'a [u8],
+    pub organization_id: Option<&'a [u8; 16]>,
+    pub recorded_at_micros: i64,
+    pub payload: &'a [u8],
+    pub metadata: &'a [u8],
 }
 
-/// BLAKE3 over the v1 encoding: every variable-length field is length-prefixed (u64,
-/// big-endian), integers are fixed-width big-endian, the tenant is tagged present/absent.
-pub fn event_hash(prev_hash: &[u8; 32], e: &EventFields<'_>) -> [u8; 32] {
-    let mut h = blake3::Hasher::new();
-    put_bytes(&mut h, DOMAIN_V1);
-    h.update(prev_hash);
-    h.update(&(e.position as u64).to_be_bytes());
-    put_bytes(&mut h, e.aggregate_type.as_bytes());
-    put_bytes(&mut h, e.aggregate_id.as_bytes());
-    h.update(&(e.sequence as u64).to_be_bytes());
-    put_bytes(&mut h, e.event_type.as_bytes());
-    put_bytes(&mut h, e.event_version.as_bytes());
-    match e.organization_id {
-        None => {
-            h.update(&[0u8]);
-        }
+/// Where the position sits in the v1 hash input: after the length-prefixed domain and
+/// `prev_hash` (the verifier rewrites it in place to find where a moved event was written).
+pub const POSITION_AT: usize = 8 + DOMAIN_V1.len() + 32;
+
+/// Writes the v1 hash input into `out` (cleared first), the one definition of the format:
+/// every variable-length field is length-prefixed (u64, big-endian), integers are fixed-width
+/// big-endian, the tenant is tagged present/absent. BLAKE3 then runs over it in one call.
+pub fn encode_v1(out: &mut Vec<u8>, prev_hash: &[u8; 32], f: &RawFields<'_>) {
+    fn bytes(out: &mut Vec<u8>, b: &[u8]) {
+        out.extend_from_slice(&(b.len() as u64).to_be_bytes());
+        out.extend_from_slice(b);
+    }
+    out.clear();
+    bytes(out, DOMAIN_V1);
+    out.extend_from_slice(prev_hash);
+    debug_assert_eq!(out.len(), POSITION_AT);
+    out.extend_from_slice(&(f.position as u64).to_be_bytes());
+    bytes(out, f.aggregate_type);
+    bytes(out, f.aggregate_id);
+    out.extend_from_slice(&(f.sequence as u64).to_be_bytes());
+    bytes(out, f.event_type);
+    bytes(out, f.event_version);
+    match f.organization_id {
+        None => out.push(0),
         Some(org) => {
-            h.update(&[1u8]);
-            h.update(org.as_bytes());
+            out.push(1);
+            out.extend_from_slice(org);
         }
     }
-    h.update(&e.recorded_at.timestamp_micros().to_be_bytes());
-    put_bytes(&mut h, e.payload.as_bytes());
-    put_bytes(&mut h, e.metadata.as_bytes());
-    *h.finalize().as_bytes()
+    out.extend_from_slice(&f.recorded_at_micros.to_be_bytes());
+    bytes(out, f.payload);
+    bytes(out, f.metadata);
+}
+
+/// BLAKE3 over the v1 encoding of `e` chained to `prev_hash`.
+pub fn event_hash(prev_hash: &[u8; 32], e: &EventFields<'_>) -> [u8; 32] {
+    let org = e.organization_id.map(|o| *o.as_bytes());
+    let raw = RawFields {
+        position: e.position,
+        aggregate_type: e.aggregate_type.as_bytes(),
+        aggregate_id: e.aggregate_id.as_bytes(),
+        sequence: e.sequence,
+        event_type: e.event_type.as_bytes(),
+        event_version: e.event_version.as_bytes(),
+        organization_id: org.as_ref(),
+        recorded_at_micros: e.recorded_at.timestamp_micros(),
+        payload: e.payload.as_bytes(),
+        metadata: e.metadata.as_bytes(),
+    };
+    let mut input = Vec::with_capacity(256 + e.payload.len() + e.metadata.len());
+    encode_v1(&mut input, prev_hash, &raw);
+    *blake3::hash(&input).as_bytes()
 }
 
 /// PostgreSQL keeps microseconds; a time is truncated to them before it is hashed and

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool};
 
 use super::copy_binary::CopyBinaryReader;
-use super::hash::GENESIS;
+use super::hash::{encode_v1, RawFields, GENESIS, POSITION_AT};
 
 /// What is wrong at the first bad position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -283,22 +283,22 @@ impl RangeWalk {
             return Ok(()); // count the rest, report the first fault only
         }
         let raw = decode_row(row)?;
-        if raw.position != self.expected {
+        if raw.fields.position != self.expected {
             seg.first_bad = Some(BadEvent {
                 position: self.expected,
                 fault: Fault::Missing,
             });
             return Ok(());
         }
-        encode_v1(&mut self.input, &raw);
+        encode_v1(&mut self.input, &raw.prev_hash, &raw.fields);
         let recomputed: [u8; 32] = blake3::hash(&self.input).into();
         if raw.hash != recomputed {
-            let fault = match written_at(&mut self.input, raw.position, &raw.hash) {
+            let fault = match written_at(&mut self.input, raw.fields.position, &raw.hash) {
                 Some(q) => Fault::Reordered { written_at: q },
                 None => Fault::ContentChanged,
             };
             seg.first_bad = Some(BadEvent {
-                position: raw.position,
+                position: raw.fields.position,
                 fault,
             });
             return Ok(());
@@ -307,7 +307,7 @@ impl RangeWalk {
             None => seg.first_prev = Some(raw.prev_hash),
             Some(p) if p != raw.prev_hash => {
                 seg.first_bad = Some(BadEvent {
-                    position: raw.position,
+                    position: raw.fields.position,
                     fault: Fault::LinkBroken,
                 });
                 return Ok(());
@@ -316,7 +316,7 @@ impl RangeWalk {
         }
         self.prev = Some(recomputed);
         seg.last_hash = self.prev;
-        seg.last_position = raw.position;
+        seg.last_position = raw.fields.position;
         self.expected += 1;
         Ok(())
     }
@@ -337,17 +337,7 @@ impl RangeWalk {
 /// not the valid UTF-8 the writer hashed cannot match its stored hash.
 #[derive(Debug, Clone, Copy)]
 struct RawRow<'a> {
-    position: i64,
-    aggregate_type: &'a [u8],
-    aggregate_id: &'a [u8],
-    sequence: i64,
-    event_type: &'a [u8],
-    event_version: &'a [u8],
-    organization_id: Option<&'a [u8; 16]>,
-    /// Microseconds since the Unix epoch.
-    recorded_at: i64,
-    payload: &'a [u8],
-    metadata: &'a [u8],
+    fields: RawFields<'a>,
     prev_hash: [u8; 32],
     hash: [u8; 32],
 }
@@ -394,16 +384,18 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, sql
         })?
     };
     Ok(RawRow {
-        position: integer(0)?,
-        aggregate_type: value(1)?,
-        aggregate_id: value(2)?,
-        sequence: integer(3)?,
-        event_type: value(4)?,
-        event_version: value(5)?,
-        organization_id,
-        recorded_at,
-        payload: value(8)?,
-        metadata: value(9)?,
+        fields: RawFields {
+            position: integer(0)?,
+            aggregate_type: value(1)?,
+            aggregate_id: value(2)?,
+            sequence: integer(3)?,
+            event_type: value(4)?,
+            event_version: value(5)?,
+            organization_id,
+            recorded_at_micros: recorded_at,
+            payload: value(8)?,
+            metadata: value(9)?,
+        },
         prev_hash: to32(value(10)?),
         hash: to32(value(11)?),
     })
@@ -412,42 +404,6 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, sql
 /// A `bigint` in binary form.
 fn int8(b: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(b.try_into().ok()?))
-}
-
-/// The domain string of format v1 (`hash::event_hash`).
-const DOMAIN_V1: &[u8] = b"ledgerline.event.v1";
-/// Where the position sits in the v1 hash input: after the length-prefixed domain and
-/// `prev_hash`.
-const POSITION_AT: usize = 8 + DOMAIN_V1.len() + 32;
-
-/// Writes the v1 hash input of `row` (docs/ledger-format.md, section 3) into `out`: the same
-/// bytes `hash::event_hash` feeds to BLAKE3 piece by piece, in one buffer so that BLAKE3 runs
-/// over it in one call. The unit tests check the two against each other.
-fn encode_v1(out: &mut Vec<u8>, row: &RawRow<'_>) {
-    fn string(out: &mut Vec<u8>, b: &[u8]) {
-        out.extend_from_slice(&(b.len() as u64).to_be_bytes());
-        out.extend_from_slice(b);
-    }
-    out.clear();
-    string(out, DOMAIN_V1);
-    out.extend_from_slice(&row.prev_hash);
-    debug_assert_eq!(out.len(), POSITION_AT);
-    out.extend_from_slice(&(row.position as u64).to_be_bytes());
-    string(out, row.aggregate_type);
-    string(out, row.aggregate_id);
-    out.extend_from_slice(&(row.sequence as u64).to_be_bytes());
-    string(out, row.event_type);
-    string(out, row.event_version);
-    match row.organization_id {
-        None => out.push(0),
-        Some(org) => {
-            out.push(1);
-            out.extend_from_slice(org);
-        }
-    }
-    out.extend_from_slice(&row.recorded_at.to_be_bytes());
-    string(out, row.payload);
-    string(out, row.metadata);
 }
 
 /// For an event whose hash does not match: the nearby position at which it does, if any.
@@ -598,7 +554,7 @@ mod tests {
             let bin = e.binary();
             let fields: [Option<&[u8]>; N_COLUMNS] = std::array::from_fn(|i| bin[i].as_deref());
             let raw = decode_row(&fields).unwrap();
-            encode_v1(&mut input, &raw);
+            encode_v1(&mut input, &raw.prev_hash, &raw.fields);
             assert_eq!(
                 <[u8; 32]>::from(blake3::hash(&input)),
                 event_hash(&e.prev_hash, &e.fields()),
