@@ -8,6 +8,8 @@ use std::time::Duration;
 use cqrs_es::persist::PersistedEventStore;
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
 use ledgerline_aggregates::api_key::ApiKey;
+use ledgerline_aggregates::conversation::Conversation;
+use ledgerline_aggregates::message::Message;
 use ledgerline_aggregates::metadata;
 use ledgerline_aggregates::organization::Organization;
 use ledgerline_aggregates::role::Role;
@@ -77,6 +79,9 @@ pub enum CommandError<E: std::error::Error> {
     Conflict,
     #[error("{0} is already taken")]
     Taken(&'static str),
+    /// The aggregate the command was decided against (its guard) changed in the meantime.
+    #[error("the {0} changed while the command was being decided; retry")]
+    Stale(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -89,6 +94,7 @@ impl<E: std::error::Error> From<AggregateError<E>> for CommandError<E> {
             AggregateError::UnexpectedError(inner) => match inner.downcast_ref::<AppendError>() {
                 Some(AppendError::Taken { scope }) => CommandError::Taken(scope),
                 Some(AppendError::Conflict) => CommandError::Conflict,
+                Some(AppendError::Stale(what)) => CommandError::Stale(what.clone()),
                 _ => CommandError::Internal(inner.to_string()),
             },
             other => CommandError::Internal(other.to_string()),
@@ -101,6 +107,17 @@ pub struct Frameworks {
     pub users: Framework<User>,
     pub roles: Framework<Role>,
     pub api_keys: Framework<ApiKey>,
+    pub conversations: Framework<Conversation>,
+    pub messages: Framework<Message>,
+}
+
+/// What a command was decided against: the aggregate's type, id and sequence then. The
+/// ledger store refuses the append if that aggregate has moved on (see `metadata::GUARD_*`).
+#[derive(Debug, Clone, Copy)]
+pub struct Guard {
+    pub aggregate_type: &'static str,
+    pub aggregate_id: Uuid,
+    pub sequence: i64,
 }
 
 fn framework<A: Aggregate<Services = ()>>(store: &LedgerStore) -> Framework<A> {
@@ -141,6 +158,8 @@ impl App {
             users: framework(&store),
             roles: framework(&store),
             api_keys: framework(&store),
+            conversations: framework(&store),
+            messages: framework(&store),
         };
         App(Arc::new(AppInner {
             pool,
@@ -165,12 +184,42 @@ impl App {
         A: Aggregate<Services = ()>,
         A::Error: std::error::Error,
     {
+        self.execute_guarded(
+            framework,
+            aggregate_id,
+            organization_id,
+            actor,
+            None,
+            command,
+        )
+        .await
+    }
+
+    /// [`App::execute`] for a command decided against another aggregate's state: it is
+    /// refused with [`CommandError::Stale`] if that aggregate changed before the append.
+    pub async fn execute_guarded<A>(
+        &self,
+        framework: &Framework<A>,
+        aggregate_id: Uuid,
+        organization_id: Option<Uuid>,
+        actor: &Actor,
+        guard: Option<Guard>,
+        command: A::Command,
+    ) -> Result<(), CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Error: std::error::Error,
+    {
+        let mut metadata = actor.metadata(organization_id);
+        if let Some(g) = guard {
+            metadata.insert(
+                metadata::GUARD_AGGREGATE.into(),
+                format!("{}:{}", g.aggregate_type, g.aggregate_id),
+            );
+            metadata.insert(metadata::GUARD_SEQUENCE.into(), g.sequence.to_string());
+        }
         framework
-            .execute_with_metadata(
-                &aggregate_id.to_string(),
-                command,
-                actor.metadata(organization_id),
-            )
+            .execute_with_metadata(&aggregate_id.to_string(), command, metadata)
             .await?;
         self.await_projections().await;
         Ok(())

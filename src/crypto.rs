@@ -2,6 +2,8 @@
 //! key and kept outside the log; sealed fields; and the keyed blind index for e-mail
 //! uniqueness. Erasing a subject deletes its key row, and every sealed field of it in the
 //! log becomes unreadable while the chain, which covers only ciphertext, still verifies.
+//! A message's content is sealed under a key of its own, wrapped by its author's key: deleting
+//! the message destroys one key, erasing the author makes all of the author's messages unreadable.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -57,6 +59,12 @@ impl MasterKey {
 /// A subject's data key in the clear, only ever in memory.
 #[derive(Clone)]
 pub struct DataKey([u8; 32]);
+
+impl DataKey {
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new((&self.0).into())
+    }
+}
 
 /// Seals, opens and indexes personal data. Cheap to clone.
 #[derive(Clone)]
@@ -138,16 +146,13 @@ impl Vault {
         .bind(subjects)
         .fetch_all(db)
         .await?;
-        let mut out = HashMap::with_capacity(rows.len());
-        for (subject, wrapped) in rows {
-            match open_with(&self.wrapping, subject.as_bytes(), &wrapped) {
-                Some(k) if k.len() == 32 => {
-                    out.insert(subject, DataKey(k.try_into().expect("checked length")));
-                }
-                _ => tracing::error!(%subject, "{}", KeyError::Unwrap),
-            }
-        }
-        Ok(out)
+        Ok(rows
+            .into_iter()
+            .filter_map(|(subject, wrapped)| {
+                self.unwrap_subject_key(subject, &wrapped)
+                    .map(|k| (subject, k))
+            })
+            .collect())
     }
 
     /// Deletes a subject's key row: crypto-shredding.
@@ -163,11 +168,97 @@ impl Vault {
         Ok(())
     }
 
+    /// Makes and stores a data key for one message, wrapped by its author's data key: erasing
+    /// the author makes it unreadable, and deleting the message deletes it. `None` when the
+    /// author has no key (erased).
+    pub async fn create_message_key(
+        &self,
+        db: &sqlx::PgPool,
+        message_id: Uuid,
+        author_id: Uuid,
+        organization_id: Uuid,
+    ) -> Result<Option<DataKey>, sqlx::Error> {
+        let Some(author) = self.keys(db, &[author_id]).await?.remove(&author_id) else {
+            return Ok(None);
+        };
+        let mut k = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut k);
+        let wrapped = seal_with(&author.cipher(), &message_key_aad(message_id), &k);
+        sqlx::query(
+            "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
+             VALUES ($1, $2, $3, $4)",
+        )
+        .bind(message_id)
+        .bind(author_id)
+        .bind(organization_id)
+        .bind(wrapped)
+        .execute(db)
+        .await?;
+        Ok(Some(DataKey(k)))
+    }
+
+    /// The data keys that can still be opened among `messages`: a deleted message, or one
+    /// whose author was erased, is simply absent. One query for the message keys and their
+    /// authors' keys together.
+    pub async fn message_keys<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        messages: &[Uuid],
+    ) -> Result<HashMap<Uuid, DataKey>, sqlx::Error> {
+        let rows: Vec<(Uuid, Vec<u8>, Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT mk.message_id, mk.wrapped_key, sk.subject_id, sk.wrapped_key
+             FROM message_keys mk JOIN subject_keys sk ON sk.subject_id = mk.author_id
+             WHERE mk.message_id = ANY($1)",
+        )
+        .bind(messages)
+        .fetch_all(db)
+        .await?;
+        let mut authors: HashMap<Uuid, Option<DataKey>> = HashMap::new();
+        let mut out = HashMap::with_capacity(rows.len());
+        for (message, wrapped, author, author_wrapped) in rows {
+            let author_key = authors
+                .entry(author)
+                .or_insert_with(|| self.unwrap_subject_key(author, &author_wrapped));
+            let Some(author_key) = author_key else {
+                continue;
+            };
+            match open_with(&author_key.cipher(), &message_key_aad(message), &wrapped) {
+                Some(k) if k.len() == 32 => {
+                    out.insert(message, DataKey(k.try_into().expect("checked length")));
+                }
+                _ => tracing::error!(%message, "{}", KeyError::Unwrap),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes a message's key row: its content and file names become unreadable.
+    pub async fn destroy_message_key<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+        message_id: Uuid,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query("DELETE FROM message_keys WHERE message_id = $1")
+            .bind(message_id)
+            .execute(db)
+            .await?;
+        Ok(())
+    }
+
+    fn unwrap_subject_key(&self, subject: Uuid, wrapped: &[u8]) -> Option<DataKey> {
+        match open_with(&self.wrapping, subject.as_bytes(), wrapped) {
+            Some(k) if k.len() == 32 => Some(DataKey(k.try_into().expect("checked length"))),
+            _ => {
+                tracing::error!(%subject, "{}", KeyError::Unwrap);
+                None
+            }
+        }
+    }
+
     /// Seals `value` as field `field` of `subject`. The field name and subject are bound as
     /// associated data, so a sealed value cannot be moved to another field or subject.
     pub fn seal(&self, key: &DataKey, subject: Uuid, field: &str, value: &str) -> Sealed {
-        let cipher = XChaCha20Poly1305::new((&key.0).into());
-        let body = seal_with(&cipher, &aad(subject, field), value.as_bytes());
+        let body = seal_with(&key.cipher(), &aad(subject, field), value.as_bytes());
         Sealed(format!(
             "{}{}:{}",
             Sealed::PREFIX,
@@ -182,9 +273,8 @@ impl Vault {
         let (subject, body) = rest.split_once(':')?;
         let subject = Uuid::parse_str(subject).ok()?;
         let key = keys.get(&subject)?;
-        let cipher = XChaCha20Poly1305::new((&key.0).into());
         let plain = open_with(
-            &cipher,
+            &key.cipher(),
             &aad(subject, field),
             &URL_SAFE_NO_PAD.decode(body).ok()?,
         )?;
@@ -199,6 +289,11 @@ impl Vault {
         h.update(email_identity.as_bytes());
         h.finalize().to_hex().to_string()
     }
+}
+
+/// Binds a wrapped message key to its message, so a key row cannot be moved to another.
+fn message_key_aad(message: Uuid) -> Vec<u8> {
+    [b"message-key:".as_slice(), message.as_bytes()].concat()
 }
 
 fn aad(subject: Uuid, field: &str) -> Vec<u8> {

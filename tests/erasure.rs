@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::TestApp;
+use common::{every_row, TestApp};
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -150,40 +150,6 @@ async fn ledger_events(s: &Scenario) -> Vec<Value> {
         "after",
     )
     .await
-}
-
-/// Every row of every table of the public schema as text, with the table's name.
-async fn every_row(t: &TestApp) -> Vec<(String, String)> {
-    let tables: Vec<(String,)> = sqlx::query_as(
-        "SELECT table_name::text FROM information_schema.tables
-         WHERE table_schema = 'public' AND table_type = 'BASE TABLE' ORDER BY table_name",
-    )
-    .fetch_all(t.pool())
-    .await
-    .unwrap();
-    assert!(
-        tables.len() >= 10,
-        "the schema's tables are found: {tables:?}"
-    );
-    let mut rows = Vec::new();
-    for (table,) in tables {
-        let texts: Vec<(String,)> = sqlx::query_as(&format!("SELECT t::text FROM \"{table}\" t"))
-            .fetch_all(t.pool())
-            .await
-            .unwrap();
-        rows.extend(texts.into_iter().map(|(text,)| (table.clone(), text)));
-    }
-    // The log's JSON columns on their own too, in case a row's text form escapes them.
-    let events: Vec<(String, String)> =
-        sqlx::query_as("SELECT payload::text, metadata::text FROM events")
-            .fetch_all(t.pool())
-            .await
-            .unwrap();
-    for (payload, metadata) in events {
-        rows.push(("events.payload".into(), payload));
-        rows.push(("events.metadata".into(), metadata));
-    }
-    rows
 }
 
 // ---------------------------------------------------------------------------------------------

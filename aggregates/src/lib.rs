@@ -1,4 +1,4 @@
-//! ledgerline's domain: the commands, events and aggregates of the tenant core, with no I/O.
+//! ledgerline's domain: the commands, events and aggregates of the tenant core and messaging, with no I/O.
 //!
 //! Everything here is pure: cross-aggregate facts (does the parent role exist, what may the
 //! caller grant) are looked up by the service layer and handed in with the command.
@@ -6,6 +6,8 @@
 
 pub mod api_key;
 pub mod claims;
+pub mod conversation;
+pub mod message;
 pub mod metadata;
 pub mod organization;
 pub mod permissions;

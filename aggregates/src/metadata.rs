@@ -10,3 +10,10 @@ pub const ACTOR_KEY_ID: &str = "actor_key_id";
 pub const REQUEST_ID: &str = "request_id";
 pub const CLIENT_IP: &str = "client_ip";
 pub const USER_AGENT: &str = "user_agent";
+
+/// A guard: the command was decided against this aggregate (`<type>:<id>`) at sequence
+/// `GUARD_SEQUENCE`; the ledger store refuses the append (409) if that aggregate has moved
+/// on since. A message command is guarded by its conversation's version, so a post cannot
+/// slip in after its author was removed or the conversation archived.
+pub const GUARD_AGGREGATE: &str = "guard_aggregate";
+pub const GUARD_SEQUENCE: &str = "guard_sequence";

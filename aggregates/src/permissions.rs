@@ -21,6 +21,8 @@ pub enum Permission {
     KeysWrite,
     AuditRead,
     LedgerRead,
+    ConversationsRead,
+    ConversationsWrite,
     PlatformAdmin,
 }
 
@@ -28,7 +30,7 @@ pub enum Permission {
 pub type PermissionSet = BTreeSet<Permission>;
 
 impl Permission {
-    pub const ALL: [Permission; 12] = [
+    pub const ALL: [Permission; 14] = [
         Permission::OrganizationsRead,
         Permission::OrganizationsWrite,
         Permission::UsersRead,
@@ -40,6 +42,8 @@ impl Permission {
         Permission::KeysWrite,
         Permission::AuditRead,
         Permission::LedgerRead,
+        Permission::ConversationsRead,
+        Permission::ConversationsWrite,
         Permission::PlatformAdmin,
     ];
 
@@ -56,6 +60,8 @@ impl Permission {
             Permission::KeysWrite => "keys:write",
             Permission::AuditRead => "audit:read",
             Permission::LedgerRead => "ledger:read",
+            Permission::ConversationsRead => "conversations:read",
+            Permission::ConversationsWrite => "conversations:write",
             Permission::PlatformAdmin => "platform:admin",
         }
     }
@@ -73,6 +79,12 @@ impl Permission {
             Permission::KeysWrite => "Issue, revoke and rotate API keys",
             Permission::AuditRead => "Read the audit events",
             Permission::LedgerRead => "Read the raw ledger events and hashes",
+            Permission::ConversationsRead => {
+                "Read conversations and messages: a user key its own, a service key all"
+            }
+            Permission::ConversationsWrite => {
+                "Create and manage conversations; post, edit, delete and react to messages"
+            }
             Permission::PlatformAdmin => "Operate the whole platform: every permission everywhere",
         }
     }

@@ -1,5 +1,6 @@
 //! Input rules shared by commands and the HTTP layer: names, slugs, country codes, domains,
-//! e-mail addresses. Each returns the normalised value or a message a client can act on.
+//! e-mail addresses, emoji, media types. Each returns the normalised value or a message a
+//! client can act on.
 
 /// The officially assigned ISO 3166-1 alpha-2 codes.
 const ISO_3166_1_ALPHA_2: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF \
@@ -16,6 +17,9 @@ pub const MAX_NAME_CHARS: usize = 200;
 pub const MAX_DESCRIPTION_CHARS: usize = 2000;
 pub const MAX_EMAIL_CHARS: usize = 254;
 pub const MAX_REASON_CHARS: usize = 500;
+pub const MAX_EMOJI_CHARS: usize = 16;
+pub const MAX_EMOJI_BYTES: usize = 64;
+pub const MAX_MIME_TYPE_CHARS: usize = 255;
 
 /// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters.
 pub fn name(field: &str, value: &str) -> Result<String, String> {
@@ -142,6 +146,61 @@ pub fn hex_digest(field: &str, value: &str) -> Result<String, String> {
     }
 }
 
+/// A reaction emoji, trimmed: 1 to [`MAX_EMOJI_CHARS`] characters and at most
+/// [`MAX_EMOJI_BYTES`] bytes (enough for a ZWJ family or a flag with modifiers; the byte
+/// bound states for storage what the character bound already implies in UTF-8), with no
+/// whitespace, no control characters and no ASCII letters, digits or punctuation. The last
+/// rule keeps reactions from becoming free text (`ok`, `+1`, `a/b`); its price is that the
+/// keycap emoji (`1️⃣`, `#️⃣`), which start with an ASCII character, are refused. No Unicode
+/// normalisation is applied: the emoji is returned exactly as given, minus the trimmed
+/// whitespace, and two spellings of one emoji are two reactions.
+pub fn emoji(value: &str) -> Result<String, String> {
+    let v = value.trim();
+    if v.is_empty() {
+        return Err("emoji must not be empty".to_string());
+    }
+    if v.chars().count() > MAX_EMOJI_CHARS || v.len() > MAX_EMOJI_BYTES {
+        return Err(format!(
+            "emoji must be at most {MAX_EMOJI_CHARS} characters and {MAX_EMOJI_BYTES} bytes"
+        ));
+    }
+    if v.chars().any(|c| {
+        c.is_whitespace() || c.is_control() || c.is_ascii_alphanumeric() || c.is_ascii_punctuation()
+    }) {
+        return Err(
+            "emoji must not contain whitespace, control characters, ASCII letters, digits or punctuation"
+                .to_string(),
+        );
+    }
+    Ok(v.to_string())
+}
+
+/// A media type without parameters (`image/png`), as RFC 6838 restricts registered names:
+/// `type/subtype`, each 1 to 127 characters of letters, digits and `!#$&-^_.+`, starting
+/// with a letter or digit; at most [`MAX_MIME_TYPE_CHARS`] characters in all. Media types
+/// are case-insensitive, so the value is trimmed and returned lower-cased.
+pub fn mime_type(value: &str) -> Result<String, String> {
+    let v = value.trim().to_ascii_lowercase();
+    let restricted_name = |name: &str| {
+        (1..=127).contains(&name.len())
+            && name.as_bytes()[0].is_ascii_alphanumeric()
+            && name
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b"!#$&-^_.+".contains(&c))
+    };
+    let ok = v.len() <= MAX_MIME_TYPE_CHARS
+        && v.split_once('/')
+            .is_some_and(|(t, s)| restricted_name(t) && restricted_name(s));
+    if ok {
+        Ok(v)
+    } else {
+        Err(format!(
+            "mime_type `{}` is not a media type of the form type/subtype",
+            value.trim()
+        ))
+    }
+}
+
 /// The form of an address that uniqueness is decided on: the whole address lower-cased.
 pub fn email_identity(normalised: &str) -> String {
     normalised.to_lowercase()
@@ -229,5 +288,59 @@ mod tests {
         assert_eq!(domain("Example.COM").unwrap(), "example.com");
         assert!(domain("localhost").is_err());
         assert!(domain("-bad.com").is_err());
+    }
+
+    #[test]
+    fn emoji_are_short_symbols_without_words() {
+        for good in ["👍", " 🎉 ", "👍🏽", "👨‍👩‍👧‍👦", "🇩🇪", "❤️", "✅"]
+        {
+            assert_eq!(emoji(good).unwrap(), good.trim(), "{good}");
+        }
+        for bad in [
+            "",
+            "   ",
+            "ok",
+            "+1",
+            ":)",
+            "a/b",
+            "👍/",
+            "👍 👍",
+            "👍\u{0}",
+            "1️⃣",
+            &"👍".repeat(17),
+        ] {
+            assert!(emoji(bad).is_err(), "{bad}");
+        }
+        // At the limit: 16 characters of 4 bytes each.
+        assert!(emoji(&"👍".repeat(16)).is_ok());
+    }
+
+    #[test]
+    fn mime_types_are_restricted_names_lower_cased() {
+        assert_eq!(mime_type("image/png").unwrap(), "image/png");
+        assert_eq!(mime_type(" Text/Plain ").unwrap(), "text/plain");
+        assert_eq!(
+            mime_type("application/vnd.openxmlformats-officedocument.wordprocessingml.document")
+                .unwrap(),
+            "application/vnd.openxmlformats-officedocument.wordprocessingml.document"
+        );
+        assert!(mime_type("application/ld+json").is_ok());
+        assert!(mime_type(&format!("a/{}", "b".repeat(127))).is_ok());
+        for bad in [
+            "".to_string(),
+            "image".to_string(),
+            "image/".to_string(),
+            "/png".to_string(),
+            "image/png/x".to_string(),
+            "text/plain; charset=utf-8".to_string(),
+            "image/p ng".to_string(),
+            ".image/png".to_string(),
+            "image/-png".to_string(),
+            "imáge/png".to_string(),
+            format!("a/{}", "b".repeat(128)),
+            format!("{}/{}", "a".repeat(127), "b".repeat(128)),
+        ] {
+            assert!(mime_type(&bad).is_err(), "{bad}");
+        }
     }
 }

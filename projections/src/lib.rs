@@ -14,6 +14,7 @@ mod runner;
 
 pub mod api_keys;
 pub mod audit_events;
+pub mod messaging;
 pub mod organizations;
 pub mod roles;
 pub mod user_roles;

@@ -4,7 +4,8 @@
 use sqlx::PgConnection;
 
 use crate::{
-    api_keys, audit_events, organizations, roles, user_roles, users, ProjectionError, StoredEvent,
+    api_keys, audit_events, messaging, organizations, roles, user_roles, users, ProjectionError,
+    StoredEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -14,16 +15,18 @@ pub enum Projection {
     Roles,
     UserRoles,
     ApiKeys,
+    Messaging,
     AuditEvents,
 }
 
 impl Projection {
-    pub const ALL: [Projection; 6] = [
+    pub const ALL: [Projection; 7] = [
         Projection::Organizations,
         Projection::Users,
         Projection::Roles,
         Projection::UserRoles,
         Projection::ApiKeys,
+        Projection::Messaging,
         Projection::AuditEvents,
     ];
 
@@ -35,6 +38,7 @@ impl Projection {
             Projection::Roles => roles::NAME,
             Projection::UserRoles => user_roles::NAME,
             Projection::ApiKeys => api_keys::NAME,
+            Projection::Messaging => messaging::NAME,
             Projection::AuditEvents => audit_events::NAME,
         }
     }
@@ -47,6 +51,7 @@ impl Projection {
             Projection::Roles => roles::TABLES,
             Projection::UserRoles => user_roles::TABLES,
             Projection::ApiKeys => api_keys::TABLES,
+            Projection::Messaging => messaging::TABLES,
             Projection::AuditEvents => audit_events::TABLES,
         }
     }
@@ -68,6 +73,7 @@ impl Projection {
             Projection::Roles => roles::apply(conn, event).await,
             Projection::UserRoles => user_roles::apply(conn, event).await,
             Projection::ApiKeys => api_keys::apply(conn, event).await,
+            Projection::Messaging => messaging::apply(conn, event).await,
             Projection::AuditEvents => audit_events::apply(conn, event).await,
         }
     }

@@ -710,6 +710,7 @@ async fn projection_names_are_stable_and_own_distinct_tables() {
             "roles",
             "user_roles",
             "api_keys",
+            "messaging",
             "audit_events"
         ]
     );

@@ -94,7 +94,9 @@ rejectable!(
     ledgerline_aggregates::organization::OrganizationError,
     ledgerline_aggregates::user::UserError,
     ledgerline_aggregates::role::RoleError,
-    ledgerline_aggregates::api_key::ApiKeyError
+    ledgerline_aggregates::api_key::ApiKeyError,
+    ledgerline_aggregates::conversation::ConversationError,
+    ledgerline_aggregates::message::MessageError
 );
 
 impl<E: Rejectable> From<CommandError<E>> for ApiError {
@@ -109,7 +111,7 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
                 };
                 ApiError::new(status, e.to_string())
             }
-            CommandError::Conflict => ApiError::conflict(e.to_string()),
+            CommandError::Conflict | CommandError::Stale(_) => ApiError::conflict(e.to_string()),
             CommandError::Taken(scope) => {
                 ApiError::conflict(format!("{} is already taken", scope.replace('_', " ")))
             }

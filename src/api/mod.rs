@@ -8,7 +8,7 @@ use axum::extract::{DefaultBodyLimit, FromRequest, Request};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
+use axum::routing::{get, patch, post, put};
 use axum::Router;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
@@ -21,9 +21,11 @@ use error::ApiError;
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
+pub mod conversations;
 pub mod error;
 pub mod extract;
 pub mod ledger;
+pub mod messages;
 pub mod meta;
 pub mod organizations;
 pub mod roles;
@@ -279,6 +281,125 @@ pub const ROUTES: &[RouteDoc] = &[
         200,
         "The ledger head: position and hash",
     ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations",
+        Some("conversations:write"),
+        201,
+        "Create a conversation (direct, group or channel); the creator owns it",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/conversations",
+        Some("conversations:read"),
+        200,
+        "List conversations: a user key its own with unread counts, a service key all",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/conversations/{id}",
+        Some("conversations:read"),
+        200,
+        "Read a conversation with its participants",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}/conversations/{id}",
+        Some("conversations:write"),
+        200,
+        "Rename or re-describe (owner or admin)",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations/{id}/archive",
+        Some("conversations:write"),
+        200,
+        "Archive: no new messages (owner or admin)",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations/{id}/unarchive",
+        Some("conversations:write"),
+        200,
+        "Unarchive (owner or admin)",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations/{id}/participants",
+        Some("conversations:write"),
+        201,
+        "Add a participant (owner or admin)",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}/conversations/{id}/participants/{user}",
+        Some("conversations:write"),
+        200,
+        "Change a participant's role (owner) or mute/unmute oneself",
+    ),
+    r(
+        "DELETE",
+        "/v1/organizations/{org}/conversations/{id}/participants/{user}",
+        Some("conversations:write"),
+        204,
+        "Remove a participant (owner or admin), or leave",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations/{id}/messages",
+        Some("conversations:write"),
+        201,
+        "Post a message (16 KiB of text), optionally in a thread, with attachment descriptions",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/conversations/{id}/messages",
+        Some("conversations:read"),
+        200,
+        "Messages newest first: ?cursor=&limit= (max 200), ?thread= for one thread",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
+        Some("conversations:read"),
+        200,
+        "Read one message",
+    ),
+    r(
+        "PATCH",
+        "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
+        Some("conversations:write"),
+        200,
+        "Edit a message (author only)",
+    ),
+    r(
+        "DELETE",
+        "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
+        Some("conversations:write"),
+        204,
+        "Delete a message: its content is destroyed (author, owner, admin)",
+    ),
+    r(
+        "PUT",
+        "/v1/organizations/{org}/conversations/{id}/messages/{msg}/reactions/{emoji}",
+        Some("conversations:write"),
+        200,
+        "React with an emoji (once per user, message and emoji)",
+    ),
+    r(
+        "DELETE",
+        "/v1/organizations/{org}/conversations/{id}/messages/{msg}/reactions/{emoji}",
+        Some("conversations:write"),
+        200,
+        "Take a reaction back",
+    ),
+    r(
+        "POST",
+        "/v1/organizations/{org}/conversations/{id}/read",
+        Some("conversations:read"),
+        200,
+        "Mark read up to a message; answers the unread count",
+    ),
 ];
 
 pub fn router(app: App) -> Router {
@@ -306,6 +427,16 @@ pub fn router(app: App) -> Router {
         .route(&o("/api-keys/{key}"), get(api_keys::get))
         .route(&o("/api-keys/{key}/revoke"), post(api_keys::revoke))
         .route(&o("/api-keys/{key}/rotate"), post(api_keys::rotate))
+        .route(&o("/conversations"), post(conversations::create).get(conversations::list))
+        .route(&o("/conversations/{id}"), get(conversations::get).patch(conversations::update))
+        .route(&o("/conversations/{id}/archive"), post(conversations::archive))
+        .route(&o("/conversations/{id}/unarchive"), post(conversations::unarchive))
+        .route(&o("/conversations/{id}/participants"), post(conversations::add_participant))
+        .route(&o("/conversations/{id}/participants/{user}"), patch(conversations::update_participant).delete(conversations::remove_participant))
+        .route(&o("/conversations/{id}/messages"), post(messages::post).get(messages::list))
+        .route(&o("/conversations/{id}/messages/{msg}"), get(messages::get).patch(messages::edit).delete(messages::delete))
+        .route(&o("/conversations/{id}/messages/{msg}/reactions/{emoji}"), put(messages::react).delete(messages::unreact))
+        .route(&o("/conversations/{id}/read"), post(messages::mark_read))
         .route(&o("/audit-events"), get(audit::list))
         .route(&o("/ledger/events"), get(ledger::events))
         .route("/v1/ledger/head", get(ledger::head))

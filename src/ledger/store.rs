@@ -19,6 +19,9 @@ pub enum AppendError {
     /// Another command on the same aggregate got there first.
     #[error("the aggregate was changed concurrently; reload and retry")]
     Conflict,
+    /// The aggregate a command was decided against (its guard) changed before the append.
+    #[error("the {0} changed while the command was being decided; retry")]
+    Stale(String),
     /// A name, slug, address or prefix that must be unique is taken.
     #[error("{scope} is already taken")]
     Taken { scope: &'static str },

@@ -35,6 +35,39 @@ pub(super) struct Prepared {
     pub first_sequence: i64,
     pub rows: Vec<Row>,
     pub claims: Vec<ClaimOp>,
+    pub guard: Option<Guard>,
+}
+
+/// The aggregate a command was decided against and the sequence it had then
+/// (`metadata::GUARD_*`): the append is refused if that aggregate has moved on.
+pub(super) struct Guard {
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+}
+
+impl Guard {
+    fn from_metadata(metadata: &Value) -> Result<Option<Guard>, AppendError> {
+        let text = |key: &str| metadata.get(key).and_then(Value::as_str);
+        match (
+            text(metadata::GUARD_AGGREGATE),
+            text(metadata::GUARD_SEQUENCE),
+        ) {
+            (None, None) => Ok(None),
+            (Some(aggregate), Some(sequence)) => {
+                let bad = || AppendError::Invalid(format!("bad guard `{aggregate}@{sequence}`"));
+                let (aggregate_type, aggregate_id) = aggregate.split_once(':').ok_or_else(bad)?;
+                Ok(Some(Guard {
+                    aggregate_type: aggregate_type.to_string(),
+                    aggregate_id: aggregate_id.to_string(),
+                    sequence: sequence.parse().map_err(|_| bad())?,
+                }))
+            }
+            _ => Err(AppendError::Invalid(
+                "a guard needs both its aggregate and its sequence".into(),
+            )),
+        }
+    }
 }
 
 pub(super) struct Row {
@@ -89,6 +122,7 @@ pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendErro
         first_sequence: first.sequence as i64,
         rows,
         claims,
+        guard: Guard::from_metadata(&first.metadata)?,
     })
 }
 
@@ -187,14 +221,25 @@ async fn commit_batch(
     // The lock in a statement of its own, so that every later statement's snapshot is taken
     // after it is held and sees every earlier appender's commit.
     conn.execute(BEGIN_AND_LOCK).await?;
-    let (head_position, head_hash, existing) = head_and_conflicts(conn, batch).await?;
+    let (head_position, head_hash, existing, stale) = head_and_conflicts(conn, batch).await?;
     let mut claims = ClaimBook::load(conn, batch).await?;
 
     // Decide, in arrival order, which commands go in.
     let mut outcomes: Vec<Option<Result<i64, AppendError>>> =
         (0..batch.len()).map(|_| None).collect();
     let mut taken: HashSet<(&str, &str, i64)> = HashSet::new();
+    // Aggregates written by commands accepted earlier in this batch: a guard on one of them
+    // is stale even though the database does not show it yet.
+    let mut written: HashSet<(&str, &str)> = HashSet::new();
     for (i, p) in batch.iter().enumerate() {
+        if let Some(g) = &p.guard {
+            let moved_here =
+                written.contains(&(g.aggregate_type.as_str(), g.aggregate_id.as_str()));
+            if stale.contains(&i) || moved_here {
+                outcomes[i] = Some(Err(AppendError::Stale(g.aggregate_type.to_lowercase())));
+                continue;
+            }
+        }
         let clash = existing.contains(&i)
             || p.rows.iter().any(|r| {
                 taken.contains(&(
@@ -217,6 +262,7 @@ async fn commit_batch(
         for r in &p.rows {
             taken.insert((&p.aggregate_type, &p.aggregate_id, r.sequence));
         }
+        written.insert((&p.aggregate_type, &p.aggregate_id));
     }
 
     let recorded_at = truncate_to_micros(Utc::now());
@@ -264,27 +310,51 @@ async fn commit_batch(
     ))
 }
 
-/// The head, and the indexes of the commands whose first sequence number is already stored
-/// (a concurrent command on the same aggregate committed first), in one round trip.
+/// The head; the indexes of the commands whose first sequence number is already stored (a
+/// concurrent command on the same aggregate committed first); and the indexes of the
+/// commands whose guarded aggregate has moved past the guard's sequence. One round trip.
 async fn head_and_conflicts(
     conn: &mut PgConnection,
     batch: &[Prepared],
-) -> Result<(i64, [u8; 32], HashSet<usize>), sqlx::Error> {
+) -> Result<(i64, [u8; 32], HashSet<usize>, HashSet<usize>), sqlx::Error> {
     let types: Vec<&str> = batch.iter().map(|p| p.aggregate_type.as_str()).collect();
     let ids: Vec<&str> = batch.iter().map(|p| p.aggregate_id.as_str()).collect();
     let seqs: Vec<i64> = batch.iter().map(|p| p.first_sequence).collect();
-    let (position, hash, existing): (Option<i64>, Option<Vec<u8>>, Vec<i64>) = sqlx::query_as(
-        "SELECT h.position, h.hash,
+    let guarded: Vec<(i64, &Guard)> = batch
+        .iter()
+        .enumerate()
+        .filter_map(|(i, p)| p.guard.as_ref().map(|g| (i as i64, g)))
+        .collect();
+    let guard_idx: Vec<i64> = guarded.iter().map(|(i, _)| *i).collect();
+    let guard_types: Vec<&str> = guarded
+        .iter()
+        .map(|(_, g)| g.aggregate_type.as_str())
+        .collect();
+    let guard_ids: Vec<&str> = guarded
+        .iter()
+        .map(|(_, g)| g.aggregate_id.as_str())
+        .collect();
+    let guard_seqs: Vec<i64> = guarded.iter().map(|(_, g)| g.sequence).collect();
+    let (position, hash, existing, stale): (Option<i64>, Option<Vec<u8>>, Vec<i64>, Vec<i64>) =
+        sqlx::query_as(
+            "SELECT h.position, h.hash,
                 ARRAY(SELECT t.idx FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS t(ty, id, seq, idx)
-                      JOIN events e ON e.aggregate_type = t.ty AND e.aggregate_id = t.id AND e.sequence = t.seq)
+                      JOIN events e ON e.aggregate_type = t.ty AND e.aggregate_id = t.id AND e.sequence = t.seq),
+                ARRAY(SELECT g.idx FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[]) AS g(idx, ty, id, seq)
+                      WHERE COALESCE((SELECT max(e.sequence) FROM events e
+                                      WHERE e.aggregate_type = g.ty AND e.aggregate_id = g.id), 0) <> g.seq)
          FROM (SELECT 1) AS one
          LEFT JOIN LATERAL (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) h ON true",
-    )
-    .bind(&types)
-    .bind(&ids)
-    .bind(&seqs)
-    .fetch_one(&mut *conn)
-    .await?;
+        )
+        .bind(&types)
+        .bind(&ids)
+        .bind(&seqs)
+        .bind(&guard_idx)
+        .bind(&guard_types)
+        .bind(&guard_ids)
+        .bind(&guard_seqs)
+        .fetch_one(&mut *conn)
+        .await?;
     let hash = match hash {
         Some(h) => h
             .try_into()
@@ -295,6 +365,7 @@ async fn head_and_conflicts(
         position.unwrap_or(0),
         hash,
         existing.into_iter().map(|idx| idx as usize - 1).collect(),
+        stale.into_iter().map(|idx| idx as usize).collect(),
     ))
 }
 

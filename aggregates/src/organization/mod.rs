@@ -29,6 +29,8 @@ pub mod built_in_roles {
                 P::KeysWrite,
                 P::AuditRead,
                 P::LedgerRead,
+                P::ConversationsRead,
+                P::ConversationsWrite,
             ],
             "admin" => &[
                 P::OrganizationsRead,
@@ -39,8 +41,16 @@ pub mod built_in_roles {
                 P::KeysRead,
                 P::KeysWrite,
                 P::AuditRead,
+                P::ConversationsRead,
+                P::ConversationsWrite,
             ],
-            "member" => &[P::OrganizationsRead, P::UsersRead, P::RolesRead],
+            "member" => &[
+                P::OrganizationsRead,
+                P::UsersRead,
+                P::RolesRead,
+                P::ConversationsRead,
+                P::ConversationsWrite,
+            ],
             "auditor" => &[
                 P::OrganizationsRead,
                 P::UsersRead,
@@ -57,8 +67,8 @@ pub mod built_in_roles {
     pub fn description(name: &str) -> &'static str {
         match name {
             "owner" => "Full control of the organization",
-            "admin" => "Manages users, roles and keys",
-            "member" => "Reads the organization's directory",
+            "admin" => "Manages users, roles, keys and conversations",
+            "member" => "Reads the organization's directory and takes part in conversations",
             "auditor" => "Reads audit views and the ledger; issues no command",
             _ => "",
         }

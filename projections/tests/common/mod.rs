@@ -269,10 +269,13 @@ pub struct Story {
     pub alice_key: Uuid,
     pub ops_role: Uuid,
     pub temp_role: Uuid,
+    pub conversation: Uuid,
+    /// Alice's first message: the root of a thread, with an attachment and bob's reaction.
+    pub message: Uuid,
 }
 
 /// A story touching every projection and most event types: an organization with roles,
-/// users (one erased), assignments and keys.
+/// users (one erased), assignments, keys and a conversation between the two users.
 pub async fn populate(ledger: &mut Ledger) -> Story {
     use ledgerline_aggregates::api_key::ApiKeyEvent;
     use ledgerline_aggregates::organization::{OrganizationEvent, OrganizationProfile};
@@ -288,6 +291,8 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         alice_key: Uuid::new_v4(),
         ops_role: Uuid::new_v4(),
         temp_role: Uuid::new_v4(),
+        conversation: Uuid::new_v4(),
+        message: Uuid::new_v4(),
     };
     let platform = Actor::cli();
     let admin = Actor::api(s.org, None, s.platform_key);
@@ -399,6 +404,7 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
     ledger
         .append("ApiKey", s.alice_key, &rotated, &as_alice)
         .await;
+    converse(ledger, &s, &admin).await;
     ledger
         .append(
             "User",
@@ -422,6 +428,106 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
     s
 }
 
+/// Alice and bob talk (through the organization's service key, which acts for them): every
+/// messaging table gets rows, and every kind of change to them happens at least once.
+async fn converse(ledger: &mut Ledger, s: &Story, actor: &Actor) {
+    use ledgerline_aggregates::conversation::{
+        ConversationEvent as C, ConversationKind, ConversationSpec, Member, ParticipantRole,
+    };
+    use ledgerline_aggregates::message::{Attachment, MessageEvent as M};
+
+    let spec = ConversationSpec {
+        title: Some("launch".into()),
+        description: None,
+    };
+    let created = C::ConversationCreated {
+        conversation_id: s.conversation,
+        organization_id: s.org,
+        kind: ConversationKind::Group,
+        spec: spec.clone(),
+        created_by: s.alice,
+        participants: vec![
+            Member {
+                user_id: s.alice,
+                role: ParticipantRole::Owner,
+            },
+            Member {
+                user_id: s.bob,
+                role: ParticipantRole::Member,
+            },
+        ],
+    };
+    let updated = C::ConversationUpdated {
+        before: spec,
+        after: ConversationSpec {
+            title: Some("launch week".into()),
+            description: Some("everything about the launch".into()),
+        },
+    };
+    for event in [created, updated, C::ParticipantMuted { user_id: s.bob }] {
+        ledger
+            .append("Conversation", s.conversation, &event, actor)
+            .await;
+    }
+
+    let (reply, gone) = (Uuid::new_v4(), Uuid::new_v4());
+    let post = |id: Uuid, author: Uuid, parent: Option<Uuid>, attachments: Vec<Attachment>| {
+        M::MessagePosted {
+            message_id: id,
+            conversation_id: s.conversation,
+            organization_id: s.org,
+            author_id: author,
+            content: sealed(id, "Ym9keQ"),
+            parent_message_id: parent,
+            thread_root_id: parent,
+            attachments,
+        }
+    };
+    let attachment = Attachment {
+        file_name: sealed(s.message, "cGxhbi5wZGY"),
+        mime_type: "application/pdf".into(),
+        size_bytes: 48_213,
+        blake3: hash_hex(),
+    };
+    let c = s.conversation;
+    for (id, event) in [
+        (s.message, post(s.message, s.alice, None, vec![attachment])),
+        (reply, post(reply, s.bob, Some(s.message), vec![])),
+        (gone, post(gone, s.alice, None, vec![])),
+        (
+            s.message,
+            M::ReactionAdded {
+                conversation_id: c,
+                user_id: s.bob,
+                emoji: "🎉".into(),
+            },
+        ),
+        (
+            s.message,
+            M::MessageRead {
+                conversation_id: c,
+                user_id: s.bob,
+            },
+        ),
+        (
+            reply,
+            M::MessageEdited {
+                conversation_id: c,
+                content: sealed(reply, "ZWRpdGVk"),
+            },
+        ),
+        (
+            gone,
+            M::MessageDeleted {
+                conversation_id: c,
+                by: Some(s.alice),
+            },
+        ),
+    ] {
+        ledger.append("Message", id, &event, actor).await;
+    }
+}
+
 /// Every read-model table, as [`rows`] sees it.
 pub async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
     let mut all = Vec::new();
@@ -433,6 +539,12 @@ pub async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
         "user_roles",
         "api_keys",
         "audit_events",
+        "conversations",
+        "conversation_participants",
+        "messages",
+        "message_attachments",
+        "message_reactions",
+        "message_reads",
     ] {
         all.push((table.to_string(), rows(pool, table).await));
     }

@@ -1,0 +1,577 @@
+//! `/v1/organizations/{org}/conversations`: create, list, read, rename, archive, and manage
+//! participants. A user key acts as its user and sees only the conversations it takes part
+//! in (any other is a 404); a service key of the organization sees all and moderates.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::conversation::{
+    ConversationActor, ConversationCommand, ConversationKind, ParticipantRole,
+};
+use ledgerline_aggregates::message::ConversationFacts;
+use ledgerline_aggregates::Permission;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path};
+use super::{double_option, organizations};
+use crate::app::{App, Guard};
+
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct ConversationRow {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub kind: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub created_by: Uuid,
+    pub status: String,
+    pub archived_at: Option<DateTime<Utc>>,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub message_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// The Conversation aggregate's last sequence: the guard of every message command.
+    pub version: i64,
+}
+
+const SELECT: &str =
+    "SELECT c.id, c.organization_id, c.kind, c.title, c.description, c.created_by, \
+     c.status, c.archived_at, c.last_message_at, c.message_count, c.created_at, c.updated_at, \
+     c.version FROM conversations c";
+
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ParticipantView {
+    pub user_id: Uuid,
+    pub role: String,
+    pub muted: bool,
+    pub joined_at: DateTime<Utc>,
+    pub last_read_message_id: Option<Uuid>,
+    pub last_read_at: Option<DateTime<Utc>>,
+}
+
+/// The calling user's own standing in a conversation.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct MyState {
+    pub role: String,
+    pub muted: bool,
+    pub last_read_message_id: Option<Uuid>,
+    /// Messages of others after the last one read, deleted ones not counted.
+    pub unread_count: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConversationView {
+    pub id: Uuid,
+    pub organization_id: Uuid,
+    pub kind: String,
+    pub title: Option<String>,
+    pub description: Option<String>,
+    pub created_by: Uuid,
+    pub status: String,
+    pub archived_at: Option<DateTime<Utc>>,
+    pub last_message_at: Option<DateTime<Utc>>,
+    pub message_count: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+    /// Present for a user key: its role, mute and unread count.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub me: Option<MyState>,
+    /// Present when one conversation is read; lists leave it out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub participants: Option<Vec<ParticipantView>>,
+}
+
+impl ConversationView {
+    fn new(row: ConversationRow, me: Option<MyState>) -> Self {
+        Self {
+            id: row.id,
+            organization_id: row.organization_id,
+            kind: row.kind,
+            title: row.title,
+            description: row.description,
+            created_by: row.created_by,
+            status: row.status,
+            archived_at: row.archived_at,
+            last_message_at: row.last_message_at,
+            message_count: row.message_count,
+            created_at: row.created_at,
+            updated_at: row.updated_at,
+            me,
+            participants: None,
+        }
+    }
+}
+
+/// The unread count of participant `p` in conversation `c` (SQL aliases), for `MyState`.
+const UNREAD: &str =
+    "(SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id \
+     AND m.position > p.last_read_position AND m.deleted_at IS NULL AND m.author_id <> p.user_id)";
+
+/// A conversation as one caller may act on it.
+pub struct Access {
+    pub conversation: ConversationRow,
+    /// The acting user's role: the calling user's, or for a service key acting on a user's
+    /// behalf that user's; `None` when there is no such user or it does not take part.
+    pub role: Option<ParticipantRole>,
+    pub actor: ConversationActor,
+}
+
+impl Access {
+    pub fn user_id(&self) -> Option<Uuid> {
+        match self.actor {
+            ConversationActor::User(u) => Some(u),
+            ConversationActor::Service => None,
+        }
+    }
+
+    /// The conversation's version, which a message command is decided against.
+    pub fn guard(&self) -> Guard {
+        Guard {
+            aggregate_type: "Conversation",
+            aggregate_id: self.conversation.id,
+            sequence: self.conversation.version,
+        }
+    }
+
+    /// The facts a message command is decided on.
+    pub fn facts(&self) -> ConversationFacts {
+        ConversationFacts {
+            conversation_id: self.conversation.id,
+            organization_id: self.conversation.organization_id,
+            archived: self.conversation.status == "archived",
+            role: self.role,
+        }
+    }
+}
+
+pub fn parse_role(text: &str) -> Option<ParticipantRole> {
+    match text {
+        "owner" => Some(ParticipantRole::Owner),
+        "admin" => Some(ParticipantRole::Admin),
+        "member" => Some(ParticipantRole::Member),
+        _ => None,
+    }
+}
+
+/// A participant's role, or `None` when `user` does not take part.
+pub async fn role_of(
+    app: &App,
+    conversation: Uuid,
+    user: Uuid,
+) -> ApiResult<Option<ParticipantRole>> {
+    let role: Option<(String,)> = sqlx::query_as(
+        "SELECT role FROM conversation_participants WHERE conversation_id = $1 AND user_id = $2",
+    )
+    .bind(conversation)
+    .bind(user)
+    .fetch_optional(&app.pool)
+    .await?;
+    Ok(role.and_then(|(r,)| parse_role(&r)))
+}
+
+/// The conversation `id` of `org` as `caller` may see it: a 404 for another tenant's, and
+/// for a user key that does not take part in it.
+pub async fn access(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    id: Uuid,
+    permission: Permission,
+) -> ApiResult<Access> {
+    access_for(app, caller, org, id, permission, None).await
+}
+
+/// [`access`], where a service key acts on behalf of user `on_behalf`: the access then
+/// carries that user's role (`None` when the user does not take part).
+pub async fn access_for(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    id: Uuid,
+    permission: Permission,
+    on_behalf: Option<Uuid>,
+) -> ApiResult<Access> {
+    caller.require_in(org, permission)?;
+    let conversation: ConversationRow = sqlx::query_as(&format!(
+        "{SELECT} WHERE c.id = $1 AND c.organization_id = $2"
+    ))
+    .bind(id)
+    .bind(org)
+    .fetch_optional(&app.pool)
+    .await?
+    .ok_or_else(|| ApiError::not_found("conversation"))?;
+    match (caller.user_id, on_behalf) {
+        (Some(user), _) => {
+            let role = role_of(app, id, user)
+                .await?
+                .ok_or_else(|| ApiError::not_found("conversation"))?;
+            Ok(Access {
+                conversation,
+                role: Some(role),
+                actor: ConversationActor::User(user),
+            })
+        }
+        (None, Some(user)) => Ok(Access {
+            role: role_of(app, id, user).await?,
+            conversation,
+            actor: ConversationActor::Service,
+        }),
+        (None, None) => Ok(Access {
+            conversation,
+            role: None,
+            actor: ConversationActor::Service,
+        }),
+    }
+}
+
+/// The full view of one conversation, as `caller` sees it.
+async fn view(app: &App, caller: &Caller, org: Uuid, id: Uuid) -> ApiResult<ConversationView> {
+    let access = access(app, caller, org, id, Permission::ConversationsRead).await?;
+    let me = match access.user_id() {
+        Some(user) => {
+            sqlx::query_as::<_, MyState>(&format!(
+                "SELECT p.role, p.muted, p.last_read_message_id, {UNREAD} AS unread_count \
+             FROM conversation_participants p WHERE p.conversation_id = $1 AND p.user_id = $2"
+            ))
+            .bind(id)
+            .bind(user)
+            .fetch_optional(&app.pool)
+            .await?
+        }
+        None => None,
+    };
+    let participants: Vec<ParticipantView> = sqlx::query_as(
+        "SELECT user_id, role, muted, joined_at, last_read_message_id, last_read_at \
+         FROM conversation_participants WHERE conversation_id = $1 \
+         ORDER BY CASE role WHEN 'owner' THEN 0 WHEN 'admin' THEN 1 ELSE 2 END, joined_at, user_id",
+    )
+    .bind(id)
+    .fetch_all(&app.pool)
+    .await?;
+    let mut view = ConversationView::new(access.conversation, me);
+    view.participants = Some(participants);
+    Ok(view)
+}
+
+/// Every user in `users` must be an active user of `org`: 422 naming the first that is not.
+async fn require_active_members(app: &App, org: Uuid, users: &[Uuid]) -> ApiResult<()> {
+    let found: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM users WHERE id = ANY($1) AND organization_id = $2 AND status = 'active'",
+    )
+    .bind(users)
+    .bind(org)
+    .fetch_all(&app.pool)
+    .await?;
+    match users.iter().find(|u| !found.iter().any(|(f,)| f == *u)) {
+        Some(missing) => Err(ApiError::invalid(format!(
+            "user {missing} is not an active user of this organization"
+        ))),
+        None => Ok(()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateConversation {
+    kind: ConversationKind,
+    title: Option<String>,
+    description: Option<String>,
+    /// The other participants; the creator joins as owner.
+    #[serde(default)]
+    participants: Vec<Uuid>,
+    /// Who owns it: a service key must name the owner; a user key owns what it creates.
+    owner_id: Option<Uuid>,
+}
+
+pub async fn create(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Json(body): Json<CreateConversation>,
+) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
+    caller.require_in(org, Permission::ConversationsWrite)?;
+    organizations::find(&app, org).await?;
+    let owner_id = match (caller.user_id, body.owner_id) {
+        (Some(user), None) => user,
+        (Some(user), Some(owner)) if owner == user => user,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "owner_id: a user key creates conversations as its own user",
+            ))
+        }
+        (None, Some(owner)) => owner,
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "owner_id is required when a service key creates a conversation",
+            ))
+        }
+    };
+    let everyone: Vec<Uuid> = std::iter::once(owner_id)
+        .chain(body.participants.iter().copied())
+        .collect();
+    require_active_members(&app, org, &everyone).await?;
+    let id = Uuid::new_v4();
+    let command = ConversationCommand::Create {
+        conversation_id: id,
+        organization_id: org,
+        kind: body.kind,
+        title: body.title,
+        description: body.description,
+        owner_id,
+        members: body.participants,
+    };
+    app.execute(
+        &app.cqrs.conversations,
+        id,
+        Some(org),
+        &caller.actor,
+        command,
+    )
+    .await?;
+    // The creator may be a service key, which sees it too.
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(view(&app, &caller, org, id).await?),
+    ))
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct ListedRow {
+    #[sqlx(flatten)]
+    conversation: ConversationRow,
+    #[sqlx(flatten)]
+    me: MyState,
+}
+
+/// A user key lists the conversations it takes part in, each with its unread count; a
+/// service key lists all of the organization's.
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    caller.require_in(org, Permission::ConversationsRead)?;
+    organizations::find(&app, org).await?;
+    const ORDER: &str = "ORDER BY c.last_message_at DESC NULLS LAST, c.created_at DESC, c.id";
+    let items: Vec<ConversationView> = match caller.user_id {
+        Some(user) => sqlx::query_as::<_, ListedRow>(&format!(
+            "{SELECT_LISTED} JOIN conversation_participants p ON p.conversation_id = c.id \
+             WHERE p.user_id = $1 AND c.organization_id = $2 {ORDER}",
+            SELECT_LISTED = SELECT.replace(
+                " FROM conversations c",
+                &format!(
+                    ", p.role, p.muted, p.last_read_message_id, {UNREAD} AS unread_count \
+                     FROM conversations c"
+                ),
+            ),
+        ))
+        .bind(user)
+        .bind(org)
+        .fetch_all(&app.pool)
+        .await?
+        .into_iter()
+        .map(|r| ConversationView::new(r.conversation, Some(r.me)))
+        .collect(),
+        None => sqlx::query_as::<_, ConversationRow>(&format!(
+            "{SELECT} WHERE c.organization_id = $1 {ORDER}"
+        ))
+        .bind(org)
+        .fetch_all(&app.pool)
+        .await?
+        .into_iter()
+        .map(|r| ConversationView::new(r, None))
+        .collect(),
+    };
+    Ok(axum::Json(serde_json::json!({ "items": items })))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<ConversationView>> {
+    Ok(axum::Json(view(&app, &caller, org, id).await?))
+}
+
+/// Runs one Conversation command for a caller that may write and see the conversation,
+/// then answers with the conversation as the caller now sees it.
+async fn command(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    id: Uuid,
+    make: impl FnOnce(ConversationActor) -> ConversationCommand,
+) -> ApiResult<axum::Json<ConversationView>> {
+    let access = access(app, caller, org, id, Permission::ConversationsWrite).await?;
+    let command = make(access.actor);
+    app.execute(
+        &app.cqrs.conversations,
+        id,
+        Some(org),
+        &caller.actor,
+        command,
+    )
+    .await?;
+    Ok(axum::Json(view(app, caller, org, id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateConversation {
+    #[serde(default, deserialize_with = "double_option")]
+    title: Option<Option<String>>,
+    #[serde(default, deserialize_with = "double_option")]
+    description: Option<Option<String>>,
+}
+
+pub async fn update(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id)): Path<(Uuid, Uuid)>,
+    Json(body): Json<UpdateConversation>,
+) -> ApiResult<axum::Json<ConversationView>> {
+    command(&app, &caller, org, id, |actor| {
+        ConversationCommand::Update {
+            title: body.title,
+            description: body.description,
+            actor,
+        }
+    })
+    .await
+}
+
+pub async fn archive(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<ConversationView>> {
+    command(&app, &caller, org, id, |actor| {
+        ConversationCommand::Archive { actor }
+    })
+    .await
+}
+
+pub async fn unarchive(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id)): Path<(Uuid, Uuid)>,
+) -> ApiResult<axum::Json<ConversationView>> {
+    command(&app, &caller, org, id, |actor| {
+        ConversationCommand::Unarchive { actor }
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AddParticipant {
+    user_id: Uuid,
+    #[serde(default = "member")]
+    role: ParticipantRole,
+}
+
+fn member() -> ParticipantRole {
+    ParticipantRole::Member
+}
+
+pub async fn add_participant(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id)): Path<(Uuid, Uuid)>,
+    Json(body): Json<AddParticipant>,
+) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
+    caller.require_in(org, Permission::ConversationsWrite)?;
+    require_active_members(&app, org, &[body.user_id]).await?;
+    let view = command(&app, &caller, org, id, |actor| {
+        ConversationCommand::AddParticipant {
+            user_id: body.user_id,
+            role: body.role,
+            actor,
+        }
+    })
+    .await?;
+    Ok((StatusCode::CREATED, view))
+}
+
+/// Removes a participant; removing oneself is leaving.
+pub async fn remove_participant(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
+    let command = ConversationCommand::RemoveParticipant {
+        user_id: user,
+        actor: access.actor,
+    };
+    app.execute(
+        &app.cqrs.conversations,
+        id,
+        Some(org),
+        &caller.actor,
+        command,
+    )
+    .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateParticipant {
+    role: Option<ParticipantRole>,
+    muted: Option<bool>,
+}
+
+/// Changes a participant's role (the owner's right) and/or mutes or unmutes (one's own).
+pub async fn update_participant(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
+    Json(body): Json<UpdateParticipant>,
+) -> ApiResult<axum::Json<ConversationView>> {
+    if body.role.is_none() && body.muted.is_none() {
+        return Err(ApiError::invalid(
+            "nothing to change: give a role, muted or both",
+        ));
+    }
+    let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
+    if body.muted.is_some() && access.user_id() != Some(user) {
+        return Err(ApiError::forbidden(
+            "muting is personal: a user key mutes only its own user",
+        ));
+    }
+    if let Some(role) = body.role {
+        let command = ConversationCommand::ChangeRole {
+            user_id: user,
+            role,
+            actor: access.actor,
+        };
+        app.execute(
+            &app.cqrs.conversations,
+            id,
+            Some(org),
+            &caller.actor,
+            command,
+        )
+        .await?;
+    }
+    if let Some(muted) = body.muted {
+        let command = if muted {
+            ConversationCommand::Mute { user_id: user }
+        } else {
+            ConversationCommand::Unmute { user_id: user }
+        };
+        app.execute(
+            &app.cqrs.conversations,
+            id,
+            Some(org),
+            &caller.actor,
+            command,
+        )
+        .await?;
+    }
+    Ok(axum::Json(view(&app, &caller, org, id).await?))
+}

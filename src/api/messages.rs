@@ -1,0 +1,709 @@
+//! `/v1/organizations/{org}/conversations/{id}/messages`: post, page through (newest first,
+//! optionally one thread), edit, delete, react, and mark read.
+//!
+//! Content is sealed under a key of the message's own, wrapped by its author's key, before
+//! it reaches an event; it is opened only on the way out. Every message command is decided
+//! against the conversation's version and guarded by it, so a post cannot slip in after its
+//! author was removed or the conversation archived; a stale guard is retried here.
+
+use std::collections::HashMap;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::message::{
+    MessageActor, MessageCommand, NewAttachment, ParentFacts, MAX_CONTENT_BYTES,
+};
+use ledgerline_aggregates::{validate, Permission};
+use serde::{Deserialize, Serialize};
+use sqlx::types::Json as SqlJson;
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::conversations::{access, access_for, Access};
+use super::error::{ApiError, ApiResult};
+use super::extract::{Json, Path, Query};
+use crate::app::{App, CommandError};
+use crate::crypto::DataKey;
+
+/// How often a message command is decided again when its conversation changed meanwhile.
+const STALE_RETRIES: usize = 3;
+const DEFAULT_PAGE: i64 = 50;
+const MAX_PAGE: i64 = 200;
+
+#[derive(Debug, Deserialize)]
+struct AttachmentRow {
+    file_name: Option<String>,
+    mime_type: String,
+    size_bytes: i64,
+    blake3: String,
+}
+
+#[derive(Debug, Deserialize)]
+struct ReactionRow {
+    emoji: String,
+    user_id: Uuid,
+}
+
+#[derive(Debug, sqlx::FromRow)]
+struct MessageRow {
+    id: Uuid,
+    conversation_id: Uuid,
+    author_id: Uuid,
+    parent_message_id: Option<Uuid>,
+    thread_root_id: Option<Uuid>,
+    content_sealed: Option<String>,
+    position: i64,
+    created_at: DateTime<Utc>,
+    edited_at: Option<DateTime<Utc>>,
+    deleted_at: Option<DateTime<Utc>>,
+    attachments: SqlJson<Vec<AttachmentRow>>,
+    reactions: SqlJson<Vec<ReactionRow>>,
+}
+
+/// One page's rows with their attachments and reactions, in one statement.
+const SELECT: &str = "SELECT m.id, m.conversation_id, m.author_id, m.parent_message_id, \
+     m.thread_root_id, m.content_sealed, m.position, m.created_at, m.edited_at, m.deleted_at, \
+     COALESCE((SELECT json_agg(json_build_object('file_name', a.file_name_sealed, \
+        'mime_type', a.mime_type, 'size_bytes', a.size_bytes, 'blake3', a.blake3) ORDER BY a.ordinal) \
+        FROM message_attachments a WHERE a.message_id = m.id), '[]') AS attachments, \
+     COALESCE((SELECT json_agg(json_build_object('emoji', r.emoji, 'user_id', r.user_id) \
+        ORDER BY r.created_at, r.user_id) \
+        FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions \
+     FROM messages m";
+
+#[derive(Debug, Serialize)]
+pub struct AttachmentView {
+    /// `null` once the message is deleted or its author erased.
+    pub file_name: Option<String>,
+    pub mime_type: String,
+    pub size_bytes: i64,
+    pub blake3: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReactionView {
+    pub emoji: String,
+    pub count: usize,
+    pub user_ids: Vec<Uuid>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct MessageView {
+    pub id: Uuid,
+    pub conversation_id: Uuid,
+    pub author_id: Uuid,
+    pub parent_message_id: Option<Uuid>,
+    pub thread_root_id: Option<Uuid>,
+    /// `null` unless `content_status` is `present`.
+    pub content: Option<String>,
+    /// `present`, `deleted` (the message was deleted) or `erased` (its author was).
+    pub content_status: &'static str,
+    pub attachments: Vec<AttachmentView>,
+    pub reactions: Vec<ReactionView>,
+    /// The message's ledger position: the conversation's order and the page cursor.
+    pub position: i64,
+    pub created_at: DateTime<Utc>,
+    pub edited_at: Option<DateTime<Utc>>,
+    pub deleted_at: Option<DateTime<Utc>>,
+}
+
+fn attachment_field(index: usize) -> String {
+    format!("attachment:{index}:file_name")
+}
+
+/// Opens a page of rows with one key lookup for all of them.
+async fn open(app: &App, rows: Vec<MessageRow>) -> ApiResult<Vec<MessageView>> {
+    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
+    let keys: HashMap<Uuid, DataKey> = app.vault.message_keys(&app.pool, &ids).await?;
+    Ok(rows
+        .into_iter()
+        .map(|r| {
+            let content = r
+                .content_sealed
+                .as_deref()
+                .and_then(|s| app.vault.open(&keys, "content", s));
+            let content_status = match (&r.deleted_at, &content) {
+                (Some(_), _) => "deleted",
+                (None, Some(_)) => "present",
+                (None, None) => "erased",
+            };
+            let mut reactions: Vec<ReactionView> = Vec::new();
+            for ReactionRow { emoji, user_id } in r.reactions.0 {
+                match reactions.iter_mut().find(|v| v.emoji == emoji) {
+                    Some(v) => {
+                        v.count += 1;
+                        v.user_ids.push(user_id);
+                    }
+                    None => reactions.push(ReactionView {
+                        emoji,
+                        count: 1,
+                        user_ids: vec![user_id],
+                    }),
+                }
+            }
+            MessageView {
+                attachments: r
+                    .attachments
+                    .0
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, a)| AttachmentView {
+                        file_name: a
+                            .file_name
+                            .and_then(|s| app.vault.open(&keys, &attachment_field(i), &s)),
+                        mime_type: a.mime_type,
+                        size_bytes: a.size_bytes,
+                        blake3: a.blake3,
+                    })
+                    .collect(),
+                id: r.id,
+                conversation_id: r.conversation_id,
+                author_id: r.author_id,
+                parent_message_id: r.parent_message_id,
+                thread_root_id: r.thread_root_id,
+                content,
+                content_status,
+                reactions,
+                position: r.position,
+                created_at: r.created_at,
+                edited_at: r.edited_at,
+                deleted_at: r.deleted_at,
+            }
+        })
+        .collect())
+}
+
+/// The message `id` of conversation `conversation`, or a 404.
+async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView> {
+    let row: MessageRow = sqlx::query_as(&format!(
+        "{SELECT} WHERE m.id = $1 AND m.conversation_id = $2"
+    ))
+    .bind(id)
+    .bind(conversation)
+    .fetch_optional(&app.pool)
+    .await?
+    .ok_or_else(|| ApiError::not_found("message"))?;
+    Ok(open(app, vec![row]).await?.remove(0))
+}
+
+/// Decides and appends one message command against the conversation as it is now; when
+/// the conversation (or the message) changed in between, reads it again and decides again.
+/// Which message a command is for.
+#[derive(Clone, Copy)]
+struct Target {
+    org: Uuid,
+    conversation: Uuid,
+    message: Uuid,
+}
+
+async fn run(
+    app: &App,
+    caller: &Caller,
+    Target {
+        org,
+        conversation,
+        message,
+    }: Target,
+    permission: Permission,
+    on_behalf: Option<Uuid>,
+    mut make: impl FnMut(&Access) -> ApiResult<MessageCommand>,
+) -> ApiResult<()> {
+    let mut attempt = 0;
+    loop {
+        let access = access_for(app, caller, org, conversation, permission, on_behalf).await?;
+        let command = make(&access)?;
+        let outcome = app
+            .execute_guarded(
+                &app.cqrs.messages,
+                message,
+                Some(org),
+                &caller.actor,
+                Some(access.guard()),
+                command,
+            )
+            .await;
+        match outcome {
+            Err(CommandError::Stale(_) | CommandError::Conflict) if attempt < STALE_RETRIES => {
+                attempt += 1;
+                app.await_projections().await;
+            }
+            other => return other.map_err(ApiError::from),
+        }
+    }
+}
+
+/// The acting user of a command only a user can give (react, read, edit).
+fn user_only(access: &Access, what: &str) -> ApiResult<Uuid> {
+    match access.user_id() {
+        Some(u) => Ok(u),
+        None => Err(ApiError::forbidden(format!(
+            "{what} belongs to a user: use the user's own key, not a service key"
+        ))),
+    }
+}
+
+fn check_size(content: &str) -> ApiResult<()> {
+    if content.len() > MAX_CONTENT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "message content is {} bytes; the limit is {MAX_CONTENT_BYTES} bytes",
+                content.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewAttachmentBody {
+    file_name: String,
+    mime_type: String,
+    size_bytes: i64,
+    blake3: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostMessage {
+    content: String,
+    parent_message_id: Option<Uuid>,
+    #[serde(default)]
+    attachments: Vec<NewAttachmentBody>,
+    /// Required for a service key, which posts on a participant's behalf; a user key posts
+    /// as its own user.
+    author_id: Option<Uuid>,
+}
+
+pub async fn post(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation)): Path<(Uuid, Uuid)>,
+    Json(body): Json<PostMessage>,
+) -> ApiResult<(StatusCode, axum::Json<MessageView>)> {
+    let first = access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsWrite,
+    )
+    .await?;
+    check_size(&body.content)?;
+    let author = match (first.user_id(), body.author_id) {
+        (Some(user), None) => user,
+        (Some(user), Some(a)) if a == user => user,
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "author_id: a user key posts as its own user",
+            ))
+        }
+        (None, Some(a)) => a,
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "author_id is required when a service key posts",
+            ))
+        }
+    };
+    // A service key's author must be an active user; a user key's is (or it got a 401).
+    let active: Option<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM users WHERE id = $1 AND organization_id = $2 AND status = 'active'",
+    )
+    .bind(author)
+    .bind(org)
+    .fetch_optional(&app.pool)
+    .await?;
+    if active.is_none() {
+        return Err(ApiError::invalid(format!(
+            "author {author} is not an active user of this organization"
+        )));
+    }
+    let names = body
+        .attachments
+        .iter()
+        .map(|a| validate::name("attachment file_name", &a.file_name))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(ApiError::invalid)?;
+    let parent = match body.parent_message_id {
+        None => None,
+        Some(p) => {
+            let found: Option<(Uuid, Option<Uuid>)> = sqlx::query_as(
+                "SELECT conversation_id, thread_root_id FROM messages \
+                 WHERE id = $1 AND organization_id = $2",
+            )
+            .bind(p)
+            .bind(org)
+            .fetch_optional(&app.pool)
+            .await?;
+            let (conversation_id, thread_root_id) = found.ok_or_else(|| {
+                ApiError::invalid("parent_message_id must be a message of this conversation")
+            })?;
+            Some(ParentFacts {
+                message_id: p,
+                conversation_id,
+                thread_root_id,
+            })
+        }
+    };
+    let id = Uuid::new_v4();
+    let key = app
+        .vault
+        .create_message_key(&app.pool, id, author, org)
+        .await?
+        .ok_or_else(|| ApiError::conflict("the author's data key is gone (erased)"))?;
+    let outcome = run(
+        &app,
+        &caller,
+        Target {
+            org,
+            conversation,
+            message: id,
+        },
+        Permission::ConversationsWrite,
+        Some(author),
+        |access| {
+            Ok(MessageCommand::Post {
+                message_id: id,
+                conversation: access.facts(),
+                author_id: author,
+                content: app.vault.seal(&key, id, "content", &body.content),
+                content_bytes: body.content.len(),
+                parent: parent.clone(),
+                attachments: body
+                    .attachments
+                    .iter()
+                    .zip(&names)
+                    .enumerate()
+                    .map(|(i, (a, name))| NewAttachment {
+                        file_name: app.vault.seal(&key, id, &attachment_field(i), name),
+                        mime_type: a.mime_type.clone(),
+                        size_bytes: a.size_bytes,
+                        blake3: a.blake3.clone(),
+                    })
+                    .collect(),
+            })
+        },
+    )
+    .await;
+    if let Err(e) = outcome {
+        // The message never came to be: its key protects nothing.
+        app.vault.destroy_message_key(&app.pool, id).await?;
+        return Err(e);
+    }
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(find(&app, conversation, id).await?),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PageQuery {
+    /// The `next_cursor` of the previous page: only messages older than it.
+    cursor: Option<i64>,
+    limit: Option<i64>,
+    /// One thread: its root message and every reply in it.
+    thread: Option<Uuid>,
+}
+
+/// Newest first, `limit` at a time, from an index on (conversation, position).
+pub async fn list(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation)): Path<(Uuid, Uuid)>,
+    Query(q): Query<PageQuery>,
+) -> ApiResult<axum::Json<serde_json::Value>> {
+    access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsRead,
+    )
+    .await?;
+    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::bad_request(format!(
+            "limit must be between 1 and {MAX_PAGE}"
+        )));
+    }
+    let rows: Vec<MessageRow> = sqlx::query_as(&format!(
+        "{SELECT} WHERE m.conversation_id = $1 AND ($2::bigint IS NULL OR m.position < $2) \
+         AND ($3::uuid IS NULL OR m.thread_root_id = $3 OR m.id = $3) \
+         ORDER BY m.position DESC LIMIT $4"
+    ))
+    .bind(conversation)
+    .bind(q.cursor)
+    .bind(q.thread)
+    .bind(limit + 1)
+    .fetch_all(&app.pool)
+    .await?;
+    let mut items = open(&app, rows).await?;
+    let next_cursor = if items.len() as i64 > limit {
+        items.truncate(limit as usize);
+        items.last().map(|m| m.position)
+    } else {
+        None
+    };
+    Ok(axum::Json(
+        serde_json::json!({ "items": items, "next_cursor": next_cursor }),
+    ))
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
+) -> ApiResult<axum::Json<MessageView>> {
+    access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsRead,
+    )
+    .await?;
+    Ok(axum::Json(find(&app, conversation, message).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditMessage {
+    content: String,
+}
+
+/// The author edits; the content is sealed again under the message's key.
+pub async fn edit(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
+    Json(body): Json<EditMessage>,
+) -> ApiResult<axum::Json<MessageView>> {
+    access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsWrite,
+    )
+    .await?;
+    find(&app, conversation, message).await?;
+    check_size(&body.content)?;
+    let key = app
+        .vault
+        .message_keys(&app.pool, &[message])
+        .await?
+        .remove(&message)
+        .ok_or_else(|| ApiError::conflict("the message's content is gone (deleted or erased)"))?;
+    run(
+        &app,
+        &caller,
+        Target {
+            org,
+            conversation,
+            message,
+        },
+        Permission::ConversationsWrite,
+        None,
+        |access| {
+            Ok(MessageCommand::Edit {
+                conversation: access.facts(),
+                editor_id: user_only(access, "editing a message")?,
+                content: app.vault.seal(&key, message, "content", &body.content),
+                content_bytes: body.content.len(),
+            })
+        },
+    )
+    .await?;
+    Ok(axum::Json(find(&app, conversation, message).await?))
+}
+
+/// The author, a conversation owner or admin, or a service key deletes: the message's key
+/// is destroyed, so its content is unrecoverable while its events stay in the chain.
+pub async fn delete(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
+) -> ApiResult<StatusCode> {
+    access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsWrite,
+    )
+    .await?;
+    find(&app, conversation, message).await?;
+    run(
+        &app,
+        &caller,
+        Target {
+            org,
+            conversation,
+            message,
+        },
+        Permission::ConversationsWrite,
+        None,
+        |access| {
+            Ok(MessageCommand::Delete {
+                conversation: access.facts(),
+                actor: match access.user_id() {
+                    Some(u) => MessageActor::User(u),
+                    None => MessageActor::Service,
+                },
+            })
+        },
+    )
+    .await?;
+    // Also here, so the content is gone even while the projection is behind or failed.
+    app.vault.destroy_message_key(&app.pool, message).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn reaction(
+    app: &App,
+    caller: &Caller,
+    (org, conversation, message, emoji): (Uuid, Uuid, Uuid, String),
+    add: bool,
+) -> ApiResult<axum::Json<MessageView>> {
+    access(
+        app,
+        caller,
+        org,
+        conversation,
+        Permission::ConversationsWrite,
+    )
+    .await?;
+    find(app, conversation, message).await?;
+    run(
+        app,
+        caller,
+        Target {
+            org,
+            conversation,
+            message,
+        },
+        Permission::ConversationsWrite,
+        None,
+        |access| {
+            let user_id = user_only(access, "a reaction")?;
+            let conversation = access.facts();
+            let emoji = emoji.clone();
+            Ok(if add {
+                MessageCommand::React {
+                    conversation,
+                    user_id,
+                    emoji,
+                }
+            } else {
+                MessageCommand::Unreact {
+                    conversation,
+                    user_id,
+                    emoji,
+                }
+            })
+        },
+    )
+    .await?;
+    Ok(axum::Json(find(app, conversation, message).await?))
+}
+
+pub async fn react(
+    State(app): State<App>,
+    caller: Caller,
+    Path(path): Path<(Uuid, Uuid, Uuid, String)>,
+) -> ApiResult<axum::Json<MessageView>> {
+    reaction(&app, &caller, path, true).await
+}
+
+pub async fn unreact(
+    State(app): State<App>,
+    caller: Caller,
+    Path(path): Path<(Uuid, Uuid, Uuid, String)>,
+) -> ApiResult<axum::Json<MessageView>> {
+    reaction(&app, &caller, path, false).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRead {
+    /// Everything up to and including this message is read.
+    message_id: Uuid,
+}
+
+#[derive(Debug, Serialize, sqlx::FromRow)]
+pub struct ReadState {
+    pub conversation_id: Uuid,
+    pub last_read_message_id: Option<Uuid>,
+    pub last_read_at: Option<DateTime<Utc>>,
+    pub unread_count: i64,
+}
+
+async fn read_state(app: &App, conversation: Uuid, user: Uuid) -> ApiResult<ReadState> {
+    sqlx::query_as(
+        "SELECT p.conversation_id, p.last_read_message_id, p.last_read_at, \
+         (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id \
+          AND m.position > p.last_read_position AND m.deleted_at IS NULL \
+          AND m.author_id <> p.user_id) AS unread_count \
+         FROM conversation_participants p WHERE p.conversation_id = $1 AND p.user_id = $2",
+    )
+    .bind(conversation)
+    .bind(user)
+    .fetch_optional(&app.pool)
+    .await?
+    .ok_or_else(|| ApiError::not_found("conversation"))
+}
+
+/// Marks the conversation read up to a message. Marking a message at or before the current
+/// mark changes nothing and appends nothing: the answer is the current state.
+pub async fn mark_read(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, conversation)): Path<(Uuid, Uuid)>,
+    Json(body): Json<MarkRead>,
+) -> ApiResult<axum::Json<ReadState>> {
+    let first = access(
+        &app,
+        &caller,
+        org,
+        conversation,
+        Permission::ConversationsRead,
+    )
+    .await?;
+    let user = user_only(&first, "a read mark")?;
+    let marks: Option<(i64, i64)> = sqlx::query_as(
+        "SELECT m.position, p.last_read_position FROM messages m \
+         JOIN conversation_participants p ON p.conversation_id = m.conversation_id AND p.user_id = $3 \
+         WHERE m.id = $1 AND m.conversation_id = $2",
+    )
+    .bind(body.message_id)
+    .bind(conversation)
+    .bind(user)
+    .fetch_optional(&app.pool)
+    .await?;
+    let (position, last_read) = marks
+        .ok_or_else(|| ApiError::invalid("message_id must be a message of this conversation"))?;
+    if position > last_read {
+        run(
+            &app,
+            &caller,
+            Target {
+                org,
+                conversation,
+                message: body.message_id,
+            },
+            Permission::ConversationsRead,
+            None,
+            |access| {
+                Ok(MessageCommand::MarkRead {
+                    conversation: access.facts(),
+                    user_id: user_only(access, "a read mark")?,
+                })
+            },
+        )
+        .await?;
+    }
+    Ok(axum::Json(read_state(&app, conversation, user).await?))
+}

@@ -1,0 +1,1004 @@
+//! Conversations and messages over HTTP against a real PostgreSQL: every rule and every
+//! rejection (each rejection also appends nothing), deletion and author erasure leaving no
+//! readable content anywhere, and the guard that keeps a post from slipping in after its
+//! author was removed.
+
+mod common;
+
+use common::{assert_error, every_row, Response, TestApp};
+use ledgerline::app::{Actor, CommandError, Guard};
+use ledgerline_aggregates::conversation::ParticipantRole;
+use ledgerline_aggregates::message::{ConversationFacts, MessageCommand};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// An organization with four members (Alice, Bob, Carol, Dave), each with a key of the
+/// built-in `member` role, and a service key with both conversation permissions.
+struct Chat {
+    t: TestApp,
+    org: Uuid,
+    alice: (Uuid, String),
+    bob: (Uuid, String),
+    carol: (Uuid, String),
+    dave: (Uuid, String),
+    service: String,
+}
+
+async fn chat() -> Chat {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Chat Co").await;
+    let alice = t.member_with_key(org, "member", "alice@chat.example").await;
+    let bob = t.member_with_key(org, "member", "bob@chat.example").await;
+    let carol = t.member_with_key(org, "member", "carol@chat.example").await;
+    let dave = t.member_with_key(org, "member", "dave@chat.example").await;
+    let r = t
+        .post(
+            &format!("/v1/organizations/{org}/api-keys"),
+            &t.admin_key,
+            json!({"label": "bot", "permissions": ["conversations:read", "conversations:write"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let service = r.body["secret"].as_str().unwrap().to_string();
+    Chat {
+        t,
+        org,
+        alice,
+        bob,
+        carol,
+        dave,
+        service,
+    }
+}
+
+fn id(r: &Response) -> Uuid {
+    r.body["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("an id in {}", r.body))
+        .parse()
+        .unwrap()
+}
+
+impl Chat {
+    fn path(&self, rest: &str) -> String {
+        format!("/v1/organizations/{}/conversations{rest}", self.org)
+    }
+
+    async fn create(&self, key: &str, body: Value) -> Response {
+        self.t.post(&self.path(""), key, body).await
+    }
+
+    /// A group owned by Alice with Bob and Carol.
+    async fn group(&self) -> Uuid {
+        let r = self
+            .create(
+                &self.alice.1,
+                json!({"kind": "group", "title": "Launch", "participants": [self.bob.0, self.carol.0]}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        id(&r)
+    }
+
+    async fn post(&self, key: &str, conv: Uuid, body: Value) -> Response {
+        self.t
+            .post(&self.path(&format!("/{conv}/messages")), key, body)
+            .await
+    }
+
+    async fn say(&self, key: &str, conv: Uuid, text: &str) -> Uuid {
+        let r = self.post(key, conv, json!({"content": text})).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        id(&r)
+    }
+
+    async fn messages(&self, key: &str, conv: Uuid, query: &str) -> Response {
+        self.t
+            .get(&self.path(&format!("/{conv}/messages{query}")), key)
+            .await
+    }
+
+    async fn message(&self, key: &str, conv: Uuid, msg: Uuid) -> Value {
+        let r = self
+            .t
+            .get(&self.path(&format!("/{conv}/messages/{msg}")), key)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body
+    }
+
+    async fn conversation(&self, key: &str, conv: Uuid) -> Response {
+        self.t.get(&self.path(&format!("/{conv}")), key).await
+    }
+
+    /// Asserts `r` is the error `status` and that the ledger did not move from `head`.
+    async fn refused(&self, r: &Response, status: u16, head: i64) {
+        assert_error(r, status);
+        assert_eq!(
+            self.t.head().await,
+            head,
+            "a refused command appends nothing"
+        );
+    }
+}
+
+fn texts(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or("<none>").to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_group_conversation_from_creation_to_reading() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let view = c.conversation(&c.bob.1, conv).await;
+    assert_eq!(view.status, 200, "{}", view.body);
+    assert_eq!(view.body["kind"], "group");
+    assert_eq!(view.body["title"], "Launch");
+    assert_eq!(view.body["created_by"], json!(c.alice.0));
+    let roles: Vec<(String, String)> = view.body["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            (
+                p["user_id"].as_str().unwrap().to_string(),
+                p["role"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(roles.len(), 3);
+    assert_eq!(roles[0], (c.alice.0.to_string(), "owner".to_string()));
+    assert!(roles[1..].iter().all(|(_, r)| r == "member"));
+
+    let first = c.say(&c.bob.1, conv, "hello").await;
+    c.say(&c.carol.1, conv, "hi all").await;
+    let mine = c.say(&c.alice.1, conv, "welcome").await;
+
+    // Newest first; Alice's own message is not unread for her.
+    let page = c.messages(&c.alice.1, conv, "").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(texts(&page.body), ["welcome", "hi all", "hello"]);
+    assert_eq!(page.body["items"][0]["author_id"], json!(c.alice.0));
+    assert_eq!(page.body["items"][0]["content_status"], "present");
+    let list = c.t.get(&c.path(""), &c.alice.1).await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body["items"][0]["me"]["unread_count"], 2);
+    assert!(list.body["items"][0]["last_message_at"].is_string());
+    assert_eq!(list.body["items"][0]["message_count"], 3);
+
+    // Reading up to Bob's first message leaves Carol's unread; reading to the end clears it.
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/read")),
+            &c.alice.1,
+            json!({"message_id": first}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["unread_count"], 1);
+    assert_eq!(r.body["last_read_message_id"], json!(first));
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/read")),
+            &c.alice.1,
+            json!({"message_id": mine}),
+        )
+        .await;
+    assert_eq!(r.body["unread_count"], 0);
+    // Marking an earlier message again changes nothing and appends nothing.
+    let head = c.t.head().await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/read")),
+            &c.alice.1,
+            json!({"message_id": first}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body["last_read_message_id"], json!(mine));
+    assert_eq!(c.t.head().await, head);
+    assert_eq!(
+        c.conversation(&c.bob.1, conv).await.body["me"]["unread_count"],
+        2,
+        "Bob has read nothing of others"
+    );
+    assert!(c.t.verify().await.intact(), "the chain verifies");
+}
+
+#[tokio::test]
+async fn messages_page_newest_first_with_a_cursor() {
+    let c = chat().await;
+    let conv = c.group().await;
+    for i in 0..7 {
+        c.say(&c.bob.1, conv, &format!("m{i}")).await;
+    }
+    let mut seen = Vec::new();
+    let mut query = "?limit=3".to_string();
+    loop {
+        let page = c.messages(&c.alice.1, conv, &query).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        seen.extend(texts(&page.body));
+        match page.body["next_cursor"].as_i64() {
+            Some(cursor) => query = format!("?limit=3&cursor={cursor}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen, ["m6", "m5", "m4", "m3", "m2", "m1", "m0"]);
+    assert_error(&c.messages(&c.alice.1, conv, "?limit=0").await, 400);
+    assert_error(&c.messages(&c.alice.1, conv, "?limit=201").await, 400);
+}
+
+#[tokio::test]
+async fn direct_conversations_need_exactly_two_distinct_people() {
+    let c = chat().await;
+    let head = c.t.head().await;
+    for participants in [json!([]), json!([c.bob.0, c.carol.0]), json!([c.alice.0])] {
+        let r = c
+            .create(
+                &c.alice.1,
+                json!({"kind": "direct", "participants": participants}),
+            )
+            .await;
+        c.refused(&r, 422, head).await;
+    }
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "group", "participants": [c.bob.0, c.bob.0], "title": "dup"}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    let r = c
+        .create(&c.alice.1, json!({"kind": "group", "participants": []}))
+        .await;
+    c.refused(&r, 422, head).await; // a group needs a title
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "chat", "participants": [c.bob.0]}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "direct", "participants": [c.bob.0]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let conv = id(&r);
+    assert_eq!(r.body["title"], Value::Null);
+    // Fixed for life: nobody joins or leaves a direct conversation.
+    let head = c.t.head().await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.alice.1,
+            json!({"user_id": c.carol.0}),
+        )
+        .await;
+    c.refused(&r, 409, head).await;
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.bob.0)),
+            &c.bob.1,
+        )
+        .await;
+    c.refused(&r, 409, head).await;
+}
+
+#[tokio::test]
+async fn participants_must_be_active_users_of_the_same_organization() {
+    let c = chat().await;
+    let other = c.t.create_org("Elsewhere").await;
+    let stranger = c.t.invite(other, "eve@elsewhere.example", "Eve").await;
+    let head = c.t.head().await;
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "group", "title": "x", "participants": [stranger]}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "group", "title": "x", "participants": [Uuid::new_v4()]}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+
+    let r =
+        c.t.post(
+            &format!("/v1/organizations/{}/users/{}/deactivate", c.org, c.dave.0),
+            &c.t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let head = c.t.head().await;
+    let r = c
+        .create(
+            &c.alice.1,
+            json!({"kind": "group", "title": "x", "participants": [c.dave.0]}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    let conv = c.group().await;
+    let head = c.t.head().await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.alice.1,
+            json!({"user_id": stranger}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+}
+
+#[tokio::test]
+async fn non_participants_and_other_tenants_see_404() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.bob.1, conv, "members only").await;
+    let head = c.t.head().await;
+    assert_error(&c.conversation(&c.dave.1, conv).await, 404);
+    assert_error(&c.messages(&c.dave.1, conv, "").await, 404);
+    let r = c
+        .post(&c.dave.1, conv, json!({"content": "let me in"}))
+        .await;
+    c.refused(&r, 404, head).await;
+    let r =
+        c.t.put(
+            &c.path(&format!("/{conv}/messages/{msg}/reactions/👍")),
+            &c.dave.1,
+            json!({}),
+        )
+        .await;
+    c.refused(&r, 404, head).await;
+    let list = c.t.get(&c.path(""), &c.dave.1).await;
+    assert_eq!(list.body["items"], json!([]));
+
+    // Another organization's key: 404; a key without the permission: 403.
+    let other = c.t.create_org("Other Tenant").await;
+    let (_, outsider) = c.t.member_with_key(other, "owner", "o@other.example").await;
+    let (_, auditor) =
+        c.t.member_with_key(c.org, "auditor", "audit@chat.example")
+            .await;
+    let head = c.t.head().await;
+    assert_error(&c.conversation(&outsider, conv).await, 404);
+    let r = c.post(&outsider, conv, json!({"content": "hi"})).await;
+    c.refused(&r, 404, head).await;
+    assert_error(&c.conversation(&auditor, conv).await, 403);
+    let r = c.post(&auditor, conv, json!({"content": "hi"})).await;
+    c.refused(&r, 403, head).await;
+}
+
+#[tokio::test]
+async fn archived_conversations_take_no_new_messages() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.bob.1, conv, "before").await;
+    let head = c.t.head().await;
+    let r =
+        c.t.post(&c.path(&format!("/{conv}/archive")), &c.bob.1, json!({}))
+            .await;
+    c.refused(&r, 403, head).await; // a member does not moderate
+    let r =
+        c.t.post(&c.path(&format!("/{conv}/archive")), &c.alice.1, json!({}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["status"], "archived");
+    let head = c.t.head().await;
+    let r = c.post(&c.bob.1, conv, json!({"content": "after"})).await;
+    c.refused(&r, 409, head).await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}/messages/{msg}")),
+            &c.bob.1,
+            json!({"content": "edited"}),
+        )
+        .await;
+    c.refused(&r, 409, head).await;
+    let r =
+        c.t.post(&c.path(&format!("/{conv}/archive")), &c.alice.1, json!({}))
+            .await;
+    c.refused(&r, 409, head).await;
+    // Reading still works, and so does unarchiving.
+    assert_eq!(
+        texts(&c.messages(&c.bob.1, conv, "").await.body),
+        ["before"]
+    );
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/unarchive")),
+            &c.alice.1,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    c.say(&c.bob.1, conv, "after").await;
+}
+
+#[tokio::test]
+async fn threads_stay_within_their_conversation() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let elsewhere = c
+        .create(
+            &c.bob.1,
+            json!({"kind": "direct", "participants": [c.carol.0]}),
+        )
+        .await;
+    let elsewhere = id(&elsewhere);
+    let foreign = c.say(&c.bob.1, elsewhere, "other place").await;
+    let root = c.say(&c.alice.1, conv, "root").await;
+    let head = c.t.head().await;
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "reply", "parent_message_id": foreign}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "reply", "parent_message_id": Uuid::new_v4()}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+
+    let reply = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "reply", "parent_message_id": root}),
+        )
+        .await;
+    assert_eq!(reply.status, 201, "{}", reply.body);
+    assert_eq!(reply.body["thread_root_id"], json!(root));
+    let deeper = c
+        .post(
+            &c.carol.1,
+            conv,
+            json!({"content": "deeper", "parent_message_id": id(&reply)}),
+        )
+        .await;
+    assert_eq!(deeper.body["parent_message_id"], json!(id(&reply)));
+    assert_eq!(
+        deeper.body["thread_root_id"],
+        json!(root),
+        "the root is kept"
+    );
+    c.say(&c.alice.1, conv, "not in the thread").await;
+    let thread = c
+        .messages(&c.alice.1, conv, &format!("?thread={root}"))
+        .await;
+    assert_eq!(texts(&thread.body), ["deeper", "reply", "root"]);
+}
+
+#[tokio::test]
+async fn content_is_limited_to_16_kib() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let head = c.t.head().await;
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "x".repeat(16 * 1024 + 1)}),
+        )
+        .await;
+    c.refused(&r, 413, head).await;
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("16384"));
+    let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
+    c.refused(&r, 422, head).await;
+    let full = "é".repeat(8 * 1024); // 16 KiB of UTF-8 exactly
+    let r = c.post(&c.bob.1, conv, json!({"content": full})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["content"], json!(full));
+}
+
+#[tokio::test]
+async fn attachments_are_described_and_checked() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let digest = blake3::hash(b"the file").to_hex().to_string();
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "see attached", "attachments": [
+                {"file_name": "plan.pdf", "mime_type": "application/pdf", "size_bytes": 8, "blake3": digest}
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(
+        r.body["attachments"],
+        json!([{"file_name": "plan.pdf", "mime_type": "application/pdf", "size_bytes": 8, "blake3": digest}])
+    );
+    let head = c.t.head().await;
+    for bad in [
+        json!({"file_name": "a", "mime_type": "pdf", "size_bytes": 1, "blake3": digest}),
+        json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": -1, "blake3": digest}),
+        json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": 1, "blake3": "abc"}),
+        json!({"file_name": "", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
+    ] {
+        let r = c
+            .post(
+                &c.bob.1,
+                conv,
+                json!({"content": "x", "attachments": [bad]}),
+            )
+            .await;
+        c.refused(&r, 422, head).await;
+    }
+}
+
+#[tokio::test]
+async fn only_the_author_edits() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.alice.1, conv, "draft").await;
+    let head = c.t.head().await;
+    let path = c.path(&format!("/{conv}/messages/{msg}"));
+    let r =
+        c.t.patch(&path, &c.bob.1, json!({"content": "hacked"}))
+            .await;
+    c.refused(&r, 403, head).await;
+    let r =
+        c.t.patch(&path, &c.service, json!({"content": "by a bot"}))
+            .await;
+    c.refused(&r, 403, head).await;
+    let r =
+        c.t.patch(&path, &c.alice.1, json!({"content": "final"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["content"], "final");
+    assert!(r.body["edited_at"].is_string());
+    assert_eq!(c.message(&c.bob.1, conv, msg).await["content"], "final");
+}
+
+#[tokio::test]
+async fn deleting_a_message_destroys_its_content_everywhere() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let secret = "the launch code is tangerine-42";
+    let digest = blake3::hash(b"x").to_hex().to_string();
+    let r = c
+        .post(
+            &c.carol.1,
+            conv,
+            json!({"content": secret, "attachments": [
+                {"file_name": "tangerine-42.txt", "mime_type": "text/plain", "size_bytes": 1, "blake3": digest}
+            ]}),
+        )
+        .await;
+    assert_eq!(r.status, 201);
+    let msg = id(&r);
+    let alices = c.say(&c.alice.1, conv, "owner's words").await;
+    // The text is really there before (so the checks below can fail).
+    assert_eq!(c.message(&c.bob.1, conv, msg).await["content"], secret);
+    let head = c.t.head().await;
+    let r =
+        c.t.delete(&c.path(&format!("/{conv}/messages/{alices}")), &c.carol.1)
+            .await;
+    c.refused(&r, 403, head).await; // a member deletes only its own
+
+    // The owner deletes Carol's message.
+    let r =
+        c.t.delete(&c.path(&format!("/{conv}/messages/{msg}")), &c.alice.1)
+            .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let view = c.message(&c.bob.1, conv, msg).await;
+    assert_eq!(view["content"], Value::Null);
+    assert_eq!(view["content_status"], "deleted");
+    assert_eq!(view["attachments"][0]["file_name"], Value::Null);
+    let head = c.t.head().await;
+    let r =
+        c.t.delete(&c.path(&format!("/{conv}/messages/{msg}")), &c.carol.1)
+            .await;
+    c.refused(&r, 409, head).await;
+
+    let mut seen = 0;
+    for (table, row) in every_row(&c.t).await {
+        seen += 1;
+        assert!(
+            !row.contains("tangerine"),
+            "{table} still holds the deleted content: {row}"
+        );
+    }
+    assert!(seen > 0);
+    let page = c.messages(&c.alice.1, conv, "").await;
+    assert!(!page.body.to_string().contains("tangerine"));
+    // The ciphertext is still in the chain, and the chain still verifies.
+    assert!(c.t.verify().await.intact(), "the chain verifies");
+}
+
+#[tokio::test]
+async fn erasing_an_author_leaves_their_messages_unreadable() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.bob.1, conv, "bob's secret: marmalade").await;
+    c.say(&c.alice.1, conv, "alice stays").await;
+    assert_eq!(
+        c.message(&c.alice.1, conv, msg).await["content"],
+        "bob's secret: marmalade"
+    );
+    let r =
+        c.t.post(
+            &format!("/v1/organizations/{}/users/{}/erase", c.org, c.bob.0),
+            &c.t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let page = c.messages(&c.alice.1, conv, "").await;
+    assert_eq!(texts(&page.body), ["alice stays", "<none>"]);
+    assert_eq!(page.body["items"][1]["content_status"], "erased");
+    for (table, row) in every_row(&c.t).await {
+        assert!(!row.contains("marmalade"), "{table} still holds it: {row}");
+    }
+    let (keys,): (i64,) = sqlx::query_as("SELECT count(*) FROM message_keys WHERE author_id = $1")
+        .bind(c.bob.0)
+        .fetch_one(c.t.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys, 0, "no wrapped key of the erased author lingers");
+    assert!(c.t.verify().await.intact(), "the chain verifies");
+}
+
+#[tokio::test]
+async fn one_reaction_per_user_message_and_emoji() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.alice.1, conv, "ship it?").await;
+    let c = &c;
+    let react = |key: &str, emoji: &str| {
+        let path = c.path(&format!("/{conv}/messages/{msg}/reactions/{emoji}"));
+        let key = key.to_string();
+        async move { c.t.put(&path, &key, json!({})).await }
+    };
+    let r = react(&c.bob.1, "👍").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let head = c.t.head().await;
+    c.refused(&react(&c.bob.1, "👍").await, 409, head).await;
+    c.refused(&react(&c.bob.1, "ok").await, 422, head).await;
+    c.refused(&react(&c.service, "👍").await, 403, head).await;
+    assert_eq!(react(&c.carol.1, "👍").await.status, 200);
+    let r = react(&c.bob.1, "🚀").await;
+    assert_eq!(
+        r.body["reactions"],
+        json!([
+            {"emoji": "👍", "count": 2, "user_ids": [c.bob.0, c.carol.0]},
+            {"emoji": "🚀", "count": 1, "user_ids": [c.bob.0]},
+        ])
+    );
+    let path = c.path(&format!("/{conv}/messages/{msg}/reactions/👍"));
+    let r = c.t.delete(&path, &c.bob.1).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["reactions"][0]["user_ids"], json!([c.carol.0]));
+    let head = c.t.head().await;
+    c.refused(&c.t.delete(&path, &c.bob.1).await, 409, head)
+        .await;
+}
+
+#[tokio::test]
+async fn removed_participants_can_no_longer_read_or_post() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let head = c.t.head().await;
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.carol.0)),
+            &c.bob.1,
+        )
+        .await;
+    c.refused(&r, 403, head).await; // members remove nobody
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.alice.0)),
+            &c.alice.1,
+        )
+        .await;
+    c.refused(&r, 409, head).await; // the owner hands over before leaving
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.carol.0)),
+            &c.alice.1,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let head = c.t.head().await;
+    assert_error(&c.conversation(&c.carol.1, conv).await, 404);
+    assert_error(&c.messages(&c.carol.1, conv, "").await, 404);
+    let r = c
+        .post(&c.carol.1, conv, json!({"content": "still here?"}))
+        .await;
+    c.refused(&r, 404, head).await;
+    // Bob leaves on his own.
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.bob.0)),
+            &c.bob.1,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_error(&c.conversation(&c.bob.1, conv).await, 404);
+    let left = c.conversation(&c.alice.1, conv).await;
+    assert_eq!(left.body["participants"].as_array().unwrap().len(), 1);
+    // A service key naming a removed author is refused too.
+    let head = c.t.head().await;
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "x", "author_id": c.bob.0}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+}
+
+#[tokio::test]
+async fn roles_moderation_and_muting() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let p = |u: Uuid| c.path(&format!("/{conv}/participants/{u}"));
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(&p(c.carol.0), &c.bob.1, json!({"role": "admin"}))
+            .await;
+    c.refused(&r, 403, head).await; // only the owner changes roles
+    let r =
+        c.t.patch(&p(c.bob.0), &c.alice.1, json!({"role": "admin"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // An admin adds and removes members, and deletes others' messages.
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.bob.1,
+            json!({"user_id": c.dave.0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let head = c.t.head().await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.bob.1,
+            json!({"user_id": c.dave.0}),
+        )
+        .await;
+    c.refused(&r, 409, head).await; // already in
+    let daves = c.say(&c.dave.1, conv, "spam").await;
+    let r =
+        c.t.delete(&c.path(&format!("/{conv}/messages/{daves}")), &c.bob.1)
+            .await;
+    assert_eq!(r.status, 204);
+    let r = c.t.delete(&p(c.dave.0), &c.bob.1).await;
+    assert_eq!(r.status, 204);
+
+    // Muting is one's own.
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(&p(c.carol.0), &c.bob.1, json!({"muted": true}))
+            .await;
+    c.refused(&r, 403, head).await;
+    let r =
+        c.t.patch(&p(c.carol.0), &c.carol.1, json!({"muted": true}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["me"]["muted"], true);
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(&p(c.carol.0), &c.carol.1, json!({"muted": true}))
+            .await;
+    c.refused(&r, 409, head).await;
+
+    // Handing ownership over: Carol becomes owner, Alice admin.
+    let r =
+        c.t.patch(&p(c.carol.0), &c.alice.1, json!({"role": "owner"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let roles: Vec<(Value, Value)> = r.body["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["user_id"].clone(), p["role"].clone()))
+        .collect();
+    assert!(roles.contains(&(json!(c.carol.0), json!("owner"))));
+    assert!(roles.contains(&(json!(c.alice.0), json!("admin"))));
+    // Renaming is for moderators.
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}")),
+            &c.dave.1,
+            json!({"title": "x"}),
+        )
+        .await;
+    c.refused(&r, 404, head).await; // Dave was removed
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}")),
+            &c.alice.1,
+            json!({"title": "Renamed"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["title"], "Renamed");
+}
+
+#[tokio::test]
+async fn a_service_key_sees_every_conversation_and_posts_for_a_participant() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let private = c
+        .create(
+            &c.dave.1,
+            json!({"kind": "direct", "participants": [c.bob.0]}),
+        )
+        .await;
+    assert_eq!(private.status, 201);
+    let list = c.t.get(&c.path(""), &c.service).await;
+    assert_eq!(list.body["items"].as_array().unwrap().len(), 2);
+    let head = c.t.head().await;
+    let r = c.post(&c.service, conv, json!({"content": "beep"})).await;
+    c.refused(&r, 422, head).await; // names no author
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "beep", "author_id": c.dave.0}),
+        )
+        .await;
+    c.refused(&r, 422, head).await; // Dave does not take part
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "beep", "author_id": c.bob.0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["author_id"], json!(c.bob.0));
+    // A user key cannot post as someone else.
+    let r = c
+        .post(
+            &c.alice.1,
+            conv,
+            json!({"content": "x", "author_id": c.bob.0}),
+        )
+        .await;
+    c.refused(&r, 422, c.t.head().await).await;
+    // A service key creates conversations for a named owner.
+    let r = c
+        .create(
+            &c.service,
+            json!({"kind": "channel", "title": "news", "owner_id": c.carol.0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["created_by"], json!(c.carol.0));
+}
+
+/// The guard: a message command decided against an older version of its conversation is
+/// refused by the ledger store, even though the command itself is valid.
+#[tokio::test]
+async fn a_post_decided_against_an_outdated_conversation_is_refused() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let (version,): (i64,) = sqlx::query_as("SELECT version FROM conversations WHERE id = $1")
+        .bind(conv)
+        .fetch_one(c.t.pool())
+        .await
+        .unwrap();
+    // Carol is removed after the (simulated) check saw her as a member.
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.carol.0)),
+            &c.alice.1,
+        )
+        .await;
+    assert_eq!(r.status, 204);
+    let head = c.t.head().await;
+    let facts = ConversationFacts {
+        conversation_id: conv,
+        organization_id: c.org,
+        archived: false,
+        role: Some(ParticipantRole::Member),
+    };
+    let message = Uuid::new_v4();
+    let key =
+        c.t.app
+            .vault
+            .create_message_key(c.t.pool(), message, c.carol.0, c.org)
+            .await
+            .unwrap()
+            .unwrap();
+    let command = MessageCommand::Post {
+        message_id: message,
+        conversation: facts,
+        author_id: c.carol.0,
+        content: c.t.app.vault.seal(&key, message, "content", "sneaky"),
+        content_bytes: 6,
+        parent: None,
+        attachments: vec![],
+    };
+    let guard = Guard {
+        aggregate_type: "Conversation",
+        aggregate_id: conv,
+        sequence: version,
+    };
+    let outcome =
+        c.t.app
+            .execute_guarded(
+                &c.t.app.cqrs.messages,
+                message,
+                Some(c.org),
+                &Actor::cli("test"),
+                Some(guard),
+                command,
+            )
+            .await;
+    assert!(
+        matches!(outcome, Err(CommandError::Stale(_))),
+        "refused as stale: {outcome:?}"
+    );
+    assert_eq!(c.t.head().await, head, "nothing appended");
+}
+
+#[tokio::test]
+async fn bad_paths_and_bodies_get_the_error_shape() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let head = c.t.head().await;
+    let r = c.t.get(&c.path("/not-a-uuid"), &c.alice.1).await;
+    c.refused(&r, 400, head).await;
+    let r = c.conversation(&c.alice.1, Uuid::new_v4()).await;
+    c.refused(&r, 404, head).await;
+    let r = c.post(&c.bob.1, conv, json!({"content": 5})).await;
+    c.refused(&r, 422, head).await;
+    let r = c
+        .post(&c.bob.1, conv, json!({"content": "x", "extra": 1}))
+        .await;
+    c.refused(&r, 422, head).await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}/messages/{}", Uuid::new_v4())),
+            &c.bob.1,
+            json!({"content": "x"}),
+        )
+        .await;
+    c.refused(&r, 404, head).await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/read")),
+            &c.bob.1,
+            json!({"message_id": Uuid::new_v4()}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}/participants/{}", c.bob.0)),
+            &c.bob.1,
+            json!({}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+}
