@@ -39,9 +39,11 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::PgPool;
 use uuid::Uuid;
+
+mod support;
+use support::BenchDb;
 
 /// The same pool size for both stores (the size the DESIGN-NOTES figures were taken with);
 /// `LEDGERLINE_BENCH_POOL` overrides it for diagnosis only.
@@ -223,72 +225,6 @@ fn request_metadata(rng: &mut StdRng, organization_id: Option<Uuid>) -> HashMap<
         "ledgerline-client/0.4.1 (rust; reqwest 0.12)".into(),
     );
     m
-}
-
-// ---------------------------------------------------------------------------------------
-// Database lifecycle.
-
-fn admin_url() -> String {
-    std::env::var("LEDGERLINE_BENCH_ADMIN_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
-}
-
-fn db_url(name: &str) -> String {
-    let admin = admin_url();
-    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
-    format!("{base}/{name}")
-}
-
-/// The bench database; dropped on drop (also on panic).
-struct BenchDb {
-    name: String,
-    url: String,
-}
-
-impl BenchDb {
-    async fn create() -> anyhow::Result<Self> {
-        let name = format!("ll_bench_{}", Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url()).await.with_context(|| {
-            format!("connecting to {}", ledgerline::db::redact_url(&admin_url()))
-        })?;
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut admin)
-            .await?;
-        admin.close().await.ok();
-        Ok(Self {
-            url: db_url(&name),
-            name,
-        })
-    }
-
-    async fn pool(&self) -> anyhow::Result<PgPool> {
-        Ok(PgPoolOptions::new()
-            .max_connections(pool_size())
-            .acquire_timeout(Duration::from_secs(60))
-            .connect(&self.url)
-            .await?)
-    }
-}
-
-impl Drop for BenchDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut admin)
-                        .await;
-                }
-            });
-        })
-        .join();
-        eprintln!("dropped database {}", self.name);
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -579,8 +515,8 @@ async fn append_phase(
     levels: &[usize],
     seconds: Duration,
 ) -> anyhow::Result<(Vec<Level>, PgPool)> {
-    let chained_pool = db.pool().await?;
-    let plain_pool = db.pool().await?;
+    let chained_pool = db.pool(pool_size()).await?;
+    let plain_pool = db.pool(pool_size()).await?;
     create_plain_tables(&plain_pool).await?;
 
     // (a) exactly the app's wiring (app.rs `framework`): the chained store behind cqrs-es.
@@ -1232,7 +1168,7 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
     let verify_events = env_num("LEDGERLINE_BENCH_VERIFY_EVENTS", 1_000_000)?;
     let verify_workers = env_list("LEDGERLINE_BENCH_VERIFY_WORKERS", &[1, 2, 4])?;
 
-    let setup = db.pool().await?;
+    let setup = db.pool(pool_size()).await?;
     ledgerline::db::migrate(&setup).await?;
     let (version,): (String,) = sqlx::query_as("SELECT version()").fetch_one(&setup).await?;
     let settings: Vec<(String, String)> = sqlx::query_as(

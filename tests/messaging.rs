@@ -1002,3 +1002,30 @@ async fn bad_paths_and_bodies_get_the_error_shape() {
         .await;
     c.refused(&r, 422, head).await;
 }
+
+#[tokio::test]
+async fn a_deactivated_participant_can_no_longer_read_or_post() {
+    let c = chat().await;
+    let conv = c.group().await;
+    c.say(&c.bob.1, conv, "before").await;
+    let r =
+        c.t.post(
+            &format!("/v1/organizations/{}/users/{}/deactivate", c.org, c.bob.0),
+            &c.t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let head = c.t.head().await;
+    assert_error(&c.messages(&c.bob.1, conv, "").await, 401);
+    let r = c.post(&c.bob.1, conv, json!({"content": "after"})).await;
+    c.refused(&r, 401, head).await;
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "after", "author_id": c.bob.0}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+}

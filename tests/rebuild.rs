@@ -5,6 +5,7 @@ mod common;
 
 use common::TestApp;
 use serde_json::json;
+use uuid::Uuid;
 
 /// Every read-model table, each row as JSON, in a stable order.
 async fn snapshot(t: &TestApp) -> Vec<(String, Vec<String>)> {
@@ -16,6 +17,12 @@ async fn snapshot(t: &TestApp) -> Vec<(String, Vec<String>)> {
         "user_roles",
         "api_keys",
         "audit_events",
+        "conversations",
+        "conversation_participants",
+        "messages",
+        "message_attachments",
+        "message_reactions",
+        "message_reads",
     ];
     let mut out = Vec::new();
     for table in tables {
@@ -69,6 +76,8 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         .status,
         200
     );
+
+    messaging_story(&t, org, ada, bob).await;
 
     let base = t
         .post(
@@ -230,4 +239,144 @@ async fn rebuilt_read_models_equal_the_live_ones() {
     for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
         assert_eq!(a, b, "table {table} differs after rebuild");
     }
+}
+
+/// Every kind of messaging event: a conversation created, renamed, archived and unarchived,
+/// participants added, removed, promoted and muted, messages posted (with an attachment and
+/// a reply), edited, reacted to, read and deleted. `bob` is erased later by the caller.
+async fn messaging_story(t: &TestApp, org: Uuid, ada: Uuid, bob: Uuid) {
+    let (cy, cy_key) = t.member_with_key(org, "member", "cy@example.com").await;
+    let c = format!("/v1/organizations/{org}/conversations");
+    let ok = |r: common::Response, status: u16| {
+        assert_eq!(r.status, status, "{}", r.body);
+        r.body
+    };
+    let conv = ok(
+        t.post(
+            &c,
+            &t.admin_key,
+            json!({"kind": "group", "title": "Ops", "owner_id": ada, "participants": [bob, cy]}),
+        )
+        .await,
+        201,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let c = format!("{c}/{conv}");
+    ok(
+        t.patch(&c, &t.admin_key, json!({"title": "Ops room"}))
+            .await,
+        200,
+    );
+    ok(
+        t.post(&format!("{c}/archive"), &t.admin_key, json!({}))
+            .await,
+        200,
+    );
+    ok(
+        t.post(&format!("{c}/unarchive"), &t.admin_key, json!({}))
+            .await,
+        200,
+    );
+    ok(
+        t.patch(
+            &format!("{c}/participants/{cy}"),
+            &t.admin_key,
+            json!({"role": "admin"}),
+        )
+        .await,
+        200,
+    );
+    ok(
+        t.patch(
+            &format!("{c}/participants/{cy}"),
+            &cy_key,
+            json!({"muted": true}),
+        )
+        .await,
+        200,
+    );
+    let digest = blake3::hash(b"notes").to_hex().to_string();
+    let root = ok(
+        t.post(
+            &format!("{c}/messages"),
+            &t.admin_key,
+            json!({"content": "agenda", "author_id": bob, "attachments": [
+                {"file_name": "notes.txt", "mime_type": "text/plain", "size_bytes": 5, "blake3": digest}
+            ]}),
+        )
+        .await,
+        201,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let reply = ok(
+        t.post(
+            &format!("{c}/messages"),
+            &cy_key,
+            json!({"content": "noted", "parent_message_id": root}),
+        )
+        .await,
+        201,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(
+        t.patch(
+            &format!("{c}/messages/{reply}"),
+            &cy_key,
+            json!({"content": "noted!"}),
+        )
+        .await,
+        200,
+    );
+    ok(
+        t.put(
+            &format!("{c}/messages/{root}/reactions/🎉"),
+            &cy_key,
+            json!({}),
+        )
+        .await,
+        200,
+    );
+    ok(
+        t.post(&format!("{c}/read"), &cy_key, json!({"message_id": reply}))
+            .await,
+        200,
+    );
+    let gone = ok(
+        t.post(
+            &format!("{c}/messages"),
+            &t.admin_key,
+            json!({"content": "oops", "author_id": ada}),
+        )
+        .await,
+        201,
+    )["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    ok(
+        t.delete(&format!("{c}/messages/{gone}"), &t.admin_key)
+            .await,
+        204,
+    );
+    let extra = t.invite(org, "dee@example.com", "Dee").await;
+    ok(
+        t.post(
+            &format!("{c}/participants"),
+            &t.admin_key,
+            json!({"user_id": extra}),
+        )
+        .await,
+        201,
+    );
+    ok(
+        t.delete(&format!("{c}/participants/{extra}"), &t.admin_key)
+            .await,
+        204,
+    );
 }

@@ -1,0 +1,946 @@
+//! Messaging benchmark: does a conversation's history cost its writers and readers anything?
+//! Posting latency at growing history sizes, and the latency of reading a page of 50, all
+//! through the HTTP API of an app running in-process (auth, facts, sealing, the append,
+//! read-your-writes, the response), the way tests/common starts it. For contrast, what
+//! loading a stream of as many events would cost, which is what a Conversation aggregate
+//! that held its messages would pay on every command. A plain binary (`harness = false`):
+//! `cargo bench --bench messaging`. See docs/benchmarks.md.
+//!
+//! Environment:
+//! - `LEDGERLINE_BENCH_ADMIN_URL`: a PostgreSQL database the bench may create and drop
+//!   databases from (default `postgres://postgres@127.0.0.1:5432/postgres`).
+//! - `LEDGERLINE_BENCH_HISTORY`: history sizes, ascending (default `10,10000,100000`).
+//! - `LEDGERLINE_BENCH_SAMPLES`: sequential posts measured per size (default 300).
+//! - `LEDGERLINE_BENCH_READS`: sequential page reads measured per size and kind (default 1000).
+//! - `LEDGERLINE_BENCH_SEEDERS`: concurrent posters growing the history (default 32).
+//! - `LEDGERLINE_BENCH_CONTRAST=0`: skip the replay contrast.
+//!
+//! Any request answered with an unexpected status, a page that is not what the history
+//! says it must be, or a count that does not add up makes the run exit non-zero.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use chrono::Utc;
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, SerializedEvent};
+use cqrs_es::{Aggregate, EventStore};
+use ledgerline::app::App;
+use ledgerline::crypto::{MasterKey, Vault};
+use ledgerline::ledger::LedgerStore;
+use ledgerline_aggregates::message::MessageEvent;
+use ledgerline_aggregates::metadata as md;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use reqwest::Method;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+mod support;
+use support::BenchDb;
+
+/// The app's pool: `serve`'s default (`LEDGERLINE_DB_POOL`).
+const APP_POOL: u32 = 16;
+/// Users of the organization, all `member`s and participants of the one conversation.
+const USERS: usize = 8;
+const PAGE: usize = 50;
+/// Unmeasured requests before each measured series.
+const WARM_UP: usize = 20;
+
+const GOAL_POST_RATIO: f64 = 1.5;
+const GOAL_READ_P99_MS: f64 = 10.0;
+
+// ---------------------------------------------------------------------------------------
+// Figures.
+
+#[derive(Clone, Copy)]
+struct Stats {
+    n: usize,
+    p50: f64,
+    p90: f64,
+    p99: f64,
+    mean: f64,
+    max: f64,
+}
+
+/// Nearest-rank percentiles of latencies in microseconds, in milliseconds.
+fn stats(mut us: Vec<u32>) -> Stats {
+    us.sort_unstable();
+    let at = |p: f64| {
+        if us.is_empty() {
+            return f64::NAN;
+        }
+        let rank = ((p * us.len() as f64).ceil() as usize).clamp(1, us.len());
+        us[rank - 1] as f64 / 1000.0
+    };
+    Stats {
+        n: us.len(),
+        p50: at(0.50),
+        p90: at(0.90),
+        p99: at(0.99),
+        mean: us.iter().map(|&u| u as f64).sum::<f64>() / us.len().max(1) as f64 / 1000.0,
+        max: at(1.0),
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "n={} p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, mean {:.2} ms, max {:.2} ms",
+            self.n, self.p50, self.p90, self.p99, self.mean, self.max
+        )
+    }
+}
+
+fn micros(d: Duration) -> u32 {
+    d.as_micros().min(u32::MAX as u128) as u32
+}
+
+/// Busy share of the whole machine (all processes) between two readings of /proc/stat.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+fn busy_since(before: Option<(u64, u64)>) -> String {
+    match (before, machine_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) => {
+            format!("{:.0}%", 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+        }
+        _ => "n/a".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The app in-process and its HTTP API.
+
+#[derive(Clone)]
+struct Api {
+    client: reqwest::Client,
+    base: String,
+}
+
+impl Api {
+    /// The status and the body's text; the time a consumer waits for them is the caller's.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, String)> {
+        let mut req = self
+            .client
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(key);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let res = req
+            .send()
+            .await
+            .with_context(|| format!("sending {path}"))?;
+        let status = res.status().as_u16();
+        Ok((status, res.text().await?))
+    }
+
+    async fn expect(
+        &self,
+        method: Method,
+        path: &str,
+        key: &str,
+        body: Option<&Value>,
+        status: u16,
+    ) -> anyhow::Result<Value> {
+        let (got, text) = self.send(method.clone(), path, key, body).await?;
+        parse(method, path, status, got, &text)
+    }
+}
+
+fn parse(method: Method, path: &str, want: u16, got: u16, text: &str) -> anyhow::Result<Value> {
+    ensure!(
+        got == want,
+        "{method} {path}: expected {want}, got {got}: {text}"
+    );
+    serde_json::from_str(text).with_context(|| format!("{method} {path}: body is not JSON"))
+}
+
+struct Chat {
+    api: Api,
+    org: Uuid,
+    conversation: Uuid,
+    /// (user id, key secret), each holding the built-in `member` role.
+    users: Vec<(Uuid, String)>,
+    /// Every message's position, in the order the posts were answered.
+    positions: Vec<i64>,
+}
+
+impl Chat {
+    fn messages_path(&self) -> String {
+        format!(
+            "/v1/organizations/{}/conversations/{}/messages",
+            self.org, self.conversation
+        )
+    }
+}
+
+/// An organization with `USERS` members, each with a key of the `member` role (as
+/// tests/common's `member_with_key` makes them), and a group conversation of all of them.
+async fn set_up(api: &Api, admin_key: &str) -> anyhow::Result<Chat> {
+    let org = api
+        .expect(
+            Method::POST,
+            "/v1/organizations",
+            admin_key,
+            Some(&json!({"name": "Bench Chat", "slug": "bench-chat"})),
+            201,
+        )
+        .await?;
+    let org: Uuid = org["id"].as_str().context("org id")?.parse()?;
+    let roles = api
+        .expect(
+            Method::GET,
+            &format!("/v1/organizations/{org}/roles"),
+            admin_key,
+            None,
+            200,
+        )
+        .await?;
+    let member_role = roles["items"]
+        .as_array()
+        .context("roles")?
+        .iter()
+        .find(|r| r["name"] == "member")
+        .and_then(|r| r["id"].as_str())
+        .context("the built-in member role")?
+        .to_string();
+    let perms = ledgerline_aggregates::organization::built_in_roles::permissions("member")
+        .context("member permissions")?;
+    let mut users = Vec::new();
+    for i in 0..USERS {
+        let user = api
+            .expect(
+                Method::POST,
+                &format!("/v1/organizations/{org}/users"),
+                admin_key,
+                Some(&json!({"email": format!("user{i}@bench.example"), "full_name": format!("Bench User {i}")})),
+                201,
+            )
+            .await?;
+        let user: Uuid = user["id"].as_str().context("user id")?.parse()?;
+        api.expect(
+            Method::PUT,
+            &format!("/v1/organizations/{org}/users/{user}/roles/{member_role}"),
+            admin_key,
+            Some(&json!({})),
+            200,
+        )
+        .await?;
+        let key = api
+            .expect(
+                Method::POST,
+                &format!("/v1/organizations/{org}/api-keys"),
+                admin_key,
+                Some(&json!({"label": format!("member key {i}"), "permissions": perms, "user_id": user})),
+                201,
+            )
+            .await?;
+        users.push((user, key["secret"].as_str().context("secret")?.to_string()));
+    }
+    let others: Vec<Uuid> = users[1..].iter().map(|(u, _)| *u).collect();
+    let conversation = api
+        .expect(
+            Method::POST,
+            &format!("/v1/organizations/{org}/conversations"),
+            &users[0].1,
+            Some(&json!({"kind": "group", "title": "Bench history", "participants": others})),
+            201,
+        )
+        .await?;
+    let conversation: Uuid = conversation["id"]
+        .as_str()
+        .context("conversation id")?
+        .parse()?;
+    Ok(Chat {
+        api: api.clone(),
+        org,
+        conversation,
+        users,
+        positions: Vec::new(),
+    })
+}
+
+const WORDS: [&str; 24] = [
+    "deploy",
+    "rollback",
+    "ticket",
+    "review",
+    "standup",
+    "budget",
+    "invoice",
+    "draft",
+    "release",
+    "migration",
+    "customer",
+    "meeting",
+    "tomorrow",
+    "friday",
+    "agreed",
+    "blocked",
+    "shipped",
+    "question",
+    "numbers",
+    "latency",
+    "database",
+    "design",
+    "lunch",
+    "thanks",
+];
+
+/// A chat message of 40 to ~250 bytes.
+fn content(rng: &mut StdRng) -> String {
+    let n = rng.gen_range(6..36);
+    let words: Vec<&str> = (0..n)
+        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
+        .collect();
+    words.join(" ")
+}
+
+/// One post; returns the new message's position.
+async fn post(api: &Api, path: &str, key: &str, text: String) -> anyhow::Result<(i64, Duration)> {
+    let body = json!({ "content": text });
+    let started = Instant::now();
+    let (status, text) = api.send(Method::POST, path, key, Some(&body)).await?;
+    let took = started.elapsed();
+    let message = parse(Method::POST, path, 201, status, &text)?;
+    let position = message["position"].as_i64().context("a position")?;
+    Ok((position, took))
+}
+
+// ---------------------------------------------------------------------------------------
+// Phases.
+
+/// Grows the history to `target` messages with `seeders` concurrent posters; returns the
+/// messages added and the time it took.
+async fn seed(chat: &mut Chat, target: usize, seeders: usize) -> anyhow::Result<(usize, Duration)> {
+    let to_add = target.saturating_sub(chat.positions.len());
+    if to_add == 0 {
+        return Ok((0, Duration::ZERO));
+    }
+    let next = Arc::new(AtomicUsize::new(0));
+    let path = Arc::new(chat.messages_path());
+    let keys: Arc<Vec<String>> = Arc::new(chat.users.iter().map(|(_, k)| k.clone()).collect());
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..seeders.max(1))
+        .map(|t| {
+            let (api, next, path, keys) =
+                (chat.api.clone(), next.clone(), path.clone(), keys.clone());
+            tokio::spawn(async move {
+                let mut rng = StdRng::seed_from_u64(t as u64 ^ 0x5eed);
+                let mut positions = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= to_add {
+                        return anyhow::Ok(positions);
+                    }
+                    let key = &keys[(t + i) % keys.len()];
+                    let (position, _) = post(&api, &path, key, content(&mut rng)).await?;
+                    positions.push(position);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        chat.positions.extend(task.await??);
+    }
+    Ok((to_add, started.elapsed()))
+}
+
+/// `samples` sequential posts by one client (after a warm-up), each timed from sending the
+/// request to the whole response received.
+async fn measure_posts(chat: &mut Chat, samples: usize, seed: u64) -> anyhow::Result<Stats> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let path = chat.messages_path();
+    let key = chat.users[1].1.clone();
+    let mut latencies = Vec::with_capacity(samples);
+    for i in 0..WARM_UP + samples {
+        let (position, took) = post(&chat.api, &path, &key, content(&mut rng)).await?;
+        chat.positions.push(position);
+        if i >= WARM_UP {
+            latencies.push(micros(took));
+        }
+    }
+    Ok(stats(latencies))
+}
+
+/// `reads` sequential reads of a page of 50: the newest page (`cursor` none), or pages
+/// that start at a random message with at least 50 older ones. Each page is checked
+/// against the positions the posts were answered with.
+async fn measure_pages(
+    chat: &Chat,
+    sorted: &[i64],
+    reads: usize,
+    deep: bool,
+    seed: u64,
+) -> anyhow::Result<Option<Stats>> {
+    if deep && sorted.len() <= PAGE {
+        return Ok(None);
+    }
+    let mut rng = StdRng::seed_from_u64(seed);
+    let base = chat.messages_path();
+    let key = &chat.users[2].1;
+    let mut latencies = Vec::with_capacity(reads);
+    for i in 0..WARM_UP + reads {
+        // Index into `sorted` (ascending) of the first message the page must hold.
+        let (path, newest) = if deep {
+            let c = rng.gen_range(PAGE..sorted.len());
+            (format!("{base}?limit={PAGE}&cursor={}", sorted[c]), c - 1)
+        } else {
+            (format!("{base}?limit={PAGE}"), sorted.len() - 1)
+        };
+        let started = Instant::now();
+        let (status, text) = chat.api.send(Method::GET, &path, key, None).await?;
+        let took = started.elapsed();
+        let page = parse(Method::GET, &path, 200, status, &text)?;
+        let got: Vec<i64> = page["items"]
+            .as_array()
+            .context("items")?
+            .iter()
+            .map(|m| m["position"].as_i64().unwrap_or(-1))
+            .collect();
+        let oldest = newest.saturating_sub(PAGE - 1);
+        let want: Vec<i64> = sorted[oldest..=newest].iter().rev().copied().collect();
+        ensure!(
+            got == want,
+            "GET {path}: positions {got:?}, expected {want:?}"
+        );
+        let next = page["next_cursor"].as_i64();
+        let want_next = (oldest > 0).then(|| sorted[oldest]);
+        ensure!(
+            next == want_next,
+            "GET {path}: next_cursor {next:?}, expected {want_next:?}"
+        );
+        if i >= WARM_UP {
+            latencies.push(micros(took));
+        }
+    }
+    Ok(Some(stats(latencies)))
+}
+
+/// The conversation as a participant sees it (with its unread count), sequentially.
+async fn measure_view(chat: &Chat, reads: usize) -> anyhow::Result<(Stats, i64, i64)> {
+    let path = format!(
+        "/v1/organizations/{}/conversations/{}",
+        chat.org, chat.conversation
+    );
+    let key = &chat.users[3].1;
+    let mut latencies = Vec::with_capacity(reads);
+    let mut last = Value::Null;
+    for i in 0..WARM_UP + reads {
+        let started = Instant::now();
+        let (status, text) = chat.api.send(Method::GET, &path, key, None).await?;
+        let took = started.elapsed();
+        last = parse(Method::GET, &path, 200, status, &text)?;
+        if i >= WARM_UP {
+            latencies.push(micros(took));
+        }
+    }
+    let count = last["message_count"].as_i64().context("message_count")?;
+    let unread = last["me"]["unread_count"]
+        .as_i64()
+        .context("unread_count")?;
+    Ok((stats(latencies), count, unread))
+}
+
+/// The plan of the page query (the list handler's statement) for a cursor, executed as a
+/// prepared statement the way sqlx runs it, under a plan cache mode: `force_custom_plan`
+/// (what the first executions on a connection get) or `force_generic_plan` (what
+/// PostgreSQL may switch to after five).
+async fn explain_page(
+    pool: &PgPool,
+    conversation: Uuid,
+    cursor: Option<i64>,
+    mode: &str,
+) -> anyhow::Result<String> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query(
+        "PREPARE bench_page(uuid, bigint, uuid, bigint) AS \
+         SELECT m.id, m.conversation_id, m.author_id, m.parent_message_id, \
+         m.thread_root_id, m.content_sealed, m.position, m.created_at, m.edited_at, m.deleted_at, \
+         COALESCE((SELECT json_agg(json_build_object('file_name', a.file_name_sealed, \
+            'mime_type', a.mime_type, 'size_bytes', a.size_bytes, 'blake3', a.blake3) ORDER BY a.ordinal) \
+            FROM message_attachments a WHERE a.message_id = m.id), '[]') AS attachments, \
+         COALESCE((SELECT json_agg(json_build_object('emoji', r.emoji, 'user_id', r.user_id) \
+            ORDER BY r.created_at, r.user_id) \
+            FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions \
+         FROM messages m WHERE m.conversation_id = $1 AND ($2::bigint IS NULL OR m.position < $2) \
+         AND ($3::uuid IS NULL OR m.thread_root_id = $3 OR m.id = $3) \
+         ORDER BY m.position DESC LIMIT $4",
+    )
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(&format!("SET plan_cache_mode = {mode}"))
+        .execute(&mut *conn)
+        .await?;
+    let cursor = cursor.map_or("NULL".to_string(), |c| c.to_string());
+    let plan: Result<Vec<(String,)>, _> = sqlx::query_as(&format!(
+        "EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_page('{conversation}', {cursor}, NULL, {})",
+        PAGE + 1
+    ))
+    .fetch_all(&mut *conn)
+    .await;
+    sqlx::query("DEALLOCATE bench_page; RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await
+        .ok();
+    Ok(plan?
+        .into_iter()
+        .map(|(l,)| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n"))
+}
+
+// ---------------------------------------------------------------------------------------
+// Contrast: a Conversation aggregate that held its messages would be loaded, in cqrs-es's
+// plain event-sourced mode, from all of its events before every command. The bench copies
+// the conversation's first n MessagePosted events into one stream of n events in a
+// separate ledger database (the app's projector never sees them), and times cqrs-es's
+// `load_aggregate` of that stream through `LedgerStore`: load, deserialize, apply. The
+// aggregate only counts what it applies, so this is a lower bound on what such an
+// aggregate would pay.
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct HeldHistory {
+    messages: u64,
+}
+
+struct NoCommand;
+
+impl Aggregate for HeldHistory {
+    const TYPE: &'static str = "BenchHeldHistory";
+    type Command = NoCommand;
+    type Event = MessageEvent;
+    type Error = std::convert::Infallible;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        _command: NoCommand,
+        _services: &(),
+        _sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        Ok(())
+    }
+
+    fn apply(&mut self, _event: MessageEvent) {
+        self.messages += 1;
+    }
+}
+
+struct Replay {
+    events: usize,
+    loads: usize,
+    p50_ms: f64,
+    mean_ms: f64,
+}
+
+async fn contrast(
+    app_pool: &PgPool,
+    conversation: Uuid,
+    sizes: &[usize],
+) -> anyhow::Result<Vec<Replay>> {
+    const CHUNK: i64 = 1000;
+    let db = BenchDb::create().await?;
+    let pool = db.pool(4).await?;
+    ledgerline::db::migrate(&pool).await?;
+    let store = LedgerStore::start(pool.clone());
+    let largest = sizes.iter().copied().max().unwrap_or(0);
+    let streams: Vec<(usize, String)> = sizes
+        .iter()
+        .map(|&n| (n, Uuid::new_v4().to_string()))
+        .collect();
+    let started = Instant::now();
+    let (mut copied, mut after) = (0usize, 0i64);
+    while copied < largest {
+        let rows: Vec<(i64, String, String, Value, Value)> = sqlx::query_as(
+            "SELECT m.position, e.event_type, e.event_version, e.payload, e.metadata \
+             FROM messages m JOIN events e ON e.position = m.position \
+             WHERE m.conversation_id = $1 AND m.position > $2 AND e.event_type = 'MessagePosted' \
+             ORDER BY m.position LIMIT $3",
+        )
+        .bind(conversation)
+        .bind(after)
+        .bind(CHUNK.min((largest - copied) as i64))
+        .fetch_all(app_pool)
+        .await?;
+        if rows.is_empty() {
+            bail!("the conversation has {copied} MessagePosted events, fewer than {largest}");
+        }
+        after = rows.last().map(|r| r.0).unwrap_or(after);
+        for (n, id) in &streams {
+            let take = n.saturating_sub(copied).min(rows.len());
+            if take == 0 {
+                continue;
+            }
+            let events: Vec<SerializedEvent> = rows[..take]
+                .iter()
+                .enumerate()
+                .map(|(i, (_, event_type, version, payload, metadata))| {
+                    let mut metadata = metadata.clone();
+                    // The guard names the real conversation, which this ledger lacks.
+                    if let Some(m) = metadata.as_object_mut() {
+                        m.remove(md::GUARD_AGGREGATE);
+                        m.remove(md::GUARD_SEQUENCE);
+                    }
+                    SerializedEvent::new(
+                        id.clone(),
+                        copied + i + 1,
+                        HeldHistory::TYPE.to_string(),
+                        event_type.clone(),
+                        version.clone(),
+                        payload.clone(),
+                        metadata,
+                    )
+                })
+                .collect();
+            store.persist::<HeldHistory>(&events, None).await?;
+        }
+        copied += rows.len();
+    }
+    println!(
+        "  copied {copied} MessagePosted events into {} streams in {:.1} s",
+        streams.len(),
+        started.elapsed().as_secs_f64()
+    );
+    sqlx::query("VACUUM ANALYZE events").execute(&pool).await?;
+    let es = PersistedEventStore::<LedgerStore, HeldHistory>::new_event_store(store.clone());
+    let mut out = Vec::new();
+    for (n, id) in &streams {
+        let loads = (1_000_000 / n.max(&1)).clamp(3, 100);
+        es.load_aggregate(id).await?; // warm-up
+        let mut times = Vec::with_capacity(loads);
+        for _ in 0..loads {
+            let t = Instant::now();
+            let context = es.load_aggregate(id).await?;
+            times.push(micros(t.elapsed()));
+            ensure!(
+                context.aggregate.messages == *n as u64,
+                "loaded {} events of a stream of {n}",
+                context.aggregate.messages
+            );
+        }
+        let s = stats(times);
+        println!(
+            "  load_aggregate of {n} events: p50 {:.2} ms, mean {:.2} ms ({loads} loads)",
+            s.p50, s.mean
+        );
+        out.push(Replay {
+            events: *n,
+            loads,
+            p50_ms: s.p50,
+            mean_ms: s.mean,
+        });
+    }
+    pool.close().await;
+    drop(db);
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+
+fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("{name}: `{x}` is not a number"))
+            })
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+fn env_num(name: &str, default: usize) -> anyhow::Result<usize> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .with_context(|| format!("{name}: `{v}` is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
+
+struct Level {
+    history: usize,
+    seeded: usize,
+    seed_time: Duration,
+    seed_busy: String,
+    newest: Stats,
+    deep: Option<Stats>,
+    view: Stats,
+    unread: i64,
+    posts: Stats,
+    post_busy: String,
+}
+
+async fn run(db: &BenchDb) -> anyhow::Result<()> {
+    let sizes = env_list("LEDGERLINE_BENCH_HISTORY", &[10, 10_000, 100_000])?;
+    ensure!(
+        !sizes.is_empty() && sizes.windows(2).all(|w| w[0] < w[1]),
+        "LEDGERLINE_BENCH_HISTORY must be ascending"
+    );
+    let samples = env_num("LEDGERLINE_BENCH_SAMPLES", 300)?.max(1);
+    let reads = env_num("LEDGERLINE_BENCH_READS", 1000)?.max(1);
+    let seeders = env_num("LEDGERLINE_BENCH_SEEDERS", 32)?.max(1);
+    let replay = std::env::var("LEDGERLINE_BENCH_CONTRAST").map_or(true, |v| v != "0");
+
+    let pool = db.pool(APP_POOL).await?;
+    ledgerline::db::migrate(&pool).await?;
+    let (version,): (String,) = sqlx::query_as("SELECT version()").fetch_one(&pool).await?;
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    println!(
+        "ledgerline messaging benchmark, {}",
+        Utc::now().format("%Y-%m-%d %H:%M UTC")
+    );
+    println!(
+        "machine: {cpus} CPUs, shared by the bench, the app and PostgreSQL; load average before: {}",
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("postgres: {version}");
+    println!("database: {} (fresh, dropped at the end)", db.name);
+    println!(
+        "history sizes {sizes:?}, {samples} sequential posts and {reads} page reads per size and kind, {seeders} seeders, app pool {APP_POOL}\n"
+    );
+
+    // The app exactly as tests/common starts it.
+    let app = App::new(pool.clone(), Vault::new(&MasterKey::generate()), true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = ledgerline::api::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let admin_key = ledgerline::cli::bootstrap_key(&app, "bench operator").await?;
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: format!("http://{addr}"),
+    };
+    let mut chat = set_up(&api, &admin_key).await?;
+
+    let mut levels = Vec::new();
+    for (i, &history) in sizes.iter().enumerate() {
+        let busy = machine_ticks();
+        let (seeded, seed_time) = seed(&mut chat, history, seeders).await?;
+        let seed_busy = busy_since(busy);
+        let total = chat.positions.len();
+        println!(
+            "history {total}: seeded {seeded} messages in {:.1} s ({:.0} posts/s, {seeders} posters, machine {seed_busy} busy)",
+            seed_time.as_secs_f64(),
+            seeded as f64 / seed_time.as_secs_f64().max(1e-9),
+        );
+        let mut sorted = chat.positions.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        ensure!(
+            sorted.len() == total,
+            "{total} posts answered but {} distinct positions",
+            sorted.len()
+        );
+        let newest = measure_pages(&chat, &sorted, reads, false, i as u64)
+            .await?
+            .context("newest page")?;
+        println!("  read newest page of {PAGE}:      {newest}");
+        let deep = measure_pages(&chat, &sorted, reads, true, 100 + i as u64).await?;
+        match &deep {
+            Some(s) => println!("  read page at a random cursor: {s}"),
+            None => println!("  read page at a random cursor: skipped (history <= {PAGE})"),
+        }
+        let (view, count, unread) = measure_view(&chat, (reads / 10).max(10)).await?;
+        ensure!(
+            count == total as i64,
+            "the conversation counts {count} messages, {total} were posted"
+        );
+        println!("  read the conversation (unread {unread}): {view}");
+        if i + 1 == sizes.len() {
+            // The oldest full page: the cursor a plan that walks down from the newest
+            // message would pay the most for.
+            let oldest = sorted.get(PAGE).copied();
+            for (cursor, mode) in [
+                (None, "force_custom_plan"),
+                (oldest, "force_custom_plan"),
+                (oldest, "force_generic_plan"),
+            ] {
+                println!(
+                    "  plan of the page query, cursor {cursor:?}, {mode}:\n{}",
+                    explain_page(&pool, chat.conversation, cursor, mode).await?
+                );
+            }
+        }
+        let busy = machine_ticks();
+        let posts = measure_posts(&mut chat, samples, 1000 + i as u64).await?;
+        let post_busy = busy_since(busy);
+        println!(
+            "  post (history {total} -> {}): {posts}, machine {post_busy} busy",
+            chat.positions.len()
+        );
+        levels.push(Level {
+            history: total,
+            seeded,
+            seed_time,
+            seed_busy,
+            newest,
+            deep,
+            view,
+            unread,
+            posts,
+            post_busy,
+        });
+    }
+
+    let replays = if replay {
+        println!("\ncontrast: loading an aggregate that holds n message events (cqrs-es plain mode, LedgerStore)");
+        contrast(&pool, chat.conversation, &sizes).await?
+    } else {
+        Vec::new()
+    };
+
+    server.abort();
+    pool.close().await;
+
+    println!("\n================================ summary ================================");
+    println!("posting ({samples} sequential posts by one client after {WARM_UP} unmeasured; history grows by {} during each series)", WARM_UP + samples);
+    println!("| history | p50 ms | p90 ms | p99 ms | mean ms | max ms | machine busy |");
+    println!("|--------:|-------:|-------:|-------:|--------:|-------:|-------------:|");
+    for l in &levels {
+        println!(
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            l.history,
+            l.posts.p50,
+            l.posts.p90,
+            l.posts.p99,
+            l.posts.mean,
+            l.posts.max,
+            l.post_busy
+        );
+    }
+    println!("\nreading a page of {PAGE} ({reads} sequential reads per kind)");
+    println!("| history | newest p50 ms | newest p99 ms | random cursor p50 ms | random cursor p99 ms | conversation view p50 ms | p99 ms | its unread count |");
+    println!("|--------:|--------------:|--------------:|---------------------:|---------------------:|-------------------------:|-------:|-----------------:|");
+    for l in &levels {
+        let (dp50, dp99) = l
+            .deep
+            .map(|d| (format!("{:.2}", d.p50), format!("{:.2}", d.p99)))
+            .unwrap_or(("-".into(), "-".into()));
+        println!(
+            "| {} | {:.2} | {:.2} | {dp50} | {dp99} | {:.2} | {:.2} | {} |",
+            l.history, l.newest.p50, l.newest.p99, l.view.p50, l.view.p99, l.unread
+        );
+    }
+    println!("\nseeding ({seeders} concurrent posters)");
+    println!("| to history | messages | seconds | posts/s | machine busy |");
+    println!("|-----------:|---------:|--------:|--------:|-------------:|");
+    for l in &levels {
+        println!(
+            "| {} | {} | {:.1} | {:.0} | {} |",
+            l.history,
+            l.seeded,
+            l.seed_time.as_secs_f64(),
+            l.seeded as f64 / l.seed_time.as_secs_f64().max(1e-9),
+            l.seed_busy
+        );
+    }
+    if !replays.is_empty() {
+        println!("\ncontrast: cqrs-es load_aggregate of one stream of n MessagePosted events (lower bound)");
+        println!("| events | loads | p50 ms | mean ms | µs per event |");
+        println!("|-------:|------:|-------:|--------:|-------------:|");
+        for r in &replays {
+            println!(
+                "| {} | {} | {:.2} | {:.2} | {:.1} |",
+                r.events,
+                r.loads,
+                r.p50_ms,
+                r.mean_ms,
+                1000.0 * r.p50_ms / r.events.max(1) as f64
+            );
+        }
+    }
+
+    println!("\ngoals:");
+    if let (Some(first), Some(last)) = (levels.first(), levels.last()) {
+        let ratio = last.posts.p50 / first.posts.p50;
+        println!(
+            "  post p50 at history {} within {GOAL_POST_RATIO}x of p50 at {}: {:.2} / {:.2} ms = {ratio:.2}x  {}",
+            last.history,
+            first.history,
+            last.posts.p50,
+            first.posts.p50,
+            met(ratio <= GOAL_POST_RATIO)
+        );
+        let worst = last
+            .deep
+            .map_or(last.newest.p99, |d| d.p99.max(last.newest.p99));
+        println!(
+            "  p99 of a page of {PAGE} at history {} under {GOAL_READ_P99_MS} ms: newest {:.2} ms, random cursor {}  {}",
+            last.history,
+            last.newest.p99,
+            last.deep
+                .map_or("-".to_string(), |d| format!("{:.2} ms", d.p99)),
+            met(worst < GOAL_READ_P99_MS)
+        );
+    }
+    Ok(())
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let outcome = rt.block_on(async {
+        let db = BenchDb::create().await?;
+        let outcome = run(&db).await;
+        drop(db);
+        outcome
+    });
+    drop(rt);
+    if let Err(e) = outcome {
+        eprintln!("benchmark failed: {e:#}");
+        std::process::exit(1);
+    }
+}

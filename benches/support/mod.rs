@@ -1,0 +1,76 @@
+//! What every bench binary shares: a fresh database of its own on the server at
+//! `LEDGERLINE_BENCH_ADMIN_URL`, dropped at the end (also on failure or panic).
+
+use std::time::Duration;
+
+use anyhow::Context;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use uuid::Uuid;
+
+/// A database the bench may create and drop databases from.
+pub fn admin_url() -> String {
+    std::env::var("LEDGERLINE_BENCH_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn db_url(name: &str) -> String {
+    let admin = admin_url();
+    let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+    format!("{base}/{name}")
+}
+
+/// The bench database (`ll_bench_<uuid>`); dropped on drop (also on panic).
+pub struct BenchDb {
+    pub name: String,
+    url: String,
+}
+
+impl BenchDb {
+    /// Creates the database; it is empty (the caller migrates it, or not).
+    pub async fn create() -> anyhow::Result<Self> {
+        let name = format!("ll_bench_{}", Uuid::new_v4().simple());
+        let mut admin = PgConnection::connect(&admin_url()).await.with_context(|| {
+            format!("connecting to {}", ledgerline::db::redact_url(&admin_url()))
+        })?;
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        admin.close().await.ok();
+        Ok(Self {
+            url: db_url(&name),
+            name,
+        })
+    }
+
+    pub async fn pool(&self, max_connections: u32) -> anyhow::Result<PgPool> {
+        Ok(PgPoolOptions::new()
+            .max_connections(max_connections)
+            .acquire_timeout(Duration::from_secs(60))
+            .connect(&self.url)
+            .await?)
+    }
+}
+
+impl Drop for BenchDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        // Drop may run outside a runtime, or inside one that is shutting down: a helper
+        // thread with its own runtime can always run the DROP.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut admin) = PgConnection::connect(&admin_url()).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut admin)
+                        .await;
+                }
+            });
+        })
+        .join();
+        eprintln!("dropped database {}", self.name);
+    }
+}
