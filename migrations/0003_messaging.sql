@@ -77,7 +77,9 @@ CREATE TABLE messages
 -- two messages can share it only if one event were applied twice. The index can only ever
 -- stop the projection on a real inconsistency, and it tells readers the cursor is a total
 -- order. Descending: pages are read newest first.
-CREATE UNIQUE INDEX messages_conversation_position ON messages (conversation_id, position DESC);
+-- It also carries what an unread count filters on, so counting is an index-only scan.
+CREATE UNIQUE INDEX messages_conversation_position ON messages (conversation_id, position DESC)
+    INCLUDE (author_id, deleted_at);
 CREATE INDEX messages_thread ON messages (thread_root_id, position) WHERE thread_root_id IS NOT NULL;
 
 -- What the poster described; ledgerline keeps no files. The name is sealed under the

@@ -391,6 +391,14 @@ async fn archived_conversations_take_no_new_messages() {
             .await;
     c.refused(&r, 403, head).await; // a member does not moderate
     let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}")),
+            &c.bob.1,
+            json!({"title": "mine now"}),
+        )
+        .await;
+    c.refused(&r, 403, head).await;
+    let r =
         c.t.post(&c.path(&format!("/{conv}/archive")), &c.alice.1, json!({}))
             .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -409,6 +417,14 @@ async fn archived_conversations_take_no_new_messages() {
     let r =
         c.t.post(&c.path(&format!("/{conv}/archive")), &c.alice.1, json!({}))
             .await;
+    c.refused(&r, 409, head).await;
+    let r =
+        c.t.put(
+            &c.path(&format!("/{conv}/messages/{msg}/reactions/👍")),
+            &c.carol.1,
+            json!({}),
+        )
+        .await;
     c.refused(&r, 409, head).await;
     // Reading still works, and so does unarchiving.
     assert_eq!(
@@ -613,6 +629,31 @@ async fn deleting_a_message_destroys_its_content_everywhere() {
             .await;
     c.refused(&r, 409, head).await;
 
+    // The key is gone, so the ciphertext still in the log opens no more.
+    let (sealed,): (String,) = sqlx::query_as(
+        "SELECT payload->'MessagePosted'->>'content' FROM events \
+         WHERE aggregate_type = 'Message' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(msg.to_string())
+    .fetch_one(c.t.pool())
+    .await
+    .unwrap();
+    assert!(sealed.starts_with("sealed:v1:"));
+    let keys =
+        c.t.app
+            .vault
+            .message_keys(c.t.pool(), &[msg])
+            .await
+            .unwrap();
+    assert!(keys.is_empty(), "the deleted message's key is destroyed");
+    let alive =
+        c.t.app
+            .vault
+            .message_keys(c.t.pool(), &[alices])
+            .await
+            .unwrap();
+    assert_eq!(alive.len(), 1, "other messages keep theirs");
+    assert_eq!(c.t.app.vault.open(&keys, "content", &sealed), None);
     let mut seen = 0;
     for (table, row) in every_row(&c.t).await {
         seen += 1;
@@ -1028,4 +1069,38 @@ async fn a_deactivated_participant_can_no_longer_read_or_post() {
         )
         .await;
     c.refused(&r, 422, head).await;
+}
+
+#[tokio::test]
+async fn a_newcomer_starts_with_the_history_behind_it_read() {
+    let c = chat().await;
+    let conv = c.group().await;
+    for text in ["one", "two", "three"] {
+        c.say(&c.bob.1, conv, text).await;
+    }
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.alice.1,
+            json!({"user_id": c.dave.0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let me = |key: String| {
+        let c = &c;
+        async move { c.conversation(&key, conv).await.body["me"]["unread_count"].clone() }
+    };
+    assert_eq!(
+        me(c.dave.1.clone()).await,
+        0,
+        "joining shows no past as unread"
+    );
+    assert_eq!(me(c.carol.1.clone()).await, 3);
+    c.say(&c.bob.1, conv, "four").await;
+    assert_eq!(me(c.dave.1.clone()).await, 1);
+    // The history is still there to read.
+    assert_eq!(
+        texts(&c.messages(&c.dave.1, conv, "").await.body),
+        ["four", "three", "two", "one"]
+    );
 }

@@ -148,11 +148,15 @@ async fn apply_conversation_event(
         }
         ConversationEvent::ParticipantAdded { user_id, role } => {
             touch_conversation(conn, event, id).await?;
-            // Starts with nothing read: unread counts cover the whole history.
+            // A newcomer starts with the history behind it read, so that joining a long
+            // channel does not show (and count) its whole past as unread. The newest message
+            // is known from this projection's own table, as of this event: rebuilds agree.
             let result = sqlx::query(
                 "INSERT INTO conversation_participants (conversation_id, user_id, \
-                 organization_id, role, joined_at) \
-                 SELECT id, $2, organization_id, $3, $4 FROM conversations WHERE id = $1",
+                 organization_id, role, joined_at, last_read_position) \
+                 SELECT c.id, $2, c.organization_id, $3, $4, \
+                 COALESCE((SELECT max(m.position) FROM messages m WHERE m.conversation_id = c.id), 0) \
+                 FROM conversations c WHERE c.id = $1",
             )
             .bind(id)
             .bind(user_id)

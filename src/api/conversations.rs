@@ -525,16 +525,17 @@ pub struct UpdateParticipant {
     muted: Option<bool>,
 }
 
-/// Changes a participant's role (the owner's right) and/or mutes or unmutes (one's own).
+/// Changes a participant's role (the owner's right), or mutes or unmutes (one's own).
 pub async fn update_participant(
     State(app): State<App>,
     caller: Caller,
     Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
     Json(body): Json<UpdateParticipant>,
 ) -> ApiResult<axum::Json<ConversationView>> {
-    if body.role.is_none() && body.muted.is_none() {
+    // Two commands would be two appends: the first could stand while the second is refused.
+    if body.role.is_some() == body.muted.is_some() {
         return Err(ApiError::invalid(
-            "nothing to change: give a role, muted or both",
+            "give either a role (the owner's right) or muted (one's own), one per request",
         ));
     }
     let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;

@@ -12,11 +12,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::message::{
-    MessageActor, MessageCommand, NewAttachment, ParentFacts, MAX_CONTENT_BYTES,
+    MessageActor, MessageCommand, MessageError, NewAttachment, ParentFacts, MAX_CONTENT_BYTES,
 };
 use ledgerline_aggregates::{validate, Permission};
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json as SqlJson;
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
@@ -189,6 +190,28 @@ async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView>
 
 /// Decides and appends one message command against the conversation as it is now; when
 /// the conversation (or the message) changed in between, reads it again and decides again.
+/// After a post: when it failed but the message exists after all (its commit went through
+/// and only the answer was lost), it is a success; otherwise the message never came to be
+/// and its key, which protects nothing, goes.
+async fn settle(app: &App, id: Uuid, outcome: ApiResult<()>) -> ApiResult<()> {
+    if outcome.is_ok() {
+        return Ok(());
+    }
+    let posted: Option<(i64,)> = sqlx::query_as(
+        "SELECT sequence FROM events \
+         WHERE aggregate_type = 'Message' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(&app.pool)
+    .await?;
+    if posted.is_some() {
+        app.await_projections().await;
+        return Ok(());
+    }
+    app.vault.destroy_message_key(&app.pool, id).await?;
+    outcome
+}
+
 /// Which message a command is for.
 #[derive(Clone, Copy)]
 struct Target {
@@ -228,6 +251,8 @@ async fn run(
                 attempt += 1;
                 app.await_projections().await;
             }
+            // Another request (a second device, say) marked it first: what was asked holds.
+            Err(CommandError::Rejected(MessageError::AlreadyRead)) => return Ok(()),
             other => return other.map_err(ApiError::from),
         }
     }
@@ -329,12 +354,14 @@ pub async fn post(
     let parent = match body.parent_message_id {
         None => None,
         Some(p) => {
+            // Looked up within this conversation only: whether a message exists elsewhere
+            // is not the caller's to learn.
             let found: Option<(Uuid, Option<Uuid>)> = sqlx::query_as(
                 "SELECT conversation_id, thread_root_id FROM messages \
-                 WHERE id = $1 AND organization_id = $2",
+                 WHERE id = $1 AND conversation_id = $2",
             )
             .bind(p)
-            .bind(org)
+            .bind(conversation)
             .fetch_optional(&app.pool)
             .await?;
             let (conversation_id, thread_root_id) = found.ok_or_else(|| {
@@ -348,50 +375,55 @@ pub async fn post(
         }
     };
     let id = Uuid::new_v4();
-    let key = app
-        .vault
-        .create_message_key(&app.pool, id, author, org)
-        .await?
-        .ok_or_else(|| ApiError::conflict("the author's data key is gone (erased)"))?;
-    let outcome = run(
-        &app,
-        &caller,
-        Target {
-            org,
-            conversation,
-            message: id,
-        },
-        Permission::ConversationsWrite,
-        Some(author),
-        |access| {
-            Ok(MessageCommand::Post {
-                message_id: id,
-                conversation: access.facts(),
-                author_id: author,
-                content: app.vault.seal(&key, id, "content", &body.content),
-                content_bytes: body.content.len(),
-                parent: parent.clone(),
-                attachments: body
-                    .attachments
-                    .iter()
-                    .zip(&names)
-                    .enumerate()
-                    .map(|(i, (a, name))| NewAttachment {
-                        file_name: app.vault.seal(&key, id, &attachment_field(i), name),
-                        mime_type: a.mime_type.clone(),
-                        size_bytes: a.size_bytes,
-                        blake3: a.blake3.clone(),
+    // From the key's creation to its fate, in a task of its own: a client hanging up must not
+    // stop the handler halfway and leave a key behind that protects nothing.
+    let task = {
+        let (app, caller) = (app.clone(), caller.clone());
+        tokio::spawn(async move {
+            let key = app
+                .vault
+                .create_message_key(&app.pool, id, author, org)
+                .await?
+                .ok_or_else(|| ApiError::conflict("the author's data key is gone (erased)"))?;
+            let target = Target {
+                org,
+                conversation,
+                message: id,
+            };
+            let outcome = run(
+                &app,
+                &caller,
+                target,
+                Permission::ConversationsWrite,
+                Some(author),
+                |access| {
+                    Ok(MessageCommand::Post {
+                        message_id: id,
+                        conversation: access.facts(),
+                        author_id: author,
+                        content: app.vault.seal(&key, id, "content", &body.content),
+                        content_bytes: body.content.len(),
+                        parent: parent.clone(),
+                        attachments: body
+                            .attachments
+                            .iter()
+                            .zip(&names)
+                            .enumerate()
+                            .map(|(i, (a, name))| NewAttachment {
+                                file_name: app.vault.seal(&key, id, &attachment_field(i), name),
+                                mime_type: a.mime_type.clone(),
+                                size_bytes: a.size_bytes,
+                                blake3: a.blake3.clone(),
+                            })
+                            .collect(),
                     })
-                    .collect(),
-            })
-        },
-    )
-    .await;
-    if let Err(e) = outcome {
-        // The message never came to be: its key protects nothing.
-        app.vault.destroy_message_key(&app.pool, id).await?;
-        return Err(e);
-    }
+                },
+            )
+            .await;
+            settle(&app, id, outcome).await
+        })
+    };
+    task.await.map_err(ApiError::internal)??;
     Ok((
         StatusCode::CREATED,
         axum::Json(find(&app, conversation, id).await?),
@@ -429,17 +461,25 @@ pub async fn list(
             "limit must be between 1 and {MAX_PAGE}"
         )));
     }
-    let rows: Vec<MessageRow> = sqlx::query_as(&format!(
-        "{SELECT} WHERE m.conversation_id = $1 AND ($2::bigint IS NULL OR m.position < $2) \
-         AND ($3::uuid IS NULL OR m.thread_root_id = $3 OR m.id = $3) \
-         ORDER BY m.position DESC LIMIT $4"
-    ))
-    .bind(conversation)
-    .bind(q.cursor)
-    .bind(q.thread)
-    .bind(limit + 1)
-    .fetch_all(&app.pool)
-    .await?;
+    // Only the conditions in use, so that each shape gets a plan that uses its index (a
+    // cached generic plan for "$2 IS NULL OR position < $2" would scan from the newest row).
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(SELECT);
+    sql.push(" WHERE m.conversation_id = ")
+        .push_bind(conversation);
+    if let Some(cursor) = q.cursor {
+        sql.push(" AND m.position < ").push_bind(cursor);
+    }
+    if let Some(root) = q.thread {
+        // From the thread's own index, not by filtering the whole conversation.
+        sql.push(" AND m.id IN (SELECT t.id FROM messages t WHERE t.thread_root_id = ")
+            .push_bind(root)
+            .push(" UNION ALL SELECT ")
+            .push_bind(root)
+            .push(")");
+    }
+    sql.push(" ORDER BY m.position DESC LIMIT ")
+        .push_bind(limit + 1);
+    let rows: Vec<MessageRow> = sql.build_query_as().fetch_all(&app.pool).await?;
     let mut items = open(&app, rows).await?;
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
