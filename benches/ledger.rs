@@ -13,6 +13,8 @@
 //! Diagnosis only (the default run uses none of these):
 //! - `LEDGERLINE_BENCH_POOL`: pool size per store (default 16; two pools must fit in
 //!   PostgreSQL's `max_connections`).
+//! - `LEDGERLINE_BENCH_NO_TREE=1`: skip measuring the Merkle tree's cost (each level run
+//!   again with the log maintainer on).
 //! - `LEDGERLINE_BENCH_DIAG=1`: also append through each repository's `persist` directly
 //!   (no cqrs-es load), and print the plan of the store's per-batch conflict check.
 //! - `LEDGERLINE_BENCH_SKIP_ANALYZE=1`: do not ANALYZE the fresh tables after the warm-up.
@@ -29,8 +31,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, CqrsFramework, DomainEvent};
+use ledgerline::ledger::checkpoint::LogSigner;
 use ledgerline::ledger::hash::{event_hash, truncate_to_micros, EventFields};
 use ledgerline::ledger::store::read_head;
+use ledgerline::ledger::tree::{self, CheckpointPolicy};
 use ledgerline::ledger::verify::verify_database;
 use ledgerline::ledger::LedgerStore;
 use ledgerline_aggregates::metadata as md;
@@ -514,7 +518,7 @@ async fn append_phase(
     db: &BenchDb,
     levels: &[usize],
     seconds: Duration,
-) -> anyhow::Result<(Vec<Level>, PgPool)> {
+) -> anyhow::Result<(Vec<Level>, Vec<TreeLevel>, PgPool)> {
     let chained_pool = db.pool(pool_size()).await?;
     let plain_pool = db.pool(pool_size()).await?;
     create_plain_tables(&plain_pool).await?;
@@ -644,6 +648,11 @@ async fn append_phase(
         scans_after.2 - scans_before.2,
         scans_after.3 - scans_before.3
     );
+    let tree_levels = if std::env::var_os("LEDGERLINE_BENCH_NO_TREE").is_some() {
+        Vec::new()
+    } else {
+        tree_phase(&chained_pool, &store, &chained, &tenants, levels, seconds).await?
+    };
     if std::env::var_os("LEDGERLINE_BENCH_DIAG").is_some() {
         diagnose(
             &store,
@@ -658,7 +667,97 @@ async fn append_phase(
     drop(chained);
     drop(store);
     plain_pool.close().await;
-    Ok((out, chained_pool))
+    Ok((out, tree_levels, chained_pool))
+}
+
+/// One writer level with and without the log maintainer (Merkle tree + checkpoints).
+struct TreeLevel {
+    writers: usize,
+    without: Run,
+    with: Run,
+    /// Events not yet integrated when the run with the tree ended.
+    lag_at_end: i64,
+}
+
+impl TreeLevel {
+    fn cost(&self) -> f64 {
+        1.0 - self.with.rate() / self.without.rate()
+    }
+}
+
+/// What keeping the Merkle tree up to date (and signing a checkpoint every 1,000 events)
+/// costs the append path: each level run without the maintainer, then with it, after the
+/// maintainer has integrated the backlog, so it pays only for the events of its run.
+async fn tree_phase(
+    pool: &PgPool,
+    store: &LedgerStore,
+    chained: &Target,
+    tenants: &Arc<Vec<Uuid>>,
+    levels: &[usize],
+    seconds: Duration,
+) -> anyhow::Result<Vec<TreeLevel>> {
+    let signer = Arc::new(LogSigner::generate("ledgerline.bench/log")?);
+    let policy = CheckpointPolicy {
+        every_events: 1000,
+        interval: Duration::from_secs(10),
+    };
+    println!("\nthe Merkle tree's cost: chained store without and with the log maintainer");
+    println!(
+        "{:>7} | {:>12} {:>8} {:>15} | {:>12} {:>8} {:>15} | {:>6} | {:>10}",
+        "writers",
+        "no tree/s",
+        "p99 ms",
+        "cpu mach/bench",
+        "with tree/s",
+        "p99 ms",
+        "cpu mach/bench",
+        "cost",
+        "lag at end"
+    );
+    let mut out = Vec::new();
+    for &writers in levels {
+        let without = run_level(chained, tenants, writers, seconds).await?;
+        tree::catch_up(pool, Some(&signer), policy, false).await?;
+        let maintainer = tree::spawn_maintainer(
+            pool.clone(),
+            store.committed(),
+            Some(signer.clone()),
+            policy,
+        );
+        let with = run_level(chained, tenants, writers, seconds).await?;
+        let lag_at_end = max_position(pool).await? - tree::integrated_size(pool).await? as i64;
+        maintainer.abort();
+        let level = TreeLevel {
+            writers,
+            without,
+            with,
+            lag_at_end,
+        };
+        println!(
+            "{:>7} | {:>12.0} {:>8.2} {:>15} | {:>12.0} {:>8.2} {:>15} | {:>5.1}% | {:>10}",
+            writers,
+            level.without.rate(),
+            level.without.p99_ms,
+            fmt_cpu(level.without.cpu),
+            level.with.rate(),
+            level.with.p99_ms,
+            fmt_cpu(level.with.cpu),
+            level.cost() * 100.0,
+            level.lag_at_end
+        );
+        out.push(level);
+    }
+    // Whatever the runs left, integrated, so the verify phase starts from a complete tree.
+    tree::catch_up(pool, Some(&signer), policy, true).await?;
+    let (size, root) = (
+        tree::integrated_size(pool).await?,
+        tree::root_at(pool, tree::integrated_size(pool).await?).await?,
+    );
+    println!(
+        "tree integrated to {size} events, root {}",
+        hex::encode(root)
+    );
+    Ok(out)
 }
 
 /// Diagnosis only: append without cqrs-es's load, and the plan of the store's per-batch
@@ -1214,7 +1313,7 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
     println!("database: {} (fresh, dropped at the end)\n", db.name);
     println!("cpu columns: machine busy % / this bench process % (both of all {cpus} CPUs)\n");
 
-    let (levels_out, pool) = append_phase(db, &levels, seconds).await?;
+    let (levels_out, tree_out, pool) = append_phase(db, &levels, seconds).await?;
     let (verify_out, verified_total, generated, load_time) =
         verify_phase(&pool, verify_events, &verify_workers).await?;
     pool.close().await;
@@ -1248,6 +1347,23 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             l.chained_commits as f64 / l.chained.elapsed.as_secs_f64(),
             l.chained.commands as f64 / l.chained_commits.max(1) as f64
         );
+    }
+    if !tree_out.is_empty() {
+        println!("\nthe Merkle tree's cost (log maintainer on, checkpoint every 1,000 events)");
+        println!("| writers | without tree cmd/s | with tree cmd/s | cost | CPU busy without / with | not yet integrated at the end |");
+        println!("|--------:|-------------------:|----------------:|-----:|------------------------:|------------------------------:|");
+        for t in &tree_out {
+            println!(
+                "| {} | {:.0} | {:.0} | {:.1}% | {} / {} | {} |",
+                t.writers,
+                t.without.rate(),
+                t.with.rate(),
+                t.cost() * 100.0,
+                busy(t.without.cpu),
+                busy(t.with.cpu),
+                t.lag_at_end
+            );
+        }
     }
     println!("\nverify ({verified_total} events: {generated} generated with COPY in {:.1} s + the append phase's)", load_time.as_secs_f64());
     println!("| workers | events | seconds | events/s | CPU busy |");
@@ -1291,6 +1407,14 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             best.rate,
             best.workers,
             met(best.rate >= GOAL_VERIFY_EVENTS_PER_S)
+        );
+    }
+    for t in &tree_out {
+        println!(
+            "  Merkle tree costs < 10% of append throughput at {} writers: {:.1}%  {}",
+            t.writers,
+            t.cost() * 100.0,
+            met(t.cost() < 0.10)
         );
     }
     println!("  verify reports intact: yes ({} runs)", verify_out.len());

@@ -1,10 +1,12 @@
 //! Messaging benchmark: does a conversation's history cost its writers and readers anything?
-//! Posting latency at growing history sizes, and the latency of reading a page of 50, all
-//! through the HTTP API of an app running in-process (auth, facts, sealing, the append,
-//! read-your-writes, the response), the way tests/common starts it. For contrast, what
-//! loading a stream of as many events would cost, which is what a Conversation aggregate
-//! that held its messages would pay on every command. A plain binary (`harness = false`):
-//! `cargo bench --bench messaging`. See docs/benchmarks.md.
+//! Posting latency at growing history sizes (each post paired with posts to 10-message
+//! control conversations on the same ledger and on a fresh one, so that the machine's other
+//! load can be told apart), and the latency of reading a page of 50 (newest, and before
+//! random cursors), all through the HTTP API of an app running in-process (auth, facts,
+//! sealing, the append, read-your-writes, the response), the way tests/common starts it.
+//! For contrast, what loading a stream of as many events costs, which is what a
+//! Conversation aggregate that held its messages would pay on every command. A plain binary
+//! (`harness = false`): `cargo bench --bench messaging`. See docs/benchmarks.md.
 //!
 //! Environment:
 //! - `LEDGERLINE_BENCH_ADMIN_URL`: a PostgreSQL database the bench may create and drop
@@ -14,6 +16,12 @@
 //! - `LEDGERLINE_BENCH_READS`: sequential page reads measured per size and kind (default 1000).
 //! - `LEDGERLINE_BENCH_SEEDERS`: concurrent posters growing the history (default 32).
 //! - `LEDGERLINE_BENCH_CONTRAST=0`: skip the replay contrast.
+//! - `LEDGERLINE_BENCH_SKIP_VACUUM=1`: no `VACUUM (ANALYZE)` after each seeding step, as on
+//!   a server without autovacuum (the CI server here runs with `autovacuum = off`).
+//!
+//! Diagnosis only: `LEDGERLINE_BENCH_DIAG_SLOW_MS=<ms>` has PostgreSQL's `auto_explain` log
+//! the plan of every statement of the bench database slower than that (server log), and
+//! prints table statistics after each post series.
 //!
 //! Any request answered with an unexpected status, a page that is not what the history
 //! says it must be, or a count that does not add up makes the run exit non-zero.
@@ -192,11 +200,62 @@ struct Chat {
 
 impl Chat {
     fn messages_path(&self) -> String {
+        self.messages_path_of(self.conversation)
+    }
+
+    fn messages_path_of(&self, conversation: Uuid) -> String {
         format!(
-            "/v1/organizations/{}/conversations/{}/messages",
-            self.org, self.conversation
+            "/v1/organizations/{}/conversations/{conversation}/messages",
+            self.org
         )
     }
+}
+
+/// A group conversation of all `users`, owned by the first.
+async fn create_conversation(
+    api: &Api,
+    org: Uuid,
+    users: &[(Uuid, String)],
+    title: &str,
+) -> anyhow::Result<Uuid> {
+    let others: Vec<Uuid> = users[1..].iter().map(|(u, _)| *u).collect();
+    let conversation = api
+        .expect(
+            Method::POST,
+            &format!("/v1/organizations/{org}/conversations"),
+            &users[0].1,
+            Some(&json!({"kind": "group", "title": title, "participants": others})),
+            201,
+        )
+        .await?;
+    Ok(conversation["id"]
+        .as_str()
+        .context("conversation id")?
+        .parse()?)
+}
+
+/// The app exactly as tests/common starts it, over a migrated database, with the
+/// organization, users and conversation of [`set_up`].
+async fn start_app(
+    pool: PgPool,
+) -> anyhow::Result<(tokio::task::JoinHandle<std::io::Result<()>>, Chat)> {
+    let app = App::new(pool, Vault::new(&MasterKey::generate()), true);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = ledgerline::api::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+    });
+    let admin_key = ledgerline::cli::bootstrap_key(&app, "bench operator").await?;
+    let api = Api {
+        client: reqwest::Client::new(),
+        base: format!("http://{addr}"),
+    };
+    Ok((server, set_up(&api, &admin_key).await?))
 }
 
 /// An organization with `USERS` members, each with a key of the `member` role (as
@@ -262,20 +321,7 @@ async fn set_up(api: &Api, admin_key: &str) -> anyhow::Result<Chat> {
             .await?;
         users.push((user, key["secret"].as_str().context("secret")?.to_string()));
     }
-    let others: Vec<Uuid> = users[1..].iter().map(|(u, _)| *u).collect();
-    let conversation = api
-        .expect(
-            Method::POST,
-            &format!("/v1/organizations/{org}/conversations"),
-            &users[0].1,
-            Some(&json!({"kind": "group", "title": "Bench history", "participants": others})),
-            201,
-        )
-        .await?;
-    let conversation: Uuid = conversation["id"]
-        .as_str()
-        .context("conversation id")?
-        .parse()?;
+    let conversation = create_conversation(api, org, &users, "Bench history").await?;
     Ok(Chat {
         api: api.clone(),
         org,
@@ -371,34 +417,81 @@ async fn seed(chat: &mut Chat, target: usize, seeders: usize) -> anyhow::Result<
     Ok((to_add, started.elapsed()))
 }
 
-/// `samples` sequential posts by one client (after a warm-up), each timed from sending the
-/// request to the whole response received.
-async fn measure_posts(chat: &mut Chat, samples: usize, seed: u64) -> anyhow::Result<Stats> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    let path = chat.messages_path();
-    let key = chat.users[1].1.clone();
-    let mut latencies = Vec::with_capacity(samples);
-    for i in 0..WARM_UP + samples {
-        let (position, took) = post(&chat.api, &path, &key, content(&mut rng)).await?;
-        chat.positions.push(position);
-        if i >= WARM_UP {
-            latencies.push(micros(took));
-        }
-    }
-    Ok(stats(latencies))
+/// History of the control conversations when their series starts, like the smallest size.
+const CONTROL_HISTORY: usize = 10;
+
+/// Latencies of one series of posts to one conversation.
+struct Series {
+    chat_index: usize,
+    path: String,
+    latencies: Vec<u32>,
 }
 
-/// `reads` sequential reads of a page of 50: the newest page (`cursor` none), or pages
-/// that start at a random message with at least 50 older ones. Each page is checked
+/// `samples` sequential posts by one client (after a warm-up) to the conversation, each
+/// timed from sending the request to the whole response received. Each is one of a round of
+/// three, in rotating order, with a post to a control conversation created now with
+/// `CONTROL_HISTORY` messages on the same ledger, and one to such a conversation on the
+/// nearly empty ledger of `fresh`: the machine's other work then shows in all three alike,
+/// the cost of the conversation's history in the first against the second, and the cost of
+/// the ledger's size in the second against the third. Returns the three series' figures.
+async fn measure_posts(
+    chat: &mut Chat,
+    fresh: &Chat,
+    samples: usize,
+    seed: u64,
+) -> anyhow::Result<[Stats; 3]> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut series = vec![Series {
+        chat_index: 0,
+        path: chat.messages_path(),
+        latencies: Vec::with_capacity(samples),
+    }];
+    for (chat_index, c) in [(0, &*chat), (1, fresh)] {
+        let control = create_conversation(&c.api, c.org, &c.users, "Bench control").await?;
+        let path = c.messages_path_of(control);
+        for _ in 0..CONTROL_HISTORY {
+            post(&c.api, &path, &c.users[1].1, content(&mut rng)).await?;
+        }
+        series.push(Series {
+            chat_index,
+            path,
+            latencies: Vec::with_capacity(samples),
+        });
+    }
+    for i in 0..WARM_UP + samples {
+        for k in 0..series.len() {
+            let which = (i + k) % series.len();
+            let s = &mut series[which];
+            let c = if s.chat_index == 0 { &*chat } else { fresh };
+            let (position, took) = post(&c.api, &s.path, &c.users[1].1, content(&mut rng)).await?;
+            if i >= WARM_UP {
+                s.latencies.push(micros(took));
+            }
+            if which == 0 {
+                chat.positions.push(position);
+            }
+        }
+    }
+    let mut out = series.into_iter().map(|s| stats(s.latencies));
+    Ok([
+        out.next().context("series")?,
+        out.next().context("series")?,
+        out.next().context("series")?,
+    ])
+}
+
+/// `reads` sequential reads of a page of `limit`: the newest page (`cursor` none), or pages
+/// that start at a random message with at least `limit` older ones. Each page is checked
 /// against the positions the posts were answered with.
 async fn measure_pages(
     chat: &Chat,
     sorted: &[i64],
     reads: usize,
+    limit: usize,
     deep: bool,
     seed: u64,
 ) -> anyhow::Result<Option<Stats>> {
-    if deep && sorted.len() <= PAGE {
+    if deep && sorted.len() <= limit {
         return Ok(None);
     }
     let mut rng = StdRng::seed_from_u64(seed);
@@ -408,10 +501,10 @@ async fn measure_pages(
     for i in 0..WARM_UP + reads {
         // Index into `sorted` (ascending) of the first message the page must hold.
         let (path, newest) = if deep {
-            let c = rng.gen_range(PAGE..sorted.len());
-            (format!("{base}?limit={PAGE}&cursor={}", sorted[c]), c - 1)
+            let c = rng.gen_range(limit..sorted.len());
+            (format!("{base}?limit={limit}&cursor={}", sorted[c]), c - 1)
         } else {
-            (format!("{base}?limit={PAGE}"), sorted.len() - 1)
+            (format!("{base}?limit={limit}"), sorted.len() - 1)
         };
         let started = Instant::now();
         let (status, text) = chat.api.send(Method::GET, &path, key, None).await?;
@@ -423,7 +516,7 @@ async fn measure_pages(
             .iter()
             .map(|m| m["position"].as_i64().unwrap_or(-1))
             .collect();
-        let oldest = newest.saturating_sub(PAGE - 1);
+        let oldest = newest.saturating_sub(limit - 1);
         let want: Vec<i64> = sorted[oldest..=newest].iter().rev().copied().collect();
         ensure!(
             got == want,
@@ -467,52 +560,126 @@ async fn measure_view(chat: &Chat, reads: usize) -> anyhow::Result<(Stats, i64, 
     Ok((stats(latencies), count, unread))
 }
 
-/// The plan of the page query (the list handler's statement) for a cursor, executed as a
-/// prepared statement the way sqlx runs it, under a plan cache mode: `force_custom_plan`
-/// (what the first executions on a connection get) or `force_generic_plan` (what
-/// PostgreSQL may switch to after five).
-async fn explain_page(
+/// The columns and subqueries of the page query (src/api/messages.rs `SELECT`), for plans.
+const PAGE_SELECT: &str = "SELECT m.id, m.conversation_id, m.author_id, m.parent_message_id, \
+     m.thread_root_id, m.content_sealed, m.position, m.created_at, m.edited_at, m.deleted_at, \
+     COALESCE((SELECT json_agg(json_build_object('file_name', a.file_name_sealed, \
+        'mime_type', a.mime_type, 'size_bytes', a.size_bytes, 'blake3', a.blake3) ORDER BY a.ordinal) \
+        FROM message_attachments a WHERE a.message_id = m.id), '[]') AS attachments, \
+     COALESCE((SELECT json_agg(json_build_object('emoji', r.emoji, 'user_id', r.user_id) \
+        ORDER BY r.created_at, r.user_id) \
+        FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions \
+     FROM messages m";
+
+/// `EXPLAIN (ANALYZE, BUFFERS)` of `sql` run as a prepared statement with parameters of
+/// `types` and the literal `args`, the way sqlx runs the app's statements, under a plan cache
+/// mode: `force_custom_plan` (what the first five executions on a connection get) or
+/// `force_generic_plan` (what PostgreSQL may keep using after them).
+async fn explain(
     pool: &PgPool,
-    conversation: Uuid,
-    cursor: Option<i64>,
+    types: &str,
+    sql: &str,
+    args: &str,
     mode: &str,
 ) -> anyhow::Result<String> {
     let mut conn = pool.acquire().await?;
-    sqlx::query(
-        "PREPARE bench_page(uuid, bigint, uuid, bigint) AS \
-         SELECT m.id, m.conversation_id, m.author_id, m.parent_message_id, \
-         m.thread_root_id, m.content_sealed, m.position, m.created_at, m.edited_at, m.deleted_at, \
-         COALESCE((SELECT json_agg(json_build_object('file_name', a.file_name_sealed, \
-            'mime_type', a.mime_type, 'size_bytes', a.size_bytes, 'blake3', a.blake3) ORDER BY a.ordinal) \
-            FROM message_attachments a WHERE a.message_id = m.id), '[]') AS attachments, \
-         COALESCE((SELECT json_agg(json_build_object('emoji', r.emoji, 'user_id', r.user_id) \
-            ORDER BY r.created_at, r.user_id) \
-            FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions \
-         FROM messages m WHERE m.conversation_id = $1 AND ($2::bigint IS NULL OR m.position < $2) \
-         AND ($3::uuid IS NULL OR m.thread_root_id = $3 OR m.id = $3) \
-         ORDER BY m.position DESC LIMIT $4",
-    )
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query(&format!("PREPARE bench_stmt({types}) AS {sql}"))
+        .execute(&mut *conn)
+        .await?;
     sqlx::query(&format!("SET plan_cache_mode = {mode}"))
         .execute(&mut *conn)
         .await?;
-    let cursor = cursor.map_or("NULL".to_string(), |c| c.to_string());
     let plan: Result<Vec<(String,)>, _> = sqlx::query_as(&format!(
-        "EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_page('{conversation}', {cursor}, NULL, {})",
-        PAGE + 1
+        "EXPLAIN (ANALYZE, BUFFERS) EXECUTE bench_stmt({args})"
     ))
     .fetch_all(&mut *conn)
     .await;
-    sqlx::query("DEALLOCATE bench_page; RESET plan_cache_mode")
+    sqlx::query("DEALLOCATE bench_stmt")
         .execute(&mut *conn)
-        .await
-        .ok();
+        .await?;
+    sqlx::query("RESET plan_cache_mode")
+        .execute(&mut *conn)
+        .await?;
     Ok(plan?
         .into_iter()
         .map(|(l,)| format!("    {l}"))
         .collect::<Vec<_>>()
         .join("\n"))
+}
+
+/// Plans of the page query's two shapes (newest page; page before a cursor) at the oldest
+/// full page, the cursor a plan that walks down from the newest message pays most for.
+async fn explain_pages(pool: &PgPool, conversation: Uuid, sorted: &[i64]) -> anyhow::Result<()> {
+    let limit = PAGE + 1;
+    let newest =
+        format!("{PAGE_SELECT} WHERE m.conversation_id = $1 ORDER BY m.position DESC LIMIT $2");
+    let before = format!(
+        "{PAGE_SELECT} WHERE m.conversation_id = $1 AND m.position < $2 \
+         ORDER BY m.position DESC LIMIT $3"
+    );
+    println!(
+        "  plan of the newest page (generic plan):\n{}",
+        explain(
+            pool,
+            "uuid, bigint",
+            &newest,
+            &format!("'{conversation}', {limit}"),
+            "force_generic_plan"
+        )
+        .await?
+    );
+    if let Some(cursor) = sorted.get(PAGE) {
+        println!(
+            "  plan of the page before cursor {cursor}, the oldest full page (generic plan):\n{}",
+            explain(
+                pool,
+                "uuid, bigint, bigint",
+                &before,
+                &format!("'{conversation}', {cursor}, {limit}"),
+                "force_generic_plan"
+            )
+            .await?
+        );
+    }
+    Ok(())
+}
+
+/// Diagnosis: plans of what a post reads twice (its conversation's row, which the messaging
+/// projection updates on every post) and of a participant's unread count.
+async fn explain_diag(
+    pool: &PgPool,
+    org: Uuid,
+    conversation: Uuid,
+    user: Uuid,
+) -> anyhow::Result<()> {
+    println!(
+        "  plan of the conversation row lookup (generic plan):\n{}",
+        explain(
+            pool,
+            "uuid, uuid",
+            "SELECT c.id, c.organization_id, c.kind, c.title, c.description, c.created_by, \
+             c.status, c.archived_at, c.last_message_at, c.message_count, c.created_at, \
+             c.updated_at, c.version FROM conversations c WHERE c.id = $1 AND c.organization_id = $2",
+            &format!("'{conversation}', '{org}'"),
+            "force_generic_plan"
+        )
+        .await?
+    );
+    println!(
+        "  plan of an unread count (custom plan):\n{}",
+        explain(
+            pool,
+            "uuid, uuid",
+            "SELECT p.role, (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id \
+             AND m.position > p.last_read_position AND m.deleted_at IS NULL \
+             AND m.author_id <> p.user_id) AS unread_count \
+             FROM conversation_participants p WHERE p.conversation_id = $1 AND p.user_id = $2",
+            &format!("'{conversation}', '{user}'"),
+            "force_custom_plan"
+        )
+        .await?
+    );
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -703,8 +870,12 @@ struct Level {
     newest: Stats,
     deep: Option<Stats>,
     view: Stats,
+    read_busy: String,
+    single: Stats,
     unread: i64,
     posts: Stats,
+    control: Stats,
+    fresh_control: Stats,
     post_busy: String,
 }
 
@@ -718,9 +889,28 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
     let reads = env_num("LEDGERLINE_BENCH_READS", 1000)?.max(1);
     let seeders = env_num("LEDGERLINE_BENCH_SEEDERS", 32)?.max(1);
     let replay = std::env::var("LEDGERLINE_BENCH_CONTRAST").map_or(true, |v| v != "0");
+    let vacuum = std::env::var("LEDGERLINE_BENCH_SKIP_VACUUM").map_or(true, |v| v != "1");
 
-    let pool = db.pool(APP_POOL).await?;
+    let mut pool = db.pool(APP_POOL).await?;
     ledgerline::db::migrate(&pool).await?;
+    let slow_ms = env_num("LEDGERLINE_BENCH_DIAG_SLOW_MS", 0)?;
+    if slow_ms > 0 {
+        // Settings of this database only, taken by connections opened after them.
+        for setting in [
+            "session_preload_libraries = 'auto_explain'".to_string(),
+            format!("auto_explain.log_min_duration = '{slow_ms}ms'"),
+        ] {
+            sqlx::query(&format!("ALTER DATABASE {} SET {setting}", db.name))
+                .execute(&pool)
+                .await?;
+        }
+        pool.close().await;
+        pool = db.pool(APP_POOL).await?;
+        println!(
+            "diagnosis: plans of statements over {slow_ms} ms go to the server log, tagged @{}",
+            db.name
+        );
+    }
     let (version,): (String,) = sqlx::query_as("SELECT version()").fetch_one(&pool).await?;
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -739,29 +929,33 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             .join(" ")
     );
     println!("postgres: {version}");
+    let settings: Vec<(String, String)> = sqlx::query_as(
+        "SELECT name, setting FROM pg_settings WHERE name IN ('autovacuum', 'fsync', \
+         'synchronous_commit', 'shared_buffers') ORDER BY name",
+    )
+    .fetch_all(&pool)
+    .await?;
+    println!(
+        "settings: {}; VACUUM (ANALYZE) after each seeding step: {}",
+        settings
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if vacuum { "yes" } else { "no" }
+    );
     println!("database: {} (fresh, dropped at the end)", db.name);
     println!(
         "history sizes {sizes:?}, {samples} sequential posts and {reads} page reads per size and kind, {seeders} seeders, app pool {APP_POOL}\n"
     );
 
-    // The app exactly as tests/common starts it.
-    let app = App::new(pool.clone(), Vault::new(&MasterKey::generate()), true);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let router = ledgerline::api::router(app.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-    });
-    let admin_key = ledgerline::cli::bootstrap_key(&app, "bench operator").await?;
-    let api = Api {
-        client: reqwest::Client::new(),
-        base: format!("http://{addr}"),
-    };
-    let mut chat = set_up(&api, &admin_key).await?;
+    let (server, mut chat) = start_app(pool.clone()).await?;
+    // A second app on a ledger of its own that stays nearly empty: its conversations are the
+    // "history 10 on a fresh ledger" posts are paired with.
+    let fresh_db = BenchDb::create().await?;
+    let fresh_pool = fresh_db.pool(APP_POOL).await?;
+    ledgerline::db::migrate(&fresh_pool).await?;
+    let (fresh_server, fresh) = start_app(fresh_pool.clone()).await?;
 
     let mut levels = Vec::new();
     for (i, &history) in sizes.iter().enumerate() {
@@ -774,6 +968,17 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             seed_time.as_secs_f64(),
             seeded as f64 / seed_time.as_secs_f64().max(1e-9),
         );
+        if vacuum {
+            // What autovacuum would have done after this many changes: statistics (which
+            // also make PostgreSQL re-plan the prepared statements cached on the young
+            // tables) and the dead row versions of the conversation's row.
+            let started = Instant::now();
+            sqlx::query("VACUUM (ANALYZE)").execute(&pool).await?;
+            println!(
+                "  VACUUM (ANALYZE) of the database: {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+        }
         let mut sorted = chat.positions.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -782,15 +987,23 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             "{total} posts answered but {} distinct positions",
             sorted.len()
         );
-        let newest = measure_pages(&chat, &sorted, reads, false, i as u64)
+        let busy = machine_ticks();
+        let newest = measure_pages(&chat, &sorted, reads, PAGE, false, i as u64)
             .await?
             .context("newest page")?;
         println!("  read newest page of {PAGE}:      {newest}");
-        let deep = measure_pages(&chat, &sorted, reads, true, 100 + i as u64).await?;
+        let deep = measure_pages(&chat, &sorted, reads, PAGE, true, 100 + i as u64).await?;
         match &deep {
             Some(s) => println!("  read page at a random cursor: {s}"),
             None => println!("  read page at a random cursor: skipped (history <= {PAGE})"),
         }
+        let read_busy = busy_since(busy);
+        println!("  machine {read_busy} busy during the page reads");
+        // The same request with one message: what a page costs besides its messages.
+        let single = measure_pages(&chat, &sorted, reads, 1, false, 200 + i as u64)
+            .await?
+            .context("newest message")?;
+        println!("  read newest page of 1:       {single}");
         let (view, count, unread) = measure_view(&chat, (reads / 10).max(10)).await?;
         ensure!(
             count == total as i64,
@@ -798,27 +1011,41 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
         );
         println!("  read the conversation (unread {unread}): {view}");
         if i + 1 == sizes.len() {
-            // The oldest full page: the cursor a plan that walks down from the newest
-            // message would pay the most for.
-            let oldest = sorted.get(PAGE).copied();
-            for (cursor, mode) in [
-                (None, "force_custom_plan"),
-                (oldest, "force_custom_plan"),
-                (oldest, "force_generic_plan"),
-            ] {
-                println!(
-                    "  plan of the page query, cursor {cursor:?}, {mode}:\n{}",
-                    explain_page(&pool, chat.conversation, cursor, mode).await?
-                );
-            }
+            explain_pages(&pool, chat.conversation, &sorted).await?;
         }
         let busy = machine_ticks();
-        let posts = measure_posts(&mut chat, samples, 1000 + i as u64).await?;
+        let [posts, control, fresh_control] =
+            measure_posts(&mut chat, &fresh, samples, 1000 + i as u64).await?;
         let post_busy = busy_since(busy);
         println!(
             "  post (history {total} -> {}): {posts}, machine {post_busy} busy",
             chat.positions.len()
         );
+        println!(
+            "  post to a control on the same ledger (history {CONTROL_HISTORY} -> {}): {control}",
+            CONTROL_HISTORY + WARM_UP + samples
+        );
+        println!(
+            "  post to a control on a fresh ledger (history {CONTROL_HISTORY} -> {}): {fresh_control}",
+            CONTROL_HISTORY + WARM_UP + samples
+        );
+        if slow_ms > 0 {
+            let tables: Vec<(String,)> = sqlx::query_as(
+                "SELECT format('%s: live %s, dead %s, updates %s (HOT %s), vacuums %s, \
+                 %s heap pages, %s index pages', relname, n_live_tup, n_dead_tup, n_tup_upd, \
+                 n_tup_hot_upd, vacuum_count + autovacuum_count, pg_relation_size(relid) / 8192, \
+                 pg_indexes_size(relid) / 8192) \
+                 FROM pg_stat_user_tables \
+                 WHERE relname IN ('conversations', 'messages', 'message_keys', 'events', \
+                 'projection_checkpoints', 'audit_events') ORDER BY relname",
+            )
+            .fetch_all(&pool)
+            .await?;
+            for (line,) in tables {
+                println!("    {line}");
+            }
+            explain_diag(&pool, chat.org, chat.conversation, chat.users[3].0).await?;
+        }
         levels.push(Level {
             history: total,
             seeded,
@@ -827,8 +1054,12 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             newest,
             deep,
             view,
+            read_busy,
+            single,
             unread,
             posts,
+            control,
+            fresh_control,
             post_busy,
         });
     }
@@ -841,35 +1072,50 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
     };
 
     server.abort();
+    fresh_server.abort();
     pool.close().await;
+    fresh_pool.close().await;
+    drop(fresh_db);
 
     println!("\n================================ summary ================================");
-    println!("posting ({samples} sequential posts by one client after {WARM_UP} unmeasured; history grows by {} during each series)", WARM_UP + samples);
-    println!("| history | p50 ms | p90 ms | p99 ms | mean ms | max ms | machine busy |");
-    println!("|--------:|-------:|-------:|-------:|--------:|-------:|-------------:|");
+    println!("posting ({samples} sequential posts by one client after {WARM_UP} unmeasured; history grows by {} during each series; each post in a round with one to a {CONTROL_HISTORY}-message control conversation on the same ledger and one on a fresh ledger)", WARM_UP + samples);
+    println!("| history | p50 ms | p90 ms | p99 ms | mean ms | max ms | machine busy | control p50 ms (same ledger) | control p50 ms (fresh ledger) | p50 / same-ledger control | p50 / fresh-ledger control |");
+    println!("|--------:|-------:|-------:|-------:|--------:|-------:|-------------:|-----------------------------:|------------------------------:|--------------------------:|---------------------------:|");
     for l in &levels {
         println!(
-            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            "| {} | {:.2} | {:.2} | {:.2} | {:.2} | {:.2} | {} | {:.2} | {:.2} | {:.2}x | {:.2}x |",
             l.history,
             l.posts.p50,
             l.posts.p90,
             l.posts.p99,
             l.posts.mean,
             l.posts.max,
-            l.post_busy
+            l.post_busy,
+            l.control.p50,
+            l.fresh_control.p50,
+            l.posts.p50 / l.control.p50,
+            l.posts.p50 / l.fresh_control.p50
         );
     }
     println!("\nreading a page of {PAGE} ({reads} sequential reads per kind)");
-    println!("| history | newest p50 ms | newest p99 ms | random cursor p50 ms | random cursor p99 ms | conversation view p50 ms | p99 ms | its unread count |");
-    println!("|--------:|--------------:|--------------:|---------------------:|---------------------:|-------------------------:|-------:|-----------------:|");
+    println!("| history | newest p50 ms | newest p99 ms | random cursor p50 ms | random cursor p99 ms | machine busy | page of 1 p50 ms | p99 ms | conversation view p50 ms | p99 ms | its unread count |");
+    println!("|--------:|--------------:|--------------:|---------------------:|---------------------:|-------------:|-----------------:|-------:|-------------------------:|-------:|-----------------:|");
     for l in &levels {
         let (dp50, dp99) = l
             .deep
             .map(|d| (format!("{:.2}", d.p50), format!("{:.2}", d.p99)))
             .unwrap_or(("-".into(), "-".into()));
         println!(
-            "| {} | {:.2} | {:.2} | {dp50} | {dp99} | {:.2} | {:.2} | {} |",
-            l.history, l.newest.p50, l.newest.p99, l.view.p50, l.view.p99, l.unread
+            "| {} | {:.2} | {:.2} | {dp50} | {dp99} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {} |",
+            l.history,
+            l.newest.p50,
+            l.newest.p99,
+            l.read_busy,
+            l.single.p50,
+            l.single.p99,
+            l.view.p50,
+            l.view.p99,
+            l.unread
         );
     }
     println!("\nseeding ({seeders} concurrent posters)");
@@ -912,6 +1158,18 @@ async fn run(db: &BenchDb) -> anyhow::Result<()> {
             first.posts.p50,
             met(ratio <= GOAL_POST_RATIO)
         );
+        for (what, control) in [
+            ("on the same ledger", last.control),
+            ("on a fresh ledger", last.fresh_control),
+        ] {
+            let paired = last.posts.p50 / control.p50;
+            println!(
+                "    at the same moment, against a {CONTROL_HISTORY}-message conversation {what}: {:.2} / {:.2} ms = {paired:.2}x  {}",
+                last.posts.p50,
+                control.p50,
+                met(paired <= GOAL_POST_RATIO)
+            );
+        }
         let worst = last
             .deep
             .map_or(last.newest.p99, |d| d.p99.max(last.newest.p99));

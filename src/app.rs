@@ -19,6 +19,8 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 use crate::crypto::Vault;
+use crate::ledger::checkpoint::LogSigner;
+use crate::ledger::tree::{self, CheckpointPolicy};
 use crate::ledger::{AppendError, LedgerStore};
 
 pub type Framework<A> = CqrsFramework<A, PersistedEventStore<LedgerStore, A>>;
@@ -134,6 +136,9 @@ pub struct AppInner {
     pub vault: Vault,
     pub cqrs: Frameworks,
     pub projector: Option<ProjectorHandle>,
+    /// The log's signing identity, once [`App::start_log`] ran.
+    log: std::sync::OnceLock<Arc<LogSigner>>,
+    maintainer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// The application, cheap to clone into handlers.
@@ -167,7 +172,33 @@ impl App {
             vault,
             cqrs,
             projector,
+            log: std::sync::OnceLock::new(),
+            maintainer: std::sync::Mutex::new(None),
         }))
+    }
+
+    /// Keeps the ledger's Merkle tree and signs checkpoints with `signer` in this process.
+    pub fn start_log(&self, signer: Arc<LogSigner>, policy: CheckpointPolicy) {
+        if self.log.set(signer.clone()).is_err() {
+            return;
+        }
+        let handle = tree::spawn_maintainer(
+            self.pool.clone(),
+            self.store.committed(),
+            Some(signer),
+            policy,
+        );
+        *self.maintainer.lock().expect("not poisoned") = Some(handle);
+    }
+
+    /// The log's signer, when this process signs checkpoints.
+    pub fn log_signer(&self) -> Option<&LogSigner> {
+        self.log.get().map(|s| s.as_ref())
+    }
+
+    /// The log's name (a checkpoint's origin line).
+    pub fn origin(&self) -> &str {
+        self.log_signer().map_or("ledgerline", |s| s.name())
     }
 
     /// Executes one command with the actor's metadata; on success waits until every read
@@ -239,6 +270,9 @@ impl App {
     }
 
     pub async fn shutdown(self) {
+        if let Some(m) = self.maintainer.lock().expect("not poisoned").take() {
+            m.abort();
+        }
         if let Ok(inner) = Arc::try_unwrap(self.0) {
             if let Some(p) = inner.projector {
                 p.shutdown().await;

@@ -11,10 +11,13 @@ use serde_json::json;
 use uuid::Uuid;
 
 use crate::app::{Actor, App, CommandError};
-use crate::config::{BootstrapArgs, Cli, Command, ProjectionsCommand, ServeArgs, VerifyArgs};
+use crate::config::{
+    BootstrapArgs, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand, ServeArgs,
+    VerifyArgs,
+};
 use crate::crypto::Vault;
 use crate::ledger::verify::verify_database;
-use crate::{api, db, keys};
+use crate::{api, auditor, db, keys};
 
 /// Runs one command. Errors that stop a command from running exit with 2, so that
 /// `verify`'s 1 always means "tampered".
@@ -24,6 +27,12 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Migrate => migrate(&cli.db).await.map(|_| ExitCode::SUCCESS),
         Command::Bootstrap(args) => bootstrap(&cli.db, args).await,
         Command::Verify(args) => verify(&cli.db, args).await,
+        Command::Export(args) => export(&cli.db, args).await,
+        Command::Prove { command } => prove(&cli.db, command).await,
+        Command::VerifyProof(args) => {
+            auditor::verify_proof(&args.proof, &args.checkpoint, &args.public_key)
+        }
+        Command::Keygen { log_origin } => auditor::keygen(&log_origin),
         Command::Projections {
             command: ProjectionsCommand::Status,
         } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
@@ -51,8 +60,11 @@ async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
 
 async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow::Result<()> {
     let master = args.keys.load()?;
+    let signer = args.log.signer()?;
+    let policy = args.log.policy()?;
     let pool = pool(db_args).await?;
     let app = App::new(pool, Vault::new(&master), true);
+    app.start_log(std::sync::Arc::new(signer), policy);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
@@ -153,7 +165,28 @@ async fn verify(
     db_args: &crate::config::DatabaseArgs,
     args: VerifyArgs,
 ) -> anyhow::Result<ExitCode> {
+    let key = args
+        .public_key
+        .as_deref()
+        .map(auditor::load_verifier)
+        .transpose()?;
+    if let Some(file) = &args.file {
+        let checkpoint = match (&args.checkpoint, &key) {
+            (Some(path), Some(key)) => Some((
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+                key,
+            )),
+            (Some(_), None) => anyhow::bail!("--checkpoint needs --public-key"),
+            (None, _) => None,
+        };
+        return offline(file, checkpoint, args.workers);
+    }
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    if !args.since.is_empty() {
+        let key = key.context("--since needs --public-key")?;
+        return auditor::verify_since(&pool, args.workers, &args.since, &key).await;
+    }
     let report = verify_database(&pool, args.workers)
         .await
         .context("reading the ledger")?;
@@ -175,6 +208,73 @@ async fn verify(
                 bad.position, bad.fault, report.events
             );
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+async fn export(
+    db_args: &crate::config::DatabaseArgs,
+    args: ExportArgs,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let file = tokio::fs::File::create(&args.out)
+        .await
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut out = tokio::io::BufWriter::new(file);
+    let scope = crate::ledger::export::ExportScope {
+        organization: args.org,
+        from: args.from,
+        to: args.to,
+    };
+    let summary = crate::ledger::export::export(&pool, scope, &args.log_origin, &mut out)
+        .await
+        .context("exporting")?;
+    tokio::io::AsyncWriteExt::flush(&mut out).await?;
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn offline(
+    file: &std::path::Path,
+    checkpoint: Option<(String, &crate::ledger::checkpoint::NoteVerifier)>,
+    workers: usize,
+) -> anyhow::Result<ExitCode> {
+    let report = crate::ledger::offline::verify_file(
+        file,
+        checkpoint.as_ref().map(|(note, key)| (note.as_str(), *key)),
+        workers,
+    )
+    .with_context(|| format!("verifying {}", file.display()))?;
+    println!("{report}");
+    Ok(if report.intact() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn prove(
+    db_args: &crate::config::DatabaseArgs,
+    command: ProveCommand,
+) -> anyhow::Result<ExitCode> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    crate::ledger::tree::catch_up(
+        &pool,
+        None,
+        crate::ledger::tree::CheckpointPolicy {
+            every_events: u64::MAX,
+            interval: std::time::Duration::from_secs(1),
+        },
+        false,
+    )
+    .await?;
+    match command {
+        ProveCommand::Inclusion {
+            position,
+            checkpoint,
+        } => auditor::prove_inclusion(&pool, position, &checkpoint).await,
+        ProveCommand::Consistency { from, to } => {
+            auditor::prove_consistency(&pool, &from, &to).await
         }
     }
 }

@@ -8,6 +8,8 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::crypto::MasterKey;
+use crate::ledger::checkpoint::LogSigner;
+use crate::ledger::tree::CheckpointPolicy;
 
 /// A string that never prints in `Debug` output.
 #[derive(Clone)]
@@ -97,6 +99,60 @@ impl KeyArgs {
     }
 }
 
+#[derive(Debug, Args, Clone)]
+pub struct LogArgs {
+    /// The log's name: every checkpoint's origin line and its signing key's name.
+    #[arg(
+        long,
+        env = "LEDGERLINE_LOG_ORIGIN",
+        default_value = "ledgerline.local/log"
+    )]
+    pub log_origin: String,
+    /// The Ed25519 key that signs checkpoints: a 32-byte seed in 64 hex characters
+    /// (`ledgerline keygen` makes one).
+    #[arg(long, env = "LEDGERLINE_SIGNING_KEY", hide_env_values = true)]
+    pub signing_key: Option<Secret>,
+    /// A file holding the signing key, instead of --signing-key.
+    #[arg(long, env = "LEDGERLINE_SIGNING_KEY_FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Sign a checkpoint every this many events...
+    #[arg(long, env = "LEDGERLINE_CHECKPOINT_EVERY", default_value_t = 1000)]
+    pub checkpoint_every: u64,
+    /// ...or after this many seconds when fewer arrived.
+    #[arg(
+        long,
+        env = "LEDGERLINE_CHECKPOINT_INTERVAL_SECS",
+        default_value_t = 10
+    )]
+    pub checkpoint_interval_secs: u64,
+}
+
+impl LogArgs {
+    pub fn signer(&self) -> anyhow::Result<LogSigner> {
+        let text = match (&self.signing_key, &self.signing_key_file) {
+            (Some(k), _) => k.0.clone(),
+            (None, Some(path)) => std::fs::read_to_string(path)
+                .with_context(|| format!("reading the signing key file {}", path.display()))?,
+            (None, None) => anyhow::bail!(
+                "no checkpoint signing key: set LEDGERLINE_SIGNING_KEY (64 hex characters) or \
+                 LEDGERLINE_SIGNING_KEY_FILE; `ledgerline keygen` makes one (scripts/dev makes one for local use)"
+            ),
+        };
+        LogSigner::from_hex(&self.log_origin, &text).context("reading the signing key")
+    }
+
+    pub fn policy(&self) -> anyhow::Result<CheckpointPolicy> {
+        anyhow::ensure!(
+            self.checkpoint_every > 0 && self.checkpoint_interval_secs > 0,
+            "checkpoint intervals must be positive"
+        );
+        Ok(CheckpointPolicy {
+            every_events: self.checkpoint_every,
+            interval: std::time::Duration::from_secs(self.checkpoint_interval_secs),
+        })
+    }
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP API (applies migrations first).
@@ -105,8 +161,28 @@ pub enum Command {
     Migrate,
     /// Create the platform operator's API key and print it once as JSON.
     Bootstrap(BootstrapArgs),
-    /// Recompute the whole hash chain from the database. Exit 0 intact, 1 tampered, 2 could not run.
+    /// Recompute the whole hash chain, from the database or (--file) from an export, and check
+    /// it against signed checkpoints. Exit 0 intact, 1 tampered, 2 could not run.
     Verify(VerifyArgs),
+    /// Write the ledger (or one organization's view of it) as a verifiable JSON Lines file.
+    Export(ExportArgs),
+    /// Print a Merkle proof from the database's tree, for an auditor to check offline.
+    Prove {
+        #[command(subcommand)]
+        command: ProveCommand,
+    },
+    /// Check a proof printed by `prove` against signed checkpoints; needs no database.
+    VerifyProof(VerifyProofArgs),
+    /// Make a checkpoint signing key; prints the secret seed and the public verifier key.
+    Keygen {
+        /// The log's name the key is for.
+        #[arg(
+            long,
+            env = "LEDGERLINE_LOG_ORIGIN",
+            default_value = "ledgerline.local/log"
+        )]
+        log_origin: String,
+    },
     /// Inspect the projections.
     Projections {
         #[command(subcommand)]
@@ -121,6 +197,8 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub keys: KeyArgs,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Debug, Args)]
@@ -132,9 +210,76 @@ pub struct BootstrapArgs {
 
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
-    /// Ranges checked in parallel.
+    /// Ranges (or file chunks) checked in parallel.
     #[arg(long, default_value_t = 4)]
     pub workers: usize,
+    /// Verify this export file instead of the database (no database needed).
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// With --file: a signed checkpoint the export must match.
+    #[arg(long, requires = "file")]
+    pub checkpoint: Option<PathBuf>,
+    /// Checkpoints kept earlier: prove the database's log is a consistent extension of each.
+    #[arg(long, conflicts_with = "file")]
+    pub since: Vec<PathBuf>,
+    /// The log's verifier key (`name+id+key`, as `/v1/ledger/public-key` gives it), or a file
+    /// holding it. Needed with --checkpoint and --since.
+    #[arg(long)]
+    pub public_key: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Only this organization's events in full; every other position as its hash only.
+    #[arg(long)]
+    pub org: Option<uuid::Uuid>,
+    /// First position (default 1).
+    #[arg(long, default_value_t = 1)]
+    pub from: i64,
+    /// Last position (default: the head).
+    #[arg(long)]
+    pub to: Option<i64>,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The log's name for the export's header.
+    #[arg(
+        long,
+        env = "LEDGERLINE_LOG_ORIGIN",
+        default_value = "ledgerline.local/log"
+    )]
+    pub log_origin: String,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProveCommand {
+    /// That the event at a position is in the tree a checkpoint signed.
+    Inclusion {
+        #[arg(long)]
+        position: u64,
+        /// The checkpoint file (its tree size is used).
+        #[arg(long)]
+        checkpoint: PathBuf,
+    },
+    /// That the tree of one checkpoint extends the tree of an older one.
+    Consistency {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyProofArgs {
+    /// The proof, as `prove` printed it (JSON).
+    #[arg(long)]
+    pub proof: PathBuf,
+    /// The checkpoint(s): one for an inclusion proof, the older then the newer for consistency.
+    #[arg(long, required = true, num_args = 1..=2)]
+    pub checkpoint: Vec<PathBuf>,
+    /// The log's verifier key, or a file holding it.
+    #[arg(long)]
+    pub public_key: String,
 }
 
 #[derive(Debug, Subcommand)]

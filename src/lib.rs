@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod app;
+pub mod auditor;
 pub mod cli;
 pub mod config;
 pub mod crypto;

@@ -795,3 +795,192 @@ async fn the_auditor_queries_read_edge_cases_exactly() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Section 9: the Merkle tree's vectors, parsed out of the page, against src/ledger/merkle.rs.
+
+mod merkle_tree {
+    use super::*;
+    use ledgerline::ledger::merkle::{
+        consistency_proof, event_leaf, inclusion_proof, root, verify_consistency, verify_inclusion,
+        Blake3, Digest, Frontier, TreeHash,
+    };
+
+    /// The `merkle: <kind>` blocks, each as its `name: value` lines.
+    fn merkle_blocks() -> BTreeMap<String, BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
+        for b in fenced_blocks(&doc()) {
+            let Some(kind) = b.lines.first().and_then(|l| l.strip_prefix("merkle: ")) else {
+                continue;
+            };
+            let mut m = BTreeMap::new();
+            for line in &b.lines[1..] {
+                let (k, v) = line
+                    .split_once(':')
+                    .unwrap_or_else(|| panic!("not `name: value`: {line}"));
+                let v = v.strip_prefix(' ').unwrap_or(v);
+                assert!(
+                    m.insert(k.to_string(), v.to_string()).is_none(),
+                    "`{k}` twice in merkle: {kind}"
+                );
+            }
+            assert!(
+                out.insert(kind.trim().to_string(), m).is_none(),
+                "two `merkle: {kind}` blocks"
+            );
+        }
+        out
+    }
+
+    fn get<'a>(m: &'a BTreeMap<String, String>, k: &str) -> &'a str {
+        m.get(k).unwrap_or_else(|| panic!("no `{k}`"))
+    }
+
+    /// `name[0]`, `name[1]`, … in order, until the first missing index.
+    fn list(m: &BTreeMap<String, String>, name: &str) -> Vec<String> {
+        (0..)
+            .map_while(|i| m.get(&format!("{name}[{i}]")).cloned())
+            .collect()
+    }
+
+    fn digests(m: &BTreeMap<String, String>, name: &str) -> Vec<Digest> {
+        list(m, name).iter().map(|s| hash32(s)).collect()
+    }
+
+    /// The reference leaves' hashes, as computed from the page's leaf inputs.
+    fn reference_leaves(roots: &BTreeMap<String, String>) -> Vec<Digest> {
+        list(roots, "leaf_input")
+            .iter()
+            .map(|s| Blake3::leaf(&hex::decode(s).unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn the_page_has_the_merkle_vectors() {
+        let blocks = merkle_blocks();
+        assert_eq!(
+            blocks.keys().collect::<Vec<_>>(),
+            ["consistency", "events", "inclusion", "roots"]
+        );
+        let roots = &blocks["roots"];
+        assert_eq!(list(roots, "leaf_input").len(), 8);
+        assert_eq!(list(roots, "leaf_hash").len(), 8);
+        assert_eq!(list(roots, "root").len(), 9, "roots of sizes 0..=8");
+        assert_eq!(roots.len(), 8 + 8 + 9, "no stray lines in `merkle: roots`");
+    }
+
+    #[test]
+    fn the_roots_vectors_match_the_code() {
+        let blocks = merkle_blocks();
+        let roots = &blocks["roots"];
+        let leaves = reference_leaves(roots);
+        assert_eq!(leaves, digests(roots, "leaf_hash"));
+        let want = digests(roots, "root");
+        assert_eq!(want[0], *blake3::hash(b"").as_bytes(), "the empty tree");
+        let mut f = Frontier::<Blake3>::new();
+        for (n, r) in want.iter().enumerate() {
+            assert_eq!(
+                hex::encode(root::<Blake3>(&leaves[..n])),
+                hex::encode(r),
+                "root[{n}]"
+            );
+            assert_eq!(f.root(), *r, "the frontier's root[{n}]");
+            if n < leaves.len() {
+                f.push(leaves[n]);
+            }
+        }
+    }
+
+    #[test]
+    fn the_proof_vectors_match_the_code() {
+        let blocks = merkle_blocks();
+        let leaves = reference_leaves(&blocks["roots"]);
+        let roots = digests(&blocks["roots"], "root");
+
+        let inc = &blocks["inclusion"];
+        let size: u64 = get(inc, "tree_size").parse().unwrap();
+        let index: u64 = get(inc, "leaf_index").parse().unwrap();
+        let leaf = hash32(get(inc, "leaf_hash"));
+        let r = hash32(get(inc, "root"));
+        let proof = digests(inc, "proof");
+        assert_eq!(inc.len(), 4 + proof.len(), "no stray lines");
+        assert_eq!(leaf, leaves[index as usize]);
+        assert_eq!(r, roots[size as usize]);
+        assert_eq!(
+            inclusion_proof::<Blake3>(&leaves[..size as usize], index),
+            Some(proof.clone())
+        );
+        assert_eq!(
+            verify_inclusion::<Blake3>(index, size, &leaf, &proof, &r),
+            Ok(())
+        );
+
+        let con = &blocks["consistency"];
+        let old: u64 = get(con, "old_size").parse().unwrap();
+        let new: u64 = get(con, "new_size").parse().unwrap();
+        let old_root = hash32(get(con, "old_root"));
+        let new_root = hash32(get(con, "new_root"));
+        let proof = digests(con, "proof");
+        assert_eq!(con.len(), 4 + proof.len(), "no stray lines");
+        assert_eq!(old_root, roots[old as usize]);
+        assert_eq!(new_root, roots[new as usize]);
+        assert_eq!(
+            consistency_proof::<Blake3>(&leaves[..new as usize], old),
+            Some(proof.clone())
+        );
+        assert_eq!(
+            verify_consistency::<Blake3>(old, new, &old_root, &new_root, &proof),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn the_events_vector_is_the_tree_over_vectors_1_to_3() {
+        let blocks = merkle_blocks();
+        let ev = &blocks["events"];
+        let hashes = digests(ev, "event_hash");
+        let chain: Vec<Digest> = vectors().iter().take(3).map(|v| v.hash).collect();
+        assert_eq!(hashes, chain, "the event hashes are vectors 1–3's");
+        let leaves: Vec<Digest> = hashes.iter().map(event_leaf).collect();
+        assert_eq!(leaves, digests(ev, "leaf_hash"));
+        // A leaf hash is BLAKE3(0x00 || event hash), as the page says.
+        let mut input = vec![0u8];
+        input.extend_from_slice(&hashes[0]);
+        assert_eq!(leaves[0], *blake3::hash(&input).as_bytes());
+        assert_eq!(root::<Blake3>(&leaves), hash32(get(ev, "root")));
+        assert_eq!(ev.len(), 3 + 3 + 1, "no stray lines");
+    }
+
+    /// The section's Python snippet prints `root[3]` (skipped where python3 or its `blake3`
+    /// package is missing; `pip install blake3`).
+    #[test]
+    fn the_python_merkle_snippet_computes_root_3() {
+        let blocks = fenced_blocks(&doc());
+        let python: Vec<&Block> = blocks
+            .iter()
+            .filter(|b| b.info == "python merkle")
+            .collect();
+        assert_eq!(python.len(), 1, "one `python merkle` block in the page");
+        let code = python[0].lines.join("\n");
+        let expected = merkle_blocks()["roots"]["root[3]"].clone();
+        assert!(code.contains(&expected), "the snippet states root[3]");
+        let available = std::process::Command::new("python3")
+            .args(["-c", "import blake3"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+        if !available {
+            eprintln!("skipped: python3 with the blake3 package is not installed");
+            return;
+        }
+        let out = std::process::Command::new("python3")
+            .args(["-c", &code])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+    }
+}

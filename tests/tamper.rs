@@ -8,10 +8,10 @@
 mod common;
 
 use chrono::Duration;
-use common::{TestApp, TestDb};
-use ledgerline::ledger::hash::{event_hash, EventFields, GENESIS};
+use common::{event_at, hash_of, set_hashes, superuser_tx, tamper, TestApp, TestDb};
+use ledgerline::ledger::hash::GENESIS;
 use ledgerline::ledger::verify::{verify_database, BadEvent, Fault, Report};
-use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
+use ledgerline_projections::StoredEvent;
 use reqwest::Method;
 use serde_json::json;
 use sqlx::{PgPool, Postgres, Transaction};
@@ -140,38 +140,6 @@ async fn build_log(t: &TestApp) -> Log {
     Log { n, support_role }
 }
 
-/// A transaction in which the append-only triggers do not fire (superuser only).
-async fn superuser_tx(pool: &PgPool) -> Transaction<'static, Postgres> {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx
-}
-
-/// Runs `statements` with the triggers off, and commits.
-async fn tamper(pool: &PgPool, statements: &[String]) {
-    let mut tx = superuser_tx(pool).await;
-    for s in statements {
-        sqlx::query(s)
-            .execute(&mut *tx)
-            .await
-            .unwrap_or_else(|e| panic!("{s}: {e}"));
-    }
-    tx.commit().await.unwrap();
-}
-
-async fn event_at(pool: &PgPool, position: i64) -> StoredEvent {
-    sqlx::query_as(&format!(
-        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position = $1"
-    ))
-    .bind(position)
-    .fetch_one(pool)
-    .await
-    .unwrap_or_else(|e| panic!("event at {position}: {e}"))
-}
-
 async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &StoredEvent) {
     sqlx::query(
         "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, event_version,
@@ -193,27 +161,6 @@ async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &StoredEvent) {
     .execute(&mut **tx)
     .await
     .unwrap();
-}
-
-/// Sets the hashes of the event at `position` (triggers off).
-async fn set_hashes(
-    tx: &mut Transaction<'_, Postgres>,
-    position: i64,
-    prev_hash: &[u8],
-    hash: &[u8],
-) {
-    sqlx::query("UPDATE events SET prev_hash = $2, hash = $3 WHERE position = $1")
-        .bind(position)
-        .bind(prev_hash)
-        .bind(hash)
-        .execute(&mut **tx)
-        .await
-        .unwrap();
-}
-
-/// The hash our algorithm gives `e` on top of `prev` (what a forger who read the docs computes).
-fn hash_of(prev: &[u8], e: &StoredEvent) -> Vec<u8> {
-    event_hash(&prev.try_into().unwrap(), &EventFields::of(e)).to_vec()
 }
 
 fn assert_first_bad(report: &Report, position: i64, fault: Fault) {

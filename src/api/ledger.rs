@@ -1,7 +1,11 @@
 //! The auditor's raw view of the ledger: the head, and one tenant's events exactly as
-//! stored (payload and metadata as the hashed JSON text) with their hashes.
+//! stored (payload and metadata as the hashed JSON text) with their hashes, page by page or
+//! as an export file that `ledgerline verify --file` checks offline.
 
+use axum::body::{Body, Bytes};
 use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use ledgerline_aggregates::Permission;
 use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
@@ -14,6 +18,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query};
 use super::organizations;
 use crate::app::App;
+use crate::ledger::export::{self, ExportError, ExportScope};
 
 pub async fn head(
     State(app): State<App>,
@@ -80,4 +85,77 @@ pub async fn events(
     Ok(axum::Json(
         json!({ "items": items, "next_cursor": next_cursor }),
     ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExportQuery {
+    /// The first position (default 1).
+    from: Option<i64>,
+    /// The last position (default: the head when the export starts).
+    to: Option<i64>,
+}
+
+/// The tenant's export file (docs/ledger-format.md, "Export files (v1)"): its events in full,
+/// every other position of the range as a stub (position and hash), streamed as JSON Lines.
+/// The range is checked before the first byte is sent; a failure after that ends the stream
+/// abruptly rather than cleanly, so that a partial file is never taken for a whole one.
+pub async fn export(
+    State(app): State<App>,
+    caller: Caller,
+    Path(org): Path<Uuid>,
+    Query(q): Query<ExportQuery>,
+) -> ApiResult<Response> {
+    caller.require_in(org, Permission::LedgerRead)?;
+    organizations::find(&app, org).await?;
+    let scope = ExportScope {
+        organization: Some(org),
+        from: q.from.unwrap_or(1),
+        to: q.to,
+    };
+    let prepared = export::prepare(&app.pool, scope, app.origin())
+        .await
+        .map_err(|e| match e {
+            ExportError::Range(m) => ApiError::bad_request(m),
+            other => ApiError::internal(other),
+        })?;
+    let filename = format!(
+        "ledgerline-{org}-{}-{}.jsonl",
+        prepared.header.from, prepared.header.to
+    );
+    let (writer, reader) = tokio::io::duplex(1 << 16);
+    let pool = app.pool.clone();
+    let task = tokio::spawn(async move { prepared.write(&pool, writer).await });
+    let body = futures::stream::unfold((reader, Some(task)), |(mut reader, task)| async move {
+        use tokio::io::AsyncReadExt;
+        let task = task?;
+        let mut buf = vec![0u8; 1 << 16];
+        match reader.read(&mut buf).await {
+            Ok(0) => {
+                let failed = match task.await {
+                    Ok(Ok(_)) => return None,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(e) => e.to_string(),
+                };
+                tracing::error!(error = %failed, "export failed while streaming");
+                Some((Err(std::io::Error::other(failed)), (reader, None)))
+            }
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok(Bytes::from(buf)), (reader, Some(task))))
+            }
+            Err(e) => Some((Err(e), (reader, None))),
+        }
+    });
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+            (
+                header::CONTENT_DISPOSITION,
+                format!("attachment; filename=\"{filename}\""),
+            ),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response())
 }

@@ -24,10 +24,12 @@ pub mod auth;
 pub mod conversations;
 pub mod error;
 pub mod extract;
+pub mod history;
 pub mod ledger;
 pub mod messages;
 pub mod meta;
 pub mod organizations;
+pub mod proofs;
 pub mod roles;
 pub mod users;
 
@@ -269,10 +271,24 @@ pub const ROUTES: &[RouteDoc] = &[
     ),
     r(
         "GET",
+        "/v1/organizations/{org}/history/{entity_type}/{id}",
+        Some("audit:read"),
+        200,
+        "One entity's changes in order (organization, user, role, api_key, conversation, message): actor, time, event, fields before and after",
+    ),
+    r(
+        "GET",
         "/v1/organizations/{org}/ledger/events",
         Some("ledger:read"),
         200,
         "The tenant's raw ledger events with hashes",
+    ),
+    r(
+        "GET",
+        "/v1/organizations/{org}/ledger/export",
+        Some("ledger:read"),
+        200,
+        "Export file (JSON Lines): the tenant's events in full, other positions as stubs; ?from=&to=",
     ),
     r(
         "GET",
@@ -400,6 +416,41 @@ pub const ROUTES: &[RouteDoc] = &[
         200,
         "Mark read up to a message; answers the unread count",
     ),
+    r(
+        "GET",
+        "/v1/ledger/checkpoints/latest",
+        Some("ledger:read"),
+        200,
+        "The newest signed checkpoint (C2SP tlog-checkpoint note)",
+    ),
+    r(
+        "GET",
+        "/v1/ledger/checkpoints",
+        Some("ledger:read"),
+        200,
+        "Signed checkpoints, newest first: ?before_size=&tree_size=&limit=",
+    ),
+    r(
+        "GET",
+        "/v1/ledger/proofs/inclusion",
+        Some("ledger:read"),
+        200,
+        "Merkle inclusion proof: ?position=&tree_size= (an organization key: its own events)",
+    ),
+    r(
+        "GET",
+        "/v1/ledger/proofs/consistency",
+        Some("ledger:read"),
+        200,
+        "Merkle consistency proof: ?from_size=&to_size=",
+    ),
+    r(
+        "GET",
+        "/v1/ledger/public-key",
+        Some("ledger:read"),
+        200,
+        "The checkpoint signing key (signed-note verifier key)",
+    ),
 ];
 
 pub fn router(app: App) -> Router {
@@ -438,8 +489,15 @@ pub fn router(app: App) -> Router {
         .route(&o("/conversations/{id}/messages/{msg}/reactions/{emoji}"), put(messages::react).delete(messages::unreact))
         .route(&o("/conversations/{id}/read"), post(messages::mark_read))
         .route(&o("/audit-events"), get(audit::list))
+        .route(&o("/history/{entity_type}/{id}"), get(history::get))
         .route(&o("/ledger/events"), get(ledger::events))
+        .route(&o("/ledger/export"), get(ledger::export))
         .route("/v1/ledger/head", get(ledger::head))
+        .route("/v1/ledger/checkpoints/latest", get(proofs::latest))
+        .route("/v1/ledger/checkpoints", get(proofs::list))
+        .route("/v1/ledger/proofs/inclusion", get(proofs::inclusion))
+        .route("/v1/ledger/proofs/consistency", get(proofs::consistency))
+        .route("/v1/ledger/public-key", get(proofs::public_key))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -4,13 +4,19 @@
 
 use std::net::SocketAddr;
 
+use std::sync::Arc;
+
 use ledgerline::app::App;
 use ledgerline::crypto::{MasterKey, Vault};
+use ledgerline::ledger::checkpoint::LogSigner;
+use ledgerline::ledger::hash::{event_hash, EventFields};
+use ledgerline::ledger::tree::CheckpointPolicy;
 use ledgerline::ledger::verify::{verify_database, Report};
+use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 /// The server every test database is created on; trust auth as the `postgres` superuser.
@@ -78,9 +84,17 @@ impl Drop for TestDb {
     }
 }
 
+/// Checkpoints as `serve` signs them by default, sooner: tests also sign on demand.
+pub const POLICY: CheckpointPolicy = CheckpointPolicy {
+    every_events: 1000,
+    interval: std::time::Duration::from_secs(1),
+};
+
 pub struct TestApp {
     pub db: TestDb,
     pub app: App,
+    /// Signs this app's checkpoints (the maintainer runs in every test app).
+    pub signer: Arc<LogSigner>,
     pub base: String,
     pub admin_key: String,
     pub client: reqwest::Client,
@@ -102,6 +116,8 @@ impl TestApp {
     pub async fn spawn() -> Self {
         let db = TestDb::new().await;
         let app = App::new(db.pool.clone(), Vault::new(&MasterKey::generate()), true);
+        let signer = Arc::new(LogSigner::generate("ledgerline.test/log").expect("a signer"));
+        app.start_log(signer.clone(), POLICY);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -121,6 +137,7 @@ impl TestApp {
         Self {
             db,
             app,
+            signer,
             base: format!("http://{addr}"),
             admin_key,
             client: reqwest::Client::new(),
@@ -395,4 +412,60 @@ pub async fn every_row(t: &TestApp) -> Vec<(String, String)> {
         rows.push(("events.metadata".into(), metadata));
     }
     rows
+}
+
+// ---------------------------------------------------------------------------------------
+// Tampering as a superuser would.
+
+/// A transaction in which the append-only triggers do not fire (superuser only).
+pub async fn superuser_tx(pool: &PgPool) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// Runs `statements` with the triggers off, and commits.
+pub async fn tamper(pool: &PgPool, statements: &[String]) {
+    let mut tx = superuser_tx(pool).await;
+    for s in statements {
+        sqlx::query(s)
+            .execute(&mut *tx)
+            .await
+            .unwrap_or_else(|e| panic!("{s}: {e}"));
+    }
+    tx.commit().await.unwrap();
+}
+
+pub async fn event_at(pool: &PgPool, position: i64) -> StoredEvent {
+    sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position = $1"
+    ))
+    .bind(position)
+    .fetch_one(pool)
+    .await
+    .unwrap_or_else(|e| panic!("event at {position}: {e}"))
+}
+
+/// Sets the hashes of the event at `position` (triggers off).
+pub async fn set_hashes(
+    tx: &mut Transaction<'_, Postgres>,
+    position: i64,
+    prev_hash: &[u8],
+    hash: &[u8],
+) {
+    sqlx::query("UPDATE events SET prev_hash = $2, hash = $3 WHERE position = $1")
+        .bind(position)
+        .bind(prev_hash)
+        .bind(hash)
+        .execute(&mut **tx)
+        .await
+        .unwrap();
+}
+
+/// The hash our algorithm gives `e` on top of `prev` (what a forger who read the docs computes).
+pub fn hash_of(prev: &[u8], e: &StoredEvent) -> Vec<u8> {
+    event_hash(&prev.try_into().unwrap(), &EventFields::of(e)).to_vec()
 }

@@ -1,0 +1,374 @@
+//! `GET /v1/organizations/{org}/history/{entity_type}/{id}`: every change to one entity in
+//! order, each with who made it, when, and the fields before and after. The entity's events
+//! are replayed through its own aggregate, so the history is exactly what the domain made of
+//! them. Nothing is opened here: sealed fields stay ciphertext, or read `erased` once the key
+//! that could open them is gone.
+
+use std::collections::HashSet;
+
+use axum::extract::State;
+use chrono::{DateTime, Utc};
+use cqrs_es::{Aggregate, DomainEvent};
+use ledgerline_aggregates::api_key::ApiKey;
+use ledgerline_aggregates::conversation::Conversation;
+use ledgerline_aggregates::message::Message;
+use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::role::Role;
+use ledgerline_aggregates::user::User;
+use ledgerline_aggregates::{metadata, Permission, Sealed, EVENT_VERSION};
+use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::auth::Caller;
+use super::error::{ApiError, ApiResult};
+use super::extract::Path;
+use crate::app::App;
+
+/// The longest history this view replays. Entities have short streams by design (a
+/// conversation's messages are streams of their own), so a longer one is refused, not paged.
+pub const MAX_EVENTS: usize = 10_000;
+
+/// What a sealed value reads once its key is destroyed.
+pub const ERASED: &str = "erased";
+
+/// The kinds of entity with a history, as named in the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum EntityType {
+    Organization,
+    User,
+    Role,
+    ApiKey,
+    Conversation,
+    Message,
+}
+
+impl EntityType {
+    const ALL: [(&'static str, EntityType); 6] = [
+        ("organization", Self::Organization),
+        ("user", Self::User),
+        ("role", Self::Role),
+        ("api_key", Self::ApiKey),
+        ("conversation", Self::Conversation),
+        ("message", Self::Message),
+    ];
+
+    fn parse(name: &str) -> ApiResult<Self> {
+        Self::ALL
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
+                ApiError::bad_request(format!(
+                    "unknown entity type `{name}`; expected one of: {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    fn aggregate_type(self) -> &'static str {
+        match self {
+            Self::Organization => Organization::TYPE,
+            Self::User => User::TYPE,
+            Self::Role => Role::TYPE,
+            Self::ApiKey => ApiKey::TYPE,
+            Self::Conversation => Conversation::TYPE,
+            Self::Message => Message::TYPE,
+        }
+    }
+
+    fn replay(self, events: &[StoredEvent]) -> Result<Vec<HistoryEntry>, String> {
+        match self {
+            Self::Organization => replay::<Organization>(events, &[]),
+            Self::User => replay::<User>(events, &[]),
+            Self::Role => replay::<Role>(events, &[]),
+            Self::ApiKey => replay::<ApiKey>(events, &[]),
+            Self::Conversation => replay::<Conversation>(events, &[]),
+            // The aggregate keeps no content (no rule needs it), yet what a message said and
+            // how an edit changed it is what an auditor asks first.
+            Self::Message => {
+                replay::<Message>(events, &["content", "attachments", "parent_message_id"])
+            }
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryView {
+    pub entity_type: String,
+    pub id: Uuid,
+    pub items: Vec<HistoryEntry>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HistoryEntry {
+    pub position: i64,
+    pub sequence: i64,
+    pub event_type: String,
+    pub recorded_at: DateTime<Utc>,
+    pub actor: ActorView,
+    pub request_id: Option<String>,
+    pub changes: Changes,
+}
+
+/// Who acted, from the event's metadata.
+#[derive(Debug, Serialize)]
+pub struct ActorView {
+    pub kind: Option<String>,
+    pub user_id: Option<String>,
+    pub key_id: Option<String>,
+}
+
+/// The top-level fields an event changed; a field on one side only is `null` on the other.
+#[derive(Debug, Default, Serialize)]
+pub struct Changes {
+    pub before: Map<String, Value>,
+    pub after: Map<String, Value>,
+}
+
+pub async fn get(
+    State(app): State<App>,
+    caller: Caller,
+    Path((org, entity_type, id)): Path<(Uuid, String, Uuid)>,
+) -> ApiResult<axum::Json<HistoryView>> {
+    caller.require_in(org, Permission::AuditRead)?;
+    let kind = EntityType::parse(&entity_type)?;
+    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events
+         WHERE aggregate_type = $1 AND aggregate_id = $2 ORDER BY sequence LIMIT $3"
+    ))
+    .bind(kind.aggregate_type())
+    .bind(id.to_string())
+    .bind(MAX_EVENTS as i64 + 1)
+    .fetch_all(&app.pool)
+    .await?;
+    // Tenancy before size: another tenant's entity is a 404 however long it is. An
+    // organization's events carry its own id, so only `id == org` has a history here.
+    if events.is_empty() || events.iter().any(|e| e.organization_id != Some(org)) {
+        return Err(ApiError::not_found("entity"));
+    }
+    if events.len() > MAX_EVENTS {
+        return Err(ApiError::invalid(format!(
+            "this {entity_type} has more than {MAX_EVENTS} events, too many to replay here; \
+             read them from /audit-events?aggregate_id={id}"
+        )));
+    }
+    let mut items = kind.replay(&events).map_err(ApiError::internal)?;
+    mark_erased(&app, &mut items).await?;
+    Ok(axum::Json(HistoryView {
+        entity_type,
+        id,
+        items,
+    }))
+}
+
+/// Folds the events through `A` from its default state. `carried` names payload fields the
+/// aggregate does not keep but the history should: each keeps the last value an event gave it.
+fn replay<A: Aggregate>(
+    events: &[StoredEvent],
+    carried: &[&str],
+) -> Result<Vec<HistoryEntry>, String> {
+    let mut state = A::default();
+    let mut kept = Map::new();
+    let mut before = view(&state, &kept)?;
+    let mut items = Vec::with_capacity(events.len());
+    for e in events {
+        let what = || format!("{} {} #{}", e.aggregate_type, e.aggregate_id, e.sequence);
+        if e.event_version != EVENT_VERSION {
+            return Err(format!(
+                "{}: unsupported event version {}",
+                what(),
+                e.event_version
+            ));
+        }
+        let payload: Value =
+            serde_json::from_str(&e.payload).map_err(|err| format!("{}: {err}", what()))?;
+        let event: A::Event =
+            serde_json::from_value(payload.clone()).map_err(|err| format!("{}: {err}", what()))?;
+        if event.event_type() != e.event_type {
+            return Err(format!(
+                "{}: event_type is {} but the payload is {}",
+                what(),
+                e.event_type,
+                event.event_type()
+            ));
+        }
+        state.apply(event);
+        // A payload is `{"<EventType>": {fields}}`.
+        if let Some(fields) = payload
+            .as_object()
+            .and_then(|o| o.values().next())
+            .and_then(Value::as_object)
+        {
+            for name in carried {
+                if let Some(v) = fields.get(*name) {
+                    kept.insert((*name).to_string(), v.clone());
+                }
+            }
+        }
+        let after = view(&state, &kept)?;
+        items.push(HistoryEntry {
+            position: e.position,
+            sequence: e.sequence,
+            event_type: e.event_type.clone(),
+            recorded_at: e.recorded_at,
+            actor: actor_of(&e.metadata),
+            request_id: metadata_text(&e.metadata, metadata::REQUEST_ID),
+            changes: changes(&before, &after),
+        });
+        before = after;
+    }
+    Ok(items)
+}
+
+/// The state's fields as JSON, with the carried fields beside them.
+fn view<A: Aggregate>(
+    state: &A,
+    carried: &Map<String, Value>,
+) -> Result<Map<String, Value>, String> {
+    match serde_json::to_value(state) {
+        Ok(Value::Object(mut fields)) => {
+            for (k, v) in carried {
+                fields.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+            Ok(fields)
+        }
+        Ok(other) => Err(format!("{} state is not a JSON object: {other}", A::TYPE)),
+        Err(e) => Err(format!("{} state: {e}", A::TYPE)),
+    }
+}
+
+fn changes(before: &Map<String, Value>, after: &Map<String, Value>) -> Changes {
+    let mut c = Changes::default();
+    let names: HashSet<&String> = before.keys().chain(after.keys()).collect();
+    for name in names {
+        // Absent and `null` say the same: no value.
+        let (b, a) = (
+            before.get(name).unwrap_or(&Value::Null),
+            after.get(name).unwrap_or(&Value::Null),
+        );
+        if b != a {
+            c.before.insert(name.clone(), b.clone());
+            c.after.insert(name.clone(), a.clone());
+        }
+    }
+    c
+}
+
+fn metadata_text(metadata: &str, key: &str) -> Option<String> {
+    let fields: Map<String, Value> = serde_json::from_str(metadata).ok()?;
+    fields.get(key)?.as_str().map(str::to_string)
+}
+
+fn actor_of(metadata: &str) -> ActorView {
+    ActorView {
+        kind: metadata_text(metadata, metadata::ACTOR_KIND),
+        user_id: metadata_text(metadata, metadata::ACTOR_USER_ID),
+        key_id: metadata_text(metadata, metadata::ACTOR_KEY_ID),
+    }
+}
+
+/// Replaces every sealed value whose key is gone with [`ERASED`]: a user's fields once the
+/// user's key is destroyed, a message's once its own key or its author's is.
+async fn mark_erased(app: &App, items: &mut [HistoryEntry]) -> Result<(), sqlx::Error> {
+    let mut subjects = HashSet::new();
+    for item in items.iter_mut() {
+        for side in [&mut item.changes.before, &mut item.changes.after] {
+            for v in side.values_mut() {
+                walk_sealed(v, &mut |s| {
+                    if let Some(subject) = subject_of(s) {
+                        subjects.insert(subject);
+                    }
+                });
+            }
+        }
+    }
+    if subjects.is_empty() {
+        return Ok(());
+    }
+    let subjects: Vec<Uuid> = subjects.into_iter().collect();
+    let live: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT s FROM unnest($1::uuid[]) AS t(s)
+         WHERE EXISTS (SELECT 1 FROM subject_keys k WHERE k.subject_id = s)
+            OR EXISTS (SELECT 1 FROM message_keys m JOIN subject_keys a ON a.subject_id = m.author_id
+                       WHERE m.message_id = s)",
+    )
+    .bind(&subjects)
+    .fetch_all(&app.pool)
+    .await?;
+    let live: HashSet<Uuid> = live.into_iter().map(|(s,)| s).collect();
+    for item in items.iter_mut() {
+        for side in [&mut item.changes.before, &mut item.changes.after] {
+            for v in side.values_mut() {
+                walk_sealed(v, &mut |s| {
+                    if subject_of(s).is_some_and(|subject| !live.contains(&subject)) {
+                        *s = ERASED.to_string();
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The subject whose key a sealed value (`sealed:v1:<subject>:<body>`) is sealed under.
+fn subject_of(text: &str) -> Option<Uuid> {
+    let rest = text.strip_prefix(Sealed::PREFIX)?;
+    let (subject, _) = rest.split_once(':')?;
+    Uuid::parse_str(subject).ok()
+}
+
+/// Calls `f` on every sealed string inside `v`, however deeply nested.
+fn walk_sealed(v: &mut Value, f: &mut impl FnMut(&mut String)) {
+    match v {
+        Value::String(s) if s.starts_with(Sealed::PREFIX) => f(s),
+        Value::Array(items) => items.iter_mut().for_each(|i| walk_sealed(i, f)),
+        Value::Object(fields) => fields.values_mut().for_each(|i| walk_sealed(i, f)),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn object(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn changes_keep_only_changed_fields_and_null_the_missing_side() {
+        let before = object(json!({"a": 1, "b": "same", "gone": true}));
+        let after = object(json!({"a": 2, "b": "same", "new": [1], "none": null}));
+        let c = changes(&before, &after);
+        assert_eq!(
+            Value::Object(c.before),
+            json!({"a": 1, "gone": true, "new": null})
+        );
+        assert_eq!(
+            Value::Object(c.after),
+            json!({"a": 2, "gone": null, "new": [1]})
+        );
+    }
+
+    #[test]
+    fn sealed_strings_are_found_at_any_depth() {
+        let subject = Uuid::new_v4();
+        let sealed = format!("sealed:v1:{subject}:AAAA");
+        let mut v = json!({"x": [{"file_name": sealed}], "y": "sealed:v1:not-a-uuid:AAAA", "z": 3});
+        let mut found = Vec::new();
+        walk_sealed(&mut v, &mut |s| found.push(subject_of(s)));
+        found.sort();
+        assert_eq!(found, vec![None, Some(subject)]);
+    }
+
+    #[test]
+    fn unknown_entity_types_are_a_400() {
+        assert_eq!(EntityType::parse("api_key").unwrap(), EntityType::ApiKey);
+        let e = EntityType::parse("ApiKey").unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+    }
+}

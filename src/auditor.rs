@@ -1,0 +1,312 @@
+//! The auditor's commands beyond `verify`: checking the database's log against checkpoints
+//! kept earlier (`verify --since`), printing proofs (`prove`), checking them offline
+//! (`verify-proof`), and making signing keys (`keygen`). Exit codes as `verify`'s: 0 holds,
+//! 1 tampered (or forged), 2 could not run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context;
+use futures::TryStreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+
+use crate::ledger::checkpoint::{Checkpoint, LogSigner, NoteVerifier};
+use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
+use crate::ledger::tree;
+use crate::ledger::verify::verify_database;
+
+/// A verifier key given as its text or as a file holding it.
+pub fn load_verifier(given: &str) -> anyhow::Result<NoteVerifier> {
+    if let Ok(key) = NoteVerifier::parse(given) {
+        return Ok(key);
+    }
+    let text = std::fs::read_to_string(given)
+        .with_context(|| format!("`{given}` is neither a verifier key nor a readable file"))?;
+    NoteVerifier::parse(&text).with_context(|| format!("reading the verifier key in {given}"))
+}
+
+fn read(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
+}
+
+/// A checkpoint file's claims, without checking its signature (`prove` only needs its size;
+/// whoever checks the proof checks the signature).
+fn unverified(path: &Path) -> anyhow::Result<Checkpoint> {
+    let note = read(path)?;
+    let text = note
+        .find("\n\n")
+        .map(|i| &note[..=i])
+        .context("not a signed note: no blank line before the signatures")?;
+    Checkpoint::parse_text(text).with_context(|| format!("reading {}", path.display()))
+}
+
+fn fail(message: String) -> ExitCode {
+    println!("{message}");
+    ExitCode::from(1)
+}
+
+/// Opens every checkpoint with `key`; `Err` carries the verdict when one is forged or two
+/// of the same size disagree (a fork: the log signed two different histories).
+fn open_all(
+    paths: &[PathBuf],
+    key: &NoteVerifier,
+) -> anyhow::Result<Result<Vec<(PathBuf, Checkpoint)>, ExitCode>> {
+    let mut out: Vec<(PathBuf, Checkpoint)> = Vec::new();
+    for path in paths {
+        match key.open(&read(path)?) {
+            Ok(cp) => out.push((path.clone(), cp)),
+            Err(e) => {
+                return Ok(Err(fail(format!(
+                    "FORGED: checkpoint {}: {e}",
+                    path.display()
+                ))))
+            }
+        }
+    }
+    for (i, (pa, a)) in out.iter().enumerate() {
+        for (pb, b) in &out[i + 1..] {
+            if a.tree_size == b.tree_size && (a.root != b.root || a.chain_head != b.chain_head) {
+                return Ok(Err(fail(format!(
+                    "FORK: checkpoints {} and {} are both validly signed at tree size {} but name different logs",
+                    pa.display(),
+                    pb.display(),
+                    a.tree_size
+                ))));
+            }
+        }
+    }
+    out.sort_by_key(|(_, c)| c.tree_size);
+    Ok(Ok(out))
+}
+
+/// `verify --since CP...`: recompute the whole chain, then prove the log as it is now
+/// extends every checkpoint: its first `size` events have the signed root and chain head.
+/// Stored hashes are used for the tree only after the chain check recomputed them all.
+pub async fn verify_since(
+    pool: &PgPool,
+    workers: usize,
+    since: &[PathBuf],
+    key: &NoteVerifier,
+) -> anyhow::Result<ExitCode> {
+    let checkpoints = match open_all(since, key)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let report = verify_database(pool, workers)
+        .await
+        .context("reading the ledger")?;
+    if let Some(bad) = &report.first_bad {
+        return Ok(fail(format!(
+            "TAMPERED: first bad position {}: {}",
+            bad.position, bad.fault
+        )));
+    }
+    let head = report.head_position as u64;
+    let largest = checkpoints.last().map_or(0, |(_, c)| c.tree_size).min(head);
+    let mut hashes = sqlx::query_as::<_, (Vec<u8>,)>(
+        "SELECT hash FROM events WHERE position <= $1 ORDER BY position",
+    )
+    .bind(largest as i64)
+    .fetch(pool);
+    let mut frontier = Frontier::<Blake3>::new();
+    let mut last: Digest = crate::ledger::hash::GENESIS;
+    let mut matched: u64 = 0;
+    for (path, cp) in &checkpoints {
+        if cp.tree_size > head {
+            return Ok(fail(format!(
+                "TRUNCATED: first missing position {}: the log ends at position {head}, but checkpoint {} signed {} events",
+                head + 1,
+                path.display(),
+                cp.tree_size
+            )));
+        }
+        while frontier.size() < cp.tree_size {
+            let (h,) = hashes
+                .try_next()
+                .await?
+                .context("the ledger ended while reading")?;
+            last = h
+                .as_slice()
+                .try_into()
+                .context("a stored hash is not 32 bytes")?;
+            frontier.push(Blake3::leaf(&last));
+        }
+        if frontier.root() != cp.root || last != cp.chain_head {
+            return Ok(fail(format!(
+                "REWRITTEN: the log's first {} events are not those checkpoint {} signed: an event at a position in {}..={} was changed and the chain recomputed after it",
+                cp.tree_size,
+                path.display(),
+                matched + 1,
+                cp.tree_size
+            )));
+        }
+        matched = cp.tree_size;
+    }
+    println!(
+        "consistent: the log ({head} events, intact) extends every checkpoint given (tree sizes {})",
+        checkpoints
+            .iter()
+            .map(|(_, c)| c.tree_size.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn hexes(proof: &[Digest]) -> Vec<String> {
+    proof.iter().map(hex::encode).collect()
+}
+
+/// A proof as `prove` prints it and `verify-proof` reads it.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Proof {
+    Inclusion {
+        position: u64,
+        tree_size: u64,
+        event_hash: String,
+        proof: Vec<String>,
+    },
+    Consistency {
+        from_size: u64,
+        to_size: u64,
+        proof: Vec<String>,
+    },
+}
+
+pub async fn prove_inclusion(
+    pool: &PgPool,
+    position: u64,
+    checkpoint: &Path,
+) -> anyhow::Result<ExitCode> {
+    let cp = unverified(checkpoint)?;
+    let proof = tree::inclusion_proof(pool, position, cp.tree_size).await?;
+    let (hash,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
+        .bind(position as i64)
+        .fetch_one(pool)
+        .await?;
+    if tree::root_at(pool, cp.tree_size).await? != cp.root {
+        return Ok(fail(format!(
+            "MISMATCH: the database's tree at size {} is not the one the checkpoint signed",
+            cp.tree_size
+        )));
+    }
+    let out = Proof::Inclusion {
+        position,
+        tree_size: cp.tree_size,
+        event_hash: hex::encode(hash),
+        proof: hexes(&proof),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn prove_consistency(pool: &PgPool, from: &Path, to: &Path) -> anyhow::Result<ExitCode> {
+    let (old, new) = (unverified(from)?, unverified(to)?);
+    let proof = tree::consistency_proof(pool, old.tree_size, new.tree_size).await?;
+    let out = Proof::Consistency {
+        from_size: old.tree_size,
+        to_size: new.tree_size,
+        proof: hexes(&proof),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn digests(hexes: &[String]) -> anyhow::Result<Vec<Digest>> {
+    hexes
+        .iter()
+        .map(|h| {
+            hex::decode(h)
+                .ok()
+                .and_then(|b| b.try_into().ok())
+                .with_context(|| format!("`{h}` is not a 32-byte hex hash"))
+        })
+        .collect()
+}
+
+/// `verify-proof`: checks a proof against signed checkpoints; no database.
+pub fn verify_proof(proof: &Path, checkpoints: &[PathBuf], key: &str) -> anyhow::Result<ExitCode> {
+    let key = load_verifier(key)?;
+    let proof: Proof = serde_json::from_str(&read(proof)?).context("reading the proof")?;
+    let opened = match open_all(checkpoints, &key)? {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let verdict = match (&proof, opened.as_slice()) {
+        (
+            Proof::Inclusion {
+                position,
+                tree_size,
+                event_hash,
+                proof,
+            },
+            [(_, cp)],
+        ) => {
+            anyhow::ensure!(
+                *tree_size == cp.tree_size,
+                "the proof is for tree size {tree_size}, the checkpoint for {}",
+                cp.tree_size
+            );
+            anyhow::ensure!(*position >= 1, "positions start at 1");
+            let event = digests(std::slice::from_ref(event_hash))?[0];
+            merkle::verify_inclusion::<Blake3>(
+                position - 1,
+                *tree_size,
+                &Blake3::leaf(&event),
+                &digests(proof)?,
+                &cp.root,
+            )
+            .map(|_| format!("valid: event {event_hash} is at position {position} of the log signed at size {tree_size}"))
+        }
+        (
+            Proof::Consistency {
+                from_size,
+                to_size,
+                proof,
+            },
+            [(_, old), (_, new)],
+        ) => {
+            anyhow::ensure!(
+                (*from_size, *to_size) == (old.tree_size, new.tree_size),
+                "the proof is for sizes {from_size} -> {to_size}, the checkpoints for {} -> {}",
+                old.tree_size,
+                new.tree_size
+            );
+            merkle::verify_consistency::<Blake3>(
+                *from_size,
+                *to_size,
+                &old.root,
+                &new.root,
+                &digests(proof)?,
+            )
+            .map(|_| format!("valid: the log signed at size {to_size} extends the one signed at size {from_size}"))
+        }
+        (Proof::Inclusion { .. }, _) => anyhow::bail!("an inclusion proof needs one checkpoint"),
+        (Proof::Consistency { .. }, _) => {
+            anyhow::bail!("a consistency proof needs two checkpoints, the older first")
+        }
+    };
+    Ok(match verdict {
+        Ok(message) => {
+            println!("{message}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(format!("INVALID: {e}")),
+    })
+}
+
+/// `keygen`: a new checkpoint signing key and its verifier key.
+pub fn keygen(origin: &str) -> anyhow::Result<ExitCode> {
+    let signer = LogSigner::generate(origin)?;
+    println!(
+        "{}",
+        json!({
+            "signing_key": signer.seed_hex(),
+            "verifier_key": signer.verifier().to_string(),
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,370 @@
+//! Signed checkpoints in the C2SP `tlog-checkpoint` format: a `signed-note` whose text names
+//! the log (origin), the tree size and the Merkle root, with two extension lines of ours, the
+//! chain head hash and the time. Ed25519 keys as the signed-note spec defines them (signature
+//! type 0x01, key ID = SHA-256(name || 0x0A || 0x01 || public key)[:4]).
+//!
+//! ```text
+//! ledgerline.example/log
+//! 1042
+//! <base64 Merkle root>
+//! chain-head <hex hash of event 1042>
+//! time 2026-11-22T03:04:05Z
+//!
+//! — ledgerline.example/log <base64(key ID || signature)>
+//! ```
+
+use std::fmt;
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use chrono::{DateTime, SecondsFormat, Utc};
+use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use rand::RngCore;
+use sha2::{Digest as _, Sha256};
+
+use super::merkle::Digest;
+
+/// The signed-note signature type of Ed25519.
+const ED25519: u8 = 0x01;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    pub origin: String,
+    pub tree_size: u64,
+    pub root: Digest,
+    /// The hash of the event at position `tree_size` (genesis zeros for an empty log).
+    pub chain_head: Digest,
+    /// Whole seconds: the note's text must be reproducible.
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoteError {
+    #[error("malformed checkpoint: {0}")]
+    Malformed(String),
+    #[error("the checkpoint carries no signature by key `{0}`")]
+    NoSignature(String),
+    #[error("the signature by key `{0}` does not verify: the checkpoint is forged or altered")]
+    BadSignature(String),
+    #[error("malformed verifier key: {0}")]
+    BadKey(String),
+}
+
+impl Checkpoint {
+    /// The note text: every line the signature covers, ending in a newline.
+    pub fn text(&self) -> String {
+        format!(
+            "{}\n{}\n{}\nchain-head {}\ntime {}\n",
+            self.origin,
+            self.tree_size,
+            B64.encode(self.root),
+            hex::encode(self.chain_head),
+            self.time.to_rfc3339_opts(SecondsFormat::Secs, true)
+        )
+    }
+
+    /// Parses a note text (without signatures).
+    pub fn parse_text(text: &str) -> Result<Checkpoint, NoteError> {
+        let bad = |m: &str| NoteError::Malformed(m.to_string());
+        let body = text
+            .strip_suffix('\n')
+            .ok_or_else(|| bad("the text must end in a newline"))?;
+        let mut lines = body.split('\n');
+        let mut next = |what: &str| {
+            lines
+                .next()
+                .filter(|l| !l.is_empty())
+                .ok_or_else(|| bad(&format!("missing {what}")))
+        };
+        let origin = next("origin")?.to_string();
+        let size_text = next("tree size")?;
+        if size_text.len() > 1 && size_text.starts_with('0') {
+            return Err(bad("the tree size has a leading zero"));
+        }
+        let tree_size = size_text
+            .parse::<u64>()
+            .map_err(|_| bad("the tree size is not a decimal number"))?;
+        let root = digest(
+            &B64.decode(next("root hash")?)
+                .map_err(|_| bad("root hash"))?,
+        )
+        .ok_or_else(|| bad("the root hash is not 32 bytes"))?;
+        let head_text = next("chain head")?
+            .strip_prefix("chain-head ")
+            .ok_or_else(|| bad("expected `chain-head <hex>`"))?;
+        let chain_head = digest(&hex::decode(head_text).map_err(|_| bad("chain head"))?)
+            .ok_or_else(|| bad("the chain head is not 32 bytes"))?;
+        let time_text = next("time")?
+            .strip_prefix("time ")
+            .ok_or_else(|| bad("expected `time <RFC 3339>`"))?;
+        let time = DateTime::parse_from_rfc3339(time_text)
+            .map_err(|_| bad("time"))?
+            .with_timezone(&Utc);
+        if lines.next().is_some() {
+            return Err(bad("unexpected extension line"));
+        }
+        Ok(Checkpoint {
+            origin,
+            tree_size,
+            root,
+            chain_head,
+            time,
+        })
+    }
+}
+
+fn digest(bytes: &[u8]) -> Option<Digest> {
+    bytes.try_into().ok()
+}
+
+fn key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
+    let mut h = Sha256::new();
+    h.update(name.as_bytes());
+    h.update([b'\n', ED25519]);
+    h.update(public.as_bytes());
+    h.finalize()[..4].try_into().expect("4 bytes")
+}
+
+/// The log's signing key and name. Never printed.
+pub struct LogSigner {
+    name: String,
+    key: SigningKey,
+}
+
+impl fmt::Debug for LogSigner {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LogSigner({}, ***)", self.name)
+    }
+}
+
+impl LogSigner {
+    /// From the 32-byte Ed25519 seed in hex, as the operator provides it.
+    pub fn from_hex(name: &str, seed_hex: &str) -> Result<Self, NoteError> {
+        let t = seed_hex.trim();
+        let seed: [u8; 32] = hex::decode(t)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                NoteError::BadKey(format!(
+                    "the signing key must be 64 hex characters (a 32-byte Ed25519 seed); got {} characters",
+                    t.len()
+                ))
+            })?;
+        Self::new(name, SigningKey::from_bytes(&seed))
+    }
+
+    pub fn generate(name: &str) -> Result<Self, NoteError> {
+        let mut seed = [0u8; 32];
+        rand::rngs::OsRng.fill_bytes(&mut seed);
+        Self::new(name, SigningKey::from_bytes(&seed))
+    }
+
+    fn new(name: &str, key: SigningKey) -> Result<Self, NoteError> {
+        check_name(name)?;
+        Ok(Self {
+            name: name.to_string(),
+            key,
+        })
+    }
+
+    pub fn seed_hex(&self) -> String {
+        hex::encode(self.key.to_bytes())
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn verifier(&self) -> NoteVerifier {
+        NoteVerifier {
+            name: self.name.clone(),
+            id: key_id(&self.name, &self.key.verifying_key()),
+            key: self.key.verifying_key(),
+        }
+    }
+
+    /// The whole signed note: text, blank line, one signature line.
+    pub fn sign(&self, checkpoint: &Checkpoint) -> String {
+        let text = checkpoint.text();
+        let signature = self.key.sign(text.as_bytes());
+        let id = key_id(&self.name, &self.key.verifying_key());
+        let blob = [id.as_slice(), &signature.to_bytes()].concat();
+        format!("{text}\n\u{2014} {} {}\n", self.name, B64.encode(blob))
+    }
+}
+
+/// Key names may not contain spaces or `+` (they appear in signature lines and key texts).
+fn check_name(name: &str) -> Result<(), NoteError> {
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '+') {
+        return Err(NoteError::BadKey(format!(
+            "the log name `{name}` must be non-empty, without spaces or `+`"
+        )));
+    }
+    Ok(())
+}
+
+/// A public key in the signed-note verifier-key text form `<name>+<hex key ID>+<base64(0x01 ||
+/// public key)>`: what an auditor keeps to check checkpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoteVerifier {
+    name: String,
+    id: [u8; 4],
+    key: VerifyingKey,
+}
+
+impl fmt::Display for NoteVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let blob = [[ED25519].as_slice(), self.key.as_bytes()].concat();
+        write!(
+            f,
+            "{}+{}+{}",
+            self.name,
+            hex::encode(self.id),
+            B64.encode(blob)
+        )
+    }
+}
+
+impl NoteVerifier {
+    pub fn parse(text: &str) -> Result<Self, NoteError> {
+        let bad = |m: &str| NoteError::BadKey(m.to_string());
+        let mut parts = text.trim().splitn(3, '+');
+        let (Some(name), Some(id), Some(blob)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(bad("expected `<name>+<hex key id>+<base64 key>`"));
+        };
+        check_name(name)?;
+        let id: [u8; 4] = hex::decode(id)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| bad("the key id is not 8 hex characters"))?;
+        let blob = B64.decode(blob).map_err(|_| bad("the key is not base64"))?;
+        let (Some(&ED25519), Ok(raw)) = (blob.first(), <[u8; 32]>::try_from(&blob[1..])) else {
+            return Err(bad("not an Ed25519 (type 0x01) 32-byte public key"));
+        };
+        let key = VerifyingKey::from_bytes(&raw).map_err(|_| bad("not an Ed25519 point"))?;
+        if key_id(name, &key) != id {
+            return Err(bad("the key id does not match the name and key"));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            id,
+            key,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn public_key_hex(&self) -> String {
+        hex::encode(self.key.as_bytes())
+    }
+
+    /// Checks the note's signature by this key and parses its text. Signatures by other keys
+    /// are ignored, as the signed-note spec requires.
+    pub fn open(&self, note: &str) -> Result<Checkpoint, NoteError> {
+        let bad = |m: &str| NoteError::Malformed(m.to_string());
+        if note.chars().any(|c| c.is_control() && c != '\n') {
+            return Err(bad("control characters"));
+        }
+        let split = note
+            .find("\n\n")
+            .ok_or_else(|| bad("no blank line before the signatures"))?;
+        let (text, signatures) = (&note[..=split], &note[split + 2..]);
+        let mut found = false;
+        for line in signatures.lines() {
+            let Some(rest) = line.strip_prefix("\u{2014} ") else {
+                return Err(bad("a signature line must start with an em dash"));
+            };
+            let (name, blob) = rest
+                .split_once(' ')
+                .ok_or_else(|| bad("a signature line needs a name and a signature"))?;
+            let blob = B64
+                .decode(blob)
+                .map_err(|_| bad("signature is not base64"))?;
+            if name != self.name || blob.len() < 4 || blob[..4] != self.id {
+                continue;
+            }
+            found = true;
+            let signature = Signature::from_slice(&blob[4..])
+                .map_err(|_| NoteError::BadSignature(self.name.clone()))?;
+            self.key
+                .verify(text.as_bytes(), &signature)
+                .map_err(|_| NoteError::BadSignature(self.name.clone()))?;
+        }
+        if !found {
+            return Err(NoteError::NoSignature(self.name.clone()));
+        }
+        Checkpoint::parse_text(text)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn checkpoint() -> Checkpoint {
+        Checkpoint {
+            origin: "ledgerline.test/log".into(),
+            tree_size: 42,
+            root: [7u8; 32],
+            chain_head: [9u8; 32],
+            time: Utc.with_ymd_and_hms(2026, 11, 22, 3, 4, 5).unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_signed_checkpoint_opens_with_its_key_and_round_trips() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = signer.sign(&checkpoint());
+        assert!(note.starts_with("ledgerline.test/log\n42\n"));
+        assert!(note.contains("\n\n\u{2014} ledgerline.test/log "));
+        let verifier = NoteVerifier::parse(&signer.verifier().to_string()).unwrap();
+        assert_eq!(verifier.open(&note).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn any_change_to_the_text_breaks_the_signature() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = signer.sign(&checkpoint());
+        let altered = note.replacen("\n42\n", "\n43\n", 1);
+        assert_eq!(
+            signer.verifier().open(&altered),
+            Err(NoteError::BadSignature("ledgerline.test/log".into()))
+        );
+    }
+
+    #[test]
+    fn another_key_of_the_same_name_is_not_trusted() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let impostor = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = impostor.sign(&checkpoint());
+        assert_eq!(
+            signer.verifier().open(&note),
+            Err(NoteError::NoSignature("ledgerline.test/log".into()))
+        );
+    }
+
+    #[test]
+    fn verifier_keys_are_checked() {
+        let signer = LogSigner::generate("a.test/log").unwrap();
+        let text = signer.verifier().to_string();
+        assert!(NoteVerifier::parse(&text.replacen("a.test", "b.test", 1)).is_err());
+        assert!(NoteVerifier::parse("nonsense").is_err());
+        assert!(LogSigner::from_hex("a.test/log", "abcd").is_err());
+        let again = LogSigner::from_hex("a.test/log", &signer.seed_hex()).unwrap();
+        assert_eq!(again.verifier(), signer.verifier());
+    }
+
+    #[test]
+    fn malformed_texts_are_refused() {
+        for text in [
+            "o\n01\nAAAA\n",
+            "o\n1\n",
+            "o\nx\nAAAA\nchain-head 00\ntime 2026-01-01T00:00:00Z\n",
+        ] {
+            assert!(Checkpoint::parse_text(text).is_err(), "{text:?}");
+        }
+    }
+}

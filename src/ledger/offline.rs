@@ -1,0 +1,1449 @@
+//! Offline verification of an export file (`export.rs`, docs/ledger-format.md "Export files
+//! (v1)"): no database, no server. Every full event's hash is recomputed from its fields and
+//! the previous hash, never taken from the file; links and positions are checked as the
+//! database verifier checks them; and, given a signed checkpoint, its signature is checked and
+//! the file's chain head and Merkle root at the checkpoint's size must be the signed ones.
+//!
+//! The file is read in blocks of [`BLOCK`] bytes, each cut at line boundaries into pieces that
+//! the workers take from a queue and check on their own: parse (`line.rs`: borrowed, no
+//! allocation per field), hash, check positions and links within the piece, and build the
+//! piece's Merkle subtrees. This thread reads ahead and joins the pieces' results in file
+//! order: the positions and links between pieces, the first fault, the Merkle frontier. The
+//! result is that of a sequential walk. Memory: at most three blocks and the pieces' results,
+//! whatever the file's size.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::{BufRead, BufReader, Read};
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use super::export::{ExportHeader, FORMAT, VERSION};
+use super::hash::{encode_v1, GENESIS, POSITION_AT};
+use super::merkle::{Blake3, Digest, Frontier};
+use super::verify::Fault;
+
+mod line;
+use line::Parsed;
+
+/// Bytes read at a time.
+pub const BLOCK: usize = 8 << 20;
+/// Each block is cut into this many pieces (at least one per worker), which the workers
+/// take from a queue.
+const PIECES_PER_BLOCK: usize = 8;
+/// A header longer than this is malformed (a real one is under 5 KiB).
+const HEADER_LIMIT: u64 = 1 << 20;
+/// How far around a position to look for where a moved event was written (as `verify`).
+const REORDER_WINDOW: i64 = 4096;
+
+/// What is wrong, and where.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileFault {
+    /// The first bad position (`None` for a fault of the header or of the checkpoint itself).
+    pub position: Option<i64>,
+    /// The file's line (1 is the header), when the fault is on a line.
+    pub line: Option<u64>,
+    pub kind: FileFaultKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FileFaultKind {
+    /// A fault of the chain, as the database verifier names it.
+    Chain(Fault),
+    /// The header is not a v1 export header.
+    MalformedHeader(String),
+    /// The line is not a v1 event or stub line.
+    MalformedLine(String),
+    /// The checkpoint is not signed by the trusted key (forged or altered), or unreadable.
+    Checkpoint(NoteError),
+    /// The checkpoint names another log than the export's header.
+    OriginMismatch { export: String, checkpoint: String },
+    /// The file's hash at the checkpoint's size is not the signed chain head.
+    ChainHeadMismatch { tree_size: u64 },
+    /// The Merkle root of the file's events at the checkpoint's size is not the signed root.
+    RootMismatch { tree_size: u64 },
+    /// The export ends before the checkpoint's size.
+    Truncated { tree_size: u64 },
+}
+
+impl std::fmt::Display for FileFaultKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileFaultKind::Chain(fault) => fault.fmt(f),
+            FileFaultKind::MalformedHeader(m) => write!(f, "malformed header: {m}"),
+            FileFaultKind::MalformedLine(m) => write!(f, "malformed line: {m}"),
+            FileFaultKind::Checkpoint(e) => write!(f, "checkpoint refused: {e}"),
+            FileFaultKind::OriginMismatch { export, checkpoint } => write!(
+                f,
+                "the checkpoint is of log `{checkpoint}`, the export of log `{export}`"
+            ),
+            FileFaultKind::ChainHeadMismatch { tree_size } => write!(
+                f,
+                "chain head mismatch: the hash at position {tree_size} is not the checkpoint's"
+            ),
+            FileFaultKind::RootMismatch { tree_size } => write!(
+                f,
+                "Merkle root mismatch: the root of the first {tree_size} events is not the \
+                 checkpoint's"
+            ),
+            FileFaultKind::Truncated { tree_size } => write!(
+                f,
+                "truncated: the export ends before the checkpoint's size {tree_size}"
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for FileFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.position, self.line) {
+            (Some(p), Some(l)) => write!(f, "position {p} (line {l}): {}", self.kind),
+            (Some(p), None) => write!(f, "position {p}: {}", self.kind),
+            (None, Some(l)) => write!(f, "line {l}: {}", self.kind),
+            (None, None) => self.kind.fmt(f),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct OfflineReport {
+    /// The header, if it could be read.
+    pub header: Option<ExportHeader>,
+    /// Event lines in the file (after the header).
+    pub lines: u64,
+    /// Full events and stubs checked (up to the first fault).
+    pub full_events: u64,
+    pub stubs: u64,
+    /// The last position checked good and its hash (the header's `from - 1` and `prev_hash`
+    /// when none was).
+    pub head_position: i64,
+    pub head_hash: Digest,
+    /// The checkpoint, once its signature verified.
+    pub checkpoint: Option<Checkpoint>,
+    /// The file's Merkle root at the checkpoint's size, when it was computed.
+    pub root: Option<Digest>,
+    pub first_bad: Option<FileFault>,
+    pub elapsed: Duration,
+}
+
+impl OfflineReport {
+    pub fn intact(&self) -> bool {
+        self.first_bad.is_none()
+    }
+    /// Event lines per second.
+    pub fn rate(&self) -> f64 {
+        self.lines as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+    /// The export matched a checkpoint: intact, and its chain head and root are the signed ones.
+    pub fn matches_checkpoint(&self) -> bool {
+        self.intact() && self.checkpoint.is_some()
+    }
+}
+
+impl std::fmt::Display for OfflineReport {
+    /// One line: `intact: ...` or `TAMPERED: first bad position ...`, as `ledgerline verify`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        let counts = format!(
+            "{} events ({} full, {} stubs) read in {secs:.3}s, {:.0} events/s",
+            self.lines,
+            self.full_events,
+            self.stubs,
+            self.rate()
+        );
+        match &self.first_bad {
+            None => {
+                write!(
+                    f,
+                    "intact: {counts}; head position {} hash {}",
+                    self.head_position,
+                    hex::encode(self.head_hash)
+                )?;
+                if let Some(cp) = &self.checkpoint {
+                    write!(
+                        f,
+                        "; matches the checkpoint of `{}` at size {} (root {})",
+                        cp.origin,
+                        cp.tree_size,
+                        hex::encode(cp.root)
+                    )?;
+                }
+                Ok(())
+            }
+            Some(bad) => match bad.position {
+                Some(p) => write!(
+                    f,
+                    "TAMPERED: first bad position {p}: {} ({counts})",
+                    bad.kind
+                ),
+                None => write!(f, "TAMPERED: {bad} ({counts})"),
+            },
+        }
+    }
+}
+
+/// Why a verification could not run (as opposed to finding a fault).
+#[derive(Debug, thiserror::Error)]
+pub enum OfflineError {
+    #[error("reading the export: {0}")]
+    Io(#[from] std::io::Error),
+    #[error(
+        "the checkpoint's size {tree_size} is before the export's range (from position {from}): \
+         export from position {tree_size} or earlier to check against it"
+    )]
+    CheckpointNotCovered { tree_size: u64, from: i64 },
+}
+
+/// Verifies the export at `path`, optionally against a signed checkpoint (the note's text and
+/// the key trusted to sign it), with `workers` threads parsing and hashing.
+pub fn verify_file(
+    path: &Path,
+    checkpoint: Option<(&str, &NoteVerifier)>,
+    workers: usize,
+) -> Result<OfflineReport, OfflineError> {
+    let file = std::fs::File::open(path)?;
+    verify_reader(file, checkpoint, workers)
+}
+
+/// [`verify_file`] over any reader.
+pub fn verify_reader(
+    input: impl Read,
+    checkpoint: Option<(&str, &NoteVerifier)>,
+    workers: usize,
+) -> Result<OfflineReport, OfflineError> {
+    verify_blocks(input, checkpoint, workers, BLOCK)
+}
+
+fn verify_blocks(
+    input: impl Read,
+    checkpoint: Option<(&str, &NoteVerifier)>,
+    workers: usize,
+    block: usize,
+) -> Result<OfflineReport, OfflineError> {
+    let started = Instant::now();
+    let workers = workers.max(1);
+    let mut report = OfflineReport {
+        header: None,
+        lines: 0,
+        full_events: 0,
+        stubs: 0,
+        head_position: 0,
+        head_hash: GENESIS,
+        checkpoint: None,
+        root: None,
+        first_bad: None,
+        elapsed: Duration::ZERO,
+    };
+    // A refused checkpoint is reported first, but the file is still checked.
+    let mut refused = None;
+    if let Some((note, verifier)) = checkpoint {
+        match verifier.open(note) {
+            Ok(cp) => report.checkpoint = Some(cp),
+            Err(e) => {
+                refused = Some(FileFault {
+                    position: None,
+                    line: None,
+                    kind: FileFaultKind::Checkpoint(e),
+                })
+            }
+        }
+    }
+    let mut reader = BufReader::with_capacity(1 << 16, input);
+    let header = match read_header(&mut reader)? {
+        Ok(h) => h,
+        Err(m) => {
+            report.checkpoint = None;
+            report.first_bad = refused.clone().or(Some(FileFault {
+                position: None,
+                line: Some(1),
+                kind: FileFaultKind::MalformedHeader(m),
+            }));
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+    };
+    report.header = Some(header.clone());
+    report.head_position = header.from - 1;
+    report.head_hash = header.prev_hash;
+
+    // What the checkpoint asks of the walk: leaves and the hash up to its size.
+    let mut target = None;
+    if let Some(cp) = &report.checkpoint {
+        if cp.origin != header.origin {
+            refused = refused.or(Some(FileFault {
+                position: None,
+                line: None,
+                kind: FileFaultKind::OriginMismatch {
+                    export: header.origin.clone(),
+                    checkpoint: cp.origin.clone(),
+                },
+            }));
+            report.checkpoint = None;
+        } else if (cp.tree_size as i128) < (header.from as i128) - 1 {
+            return Err(OfflineError::CheckpointNotCovered {
+                tree_size: cp.tree_size,
+                from: header.from,
+            });
+        } else {
+            target = Some(i64::try_from(cp.tree_size).unwrap_or(i64::MAX));
+        }
+    }
+    let ctx = Ctx {
+        full_export: header.organization_id.is_none(),
+        to: header.to,
+        leaves_to: target.unwrap_or(0).min(header.to),
+        hash_at: target.unwrap_or(-1),
+    };
+    let frontier =
+        Frontier::<Blake3>::from_parts((header.from - 1) as u64, header.frontier.clone())
+            .expect("checked with the header");
+    let mut walk = Walk {
+        expected: header.from,
+        prev: header.prev_hash,
+        line_no: 1,
+        first_bad: None,
+        lines: 0,
+        full: 0,
+        stubs: 0,
+        peaks: Peaks {
+            size: frontier.size(),
+            peaks: frontier.peaks().to_vec(),
+        },
+        hash_at: None,
+    };
+    walk_blocks(&mut reader, &ctx, workers, block, &mut walk)?;
+
+    if walk.first_bad.is_none() && walk.expected != header.to + 1 {
+        // The file ends before the header's `to`.
+        walk.first_bad = Some(FileFault {
+            position: Some(walk.expected),
+            line: None,
+            kind: FileFaultKind::Chain(Fault::Missing),
+        });
+    }
+    report.lines = walk.lines;
+    report.full_events = walk.full;
+    report.stubs = walk.stubs;
+    report.head_position = walk.expected - 1;
+    report.head_hash = walk.prev;
+    let mut first_bad = walk.first_bad.clone();
+    if let (Some(cp), Some(size)) = (&report.checkpoint, target) {
+        let fault_before = |p: i64| {
+            first_bad
+                .as_ref()
+                .and_then(|f| f.position)
+                .is_some_and(|q| q <= p)
+        };
+        if size > header.to {
+            if !fault_before(header.to + 1) {
+                first_bad = Some(FileFault {
+                    position: Some(header.to + 1),
+                    line: None,
+                    kind: FileFaultKind::Truncated {
+                        tree_size: cp.tree_size,
+                    },
+                });
+            }
+        } else if !fault_before(size) {
+            let head = if size == header.from - 1 {
+                Some(header.prev_hash)
+            } else {
+                walk.hash_at
+            };
+            let root = (walk.peaks.size == cp.tree_size).then(|| walk.peaks.root());
+            report.root = root;
+            let at = |kind| FileFault {
+                position: Some(size),
+                line: None,
+                kind,
+            };
+            if head != Some(cp.chain_head) {
+                first_bad = Some(at(FileFaultKind::ChainHeadMismatch {
+                    tree_size: cp.tree_size,
+                }));
+            } else if root != Some(cp.root) {
+                first_bad = Some(at(FileFaultKind::RootMismatch {
+                    tree_size: cp.tree_size,
+                }));
+            }
+        }
+    }
+    report.first_bad = refused.or(first_bad);
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Reads and checks the header line: `Err(reason)` if it is not a v1 header.
+fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>, OfflineError> {
+    let mut line = Vec::new();
+    reader.take(HEADER_LIMIT).read_until(b'\n', &mut line)?;
+    if line.last() != Some(&b'\n') {
+        return Ok(Err(if line.is_empty() {
+            "the file is empty".to_string()
+        } else {
+            "no complete first line".to_string()
+        }));
+    }
+    let value: serde_json::Value = match serde_json::from_slice(&line) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(format!("not JSON: {e}"))),
+    };
+    if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
+        return Ok(Err(format!("not a `{FORMAT}` file")));
+    }
+    if value.get("version").and_then(|v| v.as_u64()) != Some(VERSION.into()) {
+        return Ok(Err(format!(
+            "version {} (this verifier reads version {VERSION})",
+            value.get("version").unwrap_or(&serde_json::Value::Null)
+        )));
+    }
+    let header: ExportHeader = match serde_json::from_value(value) {
+        Ok(h) => h,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    Ok(check_header(&header).map(|()| header))
+}
+
+fn check_header(h: &ExportHeader) -> Result<(), String> {
+    if h.from < 1 {
+        return Err(format!("from is {}, not a position", h.from));
+    }
+    if h.to < h.from - 1 {
+        return Err(format!("to ({}) is before from ({})", h.to, h.from));
+    }
+    if h.to == i64::MAX {
+        return Err("to is not a position".into());
+    }
+    if h.from == 1 && h.prev_hash != GENESIS {
+        return Err("an export from position 1 must have the genesis prev_hash".into());
+    }
+    if Frontier::<Blake3>::from_parts((h.from - 1) as u64, h.frontier.clone()).is_none() {
+        return Err(format!(
+            "the frontier has {} peaks; a tree of {} leaves has {}",
+            h.frontier.len(),
+            h.from - 1,
+            (h.from - 1).count_ones()
+        ));
+    }
+    Ok(())
+}
+
+/// What the workers are asked to do besides checking.
+struct Ctx {
+    /// Every event must be in full (no organization in the header).
+    full_export: bool,
+    /// The header's last position.
+    to: i64,
+    /// Merkle leaves are collected for positions up to this.
+    leaves_to: i64,
+    /// The hash at this position is kept (the checkpoint's chain head).
+    hash_at: i64,
+}
+
+/// A piece of a block for a worker: `data[range]`, whole lines, the `seq`-th of the file.
+struct Job {
+    seq: u64,
+    data: Arc<Vec<u8>>,
+    range: std::ops::Range<usize>,
+}
+
+/// Reads `reader` block by block and hands pieces of whole lines to the workers through a
+/// queue, so that no worker waits for another at block boundaries; this thread reads ahead
+/// and joins the results in file order as they arrive. At most `IN_FLIGHT` blocks are in
+/// memory; their buffers are reused.
+fn walk_blocks(
+    reader: &mut impl Read,
+    ctx: &Ctx,
+    workers: usize,
+    block: usize,
+    walk: &mut Walk,
+) -> Result<(), OfflineError> {
+    const IN_FLIGHT: usize = 3;
+    let (job_tx, job_rx) = mpsc::sync_channel::<Job>(PIECES_PER_BLOCK * IN_FLIGHT);
+    let job_rx = Mutex::new(job_rx);
+    let (done_tx, done_rx) = mpsc::channel::<(u64, Chunk)>();
+    std::thread::scope(|s| {
+        // Owned here, so that an early return (a read error) drops it and the workers stop.
+        let job_tx = job_tx;
+        for _ in 0..workers {
+            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            s.spawn(move || loop {
+                let job = match job_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return, // another worker panicked; the scope reports it
+                };
+                let Ok(job) = job else { return };
+                let chunk = check_chunk(&job.data[job.range], ctx);
+                drop(job.data);
+                if done_tx.send((job.seq, chunk)).is_err() {
+                    return;
+                }
+            });
+        }
+        drop(done_tx);
+
+        let mut joiner = Joiner {
+            walk,
+            next: 0,
+            waiting: BTreeMap::new(),
+            rx: done_rx,
+        };
+        let mut blocks: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
+        let mut spare: Vec<Vec<u8>> = Vec::new();
+        let mut carry: Vec<u8> = Vec::new();
+        let mut seq = 0u64;
+        loop {
+            // A buffer: a new one, or the oldest block's once no worker holds it.
+            while blocks.len() >= IN_FLIGHT {
+                if Arc::strong_count(&blocks[0]) == 1 {
+                    let oldest = blocks.pop_front().expect("a block");
+                    spare.push(Arc::try_unwrap(oldest).unwrap_or_default());
+                } else if !joiner.join_one() {
+                    break;
+                }
+            }
+            let mut buf = spare.pop().unwrap_or_default();
+            buf.clear();
+            buf.extend_from_slice(&carry);
+            let want = buf.len() + block;
+            let eof = fill(reader, &mut buf, want)?;
+            let split = if eof {
+                buf.len()
+            } else {
+                match buf.iter().rposition(|b| *b == b'\n') {
+                    Some(i) => i + 1,
+                    None => {
+                        // One line longer than a block: read on.
+                        carry = buf;
+                        continue;
+                    }
+                }
+            };
+            carry.clear();
+            carry.extend_from_slice(&buf[split..]);
+            buf.truncate(split);
+            let data = Arc::new(buf);
+            for range in pieces(&data, PIECES_PER_BLOCK.max(workers)) {
+                let job = Job {
+                    seq,
+                    data: Arc::clone(&data),
+                    range,
+                };
+                seq += 1;
+                if job_tx.send(job).is_err() {
+                    break; // the workers are gone (a panic, reported by the scope)
+                }
+                joiner.join_ready();
+            }
+            blocks.push_back(data);
+            if eof {
+                break;
+            }
+        }
+        drop(job_tx);
+        while joiner.next < seq && joiner.join_one() {}
+        Ok(())
+    })
+}
+
+/// Joins the workers' results in file order.
+struct Joiner<'w> {
+    walk: &'w mut Walk,
+    /// The sequence number of the next piece to join.
+    next: u64,
+    waiting: BTreeMap<u64, Chunk>,
+    rx: mpsc::Receiver<(u64, Chunk)>,
+}
+
+impl Joiner<'_> {
+    /// Joins what has arrived, without waiting.
+    fn join_ready(&mut self) {
+        while let Ok((seq, chunk)) = self.rx.try_recv() {
+            self.waiting.insert(seq, chunk);
+        }
+        self.drain();
+    }
+
+    /// Waits for one more result and joins what it makes joinable; false when no more can come.
+    fn join_one(&mut self) -> bool {
+        match self.rx.recv() {
+            Ok((seq, chunk)) => {
+                self.waiting.insert(seq, chunk);
+                self.drain();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn drain(&mut self) {
+        while let Some(chunk) = self.waiting.remove(&self.next) {
+            self.walk.join(chunk);
+            self.next += 1;
+        }
+    }
+}
+
+/// Reads until `buf` holds `want` bytes or the input ends; true at the end of the input.
+fn fill(reader: &mut impl Read, buf: &mut Vec<u8>, want: usize) -> std::io::Result<bool> {
+    buf.reserve(want.saturating_sub(buf.len()));
+    while buf.len() < want {
+        let n = reader
+            .by_ref()
+            .take((want - buf.len()) as u64)
+            .read_to_end(buf)?;
+        if n == 0 {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// `data` cut into up to `n` pieces of whole lines, as ranges.
+fn pieces(data: &[u8], n: usize) -> Vec<std::ops::Range<usize>> {
+    let mut out = Vec::with_capacity(n);
+    let mut start = 0;
+    for i in 1..n {
+        let target = (data.len() * i / n).max(start);
+        let mut rest = &data[target..];
+        let skipped = rest.skip_until(b'\n').expect("reading a slice cannot fail");
+        let end = target + skipped;
+        if end > start && end < data.len() {
+            out.push(start..end);
+            start = end;
+        }
+    }
+    if start < data.len() {
+        out.push(start..data.len());
+    }
+    out
+}
+
+/// The result of checking one piece of whole lines on its own.
+#[derive(Default)]
+struct Chunk {
+    lines: u64,
+    full: u64,
+    stubs: u64,
+    /// The first line's position, if it parsed.
+    first_position: Option<i64>,
+    /// The stored `prev_hash` of the first line when it is a full event that hashes correctly:
+    /// its link is checked when the piece is joined to the one before.
+    first_prev: Option<Digest>,
+    /// The last line checked good: its position and its hash (recomputed, or a stub's).
+    last: Option<(i64, Digest)>,
+    /// The first fault; its `line` counts from 0 within the piece, its `position` is `None`
+    /// when it is on the first line and that line has no readable position.
+    first_bad: Option<FileFault>,
+    /// The Merkle subtrees over the leaves of the good lines up to `Ctx::leaves_to`: aligned
+    /// complete subtrees `(level, root)`, in order, that the join adds to the frontier.
+    subtrees: Vec<(u32, Digest)>,
+    hash_at: Option<Digest>,
+}
+
+/// One line, checked for shape; a full event hashed.
+enum Checked {
+    Stub {
+        position: i64,
+        hash: Digest,
+    },
+    Full {
+        position: i64,
+        prev_hash: Digest,
+        /// The hash the line gives, and the one its fields hash to.
+        hash: Digest,
+        recomputed: Digest,
+    },
+}
+
+impl Checked {
+    fn position(&self) -> i64 {
+        match self {
+            Checked::Stub { position, .. } | Checked::Full { position, .. } => *position,
+        }
+    }
+}
+
+/// Reads the next line of `rest` and, for a full event, writes its v1 hash input into
+/// `input` and hashes it.
+fn check_line(rest: &mut &[u8], full_export: bool, input: &mut Vec<u8>) -> Result<Checked, String> {
+    line::read_next(rest, full_export, |parsed| match parsed {
+        Parsed::Stub { position, hash } => (
+            Checked::Stub {
+                position: *position,
+                hash: *hash,
+            },
+            true,
+        ),
+        Parsed::Full(e) => {
+            encode_v1(input, &e.prev_hash, &e.fields());
+            let recomputed: Digest = blake3::hash(input).into();
+            let checked = Checked::Full {
+                position: parsed.position(),
+                prev_hash: e.prev_hash,
+                hash: e.hash,
+                recomputed,
+            };
+            (checked, recomputed == e.hash)
+        }
+    })
+}
+
+fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
+    let mut c = Chunk::default();
+    let mut input = Vec::with_capacity(4096);
+    let mut rest = data;
+    let mut expected: Option<i64> = None;
+    let mut leaves = Vec::new();
+    while !rest.is_empty() {
+        let index = c.lines;
+        c.lines += 1;
+        if c.first_bad.is_some() {
+            line::next_line(&mut rest); // counted, not checked
+            continue;
+        }
+        let fault = |position, kind| FileFault {
+            position,
+            line: Some(index),
+            kind,
+        };
+        let parsed = match check_line(&mut rest, ctx.full_export, &mut input) {
+            Ok(p) => p,
+            Err(m) => {
+                c.first_bad = Some(fault(expected, FileFaultKind::MalformedLine(m)));
+                continue;
+            }
+        };
+        let position = parsed.position();
+        match expected {
+            Some(e) if position != e => {
+                c.first_bad = Some(fault(Some(e), FileFaultKind::Chain(Fault::Missing)));
+                continue;
+            }
+            Some(_) => {}
+            None => c.first_position = Some(position),
+        }
+        if position > ctx.to {
+            c.first_bad = Some(fault(
+                Some(position),
+                FileFaultKind::MalformedLine(format!(
+                    "position {position} is beyond the header's `to` ({})",
+                    ctx.to
+                )),
+            ));
+            continue;
+        }
+        let hash = match &parsed {
+            Checked::Stub { hash, .. } => {
+                c.stubs += 1;
+                *hash
+            }
+            Checked::Full {
+                prev_hash,
+                hash,
+                recomputed,
+                ..
+            } => {
+                if recomputed != hash {
+                    let kind = match written_at(&mut input, position, hash) {
+                        Some(q) => Fault::Reordered { written_at: q },
+                        None => Fault::ContentChanged,
+                    };
+                    c.first_bad = Some(fault(Some(position), FileFaultKind::Chain(kind)));
+                    continue;
+                }
+                match c.last {
+                    None => c.first_prev = Some(*prev_hash),
+                    Some((_, prev)) if prev != *prev_hash => {
+                        c.first_bad = Some(fault(
+                            Some(position),
+                            FileFaultKind::Chain(Fault::LinkBroken),
+                        ));
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+                c.full += 1;
+                *recomputed
+            }
+        };
+        if position <= ctx.leaves_to {
+            leaves.push(leaf(&hash));
+        }
+        if position == ctx.hash_at {
+            c.hash_at = Some(hash);
+        }
+        c.last = Some((position, hash));
+        expected = Some(position + 1);
+    }
+    if let (Some(first @ 1..), false) = (c.first_position, leaves.is_empty()) {
+        // The leaves are those of positions first, first + 1, ...: leaf indexes from first - 1.
+        c.subtrees = subtrees((first - 1) as u64, &leaves);
+    }
+    c
+}
+
+/// The leaves starting at leaf index `start` as maximal aligned complete subtrees, in order:
+/// what pushing them one by one would add to a frontier of size `start`.
+fn subtrees(start: u64, leaves: &[Digest]) -> Vec<(u32, Digest)> {
+    let mut out = Vec::new();
+    let mut at = start;
+    let mut rest = leaves;
+    while !rest.is_empty() {
+        let mut level = at.trailing_zeros().min(63);
+        while 1u64 << level > rest.len() as u64 {
+            level -= 1;
+        }
+        let (block, more) = rest.split_at(1 << level);
+        let mut nodes = block.to_vec();
+        while nodes.len() > 1 {
+            nodes = nodes.chunks_exact(2).map(|p| node(&p[0], &p[1])).collect();
+        }
+        out.push((level, nodes[0]));
+        at += block.len() as u64;
+        rest = more;
+    }
+    out
+}
+
+/// `Blake3::leaf` of an event hash, in one call (no incremental hasher).
+fn leaf(event_hash: &Digest) -> Digest {
+    let mut input = [0u8; 33];
+    input[1..].copy_from_slice(event_hash);
+    blake3::hash(&input).into()
+}
+
+/// `Blake3::node`, in one call.
+fn node(left: &Digest, right: &Digest) -> Digest {
+    let mut input = [1u8; 65];
+    input[1..33].copy_from_slice(left);
+    input[33..].copy_from_slice(right);
+    blake3::hash(&input).into()
+}
+
+/// For an event whose hash does not match: the nearby position at which it does, if any.
+fn written_at(input: &mut [u8], at: i64, stored_hash: &Digest) -> Option<i64> {
+    (at.saturating_sub(REORDER_WINDOW).max(1)..=at.saturating_add(REORDER_WINDOW))
+        .filter(|q| *q != at)
+        .find(|q| {
+            input[POSITION_AT..POSITION_AT + 8].copy_from_slice(&(*q as u64).to_be_bytes());
+            blake3::hash(input) == *stored_hash
+        })
+}
+
+/// The walk over the pieces in file order.
+struct Walk {
+    /// The position the next line must hold.
+    expected: i64,
+    /// The hash of the last good position (recomputed, or a stub's).
+    prev: Digest,
+    /// Lines joined so far, the header included.
+    line_no: u64,
+    first_bad: Option<FileFault>,
+    lines: u64,
+    full: u64,
+    stubs: u64,
+    peaks: Peaks,
+    hash_at: Option<Digest>,
+}
+
+impl Walk {
+    /// Chains a piece to what came before it; the first fault in file order wins.
+    fn join(&mut self, c: Chunk) {
+        let line_no = self.line_no;
+        self.line_no += c.lines;
+        self.lines += c.lines;
+        if self.first_bad.is_some() || c.lines == 0 {
+            return;
+        }
+        self.full += c.full;
+        self.stubs += c.stubs;
+        let at_line = |index: u64| Some(line_no + 1 + index);
+        if let Some(p) = c.first_position {
+            if p != self.expected {
+                self.first_bad = Some(FileFault {
+                    position: Some(self.expected),
+                    line: at_line(0),
+                    kind: FileFaultKind::Chain(Fault::Missing),
+                });
+                return;
+            }
+        }
+        if let Some(f) = c.first_bad.as_ref().filter(|f| f.line == Some(0)) {
+            self.first_bad = Some(FileFault {
+                position: f.position.or(Some(self.expected)),
+                line: at_line(0),
+                kind: f.kind.clone(),
+            });
+            return;
+        }
+        if c.first_prev.is_some_and(|p| p != self.prev) {
+            self.first_bad = Some(FileFault {
+                position: Some(self.expected),
+                line: at_line(0),
+                kind: FileFaultKind::Chain(Fault::LinkBroken),
+            });
+            return;
+        }
+        for (level, root) in &c.subtrees {
+            self.peaks.push(*level, root);
+        }
+        if c.hash_at.is_some() {
+            self.hash_at = c.hash_at;
+        }
+        if let Some((position, hash)) = c.last {
+            self.expected = position + 1;
+            self.prev = hash;
+        }
+        if let Some(f) = c.first_bad {
+            self.first_bad = Some(FileFault {
+                line: f.line.and_then(at_line),
+                ..f
+            });
+        }
+    }
+}
+
+/// The Merkle frontier as peaks, largest first, grown without allocating per leaf.
+struct Peaks {
+    size: u64,
+    peaks: Vec<Digest>,
+}
+
+impl Peaks {
+    /// Adds a complete subtree of `2^level` leaves; the size must be a multiple of it (the
+    /// subtrees of consecutive pieces are aligned, see [`subtrees`]).
+    fn push(&mut self, level: u32, root: &Digest) {
+        debug_assert_eq!(self.size % (1 << level), 0);
+        let mut n = *root;
+        let mut l = level;
+        while self.size >> l & 1 == 1 {
+            let left = self.peaks.pop().expect("one peak per set bit of the size");
+            n = node(&left, &n);
+            l += 1;
+        }
+        self.peaks.push(n);
+        self.size += 1 << level;
+    }
+
+    fn root(&self) -> Digest {
+        Frontier::<Blake3>::from_parts(self.size, self.peaks.clone())
+            .expect("peaks grown leaf by leaf")
+            .root()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::ledger::checkpoint::LogSigner;
+    use crate::ledger::export::{write_event_line, write_stub_line};
+    use crate::ledger::hash::{event_hash, EventFields};
+    use crate::ledger::merkle::{self, TreeHash};
+
+    const ORIGIN: &str = "ledgerline.test/log";
+
+    struct Event {
+        position: i64,
+        org: Option<Uuid>,
+        payload: String,
+        metadata: String,
+        prev_hash: Digest,
+        hash: Digest,
+    }
+
+    impl Event {
+        fn fields(&self) -> EventFields<'_> {
+            EventFields {
+                position: self.position,
+                aggregate_type: "User",
+                aggregate_id: "5f0c6a1e-0000-4000-8000-000000000001",
+                sequence: self.position,
+                event_type: "UserInvited",
+                event_version: "1",
+                organization_id: self.org,
+                recorded_at: DateTime::from_timestamp_micros(1_767_268_800_000_000 + self.position)
+                    .unwrap(),
+                payload: &self.payload,
+                metadata: &self.metadata,
+            }
+        }
+    }
+
+    fn tenant(n: u128) -> Option<Uuid> {
+        (n != 0).then(|| Uuid::from_u128(n))
+    }
+
+    /// A chain of `n` events: tenants 1 and 2 alternate with platform events (every 5th).
+    fn chain(n: i64) -> Vec<Event> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|p| {
+                let mut e = Event {
+                    position: p,
+                    org: tenant(if p % 5 == 0 { 0 } else { 1 + (p % 2) as u128 }),
+                    payload: format!(r#"{{"n": {p}, "name":"Zoë \u00e9", "secret":"s{p}"}}"#),
+                    metadata: if p % 7 == 0 {
+                        "{\"request_id\":\n\"r\"}".into()
+                    } else {
+                        r#"{"request_id":"r"}"#.into()
+                    },
+                    prev_hash: prev,
+                    hash: [0; 32],
+                };
+                e.hash = event_hash(&prev, &e.fields());
+                prev = e.hash;
+                e
+            })
+            .collect()
+    }
+
+    fn leaves(events: &[Event]) -> Vec<Digest> {
+        events.iter().map(|e| Blake3::leaf(&e.hash)).collect()
+    }
+
+    /// The export of positions `from..=to` of `events`, for `org` or for everyone.
+    fn export(events: &[Event], org: Option<Uuid>, from: i64, to: i64) -> Vec<u8> {
+        let mut frontier = Frontier::<Blake3>::new();
+        for leaf in leaves(&events[..(from - 1) as usize]) {
+            frontier.push(leaf);
+        }
+        let header = ExportHeader {
+            format: FORMAT.into(),
+            version: VERSION,
+            origin: ORIGIN.into(),
+            organization_id: org,
+            from,
+            to,
+            prev_hash: if from == 1 {
+                GENESIS
+            } else {
+                events[(from - 2) as usize].hash
+            },
+            frontier: frontier.peaks().to_vec(),
+            exported_at: Utc::now(),
+        };
+        let mut out = Vec::new();
+        header.write_line(&mut out);
+        for e in &events[(from - 1) as usize..to as usize] {
+            if org.is_none() || e.org == org {
+                write_event_line(&mut out, &e.fields(), &e.prev_hash, &e.hash);
+            } else {
+                write_stub_line(&mut out, e.position, &e.hash);
+            }
+        }
+        out
+    }
+
+    fn lines(file: &[u8]) -> Vec<String> {
+        String::from_utf8(file.to_vec())
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn unlines(lines: &[String]) -> Vec<u8> {
+        lines
+            .iter()
+            .flat_map(|l| format!("{l}\n").into_bytes())
+            .collect()
+    }
+
+    /// Verifies with several block sizes and worker counts: they must all agree.
+    fn check(file: &[u8], checkpoint: Option<(&str, &NoteVerifier)>) -> OfflineReport {
+        let mut first: Option<OfflineReport> = None;
+        for (block, workers) in [(BLOCK, 1), (BLOCK, 2), (150, 2), (700, 3), (2500, 4)] {
+            let r = verify_blocks(file, checkpoint, workers, block).unwrap();
+            if let Some(f) = &first {
+                assert_eq!(
+                    (&r.first_bad, r.lines, r.head_position, r.root),
+                    (&f.first_bad, f.lines, f.head_position, f.root),
+                    "block {block}, {workers} workers"
+                );
+            }
+            first.get_or_insert(r);
+        }
+        first.unwrap()
+    }
+
+    fn fault(file: &[u8]) -> Option<(Option<i64>, FileFaultKind)> {
+        check(file, None).first_bad.map(|f| (f.position, f.kind))
+    }
+
+    fn chain_fault(position: i64, fault: Fault) -> Option<(Option<i64>, FileFaultKind)> {
+        Some((Some(position), FileFaultKind::Chain(fault)))
+    }
+
+    #[test]
+    fn an_untouched_export_verifies() {
+        let events = chain(40);
+        let r = check(&export(&events, None, 1, 40), None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+        assert_eq!((r.lines, r.full_events, r.stubs), (40, 40, 0));
+        assert_eq!((r.head_position, r.head_hash), (40, events[39].hash));
+
+        let r = check(&export(&events, tenant(1), 1, 40), None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+        assert_eq!((r.full_events, r.stubs), (16, 24));
+        assert_eq!(r.head_hash, events[39].hash);
+
+        // A range that starts later, and an empty range.
+        let r = check(&export(&events, tenant(2), 11, 30), None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+        assert_eq!((r.lines, r.head_position), (20, 30));
+        let r = check(&export(&events, None, 41, 40), None);
+        assert!(r.intact() && r.lines == 0 && r.head_hash == events[39].hash);
+        assert!(r.to_string().starts_with("intact: 0 events"), "{r}");
+    }
+
+    #[test]
+    fn edits_of_the_file_are_found_where_they_are() {
+        let events = chain(40);
+        let full = lines(&export(&events, None, 1, 40));
+        // Line i + 1 holds position i (line 0 is the header).
+
+        let mut edited = full.clone();
+        edited[12] = edited[12].replacen("\"n\": 12", "\"n\": 13", 1);
+        assert_eq!(
+            fault(&unlines(&edited)),
+            chain_fault(12, Fault::ContentChanged)
+        );
+
+        let mut edited = full.clone();
+        edited[14] = edited[14].replacen(&hex::encode(events[13].hash), &hex::encode([1u8; 32]), 1);
+        assert_eq!(
+            fault(&unlines(&edited)),
+            chain_fault(14, Fault::ContentChanged)
+        );
+
+        let mut deleted = full.clone();
+        deleted.remove(20);
+        assert_eq!(fault(&unlines(&deleted)), chain_fault(20, Fault::Missing));
+        assert_eq!(
+            fault(&unlines(&full[..40])),
+            chain_fault(40, Fault::Missing)
+        );
+
+        let mut swapped = full.clone();
+        swapped.swap(20, 21);
+        assert_eq!(fault(&unlines(&swapped)), chain_fault(20, Fault::Missing));
+
+        let mut malformed = full.clone();
+        malformed[30] = "{\"position\":30,".into();
+        let f = check(&unlines(&malformed), None).first_bad.unwrap();
+        assert_eq!((f.position, f.line), (Some(30), Some(31)));
+        assert!(matches!(f.kind, FileFaultKind::MalformedLine(_)), "{f}");
+
+        let mut extra = full.clone();
+        extra.push(full[40].replacen("\"position\":40", "\"position\":41", 1));
+        assert!(matches!(
+            fault(&unlines(&extra)),
+            Some((Some(41), FileFaultKind::MalformedLine(_)))
+        ));
+
+        // A stub where the whole log was promised.
+        let mut stubbed = full.clone();
+        stubbed[8] = format!(
+            "{{\"position\":8,\"hash\":\"{}\"}}",
+            hex::encode(events[7].hash)
+        );
+        assert!(matches!(
+            fault(&unlines(&stubbed)),
+            Some((Some(8), FileFaultKind::MalformedLine(_)))
+        ));
+
+        // recorded_at must say what recorded_at_micros says.
+        let mut retimed = full.clone();
+        retimed[3] = retimed[3].replacen(".000003Z", ".000004Z", 1);
+        assert!(matches!(
+            fault(&unlines(&retimed)),
+            Some((Some(3), FileFaultKind::MalformedLine(_)))
+        ));
+
+        // An event moved: it hashes only at the position it was written at.
+        let mut moved = full.clone();
+        moved.remove(15);
+        moved[15] = moved[15].replacen("\"position\":16", "\"position\":15", 1);
+        let f = fault(&unlines(&moved));
+        assert_eq!(f, chain_fault(15, Fault::Reordered { written_at: 16 }));
+    }
+
+    #[test]
+    fn a_stub_edited_breaks_the_next_full_events_link() {
+        let events = chain(40);
+        let org = lines(&export(&events, tenant(1), 1, 40));
+        // Positions 2 (tenant 1's... no: even positions are tenant 1) — find a stub followed
+        // by a full event: position 5 (platform) is a stub, 6 is tenant 1's... or not.
+        let stub_then_full = (1..39)
+            .find(|&p| !org[p].contains("aggregate_type") && org[p + 1].contains("aggregate_type"))
+            .unwrap();
+        let mut edited = org.clone();
+        edited[stub_then_full] = format!(
+            "{{\"position\":{stub_then_full},\"hash\":\"{}\"}}",
+            hex::encode([7u8; 32])
+        );
+        assert_eq!(
+            fault(&unlines(&edited)),
+            chain_fault(stub_then_full as i64 + 1, Fault::LinkBroken)
+        );
+    }
+
+    #[test]
+    fn headers_are_checked() {
+        let events = chain(10);
+        let file = lines(&export(&events, None, 4, 10));
+        let header_fault = |header: String| {
+            let mut f = file.clone();
+            f[0] = header;
+            match check(&unlines(&f), None).first_bad {
+                Some(FileFault {
+                    kind: FileFaultKind::MalformedHeader(m),
+                    ..
+                }) => m,
+                other => panic!("{other:?}"),
+            }
+        };
+        assert!(
+            header_fault(file[0].replacen("\"version\":1", "\"version\":2", 1))
+                .contains("version 2")
+        );
+        assert!(header_fault(file[0].replacen("\"from\":4", "\"from\":5", 1)).contains("frontier"));
+        assert!(header_fault("{}".into()).contains("not a `ledgerline-export` file"));
+        assert!(
+            header_fault(file[0].replacen("\"to\":10", "\"to\":10,\"x\":1", 1))
+                .contains("unknown field")
+        );
+        let r = check(b"", None);
+        assert!(matches!(
+            r.first_bad.map(|f| f.kind),
+            Some(FileFaultKind::MalformedHeader(_))
+        ));
+        // A wrong prev_hash in the header breaks the first link.
+        let mut f = file.clone();
+        f[0] = f[0].replacen(&hex::encode(events[2].hash), &hex::encode([3u8; 32]), 1);
+        assert_eq!(fault(&unlines(&f)), chain_fault(4, Fault::LinkBroken));
+    }
+
+    fn signed(signer: &LogSigner, events: &[Event], size: usize) -> String {
+        let leaves = leaves(&events[..size]);
+        signer.sign(&Checkpoint {
+            origin: ORIGIN.into(),
+            tree_size: size as u64,
+            root: merkle::root::<Blake3>(&leaves),
+            chain_head: if size == 0 {
+                GENESIS
+            } else {
+                events[size - 1].hash
+            },
+            time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+        })
+    }
+
+    #[test]
+    fn checkpoints_are_matched_by_chain_head_and_root() {
+        let events = chain(40);
+        let signer = LogSigner::generate(ORIGIN).unwrap();
+        let key = signer.verifier();
+        let file = export(&events, tenant(2), 11, 34);
+        for size in [10, 11, 20, 33, 34] {
+            let note = signed(&signer, &events, size);
+            let r = check(&file, Some((&note, &key)));
+            assert!(r.matches_checkpoint(), "size {size}: {:?}", r.first_bad);
+            assert_eq!(
+                r.root,
+                Some(merkle::root::<Blake3>(&leaves(&events[..size])))
+            );
+        }
+
+        let note = signed(&signer, &events, 36);
+        let f = check(&file, Some((&note, &key))).first_bad.unwrap();
+        assert_eq!(
+            (f.position, f.kind),
+            (Some(35), FileFaultKind::Truncated { tree_size: 36 })
+        );
+
+        let note = signed(&signer, &events, 9);
+        assert!(matches!(
+            verify_blocks(&file[..], Some((&note, &key)), 2, BLOCK),
+            Err(OfflineError::CheckpointNotCovered {
+                tree_size: 9,
+                from: 11
+            })
+        ));
+
+        // A forged signature: the checkpoint is refused, whatever the file.
+        let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 20);
+        let f = check(&file, Some((&forged, &key))).first_bad.unwrap();
+        assert!(matches!(
+            f.kind,
+            FileFaultKind::Checkpoint(NoteError::NoSignature(_))
+        ));
+        let note = signed(&signer, &events, 20);
+        let altered = note.replacen("\n20\n", "\n21\n", 1);
+        let f = check(&file, Some((&altered, &key))).first_bad.unwrap();
+        assert!(matches!(
+            f.kind,
+            FileFaultKind::Checkpoint(NoteError::BadSignature(_))
+        ));
+
+        // A stub edited with no full event after it: only the root can tell.
+        let mut edited = lines(&file);
+        let last = edited.len() - 1;
+        assert!(
+            !edited[last].contains("aggregate_type"),
+            "position 34 is a stub"
+        );
+        edited[last] = format!(
+            "{{\"position\":34,\"hash\":\"{}\"}}",
+            hex::encode([9u8; 32])
+        );
+        let edited = unlines(&edited);
+        assert!(check(&edited, None).intact());
+        let note = signed(&signer, &events, 34);
+        let f = check(&edited, Some((&note, &key))).first_bad.unwrap();
+        assert_eq!(
+            (f.position, f.kind),
+            (Some(34), FileFaultKind::ChainHeadMismatch { tree_size: 34 })
+        );
+        let note = signed(&signer, &events, 33);
+        assert!(check(&edited, Some((&note, &key))).matches_checkpoint());
+
+        // A forged frontier: the chain links, the root does not match.
+        let mut edited = lines(&file);
+        let peak = hex::encode(Frontier::<Blake3>::new().root());
+        let mut header: ExportHeader = serde_json::from_str(&edited[0]).unwrap();
+        header.frontier[0] = hex_to_digest(&peak);
+        let mut h = Vec::new();
+        header.write_line(&mut h);
+        edited[0] = String::from_utf8(h).unwrap().trim_end().to_string();
+        let note = signed(&signer, &events, 20);
+        let f = check(&unlines(&edited), Some((&note, &key)))
+            .first_bad
+            .unwrap();
+        assert_eq!(
+            (f.position, f.kind),
+            (Some(20), FileFaultKind::RootMismatch { tree_size: 20 })
+        );
+
+        // A chain fault before the checkpoint's size comes first.
+        let mut edited = lines(&file);
+        edited.remove(5);
+        let note = signed(&signer, &events, 30);
+        let f = check(&unlines(&edited), Some((&note, &key)))
+            .first_bad
+            .unwrap();
+        assert_eq!(
+            (f.position, f.kind),
+            (Some(15), FileFaultKind::Chain(Fault::Missing))
+        );
+    }
+
+    fn hex_to_digest(h: &str) -> Digest {
+        let mut d = [0; 32];
+        hex::decode_to_slice(h, &mut d).unwrap();
+        d
+    }
+
+    #[test]
+    fn a_checkpoint_of_another_log_does_not_match() {
+        let events = chain(5);
+        let other = LogSigner::generate("other.test/log").unwrap();
+        let note = other.sign(&Checkpoint {
+            origin: "other.test/log".into(),
+            tree_size: 5,
+            root: merkle::root::<Blake3>(&leaves(&events)),
+            chain_head: events[4].hash,
+            time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+        });
+        let f = check(
+            &export(&events, None, 1, 5),
+            Some((&note, &other.verifier())),
+        )
+        .first_bad
+        .unwrap();
+        assert!(
+            matches!(f.kind, FileFaultKind::OriginMismatch { .. }),
+            "{f}"
+        );
+    }
+
+    #[test]
+    fn subtrees_grow_the_frontier_as_merkle_frontier_does() {
+        let h: Digest = std::array::from_fn(|i| i as u8);
+        assert_eq!(leaf(&h), Blake3::leaf(&h));
+        assert_eq!(node(&h, &[9; 32]), Blake3::node(&h, &[9; 32]));
+        let all: Vec<Digest> = (0u64..70).map(|i| Blake3::leaf(&i.to_be_bytes())).collect();
+        for start in [0usize, 1, 5, 32, 63] {
+            let mut f = Frontier::<Blake3>::new();
+            for l in &all[..start] {
+                f.push(*l);
+            }
+            // Pieces of every length from every start, joined in order.
+            for piece in 1..=7 {
+                let mut p = Peaks {
+                    size: f.size(),
+                    peaks: f.peaks().to_vec(),
+                };
+                let mut at = start;
+                while at < all.len() {
+                    let end = (at + piece).min(all.len());
+                    for (level, root) in subtrees(at as u64, &all[at..end]) {
+                        p.push(level, &root);
+                    }
+                    at = end;
+                    assert_eq!(
+                        p.root(),
+                        merkle::root::<Blake3>(&all[..at]),
+                        "{start} {piece}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pieces_cut_at_line_boundaries() {
+        let data = b"aa\nbbbb\nc\n\ndddddd\n";
+        for n in 1..8 {
+            let p: Vec<&[u8]> = pieces(data, n).into_iter().map(|r| &data[r]).collect();
+            assert_eq!(p.concat(), data.to_vec(), "{n}");
+            assert!(
+                p.iter().all(|x| x.ends_with(b"\n") && !x.is_empty()),
+                "{n}: {p:?}"
+            );
+        }
+        assert!(pieces(b"", 3).is_empty());
+    }
+
+    #[test]
+    fn the_example_in_the_format_docs_verifies() {
+        let doc = include_str!("../../docs/ledger-format.md");
+        let section = &doc[doc.find("## 10. Export files (v1)").expect("the section")..];
+        let start = section.find("```text\n").expect("the example") + "```text\n".len();
+        let example = &section[start..start + section[start..].find("```").unwrap()];
+        let r = check(example.as_bytes(), None);
+        assert!(r.intact(), "{r}");
+        assert_eq!((r.lines, r.full_events, r.stubs), (2, 1, 1));
+        assert_eq!(
+            hex::encode(r.head_hash),
+            "64fdddae455edf1597a88edd58e609dddbacadafa29bb429accb09b7ccf111f9"
+        );
+        // The frontier is vector 1's leaf: the root at size 3 is section 9's.
+        let signer = LogSigner::generate("ledgerline").unwrap();
+        let root = "a4a462393e691cf4fb02f1cd7041abe98945282fd0ab15c135a185d503951acf";
+        let note = signer.sign(&Checkpoint {
+            origin: "ledgerline".into(),
+            tree_size: 3,
+            root: hex_to_digest(root),
+            chain_head: r.head_hash,
+            time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+        });
+        let r = check(example.as_bytes(), Some((&note, &signer.verifier())));
+        assert!(r.matches_checkpoint(), "{r}");
+    }
+}

@@ -1,0 +1,356 @@
+//! The ledger's Merkle tree in the database, and the maintainer task that keeps it and signs
+//! checkpoints.
+//!
+//! The maintainer follows the ledger by position, like a projection: it recomputes each new
+//! event's hash from its content and checks the link before it integrates the event, so the
+//! log never signs a head it has not verified. Integration stores every new complete
+//! subtree (`merkle_nodes`, levels 1 and up; leaves are derived from `events.hash`) and the
+//! frontier in one transaction. A checkpoint is signed every `every_events` events, or after
+//! `interval` when fewer arrived, and kept in `checkpoints`. It runs after commits, off the
+//! append path, so appends do not wait for it.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{SubsecRound, Utc};
+use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
+use sqlx::{PgConnection, PgPool};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::checkpoint::{Checkpoint, LogSigner};
+use super::hash::{event_hash, EventFields, GENESIS};
+use super::merkle::{self, Blake3, Digest, Frontier, Nodes, Recorder, TreeHash};
+
+/// Events integrated per transaction.
+const BATCH: i64 = 5_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TreeError {
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// The ledger does not verify at this position: nothing from here on is integrated or
+    /// signed until an operator looks (`ledgerline verify`).
+    #[error("the ledger does not verify at position {0}; not integrating it")]
+    Tampered(i64),
+    #[error("the stored tree state is damaged: {0}")]
+    Damaged(String),
+    #[error("tree size {requested} is beyond the integrated size {integrated}")]
+    NotIntegrated { requested: u64, integrated: u64 },
+    #[error("{0}")]
+    BadRequest(String),
+}
+
+fn digest(bytes: &[u8]) -> Result<Digest, TreeError> {
+    bytes
+        .try_into()
+        .map_err(|_| TreeError::Damaged(format!("a {}-byte hash", bytes.len())))
+}
+
+/// The integrated size and frontier, locked for this transaction when `lock`.
+async fn state(conn: &mut PgConnection, lock: bool) -> Result<Frontier<Blake3>, TreeError> {
+    let sql = if lock {
+        "SELECT size, peaks FROM merkle_state FOR UPDATE"
+    } else {
+        "SELECT size, peaks FROM merkle_state"
+    };
+    let (size, peaks): (i64, Vec<Vec<u8>>) = sqlx::query_as(sql).fetch_one(&mut *conn).await?;
+    let peaks = peaks
+        .iter()
+        .map(|p| digest(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    Frontier::from_parts(size as u64, peaks)
+        .ok_or_else(|| TreeError::Damaged(format!("frontier does not fit size {size}")))
+}
+
+/// The integrated tree size.
+pub async fn integrated_size(pool: &PgPool) -> Result<u64, TreeError> {
+    let mut conn = pool.acquire().await?;
+    Ok(state(&mut conn, false).await?.size())
+}
+
+/// Integrates up to [`BATCH`] new events; returns the new size and the chain head hash.
+/// Concurrent maintainers (another process) serialise on the state row.
+pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest), TreeError> {
+    let mut tx = pool.begin().await?;
+    let mut frontier = state(&mut tx, true).await?;
+    let size = frontier.size() as i64;
+    let mut prev: Digest = if size == 0 {
+        GENESIS
+    } else {
+        let (h,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
+            .bind(size)
+            .fetch_one(&mut *tx)
+            .await?;
+        digest(&h)?
+    };
+    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
+    ))
+    .bind(size)
+    .bind(BATCH)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut levels: Vec<i16> = Vec::new();
+    let mut indexes: Vec<i64> = Vec::new();
+    let mut hashes: Vec<Vec<u8>> = Vec::new();
+    for (i, e) in events.iter().enumerate() {
+        let expected = size + 1 + i as i64;
+        let recomputed = event_hash(&prev, &EventFields::of(e));
+        if e.position != expected || e.prev_hash != prev || e.hash != recomputed {
+            tracing::error!(
+                position = expected,
+                "ledger does not verify; tree integration stopped"
+            );
+            return Err(TreeError::Tampered(expected));
+        }
+        for (level, index, node) in frontier.push(Blake3::leaf(&recomputed)) {
+            if level > 0 {
+                levels.push(level as i16);
+                indexes.push(index as i64);
+                hashes.push(node.to_vec());
+            }
+        }
+        prev = recomputed;
+    }
+    if !events.is_empty() {
+        sqlx::query(
+            "INSERT INTO merkle_nodes (level, idx, hash) \
+             SELECT * FROM unnest($1::smallint[], $2::bigint[], $3::bytea[])",
+        )
+        .bind(&levels)
+        .bind(&indexes)
+        .bind(&hashes)
+        .execute(&mut *tx)
+        .await?;
+        let peaks: Vec<Vec<u8>> = frontier.peaks().iter().map(|p| p.to_vec()).collect();
+        sqlx::query("UPDATE merkle_state SET size = $1, peaks = $2")
+            .bind(frontier.size() as i64)
+            .bind(&peaks)
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok((frontier.size(), prev))
+}
+
+/// The nodes a computation asked for: leaves from the events' hashes, the rest from
+/// `merkle_nodes`, in two queries.
+async fn fetch(
+    pool: &PgPool,
+    wanted: Vec<(u32, u64)>,
+) -> Result<HashMap<(u32, u64), Digest>, TreeError> {
+    let (leaves, inner): (Vec<_>, Vec<_>) = wanted.into_iter().partition(|(level, _)| *level == 0);
+    let positions: Vec<i64> = leaves.iter().map(|(_, i)| *i as i64 + 1).collect();
+    let mut out = HashMap::new();
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT position, hash FROM events WHERE position = ANY($1)")
+            .bind(&positions)
+            .fetch_all(pool)
+            .await?;
+    for (position, hash) in rows {
+        out.insert((0, position as u64 - 1), Blake3::leaf(&digest(&hash)?));
+    }
+    let levels: Vec<i16> = inner.iter().map(|(l, _)| *l as i16).collect();
+    let indexes: Vec<i64> = inner.iter().map(|(_, i)| *i as i64).collect();
+    let rows: Vec<(i16, i64, Vec<u8>)> = sqlx::query_as(
+        "SELECT m.level, m.idx, m.hash FROM merkle_nodes m \
+         JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) ON m.level = w.level AND m.idx = w.idx",
+    )
+    .bind(&levels)
+    .bind(&indexes)
+    .fetch_all(pool)
+    .await?;
+    for (level, idx, hash) in rows {
+        out.insert((level as u32, idx as u64), digest(&hash)?);
+    }
+    Ok(out)
+}
+
+/// Runs `compute` once to learn which nodes it needs, fetches them, and runs it again.
+async fn with_nodes<T>(
+    pool: &PgPool,
+    size: u64,
+    compute: impl Fn(&dyn NodesDyn) -> Option<T>,
+) -> Result<T, TreeError> {
+    let integrated = integrated_size(pool).await?;
+    if size > integrated {
+        return Err(TreeError::NotIntegrated {
+            requested: size,
+            integrated,
+        });
+    }
+    let recorder = Recorder::default();
+    let _ = compute(&recorder);
+    let nodes = fetch(pool, recorder.requests()).await?;
+    compute(&nodes).ok_or_else(|| TreeError::Damaged("a stored node is missing".into()))
+}
+
+/// Object-safe view of [`Nodes`], so one closure serves both passes.
+pub trait NodesDyn {
+    fn get(&self, level: u32, index: u64) -> Option<Digest>;
+}
+
+impl<N: Nodes> NodesDyn for N {
+    fn get(&self, level: u32, index: u64) -> Option<Digest> {
+        self.node(level, index)
+    }
+}
+
+struct Dyn<'a>(&'a dyn NodesDyn);
+
+impl Nodes for Dyn<'_> {
+    fn node(&self, level: u32, index: u64) -> Option<Digest> {
+        self.0.get(level, index)
+    }
+}
+
+pub async fn root_at(pool: &PgPool, size: u64) -> Result<Digest, TreeError> {
+    with_nodes(pool, size, |n| {
+        merkle::root_from::<Blake3, _>(&Dyn(n), size)
+    })
+    .await
+}
+
+/// An inclusion proof of the event at `position` (1-based) in the tree of `size` events.
+pub async fn inclusion_proof(
+    pool: &PgPool,
+    position: u64,
+    size: u64,
+) -> Result<Vec<Digest>, TreeError> {
+    if position == 0 || position > size {
+        return Err(TreeError::BadRequest(format!(
+            "position must be between 1 and the tree size {size}"
+        )));
+    }
+    with_nodes(pool, size, |n| {
+        merkle::inclusion_proof_from::<Blake3, _>(&Dyn(n), position - 1, size)
+    })
+    .await
+}
+
+pub async fn consistency_proof(
+    pool: &PgPool,
+    from_size: u64,
+    to_size: u64,
+) -> Result<Vec<Digest>, TreeError> {
+    if from_size > to_size {
+        return Err(TreeError::BadRequest(
+            "from_size must not exceed to_size".into(),
+        ));
+    }
+    with_nodes(pool, to_size, |n| {
+        merkle::consistency_proof_from::<Blake3, _>(&Dyn(n), from_size, to_size)
+    })
+    .await
+}
+
+/// When the maintainer signs.
+#[derive(Debug, Clone, Copy)]
+pub struct CheckpointPolicy {
+    pub every_events: u64,
+    pub interval: Duration,
+}
+
+/// Signs and stores a checkpoint of the integrated tree, unless one of that size exists.
+pub async fn sign_checkpoint(
+    pool: &PgPool,
+    signer: &LogSigner,
+) -> Result<Option<Checkpoint>, TreeError> {
+    let mut conn = pool.acquire().await?;
+    let frontier = state(&mut conn, false).await?;
+    let size = frontier.size();
+    if size == 0 {
+        return Ok(None);
+    }
+    let (head,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
+        .bind(size as i64)
+        .fetch_one(&mut *conn)
+        .await?;
+    let checkpoint = Checkpoint {
+        origin: signer.name().to_string(),
+        tree_size: size,
+        root: frontier.root(),
+        chain_head: digest(&head)?,
+        time: Utc::now().trunc_subsecs(0),
+    };
+    let note = signer.sign(&checkpoint);
+    let inserted = sqlx::query(
+        "INSERT INTO checkpoints (tree_size, root, chain_head, signed_at, note) \
+         VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tree_size) DO NOTHING",
+    )
+    .bind(size as i64)
+    .bind(checkpoint.root.to_vec())
+    .bind(checkpoint.chain_head.to_vec())
+    .bind(checkpoint.time)
+    .bind(&note)
+    .execute(&mut *conn)
+    .await?;
+    Ok((inserted.rows_affected() == 1).then_some(checkpoint))
+}
+
+async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {
+    let (size,): (Option<i64>,) = sqlx::query_as("SELECT max(tree_size) FROM checkpoints")
+        .fetch_one(pool)
+        .await?;
+    Ok(size.unwrap_or(0) as u64)
+}
+
+/// Integrates everything committed so far; signs when the policy says so. Returns the size.
+pub async fn catch_up(
+    pool: &PgPool,
+    signer: Option<&LogSigner>,
+    policy: CheckpointPolicy,
+    force_sign: bool,
+) -> Result<u64, TreeError> {
+    loop {
+        let before = integrated_size(pool).await?;
+        let (size, _) = integrate_batch(pool).await?;
+        if let Some(signer) = signer {
+            let signed = latest_checkpoint_size(pool).await?;
+            if size > signed && (force_sign || size - signed >= policy.every_events) {
+                sign_checkpoint(pool, signer).await?;
+            }
+        }
+        if size == before {
+            return Ok(size);
+        }
+    }
+}
+
+/// The maintainer: integrates after every commit this process makes (and every `interval`,
+/// for other processes' commits), signing by the policy. Stops at a tampered event.
+pub fn spawn_maintainer(
+    pool: PgPool,
+    mut committed: watch::Receiver<i64>,
+    signer: Option<Arc<LogSigner>>,
+    policy: CheckpointPolicy,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(policy.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let timed_out = tokio::select! {
+                changed = committed.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    false
+                }
+                _ = tick.tick() => true,
+            };
+            match catch_up(&pool, signer.as_deref(), policy, timed_out).await {
+                Ok(_) => {}
+                Err(TreeError::Tampered(position)) => {
+                    tracing::error!(
+                        position,
+                        "log maintainer stopped: the ledger does not verify"
+                    );
+                    return;
+                }
+                Err(e) => tracing::warn!(error = %e, "log maintainer: will retry"),
+            }
+        }
+    })
+}

@@ -1,0 +1,713 @@
+//! Signed checkpoints and Merkle proofs against a real PostgreSQL: what the server serves
+//! verifies with nothing but its public key, and the attacks a hash chain alone cannot see
+//! (a history rewritten with every later hash recomputed, the newest events cut off, two
+//! histories signed at one size, a forged signature) are caught with the right verdict.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{event_at, hash_of, set_hashes, superuser_tx, tamper, TestApp, POLICY};
+use ledgerline::ledger::checkpoint::{LogSigner, NoteVerifier};
+use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
+use ledgerline::ledger::tree;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+fn ledgerline(t: &TestApp, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(args)
+        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ledgerline");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Integrates everything and signs a checkpoint of it now; returns the signed note.
+async fn sign_now(t: &TestApp) -> String {
+    tree::catch_up(t.pool(), Some(&t.signer), POLICY, true)
+        .await
+        .expect("integrate and sign");
+    let (note,): (String,) =
+        sqlx::query_as("SELECT note FROM checkpoints ORDER BY tree_size DESC LIMIT 1")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    note
+}
+
+fn file(text: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("ll-{}.txt", Uuid::new_v4().simple()));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Exports the whole log as it is now and verifies the file offline (no database) against
+/// `checkpoint`: the auditor's second, independent check.
+fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, String) {
+    let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
+    let out_s = out.to_str().unwrap();
+    let (code, summary, err) = ledgerline(
+        t,
+        &[
+            "export",
+            "--out",
+            out_s,
+            "--log-origin",
+            "ledgerline.test/log",
+        ],
+    );
+    assert_eq!(code, 0, "export: {summary}{err}");
+    let (code, report, err) = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(["verify", "--file", out_s, "--checkpoint"])
+        .arg(checkpoint)
+        .args(["--public-key", &key(t)])
+        .env_remove("LEDGERLINE_DATABASE_URL")
+        .output()
+        .map(|o| {
+            (
+                o.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&o.stdout).into_owned(),
+                String::from_utf8_lossy(&o.stderr).into_owned(),
+            )
+        })
+        .unwrap();
+    std::fs::remove_file(&out).ok();
+    (code, format!("{report}{err}"))
+}
+
+fn key(t: &TestApp) -> String {
+    t.signer.verifier().to_string()
+}
+
+/// A log with a few organizations, users and roles.
+async fn some_history(t: &TestApp) {
+    for name in ["Alpha", "Beta"] {
+        let org = t.create_org(name).await;
+        for i in 0..3 {
+            t.invite(org, &format!("p{i}@{}.example", name.to_lowercase()), "P")
+                .await;
+        }
+    }
+}
+
+/// The Merkle root over the log's hashes recomputed from content, independently of the
+/// server's tree.
+async fn independent_root(t: &TestApp, size: i64) -> Digest {
+    let mut prev = ledgerline::ledger::hash::GENESIS.to_vec();
+    let mut leaves = Vec::new();
+    for p in 1..=size {
+        let e = event_at(t.pool(), p).await;
+        let h = hash_of(&prev, &e);
+        leaves.push(Blake3::leaf(&h));
+        prev = h;
+    }
+    merkle::root::<Blake3>(&leaves)
+}
+
+/// Edits the payload of event `k` and recomputes every later link and hash, as a superuser
+/// who read docs/ledger-format.md would: the chain alone still verifies.
+async fn rewrite_from(t: &TestApp, k: i64) {
+    let n = t.head().await;
+    let mut tx = superuser_tx(t.pool()).await;
+    let mut prev = event_at(t.pool(), k - 1).await.hash;
+    for p in k..=n {
+        let mut e = event_at(t.pool(), p).await;
+        if p == k {
+            e.payload = e.payload.replace("Beta", "Bet4");
+            sqlx::query("UPDATE events SET payload = $2::text::json WHERE position = $1")
+                .bind(p)
+                .bind(&e.payload)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+        }
+        e.prev_hash = prev;
+        e.hash = hash_of(&e.prev_hash, &e);
+        set_hashes(&mut tx, p, &e.prev_hash, &e.hash).await;
+        prev = e.hash;
+    }
+    tx.commit().await.unwrap();
+}
+
+/// The position of the event that created organization "Beta".
+async fn beta_position(t: &TestApp) -> i64 {
+    let (p,): (i64,) = sqlx::query_as(
+        "SELECT position FROM events WHERE event_type = 'OrganizationCreated' \
+         AND payload::text LIKE '%Beta%'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    p
+}
+
+#[tokio::test]
+async fn checkpoints_are_signed_served_and_open_with_the_served_key() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let note = sign_now(&t).await;
+    let head = t.head().await;
+
+    let served = t.get("/v1/ledger/public-key", &t.admin_key).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    let verifier = NoteVerifier::parse(served.body["key"].as_str().unwrap()).unwrap();
+    let latest = t.get("/v1/ledger/checkpoints/latest", &t.admin_key).await;
+    assert_eq!(latest.status, 200, "{}", latest.body);
+    assert_eq!(latest.body["note"], json!(note));
+    let cp = verifier.open(&note).expect("the served key opens the note");
+    assert_eq!(cp.origin, "ledgerline.test/log");
+    assert_eq!(cp.tree_size, head as u64);
+    assert_eq!(cp.chain_head.to_vec(), event_at(t.pool(), head).await.hash);
+    assert_eq!(
+        cp.root,
+        independent_root(&t, head).await,
+        "the signed root is the log's"
+    );
+    assert_eq!(latest.body["root"], json!(hex::encode(cp.root)));
+
+    let list = t.get("/v1/ledger/checkpoints?limit=5", &t.admin_key).await;
+    assert_eq!(list.status, 200);
+    assert_eq!(list.body["items"][0]["tree_size"], json!(head));
+    // Nothing about the log is served without `ledger:read`.
+    let org = t.create_org("Gamma").await;
+    let (_, member) = t.member_with_key(org, "member", "m@gamma.example").await;
+    assert_eq!(
+        t.get("/v1/ledger/checkpoints/latest", &member).await.status,
+        403
+    );
+}
+
+#[tokio::test]
+async fn proofs_from_the_api_verify_against_signed_checkpoints() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let old = t.signer.verifier().open(&sign_now(&t).await).unwrap();
+    some_history_more(&t).await;
+    let new = t.signer.verifier().open(&sign_now(&t).await).unwrap();
+    assert!(new.tree_size > old.tree_size);
+
+    for position in [1, 2, old.tree_size / 2, old.tree_size, new.tree_size] {
+        let r = t
+            .get(
+                &format!(
+                    "/v1/ledger/proofs/inclusion?position={position}&tree_size={}",
+                    new.tree_size
+                ),
+                &t.admin_key,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let event: Digest = hex::decode(r.body["event_hash"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap();
+        assert_eq!(
+            event.to_vec(),
+            event_at(t.pool(), position as i64).await.hash
+        );
+        let proof = digests(&r.body["proof"]);
+        merkle::verify_inclusion::<Blake3>(
+            position - 1,
+            new.tree_size,
+            &Blake3::leaf(&event),
+            &proof,
+            &new.root,
+        )
+        .unwrap_or_else(|e| panic!("inclusion of {position}: {e}"));
+        // The same proof does not prove another position.
+        if position > 1 {
+            assert!(merkle::verify_inclusion::<Blake3>(
+                position - 2,
+                new.tree_size,
+                &Blake3::leaf(&event),
+                &proof,
+                &new.root
+            )
+            .is_err());
+        }
+    }
+    let r = t
+        .get(
+            &format!(
+                "/v1/ledger/proofs/consistency?from_size={}&to_size={}",
+                old.tree_size, new.tree_size
+            ),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    merkle::verify_consistency::<Blake3>(
+        old.tree_size,
+        new.tree_size,
+        &old.root,
+        &new.root,
+        &digests(&r.body["proof"]),
+    )
+    .expect("the newer tree extends the older");
+
+    for bad in [
+        format!(
+            "/v1/ledger/proofs/inclusion?position=0&tree_size={}",
+            new.tree_size
+        ),
+        format!(
+            "/v1/ledger/proofs/inclusion?position=5&tree_size={}",
+            new.tree_size + 100
+        ),
+        format!(
+            "/v1/ledger/proofs/consistency?from_size={}&to_size={}",
+            new.tree_size, old.tree_size
+        ),
+        "/v1/ledger/proofs/inclusion?position=1".to_string(),
+    ] {
+        assert_eq!(t.get(&bad, &t.admin_key).await.status, 400, "{bad}");
+    }
+}
+
+async fn some_history_more(t: &TestApp) {
+    let org = t.create_org("Delta").await;
+    t.invite(org, "d@delta.example", "D").await;
+}
+
+fn digests(v: &Value) -> Vec<Digest> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|h| {
+            hex::decode(h.as_str().unwrap())
+                .unwrap()
+                .try_into()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn an_organization_key_proves_only_its_own_events() {
+    let t = TestApp::spawn().await;
+    let mine = t.create_org("Mine").await;
+    let other = t.create_org("Other").await;
+    t.invite(other, "o@other.example", "O").await;
+    let (_, auditor) = t.member_with_key(mine, "auditor", "a@mine.example").await;
+    let size = t
+        .signer
+        .verifier()
+        .open(&sign_now(&t).await)
+        .unwrap()
+        .tree_size;
+    let position_of = |org: Uuid| {
+        let pool = t.pool().clone();
+        async move {
+            let (p,): (i64,) =
+                sqlx::query_as("SELECT min(position) FROM events WHERE organization_id = $1")
+                    .bind(org)
+                    .fetch_one(&pool)
+                    .await
+                    .unwrap();
+            p
+        }
+    };
+    let path = |p: i64| format!("/v1/ledger/proofs/inclusion?position={p}&tree_size={size}");
+    assert_eq!(
+        t.get(&path(position_of(mine).await), &auditor).await.status,
+        200
+    );
+    assert_eq!(
+        t.get(&path(position_of(other).await), &auditor)
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        t.get(&path(1), &auditor).await.status,
+        404,
+        "platform events too"
+    );
+}
+
+#[tokio::test]
+async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let old = file(&sign_now(&t).await);
+    some_history_more(&t).await;
+    let new = file(&sign_now(&t).await);
+    let key = key(&t);
+    let old_s = old.to_str().unwrap();
+    let new_s = new.to_str().unwrap();
+
+    let (code, proof, err) = ledgerline(
+        &t,
+        &[
+            "prove",
+            "inclusion",
+            "--position",
+            "3",
+            "--checkpoint",
+            new_s,
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let proof_file = file(&proof);
+    let p = proof_file.to_str().unwrap();
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify-proof",
+            "--proof",
+            p,
+            "--checkpoint",
+            new_s,
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("valid"), "{out}");
+    // One hash of the proof altered.
+    let mut doctored: Value = serde_json::from_str(&proof).unwrap();
+    let first = doctored["proof"][0].as_str().unwrap().to_string();
+    let flipped = format!(
+        "{}{}",
+        if first.starts_with('0') { "1" } else { "0" },
+        &first[1..]
+    );
+    doctored["proof"][0] = json!(flipped);
+    let doctored = file(&doctored.to_string());
+    let (code, out, _) = ledgerline(
+        &t,
+        &[
+            "verify-proof",
+            "--proof",
+            doctored.to_str().unwrap(),
+            "--checkpoint",
+            new_s,
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("INVALID"), "{out}");
+
+    let (code, proof, err) = ledgerline(
+        &t,
+        &["prove", "consistency", "--from", old_s, "--to", new_s],
+    );
+    assert_eq!(code, 0, "{err}");
+    let proof_file = file(&proof);
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify-proof",
+            "--proof",
+            proof_file.to_str().unwrap(),
+            "--checkpoint",
+            old_s,
+            "--checkpoint",
+            new_s,
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    // Checked against another pair of checkpoints, it does not fit.
+    t.create_org("Epsilon").await;
+    let newer = file(&sign_now(&t).await);
+    let (code, out, _) = ledgerline(
+        &t,
+        &[
+            "verify-proof",
+            "--proof",
+            proof_file.to_str().unwrap(),
+            "--checkpoint",
+            old_s,
+            "--checkpoint",
+            newer.to_str().unwrap(),
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_ne!(code, 0, "{out}");
+}
+
+#[tokio::test]
+async fn an_untouched_log_extends_every_checkpoint_also_after_an_erasure() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let first = file(&sign_now(&t).await);
+    let org = t.create_org("Erasure Co").await;
+    let user = t.invite(org, "gone@erasure.example", "Gone").await;
+    let second = file(&sign_now(&t).await);
+    let r = t
+        .post(
+            &format!("/v1/organizations/{org}/users/{user}/erase"),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200);
+    let third = file(&sign_now(&t).await);
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--since",
+            first.to_str().unwrap(),
+            "--since",
+            second.to_str().unwrap(),
+            "--since",
+            third.to_str().unwrap(),
+            "--public-key",
+            &key(&t),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("consistent"), "{out}");
+    for cp in [&first, &second, &third] {
+        let (code, report) = export_and_verify(&t, cp);
+        assert_eq!(code, 0, "{report}");
+        assert!(report.contains("matches the checkpoint"), "{report}");
+    }
+}
+
+#[tokio::test]
+async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let early = file(&sign_now(&t).await);
+    some_history_more(&t).await;
+    let kept = file(&sign_now(&t).await);
+    let k = beta_position(&t).await;
+    rewrite_from(&t, k).await;
+    assert!(
+        t.verify().await.intact(),
+        "the chain alone cannot see a rewrite with every later hash recomputed"
+    );
+    let size_early = t
+        .signer
+        .verifier()
+        .open(&std::fs::read_to_string(&early).unwrap())
+        .unwrap()
+        .tree_size;
+    assert!(
+        k as u64 <= size_early,
+        "the edit lies before the early checkpoint"
+    );
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--since",
+            early.to_str().unwrap(),
+            "--since",
+            kept.to_str().unwrap(),
+            "--public-key",
+            &key(&t),
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.starts_with("REWRITTEN"), "{out}");
+    assert!(
+        out.contains(&format!("1..={size_early}")),
+        "names the range the edit lies in: {out}"
+    );
+    // An export made now, checked offline against the kept checkpoint.
+    let (code, report) = export_and_verify(&t, &early);
+    assert_eq!(code, 1, "{report}");
+    assert!(report.starts_with("TAMPERED"), "{report}");
+    assert!(
+        report.contains("Merkle root mismatch") || report.contains("chain head mismatch"),
+        "{report}"
+    );
+}
+
+#[tokio::test]
+async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let kept = file(&sign_now(&t).await);
+    let n = t.head().await;
+    tamper(
+        t.pool(),
+        &[format!("DELETE FROM events WHERE position > {}", n - 3)],
+    )
+    .await;
+    assert!(
+        t.verify().await.intact(),
+        "the chain alone cannot see a cut"
+    );
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--since",
+            kept.to_str().unwrap(),
+            "--public-key",
+            &key(&t),
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!("TRUNCATED: first missing position {}", n - 2)),
+        "{out}"
+    );
+    let (code, report) = export_and_verify(&t, &kept);
+    assert_eq!(code, 1, "{report}");
+    assert!(report.contains("truncated"), "{report}");
+}
+
+#[tokio::test]
+async fn two_histories_signed_at_one_size_are_a_fork() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let one = sign_now(&t).await;
+    // A superuser with the signing key rewrites the log, rebuilds the tree and signs again.
+    rewrite_from(&t, beta_position(&t).await).await;
+    tamper(
+        t.pool(),
+        &[
+            "DELETE FROM merkle_nodes".to_string(),
+            "DELETE FROM checkpoints".to_string(),
+            "UPDATE merkle_state SET size = 0, peaks = '{}'".to_string(),
+        ],
+    )
+    .await;
+    let two = sign_now(&t).await;
+    let (a, b) = (
+        t.signer.verifier().open(&one).unwrap(),
+        t.signer.verifier().open(&two).unwrap(),
+    );
+    assert_eq!(a.tree_size, b.tree_size);
+    assert_ne!(a.root, b.root);
+    let (one, two) = (file(&one), file(&two));
+    let (code, out, err) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--since",
+            one.to_str().unwrap(),
+            "--since",
+            two.to_str().unwrap(),
+            "--public-key",
+            &key(&t),
+        ],
+    );
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.starts_with("FORK"), "{out}");
+    // Against the first checkpoint alone, the database's log is the rewritten one.
+    let (code, out, _) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--since",
+            one.to_str().unwrap(),
+            "--public-key",
+            &key(&t),
+        ],
+    );
+    assert_eq!(code, 1);
+    assert!(out.starts_with("REWRITTEN"), "{out}");
+}
+
+#[tokio::test]
+async fn a_forged_checkpoint_is_refused() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let note = sign_now(&t).await;
+    let cp = t.signer.verifier().open(&note).unwrap();
+    // Its size raised by hand: the signature no longer covers the text.
+    let raised = note.replacen(
+        &format!("\n{}\n", cp.tree_size),
+        &format!("\n{}\n", cp.tree_size + 1),
+        1,
+    );
+    // Signed by a key that is not the log's, under the log's name.
+    let impostor = LogSigner::generate("ledgerline.test/log")
+        .unwrap()
+        .sign(&cp);
+    for forged in [raised, impostor] {
+        let forged = file(&forged);
+        let (code, out, err) = ledgerline(
+            &t,
+            &[
+                "verify",
+                "--since",
+                forged.to_str().unwrap(),
+                "--public-key",
+                &key(&t),
+            ],
+        );
+        assert_eq!(code, 1, "{out}{err}");
+        assert!(out.starts_with("FORGED"), "{out}");
+        let (code, report) = export_and_verify(&t, &forged);
+        assert_eq!(code, 1, "{report}");
+        assert!(report.contains("checkpoint refused"), "{report}");
+    }
+}
+
+#[tokio::test]
+async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does_not() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let cp = file(&sign_now(&t).await);
+    let cp = cp.to_str().unwrap();
+    let key = key(&t);
+    let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
+    let out_s = out.to_str().unwrap();
+    let (code, summary, err) = ledgerline(
+        &t,
+        &[
+            "export",
+            "--out",
+            out_s,
+            "--log-origin",
+            "ledgerline.test/log",
+        ],
+    );
+    assert_eq!(code, 0, "{summary}{err}");
+    let (code, report, err) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--file",
+            out_s,
+            "--checkpoint",
+            cp,
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_eq!(code, 0, "{report}{err}");
+    assert!(report.starts_with("intact"), "{report}");
+    assert!(report.contains("matches the checkpoint"), "{report}");
+
+    // One tenant's name changed in the file: caught at that event, by content.
+    let k = beta_position(&t).await;
+    let text = std::fs::read_to_string(&out).unwrap();
+    std::fs::write(&out, text.replacen("Beta", "Bet4", 1)).unwrap();
+    let (code, report, _) = ledgerline(
+        &t,
+        &[
+            "verify",
+            "--file",
+            out_s,
+            "--checkpoint",
+            cp,
+            "--public-key",
+            &key,
+        ],
+    );
+    assert_eq!(code, 1, "{report}");
+    assert!(
+        report.starts_with(&format!("TAMPERED: first bad position {k}:")),
+        "{report}"
+    );
+    std::fs::remove_file(&out).ok();
+}

@@ -1,0 +1,461 @@
+//! Export files and their offline verification (docs/ledger-format.md, "Export files (v1)"):
+//! what an auditor gets from `ledgerline export` or the API, and what `verify --file` finds
+//! in it, untouched, edited, cut short, or against a signed checkpoint.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use chrono::{SubsecRound, Utc};
+use common::TestApp;
+use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner, NoteError};
+use ledgerline::ledger::export::{export, ExportScope, ExportSummary};
+use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
+use ledgerline::ledger::offline::{verify_file, FileFaultKind, OfflineReport};
+use ledgerline::ledger::verify::Fault;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+/// A file in the temp directory, deleted on drop.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn new() -> Self {
+        Self(std::env::temp_dir().join(format!("ll_export_{}.jsonl", Uuid::new_v4().simple())))
+    }
+    fn lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.0)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+    /// Another file holding `lines`.
+    fn with_lines(lines: &[String]) -> Self {
+        let f = Self::new();
+        let text: String = lines.iter().map(|l| format!("{l}\n")).collect();
+        std::fs::write(&f.0, text).unwrap();
+        f
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+struct Log {
+    acme: Uuid,
+    globex: Uuid,
+}
+
+/// Two organizations whose events interleave: created, users invited (one with a non-ASCII
+/// name), a profile update, keys issued.
+async fn build_log(t: &TestApp) -> Log {
+    let acme = t.create_org("Acme").await;
+    let globex = t.create_org("Globex").await;
+    t.invite(acme, "ada@example.com", "Ada Lovelace").await;
+    t.invite(globex, "hidden@globex.example", "Gloria Geheim")
+        .await;
+    t.invite(acme, "zoe@example.com", "Zoë Ångström").await;
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{globex}"),
+            &t.admin_key,
+            json!({"name": "Globex Secret Projects", "country_code": "DE"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "update: {}", r.body);
+    t.invite(acme, "grace@example.com", "Grace Hopper").await;
+    let report = t.verify().await;
+    assert!(
+        report.intact(),
+        "the fresh log verifies: {:?}",
+        report.first_bad
+    );
+    assert!(t.head().await >= 20);
+    Log { acme, globex }
+}
+
+async fn export_file(t: &TestApp, scope: ExportScope) -> (TempFile, ExportSummary) {
+    let f = TempFile::new();
+    let file = tokio::fs::File::create(&f.0).await.unwrap();
+    let summary = export(
+        t.pool(),
+        scope,
+        t.app.origin(),
+        tokio::io::BufWriter::new(file),
+    )
+    .await
+    .unwrap();
+    (f, summary)
+}
+
+fn verify(path: &Path) -> OfflineReport {
+    verify_file(path, None, 2).expect("the verifier runs")
+}
+
+fn first_bad(path: &Path) -> (Option<i64>, FileFaultKind) {
+    let bad = verify(path).first_bad.expect("a fault is found");
+    (bad.position, bad.kind)
+}
+
+fn scope(organization: Option<Uuid>, from: i64, to: Option<i64>) -> ExportScope {
+    ExportScope {
+        organization,
+        from,
+        to,
+    }
+}
+
+fn is_stub(line: &str) -> bool {
+    let v: Value = serde_json::from_str(line).unwrap();
+    v.as_object().unwrap().len() == 2
+}
+
+fn position_of(line: &str) -> i64 {
+    let v: Value = serde_json::from_str(line).unwrap();
+    v["position"].as_i64().unwrap()
+}
+
+/// Every event's stored hash, by position.
+async fn hashes(t: &TestApp) -> Vec<Digest> {
+    let rows: Vec<(Vec<u8>,)> = sqlx::query_as("SELECT hash FROM events ORDER BY position")
+        .fetch_all(t.pool())
+        .await
+        .unwrap();
+    rows.into_iter().map(|(h,)| h.try_into().unwrap()).collect()
+}
+
+/// A checkpoint of the log's first `size` events, signed by `signer`, with the real root.
+fn checkpoint(signer: &LogSigner, hashes: &[Digest], size: usize) -> String {
+    let leaves: Vec<Digest> = hashes[..size].iter().map(|h| Blake3::leaf(h)).collect();
+    signer.sign(&Checkpoint {
+        origin: signer.name().into(),
+        tree_size: size as u64,
+        root: merkle::root::<Blake3>(&leaves),
+        chain_head: hashes[size - 1],
+        time: Utc::now().trunc_subsecs(0),
+    })
+}
+
+#[tokio::test]
+async fn an_untouched_log_exports_and_verifies_offline() {
+    let t = TestApp::spawn().await;
+    build_log(&t).await;
+    let head = t.head().await;
+    let (f, summary) = export_file(&t, ExportScope::default()).await;
+    assert_eq!(
+        (summary.from, summary.to, summary.full_events, summary.stubs),
+        (1, head, head as u64, 0)
+    );
+    let report = verify(&f.0);
+    assert!(report.intact(), "{report}");
+    assert_eq!(
+        (report.lines, report.full_events),
+        (head as u64, head as u64)
+    );
+    let db = t.verify().await;
+    assert_eq!(
+        (report.head_position, report.head_hash),
+        (db.head_position, db.head_hash)
+    );
+    let header: Value = serde_json::from_str(&f.lines()[0]).unwrap();
+    assert_eq!(header["format"], "ledgerline-export");
+    assert_eq!(header["version"], 1);
+    assert_eq!(header["organization_id"], Value::Null);
+    assert_eq!(header["prev_hash"], "0".repeat(64));
+}
+
+#[tokio::test]
+async fn an_organizations_export_reveals_no_other_tenant_and_still_verifies() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let head = t.head().await;
+    let (f, summary) = export_file(&t, scope(Some(log.acme), 1, None)).await;
+    let text = std::fs::read_to_string(&f.0).unwrap();
+    let lines = f.lines();
+    assert_eq!(lines.len() as i64, head + 1);
+    let (acme_events,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE organization_id = $1")
+            .bind(log.acme)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(summary.full_events as i64, acme_events);
+    assert_eq!(summary.stubs as i64, head - acme_events);
+    for line in &lines[1..] {
+        let v: Value = serde_json::from_str(line).unwrap();
+        if !is_stub(line) {
+            assert_eq!(v["organization_id"], json!(log.acme), "{line}");
+        }
+    }
+    let others: Vec<(String, String)> = sqlx::query_as(
+        "SELECT payload::text, metadata::text FROM events WHERE organization_id IS DISTINCT FROM $1",
+    )
+    .bind(log.acme)
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    assert!(others.len() > 5);
+    for (payload, metadata) in others {
+        assert!(
+            !text.contains(&payload),
+            "another tenant's payload: {payload}"
+        );
+        assert!(
+            !text.contains(&metadata),
+            "another tenant's metadata: {metadata}"
+        );
+    }
+    for secret in ["Globex", "Secret Projects", &log.globex.to_string()] {
+        assert!(!text.contains(secret), "{secret} appears in Acme's export");
+    }
+
+    let report = verify(&f.0);
+    assert!(report.intact(), "{report}");
+    assert_eq!(report.head_hash, t.verify().await.head_hash);
+}
+
+#[tokio::test]
+async fn edits_of_an_export_are_found_at_their_position() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let (f, _) = export_file(&t, scope(Some(log.acme), 1, None)).await;
+    let lines = f.lines();
+
+    // Another tenant's stub with another hash: the next full event no longer links to it.
+    let i = (1..lines.len() - 1)
+        .find(|&i| is_stub(&lines[i]) && !is_stub(&lines[i + 1]))
+        .expect("a stub before a full event");
+    let mut edited = lines.clone();
+    edited[i] = format!(
+        "{{\"position\":{},\"hash\":\"{}\"}}",
+        position_of(&lines[i]),
+        "ab".repeat(32)
+    );
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&edited).0),
+        (
+            Some(position_of(&lines[i + 1])),
+            FileFaultKind::Chain(Fault::LinkBroken)
+        )
+    );
+
+    // One byte of a full event's payload.
+    let i = (1..lines.len())
+        .rev()
+        .find(|&i| lines[i].contains("\"payload\":{\""))
+        .expect("a full event with a raw payload");
+    let at = lines[i].find("\"payload\":{\"").unwrap() + "\"payload\":{\"".len();
+    let mut bytes = lines[i].clone().into_bytes();
+    bytes[at] = bytes[at].to_ascii_lowercase();
+    assert_ne!(bytes, lines[i].as_bytes(), "a byte changed");
+    let mut edited = lines.clone();
+    edited[i] = String::from_utf8(bytes).unwrap();
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&edited).0),
+        (
+            Some(position_of(&lines[i])),
+            FileFaultKind::Chain(Fault::ContentChanged)
+        )
+    );
+
+    // A line deleted.
+    let mut deleted = lines.clone();
+    let gone = deleted.remove(7);
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&deleted).0),
+        (
+            Some(position_of(&gone)),
+            FileFaultKind::Chain(Fault::Missing)
+        )
+    );
+}
+
+#[tokio::test]
+async fn an_export_of_a_later_range_verifies_with_its_frontier_against_a_checkpoint() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let head = t.head().await;
+    let hashes = hashes(&t).await;
+    let signer = LogSigner::generate(t.app.origin()).unwrap();
+    let key = signer.verifier();
+    let from = 7;
+    for org in [None, Some(log.globex)] {
+        let (f, summary) = export_file(&t, scope(org, from, None)).await;
+        assert_eq!((summary.from, summary.to), (from, head));
+        let header: Value = serde_json::from_str(&f.lines()[0]).unwrap();
+        assert_eq!(header["prev_hash"], hex::encode(hashes[from as usize - 2]));
+        assert_eq!(
+            header["frontier"].as_array().unwrap().len(),
+            (from - 1).count_ones() as usize
+        );
+        assert!(verify(&f.0).intact());
+        for size in [
+            from as usize - 1,
+            from as usize,
+            head as usize - 3,
+            head as usize,
+        ] {
+            let note = checkpoint(&signer, &hashes, size);
+            let report = verify_file(&f.0, Some((&note, &key)), 2).unwrap();
+            assert!(report.matches_checkpoint(), "size {size}: {report}");
+            let leaves: Vec<Digest> = hashes[..size].iter().map(|h| Blake3::leaf(h)).collect();
+            assert_eq!(report.root, Some(merkle::root::<Blake3>(&leaves)));
+        }
+    }
+}
+
+#[tokio::test]
+async fn forged_checkpoints_and_truncated_exports_are_refused() {
+    let t = TestApp::spawn().await;
+    build_log(&t).await;
+    let head = t.head().await as usize;
+    let hashes = hashes(&t).await;
+    let signer = LogSigner::generate(t.app.origin()).unwrap();
+    let key = signer.verifier();
+    let (f, _) = export_file(&t, ExportScope::default()).await;
+
+    // Signed by another key of the same name.
+    let impostor = LogSigner::generate(t.app.origin()).unwrap();
+    let forged = checkpoint(&impostor, &hashes, head);
+    let bad = verify_file(&f.0, Some((&forged, &key)), 2)
+        .unwrap()
+        .first_bad
+        .unwrap();
+    assert_eq!(
+        bad.kind,
+        FileFaultKind::Checkpoint(NoteError::NoSignature(t.app.origin().into()))
+    );
+    // A genuine note with its size changed.
+    let note = checkpoint(&signer, &hashes, head);
+    let altered = note.replacen(&format!("\n{head}\n"), &format!("\n{}\n", head - 1), 1);
+    let bad = verify_file(&f.0, Some((&altered, &key)), 2)
+        .unwrap()
+        .first_bad
+        .unwrap();
+    assert_eq!(
+        bad.kind,
+        FileFaultKind::Checkpoint(NoteError::BadSignature(t.app.origin().into()))
+    );
+    assert!(verify_file(&f.0, Some((&note, &key)), 2)
+        .unwrap()
+        .matches_checkpoint());
+
+    // An export that stops before the checkpoint's size: intact on its own, truncated
+    // against the checkpoint.
+    let cut = head as i64 - 4;
+    let (short, _) = export_file(&t, scope(None, 1, Some(cut))).await;
+    assert!(verify(&short.0).intact());
+    let bad = verify_file(&short.0, Some((&note, &key)), 2)
+        .unwrap()
+        .first_bad
+        .unwrap();
+    assert_eq!(
+        (bad.position, bad.kind),
+        (
+            Some(cut + 1),
+            FileFaultKind::Truncated {
+                tree_size: head as u64
+            }
+        )
+    );
+    // The same cut made by deleting the last lines and rewriting the header's `to`.
+    let mut lines = f.lines();
+    lines.truncate(cut as usize + 1);
+    lines[0] = lines[0].replacen(&format!("\"to\":{head}"), &format!("\"to\":{cut}"), 1);
+    let edited = TempFile::with_lines(&lines);
+    assert!(verify(&edited.0).intact());
+    let bad = verify_file(&edited.0, Some((&note, &key)), 2)
+        .unwrap()
+        .first_bad
+        .unwrap();
+    assert_eq!(bad.position, Some(cut + 1));
+}
+
+#[tokio::test]
+async fn tampering_in_the_database_shows_in_the_export() {
+    let t = TestApp::spawn().await;
+    build_log(&t).await;
+    let k = 9;
+    common::tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE events SET metadata = (metadata::text || ' ')::json WHERE position = {k}"
+        )],
+    )
+    .await;
+    let db = t
+        .verify()
+        .await
+        .first_bad
+        .expect("the database verifier sees it");
+    let (f, _) = export_file(&t, ExportScope::default()).await;
+    assert_eq!(
+        first_bad(&f.0),
+        (Some(db.position), FileFaultKind::Chain(db.fault))
+    );
+    assert_eq!(db.position, k);
+}
+
+#[tokio::test]
+async fn the_api_serves_the_organizations_export() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let (_, acme_key) = t
+        .member_with_key(log.acme, "auditor", "audit@acme.example")
+        .await;
+    let (_, globex_key) = t
+        .member_with_key(log.globex, "auditor", "audit@globex.example")
+        .await;
+    let head = t.head().await;
+    let url = format!("{}/v1/organizations/{}/ledger/export", t.base, log.acme);
+
+    let res = t
+        .client
+        .get(format!("{url}?from=3&to={head}"))
+        .bearer_auth(&acme_key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers()["content-type"].to_str().unwrap(),
+        "application/x-ndjson"
+    );
+    let body = res.text().await.unwrap();
+    let served: Vec<&str> = body.lines().collect();
+    let (f, _) = export_file(&t, scope(Some(log.acme), 3, Some(head))).await;
+    let library = f.lines();
+    assert_eq!(served.len(), library.len());
+    assert_eq!(&served[1..], &library[1..], "the same event and stub lines");
+    let mut a: Value = serde_json::from_str(served[0]).unwrap();
+    let mut b: Value = serde_json::from_str(&library[0]).unwrap();
+    a["exported_at"] = Value::Null;
+    b["exported_at"] = Value::Null;
+    assert_eq!(a, b, "the same header but for the time");
+    let served_file = TempFile::new();
+    std::fs::write(&served_file.0, &body).unwrap();
+    assert!(verify(&served_file.0).intact());
+
+    // Another organization's key: not found, as for every resource of another tenant.
+    let r = t
+        .get(
+            &format!("/v1/organizations/{}/ledger/export", log.acme),
+            &globex_key,
+        )
+        .await;
+    common::assert_error(&r, 404);
+    // A range beyond the head, or before position 1.
+    for query in [format!("?to={}", head + 1), "?from=0".to_string()] {
+        let r = t
+            .get(
+                &format!("/v1/organizations/{}/ledger/export{query}", log.acme),
+                &acme_key,
+            )
+            .await;
+        common::assert_error(&r, 400);
+    }
+}
