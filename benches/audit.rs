@@ -23,7 +23,9 @@ use base64::Engine as _;
 use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner};
 use ledgerline::ledger::export::{write_event_line, ExportHeader, FORMAT, VERSION};
-use ledgerline::ledger::hash::{event_hash, truncate_to_micros, EventFields, GENESIS};
+use ledgerline::ledger::hash::{
+    encode_v1, event_hash, truncate_to_micros, EventFields, RawFields, GENESIS,
+};
 use ledgerline::ledger::merkle::{Blake3, Frontier, TreeHash};
 use ledgerline::ledger::offline::{verify_file, OfflineReport};
 use rand::rngs::StdRng;
@@ -96,6 +98,7 @@ struct Gen {
     recorded_at: DateTime<Utc>,
     left_in_commit: u32,
     hashed_bytes: u64,
+    json_bytes: u64,
 }
 
 impl Gen {
@@ -204,20 +207,34 @@ impl Gen {
         };
         let hash = event_hash(&self.prev, &fields);
         write_event_line(out, &fields, &self.prev, &hash);
-        self.hashed_bytes += (148
-            + aggregate_type.len()
-            + id.len()
-            + event_type.len()
-            + 1
-            + payload.len()
-            + metadata.len()) as u64;
+        let org_bytes = org.map(|o| *o.as_bytes());
+        let mut input = Vec::new();
+        encode_v1(
+            &mut input,
+            &self.prev,
+            &RawFields {
+                position: fields.position,
+                aggregate_type: aggregate_type.as_bytes(),
+                aggregate_id: id.as_bytes(),
+                sequence: fields.sequence,
+                event_type: event_type.as_bytes(),
+                event_version: b"1",
+                organization_id: org_bytes.as_ref(),
+                recorded_at_micros: fields.recorded_at.timestamp_micros(),
+                payload: payload.as_bytes(),
+                metadata: metadata.as_bytes(),
+            },
+        );
+        self.hashed_bytes += input.len() as u64;
+        self.json_bytes += (payload.len() + metadata.len()) as u64;
         self.prev = hash;
         hash
     }
 }
 
-/// Writes an export of `n` events from position 1; returns the checkpoint note of its head.
-fn write_export(path: &PathBuf, n: u64, signer: &LogSigner) -> anyhow::Result<(String, f64)> {
+/// Writes an export of `n` events from position 1; returns the checkpoint note of its head,
+/// and the average bytes per event of hash input and of payload and metadata.
+fn write_export(path: &PathBuf, n: u64, signer: &LogSigner) -> anyhow::Result<(String, f64, f64)> {
     let mut gen = Gen {
         rng: StdRng::seed_from_u64(0xa0d17),
         tenants: (0..500u128)
@@ -228,6 +245,7 @@ fn write_export(path: &PathBuf, n: u64, signer: &LogSigner) -> anyhow::Result<(S
         recorded_at: truncate_to_micros(Utc::now()),
         left_in_commit: 0,
         hashed_bytes: 0,
+        json_bytes: 0,
     };
     let file =
         std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
@@ -263,7 +281,11 @@ fn write_export(path: &PathBuf, n: u64, signer: &LogSigner) -> anyhow::Result<(S
         chain_head: gen.prev,
         time: Utc::now().trunc_subsecs(0),
     });
-    Ok((note, gen.hashed_bytes as f64 / n as f64))
+    Ok((
+        note,
+        gen.hashed_bytes as f64 / n as f64,
+        gen.json_bytes as f64 / n as f64,
+    ))
 }
 
 /// Reads the file once in 32 MiB blocks, discarding it: what reading alone costs.
@@ -287,11 +309,11 @@ fn main() -> anyhow::Result<()> {
     let key = signer.verifier();
 
     let started = Instant::now();
-    let (note, hashed) = write_export(&path.0, n, &signer)?;
+    let (note, hashed, json) = write_export(&path.0, n, &signer)?;
     let size = std::fs::metadata(&path.0)?.len();
     println!(
-        "export: {n} events, {:.1} MB ({:.0} bytes per line, {hashed:.0} bytes of hash input per \
-         event) written in {:.1}s to {}",
+        "export: {n} events, {:.1} MB ({:.0} bytes per line; per event {json:.0} bytes of \
+         payload and metadata, {hashed:.0} bytes of hash input) written in {:.1}s to {}",
         size as f64 / 1e6,
         size as f64 / n as f64,
         started.elapsed().as_secs_f64(),

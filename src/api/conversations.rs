@@ -58,7 +58,8 @@ pub struct MyState {
     pub role: String,
     pub muted: bool,
     pub last_read_message_id: Option<Uuid>,
-    /// Messages of others after the last one read, deleted ones not counted.
+    /// Messages of others after the last one read, deleted ones not counted; at most
+    /// [`MAX_UNREAD`].
     pub unread_count: i64,
 }
 
@@ -105,10 +106,16 @@ impl ConversationView {
     }
 }
 
-/// The unread count of participant `p` in conversation `c` (SQL aliases), for `MyState`.
-const UNREAD: &str =
-    "(SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id \
-     AND m.position > p.last_read_position AND m.deleted_at IS NULL AND m.author_id <> p.user_id)";
+/// Unread counts stop at this many: past it a client shows "10,000+", and the count, made
+/// at read time, stays cheap however long a participant has not read.
+pub const MAX_UNREAD: i64 = 10_000;
+
+/// The unread count of participant `p` (SQL alias): messages of others after the last one
+/// read, deleted ones not counted, at most [`MAX_UNREAD`]. An index-only scan of
+/// `messages_conversation_position`.
+pub const UNREAD: &str = "(SELECT count(*) FROM (SELECT 1 FROM messages m \
+     WHERE m.conversation_id = p.conversation_id AND m.position > p.last_read_position \
+     AND m.deleted_at IS NULL AND m.author_id <> p.user_id LIMIT 10000) unread)";
 
 /// A conversation as one caller may act on it.
 pub struct Access {

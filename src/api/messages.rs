@@ -21,7 +21,7 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::conversations::{access, access_for, Access};
+use super::conversations::{access, access_for, Access, UNREAD};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use crate::app::{App, CommandError};
@@ -682,13 +682,11 @@ pub struct ReadState {
 }
 
 async fn read_state(app: &App, conversation: Uuid, user: Uuid) -> ApiResult<ReadState> {
-    sqlx::query_as(
+    sqlx::query_as(&format!(
         "SELECT p.conversation_id, p.last_read_message_id, p.last_read_at, \
-         (SELECT count(*) FROM messages m WHERE m.conversation_id = p.conversation_id \
-          AND m.position > p.last_read_position AND m.deleted_at IS NULL \
-          AND m.author_id <> p.user_id) AS unread_count \
-         FROM conversation_participants p WHERE p.conversation_id = $1 AND p.user_id = $2",
-    )
+             {UNREAD} AS unread_count \
+             FROM conversation_participants p WHERE p.conversation_id = $1 AND p.user_id = $2"
+    ))
     .bind(conversation)
     .bind(user)
     .fetch_optional(&app.pool)

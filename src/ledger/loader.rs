@@ -61,6 +61,9 @@ async fn load_batch(
          JOIN events e ON e.aggregate_type = t.ty AND e.aggregate_id = t.id AND e.sequence > t.after
          ORDER BY t.idx, e.sequence",
     )
+    // Planned on every execution: a generic plan cached while `events` was small (or before
+    // its first ANALYZE) joins by scanning the whole table, on every command, for ever.
+    .persistent(false)
     .bind(&types)
     .bind(&ids)
     .bind(&after)

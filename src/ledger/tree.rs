@@ -25,6 +25,9 @@ use super::merkle::{self, Blake3, Digest, Frontier, Nodes, Recorder, TreeHash};
 
 /// Events integrated per transaction.
 const BATCH: i64 = 5_000;
+/// How long the maintainer lets commits accumulate before integrating them: one
+/// integration per commit would add a transaction to every one of the writer's.
+const COALESCE: Duration = Duration::from_millis(200);
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -70,10 +73,16 @@ pub async fn integrated_size(pool: &PgPool) -> Result<u64, TreeError> {
     Ok(state(&mut conn, false).await?.size())
 }
 
-/// Integrates up to [`BATCH`] new events; returns the new size and the chain head hash.
-/// Concurrent maintainers (another process) serialise on the state row.
-pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest), TreeError> {
+/// Integrates up to [`BATCH`] new events; returns the new size, the chain head hash and how
+/// many events it integrated. Concurrent maintainers (another process) serialise on the
+/// state row.
+pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest, usize), TreeError> {
     let mut tx = pool.begin().await?;
+    // The tree is derived from the log: a crash that loses this commit loses nothing that
+    // integration cannot redo, so it need not wait for its WAL flush.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
     let mut frontier = state(&mut tx, true).await?;
     let size = frontier.size() as i64;
     let mut prev: Digest = if size == 0 {
@@ -132,7 +141,7 @@ pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest), TreeError> 
             .await?;
     }
     tx.commit().await?;
-    Ok((frontier.size(), prev))
+    Ok((frontier.size(), prev, events.len()))
 }
 
 /// The nodes a computation asked for: leaves from the events' hashes, the rest from
@@ -158,6 +167,8 @@ async fn fetch(
         "SELECT m.level, m.idx, m.hash FROM merkle_nodes m \
          JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) ON m.level = w.level AND m.idx = w.idx",
     )
+    // As the loader's: a cached generic plan could scan the whole table (see loader.rs).
+    .persistent(false)
     .bind(&levels)
     .bind(&indexes)
     .fetch_all(pool)
@@ -305,22 +316,22 @@ pub async fn catch_up(
     force_sign: bool,
 ) -> Result<u64, TreeError> {
     loop {
-        let before = integrated_size(pool).await?;
-        let (size, _) = integrate_batch(pool).await?;
+        let (size, _, integrated) = integrate_batch(pool).await?;
         if let Some(signer) = signer {
             let signed = latest_checkpoint_size(pool).await?;
             if size > signed && (force_sign || size - signed >= policy.every_events) {
                 sign_checkpoint(pool, signer).await?;
             }
         }
-        if size == before {
+        if integrated < BATCH as usize {
             return Ok(size);
         }
     }
 }
 
-/// The maintainer: integrates after every commit this process makes (and every `interval`,
-/// for other processes' commits), signing by the policy. Stops at a tampered event.
+/// The maintainer: integrates what this process commits, [`COALESCE`] after a commit (and
+/// every `interval`, for other processes' commits), signing by the policy. Stops at a
+/// tampered event.
 pub fn spawn_maintainer(
     pool: PgPool,
     mut committed: watch::Receiver<i64>,
@@ -336,6 +347,8 @@ pub fn spawn_maintainer(
                     if changed.is_err() {
                         return;
                     }
+                    tokio::time::sleep(COALESCE).await;
+                    committed.borrow_and_update();
                     false
                 }
                 _ = tick.tick() => true,

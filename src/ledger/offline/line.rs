@@ -22,6 +22,8 @@ use crate::ledger::hash::RawFields;
 use crate::ledger::merkle::Digest;
 
 /// A checked line: a stub, or a full event ready to hash.
+// Lives on the stack for one line at a time: boxing the large variant would allocate per line.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Parsed<'a> {
     Stub { position: i64, hash: Digest },
     Full(FullEvent<'a>),
