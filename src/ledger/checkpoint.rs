@@ -272,7 +272,8 @@ impl NoteVerifier {
             .ok_or_else(|| bad("no blank line before the signatures"))?;
         let (text, signatures) = (&note[..=split], &note[split + 2..]);
         let mut found = false;
-        for line in signatures.lines() {
+        // Blank lines after the signatures (a file saved with an extra newline) are ignored.
+        for line in signatures.lines().filter(|l| !l.is_empty()) {
             let Some(rest) = line.strip_prefix("\u{2014} ") else {
                 return Err(bad("a signature line must start with an em dash"));
             };
@@ -322,6 +323,13 @@ mod tests {
         assert!(note.contains("\n\n\u{2014} ledgerline.test/log "));
         let verifier = NoteVerifier::parse(&signer.verifier().to_string()).unwrap();
         assert_eq!(verifier.open(&note).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn a_note_saved_with_a_trailing_newline_still_opens() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = format!("{}\n", signer.sign(&checkpoint()));
+        assert_eq!(signer.verifier().open(&note).unwrap(), checkpoint());
     }
 
     #[test]
