@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
+use anyhow::{bail, ensure};
 use base64::Engine as _;
 use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
@@ -47,7 +47,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod support;
-use support::BenchDb;
+use support::{env_list, env_num, met, BenchDb};
 
 /// The same pool size for both stores (the size the DESIGN-NOTES figures were taken with);
 /// `LEDGERLINE_BENCH_POOL` overrides it for diagnosis only.
@@ -1228,38 +1228,6 @@ async fn verify_phase(
 }
 
 // ---------------------------------------------------------------------------------------
-
-fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse::<usize>()
-                    .with_context(|| format!("{name}: `{x}` is not a number"))
-            })
-            .collect(),
-        Err(_) => Ok(default.to_vec()),
-    }
-}
-
-fn env_num(name: &str, default: u64) -> anyhow::Result<u64> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}: `{v}` is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn met(ok: bool) -> &'static str {
-    if ok {
-        "MET"
-    } else {
-        "NOT MET"
-    }
-}
 
 async fn run(db: &BenchDb) -> anyhow::Result<()> {
     let seconds = Duration::from_secs(env_num("LEDGERLINE_BENCH_SECONDS", 5)?.max(1));

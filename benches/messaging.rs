@@ -50,7 +50,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod support;
-use support::BenchDb;
+use support::{env_list, env_num, met, BenchDb};
 
 /// The app's pool: `serve`'s default (`LEDGERLINE_DB_POOL`).
 const APP_POOL: u32 = 16;
@@ -829,38 +829,6 @@ async fn contrast(
 }
 
 // ---------------------------------------------------------------------------------------
-
-fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .split(',')
-            .map(|x| {
-                x.trim()
-                    .parse::<usize>()
-                    .with_context(|| format!("{name}: `{x}` is not a number"))
-            })
-            .collect(),
-        Err(_) => Ok(default.to_vec()),
-    }
-}
-
-fn env_num(name: &str, default: usize) -> anyhow::Result<usize> {
-    match std::env::var(name) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .with_context(|| format!("{name}: `{v}` is not a number")),
-        Err(_) => Ok(default),
-    }
-}
-
-fn met(ok: bool) -> &'static str {
-    if ok {
-        "MET"
-    } else {
-        "NOT MET"
-    }
-}
 
 struct Level {
     history: usize,

@@ -74,3 +74,38 @@ impl Drop for BenchDb {
         eprintln!("dropped database {}", self.name);
     }
 }
+
+/// A comma-separated list of numbers from the environment, or `default`.
+pub fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("{name}: `{x}` is not a number"))
+            })
+            .collect(),
+        Err(_) => Ok(default.to_vec()),
+    }
+}
+
+/// A number from the environment, or `default`.
+pub fn env_num<T: std::str::FromStr>(name: &str, default: T) -> anyhow::Result<T> {
+    match std::env::var(name) {
+        Ok(v) => v
+            .trim()
+            .parse()
+            .map_err(|_| anyhow::anyhow!("{name}: `{v}` is not a number")),
+        Err(_) => Ok(default),
+    }
+}
+
+/// A goal's verdict as the summaries print it.
+pub fn met(ok: bool) -> &'static str {
+    if ok {
+        "MET"
+    } else {
+        "NOT MET"
+    }
+}
