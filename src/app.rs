@@ -198,7 +198,8 @@ impl App {
 
     /// The log's name (a checkpoint's origin line).
     pub fn origin(&self) -> &str {
-        self.log_signer().map_or("ledgerline", |s| s.name())
+        self.log_signer()
+            .map_or("ledgerline.local/log", |s| s.name())
     }
 
     /// Executes one command with the actor's metadata; on success waits until every read

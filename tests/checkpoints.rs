@@ -417,24 +417,32 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
         ],
     );
     assert_eq!(code, 0, "{out}{err}");
-    // Checked against another pair of checkpoints, it does not fit.
-    t.create_org("Epsilon").await;
-    let newer = file(&sign_now(&t).await);
+    // One hash of the consistency proof altered, for the right pair: refused as invalid.
+    let mut doctored: Value = serde_json::from_str(&proof).unwrap();
+    let first = doctored["proof"][0].as_str().unwrap().to_string();
+    let flipped = format!(
+        "{}{}",
+        if first.starts_with('0') { "1" } else { "0" },
+        &first[1..]
+    );
+    doctored["proof"][0] = json!(flipped);
+    let doctored = file(&doctored.to_string());
     let (code, out, _) = ledgerline(
         &t,
         &[
             "verify-proof",
             "--proof",
-            proof_file.to_str().unwrap(),
+            doctored.to_str().unwrap(),
             "--checkpoint",
             old_s,
             "--checkpoint",
-            newer.to_str().unwrap(),
+            new_s,
             "--public-key",
             &key,
         ],
     );
-    assert_ne!(code, 0, "{out}");
+    assert_eq!(code, 1, "{out}");
+    assert!(out.starts_with("INVALID"), "{out}");
 }
 
 #[tokio::test]

@@ -296,7 +296,16 @@ impl NoteVerifier {
         if !found {
             return Err(NoteError::NoSignature(self.name.clone()));
         }
-        Checkpoint::parse_text(text)
+        let checkpoint = Checkpoint::parse_text(text)?;
+        // A log signs as itself (C2SP: the key name matches the origin line); a note of
+        // another origin under this key is not this log's checkpoint.
+        if checkpoint.origin != self.name {
+            return Err(NoteError::Malformed(format!(
+                "the origin `{}` is not the signing key's log `{}`",
+                checkpoint.origin, self.name
+            )));
+        }
+        Ok(checkpoint)
     }
 }
 
