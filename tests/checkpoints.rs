@@ -276,6 +276,19 @@ async fn some_history_more(t: &TestApp) {
     t.invite(org, "d@delta.example", "D").await;
 }
 
+/// A copy of a printed proof with the first hex digit of its first hash changed, saved.
+fn doctor(proof: &str) -> PathBuf {
+    let mut v: Value = serde_json::from_str(proof).unwrap();
+    let first = v["proof"][0].as_str().unwrap().to_string();
+    let flipped = format!(
+        "{}{}",
+        if first.starts_with('0') { "1" } else { "0" },
+        &first[1..]
+    );
+    v["proof"][0] = json!(flipped);
+    file(&v.to_string())
+}
+
 fn digests(v: &Value) -> Vec<Digest> {
     v.as_array()
         .unwrap()
@@ -372,15 +385,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("valid"), "{out}");
     // One hash of the proof altered.
-    let mut doctored: Value = serde_json::from_str(&proof).unwrap();
-    let first = doctored["proof"][0].as_str().unwrap().to_string();
-    let flipped = format!(
-        "{}{}",
-        if first.starts_with('0') { "1" } else { "0" },
-        &first[1..]
-    );
-    doctored["proof"][0] = json!(flipped);
-    let doctored = file(&doctored.to_string());
+    let doctored = doctor(&proof);
     let (code, out, _) = ledgerline(
         &t,
         &[
@@ -418,15 +423,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     );
     assert_eq!(code, 0, "{out}{err}");
     // One hash of the consistency proof altered, for the right pair: refused as invalid.
-    let mut doctored: Value = serde_json::from_str(&proof).unwrap();
-    let first = doctored["proof"][0].as_str().unwrap().to_string();
-    let flipped = format!(
-        "{}{}",
-        if first.starts_with('0') { "1" } else { "0" },
-        &first[1..]
-    );
-    doctored["proof"][0] = json!(flipped);
-    let doctored = file(&doctored.to_string());
+    let doctored = doctor(&proof);
     let (code, out, _) = ledgerline(
         &t,
         &[

@@ -264,7 +264,7 @@ async fn view(app: &App, caller: &Caller, org: Uuid, id: Uuid) -> ApiResult<Conv
 }
 
 /// Every user in `users` must be an active user of `org`: 422 naming the first that is not.
-async fn require_active_members(app: &App, org: Uuid, users: &[Uuid]) -> ApiResult<()> {
+pub async fn require_active_members(app: &App, org: Uuid, users: &[Uuid]) -> ApiResult<()> {
     let found: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM users WHERE id = ANY($1) AND organization_id = $2 AND status = 'active'",
     )

@@ -21,7 +21,7 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::conversations::{access, access_for, Access, UNREAD};
+use super::conversations::{access, access_for, require_active_members, Access, UNREAD};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use crate::app::{App, CommandError};
@@ -333,18 +333,7 @@ pub async fn post(
         }
     };
     // A service key's author must be an active user; a user key's is (or it got a 401).
-    let active: Option<(Uuid,)> = sqlx::query_as(
-        "SELECT id FROM users WHERE id = $1 AND organization_id = $2 AND status = 'active'",
-    )
-    .bind(author)
-    .bind(org)
-    .fetch_optional(&app.pool)
-    .await?;
-    if active.is_none() {
-        return Err(ApiError::invalid(format!(
-            "author {author} is not an active user of this organization"
-        )));
-    }
+    require_active_members(&app, org, &[author]).await?;
     let names = body
         .attachments
         .iter()
