@@ -26,7 +26,6 @@
 //! Any request answered with an unexpected status, a page that is not what the history
 //! says it must be, or a count that does not add up makes the run exit non-zero.
 
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,8 +35,6 @@ use chrono::Utc;
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, EventStore};
-use ledgerline::app::App;
-use ledgerline::crypto::{MasterKey, Vault};
 use ledgerline::ledger::LedgerStore;
 use ledgerline_aggregates::message::MessageEvent;
 use ledgerline_aggregates::metadata as md;
@@ -50,7 +47,9 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 mod support;
-use support::{env_list, env_num, met, BenchDb};
+use support::api::{parse, serve, Api};
+use support::mixed_log::content;
+use support::{busy_since, env_list, env_num, machine_ticks, met, BenchDb};
 
 /// The app's pool: `serve`'s default (`LEDGERLINE_DB_POOL`).
 const APP_POOL: u32 = 16;
@@ -110,83 +109,8 @@ fn micros(d: Duration) -> u32 {
     d.as_micros().min(u32::MAX as u128) as u32
 }
 
-/// Busy share of the whole machine (all processes) between two readings of /proc/stat.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let v: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    let total: u64 = v.iter().take(8).sum();
-    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
-    Some((total - idle, total))
-}
-
-fn busy_since(before: Option<(u64, u64)>) -> String {
-    match (before, machine_ticks()) {
-        (Some((b0, t0)), Some((b1, t1))) => {
-            format!("{:.0}%", 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
-        }
-        _ => "n/a".into(),
-    }
-}
-
 // ---------------------------------------------------------------------------------------
 // The app in-process and its HTTP API.
-
-#[derive(Clone)]
-struct Api {
-    client: reqwest::Client,
-    base: String,
-}
-
-impl Api {
-    /// The status and the body's text; the time a consumer waits for them is the caller's.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        key: &str,
-        body: Option<&Value>,
-    ) -> anyhow::Result<(u16, String)> {
-        let mut req = self
-            .client
-            .request(method, format!("{}{path}", self.base))
-            .bearer_auth(key);
-        if let Some(b) = body {
-            req = req.json(b);
-        }
-        let res = req
-            .send()
-            .await
-            .with_context(|| format!("sending {path}"))?;
-        let status = res.status().as_u16();
-        Ok((status, res.text().await?))
-    }
-
-    async fn expect(
-        &self,
-        method: Method,
-        path: &str,
-        key: &str,
-        body: Option<&Value>,
-        status: u16,
-    ) -> anyhow::Result<Value> {
-        let (got, text) = self.send(method.clone(), path, key, body).await?;
-        parse(method, path, status, got, &text)
-    }
-}
-
-fn parse(method: Method, path: &str, want: u16, got: u16, text: &str) -> anyhow::Result<Value> {
-    ensure!(
-        got == want,
-        "{method} {path}: expected {want}, got {got}: {text}"
-    );
-    serde_json::from_str(text).with_context(|| format!("{method} {path}: body is not JSON"))
-}
 
 struct Chat {
     api: Api,
@@ -239,23 +163,9 @@ async fn create_conversation(
 async fn start_app(
     pool: PgPool,
 ) -> anyhow::Result<(tokio::task::JoinHandle<std::io::Result<()>>, Chat)> {
-    let app = App::new(pool, Vault::new(&MasterKey::generate()), true);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let router = ledgerline::api::router(app.clone());
-    let server = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .await
-    });
-    let admin_key = ledgerline::cli::bootstrap_key(&app, "bench operator").await?;
-    let api = Api {
-        client: reqwest::Client::new(),
-        base: format!("http://{addr}"),
-    };
-    Ok((server, set_up(&api, &admin_key).await?))
+    let served = serve(pool).await?;
+    let chat = set_up(&served.api, &served.admin_key).await?;
+    Ok((served.server, chat))
 }
 
 /// An organization with `USERS` members, each with a key of the `member` role (as
@@ -329,42 +239,6 @@ async fn set_up(api: &Api, admin_key: &str) -> anyhow::Result<Chat> {
         users,
         positions: Vec::new(),
     })
-}
-
-const WORDS: [&str; 24] = [
-    "deploy",
-    "rollback",
-    "ticket",
-    "review",
-    "standup",
-    "budget",
-    "invoice",
-    "draft",
-    "release",
-    "migration",
-    "customer",
-    "meeting",
-    "tomorrow",
-    "friday",
-    "agreed",
-    "blocked",
-    "shipped",
-    "question",
-    "numbers",
-    "latency",
-    "database",
-    "design",
-    "lunch",
-    "thanks",
-];
-
-/// A chat message of 40 to ~250 bytes.
-fn content(rng: &mut StdRng) -> String {
-    let n = rng.gen_range(6..36);
-    let words: Vec<&str> = (0..n)
-        .map(|_| WORDS[rng.gen_range(0..WORDS.len())])
-        .collect();
-    words.join(" ")
 }
 
 /// One post; returns the new message's position.

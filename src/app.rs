@@ -14,6 +14,7 @@ use ledgerline_aggregates::metadata;
 use ledgerline_aggregates::organization::Organization;
 use ledgerline_aggregates::role::Role;
 use ledgerline_aggregates::user::User;
+use ledgerline_projections::lease::{LeaseConfig, Leasing};
 use ledgerline_projections::{Projector, ProjectorHandle};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -138,7 +139,7 @@ pub struct AppInner {
     pub projector: Option<ProjectorHandle>,
     /// The log's signing identity, once [`App::start_log`] ran.
     log: std::sync::OnceLock<Arc<LogSigner>>,
-    maintainer: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    maintainer: std::sync::Mutex<Option<tree::MaintainerHandle>>,
 }
 
 /// The application, cheap to clone into handlers.
@@ -156,8 +157,13 @@ impl App {
     /// Wires the app over a migrated database. With `run_projector`, read models follow the
     /// ledger in this process and commands wait for them (read-your-writes).
     pub fn new(pool: PgPool, vault: Vault, run_projector: bool) -> Self {
+        Self::with_projector(pool, vault, run_projector.then(Projector::default))
+    }
+
+    /// [`App::new`] with the projector's settings (batch size, poll interval, lease TTL).
+    pub fn with_projector(pool: PgPool, vault: Vault, projector: Option<Projector>) -> Self {
         let store = LedgerStore::start(pool.clone());
-        let projector = run_projector.then(|| Projector::spawn(pool.clone(), store.committed()));
+        let projector = projector.map(|p| p.start(pool.clone(), store.committed()));
         let cqrs = Frameworks {
             organizations: framework(&store),
             users: framework(&store),
@@ -182,11 +188,20 @@ impl App {
         if self.log.set(signer.clone()).is_err() {
             return;
         }
-        let handle = tree::spawn_maintainer(
+        // Under the projector's lease identity, woken by every process's commits.
+        let (committed, leasing) = match &self.projector {
+            Some(p) => (p.head(), p.leasing()),
+            None => (
+                self.store.committed(),
+                Leasing::standalone(LeaseConfig::default()),
+            ),
+        };
+        let handle = tree::spawn_leased_maintainer(
             self.pool.clone(),
-            self.store.committed(),
+            committed,
             Some(signer),
             policy,
+            leasing,
         );
         *self.maintainer.lock().expect("not poisoned") = Some(handle);
     }
@@ -215,6 +230,7 @@ impl App {
     where
         A: Aggregate<Services = ()>,
         A::Error: std::error::Error,
+        A::Command: std::fmt::Debug,
     {
         self.execute_guarded(
             framework,
@@ -241,6 +257,7 @@ impl App {
     where
         A: Aggregate<Services = ()>,
         A::Error: std::error::Error,
+        A::Command: std::fmt::Debug,
     {
         let mut metadata = actor.metadata(organization_id);
         if let Some(g) = guard {
@@ -250,11 +267,42 @@ impl App {
             );
             metadata.insert(metadata::GUARD_SEQUENCE.into(), g.sequence.to_string());
         }
-        framework
+        let timer = crate::metrics::CommandTimer::start(A::TYPE, &command);
+        let result = framework
             .execute_with_metadata(&aggregate_id.to_string(), command, metadata)
-            .await?;
+            .await
+            .map_err(CommandError::from);
+        timer.finish(&result);
+        result?;
         self.await_projections().await;
         Ok(())
+    }
+
+    /// Waits until the read models show everything committed so far by any process. A
+    /// command refused as stale needs this before it decides again: the change that made
+    /// it stale may have been committed by another `serve` process.
+    pub async fn await_ledger(&self) {
+        let Some(projector) = &self.projector else {
+            return;
+        };
+        let head: sqlx::Result<Option<i64>> =
+            sqlx::query_scalar("SELECT max(position) FROM events")
+                .fetch_one(&self.pool)
+                .await;
+        let local = *self.store.committed().borrow();
+        let target = match head {
+            Ok(head) => head.unwrap_or(0).max(local),
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the ledger head failed; waiting for this process's commits only");
+                local
+            }
+        };
+        if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
+            tracing::warn!(
+                position = target,
+                "read models did not catch up in time; deciding anyway"
+            );
+        }
     }
 
     /// Waits until the read models show everything this process has committed.
@@ -270,14 +318,15 @@ impl App {
         }
     }
 
+    /// Stops the background tasks after their current batch and releases their leases, so
+    /// another process takes over at once.
     pub async fn shutdown(self) {
-        if let Some(m) = self.maintainer.lock().expect("not poisoned").take() {
-            m.abort();
+        let maintainer = self.maintainer.lock().expect("not poisoned").take();
+        if let Some(m) = maintainer {
+            m.shutdown().await;
         }
-        if let Ok(inner) = Arc::try_unwrap(self.0) {
-            if let Some(p) = inner.projector {
-                p.shutdown().await;
-            }
+        if let Some(p) = &self.projector {
+            p.shutdown().await;
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The `ledgerline` commands: serve, migrate, bootstrap, verify, projections status.
+//! The `ledgerline` commands: serve, migrate, bootstrap, verify, export, prove, keygen and
+//! projections (status, retry, rebuild, check).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -12,12 +13,12 @@ use uuid::Uuid;
 
 use crate::app::{Actor, App, CommandError};
 use crate::config::{
-    BootstrapArgs, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand, ServeArgs,
-    VerifyArgs,
+    BootstrapArgs, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand, RebuildArgs,
+    ServeArgs, VerifyArgs,
 };
 use crate::crypto::Vault;
 use crate::ledger::verify::verify_database;
-use crate::{api, auditor, db, keys};
+use crate::{api, auditor, db, keys, progress};
 
 /// Runs one command. Errors that stop a command from running exit with 2, so that
 /// `verify`'s 1 always means "tampered".
@@ -39,6 +40,12 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Projections {
             command: ProjectionsCommand::Retry { name },
         } => retry(&cli.db, &name).await.map(|_| ExitCode::SUCCESS),
+        Command::Projections {
+            command: ProjectionsCommand::Rebuild(args),
+        } => rebuild(&cli.db, args).await.map(|_| ExitCode::SUCCESS),
+        Command::Projections {
+            command: ProjectionsCommand::Check { names, batch },
+        } => check(&cli.db, &names, batch.batch_size).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -63,7 +70,7 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     let signer = args.log.signer()?;
     let policy = args.log.policy()?;
     let pool = pool(db_args).await?;
-    let app = App::new(pool, Vault::new(&master), true);
+    let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -315,4 +322,82 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
         .with_context(|| format!("retrying projection `{name}`"))?;
     println!("{name}: {cleared} failure(s) cleared; the projection resumes at the failed event");
     Ok(())
+}
+
+async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> anyhow::Result<()> {
+    let pool = pool(db_args).await?;
+    if args.abandon {
+        match ledgerline_projections::abandon_rebuild(&pool).await? {
+            Some(job) => println!("rebuild job {job} abandoned; the live tables are unchanged"),
+            None => println!("no unfinished rebuild job"),
+        }
+        return Ok(());
+    }
+    let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
+    let names = (!args.all).then_some(names.as_slice());
+    let options = ledgerline_projections::RebuildOptions {
+        batch_size: args.batch.batch_size,
+        ..Default::default()
+    };
+    let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());
+    let display = progress::show("rebuild", monitor.clone());
+    let started = std::time::Instant::now();
+    let result = ledgerline_projections::rebuild(&pool, names, options, &monitor).await;
+    progress::finish(display).await;
+    let summary = result.context("rebuilding projections")?;
+    println!(
+        "rebuild job {}{}: {} swapped in at position {} in {:.1}s",
+        summary.job,
+        if summary.resumed { " (resumed)" } else { "" },
+        summary.projections.join(", "),
+        summary.position,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Exit 0 when every table equals its rebuild, 1 when one differs.
+async fn check(
+    db_args: &crate::config::DatabaseArgs,
+    names: &[String],
+    batch_size: i64,
+) -> anyhow::Result<ExitCode> {
+    let pool = pool(db_args).await?;
+    let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    let names = (!names.is_empty()).then_some(names.as_slice());
+    let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());
+    let display = progress::show("check", monitor.clone());
+    let result = ledgerline_projections::check(&pool, names, batch_size, &monitor).await;
+    progress::finish(display).await;
+    let report = result.context("checking projections")?;
+    for projection in &report.projections {
+        println!("{} (at position {})", projection.name, projection.position);
+        for t in &projection.tables {
+            let verdict = if t.equal() {
+                "equal".to_string()
+            } else {
+                format!(
+                    "DIFFERENT: {} row(s) missing from live, {} unexpected in live",
+                    t.missing_from_live, t.unexpected_in_live
+                )
+            };
+            println!(
+                "  {:<28} {:>9} live {:>9} rebuilt  {verdict}",
+                t.table, t.live_rows, t.rebuilt_rows
+            );
+            for row in &t.missing_rows {
+                println!("    missing from live:  {row}");
+            }
+            for row in &t.unexpected_rows {
+                println!("    unexpected in live: {row}");
+            }
+        }
+    }
+    if report.equal() {
+        println!("the live read models equal a rebuild from the log");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!("the live read models differ from a rebuild from the log");
+        Ok(ExitCode::from(1))
+    }
 }

@@ -183,7 +183,7 @@ pub enum Command {
         )]
         log_origin: String,
     },
-    /// Inspect the projections.
+    /// Inspect, rebuild and check the projections (the read models).
     Projections {
         #[command(subcommand)]
         command: ProjectionsCommand,
@@ -199,6 +199,33 @@ pub struct ServeArgs {
     pub keys: KeyArgs,
     #[command(flatten)]
     pub log: LogArgs,
+    #[command(flatten)]
+    pub projector: ProjectorArgs,
+}
+
+/// How `serve` runs the projections and shares them with other `serve` processes.
+#[derive(Debug, Args, Clone)]
+pub struct ProjectorArgs {
+    /// How long a process's lease on a projection or on the log maintainer lasts unless
+    /// renewed (every third of it): how soon another process takes over from one that died.
+    #[arg(long, env = "LEDGERLINE_LEASE_TTL_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub lease_ttl_secs: u64,
+    /// How often projections look for events and for each other's progress without being
+    /// notified (the fallback for lost notifications), in milliseconds.
+    #[arg(long, env = "LEDGERLINE_PROJECTION_POLL_MS", default_value_t = 1000,
+          value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
+    pub projection_poll_ms: u64,
+}
+
+impl ProjectorArgs {
+    pub fn projector(&self) -> ledgerline_projections::Projector {
+        ledgerline_projections::Projector {
+            poll_interval: std::time::Duration::from_millis(self.projection_poll_ms),
+            lease_ttl: std::time::Duration::from_secs(self.lease_ttl_secs),
+            ..Default::default()
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -291,4 +318,38 @@ pub enum ProjectionsCommand {
         /// The projection's name, as `projections status` shows it.
         name: String,
     },
+    /// Rebuild read models from the log into shadow tables, then swap them in atomically;
+    /// the live tables keep serving meanwhile. Run again after an interruption to resume.
+    Rebuild(RebuildArgs),
+    /// Rebuild into a scratch schema and compare with the live tables row by row.
+    /// Exit 0 equal, 1 different, 2 could not run.
+    Check {
+        /// Projections to check (all when none is named).
+        names: Vec<String>,
+        #[command(flatten)]
+        batch: BatchArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+#[command(group = clap::ArgGroup::new("which").required(true).args(["names", "all", "abandon"]))]
+pub struct RebuildArgs {
+    /// Projections to rebuild, as `projections status` names them.
+    pub names: Vec<String>,
+    /// Rebuild every projection.
+    #[arg(long, conflicts_with = "names")]
+    pub all: bool,
+    /// Drop the unfinished rebuild job's shadow tables instead (the live tables stay).
+    #[arg(long, conflicts_with_all = ["names", "all"])]
+    pub abandon: bool,
+    #[command(flatten)]
+    pub batch: BatchArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct BatchArgs {
+    /// Events applied per transaction.
+    #[arg(long, env = "LEDGERLINE_REBUILD_BATCH", default_value_t = 2000,
+          value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_size: i64,
 }

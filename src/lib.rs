@@ -11,3 +11,5 @@ pub mod crypto;
 pub mod db;
 pub mod keys;
 pub mod ledger;
+pub mod metrics;
+pub mod progress;

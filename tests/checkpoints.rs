@@ -8,26 +8,12 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use common::{event_at, hash_of, set_hashes, superuser_tx, tamper, TestApp, POLICY};
+use common::{event_at, hash_of, ledgerline, set_hashes, superuser_tx, tamper, TestApp, POLICY};
 use ledgerline::ledger::checkpoint::{LogSigner, NoteVerifier};
 use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
 use ledgerline::ledger::tree;
 use serde_json::{json, Value};
 use uuid::Uuid;
-
-fn ledgerline(t: &TestApp, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
-        .args(args)
-        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run ledgerline");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 /// Integrates everything and signs a checkpoint of it now; returns the signed note.
 async fn sign_now(t: &TestApp) -> String {
@@ -54,7 +40,7 @@ fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, String)
     let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
     let out_s = out.to_str().unwrap();
     let (code, summary, err) = ledgerline(
-        t,
+        &t.db.url,
         &[
             "export",
             "--out",
@@ -357,7 +343,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     let new_s = new.to_str().unwrap();
 
     let (code, proof, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "prove",
             "inclusion",
@@ -371,7 +357,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     let proof_file = file(&proof);
     let p = proof_file.to_str().unwrap();
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify-proof",
             "--proof",
@@ -387,7 +373,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     // One hash of the proof altered.
     let doctored = doctor(&proof);
     let (code, out, _) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify-proof",
             "--proof",
@@ -402,13 +388,13 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     assert!(out.starts_with("INVALID"), "{out}");
 
     let (code, proof, err) = ledgerline(
-        &t,
+        &t.db.url,
         &["prove", "consistency", "--from", old_s, "--to", new_s],
     );
     assert_eq!(code, 0, "{err}");
     let proof_file = file(&proof);
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify-proof",
             "--proof",
@@ -425,7 +411,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     // One hash of the consistency proof altered, for the right pair: refused as invalid.
     let doctored = doctor(&proof);
     let (code, out, _) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify-proof",
             "--proof",
@@ -460,7 +446,7 @@ async fn an_untouched_log_extends_every_checkpoint_also_after_an_erasure() {
     assert_eq!(r.status, 200);
     let third = file(&sign_now(&t).await);
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--since",
@@ -506,7 +492,7 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
         "the edit lies before the early checkpoint"
     );
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--since",
@@ -549,7 +535,7 @@ async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
         "the chain alone cannot see a cut"
     );
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--since",
@@ -593,7 +579,7 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
     assert_ne!(a.root, b.root);
     let (one, two) = (file(&one), file(&two));
     let (code, out, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--since",
@@ -608,7 +594,7 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
     assert!(out.starts_with("FORK"), "{out}");
     // Against the first checkpoint alone, the database's log is the rewritten one.
     let (code, out, _) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--since",
@@ -640,7 +626,7 @@ async fn a_forged_checkpoint_is_refused() {
     for forged in [raised, impostor] {
         let forged = file(&forged);
         let (code, out, err) = ledgerline(
-            &t,
+            &t.db.url,
             &[
                 "verify",
                 "--since",
@@ -667,7 +653,7 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
     let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
     let out_s = out.to_str().unwrap();
     let (code, summary, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "export",
             "--out",
@@ -678,7 +664,7 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
     );
     assert_eq!(code, 0, "{summary}{err}");
     let (code, report, err) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--file",
@@ -698,7 +684,7 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
     let text = std::fs::read_to_string(&out).unwrap();
     std::fs::write(&out, text.replacen("Beta", "Bet4", 1)).unwrap();
     let (code, report, _) = ledgerline(
-        &t,
+        &t.db.url,
         &[
             "verify",
             "--file",

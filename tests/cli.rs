@@ -2,23 +2,7 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::TestApp;
-
-fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
-        .args(args)
-        .env("LEDGERLINE_DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .expect("run ledgerline");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::{ledgerline, TestApp};
 
 #[tokio::test]
 async fn projections_status_shows_every_projection_at_the_head() {

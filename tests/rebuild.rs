@@ -1,9 +1,16 @@
-//! Rebuild equivalence: empty every read model, reset the checkpoints, project the whole log
-//! again, and get exactly the tables the live projections built.
+//! Rebuilds give back exactly the tables the live projections built: after a reset and a
+//! replay, after a rebuild job (while the API serves; killed and resumed; stopped by a bad
+//! event), and as `projections check` compares them; and a projection the system has never
+//! run catches up by itself.
 
 mod common;
 
-use common::TestApp;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{ledgerline, tamper, TestApp};
+use ledgerline_projections::{Progress, RebuildOptions, RunError};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -40,6 +47,28 @@ async fn snapshot(t: &TestApp) -> Vec<(String, Vec<String>)> {
 #[tokio::test]
 async fn rebuilt_read_models_equal_the_live_ones() {
     let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    assert!(
+        live.iter().all(|(_, rows)| !rows.is_empty()),
+        "every table has rows to compare"
+    );
+
+    ledgerline_projections::reset(t.pool(), None).await.unwrap();
+    let emptied = snapshot(&t).await;
+    assert!(
+        emptied.iter().all(|(_, rows)| rows.is_empty()),
+        "reset empties every read model"
+    );
+    ledgerline_projections::catch_up(t.pool()).await.unwrap();
+    let rebuilt = snapshot(&t).await;
+    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
+        assert_eq!(a, b, "table {table} differs after rebuild");
+    }
+}
+
+/// Every kind of event of every aggregate, so that each read-model table has rows.
+async fn story(t: &TestApp) {
     let org = t.create_org("Rebuild Co").await;
     let other = t.create_org("Other Co").await;
     let o = format!("/v1/organizations/{org}");
@@ -77,7 +106,7 @@ async fn rebuilt_read_models_equal_the_live_ones() {
         200
     );
 
-    messaging_story(&t, org, ada, bob).await;
+    messaging_story(t, org, ada, bob).await;
 
     let base = t
         .post(
@@ -221,24 +250,6 @@ async fn rebuilt_read_models_equal_the_live_ones() {
             .status,
         200
     );
-
-    let live = snapshot(&t).await;
-    assert!(
-        live.iter().all(|(_, rows)| !rows.is_empty()),
-        "every table has rows to compare"
-    );
-
-    ledgerline_projections::reset(t.pool(), None).await.unwrap();
-    let emptied = snapshot(&t).await;
-    assert!(
-        emptied.iter().all(|(_, rows)| rows.is_empty()),
-        "reset empties every read model"
-    );
-    ledgerline_projections::catch_up(t.pool()).await.unwrap();
-    let rebuilt = snapshot(&t).await;
-    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
-        assert_eq!(a, b, "table {table} differs after rebuild");
-    }
 }
 
 /// Every kind of messaging event: a conversation created, renamed, archived and unarchived,
@@ -379,4 +390,396 @@ async fn messaging_story(t: &TestApp, org: Uuid, ada: Uuid, bob: Uuid) {
             .await,
         204,
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// Rebuild jobs and checks, as operators run them.
+
+/// Each index and constraint of the public schema, with its definition: what a swap must
+/// leave exactly as the migrations made it.
+async fn catalog(t: &TestApp) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT c.relname || ': ' || pg_get_indexdef(i.indexrelid) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid \
+         WHERE c.relnamespace = 'public'::regnamespace \
+         UNION ALL \
+         SELECT conrelid::regclass || ' ' || conname || ': ' || pg_get_constraintdef(oid) \
+         FROM pg_constraint WHERE connamespace = 'public'::regnamespace \
+         ORDER BY 1",
+    )
+    .fetch_all(t.pool())
+    .await
+    .unwrap()
+}
+
+async fn schemas_like(t: &TestApp, pattern: &str) -> Vec<String> {
+    sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE $1")
+        .bind(pattern)
+        .fetch_all(t.pool())
+        .await
+        .unwrap()
+}
+
+async fn checkpoints(t: &TestApp) -> Vec<(String, i64)> {
+    sqlx::query_as("SELECT name, position FROM projection_checkpoints ORDER BY name")
+        .fetch_all(t.pool())
+        .await
+        .unwrap()
+}
+
+async fn any_org(t: &TestApp) -> Uuid {
+    sqlx::query_scalar("SELECT id FROM organizations ORDER BY created_at LIMIT 1")
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_rebuild_job_swaps_in_equal_tables_while_the_api_keeps_serving() {
+    let t = Arc::new(TestApp::spawn().await);
+    story(&t).await;
+    let head = t.head().await;
+    let live = snapshot(&t).await;
+    let before = catalog(&t).await;
+    let org = any_org(&t).await;
+
+    // Readers throughout the rebuild: every one must be answered, and in full.
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (t, stop) = (Arc::clone(&t), Arc::clone(&stop));
+        tokio::spawn(async move {
+            let mut answered = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let r = t
+                    .get(&format!("/v1/organizations/{org}/users"), &t.admin_key)
+                    .await;
+                assert_eq!(r.status, 200, "a read during the rebuild: {}", r.body);
+                assert!(
+                    !r.body["items"].as_array().unwrap().is_empty(),
+                    "{}",
+                    r.body
+                );
+                answered += 1;
+            }
+            answered
+        })
+    };
+    let progress = Arc::new(Progress::default());
+    let options = RebuildOptions {
+        batch_size: 7,
+        swap_tail: 0,
+    };
+    let summary = ledgerline_projections::rebuild(t.pool(), None, options, &progress)
+        .await
+        .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    assert!(reader.await.unwrap() > 0, "reads ran during the rebuild");
+
+    assert_eq!(summary.position, head);
+    assert!(!summary.resumed);
+    let mut all = ledgerline_projections::names();
+    all.sort_unstable();
+    assert_eq!(summary.projections, all);
+    let state = progress.snapshot();
+    assert_eq!((state.done(), state.target), (head, head));
+    let rebuilt = snapshot(&t).await;
+    for ((table, a), (_, b)) in live.iter().zip(&rebuilt) {
+        assert_eq!(a, b, "table {table} differs after the rebuild job");
+    }
+    assert_eq!(
+        catalog(&t).await,
+        before,
+        "indexes and constraints as migrated"
+    );
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
+    assert!(checkpoints(&t).await.iter().all(|(_, p)| *p == head));
+    let status: String = sqlx::query_scalar("SELECT status FROM projection_rebuilds")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "swapped");
+
+    // The live projections carry on from the swapped-in tables.
+    let late = t.invite(org, "late@example.com", "Late").await;
+    let r = t
+        .get(
+            &format!("/v1/organizations/{org}/users/{late}"),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn check_finds_hand_edited_and_lost_rows_and_names_them() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the live read models equal a rebuild"),
+        "{out}"
+    );
+    assert!(!out.contains("DIFFERENT"), "{out}");
+
+    let org = any_org(&t).await;
+    let name: String = sqlx::query_scalar("SELECT name FROM organizations WHERE id = $1")
+        .bind(org)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    sqlx::query("UPDATE organizations SET name = 'Edited By Hand' WHERE id = $1")
+        .bind(org)
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let lost =
+        sqlx::query("DELETE FROM message_reads WHERE ctid = (SELECT min(ctid) FROM message_reads)")
+            .execute(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(lost.rows_affected(), 1);
+
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]);
+    assert_eq!(code, 1, "{out}{err}");
+    let line = |table: &str| {
+        out.lines()
+            .find(|l| l.starts_with(&format!("  {table} ")))
+            .unwrap_or_else(|| panic!("no line for {table}: {out}"))
+            .to_string()
+    };
+    assert!(
+        line("organizations")
+            .contains("DIFFERENT: 1 row(s) missing from live, 1 unexpected in live"),
+        "{out}"
+    );
+    assert!(
+        line("message_reads")
+            .contains("DIFFERENT: 1 row(s) missing from live, 0 unexpected in live"),
+        "{out}"
+    );
+    assert!(line("users").ends_with("equal"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("unexpected in live:") && l.contains("Edited By Hand")),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains("missing from live:") && l.contains(&name)),
+        "{out}"
+    );
+    // Only the named projections are checked.
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "users", "roles"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!out.contains("organizations"), "{out}");
+    assert!(schemas_like(&t, "ledgerline\\_check\\_%").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let org = any_org(&t).await;
+    // Enough events that single-event batches take a while.
+    for chunk in 0..10 {
+        futures::future::join_all((0..20).map(|i| {
+            let email = format!("bulk{chunk}-{i}@example.com");
+            let t = &t;
+            async move { t.invite(org, &email, "Bulk").await }
+        }))
+        .await;
+    }
+    let head = t.head().await;
+    let live = snapshot(&t).await;
+
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(["projections", "rebuild", "--all", "--batch-size", "1"])
+        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let reached = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let least: Option<i64> = sqlx::query_scalar(
+                "SELECT min(p.position) FROM projection_rebuild_progress p \
+                 JOIN projection_rebuilds r ON r.id = p.rebuild_id WHERE r.status = 'running'",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+            if least.is_some_and(|p| p > 0) {
+                return least.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the rebuild made progress");
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert!(reached < head, "killed mid-way: at {reached} of {head}");
+
+    assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
+    assert_eq!(schemas_like(&t, "ledgerline\\_rebuild\\_%").await.len(), 1);
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT min(position) FROM projection_rebuild_progress p \
+         JOIN projection_rebuilds r ON r.id = p.rebuild_id WHERE r.status = 'running'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert!(kept >= reached, "committed batches survive the kill");
+
+    // Another set of projections is refused while the job is unfinished.
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]);
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("unfinished") && err.contains("--abandon"),
+        "{err}"
+    );
+
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(resumed)"), "{out}");
+    assert!(out.contains(&format!("at position {head}")), "{out}");
+    assert_eq!(
+        snapshot(&t).await,
+        live,
+        "the resumed rebuild equals the live tables"
+    );
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
+}
+
+#[tokio::test]
+async fn a_rebuild_stopped_by_an_event_it_cannot_apply_changes_nothing_live() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let bad: i64 =
+        sqlx::query_scalar("SELECT min(position) FROM events WHERE event_type = 'UserInvited'")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE events SET payload = '{{\"UserInvited\":{{}}}}' WHERE position = {bad}"
+        )],
+    )
+    .await;
+
+    let progress = Arc::new(Progress::default());
+    let error =
+        ledgerline_projections::rebuild(t.pool(), None, RebuildOptions::default(), &progress)
+            .await
+            .unwrap_err();
+    match &error {
+        RunError::Failed { name, position, .. } => {
+            assert!(["users", "user_roles"].contains(name), "{error}");
+            assert_eq!(*position, bad, "{error}");
+        }
+        other => panic!("expected the failing event, got {other}"),
+    }
+    assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
+    assert!(checkpoints(&t).await.iter().all(|(_, p)| *p > bad));
+
+    let job = ledgerline_projections::abandon_rebuild(t.pool())
+        .await
+        .unwrap();
+    assert!(job.is_some());
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
+    assert_eq!(
+        ledgerline_projections::abandon_rebuild(t.pool())
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// A projection the running system has never run has no checkpoint and empty tables: the
+/// projector finds it so and brings it from the start of the log to the head by itself.
+#[tokio::test]
+async fn a_projection_without_a_checkpoint_catches_up_on_its_own() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let head = t.head().await;
+    let live = snapshot(&t).await;
+    let mut tx = t.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'messaging' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "TRUNCATE {}",
+        ledgerline_projections::messaging::TABLES.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    sqlx::query("DELETE FROM projection_checkpoints WHERE name = 'messaging'")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+
+    let caught_up = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let at: Option<i64> = sqlx::query_scalar(
+                "SELECT position FROM projection_checkpoints WHERE name = 'messaging'",
+            )
+            .fetch_optional(t.pool())
+            .await
+            .unwrap();
+            if at == Some(head) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        caught_up.is_ok(),
+        "the messaging projection caught up to {head}"
+    );
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// A reader holding a live table longer than the swap may wait for its lock makes the swap
+/// back off and try again, rather than fail or queue every other reader behind it.
+#[tokio::test]
+async fn the_swap_waits_out_a_long_reader() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let mut reader = t.pool().begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM users")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let release = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        reader.commit().await.unwrap();
+    });
+    let progress = Arc::new(Progress::default());
+    let summary = ledgerline_projections::rebuild(
+        t.pool(),
+        Some(&["users"]),
+        RebuildOptions::default(),
+        &progress,
+    )
+    .await
+    .unwrap();
+    release.await.unwrap();
+    assert_eq!(summary.position, t.head().await);
+    assert_eq!(snapshot(&t).await, live);
 }

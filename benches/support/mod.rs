@@ -1,5 +1,6 @@
 //! What every bench binary shares: a fresh database of its own on the server at
-//! `LEDGERLINE_BENCH_ADMIN_URL`, dropped at the end (also on failure or panic).
+//! `LEDGERLINE_BENCH_ADMIN_URL`, dropped at the end (also on failure or panic), settings
+//! from the environment, and how busy the machine was.
 
 use std::time::Duration;
 
@@ -7,6 +8,12 @@ use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
+
+// Each bench binary compiles this folder and uses its own part of it.
+#[allow(dead_code)]
+pub mod api;
+#[allow(dead_code)]
+pub mod mixed_log;
 
 /// A database the bench may create and drop databases from.
 pub fn admin_url() -> String {
@@ -76,6 +83,7 @@ impl Drop for BenchDb {
 }
 
 /// A comma-separated list of numbers from the environment, or `default`.
+#[allow(dead_code)] // not every bench takes a list
 pub fn env_list(name: &str, default: &[usize]) -> anyhow::Result<Vec<usize>> {
     match std::env::var(name) {
         Ok(v) => v
@@ -107,5 +115,32 @@ pub fn met(ok: bool) -> &'static str {
         "MET"
     } else {
         "NOT MET"
+    }
+}
+
+/// The whole machine's (busy, total) CPU ticks so far, from /proc/stat.
+#[allow(dead_code)] // not every bench reports it
+pub fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let v: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((total - idle, total))
+}
+
+/// Busy share of the whole machine (all processes) since `before` was read.
+#[allow(dead_code)]
+pub fn busy_since(before: Option<(u64, u64)>) -> String {
+    match (before, machine_ticks()) {
+        (Some((b0, t0)), Some((b1, t1))) => {
+            format!("{:.0}%", 100.0 * (b1 - b0) as f64 / (t1 - t0).max(1) as f64)
+        }
+        _ => "n/a".into(),
     }
 }

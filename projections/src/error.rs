@@ -74,4 +74,18 @@ pub enum RunError {
     },
     #[error("unknown projection `{0}`")]
     UnknownProjection(String),
+    /// This process does not hold the projection's lease (another process runs it).
+    #[error("projection `{0}` is leased to another process")]
+    NotLeaseHolder(&'static str),
+    /// Another `projections rebuild` holds the rebuild lock.
+    #[error("another rebuild is running against this database")]
+    RebuildRunning,
+    /// An interrupted job of other projections would be left half done.
+    #[error(
+        "rebuild job {job} of {} is unfinished: run `ledgerline projections rebuild {}` to \
+         resume it, or `ledgerline projections rebuild --abandon` to drop it",
+        projections.join(", "),
+        projections.join(" ")
+    )]
+    RebuildInProgress { job: i64, projections: Vec<String> },
 }

@@ -6,10 +6,16 @@
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+mod build;
+mod check;
 mod decode;
 mod error;
+pub mod lease;
+mod messaging_batch;
+pub mod notify;
 mod projection;
 mod projector;
+mod rebuild;
 mod runner;
 
 pub mod api_keys;
@@ -20,13 +26,33 @@ pub mod roles;
 pub mod user_roles;
 pub mod users;
 
+pub use build::{Progress, ProgressState};
+pub use check::{check, CheckReport, CheckedProjection, CheckedTable};
 pub use error::{ProjectionError, RunError};
 pub use projection::Projection;
 pub use projector::{Projector, ProjectorHandle};
+pub use rebuild::{
+    abandon_rebuild, rebuild, rebuild_progress, RebuildOptions, RebuildProgress, RebuildSummary,
+};
 pub use runner::{
     catch_up, names, reset, retry, run_batch, status, BatchOutcome, ProjectionFailure,
     ProjectionStatus,
 };
+
+static BULK_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many batches, since the process started, a projection's multi-row path handed to its
+/// one-event-at-a-time path: an event that fails (reported as usual), or a case the
+/// multi-row path does not cover. Rising on a healthy log means rebuilds run slower than
+/// they should.
+pub fn bulk_fallbacks() -> u64 {
+    BULK_FALLBACKS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+pub(crate) fn note_bulk_fallback(projection: &str, error: &dyn std::fmt::Display) {
+    BULK_FALLBACKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::debug!(projection, %error, "multi-row batch applied one event at a time instead");
+}
 
 /// One row of the ledger's `events` table, as projections and verifiers read it.
 /// `payload` and `metadata` are the exact JSON text stored (and hashed).

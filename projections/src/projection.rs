@@ -4,8 +4,8 @@
 use sqlx::PgConnection;
 
 use crate::{
-    api_keys, audit_events, messaging, organizations, roles, user_roles, users, ProjectionError,
-    StoredEvent,
+    api_keys, audit_events, messaging, messaging_batch, organizations, roles, user_roles, users,
+    ProjectionError, StoredEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -58,6 +58,25 @@ impl Projection {
 
     pub fn from_name(name: &str) -> Option<Projection> {
         Projection::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// Applies `events` in order inside the caller's transaction; on failure, the index of
+    /// the failing event and why. `audit_events` and `messaging` apply a long batch with a
+    /// few multi-row statements; the others (a small share of any log) one event at a time.
+    pub async fn apply_many(
+        self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), (usize, ProjectionError)> {
+        match self {
+            Projection::AuditEvents => return audit_events::apply_many(conn, events).await,
+            Projection::Messaging => return messaging_batch::apply_many(conn, events).await,
+            _ => {}
+        }
+        for (index, event) in events.iter().enumerate() {
+            self.apply(conn, event).await.map_err(|e| (index, e))?;
+        }
+        Ok(())
     }
 
     /// Applies one event inside the caller's transaction. Events of aggregate types the

@@ -1,22 +1,33 @@
 //! The background side of the runner: one task per projection that keeps its read model up
 //! to the ledger's head, and a handle to wait for a position (read-your-writes) or stop.
+//!
+//! With several processes on one database, each projection runs where its lease
+//! (`projection:<name>`) is held; the other processes follow its progress from the
+//! checkpoint notifications (and a poll), so their commands can still wait for it.
 
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use crate::{run_batch, BatchOutcome, Projection};
+use crate::lease::{Lease, LeaseConfig, Leasing, DEFAULT_TTL};
+use crate::notify::{self, Deliver};
+use crate::runner::run_leased_batch;
+use crate::{BatchOutcome, Projection, RunError};
 
 /// Settings of the projection tasks; [`Projector::spawn`] uses the defaults.
 #[derive(Debug, Clone, Copy)]
 pub struct Projector {
     /// Events per transaction.
     pub batch_size: i64,
-    /// How often to look for events without being told of a new head: events written by
-    /// other processes, and failures cleared by `retry`.
+    /// How often to look for events, or at the progress of a projection another process
+    /// runs, without being told: the fallback for lost notifications, and how failures
+    /// cleared by `retry` are found.
     pub poll_interval: Duration,
+    /// How long a projection's lease lasts unless renewed (every third of it).
+    pub lease_ttl: Duration,
 }
 
 impl Default for Projector {
@@ -24,6 +35,7 @@ impl Default for Projector {
         Self {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            lease_ttl: DEFAULT_TTL,
         }
     }
 }
@@ -37,24 +49,34 @@ struct Progress {
 }
 
 /// The running projection tasks. Dropping it also stops them (after their current batch),
-/// but only [`ProjectorHandle::shutdown`] waits for that.
+/// but only [`ProjectorHandle::shutdown`] waits for that (and for their leases' release).
 #[derive(Debug)]
 pub struct ProjectorHandle {
     progress: Vec<(&'static str, watch::Receiver<Progress>)>,
+    head: watch::Receiver<i64>,
+    leasing: Leasing,
     shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Projector {
-    /// Starts one task per projection. `head` carries the ledger's last committed position;
-    /// the writer publishes it after each commit so projections wake at once.
+    /// Starts one task per projection. `head` carries the last position this process
+    /// committed; the writer publishes it after each commit so projections wake at once.
     pub fn spawn(pool: PgPool, head: watch::Receiver<i64>) -> ProjectorHandle {
         Projector::default().start(pool, head)
     }
 
-    pub fn start(self, pool: PgPool, head: watch::Receiver<i64>) -> ProjectorHandle {
+    pub fn start(self, pool: PgPool, local_head: watch::Receiver<i64>) -> ProjectorHandle {
         let (shutdown, stop) = watch::channel(false);
+        let (head_tx, head) = watch::channel(*local_head.borrow());
+        let (released_tx, released) = watch::channel(0u64);
+        let (resync_tx, resync) = watch::channel(0u64);
+        let leasing = Leasing {
+            config: LeaseConfig::new(self.lease_ttl),
+            released,
+        };
         let mut progress = Vec::new();
+        let mut senders = Vec::new();
         let mut tasks = Vec::new();
         for projection in Projection::ALL {
             let (tx, rx) = watch::channel(Progress {
@@ -62,22 +84,61 @@ impl Projector {
                 failed_at: None,
             });
             progress.push((projection.name(), rx));
+            senders.push((projection.name(), tx.clone()));
             let task = run(
                 self,
                 projection,
                 pool.clone(),
-                head.clone(),
-                stop.clone(),
                 tx,
+                leasing.clone(),
+                Wakeups {
+                    head: head.clone(),
+                    resync: resync.clone(),
+                    stop: stop.clone(),
+                },
             );
             tasks.push(tokio::spawn(task));
         }
+        tasks.push(tokio::spawn(notify::forward(
+            local_head,
+            head_tx.clone(),
+            stop.clone(),
+        )));
+        let deliver = Deliver {
+            head: head_tx,
+            released: released_tx,
+            resync: resync_tx,
+            checkpoint: move |name: &str, position: i64| {
+                if let Some((_, tx)) = senders.iter().find(|(n, _)| *n == name) {
+                    tx.send_if_modified(|p| advanced(p, position));
+                }
+            },
+        };
+        let listen_stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            notify::listen(&pool, deliver, listen_stop).await;
+        }));
         ProjectorHandle {
             progress,
+            head,
+            leasing,
             shutdown,
-            tasks,
+            tasks: Mutex::new(tasks),
         }
     }
+}
+
+/// Moves `p` up to a checkpoint another process reported; a checkpoint at or past the
+/// failed position means the failure was cleared and the event applied.
+fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
+    if checkpoint <= p.checkpoint {
+        return false;
+    }
+    p.checkpoint = checkpoint;
+    if p.failed_at.is_some_and(|f| f <= checkpoint) {
+        p.failed_at = None;
+    }
+    true
 }
 
 impl ProjectorHandle {
@@ -110,10 +171,22 @@ impl ProjectorHandle {
             .collect()
     }
 
-    /// Stops the tasks after their current batch and waits for them.
-    pub async fn shutdown(self) {
+    /// The newest ledger head this process knows of: its own commits and, from their
+    /// notifications, every other process's.
+    pub fn head(&self) -> watch::Receiver<i64> {
+        self.head.clone()
+    }
+
+    /// This process's lease identity, for other leased tasks (the log maintainer).
+    pub fn leasing(&self) -> Leasing {
+        self.leasing.clone()
+    }
+
+    /// Stops the tasks after their current batch, releases their leases, and waits.
+    pub async fn shutdown(&self) {
         let _ = self.shutdown.send(true);
-        for task in self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock().expect("not poisoned"));
+        for task in tasks {
             if let Err(e) = task.await {
                 tracing::error!(error = %e, "projection task ended abnormally");
             }
@@ -121,64 +194,176 @@ impl ProjectorHandle {
     }
 }
 
+/// What wakes a projection task besides its timers.
+struct Wakeups {
+    /// A newer head, committed by this process or (notified) another.
+    head: watch::Receiver<i64>,
+    /// The listener (re)subscribed: notifications may have been lost.
+    resync: watch::Receiver<u64>,
+    stop: watch::Receiver<bool>,
+}
+
 async fn run(
     config: Projector,
     projection: Projection,
     pool: PgPool,
-    mut head: watch::Receiver<i64>,
-    mut stop: watch::Receiver<bool>,
     progress: watch::Sender<Progress>,
+    leasing: Leasing,
+    wakeups: Wakeups,
 ) {
+    let Wakeups {
+        mut head,
+        mut resync,
+        mut stop,
+    } = wakeups;
     let name = projection.name();
-    let mut head_open = true;
+    let mut lease = Lease::new(format!("projection:{name}"), leasing.config);
+    let mut released = leasing.released;
+    let (mut head_open, mut released_open, mut resync_open) = (true, true, true);
+    let mut next_follow = Instant::now();
+    // Whether to run a batch now (told of a commit, or the poll is due), and when the
+    // next poll is due.
+    let mut run_now = true;
+    let mut next_poll = Instant::now();
     loop {
         if *stop.borrow() {
             break;
         }
-        // Marks the head as seen: a commit published while the batch runs wakes us again.
-        head.borrow_and_update();
-        let caught_up = match run_batch(&pool, projection, config.batch_size).await {
-            Ok(BatchOutcome::Applied {
-                applied,
-                checkpoint,
-            }) => {
-                publish(
-                    &progress,
-                    Progress {
-                        checkpoint,
-                        failed_at: None,
-                    },
-                );
-                // A short batch has read every committed event.
-                (applied as i64) < config.batch_size
+        if !lease.keep(&pool).await {
+            // Another process runs this projection: follow its progress, and try for the
+            // lease at its turn or as soon as one is released.
+            if Instant::now() >= next_follow {
+                if let Err(e) = follow(&pool, name, &progress).await {
+                    tracing::warn!(projection = name, error = %e, "reading a projection's progress failed");
+                }
+                next_follow = Instant::now() + config.poll_interval;
             }
-            Ok(BatchOutcome::Failed {
-                checkpoint,
-                failure,
-            }) => {
-                publish(
-                    &progress,
-                    Progress {
-                        checkpoint,
-                        failed_at: Some(failure.position),
-                    },
-                );
-                true
-            }
-            Err(e) => {
-                tracing::warn!(projection = name, error = %e, "projection batch failed; will retry");
-                true
-            }
-        };
-        if caught_up {
+            run_now = true;
             tokio::select! {
-                changed = head.changed(), if head_open => head_open = changed.is_ok(),
-                _ = tokio::time::sleep(config.poll_interval) => {}
+                _ = tokio::time::sleep_until(next_follow.min(lease.due()).into()) => {}
+                changed = released.changed(), if released_open => match changed {
+                    Ok(()) => lease.try_now(),
+                    Err(_) => released_open = false,
+                },
+                changed = resync.changed(), if resync_open => match changed {
+                    Ok(()) => next_follow = Instant::now(),
+                    Err(_) => resync_open = false,
+                },
                 changed = stop.changed() => if changed.is_err() { break },
             }
+            continue;
+        }
+        if run_now {
+            // Marks the head as seen: a commit published while the batch runs wakes us.
+            head.borrow_and_update();
+            match batch(config, projection, &pool, &lease, &progress).await {
+                Step::More => continue,
+                Step::LeaseLost => {
+                    lease.lost();
+                    continue;
+                }
+                Step::Wait => next_poll = Instant::now() + config.poll_interval,
+            }
+        }
+        // Wake for a commit, a resubscribed listener, the poll, or the lease's renewal
+        // (which runs no batch unless the poll is due too).
+        tokio::select! {
+            changed = head.changed(), if head_open => {
+                head_open = changed.is_ok();
+                run_now = true;
+            }
+            changed = resync.changed(), if resync_open => {
+                resync_open = changed.is_ok();
+                run_now = true;
+            }
+            _ = tokio::time::sleep_until(next_poll.min(lease.due()).into()) => {
+                run_now = Instant::now() >= next_poll;
+            }
+            changed = stop.changed() => if changed.is_err() { break },
         }
     }
+    lease.release(&pool).await;
     tracing::debug!(projection = name, "projection task stopped");
+}
+
+/// What a projection task does after a batch.
+enum Step {
+    /// Run the next batch at once: this one was full.
+    More,
+    /// Caught up, stopped at a failure, or failed for the moment: wait for a wake-up.
+    Wait,
+    /// The lease turned out to be another process's.
+    LeaseLost,
+}
+
+/// Runs one fenced batch and publishes where it got.
+async fn batch(
+    config: Projector,
+    projection: Projection,
+    pool: &PgPool,
+    lease: &Lease,
+    progress: &watch::Sender<Progress>,
+) -> Step {
+    match run_leased_batch(pool, projection, config.batch_size, lease.holder()).await {
+        Ok(BatchOutcome::Applied {
+            applied,
+            checkpoint,
+        }) => {
+            publish(
+                progress,
+                Progress {
+                    checkpoint,
+                    failed_at: None,
+                },
+            );
+            // A short batch has read every committed event.
+            if (applied as i64) < config.batch_size {
+                Step::Wait
+            } else {
+                Step::More
+            }
+        }
+        Ok(BatchOutcome::Failed {
+            checkpoint,
+            failure,
+        }) => {
+            publish(
+                progress,
+                Progress {
+                    checkpoint,
+                    failed_at: Some(failure.position),
+                },
+            );
+            Step::Wait
+        }
+        Err(RunError::NotLeaseHolder(_)) => Step::LeaseLost,
+        Err(e) => {
+            let name = projection.name();
+            tracing::warn!(projection = name, error = %e, "projection batch failed; will retry");
+            Step::Wait
+        }
+    }
+}
+
+/// Publishes where the projection stands in the database (for a projection that another
+/// process runs).
+async fn follow(pool: &PgPool, name: &str, progress: &watch::Sender<Progress>) -> sqlx::Result<()> {
+    let (checkpoint, failed_at): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT COALESCE((SELECT position FROM projection_checkpoints WHERE name = $1), 0), \
+                (SELECT min(position) FROM projection_failures WHERE name = $1)",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await?;
+    // Never backwards: a notification of a later checkpoint may have overtaken this read.
+    progress.send_if_modified(|p| {
+        let now = Progress {
+            checkpoint: p.checkpoint.max(checkpoint),
+            failed_at,
+        };
+        std::mem::replace(p, now) != now
+    });
+    Ok(())
 }
 
 fn publish(progress: &watch::Sender<Progress>, now: Progress) {

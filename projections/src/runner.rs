@@ -56,8 +56,42 @@ pub async fn run_batch(
     projection: Projection,
     max_events: i64,
 ) -> Result<BatchOutcome, RunError> {
+    batch(pool, projection, max_events, None).await
+}
+
+/// [`run_batch`] for the holder of the projection's lease (`projection:<name>`): refused
+/// with [`RunError::NotLeaseHolder`] unless `holder` holds it, and the lease cannot change
+/// hands until the batch has committed (see `lease::fence`).
+pub(crate) async fn run_leased_batch(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+    holder: &str,
+) -> Result<BatchOutcome, RunError> {
+    batch(pool, projection, max_events, Some(holder)).await
+}
+
+async fn batch(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+    holder: Option<&str>,
+) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
+    // The batch notifies its checkpoint (see `advance`), and PostgreSQL serialises the
+    // commits of notifying transactions, flush included: waiting for the WAL flush here
+    // would hold up the writer's commits. Read models are derived from the log and commit
+    // atomically with their checkpoint, so a database crash that loses this commit only
+    // makes the projection apply the batch again.
+    sqlx::query("SET LOCAL synchronous_commit = off")
+        .execute(&mut *tx)
+        .await?;
+    if let Some(holder) = holder {
+        if !crate::lease::fence(&mut tx, &format!("projection:{name}"), holder).await? {
+            return Err(RunError::NotLeaseHolder(name));
+        }
+    }
     let checkpoint = lock_checkpoint(&mut tx, name).await?;
     if let Some(failure) = first_failure(&mut tx, name).await? {
         tx.commit().await?;
@@ -74,7 +108,7 @@ pub async fn run_batch(
     .bind(max_events.max(1))
     .fetch_all(&mut *tx)
     .await?;
-    match apply_all(&mut tx, projection, &events).await {
+    match projection.apply_many(&mut tx, &events).await {
         Ok(()) => {
             let last = events.last().map_or(checkpoint, |e| e.position);
             if last != checkpoint {
@@ -131,7 +165,7 @@ async fn stop_at(
             });
         }
         let prefix = &events[..index];
-        if let Err((earlier, e)) = apply_all(&mut tx, projection, prefix).await {
+        if let Err((earlier, e)) = projection.apply_many(&mut tx, prefix).await {
             tx.rollback().await?;
             (index, error) = (earlier, e);
             continue;
@@ -171,21 +205,6 @@ async fn stop_at(
     }
 }
 
-/// Applies `events` in order; on failure, the index of the failing event and why.
-async fn apply_all(
-    conn: &mut PgConnection,
-    projection: Projection,
-    events: &[StoredEvent],
-) -> Result<(), (usize, ProjectionError)> {
-    for (index, event) in events.iter().enumerate() {
-        projection
-            .apply(conn, event)
-            .await
-            .map_err(|e| (index, e))?;
-    }
-    Ok(())
-}
-
 /// The projection's checkpoint, locked until the transaction ends (created at 0 if new).
 async fn lock_checkpoint(tx: &mut Transaction<'_, Postgres>, name: &str) -> sqlx::Result<i64> {
     sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -203,11 +222,14 @@ async fn advance(
     name: &str,
     position: i64,
 ) -> sqlx::Result<()> {
+    // Processes following this projection learn of it when the batch commits.
     sqlx::query(
-        "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1",
+        "UPDATE projection_checkpoints SET position = $2, updated_at = now() WHERE name = $1 \
+         RETURNING pg_notify($3, name || ':' || position)",
     )
     .bind(name)
     .bind(position)
+    .bind(crate::notify::CHECKPOINT_CHANNEL)
     .execute(&mut **tx)
     .await?;
     Ok(())
@@ -231,7 +253,7 @@ async fn first_failure(
     }))
 }
 
-async fn head(pool: &PgPool) -> sqlx::Result<i64> {
+pub(crate) async fn head(pool: &PgPool) -> sqlx::Result<i64> {
     sqlx::query_scalar("SELECT COALESCE(MAX(position), 0)::bigint FROM events")
         .fetch_one(pool)
         .await

@@ -414,3 +414,37 @@ async fn status_of_an_empty_ledger() {
         .iter()
         .all(|s| s.position == 0 && s.head == 0 && s.lag == 0 && s.failures.is_empty()));
 }
+
+/// audit_events takes a batch in one statement; when the statement fails, the failure is
+/// still pinned on its own event, with every event before it applied.
+#[tokio::test]
+async fn a_failure_inside_a_bulk_insert_names_its_own_event() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    for _ in 0..40 {
+        let user = Uuid::new_v4();
+        ledger
+            .append("User", user, &invite(user, org), &actor)
+            .await;
+    }
+    sqlx::raw_sql(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.position = 29 THEN RAISE EXCEPTION 'audit refuses'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON audit_events FOR EACH ROW \
+         EXECUTE FUNCTION refuse();",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("audit_events", 29));
+    assert_eq!(checkpoint(&db.pool, "audit_events").await, 28);
+    let copied: Vec<i64> = sqlx::query_scalar("SELECT position FROM audit_events ORDER BY 1")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(copied, (1..=28).collect::<Vec<i64>>());
+    // The other projections are not held back by it.
+    assert_eq!(checkpoint(&db.pool, "users").await, 40);
+}

@@ -249,7 +249,7 @@ async fn run(
         match outcome {
             Err(CommandError::Stale(_) | CommandError::Conflict) if attempt < STALE_RETRIES => {
                 attempt += 1;
-                app.await_projections().await;
+                app.await_ledger().await;
             }
             // Another request (a second device, say) marked it first: what was asked holds.
             Err(CommandError::Rejected(MessageError::AlreadyRead)) => return Ok(()),

@@ -1,7 +1,8 @@
-//! Health, readiness, the caller's own identity, and the OpenAPI document.
+//! Health, readiness, metrics, the caller's own identity, and the OpenAPI document.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
 use serde_json::json;
 
 use super::auth::Caller;
@@ -23,18 +24,34 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
                 format!("database not ready: {e}"),
             )
         })?;
-    let failed: Vec<_> = statuses
+    // The one error shape has no room for structure, so each stopped projection goes into
+    // the message: "users at position 12: <error>; roles at position 9: <error>".
+    let stopped: Vec<String> = statuses
         .iter()
-        .filter(|s| !s.failures.is_empty())
-        .map(|s| s.name)
+        .filter_map(|s| {
+            let f = s.failures.first()?;
+            Some(format!(
+                "{} at position {}: {}",
+                s.name, f.position, f.error
+            ))
+        })
         .collect();
-    if !failed.is_empty() {
+    if !stopped.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("projections stopped on a failure: {}", failed.join(", ")),
+            format!("projections stopped on a failure: {}", stopped.join("; ")),
         ));
     }
     Ok(axum::Json(json!({ "status": "ready" })))
+}
+
+/// Prometheus text (see `crate::metrics`). Unauthenticated like `/readyz`: it carries counts,
+/// positions and projection names, never a tenant's id or data.
+pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
+        crate::metrics::render(&app.pool).await,
+    )
 }
 
 pub async fn me(

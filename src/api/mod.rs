@@ -72,6 +72,13 @@ pub const ROUTES: &[RouteDoc] = &[
         200,
         "Readiness: database up, no projection failed",
     ),
+    r(
+        "GET",
+        "/metrics",
+        None,
+        200,
+        "Prometheus metrics (text format 0.0.4); no tenant data",
+    ),
     r("GET", "/v1/openapi.json", None, 200, "This document"),
     r(
         "GET",
@@ -459,6 +466,7 @@ pub fn router(app: App) -> Router {
     Router::new()
         .route("/healthz", get(meta::healthz))
         .route("/readyz", get(meta::readyz))
+        .route("/metrics", get(meta::metrics))
         .route("/v1/openapi.json", get(meta::openapi))
         .route("/v1/me", get(meta::me))
         .route("/v1/organizations", post(organizations::create).get(organizations::list))

@@ -7,13 +7,16 @@
 //! subtree (`merkle_nodes`, levels 1 and up; leaves are derived from `events.hash`) and the
 //! frontier in one transaction. A checkpoint is signed every `every_events` events, or after
 //! `interval` when fewer arrived, and kept in `checkpoints`. It runs after commits, off the
-//! append path, so appends do not wait for it.
+//! append path, so appends do not wait for it. With several processes on one database it
+//! runs in the one that holds the [`LEASE`], and each integration checks the lease in its
+//! own transaction.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{SubsecRound, Utc};
+use ledgerline_projections::lease::{self, Lease, Leasing};
 use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
 use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
@@ -28,6 +31,8 @@ const BATCH: i64 = 5_000;
 /// How long the maintainer lets commits accumulate before integrating them: one
 /// integration per commit would add a transaction to every one of the writer's.
 const COALESCE: Duration = Duration::from_millis(200);
+/// The lease under which one process at a time maintains the tree and signs.
+pub const LEASE: &str = "log-maintainer";
 
 #[derive(Debug, thiserror::Error)]
 pub enum TreeError {
@@ -43,6 +48,9 @@ pub enum TreeError {
     NotIntegrated { requested: u64, integrated: u64 },
     #[error("{0}")]
     BadRequest(String),
+    /// Another process holds the maintainer's lease.
+    #[error("the log maintainer's lease is held by another process")]
+    NotLeaseHolder,
 }
 
 fn digest(bytes: &[u8]) -> Result<Digest, TreeError> {
@@ -77,12 +85,23 @@ pub async fn integrated_size(pool: &PgPool) -> Result<u64, TreeError> {
 /// many events it integrated. Concurrent maintainers (another process) serialise on the
 /// state row.
 pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest, usize), TreeError> {
+    integrate(pool, None).await
+}
+
+/// [`integrate_batch`], refused unless `holder` (if any) holds the [`LEASE`]; the lease
+/// cannot change hands before this transaction ends.
+async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, usize), TreeError> {
     let mut tx = pool.begin().await?;
     // The tree is derived from the log: a crash that loses this commit loses nothing that
     // integration cannot redo, so it need not wait for its WAL flush.
     sqlx::query("SET LOCAL synchronous_commit = off")
         .execute(&mut *tx)
         .await?;
+    if let Some(holder) = holder {
+        if !lease::fence(&mut tx, LEASE, holder).await? {
+            return Err(TreeError::NotLeaseHolder);
+        }
+    }
     let mut frontier = state(&mut tx, true).await?;
     let size = frontier.size() as i64;
     let mut prev: Digest = if size == 0 {
@@ -315,8 +334,28 @@ pub async fn catch_up(
     policy: CheckpointPolicy,
     force_sign: bool,
 ) -> Result<u64, TreeError> {
+    catch_up_leased(pool, signer, policy, force_sign, None).await
+}
+
+/// [`catch_up`] under `lease` (if any): renewed between batches, each batch fenced by it.
+async fn catch_up_leased(
+    pool: &PgPool,
+    signer: Option<&LogSigner>,
+    policy: CheckpointPolicy,
+    force_sign: bool,
+    mut lease: Option<&mut Lease>,
+) -> Result<u64, TreeError> {
     loop {
-        let (size, _, integrated) = integrate_batch(pool).await?;
+        let holder = match lease.as_deref_mut() {
+            Some(lease) => {
+                if !lease.keep(pool).await {
+                    return Err(TreeError::NotLeaseHolder);
+                }
+                Some(lease.holder())
+            }
+            None => None,
+        };
+        let (size, _, integrated) = integrate(pool, holder).await?;
         if let Some(signer) = signer {
             let signed = latest_checkpoint_size(pool).await?;
             if size > signed && (force_sign || size - signed >= policy.every_events) {
@@ -329,41 +368,126 @@ pub async fn catch_up(
     }
 }
 
-/// The maintainer: integrates what this process commits, [`COALESCE`] after a commit (and
-/// every `interval`, for other processes' commits), signing by the policy. Stops at a
-/// tampered event.
+/// The maintainer running under a lease; [`MaintainerHandle::shutdown`] stops it.
+#[derive(Debug)]
+pub struct MaintainerHandle {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl MaintainerHandle {
+    /// Stops the maintainer after its current integration and releases its lease.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "log maintainer ended abnormally");
+        }
+    }
+}
+
+/// The maintainer, for a process that is the only one on its database (no lease):
+/// integrates what `committed` reports, [`COALESCE`] after a commit (and every `interval`),
+/// signing by the policy. Stops at a tampered event.
 pub fn spawn_maintainer(
+    pool: PgPool,
+    committed: watch::Receiver<i64>,
+    signer: Option<Arc<LogSigner>>,
+    policy: CheckpointPolicy,
+) -> JoinHandle<()> {
+    let (stop, stopped) = watch::channel(false);
+    tokio::spawn(async move {
+        maintain(pool, committed, signer, policy, None, stopped).await;
+        drop(stop);
+    })
+}
+
+/// The maintainer in the process that holds the [`LEASE`] (taken when free, and at once
+/// when `leasing` reports a release). `committed` should follow every process's commits.
+pub fn spawn_leased_maintainer(
+    pool: PgPool,
+    committed: watch::Receiver<i64>,
+    signer: Option<Arc<LogSigner>>,
+    policy: CheckpointPolicy,
+    leasing: Leasing,
+) -> MaintainerHandle {
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(maintain(
+        pool,
+        committed,
+        signer,
+        policy,
+        Some(leasing),
+        stopped,
+    ));
+    MaintainerHandle { stop, task }
+}
+
+async fn maintain(
     pool: PgPool,
     mut committed: watch::Receiver<i64>,
     signer: Option<Arc<LogSigner>>,
     policy: CheckpointPolicy,
-) -> JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(policy.interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let timed_out = tokio::select! {
-                changed = committed.changed() => {
-                    if changed.is_err() {
-                        return;
-                    }
-                    tokio::time::sleep(COALESCE).await;
-                    committed.borrow_and_update();
-                    false
+    leasing: Option<Leasing>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut lease = leasing
+        .as_ref()
+        .map(|l| Lease::new(LEASE, l.config.clone()));
+    let mut released = leasing.map(|l| l.released);
+    let mut released_open = true;
+    let mut tick = tokio::time::interval(policy.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        if let (Some(lease), Some(released)) = (lease.as_mut(), released.as_mut()) {
+            if !lease.keep(&pool).await {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(lease.due().into()) => {}
+                    changed = released.changed(), if released_open => match changed {
+                        Ok(()) => lease.try_now(),
+                        Err(_) => released_open = false,
+                    },
+                    // A dropped handle stops the maintainer too.
+                    changed = stop.changed() => if changed.is_err() { break },
                 }
-                _ = tick.tick() => true,
-            };
-            match catch_up(&pool, signer.as_deref(), policy, timed_out).await {
-                Ok(_) => {}
-                Err(TreeError::Tampered(position)) => {
-                    tracing::error!(
-                        position,
-                        "log maintainer stopped: the ledger does not verify"
-                    );
-                    return;
-                }
-                Err(e) => tracing::warn!(error = %e, "log maintainer: will retry"),
+                continue;
             }
         }
-    })
+        let renew_at = lease.as_ref().map(|l| l.due());
+        let timed_out = tokio::select! {
+            changed = committed.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                tokio::time::sleep(COALESCE).await;
+                committed.borrow_and_update();
+                false
+            }
+            _ = tick.tick() => true,
+            // Renew the lease at its turn even when nothing happens.
+            _ = tokio::time::sleep_until(renew_at.unwrap_or_else(std::time::Instant::now).into()), if renew_at.is_some() => continue,
+            changed = stop.changed() => if changed.is_err() { break } else { continue },
+        };
+        match catch_up_leased(&pool, signer.as_deref(), policy, timed_out, lease.as_mut()).await {
+            Ok(_) => {}
+            Err(TreeError::Tampered(position)) => {
+                tracing::error!(
+                    position,
+                    "log maintainer stopped: the ledger does not verify"
+                );
+                break;
+            }
+            Err(TreeError::NotLeaseHolder) => {
+                if let Some(lease) = lease.as_mut() {
+                    lease.lost();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "log maintainer: will retry"),
+        }
+    }
+    if let Some(lease) = lease.as_mut() {
+        lease.release(&pool).await;
+    }
 }

@@ -12,6 +12,7 @@ use std::collections::HashSet;
 use chrono::Utc;
 use cqrs_es::persist::SerializedEvent;
 use ledgerline_aggregates::{claims_for, metadata, ClaimOp};
+use ledgerline_projections::notify::HEAD_CHANNEL;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -173,6 +174,7 @@ pub(super) async fn run(
             .into_iter()
             .map(|r| (r.prepared, r.reply))
             .unzip();
+        crate::metrics::record_batch(prepared.len(), prepared.iter().map(|p| p.rows.len()).sum());
         match commit_batch(&mut conn, &prepared).await {
             Ok((outcomes, head)) => {
                 publish(&committed, head);
@@ -299,8 +301,13 @@ async fn commit_batch(
     if !cols.position.is_empty() {
         cols.insert(conn).await?;
         claims.save(conn).await?;
+        // Tells other processes' projections and maintainer of the new head when (and only
+        // if) this commits; sent with COMMIT, so it costs no round trip.
+        let notify_and_commit = format!("SELECT pg_notify('{HEAD_CHANNEL}', '{position}'); COMMIT");
+        conn.execute(notify_and_commit.as_str()).await?;
+    } else {
+        conn.execute("COMMIT").await?;
     }
-    conn.execute("COMMIT").await?;
     Ok((
         outcomes
             .into_iter()

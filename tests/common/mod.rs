@@ -90,6 +90,21 @@ pub const POLICY: CheckpointPolicy = CheckpointPolicy {
     interval: std::time::Duration::from_secs(1),
 };
 
+/// Runs the built `ledgerline` binary against `url`: exit code, stdout, stderr.
+pub fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(args)
+        .env("LEDGERLINE_DATABASE_URL", url)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ledgerline");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 pub struct TestApp {
     pub db: TestDb,
     pub app: App,

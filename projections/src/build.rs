@@ -1,0 +1,414 @@
+//! Building read models from the log into a schema of their own, for rebuild jobs and
+//! checks: an empty copy of each projection's tables, filled by one reader of the log and
+//! one worker per projection, each committing a batch at a time.
+//!
+//! The projections' own code does the work, unchanged: the workers' connections put the
+//! build schema first on their `search_path`, so the unqualified table names of every
+//! projection's SQL resolve to the copies. Tables a projection only deletes from outside
+//! its own (`subject_keys`, `message_keys`) have no copy and resolve to the live ones:
+//! destroying a key again is a no-op, and destroying it because the rebuild reached the
+//! erasure before the live projection did is what the erasure asked for.
+
+use std::sync::{Arc, Mutex};
+
+use sqlx::postgres::PgPoolOptions;
+use sqlx::{Connection, PgConnection, PgPool};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+
+use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+
+/// One projection's share of a build: its tables are at `from`, and are to reach `to`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lane {
+    pub projection: Projection,
+    pub from: i64,
+    pub to: i64,
+}
+
+/// What a build has reached, for progress bars and metrics; shared with the caller.
+#[derive(Debug, Default)]
+pub struct Progress {
+    state: Mutex<ProgressState>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProgressState {
+    /// The position the slowest projection started from in this run.
+    pub first: i64,
+    /// The position the build is working towards.
+    pub target: i64,
+    /// Each projection's last applied position.
+    pub positions: Vec<(&'static str, i64)>,
+}
+
+impl ProgressState {
+    /// The position every projection of the build has reached.
+    pub fn done(&self) -> i64 {
+        self.positions
+            .iter()
+            .map(|(_, p)| *p)
+            .min()
+            .unwrap_or(self.target)
+    }
+}
+
+impl Progress {
+    pub fn snapshot(&self) -> ProgressState {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ProgressState> {
+        // A worker that panicked mid-update leaves a number, not a broken invariant.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn start(&self, lanes: &[Lane]) {
+        let mut state = self.lock();
+        state.first = lanes.iter().map(|l| l.from).min().unwrap_or(0);
+        state.target = lanes.iter().map(|l| l.to).max().unwrap_or(0);
+        state.positions = lanes
+            .iter()
+            .map(|l| (l.projection.name(), l.from))
+            .collect();
+    }
+
+    fn advance(&self, name: &str, position: i64) {
+        let mut state = self.lock();
+        if let Some(entry) = state.positions.iter_mut().find(|(n, _)| *n == name) {
+            entry.1 = position;
+        }
+    }
+}
+
+/// Where a worker records its position, in the transaction of each batch.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Record {
+    /// `projection_rebuild_progress` of this job: the build resumes there after a crash.
+    Job(i64),
+    /// Nowhere: a check's scratch schema does not outlive the check.
+    Nowhere,
+}
+
+/// Creates `schema` holding an empty copy of each projection's tables: the live tables'
+/// columns, defaults, checks, unique indexes (under the live names, so the swapped-in
+/// tables are indistinguishable from migrated ones) and foreign keys. Runs in the caller's
+/// transaction.
+pub(crate) async fn create_schema(
+    conn: &mut PgConnection,
+    schema: &str,
+    projections: &[Projection],
+) -> sqlx::Result<()> {
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&mut *conn)
+        .await?;
+    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
+        ))
+        .execute(&mut *conn)
+        .await?;
+        rename_indexes_as_live(conn, schema, table).await?;
+        // Kept up row by row, the read models' secondary indexes cost more than the rows:
+        // built once at the end (`create_missing_indexes`), a sort each. The unique ones
+        // stay, as the projections rely on what they enforce.
+        let secondary: Vec<String> = sqlx::query_scalar(
+            "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+             WHERE i.indrelid = $1::regclass AND NOT i.indisunique",
+        )
+        .bind(format!("{schema}.{table}"))
+        .fetch_all(&mut *conn)
+        .await?;
+        for index in secondary {
+            sqlx::query(&format!("DROP INDEX {schema}.{index}"))
+                .execute(&mut *conn)
+                .await?;
+        }
+        let foreign_keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = $1::regclass AND contype = 'f' ORDER BY conname",
+        )
+        .bind(format!("public.{table}"))
+        .fetch_all(&mut *conn)
+        .await?;
+        for (name, definition) in foreign_keys {
+            sqlx::query(&format!(
+                "ALTER TABLE {schema}.{table} ADD CONSTRAINT {name} {definition}"
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// `LIKE … INCLUDING ALL` names the copied indexes by PostgreSQL's defaults; give each the
+/// name of the live index with the same definition. Two steps, so that a default name that
+/// happens to be another live index's name cannot collide.
+async fn rename_indexes_as_live(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<()> {
+    let live = index_definitions(conn, "public", table).await?;
+    let copy = index_definitions(conn, schema, table).await?;
+    let mut renames = Vec::new();
+    for (copy_name, definition) in &copy {
+        if let Some((live_name, _)) = live.iter().find(|(_, d)| d == definition) {
+            renames.push((copy_name.clone(), live_name.clone()));
+        }
+    }
+    for (i, (from, _)) in renames.iter().enumerate() {
+        sqlx::query(&format!(
+            "ALTER INDEX {schema}.{from} RENAME TO ledgerline_build_index_{i}"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    for (i, (_, to)) in renames.iter().enumerate() {
+        sqlx::query(&format!(
+            "ALTER INDEX {schema}.ledgerline_build_index_{i} RENAME TO {to}"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Creates each index the live tables have and the copies in `schema` lack, under the live
+/// name: the secondary indexes [`create_schema`] left out. Idempotent, so a job killed
+/// while building them builds the rest when resumed.
+pub(crate) async fn create_missing_indexes(
+    conn: &mut PgConnection,
+    schema: &str,
+    projections: &[Projection],
+) -> sqlx::Result<()> {
+    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+        let live = index_definitions(conn, "public", table).await?;
+        let copy = index_definitions(conn, schema, table).await?;
+        for (name, definition) in live {
+            if copy.iter().any(|(_, d)| *d == definition) {
+                continue;
+            }
+            let create = definition.replacen(
+                "INDEX ON ",
+                &format!("INDEX {name} ON {schema}.{table} "),
+                1,
+            );
+            sqlx::query(&create).execute(&mut *conn).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Each index of `schema.table` with its definition, the index's own name and table left out.
+async fn index_definitions(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<Vec<(String, String)>> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT c.relname::text, pg_get_indexdef(i.indexrelid) FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = $1::regclass \
+         ORDER BY c.relname",
+    )
+    .bind(format!("{schema}.{table}"))
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, definition)| {
+            let normal = definition.replacen(
+                &format!("INDEX {name} ON {schema}.{table} "),
+                "INDEX ON ",
+                1,
+            );
+            (name, normal)
+        })
+        .collect())
+}
+
+/// The columns of `schema.table`, as one comparable string: a copy made before a
+/// migration changed the live table must not be swapped in.
+pub(crate) async fn column_signature(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<Option<String>> {
+    sqlx::query_scalar(
+        "SELECT string_agg(attname || ' ' || format_type(atttypid, atttypmod) || \
+         CASE WHEN attnotnull THEN ' not null' ELSE '' END, ', ' ORDER BY attnum) \
+         FROM pg_attribute WHERE attrelid = to_regclass($1) AND attnum > 0 \
+         AND NOT attisdropped",
+    )
+    .bind(format!("{schema}.{table}"))
+    .fetch_one(conn)
+    .await
+}
+
+/// A pool whose connections resolve unqualified names in `schema` first. Its commits do
+/// not wait for the WAL flush: a batch and its recorded position commit together, so a
+/// server crash loses both, and the job redoes them when resumed.
+pub(crate) async fn schema_pool(
+    pool: &PgPool,
+    schema: &str,
+    connections: u32,
+) -> sqlx::Result<PgPool> {
+    let options = (*pool.connect_options()).clone().options([
+        ("search_path", format!("{schema},public")),
+        ("synchronous_commit", "off".to_string()),
+    ]);
+    PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_with(options)
+        .await
+}
+
+/// A connection outside `pool`'s: its session state (advisory locks) ends when it is dropped.
+pub(crate) async fn dedicated_connection(pool: &PgPool) -> sqlx::Result<PgConnection> {
+    PgConnection::connect_with(&pool.connect_options()).await
+}
+
+/// A connection outside `pool`'s with `schema` first on its `search_path`.
+pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Result<PgConnection> {
+    let options = (*pool.connect_options())
+        .clone()
+        .options([("search_path", format!("{schema},public"))]);
+    PgConnection::connect_with(&options).await
+}
+
+/// Brings every lane from its `from` to its `to`: one task reads the log once, in batches
+/// of `batch` events, and hands each batch to one worker per projection over a short
+/// queue, so the slowest projection sets the pace and memory stays a few batches. Each
+/// worker commits its batch and its position together. The first failure stops the build;
+/// what was committed stays, so a rebuild job resumes from there.
+pub(crate) async fn build(
+    log: &PgPool,
+    schema_pool: &PgPool,
+    lanes: &[Lane],
+    batch: i64,
+    record: Record,
+    progress: &Arc<Progress>,
+) -> Result<(), RunError> {
+    let lanes: Vec<Lane> = lanes.iter().copied().filter(|l| l.to > l.from).collect();
+    if lanes.is_empty() {
+        return Ok(());
+    }
+    let mut workers = JoinSet::new();
+    let mut queues = Vec::new();
+    for lane in &lanes {
+        let (tx, rx) = mpsc::channel::<Arc<Vec<StoredEvent>>>(2);
+        queues.push((*lane, tx));
+        workers.spawn(work(
+            schema_pool.clone(),
+            *lane,
+            rx,
+            record,
+            Arc::clone(progress),
+        ));
+    }
+    let from = lanes.iter().map(|l| l.from).min().unwrap_or(0);
+    let to = lanes.iter().map(|l| l.to).max().unwrap_or(0);
+    let read = read_log(log, from, to, batch, &queues).await;
+    drop(queues);
+    let mut first_error = read.err();
+    while let Some(joined) = workers.join_next().await {
+        let result = joined.unwrap_or_else(|e| {
+            Err(RunError::Sql(sqlx::Error::Protocol(format!(
+                "build worker ended abnormally: {e}"
+            ))))
+        });
+        if let Err(e) = result {
+            // A worker's own failure explains a reader that found its queue closed.
+            if first_error
+                .as_ref()
+                .is_none_or(|f| matches!(f, RunError::Sql(_)))
+            {
+                first_error = Some(e);
+            }
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+async fn read_log(
+    log: &PgPool,
+    from: i64,
+    to: i64,
+    batch: i64,
+    queues: &[(Lane, mpsc::Sender<Arc<Vec<StoredEvent>>>)],
+) -> Result<(), RunError> {
+    let mut cursor = from;
+    while cursor < to {
+        let events: Vec<StoredEvent> = sqlx::query_as(&format!(
+            "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
+             ORDER BY position LIMIT $3"
+        ))
+        .bind(cursor)
+        .bind(to)
+        .bind(batch.max(1))
+        .fetch_all(log)
+        .await?;
+        let (Some(first), Some(last)) = (events.first(), events.last()) else {
+            break;
+        };
+        let (first, last) = (first.position, last.position);
+        let events = Arc::new(events);
+        for (lane, queue) in queues {
+            if lane.from < last
+                && first <= lane.to
+                && queue.send(Arc::clone(&events)).await.is_err()
+            {
+                // The worker stopped on a failure; it reports it when joined.
+                return Ok(());
+            }
+        }
+        cursor = last;
+    }
+    Ok(())
+}
+
+async fn work(
+    pool: PgPool,
+    lane: Lane,
+    mut queue: mpsc::Receiver<Arc<Vec<StoredEvent>>>,
+    record: Record,
+    progress: Arc<Progress>,
+) -> Result<(), RunError> {
+    let name = lane.projection.name();
+    let mut position = lane.from;
+    while let Some(events) = queue.recv().await {
+        let start = events.partition_point(|e| e.position <= position);
+        let end = events.partition_point(|e| e.position <= lane.to);
+        let Some(slice) = events.get(start..end).filter(|s| !s.is_empty()) else {
+            continue;
+        };
+        let last = slice[slice.len() - 1].position;
+        let mut tx = pool.begin().await?;
+        if let Err((index, error)) = lane.projection.apply_many(&mut tx, slice).await {
+            return Err(RunError::Failed {
+                name,
+                position: slice[index].position,
+                error: error.to_string(),
+            });
+        }
+        if let Record::Job(job) = record {
+            sqlx::query(
+                "UPDATE projection_rebuild_progress SET position = $3, updated_at = now() \
+                 WHERE rebuild_id = $1 AND name = $2",
+            )
+            .bind(job)
+            .bind(name)
+            .bind(last)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        position = last;
+        progress.advance(name, position);
+        if position >= lane.to {
+            break;
+        }
+    }
+    Ok(())
+}

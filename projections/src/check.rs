@@ -1,0 +1,254 @@
+//! `projections check`: rebuild into a scratch schema and compare with the live tables row
+//! by row, at the very positions the live tables are at, so that a difference is drift
+//! (a projection bug since fixed, a hand edit, a lost write) and never lag.
+//!
+//! The scratch schema is built up to each projection's live checkpoint as it was when the
+//! check started; the comparison then runs in one REPEATABLE READ transaction that reads
+//! the checkpoints again, applies the few events the live side moved on by meanwhile, and
+//! compares, all in the same snapshot as the live tables it reads. Nothing live is locked.
+
+use std::sync::Arc;
+
+use serde::Serialize;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::build::{self, Lane, Progress, Record};
+use crate::rebuild::resolve;
+use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+
+/// Advisory lock class of running checks: a check holds one on its scratch schema's name,
+/// so that the next check can tell an abandoned scratch schema (a killed check) from a
+/// running one.
+const CHECK_LOCK_CLASS: i32 = 0x6c6c_6368;
+/// Rows shown per table and side; the counts cover all of them.
+const SHOWN: i64 = 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckReport {
+    pub projections: Vec<CheckedProjection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckedProjection {
+    pub name: &'static str,
+    /// The position both sides were compared at.
+    pub position: i64,
+    pub tables: Vec<CheckedTable>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct CheckedTable {
+    pub table: &'static str,
+    pub live_rows: i64,
+    pub rebuilt_rows: i64,
+    /// Rows the rebuild has and the live table lacks (counting duplicates).
+    pub missing_from_live: i64,
+    /// Rows the live table has and the rebuild lacks.
+    pub unexpected_in_live: i64,
+    /// Up to 10 rows of each kind, as JSON.
+    pub missing_rows: Vec<String>,
+    pub unexpected_rows: Vec<String>,
+}
+
+impl CheckedTable {
+    pub fn equal(&self) -> bool {
+        self.missing_from_live == 0 && self.unexpected_in_live == 0
+    }
+}
+
+impl CheckReport {
+    pub fn equal(&self) -> bool {
+        self.projections
+            .iter()
+            .all(|p| p.tables.iter().all(CheckedTable::equal))
+    }
+}
+
+/// Rebuilds the named projections (all if `None`) into a scratch schema and compares them
+/// with the live tables. The scratch schema is dropped afterwards.
+pub async fn check(
+    pool: &PgPool,
+    names: Option<&[&str]>,
+    batch_size: i64,
+    progress: &Arc<Progress>,
+) -> Result<CheckReport, RunError> {
+    let projections = resolve(names)?;
+    let schema = format!("ledgerline_check_{}", uuid::Uuid::new_v4().simple());
+    let mut lock = build::dedicated_connection(pool).await?;
+    drop_abandoned_scratch(&mut lock).await?;
+    sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
+        .bind(CHECK_LOCK_CLASS)
+        .bind(&schema)
+        .execute(&mut lock)
+        .await?;
+    let mut tx = lock.begin().await?;
+    build::create_schema(&mut tx, &schema, &projections).await?;
+    tx.commit().await?;
+    let result = compare_with_rebuild(pool, &schema, &projections, batch_size, progress).await;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+        .execute(&mut lock)
+        .await?;
+    lock.close().await?;
+    result
+}
+
+async fn compare_with_rebuild(
+    pool: &PgPool,
+    schema: &str,
+    projections: &[Projection],
+    batch_size: i64,
+    progress: &Arc<Progress>,
+) -> Result<CheckReport, RunError> {
+    let started = live_checkpoints(pool, projections).await?;
+    let lanes: Vec<Lane> = started
+        .iter()
+        .map(|&(projection, to)| Lane {
+            projection,
+            from: 0,
+            to,
+        })
+        .collect();
+    progress.start(&lanes);
+    let scratch = build::schema_pool(pool, schema, projections.len() as u32).await?;
+    let built = build::build(
+        pool,
+        &scratch,
+        &lanes,
+        batch_size,
+        Record::Nowhere,
+        progress,
+    )
+    .await;
+    scratch.close().await;
+    built?;
+
+    let mut conn = build::schema_connection(pool, schema).await?;
+    let mut tx = conn.begin().await?;
+    // One snapshot for the checkpoints, the tail of the log and the live tables.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        .execute(&mut *tx)
+        .await?;
+    let now = live_checkpoints(&mut *tx, projections).await?;
+    let mut report = CheckReport {
+        projections: Vec::new(),
+    };
+    for ((projection, before), (_, position)) in started.iter().zip(&now) {
+        let tail: Vec<StoredEvent> = sqlx::query_as(&format!(
+            "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
+             ORDER BY position"
+        ))
+        .bind(before)
+        .bind(position)
+        .fetch_all(&mut *tx)
+        .await?;
+        if let Err((index, error)) = projection.apply_many(&mut tx, &tail).await {
+            return Err(RunError::Failed {
+                name: projection.name(),
+                position: tail[index].position,
+                error: error.to_string(),
+            });
+        }
+        let mut tables = Vec::new();
+        for &table in projection.tables() {
+            tables.push(compare_table(&mut tx, schema, table).await?);
+        }
+        report.projections.push(CheckedProjection {
+            name: projection.name(),
+            position: *position,
+            tables,
+        });
+    }
+    tx.rollback().await?;
+    conn.close().await?;
+    Ok(report)
+}
+
+/// Each projection's live checkpoint (0 for one that never ran).
+async fn live_checkpoints<'c, E>(
+    executor: E,
+    projections: &[Projection],
+) -> sqlx::Result<Vec<(Projection, i64)>>
+where
+    E: sqlx::PgExecutor<'c>,
+{
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, position FROM projection_checkpoints")
+            .fetch_all(executor)
+            .await?;
+    Ok(projections
+        .iter()
+        .map(|&p| {
+            let position = rows
+                .iter()
+                .find(|(n, _)| n == p.name())
+                .map_or(0, |(_, pos)| *pos);
+            (p, position)
+        })
+        .collect())
+}
+
+async fn compare_table(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &'static str,
+) -> sqlx::Result<CheckedTable> {
+    let live = format!("public.{table}");
+    let rebuilt = format!("{schema}.{table}");
+    let (live_rows, rebuilt_rows): (i64, i64) = sqlx::query_as(&format!(
+        "SELECT (SELECT count(*) FROM {live}), (SELECT count(*) FROM {rebuilt})"
+    ))
+    .fetch_one(&mut *conn)
+    .await?;
+    let (missing_from_live, missing_rows) = difference(conn, &rebuilt, &live).await?;
+    let (unexpected_in_live, unexpected_rows) = difference(conn, &live, &rebuilt).await?;
+    Ok(CheckedTable {
+        table,
+        live_rows,
+        rebuilt_rows,
+        missing_from_live,
+        unexpected_in_live,
+        missing_rows,
+        unexpected_rows,
+    })
+}
+
+/// Rows of `a` not in `b` (as multisets): how many, and the first few as JSON.
+async fn difference(conn: &mut PgConnection, a: &str, b: &str) -> sqlx::Result<(i64, Vec<String>)> {
+    let rows: Vec<(i64, String)> = sqlx::query_as(&format!(
+        "WITH d AS (SELECT * FROM {a} EXCEPT ALL SELECT * FROM {b}) \
+         SELECT count(*) OVER (), row_to_json(d)::text FROM d ORDER BY 2 LIMIT {SHOWN}"
+    ))
+    .fetch_all(conn)
+    .await?;
+    Ok((
+        rows.first().map_or(0, |(n, _)| *n),
+        rows.into_iter().map(|(_, row)| row).collect(),
+    ))
+}
+
+/// Drops scratch schemas whose check no longer holds its lock (it was killed).
+async fn drop_abandoned_scratch(conn: &mut PgConnection) -> sqlx::Result<()> {
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ledgerline\\_check\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await?;
+    for schema in schemas {
+        let free: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
+            .bind(CHECK_LOCK_CLASS)
+            .bind(&schema)
+            .fetch_one(&mut *conn)
+            .await?;
+        if free {
+            sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&mut *conn)
+                .await?;
+            sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
+                .bind(CHECK_LOCK_CLASS)
+                .bind(&schema)
+                .execute(&mut *conn)
+                .await?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! The `messaging` projection applied a batch at a time, with a few multi-row statements
+//! instead of one or more per event: what makes a rebuild of a chat-heavy log fast. The
+//! per-event code in `messaging.rs` stays the definition; this must give the same tables
+//! (`projections/tests/messaging.rs` applies the same logs both ways and compares).
+//!
+//! Why reordering is safe: between two events that touch a conversation's settings or
+//! participants, or erase a user, or delete a message (boundaries, applied one by one),
+//! message events of different messages touch disjoint rows, except for what they add up
+//! in common rows, and those sums commute: a conversation's `message_count` (+1 per post),
+//! its `last_message_at` (the greatest) and a participant's read mark (only moves forward,
+//! to the greatest position read). So each message's events keep their order, in "waves"
+//! (the first event of every message in the segment, then the second, ...), and the events
+//! of one wave are applied by kind, one statement each.
+//!
+//! Anything unexpected (an event that does not decode, a statement that fails or touches
+//! fewer rows than it must) undoes the bulk work to a savepoint and applies the batch one
+//! event at a time, so a failure is reported at exactly the event and with exactly the
+//! error the per-event code gives.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use ledgerline_aggregates::message::MessageEvent;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use crate::{decode, messaging, ProjectionError, StoredEvent};
+
+/// Batches shorter than this (the live projector's usual few events) go one by one: the
+/// savepoint would cost more than the statements it saves.
+const BULK_FROM: usize = 8;
+
+pub async fn apply_many(
+    conn: &mut PgConnection,
+    events: &[StoredEvent],
+) -> Result<(), (usize, ProjectionError)> {
+    if events.len() >= BULK_FROM {
+        match bulk(conn, events).await {
+            Ok(()) => return Ok(()),
+            Err(why) => crate::note_bulk_fallback(messaging::NAME, &why),
+        }
+    }
+    one_by_one(conn, events).await
+}
+
+async fn one_by_one(
+    conn: &mut PgConnection,
+    events: &[StoredEvent],
+) -> Result<(), (usize, ProjectionError)> {
+    for (index, event) in events.iter().enumerate() {
+        messaging::apply(conn, event)
+            .await
+            .map_err(|e| (index, e))?;
+    }
+    Ok(())
+}
+
+/// Why the bulk path gave up; the per-event path then says what is wrong, if anything.
+#[derive(Debug)]
+enum GiveUp {
+    Sql(sqlx::Error),
+    Event(ProjectionError),
+    /// A statement touched another number of rows than the events it applied.
+    Rows {
+        expected: usize,
+        touched: i64,
+    },
+    /// An event the multi-row statements do not cover (or that names another message).
+    Uncovered,
+}
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GiveUp::Sql(e) => write!(f, "{e}"),
+            GiveUp::Event(e) => write!(f, "{e}"),
+            GiveUp::Rows { expected, touched } => {
+                write!(
+                    f,
+                    "a statement touched {touched} rows for {expected} events"
+                )
+            }
+            GiveUp::Uncovered => write!(f, "an event the multi-row path does not cover"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for GiveUp {
+    fn from(e: sqlx::Error) -> Self {
+        GiveUp::Sql(e)
+    }
+}
+
+impl From<ProjectionError> for GiveUp {
+    fn from(e: ProjectionError) -> Self {
+        GiveUp::Event(e)
+    }
+}
+
+async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+    sqlx::query("SAVEPOINT messaging_bulk")
+        .execute(&mut *conn)
+        .await?;
+    let result = segments(conn, events).await;
+    let end = if result.is_ok() {
+        "RELEASE SAVEPOINT messaging_bulk"
+    } else {
+        "ROLLBACK TO SAVEPOINT messaging_bulk"
+    };
+    sqlx::query(end).execute(&mut *conn).await?;
+    result
+}
+
+/// A message event that can go in a wave, decoded.
+struct Item<'e> {
+    event: &'e StoredEvent,
+    message: Uuid,
+    kind: MessageEvent,
+}
+
+async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+    let mut segment: Vec<Item> = Vec::new();
+    for event in events {
+        let item = match event.aggregate_type.as_str() {
+            "Message" => {
+                let kind = decode::payload::<MessageEvent>(event)?;
+                match kind {
+                    MessageEvent::MessageDeleted { .. } => None,
+                    kind => Some(Item {
+                        event,
+                        message: decode::aggregate_id(event)?,
+                        kind,
+                    }),
+                }
+            }
+            "Conversation" => None,
+            "User" if event.event_type == "UserErased" => None,
+            // Nothing else reaches this projection's tables.
+            _ => continue,
+        };
+        match item {
+            Some(item) => segment.push(item),
+            None => {
+                waves(conn, std::mem::take(&mut segment)).await?;
+                messaging::apply(conn, event).await?;
+            }
+        }
+    }
+    waves(conn, segment).await
+}
+
+/// Applies a segment's events wave by wave: wave k holds the k-th event of each message.
+async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>) -> Result<(), GiveUp> {
+    let mut seen: HashMap<Uuid, usize> = HashMap::new();
+    let mut waves: Vec<Vec<Item>> = Vec::new();
+    for item in segment {
+        let k = seen.entry(item.message).or_insert(0);
+        if waves.len() <= *k {
+            waves.push(Vec::new());
+        }
+        waves[*k].push(item);
+        *k += 1;
+    }
+    for wave in waves {
+        apply_wave(conn, wave).await?;
+    }
+    Ok(())
+}
+
+#[derive(Default)]
+struct Posts {
+    id: Vec<Uuid>,
+    conversation: Vec<Uuid>,
+    organization: Vec<Uuid>,
+    author: Vec<Uuid>,
+    parent: Vec<Option<Uuid>>,
+    thread_root: Vec<Option<Uuid>>,
+    content: Vec<String>,
+    position: Vec<i64>,
+    at: Vec<DateTime<Utc>>,
+    version: Vec<i64>,
+    // One entry per attachment.
+    a_message: Vec<Uuid>,
+    a_ordinal: Vec<i32>,
+    a_organization: Vec<Uuid>,
+    a_file_name: Vec<String>,
+    a_mime_type: Vec<String>,
+    a_size: Vec<i64>,
+    a_blake3: Vec<String>,
+    a_at: Vec<DateTime<Utc>>,
+}
+
+/// Reactions added or removed, read marks and edits: a message, its conversation, the new
+/// version, who, and what.
+#[derive(Default)]
+struct Touches {
+    message: Vec<Uuid>,
+    conversation: Vec<Uuid>,
+    version: Vec<i64>,
+    user: Vec<Uuid>,
+    text: Vec<String>,
+    at: Vec<DateTime<Utc>>,
+}
+
+impl Touches {
+    fn push(&mut self, item: &Item, conversation: Uuid, user: Uuid, text: String) {
+        self.message.push(item.message);
+        self.conversation.push(conversation);
+        self.version.push(item.event.sequence);
+        self.user.push(user);
+        self.text.push(text);
+        self.at.push(item.event.recorded_at);
+    }
+}
+
+async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), GiveUp> {
+    let mut posts = Posts::default();
+    let mut added = Touches::default();
+    let mut removed = Touches::default();
+    let mut reads = Touches::default();
+    let mut edits = Touches::default();
+    for item in &wave {
+        let e = item.event;
+        match &item.kind {
+            MessageEvent::MessagePosted {
+                message_id,
+                conversation_id,
+                organization_id,
+                author_id,
+                content,
+                parent_message_id,
+                thread_root_id,
+                attachments,
+            } => {
+                if *message_id != item.message {
+                    return Err(GiveUp::Uncovered);
+                }
+                posts.id.push(item.message);
+                posts.conversation.push(*conversation_id);
+                posts.organization.push(*organization_id);
+                posts.author.push(*author_id);
+                posts.parent.push(*parent_message_id);
+                posts.thread_root.push(*thread_root_id);
+                posts.content.push(content.0.clone());
+                posts.position.push(e.position);
+                posts.at.push(e.recorded_at);
+                posts.version.push(e.sequence);
+                for (ordinal, a) in attachments.iter().enumerate() {
+                    posts.a_message.push(item.message);
+                    posts
+                        .a_ordinal
+                        .push(i32::try_from(ordinal).map_err(|_| GiveUp::Uncovered)?);
+                    posts.a_organization.push(*organization_id);
+                    posts.a_file_name.push(a.file_name.0.clone());
+                    posts.a_mime_type.push(a.mime_type.clone());
+                    posts.a_size.push(a.size_bytes);
+                    posts.a_blake3.push(a.blake3.clone());
+                    posts.a_at.push(e.recorded_at);
+                }
+            }
+            MessageEvent::ReactionAdded {
+                conversation_id,
+                user_id,
+                emoji,
+            } => added.push(item, *conversation_id, *user_id, emoji.clone()),
+            MessageEvent::ReactionRemoved {
+                conversation_id,
+                user_id,
+                emoji,
+            } => removed.push(item, *conversation_id, *user_id, emoji.clone()),
+            MessageEvent::MessageRead {
+                conversation_id,
+                user_id,
+            } => reads.push(item, *conversation_id, *user_id, String::new()),
+            MessageEvent::MessageEdited {
+                conversation_id,
+                content,
+            } => edits.push(item, *conversation_id, Uuid::nil(), content.0.clone()),
+            MessageEvent::MessageDeleted { .. } => return Err(GiveUp::Uncovered),
+        }
+    }
+    insert_posts(conn, &posts).await?;
+    add_reactions(conn, &added).await?;
+    remove_reactions(conn, &removed).await?;
+    mark_read(conn, &reads).await?;
+    edit(conn, &edits).await?;
+    Ok(())
+}
+
+/// Fails (to the one-by-one path) unless a statement touched exactly `expected` rows.
+fn exactly(expected: usize, touched: i64) -> Result<(), GiveUp> {
+    if i64::try_from(expected).is_ok_and(|n| n == touched) {
+        Ok(())
+    } else {
+        Err(GiveUp::Rows { expected, touched })
+    }
+}
+
+async fn insert_posts(conn: &mut PgConnection, p: &Posts) -> Result<(), GiveUp> {
+    if p.id.is_empty() {
+        return Ok(());
+    }
+    // As the per-event statement: the message, then the conversation's count and latest
+    // time, which must exist (one row per distinct conversation).
+    let (inserted, conversations, updated): (i64, i64, i64) = sqlx::query_as(
+        "WITH p AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], \
+             $6::uuid[], $7::text[], $8::bigint[], $9::timestamptz[], $10::bigint[]) \
+             AS p(id, conversation_id, organization_id, author_id, parent_message_id, \
+             thread_root_id, content_sealed, position, created_at, version) \
+         ), message AS ( \
+             INSERT INTO messages (id, conversation_id, organization_id, author_id, \
+             parent_message_id, thread_root_id, content_sealed, position, created_at, version) \
+             SELECT * FROM p RETURNING conversation_id \
+         ), conversation AS ( \
+             UPDATE conversations c SET message_count = c.message_count + x.n, \
+             last_message_at = GREATEST(c.last_message_at, x.latest) \
+             FROM (SELECT conversation_id, count(*) AS n, max(created_at) AS latest \
+                   FROM p GROUP BY conversation_id) x \
+             WHERE c.id = x.conversation_id RETURNING c.id \
+         ) \
+         SELECT (SELECT count(*) FROM message), \
+                (SELECT count(DISTINCT conversation_id) FROM p), \
+                (SELECT count(*) FROM conversation)",
+    )
+    .bind(&p.id)
+    .bind(&p.conversation)
+    .bind(&p.organization)
+    .bind(&p.author)
+    .bind(&p.parent)
+    .bind(&p.thread_root)
+    .bind(&p.content)
+    .bind(&p.position)
+    .bind(&p.at)
+    .bind(&p.version)
+    .fetch_one(&mut *conn)
+    .await?;
+    exactly(p.id.len(), inserted)?;
+    exactly(
+        usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
+        updated,
+    )?;
+    if !p.a_message.is_empty() {
+        let attached = sqlx::query(
+            "INSERT INTO message_attachments (message_id, ordinal, organization_id, \
+             file_name_sealed, mime_type, size_bytes, blake3, created_at) \
+             SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[], \
+             $6::bigint[], $7::text[], $8::timestamptz[])",
+        )
+        .bind(&p.a_message)
+        .bind(&p.a_ordinal)
+        .bind(&p.a_organization)
+        .bind(&p.a_file_name)
+        .bind(&p.a_mime_type)
+        .bind(&p.a_size)
+        .bind(&p.a_blake3)
+        .bind(&p.a_at)
+        .execute(&mut *conn)
+        .await?;
+        exactly(p.a_message.len(), attached.rows_affected() as i64)?;
+    }
+    Ok(())
+}
+
+/// The rows of a wave's touches as a CTE `t`, and `m`: the touched messages, their version
+/// moved (one message appears once per wave).
+const TOUCHED: &str = "WITH t AS ( \
+         SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], $5::text[], \
+         $6::timestamptz[]) AS t(message_id, conversation_id, version, user_id, text, at) \
+     ), m AS ( \
+         UPDATE messages SET version = t.version FROM t \
+         WHERE messages.id = t.message_id AND messages.conversation_id = t.conversation_id \
+         RETURNING messages.id, messages.organization_id, messages.position \
+     ) ";
+
+async fn touch(conn: &mut PgConnection, t: &Touches, statement: &str) -> Result<(), GiveUp> {
+    if t.message.is_empty() {
+        return Ok(());
+    }
+    let done = sqlx::query(&format!("{TOUCHED}{statement}"))
+        .bind(&t.message)
+        .bind(&t.conversation)
+        .bind(&t.version)
+        .bind(&t.user)
+        .bind(&t.text)
+        .bind(&t.at)
+        .execute(&mut *conn)
+        .await?;
+    exactly(t.message.len(), done.rows_affected() as i64)
+}
+
+async fn add_reactions(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
+    touch(
+        conn,
+        t,
+        "INSERT INTO message_reactions (message_id, user_id, emoji, conversation_id, \
+         organization_id, created_at) \
+         SELECT t.message_id, t.user_id, t.text, t.conversation_id, m.organization_id, t.at \
+         FROM t JOIN m ON m.id = t.message_id",
+    )
+    .await
+}
+
+async fn remove_reactions(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
+    touch(
+        conn,
+        t,
+        "DELETE FROM message_reactions r USING t JOIN m ON m.id = t.message_id \
+         WHERE r.message_id = t.message_id AND r.user_id = t.user_id AND r.emoji = t.text",
+    )
+    .await
+}
+
+/// A participant's mark moves to the furthest message they read in the wave, if that is
+/// further than it is (what reading them one by one gives); every read gets its receipt.
+async fn mark_read(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
+    touch(
+        conn,
+        t,
+        ", furthest AS ( \
+             SELECT DISTINCT ON (t.conversation_id, t.user_id) t.conversation_id, t.user_id, \
+             t.message_id, m.position, t.at FROM t JOIN m ON m.id = t.message_id \
+             ORDER BY t.conversation_id, t.user_id, m.position DESC \
+         ), mark AS ( \
+             UPDATE conversation_participants p SET last_read_message_id = f.message_id, \
+             last_read_position = f.position, last_read_at = f.at FROM furthest f \
+             WHERE p.conversation_id = f.conversation_id AND p.user_id = f.user_id \
+             AND p.last_read_position < f.position \
+         ) \
+         INSERT INTO message_reads (message_id, user_id, conversation_id, read_at) \
+         SELECT t.message_id, t.user_id, t.conversation_id, t.at \
+         FROM t JOIN m ON m.id = t.message_id",
+    )
+    .await
+}
+
+/// Not through [`TOUCHED`]: a statement may not update the same row twice.
+async fn edit(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
+    if t.message.is_empty() {
+        return Ok(());
+    }
+    let done = sqlx::query(
+        "UPDATE messages SET content_sealed = t.text, edited_at = t.at, version = t.version \
+         FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5::timestamptz[]) \
+         AS t(message_id, conversation_id, version, text, at) \
+         WHERE messages.id = t.message_id AND messages.conversation_id = t.conversation_id",
+    )
+    .bind(&t.message)
+    .bind(&t.conversation)
+    .bind(&t.version)
+    .bind(&t.text)
+    .bind(&t.at)
+    .execute(&mut *conn)
+    .await?;
+    exactly(t.message.len(), done.rows_affected() as i64)
+}

@@ -1,0 +1,458 @@
+//! Rebuild jobs: read models rebuilt from the log into a shadow schema while the live tables
+//! keep serving, then swapped in by one short transaction, so that readers see either the
+//! old tables or the complete new ones.
+//!
+//! A job commits its position with every batch, so one killed at any point (even `kill -9`)
+//! resumes from there when run again; until the swap, nothing it does touches a live table.
+//! One job runs at a time (a session advisory lock, released by PostgreSQL when the process
+//! dies) and a job's projections are fixed when it starts.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::{Connection, PgConnection, PgPool};
+
+use crate::build::{self, Lane, Progress, Record};
+use crate::runner::head;
+use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+
+/// The session advisory lock a running rebuild holds ("ledgerline rebuild" in ASCII).
+const REBUILD_LOCK: i64 = 0x6c65_6467_7262_6c64;
+
+#[derive(Debug, Clone, Copy)]
+pub struct RebuildOptions {
+    /// Events per batch (one transaction per projection per batch).
+    pub batch_size: i64,
+    /// At most this many events are left for the swap transaction to apply while it holds
+    /// the live projections back; until then the job keeps catching up without locks.
+    pub swap_tail: i64,
+}
+
+impl Default for RebuildOptions {
+    fn default() -> Self {
+        Self {
+            batch_size: 2000,
+            swap_tail: 2000,
+        }
+    }
+}
+
+/// What a finished rebuild did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RebuildSummary {
+    pub job: i64,
+    pub projections: Vec<&'static str>,
+    /// True when an interrupted job was picked up rather than a new one started.
+    pub resumed: bool,
+    /// The position the swapped-in tables are at, and their projections' checkpoint.
+    pub position: i64,
+}
+
+/// One projection of a running rebuild job, for metrics and status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RebuildProgress {
+    pub job: i64,
+    pub name: String,
+    pub position: i64,
+    pub target: i64,
+    pub started_at: DateTime<Utc>,
+}
+
+/// The running job, if any, with each of its projections' positions.
+pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, RunError> {
+    let rows: Vec<(i64, String, i64, i64, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT r.id, p.name, p.position, r.target_position, r.started_at \
+         FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
+         WHERE r.status = 'running' ORDER BY p.name",
+    )
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(job, name, position, target, started_at)| RebuildProgress {
+                job,
+                name,
+                position,
+                target,
+                started_at,
+            },
+        )
+        .collect())
+}
+
+/// The projections named (all if `None`), resolved, sorted by name and deduplicated.
+pub(crate) fn resolve(names: Option<&[&str]>) -> Result<Vec<Projection>, RunError> {
+    let mut projections = match names {
+        None => Projection::ALL.to_vec(),
+        Some(names) => names
+            .iter()
+            .map(|n| {
+                Projection::from_name(n).ok_or_else(|| RunError::UnknownProjection(n.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+    projections.sort_by_key(|p| p.name());
+    projections.dedup();
+    Ok(projections)
+}
+
+#[derive(Debug)]
+struct Job {
+    id: i64,
+    schema: String,
+}
+
+/// Rebuilds the named projections (all if `None`) and swaps them in. Resumes the unfinished
+/// job of the same projections if there is one; refuses while a job of other projections
+/// is unfinished (see [`abandon_rebuild`]) or another rebuild is running.
+pub async fn rebuild(
+    pool: &PgPool,
+    names: Option<&[&str]>,
+    options: RebuildOptions,
+    progress: &Arc<Progress>,
+) -> Result<RebuildSummary, RunError> {
+    let projections = resolve(names)?;
+    let wanted: Vec<&'static str> = projections.iter().map(|p| p.name()).collect();
+    // A connection of its own, closed when the function returns (or the process dies),
+    // which is what releases the lock.
+    let mut lock = build::dedicated_connection(pool).await?;
+    take_lock(&mut lock).await?;
+    let (job, resumed) = match running_job(&mut lock).await? {
+        Some((job, names)) if names == wanted => {
+            if shadow_matches_live(&mut lock, &job.schema, &projections).await? {
+                (job, true)
+            } else {
+                tracing::warn!(
+                    job = job.id,
+                    "the live tables changed since the job started (a migration?); starting over"
+                );
+                abandon(&mut lock, &job).await?;
+                (start_job(pool, &projections).await?, false)
+            }
+        }
+        Some((job, names)) => {
+            return Err(RunError::RebuildInProgress {
+                job: job.id,
+                projections: names,
+            })
+        }
+        None => (start_job(pool, &projections).await?, false),
+    };
+    tracing::info!(job = job.id, projections = ?wanted, resumed, "rebuilding");
+
+    let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
+    let result = async {
+        // Catch up without holding anything back, until what is left is small enough for
+        // the swap to apply under its locks.
+        loop {
+            let target = head(pool).await?;
+            sqlx::query("UPDATE projection_rebuilds SET target_position = $2 WHERE id = $1")
+                .bind(job.id)
+                .bind(target)
+                .execute(pool)
+                .await?;
+            let lanes = lanes(pool, job.id, &projections, target).await?;
+            progress.start(&lanes);
+            build::build(
+                pool,
+                &shadow,
+                &lanes,
+                options.batch_size,
+                Record::Job(job.id),
+                progress,
+            )
+            .await?;
+            if head(pool).await? - target <= options.swap_tail {
+                break;
+            }
+        }
+        let mut conn = build::dedicated_connection(pool).await?;
+        build::create_missing_indexes(&mut conn, &job.schema, &projections).await?;
+        conn.close().await?;
+        // Events that arrived while the indexes were built.
+        let target = head(pool).await?;
+        let lanes = lanes(pool, job.id, &projections, target).await?;
+        build::build(
+            pool,
+            &shadow,
+            &lanes,
+            options.batch_size,
+            Record::Job(job.id),
+            progress,
+        )
+        .await?;
+        swap_when_quiet(pool, &job, &projections).await
+    }
+    .await;
+    shadow.close().await;
+    let position = result?;
+    tracing::info!(job = job.id, position, "rebuilt tables swapped in");
+    Ok(RebuildSummary {
+        job: job.id,
+        projections: wanted,
+        resumed,
+        position,
+    })
+}
+
+/// Drops the unfinished job's shadow schema and marks it abandoned. Returns its id, if
+/// there was one. The live tables are not touched.
+pub async fn abandon_rebuild(pool: &PgPool) -> Result<Option<i64>, RunError> {
+    let mut lock = build::dedicated_connection(pool).await?;
+    take_lock(&mut lock).await?;
+    let Some((job, _)) = running_job(&mut lock).await? else {
+        return Ok(None);
+    };
+    abandon(&mut lock, &job).await?;
+    Ok(Some(job.id))
+}
+
+async fn take_lock(conn: &mut PgConnection) -> Result<(), RunError> {
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(REBUILD_LOCK)
+        .fetch_one(conn)
+        .await?;
+    if locked {
+        Ok(())
+    } else {
+        Err(RunError::RebuildRunning)
+    }
+}
+
+async fn running_job(conn: &mut PgConnection) -> sqlx::Result<Option<(Job, Vec<String>)>> {
+    let row: Option<(i64, String, Vec<String>)> = sqlx::query_as(
+        "SELECT id, shadow_schema, projections FROM projection_rebuilds \
+         WHERE status = 'running'",
+    )
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(id, schema, names)| (Job { id, schema }, names)))
+}
+
+/// Records a new job and creates its shadow schema, in one transaction: a crash leaves
+/// either both or neither.
+async fn start_job(pool: &PgPool, projections: &[Projection]) -> Result<Job, RunError> {
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    let schema = format!("ledgerline_rebuild_{}", uuid::Uuid::new_v4().simple());
+    let mut tx = pool.begin().await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO projection_rebuilds (projections, shadow_schema, target_position) \
+         VALUES ($1, $2, (SELECT COALESCE(MAX(position), 0) FROM events)) RETURNING id",
+    )
+    .bind(&names)
+    .bind(&schema)
+    .fetch_one(&mut *tx)
+    .await?;
+    sqlx::query(
+        "INSERT INTO projection_rebuild_progress (rebuild_id, name) SELECT $1, unnest($2::text[])",
+    )
+    .bind(id)
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    build::create_schema(&mut tx, &schema, projections).await?;
+    tx.commit().await?;
+    Ok(Job { id, schema })
+}
+
+async fn abandon(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
+    let mut tx = conn.begin().await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", job.schema))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE projection_rebuilds SET status = 'abandoned', finished_at = now() WHERE id = $1",
+    )
+    .bind(job.id)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    tracing::info!(
+        job = job.id,
+        "rebuild job abandoned; its shadow tables are dropped"
+    );
+    Ok(())
+}
+
+async fn shadow_matches_live(
+    conn: &mut PgConnection,
+    schema: &str,
+    projections: &[Projection],
+) -> sqlx::Result<bool> {
+    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+        let live = build::column_signature(conn, "public", table).await?;
+        let shadow = build::column_signature(conn, schema, table).await?;
+        if live.is_none() || live != shadow {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+async fn lanes(
+    pool: &PgPool,
+    job: i64,
+    projections: &[Projection],
+    to: i64,
+) -> sqlx::Result<Vec<Lane>> {
+    let positions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1",
+    )
+    .bind(job)
+    .fetch_all(pool)
+    .await?;
+    Ok(projections
+        .iter()
+        .map(|&projection| Lane {
+            projection,
+            from: positions
+                .iter()
+                .find(|(n, _)| n == projection.name())
+                .map_or(0, |(_, p)| *p),
+            to,
+        })
+        .collect())
+}
+
+/// Tries the swap until no reader holds the live tables longer than [`LOCK_WAIT`]: a waiting
+/// table lock queues every later reader behind it, so it must not wait long.
+async fn swap_when_quiet(
+    pool: &PgPool,
+    job: &Job,
+    projections: &[Projection],
+) -> Result<i64, RunError> {
+    let mut attempt = 1;
+    loop {
+        match swap(pool, job, projections).await {
+            Err(RunError::Sql(sqlx::Error::Database(e)))
+                if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempt < SWAP_ATTEMPTS =>
+            {
+                tracing::info!(attempt, "the live tables are busy; trying the swap again");
+                attempt += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            result => return result,
+        }
+    }
+}
+
+/// How long the swap waits for the live tables' lock before it backs off and tries again.
+const LOCK_WAIT: &str = "1s";
+const SWAP_ATTEMPTS: u64 = 10;
+/// SQLSTATE lock_not_available, raised when `lock_timeout` expires.
+const LOCK_NOT_AVAILABLE: &str = "55P03";
+
+/// The swap, in one transaction: hold the live projections back (their checkpoint rows),
+/// apply the events that arrived since the last batch to the shadow tables, replace the
+/// live tables with them and set the checkpoints to the position they now reflect.
+/// Readers wait only for the table locks of the last few statements.
+async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i64, RunError> {
+    let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
+    let tables: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    let mut conn = build::schema_connection(pool, &job.schema).await?;
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    // In name order, as runners and `reset` take them.
+    sqlx::query(
+        "SELECT name FROM projection_checkpoints WHERE name = ANY($1) ORDER BY name FOR UPDATE",
+    )
+    .bind(&names)
+    .execute(&mut *tx)
+    .await?;
+    let positions: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1",
+    )
+    .bind(job.id)
+    .fetch_all(&mut *tx)
+    .await?;
+    let from = positions.iter().map(|(_, p)| *p).min().unwrap_or(0);
+    let tail: Vec<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position"
+    ))
+    .bind(from)
+    .fetch_all(&mut *tx)
+    .await?;
+    let position = tail.last().map_or(from, |e| e.position);
+    for &projection in projections {
+        let at = positions
+            .iter()
+            .find(|(n, _)| n == projection.name())
+            .map_or(0, |(_, p)| *p);
+        let start = tail.partition_point(|e| e.position <= at);
+        if let Err((index, error)) = projection.apply_many(&mut tx, &tail[start..]).await {
+            return Err(RunError::Failed {
+                name: projection.name(),
+                position: tail[start + index].position,
+                error: error.to_string(),
+            });
+        }
+    }
+    let live: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
+    sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+        live.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(&format!("DROP TABLE {}", live.join(", ")))
+        .execute(&mut *tx)
+        .await?;
+    for table in &tables {
+        sqlx::query(&format!(
+            "ALTER TABLE {}.{table} SET SCHEMA public",
+            job.schema
+        ))
+        .execute(&mut *tx)
+        .await?;
+    }
+    sqlx::query(&format!("DROP SCHEMA {}", job.schema))
+        .execute(&mut *tx)
+        .await?;
+    // Other processes waiting on these projections learn of the jump when this commits.
+    sqlx::query(
+        "UPDATE projection_checkpoints SET position = $2, updated_at = now() \
+         WHERE name = ANY($1) RETURNING pg_notify($3, name || ':' || position)",
+    )
+    .bind(&names)
+    .bind(position)
+    .bind(crate::notify::CHECKPOINT_CHANNEL)
+    .execute(&mut *tx)
+    .await?;
+    // The rebuilt tables applied every event a stopped projection had failed on.
+    sqlx::query("DELETE FROM projection_failures WHERE name = ANY($1)")
+        .bind(&names)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE projection_rebuild_progress SET position = $2, updated_at = now() \
+         WHERE rebuild_id = $1",
+    )
+    .bind(job.id)
+    .bind(position)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query(
+        "UPDATE projection_rebuilds SET status = 'swapped', target_position = $2, \
+         finished_at = now() WHERE id = $1",
+    )
+    .bind(job.id)
+    .bind(position)
+    .execute(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(position)
+}

@@ -1,0 +1,272 @@
+//! The multi-row paths (`messaging`, `audit_events`) give exactly the tables that applying
+//! one event at a time gives, over a long random chat log with every kind of event, in
+//! batches cut at many different places; and they are really taken (no batch of a valid
+//! log falls back to one by one). Its own test binary, so that the process-wide fallback
+//! count is this test's alone.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use common::{hash_hex, sealed, snapshot, Actor, Ledger, TestDb};
+use ledgerline_aggregates::conversation::{
+    ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole,
+};
+use ledgerline_aggregates::message::{Attachment, MessageEvent};
+use ledgerline_projections::{bulk_fallbacks, reset, run_batch, BatchOutcome, Projection};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// xorshift64*: the choices follow a fixed seed (the ids are random, and with them the
+/// order of the sets picked from).
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+struct Message {
+    conversation: Uuid,
+    author: Uuid,
+    deleted: bool,
+}
+
+/// Writes a valid chat log: what the aggregates would accept, tracked here.
+async fn chat_log(ledger: &mut Ledger, steps: usize) {
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+    let mut members: BTreeMap<Uuid, BTreeSet<Uuid>> = BTreeMap::new();
+    for _ in 0..3 {
+        let id = Uuid::new_v4();
+        let first: BTreeSet<Uuid> = users[..4].iter().copied().collect();
+        let created = ConversationEvent::ConversationCreated {
+            conversation_id: id,
+            organization_id: org,
+            kind: ConversationKind::Group,
+            spec: ConversationSpec {
+                title: Some("t".into()),
+                description: None,
+            },
+            created_by: users[0],
+            participants: first
+                .iter()
+                .map(|&user_id| Member {
+                    user_id,
+                    role: if user_id == users[0] {
+                        ParticipantRole::Owner
+                    } else {
+                        ParticipantRole::Member
+                    },
+                })
+                .collect(),
+        };
+        ledger.append("Conversation", id, &created, &actor).await;
+        members.insert(id, first);
+    }
+    let conversations: Vec<Uuid> = members.keys().copied().collect();
+    let mut messages: Vec<(Uuid, Message)> = Vec::new();
+    let mut reactions: BTreeSet<(usize, Uuid, &str)> = BTreeSet::new();
+    let mut reads: BTreeSet<(usize, Uuid)> = BTreeSet::new();
+    for _ in 0..steps {
+        let roll = rng.below(100);
+        let live: Vec<usize> = (0..messages.len())
+            .filter(|&i| !messages[i].1.deleted)
+            .collect();
+        if roll < 40 || live.is_empty() {
+            let conversation = conversations[rng.below(conversations.len())];
+            let in_it: Vec<Uuid> = members[&conversation].iter().copied().collect();
+            let author = in_it[rng.below(in_it.len())];
+            let id = Uuid::new_v4();
+            let parent = messages
+                .iter()
+                .filter(|(_, m)| m.conversation == conversation)
+                .map(|(id, _)| *id)
+                .nth(rng.below(8))
+                .filter(|_| rng.below(4) == 0);
+            let attachments = (0..rng.below(3))
+                .map(|i| Attachment {
+                    file_name: sealed(id, &format!("f{i}")),
+                    mime_type: "text/plain".into(),
+                    size_bytes: 10 + i as i64,
+                    blake3: hash_hex(),
+                })
+                .collect();
+            let posted = MessageEvent::MessagePosted {
+                message_id: id,
+                conversation_id: conversation,
+                organization_id: org,
+                author_id: author,
+                content: sealed(id, "Ym9keQ"),
+                parent_message_id: parent,
+                thread_root_id: parent,
+                attachments,
+            };
+            ledger.append("Message", id, &posted, &actor).await;
+            messages.push((
+                id,
+                Message {
+                    conversation,
+                    author,
+                    deleted: false,
+                },
+            ));
+            continue;
+        }
+        let i = live[rng.below(live.len())];
+        let (id, conversation, author) = (
+            messages[i].0,
+            messages[i].1.conversation,
+            messages[i].1.author,
+        );
+        let in_it: Vec<Uuid> = members[&conversation].iter().copied().collect();
+        let user = in_it[rng.below(in_it.len())];
+        let emoji = ["👍", "🎉", "❤"][rng.below(3)];
+        let event = match roll {
+            40..=54 if !reactions.contains(&(i, user, emoji)) => {
+                reactions.insert((i, user, emoji));
+                MessageEvent::ReactionAdded {
+                    conversation_id: conversation,
+                    user_id: user,
+                    emoji: emoji.into(),
+                }
+            }
+            55..=62 if !reactions.is_empty() => {
+                // One of the reactions there are, wherever it is.
+                let taken: Vec<(usize, Uuid, &str)> = reactions
+                    .iter()
+                    .copied()
+                    .filter(|(m, ..)| !messages[*m].1.deleted)
+                    .collect();
+                let Some(&(m, user, emoji)) = taken.get(rng.below(taken.len().max(1))) else {
+                    continue;
+                };
+                reactions.remove(&(m, user, emoji));
+                let event = MessageEvent::ReactionRemoved {
+                    conversation_id: messages[m].1.conversation,
+                    user_id: user,
+                    emoji: emoji.into(),
+                };
+                ledger
+                    .append("Message", messages[m].0, &event, &actor)
+                    .await;
+                continue;
+            }
+            40..=77 if !reads.contains(&(i, user)) => {
+                reads.insert((i, user));
+                MessageEvent::MessageRead {
+                    conversation_id: conversation,
+                    user_id: user,
+                }
+            }
+            78..=88 => MessageEvent::MessageEdited {
+                conversation_id: conversation,
+                content: sealed(id, &format!("ZWRpdA{}", rng.below(9))),
+            },
+            89..=91 => {
+                messages[i].1.deleted = true;
+                MessageEvent::MessageDeleted {
+                    conversation_id: conversation,
+                    by: Some(author),
+                }
+            }
+            92..=99 => {
+                let outside: Vec<Uuid> = users
+                    .iter()
+                    .copied()
+                    .filter(|u| !members[&conversation].contains(u))
+                    .collect();
+                let change = if rng.below(2) == 0 && !outside.is_empty() {
+                    let user = outside[rng.below(outside.len())];
+                    members.get_mut(&conversation).unwrap().insert(user);
+                    ConversationEvent::ParticipantAdded {
+                        user_id: user,
+                        role: ParticipantRole::Member,
+                    }
+                } else if user != users[0] {
+                    members.get_mut(&conversation).unwrap().remove(&user);
+                    ConversationEvent::ParticipantRemoved {
+                        user_id: user,
+                        by: Some(users[0]),
+                    }
+                } else {
+                    ConversationEvent::ParticipantMuted { user_id: user }
+                };
+                ledger
+                    .append("Conversation", conversation, &change, &actor)
+                    .await;
+                continue;
+            }
+            _ => continue,
+        };
+        ledger.append("Message", id, &event, &actor).await;
+    }
+}
+
+/// Runs the two multi-row projections to the head, `size` events per transaction.
+async fn run_in_batches(pool: &PgPool, size: i64) {
+    for projection in [Projection::Messaging, Projection::AuditEvents] {
+        loop {
+            match run_batch(pool, projection, size).await.unwrap() {
+                BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
+                BatchOutcome::Applied { .. } => {}
+                BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_multi_row_paths_give_the_tables_of_one_event_at_a_time() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    chat_log(&mut ledger, 1500).await;
+    let kinds: Vec<(String, i64)> =
+        sqlx::query_as("SELECT event_type, count(*) FROM events GROUP BY 1 ORDER BY 1")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    for kind in [
+        "MessagePosted",
+        "ReactionAdded",
+        "ReactionRemoved",
+        "MessageRead",
+        "MessageEdited",
+        "MessageDeleted",
+        "ParticipantAdded",
+        "ParticipantRemoved",
+    ] {
+        assert!(
+            kinds.iter().any(|(k, n)| k == kind && *n >= 3),
+            "the log has {kind}s: {kinds:?}"
+        );
+    }
+    let names = ["messaging", "audit_events"];
+
+    // One event per transaction: the per-event code, the definition.
+    run_in_batches(&db.pool, 1).await;
+    let one_by_one = snapshot(&db.pool).await;
+    assert!(
+        one_by_one
+            .iter()
+            .any(|(t, rows)| t == "messages" && rows.len() > 400),
+        "the log posted messages"
+    );
+    assert_eq!(bulk_fallbacks(), 0);
+
+    for size in [1000, 97, 8] {
+        reset(&db.pool, Some(&names)).await.unwrap();
+        run_in_batches(&db.pool, size).await;
+        let bulk = snapshot(&db.pool).await;
+        for ((table, a), (_, b)) in one_by_one.iter().zip(&bulk) {
+            assert_eq!(a, b, "{table} differs with batches of {size}");
+        }
+        assert_eq!(bulk_fallbacks(), 0, "batches of {size} stayed multi-row");
+    }
+}

@@ -1,0 +1,515 @@
+//! Process-wide metrics and the text `GET /metrics` answers (Prometheus exposition format
+//! 0.0.4). Hand-rolled on atomics rather than `prometheus-client`: one counter family and three
+//! fixed-bucket histograms do not justify a dependency, and their text is a few dozen lines.
+//! Ledger, projection and checkpoint gauges are read from the database at scrape time, so
+//! they are right whichever process wrote the events.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::{self, Write as _};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+use ledgerline_projections::{ProjectionStatus, RebuildProgress, RunError};
+use sqlx::PgPool;
+
+use crate::app::CommandError;
+
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// How a command ended, one per [`CommandError`] variant (label `outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    Rejected,
+    Conflict,
+    Taken,
+    Stale,
+    Error,
+}
+
+impl Outcome {
+    const ALL: [Outcome; 6] = [
+        Outcome::Ok,
+        Outcome::Rejected,
+        Outcome::Conflict,
+        Outcome::Taken,
+        Outcome::Stale,
+        Outcome::Error,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Rejected => "rejected",
+            Outcome::Conflict => "conflict",
+            Outcome::Taken => "taken",
+            Outcome::Stale => "stale",
+            Outcome::Error => "error",
+        }
+    }
+
+    pub fn of<T, E: std::error::Error>(result: &Result<T, CommandError<E>>) -> Self {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(CommandError::Rejected(_)) => Outcome::Rejected,
+            Err(CommandError::Conflict) => Outcome::Conflict,
+            Err(CommandError::Taken(_)) => Outcome::Taken,
+            Err(CommandError::Stale(_)) => Outcome::Stale,
+            Err(CommandError::Internal(_)) => Outcome::Error,
+        }
+    }
+}
+
+/// A histogram with fixed upper bounds. `_count` is derived from the buckets, so a scrape
+/// always shows `+Inf` equal to `_count` even while observations race with it.
+struct Histogram<const N: usize> {
+    bounds: [f64; N],
+    /// Per bucket, not cumulative.
+    counts: [AtomicU64; N],
+    /// Observations above every bound.
+    overflow: AtomicU64,
+    /// The f64 bits of the sum of observations.
+    sum: AtomicU64,
+}
+
+impl<const N: usize> Histogram<N> {
+    const fn new(bounds: [f64; N]) -> Self {
+        Self {
+            bounds,
+            counts: [const { AtomicU64::new(0) }; N],
+            overflow: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    fn observe(&self, value: f64) {
+        match self.bounds.iter().position(|b| value <= *b) {
+            Some(i) => self.counts[i].fetch_add(1, Relaxed),
+            None => self.overflow.fetch_add(1, Relaxed),
+        };
+        let _ = self.sum.fetch_update(Relaxed, Relaxed, |bits| {
+            Some((f64::from_bits(bits) + value).to_bits())
+        });
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        family(out, name, "histogram", help);
+        let mut cumulative = 0;
+        for (bound, count) in self.bounds.iter().zip(&self.counts) {
+            cumulative += count.load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.overflow.load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let _ = writeln!(out, "{name}_sum {}", f64::from_bits(self.sum.load(Relaxed)));
+        let _ = writeln!(out, "{name}_count {cumulative}");
+    }
+}
+
+/// Per command label, a count per [`Outcome`] in `Outcome::ALL` order. Labels are
+/// `<aggregate>.<variant>`, so their number is fixed by the code, never by the data.
+static COMMANDS: Mutex<BTreeMap<String, [u64; 6]>> = Mutex::new(BTreeMap::new());
+static APPEND_LATENCY: Histogram<14> = Histogram::new([
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+]);
+static BATCH_COMMANDS: Histogram<10> =
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]);
+static BATCH_EVENTS: Histogram<12> = Histogram::new([
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0,
+]);
+
+const COMMANDS_HELP: &str = "Commands executed (each attempt, retries included), by \
+     aggregate.command and outcome (ok, rejected by the aggregate, conflict on its sequence, \
+     taken unique claim, stale guard, error)";
+const LATENCY_HELP: &str = "Seconds App::execute took for a command that committed: loading \
+     the aggregate, deciding, waiting in the writer queue and for the group commit; the wait \
+     for read models afterwards is not included";
+
+/// Times one command and counts its outcome.
+#[must_use = "finish() records the command"]
+pub struct CommandTimer {
+    command: String,
+    started: Instant,
+}
+
+impl CommandTimer {
+    pub fn start(aggregate: &str, command: &impl fmt::Debug) -> Self {
+        Self {
+            command: command_label(aggregate, command),
+            started: Instant::now(),
+        }
+    }
+
+    pub fn finish<T, E: std::error::Error>(self, result: &Result<T, CommandError<E>>) {
+        let outcome = Outcome::of(result);
+        if outcome == Outcome::Ok {
+            APPEND_LATENCY.observe(self.started.elapsed().as_secs_f64());
+        }
+        count_command(&self.command, outcome);
+    }
+}
+
+fn count_command(command: &str, outcome: Outcome) {
+    let index = Outcome::ALL.iter().position(|o| *o == outcome).unwrap_or(0);
+    let mut commands = COMMANDS.lock().unwrap_or_else(|e| e.into_inner());
+    match commands.get_mut(command) {
+        Some(counts) => counts[index] += 1,
+        None => {
+            let mut counts = [0; 6];
+            counts[index] = 1;
+            commands.insert(command.to_string(), counts);
+        }
+    }
+}
+
+/// The size of one group commit as the writer takes it in: commands, and the events they
+/// carry (refused commands included).
+pub fn record_batch(commands: usize, events: usize) {
+    BATCH_COMMANDS.observe(commands as f64);
+    BATCH_EVENTS.observe(events as f64);
+}
+
+/// `organization.create` for `OrganizationCommand::Create { .. }`: the aggregate type and
+/// the command's variant name (what its derived `Debug` prints first), in snake case.
+pub fn command_label(aggregate: &str, command: &impl fmt::Debug) -> String {
+    let mut variant = Ident(String::new());
+    // The writer refuses the first character after the name, which ends the formatting
+    // there: the fields (sealed data, message text) are never formatted.
+    let _ = write!(variant, "{command:?}");
+    let variant = match variant.0.chars().next() {
+        Some(c) if c.is_ascii_alphabetic() => snake_case(&variant.0),
+        _ => "unknown".to_string(),
+    };
+    format!("{}.{variant}", snake_case(aggregate))
+}
+
+/// Collects an identifier and fails at the first character that cannot be part of one.
+struct Ident(String);
+
+impl fmt::Write for Ident {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        for c in s.chars() {
+            if !(c.is_ascii_alphanumeric() || c == '_') {
+                return Err(fmt::Error);
+            }
+            self.0.push(c);
+        }
+        Ok(())
+    }
+}
+
+fn snake_case(name: &str) -> String {
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// What the gauges show, read from the database at scrape time.
+struct Gauges {
+    statuses: Vec<ProjectionStatus>,
+    /// `recorded_at` of the head event and of each projection's last applied event.
+    recorded_at: HashMap<i64, DateTime<Utc>>,
+    /// The newest signed checkpoint: tree size and when it was signed.
+    checkpoint: Option<(i64, DateTime<Utc>)>,
+    /// One row per projection of the running rebuild job.
+    rebuilds: Vec<RebuildProgress>,
+}
+
+async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
+    let statuses = ledgerline_projections::status(pool).await?;
+    let head = statuses.first().map_or(0, |s| s.head);
+    // A projection at 0 has applied nothing: its lag is measured from the first event.
+    let mut positions: Vec<i64> = statuses.iter().map(|s| s.position.max(1)).collect();
+    positions.push(head);
+    let recorded_at: Vec<(i64, DateTime<Utc>)> =
+        sqlx::query_as("SELECT position, recorded_at FROM events WHERE position = ANY($1)")
+            .bind(&positions)
+            .fetch_all(pool)
+            .await?;
+    let checkpoint = sqlx::query_as(
+        "SELECT tree_size, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?;
+    let rebuilds = ledgerline_projections::rebuild_progress(pool).await?;
+    Ok(Gauges {
+        statuses,
+        recorded_at: recorded_at.into_iter().collect(),
+        checkpoint,
+        rebuilds,
+    })
+}
+
+/// The whole `/metrics` text. Database gauges are left out (and `ledgerline_database_up` is
+/// 0) when the database cannot be read: the process metrics are still worth a scrape then.
+pub async fn render(pool: &PgPool) -> String {
+    let mut out = String::with_capacity(16 * 1024);
+    render_process(&mut out);
+    let gauges = read_gauges(pool).await;
+    family(
+        &mut out,
+        "ledgerline_database_up",
+        "gauge",
+        "1 when this scrape could read the ledger, projection and checkpoint gauges, else 0",
+    );
+    sample(
+        &mut out,
+        "ledgerline_database_up",
+        &[],
+        gauges.is_ok() as u8,
+    );
+    match gauges {
+        Ok(g) => render_gauges(&mut out, &g, Utc::now()),
+        Err(e) => tracing::warn!(error = %e, "metrics: database gauges unavailable"),
+    }
+    out
+}
+
+fn render_process(out: &mut String) {
+    let name = "ledgerline_commands_total";
+    family(out, name, "counter", COMMANDS_HELP);
+    let commands = COMMANDS.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    for (command, counts) in &commands {
+        for (outcome, count) in Outcome::ALL.iter().zip(counts) {
+            let labels = [("command", command.as_str()), ("outcome", outcome.as_str())];
+            sample(out, name, &labels, count);
+        }
+    }
+    APPEND_LATENCY.render(out, "ledgerline_append_latency_seconds", LATENCY_HELP);
+    BATCH_COMMANDS.render(
+        out,
+        "ledgerline_append_batch_commands",
+        "Commands the writer took into one group-commit transaction (refused ones included)",
+    );
+    BATCH_EVENTS.render(
+        out,
+        "ledgerline_append_batch_events",
+        "Events carried by the commands of one group-commit transaction",
+    );
+    let name = "ledgerline_projection_bulk_fallbacks_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Batches a projection's multi-row path handed to its one-event-at-a-time path",
+    );
+    sample(out, name, &[], ledgerline_projections::bulk_fallbacks());
+}
+
+fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
+    let head = g.statuses.first().map_or(0, |s| s.head);
+    let name = "ledgerline_ledger_head_position";
+    family(
+        out,
+        name,
+        "gauge",
+        "Position of the newest event in the ledger",
+    );
+    sample(out, name, &[], head);
+
+    type Value = fn(&Gauges, &ProjectionStatus) -> Option<f64>;
+    let per_projection: [(&str, &str, Value); 5] = [
+        (
+            "ledgerline_projection_position",
+            "Last ledger position the projection has applied",
+            |_, s| Some(s.position as f64),
+        ),
+        (
+            "ledgerline_projection_lag_events",
+            "Ledger events the projection has not applied yet (head minus position)",
+            |_, s| Some(s.lag as f64),
+        ),
+        (
+            "ledgerline_projection_lag_seconds",
+            "recorded_at of the head event minus recorded_at of the projection's last applied \
+             event (of the first event when none is applied); 0 when caught up",
+            |g, s| Some(lag_seconds(g, s)),
+        ),
+        (
+            "ledgerline_projection_failed",
+            "1 when the projection is stopped on an event it could not apply, else 0",
+            |_, s| Some(if s.failures.is_empty() { 0.0 } else { 1.0 }),
+        ),
+        (
+            "ledgerline_projection_failed_position",
+            "Position of the event a stopped projection is stopped at (stopped ones only)",
+            |_, s| s.failures.first().map(|f| f.position as f64),
+        ),
+    ];
+    for (name, help, value) in per_projection {
+        family(out, name, "gauge", help);
+        for s in &g.statuses {
+            if let Some(v) = value(g, s) {
+                sample(out, name, &[("projection", s.name)], v);
+            }
+        }
+    }
+
+    let name = "ledgerline_checkpoint_size";
+    family(
+        out,
+        name,
+        "gauge",
+        "Tree size of the newest signed checkpoint (0 when none is signed yet)",
+    );
+    sample(out, name, &[], g.checkpoint.map_or(0, |(size, _)| size));
+    let name = "ledgerline_checkpoint_age_seconds";
+    family(
+        out,
+        name,
+        "gauge",
+        "Seconds since the newest signed checkpoint was signed (absent when none is)",
+    );
+    if let Some((_, signed_at)) = g.checkpoint {
+        sample(out, name, &[], seconds(now - signed_at));
+    }
+
+    type Field = fn(&RebuildProgress) -> i64;
+    let per_rebuild: [(&str, &str, Field); 2] = [
+        (
+            "ledgerline_rebuild_position",
+            "Position the running rebuild job has replayed the projection to",
+            |r| r.position,
+        ),
+        (
+            "ledgerline_rebuild_target",
+            "Ledger position the running rebuild job replays the projection up to",
+            |r| r.target,
+        ),
+    ];
+    for (name, help, value) in per_rebuild {
+        family(out, name, "gauge", help);
+        for r in &g.rebuilds {
+            let job = r.job.to_string();
+            let labels = [("job", job.as_str()), ("projection", r.name.as_str())];
+            sample(out, name, &labels, value(r));
+        }
+    }
+}
+
+fn lag_seconds(g: &Gauges, s: &ProjectionStatus) -> f64 {
+    if s.position >= s.head {
+        return 0.0;
+    }
+    match (
+        g.recorded_at.get(&s.head),
+        g.recorded_at.get(&s.position.max(1)),
+    ) {
+        (Some(head), Some(applied)) => seconds(*head - *applied).max(0.0),
+        _ => 0.0,
+    }
+}
+
+fn seconds(d: chrono::TimeDelta) -> f64 {
+    d.num_microseconds()
+        .map_or(d.num_seconds() as f64, |us| us as f64 / 1e6)
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: impl fmt::Display) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (key, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{key}=\"");
+            for c in v.chars() {
+                match c {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    '\n' => out.push_str("\\n"),
+                    c => out.push(c),
+                }
+            }
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    #[allow(dead_code)]
+    enum ApiKeyCommand {
+        Issue { label: String },
+        Rotate(u32),
+        Revoke,
+    }
+
+    #[test]
+    fn command_labels_are_aggregate_and_variant_in_snake_case() {
+        let issue = ApiKeyCommand::Issue {
+            label: "secret \"stuff\"".into(),
+        };
+        assert_eq!(command_label("ApiKey", &issue), "api_key.issue");
+        assert_eq!(
+            command_label("ApiKey", &ApiKeyCommand::Rotate(7)),
+            "api_key.rotate"
+        );
+        assert_eq!(
+            command_label("ApiKey", &ApiKeyCommand::Revoke),
+            "api_key.revoke"
+        );
+        assert_eq!(command_label("User", &"free text"), "user.unknown");
+        assert_eq!(command_label("User", &42), "user.unknown");
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_inf_equals_count() {
+        let h = Histogram::new([1.0, 10.0]);
+        for v in [0.5, 1.0, 3.0, 100.0] {
+            h.observe(v);
+        }
+        let mut out = String::new();
+        h.render(&mut out, "x", "help");
+        assert_eq!(
+            out,
+            "# HELP x help\n# TYPE x histogram\nx_bucket{le=\"1\"} 2\nx_bucket{le=\"10\"} 3\n\
+             x_bucket{le=\"+Inf\"} 4\nx_sum 104.5\nx_count 4\n"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = String::new();
+        sample(&mut out, "m", &[("a", "x\"y\\z\nw"), ("b", "ok")], 3);
+        assert_eq!(out, "m{a=\"x\\\"y\\\\z\\nw\",b=\"ok\"} 3\n");
+    }
+
+    #[test]
+    fn outcomes_follow_command_errors() {
+        type R = Result<(), CommandError<std::fmt::Error>>;
+        let cases: [(R, &str); 6] = [
+            (Ok(()), "ok"),
+            (Err(CommandError::Rejected(std::fmt::Error)), "rejected"),
+            (Err(CommandError::Conflict), "conflict"),
+            (Err(CommandError::Taken("slug")), "taken"),
+            (Err(CommandError::Stale("conversation".into())), "stale"),
+            (Err(CommandError::Internal("boom".into())), "error"),
+        ];
+        for (result, outcome) in cases {
+            assert_eq!(Outcome::of(&result).as_str(), outcome);
+        }
+    }
+}

@@ -1,0 +1,281 @@
+//! Crash safety: a real `ledgerline serve` is killed with SIGKILL in the middle of a load
+//! of concurrent commands. After a restart on the same database, every command that was
+//! answered 2xx is in the log and readable, the chain verifies, and the read models equal
+//! a fresh rebuild from the log.
+
+mod common;
+mod server;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::TestDb;
+use reqwest::Method;
+use serde_json::{json, Value};
+use server::{
+    call, eventually, id_of, lease_names, leases, ledgerline, positions, projections_at, Answer,
+    Server, Setup,
+};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+const LEASE_TTL_SECS: u64 = 2;
+const POLL_MS: u64 = 1000;
+const TASKS: usize = 32;
+/// Acknowledged commands to wait for before the kill; the load keeps going meanwhile.
+const BEFORE_KILL: usize = 200;
+
+/// A command the server answered 2xx, and what it created.
+#[derive(Debug, Clone)]
+struct Acknowledged {
+    aggregate_type: &'static str,
+    id: Uuid,
+}
+
+async fn ok(a: Result<Answer, reqwest::Error>, status: u16, what: &str) -> Value {
+    let a = a.unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(a.status, status, "{what}: {}", a.body);
+    a.body
+}
+
+/// An organization, a member with a key of her own, and a group conversation of hers.
+/// Returns (organization, conversation, the member's key).
+async fn prepare(client: &reqwest::Client, base: &str, admin: &str) -> (Uuid, Uuid, String) {
+    let post = |path: String, key: String, body: Value| {
+        let client = client.clone();
+        let base = base.to_string();
+        async move { call(&client, &base, Method::POST, &path, &key, Some(body)).await }
+    };
+    let org = ok(
+        post(
+            "/v1/organizations".into(),
+            admin.into(),
+            json!({"name": "Crash Co", "slug": "crash-co"}),
+        )
+        .await,
+        201,
+        "create org",
+    )
+    .await;
+    let org: Uuid = org["id"].as_str().unwrap().parse().unwrap();
+    let o = format!("/v1/organizations/{org}");
+    let mut members = Vec::new();
+    for name in ["alice", "bob"] {
+        let user = ok(
+            post(
+                format!("{o}/users"),
+                admin.into(),
+                json!({"email": format!("{name}@crash.example"), "full_name": name}),
+            )
+            .await,
+            201,
+            "invite",
+        )
+        .await;
+        members.push(user["id"].as_str().unwrap().to_string());
+    }
+    let roles = ok(
+        call(
+            client,
+            base,
+            Method::GET,
+            &format!("{o}/roles"),
+            admin,
+            None,
+        )
+        .await,
+        200,
+        "roles",
+    )
+    .await;
+    let member = roles["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "member")
+        .expect("the built-in member role")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for user in &members {
+        ok(
+            call(
+                client,
+                base,
+                Method::PUT,
+                &format!("{o}/users/{user}/roles/{member}"),
+                admin,
+                Some(json!({})),
+            )
+            .await,
+            200,
+            "assign member",
+        )
+        .await;
+    }
+    let permissions =
+        ledgerline_aggregates::organization::built_in_roles::permissions("member").unwrap();
+    let key = ok(
+        post(
+            format!("{o}/api-keys"),
+            admin.into(),
+            json!({"label": "alice", "permissions": permissions, "user_id": members[0]}),
+        )
+        .await,
+        201,
+        "issue alice's key",
+    )
+    .await;
+    let alice = key["secret"].as_str().unwrap().to_string();
+    let conversation = ok(
+        post(
+            format!("{o}/conversations"),
+            alice.clone(),
+            json!({"kind": "group", "title": "Crash", "participants": [members[1]]}),
+        )
+        .await,
+        201,
+        "create conversation",
+    )
+    .await;
+    let conversation: Uuid = conversation["id"].as_str().unwrap().parse().unwrap();
+    (org, conversation, alice)
+}
+
+#[tokio::test]
+async fn every_acknowledged_command_survives_a_kill_9() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    let mut first = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
+    let client = reqwest::Client::new();
+    let (org, conversation, alice) = prepare(&client, &first.base, &setup.admin_key).await;
+
+    // The load: each task alternates inviting a user and posting a message until the
+    // server stops answering.
+    let acknowledged = Arc::new(AtomicUsize::new(0));
+    let mut tasks = JoinSet::new();
+    for task in 0..TASKS {
+        let client = client.clone();
+        let base = first.base.clone();
+        let (admin, alice) = (setup.admin_key.clone(), alice.clone());
+        let counter = acknowledged.clone();
+        tasks.spawn(async move {
+            let mut acked = Vec::new();
+            let mut refused = Vec::new();
+            for i in 0.. {
+                let (aggregate_type, answer) = if (task + i) % 2 == 0 {
+                    let email = format!("{}@crash.example", Uuid::new_v4().simple());
+                    let body = json!({"email": email, "full_name": "Load Person"});
+                    let path = format!("/v1/organizations/{org}/users");
+                    (
+                        "User",
+                        call(&client, &base, Method::POST, &path, &admin, Some(body)).await,
+                    )
+                } else {
+                    let body = json!({"content": format!("message {i} of task {task}")});
+                    let path =
+                        format!("/v1/organizations/{org}/conversations/{conversation}/messages");
+                    (
+                        "Message",
+                        call(&client, &base, Method::POST, &path, &alice, Some(body)).await,
+                    )
+                };
+                match answer {
+                    Ok(a) if (200..300).contains(&a.status) => {
+                        acked.push(Acknowledged {
+                            aggregate_type,
+                            id: id_of(&a),
+                        });
+                        counter.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(a) => refused.push((a.status, a.body.to_string())),
+                    // The server is gone.
+                    Err(_) => break,
+                }
+            }
+            (acked, refused)
+        });
+    }
+    assert!(
+        eventually(Duration::from_secs(120), || async {
+            acknowledged.load(Ordering::Relaxed) >= BEFORE_KILL
+        })
+        .await,
+        "the load gets going: {}",
+        first.log_text()
+    );
+    first.kill9().await;
+    let mut acked = Vec::new();
+    for (a, refused) in tasks.join_all().await {
+        assert!(refused.is_empty(), "no command was refused: {refused:?}");
+        acked.extend(a);
+    }
+    assert!(acked.len() >= BEFORE_KILL);
+    println!("{} commands acknowledged before the kill", acked.len());
+
+    // A restart on the same database takes the dead server's leases once they expire and
+    // brings every projection to the head.
+    let second = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
+    let (head, gap_free) = positions(&db.pool).await;
+    assert!(gap_free, "positions are exactly 1..={head}");
+    let taken_over = || async {
+        let held = leases(&db.pool).await;
+        held.iter().map(|(n, ..)| n.clone()).collect::<Vec<_>>() == lease_names()
+            && held.iter().all(|(_, h, live)| *live && second.holds(h))
+    };
+    assert!(
+        eventually(Duration::from_secs(60), taken_over).await,
+        "the restarted server takes the dead one's leases: {:?}\n{}",
+        leases(&db.pool).await,
+        second.log_text()
+    );
+    assert!(
+        eventually(Duration::from_secs(60), || projections_at(&db.pool, head)).await,
+        "the projections reach the head {head}: {}",
+        second.log_text()
+    );
+
+    // Every acknowledged command is in the log and in the read models.
+    for a in &acked {
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+             AND sequence = 1",
+        )
+        .bind(a.aggregate_type)
+        .bind(a.id.to_string())
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        assert_eq!(n, 1, "{a:?} is in the log");
+        let path = match a.aggregate_type {
+            "User" => format!("/v1/organizations/{org}/users/{}", a.id),
+            _ => format!(
+                "/v1/organizations/{org}/conversations/{conversation}/messages/{}",
+                a.id
+            ),
+        };
+        let key = if a.aggregate_type == "User" {
+            &setup.admin_key
+        } else {
+            &alice
+        };
+        let r = call(&client, &second.base, Method::GET, &path, key, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status, 200,
+            "{a:?} is readable after the restart: {}",
+            r.body
+        );
+    }
+
+    let (code, out, err) = ledgerline(&db.url, &["verify"]).await;
+    assert_eq!(code, 0, "verify: {out}{err}");
+    assert!(out.contains(&format!("{head} events verified")), "{out}");
+    let (code, out, err) = ledgerline(&db.url, &["projections", "check"]).await;
+    assert_eq!(
+        code, 0,
+        "the read models equal a rebuild from the log: {out}{err}"
+    );
+}

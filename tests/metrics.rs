@@ -1,0 +1,467 @@
+//! `GET /metrics`: valid Prometheus text, commands counted by type and outcome, gauges that
+//! match the database, and a stopped projection visible in the metrics and in `/readyz`.
+//!
+//! The counters are process-wide and the tests of this binary run in parallel, so each test
+//! compares before and after for command types no other test here sends.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+use common::{assert_error, TestApp};
+use serde_json::json;
+
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses exposition format 0.0.4, panicking on any line that is neither a `# HELP` or
+/// `# TYPE` comment nor `name{labels} value`, and on a sample whose family has no `# TYPE`.
+fn parse(text: &str) -> Vec<Sample> {
+    let mut types: BTreeMap<String, String> = BTreeMap::new();
+    let mut samples = Vec::new();
+    for line in text.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut parts = comment.splitn(3, ' ');
+            let (kind, name, rest) = (parts.next(), parts.next(), parts.next());
+            let name = name.unwrap_or_else(|| panic!("comment without a name: {line}"));
+            assert!(valid_name(name), "bad metric name in {line:?}");
+            match kind {
+                Some("HELP") => assert!(rest.is_some_and(|h| !h.is_empty()), "{line}"),
+                Some("TYPE") => {
+                    let kind = rest.unwrap_or_default();
+                    assert!(
+                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&kind),
+                        "{line}"
+                    );
+                    assert!(
+                        types.insert(name.to_string(), kind.to_string()).is_none(),
+                        "one TYPE per family: {line}"
+                    );
+                }
+                _ => panic!("unknown comment {line:?}"),
+            }
+            continue;
+        }
+        let (name, rest) = match line.find(['{', ' ']) {
+            Some(i) => line.split_at(i),
+            None => panic!("no value in {line:?}"),
+        };
+        assert!(valid_name(name), "bad metric name in {line:?}");
+        let mut labels = BTreeMap::new();
+        let rest = match rest.strip_prefix('{') {
+            Some(mut inner) => loop {
+                if let Some(after) = inner.strip_prefix('}') {
+                    break after;
+                }
+                inner = inner.strip_prefix(',').unwrap_or(inner);
+                let eq = inner
+                    .find("=\"")
+                    .unwrap_or_else(|| panic!("bad label in {line:?}"));
+                let key = &inner[..eq];
+                assert!(valid_name(key) && !key.contains(':'), "{line:?}");
+                let mut value = String::new();
+                let mut chars = inner[eq + 2..].char_indices();
+                let end = loop {
+                    match chars.next() {
+                        Some((i, '"')) => break eq + 2 + i + 1,
+                        Some((_, '\\')) => match chars.next() {
+                            Some((_, 'n')) => value.push('\n'),
+                            Some((_, c @ ('\\' | '"'))) => value.push(c),
+                            other => panic!("bad escape {other:?} in {line:?}"),
+                        },
+                        Some((_, c)) => value.push(c),
+                        None => panic!("unterminated label value in {line:?}"),
+                    }
+                };
+                assert!(labels.insert(key.to_string(), value).is_none(), "{line:?}");
+                inner = &inner[end..];
+            },
+            None => rest,
+        };
+        let value = rest
+            .strip_prefix(' ')
+            .unwrap_or_else(|| panic!("no space before the value in {line:?}"));
+        let value: f64 = match value {
+            "+Inf" => f64::INFINITY,
+            "-Inf" => f64::NEG_INFINITY,
+            v => v
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
+        };
+        let family = ["_bucket", "_sum", "_count"]
+            .iter()
+            .filter_map(|suffix| name.strip_suffix(suffix))
+            .find(|base| types.get(*base).is_some_and(|t| t == "histogram"))
+            .unwrap_or(name);
+        assert!(
+            types.contains_key(family),
+            "sample before its TYPE: {line:?}"
+        );
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value,
+        });
+    }
+    check_histograms(&types, &samples);
+    samples
+}
+
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+/// Buckets cumulative, the last one `+Inf`, equal to `_count`.
+fn check_histograms(types: &BTreeMap<String, String>, samples: &[Sample]) {
+    for (family, _) in types.iter().filter(|(_, t)| *t == "histogram") {
+        let bucket = format!("{family}_bucket");
+        let buckets: Vec<&Sample> = samples.iter().filter(|s| s.name == bucket).collect();
+        assert!(!buckets.is_empty(), "{family} has buckets");
+        assert!(
+            buckets.windows(2).all(|w| w[0].value <= w[1].value),
+            "{family} buckets are cumulative"
+        );
+        let last = buckets.last().unwrap();
+        assert_eq!(last.labels["le"], "+Inf", "{family}");
+        let count = samples
+            .iter()
+            .find(|s| s.name == format!("{family}_count"))
+            .unwrap_or_else(|| panic!("{family}_count"));
+        assert_eq!(last.value, count.value, "{family}: +Inf equals _count");
+        assert!(samples.iter().any(|s| s.name == format!("{family}_sum")));
+    }
+}
+
+struct Metrics(Vec<Sample>);
+
+impl Metrics {
+    /// The value of the sample named `name` with exactly these labels.
+    fn get(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let wanted: BTreeMap<String, String> = labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        self.0
+            .iter()
+            .find(|s| s.name == name && s.labels == wanted)
+            .map(|s| s.value)
+    }
+
+    #[track_caller]
+    fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.get(name, labels)
+            .unwrap_or_else(|| panic!("{name} {labels:?} in the metrics"))
+    }
+
+    fn commands(&self, command: &str, outcome: &str) -> f64 {
+        self.get(
+            "ledgerline_commands_total",
+            &[("command", command), ("outcome", outcome)],
+        )
+        .unwrap_or(0.0)
+    }
+
+    fn projection(&self, name: &str, projection: &str) -> f64 {
+        self.value(name, &[("projection", projection)])
+    }
+}
+
+async fn scrape(t: &TestApp) -> Metrics {
+    let res = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .expect("request sent");
+    assert_eq!(res.status().as_u16(), 200);
+    assert_eq!(
+        res.headers()["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    Metrics(parse(&res.text().await.expect("body")))
+}
+
+/// Scrapes until `ready` holds (the projector and the log maintainer run in the background).
+async fn scrape_until(t: &TestApp, what: &str, ready: impl Fn(&Metrics) -> bool) -> Metrics {
+    for _ in 0..100 {
+        let m = scrape(t).await;
+        if ready(&m) {
+            return m;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[test]
+fn the_parser_refuses_what_is_not_exposition_format() {
+    let ok = "# HELP a_total x\n# TYPE a_total counter\na_total{k=\"v \\\"q\\\"\"} 3\n";
+    assert_eq!(parse(ok)[0].labels["k"], "v \"q\"");
+    for bad in [
+        "a_total 3\n",                           // no TYPE
+        "# TYPE a gauge\na{k=v} 1\n",            // unquoted label
+        "# TYPE a gauge\na 1 2 3\n",             // junk value
+        "# TYPE a gauge\na{k=\"v\"}\n",          // no value
+        "# TYPE a gauge\n# TYPE a gauge\na 1\n", // two TYPEs
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_sum 1\nh_count 1\n",
+        "# TYPE h histogram\nh_bucket{le=\"+Inf\"} 2\nh_sum 1\nh_count 1\n",
+    ] {
+        assert!(
+            std::panic::catch_unwind(|| parse(bad)).is_err(),
+            "refused: {bad:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn commands_are_counted_by_type_and_outcome_and_gauges_match_the_ledger() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Metrics Co").await;
+    let ada = t.invite(org, "ada@example.com", "Ada").await;
+    let user = format!("/v1/organizations/{org}/users/{ada}");
+    let before = scrape(&t).await;
+
+    for action in ["deactivate", "reactivate", "deactivate"] {
+        let r = t
+            .post(&format!("{user}/{action}"), &t.admin_key, json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{action}: {}", r.body);
+    }
+    // The aggregate refuses to deactivate a deactivated user.
+    let again = t
+        .post(&format!("{user}/deactivate"), &t.admin_key, json!({}))
+        .await;
+    assert_error(&again, 409);
+
+    let after = scrape(&t).await;
+    let delta = |command: &str, outcome: &str| {
+        after.commands(command, outcome) - before.commands(command, outcome)
+    };
+    assert_eq!(delta("user.deactivate", "ok"), 2.0);
+    assert_eq!(delta("user.deactivate", "rejected"), 1.0);
+    assert_eq!(delta("user.deactivate", "conflict"), 0.0);
+    assert_eq!(delta("user.reactivate", "ok"), 1.0);
+    assert!(after.commands("organization.create", "ok") >= 1.0);
+    for histogram in [
+        "ledgerline_append_latency_seconds_count",
+        "ledgerline_append_batch_commands_count",
+        "ledgerline_append_batch_events_count",
+    ] {
+        assert!(
+            after.value(histogram, &[]) >= before.value(histogram, &[]) + 3.0,
+            "{histogram} counts the three commits"
+        );
+    }
+    let labels: HashSet<&str> = after
+        .0
+        .iter()
+        .filter_map(|s| s.labels.get("command").map(String::as_str))
+        .collect();
+    assert!(
+        labels.iter().all(|l| !l.contains(&org.to_string())),
+        "no ids in labels: {labels:?}"
+    );
+
+    let head = t.head().await as f64;
+    assert_eq!(after.value("ledgerline_database_up", &[]), 1.0);
+    assert_eq!(after.value("ledgerline_ledger_head_position", &[]), head);
+    let caught_up = scrape_until(&t, "every projection at the head", |m| {
+        ledgerline_projections::names().iter().all(|p| {
+            m.projection("ledgerline_projection_position", p) == head
+                && m.projection("ledgerline_projection_lag_events", p) == 0.0
+        })
+    })
+    .await;
+    for p in ledgerline_projections::names() {
+        assert_eq!(
+            caught_up.projection("ledgerline_projection_lag_seconds", p),
+            0.0
+        );
+        assert_eq!(caught_up.projection("ledgerline_projection_failed", p), 0.0);
+        assert_eq!(
+            caught_up.get(
+                "ledgerline_projection_failed_position",
+                &[("projection", p)]
+            ),
+            None
+        );
+    }
+
+    // The maintainer signs a checkpoint of the head within its one-second interval.
+    let signed = scrape_until(&t, "a checkpoint of the head", |m| {
+        m.get("ledgerline_checkpoint_size", &[]) == Some(head)
+    })
+    .await;
+    let (size,): (i64,) = sqlx::query_as("SELECT max(tree_size) FROM checkpoints")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(size as f64, head);
+    let age = signed.value("ledgerline_checkpoint_age_seconds", &[]);
+    assert!((0.0..60.0).contains(&age), "checkpoint age {age}");
+}
+
+#[tokio::test]
+async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Broken Co").await;
+    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    // The users read model refuses the next user: its projection stops on that event.
+    for statement in [
+        "CREATE FUNCTION refuse_user() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'this read model refuses the user'; END $$",
+        "CREATE TRIGGER refuse_user BEFORE INSERT ON users \
+         FOR EACH ROW EXECUTE FUNCTION refuse_user()",
+    ] {
+        sqlx::query(statement).execute(t.pool()).await.unwrap();
+    }
+    let invited = t
+        .post(
+            &format!("/v1/organizations/{org}/users"),
+            &t.admin_key,
+            json!({"email": "ada@example.com", "full_name": "Ada"}),
+        )
+        .await;
+    let (bad,): (i64,) =
+        sqlx::query_as("SELECT max(position) FROM events WHERE event_type = 'UserInvited'")
+            .fetch_one(t.pool())
+            .await
+            .unwrap_or_else(|e| panic!("the invitation is in the ledger ({e}): {}", invited.body));
+
+    let mut ready = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    for _ in 0..100 {
+        if ready.status != 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        ready = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    }
+    assert_error(&ready, 503);
+    let message = ready.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(&format!("users at position {bad}: "))
+            && message.contains("this read model refuses the user"),
+        "{message}"
+    );
+    assert!(!message.contains("organizations"), "{message}");
+
+    // Later events: the stopped projection falls behind, in events and in time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    t.create_org("Later Co").await;
+    let head = t.head().await;
+    let m = scrape_until(&t, "the other projections at the head", |m| {
+        m.projection("ledgerline_projection_lag_events", "organizations") == 0.0
+    })
+    .await;
+    assert_eq!(m.value("ledgerline_ledger_head_position", &[]), head as f64);
+    assert_eq!(m.projection("ledgerline_projection_failed", "users"), 1.0);
+    assert_eq!(
+        m.projection("ledgerline_projection_failed_position", "users"),
+        bad as f64
+    );
+    assert_eq!(
+        m.projection("ledgerline_projection_position", "users"),
+        (bad - 1) as f64
+    );
+    assert_eq!(
+        m.projection("ledgerline_projection_lag_events", "users"),
+        (head - bad + 1) as f64
+    );
+    let lag = m.projection("ledgerline_projection_lag_seconds", "users");
+    assert!((1.0..60.0).contains(&lag), "users lag {lag}s");
+    assert_eq!(
+        m.projection("ledgerline_projection_failed", "organizations"),
+        0.0
+    );
+    assert_eq!(
+        m.projection("ledgerline_projection_lag_seconds", "organizations"),
+        0.0
+    );
+
+    // Fixed and retried, it catches up and the service is ready again.
+    sqlx::query("DROP TRIGGER refuse_user ON users")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        ledgerline_projections::retry(t.pool(), "users")
+            .await
+            .unwrap(),
+        1
+    );
+    let m = scrape_until(&t, "users caught up after the retry", |m| {
+        m.projection("ledgerline_projection_lag_events", "users") == 0.0
+    })
+    .await;
+    assert_eq!(m.projection("ledgerline_projection_failed", "users"), 0.0);
+    assert_eq!(
+        m.projection("ledgerline_projection_lag_seconds", "users"),
+        0.0
+    );
+    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_running_rebuild_shows_its_progress_per_projection() {
+    let t = TestApp::spawn().await;
+    let none = scrape(&t).await;
+    assert!(
+        none.0
+            .iter()
+            .all(|s| !s.name.starts_with("ledgerline_rebuild_")),
+        "no samples without a running job"
+    );
+
+    // A job as `ledgerline projections rebuild` records it, part way through.
+    let head = t.head().await;
+    let job: i64 = sqlx::query_scalar(
+        "INSERT INTO projection_rebuilds (projections, shadow_schema, target_position) \
+         VALUES ('{roles,users}', 'ledgerline_rebuild_metrics_test', $1) RETURNING id",
+    )
+    .bind(head)
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO projection_rebuild_progress (rebuild_id, name, position) \
+         VALUES ($1, 'roles', 2), ($1, 'users', 1)",
+    )
+    .bind(job)
+    .execute(t.pool())
+    .await
+    .unwrap();
+
+    let m = scrape(&t).await;
+    let job = job.to_string();
+    for (projection, position) in [("roles", 2.0), ("users", 1.0)] {
+        let labels = [("job", job.as_str()), ("projection", projection)];
+        assert_eq!(m.value("ledgerline_rebuild_position", &labels), position);
+        assert_eq!(m.value("ledgerline_rebuild_target", &labels), head as f64);
+    }
+    let labels = [("job", job.as_str()), ("projection", "organizations")];
+    assert_eq!(m.get("ledgerline_rebuild_position", &labels), None);
+
+    sqlx::query("UPDATE projection_rebuilds SET status = 'swapped', finished_at = now()")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let done = scrape(&t).await;
+    assert!(
+        done.0
+            .iter()
+            .all(|s| !s.name.starts_with("ledgerline_rebuild_")),
+        "a finished job is no longer shown"
+    );
+}

@@ -1,0 +1,260 @@
+//! Two real `ledgerline serve` processes on one database: commands through both keep the
+//! log gap-free and verifiable, each background job runs in exactly one of them (the
+//! holder of its lease), a command through the other still reads its own writes, and when
+//! the holder is killed the other takes its leases over and keeps projecting.
+
+mod common;
+mod server;
+
+use std::time::{Duration, Instant};
+
+use common::TestDb;
+use reqwest::Method;
+use serde_json::json;
+use server::{
+    call, eventually, id_of, lease_names, leases, ledgerline, positions, projections_at, Server,
+    Setup,
+};
+use tokio::task::JoinSet;
+use uuid::Uuid;
+
+/// Short, so that a takeover after `kill -9` happens within the test.
+const LEASE_TTL_SECS: u64 = 3;
+/// Far longer than any wait here: whatever one process learns of another's work in this
+/// test, it learns from notifications, never from a poll.
+const NO_POLL_MS: u64 = 600_000;
+
+/// Invites a user through `base` and reads it back at once through the same server;
+/// returns (invite status, read status, user id, how long the invite took).
+async fn invite_and_read(
+    client: &reqwest::Client,
+    base: &str,
+    key: &str,
+    org: Uuid,
+) -> (u16, u16, Uuid, Duration) {
+    let email = format!("{}@multi.example", Uuid::new_v4().simple());
+    let started = Instant::now();
+    let r = call(
+        client,
+        base,
+        Method::POST,
+        &format!("/v1/organizations/{org}/users"),
+        key,
+        Some(json!({"email": email, "full_name": "Multi Person"})),
+    )
+    .await
+    .expect("the server answers");
+    let took = started.elapsed();
+    if r.status != 201 {
+        return (r.status, 0, Uuid::nil(), took);
+    }
+    let user = id_of(&r);
+    let read = call(
+        client,
+        base,
+        Method::GET,
+        &format!("/v1/organizations/{org}/users/{user}"),
+        key,
+        None,
+    )
+    .await
+    .expect("the server answers");
+    (r.status, read.status, user, took)
+}
+
+/// Whether every lease exists, is unexpired and is held by `server`.
+async fn all_leases_held_by(pool: &sqlx::PgPool, server: &Server) -> bool {
+    let held = leases(pool).await;
+    held.iter().map(|(n, ..)| n.clone()).collect::<Vec<_>>() == lease_names()
+        && held.iter().all(|(_, h, live)| *live && server.holds(h))
+}
+
+async fn signed_size(pool: &sqlx::PgPool) -> i64 {
+    let (size,): (Option<i64>,) = sqlx::query_as("SELECT max(tree_size) FROM checkpoints")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    size.unwrap_or(0)
+}
+
+#[tokio::test]
+async fn two_servers_share_one_database_and_hand_over_leases() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    let mut a = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    assert!(
+        eventually(Duration::from_secs(20), || all_leases_held_by(&db.pool, &a)).await,
+        "the first server takes every lease: {:?}\n{}",
+        leases(&db.pool).await,
+        a.log_text()
+    );
+    let mut b = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    let client = reqwest::Client::new();
+    let key = setup.admin_key.as_str();
+
+    let r = call(
+        &client,
+        &b.base,
+        Method::POST,
+        "/v1/organizations",
+        key,
+        Some(json!({"name": "Two Processes", "slug": "two-processes"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let org = id_of(&r);
+
+    // Concurrent commands through both servers, each read back at once where it was sent.
+    let mut tasks = JoinSet::new();
+    for task in 0..16 {
+        let client = client.clone();
+        let bases = [a.base.clone(), b.base.clone()];
+        let key = setup.admin_key.clone();
+        tasks.spawn(async move {
+            let mut out = Vec::new();
+            for i in 0..8 {
+                let which = (task + i) % 2;
+                let (created, read, _, _) =
+                    invite_and_read(&client, &bases[which], &key, org).await;
+                out.push((which, created, read));
+            }
+            out
+        });
+    }
+    let results: Vec<(usize, u16, u16)> = tasks.join_all().await.into_iter().flatten().collect();
+    assert_eq!(results.len(), 128);
+    assert!(results.iter().any(|(w, ..)| *w == 1));
+    for (which, created, read) in &results {
+        assert_eq!(*created, 201, "invite through server {which}");
+        assert_eq!(*read, 200, "read-your-writes through server {which}");
+    }
+
+    let (head, gap_free) = positions(&db.pool).await;
+    assert!(gap_free, "positions are exactly 1..={head}");
+    // The organization, its four built-in roles, 128 users, on top of the bootstrap key.
+    assert!(head >= 1 + 5 + 128, "head {head}");
+    assert!(
+        projections_at(&db.pool, head).await,
+        "every command waited for every projection, so all are at the head"
+    );
+    let (code, out, err) = ledgerline(&db.url, &["verify"]).await;
+    assert_eq!(code, 0, "verify: {out}{err}");
+    assert!(out.contains(&format!("{head} events verified")), "{out}");
+
+    // B neither ran a projection nor the maintainer, yet read its own writes at once.
+    assert!(
+        all_leases_held_by(&db.pool, &a).await,
+        "{:?}",
+        leases(&db.pool).await
+    );
+    let mut quiet = Vec::new();
+    for _ in 0..5 {
+        let (created, read, _, took) = invite_and_read(&client, &b.base, key, org).await;
+        assert_eq!((created, read), (201, 200), "a command through B alone");
+        quiet.push(took);
+    }
+    println!("commands through the follower B took {quiet:?}");
+    let b_log = b.log_text();
+    assert!(
+        !b_log.contains("lease acquired"),
+        "B took no lease while A held them:\n{b_log}"
+    );
+    assert!(
+        !b_log.contains("did not catch up in time"),
+        "B's read-your-writes never timed out:\n{b_log}"
+    );
+    // Secondary, generous: B waited for A's notifications, not for a poll or a timeout.
+    assert!(
+        quiet.iter().all(|t| *t < Duration::from_secs(2)),
+        "{quiet:?}"
+    );
+    // A's maintainer integrates and signs what B committed (it signs every second).
+    let (head, _) = positions(&db.pool).await;
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            signed_size(&db.pool).await == head
+        })
+        .await,
+        "a checkpoint of the head {head} is signed"
+    );
+
+    // The holder dies without a word; B takes every lease once they expire.
+    a.kill9().await;
+    let killed = Instant::now();
+    assert!(
+        eventually(Duration::from_secs(30), || all_leases_held_by(&db.pool, &b)).await,
+        "B takes the leases over: {:?}\n{}",
+        leases(&db.pool).await,
+        b.log_text()
+    );
+    println!(
+        "B held every lease {:?} after A was killed",
+        killed.elapsed()
+    );
+    assert_eq!(
+        b.log_text().matches("lease acquired").count(),
+        lease_names().len(),
+        "each lease acquired once, by B"
+    );
+    for _ in 0..3 {
+        let (created, read, _, _) = invite_and_read(&client, &b.base, key, org).await;
+        assert_eq!(
+            (created, read),
+            (201, 200),
+            "B projects its own commands now"
+        );
+    }
+    let (head, gap_free) = positions(&db.pool).await;
+    assert!(gap_free);
+    assert!(projections_at(&db.pool, head).await);
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            signed_size(&db.pool).await == head
+        })
+        .await,
+        "B's maintainer signs the new head {head}"
+    );
+    let (code, out, err) = ledgerline(&db.url, &["verify"]).await;
+    assert_eq!(code, 0, "verify: {out}{err}");
+
+    // A graceful stop gives the leases back at once.
+    assert_eq!(b.terminate().await, 0, "{}", b.log_text());
+    assert!(
+        leases(&db.pool).await.is_empty(),
+        "released on shutdown: {:?}",
+        leases(&db.pool).await
+    );
+}
+
+#[tokio::test]
+async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    // A TTL far beyond the test's patience: only a release lets B in.
+    let mut a = Server::start(&setup, 600, NO_POLL_MS).await;
+    assert!(eventually(Duration::from_secs(20), || all_leases_held_by(&db.pool, &a)).await);
+    let b = Server::start(&setup, 600, NO_POLL_MS).await;
+    assert!(all_leases_held_by(&db.pool, &a).await);
+    assert_eq!(a.terminate().await, 0, "{}", a.log_text());
+    assert!(
+        eventually(Duration::from_secs(20), || all_leases_held_by(&db.pool, &b)).await,
+        "B takes the released leases without waiting for a TTL: {:?}\n{}",
+        leases(&db.pool).await,
+        b.log_text()
+    );
+    let client = reqwest::Client::new();
+    let r = call(
+        &client,
+        &b.base,
+        Method::POST,
+        "/v1/organizations",
+        &setup.admin_key,
+        Some(json!({"name": "After Handover", "slug": "after-handover"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (head, _) = positions(&db.pool).await;
+    assert!(projections_at(&db.pool, head).await);
+}
