@@ -19,6 +19,10 @@
 //!   and keep it: seeded only while its log is shorter than asked, so that a seeded log
 //!   serves many runs.
 //! - `LEDGERLINE_BENCH_EVENTS`: events in the log (default 1,000,000).
+//! - `LEDGERLINE_BENCH_GROW_FROM`: instead of seeding the rest through the API, append
+//!   tenant-disjoint copies of the log's first N events (fresh ids, same mix and stream
+//!   shapes; `support::amplify`) until the log holds `LEDGERLINE_BENCH_EVENTS`: minutes
+//!   instead of an hour on a shared 2-core machine.
 //! - `LEDGERLINE_BENCH_RUNS`: rebuilds measured (default 2).
 //! - `LEDGERLINE_BENCH_BASELINE_EVENTS`: events the baseline replays (default 50,000).
 //! - `LEDGERLINE_BENCH_SEEDERS`: concurrent seeding tasks (default 48).
@@ -263,10 +267,24 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
     let before = head(pool).await?;
     let posted_before = posted(pool).await?;
     let mut posts_answered = None;
+    let grow_from = env_num("LEDGERLINE_BENCH_GROW_FROM", 0i64)?;
     if before >= events {
         println!(
             "database: {database}: REUSED, its log has {before} events (>= {events} asked): not seeded"
         );
+    } else if grow_from > 0 && before >= grow_from {
+        println!(
+            "database: {database}: {before} events seeded through the API; growing to {events} \
+             with tenant-disjoint copies of its first {grow_from} (support::amplify)"
+        );
+        let started = Instant::now();
+        support::amplify::amplify(pool, grow_from, events).await?;
+        println!(
+            "grew the log to {} events in {:.0} s",
+            head(pool).await?,
+            started.elapsed().as_secs_f64()
+        );
+        vacuum(pool).await?;
     } else {
         println!(
             "database: {database} ({}): {before} events, seeding to {events} with {seeders} tasks over {orgs} organizations",

@@ -783,3 +783,61 @@ async fn the_swap_waits_out_a_long_reader() {
     assert_eq!(summary.position, t.head().await);
     assert_eq!(snapshot(&t).await, live);
 }
+
+/// A migration that changes a live table while its copy is being built: the swap refuses
+/// the stale copy (it would lose the new column), abandons the job, and leaves the live
+/// table as migrated.
+#[tokio::test]
+async fn a_swap_refuses_copies_of_tables_a_migration_changed_meanwhile() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let options = RebuildOptions {
+        batch_size: 1,
+        swap_tail: 0,
+    };
+    let progress = Arc::new(Progress::default());
+    let rebuild = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress);
+    let migrate = async {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let started: Option<i64> =
+                    sqlx::query_scalar("SELECT max(position) FROM projection_rebuild_progress")
+                        .fetch_one(t.pool())
+                        .await
+                        .unwrap();
+                if started.is_some_and(|p| p > 0) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the rebuild started");
+        sqlx::query("ALTER TABLE users ADD COLUMN nickname text")
+            .execute(t.pool())
+            .await
+            .unwrap();
+    };
+    let (result, ()) = tokio::join!(rebuild, migrate);
+    let error = result.unwrap_err();
+    assert!(
+        matches!(&error, RunError::LiveTablesChanged(table) if table == "users"),
+        "{error}"
+    );
+    let status: String = sqlx::query_scalar("SELECT status FROM projection_rebuilds")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(status, "abandoned");
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
+    let kept: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.columns \
+         WHERE table_schema = 'public' AND table_name = 'users' AND column_name = 'nickname'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(kept, 1);
+}

@@ -11,6 +11,8 @@ use uuid::Uuid;
 
 // Each bench binary compiles this folder and uses its own part of it.
 #[allow(dead_code)]
+pub mod amplify;
+#[allow(dead_code)]
 pub mod api;
 #[allow(dead_code)]
 pub mod mixed_log;

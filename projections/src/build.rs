@@ -246,9 +246,41 @@ pub(crate) async fn column_signature(
     .await
 }
 
+/// Everything that makes `schema.table` what a migration made it: columns, constraints
+/// and indexes, as one comparable text. The swap refuses a copy whose layout is not the
+/// live table's, e.g. after a migration ran while the job was under way.
+pub(crate) async fn layout(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<String> {
+    let columns = column_signature(conn, schema, table).await?;
+    let constraints: Vec<String> = sqlx::query_scalar(
+        "SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = $1::regclass ORDER BY conname",
+    )
+    .bind(format!("{schema}.{table}"))
+    .fetch_all(&mut *conn)
+    .await?;
+    let indexes: Vec<String> = index_definitions(conn, schema, table)
+        .await?
+        .into_iter()
+        .map(|(name, definition)| format!("{name}: {definition}"))
+        .collect();
+    Ok(format!(
+        "columns {}; constraints {}; indexes {}",
+        columns.unwrap_or_default(),
+        constraints.join(", "),
+        indexes.join(", ")
+    ))
+}
+
 /// A pool whose connections resolve unqualified names in `schema` first. Its commits do
 /// not wait for the WAL flush: a batch and its recorded position commit together, so a
-/// server crash loses both, and the job redoes them when resumed.
+/// server crash loses both, and the job redoes them when resumed. Every statement is
+/// planned for its own parameters: the tables start empty, and a generic plan cached then
+/// (a sequential scan is cheapest on an empty table) would scan the whole table on every
+/// execution by the end.
 pub(crate) async fn schema_pool(
     pool: &PgPool,
     schema: &str,
@@ -257,6 +289,7 @@ pub(crate) async fn schema_pool(
     let options = (*pool.connect_options()).clone().options([
         ("search_path", format!("{schema},public")),
         ("synchronous_commit", "off".to_string()),
+        ("plan_cache_mode", "force_custom_plan".to_string()),
     ]);
     PgPoolOptions::new()
         .max_connections(connections)

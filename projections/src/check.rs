@@ -124,10 +124,23 @@ async fn compare_with_rebuild(
 
     let mut conn = build::schema_connection(pool, schema).await?;
     let mut tx = conn.begin().await?;
-    // One snapshot for the checkpoints, the tail of the log and the live tables.
+    // One snapshot for the checkpoints, the tail of the log and the live tables. The table
+    // locks come first (they take no snapshot): a rebuild's swap then either finishes before
+    // the snapshot is taken or waits until the comparison is done, and never replaces a
+    // table under it.
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         .execute(&mut *tx)
         .await?;
+    let live: Vec<String> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().map(|t| format!("public.{t}")))
+        .collect();
+    sqlx::query(&format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE",
+        live.join(", ")
+    ))
+    .execute(&mut *tx)
+    .await?;
     let now = live_checkpoints(&mut *tx, projections).await?;
     let mut report = CheckReport {
         projections: Vec::new(),
@@ -142,11 +155,11 @@ async fn compare_with_rebuild(
         .fetch_all(&mut *tx)
         .await?;
         if let Err((index, error)) = projection.apply_many(&mut tx, &tail).await {
-            return Err(RunError::Failed {
-                name: projection.name(),
-                position: tail[index].position,
-                error: error.to_string(),
-            });
+            return Err(RunError::of_event(
+                projection.name(),
+                tail[index].position,
+                error,
+            ));
         }
         let mut tables = Vec::new();
         for &table in projection.tables() {

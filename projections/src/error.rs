@@ -61,6 +61,21 @@ fn is_transient_sql(e: &sqlx::Error) -> bool {
 }
 
 /// Why running projections did not complete.
+impl RunError {
+    /// A projection could not apply the event at `position`: stopped there, unless the
+    /// failure belongs to the moment (see [`ProjectionError::into_transient`]).
+    pub(crate) fn of_event(name: &'static str, position: i64, error: ProjectionError) -> Self {
+        match error.into_transient() {
+            Ok(e) => RunError::Sql(e),
+            Err(error) => RunError::Failed {
+                name,
+                position,
+                error: error.to_string(),
+            },
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("database error: {0}")]
@@ -88,4 +103,10 @@ pub enum RunError {
         projections.join(" ")
     )]
     RebuildInProgress { job: i64, projections: Vec<String> },
+    /// A migration changed a live table while its copy was being built.
+    #[error(
+        "the live table `{0}` changed since the rebuild began (a migration?): the job is \
+         abandoned; run the rebuild again"
+    )]
+    LiveTablesChanged(String),
 }

@@ -3,14 +3,15 @@
 //! per-event code in `messaging.rs` stays the definition; this must give the same tables
 //! (`projections/tests/messaging.rs` applies the same logs both ways and compares).
 //!
-//! Why reordering is safe: between two events that touch a conversation's settings or
-//! participants, or erase a user, or delete a message (boundaries, applied one by one),
-//! message events of different messages touch disjoint rows, except for what they add up
-//! in common rows, and those sums commute: a conversation's `message_count` (+1 per post),
-//! its `last_message_at` (the greatest) and a participant's read mark (only moves forward,
-//! to the greatest position read). So each message's events keep their order, in "waves"
-//! (the first event of every message in the segment, then the second, ...), and the events
-//! of one wave are applied by kind, one statement each.
+//! Why reordering is safe: between two events that add or remove a participant (boundaries:
+//! what was pending is applied first, then the event), message events of different
+//! messages touch disjoint rows, except for what they add up in common rows, and those sums
+//! commute: a conversation's `message_count` (+1 per post, -1 per deletion), its
+//! `last_message_at` (the greatest) and a participant's read mark (only moves forward, to
+//! the greatest position read). So each message's events keep their order, in "waves" (the
+//! first event of every message in the segment, then the second, ...), and the events of
+//! one wave are applied by kind, one statement each. The other conversation events and
+//! user erasures write nothing a message event writes, and are applied where they come.
 //!
 //! Anything unexpected (an event that does not decode, a statement that fails or touches
 //! fewer rows than it must) undoes the bulk work to a savepoint and applies the batch one
@@ -121,29 +122,30 @@ struct Item<'e> {
 async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     let mut segment: Vec<Item> = Vec::new();
     for event in events {
-        let item = match event.aggregate_type.as_str() {
-            "Message" => {
-                let kind = decode::payload::<MessageEvent>(event)?;
-                match kind {
-                    MessageEvent::MessageDeleted { .. } => None,
-                    kind => Some(Item {
-                        event,
-                        message: decode::aggregate_id(event)?,
-                        kind,
-                    }),
-                }
-            }
-            "Conversation" => None,
-            "User" if event.event_type == "UserErased" => None,
-            // Nothing else reaches this projection's tables.
-            _ => continue,
-        };
-        match item {
-            Some(item) => segment.push(item),
-            None => {
+        match event.aggregate_type.as_str() {
+            "Message" => segment.push(Item {
+                event,
+                message: decode::aggregate_id(event)?,
+                kind: decode::payload::<MessageEvent>(event)?,
+            }),
+            // Who takes part decides what a read mark does and where a newcomer's mark
+            // starts: everything before it must have been applied.
+            "Conversation"
+                if matches!(
+                    event.event_type.as_str(),
+                    "ParticipantAdded" | "ParticipantRemoved"
+                ) =>
+            {
                 waves(conn, std::mem::take(&mut segment)).await?;
                 messaging::apply(conn, event).await?;
             }
+            // The other conversation events write columns no message event writes (the
+            // settings, status, version, a participant's role or muting), and erasing a
+            // user only deletes key rows: they commute with the pending message events.
+            "Conversation" => messaging::apply(conn, event).await?,
+            "User" if event.event_type == "UserErased" => messaging::apply(conn, event).await?,
+            // Nothing else reaches this projection's tables.
+            _ => {}
         }
     }
     waves(conn, segment).await
@@ -213,12 +215,23 @@ impl Touches {
     }
 }
 
+/// Deleted messages: who deleted them, when.
+#[derive(Default)]
+struct Deletes {
+    message: Vec<Uuid>,
+    conversation: Vec<Uuid>,
+    version: Vec<i64>,
+    by: Vec<Option<Uuid>>,
+    at: Vec<DateTime<Utc>>,
+}
+
 async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), GiveUp> {
     let mut posts = Posts::default();
     let mut added = Touches::default();
     let mut removed = Touches::default();
     let mut reads = Touches::default();
     let mut edits = Touches::default();
+    let mut deletes = Deletes::default();
     for item in &wave {
         let e = item.event;
         match &item.kind {
@@ -276,7 +289,16 @@ async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), 
                 conversation_id,
                 content,
             } => edits.push(item, *conversation_id, Uuid::nil(), content.0.clone()),
-            MessageEvent::MessageDeleted { .. } => return Err(GiveUp::Uncovered),
+            MessageEvent::MessageDeleted {
+                conversation_id,
+                by,
+            } => {
+                deletes.message.push(item.message);
+                deletes.conversation.push(*conversation_id);
+                deletes.version.push(e.sequence);
+                deletes.by.push(*by);
+                deletes.at.push(e.recorded_at);
+            }
         }
     }
     insert_posts(conn, &posts).await?;
@@ -284,6 +306,7 @@ async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), 
     remove_reactions(conn, &removed).await?;
     mark_read(conn, &reads).await?;
     edit(conn, &edits).await?;
+    delete(conn, &deletes).await?;
     Ok(())
 }
 
@@ -453,4 +476,47 @@ async fn edit(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
     .execute(&mut *conn)
     .await?;
     exactly(t.message.len(), done.rows_affected() as i64)
+}
+
+/// As the per-event code: the content and file names cleared, the message key destroyed
+/// (crypto-shredding, see messaging.rs), the conversation's count lowered. Each message must
+/// have been there and not deleted, each conversation there.
+async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
+    if d.message.is_empty() {
+        return Ok(());
+    }
+    let (deleted, conversations, lowered): (i64, i64, i64) = sqlx::query_as(
+        "WITH t AS ( \
+             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bigint[], $4::uuid[], \
+             $5::timestamptz[]) AS t(message_id, conversation_id, version, by, at) \
+         ), m AS ( \
+             UPDATE messages SET content_sealed = NULL, deleted_at = t.at, deleted_by = t.by, \
+             version = t.version FROM t \
+             WHERE messages.id = t.message_id AND messages.conversation_id = t.conversation_id \
+             AND messages.deleted_at IS NULL RETURNING messages.id, messages.conversation_id \
+         ), attachments AS ( \
+             UPDATE message_attachments a SET file_name_sealed = NULL FROM m \
+             WHERE a.message_id = m.id \
+         ), keys AS ( \
+             DELETE FROM message_keys k USING m WHERE k.message_id = m.id \
+         ), conversation AS ( \
+             UPDATE conversations c SET message_count = c.message_count - x.n \
+             FROM (SELECT conversation_id, count(*) AS n FROM t GROUP BY conversation_id) x \
+             WHERE c.id = x.conversation_id RETURNING c.id \
+         ) \
+         SELECT (SELECT count(*) FROM m), (SELECT count(DISTINCT conversation_id) FROM t), \
+                (SELECT count(*) FROM conversation)",
+    )
+    .bind(&d.message)
+    .bind(&d.conversation)
+    .bind(&d.version)
+    .bind(&d.by)
+    .bind(&d.at)
+    .fetch_one(&mut *conn)
+    .await?;
+    exactly(d.message.len(), deleted)?;
+    exactly(
+        usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
+        lowered,
+    )
 }

@@ -170,6 +170,14 @@ pub async fn rebuild(
         }
         let mut conn = build::dedicated_connection(pool).await?;
         build::create_missing_indexes(&mut conn, &job.schema, &projections).await?;
+        // Statistics and a visibility map before the tables serve: the planner's estimates
+        // and index-only scans (unread counts) depend on them, and this server may run
+        // without autovacuum.
+        for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+            sqlx::query(&format!("VACUUM (ANALYZE) {}.{table}", job.schema))
+                .execute(&mut conn)
+                .await?;
+        }
         conn.close().await?;
         // Events that arrived while the indexes were built.
         let target = head(pool).await?;
@@ -187,6 +195,10 @@ pub async fn rebuild(
     }
     .await;
     shadow.close().await;
+    if let Err(RunError::LiveTablesChanged(_)) = &result {
+        // The copies can never be swapped in; the next run starts afresh.
+        abandon(&mut lock, &job).await?;
+    }
     let position = result?;
     tracing::info!(job = job.id, position, "rebuilt tables swapped in");
     Ok(RebuildSummary {
@@ -327,7 +339,8 @@ async fn swap_when_quiet(
     loop {
         match swap(pool, job, projections).await {
             Err(RunError::Sql(sqlx::Error::Database(e)))
-                if e.code().as_deref() == Some(LOCK_NOT_AVAILABLE) && attempt < SWAP_ATTEMPTS =>
+                if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref()))
+                    && attempt < SWAP_ATTEMPTS =>
             {
                 tracing::info!(attempt, "the live tables are busy; trying the swap again");
                 attempt += 1;
@@ -339,10 +352,13 @@ async fn swap_when_quiet(
 }
 
 /// How long the swap waits for the live tables' lock before it backs off and tries again.
-const LOCK_WAIT: &str = "1s";
+/// Under `deadlock_timeout` (1 s by default), so that a reader that goes on to a table the
+/// swap holds is not cancelled as a deadlock.
+const LOCK_WAIT: &str = "500ms";
 const SWAP_ATTEMPTS: u64 = 10;
-/// SQLSTATE lock_not_available, raised when `lock_timeout` expires.
-const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// SQLSTATEs after which the swap backs off and tries again: lock_not_available (the
+/// `lock_timeout` expired) and deadlock_detected.
+const BACK_OFF: [&str; 2] = ["55P03", "40P01"];
 
 /// The swap, in one transaction: hold the live projections back (their checkpoint rows),
 /// apply the events that arrived since the last batch to the shadow tables, replace the
@@ -391,11 +407,11 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
             .map_or(0, |(_, p)| *p);
         let start = tail.partition_point(|e| e.position <= at);
         if let Err((index, error)) = projection.apply_many(&mut tx, &tail[start..]).await {
-            return Err(RunError::Failed {
-                name: projection.name(),
-                position: tail[start + index].position,
-                error: error.to_string(),
-            });
+            return Err(RunError::of_event(
+                projection.name(),
+                tail[start + index].position,
+                error,
+            ));
         }
     }
     let live: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
@@ -408,6 +424,13 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
     ))
     .execute(&mut *tx)
     .await?;
+    for table in &tables {
+        let shadow = build::layout(&mut tx, &job.schema, table).await?;
+        let now = build::layout(&mut tx, "public", table).await?;
+        if shadow != now {
+            return Err(RunError::LiveTablesChanged(table.to_string()));
+        }
+    }
     sqlx::query(&format!("DROP TABLE {}", live.join(", ")))
         .execute(&mut *tx)
         .await?;
@@ -419,7 +442,8 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
         .execute(&mut *tx)
         .await?;
     }
-    sqlx::query(&format!("DROP SCHEMA {}", job.schema))
+    // With whatever a newer binary no longer counts among the projection's tables.
+    sqlx::query(&format!("DROP SCHEMA {} CASCADE", job.schema))
         .execute(&mut *tx)
         .await?;
     // Other processes waiting on these projections learn of the jump when this commits.

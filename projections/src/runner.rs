@@ -79,21 +79,11 @@ async fn batch(
 ) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
-    // The batch notifies its checkpoint (see `advance`), and PostgreSQL serialises the
-    // commits of notifying transactions, flush included: waiting for the WAL flush here
-    // would hold up the writer's commits. Read models are derived from the log and commit
-    // atomically with their checkpoint, so a database crash that loses this commit only
-    // makes the projection apply the batch again.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
-    if let Some(holder) = holder {
-        if !crate::lease::fence(&mut tx, &format!("projection:{name}"), holder).await? {
-            return Err(RunError::NotLeaseHolder(name));
-        }
+    let (fenced, checkpoint, failure) = open(&mut tx, name, holder).await?;
+    if !fenced {
+        return Err(RunError::NotLeaseHolder(name));
     }
-    let checkpoint = lock_checkpoint(&mut tx, name).await?;
-    if let Some(failure) = first_failure(&mut tx, name).await? {
+    if let Some(failure) = failure {
         tx.commit().await?;
         return Ok(BatchOutcome::Failed {
             checkpoint,
@@ -203,6 +193,61 @@ async fn stop_at(
             failure,
         });
     }
+}
+
+/// Opens a batch in one round trip, which matters because the live projector runs a batch
+/// per projection after every commit of the writer. It
+/// - makes the batch commit without waiting for the WAL flush: the batch notifies its
+///   checkpoint (see `advance`), and PostgreSQL serialises the commits of notifying
+///   transactions, flush included, which would hold up the writer's commits. Read models
+///   commit atomically with their checkpoint, so a crash that loses this commit only makes
+///   the projection apply the batch again;
+/// - checks that `holder` (if any) holds the projection's lease, and keeps it from changing
+///   hands until the batch ends (`lease::fence`);
+/// - locks the checkpoint (created at 0 if new) and reads the first recorded failure (also
+///   locked, so that one a swap or reset is deleting meanwhile is waited for and skipped
+///   rather than read from the statement's older snapshot).
+async fn open(
+    tx: &mut Transaction<'_, Postgres>,
+    name: &'static str,
+    holder: Option<&str>,
+) -> Result<(bool, i64, Option<ProjectionFailure>), RunError> {
+    type Row = (
+        bool,
+        Option<i64>,
+        Option<i64>,
+        Option<String>,
+        Option<DateTime<Utc>>,
+    );
+    let (fenced, checkpoint, position, error, failed_at): Row = sqlx::query_as(
+        "SELECT \
+         ($2::text IS NULL OR EXISTS (SELECT 1 FROM leases WHERE name = $3 AND holder = $2 \
+              AND expires_at > clock_timestamp() FOR SHARE)) \
+           AND set_config('synchronous_commit', 'off', true) = 'off', \
+         (SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE), \
+         f.position, f.error, f.failed_at \
+         FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT position, error, failed_at \
+              FROM projection_failures WHERE name = $1 ORDER BY position LIMIT 1 \
+              FOR SHARE) f ON true",
+    )
+    .bind(name)
+    .bind(holder)
+    .bind(format!("projection:{name}"))
+    .fetch_one(&mut **tx)
+    .await?;
+    let checkpoint = match checkpoint {
+        Some(position) => position,
+        None => lock_checkpoint(tx, name).await?,
+    };
+    let failure = match (position, error, failed_at) {
+        (Some(position), Some(error), Some(failed_at)) => Some(ProjectionFailure {
+            position,
+            error,
+            failed_at,
+        }),
+        _ => None,
+    };
+    Ok((fenced, checkpoint, failure))
 }
 
 /// The projection's checkpoint, locked until the transaction ends (created at 0 if new).

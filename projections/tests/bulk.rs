@@ -196,7 +196,20 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
                         by: Some(users[0]),
                     }
                 } else {
-                    ConversationEvent::ParticipantMuted { user_id: user }
+                    match rng.below(3) {
+                        0 => ConversationEvent::ParticipantMuted { user_id: user },
+                        1 => ConversationEvent::ConversationUpdated {
+                            before: ConversationSpec {
+                                title: Some("t".into()),
+                                description: None,
+                            },
+                            after: ConversationSpec {
+                                title: Some(format!("t{}", rng.below(9))),
+                                description: None,
+                            },
+                        },
+                        _ => ConversationEvent::ConversationArchived {},
+                    }
                 };
                 ledger
                     .append("Conversation", conversation, &change, &actor)
