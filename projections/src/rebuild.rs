@@ -143,27 +143,25 @@ pub async fn rebuild(
     tracing::info!(job = job.id, projections = ?wanted, resumed, "rebuilding");
 
     let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
+    // Brings every lane of the job to the head as it is now; returns that head.
+    let catch_up = || async {
+        let target = head(pool).await?;
+        sqlx::query("UPDATE projection_rebuilds SET target_position = $2 WHERE id = $1")
+            .bind(job.id)
+            .bind(target)
+            .execute(pool)
+            .await?;
+        let lanes = lanes(pool, job.id, &projections, target).await?;
+        progress.start(&lanes);
+        let record = Record::Job(job.id);
+        build::build(pool, &shadow, &lanes, options.batch_size, record, progress).await?;
+        Ok::<_, RunError>(target)
+    };
     let result = async {
         // Catch up without holding anything back, until what is left is small enough for
         // the swap to apply under its locks.
         loop {
-            let target = head(pool).await?;
-            sqlx::query("UPDATE projection_rebuilds SET target_position = $2 WHERE id = $1")
-                .bind(job.id)
-                .bind(target)
-                .execute(pool)
-                .await?;
-            let lanes = lanes(pool, job.id, &projections, target).await?;
-            progress.start(&lanes);
-            build::build(
-                pool,
-                &shadow,
-                &lanes,
-                options.batch_size,
-                Record::Job(job.id),
-                progress,
-            )
-            .await?;
+            let target = catch_up().await?;
             if head(pool).await? - target <= options.swap_tail {
                 break;
             }
@@ -180,17 +178,7 @@ pub async fn rebuild(
         }
         conn.close().await?;
         // Events that arrived while the indexes were built.
-        let target = head(pool).await?;
-        let lanes = lanes(pool, job.id, &projections, target).await?;
-        build::build(
-            pool,
-            &shadow,
-            &lanes,
-            options.batch_size,
-            Record::Job(job.id),
-            progress,
-        )
-        .await?;
+        catch_up().await?;
         swap_when_quiet(pool, &job, &projections).await
     }
     .await;

@@ -389,17 +389,7 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
 /// the start of the log. `permissions` (reference data) and `subject_keys` (destroyed keys
 /// must stay destroyed) are never touched.
 pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError> {
-    let mut projections = match names {
-        None => Projection::ALL.to_vec(),
-        Some(names) => names
-            .iter()
-            .map(|n| {
-                Projection::from_name(n).ok_or_else(|| RunError::UnknownProjection(n.to_string()))
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-    projections.sort_by_key(|p| p.name());
-    projections.dedup();
+    let projections = crate::rebuild::resolve(names)?;
     if projections.is_empty() {
         return Ok(());
     }
