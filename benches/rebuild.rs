@@ -103,10 +103,11 @@ async fn check(pool: &PgPool, what: &str, head: i64, want: &Counts) -> anyhow::R
 struct Rebuilt {
     secs: f64,
     /// Until the job had started (lock, job row, shadow schema), the build, and from the
-    /// moment every projection reached the target to the return (mostly the swap).
+    /// moment every projection reached the target to the return: what the job does after
+    /// the build (secondary indexes, statistics of the copies) and the swap.
     setup: Option<f64>,
     build: Option<f64>,
-    swap: Option<f64>,
+    finish: Option<f64>,
     busy: String,
 }
 
@@ -155,7 +156,7 @@ async fn measure_rebuild(pool: &PgPool, head: i64) -> anyhow::Result<Rebuilt> {
         build: job_started
             .zip(built)
             .map(|(a, b)| b.duration_since(a).as_secs_f64()),
-        swap: built.map(|b| secs - since(b)),
+        finish: built.map(|b| secs - since(b)),
         busy,
     })
 }
@@ -373,12 +374,12 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
         let r = measure_rebuild(pool, head).await?;
         let phase = |p: Option<f64>| p.map_or("?".to_string(), |s| format!("{s:.1} s"));
         println!(
-            "rebuild run {i}: {head} events in {:.1} s = {:.0} events/s (job start {}, build {}, swap {}; machine {} busy)",
+            "rebuild run {i}: {head} events in {:.1} s = {:.0} events/s (job start {}, build {}, indexes, statistics and swap {}; machine {} busy)",
             r.secs,
             head as f64 / r.secs,
             phase(r.setup),
             phase(r.build),
-            r.swap.map_or("?".to_string(), |s| format!("{:.3} s", s)),
+            r.finish.map_or("?".to_string(), |s| format!("{:.3} s", s)),
             r.busy
         );
         problems.extend(check(pool, &format!("rebuild run {i}"), head, &reference).await?);
@@ -428,10 +429,10 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
     let rates: Vec<f64> = rebuilt.iter().map(|r| head as f64 / r.secs).collect();
     for (i, (r, rate)) in rebuilt.iter().zip(&rates).enumerate() {
         println!(
-            "rebuild run {}: {rate:.0} events/s ({:.1} s; swap {}; machine {} busy)",
+            "rebuild run {}: {rate:.0} events/s ({:.1} s; after the build: indexes, statistics and swap {}; machine {} busy)",
             i + 1,
             r.secs,
-            r.swap.map_or("?".to_string(), |s| format!("{:.3} s", s)),
+            r.finish.map_or("?".to_string(), |s| format!("{:.3} s", s)),
             r.busy
         );
     }

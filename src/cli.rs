@@ -114,6 +114,17 @@ pub async fn bootstrap_key(
     app: &App,
     label: &str,
 ) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
+    platform_key(app, label, true).await
+}
+
+/// Issues a platform key (every permission grantable) and returns its secret. Only the
+/// `bootstrap` one is limited to one per ledger; others are for tools that already hold the
+/// database, such as benchmarks reusing a seeded one.
+pub async fn platform_key(
+    app: &App,
+    label: &str,
+    bootstrap: bool,
+) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
     let id = Uuid::new_v4();
     let secret = keys::generate();
     let all: PermissionSet = Permission::ALL.into_iter().collect();
@@ -126,7 +137,7 @@ pub async fn bootstrap_key(
         expires_at: None,
         prefix: secret.prefix,
         secret_hash: secret.hash,
-        bootstrap: true,
+        bootstrap,
         grantable: all,
         now: Utc::now(),
     };

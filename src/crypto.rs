@@ -184,9 +184,12 @@ impl Vault {
         let mut k = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut k);
         let wrapped = seal_with(&author.cipher(), &message_key_aad(message_id), &k);
+        // Committed without waiting for the WAL flush: the post's event commits after it,
+        // synchronously, and flushing its commit flushes this earlier one too. A crash
+        // before that loses the key of a message that was never posted.
         sqlx::query(
             "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
-             VALUES ($1, $2, $3, $4)",
+             SELECT $1, $2, $3, $4 FROM (SELECT set_config('synchronous_commit', 'off', true)) s",
         )
         .bind(message_id)
         .bind(author_id)
@@ -213,8 +216,17 @@ impl Vault {
         .bind(messages)
         .fetch_all(db)
         .await?;
+        Ok(self.open_message_keys(rows))
+    }
+
+    /// Unwraps message keys read with their authors' keys, as `(message, its wrapped key,
+    /// author, the author's wrapped key)`: for readers that fetch them with the messages.
+    pub fn open_message_keys(
+        &self,
+        rows: impl IntoIterator<Item = (Uuid, Vec<u8>, Uuid, Vec<u8>)>,
+    ) -> HashMap<Uuid, DataKey> {
         let mut authors: HashMap<Uuid, Option<DataKey>> = HashMap::new();
-        let mut out = HashMap::with_capacity(rows.len());
+        let mut out = HashMap::new();
         for (message, wrapped, author, author_wrapped) in rows {
             let author_key = authors
                 .entry(author)
@@ -229,7 +241,7 @@ impl Vault {
                 _ => tracing::error!(%message, "{}", KeyError::Unwrap),
             }
         }
-        Ok(out)
+        out
     }
 
     /// Deletes a message's key row: its content and file names become unreadable.

@@ -420,11 +420,14 @@ async fn schemas_like(t: &TestApp, pattern: &str) -> Vec<String> {
         .unwrap()
 }
 
+/// How far each projection has got (its checkpoint, past the events it does not read).
 async fn checkpoints(t: &TestApp) -> Vec<(String, i64)> {
-    sqlx::query_as("SELECT name, position FROM projection_checkpoints ORDER BY name")
-        .fetch_all(t.pool())
+    ledgerline_projections::status(t.pool())
         .await
         .unwrap()
+        .into_iter()
+        .map(|s| (s.name.to_string(), s.position))
+        .collect()
 }
 
 async fn any_org(t: &TestApp) -> Uuid {

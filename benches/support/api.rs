@@ -88,7 +88,7 @@ pub async fn serve(pool: PgPool) -> anyhow::Result<Served> {
         )
         .await
     });
-    let admin_key = ledgerline::cli::bootstrap_key(&app, "bench operator").await?;
+    let admin_key = operator_key(&app).await?;
     let api = Api {
         client: reqwest::Client::new(),
         base: format!("http://{addr}"),
@@ -99,6 +99,17 @@ pub async fn serve(pool: PgPool) -> anyhow::Result<Served> {
         api,
         admin_key,
     })
+}
+
+/// A platform operator's key: the bootstrap key on a fresh ledger, another platform key
+/// on one bootstrapped before (a bench database seeded again).
+async fn operator_key(app: &App) -> anyhow::Result<String> {
+    if let Ok(secret) = ledgerline::cli::bootstrap_key(app, "bench operator").await {
+        return Ok(secret);
+    }
+    ledgerline::cli::platform_key(app, "bench operator", false)
+        .await
+        .map_err(|e| anyhow::anyhow!("issuing a platform key: {e}"))
 }
 
 impl Served {

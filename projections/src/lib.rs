@@ -17,6 +17,7 @@ mod projection;
 mod projector;
 mod rebuild;
 mod runner;
+mod tail;
 
 pub mod api_keys;
 pub mod audit_events;

@@ -56,6 +56,45 @@ impl Projection {
         }
     }
 
+    /// What the projection reads: whole aggregate types, and single `Aggregate.EventType`s
+    /// of others; `None` for everything. An event it does not read changes nothing in its
+    /// tables ([`Projection::apply`] returns before decoding it), so the live projector passes
+    /// over such events without a transaction (`tail.rs`) and `status` counts them as reached.
+    pub fn read_set(self) -> Option<(&'static [&'static str], &'static [&'static str])> {
+        Some(match self {
+            Projection::Organizations => (&["Organization"], &[]),
+            Projection::Users => (&["User"], &[]),
+            Projection::Roles => (&["Role"], &[]),
+            Projection::UserRoles => (&["User", "Role"], &[]),
+            Projection::ApiKeys => (&["ApiKey"], &[]),
+            // Erasure drops the author's message keys; no other user event matters.
+            Projection::Messaging => (&["Conversation", "Message"], &["User.UserErased"]),
+            Projection::AuditEvents => return None,
+        })
+    }
+
+    /// Whether the projection reads an event of this aggregate and event type
+    /// ([`Projection::read_set`]).
+    pub fn reads(self, aggregate_type: &str, event_type: &str) -> bool {
+        let Some((aggregates, events)) = self.read_set() else {
+            return true;
+        };
+        aggregates.contains(&aggregate_type)
+            || events.iter().any(|e| {
+                e.split_once('.')
+                    .is_some_and(|(a, t)| a == aggregate_type && t == event_type)
+            })
+    }
+
+    /// This projection's bit in a mask of projections (its index in [`Projection::ALL`]).
+    pub(crate) fn bit(self) -> u8 {
+        let index = Projection::ALL
+            .iter()
+            .position(|p| *p == self)
+            .expect("every projection is in ALL");
+        1 << index
+    }
+
     pub fn from_name(name: &str) -> Option<Projection> {
         Projection::ALL.into_iter().find(|p| p.name() == name)
     }
@@ -79,13 +118,16 @@ impl Projection {
         Ok(())
     }
 
-    /// Applies one event inside the caller's transaction. Events of aggregate types the
-    /// projection does not read are accepted and change nothing.
+    /// Applies one event inside the caller's transaction. Events the projection does not
+    /// read ([`Projection::reads`]) are accepted and change nothing.
     pub async fn apply(
         self,
         conn: &mut PgConnection,
         event: &StoredEvent,
     ) -> Result<(), ProjectionError> {
+        if !self.reads(&event.aggregate_type, &event.event_type) {
+            return Ok(());
+        }
         match self {
             Projection::Organizations => organizations::apply(conn, event).await,
             Projection::Users => users::apply(conn, event).await,

@@ -4,6 +4,10 @@
 //! With several processes on one database, each projection runs where its lease
 //! (`projection:<name>`) is held; the other processes follow its progress from the
 //! checkpoint notifications (and a poll), so their commands can still wait for it.
+//!
+//! A projection runs a batch only when the log has an event it reads ([`crate::tail`]);
+//! events it does not read it passes over in memory, writing its checkpoint at its next
+//! poll. Waiting for a position takes that into account, in every process.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -15,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::lease::{Lease, LeaseConfig, Leasing, DEFAULT_TTL};
 use crate::notify::{self, Deliver};
 use crate::runner::run_leased_batch;
+use crate::tail::{self, Window};
 use crate::{BatchOutcome, Projection, RunError};
 
 /// Settings of the projection tasks; [`Projector::spawn`] uses the defaults.
@@ -52,8 +57,9 @@ struct Progress {
 /// but only [`ProjectorHandle::shutdown`] waits for that (and for their leases' release).
 #[derive(Debug)]
 pub struct ProjectorHandle {
-    progress: Vec<(&'static str, watch::Receiver<Progress>)>,
+    progress: Vec<(Projection, watch::Receiver<Progress>)>,
     head: watch::Receiver<i64>,
+    window: watch::Receiver<Window>,
     leasing: Leasing,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -71,6 +77,7 @@ impl Projector {
         let (head_tx, head) = watch::channel(*local_head.borrow());
         let (released_tx, released) = watch::channel(0u64);
         let (resync_tx, resync) = watch::channel(0u64);
+        let (window_tx, window) = watch::channel(Window::default());
         let leasing = Leasing {
             config: LeaseConfig::new(self.lease_ttl),
             released,
@@ -83,7 +90,7 @@ impl Projector {
                 checkpoint: 0,
                 failed_at: None,
             });
-            progress.push((projection.name(), rx));
+            progress.push((projection, rx));
             senders.push((projection.name(), tx.clone()));
             let task = run(
                 self,
@@ -92,13 +99,20 @@ impl Projector {
                 tx,
                 leasing.clone(),
                 Wakeups {
-                    head: head.clone(),
+                    window: window.clone(),
                     resync: resync.clone(),
                     stop: stop.clone(),
                 },
             );
             tasks.push(tokio::spawn(task));
         }
+        tasks.push(tokio::spawn(tail::follow(
+            pool.clone(),
+            window_tx,
+            head.clone(),
+            self.poll_interval,
+            stop.clone(),
+        )));
         tasks.push(tokio::spawn(notify::forward(
             local_head,
             head_tx.clone(),
@@ -121,6 +135,7 @@ impl Projector {
         ProjectorHandle {
             progress,
             head,
+            window,
             leasing,
             shutdown,
             tasks: Mutex::new(tasks),
@@ -142,20 +157,25 @@ fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
 }
 
 impl ProjectorHandle {
-    /// Waits until every projection has applied `position`. False on timeout, or at once if
-    /// a projection is stopped at or before `position` (it will not get there by itself).
+    /// Waits until every projection has reached `position`: applied every event up to it
+    /// that it reads. False on timeout, or at once if a projection is stopped at or before
+    /// `position` (it will not get there by itself).
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
         let all = async {
-            for (_, rx) in &self.progress {
-                let mut rx = rx.clone();
-                let reached = rx
-                    .wait_for(|p| {
-                        p.checkpoint >= position || p.failed_at.is_some_and(|f| f <= position)
-                    })
-                    .await
-                    .is_ok_and(|p| p.checkpoint >= position);
-                if !reached {
-                    return false;
+            for (projection, rx) in &self.progress {
+                let (mut rx, mut window) = (rx.clone(), self.window.clone());
+                loop {
+                    let p = *rx.borrow_and_update();
+                    if reach(*projection, p, &window.borrow_and_update()) >= position {
+                        break;
+                    }
+                    if p.failed_at.is_some_and(|f| f <= position) {
+                        return false;
+                    }
+                    tokio::select! {
+                        changed = rx.changed() => if changed.is_err() { return false },
+                        changed = window.changed() => if changed.is_err() { return false },
+                    }
                 }
             }
             true
@@ -163,11 +183,13 @@ impl ProjectorHandle {
         tokio::time::timeout(timeout, all).await.unwrap_or(false)
     }
 
-    /// The last checkpoint each task has reported, by projection name.
+    /// How far each projection has got, by name: its last reported checkpoint, moved past
+    /// the following events it does not read.
     pub fn checkpoints(&self) -> Vec<(&'static str, i64)> {
+        let window = self.window.borrow();
         self.progress
             .iter()
-            .map(|(name, rx)| (*name, rx.borrow().checkpoint))
+            .map(|(projection, rx)| (projection.name(), reach(*projection, *rx.borrow(), &window)))
             .collect()
     }
 
@@ -194,10 +216,18 @@ impl ProjectorHandle {
     }
 }
 
+/// How far a projection has effectively got (see [`Window::reach`]); never past the event
+/// it is stopped at.
+fn reach(projection: Projection, p: Progress, window: &Window) -> i64 {
+    let reach = window.reach(projection, p.checkpoint);
+    p.failed_at
+        .map_or(reach, |f| reach.min(f - 1).max(p.checkpoint))
+}
+
 /// What wakes a projection task besides its timers.
 struct Wakeups {
-    /// A newer head, committed by this process or (notified) another.
-    head: watch::Receiver<i64>,
+    /// The log's new events, committed by this process or (notified) another.
+    window: watch::Receiver<Window>,
     /// The listener (re)subscribed: notifications may have been lost.
     resync: watch::Receiver<u64>,
     stop: watch::Receiver<bool>,
@@ -212,14 +242,14 @@ async fn run(
     wakeups: Wakeups,
 ) {
     let Wakeups {
-        mut head,
+        mut window,
         mut resync,
         mut stop,
     } = wakeups;
     let name = projection.name();
     let mut lease = Lease::new(format!("projection:{name}"), leasing.config);
     let mut released = leasing.released;
-    let (mut head_open, mut released_open, mut resync_open) = (true, true, true);
+    let (mut window_open, mut released_open, mut resync_open) = (true, true, true);
     let mut next_follow = Instant::now();
     // Whether to run a batch now (told of a commit, or the poll is due), and when the
     // next poll is due.
@@ -253,9 +283,14 @@ async fn run(
             }
             continue;
         }
+        if !run_now {
+            // New events: a batch only if one of them is ours (or the poll is due, below).
+            let w = window.borrow_and_update();
+            run_now = reach(projection, *progress.borrow(), &w) < w.end();
+        }
         if run_now {
-            // Marks the head as seen: a commit published while the batch runs wakes us.
-            head.borrow_and_update();
+            // Marks the events as seen: a commit published while the batch runs wakes us.
+            window.borrow_and_update();
             match batch(config, projection, &pool, &lease, &progress).await {
                 Step::More => continue,
                 Step::LeaseLost => {
@@ -265,12 +300,13 @@ async fn run(
                 Step::Wait => next_poll = Instant::now() + config.poll_interval,
             }
         }
-        // Wake for a commit, a resubscribed listener, the poll, or the lease's renewal
+        // Wake for new events (a batch if one is ours), a resubscribed listener, the poll
+        // (which also writes the checkpoint past events passed over), or the lease's renewal
         // (which runs no batch unless the poll is due too).
+        run_now = false;
         tokio::select! {
-            changed = head.changed(), if head_open => {
-                head_open = changed.is_ok();
-                run_now = true;
+            changed = window.changed(), if window_open => {
+                window_open = changed.is_ok();
             }
             changed = resync.changed(), if resync_open => {
                 resync_open = changed.is_ok();
@@ -281,6 +317,14 @@ async fn run(
             }
             changed = stop.changed() => if changed.is_err() { break },
         }
+    }
+    // Write the checkpoint past the events passed over, so the next holder need not.
+    let passed_over = {
+        let p = *progress.borrow();
+        reach(projection, p, &window.borrow()) > p.checkpoint
+    };
+    if passed_over && lease.held() {
+        batch(config, projection, &pool, &lease, &progress).await;
     }
     lease.release(&pool).await;
     tracing::debug!(projection = name, "projection task stopped");

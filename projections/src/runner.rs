@@ -35,8 +35,11 @@ pub enum BatchOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct ProjectionStatus {
     pub name: &'static str,
-    /// The last position applied.
+    /// How far it has got: the last position applied, moved past the following events it
+    /// does not read (the live projector records those at its next batch, see `tail.rs`).
     pub position: i64,
+    /// The position recorded in its checkpoint row.
+    pub checkpoint: i64,
     /// The last position in the ledger.
     pub head: i64,
     pub lag: i64,
@@ -356,14 +359,19 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
     )
     .fetch_all(pool)
     .await?;
+    let mut reached = Vec::new();
+    for p in Projection::ALL {
+        let checkpoint = checkpoints
+            .iter()
+            .find(|(n, _)| n == p.name())
+            .map_or(0, |(_, pos)| *pos);
+        reached.push((checkpoint, reach(pool, p, checkpoint, head).await?));
+    }
     Ok(Projection::ALL
         .iter()
-        .map(|p| {
+        .zip(reached)
+        .map(|(p, (checkpoint, position))| {
             let name = p.name();
-            let position = checkpoints
-                .iter()
-                .find(|(n, _)| n == name)
-                .map_or(0, |(_, pos)| *pos);
             let failures = failures
                 .iter()
                 .filter(|(n, ..)| n == name)
@@ -376,12 +384,38 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
             ProjectionStatus {
                 name,
                 position,
+                checkpoint,
                 head,
                 lag: head - position,
                 failures,
             }
         })
         .collect())
+}
+
+/// The position before the first event after `checkpoint` that `projection` reads (`head`
+/// when there is none): what it has effectively reached.
+async fn reach(
+    pool: &PgPool,
+    projection: Projection,
+    checkpoint: i64,
+    head: i64,
+) -> sqlx::Result<i64> {
+    let Some((aggregates, events)) = projection.read_set() else {
+        return Ok(checkpoint);
+    };
+    let next: Option<i64> = sqlx::query_scalar(
+        "SELECT position FROM events WHERE position > $1 AND position <= $2 \
+         AND (aggregate_type = ANY($3) OR aggregate_type || '.' || event_type = ANY($4)) \
+         ORDER BY position LIMIT 1",
+    )
+    .bind(checkpoint)
+    .bind(head)
+    .bind(aggregates)
+    .bind(events)
+    .fetch_optional(pool)
+    .await?;
+    Ok(next.map_or(head, |p| p - 1).max(checkpoint))
 }
 
 /// Empties the read models of the named projections (all if `None`) and forgets their

@@ -404,6 +404,108 @@ async fn the_projector_follows_the_head_and_reports_stopped_projections() {
     assert!(stopped.elapsed() < Duration::from_secs(5));
 }
 
+fn created(org: Uuid) -> OrganizationEvent {
+    OrganizationEvent::OrganizationCreated {
+        organization_id: org,
+        profile: OrganizationProfile {
+            name: format!("Org {org}"),
+            slug: format!("org-{org}"),
+            country_code: None,
+            domain: None,
+            settings: common::empty_settings(),
+        },
+    }
+}
+
+/// A projection that none of the new events concern runs no batch for them: waiting for
+/// their position returns without its checkpoint row moving, in the process that runs it
+/// and in one that follows it; the row catches up at shutdown. With a 10-minute poll, a
+/// wait that depended on the poll would time out.
+#[tokio::test]
+async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let slow_poll = Projector {
+        poll_interval: Duration::from_secs(600),
+        ..Projector::default()
+    };
+    let (head_tx, head_rx) = tokio::sync::watch::channel(0i64);
+    let runs = slow_poll.start(db.pool.clone(), head_rx);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let first = ledger
+        .append("Organization", org, &created(org), &actor)
+        .await;
+    head_tx.send_replace(first);
+    assert!(runs.wait_for(first, Duration::from_secs(30)).await);
+    assert_eq!(checkpoint(&db.pool, "organizations").await, first);
+
+    // A second process: it holds no lease, so it follows the first one's progress.
+    let (follower_head_tx, follower_head_rx) = tokio::sync::watch::channel(first);
+    let follows = slow_poll.start(db.pool.clone(), follower_head_rx);
+    assert!(follows.wait_for(first, Duration::from_secs(30)).await);
+
+    let idle = ["organizations", "roles", "api_keys", "messaging"];
+    let mut before = Vec::new();
+    for name in idle {
+        before.push(checkpoint(&db.pool, name).await);
+    }
+    let mut last = first;
+    for _ in 0..5 {
+        let user = Uuid::new_v4();
+        last = ledger
+            .append("User", user, &invite(user, org), &actor)
+            .await;
+    }
+    head_tx.send_replace(last);
+    follower_head_tx.send_replace(last);
+    assert!(runs.wait_for(last, Duration::from_secs(30)).await);
+    assert!(follows.wait_for(last, Duration::from_secs(30)).await);
+    assert_eq!(user_ids(&db.pool).await.len(), 5);
+    assert_eq!(checkpoint(&db.pool, "users").await, last);
+    assert_eq!(checkpoint(&db.pool, "audit_events").await, last);
+    for (name, before) in idle.into_iter().zip(&before) {
+        assert_eq!(
+            checkpoint(&db.pool, name).await,
+            *before,
+            "{name} ran no batch"
+        );
+    }
+    assert!(runs.checkpoints().iter().all(|(_, p)| *p == last));
+    assert!(follows.checkpoints().iter().all(|(_, p)| *p == last));
+    // `status` counts them as reached too, and shows the recorded checkpoint beside it.
+    for s in status(&db.pool).await.unwrap() {
+        assert_eq!((s.position, s.lag), (last, 0), "{}", s.name);
+        if let Some(i) = idle.iter().position(|n| *n == s.name) {
+            assert_eq!(s.checkpoint, before[i], "{}", s.name);
+        }
+    }
+
+    // An event one of them reads is applied as usual.
+    let org2 = Uuid::new_v4();
+    let third = ledger
+        .append("Organization", org2, &created(org2), &actor)
+        .await;
+    head_tx.send_replace(third);
+    follower_head_tx.send_replace(third);
+    assert!(follows.wait_for(third, Duration::from_secs(30)).await);
+    assert_eq!(checkpoint(&db.pool, "organizations").await, third);
+    assert!(checkpoint(&db.pool, "roles").await <= first);
+
+    follows.shutdown().await;
+    runs.shutdown().await;
+    let rows: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, position FROM projection_checkpoints ORDER BY name")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(rows.len(), 7);
+    assert!(
+        rows.iter().all(|(_, p)| *p == third),
+        "written at shutdown: {rows:?}"
+    );
+}
+
 #[tokio::test]
 async fn status_of_an_empty_ledger() {
     let db = TestDb::new().await;

@@ -37,10 +37,16 @@ pub struct ConversationRow {
     pub version: i64,
 }
 
-const SELECT: &str =
-    "SELECT c.id, c.organization_id, c.kind, c.title, c.description, c.created_by, \
-     c.status, c.archived_at, c.last_message_at, c.message_count, c.created_at, c.updated_at, \
-     c.version FROM conversations c";
+/// The columns of a [`ConversationRow`] of `conversations c`.
+macro_rules! columns {
+    () => {
+        "c.id, c.organization_id, c.kind, c.title, c.description, c.created_by, \
+         c.status, c.archived_at, c.last_message_at, c.message_count, c.created_at, \
+         c.updated_at, c.version"
+    };
+}
+
+const SELECT: &str = concat!("SELECT ", columns!(), " FROM conversations c");
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct ParticipantView {
@@ -163,20 +169,12 @@ pub fn parse_role(text: &str) -> Option<ParticipantRole> {
     }
 }
 
-/// A participant's role, or `None` when `user` does not take part.
-pub async fn role_of(
-    app: &App,
-    conversation: Uuid,
-    user: Uuid,
-) -> ApiResult<Option<ParticipantRole>> {
-    let role: Option<(String,)> = sqlx::query_as(
-        "SELECT role FROM conversation_participants WHERE conversation_id = $1 AND user_id = $2",
-    )
-    .bind(conversation)
-    .bind(user)
-    .fetch_optional(&app.pool)
-    .await?;
-    Ok(role.and_then(|(r,)| parse_role(&r)))
+/// A conversation and the role in it of the user a command acts for.
+#[derive(sqlx::FromRow)]
+struct AccessRow {
+    #[sqlx(flatten)]
+    conversation: ConversationRow,
+    acting_role: Option<String>,
 }
 
 /// The conversation `id` of `org` as `caller` may see it: a 404 for another tenant's, and
@@ -202,27 +200,32 @@ pub async fn access_for(
     on_behalf: Option<Uuid>,
 ) -> ApiResult<Access> {
     caller.require_in(org, permission)?;
-    let conversation: ConversationRow = sqlx::query_as(&format!(
-        "{SELECT} WHERE c.id = $1 AND c.organization_id = $2"
+    // In one round trip: every message read and command starts here.
+    let acting = caller.user_id.or(on_behalf);
+    let AccessRow {
+        conversation,
+        acting_role,
+    } = sqlx::query_as(&format!(
+        "SELECT {}, (SELECT p.role FROM conversation_participants p \
+              WHERE p.conversation_id = c.id AND p.user_id = $3) AS acting_role \
+         FROM conversations c WHERE c.id = $1 AND c.organization_id = $2",
+        columns!()
     ))
     .bind(id)
     .bind(org)
+    .bind(acting)
     .fetch_optional(&app.pool)
     .await?
     .ok_or_else(|| ApiError::not_found("conversation"))?;
+    let role = acting_role.as_deref().and_then(parse_role);
     match (caller.user_id, on_behalf) {
-        (Some(user), _) => {
-            let role = role_of(app, id, user)
-                .await?
-                .ok_or_else(|| ApiError::not_found("conversation"))?;
-            Ok(Access {
-                conversation,
-                role: Some(role),
-                actor: ConversationActor::User(user),
-            })
-        }
-        (None, Some(user)) => Ok(Access {
-            role: role_of(app, id, user).await?,
+        (Some(user), _) => Ok(Access {
+            conversation,
+            role: Some(role.ok_or_else(|| ApiError::not_found("conversation"))?),
+            actor: ConversationActor::User(user),
+        }),
+        (None, Some(_)) => Ok(Access {
+            role,
             conversation,
             actor: ConversationActor::Service,
         }),

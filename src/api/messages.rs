@@ -60,9 +60,13 @@ struct MessageRow {
     deleted_at: Option<DateTime<Utc>>,
     attachments: SqlJson<Vec<AttachmentRow>>,
     reactions: SqlJson<Vec<ReactionRow>>,
+    /// The message's wrapped key and its author's; absent once deleted or erased.
+    message_key: Option<Vec<u8>>,
+    key_author: Option<Uuid>,
+    author_key: Option<Vec<u8>>,
 }
 
-/// One page's rows with their attachments and reactions, in one statement.
+/// One page's rows with their attachments, reactions and keys, in one statement.
 const SELECT: &str = "SELECT m.id, m.conversation_id, m.author_id, m.parent_message_id, \
      m.thread_root_id, m.content_sealed, m.position, m.created_at, m.edited_at, m.deleted_at, \
      COALESCE((SELECT json_agg(json_build_object('file_name', a.file_name_sealed, \
@@ -70,8 +74,10 @@ const SELECT: &str = "SELECT m.id, m.conversation_id, m.author_id, m.parent_mess
         FROM message_attachments a WHERE a.message_id = m.id), '[]') AS attachments, \
      COALESCE((SELECT json_agg(json_build_object('emoji', r.emoji, 'user_id', r.user_id) \
         ORDER BY r.created_at, r.user_id) \
-        FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions \
-     FROM messages m";
+        FROM message_reactions r WHERE r.message_id = m.id), '[]') AS reactions, \
+     mk.wrapped_key AS message_key, mk.author_id AS key_author, sk.wrapped_key AS author_key \
+     FROM messages m LEFT JOIN message_keys mk ON mk.message_id = m.id \
+     LEFT JOIN subject_keys sk ON sk.subject_id = mk.author_id";
 
 #[derive(Debug, Serialize)]
 pub struct AttachmentView {
@@ -113,12 +119,18 @@ fn attachment_field(index: usize) -> String {
     format!("attachment:{index}:file_name")
 }
 
-/// Opens a page of rows with one key lookup for all of them.
-async fn open(app: &App, rows: Vec<MessageRow>) -> ApiResult<Vec<MessageView>> {
-    let ids: Vec<Uuid> = rows.iter().map(|r| r.id).collect();
-    let keys: HashMap<Uuid, DataKey> = app.vault.message_keys(&app.pool, &ids).await?;
-    Ok(rows
-        .into_iter()
+/// Opens a page of rows with the keys read with them.
+fn open(app: &App, mut rows: Vec<MessageRow>) -> Vec<MessageView> {
+    let keys: HashMap<Uuid, DataKey> =
+        app.vault.open_message_keys(rows.iter_mut().filter_map(|r| {
+            Some((
+                r.id,
+                r.message_key.take()?,
+                r.key_author?,
+                r.author_key.take()?,
+            ))
+        }));
+    rows.into_iter()
         .map(|r| {
             let content = r
                 .content_sealed
@@ -172,7 +184,7 @@ async fn open(app: &App, rows: Vec<MessageRow>) -> ApiResult<Vec<MessageView>> {
                 deleted_at: r.deleted_at,
             }
         })
-        .collect())
+        .collect()
 }
 
 /// The message `id` of conversation `conversation`, or a 404.
@@ -185,7 +197,7 @@ async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView>
     .fetch_optional(&app.pool)
     .await?
     .ok_or_else(|| ApiError::not_found("message"))?;
-    Ok(open(app, vec![row]).await?.remove(0))
+    Ok(open(app, vec![row]).remove(0))
 }
 
 /// Decides and appends one message command against the conversation as it is now; when
@@ -469,7 +481,7 @@ pub async fn list(
     sql.push(" ORDER BY m.position DESC LIMIT ")
         .push_bind(limit + 1);
     let rows: Vec<MessageRow> = sql.build_query_as().fetch_all(&app.pool).await?;
-    let mut items = open(&app, rows).await?;
+    let mut items = open(&app, rows);
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|m| m.position)

@@ -253,15 +253,13 @@ where
     }
 }
 
-/// Whether every projection's checkpoint is at `head`.
+/// Whether every projection has reached `head` (see `ProjectionStatus::position`).
 pub async fn projections_at(pool: &sqlx::PgPool, head: i64) -> bool {
-    let at: Vec<(String, i64)> =
-        sqlx::query_as("SELECT name, position FROM projection_checkpoints")
-            .fetch_all(pool)
-            .await
-            .unwrap();
-    let names = ledgerline_projections::names();
-    names
+    // What each has reached: a projection records its checkpoint past events it does not
+    // read only at its next batch.
+    ledgerline_projections::status(pool)
+        .await
+        .unwrap()
         .iter()
-        .all(|n| at.iter().any(|(name, p)| name == n && *p == head))
+        .all(|s| s.position == head)
 }
