@@ -143,10 +143,14 @@ impl Projector {
     }
 }
 
-/// Moves `p` up to a checkpoint another process reported; a checkpoint at or past the
-/// failed position means the failure was cleared and the event applied.
+/// Moves `p` to a checkpoint a batch (of any process) reported; a checkpoint at or past the
+/// failed position means the failure was cleared and the event applied. Notifications
+/// arrive in commit order and checkpoints only go back by `reset`, so a lower one is a
+/// reset: taken too, or the projection would count as having reached positions past
+/// events its emptied tables no longer show. (This process's own batch may briefly be
+/// shown lower, by a notification still in flight: that only makes a wait longer.)
 fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
-    if checkpoint <= p.checkpoint {
+    if checkpoint == p.checkpoint {
         return false;
     }
     p.checkpoint = checkpoint;
@@ -323,8 +327,15 @@ async fn run(
         let p = *progress.borrow();
         reach(projection, p, &window.borrow()) > p.checkpoint
     };
-    if passed_over && lease.held() {
-        batch(config, projection, &pool, &lease, &progress).await;
+    if passed_over {
+        while lease.held() {
+            if !matches!(
+                batch(config, projection, &pool, &lease, &progress).await,
+                Step::More
+            ) {
+                break;
+            }
+        }
     }
     lease.release(&pool).await;
     tracing::debug!(projection = name, "projection task stopped");

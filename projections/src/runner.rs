@@ -393,8 +393,13 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
         .collect())
 }
 
+/// How far [`status`] looks past a checkpoint for an event the projection reads: the live
+/// projector's window (`tail.rs`), so a projection far behind is not scanned to the head.
+const REACH_SCAN: i64 = 1 << 16;
+
 /// The position before the first event after `checkpoint` that `projection` reads (`head`
-/// when there is none): what it has effectively reached.
+/// when there is none): what it has effectively reached. Looks at most [`REACH_SCAN`]
+/// events ahead.
 async fn reach(
     pool: &PgPool,
     projection: Projection,
@@ -404,18 +409,19 @@ async fn reach(
     let Some((aggregates, events)) = projection.read_set() else {
         return Ok(checkpoint);
     };
+    let until = head.min(checkpoint + REACH_SCAN);
     let next: Option<i64> = sqlx::query_scalar(
         "SELECT position FROM events WHERE position > $1 AND position <= $2 \
          AND (aggregate_type = ANY($3) OR aggregate_type || '.' || event_type = ANY($4)) \
          ORDER BY position LIMIT 1",
     )
     .bind(checkpoint)
-    .bind(head)
+    .bind(until)
     .bind(aggregates)
     .bind(events)
     .fetch_optional(pool)
     .await?;
-    Ok(next.map_or(head, |p| p - 1).max(checkpoint))
+    Ok(next.map_or(until, |p| p - 1).max(checkpoint))
 }
 
 /// Empties the read models of the named projections (all if `None`) and forgets their
@@ -444,10 +450,15 @@ pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError
     sqlx::query(&format!("TRUNCATE {}", tables.join(", ")))
         .execute(&mut *tx)
         .await?;
-    sqlx::query("DELETE FROM projection_checkpoints WHERE name = ANY($1)")
-        .bind(&names)
-        .execute(&mut *tx)
-        .await?;
+    // Processes that wait for these projections learn that they start over.
+    sqlx::query(
+        "DELETE FROM projection_checkpoints WHERE name = ANY($1) \
+         RETURNING pg_notify($2, name || ':0')",
+    )
+    .bind(&names)
+    .bind(crate::notify::CHECKPOINT_CHANNEL)
+    .execute(&mut *tx)
+    .await?;
     sqlx::query("DELETE FROM projection_failures WHERE name = ANY($1)")
         .bind(&names)
         .execute(&mut *tx)

@@ -417,6 +417,43 @@ fn created(org: Uuid) -> OrganizationEvent {
     }
 }
 
+/// A projector that polls every 10 minutes, so a wait that depended on the poll would time
+/// out, after it has applied one organization's creation (`first`).
+struct SlowPoll {
+    slow_poll: Projector,
+    head_tx: tokio::sync::watch::Sender<i64>,
+    runs: ledgerline_projections::ProjectorHandle,
+    org: Uuid,
+    actor: Actor,
+    first: i64,
+}
+
+impl SlowPoll {
+    async fn start(db: &TestDb, ledger: &mut Ledger) -> SlowPoll {
+        let slow_poll = Projector {
+            poll_interval: Duration::from_secs(600),
+            ..Projector::default()
+        };
+        let (head_tx, head_rx) = tokio::sync::watch::channel(0i64);
+        let runs = slow_poll.start(db.pool.clone(), head_rx);
+        let org = Uuid::new_v4();
+        let actor = Actor::api(org, None, Uuid::new_v4());
+        let first = ledger
+            .append("Organization", org, &created(org), &actor)
+            .await;
+        head_tx.send_replace(first);
+        assert!(runs.wait_for(first, Duration::from_secs(30)).await);
+        SlowPoll {
+            slow_poll,
+            head_tx,
+            runs,
+            org,
+            actor,
+            first,
+        }
+    }
+}
+
 /// A projection that none of the new events concern runs no batch for them: waiting for
 /// their position returns without its checkpoint row moving, in the process that runs it
 /// and in one that follows it; the row catches up at shutdown. With a 10-minute poll, a
@@ -425,19 +462,14 @@ fn created(org: Uuid) -> OrganizationEvent {
 async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
     let db = TestDb::new().await;
     let mut ledger = Ledger::new(&db.pool);
-    let slow_poll = Projector {
-        poll_interval: Duration::from_secs(600),
-        ..Projector::default()
-    };
-    let (head_tx, head_rx) = tokio::sync::watch::channel(0i64);
-    let runs = slow_poll.start(db.pool.clone(), head_rx);
-    let org = Uuid::new_v4();
-    let actor = Actor::api(org, None, Uuid::new_v4());
-    let first = ledger
-        .append("Organization", org, &created(org), &actor)
-        .await;
-    head_tx.send_replace(first);
-    assert!(runs.wait_for(first, Duration::from_secs(30)).await);
+    let SlowPoll {
+        slow_poll,
+        head_tx,
+        runs,
+        org,
+        actor,
+        first,
+    } = SlowPoll::start(&db, &mut ledger).await;
     assert_eq!(checkpoint(&db.pool, "organizations").await, first);
 
     // A second process: it holds no lease, so it follows the first one's progress.
@@ -504,6 +536,39 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
         rows.iter().all(|(_, p)| *p == third),
         "written at shutdown: {rows:?}"
     );
+}
+
+/// A projection reset while the projector runs starts over: waiting for a later position
+/// (past an event it does not read) waits for it to apply its own events again, and does
+/// not count it as caught up from the checkpoint it had before the reset.
+#[tokio::test]
+async fn a_reset_projection_is_waited_for_until_it_has_applied_its_events_again() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let SlowPoll {
+        head_tx,
+        runs,
+        org,
+        actor,
+        ..
+    } = SlowPoll::start(&db, &mut ledger).await;
+
+    reset(&db.pool, Some(&["organizations"])).await.unwrap();
+    let user = Uuid::new_v4();
+    let later = ledger
+        .append("User", user, &invite(user, org), &actor)
+        .await;
+    head_tx.send_replace(later);
+    assert!(runs.wait_for(later, Duration::from_secs(30)).await);
+    let orgs: i64 = sqlx::query_scalar("SELECT count(*) FROM organizations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        orgs, 1,
+        "the organization is there again when the wait ends"
+    );
+    runs.shutdown().await;
 }
 
 #[tokio::test]
