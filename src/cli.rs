@@ -145,7 +145,12 @@ pub async fn platform_key(
         &app.cqrs.api_keys,
         id,
         None,
-        &Actor::cli("bootstrap"),
+        // The audit trail tells the one-time bootstrap key from a key issued later.
+        &Actor::cli(if bootstrap {
+            "bootstrap"
+        } else {
+            "platform-key"
+        }),
         command,
     )
     .await?;
