@@ -258,3 +258,70 @@ async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
     let (head, _) = positions(&db.pool).await;
     assert!(projections_at(&db.pool, head).await);
 }
+
+/// Cuts the connection of every listener on this database; true if there was one.
+async fn cut_listener(pool: &sqlx::PgPool) -> bool {
+    let (cut,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS t",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap();
+    cut > 0
+}
+
+#[tokio::test]
+async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_back() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    // Every lease held for an hour by a process that is gone.
+    for name in lease_names() {
+        sqlx::query(
+            "INSERT INTO leases (name, holder, acquired_at, expires_at) \
+             VALUES ($1, 'gone:1:00000000', now(), now() + interval '1 hour')",
+        )
+        .bind(&name)
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+    let b = Server::start(&setup, 600, NO_POLL_MS).await;
+    // B's tasks try for their leases as they start; give them time to have been refused,
+    // so that from now on only a wake-up makes them try again (their own turn is 200 s away).
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            let (listening,): (i64,) = sqlx::query_as(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+            )
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+            listening == 1
+        })
+        .await,
+        "B listens"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        leases(&db.pool)
+            .await
+            .iter()
+            .all(|(_, holder, _)| holder == "gone:1:00000000"),
+        "B cannot take what is held"
+    );
+    // The leases go without a notification (as if sent while B's listener was away), then
+    // B's listener loses its connection and subscribes again.
+    sqlx::query("DELETE FROM leases")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(cut_listener(&db.pool).await, "B's listener was found");
+    assert!(
+        eventually(Duration::from_secs(20), || all_leases_held_by(&db.pool, &b)).await,
+        "B tries for every lease as soon as it listens again: {:?}\n{}",
+        leases(&db.pool).await,
+        b.log_text()
+    );
+}

@@ -25,13 +25,24 @@ const RECONNECT_DELAY: Duration = Duration::from_secs(1);
 pub(crate) struct Deliver<F: Fn(&str, i64) + Send + 'static> {
     /// The newest head any process has committed (never lowered).
     pub head: watch::Sender<i64>,
-    /// Bumped for every released lease.
+    /// Bumped for every released lease, and when the listener (re)subscribed (see
+    /// [`Deliver::resubscribed`]).
     pub released: watch::Sender<u64>,
     /// Bumped whenever the listener has (re)subscribed: what was sent before may be lost,
     /// so waiters should look at the database now rather than at their next poll.
     pub resync: watch::Sender<u64>,
     /// A projection's checkpoint moved to a position.
     pub checkpoint: F,
+}
+
+impl<F: Fn(&str, i64) + Send + 'static> Deliver<F> {
+    /// The listener has just (re)subscribed. A lease released while it was not listening
+    /// was never heard of, and a waiter would otherwise try for it only at its next turn
+    /// (a third of the TTL away), so lease waiters are woken as if one had been released.
+    fn resubscribed(&self) {
+        bump(&self.resync);
+        bump(&self.released);
+    }
 }
 
 /// Raises `head` to `position` if that is newer.
@@ -78,7 +89,7 @@ pub(crate) async fn listen<F: Fn(&str, i64) + Send + 'static>(
             Some(l) => l,
             None => match subscribe(&own).await {
                 Ok(l) => {
-                    bump(&deliver.resync);
+                    deliver.resubscribed();
                     listener.insert(l)
                 }
                 Err(e) => {
@@ -97,7 +108,7 @@ pub(crate) async fn listen<F: Fn(&str, i64) + Send + 'static>(
                 // Reconnected: whatever was sent meanwhile is lost.
                 Ok(None) => {
                     tracing::debug!("notification listener reconnected");
-                    bump(&deliver.resync);
+                    deliver.resubscribed();
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "notification listener failed; reconnecting");
