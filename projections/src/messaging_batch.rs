@@ -3,22 +3,27 @@
 //! per-event code in `messaging.rs` stays the definition; this must give the same tables
 //! (`projections/tests/messaging.rs` applies the same logs both ways and compares).
 //!
-//! Why reordering is safe: between two events that add or remove a participant (boundaries:
-//! what was pending is applied first, then the event), message events of different
-//! messages touch disjoint rows, except for what they add up in common rows, and those sums
+//! Why reordering is safe: between two events that add or remove a participant of a
+//! conversation that has message events pending (boundaries: what was pending is applied
+//! first, then the event), message events of different messages touch disjoint rows,
+//! except for what they add up in common rows, and those sums
 //! commute: a conversation's `message_count` (+1 per post, -1 per deletion), its
 //! `last_message_at` (the greatest) and a participant's read mark (only moves forward, to
 //! the greatest position read). So each message's events keep their order, in "waves" (the
 //! first event of every message in the segment, then the second, ...), and the events of
 //! one wave are applied by kind, one statement each. The other conversation events and
-//! user erasures write nothing a message event writes, and are applied where they come.
+//! user erasures write nothing a message event writes, and are applied where they come. So
+//! is a participant change in a conversation with nothing pending: it reads and writes only
+//! its own conversation's rows, which the pending events of other conversations do not
+//! touch. (A log interleaves many conversations; ending the segment at every participant
+//! change anywhere cut batches into a few dozen events each.)
 //!
 //! Anything unexpected (an event that does not decode, a statement that fails or touches
 //! fewer rows than it must) undoes the bulk work to a savepoint and applies the batch one
 //! event at a time, so a failure is reported at exactly the event and with exactly the
 //! error the per-event code gives.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::message::MessageEvent;
@@ -121,22 +126,31 @@ struct Item<'e> {
 
 async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     let mut segment: Vec<Item> = Vec::new();
+    // The conversations with message events in `segment`.
+    let mut pending: HashSet<Uuid> = HashSet::new();
     for event in events {
         match event.aggregate_type.as_str() {
-            "Message" => segment.push(Item {
-                event,
-                message: decode::aggregate_id(event)?,
-                kind: decode::payload::<MessageEvent>(event)?,
-            }),
+            "Message" => {
+                let kind = decode::payload::<MessageEvent>(event)?;
+                pending.insert(conversation_of(&kind));
+                segment.push(Item {
+                    event,
+                    message: decode::aggregate_id(event)?,
+                    kind,
+                });
+            }
             // Who takes part decides what a read mark does and where a newcomer's mark
-            // starts: everything before it must have been applied.
+            // starts: the conversation's events before it must have been applied.
             "Conversation"
                 if matches!(
                     event.event_type.as_str(),
                     "ParticipantAdded" | "ParticipantRemoved"
                 ) =>
             {
-                waves(conn, std::mem::take(&mut segment)).await?;
+                if pending.contains(&decode::aggregate_id(event)?) {
+                    waves(conn, std::mem::take(&mut segment)).await?;
+                    pending.clear();
+                }
                 messaging::apply(conn, event).await?;
             }
             // The other conversation events write columns no message event writes (the
@@ -149,6 +163,30 @@ async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(),
         }
     }
     waves(conn, segment).await
+}
+
+/// The conversation a message event belongs to.
+fn conversation_of(kind: &MessageEvent) -> Uuid {
+    match kind {
+        MessageEvent::MessagePosted {
+            conversation_id, ..
+        }
+        | MessageEvent::ReactionAdded {
+            conversation_id, ..
+        }
+        | MessageEvent::ReactionRemoved {
+            conversation_id, ..
+        }
+        | MessageEvent::MessageRead {
+            conversation_id, ..
+        }
+        | MessageEvent::MessageEdited {
+            conversation_id, ..
+        }
+        | MessageEvent::MessageDeleted {
+            conversation_id, ..
+        } => *conversation_id,
+    }
 }
 
 /// Applies a segment's events wave by wave: wave k holds the k-th event of each message.

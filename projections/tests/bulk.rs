@@ -43,7 +43,9 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
     let users: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut members: BTreeMap<Uuid, BTreeSet<Uuid>> = BTreeMap::new();
-    for _ in 0..3 {
+    // Enough conversations that a participant change often meets a batch with nothing
+    // pending in its own conversation (the multi-row path then goes on past it).
+    for _ in 0..8 {
         let id = Uuid::new_v4();
         let first: BTreeSet<Uuid> = users[..4].iter().copied().collect();
         let created = ConversationEvent::ConversationCreated {
