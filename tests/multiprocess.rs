@@ -262,8 +262,8 @@ async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
 /// Cuts the connection of every listener on this database; true if there was one.
 async fn cut_listener(pool: &sqlx::PgPool) -> bool {
     let (cut,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query ILIKE 'LISTEN%') AS t",
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
     )
     .fetch_one(pool)
     .await

@@ -454,6 +454,24 @@ impl SlowPoll {
     }
 }
 
+/// Waits up to 30 s until `n` connections on this database have run LISTEN.
+async fn listening(pool: &PgPool, n: i64) -> bool {
+    for _ in 0..300 {
+        let (found,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if found == n {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}
+
 /// A projection that none of the new events concern runs no batch for them: waiting for
 /// their position returns without its checkpoint row moving, in the process that runs it
 /// and in one that follows it; the row catches up at shutdown. With a 10-minute poll, a
@@ -476,6 +494,11 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
     let (follower_head_tx, follower_head_rx) = tokio::sync::watch::channel(first);
     let follows = slow_poll.start(db.pool.clone(), follower_head_rx);
     assert!(follows.wait_for(first, Duration::from_secs(30)).await);
+    // A listener that (re)subscribes makes the projections it holds run a batch (a
+    // notification may have been lost), which rightly moves their checkpoints; let both
+    // processes' first subscriptions and those batches be over before the events come.
+    assert!(listening(&db.pool, 2).await, "both processes listen");
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let idle = ["organizations", "roles", "api_keys", "messaging"];
     let mut before = Vec::new();
