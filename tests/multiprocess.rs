@@ -259,17 +259,32 @@ async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
     assert!(projections_at(&db.pool, head).await);
 }
 
+/// The connections on this database that have run LISTEN (a process's listener).
+const LISTENERS: &str =
+    "FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'";
+
+/// How many listeners this database has.
+async fn listeners(pool: &sqlx::PgPool) -> i64 {
+    let (n,): (i64,) = sqlx::query_as(&format!("SELECT count(*) {LISTENERS}"))
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    n
+}
+
 /// Cuts the connection of every listener on this database; true if there was one.
 async fn cut_listener(pool: &sqlx::PgPool) -> bool {
-    let (cut,): (i64,) = sqlx::query_as(
-        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
-    )
+    let (cut,): (i64,) = sqlx::query_as(&format!(
+        "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) {LISTENERS}"
+    ))
     .fetch_one(pool)
     .await
     .unwrap();
     cut > 0
 }
+
+/// A holder that no running process has.
+const GONE: &str = "gone:1:00000000";
 
 #[tokio::test]
 async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_back() {
@@ -279,9 +294,10 @@ async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_ba
     for name in lease_names() {
         sqlx::query(
             "INSERT INTO leases (name, holder, acquired_at, expires_at) \
-             VALUES ($1, 'gone:1:00000000', now(), now() + interval '1 hour')",
+             VALUES ($1, $2, now(), now() + interval '1 hour')",
         )
         .bind(&name)
+        .bind(GONE)
         .execute(&db.pool)
         .await
         .unwrap();
@@ -291,14 +307,7 @@ async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_ba
     // so that from now on only a wake-up makes them try again (their own turn is 200 s away).
     assert!(
         eventually(Duration::from_secs(20), || async {
-            let (listening,): (i64,) = sqlx::query_as(
-                "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND query ILIKE 'LISTEN%'",
-            )
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
-            listening == 1
+            listeners(&db.pool).await == 1
         })
         .await,
         "B listens"
@@ -308,7 +317,7 @@ async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_ba
         leases(&db.pool)
             .await
             .iter()
-            .all(|(_, holder, _)| holder == "gone:1:00000000"),
+            .all(|(_, holder, _)| holder == GONE),
         "B cannot take what is held"
     );
     // The leases go without a notification (as if sent while B's listener was away), then
