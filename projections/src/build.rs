@@ -110,7 +110,7 @@ pub(crate) async fn create_schema(
         .await?;
         rename_indexes_as_live(conn, schema, table).await?;
         // Kept up row by row, the read models' secondary indexes cost more than the rows:
-        // built once at the end (`create_missing_indexes`), a sort each. The unique ones
+        // built once at the end (`finish_tables`), a sort each. The unique ones
         // stay, as the projections rely on what they enforce.
         let secondary: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
@@ -175,28 +175,94 @@ async fn rename_indexes_as_live(
     Ok(())
 }
 
-/// Creates each index the live tables have and the copies in `schema` lack, under the live
-/// name: the secondary indexes [`create_schema`] left out. Idempotent, so a job killed
-/// while building them builds the rest when resumed.
-pub(crate) async fn create_missing_indexes(
-    conn: &mut PgConnection,
+/// What each index build may sort in, per connection: the largest read models' indexes then
+/// sort in memory, and PostgreSQL can give a build parallel workers (each needs 32 MB of
+/// it). PostgreSQL's default, 64 MB, spilled them to temporary files.
+const INDEX_BUILD_MEMORY: &str = "256MB";
+
+/// Readies the copies in `schema` to serve: creates the secondary indexes [`create_schema`]
+/// left out, then `VACUUM (ANALYZE)`s each table (the planner's estimates and index-only
+/// scans depend on statistics and a visibility map, and the server may run without
+/// autovacuum). Tables are taken largest first by `connections` connections at once, as
+/// each step is one sort or scan on one core. Idempotent, so a job killed here does the
+/// rest when resumed.
+pub(crate) async fn finish_tables(
+    pool: &PgPool,
     schema: &str,
     projections: &[Projection],
+    connections: usize,
 ) -> sqlx::Result<()> {
-    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
-        let live = index_definitions(conn, "public", table).await?;
-        let copy = index_definitions(conn, schema, table).await?;
-        for (name, definition) in live {
-            if copy.iter().any(|(_, d)| *d == definition) {
-                continue;
+    let names: Vec<&str> = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    let mut sized: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT pg_total_relation_size(format('%I.%I', $1::text, t)::regclass), t \
+         FROM unnest($2::text[]) AS t",
+    )
+    .bind(schema)
+    .bind(&names)
+    .fetch_all(pool)
+    .await?;
+    // Ascending, as each finisher pops the next from the end: the largest first.
+    sized.sort();
+    let queue = Arc::new(Mutex::new(
+        sized.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
+    ));
+    let mut finishers = JoinSet::new();
+    for _ in 0..connections.max(1) {
+        let (pool, schema, queue) = (pool.clone(), schema.to_string(), Arc::clone(&queue));
+        finishers.spawn(async move {
+            let mut conn = dedicated_connection(&pool).await?;
+            sqlx::query(&format!(
+                "SET maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"
+            ))
+            .execute(&mut conn)
+            .await?;
+            loop {
+                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+                let Some(table) = next else { break };
+                create_missing_indexes(&mut conn, &schema, &table).await?;
+                sqlx::query(&format!("VACUUM (ANALYZE) {schema}.{table}"))
+                    .execute(&mut conn)
+                    .await?;
             }
-            let create = definition.replacen(
-                "INDEX ON ",
-                &format!("INDEX {name} ON {schema}.{table} "),
-                1,
-            );
-            sqlx::query(&create).execute(&mut *conn).await?;
+            conn.close().await
+        });
+    }
+    let mut first_error = None;
+    while let Some(joined) = finishers.join_next().await {
+        let result = joined.unwrap_or_else(|e| {
+            Err(sqlx::Error::Protocol(format!(
+                "index builder ended abnormally: {e}"
+            )))
+        });
+        if let Err(e) = result {
+            first_error.get_or_insert(e);
         }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Creates each index the live `table` has and its copy in `schema` lacks, under the live
+/// name.
+async fn create_missing_indexes(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<()> {
+    let live = index_definitions(conn, "public", table).await?;
+    let copy = index_definitions(conn, schema, table).await?;
+    for (name, definition) in live {
+        if copy.iter().any(|(_, d)| *d == definition) {
+            continue;
+        }
+        let create = definition.replacen(
+            "INDEX ON ",
+            &format!("INDEX {name} ON {schema}.{table} "),
+            1,
+        );
+        sqlx::query(&create).execute(&mut *conn).await?;
     }
     Ok(())
 }

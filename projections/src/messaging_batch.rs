@@ -3,9 +3,9 @@
 //! per-event code in `messaging.rs` stays the definition; this must give the same tables
 //! (`projections/tests/messaging.rs` applies the same logs both ways and compares).
 //!
-//! Why reordering is safe: between two events that add or remove a participant of a
-//! conversation that has message events pending (boundaries: what was pending is applied
-//! first, then the event), message events of different messages touch disjoint rows,
+//! Why reordering is safe: between two events that create a conversation or add or remove
+//! a participant of one that has message events pending (boundaries: what was pending is
+//! applied first, then the event), message events of different messages touch disjoint rows,
 //! except for what they add up in common rows, and those sums
 //! commute: a conversation's `message_count` (+1 per post, -1 per deletion), its
 //! `last_message_at` (the greatest) and a participant's read mark (only moves forward, to
@@ -140,11 +140,13 @@ async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(),
                 });
             }
             // Who takes part decides what a read mark does and where a newcomer's mark
-            // starts: the conversation's events before it must have been applied.
+            // starts: the conversation's events before it must have been applied. And a
+            // message event before its conversation was created must fail as it does one
+            // by one, not find the conversation the later creation made.
             "Conversation"
                 if matches!(
                     event.event_type.as_str(),
-                    "ParticipantAdded" | "ParticipantRemoved"
+                    "ParticipantAdded" | "ParticipantRemoved" | "ConversationCreated"
                 ) =>
             {
                 if pending.contains(&decode::aggregate_id(event)?) {

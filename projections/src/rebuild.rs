@@ -27,6 +27,9 @@ pub struct RebuildOptions {
     /// At most this many events are left for the swap transaction to apply while it holds
     /// the live projections back; until then the job keeps catching up without locks.
     pub swap_tail: i64,
+    /// Connections building the copies' secondary indexes and statistics at the end, one
+    /// table each at a time.
+    pub finish_connections: usize,
 }
 
 impl Default for RebuildOptions {
@@ -34,6 +37,7 @@ impl Default for RebuildOptions {
         Self {
             batch_size: 2000,
             swap_tail: 2000,
+            finish_connections: 2,
         }
     }
 }
@@ -166,17 +170,7 @@ pub async fn rebuild(
                 break;
             }
         }
-        let mut conn = build::dedicated_connection(pool).await?;
-        build::create_missing_indexes(&mut conn, &job.schema, &projections).await?;
-        // Statistics and a visibility map before the tables serve: the planner's estimates
-        // and index-only scans (unread counts) depend on them, and this server may run
-        // without autovacuum.
-        for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
-            sqlx::query(&format!("VACUUM (ANALYZE) {}.{table}", job.schema))
-                .execute(&mut conn)
-                .await?;
-        }
-        conn.close().await?;
+        build::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
         // Events that arrived while the indexes were built.
         catch_up().await?;
         swap_when_quiet(pool, &job, &projections).await

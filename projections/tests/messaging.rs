@@ -89,6 +89,21 @@ impl Chat {
         id
     }
 
+    /// A direct conversation `conversation_id` created by alice (the event only).
+    fn direct(&self, conversation_id: Uuid, participants: Vec<Member>) -> ConversationEvent {
+        ConversationEvent::ConversationCreated {
+            conversation_id,
+            organization_id: self.org,
+            kind: ConversationKind::Direct,
+            spec: ConversationSpec {
+                title: None,
+                description: None,
+            },
+            created_by: self.alice,
+            participants,
+        }
+    }
+
     /// Posts a message without attachments; returns its id and position.
     async fn post(
         &mut self,
@@ -724,20 +739,13 @@ async fn events_that_do_not_fit_the_read_model_stop_the_projection() {
 
     // A creation event naming another conversation than its aggregate.
     let mut chat = Chat::new().await;
-    let created = ConversationEvent::ConversationCreated {
-        conversation_id: Uuid::new_v4(),
-        organization_id: chat.org,
-        kind: ConversationKind::Direct,
-        spec: ConversationSpec {
-            title: None,
-            description: None,
-        },
-        created_by: chat.alice,
-        participants: vec![
+    let created = chat.direct(
+        Uuid::new_v4(),
+        vec![
             member(chat.alice, ParticipantRole::Owner),
             member(chat.bob, ParticipantRole::Member),
         ],
-    };
+    );
     let at = chat.conversation(Uuid::new_v4(), created).await;
     assert_eq!(failed_at(catch_up(chat.pool()).await), ("messaging", at));
     let error: String = sqlx::query_scalar("SELECT error FROM projection_failures")
@@ -745,6 +753,27 @@ async fn events_that_do_not_fit_the_read_model_stop_the_projection() {
         .await
         .unwrap();
     assert!(error.contains("ConversationCreated names"), "{error}");
+}
+
+/// The multi-row path must stop where the per-event code does, also when the conversation
+/// a message names is created later in the same batch.
+#[tokio::test]
+async fn a_post_before_its_conversation_exists_stops_the_projection_in_a_batch_too() {
+    let mut chat = Chat::new().await;
+    let c = chat.group().await;
+    let early = Uuid::new_v4();
+    let (_, at) = chat.post(early, chat.alice, None).await;
+    let created = chat.direct(early, vec![member(chat.alice, ParticipantRole::Owner)]);
+    chat.conversation(early, created).await;
+    // Enough events for one batch to take the multi-row path.
+    for _ in 0..8 {
+        chat.post(c, chat.bob, None).await;
+    }
+    assert_eq!(failed_at(catch_up(chat.pool()).await), ("messaging", at));
+    assert!(
+        rows(chat.pool(), "messages").await.is_empty(),
+        "nothing of the failed batch stays"
+    );
 }
 
 #[tokio::test]
