@@ -175,17 +175,19 @@ async fn rename_indexes_as_live(
     Ok(())
 }
 
-/// What each index build may sort in, per connection: the largest read models' indexes then
-/// sort in memory, and PostgreSQL can give a build parallel workers (each needs 32 MB of
-/// it). PostgreSQL's default, 64 MB, spilled them to temporary files.
+/// What each index build may sort in, per connection, unless the server allows more: room
+/// for PostgreSQL to give a large build two parallel workers (32 MB each; its default 64 MB
+/// allows one). Its share of the two connections' gain was not told apart from the noise
+/// (docs/benchmarks.md).
 const INDEX_BUILD_MEMORY: &str = "256MB";
 
 /// Readies the copies in `schema` to serve: creates the secondary indexes [`create_schema`]
 /// left out, then `VACUUM (ANALYZE)`s each table (the planner's estimates and index-only
 /// scans depend on statistics and a visibility map, and the server may run without
-/// autovacuum). Tables are taken largest first by `connections` connections at once, as
-/// each step is one sort or scan on one core. Idempotent, so a job killed here does the
-/// rest when resumed.
+/// autovacuum). Tables are taken largest first by `connections` connections at once, so
+/// the small tables' steps and the vacuums' scans fill the cores while the largest table's
+/// indexes sort (on two cores, 13% off the serial finish in five alternating pairs).
+/// Idempotent, so a job killed here does the rest when resumed.
 pub(crate) async fn finish_tables(
     pool: &PgPool,
     schema: &str,
@@ -213,21 +215,12 @@ pub(crate) async fn finish_tables(
     for _ in 0..connections.max(1) {
         let (pool, schema, queue) = (pool.clone(), schema.to_string(), Arc::clone(&queue));
         finishers.spawn(async move {
-            let mut conn = dedicated_connection(&pool).await?;
-            sqlx::query(&format!(
-                "SET maintenance_work_mem = '{INDEX_BUILD_MEMORY}'"
-            ))
-            .execute(&mut conn)
-            .await?;
-            loop {
-                let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-                let Some(table) = next else { break };
-                create_missing_indexes(&mut conn, &schema, &table).await?;
-                sqlx::query(&format!("VACUUM (ANALYZE) {schema}.{table}"))
-                    .execute(&mut conn)
-                    .await?;
+            let finished = finish_queued(&pool, &schema, &queue).await;
+            if finished.is_err() {
+                // The job fails anyway: the other finishers stop after their current table.
+                queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
             }
-            conn.close().await
+            finished
         });
     }
     let mut first_error = None;
@@ -242,6 +235,33 @@ pub(crate) async fn finish_tables(
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// One finisher: takes tables from `queue` until it is empty.
+async fn finish_queued(
+    pool: &PgPool,
+    schema: &str,
+    queue: &Mutex<Vec<String>>,
+) -> sqlx::Result<()> {
+    let mut conn = dedicated_connection(pool).await?;
+    // Never less than the server's own setting.
+    sqlx::query(
+        "SELECT set_config('maintenance_work_mem', \
+         greatest(pg_size_bytes(current_setting('maintenance_work_mem')), pg_size_bytes($1)) \
+         / 1024 || 'kB', false)",
+    )
+    .bind(INDEX_BUILD_MEMORY)
+    .execute(&mut conn)
+    .await?;
+    loop {
+        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let Some(table) = next else { break };
+        create_missing_indexes(&mut conn, schema, &table).await?;
+        sqlx::query(&format!("VACUUM (ANALYZE) {schema}.{table}"))
+            .execute(&mut conn)
+            .await?;
+    }
+    conn.close().await
 }
 
 /// Creates each index the live `table` has and its copy in `schema` lacks, under the live

@@ -770,10 +770,14 @@ async fn a_post_before_its_conversation_exists_stops_the_projection_in_a_batch_t
         chat.post(c, chat.bob, None).await;
     }
     assert_eq!(failed_at(catch_up(chat.pool()).await), ("messaging", at));
-    assert!(
-        rows(chat.pool(), "messages").await.is_empty(),
-        "nothing of the failed batch stays"
-    );
+    // Applied up to the event before the post (the group's creation), and nothing after it.
+    assert_eq!(checkpoint(chat.pool(), "messaging").await, at - 1);
+    let conversations: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM conversations")
+        .fetch_all(chat.pool())
+        .await
+        .unwrap();
+    assert_eq!(conversations, vec![c]);
+    assert!(rows(chat.pool(), "messages").await.is_empty());
 }
 
 #[tokio::test]
