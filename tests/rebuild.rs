@@ -861,3 +861,30 @@ async fn a_swap_refuses_copies_of_tables_a_migration_changed_meanwhile() {
     .unwrap();
     assert_eq!(kept, 1);
 }
+
+/// A job's shadow schema name goes into statements as a bare identifier when the job
+/// resumes, so the table takes only plain names like those `start_job` makes.
+#[tokio::test]
+async fn only_plain_shadow_schema_names_can_be_recorded() {
+    let t = TestApp::spawn().await;
+    for name in [
+        "ledgerline_rebuild_x CASCADE; DROP TABLE events",
+        "public",
+        "ledgerline_rebuild_\"Q\"",
+    ] {
+        let refused = sqlx::query(
+            "INSERT INTO projection_rebuilds (projections, shadow_schema, target_position) \
+             VALUES ('{users}', $1, 0)",
+        )
+        .bind(name)
+        .execute(t.pool())
+        .await
+        .unwrap_err();
+        assert!(
+            refused
+                .to_string()
+                .contains("projection_rebuilds_shadow_schema_plain"),
+            "{name}: {refused}"
+        );
+    }
+}
