@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -225,16 +225,21 @@ pub(crate) async fn finish_tables(
     }
     let mut first_error = None;
     while let Some(joined) = finishers.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            Err(sqlx::Error::Protocol(format!(
-                "index builder ended abnormally: {e}"
-            )))
-        });
-        if let Err(e) = result {
+        if let Err(e) = task_result(joined, "index builder") {
             first_error.get_or_insert(e);
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// A task's own result, or its panic or cancellation as an error of `what`.
+fn task_result<E: From<sqlx::Error>>(
+    joined: Result<Result<(), E>, JoinError>,
+    what: &str,
+) -> Result<(), E> {
+    joined.unwrap_or_else(|e| {
+        Err(sqlx::Error::Protocol(format!("{what} ended abnormally: {e}")).into())
+    })
 }
 
 /// One finisher: takes tables from `queue` until it is empty.
@@ -432,12 +437,7 @@ pub(crate) async fn build(
     drop(queues);
     let mut first_error = read.err();
     while let Some(joined) = workers.join_next().await {
-        let result = joined.unwrap_or_else(|e| {
-            Err(RunError::Sql(sqlx::Error::Protocol(format!(
-                "build worker ended abnormally: {e}"
-            ))))
-        });
-        if let Err(e) = result {
+        if let Err(e) = task_result(joined, "build worker") {
             // A worker's own failure explains a reader that found its queue closed.
             if first_error
                 .as_ref()
