@@ -17,9 +17,9 @@
 DROP SCHEMA IF EXISTS write_floor CASCADE;
 CREATE SCHEMA write_floor;
 
--- Empty copies with the unique indexes only; the secondary ones are built at the end.
+-- The read models' tables and their indexes (the copies' names), largest table first.
 CREATE TABLE write_floor.indexes AS
-SELECT c.relname AS tbl, i.indisunique AS is_unique,
+SELECT c.relname AS tbl, pg_total_relation_size(c.oid) AS size, i.indisunique AS is_unique,
        regexp_replace(replace(pg_get_indexdef(i.indexrelid), ' ON public.', ' ON write_floor.'),
                       '^CREATE (UNIQUE )?INDEX \S+ ', 'CREATE \1INDEX ') AS def
 FROM pg_index i
@@ -28,49 +28,28 @@ WHERE c.relnamespace = 'public'::regnamespace
   AND c.relname IN ('organizations', 'users', 'roles', 'role_permissions', 'user_roles',
                     'api_keys', 'audit_events', 'conversations', 'conversation_participants',
                     'messages', 'message_attachments', 'message_reactions', 'message_reads');
-DO $$
-DECLARE t text; d text;
-BEGIN
-  FOR t IN SELECT DISTINCT tbl FROM write_floor.indexes LOOP
-    EXECUTE format('CREATE TABLE write_floor.%I (LIKE public.%I INCLUDING DEFAULTS)', t, t);
-  END LOOP;
-  FOR d IN SELECT def FROM write_floor.indexes WHERE is_unique LOOP
-    EXECUTE d;
-  END LOOP;
-END $$;
+CREATE VIEW write_floor.tables AS
+SELECT tbl, max(size) AS size FROM write_floor.indexes GROUP BY tbl;
 
--- The rows, one table after another (the largest first), on one connection.
+-- Empty copies with the unique indexes only; the secondary ones are built at the end.
+SELECT format('CREATE TABLE write_floor.%I (LIKE public.%I INCLUDING DEFAULTS)', tbl, tbl)
+FROM write_floor.tables \gexec
+SELECT def FROM write_floor.indexes WHERE is_unique \gexec
+
+-- The rows, one table after another (the largest first), on one connection; each
+-- statement is timed.
 SELECT now() AS rows_started \gset
-INSERT INTO write_floor.audit_events SELECT * FROM public.audit_events;
-INSERT INTO write_floor.messages SELECT * FROM public.messages;
-INSERT INTO write_floor.message_reads SELECT * FROM public.message_reads;
-INSERT INTO write_floor.message_reactions SELECT * FROM public.message_reactions;
-INSERT INTO write_floor.message_attachments SELECT * FROM public.message_attachments;
-INSERT INTO write_floor.users SELECT * FROM public.users;
-INSERT INTO write_floor.api_keys SELECT * FROM public.api_keys;
-INSERT INTO write_floor.user_roles SELECT * FROM public.user_roles;
-INSERT INTO write_floor.roles SELECT * FROM public.roles;
-INSERT INTO write_floor.role_permissions SELECT * FROM public.role_permissions;
-INSERT INTO write_floor.conversations SELECT * FROM public.conversations;
-INSERT INTO write_floor.conversation_participants SELECT * FROM public.conversation_participants;
-INSERT INTO write_floor.organizations SELECT * FROM public.organizations;
+SELECT format('INSERT INTO write_floor.%I SELECT * FROM public.%I', tbl, tbl)
+FROM write_floor.tables ORDER BY size DESC \gexec
 SELECT round(extract(epoch FROM clock_timestamp() - :'rows_started'::timestamptz)::numeric, 1)
   AS rows_seconds;
 
 -- The finish: secondary indexes, then statistics and visibility maps.
 SELECT now() AS finish_started \gset
 SET maintenance_work_mem = '256MB';
-DO $$
-DECLARE d text;
-BEGIN
-  FOR d IN SELECT def FROM write_floor.indexes WHERE NOT is_unique LOOP
-    EXECUTE d;
-  END LOOP;
-END $$;
-VACUUM (ANALYZE) write_floor.audit_events, write_floor.messages, write_floor.message_reads,
-  write_floor.message_reactions, write_floor.message_attachments, write_floor.users,
-  write_floor.api_keys, write_floor.user_roles, write_floor.roles, write_floor.role_permissions,
-  write_floor.conversations, write_floor.conversation_participants, write_floor.organizations;
+SELECT def FROM write_floor.indexes WHERE NOT is_unique ORDER BY size DESC \gexec
+SELECT format('VACUUM (ANALYZE) write_floor.%I', tbl)
+FROM write_floor.tables ORDER BY size DESC \gexec
 SELECT round(extract(epoch FROM clock_timestamp() - :'finish_started'::timestamptz)::numeric, 1)
   AS finish_seconds;
 
