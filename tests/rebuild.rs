@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,6 +13,7 @@ use std::time::Duration;
 use common::{ledgerline, tamper, TestApp};
 use ledgerline_projections::{Progress, RebuildOptions, RunError};
 use serde_json::json;
+use sqlx::Connection;
 use uuid::Uuid;
 
 /// Every read-model table, each row as JSON, in a stable order.
@@ -662,10 +664,21 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
         "{err}"
     );
 
+    // A session the killed run left at work, as one of its index builders in the middle of
+    // a `CREATE INDEX` would be: it holds the shadow table and the index's name until its
+    // statement ends, and then commits. The resumed run must end it, not wait for it or
+    // trip over the index.
+    let orphan = orphan_index_build(&t).await;
+
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(resumed)"), "{out}");
     assert!(out.contains(&format!("at position {head}")), "{out}");
+    let ended = orphan
+        .await
+        .unwrap()
+        .expect_err("the killed run's session was ended");
+    assert!(ended.to_string().contains("terminat"), "{ended}");
     assert_eq!(
         snapshot(&t).await,
         live,
@@ -674,6 +687,56 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
         .await
         .is_empty());
+}
+
+/// Starts, on a session named as the running job's connections are, a build of one of the
+/// `users` copy's missing indexes that then goes on for 20 s; returns once it is under way.
+async fn orphan_index_build(t: &TestApp) -> tokio::task::JoinHandle<sqlx::Result<()>> {
+    let schema: String = sqlx::query_scalar(
+        "SELECT shadow_schema FROM projection_rebuilds WHERE status = 'running'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let definition: String = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'users' \
+         AND indexdef NOT LIKE 'CREATE UNIQUE%' ORDER BY indexname LIMIT 1",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let create = definition.replacen("ON public.users", &format!("ON {schema}.users"), 1);
+    let options = sqlx::postgres::PgConnectOptions::from_str(&t.db.url)
+        .unwrap()
+        .application_name(&schema);
+    let mut conn = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    let orphan = tokio::spawn(async move {
+        sqlx::query(&format!(
+            "DO $orphan$ BEGIN EXECUTE $i${create}$i$; PERFORM pg_sleep(20); END $orphan$"
+        ))
+        .execute(&mut conn)
+        .await
+        .map(drop)
+    });
+    tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let sleeping: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = $1 \
+                 AND wait_event = 'PgSleep')",
+            )
+            .bind(&schema)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+            if sleeping {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the index build is under way");
+    orphan
 }
 
 #[tokio::test]
@@ -709,10 +772,14 @@ async fn a_rebuild_stopped_by_an_event_it_cannot_apply_changes_nothing_live() {
     assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
     assert!(checkpoints(&t).await.iter().all(|(_, p)| *p > bad));
 
+    // Dropping the job ends what its killed runs left at work, rather than wait for it.
+    let orphan = orphan_index_build(&t).await;
     let job = ledgerline_projections::abandon_rebuild(t.pool())
         .await
         .unwrap();
     assert!(job.is_some());
+    let ended = orphan.await.unwrap().expect_err("the session was ended");
+    assert!(ended.to_string().contains("terminat"), "{ended}");
     assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
         .await
         .is_empty());

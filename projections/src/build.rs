@@ -248,7 +248,7 @@ async fn finish_queued(
     schema: &str,
     queue: &Mutex<Vec<String>>,
 ) -> sqlx::Result<()> {
-    let mut conn = dedicated_connection(pool).await?;
+    let mut conn = schema_connection(pool, schema).await?;
     // Never less than the server's own setting.
     sqlx::query(
         "SELECT set_config('maintenance_work_mem', \
@@ -366,7 +366,47 @@ pub(crate) async fn layout(
     ))
 }
 
-/// A pool whose connections resolve unqualified names in `schema` first. Its commits do
+/// How long [`end_orphans`] waits for the sessions it ended to be gone.
+const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Ends the database sessions still working on `schema` for a process that is gone, and
+/// waits until they are. The caller holds the lock of the job or check that owns `schema`,
+/// so any session named after it (every connection this module opens for a schema is) is
+/// left from an earlier run that was killed. Most end as soon as their socket closes, but
+/// one in the middle of a statement (a `CREATE INDEX`, a `VACUUM`) goes on until the
+/// statement is done, holding its locks and its uncommitted index name, which would stall
+/// or fail the run that resumes or drops the schema.
+pub(crate) async fn end_orphans(conn: &mut PgConnection, schema: &str) -> Result<(), RunError> {
+    let deadline = tokio::time::Instant::now() + ORPHAN_WAIT;
+    let mut first = true;
+    loop {
+        // Sent again on every pass until they are gone; a second signal is harmless.
+        let left: i64 = sqlx::query_scalar(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE datname = current_database() AND application_name = $1 \
+             AND pid <> pg_backend_pid()",
+        )
+        .bind(schema)
+        .fetch_one(&mut *conn)
+        .await?;
+        if left == 0 {
+            return Ok(());
+        }
+        if std::mem::take(&mut first) {
+            tracing::warn!(schema, sessions = left, "ending sessions of a killed run");
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(RunError::OrphanSessions {
+                schema: schema.to_string(),
+                sessions: left,
+            });
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// A pool whose connections resolve unqualified names in `schema` first, named after it
+/// (see [`end_orphans`]). Its commits do
 /// not wait for the WAL flush: a batch and its recorded position commit together, so a
 /// server crash loses both, and the job redoes them when resumed. Every statement is
 /// planned for its own parameters: the tables start empty, and a generic plan cached then
@@ -377,11 +417,14 @@ pub(crate) async fn schema_pool(
     schema: &str,
     connections: u32,
 ) -> sqlx::Result<PgPool> {
-    let options = (*pool.connect_options()).clone().options([
-        ("search_path", format!("{schema},public")),
-        ("synchronous_commit", "off".to_string()),
-        ("plan_cache_mode", "force_custom_plan".to_string()),
-    ]);
+    let options = (*pool.connect_options())
+        .clone()
+        .application_name(schema)
+        .options([
+            ("search_path", format!("{schema},public")),
+            ("synchronous_commit", "off".to_string()),
+            ("plan_cache_mode", "force_custom_plan".to_string()),
+        ]);
     PgPoolOptions::new()
         .max_connections(connections)
         .connect_with(options)
@@ -393,10 +436,12 @@ pub(crate) async fn dedicated_connection(pool: &PgPool) -> sqlx::Result<PgConnec
     PgConnection::connect_with(&pool.connect_options()).await
 }
 
-/// A connection outside `pool`'s with `schema` first on its `search_path`.
+/// A connection outside `pool`'s with `schema` first on its `search_path`, named after
+/// `schema` as [`end_orphans`] expects.
 pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Result<PgConnection> {
     let options = (*pool.connect_options())
         .clone()
+        .application_name(schema)
         .options([("search_path", format!("{schema},public"))]);
     PgConnection::connect_with(&options).await
 }

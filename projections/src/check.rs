@@ -240,7 +240,7 @@ async fn difference(conn: &mut PgConnection, a: &str, b: &str) -> sqlx::Result<(
 }
 
 /// Drops scratch schemas whose check no longer holds its lock (it was killed).
-async fn drop_abandoned_scratch(conn: &mut PgConnection) -> sqlx::Result<()> {
+async fn drop_abandoned_scratch(conn: &mut PgConnection) -> Result<(), RunError> {
     let schemas: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ledgerline\\_check\\_%'",
     )
@@ -253,6 +253,7 @@ async fn drop_abandoned_scratch(conn: &mut PgConnection) -> sqlx::Result<()> {
             .fetch_one(&mut *conn)
             .await?;
         if free {
+            build::end_orphans(conn, &schema).await?;
             sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
                 .execute(&mut *conn)
                 .await?;

@@ -109,4 +109,11 @@ pub enum RunError {
          abandoned; run the rebuild again"
     )]
     LiveTablesChanged(String),
+    /// Sessions of a killed run that did not end when told to.
+    #[error(
+        "{sessions} database session(s) of an earlier, killed run still work on `{schema}` \
+         and did not end when terminated; end them (pg_stat_activity, application_name \
+         `{schema}`), then run again"
+    )]
+    OrphanSessions { schema: String, sessions: i64 },
 }

@@ -125,6 +125,7 @@ pub async fn rebuild(
     take_lock(&mut lock).await?;
     let (job, resumed) = match running_job(&mut lock).await? {
         Some((job, names)) if names == wanted => {
+            build::end_orphans(&mut lock, &job.schema).await?;
             if shadow_matches_live(&mut lock, &job.schema, &projections).await? {
                 (job, true)
             } else {
@@ -251,7 +252,9 @@ async fn start_job(pool: &PgPool, projections: &[Projection]) -> Result<Job, Run
     Ok(Job { id, schema })
 }
 
-async fn abandon(conn: &mut PgConnection, job: &Job) -> sqlx::Result<()> {
+async fn abandon(conn: &mut PgConnection, job: &Job) -> Result<(), RunError> {
+    // Else `DROP SCHEMA` waits for them.
+    build::end_orphans(conn, &job.schema).await?;
     let mut tx = conn.begin().await?;
     sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", job.schema))
         .execute(&mut *tx)
