@@ -353,6 +353,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
+        finish_connections: args.finish_connections,
         ..Default::default()
     };
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());

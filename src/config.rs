@@ -344,6 +344,12 @@ pub struct RebuildArgs {
     pub abandon: bool,
     #[command(flatten)]
     pub batch: BatchArgs,
+    /// Database connections that build the copies' indexes and vacuum them once the rows
+    /// are in, a table each at a time (more than the server has cores gains nothing).
+    #[arg(long, env = "LEDGERLINE_REBUILD_FINISH_CONNECTIONS",
+          default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.finish_connections,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub finish_connections: u16,
 }
 
 #[derive(Debug, Args)]

@@ -670,7 +670,16 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     // trip over the index.
     let orphan = orphan_index_build(&t).await;
 
-    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]);
+    // A setting out of range is refused before anything is done.
+    let rebuild_all = |finishers| {
+        let args = ["projections", "rebuild", "--all", "--finish-connections"];
+        ledgerline(&t.db.url, &[&args[..], &[finishers]].concat())
+    };
+    let (code, out, err) = rebuild_all("0");
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--finish-connections"), "{err}");
+
+    let (code, out, err) = rebuild_all("1");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(resumed)"), "{out}");
     assert!(out.contains(&format!("at position {head}")), "{out}");

@@ -192,7 +192,7 @@ pub(crate) async fn finish_tables(
     pool: &PgPool,
     schema: &str,
     projections: &[Projection],
-    connections: usize,
+    connections: u16,
 ) -> sqlx::Result<()> {
     let names: Vec<&str> = projections
         .iter()

@@ -29,16 +29,21 @@ pub struct RebuildOptions {
     pub swap_tail: i64,
     /// Connections building the copies' secondary indexes and statistics at the end, one
     /// table each at a time.
-    pub finish_connections: usize,
+    pub finish_connections: u16,
+}
+
+impl RebuildOptions {
+    /// The defaults, as a constant for the CLI's defaults.
+    pub const DEFAULT: Self = Self {
+        batch_size: 2000,
+        swap_tail: 2000,
+        finish_connections: 2,
+    };
 }
 
 impl Default for RebuildOptions {
     fn default() -> Self {
-        Self {
-            batch_size: 2000,
-            swap_tail: 2000,
-            finish_connections: 2,
-        }
+        Self::DEFAULT
     }
 }
 
