@@ -345,10 +345,11 @@ pub struct RebuildArgs {
     #[command(flatten)]
     pub batch: BatchArgs,
     /// Database connections that build the copies' indexes and vacuum them once the rows
-    /// are in, a table each at a time (more than the server has cores gains nothing).
+    /// are in, a table each at a time. More than the server has cores gains nothing, and
+    /// each may sort in 256 MB (`maintenance_work_mem`).
     #[arg(long, env = "LEDGERLINE_REBUILD_FINISH_CONNECTIONS",
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.finish_connections,
-          value_parser = clap::value_parser!(u16).range(1..=64))]
+          value_parser = clap::value_parser!(u16).range(1..=16))]
     pub finish_connections: u16,
 }
 

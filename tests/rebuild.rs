@@ -678,6 +678,7 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     let (code, out, err) = rebuild_all("0");
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--finish-connections"), "{err}");
+    assert!(!orphan.is_finished(), "the refused run ended nothing");
 
     let (code, out, err) = rebuild_all("1");
     assert_eq!(code, 0, "{out}{err}");
@@ -715,6 +716,7 @@ async fn orphan_index_build(t: &TestApp) -> tokio::task::JoinHandle<sqlx::Result
     .await
     .unwrap();
     let create = definition.replacen("ON public.users", &format!("ON {schema}.users"), 1);
+    assert_ne!(create, definition, "the index is built on the copy");
     let options = sqlx::postgres::PgConnectOptions::from_str(&t.db.url)
         .unwrap()
         .application_name(&schema);

@@ -10,6 +10,7 @@
 //! erasure before the live projection did is what the erasure asked for.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -367,48 +368,76 @@ pub(crate) async fn layout(
 }
 
 /// How long [`end_orphans`] waits for the sessions it ended to be gone.
-const ORPHAN_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+const ORPHAN_WAIT: Duration = Duration::from_secs(30);
 
-/// Ends the database sessions still working on `schema` for a process that is gone, and
-/// waits until they are. The caller holds the lock of the job or check that owns `schema`,
-/// so any session named after it (every connection this module opens for a schema is) is
-/// left from an earlier run that was killed. Most end as soon as their socket closes, but
-/// one in the middle of a statement (a `CREATE INDEX`, a `VACUUM`) goes on until the
-/// statement is done, holding its locks and its uncommitted index name, which would stall
-/// or fail the run that resumes or drops the schema.
+/// Ends the database sessions still working on `schema` and waits until they are gone. The
+/// caller holds the lock of the job or check that owns `schema`, so no live run can own a
+/// session named after it (as every connection this module opens for a schema is): each is
+/// left over, mostly from an earlier run that was killed. Most end as soon as their socket
+/// closes, but one in the middle of a statement (a `CREATE INDEX`, a `VACUUM`) goes on until
+/// the statement is done, holding its locks and its uncommitted index name, which would
+/// stall or fail the run that resumes or drops the schema. Ending another role's session
+/// takes that role's membership (or `pg_signal_backend`); without it this fails, naming the
+/// sessions, rather than wait.
 pub(crate) async fn end_orphans(conn: &mut PgConnection, schema: &str) -> Result<(), RunError> {
     let deadline = tokio::time::Instant::now() + ORPHAN_WAIT;
-    let mut first = true;
+    let mut logged = false;
     loop {
-        // Sent again on every pass until they are gone; a second signal is harmless.
-        let left: i64 = sqlx::query_scalar(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+        let sessions: Vec<(i32, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT pid, usename::text, left(query, 80) FROM pg_stat_activity \
              WHERE datname = current_database() AND application_name = $1 \
-             AND pid <> pg_backend_pid()",
+             AND pid <> pg_backend_pid() ORDER BY pid",
         )
         .bind(schema)
-        .fetch_one(&mut *conn)
+        .fetch_all(&mut *conn)
         .await?;
-        if left == 0 {
+        if sessions.is_empty() {
             return Ok(());
         }
-        if std::mem::take(&mut first) {
-            tracing::warn!(schema, sessions = left, "ending sessions of a killed run");
+        let listed = || {
+            sessions
+                .iter()
+                .map(|(pid, user, query)| {
+                    format!(
+                        "pid {pid} ({}): {}",
+                        user.as_deref().unwrap_or("?"),
+                        query.as_deref().unwrap_or("")
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        if !logged {
+            tracing::warn!(schema, sessions = %listed(), "ending leftover database sessions");
+            logged = true;
         }
-        if tokio::time::Instant::now() >= deadline {
-            return Err(RunError::OrphanSessions {
-                schema: schema.to_string(),
-                sessions: left,
-            });
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // Sent again on every pass until they are gone; a second signal is harmless.
+        let pids: Vec<i32> = sessions.iter().map(|(pid, _, _)| *pid).collect();
+        let signalled =
+            sqlx::query("SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) AS pid")
+                .bind(&pids)
+                .execute(&mut *conn)
+                .await;
+        let why = match signalled {
+            Ok(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+            Ok(_) => format!("still there after {} s", ORPHAN_WAIT.as_secs()),
+            Err(e) => e.to_string(),
+        };
+        return Err(RunError::OrphanSessions {
+            schema: schema.to_string(),
+            sessions: listed(),
+            why,
+        });
     }
 }
 
 /// A pool whose connections resolve unqualified names in `schema` first, named after it
-/// (see [`end_orphans`]). Its commits do
-/// not wait for the WAL flush: a batch and its recorded position commit together, so a
-/// server crash loses both, and the job redoes them when resumed. Every statement is
+/// (see [`end_orphans`]). Its commits do not wait for the WAL flush: a batch and its
+/// recorded position commit together, so a server crash loses both, and the job redoes
+/// them when resumed. Every statement is
 /// planned for its own parameters: the tables start empty, and a generic plan cached then
 /// (a sequential scan is cheapest on an empty table) would scan the whole table on every
 /// execution by the end.

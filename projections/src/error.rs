@@ -109,11 +109,15 @@ pub enum RunError {
          abandoned; run the rebuild again"
     )]
     LiveTablesChanged(String),
-    /// Sessions of a killed run that did not end when told to.
+    /// Leftover sessions on a job's or check's schema that could not be ended.
     #[error(
-        "{sessions} database session(s) of an earlier, killed run still work on `{schema}` \
-         and did not end when terminated; end them (pg_stat_activity, application_name \
-         `{schema}`), then run again"
+        "database sessions left on `{schema}` by an earlier run could not be ended ({why}): \
+         {sessions}; end them (pg_terminate_backend, as their role or a superuser), then run \
+         again"
     )]
-    OrphanSessions { schema: String, sessions: i64 },
+    OrphanSessions {
+        schema: String,
+        sessions: String,
+        why: String,
+    },
 }

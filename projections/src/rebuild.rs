@@ -28,7 +28,7 @@ pub struct RebuildOptions {
     /// the live projections back; until then the job keeps catching up without locks.
     pub swap_tail: i64,
     /// Connections building the copies' secondary indexes and statistics at the end, one
-    /// table each at a time.
+    /// table each at a time (0 is taken as 1).
     pub finish_connections: u16,
 }
 
