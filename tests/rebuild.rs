@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ledgerline, tamper, TestApp};
+use common::{ledgerline, ledgerline_logging, tamper, TestApp};
 use ledgerline_projections::{Progress, RebuildOptions, RunError};
 use serde_json::json;
 use sqlx::Connection;
@@ -673,7 +673,7 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     // A setting out of range is refused before anything is done.
     let rebuild_all = |finishers| {
         let args = ["projections", "rebuild", "--all", "--finish-connections"];
-        ledgerline(&t.db.url, &[&args[..], &[finishers]].concat())
+        ledgerline_logging(&t.db.url, &[&args[..], &[finishers]].concat(), "info")
     };
     let (code, out, err) = rebuild_all("0");
     assert_eq!(code, 2, "{out}{err}");
@@ -683,6 +683,10 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     let (code, out, err) = rebuild_all("1");
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(resumed)"), "{out}");
+    assert!(
+        err.contains("connections=1"),
+        "the setting reaches the finish: {err}"
+    );
     assert!(out.contains(&format!("at position {head}")), "{out}");
     let ended = orphan
         .await

@@ -209,6 +209,12 @@ pub(crate) async fn finish_tables(
     .await?;
     // Ascending, as each finisher pops the next from the end: the largest first.
     sized.sort();
+    tracing::info!(
+        schema,
+        tables = sized.len(),
+        connections,
+        "building the copies' indexes and statistics"
+    );
     let queue = Arc::new(Mutex::new(
         sized.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
     ));

@@ -92,10 +92,15 @@ pub const POLICY: CheckpointPolicy = CheckpointPolicy {
 
 /// Runs the built `ledgerline` binary against `url`: exit code, stdout, stderr.
 pub fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
+    ledgerline_logging(url, args, "warn")
+}
+
+/// [`ledgerline`] with the log filter `log` (the log goes to stderr).
+pub fn ledgerline_logging(url: &str, args: &[&str], log: &str) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
         .args(args)
         .env("LEDGERLINE_DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", log)
         .output()
         .expect("run ledgerline");
     (
