@@ -184,8 +184,11 @@ pub async fn rebuild(
     .await;
     shadow.close().await;
     if let Err(RunError::LiveTablesChanged(_)) = &result {
-        // The copies can never be swapped in; the next run starts afresh.
-        abandon(&mut lock, &job).await?;
+        // The copies can never be swapped in; the next run starts afresh. The reason stays
+        // the error the caller sees, also if dropping them fails (the next run retries it).
+        if let Err(e) = abandon(&mut lock, &job).await {
+            tracing::error!(job = job.id, error = %e, "the job could not be abandoned");
+        }
     }
     let position = result?;
     tracing::info!(job = job.id, position, "rebuilt tables swapped in");
