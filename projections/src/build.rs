@@ -443,10 +443,9 @@ pub(crate) async fn end_orphans(conn: &mut PgConnection, schema: &str) -> Result
 /// A pool whose connections resolve unqualified names in `schema` first, named after it
 /// (see [`end_orphans`]). Its commits do not wait for the WAL flush: a batch and its
 /// recorded position commit together, so a server crash loses both, and the job redoes
-/// them when resumed. Every statement is
-/// planned for its own parameters: the tables start empty, and a generic plan cached then
-/// (a sequential scan is cheapest on an empty table) would scan the whole table on every
-/// execution by the end.
+/// them when resumed. Every statement is planned for its own parameters: the tables start
+/// empty, and a generic plan cached then (a sequential scan is cheapest on an empty table)
+/// would scan the whole table on every execution by the end.
 pub(crate) async fn schema_pool(
     pool: &PgPool,
     schema: &str,
