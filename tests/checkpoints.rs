@@ -6,7 +6,6 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 
 use common::{event_at, hash_of, ledgerline, set_hashes, superuser_tx, tamper, TestApp, POLICY};
 use ledgerline::ledger::checkpoint::{LogSigner, NoteVerifier};
@@ -36,7 +35,7 @@ fn file(text: &str) -> PathBuf {
 
 /// Exports the whole log as it is now and verifies the file offline (no database) against
 /// `checkpoint`: the auditor's second, independent check.
-fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, String) {
+async fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, String) {
     let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
     let out_s = out.to_str().unwrap();
     let (code, summary, err) = ledgerline(
@@ -48,14 +47,16 @@ fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, String)
             "--log-origin",
             "ledgerline.test/log",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "export: {summary}{err}");
-    let (code, report, err) = Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+    let (code, report, err) = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
         .args(["verify", "--file", out_s, "--checkpoint"])
         .arg(checkpoint)
         .args(["--public-key", &key(t)])
         .env_remove("LEDGERLINE_DATABASE_URL")
         .output()
+        .await
         .map(|o| {
             (
                 o.status.code().unwrap_or(-1),
@@ -352,7 +353,8 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
             "--checkpoint",
             new_s,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let proof_file = file(&proof);
     let p = proof_file.to_str().unwrap();
@@ -367,7 +369,8 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("valid"), "{out}");
     // One hash of the proof altered.
@@ -383,14 +386,16 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("INVALID"), "{out}");
 
     let (code, proof, err) = ledgerline(
         &t.db.url,
         &["prove", "consistency", "--from", old_s, "--to", new_s],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{err}");
     let proof_file = file(&proof);
     let (code, out, err) = ledgerline(
@@ -406,7 +411,8 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     // One hash of the consistency proof altered, for the right pair: refused as invalid.
     let doctored = doctor(&proof);
@@ -423,7 +429,8 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("INVALID"), "{out}");
 }
@@ -458,11 +465,12 @@ async fn an_untouched_log_extends_every_checkpoint_also_after_an_erasure() {
             "--public-key",
             &key(&t),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("consistent"), "{out}");
     for cp in [&first, &second, &third] {
-        let (code, report) = export_and_verify(&t, cp);
+        let (code, report) = export_and_verify(&t, cp).await;
         assert_eq!(code, 0, "{report}");
         assert!(report.contains("matches the checkpoint"), "{report}");
     }
@@ -502,7 +510,8 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
             "--public-key",
             &key(&t),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.starts_with("REWRITTEN"), "{out}");
     assert!(
@@ -510,7 +519,7 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
         "names the range the edit lies in: {out}"
     );
     // An export made now, checked offline against the kept checkpoint.
-    let (code, report) = export_and_verify(&t, &early);
+    let (code, report) = export_and_verify(&t, &early).await;
     assert_eq!(code, 1, "{report}");
     assert!(report.starts_with("TAMPERED"), "{report}");
     assert!(
@@ -543,13 +552,14 @@ async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
             "--public-key",
             &key(&t),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         out.starts_with(&format!("TRUNCATED: first missing position {}", n - 2)),
         "{out}"
     );
-    let (code, report) = export_and_verify(&t, &kept);
+    let (code, report) = export_and_verify(&t, &kept).await;
     assert_eq!(code, 1, "{report}");
     assert!(report.contains("truncated"), "{report}");
 }
@@ -589,7 +599,8 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
             "--public-key",
             &key(&t),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.starts_with("FORK"), "{out}");
     // Against the first checkpoint alone, the database's log is the rewritten one.
@@ -602,7 +613,8 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
             "--public-key",
             &key(&t),
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1);
     assert!(out.starts_with("REWRITTEN"), "{out}");
 }
@@ -634,10 +646,11 @@ async fn a_forged_checkpoint_is_refused() {
                 "--public-key",
                 &key(&t),
             ],
-        );
+        )
+        .await;
         assert_eq!(code, 1, "{out}{err}");
         assert!(out.starts_with("FORGED"), "{out}");
-        let (code, report) = export_and_verify(&t, &forged);
+        let (code, report) = export_and_verify(&t, &forged).await;
         assert_eq!(code, 1, "{report}");
         assert!(report.contains("checkpoint refused"), "{report}");
     }
@@ -661,7 +674,8 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
             "--log-origin",
             "ledgerline.test/log",
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{summary}{err}");
     let (code, report, err) = ledgerline(
         &t.db.url,
@@ -674,7 +688,8 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 0, "{report}{err}");
     assert!(report.starts_with("intact"), "{report}");
     assert!(report.contains("matches the checkpoint"), "{report}");
@@ -694,7 +709,8 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
             "--public-key",
             &key,
         ],
-    );
+    )
+    .await;
     assert_eq!(code, 1, "{report}");
     assert!(
         report.starts_with(&format!("TAMPERED: first bad position {k}:")),

@@ -537,7 +537,7 @@ async fn a_rebuild_job_swaps_in_equal_tables_while_the_api_keeps_serving() {
 async fn check_finds_hand_edited_and_lost_rows_and_names_them() {
     let t = TestApp::spawn().await;
     story(&t).await;
-    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]);
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
         out.contains("the live read models equal a rebuild"),
@@ -563,7 +563,7 @@ async fn check_finds_hand_edited_and_lost_rows_and_names_them() {
             .unwrap();
     assert_eq!(lost.rows_affected(), 1);
 
-    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]);
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check"]).await;
     assert_eq!(code, 1, "{out}{err}");
     let line = |table: &str| {
         out.lines()
@@ -593,7 +593,7 @@ async fn check_finds_hand_edited_and_lost_rows_and_names_them() {
         "{out}"
     );
     // Only the named projections are checked.
-    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "users", "roles"]);
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "users", "roles"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(!out.contains("organizations"), "{out}");
     assert!(schemas_like(&t, "ledgerline\\_check\\_%").await.is_empty());
@@ -657,7 +657,7 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     assert!(kept >= reached, "committed batches survive the kill");
 
     // Another set of projections is refused while the job is unfinished.
-    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]);
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]).await;
     assert_eq!(code, 2, "{out}{err}");
     assert!(
         err.contains("unfinished") && err.contains("--abandon"),
@@ -671,16 +671,16 @@ async fn a_rebuild_killed_mid_way_leaves_the_live_tables_and_resumes() {
     let orphan = orphan_index_build(&t).await;
 
     // A setting out of range is refused before anything is done.
-    let rebuild_all = |finishers| {
+    let rebuild_all = async |finishers| {
         let args = ["projections", "rebuild", "--all", "--finish-connections"];
-        ledgerline_logging(&t.db.url, &[&args[..], &[finishers]].concat(), "info")
+        ledgerline_logging(&t.db.url, &[&args[..], &[finishers]].concat(), "info").await
     };
-    let (code, out, err) = rebuild_all("0");
+    let (code, out, err) = rebuild_all("0").await;
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--finish-connections"), "{err}");
     assert!(!orphan.is_finished(), "the refused run ended nothing");
 
-    let (code, out, err) = rebuild_all("1");
+    let (code, out, err) = rebuild_all("1").await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("(resumed)"), "{out}");
     assert!(

@@ -91,17 +91,21 @@ pub const POLICY: CheckpointPolicy = CheckpointPolicy {
 };
 
 /// Runs the built `ledgerline` binary against `url`: exit code, stdout, stderr.
-pub fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
-    ledgerline_logging(url, args, "warn")
+pub async fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
+    ledgerline_logging(url, args, "warn").await
 }
 
-/// [`ledgerline`] with the log filter `log` (the log goes to stderr).
-pub fn ledgerline_logging(url: &str, args: &[&str], log: &str) -> (i32, String, String) {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+/// [`ledgerline`] with the log filter `log` (the log goes to stderr). Awaited, not waited
+/// for: the test's app runs on the test's own thread, and a task of it frozen in the middle
+/// of a transaction (the log maintainer holding `merkle_state`, a projector its checkpoint)
+/// would hold up the child that needs the same row, for ever.
+pub async fn ledgerline_logging(url: &str, args: &[&str], log: &str) -> (i32, String, String) {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
         .args(args)
         .env("LEDGERLINE_DATABASE_URL", url)
         .env("RUST_LOG", log)
         .output()
+        .await
         .expect("run ledgerline");
     (
         out.status.code().unwrap_or(-1),

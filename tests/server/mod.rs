@@ -16,20 +16,7 @@ use uuid::Uuid;
 pub const BIN: &str = env!("CARGO_BIN_EXE_ledgerline");
 
 /// Runs a `ledgerline` command against `url`; (exit code, stdout, stderr).
-pub async fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(BIN)
-        .args(args)
-        .env("LEDGERLINE_DATABASE_URL", url)
-        .env("RUST_LOG", "warn")
-        .output()
-        .await
-        .expect("run ledgerline");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+pub use crate::common::ledgerline;
 
 /// What every server of one database is started with, and the operator's key.
 pub struct Setup {
