@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{ledgerline, ledgerline_logging, tamper, TestApp};
+use common::{eventually, ledgerline, ledgerline_logging, tamper, TestApp};
 use ledgerline_projections::{Progress, RebuildOptions, RunError};
 use serde_json::json;
 use sqlx::Connection;
@@ -733,24 +733,18 @@ async fn orphan_index_build(t: &TestApp) -> tokio::task::JoinHandle<sqlx::Result
         .await
         .map(drop)
     });
-    tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let sleeping: bool = sqlx::query_scalar(
-                "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = $1 \
-                 AND wait_event = 'PgSleep')",
-            )
-            .bind(&schema)
-            .fetch_one(t.pool())
-            .await
-            .unwrap();
-            if sleeping {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    let under_way = eventually(Duration::from_secs(10), || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT FROM pg_stat_activity WHERE application_name = $1 \
+             AND wait_event = 'PgSleep')",
+        )
+        .bind(&schema)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
     })
-    .await
-    .expect("the index build is under way");
+    .await;
+    assert!(under_way, "the index build is under way");
     orphan
 }
 

@@ -90,6 +90,24 @@ pub const POLICY: CheckpointPolicy = CheckpointPolicy {
     interval: std::time::Duration::from_secs(1),
 };
 
+/// Waits up to `within` for `done` to hold; false if it never did.
+pub async fn eventually<F, Fut>(within: std::time::Duration, mut done: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        if done().await {
+            return true;
+        }
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs the built `ledgerline` binary against `url`: exit code, stdout, stderr.
 pub async fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
     ledgerline_logging(url, args, "warn").await

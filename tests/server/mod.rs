@@ -16,7 +16,7 @@ use uuid::Uuid;
 pub const BIN: &str = env!("CARGO_BIN_EXE_ledgerline");
 
 /// Runs a `ledgerline` command against `url`; (exit code, stdout, stderr).
-pub use crate::common::ledgerline;
+pub use crate::common::{eventually, ledgerline};
 
 /// What every server of one database is started with, and the operator's key.
 pub struct Setup {
@@ -220,24 +220,6 @@ pub fn lease_names() -> Vec<String> {
     names.push("log-maintainer".into());
     names.sort();
     names
-}
-
-/// Waits up to `within` for `done` to hold; false if it never did.
-pub async fn eventually<F, Fut>(within: Duration, mut done: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if done().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Whether every projection has reached `head` (see `ProjectionStatus::position`).
