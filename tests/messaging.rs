@@ -901,6 +901,10 @@ async fn a_service_key_sees_every_conversation_and_posts_for_a_participant() {
     let r = c.post(&c.service, conv, json!({"content": "beep"})).await;
     c.refused(&r, 422, head).await; // names no author
     let r = c
+        .post(&c.service, Uuid::new_v4(), json!({"content": "beep"}))
+        .await;
+    c.refused(&r, 404, head).await; // an unknown conversation is that first
+    let r = c
         .post(
             &c.service,
             conv,

@@ -242,11 +242,14 @@ async fn run(
     }: Target,
     permission: Permission,
     on_behalf: Option<Uuid>,
+    first: Access,
     mut make: impl FnMut(&Access) -> ApiResult<MessageCommand>,
 ) -> ApiResult<()> {
+    // The handler's own access check is the first decision's facts: the guard catches any
+    // change since, and only a retry reads the conversation again.
+    let mut access = first;
     let mut attempt = 0;
     loop {
-        let access = access_for(app, caller, org, conversation, permission, on_behalf).await?;
         let command = make(&access)?;
         let outcome = app
             .execute_guarded(
@@ -262,6 +265,7 @@ async fn run(
             Err(CommandError::Stale(_) | CommandError::Conflict) if attempt < STALE_RETRIES => {
                 attempt += 1;
                 app.await_ledger().await;
+                access = access_for(app, caller, org, conversation, permission, on_behalf).await?;
             }
             // Another request (a second device, say) marked it first: what was asked holds.
             Err(CommandError::Rejected(MessageError::AlreadyRead)) => return Ok(()),
@@ -320,32 +324,35 @@ pub async fn post(
     Path((org, conversation)): Path<(Uuid, Uuid)>,
     Json(body): Json<PostMessage>,
 ) -> ApiResult<(StatusCode, axum::Json<MessageView>)> {
-    let first = access(
+    let author = match (caller.user_id, body.author_id) {
+        (Some(user), None) => Ok(user),
+        (Some(user), Some(a)) if a == user => Ok(user),
+        (Some(_), Some(_)) => Err(ApiError::invalid(
+            "author_id: a user key posts as its own user",
+        )),
+        (None, Some(a)) => Ok(a),
+        (None, None) => Err(ApiError::invalid(
+            "author_id is required when a service key posts",
+        )),
+    };
+    // Read as the author's, so that it serves as the post's first decision too; a missing
+    // conversation is reported before a bad author.
+    let first = access_for(
         &app,
         &caller,
         org,
         conversation,
         Permission::ConversationsWrite,
+        author.as_ref().ok().copied(),
     )
     .await?;
+    let author = author?;
     check_size(&body.content)?;
-    let author = match (first.user_id(), body.author_id) {
-        (Some(user), None) => user,
-        (Some(user), Some(a)) if a == user => user,
-        (Some(_), Some(_)) => {
-            return Err(ApiError::invalid(
-                "author_id: a user key posts as its own user",
-            ))
-        }
-        (None, Some(a)) => a,
-        (None, None) => {
-            return Err(ApiError::invalid(
-                "author_id is required when a service key posts",
-            ))
-        }
-    };
-    // A service key's author must be an active user; a user key's is (or it got a 401).
-    require_active_members(&app, org, &[author]).await?;
+    // A service key's author must be an active user. A user key's is: its key passed
+    // authentication, which refuses inactive users, and `access_for` found it taking part.
+    if caller.user_id.is_none() {
+        require_active_members(&app, org, &[author]).await?;
+    }
     let names = body
         .attachments
         .iter()
@@ -397,6 +404,7 @@ pub async fn post(
                 target,
                 Permission::ConversationsWrite,
                 Some(author),
+                first,
                 |access| {
                     Ok(MessageCommand::Post {
                         message_id: id,
@@ -522,7 +530,7 @@ pub async fn edit(
     Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
     Json(body): Json<EditMessage>,
 ) -> ApiResult<axum::Json<MessageView>> {
-    access(
+    let first = access(
         &app,
         &caller,
         org,
@@ -548,6 +556,7 @@ pub async fn edit(
         },
         Permission::ConversationsWrite,
         None,
+        first,
         |access| {
             Ok(MessageCommand::Edit {
                 conversation: access.facts(),
@@ -568,7 +577,7 @@ pub async fn delete(
     caller: Caller,
     Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
 ) -> ApiResult<StatusCode> {
-    access(
+    let first = access(
         &app,
         &caller,
         org,
@@ -587,6 +596,7 @@ pub async fn delete(
         },
         Permission::ConversationsWrite,
         None,
+        first,
         |access| {
             Ok(MessageCommand::Delete {
                 conversation: access.facts(),
@@ -609,7 +619,7 @@ async fn reaction(
     (org, conversation, message, emoji): (Uuid, Uuid, Uuid, String),
     add: bool,
 ) -> ApiResult<axum::Json<MessageView>> {
-    access(
+    let first = access(
         app,
         caller,
         org,
@@ -628,6 +638,7 @@ async fn reaction(
         },
         Permission::ConversationsWrite,
         None,
+        first,
         |access| {
             let user_id = user_only(access, "a reaction")?;
             let conversation = access.facts();
@@ -735,6 +746,7 @@ pub async fn mark_read(
             },
             Permission::ConversationsRead,
             None,
+            first,
             |access| {
                 Ok(MessageCommand::MarkRead {
                     conversation: access.facts(),
