@@ -519,6 +519,15 @@ async fn content_is_limited_to_16_kib() {
         .as_str()
         .unwrap()
         .contains("16384"));
+    // The size is judged before the author: a service key naming none still hears of it.
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "x".repeat(16 * 1024 + 1)}),
+        )
+        .await;
+    c.refused(&r, 413, head).await;
     let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
     c.refused(&r, 422, head).await;
     let full = "é".repeat(8 * 1024); // 16 KiB of UTF-8 exactly

@@ -200,8 +200,6 @@ async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView>
     Ok(open(app, vec![row]).remove(0))
 }
 
-/// Decides and appends one message command against the conversation as it is now; when
-/// the conversation (or the message) changed in between, reads it again and decides again.
 /// After a post: when it failed but the message exists after all (its commit went through
 /// and only the answer was lost), it is a success; otherwise the message never came to be
 /// and its key, which protects nothing, goes.
@@ -232,6 +230,9 @@ struct Target {
     message: Uuid,
 }
 
+/// Decides and appends one message command against the handler's read of its conversation
+/// (`first`); when the conversation (or the message) changed in between, reads it again and
+/// decides again.
 async fn run(
     app: &App,
     caller: &Caller,
@@ -245,8 +246,7 @@ async fn run(
     first: Access,
     mut make: impl FnMut(&Access) -> ApiResult<MessageCommand>,
 ) -> ApiResult<()> {
-    // The handler's own access check is the first decision's facts: the guard catches any
-    // change since, and only a retry reads the conversation again.
+    // The guard catches any change to the conversation since `first` was read.
     let mut access = first;
     let mut attempt = 0;
     loop {
@@ -336,7 +336,8 @@ pub async fn post(
         )),
     };
     // Read as the author's, so that it serves as the post's first decision too; a missing
-    // conversation is reported before a bad author.
+    // conversation and an oversized content are reported before a bad author, as they were
+    // when this read came first.
     let first = access_for(
         &app,
         &caller,
@@ -346,8 +347,8 @@ pub async fn post(
         author.as_ref().ok().copied(),
     )
     .await?;
-    let author = author?;
     check_size(&body.content)?;
+    let author = author?;
     // A service key's author must be an active user. A user key's is: its key passed
     // authentication, which refuses inactive users, and `access_for` found it taking part.
     if caller.user_id.is_none() {
