@@ -7,7 +7,10 @@ mod common;
 
 use std::path::PathBuf;
 
-use common::{event_at, hash_of, ledgerline, set_hashes, superuser_tx, tamper, TestApp, POLICY};
+use common::{
+    event_at, hash_of, ledgerline, ledgerline_offline, set_hashes, superuser_tx, tamper, TestApp,
+    POLICY,
+};
 use ledgerline::ledger::checkpoint::{LogSigner, NoteVerifier};
 use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
 use ledgerline::ledger::tree;
@@ -50,21 +53,16 @@ async fn export_and_verify(t: &TestApp, checkpoint: &std::path::Path) -> (i32, S
     )
     .await;
     assert_eq!(code, 0, "export: {summary}{err}");
-    let (code, report, err) = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
-        .args(["verify", "--file", out_s, "--checkpoint"])
-        .arg(checkpoint)
-        .args(["--public-key", &key(t)])
-        .env_remove("LEDGERLINE_DATABASE_URL")
-        .output()
-        .await
-        .map(|o| {
-            (
-                o.status.code().unwrap_or(-1),
-                String::from_utf8_lossy(&o.stdout).into_owned(),
-                String::from_utf8_lossy(&o.stderr).into_owned(),
-            )
-        })
-        .unwrap();
+    let (code, report, err) = ledgerline_offline(&[
+        "verify",
+        "--file",
+        out_s,
+        "--checkpoint",
+        checkpoint.to_str().unwrap(),
+        "--public-key",
+        &key(t),
+    ])
+    .await;
     std::fs::remove_file(&out).ok();
     (code, format!("{report}{err}"))
 }

@@ -8,7 +8,10 @@
 mod common;
 
 use chrono::Duration;
-use common::{event_at, hash_of, set_hashes, superuser_tx, tamper, TestApp, TestDb};
+use common::{
+    event_at, hash_of, ledgerline, ledgerline_offline, set_hashes, superuser_tx, tamper, TestApp,
+    TestDb,
+};
 use ledgerline::ledger::hash::GENESIS;
 use ledgerline::ledger::verify::{verify_database, BadEvent, Fault, Report};
 use ledgerline_projections::StoredEvent;
@@ -698,19 +701,10 @@ async fn rewrite_and_truncation_need_an_external_head() {
 // The `ledgerline verify` command.
 
 async fn run_verify(url: Option<&str>) -> (i32, String, String) {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"));
-    cmd.arg("verify")
-        .env_remove("LEDGERLINE_DATABASE_URL")
-        .env("RUST_LOG", "warn");
-    if let Some(url) = url {
-        cmd.env("LEDGERLINE_DATABASE_URL", url);
+    match url {
+        Some(url) => ledgerline(url, &["verify"]).await,
+        None => ledgerline_offline(&["verify"]).await,
     }
-    let out = cmd.output().await.expect("the ledgerline binary runs");
-    (
-        out.status.code().expect("exited, not killed"),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[tokio::test]

@@ -110,21 +110,32 @@ where
 
 /// Runs the built `ledgerline` binary against `url`: exit code, stdout, stderr.
 pub async fn ledgerline(url: &str, args: &[&str]) -> (i32, String, String) {
-    ledgerline_logging(url, args, "warn").await
+    run_ledgerline(Some(url), args, "warn").await
 }
 
-/// [`ledgerline`] with the log filter `log` (the log goes to stderr). Awaited, not waited
-/// for: the test's app runs on the test's own thread, and a task of it frozen in the middle
-/// of a transaction (the log maintainer holding `merkle_state`, a projector its checkpoint)
-/// would hold up the child that needs the same row, for ever.
+/// [`ledgerline`] with the log filter `log` (the log goes to stderr).
 pub async fn ledgerline_logging(url: &str, args: &[&str], log: &str) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
-        .args(args)
-        .env("LEDGERLINE_DATABASE_URL", url)
-        .env("RUST_LOG", log)
-        .output()
-        .await
-        .expect("run ledgerline");
+    run_ledgerline(Some(url), args, log).await
+}
+
+/// [`ledgerline`] with no database configured at all (not even one from the environment):
+/// the auditor's offline commands, and what the others say without one.
+pub async fn ledgerline_offline(args: &[&str]) -> (i32, String, String) {
+    run_ledgerline(None, args, "warn").await
+}
+
+/// Awaited, not waited for: the test's app runs on the test's own thread, and a task of it
+/// frozen in the middle of a transaction (the log maintainer holding `merkle_state`, a
+/// projector its checkpoint) would hold up the child that needs the same row, for ever.
+async fn run_ledgerline(url: Option<&str>, args: &[&str], log: &str) -> (i32, String, String) {
+    const URL: &str = "LEDGERLINE_DATABASE_URL";
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"));
+    command.args(args).env("RUST_LOG", log);
+    match url {
+        Some(url) => command.env(URL, url),
+        None => command.env_remove(URL),
+    };
+    let out = command.output().await.expect("run ledgerline");
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

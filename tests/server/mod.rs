@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_ledgerline");
 
-/// Runs a `ledgerline` command against `url`; (exit code, stdout, stderr).
+/// The in-process tests' command runner and wait, shared.
 pub use crate::common::{eventually, ledgerline};
 
 /// What every server of one database is started with, and the operator's key.
