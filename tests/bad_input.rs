@@ -4,7 +4,8 @@
 mod common;
 
 use common::{assert_error, Response, TestApp};
-use ledgerline_aggregates::organization::built_in_roles;
+use ledgerline::app::Actor;
+use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -683,6 +684,176 @@ async fn overlong_descriptions_and_reasons_are_422() {
         422,
     )
     .await;
+}
+
+/// PostgreSQL's `text` and `jsonb` cannot hold a NUL, so an event carrying one would be
+/// appended (the ledger keeps `json` text) and then stop every projection that reads it, for
+/// every tenant, with no way to take it out of the chain. The API refuses it in any string of
+/// any body, naming where it is.
+#[tokio::test]
+async fn nul_characters_are_422_anywhere_in_a_body() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let mut tried = 0;
+    for (method, path, body) in json_routes(&f) {
+        for (field, value) in body.as_object().unwrap() {
+            if !value.is_string() {
+                continue;
+            }
+            let mut bad = body.clone();
+            bad[field] = json!(format!("{}\u{0}x", value.as_str().unwrap()));
+            let r = refused(t, method.clone(), &path, bad, 422).await;
+            let message = r.body["error"]["message"].as_str().unwrap_or_default();
+            assert!(
+                message.contains(&format!("/{field} must not contain the NUL character")),
+                "{method} {path}: {message}"
+            );
+            tried += 1;
+        }
+    }
+    assert!(tried >= 11, "only {tried} fields tried");
+    // Inside an organization's free-form settings, as a value and as a key.
+    let r = refused(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        json!({"settings": {"theme": {"name": "dark\u{0}"}}}),
+        422,
+    )
+    .await;
+    assert_error_mentions(
+        &r,
+        "/settings/theme/name must not contain the NUL character",
+    );
+    let r = refused(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        json!({"settings": {"a\u{0}": 1}}),
+        422,
+    )
+    .await;
+    assert_error_mentions(&r, "a key in /settings must not contain the NUL character");
+    // A conversation's description and a message's content, with a member's own key.
+    let (_, key) = t.member_with_key(org, "member", "grace@example.com").await;
+    let conversations = org_path(org, "/conversations");
+    let before = t.head().await;
+    let r = t
+        .post(
+            &conversations,
+            &key,
+            json!({"kind": "group", "title": "x", "description": "a\u{0}b"}),
+        )
+        .await;
+    assert_error(&r, 422);
+    let r = t
+        .post(&conversations, &key, json!({"kind": "group", "title": "x"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let conversation = r.body["id"].as_str().unwrap().to_string();
+    let head = t.head().await;
+    assert_eq!(head, before + 1);
+    let r = t
+        .post(
+            &format!("{conversations}/{conversation}/messages"),
+            &key,
+            json!({"content": "hi\u{0}"}),
+        )
+        .await;
+    assert_error(&r, 422);
+    assert_eq!(t.head().await, head, "a refused post appended");
+    // The text `\u0000` (a backslash, then `u0000`) is no NUL, and passes.
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"settings": {"path": "C:\\u0000"}}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["settings"]["path"], json!("C:\\u0000"));
+}
+
+/// The domain's own rule for free text: line breaks and tabs are text, other control
+/// characters are not (the HTTP layer refuses NUL before the domain sees it).
+#[tokio::test]
+async fn control_characters_in_descriptions_and_reasons_are_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let r = refused(
+        t,
+        Method::PATCH,
+        &org_path(org, &format!("/roles/{role}")),
+        json!({"description": "bell\u{7}"}),
+        422,
+    )
+    .await;
+    assert_error_mentions(&r, "description must not contain control characters");
+    let r = refused(
+        t,
+        Method::POST,
+        &org_path(org, &format!("/users/{user}/deactivate")),
+        json!({"reason": "\u{1b}[31mred"}),
+        422,
+    )
+    .await;
+    assert_error_mentions(&r, "reason must not contain control characters");
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{role}")),
+            &t.admin_key,
+            json!({"description": "first line\r\n\tsecond line"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["description"], json!("first line\r\n\tsecond line"));
+}
+
+/// Whatever way a command comes in, the ledger itself refuses an event with a NUL, and the
+/// projections go on: nothing reached them.
+#[tokio::test]
+async fn the_ledger_refuses_a_nul_that_got_past_the_api() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let before = t.head().await;
+    let refused = t
+        .app
+        .execute(
+            &t.app.cqrs.organizations,
+            org,
+            Some(org),
+            &Actor::cli("test"),
+            OrganizationCommand::Update {
+                name: None,
+                slug: None,
+                country_code: None,
+                domain: None,
+                settings: json!({"theme": "dark\u{0}"}).as_object().cloned(),
+            },
+        )
+        .await;
+    let message = format!("{:?}", refused.expect_err("a NUL must not be appended"));
+    assert!(message.contains("NUL"), "{message}");
+    assert_eq!(t.head().await, before);
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"name": "Acme Two"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["name"], json!("Acme Two"), "the read model moved on");
+    let (failures,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_failures")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(failures, 0);
+}
+
+fn assert_error_mentions(r: &Response, text: &str) {
+    let message = r.body["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains(text), "{text:?} not in {message:?}");
 }
 
 #[tokio::test]

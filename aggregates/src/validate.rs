@@ -38,14 +38,53 @@ pub fn name(field: &str, value: &str) -> Result<String, String> {
     Ok(v.to_string())
 }
 
-/// Free text up to [`MAX_DESCRIPTION_CHARS`] characters (may be empty).
+/// Free text up to [`MAX_DESCRIPTION_CHARS`] characters (may be empty), lines and tabs
+/// allowed but no other control characters.
 pub fn description(value: &str) -> Result<String, String> {
     if value.chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(format!(
             "description must be at most {MAX_DESCRIPTION_CHARS} characters"
         ));
     }
+    free_text("description", value)?;
     Ok(value.trim().to_string())
+}
+
+/// Refuses control characters other than line breaks and tabs. Besides being invisible,
+/// a NUL in particular cannot be stored by PostgreSQL's `text` or `jsonb`: an event carrying
+/// one would be appended (the ledger keeps `json` text) and then stop every projection
+/// that reads it.
+fn free_text(field: &str, value: &str) -> Result<(), String> {
+    if value
+        .chars()
+        .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+    {
+        return Err(format!(
+            "{field} must not contain control characters other than line breaks and tabs"
+        ));
+    }
+    Ok(())
+}
+
+/// Whether JSON text holds a NUL character anywhere (in a string or a key). PostgreSQL's
+/// `text` and `jsonb` cannot store one, so neither can any read model. In valid JSON a NUL
+/// is only ever the escape `\u0000` (a raw one is a syntax error, but is caught too); an
+/// escaped backslash followed by `u0000` is text, so escapes are stepped over whole.
+pub fn json_has_nul(text: &[u8]) -> bool {
+    let mut i = 0;
+    while i < text.len() {
+        match text[i] {
+            0 => return true,
+            b'\\' => {
+                if text.get(i + 1..i + 6) == Some(b"u0000".as_slice()) {
+                    return true;
+                }
+                i += 2;
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// A URL-safe slug: lower-case ASCII letters, digits and inner hyphens, 1 to 63 characters.
@@ -129,6 +168,7 @@ pub fn reason(value: Option<&str>) -> Result<Option<String>, String> {
             "reason must be at most {MAX_REASON_CHARS} characters"
         ));
     }
+    free_text("reason", v)?;
     Ok(Some(v.to_string()))
 }
 
@@ -225,6 +265,41 @@ mod tests {
         assert!(name("name", "   ").is_err());
         assert!(name("name", &"x".repeat(201)).is_err());
         assert!(name("name", "a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn free_text_keeps_lines_and_tabs_but_no_other_control_characters() {
+        assert_eq!(
+            description(" line one\r\nline\ttwo ").unwrap(),
+            "line one\r\nline\ttwo"
+        );
+        assert_eq!(
+            reason(Some("why\nnot")).unwrap().as_deref(),
+            Some("why\nnot")
+        );
+        for bad in ["a\u{0}b", "bell\u{7}", "esc\u{1b}[31m", "del\u{7f}"] {
+            assert!(description(bad).is_err(), "{bad:?}");
+            assert!(reason(Some(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn nul_is_found_in_json_text_only_where_it_is_a_character() {
+        let text = |v: serde_json::Value| v.to_string();
+        assert!(json_has_nul(
+            text(serde_json::json!({"d": "a\u{0}b"})).as_bytes()
+        ));
+        assert!(json_has_nul(
+            text(serde_json::json!({"k\u{0}": 1})).as_bytes()
+        ));
+        assert!(json_has_nul(br#"["\\\u0000"]"#));
+        assert!(json_has_nul(b"[\"\0\"]"));
+        // A backslash followed by the text `u0000`, and other escapes, are not a NUL.
+        assert!(!json_has_nul(
+            text(serde_json::json!({"d": "\\u0000"})).as_bytes()
+        ));
+        assert!(!json_has_nul(br#"["\\\\u0000", "\u0001", "\"u0000"]"#));
+        assert!(!json_has_nul(b"{}"));
     }
 
     #[test]

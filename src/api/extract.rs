@@ -1,25 +1,126 @@
 //! Extractors that turn every rejection axum would answer in its own words into an
 //! [`ApiError`], so that malformed bodies and paths get the one JSON error shape.
 
+use axum::body::Bytes;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
-use axum::http::StatusCode;
+use axum::http::{header, HeaderMap, StatusCode};
+use ledgerline_aggregates::validate;
 use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use super::error::ApiError;
 
-/// `axum::Json` with our errors: 400 for syntax, 422 for shape, 413 for size, 415 for type.
+/// `axum::Json` with our errors: 400 for syntax, 422 for shape (or a NUL character), 413 for
+/// size, 415 for type.
 pub struct Json<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for Json<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(v)) => Ok(Json(v)),
-            Err(rejection) => Err(json_rejection(rejection)),
+        if !is_json(req.headers()) {
+            return Err(not_json());
         }
+        parse(&body(req, state).await?).map(Json)
+    }
+}
+
+/// A JSON body that may be absent (empty), with our errors when present and wrong.
+pub struct OptionalJson<T>(pub Option<T>);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let is_json = is_json(req.headers());
+        let bytes = body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJson(None));
+        }
+        if !is_json {
+            return Err(not_json());
+        }
+        parse(&bytes).map(|v| OptionalJson(Some(v)))
+    }
+}
+
+/// `application/json` or any `application/*+json`, as axum's `Json` accepts.
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|mime| {
+            let mime = mime.trim().to_ascii_lowercase();
+            mime == "application/json"
+                || (mime.starts_with("application/") && mime.ends_with("+json"))
+        })
+}
+
+fn not_json() -> ApiError {
+    ApiError::new(
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "expected `Content-Type: application/json`",
+    )
+}
+
+async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+    Bytes::from_request(req, state).await.map_err(|r| {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(r.status(), "request body is larger than 1 MiB")
+        } else {
+            ApiError::new(r.status(), r.body_text())
+        }
+    })
+}
+
+/// Parses with axum's deserializer (its errors name the field at fault), then refuses a NUL
+/// character anywhere: no read model could store it (`validate::json_has_nul`), and every
+/// command's input comes through here.
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let value = match axum::Json::<T>::from_bytes(bytes) {
+        Ok(axum::Json(v)) => v,
+        Err(rejection) => return Err(json_rejection(rejection)),
+    };
+    if validate::json_has_nul(bytes) {
+        let at = serde_json::from_slice::<Value>(bytes)
+            .ok()
+            .and_then(|v| nul_at(&v, String::new()))
+            .unwrap_or_default();
+        return Err(ApiError::invalid(format!(
+            "invalid request body: {at} must not contain the NUL character (\\u0000)"
+        )));
+    }
+    Ok(value)
+}
+
+/// Where the first NUL is, as a JSON pointer (`/settings/theme`), or the object holding a
+/// key with one.
+fn nul_at(value: &Value, here: String) -> Option<String> {
+    let pointer = |here: &str| {
+        if here.is_empty() {
+            "/".to_string()
+        } else {
+            here.to_string()
+        }
+    };
+    match value {
+        Value::String(s) if s.contains('\0') => Some(pointer(&here)),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| nul_at(v, format!("{here}/{i}"))),
+        Value::Object(fields) => fields.iter().find_map(|(k, v)| {
+            if k.contains('\0') {
+                Some(format!("a key in {}", pointer(&here)))
+            } else {
+                let escaped = k.replace('~', "~0").replace('/', "~1");
+                nul_at(v, format!("{here}/{escaped}"))
+            }
+        }),
+        _ => None,
     }
 }
 
@@ -28,10 +129,6 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     let message = match &r {
         JsonRejection::JsonDataError(e) => format!("invalid request body: {}", e.body_text()),
         JsonRejection::JsonSyntaxError(e) => format!("malformed JSON: {}", e.body_text()),
-        JsonRejection::MissingJsonContentType(_) => {
-            "expected `Content-Type: application/json`".into()
-        }
-        _ if status == StatusCode::PAYLOAD_TOO_LARGE => "request body is larger than 1 MiB".into(),
         other => other.body_text(),
     };
     ApiError::new(status, message)

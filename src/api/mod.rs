@@ -3,20 +3,19 @@
 
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Request};
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::{header, HeaderName, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::Router;
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::app::App;
 use error::ApiError;
+pub use extract::OptionalJson;
 
 pub mod api_keys;
 pub mod audit;
@@ -536,54 +535,6 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
         .into_response();
     }
     next.run(req).await
-}
-
-/// A JSON body that may be absent (empty), with our error shape when present and wrong.
-pub struct OptionalJson<T>(pub Option<T>);
-
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let is_json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .map(|mime| {
-                let mime = mime.trim().to_ascii_lowercase();
-                mime == "application/json"
-                    || (mime.starts_with("application/") && mime.ends_with("+json"))
-            });
-        let bytes = Bytes::from_request(req, state).await.map_err(|r| {
-            ApiError::new(
-                r.status(),
-                if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                    "request body is larger than 1 MiB".to_string()
-                } else {
-                    r.body_text()
-                },
-            )
-        })?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(OptionalJson(None));
-        }
-        if is_json != Some(true) {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "expected `Content-Type: application/json`",
-            ));
-        }
-        serde_json::from_slice(&bytes)
-            .map(|v| OptionalJson(Some(v)))
-            .map_err(|e| {
-                if e.is_data() {
-                    ApiError::invalid(format!("invalid request body: {e}"))
-                } else {
-                    ApiError::bad_request(format!("malformed JSON: {e}"))
-                }
-            })
-    }
 }
 
 /// For PATCH fields where absent means "leave it" and `null` means "clear it".

@@ -11,7 +11,7 @@ use std::collections::HashSet;
 
 use chrono::Utc;
 use cqrs_es::persist::SerializedEvent;
-use ledgerline_aggregates::{claims_for, metadata, ClaimOp};
+use ledgerline_aggregates::{claims_for, metadata, validate, ClaimOp};
 use ledgerline_projections::notify::HEAD_CHANNEL;
 use serde_json::Value;
 use sqlx::postgres::PgConnectOptions;
@@ -92,6 +92,17 @@ pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendErro
     let mut rows = Vec::with_capacity(events.len());
     let mut claims = Vec::new();
     for e in events {
+        let (payload, metadata) = (e.payload.to_string(), e.metadata.to_string());
+        // The ledger's `json` columns would take a NUL, but no projection could store it
+        // (`text` and `jsonb` cannot): appended, it would stop them for good. The API refuses
+        // NULs at the door; this keeps any other way in from poisoning the log.
+        if validate::json_has_nul(payload.as_bytes()) || validate::json_has_nul(metadata.as_bytes())
+        {
+            return Err(AppendError::Invalid(format!(
+                "{} holds a NUL character, which no read model can store",
+                e.event_type
+            )));
+        }
         let organization_id = match e.metadata.get(metadata::ORGANIZATION_ID) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(
@@ -113,8 +124,8 @@ pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendErro
             event_type: e.event_type.clone(),
             event_version: e.event_version.clone(),
             organization_id,
-            payload: e.payload.to_string(),
-            metadata: e.metadata.to_string(),
+            payload,
+            metadata,
         });
     }
     Ok(Prepared {
@@ -446,6 +457,40 @@ impl<'a> Columns<'a> {
 
 #[cfg(test)]
 mod tests {
+    use cqrs_es::persist::SerializedEvent;
+    use serde_json::json;
+
+    use super::{prepare, AppendError};
+
+    fn event(payload: serde_json::Value, metadata: serde_json::Value) -> SerializedEvent {
+        SerializedEvent {
+            aggregate_id: "00000000-0000-0000-0000-000000000001".into(),
+            sequence: 1,
+            aggregate_type: "Conversation".into(),
+            event_type: "ConversationUpdated".into(),
+            event_version: "1.0".into(),
+            payload,
+            metadata,
+        }
+    }
+
+    #[test]
+    fn events_holding_a_nul_are_refused_before_they_reach_the_log() {
+        for (payload, metadata) in [
+            (json!({"description": "a\u{0}"}), json!({})),
+            (json!({"settings": {"a\u{0}": 1}}), json!({})),
+            (json!({}), json!({"user_agent": "x\u{0}"})),
+        ] {
+            let refused = prepare(&[event(payload.clone(), metadata.clone())]);
+            assert!(
+                matches!(&refused, Err(AppendError::Invalid(m)) if m.contains("NUL")),
+                "{payload} {metadata}: {:?}",
+                refused.err()
+            );
+        }
+        assert!(prepare(&[event(json!({"description": "\\u0000"}), json!({}))]).is_ok());
+    }
+
     #[test]
     fn the_lock_statement_names_the_ledger_lock() {
         assert!(super::BEGIN_AND_LOCK.contains(&format!("({})", 0x6c65_6467_6572_i64)));
