@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, ledgerline, ledgerline_logging, tamper, TestApp};
-use ledgerline_projections::{Progress, RebuildOptions, RunError};
+use ledgerline_projections::{Progress, Projector, RebuildOptions, RunError};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -921,6 +921,75 @@ async fn a_projection_without_a_checkpoint_catches_up_on_its_own() {
         "the messaging projection caught up to {head}"
     );
     assert_eq!(snapshot(&t).await, live);
+}
+
+/// While a projection catches up from far behind (here `audit_events`, reset and held back
+/// by a lock), commands do not wait for it: they answer at once, and still show their effect
+/// in the read models that are up to date. Before, every command took the whole
+/// read-your-writes timeout (5 s) until the catch-up was done.
+#[tokio::test]
+async fn commands_do_not_wait_for_a_projection_that_is_catching_up() {
+    let t = TestApp::spawn_with(Projector {
+        catching_up: 10,
+        // No poll: the projection runs a batch only when new events arrive, so it is still
+        // at 0 when the command below is sent.
+        poll_interval: Duration::from_secs(600),
+        ..Projector::default()
+    })
+    .await;
+    story(&t).await;
+    let head = t.head().await;
+    assert!(head > 20, "a log well past the threshold: {head}");
+    ledgerline_projections::reset(t.pool(), Some(&["audit_events"]))
+        .await
+        .unwrap();
+    let projector = t.app.projector.as_ref().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            projector.checkpoints().contains(&("audit_events", 0))
+        })
+        .await,
+        "the app learns of the reset"
+    );
+    let mut hold = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE audit_events IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+
+    let org = t.create_org("Busy Co").await;
+    let started = std::time::Instant::now();
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{org}"),
+            &t.admin_key,
+            json!({"name": "Busy Co Renamed"}),
+        )
+        .await;
+    let took = started.elapsed();
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["name"], json!("Busy Co Renamed"), "read-your-writes");
+    // Waiting for the held-back projection would take the whole 5 s timeout.
+    assert!(took < Duration::from_secs(4), "the command took {took:?}");
+    let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(audited, 0, "the projection was held back throughout");
+
+    hold.rollback().await.unwrap();
+    let head = t.head().await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_events")
+                .fetch_one(t.pool())
+                .await
+                .unwrap();
+            audited == head
+        })
+        .await,
+        "audit_events caught up to {head} on its own"
+    );
 }
 
 /// A reader holding a live table longer than the swap may wait for its lock makes the swap

@@ -33,6 +33,11 @@ pub struct Projector {
     pub poll_interval: Duration,
     /// How long a projection's lease lasts unless renewed (every third of it).
     pub lease_ttl: Duration,
+    /// A projection more events than this behind a command's position is catching up (it
+    /// was added or reset, or every process was stopped for long): commands do not wait
+    /// for it, as they could not within their timeout, and every command would otherwise
+    /// take that whole timeout until it is done.
+    pub catching_up: i64,
 }
 
 impl Default for Projector {
@@ -41,6 +46,7 @@ impl Default for Projector {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             lease_ttl: DEFAULT_TTL,
+            catching_up: 10_000,
         }
     }
 }
@@ -51,6 +57,9 @@ struct Progress {
     checkpoint: i64,
     /// The position the projection is stopped at, if it is.
     failed_at: Option<i64>,
+    /// Whether the task has learnt where the projection stands (at start-up it has not:
+    /// a checkpoint of 0 then says nothing about catching up).
+    known: bool,
 }
 
 /// The running projection tasks. Dropping it also stops them (after their current batch),
@@ -63,6 +72,7 @@ pub struct ProjectorHandle {
     leasing: Leasing,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    catching_up: i64,
 }
 
 impl Projector {
@@ -89,6 +99,7 @@ impl Projector {
             let (tx, rx) = watch::channel(Progress {
                 checkpoint: 0,
                 failed_at: None,
+                known: false,
             });
             progress.push((projection, rx));
             senders.push((projection.name(), tx.clone()));
@@ -139,6 +150,7 @@ impl Projector {
             leasing,
             shutdown,
             tasks: Mutex::new(tasks),
+            catching_up: self.catching_up,
         }
     }
 }
@@ -150,10 +162,11 @@ impl Projector {
 /// events its emptied tables no longer show. (This process's own batch may briefly be
 /// shown lower, by a notification still in flight: that only makes a wait longer.)
 fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
-    if checkpoint == p.checkpoint {
+    if checkpoint == p.checkpoint && p.known {
         return false;
     }
     p.checkpoint = checkpoint;
+    p.known = true;
     if p.failed_at.is_some_and(|f| f <= checkpoint) {
         p.failed_at = None;
     }
@@ -163,11 +176,22 @@ fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
 impl ProjectorHandle {
     /// Waits until every projection has reached `position`: applied every event up to it
     /// that it reads. False on timeout, or at once if a projection is stopped at or before
-    /// `position` (it will not get there by itself).
+    /// `position` (it will not get there by itself). A projection that is catching up
+    /// ([`Projector::catching_up`]) is not waited for.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
         let all = async {
             for (projection, rx) in &self.progress {
                 let (mut rx, mut window) = (rx.clone(), self.window.clone());
+                let p = *rx.borrow();
+                let behind = position - reach(*projection, p, &window.borrow());
+                if p.known && p.failed_at.is_none() && behind > self.catching_up {
+                    tracing::debug!(
+                        projection = projection.name(),
+                        behind,
+                        "catching up: commands do not wait for it"
+                    );
+                    continue;
+                }
                 loop {
                     let p = *rx.borrow_and_update();
                     if reach(*projection, p, &window.borrow_and_update()) >= position {
@@ -369,6 +393,7 @@ async fn batch(
                 Progress {
                     checkpoint,
                     failed_at: None,
+                    known: true,
                 },
             );
             // A short batch has read every committed event.
@@ -387,6 +412,7 @@ async fn batch(
                 Progress {
                     checkpoint,
                     failed_at: Some(failure.position),
+                    known: true,
                 },
             );
             Step::Wait
@@ -415,6 +441,7 @@ async fn follow(pool: &PgPool, name: &str, progress: &watch::Sender<Progress>) -
         let now = Progress {
             checkpoint: p.checkpoint.max(checkpoint),
             failed_at,
+            known: true,
         };
         std::mem::replace(p, now) != now
     });

@@ -12,7 +12,7 @@ use ledgerline::ledger::checkpoint::LogSigner;
 use ledgerline::ledger::hash::{event_hash, EventFields};
 use ledgerline::ledger::tree::CheckpointPolicy;
 use ledgerline::ledger::verify::{verify_database, Report};
-use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
+use ledgerline_projections::{Projector, StoredEvent, STORED_EVENT_COLUMNS};
 use reqwest::Method;
 use serde_json::{json, Value};
 use sqlx::postgres::PgPoolOptions;
@@ -167,8 +167,17 @@ pub struct Response {
 
 impl TestApp {
     pub async fn spawn() -> Self {
+        Self::spawn_with(Projector::default()).await
+    }
+
+    /// [`TestApp::spawn`] with the projector's settings.
+    pub async fn spawn_with(projector: Projector) -> Self {
         let db = TestDb::new().await;
-        let app = App::new(db.pool.clone(), Vault::new(&MasterKey::generate()), true);
+        let app = App::with_projector(
+            db.pool.clone(),
+            Vault::new(&MasterKey::generate()),
+            Some(projector),
+        );
         let signer = Arc::new(LogSigner::generate("ledgerline.test/log").expect("a signer"));
         app.start_log(signer.clone(), POLICY);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
