@@ -982,6 +982,11 @@ async fn cross_tenant_commands_are_404_and_change_nothing() {
             json!({}),
         ),
         (
+            Method::DELETE,
+            org_path(a, &format!("/users/{}/roles/{role}", x.a_member)),
+            Value::Null,
+        ),
+        (
             Method::PATCH,
             org_path(a, &format!("/roles/{role}")),
             json!({"description": "mine now"}),
@@ -1498,4 +1503,360 @@ async fn router_serves_every_documented_route() {
         before,
         "probing with unknown ids changed nothing"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Command paths: a lost answer, an update that changes nothing, database errors, revocation
+// ---------------------------------------------------------------------------------------------
+
+/// The number of data keys in the database.
+async fn subject_keys(t: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM subject_keys")
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+/// A TCP proxy in front of PostgreSQL that, once armed, passes the ledger writer's next
+/// `SELECT pg_notify(...); COMMIT` on and then cuts the connection instead of bringing the
+/// answer back: the commit holds, but the writer never learns it did.
+struct AnswerCutter {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AnswerCutter {
+    async fn start(upstream: String) -> Self {
+        use std::sync::atomic::AtomicBool;
+        use std::sync::Arc;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = Arc::new(AtomicBool::new(false));
+        let a = armed.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if let Ok(server) = tokio::net::TcpStream::connect(&upstream).await {
+                    tokio::spawn(Self::pipe(client, server, a.clone()));
+                }
+            }
+        });
+        Self { port, armed }
+    }
+
+    async fn pipe(
+        client: tokio::net::TcpStream,
+        server: tokio::net::TcpStream,
+        armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let commit = format!(
+            "pg_notify('{}'",
+            ledgerline_projections::notify::HEAD_CHANNEL
+        );
+        let (mut client_in, mut client_out) = client.into_split();
+        let (mut server_in, mut server_out) = server.into_split();
+        let cut = AtomicBool::new(false);
+        let up = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = client_in.read(&mut buf).await {
+                let chunk = &buf[..n];
+                let text = String::from_utf8_lossy(chunk);
+                if text.contains(&commit) && text.contains("; COMMIT") && armed.swap(false, SeqCst)
+                {
+                    cut.store(true, SeqCst);
+                }
+                if server_out.write_all(chunk).await.is_err() {
+                    break;
+                }
+            }
+        };
+        let down = async {
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok(n @ 1..) = server_in.read(&mut buf).await {
+                // The writer waits for each answer before it sends more, so what follows the
+                // COMMIT is its answer: dropped, and the connection with it.
+                if cut.load(SeqCst) || client_out.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+        };
+        tokio::select! {
+            _ = up => {}
+            _ = down => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_invite_whose_commit_answer_was_lost_keeps_its_user_and_key() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+    use std::str::FromStr;
+
+    let db = common::TestDb::new().await;
+    let direct = PgConnectOptions::from_str(&db.url).unwrap();
+    let cutter = AnswerCutter::start(format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    // Everything the app does goes through the proxy, in clear text so it can be read.
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect_with(
+            direct
+                .clone()
+                .host("127.0.0.1")
+                .port(cutter.port)
+                .ssl_mode(PgSslMode::Disable),
+        )
+        .await
+        .unwrap();
+    let app = ledgerline::app::App::new(
+        pool,
+        ledgerline::crypto::Vault::new(&ledgerline::crypto::MasterKey::generate()),
+        true,
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = ledgerline::api::router(app.clone());
+    let server = tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap();
+    });
+    let admin = ledgerline::cli::bootstrap_key(&app, "test operator")
+        .await
+        .unwrap();
+    let client = reqwest::Client::new();
+    let post = |path: String, body: Value| {
+        let req = client
+            .post(format!("{base}{path}"))
+            .bearer_auth(&admin)
+            .json(&body);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (status, body) = post(
+        "/v1/organizations".into(),
+        json!({"name": "Lost Answers", "slug": "lost-answers"}),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let org: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+
+    cutter
+        .armed
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let (status, body) = post(
+        org_path(org, "/users"),
+        json!({"email": "kept@lost.example", "full_name": "Kept Person"}),
+    )
+    .await;
+    assert!(
+        !cutter.armed.load(std::sync::atomic::Ordering::SeqCst),
+        "the invite's COMMIT went through the proxy and its answer was cut"
+    );
+    // The user is in the log: the invite succeeded, and the user's data stays readable.
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["email"], "kept@lost.example");
+    assert_eq!(body["full_name"], "Kept Person");
+    let user: Uuid = body["id"].as_str().unwrap().parse().unwrap();
+    let invited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1",
+    )
+    .bind(user.to_string())
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(invited, 1);
+    let key: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_keys WHERE subject_id = $1")
+        .bind(user)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(key, 1, "the user's data key is kept");
+    // A refused invite, by contrast, leaves no key behind.
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    let (status, body) = post(
+        org_path(org, "/users"),
+        json!({"email": "kept@lost.example", "full_name": "Second Person"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    let after: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, keys, "a refused invite leaves no key behind");
+    server.abort();
+    app.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_profile_update_that_changes_nothing_is_422_and_appends_nothing() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Still Same").await;
+    let user = t.invite(org, "same@still.example", "Same Person").await;
+    let path = org_path(org, &format!("/users/{user}"));
+    let head = t.head().await;
+    for body in [
+        json!({"full_name": "Same Person"}),
+        json!({"full_name": "  Same Person "}),
+        json!({"email": "same@still.example"}),
+        json!({"email": "same@still.example", "full_name": "Same Person"}),
+    ] {
+        let r = t.patch(&path, &t.admin_key, body.clone()).await;
+        assert_error(&r, 422);
+        assert_eq!(
+            r.body["error"]["message"], "nothing to change: the update leaves the user as it is",
+            "{body}"
+        );
+        assert_eq!(
+            t.head().await,
+            head,
+            "{body}: a refused update appends nothing"
+        );
+    }
+    // A real change beside an unchanged field records the change alone.
+    let r = t
+        .patch(
+            &path,
+            &t.admin_key,
+            json!({"email": "same@still.example", "full_name": "New Name"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["full_name"], "New Name");
+    assert_eq!(r.body["email"], "same@still.example");
+    assert_eq!(t.head().await, head + 1);
+    let (payload,): (Value,) = sqlx::query_as(
+        "SELECT payload::jsonb FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1 \
+         AND event_type = 'UserProfileUpdated'",
+    )
+    .bind(user.to_string())
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let updated = &payload["UserProfileUpdated"];
+    assert!(updated["email"].is_null(), "{payload}");
+    assert!(updated["full_name"].is_string(), "{payload}");
+}
+
+#[tokio::test]
+async fn database_errors_behind_a_lookup_are_500_not_422() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Broken Lookups").await;
+    let user = t.invite(org, "looked@up.example", "Looked Up").await;
+    let parent = create_role(&t, org, "parent", &["users:read"]).await;
+    let head = t.head().await;
+    let keys = subject_keys(&t).await;
+
+    // The user is found, but opening it fails.
+    tamper_table(&t, "subject_keys", "subject_keys_gone").await;
+    let r = issue_key(
+        &t,
+        org,
+        &t.admin_key,
+        json!({"label": "k", "permissions": ["users:read"], "user_id": user}),
+    )
+    .await;
+    tamper_table(&t, "subject_keys_gone", "subject_keys").await;
+    assert_error(&r, 500);
+    assert_eq!(r.body["error"]["message"], "internal error");
+
+    tamper_table(&t, "roles", "roles_gone").await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "child", "parent_role_id": parent}),
+        )
+        .await;
+    tamper_table(&t, "roles_gone", "roles").await;
+    assert_error(&r, 500);
+    assert_eq!(t.head().await, head);
+    assert_eq!(subject_keys(&t).await, keys);
+
+    // And with the tables back, what is missing is still a 422.
+    let r = issue_key(
+        &t,
+        org,
+        &t.admin_key,
+        json!({"label": "k", "permissions": ["users:read"], "user_id": Uuid::new_v4()}),
+    )
+    .await;
+    assert_error(&r, 422);
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "child", "parent_role_id": Uuid::new_v4()}),
+        )
+        .await;
+    assert_error(&r, 422);
+    assert_eq!(t.head().await, head);
+}
+
+/// Renames a read-model table, so that queries naming it fail as a database error would.
+async fn tamper_table(t: &TestApp, from: &str, to: &str) {
+    sqlx::query(&format!("ALTER TABLE {from} RENAME TO {to}"))
+        .execute(t.pool())
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn revoking_a_role_of_another_organization_or_none_is_404() {
+    let t = TestApp::spawn().await;
+    let x = two_tenants(&t).await;
+    let (a, user) = (x.a, x.a_member);
+    let head = t.head().await;
+    for role in [x.b_role, Uuid::new_v4()] {
+        let path = org_path(a, &format!("/users/{user}/roles/{role}"));
+        let r = t.delete(&path, &x.a_owner_key).await;
+        assert_error(&r, 404);
+        assert_eq!(r.body["error"]["message"], "role not found");
+        let r = t.put(&path, &x.a_owner_key, json!({})).await;
+        assert_error(&r, 404);
+    }
+    // A role of this organization that the user does not hold is a 409, as before.
+    let member = t.role_id(a, "member").await;
+    let r = t
+        .delete(
+            &org_path(a, &format!("/users/{user}/roles/{member}")),
+            &x.a_owner_key,
+        )
+        .await;
+    assert_error(&r, 409);
+    assert_eq!(t.head().await, head);
+}
+
+#[tokio::test]
+async fn a_role_deleted_while_assigned_can_still_be_revoked() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Role Leftovers").await;
+    let role = create_role(&t, org, "short-lived", &["users:read"]).await;
+    let user = t.invite(org, "left@over.example", "Left Over").await;
+    let path = org_path(org, &format!("/users/{user}/roles/{role}"));
+    let r = t.put(&path, &t.admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .delete(&org_path(org, &format!("/roles/{role}")), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // The role is gone: it can no longer be assigned, but its assignment can be revoked.
+    assert_error(&t.put(&path, &t.admin_key, json!({})).await, 404);
+    let head = t.head().await;
+    let r = t.delete(&path, &t.admin_key).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(t.head().await, head + 1);
+    let r = t.delete(&path, &t.admin_key).await;
+    assert_error(&r, 409);
+    assert_eq!(t.head().await, head + 1);
 }

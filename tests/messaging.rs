@@ -1117,3 +1117,107 @@ async fn a_newcomer_starts_with_the_history_behind_it_read() {
         ["four", "three", "two", "one"]
     );
 }
+
+#[tokio::test]
+async fn an_edit_that_changes_nothing_is_422_and_appends_nothing() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let msg = c.say(&c.alice.1, conv, "as it was").await;
+    let path = c.path(&format!("/{conv}/messages/{msg}"));
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(&path, &c.alice.1, json!({"content": "as it was"}))
+            .await;
+    c.refused(&r, 422, head).await;
+    assert_eq!(
+        r.body["error"]["message"],
+        "nothing to change: the edit leaves the message as it is"
+    );
+    // Who may not edit at all hears that first.
+    let r =
+        c.t.patch(&path, &c.bob.1, json!({"content": "as it was"}))
+            .await;
+    c.refused(&r, 403, head).await;
+    let m = c.message(&c.bob.1, conv, msg).await;
+    assert!(m["edited_at"].is_null(), "{m}");
+    let r =
+        c.t.patch(&path, &c.alice.1, json!({"content": "as it is now"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(c.t.head().await, head + 1);
+}
+
+#[tokio::test]
+async fn refused_posts_leave_no_message_key_behind() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let archived = c.group().await;
+    c.say(&c.bob.1, conv, "kept").await;
+    let r =
+        c.t.post(
+            &c.path(&format!("/{archived}/archive")),
+            &c.alice.1,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let keys = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM message_keys")
+            .fetch_one(c.t.pool())
+            .await
+            .unwrap()
+    };
+    let (before, head) = (keys().await, c.t.head().await);
+    assert_eq!(before, 1);
+    // Each of these is refused only once the message's key exists: by the aggregate.
+    let r = c.post(&c.bob.1, archived, json!({"content": "late"})).await;
+    c.refused(&r, 409, head).await;
+    let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
+    c.refused(&r, 422, head).await;
+    let r = c
+        .post(
+            &c.service,
+            conv,
+            json!({"content": "for an outsider", "author_id": c.dave.0}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    assert_eq!(keys().await, before, "no key outlives its refused post");
+}
+
+#[tokio::test]
+async fn participant_changes_check_access_before_the_body() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let head = c.t.head().await;
+    let nobody = Uuid::new_v4();
+    // Dave takes no part; the second conversation does not exist. Neither learns anything
+    // from the body: 404 whatever it says.
+    for (key, id) in [(&c.dave.1, conv), (&c.alice.1, Uuid::new_v4())] {
+        let r =
+            c.t.post(
+                &c.path(&format!("/{id}/participants")),
+                key,
+                json!({"user_id": nobody}),
+            )
+            .await;
+        c.refused(&r, 404, head).await;
+        let r =
+            c.t.patch(
+                &c.path(&format!("/{id}/participants/{}", c.bob.0)),
+                key,
+                json!({}),
+            )
+            .await;
+        c.refused(&r, 404, head).await;
+    }
+    // A participant still hears what is wrong with the body.
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.alice.1,
+            json!({"user_id": nobody}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+}

@@ -72,9 +72,13 @@ pub async fn issue(
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::find(&app, org).await?;
     if let Some(user) = body.user_id {
-        let u = users::find(&app, org, user)
-            .await
-            .map_err(|_| ApiError::invalid("user_id is not a user of this organization"))?;
+        let u = users::find(&app, org, user).await.map_err(|e| {
+            if e.status == StatusCode::NOT_FOUND {
+                ApiError::invalid("user_id is not a user of this organization")
+            } else {
+                e
+            }
+        })?;
         if u.status != "active" {
             return Err(ApiError::conflict(
                 "keys can be issued only for active users",

@@ -493,17 +493,26 @@ pub async fn add_participant(
     Path((org, id)): Path<(Uuid, Uuid)>,
     Json(body): Json<AddParticipant>,
 ) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
-    caller.require_in(org, Permission::ConversationsWrite)?;
+    // Access first: a conversation the caller cannot see is a 404 whatever the body says.
+    let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     require_active_members(&app, org, &[body.user_id]).await?;
-    let view = command(&app, &caller, org, id, |actor| {
-        ConversationCommand::AddParticipant {
-            user_id: body.user_id,
-            role: body.role,
-            actor,
-        }
-    })
+    let command = ConversationCommand::AddParticipant {
+        user_id: body.user_id,
+        role: body.role,
+        actor: access.actor,
+    };
+    app.execute(
+        &app.cqrs.conversations,
+        id,
+        Some(org),
+        &caller.actor,
+        command,
+    )
     .await?;
-    Ok((StatusCode::CREATED, view))
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(view(&app, &caller, org, id).await?),
+    ))
 }
 
 /// Removes a participant; removing oneself is leaving.
@@ -542,13 +551,14 @@ pub async fn update_participant(
     Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
     Json(body): Json<UpdateParticipant>,
 ) -> ApiResult<axum::Json<ConversationView>> {
+    // Access first: a conversation the caller cannot see is a 404 whatever the body says.
+    let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     // Two commands would be two appends: the first could stand while the second is refused.
     if body.role.is_some() == body.muted.is_some() {
         return Err(ApiError::invalid(
             "give either a role (the owner's right) or muted (one's own), one per request",
         ));
     }
-    let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     if body.muted.is_some() && access.user_id() != Some(user) {
         return Err(ApiError::forbidden(
             "muting is personal: a user key mutes only its own user",

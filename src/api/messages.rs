@@ -11,8 +11,10 @@ use std::collections::HashMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use ledgerline_aggregates::message::{
-    MessageActor, MessageCommand, MessageError, NewAttachment, ParentFacts, MAX_CONTENT_BYTES,
+    Message, MessageActor, MessageCommand, MessageError, NewAttachment, ParentFacts,
+    MAX_CONTENT_BYTES,
 };
 use ledgerline_aggregates::{validate, Permission};
 use serde::{Deserialize, Serialize};
@@ -203,19 +205,13 @@ async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView>
 /// After a post: when it failed but the message exists after all (its commit went through
 /// and only the answer was lost), it is a success; otherwise the message never came to be
 /// and its key, which protects nothing, goes.
-async fn settle(app: &App, id: Uuid, outcome: ApiResult<()>) -> ApiResult<()> {
+async fn settle(app: &App, org: Uuid, id: Uuid, outcome: ApiResult<()>) -> ApiResult<()> {
     if outcome.is_ok() {
         return Ok(());
     }
-    let posted: Option<(i64,)> = sqlx::query_as(
-        "SELECT sequence FROM events \
-         WHERE aggregate_type = 'Message' AND aggregate_id = $1 AND sequence = 1",
-    )
-    .bind(id.to_string())
-    .fetch_optional(&app.pool)
-    .await?;
-    if posted.is_some() {
-        app.await_projections().await;
+    if super::created(app, Message::TYPE, id, org).await? {
+        // The writer may not have published the head of a commit whose answer it lost.
+        app.await_ledger().await;
         return Ok(());
     }
     app.vault.destroy_message_key(&app.pool, id).await?;
@@ -430,7 +426,7 @@ pub async fn post(
                 },
             )
             .await;
-            settle(&app, id, outcome).await
+            settle(&app, org, id, outcome).await
         })
     };
     task.await.map_err(ApiError::internal)??;
@@ -539,8 +535,10 @@ pub async fn edit(
         Permission::ConversationsWrite,
     )
     .await?;
-    find(&app, conversation, message).await?;
+    let current = find(&app, conversation, message).await?;
     check_size(&body.content)?;
+    // Only here, with the content opened, can an edit that changes nothing be told apart.
+    let unchanged = current.content.as_deref() == Some(body.content.as_str());
     let key = app
         .vault
         .message_keys(&app.pool, &[message])
@@ -564,6 +562,7 @@ pub async fn edit(
                 editor_id: user_only(access, "editing a message")?,
                 content: app.vault.seal(&key, message, "content", &body.content),
                 content_bytes: body.content.len(),
+                unchanged,
             })
         },
     )

@@ -12,9 +12,10 @@ use axum::Router;
 use serde::{Deserialize, Deserializer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
+use uuid::Uuid;
 
 use crate::app::App;
-use error::ApiError;
+use error::{ApiError, ApiResult};
 pub use extract::OptionalJson;
 
 pub mod api_keys;
@@ -535,6 +536,28 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
         .into_response();
     }
     next.run(req).await
+}
+
+/// Whether aggregate `id` of `aggregate_type` was created in `org`: its first event is in
+/// the ledger. After a command that creates an aggregate failed, this tells whether it
+/// failed for good or committed with only its answer lost (when the COMMIT's reply is lost,
+/// the writer retries the command alone, and the retry finds its sequence taken: a 409).
+pub(crate) async fn created(
+    app: &App,
+    aggregate_type: &str,
+    id: Uuid,
+    org: Uuid,
+) -> ApiResult<bool> {
+    let found: Option<(i64,)> = sqlx::query_as(
+        "SELECT sequence FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND sequence = 1 AND organization_id = $3",
+    )
+    .bind(aggregate_type)
+    .bind(id.to_string())
+    .bind(org)
+    .fetch_optional(&app.pool)
+    .await?;
+    Ok(found.is_some())
 }
 
 /// For PATCH fields where absent means "leave it" and `null` means "clear it".

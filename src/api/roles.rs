@@ -3,8 +3,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use ledgerline_aggregates::permissions::{may_grant, missing};
-use ledgerline_aggregates::role::RoleCommand;
+use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Serialize};
@@ -84,10 +85,13 @@ pub async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<RoleView> {
 
 /// A parent named in a request must be a role of the same organization.
 async fn check_parent(app: &App, org: Uuid, parent: Uuid) -> ApiResult<()> {
-    find_row(app, org, parent)
-        .await
-        .map(|_| ())
-        .map_err(|_| ApiError::invalid("parent_role_id is not a role of this organization"))
+    match find_row(app, org, parent).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Err(ApiError::invalid(
+            "parent_role_id is not a role of this organization",
+        )),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -311,6 +315,13 @@ pub async fn revoke(
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     users::find(&app, org, user).await?;
+    // Another organization's role, or none at all, is a 404 as for an assignment. Asked of
+    // the ledger rather than the roles table, so that a role of this organization deleted
+    // while assigned stays revocable: the user aggregate still holds that assignment (it
+    // grants nothing, the role being gone), and revoking it tidies the user's record.
+    if !super::created(&app, Role::TYPE, role, org).await? {
+        return Err(ApiError::not_found("role"));
+    }
     let command = UserCommand::RevokeRole {
         role_id: role,
         reason: None,

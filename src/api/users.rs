@@ -6,7 +6,8 @@ use std::collections::HashMap;
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use ledgerline_aggregates::user::{SealedEmail, SealedProfile, UserCommand};
+use cqrs_es::Aggregate;
+use ledgerline_aggregates::user::{SealedEmail, SealedProfile, User, UserCommand};
 use ledgerline_aggregates::{validate, Permission};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -84,20 +85,12 @@ pub struct InviteUser {
     full_name: String,
 }
 
-fn sealed_email(
-    app: &App,
-    key: &DataKey,
-    org: Uuid,
-    user: Uuid,
-    raw: &str,
-) -> ApiResult<SealedEmail> {
-    let email = validate::email(raw).map_err(ApiError::invalid)?;
-    Ok(SealedEmail {
-        sealed: app.vault.seal(key, user, "email", &email),
-        blind_index: app
-            .vault
-            .blind_index(org, &validate::email_identity(&email)),
-    })
+/// Seals an address that `validate::email` has accepted, with its blind index.
+fn seal_email(app: &App, key: &DataKey, org: Uuid, user: Uuid, email: &str) -> SealedEmail {
+    SealedEmail {
+        sealed: app.vault.seal(key, user, "email", email),
+        blind_index: app.vault.blind_index(org, &validate::email_identity(email)),
+    }
 }
 
 pub async fn invite(
@@ -109,27 +102,41 @@ pub async fn invite(
     caller.require_in(org, Permission::UsersWrite)?;
     organizations::find(&app, org).await?;
     // Validate before a key exists, so bad input leaves nothing behind.
-    validate::email(&body.email).map_err(ApiError::invalid)?;
+    let email = validate::email(&body.email).map_err(ApiError::invalid)?;
     let full_name = validate::name("full_name", &body.full_name).map_err(ApiError::invalid)?;
     let id = Uuid::new_v4();
-    let key = app.vault.create_key(&app.pool, id, Some(org)).await?;
-    let profile = SealedProfile {
-        email: sealed_email(&app, &key, org, id, &body.email)?,
-        full_name: app.vault.seal(&key, id, "full_name", &full_name),
+    // From the key's creation to its fate, in a task of its own: a client hanging up must not
+    // stop the handler halfway and leave a key behind that protects nothing.
+    let task = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let key = app.vault.create_key(&app.pool, id, Some(org)).await?;
+            let command = UserCommand::Invite {
+                user_id: id,
+                organization_id: org,
+                profile: SealedProfile {
+                    email: seal_email(&app, &key, org, id, &email),
+                    full_name: app.vault.seal(&key, id, "full_name", &full_name),
+                },
+            };
+            let Err(e) = app
+                .execute(&app.cqrs.users, id, Some(org), &caller.actor, command)
+                .await
+            else {
+                return Ok(());
+            };
+            // Destroying the key of a user that exists after all would shred its data for
+            // good and keep its e-mail address claimed forever.
+            if super::created(&app, User::TYPE, id, org).await? {
+                app.await_ledger().await;
+                return Ok(());
+            }
+            // The user never came to be: its key protects nothing.
+            app.vault.destroy_key(&app.pool, id).await?;
+            Err(ApiError::from(e))
+        })
     };
-    let command = UserCommand::Invite {
-        user_id: id,
-        organization_id: org,
-        profile,
-    };
-    if let Err(e) = app
-        .execute(&app.cqrs.users, id, Some(org), &caller.actor, command)
-        .await
-    {
-        // The user never came to be: its key protects nothing.
-        app.vault.destroy_key(&app.pool, id).await?;
-        return Err(e.into());
-    }
+    task.await.map_err(ApiError::internal)??;
     Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
 }
 
@@ -167,6 +174,8 @@ pub struct UpdateUser {
     full_name: Option<String>,
 }
 
+/// Changes the e-mail address, the full name or both. A field given with its current value
+/// is left out; an update that would change nothing is refused and appends nothing.
 pub async fn update(
     State(app): State<App>,
     caller: Caller,
@@ -174,7 +183,7 @@ pub async fn update(
     Json(body): Json<UpdateUser>,
 ) -> ApiResult<axum::Json<UserView>> {
     caller.require_in(org, Permission::UsersWrite)?;
-    find(&app, org, user).await?;
+    let current = find(&app, org, user).await?;
     let keys = app.vault.keys(&app.pool, &[user]).await?;
     let key = keys
         .get(&user)
@@ -182,15 +191,28 @@ pub async fn update(
     let email = body
         .email
         .as_deref()
-        .map(|e| sealed_email(&app, key, org, user, e))
-        .transpose()?;
+        .map(validate::email)
+        .transpose()
+        .map_err(ApiError::invalid)?;
     let full_name = body
         .full_name
         .as_deref()
-        .map(|n| validate::name("full_name", n).map(|n| app.vault.seal(key, user, "full_name", &n)))
+        .map(|n| validate::name("full_name", n))
         .transpose()
         .map_err(ApiError::invalid)?;
-    let command = UserCommand::UpdateProfile { email, full_name };
+    // The aggregate holds only ciphertext (a fresh nonce each time): only here, with the
+    // values opened, can an unchanged one be told apart.
+    let unchanged = (email.is_some() && email == current.email)
+        || (full_name.is_some() && full_name == current.full_name);
+    let command = UserCommand::UpdateProfile {
+        email: email
+            .filter(|e| Some(e) != current.email.as_ref())
+            .map(|e| seal_email(&app, key, org, user, &e)),
+        full_name: full_name
+            .filter(|n| Some(n) != current.full_name.as_ref())
+            .map(|n| app.vault.seal(key, user, "full_name", &n)),
+        unchanged,
+    };
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
         .await?;
     Ok(axum::Json(find(&app, org, user).await?))

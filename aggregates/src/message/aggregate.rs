@@ -53,6 +53,8 @@ pub enum MessageError {
     Empty,
     #[error("content must not be empty; delete the message instead")]
     EmptyEdit,
+    #[error("nothing to change: the edit leaves the message as it is")]
+    NoChange,
     #[error("parent_message_id must be a message of the same conversation")]
     ParentElsewhere,
     #[error("a message cannot reply to itself")]
@@ -87,6 +89,7 @@ impl MessageError {
             | Self::TooLarge(_)
             | Self::Empty
             | Self::EmptyEdit
+            | Self::NoChange
             | Self::ParentElsewhere
             | Self::OwnParent
             | Self::TooManyAttachments => Rejection::Invalid,
@@ -211,6 +214,7 @@ impl Message {
                 editor_id,
                 content,
                 content_bytes,
+                unchanged,
             } => {
                 let (conversation_id, role) = self.facts(&conversation)?;
                 self.not_deleted()?;
@@ -222,6 +226,10 @@ impl Message {
                 check_content(&content, content_bytes)?;
                 if content_bytes == 0 {
                     return Err(MessageError::EmptyEdit);
+                }
+                // An edit that changes nothing would put a meaningless entry in the ledger.
+                if unchanged {
+                    return Err(MessageError::NoChange);
                 }
                 Ok(MessageEvent::MessageEdited {
                     conversation_id,

@@ -65,6 +65,9 @@ pub enum MessageCommand {
         editor_id: Uuid,
         content: Sealed,
         content_bytes: usize,
+        /// The new content equals the current one: the service layer, which alone can open
+        /// the current content, compared them.
+        unchanged: bool,
     },
     /// The author, a conversation owner or admin, or a service key.
     Delete {

@@ -168,6 +168,7 @@ fn edit(conversation: ConversationFacts, editor_id: Uuid, bytes: usize) -> Messa
         editor_id,
         content: seal("edited"),
         content_bytes: bytes,
+        unchanged: false,
     }
 }
 
@@ -568,6 +569,7 @@ fn edit_rejects_clear_text() {
             editor_id: author(),
             content: Sealed("edited".into()),
             content_bytes: 6,
+            unchanged: false,
         })
         .then_expect_error(E::NotSealed("content"));
 }
@@ -587,6 +589,33 @@ fn edit_rejects_empty_content() {
     given(vec![posted()])
         .when(edit(facts(Some(Member)), author(), 0))
         .then_expect_error(E::EmptyEdit);
+}
+
+fn unchanged_edit(conversation: ConversationFacts, editor_id: Uuid) -> MessageCommand {
+    MessageCommand::Edit {
+        conversation,
+        editor_id,
+        content: seal("edited"),
+        content_bytes: 6,
+        unchanged: true,
+    }
+}
+
+#[test]
+fn edit_rejects_content_that_is_unchanged() {
+    given(vec![posted()])
+        .when(unchanged_edit(facts(Some(Member)), author()))
+        .then_expect_error_message("nothing to change: the edit leaves the message as it is");
+}
+
+#[test]
+fn an_unchanged_edit_by_anyone_but_the_author_is_refused_as_such() {
+    given(vec![posted()])
+        .when(unchanged_edit(facts(Some(Owner)), reader()))
+        .then_expect_error(E::NotAuthor);
+    given(vec![posted()])
+        .when(unchanged_edit(archived(Some(Member)), author()))
+        .then_expect_error(E::Archived);
 }
 
 // --- Delete ---
@@ -854,6 +883,7 @@ fn errors_map_to_rejections() {
         E::TooLarge(MAX_CONTENT_BYTES + 1),
         E::Empty,
         E::EmptyEdit,
+        E::NoChange,
         E::ParentElsewhere,
         E::OwnParent,
         E::TooManyAttachments,

@@ -59,6 +59,8 @@ pub enum UserError {
     NotSealed,
     #[error("nothing to change: give a new e-mail address, a new full name or both")]
     NoChange,
+    #[error("nothing to change: the update leaves the user as it is")]
+    Unchanged,
     #[error("nothing to change: the role is already assigned with this expiry and reason")]
     AssignmentUnchanged,
     #[error("the user is already deactivated")]
@@ -78,9 +80,11 @@ pub enum UserError {
 impl UserError {
     pub fn rejection(&self) -> Rejection {
         match self {
-            Self::Invalid(_) | Self::NotSealed | Self::NoChange | Self::AssignmentUnchanged => {
-                Rejection::Invalid
-            }
+            Self::Invalid(_)
+            | Self::NotSealed
+            | Self::NoChange
+            | Self::Unchanged
+            | Self::AssignmentUnchanged => Rejection::Invalid,
             Self::NotFound => Rejection::NotFound,
             Self::AlreadyExists
             | Self::AlreadyDeactivated
@@ -170,12 +174,21 @@ impl User {
                     email_blind_index,
                 })
             }
-            UserCommand::UpdateProfile { email, full_name } => {
+            UserCommand::UpdateProfile {
+                email,
+                full_name,
+                unchanged,
+            } => {
                 // Deactivated users may still be corrected: deactivation ends access, not
                 // the record.
                 self.live()?;
+                // An update that changes nothing would put a meaningless entry in the ledger.
                 if email.is_none() && full_name.is_none() {
-                    return Err(UserError::NoChange);
+                    return Err(if unchanged {
+                        UserError::Unchanged
+                    } else {
+                        UserError::NoChange
+                    });
                 }
                 if let Some(full_name) = &full_name {
                     sealed(full_name)?;

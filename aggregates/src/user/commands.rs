@@ -27,9 +27,12 @@ pub enum UserCommand {
         organization_id: Uuid,
         profile: SealedProfile,
     },
+    /// Only the fields that change. The service layer, which alone can open the current
+    /// values, leaves out a field given with its current value and says so in `unchanged`.
     UpdateProfile {
         email: Option<SealedEmail>,
         full_name: Option<Sealed>,
+        unchanged: bool,
     },
     Deactivate {
         reason: Option<String>,

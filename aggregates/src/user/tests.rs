@@ -159,6 +159,7 @@ fn update_profile_email_names_the_previous_blind_index() {
         .when(UserCommand::UpdateProfile {
             email: Some(sealed_email("email2", 'b')),
             full_name: None,
+            unchanged: false,
         })
         .then_expect_events(vec![UserEvent::UserProfileUpdated {
             email: Some(seal("email2")),
@@ -175,6 +176,7 @@ fn update_profile_full_name_only() {
         .when(UserCommand::UpdateProfile {
             email: None,
             full_name: Some(seal("name2")),
+            unchanged: false,
         })
         .then_expect_events(vec![UserEvent::UserProfileUpdated {
             email: None,
@@ -199,6 +201,7 @@ fn update_profile_uses_the_latest_blind_index_as_previous() {
         .when(UserCommand::UpdateProfile {
             email: Some(sealed_email("email3", 'c')),
             full_name: Some(seal("name3")),
+            unchanged: false,
         })
         .then_expect_events(vec![UserEvent::UserProfileUpdated {
             email: Some(seal("email3")),
@@ -215,6 +218,7 @@ fn update_profile_accepts_a_resealed_unchanged_address() {
         .when(UserCommand::UpdateProfile {
             email: Some(sealed_email("email1b", 'a')),
             full_name: None,
+            unchanged: false,
         })
         .then_expect_events(vec![UserEvent::UserProfileUpdated {
             email: Some(seal("email1b")),
@@ -231,6 +235,7 @@ fn update_profile_is_allowed_while_deactivated() {
         .when(UserCommand::UpdateProfile {
             email: None,
             full_name: Some(seal("name2")),
+            unchanged: false,
         })
         .then_expect_events(vec![UserEvent::UserProfileUpdated {
             email: None,
@@ -247,6 +252,7 @@ fn update_profile_rejects_a_missing_user() {
         .when(UserCommand::UpdateProfile {
             email: None,
             full_name: Some(seal("name2")),
+            unchanged: false,
         })
         .then_expect_error(UserError::NotFound);
 }
@@ -258,6 +264,7 @@ fn update_profile_rejects_an_erased_user() {
         .when(UserCommand::UpdateProfile {
             email: None,
             full_name: Some(seal("name2")),
+            unchanged: false,
         })
         .then_expect_error_message("the user has been erased");
 }
@@ -269,8 +276,50 @@ fn update_profile_rejects_an_empty_update() {
         .when(UserCommand::UpdateProfile {
             email: None,
             full_name: None,
+            unchanged: false,
         })
         .then_expect_error(UserError::NoChange);
+}
+
+#[test]
+fn update_profile_rejects_values_that_are_all_unchanged() {
+    Framework::with(())
+        .given(vec![invited()])
+        .when(UserCommand::UpdateProfile {
+            email: None,
+            full_name: None,
+            unchanged: true,
+        })
+        .then_expect_error_message("nothing to change: the update leaves the user as it is");
+}
+
+#[test]
+fn update_profile_keeps_a_changed_field_beside_an_unchanged_one() {
+    Framework::with(())
+        .given(vec![invited()])
+        .when(UserCommand::UpdateProfile {
+            email: None,
+            full_name: Some(seal("name2")),
+            unchanged: true,
+        })
+        .then_expect_events(vec![UserEvent::UserProfileUpdated {
+            email: None,
+            email_blind_index: None,
+            previous_email_blind_index: None,
+            full_name: Some(seal("name2")),
+        }]);
+}
+
+#[test]
+fn update_profile_of_an_erased_user_is_refused_as_erased_even_when_unchanged() {
+    Framework::with(())
+        .given(vec![invited(), erased()])
+        .when(UserCommand::UpdateProfile {
+            email: None,
+            full_name: None,
+            unchanged: true,
+        })
+        .then_expect_error(UserError::Erased);
 }
 
 #[test]
@@ -282,10 +331,12 @@ fn update_profile_rejects_clear_text() {
                 blind_index: index('b'),
             }),
             full_name: None,
+            unchanged: false,
         },
         UserCommand::UpdateProfile {
             email: None,
             full_name: Some(Sealed("sealed:v1:not-a-uuid:abc".into())),
+            unchanged: false,
         },
     ] {
         Framework::with(())
@@ -305,6 +356,7 @@ fn update_profile_rejects_a_malformed_blind_index() {
                 blind_index: String::new(),
             }),
             full_name: None,
+            unchanged: false,
         })
         .then_expect_error_message("email blind index must be 64 lower-case hexadecimal digits");
 }
@@ -632,6 +684,7 @@ fn errors_map_to_rejections() {
         E::Invalid("x".into()),
         E::NotSealed,
         E::NoChange,
+        E::Unchanged,
         E::AssignmentUnchanged,
     ] {
         assert_eq!(e.rejection(), Rejection::Invalid, "{e}");
