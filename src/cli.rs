@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde_json::json;
@@ -57,6 +57,93 @@ async fn pool(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgP
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
     db::migrate(&pool).await?;
     Ok(pool)
+}
+
+/// A pool for `projections check` and `rebuild`, which never migrate: a newer binary's
+/// migrations run by an auditor's check (or a rebuild ahead of a deploy) would change the
+/// schema under the running servers, and older servers then refuse to start. They refuse,
+/// changing nothing, unless the database has exactly this binary's migrations.
+async fn pool_as_migrated(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let mismatch = migration_mismatch(&pool)
+        .await
+        .context("reading the database's migrations")?;
+    if !mismatch.is_empty() {
+        anyhow::bail!(
+            "the database's migrations are not this binary's: {}; this command never \
+             migrates: run it with the binary the servers run, or apply the migrations \
+             with `ledgerline migrate` when deploying this version",
+            mismatch.join("; ")
+        );
+    }
+    Ok(pool)
+}
+
+/// How the migrations applied to the database differ from the ones this binary carries,
+/// one entry per kind of difference; empty when they are the same.
+async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
+    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    let applied: Vec<(i64, String, Vec<u8>, bool)> = if recorded {
+        sqlx::query_as(
+            "SELECT version, description, checksum, success FROM _sqlx_migrations \
+             ORDER BY version",
+        )
+        .fetch_all(pool)
+        .await?
+    } else {
+        Vec::new()
+    };
+    let known: Vec<&sqlx::migrate::Migration> = db::MIGRATOR
+        .iter()
+        .filter(|m| m.migration_type.is_up_migration())
+        .collect();
+    let list = |items: Vec<String>| items.join(", ");
+    let mut differences = Vec::new();
+    let missing: Vec<String> = known
+        .iter()
+        .filter(|m| applied.iter().all(|(v, ..)| *v != m.version))
+        .map(|m| format!("{} ({})", m.version, m.description))
+        .collect();
+    if !missing.is_empty() {
+        differences.push(format!("not applied: {}", list(missing)));
+    }
+    let unknown: Vec<String> = applied
+        .iter()
+        .filter(|(v, ..)| known.iter().all(|m| m.version != *v))
+        .map(|(v, description, ..)| format!("{v} ({description})"))
+        .collect();
+    if !unknown.is_empty() {
+        differences.push(format!(
+            "applied but unknown to this binary (a newer one's?): {}",
+            list(unknown)
+        ));
+    }
+    let changed: Vec<String> = applied
+        .iter()
+        .filter(|(v, _, checksum, _)| {
+            known
+                .iter()
+                .any(|m| m.version == *v && *m.checksum != **checksum)
+        })
+        .map(|(v, description, ..)| format!("{v} ({description})"))
+        .collect();
+    if !changed.is_empty() {
+        differences.push(format!(
+            "applied with other SQL than this binary's: {}",
+            list(changed)
+        ));
+    }
+    let failed: Vec<String> = applied
+        .iter()
+        .filter(|(.., success)| !success)
+        .map(|(v, description, ..)| format!("{v} ({description})"))
+        .collect();
+    if !failed.is_empty() {
+        differences.push(format!("failed part-way: {}", list(failed)));
+    }
+    Ok(differences)
 }
 
 async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
@@ -327,7 +414,58 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
             );
         }
     }
+    let jobs = ledgerline_projections::rebuild_progress(&pool)
+        .await
+        .context("reading rebuild jobs")?;
+    print_rebuild_job(&jobs, Utc::now());
     Ok(())
+}
+
+/// The unfinished rebuild job, if any: a killed or failed one keeps its `running` row, so
+/// what tells it from one at work is whether anyone holds the rebuild lock.
+fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: DateTime<Utc>) {
+    let Some(job) = rows.first() else {
+        return;
+    };
+    let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+    let resume = if names.len() == ledgerline_projections::names().len() {
+        "--all".to_string()
+    } else {
+        names.join(" ")
+    };
+    println!();
+    println!(
+        "rebuild job {} ({}), started {}: {}",
+        job.job,
+        job.schema,
+        job.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
+        if job.held {
+            "RUNNING (a process holds the rebuild lock)"
+        } else {
+            "STOPPED (no process holds the rebuild lock: killed, or stopped by an error)"
+        }
+    );
+    println!(
+        "  {:<16} {:>10} {:>10}  last progress",
+        "projection", "position", "target"
+    );
+    for r in rows {
+        println!(
+            "  {:<16} {:>10} {:>10}  {} ({}s ago)",
+            r.name,
+            r.position,
+            r.target,
+            r.updated_at.format("%Y-%m-%d %H:%M:%S UTC"),
+            (now - r.updated_at).num_seconds().max(0)
+        );
+    }
+    if !job.held {
+        println!(
+            "  resume it from these positions with `ledgerline projections rebuild {resume}`, or drop \
+             it with `ledgerline projections rebuild --abandon` (the live tables are unchanged \
+             until the swap)"
+        );
+    }
 }
 
 /// After the cause is fixed: the running projector picks the event up on its next poll.
@@ -341,7 +479,7 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
 }
 
 async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> anyhow::Result<()> {
-    let pool = pool(db_args).await?;
+    let pool = pool_as_migrated(db_args).await?;
     if args.abandon {
         match ledgerline_projections::abandon_rebuild(&pool).await? {
             Some(job) => println!("rebuild job {job} abandoned; the live tables are unchanged"),
@@ -379,7 +517,7 @@ async fn check(
     names: &[String],
     batch_size: i64,
 ) -> anyhow::Result<ExitCode> {
-    let pool = pool(db_args).await?;
+    let pool = pool_as_migrated(db_args).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let names = (!names.is_empty()).then_some(names.as_slice());
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());

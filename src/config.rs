@@ -320,9 +320,12 @@ pub enum ProjectionsCommand {
     },
     /// Rebuild read models from the log into shadow tables, then swap them in atomically;
     /// the live tables keep serving meanwhile. Run again after an interruption to resume.
+    /// Never migrates: refuses (exit 2) unless the database has exactly this binary's
+    /// migrations.
     Rebuild(RebuildArgs),
     /// Rebuild into a scratch schema and compare with the live tables row by row.
-    /// Exit 0 equal, 1 different, 2 could not run.
+    /// Exit 0 equal, 1 different, 2 could not run (also when the database's migrations are
+    /// not exactly this binary's: it never migrates).
     Check {
         /// Projections to check (all when none is named).
         names: Vec<String>,

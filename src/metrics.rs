@@ -222,7 +222,7 @@ struct Gauges {
     recorded_at: HashMap<i64, DateTime<Utc>>,
     /// The newest signed checkpoint: tree size and when it was signed.
     checkpoint: Option<(i64, DateTime<Utc>)>,
-    /// One row per projection of the running rebuild job.
+    /// One row per projection of the unfinished rebuild job.
     rebuilds: Vec<RebuildProgress>,
 }
 
@@ -375,17 +375,23 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
         sample(out, name, &[], seconds(now - signed_at));
     }
 
-    type Field = fn(&RebuildProgress) -> i64;
-    let per_rebuild: [(&str, &str, Field); 2] = [
+    type Field = fn(&RebuildProgress, DateTime<Utc>) -> f64;
+    let per_rebuild: [(&str, &str, Field); 3] = [
         (
             "ledgerline_rebuild_position",
-            "Position the running rebuild job has replayed the projection to",
-            |r| r.position,
+            "Position the unfinished rebuild job has replayed the projection to",
+            |r, _| r.position as f64,
         ),
         (
             "ledgerline_rebuild_target",
-            "Ledger position the running rebuild job replays the projection up to",
-            |r| r.target,
+            "Ledger position the unfinished rebuild job replays the projection up to",
+            |r, _| r.target as f64,
+        ),
+        (
+            "ledgerline_rebuild_progress_age_seconds",
+            "Seconds since the unfinished rebuild job last recorded a batch of the projection \
+             (it also grows while a live job builds its indexes at the end)",
+            |r, now| seconds(now - r.updated_at).max(0.0),
         ),
     ];
     for (name, help, value) in per_rebuild {
@@ -393,8 +399,22 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
         for r in &g.rebuilds {
             let job = r.job.to_string();
             let labels = [("job", job.as_str()), ("projection", r.name.as_str())];
-            sample(out, name, &labels, value(r));
+            sample(out, name, &labels, value(r, now));
         }
+    }
+    // Per job: the job's row stays `running` after its process was killed or failed, so
+    // position and target alone look the same whether anything works on it.
+    let name = "ledgerline_rebuild_lock_held";
+    family(
+        out,
+        name,
+        "gauge",
+        "1 while a process holds the rebuild lock (the unfinished job is at work), 0 when \
+         nothing runs it (killed or failed: `projections rebuild` resumes it, `--abandon` \
+         drops it)",
+    );
+    if let Some(r) = g.rebuilds.first() {
+        sample(out, name, &[("job", &r.job.to_string())], r.held as u8);
     }
 }
 

@@ -1,6 +1,7 @@
-//! Showing a long build's progress: a bar redrawn in place on a terminal, a log line every
+//! Showing a long build's progress: a bar redrawn in place on a terminal, a log event every
 //! few seconds otherwise (a job runner's log, a pipe), so that nobody waits without knowing
-//! how long for.
+//! how long for. The log event goes through `tracing` with its figures as fields, so it
+//! follows `RUST_LOG` and `--log-format json` like every other line a collector reads.
 
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
@@ -14,13 +15,18 @@ const TERMINAL_EVERY: Duration = Duration::from_millis(250);
 /// Logs a line this often otherwise.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// Shows `progress` on standard error until the returned handle is passed to [`finish`].
+/// Shows `progress` until the returned handle is passed to [`finish`]: a bar on standard error
+/// when it is a terminal, else an `info` event in the log.
 pub fn show(label: &'static str, progress: Arc<Progress>) -> JoinHandle<()> {
     let terminal = std::io::stderr().is_terminal();
     tokio::spawn(async move {
         let started = Instant::now();
         let mut first: Option<i64> = None;
-        let mut ticker = tokio::time::interval(if terminal { TERMINAL_EVERY } else { LOG_EVERY });
+        // Looked at as often as the bar is drawn even when only logged, so that the start
+        // is seen before a later phase of the run restarts the count (a rebuild starts it
+        // again for the events that arrived while it built its indexes).
+        let mut ticker = tokio::time::interval(TERMINAL_EVERY);
+        let mut logged = Instant::now();
         ticker.tick().await;
         loop {
             ticker.tick().await;
@@ -29,14 +35,15 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> JoinHandle<()> {
                 continue;
             }
             let first = *first.get_or_insert(state.first);
-            let line = line(label, &state, first, started.elapsed());
-            let mut err = std::io::stderr().lock();
+            let figures = Figures::of(&state, first, started.elapsed());
             if terminal {
-                let _ = write!(err, "\r\x1b[2K{line}");
-            } else {
-                let _ = writeln!(err, "{line}");
+                let mut err = std::io::stderr().lock();
+                let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
+                let _ = err.flush();
+            } else if logged.elapsed() >= LOG_EVERY {
+                logged = Instant::now();
+                figures.log(label);
             }
-            let _ = err.flush();
         }
     })
 }
@@ -50,28 +57,65 @@ pub async fn finish(display: JoinHandle<()>) {
     }
 }
 
-/// `rebuild: 412,000/1,000,000 events (41%) 52,310 events/s, ETA 11s`
-fn line(label: &str, state: &ProgressState, first: i64, elapsed: Duration) -> String {
-    let done = state.done().max(first);
-    let total = (state.target - first).max(0);
-    let finished = done - first;
-    let percent = if total == 0 {
-        100.0
-    } else {
-        finished as f64 * 100.0 / total as f64
-    };
-    let rate = finished as f64 / elapsed.as_secs_f64().max(0.001);
-    let eta = if rate > 0.0 {
-        format!("ETA {:.0}s", (state.target - done) as f64 / rate)
-    } else {
-        "ETA unknown".to_string()
-    };
-    format!(
-        "{label}: {}/{} events ({percent:.0}%) {} events/s, {eta}",
-        thousands(finished),
-        thousands(total),
-        thousands(rate as i64),
-    )
+/// Where a run stands, counted from where it started.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Figures {
+    done: i64,
+    total: i64,
+    percent: f64,
+    /// Events per second since the run started.
+    rate: f64,
+    /// Seconds left at that rate; unknown until something is done.
+    eta: Option<f64>,
+}
+
+impl Figures {
+    fn of(state: &ProgressState, first: i64, elapsed: Duration) -> Self {
+        let reached = state.done().max(first);
+        let total = (state.target - first).max(0);
+        let done = reached - first;
+        let percent = if total == 0 {
+            100.0
+        } else {
+            done as f64 * 100.0 / total as f64
+        };
+        let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
+        let eta = (rate > 0.0).then(|| (state.target - reached) as f64 / rate);
+        Self {
+            done,
+            total,
+            percent,
+            rate,
+            eta,
+        }
+    }
+
+    /// `rebuild: 412,000/1,000,000 events (41%) 52,310 events/s, ETA 11s`
+    fn line(&self, label: &str) -> String {
+        let eta = match self.eta {
+            Some(eta) => format!("ETA {eta:.0}s"),
+            None => "ETA unknown".to_string(),
+        };
+        format!(
+            "{label}: {}/{} events ({:.0}%) {} events/s, {eta}",
+            thousands(self.done),
+            thousands(self.total),
+            self.percent,
+            thousands(self.rate as i64),
+        )
+    }
+
+    fn log(&self, label: &'static str) {
+        tracing::info!(
+            command = label,
+            events_done = self.done,
+            events_total = self.total,
+            percent = self.percent.floor() as i64,
+            events_per_second = self.rate.round() as i64,
+            eta_seconds = self.eta.map(|eta| eta.round() as i64),
+            "{label} progress"
+        );
+    }
 }
 
 fn thousands(n: i64) -> String {
@@ -100,9 +144,10 @@ mod tests {
             target: 101_000,
             positions: vec![("users", 51_000), ("messaging", 41_000)],
         };
-        let line = line("rebuild", &state, 1_000, Duration::from_secs(4));
+        let figures = Figures::of(&state, 1_000, Duration::from_secs(4));
+        assert_eq!(figures.eta, Some(6.0));
         assert_eq!(
-            line,
+            figures.line("rebuild"),
             "rebuild: 40,000/100,000 events (40%) 10,000 events/s, ETA 6s"
         );
     }

@@ -2,7 +2,14 @@
 
 mod common;
 
-use common::{ledgerline, TestApp};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{eventually, ledgerline, TestApp, TestDb};
+use serde_json::Value;
+use sqlx::{PgPool, Postgres, Transaction};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 
 #[tokio::test]
 async fn projections_status_shows_every_projection_at_the_head() {
@@ -75,4 +82,255 @@ async fn a_command_waiting_for_a_row_the_app_holds_gets_it() {
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]).await;
     assert_eq!(code, 0, "{out}{err}");
     holder.await.unwrap();
+}
+
+/// Holds the `users` checkpoint row, which a rebuild's swap locks: a rebuild of `users`
+/// started meanwhile catches up, builds its indexes and then waits, alive and holding the
+/// rebuild lock, until the returned transaction ends.
+async fn hold_the_swap(pool: &PgPool) -> Transaction<'static, Postgres> {
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
+}
+
+/// `ledgerline projections rebuild users` as a job runner starts it: standard error a pipe.
+fn start_rebuild(url: &str, extra: &[&str], log: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(extra)
+        .args(["projections", "rebuild", "users"])
+        .env("LEDGERLINE_DATABASE_URL", url)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ledgerline")
+}
+
+/// True once the rebuild's swap is waiting for the row [`hold_the_swap`] holds.
+async fn waiting_at_the_swap(pool: &PgPool) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap()
+    })
+    .await
+}
+
+#[tokio::test]
+async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
+    let t = TestApp::spawn().await;
+    t.create_org("Rebuild Status Co").await;
+    let head = t.head().await;
+    let (_, out, _) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert!(!out.contains("rebuild job"), "no job, none shown: {out}");
+
+    let held = hold_the_swap(t.pool()).await;
+    let mut child = start_rebuild(&t.db.url, &[], "warn");
+    assert!(
+        waiting_at_the_swap(t.pool()).await,
+        "the rebuild reached its swap"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert_eq!(code, 0, "{err}");
+    let job = out
+        .lines()
+        .find(|l| l.starts_with("rebuild job "))
+        .unwrap_or_else(|| panic!("the job is shown: {out}"));
+    assert!(job.contains("RUNNING"), "{out}");
+    let users = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("users") && l.contains("ago)"))
+        .unwrap_or_else(|| panic!("the job's projection is shown: {out}"));
+    let cols: Vec<&str> = users.split_whitespace().collect();
+    assert_eq!(cols[1..3], [head.to_string(), head.to_string()], "{users}");
+    assert!(
+        !out.contains("--abandon"),
+        "nothing to do while it runs: {out}"
+    );
+
+    child.kill().await.unwrap(); // SIGKILL
+    let freed = eventually(Duration::from_secs(30), || async {
+        let rows = ledgerline_projections::rebuild_progress(t.pool())
+            .await
+            .unwrap();
+        rows.iter().all(|r| !r.held)
+    })
+    .await;
+    assert!(freed, "PostgreSQL freed the killed run's lock");
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("STOPPED"), "{out}");
+    assert!(!out.contains("RUNNING"), "{out}");
+    assert!(
+        out.contains("`ledgerline projections rebuild users`")
+            && out.contains("`ledgerline projections rebuild --abandon`"),
+        "the operator is told what to do: {out}"
+    );
+
+    // What it says works: the job resumes and is no longer shown.
+    held.commit().await.unwrap();
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("(resumed)"), "{out}");
+    let (_, out, _) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert!(!out.contains("rebuild job"), "{out}");
+}
+
+/// Without a terminal the progress goes to the log, so with `--log-format json` every line
+/// on standard error is a JSON object, progress included, with its figures as fields.
+#[tokio::test]
+async fn rebuild_progress_is_a_json_log_event_when_json_logs_are_asked_for() {
+    let t = TestApp::spawn().await;
+    t.create_org("Json Progress Co").await;
+    let head = t.head().await;
+    let held = hold_the_swap(t.pool()).await;
+    let mut child = start_rebuild(&t.db.url, &["--log-format", "json"], "info");
+    let mut stderr = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut lines = Vec::new();
+    // The log's progress events come every 5 s; the held swap keeps the run going that long.
+    let progress = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = stderr.next_line().await.unwrap() {
+            lines.push(line.clone());
+            let Ok(event) = serde_json::from_str::<Value>(&line) else {
+                continue;
+            };
+            if event["fields"]["message"] == "rebuild progress" {
+                return event;
+            }
+        }
+        panic!("the run ended without a progress event: {lines:?}");
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no progress event in the log: {lines:?}"));
+    let fields = &progress["fields"];
+    assert_eq!(progress["level"], "INFO", "{progress}");
+    assert_eq!(fields["command"], "rebuild", "{progress}");
+    // Counted from where the display first looked, which on so short a log is after the
+    // catching up: the figures are there as numbers, and the run is waiting at its swap.
+    for figure in [
+        "events_done",
+        "events_total",
+        "percent",
+        "events_per_second",
+    ] {
+        assert!(fields[figure].is_i64(), "{figure}: {progress}");
+    }
+    assert_eq!(fields["events_done"], fields["events_total"], "{progress}");
+    assert_eq!(fields["percent"], 100, "{progress}");
+    assert!(fields["events_total"].as_i64() <= Some(head), "{progress}");
+
+    held.commit().await.unwrap();
+    while let Some(line) = stderr.next_line().await.unwrap() {
+        lines.push(line);
+    }
+    assert!(child.wait().await.unwrap().success(), "{lines:?}");
+    for line in &lines {
+        assert!(
+            serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),
+            "not a JSON log line: {line:?}"
+        );
+    }
+}
+
+/// A database migrated by a newer binary, or not yet by this one: `check` (an auditor's
+/// read-only command) and `rebuild` refuse, exit 2 and change no schema.
+#[tokio::test]
+async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_nothing() {
+    let db = TestDb::new().await;
+    let schema = |pool: &PgPool| {
+        let pool = pool.clone();
+        async move {
+            let layout: Vec<(String, String, String)> = sqlx::query_as(
+                "SELECT table_schema::text, table_name::text, column_name::text \
+                 FROM information_schema.columns \
+                 WHERE table_schema NOT IN ('pg_catalog', 'information_schema') \
+                 ORDER BY 1, 2, 3",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let constraints: Vec<String> = sqlx::query_scalar(
+                "SELECT conname::text FROM pg_constraint \
+                 WHERE connamespace = 'public'::regnamespace ORDER BY 1",
+            )
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+            let migrations: Vec<(i64, bool)> =
+                sqlx::query_as("SELECT version, success FROM _sqlx_migrations ORDER BY version")
+                    .fetch_all(&pool)
+                    .await
+                    .unwrap();
+            (layout, constraints, migrations)
+        }
+    };
+    let commands: [&[&str]; 3] = [
+        &["projections", "check"],
+        &["projections", "rebuild", "--all"],
+        &["projections", "rebuild", "--abandon"],
+    ];
+
+    // This binary's last migration undone, as on a database the new release has not
+    // migrated yet: a command that migrated would apply it here.
+    for statement in [
+        "ALTER TABLE projection_rebuilds DROP CONSTRAINT projection_rebuilds_shadow_schema_plain",
+        "DELETE FROM _sqlx_migrations WHERE version = 7",
+    ] {
+        sqlx::query(statement).execute(&db.pool).await.unwrap();
+    }
+    let before = schema(&db.pool).await;
+    for args in commands {
+        let (code, out, err) = ledgerline(&db.url, args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("not applied: 7 (rebuild schema names)") && err.contains("never migrates"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            schema(&db.pool).await,
+            before,
+            "{args:?} changed the schema"
+        );
+    }
+
+    // Applied by a newer binary: this one does not know it.
+    let (code, _, err) = ledgerline(&db.url, &["migrate"]).await;
+    assert_eq!(code, 0, "{err}");
+    sqlx::query(
+        "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
+         VALUES (8, 'from a newer release', true, '\\x00', 0)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let before = schema(&db.pool).await;
+    for args in commands {
+        let (code, out, err) = ledgerline(&db.url, args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("unknown to this binary") && err.contains("8 (from a newer release)"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(
+            schema(&db.pool).await,
+            before,
+            "{args:?} changed the schema"
+        );
+    }
+
+    // The same database as this binary migrates it: checked as usual.
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 8")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    let (code, out, err) = ledgerline(&db.url, &["projections", "check"]).await;
+    assert_eq!(code, 0, "{out}{err}");
 }

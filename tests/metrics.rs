@@ -9,7 +9,7 @@ mod common;
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
-use common::{assert_error, TestApp};
+use common::{assert_error, eventually, TestApp};
 use serde_json::json;
 
 #[derive(Debug)]
@@ -414,17 +414,18 @@ async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
 }
 
 #[tokio::test]
-async fn a_running_rebuild_shows_its_progress_per_projection() {
+async fn an_unfinished_rebuild_shows_its_progress_its_age_and_that_nothing_runs_it() {
     let t = TestApp::spawn().await;
     let none = scrape(&t).await;
     assert!(
         none.0
             .iter()
             .all(|s| !s.name.starts_with("ledgerline_rebuild_")),
-        "no samples without a running job"
+        "no samples without an unfinished job"
     );
 
-    // A job as `ledgerline projections rebuild` records it, part way through.
+    // A job as `ledgerline projections rebuild` records it, part way through, and as a run
+    // killed ten minutes ago leaves it: nobody holds the rebuild lock.
     let head = t.head().await;
     let job: i64 = sqlx::query_scalar(
         "INSERT INTO projection_rebuilds (projections, shadow_schema, target_position) \
@@ -435,8 +436,8 @@ async fn a_running_rebuild_shows_its_progress_per_projection() {
     .await
     .unwrap();
     sqlx::query(
-        "INSERT INTO projection_rebuild_progress (rebuild_id, name, position) \
-         VALUES ($1, 'roles', 2), ($1, 'users', 1)",
+        "INSERT INTO projection_rebuild_progress (rebuild_id, name, position, updated_at) \
+         VALUES ($1, 'roles', 2, now()), ($1, 'users', 1, now() - interval '10 minutes')",
     )
     .bind(job)
     .execute(t.pool())
@@ -450,6 +451,18 @@ async fn a_running_rebuild_shows_its_progress_per_projection() {
         assert_eq!(m.value("ledgerline_rebuild_position", &labels), position);
         assert_eq!(m.value("ledgerline_rebuild_target", &labels), head as f64);
     }
+    let age = |projection| {
+        m.value(
+            "ledgerline_rebuild_progress_age_seconds",
+            &[("job", job.as_str()), ("projection", projection)],
+        )
+    };
+    assert!((600.0..660.0).contains(&age("users")), "{}", age("users"));
+    assert!((0.0..60.0).contains(&age("roles")), "{}", age("roles"));
+    assert_eq!(
+        m.value("ledgerline_rebuild_lock_held", &[("job", job.as_str())]),
+        0.0
+    );
     let labels = [("job", job.as_str()), ("projection", "organizations")];
     assert_eq!(m.get("ledgerline_rebuild_position", &labels), None);
 
@@ -464,4 +477,58 @@ async fn a_running_rebuild_shows_its_progress_per_projection() {
             .all(|s| !s.name.starts_with("ledgerline_rebuild_")),
         "a finished job is no longer shown"
     );
+}
+
+/// A real run, kept alive at its swap by a held checkpoint row, shows the lock held; killed
+/// with SIGKILL, its job stays but the lock is gone.
+#[tokio::test]
+async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
+    let t = TestApp::spawn().await;
+    let mut held = t.pool().begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
+        .execute(&mut *held)
+        .await
+        .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(["projections", "rebuild", "users"])
+        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ledgerline");
+    let at_swap = eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock')",
+        )
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(at_swap, "the rebuild waits at its swap");
+    let job: i64 =
+        sqlx::query_scalar("SELECT id FROM projection_rebuilds WHERE status = 'running'")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    let job = job.to_string();
+    let held_metric =
+        |m: &Metrics| m.value("ledgerline_rebuild_lock_held", &[("job", job.as_str())]);
+    assert_eq!(held_metric(&scrape(&t).await), 1.0);
+
+    child.kill().await.unwrap(); // SIGKILL
+    let m = scrape_until(&t, "the killed run's lock freed", |m| held_metric(m) == 0.0).await;
+    let labels = [("job", job.as_str()), ("projection", "users")];
+    assert_eq!(
+        m.value("ledgerline_rebuild_position", &labels),
+        m.value("ledgerline_rebuild_target", &labels),
+        "the killed job had caught up and stays recorded"
+    );
+    held.rollback().await.unwrap();
+    ledgerline_projections::abandon_rebuild(t.pool())
+        .await
+        .unwrap();
 }

@@ -58,37 +58,45 @@ pub struct RebuildSummary {
     pub position: i64,
 }
 
-/// One projection of a running rebuild job, for metrics and status.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+/// One projection of the unfinished rebuild job, for metrics and status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
 pub struct RebuildProgress {
     pub job: i64,
+    /// Where the job builds its tables (`ledgerline_rebuild_<uuid>`).
+    pub schema: String,
     pub name: String,
     pub position: i64,
     pub target: i64,
     pub started_at: DateTime<Utc>,
+    /// When the job last recorded a batch of this projection (when it started, before the
+    /// first). It stands still while a live job builds indexes at the end, too.
+    pub updated_at: DateTime<Utc>,
+    /// Whether a session holds the rebuild lock now. The job's row says `running` until it
+    /// is swapped in or abandoned, also after its process was killed or stopped by an
+    /// error; only the lock, which PostgreSQL frees when the session ends, tells a job at
+    /// work from one that waits to be resumed.
+    pub held: bool,
 }
 
-/// The running job, if any, with each of its projections' positions.
+/// The unfinished job, if any, with each of its projections' positions.
 pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, RunError> {
-    let rows: Vec<(i64, String, i64, i64, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT r.id, p.name, p.position, r.target_position, r.started_at \
+    // pg_locks shows a bigint advisory key as its high half in `classid`, its low half in
+    // `objid`, with `objsubid` 1. Reading it takes no lock, so a status or a scrape never
+    // gets in the way of a run starting at that moment (a `pg_try_advisory_lock` would).
+    Ok(sqlx::query_as(
+        "SELECT r.id AS job, r.shadow_schema AS schema, p.name, p.position, \
+         r.target_position AS target, r.started_at, p.updated_at, \
+         EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
+         AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1 \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
+         AS held \
          FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
          WHERE r.status = 'running' ORDER BY p.name",
     )
+    .bind((REBUILD_LOCK as u64 >> 32) as i64)
+    .bind((REBUILD_LOCK as u64 & 0xffff_ffff) as i64)
     .fetch_all(pool)
-    .await?;
-    Ok(rows
-        .into_iter()
-        .map(
-            |(job, name, position, target, started_at)| RebuildProgress {
-                job,
-                name,
-                position,
-                target,
-                started_at,
-            },
-        )
-        .collect())
+    .await?)
 }
 
 /// The projections named (all if `None`), resolved, sorted by name and deduplicated.
