@@ -608,20 +608,18 @@ async fn a_rebuild_while_commands_arrive_loses_nothing_and_never_goes_back() {
     assert_eq!(r.status, 201, "{}", r.body);
     let conversation = format!("{conversations}/{}", r.body["id"].as_str().unwrap());
     let stop = Arc::new(AtomicBool::new(false));
+    // What both tasks use: the app, the member's key and the conversation's path.
+    let busy = Arc::new((Arc::clone(&t), key.clone(), conversation.clone()));
     let writer = {
-        let (t, stop, key, conversation) = (
-            Arc::clone(&t),
-            Arc::clone(&stop),
-            key.clone(),
-            conversation.clone(),
-        );
+        let (busy, stop) = (Arc::clone(&busy), Arc::clone(&stop));
         tokio::spawn(async move {
+            let (t, key, conversation) = &*busy;
             let mut posted = 0i64;
             while !stop.load(Ordering::Relaxed) {
                 let r = t
                     .post(
                         &format!("{conversation}/messages"),
-                        &key,
+                        key,
                         json!({"content": format!("busy {posted}")}),
                     )
                     .await;
@@ -632,16 +630,12 @@ async fn a_rebuild_while_commands_arrive_loses_nothing_and_never_goes_back() {
         })
     };
     let reader = {
-        let (t, stop, key, conversation) = (
-            Arc::clone(&t),
-            Arc::clone(&stop),
-            key.clone(),
-            conversation.clone(),
-        );
+        let (busy, stop) = (Arc::clone(&busy), Arc::clone(&stop));
         tokio::spawn(async move {
+            let (t, key, conversation) = &*busy;
             let (mut reads, mut seen) = (0, 0);
             while !stop.load(Ordering::Relaxed) {
-                let r = t.get(&conversation, &key).await;
+                let r = t.get(conversation, key).await;
                 assert_eq!(r.status, 200, "a read during the rebuild: {}", r.body);
                 let count = r.body["message_count"].as_i64().unwrap();
                 assert!(count >= seen, "the count went back from {seen} to {count}");

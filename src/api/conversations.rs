@@ -416,6 +416,19 @@ async fn command(
     make: impl FnOnce(ConversationActor) -> ConversationCommand,
 ) -> ApiResult<axum::Json<ConversationView>> {
     let access = access(app, caller, org, id, Permission::ConversationsWrite).await?;
+    command_as(app, caller, org, id, access, make).await
+}
+
+/// [`command`] with the caller's access already read, for handlers that check it before
+/// anything else.
+async fn command_as(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    id: Uuid,
+    access: Access,
+    make: impl FnOnce(ConversationActor) -> ConversationCommand,
+) -> ApiResult<axum::Json<ConversationView>> {
     let command = make(access.actor);
     app.execute(
         &app.cqrs.conversations,
@@ -496,23 +509,15 @@ pub async fn add_participant(
     // Access first: a conversation the caller cannot see is a 404 whatever the body says.
     let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     require_active_members(&app, org, &[body.user_id]).await?;
-    let command = ConversationCommand::AddParticipant {
-        user_id: body.user_id,
-        role: body.role,
-        actor: access.actor,
-    };
-    app.execute(
-        &app.cqrs.conversations,
-        id,
-        Some(org),
-        &caller.actor,
-        command,
-    )
+    let view = command_as(&app, &caller, org, id, access, |actor| {
+        ConversationCommand::AddParticipant {
+            user_id: body.user_id,
+            role: body.role,
+            actor,
+        }
+    })
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(view(&app, &caller, org, id).await?),
-    ))
+    Ok((StatusCode::CREATED, view))
 }
 
 /// Removes a participant; removing oneself is leaving.
