@@ -305,6 +305,17 @@ fn render_process(out: &mut String) {
         "Batches a projection's multi-row path handed to its one-event-at-a-time path",
     );
     sample(out, name, &[], ledgerline_projections::bulk_fallbacks());
+    let name = "ledgerline_projection_batch_errors_total";
+    family(
+        out,
+        name,
+        "counter",
+        "Live batches of this process that failed for a reason that says nothing about the \
+         event (connection, deadlock, disk full, timeout) and are retried at the next poll",
+    );
+    for (projection, n) in ledgerline_projections::batch_errors() {
+        sample(out, name, &[("projection", projection)], n);
+    }
 }
 
 fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {

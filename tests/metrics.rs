@@ -413,6 +413,61 @@ async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// A batch that fails for a reason that says nothing about its event (here the disk is
+/// full, as a trigger claims) is retried, not recorded as the projection's failure: it
+/// shows as a counter and as lag while it lasts, and the projection goes on once it ends.
+#[tokio::test]
+async fn a_batch_that_fails_for_a_passing_reason_is_counted_and_retried() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Full Disk Co").await;
+    let errors = |m: &Metrics| m.projection("ledgerline_projection_batch_errors_total", "users");
+    let before = errors(&scrape(&t).await);
+    for statement in [
+        "CREATE FUNCTION disk_full() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN RAISE EXCEPTION 'no space left' USING ERRCODE = 'disk_full'; END $$",
+        "CREATE TRIGGER disk_full BEFORE INSERT ON users \
+         FOR EACH ROW EXECUTE FUNCTION disk_full()",
+    ] {
+        sqlx::query(statement).execute(t.pool()).await.unwrap();
+    }
+    // Its answer waits for the users read model in vain (and then finds no such user):
+    // what matters here is that the invitation is in the ledger.
+    let head = t.head().await;
+    let users = format!("/v1/organizations/{org}/users");
+    let invite = t.post(
+        &users,
+        &t.admin_key,
+        json!({"email": "ada@example.com", "full_name": "Ada"}),
+    );
+    let (_, m) = tokio::join!(invite, async {
+        assert!(eventually(Duration::from_secs(30), || async { t.head().await > head }).await);
+        // The poll retries it every second: at least two failed batches.
+        scrape_until(&t, "the users batch failing twice", |m| {
+            errors(m) >= before + 2.0
+        })
+        .await
+    });
+    assert!(m.projection("ledgerline_projection_lag_events", "users") >= 1.0);
+    assert_eq!(m.projection("ledgerline_projection_failed", "users"), 0.0);
+    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "not a failure of the event: {}", r.body);
+
+    sqlx::query("DROP TRIGGER disk_full ON users")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    scrape_until(&t, "users caught up once the disk has room", |m| {
+        m.projection("ledgerline_projection_lag_events", "users") == 0.0
+    })
+    .await;
+    let (users,): (i64,) = sqlx::query_as("SELECT count(*) FROM users WHERE organization_id = $1")
+        .bind(org)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(users, 1);
+}
+
 #[tokio::test]
 async fn an_unfinished_rebuild_shows_its_progress_its_age_and_that_nothing_runs_it() {
     let t = TestApp::spawn().await;

@@ -55,6 +55,28 @@ pub(crate) fn note_bulk_fallback(projection: &str, error: &dyn std::fmt::Display
     tracing::debug!(projection, %error, "multi-row batch applied one event at a time instead");
 }
 
+static BATCH_ERRORS: [std::sync::atomic::AtomicU64; Projection::ALL.len()] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; Projection::ALL.len()];
+
+/// How many of each projection's live batches, since the process started, failed for a
+/// reason that says nothing about the event (a lost connection, a deadlock, a full disk, a
+/// statement timeout) and were left to the next poll rather than recorded as the
+/// projection's failure. Such a cause may last (a full disk does): this, the log's warnings
+/// and the lag are where it shows, not `projection_failures` or `/readyz`.
+pub fn batch_errors() -> Vec<(&'static str, u64)> {
+    Projection::ALL
+        .iter()
+        .map(|p| {
+            let n = BATCH_ERRORS[p.index()].load(std::sync::atomic::Ordering::Relaxed);
+            (p.name(), n)
+        })
+        .collect()
+}
+
+pub(crate) fn note_batch_error(projection: Projection) {
+    BATCH_ERRORS[projection.index()].fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// One row of the ledger's `events` table, as projections and verifiers read it.
 /// `payload` and `metadata` are the exact JSON text stored (and hashed).
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]

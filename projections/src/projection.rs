@@ -88,11 +88,15 @@ impl Projection {
 
     /// This projection's bit in a mask of projections (its index in [`Projection::ALL`]).
     pub(crate) fn bit(self) -> u8 {
-        let index = Projection::ALL
+        1 << self.index()
+    }
+
+    /// Its place in [`Projection::ALL`].
+    pub(crate) fn index(self) -> usize {
+        Projection::ALL
             .iter()
             .position(|p| *p == self)
-            .expect("every projection is in ALL");
-        1 << index
+            .expect("every projection is in ALL")
     }
 
     pub fn from_name(name: &str) -> Option<Projection> {

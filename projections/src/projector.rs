@@ -420,6 +420,7 @@ async fn batch(
         Err(RunError::NotLeaseHolder(_)) => Step::LeaseLost,
         Err(e) => {
             let name = projection.name();
+            crate::note_batch_error(projection);
             tracing::warn!(projection = name, error = %e, "projection batch failed; will retry");
             Step::Wait
         }

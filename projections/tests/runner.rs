@@ -199,7 +199,8 @@ async fn retry_resumes_at_the_failed_event_once_its_cause_is_fixed() {
     let mut ledger = Ledger::new(&db.pool);
     let org = Uuid::new_v4();
     let users: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
-    // A fault outside the event (here a trigger, in life a bad migration or a full disk)
+    // A fault outside the event (here a trigger, in life a bad migration, say; a full disk is
+    // retried instead, see tests/metrics.rs)
     // makes the read model refuse the second invitation.
     sqlx::raw_sql(&format!(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
