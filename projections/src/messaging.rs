@@ -408,15 +408,15 @@ async fn apply_message_event(
             let result = sqlx::query(
                 "WITH message AS ( \
                      UPDATE messages SET version = $3 WHERE id = $1 AND conversation_id = $2 \
-                     RETURNING position \
+                     RETURNING position, organization_id \
                  ), mark AS ( \
                      UPDATE conversation_participants p SET last_read_message_id = $1, \
                      last_read_position = message.position, last_read_at = $5 FROM message \
                      WHERE p.conversation_id = $2 AND p.user_id = $4 \
                      AND p.last_read_position < message.position \
                  ) \
-                 INSERT INTO message_reads (message_id, user_id, conversation_id, read_at) \
-                 SELECT $1, $4, $2, $5 FROM message",
+                 INSERT INTO message_reads (message_id, user_id, conversation_id, read_at, \
+                 organization_id) SELECT $1, $4, $2, $5, organization_id FROM message",
             )
             .bind(id)
             .bind(conversation_id)

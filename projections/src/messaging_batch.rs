@@ -490,9 +490,9 @@ async fn mark_read(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
              WHERE p.conversation_id = f.conversation_id AND p.user_id = f.user_id \
              AND p.last_read_position < f.position \
          ) \
-         INSERT INTO message_reads (message_id, user_id, conversation_id, read_at) \
-         SELECT t.message_id, t.user_id, t.conversation_id, t.at \
-         FROM t JOIN m ON m.id = t.message_id",
+         INSERT INTO message_reads (message_id, user_id, conversation_id, read_at, \
+         organization_id) SELECT t.message_id, t.user_id, t.conversation_id, t.at, \
+         m.organization_id FROM t JOIN m ON m.id = t.message_id",
     )
     .await
 }

@@ -90,8 +90,9 @@ async fn set_permissions(
         .await?;
     let names: Vec<&str> = spec.permissions.iter().map(|p| p.as_str()).collect();
     sqlx::query(
-        "INSERT INTO role_permissions (role_id, permission) \
-         SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING",
+        "INSERT INTO role_permissions (role_id, permission, organization_id) \
+         SELECT $1, unnest($2::text[]), organization_id FROM roles WHERE id = $1 \
+         ON CONFLICT DO NOTHING",
     )
     .bind(role_id)
     .bind(names)

@@ -565,19 +565,20 @@ async fn read_marks_only_move_forward_and_skip_users_who_left() {
         .await
         .iter()
         .all(|p| p.user_id != carol));
-    let reads: Vec<(Uuid, Uuid, Uuid, Ts)> = sqlx::query_as(
-        "SELECT message_id, user_id, conversation_id, read_at FROM message_reads \
-         ORDER BY read_at",
+    let reads: Vec<(Uuid, Uuid, Uuid, Ts, Uuid)> = sqlx::query_as(
+        "SELECT message_id, user_id, conversation_id, read_at, organization_id \
+         FROM message_reads ORDER BY read_at",
     )
     .fetch_all(chat.pool())
     .await
     .unwrap();
+    let org = chat.org;
     assert_eq!(
         reads,
         vec![
-            (second, bob, c, recorded_at(later_read)),
-            (first, bob, c, recorded_at(earlier_read)),
-            (third, carol, c, recorded_at(after_leaving)),
+            (second, bob, c, recorded_at(later_read), org),
+            (first, bob, c, recorded_at(earlier_read), org),
+            (third, carol, c, recorded_at(after_leaving), org),
         ],
         "every receipt is kept"
     );

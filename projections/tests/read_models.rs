@@ -53,6 +53,37 @@ async fn the_permission_catalogue_matches_the_domain() {
     assert_eq!(rows, expected);
 }
 
+/// The log partitioned by organization (docs/scaling.md) needs every table it distributes
+/// to name its tenant. Only platform rows (platform keys, platform events' audit rows) have
+/// none; `organizations` is keyed by the tenant itself.
+#[tokio::test]
+async fn every_read_model_table_names_its_tenant() {
+    let db = TestDb::new().await;
+    for projection in Projection::ALL {
+        for &table in projection.tables() {
+            if table == "organizations" {
+                continue;
+            }
+            let nullable: Option<String> = sqlx::query_scalar(
+                "SELECT is_nullable::text FROM information_schema.columns \
+                 WHERE table_schema = 'public' AND table_name = $1 \
+                 AND column_name = 'organization_id'",
+            )
+            .bind(table)
+            .fetch_optional(&db.pool)
+            .await
+            .unwrap();
+            let platform_rows = ["api_keys", "audit_events"].contains(&table);
+            let expected = if platform_rows { "YES" } else { "NO" };
+            assert_eq!(
+                nullable.as_deref(),
+                Some(expected),
+                "{table}.organization_id"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn organizations_are_created_updated_suspended_and_reactivated() {
     let db = TestDb::new().await;
@@ -321,6 +352,16 @@ async fn roles_are_created_updated_and_deleted_with_their_own_permissions() {
     assert_eq!(
         role_permissions(&db.pool, parent).await,
         ["users:read", "users:write"]
+    );
+    let tenants: Vec<Uuid> =
+        sqlx::query_scalar("SELECT DISTINCT organization_id FROM role_permissions")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        tenants,
+        [org],
+        "each permission row names the role's tenant"
     );
 
     ledger

@@ -40,6 +40,15 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new() -> Self {
+        let db = Self::unmigrated().await;
+        ledgerline::db::migrate(&db.pool)
+            .await
+            .expect("migrations apply");
+        db
+    }
+
+    /// A fresh database with no migration applied.
+    pub async fn unmigrated() -> Self {
         let name = format!("ll_test_{}", Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&admin_url())
             .await
@@ -55,9 +64,6 @@ impl TestDb {
             .connect(&url)
             .await
             .expect("connect test database");
-        ledgerline::db::migrate(&pool)
-            .await
-            .expect("migrations apply");
         Self { name, url, pool }
     }
 }
