@@ -304,10 +304,17 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
     // Applied by a newer binary: this one does not know it.
     let (code, _, err) = ledgerline(&db.url, &["migrate"]).await;
     assert_eq!(code, 0, "{err}");
+    let newer = ledgerline::db::MIGRATOR
+        .iter()
+        .map(|m| m.version)
+        .max()
+        .unwrap()
+        + 1;
     sqlx::query(
         "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
-         VALUES (8, 'from a newer release', true, '\\x00', 0)",
+         VALUES ($1, 'from a newer release', true, '\\x00', 0)",
     )
+    .bind(newer)
     .execute(&db.pool)
     .await
     .unwrap();
@@ -316,7 +323,8 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
         let (code, out, err) = ledgerline(&db.url, args).await;
         assert_eq!(code, 2, "{args:?}: {out}{err}");
         assert!(
-            err.contains("unknown to this binary") && err.contains("8 (from a newer release)"),
+            err.contains("unknown to this binary")
+                && err.contains(&format!("{newer} (from a newer release)")),
             "{args:?}: {err}"
         );
         assert_eq!(
@@ -327,7 +335,8 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
     }
 
     // The same database as this binary migrates it: checked as usual.
-    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 8")
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
+        .bind(newer)
         .execute(&db.pool)
         .await
         .unwrap();
