@@ -561,6 +561,51 @@ async fn inserted_forgery_with_valid_hash_breaks_the_next_event() {
     );
 }
 
+/// With the table's constraints dropped, a superuser can put a row where no range of the
+/// chain reads it: at position 0, below, or at none. The application loads an aggregate's
+/// events by sequence, not position, so it would replay the row all the same; verify must
+/// not call such a log intact.
+#[tokio::test]
+async fn rows_outside_the_chain_are_found() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let last = event_at(t.pool(), log.n).await;
+    let mut tx = superuser_tx(t.pool()).await;
+    sqlx::query("ALTER TABLE events DROP CONSTRAINT events_position_check")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    insert_event(&mut tx, &forged_event(0, &last)).await;
+    tx.commit().await.unwrap();
+    let report = t.verify().await;
+    assert_first_bad(&report, 0, Fault::OutsideTheChain { rows: 1 });
+    assert_eq!(
+        (report.head_position, report.head_hash.to_vec()),
+        (log.n, last.hash.clone()),
+        "the chain itself is whole"
+    );
+
+    let mut tx = superuser_tx(t.pool()).await;
+    sqlx::query("ALTER TABLE events ALTER COLUMN position DROP NOT NULL")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    insert_event(&mut tx, &forged_event(-5, &last)).await;
+    sqlx::query(
+        "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash) \
+         SELECT NULL, aggregate_type, aggregate_id, sequence + 1000, event_type, \
+         event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash \
+         FROM events WHERE position = $1",
+    )
+    .bind(log.n)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_first_bad(&t.verify().await, -5, Fault::OutsideTheChain { rows: 3 });
+}
+
 fn rand_hash() -> Vec<u8> {
     let mut h = Uuid::new_v4().as_bytes().to_vec();
     h.extend_from_slice(Uuid::new_v4().as_bytes());

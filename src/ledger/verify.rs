@@ -23,6 +23,11 @@ pub enum Fault {
     LinkBroken,
     /// No event holds this position: an event was deleted (or positions were renumbered).
     Missing,
+    /// `rows` rows hold no position in the chain (none, or one below 1: possible only with
+    /// the table's constraints dropped), so no range reads them; the application loads an
+    /// aggregate's events by sequence, not position, and would replay them all the same.
+    /// Reported at the lowest such position, 0 when all are NULL.
+    OutsideTheChain { rows: i64 },
 }
 
 impl std::fmt::Display for Fault {
@@ -39,6 +44,10 @@ impl std::fmt::Display for Fault {
                 f.write_str("link broken: prev_hash is not the hash of the event before")
             }
             Fault::Missing => f.write_str("position gap: no event holds this position (deleted?)"),
+            Fault::OutsideTheChain { rows } => write!(
+                f,
+                "inserted outside the chain: {rows} row(s) with no position or one below 1"
+            ),
         }
     }
 }
@@ -145,7 +154,27 @@ pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sq
             }
         }
     }
-    Ok(join(segments, started.elapsed()))
+    let mut report = join(segments, started.elapsed());
+    // Such rows come before position 1, so they are the first fault.
+    if let Some(outside) = outside_the_chain(pool).await? {
+        report.first_bad = Some(outside);
+    }
+    Ok(report)
+}
+
+/// Rows that no range reads: a NULL position or one below 1 (both index look-ups).
+async fn outside_the_chain(pool: &PgPool) -> Result<Option<BadEvent>, sqlx::Error> {
+    let (rows, lowest): (i64, Option<i64>) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events WHERE position IS NULL) \
+                + (SELECT count(*) FROM events WHERE position < 1), \
+                (SELECT min(position) FROM events WHERE position < 1)",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((rows > 0).then(|| BadEvent {
+        position: lowest.unwrap_or(0),
+        fault: Fault::OutsideTheChain { rows },
+    }))
 }
 
 /// Checks one range on a task of its own.
