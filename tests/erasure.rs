@@ -404,3 +404,87 @@ async fn erased_user_accepts_no_further_commands() {
         .await;
     assert_mentions_none("the erased user", &r.body);
 }
+
+async fn has_key(t: &TestApp, user: Uuid) -> bool {
+    sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM subject_keys WHERE subject_id = $1)")
+        .bind(user)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+/// While the users projection cannot apply the erasure (held here by a lock; in life
+/// stopped at a failure or behind), the handler's own destruction of the key is what makes
+/// the data unreadable: the answer never shows it, and an erasure whose handler stopped
+/// before that step (a lost answer, a crash) is finished by a retry, though the retry is
+/// refused as "already erased".
+#[tokio::test]
+async fn erasure_destroys_the_key_even_while_the_projection_cannot() {
+    let s = prepare().await;
+    let t = &s.t;
+    let other = t.invite(s.org, "ganon@hyrule.example", "Ganon Dorf").await;
+    let mut hold = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN SHARE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+
+    let r = t
+        .call(
+            Method::POST,
+            &org_path(s.org, &format!("/users/{}/erase", s.zelda)),
+            Some(&s.owner_key),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(mentions(&r.body.to_string()).is_empty(), "{}", r.body);
+    assert!(!has_key(t, s.zelda).await);
+
+    // An erasure appended with no handler to destroy the key, as one cut off before it.
+    let erasing = {
+        let app = t.app.clone();
+        tokio::spawn(async move {
+            app.execute(
+                &app.cqrs.users,
+                other,
+                Some(s.org),
+                &ledgerline::app::Actor::cli("test"),
+                ledgerline_aggregates::user::UserCommand::Erase,
+            )
+            .await
+        })
+    };
+    let erased = || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_id = $1 \
+             AND event_type = 'UserErased')",
+        )
+        .bind(other.to_string())
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+    };
+    assert!(common::eventually(std::time::Duration::from_secs(30), erased).await);
+    assert!(has_key(t, other).await, "the projection has not run");
+    let user = org_path(s.org, &format!("/users/{other}"));
+    let r = t
+        .call(
+            Method::POST,
+            &format!("{user}/erase"),
+            Some(&s.owner_key),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 409, "{}", r.body);
+    assert!(!has_key(t, other).await, "the retry destroyed the key");
+    let r = t.get(&user, &s.owner_key).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (&r.body["email"], &r.body["full_name"]),
+        (&json!(null), &json!(null))
+    );
+
+    hold.rollback().await.unwrap();
+    erasing.await.unwrap().unwrap();
+}

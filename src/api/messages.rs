@@ -586,30 +586,46 @@ pub async fn delete(
     )
     .await?;
     find(&app, conversation, message).await?;
-    run(
-        &app,
-        &caller,
-        Target {
-            org,
-            conversation,
-            message,
-        },
-        Permission::ConversationsWrite,
-        None,
-        first,
-        |access| {
-            Ok(MessageCommand::Delete {
-                conversation: access.facts(),
-                actor: match access.user_id() {
-                    Some(u) => MessageActor::User(u),
-                    None => MessageActor::Service,
+    // From the append to the key's end in a task of its own, so a client hanging up cannot
+    // leave a deleted message's key in place.
+    let task = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let target = Target {
+                org,
+                conversation,
+                message,
+            };
+            let outcome = run(
+                &app,
+                &caller,
+                target,
+                Permission::ConversationsWrite,
+                None,
+                first,
+                |access| {
+                    Ok(MessageCommand::Delete {
+                        conversation: access.facts(),
+                        actor: match access.user_id() {
+                            Some(u) => MessageActor::User(u),
+                            None => MessageActor::Service,
+                        },
+                    })
                 },
-            })
-        },
-    )
-    .await?;
-    // Also here, so the content is gone even while the projection is behind or failed.
-    app.vault.destroy_message_key(&app.pool, message).await?;
+            )
+            .await;
+            // Also here, so the content is gone even while the projection is behind or
+            // stopped; and whenever the ledger holds the deletion, so that a retry ("already
+            // deleted") finishes a deletion whose answer was lost or whose handler stopped.
+            if outcome.is_ok()
+                || super::recorded(&app, Message::TYPE, message, "MessageDeleted").await?
+            {
+                app.vault.destroy_message_key(&app.pool, message).await?;
+            }
+            outcome
+        })
+    };
+    task.await.map_err(ApiError::internal)??;
     Ok(StatusCode::NO_CONTENT)
 }
 

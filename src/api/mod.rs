@@ -560,6 +560,25 @@ pub(crate) async fn created(
     Ok(found.is_some())
 }
 
+/// Whether the ledger holds an event of `event_type` for aggregate `id`: after a command
+/// whose answer was an error, whether its effect (or an earlier one's) stands anyway.
+pub(crate) async fn recorded(
+    app: &App,
+    aggregate_type: &str,
+    id: Uuid,
+    event_type: &str,
+) -> ApiResult<bool> {
+    Ok(sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
+         AND event_type = $3)",
+    )
+    .bind(aggregate_type)
+    .bind(id.to_string())
+    .bind(event_type)
+    .fetch_one(&app.pool)
+    .await?)
+}
+
 /// For PATCH fields where absent means "leave it" and `null` means "clear it".
 pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,

@@ -274,16 +274,32 @@ pub async fn erase(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<axum::Json<UserView>> {
-    let view = simple(
-        &app,
-        &caller,
-        org,
-        user,
-        Permission::UsersErase,
-        UserCommand::Erase,
-    )
-    .await?;
-    // Also here, so the key is gone even while the users projection is behind or failed.
-    app.vault.destroy_key(&app.pool, user).await?;
-    Ok(view)
+    caller.require_in(org, Permission::UsersErase)?;
+    find(&app, org, user).await?;
+    // From the append to the key's end in a task of its own, so a client hanging up cannot
+    // leave an erased user's key in place.
+    let task = {
+        let app = app.clone();
+        tokio::spawn(async move {
+            let outcome = app
+                .execute(
+                    &app.cqrs.users,
+                    user,
+                    Some(org),
+                    &caller.actor,
+                    UserCommand::Erase,
+                )
+                .await;
+            // Also here, so the key is gone even while the users projection is behind or
+            // stopped; and whenever the ledger holds the erasure, so that a retry ("already
+            // erased") finishes an erasure whose answer was lost or whose handler stopped.
+            if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
+                app.vault.destroy_key(&app.pool, user).await?;
+            }
+            outcome.map_err(ApiError::from)
+        })
+    };
+    task.await.map_err(ApiError::internal)??;
+    // Read after the key is gone: the answer never shows what was erased.
+    Ok(axum::Json(find(&app, org, user).await?))
 }
