@@ -302,6 +302,14 @@ async fn an_export_of_a_later_range_verifies_with_its_frontier_against_a_checkpo
             let note = checkpoint(&signer, &hashes, size);
             let report = verify_file(&f.0, Some((&note, &key)), 2).unwrap();
             assert!(report.matches_checkpoint(), "size {size}: {report}");
+            // What lies past the checkpoint is said to be unsigned, and only that.
+            let past = (size < head as usize).then(|| size as i64 + 1);
+            assert_eq!(report.unsigned_from(), past, "size {size}");
+            assert_eq!(
+                report.to_string().contains("no signature vouches for them"),
+                past.is_some(),
+                "size {size}: {report}"
+            );
             let leaves: Vec<Digest> = hashes[..size].iter().map(|h| Blake3::leaf(h)).collect();
             assert_eq!(report.root, Some(merkle::root::<Blake3>(&leaves)));
         }

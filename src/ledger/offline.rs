@@ -139,6 +139,12 @@ impl OfflineReport {
     pub fn matches_checkpoint(&self) -> bool {
         self.intact() && self.checkpoint.is_some()
     }
+    /// The first position past the checkpoint's size, when the export goes on beyond it:
+    /// those events only chain to the signed prefix, and anyone can make a chain.
+    pub fn unsigned_from(&self) -> Option<i64> {
+        let size = i64::try_from(self.checkpoint.as_ref()?.tree_size).ok()?;
+        (self.head_position > size).then_some(size + 1)
+    }
 }
 
 impl std::fmt::Display for OfflineReport {
@@ -168,6 +174,15 @@ impl std::fmt::Display for OfflineReport {
                         cp.tree_size,
                         hex::encode(cp.root)
                     )?;
+                    if let Some(first) = self.unsigned_from() {
+                        write!(
+                            f,
+                            "; positions {first} to {} are past it: they extend the signed \
+                             prefix, but no signature vouches for them (check them against \
+                             a later checkpoint)",
+                            self.head_position
+                        )?;
+                    }
                 }
                 Ok(())
             }
