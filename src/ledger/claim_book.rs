@@ -8,11 +8,14 @@ use sqlx::PgConnection;
 
 use super::writer::Prepared;
 
+/// A claim's (scope, key).
+type Key = (&'static str, String);
+
 /// The unique claims a batch touches: loaded once, decided in memory, saved once.
 pub(super) struct ClaimBook {
     /// (scope, key) → owner, as stored before the batch.
-    initial: HashMap<(&'static str, String), String>,
-    current: HashMap<(&'static str, String), String>,
+    initial: HashMap<Key, String>,
+    current: HashMap<Key, String>,
 }
 
 impl ClaimBook {
@@ -71,12 +74,27 @@ impl ClaimBook {
         Ok(())
     }
 
-    pub(super) async fn save(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
-        let released: Vec<&(&'static str, String)> = self
+    /// What the batch changed: keys to delete (released, or passed to another owner) and
+    /// (key, owner) rows to insert (claimed anew, or by the new owner). A key released and
+    /// claimed by another owner within the batch is in both: compared by key alone, it
+    /// would keep its old owner in the table, and both owners could claim it again later.
+    fn changes(&self) -> (Vec<&Key>, Vec<(&Key, &String)>) {
+        let released = self
             .initial
-            .keys()
-            .filter(|k| !self.current.contains_key(*k))
+            .iter()
+            .filter(|(k, owner)| self.current.get(*k) != Some(*owner))
+            .map(|(k, _)| k)
             .collect();
+        let added = self
+            .current
+            .iter()
+            .filter(|(k, owner)| self.initial.get(*k) != Some(*owner))
+            .collect();
+        (released, added)
+    }
+
+    pub(super) async fn save(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+        let (released, added) = self.changes();
         if !released.is_empty() {
             let scopes: Vec<&str> = released.iter().map(|(s, _)| *s).collect();
             let keys: Vec<&str> = released.iter().map(|(_, k)| k.as_str()).collect();
@@ -89,11 +107,6 @@ impl ClaimBook {
             .execute(&mut *conn)
             .await?;
         }
-        let added: Vec<(&(&'static str, String), &String)> = self
-            .current
-            .iter()
-            .filter(|(k, _)| !self.initial.contains_key(*k))
-            .collect();
         if !added.is_empty() {
             let scopes: Vec<&str> = added.iter().map(|((s, _), _)| *s).collect();
             let keys: Vec<&str> = added.iter().map(|((_, k), _)| k.as_str()).collect();
@@ -109,5 +122,77 @@ impl ClaimBook {
             .await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use ledgerline_aggregates::ClaimOp;
+
+    use super::ClaimBook;
+
+    fn book(initial: &[(&'static str, &str, &str)]) -> ClaimBook {
+        let initial: HashMap<_, _> = initial
+            .iter()
+            .map(|(s, k, o)| ((*s, k.to_string()), o.to_string()))
+            .collect();
+        ClaimBook {
+            current: initial.clone(),
+            initial,
+        }
+    }
+
+    fn claim(key: &str) -> ClaimOp {
+        ClaimOp::Claim {
+            scope: "role_name",
+            key: key.into(),
+        }
+    }
+
+    fn release(key: &str) -> ClaimOp {
+        ClaimOp::Release {
+            scope: "role_name",
+            key: key.into(),
+        }
+    }
+
+    /// One batch: R1 renames "ops" to "ops-old", then R2 is created as "ops".
+    #[test]
+    fn a_key_passed_to_another_owner_in_one_batch_is_rewritten_for_it() {
+        let mut b = book(&[("role_name", "o:ops", "Role:r1")]);
+        b.apply(&[release("o:ops"), claim("o:ops-old")], "Role:r1")
+            .unwrap();
+        b.apply(&[claim("o:ops")], "Role:r2").unwrap();
+        let (released, added) = b.changes();
+        assert_eq!(released, [&("role_name", "o:ops".to_string())]);
+        let mut added: Vec<(&str, &str)> = added
+            .iter()
+            .map(|((_, k), o)| (k.as_str(), o.as_str()))
+            .collect();
+        added.sort_unstable();
+        assert_eq!(added, [("o:ops", "Role:r2"), ("o:ops-old", "Role:r1")]);
+    }
+
+    #[test]
+    fn unchanged_keys_are_not_written() {
+        let mut b = book(&[("role_name", "o:ops", "Role:r1")]);
+        b.apply(&[claim("o:ops")], "Role:r1").unwrap();
+        let (released, added) = b.changes();
+        assert!(released.is_empty() && added.is_empty());
+        // Released and claimed back by the same owner in one batch: nothing to write either.
+        b.apply(&[release("o:ops")], "Role:r1").unwrap();
+        b.apply(&[claim("o:ops")], "Role:r1").unwrap();
+        let (released, added) = b.changes();
+        assert!(released.is_empty() && added.is_empty());
+    }
+
+    #[test]
+    fn another_owners_key_is_refused() {
+        let mut b = book(&[("role_name", "o:ops", "Role:r1")]);
+        assert_eq!(b.apply(&[claim("o:ops")], "Role:r2"), Err("role_name"));
+        let (released, added) = b.changes();
+        assert!(released.is_empty() && added.is_empty());
     }
 }
