@@ -1123,6 +1123,52 @@ async fn key_issuance_beyond_the_issuers_permissions_is_403() {
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
+/// A user key's conversation permissions reach its user's conversations only, a service
+/// key's every conversation: a user key may not mint a key that sees more than it does.
+#[tokio::test]
+async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Scoped Keys").await;
+    let (admin, admin_key) = t
+        .member_with_key(org, "admin", "admin@scoped.example")
+        .await;
+    let other = t.invite(org, "other@scoped.example", "Other").await;
+    let before = t.head().await;
+    for body in [
+        json!({"label": "bot", "permissions": ["conversations:read"]}),
+        json!({"label": "bot", "permissions": ["users:read", "conversations:write"]}),
+        json!({"label": "as other", "permissions": ["conversations:read"], "user_id": other}),
+    ] {
+        let r = issue_key(&t, org, &admin_key, body.clone()).await;
+        assert_error(&r, 403);
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("conversation permissions"),
+            "{body}: {message}"
+        );
+    }
+    assert_eq!(t.head().await, before);
+    // The controls: its own user's key, a service key without conversations, and the
+    // platform operator's service key with them.
+    for (issuer, body) in [
+        (
+            &admin_key,
+            json!({"label": "mine", "permissions": ["conversations:read"], "user_id": admin}),
+        ),
+        (
+            &admin_key,
+            json!({"label": "directory", "permissions": ["users:read"]}),
+        ),
+        (
+            &t.admin_key,
+            json!({"label": "bot", "permissions": ["conversations:read"]}),
+        ),
+    ] {
+        let r = issue_key(&t, org, issuer, body).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+}
+
 #[tokio::test]
 async fn admin_key_cannot_issue_a_key_with_owner_only_permissions() {
     let t = TestApp::spawn().await;

@@ -71,6 +71,7 @@ pub async fn issue(
 ) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::find(&app, org).await?;
+    require_conversation_scope(&caller, &body)?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
@@ -110,6 +111,29 @@ pub async fn issue(
             secret: secret.secret,
         }),
     ))
+}
+
+/// A key's conversation permissions reach every conversation of the organization for a
+/// service key, and only its user's for a user key. Comparing permission names alone, a
+/// user key holding `keys:write` could mint a service key (or a key as another user) and
+/// read conversations its own user takes no part in: refused.
+fn require_conversation_scope(caller: &Caller, body: &IssueKey) -> ApiResult<()> {
+    let Some(issuer) = caller.user_id else {
+        return Ok(());
+    };
+    let chats = body.permissions.iter().any(|p| {
+        matches!(
+            p,
+            Permission::ConversationsRead | Permission::ConversationsWrite
+        )
+    });
+    if chats && body.user_id != Some(issuer) {
+        return Err(ApiError::forbidden(
+            "a user key may give conversation permissions only to a key of its own user: \
+             a service key, or another user's key, would see conversations this user does not",
+        ));
+    }
+    Ok(())
 }
 
 pub async fn list(
