@@ -1150,6 +1150,7 @@ async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
     assert_eq!(t.head().await, before);
     // The controls: its own user's key, a service key without conversations, and the
     // platform operator's service key with them.
+    let mut issued = Vec::new();
     for (issuer, body) in [
         (
             &admin_key,
@@ -1166,7 +1167,29 @@ async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
     ] {
         let r = issue_key(&t, org, issuer, body).await;
         assert_eq!(r.status, 201, "{}", r.body);
+        issued.push(r.body["id"].as_str().unwrap().to_string());
     }
+
+    // Rotating is holding: a fresh secret of the service key, or of another user's key,
+    // would be the same reach. Its own user's key it may rotate.
+    let r = issue_key(
+        &t,
+        org,
+        &t.admin_key,
+        json!({"label": "theirs", "permissions": ["conversations:read"], "user_id": other}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let theirs = r.body["id"].as_str().unwrap().to_string();
+    let rotate = |id: &str| org_path(org, &format!("/api-keys/{id}/rotate"));
+    let before = t.head().await;
+    for id in [&issued[2], &theirs] {
+        let r = t.post(&rotate(id), &admin_key, json!({})).await;
+        assert_error(&r, 403);
+    }
+    assert_eq!(t.head().await, before);
+    let r = t.post(&rotate(&issued[0]), &admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[tokio::test]

@@ -71,7 +71,7 @@ pub async fn issue(
 ) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::find(&app, org).await?;
-    require_conversation_scope(&caller, &body)?;
+    require_conversation_scope(&caller, &body.permissions, body.user_id)?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
@@ -115,19 +115,23 @@ pub async fn issue(
 
 /// A key's conversation permissions reach every conversation of the organization for a
 /// service key, and only its user's for a user key. Comparing permission names alone, a
-/// user key holding `keys:write` could mint a service key (or a key as another user) and
-/// read conversations its own user takes no part in: refused.
-fn require_conversation_scope(caller: &Caller, body: &IssueKey) -> ApiResult<()> {
+/// user key holding `keys:write` could mint (or rotate, and so hold) a service key or a key
+/// of another user, and read conversations its own user takes no part in: refused.
+fn require_conversation_scope(
+    caller: &Caller,
+    permissions: &PermissionSet,
+    key_user: Option<Uuid>,
+) -> ApiResult<()> {
     let Some(issuer) = caller.user_id else {
         return Ok(());
     };
-    let chats = body.permissions.iter().any(|p| {
+    let chats = permissions.iter().any(|p| {
         matches!(
             p,
             Permission::ConversationsRead | Permission::ConversationsWrite
         )
     });
-    if chats && body.user_id != Some(issuer) {
+    if chats && key_user != Some(issuer) {
         return Err(ApiError::forbidden(
             "a user key may give conversation permissions only to a key of its own user: \
              a service key, or another user's key, would see conversations this user does not",
@@ -196,6 +200,9 @@ pub async fn rotate(
             "cannot rotate a key that holds permissions this key does not",
         ));
     }
+    // Nor one that reaches further: a fresh secret of a service key, or of another user's
+    // key, would see conversations the caller's user does not.
+    require_conversation_scope(&caller, &held, current.user_id)?;
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),
