@@ -841,6 +841,24 @@ async fn roles_moderation_and_muting() {
     assert_eq!(r.status, 204);
     let r = c.t.delete(&p(c.dave.0), &c.bob.1).await;
     assert_eq!(r.status, 204);
+    // Adding someone as admin gives the admin role, which is the owner's to give: not by an
+    // admin (else removing and re-adding a member would promote them), but by the owner.
+    let add = |who: Uuid| json!({"user_id": who, "role": "admin"});
+    let head = c.t.head().await;
+    let participants = c.path(&format!("/{conv}/participants"));
+    let r = c.t.post(&participants, &c.bob.1, add(c.dave.0)).await;
+    c.refused(&r, 403, head).await;
+    let r = c.t.delete(&p(c.carol.0), &c.bob.1).await;
+    assert_eq!(r.status, 204);
+    let head = c.t.head().await;
+    let r = c.t.post(&participants, &c.bob.1, add(c.carol.0)).await;
+    c.refused(&r, 403, head).await;
+    let r = c.t.post(&participants, &c.alice.1, add(c.carol.0)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r =
+        c.t.patch(&p(c.carol.0), &c.alice.1, json!({"role": "member"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
 
     // Muting is one's own.
     let head = c.t.head().await;

@@ -88,6 +88,8 @@ pub enum ConversationError {
     OwnerCannotBeRemoved,
     #[error("only the conversation's owner may remove an admin")]
     AdminRemovesAdmin,
+    #[error("only the conversation's owner may add a participant as admin")]
+    AdminAddsAdmin,
     #[error("the participant already has the role {}", .0.as_str())]
     RoleUnchanged(ParticipantRole),
     #[error("the owner's role changes only by making another participant owner")]
@@ -122,7 +124,10 @@ impl ConversationError {
             | Self::OwnerRoleChange
             | Self::AlreadyMuted
             | Self::NotMuted => Rejection::Conflict,
-            Self::NotModerator | Self::NotOwner | Self::AdminRemovesAdmin => Rejection::Forbidden,
+            Self::NotModerator
+            | Self::NotOwner
+            | Self::AdminRemovesAdmin
+            | Self::AdminAddsAdmin => Rejection::Forbidden,
         }
     }
 }
@@ -328,13 +333,19 @@ impl Conversation {
                 actor,
             } => {
                 let (_, kind) = self.live()?;
-                self.moderator(actor)?;
+                let authority = self.moderator(actor)?;
                 self.not_archived()?;
                 if kind == ConversationKind::Direct {
                     return Err(ConversationError::DirectParticipantsFixed);
                 }
                 if role == ParticipantRole::Owner {
                     return Err(ConversationError::AddedAsOwner);
+                }
+                // Giving the admin role is the owner's (ChangeRole); adding someone as admin
+                // gives it too, and would let an admin promote anyone by removing and
+                // re-adding them.
+                if role == ParticipantRole::Admin && !authority.is_owner() {
+                    return Err(ConversationError::AdminAddsAdmin);
                 }
                 if self.participants.contains_key(&user_id) {
                     return Err(ConversationError::AlreadyParticipant(user_id));

@@ -540,6 +540,23 @@ fn add_participant_as_admin_by_a_service_key() {
 }
 
 #[test]
+fn add_participant_as_admin_by_the_owner() {
+    given(group())
+        .when(add(outsider(), Admin, user(owner())))
+        .then_expect_events(vec![Ev::ParticipantAdded {
+            user_id: outsider(),
+            role: Admin,
+        }]);
+}
+
+#[test]
+fn add_participant_as_admin_is_the_owners_right() {
+    given(group())
+        .when(add(outsider(), Admin, user(admin())))
+        .then_expect_error(E::AdminAddsAdmin);
+}
+
+#[test]
 fn add_participant_is_for_moderators_only() {
     given(group())
         .when(add(outsider(), ParticipantRole::Member, user(member())))
