@@ -19,6 +19,14 @@ use crate::notify::LEASE_CHANNEL;
 /// The default time a lease lasts without renewal.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
+/// How long a transaction that holds what other processes wait for (a lease row, the
+/// ledger's append lock) may sit idle before the server ends it. Such a transaction idles
+/// only while its process is frozen or cut off, and without a limit its locks would hold
+/// every other process back until TCP gives up on the connection (hours): no lease could
+/// change hands, no command append. Between two statements of a live process there is
+/// milliseconds of work.
+pub const STALLED_TRANSACTION_LIMIT: &str = "10s";
+
 /// Who holds leases in this process, and for how long each lasts.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LeaseConfig {

@@ -206,7 +206,8 @@ async fn stop_at(
 ///   commit atomically with their checkpoint, so a crash that loses this commit only makes
 ///   the projection apply the batch again;
 /// - checks that `holder` (if any) holds the projection's lease, and keeps it from changing
-///   hands until the batch ends (`lease::fence`);
+///   hands until the batch ends (`lease::fence`), which a frozen process could then do
+///   forever: the transaction ends if it idles past `lease::STALLED_TRANSACTION_LIMIT`;
 /// - locks the checkpoint (created at 0 if new) and reads the first recorded failure (also
 ///   locked, so that one a swap or reset is deleting meanwhile is waited for and skipped
 ///   rather than read from the statement's older snapshot).
@@ -226,7 +227,8 @@ async fn open(
         "SELECT \
          ($2::text IS NULL OR EXISTS (SELECT 1 FROM leases WHERE name = $3 AND holder = $2 \
               AND expires_at > clock_timestamp() FOR SHARE)) \
-           AND set_config('synchronous_commit', 'off', true) = 'off', \
+           AND set_config('synchronous_commit', 'off', true) = 'off' \
+           AND set_config('idle_in_transaction_session_timeout', $4, true) <> '', \
          (SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE), \
          f.position, f.error, f.failed_at \
          FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT position, error, failed_at \
@@ -236,6 +238,7 @@ async fn open(
     .bind(name)
     .bind(holder)
     .bind(format!("projection:{name}"))
+    .bind(crate::lease::STALLED_TRANSACTION_LIMIT)
     .fetch_one(&mut **tx)
     .await?;
     let checkpoint = match checkpoint {

@@ -93,10 +93,15 @@ pub async fn integrate_batch(pool: &PgPool) -> Result<(u64, Digest, usize), Tree
 async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, usize), TreeError> {
     let mut tx = pool.begin().await?;
     // The tree is derived from the log: a crash that loses this commit loses nothing that
-    // integration cannot redo, so it need not wait for its WAL flush.
-    sqlx::query("SET LOCAL synchronous_commit = off")
-        .execute(&mut *tx)
-        .await?;
+    // integration cannot redo, so it need not wait for its WAL flush. It holds the lease's
+    // row, so it must not outlive a frozen process (`lease::STALLED_TRANSACTION_LIMIT`).
+    sqlx::query(
+        "SELECT set_config('synchronous_commit', 'off', true), \
+         set_config('idle_in_transaction_session_timeout', $1, true)",
+    )
+    .bind(ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT)
+    .execute(&mut *tx)
+    .await?;
     if let Some(holder) = holder {
         if !lease::fence(&mut tx, LEASE, holder).await? {
             return Err(TreeError::NotLeaseHolder);

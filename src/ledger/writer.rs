@@ -151,6 +151,12 @@ impl Conn {
             // The conflict check is one prepared statement; a generic plan cached while the
             // table was small would scan it whole on every batch.
             c.execute("SET plan_cache_mode = force_custom_plan").await?;
+            // Its batches hold the ledger's append lock: a frozen process must not hold
+            // every other process's appends with it.
+            sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, false)")
+                .bind(ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT)
+                .execute(&mut c)
+                .await?;
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("just connected"))
