@@ -339,16 +339,19 @@ pub async fn catch_up(
     policy: CheckpointPolicy,
     force_sign: bool,
 ) -> Result<u64, TreeError> {
-    catch_up_leased(pool, signer, policy, force_sign, None).await
+    catch_up_leased(pool, signer, policy, force_sign, None, None).await
 }
 
 /// [`catch_up`] under `lease` (if any): renewed between batches, each batch fenced by it.
+/// Returns early, between batches, once `stop` says so: a graceful stop must not wait for
+/// a long backlog (a first start against a large ledger).
 async fn catch_up_leased(
     pool: &PgPool,
     signer: Option<&LogSigner>,
     policy: CheckpointPolicy,
     force_sign: bool,
     mut lease: Option<&mut Lease>,
+    stop: Option<&watch::Receiver<bool>>,
 ) -> Result<u64, TreeError> {
     loop {
         let holder = match lease.as_deref_mut() {
@@ -367,7 +370,7 @@ async fn catch_up_leased(
                 sign_checkpoint(pool, signer).await?;
             }
         }
-        if integrated < BATCH as usize {
+        if integrated < BATCH as usize || stop.is_some_and(|s| *s.borrow()) {
             return Ok(size);
         }
     }
@@ -475,7 +478,16 @@ async fn maintain(
             _ = tokio::time::sleep_until(renew_at.unwrap_or_else(std::time::Instant::now).into()), if renew_at.is_some() => continue,
             changed = stop.changed() => if changed.is_err() { break } else { continue },
         };
-        match catch_up_leased(&pool, signer.as_deref(), policy, timed_out, lease.as_mut()).await {
+        match catch_up_leased(
+            &pool,
+            signer.as_deref(),
+            policy,
+            timed_out,
+            lease.as_mut(),
+            Some(&stop),
+        )
+        .await
+        {
             Ok(_) => {}
             Err(TreeError::Tampered(position)) => {
                 tracing::error!(
