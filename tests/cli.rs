@@ -278,8 +278,8 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
         &["projections", "rebuild", "--abandon"],
     ];
 
-    // This binary's last migration undone, as on a database the new release has not
-    // migrated yet: a command that migrated would apply it here.
+    // One of this binary's migrations undone (0007: its effect is one constraint), as on a
+    // database the new release has not migrated yet: a command that migrated would apply it.
     for statement in [
         "ALTER TABLE projection_rebuilds DROP CONSTRAINT projection_rebuilds_shadow_schema_plain",
         "DELETE FROM _sqlx_migrations WHERE version = 7",
