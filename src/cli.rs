@@ -99,50 +99,42 @@ async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
         .iter()
         .filter(|m| m.migration_type.is_up_migration())
         .collect();
-    let list = |items: Vec<String>| items.join(", ");
     let mut differences = Vec::new();
-    let missing: Vec<String> = known
-        .iter()
-        .filter(|m| applied.iter().all(|(v, ..)| *v != m.version))
-        .map(|m| format!("{} ({})", m.version, m.description))
-        .collect();
-    if !missing.is_empty() {
-        differences.push(format!("not applied: {}", list(missing)));
-    }
-    let unknown: Vec<String> = applied
-        .iter()
-        .filter(|(v, ..)| known.iter().all(|m| m.version != *v))
-        .map(|(v, description, ..)| format!("{v} ({description})"))
-        .collect();
-    if !unknown.is_empty() {
-        differences.push(format!(
-            "applied but unknown to this binary (a newer one's?): {}",
-            list(unknown)
-        ));
-    }
-    let changed: Vec<String> = applied
-        .iter()
-        .filter(|(v, _, checksum, _)| {
+    let mut note = |what: &str, items: Vec<String>| {
+        if !items.is_empty() {
+            differences.push(format!("{what}: {}", items.join(", ")));
+        }
+    };
+    note(
+        "not applied",
+        known
+            .iter()
+            .filter(|m| applied.iter().all(|(v, ..)| *v != m.version))
+            .map(|m| format!("{} ({})", m.version, m.description))
+            .collect(),
+    );
+    // The applied migrations that `wrong` picks, by version and description.
+    type Applied = (i64, String, Vec<u8>, bool);
+    let applied_where = |wrong: &dyn Fn(&Applied) -> bool| -> Vec<String> {
+        applied
+            .iter()
+            .filter(|a| wrong(a))
+            .map(|(v, description, ..)| format!("{v} ({description})"))
+            .collect()
+    };
+    note(
+        "applied but unknown to this binary (a newer one's?)",
+        applied_where(&|(v, ..)| known.iter().all(|m| m.version != *v)),
+    );
+    note(
+        "applied with other SQL than this binary's",
+        applied_where(&|(v, _, checksum, _)| {
             known
                 .iter()
                 .any(|m| m.version == *v && *m.checksum != **checksum)
-        })
-        .map(|(v, description, ..)| format!("{v} ({description})"))
-        .collect();
-    if !changed.is_empty() {
-        differences.push(format!(
-            "applied with other SQL than this binary's: {}",
-            list(changed)
-        ));
-    }
-    let failed: Vec<String> = applied
-        .iter()
-        .filter(|(.., success)| !success)
-        .map(|(v, description, ..)| format!("{v} ({description})"))
-        .collect();
-    if !failed.is_empty() {
-        differences.push(format!("failed part-way: {}", list(failed)));
-    }
+        }),
+    );
+    note("failed part-way", applied_where(&|(.., success)| !success));
     Ok(differences)
 }
 
