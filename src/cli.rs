@@ -149,22 +149,24 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     let signer = args.log.signer()?;
     let policy = args.log.policy()?;
     let pool = pool(db_args).await?;
-    let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
-    app.start_log(std::sync::Arc::new(signer), policy);
+    // Bound before the app starts its leased tasks: a port in use then ends the process
+    // holding no lease, rather than leave the others waiting a TTL for leases it took.
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listening on {}", args.listen))?;
+    let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
+    app.start_log(std::sync::Arc::new(signer), policy);
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
-    axum::serve(
+    let served = axum::serve(
         listener,
         api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
     .with_graceful_shutdown(shutdown_signal())
-    .await
-    .context("serving HTTP")?;
+    .await;
     tracing::info!("in-flight requests finished; stopping projections");
+    // Also when serving failed: the leases go back at once either way.
     app.shutdown().await;
-    Ok(())
+    served.context("serving HTTP")
 }
 
 /// SIGINT or SIGTERM: stop accepting, let in-flight commands finish.
