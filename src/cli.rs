@@ -321,19 +321,39 @@ async fn export(
     args: ExportArgs,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
-    let file = tokio::fs::File::create(&args.out)
-        .await
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut out = tokio::io::BufWriter::new(file);
-    let scope = crate::ledger::export::ExportScope {
-        organization: args.org,
-        from: args.from,
-        to: args.to,
+    // Written beside the target and renamed into place once whole: a refused range or a
+    // failure part-way leaves a file already there as it was, and never a cut-off export
+    // under the name an auditor will verify.
+    let mut partial = args.out.clone().into_os_string();
+    partial.push(".partial");
+    let partial = std::path::PathBuf::from(partial);
+    let written = async {
+        let file = tokio::fs::File::create(&partial)
+            .await
+            .with_context(|| format!("creating {}", partial.display()))?;
+        let mut out = tokio::io::BufWriter::new(file);
+        let scope = crate::ledger::export::ExportScope {
+            organization: args.org,
+            from: args.from,
+            to: args.to,
+        };
+        let summary = crate::ledger::export::export(&pool, scope, &args.log_origin, &mut out)
+            .await
+            .context("exporting")?;
+        tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        anyhow::Ok(summary)
+    }
+    .await;
+    let summary = match written {
+        Ok(summary) => summary,
+        Err(e) => {
+            let _ = tokio::fs::remove_file(&partial).await;
+            return Err(e);
+        }
     };
-    let summary = crate::ledger::export::export(&pool, scope, &args.log_origin, &mut out)
+    tokio::fs::rename(&partial, &args.out)
         .await
-        .context("exporting")?;
-    tokio::io::AsyncWriteExt::flush(&mut out).await?;
+        .with_context(|| format!("moving the export into {}", args.out.display()))?;
     println!("{}", serde_json::to_string(&summary)?);
     Ok(ExitCode::SUCCESS)
 }

@@ -675,6 +675,26 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
     )
     .await;
     assert_eq!(code, 0, "{summary}{err}");
+    let exported = std::fs::read_to_string(&out).unwrap();
+    // A refused export leaves the file already there as it was, and nothing beside it.
+    let (code, _, err) = ledgerline(
+        &t.db.url,
+        &[
+            "export",
+            "--out",
+            out_s,
+            "--from",
+            "10",
+            "--to",
+            "5",
+            "--log-origin",
+            "ledgerline.test/log",
+        ],
+    )
+    .await;
+    assert_ne!(code, 0, "a range that ends before it starts: {err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), exported);
+    assert!(!std::path::Path::new(&format!("{out_s}.partial")).exists());
     let (code, report, err) = ledgerline(
         &t.db.url,
         &[
