@@ -85,7 +85,9 @@ async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
     let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
         .fetch_one(pool)
         .await?;
-    let applied: Vec<(i64, String, Vec<u8>, bool)> = if recorded {
+    // version, description, checksum, success: as `_sqlx_migrations` records them.
+    type Applied = (i64, String, Vec<u8>, bool);
+    let applied: Vec<Applied> = if recorded {
         sqlx::query_as(
             "SELECT version, description, checksum, success FROM _sqlx_migrations \
              ORDER BY version",
@@ -114,7 +116,6 @@ async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
             .collect(),
     );
     // The applied migrations that `wrong` picks, by version and description.
-    type Applied = (i64, String, Vec<u8>, bool);
     let applied_where = |wrong: &dyn Fn(&Applied) -> bool| -> Vec<String> {
         applied
             .iter()

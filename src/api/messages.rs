@@ -384,7 +384,7 @@ pub async fn post(
     // stop the handler halfway and leave a key behind that protects nothing.
     let task = {
         let (app, caller) = (app.clone(), caller.clone());
-        tokio::spawn(async move {
+        super::to_the_end(async move {
             let key = app
                 .vault
                 .create_message_key(&app.pool, id, author, org)
@@ -429,7 +429,7 @@ pub async fn post(
             settle(&app, org, id, outcome).await
         })
     };
-    task.await.map_err(ApiError::internal)??;
+    task.await?;
     Ok((
         StatusCode::CREATED,
         axum::Json(find(&app, conversation, id).await?),
@@ -590,7 +590,7 @@ pub async fn delete(
     // leave a deleted message's key in place.
     let task = {
         let app = app.clone();
-        tokio::spawn(async move {
+        super::to_the_end(async move {
             let target = Target {
                 org,
                 conversation,
@@ -625,7 +625,7 @@ pub async fn delete(
             outcome
         })
     };
-    task.await.map_err(ApiError::internal)??;
+    task.await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

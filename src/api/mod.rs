@@ -538,6 +538,17 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Starts `work` on a task of its own, so that it runs to its end even if the client hangs
+/// up (axum drops the handler then): work that makes a key and settles its fate, or appends
+/// an event and destroys a key, must not stop halfway. Await the result for the answer; a
+/// panic in the work is a 500.
+pub(crate) fn to_the_end<T: Send + 'static>(
+    work: impl std::future::Future<Output = ApiResult<T>> + Send + 'static,
+) -> impl std::future::Future<Output = ApiResult<T>> {
+    let task = tokio::spawn(work);
+    async move { task.await.map_err(ApiError::internal)? }
+}
+
 /// Whether aggregate `id` of `aggregate_type` was created in `org`: its first event is in
 /// the ledger. After a command that creates an aggregate failed, this tells whether it
 /// failed for good or committed with only its answer lost (when the COMMIT's reply is lost,

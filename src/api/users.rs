@@ -109,7 +109,7 @@ pub async fn invite(
     // stop the handler halfway and leave a key behind that protects nothing.
     let task = {
         let app = app.clone();
-        tokio::spawn(async move {
+        super::to_the_end(async move {
             let key = app.vault.create_key(&app.pool, id, Some(org)).await?;
             let command = UserCommand::Invite {
                 user_id: id,
@@ -136,7 +136,7 @@ pub async fn invite(
             Err(ApiError::from(e))
         })
     };
-    task.await.map_err(ApiError::internal)??;
+    task.await?;
     Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
 }
 
@@ -280,7 +280,7 @@ pub async fn erase(
     // leave an erased user's key in place.
     let task = {
         let app = app.clone();
-        tokio::spawn(async move {
+        super::to_the_end(async move {
             let outcome = app
                 .execute(
                     &app.cqrs.users,
@@ -299,7 +299,7 @@ pub async fn erase(
             outcome.map_err(ApiError::from)
         })
     };
-    task.await.map_err(ApiError::internal)??;
+    task.await?;
     // Read after the key is gone: the answer never shows what was erased.
     Ok(axum::Json(find(&app, org, user).await?))
 }
