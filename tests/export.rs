@@ -10,8 +10,9 @@ use chrono::{SubsecRound, Utc};
 use common::TestApp;
 use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner, NoteError};
 use ledgerline::ledger::export::{export, ExportScope, ExportSummary};
-use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
+use ledgerline::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use ledgerline::ledger::offline::{verify_file, FileFaultKind, OfflineReport};
+use ledgerline::ledger::tree;
 use ledgerline::ledger::verify::Fault;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -314,6 +315,59 @@ async fn an_export_of_a_later_range_verifies_with_its_frontier_against_a_checkpo
             assert_eq!(report.root, Some(merkle::root::<Blake3>(&leaves)));
         }
     }
+}
+
+/// An export's header takes the frontier from the stored Merkle tree (one node per peak, not
+/// a read of every event before the range) and pushes only the events past the tree: the same
+/// header either way. A damaged stored tree is reported, not passed over.
+#[tokio::test]
+async fn the_header_comes_from_the_stored_tree_and_the_events_past_it() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    tree::integrate_batch(t.pool()).await.unwrap();
+    let integrated = t.head().await;
+    assert_eq!(
+        tree::integrated_size(t.pool()).await.unwrap(),
+        integrated as u64
+    );
+    t.invite(log.acme, "edsger@example.com", "Edsger Dijkstra")
+        .await;
+    t.invite(log.globex, "barbara@example.com", "Barbara Liskov")
+        .await;
+    let head = t.head().await;
+    assert!(head > integrated + 1, "events past the tree");
+    let hashes = hashes(&t).await;
+    for from in 1..=head + 1 {
+        let (f, _) = export_file(&t, scope(None, from, None)).await;
+        let header: Value = serde_json::from_str(&f.lines()[0]).unwrap();
+        let mut expected = Frontier::<Blake3>::new();
+        for h in &hashes[..from as usize - 1] {
+            expected.push(Blake3::leaf(h));
+        }
+        let peaks: Vec<Value> = expected
+            .peaks()
+            .iter()
+            .map(|p| json!(hex::encode(p)))
+            .collect();
+        assert_eq!(header["frontier"], json!(peaks), "from {from}");
+        let prev = match from {
+            1 => "0".repeat(64),
+            _ => hex::encode(hashes[from as usize - 2]),
+        };
+        assert_eq!(header["prev_hash"], json!(prev), "from {from}");
+        assert!(verify(&f.0).intact(), "from {from}");
+    }
+    // The 5 events before position 6 are a stored node of 4 leaves and a leaf.
+    common::tamper(t.pool(), &["DELETE FROM merkle_nodes".to_string()]).await;
+    let out = TempFile::new();
+    let file = tokio::fs::File::create(&out.0).await.unwrap();
+    let err = export(t.pool(), scope(None, 6, None), t.app.origin(), file)
+        .await
+        .expect_err("the tree's nodes are gone");
+    assert!(
+        err.to_string().contains("Merkle tree"),
+        "names the stored tree: {err}"
+    );
 }
 
 #[tokio::test]

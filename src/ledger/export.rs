@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::hash::{EventFields, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier, TreeHash};
+use super::tree::{self, TreeError};
 
 /// The header's `format`.
 pub const FORMAT: &str = "ledgerline-export";
@@ -208,23 +209,51 @@ pub async fn prepare(
             "to ({to}) is before from ({from})"
         )));
     }
-    let mut frontier = Frontier::<Blake3>::new();
-    let mut prev_hash = GENESIS;
+    // The integrated tree gives the frontier of its part of the prefix in one node per peak;
+    // only the events past it (the maintainer's last fraction of a second, or all of them
+    // where no maintainer runs) are read and pushed. Either way the frontier is authenticated
+    // by the verifier, against a signed checkpoint, not here.
+    let before = u64::try_from(from - 1).expect("from is at least 1");
+    let integrated = tree::integrated_size(pool)
+        .await
+        .map_err(damaged)?
+        .min(before);
+    let mut frontier = if integrated == 0 {
+        Frontier::<Blake3>::new()
+    } else {
+        tree::frontier_at(pool, integrated).await.map_err(damaged)?
+    };
+    let mut expected = integrated as i64 + 1;
+    let mut prev_hash = match expected - 1 {
+        0 => GENESIS,
+        p => {
+            let hash: Option<Vec<u8>> =
+                sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+                    .bind(p)
+                    .fetch_optional(pool)
+                    .await?;
+            let hash = hash.ok_or_else(|| {
+                ExportError::Damaged(format!(
+                    "no event holds position {p}, before the export's range"
+                ))
+            })?;
+            stored_hash(p, &hash)?
+        }
+    };
     let mut rows = sqlx::query_as::<_, (i64, Vec<u8>)>(
-        "SELECT position, hash FROM events WHERE position < $1 ORDER BY position",
+        "SELECT position, hash FROM events WHERE position >= $1 AND position < $2 \
+         ORDER BY position",
     )
+    .bind(expected)
     .bind(from)
     .fetch(pool);
-    let mut expected = 1;
     while let Some((position, hash)) = rows.try_next().await? {
         if position != expected {
             return Err(ExportError::Damaged(format!(
                 "no event holds position {expected}, before the export's range"
             )));
         }
-        prev_hash = hash.as_slice().try_into().map_err(|_| {
-            ExportError::Damaged(format!("the hash of position {position} is not 32 bytes"))
-        })?;
+        prev_hash = stored_hash(position, &hash)?;
         frontier.push(Blake3::leaf(&prev_hash));
         expected += 1;
     }
@@ -246,6 +275,20 @@ pub async fn prepare(
             exported_at: Utc::now(),
         },
     })
+}
+
+fn stored_hash(position: i64, hash: &[u8]) -> Result<Digest, ExportError> {
+    hash.try_into().map_err(|_| {
+        ExportError::Damaged(format!("the hash of position {position} is not 32 bytes"))
+    })
+}
+
+/// The stored tree cannot give the frontier: a lost connection stays a database error.
+fn damaged(e: TreeError) -> ExportError {
+    match e {
+        TreeError::Database(e) => ExportError::Database(e),
+        e => ExportError::Damaged(format!("the stored Merkle tree: {e}")),
+    }
 }
 
 /// One row of the range: `full` rows carry every hashed field; the others only position and

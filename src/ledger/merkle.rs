@@ -255,6 +255,22 @@ pub fn root_from<H: TreeHash, N: Nodes>(nodes: &N, size: u64) -> Option<Digest> 
     range_from::<H, N>(nodes, 0, size)
 }
 
+/// The peaks of the tree of the first `size` leaves, as [`Frontier::peaks`] gives them (the
+/// complete subtrees of `size`'s binary decomposition, largest first), from stored nodes; `None`
+/// if a node is missing. One node per set bit of `size`: a frontier without its leaves.
+pub fn peaks_from<H: TreeHash, N: Nodes>(nodes: &N, size: u64) -> Option<Vec<Digest>> {
+    let mut start = 0u64;
+    (0..64u32)
+        .rev()
+        .filter(|level| size >> level & 1 == 1)
+        .map(|level| {
+            let peak = nodes.node(level, start >> level);
+            start += 1 << level;
+            peak
+        })
+        .collect()
+}
+
 /// The inclusion proof of leaf `index` in the tree of `size` leaves, from stored nodes; `None`
 /// if `index >= size` or a node is missing.
 pub fn inclusion_proof_from<H: TreeHash, N: Nodes>(
@@ -994,6 +1010,11 @@ mod tests {
                     .sum();
                 assert_eq!(made[&(level, before >> level)], *p);
             }
+            // The stored nodes alone give the same peaks.
+            assert_eq!(
+                peaks_from::<H, _>(&all_nodes::<H>(&l[..n as usize]), n).as_deref(),
+                Some(f.peaks())
+            );
             // Rebuilt from its parts, it continues identically.
             let mut g = Frontier::<H>::from_parts(f.size(), f.peaks().to_vec()).unwrap();
             assert_eq!(g, f);

@@ -248,6 +248,17 @@ pub async fn root_at(pool: &PgPool, size: u64) -> Result<Digest, TreeError> {
     .await
 }
 
+/// The frontier of the tree of the first `size` events (at most the integrated size), from
+/// one stored node per peak: what an export's header needs, without reading the log.
+pub async fn frontier_at(pool: &PgPool, size: u64) -> Result<Frontier<Blake3>, TreeError> {
+    let peaks = with_nodes(pool, size, |n| {
+        merkle::peaks_from::<Blake3, _>(&Dyn(n), size)
+    })
+    .await?;
+    Frontier::from_parts(size, peaks)
+        .ok_or_else(|| TreeError::Damaged(format!("peaks do not fit size {size}")))
+}
+
 /// An inclusion proof of the event at `position` (1-based) in the tree of `size` events.
 pub async fn inclusion_proof(
     pool: &PgPool,
