@@ -146,15 +146,28 @@ async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow::Result<()> {
+    let mut signals = StopSignals::catch().context("catching SIGINT and SIGTERM")?;
     let master = args.keys.load()?;
     let signer = args.log.signer()?;
     let policy = args.log.policy()?;
-    let pool = pool(db_args).await?;
-    // Bound before the app starts its leased tasks: a port in use then ends the process
-    // holding no lease, rather than leave the others waiting a TTL for leases it took.
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("listening on {}", args.listen))?;
+    let start = async {
+        let pool = pool(db_args).await?;
+        // Bound before the app starts its leased tasks: a port in use then ends the process
+        // holding no lease, rather than leave the others waiting a TTL for leases it took.
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("listening on {}", args.listen))?;
+        anyhow::Ok((pool, listener))
+    };
+    // Nothing is held yet: a signal while connecting (to a database that may not answer)
+    // or migrating just ends the process.
+    let (pool, listener) = tokio::select! {
+        started = start => started?,
+        () = signals.next() => {
+            tracing::info!("shutdown signal received before serving; stopping");
+            return Ok(());
+        }
+    };
     let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
@@ -162,7 +175,7 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
         listener,
         api::router(app.clone()).into_make_service_with_connect_info::<SocketAddr>(),
     )
-    .with_graceful_shutdown(shutdown_signal())
+    .with_graceful_shutdown(signals.first())
     .await;
     tracing::info!("in-flight requests finished; stopping projections");
     // Also when serving failed: the leases go back at once either way.
@@ -170,25 +183,52 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     served.context("serving HTTP")
 }
 
-/// SIGINT or SIGTERM: stop accepting, let in-flight commands finish.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT and SIGTERM, caught from the moment `serve` starts: one arriving while it starts its
+/// leased tasks is kept for the graceful stop, where the default action would end the process
+/// holding leases the others then wait a TTL for.
+pub struct StopSignals {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    pub fn catch() -> std::io::Result<Self> {
+        #[cfg(unix)]
         {
-            s.recv().await;
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(Self {
+                interrupt: signal(SignalKind::interrupt())?,
+                terminate: signal(SignalKind::terminate())?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    tracing::info!("shutdown signal received");
+
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {},
+            _ = self.terminate.recv() => {},
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+    }
+
+    /// Resolves at the first signal: stop accepting, let in-flight requests finish. A second
+    /// signal while that goes on (a client that never finishes its request holds it up for
+    /// good) ends the process at once, with status 130; its leases then expire after their TTL.
+    pub async fn first(mut self) {
+        self.next().await;
+        tracing::info!("shutdown signal received; a second one stops at once");
+        tokio::spawn(async move {
+            self.next().await;
+            tracing::warn!("second shutdown signal: exiting without waiting for requests");
+            std::process::exit(130);
+        });
+    }
 }
 
 /// Makes the platform operator's key; the ledger's unique claim makes a second run fail.

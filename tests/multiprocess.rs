@@ -259,6 +259,80 @@ async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
     assert!(projections_at(&db.pool, head).await);
 }
 
+/// A client that sends its headers and never its body holds a graceful stop up for good: a
+/// second SIGTERM ends the server at once, with status 130.
+#[tokio::test]
+async fn a_second_sigterm_stops_a_server_held_up_by_an_unfinished_request() {
+    use tokio::io::AsyncWriteExt;
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    let mut a = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    let address = a.base.trim_start_matches("http://");
+    let mut client = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/organizations HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{",
+        setup.admin_key
+    );
+    client.write_all(head.as_bytes()).await.unwrap();
+    // Time for the server to authenticate and start waiting for the body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.send_term();
+    assert_eq!(
+        a.exit_within(Duration::from_secs(2)).await,
+        None,
+        "the first SIGTERM waits for the request in flight: {}",
+        a.log_text()
+    );
+    a.send_term();
+    assert_eq!(
+        a.exit_within(Duration::from_secs(20)).await,
+        Some(130),
+        "the second SIGTERM stops it at once: {}",
+        a.log_text()
+    );
+    drop(client);
+}
+
+/// Signals are caught from the start, but until `serve` holds anything one just ends it: not
+/// ignored while it waits for a database that does not answer.
+#[tokio::test]
+async fn a_sigterm_while_connecting_ends_serve_at_once() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    // Accepts connections and never says a word.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("postgres://postgres@{}/none", silent.local_addr().unwrap());
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listen.local_addr().unwrap().port();
+    drop(listen);
+    let mut child = tokio::process::Command::new(server::BIN)
+        .arg("serve")
+        .env("LEDGERLINE_DATABASE_URL", &url)
+        .env("LEDGERLINE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("LEDGERLINE_MASTER_KEY", &setup.master_key)
+        .env("LEDGERLINE_SIGNING_KEY", &setup.signing_key)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let (_accepted, _) = silent.accept().await.unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // Well before the pool's 10 s connect timeout would have ended it with status 1.
+    let exit = tokio::time::timeout(Duration::from_secs(5), child.wait())
+        .await
+        .expect("serve ends within 5 s of SIGTERM")
+        .unwrap();
+    assert_eq!(exit.code(), Some(0), "{exit}");
+}
+
 /// The connections on this database that have run LISTEN (a process's listener).
 const LISTENERS: &str =
     "FROM pg_stat_activity WHERE datname = current_database() AND query ILIKE 'LISTEN%'";

@@ -120,16 +120,25 @@ impl Server {
 
     /// SIGTERM, then waits for the exit code.
     pub async fn terminate(&mut self) -> i32 {
+        self.send_term();
+        self.exit_within(Duration::from_secs(30))
+            .await
+            .expect("serve stops within 30 s of SIGTERM")
+    }
+
+    /// SIGTERM, without waiting.
+    pub fn send_term(&self) {
         let status = std::process::Command::new("kill")
             .args(["-TERM", &self.pid.to_string()])
             .status()
             .expect("kill -TERM");
         assert!(status.success());
-        let exit = tokio::time::timeout(Duration::from_secs(30), self.child.wait())
-            .await
-            .expect("serve stops within 30 s of SIGTERM")
-            .expect("reaped");
-        exit.code().unwrap_or(-1)
+    }
+
+    /// The exit code, if the process ends within `limit`.
+    pub async fn exit_within(&mut self, limit: Duration) -> Option<i32> {
+        let exit = tokio::time::timeout(limit, self.child.wait()).await.ok()?;
+        Some(exit.expect("reaped").code().unwrap_or(-1))
     }
 
     /// Whether a lease holder id (`hostname:pid:random`) is this process's.
