@@ -70,7 +70,7 @@ pub async fn issue(
     Json(body): Json<IssueKey>,
 ) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     require_conversation_scope(&caller, &body.permissions, body.user_id)?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
@@ -146,7 +146,7 @@ pub async fn list(
     Path(org): Path<Uuid>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::KeysRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let items: Vec<ApiKeyView> = sqlx::query_as(&format!(
         "{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"
     ))

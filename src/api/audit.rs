@@ -66,7 +66,7 @@ pub async fn list(
     Query(q): Query<AuditQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::AuditRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=MAX_PAGE).contains(&limit) {
         return Err(ApiError::bad_request(format!(

@@ -84,6 +84,8 @@ struct KeyRow {
     expires_at: Option<DateTime<Utc>>,
     org_status: Option<String>,
     user_status: Option<String>,
+    /// A user key's user's permissions now; `None` for a service key.
+    held: Option<Vec<String>>,
 }
 
 impl FromRequestParts<App> for Caller {
@@ -105,9 +107,24 @@ impl FromRequestParts<App> for Caller {
             })?;
         let invalid = || ApiError::unauthorized("invalid API key");
         let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
+        // The key and its user's permissions in one statement: every request makes it.
         let row: KeyRow = sqlx::query_as(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
-                    o.status AS org_status, u.status AS user_status
+                    o.status AS org_status, u.status AS user_status,
+                    CASE WHEN k.user_id IS NOT NULL THEN ARRAY(
+                        WITH RECURSIVE granted(id, parent, depth) AS (
+                            SELECT r.id, r.parent_role_id, 0
+                            FROM user_roles ur JOIN roles r ON r.id = ur.role_id
+                            WHERE ur.user_id = k.user_id
+                              AND (ur.expires_at IS NULL OR ur.expires_at > now())
+                          UNION
+                            SELECT p.id, p.parent_role_id, g.depth + 1
+                            FROM roles p JOIN granted g ON p.id = g.parent
+                            WHERE g.depth < 64
+                        )
+                        SELECT DISTINCT rp.permission
+                        FROM granted g JOIN role_permissions rp ON rp.role_id = g.id
+                    ) END AS held
              FROM api_keys k
              LEFT JOIN organizations o ON o.id = k.organization_id
              LEFT JOIN users u ON u.id = k.user_id
@@ -139,8 +156,8 @@ impl FromRequestParts<App> for Caller {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect();
-        if let Some(user) = row.user_id {
-            let held = user_permissions(&app.pool, user).await?;
+        if let Some(held) = &row.held {
+            let held: PermissionSet = held.iter().filter_map(|p| p.parse().ok()).collect();
             permissions.retain(|p| held.contains(p));
         }
         let mut actor = request_actor(parts);
@@ -155,29 +172,6 @@ impl FromRequestParts<App> for Caller {
             actor,
         })
     }
-}
-
-/// A user's permissions now: its unexpired role assignments, each role with its ancestors.
-pub async fn user_permissions(
-    pool: &sqlx::PgPool,
-    user_id: Uuid,
-) -> Result<PermissionSet, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "WITH RECURSIVE granted(id, parent, depth) AS (
-             SELECT r.id, r.parent_role_id, 0
-             FROM user_roles ur JOIN roles r ON r.id = ur.role_id
-             WHERE ur.user_id = $1 AND (ur.expires_at IS NULL OR ur.expires_at > now())
-           UNION
-             SELECT p.id, p.parent_role_id, g.depth + 1
-             FROM roles p JOIN granted g ON p.id = g.parent
-             WHERE g.depth < 64
-         )
-         SELECT DISTINCT rp.permission FROM granted g JOIN role_permissions rp ON rp.role_id = g.id",
-    )
-    .bind(user_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().filter_map(|(p,)| p.parse().ok()).collect())
 }
 
 /// A role's effective permissions: its own and every ancestor's.

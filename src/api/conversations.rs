@@ -303,7 +303,7 @@ pub async fn create(
     Json(body): Json<CreateConversation>,
 ) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
     caller.require_in(org, Permission::ConversationsWrite)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let owner_id = match (caller.user_id, body.owner_id) {
         (Some(user), None) => user,
         (Some(user), Some(owner)) if owner == user => user,
@@ -364,7 +364,7 @@ pub async fn list(
     Path(org): Path<Uuid>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::ConversationsRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     const ORDER: &str = "ORDER BY c.last_message_at DESC NULLS LAST, c.created_at DESC, c.id";
     let items: Vec<ConversationView> = match caller.user_id {
         Some(user) => sqlx::query_as::<_, ListedRow>(&format!(

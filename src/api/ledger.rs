@@ -46,7 +46,7 @@ pub async fn events(
     Query(q): Query<EventsQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::LedgerRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("limit must be between 1 and 1000"));
@@ -107,7 +107,7 @@ pub async fn export(
     Query(q): Query<ExportQuery>,
 ) -> ApiResult<Response> {
     caller.require_in(org, Permission::LedgerRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let scope = ExportScope {
         organization: Some(org),
         from: q.from.unwrap_or(1),

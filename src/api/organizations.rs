@@ -38,6 +38,15 @@ pub async fn find(app: &App, id: Uuid) -> ApiResult<OrganizationView> {
         .ok_or_else(|| ApiError::not_found("organization"))
 }
 
+/// A 404 unless organization `id` exists. A tenant key's own organization needs no read:
+/// authentication found it active, or refused the key.
+pub async fn require_exists(app: &App, caller: &Caller, id: Uuid) -> ApiResult<()> {
+    if caller.organization_id == Some(id) {
+        return Ok(());
+    }
+    find(app, id).await.map(drop)
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganization {

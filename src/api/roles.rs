@@ -129,7 +129,7 @@ pub async fn create(
     Json(body): Json<CreateRole>,
 ) -> ApiResult<(StatusCode, axum::Json<RoleView>)> {
     caller.require_in(org, Permission::RolesWrite)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let mut effective = body.permissions.clone();
     if let Some(parent) = body.parent_role_id {
         check_parent(&app, org, parent).await?;
@@ -158,7 +158,7 @@ pub async fn list(
     Path(org): Path<Uuid>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
-    organizations::find(&app, org).await?;
+    organizations::require_exists(&app, &caller, org).await?;
     let rows: Vec<RoleRow> = sqlx::query_as(&format!(
         "{SELECT} WHERE organization_id = $1 ORDER BY created_at, name"
     ))
