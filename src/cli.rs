@@ -1,5 +1,5 @@
-//! The `ledgerline` commands: serve, migrate, bootstrap, verify, export, prove, keygen and
-//! projections (status, retry, rebuild, check).
+//! The `ledgerline` commands: serve, migrate, bootstrap, verify, export, prove, keygen,
+//! projections (status, retry, rebuild, check) and claims (check).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -13,8 +13,8 @@ use uuid::Uuid;
 
 use crate::app::{Actor, App, CommandError};
 use crate::config::{
-    BootstrapArgs, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand, RebuildArgs,
-    ServeArgs, VerifyArgs,
+    BootstrapArgs, ClaimsCommand, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand,
+    RebuildArgs, ServeArgs, VerifyArgs,
 };
 use crate::crypto::Vault;
 use crate::ledger::verify::verify_database;
@@ -46,6 +46,9 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Projections {
             command: ProjectionsCommand::Check { names, batch },
         } => check(&cli.db, &names, batch.batch_size).await,
+        Command::Claims {
+            command: ClaimsCommand::Check { repair },
+        } => check_claims(&cli.db, repair).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {e:#}");
@@ -610,4 +613,63 @@ async fn check(
         println!("the live read models differ from a rebuild from the log");
         Ok(ExitCode::from(1))
     }
+}
+
+async fn check_claims(
+    db_args: &crate::config::DatabaseArgs,
+    repair: bool,
+) -> anyhow::Result<ExitCode> {
+    let pool = pool_as_migrated(db_args).await?;
+    let report = crate::ledger::claims_check::check_claims(&pool, repair)
+        .await
+        .context("checking the unique claims")?;
+    println!(
+        "unique claims at position {}: {} held, from {} events that take or release claims",
+        report.position, report.claims, report.events
+    );
+    let owner = |o: &Option<String>| o.clone().unwrap_or_else(|| "nobody".into());
+    for d in &report.differences {
+        println!(
+            "  {} {} {}: table {}, log {}",
+            if report.repaired {
+                "REWRITTEN"
+            } else {
+                "DIFFERENT"
+            },
+            d.scope,
+            d.key,
+            owner(&d.in_table),
+            owner(&d.from_log)
+        );
+    }
+    for c in &report.contests {
+        println!(
+            "  CONTESTED {} {}: position {} claims it for {} while {} held it",
+            c.scope, c.key, c.position, c.claimant, c.holder
+        );
+    }
+    let equal = report.consistent() || report.repaired;
+    match (equal, report.repaired) {
+        (true, false) => println!("the unique claims equal the log's"),
+        (true, true) => println!(
+            "repaired: {} row(s) rewritten; the unique claims now equal the log's",
+            report.differences.len()
+        ),
+        (false, _) => println!(
+            "the unique claims differ from the log's in {} key(s); `--repair` rewrites them",
+            report.differences.len()
+        ),
+    }
+    if !report.contests.is_empty() {
+        println!(
+            "the log itself gives {} key(s) a second owner while the first held it; the \
+             first keeps it, and no repair of the table can undo that",
+            report.contests.len()
+        );
+    }
+    Ok(if equal && report.contests.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

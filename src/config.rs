@@ -188,6 +188,24 @@ pub enum Command {
         #[command(subcommand)]
         command: ProjectionsCommand,
     },
+    /// Check the unique claims (names, slugs, e-mail addresses, key prefixes) against the log.
+    Claims {
+        #[command(subcommand)]
+        command: ClaimsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ClaimsCommand {
+    /// Fold the claims every event gives, in log order, and compare them with the table the
+    /// writer keeps. Exit 0 equal, 1 different (or the log itself holds two owners of one
+    /// key), 2 could not run. Never migrates.
+    Check {
+        /// Rewrite the rows that differ, under the ledger's append lock (appends wait for the
+        /// rewrite only); exit 0 once the table equals the log's claims.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Debug, Args)]

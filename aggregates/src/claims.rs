@@ -57,6 +57,10 @@ fn fold(name: &str) -> String {
     name.to_lowercase()
 }
 
+/// The aggregate types whose events take or release claims; [`claims_for`] gives nothing for
+/// any other.
+pub const CLAIMING_AGGREGATES: [&str; 4] = ["Organization", "User", "Role", "ApiKey"];
+
 /// The claims one stored event takes and releases. `tenant` is the event's organization;
 /// `aggregate_id` its aggregate (for events that do not repeat their tenant or name).
 pub fn claims_for(

@@ -16,7 +16,7 @@ pub mod sealed;
 pub mod user;
 pub mod validate;
 
-pub use claims::{claims_for, ClaimOp};
+pub use claims::{claims_for, ClaimOp, CLAIMING_AGGREGATES};
 pub use permissions::{Permission, PermissionSet};
 pub use sealed::Sealed;
 

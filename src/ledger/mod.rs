@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 mod claim_book;
+pub mod claims_check;
 mod copy_binary;
 pub mod export;
 pub mod hash;

@@ -23,8 +23,9 @@ use super::claim_book::ClaimBook;
 use super::hash::{event_hash, truncate_to_micros, EventFields, GENESIS};
 use super::store::AppendError;
 
-/// One round trip: the transaction, and the advisory lock every appender holds until commit
-/// in every process (key 0x6c6564676572, "ledger").
+/// The advisory lock every appender holds until commit, in every process ("ledger").
+pub(super) const APPEND_LOCK: i64 = 0x6c65_6467_6572;
+/// One round trip: the transaction, and [`APPEND_LOCK`].
 const BEGIN_AND_LOCK: &str = "BEGIN; SELECT pg_advisory_xact_lock(119182731994482)";
 /// How many commands one transaction may carry.
 pub(super) const MAX_BATCH_COMMANDS: usize = 512;
@@ -499,6 +500,6 @@ mod tests {
 
     #[test]
     fn the_lock_statement_names_the_ledger_lock() {
-        assert!(super::BEGIN_AND_LOCK.contains(&format!("({})", 0x6c65_6467_6572_i64)));
+        assert!(super::BEGIN_AND_LOCK.contains(&format!("({})", super::APPEND_LOCK)));
     }
 }
