@@ -745,6 +745,62 @@ async fn rewrite_and_truncation_need_an_external_head() {
 // ---------------------------------------------------------------------------------------
 // The `ledgerline verify` command.
 
+/// A value the writer never stores is tampering (exit 1), not a verifier that could not run:
+/// a time of `infinity`, and a `NULL` where the column's constraint was dropped to allow it.
+#[tokio::test]
+async fn impossible_values_are_tampering_at_their_position() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let k = log.support_role;
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE events SET recorded_at = 'infinity' WHERE position = {k}"
+        )],
+    )
+    .await;
+    let report = t.verify().await;
+    let bad = report.first_bad.clone().expect("a fault");
+    assert_eq!(bad.position, k);
+    assert!(
+        matches!(
+            bad.fault,
+            Fault::Impossible {
+                column: "recorded_at",
+                ..
+            }
+        ),
+        "{:?}",
+        bad.fault
+    );
+    let (code, out, err) = run_verify(Some(&t.db.url)).await;
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(&format!(
+            "first bad position {k}: impossible value: recorded_at"
+        )),
+        "{out}"
+    );
+
+    let j = k - 1;
+    tamper(
+        t.pool(),
+        &[
+            "ALTER TABLE events ALTER COLUMN event_version DROP NOT NULL".to_string(),
+            format!("UPDATE events SET event_version = NULL WHERE position = {j}"),
+        ],
+    )
+    .await;
+    assert_first_bad(
+        &t.verify().await,
+        j,
+        Fault::Impossible {
+            column: "event_version",
+            value: "NULL".into(),
+        },
+    );
+}
+
 async fn run_verify(url: Option<&str>) -> (i32, String, String) {
     match url {
         Some(url) => ledgerline(url, &["verify"]).await,

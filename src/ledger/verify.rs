@@ -28,6 +28,10 @@ pub enum Fault {
     /// aggregate's events by sequence, not position, and would replay them all the same.
     /// Reported at the lowest such position, 0 when all are NULL.
     OutsideTheChain { rows: i64 },
+    /// A column holds a value the writer never stores (a `NULL`, a time beyond the hashable
+    /// range such as `infinity`, a value of another width): edited, with the table's
+    /// constraints or types changed where they forbid it.
+    Impossible { column: &'static str, value: String },
 }
 
 impl std::fmt::Display for Fault {
@@ -47,6 +51,10 @@ impl std::fmt::Display for Fault {
             Fault::OutsideTheChain { rows } => write!(
                 f,
                 "inserted outside the chain: {rows} row(s) with no position or one below 1"
+            ),
+            Fault::Impossible { column, value } => write!(
+                f,
+                "impossible value: {column} holds {value}, which the writer never stores"
             ),
         }
     }
@@ -311,7 +319,25 @@ impl RangeWalk {
         if seg.first_bad.is_some() {
             return Ok(()); // count the rest, report the first fault only
         }
-        let raw = decode_row(row)?;
+        let raw = match decode_row(row) {
+            Ok(raw) => raw,
+            Err((column, value)) => {
+                // A gap before this row comes first, as for any other row.
+                let gap = row[0].and_then(int8).is_some_and(|p| p != self.expected);
+                seg.first_bad = Some(BadEvent {
+                    position: self.expected,
+                    fault: if gap {
+                        Fault::Missing
+                    } else {
+                        Fault::Impossible {
+                            column: COLUMN_NAMES[column],
+                            value,
+                        }
+                    },
+                });
+                return Ok(());
+            }
+        };
         if raw.fields.position != self.expected {
             seg.first_bad = Some(BadEvent {
                 position: self.expected,
@@ -378,35 +404,26 @@ const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 /// the bytes; `uuid`: 16 bytes; `timestamptz`: 8 bytes big-endian, microseconds since
 /// 2000-01-01 UTC). A value no writer can have stored (a `NULL` in a column that is never
 /// `NULL`, an integer of the wrong width, a time beyond a signed 64-bit count of microseconds
-/// since 1970) is an error naming the column and the position; a `prev_hash` or `hash` of the
-/// wrong length is kept as a hash that matches nothing, so that it is reported as a fault.
-fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, sqlx::Error> {
-    let bad = |i: usize, what: String| {
-        let at = match row[0].and_then(int8) {
-            Some(p) => format!("at position {p}"),
-            None => "in a row without a valid position".to_string(),
-        };
-        sqlx::Error::ColumnDecode {
-            index: COLUMN_NAMES[i].to_string(),
-            source: format!("{what} {at}").into(),
-        }
-    };
-    let value = |i: usize| row[i].ok_or_else(|| bad(i, "NULL".to_string()));
+/// since 1970) is returned as its column's index and what it holds: a fault, not an error; a
+/// `prev_hash` or `hash` of the wrong length is kept as a hash that matches nothing, so that
+/// it is reported as a changed content.
+fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, (usize, String)> {
+    let value = |i: usize| row[i].ok_or_else(|| (i, "NULL".to_string()));
     let integer = |i: usize| {
         let v = value(i)?;
-        int8(v).ok_or_else(|| bad(i, format!("a {}-byte bigint", v.len())))
+        int8(v).ok_or_else(|| (i, format!("a {}-byte bigint", v.len())))
     };
     let organization_id = match row[6] {
         None => None,
         Some(b) => {
-            Some(<&[u8; 16]>::try_from(b).map_err(|_| bad(6, format!("a {}-byte uuid", b.len())))?)
+            Some(<&[u8; 16]>::try_from(b).map_err(|_| (6, format!("a {}-byte uuid", b.len())))?)
         }
     };
     let recorded_at = {
         let v = value(7)?;
-        let pg = int8(v).ok_or_else(|| bad(7, format!("a {}-byte timestamptz", v.len())))?;
+        let pg = int8(v).ok_or_else(|| (7, format!("a {}-byte timestamptz", v.len())))?;
         pg.checked_add(PG_EPOCH_UNIX_MICROS).ok_or_else(|| {
-            bad(
+            (
                 7,
                 format!("a time ({pg} µs after 2000-01-01) beyond the hashable range"),
             )
@@ -657,40 +674,58 @@ mod tests {
     }
 
     #[test]
-    fn impossible_values_are_errors_naming_the_column() {
+    fn impossible_values_are_faults_naming_the_column() {
         let events = chain(3);
-        let decode_error = |column: usize, value: Option<Vec<u8>>| {
+        let fault = |column: usize, value: Option<Vec<u8>>| {
             let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
             rows[1][column] = value;
-            match walk(&rows, 1, 3) {
-                Err(sqlx::Error::ColumnDecode { index, source }) => {
-                    format!("{index}: {source}")
-                }
-                other => panic!(
-                    "expected a decoding error, got {:?}",
-                    other.map(|s| s.first_bad)
-                ),
-            }
+            let bad = walk(&rows, 1, 3)
+                .expect("a fault, not an error")
+                .first_bad
+                .expect("a fault");
+            (bad.position, bad.fault.to_string())
         };
-        assert_eq!(decode_error(1, None), "aggregate_type: NULL at position 2");
-        assert_eq!(decode_error(11, None), "hash: NULL at position 2");
+        let at_2 = |text: &str| {
+            (
+                2,
+                format!("impossible value: {text}, which the writer never stores"),
+            )
+        };
+        assert_eq!(fault(1, None), at_2("aggregate_type holds NULL"));
+        assert_eq!(fault(11, None), at_2("hash holds NULL"));
         assert_eq!(
-            decode_error(3, Some(vec![0; 4])),
-            "sequence: a 4-byte bigint at position 2"
+            fault(3, Some(vec![0; 4])),
+            at_2("sequence holds a 4-byte bigint")
         );
         assert_eq!(
-            decode_error(6, Some(vec![0; 15])),
-            "organization_id: a 15-byte uuid at position 2"
+            fault(6, Some(vec![0; 15])),
+            at_2("organization_id holds a 15-byte uuid")
         );
         // timestamptz 'infinity'.
-        assert!(decode_error(7, Some(i64::MAX.to_be_bytes().to_vec()))
-            .starts_with("recorded_at: a time"));
+        let (position, text) = fault(7, Some(i64::MAX.to_be_bytes().to_vec()));
+        assert_eq!(position, 2);
+        assert!(
+            text.starts_with("impossible value: recorded_at holds a time"),
+            "{text}"
+        );
+        // No position to name: the one expected there.
         assert_eq!(
-            decode_error(0, Some(vec![1])),
-            "position: a 1-byte bigint in a row without a valid position"
+            fault(0, Some(vec![1])),
+            at_2("position holds a 1-byte bigint")
+        );
+        // A gap before such a row is the first fault.
+        let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
+        rows.remove(1);
+        rows[1][1] = None;
+        assert_eq!(
+            walk(&rows, 1, 3).unwrap().first_bad,
+            Some(BadEvent {
+                position: 2,
+                fault: Fault::Missing
+            })
         );
 
-        // Past the first fault nothing is decoded: a NULL there is counted, not an error.
+        // Past the first fault nothing is decoded: a NULL there is counted, not reported.
         let mut rows: Vec<_> = events.iter().map(Stored::binary).collect();
         rows[0][8] = Some(b"{}".to_vec());
         rows[1][1] = None;
