@@ -166,7 +166,7 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     // or migrating just ends the process.
     let (pool, listener) = tokio::select! {
         started = start => started?,
-        () = signals.next() => {
+        _ = signals.next() => {
             tracing::info!("shutdown signal received before serving; stopping");
             return Ok(());
         }
@@ -210,26 +210,44 @@ impl StopSignals {
         Ok(Self {})
     }
 
-    async fn next(&mut self) {
+    /// The next signal's number.
+    async fn next(&mut self) -> i32 {
         #[cfg(unix)]
         tokio::select! {
-            _ = self.interrupt.recv() => {},
-            _ = self.terminate.recv() => {},
+            _ = self.interrupt.recv() => 2,
+            _ = self.terminate.recv() => 15,
         }
         #[cfg(not(unix))]
-        let _ = tokio::signal::ctrl_c().await;
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            2
+        }
+    }
+
+    /// Forgets signals already delivered: a Ctrl-C and a SIGTERM forwarded with it (a
+    /// terminal and a process manager, say) are one request to stop, not two.
+    fn forget_pending(&mut self) {
+        use futures::FutureExt;
+        #[cfg(unix)]
+        {
+            let _ = self.interrupt.recv().now_or_never();
+            let _ = self.terminate.recv().now_or_never();
+        }
     }
 
     /// Resolves at the first signal: stop accepting, let in-flight requests finish. A second
-    /// signal while that goes on (a client that never finishes its request holds it up for
-    /// good) ends the process at once, with status 130; its leases then expire after their TTL.
+    /// signal while that goes on (a request that takes its time: up to the 30 s request
+    /// timeout, or an export streaming a large log) ends the process at once, with status
+    /// 128 + its number (130 for SIGINT, 143 for SIGTERM); its leases then expire after
+    /// their TTL.
     pub async fn first(mut self) {
         self.next().await;
+        self.forget_pending();
         tracing::info!("shutdown signal received; a second one stops at once");
         tokio::spawn(async move {
-            self.next().await;
+            let signal = self.next().await;
             tracing::warn!("second shutdown signal: exiting without waiting for requests");
-            std::process::exit(130);
+            std::process::exit(128 + signal);
         });
     }
 }
@@ -624,7 +642,8 @@ async fn check_claims(
         .await
         .context("checking the unique claims")?;
     println!(
-        "unique claims at position {}: {} held, from {} events that take or release claims",
+        "unique claims at position {}: {} held, folded from {} events of the aggregates \
+         that hold claims",
         report.position, report.claims, report.events
     );
     let owner = |o: &Option<String>| o.clone().unwrap_or_else(|| "nobody".into());
