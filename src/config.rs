@@ -202,7 +202,8 @@ pub enum ClaimsCommand {
     /// key), 2 could not run. Never migrates.
     Check {
         /// Rewrite the rows that differ, under the ledger's append lock (appends wait for the
-        /// rewrite only); exit 0 once the table equals the log's claims.
+        /// rewrite only), once the chain verifies; exit 0 once the table equals the log's
+        /// claims.
         #[arg(long)]
         repair: bool,
     },

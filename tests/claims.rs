@@ -125,3 +125,42 @@ async fn a_damaged_table_is_reported_left_alone_and_repaired_on_request() {
         .await;
     assert_eq!(r.status, 409, "{}", r.body);
 }
+
+/// A forged event that claims a held name: the log itself gives the key a second owner. The
+/// check reports it; a repair refuses to write from a log that does not verify.
+#[tokio::test]
+async fn a_contested_claim_is_reported_and_a_forged_log_is_not_repaired_from() {
+    let t = TestApp::spawn().await;
+    let (org, _) = log_with_claims(&t).await;
+    tamper(
+        t.pool(),
+        &[
+            "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash) \
+             SELECT (SELECT max(position) + 1 FROM events), aggregate_type, \
+             gen_random_uuid()::text, 1, event_type, event_version, organization_id, \
+             recorded_at, payload, metadata, prev_hash, hash FROM events \
+             WHERE event_type = 'RoleCreated' ORDER BY position LIMIT 1"
+                .to_string(),
+            format!("DELETE FROM unique_claims WHERE key = '{org}:ops-old'"),
+        ],
+    )
+    .await;
+    let before = claim_rows(&t).await;
+    let (code, out, err) = ledgerline(&t.db.url, &["claims", "check"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("  CONTESTED role_name "), "{out}");
+    assert!(
+        out.contains(&format!(
+            "  DIFFERENT role_name {org}:ops-old: table nobody"
+        )),
+        "{out}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["claims", "check", "--repair"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("not repairing: the log does not verify"),
+        "{err}"
+    );
+    assert_eq!(claim_rows(&t).await, before, "nothing rewritten");
+}

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use futures::TryStreamExt;
 use ledgerline_aggregates::{claims_for, ClaimOp, CLAIMING_AGGREGATES};
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use super::writer::APPEND_LOCK;
@@ -27,6 +27,12 @@ pub enum ClaimsError {
     /// log was tampered with.
     #[error("the event at position {position} cannot be read for its claims: {error}")]
     Undecodable { position: i64, error: String },
+    /// `--repair` writes what the log says: not from a log that does not verify.
+    #[error(
+        "not repairing: the log does not verify (first bad position {position}: {fault}); \
+         a repair would write a forger's claims; see `ledgerline verify`"
+    )]
+    Untrusted { position: i64, fault: String },
 }
 
 /// One key whose owner in the table is not the one the log gives it (`None`: no owner).
@@ -157,14 +163,13 @@ fn differences(table: &Claims, log: &Claims) -> Vec<ClaimDifference> {
 }
 
 /// Compares `unique_claims` with the claims the log gives. With `repair`, rewrites the rows
-/// that differ: under the ledger's append lock, so that no append takes or releases a claim
-/// meanwhile, and after folding what was appended since the comparison; appends wait only
-/// for that part and the rewrite.
+/// that differ, once the chain verifies: under the ledger's append lock, so that no append
+/// takes or releases a claim meanwhile, and after folding what was appended since the
+/// comparison; appends wait only for that part and the rewrite.
 pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, ClaimsError> {
-    let mut conn = pool.acquire().await?;
     let mut fold = Fold::default();
     // One snapshot for the log and the table, which appends change together.
-    let mut tx = conn.begin().await?;
+    let mut tx = pool.begin().await?;
     sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         .execute(&mut *tx)
         .await?;
@@ -173,7 +178,14 @@ pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, C
     tx.commit().await?;
     let mut repaired = false;
     if repair && !differences.is_empty() {
-        let mut tx = conn.begin().await?;
+        let verified = super::verify::verify_database(pool, 2).await?;
+        if let Some(bad) = verified.first_bad {
+            return Err(ClaimsError::Untrusted {
+                position: bad.position,
+                fault: bad.fault.to_string(),
+            });
+        }
+        let mut tx = pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK)
             .execute(&mut *tx)
