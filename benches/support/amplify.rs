@@ -4,6 +4,10 @@
 //! chains them. Each copy is the seeded organizations again under new ids, so the mix of
 //! event types and the shape of every stream stay those of real traffic, at a fraction of
 //! the time the API would take to write a million events on a shared 2-core machine.
+//! Organization names and slugs are copied as they are (so is a bootstrap key's issue) and
+//! no unique claims are written: the grown log gives one name several owners, which the
+//! writer never lets through (`ledgerline claims check` says so). No read model enforces those names, so a
+//! rebuild measures the same; claims are not to be tested on such a log.
 
 use std::collections::HashMap;
 
