@@ -1210,3 +1210,32 @@ async fn only_plain_shadow_schema_names_can_be_recorded() {
         );
     }
 }
+
+/// A check drops the scratch schemas of killed checks, and only names a check makes: a
+/// schema named to smuggle `public` into the `DROP SCHEMA` is left alone, and so is the log.
+#[tokio::test]
+async fn a_check_drops_only_scratch_schemas_it_could_have_made() {
+    let t = TestApp::spawn().await;
+    t.create_org("Scratch Co").await;
+    let abandoned = format!("ledgerline_check_{}", Uuid::new_v4().simple());
+    for schema in [abandoned.as_str(), "ledgerline_check_x, public"] {
+        sqlx::query(&format!("CREATE SCHEMA \"{schema}\""))
+            .execute(t.pool())
+            .await
+            .unwrap();
+    }
+    let head = t.head().await;
+    let report = ledgerline_projections::check(t.pool(), None, 100, &Arc::new(Progress::default()))
+        .await
+        .unwrap();
+    assert!(report.equal(), "{report:?}");
+    let schemas: Vec<String> = sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ledgerline\\_check\\_%' \
+         OR nspname = 'public' ORDER BY 1",
+    )
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(schemas, ["ledgerline_check_x, public", "public"]);
+    assert_eq!(t.head().await, head, "the log is whole");
+}

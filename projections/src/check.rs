@@ -112,6 +112,7 @@ async fn compare_with_rebuild(
     let scratch = build::schema_pool(pool, schema, projections.len() as u32).await?;
     let built = build::build(
         pool,
+        schema,
         &scratch,
         &lanes,
         batch_size,
@@ -239,10 +240,13 @@ async fn difference(conn: &mut PgConnection, a: &str, b: &str) -> sqlx::Result<(
     ))
 }
 
-/// Drops scratch schemas whose check no longer holds its lock (it was killed).
+/// Drops scratch schemas whose check no longer holds its lock (it was killed). Only names a
+/// check makes (`ledgerline_check_` and a simple UUID) are taken: the name is put into a
+/// `DROP SCHEMA`, and a role that may create schemas could otherwise name one
+/// `"ledgerline_check_x, public"`.
 async fn drop_abandoned_scratch(conn: &mut PgConnection) -> Result<(), RunError> {
     let schemas: Vec<String> = sqlx::query_scalar(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ledgerline\\_check\\_%'",
+        "SELECT nspname::text FROM pg_namespace WHERE nspname ~ '^ledgerline_check_[0-9a-f]{32}$'",
     )
     .fetch_all(&mut *conn)
     .await?;
