@@ -487,6 +487,7 @@ pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Resu
 /// what was committed stays, so a rebuild job resumes from there.
 pub(crate) async fn build(
     log: &PgPool,
+    schema: &str,
     schema_pool: &PgPool,
     lanes: &[Lane],
     batch: i64,
@@ -504,6 +505,7 @@ pub(crate) async fn build(
         queues.push((*lane, tx));
         workers.spawn(work(
             schema_pool.clone(),
+            schema.to_string(),
             *lane,
             rx,
             record,
@@ -568,12 +570,25 @@ async fn read_log(
 
 async fn work(
     pool: PgPool,
+    schema: String,
     lane: Lane,
     mut queue: mpsc::Receiver<Arc<Vec<StoredEvent>>>,
     record: Record,
     progress: Arc<Progress>,
 ) -> Result<(), RunError> {
     let name = lane.projection.name();
+    // Held through each batch: a schema dropped under a run that lost its job lock (an
+    // `--abandon`, a later check's clean-up) fails the batch here, where unqualified names
+    // would otherwise resolve to the live tables further down the search path.
+    let fence = format!(
+        "LOCK TABLE {} IN ACCESS SHARE MODE",
+        lane.projection
+            .tables()
+            .iter()
+            .map(|t| format!("{schema}.{t}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     let mut position = lane.from;
     while let Some(events) = queue.recv().await {
         let start = events.partition_point(|e| e.position <= position);
@@ -583,6 +598,7 @@ async fn work(
         };
         let last = slice[slice.len() - 1].position;
         let mut tx = pool.begin().await?;
+        sqlx::query(&fence).execute(&mut *tx).await?;
         if let Err((index, error)) = lane.projection.apply_many(&mut tx, slice).await {
             return Err(RunError::Failed {
                 name,

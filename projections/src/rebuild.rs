@@ -172,7 +172,16 @@ pub async fn rebuild(
         let lanes = lanes(pool, job.id, &projections, target).await?;
         progress.start(&lanes);
         let record = Record::Job(job.id);
-        build::build(pool, &shadow, &lanes, options.batch_size, record, progress).await?;
+        build::build(
+            pool,
+            &job.schema,
+            &shadow,
+            &lanes,
+            options.batch_size,
+            record,
+            progress,
+        )
+        .await?;
         Ok::<_, RunError>(target)
     };
     let result = async {
