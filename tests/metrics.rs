@@ -544,12 +544,13 @@ async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
         .execute(&mut *held)
         .await
         .unwrap();
+    let log = std::env::temp_dir().join(format!("ll-rebuild-{}.log", uuid::Uuid::new_v4()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
         .args(["projections", "rebuild", "users"])
         .env("LEDGERLINE_DATABASE_URL", &t.db.url)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .kill_on_drop(true)
         .spawn()
         .expect("run ledgerline");
@@ -563,7 +564,20 @@ async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
         .unwrap()
     })
     .await;
-    assert!(at_swap, "the rebuild waits at its swap");
+    let sessions: Vec<String> = sqlx::query_scalar(
+        "SELECT concat_ws(' | ', application_name, state, wait_event_type, left(query, 100)) \
+         FROM pg_stat_activity WHERE datname = current_database()",
+    )
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    assert!(
+        at_swap,
+        "the rebuild waits at its swap; it exited: {:?}; its log: {}; sessions: {sessions:?}",
+        child.try_wait(),
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    let _ = std::fs::remove_file(&log);
     let job: i64 =
         sqlx::query_scalar("SELECT id FROM projection_rebuilds WHERE status = 'running'")
             .fetch_one(t.pool())
