@@ -147,6 +147,13 @@ async fn compare_with_rebuild(
         projections: Vec::new(),
     };
     for ((projection, before), (_, position)) in started.iter().zip(&now) {
+        if position < before {
+            return Err(RunError::MovedBack {
+                name: projection.name(),
+                from: *before,
+                to: *position,
+            });
+        }
         let tail: Vec<StoredEvent> = sqlx::query_as(&format!(
             "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 AND position <= $2 \
              ORDER BY position"

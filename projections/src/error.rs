@@ -109,6 +109,17 @@ pub enum RunError {
          abandoned; run the rebuild again"
     )]
     LiveTablesChanged(String),
+    /// A live checkpoint went back while a check built its copy (a reset, say): the copy is
+    /// ahead of the live tables, and comparing them would report the gap as drift.
+    #[error(
+        "projection `{name}` went back from position {from} to {to} during the check (reset?); \
+         run the check again"
+    )]
+    MovedBack {
+        name: &'static str,
+        from: i64,
+        to: i64,
+    },
     /// Leftover sessions on a job's or check's schema that could not be ended.
     #[error(
         "database sessions left on `{schema}` by an earlier run could not be ended ({why}): \
