@@ -68,11 +68,7 @@ async fn a_command_waiting_for_a_row_the_app_holds_gets_it() {
     let pool = t.pool().clone();
     let (locked, is_locked) = tokio::sync::oneshot::channel();
     let holder = tokio::spawn(async move {
-        let mut tx = pool.begin().await.unwrap();
-        sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
-            .execute(&mut *tx)
-            .await
-            .unwrap();
+        let tx = common::hold_checkpoint(&pool, "users").await;
         locked.send(()).unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         tx.commit().await.unwrap();
@@ -88,12 +84,7 @@ async fn a_command_waiting_for_a_row_the_app_holds_gets_it() {
 /// started meanwhile catches up, builds its indexes and then waits, alive and holding the
 /// rebuild lock, until the returned transaction ends.
 async fn hold_the_swap(pool: &PgPool) -> Transaction<'static, Postgres> {
-    let mut tx = pool.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    tx
+    common::hold_checkpoint(pool, "users").await
 }
 
 /// `ledgerline projections rebuild users` as a job runner starts it: standard error a pipe.

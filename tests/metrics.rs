@@ -539,11 +539,7 @@ async fn an_unfinished_rebuild_shows_its_progress_its_age_and_that_nothing_runs_
 #[tokio::test]
 async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
     let t = TestApp::spawn().await;
-    let mut held = t.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
-        .execute(&mut *held)
-        .await
-        .unwrap();
+    let held = common::hold_checkpoint(t.pool(), "users").await;
     let log = std::env::temp_dir().join(format!("ll-rebuild-{}.log", uuid::Uuid::new_v4()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
         .args(["projections", "rebuild", "users"])

@@ -485,6 +485,26 @@ pub async fn every_row(t: &TestApp) -> Vec<(String, String)> {
 // ---------------------------------------------------------------------------------------
 // Tampering as a superuser would.
 
+/// Begins a transaction holding projection `name`'s checkpoint row, which a rebuild's swap
+/// and the projector's batches lock. The row is made first if the projector has not made it
+/// yet: locking a row that does not exist would hold nothing (seen under load).
+pub async fn hold_checkpoint(pool: &PgPool, name: &str) -> Transaction<'static, Postgres> {
+    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    let held = sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = $1 FOR UPDATE")
+        .bind(name)
+        .execute(&mut *tx)
+        .await
+        .unwrap()
+        .rows_affected();
+    assert_eq!(held, 1, "the checkpoint row of {name} is held");
+    tx
+}
+
 /// A transaction in which the append-only triggers do not fire (superuser only).
 pub async fn superuser_tx(pool: &PgPool) -> Transaction<'static, Postgres> {
     let mut tx = pool.begin().await.unwrap();
