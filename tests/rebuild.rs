@@ -1239,3 +1239,46 @@ async fn a_check_drops_only_scratch_schemas_it_could_have_made() {
     assert_eq!(schemas, ["ledgerline_check_x, public", "public"]);
     assert_eq!(t.head().await, head, "the log is whole");
 }
+
+/// A live checkpoint that goes back while a check builds (a reset) is said to be so, not
+/// reported as drift between a copy that is ahead and live tables that are behind.
+#[tokio::test]
+async fn a_check_during_which_a_projection_goes_back_says_so() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Moved Co").await;
+    t.invite(org, "ada@example.com", "Ada").await;
+    // Holds the log, so that the check's build waits after it read the live checkpoints.
+    let mut hold = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *hold)
+        .await
+        .unwrap();
+    let progress = Arc::new(Progress::default());
+    let check = ledgerline_projections::check(t.pool(), Some(&["users"]), 100, &progress);
+    let reset_meanwhile = async {
+        let waiting = eventually(Duration::from_secs(30), || async {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%FROM events WHERE position > $1 \
+                 AND position <= $2%')",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+        })
+        .await;
+        assert!(waiting, "the check's build waits for the log");
+        sqlx::query("UPDATE projection_checkpoints SET position = 0 WHERE name = 'users'")
+            .execute(&mut *hold)
+            .await
+            .unwrap();
+        hold.commit().await.unwrap();
+    };
+    let (checked, ()) = tokio::join!(check, reset_meanwhile);
+    match checked {
+        Err(RunError::MovedBack {
+            name: "users", to, ..
+        }) if to < t.head().await => {}
+        other => panic!("expected MovedBack, got {other:?}"),
+    }
+}
