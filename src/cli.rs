@@ -227,9 +227,9 @@ impl StopSignals {
     /// Forgets signals already delivered: a Ctrl-C and a SIGTERM forwarded with it (a
     /// terminal and a process manager, say) are one request to stop, not two.
     fn forget_pending(&mut self) {
-        use futures::FutureExt;
         #[cfg(unix)]
         {
+            use futures::FutureExt;
             let _ = self.interrupt.recv().now_or_never();
             let _ = self.terminate.recv().now_or_never();
         }

@@ -986,11 +986,7 @@ async fn a_projection_without_a_checkpoint_catches_up_on_its_own() {
     story(&t).await;
     let head = t.head().await;
     let live = snapshot(&t).await;
-    let mut tx = t.pool().begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'messaging' FOR UPDATE")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
+    let mut tx = common::hold_checkpoint(t.pool(), "messaging").await;
     sqlx::query(&format!(
         "TRUNCATE {}",
         ledgerline_projections::messaging::TABLES.join(", ")

@@ -147,7 +147,7 @@ async fn table(conn: &mut PgConnection) -> sqlx::Result<Claims> {
     Ok(rows.into_iter().map(|(s, k, o)| ((s, k), o)).collect())
 }
 
-fn differences(table: &Claims, log: &Claims) -> Vec<ClaimDifference> {
+fn differing(table: &Claims, log: &Claims) -> Vec<ClaimDifference> {
     let mut keys: Vec<&(String, String)> = table.keys().chain(log.keys()).collect();
     keys.sort_unstable();
     keys.dedup();
@@ -174,7 +174,7 @@ pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, C
         .execute(&mut *tx)
         .await?;
     fold.advance(&mut tx).await?;
-    let mut differences = differences(&table(&mut tx).await?, &fold.claims);
+    let mut differences = differing(&table(&mut tx).await?, &fold.claims);
     tx.commit().await?;
     let mut repaired = false;
     if repair && !differences.is_empty() {
@@ -191,7 +191,7 @@ pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, C
             .execute(&mut *tx)
             .await?;
         fold.advance(&mut tx).await?;
-        differences = self::differences(&table(&mut tx).await?, &fold.claims);
+        differences = differing(&table(&mut tx).await?, &fold.claims);
         rewrite(&mut tx, &differences).await?;
         tx.commit().await?;
         repaired = true;
@@ -253,7 +253,7 @@ mod tests {
             ("role_name", "o:ops", "Role:r2"),
             ("role_name", "o:qa", "Role:r4"),
         ]);
-        let d = differences(&table, &log);
+        let d = differing(&table, &log);
         let seen: Vec<(&str, Option<&str>, Option<&str>)> = d
             .iter()
             .map(|d| (d.key.as_str(), d.in_table.as_deref(), d.from_log.as_deref()))
@@ -266,7 +266,7 @@ mod tests {
                 ("o:qa", None, Some("Role:r4")),
             ]
         );
-        assert!(differences(&log, &log).is_empty());
+        assert!(differing(&log, &log).is_empty());
     }
 
     #[test]
