@@ -164,3 +164,78 @@ async fn a_contested_claim_is_reported_and_a_forged_log_is_not_repaired_from() {
     );
     assert_eq!(claim_rows(&t).await, before, "nothing rewritten");
 }
+
+/// The ledger's append lock (`writer::APPEND_LOCK`): every appender holds it until commit.
+const APPEND_LOCK: i64 = 0x6c65_6467_6572;
+
+/// Waits until `n` sessions wait for the append lock.
+async fn wait_for_appenders(t: &TestApp, n: i64) {
+    for _ in 0..1_000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(APPEND_LOCK)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{n} session(s) never waited for the append lock");
+}
+
+/// A claim taken while a repair compared and verified is folded before the rewrite: kept,
+/// not rewritten away as one the log does not give. The append lock is held so that a
+/// command queues for it first and the repair (past its comparison) behind it.
+#[tokio::test]
+async fn a_repair_folds_what_was_appended_after_its_comparison() {
+    let t = TestApp::spawn().await;
+    let (org, ops) = log_with_claims(&t).await;
+    tamper(
+        t.pool(),
+        &[format!(
+            "INSERT INTO unique_claims (scope, key, owner) VALUES ('role_name', '{org}:ghost', 'Role:{ops}')"
+        )],
+    )
+    .await;
+    let mut holder = t.pool().acquire().await.unwrap().detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let roles = format!("/v1/organizations/{org}/roles");
+    let create = t.post(
+        &roles,
+        &t.admin_key,
+        json!({"name": "late", "permissions": ["users:read"]}),
+    );
+    let repair = async {
+        wait_for_appenders(&t, 1).await;
+        let repair = ledgerline(&t.db.url, &["claims", "check", "--repair"]);
+        let release = async {
+            wait_for_appenders(&t, 2).await;
+            sqlx::query("SELECT pg_advisory_unlock($1)")
+                .bind(APPEND_LOCK)
+                .execute(&mut holder)
+                .await
+                .unwrap();
+        };
+        tokio::join!(repair, release).0
+    };
+    let (created, (code, out, err)) = tokio::join!(create, repair);
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("repaired: 1 row(s) rewritten"), "{out}");
+    assert!(out.contains(&format!("{org}:ghost")), "{out}");
+    let held = claim_rows(&t).await;
+    assert!(
+        held.iter().any(|(_, k, _)| *k == format!("{org}:late")),
+        "the claim taken meanwhile is kept: {held:?}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["claims", "check"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+}
