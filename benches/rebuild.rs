@@ -326,10 +326,15 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
         vacuum(pool).await?;
     }
     // A run that died in the middle of the baseline left the read models behind.
+    let started = Instant::now();
     catch_up(pool)
         .await
         .context("catching up before measuring")?;
     let head = head(pool).await?;
+    println!(
+        "read models caught up to {head} before measuring in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     let log_bytes: i64 = sqlx::query_scalar("SELECT pg_total_relation_size('events')")
         .fetch_one(pool)
         .await?;

@@ -104,6 +104,13 @@ impl From<ProjectionError> for GiveUp {
 }
 
 async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+    // Each statement planned for its own arrays, for the rest of the caller's transaction:
+    // on a pooled connection a generic plan, made once the first executions found the
+    // tables small (a projection reset or added to a running system), assumes a hundred
+    // rows per array and goes on scanning `messages` whole as it grows.
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *conn)
+        .await?;
     sqlx::query("SAVEPOINT messaging_bulk")
         .execute(&mut *conn)
         .await?;

@@ -14,6 +14,7 @@ use ledgerline_aggregates::conversation::{
 };
 use ledgerline_aggregates::message::{Attachment, MessageEvent};
 use ledgerline_projections::{bulk_fallbacks, reset, run_batch, BatchOutcome, Projection};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -284,4 +285,46 @@ async fn the_multi_row_paths_give_the_tables_of_one_event_at_a_time() {
         }
         assert_eq!(bulk_fallbacks(), 0, "batches of {size} stayed multi-row");
     }
+}
+
+/// A projection reset or added to a running system catches up in long batches on pooled
+/// connections, where PostgreSQL may switch a prepared statement to a generic plan after
+/// five executions; one made while the tables were small assumes a hundred rows per array
+/// and scanned `messages` whole on every batch as it grew (a catch-up of a million events
+/// slowed to hundreds per second). The multi-row path plans each execution for its arrays.
+#[tokio::test]
+async fn the_multi_row_path_plans_every_batch_for_its_own_arrays() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    chat_log(&mut ledger, 3000).await;
+    // One connection: every batch runs the same prepared statements.
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*db.pool.connect_options()).clone())
+        .await
+        .unwrap();
+    loop {
+        match run_batch(&one, Projection::Messaging, 300).await.unwrap() {
+            BatchOutcome::Applied { applied, .. } if applied < 300 => break,
+            BatchOutcome::Applied { .. } => {}
+            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
+        }
+    }
+    let plans: Vec<(String, i64, i64)> = sqlx::query_as(
+        "SELECT left(statement, 60), custom_plans, generic_plans FROM pg_prepared_statements \
+         WHERE statement LIKE '%unnest(%' AND statement NOT LIKE '%pg_prepared_statements%' \
+         ORDER BY statement",
+    )
+    .fetch_all(&one)
+    .await
+    .unwrap();
+    assert!(
+        plans.iter().any(|(_, custom, _)| *custom > 5),
+        "the multi-row statements ran more than five times: {plans:?}"
+    );
+    assert!(
+        plans.iter().all(|(_, _, generic)| *generic == 0),
+        "{plans:?}"
+    );
+    assert_eq!(bulk_fallbacks(), 0);
 }
