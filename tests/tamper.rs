@@ -779,6 +779,19 @@ async fn impossible_values_are_tampering_at_their_position() {
         )),
         "{out}"
     );
+    // An export of the range fails naming the position (it panicked decoding the time),
+    // and leaves no file behind.
+    let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
+    let out_s = out.to_str().unwrap();
+    let (code, summary, err) = ledgerline(&t.db.url, &["export", "--out", out_s]).await;
+    assert_eq!(code, 2, "{summary}{err}");
+    assert!(
+        err.contains(&format!(
+            "position {k}: recorded_at holds a time no writer stores"
+        )),
+        "{err}"
+    );
+    assert!(!out.exists() && !std::path::Path::new(&format!("{out_s}.partial")).exists());
 
     let j = k - 1;
     tamper(

@@ -238,7 +238,12 @@ impl NoteVerifier {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| bad("the key id is not 8 hex characters"))?;
         let blob = B64.decode(blob).map_err(|_| bad("the key is not base64"))?;
-        let (Some(&ED25519), Ok(raw)) = (blob.first(), <[u8; 32]>::try_from(&blob[1..])) else {
+        // `split_first`: an empty key (`...+`) is refused, not sliced past its end.
+        let raw = match blob.split_first() {
+            Some((&ED25519, rest)) => <[u8; 32]>::try_from(rest).ok(),
+            _ => None,
+        };
+        let Some(raw) = raw else {
             return Err(bad("not an Ed25519 (type 0x01) 32-byte public key"));
         };
         let key = VerifyingKey::from_bytes(&raw).map_err(|_| bad("not an Ed25519 point"))?;
@@ -369,6 +374,14 @@ mod tests {
         let text = signer.verifier().to_string();
         assert!(NoteVerifier::parse(&text.replacen("a.test", "b.test", 1)).is_err());
         assert!(NoteVerifier::parse("nonsense").is_err());
+        // An empty key, a type byte alone, a key a byte short: refused, not a panic.
+        let (name_and_id, _) = text.rsplit_once('+').unwrap();
+        for blob in ["", "AQ==", &B64.encode([1u8; 32][..31].to_vec())] {
+            assert!(matches!(
+                NoteVerifier::parse(&format!("{name_and_id}+{blob}")),
+                Err(NoteError::BadKey(_))
+            ));
+        }
         assert!(LogSigner::from_hex("a.test/log", "abcd").is_err());
         let again = LogSigner::from_hex("a.test/log", &signer.seed_hex()).unwrap();
         assert_eq!(again.verifier(), signer.verifier());

@@ -306,6 +306,9 @@ struct Row {
     event_version: Option<String>,
     organization_id: Option<Uuid>,
     recorded_at: Option<DateTime<Utc>>,
+    /// A time no writer stores (`infinity`, or past what `DateTime` holds), left out of
+    /// `recorded_at`: decoding it would panic.
+    impossible_time: bool,
     payload: Option<String>,
     metadata: Option<String>,
 }
@@ -319,10 +322,13 @@ const ROWS_SQL: &str = r#"
            CASE WHEN "full" THEN event_type END AS event_type,
            CASE WHEN "full" THEN event_version END AS event_version,
            CASE WHEN "full" THEN organization_id END AS organization_id,
-           CASE WHEN "full" THEN recorded_at END AS recorded_at,
+           CASE WHEN "full" AND NOT impossible_time THEN recorded_at END AS recorded_at,
+           "full" AND impossible_time AS impossible_time,
            CASE WHEN "full" THEN payload::text END AS payload,
            CASE WHEN "full" THEN metadata::text END AS metadata
-    FROM (SELECT *, coalesce($3::uuid IS NULL OR organization_id = $3, false) AS "full"
+    FROM (SELECT *, coalesce($3::uuid IS NULL OR organization_id = $3, false) AS "full",
+                 coalesce(NOT isfinite(recorded_at)
+                          OR recorded_at >= '262143-01-01 00:00:00+00', false) AS impossible_time
           FROM events WHERE position BETWEEN $1 AND $2) e
     ORDER BY position"#;
 
@@ -384,6 +390,12 @@ fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Resul
         write_stub_line(buf, row.position, &hash);
         summary.stubs += 1;
         return Ok(());
+    }
+    if row.impossible_time {
+        return Err(ExportError::Damaged(format!(
+            "position {}: recorded_at holds a time no writer stores",
+            row.position
+        )));
     }
     // Every column of `events` but organization_id is NOT NULL.
     let missing = || ExportError::Damaged(format!("a NULL field at position {}", row.position));
