@@ -376,7 +376,7 @@ mod tests {
         assert!(NoteVerifier::parse("nonsense").is_err());
         // An empty key, a type byte alone, a key a byte short: refused, not a panic.
         let (name_and_id, _) = text.rsplit_once('+').unwrap();
-        for blob in ["", "AQ==", &B64.encode([1u8; 31])] {
+        for blob in ["", "AQ==", &B64.encode([1u8; 32])] {
             assert!(matches!(
                 NoteVerifier::parse(&format!("{name_and_id}+{blob}")),
                 Err(NoteError::BadKey(_))
