@@ -606,6 +606,39 @@ async fn rows_outside_the_chain_are_found() {
     assert_first_bad(&t.verify().await, -5, Fault::OutsideTheChain { rows: 3 });
 }
 
+/// With the table's unique index and key dropped, a row copied in a second time is found at
+/// its own position as a repeat, in the middle and at the head, where a gap after it would
+/// name a position that does not exist. (Of two rows at one position either may come first;
+/// a verbatim copy makes the second the repeat whichever it is.)
+#[tokio::test]
+async fn a_row_copied_in_again_is_a_repeat_at_its_position() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let k = log.support_role;
+    let copy = |position: i64| {
+        format!("INSERT INTO events SELECT * FROM events WHERE position = {position}")
+    };
+    tamper(
+        t.pool(),
+        &[
+            "DROP INDEX events_position".to_string(),
+            "ALTER TABLE events DROP CONSTRAINT events_pkey".to_string(),
+            copy(log.n),
+        ],
+    )
+    .await;
+    assert_first_bad(&t.verify().await, log.n, Fault::Repeated);
+
+    tamper(t.pool(), &[copy(k)]).await;
+    assert_first_bad(&t.verify().await, k, Fault::Repeated);
+    let (code, out, err) = run_verify(Some(&t.db.url)).await;
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.contains(&format!("first bad position {k}: position repeated")),
+        "{out}"
+    );
+}
+
 fn rand_hash() -> Vec<u8> {
     let mut h = Uuid::new_v4().as_bytes().to_vec();
     h.extend_from_slice(Uuid::new_v4().as_bytes());

@@ -732,6 +732,11 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
         };
         let position = parsed.position();
         match expected {
+            // A line below `expected` repeats the position of a line before it.
+            Some(e) if position < e => {
+                c.first_bad = Some(fault(Some(position), FileFaultKind::Chain(Fault::Repeated)));
+                continue;
+            }
             Some(e) if position != e => {
                 c.first_bad = Some(fault(Some(e), FileFaultKind::Chain(Fault::Missing)));
                 continue;
@@ -877,10 +882,16 @@ impl Walk {
         let at_line = |index: u64| Some(line_no + 1 + index);
         if let Some(p) = c.first_position {
             if p != self.expected {
+                // As the sequential walk: below `expected`, the position of the line before.
+                let (position, fault) = if p < self.expected {
+                    (p, Fault::Repeated)
+                } else {
+                    (self.expected, Fault::Missing)
+                };
                 self.first_bad = Some(FileFault {
-                    position: Some(self.expected),
+                    position: Some(position),
                     line: at_line(0),
-                    kind: FileFaultKind::Chain(Fault::Missing),
+                    kind: FileFaultKind::Chain(fault),
                 });
                 return;
             }
@@ -1147,6 +1158,11 @@ mod tests {
         let mut swapped = full.clone();
         swapped.swap(20, 21);
         assert_eq!(fault(&unlines(&swapped)), chain_fault(20, Fault::Missing));
+
+        // A line repeated: found at its own position, not as a gap after it.
+        let mut repeated = full.clone();
+        repeated.insert(21, full[20].clone());
+        assert_eq!(fault(&unlines(&repeated)), chain_fault(20, Fault::Repeated));
 
         let mut malformed = full.clone();
         malformed[30] = "{\"position\":30,".into();

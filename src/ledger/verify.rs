@@ -23,6 +23,9 @@ pub enum Fault {
     LinkBroken,
     /// No event holds this position: an event was deleted (or positions were renumbered).
     Missing,
+    /// A second event holds this position, which the one before it already held: a row
+    /// inserted, possible only with the table's unique index dropped.
+    Repeated,
     /// `rows` rows hold no position in the chain (none, or one below 1: possible only with
     /// the table's constraints dropped), so no range reads them; the application loads an
     /// aggregate's events by sequence, not position, and would replay them all the same.
@@ -48,6 +51,9 @@ impl std::fmt::Display for Fault {
                 f.write_str("link broken: prev_hash is not the hash of the event before")
             }
             Fault::Missing => f.write_str("position gap: no event holds this position (deleted?)"),
+            Fault::Repeated => {
+                f.write_str("position repeated: a second event holds this position (inserted?)")
+            }
             Fault::OutsideTheChain { rows } => write!(
                 f,
                 "inserted outside the chain: {rows} row(s) with no position or one below 1"
@@ -322,27 +328,22 @@ impl RangeWalk {
         let raw = match decode_row(row) {
             Ok(raw) => raw,
             Err((column, value)) => {
-                // A gap before this row comes first, as for any other row.
-                let gap = row[0].and_then(int8).is_some_and(|p| p != self.expected);
-                seg.first_bad = Some(BadEvent {
-                    position: self.expected,
-                    fault: if gap {
-                        Fault::Missing
-                    } else {
-                        Fault::Impossible {
+                // A gap or a repeat at this row comes first, as for any other row.
+                let position = row[0].and_then(int8).unwrap_or(self.expected);
+                seg.first_bad = Some(Self::out_of_place(self.expected, position).unwrap_or(
+                    BadEvent {
+                        position: self.expected,
+                        fault: Fault::Impossible {
                             column: COLUMN_NAMES[column],
                             value,
-                        }
+                        },
                     },
-                });
+                ));
                 return Ok(());
             }
         };
-        if raw.fields.position != self.expected {
-            seg.first_bad = Some(BadEvent {
-                position: self.expected,
-                fault: Fault::Missing,
-            });
+        if let Some(bad) = Self::out_of_place(self.expected, raw.fields.position) {
+            seg.first_bad = Some(bad);
             return Ok(());
         }
         encode_v1(&mut self.input, &raw.prev_hash, &raw.fields);
@@ -374,6 +375,22 @@ impl RangeWalk {
         seg.last_position = raw.fields.position;
         self.expected += 1;
         Ok(())
+    }
+
+    /// The fault of a row at `position` when `expected` is next. Rows come in position
+    /// order, so one below `expected` holds the position of the row before it.
+    fn out_of_place(expected: i64, position: i64) -> Option<BadEvent> {
+        match position.cmp(&expected) {
+            std::cmp::Ordering::Equal => None,
+            std::cmp::Ordering::Less => Some(BadEvent {
+                position,
+                fault: Fault::Repeated,
+            }),
+            std::cmp::Ordering::Greater => Some(BadEvent {
+                position: expected,
+                fault: Fault::Missing,
+            }),
+        }
     }
 
     fn finish(mut self) -> Segment {
@@ -651,6 +668,14 @@ mod tests {
         deleted.remove(4);
         assert_eq!(first_bad(&deleted), bad(5, Fault::Missing));
         assert_eq!(first_bad(&events[..9]), bad(10, Fault::Missing)); // the last one
+
+        // A second row at position 5, and one at the head: each found at its own position.
+        let mut repeated = events.clone();
+        repeated.insert(5, events[4].clone());
+        assert_eq!(first_bad(&repeated), bad(5, Fault::Repeated));
+        let mut repeated = events.clone();
+        repeated.push(events[9].clone());
+        assert_eq!(first_bad(&repeated), bad(10, Fault::Repeated));
         let seg = walk_events(&events[..9], 1, 10);
         assert_eq!(seg.events, 9);
         assert!(!seg.clean_and_full());
