@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -116,17 +116,19 @@ async fn batch(
         Err((index, error)) => {
             // The failed statement aborted the transaction: start over without the event.
             tx.rollback().await?;
-            stop_at(pool, projection, checkpoint, &events, index, error).await
+            stop_at(pool, projection, holder, checkpoint, &events, index, error).await
         }
     }
 }
 
-/// Applies the events before the failing one and records the failure, in one transaction.
-/// If one of those events now fails too (the database changed in between), the projection
-/// stops at that earlier one instead.
+/// Applies the events before the failing one and records the failure, in one transaction
+/// opened as a batch is (the lease checked and held, an idle limit). If one of those events
+/// now fails too (the database changed in between), the projection stops at that earlier one
+/// instead.
 async fn stop_at(
     pool: &PgPool,
     projection: Projection,
+    holder: Option<&str>,
     checkpoint: i64,
     events: &[StoredEvent],
     mut index: usize,
@@ -141,10 +143,13 @@ async fn stop_at(
             Err(error) => error,
         };
         let mut tx = pool.begin().await?;
-        let now = lock_checkpoint(&mut tx, name).await?;
+        let (fenced, now, failure) = open(&mut tx, name, holder).await?;
+        if !fenced {
+            // The lease moved while the batch failed: its new holder meets the event itself.
+            return Err(RunError::NotLeaseHolder(name));
+        }
         if now != checkpoint {
             // Another runner got here first; re-applying our prefix would apply it twice.
-            let failure = first_failure(&mut tx, name).await?;
             tx.commit().await?;
             return Ok(match failure {
                 Some(failure) => BatchOutcome::Failed {
@@ -208,9 +213,11 @@ async fn stop_at(
 /// - checks that `holder` (if any) holds the projection's lease, and keeps it from changing
 ///   hands until the batch ends (`lease::fence`), which a frozen process could then do
 ///   forever: the transaction ends if it idles past `lease::STALLED_TRANSACTION_LIMIT`;
-/// - locks the checkpoint (created at 0 if new) and reads the first recorded failure (also
+/// - locks the checkpoint (created at 0 if new), then reads the first recorded failure (also
 ///   locked, so that one a swap or reset is deleting meanwhile is waited for and skipped
-///   rather than read from the statement's older snapshot).
+///   rather than read from the statement's older snapshot). In that order, as a swap or reset
+///   takes them: the failure's lateral join depends on the checkpoint's, so it runs after it
+///   (a failure row held while waiting for a checkpoint a swap held made a deadlock).
 async fn open(
     tx: &mut Transaction<'_, Postgres>,
     name: &'static str,
@@ -229,11 +236,12 @@ async fn open(
               AND expires_at > clock_timestamp() FOR SHARE)) \
            AND set_config('synchronous_commit', 'off', true) = 'off' \
            AND set_config('idle_in_transaction_session_timeout', $4, true) <> '', \
-         (SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE), \
-         f.position, f.error, f.failed_at \
-         FROM (SELECT 1) AS one LEFT JOIN LATERAL (SELECT position, error, failed_at \
-              FROM projection_failures WHERE name = $1 ORDER BY position LIMIT 1 \
-              FOR SHARE) f ON true",
+         c.position, f.position, f.error, f.failed_at \
+         FROM (SELECT 1) AS one \
+         LEFT JOIN LATERAL (SELECT name, position FROM projection_checkpoints \
+              WHERE name = $1 FOR UPDATE) c ON true \
+         LEFT JOIN LATERAL (SELECT position, error, failed_at FROM projection_failures \
+              WHERE name = coalesce(c.name, $1) ORDER BY position LIMIT 1 FOR SHARE) f ON true",
     )
     .bind(name)
     .bind(holder)
@@ -284,24 +292,6 @@ async fn advance(
     .execute(&mut **tx)
     .await?;
     Ok(())
-}
-
-async fn first_failure(
-    conn: &mut PgConnection,
-    name: &str,
-) -> sqlx::Result<Option<ProjectionFailure>> {
-    let row: Option<(i64, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT position, error, failed_at FROM projection_failures WHERE name = $1 \
-         ORDER BY position LIMIT 1",
-    )
-    .bind(name)
-    .fetch_optional(conn)
-    .await?;
-    Ok(row.map(|(position, error, failed_at)| ProjectionFailure {
-        position,
-        error,
-        failed_at,
-    }))
 }
 
 pub(crate) async fn head(pool: &PgPool) -> sqlx::Result<i64> {

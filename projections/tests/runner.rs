@@ -639,3 +639,64 @@ async fn a_failure_inside_a_bulk_insert_names_its_own_event() {
     // The other projections are not held back by it.
     assert_eq!(checkpoint(&db.pool, "users").await, 40);
 }
+
+/// A rebuild's swap locks the checkpoints, then deletes the swapped projections' failures. A
+/// batch of a stopped projection opening meanwhile must wait for the checkpoint before it
+/// touches the failure row: holding that row while it waited made a lock cycle with the swap
+/// (a deadlock, or the swap's lock timeout first, every time under load).
+#[tokio::test]
+async fn a_batch_of_a_stopped_projection_waits_for_its_checkpoint_before_its_failure() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let user = Uuid::new_v4();
+    sqlx::raw_sql(&format!(
+        "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF NEW.id = '{user}' THEN RAISE EXCEPTION 'read model refuses'; END IF; RETURN NEW; END $$; \
+         CREATE TRIGGER refuse BEFORE INSERT ON users FOR EACH ROW EXECUTE FUNCTION refuse();"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    ledger
+        .append("User", user, &invite(user, org), &actor)
+        .await;
+    assert_eq!(failed_at(catch_up(&db.pool).await), ("users", 1));
+
+    // What a swap does first: the checkpoint, locked.
+    let mut swap = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT position FROM projection_checkpoints WHERE name = 'users' FOR UPDATE")
+        .execute(&mut *swap)
+        .await
+        .unwrap();
+    let batch = tokio::spawn({
+        let pool = db.pool.clone();
+        async move { run_batch(&pool, Projection::Users, 10).await }
+    });
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    // Then the failures, as the swapped-in tables applied the event.
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut *swap)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM projection_failures WHERE name = 'users'")
+        .execute(&mut *swap)
+        .await
+        .expect("the swap is not blocked by the waiting batch");
+    swap.commit().await.unwrap();
+    let outcome = batch.await.unwrap();
+    assert!(
+        matches!(outcome, Ok(BatchOutcome::Failed { .. })),
+        "the batch meets the event again (the trigger is still there), no deadlock: {outcome:?}"
+    );
+}
