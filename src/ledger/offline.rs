@@ -183,6 +183,21 @@ impl std::fmt::Display for OfflineReport {
                             self.head_position
                         )?;
                     }
+                } else {
+                    // What the chain alone cannot show (docs/ledger-format.md, section 5).
+                    f.write_str(
+                        "; checked against no checkpoint: a file cut short, or rewritten with \
+                         every hash recomputed, reads as intact too (pass --checkpoint)",
+                    )?;
+                }
+                if self.stubs > 0 {
+                    // A stub's event is known only by its hash: nothing here shows whose it is.
+                    write!(
+                        f,
+                        "; {} position(s) are stubs, another organization's events by the \
+                         exporter's word: the file cannot show they are not this one's",
+                        self.stubs
+                    )?;
                 }
                 Ok(())
             }
@@ -1125,6 +1140,21 @@ mod tests {
         let r = check(&export(&events, None, 41, 40), None);
         assert!(r.intact() && r.lines == 0 && r.head_hash == events[39].hash);
         assert!(r.to_string().starts_with("intact: 0 events"), "{r}");
+    }
+
+    #[test]
+    fn an_intact_report_says_what_the_file_could_not_show() {
+        let events = chain(40);
+        let whole = check(&export(&events, None, 1, 40), None).to_string();
+        assert!(whole.contains("checked against no checkpoint"), "{whole}");
+        assert!(!whole.contains("stubs, another"), "{whole}");
+        let r = check(&export(&events, tenant(2), 1, 40), None);
+        assert!(r.intact() && r.stubs > 0, "{r}");
+        assert!(
+            r.to_string()
+                .contains(&format!("{} position(s) are stubs", r.stubs)),
+            "{r}"
+        );
     }
 
     #[test]
