@@ -578,7 +578,16 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
         ],
     )
     .await;
-    let two = sign_now(&t).await;
+    // Signed by another process holding the key: the running server, which remembers what
+    // it signed, would refuse (`the_running_server_does_not_sign_a_rewritten_history`).
+    let forger = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
+    tree::catch_up(t.pool(), Some(&forger), POLICY, true)
+        .await
+        .expect("no checkpoint left to extend");
+    let (two,): (String,) = sqlx::query_as("SELECT note FROM checkpoints")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
     let (a, b) = (
         t.signer.verifier().open(&one).unwrap(),
         t.signer.verifier().open(&two).unwrap(),
@@ -615,6 +624,54 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
     .await;
     assert_eq!(code, 1);
     assert!(out.starts_with("REWRITTEN"), "{out}");
+}
+
+/// Someone who can write the database but holds no key rewrites the log, rebuilds the tree
+/// from it and waits for the server to sign: it refuses, as the tree does not extend the
+/// checkpoint it signed (found in the stored notes after a restart, remembered while running
+/// even when the notes are deleted too).
+#[tokio::test]
+async fn the_running_server_does_not_sign_a_rewritten_history() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    sign_now(&t).await;
+    let signed: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    rewrite_from(&t, beta_position(&t).await).await;
+    tamper(
+        t.pool(),
+        &[
+            "DELETE FROM merkle_nodes".to_string(),
+            "UPDATE merkle_state SET size = 0, peaks = '{}'".to_string(),
+        ],
+    )
+    .await;
+    // New commands, chained to the rewritten head: a tree larger than the signed one.
+    some_history_more(&t).await;
+    // A restarted server: a new signer, the stored notes.
+    let restarted = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
+    let refused = tree::catch_up(t.pool(), Some(&restarted), POLICY, true).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::Unsignable(why)) if why.contains("chain head")),
+        "{refused:?}"
+    );
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints")
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+    };
+    assert_eq!(count().await, signed, "nothing signed after the rewrite");
+    // The running one, with the notes gone as well.
+    tamper(t.pool(), &["DELETE FROM checkpoints".to_string()]).await;
+    let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::Unsignable(_))),
+        "{refused:?}"
+    );
+    assert_eq!(count().await, 0, "nothing signed after the rewrite");
 }
 
 #[tokio::test]

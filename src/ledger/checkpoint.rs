@@ -129,6 +129,9 @@ fn key_id(name: &str, public: &VerifyingKey) -> [u8; 4] {
 pub struct LogSigner {
     name: String,
     key: SigningKey,
+    /// The newest checkpoint signed with this instance, which every later one must extend
+    /// (`tree::sign_checkpoint`): kept outside the database it vouches for.
+    last_signed: std::sync::Mutex<Option<Checkpoint>>,
 }
 
 impl fmt::Debug for LogSigner {
@@ -164,7 +167,27 @@ impl LogSigner {
         Ok(Self {
             name: name.to_string(),
             key,
+            last_signed: std::sync::Mutex::new(None),
         })
+    }
+
+    /// The newest checkpoint this instance signed, if any.
+    pub fn last_signed(&self) -> Option<Checkpoint> {
+        self.last_signed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records `checkpoint` as signed, unless a larger one already is.
+    pub fn remember(&self, checkpoint: &Checkpoint) {
+        let mut last = self.last_signed.lock().unwrap_or_else(|e| e.into_inner());
+        if last
+            .as_ref()
+            .is_none_or(|l| l.tree_size <= checkpoint.tree_size)
+        {
+            *last = Some(checkpoint.clone());
+        }
     }
 
     pub fn seed_hex(&self) -> String {

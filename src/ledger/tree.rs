@@ -48,6 +48,10 @@ pub enum TreeError {
     NotIntegrated { requested: u64, integrated: u64 },
     #[error("{0}")]
     BadRequest(String),
+    /// The integrated tree does not extend the newest checkpoint this key signed: the tree
+    /// or the log was rewritten under the running server. Nothing more is signed.
+    #[error("refusing to sign: {0}")]
+    Unsignable(String),
     /// Another process holds the maintainer's lease.
     #[error("the log maintainer's lease is held by another process")]
     NotLeaseHolder,
@@ -300,6 +304,9 @@ pub struct CheckpointPolicy {
 }
 
 /// Signs and stores a checkpoint of the integrated tree, unless one of that size exists.
+/// Refuses ([`TreeError::Unsignable`]) a tree that does not extend the newest checkpoint this
+/// key signed, so that someone who can write the database but has no key cannot have the
+/// running server sign a rewritten history.
 pub async fn sign_checkpoint(
     pool: &PgPool,
     signer: &LogSigner,
@@ -321,6 +328,9 @@ pub async fn sign_checkpoint(
         chain_head: digest(&head)?,
         time: Utc::now().trunc_subsecs(0),
     };
+    drop(conn);
+    check_extends_signed(pool, signer, &checkpoint).await?;
+    let mut conn = pool.acquire().await?;
     let note = signer.sign(&checkpoint);
     let inserted = sqlx::query(
         "INSERT INTO checkpoints (tree_size, root, chain_head, signed_at, note) \
@@ -333,7 +343,71 @@ pub async fn sign_checkpoint(
     .bind(&note)
     .execute(&mut *conn)
     .await?;
+    signer.remember(&checkpoint);
     Ok((inserted.rows_affected() == 1).then_some(checkpoint))
+}
+
+/// How many of the newest stored checkpoints are tried for one this key signed.
+const ANCHOR_CANDIDATES: i64 = 16;
+
+/// The newest checkpoint this key is known to have signed: the one this instance signed,
+/// or a stored one whose signature opens under the key (after a restart), the larger.
+async fn anchor(pool: &PgPool, signer: &LogSigner) -> Result<Option<Checkpoint>, TreeError> {
+    let notes: Vec<(String,)> =
+        sqlx::query_as("SELECT note FROM checkpoints ORDER BY tree_size DESC LIMIT $1")
+            .bind(ANCHOR_CANDIDATES)
+            .fetch_all(pool)
+            .await?;
+    let verifier = signer.verifier();
+    // A note that does not open (altered, or another key's) vouches for nothing.
+    let stored = notes.iter().find_map(|(note,)| verifier.open(note).ok());
+    Ok(match (signer.last_signed(), stored) {
+        (Some(a), Some(b)) => Some(if a.tree_size >= b.tree_size { a } else { b }),
+        (a, b) => a.or(b),
+    })
+}
+
+/// `next` must extend the anchor: at least its size, the log's hash at the anchor's size
+/// its chain head, and the stored tree consistent with its root (an RFC 9162 consistency
+/// proof from the stored nodes, checked against both roots).
+async fn check_extends_signed(
+    pool: &PgPool,
+    signer: &LogSigner,
+    next: &Checkpoint,
+) -> Result<(), TreeError> {
+    let Some(signed) = anchor(pool, signer).await? else {
+        return Ok(());
+    };
+    let refuse = |why: String| {
+        Err(TreeError::Unsignable(format!(
+            "the tree of {} events does not extend the checkpoint signed at size {}: {why}",
+            next.tree_size, signed.tree_size
+        )))
+    };
+    if next.tree_size < signed.tree_size {
+        return refuse("it is smaller".into());
+    }
+    let head: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+        .bind(signed.tree_size as i64)
+        .fetch_optional(pool)
+        .await?;
+    if head.as_deref() != Some(&signed.chain_head[..]) {
+        return refuse(format!(
+            "the log's hash at position {} is not the signed chain head",
+            signed.tree_size
+        ));
+    }
+    let proof = consistency_proof(pool, signed.tree_size, next.tree_size).await?;
+    if let Err(e) = merkle::verify_consistency::<Blake3>(
+        signed.tree_size,
+        next.tree_size,
+        &signed.root,
+        &next.root,
+        &proof,
+    ) {
+        return refuse(format!("the stored tree is not consistent with it ({e})"));
+    }
+    Ok(())
 }
 
 async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {
@@ -505,6 +579,10 @@ async fn maintain(
                     position,
                     "log maintainer stopped: the ledger does not verify"
                 );
+                break;
+            }
+            Err(e @ TreeError::Unsignable(_)) => {
+                tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
                 break;
             }
             Err(TreeError::NotLeaseHolder) => {
