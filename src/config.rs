@@ -115,6 +115,11 @@ pub struct LogArgs {
     /// A file holding the signing key, instead of --signing-key.
     #[arg(long, env = "LEDGERLINE_SIGNING_KEY_FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// A file where the server keeps the newest checkpoint it signed, and which every later
+    /// one must extend, across restarts: outside the database, so that nobody who can only
+    /// write the database can have it sign a rewritten history. Made if missing.
+    #[arg(long, env = "LEDGERLINE_CHECKPOINT_ANCHOR_FILE")]
+    pub checkpoint_anchor_file: Option<PathBuf>,
     /// Sign a checkpoint every this many events...
     #[arg(long, env = "LEDGERLINE_CHECKPOINT_EVERY", default_value_t = 1000)]
     pub checkpoint_every: u64,
@@ -138,7 +143,14 @@ impl LogArgs {
                  LEDGERLINE_SIGNING_KEY_FILE; `ledgerline keygen` makes one (scripts/dev makes one for local use)"
             ),
         };
-        LogSigner::from_hex(&self.log_origin, &text).context("reading the signing key")
+        let signer =
+            LogSigner::from_hex(&self.log_origin, &text).context("reading the signing key")?;
+        match &self.checkpoint_anchor_file {
+            Some(path) => signer
+                .with_anchor_file(path.clone())
+                .context("opening the checkpoint anchor file"),
+            None => Ok(signer),
+        }
     }
 
     pub fn policy(&self) -> anyhow::Result<CheckpointPolicy> {

@@ -635,6 +635,18 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
     let t = TestApp::spawn().await;
     some_history(&t).await;
     sign_now(&t).await;
+    // A server that keeps its newest checkpoint in a file (`--checkpoint-anchor-file`).
+    let anchor = std::env::temp_dir().join(format!("ll-anchor-{}", Uuid::new_v4().simple()));
+    let with_anchor = || {
+        LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex())
+            .unwrap()
+            .with_anchor_file(anchor.clone())
+            .unwrap()
+    };
+    tree::sign_checkpoint(t.pool(), &with_anchor())
+        .await
+        .unwrap();
+    assert!(anchor.exists());
     let signed: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
         .fetch_one(t.pool())
         .await
@@ -671,7 +683,21 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
         matches!(&refused, Err(tree::TreeError::Unsignable(_))),
         "{refused:?}"
     );
+    // Restarted with its anchor file.
+    let refused = tree::catch_up(t.pool(), Some(&with_anchor()), POLICY, true).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::Unsignable(_))),
+        "{refused:?}"
+    );
     assert_eq!(count().await, 0, "nothing signed after the rewrite");
+    // An anchor file altered is refused at start.
+    let note = std::fs::read_to_string(&anchor).unwrap();
+    std::fs::write(&anchor, note.replacen("\n", "\n\n", 1)).unwrap();
+    let opened = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex())
+        .unwrap()
+        .with_anchor_file(anchor.clone());
+    assert!(opened.is_err());
+    std::fs::remove_file(&anchor).ok();
 }
 
 #[tokio::test]

@@ -132,6 +132,8 @@ pub struct LogSigner {
     /// The newest checkpoint signed with this instance, which every later one must extend
     /// (`tree::sign_checkpoint`): kept outside the database it vouches for.
     last_signed: std::sync::Mutex<Option<Checkpoint>>,
+    /// Where that checkpoint's note is kept across restarts, if anywhere.
+    anchor_file: Option<std::path::PathBuf>,
 }
 
 impl fmt::Debug for LogSigner {
@@ -168,7 +170,29 @@ impl LogSigner {
             name: name.to_string(),
             key,
             last_signed: std::sync::Mutex::new(None),
+            anchor_file: None,
         })
+    }
+
+    /// Keeps the newest signed note in `path` from now on, starting from the one there (a
+    /// note that does not open under this key is refused: the file was altered, or is
+    /// another key's).
+    pub fn with_anchor_file(mut self, path: std::path::PathBuf) -> Result<Self, NoteError> {
+        match std::fs::read_to_string(&path) {
+            Ok(note) => {
+                let checkpoint = self.verifier().open(&note)?;
+                self.remember(&checkpoint, None);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(NoteError::BadKey(format!(
+                    "reading the checkpoint anchor {}: {e}",
+                    path.display()
+                )))
+            }
+        }
+        self.anchor_file = Some(path);
+        Ok(self)
     }
 
     /// The newest checkpoint this instance signed, if any.
@@ -179,14 +203,24 @@ impl LogSigner {
             .clone()
     }
 
-    /// Records `checkpoint` as signed, unless a larger one already is.
-    pub fn remember(&self, checkpoint: &Checkpoint) {
+    /// Records `checkpoint` as signed, unless a larger one already is; with its `note`, also
+    /// in the anchor file (written aside and renamed, so a crash leaves the old one whole).
+    pub fn remember(&self, checkpoint: &Checkpoint, note: Option<&str>) {
         let mut last = self.last_signed.lock().unwrap_or_else(|e| e.into_inner());
         if last
             .as_ref()
-            .is_none_or(|l| l.tree_size <= checkpoint.tree_size)
+            .is_some_and(|l| l.tree_size > checkpoint.tree_size)
         {
-            *last = Some(checkpoint.clone());
+            return;
+        }
+        *last = Some(checkpoint.clone());
+        if let (Some(path), Some(note)) = (&self.anchor_file, note) {
+            let aside = path.with_extension("partial");
+            let kept = std::fs::write(&aside, note).and_then(|()| std::fs::rename(&aside, path));
+            if let Err(e) = kept {
+                // The process still remembers it; only a restart would not.
+                tracing::warn!(error = %e, path = %path.display(), "could not keep the checkpoint anchor");
+            }
         }
     }
 

@@ -343,15 +343,15 @@ pub async fn sign_checkpoint(
     .bind(&note)
     .execute(&mut *conn)
     .await?;
-    signer.remember(&checkpoint);
+    signer.remember(&checkpoint, Some(&note));
     Ok((inserted.rows_affected() == 1).then_some(checkpoint))
 }
 
 /// How many of the newest stored checkpoints are tried for one this key signed.
 const ANCHOR_CANDIDATES: i64 = 16;
 
-/// The newest checkpoint this key is known to have signed: the one this instance signed,
-/// or a stored one whose signature opens under the key (after a restart), the larger.
+/// The newest checkpoint this key is known to have signed: the one this instance signed (or
+/// its anchor file kept), or a stored one whose signature opens under the key, the larger.
 async fn anchor(pool: &PgPool, signer: &LogSigner) -> Result<Option<Checkpoint>, TreeError> {
     let notes: Vec<(String,)> =
         sqlx::query_as("SELECT note FROM checkpoints ORDER BY tree_size DESC LIMIT $1")
