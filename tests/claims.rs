@@ -173,6 +173,7 @@ async fn wait_for_appenders(t: &TestApp, n: i64) {
     for _ in 0..1_000 {
         let waiting: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
              AND ((classid::bigint << 32) | objid::bigint) = $1",
         )
         .bind(APPEND_LOCK)

@@ -4,7 +4,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -143,13 +143,16 @@ async fn stop_at(
             Err(error) => error,
         };
         let mut tx = pool.begin().await?;
-        let (fenced, now, failure) = open(&mut tx, name, holder).await?;
+        let (fenced, now, _) = open(&mut tx, name, holder).await?;
         if !fenced {
             // The lease moved while the batch failed: its new holder meets the event itself.
             return Err(RunError::NotLeaseHolder(name));
         }
         if now != checkpoint {
             // Another runner got here first; re-applying our prefix would apply it twice.
+            // Its failure is read anew: `open` read failures from its snapshot, taken before
+            // it waited for that runner's commit.
+            let failure = first_failure(&mut tx, name).await?;
             tx.commit().await?;
             return Ok(match failure {
                 Some(failure) => BatchOutcome::Failed {
@@ -292,6 +295,24 @@ async fn advance(
     .execute(&mut **tx)
     .await?;
     Ok(())
+}
+
+async fn first_failure(
+    conn: &mut PgConnection,
+    name: &str,
+) -> sqlx::Result<Option<ProjectionFailure>> {
+    let row: Option<(i64, String, DateTime<Utc>)> = sqlx::query_as(
+        "SELECT position, error, failed_at FROM projection_failures WHERE name = $1 \
+         ORDER BY position LIMIT 1",
+    )
+    .bind(name)
+    .fetch_optional(conn)
+    .await?;
+    Ok(row.map(|(position, error, failed_at)| ProjectionFailure {
+        position,
+        error,
+        failed_at,
+    }))
 }
 
 pub(crate) async fn head(pool: &PgPool) -> sqlx::Result<i64> {

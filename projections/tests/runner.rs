@@ -675,10 +675,14 @@ async fn a_batch_of_a_stopped_projection_waits_for_its_checkpoint_before_its_fai
         async move { run_batch(&pool, Projection::Users, 10).await }
     });
     for _ in 0..500 {
-        let waiting: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_locks WHERE NOT granted")
-            .fetch_one(&db.pool)
-            .await
-            .unwrap();
+        // This database's sessions only: other tests' waits are not this batch's.
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
         if waiting > 0 {
             break;
         }

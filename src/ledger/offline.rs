@@ -321,6 +321,7 @@ fn verify_blocks(
     }
     let ctx = Ctx {
         full_export: header.organization_id.is_none(),
+        from: header.from,
         to: header.to,
         leaves_to: target.unwrap_or(0).min(header.to),
         hash_at: target.unwrap_or(-1),
@@ -329,6 +330,7 @@ fn verify_blocks(
         Frontier::<Blake3>::from_parts((header.from - 1) as u64, header.frontier.clone())
             .expect("checked with the header");
     let mut walk = Walk {
+        from: header.from,
         expected: header.from,
         prev: header.prev_hash,
         line_no: 1,
@@ -463,6 +465,8 @@ fn check_header(h: &ExportHeader) -> Result<(), String> {
 struct Ctx {
     /// Every event must be in full (no organization in the header).
     full_export: bool,
+    /// The header's first position.
+    from: i64,
     /// The header's last position.
     to: i64,
     /// Merkle leaves are collected for positions up to this.
@@ -747,8 +751,9 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
         };
         let position = parsed.position();
         match expected {
-            // A line below `expected` repeats the position of a line before it.
-            Some(e) if position < e => {
+            // A line below `expected` (and not below `from`) repeats the position of a line
+            // before it: the lines before held every position from `from` on.
+            Some(e) if (ctx.from..e).contains(&position) => {
                 c.first_bad = Some(fault(Some(position), FileFaultKind::Chain(Fault::Repeated)));
                 continue;
             }
@@ -869,6 +874,8 @@ fn written_at(input: &mut [u8], at: i64, stored_hash: &Digest) -> Option<i64> {
 
 /// The walk over the pieces in file order.
 struct Walk {
+    /// The header's first position.
+    from: i64,
     /// The position the next line must hold.
     expected: i64,
     /// The hash of the last good position (recomputed, or a stub's).
@@ -898,7 +905,7 @@ impl Walk {
         if let Some(p) = c.first_position {
             if p != self.expected {
                 // As the sequential walk: below `expected`, the position of the line before.
-                let (position, fault) = if p < self.expected {
+                let (position, fault) = if (self.from..self.expected).contains(&p) {
                     (p, Fault::Repeated)
                 } else {
                     (self.expected, Fault::Missing)
@@ -1193,6 +1200,11 @@ mod tests {
         let mut repeated = full.clone();
         repeated.insert(21, full[20].clone());
         assert_eq!(fault(&unlines(&repeated)), chain_fault(20, Fault::Repeated));
+        // A position below the range repeats nothing: the first one the file lacks is missing.
+        let mut later = lines(&export(&events, None, 11, 40));
+        assert!(later[1].starts_with("{\"position\":11,"), "{}", later[1]);
+        later[1] = later[1].replacen("{\"position\":11,", "{\"position\":5,", 1);
+        assert_eq!(fault(&unlines(&later)), chain_fault(11, Fault::Missing));
 
         let mut malformed = full.clone();
         malformed[30] = "{\"position\":30,".into();
