@@ -647,6 +647,12 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
         .await
         .unwrap();
     assert!(anchor.exists());
+    // Another server on the database, which has not signed but has seen the notes.
+    let other = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
+    assert!(tree::observe_signed(t.pool(), &other)
+        .await
+        .unwrap()
+        .is_some());
     let signed: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
         .fetch_one(t.pool())
         .await
@@ -682,6 +688,11 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
     assert!(
         matches!(&refused, Err(tree::TreeError::Unsignable(_))),
         "{refused:?}"
+    );
+    let refused = tree::catch_up(t.pool(), Some(&other), POLICY, true).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::Unsignable(_))),
+        "the other server too: {refused:?}"
     );
     // Restarted with its anchor file.
     let refused = tree::catch_up(t.pool(), Some(&with_anchor()), POLICY, true).await;

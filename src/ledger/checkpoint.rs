@@ -191,6 +191,15 @@ impl LogSigner {
                 )))
             }
         }
+        // Found out now, not at the first signing: an anchor that cannot be kept protects
+        // nothing after a restart.
+        keep_file(&path.with_extension("partial"), "").map_err(|e| {
+            NoteError::BadKey(format!(
+                "the checkpoint anchor {} cannot be written: {e}",
+                path.display()
+            ))
+        })?;
+        let _ = std::fs::remove_file(path.with_extension("partial"));
         self.anchor_file = Some(path);
         Ok(self)
     }
@@ -216,7 +225,14 @@ impl LogSigner {
         *last = Some(checkpoint.clone());
         if let (Some(path), Some(note)) = (&self.anchor_file, note) {
             let aside = path.with_extension("partial");
-            let kept = std::fs::write(&aside, note).and_then(|()| std::fs::rename(&aside, path));
+            let kept = keep_file(&aside, note).and_then(|()| {
+                std::fs::rename(&aside, path)?;
+                // The rename itself, durable.
+                match path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                    None => Ok(()),
+                }
+            });
             if let Err(e) = kept {
                 // The process still remembers it; only a restart would not.
                 tracing::warn!(error = %e, path = %path.display(), "could not keep the checkpoint anchor");
@@ -248,6 +264,14 @@ impl LogSigner {
         let blob = [id.as_slice(), &signature.to_bytes()].concat();
         format!("{text}\n\u{2014} {} {}\n", self.name, B64.encode(blob))
     }
+}
+
+/// Writes `text` to `path` and flushes it to disk.
+fn keep_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut file = std::fs::File::create(path)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
 }
 
 /// Key names may not contain spaces or `+` (they appear in signature lines and key texts).

@@ -305,8 +305,8 @@ pub struct CheckpointPolicy {
 
 /// Signs and stores a checkpoint of the integrated tree, unless one of that size exists.
 /// Refuses ([`TreeError::Unsignable`]) a tree that does not extend the newest checkpoint this
-/// key signed, so that someone who can write the database but has no key cannot have the
-/// running server sign a rewritten history.
+/// key is known to have signed, so that someone who can write the database but has no key
+/// cannot have the server sign a rewritten history.
 pub async fn sign_checkpoint(
     pool: &PgPool,
     signer: &LogSigner,
@@ -321,6 +321,7 @@ pub async fn sign_checkpoint(
         .bind(size as i64)
         .fetch_one(&mut *conn)
         .await?;
+    drop(conn);
     let checkpoint = Checkpoint {
         origin: signer.name().to_string(),
         tree_size: size,
@@ -328,10 +329,13 @@ pub async fn sign_checkpoint(
         chain_head: digest(&head)?,
         time: Utc::now().trunc_subsecs(0),
     };
-    drop(conn);
-    check_extends_signed(pool, signer, &checkpoint).await?;
-    let mut conn = pool.acquire().await?;
+    if !check_extends_signed(pool, signer, &checkpoint).await? {
+        return Ok(None);
+    }
     let note = signer.sign(&checkpoint);
+    // Kept before it is stored: a crash in between must not leave a served note the anchor
+    // does not hold.
+    signer.remember(&checkpoint, Some(&note));
     let inserted = sqlx::query(
         "INSERT INTO checkpoints (tree_size, root, chain_head, signed_at, note) \
          VALUES ($1, $2, $3, $4, $5) ON CONFLICT (tree_size) DO NOTHING",
@@ -341,18 +345,22 @@ pub async fn sign_checkpoint(
     .bind(checkpoint.chain_head.to_vec())
     .bind(checkpoint.time)
     .bind(&note)
-    .execute(&mut *conn)
+    .execute(pool)
     .await?;
-    signer.remember(&checkpoint, Some(&note));
     Ok((inserted.rows_affected() == 1).then_some(checkpoint))
 }
 
 /// How many of the newest stored checkpoints are tried for one this key signed.
 const ANCHOR_CANDIDATES: i64 = 16;
 
-/// The newest checkpoint this key is known to have signed: the one this instance signed (or
-/// its anchor file kept), or a stored one whose signature opens under the key, the larger.
-async fn anchor(pool: &PgPool, signer: &LogSigner) -> Result<Option<Checkpoint>, TreeError> {
+/// The newest checkpoint this key is known to have signed: the one the signer remembers
+/// (signed or seen by this process, or kept in its anchor file), or a stored one whose
+/// signature opens under the key, the larger; a larger stored one is remembered from then
+/// on, so that deleting it later does not make this process forget it.
+pub async fn observe_signed(
+    pool: &PgPool,
+    signer: &LogSigner,
+) -> Result<Option<Checkpoint>, TreeError> {
     let notes: Vec<(String,)> =
         sqlx::query_as("SELECT note FROM checkpoints ORDER BY tree_size DESC LIMIT $1")
             .bind(ANCHOR_CANDIDATES)
@@ -360,42 +368,62 @@ async fn anchor(pool: &PgPool, signer: &LogSigner) -> Result<Option<Checkpoint>,
             .await?;
     let verifier = signer.verifier();
     // A note that does not open (altered, or another key's) vouches for nothing.
-    let stored = notes.iter().find_map(|(note,)| verifier.open(note).ok());
-    Ok(match (signer.last_signed(), stored) {
-        (Some(a), Some(b)) => Some(if a.tree_size >= b.tree_size { a } else { b }),
-        (a, b) => a.or(b),
-    })
+    if let Some((checkpoint, note)) = notes
+        .iter()
+        .find_map(|(note,)| verifier.open(note).ok().map(|c| (c, note)))
+    {
+        signer.remember(&checkpoint, Some(note));
+    }
+    Ok(signer.last_signed())
 }
 
-/// `next` must extend the anchor: at least its size, the log's hash at the anchor's size
-/// its chain head, and the stored tree consistent with its root (an RFC 9162 consistency
-/// proof from the stored nodes, checked against both roots).
+/// Whether `next` may be signed: it extends the anchor ([`observe_signed`]): the log's hash
+/// at the anchor's size is its chain head, the stored tree is consistent with its root (an
+/// RFC 9162 consistency proof from the stored nodes, checked against both roots), and
+/// `next`'s chain head is the last leaf of `next`'s root. `Ok(false)` when `next` is behind a
+/// checkpoint another process signed after `next` was read (the tree has grown since: skip
+/// this round); a tree still behind a signed size was cut back, and is refused.
 async fn check_extends_signed(
     pool: &PgPool,
     signer: &LogSigner,
     next: &Checkpoint,
-) -> Result<(), TreeError> {
-    let Some(signed) = anchor(pool, signer).await? else {
-        return Ok(());
-    };
-    let refuse = |why: String| {
+) -> Result<bool, TreeError> {
+    let refuse = |anchor: u64, why: String| {
         Err(TreeError::Unsignable(format!(
-            "the tree of {} events does not extend the checkpoint signed at size {}: {why}",
-            next.tree_size, signed.tree_size
+            "the tree of {} events does not extend the checkpoint signed at size {anchor}: {why}",
+            next.tree_size
         )))
     };
+    // The signed head must be the root's last leaf, whatever came before.
+    let proof = inclusion_proof(pool, next.tree_size, next.tree_size).await?;
+    let leaf = merkle::event_leaf(&next.chain_head);
+    let (last, size) = (next.tree_size - 1, next.tree_size);
+    if let Err(e) = merkle::verify_inclusion::<Blake3>(last, size, &leaf, &proof, &next.root) {
+        return Err(TreeError::Unsignable(format!(
+            "the log's hash at position {size} is not the last leaf of the tree of {size} events ({e})"
+        )));
+    }
+    let Some(signed) = observe_signed(pool, signer).await? else {
+        return Ok(true);
+    };
     if next.tree_size < signed.tree_size {
-        return refuse("it is smaller".into());
+        if integrated_size(pool).await? >= signed.tree_size {
+            return Ok(false);
+        }
+        return refuse(signed.tree_size, "the stored tree is smaller".into());
     }
     let head: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
         .bind(signed.tree_size as i64)
         .fetch_optional(pool)
         .await?;
     if head.as_deref() != Some(&signed.chain_head[..]) {
-        return refuse(format!(
-            "the log's hash at position {} is not the signed chain head",
-            signed.tree_size
-        ));
+        return refuse(
+            signed.tree_size,
+            format!(
+                "the log's hash at position {} is not the signed chain head",
+                signed.tree_size
+            ),
+        );
     }
     let proof = consistency_proof(pool, signed.tree_size, next.tree_size).await?;
     if let Err(e) = merkle::verify_consistency::<Blake3>(
@@ -405,9 +433,12 @@ async fn check_extends_signed(
         &next.root,
         &proof,
     ) {
-        return refuse(format!("the stored tree is not consistent with it ({e})"));
+        return refuse(
+            signed.tree_size,
+            format!("the stored tree is not consistent with it ({e})"),
+        );
     }
-    Ok(())
+    Ok(true)
 }
 
 async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {
@@ -536,6 +567,13 @@ async fn maintain(
         }
         if let (Some(lease), Some(released)) = (lease.as_mut(), released.as_mut()) {
             if !lease.keep(&pool).await {
+                // Another process signs meanwhile: learn its checkpoints as they come, so
+                // that deleting them later cannot make this one sign a tree they contradict.
+                if let Some(signer) = signer.as_deref() {
+                    if let Err(e) = observe_signed(&pool, signer).await {
+                        tracing::debug!(error = %e, "could not read the stored checkpoints");
+                    }
+                }
                 tokio::select! {
                     _ = tokio::time::sleep_until(lease.due().into()) => {}
                     changed = released.changed(), if released_open => match changed {
