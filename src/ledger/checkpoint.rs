@@ -193,13 +193,14 @@ impl LogSigner {
         }
         // Found out now, not at the first signing: an anchor that cannot be kept protects
         // nothing after a restart.
-        keep_file(&path.with_extension("partial"), "").map_err(|e| {
+        let probe = aside(&path);
+        keep_file(&probe, "").map_err(|e| {
             NoteError::BadKey(format!(
                 "the checkpoint anchor {} cannot be written: {e}",
                 path.display()
             ))
         })?;
-        let _ = std::fs::remove_file(path.with_extension("partial"));
+        let _ = std::fs::remove_file(probe);
         self.anchor_file = Some(path);
         Ok(self)
     }
@@ -216,15 +217,16 @@ impl LogSigner {
     /// in the anchor file (written aside and renamed, so a crash leaves the old one whole).
     pub fn remember(&self, checkpoint: &Checkpoint, note: Option<&str>) {
         let mut last = self.last_signed.lock().unwrap_or_else(|e| e.into_inner());
+        // One it already holds at the same size is not news (nor written again).
         if last
             .as_ref()
-            .is_some_and(|l| l.tree_size > checkpoint.tree_size)
+            .is_some_and(|l| l.tree_size >= checkpoint.tree_size)
         {
             return;
         }
         *last = Some(checkpoint.clone());
         if let (Some(path), Some(note)) = (&self.anchor_file, note) {
-            let aside = path.with_extension("partial");
+            let aside = aside(path);
             let kept = keep_file(&aside, note).and_then(|()| {
                 std::fs::rename(&aside, path)?;
                 // The rename itself, durable.
@@ -234,6 +236,7 @@ impl LogSigner {
                 }
             });
             if let Err(e) = kept {
+                let _ = std::fs::remove_file(&aside);
                 // The process still remembers it; only a restart would not.
                 tracing::warn!(error = %e, path = %path.display(), "could not keep the checkpoint anchor");
             }
@@ -266,10 +269,17 @@ impl LogSigner {
     }
 }
 
-/// Writes `text` to `path` and flushes it to disk.
+/// A file of its own beside `path` to write before renaming over it: another process with
+/// the same anchor (a rolling restart) must not truncate it under this one.
+fn aside(path: &std::path::Path) -> std::path::PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.{}.partial", uuid::Uuid::new_v4().simple()))
+}
+
+/// Writes `text` to a new file `path` and flushes it to disk.
 fn keep_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
-    let mut file = std::fs::File::create(path)?;
+    let mut file = std::fs::File::create_new(path)?;
     file.write_all(text.as_bytes())?;
     file.sync_all()
 }
