@@ -22,7 +22,7 @@ use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use super::export::{ExportHeader, FORMAT, VERSION};
 use super::hash::{encode_v1, GENESIS, POSITION_AT};
 use super::merkle::{Blake3, Digest, Frontier};
-use super::verify::Fault;
+use super::verify::{out_of_place, Fault};
 
 mod line;
 use line::Parsed;
@@ -751,17 +751,12 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
         };
         let position = parsed.position();
         match expected {
-            // A line below `expected` (and not below `from`) repeats the position of a line
-            // before it: the lines before held every position from `from` on.
-            Some(e) if (ctx.from..e).contains(&position) => {
-                c.first_bad = Some(fault(Some(position), FileFaultKind::Chain(Fault::Repeated)));
-                continue;
+            Some(e) => {
+                if let Some(bad) = out_of_place(ctx.from, e, position) {
+                    c.first_bad = Some(fault(Some(bad.position), FileFaultKind::Chain(bad.fault)));
+                    continue;
+                }
             }
-            Some(e) if position != e => {
-                c.first_bad = Some(fault(Some(e), FileFaultKind::Chain(Fault::Missing)));
-                continue;
-            }
-            Some(_) => {}
             None => c.first_position = Some(position),
         }
         if position > ctx.to {
@@ -902,21 +897,16 @@ impl Walk {
         self.full += c.full;
         self.stubs += c.stubs;
         let at_line = |index: u64| Some(line_no + 1 + index);
-        if let Some(p) = c.first_position {
-            if p != self.expected {
-                // As the sequential walk: below `expected`, the position of the line before.
-                let (position, fault) = if (self.from..self.expected).contains(&p) {
-                    (p, Fault::Repeated)
-                } else {
-                    (self.expected, Fault::Missing)
-                };
-                self.first_bad = Some(FileFault {
-                    position: Some(position),
-                    line: at_line(0),
-                    kind: FileFaultKind::Chain(fault),
-                });
-                return;
-            }
+        if let Some(bad) = c
+            .first_position
+            .and_then(|p| out_of_place(self.from, self.expected, p))
+        {
+            self.first_bad = Some(FileFault {
+                position: Some(bad.position),
+                line: at_line(0),
+                kind: FileFaultKind::Chain(bad.fault),
+            });
+            return;
         }
         if let Some(f) = c.first_bad.as_ref().filter(|f| f.line == Some(0)) {
             self.first_bad = Some(FileFault {

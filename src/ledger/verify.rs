@@ -330,7 +330,7 @@ impl RangeWalk {
             Err((column, value)) => {
                 // A gap or a repeat at this row comes first, as for any other row.
                 let position = row[0].and_then(int8).unwrap_or(self.expected);
-                seg.first_bad = Some(Self::out_of_place(self.expected, position).unwrap_or(
+                seg.first_bad = Some(out_of_place(seg.start, self.expected, position).unwrap_or(
                     BadEvent {
                         position: self.expected,
                         fault: Fault::Impossible {
@@ -342,7 +342,7 @@ impl RangeWalk {
                 return Ok(());
             }
         };
-        if let Some(bad) = Self::out_of_place(self.expected, raw.fields.position) {
+        if let Some(bad) = out_of_place(seg.start, self.expected, raw.fields.position) {
             seg.first_bad = Some(bad);
             return Ok(());
         }
@@ -377,22 +377,6 @@ impl RangeWalk {
         Ok(())
     }
 
-    /// The fault of a row at `position` when `expected` is next. Rows come in position
-    /// order, so one below `expected` holds the position of the row before it.
-    fn out_of_place(expected: i64, position: i64) -> Option<BadEvent> {
-        match position.cmp(&expected) {
-            std::cmp::Ordering::Equal => None,
-            std::cmp::Ordering::Less => Some(BadEvent {
-                position,
-                fault: Fault::Repeated,
-            }),
-            std::cmp::Ordering::Greater => Some(BadEvent {
-                position: expected,
-                fault: Fault::Missing,
-            }),
-        }
-    }
-
     fn finish(mut self) -> Segment {
         if self.seg.first_bad.is_none() && self.expected <= self.seg.end {
             self.seg.first_bad = Some(BadEvent {
@@ -401,6 +385,26 @@ impl RangeWalk {
             });
         }
         self.seg
+    }
+}
+
+/// The fault of a row (or an export's line) at `position` when `expected` is next and every
+/// position from `from` on has been held: below `expected` but not below `from`, a second one
+/// at `position`; anything else other than `expected`, a gap at `expected`. The database walk
+/// and the file walk (`offline.rs`) share it.
+pub(crate) fn out_of_place(from: i64, expected: i64, position: i64) -> Option<BadEvent> {
+    if position == expected {
+        None
+    } else if (from..expected).contains(&position) {
+        Some(BadEvent {
+            position,
+            fault: Fault::Repeated,
+        })
+    } else {
+        Some(BadEvent {
+            position: expected,
+            fault: Fault::Missing,
+        })
     }
 }
 
