@@ -532,6 +532,251 @@ async fn deleting_or_narrowing_a_role_cuts_its_holders_keys() {
     assert_error(&t.get(&org_path(org, "/roles"), &key).await, 403);
 }
 
+// ---------------------------------------------------------------------------------------------
+// Keys cut while the read models do not show it yet (a projection stopped at an event it
+// could not apply, or behind): the log decides
+// ---------------------------------------------------------------------------------------------
+
+/// Stops projection `name` as an event it cannot apply would: a recorded failure just past
+/// the head, which its next batch reads and stops at, applying nothing more.
+async fn stop_projection(t: &TestApp, name: &str) {
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) \
+         VALUES ($1, $2, 'stopped by the test')",
+    )
+    .bind(name)
+    .bind(t.head().await + 1)
+    .execute(t.pool())
+    .await
+    .unwrap();
+}
+
+/// Clears the failure [`stop_projection`] made; the projector then catches up on its own.
+async fn resume_projection(t: &TestApp, name: &str) {
+    assert_eq!(
+        ledgerline_projections::retry(t.pool(), name).await.unwrap(),
+        1
+    );
+}
+
+/// A column of one read-model row, as text.
+async fn read_model(t: &TestApp, sql: &str, id: Uuid) -> String {
+    sqlx::query_scalar(sql)
+        .bind(id)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Stalled Keys").await;
+    let perms = json!({"label": "svc", "permissions": ["users:read"]});
+    let (revoked, revoked_secret) = issued(&t, org, perms.clone()).await;
+    let (rotated, old_secret) = issued(&t, org, perms).await;
+    stop_projection(&t, "api_keys").await;
+
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{revoked}/revoke")),
+            &t.admin_key,
+            json!({"reason": "leaked"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{rotated}/rotate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let new_secret = r.body["secret"].as_str().unwrap().to_string();
+    let status = "SELECT status FROM api_keys WHERE id = $1";
+    assert_eq!(
+        read_model(&t, status, revoked).await,
+        "active",
+        "the read model does not show the revocation"
+    );
+    assert!(old_secret
+        .starts_with(&read_model(&t, "SELECT prefix FROM api_keys WHERE id = $1", rotated).await));
+
+    for secret in [&revoked_secret, &old_secret] {
+        let r = t.get(&org_path(org, "/users"), secret).await;
+        assert_error(&r, 401);
+        assert_eq!(
+            r.body["error"]["message"],
+            "this API key has been revoked or rotated"
+        );
+    }
+    // Not yet in the read model, so not yet usable: refused, not let through.
+    assert_error(&t.get(&org_path(org, "/users"), &new_secret).await, 401);
+
+    resume_projection(&t, "api_keys").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            t.get(&org_path(org, "/users"), &new_secret).await.status == 200
+        })
+        .await,
+        "the rotated key works once api_keys catches up"
+    );
+    assert_eq!(read_model(&t, status, revoked).await, "revoked");
+    for secret in [&revoked_secret, &old_secret] {
+        assert_error(&t.get(&org_path(org, "/users"), secret).await, 401);
+    }
+}
+
+#[tokio::test]
+async fn a_user_deactivated_while_users_is_stopped_loses_their_keys_at_once() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Stalled Users").await;
+    let (user, key) = t
+        .member_with_key(org, "member", "member@stalled-users.example")
+        .await;
+    assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
+    stop_projection(&t, "users").await;
+
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/deactivate")),
+            &t.admin_key,
+            json!({"reason": "left"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = "SELECT status FROM users WHERE id = $1";
+    assert_eq!(read_model(&t, status, user).await, "active");
+    let r = t.get(&org_path(org, "/users"), &key).await;
+    assert_error(&r, 401);
+    assert_eq!(r.body["error"]["message"], "this key's user is not active");
+
+    resume_projection(&t, "users").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            read_model(&t, status, user).await == "deactivated"
+        })
+        .await
+    );
+    assert_error(&t.get(&org_path(org, "/users"), &key).await, 401);
+}
+
+#[tokio::test]
+async fn an_organization_suspended_while_organizations_is_stopped_loses_its_keys_at_once() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Stalled Tenants").await;
+    let (_, key) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read"]}),
+    )
+    .await;
+    stop_projection(&t, "organizations").await;
+
+    let r = t
+        .post(
+            &org_path(org, "/suspend"),
+            &t.admin_key,
+            json!({"reason": "unpaid"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let status = "SELECT status FROM organizations WHERE id = $1";
+    assert_eq!(read_model(&t, status, org).await, "active");
+    let r = t.get(&org_path(org, "/users"), &key).await;
+    assert_error(&r, 401);
+    assert_eq!(
+        r.body["error"]["message"],
+        "this key's organization is suspended"
+    );
+
+    resume_projection(&t, "organizations").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            read_model(&t, status, org).await == "suspended"
+        })
+        .await
+    );
+    assert_error(&t.get(&org_path(org, "/users"), &key).await, 401);
+}
+
+#[tokio::test]
+async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Stalled Roles").await;
+    let perms = ["users:read", "keys:read"];
+    let revoked = create_role(&t, org, "revoked", &perms).await;
+    let narrowed = create_role(&t, org, "narrowed", &perms).await;
+    let (user, revoked_key) =
+        user_with_role_and_key(&t, org, "a@stalled-roles.example", revoked, &perms).await;
+    let (_, narrowed_key) =
+        user_with_role_and_key(&t, org, "b@stalled-roles.example", narrowed, &perms).await;
+    for key in [&revoked_key, &narrowed_key] {
+        assert_eq!(permissions_of(&t.get("/v1/me", key).await), perms);
+    }
+
+    // A role taken from the user, with `user_roles` stopped.
+    stop_projection(&t, "user_roles").await;
+    let r = t
+        .delete(
+            &org_path(org, &format!("/users/{user}/roles/{revoked}")),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let assigned: i64 = sqlx::query_scalar("SELECT count(*) FROM user_roles WHERE user_id = $1")
+        .bind(user)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(assigned, 1, "the read model still shows the assignment");
+    assert_error(&t.get(&org_path(org, "/api-keys"), &revoked_key).await, 503);
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &narrowed_key).await),
+        perms,
+        "another user's roles are not in question"
+    );
+
+    // A role narrowed, with `roles` stopped.
+    stop_projection(&t, "roles").await;
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{narrowed}")),
+            &t.admin_key,
+            json!({"permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error(
+        &t.get(&org_path(org, "/api-keys"), &narrowed_key).await,
+        503,
+    );
+
+    resume_projection(&t, "user_roles").await;
+    resume_projection(&t, "roles").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            t.get("/v1/me", &narrowed_key).await.status == 200
+                && t.get("/v1/me", &revoked_key).await.status == 200
+        })
+        .await,
+        "both keys work again once the read models caught up"
+    );
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &revoked_key).await),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        permissions_of(&t.get("/v1/me", &narrowed_key).await),
+        vec!["users:read"]
+    );
+    assert_error(
+        &t.get(&org_path(org, "/api-keys"), &narrowed_key).await,
+        403,
+    );
+}
+
 #[tokio::test]
 async fn a_roles_parent_permissions_are_granted_through_it() {
     let t = TestApp::spawn().await;

@@ -430,23 +430,40 @@ async fn batch(
 /// Publishes where the projection stands in the database (for a projection that another
 /// process runs).
 async fn follow(pool: &PgPool, name: &str, progress: &watch::Sender<Progress>) -> sqlx::Result<()> {
-    let (checkpoint, failed_at): (i64, Option<i64>) = sqlx::query_as(
-        "SELECT COALESCE((SELECT position FROM projection_checkpoints WHERE name = $1), 0), \
-                (SELECT min(position) FROM projection_failures WHERE name = $1)",
-    )
-    .bind(name)
-    .fetch_one(pool)
-    .await?;
-    // Never backwards: a notification of a later checkpoint may have overtaken this read.
+    let seen = progress.borrow().checkpoint;
+    let (mut checkpoint, mut failed_at) = read_progress(pool, name).await?;
+    // Lower than what this process knew: either this read began before the commit that
+    // told it more (a notification overtook it), or the projection was reset and its
+    // notification lost (the listener was away). A read begun now tells them apart.
+    let mut reset = false;
+    if checkpoint < seen {
+        (checkpoint, failed_at) = read_progress(pool, name).await?;
+        reset = checkpoint < seen;
+    }
     progress.send_if_modified(|p| {
         let now = Progress {
-            checkpoint: p.checkpoint.max(checkpoint),
+            checkpoint: if reset {
+                checkpoint
+            } else {
+                p.checkpoint.max(checkpoint)
+            },
             failed_at,
             known: true,
         };
         std::mem::replace(p, now) != now
     });
     Ok(())
+}
+
+/// A projection's checkpoint and the first position it is stopped at, if any.
+async fn read_progress(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Option<i64>)> {
+    sqlx::query_as(
+        "SELECT COALESCE((SELECT position FROM projection_checkpoints WHERE name = $1), 0), \
+                (SELECT min(position) FROM projection_failures WHERE name = $1)",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
 }
 
 fn publish(progress: &watch::Sender<Progress>, now: Progress) {

@@ -704,3 +704,58 @@ async fn a_batch_of_a_stopped_projection_waits_for_its_checkpoint_before_its_fai
         "the batch meets the event again (the trigger is still there), no deadlock: {outcome:?}"
     );
 }
+
+/// A process that follows a projection another runs, and missed the notification of its
+/// reset (its listener was away), learns of it from its poll: a checkpoint lower than the
+/// one it knew is read again and taken, not kept out by the higher one.
+#[tokio::test]
+async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let fast = Projector {
+        poll_interval: Duration::from_millis(200),
+        ..Projector::default()
+    };
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let first = ledger
+        .append("Organization", org, &created(org), &actor)
+        .await;
+    let (_head_tx, head_rx) = tokio::sync::watch::channel(first);
+    let runs = fast.start(db.pool.clone(), head_rx);
+    assert!(runs.wait_for(first, Duration::from_secs(30)).await);
+    let (_follower_tx, follower_rx) = tokio::sync::watch::channel(first);
+    let follows = fast.start(db.pool.clone(), follower_rx);
+    assert!(follows.wait_for(first, Duration::from_secs(30)).await);
+
+    // A reset that notifies no one, and a failure that keeps the projection's holder from
+    // applying the event again.
+    sqlx::raw_sql(
+        "UPDATE projection_checkpoints SET position = 0 WHERE name = 'organizations'; \
+         DELETE FROM organizations; \
+         INSERT INTO projection_failures (name, position, error) \
+         VALUES ('organizations', 1, 'held back by the test')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let organizations = || {
+        follows
+            .checkpoints()
+            .into_iter()
+            .find(|(name, _)| *name == "organizations")
+            .unwrap()
+            .1
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while organizations() != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(organizations(), 0, "the follower took the reset");
+    assert!(
+        !follows.wait_for(first, Duration::from_secs(1)).await,
+        "a command at the old head waits for the reset projection"
+    );
+    follows.shutdown().await;
+    runs.shutdown().await;
+}

@@ -4,8 +4,8 @@
 use std::net::SocketAddr;
 
 use axum::extract::{ConnectInfo, FromRequestParts};
-use axum::http::header;
 use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use uuid::Uuid;
@@ -86,6 +86,15 @@ struct KeyRow {
     user_status: Option<String>,
     /// A user key's user's permissions now; `None` for a service key.
     held: Option<Vec<String>>,
+    /// The log holds events of the key that `api_keys` does not show yet.
+    key_changing: bool,
+    /// The log suspends the organization, and `organizations` does not show it yet.
+    org_suspending: bool,
+    /// The log deactivates or erases the user, and `users` does not show it yet.
+    user_leaving: bool,
+    /// The log changes the user's roles or one of them, and the read models do not show it
+    /// yet.
+    roles_changing: bool,
 }
 
 impl FromRequestParts<App> for Caller {
@@ -108,26 +117,48 @@ impl FromRequestParts<App> for Caller {
         let invalid = || ApiError::unauthorized("invalid API key");
         let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
         // The key and its user's permissions in one statement: every request makes it.
+        // Read models can lag the log, or stop at an event they cannot apply, and a key must
+        // not outlive its revocation meanwhile: events of the key, its organization, its
+        // user and its roles that the read models do not show yet are looked for in the log
+        // itself (each a range of the events' primary key, beyond the version a row shows).
         let row: KeyRow = sqlx::query_as(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
-                    o.status AS org_status, u.status AS user_status,
-                    CASE WHEN k.user_id IS NOT NULL THEN ARRAY(
-                        WITH RECURSIVE granted(id, parent, depth) AS (
-                            SELECT r.id, r.parent_role_id, 0
-                            FROM user_roles ur JOIN roles r ON r.id = ur.role_id
-                            WHERE ur.user_id = k.user_id
-                              AND (ur.expires_at IS NULL OR ur.expires_at > now())
-                          UNION
-                            SELECT p.id, p.parent_role_id, g.depth + 1
-                            FROM roles p JOIN granted g ON p.id = g.parent
-                            WHERE g.depth < 64
-                        )
-                        SELECT DISTINCT rp.permission
-                        FROM granted g JOIN role_permissions rp ON rp.role_id = g.id
-                    ) END AS held
+                    o.status AS org_status, u.status AS user_status, g.held,
+                    EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
+                              AND e.aggregate_id = k.id::text AND e.sequence > k.version
+                           ) AS key_changing,
+                    EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'Organization'
+                              AND e.aggregate_id = o.id::text AND e.sequence > o.version
+                              AND e.event_type = 'OrganizationSuspended') AS org_suspending,
+                    EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'User'
+                              AND e.aggregate_id = u.id::text AND e.sequence > u.version
+                              AND e.event_type IN ('UserDeactivated', 'UserErased')) AS user_leaving,
+                    coalesce(g.roles_changing, false) OR EXISTS (
+                        SELECT 1 FROM events e WHERE e.aggregate_type = 'User'
+                          AND e.aggregate_id = k.user_id::text AND e.event_type = 'UserRoleRevoked'
+                          AND e.position > coalesce((SELECT position FROM projection_checkpoints
+                                                     WHERE name = 'user_roles'), 0)
+                    ) AS roles_changing
              FROM api_keys k
              LEFT JOIN organizations o ON o.id = k.organization_id
              LEFT JOIN users u ON u.id = k.user_id
+             LEFT JOIN LATERAL (
+                 WITH RECURSIVE granted(id, parent, version, depth) AS (
+                     SELECT r.id, r.parent_role_id, r.version, 0
+                     FROM user_roles ur JOIN roles r ON r.id = ur.role_id
+                     WHERE ur.user_id = k.user_id
+                       AND (ur.expires_at IS NULL OR ur.expires_at > now())
+                   UNION
+                     SELECT p.id, p.parent_role_id, p.version, g.depth + 1
+                     FROM roles p JOIN granted g ON p.id = g.parent
+                     WHERE g.depth < 64
+                 )
+                 SELECT ARRAY(SELECT DISTINCT rp.permission
+                              FROM granted g JOIN role_permissions rp ON rp.role_id = g.id) AS held,
+                        EXISTS (SELECT 1 FROM granted g JOIN events e
+                                  ON e.aggregate_type = 'Role' AND e.aggregate_id = g.id::text
+                                 AND e.sequence > g.version) AS roles_changing
+             ) g ON k.user_id IS NOT NULL
              WHERE k.prefix = $1",
         )
         .bind(prefix)
@@ -137,19 +168,35 @@ impl FromRequestParts<App> for Caller {
         if !keys::matches(presented, &row.key_hash) {
             return Err(invalid());
         }
-        if row.status != "active" {
-            return Err(ApiError::unauthorized("this API key has been revoked"));
+        // A pending revocation or rotation is as good as shown: the event is in the log.
+        if row.status != "active" || row.key_changing {
+            return Err(ApiError::unauthorized(
+                "this API key has been revoked or rotated",
+            ));
         }
         if row.expires_at.is_some_and(|t| t <= Utc::now()) {
             return Err(ApiError::unauthorized("this API key has expired"));
         }
-        if row.organization_id.is_some() && row.org_status.as_deref() != Some("active") {
+        if row.organization_id.is_some()
+            && (row.org_status.as_deref() != Some("active") || row.org_suspending)
+        {
             return Err(ApiError::unauthorized(
                 "this key's organization is suspended",
             ));
         }
-        if row.user_id.is_some() && row.user_status.as_deref() != Some("active") {
+        if row.user_id.is_some()
+            && (row.user_status.as_deref() != Some("active") || row.user_leaving)
+        {
             return Err(ApiError::unauthorized("this key's user is not active"));
+        }
+        // What the user's roles now grant cannot be told until the read models show the
+        // change: refuse rather than grant what may have been taken away.
+        if row.roles_changing {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "this key's roles are being changed and the read models do not show it yet; \
+                 retry shortly",
+            ));
         }
         let mut permissions: PermissionSet = row
             .permissions

@@ -31,6 +31,10 @@ pub enum AppendError {
     Database(#[from] sqlx::Error),
     #[error("the ledger writer has stopped")]
     WriterGone,
+    /// The answer to the batch's COMMIT was lost and the log could not be read to learn
+    /// whether it committed.
+    #[error("the ledger could not confirm whether the command was recorded")]
+    Unknown,
 }
 
 impl From<AppendError> for PersistenceError {

@@ -193,34 +193,123 @@ pub(super) async fn run(
             .map(|r| (r.prepared, r.reply))
             .unzip();
         crate::metrics::record_batch(prepared.len(), prepared.iter().map(|p| p.rows.len()).sum());
-        match commit_batch(&mut conn, &prepared).await {
+        match commit(&mut conn, &prepared).await {
             Ok((outcomes, head)) => {
                 publish(&committed, head);
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(outcome);
                 }
             }
-            Err(e) => {
-                conn.reset();
+            Err(BatchError::Unknown(e)) => {
+                // Whether it committed cannot be learnt: neither success nor a retry (which
+                // would be refused as a conflict if it did commit) would be the truth.
+                tracing::error!(error = %e, commands = prepared.len(), "append batch outcome unknown");
+                for reply in replies {
+                    let _ = reply.send(Err(AppendError::Unknown));
+                }
+            }
+            Err(BatchError::NotCommitted(e)) => {
                 // A failure of the shared transaction must not fail commands that would
                 // have committed alone: retry each on its own.
                 tracing::warn!(error = %e, commands = prepared.len(), "append batch failed; retrying one by one");
                 for (p, reply) in prepared.into_iter().zip(replies) {
-                    let outcome = match commit_batch(&mut conn, std::slice::from_ref(&p)).await {
+                    let outcome = match commit(&mut conn, std::slice::from_ref(&p)).await {
                         Ok((mut outcomes, head)) => {
                             publish(&committed, head);
                             outcomes.pop().unwrap_or(Err(AppendError::WriterGone))
                         }
-                        Err(e) => {
-                            conn.reset();
-                            Err(AppendError::Database(e))
-                        }
+                        Err(BatchError::NotCommitted(e)) => Err(AppendError::Database(e)),
+                        Err(BatchError::Unknown(_)) => Err(AppendError::Unknown),
                     };
                     let _ = reply.send(outcome);
                 }
             }
         }
     }
+}
+
+/// Why a batch has no outcomes.
+enum BatchError {
+    /// Nothing of it is in the log.
+    NotCommitted(sqlx::Error),
+    /// COMMIT was sent but its answer was lost, and the log could not be read to tell.
+    Unknown(sqlx::Error),
+}
+
+/// What a batch had decided when it sent COMMIT.
+struct Sent {
+    outcomes: Vec<Result<i64, AppendError>>,
+    head: i64,
+    /// The last row's hash, which covers every row before it.
+    hash: [u8; 32],
+}
+
+enum Attempt {
+    /// Failed before COMMIT was sent (or the batch wrote nothing): it did not commit.
+    Before(sqlx::Error),
+    /// Failed once COMMIT was sent: the server may have committed it all the same.
+    AtCommit(sqlx::Error, Sent),
+}
+
+impl From<sqlx::Error> for Attempt {
+    fn from(e: sqlx::Error) -> Self {
+        Attempt::Before(e)
+    }
+}
+
+/// How often, and how far apart, the log is read to learn a lost COMMIT's outcome (a server
+/// restarting takes a few seconds to take connections again).
+const LEARN_ATTEMPTS: u32 = 10;
+const LEARN_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// [`commit_batch`], and when the answer to its COMMIT is lost (the connection dropped, the
+/// server restarted), whether it committed, read from the log: answering such commands
+/// with an error, or retrying them (refused then as conflicts with themselves), would tell
+/// their callers that something in the log is not.
+async fn commit(
+    conn: &mut Conn,
+    batch: &[Prepared],
+) -> Result<(Vec<Result<i64, AppendError>>, i64), BatchError> {
+    let (error, sent) = match commit_batch(conn, batch).await {
+        Ok(done) => return Ok(done),
+        Err(Attempt::Before(e)) => {
+            conn.reset();
+            return Err(BatchError::NotCommitted(e));
+        }
+        Err(Attempt::AtCommit(e, sent)) => (e, sent),
+    };
+    conn.reset();
+    let mut last = error;
+    for attempt in 0..LEARN_ATTEMPTS {
+        if attempt > 0 {
+            tokio::time::sleep(LEARN_PAUSE).await;
+        }
+        match landed(conn, sent.head, &sent.hash).await {
+            Ok(true) => {
+                tracing::warn!(error = %last, head = sent.head, "the answer to COMMIT was lost; the batch is in the log");
+                return Ok((sent.outcomes, sent.head));
+            }
+            Ok(false) => return Err(BatchError::NotCommitted(last)),
+            Err(e) => {
+                conn.reset();
+                last = e;
+            }
+        }
+    }
+    Err(BatchError::Unknown(last))
+}
+
+/// Whether the log holds `hash` at `position`. Under the append lock: a transaction whose
+/// COMMIT is still in flight holds it, so the answer is final.
+async fn landed(conn: &mut Conn, position: i64, hash: &[u8; 32]) -> Result<bool, sqlx::Error> {
+    let conn = conn.get().await?;
+    conn.execute(BEGIN_AND_LOCK).await?;
+    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+        .bind(position)
+        .fetch_optional(&mut *conn)
+        .await?;
+    conn.execute("ROLLBACK").await?;
+    Ok(stored.as_deref() == Some(hash.as_slice()))
 }
 
 fn publish(committed: &watch::Sender<i64>, head: i64) {
@@ -236,7 +325,7 @@ fn publish(committed: &watch::Sender<i64>, head: i64) {
 async fn commit_batch(
     conn: &mut Conn,
     batch: &[Prepared],
-) -> Result<(Vec<Result<i64, AppendError>>, i64), sqlx::Error> {
+) -> Result<(Vec<Result<i64, AppendError>>, i64), Attempt> {
     let conn = conn.get().await?;
     // The lock in a statement of its own, so that every later statement's snapshot is taken
     // after it is held and sees every earlier appender's commit.
@@ -322,17 +411,25 @@ async fn commit_batch(
         // Tells other processes' projections and maintainer of the new head when (and only
         // if) this commits; sent with COMMIT, so it costs no round trip.
         let notify_and_commit = format!("SELECT pg_notify('{HEAD_CHANNEL}', '{position}'); COMMIT");
-        conn.execute(notify_and_commit.as_str()).await?;
+        if let Err(e) = conn.execute(notify_and_commit.as_str()).await {
+            let sent = Sent {
+                outcomes: decided(outcomes),
+                head: position,
+                hash: prev,
+            };
+            return Err(Attempt::AtCommit(e, sent));
+        }
     } else {
         conn.execute("COMMIT").await?;
     }
-    Ok((
-        outcomes
-            .into_iter()
-            .map(|o| o.expect("every command decided"))
-            .collect(),
-        position,
-    ))
+    Ok((decided(outcomes), position))
+}
+
+fn decided(outcomes: Vec<Option<Result<i64, AppendError>>>) -> Vec<Result<i64, AppendError>> {
+    outcomes
+        .into_iter()
+        .map(|o| o.expect("every command decided"))
+        .collect()
 }
 
 /// The head; the indexes of the commands whose first sequence number is already stored (a

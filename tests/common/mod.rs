@@ -179,11 +179,14 @@ impl TestApp {
     /// [`TestApp::spawn`] with the projector's settings.
     pub async fn spawn_with(projector: Projector) -> Self {
         let db = TestDb::new().await;
-        let app = App::with_projector(
-            db.pool.clone(),
-            Vault::new(&MasterKey::generate()),
-            Some(projector),
-        );
+        let pool = db.pool.clone();
+        Self::spawn_on(db, pool, projector).await
+    }
+
+    /// The app on `db` reached through `pool` (which may take another way to the same
+    /// database).
+    pub async fn spawn_on(db: TestDb, pool: PgPool, projector: Projector) -> Self {
+        let app = App::with_projector(pool, Vault::new(&MasterKey::generate()), Some(projector));
         let signer = Arc::new(LogSigner::generate("ledgerline.test/log").expect("a signer"));
         app.start_log(signer.clone(), POLICY);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

@@ -1,0 +1,195 @@
+//! A command whose COMMIT reached the database but whose answer was lost (the connection
+//! dropped, the server restarted): its caller hears what the log holds. The app talks to
+//! PostgreSQL through a TCP relay that cuts the writer's connection at its COMMIT, either
+//! after the server answered (it committed) or before the server saw it (it did not).
+
+mod common;
+
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+
+use common::{TestApp, TestDb};
+use ledgerline_projections::notify::HEAD_CHANNEL;
+use ledgerline_projections::Projector;
+use serde_json::json;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use uuid::Uuid;
+
+/// What the relay does to the next COMMIT of the writer (`pg_notify(<head channel>, ..);
+/// COMMIT`), then it passes everything again.
+const PASS: u8 = 0;
+/// Pass the COMMIT on, drop the server's answer, and cut the connection.
+const CUT_ANSWER: u8 = 1;
+/// Cut the connection instead of passing the COMMIT on.
+const CUT_COMMIT: u8 = 2;
+
+/// A relay on 127.0.0.1 to the test server's PostgreSQL.
+struct Relay {
+    port: u16,
+    mode: Arc<AtomicU8>,
+}
+
+impl Relay {
+    async fn start(upstream: (String, u16)) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mode = Arc::new(AtomicU8::new(PASS));
+        let shared = mode.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect(&upstream).await.unwrap();
+                tokio::spawn(relay(client, server, shared.clone()));
+            }
+        });
+        Self { port, mode }
+    }
+
+    fn arm(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    fn armed(&self) -> bool {
+        self.mode.load(Ordering::SeqCst) != PASS
+    }
+}
+
+/// One connection both ways; it ends (both sockets closed) when either way ends.
+async fn relay(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
+    let (mut from_client, mut to_client) = client.into_split();
+    let (mut from_server, mut to_server) = server.into_split();
+    let cutting = Arc::new(AtomicU8::new(0));
+    let commit = format!("pg_notify('{HEAD_CHANNEL}'");
+    let seen = cutting.clone();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_client.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let chunk = &buf[..n];
+            let is_commit = contains(chunk, commit.as_bytes()) && contains(chunk, b"COMMIT");
+            if is_commit {
+                match mode.swap(PASS, Ordering::SeqCst) {
+                    CUT_COMMIT => return,
+                    CUT_ANSWER => seen.store(1, Ordering::SeqCst),
+                    _ => {}
+                }
+            }
+            if to_server.write_all(chunk).await.is_err() {
+                return;
+            }
+        }
+    };
+    let down = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from_server.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            // The answer to a COMMIT cut after it went through: dropped with the connection.
+            if cutting.load(Ordering::SeqCst) == 1 {
+                return;
+            }
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        _ = up => {}
+        _ = down => {}
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// The app with every connection (the writer's included) through a relay.
+async fn app_through_relay() -> (TestApp, Relay) {
+    let db = TestDb::new().await;
+    let direct: PgConnectOptions = db.url.parse().unwrap();
+    let relay = Relay::start((direct.get_host().to_string(), direct.get_port())).await;
+    // In clear, so that the relay can see the COMMIT.
+    let options = direct
+        .host("127.0.0.1")
+        .port(relay.port)
+        .ssl_mode(PgSslMode::Disable);
+    let pool = PgPoolOptions::new()
+        .max_connections(16)
+        .connect_with(options)
+        .await
+        .unwrap();
+    (
+        TestApp::spawn_on(db, pool, Projector::default()).await,
+        relay,
+    )
+}
+
+async fn events_of(t: &TestApp, aggregate_id: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE aggregate_id = $1")
+        .bind(aggregate_id.to_string())
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_command_whose_commit_answer_was_lost_is_answered_as_committed() {
+    let (t, relay) = app_through_relay().await;
+    let org = t.create_org("Lost Answers").await;
+    let before = t.head().await;
+
+    relay.arm(CUT_ANSWER);
+    let r = t
+        .post(
+            &format!("/v1/organizations/{org}/api-keys"),
+            &t.admin_key,
+            json!({"label": "svc", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert!(!relay.armed(), "the writer's COMMIT went through the relay");
+    assert_eq!(r.status, 201, "the key was issued: {}", r.body);
+    let id: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(events_of(&t, id).await, 1, "in the log once");
+    assert_eq!(t.head().await, before + 1);
+    let secret = r.body["secret"].as_str().unwrap();
+    assert_eq!(
+        t.get(&format!("/v1/organizations/{org}/users"), secret)
+            .await
+            .status,
+        200,
+        "the secret the caller was given works"
+    );
+    assert!(t.verify().await.intact());
+}
+
+#[tokio::test]
+async fn a_command_whose_commit_never_arrived_is_appended_once_by_its_retry() {
+    let (t, relay) = app_through_relay().await;
+    let org = t.create_org("Lost Commits").await;
+    let before = t.head().await;
+
+    relay.arm(CUT_COMMIT);
+    let r = t
+        .post(
+            &format!("/v1/organizations/{org}/api-keys"),
+            &t.admin_key,
+            json!({"label": "svc", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert!(!relay.armed(), "the writer's COMMIT went through the relay");
+    assert_eq!(
+        r.status, 201,
+        "retried on its own and committed: {}",
+        r.body
+    );
+    let id: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(events_of(&t, id).await, 1, "in the log once");
+    assert_eq!(t.head().await, before + 1);
+    assert!(t.verify().await.intact());
+}
