@@ -173,6 +173,18 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     };
     let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
+    // Not a reason to refuse to serve: logged, and tried again at the next start.
+    match api::organizations::complete_interrupted(&app).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            organizations = n,
+            "completed interrupted organization creations"
+        ),
+        Err(e) => tracing::warn!(
+            error = e.message,
+            "could not complete interrupted organization creations"
+        ),
+    }
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
     let served = axum::serve(
         listener,
@@ -313,10 +325,16 @@ async fn bootstrap(
     );
     match bootstrap_key(&app, &args.label).await {
         Ok(secret) => {
-            ledgerline_projections::catch_up(&pool)
-                .await
-                .context("projecting the new key")?;
+            // Shown before anything else can fail: only its hash is kept, and a second
+            // bootstrap is refused, so a secret not shown now would be lost for good.
             println!("{}", json!({ "api_key": secret }));
+            // The key works once `api_keys` shows it; a running server does that too.
+            if let Err(e) = ledgerline_projections::catch_up(&pool).await {
+                eprintln!(
+                    "warning: the key is in the log, but the read models could not show it yet \
+                     ({e}); it works once they do (`ledgerline projections status`)"
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Err(CommandError::Taken(_)) => {

@@ -58,6 +58,37 @@ async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
     assert_eq!(code, 2, "{err}");
 }
 
+/// The operator key is shown even when the read models cannot show it yet: only its hash
+/// is kept and a second bootstrap is refused, so a key not printed would be lost for good.
+#[tokio::test]
+async fn bootstrap_prints_the_key_even_when_a_projection_is_stopped() {
+    let db = TestDb::new().await;
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) VALUES ('users', 1, 'boom')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let (code, out, err) = ledgerline(&db.url, &["bootstrap"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let printed: Value = serde_json::from_str(&out).expect("the key as JSON");
+    let secret = printed["api_key"].as_str().unwrap();
+    assert!(secret.starts_with("ll_"), "{out}");
+    assert!(err.contains("could not show it yet"), "{err}");
+    let (issued,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM events WHERE event_type = 'ApiKeyIssued'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(issued, 1);
+    // The stopped projection does not hold back the one the key needs.
+    let (shown,): (i64,) = sqlx::query_as("SELECT count(*) FROM api_keys")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(shown, 1);
+}
+
 /// A command a test runs is awaited, not waited for: the test's app runs on the test's own
 /// thread, and a task of it holding a row the command needs must be able to finish. (A
 /// blocking helper once froze the log maintainer inside its transaction while `prove` waited

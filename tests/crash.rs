@@ -279,3 +279,66 @@ async fn every_acknowledged_command_survives_a_kill_9() {
         "the read models equal a rebuild from the log: {out}{err}"
     );
 }
+
+/// A process that died between creating an organization and its built-in roles (five
+/// commands, not one transaction) left an organization without them; the next `serve`
+/// makes them before it answers, from the log.
+#[tokio::test]
+async fn an_organization_cut_off_before_its_roles_gets_them_at_the_next_start() {
+    use ledgerline::app::{Actor, App};
+    use ledgerline::crypto::{MasterKey, Vault};
+    use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
+
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    // The organization's own command, as the handler runs it first, and nothing after.
+    let app = App::new(db.pool.clone(), Vault::new(&MasterKey::generate()), false);
+    let org = Uuid::new_v4();
+    let command = OrganizationCommand::Create {
+        organization_id: org,
+        name: "Cut Off".into(),
+        slug: "cut-off".into(),
+        country_code: None,
+        domain: None,
+        settings: Default::default(),
+    };
+    app.execute(
+        &app.cqrs.organizations,
+        org,
+        Some(org),
+        &Actor::cli("test"),
+        command,
+    )
+    .await
+    .unwrap();
+    let roles = || async {
+        let ids: Vec<String> = built_in_roles::NAMES
+            .into_iter()
+            .map(|name| built_in_roles::role_id(org, name).to_string())
+            .collect();
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'Role' AND sequence = 1 \
+             AND aggregate_id = ANY($1) AND organization_id = $2",
+        )
+        .bind(&ids)
+        .bind(org)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        found
+    };
+    assert_eq!(roles().await, 0);
+
+    let mut server = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
+    assert_eq!(
+        roles().await,
+        built_in_roles::NAMES.len() as i64,
+        "made before serving"
+    );
+    let head = positions(&db.pool).await.0;
+    assert_eq!(server.terminate().await, 0);
+    // A second start finds nothing to complete.
+    let mut again = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
+    assert_eq!(positions(&db.pool).await.0, head, "nothing appended twice");
+    assert_eq!(again.terminate().await, 0);
+}

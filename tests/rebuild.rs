@@ -925,7 +925,7 @@ async fn a_rebuild_stopped_by_an_event_it_cannot_apply_changes_nothing_live() {
             .await
             .unwrap_err();
     match &error {
-        RunError::Failed { name, position, .. } => {
+        RunError::Replay { name, position, .. } => {
             assert!(["users", "user_roles"].contains(name), "{error}");
             assert_eq!(*position, bad, "{error}");
         }

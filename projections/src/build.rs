@@ -470,6 +470,17 @@ pub(crate) async fn dedicated_connection(pool: &PgPool) -> sqlx::Result<PgConnec
     PgConnection::connect_with(&pool.connect_options()).await
 }
 
+/// Ends the transaction if it idles past `lease::STALLED_TRANSACTION_LIMIT`, as a live
+/// batch's does: for an operator's transaction that holds what the projector or the API
+/// needs.
+pub(crate) async fn idle_limit(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+        .bind(crate::lease::STALLED_TRANSACTION_LIMIT)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// A connection outside `pool`'s with `schema` first on its `search_path`, named after
 /// `schema` as [`end_orphans`] expects.
 pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Result<PgConnection> {
@@ -600,11 +611,7 @@ async fn work(
         let mut tx = pool.begin().await?;
         sqlx::query(&fence).execute(&mut *tx).await?;
         if let Err((index, error)) = lane.projection.apply_many(&mut tx, slice).await {
-            return Err(RunError::Failed {
-                name,
-                position: slice[index].position,
-                error: error.to_string(),
-            });
+            return Err(RunError::of_event(name, slice[index].position, error));
         }
         if let Record::Job(job) = record {
             sqlx::query(

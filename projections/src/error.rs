@@ -62,12 +62,13 @@ fn is_transient_sql(e: &sqlx::Error) -> bool {
 
 /// Why running projections did not complete.
 impl RunError {
-    /// A projection could not apply the event at `position`: stopped there, unless the
-    /// failure belongs to the moment (see [`ProjectionError::into_transient`]).
+    /// A rebuild or check could not apply the event at `position` to its copy of `name`,
+    /// unless the failure belongs to the moment (see [`ProjectionError::into_transient`]).
+    /// The live projection is not stopped by it.
     pub(crate) fn of_event(name: &'static str, position: i64, error: ProjectionError) -> Self {
         match error.into_transient() {
             Ok(e) => RunError::Sql(e),
-            Err(error) => RunError::Failed {
+            Err(error) => RunError::Replay {
                 name,
                 position,
                 error: error.to_string(),
@@ -83,6 +84,14 @@ pub enum RunError {
     /// The projection is stopped at an event it could not apply; see `projection_failures`.
     #[error("projection `{name}` is stopped at position {position}: {error}")]
     Failed {
+        name: &'static str,
+        position: i64,
+        error: String,
+    },
+    /// A rebuild or check could not apply an event to its copy of the projection's tables
+    /// (the live projection goes on as it was).
+    #[error("the copy of `{name}` could not apply the event at position {position}: {error}")]
+    Replay {
         name: &'static str,
         position: i64,
         error: String,

@@ -382,6 +382,9 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
         .collect();
     let mut conn = build::schema_connection(pool, &job.schema).await?;
     let mut tx = conn.begin().await?;
+    // It holds the live checkpoints, then the live tables: a frozen operator process must
+    // not hold the projector and the API with them (as a live batch's `open` does not).
+    build::idle_limit(&mut tx).await?;
     sqlx::query(
         "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) \
          ON CONFLICT DO NOTHING",

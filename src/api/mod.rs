@@ -551,8 +551,8 @@ pub(crate) fn to_the_end<T: Send + 'static>(
 
 /// Whether aggregate `id` of `aggregate_type` was created in `org`: its first event is in
 /// the ledger. After a command that creates an aggregate failed, this tells whether it
-/// failed for good or committed with only its answer lost (when the COMMIT's reply is lost,
-/// the writer retries the command alone, and the retry finds its sequence taken: a 409).
+/// failed for good or committed with only its answer lost (the writer learns a lost COMMIT's
+/// outcome from the log, but answers an error when it cannot read the log in time).
 pub(crate) async fn created(
     app: &App,
     aggregate_type: &str,

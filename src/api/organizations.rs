@@ -1,10 +1,13 @@
 //! `/v1/organizations`: create (platform operator), read, update, suspend, reactivate.
 
+use std::collections::HashSet;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
-use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
-use ledgerline_aggregates::role::RoleCommand;
+use cqrs_es::Aggregate;
+use ledgerline_aggregates::organization::{built_in_roles, Organization, OrganizationCommand};
+use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
@@ -73,25 +76,35 @@ pub async fn create(
         domain: body.domain,
         settings: body.settings,
     };
-    app.execute(
-        &app.cqrs.organizations,
-        id,
-        Some(id),
-        &caller.actor,
-        command,
-    )
+    // Five commands: a client hanging up or the request's time limit must not leave the
+    // organization without some of its roles (a crash can; see `complete_interrupted`).
+    let work = app.clone();
+    super::to_the_end(async move {
+        work.execute(
+            &work.cqrs.organizations,
+            id,
+            Some(id),
+            &caller.actor,
+            command,
+        )
+        .await?;
+        create_built_in_roles(&work, id, &caller.actor).await
+    })
     .await?;
-    create_built_in_roles(&app, id, &caller.actor).await?;
     Ok((StatusCode::CREATED, axum::Json(find(&app, id).await?)))
 }
 
 /// Every organization starts with the built-in roles, each a real role made by events.
-/// Their ids are derived from the organization's, so a creation interrupted between the
-/// organization and its roles can be completed by running this again.
+/// Their ids are derived from the organization's, and a role already in the log is left
+/// as it is, so a creation cut off between the organization and its roles is completed by
+/// running this again.
 pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiResult<()> {
     let everything: PermissionSet = Permission::ALL.into_iter().collect();
     for name in built_in_roles::NAMES {
         let role_id = built_in_roles::role_id(org, name);
+        if super::created(app, Role::TYPE, role_id, org).await? {
+            continue;
+        }
         let command = RoleCommand::Create {
             role_id,
             organization_id: org,
@@ -106,6 +119,48 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
             .await?;
     }
     Ok(())
+}
+
+/// Completes the organizations whose creation was cut off before all their built-in roles
+/// were made (the process died between those commands), read from the log, not the read
+/// models, which may lag at start-up. `serve` runs it as it starts; returns how many it
+/// completed.
+pub async fn complete_interrupted(app: &App) -> ApiResult<usize> {
+    let orgs: Vec<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE aggregate_type = $1 AND sequence = 1",
+    )
+    .bind(Organization::TYPE)
+    .fetch_all(&app.pool)
+    .await?;
+    let orgs: Vec<Uuid> = orgs.iter().filter_map(|id| id.parse().ok()).collect();
+    let wanted: Vec<String> = orgs
+        .iter()
+        .flat_map(|org| {
+            built_in_roles::NAMES
+                .into_iter()
+                .map(|name| built_in_roles::role_id(*org, name).to_string())
+        })
+        .collect();
+    let made: HashSet<String> = sqlx::query_scalar(
+        "SELECT aggregate_id FROM events WHERE aggregate_type = $1 AND sequence = 1 \
+         AND aggregate_id = ANY($2)",
+    )
+    .bind(Role::TYPE)
+    .bind(&wanted)
+    .fetch_all(&app.pool)
+    .await?
+    .into_iter()
+    .collect();
+    let mut completed = 0;
+    for (org, roles) in orgs.iter().zip(wanted.chunks(built_in_roles::NAMES.len())) {
+        if roles.iter().all(|r| made.contains(r)) {
+            continue;
+        }
+        create_built_in_roles(app, *org, &Actor::cli("complete-organization")).await?;
+        tracing::info!(organization = %org, "made the built-in roles an interrupted creation left out");
+        completed += 1;
+    }
+    Ok(completed)
 }
 
 pub async fn list(
