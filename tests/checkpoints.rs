@@ -643,7 +643,7 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
             .with_anchor_file(anchor.clone())
             .unwrap()
     };
-    tree::sign_checkpoint(t.pool(), &with_anchor())
+    tree::sign_checkpoint(t.pool(), &with_anchor(), None)
         .await
         .unwrap();
     assert!(anchor.exists());
@@ -829,4 +829,28 @@ async fn an_export_verifies_offline_against_a_checkpoint_and_an_altered_one_does
         "{report}"
     );
     std::fs::remove_file(&out).ok();
+}
+
+/// A maintainer whose lease ran out signs nothing: the note is stored in the transaction
+/// that holds the lease, so a lapsed holder cannot sign beside the next one.
+#[tokio::test]
+async fn a_signer_that_does_not_hold_the_maintainers_lease_signs_nothing() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let signer = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
+    let count = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints")
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+    };
+    // Settled: the whole tree integrated and signed, so no round is skipped for a newer one.
+    sign_now(&t).await;
+    let before = count().await;
+    let refused = tree::sign_checkpoint(t.pool(), &signer, Some("a-lapsed-holder")).await;
+    assert!(
+        matches!(refused, Err(tree::TreeError::NotLeaseHolder)),
+        "{refused:?}"
+    );
+    assert_eq!(count().await, before, "nothing stored");
 }

@@ -36,8 +36,8 @@ pub use rebuild::{
     abandon_rebuild, rebuild, rebuild_progress, RebuildOptions, RebuildProgress, RebuildSummary,
 };
 pub use runner::{
-    catch_up, names, reset, retry, run_batch, status, BatchOutcome, ProjectionFailure,
-    ProjectionStatus,
+    catch_up, names, reset, retry, run_batch, run_leased_batch, status, BatchOutcome,
+    ProjectionFailure, ProjectionStatus,
 };
 
 static BULK_FALLBACKS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -64,8 +64,9 @@ pub async fn run_batch(
 
 /// [`run_batch`] for the holder of the projection's lease (`projection:<name>`): refused
 /// with [`RunError::NotLeaseHolder`] unless `holder` holds it, and the lease cannot change
-/// hands until the batch has committed (see `lease::fence`).
-pub(crate) async fn run_leased_batch(
+/// hands until the batch has committed (see `lease::fence`). The projector runs its batches
+/// so.
+pub async fn run_leased_batch(
     pool: &PgPool,
     projection: Projection,
     max_events: i64,

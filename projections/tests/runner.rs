@@ -10,7 +10,8 @@ use common::{checkpoint, populate, rows, sealed, snapshot, Actor, Ledger, TestDb
 use ledgerline_aggregates::organization::{OrganizationEvent, OrganizationProfile};
 use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{
-    catch_up, reset, retry, run_batch, status, BatchOutcome, Projection, Projector, RunError,
+    catch_up, reset, retry, run_batch, run_leased_batch, status, BatchOutcome, Projection,
+    Projector, RunError,
 };
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -758,4 +759,50 @@ async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
     );
     follows.shutdown().await;
     runs.shutdown().await;
+}
+
+/// A batch is run only by the holder of the projection's lease, and only while the lease
+/// has not run out: a process whose lease lapsed (frozen, cut off) applies nothing.
+#[tokio::test]
+async fn a_batch_under_a_lease_not_held_is_refused_and_applies_nothing() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let first = ledger
+        .append("Organization", org, &created(org), &actor)
+        .await;
+    let refused = |r: Result<BatchOutcome, RunError>| matches!(r, Err(RunError::NotLeaseHolder(_)));
+    let batch =
+        |holder: &'static str| run_leased_batch(&db.pool, Projection::Organizations, 100, holder);
+
+    assert!(refused(batch("nobody").await), "no one holds it");
+    assert_eq!(checkpoint(&db.pool, "organizations").await, 0);
+
+    sqlx::query(
+        "INSERT INTO leases (name, holder, expires_at) \
+         VALUES ('projection:organizations', 'me', now() + interval '1 minute')",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    assert!(refused(batch("someone-else").await), "another holds it");
+    assert_eq!(
+        batch("me").await.unwrap(),
+        BatchOutcome::Applied {
+            applied: 1,
+            checkpoint: first
+        }
+    );
+
+    let org2 = Uuid::new_v4();
+    ledger
+        .append("Organization", org2, &created(org2), &actor)
+        .await;
+    sqlx::query("UPDATE leases SET expires_at = now() - interval '1 second'")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    assert!(refused(batch("me").await), "its lease ran out");
+    assert_eq!(checkpoint(&db.pool, "organizations").await, first);
 }

@@ -306,10 +306,13 @@ pub struct CheckpointPolicy {
 /// Signs and stores a checkpoint of the integrated tree, unless one of that size exists.
 /// Refuses ([`TreeError::Unsignable`]) a tree that does not extend the newest checkpoint this
 /// key is known to have signed, so that someone who can write the database but has no key
-/// cannot have the server sign a rewritten history.
+/// cannot have the server sign a rewritten history. With a `holder`, refused unless it holds
+/// the [`LEASE`], which cannot change hands until the note is stored: a holder whose lease ran
+/// out while it integrated must not sign beside the next one.
 pub async fn sign_checkpoint(
     pool: &PgPool,
     signer: &LogSigner,
+    holder: Option<&str>,
 ) -> Result<Option<Checkpoint>, TreeError> {
     let mut conn = pool.acquire().await?;
     let frontier = state(&mut conn, false).await?;
@@ -332,6 +335,16 @@ pub async fn sign_checkpoint(
     if !check_extends_signed(pool, signer, &checkpoint).await? {
         return Ok(None);
     }
+    let mut tx = pool.begin().await?;
+    if let Some(holder) = holder {
+        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+            .bind(ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT)
+            .execute(&mut *tx)
+            .await?;
+        if !lease::fence(&mut tx, LEASE, holder).await? {
+            return Err(TreeError::NotLeaseHolder);
+        }
+    }
     let note = signer.sign(&checkpoint);
     // Kept before it is stored: a crash in between must not leave a served note the anchor
     // does not hold.
@@ -345,8 +358,9 @@ pub async fn sign_checkpoint(
     .bind(checkpoint.chain_head.to_vec())
     .bind(checkpoint.time)
     .bind(&note)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
+    tx.commit().await?;
     Ok((inserted.rows_affected() == 1).then_some(checkpoint))
 }
 
@@ -483,7 +497,7 @@ async fn catch_up_leased(
         if let Some(signer) = signer {
             let signed = latest_checkpoint_size(pool).await?;
             if size > signed && (force_sign || size - signed >= policy.every_events) {
-                sign_checkpoint(pool, signer).await?;
+                sign_checkpoint(pool, signer, holder).await?;
             }
         }
         if integrated < BATCH as usize || stop.is_some_and(|s| *s.borrow()) {
