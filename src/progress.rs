@@ -143,6 +143,7 @@ mod tests {
             first: 1_000,
             target: 101_000,
             positions: vec![("users", 51_000), ("messaging", 41_000)],
+            ends: vec![],
         };
         let figures = Figures::of(&state, 1_000, Duration::from_secs(4));
         assert_eq!(figures.eta, Some(6.0));
@@ -150,6 +151,28 @@ mod tests {
             figures.line("rebuild"),
             "rebuild: 40,000/100,000 events (40%) 10,000 events/s, ETA 6s"
         );
+    }
+
+    /// A check compares each projection at its own checkpoint: one stopped far behind the
+    /// others, once there, does not pin the whole run at its position.
+    #[test]
+    fn a_projection_at_its_own_end_holds_nothing_back() {
+        let state = ProgressState {
+            first: 0,
+            target: 100_000,
+            positions: vec![("users", 999), ("messaging", 60_000)],
+            ends: vec![("users", 999)],
+        };
+        assert_eq!(state.done(), 60_000);
+        assert_eq!(
+            Figures::of(&state, 0, Duration::from_secs(6)).line("check"),
+            "check: 60,000/100,000 events (60%) 10,000 events/s, ETA 4s"
+        );
+        let behind = ProgressState {
+            positions: vec![("users", 500), ("messaging", 60_000)],
+            ..state
+        };
+        assert_eq!(behind.done(), 500, "still on its way to its end");
     }
 
     #[test]

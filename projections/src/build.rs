@@ -41,14 +41,29 @@ pub struct ProgressState {
     pub target: i64,
     /// Each projection's last applied position.
     pub positions: Vec<(&'static str, i64)>,
+    /// Where each projection's work ends, when short of `target` (a check compares each
+    /// projection at its own live checkpoint, and a stopped one's is behind the others').
+    pub ends: Vec<(&'static str, i64)>,
 }
 
 impl ProgressState {
-    /// The position every projection of the build has reached.
+    /// The position every projection of the build has reached; one at its own end holds
+    /// nothing back.
     pub fn done(&self) -> i64 {
         self.positions
             .iter()
-            .map(|(_, p)| *p)
+            .map(|&(name, p)| {
+                let end = self
+                    .ends
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or(self.target, |&(_, e)| e);
+                if p >= end {
+                    self.target
+                } else {
+                    p
+                }
+            })
             .min()
             .unwrap_or(self.target)
     }
@@ -71,6 +86,11 @@ impl Progress {
         state.positions = lanes
             .iter()
             .map(|l| (l.projection.name(), l.from))
+            .collect();
+        state.ends = lanes
+            .iter()
+            .filter(|l| l.to < state.target)
+            .map(|l| (l.projection.name(), l.to))
             .collect();
     }
 
