@@ -1,7 +1,8 @@
 //! A command whose COMMIT reached the database but whose answer was lost (the connection
 //! dropped, the server restarted): its caller hears what the log holds. The app talks to
 //! PostgreSQL through a TCP relay that cuts the writer's connection at its COMMIT, either
-//! after the server answered (it committed) or before the server saw it (it did not).
+//! after the server answered (it committed) or before the server saw it (it did not). And a
+//! command whose caller stopped waiting before the writer took it up is not appended.
 
 mod common;
 
@@ -191,5 +192,84 @@ async fn a_command_whose_commit_never_arrived_is_appended_once_by_its_retry() {
     let id: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(events_of(&t, id).await, 1, "in the log once");
     assert_eq!(t.head().await, before + 1);
+    assert!(t.verify().await.intact());
+}
+
+/// The ledger's append lock, as the writer takes it (`pg_advisory_xact_lock`).
+const APPEND_LOCK: i64 = 0x6c65_6467_6572;
+
+fn create_org(id: Uuid) -> ledgerline_aggregates::organization::OrganizationCommand {
+    ledgerline_aggregates::organization::OrganizationCommand::Create {
+        organization_id: id,
+        name: format!("Org {id}"),
+        slug: format!("org-{}", id.simple()),
+        country_code: None,
+        domain: None,
+        settings: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_command_whose_caller_stopped_waiting_before_the_writer_took_it_is_not_appended() {
+    use ledgerline::app::Actor;
+    let t = TestApp::spawn().await;
+    // The writer's next transaction waits for the append lock, held here.
+    let mut holder = t.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let app = t.app.clone();
+    let (first, abandoned) = (Uuid::new_v4(), Uuid::new_v4());
+    let blocked = tokio::spawn(async move {
+        app.execute(
+            &app.cqrs.organizations,
+            first,
+            Some(first),
+            &Actor::cli("test"),
+            create_org(first),
+        )
+        .await
+        .map_err(|e| e.to_string())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // Queued behind it, and given up on (as a request's time limit or a hang-up does).
+    let gave_up = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        t.app.execute(
+            &t.app.cqrs.organizations,
+            abandoned,
+            Some(abandoned),
+            &Actor::cli("test"),
+            create_org(abandoned),
+        ),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the writer was held");
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    blocked
+        .await
+        .unwrap()
+        .expect("the command already in a transaction goes on");
+    // A later command is appended after the abandoned one would have been.
+    let later = Uuid::new_v4();
+    t.app
+        .execute(
+            &t.app.cqrs.organizations,
+            later,
+            Some(later),
+            &Actor::cli("test"),
+            create_org(later),
+        )
+        .await
+        .unwrap();
+    assert_eq!(events_of(&t, first).await, 1);
+    assert_eq!(events_of(&t, later).await, 1);
+    assert_eq!(events_of(&t, abandoned).await, 0, "not appended");
     assert!(t.verify().await.intact());
 }

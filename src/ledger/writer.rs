@@ -188,6 +188,13 @@ pub(super) async fn run(
                 Err(_) => break,
             }
         }
+        // A caller that stopped waiting (its request timed out, its client hung up) was
+        // answered without this command: appending it now would put in the log what its
+        // caller was told had failed. (One already in a transaction goes on: see `commit`.)
+        batch.retain(|r| !r.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let (prepared, replies): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
             .into_iter()
             .map(|r| (r.prepared, r.reply))
