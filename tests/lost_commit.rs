@@ -169,6 +169,9 @@ async fn a_command_whose_commit_answer_was_lost_is_answered_as_committed() {
     assert!(t.verify().await.intact());
 }
 
+/// The other way a lost COMMIT can have gone: it never arrived, so the batch is retried
+/// (as it was before the writer learnt outcomes from the log); guards against the lookup
+/// answering "committed" for it.
 #[tokio::test]
 async fn a_command_whose_commit_never_arrived_is_appended_once_by_its_retry() {
     let (t, relay) = app_through_relay().await;
@@ -233,7 +236,21 @@ async fn a_command_whose_caller_stopped_waiting_before_the_writer_took_it_is_not
         .await
         .map_err(|e| e.to_string())
     });
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // The writer has taken it up: its transaction waits for the lock.
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND wait_event = 'advisory'",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+                == 1
+        })
+        .await,
+        "the writer waits for the append lock"
+    );
     // Queued behind it, and given up on (as a request's time limit or a hang-up does).
     let gave_up = tokio::time::timeout(
         std::time::Duration::from_secs(1),

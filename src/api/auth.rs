@@ -121,6 +121,7 @@ impl FromRequestParts<App> for Caller {
         // not outlive its revocation meanwhile: events of the key, its organization, its
         // user and its roles that the read models do not show yet are looked for in the log
         // itself (each a range of the events' primary key, beyond the version a row shows).
+        // An assignment counts too: assigning again replaces it, with a nearer expiry say.
         let row: KeyRow = sqlx::query_as(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, u.status AS user_status, g.held,
@@ -135,7 +136,8 @@ impl FromRequestParts<App> for Caller {
                               AND e.event_type IN ('UserDeactivated', 'UserErased')) AS user_leaving,
                     coalesce(g.roles_changing, false) OR EXISTS (
                         SELECT 1 FROM events e WHERE e.aggregate_type = 'User'
-                          AND e.aggregate_id = k.user_id::text AND e.event_type = 'UserRoleRevoked'
+                          AND e.aggregate_id = k.user_id::text
+                          AND e.event_type IN ('UserRoleAssigned', 'UserRoleRevoked')
                           AND e.position > coalesce((SELECT position FROM projection_checkpoints
                                                      WHERE name = 'user_roles'), 0)
                     ) AS roles_changing
@@ -155,9 +157,12 @@ impl FromRequestParts<App> for Caller {
                  )
                  SELECT ARRAY(SELECT DISTINCT rp.permission
                               FROM granted g JOIN role_permissions rp ON rp.role_id = g.id) AS held,
-                        EXISTS (SELECT 1 FROM granted g JOIN events e
-                                  ON e.aggregate_type = 'Role' AND e.aggregate_id = g.id::text
-                                 AND e.sequence > g.version) AS roles_changing
+                        -- A probe of each role's own events (LIMIT keeps it from becoming a
+                        -- join over every role's).
+                        EXISTS (SELECT 1 FROM granted g, LATERAL (
+                                    SELECT 1 FROM events e WHERE e.aggregate_type = 'Role'
+                                      AND e.aggregate_id = g.id::text AND e.sequence > g.version
+                                    LIMIT 1) pending) AS roles_changing
              ) g ON k.user_id IS NOT NULL
              WHERE k.prefix = $1",
         )

@@ -115,16 +115,24 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
             built_in: true,
             grantable: everything.clone(),
         };
-        app.execute(&app.cqrs.roles, role_id, Some(org), actor, command)
-            .await?;
+        let made = app
+            .execute(&app.cqrs.roles, role_id, Some(org), actor, command)
+            .await;
+        // Another process completing the same organization may have made it meanwhile.
+        if let Err(e) = made {
+            if !super::created(app, Role::TYPE, role_id, org).await? {
+                return Err(e.into());
+            }
+        }
     }
     Ok(())
 }
 
 /// Completes the organizations whose creation was cut off before all their built-in roles
 /// were made (the process died between those commands), read from the log, not the read
-/// models, which may lag at start-up. `serve` runs it as it starts; returns how many it
-/// completed.
+/// models, which may lag at start-up. `serve` runs it in the background as it starts (a
+/// creation still under way in another process is harmless: a role made meanwhile counts
+/// as made); returns how many it completed.
 pub async fn complete_interrupted(app: &App) -> ApiResult<usize> {
     let orgs: Vec<String> = sqlx::query_scalar(
         "SELECT aggregate_id FROM events WHERE aggregate_type = $1 AND sequence = 1",
@@ -156,9 +164,16 @@ pub async fn complete_interrupted(app: &App) -> ApiResult<usize> {
         if roles.iter().all(|r| made.contains(r)) {
             continue;
         }
-        create_built_in_roles(app, *org, &Actor::cli("complete-organization")).await?;
-        tracing::info!(organization = %org, "made the built-in roles an interrupted creation left out");
-        completed += 1;
+        // One organization that cannot be completed now does not hold back the others.
+        match create_built_in_roles(app, *org, &Actor::cli("complete-organization")).await {
+            Ok(()) => {
+                tracing::info!(organization = %org, "made the built-in roles an interrupted creation left out");
+                completed += 1;
+            }
+            Err(e) => {
+                tracing::warn!(organization = %org, error = e.message, "could not complete an interrupted organization creation");
+            }
+        }
     }
     Ok(completed)
 }
