@@ -218,10 +218,12 @@ async fn stop_at(
 ///   hands until the batch ends (`lease::fence`), which a frozen process could then do
 ///   forever: the transaction ends if it idles past `lease::STALLED_TRANSACTION_LIMIT`;
 /// - locks the checkpoint (created at 0 if new), then reads the first recorded failure (also
-///   locked, so that one a swap or reset is deleting meanwhile is waited for and skipped
-///   rather than read from the statement's older snapshot). In that order, as a swap or reset
-///   takes them: the failure's lateral join depends on the checkpoint's, so it runs after it
-///   (a failure row held while waiting for a checkpoint a swap held made a deadlock).
+///   locked, so that one a swap or reset is deleting meanwhile is waited for and skipped).
+///   In that order, as a swap or reset takes them: the failure's lateral join depends on the
+///   checkpoint's, so it runs after it (a failure row held while waiting for a checkpoint a
+///   swap held made a deadlock). The failure is read by `projection_first_failure` (migration
+///   0009) with a snapshot taken then, not the statement's: a failure another runner recorded
+///   while this one waited for the checkpoint is seen, not applied past.
 async fn open(
     tx: &mut Transaction<'_, Postgres>,
     name: &'static str,
@@ -244,8 +246,7 @@ async fn open(
          FROM (SELECT 1) AS one \
          LEFT JOIN LATERAL (SELECT name, position FROM projection_checkpoints \
               WHERE name = $1 FOR UPDATE) c ON true \
-         LEFT JOIN LATERAL (SELECT position, error, failed_at FROM projection_failures \
-              WHERE name = coalesce(c.name, $1) ORDER BY position LIMIT 1 FOR SHARE) f ON true",
+         LEFT JOIN LATERAL projection_first_failure(coalesce(c.name, $1)) f ON true",
     )
     .bind(name)
     .bind(holder)
@@ -253,10 +254,6 @@ async fn open(
     .bind(crate::lease::STALLED_TRANSACTION_LIMIT)
     .fetch_one(&mut **tx)
     .await?;
-    let checkpoint = match checkpoint {
-        Some(position) => position,
-        None => lock_checkpoint(tx, name).await?,
-    };
     let failure = match (position, error, failed_at) {
         (Some(position), Some(error), Some(failed_at)) => Some(ProjectionFailure {
             position,
@@ -265,7 +262,15 @@ async fn open(
         }),
         _ => None,
     };
-    Ok((fenced, checkpoint, failure))
+    match checkpoint {
+        Some(position) => Ok((fenced, position, failure)),
+        // No checkpoint row yet (a first batch): the failure was read before the row was
+        // made and locked, so it is read again.
+        None => {
+            let position = lock_checkpoint(tx, name).await?;
+            Ok((fenced, position, first_failure(tx, name).await?))
+        }
+    }
 }
 
 /// The projection's checkpoint, locked until the transaction ends (created at 0 if new).
@@ -302,13 +307,11 @@ async fn first_failure(
     conn: &mut PgConnection,
     name: &str,
 ) -> sqlx::Result<Option<ProjectionFailure>> {
-    let row: Option<(i64, String, DateTime<Utc>)> = sqlx::query_as(
-        "SELECT position, error, failed_at FROM projection_failures WHERE name = $1 \
-         ORDER BY position LIMIT 1",
-    )
-    .bind(name)
-    .fetch_optional(conn)
-    .await?;
+    let row: Option<(i64, String, DateTime<Utc>)> =
+        sqlx::query_as("SELECT position, error, failed_at FROM projection_first_failure($1)")
+            .bind(name)
+            .fetch_optional(conn)
+            .await?;
     Ok(row.map(|(position, error, failed_at)| ProjectionFailure {
         position,
         error,

@@ -806,3 +806,70 @@ async fn a_batch_under_a_lease_not_held_is_refused_and_applies_nothing() {
     assert!(refused(batch("me").await), "its lease ran out");
     assert_eq!(checkpoint(&db.pool, "organizations").await, first);
 }
+
+/// Another runner records a failure and commits while this batch waits for the checkpoint it
+/// holds: the batch must see that failure and stop there, not apply the event past it (as it
+/// would if it read failures from the snapshot its statement took before waiting).
+#[tokio::test]
+async fn a_failure_recorded_while_a_batch_waits_for_the_checkpoint_stops_the_batch() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    let first = ledger
+        .append("Organization", org, &created(org), &actor)
+        .await;
+    sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ('organizations')")
+        .execute(&db.pool)
+        .await
+        .unwrap();
+
+    // The other runner: the checkpoint locked, its failure at the event recorded.
+    let mut other = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM projection_checkpoints WHERE name = 'organizations' FOR UPDATE")
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) \
+         VALUES ('organizations', $1, 'the other runner could not apply it')",
+    )
+    .bind(first)
+    .execute(&mut *other)
+    .await
+    .unwrap();
+    let batch = tokio::spawn({
+        let pool = db.pool.clone();
+        async move { run_batch(&pool, Projection::Organizations, 10).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the batch waits for the checkpoint"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    other.commit().await.unwrap();
+
+    let outcome = batch.await.unwrap().unwrap();
+    assert!(
+        matches!(&outcome, BatchOutcome::Failed { checkpoint: 0, failure } if failure.position == first),
+        "{outcome:?}"
+    );
+    assert_eq!(
+        checkpoint(&db.pool, "organizations").await,
+        0,
+        "not applied past the failure"
+    );
+}
