@@ -568,6 +568,33 @@ async fn read_model(t: &TestApp, sql: &str, id: Uuid) -> String {
         .unwrap()
 }
 
+/// After a command that `projection` (stopped) does not show: `status_sql` still reads
+/// `before` for `id`, `key` is refused with `message` all the same, and once the projection
+/// resumes it reads `after` and `key` stays refused.
+async fn refused_before_it_is_shown(
+    t: &TestApp,
+    org: Uuid,
+    key: &str,
+    projection: &str,
+    (status_sql, id): (&str, Uuid),
+    (before, after): (&str, &str),
+    message: &str,
+) {
+    assert_eq!(read_model(t, status_sql, id).await, before);
+    let r = t.get(&org_path(org, "/users"), key).await;
+    assert_error(&r, 401);
+    assert_eq!(r.body["error"]["message"], message);
+    resume_projection(t, projection).await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            read_model(t, status_sql, id).await == after
+        })
+        .await,
+        "{projection} shows it once resumed"
+    );
+    assert_error(&t.get(&org_path(org, "/users"), key).await, 401);
+}
+
 #[tokio::test]
 async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once() {
     let t = TestApp::spawn().await;
@@ -646,20 +673,16 @@ async fn a_user_deactivated_while_users_is_stopped_loses_their_keys_at_once() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let status = "SELECT status FROM users WHERE id = $1";
-    assert_eq!(read_model(&t, status, user).await, "active");
-    let r = t.get(&org_path(org, "/users"), &key).await;
-    assert_error(&r, 401);
-    assert_eq!(r.body["error"]["message"], "this key's user is not active");
-
-    resume_projection(&t, "users").await;
-    assert!(
-        common::eventually(Duration::from_secs(10), || async {
-            read_model(&t, status, user).await == "deactivated"
-        })
-        .await
-    );
-    assert_error(&t.get(&org_path(org, "/users"), &key).await, 401);
+    refused_before_it_is_shown(
+        &t,
+        org,
+        &key,
+        "users",
+        ("SELECT status FROM users WHERE id = $1", user),
+        ("active", "deactivated"),
+        "this key's user is not active",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -682,23 +705,16 @@ async fn an_organization_suspended_while_organizations_is_stopped_loses_its_keys
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let status = "SELECT status FROM organizations WHERE id = $1";
-    assert_eq!(read_model(&t, status, org).await, "active");
-    let r = t.get(&org_path(org, "/users"), &key).await;
-    assert_error(&r, 401);
-    assert_eq!(
-        r.body["error"]["message"],
-        "this key's organization is suspended"
-    );
-
-    resume_projection(&t, "organizations").await;
-    assert!(
-        common::eventually(Duration::from_secs(10), || async {
-            read_model(&t, status, org).await == "suspended"
-        })
-        .await
-    );
-    assert_error(&t.get(&org_path(org, "/users"), &key).await, 401);
+    refused_before_it_is_shown(
+        &t,
+        org,
+        &key,
+        "organizations",
+        ("SELECT status FROM organizations WHERE id = $1", org),
+        ("active", "suspended"),
+        "this key's organization is suspended",
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -706,22 +706,29 @@ async fn a_batch_of_a_stopped_projection_waits_for_its_checkpoint_before_its_fai
     );
 }
 
-/// A process that follows a projection another runs, and missed the notification of its
-/// reset (its listener was away), learns of it from its poll: a checkpoint lower than the
-/// one it knew is read again and taken, not kept out by the higher one.
-#[tokio::test]
-async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
+/// A fresh database whose log holds one organization's creation: the database, its ledger
+/// writer, the actor, and the event's position.
+async fn one_organization() -> (TestDb, Ledger, Actor, i64) {
     let db = TestDb::new().await;
     let mut ledger = Ledger::new(&db.pool);
-    let fast = Projector {
-        poll_interval: Duration::from_millis(200),
-        ..Projector::default()
-    };
     let org = Uuid::new_v4();
     let actor = Actor::api(org, None, Uuid::new_v4());
     let first = ledger
         .append("Organization", org, &created(org), &actor)
         .await;
+    (db, ledger, actor, first)
+}
+
+/// A process that follows a projection another runs, and missed the notification of its
+/// reset (its listener was away), learns of it from its poll: a checkpoint lower than the
+/// one it knew is read again and taken, not kept out by the higher one.
+#[tokio::test]
+async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
+    let (db, _, _, first) = one_organization().await;
+    let fast = Projector {
+        poll_interval: Duration::from_millis(200),
+        ..Projector::default()
+    };
     let (_head_tx, head_rx) = tokio::sync::watch::channel(first);
     let runs = fast.start(db.pool.clone(), head_rx);
     assert!(runs.wait_for(first, Duration::from_secs(30)).await);
@@ -765,13 +772,7 @@ async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
 /// has not run out: a process whose lease lapsed (frozen, cut off) applies nothing.
 #[tokio::test]
 async fn a_batch_under_a_lease_not_held_is_refused_and_applies_nothing() {
-    let db = TestDb::new().await;
-    let mut ledger = Ledger::new(&db.pool);
-    let org = Uuid::new_v4();
-    let actor = Actor::api(org, None, Uuid::new_v4());
-    let first = ledger
-        .append("Organization", org, &created(org), &actor)
-        .await;
+    let (db, mut ledger, actor, first) = one_organization().await;
     let refused = |r: Result<BatchOutcome, RunError>| matches!(r, Err(RunError::NotLeaseHolder(_)));
     let batch =
         |holder: &'static str| run_leased_batch(&db.pool, Projection::Organizations, 100, holder);
@@ -812,13 +813,7 @@ async fn a_batch_under_a_lease_not_held_is_refused_and_applies_nothing() {
 /// would if it read failures from the snapshot its statement took before waiting).
 #[tokio::test]
 async fn a_failure_recorded_while_a_batch_waits_for_the_checkpoint_stops_the_batch() {
-    let db = TestDb::new().await;
-    let mut ledger = Ledger::new(&db.pool);
-    let org = Uuid::new_v4();
-    let actor = Actor::api(org, None, Uuid::new_v4());
-    let first = ledger
-        .append("Organization", org, &created(org), &actor)
-        .await;
+    let (db, _, _, first) = one_organization().await;
     sqlx::query("INSERT INTO projection_checkpoints (name) VALUES ('organizations')")
         .execute(&db.pool)
         .await
