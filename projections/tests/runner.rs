@@ -641,6 +641,25 @@ async fn a_failure_inside_a_bulk_insert_names_its_own_event() {
     assert_eq!(checkpoint(&db.pool, "users").await, 40);
 }
 
+/// Waits up to 5 s until a session of this database (only: other tests' waits are not
+/// this one's) waits for a lock.
+async fn a_session_waits_for_a_lock(pool: &PgPool) -> bool {
+    for _ in 0..500 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
 /// A rebuild's swap locks the checkpoints, then deletes the swapped projections' failures. A
 /// batch of a stopped projection opening meanwhile must wait for the checkpoint before it
 /// touches the failure row: holding that row while it waited made a lock cycle with the swap
@@ -675,20 +694,10 @@ async fn a_batch_of_a_stopped_projection_waits_for_its_checkpoint_before_its_fai
         let pool = db.pool.clone();
         async move { run_batch(&pool, Projection::Users, 10).await }
     });
-    for _ in 0..500 {
-        // This database's sessions only: other tests' waits are not this batch's.
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    assert!(
+        a_session_waits_for_a_lock(&db.pool).await,
+        "the batch waits"
+    );
     // Then the failures, as the swapped-in tables applied the event.
     sqlx::query("SET LOCAL lock_timeout = '5s'")
         .execute(&mut *swap)
@@ -837,24 +846,10 @@ async fn a_failure_recorded_while_a_batch_waits_for_the_checkpoint_stops_the_bat
         let pool = db.pool.clone();
         async move { run_batch(&pool, Projection::Organizations, 10).await }
     });
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND wait_event_type = 'Lock'",
-        )
-        .fetch_one(&db.pool)
-        .await
-        .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the batch waits for the checkpoint"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        a_session_waits_for_a_lock(&db.pool).await,
+        "the batch waits for the checkpoint"
+    );
     other.commit().await.unwrap();
 
     let outcome = batch.await.unwrap().unwrap();
