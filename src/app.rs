@@ -305,7 +305,9 @@ impl App {
         }
     }
 
-    /// Waits until the read models show everything this process has committed.
+    /// Waits until the read models show everything this process has committed. When they
+    /// do not in time (a projection stopped or far behind), the answer says so
+    /// ([`crate::api::READ_MODELS_BEHIND`]).
     pub async fn await_projections(&self) {
         if let Some(projector) = &self.projector {
             let target = *self.store.committed().borrow();
@@ -314,6 +316,7 @@ impl App {
                     position = target,
                     "read models did not catch up in time; answering anyway"
                 );
+                crate::api::read_models_behind();
             }
         }
     }

@@ -510,6 +510,7 @@ pub fn router(app: App) -> Router {
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_large_bodies))
+        .layer(middleware::from_fn(mark_answers_behind))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
@@ -545,8 +546,52 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
 pub(crate) fn to_the_end<T: Send + 'static>(
     work: impl std::future::Future<Output = ApiResult<T>> + Send + 'static,
 ) -> impl std::future::Future<Output = ApiResult<T>> {
-    let task = tokio::spawn(work);
-    async move { task.await.map_err(ApiError::internal)? }
+    let task = tokio::spawn(answer_marks(work));
+    async move {
+        let (answer, behind) = task.await.map_err(ApiError::internal)?;
+        if behind {
+            read_models_behind();
+        }
+        answer
+    }
+}
+
+/// The response header that says a command's answer may not show its effect: it is in the
+/// log, but the read models did not show it within the wait (a projection stopped or far
+/// behind), and the views in the answer are as they were.
+pub const READ_MODELS_BEHIND: &str = "ledgerline-read-models";
+
+tokio::task_local! {
+    /// Set while a request is handled when a command of it was answered before the read
+    /// models showed it.
+    static BEHIND: std::cell::Cell<bool>;
+}
+
+/// Marks the request being handled (if any) as answered before the read models showed it.
+pub(crate) fn read_models_behind() {
+    let _ = BEHIND.try_with(|b| b.set(true));
+}
+
+/// Runs `work` and tells whether it marked its answer with [`read_models_behind`].
+async fn answer_marks<T>(work: impl std::future::Future<Output = T>) -> (T, bool) {
+    BEHIND
+        .scope(std::cell::Cell::new(false), async {
+            let out = work.await;
+            (out, BEHIND.with(std::cell::Cell::get))
+        })
+        .await
+}
+
+/// Adds [`READ_MODELS_BEHIND`]`: behind` to the answer of a request marked so.
+async fn mark_answers_behind(req: Request, next: Next) -> Response {
+    let (mut response, behind) = answer_marks(next.run(req)).await;
+    if behind {
+        response.headers_mut().insert(
+            READ_MODELS_BEHIND,
+            axum::http::HeaderValue::from_static("behind"),
+        );
+    }
+    response
 }
 
 /// Whether aggregate `id` of `aggregate_type` was created in `org`: its first event is in

@@ -169,6 +169,7 @@ impl Drop for TestApp {
 pub struct Response {
     pub status: u16,
     pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
 }
 
 impl TestApp {
@@ -236,13 +237,18 @@ impl TestApp {
         }
         let res = req.send().await.expect("request sent");
         let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let text = res.text().await.expect("body");
         let body = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        Response { status, body }
+        Response {
+            status,
+            body,
+            headers,
+        }
     }
 
     pub async fn raw(
@@ -263,10 +269,12 @@ impl TestApp {
             .await
             .expect("request sent");
         let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let text = res.text().await.expect("body");
         Response {
             status,
             body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            headers,
         }
     }
 
@@ -441,13 +449,18 @@ impl TestApp {
         }
         let res = req.send().await.expect("request sent");
         let status = res.status().as_u16();
+        let headers = res.headers().clone();
         let text = res.text().await.expect("body");
         let body = if text.is_empty() {
             Value::Null
         } else {
             serde_json::from_str(&text).unwrap_or(Value::String(text))
         };
-        Response { status, body }
+        Response {
+            status,
+            body,
+            headers,
+        }
     }
 }
 
