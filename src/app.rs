@@ -303,10 +303,13 @@ impl App {
                 "read models did not catch up in time; deciding anyway"
             );
         }
+        if !projector.reached(target) {
+            crate::api::read_models_behind();
+        }
     }
 
     /// Waits until the read models show everything this process has committed. When they
-    /// do not in time (a projection stopped or far behind), the answer says so
+    /// do not (in time, or one far behind is not waited for), the answer says so
     /// ([`crate::api::READ_MODELS_BEHIND`]).
     pub async fn await_projections(&self) {
         if let Some(projector) = &self.projector {
@@ -316,6 +319,9 @@ impl App {
                     position = target,
                     "read models did not catch up in time; answering anyway"
                 );
+            }
+            // Also when one far behind was not waited for (it is catching up).
+            if !projector.reached(target) {
                 crate::api::read_models_behind();
             }
         }

@@ -173,18 +173,23 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     };
     let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
-    // Not a reason to refuse to serve: logged, and tried again at the next start.
-    match api::organizations::complete_interrupted(&app).await {
-        Ok(0) => {}
-        Ok(n) => tracing::info!(
-            organizations = n,
-            "completed interrupted organization creations"
-        ),
-        Err(e) => tracing::warn!(
-            error = e.message,
-            "could not complete interrupted organization creations"
-        ),
-    }
+    // In the background: its commands may wait for read models that are catching up, and
+    // start-up must still answer signals. Not a reason to refuse to serve: logged, and tried
+    // again at the next start.
+    let completing = app.clone();
+    tokio::spawn(async move {
+        match api::organizations::complete_interrupted(&completing).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                organizations = n,
+                "completed interrupted organization creations"
+            ),
+            Err(e) => tracing::warn!(
+                error = e.message,
+                "could not complete interrupted organization creations"
+            ),
+        }
+    });
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
     let served = axum::serve(
         listener,

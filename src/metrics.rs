@@ -232,11 +232,16 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
     // A projection at 0 has applied nothing: its lag is measured from the first event.
     let mut positions: Vec<i64> = statuses.iter().map(|s| s.position.max(1)).collect();
     positions.push(head);
-    let recorded_at: Vec<(i64, DateTime<Utc>)> =
-        sqlx::query_as("SELECT position, recorded_at FROM events WHERE position = ANY($1)")
-            .bind(&positions)
-            .fetch_all(pool)
-            .await?;
+    // Read only where `DateTime` can hold it (an altered log may hold `infinity`, whose
+    // decoding would panic): a lag in seconds is then left out, as for a missing event.
+    let recorded_at: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(&format!(
+        "SELECT position, recorded_at FROM events WHERE position = ANY($1) \
+         AND NOT {}",
+        ledgerline_projections::IMPOSSIBLE_TIME
+    ))
+    .bind(&positions)
+    .fetch_all(pool)
+    .await?;
     let checkpoint = sqlx::query_as(
         "SELECT tree_size, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
     )

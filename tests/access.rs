@@ -658,6 +658,17 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
     }
     // Not yet in the read model, so not yet usable: refused, not let through.
     assert_error(&t.get(&org_path(org, "/users"), &new_secret).await, 401);
+    // A key issued meanwhile: its secret is in the answer, which the read model cannot give.
+    let r = issue_key(
+        &t,
+        org,
+        &t.admin_key,
+        json!({"label": "later", "permissions": ["users:read"]}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(behind(&r), Some("behind"));
+    let later_secret = r.body["secret"].as_str().unwrap().to_string();
 
     resume_projection(&t, "api_keys").await;
     assert!(
@@ -668,6 +679,10 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
         "the rotated key works once api_keys catches up"
     );
     assert_eq!(read_model(&t, status, revoked).await, "revoked");
+    assert_eq!(
+        t.get(&org_path(org, "/users"), &later_secret).await.status,
+        200
+    );
     for secret in [&revoked_secret, &old_secret] {
         assert_error(&t.get(&org_path(org, "/users"), secret).await, 401);
     }
@@ -774,6 +789,18 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
 
     // A role narrowed, with `roles` stopped.
     stop_projection(&t, "roles").await;
+    // A role made meanwhile is in the log, not yet in the read model: 202 and its id, not a
+    // 404 that would have the client make it again.
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "meanwhile", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(behind(&r), Some("behind"));
+    let meanwhile: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
     let r = t
         .patch(
             &org_path(org, &format!("/roles/{narrowed}")),
@@ -808,6 +835,14 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
     assert_error(
         &t.get(&org_path(org, "/api-keys"), &narrowed_key).await,
         403,
+    );
+    let r = t
+        .get(&org_path(org, &format!("/roles/{meanwhile}")), &t.admin_key)
+        .await;
+    assert_eq!(
+        r.status, 200,
+        "made once, and shown once caught up: {}",
+        r.body
     );
 }
 

@@ -211,6 +211,15 @@ impl ProjectorHandle {
         tokio::time::timeout(timeout, all).await.unwrap_or(false)
     }
 
+    /// Whether every projection has reached `position` now, those catching up included
+    /// (which [`ProjectorHandle::wait_for`] does not wait for).
+    pub fn reached(&self, position: i64) -> bool {
+        let window = self.window.borrow();
+        self.progress
+            .iter()
+            .all(|(projection, rx)| reach(*projection, *rx.borrow(), &window) >= position)
+    }
+
     /// How far each projection has got, by name: its last reported checkpoint, moved past
     /// the following events it does not read.
     pub fn checkpoints(&self) -> Vec<(&'static str, i64)> {

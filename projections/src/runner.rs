@@ -6,7 +6,9 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+use crate::{
+    Projection, ProjectionError, RunError, StoredEvent, IMPOSSIBLE_TIME, STORED_EVENT_COLUMNS,
+};
 
 /// Batch size for [`catch_up`]: large enough that a rebuild is not dominated by commits.
 const CATCH_UP_BATCH: i64 = 1000;
@@ -94,14 +96,34 @@ async fn batch(
             failure,
         });
     }
-    let events: Vec<StoredEvent> = sqlx::query_as(&format!(
-        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 \
-         ORDER BY position LIMIT $2"
-    ))
-    .bind(checkpoint)
-    .bind(max_events.max(1))
-    .fetch_all(&mut *tx)
-    .await?;
+    let limit = max_events.max(1);
+    let events = match read_events(&mut tx, checkpoint, i64::MAX, limit).await {
+        Ok(events) => events,
+        // A time no writer stores (the log was altered, see `STORED_EVENT_COLUMNS`): stop at
+        // the first such event, once those before it are applied.
+        Err(sqlx::Error::ColumnDecode { .. }) => {
+            let altered: i64 = sqlx::query_scalar(&format!(
+                "SELECT min(position) FROM (SELECT position, recorded_at FROM events \
+                 WHERE position > $1 ORDER BY position LIMIT $2) e WHERE {IMPOSSIBLE_TIME}"
+            ))
+            .bind(checkpoint)
+            .bind(limit)
+            .fetch_one(&mut *tx)
+            .await?;
+            let before = read_events(&mut tx, checkpoint, altered, limit).await?;
+            tx.rollback().await?;
+            let error = ProjectionError::decode(
+                altered,
+                "recorded_at holds a time no writer stores (the log was altered; \
+                 `ledgerline verify` names it)",
+            );
+            return stop_at(
+                pool, projection, holder, checkpoint, &before, altered, error,
+            )
+            .await;
+        }
+        Err(e) => return Err(e.into()),
+    };
     match projection.apply_many(&mut tx, &events).await {
         Ok(()) => {
             let last = events.last().map_or(checkpoint, |e| e.position);
@@ -117,22 +139,50 @@ async fn batch(
         Err((index, error)) => {
             // The failed statement aborted the transaction: start over without the event.
             tx.rollback().await?;
-            stop_at(pool, projection, holder, checkpoint, &events, index, error).await
+            let failed = events[index].position;
+            stop_at(
+                pool,
+                projection,
+                holder,
+                checkpoint,
+                &events[..index],
+                failed,
+                error,
+            )
+            .await
         }
     }
 }
 
-/// Applies the events before the failing one and records the failure, in one transaction
-/// opened as a batch is (the lease checked and held, an idle limit). If one of those events
-/// now fails too (the database changed in between), the projection stops at that earlier one
-/// instead.
+/// Up to `limit` events after `after` and before `before`, in order.
+async fn read_events(
+    tx: &mut Transaction<'_, Postgres>,
+    after: i64,
+    before: i64,
+    limit: i64,
+) -> sqlx::Result<Vec<StoredEvent>> {
+    sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 AND position < $2 \
+         ORDER BY position LIMIT $3"
+    ))
+    .bind(after)
+    .bind(before)
+    .bind(limit)
+    .fetch_all(&mut **tx)
+    .await
+}
+
+/// Applies `prefix` (the events before the failing one, at `failed`) and records the
+/// failure, in one transaction opened as a batch is (the lease checked and held, an idle
+/// limit). If one of those events now fails too (the database changed in between), the
+/// projection stops at that earlier one instead.
 async fn stop_at(
     pool: &PgPool,
     projection: Projection,
     holder: Option<&str>,
     checkpoint: i64,
-    events: &[StoredEvent],
-    mut index: usize,
+    mut prefix: &[StoredEvent],
+    mut failed: i64,
     mut error: ProjectionError,
 ) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
@@ -144,18 +194,16 @@ async fn stop_at(
             Err(error) => error,
         };
         let mut tx = pool.begin().await?;
-        let (fenced, now, _) = open(&mut tx, name, holder).await?;
+        let (fenced, now, recorded) = open(&mut tx, name, holder).await?;
         if !fenced {
             // The lease moved while the batch failed: its new holder meets the event itself.
             return Err(RunError::NotLeaseHolder(name));
         }
-        if now != checkpoint {
-            // Another runner got here first; re-applying our prefix would apply it twice.
-            // Its failure is read anew: `open` read failures from its snapshot, taken before
-            // it waited for that runner's commit.
-            let failure = first_failure(&mut tx, name).await?;
+        if now != checkpoint || recorded.is_some() {
+            // Another runner got here first: re-applying our prefix would apply it twice, or
+            // apply it past the failure that runner recorded (`open` reads it afresh).
             tx.commit().await?;
-            return Ok(match failure {
+            return Ok(match recorded {
                 Some(failure) => BatchOutcome::Failed {
                     checkpoint: now,
                     failure,
@@ -166,17 +214,17 @@ async fn stop_at(
                 },
             });
         }
-        let prefix = &events[..index];
         if let Err((earlier, e)) = projection.apply_many(&mut tx, prefix).await {
             tx.rollback().await?;
-            (index, error) = (earlier, e);
+            (failed, error) = (prefix[earlier].position, e);
+            prefix = &prefix[..earlier];
             continue;
         }
         let last = prefix.last().map_or(checkpoint, |e| e.position);
         if last != checkpoint {
             advance(&mut tx, name, last).await?;
         }
-        let position = events[index].position;
+        let position = failed;
         let message = error.to_string();
         let failed_at: DateTime<Utc> = sqlx::query_scalar(
             "INSERT INTO projection_failures (name, position, error) VALUES ($1, $2, $3) \

@@ -863,3 +863,40 @@ async fn a_failure_recorded_while_a_batch_waits_for_the_checkpoint_stops_the_bat
         "not applied past the failure"
     );
 }
+
+/// A `recorded_at` no writer stores (`infinity`: a superuser's edit, which `verify`
+/// reports) stops the projections at that event, recorded like any other failure; decoding
+/// it used to panic the batch.
+#[tokio::test]
+async fn an_impossible_recorded_at_stops_the_projections_there() {
+    let (db, mut ledger, actor, first) = one_organization().await;
+    let mut later = 0;
+    for _ in 0..2 {
+        let org = Uuid::new_v4();
+        later = ledger
+            .append("Organization", org, &created(org), &actor)
+            .await;
+    }
+    let altered = first + 1;
+    sqlx::raw_sql(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         UPDATE events SET recorded_at = 'infinity' WHERE position = {altered}; COMMIT"
+    ))
+    .execute(&db.pool)
+    .await
+    .unwrap();
+
+    let (name, position) = failed_at(catch_up(&db.pool).await);
+    assert_eq!(position, altered, "{name}");
+    for s in status(&db.pool).await.unwrap() {
+        assert_eq!(
+            s.checkpoint, first,
+            "{}: applied up to the altered event",
+            s.name
+        );
+        let failure = &s.failures[0];
+        assert_eq!(failure.position, altered, "{}", s.name);
+        assert!(failure.error.contains("recorded_at"), "{}", failure.error);
+    }
+    assert!(later > altered);
+}

@@ -88,6 +88,22 @@ pub async fn issue(
     }
     let id = Uuid::new_v4();
     let secret = keys::generate();
+    let now = Utc::now();
+    // The key as issued: the answer when the read models do not show it yet, since its
+    // secret is shown only in this answer and only its hash is kept.
+    let issued = ApiKeyView {
+        id,
+        organization_id: Some(org),
+        user_id: body.user_id,
+        label: body.label.clone(),
+        prefix: secret.prefix.clone(),
+        permissions: body.permissions.iter().map(|p| p.to_string()).collect(),
+        status: "active".into(),
+        expires_at: body.expires_at,
+        created_at: now,
+        revoked_at: None,
+        rotated_at: None,
+    };
     let command = ApiKeyCommand::Issue {
         key_id: id,
         organization_id: Some(org),
@@ -99,11 +115,14 @@ pub async fn issue(
         secret_hash: secret.hash.clone(),
         bootstrap: false,
         grantable: caller.permissions.clone(),
-        now: Utc::now(),
+        now,
     };
     app.execute(&app.cqrs.api_keys, id, Some(org), &caller.actor, command)
         .await?;
-    let key = find(&app, org, id).await?;
+    let key = match find(&app, org, id).await {
+        Err(e) if e.status == StatusCode::NOT_FOUND => issued,
+        found => found?,
+    };
     Ok((
         StatusCode::CREATED,
         axum::Json(IssuedKey {

@@ -301,7 +301,7 @@ pub async fn create(
     caller: Caller,
     Path(org): Path<Uuid>,
     Json(body): Json<CreateConversation>,
-) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require_in(org, Permission::ConversationsWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
     let owner_id = match (caller.user_id, body.owner_id) {
@@ -342,10 +342,7 @@ pub async fn create(
     )
     .await?;
     // The creator may be a service key, which sees it too.
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(view(&app, &caller, org, id).await?),
-    ))
+    super::created_answer(view(&app, &caller, org, id).await, id)
 }
 
 #[derive(Debug, sqlx::FromRow)]

@@ -319,7 +319,7 @@ pub async fn post(
     caller: Caller,
     Path((org, conversation)): Path<(Uuid, Uuid)>,
     Json(body): Json<PostMessage>,
-) -> ApiResult<(StatusCode, axum::Json<MessageView>)> {
+) -> ApiResult<axum::response::Response> {
     let author = match (caller.user_id, body.author_id) {
         (Some(user), None) => Ok(user),
         (Some(user), Some(a)) if a == user => Ok(user),
@@ -430,10 +430,7 @@ pub async fn post(
         })
     };
     task.await?;
-    Ok((
-        StatusCode::CREATED,
-        axum::Json(find(&app, conversation, id).await?),
-    ))
+    super::created_answer(find(&app, conversation, id).await, id)
 }
 
 #[derive(Debug, Deserialize)]

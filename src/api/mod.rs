@@ -594,6 +594,25 @@ async fn mark_answers_behind(req: Request, next: Next) -> Response {
     response
 }
 
+/// The answer to a command that created `id`: 201 with its view, or, when the read models
+/// do not show it yet (a projection stopped or far behind; the answer carries
+/// [`READ_MODELS_BEHIND`]), 202 with its id: the command stands, it is in the log. A 404
+/// there would send a client to create it again.
+pub(crate) fn created_answer<T: serde::Serialize>(
+    found: ApiResult<T>,
+    id: Uuid,
+) -> ApiResult<Response> {
+    match found {
+        Ok(view) => Ok((StatusCode::CREATED, axum::Json(view)).into_response()),
+        Err(e) if e.status == StatusCode::NOT_FOUND => Ok((
+            StatusCode::ACCEPTED,
+            axum::Json(serde_json::json!({"id": id, "read_models": "behind"})),
+        )
+            .into_response()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether aggregate `id` of `aggregate_type` was created in `org`: its first event is in
 /// the ledger. After a command that creates an aggregate failed, this tells whether it
 /// failed for good or committed with only its answer lost (the writer learns a lost COMMIT's

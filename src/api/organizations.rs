@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::organization::{built_in_roles, Organization, OrganizationCommand};
@@ -65,7 +64,7 @@ pub async fn create(
     State(app): State<App>,
     caller: Caller,
     Json(body): Json<CreateOrganization>,
-) -> ApiResult<(StatusCode, axum::Json<OrganizationView>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require(Permission::PlatformAdmin)?;
     let id = Uuid::new_v4();
     let command = OrganizationCommand::Create {
@@ -91,7 +90,7 @@ pub async fn create(
         create_built_in_roles(&work, id, &caller.actor).await
     })
     .await?;
-    Ok((StatusCode::CREATED, axum::Json(find(&app, id).await?)))
+    super::created_answer(find(&app, id).await, id)
 }
 
 /// Every organization starts with the built-in roles, each a real role made by events.

@@ -127,7 +127,7 @@ pub async fn create(
     caller: Caller,
     Path(org): Path<Uuid>,
     Json(body): Json<CreateRole>,
-) -> ApiResult<(StatusCode, axum::Json<RoleView>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require_in(org, Permission::RolesWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
     let mut effective = body.permissions.clone();
@@ -149,7 +149,7 @@ pub async fn create(
     };
     app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command)
         .await?;
-    Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
+    super::created_answer(find(&app, org, id).await, id)
 }
 
 pub async fn list(

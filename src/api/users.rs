@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::user::{SealedEmail, SealedProfile, User, UserCommand};
@@ -98,7 +97,7 @@ pub async fn invite(
     caller: Caller,
     Path(org): Path<Uuid>,
     Json(body): Json<InviteUser>,
-) -> ApiResult<(StatusCode, axum::Json<UserView>)> {
+) -> ApiResult<axum::response::Response> {
     caller.require_in(org, Permission::UsersWrite)?;
     organizations::find(&app, org).await?;
     // Validate before a key exists, so bad input leaves nothing behind.
@@ -137,7 +136,7 @@ pub async fn invite(
         })
     };
     task.await?;
-    Ok((StatusCode::CREATED, axum::Json(find(&app, org, id).await?)))
+    super::created_answer(find(&app, org, id).await, id)
 }
 
 pub async fn list(
