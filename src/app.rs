@@ -282,9 +282,22 @@ impl App {
     /// command refused as stale needs this before it decides again: the change that made
     /// it stale may have been committed by another `serve` process.
     pub async fn await_ledger(&self) {
-        let Some(projector) = &self.projector else {
-            return;
-        };
+        self.await_head().await;
+    }
+
+    /// [`App::await_ledger`] before an answer (a command that committed although it failed
+    /// to say so): marked as behind when the read models do not show the log yet.
+    pub async fn await_ledger_for_answer(&self) {
+        if let Some((projector, head)) = self.await_head().await {
+            if !projector.reached(head) {
+                crate::api::read_models_behind();
+            }
+        }
+    }
+
+    /// Waits for the head committed by any process; returns the projector and that head.
+    async fn await_head(&self) -> Option<(&ProjectorHandle, i64)> {
+        let projector = self.projector.as_ref()?;
         let head: sqlx::Result<Option<i64>> =
             sqlx::query_scalar("SELECT max(position) FROM events")
                 .fetch_one(&self.pool)
@@ -303,9 +316,7 @@ impl App {
                 "read models did not catch up in time; deciding anyway"
             );
         }
-        if !projector.reached(target) {
-            crate::api::read_models_behind();
-        }
+        Some((projector, target))
     }
 
     /// Waits until the read models show everything this process has committed. When they

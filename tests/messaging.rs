@@ -1239,3 +1239,31 @@ async fn participant_changes_check_access_before_the_body() {
         .await;
     c.refused(&r, 422, head).await;
 }
+
+/// A key that may create conversations but not read them: the conversation is made (it is in
+/// the log), so the answer is 201 with its id, not a 403 that would have it made again.
+#[tokio::test]
+async fn a_key_that_may_create_but_not_read_a_conversation_gets_its_id() {
+    let c = chat().await;
+    let r =
+        c.t.post(
+            &format!("/v1/organizations/{}/api-keys", c.org),
+            &c.t.admin_key,
+            json!({"label": "writer", "permissions": ["conversations:write"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let writer = r.body["secret"].as_str().unwrap().to_string();
+    let before = c.t.head().await;
+    let r = c
+        .create(
+            &writer,
+            json!({"kind": "group", "title": "Blind", "owner_id": c.alice.0, "participants": [c.bob.0]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let made = id(&r);
+    assert!(c.t.head().await > before);
+    let r = c.t.get(&c.path(&format!("/{made}")), &c.service).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}

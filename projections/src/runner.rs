@@ -6,9 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 
-use crate::{
-    Projection, ProjectionError, RunError, StoredEvent, IMPOSSIBLE_TIME, STORED_EVENT_COLUMNS,
-};
+use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// Batch size for [`catch_up`]: large enough that a rebuild is not dominated by commits.
 const CATCH_UP_BATCH: i64 = 1000;
@@ -99,23 +97,28 @@ async fn batch(
     let limit = max_events.max(1);
     let events = match read_events(&mut tx, checkpoint, i64::MAX, limit).await {
         Ok(events) => events,
-        // A time no writer stores (the log was altered, see `STORED_EVENT_COLUMNS`): stop at
-        // the first such event, once those before it are applied.
-        Err(sqlx::Error::ColumnDecode { .. }) => {
-            let altered: i64 = sqlx::query_scalar(&format!(
-                "SELECT min(position) FROM (SELECT position, recorded_at FROM events \
-                 WHERE position > $1 ORDER BY position LIMIT $2) e WHERE {IMPOSSIBLE_TIME}"
+        // A row no writer stores (the log was altered: a time `DateTime` cannot hold, see
+        // `STORED_EVENT_COLUMNS`, or a NULL once a constraint was dropped): stop at the first
+        // such event, once those before it are applied.
+        Err(e @ sqlx::Error::ColumnDecode { .. }) => {
+            let altered: Option<i64> = sqlx::query_scalar(&format!(
+                "SELECT min(position) FROM (SELECT * FROM events \
+                 WHERE position > $1 ORDER BY position LIMIT $2) e WHERE {UNREADABLE}"
             ))
             .bind(checkpoint)
             .bind(limit)
             .fetch_one(&mut *tx)
             .await?;
+            let Some(altered) = altered else {
+                return Err(e.into());
+            };
             let before = read_events(&mut tx, checkpoint, altered, limit).await?;
             tx.rollback().await?;
             let error = ProjectionError::decode(
                 altered,
-                "recorded_at holds a time no writer stores (the log was altered; \
-                 `ledgerline verify` names it)",
+                "the event cannot be read: a NULL where the writer always stores a value, or \
+                 a recorded_at no writer stores (the log was altered; `ledgerline verify` \
+                 names it)",
             );
             return stop_at(
                 pool, projection, holder, checkpoint, &before, altered, error,
@@ -153,6 +156,14 @@ async fn batch(
         }
     }
 }
+
+/// An `events` row that [`StoredEvent`] cannot be read from: a NULL in a column the writer
+/// always fills, or a time no writer stores.
+const UNREADABLE: &str = "(recorded_at IS NULL OR NOT isfinite(recorded_at) \
+     OR recorded_at >= '262143-01-01 00:00:00+00' OR aggregate_type IS NULL \
+     OR aggregate_id IS NULL OR sequence IS NULL OR event_type IS NULL \
+     OR event_version IS NULL OR payload IS NULL OR metadata IS NULL OR prev_hash IS NULL \
+     OR hash IS NULL)";
 
 /// Up to `limit` events after `after` and before `before`, in order.
 async fn read_events(

@@ -864,39 +864,46 @@ async fn a_failure_recorded_while_a_batch_waits_for_the_checkpoint_stops_the_bat
     );
 }
 
-/// A `recorded_at` no writer stores (`infinity`: a superuser's edit, which `verify`
-/// reports) stops the projections at that event, recorded like any other failure; decoding
-/// it used to panic the batch.
+/// An event no writer stores (a superuser's edit, which `verify` reports: a `recorded_at` of
+/// `infinity`, or a NULL once a constraint was dropped) stops the projections at that event,
+/// recorded like any other failure; reading it used to panic the batch, or fail it for good
+/// with nothing recorded.
 #[tokio::test]
-async fn an_impossible_recorded_at_stops_the_projections_there() {
-    let (db, mut ledger, actor, first) = one_organization().await;
-    let mut later = 0;
-    for _ in 0..2 {
-        let org = Uuid::new_v4();
-        later = ledger
-            .append("Organization", org, &created(org), &actor)
-            .await;
-    }
-    let altered = first + 1;
-    sqlx::raw_sql(&format!(
-        "BEGIN; SET LOCAL session_replication_role = replica; \
-         UPDATE events SET recorded_at = 'infinity' WHERE position = {altered}; COMMIT"
-    ))
-    .execute(&db.pool)
-    .await
-    .unwrap();
+async fn an_event_no_writer_stores_stops_the_projections_there() {
+    for alter in [
+        "UPDATE events SET recorded_at = 'infinity' WHERE position = {p}",
+        "ALTER TABLE events ALTER COLUMN recorded_at DROP NOT NULL; \
+         UPDATE events SET recorded_at = NULL WHERE position = {p}",
+        "ALTER TABLE events ALTER COLUMN payload DROP NOT NULL; \
+         UPDATE events SET payload = NULL WHERE position = {p}",
+    ] {
+        let (db, mut ledger, actor, first) = one_organization().await;
+        for _ in 0..2 {
+            let org = Uuid::new_v4();
+            ledger
+                .append("Organization", org, &created(org), &actor)
+                .await;
+        }
+        let altered = first + 1;
+        sqlx::raw_sql(&format!(
+            "BEGIN; SET LOCAL session_replication_role = replica; {}; COMMIT",
+            alter.replace("{p}", &altered.to_string())
+        ))
+        .execute(&db.pool)
+        .await
+        .unwrap();
 
-    let (name, position) = failed_at(catch_up(&db.pool).await);
-    assert_eq!(position, altered, "{name}");
-    for s in status(&db.pool).await.unwrap() {
-        assert_eq!(
-            s.checkpoint, first,
-            "{}: applied up to the altered event",
-            s.name
-        );
-        let failure = &s.failures[0];
-        assert_eq!(failure.position, altered, "{}", s.name);
-        assert!(failure.error.contains("recorded_at"), "{}", failure.error);
+        let (name, position) = failed_at(catch_up(&db.pool).await);
+        assert_eq!(position, altered, "{alter}: {name}");
+        for s in status(&db.pool).await.unwrap() {
+            assert_eq!(s.checkpoint, first, "{alter}: {} applied up to it", s.name);
+            let failure = &s.failures[0];
+            assert_eq!(failure.position, altered, "{alter}: {}", s.name);
+            assert!(
+                failure.error.contains("cannot be read"),
+                "{}",
+                failure.error
+            );
+        }
     }
-    assert!(later > altered);
 }

@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
 use ledgerline_aggregates::permissions::may_grant;
 use ledgerline_aggregates::{Permission, PermissionSet};
@@ -88,14 +88,15 @@ pub async fn issue(
     }
     let id = Uuid::new_v4();
     let secret = keys::generate();
-    let now = Utc::now();
+    // Microseconds, as the log keeps times.
+    let now = Utc::now().trunc_subsecs(6);
     // The key as issued: the answer when the read models do not show it yet, since its
     // secret is shown only in this answer and only its hash is kept.
     let issued = ApiKeyView {
         id,
         organization_id: Some(org),
         user_id: body.user_id,
-        label: body.label.clone(),
+        label: body.label.trim().to_string(),
         prefix: secret.prefix.clone(),
         permissions: body.permissions.iter().map(|p| p.to_string()).collect(),
         status: "active".into(),
@@ -229,7 +230,9 @@ pub async fn rotate(
     };
     app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command)
         .await?;
-    let key = find(&app, org, key).await?;
+    let mut key = find(&app, org, key).await?;
+    // Not shown yet (the answer is marked behind): the new secret goes with its own prefix.
+    key.prefix = secret.prefix.clone();
     Ok(axum::Json(IssuedKey {
         key,
         secret: secret.secret,

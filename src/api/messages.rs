@@ -211,7 +211,7 @@ async fn settle(app: &App, org: Uuid, id: Uuid, outcome: ApiResult<()>) -> ApiRe
     }
     if super::created(app, Message::TYPE, id, org).await? {
         // The writer may not have published the head of a commit whose answer it lost.
-        app.await_ledger().await;
+        app.await_ledger_for_answer().await;
         return Ok(());
     }
     app.vault.destroy_message_key(&app.pool, id).await?;

@@ -93,6 +93,11 @@ pub fn document() -> serde_json::Value {
             }
         });
         op["responses"][r.success.to_string()] = json!({"description": "success"});
+        if r.success == 201 {
+            op["responses"]["202"] = json!({"description":
+                "recorded in the log, not yet shown by the read models (header \
+                 `ledgerline-read-models: behind`): `{\"id\": ...}`"});
+        }
         if let Some(p) = r.permission {
             op["security"] = json!([{ "bearer": [] }]);
             op["x-permission"] = json!(p);

@@ -594,16 +594,22 @@ async fn mark_answers_behind(req: Request, next: Next) -> Response {
     response
 }
 
-/// The answer to a command that created `id`: 201 with its view, or, when the read models
-/// do not show it yet (a projection stopped or far behind; the answer carries
-/// [`READ_MODELS_BEHIND`]), 202 with its id: the command stands, it is in the log. A 404
-/// there would send a client to create it again.
+/// The answer to a command that created `id`: 201 with its view; 201 with its id alone when
+/// the caller may create but not read it; or, when the read models do not show it yet (a
+/// projection stopped or far behind; the answer carries [`READ_MODELS_BEHIND`]), 202 with its
+/// id. The command stands either way (it is in the log): a 403 or 404 would send a client to
+/// create it again.
 pub(crate) fn created_answer<T: serde::Serialize>(
     found: ApiResult<T>,
     id: Uuid,
 ) -> ApiResult<Response> {
     match found {
         Ok(view) => Ok((StatusCode::CREATED, axum::Json(view)).into_response()),
+        Err(e) if e.status == StatusCode::FORBIDDEN => Ok((
+            StatusCode::CREATED,
+            axum::Json(serde_json::json!({"id": id})),
+        )
+            .into_response()),
         Err(e) if e.status == StatusCode::NOT_FOUND => Ok((
             StatusCode::ACCEPTED,
             axum::Json(serde_json::json!({"id": id, "read_models": "behind"})),

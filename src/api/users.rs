@@ -127,7 +127,7 @@ pub async fn invite(
             // Destroying the key of a user that exists after all would shred its data for
             // good and keep its e-mail address claimed forever.
             if super::created(&app, User::TYPE, id, org).await? {
-                app.await_ledger().await;
+                app.await_ledger_for_answer().await;
                 return Ok(());
             }
             // The user never came to be: its key protects nothing.
