@@ -29,6 +29,14 @@ pub type Framework<A> = CqrsFramework<A, PersistedEventStore<LedgerStore, A>>;
 /// How long a command waits for the read models to show its effect before answering anyway.
 const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Marks the request's answer as given before the read models showed `position`, unless
+/// every projection has reached it.
+fn mark_unless_reached(projector: &ProjectorHandle, position: i64) {
+    if !projector.reached(position) {
+        crate::api::read_models_behind();
+    }
+}
+
 /// Who issued a command and how; becomes every event's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Actor {
@@ -289,9 +297,7 @@ impl App {
     /// to say so): marked as behind when the read models do not show the log yet.
     pub async fn await_ledger_for_answer(&self) {
         if let Some((projector, head)) = self.await_head().await {
-            if !projector.reached(head) {
-                crate::api::read_models_behind();
-            }
+            mark_unless_reached(projector, head);
         }
     }
 
@@ -332,9 +338,7 @@ impl App {
                 );
             }
             // Also when one far behind was not waited for (it is catching up).
-            if !projector.reached(target) {
-                crate::api::read_models_behind();
-            }
+            mark_unless_reached(projector, target);
         }
     }
 

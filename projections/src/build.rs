@@ -490,17 +490,6 @@ pub(crate) async fn dedicated_connection(pool: &PgPool) -> sqlx::Result<PgConnec
     PgConnection::connect_with(&pool.connect_options()).await
 }
 
-/// Ends the transaction if it idles past `lease::STALLED_TRANSACTION_LIMIT`, as a live
-/// batch's does: for an operator's transaction that holds what the projector or the API
-/// needs.
-pub(crate) async fn idle_limit(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-        .bind(crate::lease::STALLED_TRANSACTION_LIMIT)
-        .execute(conn)
-        .await?;
-    Ok(())
-}
-
 /// A connection outside `pool`'s with `schema` first on its `search_path`, named after
 /// `schema` as [`end_orphans`] expects.
 pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Result<PgConnection> {

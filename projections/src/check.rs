@@ -139,7 +139,7 @@ async fn compare_with_rebuild(
         .await?;
     // It holds the live tables (against a swap, or a migration that every reader would
     // then queue behind): a frozen operator process must not hold them for long.
-    build::idle_limit(&mut tx).await?;
+    crate::lease::idle_limit(&mut tx).await?;
     let live: Vec<String> = projections
         .iter()
         .flat_map(|p| p.tables().iter().map(|t| format!("public.{t}")))

@@ -127,6 +127,18 @@ pub async fn release(pool: &PgPool, name: &str, holder: &str) -> sqlx::Result<bo
     Ok(released.is_some())
 }
 
+/// Ends the current transaction if it idles past [`STALLED_TRANSACTION_LIMIT`]: for a
+/// transaction that holds what a lease holder, the projector or the API needs (a swap, a
+/// check's comparison, a signing under the maintainer's lease), which a frozen process
+/// would otherwise hold until TCP gives up.
+pub async fn idle_limit(conn: &mut PgConnection) -> sqlx::Result<()> {
+    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
+        .bind(STALLED_TRANSACTION_LIMIT)
+        .execute(conn)
+        .await?;
+    Ok(())
+}
+
 /// In a transaction: true if `holder` holds `name` at this moment. The row stays locked
 /// until the transaction ends, so nobody can take the lease over while the work it covers
 /// is uncommitted: if the lease runs out meanwhile, the taker waits for the commit.

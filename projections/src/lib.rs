@@ -95,16 +95,26 @@ pub struct StoredEvent {
     pub hash: Vec<u8>,
 }
 
-/// Whether an event's `recorded_at` is one no writer stores (see [`STORED_EVENT_COLUMNS`]).
-pub const IMPOSSIBLE_TIME: &str =
-    "(NOT isfinite(recorded_at) OR recorded_at >= '262143-01-01 00:00:00+00')";
+/// The SQL of [`IMPOSSIBLE_TIME`], as a macro so that other constant SQL can `concat!` it.
+#[macro_export]
+macro_rules! impossible_time {
+    () => {
+        "(NOT isfinite(recorded_at) OR recorded_at >= '262143-01-01 00:00:00+00')"
+    };
+}
+
+/// Whether an event's `recorded_at` is one no writer stores: `infinity`, or past what
+/// `DateTime` holds (NULL when `recorded_at` is NULL).
+pub const IMPOSSIBLE_TIME: &str = impossible_time!();
 
 /// The column list that [`StoredEvent`] is read with, in field order. A `recorded_at` that no
 /// writer stores (`infinity`, or past what `DateTime` holds: only a superuser's edit, which
 /// `verify` reports) is read as NULL, which fails the read with a decoding error: decoding
 /// the value itself would panic.
-pub const STORED_EVENT_COLUMNS: &str = "position, aggregate_type, aggregate_id, sequence, \
-     event_type, event_version, organization_id, \
-     CASE WHEN isfinite(recorded_at) AND recorded_at < '262143-01-01 00:00:00+00' \
-     THEN recorded_at END AS recorded_at, \
-     payload::text AS payload, metadata::text AS metadata, prev_hash, hash";
+pub const STORED_EVENT_COLUMNS: &str = concat!(
+    "position, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+     organization_id, CASE WHEN NOT ",
+    impossible_time!(),
+    " THEN recorded_at END AS recorded_at, \
+     payload::text AS payload, metadata::text AS metadata, prev_hash, hash"
+);

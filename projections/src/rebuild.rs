@@ -384,7 +384,7 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
     let mut tx = conn.begin().await?;
     // It holds the live checkpoints, then the live tables: a frozen operator process must
     // not hold the projector and the API with them (as a live batch's `open` does not).
-    build::idle_limit(&mut tx).await?;
+    crate::lease::idle_limit(&mut tx).await?;
     sqlx::query(
         "INSERT INTO projection_checkpoints (name) SELECT unnest($1::text[]) \
          ON CONFLICT DO NOTHING",

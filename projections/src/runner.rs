@@ -159,11 +159,13 @@ async fn batch(
 
 /// An `events` row that [`StoredEvent`] cannot be read from: a NULL in a column the writer
 /// always fills, or a time no writer stores.
-const UNREADABLE: &str = "(recorded_at IS NULL OR NOT isfinite(recorded_at) \
-     OR recorded_at >= '262143-01-01 00:00:00+00' OR aggregate_type IS NULL \
-     OR aggregate_id IS NULL OR sequence IS NULL OR event_type IS NULL \
-     OR event_version IS NULL OR payload IS NULL OR metadata IS NULL OR prev_hash IS NULL \
-     OR hash IS NULL)";
+const UNREADABLE: &str = concat!(
+    "(recorded_at IS NULL OR ",
+    crate::impossible_time!(),
+    " OR aggregate_type IS NULL OR aggregate_id IS NULL OR sequence IS NULL \
+     OR event_type IS NULL OR event_version IS NULL OR payload IS NULL OR metadata IS NULL \
+     OR prev_hash IS NULL OR hash IS NULL)"
+);
 
 /// Up to `limit` events after `after` and before `before`, in order.
 async fn read_events(

@@ -313,7 +313,8 @@ struct Row {
     metadata: Option<String>,
 }
 
-const ROWS_SQL: &str = r#"
+const ROWS_SQL: &str = concat!(
+    r#"
     SELECT position, hash, "full",
            CASE WHEN "full" THEN prev_hash END AS prev_hash,
            CASE WHEN "full" THEN aggregate_type END AS aggregate_type,
@@ -327,10 +328,12 @@ const ROWS_SQL: &str = r#"
            CASE WHEN "full" THEN payload::text END AS payload,
            CASE WHEN "full" THEN metadata::text END AS metadata
     FROM (SELECT *, coalesce($3::uuid IS NULL OR organization_id = $3, false) AS "full",
-                 coalesce(NOT isfinite(recorded_at)
-                          OR recorded_at >= '262143-01-01 00:00:00+00', false) AS impossible_time
+                 coalesce("#,
+    ledgerline_projections::impossible_time!(),
+    r#", false) AS impossible_time
           FROM events WHERE position BETWEEN $1 AND $2) e
-    ORDER BY position"#;
+    ORDER BY position"#
+);
 
 impl PreparedExport {
     /// Writes the header and every position of the range, reading it in pages of positions.

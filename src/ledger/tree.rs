@@ -337,10 +337,7 @@ pub async fn sign_checkpoint(
     }
     let mut tx = pool.begin().await?;
     if let Some(holder) = holder {
-        sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-            .bind(ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT)
-            .execute(&mut *tx)
-            .await?;
+        lease::idle_limit(&mut tx).await?;
         if !lease::fence(&mut tx, LEASE, holder).await? {
             return Err(TreeError::NotLeaseHolder);
         }
