@@ -537,28 +537,6 @@ async fn deleting_or_narrowing_a_role_cuts_its_holders_keys() {
 // could not apply, or behind): the log decides
 // ---------------------------------------------------------------------------------------------
 
-/// Stops projection `name` as an event it cannot apply would: a recorded failure just past
-/// the head, which its next batch reads and stops at, applying nothing more.
-async fn stop_projection(t: &TestApp, name: &str) {
-    sqlx::query(
-        "INSERT INTO projection_failures (name, position, error) \
-         VALUES ($1, $2, 'stopped by the test')",
-    )
-    .bind(name)
-    .bind(t.head().await + 1)
-    .execute(t.pool())
-    .await
-    .unwrap();
-}
-
-/// Clears the failure [`stop_projection`] made; the projector then catches up on its own.
-async fn resume_projection(t: &TestApp, name: &str) {
-    assert_eq!(
-        ledgerline_projections::retry(t.pool(), name).await.unwrap(),
-        1
-    );
-}
-
 /// The answer's `ledgerline-read-models` header, if any.
 fn behind(r: &Response) -> Option<&str> {
     r.headers
@@ -591,7 +569,7 @@ async fn refused_before_it_is_shown(
     let r = t.get(&org_path(org, "/users"), key).await;
     assert_error(&r, 401);
     assert_eq!(r.body["error"]["message"], message);
-    resume_projection(t, projection).await;
+    t.resume_projection(projection).await;
     assert!(
         common::eventually(Duration::from_secs(10), || async {
             read_model(t, status_sql, id).await == after
@@ -615,7 +593,7 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
         r.body["id"].as_str().unwrap().parse::<Uuid>().unwrap(),
         r.body["secret"].as_str().unwrap().to_string(),
     );
-    stop_projection(&t, "api_keys").await;
+    t.stop_projection("api_keys").await;
 
     let r = t
         .post(
@@ -670,7 +648,7 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
     assert_eq!(behind(&r), Some("behind"));
     let later_secret = r.body["secret"].as_str().unwrap().to_string();
 
-    resume_projection(&t, "api_keys").await;
+    t.resume_projection("api_keys").await;
     assert!(
         common::eventually(Duration::from_secs(10), || async {
             t.get(&org_path(org, "/users"), &new_secret).await.status == 200
@@ -696,7 +674,7 @@ async fn a_user_deactivated_while_users_is_stopped_loses_their_keys_at_once() {
         .member_with_key(org, "member", "member@stalled-users.example")
         .await;
     assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
-    stop_projection(&t, "users").await;
+    t.stop_projection("users").await;
 
     let r = t
         .post(
@@ -728,7 +706,7 @@ async fn an_organization_suspended_while_organizations_is_stopped_loses_its_keys
         json!({"label": "svc", "permissions": ["users:read"]}),
     )
     .await;
-    stop_projection(&t, "organizations").await;
+    t.stop_projection("organizations").await;
 
     let r = t
         .post(
@@ -766,7 +744,7 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
     }
 
     // A role taken from the user, with `user_roles` stopped.
-    stop_projection(&t, "user_roles").await;
+    t.stop_projection("user_roles").await;
     let r = t
         .delete(
             &org_path(org, &format!("/users/{user}/roles/{revoked}")),
@@ -788,7 +766,7 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
     );
 
     // A role narrowed, with `roles` stopped.
-    stop_projection(&t, "roles").await;
+    t.stop_projection("roles").await;
     // A role made meanwhile is in the log, not yet in the read model: 202 and its id, not a
     // 404 that would have the client make it again.
     let r = t
@@ -814,8 +792,8 @@ async fn a_role_change_the_read_models_do_not_show_yet_is_503_not_a_grant() {
         503,
     );
 
-    resume_projection(&t, "user_roles").await;
-    resume_projection(&t, "roles").await;
+    t.resume_projection("user_roles").await;
+    t.resume_projection("roles").await;
     assert!(
         common::eventually(Duration::from_secs(10), || async {
             t.get("/v1/me", &narrowed_key).await.status == 200
@@ -857,7 +835,7 @@ async fn a_role_assigned_again_while_user_roles_is_stopped_is_503_until_shown() 
     let (user, key) =
         user_with_role_and_key(&t, org, "c@stalled-expiries.example", role, &perms).await;
     assert_eq!(t.get(&org_path(org, "/users"), &key).await.status, 200);
-    stop_projection(&t, "user_roles").await;
+    t.stop_projection("user_roles").await;
     let r = t
         .put(
             &org_path(org, &format!("/users/{user}/roles/{role}")),
@@ -867,7 +845,7 @@ async fn a_role_assigned_again_while_user_roles_is_stopped_is_503_until_shown() 
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_error(&t.get(&org_path(org, "/users"), &key).await, 503);
-    resume_projection(&t, "user_roles").await;
+    t.resume_projection("user_roles").await;
     assert!(
         common::eventually(Duration::from_secs(10), || async {
             t.get(&org_path(org, "/users"), &key).await.status == 200

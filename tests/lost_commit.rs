@@ -6,10 +6,11 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
 use common::{TestApp, TestDb};
+use ledgerline::ledger::WRITER_APPLICATION_NAME;
 use ledgerline_projections::notify::HEAD_CHANNEL;
 use ledgerline_projections::Projector;
 use serde_json::json;
@@ -25,11 +26,16 @@ const PASS: u8 = 0;
 const CUT_ANSWER: u8 = 1;
 /// Cut the connection instead of passing the COMMIT on.
 const CUT_COMMIT: u8 = 2;
+/// Swallow the COMMIT and pass nothing more, keeping the connection open: a server that
+/// stopped answering.
+const FREEZE_COMMIT: u8 = 3;
 
 /// A relay on 127.0.0.1 to the test server's PostgreSQL.
 struct Relay {
     port: u16,
     mode: Arc<AtomicU8>,
+    /// Take the writer's next connection and never answer it.
+    hold_writer: Arc<AtomicBool>,
 }
 
 impl Relay {
@@ -37,14 +43,26 @@ impl Relay {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let mode = Arc::new(AtomicU8::new(PASS));
-        let shared = mode.clone();
+        let hold_writer = Arc::new(AtomicBool::new(false));
+        let (shared, hold) = (mode.clone(), hold_writer.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let server = TcpStream::connect(&upstream).await.unwrap();
-                tokio::spawn(relay(client, server, shared.clone()));
+                let (mode, hold, upstream) = (shared.clone(), hold.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    if let Some((client, startup)) = unless_held(client, &hold).await {
+                        let mut server = TcpStream::connect(&upstream).await.unwrap();
+                        if server.write_all(&startup).await.is_ok() {
+                            relay(client, server, mode).await;
+                        }
+                    }
+                });
             }
         });
-        Self { port, mode }
+        Self {
+            port,
+            mode,
+            hold_writer,
+        }
     }
 
     fn arm(&self, mode: u8) {
@@ -54,6 +72,21 @@ impl Relay {
     fn armed(&self) -> bool {
         self.mode.load(Ordering::SeqCst) != PASS
     }
+}
+
+/// The client's startup message (clear text: TLS is off), or `None` when it is the writer's
+/// and `hold` is armed: then it is read and dropped until the client gives up, never answered.
+async fn unless_held(mut client: TcpStream, hold: &AtomicBool) -> Option<(TcpStream, Vec<u8>)> {
+    let mut startup = vec![0u8; 8 * 1024];
+    let n = client.read(&mut startup).await.ok()?;
+    startup.truncate(n);
+    let writer = contains(&startup, WRITER_APPLICATION_NAME.as_bytes());
+    if writer && hold.swap(false, Ordering::SeqCst) {
+        let mut sink = [0u8; 1024];
+        while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
+        return None;
+    }
+    Some((client, startup))
 }
 
 /// One connection both ways; it ends (both sockets closed) when either way ends.
@@ -76,6 +109,11 @@ async fn relay(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
                 match mode.swap(PASS, Ordering::SeqCst) {
                     CUT_COMMIT => return,
                     CUT_ANSWER => seen.store(1, Ordering::SeqCst),
+                    FREEZE_COMMIT => {
+                        seen.store(2, Ordering::SeqCst);
+                        while matches!(from_client.read(&mut buf).await, Ok(n) if n > 0) {}
+                        return;
+                    }
                     _ => {}
                 }
             }
@@ -88,9 +126,17 @@ async fn relay(client: TcpStream, server: TcpStream, mode: Arc<AtomicU8>) {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = match from_server.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => 0,
                 Ok(n) => n,
             };
+            // A frozen server says nothing more, not even that it ended the session (here
+            // its idle limit does, after 10 s).
+            if cutting.load(Ordering::SeqCst) == 2 {
+                std::future::pending::<()>().await;
+            }
+            if n == 0 {
+                return;
+            }
             // The answer to a COMMIT cut after it went through: dropped with the connection.
             if cutting.load(Ordering::SeqCst) == 1 {
                 return;
@@ -143,10 +189,17 @@ async fn events_of(t: &TestApp, aggregate_id: Uuid) -> i64 {
 /// checks what the caller must hear either way: 201, the key in the log exactly once, the
 /// chain intact. Returns the app, the organization and the answer.
 async fn issue_a_key_through_a_cut(mode: u8) -> (TestApp, Uuid, common::Response) {
+    issue_a_key_through(mode, false).await
+}
+
+/// [`issue_a_key_through_a_cut`]; with `hold_reconnect`, the writer's next connection (made
+/// after the cut) is taken and never answered.
+async fn issue_a_key_through(mode: u8, hold_reconnect: bool) -> (TestApp, Uuid, common::Response) {
     let (t, relay) = app_through_relay().await;
     let org = t.create_org("Lost Answers").await;
     let before = t.head().await;
 
+    relay.hold_writer.store(hold_reconnect, Ordering::SeqCst);
     relay.arm(mode);
     let r = t
         .post(
@@ -156,6 +209,10 @@ async fn issue_a_key_through_a_cut(mode: u8) -> (TestApp, Uuid, common::Response
         )
         .await;
     assert!(!relay.armed(), "the writer's COMMIT went through the relay");
+    assert!(
+        !relay.hold_writer.load(Ordering::SeqCst),
+        "the writer connected again"
+    );
     assert_eq!(r.status, 201, "the key was issued: {}", r.body);
     let id: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
     assert_eq!(events_of(&t, id).await, 1, "in the log once");
@@ -183,6 +240,22 @@ async fn a_command_whose_commit_answer_was_lost_is_answered_as_committed() {
 #[tokio::test]
 async fn a_command_whose_commit_never_arrived_is_appended_once_by_its_retry() {
     issue_a_key_through_a_cut(CUT_COMMIT).await;
+}
+
+/// A database that stops answering the writer mid-transaction (its COMMIT swallowed, the
+/// connection left open) holds it for a time limit, not for as long as TCP keeps the socket:
+/// the writer then learns from the log that the batch did not commit and retries it, inside
+/// the request's own time limit (30 s).
+#[tokio::test]
+async fn a_database_that_stops_answering_the_writer_stalls_it_for_a_limited_time() {
+    issue_a_key_through(FREEZE_COMMIT, false).await;
+}
+
+/// The same for a connection that is taken but never answered (a half-dead proxy), made
+/// when the writer reconnects after a cut.
+#[tokio::test]
+async fn a_connection_the_database_never_answers_stalls_the_writer_for_a_limited_time() {
+    issue_a_key_through(CUT_COMMIT, true).await;
 }
 
 /// The ledger's append lock, as the writer takes it (`pg_advisory_xact_lock`).

@@ -802,6 +802,98 @@ async fn removed_participants_can_no_longer_read_or_post() {
     c.refused(&r, 422, head).await;
 }
 
+/// With `messaging` stopped (an event it cannot apply), the read model still lists a
+/// removed participant: the log's removal counts all the same, for every read and command.
+#[tokio::test]
+async fn a_participant_removed_while_messaging_is_stopped_reads_nothing_more() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let said = c.say(&c.alice.1, conv, "before").await;
+    c.t.stop_projection("messaging").await;
+    let carol = c.path(&format!("/{conv}/participants/{}", c.carol.0));
+    let r = c.t.delete(&carol, &c.alice.1).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let shown = || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM conversation_participants \
+             WHERE conversation_id = $1 AND user_id = $2",
+        )
+        .bind(conv)
+        .bind(c.carol.0)
+        .fetch_one(c.t.pool())
+        .await
+        .unwrap()
+    };
+    assert_eq!(shown().await, 1, "the stopped read model still lists Carol");
+    let head = c.t.head().await;
+    let refused = || async {
+        assert_error(&c.conversation(&c.carol.1, conv).await, 404);
+        assert_error(&c.messages(&c.carol.1, conv, "").await, 404);
+        let one = c.path(&format!("/{conv}/messages/{said}"));
+        assert_error(&c.t.get(&one, &c.carol.1).await, 404);
+        let listed = c.t.get(&c.path(""), &c.carol.1).await;
+        assert_eq!(listed.status, 200, "{}", listed.body);
+        assert_eq!(listed.body["items"], json!([]), "Carol's list");
+        let read = c.path(&format!("/{conv}/read"));
+        let r =
+            c.t.post(&read, &c.carol.1, json!({"message_id": said}))
+                .await;
+        c.refused(&r, 404, head).await;
+        let r = c
+            .post(&c.carol.1, conv, json!({"content": "still here?"}))
+            .await;
+        c.refused(&r, 404, head).await;
+        let r = c
+            .post(
+                &c.service,
+                conv,
+                json!({"content": "x", "author_id": c.carol.0}),
+            )
+            .await;
+        c.refused(&r, 422, head).await;
+    };
+    refused().await;
+    // Bob, still in, reads on.
+    assert_eq!(c.messages(&c.bob.1, conv, "").await.status, 200);
+    let listed = c.t.get(&c.path(""), &c.bob.1).await;
+    assert_eq!(listed.body["items"].as_array().unwrap().len(), 1);
+    c.t.resume_projection("messaging").await;
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            shown().await == 0
+        })
+        .await,
+        "messaging shows the removal once resumed"
+    );
+    refused().await;
+}
+
+/// Removed and added again while `messaging` is stopped: the newest change decides.
+#[tokio::test]
+async fn a_participant_removed_and_added_again_while_messaging_is_stopped_reads_on() {
+    let c = chat().await;
+    let conv = c.group().await;
+    c.t.stop_projection("messaging").await;
+    let r =
+        c.t.delete(
+            &c.path(&format!("/{conv}/participants/{}", c.carol.0)),
+            &c.alice.1,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_error(&c.messages(&c.carol.1, conv, "").await, 404);
+    let r =
+        c.t.post(
+            &c.path(&format!("/{conv}/participants")),
+            &c.alice.1,
+            json!({"user_id": c.carol.0}),
+        )
+        .await;
+    assert!(matches!(r.status, 201 | 202), "{}", r.body);
+    let r = c.messages(&c.carol.1, conv, "").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 #[tokio::test]
 async fn roles_moderation_and_muting() {
     let c = chat().await;

@@ -13,6 +13,10 @@ pub enum ProjectionError {
     /// was never created. Applying it anyway would let the read model drift silently.
     #[error("the event at position {position} does not fit the read model: {message}")]
     Inconsistent { position: i64, message: String },
+    /// The projection's code panicked applying the event (a bug in it, found by applying
+    /// the batch's events one at a time).
+    #[error("the projection's code panicked at the event at position {position}: {message}")]
+    Panicked { position: i64, message: String },
 }
 
 impl ProjectionError {
@@ -35,29 +39,39 @@ impl ProjectionError {
     /// recorded as the event's failure.
     pub(crate) fn into_transient(self) -> Result<sqlx::Error, Self> {
         match self {
-            Self::Sql(e) if is_transient_sql(&e) => Ok(e),
+            Self::Sql(e) if is_transient(&e) => Ok(e),
             other => Err(other),
         }
     }
 }
 
-fn is_transient_sql(e: &sqlx::Error) -> bool {
+fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         // SQLSTATE classes 08 (connection), 40 (serialization failure, deadlock),
-        // 53 (insufficient resources), 57 (operator intervention: cancel, shutdown).
+        // 53 (insufficient resources), 57 (operator intervention: cancel, shutdown,
+        // statement timeout), and 55P03 (lock timeout).
         sqlx::Error::Database(db) => db.code().is_some_and(|c| {
-            ["08", "40", "53", "57"]
-                .iter()
-                .any(|class| c.starts_with(class))
+            c == "55P03"
+                || ["08", "40", "53", "57"]
+                    .iter()
+                    .any(|class| c.starts_with(class))
         }),
-        sqlx::Error::Io(_)
-        | sqlx::Error::Tls(_)
-        | sqlx::Error::Protocol(_)
-        | sqlx::Error::PoolTimedOut
-        | sqlx::Error::PoolClosed
-        | sqlx::Error::WorkerCrashed => true,
-        _ => false,
+        other => is_connection_error(other),
     }
+}
+
+/// Whether `e` is the connection's failure (I/O, TLS, the protocol, the pool) rather than an
+/// answer of the server's.
+pub fn is_connection_error(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_)
+            | sqlx::Error::Protocol(_)
+            | sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::WorkerCrashed
+    )
 }
 
 /// Why running projections did not complete.
@@ -128,6 +142,14 @@ pub enum RunError {
         name: &'static str,
         from: i64,
         to: i64,
+    },
+    /// A batch's task ended without an outcome: it panicked (the message), or the runtime
+    /// was shutting down.
+    #[error("a batch of `{name}` ended abnormally: {message}")]
+    Aborted {
+        name: &'static str,
+        message: String,
+        panicked: bool,
     },
     /// Leftover sessions on a job's or check's schema that could not be ended.
     #[error(

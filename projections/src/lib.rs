@@ -10,6 +10,8 @@ mod build;
 mod check;
 mod decode;
 mod error;
+#[cfg(feature = "fault-injection")]
+pub mod fault;
 pub mod lease;
 mod messaging_batch;
 pub mod notify;
@@ -29,7 +31,7 @@ pub mod users;
 
 pub use build::{Progress, ProgressState};
 pub use check::{check, CheckReport, CheckedProjection, CheckedTable};
-pub use error::{ProjectionError, RunError};
+pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;
 pub use projector::{Projector, ProjectorHandle};
 pub use rebuild::{

@@ -111,6 +111,8 @@ impl Projection {
         conn: &mut PgConnection,
         events: &[StoredEvent],
     ) -> Result<(), (usize, ProjectionError)> {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::check(self, events);
         match self {
             Projection::AuditEvents => return audit_events::apply_many(conn, events).await,
             Projection::Messaging => return messaging_batch::apply_many(conn, events).await,

@@ -66,13 +66,159 @@ pub async fn run_batch(
 /// with [`RunError::NotLeaseHolder`] unless `holder` holds it, and the lease cannot change
 /// hands until the batch has committed (see `lease::fence`). The projector runs its batches
 /// so.
+///
+/// A panic in the projection's code (a bug, perhaps met only by some event) does not end the
+/// caller's task with it: the batch's events are applied again one per batch, and the
+/// projection stops at the one that panics, recorded as a failure like an event it cannot
+/// apply (shown by `status`, `/readyz` and the metrics, and tried again by [`retry`] once the
+/// code is fixed).
 pub async fn run_leased_batch(
     pool: &PgPool,
     projection: Projection,
     max_events: i64,
     holder: &str,
 ) -> Result<BatchOutcome, RunError> {
-    batch(pool, projection, max_events, Some(holder)).await
+    match caught(pool, projection, max_events, holder).await {
+        Err(RunError::Aborted { panicked: true, .. }) => {
+            one_at_a_time(pool, projection, max_events, holder).await
+        }
+        outcome => outcome,
+    }
+}
+
+/// A leased batch in a task of its own, which a panic ends instead of the caller's. (The
+/// task runs to its end even if the caller stops waiting; the projector never does.)
+async fn caught(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+    holder: &str,
+) -> Result<BatchOutcome, RunError> {
+    let (pool, holder) = (pool.clone(), holder.to_string());
+    let task =
+        tokio::spawn(async move { batch(&pool, projection, max_events, Some(&holder)).await });
+    task.await.unwrap_or_else(|e| {
+        let panicked = e.is_panic();
+        let message = match e.try_into_panic() {
+            Ok(payload) => match (
+                payload.downcast_ref::<&str>(),
+                payload.downcast_ref::<String>(),
+            ) {
+                (Some(text), _) => text.to_string(),
+                (_, Some(text)) => text.clone(),
+                _ => "a panic without a message".to_string(),
+            },
+            Err(e) => e.to_string(),
+        };
+        Err(RunError::Aborted {
+            name: projection.name(),
+            message,
+            panicked,
+        })
+    })
+}
+
+/// After a batch panicked: the events after the checkpoint again, one per batch, until the
+/// one that panics (the projection then stops there), the end of the log, or as many as the
+/// batch could hold.
+async fn one_at_a_time(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+    holder: &str,
+) -> Result<BatchOutcome, RunError> {
+    tracing::warn!(
+        projection = projection.name(),
+        "a batch panicked; applying its events one at a time to find the one"
+    );
+    let mut applied: usize = 0;
+    let mut reached = None;
+    loop {
+        let outcome = match (single(pool, projection, holder).await, reached) {
+            (Ok(outcome), _) => outcome,
+            // What was applied before the error stands: report it; the next batch meets the
+            // error again if it lasts.
+            (Err(e), Some(checkpoint)) => {
+                tracing::warn!(projection = projection.name(), error = %e, "applying one at a time stopped");
+                return Ok(BatchOutcome::Applied {
+                    applied,
+                    checkpoint,
+                });
+            }
+            (Err(e), None) => return Err(e),
+        };
+        match outcome {
+            BatchOutcome::Applied {
+                applied: 1,
+                checkpoint,
+            } if ((applied + 1) as i64) < max_events => {
+                applied += 1;
+                reached = Some(checkpoint);
+            }
+            BatchOutcome::Applied {
+                applied: more,
+                checkpoint,
+            } => {
+                return Ok(BatchOutcome::Applied {
+                    applied: applied + more,
+                    checkpoint,
+                })
+            }
+            failed @ BatchOutcome::Failed { .. } => return Ok(failed),
+        }
+    }
+}
+
+/// One event after the checkpoint, in a batch of its own; a panic stops the projection there.
+async fn single(
+    pool: &PgPool,
+    projection: Projection,
+    holder: &str,
+) -> Result<BatchOutcome, RunError> {
+    // Read before the batch, which reads it again under the checkpoint's lock: the event it
+    // panics at is the one after this, unless another runner moved the checkpoint meanwhile,
+    // which `stop_at` sees.
+    let (checkpoint, next) = checkpoint_and_next(pool, projection.name()).await?;
+    match caught(pool, projection, 1, holder).await {
+        Err(RunError::Aborted {
+            panicked: true,
+            message,
+            ..
+        }) => {
+            // No event to blame: the panic was not an event's. Tried again later.
+            let Some(position) = next else {
+                return Err(RunError::Aborted {
+                    name: projection.name(),
+                    message,
+                    panicked: true,
+                });
+            };
+            let error = ProjectionError::Panicked { position, message };
+            stop_at(
+                pool,
+                projection,
+                Some(holder),
+                checkpoint,
+                &[],
+                position,
+                error,
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// The projection's checkpoint (0 before its first batch) and the position after it, if any.
+async fn checkpoint_and_next(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Option<i64>)> {
+    sqlx::query_as(
+        "SELECT c.position, (SELECT min(e.position) FROM events e WHERE e.position > c.position) \
+         FROM (SELECT coalesce((SELECT position FROM projection_checkpoints WHERE name = $1), 0) \
+               AS position) c",
+    )
+    .bind(name)
+    .fetch_one(pool)
+    .await
 }
 
 async fn batch(

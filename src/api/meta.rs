@@ -25,21 +25,22 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
             )
         })?;
     // The one error shape has no room for structure, so each stopped projection goes into
-    // the message: "users at position 12: <error>; roles at position 9: <error>".
+    // the message: "users at position 12, roles at position 9". Not the error itself: this
+    // answer needs no key, and a decoding error can quote an event's fields.
     let stopped: Vec<String> = statuses
         .iter()
         .filter_map(|s| {
             let f = s.failures.first()?;
-            Some(format!(
-                "{} at position {}: {}",
-                s.name, f.position, f.error
-            ))
+            Some(format!("{} at position {}", s.name, f.position))
         })
         .collect();
     if !stopped.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("projections stopped on a failure: {}", stopped.join("; ")),
+            format!(
+                "projections stopped on a failure: {} (`ledgerline projections status` shows why)",
+                stopped.join(", ")
+            ),
         ));
     }
     Ok(axum::Json(json!({ "status": "ready" })))

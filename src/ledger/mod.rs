@@ -15,3 +15,4 @@ pub mod verify;
 mod writer;
 
 pub use store::{AppendError, Head, LedgerStore};
+pub use writer::APPLICATION_NAME as WRITER_APPLICATION_NAME;

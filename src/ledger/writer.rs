@@ -8,6 +8,7 @@
 //! without claims: BEGIN + lock, head + conflict check, INSERT, COMMIT.
 
 use std::collections::HashSet;
+use std::time::Duration;
 
 use chrono::Utc;
 use cqrs_es::persist::SerializedEvent;
@@ -29,6 +30,48 @@ pub(super) const APPEND_LOCK: i64 = 0x6c65_6467_6572;
 const BEGIN_AND_LOCK: &str = "BEGIN; SELECT pg_advisory_xact_lock(119182731994482)";
 /// How many commands one transaction may carry.
 pub(super) const MAX_BATCH_COMMANDS: usize = 512;
+/// The longest the writer waits for the database to answer one round trip (a connection
+/// made, a statement, a COMMIT). A database that takes TCP connections but never answers (a
+/// half-dead proxy, a frozen server) would otherwise stall every append of the process for
+/// as long as TCP keeps the socket. A healthy round trip takes milliseconds; the longest
+/// legitimate wait is for [`APPEND_LOCK`], whose holders idle at most
+/// [`ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT`] (10 s) before their server
+/// ends them.
+const ROUND_TRIP_LIMIT: Duration = Duration::from_secs(15);
+/// The same limits on the server's side, below [`ROUND_TRIP_LIMIT`]: a session the writer
+/// gave up on must not go on waiting for the append lock, or take it, after the writer has
+/// moved on to a new connection (dropping a socket does not stop its backend's statement).
+const SERVER_LIMIT: &str = "12s";
+/// How the writer's connection shows in `pg_stat_activity`.
+pub const APPLICATION_NAME: &str = "ledgerline-writer";
+
+/// Whether `e` is the database's or the connection's failure (no answer in time, a lost
+/// connection, the server shutting down), not one command's: the others of a failed batch
+/// are then not tried one by one. A lock or statement timeout is not: a command waiting
+/// behind a `claims check --repair`'s hold of the append lock, say, may go in after it.
+fn database_failed(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => db
+            .code()
+            .is_some_and(|c| c.starts_with("08") || ["57P01", "57P02", "57P03"].contains(&&*c)),
+        other => ledgerline_projections::is_connection_error(other),
+    }
+}
+
+/// `round_trip`, or a timed-out I/O error once [`ROUND_TRIP_LIMIT`] has passed. The
+/// connection is then in an unknown state: every error drops it ([`Conn::reset`]).
+async fn within<T>(
+    round_trip: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(ROUND_TRIP_LIMIT, round_trip)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("the database did not answer the writer within {ROUND_TRIP_LIMIT:?}"),
+            )))
+        })
+}
 
 /// One command's events, prepared (serialized, tenant read, claims derived) outside the lock.
 pub(super) struct Prepared {
@@ -148,16 +191,26 @@ struct Conn {
 impl Conn {
     async fn get(&mut self) -> Result<&mut PgConnection, sqlx::Error> {
         if self.conn.is_none() {
-            let mut c = PgConnection::connect_with(&self.options).await?;
-            // The conflict check is one prepared statement; a generic plan cached while the
-            // table was small would scan it whole on every batch.
-            c.execute("SET plan_cache_mode = force_custom_plan").await?;
-            // Its batches hold the ledger's append lock: a frozen process must not hold
-            // every other process's appends with it.
-            sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, false)")
+            let options = self.options.clone().application_name(APPLICATION_NAME);
+            let c = within(async {
+                let mut c = PgConnection::connect_with(&options).await?;
+                // The conflict check is one prepared statement; a generic plan cached while
+                // the table was small would scan it whole on every batch.
+                c.execute("SET plan_cache_mode = force_custom_plan").await?;
+                // Its batches hold the ledger's append lock: a frozen process must not hold
+                // every other process's appends with it.
+                sqlx::query(
+                    "SELECT set_config('idle_in_transaction_session_timeout', $1, false), \
+                            set_config('lock_timeout', $2, false), \
+                            set_config('statement_timeout', $2, false)",
+                )
                 .bind(ledgerline_projections::lease::STALLED_TRANSACTION_LIMIT)
+                .bind(SERVER_LIMIT)
                 .execute(&mut c)
                 .await?;
+                Ok(c)
+            })
+            .await?;
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("just connected"))
@@ -217,16 +270,36 @@ pub(super) async fn run(
             }
             Err(BatchError::NotCommitted(e)) => {
                 // A failure of the shared transaction must not fail commands that would
-                // have committed alone: retry each on its own.
+                // have committed alone: retry each on its own. But once the database itself
+                // fails (no answer, a lost connection), the rest are not tried: each try
+                // could cost the whole round-trip limit again.
                 tracing::warn!(error = %e, commands = prepared.len(), "append batch failed; retrying one by one");
+                let mut unreachable: Option<String> = None;
                 for (p, reply) in prepared.into_iter().zip(replies) {
+                    if reply.is_closed() {
+                        continue; // its caller was answered without it (see above)
+                    }
+                    if let Some(why) = &unreachable {
+                        let _ = reply.send(Err(AppendError::Database(sqlx::Error::Io(
+                            std::io::Error::other(format!("not recorded: {why}")),
+                        ))));
+                        continue;
+                    }
                     let outcome = match commit(&mut conn, std::slice::from_ref(&p)).await {
                         Ok((mut outcomes, head)) => {
                             publish(&committed, head);
                             outcomes.pop().unwrap_or(Err(AppendError::WriterGone))
                         }
-                        Err(BatchError::NotCommitted(e)) => Err(AppendError::Database(e)),
-                        Err(BatchError::Unknown(_)) => Err(AppendError::Unknown),
+                        Err(BatchError::NotCommitted(e)) => {
+                            if database_failed(&e) {
+                                unreachable = Some(e.to_string());
+                            }
+                            Err(AppendError::Database(e))
+                        }
+                        Err(BatchError::Unknown(e)) => {
+                            unreachable = Some(e.to_string());
+                            Err(AppendError::Unknown)
+                        }
                     };
                     let _ = reply.send(outcome);
                 }
@@ -310,13 +383,17 @@ async fn commit(
 /// COMMIT is still in flight holds it, so the answer is final.
 async fn landed(conn: &mut Conn, position: i64, hash: &[u8; 32]) -> Result<bool, sqlx::Error> {
     let conn = conn.get().await?;
-    conn.execute(BEGIN_AND_LOCK).await?;
-    let stored: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
-        .bind(position)
-        .fetch_optional(&mut *conn)
-        .await?;
-    conn.execute("ROLLBACK").await?;
-    Ok(stored.as_deref() == Some(hash.as_slice()))
+    within(async {
+        conn.execute(BEGIN_AND_LOCK).await?;
+        let stored: Option<Vec<u8>> =
+            sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+                .bind(position)
+                .fetch_optional(&mut *conn)
+                .await?;
+        conn.execute("ROLLBACK").await?;
+        Ok(stored.as_deref() == Some(hash.as_slice()))
+    })
+    .await
 }
 
 fn publish(committed: &watch::Sender<i64>, head: i64) {
@@ -336,9 +413,10 @@ async fn commit_batch(
     let conn = conn.get().await?;
     // The lock in a statement of its own, so that every later statement's snapshot is taken
     // after it is held and sees every earlier appender's commit.
-    conn.execute(BEGIN_AND_LOCK).await?;
-    let (head_position, head_hash, existing, stale) = head_and_conflicts(conn, batch).await?;
-    let mut claims = ClaimBook::load(conn, batch).await?;
+    within(conn.execute(BEGIN_AND_LOCK)).await?;
+    let (head_position, head_hash, existing, stale) =
+        within(head_and_conflicts(conn, batch)).await?;
+    let mut claims = within(ClaimBook::load(conn, batch)).await?;
 
     // Decide, in arrival order, which commands go in.
     let mut outcomes: Vec<Option<Result<i64, AppendError>>> =
@@ -413,12 +491,12 @@ async fn commit_batch(
     }
 
     if !cols.position.is_empty() {
-        cols.insert(conn).await?;
-        claims.save(conn).await?;
+        within(cols.insert(conn)).await?;
+        within(claims.save(conn)).await?;
         // Tells other processes' projections and maintainer of the new head when (and only
         // if) this commits; sent with COMMIT, so it costs no round trip.
         let notify_and_commit = format!("SELECT pg_notify('{HEAD_CHANNEL}', '{position}'); COMMIT");
-        if let Err(e) = conn.execute(notify_and_commit.as_str()).await {
+        if let Err(e) = within(conn.execute(notify_and_commit.as_str())).await {
             let sent = Sent {
                 outcomes: decided(outcomes),
                 head: position,
@@ -427,7 +505,7 @@ async fn commit_batch(
             return Err(Attempt::AtCommit(e, sent));
         }
     } else {
-        conn.execute("COMMIT").await?;
+        within(conn.execute("COMMIT")).await?;
     }
     Ok((decided(outcomes), position))
 }

@@ -373,6 +373,31 @@ impl TestApp {
         max.unwrap_or(0)
     }
 
+    /// Stops projection `name` as an event it cannot apply would: a recorded failure just
+    /// past the head, which its next batch reads and stops at, applying nothing more.
+    pub async fn stop_projection(&self, name: &str) {
+        sqlx::query(
+            "INSERT INTO projection_failures (name, position, error) \
+             VALUES ($1, $2, 'stopped by the test')",
+        )
+        .bind(name)
+        .bind(self.head().await + 1)
+        .execute(self.pool())
+        .await
+        .unwrap();
+    }
+
+    /// Clears the failure [`TestApp::stop_projection`] made; the projector then catches up on
+    /// its own.
+    pub async fn resume_projection(&self, name: &str) {
+        assert_eq!(
+            ledgerline_projections::retry(self.pool(), name)
+                .await
+                .unwrap(),
+            1
+        );
+    }
+
     pub async fn verify(&self) -> Report {
         verify_database(self.pool(), 2).await.expect("verify runs")
     }
