@@ -1680,6 +1680,73 @@ async fn admin_key_cannot_assign_the_owner_role() {
     assert_eq!(r.status, 200, "the control: {}", r.body);
 }
 
+/// What a user key may do with roles goes no further than what it could grant: not its own
+/// roles (assigning again would lift an expiry another administrator set), not taking away a
+/// role it could not give, and not granting a role whose change the read models do not show
+/// yet.
+#[tokio::test]
+async fn role_changes_by_a_user_key_go_no_further_than_it_could_grant() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Bounded Admins").await;
+    let (admin_user, admin) = t
+        .member_with_key(org, "admin", "admin@bounded.example")
+        .await;
+    let (owner_user, _) = t
+        .member_with_key(org, "owner", "owner@bounded.example")
+        .await;
+    let other = t.invite(org, "other@bounded.example", "Other Person").await;
+    let assignment = |user: Uuid, role: Uuid| org_path(org, &format!("/users/{user}/roles/{role}"));
+    let (member, owner) = (
+        t.role_id(org, "member").await,
+        t.role_id(org, "owner").await,
+    );
+    let before = t.head().await;
+    let r = t
+        .put(&assignment(admin_user, member), &admin, json!({}))
+        .await;
+    assert_error(&r, 403);
+    assert!(r.body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("its own user"));
+    let r = t.delete(&assignment(owner_user, owner), &admin).await;
+    assert_error(&r, 403);
+    assert_eq!(t.head().await, before, "refused, nothing appended");
+    // The controls: another user's role the admin may give, given and taken away.
+    let r = t.put(&assignment(other, member), &admin, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.delete(&assignment(other, member), &admin).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    // A role widened while `roles` is stopped: its tables still show the narrower role.
+    let support = create_role(&t, org, "support", &["users:read"]).await;
+    t.stop_projection("roles").await;
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{support}")),
+            &t.admin_key,
+            json!({"permissions": ["users:read", "users:erase"]}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = t.head().await;
+    let r = t.put(&assignment(other, support), &admin, json!({})).await;
+    assert_error(&r, 503);
+    assert_eq!(t.head().await, before);
+    t.resume_projection("roles").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            t.put(&assignment(other, support), &admin, json!({}))
+                .await
+                .status
+                == 403
+        })
+        .await,
+        "once shown, the widened role is one the admin cannot give"
+    );
+    assert_eq!(t.head().await, before);
+}
+
 #[tokio::test]
 async fn organization_keys_can_never_hold_platform_admin() {
     let t = TestApp::spawn().await;

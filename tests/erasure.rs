@@ -304,6 +304,36 @@ async fn no_api_answer_mentions_the_erased_user() {
     }
 }
 
+/// An erased address's blind index stays in the log, and anyone who may invite users can
+/// learn the index of an address of their choosing: the audit view and the history must not
+/// show it, or a guessed address of an erased user could be tested against it.
+#[tokio::test]
+async fn the_audit_view_and_history_show_no_blind_index() {
+    let s = erased().await;
+    let (t, org, zelda) = (&s.t, s.org, s.zelda);
+    let audit = audit_events(&s).await;
+    assert!(audit.iter().any(|e| e["event_type"] == "UserErased"));
+    for e in &audit {
+        assert!(!e.to_string().contains("blind_index"), "{e}");
+    }
+    let history = t
+        .get(
+            &org_path(org, &format!("/history/user/{zelda}")),
+            &s.auditor_key,
+        )
+        .await;
+    assert_eq!(history.status, 200, "{}", history.body);
+    assert!(history.body["items"].as_array().unwrap().len() >= 3);
+    assert!(
+        !history.body.to_string().contains("blind_index"),
+        "{}",
+        history.body
+    );
+    // The raw log keeps it: its hashes cover it.
+    let ledger = ledger_events(&s).await;
+    assert!(ledger.iter().any(|e| e.to_string().contains("blind_index")));
+}
+
 #[tokio::test]
 async fn no_database_table_holds_the_erased_users_data() {
     let s = erased().await;

@@ -1,5 +1,6 @@
 //! `GET /v1/organizations/{org}/audit-events`: the audit view, filtered and paged by a
-//! position cursor. Sealed personal fields stay sealed in `event_data`.
+//! position cursor. Sealed personal fields stay sealed in `event_data`, and e-mail blind
+//! indexes are left out (see [`without_blind_indexes`]).
 
 use axum::extract::State;
 use chrono::{DateTime, Utc};
@@ -15,6 +16,22 @@ use super::organizations;
 use crate::app::App;
 
 pub const MAX_PAGE: i64 = 500;
+
+/// Removes every field named `*blind_index` from `value`, at any depth. A blind index is a
+/// keyed hash of an address, the same for the same address in one organization: shown, it
+/// would let whoever may invite users (and so learn the index of any address they choose)
+/// test a guessed address of an erased user, whose index stays in the log. The raw log
+/// (`/ledger/events`, exports) keeps it, as its hashes cover it.
+pub(super) fn without_blind_indexes(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            fields.retain(|name, _| !name.ends_with("blind_index"));
+            fields.values_mut().for_each(without_blind_indexes);
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(without_blind_indexes),
+        _ => {}
+    }
+}
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
 pub struct AuditEventView {
@@ -112,6 +129,9 @@ pub async fn list(
     });
     sql.push(" LIMIT ").push_bind(limit + 1);
     let mut items: Vec<AuditEventView> = sql.build_query_as().fetch_all(&app.pool).await?;
+    for item in &mut items {
+        without_blind_indexes(&mut item.event_data);
+    }
     let next_cursor = if items.len() as i64 > limit {
         items.truncate(limit as usize);
         items.last().map(|e| e.position)

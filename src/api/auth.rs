@@ -231,19 +231,48 @@ pub async fn role_permissions(
     pool: &sqlx::PgPool,
     role_id: Uuid,
 ) -> Result<PermissionSet, sqlx::Error> {
-    let rows: Vec<(String,)> = sqlx::query_as(
-        "WITH RECURSIVE chain(id, parent, depth) AS (
-             SELECT id, parent_role_id, 0 FROM roles WHERE id = $1
+    Ok(role_permissions_and_change(pool, role_id).await?.0)
+}
+
+/// [`role_permissions`], to decide what granting the role grants: 503 while the log changes
+/// the role or an ancestor beyond what the read models show (as authentication does), since
+/// the tables may then show less than the role will grant.
+pub async fn granted_by_role(pool: &sqlx::PgPool, role_id: Uuid) -> ApiResult<PermissionSet> {
+    match role_permissions_and_change(pool, role_id).await? {
+        (_, true) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the role is being changed and the read models do not show it yet; retry shortly",
+        )),
+        (permissions, false) => Ok(permissions),
+    }
+}
+
+/// A role's effective permissions, and whether the log holds events of it or an ancestor
+/// past the versions their rows show.
+async fn role_permissions_and_change(
+    pool: &sqlx::PgPool,
+    role_id: Uuid,
+) -> Result<(PermissionSet, bool), sqlx::Error> {
+    let (permissions, changing): (Vec<String>, bool) = sqlx::query_as(
+        "WITH RECURSIVE chain(id, parent, version, depth) AS (
+             SELECT id, parent_role_id, version, 0 FROM roles WHERE id = $1
            UNION
-             SELECT p.id, p.parent_role_id, c.depth + 1 FROM roles p JOIN chain c ON p.id = c.parent
+             SELECT p.id, p.parent_role_id, p.version, c.depth + 1
+             FROM roles p JOIN chain c ON p.id = c.parent
              WHERE c.depth < 64
          )
-         SELECT DISTINCT rp.permission FROM chain c JOIN role_permissions rp ON rp.role_id = c.id",
+         SELECT ARRAY(SELECT DISTINCT rp.permission
+                      FROM chain c JOIN role_permissions rp ON rp.role_id = c.id),
+                EXISTS (SELECT 1 FROM chain c, LATERAL (
+                            SELECT 1 FROM events e WHERE e.aggregate_type = 'Role'
+                              AND e.aggregate_id = c.id::text AND e.sequence > c.version
+                            LIMIT 1) pending)",
     )
     .bind(role_id)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
-    Ok(rows.into_iter().filter_map(|(p,)| p.parse().ok()).collect())
+    let permissions = permissions.iter().filter_map(|p| p.parse().ok()).collect();
+    Ok((permissions, changing))
 }
 
 /// A role and its ancestors, nearest first (the role itself included).

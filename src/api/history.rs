@@ -156,6 +156,13 @@ pub async fn get(
         )));
     }
     let mut items = kind.replay(&events).map_err(ApiError::internal)?;
+    for item in &mut items {
+        for side in [&mut item.changes.before, &mut item.changes.after] {
+            side.retain(|name, _| !name.ends_with("blind_index"));
+            side.values_mut()
+                .for_each(super::audit::without_blind_indexes);
+        }
+    }
     mark_erased(&app, &mut items).await?;
     Ok(axum::Json(HistoryView {
         entity_type,

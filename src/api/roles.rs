@@ -11,7 +11,7 @@ use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::auth::{role_ancestry, role_permissions, Caller};
+use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
 use super::{double_option, organizations, users, OptionalJson};
@@ -133,7 +133,7 @@ pub async fn create(
     let mut effective = body.permissions.clone();
     if let Some(parent) = body.parent_role_id {
         check_parent(&app, org, parent).await?;
-        effective.extend(role_permissions(&app.pool, parent).await?);
+        effective.extend(granted_by_role(&app.pool, parent).await?);
     }
     check_grantable(&caller, &effective)?;
     let id = Uuid::new_v4();
@@ -208,7 +208,7 @@ pub async fn update(
     if let Some(p) = parent {
         check_parent(&app, org, p).await?;
         ancestry = role_ancestry(&app.pool, p).await?;
-        effective.extend(role_permissions(&app.pool, p).await?);
+        effective.extend(granted_by_role(&app.pool, p).await?);
     }
     check_grantable(&caller, &effective)?;
     let command = RoleCommand::Update {
@@ -290,10 +290,17 @@ pub async fn assign(
     body: OptionalJson<Assign>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesWrite)?;
+    // Assigning again replaces an assignment (its expiry too): a user assigning their own
+    // roles could lift the expiry another administrator set.
+    if caller.user_id == Some(user) {
+        return Err(ApiError::forbidden(
+            "a user key cannot assign roles to its own user: another administrator does",
+        ));
+    }
     users::find(&app, org, user).await?;
     find_row(&app, org, role).await?;
     // Assigning a role is granting what it grants: no more than the caller holds.
-    check_grantable(&caller, &role_permissions(&app.pool, role).await?)?;
+    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
     let body = body.0.unwrap_or_default();
     let command = UserCommand::AssignRole {
         role_id: role,
@@ -322,6 +329,9 @@ pub async fn revoke(
     if !super::created(&app, Role::TYPE, role, org).await? {
         return Err(ApiError::not_found("role"));
     }
+    // Taking a role away is the other half of granting it: an admin who may not give the
+    // owner role may not take it from the owner either (a deleted role grants nothing).
+    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
     let command = UserCommand::RevokeRole {
         role_id: role,
         reason: None,
