@@ -1732,6 +1732,8 @@ async fn role_changes_by_a_user_key_go_no_further_than_it_could_grant() {
     let before = t.head().await;
     let r = t.put(&assignment(other, support), &admin, json!({})).await;
     assert_error(&r, 503);
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("the role is being changed"), "{message}");
     assert_eq!(t.head().await, before);
     t.resume_projection("roles").await;
     assert!(
@@ -1745,6 +1747,81 @@ async fn role_changes_by_a_user_key_go_no_further_than_it_could_grant() {
         "once shown, the widened role is one the admin cannot give"
     );
     assert_eq!(t.head().await, before);
+}
+
+/// Taking power away needs holding it: an admin cannot deactivate the owner, narrow the
+/// owner role, or delete a role that grants what the admin does not hold.
+#[tokio::test]
+async fn an_admin_cannot_take_away_what_it_could_not_give() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Kept Owners").await;
+    let (_, admin) = t.member_with_key(org, "admin", "admin@kept.example").await;
+    let (owner_user, _) = t.member_with_key(org, "owner", "owner@kept.example").await;
+    let (member_user, _) = t
+        .member_with_key(org, "member", "member@kept.example")
+        .await;
+    let owner = t.role_id(org, "owner").await;
+    let eraser = create_role(&t, org, "eraser", &["users:erase"]).await;
+    let readers = create_role(&t, org, "readers", &["users:read"]).await;
+    let before = t.head().await;
+    let deactivate = |user: Uuid| org_path(org, &format!("/users/{user}/deactivate"));
+    assert_error(
+        &t.post(&deactivate(owner_user), &admin, json!({})).await,
+        403,
+    );
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{owner}")),
+            &admin,
+            json!({"permissions": ["users:read"]}),
+        )
+        .await;
+    assert_error(&r, 403);
+    assert_error(
+        &t.delete(&org_path(org, &format!("/roles/{eraser}")), &admin)
+            .await,
+        403,
+    );
+    assert_eq!(t.head().await, before, "refused, nothing appended");
+    // A role inheriting the owner's: cutting it loose takes the owner's permissions away.
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "deputy", "permissions": [], "parent_role_id": owner}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let deputy = r.body["id"].as_str().unwrap().to_string();
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{deputy}")),
+            &admin,
+            json!({"parent_role_id": null}),
+        )
+        .await;
+    assert_error(&r, 403);
+    // Nor bring back an owner another deactivated.
+    let reactivate = |user: Uuid| org_path(org, &format!("/users/{user}/reactivate"));
+    let r = t
+        .post(&deactivate(owner_user), &t.admin_key, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = t.head().await;
+    assert_error(
+        &t.post(&reactivate(owner_user), &admin, json!({})).await,
+        403,
+    );
+    assert_eq!(t.head().await, before, "refused, nothing appended");
+    // The controls.
+    let r = t.post(&deactivate(member_user), &admin, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.post(&reactivate(member_user), &admin, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .delete(&org_path(org, &format!("/roles/{readers}")), &admin)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
 }
 
 #[tokio::test]

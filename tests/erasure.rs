@@ -334,6 +334,56 @@ async fn the_audit_view_and_history_show_no_blind_index() {
     assert!(ledger.iter().any(|e| e.to_string().contains("blind_index")));
 }
 
+/// The network address (and browser) of an erased user's own requests are theirs too: the
+/// audit view leaves them out once the user is erased, and keeps everyone else's.
+#[tokio::test]
+async fn the_audit_view_leaves_out_an_erased_users_network_address() {
+    let s = prepare().await;
+    let r =
+        s.t.post(
+            &org_path(s.org, "/conversations"),
+            &s.zelda_key,
+            json!({"kind": "group", "title": "Triforce"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let zelda = s.zelda.to_string();
+    let addresses = |events: &[Value], hers: bool| -> Vec<Value> {
+        events
+            .iter()
+            .filter(|e| (e["actor_user_id"] == zelda.as_str()) == hers)
+            .filter(|e| e["actor_user_id"].is_string())
+            .map(|e| e["client_ip"].clone())
+            .collect()
+    };
+    let before = audit_events(&s).await;
+    assert!(!addresses(&before, true).is_empty());
+    assert!(addresses(&before, true).iter().all(|ip| ip == "127.0.0.1"));
+    let r =
+        s.t.post(
+            &org_path(s.org, &format!("/users/{}/erase", s.zelda)),
+            &s.owner_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "erase: {}", r.body);
+    let after = audit_events(&s).await;
+    let hers = addresses(&after, true);
+    assert_eq!(hers.len(), addresses(&before, true).len());
+    assert!(hers.iter().all(Value::is_null), "{hers:?}");
+    for e in after
+        .iter()
+        .filter(|e| e["actor_user_id"] == zelda.as_str())
+    {
+        assert!(e["user_agent"].is_null(), "{e}");
+    }
+    let others = addresses(&after, false);
+    assert!(
+        !others.is_empty() && others.iter().all(|ip| ip == "127.0.0.1"),
+        "{others:?}"
+    );
+}
+
 #[tokio::test]
 async fn no_database_table_holds_the_erased_users_data() {
     let s = erased().await;

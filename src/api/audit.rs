@@ -92,8 +92,16 @@ pub async fn list(
     }
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT position, organization_id, actor_kind, actor_user_id, actor_key_id, event_type, aggregate_type,
-                aggregate_id, sequence, event_data, request_id, client_ip, user_agent, recorded_at
-         FROM audit_events WHERE organization_id = ",
+                aggregate_id, sequence, event_data, request_id,
+                -- The network address and browser of an erased user's requests are theirs too
+                -- (the erasure destroyed their data key): left out, as the log cannot be.
+                CASE WHEN erased.actor THEN NULL ELSE client_ip END AS client_ip,
+                CASE WHEN erased.actor THEN NULL ELSE user_agent END AS user_agent, recorded_at
+         FROM audit_events, LATERAL (
+             SELECT actor_user_id IS NOT NULL AND NOT EXISTS (
+                        SELECT 1 FROM subject_keys k WHERE k.subject_id = actor_user_id) AS actor
+         ) erased
+         WHERE organization_id = ",
     );
     sql.push_bind(org);
     if let Some(a) = q.actor {

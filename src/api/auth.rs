@@ -247,6 +247,23 @@ pub async fn granted_by_role(pool: &sqlx::PgPool, role_id: Uuid) -> ApiResult<Pe
     }
 }
 
+/// What `user`'s unexpired role assignments grant (with inheritance), as [`granted_by_role`]
+/// reads each (503 while one of the roles changes beyond what the read models show).
+pub async fn user_permissions(pool: &sqlx::PgPool, user: Uuid) -> ApiResult<PermissionSet> {
+    let roles: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT role_id FROM user_roles \
+         WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())",
+    )
+    .bind(user)
+    .fetch_all(pool)
+    .await?;
+    let mut held = PermissionSet::new();
+    for (role,) in roles {
+        held.extend(granted_by_role(pool, role).await?);
+    }
+    Ok(held)
+}
+
 /// A role's effective permissions, and whether the log holds events of it or an ancestor
 /// past the versions their rows show.
 async fn role_permissions_and_change(

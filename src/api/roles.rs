@@ -107,7 +107,7 @@ pub struct CreateRole {
 
 /// What the caller may put into a role: its own permissions, less what a parent already
 /// grants being irrelevant — the whole effective set of the role must be grantable.
-fn check_grantable(caller: &Caller, effective: &PermissionSet) -> ApiResult<()> {
+pub(super) fn check_grantable(caller: &Caller, effective: &PermissionSet) -> ApiResult<()> {
     if may_grant(&caller.permissions, effective) {
         Ok(())
     } else {
@@ -211,6 +211,10 @@ pub async fn update(
         effective.extend(granted_by_role(&app.pool, p).await?);
     }
     check_grantable(&caller, &effective)?;
+    // And what it grants now, which a change of parent or permissions may take away.
+    if body.permissions.is_some() || body.parent_role_id.is_some() {
+        check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
+    }
     let command = RoleCommand::Update {
         name: body.name,
         description: body.description,
@@ -231,6 +235,9 @@ pub async fn delete(
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     find(&app, org, role).await?;
+    // Deleting a role takes what it grants from everyone holding it: only for a key that
+    // could give it.
+    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
     // A child would silently lose what it inherits; make the operator re-parent it first.
     let (children,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")

@@ -217,21 +217,6 @@ pub async fn update(
     Ok(axum::Json(find(&app, org, user).await?))
 }
 
-async fn simple(
-    app: &App,
-    caller: &Caller,
-    org: Uuid,
-    user: Uuid,
-    permission: Permission,
-    command: UserCommand,
-) -> ApiResult<axum::Json<UserView>> {
-    caller.require_in(org, permission)?;
-    find(app, org, user).await?;
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
-    Ok(axum::Json(find(app, org, user).await?))
-}
-
 pub async fn deactivate(
     State(app): State<App>,
     caller: Caller,
@@ -239,15 +224,7 @@ pub async fn deactivate(
     body: OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<UserView>> {
     let reason = body.0.unwrap_or_default().reason;
-    simple(
-        &app,
-        &caller,
-        org,
-        user,
-        Permission::UsersWrite,
-        UserCommand::Deactivate { reason },
-    )
-    .await
+    holding_all_they_hold(&app, &caller, org, user, UserCommand::Deactivate { reason }).await
 }
 
 pub async fn reactivate(
@@ -255,15 +232,27 @@ pub async fn reactivate(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<axum::Json<UserView>> {
-    simple(
-        &app,
-        &caller,
-        org,
-        user,
-        Permission::UsersWrite,
-        UserCommand::Reactivate,
-    )
-    .await
+    holding_all_they_hold(&app, &caller, org, user, UserCommand::Reactivate).await
+}
+
+/// Deactivating takes away all the user's roles grant, and reactivating gives it back: only
+/// for a key that holds it all too, so that an admin can neither lock out the owner nor
+/// bring back one that another owner deactivated. (A user key holds no more than its user's
+/// roles grant, so one narrower than them cannot deactivate its own user either.)
+async fn holding_all_they_hold(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    user: Uuid,
+    command: UserCommand,
+) -> ApiResult<axum::Json<UserView>> {
+    caller.require_in(org, Permission::UsersWrite)?;
+    find(app, org, user).await?;
+    let held = super::auth::user_permissions(&app.pool, user).await?;
+    super::roles::check_grantable(caller, &held)?;
+    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+        .await?;
+    Ok(axum::Json(find(app, org, user).await?))
 }
 
 /// Erasure: the event is appended, and the users projection destroys the user's data key in

@@ -167,10 +167,12 @@ impl Role {
                 }
                 if let Some(permissions) = permissions {
                     // Only a changed set is checked, and then as a whole: whoever changes
-                    // what a role grants must hold all of it, while restating the set
-                    // alongside a new description grants nothing new.
+                    // what a role grants must hold all of it, before and after (taking a
+                    // permission away from its holders is no lesser act than giving it),
+                    // while restating the set alongside a new description grants nothing new.
                     if permissions != before.permissions {
                         check_grantable(&grantable, &permissions)?;
+                        check_grantable(&grantable, &before.permissions)?;
                     }
                     after.permissions = permissions;
                 }
