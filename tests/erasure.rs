@@ -85,6 +85,12 @@ async fn prepare() -> Scenario {
 /// [`prepare`], then Zelda is erased by the owner.
 async fn erased() -> Scenario {
     let s = prepare().await;
+    erase(&s).await;
+    s
+}
+
+/// Zelda erased by the owner.
+async fn erase(s: &Scenario) {
     let r =
         s.t.post(
             &org_path(s.org, &format!("/users/{}/erase", s.zelda)),
@@ -93,7 +99,6 @@ async fn erased() -> Scenario {
         )
         .await;
     assert_eq!(r.status, 200, "erase: {}", r.body);
-    s
 }
 
 /// The personal values `text` mentions, case-insensitively.
@@ -359,14 +364,7 @@ async fn the_audit_view_leaves_out_an_erased_users_network_address() {
     let before = audit_events(&s).await;
     assert!(!addresses(&before, true).is_empty());
     assert!(addresses(&before, true).iter().all(|ip| ip == "127.0.0.1"));
-    let r =
-        s.t.post(
-            &org_path(s.org, &format!("/users/{}/erase", s.zelda)),
-            &s.owner_key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "erase: {}", r.body);
+    erase(&s).await;
     let after = audit_events(&s).await;
     let hers = addresses(&after, true);
     assert_eq!(hers.len(), addresses(&before, true).len());
