@@ -1824,6 +1824,77 @@ async fn an_admin_cannot_take_away_what_it_could_not_give() {
     assert_eq!(r.status, 204, "{}", r.body);
 }
 
+/// What a user's roles grant is weighed with the log's pending assignments in view: a user
+/// just made owner, while `user_roles` does not show it yet, is not the admin's to deactivate.
+#[tokio::test]
+async fn a_deactivation_weighs_the_roles_the_read_models_do_not_show_yet() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Fresh Owners").await;
+    let (_, admin) = t.member_with_key(org, "admin", "admin@fresh.example").await;
+    let (member_user, _) = t
+        .member_with_key(org, "member", "member@fresh.example")
+        .await;
+    let owner = t.role_id(org, "owner").await;
+    t.stop_projection("user_roles").await;
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{member_user}/roles/{owner}")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let deactivate = org_path(org, &format!("/users/{member_user}/deactivate"));
+    let before = t.head().await;
+    assert_error(&t.post(&deactivate, &admin, json!({})).await, 503);
+    assert_eq!(t.head().await, before);
+    t.resume_projection("user_roles").await;
+    assert!(
+        common::eventually(Duration::from_secs(10), || async {
+            t.post(&deactivate, &admin, json!({})).await.status == 403
+        })
+        .await,
+        "once shown, the new owner is not the admin's to deactivate"
+    );
+    assert_eq!(t.head().await, before);
+}
+
+/// Erasing takes away more than deactivating: a key that may erase, but holds less than the
+/// owner, cannot erase the owner.
+#[tokio::test]
+async fn a_key_that_may_erase_cannot_erase_someone_holding_more() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Careful Erasers").await;
+    let gdpr = create_role(&t, org, "gdpr", &["users:read", "users:erase"]).await;
+    let (_, eraser) = user_with_role_and_key(
+        &t,
+        org,
+        "eraser@careful.example",
+        gdpr,
+        &["users:read", "users:erase"],
+    )
+    .await;
+    let (owner_user, _) = t
+        .member_with_key(org, "owner", "owner@careful.example")
+        .await;
+    let (member_user, _) = t
+        .member_with_key(org, "member", "member@careful.example")
+        .await;
+    let erase = |user: Uuid| org_path(org, &format!("/users/{user}/erase"));
+    let before = t.head().await;
+    assert_error(&t.post(&erase(owner_user), &eraser, json!({})).await, 403);
+    assert_eq!(t.head().await, before, "refused, nothing appended");
+    let r = t.post(&erase(member_user), &eraser, json!({})).await;
+    assert_eq!(
+        r.status, 403,
+        "the member's roles grant conversations:*, which it lacks: {}",
+        r.body
+    );
+    let plain = t.invite(org, "plain@careful.example", "Plain Person").await;
+    let r = t.post(&erase(plain), &eraser, json!({})).await;
+    assert_eq!(r.status, 200, "the control: {}", r.body);
+}
+
 #[tokio::test]
 async fn organization_keys_can_never_hold_platform_admin() {
     let t = TestApp::spawn().await;

@@ -97,6 +97,22 @@ struct KeyRow {
     roles_changing: bool,
 }
 
+/// Whether the log assigns or revokes a role of user `$user` (an SQL expression) beyond
+/// what `user_roles` shows: an assignment counts too, as assigning again replaces one (with a
+/// nearer expiry, say).
+macro_rules! assignments_changing {
+    ($user:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'User' \
+               AND e.aggregate_id = ",
+            $user,
+            "::text AND e.event_type IN ('UserRoleAssigned', 'UserRoleRevoked') \
+               AND e.position > coalesce((SELECT position FROM projection_checkpoints \
+                                          WHERE name = 'user_roles'), 0))"
+        )
+    };
+}
+
 impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
@@ -123,6 +139,7 @@ impl FromRequestParts<App> for Caller {
         // itself (each a range of the events' primary key, beyond the version a row shows).
         // An assignment counts too: assigning again replaces it, with a nearer expiry say.
         let row: KeyRow = sqlx::query_as(
+            concat!(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, u.status AS user_status, g.held,
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
@@ -134,13 +151,9 @@ impl FromRequestParts<App> for Caller {
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'User'
                               AND e.aggregate_id = u.id::text AND e.sequence > u.version
                               AND e.event_type IN ('UserDeactivated', 'UserErased')) AS user_leaving,
-                    coalesce(g.roles_changing, false) OR EXISTS (
-                        SELECT 1 FROM events e WHERE e.aggregate_type = 'User'
-                          AND e.aggregate_id = k.user_id::text
-                          AND e.event_type IN ('UserRoleAssigned', 'UserRoleRevoked')
-                          AND e.position > coalesce((SELECT position FROM projection_checkpoints
-                                                     WHERE name = 'user_roles'), 0)
-                    ) AS roles_changing
+                    coalesce(g.roles_changing, false) OR ",
+            assignments_changing!("k.user_id"),
+            " AS roles_changing
              FROM api_keys k
              LEFT JOIN organizations o ON o.id = k.organization_id
              LEFT JOIN users u ON u.id = k.user_id
@@ -164,7 +177,8 @@ impl FromRequestParts<App> for Caller {
                                       AND e.aggregate_id = g.id::text AND e.sequence > g.version
                                     LIMIT 1) pending) AS roles_changing
              ) g ON k.user_id IS NOT NULL
-             WHERE k.prefix = $1",
+             WHERE k.prefix = $1"
+        ),
         )
         .bind(prefix)
         .fetch_optional(&app.pool)
@@ -250,15 +264,23 @@ pub async fn granted_by_role(pool: &sqlx::PgPool, role_id: Uuid) -> ApiResult<Pe
 /// What `user`'s unexpired role assignments grant (with inheritance), as [`granted_by_role`]
 /// reads each (503 while one of the roles changes beyond what the read models show).
 pub async fn user_permissions(pool: &sqlx::PgPool, user: Uuid) -> ApiResult<PermissionSet> {
-    let roles: Vec<(Uuid,)> = sqlx::query_as(
-        "SELECT role_id FROM user_roles \
-         WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())",
-    )
+    let (roles, changing): (Vec<Uuid>, bool) = sqlx::query_as(concat!(
+        "SELECT ARRAY(SELECT role_id FROM user_roles \
+                      WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())), ",
+        assignments_changing!("$1")
+    ))
     .bind(user)
-    .fetch_all(pool)
+    .fetch_one(pool)
     .await?;
+    if changing {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the user's roles are being changed and the read models do not show it yet; \
+             retry shortly",
+        ));
+    }
     let mut held = PermissionSet::new();
-    for (role,) in roles {
+    for role in roles {
         held.extend(granted_by_role(pool, role).await?);
     }
     Ok(held)

@@ -248,11 +248,16 @@ async fn holding_all_they_hold(
 ) -> ApiResult<axum::Json<UserView>> {
     caller.require_in(org, Permission::UsersWrite)?;
     find(app, org, user).await?;
-    let held = super::auth::user_permissions(&app.pool, user).await?;
-    super::roles::check_grantable(caller, &held)?;
+    holds_all_they_hold(app, caller, user).await?;
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
         .await?;
     Ok(axum::Json(find(app, org, user).await?))
+}
+
+/// 403 unless `caller` holds everything `user`'s roles grant.
+async fn holds_all_they_hold(app: &App, caller: &Caller, user: Uuid) -> ApiResult<()> {
+    let held = super::auth::user_permissions(&app.pool, user).await?;
+    super::roles::check_grantable(caller, &held)
 }
 
 /// Erasure: the event is appended, and the users projection destroys the user's data key in
@@ -264,6 +269,8 @@ pub async fn erase(
 ) -> ApiResult<axum::Json<UserView>> {
     caller.require_in(org, Permission::UsersErase)?;
     find(&app, org, user).await?;
+    // Erasing takes away more than deactivating does.
+    holds_all_they_hold(&app, &caller, user).await?;
     // From the append to the key's end in a task of its own, so a client hanging up cannot
     // leave an erased user's key in place.
     let task = {
