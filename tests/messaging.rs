@@ -86,6 +86,16 @@ impl Chat {
             .await
     }
 
+    /// A post by the service key on `author`'s behalf.
+    async fn for_author(&self, conv: Uuid, author: Uuid, text: &str) -> Response {
+        self.post(
+            &self.service,
+            conv,
+            json!({"content": text, "author_id": author}),
+        )
+        .await
+    }
+
     async fn say(&self, key: &str, conv: Uuid, text: &str) -> Uuid {
         let r = self.post(key, conv, json!({"content": text})).await;
         assert_eq!(r.status, 201, "{}", r.body);
@@ -792,13 +802,7 @@ async fn removed_participants_can_no_longer_read_or_post() {
     assert_eq!(left.body["participants"].as_array().unwrap().len(), 1);
     // A service key naming a removed author is refused too.
     let head = c.t.head().await;
-    let r = c
-        .post(
-            &c.service,
-            conv,
-            json!({"content": "x", "author_id": c.bob.0}),
-        )
-        .await;
+    let r = c.for_author(conv, c.bob.0, "x").await;
     c.refused(&r, 422, head).await;
 }
 
@@ -843,13 +847,7 @@ async fn a_participant_removed_while_messaging_is_stopped_reads_nothing_more() {
             .post(&c.carol.1, conv, json!({"content": "still here?"}))
             .await;
         c.refused(&r, 404, head).await;
-        let r = c
-            .post(
-                &c.service,
-                conv,
-                json!({"content": "x", "author_id": c.carol.0}),
-            )
-            .await;
+        let r = c.for_author(conv, c.carol.0, "x").await;
         c.refused(&r, 422, head).await;
     };
     refused().await;
@@ -1023,21 +1021,9 @@ async fn a_service_key_sees_every_conversation_and_posts_for_a_participant() {
         .post(&c.service, Uuid::new_v4(), json!({"content": "beep"}))
         .await;
     c.refused(&r, 404, head).await; // an unknown conversation is that first
-    let r = c
-        .post(
-            &c.service,
-            conv,
-            json!({"content": "beep", "author_id": c.dave.0}),
-        )
-        .await;
+    let r = c.for_author(conv, c.dave.0, "beep").await;
     c.refused(&r, 422, head).await; // Dave does not take part
-    let r = c
-        .post(
-            &c.service,
-            conv,
-            json!({"content": "beep", "author_id": c.bob.0}),
-        )
-        .await;
+    let r = c.for_author(conv, c.bob.0, "beep").await;
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(r.body["author_id"], json!(c.bob.0));
     // A user key cannot post as someone else.
@@ -1184,13 +1170,7 @@ async fn a_deactivated_participant_can_no_longer_read_or_post() {
     assert_error(&c.messages(&c.bob.1, conv, "").await, 401);
     let r = c.post(&c.bob.1, conv, json!({"content": "after"})).await;
     c.refused(&r, 401, head).await;
-    let r = c
-        .post(
-            &c.service,
-            conv,
-            json!({"content": "after", "author_id": c.bob.0}),
-        )
-        .await;
+    let r = c.for_author(conv, c.bob.0, "after").await;
     c.refused(&r, 422, head).await;
 }
 
@@ -1284,13 +1264,7 @@ async fn refused_posts_leave_no_message_key_behind() {
     c.refused(&r, 409, head).await;
     let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
     c.refused(&r, 422, head).await;
-    let r = c
-        .post(
-            &c.service,
-            conv,
-            json!({"content": "for an outsider", "author_id": c.dave.0}),
-        )
-        .await;
+    let r = c.for_author(conv, c.dave.0, "for an outsider").await;
     c.refused(&r, 422, head).await;
     assert_eq!(keys().await, before, "no key outlives its refused post");
 }

@@ -122,6 +122,12 @@ pub(super) fn check_grantable(caller: &Caller, effective: &PermissionSet) -> Api
     }
 }
 
+/// 403 unless `caller` could give everything `role` grants now (with its ancestors'); 503
+/// while the read models do not show a change of it yet.
+async fn may_give(app: &App, caller: &Caller, role: Uuid) -> ApiResult<()> {
+    check_grantable(caller, &granted_by_role(&app.pool, role).await?)
+}
+
 pub async fn create(
     State(app): State<App>,
     caller: Caller,
@@ -213,7 +219,7 @@ pub async fn update(
     check_grantable(&caller, &effective)?;
     // And what it grants now, which a change of parent or permissions may take away.
     if body.permissions.is_some() || body.parent_role_id.is_some() {
-        check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
+        may_give(&app, &caller, role).await?;
     }
     let command = RoleCommand::Update {
         name: body.name,
@@ -237,7 +243,7 @@ pub async fn delete(
     find(&app, org, role).await?;
     // Deleting a role takes what it grants from everyone holding it: only for a key that
     // could give it.
-    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
+    may_give(&app, &caller, role).await?;
     // A child would silently lose what it inherits; make the operator re-parent it first.
     let (children,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")
@@ -307,7 +313,7 @@ pub async fn assign(
     users::find(&app, org, user).await?;
     find_row(&app, org, role).await?;
     // Assigning a role is granting what it grants: no more than the caller holds.
-    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
+    may_give(&app, &caller, role).await?;
     let body = body.0.unwrap_or_default();
     let command = UserCommand::AssignRole {
         role_id: role,
@@ -338,7 +344,7 @@ pub async fn revoke(
     }
     // Taking a role away is the other half of granting it: an admin who may not give the
     // owner role may not take it from the owner either (a deleted role grants nothing).
-    check_grantable(&caller, &granted_by_role(&app.pool, role).await?)?;
+    may_give(&app, &caller, role).await?;
     let command = UserCommand::RevokeRole {
         role_id: role,
         reason: None,

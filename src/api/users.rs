@@ -224,7 +224,7 @@ pub async fn deactivate(
     body: OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<UserView>> {
     let reason = body.0.unwrap_or_default().reason;
-    holding_all_they_hold(&app, &caller, org, user, UserCommand::Deactivate { reason }).await
+    change_status(&app, &caller, org, user, UserCommand::Deactivate { reason }).await
 }
 
 pub async fn reactivate(
@@ -232,14 +232,14 @@ pub async fn reactivate(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
 ) -> ApiResult<axum::Json<UserView>> {
-    holding_all_they_hold(&app, &caller, org, user, UserCommand::Reactivate).await
+    change_status(&app, &caller, org, user, UserCommand::Reactivate).await
 }
 
 /// Deactivating takes away all the user's roles grant, and reactivating gives it back: only
 /// for a key that holds it all too, so that an admin can neither lock out the owner nor
 /// bring back one that another owner deactivated. (A user key holds no more than its user's
 /// roles grant, so one narrower than them cannot deactivate its own user either.)
-async fn holding_all_they_hold(
+async fn change_status(
     app: &App,
     caller: &Caller,
     org: Uuid,
