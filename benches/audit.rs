@@ -24,7 +24,7 @@ use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner};
 use ledgerline::ledger::export::{write_event_line, ExportHeader, FORMAT, VERSION};
 use ledgerline::ledger::hash::{
-    encode_v1, event_hash, truncate_to_micros, EventFields, RawFields, GENESIS,
+    content_digest, event_hash, truncate_to_micros, EventFields, HashVersion, RawFields, GENESIS,
 };
 use ledgerline::ledger::merkle::{Blake3, Frontier, TreeHash};
 use ledgerline::ledger::offline::{verify_file, OfflineReport};
@@ -194,6 +194,7 @@ impl Gen {
         let metadata = self.metadata(org);
         self.position += 1;
         let fields = EventFields {
+            hash_version: HashVersion::CURRENT,
             position: self.position,
             aggregate_type,
             aggregate_id: &id,
@@ -209,10 +210,10 @@ impl Gen {
         write_event_line(out, &fields, &self.prev, &hash);
         let org_bytes = org.map(|o| *o.as_bytes());
         let mut input = Vec::new();
-        encode_v1(
+        content_digest(
             &mut input,
-            &self.prev,
             &RawFields {
+                hash_version: fields.hash_version,
                 position: fields.position,
                 aggregate_type: aggregate_type.as_bytes(),
                 aggregate_id: id.as_bytes(),
@@ -225,7 +226,10 @@ impl Gen {
                 metadata: metadata.as_bytes(),
             },
         );
-        self.hashed_bytes += input.len() as u64;
+        // v2 hashes the content's input, then the tenant tag's and the event's.
+        let tag_input = 8 + 20 + 8 + if org.is_some() { 17 } else { 1 };
+        let event_input = 8 + 19 + 32 + 8 + 32 + 32;
+        self.hashed_bytes += (input.len() + tag_input + event_input) as u64;
         self.json_bytes += (payload.len() + metadata.len()) as u64;
         self.prev = hash;
         hash
@@ -280,6 +284,8 @@ fn write_export(path: &PathBuf, n: u64, signer: &LogSigner) -> anyhow::Result<(S
         root: frontier.root(),
         chain_head: gen.prev,
         time: Utc::now().trunc_subsecs(0),
+        // Every generated event is in the current format.
+        hash_v2_from: (n > 0).then_some(1),
     });
     Ok((
         note,

@@ -32,7 +32,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventRepository, PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, CqrsFramework, DomainEvent};
 use ledgerline::ledger::checkpoint::LogSigner;
-use ledgerline::ledger::hash::{event_hash, truncate_to_micros, EventFields};
+use ledgerline::ledger::hash::{event_hash, truncate_to_micros, EventFields, HashVersion};
 use ledgerline::ledger::store::read_head;
 use ledgerline::ledger::tree::{self, CheckpointPolicy};
 use ledgerline::ledger::verify::verify_database;
@@ -1070,6 +1070,7 @@ impl ChainGen {
             let hash = event_hash(
                 &self.prev,
                 &EventFields {
+                    hash_version: HashVersion::CURRENT,
                     position: self.position,
                     aggregate_type: ty,
                     aggregate_id: &id,
@@ -1086,7 +1087,7 @@ impl ChainGen {
             self.metadata_bytes += metadata.len() as u64;
             let _ = writeln!(
                 out,
-                "{ty},{id},{seq},{event_type},1,{},{},{},{},{},\\x{},\\x{}",
+                "{ty},{id},{seq},{event_type},1,{},{},{},{},{},\\x{},\\x{},{}",
                 csv_quote(&payload),
                 csv_quote(&metadata),
                 self.position,
@@ -1095,6 +1096,7 @@ impl ChainGen {
                     .to_rfc3339_opts(SecondsFormat::Micros, true),
                 hex::encode(self.prev),
                 hex::encode(hash),
+                HashVersion::CURRENT.number(),
             );
             self.prev = hash;
         }
@@ -1144,7 +1146,8 @@ async fn verify_phase(
     let mut copy = conn
         .copy_in_raw(
             "COPY events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata,
-                          position, organization_id, recorded_at, prev_hash, hash) FROM STDIN WITH (FORMAT csv)",
+                          position, organization_id, recorded_at, prev_hash, hash, hash_version)
+                          FROM STDIN WITH (FORMAT csv)",
         )
         .await?;
     while let Some(chunk) = rx.recv().await {

@@ -105,6 +105,11 @@ pub async fn verify_since(
     }
     let head = report.head_position as u64;
     let largest = checkpoints.last().map_or(0, |(_, c)| c.tree_size).min(head);
+    // The chain verified, so each row's format is the one it was hashed in, and no v1 event
+    // follows a v2 one: the first v2 position is where every checkpoint must say v2 begins.
+    let first_v2 = first_v2(pool, report.head_position)
+        .await
+        .context("reading the ledger")?;
     let mut hashes = sqlx::query_as::<_, (Vec<u8>,)>(
         "SELECT hash FROM events WHERE position <= $1 ORDER BY position",
     )
@@ -142,6 +147,16 @@ pub async fn verify_since(
                 cp.tree_size
             )));
         }
+        let signed_boundary = first_v2.map(|p| p as u64).filter(|p| *p <= cp.tree_size);
+        if cp.hash_v2_from != signed_boundary {
+            return Ok(fail(format!(
+                "MISMATCH: checkpoint {} signs v2 hashes from {}, but the log's first v2 event among its {} is {}",
+                path.display(),
+                cp.hash_v2_from.map_or("no position".into(), |p| format!("position {p}")),
+                cp.tree_size,
+                signed_boundary.map_or("none".into(), |p| format!("at position {p}"))
+            )));
+        }
         matched = cp.tree_size;
     }
     println!(
@@ -153,6 +168,32 @@ pub async fn verify_since(
             .join(", ")
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// The first position up to `head` whose event is v2, found by halving: a verified log is v1
+/// events, then v2 ones (a few index look-ups, where a filter would read every v1 row).
+async fn first_v2(pool: &PgPool, head: i64) -> Result<Option<i64>, sqlx::Error> {
+    let v2_at = |position: i64| async move {
+        let version: Option<i16> =
+            sqlx::query_scalar("SELECT hash_version FROM events WHERE position = $1")
+                .bind(position)
+                .fetch_optional(pool)
+                .await?;
+        Ok::<_, sqlx::Error>(version == Some(2))
+    };
+    if head < 1 || !v2_at(head).await? {
+        return Ok(None);
+    }
+    let (mut lo, mut hi) = (1, head);
+    while lo < hi {
+        let mid = lo + (hi - lo) / 2;
+        if v2_at(mid).await? {
+            hi = mid;
+        } else {
+            lo = mid + 1;
+        }
+    }
+    Ok(Some(hi))
 }
 
 fn hexes(proof: &[Digest]) -> Vec<String> {

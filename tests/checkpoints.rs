@@ -11,9 +11,10 @@ use common::{
     event_at, hash_of, ledgerline, ledgerline_offline, set_hashes, superuser_tx, tamper, TestApp,
     POLICY,
 };
-use ledgerline::ledger::checkpoint::{LogSigner, NoteVerifier};
+use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner, NoteVerifier};
 use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
 use ledgerline::ledger::tree;
+use ledgerline::ledger::verify::Fault;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -853,4 +854,107 @@ async fn a_signer_that_does_not_hold_the_maintainers_lease_signs_nothing() {
         "{refused:?}"
     );
     assert_eq!(count().await, before, "nothing stored");
+}
+
+/// A checkpoint says where v2 hashes begin (`hash-v2-from`), which an export's verifier holds
+/// each line to; `verify --since` refuses one whose boundary is not the log's, and the
+/// maintainer will not integrate (or sign) a v1 event after a v2 one.
+#[tokio::test]
+async fn checkpoints_sign_where_v2_begins_and_nothing_after_it_may_be_v1() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let note = sign_now(&t).await;
+    assert!(note.contains("\nhash-v2-from 1\n"), "{note}");
+    let signed = t.signer.verifier().open(&note).unwrap();
+    let verify_since = |note: String| {
+        let t = &t;
+        async move {
+            let path = file(&note);
+            let (code, out, err) = ledgerline(
+                &t.db.url,
+                &[
+                    "verify",
+                    "--since",
+                    path.to_str().unwrap(),
+                    "--public-key",
+                    &key(t),
+                ],
+            )
+            .await;
+            std::fs::remove_file(&path).ok();
+            (code, format!("{out}{err}"))
+        }
+    };
+    let (code, out) = verify_since(note.clone()).await;
+    assert_eq!(code, 0, "{out}");
+    // Signed by the key, but with a boundary the log does not have (a signer's bug, or a
+    // key used outside the maintainer).
+    for wrong in [Some(2), None] {
+        let note = t.signer.sign(&Checkpoint {
+            hash_v2_from: wrong,
+            ..signed.clone()
+        });
+        let (code, out) = verify_since(note).await;
+        assert_eq!(code, 1, "{wrong:?}: {out}");
+        assert!(out.starts_with("MISMATCH"), "{out}");
+    }
+
+    // Where v2 began, as the maintainer noted it, edited in the database: it signs nothing.
+    for edited in ["NULL", "3"] {
+        t.create_org(&format!("Moved {edited}")).await;
+        tamper(
+            t.pool(),
+            &[format!("UPDATE merkle_state SET hash_v2_from = {edited}")],
+        )
+        .await;
+        let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
+        assert!(
+            matches!(&refused, Err(tree::TreeError::Unsignable(why)) if why.contains("first v2 position")),
+            "{edited}: {refused:?}"
+        );
+        tamper(
+            t.pool(),
+            &["UPDATE merkle_state SET hash_v2_from = 1".to_string()],
+        )
+        .await;
+    }
+    sign_now(&t).await;
+
+    // A v1 event appended after the v2 ones, its hash right for v1, with the triggers off.
+    let head = t.head().await;
+    let last = event_at(t.pool(), head).await;
+    let mut v1 = last.clone();
+    v1.position = head + 1;
+    v1.aggregate_id = Uuid::new_v4().to_string();
+    v1.sequence = 1;
+    v1.prev_hash = last.hash.clone();
+    v1.hash_version = 1;
+    v1.hash = hash_of(&v1.prev_hash, &v1);
+    let mut tx = superuser_tx(t.pool()).await;
+    sqlx::query(
+        "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash, \
+         hash_version) \
+         SELECT $1, aggregate_type, $2, 1, event_type, event_version, organization_id, \
+         recorded_at, payload, metadata, $3, $4, 1 FROM events WHERE position = $5",
+    )
+    .bind(v1.position)
+    .bind(&v1.aggregate_id)
+    .bind(&v1.prev_hash)
+    .bind(&v1.hash)
+    .bind(head)
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
+    assert!(
+        matches!(refused, Err(tree::TreeError::Tampered(p)) if p == head + 1),
+        "{refused:?}"
+    );
+    let report = t.verify().await;
+    assert_eq!(
+        report.first_bad.map(|b| (b.position, b.fault)),
+        Some((head + 1, Fault::v1_after_v2()))
+    );
 }

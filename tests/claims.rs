@@ -136,10 +136,11 @@ async fn a_contested_claim_is_reported_and_a_forged_log_is_not_repaired_from() {
         t.pool(),
         &[
             "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash) \
+             event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash, \
+             hash_version) \
              SELECT (SELECT max(position) + 1 FROM events), aggregate_type, \
              gen_random_uuid()::text, 1, event_type, event_version, organization_id, \
-             recorded_at, payload, metadata, prev_hash, hash FROM events \
+             recorded_at, payload, metadata, prev_hash, hash, hash_version FROM events \
              WHERE event_type = 'RoleCreated' ORDER BY position LIMIT 1"
                 .to_string(),
             format!("DELETE FROM unique_claims WHERE key = '{org}:ops-old'"),

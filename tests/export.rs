@@ -1,4 +1,4 @@
-//! Export files and their offline verification (docs/ledger-format.md, "Export files (v1)"):
+//! Export files and their offline verification (docs/ledger-format.md, "Export files"):
 //! what an auditor gets from `ledgerline export` or the API, and what `verify --file` finds
 //! in it, untouched, edited, cut short, or against a signed checkpoint.
 
@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use chrono::{SubsecRound, Utc};
 use common::TestApp;
 use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner, NoteError};
-use ledgerline::ledger::export::{export, ExportScope, ExportSummary};
+use ledgerline::ledger::export::{export, write_stub_v2_line, ExportScope, ExportSummary};
+use ledgerline::ledger::hash::{stub_parts, EventFields};
 use ledgerline::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use ledgerline::ledger::offline::{verify_file, FileFaultKind, OfflineReport};
 use ledgerline::ledger::tree;
@@ -112,7 +113,7 @@ fn scope(organization: Option<Uuid>, from: i64, to: Option<i64>) -> ExportScope 
 
 fn is_stub(line: &str) -> bool {
     let v: Value = serde_json::from_str(line).unwrap();
-    v.as_object().unwrap().len() == 2
+    !v.as_object().unwrap().contains_key("aggregate_type")
 }
 
 fn position_of(line: &str) -> i64 {
@@ -138,6 +139,8 @@ fn checkpoint(signer: &LogSigner, hashes: &[Digest], size: usize) -> String {
         root: merkle::root::<Blake3>(&leaves),
         chain_head: hashes[size - 1],
         time: Utc::now().trunc_subsecs(0),
+        // These tests' logs are written by today's writer: v2 throughout.
+        hash_v2_from: Some(1),
     })
 }
 
@@ -164,7 +167,7 @@ async fn an_untouched_log_exports_and_verifies_offline() {
     );
     let header: Value = serde_json::from_str(&f.lines()[0]).unwrap();
     assert_eq!(header["format"], "ledgerline-export");
-    assert_eq!(header["version"], 1);
+    assert_eq!(header["version"], 2);
     assert_eq!(header["organization_id"], Value::Null);
     assert_eq!(header["prev_hash"], "0".repeat(64));
 }
@@ -226,16 +229,34 @@ async fn edits_of_an_export_are_found_at_their_position() {
     let (f, _) = export_file(&t, scope(Some(log.acme), 1, None)).await;
     let lines = f.lines();
 
-    // Another tenant's stub with another hash: the next full event no longer links to it.
+    // Another tenant's stub with another content digest: it no longer hashes to its hash.
     let i = (1..lines.len() - 1)
         .find(|&i| is_stub(&lines[i]) && !is_stub(&lines[i + 1]))
         .expect("a stub before a full event");
+    let stub: Value = serde_json::from_str(&lines[i]).unwrap();
+    let digest = stub["content_digest"].as_str().unwrap();
     let mut edited = lines.clone();
-    edited[i] = format!(
-        "{{\"position\":{},\"hash\":\"{}\"}}",
-        position_of(&lines[i]),
-        "ab".repeat(32)
+    edited[i] = lines[i].replacen(digest, &"ab".repeat(32), 1);
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&edited).0),
+        (
+            Some(position_of(&lines[i])),
+            FileFaultKind::Chain(Fault::ContentChanged)
+        )
     );
+    // With its hash changed to match, the next full event no longer links to it.
+    let forged = ledgerline::ledger::hash::chain_v2(
+        &hex::decode(stub["prev_hash"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+        &hex::decode(stub["tenant_tag"].as_str().unwrap())
+            .unwrap()
+            .try_into()
+            .unwrap(),
+        &[0xab; 32],
+    );
+    edited[i] = edited[i].replacen(stub["hash"].as_str().unwrap(), &hex::encode(forged), 1);
     assert_eq!(
         first_bad(&TempFile::with_lines(&edited).0),
         (
@@ -272,6 +293,83 @@ async fn edits_of_an_export_are_found_at_their_position() {
             Some(position_of(&gone)),
             FileFaultKind::Chain(Fault::Missing)
         )
+    );
+}
+
+/// An exporter that leaves one of the organization's own events out, showing it as a stub:
+/// the v2 stub's tenant tag gives it away, though its hash and links are the real ones; a
+/// stub of the v1 kind (its hash alone, which showed nothing of whose it was) is refused.
+#[tokio::test]
+async fn an_export_that_hides_one_of_the_organizations_events_as_a_stub_is_refused() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let (f, _) = export_file(&t, scope(Some(log.acme), 1, None)).await;
+    let lines = f.lines();
+    let report = verify(&f.0);
+    assert!(
+        report.intact() && report.stubs > 0 && report.v1_stubs == 0,
+        "{report}"
+    );
+    assert!(
+        report
+            .to_string()
+            .contains("tenant tags show they are not this organization's"),
+        "{report}"
+    );
+    // Acme's last invitation, say: an event an operator might want an auditor not to see.
+    let i = (1..lines.len())
+        .rev()
+        .find(|&i| !is_stub(&lines[i]))
+        .unwrap();
+    let position = position_of(&lines[i]);
+    let event = common::event_at(t.pool(), position).await;
+    assert_eq!(event.organization_id, Some(log.acme));
+    let fields = EventFields::of(&event);
+    let (tag, digest) = stub_parts(&fields);
+    let mut stub = Vec::new();
+    write_stub_v2_line(
+        &mut stub,
+        position,
+        &event.prev_hash.clone().try_into().unwrap(),
+        &tag,
+        &digest,
+        &event.hash.clone().try_into().unwrap(),
+    );
+    let mut hidden = lines.clone();
+    hidden[i] = String::from_utf8(stub).unwrap().trim_end().to_string();
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&hidden).0),
+        (Some(position), FileFaultKind::OwnEventAsStub)
+    );
+    let mut hidden = lines.clone();
+    hidden[i] = format!(
+        "{{\"position\":{position},\"hash\":\"{}\"}}",
+        hex::encode(&event.hash)
+    );
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&hidden).0),
+        (Some(position), FileFaultKind::Chain(Fault::v1_after_v2()))
+    );
+    // A hash-only stub with no v2 line before it (the file starting there) is what a log
+    // written before v2 would show; only a checkpoint, which signs where v2 begins, tells.
+    let (f, _) = export_file(&t, scope(Some(log.acme), position, None)).await;
+    let mut late = f.lines();
+    late[1] = hidden[i].clone();
+    let late = TempFile::with_lines(&late);
+    let report = verify(&late.0);
+    assert!(report.intact() && report.v1_stubs == 1, "{report}");
+    let signer = t.signer.clone();
+    let note = checkpoint(&signer, &hashes(&t).await, t.head().await as usize);
+    let report = verify_file(&late.0, Some((&note, &signer.verifier())), 2).unwrap();
+    assert_eq!(
+        report.first_bad.map(|f| (f.position, f.kind)),
+        Some((
+            Some(position),
+            FileFaultKind::HashVersionNotAsSigned {
+                v2_from: Some(1),
+                tree_size: t.head().await as u64
+            }
+        ))
     );
 }
 

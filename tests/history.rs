@@ -889,10 +889,11 @@ async fn append_raw_user_events(
 ) {
     sqlx::query(
         "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata, position, organization_id, recorded_at, prev_hash, hash)
+                             payload, metadata, position, organization_id, recorded_at, prev_hash, hash,
+                             hash_version)
          SELECT 'User', $1, $2 + s, 'UserReactivated', '1', '{\"UserReactivated\":{}}', '{}',
                 (SELECT coalesce(max(position), 0) FROM events) + s, $3, now(),
-                decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex')
+                decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'), 2
          FROM generate_series(1, $4) AS s",
     )
     .bind(user.to_string())

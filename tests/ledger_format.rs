@@ -1,7 +1,8 @@
 //! docs/ledger-format.md against the code: the test vectors parsed out of the page must be
 //! what `event_hash` computes, their hex encodings must be the hash inputs, an encoder written
-//! from the page alone must agree with `event_hash`, and the page's SQL must read a real
-//! database into exactly the values that were hashed.
+//! from the page alone must agree with `event_hash` in both formats (v1 and v2), the page's SQL
+//! must read a real database into exactly the values that were hashed, and the page's example
+//! export file must be what the exporter writes and must verify as the page says.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
 use common::{TestApp, TestDb};
-use ledgerline::ledger::hash::{event_hash, EventFields, GENESIS};
+use ledgerline::ledger::hash::{self, event_hash, EventFields, HashVersion, RawFields, GENESIS};
 use ledgerline::ledger::verify::verify_database;
 use serde_json::json;
 use sqlx::PgPool;
@@ -54,6 +55,7 @@ fn fenced_blocks(text: &str) -> Vec<Block> {
     blocks
 }
 
+/// The fields every vector has.
 const VECTOR_KEYS: [&str; 15] = [
     "vector",
     "position",
@@ -72,10 +74,20 @@ const VECTOR_KEYS: [&str; 15] = [
     "hash",
 ];
 
+/// The fields a v2 vector has besides, and a v1 vector must not have: the two parts of a v2
+/// hash, which an export's stub carries.
+const V2_KEYS: [&str; 4] = [
+    "tenant_tag_input_length",
+    "tenant_tag",
+    "content_digest_input_length",
+    "content_digest",
+];
+
 /// One test vector as written in the page.
 #[derive(Debug, Clone)]
 struct Vector {
     n: u32,
+    hash_version: HashVersion,
     position: i64,
     aggregate_type: String,
     aggregate_id: String,
@@ -89,11 +101,22 @@ struct Vector {
     prev_hash: [u8; 32],
     input_length: usize,
     hash: [u8; 32],
+    /// A v2 vector's tenant tag and content digest.
+    v2: Option<V2Parts>,
+}
+
+#[derive(Debug, Clone)]
+struct V2Parts {
+    tenant_tag_input_length: usize,
+    tenant_tag: [u8; 32],
+    content_digest_input_length: usize,
+    content_digest: [u8; 32],
 }
 
 impl Vector {
     fn fields(&self) -> EventFields<'_> {
         EventFields {
+            hash_version: self.hash_version,
             position: self.position,
             aggregate_type: &self.aggregate_type,
             aggregate_id: &self.aggregate_id,
@@ -124,7 +147,10 @@ fn parse_vector(lines: &[String]) -> Vector {
             .split_once(':')
             .unwrap_or_else(|| panic!("not `name: value`: {line}"));
         let v = v.strip_prefix(' ').unwrap_or(v);
-        assert!(VECTOR_KEYS.contains(&k), "unknown field `{k}` in a vector");
+        assert!(
+            VECTOR_KEYS.contains(&k) || V2_KEYS.contains(&k) || k == "hash_version",
+            "unknown field `{k}` in a vector"
+        );
         assert!(m.insert(k, v).is_none(), "field `{k}` twice in a vector");
     }
     for k in VECTOR_KEYS {
@@ -134,6 +160,39 @@ fn parse_vector(lines: &[String]) -> Vector {
             m.get("vector")
         );
     }
+    // Absent means 1, as in an export line.
+    let hash_version = match m.get("hash_version").copied() {
+        None | Some("1") => HashVersion::V1,
+        Some("2") => HashVersion::V2,
+        Some(v) => panic!("vector {:?}: hash_version `{v}`", m.get("vector")),
+    };
+    let v2 = match hash_version {
+        HashVersion::V1 => {
+            for k in V2_KEYS {
+                assert!(
+                    !m.contains_key(k),
+                    "v1 vector {:?} has `{k}`",
+                    m.get("vector")
+                );
+            }
+            None
+        }
+        HashVersion::V2 => {
+            for k in V2_KEYS {
+                assert!(
+                    m.contains_key(k),
+                    "v2 vector {:?} lacks `{k}`",
+                    m.get("vector")
+                );
+            }
+            Some(V2Parts {
+                tenant_tag_input_length: m["tenant_tag_input_length"].parse().unwrap(),
+                tenant_tag: hash32(m["tenant_tag"]),
+                content_digest_input_length: m["content_digest_input_length"].parse().unwrap(),
+                content_digest: hash32(m["content_digest"]),
+            })
+        }
+    };
     let micros: i64 = m["recorded_at_micros"].parse().unwrap();
     let recorded_at = DateTime::from_timestamp_micros(micros).unwrap();
     let readable: DateTime<Utc> = m["recorded_at"].parse().expect("recorded_at is RFC 3339");
@@ -143,6 +202,7 @@ fn parse_vector(lines: &[String]) -> Vector {
     );
     Vector {
         n: m["vector"].parse().unwrap(),
+        hash_version,
         position: m["position"].parse().unwrap(),
         aggregate_type: m["aggregate_type"].to_string(),
         aggregate_id: m["aggregate_id"].to_string(),
@@ -159,6 +219,7 @@ fn parse_vector(lines: &[String]) -> Vector {
         prev_hash: hash32(m["prev_hash"]),
         input_length: m["input_length"].parse().unwrap(),
         hash: hash32(m["hash"]),
+        v2,
     }
 }
 
@@ -177,41 +238,65 @@ fn vectors() -> Vec<Vector> {
     v
 }
 
-/// `encoding: n` blocks: hex, with `#` comments and whitespace ignored.
-fn encodings() -> BTreeMap<u32, Vec<u8>> {
+/// Vector `n` (numbered from 1).
+fn vector(n: u32) -> Vector {
+    vectors()
+        .into_iter()
+        .find(|v| v.n == n)
+        .unwrap_or_else(|| panic!("no vector {n} in the page"))
+}
+
+/// Which of a vector's inputs an `encoding:` block gives: `encoding: n` is the input whose
+/// BLAKE3 is the event hash; a v2 vector also has `encoding: n tenant_tag` and
+/// `encoding: n content_digest`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Input {
+    Event,
+    TenantTag,
+    ContentDigest,
+}
+
+/// `encoding: n [part]` blocks: hex, with `#` comments and whitespace ignored.
+fn encodings() -> BTreeMap<(u32, Input), Vec<u8>> {
     let mut out = BTreeMap::new();
     for b in fenced_blocks(&doc()) {
-        let Some(n) = b.lines.first().and_then(|l| l.strip_prefix("encoding: ")) else {
+        let Some(label) = b.lines.first().and_then(|l| l.strip_prefix("encoding: ")) else {
             continue;
         };
-        let n: u32 = n.trim().parse().unwrap();
+        let (n, input) = match label.trim().split_once(' ') {
+            None => (label.trim(), Input::Event),
+            Some((n, "tenant_tag")) => (n, Input::TenantTag),
+            Some((n, "content_digest")) => (n, Input::ContentDigest),
+            Some(_) => panic!("unknown encoding block `{label}`"),
+        };
+        let n: u32 = n.parse().unwrap();
         let hex_text: String = b.lines[1..]
             .iter()
             .map(|l| l.split('#').next().unwrap())
             .flat_map(|l| l.chars().filter(|c| !c.is_whitespace()))
             .collect();
-        let bytes = hex::decode(&hex_text).unwrap_or_else(|e| panic!("encoding {n}: {e}"));
-        assert!(out.insert(n, bytes).is_none(), "encoding {n} twice");
+        let bytes = hex::decode(&hex_text).unwrap_or_else(|e| panic!("encoding {label}: {e}"));
+        assert!(
+            out.insert((n, input), bytes).is_none(),
+            "encoding {label} twice"
+        );
     }
     out
 }
 
-/// The v1 encoding, written from the table in docs/ledger-format.md section 3 and nothing else.
-fn encode_v1(prev_hash: &[u8; 32], e: &EventFields<'_>) -> Vec<u8> {
-    fn string(out: &mut Vec<u8>, s: &[u8]) {
-        out.extend_from_slice(&(s.len() as u64).to_be_bytes());
-        out.extend_from_slice(s);
-    }
-    let mut out = Vec::new();
-    string(&mut out, b"ledgerline.event.v1");
-    out.extend_from_slice(prev_hash);
-    out.extend_from_slice(&u64::try_from(e.position).unwrap().to_be_bytes());
-    string(&mut out, e.aggregate_type.as_bytes());
-    string(&mut out, e.aggregate_id.as_bytes());
-    out.extend_from_slice(&u64::try_from(e.sequence).unwrap().to_be_bytes());
-    string(&mut out, e.event_type.as_bytes());
-    string(&mut out, e.event_version.as_bytes());
-    match e.organization_id {
+// ---------------------------------------------------------------------------------------
+// An encoder written from the page alone (sections 3 and 3b), not from src/ledger/hash.rs:
+// where the two agree, the page specifies what the code computes.
+
+/// A string: its u64 big-endian byte length, then the bytes.
+fn string(out: &mut Vec<u8>, s: &[u8]) {
+    out.extend_from_slice(&(s.len() as u64).to_be_bytes());
+    out.extend_from_slice(s);
+}
+
+/// v1 field 9, also the tenant in v2's tenant and content inputs.
+fn tenant(out: &mut Vec<u8>, org: Option<Uuid>) {
+    match org {
         None => out.push(0x00),
         Some(org) => {
             out.push(0x01);
@@ -219,10 +304,77 @@ fn encode_v1(prev_hash: &[u8; 32], e: &EventFields<'_>) -> Vec<u8> {
             out.extend_from_slice(&hex::decode(org.to_string().replace('-', "")).unwrap());
         }
     }
-    out.extend_from_slice(&e.recorded_at.timestamp_micros().to_be_bytes());
-    string(&mut out, e.payload.as_bytes());
-    string(&mut out, e.metadata.as_bytes());
+}
+
+fn u64_be(out: &mut Vec<u8>, n: i64) {
+    out.extend_from_slice(&u64::try_from(n).unwrap().to_be_bytes());
+}
+
+/// The v1 encoding, written from the table in docs/ledger-format.md section 3 and nothing else.
+fn encode_v1(prev_hash: &[u8; 32], e: &EventFields<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    string(&mut out, b"ledgerline.event.v1");
+    out.extend_from_slice(prev_hash);
+    u64_be(&mut out, e.position);
+    v1_fields_4_to_12(&mut out, e);
     out
+}
+
+/// Fields 4 to 12 of section 3's table (`aggregate_type` to `metadata`), which are also, in the
+/// same order, section 3b's content input after its domain.
+fn v1_fields_4_to_12(out: &mut Vec<u8>, e: &EventFields<'_>) {
+    string(out, e.aggregate_type.as_bytes());
+    string(out, e.aggregate_id.as_bytes());
+    u64_be(out, e.sequence);
+    string(out, e.event_type.as_bytes());
+    string(out, e.event_version.as_bytes());
+    tenant(out, e.organization_id);
+    out.extend_from_slice(&e.recorded_at.timestamp_micros().to_be_bytes());
+    string(out, e.payload.as_bytes());
+    string(out, e.metadata.as_bytes());
+}
+
+/// Section 3b's tenant input.
+fn tenant_input_v2(position: i64, org: Option<Uuid>) -> Vec<u8> {
+    let mut out = Vec::new();
+    string(&mut out, b"ledgerline.tenant.v2");
+    u64_be(&mut out, position);
+    tenant(&mut out, org);
+    out
+}
+
+/// Section 3b's content input: v1's fields but prev_hash and position (the tenant included).
+fn content_input_v2(e: &EventFields<'_>) -> Vec<u8> {
+    let mut out = Vec::new();
+    string(&mut out, b"ledgerline.content.v2");
+    v1_fields_4_to_12(&mut out, e);
+    out
+}
+
+/// Section 3b's event input: no position (the tag binds it).
+fn event_input_v2(prev_hash: &[u8; 32], tag: &[u8; 32], digest: &[u8; 32]) -> Vec<u8> {
+    let mut out = Vec::new();
+    string(&mut out, b"ledgerline.event.v2");
+    out.extend_from_slice(prev_hash);
+    out.extend_from_slice(tag);
+    out.extend_from_slice(digest);
+    out
+}
+
+fn blake3_of(input: &[u8]) -> [u8; 32] {
+    *blake3::hash(input).as_bytes()
+}
+
+/// The event's hash as the page defines it, in `e.hash_version`.
+fn page_hash(prev_hash: &[u8; 32], e: &EventFields<'_>) -> [u8; 32] {
+    match e.hash_version {
+        HashVersion::V1 => blake3_of(&encode_v1(prev_hash, e)),
+        HashVersion::V2 => {
+            let tag = blake3_of(&tenant_input_v2(e.position, e.organization_id));
+            let digest = blake3_of(&content_input_v2(e));
+            blake3_of(&event_input_v2(prev_hash, &tag, &digest))
+        }
+    }
 }
 
 #[test]
@@ -230,18 +382,25 @@ fn the_page_has_at_least_three_vectors_each_with_its_encoding() {
     let v = vectors();
     assert!(v.len() >= 3, "at least three vectors, found {}", v.len());
     let enc = encodings();
+    let mut expected = 0;
     for vector in &v {
-        assert!(
-            enc.contains_key(&vector.n),
-            "vector {} has no `encoding: {}` block",
-            vector.n,
-            vector.n
-        );
+        let inputs: &[Input] = match vector.hash_version {
+            HashVersion::V1 => &[Input::Event],
+            HashVersion::V2 => &[Input::Event, Input::TenantTag, Input::ContentDigest],
+        };
+        for input in inputs {
+            assert!(
+                enc.contains_key(&(vector.n, *input)),
+                "vector {} has no {input:?} encoding block",
+                vector.n,
+            );
+        }
+        expected += inputs.len();
     }
     assert_eq!(
         enc.len(),
-        v.len(),
-        "an encoding block for every vector and no other"
+        expected,
+        "encoding blocks for every vector's inputs and no other"
     );
 }
 
@@ -254,6 +413,52 @@ fn event_hash_reproduces_every_vector() {
             "vector {}",
             v.n
         );
+    }
+}
+
+/// The code's parts of a v2 hash (what an export's v2 stub carries) are the page's.
+#[test]
+fn the_v2_parts_are_the_codes() {
+    let mut input = Vec::new();
+    for v in vectors() {
+        let Some(parts) = &v.v2 else { continue };
+        let org = v.organization_id.map(|o| *o.as_bytes());
+        let f = v.fields();
+        let raw = RawFields {
+            hash_version: v.hash_version,
+            position: v.position,
+            aggregate_type: f.aggregate_type.as_bytes(),
+            aggregate_id: f.aggregate_id.as_bytes(),
+            sequence: v.sequence,
+            event_type: f.event_type.as_bytes(),
+            event_version: f.event_version.as_bytes(),
+            organization_id: org.as_ref(),
+            recorded_at_micros: v.recorded_at.timestamp_micros(),
+            payload: f.payload.as_bytes(),
+            metadata: f.metadata.as_bytes(),
+        };
+        let tag = hash::tenant_tag(v.position, org.as_ref());
+        let digest = hash::content_digest(&mut input, &raw);
+        assert_eq!(
+            hex::encode(tag),
+            hex::encode(parts.tenant_tag),
+            "vector {}",
+            v.n
+        );
+        assert_eq!(
+            hex::encode(digest),
+            hex::encode(parts.content_digest),
+            "vector {}",
+            v.n
+        );
+        assert_eq!(hash::stub_parts(&f), (tag, digest), "vector {}", v.n);
+        assert_eq!(
+            hash::chain_v2(&v.prev_hash, &tag, &digest),
+            v.hash,
+            "vector {}: the hash from a stub's parts",
+            v.n
+        );
+        assert_eq!(hash::raw_hash(&mut input, &v.prev_hash, &raw), v.hash);
     }
 }
 
@@ -288,44 +493,145 @@ fn vectors_one_to_three_form_a_chain() {
     }
 }
 
+/// What section 8 says of vectors 5–7: v2 events continuing the chain of vectors 1–3 as in a
+/// log upgraded after three events, a tenant-less one, and vector 4's edge cases in v2.
+#[test]
+fn vectors_five_to_seven_are_v2_after_the_v1_chain() {
+    let v = vectors();
+    assert_eq!(v.len(), 7, "vectors 1–7");
+    for x in &v[..4] {
+        assert_eq!(x.hash_version, HashVersion::V1, "vector {} is v1", x.n);
+    }
+    for x in &v[4..] {
+        assert_eq!(x.hash_version, HashVersion::V2, "vector {} is v2", x.n);
+    }
+    let (v3, v4, v5, v6, v7) = (&v[2], &v[3], &v[4], &v[5], &v[6]);
+    assert_eq!(
+        (v5.position, v5.prev_hash),
+        (4, v3.hash),
+        "vector 5 follows vector 3"
+    );
+    assert_eq!(
+        (v6.position, v6.prev_hash),
+        (5, v5.hash),
+        "vector 6 follows vector 5"
+    );
+    assert_eq!(
+        v5.organization_id, v3.organization_id,
+        "vector 5 is of vectors 2 and 3's tenant"
+    );
+    assert_eq!(v6.organization_id, None, "vector 6 is a platform event");
+    let as_v2 = EventFields {
+        hash_version: HashVersion::V2,
+        ..v4.fields()
+    };
+    assert_eq!(
+        format!("{:?}", v7.fields()),
+        format!("{as_v2:?}"),
+        "vector 7 is vector 4's fields in v2"
+    );
+    assert_eq!(v7.prev_hash, v4.prev_hash);
+    assert_ne!(
+        v7.hash, v4.hash,
+        "the two formats hash the same fields differently"
+    );
+}
+
 #[test]
 fn encodings_are_the_hash_inputs() {
     let enc = encodings();
     for v in vectors() {
-        let bytes = &enc[&v.n];
+        let bytes = &enc[&(v.n, Input::Event)];
         assert_eq!(bytes.len(), v.input_length, "vector {}: input_length", v.n);
         assert_eq!(
-            blake3::hash(bytes).as_bytes(),
-            &v.hash,
+            blake3_of(bytes),
+            v.hash,
             "vector {}: BLAKE3 of the encoding",
             v.n
         );
-        assert_eq!(
-            hex::encode(encode_v1(&v.prev_hash, &v.fields())),
-            hex::encode(bytes),
-            "vector {}: the encoder written from the page",
-            v.n
-        );
-        // The page's length formula: 132 bytes (no tenant) or 148 (tenant) plus the strings.
-        let strings = [
-            &v.aggregate_type,
-            &v.aggregate_id,
-            &v.event_type,
-            &v.event_version,
-            &v.payload,
-            &v.metadata,
-        ];
-        let fixed = if v.organization_id.is_some() {
-            148
-        } else {
-            132
-        };
-        assert_eq!(
-            bytes.len(),
-            fixed + strings.iter().map(|s| s.len()).sum::<usize>(),
-            "vector {}",
-            v.n
-        );
+        let f = v.fields();
+        // Each string's length: the fixed-width parts come from the page's length formulas.
+        let strings: usize = [
+            f.aggregate_type,
+            f.aggregate_id,
+            f.event_type,
+            f.event_version,
+            f.payload,
+            f.metadata,
+        ]
+        .iter()
+        .map(|s| s.len())
+        .sum();
+        match &v.v2 {
+            None => {
+                assert_eq!(
+                    hex::encode(encode_v1(&v.prev_hash, &f)),
+                    hex::encode(bytes),
+                    "vector {}: the encoder written from the page",
+                    v.n
+                );
+                // 132 bytes (no tenant) or 148 (tenant) plus the strings.
+                let fixed = if v.organization_id.is_some() {
+                    148
+                } else {
+                    132
+                };
+                assert_eq!(bytes.len(), fixed + strings, "vector {}", v.n);
+            }
+            Some(parts) => {
+                let tenant_bytes = &enc[&(v.n, Input::TenantTag)];
+                let content_bytes = &enc[&(v.n, Input::ContentDigest)];
+                assert_eq!(tenant_bytes.len(), parts.tenant_tag_input_length);
+                assert_eq!(content_bytes.len(), parts.content_digest_input_length);
+                assert_eq!(blake3_of(tenant_bytes), parts.tenant_tag, "vector {}", v.n);
+                assert_eq!(
+                    blake3_of(content_bytes),
+                    parts.content_digest,
+                    "vector {}",
+                    v.n
+                );
+                assert_eq!(
+                    hex::encode(tenant_input_v2(v.position, v.organization_id)),
+                    hex::encode(tenant_bytes),
+                    "vector {}: the tenant input written from the page",
+                    v.n
+                );
+                assert_eq!(
+                    hex::encode(content_input_v2(&f)),
+                    hex::encode(content_bytes),
+                    "vector {}: the content input written from the page",
+                    v.n
+                );
+                assert_eq!(
+                    hex::encode(event_input_v2(
+                        &v.prev_hash,
+                        &parts.tenant_tag,
+                        &parts.content_digest
+                    )),
+                    hex::encode(bytes),
+                    "vector {}: the event input written from the page",
+                    v.n
+                );
+                // The page's lengths: 37 or 53, 94 or 110 plus the strings, always 123.
+                let (tenant_len, content_fixed) = if v.organization_id.is_some() {
+                    (53, 110)
+                } else {
+                    (37, 94)
+                };
+                assert_eq!(tenant_bytes.len(), tenant_len, "vector {}", v.n);
+                assert_eq!(
+                    content_bytes.len(),
+                    content_fixed + strings,
+                    "vector {}",
+                    v.n
+                );
+                assert_eq!(bytes.len(), 123, "vector {}", v.n);
+                assert!(
+                    bytes.len() <= 2 * 64,
+                    "within two BLAKE3 blocks (section 3b)"
+                );
+            }
+        }
     }
 }
 
@@ -352,41 +658,43 @@ fn the_encoder_from_the_page_agrees_with_event_hash() {
         Some(Uuid::max()),
         Some(Uuid::new_v4()),
     ];
-    let mut prev = GENESIS;
-    for (i, &t) in times.iter().enumerate() {
-        for (j, &org) in orgs.iter().enumerate() {
-            for p in payloads {
-                let e = EventFields {
-                    position: 1 + (i as i64) * 1_000_003 + j as i64,
-                    aggregate_type: ["", "ApiKey", "Édition"][j % 3],
-                    aggregate_id: &format!("id-{i}-{j}"),
-                    sequence: (i * j) as i64,
-                    event_type: "Tested",
-                    event_version: "1",
-                    organization_id: org,
-                    recorded_at: DateTime::from_timestamp_micros(t).unwrap(),
-                    payload: p,
-                    metadata: r#"{"actor_kind":"test"}"#,
-                };
-                let h = event_hash(&prev, &e);
-                assert_eq!(blake3::hash(&encode_v1(&prev, &e)).as_bytes(), &h, "{e:?}");
-                prev = h;
+    for version in [HashVersion::V1, HashVersion::V2] {
+        let mut prev = GENESIS;
+        for (i, &t) in times.iter().enumerate() {
+            for (j, &org) in orgs.iter().enumerate() {
+                for p in payloads {
+                    let e = EventFields {
+                        hash_version: version,
+                        position: 1 + (i as i64) * 1_000_003 + j as i64,
+                        aggregate_type: ["", "ApiKey", "Édition"][j % 3],
+                        aggregate_id: &format!("id-{i}-{j}"),
+                        sequence: (i * j) as i64,
+                        event_type: "Tested",
+                        event_version: "1",
+                        organization_id: org,
+                        recorded_at: DateTime::from_timestamp_micros(t).unwrap(),
+                        payload: p,
+                        metadata: r#"{"actor_kind":"test"}"#,
+                    };
+                    let h = event_hash(&prev, &e);
+                    assert_eq!(page_hash(&prev, &e), h, "{e:?}");
+                    prev = h;
+                }
             }
         }
+        let big = EventFields {
+            hash_version: version,
+            position: i64::MAX,
+            sequence: i64::MAX,
+            ..sample()
+        };
+        assert_eq!(page_hash(&GENESIS, &big), event_hash(&GENESIS, &big));
     }
-    let big = EventFields {
-        position: i64::MAX,
-        sequence: i64::MAX,
-        ..sample()
-    };
-    assert_eq!(
-        blake3::hash(&encode_v1(&GENESIS, &big)).as_bytes(),
-        &event_hash(&GENESIS, &big)
-    );
 }
 
 fn sample() -> EventFields<'static> {
     EventFields {
+        hash_version: HashVersion::V1,
         position: 7,
         aggregate_type: "Role",
         aggregate_id: "59656f97-644d-57a4-818b-33b54646d1db",
@@ -401,11 +709,77 @@ fn sample() -> EventFields<'static> {
 }
 
 /// Moving bytes between adjacent fields, or a tenant between absent and the nil UUID, must
-/// change the hash: otherwise a forger could rewrite an event's meaning under the same hash.
+/// change the hash, in either format: otherwise a forger could rewrite an event's meaning under
+/// the same hash.
 #[test]
 fn the_encoding_is_unambiguous() {
+    unambiguous_in(HashVersion::V1);
+    unambiguous_in(HashVersion::V2);
+}
+
+/// The two formats and the three v2 inputs are kept apart by their domain strings, and a v2
+/// hash splits as section 3b says: the tag covers the position and the tenant only, the digest
+/// every field but the position (the tenant too), so that a stub's two parts carry the chain
+/// without the content, and its digest confirms a guess of the content only with its tenant.
+#[test]
+fn the_formats_and_the_v2_parts_are_separate() {
+    let v1 = sample();
+    let v2 = EventFields {
+        hash_version: HashVersion::V2,
+        ..v1
+    };
+    assert_ne!(event_hash(&GENESIS, &v1), event_hash(&GENESIS, &v2));
+    let (tag, digest) = hash::stub_parts(&v2);
+    assert_ne!(tag, digest);
+    let org = v2.organization_id.map(|o| *o.as_bytes());
+    assert_eq!(tag, hash::tenant_tag(v2.position, org.as_ref()));
+    // The tag changes with the position and the tenant, and with nothing else.
+    let moved = EventFields { position: 8, ..v2 };
+    let other_tenant = EventFields {
+        organization_id: None,
+        ..v2
+    };
+    let other_content = EventFields {
+        payload: "{}",
+        sequence: 9,
+        recorded_at: DateTime::from_timestamp_micros(0).unwrap(),
+        ..v2
+    };
+    assert_ne!(hash::stub_parts(&moved).0, tag);
+    assert_eq!(
+        hash::stub_parts(&moved).1,
+        digest,
+        "the digest has no position"
+    );
+    assert_ne!(hash::stub_parts(&other_tenant).0, tag);
+    assert_ne!(
+        hash::stub_parts(&other_tenant).1,
+        digest,
+        "the digest covers the tenant"
+    );
+    let nil_tenant = EventFields {
+        organization_id: Some(Uuid::nil()),
+        ..v2
+    };
+    let nil_digest = hash::stub_parts(&nil_tenant).1;
+    assert!(
+        nil_digest != digest && nil_digest != hash::stub_parts(&other_tenant).1,
+        "absent, the nil UUID and another tenant give three digests"
+    );
+    assert_eq!(
+        hash::stub_parts(&other_content).0,
+        tag,
+        "the tag has no content"
+    );
+    assert_ne!(hash::stub_parts(&other_content).1, digest);
+}
+
+fn unambiguous_in(version: HashVersion) {
     let h = |e: &EventFields<'_>| event_hash(&GENESIS, e);
-    let base = sample();
+    let base = EventFields {
+        hash_version: version,
+        ..sample()
+    };
 
     // Adjacent string fields: the length prefixes keep the boundary.
     let pairs: [(EventFields<'_>, EventFields<'_>); 6] = [
@@ -581,19 +955,21 @@ fn python_blake3() -> bool {
     available
 }
 
-/// The page's Python reference code prints vector 1's hash (skipped where python3 or its
-/// `blake3` package is missing; `pip install blake3`).
+/// The page's Python reference code prints vector 1's hash (v1), then vector 5's (v2)
+/// (skipped where python3 or its `blake3` package is missing; `pip install blake3`).
 #[test]
-fn the_python_reference_computes_vector_1() {
+fn the_python_reference_computes_vectors_1_and_5() {
     let blocks = fenced_blocks(&doc());
     let python: Vec<&Block> = blocks.iter().filter(|b| b.info == "python").collect();
     assert_eq!(python.len(), 1, "one Python block in the page");
     let code = python[0].lines.join("\n");
-    let expected = hex::encode(vectors()[0].hash);
-    assert!(
-        code.contains(&expected),
-        "the snippet states vector 1's hash"
-    );
+    let expected = [vector(1), vector(5)].map(|v| hex::encode(v.hash));
+    for (n, h) in [1, 5].iter().zip(&expected) {
+        assert!(
+            code.contains(h.as_str()),
+            "the snippet states vector {n}'s hash"
+        );
+    }
     if !python_blake3() {
         return;
     }
@@ -606,7 +982,8 @@ fn the_python_reference_computes_vector_1() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), expected);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().collect::<Vec<_>>(), expected);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -614,6 +991,7 @@ fn the_python_reference_computes_vector_1() {
 
 type AuditorRow = (
     i64,
+    i16,
     String,
     String,
     i64,
@@ -645,9 +1023,10 @@ fn auditor_queries() -> Vec<String> {
     q
 }
 
-/// An independent verifier: reads with `sql` (under `time_zone`) and follows only the page.
-/// Returns the number of events and the head hash.
-async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, [u8; 32]) {
+/// An independent verifier: reads with `sql` (under `time_zone`) and follows only the page
+/// (section 4, with the encoder written from sections 3 and 3b). Returns the number of events,
+/// how many of them are v1, and the head hash.
+async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, i64, [u8; 32]) {
     let mut tx = pool.begin().await.unwrap();
     sqlx::query(&format!("SET LOCAL TimeZone = '{time_zone}'"))
         .execute(&mut *tx)
@@ -656,9 +1035,12 @@ async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, [
     let rows: Vec<AuditorRow> = sqlx::query_as(sql).fetch_all(&mut *tx).await.unwrap();
     tx.rollback().await.unwrap();
     let mut prev = GENESIS;
+    let mut seen_v2 = false;
+    let mut v1 = 0;
     for (i, row) in rows.iter().enumerate() {
         let (
             position,
+            hash_version,
             aggregate_type,
             aggregate_id,
             sequence,
@@ -672,8 +1054,20 @@ async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, [
             hash,
         ) = row;
         assert_eq!(*position, i as i64 + 1, "positions 1..N without gaps");
+        let hash_version = match hash_version {
+            1 => HashVersion::V1,
+            2 => HashVersion::V2,
+            n => panic!("position {position}: hash_version {n}"),
+        };
+        assert!(
+            !(seen_v2 && hash_version == HashVersion::V1),
+            "position {position}: v1 after v2"
+        );
+        seen_v2 |= hash_version == HashVersion::V2;
+        v1 += i64::from(hash_version == HashVersion::V1);
         let stored_prev: [u8; 32] = prev_hash.as_slice().try_into().unwrap();
         let fields = EventFields {
+            hash_version,
             position: *position,
             aggregate_type,
             aggregate_id,
@@ -685,7 +1079,7 @@ async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, [
             payload,
             metadata,
         };
-        let recomputed: [u8; 32] = *blake3::hash(&encode_v1(&stored_prev, &fields)).as_bytes();
+        let recomputed = page_hash(&stored_prev, &fields);
         assert_eq!(
             hex::encode(recomputed),
             hex::encode(hash),
@@ -694,7 +1088,7 @@ async fn verify_as_auditor(pool: &PgPool, sql: &str, time_zone: &str) -> (i64, [
         assert_eq!(stored_prev, prev, "position {position}: link");
         prev = recomputed;
     }
-    (rows.len() as i64, prev)
+    (rows.len() as i64, v1, prev)
 }
 
 #[tokio::test]
@@ -716,8 +1110,10 @@ async fn the_auditor_queries_reproduce_a_real_chain() {
     assert!(report.intact(), "{:?}", report.first_bad);
     for sql in auditor_queries() {
         for tz in ["UTC", "Pacific/Chatham", "Asia/Kolkata"] {
-            let (events, head) = verify_as_auditor(t.pool(), &sql, tz).await;
+            let (events, v1, head) = verify_as_auditor(t.pool(), &sql, tz).await;
             assert_eq!(events as u64, report.events);
+            // A log created after migration 0010 holds no v1 event (section 1).
+            assert_eq!(v1, 0, "the writer writes v2");
             assert_eq!(head, report.head_hash);
         }
     }
@@ -731,7 +1127,9 @@ async fn the_auditor_queries_reproduce_a_real_chain() {
 }
 
 /// Rows the application never writes but the format allows: times before 1970 and far in the
-/// future, JSON with spaces and escapes kept verbatim, non-ASCII text in every text column.
+/// future, JSON with spaces and escapes kept verbatim, non-ASCII text in every text column. The
+/// first half are v1, as rows written before migration 0010 are (inserted with its trigger
+/// switched off, as only the table's owner can), and the rest v2.
 #[tokio::test]
 async fn the_auditor_queries_read_edge_cases_exactly() {
     let db = TestDb::new().await;
@@ -754,11 +1152,31 @@ async fn the_auditor_queries_read_edge_cases_exactly() {
         (253_402_300_799_999_999, r#"{"year":9999}"#, "{}"),
         (1, "\"just a string\"", "null"),
     ];
+    const V1_ROWS: usize = 4;
+    let trigger = |on: bool| {
+        format!(
+            "ALTER TABLE events {} TRIGGER events_hash_version_2",
+            if on { "ENABLE" } else { "DISABLE" }
+        )
+    };
+    sqlx::query(&trigger(false))
+        .execute(&db.pool)
+        .await
+        .unwrap();
     let mut prev = GENESIS;
     for (i, (micros, payload, metadata)) in cases.iter().enumerate() {
+        if i == V1_ROWS {
+            sqlx::query(&trigger(true)).execute(&db.pool).await.unwrap();
+        }
         let position = i as i64 + 1;
         let aggregate_id = format!("ünïcode-{i}");
+        let hash_version = if i < V1_ROWS {
+            HashVersion::V1
+        } else {
+            HashVersion::V2
+        };
         let e = EventFields {
+            hash_version,
             position,
             aggregate_type: "Édition",
             aggregate_id: &aggregate_id,
@@ -773,8 +1191,9 @@ async fn the_auditor_queries_read_edge_cases_exactly() {
         let hash = event_hash(&prev, &e);
         sqlx::query(
             "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, event_version,
-                                 organization_id, recorded_at, payload, metadata, prev_hash, hash)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::json, $10::text::json, $11, $12)",
+                                 organization_id, recorded_at, payload, metadata, prev_hash, hash,
+                                 hash_version)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::json, $10::text::json, $11, $12, $13)",
         )
         .bind(position)
         .bind(e.aggregate_type)
@@ -788,6 +1207,7 @@ async fn the_auditor_queries_read_edge_cases_exactly() {
         .bind(e.metadata)
         .bind(prev.to_vec())
         .bind(hash.to_vec())
+        .bind(hash_version.number())
         .execute(&db.pool)
         .await
         .unwrap();
@@ -802,10 +1222,235 @@ async fn the_auditor_queries_read_edge_cases_exactly() {
             "America/St_Johns",
             "Pacific/Chatham",
         ] {
-            let (events, head) = verify_as_auditor(&db.pool, &sql, tz).await;
+            let (events, v1, head) = verify_as_auditor(&db.pool, &sql, tz).await;
             assert_eq!(events, cases.len() as i64);
+            assert_eq!(v1, V1_ROWS as i64);
             assert_eq!(head, prev);
         }
+    }
+    // Section 1: with the trigger on, a row in v1, or one that leaves the column to its
+    // default (as an older ledgerline's writer does), is refused.
+    for (column, value) in [(", hash_version", ", 1"), ("", "")] {
+        let err = sqlx::query(&format!(
+            "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type,
+                                 event_version, organization_id, recorded_at, payload, metadata,
+                                 prev_hash, hash{column})
+             VALUES (9, 'T', 'old-writer', 0, 'Tested', '1', NULL, now(), '{{}}', '{{}}',
+                     $1, $1{value})"
+        ))
+        .bind(prev.to_vec())
+        .execute(&db.pool)
+        .await
+        .expect_err("the trigger refuses a v1 row");
+        assert!(
+            err.to_string().contains("format v2 since migration 0010"),
+            "{err}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Section 10: the example export file, against the exporter and the offline verifier.
+
+mod export_example {
+    use super::*;
+    use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner};
+    use ledgerline::ledger::export::{
+        write_event_line, write_stub_line, write_stub_v2_line, ExportHeader, VERSION,
+    };
+    use ledgerline::ledger::merkle::{event_leaf, root, Blake3};
+    use ledgerline::ledger::offline::{verify_reader, FileFaultKind, OfflineReport};
+    use ledgerline::ledger::verify::Fault;
+
+    /// The first `text` block of section 10, as lines.
+    fn example() -> Vec<String> {
+        let text = doc();
+        let section = &text[text.find("## 10. Export files").expect("section 10")..];
+        let block = fenced_blocks(section)
+            .into_iter()
+            .find(|b| b.info == "text")
+            .expect("the example in section 10");
+        block.lines
+    }
+
+    fn check(lines: &[String], checkpoint: Option<(&str, &LogSigner)>) -> OfflineReport {
+        let file = lines.join("\n") + "\n";
+        let verifier = checkpoint.map(|(note, signer)| (note, signer.verifier()));
+        verify_reader(
+            file.as_bytes(),
+            verifier.as_ref().map(|(note, v)| (*note, v)),
+            2,
+        )
+        .unwrap()
+    }
+
+    /// The lines the exporter writes for positions 2–5 of the chain of vectors 1, 2, 3, 5, 6,
+    /// exported for the tenant of vectors 2 and 5 (vector 3 shown as a stub, as the page says).
+    fn written() -> Vec<String> {
+        let v = vectors();
+        let (v1, v2, v3, v5, v6) = (&v[0], &v[1], &v[2], &v[4], &v[5]);
+        let header = ExportHeader {
+            format: "ledgerline-export".into(),
+            version: VERSION,
+            origin: "ledgerline".into(),
+            organization_id: v2.organization_id,
+            from: 2,
+            to: 5,
+            prev_hash: v1.hash,
+            frontier: vec![event_leaf(&v1.hash)],
+            exported_at: "2026-01-02T09:00:00Z".parse().unwrap(),
+        };
+        let mut out = Vec::new();
+        header.write_line(&mut out);
+        write_event_line(&mut out, &v2.fields(), &v2.prev_hash, &v2.hash);
+        write_stub_line(&mut out, v3.position, &v3.hash);
+        write_event_line(&mut out, &v5.fields(), &v5.prev_hash, &v5.hash);
+        let (tag, digest) = hash::stub_parts(&v6.fields());
+        write_stub_v2_line(
+            &mut out,
+            v6.position,
+            &v6.prev_hash,
+            &tag,
+            &digest,
+            &v6.hash,
+        );
+        String::from_utf8(out)
+            .unwrap()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn the_example_is_what_the_exporter_writes() {
+        assert_eq!(VERSION, 2, "the page's example is of version 2");
+        let page = example();
+        let ours = written();
+        assert_eq!(page.len(), ours.len());
+        for (i, (p, o)) in page.iter().zip(&ours).enumerate() {
+            assert_eq!(p, o, "line {}", i + 1);
+        }
+    }
+
+    #[test]
+    fn the_example_verifies_as_the_page_says() {
+        let lines = example();
+        let r = check(&lines, None);
+        assert!(r.intact(), "{r}");
+        assert_eq!(
+            (r.lines, r.full_events, r.stubs, r.v1_stubs),
+            (4, 2, 2, 1),
+            "{r}"
+        );
+        assert_eq!((r.head_position, r.head_hash), (5, vector(6).hash));
+        // What the intact report says of the stubs (section 10).
+        let said = r.to_string();
+        for phrase in [
+            "1 position(s) are stubs whose tenant tags show they are not this organization's \
+             events",
+            "1 position(s) are stubs of v1 events, another organization's by the exporter's \
+             word: the file cannot show they are not this one's",
+        ] {
+            assert!(said.contains(phrase), "{said}");
+        }
+
+        // Against checkpoints at sizes 3 (section 9's `merkle: events` root) and 5.
+        let signer = LogSigner::generate("ledgerline").unwrap();
+        let chain: Vec<[u8; 32]> = [1, 2, 3, 5, 6].map(|n| vector(n).hash).to_vec();
+        let leaves: Vec<[u8; 32]> = chain.iter().map(event_leaf).collect();
+        assert_eq!(
+            hex::encode(root::<Blake3>(&leaves[..3])),
+            "a4a462393e691cf4fb02f1cd7041abe98945282fd0ab15c135a185d503951acf"
+        );
+        for size in [3u64, 5] {
+            let note = signer.sign(&Checkpoint {
+                origin: "ledgerline".into(),
+                tree_size: size,
+                root: root::<Blake3>(&leaves[..size as usize]),
+                chain_head: chain[size as usize - 1],
+                time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+                // Vector 5, at position 4, is the chain's first v2 event.
+                hash_v2_from: (size >= 4).then_some(4),
+            });
+            let r = check(&lines, Some((&note, &signer)));
+            assert!(r.matches_checkpoint(), "size {size}: {r}");
+            assert_eq!(r.unsigned_from(), (size < 5).then_some(4));
+        }
+
+        // A version 1 header reads with the same grammar.
+        let mut v1_file = lines.clone();
+        v1_file[0] = v1_file[0].replace("\"version\":2", "\"version\":1");
+        assert!(check(&v1_file, None).intact());
+        let mut v3_file = lines.clone();
+        v3_file[0] = v3_file[0].replace("\"version\":2", "\"version\":3");
+        assert!(matches!(
+            check(&v3_file, None).first_bad.map(|f| f.kind),
+            Some(FileFaultKind::MalformedHeader(_))
+        ));
+    }
+
+    /// The faults section 10 names for v2 stubs and for v1 after v2.
+    #[test]
+    fn the_v2_rules_of_the_example() {
+        let lines = example();
+        let fault_at = |lines: &[String]| {
+            let bad = check(lines, None).first_bad.expect("a fault");
+            (bad.position, bad.kind)
+        };
+
+        // Vector 5, the organization's own event, hidden as a v2 stub.
+        let v5 = vector(5);
+        let (tag, digest) = hash::stub_parts(&v5.fields());
+        let mut stub = Vec::new();
+        write_stub_v2_line(&mut stub, 4, &v5.prev_hash, &tag, &digest, &v5.hash);
+        let mut hidden = lines.clone();
+        hidden[3] = String::from_utf8(stub).unwrap().trim_end().to_string();
+        assert_eq!(fault_at(&hidden), (Some(4), FileFaultKind::OwnEventAsStub));
+
+        // Vector 6 as a v1 stub, after the v2 event at position 4.
+        let mut v1_stub = lines.clone();
+        v1_stub[4] = format!(
+            "{{\"position\":5,\"hash\":\"{}\"}}",
+            hex::encode(vector(6).hash)
+        );
+        assert_eq!(
+            fault_at(&v1_stub),
+            (
+                Some(5),
+                FileFaultKind::Chain(Fault::Impossible {
+                    column: "hash_version",
+                    value: "1 after a version 2 event".into(),
+                })
+            )
+        );
+
+        // A v2 stub's tag or link edited.
+        let v6 = vector(6);
+        let mut other_tag = lines.clone();
+        other_tag[4] = other_tag[4].replace(
+            &hex::encode(v6.v2.as_ref().unwrap().tenant_tag),
+            &hex::encode([7u8; 32]),
+        );
+        assert_eq!(
+            fault_at(&other_tag),
+            (Some(5), FileFaultKind::Chain(Fault::ContentChanged))
+        );
+        // The stub's own prev_hash is not the line before's hash; its hash, recomputed from
+        // that prev_hash, is the stub's (an exporter that forged it would have to).
+        let forged_prev = [9u8; 32];
+        let forged_hash = hash::chain_v2(
+            &forged_prev,
+            &v6.v2.as_ref().unwrap().tenant_tag,
+            &v6.v2.as_ref().unwrap().content_digest,
+        );
+        let mut unlinked = lines.clone();
+        unlinked[4] = unlinked[4]
+            .replace(&hex::encode(v6.prev_hash), &hex::encode(forged_prev))
+            .replace(&hex::encode(v6.hash), &hex::encode(forged_hash));
+        assert_eq!(
+            fault_at(&unlinked),
+            (Some(5), FileFaultKind::Chain(Fault::LinkBroken))
+        );
     }
 }
 

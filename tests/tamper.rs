@@ -146,8 +146,8 @@ async fn build_log(t: &TestApp) -> Log {
 async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &StoredEvent) {
     sqlx::query(
         "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             organization_id, recorded_at, payload, metadata, prev_hash, hash)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::json, $10::text::json, $11, $12)",
+                             organization_id, recorded_at, payload, metadata, prev_hash, hash, hash_version)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::text::json, $10::text::json, $11, $12, $13)",
     )
     .bind(e.position)
     .bind(&e.aggregate_type)
@@ -161,6 +161,7 @@ async fn insert_event(tx: &mut Transaction<'_, Postgres>, e: &StoredEvent) {
     .bind(&e.metadata)
     .bind(&e.prev_hash)
     .bind(&e.hash)
+    .bind(e.hash_version)
     .execute(&mut **tx)
     .await
     .unwrap();
@@ -490,6 +491,7 @@ fn forged_event(position: i64, after: &StoredEvent) -> StoredEvent {
         metadata: after.metadata.clone(),
         prev_hash: after.hash.clone(),
         hash: vec![0x5a; 32],
+        hash_version: after.hash_version,
     }
 }
 
@@ -942,6 +944,7 @@ async fn append_synthetic(pool: &PgPool, count: i64) {
             metadata: json!({"actor_kind": "test"}).to_string(),
             prev_hash: prev.clone(),
             hash: Vec::new(),
+            hash_version: 2,
         };
         e.hash = hash_of(&prev, &e);
         prev = e.hash.clone();
@@ -950,8 +953,9 @@ async fn append_synthetic(pool: &PgPool, count: i64) {
     for chunk in rows.chunks(10_000) {
         sqlx::query(
             "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, event_version,
-                                 organization_id, recorded_at, payload, metadata, prev_hash, hash)
-             SELECT pos, ty, id, seq, et, ev, org, at, pl::json, md::json, ph, h
+                                 organization_id, recorded_at, payload, metadata, prev_hash, hash,
+                                 hash_version)
+             SELECT pos, ty, id, seq, et, ev, org, at, pl::json, md::json, ph, h, 2
              FROM unnest($1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::uuid[],
                          $8::timestamptz[], $9::text[], $10::text[], $11::bytea[], $12::bytea[])
                   AS t(pos, ty, id, seq, et, ev, org, at, pl, md, ph, h)",

@@ -12,7 +12,7 @@
 use std::collections::HashMap;
 
 use anyhow::Context;
-use ledgerline::ledger::hash::{event_hash, EventFields};
+use ledgerline::ledger::hash::{event_hash, EventFields, HashVersion};
 use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
 use serde_json::Value;
 use sqlx::PgPool;
@@ -54,6 +54,8 @@ pub async fn amplify(pool: &PgPool, source: i64, target: i64) -> anyhow::Result<
                 payload: ids.json(&e.payload)?,
                 metadata: ids.json(&e.metadata)?,
                 prev_hash: prev.to_vec(),
+                // The copies are written now, as the writer writes: in the current format.
+                hash_version: HashVersion::CURRENT.number(),
                 ..e.clone()
             };
             prev = event_hash(&prev, &EventFields::of(&next));
@@ -137,8 +139,9 @@ impl Rows {
         let col = |f: fn(&StoredEvent) -> String| rows.iter().map(f).collect::<Vec<_>>();
         sqlx::query(
             "INSERT INTO events (position, aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash) \
-             SELECT p, at, ai, s, et, ev, o, r, pl::json, m::json, ph, h FROM unnest( \
+             event_version, organization_id, recorded_at, payload, metadata, prev_hash, hash, \
+             hash_version) \
+             SELECT p, at, ai, s, et, ev, o, r, pl::json, m::json, ph, h, 2 FROM unnest( \
              $1::bigint[], $2::text[], $3::text[], $4::bigint[], $5::text[], $6::text[], \
              $7::uuid[], $8::timestamptz[], $9::text[], $10::text[], $11::bytea[], $12::bytea[]) \
              AS u(p, at, ai, s, et, ev, o, r, pl, m, ph, h)",

@@ -95,6 +95,8 @@ pub struct StoredEvent {
     pub metadata: String,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
+    /// The format of `hash` (1 or 2; docs/ledger-format.md, section 3).
+    pub hash_version: i16,
 }
 
 /// The SQL of [`IMPOSSIBLE_TIME`], as a macro so that other constant SQL can `concat!` it.
@@ -118,5 +120,5 @@ pub const STORED_EVENT_COLUMNS: &str = concat!(
      organization_id, CASE WHEN NOT ",
     impossible_time!(),
     " THEN recorded_at END AS recorded_at, \
-     payload::text AS payload, metadata::text AS metadata, prev_hash, hash"
+     payload::text AS payload, metadata::text AS metadata, prev_hash, hash, hash_version"
 );

@@ -79,6 +79,7 @@ pub async fn events(
                 "metadata": e.metadata,
                 "prev_hash": hex::encode(&e.prev_hash),
                 "hash": hex::encode(&e.hash),
+                "hash_version": e.hash_version,
             })
         })
         .collect();
@@ -96,8 +97,8 @@ pub struct ExportQuery {
     to: Option<i64>,
 }
 
-/// The tenant's export file (docs/ledger-format.md, "Export files (v1)"): its events in full,
-/// every other position of the range as a stub (position and hash), streamed as JSON Lines.
+/// The tenant's export file (docs/ledger-format.md, "Export files"): its events in full, every
+/// other position of the range as a stub, streamed as JSON Lines.
 /// The range is checked before the first byte is sent; a failure after that ends the stream
 /// abruptly rather than cleanly, so that a partial file is never taken for a whole one.
 pub async fn export(

@@ -1,6 +1,6 @@
 //! Signed checkpoints in the C2SP `tlog-checkpoint` format: a `signed-note` whose text names
-//! the log (origin), the tree size and the Merkle root, with two extension lines of ours, the
-//! chain head hash and the time. Ed25519 keys as the signed-note spec defines them (signature
+//! the log (origin), the tree size and the Merkle root, with extension lines of ours: the
+//! chain head hash, the time and, once the tree holds a v2 event, the first v2 position. Ed25519 keys as the signed-note spec defines them (signature
 //! type 0x01, key ID = SHA-256(name || 0x0A || 0x01 || public key)[:4]).
 //!
 //! ```text
@@ -9,6 +9,7 @@
 //! <base64 Merkle root>
 //! chain-head <hex hash of event 1042>
 //! time 2026-11-22T03:04:05Z
+//! hash-v2-from 1001
 //!
 //! — ledgerline.example/log <base64(key ID || signature)>
 //! ```
@@ -36,6 +37,11 @@ pub struct Checkpoint {
     pub chain_head: Digest,
     /// Whole seconds: the note's text must be reproducible.
     pub time: DateTime<Utc>,
+    /// The first position of the tree whose event is hashed in v2 (docs/ledger-format.md);
+    /// `None`: every event of the tree is v1. It tells an export's verifier which format each
+    /// line must be in, so that no v2 event can pass for a v1 one (whose stub shows nothing of
+    /// whose it is).
+    pub hash_v2_from: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -53,14 +59,18 @@ pub enum NoteError {
 impl Checkpoint {
     /// The note text: every line the signature covers, ending in a newline.
     pub fn text(&self) -> String {
-        format!(
+        let mut text = format!(
             "{}\n{}\n{}\nchain-head {}\ntime {}\n",
             self.origin,
             self.tree_size,
             B64.encode(self.root),
             hex::encode(self.chain_head),
             self.time.to_rfc3339_opts(SecondsFormat::Secs, true)
-        )
+        );
+        if let Some(p) = self.hash_v2_from {
+            text.push_str(&format!("hash-v2-from {p}\n"));
+        }
+        text
     }
 
     /// Parses a note text (without signatures).
@@ -100,6 +110,20 @@ impl Checkpoint {
         let time = DateTime::parse_from_rfc3339(time_text)
             .map_err(|_| bad("time"))?
             .with_timezone(&Utc);
+        let hash_v2_from = match lines.next() {
+            None => None,
+            Some(line) => {
+                let p = line
+                    .strip_prefix("hash-v2-from ")
+                    .filter(|p| !p.starts_with('0') && p.bytes().all(|b| b.is_ascii_digit()))
+                    .and_then(|p| p.parse::<u64>().ok())
+                    .filter(|p| *p <= tree_size)
+                    .ok_or_else(|| {
+                        bad("expected `hash-v2-from <position>`, a position of the tree")
+                    })?;
+                Some(p)
+            }
+        };
         if lines.next().is_some() {
             return Err(bad("unexpected extension line"));
         }
@@ -109,6 +133,7 @@ impl Checkpoint {
             root,
             chain_head,
             time,
+            hash_v2_from,
         })
     }
 }
@@ -417,6 +442,7 @@ mod tests {
             root: [7u8; 32],
             chain_head: [9u8; 32],
             time: Utc.with_ymd_and_hms(2026, 11, 22, 3, 4, 5).unwrap(),
+            hash_v2_from: None,
         }
     }
 
@@ -428,6 +454,35 @@ mod tests {
         assert!(note.contains("\n\n\u{2014} ledgerline.test/log "));
         let verifier = NoteVerifier::parse(&signer.verifier().to_string()).unwrap();
         assert_eq!(verifier.open(&note).unwrap(), checkpoint());
+    }
+
+    #[test]
+    fn the_first_v2_position_is_signed_when_there_is_one() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let upgraded = Checkpoint {
+            hash_v2_from: Some(40),
+            ..checkpoint()
+        };
+        let note = signer.sign(&upgraded);
+        assert!(
+            note.contains("\ntime 2026-11-22T03:04:05Z\nhash-v2-from 40\n\n"),
+            "{note}"
+        );
+        assert_eq!(signer.verifier().open(&note).unwrap(), upgraded);
+        assert!(!signer.sign(&checkpoint()).contains("hash-v2-from"));
+        for bad in [
+            "hash-v2-from 43",
+            "hash-v2-from 040",
+            "hash-v2-from 0",
+            "hash-v2-from +40",
+            "hash-v2-from x",
+            "hash-v2 40",
+        ] {
+            let text = checkpoint().text() + bad + "\n";
+            assert!(Checkpoint::parse_text(&text).is_err(), "{bad}");
+        }
+        let text = upgraded.text() + "more 1\n";
+        assert!(Checkpoint::parse_text(&text).is_err());
     }
 
     #[test]

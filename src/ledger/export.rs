@@ -1,11 +1,12 @@
-//! Export files, format v1: a self-describing JSON Lines file of a range of the ledger that
-//! `offline::verify_file` checks with no database. docs/ledger-format.md ("Export files (v1)")
+//! Export files (version 2): a self-describing JSON Lines file of a range of the ledger that
+//! `offline::verify_file` checks with no database. docs/ledger-format.md ("Export files")
 //! specifies it; this file writes it.
 //!
 //! Line 1 is the header (origin, range, the hash before the range, the Merkle frontier before
 //! it); then one line per position: a full event with every hashed field exactly as stored,
-//! or, for another tenant's event in an organization's export, a stub with only its position
-//! and hash, so that the chain still links end to end.
+//! or, for another tenant's event in an organization's export, a stub, so that the chain still
+//! links end to end: a v2 event's previous hash, tenant tag, content digest and hash (the tag
+//! shows it is not the organization's own), a v1 event's hash alone.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use futures::TryStreamExt;
@@ -15,14 +16,15 @@ use sqlx::PgPool;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
 
-use super::hash::{EventFields, GENESIS};
+use super::hash::{stub_parts, EventFields, HashVersion, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier, TreeHash};
 use super::tree::{self, TreeError};
 
 /// The header's `format`.
 pub const FORMAT: &str = "ledgerline-export";
-/// The header's `version`; a reader refuses any other.
-pub const VERSION: u32 = 1;
+/// The header's `version`. Version 2 added `hash_version` to full event lines and the v2
+/// stub; a reader takes files of either (a version 1 file holds neither).
+pub const VERSION: u32 = 2;
 
 /// Positions read per query while exporting.
 const PAGE: i64 = 10_000;
@@ -63,6 +65,7 @@ impl ExportHeader {
 #[derive(Serialize)]
 struct EventLine<'a> {
     position: i64,
+    hash_version: i16,
     aggregate_type: &'a str,
     aggregate_id: &'a str,
     sequence: i64,
@@ -100,6 +103,7 @@ pub fn write_event_line(out: &mut Vec<u8>, e: &EventFields<'_>, prev_hash: &Dige
     let metadata = raw_json(e.metadata);
     let line = EventLine {
         position: e.position,
+        hash_version: e.hash_version.number(),
         aggregate_type: e.aggregate_type,
         aggregate_id: e.aggregate_id,
         sequence: e.sequence,
@@ -119,13 +123,41 @@ pub fn write_event_line(out: &mut Vec<u8>, e: &EventFields<'_>, prev_hash: &Dige
     out.push(b'\n');
 }
 
-/// Appends a stub line: another tenant's event, by position and hash only.
+/// Appends a stub line for another tenant's v1 event: its position and hash only.
 pub fn write_stub_line(out: &mut Vec<u8>, position: i64, hash: &Digest) {
     out.extend_from_slice(b"{\"position\":");
     out.extend_from_slice(position.to_string().as_bytes());
-    out.extend_from_slice(b",\"hash\":\"");
-    out.extend_from_slice(hex::encode(hash).as_bytes());
-    out.extend_from_slice(b"\"}\n");
+    hex_field(out, b"hash", hash);
+    out.extend_from_slice(b"}\n");
+}
+
+/// Appends a stub line for another tenant's v2 event: what its hash is computed from but
+/// the content, so that the verifier recomputes the hash and checks that the tenant tag is
+/// not the exported organization's.
+pub fn write_stub_v2_line(
+    out: &mut Vec<u8>,
+    position: i64,
+    prev_hash: &Digest,
+    tenant_tag: &Digest,
+    content_digest: &Digest,
+    hash: &Digest,
+) {
+    out.extend_from_slice(b"{\"position\":");
+    out.extend_from_slice(position.to_string().as_bytes());
+    hex_field(out, b"prev_hash", prev_hash);
+    hex_field(out, b"tenant_tag", tenant_tag);
+    hex_field(out, b"content_digest", content_digest);
+    hex_field(out, b"hash", hash);
+    out.extend_from_slice(b"}\n");
+}
+
+/// `,"<name>":"<hex>"`
+fn hex_field(out: &mut Vec<u8>, name: &[u8], digest: &Digest) {
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(name);
+    out.extend_from_slice(b"\":\"");
+    out.extend_from_slice(hex::encode(digest).as_bytes());
+    out.push(b'"');
 }
 
 /// What to export.
@@ -291,12 +323,14 @@ fn damaged(e: TreeError) -> ExportError {
     }
 }
 
-/// One row of the range: `full` rows carry every hashed field; the others only position and
-/// hash (the query does not even read another tenant's content).
+/// One row of the range: `full` rows and v2 stubs carry every hashed field (a v2 stub's tag
+/// and digest are computed from them here: the file gets only those, but the exporter reads
+/// every tenant's content of the range); v1 stubs only position and hash.
 #[derive(sqlx::FromRow)]
 struct Row {
     position: i64,
     hash: Vec<u8>,
+    hash_version: i16,
     full: bool,
     prev_hash: Option<Vec<u8>>,
     aggregate_type: Option<String>,
@@ -315,23 +349,24 @@ struct Row {
 
 const ROWS_SQL: &str = concat!(
     r#"
-    SELECT position, hash, "full",
-           CASE WHEN "full" THEN prev_hash END AS prev_hash,
-           CASE WHEN "full" THEN aggregate_type END AS aggregate_type,
-           CASE WHEN "full" THEN aggregate_id END AS aggregate_id,
-           CASE WHEN "full" THEN sequence END AS sequence,
-           CASE WHEN "full" THEN event_type END AS event_type,
-           CASE WHEN "full" THEN event_version END AS event_version,
-           CASE WHEN "full" THEN organization_id END AS organization_id,
-           CASE WHEN "full" AND NOT impossible_time THEN recorded_at END AS recorded_at,
-           "full" AND impossible_time AS impossible_time,
-           CASE WHEN "full" THEN payload::text END AS payload,
-           CASE WHEN "full" THEN metadata::text END AS metadata
-    FROM (SELECT *, coalesce($3::uuid IS NULL OR organization_id = $3, false) AS "full",
+    SELECT position, hash, hash_version, "full",
+           CASE WHEN read THEN prev_hash END AS prev_hash,
+           CASE WHEN read THEN aggregate_type END AS aggregate_type,
+           CASE WHEN read THEN aggregate_id END AS aggregate_id,
+           CASE WHEN read THEN sequence END AS sequence,
+           CASE WHEN read THEN event_type END AS event_type,
+           CASE WHEN read THEN event_version END AS event_version,
+           CASE WHEN read THEN organization_id END AS organization_id,
+           CASE WHEN read AND NOT impossible_time THEN recorded_at END AS recorded_at,
+           read AND impossible_time AS impossible_time,
+           CASE WHEN read THEN payload::text END AS payload,
+           CASE WHEN read THEN metadata::text END AS metadata
+    FROM (SELECT *, "full" OR hash_version <> 1 AS read
+          FROM (SELECT *, coalesce($3::uuid IS NULL OR organization_id = $3, false) AS "full",
                  coalesce("#,
     ledgerline_projections::impossible_time!(),
     r#", false) AS impossible_time
-          FROM events WHERE position BETWEEN $1 AND $2) e
+                FROM events WHERE position BETWEEN $1 AND $2) e) r
     ORDER BY position"#
 );
 
@@ -379,21 +414,52 @@ impl PreparedExport {
 }
 
 fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Result<(), ExportError> {
-    let digest = |what: &str, b: &[u8]| -> Result<Digest, ExportError> {
-        b.try_into().map_err(|_| {
-            ExportError::Damaged(format!(
-                "the {what} of position {} is {} bytes, not 32",
-                row.position,
-                b.len()
-            ))
-        })
-    };
-    let hash = digest("hash", &row.hash)?;
+    let hash = digest(row, "hash", &row.hash)?;
     if !row.full {
-        write_stub_line(buf, row.position, &hash);
+        // Another tenant's event. A v2 one whose stored fields cannot be hashed (damaged)
+        // goes out as its hash alone, which a verifier refuses among v2 lines: the file shows
+        // the damage where it is, as for the organization's own events.
+        match row_fields(row) {
+            Ok((fields, prev_hash)) if fields.hash_version == HashVersion::V2 => {
+                let (tenant_tag, content_digest) = stub_parts(&fields);
+                write_stub_v2_line(
+                    buf,
+                    row.position,
+                    &prev_hash,
+                    &tenant_tag,
+                    &content_digest,
+                    &hash,
+                );
+            }
+            _ => write_stub_line(buf, row.position, &hash),
+        }
         summary.stubs += 1;
         return Ok(());
     }
+    let (fields, prev_hash) = row_fields(row)?;
+    write_event_line(buf, &fields, &prev_hash, &hash);
+    summary.full_events += 1;
+    Ok(())
+}
+
+fn digest(row: &Row, what: &str, b: &[u8]) -> Result<Digest, ExportError> {
+    b.try_into().map_err(|_| {
+        ExportError::Damaged(format!(
+            "the {what} of position {} is {} bytes, not 32",
+            row.position,
+            b.len()
+        ))
+    })
+}
+
+/// The hashed fields of a row read in full (a v1 stub's are not read), and its `prev_hash`.
+fn row_fields(row: &Row) -> Result<(EventFields<'_>, Digest), ExportError> {
+    let hash_version = HashVersion::from_number(row.hash_version.into()).ok_or_else(|| {
+        ExportError::Damaged(format!(
+            "position {}: hash_version holds {}, which no writer stores",
+            row.position, row.hash_version
+        ))
+    })?;
     if row.impossible_time {
         return Err(ExportError::Damaged(format!(
             "position {}: recorded_at holds a time no writer stores",
@@ -403,6 +469,7 @@ fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Resul
     // Every column of `events` but organization_id is NOT NULL.
     let missing = || ExportError::Damaged(format!("a NULL field at position {}", row.position));
     let fields = EventFields {
+        hash_version,
         position: row.position,
         aggregate_type: row.aggregate_type.as_deref().ok_or_else(missing)?,
         aggregate_id: row.aggregate_id.as_deref().ok_or_else(missing)?,
@@ -414,10 +481,12 @@ fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Resul
         payload: row.payload.as_deref().ok_or_else(missing)?,
         metadata: row.metadata.as_deref().ok_or_else(missing)?,
     };
-    let prev_hash = digest("prev_hash", row.prev_hash.as_deref().ok_or_else(missing)?)?;
-    write_event_line(buf, &fields, &prev_hash, &hash);
-    summary.full_events += 1;
-    Ok(())
+    let prev_hash = digest(
+        row,
+        "prev_hash",
+        row.prev_hash.as_deref().ok_or_else(missing)?,
+    )?;
+    Ok((fields, prev_hash))
 }
 
 /// Exports `scope` to `out`: [`prepare`], then [`PreparedExport::write`]. Streams: at most one
@@ -491,6 +560,7 @@ mod tests {
     #[test]
     fn an_event_line_keeps_the_stored_json_text() {
         let e = EventFields {
+            hash_version: HashVersion::V2,
             position: 7,
             aggregate_type: "User",
             aggregate_id: "u-1",

@@ -1,8 +1,9 @@
-//! Offline verification of an export file (`export.rs`, docs/ledger-format.md "Export files
-//! (v1)"): no database, no server. Every full event's hash is recomputed from its fields and
-//! the previous hash, never taken from the file; links and positions are checked as the
-//! database verifier checks them; and, given a signed checkpoint, its signature is checked and
-//! the file's chain head and Merkle root at the checkpoint's size must be the signed ones.
+//! Offline verification of an export file (`export.rs`, docs/ledger-format.md "Export
+//! files"): no database, no server. Every full event's hash (and every v2 stub's) is
+//! recomputed from its fields and the previous hash, never taken from the file; links and
+//! positions are checked as the database verifier checks them; and, given a signed
+//! checkpoint, its signature is checked, the file's chain head and Merkle root at the
+//! checkpoint's size must be the signed ones, and each line's hash format the one it signs.
 //!
 //! The file is read in blocks of [`BLOCK`] bytes, each cut at line boundaries into pieces that
 //! the workers take from a queue and check on their own: parse (`line.rs`: borrowed, no
@@ -20,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use super::export::{ExportHeader, FORMAT, VERSION};
-use super::hash::{encode_v1, GENESIS, POSITION_AT};
+use super::hash::{self, HashVersion, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier};
 use super::verify::{out_of_place, Fault};
 
@@ -51,10 +52,19 @@ pub struct FileFault {
 pub enum FileFaultKind {
     /// A fault of the chain, as the database verifier names it.
     Chain(Fault),
-    /// The header is not a v1 export header.
+    /// The header is not an export header this verifier reads.
     MalformedHeader(String),
-    /// The line is not a v1 event or stub line.
+    /// The line is not an event or stub line.
     MalformedLine(String),
+    /// A v2 stub whose tenant tag is the header organization's: one of its own events was
+    /// left out of the file.
+    OwnEventAsStub,
+    /// A line in another hash format than the checkpoint signs for its position: a v2 event
+    /// passed off as v1 (whose stub shows nothing of whose it is), or the other way round.
+    HashVersionNotAsSigned {
+        v2_from: Option<u64>,
+        tree_size: u64,
+    },
     /// The checkpoint is not signed by the trusted key (forged or altered), or unreadable.
     Checkpoint(NoteError),
     /// The checkpoint names another log than the export's header.
@@ -73,6 +83,22 @@ impl std::fmt::Display for FileFaultKind {
             FileFaultKind::Chain(fault) => fault.fmt(f),
             FileFaultKind::MalformedHeader(m) => write!(f, "malformed header: {m}"),
             FileFaultKind::MalformedLine(m) => write!(f, "malformed line: {m}"),
+            FileFaultKind::OwnEventAsStub => f.write_str(
+                "an event of the exported organization is left out: this stub's tenant tag \
+                 is the organization's own",
+            ),
+            FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size } => match v2_from {
+                Some(p) => write!(
+                    f,
+                    "hash version not as signed: the checkpoint signs v1 events before position \
+                     {p} and v2 events from it"
+                ),
+                None => write!(
+                    f,
+                    "hash version not as signed: the checkpoint signs only v1 events up to \
+                     position {tree_size}"
+                ),
+            },
             FileFaultKind::Checkpoint(e) => write!(f, "checkpoint refused: {e}"),
             FileFaultKind::OriginMismatch { export, checkpoint } => write!(
                 f,
@@ -115,6 +141,8 @@ pub struct OfflineReport {
     /// Full events and stubs checked (up to the first fault).
     pub full_events: u64,
     pub stubs: u64,
+    /// Of the stubs, those of v1 events: a hash alone, which shows nothing of whose it is.
+    pub v1_stubs: u64,
     /// The last position checked good and its hash (the header's `from - 1` and `prev_hash`
     /// when none was).
     pub head_position: i64,
@@ -190,13 +218,21 @@ impl std::fmt::Display for OfflineReport {
                          every hash recomputed, reads as intact too (pass --checkpoint)",
                     )?;
                 }
-                if self.stubs > 0 {
-                    // A stub's event is known only by its hash: nothing here shows whose it is.
+                if self.stubs > self.v1_stubs {
                     write!(
                         f,
-                        "; {} position(s) are stubs, another organization's events by the \
+                        "; {} position(s) are stubs whose tenant tags show they are not this \
+                         organization's events",
+                        self.stubs - self.v1_stubs
+                    )?;
+                }
+                if self.v1_stubs > 0 {
+                    // A v1 stub's event is known only by its hash: nothing shows whose it is.
+                    write!(
+                        f,
+                        "; {} position(s) are stubs of v1 events, another organization's by the \
                          exporter's word: the file cannot show they are not this one's",
-                        self.stubs
+                        self.v1_stubs
                     )?;
                 }
                 Ok(())
@@ -258,6 +294,7 @@ fn verify_blocks(
         lines: 0,
         full_events: 0,
         stubs: 0,
+        v1_stubs: 0,
         head_position: 0,
         head_hash: GENESIS,
         checkpoint: None,
@@ -321,6 +358,12 @@ fn verify_blocks(
     }
     let ctx = Ctx {
         full_export: header.organization_id.is_none(),
+        organization: header.organization_id.map(|o| *o.as_bytes()),
+        signed_versions: report
+            .checkpoint
+            .as_ref()
+            .filter(|_| target.is_some())
+            .map(|cp| (cp.hash_v2_from, cp.tree_size)),
         from: header.from,
         to: header.to,
         leaves_to: target.unwrap_or(0).min(header.to),
@@ -338,6 +381,8 @@ fn verify_blocks(
         lines: 0,
         full: 0,
         stubs: 0,
+        v1_stubs: 0,
+        v2_seen: false,
         peaks: Peaks {
             size: frontier.size(),
             peaks: frontier.peaks().to_vec(),
@@ -357,6 +402,7 @@ fn verify_blocks(
     report.lines = walk.lines;
     report.full_events = walk.full;
     report.stubs = walk.stubs;
+    report.v1_stubs = walk.v1_stubs;
     report.head_position = walk.expected - 1;
     report.head_hash = walk.prev;
     let mut first_bad = walk.first_bad.clone();
@@ -406,7 +452,7 @@ fn verify_blocks(
     Ok(report)
 }
 
-/// Reads and checks the header line: `Err(reason)` if it is not a v1 header.
+/// Reads and checks the header line: `Err(reason)` if it is not a header this verifier reads.
 fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>, OfflineError> {
     let mut line = Vec::new();
     reader.take(HEADER_LIMIT).read_until(b'\n', &mut line)?;
@@ -424,9 +470,14 @@ fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>
     if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
         return Ok(Err(format!("not a `{FORMAT}` file")));
     }
-    if value.get("version").and_then(|v| v.as_u64()) != Some(VERSION.into()) {
+    // Version 1 files were written before v2 hashes: the grammar of version 2 reads them.
+    if !value
+        .get("version")
+        .and_then(|v| v.as_u64())
+        .is_some_and(|v| (1..=u64::from(VERSION)).contains(&v))
+    {
         return Ok(Err(format!(
-            "version {} (this verifier reads version {VERSION})",
+            "version {} (this verifier reads versions 1 to {VERSION})",
             value.get("version").unwrap_or(&serde_json::Value::Null)
         )));
     }
@@ -465,6 +516,11 @@ fn check_header(h: &ExportHeader) -> Result<(), String> {
 struct Ctx {
     /// Every event must be in full (no organization in the header).
     full_export: bool,
+    /// The header's organization, whose tenant tag no v2 stub may carry.
+    organization: Option<[u8; 16]>,
+    /// The checkpoint's `hash_v2_from` and size: a line must be v2 exactly from that position
+    /// on (past the size too), and v1 up to the size when there is none.
+    signed_versions: Option<(Option<u64>, u64)>,
     /// The header's first position.
     from: i64,
     /// The header's last position.
@@ -660,6 +716,12 @@ struct Chunk {
     lines: u64,
     full: u64,
     stubs: u64,
+    v1_stubs: u64,
+    /// The hash format of the first line, if it parsed (no v1 line may follow a v2 one,
+    /// which the join checks across pieces).
+    first_version: Option<HashVersion>,
+    /// Whether the piece holds a v2 line.
+    has_v2: bool,
     /// The first line's position, if it parsed.
     first_position: Option<i64>,
     /// The stored `prev_hash` of the first line when it is a full event that hashes correctly:
@@ -676,33 +738,37 @@ struct Chunk {
     hash_at: Option<Digest>,
 }
 
-/// One line, checked for shape; a full event hashed.
+/// One line, checked for shape; a full event or a v2 stub hashed.
 enum Checked {
-    Stub {
+    /// A v1 stub: its hash as the file gives it.
+    Stub { position: i64, hash: Digest },
+    Hashed {
         position: i64,
-        hash: Digest,
-    },
-    Full {
-        position: i64,
+        version: HashVersion,
         prev_hash: Digest,
         /// The hash the line gives, and the one its fields hash to.
         hash: Digest,
         recomputed: Digest,
+        /// For a full event that does not hash to `hash`: the nearby position at which it
+        /// does (where a moved event was written).
+        written_at: Option<i64>,
+        /// For a v2 stub: whether its tenant tag is the header organization's.
+        own_stub: Option<bool>,
     },
 }
 
 impl Checked {
     fn position(&self) -> i64 {
         match self {
-            Checked::Stub { position, .. } | Checked::Full { position, .. } => *position,
+            Checked::Stub { position, .. } | Checked::Hashed { position, .. } => *position,
         }
     }
 }
 
-/// Reads the next line of `rest` and, for a full event, writes its v1 hash input into
-/// `input` and hashes it.
-fn check_line(rest: &mut &[u8], full_export: bool, input: &mut Vec<u8>) -> Result<Checked, String> {
-    line::read_next(rest, full_export, |parsed| match parsed {
+/// Reads the next line of `rest` and hashes a full event (with `input` as scratch space) or
+/// a v2 stub.
+fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checked, String> {
+    line::read_next(rest, ctx.full_export, |parsed| match parsed {
         Parsed::Stub { position, hash } => (
             Checked::Stub {
                 position: *position,
@@ -710,16 +776,40 @@ fn check_line(rest: &mut &[u8], full_export: bool, input: &mut Vec<u8>) -> Resul
             },
             true,
         ),
+        Parsed::StubV2(s) => {
+            let own = ctx
+                .organization
+                .as_ref()
+                .is_some_and(|org| hash::tenant_tag(s.position, Some(org)) == s.tenant_tag);
+            let checked = Checked::Hashed {
+                position: s.position,
+                version: HashVersion::V2,
+                prev_hash: s.prev_hash,
+                hash: s.hash,
+                recomputed: hash::chain_v2(&s.prev_hash, &s.tenant_tag, &s.content_digest),
+                written_at: None,
+                own_stub: Some(own),
+            };
+            (checked, true)
+        }
         Parsed::Full(e) => {
-            encode_v1(input, &e.prev_hash, &e.fields());
-            let recomputed: Digest = blake3::hash(input).into();
-            let checked = Checked::Full {
+            let fields = e.fields();
+            let recomputed = hash::raw_hash(input, &e.prev_hash, &fields);
+            let authentic = recomputed == e.hash;
+            let checked = Checked::Hashed {
                 position: parsed.position(),
+                version: e.hash_version,
                 prev_hash: e.prev_hash,
                 hash: e.hash,
                 recomputed,
+                written_at: if authentic {
+                    None
+                } else {
+                    hash::written_at(input, &e.prev_hash, &fields, REORDER_WINDOW, &e.hash)
+                },
+                own_stub: None,
             };
-            (checked, recomputed == e.hash)
+            (checked, authentic)
         }
     })
 }
@@ -742,7 +832,7 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             line: Some(index),
             kind,
         };
-        let parsed = match check_line(&mut rest, ctx.full_export, &mut input) {
+        let parsed = match check_line(&mut rest, ctx, &mut input) {
             Ok(p) => p,
             Err(m) => {
                 c.first_bad = Some(fault(expected, FileFaultKind::MalformedLine(m)));
@@ -769,20 +859,52 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             ));
             continue;
         }
+        let version = match &parsed {
+            Checked::Stub { .. } => HashVersion::V1,
+            Checked::Hashed { version, .. } => *version,
+        };
+        if let Some((v2_from, tree_size)) = ctx.signed_versions {
+            // Up to the checkpoint's size, as it signs; past it, v2 once v2 began (the writer
+            // never goes back), and nothing can be said while it had not.
+            let p = position as u64;
+            let signed_v2 = match v2_from {
+                Some(from) => Some(p >= from),
+                None => (p <= tree_size).then_some(false),
+            };
+            if signed_v2.is_some_and(|v2| v2 != (version == HashVersion::V2)) {
+                c.first_bad = Some(fault(
+                    Some(position),
+                    FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size },
+                ));
+                continue;
+            }
+        }
+        if c.has_v2 && version == HashVersion::V1 {
+            c.first_bad = Some(fault(
+                Some(position),
+                FileFaultKind::Chain(Fault::v1_after_v2()),
+            ));
+            continue;
+        }
+        c.first_version.get_or_insert(version);
+        c.has_v2 |= version == HashVersion::V2;
         let hash = match &parsed {
             Checked::Stub { hash, .. } => {
                 c.stubs += 1;
+                c.v1_stubs += 1;
                 *hash
             }
-            Checked::Full {
+            Checked::Hashed {
                 prev_hash,
                 hash,
                 recomputed,
+                written_at,
+                own_stub,
                 ..
             } => {
                 if recomputed != hash {
-                    let kind = match written_at(&mut input, position, hash) {
-                        Some(q) => Fault::Reordered { written_at: q },
+                    let kind = match written_at {
+                        Some(q) => Fault::Reordered { written_at: *q },
                         None => Fault::ContentChanged,
                     };
                     c.first_bad = Some(fault(Some(position), FileFaultKind::Chain(kind)));
@@ -799,7 +921,14 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
                     }
                     Some(_) => {}
                 }
-                c.full += 1;
+                match own_stub {
+                    None => c.full += 1,
+                    Some(false) => c.stubs += 1,
+                    Some(true) => {
+                        c.first_bad = Some(fault(Some(position), FileFaultKind::OwnEventAsStub));
+                        continue;
+                    }
+                }
                 *recomputed
             }
         };
@@ -857,16 +986,6 @@ fn node(left: &Digest, right: &Digest) -> Digest {
     blake3::hash(&input).into()
 }
 
-/// For an event whose hash does not match: the nearby position at which it does, if any.
-fn written_at(input: &mut [u8], at: i64, stored_hash: &Digest) -> Option<i64> {
-    (at.saturating_sub(REORDER_WINDOW).max(1)..=at.saturating_add(REORDER_WINDOW))
-        .filter(|q| *q != at)
-        .find(|q| {
-            input[POSITION_AT..POSITION_AT + 8].copy_from_slice(&(*q as u64).to_be_bytes());
-            blake3::hash(input) == *stored_hash
-        })
-}
-
 /// The walk over the pieces in file order.
 struct Walk {
     /// The header's first position.
@@ -881,6 +1000,9 @@ struct Walk {
     lines: u64,
     full: u64,
     stubs: u64,
+    v1_stubs: u64,
+    /// Whether a v2 line came before: no v1 line may follow.
+    v2_seen: bool,
     peaks: Peaks,
     hash_at: Option<Digest>,
 }
@@ -896,6 +1018,7 @@ impl Walk {
         }
         self.full += c.full;
         self.stubs += c.stubs;
+        self.v1_stubs += c.v1_stubs;
         let at_line = |index: u64| Some(line_no + 1 + index);
         if let Some(bad) = c
             .first_position
@@ -908,6 +1031,17 @@ impl Walk {
             });
             return;
         }
+        // The piece's first line passed what comes before this rule when its format is known
+        // (it is recorded after the line's shape, position and signed format are checked), and
+        // the rule comes before its hash: so before the line's own fault, if any.
+        if self.v2_seen && c.first_version == Some(HashVersion::V1) {
+            self.first_bad = Some(FileFault {
+                position: Some(self.expected),
+                line: at_line(0),
+                kind: FileFaultKind::Chain(Fault::v1_after_v2()),
+            });
+            return;
+        }
         if let Some(f) = c.first_bad.as_ref().filter(|f| f.line == Some(0)) {
             self.first_bad = Some(FileFault {
                 position: f.position.or(Some(self.expected)),
@@ -916,6 +1050,7 @@ impl Walk {
             });
             return;
         }
+        self.v2_seen |= c.has_v2;
         if c.first_prev.is_some_and(|p| p != self.prev) {
             self.first_bad = Some(FileFault {
                 position: Some(self.expected),
@@ -979,13 +1114,14 @@ mod tests {
 
     use super::*;
     use crate::ledger::checkpoint::LogSigner;
-    use crate::ledger::export::{write_event_line, write_stub_line};
-    use crate::ledger::hash::{event_hash, EventFields};
+    use crate::ledger::export::{write_event_line, write_stub_line, write_stub_v2_line};
+    use crate::ledger::hash::{event_hash, stub_parts, EventFields};
     use crate::ledger::merkle::{self, TreeHash};
 
     const ORIGIN: &str = "ledgerline.test/log";
 
     struct Event {
+        version: HashVersion,
         position: i64,
         org: Option<Uuid>,
         payload: String,
@@ -997,6 +1133,7 @@ mod tests {
     impl Event {
         fn fields(&self) -> EventFields<'_> {
             EventFields {
+                hash_version: self.version,
                 position: self.position,
                 aggregate_type: "User",
                 aggregate_id: "5f0c6a1e-0000-4000-8000-000000000001",
@@ -1016,12 +1153,22 @@ mod tests {
         (n != 0).then(|| Uuid::from_u128(n))
     }
 
-    /// A chain of `n` events: tenants 1 and 2 alternate with platform events (every 5th).
+    /// A chain of `n` v1 events: tenants 1 and 2 alternate with platform events (every 5th).
     fn chain(n: i64) -> Vec<Event> {
+        chain_from_v2(n, n + 1)
+    }
+
+    /// The same, with the events from position `v2` on in v2.
+    fn chain_from_v2(n: i64, v2: i64) -> Vec<Event> {
         let mut prev = GENESIS;
         (1..=n)
             .map(|p| {
                 let mut e = Event {
+                    version: if p < v2 {
+                        HashVersion::V1
+                    } else {
+                        HashVersion::V2
+                    },
                     position: p,
                     org: tenant(if p % 5 == 0 { 0 } else { 1 + (p % 2) as u128 }),
                     payload: format!(r#"{{"n": {p}, "name":"Zoë \u00e9", "secret":"s{p}"}}"#),
@@ -1071,10 +1218,27 @@ mod tests {
             if org.is_none() || e.org == org {
                 write_event_line(&mut out, &e.fields(), &e.prev_hash, &e.hash);
             } else {
-                write_stub_line(&mut out, e.position, &e.hash);
+                stub(&mut out, e);
             }
         }
         out
+    }
+
+    /// The stub an exporter writes for `e`.
+    fn stub(out: &mut Vec<u8>, e: &Event) {
+        match e.version {
+            HashVersion::V1 => write_stub_line(out, e.position, &e.hash),
+            HashVersion::V2 => {
+                let (tag, digest) = stub_parts(&e.fields());
+                write_stub_v2_line(out, e.position, &e.prev_hash, &tag, &digest, &e.hash);
+            }
+        }
+    }
+
+    fn stub_line(e: &Event) -> String {
+        let mut out = Vec::new();
+        stub(&mut out, e);
+        String::from_utf8(out).unwrap().trim_end().to_string()
     }
 
     fn lines(file: &[u8]) -> Vec<String> {
@@ -1237,6 +1401,176 @@ mod tests {
     }
 
     #[test]
+    fn v2_stubs_show_they_are_not_the_organizations_own() {
+        // v1 up to position 12, v2 from 13 on, as a log upgraded in service.
+        let events = chain_from_v2(40, 13);
+        let r = check(&export(&events, None, 1, 40), None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+        let r = check(&export(&events, tenant(1), 1, 40), None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+        assert_eq!((r.full_events, r.stubs, r.v1_stubs), (16, 24, 7));
+        let text = r.to_string();
+        assert!(
+            text.contains("17 position(s) are stubs whose tenant tags"),
+            "{text}"
+        );
+        assert!(
+            text.contains("7 position(s) are stubs of v1 events"),
+            "{text}"
+        );
+        // Only v2 events: no stub left unattributed.
+        let r = check(&export(&events, tenant(1), 13, 40), None);
+        assert!(r.intact() && r.v1_stubs == 0, "{r}");
+        assert!(!r.to_string().contains("v1 events"), "{r}");
+
+        let org = lines(&export(&events, tenant(1), 1, 40));
+        let own = |from: i64| {
+            (from..=40)
+                .find(|p| events[*p as usize - 1].org == tenant(1))
+                .unwrap()
+        };
+        // One of the organization's own v2 events left out as a v2 stub: its tag gives it away,
+        // though its hash and links are right.
+        let k = own(20);
+        let mut hidden = org.clone();
+        hidden[k as usize] = stub_line(&events[k as usize - 1]);
+        assert_eq!(
+            fault(&unlines(&hidden)),
+            Some((Some(k), FileFaultKind::OwnEventAsStub))
+        );
+        // ... or as a v1 stub, its hash alone: after v2 lines, refused as such.
+        let mut hidden = org.clone();
+        hidden[k as usize] = format!(
+            "{{\"position\":{k},\"hash\":\"{}\"}}",
+            hex::encode(events[k as usize - 1].hash)
+        );
+        assert_eq!(
+            fault(&unlines(&hidden)),
+            chain_fault(k, Fault::v1_after_v2())
+        );
+        // A v2 event of the organization's as a hash-only stub at the start of the file: no
+        // v2 line before it, so only a checkpoint (which signs where v2 begins) tells.
+        let k = own(13);
+        let mut from_k = lines(&export(&events, tenant(1), k, 40));
+        from_k[1] = format!(
+            "{{\"position\":{k},\"hash\":\"{}\"}}",
+            hex::encode(events[k as usize - 1].hash)
+        );
+        let r = check(&unlines(&from_k), None);
+        assert!(r.intact() && r.v1_stubs == 1, "{r}");
+        let signer = LogSigner::generate(ORIGIN).unwrap();
+        let note = signed(&signer, &events, 40);
+        assert!(note.contains("\nhash-v2-from 13\n"), "{note}");
+        let r = check(&unlines(&from_k), Some((&note, &signer.verifier())));
+        let not_as_signed = FileFaultKind::HashVersionNotAsSigned {
+            v2_from: Some(13),
+            tree_size: 40,
+        };
+        assert_eq!(
+            r.first_bad.map(|f| (f.position, f.kind)),
+            Some((Some(k), not_as_signed.clone()))
+        );
+        // Past the checkpoint's size too (here the file starts just after it), once it signs
+        // that v2 began.
+        let k = own(21);
+        let mut from_k = lines(&export(&events, tenant(1), k, 40));
+        from_k[1] = format!(
+            "{{\"position\":{k},\"hash\":\"{}\"}}",
+            hex::encode(events[k as usize - 1].hash)
+        );
+        let note = signed(&signer, &events, k as usize - 1);
+        let r = check(&unlines(&from_k), Some((&note, &signer.verifier())));
+        assert_eq!(
+            r.first_bad.map(|f| (f.position, f.kind)),
+            Some((
+                Some(k),
+                FileFaultKind::HashVersionNotAsSigned {
+                    v2_from: Some(13),
+                    tree_size: k as u64 - 1
+                }
+            ))
+        );
+        let note = signed(&signer, &events, 40);
+        // ... and a v1 event passed off as v2 before the signed boundary.
+        let mut early = lines(&export(&events, None, 1, 40));
+        let v2 = EventFields {
+            hash_version: HashVersion::V2,
+            ..events[4].fields()
+        };
+        let mut line = Vec::new();
+        let rehashed = event_hash(&events[4].prev_hash, &v2);
+        write_event_line(&mut line, &v2, &events[4].prev_hash, &rehashed);
+        early[5] = String::from_utf8(line).unwrap().trim_end().to_string();
+        let r = check(&unlines(&early), Some((&note, &signer.verifier())));
+        assert_eq!(
+            r.first_bad.map(|f| (f.position, f.kind)),
+            Some((Some(5), not_as_signed))
+        );
+
+        // A v1 line after v2 ones in a later piece of the file: the join finds it.
+        let whole = lines(&export(&events, None, 1, 40));
+        let mut late = whole.clone();
+        let v1 = events[35].fields();
+        let v1 = EventFields {
+            hash_version: HashVersion::V1,
+            ..v1
+        };
+        let mut line = Vec::new();
+        write_event_line(
+            &mut line,
+            &v1,
+            &events[35].prev_hash,
+            &event_hash(&events[35].prev_hash, &v1),
+        );
+        late[36] = String::from_utf8(line).unwrap().trim_end().to_string();
+        assert_eq!(
+            fault(&unlines(&late)),
+            chain_fault(36, Fault::v1_after_v2())
+        );
+        // ... which comes before its hash: a v1 line whose content was edited too is found by
+        // the same rule, whichever piece it starts (`check` cuts the file several ways).
+        late[36] = late[36].replacen("\"n\": 36", "\"n\": 37", 1);
+        assert_eq!(
+            fault(&unlines(&late)),
+            chain_fault(36, Fault::v1_after_v2())
+        );
+
+        // A v2 stub whose tag was changed (to pass for another tenant's) no longer hashes.
+        let theirs = (20..=40)
+            .find(|p| events[*p as usize - 1].org == tenant(2))
+            .unwrap();
+        let mut retagged = org.clone();
+        let tag = hex::encode(stub_parts(&events[theirs as usize - 1].fields()).0);
+        retagged[theirs as usize] =
+            retagged[theirs as usize].replacen(&tag, &hex::encode([9u8; 32]), 1);
+        assert_ne!(retagged, org);
+        assert_eq!(
+            fault(&unlines(&retagged)),
+            chain_fault(theirs, Fault::ContentChanged)
+        );
+        // And one whose prev_hash is not the hash before it breaks the link there.
+        let mut relinked = org.clone();
+        let e = &events[theirs as usize - 1];
+        let (tag, digest) = stub_parts(&e.fields());
+        let forged = hash::chain_v2(&[5; 32], &tag, &digest);
+        let mut line = Vec::new();
+        write_stub_v2_line(&mut line, theirs, &[5; 32], &tag, &digest, &forged);
+        relinked[theirs as usize] = String::from_utf8(line).unwrap().trim_end().to_string();
+        assert_eq!(
+            fault(&unlines(&relinked)),
+            chain_fault(theirs, Fault::LinkBroken)
+        );
+        // A v2 event moved is found where it was written, as a v1 one is.
+        let mut moved = whole.clone();
+        moved.remove(25);
+        moved[25] = moved[25].replacen("\"position\":26", "\"position\":25", 1);
+        assert_eq!(
+            fault(&unlines(&moved)),
+            chain_fault(25, Fault::Reordered { written_at: 26 })
+        );
+    }
+
+    #[test]
     fn a_stub_edited_breaks_the_next_full_events_link() {
         let events = chain(40);
         let org = lines(&export(&events, tenant(1), 1, 40));
@@ -1272,8 +1606,8 @@ mod tests {
             }
         };
         assert!(
-            header_fault(file[0].replacen("\"version\":1", "\"version\":2", 1))
-                .contains("version 2")
+            header_fault(file[0].replacen("\"version\":2", "\"version\":3", 1))
+                .contains("version 3")
         );
         assert!(header_fault(file[0].replacen("\"from\":4", "\"from\":5", 1)).contains("frontier"));
         assert!(header_fault("{}".into()).contains("not a `ledgerline-export` file"));
@@ -1304,6 +1638,10 @@ mod tests {
                 events[size - 1].hash
             },
             time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+            hash_v2_from: events[..size]
+                .iter()
+                .find(|e| e.version == HashVersion::V2)
+                .map(|e| e.position as u64),
         })
     }
 
@@ -1422,6 +1760,7 @@ mod tests {
             root: merkle::root::<Blake3>(&leaves(&events)),
             chain_head: events[4].hash,
             time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
+            hash_v2_from: None,
         });
         let f = check(
             &export(&events, None, 1, 5),
@@ -1481,32 +1820,5 @@ mod tests {
             );
         }
         assert!(pieces(b"", 3).is_empty());
-    }
-
-    #[test]
-    fn the_example_in_the_format_docs_verifies() {
-        let doc = include_str!("../../docs/ledger-format.md");
-        let section = &doc[doc.find("## 10. Export files (v1)").expect("the section")..];
-        let start = section.find("```text\n").expect("the example") + "```text\n".len();
-        let example = &section[start..start + section[start..].find("```").unwrap()];
-        let r = check(example.as_bytes(), None);
-        assert!(r.intact(), "{r}");
-        assert_eq!((r.lines, r.full_events, r.stubs), (2, 1, 1));
-        assert_eq!(
-            hex::encode(r.head_hash),
-            "64fdddae455edf1597a88edd58e609dddbacadafa29bb429accb09b7ccf111f9"
-        );
-        // The frontier is vector 1's leaf: the root at size 3 is section 9's.
-        let signer = LogSigner::generate("ledgerline").unwrap();
-        let root = "a4a462393e691cf4fb02f1cd7041abe98945282fd0ab15c135a185d503951acf";
-        let note = signer.sign(&Checkpoint {
-            origin: "ledgerline".into(),
-            tree_size: 3,
-            root: hex_to_digest(root),
-            chain_head: r.head_hash,
-            time: DateTime::<Utc>::from_timestamp(1_800_000_000, 0).unwrap(),
-        });
-        let r = check(example.as_bytes(), Some((&note, &signer.verifier())));
-        assert!(r.matches_checkpoint(), "{r}");
     }
 }

@@ -23,7 +23,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::checkpoint::{Checkpoint, LogSigner};
-use super::hash::{event_hash, EventFields, GENESIS};
+use super::hash::{event_hash, EventFields, HashVersion, GENESIS};
 use super::merkle::{self, Blake3, Digest, Frontier, Nodes, Recorder, TreeHash};
 
 /// Events integrated per transaction.
@@ -113,14 +113,20 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     }
     let mut frontier = state(&mut tx, true).await?;
     let size = frontier.size() as i64;
-    let mut prev: Digest = if size == 0 {
-        GENESIS
+    let (mut v2_from,): (Option<i64>,) = sqlx::query_as("SELECT hash_v2_from FROM merkle_state")
+        .fetch_one(&mut *tx)
+        .await?;
+    // Whether the last integrated event is v2 comes from that event (its format is bound by
+    // its hash), not from the column above, which only records where v2 began.
+    let (mut prev, mut prev_v2): (Digest, bool) = if size == 0 {
+        (GENESIS, false)
     } else {
-        let (h,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
-            .bind(size)
-            .fetch_one(&mut *tx)
-            .await?;
-        digest(&h)?
+        let (h, version): (Vec<u8>, i16) =
+            sqlx::query_as("SELECT hash, hash_version FROM events WHERE position = $1")
+                .bind(size)
+                .fetch_one(&mut *tx)
+                .await?;
+        (digest(&h)?, version == HashVersion::V2.number())
     };
     let events: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
@@ -134,14 +140,22 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     let mut hashes: Vec<Vec<u8>> = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let expected = size + 1 + i as i64;
-        let recomputed = event_hash(&prev, &EventFields::of(e));
-        if e.position != expected || e.prev_hash != prev || e.hash != recomputed {
+        let fields = EventFields::of(e);
+        let recomputed = event_hash(&prev, &fields);
+        // The writer turned to v2 for good: a v1 event after a v2 one was not written by it.
+        let v2 = fields.hash_version == HashVersion::V2;
+        let downgraded = prev_v2 && !v2;
+        if e.position != expected || e.prev_hash != prev || e.hash != recomputed || downgraded {
             tracing::error!(
                 position = expected,
                 "ledger does not verify; tree integration stopped"
             );
             return Err(TreeError::Tampered(expected));
         }
+        if v2 && !prev_v2 {
+            v2_from = Some(expected);
+        }
+        prev_v2 = v2;
         for (level, index, node) in frontier.push(Blake3::leaf(&recomputed)) {
             if level > 0 {
                 levels.push(level as i16);
@@ -162,9 +176,10 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
         .execute(&mut *tx)
         .await?;
         let peaks: Vec<Vec<u8>> = frontier.peaks().iter().map(|p| p.to_vec()).collect();
-        sqlx::query("UPDATE merkle_state SET size = $1, peaks = $2")
+        sqlx::query("UPDATE merkle_state SET size = $1, peaks = $2, hash_v2_from = $3")
             .bind(frontier.size() as i64)
             .bind(&peaks)
+            .bind(v2_from)
             .execute(&mut *tx)
             .await?;
     }
@@ -324,6 +339,12 @@ pub async fn sign_checkpoint(
         .bind(size as i64)
         .fetch_one(&mut *conn)
         .await?;
+    // Read after the frontier: integration moves both at once, and only ever adds.
+    let (v2_from,): (Option<i64>,) = sqlx::query_as("SELECT hash_v2_from FROM merkle_state")
+        .fetch_one(&mut *conn)
+        .await?;
+    let v2_from = v2_from.map(|p| p as u64).filter(|p| *p <= size);
+    check_boundary(&mut conn, v2_from, size).await?;
     drop(conn);
     let checkpoint = Checkpoint {
         origin: signer.name().to_string(),
@@ -331,6 +352,7 @@ pub async fn sign_checkpoint(
         root: frontier.root(),
         chain_head: digest(&head)?,
         time: Utc::now().trunc_subsecs(0),
+        hash_v2_from: v2_from,
     };
     if !check_extends_signed(pool, signer, &checkpoint).await? {
         return Ok(None);
@@ -423,6 +445,21 @@ async fn check_extends_signed(
         }
         return refuse(signed.tree_size, "the stored tree is smaller".into());
     }
+    // Where v2 begins cannot move: a signed boundary stays, and none may appear inside a tree
+    // signed as all v1.
+    let boundary_kept = match signed.hash_v2_from {
+        Some(p) => next.hash_v2_from == Some(p),
+        None => next.hash_v2_from.is_none_or(|p| p > signed.tree_size),
+    };
+    if !boundary_kept {
+        return refuse(
+            signed.tree_size,
+            format!(
+                "it signs v2 hashes from {:?}, this tree from {:?}",
+                signed.hash_v2_from, next.hash_v2_from
+            ),
+        );
+    }
     let head: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
         .bind(signed.tree_size as i64)
         .fetch_optional(pool)
@@ -450,6 +487,35 @@ async fn check_extends_signed(
         );
     }
     Ok(true)
+}
+
+/// Refuses ([`TreeError::Unsignable`]) a recorded first v2 position that the events around it
+/// do not bear out (v1 just before it, v2 at it; with none recorded, v1 at the tree's end): the
+/// column is the maintainer's note, writable by whoever can write the database, and the
+/// boundary it signs decides which format an export's verifier holds each line to.
+async fn check_boundary(
+    conn: &mut PgConnection,
+    v2_from: Option<u64>,
+    size: u64,
+) -> Result<(), TreeError> {
+    let (at, want): (Vec<i64>, Vec<i16>) = match v2_from {
+        Some(1) => (vec![1], vec![2]),
+        Some(p) => (vec![p as i64 - 1, p as i64], vec![1, 2]),
+        None => (vec![size as i64], vec![1]),
+    };
+    let found: Vec<i16> = sqlx::query_scalar(
+        "SELECT hash_version FROM events WHERE position = ANY($1) ORDER BY position",
+    )
+    .bind(&at)
+    .fetch_all(&mut *conn)
+    .await?;
+    if found != want {
+        return Err(TreeError::Unsignable(format!(
+            "the recorded first v2 position ({v2_from:?}) is not the log's: the events at \
+             positions {at:?} are in hash versions {found:?}"
+        )));
+    }
+    Ok(())
 }
 
 async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {

@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool};
 
 use super::copy_binary::CopyBinaryReader;
-use super::hash::{encode_v1, RawFields, GENESIS, POSITION_AT};
+use super::hash::{self, HashVersion, RawFields, GENESIS};
 
 /// What is wrong at the first bad position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,6 +102,11 @@ struct Segment {
     last_hash: Option<[u8; 32]>,
     last_position: i64,
     first_bad: Option<BadEvent>,
+    /// The hash format of the range's first event (checked against the join: no v1 event
+    /// follows a v2 one).
+    first_version: Option<HashVersion>,
+    /// Whether the range holds a v2 event.
+    has_v2: bool,
 }
 
 impl Segment {
@@ -212,11 +217,20 @@ fn join(segments: Vec<Segment>, elapsed: Duration) -> Report {
     let mut prev_hash = GENESIS;
     let mut head_position = 0;
     let mut first_bad = None;
+    let mut v2_before = false;
     for seg in segments {
         events += seg.events;
         if first_bad.is_some() {
             continue; // count the rest; the head stays at the last good event
         }
+        if v2_before && seg.first_version == Some(HashVersion::V1) {
+            first_bad = Some(BadEvent {
+                position: seg.start,
+                fault: Fault::v1_after_v2(),
+            });
+            continue;
+        }
+        v2_before |= seg.has_v2;
         if let Some(first_prev) = seg.first_prev {
             if first_prev != prev_hash {
                 first_bad = Some(BadEvent {
@@ -244,8 +258,8 @@ fn join(segments: Vec<Segment>, elapsed: Duration) -> Report {
 /// The columns read, in this order: the hashed fields, then `prev_hash` and `hash`.
 const COLUMNS: &str = "position, aggregate_type, aggregate_id, sequence, event_type, \
                        event_version, organization_id, recorded_at, payload, metadata, \
-                       prev_hash, hash";
-const N_COLUMNS: usize = 12;
+                       prev_hash, hash, hash_version";
+const N_COLUMNS: usize = 13;
 const COLUMN_NAMES: [&str; N_COLUMNS] = [
     "position",
     "aggregate_type",
@@ -259,6 +273,7 @@ const COLUMN_NAMES: [&str; N_COLUMNS] = [
     "metadata",
     "prev_hash",
     "hash",
+    "hash_version",
 ];
 
 async fn verify_range(pool: &PgPool, start: i64, end: i64) -> Result<Segment, sqlx::Error> {
@@ -297,7 +312,7 @@ struct RangeWalk {
     expected: i64,
     /// The recomputed hash of the previous row.
     prev: Option<[u8; 32]>,
-    /// The v1 hash input of the current row (reused: no allocation per row).
+    /// The hash input of the current row (reused: no allocation per row).
     input: Vec<u8>,
 }
 
@@ -312,6 +327,8 @@ impl RangeWalk {
                 last_hash: None,
                 last_position: start - 1,
                 first_bad: None,
+                first_version: None,
+                has_v2: false,
             },
             expected: start,
             prev: None,
@@ -346,10 +363,25 @@ impl RangeWalk {
             seg.first_bad = Some(bad);
             return Ok(());
         }
-        encode_v1(&mut self.input, &raw.prev_hash, &raw.fields);
-        let recomputed: [u8; 32] = blake3::hash(&self.input).into();
+        let version = raw.fields.hash_version;
+        if seg.has_v2 && version == HashVersion::V1 {
+            seg.first_bad = Some(BadEvent {
+                position: raw.fields.position,
+                fault: Fault::v1_after_v2(),
+            });
+            return Ok(());
+        }
+        seg.first_version.get_or_insert(version);
+        seg.has_v2 |= version == HashVersion::V2;
+        let recomputed = hash::raw_hash(&mut self.input, &raw.prev_hash, &raw.fields);
         if raw.hash != recomputed {
-            let fault = match written_at(&mut self.input, raw.fields.position, &raw.hash) {
+            let fault = match hash::written_at(
+                &mut self.input,
+                &raw.prev_hash,
+                &raw.fields,
+                REORDER_WINDOW,
+                &raw.hash,
+            ) {
                 Some(q) => Fault::Reordered { written_at: q },
                 None => Fault::ContentChanged,
             };
@@ -450,8 +482,15 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, (us
             )
         })?
     };
+    let hash_version = {
+        let v = value(12)?;
+        let n = <[u8; 2]>::try_from(v).map_err(|_| (12, format!("a {}-byte smallint", v.len())))?;
+        let n = i16::from_be_bytes(n);
+        HashVersion::from_number(n.into()).ok_or_else(|| (12, n.to_string()))?
+    };
     Ok(RawRow {
         fields: RawFields {
+            hash_version,
             position: integer(0)?,
             aggregate_type: value(1)?,
             aggregate_id: value(2)?,
@@ -468,20 +507,19 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, (us
     })
 }
 
+impl Fault {
+    /// A v1 event after a v2 one: the writer switched to v2 for good (migration 0010).
+    pub fn v1_after_v2() -> Self {
+        Fault::Impossible {
+            column: "hash_version",
+            value: "1 after a version 2 event".into(),
+        }
+    }
+}
+
 /// A `bigint` in binary form.
 fn int8(b: &[u8]) -> Option<i64> {
     Some(i64::from_be_bytes(b.try_into().ok()?))
-}
-
-/// For an event whose hash does not match: the nearby position at which it does, if any.
-/// `input` is the event's v1 hash input; its position is rewritten in place.
-fn written_at(input: &mut [u8], at: i64, stored_hash: &[u8; 32]) -> Option<i64> {
-    (at.saturating_sub(REORDER_WINDOW).max(1)..=at.saturating_add(REORDER_WINDOW))
-        .filter(|q| *q != at)
-        .find(|q| {
-            input[POSITION_AT..POSITION_AT + 8].copy_from_slice(&(*q as u64).to_be_bytes());
-            blake3::hash(input) == *stored_hash
-        })
 }
 
 fn to32(b: &[u8]) -> [u8; 32] {
@@ -499,6 +537,7 @@ mod tests {
     /// An event as stored, with its stored `prev_hash` and `hash`.
     #[derive(Clone)]
     struct Stored {
+        hash_version: HashVersion,
         position: i64,
         aggregate_type: String,
         aggregate_id: String,
@@ -516,6 +555,7 @@ mod tests {
     impl Stored {
         fn fields(&self) -> EventFields<'_> {
             EventFields {
+                hash_version: self.hash_version,
                 position: self.position,
                 aggregate_type: &self.aggregate_type,
                 aggregate_id: &self.aggregate_id,
@@ -545,12 +585,14 @@ mod tests {
                 Some(self.metadata.as_bytes().to_vec()),
                 Some(self.prev_hash.to_vec()),
                 Some(self.hash.to_vec()),
+                Some(self.hash_version.number().to_be_bytes().to_vec()),
             ]
         }
     }
 
     fn event(position: i64, prev_hash: [u8; 32]) -> Stored {
         let mut e = Stored {
+            hash_version: HashVersion::V2,
             position,
             aggregate_type: "User".into(),
             aggregate_id: Uuid::from_u128(position as u128).to_string(),
@@ -599,6 +641,7 @@ mod tests {
         let mut cases = vec![event(1, GENESIS), event(3, [9; 32])];
         // docs/ledger-format.md, vector 4: extreme values, non-ASCII, empty text, nil UUID.
         cases.push(Stored {
+            hash_version: HashVersion::V1,
             position: 9_007_199_254_740_993,
             aggregate_type: "Édition".into(),
             aggregate_id: String::new(),
@@ -621,9 +664,8 @@ mod tests {
             let bin = e.binary();
             let fields: [Option<&[u8]>; N_COLUMNS] = std::array::from_fn(|i| bin[i].as_deref());
             let raw = decode_row(&fields).unwrap();
-            encode_v1(&mut input, &raw.prev_hash, &raw.fields);
             assert_eq!(
-                <[u8; 32]>::from(blake3::hash(&input)),
+                hash::raw_hash(&mut input, &raw.prev_hash, &raw.fields),
                 event_hash(&e.prev_hash, &e.fields()),
                 "position {}",
                 e.position
@@ -634,6 +676,86 @@ mod tests {
             hex::encode(event_hash(&cases[2].prev_hash, &cases[2].fields())),
             "176e5795e01b6bac2645b1da760928644000669d368711957b7f5ad795cfad78"
         );
+    }
+
+    /// A chain of positions 1..=n whose first `v1` events are v1 and the rest `version`.
+    fn mixed_chain(n: i64, v1: i64, version: HashVersion) -> Vec<Stored> {
+        let mut prev = GENESIS;
+        (1..=n)
+            .map(|p| {
+                let mut e = event(p, prev);
+                e.hash_version = if p <= v1 { HashVersion::V1 } else { version };
+                e.hash = event_hash(&prev, &e.fields());
+                prev = e.hash;
+                e
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_log_turns_from_v1_to_v2_once() {
+        let upgraded = mixed_chain(10, 4, HashVersion::V2);
+        assert!(walk_events(&upgraded, 1, 10).first_bad.is_none());
+        // The two formats hash differently: the first v2 event read as v1 (so that no v2
+        // event comes before it) is a changed content, and a v1 event read as v2 too.
+        for (at, version) in [(4, HashVersion::V1), (3, HashVersion::V2)] {
+            let mut misread = upgraded.clone();
+            misread[at].hash_version = version;
+            assert_eq!(
+                walk_events(&misread, 1, 10).first_bad,
+                Some(BadEvent {
+                    position: at as i64 + 1,
+                    fault: Fault::ContentChanged
+                })
+            );
+        }
+        // Any later v2 event read as v1 comes after a v2 one.
+        let mut misread = upgraded.clone();
+        misread[6].hash_version = HashVersion::V1;
+        assert_eq!(
+            walk_events(&misread, 1, 10).first_bad,
+            Some(BadEvent {
+                position: 7,
+                fault: Fault::v1_after_v2()
+            })
+        );
+        // A v1 event after a v2 one, even with a chain recomputed around it.
+        let mut events = mixed_chain(10, 4, HashVersion::V2);
+        let mut prev = events[5].hash;
+        for e in &mut events[6..] {
+            e.prev_hash = prev;
+            e.hash_version = HashVersion::V1;
+            e.hash = event_hash(&prev, &e.fields());
+            prev = e.hash;
+        }
+        assert_eq!(
+            walk_events(&events, 1, 10).first_bad,
+            Some(BadEvent {
+                position: 7,
+                fault: Fault::v1_after_v2()
+            })
+        );
+        // Across ranges: the join sees a v1 range after a v2 one.
+        let seg = |r: std::ops::Range<usize>| {
+            walk_events(&events[r.clone()], r.start as i64 + 1, r.end as i64)
+        };
+        let report = join(vec![seg(0..6), seg(6..10)], Duration::ZERO);
+        assert_eq!(
+            report.first_bad,
+            Some(BadEvent {
+                position: 7,
+                fault: Fault::v1_after_v2()
+            })
+        );
+        assert_eq!(report.head_position, 6);
+        let report = join(
+            vec![
+                walk_events(&upgraded[..2], 1, 2),
+                walk_events(&upgraded[2..], 3, 10),
+            ],
+            Duration::ZERO,
+        );
+        assert!(report.intact() && report.head_hash == upgraded[9].hash);
     }
 
     #[test]

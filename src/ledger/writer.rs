@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use uuid::Uuid;
 
 use super::claim_book::ClaimBook;
-use super::hash::{event_hash, truncate_to_micros, EventFields, GENESIS};
+use super::hash::{event_hash, truncate_to_micros, EventFields, HashVersion, GENESIS};
 use super::store::AppendError;
 
 /// The advisory lock every appender holds until commit, in every process ("ledger").
@@ -472,6 +472,7 @@ async fn commit_batch(
             let hash = event_hash(
                 &prev,
                 &EventFields {
+                    hash_version: HashVersion::CURRENT,
                     position,
                     aggregate_type: &p.aggregate_type,
                     aggregate_id: &p.aggregate_id,
@@ -620,8 +621,9 @@ impl<'a> Columns<'a> {
     async fn insert(&self, conn: &mut PgConnection) -> Result<(), sqlx::Error> {
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                                 payload, metadata, position, organization_id, recorded_at, prev_hash, hash)
-             SELECT ty, id, seq, et, ev, pl::json, md::json, pos, org, at, ph, h
+                                 payload, metadata, position, organization_id, recorded_at, prev_hash, hash,
+                                 hash_version)
+             SELECT ty, id, seq, et, ev, pl::json, md::json, pos, org, at, ph, h, $13
              FROM unnest($1::text[], $2::text[], $3::bigint[], $4::text[], $5::text[], $6::text[],
                          $7::text[], $8::bigint[], $9::uuid[], $10::timestamptz[], $11::bytea[], $12::bytea[])
                   AS t(ty, id, seq, et, ev, pl, md, pos, org, at, ph, h)",
@@ -638,6 +640,7 @@ impl<'a> Columns<'a> {
         .bind(&self.recorded_at)
         .bind(&self.prev_hash)
         .bind(&self.hash)
+        .bind(HashVersion::CURRENT.number())
         .execute(&mut *conn)
         .await?;
         Ok(())

@@ -176,8 +176,8 @@ impl Ledger {
         sqlx::query(
             "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
              event_version, payload, metadata, position, organization_id, recorded_at, \
-             prev_hash, hash) \
-             VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $11)",
+             prev_hash, hash, hash_version) \
+             VALUES ($1, $2, $3, $4, $5, $6::json, $7::json, $8, $9, $10, $11, $11, 2)",
         )
         .bind(aggregate_type)
         .bind(aggregate_id)

@@ -1,4 +1,4 @@
-//! Reading one line of an export file (docs/ledger-format.md, "Export files (v1)").
+//! Reading one line of an export file (docs/ledger-format.md, "Export files").
 //!
 //! Two readers with one result. The fast path reads exactly the layout `export.rs` writes
 //! (fields in order, no whitespace, strings without escapes, payload and metadata as raw
@@ -18,19 +18,34 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::ledger::hash::RawFields;
+use crate::ledger::hash::{HashVersion, RawFields};
 use crate::ledger::merkle::Digest;
 
 /// A checked line: a stub, or a full event ready to hash.
 // Lives on the stack for one line at a time: boxing the large variant would allocate per line.
 #[allow(clippy::large_enum_variant)]
 pub(super) enum Parsed<'a> {
-    Stub { position: i64, hash: Digest },
+    /// Another tenant's v1 event: its hash alone.
+    Stub {
+        position: i64,
+        hash: Digest,
+    },
+    /// Another tenant's v2 event: what its hash is computed from, but the content.
+    StubV2(StubV2),
     Full(FullEvent<'a>),
+}
+
+pub(super) struct StubV2 {
+    pub position: i64,
+    pub prev_hash: Digest,
+    pub tenant_tag: Digest,
+    pub content_digest: Digest,
+    pub hash: Digest,
 }
 
 pub(super) struct FullEvent<'a> {
     text: EventText<'a>,
+    pub hash_version: HashVersion,
     position: i64,
     organization_id: Option<[u8; 16]>,
     pub prev_hash: Digest,
@@ -38,10 +53,11 @@ pub(super) struct FullEvent<'a> {
 }
 
 impl FullEvent<'_> {
-    /// The hashed fields, as `encode_v1` takes them.
+    /// The hashed fields, as `hash::raw_hash` takes them.
     pub fn fields(&self) -> RawFields<'_> {
         let t = &self.text;
         RawFields {
+            hash_version: self.hash_version,
             position: self.position,
             aggregate_type: t.aggregate_type,
             aggregate_id: t.aggregate_id,
@@ -60,6 +76,7 @@ impl Parsed<'_> {
     pub fn position(&self) -> i64 {
         match self {
             Parsed::Stub { position, .. } => *position,
+            Parsed::StubV2(s) => s.position,
             Parsed::Full(e) => e.position,
         }
     }
@@ -107,7 +124,12 @@ pub(super) fn next_line<'a>(rest: &mut &'a [u8]) -> &'a [u8] {
 /// A line's fields as the bytes of their text, before checking.
 struct LineText<'a> {
     position: i64,
-    hash: &'a [u8],
+    /// Every line's but a v2 stub's.
+    hash: Option<&'a [u8]>,
+    /// A v2 stub's `prev_hash`, `tenant_tag` and `content_digest`.
+    stub_v2: Option<[&'a [u8]; 3]>,
+    /// A full event's `hash_version` (absent: 1).
+    hash_version: Option<i64>,
     event: Option<EventText<'a>>,
 }
 
@@ -127,17 +149,38 @@ struct EventText<'a> {
 
 impl<'a> LineText<'a> {
     fn check(self, full_export: bool) -> Result<Parsed<'a>, String> {
-        let hash = hex_digest("hash", self.hash)?;
         let Some(text) = self.event else {
             if full_export {
-                return Err(
-                    "a stub (position and hash only) in an export of every organization".into(),
-                );
+                return Err("a stub in an export of every organization".into());
             }
-            return Ok(Parsed::Stub {
-                position: self.position,
-                hash,
-            });
+            if self.hash_version.is_some() {
+                return Err("`hash_version` in a stub".into());
+            }
+            return match (self.hash, self.stub_v2) {
+                (Some(hash), None) => Ok(Parsed::Stub {
+                    position: self.position,
+                    hash: hex_digest("hash", hash)?,
+                }),
+                (Some(hash), Some([prev_hash, tenant_tag, content_digest])) => {
+                    Ok(Parsed::StubV2(StubV2 {
+                        position: self.position,
+                        prev_hash: hex_digest("prev_hash", prev_hash)?,
+                        tenant_tag: hex_digest("tenant_tag", tenant_tag)?,
+                        content_digest: hex_digest("content_digest", content_digest)?,
+                        hash: hex_digest("hash", hash)?,
+                    }))
+                }
+                (None, _) => Err(missing("hash")),
+            };
+        };
+        if self.stub_v2.is_some() {
+            return Err("`tenant_tag` or `content_digest` in a full event".into());
+        }
+        let hash = hex_digest("hash", self.hash.ok_or_else(|| missing("hash"))?)?;
+        let hash_version = match self.hash_version {
+            None => HashVersion::V1,
+            Some(n) => HashVersion::from_number(n)
+                .ok_or_else(|| format!("`hash_version` {n} is not 1 or 2"))?,
         };
         let organization_id = match text.organization_id {
             None => None,
@@ -162,6 +205,7 @@ impl<'a> LineText<'a> {
         let prev_hash = hex_digest("prev_hash", text.prev_hash)?;
         Ok(Parsed::Full(FullEvent {
             text,
+            hash_version,
             position: self.position,
             organization_id,
             prev_hash,
@@ -198,10 +242,34 @@ fn fast(line: &[u8], split: Split) -> Option<LineText<'_>> {
         c.lit(b"}")?;
         return (c.i == line.len()).then_some(LineText {
             position,
-            hash,
+            hash: Some(hash),
+            stub_v2: None,
+            hash_version: None,
             event: None,
         });
     }
+    if c.eat(b",\"prev_hash\":\"") {
+        let prev_hash = c.str64()?;
+        c.lit(b",\"tenant_tag\":\"")?;
+        let tenant_tag = c.str64()?;
+        c.lit(b",\"content_digest\":\"")?;
+        let content_digest = c.str64()?;
+        c.lit(b",\"hash\":\"")?;
+        let hash = c.str64()?;
+        c.lit(b"}")?;
+        return (c.i == line.len()).then_some(LineText {
+            position,
+            hash: Some(hash),
+            stub_v2: Some([prev_hash, tenant_tag, content_digest]),
+            hash_version: None,
+            event: None,
+        });
+    }
+    let hash_version = if c.eat(b",\"hash_version\":") {
+        Some(c.int()?)
+    } else {
+        None
+    };
     c.lit(b",\"aggregate_type\":\"")?;
     let aggregate_type = c.plain_str()?;
     c.lit(b",\"aggregate_id\":\"")?;
@@ -243,7 +311,9 @@ fn fast(line: &[u8], split: Split) -> Option<LineText<'_>> {
     };
     let text = LineText {
         position,
-        hash,
+        hash: Some(hash),
+        stub_v2: None,
+        hash_version,
         event: Some(EventText {
             aggregate_type,
             aggregate_id,
@@ -619,6 +689,8 @@ impl<'de: 'a, 'a> Deserialize<'de> for Json<'a> {
 #[serde(deny_unknown_fields)]
 struct LineJson<'a> {
     position: i64,
+    #[serde(default)]
+    hash_version: Present<i64>,
     #[serde(default, borrow)]
     aggregate_type: Option<Text<'a>>,
     #[serde(default, borrow)]
@@ -645,8 +717,12 @@ struct LineJson<'a> {
     metadata_text: Option<Text<'a>>,
     #[serde(default, borrow)]
     prev_hash: Option<Text<'a>>,
-    #[serde(borrow)]
-    hash: Text<'a>,
+    #[serde(default, borrow)]
+    tenant_tag: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    content_digest: Option<Text<'a>>,
+    #[serde(default, borrow)]
+    hash: Option<Text<'a>>,
 }
 
 fn missing(name: &str) -> String {
@@ -686,9 +762,16 @@ impl LineJson<'_> {
             && matches!(self.payload, Json::Absent)
             && self.payload_text.is_none()
             && matches!(self.metadata, Json::Absent)
-            && self.metadata_text.is_none()
-            && self.prev_hash.is_none();
-        let event = if is_stub {
+            && self.metadata_text.is_none();
+        let stub_v2 = match (&self.tenant_tag, &self.content_digest) {
+            (None, None) => None,
+            (tag, digest) => Some([
+                string("prev_hash", &self.prev_hash)?,
+                string("tenant_tag", tag)?,
+                string("content_digest", digest)?,
+            ]),
+        };
+        let event = if is_stub && (stub_v2.is_some() || self.prev_hash.is_none()) {
             None
         } else {
             Some(EventText {
@@ -713,7 +796,13 @@ impl LineJson<'_> {
         };
         Ok(LineText {
             position: self.position,
-            hash: self.hash.0.as_bytes(),
+            hash: self.hash.as_ref().map(|h| h.0.as_bytes()),
+            stub_v2,
+            hash_version: match self.hash_version {
+                Present::Absent => None,
+                Present::Null => return Err("`hash_version` is null".into()),
+                Present::Value(n) => Some(n),
+            },
             event,
         })
     }
@@ -724,11 +813,12 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
-    use crate::ledger::export::{write_event_line, write_stub_line};
-    use crate::ledger::hash::{encode_v1, event_hash, EventFields};
+    use crate::ledger::export::{write_event_line, write_stub_line, write_stub_v2_line};
+    use crate::ledger::hash::{event_hash, raw_hash, EventFields};
 
     fn event<'a>(payload: &'a str, metadata: &'a str, aggregate_id: &'a str) -> EventFields<'a> {
         EventFields {
+            hash_version: HashVersion::V2,
             position: 42,
             aggregate_type: "User",
             aggregate_id,
@@ -757,11 +847,8 @@ mod tests {
         read_next(&mut rest, full_export, |p| {
             f(p);
             let authentic = match p {
-                Parsed::Full(e) => {
-                    encode_v1(&mut input, &e.prev_hash, &e.fields());
-                    blake3::hash(&input) == e.hash
-                }
-                Parsed::Stub { .. } => true,
+                Parsed::Full(e) => raw_hash(&mut input, &e.prev_hash, &e.fields()) == e.hash,
+                Parsed::Stub { .. } | Parsed::StubV2(_) => true,
             };
             ((), authentic)
         })?;
@@ -773,6 +860,11 @@ mod tests {
         match p {
             Parsed::Full(e) => format!("{:?} {:?}", e.fields(), (e.prev_hash, e.hash)),
             Parsed::Stub { position, hash } => format!("stub {position} {hash:?}"),
+            Parsed::StubV2(s) => format!(
+                "stub v2 {} {:?}",
+                s.position,
+                (s.prev_hash, s.tenant_tag, s.content_digest, s.hash)
+            ),
         }
     }
 
@@ -824,6 +916,32 @@ mod tests {
         let (fast_read, fields) = read_back(stub.strip_suffix(b"\n").unwrap());
         assert!(fast_read);
         assert_eq!(fields, format!("stub 7 {:?}", [3u8; 32]));
+        let mut stub = Vec::new();
+        write_stub_v2_line(&mut stub, 8, &[1; 32], &[2; 32], &[3; 32], &[4; 32]);
+        let stub = stub.strip_suffix(b"\n").unwrap();
+        let (fast_read, fields) = read_back(stub);
+        assert!(fast_read);
+        assert_eq!(
+            fields,
+            format!(
+                "stub v2 8 {:?}",
+                ([1u8; 32], [2u8; 32], [3u8; 32], [4u8; 32])
+            )
+        );
+        let json: LineJson<'_> = serde_json::from_slice(stub).unwrap();
+        assert_eq!(
+            describe(&json.text().unwrap().check(false).unwrap()),
+            fields
+        );
+        // A line of a version 1 file has no `hash_version`: the event is v1.
+        let v1 = EventFields {
+            hash_version: HashVersion::V1,
+            ..event("{}", "{}", "id")
+        };
+        let line = line_of(&v1).replacen(",\"hash_version\":1", "", 1);
+        let (fast_read, fields) = read_back(line.as_bytes());
+        assert!(fast_read);
+        assert!(fields.contains("hash_version: V1"), "{fields}");
     }
 
     #[test]
@@ -856,6 +974,25 @@ mod tests {
             line.replacen("\"aggregate_id\":\"id\",", "", 1),
             line.replacen(",\"hash\":\"", ",\"hash\":\"0", 1),
             line.replacen("}", "},\"x\":1}", 1),
+            line.replacen("\"hash_version\":2", "\"hash_version\":3", 1),
+            line.replacen(
+                "{\"position\":42",
+                "{\"position\":42,\"tenant_tag\":\"00\"",
+                1,
+            ),
+            format!(
+                r#"{{"position":8,"hash_version":2,"hash":"{}"}}"#,
+                "0".repeat(64)
+            ),
+            format!(
+                r#"{{"position":8,"hash_version":2,"prev_hash":"{0}","tenant_tag":"{0}","content_digest":"{0}","hash":"{0}"}}"#,
+                "0".repeat(64)
+            ),
+            line.replacen("\"hash_version\":2", "\"hash_version\":null", 1),
+            format!(
+                r#"{{"position":8,"tenant_tag":"{0}","content_digest":"{0}","hash":"{0}"}}"#,
+                "0".repeat(64)
+            ),
         ] {
             assert!(read(bad.as_bytes(), false, |_| ()).is_err(), "{bad}");
         }
