@@ -242,11 +242,21 @@ fn tenant(out: &mut Vec<u8>, organization_id: Option<&[u8; 16]>) {
 /// tells that a stub is not the exported organization's. So can anyone for the platform (no
 /// tenant): an export shows which positions are platform events.
 pub fn tenant_tag(position: i64, organization_id: Option<&[u8; 16]>) -> [u8; 32] {
-    let mut input = Vec::with_capacity(8 + DOMAIN_TENANT_V2.len() + 8 + 17);
-    length_prefixed(&mut input, DOMAIN_TENANT_V2);
-    input.extend_from_slice(&(position as u64).to_be_bytes());
-    tenant(&mut input, organization_id);
-    *blake3::hash(&input).as_bytes()
+    // On the stack: every verifier computes one per v2 event.
+    const PREFIX: usize = 8 + DOMAIN_TENANT_V2.len();
+    let mut input = [0u8; PREFIX + 8 + 17];
+    input[..8].copy_from_slice(&(DOMAIN_TENANT_V2.len() as u64).to_be_bytes());
+    input[8..PREFIX].copy_from_slice(DOMAIN_TENANT_V2);
+    input[PREFIX..PREFIX + 8].copy_from_slice(&(position as u64).to_be_bytes());
+    let len = match organization_id {
+        None => PREFIX + 8 + 1,
+        Some(org) => {
+            input[PREFIX + 8] = 1;
+            input[PREFIX + 9..].copy_from_slice(org);
+            PREFIX + 8 + 17
+        }
+    };
+    *blake3::hash(&input[..len]).as_bytes()
 }
 
 /// v2: BLAKE3 over the content's domain and every hashed field but the position, encoded as
