@@ -228,7 +228,7 @@ impl Gen {
         );
         // v2 hashes the content's input, then the tenant tag's and the event's.
         let tag_input = 8 + 20 + 8 + if org.is_some() { 17 } else { 1 };
-        let event_input = 8 + 19 + 32 + 8 + 32 + 32;
+        let event_input = ledgerline::ledger::hash::V2_INPUT_LEN;
         self.hashed_bytes += (input.len() + tag_input + event_input) as u64;
         self.json_bytes += (payload.len() + metadata.len()) as u64;
         self.prev = hash;

@@ -955,6 +955,6 @@ async fn checkpoints_sign_where_v2_begins_and_nothing_after_it_may_be_v1() {
     let report = t.verify().await;
     assert_eq!(
         report.first_bad.map(|b| (b.position, b.fault)),
-        Some((head + 1, Fault::v1_after_v2()))
+        Some((head + 1, Fault::V1AfterV2))
     );
 }

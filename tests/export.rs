@@ -348,7 +348,7 @@ async fn an_export_that_hides_one_of_the_organizations_events_as_a_stub_is_refus
     );
     assert_eq!(
         first_bad(&TempFile::with_lines(&hidden).0),
-        (Some(position), FileFaultKind::Chain(Fault::v1_after_v2()))
+        (Some(position), FileFaultKind::Chain(Fault::V1AfterV2))
     );
     // A hash-only stub with no v2 line before it (the file starting there) is what a log
     // written before v2 would show; only a checkpoint, which signs where v2 begins, tells.

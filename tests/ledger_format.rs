@@ -1415,13 +1415,7 @@ mod export_example {
         );
         assert_eq!(
             fault_at(&v1_stub),
-            (
-                Some(5),
-                FileFaultKind::Chain(Fault::Impossible {
-                    column: "hash_version",
-                    value: "1 after a version 2 event".into(),
-                })
-            )
+            (Some(5), FileFaultKind::Chain(Fault::V1AfterV2))
         );
 
         // A v2 stub's tag or link edited.

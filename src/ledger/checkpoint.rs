@@ -1,7 +1,8 @@
 //! Signed checkpoints in the C2SP `tlog-checkpoint` format: a `signed-note` whose text names
 //! the log (origin), the tree size and the Merkle root, with extension lines of ours: the
-//! chain head hash, the time and, once the tree holds a v2 event, the first v2 position. Ed25519 keys as the signed-note spec defines them (signature
-//! type 0x01, key ID = SHA-256(name || 0x0A || 0x01 || public key)[:4]).
+//! chain head hash, the time and, once the tree holds a v2 event, the first v2 position.
+//! Ed25519 keys as the signed-note spec defines them (signature type 0x01, key ID =
+//! SHA-256(name || 0x0A || 0x01 || public key)[:4]).
 //!
 //! ```text
 //! ledgerline.example/log

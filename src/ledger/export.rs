@@ -416,22 +416,22 @@ impl PreparedExport {
 fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Result<(), ExportError> {
     let hash = digest(row, "hash", &row.hash)?;
     if !row.full {
-        // Another tenant's event. A v2 one whose stored fields cannot be hashed (damaged)
-        // goes out as its hash alone, which a verifier refuses among v2 lines: the file shows
-        // the damage where it is, as for the organization's own events.
-        match row_fields(row) {
-            Ok((fields, prev_hash)) if fields.hash_version == HashVersion::V2 => {
-                let (tenant_tag, content_digest) = stub_parts(&fields);
-                write_stub_v2_line(
-                    buf,
-                    row.position,
-                    &prev_hash,
-                    &tenant_tag,
-                    &content_digest,
-                    &hash,
-                );
-            }
-            _ => write_stub_line(buf, row.position, &hash),
+        // Another tenant's event: a v1 one by its hash alone, a v2 one by what its hash is
+        // computed from. A v2 row that cannot be hashed ends the export as a damaged one of
+        // the organization's own would: a hash-only stub in its place could pass unnoticed.
+        if row.hash_version == HashVersion::V1.number() {
+            write_stub_line(buf, row.position, &hash);
+        } else {
+            let (fields, prev_hash) = row_fields(row)?;
+            let (tenant_tag, content_digest) = stub_parts(&fields);
+            write_stub_v2_line(
+                buf,
+                row.position,
+                &prev_hash,
+                &tenant_tag,
+                &content_digest,
+                &hash,
+            );
         }
         summary.stubs += 1;
         return Ok(());

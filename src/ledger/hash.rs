@@ -3,10 +3,10 @@
 //!
 //! Two formats exist; each row says which in `events.hash_version`. v1 hashes every field in
 //! one input. v2 (every event written since migration 0010) hashes the previous hash, a
-//! *tenant tag* (of the position and the tenant) and a *content digest*, so that an organization's export can show
-//! another tenant's event as its tag and digest: the chain still links through it, and the
-//! tag proves it is not the exported organization's own (a v1 stub, its hash alone, could hide
-//! one of them).
+//! *tenant tag* (of the position and the tenant) and a *content digest*, so that an
+//! organization's export can show another tenant's event as its tag and digest: the chain
+//! still links through it, and the tag proves it is not the exported organization's own (a
+//! v1 stub, its hash alone, could hide one of them).
 
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
@@ -21,7 +21,7 @@ const DOMAIN_TENANT_V2: &[u8] = b"ledgerline.tenant.v2";
 const DOMAIN_CONTENT_V2: &[u8] = b"ledgerline.content.v2";
 
 /// Which format an event's hash is in: the `hash_version` column.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HashVersion {
     V1,
     V2,
@@ -44,6 +44,41 @@ impl HashVersion {
         match self {
             Self::V1 => 1,
             Self::V2 => 2,
+        }
+    }
+}
+
+/// The hash formats of a run of events, in position order, against the rule that no v1 event
+/// follows a v2 one (the writer switched to v2 for good). The verifiers check ranges apart and
+/// join them: each range keeps one of these, and the join asks whether a range may follow the
+/// ranges before it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FormatRun {
+    first: Option<HashVersion>,
+    has_v2: bool,
+}
+
+impl FormatRun {
+    /// Takes the next event's format; `false` (and nothing taken) if it is v1 after v2.
+    pub fn admit(&mut self, version: HashVersion) -> bool {
+        if self.has_v2 && version == HashVersion::V1 {
+            return false;
+        }
+        self.first.get_or_insert(version);
+        self.has_v2 |= version == HashVersion::V2;
+        true
+    }
+
+    /// Whether this run may follow `before`.
+    pub fn may_follow(&self, before: &FormatRun) -> bool {
+        !(before.has_v2 && self.first == Some(HashVersion::V1))
+    }
+
+    /// `before` followed by this run, as one.
+    pub fn after(&self, before: &FormatRun) -> FormatRun {
+        FormatRun {
+            first: before.first.or(self.first),
+            has_v2: before.has_v2 || self.has_v2,
         }
     }
 }
@@ -71,7 +106,8 @@ impl<'a> EventFields<'a> {
     pub fn of(e: &'a ledgerline_projections::StoredEvent) -> Self {
         Self {
             // A number no writer stores is hashed as v1, so that it matches nothing the
-            // writer wrote in v2; verifiers report it themselves.
+            // writer wrote in v2; `verify` reports the number itself, and the maintainer
+            // refuses it before hashing.
             hash_version: HashVersion::from_number(e.hash_version.into())
                 .unwrap_or(HashVersion::V1),
             position: e.position,
@@ -107,13 +143,13 @@ pub struct RawFields<'a> {
 }
 
 /// Where the position sits in the v1 hash input: after the length-prefixed domain and
-/// `prev_hash` (the verifier rewrites it in place to find where a moved event was written).
+/// `prev_hash` ([`written_at`] rewrites it in place to find where a moved event was written).
 const POSITION_AT: usize = 8 + DOMAIN_V1.len() + 32;
 
 /// Writes the v1 hash input into `out` (cleared first), the one definition of the format:
 /// every variable-length field is length-prefixed (u64, big-endian), integers are fixed-width
 /// big-endian, the tenant is tagged present/absent. BLAKE3 then runs over it in one call.
-pub fn encode_v1(out: &mut Vec<u8>, prev_hash: &[u8; 32], f: &RawFields<'_>) {
+fn encode_v1(out: &mut Vec<u8>, prev_hash: &[u8; 32], f: &RawFields<'_>) {
     out.clear();
     length_prefixed(out, DOMAIN_V1);
     out.extend_from_slice(prev_hash);
@@ -292,7 +328,7 @@ pub fn chain_v2(prev_hash: &[u8; 32], tag: &[u8; 32], digest: &[u8; 32]) -> [u8;
 }
 
 /// The v2 event input's length: domain (8 + 19), previous hash, tag, digest.
-const V2_INPUT_LEN: usize = 8 + DOMAIN_V2.len() + 32 + 32 + 32;
+pub const V2_INPUT_LEN: usize = 8 + DOMAIN_V2.len() + 32 + 32 + 32;
 
 /// PostgreSQL keeps microseconds; a time is truncated to them before it is hashed and
 /// stored, so that the hash recomputed from the row is the hash written.

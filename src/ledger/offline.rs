@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use super::export::{ExportHeader, FORMAT, VERSION};
-use super::hash::{self, HashVersion, GENESIS};
+use super::hash::{self, FormatRun, HashVersion, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier};
 use super::verify::{out_of_place, Fault};
 
@@ -382,7 +382,7 @@ fn verify_blocks(
         full: 0,
         stubs: 0,
         v1_stubs: 0,
-        v2_seen: false,
+        formats: FormatRun::default(),
         peaks: Peaks {
             size: frontier.size(),
             peaks: frontier.peaks().to_vec(),
@@ -717,11 +717,10 @@ struct Chunk {
     full: u64,
     stubs: u64,
     v1_stubs: u64,
-    /// The hash format of the first line, if it parsed (no v1 line may follow a v2 one,
-    /// which the join checks across pieces).
-    first_version: Option<HashVersion>,
-    /// Whether the piece holds a v2 line.
-    has_v2: bool,
+    /// The formats of the piece's lines up to the first fault (no v1 line may follow a v2 one,
+    /// here or across the join). Its first line's is taken once the line passed the checks
+    /// that come before this rule.
+    formats: FormatRun,
     /// The first line's position, if it parsed.
     first_position: Option<i64>,
     /// The stored `prev_hash` of the first line when it is a full event that hashes correctly:
@@ -866,7 +865,8 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
         if let Some((v2_from, tree_size)) = ctx.signed_versions {
             // Up to the checkpoint's size, as it signs; past it, v2 once v2 began (the writer
             // never goes back), and nothing can be said while it had not.
-            let p = position as u64;
+            // (A position below 1 is a fault of its own, reported before this.)
+            let p = u64::try_from(position).unwrap_or(0);
             let signed_v2 = match v2_from {
                 Some(from) => Some(p >= from),
                 None => (p <= tree_size).then_some(false),
@@ -879,15 +879,13 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
                 continue;
             }
         }
-        if c.has_v2 && version == HashVersion::V1 {
+        if !c.formats.admit(version) {
             c.first_bad = Some(fault(
                 Some(position),
-                FileFaultKind::Chain(Fault::v1_after_v2()),
+                FileFaultKind::Chain(Fault::V1AfterV2),
             ));
             continue;
         }
-        c.first_version.get_or_insert(version);
-        c.has_v2 |= version == HashVersion::V2;
         let hash = match &parsed {
             Checked::Stub { hash, .. } => {
                 c.stubs += 1;
@@ -1001,8 +999,8 @@ struct Walk {
     full: u64,
     stubs: u64,
     v1_stubs: u64,
-    /// Whether a v2 line came before: no v1 line may follow.
-    v2_seen: bool,
+    /// The formats of the lines joined so far.
+    formats: FormatRun,
     peaks: Peaks,
     hash_at: Option<Digest>,
 }
@@ -1034,11 +1032,11 @@ impl Walk {
         // The piece's first line passed what comes before this rule when its format is known
         // (it is recorded after the line's shape, position and signed format are checked), and
         // the rule comes before its hash: so before the line's own fault, if any.
-        if self.v2_seen && c.first_version == Some(HashVersion::V1) {
+        if !c.formats.may_follow(&self.formats) {
             self.first_bad = Some(FileFault {
                 position: Some(self.expected),
                 line: at_line(0),
-                kind: FileFaultKind::Chain(Fault::v1_after_v2()),
+                kind: FileFaultKind::Chain(Fault::V1AfterV2),
             });
             return;
         }
@@ -1050,7 +1048,7 @@ impl Walk {
             });
             return;
         }
-        self.v2_seen |= c.has_v2;
+        self.formats = c.formats.after(&self.formats);
         if c.first_prev.is_some_and(|p| p != self.prev) {
             self.first_bad = Some(FileFault {
                 position: Some(self.expected),
@@ -1444,10 +1442,7 @@ mod tests {
             "{{\"position\":{k},\"hash\":\"{}\"}}",
             hex::encode(events[k as usize - 1].hash)
         );
-        assert_eq!(
-            fault(&unlines(&hidden)),
-            chain_fault(k, Fault::v1_after_v2())
-        );
+        assert_eq!(fault(&unlines(&hidden)), chain_fault(k, Fault::V1AfterV2));
         // A v2 event of the organization's as a hash-only stub at the start of the file: no
         // v2 line before it, so only a checkpoint (which signs where v2 begins) tells.
         let k = own(13);
@@ -1523,17 +1518,11 @@ mod tests {
             &event_hash(&events[35].prev_hash, &v1),
         );
         late[36] = String::from_utf8(line).unwrap().trim_end().to_string();
-        assert_eq!(
-            fault(&unlines(&late)),
-            chain_fault(36, Fault::v1_after_v2())
-        );
+        assert_eq!(fault(&unlines(&late)), chain_fault(36, Fault::V1AfterV2));
         // ... which comes before its hash: a v1 line whose content was edited too is found by
         // the same rule, whichever piece it starts (`check` cuts the file several ways).
         late[36] = late[36].replacen("\"n\": 36", "\"n\": 37", 1);
-        assert_eq!(
-            fault(&unlines(&late)),
-            chain_fault(36, Fault::v1_after_v2())
-        );
+        assert_eq!(fault(&unlines(&late)), chain_fault(36, Fault::V1AfterV2));
 
         // A v2 stub whose tag was changed (to pass for another tenant's) no longer hashes.
         let theirs = (20..=40)

@@ -140,6 +140,13 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     let mut hashes: Vec<Vec<u8>> = Vec::new();
     for (i, e) in events.iter().enumerate() {
         let expected = size + 1 + i as i64;
+        if HashVersion::from_number(e.hash_version.into()).is_none() {
+            tracing::error!(
+                position = expected,
+                "unknown hash version; tree integration stopped"
+            );
+            return Err(TreeError::Tampered(expected));
+        }
         let fields = EventFields::of(e);
         let recomputed = event_hash(&prev, &fields);
         // The writer turned to v2 for good: a v1 event after a v2 one was not written by it.
@@ -343,7 +350,9 @@ pub async fn sign_checkpoint(
     let (v2_from,): (Option<i64>,) = sqlx::query_as("SELECT hash_v2_from FROM merkle_state")
         .fetch_one(&mut *conn)
         .await?;
-    let v2_from = v2_from.map(|p| p as u64).filter(|p| *p <= size);
+    let v2_from = v2_from
+        .and_then(|p| u64::try_from(p).ok())
+        .filter(|p| *p <= size);
     check_boundary(&mut conn, v2_from, size).await?;
     drop(conn);
     let checkpoint = Checkpoint {
@@ -455,8 +464,9 @@ async fn check_extends_signed(
         return refuse(
             signed.tree_size,
             format!(
-                "it signs v2 hashes from {:?}, this tree from {:?}",
-                signed.hash_v2_from, next.hash_v2_from
+                "it signs v2 hashes from {}, this tree from {}",
+                describe_boundary(signed.hash_v2_from),
+                describe_boundary(next.hash_v2_from)
             ),
         );
     }
@@ -511,11 +521,16 @@ async fn check_boundary(
     .await?;
     if found != want {
         return Err(TreeError::Unsignable(format!(
-            "the recorded first v2 position ({v2_from:?}) is not the log's: the events at \
-             positions {at:?} are in hash versions {found:?}"
+            "the recorded first v2 position ({}) is not the log's: the events at positions \
+             {at:?} are in hash versions {found:?}",
+            describe_boundary(v2_from)
         )));
     }
     Ok(())
+}
+
+fn describe_boundary(v2_from: Option<u64>) -> String {
+    v2_from.map_or("no position".into(), |p| format!("position {p}"))
 }
 
 async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {

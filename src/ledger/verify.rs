@@ -10,7 +10,7 @@ use futures::{StreamExt, TryStreamExt};
 use sqlx::{PgConnection, PgPool};
 
 use super::copy_binary::CopyBinaryReader;
-use super::hash::{self, HashVersion, RawFields, GENESIS};
+use super::hash::{self, FormatRun, HashVersion, RawFields, GENESIS};
 
 /// What is wrong at the first bad position.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,6 +35,9 @@ pub enum Fault {
     /// range such as `infinity`, a value of another width): edited, with the table's
     /// constraints or types changed where they forbid it.
     Impossible { column: &'static str, value: String },
+    /// A v1 event after a v2 one: the writer switched to v2 for good (migration 0010), so
+    /// such a row came past the trigger that refuses it, or is a v2 event relabelled.
+    V1AfterV2,
 }
 
 impl std::fmt::Display for Fault {
@@ -62,6 +65,9 @@ impl std::fmt::Display for Fault {
                 f,
                 "impossible value: {column} holds {value}, which the writer never stores"
             ),
+            Fault::V1AfterV2 => {
+                f.write_str("v1 after v2: a v1 event after a v2 one, which the writer never stores")
+            }
         }
     }
 }
@@ -102,11 +108,9 @@ struct Segment {
     last_hash: Option<[u8; 32]>,
     last_position: i64,
     first_bad: Option<BadEvent>,
-    /// The hash format of the range's first event (checked against the join: no v1 event
-    /// follows a v2 one).
-    first_version: Option<HashVersion>,
-    /// Whether the range holds a v2 event.
-    has_v2: bool,
+    /// The formats of the range's events, up to the first fault (no v1 event may follow a
+    /// v2 one, here or across the join).
+    formats: FormatRun,
 }
 
 impl Segment {
@@ -217,20 +221,20 @@ fn join(segments: Vec<Segment>, elapsed: Duration) -> Report {
     let mut prev_hash = GENESIS;
     let mut head_position = 0;
     let mut first_bad = None;
-    let mut v2_before = false;
+    let mut formats = FormatRun::default();
     for seg in segments {
         events += seg.events;
         if first_bad.is_some() {
             continue; // count the rest; the head stays at the last good event
         }
-        if v2_before && seg.first_version == Some(HashVersion::V1) {
+        if !seg.formats.may_follow(&formats) {
             first_bad = Some(BadEvent {
                 position: seg.start,
-                fault: Fault::v1_after_v2(),
+                fault: Fault::V1AfterV2,
             });
             continue;
         }
-        v2_before |= seg.has_v2;
+        formats = seg.formats.after(&formats);
         if let Some(first_prev) = seg.first_prev {
             if first_prev != prev_hash {
                 first_bad = Some(BadEvent {
@@ -327,8 +331,7 @@ impl RangeWalk {
                 last_hash: None,
                 last_position: start - 1,
                 first_bad: None,
-                first_version: None,
-                has_v2: false,
+                formats: FormatRun::default(),
             },
             expected: start,
             prev: None,
@@ -363,16 +366,13 @@ impl RangeWalk {
             seg.first_bad = Some(bad);
             return Ok(());
         }
-        let version = raw.fields.hash_version;
-        if seg.has_v2 && version == HashVersion::V1 {
+        if !seg.formats.admit(raw.fields.hash_version) {
             seg.first_bad = Some(BadEvent {
                 position: raw.fields.position,
-                fault: Fault::v1_after_v2(),
+                fault: Fault::V1AfterV2,
             });
             return Ok(());
         }
-        seg.first_version.get_or_insert(version);
-        seg.has_v2 |= version == HashVersion::V2;
         let recomputed = hash::raw_hash(&mut self.input, &raw.prev_hash, &raw.fields);
         if raw.hash != recomputed {
             let fault = match hash::written_at(
@@ -505,16 +505,6 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, (us
         prev_hash: to32(value(10)?),
         hash: to32(value(11)?),
     })
-}
-
-impl Fault {
-    /// A v1 event after a v2 one: the writer switched to v2 for good (migration 0010).
-    pub fn v1_after_v2() -> Self {
-        Fault::Impossible {
-            column: "hash_version",
-            value: "1 after a version 2 event".into(),
-        }
-    }
 }
 
 /// A `bigint` in binary form.
@@ -716,7 +706,7 @@ mod tests {
             walk_events(&misread, 1, 10).first_bad,
             Some(BadEvent {
                 position: 7,
-                fault: Fault::v1_after_v2()
+                fault: Fault::V1AfterV2
             })
         );
         // A v1 event after a v2 one, even with a chain recomputed around it.
@@ -732,7 +722,7 @@ mod tests {
             walk_events(&events, 1, 10).first_bad,
             Some(BadEvent {
                 position: 7,
-                fault: Fault::v1_after_v2()
+                fault: Fault::V1AfterV2
             })
         );
         // Across ranges: the join sees a v1 range after a v2 one.
@@ -744,7 +734,7 @@ mod tests {
             report.first_bad,
             Some(BadEvent {
                 position: 7,
-                fault: Fault::v1_after_v2()
+                fault: Fault::V1AfterV2
             })
         );
         assert_eq!(report.head_position, 6);
