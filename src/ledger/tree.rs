@@ -63,26 +63,36 @@ fn digest(bytes: &[u8]) -> Result<Digest, TreeError> {
         .map_err(|_| TreeError::Damaged(format!("a {}-byte hash", bytes.len())))
 }
 
-/// The integrated size and frontier, locked for this transaction when `lock`.
-async fn state(conn: &mut PgConnection, lock: bool) -> Result<Frontier<Blake3>, TreeError> {
+/// The integrated tree, read in one statement.
+struct TreeState {
+    frontier: Frontier<Blake3>,
+    /// The first v2 position integrated, as recorded (checked before it is signed).
+    v2_from: Option<i64>,
+}
+
+/// The integrated size, frontier and first v2 position, locked for this transaction when
+/// `lock`.
+async fn state(conn: &mut PgConnection, lock: bool) -> Result<TreeState, TreeError> {
     let sql = if lock {
-        "SELECT size, peaks FROM merkle_state FOR UPDATE"
+        "SELECT size, peaks, hash_v2_from FROM merkle_state FOR UPDATE"
     } else {
-        "SELECT size, peaks FROM merkle_state"
+        "SELECT size, peaks, hash_v2_from FROM merkle_state"
     };
-    let (size, peaks): (i64, Vec<Vec<u8>>) = sqlx::query_as(sql).fetch_one(&mut *conn).await?;
+    let (size, peaks, v2_from): (i64, Vec<Vec<u8>>, Option<i64>) =
+        sqlx::query_as(sql).fetch_one(&mut *conn).await?;
     let peaks = peaks
         .iter()
         .map(|p| digest(p))
         .collect::<Result<Vec<_>, _>>()?;
-    Frontier::from_parts(size as u64, peaks)
-        .ok_or_else(|| TreeError::Damaged(format!("frontier does not fit size {size}")))
+    let frontier = Frontier::from_parts(size as u64, peaks)
+        .ok_or_else(|| TreeError::Damaged(format!("frontier does not fit size {size}")))?;
+    Ok(TreeState { frontier, v2_from })
 }
 
 /// The integrated tree size.
 pub async fn integrated_size(pool: &PgPool) -> Result<u64, TreeError> {
     let mut conn = pool.acquire().await?;
-    Ok(state(&mut conn, false).await?.size())
+    Ok(state(&mut conn, false).await?.frontier.size())
 }
 
 /// Integrates up to [`BATCH`] new events; returns the new size, the chain head hash and how
@@ -111,11 +121,11 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
             return Err(TreeError::NotLeaseHolder);
         }
     }
-    let mut frontier = state(&mut tx, true).await?;
+    let TreeState {
+        mut frontier,
+        mut v2_from,
+    } = state(&mut tx, true).await?;
     let size = frontier.size() as i64;
-    let (mut v2_from,): (Option<i64>,) = sqlx::query_as("SELECT hash_v2_from FROM merkle_state")
-        .fetch_one(&mut *tx)
-        .await?;
     // Whether the last integrated event is v2 comes from that event (its format is bound by
     // its hash), not from the column above, which only records where v2 began.
     let (mut prev, mut prev_v2): (Digest, bool) = if size == 0 {
@@ -337,7 +347,7 @@ pub async fn sign_checkpoint(
     holder: Option<&str>,
 ) -> Result<Option<Checkpoint>, TreeError> {
     let mut conn = pool.acquire().await?;
-    let frontier = state(&mut conn, false).await?;
+    let TreeState { frontier, v2_from } = state(&mut conn, false).await?;
     let size = frontier.size();
     if size == 0 {
         return Ok(None);
@@ -346,10 +356,8 @@ pub async fn sign_checkpoint(
         .bind(size as i64)
         .fetch_one(&mut *conn)
         .await?;
-    // Read after the frontier: integration moves both at once, and only ever adds.
-    let (v2_from,): (Option<i64>,) = sqlx::query_as("SELECT hash_v2_from FROM merkle_state")
-        .fetch_one(&mut *conn)
-        .await?;
+    // A position past the tree (or below 1) cannot be its boundary: signed as none, which the
+    // check then refuses if the tree holds a v2 event.
     let v2_from = v2_from
         .and_then(|p| u64::try_from(p).ok())
         .filter(|p| *p <= size);
