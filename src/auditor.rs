@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::ledger::checkpoint::{Checkpoint, LogSigner, NoteVerifier};
+use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteVerifier};
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
 use crate::ledger::verify::verify_database;
@@ -152,7 +152,7 @@ pub async fn verify_since(
             return Ok(fail(format!(
                 "MISMATCH: checkpoint {} signs v2 hashes from {}, but the log's first v2 event among its {} is {}",
                 path.display(),
-                cp.hash_v2_from.map_or("no position".into(), |p| format!("position {p}")),
+                describe_v2_from(cp.hash_v2_from),
                 cp.tree_size,
                 signed_boundary.map_or("none".into(), |p| format!("at position {p}"))
             )));

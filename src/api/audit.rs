@@ -24,13 +24,18 @@ pub const MAX_PAGE: i64 = 500;
 /// (`/ledger/events`, exports) keeps it, as its hashes cover it.
 pub(super) fn without_blind_indexes(value: &mut serde_json::Value) {
     match value {
-        serde_json::Value::Object(fields) => {
-            fields.retain(|name, _| !name.ends_with("blind_index"));
-            fields.values_mut().for_each(without_blind_indexes);
-        }
+        serde_json::Value::Object(fields) => fields_without_blind_indexes(fields),
         serde_json::Value::Array(items) => items.iter_mut().for_each(without_blind_indexes),
         _ => {}
     }
+}
+
+/// [`without_blind_indexes`] of an object's fields.
+pub(super) fn fields_without_blind_indexes(
+    fields: &mut serde_json::Map<String, serde_json::Value>,
+) {
+    fields.retain(|name, _| !name.ends_with("blind_index"));
+    fields.values_mut().for_each(without_blind_indexes);
 }
 
 #[derive(Debug, Serialize, sqlx::FromRow)]

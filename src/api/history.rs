@@ -157,11 +157,8 @@ pub async fn get(
     }
     let mut items = kind.replay(&events).map_err(ApiError::internal)?;
     for item in &mut items {
-        for side in [&mut item.changes.before, &mut item.changes.after] {
-            side.retain(|name, _| !name.ends_with("blind_index"));
-            side.values_mut()
-                .for_each(super::audit::without_blind_indexes);
-        }
+        super::audit::fields_without_blind_indexes(&mut item.changes.before);
+        super::audit::fields_without_blind_indexes(&mut item.changes.after);
     }
     mark_erased(&app, &mut items).await?;
     Ok(axum::Json(HistoryView {

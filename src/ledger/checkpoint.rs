@@ -24,7 +24,13 @@ use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
 use rand::RngCore;
 use sha2::{Digest as _, Sha256};
 
+use super::hash::HashVersion;
 use super::merkle::Digest;
+
+/// A checkpoint's `hash_v2_from` in words, for reports.
+pub fn describe_v2_from(v2_from: Option<u64>) -> String {
+    v2_from.map_or("no position".into(), |p| format!("position {p}"))
+}
 
 /// The signed-note signature type of Ed25519.
 const ED25519: u8 = 0x01;
@@ -58,6 +64,17 @@ pub enum NoteError {
 }
 
 impl Checkpoint {
+    /// The format this checkpoint signs for the event at `position`: v2 from `hash_v2_from`
+    /// on (past the tree too, as the writer never goes back), v1 before it; v1 up to the
+    /// tree's size when it signs no v2 event, and nothing past that.
+    pub fn signed_format(&self, position: u64) -> Option<HashVersion> {
+        match self.hash_v2_from {
+            Some(from) if position >= from => Some(HashVersion::V2),
+            Some(_) => Some(HashVersion::V1),
+            None => (position <= self.tree_size).then_some(HashVersion::V1),
+        }
+    }
+
     /// The note text: every line the signature covers, ending in a newline.
     pub fn text(&self) -> String {
         let mut text = format!(

@@ -269,7 +269,7 @@ pub async fn prepare(
                     "no event holds position {p}, before the export's range"
                 ))
             })?;
-            stored_hash(p, &hash)?
+            stored_digest(p, "hash", &hash)?
         }
     };
     let mut rows = sqlx::query_as::<_, (i64, Vec<u8>)>(
@@ -285,7 +285,7 @@ pub async fn prepare(
                 "no event holds position {expected}, before the export's range"
             )));
         }
-        prev_hash = stored_hash(position, &hash)?;
+        prev_hash = stored_digest(position, "hash", &hash)?;
         frontier.push(Blake3::leaf(&prev_hash));
         expected += 1;
     }
@@ -309,9 +309,14 @@ pub async fn prepare(
     })
 }
 
-fn stored_hash(position: i64, hash: &[u8]) -> Result<Digest, ExportError> {
-    hash.try_into().map_err(|_| {
-        ExportError::Damaged(format!("the hash of position {position} is not 32 bytes"))
+/// A stored hash (`what`: `hash` or `prev_hash`) as read at `position`: a length other than
+/// 32 bytes is damage.
+fn stored_digest(position: i64, what: &str, b: &[u8]) -> Result<Digest, ExportError> {
+    b.try_into().map_err(|_| {
+        ExportError::Damaged(format!(
+            "the {what} of position {position} is {} bytes, not 32",
+            b.len()
+        ))
     })
 }
 
@@ -414,7 +419,7 @@ impl PreparedExport {
 }
 
 fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Result<(), ExportError> {
-    let hash = digest(row, "hash", &row.hash)?;
+    let hash = stored_digest(row.position, "hash", &row.hash)?;
     if !row.full {
         // Another tenant's event: a v1 one by its hash alone, a v2 one by what its hash is
         // computed from. A v2 row that cannot be hashed ends the export as a damaged one of
@@ -440,16 +445,6 @@ fn write_row(buf: &mut Vec<u8>, row: &Row, summary: &mut ExportSummary) -> Resul
     write_event_line(buf, &fields, &prev_hash, &hash);
     summary.full_events += 1;
     Ok(())
-}
-
-fn digest(row: &Row, what: &str, b: &[u8]) -> Result<Digest, ExportError> {
-    b.try_into().map_err(|_| {
-        ExportError::Damaged(format!(
-            "the {what} of position {} is {} bytes, not 32",
-            row.position,
-            b.len()
-        ))
-    })
 }
 
 /// The hashed fields of a row read in full (a v1 stub's are not read), and its `prev_hash`.
@@ -481,8 +476,8 @@ fn row_fields(row: &Row) -> Result<(EventFields<'_>, Digest), ExportError> {
         payload: row.payload.as_deref().ok_or_else(missing)?,
         metadata: row.metadata.as_deref().ok_or_else(missing)?,
     };
-    let prev_hash = digest(
-        row,
+    let prev_hash = stored_digest(
+        row.position,
         "prev_hash",
         row.prev_hash.as_deref().ok_or_else(missing)?,
     )?;

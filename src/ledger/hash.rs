@@ -69,6 +69,11 @@ impl FormatRun {
         true
     }
 
+    /// Whether the run holds a v2 event.
+    pub fn has_v2(&self) -> bool {
+        self.has_v2
+    }
+
     /// Whether this run may follow `before`.
     pub fn may_follow(&self, before: &FormatRun) -> bool {
         !(before.has_v2 && self.first == Some(HashVersion::V1))
@@ -278,21 +283,30 @@ fn tenant(out: &mut Vec<u8>, organization_id: Option<&[u8; 16]>) {
 /// tells that a stub is not the exported organization's. So can anyone for the platform (no
 /// tenant): an export shows which positions are platform events.
 pub fn tenant_tag(position: i64, organization_id: Option<&[u8; 16]>) -> [u8; 32] {
-    // On the stack: every verifier computes one per v2 event.
-    const PREFIX: usize = 8 + DOMAIN_TENANT_V2.len();
-    let mut input = [0u8; PREFIX + 8 + 17];
-    input[..8].copy_from_slice(&(DOMAIN_TENANT_V2.len() as u64).to_be_bytes());
-    input[8..PREFIX].copy_from_slice(DOMAIN_TENANT_V2);
-    input[PREFIX..PREFIX + 8].copy_from_slice(&(position as u64).to_be_bytes());
-    let len = match organization_id {
-        None => PREFIX + 8 + 1,
-        Some(org) => {
-            input[PREFIX + 8] = 1;
-            input[PREFIX + 9..].copy_from_slice(org);
-            PREFIX + 8 + 17
-        }
+    // The tenant as `tenant` encodes it: a tag byte, then the UUID's bytes if there is one.
+    let (present, org): (&[u8], &[u8]) = match organization_id {
+        None => (&[0], &[]),
+        Some(org) => (&[1], org),
     };
-    *blake3::hash(&input[..len]).as_bytes()
+    hash_parts::<{ 8 + DOMAIN_TENANT_V2.len() + 8 + 17 }>(&[
+        &(DOMAIN_TENANT_V2.len() as u64).to_be_bytes(),
+        DOMAIN_TENANT_V2,
+        &(position as u64).to_be_bytes(),
+        present,
+        org,
+    ])
+}
+
+/// BLAKE3 of `parts` laid end to end in a stack buffer of at most `N` bytes: the small v2
+/// inputs, which every verifier hashes per event, without an allocation each.
+fn hash_parts<const N: usize>(parts: &[&[u8]]) -> [u8; 32] {
+    let mut input = [0u8; N];
+    let mut at = 0;
+    for part in parts {
+        input[at..at + part.len()].copy_from_slice(part);
+        at += part.len();
+    }
+    *blake3::hash(&input[..at]).as_bytes()
 }
 
 /// v2: BLAKE3 over the content's domain and every hashed field but the position, encoded as
@@ -311,20 +325,13 @@ pub fn content_digest(input: &mut Vec<u8>, f: &RawFields<'_>) -> [u8; 32] {
 /// here keeps the input within two BLAKE3 blocks (123 bytes), a compression less per event for
 /// the writer and every verifier.
 pub fn chain_v2(prev_hash: &[u8; 32], tag: &[u8; 32], digest: &[u8; 32]) -> [u8; 32] {
-    let mut input = [0u8; V2_INPUT_LEN];
-    let mut at = 0;
-    for part in [
-        &(DOMAIN_V2.len() as u64).to_be_bytes()[..],
+    hash_parts::<V2_INPUT_LEN>(&[
+        &(DOMAIN_V2.len() as u64).to_be_bytes(),
         DOMAIN_V2,
         prev_hash,
         tag,
         digest,
-    ] {
-        input[at..at + part.len()].copy_from_slice(part);
-        at += part.len();
-    }
-    debug_assert_eq!(at, V2_INPUT_LEN);
-    *blake3::hash(&input).as_bytes()
+    ])
 }
 
 /// The v2 event input's length: domain (8 + 19), previous hash, tag, digest.

@@ -359,11 +359,7 @@ fn verify_blocks(
     let ctx = Ctx {
         full_export: header.organization_id.is_none(),
         organization: header.organization_id.map(|o| *o.as_bytes()),
-        signed_versions: report
-            .checkpoint
-            .as_ref()
-            .filter(|_| target.is_some())
-            .map(|cp| (cp.hash_v2_from, cp.tree_size)),
+        checkpoint: report.checkpoint.clone().filter(|_| target.is_some()),
         from: header.from,
         to: header.to,
         leaves_to: target.unwrap_or(0).min(header.to),
@@ -518,9 +514,8 @@ struct Ctx {
     full_export: bool,
     /// The header's organization, whose tenant tag no v2 stub may carry.
     organization: Option<[u8; 16]>,
-    /// The checkpoint's `hash_v2_from` and size: a line must be v2 exactly from that position
-    /// on (past the size too), and v1 up to the size when there is none.
-    signed_versions: Option<(Option<u64>, u64)>,
+    /// The checkpoint, whose signed format each line must be in.
+    checkpoint: Option<Checkpoint>,
     /// The header's first position.
     from: i64,
     /// The header's last position.
@@ -862,19 +857,16 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             Checked::Stub { .. } => HashVersion::V1,
             Checked::Hashed { version, .. } => *version,
         };
-        if let Some((v2_from, tree_size)) = ctx.signed_versions {
-            // Up to the checkpoint's size, as it signs; past it, v2 once v2 began (the writer
-            // never goes back), and nothing can be said while it had not.
+        if let Some(cp) = &ctx.checkpoint {
             // (A position below 1 is a fault of its own, reported before this.)
-            let p = u64::try_from(position).unwrap_or(0);
-            let signed_v2 = match v2_from {
-                Some(from) => Some(p >= from),
-                None => (p <= tree_size).then_some(false),
-            };
-            if signed_v2.is_some_and(|v2| v2 != (version == HashVersion::V2)) {
+            let signed = cp.signed_format(u64::try_from(position).unwrap_or(0));
+            if signed.is_some_and(|signed| signed != version) {
                 c.first_bad = Some(fault(
                     Some(position),
-                    FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size },
+                    FileFaultKind::HashVersionNotAsSigned {
+                        v2_from: cp.hash_v2_from,
+                        tree_size: cp.tree_size,
+                    },
                 ));
                 continue;
             }

@@ -22,8 +22,8 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::checkpoint::{Checkpoint, LogSigner};
-use super::hash::{event_hash, EventFields, HashVersion, GENESIS};
+use super::checkpoint::{describe_v2_from, Checkpoint, LogSigner};
+use super::hash::{event_hash, EventFields, FormatRun, HashVersion, GENESIS};
 use super::merkle::{self, Blake3, Digest, Frontier, Nodes, Recorder, TreeHash};
 
 /// Events integrated per transaction.
@@ -128,15 +128,17 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     let size = frontier.size() as i64;
     // Whether the last integrated event is v2 comes from that event (its format is bound by
     // its hash), not from the column above, which only records where v2 began.
-    let (mut prev, mut prev_v2): (Digest, bool) = if size == 0 {
-        (GENESIS, false)
+    let mut formats = FormatRun::default();
+    let mut prev: Digest = if size == 0 {
+        GENESIS
     } else {
         let (h, version): (Vec<u8>, i16) =
             sqlx::query_as("SELECT hash, hash_version FROM events WHERE position = $1")
                 .bind(size)
                 .fetch_one(&mut *tx)
                 .await?;
-        (digest(&h)?, version == HashVersion::V2.number())
+        formats.admit(HashVersion::from_number(version.into()).unwrap_or(HashVersion::V1));
+        digest(&h)?
     };
     let events: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
@@ -160,8 +162,8 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
         let fields = EventFields::of(e);
         let recomputed = event_hash(&prev, &fields);
         // The writer turned to v2 for good: a v1 event after a v2 one was not written by it.
-        let v2 = fields.hash_version == HashVersion::V2;
-        let downgraded = prev_v2 && !v2;
+        let begins_v2 = fields.hash_version == HashVersion::V2 && !formats.has_v2();
+        let downgraded = !formats.admit(fields.hash_version);
         if e.position != expected || e.prev_hash != prev || e.hash != recomputed || downgraded {
             tracing::error!(
                 position = expected,
@@ -169,10 +171,9 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
             );
             return Err(TreeError::Tampered(expected));
         }
-        if v2 && !prev_v2 {
+        if begins_v2 {
             v2_from = Some(expected);
         }
-        prev_v2 = v2;
         for (level, index, node) in frontier.push(Blake3::leaf(&recomputed)) {
             if level > 0 {
                 levels.push(level as i16);
@@ -473,8 +474,8 @@ async fn check_extends_signed(
             signed.tree_size,
             format!(
                 "it signs v2 hashes from {}, this tree from {}",
-                describe_boundary(signed.hash_v2_from),
-                describe_boundary(next.hash_v2_from)
+                describe_v2_from(signed.hash_v2_from),
+                describe_v2_from(next.hash_v2_from)
             ),
         );
     }
@@ -531,14 +532,10 @@ async fn check_boundary(
         return Err(TreeError::Unsignable(format!(
             "the recorded first v2 position ({}) is not the log's: the events at positions \
              {at:?} are in hash versions {found:?}",
-            describe_boundary(v2_from)
+            describe_v2_from(v2_from)
         )));
     }
     Ok(())
-}
-
-fn describe_boundary(v2_from: Option<u64>) -> String {
-    v2_from.map_or("no position".into(), |p| format!("position {p}"))
 }
 
 async fn latest_checkpoint_size(pool: &PgPool) -> Result<u64, TreeError> {

@@ -237,30 +237,27 @@ fn fast(line: &[u8], split: Split) -> Option<LineText<'_>> {
     let mut c = Cursor { b: line, i: 0 };
     c.lit(b"{\"position\":")?;
     let position = c.int()?;
-    if c.eat(b",\"hash\":\"") {
-        let hash = c.str64()?;
-        c.lit(b"}")?;
-        return (c.i == line.len()).then_some(LineText {
-            position,
-            hash: Some(hash),
-            stub_v2: None,
-            hash_version: None,
-            event: None,
-        });
-    }
-    if c.eat(b",\"prev_hash\":\"") {
+    // A stub: a v1 one's hash alone, or a v2 one's parts and then its hash.
+    let stub = if c.eat(b",\"hash\":\"") {
+        Some(None)
+    } else if c.eat(b",\"prev_hash\":\"") {
         let prev_hash = c.str64()?;
         c.lit(b",\"tenant_tag\":\"")?;
         let tenant_tag = c.str64()?;
         c.lit(b",\"content_digest\":\"")?;
         let content_digest = c.str64()?;
         c.lit(b",\"hash\":\"")?;
+        Some(Some([prev_hash, tenant_tag, content_digest]))
+    } else {
+        None
+    };
+    if let Some(stub_v2) = stub {
         let hash = c.str64()?;
         c.lit(b"}")?;
         return (c.i == line.len()).then_some(LineText {
             position,
             hash: Some(hash),
-            stub_v2: Some([prev_hash, tenant_tag, content_digest]),
+            stub_v2,
             hash_version: None,
             event: None,
         });
