@@ -36,7 +36,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Keygen { log_origin } => auditor::keygen(&log_origin),
         Command::Projections {
             command: ProjectionsCommand::Status,
-        } => status(&cli.db).await.map(|_| ExitCode::SUCCESS),
+        } => status(&cli.db).await,
         Command::Projections {
             command: ProjectionsCommand::Retry { name },
         } => retry(&cli.db, &name).await.map(|_| ExitCode::SUCCESS),
@@ -488,7 +488,8 @@ async fn prove(
     }
 }
 
-async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
+/// Exit 1 while a projection is stopped on a failure, so that scripts and probes can tell.
+async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<ExitCode> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
     let statuses = ledgerline_projections::status(&pool)
         .await
@@ -497,6 +498,7 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
         "{:<16} {:>10} {:>10} {:>8}  failures",
         "projection", "position", "head", "lag"
     );
+    let stopped = statuses.iter().any(|s| !s.failures.is_empty());
     for s in statuses {
         println!(
             "{:<16} {:>10} {:>10} {:>8}  {}",
@@ -517,7 +519,11 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
         .await
         .context("reading rebuild jobs")?;
     print_rebuild_job(&jobs, Utc::now());
-    Ok(())
+    if stopped {
+        println!("a projection is stopped on a failure: fix its cause, then `ledgerline projections retry NAME`");
+        return Ok(ExitCode::from(1));
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The unfinished rebuild job, if any: a killed or failed one keeps its `running` row, so
@@ -573,7 +579,37 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
     let cleared = ledgerline_projections::retry(&pool, name)
         .await
         .with_context(|| format!("retrying projection `{name}`"))?;
-    println!("{name}: {cleared} failure(s) cleared; the projection resumes at the failed event");
+    if cleared == 0 {
+        println!("{name}: no failure recorded; nothing to retry");
+    } else {
+        println!(
+            "{name}: {cleared} failure(s) cleared; the projection resumes at the failed event"
+        );
+    }
+    Ok(())
+}
+
+/// Rebuilds and checks take the log as the truth: one that does not verify would pass its
+/// edits into the read models (or flag the honest live rows as wrong) as if it were intact.
+/// So they verify the chain first and refuse (exit 2, nothing started) on any fault. Events
+/// appended after this, by the writer, are not verified again.
+async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    let report = verify_database(pool, 2)
+        .await
+        .context("verifying the log first")?;
+    if let Some(bad) = report.first_bad {
+        anyhow::bail!(
+            "the log does not verify (first bad position {}: {}): read models built from it \
+             would show it as intact; `ledgerline verify` reports it, and nothing was started",
+            bad.position,
+            bad.fault
+        );
+    }
+    tracing::info!(
+        events = report.events,
+        seconds = report.elapsed.as_secs_f64(),
+        "the log verifies"
+    );
     Ok(())
 }
 
@@ -586,6 +622,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
         }
         return Ok(());
     }
+    require_intact_log(&pool).await?;
     let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
@@ -617,6 +654,7 @@ async fn check(
     batch_size: i64,
 ) -> anyhow::Result<ExitCode> {
     let pool = pool_as_migrated(db_args).await?;
+    require_intact_log(&pool).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     let names = (!names.is_empty()).then_some(names.as_slice());
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());

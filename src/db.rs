@@ -4,18 +4,37 @@ use std::time::Duration;
 
 use anyhow::Context;
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{Connection, PgConnection, PgPool};
 
 /// The SQL migrations in `migrations/`, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// How long a first connection is retried (a server still starting, say).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    PgPoolOptions::new()
+    let pooled = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(Duration::from_secs(10))
+        .acquire_timeout(CONNECT_TIMEOUT)
         .connect(url)
-        .await
-        .with_context(|| format!("connecting to the database at {}", redact_url(url)))
+        .await;
+    let error = match pooled {
+        Ok(pool) => return Ok(pool),
+        // The pool retries until the timeout and then says only that it timed out: one
+        // more attempt of our own names the cause (refused, no such host, ...).
+        Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect(url).await {
+            Err(cause) => anyhow::anyhow!(
+                "no connection within {} s; the last attempt: {cause}",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+            Ok(_) => anyhow::anyhow!(
+                "no connection within {} s (the server answered only afterwards)",
+                CONNECT_TIMEOUT.as_secs()
+            ),
+        },
+        Err(e) => e.into(),
+    };
+    Err(error.context(format!("connecting to the database at {}", redact_url(url))))
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

@@ -7,7 +7,8 @@ use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ledgerline_projections::{Progress, ProgressState};
+use ledgerline_projections::{Phase, Progress, ProgressState};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 /// Redraws the bar this often on a terminal.
@@ -15,11 +16,18 @@ const TERMINAL_EVERY: Duration = Duration::from_millis(250);
 /// Logs a line this often otherwise.
 const LOG_EVERY: Duration = Duration::from_secs(5);
 
-/// Shows `progress` until the returned handle is passed to [`finish`]: a bar on standard error
-/// when it is a terminal, else an `info` event in the log.
-pub fn show(label: &'static str, progress: Arc<Progress>) -> JoinHandle<()> {
+/// A run's progress on display; [`finish`] ends it.
+pub struct Display {
+    task: JoinHandle<()>,
+    stop: oneshot::Sender<()>,
+}
+
+/// Shows `progress` until the returned display is passed to [`finish`]: a bar on standard
+/// error when it is a terminal, else an `info` event in the log.
+pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
     let terminal = std::io::stderr().is_terminal();
-    tokio::spawn(async move {
+    let (stop, mut stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
         let started = Instant::now();
         let mut first: Option<i64> = None;
         // Looked at as often as the bar is drawn even when only logged, so that the start
@@ -29,37 +37,46 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> JoinHandle<()> {
         let mut logged = Instant::now();
         ticker.tick().await;
         loop {
-            ticker.tick().await;
+            // The last look, when the run is over: where it ended (its end, or where an
+            // error stopped it) is shown whatever the interval.
+            let last = tokio::select! {
+                _ = ticker.tick() => false,
+                _ = &mut stopped => true,
+            };
             let state = progress.snapshot();
-            if state.positions.is_empty() {
-                continue;
+            if !state.positions.is_empty() {
+                let first = *first.get_or_insert(state.first);
+                let figures = Figures::of(&state, first, started.elapsed());
+                if terminal {
+                    let mut err = std::io::stderr().lock();
+                    let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
+                    let _ = err.flush();
+                } else if last || logged.elapsed() >= LOG_EVERY {
+                    logged = Instant::now();
+                    figures.log(label);
+                }
             }
-            let first = *first.get_or_insert(state.first);
-            let figures = Figures::of(&state, first, started.elapsed());
-            if terminal {
-                let mut err = std::io::stderr().lock();
-                let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
-                let _ = err.flush();
-            } else if logged.elapsed() >= LOG_EVERY {
-                logged = Instant::now();
-                figures.log(label);
+            if last {
+                if terminal {
+                    eprintln!();
+                }
+                return;
             }
         }
-    })
+    });
+    Display { task, stop }
 }
 
-/// Stops the display and ends its line.
-pub async fn finish(display: JoinHandle<()>) {
-    display.abort();
-    let _ = display.await;
-    if std::io::stderr().is_terminal() {
-        eprintln!();
-    }
+/// Shows where the run ended and stops the display.
+pub async fn finish(display: Display) {
+    let _ = display.stop.send(());
+    let _ = display.task.await;
 }
 
 /// Where a run stands, counted from where it started.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Figures {
+    phase: Phase,
     done: i64,
     total: i64,
     percent: f64,
@@ -82,6 +99,7 @@ impl Figures {
         let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
         let eta = (rate > 0.0).then(|| (state.target - reached) as f64 / rate);
         Self {
+            phase: state.phase,
             done,
             total,
             percent,
@@ -90,24 +108,29 @@ impl Figures {
         }
     }
 
-    /// `rebuild: 412,000/1,000,000 events (41%) 52,310 events/s, ETA 11s`
+    /// `rebuild: 412,000/1,000,000 events (41%) 52,310 events/s, ETA 11s`, or what the run
+    /// does once the events are applied.
     fn line(&self, label: &str) -> String {
+        let counted = format!(
+            "{label}: {}/{} events ({:.0}%)",
+            thousands(self.done),
+            thousands(self.total),
+            self.percent,
+        );
+        if self.phase != Phase::Applying {
+            return format!("{counted}, {}", self.phase.describe());
+        }
         let eta = match self.eta {
             Some(eta) => format!("ETA {eta:.0}s"),
             None => "ETA unknown".to_string(),
         };
-        format!(
-            "{label}: {}/{} events ({:.0}%) {} events/s, {eta}",
-            thousands(self.done),
-            thousands(self.total),
-            self.percent,
-            thousands(self.rate as i64),
-        )
+        format!("{counted} {} events/s, {eta}", thousands(self.rate as i64))
     }
 
     fn log(&self, label: &'static str) {
         tracing::info!(
             command = label,
+            phase = self.phase.describe(),
             events_done = self.done,
             events_total = self.total,
             percent = self.percent.floor() as i64,
@@ -140,6 +163,7 @@ mod tests {
     #[test]
     fn a_line_counts_from_where_the_run_started() {
         let state = ProgressState {
+            phase: Phase::Applying,
             first: 1_000,
             target: 101_000,
             positions: vec![("users", 51_000), ("messaging", 41_000)],
@@ -153,11 +177,28 @@ mod tests {
         );
     }
 
+    /// Once the events are applied the count stands still: the line says what goes on.
+    #[test]
+    fn a_line_says_what_the_run_does_after_the_events() {
+        let state = ProgressState {
+            phase: Phase::Indexing,
+            first: 0,
+            target: 5_000,
+            positions: vec![("users", 5_000)],
+            ends: vec![],
+        };
+        assert_eq!(
+            Figures::of(&state, 0, Duration::from_secs(2)).line("rebuild"),
+            "rebuild: 5,000/5,000 events (100%), building indexes and statistics"
+        );
+    }
+
     /// A check compares each projection at its own checkpoint: one stopped far behind the
     /// others, once there, does not pin the whole run at its position.
     #[test]
     fn a_projection_at_its_own_end_holds_nothing_back() {
         let state = ProgressState {
+            phase: Phase::Applying,
             first: 0,
             target: 100_000,
             positions: vec![("users", 999), ("messaging", 60_000)],

@@ -41,12 +41,25 @@ async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
     .execute(t.pool())
     .await
     .unwrap();
-    let (_, out, _) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    let (code, out, _) = ledgerline(&t.db.url, &["projections", "status"]).await;
     assert!(out.contains("at position 1: boom"), "{out}");
+    assert_eq!(
+        code, 1,
+        "a stopped projection is an exit code scripts can see: {out}"
+    );
 
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "retry", "users"]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("1 failure(s) cleared"), "{out}");
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "retry", "users"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("users: no failure recorded; nothing to retry"),
+        "{out}"
+    );
     let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_failures")
         .fetch_one(t.pool())
         .await
@@ -56,6 +69,72 @@ async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
     let (code, _, err) =
         ledgerline(&t.db.url, &["projections", "retry", "no_such_projection"]).await;
     assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(
+            "unknown projection `no_such_projection`; the projections are organizations, users,"
+        ),
+        "the names to choose from: {err}"
+    );
+}
+
+/// A database that refuses connections is named as such, not only as a pool that timed out.
+#[tokio::test]
+async fn an_unreachable_database_is_reported_with_its_cause() {
+    let (code, out, err) = ledgerline("postgres://postgres@127.0.0.1:1/nothing", &["verify"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("127.0.0.1:1"), "{err}");
+    assert!(err.to_lowercase().contains("refused"), "{err}");
+}
+
+/// A log edited past its triggers would pass its edits into rebuilt read models (or make a
+/// check flag the honest live rows): both verify the chain first and start nothing.
+#[tokio::test]
+async fn rebuilds_and_checks_refuse_a_log_that_does_not_verify() {
+    let t = TestApp::spawn().await;
+    t.create_org("Tampered Co").await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "audit_events"]).await;
+    assert_eq!(code, 0, "an intact log is checked: {out}{err}");
+    let live: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT position, client_ip FROM audit_events ORDER BY position")
+            .fetch_all(t.pool())
+            .await
+            .unwrap();
+    let mut tx = t.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL session_replication_role = replica")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query(
+        "UPDATE events SET metadata = (metadata::jsonb || '{\"client_ip\": \"6.6.6.6\"}')::json \
+         WHERE position = 2",
+    )
+    .execute(&mut *tx)
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    for args in [
+        &["projections", "rebuild", "--all"][..],
+        &["projections", "check", "audit_events"][..],
+    ] {
+        let (code, out, err) = ledgerline(&t.db.url, args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("the log does not verify (first bad position 2: content changed"),
+            "{args:?}: {err}"
+        );
+    }
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no job was started");
+    let after: Vec<(i64, Option<String>)> =
+        sqlx::query_as("SELECT position, client_ip FROM audit_events ORDER BY position")
+            .fetch_all(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(after, live, "the live rows are as the intact log made them");
 }
 
 /// The operator key is shown even when the read models cannot show it yet: only its hash
@@ -248,12 +327,24 @@ async fn rebuild_progress_is_a_json_log_event_when_json_logs_are_asked_for() {
     assert_eq!(fields["events_done"], fields["events_total"], "{progress}");
     assert_eq!(fields["percent"], 100, "{progress}");
     assert!(fields["events_total"].as_i64() <= Some(head), "{progress}");
+    assert_eq!(
+        fields["phase"], "swapping the tables in",
+        "the count stands still, and the line says why: {progress}"
+    );
 
     held.commit().await.unwrap();
+    let waited = lines.len();
     while let Some(line) = stderr.next_line().await.unwrap() {
         lines.push(line);
     }
     assert!(child.wait().await.unwrap().success(), "{lines:?}");
+    // Where the run ended is logged when it ends, not only at the next 5-second mark.
+    assert!(
+        lines[waited..]
+            .iter()
+            .any(|l| l.contains("\"message\":\"rebuild progress\"")),
+        "{lines:?}"
+    );
     for line in &lines {
         assert!(
             serde_json::from_str::<Value>(line).is_ok_and(|v| v.is_object()),

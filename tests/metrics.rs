@@ -310,6 +310,24 @@ async fn commands_are_counted_by_type_and_outcome_and_gauges_match_the_ledger() 
     assert!((0.0..60.0).contains(&age), "checkpoint age {age}");
 }
 
+/// `/readyz` needs no key: when the database cannot answer it, the answer says so without
+/// the cause, which can name hosts, databases, roles and tables (the server's log has it).
+#[tokio::test]
+async fn readyz_keeps_the_database_error_to_the_log() {
+    let t = TestApp::spawn().await;
+    sqlx::query("ALTER TABLE projection_failures RENAME TO projection_failures_away")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_error(&r, 503);
+    assert_eq!(
+        r.body["error"]["message"], "database not ready (the server's log says why)",
+        "{}",
+        r.body
+    );
+}
+
 #[tokio::test]
 async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
     let t = TestApp::spawn().await;

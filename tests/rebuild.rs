@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, ledgerline, ledgerline_logging, tamper, TestApp};
-use ledgerline_projections::{Progress, Projector, RebuildOptions, RunError};
+use ledgerline_projections::{Progress, Projector, RebuildOptions, RebuildSummary, RunError};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -1091,6 +1091,23 @@ async fn commands_do_not_wait_for_a_projection_that_is_catching_up() {
     );
 }
 
+/// Rebuilds the projections named, with the default options.
+async fn rebuild_named(t: &TestApp, names: &[&str]) -> Result<RebuildSummary, RunError> {
+    let progress = Arc::new(Progress::default());
+    ledgerline_projections::rebuild(t.pool(), Some(names), RebuildOptions::default(), &progress)
+        .await
+}
+
+/// A transaction that has read `users`: it holds the table against a swap until it ends.
+async fn reading_users(t: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut reader = t.pool().begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM users")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    reader
+}
+
 /// A reader holding a live table longer than the swap may wait for its lock makes the swap
 /// back off and try again, rather than fail or queue every other reader behind it.
 #[tokio::test]
@@ -1098,27 +1115,80 @@ async fn the_swap_waits_out_a_long_reader() {
     let t = TestApp::spawn().await;
     story(&t).await;
     let live = snapshot(&t).await;
-    let mut reader = t.pool().begin().await.unwrap();
-    sqlx::query("SELECT count(*) FROM users")
-        .execute(&mut *reader)
-        .await
-        .unwrap();
+    let reader = reading_users(&t).await;
     let release = tokio::spawn(async move {
         tokio::time::sleep(Duration::from_secs(3)).await;
         reader.commit().await.unwrap();
     });
-    let progress = Arc::new(Progress::default());
-    let summary = ledgerline_projections::rebuild(
-        t.pool(),
-        Some(&["users"]),
-        RebuildOptions::default(),
-        &progress,
-    )
-    .await
-    .unwrap();
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
     release.await.unwrap();
     assert_eq!(summary.position, t.head().await);
     assert_eq!(snapshot(&t).await, live);
+}
+
+/// A reader that outlasts every attempt at the swap: the job ends with an error that names
+/// the tables and keeps its work, and running it again finishes it.
+#[tokio::test]
+async fn a_swap_that_never_gets_the_live_tables_keeps_the_job_for_a_rerun() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let reader = reading_users(&t).await;
+    let error = rebuild_named(&t, &["users"]).await.unwrap_err();
+    match &error {
+        RunError::SwapBusy { tables, attempts } => {
+            assert_eq!(tables, "users", "{error}");
+            assert!(*attempts > 1, "{error}");
+        }
+        other => panic!("expected the busy tables, got {other}"),
+    }
+    assert!(
+        error.to_string().contains("run the same rebuild again"),
+        "{error}"
+    );
+    assert_eq!(
+        ledgerline_projections::rebuild_progress(t.pool())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the job is kept"
+    );
+    reader.commit().await.unwrap();
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert!(summary.resumed);
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// A job stopped by a constraint of the live table, copied into its tables when it began:
+/// once the operator drops the constraint, running the job again starts over rather than
+/// resume into copies that still have it.
+#[tokio::test]
+async fn a_job_whose_live_tables_lost_a_constraint_starts_over() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    // NOT VALID: the live rows are not checked, every new row (the copy's) is.
+    sqlx::query(
+        "ALTER TABLE audit_events ADD CONSTRAINT no_invitations \
+         CHECK (event_type <> 'UserInvited') NOT VALID",
+    )
+    .execute(t.pool())
+    .await
+    .unwrap();
+    let error = rebuild_named(&t, &["audit_events"]).await.unwrap_err();
+    assert!(matches!(error, RunError::Replay { .. }), "{error}");
+    sqlx::query("ALTER TABLE audit_events DROP CONSTRAINT no_invitations")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let summary = rebuild_named(&t, &["audit_events"]).await.unwrap();
+    assert!(!summary.resumed, "a new job");
+    assert_eq!(summary.position, t.head().await);
+    assert_eq!(snapshot(&t).await, live);
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
 }
 
 /// A migration that changes a live table while its copy is being built: the swap refuses

@@ -33,8 +33,35 @@ pub struct Progress {
     state: Mutex<ProgressState>,
 }
 
+/// What a run is doing, for the progress it shows: the count of events stands still while
+/// a rebuild builds its indexes or waits for the live tables.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// Applying the log's events to the copies.
+    #[default]
+    Applying,
+    /// Building the copies' secondary indexes and statistics.
+    Indexing,
+    /// Taking the live tables and swapping the copies in.
+    Swapping,
+    /// Comparing the copies with the live tables.
+    Comparing,
+}
+
+impl Phase {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Phase::Applying => "applying events",
+            Phase::Indexing => "building indexes and statistics",
+            Phase::Swapping => "swapping the tables in",
+            Phase::Comparing => "comparing with the live tables",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProgressState {
+    pub phase: Phase,
     /// The position the slowest projection started from in this run.
     pub first: i64,
     /// The position the build is working towards.
@@ -79,8 +106,13 @@ impl Progress {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    pub(crate) fn set_phase(&self, phase: Phase) {
+        self.lock().phase = phase;
+    }
+
     pub(crate) fn start(&self, lanes: &[Lane]) {
         let mut state = self.lock();
+        state.phase = Phase::Applying;
         state.first = lanes.iter().map(|l| l.from).min().unwrap_or(0);
         state.target = lanes.iter().map(|l| l.to).max().unwrap_or(0);
         state.positions = lanes
@@ -364,6 +396,21 @@ pub(crate) async fn column_signature(
     .await
 }
 
+/// The constraints of `schema.table`, each as `name: definition`, by name.
+pub(crate) async fn constraints(
+    conn: &mut PgConnection,
+    schema: &str,
+    table: &str,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint \
+         WHERE conrelid = $1::regclass ORDER BY conname",
+    )
+    .bind(format!("{schema}.{table}"))
+    .fetch_all(conn)
+    .await
+}
+
 /// Everything that makes `schema.table` what a migration made it: columns, constraints
 /// and indexes, as one comparable text. The swap refuses a copy whose layout is not the
 /// live table's, e.g. after a migration ran while the job was under way.
@@ -373,13 +420,7 @@ pub(crate) async fn layout(
     table: &str,
 ) -> sqlx::Result<String> {
     let columns = column_signature(conn, schema, table).await?;
-    let constraints: Vec<String> = sqlx::query_scalar(
-        "SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint \
-         WHERE conrelid = $1::regclass ORDER BY conname",
-    )
-    .bind(format!("{schema}.{table}"))
-    .fetch_all(&mut *conn)
-    .await?;
+    let constraints = constraints(conn, schema, table).await?;
     let indexes: Vec<String> = index_definitions(conn, schema, table)
         .await?
         .into_iter()

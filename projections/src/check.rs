@@ -12,7 +12,7 @@ use std::sync::Arc;
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::build::{self, Lane, Progress, Record};
+use crate::build::{self, Lane, Phase, Progress, Record};
 use crate::rebuild::resolve;
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -127,6 +127,7 @@ async fn compare_with_rebuild(
     .await;
     scratch.close().await;
     built?;
+    progress.set_phase(Phase::Comparing);
 
     let mut conn = build::schema_connection(pool, schema).await?;
     let mut tx = conn.begin().await?;

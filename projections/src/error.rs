@@ -110,7 +110,7 @@ pub enum RunError {
         position: i64,
         error: String,
     },
-    #[error("unknown projection `{0}`")]
+    #[error("unknown projection `{0}`; the projections are {known}", known = crate::names().join(", "))]
     UnknownProjection(String),
     /// This process does not hold the projection's lease (another process runs it).
     #[error("projection `{0}` is leased to another process")]
@@ -126,6 +126,13 @@ pub enum RunError {
         projections.join(" ")
     )]
     RebuildInProgress { job: i64, projections: Vec<String> },
+    /// Other sessions held the live tables on every attempt at the swap.
+    #[error(
+        "other sessions held the live tables ({tables}) through {attempts} attempts at the \
+         swap: the job keeps its work; run the same rebuild again to resume it (`ledgerline \
+         projections status` shows it), once the long transactions on them are done"
+    )]
+    SwapBusy { tables: String, attempts: u64 },
     /// A migration changed a live table while its copy was being built.
     #[error(
         "the live table `{0}` changed since the rebuild began (a migration?): the job is \

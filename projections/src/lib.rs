@@ -29,7 +29,7 @@ pub mod roles;
 pub mod user_roles;
 pub mod users;
 
-pub use build::{Progress, ProgressState};
+pub use build::{Phase, Progress, ProgressState};
 pub use check::{check, CheckReport, CheckedProjection, CheckedTable};
 pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;

@@ -13,7 +13,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool};
 
-use crate::build::{self, Lane, Progress, Record};
+use crate::build::{self, Lane, Phase, Progress, Record};
 use crate::runner::head;
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -193,9 +193,11 @@ pub async fn rebuild(
                 break;
             }
         }
+        progress.set_phase(Phase::Indexing);
         build::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
         // Events that arrived while the indexes were built.
         catch_up().await?;
+        progress.set_phase(Phase::Swapping);
         swap_when_quiet(pool, &job, &projections).await
     }
     .await;
@@ -309,6 +311,14 @@ async fn shadow_matches_live(
         if live.is_none() || live != shadow {
             return Ok(false);
         }
+        // The copy keeps the constraints the live table had when the job began: one the
+        // live table has lost since (the cause of the failure that stopped the job, say)
+        // would go on refusing rows there.
+        if build::constraints(conn, "public", table).await?
+            != build::constraints(conn, schema, table).await?
+        {
+            return Ok(false);
+        }
     }
     Ok(true)
 }
@@ -345,14 +355,28 @@ async fn swap_when_quiet(
     job: &Job,
     projections: &[Projection],
 ) -> Result<i64, RunError> {
+    let tables = projections
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut attempt = 1;
     loop {
         match swap(pool, job, projections).await {
             Err(RunError::Sql(sqlx::Error::Database(e)))
-                if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref()))
-                    && attempt < SWAP_ATTEMPTS =>
+                if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref())) =>
             {
-                tracing::info!(attempt, "the live tables are busy; trying the swap again");
+                if attempt >= SWAP_ATTEMPTS {
+                    return Err(RunError::SwapBusy {
+                        tables,
+                        attempts: attempt,
+                    });
+                }
+                tracing::info!(
+                    attempt,
+                    %tables,
+                    "other sessions hold the live tables; trying the swap again"
+                );
                 attempt += 1;
                 tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
             }

@@ -19,9 +19,12 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
     let statuses = ledgerline_projections::status(&app.pool)
         .await
         .map_err(|e| {
+            // This answer needs no key: the cause (which can name hosts, databases and
+            // roles) goes to the server's log only.
+            tracing::warn!(error = %e, "readiness: the database did not answer");
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("database not ready: {e}"),
+                "database not ready (the server's log says why)",
             )
         })?;
     // The one error shape has no room for structure, so each stopped projection goes into
