@@ -589,11 +589,24 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
     Ok(())
 }
 
+/// Refuses a projection name no projection has, before any long work.
+fn known_names(names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        if ledgerline_projections::Projection::from_name(name).is_none() {
+            return Err(
+                ledgerline_projections::RunError::UnknownProjection(name.to_string()).into(),
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Rebuilds and checks take the log as the truth: one that does not verify would pass its
 /// edits into the read models (or flag the honest live rows as wrong) as if it were intact.
 /// So they verify the chain first and refuse (exit 2, nothing started) on any fault. Events
 /// appended after this, by the writer, are not verified again.
 async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
+    tracing::info!("verifying the log before building from it");
     let report = verify_database(pool, 2)
         .await
         .context("verifying the log first")?;
@@ -622,8 +635,17 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
         }
         return Ok(());
     }
-    require_intact_log(&pool).await?;
     let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
+    known_names(&names)?;
+    // A run already at work refuses this one at once; the log is verified only for a run
+    // that may go ahead.
+    let running = ledgerline_projections::rebuild_progress(&pool)
+        .await?
+        .iter()
+        .any(|r| r.held);
+    if !running {
+        require_intact_log(&pool).await?;
+    }
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
@@ -654,8 +676,9 @@ async fn check(
     batch_size: i64,
 ) -> anyhow::Result<ExitCode> {
     let pool = pool_as_migrated(db_args).await?;
-    require_intact_log(&pool).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
+    known_names(&names)?;
+    require_intact_log(&pool).await?;
     let names = (!names.is_empty()).then_some(names.as_slice());
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());
     let display = progress::show("check", monitor.clone());

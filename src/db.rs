@@ -12,29 +12,39 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 /// How long a first connection is retried (a server still starting, say).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long the attempt that looks for the cause may take (a host that drops packets
+/// answers nothing until the system gives up, minutes later).
+const CAUSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
-    let pooled = PgPoolOptions::new()
+    let options = PgPoolOptions::new()
         .max_connections(max_connections)
-        .acquire_timeout(CONNECT_TIMEOUT)
-        .connect(url)
-        .await;
-    let error = match pooled {
-        Ok(pool) => return Ok(pool),
+        .acquire_timeout(CONNECT_TIMEOUT);
+    let context = || format!("connecting to the database at {}", redact_url(url));
+    match options.clone().connect(url).await {
         // The pool retries until the timeout and then says only that it timed out: one
         // more attempt of our own names the cause (refused, no such host, ...).
-        Err(sqlx::Error::PoolTimedOut) => match PgConnection::connect(url).await {
-            Err(cause) => anyhow::anyhow!(
-                "no connection within {} s; the last attempt: {cause}",
-                CONNECT_TIMEOUT.as_secs()
-            ),
-            Ok(_) => anyhow::anyhow!(
-                "no connection within {} s (the server answered only afterwards)",
-                CONNECT_TIMEOUT.as_secs()
-            ),
-        },
-        Err(e) => e.into(),
-    };
-    Err(error.context(format!("connecting to the database at {}", redact_url(url))))
+        Err(sqlx::Error::PoolTimedOut) => {
+            match tokio::time::timeout(CAUSE_TIMEOUT, PgConnection::connect(url)).await {
+                Ok(Err(cause)) => Err(anyhow::anyhow!(
+                    "no connection within {} s; the last attempt: {cause}",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+                .context(context())),
+                // Up by now: once more.
+                Ok(Ok(conn)) => {
+                    let _ = conn.close().await;
+                    options.connect(url).await.with_context(context)
+                }
+                Err(_) => Err(anyhow::anyhow!(
+                    "no connection within {} s, and no answer to one more attempt",
+                    CONNECT_TIMEOUT.as_secs()
+                )
+                .context(context())),
+            }
+        }
+        pooled => pooled.with_context(context),
+    }
 }
 
 pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {

@@ -35,6 +35,7 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
         // again for the events that arrived while it built its indexes).
         let mut ticker = tokio::time::interval(TERMINAL_EVERY);
         let mut logged = Instant::now();
+        let mut drawn = false;
         ticker.tick().await;
         loop {
             // The last look, when the run is over: where it ended (its end, or where an
@@ -51,13 +52,14 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
                     let mut err = std::io::stderr().lock();
                     let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
                     let _ = err.flush();
+                    drawn = true;
                 } else if last || logged.elapsed() >= LOG_EVERY {
                     logged = Instant::now();
                     figures.log(label);
                 }
             }
             if last {
-                if terminal {
+                if drawn {
                     eprintln!();
                 }
                 return;
@@ -88,15 +90,18 @@ struct Figures {
 
 impl Figures {
     fn of(state: &ProgressState, first: i64, elapsed: Duration) -> Self {
+        // Counted in log positions, as `projections status` shows them (a build starts from
+        // the log's start), so a resumed job shows what it had done before; the rate is
+        // this run's own.
         let reached = state.done().max(first);
-        let total = (state.target - first).max(0);
-        let done = reached - first;
+        let total = state.target.max(reached);
+        let done = reached;
         let percent = if total == 0 {
             100.0
         } else {
             done as f64 * 100.0 / total as f64
         };
-        let rate = done as f64 / elapsed.as_secs_f64().max(0.001);
+        let rate = (reached - first) as f64 / elapsed.as_secs_f64().max(0.001);
         let eta = (rate > 0.0).then(|| (state.target - reached) as f64 / rate);
         Self {
             phase: state.phase,
@@ -161,7 +166,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_line_counts_from_where_the_run_started() {
+    fn a_resumed_run_counts_what_it_had_done_and_its_own_rate() {
         let state = ProgressState {
             phase: Phase::Applying,
             first: 1_000,
@@ -173,7 +178,7 @@ mod tests {
         assert_eq!(figures.eta, Some(6.0));
         assert_eq!(
             figures.line("rebuild"),
-            "rebuild: 40,000/100,000 events (40%) 10,000 events/s, ETA 6s"
+            "rebuild: 41,000/101,000 events (41%) 10,000 events/s, ETA 6s"
         );
     }
 

@@ -5,7 +5,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{eventually, ledgerline, TestApp, TestDb};
+use common::{eventually, ledgerline, tamper, TestApp, TestDb};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -66,15 +66,18 @@ async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
         .unwrap();
     assert_eq!(left, 0);
 
-    let (code, _, err) =
-        ledgerline(&t.db.url, &["projections", "retry", "no_such_projection"]).await;
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains(
-            "unknown projection `no_such_projection`; the projections are organizations, users,"
-        ),
-        "the names to choose from: {err}"
-    );
+    for command in ["retry", "rebuild", "check"] {
+        let (code, _, err) =
+            ledgerline(&t.db.url, &["projections", command, "no_such_projection"]).await;
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains(
+                "unknown projection `no_such_projection`; the projections are organizations, \
+                 users,"
+            ),
+            "{command}: the names to choose from: {err}"
+        );
+    }
 }
 
 /// A database that refuses connections is named as such, not only as a pool that timed out.
@@ -99,19 +102,13 @@ async fn rebuilds_and_checks_refuse_a_log_that_does_not_verify() {
             .fetch_all(t.pool())
             .await
             .unwrap();
-    let mut tx = t.pool().begin().await.unwrap();
-    sqlx::query("SET LOCAL session_replication_role = replica")
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    sqlx::query(
-        "UPDATE events SET metadata = (metadata::jsonb || '{\"client_ip\": \"6.6.6.6\"}')::json \
-         WHERE position = 2",
+    tamper(
+        t.pool(),
+        &["UPDATE events SET metadata = (metadata::jsonb || '{\"client_ip\": \"6.6.6.6\"}')::json \
+           WHERE position = 2"
+            .to_string()],
     )
-    .execute(&mut *tx)
-    .await
-    .unwrap();
-    tx.commit().await.unwrap();
+    .await;
 
     for args in [
         &["projections", "rebuild", "--all"][..],

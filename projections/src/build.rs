@@ -155,7 +155,7 @@ pub(crate) async fn create_schema(
     sqlx::query(&format!("CREATE SCHEMA {schema}"))
         .execute(&mut *conn)
         .await?;
-    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+    for table in Projection::tables_of(projections) {
         sqlx::query(&format!(
             "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING ALL)"
         ))
@@ -247,10 +247,7 @@ pub(crate) async fn finish_tables(
     projections: &[Projection],
     connections: u16,
 ) -> sqlx::Result<()> {
-    let names: Vec<&str> = projections
-        .iter()
-        .flat_map(|p| p.tables().iter().copied())
-        .collect();
+    let names = Projection::tables_of(projections);
     let mut sized: Vec<(i64, String)> = sqlx::query_as(
         "SELECT pg_total_relation_size(format('%I.%I', $1::text, t)::regclass), t \
          FROM unnest($2::text[]) AS t",
@@ -396,15 +393,17 @@ pub(crate) async fn column_signature(
     .await
 }
 
-/// The constraints of `schema.table`, each as `name: definition`, by name.
+/// The constraints of `schema.table`, each as `name: definition`, by name. A check added
+/// `NOT VALID` (its old rows unchecked) asks of new rows what its copy asks, which `LIKE`
+/// makes valid: the two count as the same.
 pub(crate) async fn constraints(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
-        "SELECT conname || ': ' || pg_get_constraintdef(oid) FROM pg_constraint \
-         WHERE conrelid = $1::regclass ORDER BY conname",
+        "SELECT conname || ': ' || regexp_replace(pg_get_constraintdef(oid), ' NOT VALID$', '') \
+         FROM pg_constraint WHERE conrelid = $1::regclass ORDER BY conname",
     )
     .bind(format!("{schema}.{table}"))
     .fetch_all(conn)

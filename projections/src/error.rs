@@ -128,11 +128,11 @@ pub enum RunError {
     RebuildInProgress { job: i64, projections: Vec<String> },
     /// Other sessions held the live tables on every attempt at the swap.
     #[error(
-        "other sessions held the live tables ({tables}) through {attempts} attempts at the \
-         swap: the job keeps its work; run the same rebuild again to resume it (`ledgerline \
-         projections status` shows it), once the long transactions on them are done"
+        "other sessions held the live tables through all {attempts} attempts at the swap \
+         (holding them now: {holders}): the job keeps its work; run the same rebuild again \
+         to resume it once they are done (`ledgerline projections status` shows the job)"
     )]
-    SwapBusy { tables: String, attempts: u64 },
+    SwapBusy { attempts: u32, holders: String },
     /// A migration changed a live table while its copy was being built.
     #[error(
         "the live table `{0}` changed since the rebuild began (a migration?): the job is \

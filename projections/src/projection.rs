@@ -43,6 +43,14 @@ impl Projection {
         }
     }
 
+    /// The tables of all of `projections`, in their order.
+    pub fn tables_of(projections: &[Projection]) -> Vec<&'static str> {
+        projections
+            .iter()
+            .flat_map(|p| p.tables().iter().copied())
+            .collect()
+    }
+
     /// The read-model tables this projection alone writes.
     pub fn tables(self) -> &'static [&'static str] {
         match self {

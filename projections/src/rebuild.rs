@@ -305,7 +305,7 @@ async fn shadow_matches_live(
     schema: &str,
     projections: &[Projection],
 ) -> sqlx::Result<bool> {
-    for table in projections.iter().flat_map(|p| p.tables().iter().copied()) {
+    for table in Projection::tables_of(projections) {
         let live = build::column_signature(conn, "public", table).await?;
         let shadow = build::column_signature(conn, schema, table).await?;
         if live.is_none() || live != shadow {
@@ -355,11 +355,7 @@ async fn swap_when_quiet(
     job: &Job,
     projections: &[Projection],
 ) -> Result<i64, RunError> {
-    let tables = projections
-        .iter()
-        .flat_map(|p| p.tables().iter().copied())
-        .collect::<Vec<_>>()
-        .join(", ");
+    let tables = Projection::tables_of(projections);
     let mut attempt = 1;
     loop {
         match swap(pool, job, projections).await {
@@ -367,29 +363,63 @@ async fn swap_when_quiet(
                 if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref())) =>
             {
                 if attempt >= SWAP_ATTEMPTS {
+                    let holders = holders(pool, &tables)
+                        .await
+                        .unwrap_or_else(|e| format!("not read: {e}"));
                     return Err(RunError::SwapBusy {
-                        tables,
-                        attempts: attempt,
+                        attempts: SWAP_ATTEMPTS,
+                        holders,
                     });
                 }
                 tracing::info!(
                     attempt,
-                    %tables,
+                    holders = holders(pool, &tables).await.unwrap_or_default(),
                     "other sessions hold the live tables; trying the swap again"
                 );
                 attempt += 1;
-                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+                tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
+                    .await;
             }
             result => return result,
         }
     }
 }
 
+/// The sessions holding locks on the live `tables`, for the operator to find: each one's
+/// pid, application, tables, how long its transaction has been open and its last statement.
+async fn holders(pool: &PgPool, tables: &[&str]) -> sqlx::Result<String> {
+    let rows: Vec<(i32, String, String, Option<i64>, String)> = sqlx::query_as(
+        "SELECT a.pid, coalesce(nullif(a.application_name, ''), '?'), \
+         string_agg(DISTINCT c.relname::text, ', '), \
+         extract(epoch FROM now() - a.xact_start)::bigint, \
+         left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80) \
+         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+         JOIN pg_stat_activity a ON a.pid = l.pid \
+         WHERE l.granted AND c.relnamespace = 'public'::regnamespace \
+         AND c.relname = ANY($1) AND l.pid <> pg_backend_pid() \
+         GROUP BY a.pid, a.application_name, a.xact_start, a.query ORDER BY a.pid",
+    )
+    .bind(tables)
+    .fetch_all(pool)
+    .await?;
+    if rows.is_empty() {
+        return Ok("none holds them now".to_string());
+    }
+    Ok(rows
+        .iter()
+        .map(|(pid, app, on, open, query)| {
+            let open = open.map_or(String::new(), |s| format!(", in a transaction for {s} s"));
+            format!("pid {pid} ({app}) on {on}{open}, last statement `{query}`")
+        })
+        .collect::<Vec<_>>()
+        .join("; "))
+}
+
 /// How long the swap waits for the live tables' lock before it backs off and tries again.
 /// Under `deadlock_timeout` (1 s by default), so that a reader that goes on to a table the
 /// swap holds is not cancelled as a deadlock.
 const LOCK_WAIT: &str = "500ms";
-const SWAP_ATTEMPTS: u64 = 10;
+const SWAP_ATTEMPTS: u32 = 10;
 /// SQLSTATEs after which the swap backs off and tries again: lock_not_available (the
 /// `lock_timeout` expired) and deadlock_detected.
 const BACK_OFF: [&str; 2] = ["55P03", "40P01"];
@@ -400,10 +430,7 @@ const BACK_OFF: [&str; 2] = ["55P03", "40P01"];
 /// Readers wait only for the table locks of the last few statements.
 async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i64, RunError> {
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    let tables: Vec<&str> = projections
-        .iter()
-        .flat_map(|p| p.tables().iter().copied())
-        .collect();
+    let tables = Projection::tables_of(projections);
     let mut conn = build::schema_connection(pool, &job.schema).await?;
     let mut tx = conn.begin().await?;
     // It holds the live checkpoints, then the live tables: a frozen operator process must

@@ -661,10 +661,7 @@ pub async fn reset(pool: &PgPool, names: Option<&[&str]>) -> Result<(), RunError
         return Ok(());
     }
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
-    let tables: Vec<&str> = projections
-        .iter()
-        .flat_map(|p| p.tables().iter().copied())
-        .collect();
+    let tables = Projection::tables_of(&projections);
     let mut tx = pool.begin().await?;
     // Take the checkpoint rows first, in name order, as runners do: a batch in flight then
     // finishes before the truncation instead of deadlocking against it.
