@@ -4,6 +4,7 @@
 //! follows `RUST_LOG` and `--log-format json` like every other line a collector reads.
 
 use std::io::{IsTerminal, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,6 +16,35 @@ use tokio::task::JoinHandle;
 const TERMINAL_EVERY: Duration = Duration::from_millis(250);
 /// Logs a line this often otherwise.
 const LOG_EVERY: Duration = Duration::from_secs(5);
+
+/// Whether the bar is drawn on standard error now, with no line end after it.
+static BAR_DRAWN: AtomicBool = AtomicBool::new(false);
+
+/// Standard error for the log. A log line written while the bar is drawn would go on the
+/// bar's line: it clears the bar first (the next tick draws it again, under the log line).
+pub fn log_writer() -> LogWriter {
+    LogWriter
+}
+
+pub struct LogWriter;
+
+impl Write for LogWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        clear_bar_then_write(&mut std::io::stderr().lock(), buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// Held by the caller's lock on standard error, as the bar is drawn under it.
+fn clear_bar_then_write(out: &mut impl Write, buf: &[u8]) -> std::io::Result<usize> {
+    if BAR_DRAWN.swap(false, Ordering::Relaxed) {
+        out.write_all(b"\r\x1b[2K")?;
+    }
+    out.write(buf)
+}
 
 /// A run's progress on display; [`finish`] ends it.
 pub struct Display {
@@ -35,7 +65,6 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
         // again for the events that arrived while it built its indexes).
         let mut ticker = tokio::time::interval(TERMINAL_EVERY);
         let mut logged = Instant::now();
-        let mut drawn = false;
         ticker.tick().await;
         loop {
             // The last look, when the run is over: where it ended (its end, or where an
@@ -52,14 +81,15 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
                     let mut err = std::io::stderr().lock();
                     let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
                     let _ = err.flush();
-                    drawn = true;
+                    BAR_DRAWN.store(true, Ordering::Relaxed);
                 } else if last || logged.elapsed() >= LOG_EVERY {
                     logged = Instant::now();
                     figures.log(label);
                 }
             }
             if last {
-                if drawn {
+                // Unless a log line has ended the bar's line already.
+                if BAR_DRAWN.swap(false, Ordering::Relaxed) {
                     eprintln!();
                 }
                 return;
@@ -219,6 +249,16 @@ mod tests {
             ..state
         };
         assert_eq!(behind.done(), 500, "still on its way to its end");
+    }
+
+    /// A log line does not go on the end of a drawn bar: the bar is cleared first, once.
+    #[test]
+    fn a_log_line_clears_the_bar_it_would_follow() {
+        let mut out = Vec::new();
+        BAR_DRAWN.store(true, Ordering::Relaxed);
+        clear_bar_then_write(&mut out, b"INFO one\n").unwrap();
+        clear_bar_then_write(&mut out, b"INFO two\n").unwrap();
+        assert_eq!(out, b"\r\x1b[2KINFO one\nINFO two\n");
     }
 
     #[test]
