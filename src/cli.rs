@@ -637,15 +637,15 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     }
     let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
     known_names(&names)?;
-    // A run already at work refuses this one at once; the log is verified only for a run
-    // that may go ahead.
-    let running = ledgerline_projections::rebuild_progress(&pool)
+    // A job at work refuses this run; said at once, not after verifying the log.
+    if ledgerline_projections::rebuild_progress(&pool)
         .await?
         .iter()
-        .any(|r| r.held);
-    if !running {
-        require_intact_log(&pool).await?;
+        .any(|r| r.held)
+    {
+        return Err(ledgerline_projections::RunError::RebuildRunning.into());
     }
+    require_intact_log(&pool).await?;
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,

@@ -88,9 +88,11 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
                 }
             }
             if last {
-                // Unless a log line has ended the bar's line already.
+                // Unless a log line has ended the bar's line already; under the lock, as a
+                // log line takes it.
+                let mut err = std::io::stderr().lock();
                 if BAR_DRAWN.swap(false, Ordering::Relaxed) {
-                    eprintln!();
+                    let _ = writeln!(err);
                 }
                 return;
             }
@@ -105,7 +107,7 @@ pub async fn finish(display: Display) {
     let _ = display.task.await;
 }
 
-/// Where a run stands, counted from where it started.
+/// Where a run stands, in log positions; its rate is this run's own.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Figures {
     phase: Phase,

@@ -121,6 +121,16 @@ async fn rebuilds_and_checks_refuse_a_log_that_does_not_verify() {
             "{args:?}: {err}"
         );
     }
+    // A wrong name is said first, before any verifying.
+    for command in ["rebuild", "check"] {
+        let (code, _, err) = ledgerline(&t.db.url, &["projections", command, "userz"]).await;
+        assert_eq!(code, 2, "{command}: {err}");
+        assert!(
+            err.contains("unknown projection `userz`"),
+            "{command}: {err}"
+        );
+        assert!(!err.contains("does not verify"), "{command}: {err}");
+    }
     let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_rebuilds")
         .fetch_one(t.pool())
         .await
@@ -253,6 +263,12 @@ async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
         !out.contains("--abandon"),
         "nothing to do while it runs: {out}"
     );
+    // A second run is refused at once, without verifying the log first.
+    let (code, _, err) =
+        common::ledgerline_logging(&t.db.url, &["projections", "rebuild", "users"], "info").await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("another rebuild is running"), "{err}");
+    assert!(!err.contains("verifying the log"), "{err}");
 
     child.kill().await.unwrap(); // SIGKILL
     let freed = eventually(Duration::from_secs(30), || async {

@@ -141,9 +141,9 @@ async fn compare_with_rebuild(
     // It holds the live tables (against a swap, or a migration that every reader would
     // then queue behind): a frozen operator process must not hold them for long.
     crate::lease::idle_limit(&mut tx).await?;
-    let live: Vec<String> = projections
+    let live: Vec<String> = Projection::tables_of(projections)
         .iter()
-        .flat_map(|p| p.tables().iter().map(|t| format!("public.{t}")))
+        .map(|t| format!("public.{t}"))
         .collect();
     sqlx::query(&format!(
         "LOCK TABLE {} IN ACCESS SHARE MODE",

@@ -363,7 +363,7 @@ async fn swap_when_quiet(
                 if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref())) =>
             {
                 if attempt >= SWAP_ATTEMPTS {
-                    let holders = holders(pool, &tables)
+                    let holders = holders(pool, &job.schema, &tables)
                         .await
                         .unwrap_or_else(|e| format!("not read: {e}"));
                     return Err(RunError::SwapBusy {
@@ -373,7 +373,9 @@ async fn swap_when_quiet(
                 }
                 tracing::info!(
                     attempt,
-                    holders = holders(pool, &tables).await.unwrap_or_default(),
+                    holders = holders(pool, &job.schema, &tables)
+                        .await
+                        .unwrap_or_default(),
                     "other sessions hold the live tables; trying the swap again"
                 );
                 attempt += 1;
@@ -387,19 +389,24 @@ async fn swap_when_quiet(
 
 /// The sessions holding locks on the live `tables`, for the operator to find: each one's
 /// pid, application, tables, how long its transaction has been open and its last statement.
-async fn holders(pool: &PgPool, tables: &[&str]) -> sqlx::Result<String> {
+/// Not the job's own (named after `schema`): a swap that timed out on one table may still
+/// hold another until its session ends.
+async fn holders(pool: &PgPool, schema: &str, tables: &[&str]) -> sqlx::Result<String> {
     let rows: Vec<(i32, String, String, Option<i64>, String)> = sqlx::query_as(
         "SELECT a.pid, coalesce(nullif(a.application_name, ''), '?'), \
          string_agg(DISTINCT c.relname::text, ', '), \
          extract(epoch FROM now() - a.xact_start)::bigint, \
-         left(regexp_replace(coalesce(a.query, ''), '\\s+', ' ', 'g'), 80) \
+         left(regexp_replace(coalesce(a.query, ''), '[[:space:]]+', ' ', 'g'), 80) \
          FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
          JOIN pg_stat_activity a ON a.pid = l.pid \
-         WHERE l.granted AND c.relnamespace = 'public'::regnamespace \
-         AND c.relname = ANY($1) AND l.pid <> pg_backend_pid() \
+         WHERE l.granted \
+         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+         AND c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1) \
+         AND l.pid <> pg_backend_pid() AND a.application_name IS DISTINCT FROM $2 \
          GROUP BY a.pid, a.application_name, a.xact_start, a.query ORDER BY a.pid",
     )
     .bind(tables)
+    .bind(schema)
     .fetch_all(pool)
     .await?;
     if rows.is_empty() {
