@@ -51,9 +51,26 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => check_claims(&cli.db, repair).await,
     };
     result.unwrap_or_else(|e| {
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", causes(&e));
         ExitCode::from(2)
     })
+}
+
+/// The error and its causes, each said once: sqlx's errors (and ours that wrap them) repeat
+/// their cause in their own message, which `{:#}` then prints again.
+fn causes(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.ends_with(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 async fn pool(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {

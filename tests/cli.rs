@@ -89,6 +89,16 @@ async fn an_unreachable_database_is_reported_with_its_cause() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
+/// An error is said once, not once more for each error that wraps it.
+#[tokio::test]
+async fn a_missing_database_is_named_once() {
+    let db = TestDb::new().await;
+    let url = format!("{}_missing", db.url.split('?').next().unwrap());
+    let (code, out, err) = ledgerline(&url, &["verify"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert_eq!(err.matches("does not exist").count(), 1, "{err}");
+}
+
 /// A log edited past its triggers would pass its edits into rebuilt read models (or make a
 /// check flag the honest live rows): both verify the chain first and start nothing.
 #[tokio::test]
