@@ -432,6 +432,74 @@ async fn bodies_over_one_mib_are_413_even_on_routes_that_take_no_body() {
     assert_eq!(r.body["status"], "active", "the user was not erased");
 }
 
+/// A route that takes no body refuses one rather than carry the command out regardless: a
+/// truncated document, or a field the command does not have (a reason an erasure does not
+/// record), appends nothing. Blank and `{}` are what clients send for "nothing".
+#[tokio::test]
+async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
+    let f = fixture().await;
+    let (t, org, user, role, key) = (&f.t, f.org, f.user, f.role, f.key);
+    let routes = [
+        (Method::POST, org_path(org, &format!("/users/{user}/erase"))),
+        (
+            Method::POST,
+            org_path(org, &format!("/users/{user}/reactivate")),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/api-keys/{key}/rotate")),
+        ),
+        (Method::POST, org_path(org, "/reactivate")),
+        (Method::DELETE, org_path(org, &format!("/roles/{role}"))),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/users/{user}/roles/{role}")),
+        ),
+    ];
+    for (method, path) in &routes {
+        for (bad, status) in [
+            (&b"{\"reason\": \"x\"}"[..], 422),
+            (b"[1, 2]", 422),
+            (b"{\"reason\": \"x\\u0000\", \"zzz\": [1, 2", 400),
+            (b"garbage{", 400),
+        ] {
+            let r = refused_raw(
+                t,
+                method.clone(),
+                path,
+                "application/json",
+                bad.to_vec(),
+                status,
+            )
+            .await;
+            if status == 422 {
+                assert!(
+                    r.body["error"]["message"]
+                        .as_str()
+                        .unwrap()
+                        .contains("this request takes no body"),
+                    "{}",
+                    r.body
+                );
+            }
+        }
+    }
+    let r = t
+        .get(&org_path(org, &format!("/users/{user}")), &t.admin_key)
+        .await;
+    assert_eq!(r.body["status"], "active", "the user was not erased");
+    let before = t.head().await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{user}/erase")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "an empty object is no body: {}", r.body);
+    assert_eq!(t.head().await, before + 1);
+}
+
 #[tokio::test]
 async fn body_just_under_one_mib_is_read() {
     let f = fixture().await;

@@ -206,6 +206,7 @@ pub async fn rotate(
     State(app): State<App>,
     caller: Caller,
     Path((org, key)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<IssuedKey>> {
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;

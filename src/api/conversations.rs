@@ -492,6 +492,7 @@ pub async fn archive(
     State(app): State<App>,
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<ConversationView>> {
     command(&app, &caller, org, id, |actor| {
         ConversationCommand::Archive { actor }
@@ -503,6 +504,7 @@ pub async fn unarchive(
     State(app): State<App>,
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<ConversationView>> {
     command(&app, &caller, org, id, |actor| {
         ConversationCommand::Unarchive { actor }
@@ -547,6 +549,7 @@ pub async fn remove_participant(
     State(app): State<App>,
     caller: Caller,
     Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<StatusCode> {
     let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     let command = ConversationCommand::RemoveParticipant {

@@ -46,6 +46,33 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
     }
 }
 
+/// The body of a request that takes none: absent, blank or `{}` (which many clients send
+/// by default). Anything else is refused rather than ignored, so that a client sending a
+/// body by mistake (a field the command does not have, a truncated document) learns it
+/// before the command is carried out: 400 for syntax, 422 for content, as [`Json`].
+pub struct NoBody;
+
+impl<S: Send + Sync> FromRequest<S> for NoBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = body(req, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(NoBody);
+        }
+        match serde_json::from_slice::<Value>(&bytes) {
+            Ok(Value::Object(fields)) if fields.is_empty() => Ok(NoBody),
+            Ok(_) => Err(ApiError::invalid(
+                "invalid request body: this request takes no body (or an empty object)",
+            )),
+            Err(e) => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("malformed JSON: {e}"),
+            )),
+        }
+    }
+}
+
 /// `application/json` or any `application/*+json`, as axum's `Json` accepts.
 fn is_json(headers: &HeaderMap) -> bool {
     headers

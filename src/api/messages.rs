@@ -573,6 +573,7 @@ pub async fn delete(
     State(app): State<App>,
     caller: Caller,
     Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<StatusCode> {
     let first = access(
         &app,
@@ -679,6 +680,7 @@ pub async fn react(
     State(app): State<App>,
     caller: Caller,
     Path(path): Path<(Uuid, Uuid, Uuid, String)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<MessageView>> {
     reaction(&app, &caller, path, true).await
 }
@@ -687,6 +689,7 @@ pub async fn unreact(
     State(app): State<App>,
     caller: Caller,
     Path(path): Path<(Uuid, Uuid, Uuid, String)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<MessageView>> {
     reaction(&app, &caller, path, false).await
 }

@@ -263,6 +263,7 @@ pub async fn reactivate(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<OrganizationView>> {
     operator_act(&app, &caller, org, OrganizationCommand::Reactivate).await
 }

@@ -238,6 +238,7 @@ pub async fn delete(
     State(app): State<App>,
     caller: Caller,
     Path((org, role)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     find(&app, org, role).await?;
@@ -332,6 +333,7 @@ pub async fn revoke(
     State(app): State<App>,
     caller: Caller,
     Path((org, user, role)): Path<(Uuid, Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
     users::find(&app, org, user).await?;

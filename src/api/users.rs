@@ -231,6 +231,7 @@ pub async fn reactivate(
     State(app): State<App>,
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<UserView>> {
     change_status(&app, &caller, org, user, UserCommand::Reactivate).await
 }
@@ -266,6 +267,7 @@ pub async fn erase(
     State(app): State<App>,
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
+    _: super::NoBody,
 ) -> ApiResult<axum::Json<UserView>> {
     caller.require_in(org, Permission::UsersErase)?;
     find(&app, org, user).await?;
