@@ -423,6 +423,20 @@ async fn export(
     args: ExportArgs,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    // A mistyped id would give a file of stubs alone that verifies as intact.
+    if let Some(org) = args.org {
+        let created: bool = sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Organization' \
+             AND aggregate_id = $1 AND event_type = 'OrganizationCreated')",
+        )
+        .bind(org.to_string())
+        .fetch_one(&pool)
+        .await?;
+        anyhow::ensure!(
+            created,
+            "no organization {org} in the log: nothing exported"
+        );
+    }
     // Written beside the target and renamed into place once whole: a refused range or a
     // failure part-way leaves a file already there as it was, and never a cut-off export
     // under the name an auditor will verify.

@@ -89,6 +89,24 @@ async fn an_unreachable_database_is_reported_with_its_cause() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
+/// An export of an organization the log never created is refused, not a file of stubs
+/// alone that verifies as intact.
+#[tokio::test]
+async fn an_export_of_an_unknown_organization_is_refused() {
+    let t = TestApp::spawn().await;
+    t.create_org("Known Co").await;
+    let out = std::env::temp_dir().join(format!("ll_unknown_{}.jsonl", uuid::Uuid::new_v4()));
+    let path = out.to_str().unwrap();
+    let unknown = uuid::Uuid::new_v4().to_string();
+    let (code, _, err) = ledgerline(&t.db.url, &["export", "--org", &unknown, "--out", path]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("no organization {unknown} in the log")),
+        "{err}"
+    );
+    assert!(!out.exists(), "no file written");
+}
+
 /// An error is said once, not once more for each error that wraps it.
 #[tokio::test]
 async fn a_missing_database_is_named_once() {
