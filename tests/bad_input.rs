@@ -432,6 +432,30 @@ async fn bodies_over_one_mib_are_413_even_on_routes_that_take_no_body() {
     assert_eq!(r.body["status"], "active", "the user was not erased");
 }
 
+/// The lists that are not paged refuse a query rather than ignore it: `?limit=1` would
+/// otherwise answer every item, and the client would not know.
+#[tokio::test]
+async fn lists_that_take_no_query_refuse_one() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    for list in [
+        "/v1/organizations".to_string(),
+        org_path(org, "/users"),
+        org_path(org, "/roles"),
+        org_path(org, "/api-keys"),
+        org_path(org, "/conversations"),
+    ] {
+        let r = refused_bodyless(t, Method::GET, &format!("{list}?limit=1"), 400).await;
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("unknown field `limit`"),
+            "{list}: {message}"
+        );
+        let r = t.get(&list, &t.admin_key).await;
+        assert_eq!(r.status, 200, "{list}: {}", r.body);
+    }
+}
+
 /// A route that takes no body refuses one rather than carry the command out regardless: a
 /// truncated document, or a field the command does not have (a reason an erasure does not
 /// record), appends nothing. Blank and `{}` are what clients send for "nothing".

@@ -161,6 +161,13 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     ApiError::new(status, message)
 }
 
+/// The query of a list that takes none (it is not paged or filtered): a parameter there is
+/// refused (400, naming it), as on the lists that take some, rather than ignored, so that a
+/// client asking for `?limit=10` learns it gets every item.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoQuery {}
+
 /// `axum::extract::Path` with our errors (an invalid UUID in a path is a 400).
 pub struct Path<T>(pub T);
 

@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use error::{ApiError, ApiResult};
-pub use extract::{NoBody, OptionalJson};
+pub use extract::{NoBody, NoQuery, OptionalJson};
 
 pub mod api_keys;
 pub mod audit;
