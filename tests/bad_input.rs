@@ -432,6 +432,28 @@ async fn bodies_over_one_mib_are_413_even_on_routes_that_take_no_body() {
     assert_eq!(r.body["status"], "active", "the user was not erased");
 }
 
+/// A name that looks like another's through a character that shows nothing ("Acme" and
+/// "Acme" with a zero-width space) is refused, so that the uniqueness of names holds to the eye.
+#[tokio::test]
+async fn names_with_invisible_characters_are_422() {
+    let f = fixture().await;
+    for name in ["Acme\u{200B}", "Acme\u{202E}x"] {
+        let r = refused(
+            &f.t,
+            Method::POST,
+            "/v1/organizations",
+            json!({"name": name, "slug": "acme-look-alike"}),
+            422,
+        )
+        .await;
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("invisible formatting characters"),
+            "{message}"
+        );
+    }
+}
+
 /// The lists that are not paged refuse a query rather than ignore it: `?limit=1` would
 /// otherwise answer every item, and the client would not know.
 #[tokio::test]

@@ -21,7 +21,26 @@ pub const MAX_EMOJI_CHARS: usize = 16;
 pub const MAX_EMOJI_BYTES: usize = 64;
 pub const MAX_MIME_TYPE_CHARS: usize = 255;
 
-/// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters.
+/// Characters that show nothing and change no letter, by which a name can pass for another
+/// ("Acme" and "Acme\u{200B}") or show its text in another order: zero-width space, word
+/// joiner, soft hyphen, byte-order mark, and the direction marks, embeddings, overrides and
+/// isolates. The zero-width joiner and non-joiner stay: some scripts' names and emoji need them.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
+}
+
+/// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters and
+/// no invisible formatting characters ([`is_invisible_format`]).
 pub fn name(field: &str, value: &str) -> Result<String, String> {
     let v = value.trim();
     if v.is_empty() {
@@ -34,6 +53,12 @@ pub fn name(field: &str, value: &str) -> Result<String, String> {
     }
     if v.chars().any(char::is_control) {
         return Err(format!("{field} must not contain control characters"));
+    }
+    if let Some(c) = v.chars().find(|c| is_invisible_format(*c)) {
+        return Err(format!(
+            "{field} must not contain invisible formatting characters (U+{:04X})",
+            u32::from(c)
+        ));
     }
     Ok(v.to_string())
 }
@@ -265,6 +290,29 @@ mod tests {
         assert!(name("name", "   ").is_err());
         assert!(name("name", &"x".repeat(201)).is_err());
         assert!(name("name", "a\u{0}b").is_err());
+    }
+
+    #[test]
+    fn names_cannot_pass_for_others_with_invisible_characters() {
+        for sneaky in [
+            "Acme\u{200B}",
+            "bidi\u{202E}x",
+            "\u{FEFF}Acme",
+            "Ac\u{00AD}me",
+            "a\u{2066}b",
+        ] {
+            let refused = name("name", sneaky).unwrap_err();
+            assert!(
+                refused.contains("invisible formatting characters"),
+                "{refused}"
+            );
+        }
+        // Joiners are letters' business in some scripts, and emoji's.
+        assert_eq!(name("name", "می\u{200C}خواهم").unwrap(), "می\u{200C}خواهم");
+        assert_eq!(
+            name("name", "👩\u{200D}💻 team").unwrap(),
+            "👩\u{200D}💻 team"
+        );
     }
 
     #[test]
