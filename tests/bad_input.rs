@@ -466,6 +466,7 @@ async fn lists_that_take_no_query_refuse_one() {
         org_path(org, "/roles"),
         org_path(org, "/api-keys"),
         org_path(org, "/conversations"),
+        org_path(org, &format!("/users/{}/roles", f.user)),
     ] {
         let r = refused_bodyless(t, Method::GET, &format!("{list}?limit=1"), 400).await;
         let message = r.body["error"]["message"].as_str().unwrap();
@@ -485,6 +486,10 @@ async fn lists_that_take_no_query_refuse_one() {
 async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
     let f = fixture().await;
     let (t, org, user, role, key) = (&f.t, f.org, f.user, f.role, f.key);
+    // The body is read before the handler looks at anything: a conversation and a message
+    // that do not exist still meet the refusal first.
+    let (c, m) = (Uuid::new_v4(), Uuid::new_v4());
+    let thumbs = "%F0%9F%91%8D";
     let routes = [
         (Method::POST, org_path(org, &format!("/users/{user}/erase"))),
         (
@@ -501,12 +506,44 @@ async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
             Method::DELETE,
             org_path(org, &format!("/users/{user}/roles/{role}")),
         ),
+        (
+            Method::POST,
+            org_path(org, &format!("/conversations/{c}/archive")),
+        ),
+        (
+            Method::POST,
+            org_path(org, &format!("/conversations/{c}/unarchive")),
+        ),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/conversations/{c}/participants/{user}")),
+        ),
+        (
+            Method::DELETE,
+            org_path(org, &format!("/conversations/{c}/messages/{m}")),
+        ),
+        (
+            Method::PUT,
+            org_path(
+                org,
+                &format!("/conversations/{c}/messages/{m}/reactions/{thumbs}"),
+            ),
+        ),
+        (
+            Method::DELETE,
+            org_path(
+                org,
+                &format!("/conversations/{c}/messages/{m}/reactions/{thumbs}"),
+            ),
+        ),
     ];
     for (method, path) in &routes {
         for (bad, status) in [
             (&b"{\"reason\": \"x\"}"[..], 422),
-            (b"[1, 2]", 422),
-            (b"{\"reason\": \"x\\u0000\", \"zzz\": [1, 2", 400),
+            (b"\"text\"", 422),
+            // Cut short after a field it does not take: the field is what is said.
+            (b"{\"reason\": \"x\\u0000\", \"zzz\": [1, 2", 422),
+            (b"{\"zzz", 400),
             (b"garbage{", 400),
         ] {
             let r = refused_raw(
@@ -523,7 +560,7 @@ async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
                     r.body["error"]["message"]
                         .as_str()
                         .unwrap()
-                        .contains("this request takes no body"),
+                        .contains("invalid request body"),
                     "{}",
                     r.body
                 );

@@ -534,7 +534,7 @@ async fn forged_checkpoints_and_truncated_exports_are_refused() {
     // word): it says both.
     let said = bad.kind.to_string();
     assert!(
-        said.contains("events it signed are not in the file") && said.contains("export --to"),
+        said.contains("events it signed are not in the file") && said.contains("`export --to`"),
         "{said}"
     );
     assert_eq!(

@@ -23,17 +23,21 @@ pub const MAX_MIME_TYPE_CHARS: usize = 255;
 
 /// Characters that show nothing and change no letter, by which a name can pass for another
 /// ("Acme" and "Acme\u{200B}") or show its text in another order: zero-width space, word
-/// joiner, soft hyphen, byte-order mark, and the direction marks, embeddings, overrides and
-/// isolates. The zero-width joiner and non-joiner stay: some scripts' names and emoji need them.
+/// joiner, invisible operators, soft hyphen, byte-order mark, the Mongolian vowel separator,
+/// and the direction marks, embeddings, overrides and isolates. The zero-width joiner and
+/// non-joiner stay, as some scripts' names and emoji need them: one can still follow a name
+/// unseen (a limit of this rule, not of the uniqueness check).
 fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
+            | '\u{061C}'
+            | '\u{180E}'
             | '\u{200B}'
             | '\u{200E}'
             | '\u{200F}'
             | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'
+            | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}'
             | '\u{FEFF}'
     )
@@ -300,6 +304,8 @@ mod tests {
             "\u{FEFF}Acme",
             "Ac\u{00AD}me",
             "a\u{2066}b",
+            "x\u{061C}y",
+            "x\u{2062}y",
         ] {
             let refused = name("name", sneaky).unwrap_err();
             assert!(

@@ -46,32 +46,17 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
     }
 }
 
-/// The body of a request that takes none: absent, blank or `{}` (which many clients send
-/// by default). Anything else is refused rather than ignored, so that a client sending a
-/// body by mistake (a field the command does not have, a truncated document) learns it
-/// before the command is carried out: 400 for syntax, 422 for content, as [`Json`].
-pub struct NoBody;
+/// What a request that takes no body (or a list that takes no query) accepts: nothing, or
+/// an empty object. A body or a parameter there is refused with [`OptionalJson`]'s or
+/// [`Query`]'s errors (naming the field), rather than ignored: a client sending one by
+/// mistake (a reason an erasure does not record, a truncated document, `?limit=10` on a list
+/// that is not paged) learns it before the command is carried out.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Nothing {}
 
-impl<S: Send + Sync> FromRequest<S> for NoBody {
-    type Rejection = ApiError;
-
-    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = body(req, state).await?;
-        if bytes.iter().all(u8::is_ascii_whitespace) {
-            return Ok(NoBody);
-        }
-        match serde_json::from_slice::<Value>(&bytes) {
-            Ok(Value::Object(fields)) if fields.is_empty() => Ok(NoBody),
-            Ok(_) => Err(ApiError::invalid(
-                "invalid request body: this request takes no body (or an empty object)",
-            )),
-            Err(e) => Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("malformed JSON: {e}"),
-            )),
-        }
-    }
-}
+/// The body of a request that takes none: absent, blank or `{}` (which many clients send).
+pub type NoBody = OptionalJson<Nothing>;
 
 /// `application/json` or any `application/*+json`, as axum's `Json` accepts.
 fn is_json(headers: &HeaderMap) -> bool {
@@ -160,13 +145,6 @@ fn json_rejection(r: JsonRejection) -> ApiError {
     };
     ApiError::new(status, message)
 }
-
-/// The query of a list that takes none (it is not paged or filtered): a parameter there is
-/// refused (400, naming it), as on the lists that take some, rather than ignored, so that a
-/// client asking for `?limit=10` learns it gets every item.
-#[derive(serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct NoQuery {}
 
 /// `axum::extract::Path` with our errors (an invalid UUID in a path is a 400).
 pub struct Path<T>(pub T);

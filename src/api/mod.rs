@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use crate::app::App;
 use error::{ApiError, ApiResult};
-pub use extract::{NoBody, NoQuery, OptionalJson};
+pub use extract::{NoBody, Nothing, OptionalJson};
 
 pub mod api_keys;
 pub mod audit;
@@ -521,8 +521,8 @@ pub fn router(app: App) -> Router {
         .with_state(app)
 }
 
-/// `DefaultBodyLimit` only limits extractors; routes that read no body would otherwise run
-/// their command whatever was sent. A declared length over the limit is refused up front.
+/// `DefaultBodyLimit` only limits extractors; a declared length over the limit is refused up
+/// front, before any extractor reads the body.
 async fn refuse_large_bodies(req: Request, next: Next) -> Response {
     let declared = req
         .headers()

@@ -180,7 +180,7 @@ pub async fn complete_interrupted(app: &App) -> ApiResult<usize> {
 pub async fn list(
     State(app): State<App>,
     caller: Caller,
-    _: super::extract::Query<super::NoQuery>,
+    _: super::extract::Query<super::Nothing>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     let items: Vec<OrganizationView> = if caller.is_platform_admin() {
         sqlx::query_as(&format!("{SELECT} ORDER BY created_at, id"))

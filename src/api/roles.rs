@@ -162,7 +162,7 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::NoQuery>,
+    _: super::extract::Query<super::Nothing>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
     organizations::require_exists(&app, &caller, org).await?;
@@ -361,6 +361,7 @@ pub async fn list_assignments(
     State(app): State<App>,
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
+    _: super::extract::Query<super::Nothing>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
     users::find(&app, org, user).await?;

@@ -143,7 +143,7 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::NoQuery>,
+    _: super::extract::Query<super::Nothing>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::UsersRead)?;
     organizations::find(&app, org).await?;

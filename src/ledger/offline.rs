@@ -116,9 +116,9 @@ impl std::fmt::Display for FileFaultKind {
             FileFaultKind::Truncated { tree_size } => write!(
                 f,
                 "truncated: the export ends before the checkpoint's size {tree_size}, so \
-                 events it signed are not in the file (an export cut short on purpose, with \
-                 `export --to`, is checked against a checkpoint within its range, or exported \
-                 through position {tree_size} or later)"
+                 events it signed are not in the file (to check a range cut short on purpose, \
+                 `export --to` or `?to=`, use a checkpoint within it, or export through \
+                 position {tree_size} or later)"
             ),
         }
     }
