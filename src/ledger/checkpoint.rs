@@ -57,6 +57,17 @@ pub enum NoteError {
     Malformed(String),
     #[error("the checkpoint carries no signature by key `{0}`")]
     NoSignature(String),
+    /// Signed under the key's name by another key: an impostor's, or the auditor holds
+    /// another key than the log's. Which of the two, the note cannot tell.
+    #[error(
+        "the checkpoint is signed as `{name}` by key id {signed_by}, not by the key given (id \
+         {key_id}): it is forged, or the key given is not the log's"
+    )]
+    OtherKey {
+        name: String,
+        key_id: String,
+        signed_by: String,
+    },
     #[error("the signature by key `{0}` does not verify: the checkpoint is forged or altered")]
     BadSignature(String),
     #[error("malformed verifier key: {0}")]
@@ -411,6 +422,7 @@ impl NoteVerifier {
             .ok_or_else(|| bad("no blank line before the signatures"))?;
         let (text, signatures) = (&note[..=split], &note[split + 2..]);
         let mut found = false;
+        let mut others = Vec::new();
         // Blank lines after the signatures (a file saved with an extra newline) are ignored.
         for line in signatures.lines().filter(|l| !l.is_empty()) {
             let Some(rest) = line.strip_prefix("\u{2014} ") else {
@@ -422,7 +434,11 @@ impl NoteVerifier {
             let blob = B64
                 .decode(blob)
                 .map_err(|_| bad("signature is not base64"))?;
-            if name != self.name || blob.len() < 4 || blob[..4] != self.id {
+            if name != self.name || blob.len() < 4 {
+                continue;
+            }
+            if blob[..4] != self.id {
+                others.push(hex::encode(&blob[..4]));
                 continue;
             }
             found = true;
@@ -431,6 +447,13 @@ impl NoteVerifier {
             self.key
                 .verify(text.as_bytes(), &signature)
                 .map_err(|_| NoteError::BadSignature(self.name.clone()))?;
+        }
+        if !found && !others.is_empty() {
+            return Err(NoteError::OtherKey {
+                name: self.name.clone(),
+                key_id: hex::encode(self.id),
+                signed_by: others.join(", "),
+            });
         }
         if !found {
             return Err(NoteError::NoSignature(self.name.clone()));
@@ -526,10 +549,33 @@ mod tests {
         let signer = LogSigner::generate("ledgerline.test/log").unwrap();
         let impostor = LogSigner::generate("ledgerline.test/log").unwrap();
         let note = impostor.sign(&checkpoint());
+        let refused = signer.verifier().open(&note).unwrap_err();
+        let id = |s: &LogSigner| {
+            s.verifier()
+                .to_string()
+                .split('+')
+                .nth(1)
+                .unwrap()
+                .to_string()
+        };
+        let (ours, theirs) = (id(&signer), id(&impostor));
         assert_eq!(
-            signer.verifier().open(&note),
-            Err(NoteError::NoSignature("ledgerline.test/log".into()))
+            refused,
+            NoteError::OtherKey {
+                name: "ledgerline.test/log".into(),
+                key_id: ours,
+                signed_by: theirs,
+            }
         );
+        assert!(refused
+            .to_string()
+            .contains("or the key given is not the log's"));
+        // A note that no key of the name signed.
+        let unsigned = note.split("\n\n").next().unwrap().to_string() + "\n\n";
+        assert!(matches!(
+            signer.verifier().open(&unsigned),
+            Err(NoteError::NoSignature(_)) | Err(NoteError::Malformed(_))
+        ));
     }
 
     #[test]

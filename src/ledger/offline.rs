@@ -1666,7 +1666,7 @@ mod tests {
         let f = check(&file, Some((&forged, &key))).first_bad.unwrap();
         assert!(matches!(
             f.kind,
-            FileFaultKind::Checkpoint(NoteError::NoSignature(_))
+            FileFaultKind::Checkpoint(NoteError::OtherKey { .. })
         ));
         let note = signed(&signer, &events, 20);
         let altered = note.replacen("\n20\n", "\n21\n", 1);
