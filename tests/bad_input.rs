@@ -925,6 +925,42 @@ async fn nul_characters_are_422_anywhere_in_a_body() {
     assert_eq!(r.body["settings"]["path"], json!("C:\\u0000"));
 }
 
+/// A message's text is free text, checked before it is sealed: a blank one or one with a
+/// control character (a BEL, an escape) is refused, in a post and in an edit.
+#[tokio::test]
+async fn blank_or_control_character_messages_are_422() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let (_, key) = t.member_with_key(org, "member", "grace@example.com").await;
+    let conversations = org_path(org, "/conversations");
+    let r = t
+        .post(&conversations, &key, json!({"kind": "group", "title": "x"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let messages = format!(
+        "{conversations}/{}/messages",
+        r.body["id"].as_str().unwrap()
+    );
+    let r = t.post(&messages, &key, json!({"content": "hello"})).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let message = format!("{messages}/{}", r.body["id"].as_str().unwrap());
+    for (content, said) in [
+        ("   \n\t", "content must not be blank"),
+        ("ding\u{7}", "control characters"),
+        ("\u{1b}[2Jgone", "control characters"),
+    ] {
+        let before = t.head().await;
+        for r in [
+            t.post(&messages, &key, json!({"content": content})).await,
+            t.patch(&message, &key, json!({"content": content})).await,
+        ] {
+            assert_error(&r, 422);
+            assert_error_mentions(&r, said);
+        }
+        assert_eq!(t.head().await, before, "{content:?} appended");
+    }
+}
+
 /// The domain's own rule for free text: line breaks and tabs are text, other control
 /// characters are not (the HTTP layer refuses NUL before the domain sees it).
 #[tokio::test]

@@ -79,6 +79,16 @@ pub fn description(value: &str) -> Result<String, String> {
     Ok(value.trim().to_string())
 }
 
+/// A message's text, checked before it is sealed (the domain sees only its size): free text
+/// as [`description`]'s, and not blank unless empty (an empty text goes with attachments, a
+/// blank one says nothing and shows nothing).
+pub fn message_text(value: &str) -> Result<(), String> {
+    if !value.is_empty() && value.trim().is_empty() {
+        return Err("content must not be blank".to_string());
+    }
+    free_text("content", value)
+}
+
 /// Refuses control characters other than line breaks and tabs. Besides being invisible,
 /// a NUL in particular cannot be stored by PostgreSQL's `text` or `jsonb`: an event carrying
 /// one would be appended (the ledger keeps `json` text) and then stop every projection
@@ -319,6 +329,19 @@ mod tests {
             name("name", "👩\u{200D}💻 team").unwrap(),
             "👩\u{200D}💻 team"
         );
+    }
+
+    #[test]
+    fn message_text_is_free_text_and_not_blank() {
+        assert!(message_text("").is_ok(), "empty goes with attachments");
+        assert!(message_text("hi\n\tthere").is_ok());
+        assert_eq!(
+            message_text("   \n").unwrap_err(),
+            "content must not be blank"
+        );
+        assert!(message_text("ding\u{7}")
+            .unwrap_err()
+            .contains("control characters"));
     }
 
     #[test]

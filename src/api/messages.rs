@@ -280,7 +280,8 @@ fn user_only(access: &Access, what: &str) -> ApiResult<Uuid> {
     }
 }
 
-fn check_size(content: &str) -> ApiResult<()> {
+/// A message's text, before it is sealed: its size, then [`validate::message_text`].
+fn check_content(content: &str) -> ApiResult<()> {
     if content.len() > MAX_CONTENT_BYTES {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -290,7 +291,7 @@ fn check_size(content: &str) -> ApiResult<()> {
             ),
         ));
     }
-    Ok(())
+    validate::message_text(content).map_err(ApiError::invalid)
 }
 
 #[derive(Debug, Deserialize)]
@@ -343,7 +344,7 @@ pub async fn post(
         author.as_ref().ok().copied(),
     )
     .await?;
-    check_size(&body.content)?;
+    check_content(&body.content)?;
     let author = author?;
     // A service key's author must be an active user. A user key's is: its key passed
     // authentication, which refuses inactive users, and `access_for` found it taking part.
@@ -533,7 +534,7 @@ pub async fn edit(
     )
     .await?;
     let current = find(&app, conversation, message).await?;
-    check_size(&body.content)?;
+    check_content(&body.content)?;
     // Only here, with the content opened, can an edit that changes nothing be told apart.
     let unchanged = current.content.as_deref() == Some(body.content.as_str());
     let key = app
