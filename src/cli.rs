@@ -6,7 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use ledgerline_aggregates::api_key::ApiKeyCommand;
+use ledgerline_aggregates::organization::Organization;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde_json::json;
 use uuid::Uuid;
@@ -425,13 +427,7 @@ async fn export(
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
     // A mistyped id would give a file of stubs alone that verifies as intact.
     if let Some(org) = args.org {
-        let created: bool = sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM events WHERE aggregate_type = 'Organization' \
-             AND aggregate_id = $1 AND event_type = 'OrganizationCreated')",
-        )
-        .bind(org.to_string())
-        .fetch_one(&pool)
-        .await?;
+        let created = api::created(&pool, Organization::TYPE, org, org).await?;
         anyhow::ensure!(
             created,
             "no organization {org} in the log: nothing exported"
@@ -620,18 +616,6 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
     Ok(())
 }
 
-/// Refuses a projection name no projection has, before any long work.
-fn known_names(names: &[&str]) -> anyhow::Result<()> {
-    for name in names {
-        if ledgerline_projections::Projection::from_name(name).is_none() {
-            return Err(
-                ledgerline_projections::RunError::UnknownProjection(name.to_string()).into(),
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Rebuilds and checks take the log as the truth: one that does not verify would pass its
 /// edits into the read models (or flag the honest live rows as wrong) as if it were intact.
 /// So they verify the chain first and refuse (exit 2, nothing started) on any fault. Events
@@ -667,7 +651,8 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
         return Ok(());
     }
     let names: Vec<&str> = args.names.iter().map(String::as_str).collect();
-    known_names(&names)?;
+    // A wrong name is said before any long work.
+    ledgerline_projections::resolve(Some(&names))?;
     // A job at work refuses this run; said at once, not after verifying the log.
     if ledgerline_projections::rebuild_progress(&pool)
         .await?
@@ -708,7 +693,7 @@ async fn check(
 ) -> anyhow::Result<ExitCode> {
     let pool = pool_as_migrated(db_args).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    known_names(&names)?;
+    ledgerline_projections::resolve(Some(&names))?;
     require_intact_log(&pool).await?;
     let names = (!names.is_empty()).then_some(names.as_slice());
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());

@@ -100,7 +100,7 @@ pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, Run
 }
 
 /// The projections named (all if `None`), resolved, sorted by name and deduplicated.
-pub(crate) fn resolve(names: Option<&[&str]>) -> Result<Vec<Projection>, RunError> {
+pub fn resolve(names: Option<&[&str]>) -> Result<Vec<Projection>, RunError> {
     let mut projections = match names {
         None => Projection::ALL.to_vec(),
         Some(names) => names

@@ -209,7 +209,7 @@ async fn settle(app: &App, org: Uuid, id: Uuid, outcome: ApiResult<()>) -> ApiRe
     if outcome.is_ok() {
         return Ok(());
     }
-    if super::created(app, Message::TYPE, id, org).await? {
+    if super::created(&app.pool, Message::TYPE, id, org).await? {
         // The writer may not have published the head of a commit whose answer it lost.
         app.await_ledger_for_answer().await;
         return Ok(());

@@ -623,12 +623,13 @@ pub(crate) fn created_answer<T: serde::Serialize>(
 /// the ledger. After a command that creates an aggregate failed, this tells whether it
 /// failed for good or committed with only its answer lost (the writer learns a lost COMMIT's
 /// outcome from the log, but answers an error when it cannot read the log in time).
+/// `export --org` asks it too, so that an organization the log never created is refused.
 pub(crate) async fn created(
-    app: &App,
+    pool: &sqlx::PgPool,
     aggregate_type: &str,
     id: Uuid,
     org: Uuid,
-) -> ApiResult<bool> {
+) -> sqlx::Result<bool> {
     let found: Option<(i64,)> = sqlx::query_as(
         "SELECT sequence FROM events WHERE aggregate_type = $1 AND aggregate_id = $2 \
          AND sequence = 1 AND organization_id = $3",
@@ -636,7 +637,7 @@ pub(crate) async fn created(
     .bind(aggregate_type)
     .bind(id.to_string())
     .bind(org)
-    .fetch_optional(&app.pool)
+    .fetch_optional(pool)
     .await?;
     Ok(found.is_some())
 }

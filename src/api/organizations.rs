@@ -101,7 +101,7 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
     let everything: PermissionSet = Permission::ALL.into_iter().collect();
     for name in built_in_roles::NAMES {
         let role_id = built_in_roles::role_id(org, name);
-        if super::created(app, Role::TYPE, role_id, org).await? {
+        if super::created(&app.pool, Role::TYPE, role_id, org).await? {
             continue;
         }
         let command = RoleCommand::Create {
@@ -119,7 +119,7 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
             .await;
         // Another process completing the same organization may have made it meanwhile.
         if let Err(e) = made {
-            if !super::created(app, Role::TYPE, role_id, org).await? {
+            if !super::created(&app.pool, Role::TYPE, role_id, org).await? {
                 return Err(e.into());
             }
         }

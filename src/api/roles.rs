@@ -342,7 +342,7 @@ pub async fn revoke(
     // the ledger rather than the roles table, so that a role of this organization deleted
     // while assigned stays revocable: the user aggregate still holds that assignment (it
     // grants nothing, the role being gone), and revoking it tidies the user's record.
-    if !super::created(&app, Role::TYPE, role, org).await? {
+    if !super::created(&app.pool, Role::TYPE, role, org).await? {
         return Err(ApiError::not_found("role"));
     }
     // Taking a role away is the other half of granting it: an admin who may not give the

@@ -126,7 +126,7 @@ pub async fn invite(
             };
             // Destroying the key of a user that exists after all would shred its data for
             // good and keep its e-mail address claimed forever.
-            if super::created(&app, User::TYPE, id, org).await? {
+            if super::created(&app.pool, User::TYPE, id, org).await? {
                 app.await_ledger_for_answer().await;
                 return Ok(());
             }
