@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{assert_error, Response, TestApp};
+use common::{assert_error, assert_error_says, Response, TestApp};
 use ledgerline::api::ROUTES;
 use ledgerline_aggregates::organization::built_in_roles;
 use reqwest::Method;
@@ -280,7 +280,13 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     assert_ne!(new, old);
     assert_eq!(r.body["id"], json!(id), "the same key, a new secret");
     assert_eq!(r.body["prefix"].as_str().unwrap(), &new[..15]);
-    assert_error(&t.get("/v1/me", &old).await, 401);
+    // The old secret is told it was rotated away.
+    assert_error_says(&t.get("/v1/me", &old).await, 401, "secret has been rotated");
+    // A prefix no key ever had stays plainly invalid.
+    let unknown = format!("ll_{}{}", "0".repeat(12), &old[15..]);
+    let r = t.get("/v1/me", &unknown).await;
+    assert_error(&r, 401);
+    assert_eq!(r.body["error"]["message"], json!("invalid API key"));
     let me = t.get("/v1/me", &new).await;
     assert_eq!(me.status, 200, "{}", me.body);
     assert_eq!(me.body["key"]["id"], json!(id));
@@ -365,7 +371,12 @@ async fn revoking_the_users_role_cuts_the_users_key() {
         Vec::<String>::new(),
         "no role, no permissions"
     );
-    assert_error(&t.get(&org_path(org, "/api-keys"), &key).await, 403);
+    // The refusal names the user's roles, not the key, as what is missing.
+    assert_error_says(
+        &t.get(&org_path(org, "/api-keys"), &key).await,
+        403,
+        "its user's roles do not grant it",
+    );
     let before = t.head().await;
     let r = t
         .post(

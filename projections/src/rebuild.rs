@@ -158,7 +158,8 @@ pub async fn rebuild(
         }
         None => (start_job(pool, &projections).await?, false),
     };
-    tracing::info!(job = job.id, projections = ?wanted, resumed, "rebuilding");
+    // Names joined by spaces: a log field holds text, and a debug list would be Rust's syntax.
+    tracing::info!(job = job.id, projections = %wanted.join(" "), resumed, "rebuilding");
 
     let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
     // Brings every lane of the job to the head as it is now; returns that head.

@@ -23,6 +23,9 @@ pub struct Caller {
     pub user_id: Option<Uuid>,
     /// What this request may do: the key's permissions, cut down to its user's roles.
     pub permissions: PermissionSet,
+    /// What the key lists but its user's roles do not grant (cut from `permissions`): a
+    /// refusal for one of these names the user's roles, not the key, as what to change.
+    pub not_granted: PermissionSet,
     pub actor: Actor,
 }
 
@@ -34,6 +37,11 @@ impl Caller {
     pub fn require(&self, p: Permission) -> ApiResult<()> {
         if self.is_platform_admin() || self.permissions.contains(&p) {
             Ok(())
+        } else if self.not_granted.contains(&p) {
+            Err(ApiError::forbidden(format!(
+                "this key lists the `{p}` permission, but its user's roles do not grant it \
+                 (a user key does only what its user's roles allow)"
+            )))
         } else {
             Err(ApiError::forbidden(format!(
                 "this key lacks the `{p}` permission"
@@ -138,7 +146,7 @@ impl FromRequestParts<App> for Caller {
         // user and its roles that the read models do not show yet are looked for in the log
         // itself (each a range of the events' primary key, beyond the version a row shows).
         // An assignment counts too: assigning again replaces it, with a nearer expiry say.
-        let row: KeyRow = sqlx::query_as(
+        let row: Option<KeyRow> = sqlx::query_as(
             concat!(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, u.status AS user_status, g.held,
@@ -182,8 +190,16 @@ impl FromRequestParts<App> for Caller {
         )
         .bind(prefix)
         .fetch_optional(&app.pool)
-        .await?
-        .ok_or_else(invalid)?;
+        .await?;
+        let Some(row) = row else {
+            return Err(if retired_prefix(&app.pool, prefix).await? {
+                ApiError::unauthorized(
+                    "this API key's secret has been rotated: use the secret the rotation returned",
+                )
+            } else {
+                invalid()
+            });
+        };
         if !keys::matches(presented, &row.key_hash) {
             return Err(invalid());
         }
@@ -222,9 +238,10 @@ impl FromRequestParts<App> for Caller {
             .iter()
             .filter_map(|p| p.parse().ok())
             .collect();
+        let mut not_granted = PermissionSet::new();
         if let Some(held) = &row.held {
             let held: PermissionSet = held.iter().filter_map(|p| p.parse().ok()).collect();
-            permissions.retain(|p| held.contains(p));
+            (permissions, not_granted) = permissions.into_iter().partition(|p| held.contains(p));
         }
         let mut actor = request_actor(parts);
         actor.key_id = Some(row.id);
@@ -235,12 +252,30 @@ impl FromRequestParts<App> for Caller {
             organization_id: row.organization_id,
             user_id: row.user_id,
             permissions,
+            not_granted,
             actor,
         })
     }
 }
 
 /// A role's effective permissions: its own and every ancestor's.
+/// Whether `prefix` is one a key was rotated away from. Prefixes stay claimed by their key
+/// for good (so none is issued twice), and the key's row shows its current one; a key whose
+/// row is not shown yet has no retired prefix. Asked only when no key has the prefix, so a
+/// key that still works costs nothing more. Prefixes are not secret (lists and logs show
+/// them), so saying this to whoever presents one gives nothing away.
+async fn retired_prefix(pool: &sqlx::PgPool, prefix: &str) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM unique_claims c
+                        JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
+                        WHERE c.scope = $1 AND c.key = $2 AND k.prefix <> $2)",
+    )
+    .bind(ledgerline_aggregates::claims::API_KEY_PREFIX)
+    .bind(prefix)
+    .fetch_one(pool)
+    .await
+}
+
 pub async fn role_permissions(
     pool: &sqlx::PgPool,
     role_id: Uuid,

@@ -182,13 +182,25 @@ impl std::fmt::Display for OfflineReport {
     /// One line: `intact: ...` or `TAMPERED: first bad position ...`, as `ledgerline verify`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.elapsed.as_secs_f64();
-        let counts = format!(
-            "{} events ({} full, {} stubs) read in {secs:.3}s, {:.0} events/s",
-            self.lines,
-            self.full_events,
-            self.stubs,
-            self.rate()
-        );
+        let counts = if self.intact() {
+            format!(
+                "{} events ({} full, {} stubs) read in {secs:.3}s, {:.0} events/s",
+                self.lines,
+                self.full_events,
+                self.stubs,
+                self.rate()
+            )
+        } else {
+            // Lines past the fault are read but not checked: the two counts differ.
+            format!(
+                "{} lines read in {secs:.3}s; {} events before the fault checked out: {} \
+                 full, {} stubs",
+                self.lines,
+                self.full_events + self.stubs,
+                self.full_events,
+                self.stubs
+            )
+        };
         match &self.first_bad {
             None => {
                 write!(
@@ -1009,9 +1021,6 @@ impl Walk {
         if self.first_bad.is_some() || c.lines == 0 {
             return;
         }
-        self.full += c.full;
-        self.stubs += c.stubs;
-        self.v1_stubs += c.v1_stubs;
         let at_line = |index: u64| Some(line_no + 1 + index);
         if let Some(bad) = c
             .first_position
@@ -1052,6 +1061,10 @@ impl Walk {
             });
             return;
         }
+        // Counted only once the piece joins: its events are checked up to its own fault.
+        self.full += c.full;
+        self.stubs += c.stubs;
+        self.v1_stubs += c.v1_stubs;
         for (level, root) in &c.subtrees {
             self.peaks.push(*level, root);
         }
@@ -1260,6 +1273,11 @@ mod tests {
                     (&f.first_bad, f.lines, f.head_position, f.root),
                     "block {block}, {workers} workers"
                 );
+                assert_eq!(
+                    (r.full_events, r.stubs, r.v1_stubs),
+                    (f.full_events, f.stubs, f.v1_stubs),
+                    "counts, block {block}, {workers} workers"
+                );
             }
             first.get_or_insert(r);
         }
@@ -1307,6 +1325,32 @@ mod tests {
         assert!(
             r.to_string()
                 .contains(&format!("{} position(s) are stubs", r.stubs)),
+            "{r}"
+        );
+    }
+
+    #[test]
+    fn a_tampered_report_counts_what_checked_out_before_the_fault() {
+        let events = chain(40);
+        let mut edited = lines(&export(&events, tenant(1), 1, 40));
+        // A full event well into the file, with stubs before it (line i holds position i).
+        let p = (25..40)
+            .find(|&p| edited[p].contains(&format!("\"n\": {p},")))
+            .unwrap();
+        edited[p] = edited[p].replacen(&format!("\"n\": {p},"), "\"n\": 0,", 1);
+        let r = check(&unlines(&edited), None);
+        let bad = r.first_bad.as_ref().and_then(|f| f.position);
+        assert_eq!(bad, Some(p as i64), "{r}");
+        assert!(r.stubs > 0, "{r}");
+        // Every line is read; only the events before the first bad position are counted.
+        assert_eq!(r.lines, 40);
+        assert_eq!(r.full_events + r.stubs, bad.unwrap() as u64 - 1, "{r}");
+        assert!(
+            r.to_string().contains(&format!(
+                "40 lines read in {:.3}s; {} events before the fault checked out: ",
+                r.elapsed.as_secs_f64(),
+                bad.unwrap() - 1
+            )),
             "{r}"
         );
     }

@@ -423,6 +423,16 @@ pub fn error_code(status: u16) -> &'static str {
 /// Asserts `r` is an error of `status` in the one JSON shape
 /// `{"error": {"status": N, "code": "...", "message": "..."}}`, with nothing else beside it.
 #[track_caller]
+/// [`assert_error`], and its message says `text`.
+pub fn assert_error_says(r: &Response, status: u16, text: &str) {
+    assert_error(r, status);
+    assert!(
+        r.body["error"]["message"].as_str().unwrap().contains(text),
+        "the message says {text:?}: {}",
+        r.body
+    );
+}
+
 pub fn assert_error(r: &Response, status: u16) {
     assert_eq!(
         r.status, status,
