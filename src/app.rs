@@ -214,6 +214,12 @@ impl App {
         *self.maintainer.lock().expect("not poisoned") = Some(handle);
     }
 
+    /// Why this process's log maintainer stopped signing for good, if it did.
+    pub fn log_halted(&self) -> Option<String> {
+        let maintainer = self.maintainer.lock().expect("not poisoned");
+        maintainer.as_ref()?.halted().map(str::to_string)
+    }
+
     /// The log's signer, when this process signs checkpoints.
     pub fn log_signer(&self) -> Option<&LogSigner> {
         self.log.get().map(|s| s.as_ref())

@@ -15,7 +15,7 @@ use sqlx::PgPool;
 use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteVerifier};
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
-use crate::ledger::verify::verify_database;
+use crate::ledger::verify::{verify_database, Report};
 
 /// A verifier key given as its text or as a file holding it.
 pub fn load_verifier(given: &str) -> anyhow::Result<NoteVerifier> {
@@ -159,7 +159,7 @@ pub async fn verify_since(
         }
         matched = cp.tree_size;
     }
-    println!(
+    print!(
         "consistent: the log ({head} events, intact) extends every checkpoint given (tree sizes {})",
         checkpoints
             .iter()
@@ -167,7 +167,129 @@ pub async fn verify_since(
             .collect::<Vec<_>>()
             .join(", ")
     );
+    if head > largest {
+        // As for an export (`OfflineReport::unsigned_from`): anyone can extend a chain.
+        print!(
+            "; positions {} to {head} are past the newest of them: they extend the signed \
+             prefix, but no checkpoint given vouches for them (check them against a later one)",
+            largest + 1
+        );
+    }
+    println!();
     Ok(ExitCode::SUCCESS)
+}
+
+/// What the database's own records of the log say about a chain that verified: its newest
+/// signed checkpoint and how far the Merkle tree integrated. The chain alone cannot show a
+/// cut tail or a rewrite with every later hash recomputed; these records can, unless the
+/// same hand removed them too, which is why an auditor keeps checkpoints of their own.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Records {
+    /// No checkpoint the database holds lies within the positions verified.
+    None,
+    /// The newest checkpoint's head is this log's at its size.
+    Agree { size: i64, signed_at: String },
+    /// The records covered positions the log no longer holds.
+    Truncated {
+        head: i64,
+        covered: i64,
+        by: &'static str,
+    },
+    /// The event at a checkpoint's size is not the one it signed.
+    Rewritten { size: i64, signed_at: String },
+}
+
+impl std::fmt::Display for Records {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Records::None => f.write_str(
+                "the database holds no checkpoint to compare with: a cut tail, or a rewrite \
+                 with every later hash recomputed, reads as intact (keep checkpoints and pass \
+                 --since)",
+            ),
+            Records::Agree { size, signed_at } => write!(
+                f,
+                "the database's newest checkpoint (size {size}, signed {signed_at}) agrees; \
+                 positions past it, and a database whose checkpoints were rewritten too, are \
+                 proven only against checkpoints kept outside it (pass --since)"
+            ),
+            Records::Truncated { head, covered, by } => write!(
+                f,
+                "TRUNCATED: first missing position {}: the log ends at position {head}, but \
+                 {by} covers {covered} events",
+                head + 1
+            ),
+            Records::Rewritten { size, signed_at } => write!(
+                f,
+                "REWRITTEN: the event at position {size} is not the one the database's \
+                 checkpoint signed {signed_at}: an event at or before it was changed and the \
+                 chain recomputed after it (`verify --since` with the checkpoints kept \
+                 outside narrows where)"
+            ),
+        }
+    }
+}
+
+impl Records {
+    pub fn intact(&self) -> bool {
+        matches!(self, Records::None | Records::Agree { .. })
+    }
+}
+
+/// Compares a verified chain (`report`) with the database's records of the log. Appends go
+/// on meanwhile: a checkpoint is compared only if the walk reached its size, and a cut is
+/// one below what the log holds now, not what the walk read.
+pub async fn check_records(pool: &PgPool, report: &Report) -> Result<Records, sqlx::Error> {
+    let (now_head, tree_size, newest): (i64, i64, Option<i64>) = sqlx::query_as(
+        "SELECT coalesce((SELECT max(position) FROM events), 0),
+                (SELECT size FROM merkle_state),
+                (SELECT max(tree_size) FROM checkpoints)",
+    )
+    .fetch_one(pool)
+    .await?;
+    for (covered, by) in [
+        (
+            newest.unwrap_or(0),
+            "the database's newest signed checkpoint",
+        ),
+        (tree_size, "the database's Merkle tree"),
+    ] {
+        if covered > now_head {
+            return Ok(Records::Truncated {
+                head: now_head,
+                covered,
+                by,
+            });
+        }
+    }
+    #[derive(sqlx::FromRow)]
+    struct Compared {
+        size: i64,
+        signed: Vec<u8>,
+        held: Option<Vec<u8>>,
+        signed_at: String,
+    }
+    let compared: Option<Compared> = sqlx::query_as(
+        "SELECT c.tree_size AS size, c.chain_head AS signed, e.hash AS held,
+                to_char(c.signed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS signed_at
+         FROM checkpoints c LEFT JOIN events e ON e.position = c.tree_size
+         WHERE c.tree_size <= $1 ORDER BY c.tree_size DESC LIMIT 1",
+    )
+    .bind(report.head_position)
+    .fetch_optional(pool)
+    .await?;
+    // The walk recomputed every stored hash up to its head, so the stored one stands for it.
+    Ok(match compared {
+        None => Records::None,
+        Some(c) if c.held.as_ref() != Some(&c.signed) => Records::Rewritten {
+            size: c.size,
+            signed_at: c.signed_at,
+        },
+        Some(c) => Records::Agree {
+            size: c.size,
+            signed_at: c.signed_at,
+        },
+    })
 }
 
 /// The first position up to `head` whose event is v2, found by halving: a verified log is v1
@@ -217,6 +339,24 @@ pub enum Proof {
     },
 }
 
+/// A proof from a tree that is not the one a checkpoint signed would not verify against it:
+/// refused, on stderr, so that what goes to a proof file is only ever a proof (exit 1).
+async fn tree_differs(
+    pool: &PgPool,
+    checkpoints: &[&Checkpoint],
+) -> anyhow::Result<Option<ExitCode>> {
+    for cp in checkpoints {
+        if tree::root_at(pool, cp.tree_size).await? != cp.root {
+            eprintln!(
+                "MISMATCH: the database's tree at size {} is not the one the checkpoint signed",
+                cp.tree_size
+            );
+            return Ok(Some(ExitCode::from(1)));
+        }
+    }
+    Ok(None)
+}
+
 pub async fn prove_inclusion(
     pool: &PgPool,
     position: u64,
@@ -228,11 +368,8 @@ pub async fn prove_inclusion(
         .bind(position as i64)
         .fetch_one(pool)
         .await?;
-    if tree::root_at(pool, cp.tree_size).await? != cp.root {
-        return Ok(fail(format!(
-            "MISMATCH: the database's tree at size {} is not the one the checkpoint signed",
-            cp.tree_size
-        )));
+    if let Some(code) = tree_differs(pool, &[&cp]).await? {
+        return Ok(code);
     }
     let out = Proof::Inclusion {
         position,
@@ -247,6 +384,9 @@ pub async fn prove_inclusion(
 pub async fn prove_consistency(pool: &PgPool, from: &Path, to: &Path) -> anyhow::Result<ExitCode> {
     let (old, new) = (unverified(from)?, unverified(to)?);
     let proof = tree::consistency_proof(pool, old.tree_size, new.tree_size).await?;
+    if let Some(code) = tree_differs(pool, &[&old, &new]).await? {
+        return Ok(code);
+    }
     let out = Proof::Consistency {
         from_size: old.tree_size,
         to_size: new.tree_size,

@@ -401,8 +401,15 @@ async fn verify(
     let secs = report.elapsed.as_secs_f64();
     match &report.first_bad {
         None => {
+            let records = auditor::check_records(&pool, &report)
+                .await
+                .context("reading the log's checkpoints")?;
+            if !records.intact() {
+                println!("{records}");
+                return Ok(ExitCode::from(1));
+            }
             println!(
-                "intact: {} events verified in {secs:.3}s ({:.0} events/s); head position {} hash {}",
+                "intact: {} events verified in {secs:.3}s ({:.0} events/s); head position {} hash {}; {records}",
                 report.events,
                 report.rate(),
                 report.head_position,
@@ -633,6 +640,14 @@ async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             bad.fault
         );
     }
+    let records = auditor::check_records(pool, &report)
+        .await
+        .context("reading the log's checkpoints")?;
+    anyhow::ensure!(
+        records.intact(),
+        "the log does not verify ({records}): read models built from it would show it as \
+         intact; nothing was started"
+    );
     tracing::info!(
         events = report.events,
         seconds = report.elapsed.as_secs_f64(),

@@ -174,7 +174,8 @@ pub enum Command {
     /// Create the platform operator's API key and print it once as JSON.
     Bootstrap(BootstrapArgs),
     /// Recompute the whole hash chain, from the database or (--file) from an export, and check
-    /// it against signed checkpoints. Exit 0 intact, 1 tampered, 2 could not run.
+    /// it against the database's newest checkpoint, or checkpoints kept elsewhere (--since,
+    /// --checkpoint). Exit 0 intact, 1 tampered, 2 could not run.
     Verify(VerifyArgs),
     /// Write the ledger (or one organization's view of it) as a verifiable JSON Lines file.
     Export(ExportArgs),

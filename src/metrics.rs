@@ -258,9 +258,20 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
 
 /// The whole `/metrics` text. Database gauges are left out (and `ledgerline_database_up` is
 /// 0) when the database cannot be read: the process metrics are still worth a scrape then.
-pub async fn render(pool: &PgPool) -> String {
+/// `log_halted`: whether this process's log maintainer stopped signing for good.
+pub async fn render(pool: &PgPool, log_halted: bool) -> String {
     let mut out = String::with_capacity(16 * 1024);
     render_process(&mut out);
+    let name = "ledgerline_log_maintainer_halted";
+    family(
+        &mut out,
+        name,
+        "gauge",
+        "1 when this process's log maintainer stopped for good (the ledger does not verify, or \
+         its tree cannot be signed): nothing more is signed; checkpoint age alone cannot tell \
+         this from a quiet log",
+    );
+    sample(&mut out, name, &[], log_halted as u8);
     let gauges = read_gauges(pool).await;
     family(
         &mut out,

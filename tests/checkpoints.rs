@@ -72,6 +72,17 @@ fn key(t: &TestApp) -> String {
     t.signer.verifier().to_string()
 }
 
+/// `ledgerline verify --since` each of `checkpoints`, with the log's key.
+async fn verify_since(t: &TestApp, checkpoints: &[&PathBuf]) -> (i32, String, String) {
+    let mut args = vec!["verify".to_string()];
+    for cp in checkpoints {
+        args.extend(["--since".to_string(), cp.to_str().unwrap().to_string()]);
+    }
+    args.extend(["--public-key".to_string(), key(t)]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    ledgerline(&t.db.url, &args).await
+}
+
 /// A log with a few organizations, users and roles.
 async fn some_history(t: &TestApp) {
     for name in ["Alpha", "Beta"] {
@@ -341,19 +352,17 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     let key = key(&t);
     let old_s = old.to_str().unwrap();
     let new_s = new.to_str().unwrap();
+    let inclusion = [
+        "prove",
+        "inclusion",
+        "--position",
+        "3",
+        "--checkpoint",
+        new_s,
+    ];
+    let consistency = ["prove", "consistency", "--from", old_s, "--to", new_s];
 
-    let (code, proof, err) = ledgerline(
-        &t.db.url,
-        &[
-            "prove",
-            "inclusion",
-            "--position",
-            "3",
-            "--checkpoint",
-            new_s,
-        ],
-    )
-    .await;
+    let (code, proof, err) = ledgerline(&t.db.url, &inclusion).await;
     assert_eq!(code, 0, "{err}");
     let proof_file = file(&proof);
     let p = proof_file.to_str().unwrap();
@@ -390,11 +399,7 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("INVALID"), "{out}");
 
-    let (code, proof, err) = ledgerline(
-        &t.db.url,
-        &["prove", "consistency", "--from", old_s, "--to", new_s],
-    )
-    .await;
+    let (code, proof, err) = ledgerline(&t.db.url, &consistency).await;
     assert_eq!(code, 0, "{err}");
     let proof_file = file(&proof);
     let (code, out, err) = ledgerline(
@@ -432,6 +437,20 @@ async fn the_cli_prints_proofs_that_verify_offline_and_tampered_proofs_do_not() 
     .await;
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("INVALID"), "{out}");
+
+    // A tree that is not the one signed gives no proof: the refusal goes to stderr, so a
+    // proof file never holds it, for either kind of proof.
+    tamper(
+        t.pool(),
+        &["UPDATE merkle_nodes SET hash = sha256(hash)".to_string()],
+    )
+    .await;
+    for args in [&inclusion[..], &consistency[..]] {
+        let (code, out, err) = ledgerline(&t.db.url, args).await;
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(out.is_empty(), "{args:?}: {out}");
+        assert!(err.starts_with("MISMATCH"), "{args:?}: {err}");
+    }
 }
 
 #[tokio::test]
@@ -451,23 +470,38 @@ async fn an_untouched_log_extends_every_checkpoint_also_after_an_erasure() {
         .await;
     assert_eq!(r.status, 200);
     let third = file(&sign_now(&t).await);
-    let (code, out, err) = ledgerline(
-        &t.db.url,
-        &[
-            "verify",
-            "--since",
-            first.to_str().unwrap(),
-            "--since",
-            second.to_str().unwrap(),
-            "--since",
-            third.to_str().unwrap(),
-            "--public-key",
-            &key(&t),
-        ],
-    )
-    .await;
+    let (code, out, err) = verify_since(&t, &[&first, &second, &third]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.starts_with("consistent"), "{out}");
+    assert!(!out.contains("past the newest"), "{out}");
+    // Events after the newest checkpoint given are named as vouched for by none of them.
+    let size = |cp: &PathBuf| {
+        t.signer
+            .verifier()
+            .open(&std::fs::read_to_string(cp).unwrap())
+            .unwrap()
+            .tree_size
+    };
+    let (code, out, err) = verify_since(&t, &[&first]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "positions {} to {} are past the newest of them",
+            size(&first) + 1,
+            t.head().await
+        )),
+        "{out}"
+    );
+    // Without checkpoints of one's own, the database's newest is compared.
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "the database's newest checkpoint (size {}, signed",
+            size(&third)
+        )),
+        "{out}"
+    );
     for cp in [&first, &second, &third] {
         let (code, report) = export_and_verify(&t, cp).await;
         assert_eq!(code, 0, "{report}");
@@ -498,19 +532,7 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
         k as u64 <= size_early,
         "the edit lies before the early checkpoint"
     );
-    let (code, out, err) = ledgerline(
-        &t.db.url,
-        &[
-            "verify",
-            "--since",
-            early.to_str().unwrap(),
-            "--since",
-            kept.to_str().unwrap(),
-            "--public-key",
-            &key(&t),
-        ],
-    )
-    .await;
+    let (code, out, err) = verify_since(&t, &[&early, &kept]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.starts_with("REWRITTEN"), "{out}");
     assert!(
@@ -525,6 +547,10 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
         report.contains("Merkle root mismatch") || report.contains("chain head mismatch"),
         "{report}"
     );
+    // Plain `verify` sees it against the database's own newest checkpoint.
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.starts_with("REWRITTEN: the event at position"), "{out}");
 }
 
 #[tokio::test]
@@ -542,17 +568,7 @@ async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
         t.verify().await.intact(),
         "the chain alone cannot see a cut"
     );
-    let (code, out, err) = ledgerline(
-        &t.db.url,
-        &[
-            "verify",
-            "--since",
-            kept.to_str().unwrap(),
-            "--public-key",
-            &key(&t),
-        ],
-    )
-    .await;
+    let (code, out, err) = verify_since(&t, &[&kept]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(
         out.starts_with(&format!("TRUNCATED: first missing position {}", n - 2)),
@@ -561,6 +577,33 @@ async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
     let (code, report) = export_and_verify(&t, &kept).await;
     assert_eq!(code, 1, "{report}");
     assert!(report.contains("truncated"), "{report}");
+    // Plain `verify` compares with the database's own newest checkpoint, and rebuilds refuse.
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!("TRUNCATED: first missing position {}", n - 2)),
+        "{out}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("TRUNCATED"), "{err}");
+    // With the checkpoints gone too, the Merkle tree's size still tells; with it reset as
+    // well, only one's own copy can.
+    tamper(t.pool(), &["DELETE FROM checkpoints".to_string()]).await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("but the database's Merkle tree covers"),
+        "{out}"
+    );
+    tamper(
+        t.pool(),
+        &[format!("UPDATE merkle_state SET size = {}", n - 3)],
+    )
+    .await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("holds no checkpoint to compare with"), "{out}");
 }
 
 #[tokio::test]
@@ -596,33 +639,11 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
     assert_eq!(a.tree_size, b.tree_size);
     assert_ne!(a.root, b.root);
     let (one, two) = (file(&one), file(&two));
-    let (code, out, err) = ledgerline(
-        &t.db.url,
-        &[
-            "verify",
-            "--since",
-            one.to_str().unwrap(),
-            "--since",
-            two.to_str().unwrap(),
-            "--public-key",
-            &key(&t),
-        ],
-    )
-    .await;
+    let (code, out, err) = verify_since(&t, &[&one, &two]).await;
     assert_eq!(code, 1, "{out}{err}");
     assert!(out.starts_with("FORK"), "{out}");
     // Against the first checkpoint alone, the database's log is the rewritten one.
-    let (code, out, _) = ledgerline(
-        &t.db.url,
-        &[
-            "verify",
-            "--since",
-            one.to_str().unwrap(),
-            "--public-key",
-            &key(&t),
-        ],
-    )
-    .await;
+    let (code, out, _) = verify_since(&t, &[&one]).await;
     assert_eq!(code, 1);
     assert!(out.starts_with("REWRITTEN"), "{out}");
 }
@@ -683,6 +704,35 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
             .unwrap()
     };
     assert_eq!(count().await, signed, "nothing signed after the rewrite");
+    // The app's own maintainer, woken by those commands, stopped too, and says so where an
+    // operator looks (a quiet log's checkpoint ages as well).
+    let ready = || async { t.call(reqwest::Method::GET, "/readyz", None, None).await };
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            ready().await.status == 503
+        })
+        .await,
+        "{}",
+        ready().await.body
+    );
+    let message = ready().await.body["error"]["message"].to_string();
+    assert!(
+        message.contains("the log maintainer (its tree cannot be signed"),
+        "{message}"
+    );
+    let metrics = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("\nledgerline_log_maintainer_halted 1\n"),
+        "{metrics}"
+    );
     // The running one, with the notes gone as well.
     tamper(t.pool(), &["DELETE FROM checkpoints".to_string()]).await;
     let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
@@ -730,17 +780,7 @@ async fn a_forged_checkpoint_is_refused() {
         .sign(&cp);
     for forged in [raised, impostor] {
         let forged = file(&forged);
-        let (code, out, err) = ledgerline(
-            &t.db.url,
-            &[
-                "verify",
-                "--since",
-                forged.to_str().unwrap(),
-                "--public-key",
-                &key(&t),
-            ],
-        )
-        .await;
+        let (code, out, err) = verify_since(&t, &[&forged]).await;
         assert_eq!(code, 1, "{out}{err}");
         assert!(out.starts_with("FORGED"), "{out}");
         let (code, report) = export_and_verify(&t, &forged).await;
@@ -866,26 +906,16 @@ async fn checkpoints_sign_where_v2_begins_and_nothing_after_it_may_be_v1() {
     let note = sign_now(&t).await;
     assert!(note.contains("\nhash-v2-from 1\n"), "{note}");
     let signed = t.signer.verifier().open(&note).unwrap();
-    let verify_since = |note: String| {
+    let since_note = |note: String| {
         let t = &t;
         async move {
             let path = file(&note);
-            let (code, out, err) = ledgerline(
-                &t.db.url,
-                &[
-                    "verify",
-                    "--since",
-                    path.to_str().unwrap(),
-                    "--public-key",
-                    &key(t),
-                ],
-            )
-            .await;
+            let (code, out, err) = verify_since(t, &[&path]).await;
             std::fs::remove_file(&path).ok();
             (code, format!("{out}{err}"))
         }
     };
-    let (code, out) = verify_since(note.clone()).await;
+    let (code, out) = since_note(note.clone()).await;
     assert_eq!(code, 0, "{out}");
     // Signed by the key, but with a boundary the log does not have (a signer's bug, or a
     // key used outside the maintainer).
@@ -894,7 +924,7 @@ async fn checkpoints_sign_where_v2_begins_and_nothing_after_it_may_be_v1() {
             hash_v2_from: wrong,
             ..signed.clone()
         });
-        let (code, out) = verify_since(note).await;
+        let (code, out) = since_note(note).await;
         assert_eq!(code, 1, "{wrong:?}: {out}");
         assert!(out.starts_with("MISMATCH"), "{out}");
     }

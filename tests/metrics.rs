@@ -273,6 +273,7 @@ async fn commands_are_counted_by_type_and_outcome_and_gauges_match_the_ledger() 
 
     let head = t.head().await as f64;
     assert_eq!(after.value("ledgerline_database_up", &[]), 1.0);
+    assert_eq!(after.value("ledgerline_log_maintainer_halted", &[]), 0.0);
     assert_eq!(after.value("ledgerline_ledger_head_position", &[]), head);
     let caught_up = scrape_until(&t, "every projection at the head", |m| {
         ledgerline_projections::names().iter().all(|p| {

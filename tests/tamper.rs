@@ -636,7 +636,7 @@ async fn a_row_copied_in_again_is_a_repeat_at_its_position() {
     let (code, out, err) = run_verify(Some(&t.db.url)).await;
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
     assert!(
-        out.contains(&format!("first bad position {k}: position repeated")),
+        out.contains(&format!("first bad position {k}: repeated")),
         "{out}"
     );
 }

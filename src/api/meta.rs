@@ -30,18 +30,25 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
     // The one error shape has no room for structure, so each stopped projection goes into
     // the message: "users at position 12, roles at position 9". Not the error itself: this
     // answer needs no key, and a decoding error can quote an event's fields.
-    let stopped: Vec<String> = statuses
+    let mut stopped: Vec<String> = statuses
         .iter()
         .filter_map(|s| {
             let f = s.failures.first()?;
             Some(format!("{} at position {}", s.name, f.position))
         })
         .collect();
+    if let Some(why) = app.log_halted() {
+        // Commands still append (the log is the record), but nothing more is signed.
+        stopped.push(format!(
+            "the log maintainer ({why}; nothing more is signed)"
+        ));
+    }
     if !stopped.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "projections stopped on a failure: {} (`ledgerline projections status` shows why)",
+                "stopped on a failure: {} (`ledgerline projections status` and `ledgerline \
+                 verify` show why)",
                 stopped.join(", ")
             ),
         ));
@@ -54,7 +61,7 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
 pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     (
         [(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)],
-        crate::metrics::render(&app.pool).await,
+        crate::metrics::render(&app.pool, app.log_halted().is_some()).await,
     )
 }
 

@@ -594,9 +594,19 @@ async fn catch_up_leased(
 pub struct MaintainerHandle {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    halted: Halted,
 }
 
+/// Why a maintainer stopped for good (the ledger does not verify, or its tree cannot be
+/// signed), once it has: shown in `/readyz` and `/metrics`, not only in the log.
+pub type Halted = Arc<std::sync::OnceLock<String>>;
+
 impl MaintainerHandle {
+    /// Why the maintainer stopped signing, if it did.
+    pub fn halted(&self) -> Option<&str> {
+        self.halted.get().map(String::as_str)
+    }
+
     /// Stops the maintainer after its current integration and releases its lease.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
@@ -617,7 +627,16 @@ pub fn spawn_maintainer(
 ) -> JoinHandle<()> {
     let (stop, stopped) = watch::channel(false);
     tokio::spawn(async move {
-        maintain(pool, committed, signer, policy, None, stopped).await;
+        maintain(
+            pool,
+            committed,
+            signer,
+            policy,
+            None,
+            stopped,
+            Halted::default(),
+        )
+        .await;
         drop(stop);
     })
 }
@@ -632,6 +651,7 @@ pub fn spawn_leased_maintainer(
     leasing: Leasing,
 ) -> MaintainerHandle {
     let (stop, stopped) = watch::channel(false);
+    let halted = Halted::default();
     let task = tokio::spawn(maintain(
         pool,
         committed,
@@ -639,8 +659,9 @@ pub fn spawn_leased_maintainer(
         policy,
         Some(leasing),
         stopped,
+        halted.clone(),
     ));
-    MaintainerHandle { stop, task }
+    MaintainerHandle { stop, task, halted }
 }
 
 async fn maintain(
@@ -650,6 +671,7 @@ async fn maintain(
     policy: CheckpointPolicy,
     leasing: Option<Leasing>,
     mut stop: watch::Receiver<bool>,
+    halted: Halted,
 ) {
     let mut lease = leasing
         .as_ref()
@@ -714,10 +736,12 @@ async fn maintain(
                     position,
                     "log maintainer stopped: the ledger does not verify"
                 );
+                let _ = halted.set(format!("the ledger does not verify at position {position}"));
                 break;
             }
             Err(e @ TreeError::Unsignable(_)) => {
                 tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
+                let _ = halted.set("its tree cannot be signed".to_string());
                 break;
             }
             Err(TreeError::NotLeaseHolder) => {

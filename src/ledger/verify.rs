@@ -53,9 +53,12 @@ impl std::fmt::Display for Fault {
             Fault::LinkBroken => {
                 f.write_str("link broken: prev_hash is not the hash of the event before")
             }
-            Fault::Missing => f.write_str("position gap: no event holds this position (deleted?)"),
+            // The kinds are named as docs/ledger-format.md section 4 names them.
+            Fault::Missing => {
+                f.write_str("missing: no event holds this position (deleted, or moved further on)")
+            }
             Fault::Repeated => {
-                f.write_str("position repeated: a second event holds this position (inserted?)")
+                f.write_str("repeated: a second event holds this position (inserted?)")
             }
             Fault::OutsideTheChain { rows } => write!(
                 f,
