@@ -454,10 +454,11 @@ async fn names_with_invisible_characters_are_422() {
     }
 }
 
-/// The lists that are not paged refuse a query rather than ignore it: `?limit=1` would
-/// otherwise answer every item, and the client would not know.
+/// The paged lists take `limit` and `cursor` and refuse any other parameter rather than
+/// ignore it: `?sort=name` or `?offset=100` would otherwise answer the first page in the
+/// usual order, and the client would not know.
 #[tokio::test]
-async fn lists_that_take_no_query_refuse_one() {
+async fn paged_lists_refuse_a_parameter_they_do_not_take() {
     let f = fixture().await;
     let (t, org) = (&f.t, f.org);
     for list in [
@@ -468,14 +469,24 @@ async fn lists_that_take_no_query_refuse_one() {
         org_path(org, "/conversations"),
         org_path(org, &format!("/users/{}/roles", f.user)),
     ] {
-        let r = refused_bodyless(t, Method::GET, &format!("{list}?limit=1"), 400).await;
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("unknown field `limit`"),
-            "{list}: {message}"
-        );
-        let r = t.get(&list, &t.admin_key).await;
+        for (query, unknown) in [("sort=name", "sort"), ("limit=1&offset=1", "offset")] {
+            let r = refused_bodyless(t, Method::GET, &format!("{list}?{query}"), 400).await;
+            let message = r.body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains(&format!("unknown field `{unknown}`")),
+                "{list}?{query}: {message}"
+            );
+        }
+        let r = t.get(&format!("{list}?limit=1"), &t.admin_key).await;
         assert_eq!(r.status, 200, "{list}: {}", r.body);
+        assert!(r.body["items"].as_array().unwrap().len() <= 1, "{}", r.body);
+        // A cursor it gave is taken back (the user's roles may be too few to give one).
+        if let Some(cursor) = r.body["next_cursor"].as_str() {
+            let r = t
+                .get(&format!("{list}?limit=1&cursor={cursor}"), &t.admin_key)
+                .await;
+            assert_eq!(r.status, 200, "{list}: {}", r.body);
+        }
     }
 }
 

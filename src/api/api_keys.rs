@@ -12,8 +12,9 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
+use super::page::{self, PageQuery};
 use super::{users, OptionalJson};
 use crate::app::App;
 use crate::keys;
@@ -164,17 +165,15 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::KeysRead)?;
+    let page = q.page::<(DateTime<Utc>, Uuid)>("api-keys")?;
     organizations::require_exists(&app, &caller, org).await?;
-    let items: Vec<ApiKeyView> = sqlx::query_as(&format!(
-        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(org)
-    .fetch_all(&app.pool)
-    .await?;
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    let mut sql = page.of_organization(SELECT, org, "created_at, id");
+    let mut items: Vec<ApiKeyView> = sql.build_query_as().fetch_all(&app.pool).await?;
+    let next_cursor = page.cut(&mut items, |k| (k.created_at, k.id));
+    Ok(page::answer(items, next_cursor))
 }
 
 pub async fn get(

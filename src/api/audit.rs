@@ -10,9 +10,9 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::ApiResult;
 use super::extract::{Path, Query};
-use super::organizations;
+use super::{organizations, page};
 use crate::app::App;
 
 pub const MAX_PAGE: i64 = 500;
@@ -89,12 +89,7 @@ pub async fn list(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::AuditRead)?;
     organizations::require_exists(&app, &caller, org).await?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
+    let limit = page::limit(q.limit, 100, MAX_PAGE)?;
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT position, organization_id, actor_kind, actor_user_id, actor_key_id, event_type, aggregate_type,
                 aggregate_id, sequence, event_data, request_id,
@@ -145,13 +140,6 @@ pub async fn list(
     for item in &mut items {
         without_blind_indexes(&mut item.event_data);
     }
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|e| e.position)
-    } else {
-        None
-    };
-    Ok(axum::Json(
-        serde_json::json!({ "items": items, "next_cursor": next_cursor }),
-    ))
+    let next_cursor = page::cut(&mut items, limit, |e| e.position);
+    Ok(page::answer(items, next_cursor))
 }

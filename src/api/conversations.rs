@@ -11,11 +11,13 @@ use ledgerline_aggregates::conversation::{
 use ledgerline_aggregates::message::ConversationFacts;
 use ledgerline_aggregates::Permission;
 use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
+use super::page::{self, Page, PageQuery};
 use super::{double_option, organizations};
 use crate::app::{App, Guard};
 
@@ -377,48 +379,98 @@ struct ListedRow {
     me: MyState,
 }
 
+/// The list's order is by last activity: `COALESCE` puts conversations without a message
+/// last, as `NULLS LAST` did, in an expression that a row-value comparison can bound and an
+/// index (migration 0011) serves. Ties go by creation, newest first, then by id.
+const ACTIVITY: &str = "COALESCE(c.last_message_at, '-infinity')";
+
+/// A conversation's place in the list: (last_message_at, created_at, id).
+type ListKey = (Option<DateTime<Utc>>, DateTime<Utc>, Uuid);
+
+/// Ends `sql`, whose `WHERE` is open, with this page: the conversations after the cursor,
+/// lower on (activity, creation), both descending, or level with it and of a greater id.
+/// Activity only grows (`GREATEST` in the projection), so a conversation that got a
+/// message while a client paged moves ahead of the cursor: not shown twice, and left out
+/// of the walk if it had not been shown yet (it is on a fresh first page).
+fn push_page(sql: &mut QueryBuilder<'_, Postgres>, page: &Page<ListKey>) {
+    if let Some((last_message_at, created_at, id)) = page.after {
+        // The cursor's (activity, creation), written out twice: once as the bound an index
+        // range starts at, once to leave out its ties up to its id.
+        let place = |sql: &mut QueryBuilder<'_, Postgres>, compare: &str| {
+            sql.push(format_args!(
+                "({ACTIVITY}, c.created_at) {compare} (COALESCE("
+            ))
+            .push_bind(last_message_at)
+            .push("::timestamptz, '-infinity'), ")
+            .push_bind(created_at)
+            .push(")");
+        };
+        sql.push(" AND ");
+        place(sql, "<=");
+        sql.push(" AND (");
+        place(sql, "<");
+        sql.push(" OR c.id > ").push_bind(id).push(")");
+    }
+    sql.push(format_args!(
+        " ORDER BY {ACTIVITY} DESC, c.created_at DESC, c.id LIMIT "
+    ))
+    .push_bind(page.fetch());
+}
+
 /// A user key lists the conversations it takes part in, each with its unread count; a
 /// service key lists all of the organization's.
 pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::ConversationsRead)?;
+    let page = q.page::<ListKey>("conversations")?;
     organizations::require_exists(&app, &caller, org).await?;
-    const ORDER: &str = "ORDER BY c.last_message_at DESC NULLS LAST, c.created_at DESC, c.id";
-    let items: Vec<ConversationView> = match caller.user_id {
-        Some(user) => sqlx::query_as::<_, ListedRow>(&format!(
-            "{SELECT_LISTED} JOIN conversation_participants p ON p.conversation_id = c.id \
-             WHERE p.user_id = $1 AND c.organization_id = $2 AND NOT {REMOVED} {ORDER}",
-            REMOVED = removed_in_log("$1"),
-            SELECT_LISTED = SELECT.replace(
-                " FROM conversations c",
-                &format!(
-                    ", p.role, p.muted, p.last_read_message_id, {UNREAD} AS unread_count \
-                     FROM conversations c"
+    let key = |c: &ConversationRow| (c.last_message_at, c.created_at, c.id);
+    let (items, next_cursor) = match caller.user_id {
+        Some(user) => {
+            let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!(
+                "{SELECT_LISTED} JOIN conversation_participants p ON p.conversation_id = c.id \
+                 WHERE p.user_id = ",
+                SELECT_LISTED = SELECT.replace(
+                    " FROM conversations c",
+                    &format!(
+                        ", p.role, p.muted, p.last_read_message_id, {UNREAD} AS unread_count \
+                         FROM conversations c"
+                    ),
                 ),
-            ),
-        ))
-        .bind(user)
-        .bind(org)
-        .fetch_all(&app.pool)
-        .await?
-        .into_iter()
-        .map(|r| ConversationView::new(r.conversation, Some(r.me)))
-        .collect(),
-        None => sqlx::query_as::<_, ConversationRow>(&format!(
-            "{SELECT} WHERE c.organization_id = $1 {ORDER}"
-        ))
-        .bind(org)
-        .fetch_all(&app.pool)
-        .await?
-        .into_iter()
-        .map(|r| ConversationView::new(r, None))
-        .collect(),
+            ));
+            // The user is $1, which `removed_in_log` names.
+            sql.push_bind(user)
+                .push(" AND c.organization_id = ")
+                .push_bind(org)
+                .push(format_args!(" AND NOT {}", removed_in_log("$1")));
+            push_page(&mut sql, &page);
+            let mut rows: Vec<ListedRow> = sql.build_query_as().fetch_all(&app.pool).await?;
+            let next_cursor = page.cut(&mut rows, |r| key(&r.conversation));
+            let items: Vec<ConversationView> = rows
+                .into_iter()
+                .map(|r| ConversationView::new(r.conversation, Some(r.me)))
+                .collect();
+            (items, next_cursor)
+        }
+        None => {
+            let mut sql: QueryBuilder<Postgres> =
+                QueryBuilder::new(format!("{SELECT} WHERE c.organization_id = "));
+            sql.push_bind(org);
+            push_page(&mut sql, &page);
+            let mut rows: Vec<ConversationRow> = sql.build_query_as().fetch_all(&app.pool).await?;
+            let next_cursor = page.cut(&mut rows, key);
+            let items = rows
+                .into_iter()
+                .map(|r| ConversationView::new(r, None))
+                .collect();
+            (items, next_cursor)
+        }
     };
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    Ok(page::answer(items, next_cursor))
 }
 
 pub async fn get(

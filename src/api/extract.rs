@@ -46,11 +46,11 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for OptionalJson<T> {
     }
 }
 
-/// What a request that takes no body (or a list that takes no query) accepts: nothing, or
-/// an empty object. A body or a parameter there is refused with [`OptionalJson`]'s or
-/// [`Query`]'s errors (naming the field), rather than ignored: a client sending one by
-/// mistake (a reason an erasure does not record, a truncated document, `?limit=10` on a list
-/// that is not paged) learns it before the command is carried out.
+/// What a request that takes no body accepts: nothing, or an empty object. A body there is
+/// refused with [`OptionalJson`]'s errors (naming the field), rather than ignored: a client
+/// sending one by mistake (a reason an erasure does not record, a truncated document)
+/// learns it before the command is carried out. (Every list takes a query of its own, as
+/// strict: `super::page::PageQuery` for the keyset lists.)
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Nothing {}

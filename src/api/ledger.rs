@@ -16,7 +16,7 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query};
-use super::organizations;
+use super::{organizations, page};
 use crate::app::App;
 use crate::ledger::export::{self, ExportError, ExportScope};
 
@@ -47,10 +47,7 @@ pub async fn events(
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::LedgerRead)?;
     organizations::require_exists(&app, &caller, org).await?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
-    }
+    let limit = page::limit(q.limit, 100, 1000)?;
     let rows: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND position > $2 ORDER BY position LIMIT $3"
     ))

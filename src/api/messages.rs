@@ -26,6 +26,7 @@ use super::auth::Caller;
 use super::conversations::{access, access_for, require_active_members, Access, UNREAD};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
+use super::page;
 use crate::app::{App, CommandError};
 use crate::crypto::DataKey;
 
@@ -459,12 +460,7 @@ pub async fn list(
         Permission::ConversationsRead,
     )
     .await?;
-    let limit = q.limit.unwrap_or(DEFAULT_PAGE);
-    if !(1..=MAX_PAGE).contains(&limit) {
-        return Err(ApiError::bad_request(format!(
-            "limit must be between 1 and {MAX_PAGE}"
-        )));
-    }
+    let limit = page::limit(q.limit, DEFAULT_PAGE, MAX_PAGE)?;
     // Only the conditions in use, so that each shape gets a plan that uses its index (a
     // cached generic plan for "$2 IS NULL OR position < $2" would scan from the newest row).
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(SELECT);
@@ -483,17 +479,10 @@ pub async fn list(
     }
     sql.push(" ORDER BY m.position DESC LIMIT ")
         .push_bind(limit + 1);
-    let rows: Vec<MessageRow> = sql.build_query_as().fetch_all(&app.pool).await?;
-    let mut items = open(&app, rows);
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|m| m.position)
-    } else {
-        None
-    };
-    Ok(axum::Json(
-        serde_json::json!({ "items": items, "next_cursor": next_cursor }),
-    ))
+    let mut rows: Vec<MessageRow> = sql.build_query_as().fetch_all(&app.pool).await?;
+    // Cut before opening: the extra row is not decrypted.
+    let next_cursor = page::cut(&mut rows, limit, |m| m.position);
+    Ok(page::answer(open(&app, rows), next_cursor))
 }
 
 pub async fn get(

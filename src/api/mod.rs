@@ -29,6 +29,7 @@ pub mod ledger;
 pub mod messages;
 pub mod meta;
 pub mod organizations;
+pub mod page;
 pub mod proofs;
 pub mod roles;
 pub mod users;
@@ -99,7 +100,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations",
         Some("organizations:read"),
         200,
-        "List organizations",
+        "List organizations, oldest first (a tenant key: its own): ?cursor=&limit= (max 500)",
     ),
     r(
         "GET",
@@ -141,7 +142,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/users",
         Some("users:read"),
         200,
-        "List users",
+        "List users, oldest first: ?cursor=&limit= (max 500)",
     ),
     r(
         "GET",
@@ -183,7 +184,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/users/{user}/roles",
         Some("roles:read"),
         200,
-        "List a user's role assignments",
+        "List a user's role assignments by role name: ?cursor=&limit= (max 500)",
     ),
     r(
         "PUT",
@@ -211,7 +212,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/roles",
         Some("roles:read"),
         200,
-        "List roles",
+        "List roles, oldest first: ?cursor=&limit= (max 500)",
     ),
     r(
         "GET",
@@ -246,7 +247,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/api-keys",
         Some("keys:read"),
         200,
-        "List API keys (never their secrets)",
+        "List API keys (never their secrets), oldest first: ?cursor=&limit= (max 500)",
     ),
     r(
         "GET",
@@ -316,7 +317,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/conversations",
         Some("conversations:read"),
         200,
-        "List conversations: a user key its own with unread counts, a service key all",
+        "List conversations, most recently active first: a user key its own with unread counts, a service key all; ?cursor=&limit= (max 500)",
     ),
     r(
         "GET",

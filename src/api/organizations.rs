@@ -9,12 +9,14 @@ use ledgerline_aggregates::organization::{built_in_roles, Organization, Organiza
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::Caller;
 use super::double_option;
 use super::error::{ApiError, ApiResult};
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
+use super::page::{self, PageQuery};
 use crate::app::{Actor, App};
 
 #[derive(Debug, Serialize, sqlx::FromRow)]
@@ -177,23 +179,22 @@ pub async fn complete_interrupted(app: &App) -> ApiResult<usize> {
     Ok(completed)
 }
 
+/// The platform operator's list is every organization; anyone else's, their own.
 pub async fn list(
     State(app): State<App>,
     caller: Caller,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
-    let items: Vec<OrganizationView> = if caller.is_platform_admin() {
-        sqlx::query_as(&format!("{SELECT} ORDER BY created_at, id"))
-            .fetch_all(&app.pool)
-            .await?
-    } else {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!("{SELECT} WHERE true"));
+    if !caller.is_platform_admin() {
         caller.require(Permission::OrganizationsRead)?;
-        sqlx::query_as(&format!("{SELECT} WHERE id = $1"))
-            .bind(caller.organization_id)
-            .fetch_all(&app.pool)
-            .await?
-    };
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+        sql.push(" AND id = ").push_bind(caller.organization_id);
+    }
+    let page = q.page::<(DateTime<Utc>, Uuid)>("organizations")?;
+    page.push_ascending(&mut sql, "created_at, id");
+    let mut items: Vec<OrganizationView> = sql.build_query_as().fetch_all(&app.pool).await?;
+    let next_cursor = page.cut(&mut items, |o| (o.created_at, o.id));
+    Ok(page::answer(items, next_cursor))
 }
 
 pub async fn get(

@@ -11,6 +11,7 @@ use uuid::Uuid;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
+use super::page;
 use crate::app::App;
 use crate::ledger::merkle::{Blake3, TreeHash};
 use crate::ledger::tree::{self, TreeError};
@@ -91,10 +92,7 @@ pub async fn list(
     Query(q): Query<CheckpointsQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require(Permission::LedgerRead)?;
-    let limit = q.limit.unwrap_or(100);
-    if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("limit must be between 1 and 1000"));
-    }
+    let limit = page::limit(q.limit, 100, 1000)?;
     let rows: Vec<CheckpointView> = sqlx::query_as(&format!(
         "{SELECT_CHECKPOINT} WHERE ($1::bigint IS NULL OR tree_size < $1) \
          AND ($2::bigint IS NULL OR tree_size = $2) ORDER BY tree_size DESC LIMIT $3"
@@ -105,15 +103,8 @@ pub async fn list(
     .fetch_all(&app.pool)
     .await?;
     let mut items = views(rows);
-    let next_cursor = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|c| c.tree_size)
-    } else {
-        None
-    };
-    Ok(axum::Json(
-        serde_json::json!({ "items": items, "next_cursor": next_cursor }),
-    ))
+    let next_cursor = page::cut(&mut items, limit, |c| c.tree_size);
+    Ok(page::answer(items, next_cursor))
 }
 
 fn size_param(value: Option<i64>, name: &str) -> ApiResult<u64> {

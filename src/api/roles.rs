@@ -9,11 +9,13 @@ use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Serialize};
+use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
+use super::page::{self, Page, PageQuery};
 use super::{double_option, organizations, users, OptionalJson};
 use crate::app::App;
 
@@ -162,21 +164,20 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
+    let page = q.page::<(DateTime<Utc>, String)>("roles")?;
     organizations::require_exists(&app, &caller, org).await?;
-    let rows: Vec<RoleRow> = sqlx::query_as(&format!(
-        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, name"
-    ))
-    .bind(org)
-    .fetch_all(&app.pool)
-    .await?;
+    // Names are unique in an organization, so they break ties of creation time for good.
+    let mut sql = page.of_organization(SELECT, org, "created_at, name");
+    let mut rows: Vec<RoleRow> = sql.build_query_as().fetch_all(&app.pool).await?;
+    let next_cursor = page.cut(&mut rows, |r| (r.created_at, r.name.clone()));
     let mut items = Vec::with_capacity(rows.len());
     for r in rows {
         items.push(view(&app, r).await?);
     }
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    Ok(page::answer(items, next_cursor))
 }
 
 pub async fn get(
@@ -286,16 +287,30 @@ pub struct AssignmentView {
     pub active: bool,
 }
 
-async fn assignments(app: &App, user: Uuid) -> ApiResult<Vec<AssignmentView>> {
-    Ok(sqlx::query_as(
+/// A user's assignments in order of role name: one page of them, or (`None`) all, as an
+/// assignment answers.
+async fn assignments(
+    app: &App,
+    user: Uuid,
+    page: Option<&Page<(String, Uuid)>>,
+) -> ApiResult<Vec<AssignmentView>> {
+    let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT ur.role_id, r.name AS role_name, ur.expires_at, ur.reason, ur.assigned_at,
                 (ur.expires_at IS NULL OR ur.expires_at > now()) AS active
          FROM user_roles ur JOIN roles r ON r.id = ur.role_id
-         WHERE ur.user_id = $1 ORDER BY r.name",
-    )
-    .bind(user)
-    .fetch_all(&app.pool)
-    .await?)
+         WHERE ur.user_id = ",
+    );
+    sql.push_bind(user);
+    // A user's roles are one organization's, whose names are unique: the id only makes
+    // the order total for the keyset.
+    const ORDER: &str = "r.name, ur.role_id";
+    match page {
+        Some(page) => page.push_ascending(&mut sql, ORDER),
+        None => {
+            sql.push(format_args!(" ORDER BY {ORDER}"));
+        }
+    }
+    Ok(sql.build_query_as().fetch_all(&app.pool).await?)
 }
 
 pub async fn assign(
@@ -326,7 +341,7 @@ pub async fn assign(
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
         .await?;
     Ok(axum::Json(
-        serde_json::json!({ "items": assignments(&app, user).await? }),
+        serde_json::json!({ "items": assignments(&app, user, None).await? }),
     ))
 }
 
@@ -361,11 +376,12 @@ pub async fn list_assignments(
     State(app): State<App>,
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::RolesRead)?;
+    let page = q.page::<(String, Uuid)>("user-roles")?;
     users::find(&app, org, user).await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": assignments(&app, user).await? }),
-    ))
+    let mut items = assignments(&app, user, Some(&page)).await?;
+    let next_cursor = page.cut(&mut items, |a| (a.role_name.clone(), a.role_id));
+    Ok(page::answer(items, next_cursor))
 }

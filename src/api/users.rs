@@ -13,8 +13,9 @@ use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
-use super::extract::{Json, Path};
+use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
+use super::page::{self, PageQuery};
 use super::OptionalJson;
 use crate::app::App;
 use crate::crypto::DataKey;
@@ -143,19 +144,16 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Path(org): Path<Uuid>,
-    _: super::extract::Query<super::Nothing>,
+    Query(q): Query<PageQuery>,
 ) -> ApiResult<axum::Json<serde_json::Value>> {
     caller.require_in(org, Permission::UsersRead)?;
+    let page = q.page::<(DateTime<Utc>, Uuid)>("users")?;
     organizations::find(&app, org).await?;
-    let rows: Vec<UserRow> = sqlx::query_as(&format!(
-        "{SELECT} WHERE organization_id = $1 ORDER BY created_at, id"
-    ))
-    .bind(org)
-    .fetch_all(&app.pool)
-    .await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": open(&app, rows).await? }),
-    ))
+    let mut sql = page.of_organization(SELECT, org, "created_at, id");
+    let mut rows: Vec<UserRow> = sql.build_query_as().fetch_all(&app.pool).await?;
+    // Cut before opening: the extra row's keys are not read.
+    let next_cursor = page.cut(&mut rows, |u| (u.created_at, u.id));
+    Ok(page::answer(open(&app, rows).await?, next_cursor))
 }
 
 pub async fn get(

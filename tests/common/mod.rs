@@ -340,19 +340,23 @@ impl TestApp {
         r.body["id"].as_str().unwrap().parse().unwrap()
     }
 
-    /// A user holding the built-in role `role`, and a key of theirs with every permission
-    /// of that role. Returns (user id, key secret).
-    pub async fn member_with_key(&self, org: Uuid, role: &str, email: &str) -> (Uuid, String) {
-        let user = self.invite(org, email, "Test Person").await;
-        let role_id = self.role_id(org, role).await;
+    /// Assigns role `role` to user `user` of `org`, with no expiry, as the platform operator.
+    pub async fn assign(&self, org: Uuid, user: Uuid, role: Uuid) {
         let r = self
             .put(
-                &format!("/v1/organizations/{org}/users/{user}/roles/{role_id}"),
+                &format!("/v1/organizations/{org}/users/{user}/roles/{role}"),
                 &self.admin_key,
                 json!({}),
             )
             .await;
         assert_eq!(r.status, 200, "assign: {}", r.body);
+    }
+
+    /// A user holding the built-in role `role`, and a key of theirs with every permission
+    /// of that role. Returns (user id, key secret).
+    pub async fn member_with_key(&self, org: Uuid, role: &str, email: &str) -> (Uuid, String) {
+        let user = self.invite(org, email, "Test Person").await;
+        self.assign(org, user, self.role_id(org, role).await).await;
         let perms = ledgerline_aggregates::organization::built_in_roles::permissions(role).unwrap();
         let r = self
             .post(
