@@ -228,7 +228,7 @@ impl App {
     /// The log's name (a checkpoint's origin line).
     pub fn origin(&self) -> &str {
         self.log_signer()
-            .map_or("ledgerline.local/log", |s| s.name())
+            .map_or(crate::config::DEFAULT_LOG_ORIGIN, |s| s.name())
     }
 
     /// Executes one command with the actor's metadata; on success waits until every read

@@ -140,7 +140,7 @@ pub async fn verify_since(
         }
         if frontier.root() != cp.root || last != cp.chain_head {
             return Ok(fail(format!(
-                "REWRITTEN: the log's first {} events are not those checkpoint {} signed: an event at a position in {}..={} was changed and the chain recomputed after it",
+                "REWRITTEN: the log's first {} events are not those checkpoint {} signed: an event at a position from {} to {} was changed and the chain recomputed after it",
                 cp.tree_size,
                 path.display(),
                 matched + 1,

@@ -443,6 +443,18 @@ async fn export(
     // Written beside the target and renamed into place once whole: a refused range or a
     // failure part-way leaves a file already there as it was, and never a cut-off export
     // under the name an auditor will verify.
+    // Checked against a checkpoint, a header naming another origin is a fault: an export made
+    // without the server's setting takes the one its checkpoints are signed under.
+    let origin = match args.log_origin {
+        Some(origin) => origin,
+        None => sqlx::query_scalar::<_, String>(
+            "SELECT split_part(note, E'\\n', 1) FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
+        )
+        .fetch_optional(&pool)
+        .await
+        .context("reading the newest checkpoint's origin")?
+        .unwrap_or_else(|| crate::config::DEFAULT_LOG_ORIGIN.to_string()),
+    };
     let mut partial = args.out.clone().into_os_string();
     partial.push(".partial");
     let partial = std::path::PathBuf::from(partial);
@@ -456,7 +468,7 @@ async fn export(
             from: args.from,
             to: args.to,
         };
-        let summary = crate::ledger::export::export(&pool, scope, &args.log_origin, &mut out)
+        let summary = crate::ledger::export::export(&pool, scope, &origin, &mut out)
             .await
             .context("exporting")?;
         tokio::io::AsyncWriteExt::flush(&mut out).await?;

@@ -12,6 +12,9 @@ use crate::ledger::checkpoint::LogSigner;
 use crate::ledger::tree::CheckpointPolicy;
 
 /// A string that never prints in `Debug` output.
+/// The log's name (checkpoint origin) when none is configured.
+pub const DEFAULT_LOG_ORIGIN: &str = "ledgerline.local/log";
+
 #[derive(Clone)]
 pub struct Secret(pub String);
 
@@ -105,7 +108,7 @@ pub struct LogArgs {
     #[arg(
         long,
         env = "LEDGERLINE_LOG_ORIGIN",
-        default_value = "ledgerline.local/log"
+        default_value = DEFAULT_LOG_ORIGIN
     )]
     pub log_origin: String,
     /// The Ed25519 key that signs checkpoints: a 32-byte seed in 64 hex characters
@@ -192,7 +195,7 @@ pub enum Command {
         #[arg(
             long,
             env = "LEDGERLINE_LOG_ORIGIN",
-            default_value = "ledgerline.local/log"
+            default_value = DEFAULT_LOG_ORIGIN
         )]
         log_origin: String,
     },
@@ -300,13 +303,11 @@ pub struct ExportArgs {
     pub to: Option<i64>,
     #[arg(long)]
     pub out: PathBuf,
-    /// The log's name for the export's header.
-    #[arg(
-        long,
-        env = "LEDGERLINE_LOG_ORIGIN",
-        default_value = "ledgerline.local/log"
-    )]
-    pub log_origin: String,
+    /// The log's name for the export's header (default: the origin of the newest checkpoint
+    /// the database holds, so that the file matches the checkpoints; else
+    /// `ledgerline.local/log`, the server's default).
+    #[arg(long, env = "LEDGERLINE_LOG_ORIGIN")]
+    pub log_origin: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

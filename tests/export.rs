@@ -313,7 +313,7 @@ async fn an_export_that_hides_one_of_the_organizations_events_as_a_stub_is_refus
     assert!(
         report
             .to_string()
-            .contains("tenant tags show they are not this organization's"),
+            .contains("tenant tags say they are not this organization's"),
         "{report}"
     );
     // Acme's last invitation, say: an event an operator might want an auditor not to see.

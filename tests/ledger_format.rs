@@ -1346,8 +1346,9 @@ mod export_example {
         // What the intact report says of the stubs (section 10).
         let said = r.to_string();
         for phrase in [
-            "1 position(s) are stubs whose tenant tags show they are not this organization's \
-             events",
+            // Tags are authenticated only under a checkpoint that covers them.
+            "1 position(s) are stubs whose tenant tags say they are not this organization's \
+             events (shown only against a checkpoint that covers them)",
             "1 position(s) are stubs of v1 events, another organization's by the exporter's \
              word: the file cannot show they are not this one's",
         ] {
@@ -1375,6 +1376,11 @@ mod export_example {
             let r = check(&lines, Some((&note, &signer)));
             assert!(r.matches_checkpoint(), "size {size}: {r}");
             assert_eq!(r.unsigned_from(), (size < 5).then_some(4));
+            assert_eq!(
+                r.to_string().contains("stubs whose tenant tags show"),
+                size == 5,
+                "shown only when the checkpoint covers the whole file: {r}"
+            );
         }
 
         // A version 1 header reads with the same grammar.

@@ -234,11 +234,19 @@ impl std::fmt::Display for OfflineReport {
                     )?;
                 }
                 if self.stubs > self.v1_stubs {
+                    // A tag is authenticated only as far as a signed checkpoint covers it: past
+                    // that, a rewritten file could put any tag on one of the organization's own.
+                    let covered = self.matches_checkpoint() && self.unsigned_from().is_none();
+                    let (verb, unless) = if covered {
+                        ("show", "")
+                    } else {
+                        ("say", " (shown only against a checkpoint that covers them)")
+                    };
                     write!(
                         f,
-                        "; {} position(s) are stubs whose tenant tags show they are not this \
-                         organization's events",
-                        self.stubs - self.v1_stubs
+                        "; {} position(s) are stubs whose tenant tags {verb} they are not this \
+                         organization's events{unless}",
+                        self.stubs - self.v1_stubs,
                     )?;
                 }
                 if self.v1_stubs > 0 {

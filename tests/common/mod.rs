@@ -136,7 +136,11 @@ pub async fn ledgerline_offline(args: &[&str]) -> (i32, String, String) {
 async fn run_ledgerline(url: Option<&str>, args: &[&str], log: &str) -> (i32, String, String) {
     const URL: &str = "LEDGERLINE_DATABASE_URL";
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"));
-    command.args(args).env("RUST_LOG", log);
+    // The log's name comes from the arguments, or from the database's checkpoints.
+    command
+        .args(args)
+        .env("RUST_LOG", log)
+        .env_remove("LEDGERLINE_LOG_ORIGIN");
     match url {
         Some(url) => command.env(URL, url),
         None => command.env_remove(URL),
