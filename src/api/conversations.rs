@@ -10,13 +10,15 @@ use ledgerline_aggregates::conversation::{
 };
 use ledgerline_aggregates::message::ConversationFacts;
 use ledgerline_aggregates::Permission;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::List;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
-use super::{double_option, organizations};
+use super::{absent_or_null, double_option, organizations};
 use crate::app::{App, Guard};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -48,7 +50,7 @@ macro_rules! columns {
 
 const SELECT: &str = concat!("SELECT ", columns!(), " FROM conversations c");
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct ParticipantView {
     pub user_id: Uuid,
     pub role: String,
@@ -59,7 +61,7 @@ pub struct ParticipantView {
 }
 
 /// The calling user's own standing in a conversation.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct MyState {
     pub role: String,
     pub muted: bool,
@@ -69,7 +71,7 @@ pub struct MyState {
     pub unread_count: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ConversationView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -307,7 +309,7 @@ pub async fn require_active_members(app: &App, org: Uuid, users: &[Uuid]) -> Api
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConversation {
     kind: ConversationKind,
@@ -384,7 +386,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     _: super::extract::Query<super::Nothing>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<ConversationView>>> {
     caller.require_in(org, Permission::ConversationsRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     const ORDER: &str = "ORDER BY c.last_message_at DESC NULLS LAST, c.created_at DESC, c.id";
@@ -418,7 +420,7 @@ pub async fn list(
         .map(|r| ConversationView::new(r, None))
         .collect(),
     };
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    Ok(axum::Json(List::of(items)))
 }
 
 pub async fn get(
@@ -464,12 +466,14 @@ async fn command_as(
     Ok(axum::Json(view(app, caller, org, id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateConversation {
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     title: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     description: Option<Option<String>>,
 }
 
@@ -513,7 +517,7 @@ pub async fn unarchive(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddParticipant {
     user_id: Uuid,
@@ -568,7 +572,7 @@ pub async fn remove_participant(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateParticipant {
     role: Option<ParticipantRole>,

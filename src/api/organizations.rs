@@ -8,16 +8,18 @@ use cqrs_es::Aggregate;
 use ledgerline_aggregates::organization::{built_in_roles, Organization, OrganizationCommand};
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::{Permission, PermissionSet};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::List;
 use super::auth::Caller;
-use super::double_option;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
+use super::{absent_or_null, double_option};
 use crate::app::{Actor, App};
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct OrganizationView {
     pub id: Uuid,
     pub name: String,
@@ -49,7 +51,7 @@ pub async fn require_exists(app: &App, caller: &Caller, id: Uuid) -> ApiResult<(
     find(app, id).await.map(drop)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganization {
     name: String,
@@ -181,7 +183,7 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     _: super::extract::Query<super::Nothing>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<OrganizationView>>> {
     let items: Vec<OrganizationView> = if caller.is_platform_admin() {
         sqlx::query_as(&format!("{SELECT} ORDER BY created_at, id"))
             .fetch_all(&app.pool)
@@ -193,7 +195,7 @@ pub async fn list(
             .fetch_all(&app.pool)
             .await?
     };
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    Ok(axum::Json(List::of(items)))
 }
 
 pub async fn get(
@@ -205,14 +207,16 @@ pub async fn get(
     Ok(axum::Json(find(&app, org).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOrganization {
     name: Option<String>,
     slug: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     country_code: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     domain: Option<Option<String>>,
     settings: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -243,7 +247,7 @@ pub async fn update(
     Ok(axum::Json(find(&app, org).await?))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
     pub reason: Option<String>,

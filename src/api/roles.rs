@@ -8,13 +8,15 @@ use ledgerline_aggregates::permissions::{may_grant, missing};
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::List;
 use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
-use super::{double_option, organizations, users, OptionalJson};
+use super::{absent_or_null, double_option, organizations, users, OptionalJson};
 use crate::app::App;
 
 #[derive(Debug, sqlx::FromRow)]
@@ -29,7 +31,7 @@ struct RoleRow {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RoleView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -94,7 +96,7 @@ async fn check_parent(app: &App, org: Uuid, parent: Uuid) -> ApiResult<()> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRole {
     name: String,
@@ -163,7 +165,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     _: super::extract::Query<super::Nothing>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<RoleView>>> {
     caller.require_in(org, Permission::RolesRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     let rows: Vec<RoleRow> = sqlx::query_as(&format!(
@@ -176,7 +178,7 @@ pub async fn list(
     for r in rows {
         items.push(view(&app, r).await?);
     }
-    Ok(axum::Json(serde_json::json!({ "items": items })))
+    Ok(axum::Json(List::of(items)))
 }
 
 pub async fn get(
@@ -188,13 +190,14 @@ pub async fn get(
     Ok(axum::Json(find(&app, org, role).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRole {
     name: Option<String>,
     description: Option<String>,
     permissions: Option<PermissionSet>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     parent_role_id: Option<Option<Uuid>>,
 }
 
@@ -268,14 +271,14 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Assign {
     expires_at: Option<DateTime<Utc>>,
     reason: Option<String>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct AssignmentView {
     pub role_id: Uuid,
     pub role_name: String,
@@ -303,7 +306,7 @@ pub async fn assign(
     caller: Caller,
     Path((org, user, role)): Path<(Uuid, Uuid, Uuid)>,
     body: OptionalJson<Assign>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<AssignmentView>>> {
     caller.require_in(org, Permission::RolesWrite)?;
     // Assigning again replaces an assignment (its expiry too): a user assigning their own
     // roles could lift the expiry another administrator set.
@@ -325,9 +328,7 @@ pub async fn assign(
     };
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
         .await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": assignments(&app, user).await? }),
-    ))
+    Ok(axum::Json(List::of(assignments(&app, user).await?)))
 }
 
 pub async fn revoke(
@@ -362,10 +363,8 @@ pub async fn list_assignments(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
     _: super::extract::Query<super::Nothing>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<AssignmentView>>> {
     caller.require_in(org, Permission::RolesRead)?;
     users::find(&app, org, user).await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": assignments(&app, user).await? }),
-    ))
+    Ok(axum::Json(List::of(assignments(&app, user).await?)))
 }

@@ -8,9 +8,11 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::user::{SealedEmail, SealedProfile, User, UserCommand};
 use ledgerline_aggregates::{validate, Permission};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::List;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path};
@@ -31,7 +33,7 @@ struct UserRow {
 }
 
 /// A user as the API shows it: e-mail and name opened, or null once erased.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct UserView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -77,7 +79,7 @@ pub async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<UserView> {
     Ok(open(app, vec![row]).await?.remove(0))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InviteUser {
     email: String,
@@ -144,7 +146,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     _: super::extract::Query<super::Nothing>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<UserView>>> {
     caller.require_in(org, Permission::UsersRead)?;
     organizations::find(&app, org).await?;
     let rows: Vec<UserRow> = sqlx::query_as(&format!(
@@ -153,9 +155,7 @@ pub async fn list(
     .bind(org)
     .fetch_all(&app.pool)
     .await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": open(&app, rows).await? }),
-    ))
+    Ok(axum::Json(List::of(open(&app, rows).await?)))
 }
 
 pub async fn get(
@@ -167,7 +167,7 @@ pub async fn get(
     Ok(axum::Json(find(&app, org, user).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     email: Option<String>,
