@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{assert_error, assert_error_says, Response, TestApp};
+use common::{assert_error, assert_error_says, concrete, Response, TestApp};
 use ledgerline::api::ROUTES;
 use ledgerline_aggregates::organization::built_in_roles;
 use reqwest::Method;
@@ -2056,20 +2056,6 @@ async fn openapi_documents_every_route_and_nothing_else() {
         ROUTES.len(),
         "no operation beyond the route table"
     );
-}
-
-/// `path` with every `{param}` replaced by a fresh UUID.
-fn concrete(path: &str) -> String {
-    path.split('/')
-        .map(|seg| {
-            if seg.starts_with('{') && seg.ends_with('}') {
-                Uuid::new_v4().to_string()
-            } else {
-                seg.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("/")
 }
 
 fn is_router_miss(r: &Response) -> bool {

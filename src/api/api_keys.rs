@@ -7,9 +7,11 @@ use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
 use ledgerline_aggregates::permissions::may_grant;
 use ledgerline_aggregates::{Permission, PermissionSet};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
@@ -19,13 +21,15 @@ use super::{users, OptionalJson};
 use crate::app::App;
 use crate::keys;
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct ApiKeyView {
     pub id: Uuid,
     pub organization_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
     pub label: String,
     pub prefix: String,
+    /// The permissions the key was issued with (what a request may do is also cut down to
+    /// its user's roles).
     pub permissions: Vec<String>,
     pub status: String,
     pub expires_at: Option<DateTime<Utc>>,
@@ -35,7 +39,7 @@ pub struct ApiKeyView {
 }
 
 /// A key just issued or rotated: the only answer that ever carries its secret.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct IssuedKey {
     #[serde(flatten)]
     pub key: ApiKeyView,
@@ -54,7 +58,7 @@ async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<ApiKeyView> {
         .ok_or_else(|| ApiError::not_found("API key"))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct IssueKey {
     label: String,
@@ -166,7 +170,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<ApiKeyView, String>>> {
     caller.require_in(org, Permission::KeysRead)?;
     let page = q.page::<(DateTime<Utc>, Uuid)>("api-keys")?;
     organizations::require_exists(&app, &caller, org).await?;

@@ -5,10 +5,12 @@
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::Permission;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::ApiResult;
 use super::extract::{Path, Query};
@@ -38,7 +40,7 @@ pub(super) fn fields_without_blind_indexes(
     fields.values_mut().for_each(without_blind_indexes);
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct AuditEventView {
     pub position: i64,
     pub organization_id: Option<Uuid>,
@@ -56,7 +58,7 @@ pub struct AuditEventView {
     pub recorded_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum Order {
     #[default]
@@ -64,7 +66,7 @@ pub enum Order {
     Asc,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     /// The acting user's id.
@@ -86,7 +88,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<AuditQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<AuditEventView>>> {
     caller.require_in(org, Permission::AuditRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     let limit = page::limit(q.limit, 100, MAX_PAGE)?;

@@ -10,15 +10,17 @@ use ledgerline_aggregates::conversation::{
 };
 use ledgerline_aggregates::message::ConversationFacts;
 use ledgerline_aggregates::Permission;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, Page, PageQuery};
-use super::{double_option, organizations};
+use super::{absent_or_null, double_option, organizations};
 use crate::app::{App, Guard};
 
 #[derive(Debug, Clone, sqlx::FromRow)]
@@ -50,7 +52,7 @@ macro_rules! columns {
 
 const SELECT: &str = concat!("SELECT ", columns!(), " FROM conversations c");
 
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct ParticipantView {
     pub user_id: Uuid,
     pub role: String,
@@ -61,7 +63,7 @@ pub struct ParticipantView {
 }
 
 /// The calling user's own standing in a conversation.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct MyState {
     pub role: String,
     pub muted: bool,
@@ -71,7 +73,7 @@ pub struct MyState {
     pub unread_count: i64,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ConversationView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -309,7 +311,7 @@ pub async fn require_active_members(app: &App, org: Uuid, users: &[Uuid]) -> Api
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateConversation {
     kind: ConversationKind,
@@ -424,7 +426,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<ConversationView, String>>> {
     caller.require_in(org, Permission::ConversationsRead)?;
     let page = q.page::<ListKey>("conversations")?;
     organizations::require_exists(&app, &caller, org).await?;
@@ -516,12 +518,14 @@ async fn command_as(
     Ok(axum::Json(view(app, caller, org, id).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateConversation {
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     title: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     description: Option<Option<String>>,
 }
 
@@ -565,7 +569,7 @@ pub async fn unarchive(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddParticipant {
     user_id: Uuid,
@@ -620,7 +624,7 @@ pub async fn remove_participant(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateParticipant {
     role: Option<ParticipantRole>,

@@ -17,6 +17,7 @@ use ledgerline_aggregates::role::Role;
 use ledgerline_aggregates::user::User;
 use ledgerline_aggregates::{metadata, Permission, Sealed, EVENT_VERSION};
 use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
+use schemars::JsonSchema;
 use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -95,14 +96,14 @@ impl EntityType {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct HistoryView {
     pub entity_type: String,
     pub id: Uuid,
     pub items: Vec<HistoryEntry>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct HistoryEntry {
     pub position: i64,
     pub sequence: i64,
@@ -114,7 +115,7 @@ pub struct HistoryEntry {
 }
 
 /// Who acted, from the event's metadata.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ActorView {
     pub kind: Option<String>,
     pub user_id: Option<String>,
@@ -122,7 +123,7 @@ pub struct ActorView {
 }
 
 /// The top-level fields an event changed; a field on one side only is `null` on the other.
-#[derive(Debug, Default, Serialize)]
+#[derive(Debug, Default, Serialize, JsonSchema)]
 pub struct Changes {
     pub before: Map<String, Value>,
     pub after: Map<String, Value>,

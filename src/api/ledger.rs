@@ -9,10 +9,11 @@ use axum::response::{IntoResponse, Response};
 use chrono::SecondsFormat;
 use ledgerline_aggregates::Permission;
 use ledgerline_projections::{StoredEvent, STORED_EVENT_COLUMNS};
-use serde::Deserialize;
-use serde_json::json;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query};
@@ -20,18 +21,71 @@ use super::{organizations, page};
 use crate::app::App;
 use crate::ledger::export::{self, ExportError, ExportScope};
 
-pub async fn head(
-    State(app): State<App>,
-    caller: Caller,
-) -> ApiResult<axum::Json<serde_json::Value>> {
-    caller.require(Permission::LedgerRead)?;
-    let head = app.store.head().await?;
-    Ok(axum::Json(
-        json!({ "position": head.position, "hash": hex::encode(head.hash) }),
-    ))
+/// The newest event of the whole ledger.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LedgerHead {
+    /// 0 while the ledger is empty.
+    pub position: i64,
+    /// Its hash, in hex (all zeros while the ledger is empty).
+    pub hash: String,
 }
 
-#[derive(Debug, Deserialize)]
+pub async fn head(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<LedgerHead>> {
+    caller.require(Permission::LedgerRead)?;
+    let head = app.store.head().await?;
+    Ok(axum::Json(LedgerHead {
+        position: head.position,
+        hash: hex::encode(head.hash),
+    }))
+}
+
+/// An event exactly as the ledger stores it, with its hashes (docs/ledger-format.md).
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct LedgerEventView {
+    pub position: i64,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub organization_id: Option<Uuid>,
+    /// RFC 3339 with microseconds, as hashed.
+    pub recorded_at: String,
+    pub recorded_at_micros: i64,
+    /// The payload's JSON text, byte for byte as hashed.
+    pub payload: String,
+    /// The metadata's JSON text, byte for byte as hashed.
+    pub metadata: String,
+    /// The previous event's hash, in hex.
+    pub prev_hash: String,
+    /// In hex.
+    pub hash: String,
+    /// The format of `hash` (1 or 2).
+    pub hash_version: i16,
+}
+
+impl From<StoredEvent> for LedgerEventView {
+    fn from(e: StoredEvent) -> Self {
+        Self {
+            position: e.position,
+            aggregate_type: e.aggregate_type,
+            aggregate_id: e.aggregate_id,
+            sequence: e.sequence,
+            event_type: e.event_type,
+            event_version: e.event_version,
+            organization_id: e.organization_id,
+            recorded_at: e.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
+            recorded_at_micros: e.recorded_at.timestamp_micros(),
+            payload: e.payload,
+            metadata: e.metadata,
+            prev_hash: hex::encode(&e.prev_hash),
+            hash: hex::encode(&e.hash),
+            hash_version: e.hash_version,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EventsQuery {
     /// Only events after this position (the `next_cursor` of the previous page).
@@ -44,7 +98,7 @@ pub async fn events(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<EventsQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<LedgerEventView>>> {
     caller.require_in(org, Permission::LedgerRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     let limit = page::limit(q.limit, 100, 1000)?;
@@ -59,33 +113,11 @@ pub async fn events(
     let next_cursor = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.position))
         .flatten();
-    let items: Vec<_> = rows
-        .into_iter()
-        .map(|e| {
-            json!({
-                "position": e.position,
-                "aggregate_type": e.aggregate_type,
-                "aggregate_id": e.aggregate_id,
-                "sequence": e.sequence,
-                "event_type": e.event_type,
-                "event_version": e.event_version,
-                "organization_id": e.organization_id,
-                "recorded_at": e.recorded_at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                "recorded_at_micros": e.recorded_at.timestamp_micros(),
-                "payload": e.payload,
-                "metadata": e.metadata,
-                "prev_hash": hex::encode(&e.prev_hash),
-                "hash": hex::encode(&e.hash),
-                "hash_version": e.hash_version,
-            })
-        })
-        .collect();
-    Ok(axum::Json(
-        json!({ "items": items, "next_cursor": next_cursor }),
-    ))
+    let items = rows.into_iter().map(LedgerEventView::from).collect();
+    Ok(axum::Json(PageOf { items, next_cursor }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExportQuery {
     /// The first position (default 1).

@@ -17,11 +17,13 @@ use ledgerline_aggregates::message::{
     MAX_CONTENT_BYTES,
 };
 use ledgerline_aggregates::{validate, Permission};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::types::Json as SqlJson;
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::conversations::{access, access_for, require_active_members, Access, UNREAD};
 use super::error::{ApiError, ApiResult};
@@ -82,7 +84,7 @@ const SELECT: &str = "SELECT m.id, m.conversation_id, m.author_id, m.parent_mess
      FROM messages m LEFT JOIN message_keys mk ON mk.message_id = m.id \
      LEFT JOIN subject_keys sk ON sk.subject_id = mk.author_id";
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct AttachmentView {
     /// `null` once the message is deleted or its author erased.
     pub file_name: Option<String>,
@@ -91,14 +93,14 @@ pub struct AttachmentView {
     pub blake3: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct ReactionView {
     pub emoji: String,
     pub count: usize,
     pub user_ids: Vec<Uuid>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct MessageView {
     pub id: Uuid,
     pub conversation_id: Uuid,
@@ -108,6 +110,7 @@ pub struct MessageView {
     /// `null` unless `content_status` is `present`.
     pub content: Option<String>,
     /// `present`, `deleted` (the message was deleted) or `erased` (its author was).
+    #[schemars(extend("enum" = ["present", "deleted", "erased"]))]
     pub content_status: &'static str,
     pub attachments: Vec<AttachmentView>,
     pub reactions: Vec<ReactionView>,
@@ -295,7 +298,7 @@ fn check_content(content: &str) -> ApiResult<()> {
     validate::message_text(content).map_err(ApiError::invalid)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewAttachmentBody {
     file_name: String,
@@ -304,7 +307,7 @@ pub struct NewAttachmentBody {
     blake3: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
     content: String,
@@ -435,7 +438,7 @@ pub async fn post(
     super::created_answer(find(&app, conversation, id).await, id)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
     /// The `next_cursor` of the previous page: only messages older than it.
@@ -451,7 +454,7 @@ pub async fn list(
     caller: Caller,
     Path((org, conversation)): Path<(Uuid, Uuid)>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<MessageView>>> {
     access(
         &app,
         &caller,
@@ -501,7 +504,7 @@ pub async fn get(
     Ok(axum::Json(find(&app, conversation, message).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditMessage {
     content: String,
@@ -684,14 +687,14 @@ pub async fn unreact(
     reaction(&app, &caller, path, false).await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MarkRead {
     /// Everything up to and including this message is read.
     message_id: Uuid,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct ReadState {
     pub conversation_id: Uuid,
     pub last_read_message_id: Option<Uuid>,

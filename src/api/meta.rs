@@ -3,19 +3,30 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
-use serde_json::json;
+use ledgerline_aggregates::Permission;
+use schemars::JsonSchema;
+use serde::Serialize;
+use uuid::Uuid;
 
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
-use super::ROUTES;
+use super::organizations::OrganizationView;
 use crate::app::App;
 
-pub async fn healthz() -> axum::Json<serde_json::Value> {
-    axum::Json(json!({ "status": "ok" }))
+/// Liveness and readiness: a failure is an error answer instead.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct Status {
+    /// `ok` (alive) or `ready`.
+    #[schemars(extend("enum" = ["ok", "ready"]))]
+    pub status: &'static str,
+}
+
+pub async fn healthz() -> axum::Json<Status> {
+    axum::Json(Status { status: "ok" })
 }
 
 /// Ready when the database answers and no projection is stopped on a failure.
-pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::Value>> {
+pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<Status>> {
     let statuses = ledgerline_projections::status(&app.pool)
         .await
         .map_err(|e| {
@@ -53,7 +64,7 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<serde_json::
             ),
         ));
     }
-    Ok(axum::Json(json!({ "status": "ready" })))
+    Ok(axum::Json(Status { status: "ready" }))
 }
 
 /// Prometheus text (see `crate::metrics`). Unauthenticated like `/readyz`: it carries counts,
@@ -65,73 +76,42 @@ pub async fn metrics(State(app): State<App>) -> impl IntoResponse {
     )
 }
 
-pub async fn me(
-    State(app): State<App>,
-    caller: Caller,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+/// The calling key as `/v1/me` shows it.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct MeView {
+    pub key: KeyIdentity,
+    /// The user the key acts as; `null` for a service or platform key.
+    pub user_id: Option<Uuid>,
+    /// The key's organization; `null` for a platform key.
+    pub organization: Option<OrganizationView>,
+    /// What a request with this key may do: the key's permissions, cut down to its user's
+    /// current roles.
+    pub permissions: Vec<Permission>,
+}
+
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct KeyIdentity {
+    pub id: Uuid,
+    pub prefix: String,
+}
+
+pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<MeView>> {
     let organization = match caller.organization_id {
         Some(org) => Some(super::organizations::find(&app, org).await?),
         None => None,
     };
-    Ok(axum::Json(json!({
-        "key": { "id": caller.key_id, "prefix": caller.prefix },
-        "user_id": caller.user_id,
-        "organization": organization,
-        "permissions": caller.permissions,
-    })))
+    Ok(axum::Json(MeView {
+        key: KeyIdentity {
+            id: caller.key_id,
+            prefix: caller.prefix,
+        },
+        user_id: caller.user_id,
+        organization,
+        permissions: caller.permissions.into_iter().collect(),
+    }))
 }
 
-/// The OpenAPI 3.1 document, generated from the same route table the router is checked against.
+/// The OpenAPI 3.1 document (see [`super::openapi`]).
 pub async fn openapi() -> axum::Json<serde_json::Value> {
-    axum::Json(document())
-}
-
-pub fn document() -> serde_json::Value {
-    let mut paths = serde_json::Map::new();
-    for r in ROUTES {
-        let params: Vec<_> = r
-            .path
-            .split('/')
-            .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-            .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
-            .collect();
-        let mut op = json!({
-            "summary": r.summary,
-            "operationId": format!("{}_{}", r.method.to_lowercase(), r.path.trim_start_matches('/').replace(['/', '{', '}', '-'], "_")),
-            "parameters": params,
-            "responses": {
-                "default": {"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-            }
-        });
-        op["responses"][r.success.to_string()] = json!({"description": "success"});
-        if r.success == 201 {
-            op["responses"]["202"] = json!({"description":
-                "recorded in the log, not yet shown by the read models (header \
-                 `ledgerline-read-models: behind`): `{\"id\": ...}`"});
-        }
-        if let Some(p) = r.permission {
-            op["security"] = json!([{ "bearer": [] }]);
-            op["x-permission"] = json!(p);
-        }
-        paths
-            .entry(r.path.to_string())
-            .or_insert_with(|| json!({}))
-            .as_object_mut()
-            .expect("object")
-            .insert(r.method.to_lowercase(), op);
-    }
-    json!({
-        "openapi": "3.1.0",
-        "info": {"title": "ledgerline", "version": env!("CARGO_PKG_VERSION")},
-        "paths": paths,
-        "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
-            "schemas": {"Error": {
-                "type": "object",
-                "properties": {"error": {"type": "object", "properties": {
-                    "status": {"type": "integer"}, "code": {"type": "string"}, "message": {"type": "string"}
-                }}}
-            }}
-        }
-    })
+    axum::Json(super::openapi::document().clone())
 }

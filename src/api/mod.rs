@@ -15,9 +15,12 @@ use tower_http::trace::TraceLayer;
 use uuid::Uuid;
 
 use crate::app::App;
+use answers::{CreatedId, List, PageOf, Recorded};
 use error::{ApiError, ApiResult};
 pub use extract::{NoBody, Nothing, OptionalJson};
+use openapi::{schema, Answer, Body, SchemaFn};
 
+pub mod answers;
 pub mod api_keys;
 pub mod audit;
 pub mod auth;
@@ -28,6 +31,7 @@ pub mod history;
 pub mod ledger;
 pub mod messages;
 pub mod meta;
+pub mod openapi;
 pub mod organizations;
 pub mod page;
 pub mod proofs;
@@ -37,13 +41,22 @@ pub mod users;
 /// Request bodies over this many bytes get a 413.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// One route as documented: the router below must serve every entry (a test checks it).
+/// One route as documented: the router below must serve every entry (a test checks it), and
+/// what it reads and answers are the schemas of its handler's types (`tests/openapi.rs` checks
+/// the bodies and queries against the handlers, and real answers against the schemas).
 pub struct RouteDoc {
     pub method: &'static str,
     pub path: &'static str,
     pub permission: Option<&'static str>,
     pub success: u16,
     pub summary: &'static str,
+    /// The JSON body its handler reads.
+    pub body: Body,
+    /// The struct its handler reads the query into (its fields are the parameters), if any
+    /// but [`Nothing`].
+    pub query: Option<SchemaFn>,
+    /// What it answers on success.
+    pub answer: Answer,
 }
 
 const fn r(
@@ -59,406 +72,482 @@ const fn r(
         permission,
         success,
         summary,
+        body: Body::None,
+        query: None,
+        answer: Answer::Unsaid,
+    }
+}
+
+impl RouteDoc {
+    /// Reads a `Json` of this schema.
+    const fn body(self, schema: SchemaFn) -> Self {
+        Self {
+            body: Body::Required(schema),
+            ..self
+        }
+    }
+
+    /// Reads an `OptionalJson` of this schema.
+    const fn optional_body(self, schema: SchemaFn) -> Self {
+        Self {
+            body: Body::Optional(schema),
+            ..self
+        }
+    }
+
+    /// Reads a `Query` of this schema.
+    const fn query(self, schema: SchemaFn) -> Self {
+        Self {
+            query: Some(schema),
+            ..self
+        }
+    }
+
+    /// Answers JSON of this schema.
+    const fn answers(self, schema: SchemaFn) -> Self {
+        Self {
+            answer: Answer::Json(schema),
+            ..self
+        }
+    }
+
+    /// Answers with [`created_answer`], the view being of this schema.
+    const fn creates(self, schema: SchemaFn) -> Self {
+        Self {
+            answer: Answer::Created(schema),
+            ..self
+        }
+    }
+
+    /// Answers no content.
+    const fn no_content(self) -> Self {
+        Self {
+            answer: Answer::NoContent,
+            ..self
+        }
+    }
+
+    /// Answers what no type describes.
+    const fn described(self, media_type: &'static str, description: &'static str) -> Self {
+        Self {
+            answer: Answer::Described {
+                media_type,
+                description,
+            },
+            ..self
+        }
     }
 }
 
 const ORG: &str = "/v1/organizations/{org}";
 
 pub const ROUTES: &[RouteDoc] = &[
-    r("GET", "/healthz", None, 200, "Liveness"),
+    r("GET", "/healthz", None, 200, "Liveness").answers(schema::<meta::Status>),
     r(
         "GET",
         "/readyz",
         None,
         200,
         "Readiness: database up, no projection failed",
-    ),
+    ).answers(schema::<meta::Status>),
     r(
         "GET",
         "/metrics",
         None,
         200,
         "Prometheus metrics (text format 0.0.4); no tenant data",
-    ),
-    r("GET", "/v1/openapi.json", None, 200, "This document"),
+    ).described("text/plain; version=0.0.4", "Prometheus text exposition format"),
+    r("GET", "/v1/openapi.json", None, 200, "This document").described("application/json", "This OpenAPI 3.1 document"),
     r(
         "GET",
         "/v1/me",
         Some("any"),
         200,
         "The calling key, its organization and effective permissions",
-    ),
+    ).answers(schema::<meta::MeView>),
     r(
         "POST",
         "/v1/organizations",
         Some("platform:admin"),
         201,
         "Create an organization with its built-in roles",
-    ),
+    ).body(schema::<organizations::CreateOrganization>).creates(schema::<organizations::OrganizationView>),
     r(
         "GET",
         "/v1/organizations",
         Some("organizations:read"),
         200,
         "List organizations, oldest first (a tenant key: its own): ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<organizations::OrganizationView, String>>),
     r(
         "GET",
         "/v1/organizations/{org}",
         Some("organizations:read"),
         200,
         "Read an organization",
-    ),
+    ).answers(schema::<organizations::OrganizationView>),
     r(
         "PATCH",
         "/v1/organizations/{org}",
         Some("organizations:write"),
         200,
         "Update an organization",
-    ),
+    ).body(schema::<organizations::UpdateOrganization>).answers(schema::<organizations::OrganizationView>),
     r(
         "POST",
         "/v1/organizations/{org}/suspend",
         Some("platform:admin"),
         200,
         "Suspend: every key of the organization stops working",
-    ),
+    ).optional_body(schema::<organizations::Reason>).answers(schema::<organizations::OrganizationView>),
     r(
         "POST",
         "/v1/organizations/{org}/reactivate",
         Some("platform:admin"),
         200,
         "Reactivate a suspended organization",
-    ),
+    ).answers(schema::<organizations::OrganizationView>),
     r(
         "POST",
         "/v1/organizations/{org}/users",
         Some("users:write"),
         201,
         "Invite a user",
-    ),
+    ).body(schema::<users::InviteUser>).creates(schema::<users::UserView>),
     r(
         "GET",
         "/v1/organizations/{org}/users",
         Some("users:read"),
         200,
         "List users, oldest first: ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<users::UserView, String>>),
     r(
         "GET",
         "/v1/organizations/{org}/users/{user}",
         Some("users:read"),
         200,
         "Read a user",
-    ),
+    ).answers(schema::<users::UserView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/users/{user}",
         Some("users:write"),
         200,
         "Update a user's e-mail or name",
-    ),
+    ).body(schema::<users::UpdateUser>).answers(schema::<users::UserView>),
     r(
         "POST",
         "/v1/organizations/{org}/users/{user}/deactivate",
         Some("users:write"),
         200,
         "Deactivate a user",
-    ),
+    ).optional_body(schema::<organizations::Reason>).answers(schema::<users::UserView>),
     r(
         "POST",
         "/v1/organizations/{org}/users/{user}/reactivate",
         Some("users:write"),
         200,
         "Reactivate a user",
-    ),
+    ).answers(schema::<users::UserView>),
     r(
         "POST",
         "/v1/organizations/{org}/users/{user}/erase",
         Some("users:erase"),
         200,
         "Erase a user's personal data (crypto-shredding)",
-    ),
+    ).answers(schema::<users::UserView>),
     r(
         "GET",
         "/v1/organizations/{org}/users/{user}/roles",
         Some("roles:read"),
         200,
         "List a user's role assignments by role name: ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<roles::AssignmentView, String>>),
     r(
         "PUT",
         "/v1/organizations/{org}/users/{user}/roles/{role}",
         Some("roles:write"),
         200,
         "Assign a role, optionally until a time",
-    ),
+    ).optional_body(schema::<roles::Assign>).answers(schema::<List<roles::AssignmentView>>),
     r(
         "DELETE",
         "/v1/organizations/{org}/users/{user}/roles/{role}",
         Some("roles:write"),
         204,
         "Revoke a role assignment",
-    ),
+    ).no_content(),
     r(
         "POST",
         "/v1/organizations/{org}/roles",
         Some("roles:write"),
         201,
         "Create a role",
-    ),
+    ).body(schema::<roles::CreateRole>).creates(schema::<roles::RoleView>),
     r(
         "GET",
         "/v1/organizations/{org}/roles",
         Some("roles:read"),
         200,
         "List roles, oldest first: ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<roles::RoleView, String>>),
     r(
         "GET",
         "/v1/organizations/{org}/roles/{role}",
         Some("roles:read"),
         200,
         "Read a role with its effective permissions",
-    ),
+    ).answers(schema::<roles::RoleView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/roles/{role}",
         Some("roles:write"),
         200,
         "Change a role",
-    ),
+    ).body(schema::<roles::UpdateRole>).answers(schema::<roles::RoleView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/roles/{role}",
         Some("roles:write"),
         204,
         "Delete a role (not a built-in one)",
-    ),
+    ).no_content(),
     r(
         "POST",
         "/v1/organizations/{org}/api-keys",
         Some("keys:write"),
         201,
         "Issue an API key; the secret is answered once",
-    ),
+    ).body(schema::<api_keys::IssueKey>).answers(schema::<api_keys::IssuedKey>),
     r(
         "GET",
         "/v1/organizations/{org}/api-keys",
         Some("keys:read"),
         200,
         "List API keys (never their secrets), oldest first: ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<api_keys::ApiKeyView, String>>),
     r(
         "GET",
         "/v1/organizations/{org}/api-keys/{key}",
         Some("keys:read"),
         200,
         "Read an API key",
-    ),
+    ).answers(schema::<api_keys::ApiKeyView>),
     r(
         "POST",
         "/v1/organizations/{org}/api-keys/{key}/revoke",
         Some("keys:write"),
         200,
         "Revoke an API key, effective on the next request",
-    ),
+    ).optional_body(schema::<organizations::Reason>).answers(schema::<api_keys::ApiKeyView>),
     r(
         "POST",
         "/v1/organizations/{org}/api-keys/{key}/rotate",
         Some("keys:write"),
         200,
         "Give a key a new secret; the old one stops working",
-    ),
+    ).answers(schema::<api_keys::IssuedKey>),
     r(
         "GET",
         "/v1/organizations/{org}/audit-events",
         Some("audit:read"),
         200,
         "The audit view, filtered and paged",
-    ),
+    ).query(schema::<audit::AuditQuery>).answers(schema::<PageOf<audit::AuditEventView>>),
     r(
         "GET",
         "/v1/organizations/{org}/history/{entity_type}/{id}",
         Some("audit:read"),
         200,
         "One entity's changes in order (organization, user, role, api_key, conversation, message): actor, time, event, fields before and after",
-    ),
+    ).answers(schema::<history::HistoryView>),
     r(
         "GET",
         "/v1/organizations/{org}/ledger/events",
         Some("ledger:read"),
         200,
         "The tenant's raw ledger events with hashes",
-    ),
+    ).query(schema::<ledger::EventsQuery>).answers(schema::<PageOf<ledger::LedgerEventView>>),
     r(
         "GET",
         "/v1/organizations/{org}/ledger/export",
         Some("ledger:read"),
         200,
         "Export file (JSON Lines): the tenant's events in full, other positions as stubs; ?from=&to=",
-    ),
+    ).query(schema::<ledger::ExportQuery>).described("application/x-ndjson", "The export file: a header line, then one line per position of the range (docs/ledger-format.md, \"Export files\")"),
     r(
         "GET",
         "/v1/ledger/head",
         Some("ledger:read"),
         200,
         "The ledger head: position and hash",
-    ),
+    ).answers(schema::<ledger::LedgerHead>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations",
         Some("conversations:write"),
         201,
         "Create a conversation (direct, group or channel); the creator owns it",
-    ),
+    ).body(schema::<conversations::CreateConversation>).creates(schema::<conversations::ConversationView>),
     r(
         "GET",
         "/v1/organizations/{org}/conversations",
         Some("conversations:read"),
         200,
         "List conversations, most recently active first: a user key its own with unread counts, a service key all; ?cursor=&limit= (max 500)",
-    ),
+    )
+    .query(schema::<page::PageQuery>)
+    .answers(schema::<PageOf<conversations::ConversationView, String>>),
     r(
         "GET",
         "/v1/organizations/{org}/conversations/{id}",
         Some("conversations:read"),
         200,
         "Read a conversation with its participants",
-    ),
+    ).answers(schema::<conversations::ConversationView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/conversations/{id}",
         Some("conversations:write"),
         200,
         "Rename or re-describe (owner or admin)",
-    ),
+    ).body(schema::<conversations::UpdateConversation>).answers(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/archive",
         Some("conversations:write"),
         200,
         "Archive: no new messages (owner or admin)",
-    ),
+    ).answers(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/unarchive",
         Some("conversations:write"),
         200,
         "Unarchive (owner or admin)",
-    ),
+    ).answers(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/participants",
         Some("conversations:write"),
         201,
         "Add a participant (owner or admin)",
-    ),
+    ).body(schema::<conversations::AddParticipant>).answers(schema::<conversations::ConversationView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/conversations/{id}/participants/{user}",
         Some("conversations:write"),
         200,
         "Change a participant's role (owner) or mute/unmute oneself",
-    ),
+    ).body(schema::<conversations::UpdateParticipant>).answers(schema::<conversations::ConversationView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/participants/{user}",
         Some("conversations:write"),
         204,
         "Remove a participant (owner or admin), or leave",
-    ),
+    ).no_content(),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/messages",
         Some("conversations:write"),
         201,
         "Post a message (16 KiB of text), optionally in a thread, with attachment descriptions",
-    ),
+    ).body(schema::<messages::PostMessage>).creates(schema::<messages::MessageView>),
     r(
         "GET",
         "/v1/organizations/{org}/conversations/{id}/messages",
         Some("conversations:read"),
         200,
         "Messages newest first: ?cursor=&limit= (max 200), ?thread= for one thread",
-    ),
+    ).query(schema::<messages::PageQuery>).answers(schema::<PageOf<messages::MessageView>>),
     r(
         "GET",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
         Some("conversations:read"),
         200,
         "Read one message",
-    ),
+    ).answers(schema::<messages::MessageView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
         Some("conversations:write"),
         200,
         "Edit a message (author only)",
-    ),
+    ).body(schema::<messages::EditMessage>).answers(schema::<messages::MessageView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
         Some("conversations:write"),
         204,
         "Delete a message: its content is destroyed (author, owner, admin)",
-    ),
+    ).no_content(),
     r(
         "PUT",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}/reactions/{emoji}",
         Some("conversations:write"),
         200,
         "React with an emoji (once per user, message and emoji)",
-    ),
+    ).answers(schema::<messages::MessageView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}/reactions/{emoji}",
         Some("conversations:write"),
         200,
         "Take a reaction back",
-    ),
+    ).answers(schema::<messages::MessageView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/read",
         Some("conversations:read"),
         200,
         "Mark read up to a message; answers the unread count",
-    ),
+    ).body(schema::<messages::MarkRead>).answers(schema::<messages::ReadState>),
     r(
         "GET",
         "/v1/ledger/checkpoints/latest",
         Some("ledger:read"),
         200,
         "The newest signed checkpoint (C2SP tlog-checkpoint note)",
-    ),
+    ).answers(schema::<proofs::CheckpointView>),
     r(
         "GET",
         "/v1/ledger/checkpoints",
         Some("ledger:read"),
         200,
         "Signed checkpoints, newest first: ?before_size=&tree_size=&limit=",
-    ),
+    ).query(schema::<proofs::CheckpointsQuery>).answers(schema::<PageOf<proofs::CheckpointView>>),
     r(
         "GET",
         "/v1/ledger/proofs/inclusion",
         Some("ledger:read"),
         200,
         "Merkle inclusion proof: ?position=&tree_size= (an organization key: its own events)",
-    ),
+    ).query(schema::<proofs::InclusionQuery>).answers(schema::<proofs::InclusionProof>),
     r(
         "GET",
         "/v1/ledger/proofs/consistency",
         Some("ledger:read"),
         200,
         "Merkle consistency proof: ?from_size=&to_size=",
-    ),
+    ).query(schema::<proofs::ConsistencyQuery>).answers(schema::<proofs::ConsistencyProof>),
     r(
         "GET",
         "/v1/ledger/public-key",
         Some("ledger:read"),
         200,
         "The checkpoint signing key (signed-note verifier key)",
-    ),
+    ).answers(schema::<proofs::PublicKeyView>),
 ];
 
 pub fn router(app: App) -> Router {
@@ -606,14 +695,15 @@ pub(crate) fn created_answer<T: serde::Serialize>(
 ) -> ApiResult<Response> {
     match found {
         Ok(view) => Ok((StatusCode::CREATED, axum::Json(view)).into_response()),
-        Err(e) if e.status == StatusCode::FORBIDDEN => Ok((
-            StatusCode::CREATED,
-            axum::Json(serde_json::json!({"id": id})),
-        )
-            .into_response()),
+        Err(e) if e.status == StatusCode::FORBIDDEN => {
+            Ok((StatusCode::CREATED, axum::Json(CreatedId { id })).into_response())
+        }
         Err(e) if e.status == StatusCode::NOT_FOUND => Ok((
             StatusCode::ACCEPTED,
-            axum::Json(serde_json::json!({"id": id, "read_models": "behind"})),
+            axum::Json(Recorded {
+                id,
+                read_models: "behind",
+            }),
         )
             .into_response()),
         Err(e) => Err(e),
@@ -667,4 +757,19 @@ pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
     d: D,
 ) -> Result<Option<Option<T>>, D::Error> {
     Option::<T>::deserialize(d).map(Some)
+}
+
+/// The schema of a [`double_option`] field (`#[schemars(transform = absent_or_null)]`): its
+/// value or `null`, and no `default` (absent and `null` mean different things).
+pub fn absent_or_null(schema: &mut schemars::Schema) {
+    schema.remove("default");
+    let said = schema
+        .get("description")
+        .and_then(serde_json::Value::as_str)
+        .map(|d| format!("{d} "))
+        .unwrap_or_default();
+    schema.insert(
+        "description".into(),
+        format!("{said}Absent: left as it is; null: cleared.").into(),
+    );
 }

@@ -8,18 +8,20 @@ use cqrs_es::Aggregate;
 use ledgerline_aggregates::organization::{built_in_roles, Organization, OrganizationCommand};
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::{Permission, PermissionSet};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
-use super::double_option;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, PageQuery};
+use super::{absent_or_null, double_option};
 use crate::app::{Actor, App};
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct OrganizationView {
     pub id: Uuid,
     pub name: String,
@@ -51,7 +53,7 @@ pub async fn require_exists(app: &App, caller: &Caller, id: Uuid) -> ApiResult<(
     find(app, id).await.map(drop)
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrganization {
     name: String,
@@ -184,7 +186,7 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<OrganizationView, String>>> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(format!("{SELECT} WHERE true"));
     if !caller.is_platform_admin() {
         caller.require(Permission::OrganizationsRead)?;
@@ -206,14 +208,16 @@ pub async fn get(
     Ok(axum::Json(find(&app, org).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOrganization {
     name: Option<String>,
     slug: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     country_code: Option<Option<String>>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     domain: Option<Option<String>>,
     settings: Option<serde_json::Map<String, serde_json::Value>>,
 }
@@ -244,7 +248,7 @@ pub async fn update(
     Ok(axum::Json(find(&app, org).await?))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reason {
     pub reason: Option<String>,

@@ -12,12 +12,13 @@
 use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
 use sqlx::{Encode, Postgres, QueryBuilder, Type};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::error::{ApiError, ApiResult};
 
 /// A page of a keyset list when `limit` is not given.
@@ -49,11 +50,12 @@ pub fn cut<R, K>(rows: &mut Vec<R>, limit: i64, key: impl FnOnce(&R) -> K) -> Op
 }
 
 /// The query of a keyset list: nothing else, so a misspelt parameter is a 400, not ignored.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PageQuery {
-    /// The `next_cursor` of the previous page.
+    /// The `next_cursor` of the previous page, unchanged (opaque).
     cursor: Option<String>,
+    /// Items per page: 1 to 500 (100 when not given).
     limit: Option<i64>,
 }
 
@@ -131,8 +133,8 @@ impl<A, B> Page<(A, B)> {
 }
 
 /// The answer of every paged list.
-pub fn answer<T: Serialize, C: Serialize>(items: Vec<T>, next_cursor: Option<C>) -> Json<Value> {
-    Json(json!({ "items": items, "next_cursor": next_cursor }))
+pub fn answer<T, C>(items: Vec<T>, next_cursor: Option<C>) -> Json<PageOf<T, C>> {
+    Json(PageOf { items, next_cursor })
 }
 
 fn seal<K: Serialize>(list: &str, key: &K) -> String {

@@ -5,9 +5,11 @@
 use axum::extract::State;
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::Permission;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::Query;
@@ -30,7 +32,7 @@ impl From<TreeError> for ApiError {
     }
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct CheckpointView {
     pub tree_size: i64,
     #[sqlx(skip)]
@@ -75,7 +77,7 @@ pub async fn latest(
         .ok_or_else(|| ApiError::not_found("checkpoint"))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointsQuery {
     /// Only checkpoints of a smaller tree (the `next_cursor` of the previous page).
@@ -90,7 +92,7 @@ pub async fn list(
     State(app): State<App>,
     caller: Caller,
     Query(q): Query<CheckpointsQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<CheckpointView>>> {
     caller.require(Permission::LedgerRead)?;
     let limit = page::limit(q.limit, 100, 1000)?;
     let rows: Vec<CheckpointView> = sqlx::query_as(&format!(
@@ -121,11 +123,26 @@ fn hexes(proof: &[[u8; 32]]) -> Vec<String> {
     proof.iter().map(hex::encode).collect()
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InclusionQuery {
     position: Option<i64>,
     tree_size: Option<i64>,
+}
+
+/// That the event at `position` is in the tree of `tree_size` leaves (RFC 9162 style, BLAKE3;
+/// docs/ledger-format.md). Hashes in hex.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct InclusionProof {
+    /// Always `inclusion`.
+    #[schemars(extend("const" = "inclusion"))]
+    pub kind: &'static str,
+    pub position: u64,
+    pub tree_size: u64,
+    pub event_hash: String,
+    pub leaf_hash: String,
+    pub proof: Vec<String>,
+    pub root: String,
 }
 
 /// An organization's key may prove only its own events; the proof reveals hashes only, but
@@ -134,7 +151,7 @@ pub async fn inclusion(
     State(app): State<App>,
     caller: Caller,
     Query(q): Query<InclusionQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<InclusionProof>> {
     caller.require(Permission::LedgerRead)?;
     let position = size_param(q.position, "position")?;
     let tree_size = size_param(q.tree_size, "tree_size")?;
@@ -158,47 +175,74 @@ pub async fn inclusion(
         .as_slice()
         .try_into()
         .map_err(|_| ApiError::internal("a stored hash is not 32 bytes"))?;
-    Ok(axum::Json(serde_json::json!({
-        "kind": "inclusion",
-        "position": position,
-        "tree_size": tree_size,
-        "event_hash": hex::encode(event_hash),
-        "leaf_hash": hex::encode(Blake3::leaf(&event_hash)),
-        "proof": hexes(&proof),
-        "root": hex::encode(root),
-    })))
+    Ok(axum::Json(InclusionProof {
+        kind: "inclusion",
+        position,
+        tree_size,
+        event_hash: hex::encode(event_hash),
+        leaf_hash: hex::encode(Blake3::leaf(&event_hash)),
+        proof: hexes(&proof),
+        root: hex::encode(root),
+    }))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyQuery {
     from_size: Option<i64>,
     to_size: Option<i64>,
 }
 
+/// That the tree of `from_size` leaves is a prefix of the tree of `to_size`. Hashes in hex.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct ConsistencyProof {
+    /// Always `consistency`.
+    #[schemars(extend("const" = "consistency"))]
+    pub kind: &'static str,
+    pub from_size: u64,
+    pub to_size: u64,
+    pub from_root: String,
+    pub to_root: String,
+    pub proof: Vec<String>,
+}
+
 pub async fn consistency(
     State(app): State<App>,
     caller: Caller,
     Query(q): Query<ConsistencyQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<ConsistencyProof>> {
     caller.require(Permission::LedgerRead)?;
     let from = size_param(q.from_size, "from_size")?;
     let to = size_param(q.to_size, "to_size")?;
     let proof = tree::consistency_proof(&app.pool, from, to).await?;
-    Ok(axum::Json(serde_json::json!({
-        "kind": "consistency",
-        "from_size": from,
-        "to_size": to,
-        "from_root": hex::encode(tree::root_at(&app.pool, from).await?),
-        "to_root": hex::encode(tree::root_at(&app.pool, to).await?),
-        "proof": hexes(&proof),
-    })))
+    Ok(axum::Json(ConsistencyProof {
+        kind: "consistency",
+        from_size: from,
+        to_size: to,
+        from_root: hex::encode(tree::root_at(&app.pool, from).await?),
+        to_root: hex::encode(tree::root_at(&app.pool, to).await?),
+        proof: hexes(&proof),
+    }))
+}
+
+/// The key that signs the checkpoints.
+#[derive(Debug, Serialize, JsonSchema)]
+pub struct PublicKeyView {
+    /// The log's name, as in its checkpoints' first line.
+    pub name: String,
+    /// Always `ed25519`.
+    #[schemars(extend("const" = "ed25519"))]
+    pub algorithm: &'static str,
+    /// The signed-note verifier key (`name+keyid+key`).
+    pub key: String,
+    /// The raw public key, in hex.
+    pub public_key: String,
 }
 
 pub async fn public_key(
     State(app): State<App>,
     caller: Caller,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PublicKeyView>> {
     caller.require(Permission::LedgerRead)?;
     let signer = app.log_signer().ok_or_else(|| {
         ApiError::new(
@@ -207,10 +251,10 @@ pub async fn public_key(
         )
     })?;
     let verifier = signer.verifier();
-    Ok(axum::Json(serde_json::json!({
-        "name": signer.name(),
-        "algorithm": "ed25519",
-        "key": verifier.to_string(),
-        "public_key": verifier.public_key_hex(),
-    })))
+    Ok(axum::Json(PublicKeyView {
+        name: signer.name().to_string(),
+        algorithm: "ed25519",
+        key: verifier.to_string(),
+        public_key: verifier.public_key_hex(),
+    }))
 }

@@ -8,15 +8,17 @@ use ledgerline_aggregates::permissions::{may_grant, missing};
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::answers::{List, PageOf};
 use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, Page, PageQuery};
-use super::{double_option, organizations, users, OptionalJson};
+use super::{absent_or_null, double_option, organizations, users, OptionalJson};
 use crate::app::App;
 
 #[derive(Debug, sqlx::FromRow)]
@@ -31,7 +33,7 @@ struct RoleRow {
     updated_at: DateTime<Utc>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct RoleView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -96,7 +98,7 @@ async fn check_parent(app: &App, org: Uuid, parent: Uuid) -> ApiResult<()> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateRole {
     name: String,
@@ -165,7 +167,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<RoleView, String>>> {
     caller.require_in(org, Permission::RolesRead)?;
     let page = q.page::<(DateTime<Utc>, String)>("roles")?;
     organizations::require_exists(&app, &caller, org).await?;
@@ -189,13 +191,14 @@ pub async fn get(
     Ok(axum::Json(find(&app, org, role).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRole {
     name: Option<String>,
     description: Option<String>,
     permissions: Option<PermissionSet>,
     #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
     parent_role_id: Option<Option<Uuid>>,
 }
 
@@ -269,14 +272,14 @@ pub async fn delete(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Assign {
     expires_at: Option<DateTime<Utc>>,
     reason: Option<String>,
 }
 
-#[derive(Debug, Serialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct AssignmentView {
     pub role_id: Uuid,
     pub role_name: String,
@@ -318,7 +321,7 @@ pub async fn assign(
     caller: Caller,
     Path((org, user, role)): Path<(Uuid, Uuid, Uuid)>,
     body: OptionalJson<Assign>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<List<AssignmentView>>> {
     caller.require_in(org, Permission::RolesWrite)?;
     // Assigning again replaces an assignment (its expiry too): a user assigning their own
     // roles could lift the expiry another administrator set.
@@ -340,9 +343,7 @@ pub async fn assign(
     };
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
         .await?;
-    Ok(axum::Json(
-        serde_json::json!({ "items": assignments(&app, user, None).await? }),
-    ))
+    Ok(axum::Json(List::of(assignments(&app, user, None).await?)))
 }
 
 pub async fn revoke(
@@ -377,7 +378,7 @@ pub async fn list_assignments(
     caller: Caller,
     Path((org, user)): Path<(Uuid, Uuid)>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<AssignmentView, String>>> {
     caller.require_in(org, Permission::RolesRead)?;
     let page = q.page::<(String, Uuid)>("user-roles")?;
     users::find(&app, org, user).await?;

@@ -8,9 +8,11 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::user::{SealedEmail, SealedProfile, User, UserCommand};
 use ledgerline_aggregates::{validate, Permission};
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
@@ -32,7 +34,7 @@ struct UserRow {
 }
 
 /// A user as the API shows it: e-mail and name opened, or null once erased.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct UserView {
     pub id: Uuid,
     pub organization_id: Uuid,
@@ -78,7 +80,7 @@ pub async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<UserView> {
     Ok(open(app, vec![row]).await?.remove(0))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InviteUser {
     email: String,
@@ -145,7 +147,7 @@ pub async fn list(
     caller: Caller,
     Path(org): Path<Uuid>,
     Query(q): Query<PageQuery>,
-) -> ApiResult<axum::Json<serde_json::Value>> {
+) -> ApiResult<axum::Json<PageOf<UserView, String>>> {
     caller.require_in(org, Permission::UsersRead)?;
     let page = q.page::<(DateTime<Utc>, Uuid)>("users")?;
     organizations::find(&app, org).await?;
@@ -165,7 +167,7 @@ pub async fn get(
     Ok(axum::Json(find(&app, org, user).await?))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
     email: Option<String>,

@@ -411,6 +411,20 @@ impl TestApp {
     }
 }
 
+/// `path` with every `{param}` replaced by a fresh UUID.
+pub fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|seg| {
+            if seg.starts_with('{') && seg.ends_with('}') {
+                Uuid::new_v4().to_string()
+            } else {
+                seg.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// The `code` the one error shape carries for an HTTP status (see src/api/error.rs).
 pub fn error_code(status: u16) -> &'static str {
     match status {
