@@ -159,6 +159,13 @@ pub async fn verify_since(
         }
         matched = cp.tree_size;
     }
+    // Past the checkpoints given, the database's own may still show a cut or a rewrite.
+    let records = check_records(pool, &report)
+        .await
+        .context("reading the log's checkpoints")?;
+    if !records.intact() {
+        return Ok(fail(records.to_string()));
+    }
     print!(
         "consistent: the log ({head} events, intact) extends every checkpoint given (tree sizes {})",
         checkpoints
@@ -242,7 +249,7 @@ impl Records {
 pub async fn check_records(pool: &PgPool, report: &Report) -> Result<Records, sqlx::Error> {
     let (now_head, tree_size, newest): (i64, i64, Option<i64>) = sqlx::query_as(
         "SELECT coalesce((SELECT max(position) FROM events), 0),
-                (SELECT size FROM merkle_state),
+                coalesce((SELECT size FROM merkle_state), 0),
                 (SELECT max(tree_size) FROM checkpoints)",
     )
     .fetch_one(pool)

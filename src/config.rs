@@ -11,10 +11,10 @@ use crate::crypto::MasterKey;
 use crate::ledger::checkpoint::LogSigner;
 use crate::ledger::tree::CheckpointPolicy;
 
-/// A string that never prints in `Debug` output.
 /// The log's name (checkpoint origin) when none is configured.
 pub const DEFAULT_LOG_ORIGIN: &str = "ledgerline.local/log";
 
+/// A string that never prints in `Debug` output.
 #[derive(Clone)]
 pub struct Secret(pub String);
 

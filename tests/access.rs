@@ -645,8 +645,13 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
             "this API key has been revoked or rotated"
         );
     }
-    // Not yet in the read model, so not yet usable: refused, not let through.
-    assert_error(&t.get(&org_path(org, "/users"), &new_secret).await, 401);
+    // Not yet in the read model, so not yet usable: refused, not let through, and told to
+    // retry rather than that the secret is wrong.
+    assert_error_says(
+        &t.get(&org_path(org, "/users"), &new_secret).await,
+        503,
+        "the read models do not show it yet",
+    );
     // A key issued meanwhile: its secret is in the answer, which the read model cannot give.
     let r = issue_key(
         &t,

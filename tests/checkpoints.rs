@@ -549,13 +549,25 @@ async fn a_rewritten_history_is_caught_against_an_earlier_checkpoint() {
 async fn cutting_off_the_newest_events_is_caught_against_a_checkpoint() {
     let t = TestApp::spawn().await;
     some_history(&t).await;
+    let early = file(&sign_now(&t).await);
+    let early_size = t.head().await;
+    t.create_org("Gamma").await;
     let kept = file(&sign_now(&t).await);
     let n = t.head().await;
+    assert!(n - 3 > early_size, "the cut lies past the early checkpoint");
     tamper(
         t.pool(),
         &[format!("DELETE FROM events WHERE position > {}", n - 3)],
     )
     .await;
+    // Against an auditor's checkpoint from before the cut, the database's own newer one
+    // still shows it.
+    let (code, out, err) = verify_since(&t, &[&early]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!("TRUNCATED: first missing position {}", n - 2)),
+        "{out}"
+    );
     assert!(
         t.verify().await.intact(),
         "the chain alone cannot see a cut"

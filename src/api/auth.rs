@@ -192,12 +192,19 @@ impl FromRequestParts<App> for Caller {
         .fetch_optional(&app.pool)
         .await?;
         let Some(row) = row else {
-            return Err(if retired_prefix(&app.pool, prefix).await? {
-                ApiError::unauthorized(
+            return Err(match prefix_of_a_known_key(&app.pool, prefix).await? {
+                None => invalid(),
+                Some(KnownPrefix::Retired { active: true }) => ApiError::unauthorized(
                     "this API key's secret has been rotated: use the secret the rotation returned",
-                )
-            } else {
-                invalid()
+                ),
+                Some(KnownPrefix::Retired { active: false }) => {
+                    ApiError::unauthorized("this API key has been revoked or rotated")
+                }
+                Some(KnownPrefix::NotShownYet) => ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "this API key's secret is new and the read models do not show it yet; \
+                     retry shortly",
+                ),
             });
         };
         if !keys::matches(presented, &row.key_hash) {
@@ -258,24 +265,44 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-/// A role's effective permissions: its own and every ancestor's.
-/// Whether `prefix` is one a key was rotated away from. Prefixes stay claimed by their key
-/// for good (so none is issued twice), and the key's row shows its current one; a key whose
-/// row is not shown yet has no retired prefix. Asked only when no key has the prefix, so a
-/// key that still works costs nothing more. Prefixes are not secret (lists and logs show
-/// them), so saying this to whoever presents one gives nothing away.
-async fn retired_prefix(pool: &sqlx::PgPool, prefix: &str) -> Result<bool, sqlx::Error> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM unique_claims c
-                        JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
-                        WHERE c.scope = $1 AND c.key = $2 AND k.prefix <> $2)",
+/// A prefix no row shows that belongs to a key the read model knows.
+enum KnownPrefix {
+    /// The key was rotated away from it (and is `active`, or revoked since).
+    Retired { active: bool },
+    /// Given by a rotation the read model does not show yet.
+    NotShownYet,
+}
+
+/// What became of `prefix`, when no key row shows it. Prefixes stay claimed by their key for
+/// good (so none is issued twice); the key's event that gave it says whether the row has
+/// moved past it (shown: rotated away) or not yet. A key whose row is not shown at all is
+/// not known here. Asked only when no row has the prefix, so a key that works costs nothing
+/// more; prefixes are not secret (lists and logs show them), so this gives nothing away.
+async fn prefix_of_a_known_key(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+) -> Result<Option<KnownPrefix>, sqlx::Error> {
+    let found: Option<(bool, bool)> = sqlx::query_as(
+        "SELECT e.sequence <= k.version, k.status = 'active'
+         FROM unique_claims c
+         JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
+         JOIN events e ON e.aggregate_type = 'ApiKey' AND e.aggregate_id = k.id::text
+          AND jsonb_path_exists(e.payload::jsonb, '$.*.prefix ? (@ == $p)',
+                                jsonb_build_object('p', $2::text))
+         WHERE c.scope = $1 AND c.key = $2 AND k.prefix <> $2
+         LIMIT 1",
     )
     .bind(ledgerline_aggregates::claims::API_KEY_PREFIX)
     .bind(prefix)
-    .fetch_one(pool)
-    .await
+    .fetch_optional(pool)
+    .await?;
+    Ok(found.map(|(shown, active)| match shown {
+        true => KnownPrefix::Retired { active },
+        false => KnownPrefix::NotShownYet,
+    }))
 }
 
+/// A role's effective permissions: its own and every ancestor's.
 pub async fn role_permissions(
     pool: &sqlx::PgPool,
     role_id: Uuid,

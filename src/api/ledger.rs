@@ -102,17 +102,16 @@ pub async fn events(
     caller.require_in(org, Permission::LedgerRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     let limit = page::limit(q.limit, 100, 1000)?;
-    let rows: Vec<StoredEvent> = sqlx::query_as(&format!(
+    let mut rows: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE organization_id = $1 AND position > $2 ORDER BY position LIMIT $3"
     ))
     .bind(org)
     .bind(q.after.unwrap_or(0))
-    .bind(limit)
+    .bind(limit + 1)
     .fetch_all(&app.pool)
     .await?;
-    let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| r.position))
-        .flatten();
+    // One row more than the page tells whether another follows: a full last page says so.
+    let next_cursor = page::cut(&mut rows, limit, |r| r.position);
     let items = rows.into_iter().map(LedgerEventView::from).collect();
     Ok(axum::Json(PageOf { items, next_cursor }))
 }
