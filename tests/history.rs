@@ -257,7 +257,7 @@ async fn user_history_shows_every_change_with_its_fields_and_actor() {
     let invited = &items[0];
     let (before, after) = (&invited["changes"]["before"], &invited["changes"]["after"]);
     assert_eq!(before["status"], Value::Null, "{invited}");
-    assert_eq!(after["status"], "Active", "{invited}");
+    assert_eq!(after["status"], "active", "{invited}");
     assert_eq!(after["id"], json!(user), "{invited}");
     assert_eq!(after["organization_id"], json!(a.org), "{invited}");
     assert_eq!(before["email"], Value::Null, "{invited}");
@@ -299,12 +299,12 @@ async fn user_history_shows_every_change_with_its_fields_and_actor() {
 
     let deactivated = &items[3];
     assert_eq!(changed(deactivated), names(&["status"]), "{deactivated}");
-    assert_eq!(deactivated["changes"]["before"]["status"], "Active");
-    assert_eq!(deactivated["changes"]["after"]["status"], "Deactivated");
+    assert_eq!(deactivated["changes"]["before"]["status"], "active");
+    assert_eq!(deactivated["changes"]["after"]["status"], "deactivated");
     let reactivated = &items[4];
     assert_eq!(changed(reactivated), names(&["status"]), "{reactivated}");
-    assert_eq!(reactivated["changes"]["before"]["status"], "Deactivated");
-    assert_eq!(reactivated["changes"]["after"]["status"], "Active");
+    assert_eq!(reactivated["changes"]["before"]["status"], "deactivated");
+    assert_eq!(reactivated["changes"]["after"]["status"], "active");
 
     let text = a.history_text("user", user).await;
     for clear in ["ada@audited.example", "Ada Lovelace", "Ada King"] {
@@ -359,8 +359,8 @@ async fn an_erased_users_sealed_fields_read_erased() {
     assert_eq!(updated["after"]["email"], "erased", "{updated}");
     let erased = &items[2];
     a.assert_owner_acted(erased);
-    assert_eq!(erased["changes"]["before"]["status"], "Active");
-    assert_eq!(erased["changes"]["after"]["status"], "Erased");
+    assert_eq!(erased["changes"]["before"]["status"], "active");
+    assert_eq!(erased["changes"]["after"]["status"], "erased");
     assert_eq!(erased["changes"]["before"]["email"], "erased");
     assert_eq!(erased["changes"]["before"]["full_name"], "erased");
     assert_eq!(erased["changes"]["after"]["email"], Value::Null);
@@ -493,7 +493,7 @@ async fn api_key_history_shows_issue_rotation_and_revocation() {
     }
     let issued = &items[0]["changes"];
     assert_eq!(issued["before"]["status"], Value::Null);
-    assert_eq!(issued["after"]["status"], "Active");
+    assert_eq!(issued["after"]["status"], "active");
     assert_eq!(issued["after"]["label"], "exporter");
     assert_eq!(issued["after"]["permissions"], json!(["users:read"]));
     let first_prefix = issued["after"]["prefix"].clone();
@@ -511,8 +511,8 @@ async fn api_key_history_shows_issue_rotation_and_revocation() {
 
     let revoked = &items[2];
     assert_eq!(changed(revoked), names(&["status"]), "{revoked}");
-    assert_eq!(revoked["changes"]["before"]["status"], "Active");
-    assert_eq!(revoked["changes"]["after"]["status"], "Revoked");
+    assert_eq!(revoked["changes"]["before"]["status"], "active");
+    assert_eq!(revoked["changes"]["after"]["status"], "revoked");
 
     let text = a.history_text("api_key", key).await;
     for secret in [&first_secret, &second_secret] {
@@ -722,7 +722,7 @@ async fn organization_history_shows_its_own_changes() {
     assert_eq!(created["actor"]["key_id"], json!(operator_key));
     assert_eq!(created["actor"]["user_id"], Value::Null);
     assert_eq!(created["changes"]["before"]["status"], Value::Null);
-    assert_eq!(created["changes"]["after"]["status"], "Active");
+    assert_eq!(created["changes"]["after"]["status"], "active");
     assert_eq!(
         created["changes"]["after"]["profile"]["name"],
         "Org History"
@@ -751,11 +751,11 @@ async fn organization_history_shows_its_own_changes() {
         names(&["status", "suspension_reason"]),
         "{suspended}"
     );
-    assert_eq!(suspended["changes"]["after"]["status"], "Suspended");
+    assert_eq!(suspended["changes"]["after"]["status"], "suspended");
     assert_eq!(suspended["changes"]["after"]["suspension_reason"], "unpaid");
     let reactivated = &items[3]["changes"];
-    assert_eq!(reactivated["before"]["status"], "Suspended");
-    assert_eq!(reactivated["after"]["status"], "Active");
+    assert_eq!(reactivated["before"]["status"], "suspended");
+    assert_eq!(reactivated["after"]["status"], "active");
     assert_eq!(reactivated["after"]["suspension_reason"], Value::Null);
 }
 

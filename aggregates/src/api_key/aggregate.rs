@@ -14,6 +14,8 @@ use crate::{validate, Rejection};
 const MAX_PREFIX_CHARS: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+// As the read models write it (an entity's history shows the aggregate's own state).
+#[serde(rename_all = "lowercase")]
 pub enum ApiKeyStatus {
     /// Usable until it expires; expiry is a matter of time, not of events.
     Active,

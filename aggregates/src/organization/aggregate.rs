@@ -9,6 +9,8 @@ use super::{OrganizationCommand, OrganizationEvent, OrganizationProfile};
 use crate::{validate, Rejection};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+// As the read models write it (an entity's history shows the aggregate's own state).
+#[serde(rename_all = "lowercase")]
 pub enum OrganizationStatus {
     Active,
     Suspended,

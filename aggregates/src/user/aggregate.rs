@@ -12,6 +12,8 @@ use super::{SealedEmail, UserCommand, UserEvent};
 use crate::{validate, Rejection, Sealed};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+// As the read models write it (an entity's history shows the aggregate's own state).
+#[serde(rename_all = "lowercase")]
 pub enum UserStatus {
     Active,
     Deactivated,
