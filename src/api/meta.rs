@@ -111,7 +111,13 @@ pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<
     }))
 }
 
-/// The OpenAPI 3.1 document (see [`super::openapi`]).
-pub async fn openapi() -> axum::Json<serde_json::Value> {
-    axum::Json(super::openapi::document().clone())
+/// The OpenAPI 3.1 document (see [`super::openapi`]), serialised once: each request then
+/// shares the bytes instead of cloning and writing the whole tree again.
+pub async fn openapi() -> impl IntoResponse {
+    static BYTES: std::sync::LazyLock<axum::body::Bytes> = std::sync::LazyLock::new(|| {
+        serde_json::to_vec(super::openapi::document())
+            .expect("a JSON value always serialises")
+            .into()
+    });
+    ([(header::CONTENT_TYPE, "application/json")], BYTES.clone())
 }
