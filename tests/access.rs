@@ -1425,7 +1425,7 @@ async fn key_issuance_beyond_the_issuers_permissions_is_403() {
         &["keys:write", "keys:read", "users:read"],
     )
     .await;
-    let (_, key) = user_with_role_and_key(
+    let (km, key) = user_with_role_and_key(
         &t,
         org,
         "km@keymanagers.example",
@@ -1444,7 +1444,7 @@ async fn key_issuance_beyond_the_issuers_permissions_is_403() {
             &t,
             org,
             &key,
-            json!({"label": "escalated", "permissions": wanted}),
+            json!({"label": "escalated", "permissions": wanted, "user_id": km}),
         )
         .await;
         assert_error(&r, 403);
@@ -1455,39 +1455,38 @@ async fn key_issuance_beyond_the_issuers_permissions_is_403() {
         &t,
         org,
         &key,
-        json!({"label": "reader", "permissions": ["users:read"]}),
+        json!({"label": "reader", "permissions": ["users:read"], "user_id": km}),
     )
     .await;
     assert_eq!(r.status, 201, "{}", r.body);
 }
 
-/// A user key's conversation permissions reach its user's conversations only, a service
-/// key's every conversation: a user key may not mint a key that sees more than it does.
+/// A user key acts for its user: a key it issues or rotates is that user's own. A key of
+/// another user would act (and be audited) as them, and assign this user's roles; a service
+/// key would outlive this user's roles and deactivation, and see every conversation.
 #[tokio::test]
-async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
+async fn a_user_key_issues_and_rotates_only_its_own_users_keys() {
     let t = TestApp::spawn().await;
     let org = t.create_org("Scoped Keys").await;
     let (admin, admin_key) = t
         .member_with_key(org, "admin", "admin@scoped.example")
         .await;
-    let other = t.invite(org, "other@scoped.example", "Other").await;
+    let (owner, _) = t
+        .member_with_key(org, "owner", "owner@scoped.example")
+        .await;
     let before = t.head().await;
     for body in [
+        json!({"label": "bot", "permissions": ["users:read"]}),
         json!({"label": "bot", "permissions": ["conversations:read"]}),
-        json!({"label": "bot", "permissions": ["users:read", "conversations:write"]}),
-        json!({"label": "as other", "permissions": ["conversations:read"], "user_id": other}),
+        json!({"label": "as owner", "permissions": ["users:read"], "user_id": owner}),
+        json!({"label": "as owner", "permissions": ["roles:write"], "user_id": owner}),
     ] {
         let r = issue_key(&t, org, &admin_key, body.clone()).await;
-        assert_error(&r, 403);
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("conversation permissions"),
-            "{body}: {message}"
-        );
+        assert_error_says(&r, 403, "a user key may issue only keys of its own user");
     }
     assert_eq!(t.head().await, before);
-    // The controls: its own user's key, a service key without conversations, and the
-    // platform operator's service key with them.
+    // The controls: its own user's key, and the platform operator's service key and key of
+    // another user.
     let mut issued = Vec::new();
     for (issuer, body) in [
         (
@@ -1495,12 +1494,12 @@ async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
             json!({"label": "mine", "permissions": ["conversations:read"], "user_id": admin}),
         ),
         (
-            &admin_key,
-            json!({"label": "directory", "permissions": ["users:read"]}),
+            &t.admin_key,
+            json!({"label": "bot", "permissions": ["users:read"]}),
         ),
         (
             &t.admin_key,
-            json!({"label": "bot", "permissions": ["conversations:read"]}),
+            json!({"label": "theirs", "permissions": ["users:read"], "user_id": owner}),
         ),
     ] {
         let r = issue_key(&t, org, issuer, body).await;
@@ -1508,26 +1507,57 @@ async fn a_user_key_cannot_mint_a_key_that_sees_other_users_conversations() {
         issued.push(r.body["id"].as_str().unwrap().to_string());
     }
 
-    // Rotating is holding: a fresh secret of the service key, or of another user's key,
-    // would be the same reach. Its own user's key it may rotate.
-    let r = issue_key(
-        &t,
-        org,
-        &t.admin_key,
-        json!({"label": "theirs", "permissions": ["conversations:read"], "user_id": other}),
-    )
-    .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let theirs = r.body["id"].as_str().unwrap().to_string();
+    // Rotating is holding: a fresh secret of the service key, or of another user's key, is
+    // as good as a new one. Its own user's key it may rotate.
     let rotate = |id: &str| org_path(org, &format!("/api-keys/{id}/rotate"));
     let before = t.head().await;
-    for id in [&issued[2], &theirs] {
+    for id in [&issued[1], &issued[2]] {
         let r = t.post(&rotate(id), &admin_key, json!({})).await;
-        assert_error(&r, 403);
+        assert_error_says(&r, 403, "a user key may rotate only keys of its own user");
     }
     assert_eq!(t.head().await, before);
     let r = t.post(&rotate(&issued[0]), &admin_key, json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Revoking takes away what the key holds: only a key that holds it all may (a user's own
+/// keys are theirs to revoke), so an admin cannot lock the owner out key by key.
+#[tokio::test]
+async fn revoking_a_key_that_holds_more_than_the_revoker_is_403() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Revokers").await;
+    let (_, admin_key) = t
+        .member_with_key(org, "admin", "admin@revokers.example")
+        .await;
+    let (_, owner_key) = t
+        .member_with_key(org, "owner", "owner@revokers.example")
+        .await;
+    let owners = key_id(&t, &owner_key).await;
+    let (_, keys_only) = issued(
+        &t,
+        org,
+        json!({"label": "key desk", "permissions": ["keys:write", "keys:read"]}),
+    )
+    .await;
+    let revoke = |id: Uuid| org_path(org, &format!("/api-keys/{id}/revoke"));
+    let before = t.head().await;
+    for revoker in [&admin_key, &keys_only] {
+        let r = t.post(&revoke(owners), revoker, json!({})).await;
+        assert_error_says(
+            &r,
+            403,
+            "cannot revoke a key that holds permissions this key does not",
+        );
+    }
+    assert_eq!(t.head().await, before);
+    assert_eq!(t.get("/v1/me", &owner_key).await.status, 200);
+    // The controls: the owner's key holds all the admin's, and a key revokes itself.
+    let admins = key_id(&t, &admin_key).await;
+    let r = t.post(&revoke(admins), &owner_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.post(&revoke(owners), &owner_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error(&t.get("/v1/me", &owner_key).await, 401);
 }
 
 #[tokio::test]

@@ -459,7 +459,7 @@ async fn api_key_history_shows_issue_rotation_and_revocation() {
         a.t.post(
             &a.path("/api-keys"),
             &a.owner_key,
-            json!({"label": "exporter", "permissions": ["users:read"]}),
+            json!({"label": "exporter", "permissions": ["users:read"], "user_id": a.owner}),
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
@@ -1030,7 +1030,7 @@ async fn auditor_can_issue_no_command() {
     let r = t
         .post(
             &a.path("/api-keys"),
-            &a.owner_key,
+            &t.admin_key,
             json!({"label": "service", "permissions": ["users:read"]}),
         )
         .await;

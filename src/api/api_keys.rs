@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
-use ledgerline_aggregates::permissions::may_grant;
+use ledgerline_aggregates::permissions::{self, may_grant};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -76,7 +76,7 @@ pub async fn issue(
 ) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
-    require_conversation_scope(&caller, &body.permissions, body.user_id)?;
+    require_own_user(&caller, body.user_id, "issue")?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
@@ -138,31 +138,27 @@ pub async fn issue(
     ))
 }
 
-/// A key's conversation permissions reach every conversation of the organization for a
-/// service key, and only its user's for a user key. Comparing permission names alone, a
-/// user key holding `keys:write` could mint (or rotate, and so hold) a service key or a key
-/// of another user, and read conversations its own user takes no part in: refused.
-fn require_conversation_scope(
-    caller: &Caller,
-    permissions: &PermissionSet,
-    key_user: Option<Uuid>,
-) -> ApiResult<()> {
-    let Some(issuer) = caller.user_id else {
-        return Ok(());
-    };
-    let chats = permissions.iter().any(|p| {
-        matches!(
-            p,
-            Permission::ConversationsRead | Permission::ConversationsWrite
-        )
-    });
-    if chats && key_user != Some(issuer) {
-        return Err(ApiError::forbidden(
-            "a user key may give conversation permissions only to a key of its own user: \
-             a service key, or another user's key, would see conversations this user does not",
-        ));
+/// A user key acts for its user, so every key it issues or rotates is that user's own. Another
+/// user's key would act, and be audited, as that user (and assign this user's roles, which a
+/// user key may not), and a service key would outlive this user's roles and deactivation and
+/// see every conversation: both are made with a service key.
+fn require_own_user(caller: &Caller, key_user: Option<Uuid>, verb: &str) -> ApiResult<()> {
+    match caller.user_id {
+        Some(me) if key_user != Some(me) => Err(ApiError::forbidden(format!(
+            "a user key may {verb} only keys of its own user (user_id {me}): another user's \
+             key would act as them, and a service key would outlive this user's roles; \
+             use a service key"
+        ))),
+        _ => Ok(()),
     }
-    Ok(())
+}
+
+/// The permissions a key lists: what holding its secret gives, at most.
+fn listed(key: &ApiKeyView) -> PermissionSet {
+    key.permissions
+        .iter()
+        .filter_map(|p| p.parse().ok())
+        .collect()
 }
 
 pub async fn list(
@@ -196,7 +192,20 @@ pub async fn revoke(
     body: OptionalJson<Reason>,
 ) -> ApiResult<axum::Json<ApiKeyView>> {
     caller.require_in(org, Permission::KeysWrite)?;
-    find(&app, org, key).await?;
+    let current = find(&app, org, key).await?;
+    // Taking away only what it could give, as with roles and users: else an admin's key, or
+    // one holding only `keys:write`, could revoke every key of the owner. A user's own keys
+    // are theirs to revoke.
+    let own = caller.user_id.is_some() && current.user_id == caller.user_id;
+    if !own {
+        let missing = permissions::missing(&caller.permissions, &listed(&current));
+        if !missing.is_empty() {
+            return Err(ApiError::forbidden(format!(
+                "cannot revoke a key that holds permissions this key does not: {}",
+                permissions::list(&missing)
+            )));
+        }
+    }
     let command = ApiKeyCommand::Revoke {
         reason: body.0.unwrap_or_default().reason,
     };
@@ -214,20 +223,14 @@ pub async fn rotate(
 ) -> ApiResult<axum::Json<IssuedKey>> {
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;
-    // Holding a fresh secret is holding the key's powers: no more than the caller's own.
-    let held: PermissionSet = current
-        .permissions
-        .iter()
-        .filter_map(|p| p.parse().ok())
-        .collect();
-    if !may_grant(&caller.permissions, &held) {
+    // Holding a fresh secret is holding the key's powers: no more than the caller's own, and
+    // for a user key only its own user's (a fresh secret is as good as a new key).
+    require_own_user(&caller, current.user_id, "rotate")?;
+    if !may_grant(&caller.permissions, &listed(&current)) {
         return Err(ApiError::forbidden(
             "cannot rotate a key that holds permissions this key does not",
         ));
     }
-    // Nor one that reaches further: a fresh secret of a service key, or of another user's
-    // key, would see conversations the caller's user does not.
-    require_conversation_scope(&caller, &held, current.user_id)?;
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),
