@@ -218,8 +218,10 @@ fn snake_case(name: &str) -> String {
 /// What the gauges show, read from the database at scrape time.
 struct Gauges {
     statuses: Vec<ProjectionStatus>,
-    /// `recorded_at` of the head event and of each projection's last applied event.
+    /// `recorded_at` of each lagging projection's first event not applied yet.
     recorded_at: HashMap<i64, DateTime<Utc>>,
+    /// The database's clock when they were read, which `recorded_at` also comes from.
+    now: DateTime<Utc>,
     /// The newest signed checkpoint: tree size and when it was signed.
     checkpoint: Option<(i64, DateTime<Utc>)>,
     /// One row per projection of the unfinished rebuild job.
@@ -228,10 +230,11 @@ struct Gauges {
 
 async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
     let statuses = ledgerline_projections::status(pool).await?;
-    let head = statuses.first().map_or(0, |s| s.head);
-    // A projection at 0 has applied nothing: its lag is measured from the first event.
-    let mut positions: Vec<i64> = statuses.iter().map(|s| s.position.max(1)).collect();
-    positions.push(head);
+    let waiting: Vec<i64> = statuses
+        .iter()
+        .filter(|s| s.position < s.head)
+        .map(|s| s.position + 1)
+        .collect();
     // Read only where `DateTime` can hold it (an altered log may hold `infinity`, whose
     // decoding would panic): a lag in seconds is then left out, as for a missing event.
     let recorded_at: Vec<(i64, DateTime<Utc>)> = sqlx::query_as(&format!(
@@ -239,9 +242,12 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
          AND NOT {}",
         ledgerline_projections::IMPOSSIBLE_TIME
     ))
-    .bind(&positions)
+    .bind(&waiting)
     .fetch_all(pool)
     .await?;
+    let now = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(pool)
+        .await?;
     let checkpoint = sqlx::query_as(
         "SELECT tree_size, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
     )
@@ -251,6 +257,7 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
     Ok(Gauges {
         statuses,
         recorded_at: recorded_at.into_iter().collect(),
+        now,
         checkpoint,
         rebuilds,
     })
@@ -359,9 +366,10 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
         ),
         (
             "ledgerline_projection_lag_seconds",
-            "recorded_at of the head event minus recorded_at of the projection's last applied \
-             event (of the first event when none is applied); 0 when caught up",
-            |g, s| Some(lag_seconds(g, s)),
+            "How long the oldest event the projection has not applied has waited: now minus \
+             its recorded_at, growing while the projection is stopped or stalled; 0 when \
+             caught up",
+            lag_seconds,
         ),
         (
             "ledgerline_projection_failed",
@@ -445,17 +453,15 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
     }
 }
 
-fn lag_seconds(g: &Gauges, s: &ProjectionStatus) -> f64 {
+/// The age of the oldest event waiting for the projection, as an operator's alert wants it:
+/// the head's time minus the last applied event's would stand still while a stopped
+/// projection waits on a quiet log, and count the quiet spell before a fresh event as lag.
+fn lag_seconds(g: &Gauges, s: &ProjectionStatus) -> Option<f64> {
     if s.position >= s.head {
-        return 0.0;
+        return Some(0.0);
     }
-    match (
-        g.recorded_at.get(&s.head),
-        g.recorded_at.get(&s.position.max(1)),
-    ) {
-        (Some(head), Some(applied)) => seconds(*head - *applied).max(0.0),
-        _ => 0.0,
-    }
+    let waiting = g.recorded_at.get(&(s.position + 1))?;
+    Some(seconds(g.now - *waiting).max(0.0))
 }
 
 fn seconds(d: chrono::TimeDelta) -> f64 {

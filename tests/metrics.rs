@@ -409,6 +409,12 @@ async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
     );
     let lag = m.projection("ledgerline_projection_lag_seconds", "users");
     assert!((1.0..60.0).contains(&lag), "users lag {lag}s");
+    // A stopped projection's lag grows with the wait, with no new event to show it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let later = scrape(&t)
+        .await
+        .projection("ledgerline_projection_lag_seconds", "users");
+    assert!(later >= lag + 1.0, "users lag {lag}s, then {later}s");
     assert_eq!(
         m.projection("ledgerline_projection_failed", "organizations"),
         0.0
