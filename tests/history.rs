@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use common::{assert_error, Response, TestApp};
+use common::{assert_error, assert_error_says, Response, TestApp};
 use ledgerline::api::ROUTES;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -968,6 +968,30 @@ async fn auditor_reads_audit_events_ledger_and_history() {
         r.body["items"][0]["event_type"], "UserInvited",
         "{}",
         r.body
+    );
+
+    // The entity type filter takes the history path's name or the stored one, and an
+    // unknown one is refused rather than answered with an empty trail.
+    for name in ["user", "User"] {
+        let path = format!("/audit-events?aggregate_type={name}&aggregate_id={user}");
+        let r = a.t.get(&a.path(&path), &a.auditor_key).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.body);
+        assert_eq!(
+            r.body["items"][0]["event_type"], "UserInvited",
+            "{name}: {}",
+            r.body
+        );
+    }
+    let r =
+        a.t.get(
+            &a.path("/audit-events?aggregate_type=users"),
+            &a.auditor_key,
+        )
+        .await;
+    assert_error_says(
+        &r,
+        400,
+        "unknown aggregate_type `users`; expected one of: organization (Organization)",
     );
 
     let r =

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{concrete, Response, TestApp};
+use common::{assert_error_says, concrete, Response, TestApp};
 use ledgerline::api::ROUTES;
 use reqwest::Method;
 use serde_json::{json, Value};
@@ -553,6 +553,7 @@ async fn every_route_documents_the_body_and_query_its_handler_reads() {
     let before = t.head().await;
     let mut bodies = 0;
     let mut queries = 0;
+    let mut uuids = 0;
     for route in ROUTES {
         let method: Method = route.method.parse().unwrap();
         let name = format!("{} {}", route.method, route.path);
@@ -595,6 +596,19 @@ async fn every_route_documents_the_body_and_query_its_handler_reads() {
             }
         }
 
+        // A path parameter documented as a UUID is read as one: anything else is a 400 that
+        // names the path.
+        for param in op["parameters"].as_array().unwrap() {
+            let p = param["name"].as_str().unwrap();
+            if param["in"] != "path" || param["schema"]["format"] != "uuid" {
+                continue;
+            }
+            let bad = concrete(&route.path.replace(&format!("{{{p}}}"), "not-a-uuid"));
+            let r = t.call(method.clone(), &bad, Some(&t.admin_key), None).await;
+            assert_error_says(&r, 400, "path");
+            uuids += 1;
+        }
+
         let probe = t
             .call(method, &format!("{path}?zzz=1"), Some(&t.admin_key), None)
             .await;
@@ -616,5 +630,6 @@ async fn every_route_documents_the_body_and_query_its_handler_reads() {
     }
     assert!(bodies >= 18, "the probe finds the bodies ({bodies})");
     assert!(queries >= 7, "the probe finds the queries ({queries})");
+    assert!(uuids >= 80, "the probe finds the UUIDs in paths ({uuids})");
     assert_eq!(t.head().await, before, "the probes changed nothing");
 }

@@ -14,7 +14,7 @@ use super::answers::PageOf;
 use super::auth::Caller;
 use super::error::ApiResult;
 use super::extract::{Path, Query};
-use super::{organizations, page};
+use super::{history, organizations, page};
 use crate::app::App;
 
 pub const MAX_PAGE: i64 = 500;
@@ -71,7 +71,10 @@ pub enum Order {
 pub struct AuditQuery {
     /// The acting user's id.
     actor: Option<Uuid>,
+    /// An event type exactly as the events name it, e.g. `UserInvited`.
     event_type: Option<String>,
+    /// The entity type: `organization`, `user`, `role`, `api_key`, `conversation` or
+    /// `message` (as in a history path), or the stored name the events show (`ApiKey`).
     aggregate_type: Option<String>,
     aggregate_id: Option<String>,
     from: Option<DateTime<Utc>>,
@@ -113,7 +116,8 @@ pub async fn list(
         sql.push(" AND event_type = ").push_bind(t);
     }
     if let Some(t) = q.aggregate_type {
-        sql.push(" AND aggregate_type = ").push_bind(t);
+        sql.push(" AND aggregate_type = ")
+            .push_bind(history::EntityType::audit_filter(&t)?);
     }
     if let Some(id) = q.aggregate_id {
         sql.push(" AND aggregate_id = ").push_bind(id);

@@ -36,7 +36,7 @@ pub const ERASED: &str = "erased";
 
 /// The kinds of entity with a history, as named in the path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum EntityType {
+pub(super) enum EntityType {
     Organization,
     User,
     Role,
@@ -45,14 +45,24 @@ enum EntityType {
     Message,
 }
 
+/// The entity types a history path names.
+pub const ENTITY_TYPES: [&str; 6] = [
+    "organization",
+    "user",
+    "role",
+    "api_key",
+    "conversation",
+    "message",
+];
+
 impl EntityType {
     const ALL: [(&'static str, EntityType); 6] = [
-        ("organization", Self::Organization),
-        ("user", Self::User),
-        ("role", Self::Role),
-        ("api_key", Self::ApiKey),
-        ("conversation", Self::Conversation),
-        ("message", Self::Message),
+        (ENTITY_TYPES[0], Self::Organization),
+        (ENTITY_TYPES[1], Self::User),
+        (ENTITY_TYPES[2], Self::Role),
+        (ENTITY_TYPES[3], Self::ApiKey),
+        (ENTITY_TYPES[4], Self::Conversation),
+        (ENTITY_TYPES[5], Self::Message),
     ];
 
     fn parse(name: &str) -> ApiResult<Self> {
@@ -64,6 +74,27 @@ impl EntityType {
                 let names: Vec<&str> = Self::ALL.iter().map(|(n, _)| *n).collect();
                 ApiError::bad_request(format!(
                     "unknown entity type `{name}`; expected one of: {}",
+                    names.join(", ")
+                ))
+            })
+    }
+
+    /// An audit filter's entity type: its name in a history path, or the aggregate's stored
+    /// name that the audit events show (`api_key` or `ApiKey`), never an unknown one, which
+    /// would match nothing and look like an empty trail.
+    pub(super) fn audit_filter(name: &str) -> ApiResult<&'static str> {
+        Self::ALL
+            .iter()
+            .map(|(n, t)| (*n, t.aggregate_type()))
+            .find(|(path, stored)| *path == name || *stored == name)
+            .map(|(_, stored)| stored)
+            .ok_or_else(|| {
+                let names: Vec<String> = Self::ALL
+                    .iter()
+                    .map(|(n, t)| format!("{n} ({})", t.aggregate_type()))
+                    .collect();
+                ApiError::bad_request(format!(
+                    "unknown aggregate_type `{name}`; expected one of: {}",
                     names.join(", ")
                 ))
             })

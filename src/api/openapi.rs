@@ -58,6 +58,18 @@ pub fn document() -> &'static Value {
     &DOCUMENT
 }
 
+/// A path parameter's schema: the ids are UUIDs (their extractors refuse anything else with a
+/// 400), an entity type is one of the history's names, an emoji any text.
+fn path_schema(name: &str) -> Value {
+    match name {
+        "org" | "id" | "key" | "msg" | "role" | "user" => {
+            json!({"type": "string", "format": "uuid"})
+        }
+        "entity_type" => json!({"type": "string", "enum": super::history::ENTITY_TYPES}),
+        _ => json!({"type": "string"}),
+    }
+}
+
 fn settings() -> SchemaSettings {
     SchemaSettings::draft2020_12().with(|s| s.definitions_path = "/components/schemas".into())
 }
@@ -115,7 +127,7 @@ fn operation(
         .path
         .split('/')
         .filter_map(|seg| seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')))
-        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": {"type": "string"}}))
+        .map(|name| json!({"name": name, "in": "path", "required": true, "schema": path_schema(name)}))
         .collect();
     if let Some(query) = r.query {
         parameters.extend(query_parameters(query(queries)));

@@ -119,8 +119,10 @@ pub(super) fn check_grantable(caller: &Caller, effective: &PermissionSet) -> Api
             .iter()
             .map(|p| p.to_string())
             .collect();
+        // Also the answer to taking away (deactivating, revoking a role...): a key takes
+        // away only what it could give.
         Err(ApiError::forbidden(format!(
-            "cannot grant permissions this key does not hold: {}",
+            "this key does not hold {}: a key grants, and takes away, only permissions it holds",
             names.join(", ")
         )))
     }
