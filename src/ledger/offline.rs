@@ -88,6 +88,10 @@ impl std::fmt::Display for FileFaultKind {
                  is the organization's own",
             ),
             FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size } => match v2_from {
+                // No v1 event comes before position 1: the log was v2 from its start.
+                Some(1) => f.write_str(
+                    "hash version not as signed: the checkpoint signs every event as v2",
+                ),
                 Some(p) => write!(
                     f,
                     "hash version not as signed: the checkpoint signs v1 events before position \
@@ -1807,6 +1811,51 @@ mod tests {
         assert!(
             matches!(f.kind, FileFaultKind::OriginMismatch { .. }),
             "{f}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_log_v2_from_its_first_event_says_so() {
+        // A log created after migration 0010: every event v2, signed `hash-v2-from 1`.
+        let events = chain_from_v2(10, 1);
+        let signer = LogSigner::generate(ORIGIN).unwrap();
+        let note = signed(&signer, &events, 10);
+        assert!(note.contains("\nhash-v2-from 1\n"), "{note}");
+        // One of the organization's own events passed off as a hash-only stub at the start
+        // of the file, where no v2 line before it gives it away: the checkpoint does.
+        let k = (1..=10)
+            .find(|p| events[*p as usize - 1].org == tenant(1))
+            .unwrap();
+        let mut file = lines(&export(&events, tenant(1), k, 10));
+        file[1] = format!(
+            "{{\"position\":{k},\"hash\":\"{}\"}}",
+            hex::encode(events[k as usize - 1].hash)
+        );
+        let r = check(&unlines(&file), Some((&note, &signer.verifier())));
+        assert_eq!(
+            r.first_bad.as_ref().map(|f| (f.position, f.kind.clone())),
+            Some((
+                Some(k),
+                FileFaultKind::HashVersionNotAsSigned {
+                    v2_from: Some(1),
+                    tree_size: 10
+                }
+            ))
+        );
+        // There are no v1 events before position 1 to speak of.
+        assert_eq!(
+            r.first_bad.unwrap().kind.to_string(),
+            "hash version not as signed: the checkpoint signs every event as v2"
+        );
+        // From a later position, both sides of the boundary are named.
+        let later = FileFaultKind::HashVersionNotAsSigned {
+            v2_from: Some(13),
+            tree_size: 40,
+        };
+        assert_eq!(
+            later.to_string(),
+            "hash version not as signed: the checkpoint signs v1 events before position 13 \
+             and v2 events from it"
         );
     }
 
