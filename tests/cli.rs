@@ -107,6 +107,28 @@ async fn an_export_of_an_unknown_organization_is_refused() {
     assert!(!out.exists(), "no file written");
 }
 
+/// Counts of one are said in the singular.
+#[tokio::test]
+async fn verify_says_one_event_in_the_singular() {
+    let t = TestApp::spawn().await;
+    assert_eq!(t.head().await, 1, "the operator's bootstrap key alone");
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 1 event verified in "), "{out}");
+    tamper(
+        t.pool(),
+        &["UPDATE events SET metadata = '{}' WHERE position = 1".to_string()],
+    )
+    .await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with("TAMPERED: first bad position 1: content changed")
+            && out.contains(" (1 event read in "),
+        "{out}"
+    );
+}
+
 /// An error is said once, not once more for each error that wraps it.
 #[tokio::test]
 async fn a_missing_database_is_named_once() {

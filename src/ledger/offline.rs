@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use super::count;
 use super::export::{ExportHeader, FORMAT, VERSION};
 use super::hash::{self, FormatRun, HashVersion, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier};
@@ -186,23 +187,21 @@ impl std::fmt::Display for OfflineReport {
     /// One line: `intact: ...` or `TAMPERED: first bad position ...`, as `ledgerline verify`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.elapsed.as_secs_f64();
+        let stubs = count(self.stubs, "stub", "stubs");
         let counts = if self.intact() {
             format!(
-                "{} events ({} full, {} stubs) read in {secs:.3}s, {:.0} events/s",
-                self.lines,
+                "{} ({} full, {stubs}) read in {secs:.3}s, {:.0} events/s",
+                count(self.lines, "event", "events"),
                 self.full_events,
-                self.stubs,
                 self.rate()
             )
         } else {
             // Lines past the fault are read but not checked: the two counts differ.
             format!(
-                "{} lines read in {secs:.3}s; {} events before the fault checked out: {} \
-                 full, {} stubs",
-                self.lines,
-                self.full_events + self.stubs,
+                "{} read in {secs:.3}s; {} before the fault checked out: {} full, {stubs}",
+                count(self.lines, "line", "lines"),
+                count(self.full_events + self.stubs, "event", "events"),
                 self.full_events,
-                self.stubs
             )
         };
         match &self.first_bad {
@@ -241,25 +240,41 @@ impl std::fmt::Display for OfflineReport {
                     // A tag is authenticated only as far as a signed checkpoint covers it: past
                     // that, a rewritten file could put any tag on one of the organization's own.
                     let covered = self.matches_checkpoint() && self.unsigned_from().is_none();
-                    let (verb, unless) = if covered {
-                        ("show", "")
+                    let n = self.stubs - self.v1_stubs;
+                    let (are, s, they_are, them) = if n == 1 {
+                        ("is a stub", "", "it is", "it")
                     } else {
-                        ("say", " (shown only against a checkpoint that covers them)")
+                        ("are stubs", "s", "they are", "them")
+                    };
+                    let verb = match (covered, n == 1) {
+                        (true, true) => "shows",
+                        (true, false) => "show",
+                        (false, true) => "says",
+                        (false, false) => "say",
                     };
                     write!(
                         f,
-                        "; {} position(s) are stubs whose tenant tags {verb} they are not this \
-                         organization's events{unless}",
-                        self.stubs - self.v1_stubs,
+                        "; {} {are} whose tenant tag{s} {verb} {they_are} not this \
+                         organization's event{s}",
+                        count(n, "position", "positions")
                     )?;
+                    if !covered {
+                        write!(f, " (shown only against a checkpoint that covers {them})")?;
+                    }
                 }
                 if self.v1_stubs > 0 {
                     // A v1 stub's event is known only by its hash: nothing shows whose it is.
+                    let n = self.v1_stubs;
+                    let (are, a, s, they_are) = if n == 1 {
+                        ("is a stub", "a ", "", "it is")
+                    } else {
+                        ("are stubs", "", "s", "they are")
+                    };
                     write!(
                         f,
-                        "; {} position(s) are stubs of v1 events, another organization's by the \
-                         exporter's word: the file cannot show they are not this one's",
-                        self.v1_stubs
+                        "; {} {are} of {a}v1 event{s}, another organization's by the \
+                         exporter's word: the file cannot show {they_are} not this one's",
+                        count(n, "position", "positions")
                     )?;
                 }
                 Ok(())
@@ -1336,8 +1351,56 @@ mod tests {
         assert!(r.intact() && r.stubs > 0, "{r}");
         assert!(
             r.to_string()
-                .contains(&format!("{} position(s) are stubs", r.stubs)),
+                .contains(&format!("{} positions are stubs of v1 events", r.stubs)),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn counts_of_one_read_in_the_singular() {
+        let events = chain_from_v2(10, 3);
+        // Position 1 is tenant 2's, 2 tenant 1's (v1), 3 tenant 2's (v2), 4 tenant 1's.
+        let orgs: Vec<_> = events[..4].iter().map(|e| e.org).collect();
+        assert_eq!(orgs, [tenant(2), tenant(1), tenant(2), tenant(1)]);
+        // One full event and one stub of a v1 event.
+        let said = check(&export(&events, tenant(2), 1, 2), None).to_string();
+        for phrase in [
+            "intact: 2 events (1 full, 1 stub) read in ",
+            "; 1 position is a stub of a v1 event, another organization's by the exporter's \
+             word: the file cannot show it is not this one's",
+        ] {
+            assert!(said.contains(phrase), "{said}");
+        }
+        // One event alone, and one stub of a v2 event.
+        let said = check(&export(&events, tenant(1), 4, 4), None).to_string();
+        assert!(
+            said.starts_with("intact: 1 event (1 full, 0 stubs) read in "),
+            "{said}"
+        );
+        let said = check(&export(&events, tenant(1), 3, 3), None).to_string();
+        assert!(
+            said.contains(
+                "; 1 position is a stub whose tenant tag says it is not this organization's \
+                 event (shown only against a checkpoint that covers it)"
+            ),
+            "{said}"
+        );
+        // A fault after one event: one line and one event before it.
+        let mut edited = lines(&export(&events, tenant(2), 1, 2));
+        edited[2] = edited[2].replacen("\"position\":2", "\"position\":3", 1);
+        let said = check(&unlines(&edited), None).to_string();
+        assert!(
+            said.contains("(2 lines read in ")
+                && said.contains("; 1 event before the fault checked out: 1 full, 0 stubs)"),
+            "{said}"
+        );
+        let mut edited = lines(&export(&events, tenant(2), 1, 1));
+        edited[1] = edited[1].replacen("\"n\": 1,", "\"n\": 0,", 1);
+        let said = check(&unlines(&edited), None).to_string();
+        assert!(
+            said.contains("(1 line read in ")
+                && said.contains("; 0 events before the fault checked out: 0 full, 0 stubs)"),
+            "{said}"
         );
     }
 
@@ -1460,11 +1523,11 @@ mod tests {
         assert_eq!((r.full_events, r.stubs, r.v1_stubs), (16, 24, 7));
         let text = r.to_string();
         assert!(
-            text.contains("17 position(s) are stubs whose tenant tags"),
+            text.contains("17 positions are stubs whose tenant tags"),
             "{text}"
         );
         assert!(
-            text.contains("7 position(s) are stubs of v1 events"),
+            text.contains("7 positions are stubs of v1 events"),
             "{text}"
         );
         // Only v2 events: no stub left unattributed.
