@@ -184,7 +184,8 @@ impl OfflineReport {
 }
 
 impl std::fmt::Display for OfflineReport {
-    /// One line: `intact: ...` or `TAMPERED: first bad position ...`, as `ledgerline verify`.
+    /// One line: `intact: ...`, `TAMPERED: first bad position ...` or `FORGED: ...`, as
+    /// `ledgerline verify` (and `verify --since`) says them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.elapsed.as_secs_f64();
         let stubs = count(self.stubs, "stub", "stubs");
@@ -279,6 +280,12 @@ impl std::fmt::Display for OfflineReport {
                 }
                 Ok(())
             }
+            // As `verify --since` says of a checkpoint that does not open under the key: the
+            // verdict is on the checkpoint, whatever the file holds.
+            Some(FileFault {
+                kind: kind @ FileFaultKind::Checkpoint(_),
+                ..
+            }) => write!(f, "FORGED: {kind}"),
             Some(bad) => match bad.position {
                 Some(p) => write!(
                     f,
@@ -1780,20 +1787,30 @@ mod tests {
             })
         ));
 
-        // A forged signature: the checkpoint is refused, whatever the file.
+        // A forged signature: the checkpoint is refused, whatever the file, and reported as
+        // `verify --since` reports a checkpoint that does not open under the key: FORGED.
         let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 20);
-        let f = check(&file, Some((&forged, &key))).first_bad.unwrap();
+        let r = check(&file, Some((&forged, &key)));
+        let said = r.to_string();
+        let f = r.first_bad.unwrap();
         assert!(matches!(
             f.kind,
             FileFaultKind::Checkpoint(NoteError::OtherKey { .. })
         ));
+        assert!(said.starts_with(&format!("FORGED: {}", f.kind)), "{said}");
         let note = signed(&signer, &events, 20);
         let altered = note.replacen("\n20\n", "\n21\n", 1);
-        let f = check(&file, Some((&altered, &key))).first_bad.unwrap();
+        let r = check(&file, Some((&altered, &key)));
+        let said = r.to_string();
+        let f = r.first_bad.unwrap();
         assert!(matches!(
             f.kind,
             FileFaultKind::Checkpoint(NoteError::BadSignature(_))
         ));
+        assert!(
+            said.starts_with("FORGED: checkpoint refused: the signature by key"),
+            "{said}"
+        );
 
         // A stub edited with no full event after it: only the root can tell.
         let mut edited = lines(&file);
@@ -1809,7 +1826,14 @@ mod tests {
         let edited = unlines(&edited);
         assert!(check(&edited, None).intact());
         let note = signed(&signer, &events, 34);
-        let f = check(&edited, Some((&note, &key))).first_bad.unwrap();
+        let r = check(&edited, Some((&note, &key)));
+        // A checkpoint that opens but does not match the file: the file is TAMPERED.
+        assert!(
+            r.to_string()
+                .starts_with("TAMPERED: first bad position 34: chain head mismatch"),
+            "{r}"
+        );
+        let f = r.first_bad.unwrap();
         assert_eq!(
             (f.position, f.kind),
             (Some(34), FileFaultKind::ChainHeadMismatch { tree_size: 34 })
