@@ -57,6 +57,9 @@ pub enum FileFaultKind {
     MalformedHeader(String),
     /// The line is not an event or stub line.
     MalformedLine(String),
+    /// The line is empty or only whitespace: the exporter writes none (every line ends in one
+    /// newline), so it was added or emptied.
+    BlankLine,
     /// A v2 stub whose tenant tag is the header organization's: one of its own events was
     /// left out of the file.
     OwnEventAsStub,
@@ -84,6 +87,7 @@ impl std::fmt::Display for FileFaultKind {
             FileFaultKind::Chain(fault) => fault.fmt(f),
             FileFaultKind::MalformedHeader(m) => write!(f, "malformed header: {m}"),
             FileFaultKind::MalformedLine(m) => write!(f, "malformed line: {m}"),
+            FileFaultKind::BlankLine => f.write_str("blank line"),
             FileFaultKind::OwnEventAsStub => f.write_str(
                 "an event of the exported organization is left out: this stub's tenant tag \
                  is the organization's own",
@@ -286,6 +290,17 @@ impl std::fmt::Display for OfflineReport {
                 kind: kind @ FileFaultKind::Checkpoint(_),
                 ..
             }) => write!(f, "FORGED: {kind}"),
+            Some(FileFault {
+                position,
+                line: Some(line),
+                kind: FileFaultKind::BlankLine,
+            }) => match position {
+                Some(p) => write!(
+                    f,
+                    "TAMPERED: first bad position {p}: blank line at line {line} ({counts})"
+                ),
+                None => write!(f, "TAMPERED: blank line at line {line} ({counts})"),
+            },
             Some(bad) => match bad.position {
                 Some(p) => write!(
                     f,
@@ -303,6 +318,9 @@ impl std::fmt::Display for OfflineReport {
 pub enum OfflineError {
     #[error("reading the export: {0}")]
     Io(#[from] std::io::Error),
+    /// Not an export at all: nothing to check, so no verdict on it.
+    #[error("the file holds no events: it is empty (or only whitespace), with no export header")]
+    NoEvents,
     #[error(
         "the checkpoint's size {tree_size} is before the export's range (from position {from}): \
          export from position {tree_size} or earlier to check against it"
@@ -366,18 +384,25 @@ fn verify_blocks(
         }
     }
     let mut reader = BufReader::with_capacity(1 << 16, input);
-    let header = match read_header(&mut reader)? {
-        Ok(h) => h,
-        Err(m) => {
+    let header = match read_header(&mut reader) {
+        Ok(Ok(h)) => h,
+        Ok(Err(kind)) => {
             report.checkpoint = None;
             report.first_bad = refused.clone().or(Some(FileFault {
                 position: None,
                 line: Some(1),
-                kind: FileFaultKind::MalformedHeader(m),
+                kind,
             }));
             report.elapsed = started.elapsed();
             return Ok(report);
         }
+        // A forged checkpoint is a verdict of its own, file or no file.
+        Err(OfflineError::NoEvents) if refused.is_some() => {
+            report.first_bad = refused;
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
     };
     report.header = Some(header.clone());
     report.head_position = header.from - 1;
@@ -497,23 +522,31 @@ fn verify_blocks(
     Ok(report)
 }
 
-/// Reads and checks the header line: `Err(reason)` if it is not a header this verifier reads.
-fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>, OfflineError> {
+/// Reads and checks the header line: `Err(fault)` if it is not a header this verifier reads;
+/// [`OfflineError::NoEvents`] if the file is empty or only whitespace.
+fn read_header(
+    reader: &mut impl BufRead,
+) -> Result<Result<ExportHeader, FileFaultKind>, OfflineError> {
     let mut line = Vec::new();
     reader.take(HEADER_LIMIT).read_until(b'\n', &mut line)?;
+    if line.iter().all(|b| *b == b'\n' || blank(*b)) {
+        if only_whitespace_left(reader)? {
+            return Err(OfflineError::NoEvents);
+        }
+        if line.last() == Some(&b'\n') {
+            return Ok(Err(FileFaultKind::BlankLine));
+        }
+    }
+    let malformed = |m: String| Ok(Err(FileFaultKind::MalformedHeader(m)));
     if line.last() != Some(&b'\n') {
-        return Ok(Err(if line.is_empty() {
-            "the file is empty".to_string()
-        } else {
-            "no complete first line".to_string()
-        }));
+        return malformed("no complete first line".into());
     }
     let value: serde_json::Value = match serde_json::from_slice(&line) {
         Ok(v) => v,
-        Err(e) => return Ok(Err(format!("not JSON: {e}"))),
+        Err(e) => return malformed(format!("not JSON: {e}")),
     };
     if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
-        return Ok(Err(format!("not a `{FORMAT}` file")));
+        return malformed(format!("not a `{FORMAT}` file"));
     }
     // Version 1 files were written before v2 hashes: the grammar of version 2 reads them.
     if !value
@@ -521,16 +554,39 @@ fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>
         .and_then(|v| v.as_u64())
         .is_some_and(|v| (1..=u64::from(VERSION)).contains(&v))
     {
-        return Ok(Err(format!(
+        return malformed(format!(
             "version {} (this verifier reads versions 1 to {VERSION})",
             value.get("version").unwrap_or(&serde_json::Value::Null)
-        )));
+        ));
     }
     let header: ExportHeader = match serde_json::from_value(value) {
         Ok(h) => h,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => return malformed(e.to_string()),
     };
-    Ok(check_header(&header).map(|()| header))
+    Ok(check_header(&header)
+        .map(|()| header)
+        .map_err(FileFaultKind::MalformedHeader))
+}
+
+/// JSON's whitespace other than the newline that ends a line.
+fn blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r')
+}
+
+/// Whether the rest of `reader` is JSON whitespace (or nothing); reads up to the first byte
+/// that is not.
+fn only_whitespace_left(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        if !buf.iter().all(|b| *b == b'\n' || blank(*b)) {
+            return Ok(false);
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
 }
 
 fn check_header(h: &ExportHeader) -> Result<(), String> {
@@ -875,6 +931,15 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             line: Some(index),
             kind,
         };
+        // Every line the exporter writes is a JSON object, so this costs one comparison.
+        if rest[0] == b'\n' || blank(rest[0]) {
+            let mut after = rest;
+            if line::next_line(&mut after).iter().all(|b| blank(*b)) {
+                rest = after;
+                c.first_bad = Some(fault(expected, FileFaultKind::BlankLine));
+                continue;
+            }
+        }
         let parsed = match check_line(&mut rest, ctx, &mut input) {
             Ok(p) => p,
             Err(m) => {
@@ -1725,15 +1790,88 @@ mod tests {
             header_fault(file[0].replacen("\"to\":10", "\"to\":10,\"x\":1", 1))
                 .contains("unknown field")
         );
-        let r = check(b"", None);
+        // A first line with no newline after it: not a whole header.
+        let r = check(file[0].as_bytes(), None);
         assert!(matches!(
             r.first_bad.map(|f| f.kind),
-            Some(FileFaultKind::MalformedHeader(_))
+            Some(FileFaultKind::MalformedHeader(m)) if m == "no complete first line"
         ));
         // A wrong prev_hash in the header breaks the first link.
         let mut f = file.clone();
         f[0] = f[0].replacen(&hex::encode(events[2].hash), &hex::encode([3u8; 32]), 1);
         assert_eq!(fault(&unlines(&f)), chain_fault(4, Fault::LinkBroken));
+    }
+
+    #[test]
+    fn an_empty_file_holds_no_events_and_a_blank_line_is_named() {
+        // Nothing to check: the verifier could not run (exit 2), it found no fault.
+        for empty in [&b""[..], b"\n", b" \t\r\n\n  \n", b"   "] {
+            for (block, workers) in [(BLOCK, 1), (2, 2)] {
+                let r = verify_blocks(empty, None, workers, block);
+                assert!(
+                    matches!(r, Err(OfflineError::NoEvents)),
+                    "{empty:?}: {:?}",
+                    r.map(|r| r.to_string())
+                );
+            }
+        }
+        assert_eq!(
+            OfflineError::NoEvents.to_string(),
+            "the file holds no events: it is empty (or only whitespace), with no export header"
+        );
+        // A forged checkpoint is a verdict whatever the file: it is still given.
+        let events = chain(3);
+        let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 3);
+        let key = LogSigner::generate(ORIGIN).unwrap().verifier();
+        let r = verify_blocks(&b""[..], Some((&forged, &key)), 1, BLOCK).unwrap();
+        assert!(
+            r.to_string().starts_with("FORGED: checkpoint refused: "),
+            "{r}"
+        );
+
+        let events = chain(10);
+        let file = export(&events, tenant(1), 1, 10);
+        // The exporter ends every line with one newline (the last one may be missing): a line
+        // more, even an empty one, is a change of the file, named as what it is.
+        let blank = |edited: &[u8]| {
+            let r = check(edited, None);
+            let said = r.to_string();
+            let f = r.first_bad.expect("a fault");
+            assert_eq!(f.kind, FileFaultKind::BlankLine, "{said}");
+            (f.position, f.line, said)
+        };
+        let mut trailing = file.clone();
+        trailing.push(b'\n');
+        let (position, line, said) = blank(&trailing);
+        assert_eq!((position, line), (Some(11), Some(12)));
+        assert!(
+            said.starts_with("TAMPERED: first bad position 11: blank line at line 12 "),
+            "{said}"
+        );
+        // Spaces after the last newline, with no newline of their own.
+        let mut spaces = file.clone();
+        spaces.extend_from_slice(b"  ");
+        assert_eq!(blank(&spaces).1, Some(12));
+        // Within the file: at the position whose line it took.
+        let mut within = lines(&file);
+        within[4] = " \r".into();
+        let (position, line, said) = blank(&unlines(&within));
+        assert_eq!((position, line), (Some(4), Some(5)));
+        assert!(
+            said.starts_with("TAMPERED: first bad position 4: blank line at line 5 "),
+            "{said}"
+        );
+        // Before the header: the header is not where it must be.
+        let mut before = b"\n".to_vec();
+        before.extend_from_slice(&file);
+        let (position, line, said) = blank(&before);
+        assert_eq!((position, line), (None, Some(1)));
+        assert!(
+            said.starts_with("TAMPERED: blank line at line 1 "),
+            "{said}"
+        );
+        // Without the trailing newline the file is as written: intact.
+        assert!(check(&file[..file.len() - 1], None).intact());
     }
 
     fn signed(signer: &LogSigner, events: &[Event], size: usize) -> String {
