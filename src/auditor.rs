@@ -13,6 +13,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteVerifier};
+use crate::ledger::count;
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
 use crate::ledger::verify::{verify_database, Report};
@@ -121,10 +122,10 @@ pub async fn verify_since(
     for (path, cp) in &checkpoints {
         if cp.tree_size > head {
             return Ok(fail(format!(
-                "TRUNCATED: first missing position {}: the log ends at position {head}, but checkpoint {} signed {} events",
+                "TRUNCATED: first missing position {}: the log ends at position {head}, but checkpoint {} signed {}",
                 head + 1,
                 path.display(),
-                cp.tree_size
+                count(cp.tree_size, "event", "events")
             )));
         }
         while frontier.size() < cp.tree_size {
@@ -167,7 +168,8 @@ pub async fn verify_since(
         return Ok(fail(records.to_string()));
     }
     print!(
-        "consistent: the log ({head} events, intact) extends every checkpoint given (tree sizes {})",
+        "consistent: the log ({}, intact) extends every checkpoint given (tree sizes {})",
+        count(head, "event", "events"),
         checkpoints
             .iter()
             .map(|(_, c)| c.tree_size.to_string())
@@ -223,8 +225,9 @@ impl std::fmt::Display for Records {
             Records::Truncated { head, covered, by } => write!(
                 f,
                 "TRUNCATED: first missing position {}: the log ends at position {head}, but \
-                 {by} covers {covered} events",
-                head + 1
+                 {by} covers {}",
+                head + 1,
+                count(*covered, "event", "events")
             ),
             Records::Rewritten { size, signed_at } => write!(
                 f,

@@ -409,8 +409,8 @@ async fn verify(
                 return Ok(ExitCode::from(1));
             }
             println!(
-                "intact: {} events verified in {secs:.3}s ({:.0} events/s); head position {} hash {}; {records}",
-                report.events,
+                "intact: {} verified in {secs:.3}s ({:.0} events/s); head position {} hash {}; {records}",
+                crate::ledger::count(report.events, "event", "events"),
                 report.rate(),
                 report.head_position,
                 hex::encode(report.head_hash)
@@ -419,8 +419,10 @@ async fn verify(
         }
         Some(bad) => {
             println!(
-                "TAMPERED: first bad position {}: {} ({} events read in {secs:.3}s)",
-                bad.position, bad.fault, report.events
+                "TAMPERED: first bad position {}: {} ({} read in {secs:.3}s)",
+                bad.position,
+                bad.fault,
+                crate::ledger::count(report.events, "event", "events")
             );
             Ok(ExitCode::from(1))
         }

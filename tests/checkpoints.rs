@@ -787,9 +787,13 @@ async fn a_forged_checkpoint_is_refused() {
         let (code, out, err) = verify_since(&t, &[&forged]).await;
         assert_eq!(code, 1, "{out}{err}");
         assert!(out.starts_with("FORGED"), "{out}");
+        // Offline, the same verdict as the database path's (exit 1).
         let (code, report) = export_and_verify(&t, &forged).await;
         assert_eq!(code, 1, "{report}");
-        assert!(report.contains("checkpoint refused"), "{report}");
+        assert!(
+            report.starts_with("FORGED: checkpoint refused: "),
+            "{report}"
+        );
     }
 }
 

@@ -5,7 +5,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{eventually, ledgerline, tamper, TestApp, TestDb};
+use common::{eventually, ledgerline, ledgerline_offline, tamper, TestApp, TestDb};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -105,6 +105,71 @@ async fn an_export_of_an_unknown_organization_is_refused() {
         "{err}"
     );
     assert!(!out.exists(), "no file written");
+}
+
+/// An export file with nothing in it could not be verified (exit 2): there is no file to
+/// speak of, tampered or not. A blank line added to an export is a change of the file (the
+/// exporter ends each line with one newline), and is named as such (exit 1).
+#[tokio::test]
+async fn an_empty_export_holds_no_events_and_a_blank_line_is_named() {
+    let out = std::env::temp_dir().join(format!("ll_empty_{}.jsonl", uuid::Uuid::new_v4()));
+    let path = out.to_str().unwrap();
+    for empty in ["", "\n", " \n\t\n"] {
+        std::fs::write(&out, empty).unwrap();
+        let (code, said, err) = ledgerline_offline(&["verify", "--file", path]).await;
+        assert_eq!(code, 2, "{empty:?}: {said}{err}");
+        assert_eq!(
+            err.trim_end(),
+            format!(
+                "error: verifying {path}: the file holds no events: it is empty (or only \
+                 whitespace), with no export header"
+            ),
+            "{empty:?}"
+        );
+    }
+    let t = TestApp::spawn().await;
+    t.create_org("Blank Co").await;
+    let (code, summary, err) = ledgerline(&t.db.url, &["export", "--out", path]).await;
+    assert_eq!(code, 0, "{summary}{err}");
+    let head = t.head().await;
+    let (code, said, err) = ledgerline_offline(&["verify", "--file", path]).await;
+    assert_eq!(code, 0, "{said}{err}");
+    let mut text = std::fs::read_to_string(&out).unwrap();
+    text.push('\n');
+    std::fs::write(&out, text).unwrap();
+    let (code, said, err) = ledgerline_offline(&["verify", "--file", path]).await;
+    assert_eq!(code, 1, "{said}{err}");
+    assert!(
+        said.starts_with(&format!(
+            "TAMPERED: first bad position {}: blank line at line {} (",
+            head + 1,
+            head + 2
+        )),
+        "{said}"
+    );
+    std::fs::remove_file(&out).ok();
+}
+
+/// Counts of one are said in the singular.
+#[tokio::test]
+async fn verify_says_one_event_in_the_singular() {
+    let t = TestApp::spawn().await;
+    assert_eq!(t.head().await, 1, "the operator's bootstrap key alone");
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.starts_with("intact: 1 event verified in "), "{out}");
+    tamper(
+        t.pool(),
+        &["UPDATE events SET metadata = '{}' WHERE position = 1".to_string()],
+    )
+    .await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with("TAMPERED: first bad position 1: content changed")
+            && out.contains(" (1 event read in "),
+        "{out}"
+    );
 }
 
 /// An error is said once, not once more for each error that wraps it.

@@ -1347,10 +1347,11 @@ mod export_example {
         let said = r.to_string();
         for phrase in [
             // Tags are authenticated only under a checkpoint that covers them.
-            "1 position(s) are stubs whose tenant tags say they are not this organization's \
-             events (shown only against a checkpoint that covers them)",
-            "1 position(s) are stubs of v1 events, another organization's by the exporter's \
-             word: the file cannot show they are not this one's",
+            "intact: 4 events (2 full, 2 stubs) read in ",
+            "1 position is a stub whose tenant tag says it is not this organization's event \
+             (shown only against a checkpoint that covers it)",
+            "1 position is a stub of a v1 event, another organization's by the exporter's \
+             word: the file cannot show it is not this one's",
         ] {
             assert!(said.contains(phrase), "{said}");
         }
@@ -1377,7 +1378,10 @@ mod export_example {
             assert!(r.matches_checkpoint(), "size {size}: {r}");
             assert_eq!(r.unsigned_from(), (size < 5).then_some(4));
             assert_eq!(
-                r.to_string().contains("stubs whose tenant tags show"),
+                r.to_string().contains(
+                    "1 position is a stub whose tenant tag shows it is not this organization's \
+                     event"
+                ),
                 size == 5,
                 "shown only when the checkpoint covers the whole file: {r}"
             );

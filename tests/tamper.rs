@@ -794,23 +794,21 @@ async fn impossible_values_are_tampering_at_their_position() {
         )],
     )
     .await;
-    // PostgreSQL stores `infinity` as the largest 64-bit count.
+    // PostgreSQL stores `infinity` as the largest 64-bit count; it is said as `infinity`.
     assert_first_bad(
         &t.verify().await,
         k,
         Fault::Impossible {
             column: "recorded_at",
-            value: format!(
-                "a time ({} µs after 2000-01-01) beyond the hashable range",
-                i64::MAX
-            ),
+            value: "infinity".into(),
         },
     );
     let (code, out, err) = run_verify(Some(&t.db.url)).await;
     assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
     assert!(
-        out.contains(&format!(
-            "first bad position {k}: impossible value: recorded_at"
+        out.starts_with(&format!(
+            "TAMPERED: first bad position {k}: impossible value: recorded_at holds infinity, \
+             which the writer never stores ("
         )),
         "{out}"
     );
@@ -844,6 +842,25 @@ async fn impossible_values_are_tampering_at_their_position() {
             column: "event_version",
             value: "NULL".into(),
         },
+    );
+
+    // `-infinity`, the smallest 64-bit count: no writer stores it either.
+    let i = j - 1;
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE events SET recorded_at = '-infinity' WHERE position = {i}"
+        )],
+    )
+    .await;
+    let (code, out, err) = run_verify(Some(&t.db.url)).await;
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(
+        out.starts_with(&format!(
+            "TAMPERED: first bad position {i}: impossible value: recorded_at holds -infinity, \
+             which the writer never stores ("
+        )),
+        "{out}"
     );
 }
 

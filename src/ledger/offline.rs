@@ -20,6 +20,7 @@ use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
+use super::count;
 use super::export::{ExportHeader, FORMAT, VERSION};
 use super::hash::{self, FormatRun, HashVersion, GENESIS};
 use super::merkle::{Blake3, Digest, Frontier};
@@ -56,6 +57,9 @@ pub enum FileFaultKind {
     MalformedHeader(String),
     /// The line is not an event or stub line.
     MalformedLine(String),
+    /// The line is empty or only whitespace: the exporter writes none (every line ends in one
+    /// newline), so it was added or emptied.
+    BlankLine,
     /// A v2 stub whose tenant tag is the header organization's: one of its own events was
     /// left out of the file.
     OwnEventAsStub,
@@ -83,11 +87,16 @@ impl std::fmt::Display for FileFaultKind {
             FileFaultKind::Chain(fault) => fault.fmt(f),
             FileFaultKind::MalformedHeader(m) => write!(f, "malformed header: {m}"),
             FileFaultKind::MalformedLine(m) => write!(f, "malformed line: {m}"),
+            FileFaultKind::BlankLine => f.write_str("blank line"),
             FileFaultKind::OwnEventAsStub => f.write_str(
                 "an event of the exported organization is left out: this stub's tenant tag \
                  is the organization's own",
             ),
             FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size } => match v2_from {
+                // No v1 event comes before position 1: the log was v2 from its start.
+                Some(1) => f.write_str(
+                    "hash version not as signed: the checkpoint signs every event as v2",
+                ),
                 Some(p) => write!(
                     f,
                     "hash version not as signed: the checkpoint signs v1 events before position \
@@ -179,26 +188,25 @@ impl OfflineReport {
 }
 
 impl std::fmt::Display for OfflineReport {
-    /// One line: `intact: ...` or `TAMPERED: first bad position ...`, as `ledgerline verify`.
+    /// One line: `intact: ...`, `TAMPERED: first bad position ...` or `FORGED: ...`, as
+    /// `ledgerline verify` (and `verify --since`) says them.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let secs = self.elapsed.as_secs_f64();
+        let stubs = count(self.stubs, "stub", "stubs");
         let counts = if self.intact() {
             format!(
-                "{} events ({} full, {} stubs) read in {secs:.3}s, {:.0} events/s",
-                self.lines,
+                "{} ({} full, {stubs}) read in {secs:.3}s, {:.0} events/s",
+                count(self.lines, "event", "events"),
                 self.full_events,
-                self.stubs,
                 self.rate()
             )
         } else {
             // Lines past the fault are read but not checked: the two counts differ.
             format!(
-                "{} lines read in {secs:.3}s; {} events before the fault checked out: {} \
-                 full, {} stubs",
-                self.lines,
-                self.full_events + self.stubs,
+                "{} read in {secs:.3}s; {} before the fault checked out: {} full, {stubs}",
+                count(self.lines, "line", "lines"),
+                count(self.full_events + self.stubs, "event", "events"),
                 self.full_events,
-                self.stubs
             )
         };
         match &self.first_bad {
@@ -237,29 +245,62 @@ impl std::fmt::Display for OfflineReport {
                     // A tag is authenticated only as far as a signed checkpoint covers it: past
                     // that, a rewritten file could put any tag on one of the organization's own.
                     let covered = self.matches_checkpoint() && self.unsigned_from().is_none();
-                    let (verb, unless) = if covered {
-                        ("show", "")
+                    let n = self.stubs - self.v1_stubs;
+                    let (are, s, they_are, them) = if n == 1 {
+                        ("is a stub", "", "it is", "it")
                     } else {
-                        ("say", " (shown only against a checkpoint that covers them)")
+                        ("are stubs", "s", "they are", "them")
+                    };
+                    let verb = match (covered, n == 1) {
+                        (true, true) => "shows",
+                        (true, false) => "show",
+                        (false, true) => "says",
+                        (false, false) => "say",
                     };
                     write!(
                         f,
-                        "; {} position(s) are stubs whose tenant tags {verb} they are not this \
-                         organization's events{unless}",
-                        self.stubs - self.v1_stubs,
+                        "; {} {are} whose tenant tag{s} {verb} {they_are} not this \
+                         organization's event{s}",
+                        count(n, "position", "positions")
                     )?;
+                    if !covered {
+                        write!(f, " (shown only against a checkpoint that covers {them})")?;
+                    }
                 }
                 if self.v1_stubs > 0 {
                     // A v1 stub's event is known only by its hash: nothing shows whose it is.
+                    let n = self.v1_stubs;
+                    let (are, a, s, they_are) = if n == 1 {
+                        ("is a stub", "a ", "", "it is")
+                    } else {
+                        ("are stubs", "", "s", "they are")
+                    };
                     write!(
                         f,
-                        "; {} position(s) are stubs of v1 events, another organization's by the \
-                         exporter's word: the file cannot show they are not this one's",
-                        self.v1_stubs
+                        "; {} {are} of {a}v1 event{s}, another organization's by the \
+                         exporter's word: the file cannot show {they_are} not this one's",
+                        count(n, "position", "positions")
                     )?;
                 }
                 Ok(())
             }
+            // As `verify --since` says of a checkpoint that does not open under the key: the
+            // verdict is on the checkpoint, whatever the file holds.
+            Some(FileFault {
+                kind: kind @ FileFaultKind::Checkpoint(_),
+                ..
+            }) => write!(f, "FORGED: {kind}"),
+            Some(FileFault {
+                position,
+                line: Some(line),
+                kind: FileFaultKind::BlankLine,
+            }) => match position {
+                Some(p) => write!(
+                    f,
+                    "TAMPERED: first bad position {p}: blank line at line {line} ({counts})"
+                ),
+                None => write!(f, "TAMPERED: blank line at line {line} ({counts})"),
+            },
             Some(bad) => match bad.position {
                 Some(p) => write!(
                     f,
@@ -277,6 +318,9 @@ impl std::fmt::Display for OfflineReport {
 pub enum OfflineError {
     #[error("reading the export: {0}")]
     Io(#[from] std::io::Error),
+    /// Not an export at all: nothing to check, so no verdict on it.
+    #[error("the file holds no events: it is empty (or only whitespace), with no export header")]
+    NoEvents,
     #[error(
         "the checkpoint's size {tree_size} is before the export's range (from position {from}): \
          export from position {tree_size} or earlier to check against it"
@@ -340,18 +384,25 @@ fn verify_blocks(
         }
     }
     let mut reader = BufReader::with_capacity(1 << 16, input);
-    let header = match read_header(&mut reader)? {
-        Ok(h) => h,
-        Err(m) => {
+    let header = match read_header(&mut reader) {
+        Ok(Ok(h)) => h,
+        Ok(Err(kind)) => {
             report.checkpoint = None;
             report.first_bad = refused.clone().or(Some(FileFault {
                 position: None,
                 line: Some(1),
-                kind: FileFaultKind::MalformedHeader(m),
+                kind,
             }));
             report.elapsed = started.elapsed();
             return Ok(report);
         }
+        // A forged checkpoint is a verdict of its own, file or no file.
+        Err(OfflineError::NoEvents) if refused.is_some() => {
+            report.first_bad = refused;
+            report.elapsed = started.elapsed();
+            return Ok(report);
+        }
+        Err(e) => return Err(e),
     };
     report.header = Some(header.clone());
     report.head_position = header.from - 1;
@@ -471,23 +522,31 @@ fn verify_blocks(
     Ok(report)
 }
 
-/// Reads and checks the header line: `Err(reason)` if it is not a header this verifier reads.
-fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>, OfflineError> {
+/// Reads and checks the header line: `Err(fault)` if it is not a header this verifier reads;
+/// [`OfflineError::NoEvents`] if the file is empty or only whitespace.
+fn read_header(
+    reader: &mut impl BufRead,
+) -> Result<Result<ExportHeader, FileFaultKind>, OfflineError> {
     let mut line = Vec::new();
     reader.take(HEADER_LIMIT).read_until(b'\n', &mut line)?;
+    if line.iter().all(|b| *b == b'\n' || blank(*b)) {
+        if only_whitespace_left(reader)? {
+            return Err(OfflineError::NoEvents);
+        }
+        if line.last() == Some(&b'\n') {
+            return Ok(Err(FileFaultKind::BlankLine));
+        }
+    }
+    let malformed = |m: String| Ok(Err(FileFaultKind::MalformedHeader(m)));
     if line.last() != Some(&b'\n') {
-        return Ok(Err(if line.is_empty() {
-            "the file is empty".to_string()
-        } else {
-            "no complete first line".to_string()
-        }));
+        return malformed("no complete first line".into());
     }
     let value: serde_json::Value = match serde_json::from_slice(&line) {
         Ok(v) => v,
-        Err(e) => return Ok(Err(format!("not JSON: {e}"))),
+        Err(e) => return malformed(format!("not JSON: {e}")),
     };
     if value.get("format").and_then(|v| v.as_str()) != Some(FORMAT) {
-        return Ok(Err(format!("not a `{FORMAT}` file")));
+        return malformed(format!("not a `{FORMAT}` file"));
     }
     // Version 1 files were written before v2 hashes: the grammar of version 2 reads them.
     if !value
@@ -495,16 +554,39 @@ fn read_header(reader: &mut impl BufRead) -> Result<Result<ExportHeader, String>
         .and_then(|v| v.as_u64())
         .is_some_and(|v| (1..=u64::from(VERSION)).contains(&v))
     {
-        return Ok(Err(format!(
+        return malformed(format!(
             "version {} (this verifier reads versions 1 to {VERSION})",
             value.get("version").unwrap_or(&serde_json::Value::Null)
-        )));
+        ));
     }
     let header: ExportHeader = match serde_json::from_value(value) {
         Ok(h) => h,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => return malformed(e.to_string()),
     };
-    Ok(check_header(&header).map(|()| header))
+    Ok(check_header(&header)
+        .map(|()| header)
+        .map_err(FileFaultKind::MalformedHeader))
+}
+
+/// JSON's whitespace other than the newline that ends a line.
+fn blank(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r')
+}
+
+/// Whether the rest of `reader` is JSON whitespace (or nothing); reads up to the first byte
+/// that is not.
+fn only_whitespace_left(reader: &mut impl BufRead) -> std::io::Result<bool> {
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(true);
+        }
+        if !buf.iter().all(|b| *b == b'\n' || blank(*b)) {
+            return Ok(false);
+        }
+        let n = buf.len();
+        reader.consume(n);
+    }
 }
 
 fn check_header(h: &ExportHeader) -> Result<(), String> {
@@ -849,6 +931,15 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             line: Some(index),
             kind,
         };
+        // Every line the exporter writes is a JSON object, so this costs one comparison.
+        if rest[0] == b'\n' || blank(rest[0]) {
+            let mut after = rest;
+            if line::next_line(&mut after).iter().all(|b| blank(*b)) {
+                rest = after;
+                c.first_bad = Some(fault(expected, FileFaultKind::BlankLine));
+                continue;
+            }
+        }
         let parsed = match check_line(&mut rest, ctx, &mut input) {
             Ok(p) => p,
             Err(m) => {
@@ -1332,8 +1423,56 @@ mod tests {
         assert!(r.intact() && r.stubs > 0, "{r}");
         assert!(
             r.to_string()
-                .contains(&format!("{} position(s) are stubs", r.stubs)),
+                .contains(&format!("{} positions are stubs of v1 events", r.stubs)),
             "{r}"
+        );
+    }
+
+    #[test]
+    fn counts_of_one_read_in_the_singular() {
+        let events = chain_from_v2(10, 3);
+        // Position 1 is tenant 2's, 2 tenant 1's (v1), 3 tenant 2's (v2), 4 tenant 1's.
+        let orgs: Vec<_> = events[..4].iter().map(|e| e.org).collect();
+        assert_eq!(orgs, [tenant(2), tenant(1), tenant(2), tenant(1)]);
+        // One full event and one stub of a v1 event.
+        let said = check(&export(&events, tenant(2), 1, 2), None).to_string();
+        for phrase in [
+            "intact: 2 events (1 full, 1 stub) read in ",
+            "; 1 position is a stub of a v1 event, another organization's by the exporter's \
+             word: the file cannot show it is not this one's",
+        ] {
+            assert!(said.contains(phrase), "{said}");
+        }
+        // One event alone, and one stub of a v2 event.
+        let said = check(&export(&events, tenant(1), 4, 4), None).to_string();
+        assert!(
+            said.starts_with("intact: 1 event (1 full, 0 stubs) read in "),
+            "{said}"
+        );
+        let said = check(&export(&events, tenant(1), 3, 3), None).to_string();
+        assert!(
+            said.contains(
+                "; 1 position is a stub whose tenant tag says it is not this organization's \
+                 event (shown only against a checkpoint that covers it)"
+            ),
+            "{said}"
+        );
+        // A fault after one event: one line and one event before it.
+        let mut edited = lines(&export(&events, tenant(2), 1, 2));
+        edited[2] = edited[2].replacen("\"position\":2", "\"position\":3", 1);
+        let said = check(&unlines(&edited), None).to_string();
+        assert!(
+            said.contains("(2 lines read in ")
+                && said.contains("; 1 event before the fault checked out: 1 full, 0 stubs)"),
+            "{said}"
+        );
+        let mut edited = lines(&export(&events, tenant(2), 1, 1));
+        edited[1] = edited[1].replacen("\"n\": 1,", "\"n\": 0,", 1);
+        let said = check(&unlines(&edited), None).to_string();
+        assert!(
+            said.contains("(1 line read in ")
+                && said.contains("; 0 events before the fault checked out: 0 full, 0 stubs)"),
+            "{said}"
         );
     }
 
@@ -1456,11 +1595,11 @@ mod tests {
         assert_eq!((r.full_events, r.stubs, r.v1_stubs), (16, 24, 7));
         let text = r.to_string();
         assert!(
-            text.contains("17 position(s) are stubs whose tenant tags"),
+            text.contains("17 positions are stubs whose tenant tags"),
             "{text}"
         );
         assert!(
-            text.contains("7 position(s) are stubs of v1 events"),
+            text.contains("7 positions are stubs of v1 events"),
             "{text}"
         );
         // Only v2 events: no stub left unattributed.
@@ -1651,15 +1790,88 @@ mod tests {
             header_fault(file[0].replacen("\"to\":10", "\"to\":10,\"x\":1", 1))
                 .contains("unknown field")
         );
-        let r = check(b"", None);
+        // A first line with no newline after it: not a whole header.
+        let r = check(file[0].as_bytes(), None);
         assert!(matches!(
             r.first_bad.map(|f| f.kind),
-            Some(FileFaultKind::MalformedHeader(_))
+            Some(FileFaultKind::MalformedHeader(m)) if m == "no complete first line"
         ));
         // A wrong prev_hash in the header breaks the first link.
         let mut f = file.clone();
         f[0] = f[0].replacen(&hex::encode(events[2].hash), &hex::encode([3u8; 32]), 1);
         assert_eq!(fault(&unlines(&f)), chain_fault(4, Fault::LinkBroken));
+    }
+
+    #[test]
+    fn an_empty_file_holds_no_events_and_a_blank_line_is_named() {
+        // Nothing to check: the verifier could not run (exit 2), it found no fault.
+        for empty in [&b""[..], b"\n", b" \t\r\n\n  \n", b"   "] {
+            for (block, workers) in [(BLOCK, 1), (2, 2)] {
+                let r = verify_blocks(empty, None, workers, block);
+                assert!(
+                    matches!(r, Err(OfflineError::NoEvents)),
+                    "{empty:?}: {:?}",
+                    r.map(|r| r.to_string())
+                );
+            }
+        }
+        assert_eq!(
+            OfflineError::NoEvents.to_string(),
+            "the file holds no events: it is empty (or only whitespace), with no export header"
+        );
+        // A forged checkpoint is a verdict whatever the file: it is still given.
+        let events = chain(3);
+        let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 3);
+        let key = LogSigner::generate(ORIGIN).unwrap().verifier();
+        let r = verify_blocks(&b""[..], Some((&forged, &key)), 1, BLOCK).unwrap();
+        assert!(
+            r.to_string().starts_with("FORGED: checkpoint refused: "),
+            "{r}"
+        );
+
+        let events = chain(10);
+        let file = export(&events, tenant(1), 1, 10);
+        // The exporter ends every line with one newline (the last one may be missing): a line
+        // more, even an empty one, is a change of the file, named as what it is.
+        let blank = |edited: &[u8]| {
+            let r = check(edited, None);
+            let said = r.to_string();
+            let f = r.first_bad.expect("a fault");
+            assert_eq!(f.kind, FileFaultKind::BlankLine, "{said}");
+            (f.position, f.line, said)
+        };
+        let mut trailing = file.clone();
+        trailing.push(b'\n');
+        let (position, line, said) = blank(&trailing);
+        assert_eq!((position, line), (Some(11), Some(12)));
+        assert!(
+            said.starts_with("TAMPERED: first bad position 11: blank line at line 12 "),
+            "{said}"
+        );
+        // Spaces after the last newline, with no newline of their own.
+        let mut spaces = file.clone();
+        spaces.extend_from_slice(b"  ");
+        assert_eq!(blank(&spaces).1, Some(12));
+        // Within the file: at the position whose line it took.
+        let mut within = lines(&file);
+        within[4] = " \r".into();
+        let (position, line, said) = blank(&unlines(&within));
+        assert_eq!((position, line), (Some(4), Some(5)));
+        assert!(
+            said.starts_with("TAMPERED: first bad position 4: blank line at line 5 "),
+            "{said}"
+        );
+        // Before the header: the header is not where it must be.
+        let mut before = b"\n".to_vec();
+        before.extend_from_slice(&file);
+        let (position, line, said) = blank(&before);
+        assert_eq!((position, line), (None, Some(1)));
+        assert!(
+            said.starts_with("TAMPERED: blank line at line 1 "),
+            "{said}"
+        );
+        // Without the trailing newline the file is as written: intact.
+        assert!(check(&file[..file.len() - 1], None).intact());
     }
 
     fn signed(signer: &LogSigner, events: &[Event], size: usize) -> String {
@@ -1713,20 +1925,30 @@ mod tests {
             })
         ));
 
-        // A forged signature: the checkpoint is refused, whatever the file.
+        // A forged signature: the checkpoint is refused, whatever the file, and reported as
+        // `verify --since` reports a checkpoint that does not open under the key: FORGED.
         let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 20);
-        let f = check(&file, Some((&forged, &key))).first_bad.unwrap();
+        let r = check(&file, Some((&forged, &key)));
+        let said = r.to_string();
+        let f = r.first_bad.unwrap();
         assert!(matches!(
             f.kind,
             FileFaultKind::Checkpoint(NoteError::OtherKey { .. })
         ));
+        assert!(said.starts_with(&format!("FORGED: {}", f.kind)), "{said}");
         let note = signed(&signer, &events, 20);
         let altered = note.replacen("\n20\n", "\n21\n", 1);
-        let f = check(&file, Some((&altered, &key))).first_bad.unwrap();
+        let r = check(&file, Some((&altered, &key)));
+        let said = r.to_string();
+        let f = r.first_bad.unwrap();
         assert!(matches!(
             f.kind,
             FileFaultKind::Checkpoint(NoteError::BadSignature(_))
         ));
+        assert!(
+            said.starts_with("FORGED: checkpoint refused: the signature by key"),
+            "{said}"
+        );
 
         // A stub edited with no full event after it: only the root can tell.
         let mut edited = lines(&file);
@@ -1742,7 +1964,14 @@ mod tests {
         let edited = unlines(&edited);
         assert!(check(&edited, None).intact());
         let note = signed(&signer, &events, 34);
-        let f = check(&edited, Some((&note, &key))).first_bad.unwrap();
+        let r = check(&edited, Some((&note, &key)));
+        // A checkpoint that opens but does not match the file: the file is TAMPERED.
+        assert!(
+            r.to_string()
+                .starts_with("TAMPERED: first bad position 34: chain head mismatch"),
+            "{r}"
+        );
+        let f = r.first_bad.unwrap();
         assert_eq!(
             (f.position, f.kind),
             (Some(34), FileFaultKind::ChainHeadMismatch { tree_size: 34 })
@@ -1807,6 +2036,51 @@ mod tests {
         assert!(
             matches!(f.kind, FileFaultKind::OriginMismatch { .. }),
             "{f}"
+        );
+    }
+
+    #[test]
+    fn a_checkpoint_of_a_log_v2_from_its_first_event_says_so() {
+        // A log created after migration 0010: every event v2, signed `hash-v2-from 1`.
+        let events = chain_from_v2(10, 1);
+        let signer = LogSigner::generate(ORIGIN).unwrap();
+        let note = signed(&signer, &events, 10);
+        assert!(note.contains("\nhash-v2-from 1\n"), "{note}");
+        // One of the organization's own events passed off as a hash-only stub at the start
+        // of the file, where no v2 line before it gives it away: the checkpoint does.
+        let k = (1..=10)
+            .find(|p| events[*p as usize - 1].org == tenant(1))
+            .unwrap();
+        let mut file = lines(&export(&events, tenant(1), k, 10));
+        file[1] = format!(
+            "{{\"position\":{k},\"hash\":\"{}\"}}",
+            hex::encode(events[k as usize - 1].hash)
+        );
+        let r = check(&unlines(&file), Some((&note, &signer.verifier())));
+        assert_eq!(
+            r.first_bad.as_ref().map(|f| (f.position, f.kind.clone())),
+            Some((
+                Some(k),
+                FileFaultKind::HashVersionNotAsSigned {
+                    v2_from: Some(1),
+                    tree_size: 10
+                }
+            ))
+        );
+        // There are no v1 events before position 1 to speak of.
+        assert_eq!(
+            r.first_bad.unwrap().kind.to_string(),
+            "hash version not as signed: the checkpoint signs every event as v2"
+        );
+        // From a later position, both sides of the boundary are named.
+        let later = FileFaultKind::HashVersionNotAsSigned {
+            v2_from: Some(13),
+            tree_size: 40,
+        };
+        assert_eq!(
+            later.to_string(),
+            "hash version not as signed: the checkpoint signs v1 events before position 13 \
+             and v2 events from it"
         );
     }
 

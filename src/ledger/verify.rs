@@ -478,12 +478,20 @@ fn decode_row<'a>(row: &[Option<&'a [u8]>; N_COLUMNS]) -> Result<RawRow<'a>, (us
     let recorded_at = {
         let v = value(7)?;
         let pg = int8(v).ok_or_else(|| (7, format!("a {}-byte timestamptz", v.len())))?;
-        pg.checked_add(PG_EPOCH_UNIX_MICROS).ok_or_else(|| {
-            (
-                7,
-                format!("a time ({pg} µs after 2000-01-01) beyond the hashable range"),
-            )
-        })?
+        match pg {
+            // PostgreSQL's special values, named as it names them. They are no time: the
+            // writer never stores one, and the auditor query (docs/ledger-format.md,
+            // section 2) cannot turn one into microseconds since 1970.
+            i64::MAX => return Err((7, "infinity".into())),
+            i64::MIN => return Err((7, "-infinity".into())),
+            // The last days before PostgreSQL's end of time (294277) are past i64 since 1970.
+            _ => pg.checked_add(PG_EPOCH_UNIX_MICROS).ok_or_else(|| {
+                (
+                    7,
+                    format!("a time ({pg} µs after 2000-01-01) beyond the hashable range"),
+                )
+            })?,
+        }
     };
     let hash_version = {
         let v = value(12)?;
@@ -845,12 +853,15 @@ mod tests {
             fault(6, Some(vec![0; 15])),
             at_2("organization_id holds a 15-byte uuid")
         );
-        // timestamptz 'infinity'.
-        let (position, text) = fault(7, Some(i64::MAX.to_be_bytes().to_vec()));
-        assert_eq!(position, 2);
-        assert!(
-            text.starts_with("impossible value: recorded_at holds a time"),
-            "{text}"
+        // timestamptz 'infinity' and '-infinity' (PostgreSQL's largest and smallest 64-bit
+        // counts), said as PostgreSQL says them.
+        assert_eq!(
+            fault(7, Some(i64::MAX.to_be_bytes().to_vec())),
+            at_2("recorded_at holds infinity")
+        );
+        assert_eq!(
+            fault(7, Some(i64::MIN.to_be_bytes().to_vec())),
+            at_2("recorded_at holds -infinity")
         );
         // No position to name: the one expected there.
         assert_eq!(
