@@ -17,6 +17,7 @@ use crate::ledger::count;
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
 use crate::ledger::verify::{verify_database, Report};
+use crate::out::{out, outln};
 
 /// A verifier key given as its text or as a file holding it.
 pub fn load_verifier(given: &str) -> anyhow::Result<NoteVerifier> {
@@ -44,7 +45,7 @@ fn unverified(path: &Path) -> anyhow::Result<Checkpoint> {
 }
 
 fn fail(message: String) -> ExitCode {
-    println!("{message}");
+    outln!("{message}");
     ExitCode::from(1)
 }
 
@@ -167,7 +168,7 @@ pub async fn verify_since(
     if !records.intact() {
         return Ok(fail(records.to_string()));
     }
-    print!(
+    out!(
         "consistent: the log ({}, intact) extends every checkpoint given (tree sizes {})",
         count(head, "event", "events"),
         checkpoints
@@ -178,13 +179,13 @@ pub async fn verify_since(
     );
     if head > largest {
         // As for an export (`OfflineReport::unsigned_from`): anyone can extend a chain.
-        print!(
+        out!(
             "; positions {} to {head} are past the newest of them: they extend the signed \
              prefix, but no checkpoint given vouches for them (check them against a later one)",
             largest + 1
         );
     }
-    println!();
+    outln!();
     Ok(ExitCode::SUCCESS)
 }
 
@@ -387,7 +388,7 @@ pub async fn prove_inclusion(
         event_hash: hex::encode(hash),
         proof: hexes(&proof),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -402,7 +403,7 @@ pub async fn prove_consistency(pool: &PgPool, from: &Path, to: &Path) -> anyhow:
         to_size: new.tree_size,
         proof: hexes(&proof),
     };
-    println!("{}", serde_json::to_string_pretty(&out)?);
+    outln!("{}", serde_json::to_string_pretty(&out)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -482,7 +483,7 @@ pub fn verify_proof(proof: &Path, checkpoints: &[PathBuf], key: &str) -> anyhow:
     };
     Ok(match verdict {
         Ok(message) => {
-            println!("{message}");
+            outln!("{message}");
             ExitCode::SUCCESS
         }
         Err(e) => fail(format!("INVALID: {e}")),
@@ -492,7 +493,7 @@ pub fn verify_proof(proof: &Path, checkpoints: &[PathBuf], key: &str) -> anyhow:
 /// `keygen`: a new checkpoint signing key and its verifier key.
 pub fn keygen(origin: &str) -> anyhow::Result<ExitCode> {
     let signer = LogSigner::generate(origin)?;
-    println!(
+    outln!(
         "{}",
         json!({
             "signing_key": signer.seed_hex(),

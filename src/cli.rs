@@ -20,6 +20,7 @@ use crate::config::{
 };
 use crate::crypto::Vault;
 use crate::ledger::verify::verify_database;
+use crate::out::outln;
 use crate::{api, auditor, db, keys, progress};
 
 /// Runs one command. Errors that stop a command from running exit with 2, so that
@@ -85,8 +86,15 @@ async fn pool(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgP
 /// migrations run by an auditor's check (or a rebuild ahead of a deploy) would change the
 /// schema under the running servers, and older servers then refuse to start. They refuse,
 /// changing nothing, unless the database has exactly this binary's migrations.
+///
+/// Their long statements (reading the log, `VACUUM (ANALYZE)` of a copy, building its
+/// indexes) are what they are for: sqlx's warnings about slow statements are turned off.
 async fn pool_as_migrated(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
-    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let pool = db::connect_with(db_args.url()?, db_args.db_pool, |options| {
+        use sqlx::ConnectOptions;
+        options.log_slow_statements(log::LevelFilter::Off, std::time::Duration::ZERO)
+    })
+    .await?;
     let mismatch = migration_mismatch(&pool)
         .await
         .context("reading the database's migrations")?;
@@ -163,7 +171,7 @@ async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
 
 async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
     pool(db_args).await?;
-    println!("migrations applied");
+    outln!("migrations applied");
     Ok(())
 }
 
@@ -173,7 +181,11 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     let signer = args.log.signer()?;
     let policy = args.log.policy()?;
     let start = async {
-        let pool = pool(db_args).await?;
+        let pool = db::connect_with(db_args.url()?, db_args.db_pool, |options| {
+            options.application_name(db::SERVE_APPLICATION_NAME)
+        })
+        .await?;
+        db::migrate(&pool).await?;
         // Bound before the app starts its leased tasks: a port in use then ends the process
         // holding no lease, rather than leave the others waiting a TTL for leases it took.
         let listener = tokio::net::TcpListener::bind(args.listen)
@@ -351,7 +363,7 @@ async fn bootstrap(
         Ok(secret) => {
             // Shown before anything else can fail: only its hash is kept, and a second
             // bootstrap is refused, so a secret not shown now would be lost for good.
-            println!("{}", json!({ "api_key": secret }));
+            outln!("{}", json!({ "api_key": secret }));
             // The key works once `api_keys` shows it; a running server does that too.
             if let Err(e) = ledgerline_projections::catch_up(&pool).await {
                 eprintln!(
@@ -405,10 +417,10 @@ async fn verify(
                 .await
                 .context("reading the log's checkpoints")?;
             if !records.intact() {
-                println!("{records}");
+                outln!("{records}");
                 return Ok(ExitCode::from(1));
             }
-            println!(
+            outln!(
                 "intact: {} verified in {secs:.3}s ({:.0} events/s); head position {} hash {}; {records}",
                 crate::ledger::count(report.events, "event", "events"),
                 report.rate(),
@@ -418,7 +430,7 @@ async fn verify(
             Ok(ExitCode::SUCCESS)
         }
         Some(bad) => {
-            println!(
+            outln!(
                 "TAMPERED: first bad position {}: {} ({} read in {secs:.3}s)",
                 bad.position,
                 bad.fault,
@@ -487,7 +499,7 @@ async fn export(
     tokio::fs::rename(&partial, &args.out)
         .await
         .with_context(|| format!("moving the export into {}", args.out.display()))?;
-    println!("{}", serde_json::to_string(&summary)?);
+    outln!("{}", serde_json::to_string(&summary)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -502,7 +514,7 @@ fn offline(
         workers,
     )
     .with_context(|| format!("verifying {}", file.display()))?;
-    println!("{report}");
+    outln!("{report}");
     Ok(if report.intact() {
         ExitCode::SUCCESS
     } else {
@@ -542,13 +554,16 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<ExitCod
     let statuses = ledgerline_projections::status(&pool)
         .await
         .context("reading projection status")?;
-    println!(
+    outln!(
         "{:<16} {:>10} {:>10} {:>8}  failures",
-        "projection", "position", "head", "lag"
+        "projection",
+        "position",
+        "head",
+        "lag"
     );
     let stopped = statuses.iter().any(|s| !s.failures.is_empty());
     for s in statuses {
-        println!(
+        outln!(
             "{:<16} {:>10} {:>10} {:>8}  {}",
             s.name,
             s.position,
@@ -557,21 +572,50 @@ async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<ExitCod
             s.failures.len()
         );
         for f in &s.failures {
-            println!(
+            outln!(
                 "  at position {}: {} ({})",
-                f.position, f.error, f.failed_at
+                f.position,
+                f.error,
+                f.failed_at
             );
         }
     }
+    let leases = ledgerline_projections::lease::holders(&pool)
+        .await
+        .context("reading the leases")?;
+    print_leases(&leases);
     let jobs = ledgerline_projections::rebuild_progress(&pool)
         .await
         .context("reading rebuild jobs")?;
     print_rebuild_job(&jobs, Utc::now());
     if stopped {
-        println!("a projection is stopped on a failure: fix its cause, then `ledgerline projections retry NAME`");
+        outln!("a projection is stopped on a failure: fix its cause, then `ledgerline projections retry NAME`");
         return Ok(ExitCode::from(1));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Which `serve` process runs each background job: its lease's holder (`host:pid:random`,
+/// new at each start) and how long the lease has left unless renewed (a third of the TTL
+/// after each renewal; below 0 it is free for another process to take).
+fn print_leases(leases: &[ledgerline_projections::lease::LeaseHolder]) {
+    outln!();
+    if leases.is_empty() {
+        outln!("leases: none held (no `ledgerline serve` runs the background jobs)");
+        return;
+    }
+    outln!("{:<26} {:<40} expires in", "lease", "holder");
+    for l in leases {
+        let expires = if l.expires_in_ms < 0 {
+            format!(
+                "expired {:.1} s ago: free to take",
+                -l.expires_in_ms as f64 / 1000.0
+            )
+        } else {
+            format!("{:.1} s", l.expires_in_ms as f64 / 1000.0)
+        };
+        outln!("{:<26} {:<40} {expires}", l.name, l.holder);
+    }
 }
 
 /// The unfinished rebuild job, if any: a killed or failed one keeps its `running` row, so
@@ -581,13 +625,9 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
         return;
     };
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    let resume = if names.len() == ledgerline_projections::names().len() {
-        "--all".to_string()
-    } else {
-        names.join(" ")
-    };
-    println!();
-    println!(
+    let resume = ledgerline_projections::resume_command(&names);
+    outln!();
+    outln!(
         "rebuild job {} ({}), started {}: {}",
         job.job,
         job.schema,
@@ -598,12 +638,14 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
             "STOPPED (no process holds the rebuild lock: killed, or stopped by an error)"
         }
     );
-    println!(
+    outln!(
         "  {:<16} {:>10} {:>10}  last progress",
-        "projection", "position", "target"
+        "projection",
+        "position",
+        "target"
     );
     for r in rows {
-        println!(
+        outln!(
             "  {:<16} {:>10} {:>10}  {} ({}s ago)",
             r.name,
             r.position,
@@ -613,8 +655,8 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
         );
     }
     if !job.held {
-        println!(
-            "  resume it from these positions with `ledgerline projections rebuild {resume}`, or drop \
+        outln!(
+            "  resume it from these positions with `{resume}`, or drop \
              it with `ledgerline projections rebuild --abandon` (the live tables are unchanged \
              until the swap)"
         );
@@ -628,11 +670,9 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
         .await
         .with_context(|| format!("retrying projection `{name}`"))?;
     if cleared == 0 {
-        println!("{name}: no failure recorded; nothing to retry");
+        outln!("{name}: no failure recorded; nothing to retry");
     } else {
-        println!(
-            "{name}: {cleared} failure(s) cleared; the projection resumes at the failed event"
-        );
+        outln!("{name}: {cleared} failure(s) cleared; the projection resumes at the failed event");
     }
     Ok(())
 }
@@ -674,8 +714,8 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let pool = pool_as_migrated(db_args).await?;
     if args.abandon {
         match ledgerline_projections::abandon_rebuild(&pool).await? {
-            Some(job) => println!("rebuild job {job} abandoned; the live tables are unchanged"),
-            None => println!("no unfinished rebuild job"),
+            Some(job) => outln!("rebuild job {job} abandoned; the live tables are unchanged"),
+            None => outln!("no unfinished rebuild job"),
         }
         return Ok(());
     }
@@ -697,13 +737,31 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
         finish_connections: args.finish_connections,
         ..Default::default()
     };
+    let wanted = ledgerline_projections::resolve(names)?;
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());
     let display = progress::show("rebuild", monitor.clone());
     let started = std::time::Instant::now();
     let result = ledgerline_projections::rebuild(&pool, names, options, &monitor).await;
     progress::finish(display).await;
-    let summary = result.context("rebuilding projections")?;
-    println!(
+    let summary = match (result, monitor.snapshot().job) {
+        (Ok(summary), _) => summary,
+        // Failed once its job existed: what it did is kept, and the operator is told how to
+        // go on (errors that say it themselves, or that dropped the job, are left as they are).
+        (Err(e), Some(job)) if !says_what_next(&e) => {
+            let names: Vec<&str> = wanted.iter().map(|p| p.name()).collect();
+            let error = anyhow::Error::from(e).context("rebuilding projections");
+            anyhow::bail!(
+                "{}\nrebuild job {job} keeps the work it recorded (the live tables are \
+                 unchanged until its swap): run `{}` to resume it once the cause is fixed, or \
+                 `ledgerline projections rebuild --abandon` to drop it; `ledgerline \
+                 projections status` shows it",
+                causes(&error),
+                ledgerline_projections::resume_command(&names)
+            )
+        }
+        (Err(e), _) => return Err(anyhow::Error::from(e).context("rebuilding projections")),
+    };
+    outln!(
         "rebuild job {}{}: {} swapped in at position {} in {:.1}s",
         summary.job,
         if summary.resumed { " (resumed)" } else { "" },
@@ -712,6 +770,19 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
         started.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Whether a rebuild's error already says what to do next, or leaves no job to resume.
+fn says_what_next(e: &ledgerline_projections::RunError) -> bool {
+    use ledgerline_projections::RunError;
+    matches!(
+        e,
+        RunError::SwapBusy { .. }
+            | RunError::LockLost { .. }
+            | RunError::LiveTablesChanged(_)
+            | RunError::RebuildInProgress { .. }
+            | RunError::RebuildRunning
+    )
 }
 
 /// Exit 0 when every table equals its rebuild, 1 when one differs.
@@ -731,7 +802,7 @@ async fn check(
     progress::finish(display).await;
     let report = result.context("checking projections")?;
     for projection in &report.projections {
-        println!("{} (at position {})", projection.name, projection.position);
+        outln!("{} (at position {})", projection.name, projection.position);
         for t in &projection.tables {
             let verdict = if t.equal() {
                 "equal".to_string()
@@ -741,23 +812,25 @@ async fn check(
                     t.missing_from_live, t.unexpected_in_live
                 )
             };
-            println!(
+            outln!(
                 "  {:<28} {:>9} live {:>9} rebuilt  {verdict}",
-                t.table, t.live_rows, t.rebuilt_rows
+                t.table,
+                t.live_rows,
+                t.rebuilt_rows
             );
             for row in &t.missing_rows {
-                println!("    missing from live:  {row}");
+                outln!("    missing from live:  {row}");
             }
             for row in &t.unexpected_rows {
-                println!("    unexpected in live: {row}");
+                outln!("    unexpected in live: {row}");
             }
         }
     }
     if report.equal() {
-        println!("the live read models equal a rebuild from the log");
+        outln!("the live read models equal a rebuild from the log");
         Ok(ExitCode::SUCCESS)
     } else {
-        println!("the live read models differ from a rebuild from the log");
+        outln!("the live read models differ from a rebuild from the log");
         Ok(ExitCode::from(1))
     }
 }
@@ -770,14 +843,16 @@ async fn check_claims(
     let report = crate::ledger::claims_check::check_claims(&pool, repair)
         .await
         .context("checking the unique claims")?;
-    println!(
+    outln!(
         "unique claims at position {}: {} held, folded from {} events of the aggregates \
          that hold claims",
-        report.position, report.claims, report.events
+        report.position,
+        report.claims,
+        report.events
     );
     let owner = |o: &Option<String>| o.clone().unwrap_or_else(|| "nobody".into());
     for d in &report.differences {
-        println!(
+        outln!(
             "  {} {} {}: table {}, log {}",
             if report.repaired {
                 "REWRITTEN"
@@ -791,25 +866,29 @@ async fn check_claims(
         );
     }
     for c in &report.contests {
-        println!(
+        outln!(
             "  CONTESTED {} {}: position {} claims it for {} while {} held it",
-            c.scope, c.key, c.position, c.claimant, c.holder
+            c.scope,
+            c.key,
+            c.position,
+            c.claimant,
+            c.holder
         );
     }
     let equal = report.consistent() || report.repaired;
     match (equal, report.repaired) {
-        (true, false) => println!("the unique claims equal the log's"),
-        (true, true) => println!(
+        (true, false) => outln!("the unique claims equal the log's"),
+        (true, true) => outln!(
             "repaired: {} row(s) rewritten; the unique claims now equal the log's",
             report.differences.len()
         ),
-        (false, _) => println!(
+        (false, _) => outln!(
             "the unique claims differ from the log's in {} key(s); `--repair` rewrites them",
             report.differences.len()
         ),
     }
     if !report.contests.is_empty() {
-        println!(
+        outln!(
             "the log itself gives {} key(s) a second owner while the first held it; the \
              first keeps it, and no repair of the table can undo that",
             report.contests.len()

@@ -12,4 +12,5 @@ pub mod db;
 pub mod keys;
 pub mod ledger;
 pub mod metrics;
+pub mod out;
 pub mod progress;

@@ -200,6 +200,7 @@ mod tests {
     #[test]
     fn a_resumed_run_counts_what_it_had_done_and_its_own_rate() {
         let state = ProgressState {
+            job: None,
             phase: Phase::Applying,
             first: 1_000,
             target: 101_000,
@@ -218,6 +219,7 @@ mod tests {
     #[test]
     fn a_line_says_what_the_run_does_after_the_events() {
         let state = ProgressState {
+            job: None,
             phase: Phase::Indexing,
             first: 0,
             target: 5_000,
@@ -235,6 +237,7 @@ mod tests {
     #[test]
     fn a_projection_at_its_own_end_holds_nothing_back() {
         let state = ProgressState {
+            job: None,
             phase: Phase::Applying,
             first: 0,
             target: 100_000,

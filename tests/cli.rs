@@ -562,3 +562,128 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
     let (code, out, err) = ledgerline(&db.url, &["projections", "check"]).await;
     assert_eq!(code, 0, "{out}{err}");
 }
+
+/// `ledgerline ARGS` started with standard output and error pipes.
+fn spawn_piped(url: &str, args: &[&str], log: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(args)
+        .env("LEDGERLINE_DATABASE_URL", url)
+        .env("RUST_LOG", log)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ledgerline")
+}
+
+/// A reader that goes away before the end (`ledgerline projections status | head -1`): the
+/// command ends quietly with 141, as a shell shows a process SIGPIPE ended, never with a
+/// panic. Here the pipe's read end is closed before the command writes anything.
+#[tokio::test]
+async fn a_command_whose_output_reader_goes_away_exits_141_quietly() {
+    let t = TestApp::spawn().await;
+    t.create_org("Pipe Co").await;
+    for args in [
+        &["projections", "status"][..],
+        &["projections", "check", "users"][..],
+        &["keygen", "--log-origin", "pipe.example/log"][..],
+    ] {
+        let mut child = spawn_piped(&t.db.url, args, "warn");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().await.unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(!err.contains("Broken pipe"), "{args:?}: {err}");
+    }
+}
+
+/// `projections status` names which process holds each lease, and for how long.
+#[tokio::test]
+async fn projections_status_shows_who_holds_each_lease() {
+    let t = TestApp::spawn().await;
+    t.create_org("Lease Co").await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
+    assert_eq!(code, 0, "{err}");
+    let holders: Vec<(String, String)> =
+        sqlx::query_as("SELECT name, holder FROM leases ORDER BY name")
+            .fetch_all(t.pool())
+            .await
+            .unwrap();
+    assert!(
+        holders.iter().any(|(n, _)| n == "log-maintainer"),
+        "the test app holds leases: {holders:?}"
+    );
+    for (name, holder) in &holders {
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} ")))
+            .unwrap_or_else(|| panic!("{name} missing: {out}"));
+        assert!(line.contains(holder.as_str()), "{line}");
+        assert!(line.trim_end().ends_with(" s"), "expires in N s: {line}");
+    }
+}
+
+/// A rebuild that fails after its job was made, on a cause that says nothing of the job (its
+/// swap's session ended, as a lost database ends them all): the error says the job kept its
+/// work and gives the commands that resume and drop it; the summary of the rerun's swap and
+/// its last progress figures agree.
+#[tokio::test]
+async fn a_rebuild_failing_after_its_job_began_says_how_to_resume_it() {
+    let t = TestApp::spawn().await;
+    t.create_org("Resume Hint Co").await;
+    let held = hold_the_swap(t.pool()).await;
+    let child = start_rebuild(&t.db.url, &["--log-format", "json"], "info");
+    assert!(waiting_at_the_swap(t.pool()).await, "at the swap");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND wait_event_type = 'Lock' \
+         AND application_name LIKE 'ledgerline\\_rebuild\\_%'",
+    )
+    .execute(t.pool())
+    .await
+    .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let said = err
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_default();
+    assert!(
+        said.contains("rebuilding projections: database error"),
+        "{err}"
+    );
+    assert!(
+        err.contains("keeps the work it recorded")
+            && err.contains("run `ledgerline projections rebuild users` to resume it")
+            && err.contains("`ledgerline projections rebuild --abandon` to drop it"),
+        "{err}"
+    );
+    held.commit().await.unwrap();
+
+    // Events that arrive while the rerun waits at its swap are applied by the swap.
+    let held = hold_the_swap(t.pool()).await;
+    let args = ["--log-format", "json", "projections", "rebuild", "users"];
+    let child = spawn_piped(&t.db.url, &args, "info");
+    assert!(waiting_at_the_swap(t.pool()).await, "at the swap again");
+    t.create_org("Arrives During The Swap Co").await;
+    let head = t.head().await;
+    held.commit().await.unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        stdout.contains(&format!("swapped in at position {head}")),
+        "{stdout}"
+    );
+    let last = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .rfind(|e| e["fields"]["message"] == "rebuild progress")
+        .unwrap_or_else(|| panic!("no progress: {err}"));
+    assert_eq!(last["fields"]["events_done"], head, "{last}");
+    assert_eq!(last["fields"]["events_total"], head, "{last}");
+    assert_eq!(last["fields"]["phase"], "swapped in", "{last}");
+}

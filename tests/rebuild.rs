@@ -1366,3 +1366,158 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
         other => panic!("expected MovedBack, got {other:?}"),
     }
 }
+
+/// The pid of the session holding `projections check`'s or a rebuild's advisory lock (the
+/// class of a check's two-key lock, or the high half of the rebuild's bigint key).
+async fn lock_holder(t: &TestApp, classid: i64, objsubid: i16) -> i32 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted \
+             AND classid = $1::bigint::oid AND objsubid = $2 \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .bind(classid)
+        .bind(objsubid)
+        .fetch_optional(t.pool())
+        .await
+        .unwrap();
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run holds its lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// True once a session named `like` waits for a table lock.
+async fn waiting_for_a_lock(t: &TestApp, like: &str) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE $1 AND wait_event_type = 'Lock')",
+        )
+        .bind(like)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+    })
+    .await
+}
+
+async fn terminate(t: &TestApp, pid: i32) {
+    let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert!(ended, "session {pid} ended");
+}
+
+/// The session holding the rebuild lock ends under a running job (a database's
+/// `idle_session_timeout`, a firewall; here `pg_terminate_backend`, as in the operators'
+/// walkthrough), where a second run could now take the lock and the job: the job stops with
+/// an error that says so, never swaps without the lock, and a rerun resumes it and swaps.
+#[tokio::test]
+async fn a_rebuild_whose_lock_session_ends_stops_and_a_rerun_resumes_it() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let table = || async {
+        sqlx::query_scalar::<_, i64>("SELECT 'public.users'::regclass::oid::bigint")
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+    };
+    let before = table().await;
+    // The job waits at its swap while the reader holds `users`.
+    let reader = reading_users(&t).await;
+    let pool = t.pool().clone();
+    let run = tokio::spawn(async move {
+        let progress = Arc::new(Progress::default());
+        ledgerline_projections::rebuild(
+            &pool,
+            Some(&["users"]),
+            RebuildOptions::default(),
+            &progress,
+        )
+        .await
+    });
+    let pid = lock_holder(&t, 0x6c65_6467, 1).await;
+    assert!(
+        waiting_for_a_lock(&t, "ledgerline\\_rebuild\\_%").await,
+        "at the swap"
+    );
+    terminate(&t, pid).await;
+    // Past the next look at the lock's session; then the swap may have the table.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    reader.commit().await.unwrap();
+
+    let error = run.await.unwrap().unwrap_err();
+    assert!(matches!(error, RunError::LockLost { .. }), "{error}");
+    let said = error.to_string();
+    assert!(said.contains("lost its lock"), "{said}");
+    assert!(
+        said.contains("keeps its work; run `ledgerline projections rebuild users` again"),
+        "{said}"
+    );
+    assert_eq!(table().await, before, "the live table was not swapped");
+    assert_eq!(snapshot(&t).await, live);
+    let job = ledgerline_projections::rebuild_progress(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(job.len(), 1, "the job is kept: {job:?}");
+    assert!(!job[0].held, "{job:?}");
+
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert!(summary.resumed);
+    assert_ne!(table().await, before, "swapped in");
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// The same for `projections check`, whose lock tells the next check that its scratch
+/// schema is in use: one that lost it stops at once, even while it waits in its build, and
+/// says so, rather than build and report from tables another check may drop under it.
+#[tokio::test]
+async fn a_check_whose_lock_session_ends_stops_and_says_so() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    // The check's build starts by reading the live checkpoints: it waits there.
+    let mut holder = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE projection_checkpoints IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let pool = t.pool().clone();
+    let run = tokio::spawn(async move {
+        let progress = Arc::new(Progress::default());
+        ledgerline_projections::check(&pool, Some(&["users"]), 2000, &progress).await
+    });
+    let pid = lock_holder(&t, 0x6c6c_6368, 2).await;
+    let made = eventually(Duration::from_secs(30), || async {
+        !schemas_like(&t, "ledgerline\\_check\\_%").await.is_empty()
+    })
+    .await;
+    assert!(made, "the check made its scratch schema");
+    terminate(&t, pid).await;
+
+    let stopped = tokio::time::timeout(Duration::from_secs(15), run).await;
+    holder.commit().await.unwrap();
+    let error = stopped
+        .expect("stopped while it waited, once it saw its lock gone")
+        .unwrap()
+        .unwrap_err();
+    assert!(matches!(error, RunError::LockLost { .. }), "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("nothing live was changed; run `ledgerline projections check` again"),
+        "{error}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "users"]).await;
+    assert_eq!(code, 0, "a check run again works: {out}{err}");
+    assert!(schemas_like(&t, "ledgerline\\_check\\_%").await.is_empty());
+}

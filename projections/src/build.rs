@@ -44,6 +44,9 @@ pub enum Phase {
     Indexing,
     /// Taking the live tables and swapping the copies in.
     Swapping,
+    /// Done: the copies are the live tables, at the position the figures show (with the
+    /// events that arrived meanwhile, which the swap applied).
+    Swapped,
     /// Comparing the copies with the live tables.
     Comparing,
 }
@@ -54,6 +57,7 @@ impl Phase {
             Phase::Applying => "applying events",
             Phase::Indexing => "building indexes and statistics",
             Phase::Swapping => "swapping the tables in",
+            Phase::Swapped => "swapped in",
             Phase::Comparing => "comparing with the live tables",
         }
     }
@@ -61,6 +65,9 @@ impl Phase {
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ProgressState {
+    /// The rebuild job the run works on, once it has one (a check has none): a run that
+    /// fails after this keeps its work there.
+    pub job: Option<i64>,
     pub phase: Phase,
     /// The position the slowest projection started from in this run.
     pub first: i64,
@@ -108,6 +115,22 @@ impl Progress {
 
     pub(crate) fn set_phase(&self, phase: Phase) {
         self.lock().phase = phase;
+    }
+
+    pub(crate) fn set_job(&self, job: i64) {
+        self.lock().job = Some(job);
+    }
+
+    /// The swap put every projection at `position`, past the target when events arrived
+    /// during it: the last figures shown are the summary's.
+    pub(crate) fn swapped(&self, position: i64) {
+        let mut state = self.lock();
+        state.phase = Phase::Swapped;
+        state.target = position;
+        state.ends.clear();
+        for entry in &mut state.positions {
+            entry.1 = position;
+        }
     }
 
     pub(crate) fn start(&self, lanes: &[Lane]) {
@@ -523,11 +546,6 @@ pub(crate) async fn schema_pool(
         .max_connections(connections)
         .connect_with(options)
         .await
-}
-
-/// A connection outside `pool`'s: its session state (advisory locks) ends when it is dropped.
-pub(crate) async fn dedicated_connection(pool: &PgPool) -> sqlx::Result<PgConnection> {
-    PgConnection::connect_with(&pool.connect_options()).await
 }
 
 /// A connection outside `pool`'s with `schema` first on its `search_path`, named after

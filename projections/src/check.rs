@@ -14,6 +14,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::build::{self, Lane, Phase, Progress, Record};
 use crate::rebuild::resolve;
+use crate::run_lock::{self, LockWatch};
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// Advisory lock class of running checks: a check holds one on its scratch schema's name,
@@ -74,7 +75,7 @@ pub async fn check(
 ) -> Result<CheckReport, RunError> {
     let projections = resolve(names)?;
     let schema = format!("ledgerline_check_{}", uuid::Uuid::new_v4().simple());
-    let mut lock = build::dedicated_connection(pool).await?;
+    let mut lock = run_lock::connect(pool).await?;
     drop_abandoned_scratch(&mut lock).await?;
     sqlx::query("SELECT pg_advisory_lock($1, hashtext($2))")
         .bind(CHECK_LOCK_CLASS)
@@ -84,26 +85,71 @@ pub async fn check(
     let mut tx = lock.begin().await?;
     build::create_schema(&mut tx, &schema, &projections).await?;
     tx.commit().await?;
-    let result = compare_with_rebuild(pool, &schema, &projections, batch_size, progress).await;
-    // The verdict is what the operator ran this for: a failed clean-up (the lock's
-    // connection may have been cut while it idled) is a warning, not the answer.
-    let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
-        .execute(&mut lock)
-        .await;
-    if let Err(e) = dropped {
-        tracing::warn!(schema, error = %e, "the check's scratch schema could not be dropped; `projections check` drops it at its next run");
+    // Without its lock, the next check would take the scratch schema for a killed check's
+    // and drop it under this one (see `run_lock`).
+    let watch = LockWatch::start(lock).await?;
+    let lock_lost = |cause: String| RunError::LockLost {
+        run: "check",
+        cause,
+        next: "nothing live was changed; run `ledgerline projections check` again".to_string(),
+    };
+    let checked = async {
+        let built = tokio::select! {
+            built = build_scratch(pool, &schema, &projections, batch_size, progress) => built,
+            cause = watch.lost() => Err(lock_lost(cause)),
+        };
+        let started = built?;
+        progress.set_phase(Phase::Comparing);
+        compare(
+            pool,
+            &schema,
+            projections.as_slice(),
+            &started,
+            watch.pid(),
+            &lock_lost,
+        )
+        .await
+    };
+    let result = checked.await;
+    match (result, watch.stop().await) {
+        (result, Ok(mut lock)) => {
+            // The verdict is what the operator ran this for: a failed clean-up is a
+            // warning, not the answer.
+            let dropped = sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+                .execute(&mut lock)
+                .await;
+            if let Err(e) = dropped {
+                tracing::warn!(schema, error = %e, "the check's scratch schema could not be dropped; `projections check` drops it at its next run");
+            }
+            lock.close().await.ok();
+            result
+        }
+        (result, Err(cause)) => {
+            tracing::warn!(schema, "the check's scratch schema is left for the next check to drop, as its lock was lost");
+            match result {
+                // The comparison had the lock in its own transaction.
+                Ok(report) => Ok(report),
+                Err(RunError::LockLost { run, cause, next }) => {
+                    Err(RunError::LockLost { run, cause, next })
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "the check failed after losing its lock");
+                    Err(lock_lost(cause))
+                }
+            }
+        }
     }
-    lock.close().await.ok();
-    result
 }
 
-async fn compare_with_rebuild(
+/// Builds the scratch copies up to each projection's live checkpoint as it is now; returns
+/// those checkpoints.
+async fn build_scratch(
     pool: &PgPool,
     schema: &str,
     projections: &[Projection],
     batch_size: i64,
     progress: &Arc<Progress>,
-) -> Result<CheckReport, RunError> {
+) -> Result<Vec<(Projection, i64)>, RunError> {
     let started = live_checkpoints(pool, projections).await?;
     let lanes: Vec<Lane> = started
         .iter()
@@ -127,8 +173,20 @@ async fn compare_with_rebuild(
     .await;
     scratch.close().await;
     built?;
-    progress.set_phase(Phase::Comparing);
+    Ok(started)
+}
 
+/// Compares the copies built up to `started` with the live tables, in one snapshot, after
+/// applying the events the live side took since. Only while the session `lock_pid` holds
+/// the check's lock.
+async fn compare(
+    pool: &PgPool,
+    schema: &str,
+    projections: &[Projection],
+    started: &[(Projection, i64)],
+    lock_pid: i32,
+    lock_lost: &impl Fn(String) -> RunError,
+) -> Result<CheckReport, RunError> {
     let mut conn = build::schema_connection(pool, schema).await?;
     let mut tx = conn.begin().await?;
     // One snapshot for the checkpoints, the tail of the log and the live tables. The table
@@ -141,16 +199,24 @@ async fn compare_with_rebuild(
     // It holds the live tables (against a swap, or a migration that every reader would
     // then queue behind): a frozen operator process must not hold them for long.
     crate::lease::idle_limit(&mut tx).await?;
-    let live: Vec<String> = Projection::tables_of(projections)
+    // The copies too: once the lock is seen held below, a next check that finds it gone
+    // cannot drop them under this comparison (whose unqualified names would then fall
+    // through to the live tables).
+    let tables: Vec<String> = Projection::tables_of(projections)
         .iter()
-        .map(|t| format!("public.{t}"))
+        .flat_map(|t| [format!("public.{t}"), format!("{schema}.{t}")])
         .collect();
     sqlx::query(&format!(
         "LOCK TABLE {} IN ACCESS SHARE MODE",
-        live.join(", ")
+        tables.join(", ")
     ))
     .execute(&mut *tx)
     .await?;
+    if !lock_held_by(&mut tx, schema, lock_pid).await? {
+        return Err(lock_lost(format!(
+            "session {lock_pid} no longer holds it at the comparison"
+        )));
+    }
     let now = live_checkpoints(&mut *tx, projections).await?;
     let mut report = CheckReport {
         projections: Vec::new(),
@@ -191,6 +257,21 @@ async fn compare_with_rebuild(
     tx.rollback().await?;
     conn.close().await?;
     Ok(report)
+}
+
+/// Whether the session `pid` holds the lock of the check of `schema` now.
+async fn lock_held_by(conn: &mut PgConnection, schema: &str, pid: i32) -> sqlx::Result<bool> {
+    // A lock on two int4 keys shows them in `classid` and `objid`, with `objsubid` 2.
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND pid = $3 AND classid = $1::oid AND objid = hashtext($2)::oid AND objsubid = 2 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    )
+    .bind(CHECK_LOCK_CLASS)
+    .bind(schema)
+    .bind(pid)
+    .fetch_one(conn)
+    .await
 }
 
 /// Each projection's live checkpoint (0 for one that never ran).

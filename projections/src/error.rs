@@ -120,12 +120,25 @@ pub enum RunError {
     RebuildRunning,
     /// An interrupted job of other projections would be left half done.
     #[error(
-        "rebuild job {job} of {} is unfinished: run `ledgerline projections rebuild {}` to \
-         resume it, or `ledgerline projections rebuild --abandon` to drop it",
+        "rebuild job {job} of {} is unfinished: run `{}` to resume it, or `ledgerline \
+         projections rebuild --abandon` to drop it",
         projections.join(", "),
-        projections.join(" ")
+        crate::rebuild::resume_command(projections)
     )]
     RebuildInProgress { job: i64, projections: Vec<String> },
+    /// The database session holding the run's advisory lock ended while the run went on
+    /// (an `idle_session_timeout`, a firewall or pooler, `pg_terminate_backend`): another
+    /// run could now take the lock, so this one stopped. `next` says what is left and what
+    /// to run.
+    #[error(
+        "the {run} lost its lock: the database session holding it ended ({cause}); it \
+         stopped rather than go on without it: {next}"
+    )]
+    LockLost {
+        run: &'static str,
+        cause: String,
+        next: String,
+    },
     /// Other sessions held the live tables on every attempt at the swap.
     #[error(
         "other sessions held the live tables through all {attempts} attempts at the swap \

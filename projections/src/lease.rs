@@ -127,6 +127,29 @@ pub async fn release(pool: &PgPool, name: &str, holder: &str) -> sqlx::Result<bo
     Ok(released.is_some())
 }
 
+/// One lease as the `leases` table has it now, for `projections status`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct LeaseHolder {
+    /// `projection:<name>` or `log-maintainer`.
+    pub name: String,
+    /// `hostname:pid:random` of the process holding it.
+    pub holder: String,
+    /// Milliseconds until it expires unless renewed, by the database's clock; negative once
+    /// expired (free for another process to take; a killed holder's row stays until then).
+    pub expires_in_ms: i64,
+}
+
+/// Every lease row, by name.
+pub async fn holders(pool: &PgPool) -> sqlx::Result<Vec<LeaseHolder>> {
+    sqlx::query_as(
+        "SELECT name, holder, \
+         (extract(epoch FROM expires_at - now()) * 1000)::bigint AS expires_in_ms \
+         FROM leases ORDER BY name",
+    )
+    .fetch_all(pool)
+    .await
+}
+
 /// Ends the current transaction if it idles past [`STALLED_TRANSACTION_LIMIT`]: for a
 /// transaction that holds what a lease holder, the projector or the API needs (a swap, a
 /// check's comparison, a signing under the maintainer's lease), which a frozen process

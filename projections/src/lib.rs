@@ -18,6 +18,7 @@ pub mod notify;
 mod projection;
 mod projector;
 mod rebuild;
+mod run_lock;
 mod runner;
 mod tail;
 
@@ -35,8 +36,8 @@ pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;
 pub use projector::{Projector, ProjectorHandle};
 pub use rebuild::{
-    abandon_rebuild, rebuild, rebuild_progress, resolve, RebuildOptions, RebuildProgress,
-    RebuildSummary,
+    abandon_rebuild, rebuild, rebuild_progress, resolve, resume_command, RebuildOptions,
+    RebuildProgress, RebuildSummary,
 };
 pub use runner::{
     catch_up, names, reset, retry, run_batch, run_leased_batch, status, BatchOutcome,

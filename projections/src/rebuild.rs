@@ -14,6 +14,7 @@ use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool};
 
 use crate::build::{self, Lane, Phase, Progress, Record};
+use crate::run_lock::{self, LockWatch};
 use crate::runner::head;
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -99,6 +100,21 @@ pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, Run
     .await?)
 }
 
+/// The command that resumes the unfinished job of `projections`: `--all` when it covers
+/// every projection, as `projections status` and the errors all say it.
+pub fn resume_command(projections: &[impl AsRef<str>]) -> String {
+    let mut names: Vec<&str> = projections.iter().map(AsRef::as_ref).collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut all = crate::names();
+    all.sort_unstable();
+    if names == all {
+        "ledgerline projections rebuild --all".to_string()
+    } else {
+        format!("ledgerline projections rebuild {}", names.join(" "))
+    }
+}
+
 /// The projections named (all if `None`), resolved, sorted by name and deduplicated.
 pub fn resolve(names: Option<&[&str]>) -> Result<Vec<Projection>, RunError> {
     let mut projections = match names {
@@ -134,7 +150,7 @@ pub async fn rebuild(
     let wanted: Vec<&'static str> = projections.iter().map(|p| p.name()).collect();
     // A connection of its own, closed when the function returns (or the process dies),
     // which is what releases the lock.
-    let mut lock = build::dedicated_connection(pool).await?;
+    let mut lock = run_lock::connect(pool).await?;
     take_lock(&mut lock).await?;
     let (job, resumed) = match running_job(&mut lock).await? {
         Some((job, names)) if names == wanted => {
@@ -160,6 +176,18 @@ pub async fn rebuild(
     };
     // Names joined by spaces: a log field holds text, and a debug list would be Rust's syntax.
     tracing::info!(job = job.id, projections = %wanted.join(" "), resumed, "rebuilding");
+    progress.set_job(job.id);
+    // From here on the job must stop if its lock's session ends (see `run_lock`).
+    let watch = LockWatch::start(lock).await?;
+    let lock_lost = |cause: String| RunError::LockLost {
+        run: "rebuild",
+        cause,
+        next: format!(
+            "job {} keeps its work; run `{}` again to resume it",
+            job.id,
+            resume_command(&wanted)
+        ),
+    };
 
     let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
     // Brings every lane of the job to the head as it is now; returns that head.
@@ -185,7 +213,7 @@ pub async fn rebuild(
         .await?;
         Ok::<_, RunError>(target)
     };
-    let result = async {
+    let built = async {
         // Catch up without holding anything back, until what is left is small enough for
         // the swap to apply under its locks.
         loop {
@@ -198,19 +226,44 @@ pub async fn rebuild(
         build::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
         // Events that arrived while the indexes were built.
         catch_up().await?;
-        progress.set_phase(Phase::Swapping);
-        swap_when_quiet(pool, &job, &projections).await
-    }
-    .await;
+        Ok(())
+    };
+    // A lost lock drops the build where it is: its workers' tasks are aborted, and what
+    // they committed stays for the next run. The swap is not cut off this way (a commit
+    // under way might land after the error was said): it looks for the lock itself.
+    let built = tokio::select! {
+        built = built => built,
+        cause = watch.lost() => Err(lock_lost(cause)),
+    };
     shadow.close().await;
-    if let Err(RunError::LiveTablesChanged(_)) = &result {
-        // The copies can never be swapped in; the next run starts afresh. The reason stays
-        // the error the caller sees, also if dropping them fails (the next run retries it).
-        if let Err(e) = abandon(&mut lock, &job).await {
-            tracing::error!(job = job.id, error = %e, "the job could not be abandoned");
+    let result = match built {
+        Ok(()) => {
+            progress.set_phase(Phase::Swapping);
+            swap_when_quiet(pool, &job, &projections, watch.pid(), &lock_lost).await
         }
-    }
+        Err(e) => Err(e),
+    };
+    let result = match (result, watch.stop().await) {
+        (Err(RunError::LiveTablesChanged(table)), Ok(mut lock)) => {
+            // The copies can never be swapped in; the next run starts afresh. The reason
+            // stays the error the caller sees, also if dropping them fails (the next run
+            // retries it).
+            if let Err(e) = abandon(&mut lock, &job).await {
+                tracing::error!(job = job.id, error = %e, "the job could not be abandoned");
+            }
+            Err(RunError::LiveTablesChanged(table))
+        }
+        // A run that failed after losing its lock failed because of it, mostly: the run
+        // that took the lock over ends this one's sessions.
+        (Err(e), Err(cause)) if !matches!(e, RunError::LockLost { .. }) => {
+            tracing::warn!(job = job.id, error = %e, "the run failed after losing its lock");
+            Err(lock_lost(cause))
+        }
+        // A swap that committed had the lock in its own transaction.
+        (result, _) => result,
+    };
     let position = result?;
+    progress.swapped(position);
     tracing::info!(job = job.id, position, "rebuilt tables swapped in");
     Ok(RebuildSummary {
         job: job.id,
@@ -223,7 +276,7 @@ pub async fn rebuild(
 /// Drops the unfinished job's shadow schema and marks it abandoned. Returns its id, if
 /// there was one. The live tables are not touched.
 pub async fn abandon_rebuild(pool: &PgPool) -> Result<Option<i64>, RunError> {
-    let mut lock = build::dedicated_connection(pool).await?;
+    let mut lock = run_lock::connect(pool).await?;
     take_lock(&mut lock).await?;
     let Some((job, _)) = running_job(&mut lock).await? else {
         return Ok(None);
@@ -355,11 +408,13 @@ async fn swap_when_quiet(
     pool: &PgPool,
     job: &Job,
     projections: &[Projection],
+    lock_pid: i32,
+    lock_lost: &impl Fn(String) -> RunError,
 ) -> Result<i64, RunError> {
     let tables = Projection::tables_of(projections);
     let mut attempt = 1;
     loop {
-        match swap(pool, job, projections).await {
+        match swap(pool, job, projections, lock_pid, lock_lost).await {
             Err(RunError::Sql(sqlx::Error::Database(e)))
                 if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref())) =>
             {
@@ -372,11 +427,14 @@ async fn swap_when_quiet(
                         holders,
                     });
                 }
+                // Read before the event: a value the macro holds across an await would
+                // make the job's future one that cannot be sent to another thread.
+                let holding = holders(pool, &job.schema, &tables)
+                    .await
+                    .unwrap_or_default();
                 tracing::info!(
                     attempt,
-                    holders = holders(pool, &job.schema, &tables)
-                        .await
-                        .unwrap_or_default(),
+                    holders = holding,
                     "other sessions hold the live tables; trying the swap again"
                 );
                 attempt += 1;
@@ -435,8 +493,15 @@ const BACK_OFF: [&str; 2] = ["55P03", "40P01"];
 /// The swap, in one transaction: hold the live projections back (their checkpoint rows),
 /// apply the events that arrived since the last batch to the shadow tables, replace the
 /// live tables with them and set the checkpoints to the position they now reflect.
-/// Readers wait only for the table locks of the last few statements.
-async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i64, RunError> {
+/// Readers wait only for the table locks of the last few statements. It commits only while
+/// the session `lock_pid` holds the rebuild lock.
+async fn swap(
+    pool: &PgPool,
+    job: &Job,
+    projections: &[Projection],
+    lock_pid: i32,
+    lock_lost: &impl Fn(String) -> RunError,
+) -> Result<i64, RunError> {
     let names: Vec<&str> = projections.iter().map(|p| p.name()).collect();
     let tables = Projection::tables_of(projections);
     let mut conn = build::schema_connection(pool, &job.schema).await?;
@@ -549,6 +614,30 @@ async fn swap(pool: &PgPool, job: &Job, projections: &[Projection]) -> Result<i6
     .bind(position)
     .execute(&mut *tx)
     .await?;
+    // Last, as everything before may wait for locks: a run that took the lock over since
+    // (and owns the job now) ends this session, so the swap either commits before that
+    // or not at all.
+    if !lock_held_by(&mut tx, lock_pid).await? {
+        return Err(lock_lost(format!(
+            "session {lock_pid} no longer holds it at the swap"
+        )));
+    }
     tx.commit().await?;
     Ok(position)
+}
+
+/// Whether the session `pid` holds the rebuild lock now (read from `pg_locks`, as
+/// [`rebuild_progress`] does).
+async fn lock_held_by(conn: &mut PgConnection, pid: i32) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
+         AND pid = $3 AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
+         AND objsubid = 1 \
+         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
+    )
+    .bind((REBUILD_LOCK as u64 >> 32) as i64)
+    .bind((REBUILD_LOCK as u64 & 0xffff_ffff) as i64)
+    .bind(pid)
+    .fetch_one(conn)
+    .await
 }
