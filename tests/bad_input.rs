@@ -1580,6 +1580,60 @@ async fn bad_audit_query_params_are_400() {
     }
 }
 
+/// A NUL character cannot reach PostgreSQL (`text` cannot hold one: the query would fail
+/// with a 500), so every query string refuses one, naming the parameter, like a bad value.
+#[tokio::test]
+async fn nul_characters_in_query_parameters_are_400() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let audit = org_path(org, "/audit-events");
+    for (query, parameter) in [
+        ("event_type=%00", "event_type"),
+        ("aggregate_id=%00abc", "aggregate_id"),
+        ("aggregate_type=Us%00er", "aggregate_type"),
+        ("order=asc&event_type=UserInvited%00", "event_type"),
+    ] {
+        let r = refused_bodyless(t, Method::GET, &format!("{audit}?{query}"), 400).await;
+        assert_error_mentions(
+            &r,
+            &format!("invalid query: {parameter} must not contain the NUL character"),
+        );
+    }
+    // The paged lists' cursor is a string too.
+    for list in [
+        "/v1/organizations".to_string(),
+        org_path(org, "/users"),
+        org_path(org, "/roles"),
+        org_path(org, &format!("/users/{user}/roles")),
+    ] {
+        let r = refused_bodyless(t, Method::GET, &format!("{list}?cursor=ab%00c"), 400).await;
+        assert_error_mentions(
+            &r,
+            "invalid query: cursor must not contain the NUL character",
+        );
+    }
+    // A path's only free strings (an entity type, an emoji) are checked against what they
+    // may be before any query: the NUL is a 400 (the emoji's is in tests/messaging.rs).
+    let r = refused_bodyless(
+        t,
+        Method::GET,
+        &org_path(org, &format!("/history/us%00er/{user}")),
+        400,
+    )
+    .await;
+    assert_error_mentions(&r, "unknown entity type");
+    // The controls: the same parameters without the NUL are read.
+    let r = t
+        .get(&format!("{audit}?event_type=UserInvited"), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["items"][0]["event_type"], json!("UserInvited"));
+    for query in ["aggregate_id=abc", "aggregate_type=User"] {
+        let r = t.get(&format!("{audit}?{query}"), &t.admin_key).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.body);
+    }
+}
+
 #[tokio::test]
 async fn bad_ledger_query_params_are_400() {
     let f = fixture().await;
