@@ -1390,6 +1390,151 @@ async fn updates_that_change_nothing_are_422() {
     .await;
 }
 
+/// A PATCH field that cannot be cleared (a name, a slug, an address, a participant's role
+/// or muting) refuses `null`, naming the field, rather than reading it as absent: the client
+/// meant something the server would not do. The whole request is refused, also the fields
+/// beside it, and nothing is appended.
+#[tokio::test]
+async fn null_for_a_field_that_cannot_be_cleared_is_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let conversation = Uuid::new_v4();
+    let cases = [
+        (org_path(org, ""), json!({"name": null}), "name"),
+        (
+            org_path(org, ""),
+            json!({"slug": null, "country_code": "FR"}),
+            "slug",
+        ),
+        (
+            org_path(org, &format!("/roles/{role}")),
+            json!({"name": null, "description": "changed"}),
+            "name",
+        ),
+        (
+            org_path(org, &format!("/users/{user}")),
+            json!({"email": null}),
+            "email",
+        ),
+        (
+            org_path(org, &format!("/users/{user}")),
+            json!({"full_name": null, "email": "grace@example.com"}),
+            "full_name",
+        ),
+        (
+            org_path(
+                org,
+                &format!("/conversations/{conversation}/participants/{user}"),
+            ),
+            json!({"role": null, "muted": true}),
+            "role",
+        ),
+        (
+            org_path(
+                org,
+                &format!("/conversations/{conversation}/participants/{user}"),
+            ),
+            json!({"muted": null}),
+            "muted",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let r = refused(t, Method::PATCH, &path, body, 422).await;
+        assert_error_mentions(&r, &format!("{field}: cannot be null"));
+        assert_error_mentions(&r, "leave it out to keep it");
+    }
+    let r = t.get(&org_path(org, ""), &t.admin_key).await;
+    assert_eq!(
+        (&r.body["name"], &r.body["slug"], &r.body["country_code"]),
+        (&json!("Acme"), &json!("acme"), &Value::Null)
+    );
+    let r = t
+        .get(&org_path(org, &format!("/roles/{role}")), &t.admin_key)
+        .await;
+    assert_eq!(
+        (&r.body["name"], &r.body["description"]),
+        (&json!("support"), &json!(""))
+    );
+    let r = t
+        .get(&org_path(org, &format!("/users/{user}")), &t.admin_key)
+        .await;
+    assert_eq!(
+        (&r.body["email"], &r.body["full_name"]),
+        (&json!("ada@example.com"), &json!("Ada Lovelace"))
+    );
+}
+
+/// A PATCH field that can be cleared clears on `null` to what a creation that leaves it out
+/// gives: an organization's settings to `{}`, a role's description to `""` and its own
+/// permissions to none.
+#[tokio::test]
+async fn null_clears_a_field_that_can_be_cleared() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"settings": {"tier": "gold"}}),
+        )
+        .await;
+    assert_eq!(r.body["settings"], json!({"tier": "gold"}), "{}", r.body);
+    let before = t.head().await;
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"settings": null, "name": "Acme Corp"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (&r.body["name"], &r.body["settings"]),
+        (&json!("Acme Corp"), &json!({}))
+    );
+    assert_eq!(t.head().await, before + 1);
+    // Cleared already: nothing to change.
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        json!({"settings": null}),
+        422,
+    )
+    .await;
+
+    let path = org_path(org, &format!("/roles/{role}"));
+    let r = t
+        .patch(&path, &t.admin_key, json!({"description": "first line"}))
+        .await;
+    assert_eq!(r.body["description"], json!("first line"), "{}", r.body);
+    let r = t
+        .patch(&path, &t.admin_key, json!({"description": null}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["description"], json!(""));
+    assert_eq!(
+        r.body["permissions"],
+        json!(["users:read"]),
+        "left as it was"
+    );
+    let before = t.head().await;
+    let r = t
+        .patch(&path, &t.admin_key, json!({"permissions": null}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["permissions"], json!([]));
+    assert_eq!(t.head().await, before + 1);
+    refused(
+        t,
+        Method::PATCH,
+        &path,
+        json!({"permissions": null, "description": null}),
+        422,
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn state_transitions_that_do_not_apply_are_409() {
     let f = fixture().await;

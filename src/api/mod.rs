@@ -763,13 +763,61 @@ pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 /// value or `null`, and no `default` (absent and `null` mean different things).
 pub fn absent_or_null(schema: &mut schemars::Schema) {
     schema.remove("default");
+    say(schema, "Absent: left as it is; null: cleared.");
+}
+
+/// For PATCH fields that cannot be cleared (a name, an address): absent leaves the value, and
+/// `null` is refused (422, serde names the field) rather than read as absent, which would
+/// keep what the client meant to clear.
+pub fn not_null<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    match Option::<T>::deserialize(d)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom(
+            "cannot be null: leave it out to keep it",
+        )),
+    }
+}
+
+/// The schema of a [`not_null`] field (`#[schemars(transform = absent_not_null)]`): its value
+/// only (the `Option`'s `null` taken out), and no `default`.
+pub fn absent_not_null(schema: &mut schemars::Schema) {
+    use serde_json::Value;
+    schema.remove("default");
+    if let Some(Value::Array(types)) = schema.get_mut("type") {
+        types.retain(|t| t != "null");
+        if let [only] = types.as_slice() {
+            let only = only.clone();
+            schema.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(choices)) = schema.remove("anyOf") {
+        let mut kept: Vec<Value> = choices
+            .into_iter()
+            .filter(|c| c.get("type").and_then(Value::as_str) != Some("null"))
+            .collect();
+        match (kept.pop(), kept.is_empty()) {
+            (Some(Value::Object(only)), true) => {
+                for (key, value) in only {
+                    schema.insert(key, value);
+                }
+            }
+            (last, _) => {
+                kept.extend(last);
+                schema.insert("anyOf".into(), kept.into());
+            }
+        }
+    }
+    say(schema, "Absent: left as it is; null is refused.");
+}
+
+/// Appends `what` to a schema's description.
+fn say(schema: &mut schemars::Schema, what: &str) {
     let said = schema
         .get("description")
         .and_then(serde_json::Value::as_str)
         .map(|d| format!("{d} "))
         .unwrap_or_default();
-    schema.insert(
-        "description".into(),
-        format!("{said}Absent: left as it is; null: cleared.").into(),
-    );
+    schema.insert("description".into(), format!("{said}{what}").into());
 }
