@@ -1243,6 +1243,45 @@ async fn unknown_permission_names_are_422() {
     }
 }
 
+/// A list of permissions is a set, and the document says so (`uniqueItems`): one listed twice
+/// is refused, naming it, rather than folded away (the client may have meant another).
+#[tokio::test]
+async fn permissions_listed_twice_are_422() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    let twice = json!(["audit:read", "users:read", "audit:read"]);
+    for (method, path, body) in [
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": twice}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{role}")),
+            json!({"permissions": twice}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": twice}),
+        ),
+    ] {
+        let r = refused(t, method, &path, body, 422).await;
+        assert_error_mentions(&r, "permissions: `audit:read` is listed twice");
+    }
+    // Each once, they are taken.
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "ops", "permissions": ["audit:read", "users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["permissions"], json!(["users:read", "audit:read"]));
+}
+
 #[tokio::test]
 async fn invalid_key_issuance_is_refused() {
     let f = fixture().await;

@@ -9,6 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::Router;
+use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Deserializer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -764,6 +765,34 @@ pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 pub fn absent_or_null(schema: &mut schemars::Schema) {
     schema.remove("default");
     say(schema, "Absent: left as it is; null: cleared.");
+}
+
+/// A list of permissions in a body: each once, as its schema's `uniqueItems` says. One listed
+/// twice is refused (422, serde names the field) rather than folded into the set: the client
+/// may have meant another.
+pub fn permission_set<'de, D: Deserializer<'de>>(d: D) -> Result<PermissionSet, D::Error> {
+    once(Vec::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// [`permission_set`] for a PATCH field that `null` clears ([`double_option`]).
+pub fn permission_set_or_null<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<PermissionSet>>, D::Error> {
+    Option::<Vec<Permission>>::deserialize(d)?
+        .map(once)
+        .transpose()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn once(listed: Vec<Permission>) -> Result<PermissionSet, String> {
+    let mut set = PermissionSet::new();
+    for p in listed {
+        if !set.insert(p) {
+            return Err(format!("`{p}` is listed twice"));
+        }
+    }
+    Ok(set)
 }
 
 /// For PATCH fields that cannot be cleared (a name, an address): absent leaves the value, and

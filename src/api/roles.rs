@@ -106,7 +106,7 @@ pub struct CreateRole {
     name: String,
     #[serde(default)]
     description: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::permission_set")]
     permissions: PermissionSet,
     parent_role_id: Option<Uuid>,
 }
@@ -206,7 +206,7 @@ pub struct UpdateRole {
     #[schemars(transform = absent_or_null)]
     description: Option<Option<String>>,
     /// The role's own, replaced as a whole; none once cleared, as when created without.
-    #[serde(default, deserialize_with = "double_option")]
+    #[serde(default, deserialize_with = "super::permission_set_or_null")]
     #[schemars(transform = absent_or_null)]
     permissions: Option<Option<PermissionSet>>,
     #[serde(default, deserialize_with = "double_option")]
