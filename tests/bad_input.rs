@@ -1243,6 +1243,45 @@ async fn unknown_permission_names_are_422() {
     }
 }
 
+/// A list of permissions is a set, and the document says so (`uniqueItems`): one listed twice
+/// is refused, naming it, rather than folded away (the client may have meant another).
+#[tokio::test]
+async fn permissions_listed_twice_are_422() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    let twice = json!(["audit:read", "users:read", "audit:read"]);
+    for (method, path, body) in [
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!({"name": "ops", "permissions": twice}),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/roles/{role}")),
+            json!({"permissions": twice}),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/api-keys"),
+            json!({"label": "k", "permissions": twice}),
+        ),
+    ] {
+        let r = refused(t, method, &path, body, 422).await;
+        assert_error_mentions(&r, "permissions: `audit:read` is listed twice");
+    }
+    // Each once, they are taken.
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "ops", "permissions": ["audit:read", "users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["permissions"], json!(["users:read", "audit:read"]));
+}
+
 #[tokio::test]
 async fn invalid_key_issuance_is_refused() {
     let f = fixture().await;
@@ -1385,6 +1424,151 @@ async fn updates_that_change_nothing_are_422() {
         Method::PATCH,
         &org_path(org, &format!("/roles/{role}")),
         json!({"name": "support"}),
+        422,
+    )
+    .await;
+}
+
+/// A PATCH field that cannot be cleared (a name, a slug, an address, a participant's role
+/// or muting) refuses `null`, naming the field, rather than reading it as absent: the client
+/// meant something the server would not do. The whole request is refused, also the fields
+/// beside it, and nothing is appended.
+#[tokio::test]
+async fn null_for_a_field_that_cannot_be_cleared_is_422() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let conversation = Uuid::new_v4();
+    let cases = [
+        (org_path(org, ""), json!({"name": null}), "name"),
+        (
+            org_path(org, ""),
+            json!({"slug": null, "country_code": "FR"}),
+            "slug",
+        ),
+        (
+            org_path(org, &format!("/roles/{role}")),
+            json!({"name": null, "description": "changed"}),
+            "name",
+        ),
+        (
+            org_path(org, &format!("/users/{user}")),
+            json!({"email": null}),
+            "email",
+        ),
+        (
+            org_path(org, &format!("/users/{user}")),
+            json!({"full_name": null, "email": "grace@example.com"}),
+            "full_name",
+        ),
+        (
+            org_path(
+                org,
+                &format!("/conversations/{conversation}/participants/{user}"),
+            ),
+            json!({"role": null, "muted": true}),
+            "role",
+        ),
+        (
+            org_path(
+                org,
+                &format!("/conversations/{conversation}/participants/{user}"),
+            ),
+            json!({"muted": null}),
+            "muted",
+        ),
+    ];
+    for (path, body, field) in cases {
+        let r = refused(t, Method::PATCH, &path, body, 422).await;
+        assert_error_mentions(&r, &format!("{field}: cannot be null"));
+        assert_error_mentions(&r, "leave it out to keep it");
+    }
+    let r = t.get(&org_path(org, ""), &t.admin_key).await;
+    assert_eq!(
+        (&r.body["name"], &r.body["slug"], &r.body["country_code"]),
+        (&json!("Acme"), &json!("acme"), &Value::Null)
+    );
+    let r = t
+        .get(&org_path(org, &format!("/roles/{role}")), &t.admin_key)
+        .await;
+    assert_eq!(
+        (&r.body["name"], &r.body["description"]),
+        (&json!("support"), &json!(""))
+    );
+    let r = t
+        .get(&org_path(org, &format!("/users/{user}")), &t.admin_key)
+        .await;
+    assert_eq!(
+        (&r.body["email"], &r.body["full_name"]),
+        (&json!("ada@example.com"), &json!("Ada Lovelace"))
+    );
+}
+
+/// A PATCH field that can be cleared clears on `null` to what a creation that leaves it out
+/// gives: an organization's settings to `{}`, a role's description to `""` and its own
+/// permissions to none.
+#[tokio::test]
+async fn null_clears_a_field_that_can_be_cleared() {
+    let f = fixture().await;
+    let (t, org, role) = (&f.t, f.org, f.role);
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"settings": {"tier": "gold"}}),
+        )
+        .await;
+    assert_eq!(r.body["settings"], json!({"tier": "gold"}), "{}", r.body);
+    let before = t.head().await;
+    let r = t
+        .patch(
+            &org_path(org, ""),
+            &t.admin_key,
+            json!({"settings": null, "name": "Acme Corp"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        (&r.body["name"], &r.body["settings"]),
+        (&json!("Acme Corp"), &json!({}))
+    );
+    assert_eq!(t.head().await, before + 1);
+    // Cleared already: nothing to change.
+    refused(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        json!({"settings": null}),
+        422,
+    )
+    .await;
+
+    let path = org_path(org, &format!("/roles/{role}"));
+    let r = t
+        .patch(&path, &t.admin_key, json!({"description": "first line"}))
+        .await;
+    assert_eq!(r.body["description"], json!("first line"), "{}", r.body);
+    let r = t
+        .patch(&path, &t.admin_key, json!({"description": null}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["description"], json!(""));
+    assert_eq!(
+        r.body["permissions"],
+        json!(["users:read"]),
+        "left as it was"
+    );
+    let before = t.head().await;
+    let r = t
+        .patch(&path, &t.admin_key, json!({"permissions": null}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["permissions"], json!([]));
+    assert_eq!(t.head().await, before + 1);
+    refused(
+        t,
+        Method::PATCH,
+        &path,
+        json!({"permissions": null, "description": null}),
         422,
     )
     .await;
@@ -1576,6 +1760,60 @@ async fn bad_audit_query_params_are_400() {
         "actor=00000000-0000-0000-0000-000000000000",
     ] {
         let r = t.get(&format!("{path}?{query}"), &t.admin_key).await;
+        assert_eq!(r.status, 200, "{query}: {}", r.body);
+    }
+}
+
+/// A NUL character cannot reach PostgreSQL (`text` cannot hold one: the query would fail
+/// with a 500), so every query string refuses one, naming the parameter, like a bad value.
+#[tokio::test]
+async fn nul_characters_in_query_parameters_are_400() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let audit = org_path(org, "/audit-events");
+    for (query, parameter) in [
+        ("event_type=%00", "event_type"),
+        ("aggregate_id=%00abc", "aggregate_id"),
+        ("aggregate_type=Us%00er", "aggregate_type"),
+        ("order=asc&event_type=UserInvited%00", "event_type"),
+    ] {
+        let r = refused_bodyless(t, Method::GET, &format!("{audit}?{query}"), 400).await;
+        assert_error_mentions(
+            &r,
+            &format!("invalid query: {parameter} must not contain the NUL character"),
+        );
+    }
+    // The paged lists' cursor is a string too.
+    for list in [
+        "/v1/organizations".to_string(),
+        org_path(org, "/users"),
+        org_path(org, "/roles"),
+        org_path(org, &format!("/users/{user}/roles")),
+    ] {
+        let r = refused_bodyless(t, Method::GET, &format!("{list}?cursor=ab%00c"), 400).await;
+        assert_error_mentions(
+            &r,
+            "invalid query: cursor must not contain the NUL character",
+        );
+    }
+    // A path's only free strings (an entity type, an emoji) are checked against what they
+    // may be before any query: the NUL is a 400 (the emoji's is in tests/messaging.rs).
+    let r = refused_bodyless(
+        t,
+        Method::GET,
+        &org_path(org, &format!("/history/us%00er/{user}")),
+        400,
+    )
+    .await;
+    assert_error_mentions(&r, "unknown entity type");
+    // The controls: the same parameters without the NUL are read.
+    let r = t
+        .get(&format!("{audit}?event_type=UserInvited"), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["items"][0]["event_type"], json!("UserInvited"));
+    for query in ["aggregate_id=abc", "aggregate_type=User"] {
+        let r = t.get(&format!("{audit}?{query}"), &t.admin_key).await;
         assert_eq!(r.status, 200, "{query}: {}", r.body);
     }
 }

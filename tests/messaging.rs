@@ -737,6 +737,12 @@ async fn one_reaction_per_user_message_and_emoji() {
     let head = c.t.head().await;
     c.refused(&react(&c.bob.1, "👍").await, 409, head).await;
     c.refused(&react(&c.bob.1, "ok").await, 422, head).await;
+    // A NUL in the path is refused as any control character is, never sent to the database.
+    c.refused(&react(&c.bob.1, "%F0%9F%91%8D%00").await, 422, head)
+        .await;
+    let nul = c.path(&format!("/{conv}/messages/{msg}/reactions/%00"));
+    c.refused(&c.t.delete(&nul, &c.bob.1).await, 422, head)
+        .await;
     c.refused(&react(&c.service, "👍").await, 403, head).await;
     assert_eq!(react(&c.carol.1, "👍").await.status, 200);
     let r = react(&c.bob.1, "🚀").await;

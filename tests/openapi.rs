@@ -633,3 +633,47 @@ async fn every_route_documents_the_body_and_query_its_handler_reads() {
     assert!(uuids >= 80, "the probe finds the UUIDs in paths ({uuids})");
     assert_eq!(t.head().await, before, "the probes changed nothing");
 }
+
+/// Every field of every PATCH body either clears on `null`, and the document types it nullable
+/// and says so, or refuses `null` (422, naming it, before the handler looks at anything), and
+/// the document types it not nullable: `null` is never quietly read as absent. (What clearing
+/// gives is checked per resource in tests/bad_input.rs.)
+#[tokio::test]
+async fn a_patch_field_clears_on_null_or_refuses_it_as_documented() {
+    let t = TestApp::spawn().await;
+    let check = Checker::new(document(&t).await);
+    let before = t.head().await;
+    let (mut cleared, mut refused) = (Vec::new(), Vec::new());
+    for route in ROUTES.iter().filter(|r| r.method == "PATCH") {
+        let body = check.request_schema("PATCH", route.path);
+        let body = &check.doc["components"]["schemas"][ref_name(body)];
+        let required = body["required"].as_array().cloned().unwrap_or_default();
+        for (field, schema) in body["properties"].as_object().unwrap() {
+            if required.contains(&json!(field)) {
+                continue;
+            }
+            let name = format!("PATCH {} {field}", route.path);
+            let said = schema["description"].as_str().unwrap_or_default();
+            if check.errors(schema, &Value::Null).is_empty() {
+                assert!(said.contains("null: cleared"), "{name}: {said:?}");
+                cleared.push(name);
+                continue;
+            }
+            assert!(said.contains("null is refused"), "{name}: {said:?}");
+            let path = concrete(route.path);
+            let r = t
+                .call(
+                    Method::PATCH,
+                    &path,
+                    Some(&t.admin_key),
+                    Some(json!({ field: null })),
+                )
+                .await;
+            common::assert_error_says(&r, 422, &format!("{field}: cannot be null"));
+            refused.push(name);
+        }
+    }
+    assert!(cleared.len() >= 8, "nullable: {cleared:?}");
+    assert!(refused.len() >= 7, "refusing null: {refused:?}");
+    assert_eq!(t.head().await, before, "the refusals changed nothing");
+}

@@ -69,7 +69,9 @@ impl Permission {
     pub fn description(self) -> &'static str {
         match self {
             Permission::OrganizationsRead => "Read the organization's profile",
-            Permission::OrganizationsWrite => "Update, suspend and reactivate the organization",
+            Permission::OrganizationsWrite => {
+                "Update the organization's profile (suspending and reactivating it needs platform:admin)"
+            }
             Permission::UsersRead => "List and read users",
             Permission::UsersWrite => "Invite, update, deactivate and reactivate users",
             Permission::UsersErase => "Erase a user's personal data",
@@ -165,6 +167,16 @@ pub fn list(permissions: &[Permission]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Suspending and reactivating an organization needs `platform:admin` (the operator's
+    /// act, `api::organizations::operator_act`): the permission to update one must not say it
+    /// grants them, and says whose they are.
+    #[test]
+    fn organizations_write_does_not_promise_suspension() {
+        let said = Permission::OrganizationsWrite.description();
+        assert!(!said.contains("suspend and reactivate the"), "{said}");
+        assert!(said.contains(Permission::PlatformAdmin.as_str()), "{said}");
+    }
 
     #[test]
     fn wire_names_round_trip() {

@@ -62,6 +62,7 @@ async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<ApiKeyView> {
 #[serde(deny_unknown_fields)]
 pub struct IssueKey {
     label: String,
+    #[serde(deserialize_with = "super::permission_set")]
     permissions: PermissionSet,
     /// The user the key acts as; omitted for a service key.
     user_id: Option<Uuid>,

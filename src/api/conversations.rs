@@ -627,7 +627,11 @@ pub async fn remove_participant(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateParticipant {
+    #[serde(default, deserialize_with = "super::not_null")]
+    #[schemars(transform = super::absent_not_null)]
     role: Option<ParticipantRole>,
+    #[serde(default, deserialize_with = "super::not_null")]
+    #[schemars(transform = super::absent_not_null)]
     muted: Option<bool>,
 }
 

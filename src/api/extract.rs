@@ -164,17 +164,38 @@ fn path_rejection(r: PathRejection) -> ApiError {
     ApiError::bad_request(format!("invalid path: {}", r.body_text()))
 }
 
-/// `axum::extract::Query` with our errors.
+/// `axum::extract::Query` with our errors, refusing a NUL character (400, naming the
+/// parameter) as [`Json`] does in a body: a parameter is compared with `text` columns, which
+/// cannot hold one, so PostgreSQL would fail the query (a 500), and every list reads its query
+/// through here.
 pub struct Query<T>(pub T);
 
 impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => Ok(Query(v)),
-            Err(r) => Err(query_rejection(r)),
+        let value = match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => v,
+            Err(r) => return Err(query_rejection(r)),
+        };
+        // The same decoding as the struct's (percent-escapes and `+`), pair by pair.
+        let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
+            .map_err(query_rejection)?
+            .0;
+        if let Some((name, _)) = pairs
+            .iter()
+            .find(|(name, value)| name.contains('\0') || value.contains('\0'))
+        {
+            let what = if name.contains('\0') {
+                "a parameter's name".to_string()
+            } else {
+                name.clone()
+            };
+            return Err(ApiError::bad_request(format!(
+                "invalid query: {what} must not contain the NUL character (%00)"
+            )));
         }
+        Ok(Query(value))
     }
 }
 

@@ -9,6 +9,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, patch, post, put};
 use axum::Router;
+use ledgerline_aggregates::{Permission, PermissionSet};
 use serde::{Deserialize, Deserializer};
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -763,13 +764,89 @@ pub fn double_option<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
 /// value or `null`, and no `default` (absent and `null` mean different things).
 pub fn absent_or_null(schema: &mut schemars::Schema) {
     schema.remove("default");
+    say(schema, "Absent: left as it is; null: cleared.");
+}
+
+/// A list of permissions in a body: each once, as its schema's `uniqueItems` says. One listed
+/// twice is refused (422, serde names the field) rather than folded into the set: the client
+/// may have meant another.
+pub fn permission_set<'de, D: Deserializer<'de>>(d: D) -> Result<PermissionSet, D::Error> {
+    once(Vec::deserialize(d)?).map_err(serde::de::Error::custom)
+}
+
+/// [`permission_set`] for a PATCH field that `null` clears ([`double_option`]).
+pub fn permission_set_or_null<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<Option<PermissionSet>>, D::Error> {
+    Option::<Vec<Permission>>::deserialize(d)?
+        .map(once)
+        .transpose()
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn once(listed: Vec<Permission>) -> Result<PermissionSet, String> {
+    let mut set = PermissionSet::new();
+    for p in listed {
+        if !set.insert(p) {
+            return Err(format!("`{p}` is listed twice"));
+        }
+    }
+    Ok(set)
+}
+
+/// For PATCH fields that cannot be cleared (a name, an address): absent leaves the value, and
+/// `null` is refused (422, serde names the field) rather than read as absent, which would
+/// keep what the client meant to clear.
+pub fn not_null<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    match Option::<T>::deserialize(d)? {
+        Some(value) => Ok(Some(value)),
+        None => Err(serde::de::Error::custom(
+            "cannot be null: leave it out to keep it",
+        )),
+    }
+}
+
+/// The schema of a [`not_null`] field (`#[schemars(transform = absent_not_null)]`): its value
+/// only (the `Option`'s `null` taken out), and no `default`.
+pub fn absent_not_null(schema: &mut schemars::Schema) {
+    use serde_json::Value;
+    schema.remove("default");
+    if let Some(Value::Array(types)) = schema.get_mut("type") {
+        types.retain(|t| t != "null");
+        if let [only] = types.as_slice() {
+            let only = only.clone();
+            schema.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(choices)) = schema.remove("anyOf") {
+        let mut kept: Vec<Value> = choices
+            .into_iter()
+            .filter(|c| c.get("type").and_then(Value::as_str) != Some("null"))
+            .collect();
+        match (kept.pop(), kept.is_empty()) {
+            (Some(Value::Object(only)), true) => {
+                for (key, value) in only {
+                    schema.insert(key, value);
+                }
+            }
+            (last, _) => {
+                kept.extend(last);
+                schema.insert("anyOf".into(), kept.into());
+            }
+        }
+    }
+    say(schema, "Absent: left as it is; null is refused.");
+}
+
+/// Appends `what` to a schema's description.
+fn say(schema: &mut schemars::Schema, what: &str) {
     let said = schema
         .get("description")
         .and_then(serde_json::Value::as_str)
         .map(|d| format!("{d} "))
         .unwrap_or_default();
-    schema.insert(
-        "description".into(),
-        format!("{said}Absent: left as it is; null: cleared.").into(),
-    );
+    schema.insert("description".into(), format!("{said}{what}").into());
 }

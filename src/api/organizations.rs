@@ -18,7 +18,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, PageQuery};
-use super::{absent_or_null, double_option};
+use super::{absent_not_null, absent_or_null, double_option, not_null};
 use crate::app::{Actor, App};
 
 #[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
@@ -211,7 +211,11 @@ pub async fn get(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateOrganization {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schemars(transform = absent_not_null)]
     name: Option<String>,
+    #[serde(default, deserialize_with = "not_null")]
+    #[schemars(transform = absent_not_null)]
     slug: Option<String>,
     #[serde(default, deserialize_with = "double_option")]
     #[schemars(transform = absent_or_null)]
@@ -219,7 +223,10 @@ pub struct UpdateOrganization {
     #[serde(default, deserialize_with = "double_option")]
     #[schemars(transform = absent_or_null)]
     domain: Option<Option<String>>,
-    settings: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Replaces the settings as a whole; `{}` once cleared, as when created without.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
+    settings: Option<Option<serde_json::Map<String, serde_json::Value>>>,
 }
 
 pub async fn update(
@@ -235,7 +242,7 @@ pub async fn update(
         slug: body.slug,
         country_code: body.country_code,
         domain: body.domain,
-        settings: body.settings,
+        settings: body.settings.map(Option::unwrap_or_default),
     };
     app.execute(
         &app.cqrs.organizations,

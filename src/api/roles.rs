@@ -18,7 +18,9 @@ use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, Page, PageQuery};
-use super::{absent_or_null, double_option, organizations, users, OptionalJson};
+use super::{
+    absent_not_null, absent_or_null, double_option, not_null, organizations, users, OptionalJson,
+};
 use crate::app::App;
 
 #[derive(Debug, sqlx::FromRow)]
@@ -104,7 +106,7 @@ pub struct CreateRole {
     name: String,
     #[serde(default)]
     description: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "super::permission_set")]
     permissions: PermissionSet,
     parent_role_id: Option<Uuid>,
 }
@@ -196,9 +198,17 @@ pub async fn get(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateRole {
+    #[serde(default, deserialize_with = "not_null")]
+    #[schemars(transform = absent_not_null)]
     name: Option<String>,
-    description: Option<String>,
-    permissions: Option<PermissionSet>,
+    /// `""` once cleared, as when created without.
+    #[serde(default, deserialize_with = "double_option")]
+    #[schemars(transform = absent_or_null)]
+    description: Option<Option<String>>,
+    /// The role's own, replaced as a whole; none once cleared, as when created without.
+    #[serde(default, deserialize_with = "super::permission_set_or_null")]
+    #[schemars(transform = absent_or_null)]
+    permissions: Option<Option<PermissionSet>>,
     #[serde(default, deserialize_with = "double_option")]
     #[schemars(transform = absent_or_null)]
     parent_role_id: Option<Option<Uuid>>,
@@ -212,9 +222,9 @@ pub async fn update(
 ) -> ApiResult<axum::Json<RoleView>> {
     caller.require_in(org, Permission::RolesWrite)?;
     let current = find(&app, org, role).await?;
+    let permissions = body.permissions.map(Option::unwrap_or_default);
     let parent = body.parent_role_id.unwrap_or(current.parent_role_id);
-    let mut effective: PermissionSet = body
-        .permissions
+    let mut effective: PermissionSet = permissions
         .clone()
         .unwrap_or_else(|| current.permissions.iter().copied().collect());
     let mut ancestry = Vec::new();
@@ -225,13 +235,13 @@ pub async fn update(
     }
     check_grantable(&caller, &effective)?;
     // And what it grants now, which a change of parent or permissions may take away.
-    if body.permissions.is_some() || body.parent_role_id.is_some() {
+    if permissions.is_some() || body.parent_role_id.is_some() {
         may_give(&app, &caller, role).await?;
     }
     let command = RoleCommand::Update {
         name: body.name,
-        description: body.description,
-        permissions: body.permissions,
+        description: body.description.map(Option::unwrap_or_default),
+        permissions,
         parent_role_id: body.parent_role_id,
         parent_ancestry: ancestry,
         grantable: caller.permissions.clone(),

@@ -170,7 +170,11 @@ pub async fn get(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateUser {
+    #[serde(default, deserialize_with = "super::not_null")]
+    #[schemars(transform = super::absent_not_null)]
     email: Option<String>,
+    #[serde(default, deserialize_with = "super::not_null")]
+    #[schemars(transform = super::absent_not_null)]
     full_name: Option<String>,
 }
 
