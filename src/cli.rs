@@ -362,8 +362,17 @@ async fn bootstrap(
     match bootstrap_key(&app, &args.label).await {
         Ok(secret) => {
             // Shown before anything else can fail: only its hash is kept, and a second
-            // bootstrap is refused, so a secret not shown now would be lost for good.
-            outln!("{}", json!({ "api_key": secret }));
+            // bootstrap is refused, so a secret not shown now would be lost for good. Not
+            // quietly, then, even to a reader that went away.
+            let shown = crate::out::try_write(format_args!("{}\n", json!({ "api_key": secret })));
+            if let Err(e) = shown {
+                eprintln!(
+                    "error: the platform key could not be written to standard output ({e}): it \
+                     is in the log, but its secret is lost (only its hash is kept, and \
+                     bootstrap makes a key only once)"
+                );
+                return Ok(ExitCode::from(2));
+            }
             // The key works once `api_keys` shows it; a running server does that too.
             if let Err(e) = ledgerline_projections::catch_up(&pool).await {
                 eprintln!(

@@ -220,7 +220,8 @@ struct Gauges {
     statuses: Vec<ProjectionStatus>,
     /// `recorded_at` of each lagging projection's first event not applied yet.
     recorded_at: HashMap<i64, DateTime<Utc>>,
-    /// The database's clock when they were read, which `recorded_at` also comes from.
+    /// This process's clock when they were read. `recorded_at` is the writing process's
+    /// clock: the lag, like the checkpoint's age, takes the hosts' clocks as in step (NTP).
     now: DateTime<Utc>,
     /// The newest signed checkpoint: tree size and when it was signed.
     checkpoint: Option<(i64, DateTime<Utc>)>,
@@ -245,9 +246,7 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
     .bind(&waiting)
     .fetch_all(pool)
     .await?;
-    let now = sqlx::query_scalar("SELECT clock_timestamp()")
-        .fetch_one(pool)
-        .await?;
+    let now = Utc::now();
     let checkpoint = sqlx::query_as(
         "SELECT tree_size, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
     )

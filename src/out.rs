@@ -27,14 +27,17 @@ macro_rules! out {
 
 pub(crate) use {out, outln};
 
+/// Writes `args` to standard output, for an answer that must not be lost quietly (a secret
+/// shown once): the caller says what went.
+pub fn try_write(args: std::fmt::Arguments<'_>) -> std::io::Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_fmt(args).and_then(|()| stdout.flush())
+}
+
 /// Writes `args` to standard output; a reader that went away ends the process with
 /// [`BROKEN_PIPE_EXIT`], any other failure with 2 and the cause on standard error.
 pub fn write(args: std::fmt::Arguments<'_>) {
-    let written = {
-        let mut stdout = std::io::stdout().lock();
-        stdout.write_fmt(args).and_then(|()| stdout.flush())
-    };
-    match written {
+    match try_write(args) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
             std::process::exit(BROKEN_PIPE_EXIT)

@@ -1447,7 +1447,7 @@ async fn key_issuance_beyond_the_issuers_permissions_is_403() {
             json!({"label": "escalated", "permissions": wanted, "user_id": km}),
         )
         .await;
-        assert_error(&r, 403);
+        assert_error_says(&r, 403, "you cannot grant permissions you do not hold");
     }
     assert_eq!(t.head().await, before);
     // The control: a subset of its own is fine.
@@ -1529,7 +1529,7 @@ async fn revoking_a_key_that_holds_more_than_the_revoker_is_403() {
     let (_, admin_key) = t
         .member_with_key(org, "admin", "admin@revokers.example")
         .await;
-    let (_, owner_key) = t
+    let (owner, owner_key) = t
         .member_with_key(org, "owner", "owner@revokers.example")
         .await;
     let owners = key_id(&t, &owner_key).await;
@@ -1551,13 +1551,30 @@ async fn revoking_a_key_that_holds_more_than_the_revoker_is_403() {
     }
     assert_eq!(t.head().await, before);
     assert_eq!(t.get("/v1/me", &owner_key).await.status, 200);
-    // The controls: the owner's key holds all the admin's, and a key revokes itself.
+    // A user's own keys are theirs to revoke: a key of the owner's listing only `keys:write`
+    // revokes the owner's full key (a leak cut by its holder), though not the admin's.
+    let (_, narrow) = issued(
+        &t,
+        org,
+        json!({"label": "owner's key desk", "permissions": ["keys:write"], "user_id": owner}),
+    )
+    .await;
     let admins = key_id(&t, &admin_key).await;
-    let r = t.post(&revoke(admins), &owner_key, json!({})).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let r = t.post(&revoke(owners), &owner_key, json!({})).await;
+    let r = t.post(&revoke(admins), &narrow, json!({})).await;
+    assert_error_says(
+        &r,
+        403,
+        "cannot revoke a key that holds permissions this key does not",
+    );
+    let r = t.post(&revoke(owners), &narrow, json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_error(&t.get("/v1/me", &owner_key).await, 401);
+    // The control: a key holding all another lists revokes it.
+    let (_, owner_key) = t
+        .member_with_key(org, "owner", "owner2@revokers.example")
+        .await;
+    let r = t.post(&revoke(admins), &owner_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
 }
 
 #[tokio::test]

@@ -598,6 +598,23 @@ async fn a_command_whose_output_reader_goes_away_exits_141_quietly() {
     }
 }
 
+/// A reader gone before the platform key is printed: its secret is lost (only its hash is
+/// kept, and bootstrap makes a key once), so the command says so and fails, rather than end
+/// quietly with 141 as the others do.
+#[tokio::test]
+async fn bootstrap_says_so_when_its_key_cannot_be_printed() {
+    let db = TestDb::new().await;
+    let mut child = spawn_piped(&db.url, &["bootstrap"], "warn");
+    drop(child.stdout.take());
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("the platform key could not be written to standard output"),
+        "{err}"
+    );
+}
+
 /// `projections status` names which process holds each lease, and for how long.
 #[tokio::test]
 async fn projections_status_shows_who_holds_each_lease() {

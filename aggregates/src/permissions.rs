@@ -78,7 +78,10 @@ impl Permission {
             Permission::RolesRead => "List and read roles and role assignments",
             Permission::RolesWrite => "Create, change and delete roles; assign and revoke them",
             Permission::KeysRead => "List and read API keys",
-            Permission::KeysWrite => "Issue, revoke and rotate API keys",
+            Permission::KeysWrite => {
+                "Issue, revoke and rotate API keys: a user key only its own user's, and a key \
+                 revokes or rotates only keys listing no more than it holds"
+            }
             Permission::AuditRead => "Read the audit events",
             Permission::LedgerRead => "Read the raw ledger events and hashes",
             Permission::ConversationsRead => {

@@ -129,13 +129,10 @@ pub async fn check(
             match result {
                 // The comparison had the lock in its own transaction.
                 Ok(report) => Ok(report),
-                Err(RunError::LockLost { run, cause, next }) => {
-                    Err(RunError::LockLost { run, cause, next })
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "the check failed after losing its lock");
-                    Err(lock_lost(cause))
-                }
+                Err(e @ RunError::LockLost { .. }) => Err(e),
+                Err(e) => Err(lock_lost(format!(
+                    "{cause}; the check had failed with: {e}"
+                ))),
             }
         }
     }

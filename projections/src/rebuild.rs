@@ -152,7 +152,7 @@ pub async fn rebuild(
     // which is what releases the lock.
     let mut lock = run_lock::connect(pool).await?;
     take_lock(&mut lock).await?;
-    let (job, resumed) = match running_job(&mut lock).await? {
+    let (job, resumed) = match running_job(&mut lock, true).await? {
         Some((job, names)) if names == wanted => {
             build::end_orphans(&mut lock, &job.schema).await?;
             if shadow_matches_live(&mut lock, &job.schema, &projections).await? {
@@ -255,9 +255,9 @@ pub async fn rebuild(
         }
         // A run that failed after losing its lock failed because of it, mostly: the run
         // that took the lock over ends this one's sessions.
+        // Its own error is kept in the message: it may be a real one that a rerun meets again.
         (Err(e), Err(cause)) if !matches!(e, RunError::LockLost { .. }) => {
-            tracing::warn!(job = job.id, error = %e, "the run failed after losing its lock");
-            Err(lock_lost(cause))
+            Err(lock_lost(format!("{cause}; the run had failed with: {e}")))
         }
         // A swap that committed had the lock in its own transaction.
         (result, _) => result,
@@ -278,7 +278,7 @@ pub async fn rebuild(
 pub async fn abandon_rebuild(pool: &PgPool) -> Result<Option<i64>, RunError> {
     let mut lock = run_lock::connect(pool).await?;
     take_lock(&mut lock).await?;
-    let Some((job, _)) = running_job(&mut lock).await? else {
+    let Some((job, _)) = running_job(&mut lock, false).await? else {
         return Ok(None);
     };
     abandon(&mut lock, &job).await?;
@@ -297,11 +297,19 @@ async fn take_lock(conn: &mut PgConnection) -> Result<(), RunError> {
     }
 }
 
-async fn running_job(conn: &mut PgConnection) -> sqlx::Result<Option<(Job, Vec<String>)>> {
-    let row: Option<(i64, String, Vec<String>)> = sqlx::query_as(
+/// The unfinished job. A run about to resume or start it over reads it `FOR UPDATE`, which
+/// waits for a swap still in flight from a run whose lock session just ended (the swap holds
+/// the job's row) and reads the row as that swap left it, so a job swapped in is not taken for
+/// one to resume. (Dropping a job needs no such wait: its update is for a running job only.)
+async fn running_job(
+    conn: &mut PgConnection,
+    wait_for_a_swap: bool,
+) -> sqlx::Result<Option<(Job, Vec<String>)>> {
+    let row: Option<(i64, String, Vec<String>)> = sqlx::query_as(&format!(
         "SELECT id, shadow_schema, projections FROM projection_rebuilds \
-         WHERE status = 'running'",
-    )
+         WHERE status = 'running'{}",
+        if wait_for_a_swap { " FOR UPDATE" } else { "" }
+    ))
     .fetch_optional(conn)
     .await?;
     Ok(row.map(|(id, schema, names)| (Job { id, schema }, names)))
@@ -341,7 +349,8 @@ async fn abandon(conn: &mut PgConnection, job: &Job) -> Result<(), RunError> {
         .execute(&mut *tx)
         .await?;
     sqlx::query(
-        "UPDATE projection_rebuilds SET status = 'abandoned', finished_at = now() WHERE id = $1",
+        "UPDATE projection_rebuilds SET status = 'abandoned', finished_at = now() \
+         WHERE id = $1 AND status = 'running'",
     )
     .bind(job.id)
     .execute(&mut *tx)

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
-use ledgerline_aggregates::permissions::{self, may_grant};
+use ledgerline_aggregates::permissions;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -154,12 +154,23 @@ fn require_own_user(caller: &Caller, key_user: Option<Uuid>, verb: &str) -> ApiR
     }
 }
 
-/// The permissions a key lists: what holding its secret gives, at most.
-fn listed(key: &ApiKeyView) -> PermissionSet {
-    key.permissions
+/// 403 unless the caller holds every permission `key` lists (what holding its secret gives,
+/// at most): revoking takes that away, and rotating hands it over.
+fn require_holds_all(caller: &Caller, key: &ApiKeyView, verb: &str) -> ApiResult<()> {
+    let listed: PermissionSet = key
+        .permissions
         .iter()
         .filter_map(|p| p.parse().ok())
-        .collect()
+        .collect();
+    let missing = permissions::missing(&caller.permissions, &listed);
+    if missing.is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "cannot {verb} a key that holds permissions this key does not: {}",
+            permissions::list(&missing)
+        )))
+    }
 }
 
 pub async fn list(
@@ -199,13 +210,7 @@ pub async fn revoke(
     // are theirs to revoke.
     let own = caller.user_id.is_some() && current.user_id == caller.user_id;
     if !own {
-        let missing = permissions::missing(&caller.permissions, &listed(&current));
-        if !missing.is_empty() {
-            return Err(ApiError::forbidden(format!(
-                "cannot revoke a key that holds permissions this key does not: {}",
-                permissions::list(&missing)
-            )));
-        }
+        require_holds_all(&caller, &current, "revoke")?;
     }
     let command = ApiKeyCommand::Revoke {
         reason: body.0.unwrap_or_default().reason,
@@ -227,11 +232,7 @@ pub async fn rotate(
     // Holding a fresh secret is holding the key's powers: no more than the caller's own, and
     // for a user key only its own user's (a fresh secret is as good as a new key).
     require_own_user(&caller, current.user_id, "rotate")?;
-    if !may_grant(&caller.permissions, &listed(&current)) {
-        return Err(ApiError::forbidden(
-            "cannot rotate a key that holds permissions this key does not",
-        ));
-    }
+    require_holds_all(&caller, &current, "rotate")?;
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),
