@@ -142,8 +142,8 @@ pub async fn verify_since(
         }
         if frontier.root() != cp.root || last != cp.chain_head {
             return Ok(fail(format!(
-                "REWRITTEN: the log's first {} events are not those checkpoint {} signed: an event at a position from {} to {} was changed and the chain recomputed after it",
-                cp.tree_size,
+                "REWRITTEN: the log's first {} not those checkpoint {} signed: an event at a position from {} to {} was changed and the chain recomputed after it",
+                count(cp.tree_size, "event is", "events are"),
                 path.display(),
                 matched + 1,
                 cp.tree_size

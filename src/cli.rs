@@ -681,7 +681,10 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
     if cleared == 0 {
         outln!("{name}: no failure recorded; nothing to retry");
     } else {
-        outln!("{name}: {cleared} failure(s) cleared; the projection resumes at the failed event");
+        outln!(
+            "{name}: {} cleared; the projection resumes at the failed event",
+            crate::ledger::count(cleared, "failure", "failures")
+        );
     }
     Ok(())
 }

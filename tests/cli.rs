@@ -50,7 +50,7 @@ async fn projections_retry_clears_a_failure_and_refuses_unknown_names() {
 
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "retry", "users"]).await;
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("1 failure(s) cleared"), "{out}");
+    assert!(out.contains("1 failure cleared"), "{out}");
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
     assert_eq!(code, 0, "{out}{err}");
 

@@ -15,10 +15,10 @@ pub mod verify;
 mod writer;
 
 pub use store::{AppendError, Head, LedgerStore};
+pub use writer::APPLICATION_NAME as WRITER_APPLICATION_NAME;
 
 /// `n` and its noun, in the singular for one: `1 event`, `0 events`, `2 events`.
 pub(crate) fn count(n: impl Into<i128>, one: &str, many: &str) -> String {
     let n = n.into();
     format!("{n} {}", if n == 1 { one } else { many })
 }
-pub use writer::APPLICATION_NAME as WRITER_APPLICATION_NAME;
