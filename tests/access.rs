@@ -1577,6 +1577,121 @@ async fn revoking_a_key_that_holds_more_than_the_revoker_is_403() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// As a user key never assigns its own user's roles, it never changes what a role its user
+/// holds grants (its permissions, its parent), directly or through inheritance: else a role
+/// given until a date could be copied into one held for good.
+#[tokio::test]
+async fn a_user_key_cannot_change_what_its_own_users_roles_grant() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Temporary Admins").await;
+    let root = create_role(&t, org, "root", &["organizations:read"]).await;
+    let base = create_role(&t, org, "base", &["organizations:read"]).await;
+    let other = create_role(&t, org, "other", &["organizations:read"]).await;
+    let role_path = |r: Uuid| org_path(org, &format!("/roles/{r}"));
+    let r = t
+        .patch(
+            &role_path(base),
+            &t.admin_key,
+            json!({"parent_role_id": root}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let bob = t.invite(org, "bob@temporary.example", "Bob").await;
+    t.assign(org, bob, base).await;
+    let admin = t.role_id(org, "admin").await;
+    let until = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{bob}/roles/{admin}")),
+            &t.admin_key,
+            json!({"expires_at": until, "reason": "on call"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, key) = issued(
+        &t,
+        org,
+        json!({"label": "bob", "permissions": role_permissions("admin"), "user_id": bob}),
+    )
+    .await;
+
+    let before = t.head().await;
+    let widened = json!({"permissions": ["organizations:read", "users:read", "roles:write"]});
+    for (role, body) in [
+        (base, widened.clone()),
+        (base, json!({"parent_role_id": admin})),
+        (root, widened.clone()),
+        (admin, json!({"permissions": role_permissions("admin")})),
+    ] {
+        let r = t.patch(&role_path(role), &key, body).await;
+        assert_error_says(
+            &r,
+            403,
+            "cannot change the permissions or parent of a role its own user",
+        );
+    }
+    assert_eq!(t.head().await, before);
+    // The controls: a role bob does not hold, and base's name.
+    let r = t.patch(&role_path(other), &key, widened).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .patch(&role_path(base), &key, json!({"name": "baseline"}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A key that expires issues or rotates no key that outlives it.
+#[tokio::test]
+async fn a_key_that_expires_makes_no_key_that_outlives_it() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Short Keys").await;
+    let (bob, _) = t.member_with_key(org, "admin", "bob@short.example").await;
+    let (lasting, _) = issued(
+        &t,
+        org,
+        json!({"label": "laptop", "permissions": ["users:read"], "user_id": bob}),
+    )
+    .await;
+    // Whole seconds, as the database keeps them to the microsecond.
+    let hour =
+        chrono::SubsecRound::trunc_subsecs(chrono::Utc::now() + chrono::Duration::hours(1), 0);
+    let (_, short) = issued(
+        &t,
+        org,
+        json!({"label": "short", "permissions": ["keys:write", "users:read"], "user_id": bob,
+               "expires_at": hour.to_rfc3339()}),
+    )
+    .await;
+    let before = t.head().await;
+    for expiry in [None, Some(hour + chrono::Duration::minutes(1))] {
+        let mut body = json!({"label": "forever", "permissions": ["users:read"], "user_id": bob});
+        if let Some(e) = expiry {
+            body["expires_at"] = json!(e.to_rfc3339());
+        }
+        let r = issue_key(&t, org, &short, body).await;
+        assert_error_says(&r, 403, "a key it may issue must expire by then");
+    }
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{lasting}/rotate")),
+            &short,
+            json!({}),
+        )
+        .await;
+    assert_error_says(&r, 403, "a key it may rotate must expire by then");
+    assert_eq!(t.head().await, before);
+    // The control: a key expiring with it.
+    let r = issue_key(
+        &t,
+        org,
+        &short,
+        json!({"label": "brief", "permissions": ["users:read"], "user_id": bob,
+               "expires_at": hour.to_rfc3339()}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
 #[tokio::test]
 async fn admin_key_cannot_issue_a_key_with_owner_only_permissions() {
     let t = TestApp::spawn().await;

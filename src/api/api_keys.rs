@@ -78,6 +78,7 @@ pub async fn issue(
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
     require_own_user(&caller, body.user_id, "issue")?;
+    require_not_outliving(&caller, body.expires_at, "issue")?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
@@ -149,6 +150,22 @@ fn require_own_user(caller: &Caller, key_user: Option<Uuid>, verb: &str) -> ApiR
             "a user key may {verb} only keys of its own user (user_id {me}): another user's \
              key would act as them, and a service key would outlive this user's roles; \
              use a service key"
+        ))),
+        _ => Ok(()),
+    }
+}
+
+/// A key that expires issues or rotates none that outlives it: else an expiry an
+/// administrator set would be escaped with a fresh secret of a key that has none.
+fn require_not_outliving(
+    caller: &Caller,
+    expires_at: Option<DateTime<Utc>>,
+    verb: &str,
+) -> ApiResult<()> {
+    match caller.expires_at {
+        Some(limit) if expires_at.is_none_or(|t| t > limit) => Err(ApiError::forbidden(format!(
+            "this key expires at {}: a key it may {verb} must expire by then",
+            limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         ))),
         _ => Ok(()),
     }
@@ -233,6 +250,7 @@ pub async fn rotate(
     // for a user key only its own user's (a fresh secret is as good as a new key).
     require_own_user(&caller, current.user_id, "rotate")?;
     require_holds_all(&caller, &current, "rotate")?;
+    require_not_outliving(&caller, current.expires_at, "rotate")?;
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),

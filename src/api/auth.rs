@@ -26,6 +26,8 @@ pub struct Caller {
     /// What the key lists but its user's roles do not grant (cut from `permissions`): a
     /// refusal for one of these names the user's roles, not the key, as what to change.
     pub not_granted: PermissionSet,
+    /// When the key stops working, if ever: no key it issues outlives it.
+    pub expires_at: Option<DateTime<Utc>>,
     pub actor: Actor,
 }
 
@@ -260,6 +262,7 @@ impl FromRequestParts<App> for Caller {
             user_id: row.user_id,
             permissions,
             not_granted,
+            expires_at: row.expires_at,
             actor,
         })
     }

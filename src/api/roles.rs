@@ -222,6 +222,18 @@ pub async fn update(
 ) -> ApiResult<axum::Json<RoleView>> {
     caller.require_in(org, Permission::RolesWrite)?;
     let current = find(&app, org, role).await?;
+    // As with assigning: a user changing what a role of their own grants could copy a
+    // time-limited role's permissions into one they hold for good.
+    if let Some(me) = caller.user_id {
+        if (body.permissions.is_some() || body.parent_role_id.is_some())
+            && holds(&app, me, role).await?
+        {
+            return Err(ApiError::forbidden(
+                "a user key cannot change the permissions or parent of a role its own user \
+                 holds (or inherits from): another administrator does",
+            ));
+        }
+    }
     let permissions = body.permissions.map(Option::unwrap_or_default);
     let parent = body.parent_role_id.unwrap_or(current.parent_role_id);
     let mut effective: PermissionSet = permissions
@@ -326,6 +338,23 @@ async fn assignments(
         }
     }
     Ok(sql.build_query_as().fetch_all(&app.pool).await?)
+}
+
+/// Whether `user` holds `role`, assigned or as an ancestor of a role assigned to them. An
+/// expired assignment counts: assigning it again is another administrator's act.
+async fn holds(app: &App, user: Uuid, role: Uuid) -> ApiResult<bool> {
+    Ok(sqlx::query_scalar(
+        "WITH RECURSIVE held(id) AS ( \
+             SELECT role_id FROM user_roles WHERE user_id = $1 \
+             UNION \
+             SELECT r.parent_role_id FROM roles r JOIN held h ON r.id = h.id \
+             WHERE r.parent_role_id IS NOT NULL) \
+         SELECT EXISTS (SELECT 1 FROM held WHERE id = $2)",
+    )
+    .bind(user)
+    .bind(role)
+    .fetch_one(&app.pool)
+    .await?)
 }
 
 pub async fn assign(
