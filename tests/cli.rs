@@ -578,7 +578,9 @@ fn spawn_piped(url: &str, args: &[&str], log: &str) -> Child {
 
 /// A reader that goes away before the end (`ledgerline projections status | head -1`): the
 /// command ends quietly with 141, as a shell shows a process SIGPIPE ended, never with a
-/// panic. Here the pipe's read end is closed before the command writes anything.
+/// panic. Here the pipe's read end is closed before the command writes anything: each
+/// command connects to the database first, which takes far longer than closing it. (A
+/// command that writes at once, such as `keygen`, raced the closing and won on a CI run.)
 #[tokio::test]
 async fn a_command_whose_output_reader_goes_away_exits_141_quietly() {
     let t = TestApp::spawn().await;
@@ -586,7 +588,7 @@ async fn a_command_whose_output_reader_goes_away_exits_141_quietly() {
     for args in [
         &["projections", "status"][..],
         &["projections", "check", "users"][..],
-        &["keygen", "--log-origin", "pipe.example/log"][..],
+        &["verify"][..],
     ] {
         let mut child = spawn_piped(&t.db.url, args, "warn");
         drop(child.stdout.take());
