@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{Connection, PgConnection, PgPool};
+use sqlx::postgres::PgArguments;
+use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use crate::build::{self, Lane, Phase, Progress, Record};
 use crate::run_lock::{self, LockWatch};
@@ -20,6 +21,22 @@ use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// The session advisory lock a running rebuild holds ("ledgerline rebuild" in ASCII).
 const REBUILD_LOCK: i64 = 0x6c65_6467_7262_6c64;
+
+/// `pg_locks` row `l` is the rebuild lock, granted, in this database: pg_locks shows a bigint
+/// advisory key as its high half in `classid` ($1) and its low half in `objid` ($2), with
+/// `objsubid` 1 (bind them with [`bind_lock_halves`]).
+const REBUILD_LOCK_ROW: &str = "l.locktype = 'advisory' AND l.granted \
+     AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1 \
+     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())";
+
+/// Binds [`REBUILD_LOCK`]'s halves as [`REBUILD_LOCK_ROW`] reads them.
+fn bind_lock_halves<'q, O>(
+    query: sqlx::query::QueryAs<'q, Postgres, O, PgArguments>,
+) -> sqlx::query::QueryAs<'q, Postgres, O, PgArguments> {
+    query
+        .bind((REBUILD_LOCK as u64 >> 32) as i64)
+        .bind((REBUILD_LOCK as u64 & 0xffff_ffff) as i64)
+}
 
 #[derive(Debug, Clone, Copy)]
 pub struct RebuildOptions {
@@ -81,21 +98,15 @@ pub struct RebuildProgress {
 
 /// The unfinished job, if any, with each of its projections' positions.
 pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, RunError> {
-    // pg_locks shows a bigint advisory key as its high half in `classid`, its low half in
-    // `objid`, with `objsubid` 1. Reading it takes no lock, so a status or a scrape never
-    // gets in the way of a run starting at that moment (a `pg_try_advisory_lock` would).
-    Ok(sqlx::query_as(
+    // Reading pg_locks takes no lock, so a status or a scrape never gets in the way of a
+    // run starting at that moment (a `pg_try_advisory_lock` would).
+    Ok(bind_lock_halves(sqlx::query_as(&format!(
         "SELECT r.id AS job, r.shadow_schema AS schema, p.name, p.position, \
          r.target_position AS target, r.started_at, p.updated_at, \
-         EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted \
-         AND l.classid = $1::bigint::oid AND l.objid = $2::bigint::oid AND l.objsubid = 1 \
-         AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())) \
-         AS held \
+         EXISTS (SELECT 1 FROM pg_locks l WHERE {REBUILD_LOCK_ROW}) AS held \
          FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
-         WHERE r.status = 'running' ORDER BY p.name",
-    )
-    .bind((REBUILD_LOCK as u64 >> 32) as i64)
-    .bind((REBUILD_LOCK as u64 & 0xffff_ffff) as i64)
+         WHERE r.status = 'running' ORDER BY p.name"
+    )))
     .fetch_all(pool)
     .await?)
 }
@@ -638,15 +649,11 @@ async fn swap(
 /// Whether the session `pid` holds the rebuild lock now (read from `pg_locks`, as
 /// [`rebuild_progress`] does).
 async fn lock_held_by(conn: &mut PgConnection, pid: i32) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND granted \
-         AND pid = $3 AND classid = $1::bigint::oid AND objid = $2::bigint::oid \
-         AND objsubid = 1 \
-         AND database = (SELECT oid FROM pg_database WHERE datname = current_database()))",
-    )
-    .bind((REBUILD_LOCK as u64 >> 32) as i64)
-    .bind((REBUILD_LOCK as u64 & 0xffff_ffff) as i64)
+    let held: (bool,) = bind_lock_halves(sqlx::query_as(&format!(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks l WHERE {REBUILD_LOCK_ROW} AND l.pid = $3)"
+    )))
     .bind(pid)
     .fetch_one(conn)
-    .await
+    .await?;
+    Ok(held.0)
 }
