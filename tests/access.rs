@@ -1988,7 +1988,9 @@ async fn an_admin_cannot_take_away_what_it_could_not_give() {
         )
         .await;
     assert_error(&r, 403);
-    // Nor bring back an owner another deactivated.
+    // Nor bring back an owner another deactivated (while a second owner keeps the
+    // organization owned).
+    t.member_with_key(org, "owner", "second@kept.example").await;
     let reactivate = |user: Uuid| org_path(org, &format!("/users/{user}/reactivate"));
     let r = t
         .post(&deactivate(owner_user), &t.admin_key, json!({}))
@@ -2627,4 +2629,261 @@ async fn a_role_deleted_while_assigned_can_still_be_revoked() {
     let r = t.delete(&path, &t.admin_key).await;
     assert_error(&r, 409);
     assert_eq!(t.head().await, head + 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// An organization keeps an active owner
+// ---------------------------------------------------------------------------------------------
+
+/// Refused with 409, naming the rule, and nothing appended.
+async fn refused_for_the_last_owner(t: &TestApp, r: Response, before: i64) {
+    assert_error_says(&r, 409, "without an active owner");
+    assert_eq!(t.head().await, before, "a refused command appends nothing");
+}
+
+#[tokio::test]
+async fn the_last_owner_can_be_neither_demoted_nor_deactivated_nor_erased() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Kept Owned").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (first, first_key) = t.member_with_key(org, "owner", "first@kept.example").await;
+    let user = |u: Uuid, rest: &str| org_path(org, &format!("/users/{u}{rest}"));
+
+    let before = t.head().await;
+    // Not even the platform operator, nor the owner themselves.
+    for key in [&t.admin_key, &first_key] {
+        let r = t
+            .delete(&user(first, &format!("/roles/{owner_role}")), key)
+            .await;
+        refused_for_the_last_owner(&t, r, before).await;
+        let r = t.post(&user(first, "/deactivate"), key, json!({})).await;
+        refused_for_the_last_owner(&t, r, before).await;
+        let r = t.post(&user(first, "/erase"), key, json!({})).await;
+        refused_for_the_last_owner(&t, r, before).await;
+    }
+    let r = t.get(&user(first, ""), &t.admin_key).await;
+    assert_eq!(r.body["status"], "active", "{}", r.body);
+
+    // With a second owner, the first may go; then the second is the last.
+    let (second, _) = t.member_with_key(org, "owner", "second@kept.example").await;
+    let r = t
+        .delete(&user(first, &format!("/roles/{owner_role}")), &first_key)
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let before = t.head().await;
+    let r = t
+        .post(&user(second, "/deactivate"), &t.admin_key, json!({}))
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+
+    // A deactivated owner is no owner: the rule does not count them.
+    t.assign(org, first, owner_role).await;
+    let r = t
+        .post(&user(first, "/deactivate"), &t.admin_key, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .post(&user(second, "/erase"), &t.admin_key, json!({}))
+        .await;
+    refused_for_the_last_owner(&t, r, before + 2).await;
+    // Reactivating is never refused.
+    let r = t
+        .post(&user(first, "/reactivate"), &t.admin_key, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .post(&user(second, "/erase"), &t.admin_key, json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn an_organization_without_an_owner_is_left_to_the_platform_operator() {
+    // Created by the platform operator and given no owner: nothing to keep, nothing refused.
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Unowned").await;
+    let (admin, _) = t
+        .member_with_key(org, "admin", "admin@unowned.example")
+        .await;
+    let admin_role = t.role_id(org, "admin").await;
+    let r = t
+        .delete(
+            &org_path(org, &format!("/users/{admin}/roles/{admin_role}")),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{admin}/deactivate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn the_owner_role_loses_no_permission() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Whole Owner").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (_, owner) = t.member_with_key(org, "owner", "o@whole.example").await;
+    let mut fewer = role_permissions("owner");
+    fewer.retain(|p| p != "ledger:read");
+    let before = t.head().await;
+    // An owner's own key is refused by the rule on one's own roles, the platform's by this one.
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{owner_role}")),
+            &owner,
+            json!({"permissions": fewer}),
+        )
+        .await;
+    assert_error(&r, 403);
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{owner_role}")),
+            &t.admin_key,
+            json!({"permissions": fewer}),
+        )
+        .await;
+    assert_error_says(&r, 409, "owner role cannot lose a permission");
+    assert_eq!(t.head().await, before);
+    // Its description stays the organization's to word.
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{owner_role}")),
+            &t.admin_key,
+            json!({"description": "Runs Whole Owner"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn a_role_inheriting_from_owner_counts_and_cannot_be_cut_from_the_last_owner() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Heirs").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (first, _) = t.member_with_key(org, "owner", "first@heirs.example").await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &t.admin_key,
+            json!({"name": "co-owner", "permissions": [], "parent_role_id": owner_role}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let co_owner: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    let heir = t.invite(org, "heir@heirs.example", "Heir").await;
+    t.assign(org, heir, co_owner).await;
+    // The heir owns through co-owner, so the first owner may go.
+    let r = t
+        .delete(
+            &org_path(org, &format!("/users/{first}/roles/{owner_role}")),
+            &t.admin_key,
+        )
+        .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+
+    let before = t.head().await;
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{co_owner}")),
+            &t.admin_key,
+            json!({"parent_role_id": null}),
+        )
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+    let r = t
+        .delete(&org_path(org, &format!("/roles/{co_owner}")), &t.admin_key)
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+    let r = t
+        .delete(
+            &org_path(org, &format!("/users/{heir}/roles/{co_owner}")),
+            &t.admin_key,
+        )
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+    // Renaming it cuts nothing.
+    let r = t
+        .patch(
+            &org_path(org, &format!("/roles/{co_owner}")),
+            &t.admin_key,
+            json!({"name": "deputy"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+#[tokio::test]
+async fn two_owners_removing_each_other_at_once_leave_one() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Duel").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (a, a_key) = t.member_with_key(org, "owner", "a@duel.example").await;
+    let (b, b_key) = t.member_with_key(org, "owner", "b@duel.example").await;
+    for round in 0..3 {
+        let (a_path, b_path) = if round % 2 == 0 {
+            (
+                org_path(org, &format!("/users/{b}/deactivate")),
+                org_path(org, &format!("/users/{a}/deactivate")),
+            )
+        } else {
+            (
+                org_path(org, &format!("/users/{b}/roles/{owner_role}")),
+                org_path(org, &format!("/users/{a}/roles/{owner_role}")),
+            )
+        };
+        let (by_a, by_b) = if round % 2 == 0 {
+            tokio::join!(
+                t.post(&a_path, &a_key, json!({})),
+                t.post(&b_path, &b_key, json!({})),
+            )
+        } else {
+            tokio::join!(t.delete(&a_path, &a_key), t.delete(&b_path, &b_key),)
+        };
+        let passed = [by_a.status, by_b.status]
+            .iter()
+            .filter(|s| (200..300).contains(*s))
+            .count();
+        // The other is refused: 409 by this rule, or 401/403 when the winner's change had
+        // already cut the loser's key when its request came in.
+        assert_eq!(
+            passed, 1,
+            "round {round}: one passes: {} {} / {} {}",
+            by_a.status, by_a.body, by_b.status, by_b.body
+        );
+        let (owners,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM user_roles ur JOIN users u ON u.id = ur.user_id \
+             WHERE ur.role_id = $1 AND u.status = 'active'",
+        )
+        .bind(owner_role)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        assert_eq!(owners, 1, "round {round}: one owner is left");
+        // Put things back for the next round, as the platform operator (what is already so
+        // is refused as a no-op: 409 or 422).
+        for u in [a, b] {
+            let r = t
+                .post(
+                    &org_path(org, &format!("/users/{u}/reactivate")),
+                    &t.admin_key,
+                    json!({}),
+                )
+                .await;
+            assert!(matches!(r.status, 200 | 409 | 422), "{}", r.body);
+            let r = t
+                .put(
+                    &org_path(org, &format!("/users/{u}/roles/{owner_role}")),
+                    &t.admin_key,
+                    json!({}),
+                )
+                .await;
+            assert!(matches!(r.status, 200 | 409 | 422), "{}", r.body);
+        }
+    }
 }

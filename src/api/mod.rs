@@ -34,6 +34,7 @@ pub mod messages;
 pub mod meta;
 pub mod openapi;
 pub mod organizations;
+pub mod owners;
 pub mod page;
 pub mod proofs;
 pub mod roles;

@@ -4,6 +4,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
+use ledgerline_aggregates::organization::built_in_roles;
 use ledgerline_aggregates::permissions::{may_grant, missing};
 use ledgerline_aggregates::role::{Role, RoleCommand};
 use ledgerline_aggregates::user::UserCommand;
@@ -17,6 +18,7 @@ use super::answers::{List, PageOf};
 use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
+use super::owners::{keeping_an_owner, Loss};
 use super::page::{self, Page, PageQuery};
 use super::{
     absent_not_null, absent_or_null, double_option, not_null, organizations, users, OptionalJson,
@@ -250,6 +252,9 @@ pub async fn update(
     if permissions.is_some() || body.parent_role_id.is_some() {
         may_give(&app, &caller, role).await?;
     }
+    // A new parent outside the owner role's line cuts this role's holders off from it.
+    let owner = built_in_roles::role_id(org, built_in_roles::OWNER);
+    let cut = body.parent_role_id.is_some() && !ancestry.contains(&owner);
     let command = RoleCommand::Update {
         name: body.name,
         description: body.description.map(Option::unwrap_or_default),
@@ -258,8 +263,16 @@ pub async fn update(
         parent_ancestry: ancestry,
         grantable: caller.permissions.clone(),
     };
-    app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
-        .await?;
+    let update = async {
+        Ok(app
+            .execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
+            .await?)
+    };
+    if cut {
+        keeping_an_owner(&app, org, Loss::Branch(role), update).await?;
+    } else {
+        update.await?;
+    }
     Ok(axum::Json(find(&app, org, role).await?))
 }
 
@@ -285,14 +298,18 @@ pub async fn delete(
             "{children} role(s) inherit from this role; change their parent first"
         )));
     }
-    app.execute(
-        &app.cqrs.roles,
-        role,
-        Some(org),
-        &caller.actor,
-        RoleCommand::Delete,
-    )
-    .await?;
+    let delete = async {
+        Ok(app
+            .execute(
+                &app.cqrs.roles,
+                role,
+                Some(org),
+                &caller.actor,
+                RoleCommand::Delete,
+            )
+            .await?)
+    };
+    keeping_an_owner(&app, org, Loss::Branch(role), delete).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -409,8 +426,12 @@ pub async fn revoke(
         role_id: role,
         reason: None,
     };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
+    let revoke = async {
+        Ok(app
+            .execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+            .await?)
+    };
+    keeping_an_owner(&app, org, Loss::Assignment { user, role }, revoke).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

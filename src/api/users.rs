@@ -17,6 +17,7 @@ use super::auth::Caller;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
+use super::owners::{keeping_an_owner, Loss};
 use super::page::{self, PageQuery};
 use super::OptionalJson;
 use crate::app::App;
@@ -255,8 +256,18 @@ async fn change_status(
     caller.require_in(org, Permission::UsersWrite)?;
     find(app, org, user).await?;
     holds_all_they_hold(app, caller, user).await?;
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
+    let deactivating = matches!(command, UserCommand::Deactivate { .. });
+    let change = async {
+        Ok(app
+            .execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
+            .await?)
+    };
+    // Reactivating takes nothing away; the lock is only for what could.
+    if deactivating {
+        keeping_an_owner(app, org, Loss::User(user), change).await?;
+    } else {
+        change.await?;
+    }
     Ok(axum::Json(find(app, org, user).await?))
 }
 
@@ -278,30 +289,34 @@ pub async fn erase(
     find(&app, org, user).await?;
     // Erasing takes away more than deactivating does.
     holds_all_they_hold(&app, &caller, user).await?;
-    // From the append to the key's end in a task of its own, so a client hanging up cannot
-    // leave an erased user's key in place.
-    let task = {
+    // From the check to the key's end in a task of its own, so a client hanging up can
+    // neither leave an erased user's key in place nor end the organization's turn early.
+    let erasure = {
         let app = app.clone();
         super::to_the_end(async move {
-            let outcome = app
-                .execute(
-                    &app.cqrs.users,
-                    user,
-                    Some(org),
-                    &caller.actor,
-                    UserCommand::Erase,
-                )
-                .await;
-            // Also here, so the key is gone even while the users projection is behind or
-            // stopped; and whenever the ledger holds the erasure, so that a retry ("already
-            // erased") finishes an erasure whose answer was lost or whose handler stopped.
-            if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
-                app.vault.destroy_key(&app.pool, user).await?;
-            }
-            outcome.map_err(ApiError::from)
+            let erase = async {
+                let outcome = app
+                    .execute(
+                        &app.cqrs.users,
+                        user,
+                        Some(org),
+                        &caller.actor,
+                        UserCommand::Erase,
+                    )
+                    .await;
+                // Also here, so the key is gone even while the users projection is behind or
+                // stopped; and whenever the ledger holds the erasure, so that a retry
+                // ("already erased") finishes an erasure whose answer was lost or whose
+                // handler stopped.
+                if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
+                    app.vault.destroy_key(&app.pool, user).await?;
+                }
+                outcome.map_err(ApiError::from)
+            };
+            keeping_an_owner(&app, org, Loss::User(user), erase).await
         })
     };
-    task.await?;
+    erasure.await?;
     // Read after the key is gone: the answer never shows what was erased.
     Ok(axum::Json(find(&app, org, user).await?))
 }

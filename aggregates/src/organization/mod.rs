@@ -12,7 +12,8 @@ pub use events::{OrganizationEvent, OrganizationProfile};
 pub mod built_in_roles {
     use crate::permissions::{Permission as P, PermissionSet};
 
-    pub const NAMES: [&str; 4] = ["owner", "admin", "member", "auditor"];
+    pub const OWNER: &str = "owner";
+    pub const NAMES: [&str; 4] = [OWNER, "admin", "member", "auditor"];
 
     /// The permissions of a built-in role by name; `None` for any other name.
     pub fn permissions(name: &str) -> Option<PermissionSet> {

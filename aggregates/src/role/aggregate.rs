@@ -40,6 +40,8 @@ pub enum RoleError {
     /// What a built-in role cannot be: `renamed`, `given another parent`, `deleted`.
     #[error("built-in roles cannot be {0}")]
     BuiltIn(&'static str),
+    #[error("the owner role cannot lose a permission: it keeps the organization governable")]
+    OwnerNarrowed,
     #[error("nothing to change: the update leaves the role as it is")]
     NoChange,
 }
@@ -51,7 +53,7 @@ impl RoleError {
                 Rejection::Invalid
             }
             Self::NotFound | Self::Deleted => Rejection::NotFound,
-            Self::AlreadyExists | Self::BuiltIn(_) => Rejection::Conflict,
+            Self::AlreadyExists | Self::BuiltIn(_) | Self::OwnerNarrowed => Rejection::Conflict,
             Self::Escalation { .. } => Rejection::Forbidden,
         }
     }
@@ -175,6 +177,14 @@ impl Role {
                         check_grantable(&grantable, &before.permissions)?;
                     }
                     after.permissions = permissions;
+                }
+                // The owner role is what keeps an organization governable: it may gain a
+                // permission (a new one, say) but lose none.
+                if self.built_in
+                    && before.name == built_in_roles::OWNER
+                    && !after.permissions.is_superset(&before.permissions)
+                {
+                    return Err(RoleError::OwnerNarrowed);
                 }
                 // An update that changes nothing would put a meaningless entry in the ledger.
                 if after == *before {

@@ -353,26 +353,69 @@ fn update_removes_the_parent() {
 
 #[test]
 fn update_changes_a_built_in_roles_description_and_permissions() {
-    let mut fewer = owner_spec().permissions;
+    let auditor = RoleSpec {
+        name: "auditor".into(),
+        description: built_in_roles::description("auditor").into(),
+        permissions: built_in_roles::permissions("auditor").unwrap(),
+        parent_role_id: None,
+    };
+    let mut fewer = auditor.permissions.clone();
     fewer.remove(&P::LedgerRead);
     Framework::with(())
-        .given(vec![built_in_created()])
+        .given(vec![RoleEvent::RoleCreated {
+            role_id: role_id(),
+            organization_id: org_id(),
+            spec: auditor.clone(),
+            built_in: true,
+        }])
         .when(RoleCommand::Update {
             // Restating the name and the parent is not renaming or re-parenting.
-            name: Some("owner".into()),
-            description: Some("Runs the organization".into()),
+            name: Some("auditor".into()),
+            description: Some("Reads the audit trail".into()),
             permissions: Some(fewer.clone()),
             parent_role_id: Some(None),
             parent_ancestry: Vec::new(),
             grantable: owner_spec().permissions,
         })
         .then_expect_events(vec![RoleEvent::RoleUpdated {
-            before: owner_spec(),
+            before: auditor.clone(),
             after: RoleSpec {
-                description: "Runs the organization".into(),
+                description: "Reads the audit trail".into(),
                 permissions: fewer,
-                ..owner_spec()
+                ..auditor
             },
+        }]);
+}
+
+#[test]
+fn update_rejects_taking_a_permission_from_the_owner_role() {
+    let mut fewer = owner_spec().permissions;
+    fewer.remove(&P::LedgerRead);
+    Framework::with(())
+        .given(vec![built_in_created()])
+        .when(set_permissions(fewer, owner_spec().permissions))
+        .then_expect_error(RoleError::OwnerNarrowed);
+}
+
+#[test]
+fn update_gives_the_owner_role_a_permission_back() {
+    // An owner role narrowed before the rule (a log may hold one) can be made whole again.
+    let mut narrowed = owner_spec();
+    narrowed.permissions.remove(&P::LedgerRead);
+    Framework::with(())
+        .given(vec![RoleEvent::RoleCreated {
+            role_id: role_id(),
+            organization_id: org_id(),
+            spec: narrowed.clone(),
+            built_in: true,
+        }])
+        .when(set_permissions(
+            owner_spec().permissions,
+            owner_spec().permissions,
+        ))
+        .then_expect_events(vec![RoleEvent::RoleUpdated {
+            before: narrowed,
+            after: owner_spec(),
         }]);
 }
 
