@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{assert_error, Response, TestApp};
+use common::{assert_error, assert_error_says, Response, TestApp};
 use ledgerline::app::Actor;
 use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
 use reqwest::Method;
@@ -552,6 +552,9 @@ async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
         for (bad, status) in [
             (&b"{\"reason\": \"x\"}"[..], 422),
             (b"\"text\"", 422),
+            // An array is not an object, though serde takes one for a struct's fields.
+            (b"[]", 422),
+            (b" [\"x\"]", 422),
             // Cut short after a field it does not take: the field is what is said.
             (b"{\"reason\": \"x\\u0000\", \"zzz\": [1, 2", 422),
             (b"{\"zzz", 400),
@@ -592,6 +595,59 @@ async fn routes_that_take_no_body_refuse_one_and_change_nothing() {
         .await;
     assert_eq!(r.status, 200, "an empty object is no body: {}", r.body);
     assert_eq!(t.head().await, before + 1);
+}
+
+/// Every body is an object: the same fields as an array, which serde's derived structs take
+/// in order, are refused, saying what came, and change nothing.
+#[tokio::test]
+async fn a_body_that_is_an_array_of_fields_is_refused() {
+    let f = fixture().await;
+    let (t, org, user) = (&f.t, f.org, f.user);
+    let requests = [
+        (
+            Method::POST,
+            org_path(org, "/roles"),
+            json!(["readers", "Reads", ["users:read"], null]),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/users"),
+            json!(["grace@example.com", "Grace Hopper"]),
+        ),
+        (
+            Method::PATCH,
+            org_path(org, &format!("/users/{user}")),
+            json!([null, "Ada King"]),
+        ),
+        (
+            Method::POST,
+            org_path(org, "/conversations"),
+            json!(["group", "made from an array", null, [], null]),
+        ),
+    ];
+    for (method, path, body) in requests {
+        let r = refused_raw(
+            t,
+            method,
+            &path,
+            "application/json",
+            body.to_string().into_bytes(),
+            422,
+        )
+        .await;
+        assert_error_says(&r, 422, "expected a JSON object, found an array");
+    }
+    // Other values serde refuses itself, naming what it expected.
+    let r = refused_raw(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        "application/json",
+        b"null".to_vec(),
+        422,
+    )
+    .await;
+    assert_error_says(&r, 422, "expected struct");
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use ledgerline_aggregates::validate;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::Value;
 
 use super::error::ApiError;
@@ -92,6 +92,17 @@ async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError
 /// character anywhere: no read model could store it (`validate::json_has_nul`), and every
 /// command's input comes through here.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    // Every body this API takes is an object, but serde's derived structs also take an array
+    // of their fields in order: `["group", "a title"]` would be carried out as a conversation.
+    // (Other values than objects serde refuses itself, naming the struct it expected.)
+    let first = bytes
+        .iter()
+        .find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first == Some(&b'[') && serde_json::from_slice::<IgnoredAny>(bytes).is_ok() {
+        return Err(ApiError::invalid(
+            "invalid request body: expected a JSON object, found an array",
+        ));
+    }
     let value = match axum::Json::<T>::from_bytes(bytes) {
         Ok(axum::Json(v)) => v,
         Err(rejection) => return Err(json_rejection(rejection)),
