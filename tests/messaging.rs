@@ -1180,6 +1180,50 @@ async fn a_deactivated_participant_can_no_longer_read_or_post() {
     c.refused(&r, 422, head).await;
 }
 
+/// A role goes only to an active user, as adding does: handing ownership to a deactivated or
+/// erased participant would leave the conversation with no owner who can act, and any other
+/// role change of an inactive participant is refused alike (removing it is the way).
+#[tokio::test]
+async fn a_role_goes_only_to_an_active_user() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let p = |u: Uuid| c.path(&format!("/{conv}/participants/{u}"));
+    let r =
+        c.t.patch(&p(c.carol.0), &c.alice.1, json!({"role": "admin"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let users = |u: Uuid, what: &str| format!("/v1/organizations/{}/users/{u}/{what}", c.org);
+    let r =
+        c.t.post(&users(c.bob.0, "deactivate"), &c.t.admin_key, json!({}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        c.t.post(&users(c.carol.0, "erase"), &c.t.admin_key, json!({}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let head = c.t.head().await;
+    for (user, role) in [
+        (c.bob.0, "owner"),
+        (c.bob.0, "admin"),
+        (c.carol.0, "owner"),
+        (c.carol.0, "member"),
+    ] {
+        for key in [&c.alice.1, &c.service] {
+            let r = c.t.patch(&p(user), key, json!({"role": role})).await;
+            c.refused(&r, 422, head).await;
+            common::assert_error_says(
+                &r,
+                422,
+                &format!("user {user} is not an active user of this organization"),
+            );
+        }
+    }
+    let view = c.conversation(&c.alice.1, conv).await;
+    assert_eq!(view.body["me"]["role"], "owner", "Alice still owns it");
+    // Removing an inactive participant stays possible.
+    assert_eq!(c.t.delete(&p(c.carol.0), &c.alice.1).await.status, 204);
+}
+
 #[tokio::test]
 async fn a_newcomer_starts_with_the_history_behind_it_read() {
     let c = chat().await;
