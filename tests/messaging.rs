@@ -967,11 +967,19 @@ async fn roles_moderation_and_muting() {
             .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["me"]["muted"], true);
+    // Muting again, or unmuting one who has not muted, is an update to the value it
+    // already has: 422, as for an unchanged role, and nothing appended.
     let head = c.t.head().await;
     let r =
         c.t.patch(&p(c.carol.0), &c.carol.1, json!({"muted": true}))
             .await;
-    c.refused(&r, 409, head).await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "already muted");
+    let r =
+        c.t.patch(&p(c.bob.0), &c.bob.1, json!({"muted": false}))
+            .await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "has not muted");
 
     // Handing ownership over: Carol becomes owner, Alice admin.
     let r =
