@@ -571,6 +571,9 @@ async fn attachments_are_described_and_checked() {
         json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": -1, "blake3": digest}),
         json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": 1, "blake3": "abc"}),
         json!({"file_name": "", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
+        // A file name that looks like another's: a tag character, a Hangul filler.
+        json!({"file_name": "plan.pdf\u{E0041}", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
+        json!({"file_name": "plan\u{3164}.pdf", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
     ] {
         let r = c
             .post(
@@ -737,6 +740,10 @@ async fn one_reaction_per_user_message_and_emoji() {
     let head = c.t.head().await;
     c.refused(&react(&c.bob.1, "👍").await, 409, head).await;
     c.refused(&react(&c.bob.1, "ok").await, 422, head).await;
+    // Nothing invisible, no lone combining mark or tag: a zero-width space, U+0301, U+E0041.
+    for hidden in ["%E2%80%8B", "%CC%81", "%F3%A0%81%81"] {
+        c.refused(&react(&c.bob.1, hidden).await, 422, head).await;
+    }
     // A NUL in the path is refused as any control character is, never sent to the database.
     c.refused(&react(&c.bob.1, "%F0%9F%91%8D%00").await, 422, head)
         .await;
@@ -753,6 +760,17 @@ async fn one_reaction_per_user_message_and_emoji() {
             {"emoji": "🚀", "count": 1, "user_ids": [c.bob.0]},
         ])
     );
+    // A keycap starts with an ASCII digit, and is an emoji all the same.
+    let r = react(&c.carol.1, "1%EF%B8%8F%E2%83%A3").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["reactions"][2],
+        json!({"emoji": "1\u{FE0F}\u{20E3}", "count": 1, "user_ids": [c.carol.0]})
+    );
+    let path = c.path(&format!(
+        "/{conv}/messages/{msg}/reactions/1%EF%B8%8F%E2%83%A3"
+    ));
+    assert_eq!(c.t.delete(&path, &c.carol.1).await.status, 200);
     let path = c.path(&format!("/{conv}/messages/{msg}/reactions/👍"));
     let r = c.t.delete(&path, &c.bob.1).await;
     assert_eq!(r.status, 200, "{}", r.body);

@@ -288,8 +288,12 @@ impl Message {
                 self.not_deleted()?;
                 participant(role)?;
                 not_archived(&conversation)?;
-                let emoji = invalid(validate::emoji(&emoji))?;
+                // A reaction there is taken back as it is, unchecked: one given under an
+                // older, looser emoji rule must not stay for good. One not there is checked,
+                // so that a malformed one hears why.
+                let emoji = emoji.trim().to_string();
                 if !self.reactions.contains(&(user_id, emoji.clone())) {
+                    invalid(validate::emoji(&emoji))?;
                     return Err(MessageError::NotReacted);
                 }
                 Ok(MessageEvent::ReactionRemoved {
