@@ -586,6 +586,47 @@ async fn attachments_are_described_and_checked() {
     }
 }
 
+/// Text may be empty only in a message with attachments, and that holds for an edit as for
+/// a post: an attachment's text can be taken back out, a plain message's cannot.
+#[tokio::test]
+async fn text_is_empty_only_beside_attachments_when_posted_and_edited() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let digest = blake3::hash(b"the file").to_hex().to_string();
+    let file = json!({"file_name": "plan.pdf", "mime_type": "application/pdf", "size_bytes": 8, "blake3": digest});
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "", "attachments": [file]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let with_file = c.path(&format!("/{}/messages/{}", conv, id(&r)));
+    let r =
+        c.t.patch(&with_file, &c.bob.1, json!({"content": "the plan"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        c.t.patch(&with_file, &c.bob.1, json!({"content": ""}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["content"], "");
+    let plain = c.say(&c.bob.1, conv, "words").await;
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}/messages/{plain}")),
+            &c.bob.1,
+            json!({"content": ""}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "without attachments");
+    let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
+    c.refused(&r, 422, head).await;
+}
+
 #[tokio::test]
 async fn only_the_author_edits() {
     let c = chat().await;

@@ -599,6 +599,17 @@ fn edit_rejects_empty_content() {
         .then_expect_error(E::EmptyEdit);
 }
 
+#[test]
+fn edit_empties_the_text_beside_attachments() {
+    given(vec![posted_with(
+        None,
+        None,
+        vec![stored_attachment("image/png")],
+    )])
+    .when(edit(facts(Some(Member)), author(), 0))
+    .then_expect_events(vec![edited()]);
+}
+
 fn unchanged_edit(conversation: ConversationFacts, editor_id: Uuid) -> MessageCommand {
     MessageCommand::Edit {
         conversation,
