@@ -437,7 +437,29 @@ async fn bodies_over_one_mib_are_413_even_on_routes_that_take_no_body() {
 #[tokio::test]
 async fn names_with_invisible_characters_are_422() {
     let f = fixture().await;
-    for name in ["Acme\u{200B}", "Acme\u{202E}x"] {
+    let says_why = |r: &Response| {
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("invisible formatting characters"),
+            "{message}"
+        );
+    };
+    // Every format character (a tag, interlinear annotation, musical formatting) and the
+    // default-ignorable fillers and joiners that are not format characters.
+    for name in [
+        "Acme\u{200B}",
+        "Acme\u{202E}x",
+        "Acme\u{E0001}",
+        "Acme\u{FFF9}",
+        "Acme\u{1D173}",
+        "Acme\u{115F}",
+        "Acme\u{1160}",
+        "Acme\u{3164}",
+        "Acme\u{FFA0}",
+        "Ac\u{034F}me",
+        "Ac\u{17B4}me",
+        "Ac\u{17B5}me",
+    ] {
         let r = refused(
             &f.t,
             Method::POST,
@@ -446,12 +468,18 @@ async fn names_with_invisible_characters_are_422() {
             422,
         )
         .await;
-        let message = r.body["error"]["message"].as_str().unwrap();
-        assert!(
-            message.contains("invisible formatting characters"),
-            "{message}"
-        );
+        says_why(&r);
     }
+    // The fixture's role "support" and one that only looks like it cannot both exist.
+    let r = refused(
+        &f.t,
+        Method::POST,
+        &org_path(f.org, "/roles"),
+        json!({"name": "support\u{E0041}", "permissions": ["users:read"]}),
+        422,
+    )
+    .await;
+    says_why(&r);
 }
 
 /// The paged lists take `limit` and `cursor` and refuse any other parameter rather than

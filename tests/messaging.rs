@@ -571,6 +571,9 @@ async fn attachments_are_described_and_checked() {
         json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": -1, "blake3": digest}),
         json!({"file_name": "a", "mime_type": "application/pdf", "size_bytes": 1, "blake3": "abc"}),
         json!({"file_name": "", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
+        // A file name that looks like another's: a tag character, a Hangul filler.
+        json!({"file_name": "plan.pdf\u{E0041}", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
+        json!({"file_name": "plan\u{3164}.pdf", "mime_type": "application/pdf", "size_bytes": 1, "blake3": digest}),
     ] {
         let r = c
             .post(
@@ -581,6 +584,47 @@ async fn attachments_are_described_and_checked() {
             .await;
         c.refused(&r, 422, head).await;
     }
+}
+
+/// Text may be empty only in a message with attachments, and that holds for an edit as for
+/// a post: an attachment's text can be taken back out, a plain message's cannot.
+#[tokio::test]
+async fn text_is_empty_only_beside_attachments_when_posted_and_edited() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let digest = blake3::hash(b"the file").to_hex().to_string();
+    let file = json!({"file_name": "plan.pdf", "mime_type": "application/pdf", "size_bytes": 8, "blake3": digest});
+    let r = c
+        .post(
+            &c.bob.1,
+            conv,
+            json!({"content": "", "attachments": [file]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let with_file = c.path(&format!("/{}/messages/{}", conv, id(&r)));
+    let r =
+        c.t.patch(&with_file, &c.bob.1, json!({"content": "the plan"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        c.t.patch(&with_file, &c.bob.1, json!({"content": ""}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["content"], "");
+    let plain = c.say(&c.bob.1, conv, "words").await;
+    let head = c.t.head().await;
+    let r =
+        c.t.patch(
+            &c.path(&format!("/{conv}/messages/{plain}")),
+            &c.bob.1,
+            json!({"content": ""}),
+        )
+        .await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "without attachments");
+    let r = c.post(&c.bob.1, conv, json!({"content": ""})).await;
+    c.refused(&r, 422, head).await;
 }
 
 #[tokio::test]
@@ -737,6 +781,10 @@ async fn one_reaction_per_user_message_and_emoji() {
     let head = c.t.head().await;
     c.refused(&react(&c.bob.1, "👍").await, 409, head).await;
     c.refused(&react(&c.bob.1, "ok").await, 422, head).await;
+    // Nothing invisible, no lone combining mark or tag: a zero-width space, U+0301, U+E0041.
+    for hidden in ["%E2%80%8B", "%CC%81", "%F3%A0%81%81"] {
+        c.refused(&react(&c.bob.1, hidden).await, 422, head).await;
+    }
     // A NUL in the path is refused as any control character is, never sent to the database.
     c.refused(&react(&c.bob.1, "%F0%9F%91%8D%00").await, 422, head)
         .await;
@@ -753,6 +801,17 @@ async fn one_reaction_per_user_message_and_emoji() {
             {"emoji": "🚀", "count": 1, "user_ids": [c.bob.0]},
         ])
     );
+    // A keycap starts with an ASCII digit, and is an emoji all the same.
+    let r = react(&c.carol.1, "1%EF%B8%8F%E2%83%A3").await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(
+        r.body["reactions"][2],
+        json!({"emoji": "1\u{FE0F}\u{20E3}", "count": 1, "user_ids": [c.carol.0]})
+    );
+    let path = c.path(&format!(
+        "/{conv}/messages/{msg}/reactions/1%EF%B8%8F%E2%83%A3"
+    ));
+    assert_eq!(c.t.delete(&path, &c.carol.1).await.status, 200);
     let path = c.path(&format!("/{conv}/messages/{msg}/reactions/👍"));
     let r = c.t.delete(&path, &c.bob.1).await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -967,11 +1026,19 @@ async fn roles_moderation_and_muting() {
             .await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.body["me"]["muted"], true);
+    // Muting again, or unmuting one who has not muted, is an update to the value it
+    // already has: 422, as for an unchanged role, and nothing appended.
     let head = c.t.head().await;
     let r =
         c.t.patch(&p(c.carol.0), &c.carol.1, json!({"muted": true}))
             .await;
-    c.refused(&r, 409, head).await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "already muted");
+    let r =
+        c.t.patch(&p(c.bob.0), &c.bob.1, json!({"muted": false}))
+            .await;
+    c.refused(&r, 422, head).await;
+    common::assert_error_says(&r, 422, "has not muted");
 
     // Handing ownership over: Carol becomes owner, Alice admin.
     let r =
@@ -1178,6 +1245,50 @@ async fn a_deactivated_participant_can_no_longer_read_or_post() {
     c.refused(&r, 401, head).await;
     let r = c.for_author(conv, c.bob.0, "after").await;
     c.refused(&r, 422, head).await;
+}
+
+/// A role goes only to an active user, as adding does: handing ownership to a deactivated or
+/// erased participant would leave the conversation with no owner who can act, and any other
+/// role change of an inactive participant is refused alike (removing it is the way).
+#[tokio::test]
+async fn a_role_goes_only_to_an_active_user() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let p = |u: Uuid| c.path(&format!("/{conv}/participants/{u}"));
+    let r =
+        c.t.patch(&p(c.carol.0), &c.alice.1, json!({"role": "admin"}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let users = |u: Uuid, what: &str| format!("/v1/organizations/{}/users/{u}/{what}", c.org);
+    let r =
+        c.t.post(&users(c.bob.0, "deactivate"), &c.t.admin_key, json!({}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r =
+        c.t.post(&users(c.carol.0, "erase"), &c.t.admin_key, json!({}))
+            .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let head = c.t.head().await;
+    for (user, role) in [
+        (c.bob.0, "owner"),
+        (c.bob.0, "admin"),
+        (c.carol.0, "owner"),
+        (c.carol.0, "member"),
+    ] {
+        for key in [&c.alice.1, &c.service] {
+            let r = c.t.patch(&p(user), key, json!({"role": role})).await;
+            c.refused(&r, 422, head).await;
+            common::assert_error_says(
+                &r,
+                422,
+                &format!("user {user} is not an active user of this organization"),
+            );
+        }
+    }
+    let view = c.conversation(&c.alice.1, conv).await;
+    assert_eq!(view.body["me"]["role"], "owner", "Alice still owns it");
+    // Removing an inactive participant stays possible.
+    assert_eq!(c.t.delete(&p(c.carol.0), &c.alice.1).await.status, 204);
 }
 
 #[tokio::test]

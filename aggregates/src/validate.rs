@@ -2,6 +2,9 @@
 //! e-mail addresses, emoji, media types. Each returns the normalised value or a message a
 //! client can act on.
 
+use unicode_properties::emoji::is_tag_character;
+use unicode_properties::{GeneralCategory, UnicodeEmoji, UnicodeGeneralCategory};
+
 /// The officially assigned ISO 3166-1 alpha-2 codes.
 const ISO_3166_1_ALPHA_2: &str = "AD AE AF AG AI AL AM AO AQ AR AS AT AU AW AX AZ BA BB BD BE BF \
 BG BH BI BJ BL BM BN BO BQ BR BS BT BV BW BY BZ CA CC CD CF CG CH CI CK CL CM CN CO CR CU CV CW \
@@ -22,25 +25,36 @@ pub const MAX_EMOJI_BYTES: usize = 64;
 pub const MAX_MIME_TYPE_CHARS: usize = 255;
 
 /// Characters that show nothing and change no letter, by which a name can pass for another
-/// ("Acme" and "Acme\u{200B}") or show its text in another order: zero-width space, word
+/// ("Acme" and "Acme\u{200B}", "support" and "support\u{E0041}") or show its text in another
+/// order. These are every format character (general category Cf: zero-width space, word
 /// joiner, invisible operators, soft hyphen, byte-order mark, the Mongolian vowel separator,
-/// and the direction marks, embeddings, overrides and isolates. The zero-width joiner and
-/// non-joiner stay, as some scripts' names and emoji need them: one can still follow a name
-/// unseen (a limit of this rule, not of the uniqueness check).
+/// the direction marks, embeddings, overrides and isolates, tag characters, interlinear
+/// annotation and musical formatting characters, ...), as the tables of `unicode-properties`
+/// have them, and the default-ignorable code points of other categories (Unicode 16.0,
+/// DerivedCoreProperties.txt): the combining grapheme joiner, the Hangul fillers, the Khmer
+/// inherent vowels and the unassigned default-ignorables.
+///
+/// Some stay on purpose, as letters and emoji need them: the zero-width joiner and
+/// non-joiner (Persian and Indic names, emoji sequences), the variation selectors (emoji
+/// presentation, ideographic variants) and the Mongolian free variation selectors. One of
+/// these can still follow a name unseen (a limit of this rule, not of the uniqueness check).
 fn is_invisible_format(c: char) -> bool {
-    matches!(
-        c,
-        '\u{00AD}'
-            | '\u{061C}'
-            | '\u{180E}'
-            | '\u{200B}'
-            | '\u{200E}'
-            | '\u{200F}'
-            | '\u{202A}'..='\u{202E}'
-            | '\u{2060}'..='\u{2064}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{FEFF}'
-    )
+    let kept = matches!(c, '\u{200C}' | '\u{200D}');
+    (c.general_category() == GeneralCategory::Format && !kept)
+        || matches!(
+            c,
+            '\u{034F}'
+                | '\u{115F}'
+                | '\u{1160}'
+                | '\u{17B4}'
+                | '\u{17B5}'
+                | '\u{2065}'
+                | '\u{3164}'
+                | '\u{FFA0}'
+                | '\u{FFF0}'..='\u{FFF8}'
+                | '\u{E0000}'..='\u{E00FF}'
+                | '\u{E01F0}'..='\u{E0FFF}'
+        )
 }
 
 /// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters and
@@ -227,12 +241,12 @@ pub fn hex_digest(field: &str, value: &str) -> Result<String, String> {
 
 /// A reaction emoji, trimmed: 1 to [`MAX_EMOJI_CHARS`] characters and at most
 /// [`MAX_EMOJI_BYTES`] bytes (enough for a ZWJ family or a flag with modifiers; the byte
-/// bound states for storage what the character bound already implies in UTF-8), with no
-/// whitespace, no control characters and no ASCII letters, digits or punctuation. The last
-/// rule keeps reactions from becoming free text (`ok`, `+1`, `a/b`); its price is that the
-/// keycap emoji (`1️⃣`, `#️⃣`), which start with an ASCII character, are refused. No Unicode
+/// bound states for storage what the character bound already implies in UTF-8), made of
+/// emoji as [`is_emoji_run`] reads them. That keeps reactions from becoming free text (`ok`,
+/// `+1`, `日本`) and from being invisible (`\u{200B}`, a lone combining mark or tag
+/// character), while keycaps (`1️⃣`, `#️⃣`) and subdivision flags (🏴󠁧󠁢󠁥󠁮󠁧󠁿) pass. No Unicode
 /// normalisation is applied: the emoji is returned exactly as given, minus the trimmed
-/// whitespace, and two spellings of one emoji are two reactions.
+/// whitespace, and two spellings of one emoji (with and without U+FE0F) are two reactions.
 pub fn emoji(value: &str) -> Result<String, String> {
     let v = value.trim();
     if v.is_empty() {
@@ -243,15 +257,61 @@ pub fn emoji(value: &str) -> Result<String, String> {
             "emoji must be at most {MAX_EMOJI_CHARS} characters and {MAX_EMOJI_BYTES} bytes"
         ));
     }
-    if v.chars().any(|c| {
-        c.is_whitespace() || c.is_control() || c.is_ascii_alphanumeric() || c.is_ascii_punctuation()
-    }) {
+    if !is_emoji_run(v) {
         return Err(
-            "emoji must not contain whitespace, control characters, ASCII letters, digits or punctuation"
+            "emoji must be emoji only: no text, whitespace or invisible characters \
+             (ASCII only as a keycap's base, as in 1️⃣)"
                 .to_string(),
         );
     }
     Ok(v.to_string())
+}
+
+/// Whether `v` is one or more emoji as Unicode Technical Standard #51 builds them, with the
+/// `Emoji` property from the tables of `unicode-properties`: each emoji is a non-ASCII
+/// emoji character, a keycap (`#`, `*` or a digit, then an optional U+FE0F, then U+20E3) or
+/// a subdivision flag (U+1F3F4, tag characters, the cancel tag U+E007F); a presentation
+/// selector (U+FE0E, U+FE0F) follows an emoji, and a zero-width joiner stands between two.
+/// Everything else, the components (joiner, selectors, keycap mark, tags) anywhere else
+/// among it, is refused. The test is of form, not of RGI membership: 👍🏽 and 🧑‍🚀 pass, and
+/// so would an unusual sequence of real emoji.
+fn is_emoji_run(v: &str) -> bool {
+    #[derive(PartialEq)]
+    enum Last {
+        Nothing,
+        Emoji,
+        Selector,
+        Joiner,
+    }
+    let mut last = Last::Nothing;
+    let mut chars = v.chars().peekable();
+    while let Some(c) = chars.next() {
+        last = match c {
+            '#' | '*' | '0'..='9' => {
+                chars.next_if_eq(&'\u{FE0F}');
+                if chars.next_if_eq(&'\u{20E3}').is_none() {
+                    return false;
+                }
+                Last::Emoji
+            }
+            '\u{1F3F4}' if chars.peek().copied().is_some_and(is_tag_character) => {
+                while chars
+                    .next_if(|t| matches!(t, '\u{E0020}'..='\u{E007E}'))
+                    .is_some()
+                {}
+                if chars.next_if_eq(&'\u{E007F}').is_none() {
+                    return false;
+                }
+                Last::Emoji
+            }
+            '\u{FE0E}' | '\u{FE0F}' if last == Last::Emoji => Last::Selector,
+            '\u{200D}' if matches!(last, Last::Emoji | Last::Selector) => Last::Joiner,
+            // The components (U+200D, U+20E3, U+FE0F, tags) are not `Emoji` themselves.
+            c if !c.is_ascii() && c.is_emoji_char() => Last::Emoji,
+            _ => return false,
+        };
+    }
+    matches!(last, Last::Emoji | Last::Selector)
 }
 
 /// A media type without parameters (`image/png`), as RFC 6838 restricts registered names:
@@ -316,6 +376,26 @@ mod tests {
             "a\u{2066}b",
             "x\u{061C}y",
             "x\u{2062}y",
+            // Every other format character (Cf): tags, the language tag, interlinear
+            // annotation, musical formatting, shorthand format controls.
+            "support\u{E0041}",
+            "\u{E0001}Acme",
+            "Ac\u{FFF9}me",
+            "Ac\u{1D173}me",
+            "Ac\u{1BCA0}me",
+            "Ac\u{206A}me",
+            // Default-ignorable code points that are not Cf: the combining grapheme joiner,
+            // the Hangul fillers, the Khmer inherent vowels, unassigned ignorables.
+            "Ac\u{034F}me",
+            "\u{115F}Acme",
+            "Acme\u{1160}",
+            "Acme\u{3164}",
+            "Acme\u{FFA0}",
+            "Ac\u{17B4}me",
+            "Ac\u{17B5}me",
+            "Ac\u{2065}me",
+            "Ac\u{FFF0}me",
+            "Ac\u{E0080}me",
         ] {
             let refused = name("name", sneaky).unwrap_err();
             assert!(
@@ -329,6 +409,10 @@ mod tests {
             name("name", "👩\u{200D}💻 team").unwrap(),
             "👩\u{200D}💻 team"
         );
+        // So are variation selectors: emoji presentation, ideographic variants.
+        for kept in ["❤\u{FE0F} team", "葛\u{E0100}西", "ᠠ\u{180B}ᠨ"] {
+            assert_eq!(name("name", kept).unwrap(), kept);
+        }
     }
 
     #[test]
@@ -444,8 +528,24 @@ mod tests {
 
     #[test]
     fn emoji_are_short_symbols_without_words() {
-        for good in ["👍", " 🎉 ", "👍🏽", "👨‍👩‍👧‍👦", "🇩🇪", "❤️", "✅"]
-        {
+        for good in [
+            "👍",
+            " 🎉 ",
+            "👍🏽",
+            "👨‍👩‍👧‍👦",
+            "🇩🇪",
+            "❤️",
+            "❤︎",
+            "✅",
+            "❤️\u{200D}🔥",
+            "👍🎉",
+            // Keycaps, fully qualified and not.
+            "1️⃣",
+            "#️⃣",
+            "*\u{20E3}",
+            // A subdivision flag: England.
+            "🏴\u{E0067}\u{E0062}\u{E0065}\u{E006E}\u{E0067}\u{E007F}",
+        ] {
             assert_eq!(emoji(good).unwrap(), good.trim(), "{good}");
         }
         for bad in [
@@ -458,7 +558,27 @@ mod tests {
             "👍/",
             "👍 👍",
             "👍\u{0}",
-            "1️⃣",
+            "日本",
+            "é",
+            "1",
+            "12",
+            "1\u{FE0F}",
+            "#",
+            // Invisible, or marks and components with no emoji to go with.
+            "\u{200B}",
+            "👍\u{200B}",
+            "\u{0301}",
+            "👍\u{0301}",
+            "\u{E0041}",
+            "👍\u{E0041}",
+            "🏴\u{E0067}\u{E0062}",
+            "\u{200D}",
+            "\u{200D}👍",
+            "👍\u{200D}",
+            "👍\u{200D}\u{200D}🎉",
+            "\u{FE0F}",
+            "\u{20E3}",
+            "👍\u{20E3}",
             &"👍".repeat(17),
         ] {
             assert!(emoji(bad).is_err(), "{bad}");

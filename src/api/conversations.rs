@@ -635,7 +635,8 @@ pub struct UpdateParticipant {
     muted: Option<bool>,
 }
 
-/// Changes a participant's role (the owner's right), or mutes or unmutes (one's own).
+/// Changes a participant's role (the owner's right; an active user's only), or mutes or
+/// unmutes (one's own).
 pub async fn update_participant(
     State(app): State<App>,
     caller: Caller,
@@ -656,6 +657,10 @@ pub async fn update_participant(
         ));
     }
     if let Some(role) = body.role {
+        // A role is given as adding gives one, to an active user only, whatever the role:
+        // an owner or admin who cannot act would leave the conversation without a working
+        // one, and an inactive participant needs no say in it (remove it instead).
+        require_active_members(&app, org, &[user]).await?;
         let command = ConversationCommand::ChangeRole {
             user_id: user,
             role,

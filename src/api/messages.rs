@@ -310,6 +310,7 @@ pub struct NewAttachmentBody {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PostMessage {
+    /// The text; empty only when `attachments` are given.
     content: String,
     parent_message_id: Option<Uuid>,
     #[serde(default)]
@@ -507,6 +508,7 @@ pub async fn get(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditMessage {
+    /// The new text; empty only in a message with attachments.
     content: String,
 }
 

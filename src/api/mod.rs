@@ -513,7 +513,7 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/conversations/{id}/read",
         Some("conversations:read"),
         200,
-        "Mark read up to a message; answers the unread count",
+        "Mark read up to a message (at or before the current mark: 200, nothing changes); answers the unread count",
     ).body(schema::<messages::MarkRead>).answers(schema::<messages::ReadState>),
     r(
         "GET",

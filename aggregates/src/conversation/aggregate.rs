@@ -111,7 +111,11 @@ impl ConversationError {
             | Self::NothingGiven
             | Self::NoChange
             | Self::AddedAsOwner
-            | Self::RoleUnchanged(_) => Rejection::Invalid,
+            // Like an unchanged role on the same PATCH: an update to the value it already
+            // has, which the API answers 422 everywhere.
+            | Self::RoleUnchanged(_)
+            | Self::AlreadyMuted
+            | Self::NotMuted => Rejection::Invalid,
             Self::NotFound | Self::NotVisible | Self::NotParticipant(_) => Rejection::NotFound,
             Self::AlreadyExists
             | Self::Archived
@@ -121,9 +125,7 @@ impl ConversationError {
             | Self::AlreadyParticipant(_)
             | Self::OwnerCannotLeave
             | Self::OwnerCannotBeRemoved
-            | Self::OwnerRoleChange
-            | Self::AlreadyMuted
-            | Self::NotMuted => Rejection::Conflict,
+            | Self::OwnerRoleChange => Rejection::Conflict,
             Self::NotModerator
             | Self::NotOwner
             | Self::AdminRemovesAdmin

@@ -961,6 +961,8 @@ fn errors_map_to_rejections() {
         E::NoChange,
         E::AddedAsOwner,
         E::RoleUnchanged(Admin),
+        E::AlreadyMuted,
+        E::NotMuted,
     ] {
         assert_eq!(e.rejection(), Rejection::Invalid, "{e}");
     }
@@ -977,8 +979,6 @@ fn errors_map_to_rejections() {
         E::OwnerCannotLeave,
         E::OwnerCannotBeRemoved,
         E::OwnerRoleChange,
-        E::AlreadyMuted,
-        E::NotMuted,
     ] {
         assert_eq!(e.rejection(), Rejection::Conflict, "{e}");
     }

@@ -22,6 +22,10 @@ pub struct Message {
     organization_id: Option<Uuid>,
     author_id: Option<Uuid>,
     thread_root_id: Option<Uuid>,
+    /// Whether it was posted with attachments: its text may then be empty, when posted and
+    /// when edited alike.
+    #[serde(default)]
+    has_attachments: bool,
     deleted: bool,
     reactions: BTreeSet<(Uuid, String)>,
     readers: BTreeSet<Uuid>,
@@ -51,7 +55,9 @@ pub enum MessageError {
     TooLarge(usize),
     #[error("a message needs content or at least one attachment")]
     Empty,
-    #[error("content must not be empty; delete the message instead")]
+    #[error(
+        "content must not be empty on a message without attachments; delete the message instead"
+    )]
     EmptyEdit,
     #[error("nothing to change: the edit leaves the message as it is")]
     NoChange,
@@ -224,7 +230,8 @@ impl Message {
                 participant(role)?;
                 not_archived(&conversation)?;
                 check_content(&content, content_bytes)?;
-                if content_bytes == 0 {
+                // The rule of a post: text may be empty only beside attachments.
+                if content_bytes == 0 && !self.has_attachments {
                     return Err(MessageError::EmptyEdit);
                 }
                 // An edit that changes nothing would put a meaningless entry in the ledger.
@@ -288,8 +295,12 @@ impl Message {
                 self.not_deleted()?;
                 participant(role)?;
                 not_archived(&conversation)?;
-                let emoji = invalid(validate::emoji(&emoji))?;
+                // A reaction there is taken back as it is, unchecked: one given under an
+                // older, looser emoji rule must not stay for good. One not there is checked,
+                // so that a malformed one hears why.
+                let emoji = emoji.trim().to_string();
                 if !self.reactions.contains(&(user_id, emoji.clone())) {
+                    invalid(validate::emoji(&emoji))?;
                     return Err(MessageError::NotReacted);
                 }
                 Ok(MessageEvent::ReactionRemoved {
@@ -400,9 +411,11 @@ impl Aggregate for Message {
                 organization_id,
                 author_id,
                 thread_root_id,
+                attachments,
                 ..
             } => {
                 self.id = Some(message_id);
+                self.has_attachments = !attachments.is_empty();
                 self.conversation_id = Some(conversation_id);
                 self.organization_id = Some(organization_id);
                 self.author_id = Some(author_id);
