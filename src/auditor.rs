@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
 
-use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteVerifier};
+use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteError, NoteVerifier};
 use crate::ledger::count;
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
@@ -33,15 +33,27 @@ fn read(path: &Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// A checkpoint file's claims, without checking its signature (`prove` only needs its size;
-/// whoever checks the proof checks the signature).
-fn unverified(path: &Path) -> anyhow::Result<Checkpoint> {
+/// A checkpoint file's claims for `prove`: opened with `key` when given (`Err` carries the
+/// FORGED verdict), else read without checking its signature (whoever checks the proof
+/// checks the signature).
+fn claims(
+    path: &Path,
+    key: Option<&NoteVerifier>,
+) -> anyhow::Result<Result<(PathBuf, Checkpoint), ExitCode>> {
     let note = read(path)?;
-    let text = note
-        .find("\n\n")
-        .map(|i| &note[..=i])
-        .context("not a signed note: no blank line before the signatures")?;
-    Checkpoint::parse_text(text).with_context(|| format!("reading {}", path.display()))
+    let Some(key) = key else {
+        let cp = Checkpoint::parse_unverified(&note)
+            .with_context(|| format!("reading {}", path.display()))?;
+        return Ok(Ok((path.to_path_buf(), cp)));
+    };
+    Ok(match key.open(&note) {
+        Ok(cp) => Ok((path.to_path_buf(), cp)),
+        // On stderr, as any refusal of `prove`: its standard output is only ever a proof.
+        Err(e) => {
+            eprintln!("FORGED: checkpoint {}: {e}", path.display());
+            Err(ExitCode::from(1))
+        }
+    })
 }
 
 fn fail(message: String) -> ExitCode {
@@ -162,7 +174,7 @@ pub async fn verify_since(
         matched = cp.tree_size;
     }
     // Past the checkpoints given, the database's own may still show a cut or a rewrite.
-    let records = check_records(pool, &report)
+    let records = check_records(pool, &report, Some(key), true)
         .await
         .context("reading the log's checkpoints")?;
     if !records.intact() {
@@ -193,114 +205,305 @@ pub async fn verify_since(
 /// signed checkpoint and how far the Merkle tree integrated. The chain alone cannot show a
 /// cut tail or a rewrite with every later hash recomputed; these records can, unless the
 /// same hand removed them too, which is why an auditor keeps checkpoints of their own.
+///
+/// What a checkpoint says is taken from its signed note, never from the row's other columns
+/// (`tree_size`, `root`, `chain_head`, `signed_at`), which anyone who can write the database
+/// can set: a row whose columns are not its note's is a finding of its own ([`RowFault`]).
+#[derive(Debug)]
+pub struct Records {
+    /// What the newest note and the tree's size say of the events.
+    pub verdict: Verdict,
+    /// Checkpoint rows that are not what their own note says (or whose note is unreadable, or
+    /// does not open under the key given), in the order of their `tree_size` column.
+    pub rows: Vec<RowFault>,
+    /// How many such rows there are in all (`rows` keeps the first few).
+    pub rows_total: usize,
+    /// The auditor passed checkpoints of their own (`--since`): not suggested again.
+    since_given: bool,
+}
+
 #[derive(Debug, PartialEq, Eq)]
-pub enum Records {
+pub enum Verdict {
     /// No checkpoint the database holds lies within the positions verified.
     None,
-    /// The newest checkpoint's head is this log's at its size.
-    Agree { size: i64, signed_at: String },
+    /// The newest note's chain head is this log's at its size.
+    Agree {
+        size: u64,
+        signed_at: String,
+        /// Whether its signature was checked (`--public-key`).
+        opened: bool,
+    },
     /// The records covered positions the log no longer holds.
     Truncated {
         head: i64,
-        covered: i64,
+        covered: u64,
         by: &'static str,
     },
-    /// The event at a checkpoint's size is not the one it signed.
-    Rewritten { size: i64, signed_at: String },
+    /// The event at a note's size is not the one it signed.
+    Rewritten { size: u64, signed_at: String },
+}
+
+/// A checkpoint row that cannot stand for its note, named by its `tree_size` column.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowFault {
+    /// The note is not a checkpoint at all.
+    Unreadable { row: i64, why: String },
+    /// The note does not open under the key given.
+    Forged { row: i64, why: String },
+    /// These columns are not what the note (of `note_size` events) signs.
+    Disagrees {
+        row: i64,
+        columns: Vec<&'static str>,
+        note_size: u64,
+    },
+}
+
+/// How many faulty rows a report names.
+const ROWS_NAMED: usize = 5;
+
+impl std::fmt::Display for RowFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RowFault::Unreadable { row, why } => write!(
+                f,
+                "MISMATCH: checkpoint row {row} holds no readable signed note ({why}); it was \
+                 ignored"
+            ),
+            RowFault::Forged { row, why } => write!(
+                f,
+                "FORGED: the note of checkpoint row {row} does not open under the key given \
+                 ({why}); it was ignored"
+            ),
+            RowFault::Disagrees {
+                row,
+                columns,
+                note_size,
+            } => write!(
+                f,
+                "MISMATCH: checkpoint row {row} disagrees with its own signed note (of size \
+                 {note_size}): its {} column{} {} not what the note signs; the row was changed \
+                 or copied after signing (the signature covers the note alone, which is what \
+                 was compared with the log)",
+                columns.join(", "),
+                if columns.len() == 1 { "" } else { "s" },
+                if columns.len() == 1 { "is" } else { "are" }
+            ),
+        }
+    }
 }
 
 impl std::fmt::Display for Records {
+    /// The verdict first when it is on the events, then each faulty row on a line of its own.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Records::None => f.write_str(
-                "the database holds no checkpoint to compare with: a cut tail, or a rewrite \
-                 with every later hash recomputed, reads as intact (keep checkpoints and pass \
-                 --since)",
-            ),
-            Records::Agree { size, signed_at } => write!(
-                f,
-                "the database's newest checkpoint (size {size}, signed {signed_at}) agrees; \
-                 positions past it, and a database whose checkpoints were rewritten too, are \
-                 proven only against checkpoints kept outside it (pass --since)"
-            ),
-            Records::Truncated { head, covered, by } => write!(
-                f,
-                "TRUNCATED: first missing position {}: the log ends at position {head}, but \
-                 {by} covers {}",
-                head + 1,
-                count(*covered, "event", "events")
-            ),
-            Records::Rewritten { size, signed_at } => write!(
-                f,
-                "REWRITTEN: the event at position {size} is not the one the database's \
-                 checkpoint signed {signed_at}: an event at or before it was changed and the \
-                 chain recomputed after it (`verify --since` with the checkpoints kept \
-                 outside narrows where)"
-            ),
+        let mut lines: Vec<String> = Vec::new();
+        let verdict = self.verdict_text();
+        if !self.verdict.intact() {
+            lines.push(verdict.clone());
         }
+        lines.extend(self.rows.iter().map(ToString::to_string));
+        if self.rows_total > self.rows.len() {
+            lines.push(format!(
+                "and {} more",
+                count(
+                    (self.rows_total - self.rows.len()) as u64,
+                    "checkpoint row",
+                    "checkpoint rows"
+                )
+            ));
+        }
+        if self.verdict.intact() {
+            lines.push(verdict);
+        }
+        f.write_str(&lines.join("\n"))
     }
 }
 
 impl Records {
     pub fn intact(&self) -> bool {
-        matches!(self, Records::None | Records::Agree { .. })
+        self.verdict.intact() && self.rows_total == 0
+    }
+
+    fn verdict_text(&self) -> String {
+        match &self.verdict {
+            Verdict::None => "the database holds no checkpoint to compare with: a cut tail, or a \
+                 rewrite with every later hash recomputed, reads as intact (keep checkpoints and \
+                 pass --since)"
+                .into(),
+            Verdict::Agree {
+                size,
+                signed_at,
+                opened,
+            } => format!(
+                "the database's newest checkpoint (size {size}, signed {signed_at}) agrees{}; \
+                 positions past it, and a database whose checkpoints were rewritten too, are \
+                 proven only against checkpoints kept outside it (pass --since)",
+                if *opened {
+                    ", its note opening under the key given"
+                } else {
+                    " (its note's signature not checked: pass --public-key)"
+                }
+            ),
+            Verdict::Truncated { head, covered, by } => format!(
+                "TRUNCATED: first missing position {}: the log ends at position {head}, but \
+                 {by} covers {}",
+                head + 1,
+                count(*covered, "event", "events")
+            ),
+            Verdict::Rewritten { size, signed_at } => format!(
+                "REWRITTEN: the event at position {size} is not the one the database's \
+                 checkpoint signed {signed_at}: an event at or before it was changed and the \
+                 chain recomputed after it{}",
+                if self.since_given {
+                    ""
+                } else {
+                    " (`verify --since` with the checkpoints kept outside narrows where)"
+                }
+            ),
+        }
     }
 }
 
-/// Compares a verified chain (`report`) with the database's records of the log. Appends go
-/// on meanwhile: a checkpoint is compared only if the walk reached its size, and a cut is
-/// one below what the log holds now, not what the walk read.
-pub async fn check_records(pool: &PgPool, report: &Report) -> Result<Records, sqlx::Error> {
-    let (now_head, tree_size, newest): (i64, i64, Option<i64>) = sqlx::query_as(
+impl Verdict {
+    fn intact(&self) -> bool {
+        matches!(self, Verdict::None | Verdict::Agree { .. })
+    }
+}
+
+/// Compares a verified chain (`report`) with the database's records of the log: each
+/// checkpoint row's note (opened with `key` when given) and the tree's size. Appends go on
+/// meanwhile: a checkpoint is compared only if the walk reached its size, and a cut is one
+/// below what the log holds now, not what the walk read. `since_given`: the caller compared
+/// with the auditor's own checkpoints already.
+pub async fn check_records(
+    pool: &PgPool,
+    report: &Report,
+    key: Option<&NoteVerifier>,
+    since_given: bool,
+) -> Result<Records, sqlx::Error> {
+    let (now_head, tree_size): (i64, i64) = sqlx::query_as(
         "SELECT coalesce((SELECT max(position) FROM events), 0),
-                coalesce((SELECT size FROM merkle_state), 0),
-                (SELECT max(tree_size) FROM checkpoints)",
+                coalesce((SELECT size FROM merkle_state), 0)",
     )
     .fetch_one(pool)
     .await?;
+    #[derive(sqlx::FromRow)]
+    struct Row {
+        tree_size: i64,
+        root: Vec<u8>,
+        chain_head: Vec<u8>,
+        signed_at: chrono::DateTime<chrono::Utc>,
+        note: String,
+    }
+    let mut rows = sqlx::query_as::<_, Row>(
+        "SELECT tree_size, root, chain_head, signed_at, note FROM checkpoints ORDER BY tree_size",
+    )
+    .fetch(pool);
+    let mut faults = Vec::new();
+    let mut rows_total = 0;
+    // The newest note of all (for a cut), and the newest within the walk (for a rewrite).
+    let mut newest: Option<Checkpoint> = None;
+    let mut compared: Option<Checkpoint> = None;
+    while let Some(row) = rows.try_next().await? {
+        let read = match key {
+            Some(key) => key.open(&row.note).map_err(|e| match e {
+                NoteError::Malformed(_) => RowFault::Unreadable {
+                    row: row.tree_size,
+                    why: e.to_string(),
+                },
+                e => RowFault::Forged {
+                    row: row.tree_size,
+                    why: e.to_string(),
+                },
+            }),
+            None => Checkpoint::parse_unverified(&row.note).map_err(|e| RowFault::Unreadable {
+                row: row.tree_size,
+                why: e.to_string(),
+            }),
+        };
+        let fault = match &read {
+            Err(fault) => Some(fault.clone()),
+            Ok(cp) => {
+                let columns: Vec<&'static str> = [
+                    (
+                        "tree_size",
+                        i64::try_from(cp.tree_size) != Ok(row.tree_size),
+                    ),
+                    ("root", row.root != cp.root),
+                    ("chain_head", row.chain_head != cp.chain_head),
+                    ("signed_at", row.signed_at != cp.time),
+                ]
+                .into_iter()
+                .filter_map(|(name, differs)| differs.then_some(name))
+                .collect();
+                (!columns.is_empty()).then_some(RowFault::Disagrees {
+                    row: row.tree_size,
+                    columns,
+                    note_size: cp.tree_size,
+                })
+            }
+        };
+        if let Some(fault) = fault {
+            rows_total += 1;
+            if faults.len() < ROWS_NAMED {
+                faults.push(fault);
+            }
+        }
+        // A note that does not open says nothing; one that opens says what it signs, whatever
+        // row it was put in.
+        if let Ok(cp) = read {
+            let newer = |held: &Option<Checkpoint>| {
+                held.as_ref().is_none_or(|h| h.tree_size < cp.tree_size)
+            };
+            if cp.tree_size <= report.head_position as u64 && newer(&compared) {
+                compared = Some(cp.clone());
+            }
+            if newer(&newest) {
+                newest = Some(cp);
+            }
+        }
+    }
+    let records = |verdict| Records {
+        verdict,
+        rows: faults,
+        rows_total,
+        since_given,
+    };
     for (covered, by) in [
         (
-            newest.unwrap_or(0),
+            newest.map_or(0, |c| c.tree_size),
             "the database's newest signed checkpoint",
         ),
-        (tree_size, "the database's Merkle tree"),
+        (tree_size as u64, "the database's Merkle tree"),
     ] {
-        if covered > now_head {
-            return Ok(Records::Truncated {
+        if covered > now_head as u64 {
+            return Ok(records(Verdict::Truncated {
                 head: now_head,
                 covered,
                 by,
-            });
+            }));
         }
     }
-    #[derive(sqlx::FromRow)]
-    struct Compared {
-        size: i64,
-        signed: Vec<u8>,
-        held: Option<Vec<u8>>,
-        signed_at: String,
-    }
-    let compared: Option<Compared> = sqlx::query_as(
-        "SELECT c.tree_size AS size, c.chain_head AS signed, e.hash AS held,
-                to_char(c.signed_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS signed_at
-         FROM checkpoints c LEFT JOIN events e ON e.position = c.tree_size
-         WHERE c.tree_size <= $1 ORDER BY c.tree_size DESC LIMIT 1",
-    )
-    .bind(report.head_position)
-    .fetch_optional(pool)
-    .await?;
+    let Some(cp) = compared else {
+        return Ok(records(Verdict::None));
+    };
+    let held: Option<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events WHERE position = $1")
+        .bind(cp.tree_size as i64)
+        .fetch_optional(pool)
+        .await?;
+    let signed_at = cp.time.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     // The walk recomputed every stored hash up to its head, so the stored one stands for it.
-    Ok(match compared {
-        None => Records::None,
-        Some(c) if c.held.as_ref() != Some(&c.signed) => Records::Rewritten {
-            size: c.size,
-            signed_at: c.signed_at,
-        },
-        Some(c) => Records::Agree {
-            size: c.size,
-            signed_at: c.signed_at,
-        },
-    })
+    Ok(records(if held.as_deref() != Some(&cp.chain_head[..]) {
+        Verdict::Rewritten {
+            size: cp.tree_size,
+            signed_at,
+        }
+    } else {
+        Verdict::Agree {
+            size: cp.tree_size,
+            signed_at,
+            opened: key.is_some(),
+        }
+    }))
 }
 
 /// The first position up to `head` whose event is v2, found by halving: a verified log is v1
@@ -352,16 +555,32 @@ pub enum Proof {
 
 /// A proof from a tree that is not the one a checkpoint signed would not verify against it:
 /// refused, on stderr, so that what goes to a proof file is only ever a proof (exit 1).
+/// Which of the two is wrong, the file or the database, only the file's signature can tell:
+/// `opened` says whether it was checked.
 async fn tree_differs(
     pool: &PgPool,
-    checkpoints: &[&Checkpoint],
+    checkpoints: &[&(PathBuf, Checkpoint)],
+    opened: bool,
 ) -> anyhow::Result<Option<ExitCode>> {
-    for cp in checkpoints {
+    for (path, cp) in checkpoints {
         if tree::root_at(pool, cp.tree_size).await? != cp.root {
-            eprintln!(
-                "MISMATCH: the database's tree at size {} is not the one the checkpoint signed",
-                cp.tree_size
-            );
+            let size = cp.tree_size;
+            if opened {
+                eprintln!(
+                    "MISMATCH: checkpoint {} opens under the key given, but the database's tree \
+                     at size {size} is not the one it signed: the database's tree or log was \
+                     changed (`ledgerline verify --since {}` says more)",
+                    path.display(),
+                    path.display()
+                );
+            } else {
+                eprintln!(
+                    "MISMATCH: checkpoint {} and the database disagree: its root at size {size} \
+                     is not the database's tree's. Its signature was not checked, so either \
+                     may be wrong: pass --public-key to check it",
+                    path.display()
+                );
+            }
             return Ok(Some(ExitCode::from(1)));
         }
     }
@@ -372,14 +591,19 @@ pub async fn prove_inclusion(
     pool: &PgPool,
     position: u64,
     checkpoint: &Path,
+    key: Option<&NoteVerifier>,
 ) -> anyhow::Result<ExitCode> {
-    let cp = unverified(checkpoint)?;
+    let file = match claims(checkpoint, key)? {
+        Ok(file) => file,
+        Err(code) => return Ok(code),
+    };
+    let cp = &file.1;
     let proof = tree::inclusion_proof(pool, position, cp.tree_size).await?;
     let (hash,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
         .bind(position as i64)
         .fetch_one(pool)
         .await?;
-    if let Some(code) = tree_differs(pool, &[&cp]).await? {
+    if let Some(code) = tree_differs(pool, &[&file], key.is_some()).await? {
         return Ok(code);
     }
     let out = Proof::Inclusion {
@@ -392,15 +616,23 @@ pub async fn prove_inclusion(
     Ok(ExitCode::SUCCESS)
 }
 
-pub async fn prove_consistency(pool: &PgPool, from: &Path, to: &Path) -> anyhow::Result<ExitCode> {
-    let (old, new) = (unverified(from)?, unverified(to)?);
-    let proof = tree::consistency_proof(pool, old.tree_size, new.tree_size).await?;
-    if let Some(code) = tree_differs(pool, &[&old, &new]).await? {
+pub async fn prove_consistency(
+    pool: &PgPool,
+    from: &Path,
+    to: &Path,
+    key: Option<&NoteVerifier>,
+) -> anyhow::Result<ExitCode> {
+    let (old, new) = match (claims(from, key)?, claims(to, key)?) {
+        (Ok(old), Ok(new)) => (old, new),
+        (Err(code), _) | (_, Err(code)) => return Ok(code),
+    };
+    let proof = tree::consistency_proof(pool, old.1.tree_size, new.1.tree_size).await?;
+    if let Some(code) = tree_differs(pool, &[&old, &new], key.is_some()).await? {
         return Ok(code);
     }
     let out = Proof::Consistency {
-        from_size: old.tree_size,
-        to_size: new.tree_size,
+        from_size: old.1.tree_size,
+        to_size: new.1.tree_size,
         proof: hexes(&proof),
     };
     outln!("{}", serde_json::to_string_pretty(&out)?);

@@ -32,7 +32,10 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Bootstrap(args) => bootstrap(&cli.db, args).await,
         Command::Verify(args) => verify(&cli.db, args).await,
         Command::Export(args) => export(&cli.db, args).await,
-        Command::Prove { command } => prove(&cli.db, command).await,
+        Command::Prove {
+            command,
+            public_key,
+        } => prove(&cli.db, command, public_key.as_deref()).await,
         Command::VerifyProof(args) => {
             auditor::verify_proof(&args.proof, &args.checkpoint, &args.public_key)
         }
@@ -422,7 +425,7 @@ async fn verify(
     let secs = report.elapsed.as_secs_f64();
     match &report.first_bad {
         None => {
-            let records = auditor::check_records(&pool, &report)
+            let records = auditor::check_records(&pool, &report, key.as_ref(), false)
                 .await
                 .context("reading the log's checkpoints")?;
             if !records.intact() {
@@ -534,7 +537,9 @@ fn offline(
 async fn prove(
     db_args: &crate::config::DatabaseArgs,
     command: ProveCommand,
+    public_key: Option<&str>,
 ) -> anyhow::Result<ExitCode> {
+    let key = public_key.map(auditor::load_verifier).transpose()?;
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
     crate::ledger::tree::catch_up(
         &pool,
@@ -550,9 +555,9 @@ async fn prove(
         ProveCommand::Inclusion {
             position,
             checkpoint,
-        } => auditor::prove_inclusion(&pool, position, &checkpoint).await,
+        } => auditor::prove_inclusion(&pool, position, &checkpoint, key.as_ref()).await,
         ProveCommand::Consistency { from, to } => {
-            auditor::prove_consistency(&pool, &from, &to).await
+            auditor::prove_consistency(&pool, &from, &to, key.as_ref()).await
         }
     }
 }
@@ -706,7 +711,7 @@ async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
             bad.fault
         );
     }
-    let records = auditor::check_records(pool, &report)
+    let records = auditor::check_records(pool, &report, None, false)
         .await
         .context("reading the log's checkpoints")?;
     anyhow::ensure!(

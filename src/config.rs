@@ -183,9 +183,18 @@ pub enum Command {
     /// Write the ledger (or one organization's view of it) as a verifiable JSON Lines file.
     Export(ExportArgs),
     /// Print a Merkle proof from the database's tree, for an auditor to check offline.
+    ///
+    /// The checkpoint files are read for their tree sizes and roots; their signatures are not
+    /// checked unless --public-key is given (`verify-proof` checks them).
     Prove {
         #[command(subcommand)]
         command: ProveCommand,
+        /// The log's verifier key, or a file holding it. Without it the checkpoint files'
+        /// signatures are not checked (`verify-proof` checks them); with it each must open
+        /// under it (FORGED, exit 1, if one does not), so a root that differs from the
+        /// database's tree is known to be the log's own.
+        #[arg(long, global = true)]
+        public_key: Option<String>,
     },
     /// Check a proof printed by `prove` against signed checkpoints; needs no database.
     VerifyProof(VerifyProofArgs),
@@ -301,6 +310,8 @@ pub struct ExportArgs {
     /// Last position (default: the head).
     #[arg(long)]
     pub to: Option<i64>,
+    /// The file to write (JSON Lines: a header, then one line per position); written beside
+    /// it and renamed into place once whole, so a failed export leaves no partial file.
     #[arg(long)]
     pub out: PathBuf,
     /// The log's name for the export's header (default: the origin of the newest checkpoint
@@ -314,16 +325,20 @@ pub struct ExportArgs {
 pub enum ProveCommand {
     /// That the event at a position is in the tree a checkpoint signed.
     Inclusion {
+        /// The event's position in the log (1 is the first), at most the checkpoint's size.
         #[arg(long)]
         position: u64,
-        /// The checkpoint file (its tree size is used).
+        /// The checkpoint file (a signed note, as `/v1/ledger/checkpoints` serves it): the
+        /// proof is for its tree size, and the database's tree must have its root there.
         #[arg(long)]
         checkpoint: PathBuf,
     },
     /// That the tree of one checkpoint extends the tree of an older one.
     Consistency {
+        /// The older checkpoint file (a signed note): the proof starts at its tree size.
         #[arg(long)]
         from: PathBuf,
+        /// The newer checkpoint file (a signed note): the proof ends at its tree size.
         #[arg(long)]
         to: PathBuf,
     },

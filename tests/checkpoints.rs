@@ -103,19 +103,41 @@ async fn independent_root(t: &TestApp, size: i64) -> Digest {
 /// Edits the payload of event `k` and recomputes every later link and hash, as a superuser
 /// who read docs/ledger-format.md would: the chain alone still verifies.
 async fn rewrite_from(t: &TestApp, k: i64) {
+    rewrite_json_from(t, k, "payload", |text| text.replace("Beta", "Bet4")).await;
+}
+
+/// Edits the metadata of event `k` (as the walkthrough's hostile DBA did) and recomputes every
+/// later link and hash.
+async fn rewrite_metadata_from(t: &TestApp, k: i64) {
+    rewrite_json_from(t, k, "metadata", |text| {
+        text.replacen('{', "{\"edited\": true, ", 1)
+    })
+    .await;
+}
+
+/// Sets `column` (`payload` or `metadata`) of event `k` to `edit` of its text and recomputes
+/// every later link and hash.
+async fn rewrite_json_from(t: &TestApp, k: i64, column: &str, edit: impl Fn(&str) -> String) {
     let n = t.head().await;
     let mut tx = superuser_tx(t.pool()).await;
     let mut prev = event_at(t.pool(), k - 1).await.hash;
     for p in k..=n {
         let mut e = event_at(t.pool(), p).await;
         if p == k {
-            e.payload = e.payload.replace("Beta", "Bet4");
-            sqlx::query("UPDATE events SET payload = $2::text::json WHERE position = $1")
-                .bind(p)
-                .bind(&e.payload)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
+            let text = match column {
+                "payload" => &mut e.payload,
+                "metadata" => &mut e.metadata,
+                other => panic!("not a JSON column of events: {other}"),
+            };
+            *text = edit(text);
+            sqlx::query(&format!(
+                "UPDATE events SET {column} = $2::text::json WHERE position = $1"
+            ))
+            .bind(p)
+            .bind(&*text)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
         }
         e.prev_hash = prev;
         e.hash = hash_of(&e.prev_hash, &e);
@@ -995,4 +1017,293 @@ async fn checkpoints_sign_where_v2_begins_and_nothing_after_it_may_be_v1() {
         report.first_bad.map(|b| (b.position, b.fault)),
         Some((head + 1, Fault::V1AfterV2))
     );
+}
+
+/// A checkpoint row's `chain_head` column is the DBA's to set; its note is not. Plain
+/// `verify` compares the log with what the note signs, and names a row whose columns are
+/// not its own note's; with the log's key it also refuses a note altered to match.
+#[tokio::test]
+async fn plain_verify_takes_what_a_checkpoint_says_from_its_signed_note() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let early = file(&sign_now(&t).await);
+    let k = t.head().await + 1;
+    some_history_more(&t).await;
+    sign_now(&t).await;
+    let n = t.head().await;
+    rewrite_metadata_from(&t, k).await;
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints c SET chain_head = e.hash FROM events e \
+             WHERE e.position = c.tree_size AND c.tree_size >= {k}"
+        )],
+    )
+    .await;
+    assert!(t.verify().await.intact(), "the chain alone still verifies");
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!("REWRITTEN: the event at position {n} ")),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "\nMISMATCH: checkpoint row {n} disagrees with its own signed note (of size {n}): \
+             its chain_head column is not what the note signs"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains("(`verify --since` with the checkpoints"),
+        "{out}"
+    );
+    // The rewrite lies past the auditor's own checkpoint; the database's note still shows it,
+    // and `--since`, given already, is not suggested again.
+    let (code, out, err) = verify_since(&t, &[&early]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!("REWRITTEN: the event at position {n} ")),
+        "{out}"
+    );
+    assert!(!out.contains("--since"), "{out}");
+    // The note's own chain head edited to match as well: only its signature tells.
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints SET note = regexp_replace(note, 'chain-head [0-9a-f]+', \
+             'chain-head ' || encode(chain_head, 'hex')) WHERE tree_size = {n}"
+        )],
+    )
+    .await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("its note's signature not checked: pass --public-key"),
+        "{out}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["verify", "--public-key", &key(&t)]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!(
+            "FORGED: the note of checkpoint row {n} does not open under the key given"
+        )),
+        "{out}"
+    );
+}
+
+/// Tampering with a checkpoint row alone (the log untouched) is reported as that row, not as
+/// the events rewritten or cut off.
+#[tokio::test]
+async fn a_checkpoint_row_altered_alone_is_named_and_not_the_events() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let kept = file(&sign_now(&t).await);
+    let n = t.head().await;
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints SET chain_head = decode(repeat('ab', 32), 'hex') \
+             WHERE tree_size = {n}"
+        )],
+    )
+    .await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.starts_with(&format!(
+            "MISMATCH: checkpoint row {n} disagrees with its own signed note (of size {n}): \
+             its chain_head column is not what the note signs"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!("newest checkpoint (size {n}")),
+        "{out}"
+    );
+    assert!(
+        !out.contains("REWRITTEN") && !out.contains("TRUNCATED"),
+        "{out}"
+    );
+    // Put back, and a copy of the row inserted under a size the log has not reached.
+    tamper(
+        t.pool(),
+        &[
+            format!(
+                "UPDATE checkpoints c SET chain_head = e.hash FROM events e \
+                 WHERE e.position = c.tree_size AND c.tree_size = {n}"
+            ),
+            format!(
+                "INSERT INTO checkpoints SELECT 999, root, chain_head, signed_at, note \
+                 FROM checkpoints WHERE tree_size = {n}"
+            ),
+        ],
+    )
+    .await;
+    assert!(n < 999);
+    let kept = kept.to_str().unwrap();
+    for args in [
+        &["verify"][..],
+        &["verify", "--since", kept, "--public-key", &key(&t)][..],
+    ] {
+        let (code, out, err) = ledgerline(&t.db.url, args).await;
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(
+            out.starts_with(&format!(
+                "MISMATCH: checkpoint row 999 disagrees with its own signed note (of size {n}): \
+                 its tree_size column is not what the note signs"
+            )),
+            "{args:?}: {out}"
+        );
+        assert!(!out.contains("TRUNCATED"), "{args:?}: {out}");
+    }
+    // `prove` with a checkpoint file whose root was altered: it blames neither side unless
+    // the file's signature is checked.
+    let note = std::fs::read_to_string(kept).unwrap();
+    let cp = Checkpoint::parse_unverified(&note).unwrap();
+    let b64 = |bytes: &[u8]| {
+        base64::engine::Engine::encode(&base64::engine::general_purpose::STANDARD, bytes)
+    };
+    let forged = file(&note.replacen(&b64(&cp.root), &b64(&[7u8; 32]), 1));
+    let forged = forged.to_str().unwrap();
+    let (code, out, err) = ledgerline(
+        &t.db.url,
+        &[
+            "prove",
+            "inclusion",
+            "--position",
+            "1",
+            "--checkpoint",
+            forged,
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.is_empty(), "{out}");
+    assert!(
+        err.starts_with(&format!(
+            "MISMATCH: checkpoint {forged} and the database disagree"
+        )) && err.contains("pass --public-key"),
+        "{err}"
+    );
+    let (code, out, err) = ledgerline(
+        &t.db.url,
+        &[
+            "prove",
+            "inclusion",
+            "--position",
+            "1",
+            "--checkpoint",
+            forged,
+            "--public-key",
+            &key(&t),
+        ],
+    )
+    .await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.starts_with(&format!("FORGED: checkpoint {forged}")),
+        "{err}"
+    );
+}
+
+/// `/readyz`'s message and the halted gauge, once the app's maintainer stopped.
+async fn halted_readiness(t: &TestApp) -> (String, String) {
+    let ready = || async { t.call(reqwest::Method::GET, "/readyz", None, None).await };
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            ready().await.status == 503
+        })
+        .await,
+        "{}",
+        ready().await.body
+    );
+    let message = ready().await.body["error"]["message"].to_string();
+    let metrics = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    (message, metrics)
+}
+
+/// The newest events cut off under a running server: its maintainer stops (it would only
+/// retry, the tree ahead of the log for ever), and says so where an operator looks.
+#[tokio::test]
+async fn cutting_off_events_under_a_running_server_stops_its_maintainer() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    sign_now(&t).await;
+    let n = t.head().await;
+    tamper(
+        t.pool(),
+        &[format!("DELETE FROM events WHERE position > {}", n - 3)],
+    )
+    .await;
+    let (message, metrics) = halted_readiness(&t).await;
+    assert!(
+        message.contains(&format!(
+            "the log maintainer (the log ends at position {}, but the Merkle tree integrated \
+             {n} events",
+            n - 3
+        )),
+        "{message}"
+    );
+    // No command shows a maintainer's halt (it is this process's alone): the message sends
+    // the operator to what does.
+    assert!(message.contains("the server's log says why"), "{message}");
+    assert!(
+        message.contains("`ledgerline verify --public-key`"),
+        "{message}"
+    );
+    assert!(!message.contains("projections status"), "{message}");
+    assert!(
+        metrics.contains("\nledgerline_log_maintainer_halted 1\n"),
+        "{metrics}"
+    );
+    let refused = tree::catch_up(t.pool(), None, POLICY, false).await;
+    assert!(
+        matches!(refused, Err(tree::TreeError::Truncated { .. })),
+        "{refused:?}"
+    );
+}
+
+/// The tree's state row deleted: the server's maintainer stops, and `export` and `prove` name
+/// the table rather than a bare "no rows returned".
+#[tokio::test]
+async fn a_deleted_tree_state_row_is_named() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let kept = file(&sign_now(&t).await);
+    tamper(t.pool(), &["DELETE FROM merkle_state".to_string()]).await;
+    let (message, metrics) = halted_readiness(&t).await;
+    assert!(message.contains("merkle_state holds no row"), "{message}");
+    assert!(
+        metrics.contains("\nledgerline_log_maintainer_halted 1\n"),
+        "{metrics}"
+    );
+    let out = std::env::temp_dir().join(format!("ll-export-{}.jsonl", Uuid::new_v4().simple()));
+    for args in [
+        &["export", "--out", out.to_str().unwrap()][..],
+        &[
+            "prove",
+            "inclusion",
+            "--position",
+            "1",
+            "--checkpoint",
+            kept.to_str().unwrap(),
+        ][..],
+    ] {
+        let (code, stdout, err) = ledgerline(&t.db.url, args).await;
+        assert_eq!(code, 2, "{args:?}: {stdout}{err}");
+        assert!(
+            err.contains("the table merkle_state holds no row"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("no rows returned"), "{args:?}: {err}");
+    }
 }

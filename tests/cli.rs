@@ -706,3 +706,31 @@ async fn a_rebuild_failing_after_its_job_began_says_how_to_resume_it() {
     assert_eq!(last["fields"]["events_total"], head, "{last}");
     assert_eq!(last["fields"]["phase"], "swapped in", "{last}");
 }
+
+/// The auditor's commands say what each flag takes, and `prove` that it does not check a
+/// checkpoint's signature unless given the key.
+#[tokio::test]
+async fn the_auditors_flags_are_described_in_the_help() {
+    for (args, phrases) in [
+        (
+            &["prove", "consistency", "--help"][..],
+            &[
+                "--from <FROM> The older checkpoint file",
+                "--to <TO> The newer checkpoint file",
+                "Without it the checkpoint files' signatures are not checked",
+            ][..],
+        ),
+        (
+            &["prove", "inclusion", "--help"][..],
+            &["The event's position in the log"][..],
+        ),
+        (&["export", "--help"][..], &["The file to write"][..]),
+    ] {
+        let (code, out, err) = ledgerline_offline(args).await;
+        assert_eq!(code, 0, "{args:?}: {out}{err}");
+        let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+        for phrase in phrases {
+            assert!(out.contains(phrase), "{args:?}: {phrase}: {out}");
+        }
+    }
+}

@@ -41,27 +41,41 @@ pub async fn readyz(State(app): State<App>) -> ApiResult<axum::Json<Status>> {
     // The one error shape has no room for structure, so each stopped projection goes into
     // the message: "users at position 12, roles at position 9". Not the error itself: this
     // answer needs no key, and a decoding error can quote an event's fields.
-    let mut stopped: Vec<String> = statuses
+    let stopped: Vec<String> = statuses
         .iter()
         .filter_map(|s| {
             let f = s.failures.first()?;
             Some(format!("{} at position {}", s.name, f.position))
         })
         .collect();
-    if let Some(why) = app.log_halted() {
-        // Commands still append (the log is the record), but nothing more is signed.
-        stopped.push(format!(
-            "the log maintainer ({why}; nothing more is signed)"
+    // Each part points to where its cause is shown: a projection's failure is stored and
+    // `projections status` prints it; the maintainer's halt lives in this process alone (and
+    // its log), so no command can show it, but `verify` can check what it would have signed.
+    let mut parts = Vec::new();
+    if !stopped.is_empty() {
+        parts.push(format!(
+            "{} (`ledgerline projections status` shows why)",
+            stopped.join(", ")
         ));
     }
-    if !stopped.is_empty() {
+    if let Some(why) = app.log_halted() {
+        // Commands still append (the log is the record), but nothing more is signed.
+        let check = if app.log_signer().and_then(|s| s.anchor_file()).is_some() {
+            "`ledgerline verify --since` with the server's checkpoint anchor file \
+             (LEDGERLINE_CHECKPOINT_ANCHOR_FILE) and --public-key checks the log against what \
+             it signed"
+        } else {
+            "`ledgerline verify --public-key` checks the log against the database's checkpoints"
+        };
+        parts.push(format!(
+            "the log maintainer ({why}; nothing more is signed; the server's log says why, \
+             and {check})"
+        ));
+    }
+    if !parts.is_empty() {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "stopped on a failure: {} (`ledgerline projections status` and `ledgerline \
-                 verify` show why)",
-                stopped.join(", ")
-            ),
+            format!("stopped on a failure: {}", parts.join("; ")),
         ));
     }
     Ok(axum::Json(Status { status: "ready" }))

@@ -165,6 +165,16 @@ impl Checkpoint {
             hash_v2_from,
         })
     }
+
+    /// A whole signed note's claims, its signature NOT checked: for comparing what a note says
+    /// with what is stored beside it, or to find the size a proof is wanted for. Whoever relies
+    /// on the claims opens the note with [`NoteVerifier::open`].
+    pub fn parse_unverified(note: &str) -> Result<Checkpoint, NoteError> {
+        let split = note.find("\n\n").ok_or_else(|| {
+            NoteError::Malformed("not a signed note: no blank line before the signatures".into())
+        })?;
+        Checkpoint::parse_text(&note[..=split])
+    }
 }
 
 fn digest(bytes: &[u8]) -> Option<Digest> {
@@ -257,6 +267,11 @@ impl LogSigner {
         let _ = std::fs::remove_file(probe);
         self.anchor_file = Some(path);
         Ok(self)
+    }
+
+    /// The file the newest signed note is kept in, if any.
+    pub fn anchor_file(&self) -> Option<&std::path::Path> {
+        self.anchor_file.as_deref()
     }
 
     /// The newest checkpoint this instance signed, if any.

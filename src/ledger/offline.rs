@@ -179,6 +179,20 @@ impl OfflineReport {
     pub fn matches_checkpoint(&self) -> bool {
         self.intact() && self.checkpoint.is_some()
     }
+    /// When the fault is the checkpoint comparison's (the file's chain head, root or length
+    /// at the checkpoint's size) rather than the chain's: the position the chain checked out
+    /// through.
+    fn against_checkpoint(&self) -> Option<i64> {
+        let bad = self.first_bad.as_ref()?;
+        match bad.kind {
+            FileFaultKind::ChainHeadMismatch { .. } | FileFaultKind::RootMismatch { .. } => {
+                bad.position
+            }
+            FileFaultKind::Truncated { .. } => bad.position.map(|p| p - 1),
+            _ => None,
+        }
+    }
+
     /// The first position past the checkpoint's size, when the export goes on beyond it:
     /// those events only chain to the signed prefix, and anyone can make a chain.
     pub fn unsigned_from(&self) -> Option<i64> {
@@ -199,6 +213,14 @@ impl std::fmt::Display for OfflineReport {
                 count(self.lines, "event", "events"),
                 self.full_events,
                 self.rate()
+            )
+        } else if let Some(through) = self.against_checkpoint() {
+            // The chain checked out; what failed is its match with the checkpoint, at the
+            // checkpoint's size: no event "before the fault" is the right count.
+            format!(
+                "{} read in {secs:.3}s; the chain checked out through position {through}, but \
+                 does not match the checkpoint",
+                count(self.lines, "line", "lines"),
             )
         } else {
             // Lines past the fault are read but not checked: the two counts differ.
@@ -1969,6 +1991,13 @@ mod tests {
         assert!(
             r.to_string()
                 .starts_with("TAMPERED: first bad position 34: chain head mismatch"),
+            "{r}"
+        );
+        // The chain itself checked out: the count is not of events "before the fault".
+        assert!(
+            r.to_string().contains(
+                "; the chain checked out through position 34, but does not match the checkpoint)"
+            ),
             "{r}"
         );
         let f = r.first_bad.unwrap();

@@ -44,6 +44,13 @@ pub enum TreeError {
     Tampered(i64),
     #[error("the stored tree state is damaged: {0}")]
     Damaged(String),
+    /// The log ends before the integrated tree: its newest events were cut off under it.
+    /// Nothing more is integrated or signed until an operator looks (`ledgerline verify`).
+    #[error(
+        "the log ends at position {head}, but the Merkle tree integrated {integrated} events: \
+         events were cut off the log (or `merkle_state` was set past it)"
+    )]
+    Truncated { head: i64, integrated: i64 },
     #[error("tree size {requested} is beyond the integrated size {integrated}")]
     NotIntegrated { requested: u64, integrated: u64 },
     #[error("{0}")]
@@ -78,8 +85,17 @@ async fn state(conn: &mut PgConnection, lock: bool) -> Result<TreeState, TreeErr
     } else {
         "SELECT size, peaks, hash_v2_from FROM merkle_state"
     };
-    let (size, peaks, v2_from): (i64, Vec<Vec<u8>>, Option<i64>) =
-        sqlx::query_as(sql).fetch_one(&mut *conn).await?;
+    let (size, peaks, v2_from): (i64, Vec<Vec<u8>>, Option<i64>) = sqlx::query_as(sql)
+        .fetch_optional(&mut *conn)
+        .await?
+        .ok_or_else(|| {
+            // Migration 0004 inserts its one row and nothing deletes it but a hand on the table.
+            TreeError::Damaged(
+                "the table merkle_state holds no row (the tree's size and frontier): it was \
+                 deleted"
+                    .into(),
+            )
+        })?;
     let peaks = peaks
         .iter()
         .map(|p| digest(p))
@@ -132,11 +148,14 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     let mut prev: Digest = if size == 0 {
         GENESIS
     } else {
-        let (h, version): (Vec<u8>, i16) =
+        let Some((h, version)): Option<(Vec<u8>, i16)> =
             sqlx::query_as("SELECT hash, hash_version FROM events WHERE position = $1")
                 .bind(size)
-                .fetch_one(&mut *tx)
-                .await?;
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Err(truncated(&mut tx, size).await);
+        };
         formats.admit(HashVersion::from_number(version.into()).unwrap_or(HashVersion::V1));
         digest(&h)?
     };
@@ -203,6 +222,22 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     }
     tx.commit().await?;
     Ok((frontier.size(), prev, events.len()))
+}
+
+/// The log holds no event at `size`, which the tree integrated: [`TreeError::Truncated`] if it
+/// ends before it (a gap below its head is found as tampering when integrated).
+async fn truncated(conn: &mut PgConnection, size: i64) -> TreeError {
+    let head: Result<Option<i64>, _> = sqlx::query_scalar("SELECT max(position) FROM events")
+        .fetch_one(&mut *conn)
+        .await;
+    match head {
+        Ok(head) if head.unwrap_or(0) < size => TreeError::Truncated {
+            head: head.unwrap_or(0),
+            integrated: size,
+        },
+        Ok(_) => TreeError::Tampered(size),
+        Err(e) => e.into(),
+    }
 }
 
 /// The nodes a computation asked for: leaves from the events' hashes, the rest from
@@ -353,10 +388,14 @@ pub async fn sign_checkpoint(
     if size == 0 {
         return Ok(None);
     }
-    let (head,): (Vec<u8>,) = sqlx::query_as("SELECT hash FROM events WHERE position = $1")
-        .bind(size as i64)
-        .fetch_one(&mut *conn)
-        .await?;
+    let Some((head,)): Option<(Vec<u8>,)> =
+        sqlx::query_as("SELECT hash FROM events WHERE position = $1")
+            .bind(size as i64)
+            .fetch_optional(&mut *conn)
+            .await?
+    else {
+        return Err(truncated(&mut conn, size as i64).await);
+    };
     // A position past the tree (or below 1) cannot be its boundary: signed as none, which the
     // check then refuses if the tree holds a v2 event.
     let v2_from = v2_from
@@ -742,6 +781,18 @@ async fn maintain(
             Err(e @ TreeError::Unsignable(_)) => {
                 tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
                 let _ = halted.set("its tree cannot be signed".to_string());
+                break;
+            }
+            // Neither mends itself: retrying would only repeat the warning while `/readyz`
+            // says all is well.
+            Err(e @ TreeError::Truncated { .. }) => {
+                tracing::error!(error = %e, "log maintainer stopped: the log was cut off under its tree; nothing more is signed");
+                let _ = halted.set(format!("{e}"));
+                break;
+            }
+            Err(e @ TreeError::Damaged(_)) => {
+                tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
+                let _ = halted.set(format!("{e}"));
                 break;
             }
             Err(TreeError::NotLeaseHolder) => {
