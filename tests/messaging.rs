@@ -1450,3 +1450,91 @@ async fn a_key_that_may_create_but_not_read_a_conversation_gets_its_id() {
     let r = c.t.get(&c.path(&format!("/{made}")), &c.service).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
+
+/// A direct conversation is one per pair of people: opening it again, from either side, is
+/// refused naming the one there is, and two opening it at once make one.
+#[tokio::test]
+async fn a_pair_of_people_has_one_direct_conversation() {
+    let c = chat().await;
+    let direct = |with: Uuid| json!({"kind": "direct", "participants": [with]});
+    let r = c.create(&c.alice.1, direct(c.bob.0)).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let conv = id(&r);
+    let head = c.t.head().await;
+    for (key, with) in [(&c.alice.1, c.bob.0), (&c.bob.1, c.alice.0)] {
+        let r = c.create(key, direct(with)).await;
+        c.refused(&r, 409, head).await;
+        let message = r.body["error"]["message"].as_str().unwrap();
+        assert!(message.contains(&conv.to_string()), "{message}");
+    }
+    // A service key opening it for one of them meets the same one.
+    let r = c
+        .create(
+            &c.service,
+            json!({"kind": "direct", "participants": [c.alice.0], "owner_id": c.bob.0}),
+        )
+        .await;
+    c.refused(&r, 409, head).await;
+
+    // At once: one is made, the other refused.
+    let (by_carol, by_dave) = tokio::join!(
+        c.create(&c.carol.1, direct(c.dave.0)),
+        c.create(&c.dave.1, direct(c.carol.0)),
+    );
+    let mut statuses = [by_carol.status, by_dave.status];
+    statuses.sort();
+    assert_eq!(statuses, [201, 409], "{} / {}", by_carol.body, by_dave.body);
+    let refused = if by_carol.status == 409 {
+        &by_carol
+    } else {
+        &by_dave
+    };
+    let made = if by_carol.status == 201 {
+        &by_carol
+    } else {
+        &by_dave
+    };
+    let message = refused.body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains(made.body["id"].as_str().unwrap()),
+        "{message}"
+    );
+    assert_eq!(c.t.head().await, head + 1, "one ConversationCreated");
+}
+
+/// A direct conversation made before ids were derived from the pair (a random id) is found
+/// in the read models.
+#[tokio::test]
+async fn a_direct_conversation_of_an_earlier_release_is_found_too() {
+    let c = chat().await;
+    let earlier = Uuid::new_v4();
+    c.t.app
+        .execute(
+            &c.t.app.cqrs.conversations,
+            earlier,
+            Some(c.org),
+            &Actor::cli("test"),
+            ledgerline_aggregates::conversation::ConversationCommand::Create {
+                conversation_id: earlier,
+                organization_id: c.org,
+                kind: ledgerline_aggregates::conversation::ConversationKind::Direct,
+                title: None,
+                description: None,
+                owner_id: c.alice.0,
+                members: vec![c.bob.0],
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(c.conversation(&c.alice.1, earlier).await.status, 200);
+    let head = c.t.head().await;
+    let r = c
+        .create(
+            &c.bob.1,
+            json!({"kind": "direct", "participants": [c.alice.0]}),
+        )
+        .await;
+    c.refused(&r, 409, head).await;
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&earlier.to_string()), "{message}");
+}

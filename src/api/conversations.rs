@@ -5,8 +5,9 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate;
 use ledgerline_aggregates::conversation::{
-    ConversationActor, ConversationCommand, ConversationKind, ParticipantRole,
+    Conversation, ConversationActor, ConversationCommand, ConversationKind, ParticipantRole,
 };
 use ledgerline_aggregates::message::ConversationFacts;
 use ledgerline_aggregates::Permission;
@@ -351,7 +352,22 @@ pub async fn create(
         .chain(body.participants.iter().copied())
         .collect();
     require_active_members(&app, org, &everyone).await?;
-    let id = Uuid::new_v4();
+    let direct_exists = |existing: Uuid| {
+        ApiError::conflict(format!(
+            "a direct conversation between these two users exists: {existing}"
+        ))
+    };
+    let (id, direct) = match body.participants.as_slice() {
+        [other] if body.kind == ConversationKind::Direct && *other != owner_id => {
+            let id = direct_id(org, owner_id, *other);
+            if let Some(existing) = direct_between(&app, org, id, owner_id, *other).await? {
+                return Err(direct_exists(existing));
+            }
+            (id, true)
+        }
+        // Any other shape of a direct conversation the aggregate refuses, naming why.
+        _ => (Uuid::new_v4(), false),
+    };
     let command = ConversationCommand::Create {
         conversation_id: id,
         organization_id: org,
@@ -361,16 +377,57 @@ pub async fn create(
         owner_id,
         members: body.participants,
     };
-    app.execute(
-        &app.cqrs.conversations,
-        id,
-        Some(org),
-        &caller.actor,
-        command,
-    )
-    .await?;
+    let outcome = app
+        .execute(
+            &app.cqrs.conversations,
+            id,
+            Some(org),
+            &caller.actor,
+            command,
+        )
+        .await;
+    // Another request opened the same pair's conversation since the check above.
+    if outcome.is_err() && direct && super::created(&app.pool, Conversation::TYPE, id, org).await? {
+        return Err(direct_exists(id));
+    }
+    outcome?;
     // The creator may be a service key, which sees it too.
     super::created_answer(view(&app, &caller, org, id).await, id)
+}
+
+/// A direct conversation's id comes from its organization and its two participants, in
+/// either order: two requests racing to open the same one make the same aggregate, and the
+/// second is refused as already created.
+fn direct_id(org: Uuid, a: Uuid, b: Uuid) -> Uuid {
+    let (low, high) = if a < b { (a, b) } else { (b, a) };
+    Uuid::new_v5(&org, format!("ledgerline:direct:{low}:{high}").as_bytes())
+}
+
+/// The direct conversation between `a` and `b`, if there is one: `id` in the log (which the
+/// read models may not show yet), or one made before ids were derived (in the read models).
+async fn direct_between(
+    app: &App,
+    org: Uuid,
+    id: Uuid,
+    a: Uuid,
+    b: Uuid,
+) -> ApiResult<Option<Uuid>> {
+    if super::created(&app.pool, Conversation::TYPE, id, org).await? {
+        return Ok(Some(id));
+    }
+    Ok(sqlx::query_scalar(
+        "SELECT c.id FROM conversation_participants p \
+         JOIN conversations c ON c.id = p.conversation_id \
+         WHERE p.user_id = $2 AND c.organization_id = $1 AND c.kind = 'direct' \
+           AND EXISTS (SELECT 1 FROM conversation_participants q \
+                       WHERE q.conversation_id = c.id AND q.user_id = $3) \
+         ORDER BY c.created_at LIMIT 1",
+    )
+    .bind(org)
+    .bind(a)
+    .bind(b)
+    .fetch_optional(&app.pool)
+    .await?)
 }
 
 #[derive(Debug, sqlx::FromRow)]
