@@ -325,7 +325,7 @@ impl App {
         if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
             tracing::warn!(
                 position = target,
-                "read models did not catch up in time; deciding anyway"
+                "read models did not all catch up (one stopped, or not in time); deciding anyway"
             );
         }
         Some((projector, target))
@@ -340,7 +340,7 @@ impl App {
             if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
                 tracing::warn!(
                     position = target,
-                    "read models did not catch up in time; answering anyway"
+                    "read models did not all catch up (one stopped, or not in time); answering anyway"
                 );
             }
             // Also when one far behind was not waited for (it is catching up).

@@ -205,7 +205,20 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
             return Ok(());
         }
     };
-    let app = App::with_projector(pool, Vault::new(&master), Some(args.projector.projector()));
+    let vault = Vault::new(&master);
+    if !vault
+        .opens_stored_keys(&pool)
+        .await
+        .context("reading the data keys")?
+    {
+        anyhow::bail!(
+            "the master key does not open this database's data keys (none of the newest \
+             opened): is LEDGERLINE_MASTER_KEY (or _FILE) this database's? Not serving: with \
+             another key every user would read as erased, and what it sealed the right key \
+             could not open"
+        );
+    }
+    let app = App::with_projector(pool, vault, Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
     // In the background: its commands may wait for read models that are catching up, and
     // start-up must still answer signals. Not a reason to refuse to serve: logged, and tried

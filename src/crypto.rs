@@ -155,6 +155,25 @@ impl Vault {
             .collect())
     }
 
+    /// Whether this vault's master key is the one the database's data keys are wrapped with:
+    /// true when one of the newest few opens, or there is none yet. A wrong key must be
+    /// caught before it is used: every user would read as erased, and what it sealed the
+    /// right key could never open.
+    pub async fn opens_stored_keys<'e>(
+        &self,
+        db: impl PgExecutor<'e>,
+    ) -> Result<bool, sqlx::Error> {
+        let rows: Vec<(Uuid, Vec<u8>)> = sqlx::query_as(
+            "SELECT subject_id, wrapped_key FROM subject_keys ORDER BY created_at DESC LIMIT 8",
+        )
+        .fetch_all(db)
+        .await?;
+        Ok(rows.is_empty()
+            || rows.iter().any(|(subject, wrapped)| {
+                open_with(&self.wrapping, subject.as_bytes(), wrapped).is_some()
+            }))
+    }
+
     /// Deletes a subject's key row: crypto-shredding.
     pub async fn destroy_key<'e>(
         &self,

@@ -329,14 +329,9 @@ async fn readyz_keeps_the_database_error_to_the_log() {
     );
 }
 
-#[tokio::test]
-async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
-    let t = TestApp::spawn().await;
-    let org = t.create_org("Broken Co").await;
-    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
-    assert_eq!(r.status, 200, "{}", r.body);
-
-    // The users read model refuses the next user: its projection stops on that event.
+/// Invites a user into `org` whom the users read model refuses (a trigger): the `users`
+/// projection stops on that event. Returns the invitation's answer.
+async fn invite_refused_by_users(t: &TestApp, org: uuid::Uuid) -> common::Response {
     for statement in [
         "CREATE FUNCTION refuse_user() RETURNS trigger LANGUAGE plpgsql AS \
          $$ BEGIN RAISE EXCEPTION 'this read model refuses the user'; END $$",
@@ -345,13 +340,22 @@ async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
     ] {
         sqlx::query(statement).execute(t.pool()).await.unwrap();
     }
-    let invited = t
-        .post(
-            &format!("/v1/organizations/{org}/users"),
-            &t.admin_key,
-            json!({"email": "ada@example.com", "full_name": "Ada"}),
-        )
-        .await;
+    t.post(
+        &format!("/v1/organizations/{org}/users"),
+        &t.admin_key,
+        json!({"email": "ada@example.com", "full_name": "Ada"}),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Broken Co").await;
+    let r = t.call(reqwest::Method::GET, "/readyz", None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let invited = invite_refused_by_users(&t, org).await;
     let (bad,): (i64,) =
         sqlx::query_as("SELECT max(position) FROM events WHERE event_type = 'UserInvited'")
             .fetch_one(t.pool())
@@ -772,4 +776,58 @@ async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
     ledgerline_projections::abandon_rebuild(t.pool())
         .await
         .unwrap();
+}
+
+/// A projection stopped on a failure is not waited for, and the others still are: a
+/// command whose effect they show answers with it (201 and the view, the `behind` header
+/// saying one read model is), not a 202 at once as if none had shown it.
+#[tokio::test]
+async fn a_stopped_projection_leaves_the_others_read_your_writes() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Half Broken").await;
+    let invited = invite_refused_by_users(&t, org).await;
+    assert_eq!(invited.status, 202, "{}", invited.body);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            t.call(reqwest::Method::GET, "/readyz", None, None)
+                .await
+                .status
+                == 503
+        })
+        .await,
+        "users stopped"
+    );
+
+    // `roles` (after `users` in the projections' order) is held up a moment: a command
+    // that did not wait for it once `users` was found stopped would answer before it shows
+    // the new role.
+    for round in 0..3 {
+        let mut hold = t.pool().begin().await.unwrap();
+        sqlx::query("LOCK TABLE roles IN SHARE MODE")
+            .execute(&mut *hold)
+            .await
+            .unwrap();
+        let release = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            hold.rollback().await.unwrap();
+        });
+        let name = format!("healthy {round}");
+        let r = t
+            .post(
+                &format!("/v1/organizations/{org}/roles"),
+                &t.admin_key,
+                json!({"name": name, "permissions": ["users:read"]}),
+            )
+            .await;
+        release.await.unwrap();
+        assert_eq!(r.status, 201, "round {round}: {}", r.body);
+        assert_eq!(r.body["name"], json!(name));
+        assert_eq!(
+            r.headers
+                .get("ledgerline-read-models")
+                .and_then(|v| v.to_str().ok()),
+            Some("behind"),
+            "users is behind, and the answer says so"
+        );
+    }
 }

@@ -161,7 +161,7 @@ async fn two_servers_share_one_database_and_hand_over_leases() {
         "B took no lease while A held them:\n{b_log}"
     );
     assert!(
-        !b_log.contains("did not catch up in time"),
+        !b_log.contains("did not all catch up"),
         "B's read-your-writes never timed out:\n{b_log}"
     );
     // Secondary, generous: B waited for A's notifications, not for a poll or a timeout.
@@ -418,4 +418,60 @@ async fn a_lease_released_while_nobody_listened_is_taken_once_the_listener_is_ba
         leases(&db.pool).await,
         b.log_text()
     );
+}
+
+/// A master key that does not open the database's data keys (someone else's
+/// `LEDGERLINE_MASTER_KEY`) stops `serve` before it serves: with it, every user would read
+/// as erased, and what it sealed the right key could never open.
+#[tokio::test]
+async fn serve_refuses_a_master_key_that_does_not_open_the_data_keys() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    // No data key yet: any master key is taken.
+    let mut a = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    let client = reqwest::Client::new();
+    let r = call(
+        &client,
+        &a.base,
+        Method::POST,
+        "/v1/organizations",
+        &setup.admin_key,
+        Some(json!({"name": "Sealed", "slug": "sealed"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (invited, ..) = invite_and_read(&client, &a.base, &setup.admin_key, id_of(&r)).await;
+    assert_eq!(invited, 201);
+    assert_eq!(a.terminate().await, 0, "{}", a.log_text());
+
+    let listen = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listen.local_addr().unwrap().port();
+    drop(listen);
+    let wrong = tokio::process::Command::new(server::BIN)
+        .arg("serve")
+        .env("LEDGERLINE_DATABASE_URL", &setup.url)
+        .env("LEDGERLINE_LISTEN", format!("127.0.0.1:{port}"))
+        .env(
+            "LEDGERLINE_MASTER_KEY",
+            ledgerline::crypto::MasterKey::generate().to_hex(),
+        )
+        .env("LEDGERLINE_SIGNING_KEY", &setup.signing_key)
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), wrong)
+        .await
+        .expect("serve ends by itself")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("the master key does not open this database's data keys"),
+        "{stderr}"
+    );
+    // The right key still serves.
+    let mut b = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    assert_eq!(b.terminate().await, 0, "{}", b.log_text());
 }

@@ -175,11 +175,13 @@ fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
 
 impl ProjectorHandle {
     /// Waits until every projection has reached `position`: applied every event up to it
-    /// that it reads. False on timeout, or at once if a projection is stopped at or before
-    /// `position` (it will not get there by itself). A projection that is catching up
-    /// ([`Projector::catching_up`]) is not waited for.
+    /// that it reads. False on timeout, or if a projection is stopped at or before `position`
+    /// (it will not get there by itself: not waited for, while the others still are, so
+    /// that one stopped projection leaves the rest read-your-writes). A projection that is
+    /// catching up ([`Projector::catching_up`]) is not waited for.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
         let all = async {
+            let mut all_there = true;
             for (projection, rx) in &self.progress {
                 let (mut rx, mut window) = (rx.clone(), self.window.clone());
                 let p = *rx.borrow();
@@ -198,7 +200,8 @@ impl ProjectorHandle {
                         break;
                     }
                     if p.failed_at.is_some_and(|f| f <= position) {
-                        return false;
+                        all_there = false;
+                        break;
                     }
                     tokio::select! {
                         changed = rx.changed() => if changed.is_err() { return false },
@@ -206,7 +209,7 @@ impl ProjectorHandle {
                     }
                 }
             }
-            true
+            all_there
         };
         tokio::time::timeout(timeout, all).await.unwrap_or(false)
     }
