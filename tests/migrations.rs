@@ -181,8 +181,10 @@ async fn a_log_written_in_v1_goes_on_in_v2() {
         "{refused}"
     );
 
+    // The server that goes on signing holds the log's key.
     let pool = db.pool.clone();
-    let t = TestApp::spawn_on(db, pool, Projector::default()).await;
+    let log_key = LogSigner::from_hex(signer.name(), &signer.seed_hex()).unwrap();
+    let t = TestApp::spawn_signed(db, pool, Projector::default(), log_key).await;
     let org = t.create_org("Acme").await;
     let versions: Vec<(i64, i16)> =
         sqlx::query_as("SELECT position, hash_version FROM events ORDER BY position")

@@ -191,8 +191,20 @@ impl TestApp {
     /// The app on `db` reached through `pool` (which may take another way to the same
     /// database).
     pub async fn spawn_on(db: TestDb, pool: PgPool, projector: Projector) -> Self {
+        let signer = LogSigner::generate("ledgerline.test/log").expect("a signer");
+        Self::spawn_signed(db, pool, projector, signer).await
+    }
+
+    /// [`TestApp::spawn_on`] signing with `signer`: the log's key, when the database already
+    /// holds checkpoints (a server with another key refuses to sign over them).
+    pub async fn spawn_signed(
+        db: TestDb,
+        pool: PgPool,
+        projector: Projector,
+        signer: LogSigner,
+    ) -> Self {
         let app = App::with_projector(pool, Vault::new(&MasterKey::generate()), Some(projector));
-        let signer = Arc::new(LogSigner::generate("ledgerline.test/log").expect("a signer"));
+        let signer = Arc::new(signer);
         app.start_log(signer.clone(), POLICY);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
