@@ -189,6 +189,12 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
         })
         .await?;
         db::migrate(&pool).await?;
+        // A key that is not the log's is a configuration error, like a malformed one: refused
+        // before serving, so that a deploy with the wrong key stops at its first process
+        // while the others go on signing (a maintainer that finds one later halts instead).
+        crate::ledger::tree::observe_signed(&pool, &signer)
+            .await
+            .context("refusing to start with this signing key")?;
         // Bound before the app starts its leased tasks: a port in use then ends the process
         // holding no lease, rather than leave the others waiting a TTL for leases it took.
         let listener = tokio::net::TcpListener::bind(args.listen)

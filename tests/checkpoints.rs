@@ -1307,3 +1307,148 @@ async fn a_deleted_tree_state_row_is_named() {
         assert!(!err.contains("no rows returned"), "{args:?}: {err}");
     }
 }
+
+/// `ledgerline serve` against `t`'s database with `signing_key` under the log's name: its exit
+/// code and standard error, or `None` if it was still serving after 30 s (then stopped).
+async fn serve_with_key(t: &TestApp, signing_key: &str) -> Option<(i32, String)> {
+    let master = ledgerline::crypto::MasterKey::generate().to_hex();
+    let serve = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
+        .env("LEDGERLINE_MASTER_KEY", master)
+        .env("LEDGERLINE_SIGNING_KEY", signing_key)
+        .env("LEDGERLINE_LOG_ORIGIN", t.signer.name())
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        // A server that does start is stopped when the wait below gives up on it.
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start ledgerline serve");
+    let out = tokio::time::timeout(std::time::Duration::from_secs(30), serve.wait_with_output())
+        .await
+        .ok()?
+        .expect("serve's output");
+    Some((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// The operator's walkthrough: a server started with another signing key than the log's (a
+/// new one from `keygen`) took the maintainer's lease and signed with it, silently, so that
+/// auditors holding the log's public key found every new checkpoint FORGED. `serve` now
+/// refuses to start with it, naming both key ids; a maintainer that meets another key's note
+/// as the newest (another process signing with it) signs nothing and halts, where an
+/// operator looks.
+#[tokio::test]
+async fn a_server_with_another_signing_key_than_the_logs_signs_nothing() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    sign_now(&t).await;
+    let ours = t.signer.verifier().key_id_hex();
+    let (code, keys, err) = ledgerline_offline(&["keygen", "--log-origin", t.signer.name()]).await;
+    assert_eq!(code, 0, "{err}");
+    let keys: Value = serde_json::from_str(&keys).unwrap();
+    let other =
+        LogSigner::from_hex(t.signer.name(), keys["signing_key"].as_str().unwrap()).unwrap();
+    let theirs = other.verifier().key_id_hex();
+    assert_ne!(ours, theirs);
+    let newest = || async {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
+        )
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+    };
+
+    // Started with the other key: refused before serving, naming the log's key id and its own.
+    let (code, err) = serve_with_key(&t, keys["signing_key"].as_str().unwrap())
+        .await
+        .expect("serve with another key than the log's must not start");
+    assert_eq!(code, 2, "{err}");
+    for said in [
+        "refusing to start with this signing key: the newest checkpoint in the database",
+        &format!("is signed by `ledgerline.test/log` key id {ours}"),
+        &format!("not by this server's key (`ledgerline.test/log` key id {theirs})"),
+        "rotating the signing key is not supported",
+    ] {
+        assert!(err.contains(said), "{said}: {err}");
+    }
+
+    // Its maintainer, had it started, signs nothing over the log's checkpoints.
+    some_history_more(&t).await;
+    let refused = tree::catch_up(t.pool(), Some(&other), POLICY, true).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::OtherKey { key_id, signed_by, .. })
+            if *key_id == theirs && signed_by.contains(&ours)),
+        "{refused:?}"
+    );
+    let notes: Vec<String> = sqlx::query_scalar("SELECT note FROM checkpoints")
+        .fetch_all(t.pool())
+        .await
+        .unwrap();
+    assert!(
+        notes.iter().all(|n| other.verifier().open(n).is_err()),
+        "nothing signed with the other key"
+    );
+    // Nor does a key of another log name (its key id differs too).
+    let renamed = LogSigner::from_hex("ledgerline.test/other", &t.signer.seed_hex()).unwrap();
+    let refused = tree::observe_signed(t.pool(), &renamed).await;
+    assert!(
+        matches!(&refused, Err(tree::TreeError::OtherKey { .. })),
+        "{refused:?}"
+    );
+
+    // The app's own maintainer signs the new events with the log's key, and then rests.
+    let head = t.head().await;
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            newest().await.0 == head
+        })
+        .await
+    );
+    let (size, note) = newest().await;
+    let cp = t.signer.verifier().open(&note).unwrap();
+    // A note of the log's key altered is not another key's: it vouches for nothing, as
+    // before, and an older one that opens is the anchor.
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints SET note = replace(note, E'\\n{size}\\n', E'\\n{}\\n') \
+             WHERE tree_size = {size}",
+            size + 1
+        )],
+    )
+    .await;
+    let fresh = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
+    let anchor = tree::observe_signed(t.pool(), &fresh).await.unwrap();
+    assert!(anchor.is_some_and(|a| (a.tree_size as i64) < size));
+
+    // The running server, when another key's note becomes the newest (another process
+    // signing with it): it halts rather than sign on, and says so.
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints SET note = '{}' WHERE tree_size = {size}",
+            other.sign(&cp)
+        )],
+    )
+    .await;
+    t.create_org("Epsilon").await;
+    let (message, metrics) = halted_readiness(&t).await;
+    assert!(
+        message.contains(&format!(
+            "the log maintainer (the newest checkpoint is signed by `ledgerline.test/log` key \
+             id {theirs}, not by this server's key (key id {ours})"
+        )),
+        "{message}"
+    );
+    assert!(
+        metrics.contains("\nledgerline_log_maintainer_halted 1\n"),
+        "{metrics}"
+    );
+    assert_eq!(newest().await.0, size, "nothing signed over it");
+}

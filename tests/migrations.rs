@@ -163,7 +163,6 @@ async fn a_log_written_in_v1_goes_on_in_v2() {
 
     ledgerline::db::migrate(&db.pool).await.unwrap();
     // The maintainer signs the v1 log as it is: no `hash-v2-from`, every event v1.
-    // The key the server goes on signing with: the log has one key.
     let signer = std::sync::Arc::new(LogSigner::generate("ledgerline.test/log").unwrap());
     tree::catch_up(&db.pool, Some(&signer), POLICY, true)
         .await
@@ -182,6 +181,7 @@ async fn a_log_written_in_v1_goes_on_in_v2() {
         "{refused}"
     );
 
+    // The server that goes on signing holds the log's key.
     let pool = db.pool.clone();
     let t = TestApp::spawn_signed(db, pool, Projector::default(), signer.clone()).await;
     let org = t.create_org("Acme").await;

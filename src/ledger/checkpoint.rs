@@ -177,6 +177,34 @@ impl Checkpoint {
     }
 }
 
+/// Who a note says signed it, no signature checked: each signature line's key name and key id
+/// (hex), when the note is well formed (its text parses, and every signature line is an
+/// Ed25519 one: `— <name> base64(key id || 64-byte signature)`). Tells a note that another
+/// key signed from one that was damaged, which names no signer, or not in this form.
+pub fn note_signers(note: &str) -> Result<Vec<(String, String)>, NoteError> {
+    let bad = |m: &str| NoteError::Malformed(m.to_string());
+    if note.chars().any(|c| c.is_control() && c != '\n') {
+        return Err(bad("control characters"));
+    }
+    Checkpoint::parse_unverified(note)?;
+    let split = note.find("\n\n").expect("parsed above");
+    let mut signers = Vec::new();
+    for line in note[split + 2..].lines().filter(|l| !l.is_empty()) {
+        let (name, blob) = line
+            .strip_prefix("\u{2014} ")
+            .and_then(|rest| rest.split_once(' '))
+            .ok_or_else(|| bad("a signature line is not `— <name> <signature>`"))?;
+        let blob = B64
+            .decode(blob)
+            .map_err(|_| bad("signature is not base64"))?;
+        if blob.len() != 4 + Signature::BYTE_SIZE {
+            return Err(bad("not an Ed25519 signature"));
+        }
+        signers.push((name.to_string(), hex::encode(&blob[..4])));
+    }
+    Ok(signers)
+}
+
 fn digest(bytes: &[u8]) -> Option<Digest> {
     bytes.try_into().ok()
 }
@@ -425,6 +453,11 @@ impl NoteVerifier {
         hex::encode(self.key.as_bytes())
     }
 
+    /// The key id in hex, as verifier keys and [`NoteError::OtherKey`] show it.
+    pub fn key_id_hex(&self) -> String {
+        hex::encode(self.id)
+    }
+
     /// Checks the note's signature by this key and parses its text. Signatures by other keys
     /// are ignored, as the signed-note spec requires.
     pub fn open(&self, note: &str) -> Result<Checkpoint, NoteError> {
@@ -591,6 +624,32 @@ mod tests {
             signer.verifier().open(&unsigned),
             Err(NoteError::NoSignature(_)) | Err(NoteError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_note_names_its_signers_unless_it_is_damaged() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = signer.sign(&checkpoint());
+        let id = signer.verifier().key_id_hex();
+        assert_eq!(
+            note_signers(&note).unwrap(),
+            vec![("ledgerline.test/log".to_string(), id)]
+        );
+        // Whatever its signature says: this only reads who it names.
+        let altered = note.replacen("\n42\n", "\n43\n", 1);
+        assert_eq!(note_signers(&altered).unwrap().len(), 1);
+        let (text, line) = note.split_once("\n\n").unwrap();
+        let (sig_name, blob) = line.trim_end().rsplit_once(' ').unwrap();
+        let short = B64.encode(&B64.decode(blob).unwrap()[..20]);
+        for damaged in [
+            format!("{text}\nmore 1\n\n{line}"),
+            format!("{text}\n\n{sig_name} {short}\n"),
+            format!("{text}\n\n- ledgerline.test/log {blob}"),
+            format!("{text}\n\n{sig_name} not*base64\n"),
+            text.to_string(),
+        ] {
+            assert!(note_signers(&damaged).is_err(), "{damaged:?}");
+        }
     }
 
     #[test]

@@ -22,7 +22,7 @@ use sqlx::{PgConnection, PgPool};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::checkpoint::{describe_v2_from, Checkpoint, LogSigner};
+use super::checkpoint::{describe_v2_from, note_signers, Checkpoint, LogSigner, NoteError};
 use super::hash::{event_hash, EventFields, FormatRun, HashVersion, GENESIS};
 use super::merkle::{self, Blake3, Digest, Frontier, Nodes, Recorder, TreeHash};
 
@@ -59,6 +59,24 @@ pub enum TreeError {
     /// or the log was rewritten under the running server. Nothing more is signed.
     #[error("refusing to sign: {0}")]
     Unsignable(String),
+    /// The newest stored checkpoint is a well-formed note of another key: this process was
+    /// started with a key (or log name) that is not the one signing this log, or another
+    /// process signs with one. Signing on would give auditors, who hold the log's public key,
+    /// checkpoints that do not open under it. Nothing is signed until an operator looks.
+    #[error(
+        "the newest checkpoint in the database (size {size}) is signed by {signed_by}, not by \
+         this server's key (`{name}` key id {key_id}): LEDGERLINE_SIGNING_KEY (or _FILE, or \
+         LEDGERLINE_LOG_ORIGIN) is not the one that signs this log; start the server with the \
+         log's key, the one whose public key auditors hold (rotating the signing key is not \
+         supported)"
+    )]
+    OtherKey {
+        size: u64,
+        name: String,
+        key_id: String,
+        /// Each signer the note names: `` `<name>` key id <hex> ``.
+        signed_by: String,
+    },
     /// Another process holds the maintainer's lease.
     #[error("the log maintainer's lease is held by another process")]
     NotLeaseHolder,
@@ -446,23 +464,45 @@ const ANCHOR_CANDIDATES: i64 = 16;
 /// The newest checkpoint this key is known to have signed: the one the signer remembers
 /// (signed or seen by this process, or kept in its anchor file), or a stored one whose
 /// signature opens under the key, the larger; a larger stored one is remembered from then
-/// on, so that deleting it later does not make this process forget it.
+/// on, so that deleting it later does not make this process forget it. Refused
+/// ([`TreeError::OtherKey`]) when a well-formed note of another key is newer than any this
+/// key signed: this process does not hold the log's key.
 pub async fn observe_signed(
     pool: &PgPool,
     signer: &LogSigner,
 ) -> Result<Option<Checkpoint>, TreeError> {
-    let notes: Vec<(String,)> =
-        sqlx::query_as("SELECT note FROM checkpoints ORDER BY tree_size DESC LIMIT $1")
+    let notes: Vec<(i64, String)> =
+        sqlx::query_as("SELECT tree_size, note FROM checkpoints ORDER BY tree_size DESC LIMIT $1")
             .bind(ANCHOR_CANDIDATES)
             .fetch_all(pool)
             .await?;
     let verifier = signer.verifier();
-    // A note that does not open (altered, or another key's) vouches for nothing.
-    if let Some((checkpoint, note)) = notes
-        .iter()
-        .find_map(|(note,)| verifier.open(note).ok().map(|c| (c, note)))
-    {
-        signer.remember(&checkpoint, Some(note));
+    for (size, note) in &notes {
+        match verifier.open(note) {
+            Ok(checkpoint) => {
+                signer.remember(&checkpoint, Some(note));
+                break;
+            }
+            // Signed, in due form, by keys that are not this one (none of its name, or
+            // another id under it).
+            Err(NoteError::OtherKey { .. } | NoteError::NoSignature(_)) => {
+                if let Some(signers) = note_signers(note).ok().filter(|s| !s.is_empty()) {
+                    return Err(TreeError::OtherKey {
+                        size: *size as u64,
+                        name: verifier.name().to_string(),
+                        key_id: verifier.key_id_hex(),
+                        signed_by: signers
+                            .iter()
+                            .map(|(name, id)| format!("`{name}` key id {id}"))
+                            .collect::<Vec<_>>()
+                            .join(", "),
+                    });
+                }
+            }
+            // Altered under this key, or damaged: it vouches for nothing, and an older note
+            // that opens (or the one remembered) is the anchor.
+            Err(_) => {}
+        }
     }
     Ok(signer.last_signed())
 }
@@ -719,19 +759,27 @@ async fn maintain(
     let mut released_open = true;
     let mut tick = tokio::time::interval(policy.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // A key that is not the log's is found at once, not at the first new event: a quiet log
+    // would otherwise look ready.
+    let mut observe = signer.is_some();
     loop {
         if *stop.borrow() {
             break;
         }
+        if let (true, Some(signer)) = (observe, signer.as_deref()) {
+            observe = false;
+            match observe_signed(&pool, signer).await {
+                Ok(_) => {}
+                Err(e) if halts(&e, &halted) => break,
+                Err(e) => tracing::debug!(error = %e, "could not read the stored checkpoints"),
+            }
+        }
         if let (Some(lease), Some(released)) = (lease.as_mut(), released.as_mut()) {
             if !lease.keep(&pool).await {
                 // Another process signs meanwhile: learn its checkpoints as they come, so
-                // that deleting them later cannot make this one sign a tree they contradict.
-                if let Some(signer) = signer.as_deref() {
-                    if let Err(e) = observe_signed(&pool, signer).await {
-                        tracing::debug!(error = %e, "could not read the stored checkpoints");
-                    }
-                }
+                // that deleting them later cannot make this one sign a tree they contradict
+                // (and a key that is not the log's is found before this one takes over).
+                observe = true;
                 tokio::select! {
                     _ = tokio::time::sleep_until(lease.due().into()) => {}
                     changed = released.changed(), if released_open => match changed {
@@ -770,31 +818,7 @@ async fn maintain(
         .await
         {
             Ok(_) => {}
-            Err(TreeError::Tampered(position)) => {
-                tracing::error!(
-                    position,
-                    "log maintainer stopped: the ledger does not verify"
-                );
-                let _ = halted.set(format!("the ledger does not verify at position {position}"));
-                break;
-            }
-            Err(e @ TreeError::Unsignable(_)) => {
-                tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
-                let _ = halted.set("its tree cannot be signed".to_string());
-                break;
-            }
-            // Neither mends itself: retrying would only repeat the warning while `/readyz`
-            // says all is well.
-            Err(e @ TreeError::Truncated { .. }) => {
-                tracing::error!(error = %e, "log maintainer stopped: the log was cut off under its tree; nothing more is signed");
-                let _ = halted.set(format!("{e}"));
-                break;
-            }
-            Err(e @ TreeError::Damaged(_)) => {
-                tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
-                let _ = halted.set(format!("{e}"));
-                break;
-            }
+            Err(e) if halts(&e, &halted) => break,
             Err(TreeError::NotLeaseHolder) => {
                 if let Some(lease) = lease.as_mut() {
                     lease.lost();
@@ -806,4 +830,48 @@ async fn maintain(
     if let Some(lease) = lease.as_mut() {
         lease.release(&pool).await;
     }
+}
+
+/// Whether `e` stops the maintainer for good; if so, logs it and records why in `halted`
+/// (in short, for `/readyz`). None of these mends itself: retrying would only repeat the
+/// warning while `/readyz` says all is well.
+fn halts(e: &TreeError, halted: &Halted) -> bool {
+    let why = match e {
+        TreeError::Tampered(position) => {
+            tracing::error!(
+                position,
+                "log maintainer stopped: the ledger does not verify"
+            );
+            format!("the ledger does not verify at position {position}")
+        }
+        TreeError::Unsignable(_) => {
+            tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
+            "its tree cannot be signed".to_string()
+        }
+        TreeError::Truncated { .. } => {
+            tracing::error!(error = %e, "log maintainer stopped: the log was cut off under its tree; nothing more is signed");
+            e.to_string()
+        }
+        TreeError::Damaged(_) => {
+            tracing::error!(error = %e, "log maintainer stopped: nothing more is signed");
+            e.to_string()
+        }
+        TreeError::OtherKey {
+            key_id, signed_by, ..
+        } => {
+            tracing::error!(
+                error = %e,
+                key_id = %key_id,
+                signed_by = %signed_by,
+                "log maintainer stopped: this server's signing key is not the log's; nothing is signed"
+            );
+            format!(
+                "the newest checkpoint is signed by {signed_by}, not by this server's key (key \
+                 id {key_id}): it was started with another signing key than the log's"
+            )
+        }
+        _ => return false,
+    };
+    let _ = halted.set(why);
+    true
 }
