@@ -79,9 +79,24 @@ fn causes(e: &anyhow::Error) -> String {
     out
 }
 
-async fn pool(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
+/// A pool for `projections status` and `retry`, which read and clear the projections'
+/// bookkeeping: they refuse a database that lacks this binary's migrations (an empty one,
+/// say) with their names, rather than with PostgreSQL's "relation ... does not exist". A
+/// newer release's migrations are no reason to refuse: an operator asks for the status
+/// during a deploy with the binary at hand.
+async fn pool_with_tables(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
-    db::migrate(&pool).await?;
+    let incomplete = db::MigrationMismatch::read(&pool)
+        .await
+        .context("reading the database's migrations")?
+        .incomplete();
+    if !incomplete.is_empty() {
+        anyhow::bail!(
+            "the database lacks this binary's migrations: {}; apply them with `ledgerline \
+             migrate` (or start `ledgerline serve`, which applies them)",
+            incomplete.join("; ")
+        );
+    }
     Ok(pool)
 }
 
@@ -98,9 +113,10 @@ async fn pool_as_migrated(db_args: &crate::config::DatabaseArgs) -> anyhow::Resu
         options.log_slow_statements(log::LevelFilter::Off, std::time::Duration::ZERO)
     })
     .await?;
-    let mismatch = migration_mismatch(&pool)
+    let mismatch = db::MigrationMismatch::read(&pool)
         .await
-        .context("reading the database's migrations")?;
+        .context("reading the database's migrations")?
+        .all();
     if !mismatch.is_empty() {
         anyhow::bail!(
             "the database's migrations are not this binary's: {}; this command never \
@@ -112,69 +128,10 @@ async fn pool_as_migrated(db_args: &crate::config::DatabaseArgs) -> anyhow::Resu
     Ok(pool)
 }
 
-/// How the migrations applied to the database differ from the ones this binary carries,
-/// one entry per kind of difference; empty when they are the same.
-async fn migration_mismatch(pool: &sqlx::PgPool) -> sqlx::Result<Vec<String>> {
-    let recorded: bool = sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
-        .fetch_one(pool)
-        .await?;
-    // version, description, checksum, success: as `_sqlx_migrations` records them.
-    type Applied = (i64, String, Vec<u8>, bool);
-    let applied: Vec<Applied> = if recorded {
-        sqlx::query_as(
-            "SELECT version, description, checksum, success FROM _sqlx_migrations \
-             ORDER BY version",
-        )
-        .fetch_all(pool)
-        .await?
-    } else {
-        Vec::new()
-    };
-    let known: Vec<&sqlx::migrate::Migration> = db::MIGRATOR
-        .iter()
-        .filter(|m| m.migration_type.is_up_migration())
-        .collect();
-    let mut differences = Vec::new();
-    let mut note = |what: &str, items: Vec<String>| {
-        if !items.is_empty() {
-            differences.push(format!("{what}: {}", items.join(", ")));
-        }
-    };
-    note(
-        "not applied",
-        known
-            .iter()
-            .filter(|m| applied.iter().all(|(v, ..)| *v != m.version))
-            .map(|m| format!("{} ({})", m.version, m.description))
-            .collect(),
-    );
-    // The applied migrations that `wrong` picks, by version and description.
-    let applied_where = |wrong: &dyn Fn(&Applied) -> bool| -> Vec<String> {
-        applied
-            .iter()
-            .filter(|a| wrong(a))
-            .map(|(v, description, ..)| format!("{v} ({description})"))
-            .collect()
-    };
-    note(
-        "applied but unknown to this binary (a newer one's?)",
-        applied_where(&|(v, ..)| known.iter().all(|m| m.version != *v)),
-    );
-    note(
-        "applied with other SQL than this binary's",
-        applied_where(&|(v, _, checksum, _)| {
-            known
-                .iter()
-                .any(|m| m.version == *v && *m.checksum != **checksum)
-        }),
-    );
-    note("failed part-way", applied_where(&|(.., success)| !success));
-    Ok(differences)
-}
-
 async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
-    pool(db_args).await?;
-    outln!("migrations applied");
+    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let applied = db::migrate(&pool).await?;
+    outln!("migrations applied: {applied} new");
     Ok(())
 }
 
@@ -188,7 +145,10 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
             options.application_name(db::SERVE_APPLICATION_NAME)
         })
         .await?;
-        db::migrate(&pool).await?;
+        let applied = db::migrate(&pool).await?;
+        if applied > 0 {
+            tracing::info!(migrations = applied, "applied migrations");
+        }
         // A key that is not the log's is a configuration error, like a malformed one: refused
         // before serving, so that a deploy with the wrong key stops at its first process
         // while the others go on signing (a maintainer that finds one later halts instead).
@@ -374,7 +334,18 @@ async fn bootstrap(
     db_args: &crate::config::DatabaseArgs,
     args: BootstrapArgs,
 ) -> anyhow::Result<ExitCode> {
-    let pool = pool(db_args).await?;
+    let url = db_args.url()?;
+    let pool = db::connect(url, db_args.db_pool).await?;
+    // A new database works in either order (bootstrap, then serve), but an operator who
+    // pointed it at the wrong database learns that it just made the tables there.
+    let applied = db::migrate(&pool).await?;
+    if applied > 0 {
+        eprintln!(
+            "bootstrap: applied {} to {}",
+            crate::ledger::count(applied as u64, "migration", "migrations"),
+            db::redact_url(url)
+        );
+    }
     // No personal data is sealed here; a throwaway vault keeps the wiring uniform.
     let app = App::new(
         pool.clone(),
@@ -583,7 +554,7 @@ async fn prove(
 
 /// Exit 1 while a projection is stopped on a failure, so that scripts and probes can tell.
 async fn status(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<ExitCode> {
-    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let pool = pool_with_tables(db_args).await?;
     let statuses = ledgerline_projections::status(&pool)
         .await
         .context("reading projection status")?;
@@ -658,7 +629,7 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
         return;
     };
     let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
-    let resume = ledgerline_projections::resume_command(&names);
+    let what_next = ledgerline_projections::resume_or_abandon(&names);
     outln!();
     outln!(
         "rebuild job {} ({}), started {}: {}",
@@ -688,17 +659,13 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
         );
     }
     if !job.held {
-        outln!(
-            "  resume it from these positions with `{resume}`, or drop \
-             it with `ledgerline projections rebuild --abandon` (the live tables are unchanged \
-             until the swap)"
-        );
+        outln!("  {what_next} (it resumes from these positions; the live tables are unchanged until its swap)");
     }
 }
 
 /// After the cause is fixed: the running projector picks the event up on its next poll.
 async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Result<()> {
-    let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    let pool = pool_with_tables(db_args).await?;
     let cleared = ledgerline_projections::retry(&pool, name)
         .await
         .with_context(|| format!("retrying projection `{name}`"))?;
@@ -787,12 +754,9 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
             let names: Vec<&str> = wanted.iter().map(|p| p.name()).collect();
             let error = anyhow::Error::from(e).context("rebuilding projections");
             anyhow::bail!(
-                "{}\nrebuild job {job} keeps the work it recorded (the live tables are \
-                 unchanged until its swap): run `{}` to resume it once the cause is fixed, or \
-                 `ledgerline projections rebuild --abandon` to drop it; `ledgerline \
-                 projections status` shows it",
+                "{}\n{}",
                 causes(&error),
-                ledgerline_projections::resume_command(&names)
+                ledgerline_projections::job_kept(job, &names)
             )
         }
         (Err(e), _) => return Err(anyhow::Error::from(e).context("rebuilding projections")),

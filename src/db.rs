@@ -32,6 +32,7 @@ pub async fn connect_with(
     tune: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
 ) -> anyhow::Result<PgPool> {
     let context = || format!("connecting to the database at {}", redact_url(url));
+    check_scheme(url).with_context(context)?;
     let connect_options = tune(url.parse::<PgConnectOptions>().with_context(context)?);
     let options = PgPoolOptions::new()
         .max_connections(max_connections)
@@ -65,9 +66,145 @@ pub async fn connect_with(
     }
 }
 
-pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
-    MIGRATOR.run(pool).await.context("applying migrations")
+/// sqlx's PostgreSQL driver takes any scheme (`mysql://x@host/db` connects to PostgreSQL
+/// on the default port as role `x`), so a URL meant for another database would fail later
+/// with a message about roles or databases rather than about the URL.
+fn check_scheme(url: &str) -> anyhow::Result<()> {
+    // One that does not parse is left to sqlx, which says why.
+    let Ok(parsed) = url::Url::parse(url) else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        matches!(parsed.scheme(), "postgres" | "postgresql"),
+        "`{}:` is not a PostgreSQL URL: ledgerline runs on PostgreSQL only, with a URL \
+         such as postgres://user@127.0.0.1:5432/ledgerline",
+        parsed.scheme()
+    );
+    Ok(())
 }
+
+/// Applies this binary's migrations the database does not have yet; returns how many.
+/// Refuses, applying none, a database whose applied migrations this binary cannot account
+/// for (a newer release's, changed ones, one that failed part-way), saying which, in the
+/// words `projections rebuild` and `check` use (sqlx would name only the first, as
+/// "previously applied but is missing in the resolved migrations").
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<usize> {
+    let mismatch = MigrationMismatch::read(pool)
+        .await
+        .context("reading the database's migrations")?;
+    let conflicts = mismatch.conflicts();
+    if !conflicts.is_empty() {
+        anyhow::bail!(
+            "the database's migrations are not this binary's: {}; nothing was migrated{}",
+            conflicts.join("; "),
+            if mismatch.unknown.is_empty() {
+                ""
+            } else {
+                " (run the release that applied them, or a newer one)"
+            }
+        );
+    }
+    MIGRATOR.run(pool).await.context("applying migrations")?;
+    Ok(mismatch.not_applied.len())
+}
+
+/// How the migrations applied to a database differ from the ones this binary carries, each
+/// named by version and description.
+#[derive(Debug, Default)]
+pub struct MigrationMismatch {
+    /// This binary's migrations the database does not have: `migrate` applies them.
+    pub not_applied: Vec<String>,
+    /// Applied migrations this binary does not carry (a newer release's).
+    pub unknown: Vec<String>,
+    /// Applied migrations whose SQL is not this binary's.
+    pub changed: Vec<String>,
+    /// Migrations that failed part-way.
+    pub failed: Vec<String>,
+}
+
+impl MigrationMismatch {
+    pub async fn read(pool: &PgPool) -> sqlx::Result<Self> {
+        let recorded: bool =
+            sqlx::query_scalar("SELECT to_regclass('_sqlx_migrations') IS NOT NULL")
+                .fetch_one(pool)
+                .await?;
+        // version, description, checksum, success: as `_sqlx_migrations` records them.
+        type Applied = (i64, String, Vec<u8>, bool);
+        let applied: Vec<Applied> = if recorded {
+            sqlx::query_as(
+                "SELECT version, description, checksum, success FROM _sqlx_migrations \
+                 ORDER BY version",
+            )
+            .fetch_all(pool)
+            .await?
+        } else {
+            Vec::new()
+        };
+        let known: Vec<&sqlx::migrate::Migration> = MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration())
+            .collect();
+        // The applied migrations that `wrong` picks, by version and description.
+        let applied_where = |wrong: &dyn Fn(&Applied) -> bool| -> Vec<String> {
+            applied
+                .iter()
+                .filter(|a| wrong(a))
+                .map(|(v, description, ..)| format!("{v} ({description})"))
+                .collect()
+        };
+        Ok(Self {
+            not_applied: known
+                .iter()
+                .filter(|m| applied.iter().all(|(v, ..)| *v != m.version))
+                .map(|m| format!("{} ({})", m.version, m.description))
+                .collect(),
+            unknown: applied_where(&|(v, ..)| known.iter().all(|m| m.version != *v)),
+            changed: applied_where(&|(v, _, checksum, _)| {
+                known
+                    .iter()
+                    .any(|m| m.version == *v && *m.checksum != **checksum)
+            }),
+            failed: applied_where(&|(.., success)| !success),
+        })
+    }
+
+    /// Every difference, one entry per kind; empty when the migrations are the same.
+    pub fn all(&self) -> Vec<String> {
+        Self::entries([
+            ("not applied", &self.not_applied),
+            (UNKNOWN, &self.unknown),
+            (CHANGED, &self.changed),
+            (FAILED, &self.failed),
+        ])
+    }
+
+    /// The differences that applying this binary's migrations cannot mend.
+    pub fn conflicts(&self) -> Vec<String> {
+        Self::entries([
+            (UNKNOWN, &self.unknown),
+            (CHANGED, &self.changed),
+            (FAILED, &self.failed),
+        ])
+    }
+
+    /// The differences that can leave out a table or column this binary's migrations make:
+    /// migrations not applied, or failed part-way.
+    pub fn incomplete(&self) -> Vec<String> {
+        Self::entries([("not applied", &self.not_applied), (FAILED, &self.failed)])
+    }
+
+    fn entries<const N: usize>(kinds: [(&str, &Vec<String>); N]) -> Vec<String> {
+        kinds
+            .into_iter()
+            .filter(|(_, items)| !items.is_empty())
+            .map(|(what, items)| format!("{what}: {}", items.join(", ")))
+            .collect()
+    }
+}
+
+const UNKNOWN: &str = "applied but unknown to this binary (a newer one's?)";
+const CHANGED: &str = "applied with other SQL than this binary's";
+const FAILED: &str = "failed part-way";
 
 /// A database URL with any password replaced, for messages and logs: the user's, and any
 /// query parameter named like one (`password`, `sslpassword`), which libpq's URLs allow.
@@ -96,7 +233,23 @@ pub fn redact_url(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::{check_scheme, redact_url};
+
+    #[test]
+    fn only_postgres_urls_are_taken() {
+        for url in [
+            "postgres://app@db/x",
+            "postgresql://app@db/x",
+            // Left to sqlx, which says why it does not parse.
+            "postgres://app:s3cret@db:notaport/x",
+        ] {
+            assert!(check_scheme(url).is_ok(), "{url}");
+        }
+        for url in ["mysql://x@127.0.0.1/db", "http://127.0.0.1/db"] {
+            let said = check_scheme(url).unwrap_err().to_string();
+            assert!(said.contains("is not a PostgreSQL URL"), "{url}: {said}");
+        }
+    }
 
     #[test]
     fn passwords_never_print() {

@@ -553,6 +553,35 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
         );
     }
 
+    // `migrate` and `serve` say it in the same words, and apply nothing.
+    let serve = [
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--master-key",
+        &"11".repeat(32),
+        "--signing-key",
+        &"22".repeat(32),
+    ];
+    for args in [&["migrate"][..], &serve] {
+        let (code, out, err) = ledgerline(&db.url, args).await;
+        assert_eq!(code, 2, "{}: {out}{err}", args[0]);
+        assert!(
+            err.contains("applied but unknown to this binary (a newer one's?)")
+                && err.contains(&format!("{newer} (from a newer release)"))
+                && err.contains("nothing was migrated"),
+            "{}: {err}",
+            args[0]
+        );
+        assert!(!err.contains("resolved migrations"), "{}: {err}", args[0]);
+        assert_eq!(
+            schema(&db.pool).await,
+            before,
+            "{} changed the schema",
+            args[0]
+        );
+    }
+
     // The same database as this binary migrates it: checked as usual.
     sqlx::query("DELETE FROM _sqlx_migrations WHERE version = $1")
         .bind(newer)
@@ -561,6 +590,100 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
         .unwrap();
     let (code, out, err) = ledgerline(&db.url, &["projections", "check"]).await;
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// The database lost under a running `rebuild --all` (every session ended, as a restart
+/// ends them): the error names the exact command that resumes the job and the one that drops
+/// it, as every failure after the job exists does.
+#[tokio::test]
+async fn a_rebuild_of_all_that_loses_its_database_names_both_commands() {
+    let t = TestApp::spawn().await;
+    t.create_org("Lost Database Co").await;
+    let mut held = hold_the_swap(t.pool()).await;
+    let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *held)
+        .await
+        .unwrap();
+    let child = spawn_piped(&t.db.url, &["projections", "rebuild", "--all"], "warn");
+    assert!(waiting_at_the_swap(t.pool()).await, "at the swap");
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid NOT IN (pg_backend_pid(), $1)",
+    )
+    .bind(holder)
+    .execute(t.pool())
+    .await
+    .unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("keeps the work it recorded")
+            && err.contains("run `ledgerline projections rebuild --all` to resume it")
+            && err.contains("`ledgerline projections rebuild --abandon` to drop it"),
+        "{err}"
+    );
+    held.commit().await.unwrap();
+}
+
+/// `projections status` and `retry` on a database no migration has touched name what is
+/// missing and what to run, rather than PostgreSQL's "relation ... does not exist".
+#[tokio::test]
+async fn status_and_retry_name_the_missing_migrations() {
+    let db = TestDb::unmigrated().await;
+    for args in [
+        &["projections", "status"][..],
+        &["projections", "retry", "users"],
+    ] {
+        let (code, out, err) = ledgerline(&db.url, args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(!err.contains("does not exist"), "{args:?}: {err}");
+        assert!(
+            err.contains("lacks this binary's migrations: not applied: 1 (")
+                && err.contains("`ledgerline migrate`"),
+            "{args:?}: {err}"
+        );
+    }
+}
+
+/// `bootstrap` on a new database migrates it, as `serve` would, and says so (and where),
+/// so that one pointed at the wrong database is not silent about the tables it made there.
+#[tokio::test]
+async fn bootstrap_says_which_migrations_it_applied() {
+    let db = TestDb::unmigrated().await;
+    let (code, out, err) = ledgerline(&db.url, &["bootstrap"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let printed: Value = serde_json::from_str(&out).expect("only the key on standard output");
+    assert!(printed["api_key"].is_string(), "{out}");
+    let migrations = ledgerline::db::MIGRATOR.iter().count();
+    assert!(
+        err.contains(&format!(
+            "bootstrap: applied {migrations} migrations to {}",
+            ledgerline::db::redact_url(&db.url)
+        )),
+        "{err}"
+    );
+
+    // On a migrated database it has nothing to say about them.
+    let db = TestDb::new().await;
+    let (code, out, err) = ledgerline(&db.url, &["bootstrap"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(!err.contains("migration"), "{err}");
+}
+
+/// A URL for another database is refused as such, before connecting anywhere (sqlx's driver
+/// would connect to PostgreSQL with it and complain about the role).
+#[tokio::test]
+async fn a_database_url_that_is_not_postgresql_is_refused() {
+    for args in [&["migrate"][..], &["projections", "status"]] {
+        let (code, out, err) = ledgerline("mysql://x@127.0.0.1/db", args).await;
+        assert_eq!(code, 2, "{args:?}: {out}{err}");
+        assert!(
+            err.contains("`mysql:` is not a PostgreSQL URL"),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("role"), "{args:?}: {err}");
+    }
 }
 
 /// `ledgerline ARGS` started with standard output and error pipes.

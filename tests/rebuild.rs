@@ -1147,9 +1147,12 @@ async fn a_swap_that_never_gets_the_live_tables_keeps_the_job_for_a_rerun() {
         }
         other => panic!("expected the busy tables, got {other}"),
     }
+    // The exact commands, as every failure after the job exists says them.
+    let said = error.to_string();
     assert!(
-        error.to_string().contains("run the same rebuild again"),
-        "{error}"
+        said.contains("run `ledgerline projections rebuild users` to resume it")
+            && said.contains("`ledgerline projections rebuild --abandon` to drop it"),
+        "{said}"
     );
     assert_eq!(
         ledgerline_projections::rebuild_progress(t.pool())
@@ -1461,7 +1464,9 @@ async fn a_rebuild_whose_lock_session_ends_stops_and_a_rerun_resumes_it() {
     let said = error.to_string();
     assert!(said.contains("lost its lock"), "{said}");
     assert!(
-        said.contains("keeps its work; run `ledgerline projections rebuild users` again"),
+        said.contains("keeps the work it recorded")
+            && said.contains("run `ledgerline projections rebuild users` to resume it")
+            && said.contains("`ledgerline projections rebuild --abandon` to drop it"),
         "{said}"
     );
     assert_eq!(table().await, before, "the live table was not swapped");

@@ -120,10 +120,9 @@ pub enum RunError {
     RebuildRunning,
     /// An interrupted job of other projections would be left half done.
     #[error(
-        "rebuild job {job} of {} is unfinished: run `{}` to resume it, or `ledgerline \
-         projections rebuild --abandon` to drop it",
+        "rebuild job {job} of {} is unfinished: {}",
         projections.join(", "),
-        crate::rebuild::resume_command(projections)
+        crate::rebuild::resume_or_abandon(projections)
     )]
     RebuildInProgress { job: i64, projections: Vec<String> },
     /// The database session holding the run's advisory lock ended while the run went on
@@ -139,13 +138,19 @@ pub enum RunError {
         cause: String,
         next: String,
     },
-    /// Other sessions held the live tables on every attempt at the swap.
+    /// Other sessions held the live tables on every attempt at the swap; the job of
+    /// `projections` keeps its work.
     #[error(
         "other sessions held the live tables through all {attempts} attempts at the swap \
-         (holding them now: {holders}): the job keeps its work; run the same rebuild again \
-         to resume it once they are done (`ledgerline projections status` shows the job)"
+         (holding them now: {holders}): {}",
+        crate::rebuild::job_kept(*job, projections)
     )]
-    SwapBusy { attempts: u32, holders: String },
+    SwapBusy {
+        attempts: u32,
+        holders: String,
+        job: i64,
+        projections: Vec<String>,
+    },
     /// A migration changed a live table while its copy was being built.
     #[error(
         "the live table `{0}` changed since the rebuild began (a migration?): the job is \

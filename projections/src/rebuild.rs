@@ -126,6 +126,25 @@ pub fn resume_command(projections: &[impl AsRef<str>]) -> String {
     }
 }
 
+/// The commands that resume and drop the unfinished job of `projections`, in the one form
+/// every message naming them uses.
+pub fn resume_or_abandon(projections: &[impl AsRef<str>]) -> String {
+    format!(
+        "run `{}` to resume it, or `ledgerline projections rebuild --abandon` to drop it",
+        resume_command(projections)
+    )
+}
+
+/// What a rebuild that failed once its job existed says about the job, whatever the
+/// failure (a lost database, a lost lock, a swap that never got the live tables).
+pub fn job_kept(job: i64, projections: &[impl AsRef<str>]) -> String {
+    format!(
+        "rebuild job {job} keeps the work it recorded (the live tables are unchanged until \
+         its swap); once the cause is fixed, {}; `ledgerline projections status` shows it",
+        resume_or_abandon(projections)
+    )
+}
+
 /// The projections named (all if `None`), resolved, sorted by name and deduplicated.
 pub fn resolve(names: Option<&[&str]>) -> Result<Vec<Projection>, RunError> {
     let mut projections = match names {
@@ -193,11 +212,7 @@ pub async fn rebuild(
     let lock_lost = |cause: String| RunError::LockLost {
         run: "rebuild",
         cause,
-        next: format!(
-            "job {} keeps its work; run `{}` again to resume it",
-            job.id,
-            resume_command(&wanted)
-        ),
+        next: job_kept(job.id, &wanted),
     };
 
     let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
@@ -445,6 +460,8 @@ async fn swap_when_quiet(
                     return Err(RunError::SwapBusy {
                         attempts: SWAP_ATTEMPTS,
                         holders,
+                        job: job.id,
+                        projections: projections.iter().map(|p| p.name().to_string()).collect(),
                     });
                 }
                 // Read before the event: a value the macro holds across an await would
