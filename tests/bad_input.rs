@@ -678,6 +678,40 @@ async fn a_body_that_is_an_array_of_fields_is_refused() {
     assert_error_says(&r, 422, "expected struct");
 }
 
+/// A free-form value keeps its numbers exactly: an integer past 64 bits (which would be kept
+/// as a rounded float) is refused, and one within them comes back as it was sent.
+#[tokio::test]
+async fn settings_keep_their_integers_exactly_or_are_refused() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let r = refused_raw(
+        t,
+        Method::PATCH,
+        &org_path(org, ""),
+        "application/json",
+        br#"{"settings": {"quota": 123456789012345678901234567890}}"#.to_vec(),
+        422,
+    )
+    .await;
+    assert_error_says(
+        &r,
+        422,
+        "123456789012345678901234567890 does not fit in 64 bits",
+    );
+    let r = t
+        .raw(
+            Method::PATCH,
+            &org_path(org, ""),
+            &t.admin_key,
+            "application/json",
+            br#"{"settings": {"quota": 9007199254740993, "floor": -9223372036854775808}}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["settings"]["quota"].as_u64(), Some(9007199254740993));
+    assert_eq!(r.body["settings"]["floor"].as_i64(), Some(i64::MIN));
+}
+
 #[tokio::test]
 async fn body_just_under_one_mib_is_read() {
     let f = fixture().await;

@@ -107,6 +107,12 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         Ok(axum::Json(v)) => v,
         Err(rejection) => return Err(json_rejection(rejection)),
     };
+    if let Some(integer) = wider_than_64_bits(bytes) {
+        return Err(ApiError::invalid(format!(
+            "invalid request body: the integer {integer} does not fit in 64 bits and would be \
+             stored rounded; send it as a string"
+        )));
+    }
     if validate::json_has_nul(bytes) {
         let at = serde_json::from_slice::<Value>(bytes)
             .ok()
@@ -117,6 +123,41 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         )));
     }
     Ok(value)
+}
+
+/// The first integer in a JSON text (one that parsed) that no `i64` or `u64` holds.
+/// serde_json reads such a literal as an `f64`, so free-form values (an organization's
+/// settings) would be kept rounded, and answered back as another number than was sent.
+fn wider_than_64_bits(bytes: &[u8]) -> Option<&str> {
+    let (mut i, mut in_string) = (0, false);
+    while i < bytes.len() {
+        let b = bytes[i];
+        if in_string {
+            match b {
+                b'\\' => i += 1,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            i += 1;
+        } else if b == b'"' {
+            in_string = true;
+            i += 1;
+        } else if b == b'-' || b.is_ascii_digit() {
+            let end = bytes[i..]
+                .iter()
+                .position(|c| !matches!(c, b'-' | b'+' | b'.' | b'e' | b'E' | b'0'..=b'9'))
+                .map_or(bytes.len(), |n| i + n);
+            let literal = std::str::from_utf8(&bytes[i..end]).ok()?;
+            let integer = !literal.contains(['.', 'e', 'E']);
+            if integer && literal.parse::<i64>().is_err() && literal.parse::<u64>().is_err() {
+                return Some(literal);
+            }
+            i = end;
+        } else {
+            i += 1;
+        }
+    }
+    None
 }
 
 /// Where the first NUL is, as a JSON pointer (`/settings/theme`), or the object holding a
@@ -212,4 +253,36 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
 
 fn query_rejection(r: QueryRejection) -> ApiError {
     ApiError::bad_request(format!("invalid query: {}", r.body_text()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wider_than_64_bits;
+
+    #[test]
+    fn integers_past_64_bits_are_found_outside_strings_only() {
+        let wide = |text: &str| wider_than_64_bits(text.as_bytes()).map(str::to_string);
+        assert_eq!(
+            wide(r#"{"a": 9007199254740993, "b": -9223372036854775808}"#),
+            None
+        );
+        assert_eq!(wide(r#"{"a": 18446744073709551615}"#), None);
+        assert_eq!(
+            wide(r#"{"a": 1, "b": [18446744073709551616]}"#).as_deref(),
+            Some("18446744073709551616")
+        );
+        assert_eq!(
+            wide(r#"{"a":-9223372036854775809}"#).as_deref(),
+            Some("-9223372036854775809")
+        );
+        // Floats are floats; digits in strings and keys are text.
+        assert_eq!(
+            wide(r#"{"a": 1.5e300, "b": 123456789012345678901.0}"#),
+            None
+        );
+        assert_eq!(
+            wide(r#"{"123456789012345678901": "123456789012345678901 \" 99999999999999999999"}"#),
+            None
+        );
+    }
 }
