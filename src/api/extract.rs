@@ -88,8 +88,9 @@ async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError
     })
 }
 
-/// Parses with axum's deserializer (its errors name the field at fault), then refuses a NUL
-/// character anywhere: no read model could store it (`validate::json_has_nul`), and every
+/// Parses with axum's deserializer (its errors name the field at fault), and refuses what it
+/// would take but the API must not: an array for an object, an integer it would round, a
+/// NUL character anywhere (no read model could store it: `validate::json_has_nul`). Every
 /// command's input comes through here.
 fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     // Every body this API takes is an object, but serde's derived structs also take an array

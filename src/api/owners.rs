@@ -25,18 +25,22 @@ pub enum Loss {
     Branch(Uuid),
 }
 
-/// Runs `command` unless it would leave `org` without an owner (409, nothing appended).
+/// Runs `command` unless it would leave `org` without an owner (409, nothing appended); with
+/// no `loss` (a change that takes no owner away), just runs it.
 ///
 /// A transaction-scoped advisory lock per organization makes two such commands take turns,
 /// so that two owners removing each other at once cannot both pass the check; the lock is
 /// held until `command` has returned, i.e. until the read models show its effect (commands
 /// wait for them) or the wait for them timed out.
-pub async fn keeping_an_owner<T>(
+pub async fn keeping_an_owner<T, E: Into<ApiError>>(
     app: &App,
     org: Uuid,
-    loss: Loss,
-    command: impl Future<Output = ApiResult<T>>,
+    loss: Option<Loss>,
+    command: impl Future<Output = Result<T, E>>,
 ) -> ApiResult<T> {
+    let Some(loss) = loss else {
+        return command.await.map_err(Into::into);
+    };
     let mut turn = app.pool.begin().await?;
     sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('ledgerline owners ' || $1, 0))")
         .bind(org.to_string())
@@ -83,5 +87,5 @@ pub async fn keeping_an_owner<T>(
     let outcome = command.await;
     // The transaction only held the lock; ending it releases the lock.
     turn.rollback().await?;
-    outcome
+    outcome.map_err(Into::into)
 }

@@ -263,16 +263,8 @@ pub async fn update(
         parent_ancestry: ancestry,
         grantable: caller.permissions.clone(),
     };
-    let update = async {
-        Ok(app
-            .execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
-            .await?)
-    };
-    if cut {
-        keeping_an_owner(&app, org, Loss::Branch(role), update).await?;
-    } else {
-        update.await?;
-    }
+    let update = app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command);
+    keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await?;
     Ok(axum::Json(find(&app, org, role).await?))
 }
 
@@ -298,18 +290,14 @@ pub async fn delete(
             "{children} role(s) inherit from this role; change their parent first"
         )));
     }
-    let delete = async {
-        Ok(app
-            .execute(
-                &app.cqrs.roles,
-                role,
-                Some(org),
-                &caller.actor,
-                RoleCommand::Delete,
-            )
-            .await?)
-    };
-    keeping_an_owner(&app, org, Loss::Branch(role), delete).await?;
+    let delete = app.execute(
+        &app.cqrs.roles,
+        role,
+        Some(org),
+        &caller.actor,
+        RoleCommand::Delete,
+    );
+    keeping_an_owner(&app, org, Some(Loss::Branch(role)), delete).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -426,12 +414,8 @@ pub async fn revoke(
         role_id: role,
         reason: None,
     };
-    let revoke = async {
-        Ok(app
-            .execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-            .await?)
-    };
-    keeping_an_owner(&app, org, Loss::Assignment { user, role }, revoke).await?;
+    let revoke = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
+    keeping_an_owner(&app, org, Some(Loss::Assignment { user, role }), revoke).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

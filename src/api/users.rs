@@ -256,18 +256,10 @@ async fn change_status(
     caller.require_in(org, Permission::UsersWrite)?;
     find(app, org, user).await?;
     holds_all_they_hold(app, caller, user).await?;
-    let deactivating = matches!(command, UserCommand::Deactivate { .. });
-    let change = async {
-        Ok(app
-            .execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-            .await?)
-    };
     // Reactivating takes nothing away; the lock is only for what could.
-    if deactivating {
-        keeping_an_owner(app, org, Loss::User(user), change).await?;
-    } else {
-        change.await?;
-    }
+    let loss = matches!(command, UserCommand::Deactivate { .. }).then_some(Loss::User(user));
+    let change = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
+    keeping_an_owner(app, org, loss, change).await?;
     Ok(axum::Json(find(app, org, user).await?))
 }
 
@@ -313,7 +305,7 @@ pub async fn erase(
                 }
                 outcome.map_err(ApiError::from)
             };
-            keeping_an_owner(&app, org, Loss::User(user), erase).await
+            keeping_an_owner(&app, org, Some(Loss::User(user)), erase).await
         })
     };
     erasure.await?;

@@ -182,27 +182,54 @@ impl Checkpoint {
 /// Ed25519 one: `— <name> base64(key id || 64-byte signature)`). Tells a note that another
 /// key signed from one that was damaged, which names no signer, or not in this form.
 pub fn note_signers(note: &str) -> Result<Vec<(String, String)>, NoteError> {
+    let (text, signatures) = split_note(note)?;
+    Checkpoint::parse_text(text)?;
+    signature_lines(signatures)
+        .map(|line| {
+            let (name, blob) = line?;
+            if blob.len() != 4 + Signature::BYTE_SIZE {
+                return Err(NoteError::Malformed("not an Ed25519 signature".into()));
+            }
+            Ok((name.to_string(), hex::encode(&blob[..4])))
+        })
+        .collect()
+}
+
+/// A signed note's text (through the newline before its blank line) and its signatures,
+/// nothing checked but their form: no control characters but newlines, and a blank line.
+fn split_note(note: &str) -> Result<(&str, &str), NoteError> {
     let bad = |m: &str| NoteError::Malformed(m.to_string());
     if note.chars().any(|c| c.is_control() && c != '\n') {
         return Err(bad("control characters"));
     }
-    Checkpoint::parse_unverified(note)?;
-    let split = note.find("\n\n").expect("parsed above");
-    let mut signers = Vec::new();
-    for line in note[split + 2..].lines().filter(|l| !l.is_empty()) {
-        let (name, blob) = line
-            .strip_prefix("\u{2014} ")
-            .and_then(|rest| rest.split_once(' '))
-            .ok_or_else(|| bad("a signature line is not `— <name> <signature>`"))?;
-        let blob = B64
-            .decode(blob)
-            .map_err(|_| bad("signature is not base64"))?;
-        if blob.len() != 4 + Signature::BYTE_SIZE {
-            return Err(bad("not an Ed25519 signature"));
-        }
-        signers.push((name.to_string(), hex::encode(&blob[..4])));
-    }
-    Ok(signers)
+    let split = note
+        .find("\n\n")
+        .ok_or_else(|| bad("no blank line before the signatures"))?;
+    Ok((&note[..=split], &note[split + 2..]))
+}
+
+/// Each signature line's key name and decoded blob (key id, then signature), in order, each
+/// line refused if it is not `— <name> <base64>`. Blank lines after the signatures (a file
+/// saved with an extra newline) are ignored.
+fn signature_lines(
+    signatures: &str,
+) -> impl Iterator<Item = Result<(&str, Vec<u8>), NoteError>> + '_ {
+    let bad = |m: &str| NoteError::Malformed(m.to_string());
+    signatures
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(move |line| {
+            let rest = line
+                .strip_prefix("\u{2014} ")
+                .ok_or_else(|| bad("a signature line must start with an em dash"))?;
+            let (name, blob) = rest
+                .split_once(' ')
+                .ok_or_else(|| bad("a signature line needs a name and a signature"))?;
+            let blob = B64
+                .decode(blob)
+                .map_err(|_| bad("signature is not base64"))?;
+            Ok((name, blob))
+        })
 }
 
 fn digest(bytes: &[u8]) -> Option<Digest> {
@@ -461,27 +488,11 @@ impl NoteVerifier {
     /// Checks the note's signature by this key and parses its text. Signatures by other keys
     /// are ignored, as the signed-note spec requires.
     pub fn open(&self, note: &str) -> Result<Checkpoint, NoteError> {
-        let bad = |m: &str| NoteError::Malformed(m.to_string());
-        if note.chars().any(|c| c.is_control() && c != '\n') {
-            return Err(bad("control characters"));
-        }
-        let split = note
-            .find("\n\n")
-            .ok_or_else(|| bad("no blank line before the signatures"))?;
-        let (text, signatures) = (&note[..=split], &note[split + 2..]);
+        let (text, signatures) = split_note(note)?;
         let mut found = false;
         let mut others = Vec::new();
-        // Blank lines after the signatures (a file saved with an extra newline) are ignored.
-        for line in signatures.lines().filter(|l| !l.is_empty()) {
-            let Some(rest) = line.strip_prefix("\u{2014} ") else {
-                return Err(bad("a signature line must start with an em dash"));
-            };
-            let (name, blob) = rest
-                .split_once(' ')
-                .ok_or_else(|| bad("a signature line needs a name and a signature"))?;
-            let blob = B64
-                .decode(blob)
-                .map_err(|_| bad("signature is not base64"))?;
+        for line in signature_lines(signatures) {
+            let (name, blob) = line?;
             if name != self.name || blob.len() < 4 {
                 continue;
             }
@@ -499,7 +510,7 @@ impl NoteVerifier {
         if !found && !others.is_empty() {
             return Err(NoteError::OtherKey {
                 name: self.name.clone(),
-                key_id: hex::encode(self.id),
+                key_id: self.key_id_hex(),
                 signed_by: others.join(", "),
             });
         }
