@@ -139,6 +139,15 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     let mut signals = StopSignals::catch().context("catching SIGINT and SIGTERM")?;
     let master = args.keys.load()?;
     let signer = args.log.signer()?;
+    if args.log.checkpoint_anchor_file.is_none() {
+        // Not refused: a first run, tests and one-off servers have no place to keep one.
+        tracing::warn!(
+            "no LEDGERLINE_CHECKPOINT_ANCHOR_FILE: after a restart this server trusts the \
+             newest checkpoint stored in the database, so someone who can write the database \
+             and deletes or alters the notes while it is down gets whatever they left signed; \
+             set the file (outside the database) in production"
+        );
+    }
     let policy = args.log.policy()?;
     let start = async {
         let pool = db::connect_with(db_args.url()?, db_args.db_pool, |options| {

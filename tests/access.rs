@@ -1640,9 +1640,9 @@ async fn a_user_key_cannot_change_what_its_own_users_roles_grant() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-/// A key that expires issues or rotates no key that outlives it.
+/// A key that expires issues or rotates no key, and assigns no role, that outlives it.
 #[tokio::test]
-async fn a_key_that_expires_makes_no_key_that_outlives_it() {
+async fn a_key_that_expires_makes_no_key_or_assignment_that_outlives_it() {
     let t = TestApp::spawn().await;
     let org = t.create_org("Short Keys").await;
     let (bob, _) = t.member_with_key(org, "admin", "bob@short.example").await;
@@ -1658,7 +1658,9 @@ async fn a_key_that_expires_makes_no_key_that_outlives_it() {
     let (_, short) = issued(
         &t,
         org,
-        json!({"label": "short", "permissions": ["keys:write", "users:read"], "user_id": bob,
+        json!({"label": "short", "permissions": ["keys:write", "users:read", "roles:write",
+               "organizations:read", "roles:read", "conversations:read", "conversations:write"],
+               "user_id": bob,
                "expires_at": hour.to_rfc3339()}),
     )
     .await;
@@ -1679,7 +1681,23 @@ async fn a_key_that_expires_makes_no_key_that_outlives_it() {
         )
         .await;
     assert_error_says(&r, 403, "a key it may rotate must expire by then");
-    assert_eq!(t.head().await, before);
+    let mia = t.invite(org, "mia@short.example", "Mia").await;
+    let assign = org_path(
+        org,
+        &format!("/users/{mia}/roles/{}", t.role_id(org, "member").await),
+    );
+    for body in [
+        json!({}),
+        json!({"expires_at": (hour + chrono::Duration::minutes(1)).to_rfc3339()}),
+    ] {
+        let r = t.put(&assign, &short, body).await;
+        assert_error_says(&r, 403, "a role it assigns must expire by then");
+    }
+    assert_eq!(t.head().await, before + 1, "only Mia's invitation");
+    let r = t
+        .put(&assign, &short, json!({"expires_at": hour.to_rfc3339()}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
     // The control: a key expiring with it.
     let r = issue_key(
         &t,

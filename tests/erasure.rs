@@ -91,14 +91,19 @@ async fn erased() -> Scenario {
 
 /// Zelda erased by the owner.
 async fn erase(s: &Scenario) {
+    act_on_zelda(s, "erase").await;
+}
+
+/// `POST /users/{zelda}/{action}` by the owner, which must succeed.
+async fn act_on_zelda(s: &Scenario, action: &str) {
     let r =
         s.t.post(
-            &org_path(s.org, &format!("/users/{}/erase", s.zelda)),
+            &org_path(s.org, &format!("/users/{}/{action}", s.zelda)),
             &s.owner_key,
             json!({}),
         )
         .await;
-    assert_eq!(r.status, 200, "erase: {}", r.body);
+    assert_eq!(r.status, 200, "{action}: {}", r.body);
 }
 
 /// The personal values `text` mentions, case-insensitively.
@@ -569,4 +574,72 @@ async fn erasure_destroys_the_key_even_while_the_projection_cannot() {
 
     hold.rollback().await.unwrap();
     erasing.await.unwrap().unwrap();
+}
+
+/// Zelda's key as the keys list shows it, and whether her `member` assignment reads active.
+async fn key_and_role(s: &Scenario) -> (Value, Value) {
+    let keys = all_pages(&s.t, &s.owner_key, &org_path(s.org, "/api-keys"), "cursor").await;
+    let key = keys
+        .into_iter()
+        .find(|k| k["user_id"] == json!(s.zelda))
+        .expect("Zelda's key is listed");
+    let r =
+        s.t.get(
+            &org_path(s.org, &format!("/users/{}/roles", s.zelda)),
+            &s.owner_key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    (key, r.body["items"][0]["active"].clone())
+}
+
+/// A console reading the views shows a departed user's key and roles as dead, not `active`.
+#[tokio::test]
+async fn a_departed_users_key_and_roles_read_as_unusable() {
+    let s = prepare().await;
+    let (key, role) = key_and_role(&s).await;
+    assert_eq!(
+        (
+            &key["status"],
+            &key["usable"],
+            &key["unusable_because"],
+            &role
+        ),
+        (&json!("active"), &json!(true), &Value::Null, &json!(true)),
+        "{key}"
+    );
+    act_on_zelda(&s, "deactivate").await;
+    let (key, role) = key_and_role(&s).await;
+    assert_eq!(
+        (
+            &key["status"],
+            &key["usable"],
+            &key["unusable_because"],
+            &role
+        ),
+        (
+            &json!("active"),
+            &json!(false),
+            &json!("user deactivated"),
+            &json!(false)
+        ),
+        "{key}"
+    );
+    erase(&s).await;
+    let (key, role) = key_and_role(&s).await;
+    assert_eq!(
+        (&key["usable"], &key["unusable_because"], &role),
+        (&json!(false), &json!("user erased"), &json!(false)),
+        "{key}"
+    );
+    let id = key["id"].as_str().unwrap();
+    let r =
+        s.t.get(&org_path(s.org, &format!("/api-keys/{id}")), &s.owner_key)
+            .await;
+    assert_eq!(
+        r.body["unusable_because"],
+        json!("user erased"),
+        "{}",
+        r.body
+    );
 }

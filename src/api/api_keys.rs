@@ -36,6 +36,13 @@ pub struct ApiKeyView {
     pub created_at: DateTime<Utc>,
     pub revoked_at: Option<DateTime<Utc>>,
     pub rotated_at: Option<DateTime<Utc>>,
+    /// Whether a request with this key would be let in now, as far as the read models show:
+    /// `status` is the key's own, and a key can be `active` yet refused for its user or
+    /// organization.
+    pub usable: bool,
+    /// Why not, when not: `revoked`, `expired`, `user deactivated`, `user erased`,
+    /// `organization suspended`.
+    pub unusable_because: Option<String>,
 }
 
 /// A key just issued or rotated: the only answer that ever carries its secret.
@@ -47,7 +54,17 @@ pub struct IssuedKey {
     pub secret: String,
 }
 
-const SELECT: &str = "SELECT id, organization_id, user_id, label, prefix, permissions, status, expires_at, created_at, revoked_at, rotated_at FROM api_keys";
+// A subquery, so that the lists' keyset conditions and order read its columns unqualified.
+const SELECT: &str = "SELECT *, unusable_because IS NULL AS usable FROM ( \
+     SELECT k.id, k.organization_id, k.user_id, k.label, k.prefix, k.permissions, k.status, \
+            k.expires_at, k.created_at, k.revoked_at, k.rotated_at, \
+            CASE WHEN k.status <> 'active' THEN k.status \
+                 WHEN k.expires_at <= now() THEN 'expired' \
+                 WHEN o.status = 'suspended' THEN 'organization suspended' \
+                 WHEN u.status <> 'active' THEN 'user ' || u.status END AS unusable_because \
+     FROM api_keys k \
+     LEFT JOIN users u ON u.id = k.user_id \
+     LEFT JOIN organizations o ON o.id = k.organization_id) api_keys";
 
 async fn find(app: &App, org: Uuid, id: Uuid) -> ApiResult<ApiKeyView> {
     sqlx::query_as(&format!("{SELECT} WHERE id = $1 AND organization_id = $2"))
@@ -78,7 +95,7 @@ pub async fn issue(
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
     require_own_user(&caller, body.user_id, "issue")?;
-    require_not_outliving(&caller, body.expires_at, "issue")?;
+    require_not_outliving(&caller, body.expires_at, "a key it may issue")?;
     if let Some(user) = body.user_id {
         let u = users::find(&app, org, user).await.map_err(|e| {
             if e.status == StatusCode::NOT_FOUND {
@@ -111,6 +128,9 @@ pub async fn issue(
         created_at: now,
         revoked_at: None,
         rotated_at: None,
+        // Issuing checked the user is active.
+        usable: true,
+        unusable_because: None,
     };
     let command = ApiKeyCommand::Issue {
         key_id: id,
@@ -155,16 +175,17 @@ fn require_own_user(caller: &Caller, key_user: Option<Uuid>, verb: &str) -> ApiR
     }
 }
 
-/// A key that expires issues or rotates none that outlives it: else an expiry an
-/// administrator set would be escaped with a fresh secret of a key that has none.
-fn require_not_outliving(
+/// A key that expires issues or rotates no key, and assigns no role, that outlives it: else
+/// an expiry an administrator set would be escaped with a fresh secret of a key that has
+/// none, or through a user key its holder also has.
+pub(super) fn require_not_outliving(
     caller: &Caller,
     expires_at: Option<DateTime<Utc>>,
-    verb: &str,
+    what: &str,
 ) -> ApiResult<()> {
     match caller.expires_at {
         Some(limit) if expires_at.is_none_or(|t| t > limit) => Err(ApiError::forbidden(format!(
-            "this key expires at {}: a key it may {verb} must expire by then",
+            "this key expires at {}: {what} must expire by then",
             limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         ))),
         _ => Ok(()),
@@ -250,7 +271,7 @@ pub async fn rotate(
     // for a user key only its own user's (a fresh secret is as good as a new key).
     require_own_user(&caller, current.user_id, "rotate")?;
     require_holds_all(&caller, &current, "rotate")?;
-    require_not_outliving(&caller, current.expires_at, "rotate")?;
+    require_not_outliving(&caller, current.expires_at, "a key it may rotate")?;
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),

@@ -315,7 +315,8 @@ pub struct AssignmentView {
     pub expires_at: Option<DateTime<Utc>>,
     pub reason: Option<String>,
     pub assigned_at: DateTime<Utc>,
-    /// False once `expires_at` has passed: an expired assignment grants nothing.
+    /// False once `expires_at` has passed, or while the user is not active (deactivated or
+    /// erased): such an assignment grants nothing.
     pub active: bool,
 }
 
@@ -328,8 +329,8 @@ async fn assignments(
 ) -> ApiResult<Vec<AssignmentView>> {
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT ur.role_id, r.name AS role_name, ur.expires_at, ur.reason, ur.assigned_at,
-                (ur.expires_at IS NULL OR ur.expires_at > now()) AS active
-         FROM user_roles ur JOIN roles r ON r.id = ur.role_id
+                (ur.expires_at IS NULL OR ur.expires_at > now()) AND u.status = 'active' AS active
+         FROM user_roles ur JOIN roles r ON r.id = ur.role_id JOIN users u ON u.id = ur.user_id
          WHERE ur.user_id = ",
     );
     sql.push_bind(user);
@@ -381,6 +382,7 @@ pub async fn assign(
     // Assigning a role is granting what it grants: no more than the caller holds.
     may_give(&app, &caller, role).await?;
     let body = body.0.unwrap_or_default();
+    super::api_keys::require_not_outliving(&caller, body.expires_at, "a role it assigns")?;
     let command = UserCommand::AssignRole {
         role_id: role,
         expires_at: body.expires_at,
