@@ -13,6 +13,7 @@ use serde_json::json;
 use sqlx::PgPool;
 
 use crate::ledger::checkpoint::{describe_v2_from, Checkpoint, LogSigner, NoteError, NoteVerifier};
+use crate::ledger::checkpoint_row::{self, CheckpointRow};
 use crate::ledger::count;
 use crate::ledger::merkle::{self, Blake3, Digest, Frontier, TreeHash};
 use crate::ledger::tree;
@@ -386,18 +387,11 @@ pub async fn check_records(
     )
     .fetch_one(pool)
     .await?;
-    #[derive(sqlx::FromRow)]
-    struct Row {
-        tree_size: i64,
-        root: Vec<u8>,
-        chain_head: Vec<u8>,
-        signed_at: chrono::DateTime<chrono::Utc>,
-        note: String,
-    }
-    let mut rows = sqlx::query_as::<_, Row>(
-        "SELECT tree_size, root, chain_head, signed_at, note FROM checkpoints ORDER BY tree_size",
-    )
-    .fetch(pool);
+    let sql = format!(
+        "SELECT {} FROM checkpoints ORDER BY tree_size",
+        checkpoint_row::COLUMNS
+    );
+    let mut rows = sqlx::query_as::<_, CheckpointRow>(&sql).fetch(pool);
     let mut faults = Vec::new();
     let mut rows_total = 0;
     // The newest note of all (for a cut), and the newest within the walk (for a rewrite).
@@ -423,18 +417,7 @@ pub async fn check_records(
         let fault = match &read {
             Err(fault) => Some(fault.clone()),
             Ok(cp) => {
-                let columns: Vec<&'static str> = [
-                    (
-                        "tree_size",
-                        i64::try_from(cp.tree_size) != Ok(row.tree_size),
-                    ),
-                    ("root", row.root != cp.root),
-                    ("chain_head", row.chain_head != cp.chain_head),
-                    ("signed_at", row.signed_at != cp.time),
-                ]
-                .into_iter()
-                .filter_map(|(name, differs)| differs.then_some(name))
-                .collect();
+                let columns = row.differs_from(cp);
                 (!columns.is_empty()).then_some(RowFault::Disagrees {
                     row: row.tree_size,
                     columns,

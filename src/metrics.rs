@@ -15,6 +15,7 @@ use ledgerline_projections::{ProjectionStatus, RebuildProgress, RunError};
 use sqlx::PgPool;
 
 use crate::app::CommandError;
+use crate::ledger::checkpoint_row::{self, CheckpointRow};
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -223,8 +224,8 @@ struct Gauges {
     /// This process's clock when they were read. `recorded_at` is the writing process's
     /// clock: the lag, like the checkpoint's age, takes the hosts' clocks as in step (NTP).
     now: DateTime<Utc>,
-    /// The newest signed checkpoint: tree size and when it was signed.
-    checkpoint: Option<(i64, DateTime<Utc>)>,
+    /// The newest checkpoint row (by its `tree_size` column), read through its note.
+    checkpoint: Option<CheckpointRow>,
     /// One row per projection of the unfinished rebuild job.
     rebuilds: Vec<RebuildProgress>,
 }
@@ -247,9 +248,10 @@ async fn read_gauges(pool: &PgPool) -> Result<Gauges, RunError> {
     .fetch_all(pool)
     .await?;
     let now = Utc::now();
-    let checkpoint = sqlx::query_as(
-        "SELECT tree_size, signed_at FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
-    )
+    let checkpoint = sqlx::query_as(&format!(
+        "SELECT {} FROM checkpoints ORDER BY tree_size DESC LIMIT 1",
+        checkpoint_row::COLUMNS
+    ))
     .fetch_optional(pool)
     .await?;
     let rebuilds = ledgerline_projections::rebuild_progress(pool).await?;
@@ -390,23 +392,52 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
         }
     }
 
+    // What the newest note signs, not the columns beside it, which anyone who can write the
+    // database can set; the mismatch gauge says when they differ.
+    let newest = g.checkpoint.as_ref().map(CheckpointRow::read);
+    let signed = newest.as_ref().and_then(|(read, _)| read.as_ref().ok());
     let name = "ledgerline_checkpoint_size";
     family(
         out,
         name,
         "gauge",
-        "Tree size of the newest signed checkpoint (0 when none is signed yet)",
+        "Tree size the newest checkpoint's signed note states (0 when none is signed yet; \
+         absent when that note is no readable checkpoint)",
     );
-    sample(out, name, &[], g.checkpoint.map_or(0, |(size, _)| size));
+    match (&newest, signed) {
+        (None, _) => sample(out, name, &[], 0),
+        (Some(_), Some(cp)) => sample(out, name, &[], cp.tree_size),
+        (Some(_), None) => {}
+    }
     let name = "ledgerline_checkpoint_age_seconds";
     family(
         out,
         name,
         "gauge",
-        "Seconds since the newest signed checkpoint was signed (absent when none is)",
+        "Seconds since the time the newest checkpoint's signed note states (absent when none \
+         is signed, or that note is no readable checkpoint)",
     );
-    if let Some((_, signed_at)) = g.checkpoint {
-        sample(out, name, &[], seconds(now - signed_at));
+    if let Some(cp) = signed {
+        sample(out, name, &[], seconds(now - cp.time));
+    }
+    let name = "ledgerline_checkpoint_mismatch";
+    family(
+        out,
+        name,
+        "gauge",
+        "1 for each column of the newest checkpoint row (tree_size, root, chain_head, \
+         signed_at) that is not what its signed note states, and for note when the note is no \
+         readable checkpoint: the row was written after signing (ledgerline verify names every \
+         such row)",
+    );
+    let mismatch = newest.as_ref().map_or(&[][..], |(_, m)| m.as_slice());
+    for column in checkpoint_row::MISMATCH_NAMES {
+        sample(
+            out,
+            name,
+            &[("column", column)],
+            mismatch.contains(&column) as u8,
+        );
     }
 
     type Field = fn(&RebuildProgress, DateTime<Utc>) -> f64;

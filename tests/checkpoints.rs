@@ -182,6 +182,7 @@ async fn checkpoints_are_signed_served_and_open_with_the_served_key() {
         "the signed root is the log's"
     );
     assert_eq!(latest.body["root"], json!(hex::encode(cp.root)));
+    assert_eq!(latest.body["mismatch"], json!([]), "a row as signed");
 
     let list = t.get("/v1/ledger/checkpoints?limit=5", &t.admin_key).await;
     assert_eq!(list.status, 200);
@@ -1067,12 +1068,14 @@ async fn plain_verify_takes_what_a_checkpoint_says_from_its_signed_note() {
         "{out}"
     );
     assert!(!out.contains("--since"), "{out}");
-    // The note's own chain head edited to match as well: only its signature tells.
+    // The notes' own chain heads edited to match as well: only their signatures tell. Every
+    // row the rewrite reached, not only `n`'s: the app's maintainer may have signed one
+    // between `k` and `n` on its own (its interval is a second), which would be a MISMATCH.
     tamper(
         t.pool(),
         &[format!(
             "UPDATE checkpoints SET note = regexp_replace(note, 'chain-head [0-9a-f]+', \
-             'chain-head ' || encode(chain_head, 'hex')) WHERE tree_size = {n}"
+             'chain-head ' || encode(chain_head, 'hex')) WHERE tree_size >= {k}"
         )],
     )
     .await;
@@ -1205,6 +1208,128 @@ async fn a_checkpoint_row_altered_alone_is_named_and_not_the_events() {
         err.starts_with(&format!("FORGED: checkpoint {forged}")),
         "{err}"
     );
+}
+
+/// The value of the `/metrics` sample `series` (its name and labels as printed), if present.
+async fn metric(t: &TestApp, series: &str) -> Option<f64> {
+    let text = t
+        .client
+        .get(format!("{}/metrics", t.base))
+        .send()
+        .await
+        .expect("scraped")
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.parse().unwrap())
+}
+
+/// Sets columns of the checkpoint row of `tree_size` `size`, as a DBA can.
+async fn edit_row(t: &TestApp, size: i64, set: &str) {
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE checkpoints SET {set} WHERE tree_size = {size}"
+        )],
+    )
+    .await;
+}
+
+/// The body of `GET /v1/ledger/checkpoints?{query}`, which must answer 200.
+async fn list(t: &TestApp, query: &str) -> Value {
+    let r = t
+        .get(&format!("/v1/ledger/checkpoints?{query}"), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    r.body
+}
+
+/// A checkpoint as the API answers it, as `note` signs it.
+fn served_as(note: &str, mismatch: &[&str]) -> Value {
+    let cp = Checkpoint::parse_unverified(note).unwrap();
+    json!({
+        "tree_size": cp.tree_size,
+        "root": hex::encode(cp.root),
+        "chain_head": hex::encode(cp.chain_head),
+        "signed_at": cp.time,
+        "note": note,
+        "mismatch": mismatch,
+    })
+}
+
+/// The columns beside a checkpoint's note are the DBA's to set: the API and the metrics show
+/// what the note signs, and name the columns that are not that, or a note that is no
+/// checkpoint. Lists still page by the rows' own `tree_size` column.
+#[tokio::test]
+async fn the_api_and_the_metrics_show_what_a_note_signs_and_name_the_columns_edited() {
+    let t = TestApp::spawn().await;
+    some_history(&t).await;
+    let older = sign_now(&t).await;
+    let a = Checkpoint::parse_unverified(&older).unwrap().tree_size;
+    some_history_more(&t).await;
+    let newest = sign_now(&t).await;
+    let n = t.head().await;
+    let latest = "/v1/ledger/checkpoints/latest";
+    let mismatch = |column: &str| format!("ledgerline_checkpoint_mismatch{{column=\"{column}\"}}");
+
+    // Moved above every other row (so no maintainer signs past it meanwhile), every column
+    // but the note rewritten, the time an hour back.
+    let set = "root = decode(repeat('ab', 32), 'hex'), chain_head = decode(repeat('cd', 32), \
+               'hex'), signed_at = signed_at - interval '1 hour'";
+    edit_row(&t, n, &format!("tree_size = {n} + 1000, {set}")).await;
+    let all = ["tree_size", "root", "chain_head", "signed_at"];
+    let served = t.get(latest, &t.admin_key).await;
+    assert_eq!(served.status, 200, "{}", served.body);
+    assert_eq!(served.body, served_as(&newest, &all));
+    let listed = list(&t, &format!("tree_size={}", n + 1000)).await;
+    assert_eq!(listed["items"], json!([served_as(&newest, &all)]));
+    assert_eq!(
+        metric(&t, "ledgerline_checkpoint_size").await,
+        Some(n as f64)
+    );
+    let age = metric(&t, "ledgerline_checkpoint_age_seconds")
+        .await
+        .unwrap();
+    assert!(
+        (0.0..600.0).contains(&age),
+        "the note's time, not the column's: {age}"
+    );
+    for column in all {
+        assert_eq!(metric(&t, &mismatch(column)).await, Some(1.0), "{column}");
+    }
+    assert_eq!(metric(&t, &mismatch("note")).await, Some(0.0));
+
+    // The older row moved above it: it leads the list, showing its own note's size, and the
+    // next page starts below where the row is, not below the size its note signs.
+    edit_row(&t, a as i64, &format!("tree_size = {n} + 2000")).await;
+    let first = list(&t, "limit=1").await;
+    assert_eq!(first["items"], json!([served_as(&older, &["tree_size"])]));
+    assert_eq!(first["next_cursor"], json!(n + 2000));
+    let second = list(&t, &format!("limit=1&before_size={}", n + 2000)).await;
+    assert_eq!(second["items"], json!([served_as(&newest, &all)]));
+    assert_eq!(
+        metric(&t, "ledgerline_checkpoint_size").await,
+        Some(a as f64)
+    );
+    assert_eq!(metric(&t, &mismatch("tree_size")).await, Some(1.0));
+    assert_eq!(metric(&t, &mismatch("root")).await, Some(0.0));
+
+    // A note that is no checkpoint: nothing signed to show, and it says so.
+    edit_row(&t, n + 2000, "note = 'not a note'").await;
+    let garbled = t.get(latest, &t.admin_key).await;
+    assert_eq!(garbled.status, 200, "{}", garbled.body);
+    assert_eq!(garbled.body["mismatch"], json!(["note"]));
+    assert_eq!(garbled.body["tree_size"], json!(n + 2000));
+    assert_eq!(metric(&t, "ledgerline_checkpoint_size").await, None);
+    assert_eq!(metric(&t, "ledgerline_checkpoint_age_seconds").await, None);
+    assert_eq!(metric(&t, &mismatch("note")).await, Some(1.0));
+    assert_eq!(metric(&t, &mismatch("tree_size")).await, Some(0.0));
+    // A time no `DateTime` holds is a column that differs, not a panic.
+    edit_row(&t, n + 1000, "signed_at = 'infinity'").await;
+    let listed = list(&t, &format!("tree_size={}", n + 1000)).await;
+    assert_eq!(listed["items"], json!([served_as(&newest, &all)]));
 }
 
 /// `/readyz`'s message and the halted gauge, once the app's maintainer stopped.

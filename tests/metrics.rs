@@ -309,6 +309,14 @@ async fn commands_are_counted_by_type_and_outcome_and_gauges_match_the_ledger() 
     assert_eq!(size as f64, head);
     let age = signed.value("ledgerline_checkpoint_age_seconds", &[]);
     assert!((0.0..60.0).contains(&age), "checkpoint age {age}");
+    // A row as signed: nothing beside its note differs (tests/checkpoints.rs edits one).
+    for column in ["tree_size", "root", "chain_head", "signed_at", "note"] {
+        assert_eq!(
+            signed.value("ledgerline_checkpoint_mismatch", &[("column", column)]),
+            0.0,
+            "{column}"
+        );
+    }
 }
 
 /// `/readyz` needs no key: when the database cannot answer it, the answer says so without

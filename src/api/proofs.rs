@@ -15,6 +15,7 @@ use super::error::{ApiError, ApiResult};
 use super::extract::Query;
 use super::page;
 use crate::app::App;
+use crate::ledger::checkpoint_row::{self, CheckpointRow};
 use crate::ledger::merkle::{Blake3, TreeHash};
 use crate::ledger::tree::{self, TreeError};
 
@@ -32,33 +33,83 @@ impl From<TreeError> for ApiError {
     }
 }
 
-#[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
+/// A signed checkpoint. `tree_size`, `root`, `chain_head` and `signed_at` are what its note
+/// signs, read from the note here (its signature is the reader's to check, with the log's
+/// key): the row's columns of those names are the database's, which nothing signs.
+#[derive(Debug, Serialize, JsonSchema)]
 pub struct CheckpointView {
+    /// The tree size the note signs.
     pub tree_size: i64,
-    #[sqlx(skip)]
+    /// The Merkle root the note signs, in hex.
     pub root: String,
-    #[sqlx(skip)]
+    /// The hash of the event at `tree_size` the note signs, in hex.
     pub chain_head: String,
+    /// The time the note signs.
     pub signed_at: DateTime<Utc>,
     /// The signed note exactly as signed: what an auditor keeps.
     pub note: String,
+    /// What of the stored row is not what its note signs, empty for a row as signed: each
+    /// of its columns `tree_size`, `root`, `chain_head`, `signed_at` that differs (the row was
+    /// changed after signing; the fields above are still the note's), or `note` alone when
+    /// the note is no readable checkpoint (the fields above are then the row's columns,
+    /// which nothing signs).
+    pub mismatch: Vec<&'static str>,
+    /// The row's `tree_size` column, which names it in the server's log.
     #[serde(skip)]
-    root_bytes: Vec<u8>,
-    #[serde(skip)]
-    chain_head_bytes: Vec<u8>,
+    row_size: i64,
 }
 
-const SELECT_CHECKPOINT: &str = "SELECT tree_size, signed_at, note, root AS root_bytes, \
-     chain_head AS chain_head_bytes FROM checkpoints";
+impl From<CheckpointRow> for CheckpointView {
+    fn from(row: CheckpointRow) -> Self {
+        let (read, mismatch) = row.read();
+        let (tree_size, root, chain_head, signed_at) = match read {
+            // `read` refuses a size past `i64`.
+            Ok(cp) => (
+                cp.tree_size as i64,
+                cp.root.to_vec(),
+                cp.chain_head.to_vec(),
+                cp.time,
+            ),
+            // Nothing signed to show: the columns, which `mismatch` (`note`) says so of (and
+            // the epoch for a time `DateTime` cannot hold, stored by an edit too).
+            Err(_) => (
+                row.tree_size,
+                row.root,
+                row.chain_head,
+                row.signed_at.unwrap_or(DateTime::UNIX_EPOCH),
+            ),
+        };
+        Self {
+            tree_size,
+            root: hex::encode(root),
+            chain_head: hex::encode(chain_head),
+            signed_at,
+            note: row.note,
+            mismatch,
+            row_size: row.tree_size,
+        }
+    }
+}
 
-fn views(rows: Vec<CheckpointView>) -> Vec<CheckpointView> {
-    rows.into_iter()
-        .map(|mut c| {
-            c.root = hex::encode(&c.root_bytes);
-            c.chain_head = hex::encode(&c.chain_head_bytes);
-            c
-        })
-        .collect()
+/// Each row as its note says, and one warning for the rows that disagree with their notes:
+/// someone wrote them after signing (`ledgerline verify` names every such row).
+fn views(rows: Vec<CheckpointRow>) -> Vec<CheckpointView> {
+    let views: Vec<CheckpointView> = rows.into_iter().map(CheckpointView::from).collect();
+    let mut faulty = views.iter().filter(|v| !v.mismatch.is_empty());
+    if let Some(first) = faulty.next() {
+        tracing::warn!(
+            row = first.row_size,
+            mismatch = ?first.mismatch,
+            more_rows = faulty.count(),
+            "serving checkpoints whose rows disagree with their signed notes: the answer shows \
+             what the notes sign"
+        );
+    }
+    views
+}
+
+fn select_checkpoints() -> String {
+    format!("SELECT {} FROM checkpoints", checkpoint_row::COLUMNS)
 }
 
 pub async fn latest(
@@ -67,7 +118,8 @@ pub async fn latest(
 ) -> ApiResult<axum::Json<CheckpointView>> {
     caller.require(Permission::LedgerRead)?;
     let rows = sqlx::query_as(&format!(
-        "{SELECT_CHECKPOINT} ORDER BY tree_size DESC LIMIT 1"
+        "{} ORDER BY tree_size DESC LIMIT 1",
+        select_checkpoints()
     ))
     .fetch_all(&app.pool)
     .await?;
@@ -80,9 +132,10 @@ pub async fn latest(
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointsQuery {
-    /// Only checkpoints of a smaller tree (the `next_cursor` of the previous page).
+    /// Only rows of a smaller `tree_size` column (the `next_cursor` of the previous page).
     before_size: Option<i64>,
-    /// Exactly this size.
+    /// Only the row of this `tree_size` column: its note signs that size unless the item's
+    /// `mismatch` names `tree_size`.
     tree_size: Option<i64>,
     limit: Option<i64>,
 }
@@ -95,18 +148,19 @@ pub async fn list(
 ) -> ApiResult<axum::Json<PageOf<CheckpointView>>> {
     caller.require(Permission::LedgerRead)?;
     let limit = page::limit(q.limit, 100, 1000)?;
-    let rows: Vec<CheckpointView> = sqlx::query_as(&format!(
-        "{SELECT_CHECKPOINT} WHERE ($1::bigint IS NULL OR tree_size < $1) \
-         AND ($2::bigint IS NULL OR tree_size = $2) ORDER BY tree_size DESC LIMIT $3"
+    let mut rows: Vec<CheckpointRow> = sqlx::query_as(&format!(
+        "{} WHERE ($1::bigint IS NULL OR tree_size < $1) \
+         AND ($2::bigint IS NULL OR tree_size = $2) ORDER BY tree_size DESC LIMIT $3",
+        select_checkpoints()
     ))
     .bind(q.before_size)
     .bind(q.tree_size)
     .bind(limit + 1)
     .fetch_all(&app.pool)
     .await?;
-    let mut items = views(rows);
-    let next_cursor = page::cut(&mut items, limit, |c| c.tree_size);
-    Ok(page::answer(items, next_cursor))
+    // The rows' own key: a row whose note signs another size is still where the table has it.
+    let next_cursor = page::cut(&mut rows, limit, |r| r.tree_size);
+    Ok(page::answer(views(rows), next_cursor))
 }
 
 fn size_param(value: Option<i64>, name: &str) -> ApiResult<u64> {

@@ -168,12 +168,11 @@ impl Checkpoint {
 
     /// A whole signed note's claims, its signature NOT checked: for comparing what a note says
     /// with what is stored beside it, or to find the size a proof is wanted for. Whoever relies
-    /// on the claims opens the note with [`NoteVerifier::open`].
+    /// on the claims opens the note with [`NoteVerifier::open`]. Split as `open` splits it, so
+    /// what it refuses in form (control characters) no reader takes either.
     pub fn parse_unverified(note: &str) -> Result<Checkpoint, NoteError> {
-        let split = note.find("\n\n").ok_or_else(|| {
-            NoteError::Malformed("not a signed note: no blank line before the signatures".into())
-        })?;
-        Checkpoint::parse_text(&note[..=split])
+        let (text, _) = split_note(note)?;
+        Checkpoint::parse_text(text)
     }
 }
 
@@ -408,11 +407,17 @@ fn keep_file(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     file.sync_all()
 }
 
-/// Key names may not contain spaces or `+` (they appear in signature lines and key texts).
+/// Key names may not contain spaces or `+` (they appear in signature lines and key texts),
+/// nor control characters, which no note may hold: a key of such a name could sign notes
+/// that no reader takes.
 fn check_name(name: &str) -> Result<(), NoteError> {
-    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c == '+') {
+    if name.is_empty()
+        || name
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '+')
+    {
         return Err(NoteError::BadKey(format!(
-            "the log name `{name}` must be non-empty, without spaces or `+`"
+            "the log name {name:?} must be non-empty, without spaces, control characters or `+`"
         )));
     }
     Ok(())
@@ -531,11 +536,12 @@ impl NoteVerifier {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use chrono::TimeZone;
 
-    fn checkpoint() -> Checkpoint {
+    /// A checkpoint of 42 events, for tests here and of what reads checkpoints.
+    pub(crate) fn checkpoint() -> Checkpoint {
         Checkpoint {
             origin: "ledgerline.test/log".into(),
             tree_size: 42,
@@ -684,6 +690,36 @@ mod tests {
         assert!(LogSigner::from_hex("a.test/log", "abcd").is_err());
         let again = LogSigner::from_hex("a.test/log", &signer.seed_hex()).unwrap();
         assert_eq!(again.verifier(), signer.verifier());
+    }
+
+    /// `parse_unverified` reads a note as `open` does: what it takes in form, so does the
+    /// other, and only the signature tells them apart.
+    #[test]
+    fn an_unverified_note_is_split_as_an_opened_one() {
+        let signer = LogSigner::generate("ledgerline.test/log").unwrap();
+        let note = signer.sign(&checkpoint());
+        assert_eq!(Checkpoint::parse_unverified(&note).unwrap(), checkpoint());
+        let saved = format!("{note}\n");
+        assert_eq!(Checkpoint::parse_unverified(&saved).unwrap(), checkpoint());
+        let (text, signatures) = note.split_once("\n\n").unwrap();
+        for damaged in [
+            format!("{text}\n\n\u{7}{signatures}"),
+            format!("{text}\n\n{}\r\n", signatures.trim_end()),
+            format!("{}\u{0}\n\n{signatures}", text),
+            note.replacen("ledgerline.test/log\n", "ledgerline.test/log\u{1b}\n", 1),
+        ] {
+            assert_eq!(
+                Checkpoint::parse_unverified(&damaged),
+                Err(NoteError::Malformed("control characters".into())),
+                "{damaged:?}"
+            );
+            assert_eq!(
+                signer.verifier().open(&damaged),
+                Err(NoteError::Malformed("control characters".into()))
+            );
+        }
+        // No log can sign such a note: its name may not hold one either.
+        assert!(LogSigner::generate("ledgerline.test/\u{1}log").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! The ledger: the append-only, hash-chained event log and the cqrs-es wiring around it.
 
 pub mod checkpoint;
+pub mod checkpoint_row;
 mod claim_book;
 pub mod claims_check;
 mod copy_binary;
