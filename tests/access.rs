@@ -64,13 +64,22 @@ async fn key_id(t: &TestApp, secret: &str) -> Uuid {
 
 /// Creates a custom role in `org` as the platform operator; returns its id.
 async fn create_role(t: &TestApp, org: Uuid, name: &str, permissions: &[&str]) -> Uuid {
-    let r = t
-        .post(
-            &org_path(org, "/roles"),
-            &t.admin_key,
-            json!({"name": name, "permissions": permissions}),
-        )
-        .await;
+    create_role_under(t, org, name, permissions, None).await
+}
+
+/// [`create_role`], inheriting from `parent` when given.
+async fn create_role_under(
+    t: &TestApp,
+    org: Uuid,
+    name: &str,
+    permissions: &[&str],
+    parent: Option<Uuid>,
+) -> Uuid {
+    let mut body = json!({"name": name, "permissions": permissions});
+    if let Some(parent) = parent {
+        body["parent_role_id"] = json!(parent);
+    }
+    let r = t.post(&org_path(org, "/roles"), &t.admin_key, body).await;
     assert_eq!(r.status, 201, "create role: {}", r.body);
     r.body["id"].as_str().unwrap().parse().unwrap()
 }
@@ -1574,6 +1583,120 @@ async fn revoking_a_key_that_holds_more_than_the_revoker_is_403() {
         .member_with_key(org, "owner", "owner2@revokers.example")
         .await;
     let r = t.post(&revoke(admins), &owner_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// A key for a user acts as them: its commands are recorded as theirs, and it revokes their
+/// keys as their own. So only a key holding everything a user's roles grant (inheritance
+/// included) issues or rotates one of theirs: else a service key with an admin's permissions,
+/// refused the owner's key itself, would mint an owner's key listing `keys:write` and revoke
+/// the owner's key with it, in the owner's name.
+#[tokio::test]
+async fn only_a_key_holding_all_a_users_roles_grant_issues_or_rotates_their_keys() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Provisioners").await;
+    let (olga, olga_key) = t
+        .member_with_key(org, "owner", "olga@provisioners.example")
+        .await;
+    let olgas = key_id(&t, &olga_key).await;
+    let (_, svc) = issued(
+        &t,
+        org,
+        json!({"label": "admin desk", "permissions": role_permissions("admin")}),
+    )
+    .await;
+    let (_, narrow) = issued(
+        &t,
+        org,
+        json!({"label": "olga's key desk", "permissions": ["keys:write"], "user_id": olga}),
+    )
+    .await;
+    let narrows = key_id(&t, &narrow).await;
+    // Olga's deputy holds nothing but what the owner role gives the role she holds.
+    let owner_role = t.role_id(org, "owner").await;
+    let deputy_role = create_role_under(&t, org, "deputy", &[], Some(owner_role)).await;
+    let deputy = t.invite(org, "dora@provisioners.example", "Dora").await;
+    t.assign(org, deputy, deputy_role).await;
+    let revoke = |id: Uuid| org_path(org, &format!("/api-keys/{id}/revoke"));
+    let rotate = |id: Uuid| org_path(org, &format!("/api-keys/{id}/rotate"));
+    let r = t.post(&revoke(olgas), &svc, json!({})).await;
+    assert_error_says(
+        &r,
+        403,
+        "cannot revoke a key that holds permissions this key does not",
+    );
+
+    let before = t.head().await;
+    for user in [olga, deputy] {
+        let r = issue_key(
+            &t,
+            org,
+            &svc,
+            json!({"label": "as olga", "permissions": ["keys:write", "keys:read"], "user_id": user}),
+        )
+        .await;
+        assert_error_says(
+            &r,
+            403,
+            &format!(
+                "cannot issue a key for user {user}: their roles grant permissions this key \
+                 does not hold: organizations:write, users:erase, ledger:read"
+            ),
+        );
+    }
+    // Rotating hands over a fresh secret: of Olga's key that lists only what the admin holds,
+    // it would be a key acting as Olga all the same.
+    let r = t.post(&rotate(narrows), &svc, json!({})).await;
+    assert_error_says(&r, 403, &format!("cannot rotate a key for user {olga}"));
+    assert_eq!(t.head().await, before, "a refusal appends nothing");
+    for key in [&olga_key, &narrow] {
+        assert_eq!(t.get("/v1/me", key).await.status, 200, "Olga's keys work");
+    }
+
+    // The controls: the admin's key provisions and rotates a member's keys; a service key
+    // with the owner's permissions, and the platform operator's, provision Olga's.
+    let mia = t.invite(org, "mia@provisioners.example", "Mia").await;
+    t.assign(org, mia, t.role_id(org, "member").await).await;
+    let r = issue_key(
+        &t,
+        org,
+        &svc,
+        json!({"label": "mia chat", "permissions": role_permissions("member"), "user_id": mia}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let mias = r.body["id"].as_str().unwrap().parse().unwrap();
+    let r = t.post(&rotate(mias), &svc, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (_, owner_desk) = issued(
+        &t,
+        org,
+        json!({"label": "owner desk", "permissions": role_permissions("owner")}),
+    )
+    .await;
+    for issuer in [&owner_desk, &t.admin_key] {
+        let r = issue_key(
+            &t,
+            org,
+            issuer,
+            json!({"label": "olga's", "permissions": ["keys:write", "keys:read"], "user_id": olga}),
+        )
+        .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    // Olga's own key, however narrow, makes her keys: it acts as her already.
+    let r = issue_key(
+        &t,
+        org,
+        &narrow,
+        json!({"label": "olga's spare", "permissions": ["keys:write"], "user_id": olga}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let spare = r.body["id"].as_str().unwrap().parse().unwrap();
+    let r = t.post(&rotate(spare), &narrow, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.post(&rotate(narrows), &owner_desk, json!({})).await;
     assert_eq!(r.status, 200, "{}", r.body);
 }
 

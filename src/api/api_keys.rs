@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::answers::PageOf;
-use super::auth::Caller;
+use super::auth::{self, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
@@ -109,6 +109,7 @@ pub async fn issue(
                 "keys can be issued only for active users",
             ));
         }
+        require_standing(&app, &caller, user, "issue").await?;
     }
     let id = Uuid::new_v4();
     let secret = keys::generate();
@@ -192,6 +193,27 @@ pub(super) fn require_not_outliving(
     }
 }
 
+/// A key for `user` acts as them: the log records its commands as theirs, and it revokes
+/// their other keys as their own. So a key of another user or a service key makes one only if
+/// it holds everything `user`'s roles grant (inheritance included), as it would to deactivate
+/// them: an `admin` provisions a member's keys, not the owner's, and cannot act as the owner
+/// through one. What the new key lists is bounded by the caller's hold as well (the aggregate
+/// checks it), but that alone would let an admin mint an owner's key listing `keys:write`.
+async fn require_standing(app: &App, caller: &Caller, user: Uuid, verb: &str) -> ApiResult<()> {
+    // The platform operator's key holds everything: no need to read (or wait for) the roles.
+    if caller.user_id == Some(user) || caller.is_platform_admin() {
+        return Ok(());
+    }
+    let held = auth::user_permissions(&app.pool, user).await?;
+    require_holds(caller, &held, |missing| {
+        format!(
+            "cannot {verb} a key for user {user}: their roles grant permissions this key does \
+             not hold: {missing} (a key acting as a user is made only by that user or by a key \
+             holding all their roles grant)"
+        )
+    })
+}
+
 /// 403 unless the caller holds every permission `key` lists (what holding its secret gives,
 /// at most): revoking takes that away, and rotating hands it over.
 fn require_holds_all(caller: &Caller, key: &ApiKeyView, verb: &str) -> ApiResult<()> {
@@ -200,14 +222,20 @@ fn require_holds_all(caller: &Caller, key: &ApiKeyView, verb: &str) -> ApiResult
         .iter()
         .filter_map(|p| p.parse().ok())
         .collect();
-    let missing = permissions::missing(&caller.permissions, &listed);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(ApiError::forbidden(format!(
-            "cannot {verb} a key that holds permissions this key does not: {}",
-            permissions::list(&missing)
-        )))
+    require_holds(caller, &listed, |missing| {
+        format!("cannot {verb} a key that holds permissions this key does not: {missing}")
+    })
+}
+
+/// 403 unless the caller holds all of `wanted`; `refusal` words it from the missing ones' list.
+fn require_holds(
+    caller: &Caller,
+    wanted: &PermissionSet,
+    refusal: impl FnOnce(String) -> String,
+) -> ApiResult<()> {
+    match permissions::missing(&caller.permissions, wanted) {
+        missing if missing.is_empty() => Ok(()),
+        missing => Err(ApiError::forbidden(refusal(permissions::list(&missing)))),
     }
 }
 
@@ -245,7 +273,8 @@ pub async fn revoke(
     let current = find(&app, org, key).await?;
     // Taking away only what it could give, as with roles and users: else an admin's key, or
     // one holding only `keys:write`, could revoke every key of the owner. A user's own keys
-    // are theirs to revoke.
+    // are theirs to revoke, those someone else issued them too: only a key that could act
+    // as that user may make one (`require_standing`).
     let own = caller.user_id.is_some() && current.user_id == caller.user_id;
     if !own {
         require_holds_all(&caller, &current, "revoke")?;
@@ -268,8 +297,12 @@ pub async fn rotate(
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;
     // Holding a fresh secret is holding the key's powers: no more than the caller's own, and
-    // for a user key only its own user's (a fresh secret is as good as a new key).
+    // for a user key only its own user's (a fresh secret is as good as a new key); another
+    // user's key, only with the standing to issue them one.
     require_own_user(&caller, current.user_id, "rotate")?;
+    if let Some(user) = current.user_id {
+        require_standing(&app, &caller, user, "rotate").await?;
+    }
     require_holds_all(&caller, &current, "rotate")?;
     require_not_outliving(&caller, current.expires_at, "a key it may rotate")?;
     let secret = keys::generate();
