@@ -1508,6 +1508,112 @@ async fn invalid_role_assignment_is_refused() {
     .await;
 }
 
+/// The `expires_at` the log holds for `event_type` of aggregate `id` (its newest).
+async fn logged_expiry(t: &TestApp, id: Uuid, event_type: &str) -> Value {
+    let (payload,): (Value,) = sqlx::query_as(
+        "SELECT payload::jsonb FROM events WHERE aggregate_id = $1 AND event_type = $2 \
+         ORDER BY position DESC LIMIT 1",
+    )
+    .bind(id.to_string())
+    .bind(event_type)
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    payload[event_type]["expires_at"].clone()
+}
+
+fn instant(text: &Value) -> chrono::DateTime<chrono::Utc> {
+    text.as_str()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .unwrap_or_else(|| panic!("a time: {text}"))
+        .into()
+}
+
+/// An expiry differing from the assignment's only below the microsecond is the same expiry
+/// (the read models, and so every answer, keep microseconds): assigning it again changes
+/// nothing and is refused as the other no-ops are, and the log keeps what the answers show.
+#[tokio::test]
+async fn an_expiry_differing_only_in_nanoseconds_changes_nothing() {
+    let f = fixture().await;
+    let (t, org, user, role) = (&f.t, f.org, f.user, f.role);
+    let path = org_path(org, &format!("/users/{user}/roles/{role}"));
+    let r = t
+        .put(
+            &path,
+            &t.admin_key,
+            json!({"expires_at": "2030-06-01T07:00:00Z"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = refused(
+        t,
+        Method::PUT,
+        &path,
+        json!({"expires_at": "2030-06-01T07:00:00.000000001Z"}),
+        422,
+    )
+    .await;
+    assert_error_says(&r, 422, "nothing to change");
+
+    // Sent with nanoseconds first, kept to the microsecond in the log too.
+    let r = t
+        .put(
+            &path,
+            &t.admin_key,
+            json!({"expires_at": "2030-06-01T07:00:00.123456789Z"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let micros = instant(&json!("2030-06-01T07:00:00.123456Z"));
+    assert_eq!(
+        instant(&r.body["items"][0]["expires_at"]),
+        micros,
+        "{}",
+        r.body
+    );
+    assert_eq!(
+        instant(&logged_expiry(t, user, "UserRoleAssigned").await),
+        micros
+    );
+    refused(
+        t,
+        Method::PUT,
+        &path,
+        json!({"expires_at": "2030-06-01T07:00:00.123456Z"}),
+        422,
+    )
+    .await;
+}
+
+/// A key's expiry sent with nanoseconds is kept to the microsecond: the log holds the time
+/// every answer shows, not a finer one.
+#[tokio::test]
+async fn a_key_expiry_is_kept_to_the_microsecond() {
+    let f = fixture().await;
+    let (t, org) = (&f.t, f.org);
+    let r = t
+        .post(
+            &org_path(org, "/api-keys"),
+            &t.admin_key,
+            json!({"label": "k", "permissions": ["users:read"],
+                   "expires_at": "2030-06-01T07:00:00.123456789Z"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let key: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    let micros = instant(&json!("2030-06-01T07:00:00.123456Z"));
+    assert_eq!(instant(&r.body["expires_at"]), micros, "{}", r.body);
+    assert_eq!(
+        instant(&logged_expiry(t, key, "ApiKeyIssued").await),
+        micros
+    );
+    let r = t
+        .get(&org_path(org, &format!("/api-keys/{key}")), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(instant(&r.body["expires_at"]), micros, "{}", r.body);
+}
+
 #[tokio::test]
 async fn updates_that_change_nothing_are_422() {
     let f = fixture().await;

@@ -1026,6 +1026,90 @@ async fn auditor_reads_audit_events_ledger_and_history() {
     }
 }
 
+/// What a key did is asked of its id (`actor_key`), a service key's too, which acts for no
+/// user and so matches no `actor`. A key's id given as `actor`, or a user's as `actor_key`,
+/// is refused naming the right filter: an empty trail would read as "it did nothing".
+#[tokio::test]
+async fn audit_events_filter_by_the_acting_key() {
+    let a = &audited("Key Actor").await;
+    let audit = |query: String| async move {
+        a.t.get(&a.path(&format!("/audit-events?{query}")), &a.auditor_key)
+            .await
+    };
+    let items = |r: Response| {
+        assert_eq!(r.status, 200, "{}", r.body);
+        r.body["items"].as_array().unwrap().clone()
+    };
+    let r =
+        a.t.post(
+            &a.path("/api-keys"),
+            &a.t.admin_key,
+            json!({"label": "sync", "permissions": ["users:read", "users:write"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let service_id = id_of(&r);
+    let service = r.body["secret"].as_str().unwrap().to_string();
+    let mut invited = Vec::new();
+    for i in 0..3 {
+        let r =
+            a.t.post(
+                &a.path("/users"),
+                &service,
+                json!({"email": format!("s{i}@audited.example"), "full_name": "Synced"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        invited.push(json!(id_of(&r)));
+    }
+    let by_owner = a.invite("o@audited.example", "By Owner").await;
+
+    // Every event of the service key, in pages of two, and nothing else.
+    let mut seen = Vec::new();
+    let mut query = format!("actor_key={service_id}&order=asc&limit=2");
+    for pages in 1.. {
+        let r = audit(query.clone()).await;
+        let next = r.body["next_cursor"].as_i64();
+        for item in items(r) {
+            assert_eq!(item["actor_key_id"], json!(service_id), "{item}");
+            assert_eq!(item["actor_user_id"], Value::Null, "{item}");
+            assert_eq!(item["event_type"], "UserInvited", "{item}");
+            seen.push(item["aggregate_id"].clone());
+        }
+        match next {
+            Some(c) => query = format!("{query}&cursor={c}"),
+            None => {
+                assert_eq!(pages, 2, "three events in pages of two");
+                break;
+            }
+        }
+    }
+    assert_eq!(seen, invited);
+
+    // The owner's key: the owner's invitation, none of the service key's; with `actor`
+    // too, both must match.
+    let owners = items(audit(format!("actor_key={}", a.owner_key_id)).await);
+    assert_eq!(owners.len(), 1, "{owners:?}");
+    assert_eq!(owners[0]["aggregate_id"], json!(by_owner));
+    let both = audit(format!("actor={}&actor_key={service_id}", a.owner)).await;
+    assert_eq!(items(both), Vec::<Value>::new());
+
+    // A key's id as `actor`: the organization's own keys, and the platform operator's key,
+    // which is no organization's but acted in this one (it made it).
+    let admin_key_id = key_id(&a.t, &a.t.admin_key).await;
+    for key in [service_id, a.owner_key_id, admin_key_id] {
+        let r = audit(format!("actor={key}")).await;
+        assert_error_says(&r, 400, &format!("is an API key's: use actor_key={key}"));
+    }
+    // A user's id as `actor_key`; as `actor`, it still answers that user's events.
+    let r = audit(format!("actor_key={}", a.owner)).await;
+    assert_error_says(&r, 400, &format!("is a user's: use actor={}", a.owner));
+    assert_eq!(items(audit(format!("actor={}", a.owner)).await).len(), 1);
+    // An id the organization does not know is no one's here: an empty trail.
+    let unknown = audit(format!("actor_key={}", Uuid::new_v4())).await;
+    assert_eq!(items(unknown), Vec::<Value>::new());
+}
+
 /// Routes of others' work in progress (checkpoints, proofs, exports) are left to them.
 fn owned_elsewhere(path: &str) -> bool {
     ["checkpoint", "proof", "export"]

@@ -83,6 +83,8 @@ pub struct IssueKey {
     permissions: PermissionSet,
     /// The user the key acts as; omitted for a service key.
     user_id: Option<Uuid>,
+    /// Kept to the microsecond: finer digits are dropped.
+    #[serde(default, deserialize_with = "super::extract::micros")]
     expires_at: Option<DateTime<Utc>>,
 }
 

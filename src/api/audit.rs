@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::answers::PageOf;
 use super::auth::Caller;
-use super::error::ApiResult;
+use super::error::{ApiError, ApiResult};
 use super::extract::{Path, Query};
 use super::{history, organizations, page};
 use crate::app::App;
@@ -69,8 +69,12 @@ pub enum Order {
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
-    /// The acting user's id.
+    /// The acting user's id (`actor_user_id`). An API key's id is refused (400): see
+    /// `actor_key`.
     actor: Option<Uuid>,
+    /// The acting API key's id (`actor_key_id`): what a key did, a service key's included,
+    /// which acts for no user. A user's id is refused (400): see `actor`.
+    actor_key: Option<Uuid>,
     /// An event type exactly as the events name it, e.g. `UserInvited`.
     event_type: Option<String>,
     /// The entity type: `organization`, `user`, `role`, `api_key`, `conversation` or
@@ -86,6 +90,47 @@ pub struct AuditQuery {
     limit: Option<i64>,
 }
 
+/// Refuses (400) an `actor` that is an API key's id and an `actor_key` that is a user's:
+/// either would match no event, and an empty trail reads as "it did nothing" to an auditor
+/// asking what a leaked key did. Known is what the organization's read models hold: its own
+/// users and keys, or any that acted in it (the platform operator's key among them).
+async fn require_right_kinds(
+    app: &App,
+    org: Uuid,
+    actor: Option<Uuid>,
+    actor_key: Option<Uuid>,
+) -> ApiResult<()> {
+    if actor.is_none() && actor_key.is_none() {
+        return Ok(());
+    }
+    let (actor_is_key, key_is_user): (bool, bool) = sqlx::query_as(
+        "SELECT $2::uuid IS NOT NULL AND ( \
+                    EXISTS (SELECT 1 FROM api_keys WHERE organization_id = $1 AND id = $2) \
+                    OR EXISTS (SELECT 1 FROM audit_events \
+                               WHERE organization_id = $1 AND actor_key_id = $2)), \
+                $3::uuid IS NOT NULL AND ( \
+                    EXISTS (SELECT 1 FROM users WHERE organization_id = $1 AND id = $3) \
+                    OR EXISTS (SELECT 1 FROM audit_events \
+                               WHERE organization_id = $1 AND actor_user_id = $3))",
+    )
+    .bind(org)
+    .bind(actor)
+    .bind(actor_key)
+    .fetch_one(&app.pool)
+    .await?;
+    if let (true, Some(id)) = (actor_is_key, actor) {
+        return Err(ApiError::bad_request(format!(
+            "actor takes a user's id, and {id} is an API key's: use actor_key={id}"
+        )));
+    }
+    if let (true, Some(id)) = (key_is_user, actor_key) {
+        return Err(ApiError::bad_request(format!(
+            "actor_key takes an API key's id, and {id} is a user's: use actor={id}"
+        )));
+    }
+    Ok(())
+}
+
 pub async fn list(
     State(app): State<App>,
     caller: Caller,
@@ -95,6 +140,7 @@ pub async fn list(
     caller.require_in(org, Permission::AuditRead)?;
     organizations::require_exists(&app, &caller, org).await?;
     let limit = page::limit(q.limit, 100, MAX_PAGE)?;
+    require_right_kinds(&app, org, q.actor, q.actor_key).await?;
     let mut sql: QueryBuilder<Postgres> = QueryBuilder::new(
         "SELECT position, organization_id, actor_kind, actor_user_id, actor_key_id, event_type, aggregate_type,
                 aggregate_id, sequence, event_data, request_id,
@@ -111,6 +157,9 @@ pub async fn list(
     sql.push_bind(org);
     if let Some(a) = q.actor {
         sql.push(" AND actor_user_id = ").push_bind(a);
+    }
+    if let Some(k) = q.actor_key {
+        sql.push(" AND actor_key_id = ").push_bind(k);
     }
     if let Some(t) = q.event_type {
         sql.push(" AND event_type = ").push_bind(t);

@@ -6,11 +6,14 @@ use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
 use ledgerline_aggregates::validate;
 use serde::de::{DeserializeOwned, IgnoredAny};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::ApiError;
+use crate::ledger::hash::truncate_to_micros;
 
 /// `axum::Json` with our errors: 400 for syntax, 422 for shape (or a NUL character), 413 for
 /// size, 415 for type.
@@ -124,6 +127,18 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         )));
     }
     Ok(value)
+}
+
+/// A time in a body that is stored (an assignment's or a key's expiry), kept to the
+/// microsecond: `#[serde(default, deserialize_with = "super::extract::micros")]` on an
+/// `Option<DateTime<Utc>>`. The log keeps what the command carried and the read models
+/// microseconds (PostgreSQL's `timestamptz`), so nanoseconds would make the log hold another
+/// time than every answer shows, and a command differing only in them would not be seen as
+/// changing nothing. Truncated rather than refused: clients that format times with nine
+/// digits (Go's RFC3339Nano, Java's Instant) would otherwise be refused for a precision no
+/// answer ever showed.
+pub fn micros<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<DateTime<Utc>>, D::Error> {
+    Ok(Option::<DateTime<Utc>>::deserialize(d)?.map(truncate_to_micros))
 }
 
 /// The first integer in a JSON text (one that parsed) that no `i64` or `u64` holds.

@@ -327,6 +327,7 @@ mod tests {
             [
                 "org",
                 "actor",
+                "actor_key",
                 "aggregate_id",
                 "aggregate_type",
                 "cursor",

@@ -304,6 +304,7 @@ pub async fn delete(
 #[derive(Debug, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Assign {
+    #[serde(default, deserialize_with = "super::extract::micros")]
     expires_at: Option<DateTime<Utc>>,
     reason: Option<String>,
 }
