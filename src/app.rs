@@ -40,7 +40,8 @@ fn mark_unless_reached(projector: &ProjectorHandle, position: i64) {
 /// Who issued a command and how; becomes every event's metadata.
 #[derive(Debug, Clone, Default)]
 pub struct Actor {
-    /// `api_key` for requests, `cli:<command>` for the CLI.
+    /// `api_key` for requests, `cli:<command>` for the CLI, `system:<cause>` for what the
+    /// system appends as a request's consequence (`api::departures`).
     pub kind: String,
     pub user_id: Option<Uuid>,
     pub key_id: Option<Uuid>,

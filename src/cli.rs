@@ -195,22 +195,19 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     }
     let app = App::with_projector(pool, vault, Some(args.projector.projector()));
     app.start_log(std::sync::Arc::new(signer), policy);
-    // In the background: its commands may wait for read models that are catching up, and
-    // start-up must still answer signals. Not a reason to refuse to serve: logged, and tried
-    // again at the next start.
+    // The repairs of work cut off before (in the background: their commands may wait for
+    // read models that are catching up, and start-up must still answer signals). Not a
+    // reason to refuse to serve: logged, and tried again at the next start.
     let completing = app.clone();
     tokio::spawn(async move {
-        match api::organizations::complete_interrupted(&completing).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(
-                organizations = n,
-                "completed interrupted organization creations"
-            ),
-            Err(e) => tracing::warn!(
-                error = e.message,
-                "could not complete interrupted organization creations"
-            ),
-        }
+        finished_at_start(
+            "interrupted organization creations",
+            api::organizations::complete_interrupted(&completing).await,
+        );
+        finished_at_start(
+            "the conversations of erased or deactivated users",
+            api::departures::settle_all(&completing).await,
+        );
     });
     tracing::info!(address = %listener.local_addr()?, "ledgerline serving");
     let served = axum::serve(
@@ -223,6 +220,16 @@ async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow
     // Also when serving failed: the leases go back at once either way.
     app.shutdown().await;
     served.context("serving HTTP")
+}
+
+/// Logs what a repair `serve` runs as it starts did: `n` things made whole, or why it could
+/// not (tried again at the next start).
+fn finished_at_start(what: &str, done: Result<usize, api::error::ApiError>) {
+    match done {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(count = n, "completed {what}"),
+        Err(e) => tracing::warn!(error = e.message, "could not complete {what}"),
+    }
 }
 
 /// SIGINT and SIGTERM, caught from the moment `serve` starts: one arriving while it starts its

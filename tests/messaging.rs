@@ -1287,8 +1287,9 @@ async fn a_role_goes_only_to_an_active_user() {
     }
     let view = c.conversation(&c.alice.1, conv).await;
     assert_eq!(view.body["me"]["role"], "owner", "Alice still owns it");
-    // Removing an inactive participant stays possible.
-    assert_eq!(c.t.delete(&p(c.carol.0), &c.alice.1).await.status, 204);
+    // Removing an inactive participant stays possible; the erased one left with her erasure.
+    assert_eq!(c.t.delete(&p(c.bob.0), &c.alice.1).await.status, 204);
+    assert_error(&c.t.delete(&p(c.carol.0), &c.alice.1).await, 404);
 }
 
 #[tokio::test]

@@ -3,7 +3,9 @@
 
 /// The organization the event belongs to; absent for platform events.
 pub const ORGANIZATION_ID: &str = "organization_id";
-/// `api_key` for requests, `cli:bootstrap` (or another `cli:` command) for the CLI.
+/// `api_key` for requests, `cli:bootstrap` (or another `cli:` command) for the CLI,
+/// `system:erasure` (or another `system:` cause) for what the system appends as a request's
+/// consequence, with that request's actor and id.
 pub const ACTOR_KIND: &str = "actor_kind";
 pub const ACTOR_USER_ID: &str = "actor_user_id";
 pub const ACTOR_KEY_ID: &str = "actor_key_id";

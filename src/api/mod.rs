@@ -26,6 +26,7 @@ pub mod api_keys;
 pub mod audit;
 pub mod auth;
 pub mod conversations;
+pub mod departures;
 pub mod error;
 pub mod extract;
 pub mod history;

@@ -14,6 +14,7 @@ use uuid::Uuid;
 
 use super::answers::PageOf;
 use super::auth::Caller;
+use super::departures;
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
@@ -257,9 +258,18 @@ async fn change_status(
     find(app, org, user).await?;
     holds_all_they_hold(app, caller, user).await?;
     // Reactivating takes nothing away; the lock is only for what could.
-    let loss = matches!(command, UserCommand::Deactivate { .. }).then_some(Loss::User(user));
+    let deactivating = matches!(command, UserCommand::Deactivate { .. });
+    let loss = deactivating.then_some(Loss::User(user));
     let change = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
-    keeping_an_owner(app, org, loss, change).await?;
+    let outcome = keeping_an_owner(app, org, loss, change).await;
+    if deactivating {
+        // Outside the organization's turn (its owners are not the conversations'), and also
+        // after a refusal: a retry ("already deactivated") finishes a handing on cut off
+        // before. In a task of its own, so a client hanging up does not stop it halfway.
+        let app = app.clone();
+        super::to_the_end(async move { departures::settle(&app, org, user).await }).await?;
+    }
+    outcome?;
     Ok(axum::Json(find(app, org, user).await?))
 }
 
@@ -305,7 +315,12 @@ pub async fn erase(
                 }
                 outcome.map_err(ApiError::from)
             };
-            keeping_an_owner(&app, org, Some(Loss::User(user)), erase).await
+            let outcome = keeping_an_owner(&app, org, Some(Loss::User(user)), erase).await;
+            // The erased user leaves their conversations, after the organization's turn (its
+            // owners are not the conversations'); also after a retry refused as "already
+            // erased", which so finishes an erasure cut off before.
+            departures::settle(&app, org, user).await?;
+            outcome
         })
     };
     erasure.await?;

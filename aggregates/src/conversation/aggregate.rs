@@ -9,7 +9,7 @@ use uuid::Uuid;
 
 use super::{
     ConversationActor, ConversationCommand, ConversationEvent, ConversationKind, ConversationSpec,
-    Member, ParticipantRole,
+    Departure, Member, ParticipantRole,
 };
 use crate::{validate, Rejection};
 
@@ -29,8 +29,17 @@ pub struct Conversation {
     kind: Option<ConversationKind>,
     spec: Option<ConversationSpec>,
     archived: bool,
+    /// `None` once an erased owner left with no one able to take over (a service key
+    /// gives the conversation a new one).
     owner: Option<Uuid>,
     participants: BTreeMap<Uuid, Participant>,
+    /// When each participant joined, counted in joins (at creation: as listed, the owner
+    /// first): whom ownership passes to when its owner withdraws. Bookkeeping, not a fact:
+    /// left out of the state the history shows (the state is never stored).
+    #[serde(skip)]
+    joined: BTreeMap<Uuid, u64>,
+    #[serde(skip)]
+    joins: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -98,6 +107,10 @@ pub enum ConversationError {
     AlreadyMuted,
     #[error("the participant has not muted the conversation")]
     NotMuted,
+    #[error("user {0} does not own the conversation: there is no ownership to pass on")]
+    NotOwnedBy(Uuid),
+    #[error("no other participant who can act can take the conversation's ownership over")]
+    NoSuccessor,
 }
 
 impl ConversationError {
@@ -125,7 +138,9 @@ impl ConversationError {
             | Self::AlreadyParticipant(_)
             | Self::OwnerCannotLeave
             | Self::OwnerCannotBeRemoved
-            | Self::OwnerRoleChange => Rejection::Conflict,
+            | Self::OwnerRoleChange
+            | Self::NotOwnedBy(_)
+            | Self::NoSuccessor => Rejection::Conflict,
             Self::NotModerator
             | Self::NotOwner
             | Self::AdminRemovesAdmin
@@ -237,6 +252,24 @@ impl Conversation {
             .ok_or(ConversationError::NotParticipant(user))
     }
 
+    /// Whom ownership passes to when `leaving` withdraws: the longest-standing admin among
+    /// `able`, else the longest-standing member (an admin was trusted to moderate by the
+    /// owner; a member over them would manage them). With the role they have now.
+    fn successor(&self, leaving: Uuid, able: &BTreeSet<Uuid>) -> Option<(Uuid, ParticipantRole)> {
+        self.participants
+            .iter()
+            .filter(|(user, _)| **user != leaving && able.contains(*user))
+            .min_by_key(|(user, p)| (p.role != ParticipantRole::Admin, self.joined.get(*user)))
+            .map(|(user, p)| (*user, p.role))
+    }
+
+    fn join(&mut self, user: Uuid, role: ParticipantRole) {
+        self.participants
+            .insert(user, Participant { role, muted: false });
+        self.joined.insert(user, self.joins);
+        self.joins += 1;
+    }
+
     fn not_archived(&self) -> Result<(), ConversationError> {
         if self.archived {
             Err(ConversationError::Archived)
@@ -246,7 +279,8 @@ impl Conversation {
     }
 
     /// The rules live in this plain function and `handle` only writes its answer. Every
-    /// command yields one event, except an ownership transfer, which yields two.
+    /// command yields one event, except an ownership transfer, which yields two, and a
+    /// withdrawal (one or two).
     fn decide(
         &self,
         command: ConversationCommand,
@@ -422,6 +456,46 @@ impl Conversation {
                     _ => Ok(vec![changed]),
                 };
             }
+            ConversationCommand::Withdraw {
+                user_id,
+                departure,
+                able,
+            } => {
+                // Allowed while archived and in direct conversations: it follows from the
+                // user's fate, which no conversation's state can refuse.
+                self.live()?;
+                let owns = self.participant(user_id)?.role == ParticipantRole::Owner;
+                let successor = owns.then(|| self.successor(user_id, &able)).flatten();
+                let promoted = |(user_id, before)| ConversationEvent::ParticipantRoleChanged {
+                    user_id,
+                    before,
+                    after: ParticipantRole::Owner,
+                };
+                return match departure {
+                    Departure::Deactivated => {
+                        if !owns {
+                            return Err(ConversationError::NotOwnedBy(user_id));
+                        }
+                        let successor = successor.ok_or(ConversationError::NoSuccessor)?;
+                        Ok(vec![
+                            promoted(successor),
+                            ConversationEvent::ParticipantRoleChanged {
+                                user_id,
+                                before: ParticipantRole::Owner,
+                                after: ParticipantRole::Admin,
+                            },
+                        ])
+                    }
+                    // Removed first: the owner's departure is what the new owner answers.
+                    // With no one able to take over, the conversation is left without an
+                    // owner, for a service key to give it one.
+                    Departure::Erased { by } => Ok(std::iter::once(
+                        ConversationEvent::ParticipantRemoved { user_id, by },
+                    )
+                    .chain(successor.map(promoted))
+                    .collect()),
+                };
+            }
             ConversationCommand::Mute { user_id } => {
                 self.live()?;
                 if self.participant(user_id)?.muted {
@@ -515,26 +589,23 @@ impl Aggregate for Conversation {
                 self.kind = Some(kind);
                 self.spec = Some(spec);
                 self.owner = Some(created_by);
-                self.participants = participants
-                    .into_iter()
-                    .map(|m| {
-                        let participant = Participant {
-                            role: m.role,
-                            muted: false,
-                        };
-                        (m.user_id, participant)
-                    })
-                    .collect();
+                for m in participants {
+                    self.join(m.user_id, m.role);
+                }
             }
             ConversationEvent::ConversationUpdated { after, .. } => self.spec = Some(after),
             ConversationEvent::ConversationArchived {} => self.archived = true,
             ConversationEvent::ConversationUnarchived {} => self.archived = false,
             ConversationEvent::ParticipantAdded { user_id, role } => {
-                self.participants
-                    .insert(user_id, Participant { role, muted: false });
+                self.join(user_id, role);
             }
             ConversationEvent::ParticipantRemoved { user_id, .. } => {
                 self.participants.remove(&user_id);
+                self.joined.remove(&user_id);
+                // Only an erased owner is ever removed (`Withdraw`).
+                if self.owner == Some(user_id) {
+                    self.owner = None;
+                }
             }
             ConversationEvent::ParticipantRoleChanged { user_id, after, .. } => {
                 if let Some(participant) = self.participants.get_mut(&user_id) {

@@ -1,6 +1,8 @@
 //! Commands of the Conversation aggregate. Facts about users (active, of this organization)
 //! are checked by the service layer before the command is built.
 
+use std::collections::BTreeSet;
+
 use serde::Deserialize;
 use uuid::Uuid;
 
@@ -64,4 +66,24 @@ pub enum ConversationCommand {
     Unmute {
         user_id: Uuid,
     },
+    /// The service layer's answer to a user's erasure or deactivation, never a client's
+    /// command: an erased user leaves, and ownership a user who left or cannot act held
+    /// passes to the longest-standing participant in `able` (admins before members), the
+    /// ones who can act (active users, as the service layer knows them).
+    Withdraw {
+        user_id: Uuid,
+        departure: Departure,
+        able: BTreeSet<Uuid>,
+    },
+}
+
+/// Why a user withdraws from a conversation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum Departure {
+    /// Deactivated: may be reactivated, so stays a participant; only ownership passes on
+    /// (the deactivated owner becomes an admin, as after handing ownership over).
+    Deactivated,
+    /// Erased: leaves for good, removed `by` whoever erased them (`None`: a service or the
+    /// platform operator's key).
+    Erased { by: Option<Uuid> },
 }

@@ -8,7 +8,7 @@ mod commands;
 mod events;
 
 pub use aggregate::{Conversation, ConversationError, Participant};
-pub use commands::{ConversationActor, ConversationCommand};
+pub use commands::{ConversationActor, ConversationCommand, Departure};
 pub use events::{ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole};
 
 #[cfg(test)]

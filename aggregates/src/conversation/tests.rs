@@ -881,6 +881,195 @@ fn unmute_rejects_a_non_participant() {
         .then_expect_error(E::NotParticipant(outsider()));
 }
 
+// --- Withdraw ---
+
+/// Another member, who joins the group after the others.
+fn latecomer() -> Uuid {
+    Uuid::from_u128(14)
+}
+
+fn withdraw(user_id: Uuid, departure: Departure, able: &[Uuid]) -> ConversationCommand {
+    ConversationCommand::Withdraw {
+        user_id,
+        departure,
+        able: able.iter().copied().collect(),
+    }
+}
+
+fn erased_by(by: Option<Uuid>) -> Departure {
+    Departure::Erased { by }
+}
+
+#[test]
+fn an_erased_member_leaves() {
+    given(group())
+        .when(withdraw(
+            member(),
+            erased_by(Some(owner())),
+            &[owner(), admin()],
+        ))
+        .then_expect_events(vec![removed(member(), Some(owner()))]);
+}
+
+#[test]
+fn an_erased_owner_leaves_and_the_longest_standing_able_admin_owns_it() {
+    // The member joined before either admin.
+    let events = vec![
+        created(
+            ConversationKind::Group,
+            spec(Some("Team"), None),
+            &[member(), admin()],
+        ),
+        role_changed(admin(), ParticipantRole::Member, Admin),
+        Ev::ParticipantAdded {
+            user_id: latecomer(),
+            role: Admin,
+        },
+    ];
+    given(events)
+        .when(withdraw(
+            owner(),
+            erased_by(None),
+            &[member(), latecomer(), admin()],
+        ))
+        .then_expect_events(vec![
+            removed(owner(), None),
+            role_changed(admin(), Admin, Owner),
+        ]);
+}
+
+#[test]
+fn with_no_able_admin_the_longest_standing_able_member_owns_it() {
+    let mut events = group();
+    events.push(Ev::ParticipantAdded {
+        user_id: latecomer(),
+        role: ParticipantRole::Member,
+    });
+    // The admin cannot act (deactivated): not among the able.
+    given(events)
+        .when(withdraw(
+            owner(),
+            erased_by(None),
+            &[latecomer(), member(), owner()],
+        ))
+        .then_expect_events(vec![
+            removed(owner(), None),
+            role_changed(member(), ParticipantRole::Member, Owner),
+        ]);
+}
+
+#[test]
+fn one_who_left_and_came_back_stands_from_their_return() {
+    let mut events = vec![created(
+        ConversationKind::Group,
+        spec(Some("Team"), None),
+        &[member(), latecomer()],
+    )];
+    events.push(removed(member(), Some(owner())));
+    events.push(Ev::ParticipantAdded {
+        user_id: member(),
+        role: ParticipantRole::Member,
+    });
+    given(events)
+        .when(withdraw(owner(), erased_by(None), &[member(), latecomer()]))
+        .then_expect_events(vec![
+            removed(owner(), None),
+            role_changed(latecomer(), ParticipantRole::Member, Owner),
+        ]);
+}
+
+#[test]
+fn an_erased_owner_with_no_one_able_leaves_it_without_an_owner() {
+    given(group())
+        .when(withdraw(owner(), erased_by(Some(owner())), &[outsider()]))
+        .then_expect_events(vec![removed(owner(), Some(owner()))]);
+}
+
+#[test]
+fn a_service_key_gives_an_ownerless_conversation_an_owner() {
+    let mut events = group();
+    events.push(removed(owner(), None));
+    given(events)
+        .when(change_role(member(), Owner, Service))
+        .then_expect_events(vec![role_changed(member(), ParticipantRole::Member, Owner)]);
+}
+
+#[test]
+fn an_erased_owner_leaves_a_direct_conversation_to_the_other() {
+    given(direct())
+        .when(withdraw(owner(), erased_by(None), &[member()]))
+        .then_expect_events(vec![
+            removed(owner(), None),
+            role_changed(member(), ParticipantRole::Member, Owner),
+        ]);
+}
+
+#[test]
+fn an_erased_participant_leaves_an_archived_conversation() {
+    given(archived_group())
+        .when(withdraw(admin(), erased_by(None), &[]))
+        .then_expect_events(vec![removed(admin(), None)]);
+}
+
+#[test]
+fn withdraw_rejects_a_non_participant() {
+    given(group())
+        .when(withdraw(outsider(), erased_by(None), &[owner()]))
+        .then_expect_error(E::NotParticipant(outsider()));
+}
+
+#[test]
+fn withdraw_rejects_a_conversation_that_does_not_exist() {
+    given(vec![])
+        .when(withdraw(owner(), erased_by(None), &[]))
+        .then_expect_error(E::NotFound);
+}
+
+#[test]
+fn a_deactivated_owner_stays_as_an_admin_and_hands_ownership_on() {
+    given(archived_group())
+        .when(withdraw(
+            owner(),
+            Departure::Deactivated,
+            &[member(), admin()],
+        ))
+        .then_expect_events(vec![
+            role_changed(admin(), Admin, Owner),
+            role_changed(owner(), Owner, Admin),
+        ]);
+}
+
+#[test]
+fn a_deactivated_participant_who_does_not_own_it_has_nothing_to_hand_on() {
+    given(group())
+        .when(withdraw(admin(), Departure::Deactivated, &[member()]))
+        .then_expect_error(E::NotOwnedBy(admin()));
+}
+
+#[test]
+fn a_deactivated_owner_with_no_one_able_stays_owner() {
+    given(group())
+        .when(withdraw(
+            owner(),
+            Departure::Deactivated,
+            &[owner(), outsider()],
+        ))
+        .then_expect_error(E::NoSuccessor);
+}
+
+#[test]
+fn apply_follows_an_erased_owners_departure() {
+    let mut c = Conversation::default();
+    for event in group() {
+        c.apply(event);
+    }
+    c.apply(removed(owner(), None));
+    assert_eq!(c.owner(), None);
+    assert_eq!(c.role_of(owner()), None);
+    c.apply(role_changed(member(), ParticipantRole::Member, Owner));
+    assert_eq!(c.owner(), Some(member()));
+}
+
 // --- apply ---
 
 #[test]
@@ -979,6 +1168,8 @@ fn errors_map_to_rejections() {
         E::OwnerCannotLeave,
         E::OwnerCannotBeRemoved,
         E::OwnerRoleChange,
+        E::NotOwnedBy(someone),
+        E::NoSuccessor,
     ] {
         assert_eq!(e.rejection(), Rejection::Conflict, "{e}");
     }
