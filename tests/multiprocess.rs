@@ -270,6 +270,70 @@ async fn a_lease_is_taken_over_at_once_when_its_holder_stops_gracefully() {
     assert!(projections_at(&db.pool, head).await);
 }
 
+/// Two roles made each other's parent at once through two servers: the organization's turn
+/// is a database lock, so one of them sees the other's change and is refused.
+#[tokio::test]
+async fn roles_re_parented_through_two_servers_at_once_make_no_cycle() {
+    let db = TestDb::new().await;
+    let setup = Setup::new(&db.url).await;
+    let a = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    let b = Server::start(&setup, LEASE_TTL_SECS, NO_POLL_MS).await;
+    let client = reqwest::Client::new();
+    let key = setup.admin_key.as_str();
+    let send = |base: &str, method: Method, path: String, body: serde_json::Value| {
+        let (client, base) = (client.clone(), base.to_string());
+        async move {
+            call(&client, &base, method, &path, key, Some(body))
+                .await
+                .expect("the server answers")
+        }
+    };
+    let r = send(
+        &a.base,
+        Method::POST,
+        "/v1/organizations".into(),
+        json!({"name": "Two Trees", "slug": "two-trees"}),
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let roles = format!("/v1/organizations/{}/roles", id_of(&r));
+    for round in 0..10 {
+        let mut pair = Vec::new();
+        for name in ["c", "d"] {
+            let body = json!({"name": format!("{name}{round}")});
+            let r = send(&a.base, Method::POST, roles.clone(), body).await;
+            assert_eq!(r.status, 201, "{}", r.body);
+            pair.push(id_of(&r));
+        }
+        let (c, d) = (pair[0], pair[1]);
+        let (by_a, by_b) = tokio::join!(
+            send(
+                &a.base,
+                Method::PATCH,
+                format!("{roles}/{c}"),
+                json!({"parent_role_id": d})
+            ),
+            send(
+                &b.base,
+                Method::PATCH,
+                format!("{roles}/{d}"),
+                json!({"parent_role_id": c})
+            ),
+        );
+        let statuses = [by_a.status, by_b.status];
+        assert!(
+            statuses.contains(&200) && statuses.contains(&422),
+            "round {round}: one passes, the other is refused: {} {} / {} {}",
+            by_a.status,
+            by_a.body,
+            by_b.status,
+            by_b.body
+        );
+    }
+    let (head, gap_free) = positions(&db.pool).await;
+    assert!(gap_free, "positions are exactly 1..={head}");
+}
+
 /// A client that sends its headers and not its body holds a graceful stop up (until the
 /// request timeout, 30 s): a second SIGTERM ends the server at once, with status 143.
 #[tokio::test]

@@ -148,6 +148,9 @@ impl FromRequestParts<App> for Caller {
         // user and its roles that the read models do not show yet are looked for in the log
         // itself (each a range of the events' primary key, beyond the version a row shows).
         // An assignment counts too: assigning again replaces it, with a nearer expiry say.
+        // The walk up each role's parents stops at 64 levels: chains are at most 16 deep
+        // (`MAX_INHERITANCE_DEPTH`), so only a cycle or a longer chain an older release let
+        // through meets that guard, and grants what it granted then.
         let row: Option<KeyRow> = sqlx::query_as(
             concat!(
             "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
@@ -352,7 +355,8 @@ pub async fn user_permissions(pool: &sqlx::PgPool, user: Uuid) -> ApiResult<Perm
 }
 
 /// A role's effective permissions, and whether the log holds events of it or an ancestor
-/// past the versions their rows show.
+/// past the versions their rows show. The walk's guard of 64 levels is met only by a cycle
+/// or a chain deeper than `MAX_INHERITANCE_DEPTH` that an older release let through.
 async fn role_permissions_and_change(
     pool: &sqlx::PgPool,
     role_id: Uuid,
@@ -377,21 +381,4 @@ async fn role_permissions_and_change(
     .await?;
     let permissions = permissions.iter().filter_map(|p| p.parse().ok()).collect();
     Ok((permissions, changing))
-}
-
-/// A role and its ancestors, nearest first (the role itself included).
-pub async fn role_ancestry(pool: &sqlx::PgPool, role_id: Uuid) -> Result<Vec<Uuid>, sqlx::Error> {
-    let rows: Vec<(Uuid,)> = sqlx::query_as(
-        "WITH RECURSIVE chain(id, parent, depth) AS (
-             SELECT id, parent_role_id, 0 FROM roles WHERE id = $1
-           UNION
-             SELECT p.id, p.parent_role_id, c.depth + 1 FROM roles p JOIN chain c ON p.id = c.parent
-             WHERE c.depth < 64
-         )
-         SELECT id FROM chain ORDER BY depth",
-    )
-    .bind(role_id)
-    .fetch_all(pool)
-    .await?;
-    Ok(rows.into_iter().map(|(id,)| id).collect())
 }

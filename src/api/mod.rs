@@ -38,6 +38,7 @@ pub mod organizations;
 pub mod owners;
 pub mod page;
 pub mod proofs;
+pub mod role_tree;
 pub mod roles;
 pub mod users;
 

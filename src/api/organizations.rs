@@ -115,6 +115,7 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
             description: built_in_roles::description(name).to_string(),
             permissions: built_in_roles::permissions(name).expect("built-in role"),
             parent_role_id: None,
+            parent_ancestry: Vec::new(),
             built_in: true,
             grantable: everything.clone(),
         };

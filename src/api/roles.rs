@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::organization::built_in_roles;
 use ledgerline_aggregates::permissions::{may_grant, missing};
-use ledgerline_aggregates::role::{Role, RoleCommand};
+use ledgerline_aggregates::role::{Role, RoleCommand, MAX_INHERITANCE_DEPTH};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
@@ -15,11 +15,12 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::answers::{List, PageOf};
-use super::auth::{granted_by_role, role_ancestry, role_permissions, Caller};
+use super::auth::{granted_by_role, role_permissions, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::owners::{keeping_an_owner, Loss};
 use super::page::{self, Page, PageQuery};
+use super::role_tree::{ancestry, in_turn, in_turn_if, levels_below};
 use super::{
     absent_not_null, absent_or_null, double_option, not_null, organizations, users, OptionalJson,
 };
@@ -146,13 +147,28 @@ pub async fn create(
 ) -> ApiResult<axum::response::Response> {
     caller.require_in(org, Permission::RolesWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
+    let id = Uuid::new_v4();
+    let under_a_parent = body.parent_role_id.is_some();
+    let create = create_role(app.clone(), caller, org, id, body);
+    in_turn_if(under_a_parent, &app, org, create).await?;
+    super::created_answer(find(&app, org, id).await, id)
+}
+
+async fn create_role(
+    app: App,
+    caller: Caller,
+    org: Uuid,
+    id: Uuid,
+    body: CreateRole,
+) -> ApiResult<()> {
     let mut effective = body.permissions.clone();
+    let mut parent_ancestry = Vec::new();
     if let Some(parent) = body.parent_role_id {
         check_parent(&app, org, parent).await?;
+        parent_ancestry = ancestry(&app, parent).await?;
         effective.extend(granted_by_role(&app.pool, parent).await?);
     }
     check_grantable(&caller, &effective)?;
-    let id = Uuid::new_v4();
     let command = RoleCommand::Create {
         role_id: id,
         organization_id: org,
@@ -160,12 +176,13 @@ pub async fn create(
         description: body.description,
         permissions: body.permissions,
         parent_role_id: body.parent_role_id,
+        parent_ancestry,
         built_in: false,
         grantable: caller.permissions.clone(),
     };
     app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command)
         .await?;
-    super::created_answer(find(&app, org, id).await, id)
+    Ok(())
 }
 
 pub async fn list(
@@ -223,6 +240,19 @@ pub async fn update(
     Json(body): Json<UpdateRole>,
 ) -> ApiResult<axum::Json<RoleView>> {
     caller.require_in(org, Permission::RolesWrite)?;
+    let re_parenting = body.parent_role_id.is_some();
+    let update = update_role(app.clone(), caller, org, role, body);
+    in_turn_if(re_parenting, &app, org, update).await?;
+    Ok(axum::Json(find(&app, org, role).await?))
+}
+
+async fn update_role(
+    app: App,
+    caller: Caller,
+    org: Uuid,
+    role: Uuid,
+    body: UpdateRole,
+) -> ApiResult<()> {
     let current = find(&app, org, role).await?;
     // As with assigning: a user changing what a role of their own grants could copy a
     // time-limited role's permissions into one they hold for good.
@@ -241,10 +271,8 @@ pub async fn update(
     let mut effective: PermissionSet = permissions
         .clone()
         .unwrap_or_else(|| current.permissions.iter().copied().collect());
-    let mut ancestry = Vec::new();
     if let Some(p) = parent {
         check_parent(&app, org, p).await?;
-        ancestry = role_ancestry(&app.pool, p).await?;
         effective.extend(granted_by_role(&app.pool, p).await?);
     }
     check_grantable(&caller, &effective)?;
@@ -252,20 +280,28 @@ pub async fn update(
     if permissions.is_some() || body.parent_role_id.is_some() {
         may_give(&app, &caller, role).await?;
     }
-    // A new parent outside the owner role's line cuts this role's holders off from it.
+    // The tree as it stands in this turn, for the aggregate's cycle and depth rules.
+    let (parent_ancestry, inheriting_levels) = match body.parent_role_id {
+        Some(Some(p)) => (ancestry(&app, p).await?, levels_below(&app, role).await?),
+        _ => (Vec::new(), 0),
+    };
+    // A new parent outside the owner role's line cuts this role's holders off from it. An
+    // ancestry cut at the walk's end is refused as too deep before this matters.
     let owner = built_in_roles::role_id(org, built_in_roles::OWNER);
-    let cut = body.parent_role_id.is_some() && !ancestry.contains(&owner);
+    let cut = body.parent_role_id.is_some()
+        && parent_ancestry.len() <= MAX_INHERITANCE_DEPTH
+        && !parent_ancestry.contains(&owner);
     let command = RoleCommand::Update {
         name: body.name,
         description: body.description.map(Option::unwrap_or_default),
         permissions,
         parent_role_id: body.parent_role_id,
-        parent_ancestry: ancestry,
+        parent_ancestry,
+        inheriting_levels,
         grantable: caller.permissions.clone(),
     };
     let update = app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command);
-    keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await?;
-    Ok(axum::Json(find(&app, org, role).await?))
+    keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await
 }
 
 pub async fn delete(
@@ -275,6 +311,12 @@ pub async fn delete(
     _: super::NoBody,
 ) -> ApiResult<StatusCode> {
     caller.require_in(org, Permission::RolesWrite)?;
+    // In the turn: a role created under this one meanwhile would be left with no parent.
+    in_turn(&app, org, delete_role(app.clone(), caller, org, role)).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn delete_role(app: App, caller: Caller, org: Uuid, role: Uuid) -> ApiResult<()> {
     find(&app, org, role).await?;
     // Deleting a role takes what it grants from everyone holding it: only for a key that
     // could give it.
@@ -297,8 +339,7 @@ pub async fn delete(
         &caller.actor,
         RoleCommand::Delete,
     );
-    keeping_an_owner(&app, org, Some(Loss::Branch(role)), delete).await?;
-    Ok(StatusCode::NO_CONTENT)
+    keeping_an_owner(&app, org, Some(Loss::Branch(role)), delete).await
 }
 
 #[derive(Debug, Default, Deserialize, JsonSchema)]

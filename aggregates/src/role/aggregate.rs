@@ -5,7 +5,7 @@ use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use super::{RoleCommand, RoleEvent, RoleSpec};
+use super::{RoleCommand, RoleEvent, RoleSpec, MAX_INHERITANCE_DEPTH};
 use crate::organization::built_in_roles;
 use crate::permissions::{self, Permission, PermissionSet};
 use crate::{validate, Rejection};
@@ -37,6 +37,11 @@ pub enum RoleError {
     Escalation { missing: Vec<Permission> },
     #[error("a role cannot inherit from itself, directly or through its parents")]
     Cycle,
+    #[error(
+        "a role may have at most {limit} levels of ancestors (parent, grandparent, ...): with \
+         this parent a chain of inheritance would be deeper"
+    )]
+    TooDeep { limit: usize },
     /// What a built-in role cannot be: `renamed`, `given another parent`, `deleted`.
     #[error("built-in roles cannot be {0}")]
     BuiltIn(&'static str),
@@ -49,9 +54,11 @@ pub enum RoleError {
 impl RoleError {
     pub fn rejection(&self) -> Rejection {
         match self {
-            Self::Invalid(_) | Self::PlatformAdmin | Self::Cycle | Self::NoChange => {
-                Rejection::Invalid
-            }
+            Self::Invalid(_)
+            | Self::PlatformAdmin
+            | Self::Cycle
+            | Self::TooDeep { .. }
+            | Self::NoChange => Rejection::Invalid,
             Self::NotFound | Self::Deleted => Rejection::NotFound,
             Self::AlreadyExists | Self::BuiltIn(_) | Self::OwnerNarrowed => Rejection::Conflict,
             Self::Escalation { .. } => Rejection::Forbidden,
@@ -102,6 +109,7 @@ impl Role {
                 description,
                 permissions,
                 parent_role_id,
+                parent_ancestry,
                 built_in,
                 grantable,
             } => {
@@ -117,8 +125,8 @@ impl Role {
                     )));
                 }
                 let description = invalid(validate::description(&description))?;
-                if parent_role_id == Some(role_id) {
-                    return Err(RoleError::Cycle);
+                if let Some(parent) = parent_role_id {
+                    check_parent(role_id, parent, &parent_ancestry, 0)?;
                 }
                 check_grantable(&grantable, &permissions)?;
                 Ok(RoleEvent::RoleCreated {
@@ -139,6 +147,7 @@ impl Role {
                 permissions,
                 parent_role_id,
                 parent_ancestry,
+                inheriting_levels,
                 grantable,
             } => {
                 let before = self.live()?;
@@ -153,9 +162,7 @@ impl Role {
                     // Checked even when the parent stays: the ancestry may have changed since.
                     if let Some(parent) = parent {
                         let own = self.id.unwrap_or_default();
-                        if parent == own || parent_ancestry.contains(&own) {
-                            return Err(RoleError::Cycle);
-                        }
+                        check_parent(own, parent, &parent_ancestry, inheriting_levels)?;
                     }
                     after.parent_role_id = parent;
                 }
@@ -206,6 +213,24 @@ impl Role {
             }
         }
     }
+}
+
+/// Role `own` may take `parent` (whose ancestry is `ancestry`, the parent first) when it
+/// does not descend from `own` and no chain through `own`, with `below` levels of roles
+/// inheriting from it, gets deeper than the limit. The ancestry is walked to one past the
+/// limit at most: when it is that long the role is refused for depth, so within the limit
+/// the cycle check saw every ancestor.
+fn check_parent(own: Uuid, parent: Uuid, ancestry: &[Uuid], below: usize) -> Result<(), RoleError> {
+    if parent == own || ancestry.contains(&own) {
+        return Err(RoleError::Cycle);
+    }
+    // The parent brings `ancestry.len()` ancestors to the role and to each role below it.
+    if ancestry.len().max(1) + below > MAX_INHERITANCE_DEPTH {
+        return Err(RoleError::TooDeep {
+            limit: MAX_INHERITANCE_DEPTH,
+        });
+    }
+    Ok(())
 }
 
 fn invalid<T>(result: Result<T, String>) -> Result<T, RoleError> {

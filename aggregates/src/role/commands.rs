@@ -15,6 +15,10 @@ pub enum RoleCommand {
         description: String,
         permissions: PermissionSet,
         parent_role_id: Option<Uuid>,
+        /// The parent and its ancestors, nearest first, walked to one past
+        /// [`MAX_INHERITANCE_DEPTH`](super::MAX_INHERITANCE_DEPTH) at most; empty without a
+        /// parent.
+        parent_ancestry: Vec<Uuid>,
         /// Set only by organization creation.
         built_in: bool,
         /// The effective permissions of the caller; the role may not exceed them.
@@ -26,8 +30,13 @@ pub enum RoleCommand {
         description: Option<String>,
         permissions: Option<PermissionSet>,
         parent_role_id: Option<Option<Uuid>>,
-        /// The new parent and all its ancestors, nearest first; the role must not be among them.
+        /// The new parent and its ancestors, nearest first, walked to one past
+        /// [`MAX_INHERITANCE_DEPTH`](super::MAX_INHERITANCE_DEPTH) at most; the role must not
+        /// be among them.
         parent_ancestry: Vec<Uuid>,
+        /// How many levels of roles inherit from this one (0: none), counted to one past the
+        /// limit at most: with a new parent each of them gains its ancestors too.
+        inheriting_levels: usize,
         grantable: PermissionSet,
     },
     Delete,

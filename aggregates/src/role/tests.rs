@@ -81,6 +81,7 @@ fn create(name: &str, permissions: PermissionSet, grantable: PermissionSet) -> R
         description: "Helps customers".into(),
         permissions,
         parent_role_id: None,
+        parent_ancestry: Vec::new(),
         built_in: false,
         grantable,
     }
@@ -93,6 +94,7 @@ fn update() -> RoleCommand {
         permissions: None,
         parent_role_id: None,
         parent_ancestry: Vec::new(),
+        inheriting_levels: 0,
         grantable: admin(),
     }
 }
@@ -139,6 +141,41 @@ fn set_parent(to: Option<Uuid>, ancestry: Vec<Uuid>) -> RoleCommand {
     })
 }
 
+/// `n` roles, nearest first: an ancestry of `n` levels.
+fn ancestry(n: usize) -> Vec<Uuid> {
+    (0..n).map(|i| Uuid::from_u128(1000 + i as u128)).collect()
+}
+
+fn create_under(ancestry: Vec<Uuid>) -> RoleCommand {
+    RoleCommand::Create {
+        role_id: role_id(),
+        organization_id: org_id(),
+        name: "Support".into(),
+        description: "Helps customers".into(),
+        permissions: PermissionSet::new(),
+        parent_role_id: ancestry.first().copied(),
+        parent_ancestry: ancestry,
+        built_in: false,
+        grantable: admin(),
+    }
+}
+
+fn move_under(ancestry: Vec<Uuid>, below: usize) -> RoleCommand {
+    update_with(|c| {
+        if let RoleCommand::Update {
+            parent_role_id,
+            parent_ancestry,
+            inheriting_levels,
+            ..
+        } = c
+        {
+            *parent_role_id = Some(ancestry.first().copied());
+            *parent_ancestry = ancestry;
+            *inheriting_levels = below;
+        }
+    })
+}
+
 // --- Create ---
 
 #[test]
@@ -152,6 +189,7 @@ fn create_emits_the_normalised_spec() {
             description: " Helps customers ".into(),
             permissions: set(&[P::UsersRead, P::UsersWrite]),
             parent_role_id: None,
+            parent_ancestry: Vec::new(),
             built_in: false,
             grantable: admin(),
         })
@@ -169,6 +207,7 @@ fn create_with_a_parent_and_no_permissions_of_its_own() {
             description: String::new(),
             permissions: PermissionSet::new(),
             parent_role_id: Some(parent_id()),
+            parent_ancestry: vec![parent_id()],
             built_in: false,
             grantable: set(&[P::RolesWrite]),
         })
@@ -196,6 +235,7 @@ fn create_a_built_in_role_as_platform_admin() {
             description: built_in_roles::description("owner").into(),
             permissions: built_in_roles::permissions("owner").unwrap(),
             parent_role_id: None,
+            parent_ancestry: Vec::new(),
             built_in: true,
             grantable: set(&[P::PlatformAdmin]),
         })
@@ -237,6 +277,7 @@ fn create_rejects_a_long_description() {
             description: "x".repeat(2001),
             permissions: PermissionSet::new(),
             parent_role_id: None,
+            parent_ancestry: Vec::new(),
             built_in: false,
             grantable: admin(),
         })
@@ -254,6 +295,7 @@ fn create_rejects_a_built_in_role_outside_the_catalogue() {
             description: String::new(),
             permissions: PermissionSet::new(),
             parent_role_id: None,
+            parent_ancestry: Vec::new(),
             built_in: true,
             grantable: set(&[P::PlatformAdmin]),
         })
@@ -273,6 +315,7 @@ fn create_rejects_a_role_that_is_its_own_parent() {
             description: String::new(),
             permissions: PermissionSet::new(),
             parent_role_id: Some(role_id()),
+            parent_ancestry: Vec::new(),
             built_in: false,
             grantable: admin(),
         })
@@ -317,6 +360,7 @@ fn update_carries_the_whole_spec_before_and_after() {
             permissions: Some(set(&[P::UsersRead])),
             parent_role_id: Some(Some(parent_id())),
             parent_ancestry: vec![parent_id(), Uuid::from_u128(32)],
+            inheriting_levels: 0,
             grantable: admin(),
         })
         .then_expect_events(vec![RoleEvent::RoleUpdated {
@@ -344,7 +388,9 @@ fn update_removes_the_parent() {
                 after: with_parent.clone(),
             },
         ])
-        .when(set_parent(None, Vec::new()))
+        // Never too deep, whatever is below: how a chain an older release let grow past the
+        // limit is cut.
+        .when(move_under(Vec::new(), MAX_INHERITANCE_DEPTH + 1))
         .then_expect_events(vec![RoleEvent::RoleUpdated {
             before: with_parent,
             after: spec(),
@@ -375,6 +421,7 @@ fn update_changes_a_built_in_roles_description_and_permissions() {
             permissions: Some(fewer.clone()),
             parent_role_id: Some(None),
             parent_ancestry: Vec::new(),
+            inheriting_levels: 0,
             grantable: owner_spec().permissions,
         })
         .then_expect_events(vec![RoleEvent::RoleUpdated {
@@ -430,6 +477,7 @@ fn update_does_not_check_an_unchanged_permission_set() {
             permissions: Some(owner_spec().permissions),
             parent_role_id: None,
             parent_ancestry: Vec::new(),
+            inheriting_levels: 0,
             grantable: admin(),
         })
         .then_expect_events(vec![RoleEvent::RoleUpdated {
@@ -533,6 +581,68 @@ fn update_rejects_a_parent_that_descends_from_the_role() {
 }
 
 #[test]
+fn create_under_a_parent_at_the_depth_limit() {
+    let parent = ancestry(MAX_INHERITANCE_DEPTH);
+    Framework::with(())
+        .given_no_previous_events()
+        .when(create_under(parent.clone()))
+        .then_expect_events(vec![RoleEvent::RoleCreated {
+            role_id: role_id(),
+            organization_id: org_id(),
+            spec: RoleSpec {
+                permissions: PermissionSet::new(),
+                parent_role_id: Some(parent[0]),
+                ..spec()
+            },
+            built_in: false,
+        }]);
+}
+
+#[test]
+fn create_rejects_a_parent_past_the_depth_limit() {
+    // One past the limit is as far as the service walks: the same answer for any longer.
+    Framework::with(())
+        .given_no_previous_events()
+        .when(create_under(ancestry(MAX_INHERITANCE_DEPTH + 1)))
+        .then_expect_error(RoleError::TooDeep {
+            limit: MAX_INHERITANCE_DEPTH,
+        });
+}
+
+#[test]
+fn update_counts_the_roles_below_against_the_depth_limit() {
+    // Two levels inherit from the role: the new parent's ancestry may be the limit less two.
+    Framework::with(())
+        .given(vec![created()])
+        .when(move_under(ancestry(MAX_INHERITANCE_DEPTH - 1), 2))
+        .then_expect_error(RoleError::TooDeep {
+            limit: MAX_INHERITANCE_DEPTH,
+        });
+    let fits = ancestry(MAX_INHERITANCE_DEPTH - 2);
+    Framework::with(())
+        .given(vec![created()])
+        .when(move_under(fits.clone(), 2))
+        .then_expect_events(vec![RoleEvent::RoleUpdated {
+            before: spec(),
+            after: RoleSpec {
+                parent_role_id: Some(fits[0]),
+                ..spec()
+            },
+        }]);
+}
+
+#[test]
+fn update_finds_a_cycle_before_the_depth() {
+    // The role at the end of a walk cut at the limit: a cycle, whatever the depth.
+    let mut long = ancestry(MAX_INHERITANCE_DEPTH);
+    long.push(role_id());
+    Framework::with(())
+        .given(vec![created()])
+        .when(move_under(long, 3))
+        .then_expect_error(RoleError::Cycle);
+}
+
+#[test]
 fn update_rejects_an_update_that_changes_nothing() {
     Framework::with(())
         .given(vec![created()])
@@ -546,6 +656,7 @@ fn update_rejects_an_update_that_changes_nothing() {
             permissions: Some(spec().permissions),
             parent_role_id: Some(None),
             parent_ancestry: Vec::new(),
+            inheriting_levels: 0,
             grantable: admin(),
         })
         .then_expect_error_message("nothing to change: the update leaves the role as it is");
@@ -620,6 +731,7 @@ fn errors_map_to_rejections() {
         E::Invalid("x".into()),
         E::PlatformAdmin,
         E::Cycle,
+        E::TooDeep { limit: 16 },
         E::NoChange,
     ] {
         assert_eq!(e.rejection(), Rejection::Invalid, "{e}");
