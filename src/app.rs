@@ -89,8 +89,10 @@ pub enum CommandError<E: std::error::Error> {
     Rejected(E),
     #[error("the resource was changed concurrently; reload and retry")]
     Conflict,
-    #[error("{0} is already taken")]
-    Taken(&'static str),
+    /// A unique name, slug, address or prefix is held by `holder` (`<aggregate type>:<id>`,
+    /// not for every caller to learn: see `api::error::naming_holder`).
+    #[error("{scope} is already taken")]
+    Taken { scope: &'static str, holder: String },
     /// The aggregate the command was decided against (its guard) changed in the meantime.
     #[error("the {0} changed while the command was being decided; retry")]
     Stale(String),
@@ -104,7 +106,10 @@ impl<E: std::error::Error> From<AggregateError<E>> for CommandError<E> {
             AggregateError::UserError(e) => CommandError::Rejected(e),
             AggregateError::AggregateConflict => CommandError::Conflict,
             AggregateError::UnexpectedError(inner) => match inner.downcast_ref::<AppendError>() {
-                Some(AppendError::Taken { scope }) => CommandError::Taken(scope),
+                Some(AppendError::Taken { scope, holder }) => CommandError::Taken {
+                    scope,
+                    holder: holder.clone(),
+                },
                 Some(AppendError::Conflict) => CommandError::Conflict,
                 Some(AppendError::Stale(what)) => CommandError::Stale(what.clone()),
                 _ => CommandError::Internal(inner.to_string()),

@@ -391,7 +391,7 @@ async fn bootstrap(
             }
             Ok(ExitCode::SUCCESS)
         }
-        Err(CommandError::Taken(_)) => {
+        Err(CommandError::Taken { .. }) => {
             eprintln!("error: the platform is already bootstrapped; its operator key was shown when it was made");
             Ok(ExitCode::from(1))
         }

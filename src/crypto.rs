@@ -71,6 +71,9 @@ impl DataKey {
 pub struct Vault {
     wrapping: XChaCha20Poly1305,
     blind_index_key: [u8; 32],
+    /// Seals the answers kept for `Idempotency-Key` replays: they can hold personal data
+    /// (an invited user's address, a message's text), which the database holds only sealed.
+    answers: XChaCha20Poly1305,
 }
 
 impl fmt::Debug for Vault {
@@ -109,10 +112,25 @@ impl Vault {
         // Separate keys per purpose, so that no two uses share key material.
         let wrap = blake3::derive_key("ledgerline 2026 data-key wrapping v1", &master.0);
         let blind = blake3::derive_key("ledgerline 2026 e-mail blind index v1", &master.0);
+        let answers = blake3::derive_key("ledgerline 2026 kept answers v1", &master.0);
         Self {
             wrapping: XChaCha20Poly1305::new((&wrap).into()),
             blind_index_key: blind,
+            answers: XChaCha20Poly1305::new((&answers).into()),
         }
+    }
+
+    /// Seals an answer kept for replays, bound to `binding` (its API key and idempotency
+    /// key), so that it cannot be moved to another row. A server-held key, not a subject's:
+    /// an answer names several subjects, and erasing one forgets the answers that name it
+    /// (`api::idempotency::forget_answers_naming`).
+    pub fn seal_answer(&self, binding: &[u8], answer: &[u8]) -> Vec<u8> {
+        seal_with(&self.answers, binding, answer)
+    }
+
+    /// Opens what [`Vault::seal_answer`] sealed with the same `binding`.
+    pub fn open_answer(&self, binding: &[u8], sealed: &[u8]) -> Option<Vec<u8>> {
+        open_with(&self.answers, binding, sealed)
     }
 
     /// Makes and stores a new data key for `subject`.

@@ -56,7 +56,7 @@ impl Outcome {
             Ok(_) => Outcome::Ok,
             Err(CommandError::Rejected(_)) => Outcome::Rejected,
             Err(CommandError::Conflict) => Outcome::Conflict,
-            Err(CommandError::Taken(_)) => Outcome::Taken,
+            Err(CommandError::Taken { .. }) => Outcome::Taken,
             Err(CommandError::Stale(_)) => Outcome::Stale,
             Err(CommandError::Internal(_)) => Outcome::Error,
         }
@@ -587,7 +587,13 @@ mod tests {
             (Ok(()), "ok"),
             (Err(CommandError::Rejected(std::fmt::Error)), "rejected"),
             (Err(CommandError::Conflict), "conflict"),
-            (Err(CommandError::Taken("slug")), "taken"),
+            (
+                Err(CommandError::Taken {
+                    scope: "slug",
+                    holder: "Organization:o".into(),
+                }),
+                "taken",
+            ),
             (Err(CommandError::Stale("conversation".into())), "stale"),
             (Err(CommandError::Internal("boom".into())), "error"),
         ];

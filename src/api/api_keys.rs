@@ -3,6 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::Extension;
 use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
 use ledgerline_aggregates::permissions;
@@ -15,6 +16,7 @@ use super::answers::PageOf;
 use super::auth::{self, Caller};
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
+use super::idempotency::SecretShownOnce;
 use super::organizations::{self, Reason};
 use super::page::{self, PageQuery};
 use super::{users, OptionalJson};
@@ -45,7 +47,8 @@ pub struct ApiKeyView {
     pub unusable_because: Option<String>,
 }
 
-/// A key just issued or rotated: the only answer that ever carries its secret.
+/// A key just issued or rotated: the only answer that ever carries its secret (marked
+/// [`SecretShownOnce`], so that an `Idempotency-Key` replay does not keep it).
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct IssuedKey {
     #[serde(flatten)]
@@ -93,7 +96,11 @@ pub async fn issue(
     caller: Caller,
     Path(org): Path<Uuid>,
     Json(body): Json<IssueKey>,
-) -> ApiResult<(StatusCode, axum::Json<IssuedKey>)> {
+) -> ApiResult<(
+    StatusCode,
+    Extension<SecretShownOnce>,
+    axum::Json<IssuedKey>,
+)> {
     caller.require_in(org, Permission::KeysWrite)?;
     organizations::require_exists(&app, &caller, org).await?;
     require_own_user(&caller, body.user_id, "issue")?;
@@ -156,6 +163,11 @@ pub async fn issue(
     };
     Ok((
         StatusCode::CREATED,
+        Extension(SecretShownOnce {
+            organization_id: org,
+            key_id: id,
+            rotated: false,
+        }),
         axum::Json(IssuedKey {
             key,
             secret: secret.secret,
@@ -295,7 +307,7 @@ pub async fn rotate(
     caller: Caller,
     Path((org, key)): Path<(Uuid, Uuid)>,
     _: super::NoBody,
-) -> ApiResult<axum::Json<IssuedKey>> {
+) -> ApiResult<(Extension<SecretShownOnce>, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;
     // Holding a fresh secret is holding the key's powers: no more than the caller's own, and
@@ -317,8 +329,16 @@ pub async fn rotate(
     let mut key = find(&app, org, key).await?;
     // Not shown yet (the answer is marked behind): the new secret goes with its own prefix.
     key.prefix = secret.prefix.clone();
-    Ok(axum::Json(IssuedKey {
-        key,
-        secret: secret.secret,
-    }))
+    let shown = SecretShownOnce {
+        organization_id: org,
+        key_id: key.id,
+        rotated: true,
+    };
+    Ok((
+        Extension(shown),
+        axum::Json(IssuedKey {
+            key,
+            secret: secret.secret,
+        }),
+    ))
 }

@@ -81,6 +81,9 @@ pub struct AuditQuery {
     /// `message` (as in a history path), or the stored name the events show (`ApiKey`).
     aggregate_type: Option<String>,
     aggregate_id: Option<String>,
+    /// The request a change was made by (its `x-request-id`, as `request_id` shows it): what
+    /// a request with an `Idempotency-Key` whose outcome is not known did.
+    request_id: Option<String>,
     from: Option<DateTime<Utc>>,
     to: Option<DateTime<Utc>>,
     #[serde(default)]
@@ -170,6 +173,9 @@ pub async fn list(
     }
     if let Some(id) = q.aggregate_id {
         sql.push(" AND aggregate_id = ").push_bind(id);
+    }
+    if let Some(id) = q.request_id {
+        sql.push(" AND request_id = ").push_bind(id);
     }
     if let Some(from) = q.from {
         sql.push(" AND recorded_at >= ").push_bind(from);

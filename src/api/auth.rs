@@ -127,6 +127,11 @@ impl FromRequestParts<App> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        // Already authenticated for this very request, by the `Idempotency-Key` layer (which
+        // scopes keys by the caller): once is enough. Extensions are the server's own.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
         let presented = parts
             .headers
             .get(header::AUTHORIZATION)

@@ -4,10 +4,16 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ledgerline_aggregates::Rejection;
+use cqrs_es::Aggregate;
+use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::role::Role;
+use ledgerline_aggregates::user::User;
+use ledgerline_aggregates::{claims, Permission, Rejection};
 use schemars::JsonSchema;
 use serde::Serialize;
+use uuid::Uuid;
 
+use super::auth::Caller;
 use crate::app::CommandError;
 
 #[derive(Debug)]
@@ -47,6 +53,21 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
     }
 
+    /// The JSON body [`IntoResponse`] answers.
+    pub fn json_body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.body()).expect("an error body serializes")
+    }
+
+    fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: ErrorDetail {
+                status: self.status.as_u16(),
+                code: self.code(),
+                message: self.message.clone(),
+            },
+        }
+    }
+
     fn code(&self) -> &'static str {
         match self.status {
             StatusCode::BAD_REQUEST => "bad_request",
@@ -82,14 +103,7 @@ pub struct ErrorDetail {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                status: self.status.as_u16(),
-                code: self.code(),
-                message: self.message,
-            },
-        };
-        (self.status, Json(body)).into_response()
+        (self.status, Json(self.body())).into_response()
     }
 }
 
@@ -135,7 +149,7 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
                 ApiError::new(status, e.to_string())
             }
             CommandError::Conflict | CommandError::Stale(_) => ApiError::conflict(e.to_string()),
-            CommandError::Taken(scope) => {
+            CommandError::Taken { scope, .. } => {
                 ApiError::conflict(format!("{} is already taken", scope.replace('_', " ")))
             }
             CommandError::Internal(cause) => ApiError::internal(cause),
@@ -144,3 +158,49 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+/// A command's refusal as [`From`] words it, except that a name, slug or address that is taken
+/// names its holder (`user email is already taken by user <id>`) when `caller` may read that
+/// holder: a client whose create's answer was lost learns what it made, without paging
+/// through every user (whose addresses are sealed) to find it. Never another tenant's: an
+/// e-mail address or role name is unique within `org` (its claim is keyed by it), so its holder
+/// is of `org`, named to a key that may read users (roles) there; an organization's name and
+/// slug are unique across the platform, so their holder is named only to a key that may read
+/// that organization (the platform operator's; a tenant renaming its own onto another's name
+/// learns only that it is taken).
+pub fn naming_holder<E: Rejectable>(
+    caller: &Caller,
+    org: Option<Uuid>,
+    e: CommandError<E>,
+) -> ApiError {
+    if let CommandError::Taken { scope, holder } = &e {
+        if let Some(named) = readable_holder(caller, org, scope, holder) {
+            return ApiError::conflict(format!(
+                "{} is already taken by {named}",
+                scope.replace('_', " ")
+            ));
+        }
+    }
+    ApiError::from(e)
+}
+
+/// `holder` (`<aggregate type>:<id>`) as `user <id>`, if `caller` may read it.
+fn readable_holder(
+    caller: &Caller,
+    org: Option<Uuid>,
+    scope: &str,
+    holder: &str,
+) -> Option<String> {
+    let (kind, id) = holder.split_once(':')?;
+    let id: Uuid = id.parse().ok()?;
+    let (noun, tenant, permission) = match (scope, kind) {
+        (claims::USER_EMAIL, User::TYPE) => ("user", org?, Permission::UsersRead),
+        (claims::ROLE_NAME, Role::TYPE) => ("role", org?, Permission::RolesRead),
+        (claims::ORGANIZATION_NAME | claims::ORGANIZATION_SLUG, Organization::TYPE) => {
+            ("organization", id, Permission::OrganizationsRead)
+        }
+        _ => return None,
+    };
+    caller.require_in(tenant, permission).ok()?;
+    Some(format!("{noun} {id}"))
+}

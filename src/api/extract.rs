@@ -81,7 +81,8 @@ fn not_json() -> ApiError {
     )
 }
 
-async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
+/// The whole body, within the limit (413 over it).
+pub(super) async fn body<S: Send + Sync>(req: Request, state: &S) -> Result<Bytes, ApiError> {
     Bytes::from_request(req, state).await.map_err(|r| {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::new(r.status(), "request body is larger than 1 MiB")

@@ -614,6 +614,7 @@ pub async fn delete(
                 || super::recorded(&app, Message::TYPE, message, "MessageDeleted").await?
             {
                 app.vault.destroy_message_key(&app.pool, message).await?;
+                super::idempotency::forget_answers_naming(&app.pool, message).await?;
             }
             outcome
         })

@@ -30,6 +30,7 @@ pub mod departures;
 pub mod error;
 pub mod extract;
 pub mod history;
+pub mod idempotency;
 pub mod ledger;
 pub mod messages;
 pub mod meta;
@@ -600,6 +601,9 @@ pub fn router(app: App) -> Router {
         .route("/v1/ledger/proofs/inclusion", get(proofs::inclusion))
         .route("/v1/ledger/proofs/consistency", get(proofs::consistency))
         .route("/v1/ledger/public-key", get(proofs::public_key))
+        // Routes only: inside the time limit (a request sent with a key runs on after a 408,
+        // and keeps its answer), after the request id (which its events and rows record).
+        .route_layer(middleware::from_fn_with_state(app.clone(), idempotency::layer))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "no such route") })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route") })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

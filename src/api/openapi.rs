@@ -132,6 +132,10 @@ fn operation(
     if let Some(query) = r.query {
         parameters.extend(query_parameters(query(queries)));
     }
+    let command = r.method != "GET";
+    if command {
+        parameters.push(idempotency_key());
+    }
     let mut op = json!({
         "summary": r.summary,
         "operationId": format!("{}_{}", r.method.to_lowercase(), r.path.trim_start_matches('/').replace(['/', '{', '}', '-', '.'], "_")),
@@ -182,11 +186,40 @@ fn operation(
             });
         }
     }
+    if command {
+        let replayed = json!({
+            "description": "`true` on the answer of an earlier request sent with the same \
+                            Idempotency-Key, given again",
+            "schema": {"type": "string", "enum": ["true"]},
+        });
+        for (_, answer) in op["responses"]
+            .as_object_mut()
+            .expect("responses")
+            .iter_mut()
+        {
+            answer["headers"] = json!({"Idempotent-Replayed": replayed});
+        }
+    }
     if let Some(p) = r.permission {
         op["security"] = json!([{ "bearer": [] }]);
         op["x-permission"] = json!(p);
     }
     op
+}
+
+/// The `Idempotency-Key` header every command takes (`super::idempotency`).
+fn idempotency_key() -> Value {
+    json!({
+        "name": "Idempotency-Key",
+        "in": "header",
+        "required": false,
+        "description": "Makes a retry safe: a request sent again with the key of one already \
+            carried out is answered with that one's answer (header `Idempotent-Replayed: \
+            true`; an API key's secret is not kept: 409 naming the key), for 24 hours. \
+            The key belongs to the API key that sends it. With another method, path, query or \
+            body: 422; while the first is running: 409.",
+        "schema": {"type": "string", "minLength": 1, "maxLength": 255, "pattern": "^[\\x20-\\x7E]+$"},
+    })
 }
 
 fn json_content(schema: impl serde::Serialize) -> Value {
@@ -315,6 +348,35 @@ mod tests {
     }
 
     #[test]
+    fn commands_document_the_idempotency_key_and_reads_do_not() {
+        let doc = document();
+        for r in ROUTES {
+            let op = &doc["paths"][r.path][r.method.to_lowercase()];
+            let header = op["parameters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|p| p["in"] == "header" && p["name"] == "Idempotency-Key");
+            assert_eq!(
+                header.is_some(),
+                r.method != "GET",
+                "{} {}",
+                r.method,
+                r.path
+            );
+            let replayed =
+                &op["responses"][r.success.to_string()]["headers"]["Idempotent-Replayed"];
+            assert_eq!(
+                replayed.is_object(),
+                r.method != "GET",
+                "{} {}",
+                r.method,
+                r.path
+            );
+        }
+    }
+
+    #[test]
     fn query_parameters_come_from_the_query_struct() {
         let doc = document();
         let params = doc["paths"]["/v1/organizations/{org}/audit-events"]["get"]["parameters"]
@@ -335,6 +397,7 @@ mod tests {
                 "from",
                 "limit",
                 "order",
+                "request_id",
                 "to"
             ]
         );

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::answers::PageOf;
 use super::auth::Caller;
-use super::error::{ApiError, ApiResult};
+use super::error::{naming_holder, ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, PageQuery};
 use super::{absent_not_null, absent_or_null, double_option, not_null};
@@ -90,7 +90,8 @@ pub async fn create(
             &caller.actor,
             command,
         )
-        .await?;
+        .await
+        .map_err(|e| naming_holder(&caller, None, e))?;
         create_built_in_roles(&work, id, &caller.actor).await
     })
     .await?;
@@ -252,7 +253,8 @@ pub async fn update(
         &caller.actor,
         command,
     )
-    .await?;
+    .await
+    .map_err(|e| naming_holder(&caller, Some(org), e))?;
     Ok(axum::Json(find(&app, org).await?))
 }
 

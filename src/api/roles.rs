@@ -16,7 +16,7 @@ use uuid::Uuid;
 
 use super::answers::{List, PageOf};
 use super::auth::{granted_by_role, role_permissions, Caller};
-use super::error::{ApiError, ApiResult};
+use super::error::{naming_holder, ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::owners::{keeping_an_owner, Loss};
 use super::page::{self, Page, PageQuery};
@@ -181,7 +181,8 @@ async fn create_role(
         grantable: caller.permissions.clone(),
     };
     app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command)
-        .await?;
+        .await
+        .map_err(|e| naming_holder(&caller, Some(org), e))?;
     Ok(())
 }
 
@@ -300,7 +301,11 @@ async fn update_role(
         inheriting_levels,
         grantable: caller.permissions.clone(),
     };
-    let update = app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command);
+    let update = async {
+        app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
+            .await
+            .map_err(|e| naming_holder(&caller, Some(org), e))
+    };
     keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await
 }
 

@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::answers::PageOf;
 use super::auth::Caller;
 use super::departures;
-use super::error::{ApiError, ApiResult};
+use super::error::{naming_holder, ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::organizations::{self, Reason};
 use super::owners::{keeping_an_owner, Loss};
@@ -137,7 +137,7 @@ pub async fn invite(
             }
             // The user never came to be: its key protects nothing.
             app.vault.destroy_key(&app.pool, id).await?;
-            Err(ApiError::from(e))
+            Err(naming_holder(&caller, Some(org), e))
         })
     };
     task.await?;
@@ -220,7 +220,8 @@ pub async fn update(
         unchanged,
     };
     app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
+        .await
+        .map_err(|e| naming_holder(&caller, Some(org), e))?;
     Ok(axum::Json(find(&app, org, user).await?))
 }
 
@@ -312,6 +313,7 @@ pub async fn erase(
                 // handler stopped.
                 if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
                     app.vault.destroy_key(&app.pool, user).await?;
+                    super::idempotency::forget_answers_naming(&app.pool, user).await?;
                 }
                 outcome.map_err(ApiError::from)
             };

@@ -51,8 +51,13 @@ impl ClaimBook {
         })
     }
 
-    /// Applies one command's claims, all or nothing. Err names the scope that is taken.
-    pub(super) fn apply(&mut self, ops: &[ClaimOp], owner: &str) -> Result<(), &'static str> {
+    /// Applies one command's claims, all or nothing. Err names the scope that is taken and
+    /// its holder (`<aggregate type>:<id>`), which the API names to a caller who may read it.
+    pub(super) fn apply(
+        &mut self,
+        ops: &[ClaimOp],
+        owner: &str,
+    ) -> Result<(), (&'static str, String)> {
         let mut next = self.current.clone();
         for op in ops {
             let k = (op.scope(), op.key().to_string());
@@ -63,7 +68,7 @@ impl ClaimBook {
                     }
                 }
                 ClaimOp::Claim { .. } => match next.get(&k) {
-                    Some(o) if o != owner => return Err(op.scope()),
+                    Some(o) if o != owner => return Err((op.scope(), o.clone())),
                     _ => {
                         next.insert(k, owner.to_string());
                     }
@@ -191,7 +196,10 @@ mod tests {
     #[test]
     fn another_owners_key_is_refused() {
         let mut b = book(&[("role_name", "o:ops", "Role:r1")]);
-        assert_eq!(b.apply(&[claim("o:ops")], "Role:r2"), Err("role_name"));
+        assert_eq!(
+            b.apply(&[claim("o:ops")], "Role:r2"),
+            Err(("role_name", "Role:r1".to_string()))
+        );
         let (released, added) = b.changes();
         assert!(released.is_empty() && added.is_empty());
     }

@@ -22,9 +22,10 @@ pub enum AppendError {
     /// The aggregate a command was decided against (its guard) changed before the append.
     #[error("the {0} changed while the command was being decided; retry")]
     Stale(String),
-    /// A name, slug, address or prefix that must be unique is taken.
+    /// A name, slug, address or prefix that must be unique is taken, by `holder`
+    /// (`<aggregate type>:<id>`).
     #[error("{scope} is already taken")]
-    Taken { scope: &'static str },
+    Taken { scope: &'static str, holder: String },
     #[error("invalid event: {0}")]
     Invalid(String),
     #[error("ledger database error: {0}")]

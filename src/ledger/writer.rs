@@ -446,11 +446,11 @@ async fn commit_batch(
             outcomes[i] = Some(Err(AppendError::Conflict));
             continue;
         }
-        if let Err(scope) = claims.apply(
+        if let Err((scope, holder)) = claims.apply(
             &p.claims,
             &format!("{}:{}", p.aggregate_type, p.aggregate_id),
         ) {
-            outcomes[i] = Some(Err(AppendError::Taken { scope }));
+            outcomes[i] = Some(Err(AppendError::Taken { scope, holder }));
             continue;
         }
         for r in &p.rows {

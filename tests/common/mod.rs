@@ -250,20 +250,7 @@ impl TestApp {
         if let Some(b) = body {
             req = req.json(&b);
         }
-        let res = req.send().await.expect("request sent");
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let text = res.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Response {
-            status,
-            body,
-            headers,
-        }
+        answer(req).await
     }
 
     pub async fn raw(
@@ -515,20 +502,25 @@ impl TestApp {
         if let Some(a) = authorization {
             req = req.header("authorization", a);
         }
-        let res = req.send().await.expect("request sent");
-        let status = res.status().as_u16();
-        let headers = res.headers().clone();
-        let text = res.text().await.expect("body");
-        let body = if text.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_str(&text).unwrap_or(Value::String(text))
-        };
-        Response {
-            status,
-            body,
-            headers,
-        }
+        answer(req).await
+    }
+}
+
+/// Sends `req`; its answer, the body as JSON (text if it is not; null if empty).
+pub async fn answer(req: reqwest::RequestBuilder) -> Response {
+    let res = req.send().await.expect("request sent");
+    let status = res.status().as_u16();
+    let headers = res.headers().clone();
+    let text = res.text().await.expect("body");
+    let body = if text.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(&text).unwrap_or(Value::String(text))
+    };
+    Response {
+        status,
+        body,
+        headers,
     }
 }
 
