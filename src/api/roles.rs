@@ -263,7 +263,7 @@ pub async fn update(
         parent_ancestry: ancestry,
         grantable: caller.permissions.clone(),
     };
-    let update = app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command);
+    let update = app.execute_owned(|f| &f.roles, role, Some(org), &caller.actor, command);
     keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await?;
     Ok(axum::Json(find(&app, org, role).await?))
 }
@@ -290,8 +290,8 @@ pub async fn delete(
             "{children} role(s) inherit from this role; change their parent first"
         )));
     }
-    let delete = app.execute(
-        &app.cqrs.roles,
+    let delete = app.execute_owned(
+        |f| &f.roles,
         role,
         Some(org),
         &caller.actor,
@@ -381,14 +381,22 @@ pub async fn assign(
     // Assigning a role is granting what it grants: no more than the caller holds.
     may_give(&app, &caller, role).await?;
     let body = body.0.unwrap_or_default();
+    let now = Utc::now();
+    // Given (again) with an expiry, an owner's assignment stops counting as keeping the
+    // organization owned: it lapses by itself, with no command left to refuse. (An expiry
+    // already past is the aggregate's to refuse, 422.)
+    let loss = body
+        .expires_at
+        .is_some_and(|at| at > now)
+        .then_some(Loss::Assignment { user, role });
     let command = UserCommand::AssignRole {
         role_id: role,
         expires_at: body.expires_at,
         reason: body.reason,
-        now: Utc::now(),
+        now,
     };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
+    let assign = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    keeping_an_owner(&app, org, loss, assign).await?;
     Ok(axum::Json(List::of(assignments(&app, user, None).await?)))
 }
 
@@ -414,7 +422,7 @@ pub async fn revoke(
         role_id: role,
         reason: None,
     };
-    let revoke = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
+    let revoke = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
     keeping_an_owner(&app, org, Some(Loss::Assignment { user, role }), revoke).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -258,7 +258,7 @@ async fn change_status(
     holds_all_they_hold(app, caller, user).await?;
     // Reactivating takes nothing away; the lock is only for what could.
     let loss = matches!(command, UserCommand::Deactivate { .. }).then_some(Loss::User(user));
-    let change = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
+    let change = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
     keeping_an_owner(app, org, loss, change).await?;
     Ok(axum::Json(find(app, org, user).await?))
 }
@@ -281,34 +281,30 @@ pub async fn erase(
     find(&app, org, user).await?;
     // Erasing takes away more than deactivating does.
     holds_all_they_hold(&app, &caller, user).await?;
-    // From the check to the key's end in a task of its own, so a client hanging up can
-    // neither leave an erased user's key in place nor end the organization's turn early.
+    // The turn (from the check to the key's end) runs in a task of its own, so a client
+    // hanging up can neither leave an erased user's key in place nor end the organization's
+    // turn early.
+    let erase = app.execute_owned(
+        |f| &f.users,
+        user,
+        Some(org),
+        &caller.actor,
+        UserCommand::Erase,
+    );
     let erasure = {
         let app = app.clone();
-        super::to_the_end(async move {
-            let erase = async {
-                let outcome = app
-                    .execute(
-                        &app.cqrs.users,
-                        user,
-                        Some(org),
-                        &caller.actor,
-                        UserCommand::Erase,
-                    )
-                    .await;
-                // Also here, so the key is gone even while the users projection is behind or
-                // stopped; and whenever the ledger holds the erasure, so that a retry
-                // ("already erased") finishes an erasure whose answer was lost or whose
-                // handler stopped.
-                if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
-                    app.vault.destroy_key(&app.pool, user).await?;
-                }
-                outcome.map_err(ApiError::from)
-            };
-            keeping_an_owner(&app, org, Some(Loss::User(user)), erase).await
-        })
+        async move {
+            let outcome = erase.await;
+            // Also here, so the key is gone even while the users projection is behind or
+            // stopped; and whenever the ledger holds the erasure, so that a retry ("already
+            // erased") finishes an erasure whose answer was lost or whose handler stopped.
+            if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
+                app.vault.destroy_key(&app.pool, user).await?;
+            }
+            outcome.map_err(ApiError::from)
+        }
     };
-    erasure.await?;
+    keeping_an_owner(&app, org, Some(Loss::User(user)), erasure).await?;
     // Read after the key is gone: the answer never shows what was erased.
     Ok(axum::Json(find(&app, org, user).await?))
 }
