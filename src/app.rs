@@ -263,6 +263,29 @@ impl App {
         .await
     }
 
+    /// [`App::execute`] as a future that owns what it needs (`framework` picks the
+    /// aggregate's), so that it can run in a task of its own ([`crate::api::to_the_end`]).
+    pub fn execute_owned<A>(
+        &self,
+        framework: fn(&Frameworks) -> &Framework<A>,
+        aggregate_id: Uuid,
+        organization_id: Option<Uuid>,
+        actor: &Actor,
+        command: A::Command,
+    ) -> impl std::future::Future<Output = Result<(), CommandError<A::Error>>> + Send + 'static
+    where
+        A: Aggregate<Services = ()> + 'static,
+        A::Error: std::error::Error + Send,
+        A::Command: std::fmt::Debug + Send,
+    {
+        let (app, actor) = (self.clone(), actor.clone());
+        async move {
+            let framework = framework(&app.cqrs);
+            app.execute(framework, aggregate_id, organization_id, &actor, command)
+                .await
+        }
+    }
+
     /// [`App::execute`] for a command decided against another aggregate's state: it is
     /// refused with [`CommandError::Stale`] if that aggregate changed before the append.
     pub async fn execute_guarded<A>(

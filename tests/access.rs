@@ -2840,7 +2840,8 @@ async fn the_last_owner_can_be_neither_demoted_nor_deactivated_nor_erased() {
 
 #[tokio::test]
 async fn an_organization_without_an_owner_is_left_to_the_platform_operator() {
-    // Created by the platform operator and given no owner: nothing to keep, nothing refused.
+    // Created by the platform operator and given no owner for good: nothing to keep, nothing
+    // refused.
     let t = TestApp::spawn().await;
     let org = t.create_org("Unowned").await;
     let (admin, _) = t
@@ -2862,6 +2863,16 @@ async fn an_organization_without_an_owner_is_left_to_the_platform_operator() {
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
+    // Nor one given owners only until a date: it is left with none when they lapse.
+    let interim = t.invite(org, "interim@unowned.example", "Interim").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let path = org_path(org, &format!("/users/{interim}/roles/{owner_role}"));
+    let r = t
+        .put(&path, &t.admin_key, json!({"expires_at": in_seconds(3600)}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.delete(&path, &t.admin_key).await;
+    assert_eq!(r.status, 204, "{}", r.body);
 }
 
 #[tokio::test]
@@ -2902,12 +2913,8 @@ async fn the_owner_role_loses_no_permission() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
-#[tokio::test]
-async fn a_role_inheriting_from_owner_counts_and_cannot_be_cut_from_the_last_owner() {
-    let t = TestApp::spawn().await;
-    let org = t.create_org("Heirs").await;
-    let owner_role = t.role_id(org, "owner").await;
-    let (first, _) = t.member_with_key(org, "owner", "first@heirs.example").await;
+/// Makes `co-owner`, a role inheriting from the owner role; returns its id.
+async fn co_owner_role(t: &TestApp, org: Uuid, owner_role: Uuid) -> Uuid {
     let r = t
         .post(
             &org_path(org, "/roles"),
@@ -2916,7 +2923,16 @@ async fn a_role_inheriting_from_owner_counts_and_cannot_be_cut_from_the_last_own
         )
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
-    let co_owner: Uuid = r.body["id"].as_str().unwrap().parse().unwrap();
+    r.body["id"].as_str().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn a_role_inheriting_from_owner_counts_and_cannot_be_cut_from_the_last_owner() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Heirs").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (first, _) = t.member_with_key(org, "owner", "first@heirs.example").await;
+    let co_owner = co_owner_role(&t, org, owner_role).await;
     let heir = t.invite(org, "heir@heirs.example", "Heir").await;
     t.assign(org, heir, co_owner).await;
     // The heir owns through co-owner, so the first owner may go.
@@ -2997,15 +3013,11 @@ async fn two_owners_removing_each_other_at_once_leave_one() {
             "round {round}: one passes: {} {} / {} {}",
             by_a.status, by_a.body, by_b.status, by_b.body
         );
-        let (owners,): (i64,) = sqlx::query_as(
-            "SELECT count(*) FROM user_roles ur JOIN users u ON u.id = ur.user_id \
-             WHERE ur.role_id = $1 AND u.status = 'active'",
-        )
-        .bind(owner_role)
-        .fetch_one(t.pool())
-        .await
-        .unwrap();
-        assert_eq!(owners, 1, "round {round}: one owner is left");
+        assert_eq!(
+            permanent_owners(&t, org).await,
+            1,
+            "round {round}: one owner is left"
+        );
         // Put things back for the next round, as the platform operator (what is already so
         // is refused as a no-op: 409 or 422).
         for u in [a, b] {
@@ -3027,4 +3039,222 @@ async fn two_owners_removing_each_other_at_once_leave_one() {
             assert!(matches!(r.status, 200 | 409 | 422), "{}", r.body);
         }
     }
+}
+
+/// The organization's active users holding the built-in owner role without an expiry, as
+/// the read models show them.
+async fn permanent_owners(t: &TestApp, org: Uuid) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM user_roles ur JOIN users u ON u.id = ur.user_id \
+         WHERE ur.role_id = $1 AND u.status = 'active' AND ur.expires_at IS NULL",
+    )
+    .bind(built_in_roles::role_id(org, built_in_roles::OWNER))
+    .fetch_one(t.pool())
+    .await
+    .unwrap()
+}
+
+/// A new organization whose users `owners` (e-mail addresses) hold the owner role for good:
+/// the app, the organization, the owners' ids, the owner role's id, and the path of a
+/// user's assignment of it.
+async fn owned_org(
+    name: &str,
+    owners: &[&str],
+) -> (TestApp, Uuid, Vec<Uuid>, Uuid, impl Fn(Uuid) -> String) {
+    let t = TestApp::spawn().await;
+    let org = t.create_org(name).await;
+    let owner_role = t.role_id(org, "owner").await;
+    let mut ids = Vec::new();
+    for email in owners {
+        ids.push(t.member_with_key(org, "owner", email).await.0);
+    }
+    let assignment = move |u: Uuid| org_path(org, &format!("/users/{u}/roles/{owner_role}"));
+    (t, org, ids, owner_role, assignment)
+}
+
+#[tokio::test]
+async fn an_owner_given_until_a_date_does_not_keep_the_organization_owned() {
+    let (t, org, owners, owner_role, assignment) =
+        owned_org("Lapsing", &["first@lapsing.example"]).await;
+    let first = owners[0];
+    let second = t.invite(org, "second@lapsing.example", "Second").await;
+    let until = json!({"expires_at": in_seconds(3600), "reason": "cover"});
+
+    // The only owner for good, given the role again until a date: the organization would be
+    // left with no owner once it passed, with no command to refuse.
+    let before = t.head().await;
+    let r = t.put(&assignment(first), &t.admin_key, until.clone()).await;
+    refused_for_the_last_owner(&t, r, before).await;
+    // An expiry already past is bad input, as ever.
+    let r = t
+        .put(
+            &assignment(first),
+            &t.admin_key,
+            json!({"expires_at": "2020-01-01T00:00:00Z"}),
+        )
+        .await;
+    assert_error(&r, 422);
+    assert_eq!(t.head().await, before);
+
+    // A second owner until a date is welcome beside one for good, but does not count as one:
+    // the first may neither lose the role nor leave.
+    let r = t
+        .put(&assignment(second), &t.admin_key, until.clone())
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = t.head().await;
+    let r = t.delete(&assignment(first), &t.admin_key).await;
+    refused_for_the_last_owner(&t, r, before).await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{first}/deactivate")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+    // Nor through a role inheriting from owner, given until a date.
+    let co_owner = co_owner_role(&t, org, owner_role).await;
+    let path = org_path(org, &format!("/users/{second}/roles/{co_owner}"));
+    let r = t.put(&path, &t.admin_key, until.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = t.head().await;
+    let r = t.delete(&assignment(first), &t.admin_key).await;
+    refused_for_the_last_owner(&t, r, before).await;
+
+    // Once the second holds the role for good, the first may hold it until a date, and the
+    // second is then the one kept.
+    let r = t.put(&assignment(second), &t.admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t.put(&assignment(first), &t.admin_key, until.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let before = t.head().await;
+    let r = t
+        .put(&assignment(second), &t.admin_key, until.clone())
+        .await;
+    refused_for_the_last_owner(&t, r, before).await;
+    let r = t.delete(&assignment(second), &t.admin_key).await;
+    refused_for_the_last_owner(&t, r, before).await;
+    assert_eq!(permanent_owners(&t, org).await, 1);
+}
+
+/// Past a stopped projection, the owners are counted from read models that may no longer be
+/// so: an owner with a change pending in the log is not counted as staying, and when that
+/// leaves none the answer is 503 (not a guess either way) until the read models show it.
+#[tokio::test]
+async fn owners_with_a_change_the_read_models_do_not_show_are_not_counted_on() {
+    let emails = ["a@stale.example", "b@stale.example", "c@stale.example"];
+    let (t, org, owners, _, assignment) = owned_org("Stale Owners", &emails).await;
+    t.stop_projection("user_roles").await;
+    // `user_roles` stops at this revocation and shows `a` an owner still.
+    let r = t.delete(&assignment(owners[0]), &t.admin_key).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // `c` stays for sure: `b` may go.
+    let r = t.delete(&assignment(owners[1]), &t.admin_key).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    // Now only `a` and `b` are shown beside `c`, each with a change pending.
+    let before = t.head().await;
+    let r = t.delete(&assignment(owners[2]), &t.admin_key).await;
+    assert_error_says(&r, 503, "do not show it yet");
+    assert_eq!(t.head().await, before, "a refused command appends nothing");
+    let r = t
+        .post(
+            &org_path(org, &format!("/users/{}/deactivate", owners[2])),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_error(&r, 503);
+    assert_eq!(t.head().await, before);
+
+    t.resume_projection("user_roles").await;
+    let caught_up = common::eventually(Duration::from_secs(20), || async {
+        permanent_owners(&t, org).await == 1
+    })
+    .await;
+    assert!(caught_up, "user_roles shows both revocations once resumed");
+    let r = t.delete(&assignment(owners[2]), &t.admin_key).await;
+    refused_for_the_last_owner(&t, r, before).await;
+    assert_eq!(permanent_owners(&t, org).await, 1);
+}
+
+/// A client hanging up on a removal ends neither it nor the organization's turn: the next
+/// removal waits for the turn until the read models show the first, and is then decided on
+/// them.
+#[tokio::test]
+async fn a_removal_whose_client_hung_up_holds_the_turn_until_the_read_models_show_it() {
+    let emails = ["a@hungup.example", "b@hungup.example"];
+    let (t, org, owners, _, assignment) = owned_org("Hung Up", &emails).await;
+    let (a, b) = (owners[0], owners[1]);
+    // `user_roles` cannot commit a batch while this holds its checkpoint: it falls behind,
+    // without stopping.
+    let hold = common::hold_checkpoint(t.pool(), "user_roles").await;
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    let sent = tokio::time::Instant::now();
+    let gone = impatient
+        .delete(format!("{}{}", t.base, assignment(a)))
+        .bearer_auth(&t.admin_key)
+        .send()
+        .await;
+    assert!(
+        gone.as_ref().is_err_and(|e| e.is_timeout()),
+        "the client gave up waiting: {gone:?}"
+    );
+
+    let b_owner = assignment(b);
+    let second = t.delete(&b_owner, &t.admin_key);
+    let waiting_for_the_turn = || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' \
+               AND query LIKE '%ledgerline owners%'",
+        )
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        waiting > 0
+    };
+    let observed = async {
+        let began = common::eventually(Duration::from_secs(10), waiting_for_the_turn).await;
+        // Past the first removal's own wait for the read models (5 s), its turn holds.
+        tokio::time::sleep_until(sent + Duration::from_secs(7)).await;
+        let still = waiting_for_the_turn().await;
+        hold.rollback().await.unwrap();
+        (began, still)
+    };
+    let (second, (began, still)) = tokio::join!(second, observed);
+    assert!(began, "the second removal waits for the first's turn");
+    assert!(
+        still,
+        "and still does after the first's wait for the read models timed out"
+    );
+    // Decided on read models that show the first: `b` is the last owner.
+    assert_error_says(&second, 409, "without an active owner");
+    assert_eq!(permanent_owners(&t, org).await, 1);
+}
+
+/// A check that cannot tell for want of read models waits a moment for them: the owner just
+/// given the role, not shown yet, lets the first one go once shown.
+#[tokio::test]
+async fn a_removal_waits_a_moment_for_the_read_models_to_show_a_new_owner() {
+    let (t, org, owners, _, assignment) = owned_org("Handover", &["first@handover.example"]).await;
+    let first = owners[0];
+    let next = t.invite(org, "next@handover.example", "Next").await;
+    let hold = common::hold_checkpoint(t.pool(), "user_roles").await;
+    let r = t.put(&assignment(next), &t.admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers[ledgerline::api::READ_MODELS_BEHIND], "behind");
+
+    let first_owner = assignment(first);
+    let removal = t.delete(&first_owner, &t.admin_key);
+    let shown_soon = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        hold.rollback().await.unwrap();
+    };
+    let (r, ()) = tokio::join!(removal, shown_soon);
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(permanent_owners(&t, org).await, 1);
 }

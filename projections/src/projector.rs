@@ -180,13 +180,39 @@ impl ProjectorHandle {
     /// that one stopped projection leaves the rest read-your-writes). A projection that is
     /// catching up ([`Projector::catching_up`]) is not waited for.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
+        self.wait(&Projection::ALL, self.catching_up, position, timeout)
+            .await
+    }
+
+    /// [`ProjectorHandle::wait_for`] for `projections` alone, those catching up included: for
+    /// a decision that must read what they show. A stopped one is not waited for (false).
+    pub async fn wait_for_these(
+        &self,
+        projections: &[Projection],
+        position: i64,
+        timeout: Duration,
+    ) -> bool {
+        self.wait(projections, i64::MAX, position, timeout).await
+    }
+
+    async fn wait(
+        &self,
+        projections: &[Projection],
+        catching_up: i64,
+        position: i64,
+        timeout: Duration,
+    ) -> bool {
         let all = async {
             let mut all_there = true;
-            for (projection, rx) in &self.progress {
+            let waited = self
+                .progress
+                .iter()
+                .filter(|(p, _)| projections.contains(p));
+            for (projection, rx) in waited {
                 let (mut rx, mut window) = (rx.clone(), self.window.clone());
                 let p = *rx.borrow();
                 let behind = position - reach(*projection, p, &window.borrow());
-                if p.known && p.failed_at.is_none() && behind > self.catching_up {
+                if p.known && p.failed_at.is_none() && behind > catching_up {
                     tracing::debug!(
                         projection = projection.name(),
                         behind,

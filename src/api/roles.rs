@@ -301,10 +301,14 @@ async fn update_role(
         inheriting_levels,
         grantable: caller.permissions.clone(),
     };
-    let update = async {
-        app.execute(&app.cqrs.roles, role, Some(org), &caller.actor, command)
-            .await
-            .map_err(|e| naming_holder(&caller, Some(org), e))
+    let update = {
+        let caller = caller.clone();
+        let execute = app.execute_owned(|f| &f.roles, role, Some(org), &caller.actor, command);
+        async move {
+            execute
+                .await
+                .map_err(|e| naming_holder(&caller, Some(org), e))
+        }
     };
     keeping_an_owner(&app, org, cut.then_some(Loss::Branch(role)), update).await
 }
@@ -337,8 +341,8 @@ async fn delete_role(app: App, caller: Caller, org: Uuid, role: Uuid) -> ApiResu
             "{children} role(s) inherit from this role; change their parent first"
         )));
     }
-    let delete = app.execute(
-        &app.cqrs.roles,
+    let delete = app.execute_owned(
+        |f| &f.roles,
         role,
         Some(org),
         &caller.actor,
@@ -430,14 +434,22 @@ pub async fn assign(
     may_give(&app, &caller, role).await?;
     let body = body.0.unwrap_or_default();
     super::api_keys::require_not_outliving(&caller, body.expires_at, "a role it assigns")?;
+    let now = Utc::now();
+    // Given (again) with an expiry, an owner's assignment stops counting as keeping the
+    // organization owned: it lapses by itself, with no command left to refuse. (An expiry
+    // already past is the aggregate's to refuse, 422.)
+    let loss = body
+        .expires_at
+        .is_some_and(|at| at > now)
+        .then_some(Loss::Assignment { user, role });
     let command = UserCommand::AssignRole {
         role_id: role,
         expires_at: body.expires_at,
         reason: body.reason,
-        now: Utc::now(),
+        now,
     };
-    app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command)
-        .await?;
+    let assign = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    keeping_an_owner(&app, org, loss, assign).await?;
     Ok(axum::Json(List::of(assignments(&app, user, None).await?)))
 }
 
@@ -463,7 +475,7 @@ pub async fn revoke(
         role_id: role,
         reason: None,
     };
-    let revoke = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
+    let revoke = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
     keeping_an_owner(&app, org, Some(Loss::Assignment { user, role }), revoke).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -261,16 +261,21 @@ async fn change_status(
     // Reactivating takes nothing away; the lock is only for what could.
     let deactivating = matches!(command, UserCommand::Deactivate { .. });
     let loss = deactivating.then_some(Loss::User(user));
-    let change = app.execute(&app.cqrs.users, user, Some(org), &caller.actor, command);
-    let outcome = keeping_an_owner(app, org, loss, change).await;
-    if deactivating {
-        // Outside the organization's turn (its owners are not the conversations'), and also
-        // after a refusal: a retry ("already deactivated") finishes a handing on cut off
-        // before. In a task of its own, so a client hanging up does not stop it halfway.
-        let app = app.clone();
-        super::to_the_end(async move { departures::settle(&app, org, user).await }).await?;
-    }
-    outcome?;
+    let change = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    let task = app.clone();
+    // One task to the end, so a client hanging up stops neither the command nor the handing
+    // on of what the user owned.
+    super::to_the_end(async move {
+        let outcome = keeping_an_owner(&task, org, loss, change).await;
+        if deactivating {
+            // Outside the organization's turn (its owners are not the conversations'), and
+            // also after a refusal: a retry ("already deactivated") finishes a handing on cut
+            // off before.
+            departures::settle(&task, org, user).await?;
+        }
+        outcome
+    })
+    .await?;
     Ok(axum::Json(find(app, org, user).await?))
 }
 
@@ -292,40 +297,42 @@ pub async fn erase(
     find(&app, org, user).await?;
     // Erasing takes away more than deactivating does.
     holds_all_they_hold(&app, &caller, user).await?;
-    // From the check to the key's end in a task of its own, so a client hanging up can
-    // neither leave an erased user's key in place nor end the organization's turn early.
+    // The turn (from the check to the key's end) runs in a task of its own, so a client
+    // hanging up can neither leave an erased user's key in place nor end the organization's
+    // turn early.
+    let erase = app.execute_owned(
+        |f| &f.users,
+        user,
+        Some(org),
+        &caller.actor,
+        UserCommand::Erase,
+    );
     let erasure = {
         let app = app.clone();
+        async move {
+            let outcome = erase.await;
+            // Also here, so the key is gone even while the users projection is behind or
+            // stopped; and whenever the ledger holds the erasure, so that a retry ("already
+            // erased") finishes an erasure whose answer was lost or whose handler stopped.
+            if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
+                app.vault.destroy_key(&app.pool, user).await?;
+                super::idempotency::forget_answers_naming(&app.pool, user).await?;
+            }
+            outcome.map_err(ApiError::from)
+        }
+    };
+    {
+        let app = app.clone();
         super::to_the_end(async move {
-            let erase = async {
-                let outcome = app
-                    .execute(
-                        &app.cqrs.users,
-                        user,
-                        Some(org),
-                        &caller.actor,
-                        UserCommand::Erase,
-                    )
-                    .await;
-                // Also here, so the key is gone even while the users projection is behind or
-                // stopped; and whenever the ledger holds the erasure, so that a retry
-                // ("already erased") finishes an erasure whose answer was lost or whose
-                // handler stopped.
-                if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
-                    app.vault.destroy_key(&app.pool, user).await?;
-                    super::idempotency::forget_answers_naming(&app.pool, user).await?;
-                }
-                outcome.map_err(ApiError::from)
-            };
-            let outcome = keeping_an_owner(&app, org, Some(Loss::User(user)), erase).await;
+            let outcome = keeping_an_owner(&app, org, Some(Loss::User(user)), erasure).await;
             // The erased user leaves their conversations, after the organization's turn (its
             // owners are not the conversations'); also after a retry refused as "already
             // erased", which so finishes an erasure cut off before.
             departures::settle(&app, org, user).await?;
             outcome
         })
-    };
-    erasure.await?;
+        .await?;
+    }
     // Read after the key is gone: the answer never shows what was erased.
     Ok(axum::Json(find(&app, org, user).await?))
 }
