@@ -738,6 +738,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
         finish_connections: args.finish_connections,
+        snapshot_wait: std::time::Duration::from_secs(args.snapshot_wait_secs),
         ..Default::default()
     };
     let wanted = ledgerline_projections::resolve(names)?;
@@ -779,6 +780,8 @@ fn says_what_next(e: &ledgerline_projections::RunError) -> bool {
         e,
         RunError::SwapBusy { .. }
             | RunError::LockLost { .. }
+            | RunError::OldSnapshots { .. }
+            | RunError::Dependents { .. }
             | RunError::LiveTablesChanged(_)
             | RunError::RebuildInProgress { .. }
             | RunError::RebuildRunning

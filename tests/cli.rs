@@ -237,6 +237,31 @@ async fn rebuilds_and_checks_refuse_a_log_that_does_not_verify() {
     assert_eq!(after, live, "the live rows are as the intact log made them");
 }
 
+/// A view over a live table would stop the swap after all the work: the rebuild refuses at
+/// its start instead (exit 2, as other refusals), naming the view, and starts no job.
+#[tokio::test]
+async fn a_rebuild_refuses_a_view_over_its_tables_and_starts_nothing() {
+    let t = TestApp::spawn().await;
+    t.create_org("Viewed Co").await;
+    sqlx::query("CREATE VIEW org_names AS SELECT name FROM organizations")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("view org_names (depends on organizations)")
+            && err.contains("nothing was started"),
+        "{err}"
+    );
+    assert!(!err.contains("keeps the work"), "no job to keep: {err}");
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no job was started");
+}
+
 /// The operator key is shown even when the read models cannot show it yet: only its hash
 /// is kept and a second bootstrap is refused, so a key not printed would be lost for good.
 #[tokio::test]

@@ -9,6 +9,7 @@ use uuid::Uuid;
 mod build;
 mod check;
 mod decode;
+mod dependents;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -20,6 +21,7 @@ mod projector;
 mod rebuild;
 mod run_lock;
 mod runner;
+mod snapshots;
 mod tail;
 
 pub mod api_keys;
