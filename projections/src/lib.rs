@@ -36,7 +36,7 @@ pub use build::{Phase, Progress, ProgressState};
 pub use check::{check, CheckReport, CheckedProjection, CheckedTable};
 pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;
-pub use projector::{Projector, ProjectorHandle};
+pub use projector::{Projector, ProjectorHandle, Waited};
 pub use rebuild::{
     abandon_rebuild, job_kept, rebuild, rebuild_progress, resolve, resume_command,
     resume_or_abandon, RebuildOptions, RebuildProgress, RebuildSummary,
