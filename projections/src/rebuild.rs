@@ -104,6 +104,10 @@ pub struct RebuildProgress {
     /// error; only the lock, which PostgreSQL frees when the session ends, tells a job at
     /// work from one that waits to be resumed.
     pub held: bool,
+    /// Who holds the lock, when a session does: its pid, `application_name` and client
+    /// address ("?" where `pg_stat_activity` hides them from a role without
+    /// `pg_read_all_stats`), for an operator to find the run.
+    pub holder: Option<String>,
 }
 
 /// The unfinished job, if any, with each of its projections' positions.
@@ -113,8 +117,14 @@ pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, Run
     Ok(bind_lock_halves(sqlx::query_as(&format!(
         "SELECT r.id AS job, r.shadow_schema AS schema, p.name, p.position, \
          r.target_position AS target, r.started_at, p.updated_at, \
-         EXISTS (SELECT 1 FROM pg_locks l WHERE {REBUILD_LOCK_ROW}) AS held \
+         h.holder IS NOT NULL AS held, h.holder \
          FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
+         LEFT JOIN (SELECT format('pid %s, %s, from %s', l.pid, \
+                coalesce(nullif(a.application_name, ''), '?'), \
+                CASE WHEN a.pid IS NULL OR a.backend_type IS NULL THEN '?' \
+                     ELSE coalesce(host(a.client_addr), 'a local socket') END) AS holder \
+              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+              WHERE {REBUILD_LOCK_ROW} LIMIT 1) h ON true \
          WHERE r.status = 'running' ORDER BY p.name"
     )))
     .fetch_all(pool)

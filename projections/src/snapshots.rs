@@ -28,16 +28,20 @@ const POLL: Duration = Duration::from_millis(250);
 const REMIND: Duration = Duration::from_secs(30);
 
 /// Sessions of this database (clients, and logical replication's senders, which export
-/// snapshots) other than the caller's and the job's own (named after its schema, `$2`)
+/// snapshots; also those whose kind `pg_stat_activity` hides from a role without
+/// `pg_read_all_stats`, as it shows their xmin) other than the caller's and the job's own
+/// (named after its schema, `$2`)
 /// whose snapshot is older than `$1`, a 32-bit transaction id: xids wrap around, so
 /// "older" is PostgreSQL's own test, a negative 32-bit difference.
 const OLD_SNAPSHOTS: &str = "SELECT pid, backend_start, xact_start, \
      coalesce(nullif(application_name, ''), '?') AS application, \
-     coalesce(host(client_addr), 'local socket') AS client, query_start, \
+     CASE WHEN backend_type IS NULL THEN '?' \
+          ELSE coalesce(host(client_addr), 'a local socket') END AS client, query_start, \
      coalesce(state, '?') AS state, \
      left(regexp_replace(coalesce(query, ''), '[[:space:]]+', ' ', 'g'), 80) AS query \
      FROM pg_stat_activity \
-     WHERE datname = current_database() AND backend_type IN ('client backend', 'walsender') \
+     WHERE datname = current_database() \
+     AND (backend_type IN ('client backend', 'walsender') OR backend_type IS NULL) \
      AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM $2 \
      AND backend_xmin IS NOT NULL \
      AND ((backend_xmin::text::bigint - $1) % 4294967296 + 4294967296) % 4294967296 \
