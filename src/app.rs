@@ -15,7 +15,7 @@ use ledgerline_aggregates::organization::Organization;
 use ledgerline_aggregates::role::Role;
 use ledgerline_aggregates::user::User;
 use ledgerline_projections::lease::{LeaseConfig, Leasing};
-use ledgerline_projections::{Projector, ProjectorHandle};
+use ledgerline_projections::{Projector, ProjectorHandle, Waited};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -28,6 +28,33 @@ pub type Framework<A> = CqrsFramework<A, PersistedEventStore<LedgerStore, A>>;
 
 /// How long a command waits for the read models to show its effect before answering anyway.
 const READ_YOUR_WRITES_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The projections stopped at a failure that the log has been told of, each with the
+/// position it is stopped at. While a projection is stopped every command finds it so: the
+/// stop is said once (the projector logged its error when it stopped), not by each command.
+#[derive(Debug, Default)]
+struct StopsSaid(std::sync::Mutex<Vec<(&'static str, i64)>>);
+
+impl StopsSaid {
+    /// The stops in `waited` not said yet, which the caller says now. A wait that ran to its
+    /// end saw every stopped projection, so a stop it did not see has ended (a retry, a
+    /// rebuild) and is said again if it comes back; one that timed out may not have looked.
+    fn new_in(&self, waited: &Waited) -> Vec<(&'static str, i64)> {
+        let mut said = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let new: Vec<_> = waited
+            .stopped
+            .iter()
+            .filter(|s| !said.contains(s))
+            .copied()
+            .collect();
+        if waited.timed_out {
+            said.extend(new.iter().copied());
+        } else {
+            said.clone_from(&waited.stopped);
+        }
+        new
+    }
+}
 
 /// Marks the request's answer as given before the read models showed `position`, unless
 /// every projection has reached it.
@@ -154,6 +181,7 @@ pub struct AppInner {
     /// The log's signing identity, once [`App::start_log`] ran.
     log: std::sync::OnceLock<Arc<LogSigner>>,
     maintainer: std::sync::Mutex<Option<tree::MaintainerHandle>>,
+    stops_said: StopsSaid,
 }
 
 /// The application, cheap to clone into handlers.
@@ -194,6 +222,7 @@ impl App {
             projector,
             log: std::sync::OnceLock::new(),
             maintainer: std::sync::Mutex::new(None),
+            stops_said: StopsSaid::default(),
         }))
     }
 
@@ -351,12 +380,8 @@ impl App {
                 local
             }
         };
-        if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
-            tracing::warn!(
-                position = target,
-                "read models did not all catch up (one stopped, or not in time); deciding anyway"
-            );
-        }
+        let waited = projector.wait(target, READ_YOUR_WRITES_TIMEOUT).await;
+        self.say_wait(&waited, target, "deciding anyway");
         Some((projector, target))
     }
 
@@ -366,14 +391,30 @@ impl App {
     pub async fn await_projections(&self) {
         if let Some(projector) = &self.projector {
             let target = *self.store.committed().borrow();
-            if !projector.wait_for(target, READ_YOUR_WRITES_TIMEOUT).await {
-                tracing::warn!(
-                    position = target,
-                    "read models did not all catch up (one stopped, or not in time); answering anyway"
-                );
-            }
+            let waited = projector.wait(target, READ_YOUR_WRITES_TIMEOUT).await;
+            self.say_wait(&waited, target, "answering anyway");
             // Also when one far behind was not waited for (it is catching up).
             mark_unless_reached(projector, target);
+        }
+    }
+
+    /// Logs what a wait for the read models found: a timeout each time (it says the
+    /// database or the projector is slow now), a stopped projection once per stop.
+    fn say_wait(&self, waited: &Waited, position: i64, then: &str) {
+        for (projection, stopped_at) in self.stops_said.new_in(waited) {
+            tracing::warn!(
+                projection,
+                stopped_at,
+                "read model stopped at a failure: commands {then} without waiting for it, \
+                 said once for this stop (`ledgerline projections status` shows it)"
+            );
+        }
+        if waited.timed_out {
+            tracing::warn!(
+                position,
+                "read models did not all catch up in {} s; {then}",
+                READ_YOUR_WRITES_TIMEOUT.as_secs()
+            );
         }
     }
 
@@ -387,5 +428,51 @@ impl App {
         if let Some(p) = &self.projector {
             p.shutdown().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn waited(stopped: &[(&'static str, i64)], timed_out: bool) -> Waited {
+        Waited {
+            stopped: stopped.to_vec(),
+            timed_out,
+        }
+    }
+
+    /// 2,400 commands while `users` is stopped say so once; the stop said again only when
+    /// it is a new one.
+    #[test]
+    fn a_stop_is_said_once_while_it_lasts() {
+        let said = StopsSaid::default();
+        assert_eq!(
+            said.new_in(&waited(&[("users", 10)], false)),
+            [("users", 10)]
+        );
+        for _ in 0..2_400 {
+            assert!(said.new_in(&waited(&[("users", 10)], false)).is_empty());
+        }
+        // Another projection stops too: only it is new.
+        assert_eq!(
+            said.new_in(&waited(&[("users", 10), ("roles", 12)], false)),
+            [("roles", 12)]
+        );
+        // A timed-out wait may not have looked at `roles`: its stop is not taken as ended.
+        assert!(said.new_in(&waited(&[("users", 10)], true)).is_empty());
+        assert!(said
+            .new_in(&waited(&[("users", 10), ("roles", 12)], false))
+            .is_empty());
+        // Retried and past it, then stopped again later: a new stop.
+        assert!(said.new_in(&waited(&[], false)).is_empty());
+        assert_eq!(
+            said.new_in(&waited(&[("users", 10)], false)),
+            [("users", 10)]
+        );
+        assert_eq!(
+            said.new_in(&waited(&[("users", 15)], false)),
+            [("users", 15)]
+        );
     }
 }

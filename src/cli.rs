@@ -107,10 +107,19 @@ async fn pool_with_tables(db_args: &crate::config::DatabaseArgs) -> anyhow::Resu
 ///
 /// Their long statements (reading the log, `VACUUM (ANALYZE)` of a copy, building its
 /// indexes) are what they are for: sqlx's warnings about slow statements are turned off.
-async fn pool_as_migrated(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<sqlx::PgPool> {
+///
+/// Their sessions are named `application` in `pg_stat_activity` (those working on a build
+/// schema after it), so an operator, and `projections status` naming who holds the
+/// rebuild lock, can tell them from others.
+async fn pool_as_migrated(
+    db_args: &crate::config::DatabaseArgs,
+    application: &str,
+) -> anyhow::Result<sqlx::PgPool> {
     let pool = db::connect_with(db_args.url()?, db_args.db_pool, |options| {
         use sqlx::ConnectOptions;
-        options.log_slow_statements(log::LevelFilter::Off, std::time::Duration::ZERO)
+        options
+            .log_slow_statements(log::LevelFilter::Off, std::time::Duration::ZERO)
+            .application_name(application)
     })
     .await?;
     let mismatch = db::MigrationMismatch::read(&pool)
@@ -652,10 +661,10 @@ fn print_rebuild_job(rows: &[ledgerline_projections::RebuildProgress], now: Date
         job.job,
         job.schema,
         job.started_at.format("%Y-%m-%d %H:%M:%S UTC"),
-        if job.held {
-            "RUNNING (a process holds the rebuild lock)"
-        } else {
-            "STOPPED (no process holds the rebuild lock: killed, or stopped by an error)"
+        match &job.holder {
+            Some(holder) => format!("RUNNING (the session holding the rebuild lock: {holder})"),
+            None => "STOPPED (no process holds the rebuild lock: killed, or stopped by an error)"
+                .to_string(),
         }
     );
     outln!(
@@ -730,7 +739,7 @@ async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
 }
 
 async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> anyhow::Result<()> {
-    let pool = pool_as_migrated(db_args).await?;
+    let pool = pool_as_migrated(db_args, db::REBUILD_APPLICATION_NAME).await?;
     if args.abandon {
         match ledgerline_projections::abandon_rebuild(&pool).await? {
             Some(job) => outln!("rebuild job {job} abandoned; the live tables are unchanged"),
@@ -754,6 +763,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
         finish_connections: args.finish_connections,
+        snapshot_wait: std::time::Duration::from_secs(args.snapshot_wait_secs),
         ..Default::default()
     };
     let wanted = ledgerline_projections::resolve(names)?;
@@ -795,6 +805,8 @@ fn says_what_next(e: &ledgerline_projections::RunError) -> bool {
         e,
         RunError::SwapBusy { .. }
             | RunError::LockLost { .. }
+            | RunError::OldSnapshots { .. }
+            | RunError::Dependents { .. }
             | RunError::LiveTablesChanged(_)
             | RunError::RebuildInProgress { .. }
             | RunError::RebuildRunning
@@ -807,7 +819,7 @@ async fn check(
     names: &[String],
     batch_size: i64,
 ) -> anyhow::Result<ExitCode> {
-    let pool = pool_as_migrated(db_args).await?;
+    let pool = pool_as_migrated(db_args, db::CHECK_APPLICATION_NAME).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
     ledgerline_projections::resolve(Some(&names))?;
     require_intact_log(&pool).await?;
@@ -818,7 +830,18 @@ async fn check(
     progress::finish(display).await;
     let report = result.context("checking projections")?;
     for projection in &report.projections {
-        outln!("{} (at position {})", projection.name, projection.position);
+        match projection.stopped_at {
+            None => outln!("{} (at position {})", projection.name, projection.position),
+            // Equal tables would otherwise pass for a projection at work.
+            Some(failed) => outln!(
+                "{} (at position {}) STOPPED on a failure at the event at position {failed} \
+                 (the head is at {}): compared at its checkpoint; `ledgerline projections \
+                 status` shows the error",
+                projection.name,
+                projection.position,
+                report.head
+            ),
+        }
         for t in &projection.tables {
             let verdict = if t.equal() {
                 "equal".to_string()
@@ -842,6 +865,21 @@ async fn check(
             }
         }
     }
+    let stopped: Vec<String> = report
+        .projections
+        .iter()
+        .filter_map(|p| {
+            p.stopped_at
+                .map(|at| format!("{} at position {at}", p.name))
+        })
+        .collect();
+    if !stopped.is_empty() {
+        outln!(
+            "stopped on a failure (compared up to its checkpoint only): {}; fix the cause, \
+             then `ledgerline projections retry NAME`",
+            stopped.join(", ")
+        );
+    }
     if report.equal() {
         outln!("the live read models equal a rebuild from the log");
         Ok(ExitCode::SUCCESS)
@@ -855,7 +893,7 @@ async fn check_claims(
     db_args: &crate::config::DatabaseArgs,
     repair: bool,
 ) -> anyhow::Result<ExitCode> {
-    let pool = pool_as_migrated(db_args).await?;
+    let pool = pool_as_migrated(db_args, db::CLAIMS_CHECK_APPLICATION_NAME).await?;
     let report = crate::ledger::claims_check::check_claims(&pool, repair)
         .await
         .context("checking the unique claims")?;

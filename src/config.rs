@@ -402,6 +402,13 @@ pub struct RebuildArgs {
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.finish_connections,
           value_parser = clap::value_parser!(u16).range(1..=16))]
     pub finish_connections: u16,
+    /// Once the copies are complete, how long to wait for transactions whose snapshots are
+    /// older (an export or `pg_dump` in one REPEATABLE READ transaction): swapped in under
+    /// them, the tables would look half-built to them. The log names them; after this the
+    /// run stops and its job keeps its work.
+    #[arg(long, env = "LEDGERLINE_REBUILD_SNAPSHOT_WAIT_SECS",
+          default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.snapshot_wait.as_secs())]
+    pub snapshot_wait_secs: u64,
 }
 
 #[derive(Debug, Args)]

@@ -20,6 +20,14 @@ const CAUSE_TIMEOUT: Duration = Duration::from_secs(3);
 /// [`crate::ledger::writer::APPLICATION_NAME`]), so that an operator, and a rebuild's swap
 /// naming who holds the live tables, can tell them apart.
 pub const SERVE_APPLICATION_NAME: &str = "ledgerline-serve";
+/// The `application_name` of `projections rebuild`'s sessions (its lock's among them; those
+/// working on its shadow schema carry the schema's name).
+pub const REBUILD_APPLICATION_NAME: &str = "ledgerline-rebuild";
+/// The `application_name` of `projections check`'s sessions (those building its scratch
+/// schema carry the schema's name).
+pub const CHECK_APPLICATION_NAME: &str = "ledgerline-check";
+/// The `application_name` of `claims check`'s sessions.
+pub const CLAIMS_CHECK_APPLICATION_NAME: &str = "ledgerline-claims-check";
 
 pub async fn connect(url: &str, max_connections: u32) -> anyhow::Result<PgPool> {
     connect_with(url, max_connections, |options| options).await

@@ -237,6 +237,81 @@ async fn rebuilds_and_checks_refuse_a_log_that_does_not_verify() {
     assert_eq!(after, live, "the live rows are as the intact log made them");
 }
 
+/// A view over a live table would stop the swap after all the work: the rebuild refuses at
+/// its start instead (exit 2, as other refusals), naming the view, and starts no job.
+#[tokio::test]
+async fn a_rebuild_refuses_a_view_over_its_tables_and_starts_nothing() {
+    let t = TestApp::spawn().await;
+    t.create_org("Viewed Co").await;
+    sqlx::query("CREATE VIEW org_names AS SELECT name FROM organizations")
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("view org_names (depends on organizations)")
+            && err.contains("nothing was started"),
+        "{err}"
+    );
+    assert!(!err.contains("keeps the work"), "no job to keep: {err}");
+    let (jobs,): (i64,) = sqlx::query_as("SELECT count(*) FROM projection_rebuilds")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(jobs, 0, "no job was started");
+}
+
+/// A projection stopped on a failure has equal tables up to its checkpoint: the check says
+/// it is stopped, and at which event, beside the comparison.
+#[tokio::test]
+async fn a_check_says_a_projection_is_stopped_beside_its_comparison() {
+    let t = TestApp::spawn().await;
+    t.create_org("Stopped Co").await;
+    let failed = t.head().await + 1;
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) VALUES ('organizations', $1, 'boom')",
+    )
+    .bind(failed)
+    .execute(t.pool())
+    .await
+    .unwrap();
+    // Answered 202: the organization is in the log, not in the stopped read model.
+    let r = t
+        .post(
+            "/v1/organizations",
+            &t.admin_key,
+            serde_json::json!({"name": "Later Co", "slug": "later-co"}),
+        )
+        .await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let head = t.head().await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "check", "organizations"]).await;
+    assert_eq!(
+        code, 0,
+        "the tables are equal at its checkpoint: {out}{err}"
+    );
+    let stopped = out
+        .lines()
+        .find(|l| l.starts_with("organizations (at position "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        stopped.ends_with(&format!(
+            ") STOPPED on a failure at the event at position {failed} (the head is at {head}): \
+             compared at its checkpoint; `ledgerline projections status` shows the error"
+        )),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "stopped on a failure (compared up to its checkpoint only): organizations at \
+             position {failed}"
+        )),
+        "{out}"
+    );
+    assert!(out.contains("equal a rebuild from the log"), "{out}");
+}
+
 /// The operator key is shown even when the read models cannot show it yet: only its hash
 /// is kept and a second bootstrap is refused, so a key not printed would be lost for good.
 #[tokio::test]
@@ -346,6 +421,12 @@ async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
         .find(|l| l.starts_with("rebuild job "))
         .unwrap_or_else(|| panic!("the job is shown: {out}"));
     assert!(job.contains("RUNNING"), "{out}");
+    // Who holds the lock, to find the run by: its session's pid, name and address.
+    assert!(
+        job.contains("(the session holding the rebuild lock: pid ")
+            && job.contains(", ledgerline-rebuild, from 127.0.0.1)"),
+        "{job}"
+    );
     let users = out
         .lines()
         .find(|l| l.trim_start().starts_with("users") && l.contains("ago)"))

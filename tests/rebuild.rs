@@ -1108,6 +1108,24 @@ async fn reading_users(t: &TestApp) -> sqlx::Transaction<'static, sqlx::Postgres
     reader
 }
 
+/// A failed rebuild of `users` kept its job, and `said` names the exact commands that
+/// resume and drop it, as every failure after the job exists says them.
+async fn kept_for_a_rerun(t: &TestApp, said: &str) {
+    assert!(
+        said.contains("run `ledgerline projections rebuild users` to resume it")
+            && said.contains("`ledgerline projections rebuild --abandon` to drop it"),
+        "{said}"
+    );
+    assert_eq!(
+        ledgerline_projections::rebuild_progress(t.pool())
+            .await
+            .unwrap()
+            .len(),
+        1,
+        "the job is kept"
+    );
+}
+
 /// A reader holding a live table longer than the swap may wait for its lock makes the swap
 /// back off and try again, rather than fail or queue every other reader behind it.
 #[tokio::test]
@@ -1147,25 +1165,297 @@ async fn a_swap_that_never_gets_the_live_tables_keeps_the_job_for_a_rerun() {
         }
         other => panic!("expected the busy tables, got {other}"),
     }
-    // The exact commands, as every failure after the job exists says them.
-    let said = error.to_string();
-    assert!(
-        said.contains("run `ledgerline projections rebuild users` to resume it")
-            && said.contains("`ledgerline projections rebuild --abandon` to drop it"),
-        "{said}"
-    );
-    assert_eq!(
-        ledgerline_projections::rebuild_progress(t.pool())
-            .await
-            .unwrap()
-            .len(),
-        1,
-        "the job is kept"
-    );
+    kept_for_a_rerun(&t, &error.to_string()).await;
     reader.commit().await.unwrap();
     let summary = rebuild_named(&t, &["users"]).await.unwrap();
     assert!(summary.resumed);
     assert_eq!(snapshot(&t).await, live);
+}
+
+/// A REPEATABLE READ transaction, as an export or `pg_dump` runs, named `long export`, whose
+/// snapshot is taken now (reading `roles`, which a rebuild of `users` leaves alone): older
+/// than any copy a rebuild starting after this makes. Returns it and its pid.
+async fn old_snapshot(t: &TestApp) -> (sqlx::PgConnection, i32) {
+    let options = (*t.pool().connect_options())
+        .clone()
+        .application_name("long export");
+    let mut reader = sqlx::PgConnection::connect_with(&options).await.unwrap();
+    for statement in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ",
+        "SELECT count(*) FROM roles",
+    ] {
+        sqlx::query(statement).execute(&mut reader).await.unwrap();
+    }
+    let pid = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut reader)
+        .await
+        .unwrap();
+    (reader, pid)
+}
+
+async fn count_users(conn: &mut sqlx::PgConnection) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(conn)
+        .await
+        .unwrap()
+}
+
+/// Tables swapped in under a snapshot older than their rows would look to it as far as the
+/// build had filled them when it was taken (here: empty). The swap waits until such a
+/// snapshot has ended, and goes on at once when it has.
+#[tokio::test]
+async fn the_swap_waits_for_snapshots_older_than_the_rebuilt_tables() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let mut conn = t.pool().acquire().await.unwrap();
+    let users = count_users(&mut conn).await;
+    drop(conn);
+    assert!(users > 0);
+    let (mut reader, _) = old_snapshot(&t).await;
+    let progress = Arc::new(Progress::default());
+    let job = {
+        let (pool, progress) = (t.pool().clone(), Arc::clone(&progress));
+        tokio::spawn(async move {
+            ledgerline_projections::rebuild(
+                &pool,
+                Some(&["users"]),
+                RebuildOptions::default(),
+                &progress,
+            )
+            .await
+        })
+    };
+    let waiting = eventually(Duration::from_secs(60), || async {
+        progress.snapshot().phase == ledgerline_projections::Phase::WaitingForSnapshots
+    })
+    .await;
+    assert!(waiting, "the rebuild waits for the older snapshot");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!job.is_finished(), "the swap waits");
+    // What the snapshot reads meanwhile is the live table, whole.
+    assert_eq!(count_users(&mut reader).await, users);
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    let summary = tokio::time::timeout(Duration::from_secs(30), job)
+        .await
+        .expect("the swap goes on once the snapshot has ended")
+        .unwrap()
+        .unwrap();
+    assert_eq!(summary.position, t.head().await);
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// An older snapshot that outlasts the wait stops the run, naming its session; the job
+/// keeps its work and says how to resume it, which works once the snapshot has ended.
+#[tokio::test]
+async fn an_older_snapshot_that_outlasts_the_wait_keeps_the_job_for_a_rerun() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let (mut reader, pid) = old_snapshot(&t).await;
+    let options = RebuildOptions {
+        snapshot_wait: Duration::from_secs(1),
+        ..Default::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let error = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
+        .await
+        .unwrap_err();
+    let said = error.to_string();
+    assert!(
+        matches!(error, RunError::OldSnapshots { .. }),
+        "expected the older snapshot, got {said}"
+    );
+    assert!(
+        said.contains(&format!("pid {pid} (long export, from ")),
+        "{said}"
+    );
+    assert!(said.contains("SELECT pg_backend_pid()"), "{said}");
+    kept_for_a_rerun(&t, &said).await;
+    assert_eq!(count_users(&mut reader).await as usize, live[1].1.len());
+    sqlx::query("COMMIT").execute(&mut reader).await.unwrap();
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert!(summary.resumed);
+    assert_eq!(snapshot(&t).await, live);
+}
+
+async fn execute_all(t: &TestApp, statements: &[&str]) {
+    for statement in statements {
+        sqlx::query(statement).execute(t.pool()).await.unwrap();
+    }
+}
+
+async fn count(t: &TestApp, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(t.pool()).await.unwrap()
+}
+
+/// A view over a live table would stop the swap's `DROP TABLE` at the very end, and a
+/// publication would silently lose the table: the job refuses before any work, naming
+/// what depends on the tables it would swap (and only those).
+#[tokio::test]
+async fn a_rebuild_refuses_before_any_work_what_hangs_on_its_live_tables() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    execute_all(
+        &t,
+        &[
+            "CREATE VIEW org_names AS SELECT name FROM organizations",
+            "CREATE PUBLICATION feed FOR TABLE organizations, messages",
+        ],
+    )
+    .await;
+    let error = rebuild_named(&t, &["organizations"]).await.unwrap_err();
+    let said = error.to_string();
+    assert!(matches!(error, RunError::Dependents { .. }), "{said}");
+    assert!(
+        said.contains("view org_names (depends on organizations)")
+            && said.contains("publication feed (of organizations)")
+            && said.contains("nothing was started"),
+        "{said}"
+    );
+    let error = rebuild_named(&t, &["messaging"]).await.unwrap_err();
+    let said = error.to_string();
+    assert!(said.contains("publication feed (of messages)"), "{said}");
+    assert!(!said.contains("org_names"), "{said}");
+    assert_eq!(
+        count(&t, "SELECT count(*) FROM projection_rebuilds").await,
+        0
+    );
+    assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
+        .await
+        .is_empty());
+
+    // Without them the job runs, and the publication keeps what it still lists.
+    execute_all(
+        &t,
+        &[
+            "DROP VIEW org_names",
+            "ALTER PUBLICATION feed DROP TABLE organizations",
+        ],
+    )
+    .await;
+    rebuild_named(&t, &["organizations"]).await.unwrap();
+    assert_eq!(snapshot(&t).await, live);
+    assert_eq!(
+        count(
+            &t,
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'feed'"
+        )
+        .await,
+        1
+    );
+}
+
+/// A publication made while the job ran is found by the swap, under its locks, rather than
+/// dropped with the table; the job keeps its work for a rerun.
+#[tokio::test]
+async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let held = common::hold_checkpoint(t.pool(), "users").await;
+    let job = {
+        let pool = t.pool().clone();
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            ledgerline_projections::rebuild(
+                &pool,
+                Some(&["users"]),
+                RebuildOptions::default(),
+                &progress,
+            )
+            .await
+        })
+    };
+    let at_the_swap = eventually(Duration::from_secs(60), || async {
+        count(
+            &t,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    assert!(at_the_swap, "the swap waits for the checkpoint row");
+    execute_all(&t, &["CREATE PUBLICATION feed FOR TABLE users"]).await;
+    held.commit().await.unwrap();
+    let error = job.await.unwrap().unwrap_err();
+    let said = error.to_string();
+    assert!(said.contains("publication feed (of users)"), "{said}");
+    kept_for_a_rerun(&t, &said).await;
+    assert_eq!(
+        count(
+            &t,
+            "SELECT count(*) FROM pg_publication_tables WHERE pubname = 'feed'"
+        )
+        .await,
+        1,
+        "the publication still has the live table"
+    );
+    assert_eq!(snapshot(&t).await, live);
+    execute_all(&t, &["DROP PUBLICATION feed"]).await;
+    assert!(rebuild_named(&t, &["users"]).await.unwrap().resumed);
+}
+
+/// The swapped-in tables have the live ones' comments: on the table (which `LIKE` does not
+/// copy), a column, and an index (which the copy builds at the end).
+#[tokio::test]
+async fn a_rebuild_keeps_the_tables_comments() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let comments = "SELECT coalesce(obj_description('organizations'::regclass, 'pg_class'), '-') \
+        || ' / ' || coalesce(col_description('organizations'::regclass, \
+           (SELECT attnum FROM pg_attribute WHERE attrelid = 'organizations'::regclass \
+            AND attname = 'slug')::int), '-') \
+        || ' / ' || coalesce(obj_description('organizations_created'::regclass, 'pg_class'), '-')";
+    execute_all(
+        &t,
+        &[
+            "COMMENT ON TABLE organizations IS 'tenants'",
+            "COMMENT ON COLUMN organizations.slug IS 'in URLs'",
+            "COMMENT ON INDEX organizations_created IS 'list pages'",
+        ],
+    )
+    .await;
+    let before: String = sqlx::query_scalar(comments)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(before, "tenants / in URLs / list pages");
+    rebuild_named(&t, &["organizations"]).await.unwrap();
+    let after: String = sqlx::query_scalar(comments)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, before);
+}
+
+/// A swap statement that fails says what PostgreSQL's DETAIL says (sqlx leaves it out): here
+/// a DBA's event trigger that refuses to drop tables, and says why only there.
+#[tokio::test]
+async fn a_failed_swap_says_postgresqls_detail() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    execute_all(
+        &t,
+        &[
+            "CREATE FUNCTION no_drops() RETURNS event_trigger LANGUAGE plpgsql AS $$ BEGIN \
+             RAISE EXCEPTION 'drops are refused' USING DETAIL = 'ask the DBA on call'; END $$",
+            "CREATE EVENT TRIGGER no_drops ON ddl_command_start WHEN TAG IN ('DROP TABLE') \
+             EXECUTE FUNCTION no_drops()",
+        ],
+    )
+    .await;
+    let error = rebuild_named(&t, &["users"]).await.unwrap_err();
+    let said = error.to_string();
+    assert!(
+        said.contains("drops are refused") && said.contains("DETAIL: ask the DBA on call"),
+        "{said}"
+    );
+    execute_all(&t, &["DROP EVENT TRIGGER no_drops"]).await;
+    assert!(rebuild_named(&t, &["users"]).await.unwrap().resumed);
 }
 
 /// A job stopped by a constraint of the live table, copied into its tables when it began:

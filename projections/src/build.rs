@@ -42,6 +42,8 @@ pub enum Phase {
     Applying,
     /// Building the copies' secondary indexes and statistics.
     Indexing,
+    /// Waiting for transactions whose snapshots are older than the complete copies.
+    WaitingForSnapshots,
     /// Taking the live tables and swapping the copies in.
     Swapping,
     /// Done: the copies are the live tables, at the position the figures show (with the
@@ -56,6 +58,9 @@ impl Phase {
         match self {
             Phase::Applying => "applying events",
             Phase::Indexing => "building indexes and statistics",
+            Phase::WaitingForSnapshots => {
+                "waiting for older snapshots to end (the log names their sessions)"
+            }
             Phase::Swapping => "swapping the tables in",
             Phase::Swapped => "swapped in",
             Phase::Comparing => "comparing with the live tables",

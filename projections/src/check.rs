@@ -27,6 +27,8 @@ const SHOWN: i64 = 10;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CheckReport {
     pub projections: Vec<CheckedProjection>,
+    /// The log's head in the comparison's snapshot.
+    pub head: i64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -34,6 +36,10 @@ pub struct CheckedProjection {
     pub name: &'static str,
     /// The position both sides were compared at.
     pub position: i64,
+    /// The position of the event the live projection is stopped at on a failure, if it is:
+    /// its tables are compared at its checkpoint, short of that event, and equal tables do
+    /// not say it is running.
+    pub stopped_at: Option<i64>,
     pub tables: Vec<CheckedTable>,
 }
 
@@ -215,8 +221,16 @@ async fn compare(
         )));
     }
     let now = live_checkpoints(&mut *tx, projections).await?;
+    let head: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0)::bigint FROM events")
+        .fetch_one(&mut *tx)
+        .await?;
+    let stopped: Vec<(String, i64)> =
+        sqlx::query_as("SELECT name, min(position) FROM projection_failures GROUP BY name")
+            .fetch_all(&mut *tx)
+            .await?;
     let mut report = CheckReport {
         projections: Vec::new(),
+        head,
     };
     for ((projection, before), (_, position)) in started.iter().zip(&now) {
         if position < before {
@@ -248,6 +262,10 @@ async fn compare(
         report.projections.push(CheckedProjection {
             name: projection.name(),
             position: *position,
+            stopped_at: stopped
+                .iter()
+                .find(|(n, _)| n == projection.name())
+                .map(|(_, p)| *p),
             tables,
         });
     }

@@ -151,6 +151,38 @@ pub enum RunError {
         job: i64,
         projections: Vec<String>,
     },
+    /// Transactions whose snapshots are older than the complete copies were still open
+    /// after the wait: swapped in under them, the tables would look half-built to them.
+    #[error(
+        "transactions whose snapshots are older than the rebuilt tables were still open after \
+         {waited} s (`--snapshot-wait-secs`), and would read the tables half-built once \
+         swapped in: {sessions}; let them end (or end them): {}",
+        crate::rebuild::job_kept(*job, projections)
+    )]
+    OldSnapshots {
+        waited: u64,
+        sessions: String,
+        job: i64,
+        projections: Vec<String>,
+    },
+    /// Objects depend on the live tables the job would swap, or would be lost with them
+    /// (see `dependents`); `next` says whether a job keeps its work.
+    #[error(
+        "the rebuild cannot swap these tables in without breaking or losing what hangs on \
+         the live ones: {}. A view, rule, foreign key or function on them stops the swap, \
+         and a publication, trigger, policy or statistics object would be lost with them (a \
+         publication's subscribers keeping the old rows). Drop them (or take the tables out \
+         of the publication) for the rebuild and make them again after it; {next}",
+        dependents.join("; ")
+    )]
+    Dependents {
+        dependents: Vec<String>,
+        next: String,
+    },
+    /// A statement of the swap failed; PostgreSQL's DETAIL (sqlx's message leaves it out)
+    /// says more, e.g. which objects depend on a table.
+    #[error("the swap failed: {error} (DETAIL: {detail})")]
+    SwapFailed { error: String, detail: String },
     /// A migration changed a live table while its copy was being built.
     #[error(
         "the live table `{0}` changed since the rebuild began (a migration?): the job is \

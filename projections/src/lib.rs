@@ -9,6 +9,7 @@ use uuid::Uuid;
 mod build;
 mod check;
 mod decode;
+mod dependents;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
@@ -20,6 +21,7 @@ mod projector;
 mod rebuild;
 mod run_lock;
 mod runner;
+mod snapshots;
 mod tail;
 
 pub mod api_keys;
@@ -34,7 +36,7 @@ pub use build::{Phase, Progress, ProgressState};
 pub use check::{check, CheckReport, CheckedProjection, CheckedTable};
 pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;
-pub use projector::{Projector, ProjectorHandle};
+pub use projector::{Projector, ProjectorHandle, Waited};
 pub use rebuild::{
     abandon_rebuild, job_kept, rebuild, rebuild_progress, resolve, resume_command,
     resume_or_abandon, RebuildOptions, RebuildProgress, RebuildSummary,

@@ -173,6 +173,24 @@ fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
     true
 }
 
+/// What [`ProjectorHandle::wait`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Waited {
+    /// Each projection found stopped at or before the position, with the position it is
+    /// stopped at (not waited for).
+    pub stopped: Vec<(&'static str, i64)>,
+    /// Whether the time ran out (or the projector ended) before the others got there; the
+    /// projections not looked at by then may be stopped too.
+    pub timed_out: bool,
+}
+
+impl Waited {
+    /// Every projection got there.
+    pub fn all_there(&self) -> bool {
+        !self.timed_out && self.stopped.is_empty()
+    }
+}
+
 impl ProjectorHandle {
     /// Waits until every projection has reached `position`: applied every event up to it
     /// that it reads. False on timeout, or if a projection is stopped at or before `position`
@@ -180,8 +198,7 @@ impl ProjectorHandle {
     /// that one stopped projection leaves the rest read-your-writes). A projection that is
     /// catching up ([`Projector::catching_up`]) is not waited for.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
-        self.wait(&Projection::ALL, self.catching_up, position, timeout)
-            .await
+        self.wait(position, timeout).await.all_there()
     }
 
     /// [`ProjectorHandle::wait_for`] for `projections` alone, those catching up included: for
@@ -192,18 +209,29 @@ impl ProjectorHandle {
         position: i64,
         timeout: Duration,
     ) -> bool {
-        self.wait(projections, i64::MAX, position, timeout).await
+        self.wait_among(projections, i64::MAX, position, timeout)
+            .await
+            .all_there()
     }
 
-    async fn wait(
+    /// [`ProjectorHandle::wait_for`], saying which projections were stopped and whether
+    /// time ran out: a caller that logs the outcome tells a stop, which lasts until someone
+    /// acts, from a slow moment.
+    pub async fn wait(&self, position: i64, timeout: Duration) -> Waited {
+        self.wait_among(&Projection::ALL, self.catching_up, position, timeout)
+            .await
+    }
+
+    /// Waits for `projections`, passing over those more than `catching_up` events behind.
+    async fn wait_among(
         &self,
         projections: &[Projection],
         catching_up: i64,
         position: i64,
         timeout: Duration,
-    ) -> bool {
+    ) -> Waited {
+        let mut stopped = Vec::new();
         let all = async {
-            let mut all_there = true;
             let waited = self
                 .progress
                 .iter()
@@ -225,8 +253,8 @@ impl ProjectorHandle {
                     if reach(*projection, p, &window.borrow_and_update()) >= position {
                         break;
                     }
-                    if p.failed_at.is_some_and(|f| f <= position) {
-                        all_there = false;
+                    if let Some(failed_at) = p.failed_at.filter(|f| *f <= position) {
+                        stopped.push((projection.name(), failed_at));
                         break;
                     }
                     tokio::select! {
@@ -235,9 +263,13 @@ impl ProjectorHandle {
                     }
                 }
             }
-            all_there
+            true
         };
-        tokio::time::timeout(timeout, all).await.unwrap_or(false)
+        let finished = tokio::time::timeout(timeout, all).await.unwrap_or(false);
+        Waited {
+            stopped,
+            timed_out: !finished,
+        }
     }
 
     /// Whether every projection has reached `position` now, those catching up included

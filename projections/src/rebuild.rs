@@ -1,6 +1,8 @@
 //! Rebuild jobs: read models rebuilt from the log into a shadow schema while the live tables
 //! keep serving, then swapped in by one short transaction, so that readers see either the
-//! old tables or the complete new ones.
+//! old tables or the complete new ones (a transaction whose snapshot is older than the
+//! copies is waited for first: see `snapshots`; what hangs on the live tables is refused
+//! before any work: see `dependents`).
 //!
 //! A job commits its position with every batch, so one killed at any point (even `kill -9`)
 //! resumes from there when run again; until the swap, nothing it does touches a live table.
@@ -8,6 +10,7 @@
 //! dies) and a job's projections are fixed when it starts.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -15,8 +18,10 @@ use sqlx::postgres::PgArguments;
 use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use crate::build::{self, Lane, Phase, Progress, Record};
+use crate::dependents;
 use crate::run_lock::{self, LockWatch};
 use crate::runner::head;
+use crate::snapshots::{self, Waited};
 use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// The session advisory lock a running rebuild holds ("ledgerline rebuild" in ASCII).
@@ -48,6 +53,10 @@ pub struct RebuildOptions {
     /// Connections building the copies' secondary indexes and statistics at the end, one
     /// table each at a time (0 is taken as 1).
     pub finish_connections: u16,
+    /// How long the job waits, once its copies are complete, for transactions whose
+    /// snapshots are older than the copies (see `snapshots`) before it gives up, keeping
+    /// its work.
+    pub snapshot_wait: Duration,
 }
 
 impl RebuildOptions {
@@ -56,6 +65,7 @@ impl RebuildOptions {
         batch_size: 2000,
         swap_tail: 2000,
         finish_connections: 2,
+        snapshot_wait: Duration::from_secs(600),
     };
 }
 
@@ -94,6 +104,10 @@ pub struct RebuildProgress {
     /// error; only the lock, which PostgreSQL frees when the session ends, tells a job at
     /// work from one that waits to be resumed.
     pub held: bool,
+    /// Who holds the lock, when a session does: its pid, `application_name` and client
+    /// address ("?" where `pg_stat_activity` hides them from a role without
+    /// `pg_read_all_stats`), for an operator to find the run.
+    pub holder: Option<String>,
 }
 
 /// The unfinished job, if any, with each of its projections' positions.
@@ -103,8 +117,14 @@ pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, Run
     Ok(bind_lock_halves(sqlx::query_as(&format!(
         "SELECT r.id AS job, r.shadow_schema AS schema, p.name, p.position, \
          r.target_position AS target, r.started_at, p.updated_at, \
-         EXISTS (SELECT 1 FROM pg_locks l WHERE {REBUILD_LOCK_ROW}) AS held \
+         h.holder IS NOT NULL AS held, h.holder \
          FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
+         LEFT JOIN (SELECT format('pid %s, %s, from %s', l.pid, \
+                coalesce(nullif(a.application_name, ''), '?'), \
+                CASE WHEN a.pid IS NULL OR a.backend_type IS NULL THEN '?' \
+                     ELSE coalesce(host(a.client_addr), 'a local socket') END) AS holder \
+              FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
+              WHERE {REBUILD_LOCK_ROW} LIMIT 1) h ON true \
          WHERE r.status = 'running' ORDER BY p.name"
     )))
     .fetch_all(pool)
@@ -182,8 +202,28 @@ pub async fn rebuild(
     // which is what releases the lock.
     let mut lock = run_lock::connect(pool).await?;
     take_lock(&mut lock).await?;
-    let (job, resumed) = match running_job(&mut lock, true).await? {
-        Some((job, names)) if names == wanted => {
+    let unfinished = running_job(&mut lock, true).await?;
+    if let Some((job, names)) = &unfinished {
+        if *names != wanted {
+            return Err(RunError::RebuildInProgress {
+                job: job.id,
+                projections: names.clone(),
+            });
+        }
+    }
+    // Said before any work, rather than by a swap that fails (or loses them) at the end.
+    let dependents = dependents::of_tables(&mut lock, &Projection::tables_of(&projections)).await?;
+    if !dependents.is_empty() {
+        return Err(RunError::Dependents {
+            dependents,
+            next: match &unfinished {
+                Some((job, _)) => job_kept(job.id, &wanted),
+                None => "nothing was started".to_string(),
+            },
+        });
+    }
+    let (job, resumed) = match unfinished {
+        Some((job, _)) => {
             build::end_orphans(&mut lock, &job.schema).await?;
             if shadow_matches_live(&mut lock, &job.schema, &projections).await? {
                 (job, true)
@@ -195,12 +235,6 @@ pub async fn rebuild(
                 abandon(&mut lock, &job).await?;
                 (start_job(pool, &projections).await?, false)
             }
-        }
-        Some((job, names)) => {
-            return Err(RunError::RebuildInProgress {
-                job: job.id,
-                projections: names,
-            })
         }
         None => (start_job(pool, &projections).await?, false),
     };
@@ -251,7 +285,31 @@ pub async fn rebuild(
         progress.set_phase(Phase::Indexing);
         build::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
         // Events that arrived while the indexes were built.
-        catch_up().await?;
+        let mut target = catch_up().await?;
+        // A snapshot older than the copies' last batch would read them half-built once
+        // swapped in. A long wait for such snapshots lets the swap's tail grow: the job
+        // catches up once more, and waits for the snapshots taken meanwhile, which saw the
+        // copies complete up to the first wait.
+        let deadline = tokio::time::Instant::now() + options.snapshot_wait;
+        for round in 0..2 {
+            progress.set_phase(Phase::WaitingForSnapshots);
+            match snapshots::wait_for_older(pool, &job.schema, deadline).await? {
+                Waited::NotAtAll => break,
+                Waited::Ended => {}
+                Waited::TimedOut(sessions) => {
+                    return Err(RunError::OldSnapshots {
+                        waited: options.snapshot_wait.as_secs(),
+                        sessions,
+                        job: job.id,
+                        projections: wanted.iter().map(|n| n.to_string()).collect(),
+                    })
+                }
+            }
+            if round == 1 || head(pool).await? - target <= options.swap_tail {
+                break;
+            }
+            target = catch_up().await?;
+        }
         Ok(())
     };
     // A lost lock drops the build where it is: its workers' tasks are aborted, and what
@@ -478,8 +536,26 @@ async fn swap_when_quiet(
                 tokio::time::sleep(std::time::Duration::from_millis(200 * u64::from(attempt)))
                     .await;
             }
-            result => return result,
+            result => return result.map_err(with_detail),
         }
+    }
+}
+
+/// A database error of the swap with PostgreSQL's DETAIL, when it has one: "cannot drop
+/// table ... because other objects depend on it" names them only there.
+fn with_detail(e: RunError) -> RunError {
+    let RunError::Sql(sqlx::Error::Database(db)) = &e else {
+        return e;
+    };
+    match db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .and_then(|pg| pg.detail())
+    {
+        Some(detail) => RunError::SwapFailed {
+            error: db.to_string(),
+            detail: detail.to_string(),
+        },
+        None => e,
     }
 }
 
@@ -605,6 +681,16 @@ async fn swap(
             return Err(RunError::LiveTablesChanged(table.to_string()));
         }
     }
+    // Looked for again under the locks, which keep new ones out: one made since the job
+    // began would stop the drop, or go with it.
+    let dependents = dependents::of_tables(&mut tx, &tables).await?;
+    if !dependents.is_empty() {
+        return Err(RunError::Dependents {
+            dependents,
+            next: job_kept(job.id, &names),
+        });
+    }
+    let comments = dependents::comment_statements(&mut tx, &job.schema, &tables).await?;
     sqlx::query(&format!("DROP TABLE {}", live.join(", ")))
         .execute(&mut *tx)
         .await?;
@@ -615,6 +701,9 @@ async fn swap(
         ))
         .execute(&mut *tx)
         .await?;
+    }
+    for comment in &comments {
+        sqlx::query(comment).execute(&mut *tx).await?;
     }
     // With whatever a newer binary no longer counts among the projection's tables.
     sqlx::query(&format!("DROP SCHEMA {} CASCADE", job.schema))

@@ -1,0 +1,118 @@
+//! What hangs on the live read-model tables besides what the migrations made, which a
+//! rebuild's swap (drop the live tables, move the copies into their place) cannot keep.
+//!
+//! Objects that depend on a table (a view, a materialized view, another relation's rule, a
+//! foreign key of another table, a function with a SQL body, a table inheriting it) make
+//! the swap's `DROP TABLE` fail, after all the job's work; publications, triggers, policies,
+//! rules and statistics objects of the table go with it without a word (a publication's
+//! subscribers would keep the old rows besides: logical replication does not carry a
+//! swap). A job refuses to start while any is there, naming them, and the swap looks again
+//! under its locks. Comments are carried over instead ([`comment_statements`]): simple, and
+//! nothing reads them but people.
+
+use sqlx::PgConnection;
+
+/// Each object outside the `tables` (in `public`) of a job that depends on them, or would
+/// be lost with them, described for an operator; none when the swap can go ahead.
+pub(crate) async fn of_tables(
+    conn: &mut PgConnection,
+    tables: &[&str],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH t AS (SELECT oid, reltype, relname, relrowsecurity FROM pg_class \
+             WHERE relnamespace = 'public'::regnamespace AND relname = ANY($1) AND relkind = 'r'), \
+         found(what) AS ( \
+           SELECT CASE WHEN d.classid = 'pg_rewrite'::regclass THEN \
+                    (SELECT CASE WHEN r.rulename = '_RETURN' \
+                            THEN pg_describe_object('pg_class'::regclass, r.ev_class, 0) \
+                            ELSE pg_describe_object(d.classid, d.objid, 0) END \
+                     FROM pg_rewrite r WHERE r.oid = d.objid) \
+                  ELSE pg_describe_object(d.classid, d.objid, d.objsubid) END \
+                  || ' (depends on ' || t.relname || ')' \
+           FROM pg_depend d JOIN t ON (d.refclassid = 'pg_class'::regclass AND d.refobjid = t.oid) \
+                OR (d.refclassid = 'pg_type'::regclass AND d.refobjid = t.reltype) \
+           WHERE d.deptype = 'n' \
+           AND NOT (d.classid = 'pg_class'::regclass AND d.objid IN (SELECT oid FROM t)) \
+           AND NOT (d.classid = 'pg_constraint'::regclass AND EXISTS (SELECT FROM pg_constraint k \
+                    WHERE k.oid = d.objid AND k.conrelid IN (SELECT oid FROM t))) \
+           AND NOT (d.classid = 'pg_trigger'::regclass AND EXISTS (SELECT FROM pg_trigger g \
+                    WHERE g.oid = d.objid AND g.tgrelid IN (SELECT oid FROM t))) \
+           AND NOT (d.classid = 'pg_rewrite'::regclass AND EXISTS (SELECT FROM pg_rewrite r \
+                    WHERE r.oid = d.objid AND r.ev_class IN (SELECT oid FROM t))) \
+           UNION ALL \
+           SELECT format('publication %I (of %s)', pubname, string_agg(tablename::text, ', ' ORDER BY tablename)) \
+           FROM pg_publication_tables WHERE schemaname = 'public' AND tablename = ANY($1) \
+           GROUP BY pubname \
+           UNION ALL \
+           SELECT pg_describe_object('pg_trigger'::regclass, g.oid, 0) FROM pg_trigger g \
+           WHERE g.tgrelid IN (SELECT oid FROM t) AND NOT g.tgisinternal \
+           UNION ALL \
+           SELECT pg_describe_object('pg_rewrite'::regclass, r.oid, 0) FROM pg_rewrite r \
+           WHERE r.ev_class IN (SELECT oid FROM t) \
+           UNION ALL \
+           SELECT pg_describe_object('pg_policy'::regclass, p.oid, 0) FROM pg_policy p \
+           WHERE p.polrelid IN (SELECT oid FROM t) \
+           UNION ALL \
+           SELECT 'row-level security on table ' || relname FROM t WHERE relrowsecurity \
+           UNION ALL \
+           SELECT pg_describe_object('pg_statistic_ext'::regclass, s.oid, 0) \
+                  || ' on table ' || s.stxrelid::regclass \
+           FROM pg_statistic_ext s WHERE s.stxrelid IN (SELECT oid FROM t)) \
+         SELECT DISTINCT what FROM found ORDER BY what",
+    )
+    .bind(owned(tables))
+    .fetch_all(conn)
+    .await
+}
+
+/// The statements that give the copies in `schema` of `tables`, once moved into `public`,
+/// the live tables' comments (on the table, its columns, indexes and constraints; `LIKE`
+/// copies only some, and only as they were when the job began): read before the live
+/// tables are dropped, run after the copies took their place.
+pub(crate) async fn comment_statements(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[&str],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH t AS (SELECT c.oid, n.nspname, c.relname FROM pg_class c \
+             JOIN pg_namespace n ON n.oid = c.relnamespace \
+             WHERE n.nspname IN ('public', $2) AND c.relname = ANY($1) AND c.relkind = 'r'), \
+         said(nspname, kind, tab, sub, description) AS ( \
+           SELECT t.nspname, 'TABLE', t.relname, '', d.description FROM t \
+           JOIN pg_description d ON d.classoid = 'pg_class'::regclass AND d.objoid = t.oid \
+                AND d.objsubid = 0 \
+           UNION ALL \
+           SELECT t.nspname, 'COLUMN', t.relname, a.attname, d.description FROM t \
+           JOIN pg_description d ON d.classoid = 'pg_class'::regclass AND d.objoid = t.oid \
+                AND d.objsubid > 0 \
+           JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = d.objsubid \
+           UNION ALL \
+           SELECT t.nspname, 'INDEX', t.relname, i.relname, d.description FROM t \
+           JOIN pg_index x ON x.indrelid = t.oid JOIN pg_class i ON i.oid = x.indexrelid \
+           JOIN pg_description d ON d.classoid = 'pg_class'::regclass AND d.objoid = i.oid \
+           UNION ALL \
+           SELECT t.nspname, 'CONSTRAINT', t.relname, k.conname, d.description FROM t \
+           JOIN pg_constraint k ON k.conrelid = t.oid \
+           JOIN pg_description d ON d.classoid = 'pg_constraint'::regclass AND d.objoid = k.oid), \
+         live AS (SELECT * FROM said WHERE nspname = 'public'), \
+         copy AS (SELECT * FROM said WHERE nspname = $2) \
+         SELECT CASE kind \
+           WHEN 'TABLE' THEN format('COMMENT ON TABLE public.%I IS %L', tab, live.description) \
+           WHEN 'COLUMN' THEN format('COMMENT ON COLUMN public.%I.%I IS %L', tab, sub, live.description) \
+           WHEN 'INDEX' THEN format('COMMENT ON INDEX public.%I IS %L', sub, live.description) \
+           ELSE format('COMMENT ON CONSTRAINT %I ON public.%I IS %L', sub, tab, live.description) END \
+         FROM live FULL JOIN copy USING (kind, tab, sub) \
+         WHERE live.description IS DISTINCT FROM copy.description ORDER BY 1",
+    )
+    .bind(owned(tables))
+    .bind(schema.to_string())
+    .fetch_all(conn)
+    .await
+}
+
+/// Bound by value: a borrowed bind makes the rebuild's future one that cannot be sent to
+/// another thread ("implementation of `Send` is not general enough").
+fn owned(tables: &[&str]) -> Vec<String> {
+    tables.iter().map(|t| t.to_string()).collect()
+}
