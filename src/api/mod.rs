@@ -41,6 +41,7 @@ pub mod page;
 pub mod proofs;
 pub mod role_tree;
 pub mod roles;
+pub mod turns;
 pub mod users;
 
 /// Request bodies over this many bytes get a 413.

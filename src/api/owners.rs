@@ -10,16 +10,22 @@
 //! left to the platform operator.
 
 use std::future::Future;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use axum::http::StatusCode;
 use ledgerline_aggregates::organization::built_in_roles;
 use ledgerline_projections::Projection;
-use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
+use super::turns::{Turn, Turns};
 use super::{ApiError, ApiResult};
 use crate::app::App;
+
+/// The owners' turns: the lock's key is `'ledgerline owners ' || org`. A few at once per
+/// process (each holds a connection, up to [`TURN_HELD_FOR`] after its command), so that
+/// they never hold much of the pool (16 connections by default).
+static OWNERS: LazyLock<Turns> = LazyLock::new(|| Turns::new("ledgerline owners ", 4));
 
 /// What a command would take away from the organization's owners.
 pub enum Loss {
@@ -78,20 +84,15 @@ where
     };
     let app = app.clone();
     super::to_the_end(async move {
-        let mut turn = app.pool.begin().await?;
-        sqlx::query(
-            "SELECT pg_advisory_xact_lock(hashtextextended('ledgerline owners ' || $1, 0))",
-        )
-        .bind(org.to_string())
-        .execute(&mut *turn)
-        .await?;
-        check(&app, &mut turn, org, &loss).await?;
+        let mut turn = OWNERS.take(&app.pool, org).await?;
+        check(&app, &mut turn.tx, org, &loss).await?;
         let outcome = command.await;
         if outcome.is_ok() {
             tokio::spawn(hold_until_shown(app, org, turn));
-        } else {
-            // A refused command appended nothing: nothing to wait for.
-            turn.rollback().await?;
+        } else if let Err(e) = turn.tx.rollback().await {
+            // A refused command appended nothing: nothing to wait for. (Dropping the turn
+            // ends it too; the command's answer stands.)
+            tracing::warn!(organization = %org, error = %e, "ending an organization's turn failed");
         }
         outcome.map_err(Into::into)
     })
@@ -126,7 +127,7 @@ async fn check(app: &App, turn: &mut sqlx::PgConnection, org: Uuid, loss: &Loss)
 /// Holds `turn` until [`COUNTED_FROM`] show everything this process has committed (the
 /// command, with what committed before it), one of them is stopped, or [`TURN_HELD_FOR`] has
 /// passed.
-async fn hold_until_shown(app: App, org: Uuid, turn: Transaction<'static, Postgres>) {
+async fn hold_until_shown(app: App, org: Uuid, turn: Turn) {
     if let Some(projector) = &app.projector {
         let head = *app.store.committed().borrow();
         if !projector
@@ -143,7 +144,7 @@ async fn hold_until_shown(app: App, org: Uuid, turn: Transaction<'static, Postgr
     }
     // The transaction only held the lock; ending it releases the lock (as does dropping it,
     // should the rollback fail).
-    if let Err(e) = turn.rollback().await {
+    if let Err(e) = turn.tx.rollback().await {
         tracing::warn!(organization = %org, error = %e, "ending an organization's turn failed");
     }
 }

@@ -11,17 +11,17 @@ use ledgerline_aggregates::role::MAX_INHERITANCE_DEPTH;
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
+use super::turns::Turns;
 use crate::app::App;
 
 /// The walks below go one level past the limit, so that a longer chain (or a cycle left by
 /// an older release) shows as too deep instead of being cut where it would look fine.
 const WALK: i32 = MAX_INHERITANCE_DEPTH as i32;
 
-/// Requests of one process wait for their organization's turn here, holding no database
-/// connection: otherwise more waiters than the pool has connections would starve the one
-/// whose turn it is. Striped by organization; two sharing a stripe merely take turns too.
-static QUEUES: LazyLock<Vec<tokio::sync::Mutex<()>>> =
-    LazyLock::new(|| (0..64).map(|_| tokio::sync::Mutex::new(())).collect());
+/// The role tree's turns: the lock's key is `'ledgerline roles ' || org`. Two at once per
+/// process: a turn holds its lock's connection while its work takes the owners' turn (a
+/// connection of its own) and runs its command, so more would hold much of the pool.
+static ROLES: LazyLock<Turns> = LazyLock::new(|| Turns::new("ledgerline roles ", 2));
 
 /// Runs `work`, a change to `org`'s tree of roles, in the organization's turn, so that the
 /// tree it reads is still the tree when its command is appended: two changes that are fine
@@ -41,18 +41,14 @@ pub async fn in_turn<T: Send + 'static>(
 ) -> ApiResult<T> {
     let app = app.clone();
     super::to_the_end(async move {
-        let _queued = QUEUES[(org.as_u128() % QUEUES.len() as u128) as usize]
-            .lock()
-            .await;
-        let mut turn = app.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('ledgerline roles ' || $1, 0))")
-            .bind(org.to_string())
-            .execute(&mut *turn)
-            .await?;
+        let turn = ROLES.take(&app.pool, org).await?;
         shown(&app, org).await?;
         let outcome = work.await;
-        // The transaction only held the lock; ending it releases the lock.
-        turn.rollback().await?;
+        // The transaction only held the lock; ending it releases the lock (as dropping it
+        // does, should the rollback fail: the work's outcome stands either way).
+        if let Err(e) = turn.tx.rollback().await {
+            tracing::warn!(organization = %org, error = %e, "ending an organization's turn failed");
+        }
         outcome
     })
     .await

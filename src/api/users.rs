@@ -271,12 +271,26 @@ async fn change_status(
             // Outside the organization's turn (its owners are not the conversations'), and
             // also after a refusal: a retry ("already deactivated") finishes a handing on cut
             // off before.
-            departures::settle(&task, org, user).await?;
+            settle(&task, org, user).await;
         }
         outcome
     })
     .await?;
     Ok(axum::Json(find(app, org, user).await?))
+}
+
+/// Hands on what a departed user had in conversations ([`departures::settle`]). Its failure
+/// does not change the answer of the command that made them depart, which stands: the next
+/// retry of it, or `serve`'s next start ([`departures::settle_all`]), finishes the work.
+async fn settle(app: &App, org: Uuid, user: Uuid) {
+    if let Err(e) = departures::settle(app, org, user).await {
+        tracing::warn!(
+            user = %user,
+            error = e.message,
+            "could not yet hand on the conversations of an erased or deactivated user; a \
+             retry of the command or the next start finishes it"
+        );
+    }
 }
 
 /// 403 unless `caller` holds everything `user`'s roles grant.
@@ -297,9 +311,9 @@ pub async fn erase(
     find(&app, org, user).await?;
     // Erasing takes away more than deactivating does.
     holds_all_they_hold(&app, &caller, user).await?;
-    // The turn (from the check to the key's end) runs in a task of its own, so a client
-    // hanging up can neither leave an erased user's key in place nor end the organization's
-    // turn early.
+    // The turn, and the key's end after it, run in a task of its own, so a client hanging
+    // up can neither leave an erased user's key in place nor end the organization's turn
+    // early.
     let erase = app.execute_owned(
         |f| &f.users,
         user,
@@ -307,32 +321,23 @@ pub async fn erase(
         &caller.actor,
         UserCommand::Erase,
     );
-    let erasure = {
-        let app = app.clone();
-        async move {
-            let outcome = erase.await;
-            // Also here, so the key is gone even while the users projection is behind or
-            // stopped; and whenever the ledger holds the erasure, so that a retry ("already
-            // erased") finishes an erasure whose answer was lost or whose handler stopped.
-            if outcome.is_ok() || super::recorded(&app, User::TYPE, user, "UserErased").await? {
-                app.vault.destroy_key(&app.pool, user).await?;
-                super::idempotency::forget_answers_naming(&app.pool, user).await?;
-            }
-            outcome.map_err(ApiError::from)
+    let task = app.clone();
+    super::to_the_end(async move {
+        let outcome = keeping_an_owner(&task, org, Some(Loss::User(user)), erase).await;
+        // Also here, so the key is gone even while the users projection is behind or
+        // stopped; and whenever the ledger holds the erasure, so that a retry ("already
+        // erased") finishes an erasure whose answer was lost or whose handler stopped.
+        if outcome.is_ok() || super::recorded(&task, User::TYPE, user, "UserErased").await? {
+            task.vault.destroy_key(&task.pool, user).await?;
+            super::idempotency::forget_answers_naming(&task.pool, user).await?;
         }
-    };
-    {
-        let app = app.clone();
-        super::to_the_end(async move {
-            let outcome = keeping_an_owner(&app, org, Some(Loss::User(user)), erasure).await;
-            // The erased user leaves their conversations, after the organization's turn (its
-            // owners are not the conversations'); also after a retry refused as "already
-            // erased", which so finishes an erasure cut off before.
-            departures::settle(&app, org, user).await?;
-            outcome
-        })
-        .await?;
-    }
+        // The erased user leaves their conversations, after the organization's turn (its
+        // owners are not the conversations'); also after a retry refused as "already
+        // erased", which so finishes an erasure cut off before.
+        settle(&task, org, user).await;
+        outcome
+    })
+    .await?;
     // Read after the key is gone: the answer never shows what was erased.
     Ok(axum::Json(find(&app, org, user).await?))
 }
