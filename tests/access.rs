@@ -64,24 +64,7 @@ async fn key_id(t: &TestApp, secret: &str) -> Uuid {
 
 /// Creates a custom role in `org` as the platform operator; returns its id.
 async fn create_role(t: &TestApp, org: Uuid, name: &str, permissions: &[&str]) -> Uuid {
-    create_role_under(t, org, name, permissions, None).await
-}
-
-/// [`create_role`], inheriting from `parent` when given.
-async fn create_role_under(
-    t: &TestApp,
-    org: Uuid,
-    name: &str,
-    permissions: &[&str],
-    parent: Option<Uuid>,
-) -> Uuid {
-    let mut body = json!({"name": name, "permissions": permissions});
-    if let Some(parent) = parent {
-        body["parent_role_id"] = json!(parent);
-    }
-    let r = t.post(&org_path(org, "/roles"), &t.admin_key, body).await;
-    assert_eq!(r.status, 201, "create role: {}", r.body);
-    r.body["id"].as_str().unwrap().parse().unwrap()
+    t.create_role(org, name, permissions, None).await
 }
 
 /// A user holding `role` (by id) and a key of theirs with `permissions`.
@@ -1614,7 +1597,7 @@ async fn only_a_key_holding_all_a_users_roles_grant_issues_or_rotates_their_keys
     let narrows = key_id(&t, &narrow).await;
     // Olga's deputy holds nothing but what the owner role gives the role she holds.
     let owner_role = t.role_id(org, "owner").await;
-    let deputy_role = create_role_under(&t, org, "deputy", &[], Some(owner_role)).await;
+    let deputy_role = t.create_role(org, "deputy", &[], Some(owner_role)).await;
     let deputy = t.invite(org, "dora@provisioners.example", "Dora").await;
     t.assign(org, deputy, deputy_role).await;
     let revoke = |id: Uuid| org_path(org, &format!("/api-keys/{id}/revoke"));

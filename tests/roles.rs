@@ -22,31 +22,15 @@ fn role_path(org: Uuid, role: Uuid) -> String {
 }
 
 async fn create_role(t: &TestApp, org: Uuid, name: &str, parent: Option<Uuid>) -> Uuid {
-    create_granting(t, org, name, &[], parent).await
-}
-
-async fn create_granting(
-    t: &TestApp,
-    org: Uuid,
-    name: &str,
-    permissions: &[&str],
-    parent: Option<Uuid>,
-) -> Uuid {
-    let r = t
-        .post(
-            &org_path(org, "/roles"),
-            &t.admin_key,
-            json!({"name": name, "permissions": permissions, "parent_role_id": parent}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "create {name}: {}", r.body);
-    r.body["id"].as_str().unwrap().parse().unwrap()
+    t.create_role(org, name, &[], parent).await
 }
 
 /// `n` roles, each inheriting from the one before; the first grants `users:read`.
 async fn chain(t: &TestApp, org: Uuid, prefix: &str, n: usize) -> Vec<Uuid> {
-    let mut roles =
-        vec![create_granting(t, org, &format!("{prefix}-0"), &["users:read"], None).await];
+    let mut roles = vec![
+        t.create_role(org, &format!("{prefix}-0"), &["users:read"], None)
+            .await,
+    ];
     for i in 1..n {
         let parent = roles.last().copied();
         roles.push(create_role(t, org, &format!("{prefix}-{i}"), parent).await);
@@ -240,7 +224,7 @@ async fn a_cycle_left_by_an_older_release_stays_bounded_and_can_be_broken() {
     let t = TestApp::spawn().await;
     let org = t.create_org("Old Cycle").await;
     let c = create_role(&t, org, "c", None).await;
-    let d = create_granting(&t, org, "d", &["audit:read"], Some(c)).await;
+    let d = t.create_role(org, "d", &["audit:read"], Some(c)).await;
     // c inherits from d, which inherits from c: the cycle two racing requests made before.
     as_an_older_release(
         &t,

@@ -329,6 +329,30 @@ impl TestApp {
         role["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// Creates a custom role in `org` as the platform operator, inheriting from `parent`
+    /// when given; returns its id.
+    pub async fn create_role(
+        &self,
+        org: Uuid,
+        name: &str,
+        permissions: &[&str],
+        parent: Option<Uuid>,
+    ) -> Uuid {
+        let mut body = json!({"name": name, "permissions": permissions});
+        if let Some(parent) = parent {
+            body["parent_role_id"] = json!(parent);
+        }
+        let r = self
+            .post(
+                &format!("/v1/organizations/{org}/roles"),
+                &self.admin_key,
+                body,
+            )
+            .await;
+        assert_eq!(r.status, 201, "create role {name}: {}", r.body);
+        r.body["id"].as_str().unwrap().parse().unwrap()
+    }
+
     /// Invites a user into `org`; returns its id.
     pub async fn invite(&self, org: Uuid, email: &str, name: &str) -> Uuid {
         let r = self
