@@ -6,7 +6,6 @@ use axum::http::StatusCode;
 use axum::Extension;
 use chrono::{DateTime, SubsecRound, Utc};
 use ledgerline_aggregates::api_key::ApiKeyCommand;
-use ledgerline_aggregates::permissions;
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -219,7 +218,7 @@ async fn require_standing(app: &App, caller: &Caller, user: Uuid, verb: &str) ->
         return Ok(());
     }
     let held = auth::user_permissions(&app.pool, user).await?;
-    require_holds(caller, &held, |missing| {
+    caller.require_holds(&held, |missing| {
         format!(
             "cannot {verb} a key for user {user}: their roles grant permissions this key does \
              not hold: {missing} (a key acting as a user is made only by that user or by a key \
@@ -236,21 +235,9 @@ fn require_holds_all(caller: &Caller, key: &ApiKeyView, verb: &str) -> ApiResult
         .iter()
         .filter_map(|p| p.parse().ok())
         .collect();
-    require_holds(caller, &listed, |missing| {
+    caller.require_holds(&listed, |missing| {
         format!("cannot {verb} a key that holds permissions this key does not: {missing}")
     })
-}
-
-/// 403 unless the caller holds all of `wanted`; `refusal` words it from the missing ones' list.
-fn require_holds(
-    caller: &Caller,
-    wanted: &PermissionSet,
-    refusal: impl FnOnce(String) -> String,
-) -> ApiResult<()> {
-    match permissions::missing(&caller.permissions, wanted) {
-        missing if missing.is_empty() => Ok(()),
-        missing => Err(ApiError::forbidden(refusal(permissions::list(&missing)))),
-    }
 }
 
 pub async fn list(

@@ -7,7 +7,7 @@ use axum::extract::{ConnectInfo, FromRequestParts};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use chrono::{DateTime, Utc};
-use ledgerline_aggregates::{Permission, PermissionSet};
+use ledgerline_aggregates::{permissions, Permission, PermissionSet};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
@@ -48,6 +48,19 @@ impl Caller {
             Err(ApiError::forbidden(format!(
                 "this key lacks the `{p}` permission"
             )))
+        }
+    }
+
+    /// 403 unless this key holds all of `wanted` (the platform operator's holds everything);
+    /// `refusal` words it from the list of those it lacks.
+    pub fn require_holds(
+        &self,
+        wanted: &PermissionSet,
+        refusal: impl FnOnce(String) -> String,
+    ) -> ApiResult<()> {
+        match permissions::missing(&self.permissions, wanted) {
+            missing if missing.is_empty() => Ok(()),
+            missing => Err(ApiError::forbidden(refusal(permissions::list(&missing)))),
         }
     }
 

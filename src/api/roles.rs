@@ -5,7 +5,6 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::organization::built_in_roles;
-use ledgerline_aggregates::permissions::{may_grant, missing};
 use ledgerline_aggregates::role::{Role, RoleCommand, MAX_INHERITANCE_DEPTH};
 use ledgerline_aggregates::user::UserCommand;
 use ledgerline_aggregates::{Permission, PermissionSet};
@@ -117,20 +116,14 @@ pub struct CreateRole {
 /// What the caller may put into a role: its own permissions, less what a parent already
 /// grants being irrelevant — the whole effective set of the role must be grantable.
 pub(super) fn check_grantable(caller: &Caller, effective: &PermissionSet) -> ApiResult<()> {
-    if may_grant(&caller.permissions, effective) {
-        Ok(())
-    } else {
-        let names: Vec<String> = missing(&caller.permissions, effective)
-            .iter()
-            .map(|p| p.to_string())
-            .collect();
-        // Also the answer to taking away (deactivating, revoking a role...): a key takes
-        // away only what it could give.
-        Err(ApiError::forbidden(format!(
-            "this key does not hold {}: a key grants, and takes away, only permissions it holds",
-            names.join(", ")
-        )))
-    }
+    // Also the answer to taking away (deactivating, revoking a role...): a key takes away
+    // only what it could give.
+    caller.require_holds(effective, |missing| {
+        format!(
+            "this key does not hold {missing}: a key grants, and takes away, only permissions it \
+             holds"
+        )
+    })
 }
 
 /// 403 unless `caller` could give everything `role` grants now (with its ancestors'); 503
