@@ -103,6 +103,31 @@ pub struct StoredEvent {
     pub hash_version: i16,
 }
 
+/// How a session of `pg_stat_activity a` is named to an operator looking for it, in SQL
+/// that constant SQL can `concat!`: its application (`?` when unnamed, or hidden from a role
+/// without `pg_read_all_stats`), ...
+macro_rules! session_application {
+    () => {
+        "coalesce(nullif(a.application_name, ''), '?')"
+    };
+}
+
+/// ... where it connects from (`?` when hidden, or when a LEFT JOIN found no session) ...
+macro_rules! session_client {
+    () => {
+        "CASE WHEN a.pid IS NULL OR a.backend_type IS NULL THEN '?' \
+         ELSE coalesce(host(a.client_addr), 'a local socket') END"
+    };
+}
+
+/// ... and the start of its last statement, on one line.
+macro_rules! session_query {
+    () => {
+        "left(regexp_replace(coalesce(a.query, ''), '[[:space:]]+', ' ', 'g'), 80)"
+    };
+}
+pub(crate) use {session_application, session_client, session_query};
+
 /// The SQL of [`IMPOSSIBLE_TIME`], as a macro so that other constant SQL can `concat!` it.
 #[macro_export]
 macro_rules! impossible_time {

@@ -119,13 +119,13 @@ pub async fn rebuild_progress(pool: &PgPool) -> Result<Vec<RebuildProgress>, Run
          r.target_position AS target, r.started_at, p.updated_at, \
          h.holder IS NOT NULL AS held, h.holder \
          FROM projection_rebuilds r JOIN projection_rebuild_progress p ON p.rebuild_id = r.id \
-         LEFT JOIN (SELECT format('pid %s, %s, from %s', l.pid, \
-                coalesce(nullif(a.application_name, ''), '?'), \
-                CASE WHEN a.pid IS NULL OR a.backend_type IS NULL THEN '?' \
-                     ELSE coalesce(host(a.client_addr), 'a local socket') END) AS holder \
+         LEFT JOIN (SELECT format('pid %s, %s, from %s', l.pid, {application}, {client}) \
+              AS holder \
               FROM pg_locks l LEFT JOIN pg_stat_activity a ON a.pid = l.pid \
               WHERE {REBUILD_LOCK_ROW} LIMIT 1) h ON true \
-         WHERE r.status = 'running' ORDER BY p.name"
+         WHERE r.status = 'running' ORDER BY p.name",
+        application = crate::session_application!(),
+        client = crate::session_client!(),
     )))
     .fetch_all(pool)
     .await?)
@@ -564,19 +564,20 @@ fn with_detail(e: RunError) -> RunError {
 /// Not the job's own (named after `schema`): a swap that timed out on one table may still
 /// hold another until its session ends.
 async fn holders(pool: &PgPool, schema: &str, tables: &[&str]) -> sqlx::Result<String> {
-    let rows: Vec<(i32, String, String, Option<i64>, String)> = sqlx::query_as(
-        "SELECT a.pid, coalesce(nullif(a.application_name, ''), '?'), \
-         string_agg(DISTINCT c.relname::text, ', '), \
-         extract(epoch FROM now() - a.xact_start)::bigint, \
-         left(regexp_replace(coalesce(a.query, ''), '[[:space:]]+', ' ', 'g'), 80) \
-         FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+    let rows: Vec<(i32, String, String, Option<i64>, String)> = sqlx::query_as(concat!(
+        "SELECT a.pid, ",
+        crate::session_application!(),
+        ", string_agg(DISTINCT c.relname::text, ', '), \
+         extract(epoch FROM now() - a.xact_start)::bigint, ",
+        crate::session_query!(),
+        " FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
          JOIN pg_stat_activity a ON a.pid = l.pid \
          WHERE l.granted \
          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
          AND c.relnamespace = 'public'::regnamespace AND c.relname = ANY($1) \
          AND l.pid <> pg_backend_pid() AND a.application_name IS DISTINCT FROM $2 \
-         GROUP BY a.pid, a.application_name, a.xact_start, a.query ORDER BY a.pid",
-    )
+         GROUP BY a.pid, a.application_name, a.xact_start, a.query ORDER BY a.pid"
+    ))
     .bind(tables)
     .bind(schema)
     .fetch_all(pool)

@@ -33,20 +33,23 @@ const REMIND: Duration = Duration::from_secs(30);
 /// (named after its schema, `$2`)
 /// whose snapshot is older than `$1`, a 32-bit transaction id: xids wrap around, so
 /// "older" is PostgreSQL's own test, a negative 32-bit difference.
-const OLD_SNAPSHOTS: &str = "SELECT pid, backend_start, xact_start, \
-     coalesce(nullif(application_name, ''), '?') AS application, \
-     CASE WHEN backend_type IS NULL THEN '?' \
-          ELSE coalesce(host(client_addr), 'a local socket') END AS client, query_start, \
-     coalesce(state, '?') AS state, \
-     left(regexp_replace(coalesce(query, ''), '[[:space:]]+', ' ', 'g'), 80) AS query \
-     FROM pg_stat_activity \
+const OLD_SNAPSHOTS: &str = concat!(
+    "SELECT pid, backend_start, xact_start, ",
+    crate::session_application!(),
+    " AS application, ",
+    crate::session_client!(),
+    " AS client, query_start, coalesce(state, '?') AS state, ",
+    crate::session_query!(),
+    " AS query \
+     FROM pg_stat_activity a \
      WHERE datname = current_database() \
      AND (backend_type IN ('client backend', 'walsender') OR backend_type IS NULL) \
      AND pid <> pg_backend_pid() AND application_name IS DISTINCT FROM $2 \
      AND backend_xmin IS NOT NULL \
      AND ((backend_xmin::text::bigint - $1) % 4294967296 + 4294967296) % 4294967296 \
          >= 2147483648 \
-     ORDER BY pid";
+     ORDER BY pid"
+);
 
 /// One session whose snapshot is older than the copies.
 #[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
