@@ -3,27 +3,34 @@
 //! per-event code in `messaging.rs` stays the definition; this must give the same tables
 //! (`projections/tests/messaging.rs` applies the same logs both ways and compares).
 //!
-//! Why reordering is safe: between two events that create a conversation or add or remove
-//! a participant of one that has message events pending (boundaries: what was pending is
-//! applied first, then the event), message events of different messages touch disjoint rows,
-//! except for what they add up in common rows, and those sums
-//! commute: a conversation's `message_count` (+1 per post, -1 per deletion), its
-//! `last_message_at` (the greatest) and a participant's read mark (only moves forward, to
-//! the greatest position read). So each message's events keep their order, in "waves" (the
-//! first event of every message in the segment, then the second, ...), and the events of
-//! one wave are applied by kind, one statement each. The other conversation events and
-//! user erasures write nothing a message event writes, and are applied where they come. So
-//! is a participant change in a conversation with nothing pending: it reads and writes only
-//! its own conversation's rows, which the pending events of other conversations do not
-//! touch. (A log interleaves many conversations; ending the segment at every participant
-//! change anywhere cut batches into a few dozen events each.)
+//! Why reordering is safe: message events are held back and applied at the end of the batch
+//! (or of a segment, cut only where a conversation with held-back events is created, which
+//! must fail as it does one by one). Message events of different messages touch disjoint
+//! rows, except for what they add up in common rows, and those sums commute: a
+//! conversation's `message_count` (+1 per post, -1 per deletion), its `last_message_at` (the
+//! greatest) and a participant's read mark (only moves forward, to the greatest position
+//! read). So each message's events keep their order, in "waves" (the first event of every
+//! message in the segment, then the second, ...), and the events of one wave are applied by
+//! kind, one statement each.
+//!
+//! Conversation events and user erasures are applied where they come, ahead of the
+//! held-back message events. Most write nothing a message event writes (the settings,
+//! status, version, a participant's role or muting; key rows). Participant changes share the
+//! read mark, and come out the same: a newcomer's mark starts at the conversation's newest
+//! message as of the addition, held-back posts included (`unwritten_newest`), so a held-back
+//! read of an earlier message cannot move it, as it could not have one by one; a removed
+//! participant's row is gone, so a held-back read of theirs marks nothing, and what it
+//! would have marked one by one was deleted with the row. Receipts do not depend on who
+//! takes part. (Cutting the batch at every participant change instead, as this path once
+//! did, cut a chat log's batches into segments of a few hundred events, each costing its
+//! waves' statements.)
 //!
 //! Anything unexpected (an event that does not decode, a statement that fails or touches
 //! fewer rows than it must) undoes the bulk work to a savepoint and applies the batch one
 //! event at a time, so a failure is reported at exactly the event and with exactly the
 //! error the per-event code gives.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::message::MessageEvent;
@@ -133,39 +140,42 @@ struct Item<'e> {
 
 async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     let mut segment: Vec<Item> = Vec::new();
-    // The conversations with message events in `segment`.
-    let mut pending: HashSet<Uuid> = HashSet::new();
+    // The conversations with message events in `segment`, each with the position of its
+    // newest post there (0 if none).
+    let mut pending: HashMap<Uuid, i64> = HashMap::new();
     for event in events {
         match event.aggregate_type.as_str() {
             "Message" => {
                 let kind = decode::payload::<MessageEvent>(event)?;
-                pending.insert(conversation_of(&kind));
+                let newest = pending.entry(conversation_of(&kind)).or_insert(0);
+                if matches!(kind, MessageEvent::MessagePosted { .. }) {
+                    *newest = event.position;
+                }
                 segment.push(Item {
                     event,
                     message: decode::aggregate_id(event)?,
                     kind,
                 });
             }
-            // Who takes part decides what a read mark does and where a newcomer's mark
-            // starts: the conversation's events before it must have been applied. And a
-            // message event before its conversation was created must fail as it does one
+            // A message event before its conversation was created must fail as it does one
             // by one, not find the conversation the later creation made.
-            "Conversation"
-                if matches!(
-                    event.event_type.as_str(),
-                    "ParticipantAdded" | "ParticipantRemoved" | "ConversationCreated"
-                ) =>
-            {
-                if pending.contains(&decode::aggregate_id(event)?) {
+            "Conversation" if event.event_type == "ConversationCreated" => {
+                if pending.contains_key(&decode::aggregate_id(event)?) {
                     waves(conn, std::mem::take(&mut segment)).await?;
                     pending.clear();
                 }
                 messaging::apply(conn, event).await?;
             }
-            // The other conversation events write columns no message event writes (the
-            // settings, status, version, a participant's role or muting), and erasing a
-            // user only deletes key rows: they commute with the pending message events.
-            "Conversation" => messaging::apply(conn, event).await?,
+            // The other conversation events commute with the held-back message events (see
+            // the module's comment); a newcomer's mark starts past the held-back posts.
+            "Conversation" => {
+                let unwritten = pending
+                    .get(&decode::aggregate_id(event)?)
+                    .copied()
+                    .unwrap_or(0);
+                messaging::apply_conversation_event(conn, event, unwritten).await?;
+            }
+            // Erasing a user only deletes key rows.
             "User" if event.event_type == "UserErased" => messaging::apply(conn, event).await?,
             // Nothing else reaches this projection's tables.
             _ => {}
