@@ -15,7 +15,7 @@ use ledgerline_aggregates::metadata;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::copy_in::{BinaryCopy, Field};
+use crate::copy_in::{self, BinaryCopy, Field};
 use crate::decode::Metadata;
 use crate::{ProjectionError, StoredEvent};
 
@@ -143,18 +143,7 @@ async fn copy(conn: &mut PgConnection, rows: &[Row<'_>]) -> sqlx::Result<()> {
     for row in rows {
         data.row(&row.fields())?;
     }
-    let data = data.finish();
-    // sqlx ends a `COPY` that fails at its start itself. Whatever the server makes of the
-    // data, `finish` ends it: it reads the error that stopped it, if any, through
-    // ReadyForQuery, so the connection can roll back to the savepoint. (`abort` could not be
-    // used here: after the server's own error it leaves ReadyForQuery unread, and the next
-    // statement would take it for its own.) `send` fails only when the socket does: the
-    // dropped `PgCopyIn` then queues a CopyFail on a connection that is lost anyway. Dropped
-    // mid-`COPY`, this would leave the connection out of step; only a build's workers are
-    // ever cut off (a lost lock aborts them), and their schema pool is closed after them.
-    let mut copy = conn.copy_in_raw(COPY).await?;
-    copy.send(data.as_slice()).await?;
-    copy.finish().await?;
+    copy_in::copy(conn, COPY, data).await?;
     Ok(())
 }
 

@@ -1,5 +1,5 @@
 //! Rows for `COPY table (columns) FROM STDIN (FORMAT binary)`, for the multi-row paths that
-//! write a batch's rows with one `COPY` (`audit_events`): PostgreSQL then neither plans a
+//! write a batch's rows with one `COPY` per table (`audit_events`, `messaging`'s new rows): PostgreSQL then neither plans a
 //! statement nor unpacks arrays, and takes each field in its type's binary form as it is.
 //!
 //! The format (PostgreSQL manual, "COPY", "Binary Format"; `src/ledger/copy_binary.rs` reads
@@ -10,6 +10,7 @@
 //! with that type's receive function, and casts nothing.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use sqlx::PgConnection;
 use uuid::Uuid;
 
 /// The first bytes of every binary COPY stream.
@@ -22,6 +23,7 @@ const JSONB_VERSION: u8 = 1;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) enum Field<'a> {
     Null,
+    Int(i32),
     Bigint(i64),
     Uuid(Uuid),
     Text(&'a str),
@@ -59,6 +61,12 @@ pub(crate) struct BinaryCopy {
     data: Vec<u8>,
 }
 
+impl Default for BinaryCopy {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BinaryCopy {
     pub(crate) fn new() -> Self {
         let mut data = Vec::with_capacity(64 * 1024);
@@ -88,6 +96,7 @@ impl BinaryCopy {
     fn field(&mut self, field: &Field<'_>) -> Result<(), EncodeError> {
         match *field {
             Field::Null => self.data.extend_from_slice(&(-1i32).to_be_bytes()),
+            Field::Int(n) => self.bytes(&[&n.to_be_bytes()])?,
             Field::Bigint(n) => self.bytes(&[&n.to_be_bytes()])?,
             Field::Uuid(id) => self.bytes(&[id.as_bytes()])?,
             Field::Text(s) => self.bytes(&[s.as_bytes()])?,
@@ -109,6 +118,26 @@ impl BinaryCopy {
         }
         Ok(())
     }
+}
+
+/// Sends `data` with `statement` (a `COPY ... FROM STDIN (FORMAT binary)`), all or none.
+pub(crate) async fn copy(
+    conn: &mut PgConnection,
+    statement: &str,
+    data: BinaryCopy,
+) -> sqlx::Result<u64> {
+    let data = data.finish();
+    // sqlx ends a `COPY` that fails at its start itself. Whatever the server makes of the
+    // data, `finish` ends it: it reads the error that stopped it, if any, through
+    // ReadyForQuery, so the connection can roll back to a savepoint. (`abort` could not be
+    // used here: after the server's own error it leaves ReadyForQuery unread, and the next
+    // statement would take it for its own.) `send` fails only when the socket does: the
+    // dropped `PgCopyIn` then queues a CopyFail on a connection that is lost anyway. Dropped
+    // mid-`COPY`, this would leave the connection out of step; only a build's workers are
+    // ever cut off (a lost lock aborts them), and their schema pool is closed after them.
+    let mut copy = conn.copy_in_raw(statement).await?;
+    copy.send(data.as_slice()).await?;
+    copy.finish().await
 }
 
 /// PostgreSQL's `timestamptz`: microseconds since 2000-01-01 00:00:00 UTC, computed as sqlx
@@ -177,6 +206,15 @@ mod tests {
         ]
         .concat();
         assert_eq!(bytes, expected);
+    }
+
+    #[test]
+    fn an_int_is_four_bytes_big_endian() {
+        assert_eq!(
+            tuples(&[Field::Int(-2)]),
+            [0, 1, 0, 0, 0, 4, 0xff, 0xff, 0xff, 0xfe]
+        );
+        assert_eq!(tuples(&[Field::Int(258)]), [0, 1, 0, 0, 0, 4, 0, 0, 1, 2]);
     }
 
     #[test]

@@ -10,8 +10,8 @@
 //! conversation's `message_count` (+1 per post, -1 per deletion), its `last_message_at` (the
 //! greatest) and a participant's read mark (only moves forward, to the greatest position
 //! read). So each message's events keep their order: a message posted in the segment is
-//! folded in memory, its row written once as its events leave it, with its reactions and
-//! receipts as plain inserts (a message's reactions, edits and reads mostly come soon after
+//! folded in memory, its row written once as its events leave it, with its attachments,
+//! reactions and receipts, by binary `COPY` (a message's reactions, edits and reads mostly come soon after
 //! its post: in a seeded chat log, 34% of them in the post's batch of 2,000 and 72% in its
 //! batch of 20,000); the events of older messages go in "waves" (the first event of every
 //! such message in the segment, then the second, ...), the events of one wave applied by
@@ -41,6 +41,7 @@ use ledgerline_aggregates::message::MessageEvent;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::copy_in::{self, BinaryCopy, Field};
 use crate::{decode, messaging, ProjectionError, StoredEvent};
 
 /// Batches shorter than this (the live projector's usual few events) go one by one: the
@@ -105,6 +106,12 @@ impl std::fmt::Display for GiveUp {
 impl From<sqlx::Error> for GiveUp {
     fn from(e: sqlx::Error) -> Self {
         GiveUp::Sql(e)
+    }
+}
+
+impl From<copy_in::EncodeError> for GiveUp {
+    fn from(e: copy_in::EncodeError) -> Self {
+        GiveUp::Sql(e.into())
     }
 }
 
@@ -248,39 +255,37 @@ async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>) -> Result<(), Gi
 }
 
 /// The messages posted in a segment, each as its later events in the segment leave it: the
-/// row is written once, final, and their reactions and receipts are plain inserts. What one
-/// by one would fail on (an event naming another conversation, a second deletion, a reaction
-/// added twice or removed when absent, a message read twice by one user, a post repeated)
-/// gives up, so that the one-by-one path reports it.
+/// row is written once, final, and their reactions and receipts are plain inserts, all by
+/// binary `COPY` (`copy_in`). What one by one would fail on (an event naming another
+/// conversation, a second deletion, a reaction added twice or removed when absent, a message
+/// read twice by one user, a post repeated) gives up, so that the one-by-one path reports it.
 #[derive(Default)]
 struct Folded {
-    posts: Posts,
-    reactions: Reactions,
-    /// Receipts, with the message's position for its reader's mark.
-    reads: Reads,
+    messages: BinaryCopy,
+    attachments: BinaryCopy,
+    reactions: BinaryCopy,
+    reads: BinaryCopy,
+    /// Rows in each of the four, in that order.
+    rows: [u64; 4],
+    /// Per conversation: the posts still there (deletions in the segment taken off) and the
+    /// latest post's time, as the per-event statements add them up.
+    conversations: HashMap<Uuid, (i64, DateTime<Utc>)>,
+    /// Per reader (conversation, user): the furthest message read, its position and when.
+    marks: HashMap<(Uuid, Uuid), (Uuid, i64, DateTime<Utc>)>,
     /// Messages deleted in the segment: their keys are destroyed (see messaging.rs).
     deleted: Vec<Uuid>,
 }
 
-#[derive(Default)]
-struct Reactions {
-    message: Vec<Uuid>,
-    user: Vec<Uuid>,
-    emoji: Vec<String>,
-    conversation: Vec<Uuid>,
-    organization: Vec<Uuid>,
-    at: Vec<DateTime<Utc>>,
-}
-
-#[derive(Default)]
-struct Reads {
-    message: Vec<Uuid>,
-    user: Vec<Uuid>,
-    conversation: Vec<Uuid>,
-    organization: Vec<Uuid>,
-    position: Vec<i64>,
-    at: Vec<DateTime<Utc>>,
-}
+const COPY_MESSAGES: &str = "COPY messages (id, conversation_id, organization_id, author_id, \
+     parent_message_id, thread_root_id, content_sealed, position, created_at, version, \
+     edited_at, deleted_at, deleted_by) FROM STDIN (FORMAT binary)";
+const COPY_ATTACHMENTS: &str = "COPY message_attachments (message_id, ordinal, \
+     organization_id, file_name_sealed, mime_type, size_bytes, blake3, created_at) \
+     FROM STDIN (FORMAT binary)";
+const COPY_REACTIONS: &str = "COPY message_reactions (message_id, user_id, emoji, \
+     conversation_id, organization_id, created_at) FROM STDIN (FORMAT binary)";
+const COPY_READS: &str = "COPY message_reads (message_id, user_id, conversation_id, read_at, \
+     organization_id) FROM STDIN (FORMAT binary)";
 
 impl Folded {
     /// Folds one message's events, its post first, into the rows they leave.
@@ -303,7 +308,8 @@ impl Folded {
         if message_id != post.message {
             return Err(GiveUp::Uncovered);
         }
-        let message = post.message;
+        let (message, position) = (post.message, post.event.position);
+        let created_at = post.event.recorded_at;
         let mut content = Some(content.0);
         let mut version = post.event.sequence;
         let (mut edited_at, mut deleted_at, mut deleted_by) = (None, None, None);
@@ -311,8 +317,8 @@ impl Folded {
         let mut reactions: Vec<(Uuid, String, DateTime<Utc>)> = Vec::new();
         let mut readers: Vec<Uuid> = Vec::new();
         for item in items {
-            let (at, in_conversation) = (item.event.recorded_at, conversation_of(&item.kind));
-            if in_conversation != conversation {
+            let at = item.event.recorded_at;
+            if conversation_of(&item.kind) != conversation {
                 return Err(GiveUp::Uncovered);
             }
             version = item.event.sequence;
@@ -352,110 +358,141 @@ impl Folded {
                         return Err(GiveUp::Uncovered);
                     }
                     readers.push(user_id);
-                    let r = &mut self.reads;
-                    r.message.push(message);
-                    r.user.push(user_id);
-                    r.conversation.push(conversation);
-                    r.organization.push(organization);
-                    r.position.push(post.event.position);
-                    r.at.push(at);
+                    self.reads.row(&[
+                        Field::Uuid(message),
+                        Field::Uuid(user_id),
+                        Field::Uuid(conversation),
+                        Field::Timestamptz(at),
+                        Field::Uuid(organization),
+                    ])?;
+                    self.rows[3] += 1;
+                    // A reader's mark moves to the furthest message they read, if further
+                    // than it is (see mark_read).
+                    let mark = self
+                        .marks
+                        .entry((conversation, user_id))
+                        .or_insert((message, position, at));
+                    if mark.1 < position {
+                        *mark = (message, position, at);
+                    }
                 }
             }
         }
-        for (user, emoji, at) in reactions {
-            let r = &mut self.reactions;
-            r.message.push(message);
-            r.user.push(user);
-            r.emoji.push(emoji);
-            r.conversation.push(conversation);
-            r.organization.push(organization);
-            r.at.push(at);
+        for (user, emoji, at) in &reactions {
+            self.reactions.row(&[
+                Field::Uuid(message),
+                Field::Uuid(*user),
+                Field::Text(emoji),
+                Field::Uuid(conversation),
+                Field::Uuid(organization),
+                Field::Timestamptz(*at),
+            ])?;
+            self.rows[2] += 1;
         }
+        for (ordinal, a) in attachments.iter().enumerate() {
+            self.attachments.row(&[
+                Field::Uuid(message),
+                Field::Int(i32::try_from(ordinal).map_err(|_| GiveUp::Uncovered)?),
+                Field::Uuid(organization),
+                // A deletion clears the file names with the content.
+                Field::or_null(deleted_at.is_none().then_some(Field::Text(&a.file_name.0))),
+                Field::Text(&a.mime_type),
+                Field::Bigint(a.size_bytes),
+                Field::Text(&a.blake3),
+                Field::Timestamptz(created_at),
+            ])?;
+            self.rows[1] += 1;
+        }
+        let uuid = |id: Option<Uuid>| Field::or_null(id.map(Field::Uuid));
+        let time = |t: Option<DateTime<Utc>>| Field::or_null(t.map(Field::Timestamptz));
+        self.messages.row(&[
+            Field::Uuid(message),
+            Field::Uuid(conversation),
+            Field::Uuid(organization),
+            Field::Uuid(author_id),
+            uuid(parent_message_id),
+            uuid(thread_root_id),
+            Field::or_null(content.as_deref().map(Field::Text)),
+            Field::Bigint(position),
+            Field::Timestamptz(created_at),
+            Field::Bigint(version),
+            time(edited_at),
+            time(deleted_at),
+            uuid(deleted_by),
+        ])?;
+        self.rows[0] += 1;
+        let counted = self
+            .conversations
+            .entry(conversation)
+            .or_insert((0, created_at));
+        counted.0 += i64::from(deleted_at.is_none());
+        counted.1 = counted.1.max(created_at);
         if deleted_at.is_some() {
             self.deleted.push(message);
         }
-        let p = &mut self.posts;
-        let created_at = post.event.recorded_at;
-        for (ordinal, a) in attachments.into_iter().enumerate() {
-            p.a_message.push(message);
-            p.a_ordinal
-                .push(i32::try_from(ordinal).map_err(|_| GiveUp::Uncovered)?);
-            p.a_organization.push(organization);
-            // A deletion clears the file names with the content.
-            p.a_file_name
-                .push(deleted_at.is_none().then_some(a.file_name.0));
-            p.a_mime_type.push(a.mime_type);
-            p.a_size.push(a.size_bytes);
-            p.a_blake3.push(a.blake3);
-            p.a_at.push(created_at);
-        }
-        p.id.push(message);
-        p.conversation.push(conversation);
-        p.organization.push(organization);
-        p.author.push(author_id);
-        p.parent.push(parent_message_id);
-        p.thread_root.push(thread_root_id);
-        p.content.push(content);
-        p.position.push(post.event.position);
-        p.at.push(created_at);
-        p.version.push(version);
-        p.edited_at.push(edited_at);
-        p.deleted_at.push(deleted_at);
-        p.deleted_by.push(deleted_by);
         Ok(())
     }
 
-    async fn write(&self, conn: &mut PgConnection) -> Result<(), GiveUp> {
-        insert_posts(conn, &self.posts).await?;
-        let r = &self.reactions;
-        if !r.message.is_empty() {
-            let done = sqlx::query(
-                "INSERT INTO message_reactions (message_id, user_id, emoji, conversation_id, \
-                 organization_id, created_at) \
-                 SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::uuid[], \
-                 $5::uuid[], $6::timestamptz[])",
-            )
-            .bind(&r.message)
-            .bind(&r.user)
-            .bind(&r.emoji)
-            .bind(&r.conversation)
-            .bind(&r.organization)
-            .bind(&r.at)
-            .execute(&mut *conn)
-            .await?;
-            exactly(r.message.len(), done.rows_affected() as i64)?;
+    async fn write(self, conn: &mut PgConnection) -> Result<(), GiveUp> {
+        if self.rows[0] == 0 {
+            return Ok(());
         }
-        let r = &self.reads;
-        if !r.message.is_empty() {
-            // Every read gets its receipt; a reader's mark moves to the furthest message
-            // they read, if further than it is (see mark_read).
-            let done = sqlx::query(
-                "WITH r AS ( \
-                     SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], \
-                     $5::bigint[], $6::timestamptz[]) \
-                     AS r(message_id, user_id, conversation_id, organization_id, position, at) \
-                 ), furthest AS ( \
-                     SELECT DISTINCT ON (conversation_id, user_id) * FROM r \
-                     ORDER BY conversation_id, user_id, position DESC \
-                 ), mark AS ( \
-                     UPDATE conversation_participants p SET last_read_message_id = f.message_id, \
-                     last_read_position = f.position, last_read_at = f.at FROM furthest f \
-                     WHERE p.conversation_id = f.conversation_id AND p.user_id = f.user_id \
-                     AND p.last_read_position < f.position \
-                 ) \
-                 INSERT INTO message_reads (message_id, user_id, conversation_id, read_at, \
-                 organization_id) \
-                 SELECT message_id, user_id, conversation_id, at, organization_id FROM r",
+        let copies = [
+            (COPY_MESSAGES, self.messages),
+            (COPY_ATTACHMENTS, self.attachments),
+            (COPY_REACTIONS, self.reactions),
+            (COPY_READS, self.reads),
+        ];
+        for ((statement, data), rows) in copies.into_iter().zip(self.rows) {
+            if rows > 0 {
+                let copied = copy_in::copy(conn, statement, data).await?;
+                exactly(rows as usize, copied as i64)?;
+            }
+        }
+        // The conversations must exist: one row each.
+        let (mut ids, mut counts, mut latest) = (Vec::new(), Vec::new(), Vec::new());
+        for (id, (n, at)) in self.conversations {
+            ids.push(id);
+            counts.push(n);
+            latest.push(at);
+        }
+        let updated = sqlx::query(
+            "UPDATE conversations c SET message_count = c.message_count + x.n, \
+             last_message_at = GREATEST(c.last_message_at, x.latest) \
+             FROM unnest($1::uuid[], $2::bigint[], $3::timestamptz[]) AS x(id, n, latest) \
+             WHERE c.id = x.id",
+        )
+        .bind(&ids)
+        .bind(&counts)
+        .bind(&latest)
+        .execute(&mut *conn)
+        .await?;
+        exactly(ids.len(), updated.rows_affected() as i64)?;
+        if !self.marks.is_empty() {
+            let mut m = (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            for ((conversation, user), (message, position, at)) in self.marks {
+                m.0.push(conversation);
+                m.1.push(user);
+                m.2.push(message);
+                m.3.push(position);
+                m.4.push(at);
+            }
+            // Not checked: a reader who has left since has no mark to move (see messaging.rs).
+            sqlx::query(
+                "UPDATE conversation_participants p SET last_read_message_id = f.message_id, \
+                 last_read_position = f.position, last_read_at = f.at \
+                 FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::bigint[], \
+                 $5::timestamptz[]) AS f(conversation_id, user_id, message_id, position, at) \
+                 WHERE p.conversation_id = f.conversation_id AND p.user_id = f.user_id \
+                 AND p.last_read_position < f.position",
             )
-            .bind(&r.message)
-            .bind(&r.user)
-            .bind(&r.conversation)
-            .bind(&r.organization)
-            .bind(&r.position)
-            .bind(&r.at)
+            .bind(&m.0)
+            .bind(&m.1)
+            .bind(&m.2)
+            .bind(&m.3)
+            .bind(&m.4)
             .execute(&mut *conn)
             .await?;
-            exactly(r.message.len(), done.rows_affected() as i64)?;
         }
         if !self.deleted.is_empty() {
             sqlx::query("DELETE FROM message_keys WHERE message_id = ANY($1)")
@@ -465,32 +502,6 @@ impl Folded {
         }
         Ok(())
     }
-}
-
-#[derive(Default)]
-struct Posts {
-    id: Vec<Uuid>,
-    conversation: Vec<Uuid>,
-    organization: Vec<Uuid>,
-    author: Vec<Uuid>,
-    parent: Vec<Option<Uuid>>,
-    thread_root: Vec<Option<Uuid>>,
-    content: Vec<Option<String>>,
-    position: Vec<i64>,
-    at: Vec<DateTime<Utc>>,
-    version: Vec<i64>,
-    edited_at: Vec<Option<DateTime<Utc>>>,
-    deleted_at: Vec<Option<DateTime<Utc>>>,
-    deleted_by: Vec<Option<Uuid>>,
-    // One entry per attachment.
-    a_message: Vec<Uuid>,
-    a_ordinal: Vec<i32>,
-    a_organization: Vec<Uuid>,
-    a_file_name: Vec<Option<String>>,
-    a_mime_type: Vec<String>,
-    a_size: Vec<i64>,
-    a_blake3: Vec<String>,
-    a_at: Vec<DateTime<Utc>>,
 }
 
 /// Reactions added or removed, read marks and edits: a message, its conversation, the new
@@ -583,79 +594,6 @@ fn exactly(expected: usize, touched: i64) -> Result<(), GiveUp> {
     } else {
         Err(GiveUp::Rows { expected, touched })
     }
-}
-
-async fn insert_posts(conn: &mut PgConnection, p: &Posts) -> Result<(), GiveUp> {
-    if p.id.is_empty() {
-        return Ok(());
-    }
-    // As the per-event statements: the message, then the conversation's count (of the
-    // messages not deleted since) and latest time, which must exist (one row per distinct
-    // conversation).
-    let (inserted, conversations, updated): (i64, i64, i64) = sqlx::query_as(
-        "WITH p AS ( \
-             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::uuid[], $5::uuid[], \
-             $6::uuid[], $7::text[], $8::bigint[], $9::timestamptz[], $10::bigint[], \
-             $11::timestamptz[], $12::timestamptz[], $13::uuid[]) \
-             AS p(id, conversation_id, organization_id, author_id, parent_message_id, \
-             thread_root_id, content_sealed, position, created_at, version, edited_at, \
-             deleted_at, deleted_by) \
-         ), message AS ( \
-             INSERT INTO messages (id, conversation_id, organization_id, author_id, \
-             parent_message_id, thread_root_id, content_sealed, position, created_at, version, \
-             edited_at, deleted_at, deleted_by) \
-             SELECT * FROM p RETURNING conversation_id \
-         ), conversation AS ( \
-             UPDATE conversations c SET message_count = c.message_count + x.n, \
-             last_message_at = GREATEST(c.last_message_at, x.latest) \
-             FROM (SELECT conversation_id, count(*) FILTER (WHERE deleted_at IS NULL) AS n, \
-                   max(created_at) AS latest FROM p GROUP BY conversation_id) x \
-             WHERE c.id = x.conversation_id RETURNING c.id \
-         ) \
-         SELECT (SELECT count(*) FROM message), \
-                (SELECT count(DISTINCT conversation_id) FROM p), \
-                (SELECT count(*) FROM conversation)",
-    )
-    .bind(&p.id)
-    .bind(&p.conversation)
-    .bind(&p.organization)
-    .bind(&p.author)
-    .bind(&p.parent)
-    .bind(&p.thread_root)
-    .bind(&p.content)
-    .bind(&p.position)
-    .bind(&p.at)
-    .bind(&p.version)
-    .bind(&p.edited_at)
-    .bind(&p.deleted_at)
-    .bind(&p.deleted_by)
-    .fetch_one(&mut *conn)
-    .await?;
-    exactly(p.id.len(), inserted)?;
-    exactly(
-        usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
-        updated,
-    )?;
-    if !p.a_message.is_empty() {
-        let attached = sqlx::query(
-            "INSERT INTO message_attachments (message_id, ordinal, organization_id, \
-             file_name_sealed, mime_type, size_bytes, blake3, created_at) \
-             SELECT * FROM unnest($1::uuid[], $2::int[], $3::uuid[], $4::text[], $5::text[], \
-             $6::bigint[], $7::text[], $8::timestamptz[])",
-        )
-        .bind(&p.a_message)
-        .bind(&p.a_ordinal)
-        .bind(&p.a_organization)
-        .bind(&p.a_file_name)
-        .bind(&p.a_mime_type)
-        .bind(&p.a_size)
-        .bind(&p.a_blake3)
-        .bind(&p.a_at)
-        .execute(&mut *conn)
-        .await?;
-        exactly(p.a_message.len(), attached.rows_affected() as i64)?;
-    }
-    Ok(())
 }
 
 /// The rows of a wave's touches as a CTE `t`, and `m`: the touched messages, their version
