@@ -1,6 +1,7 @@
 //! Rows for `COPY table (columns) FROM STDIN (FORMAT binary)`, for the multi-row paths that
-//! write a batch's rows with one `COPY` per table (`audit_events`, `messaging`'s new rows): PostgreSQL then neither plans a
-//! statement nor unpacks arrays, and takes each field in its type's binary form as it is.
+//! write a batch's rows with one `COPY` per table (`audit_events`, `messaging`'s new rows):
+//! PostgreSQL then neither plans a statement nor unpacks arrays, and takes each field in its
+//! type's binary form as it is.
 //!
 //! The format (PostgreSQL manual, "COPY", "Binary Format"; `src/ledger/copy_binary.rs` reads
 //! it): an 11-byte signature, an `int32` of flags and an `int32` header-extension length
@@ -69,7 +70,8 @@ impl Default for BinaryCopy {
 
 impl BinaryCopy {
     pub(crate) fn new() -> Self {
-        let mut data = Vec::with_capacity(64 * 1024);
+        // Grown as rows come: most segments of the live projector's batches fold nothing.
+        let mut data = Vec::new();
         data.extend_from_slice(SIGNATURE);
         data.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
         data.extend_from_slice(&0i32.to_be_bytes()); // no header extension
@@ -134,7 +136,8 @@ pub(crate) async fn copy(
     // statement would take it for its own.) `send` fails only when the socket does: the
     // dropped `PgCopyIn` then queues a CopyFail on a connection that is lost anyway. Dropped
     // mid-`COPY`, this would leave the connection out of step; only a build's workers are
-    // ever cut off (a lost lock aborts them), and their schema pool is closed after them.
+    // ever cut off (a lost lock aborts them), and their schema pool is closed or dropped
+    // after them, which discards its connections. The live projector's batches are not.
     let mut copy = conn.copy_in_raw(statement).await?;
     copy.send(data.as_slice()).await?;
     copy.finish().await

@@ -11,9 +11,9 @@
 //! greatest) and a participant's read mark (only moves forward, to the greatest position
 //! read). So each message's events keep their order: a message posted in the segment is
 //! folded in memory, its row written once as its events leave it, with its attachments,
-//! reactions and receipts, by binary `COPY` (a message's reactions, edits and reads mostly come soon after
-//! its post: in a seeded chat log, 34% of them in the post's batch of 2,000 and 72% in its
-//! batch of 20,000); the events of older messages go in "waves" (the first event of every
+//! reactions and receipts, by binary `COPY` (a message's reactions, edits and reads mostly
+//! come soon after its post: in a seeded chat log, 34% of them in the post's batch of 2,000
+//! and 72% in its batch of 20,000); the events of older messages go in "waves" (the first event of every
 //! such message in the segment, then the second, ...), the events of one wave applied by
 //! kind, one statement each, each moving the message's version.
 //!
