@@ -4,19 +4,26 @@
 //! It copies every event, of any aggregate type or event type, without decoding the payload:
 //! the audit trail must show everything the log holds, including events that the domain
 //! projections do not (yet) understand.
+//!
+//! A long batch (a rebuild's, a catch-up's) is written with one binary `COPY`
+//! (`crate::copy_in`), the cheapest way into PostgreSQL. `COPY` has no `ON CONFLICT`: a row
+//! already there fails it, and the batch then goes one event at a time with the per-event
+//! `INSERT ... ON CONFLICT DO NOTHING`, which stays the definition, so the table ends the same
+//! either way.
 
 use ledgerline_aggregates::metadata;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
+use crate::copy_in::{self, BinaryCopy, Field};
 use crate::decode::Metadata;
 use crate::{ProjectionError, StoredEvent};
 
 pub const NAME: &str = "audit_events";
 pub const TABLES: &[&str] = &["audit_events"];
 
-/// Batches at least this long are inserted with one statement; shorter ones (the live
-/// projector's usual few events) one event at a time, which needs no savepoint.
+/// Batches at least this long are written with one `COPY`; shorter ones (the live projector's
+/// usual few events) one event at a time, which needs no savepoint.
 const BULK_FROM: usize = 8;
 
 /// The row of one event, decoded from its metadata.
@@ -44,15 +51,46 @@ impl<'e> Row<'e> {
             user_agent: text(metadata::USER_AGENT)?,
         })
     }
+
+    /// The row's fields in the order of [`COPY`]'s columns, each in its column's type.
+    fn fields(&self) -> [Field<'_>; 15] {
+        fn text(s: &Option<String>) -> Field<'_> {
+            Field::or_null(s.as_deref().map(Field::Text))
+        }
+        let e = self.event;
+        [
+            Field::Bigint(e.position),
+            Field::or_null(e.organization_id.map(Field::Uuid)),
+            text(&self.actor_kind),
+            Field::or_null(self.actor_user_id.map(Field::Uuid)),
+            Field::or_null(self.actor_key_id.map(Field::Uuid)),
+            Field::Text(&e.event_type),
+            Field::Text(&e.event_version),
+            Field::Text(&e.aggregate_type),
+            Field::Text(&e.aggregate_id),
+            Field::Bigint(e.sequence),
+            Field::Jsonb(&e.payload),
+            text(&self.request_id),
+            text(&self.client_ip),
+            text(&self.user_agent),
+            Field::Timestamptz(e.recorded_at),
+        ]
+    }
 }
+
+/// Every column of `audit_events` (migrations 0002, 0013), in the order of [`Row::fields`].
+const COPY: &str = "COPY audit_events (position, organization_id, actor_kind, actor_user_id, \
+                    actor_key_id, event_type, event_version, aggregate_type, aggregate_id, \
+                    sequence, event_data, request_id, client_ip, user_agent, recorded_at) \
+                    FROM STDIN (FORMAT binary)";
 
 pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), ProjectionError> {
     insert(conn, &[Row::of(event)?]).await?;
     Ok(())
 }
 
-/// Applies `events` in order with one multi-row statement; on failure, the index of the
-/// failing event and why. A statement that fails as a whole is undone to a savepoint and
+/// Applies `events` in order with one `COPY`; on failure, the index of the failing event and
+/// why. A `COPY` that fails (an event's row already there, say) is undone to a savepoint and
 /// the events are applied one by one, so that the failure names its own event.
 pub async fn apply_many(
     conn: &mut PgConnection,
@@ -74,7 +112,7 @@ pub async fn apply_many(
         .execute(&mut *conn)
         .await
         .map_err(|e| (0, e.into()))?;
-    match insert(conn, &rows).await {
+    match copy(conn, &rows).await {
         Ok(()) => {
             savepoint("RELEASE SAVEPOINT audit_events_bulk")
                 .execute(&mut *conn)
@@ -97,6 +135,16 @@ pub async fn apply_many(
             Ok(())
         }
     }
+}
+
+/// The rows in one `COPY`, all or none.
+async fn copy(conn: &mut PgConnection, rows: &[Row<'_>]) -> sqlx::Result<()> {
+    let mut data = BinaryCopy::new();
+    for row in rows {
+        data.row(&row.fields())?;
+    }
+    copy_in::copy(conn, COPY, data).await?;
+    Ok(())
 }
 
 /// One statement for any number of rows; an event already copied is left as it is.

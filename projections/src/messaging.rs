@@ -33,7 +33,7 @@ pub const TABLES: &[&str] = &[
 
 pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), ProjectionError> {
     match event.aggregate_type.as_str() {
-        "Conversation" => apply_conversation_event(conn, event).await,
+        "Conversation" => apply_conversation_event(conn, event, 0).await,
         "Message" => apply_message_event(conn, event).await,
         // Of a user's events only erasure matters here; the others are not even decoded, so
         // that one this projection has no use for cannot stop it.
@@ -52,9 +52,14 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
     }
 }
 
-async fn apply_conversation_event(
+/// Applies a Conversation event. `unwritten_newest` is the position of the conversation's
+/// newest post that comes before this event in the log but is not in `messages` yet (the
+/// multi-row path holds posts back; 0 when there is none): a newcomer's read mark starts
+/// there when it is past every written message.
+pub(crate) async fn apply_conversation_event(
     conn: &mut PgConnection,
     event: &StoredEvent,
+    unwritten_newest: i64,
 ) -> Result<(), ProjectionError> {
     let id = decode::aggregate_id(event)?;
     let at = event.recorded_at;
@@ -154,14 +159,15 @@ async fn apply_conversation_event(
             let result = sqlx::query(
                 "INSERT INTO conversation_participants (conversation_id, user_id, \
                  organization_id, role, joined_at, last_read_position) \
-                 SELECT c.id, $2, c.organization_id, $3, $4, \
-                 COALESCE((SELECT max(m.position) FROM messages m WHERE m.conversation_id = c.id), 0) \
+                 SELECT c.id, $2, c.organization_id, $3, $4, GREATEST($5, \
+                 COALESCE((SELECT max(m.position) FROM messages m WHERE m.conversation_id = c.id), 0)) \
                  FROM conversations c WHERE c.id = $1",
             )
             .bind(id)
             .bind(user_id)
             .bind(role.as_str())
             .bind(at)
+            .bind(unwritten_newest)
             .execute(&mut *conn)
             .await?;
             (result, "conversation_participants")

@@ -62,7 +62,7 @@ pub struct RebuildOptions {
 impl RebuildOptions {
     /// The defaults, as a constant for the CLI's defaults.
     pub const DEFAULT: Self = Self {
-        batch_size: 2000,
+        batch_size: 20_000,
         swap_tail: 2000,
         finish_connections: 2,
         snapshot_wait: Duration::from_secs(600),

@@ -8,12 +8,15 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{hash_hex, sealed, snapshot, Actor, Ledger, TestDb};
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use common::{hash_hex, rows, sealed, snapshot, Actor, Ledger, TestDb};
 use ledgerline_aggregates::conversation::{
     ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole,
 };
 use ledgerline_aggregates::message::{Attachment, MessageEvent};
+use ledgerline_aggregates::metadata as keys;
 use ledgerline_projections::{bulk_fallbacks, reset, run_batch, BatchOutcome, Projection};
+use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -225,15 +228,44 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
     }
 }
 
+/// A key for every message posted (the service layer writes them; the projection destroys
+/// those of deleted messages), none for the others: run before each way of applying the log.
+async fn key_every_post(pool: &PgPool) {
+    sqlx::query("DELETE FROM message_keys")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
+         SELECT aggregate_id::uuid, (payload::jsonb #>> '{MessagePosted,author_id}')::uuid, \
+         organization_id, '\\x00' FROM events WHERE event_type = 'MessagePosted'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+async fn message_keys(pool: &PgPool) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT message_id FROM message_keys ORDER BY message_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 /// Runs the two multi-row projections to the head, `size` events per transaction.
 async fn run_in_batches(pool: &PgPool, size: i64) {
     for projection in [Projection::Messaging, Projection::AuditEvents] {
-        loop {
-            match run_batch(pool, projection, size).await.unwrap() {
-                BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
-                BatchOutcome::Applied { .. } => {}
-                BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
-            }
+        run_to_head(pool, projection, size).await;
+    }
+}
+
+/// Runs `projection` to the head, `size` events per transaction.
+async fn run_to_head(pool: &PgPool, projection: Projection, size: i64) {
+    loop {
+        match run_batch(pool, projection, size).await.unwrap() {
+            BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
+            BatchOutcome::Applied { .. } => {}
+            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
         }
     }
 }
@@ -266,8 +298,10 @@ async fn the_multi_row_paths_give_the_tables_of_one_event_at_a_time() {
     let names = ["messaging", "audit_events"];
 
     // One event per transaction: the per-event code, the definition.
+    key_every_post(&db.pool).await;
     run_in_batches(&db.pool, 1).await;
     let one_by_one = snapshot(&db.pool).await;
+    let keys_left = message_keys(&db.pool).await;
     assert!(
         one_by_one
             .iter()
@@ -278,11 +312,17 @@ async fn the_multi_row_paths_give_the_tables_of_one_event_at_a_time() {
 
     for size in [1000, 97, 8] {
         reset(&db.pool, Some(&names)).await.unwrap();
+        key_every_post(&db.pool).await;
         run_in_batches(&db.pool, size).await;
         let bulk = snapshot(&db.pool).await;
         for ((table, a), (_, b)) in one_by_one.iter().zip(&bulk) {
             assert_eq!(a, b, "{table} differs with batches of {size}");
         }
+        assert_eq!(
+            message_keys(&db.pool).await,
+            keys_left,
+            "the keys of deleted messages are destroyed with batches of {size}"
+        );
         assert_eq!(bulk_fallbacks(), 0, "batches of {size} stayed multi-row");
     }
 }
@@ -327,4 +367,95 @@ async fn the_multi_row_path_plans_every_batch_for_its_own_arrays() {
         "{plans:?}"
     );
     assert_eq!(bulk_fallbacks(), 0);
+}
+
+/// `audit_events`' `COPY` encodes every column itself: it must land what the per-event
+/// statement's bound parameters land, also for the values a chat log does not hold: times
+/// before 2000 and between seconds, far back and far ahead; no tenant and no metadata at all
+/// (every nullable column NULL) beside empty texts; text beyond ASCII; a payload that `jsonb`
+/// rewrites (a repeated key, key order, spacing, an escape).
+#[tokio::test]
+async fn the_copy_path_writes_every_kind_of_value_as_one_event_at_a_time_does() {
+    let db = TestDb::new().await;
+    let times: [DateTime<Utc>; 5] = [
+        Utc.with_ymd_and_hms(1999, 12, 31, 23, 59, 59).unwrap() + Duration::microseconds(999_999),
+        Utc.with_ymd_and_hms(2000, 1, 1, 0, 0, 0).unwrap() + Duration::microseconds(1),
+        Utc.with_ymd_and_hms(1, 1, 1, 0, 0, 0).unwrap() + Duration::microseconds(123_457),
+        Utc.with_ymd_and_hms(9999, 12, 31, 23, 59, 59).unwrap() + Duration::microseconds(999_999),
+        Utc.with_ymd_and_hms(2026, 7, 4, 12, 30, 5).unwrap() + Duration::microseconds(42),
+    ];
+    let head = 12;
+    for position in 1..=head {
+        let (org, user, key) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+        let (organization_id, metadata) = match position % 3 {
+            0 => (None, json!({})),
+            1 => (
+                Some(org),
+                json!({
+                    keys::ORGANIZATION_ID: org.to_string(),
+                    keys::ACTOR_KIND: "api_key",
+                    keys::ACTOR_USER_ID: user.to_string(),
+                    keys::ACTOR_KEY_ID: key.to_string(),
+                    keys::REQUEST_ID: format!("réq-{position}-👍"),
+                    keys::CLIENT_IP: "2001:db8::7",
+                    keys::USER_AGENT: "Ünïcødé/1.0 (\"quoted\")",
+                }),
+            ),
+            _ => (
+                Some(org),
+                json!({ keys::ACTOR_KIND: "", keys::REQUEST_ID: "", keys::USER_AGENT: "" }),
+            ),
+        };
+        sqlx::query(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata, position, organization_id, recorded_at, \
+             prev_hash, hash, hash_version) \
+             VALUES ('Invoice', $1, $2, 'InvoiceSent', '1', $3::json, $4::json, $5, $6, $7, \
+             $8, $8, 2)",
+        )
+        .bind(format!("inv-é-{}", position % 4))
+        .bind(position)
+        .bind(format!(
+            r#"{{ "b": 1, "a": [1.50, "\u00e9", null, {{}}], "b": {position}, "t": "\t👍" }}"#
+        ))
+        .bind(metadata.to_string())
+        .bind(position)
+        .bind(organization_id)
+        .bind(times[position as usize % times.len()])
+        .bind(vec![0u8; 32])
+        .execute(&db.pool)
+        .await
+        .unwrap();
+    }
+
+    run_to_head(&db.pool, Projection::AuditEvents, 1).await;
+    let one_by_one = rows(&db.pool, "audit_events").await;
+    assert_eq!(one_by_one.len(), head as usize);
+    reset(&db.pool, Some(&["audit_events"])).await.unwrap();
+    run_to_head(&db.pool, Projection::AuditEvents, 100).await;
+    assert_eq!(bulk_fallbacks(), 0, "the batch was copied");
+    assert_eq!(rows(&db.pool, "audit_events").await, one_by_one);
+    let faithful: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events a JOIN events e USING (position) \
+         WHERE a.recorded_at = e.recorded_at AND a.event_data = e.payload::jsonb \
+         AND a.organization_id IS NOT DISTINCT FROM e.organization_id \
+         AND a.aggregate_id = e.aggregate_id AND a.sequence = e.sequence",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(faithful, head);
+    let nulls: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_events WHERE organization_id IS NULL AND actor_kind IS NULL \
+         AND actor_user_id IS NULL AND actor_key_id IS NULL AND request_id IS NULL \
+         AND client_ip IS NULL AND user_agent IS NULL",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        nulls,
+        head / 3,
+        "the events with no metadata have NULLs, not empty texts"
+    );
 }

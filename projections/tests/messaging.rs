@@ -781,6 +781,69 @@ async fn a_post_before_its_conversation_exists_stops_the_projection_in_a_batch_t
     assert!(rows(chat.pool(), "messages").await.is_empty());
 }
 
+/// A message posted in a batch is folded there with its later events (messaging_batch.rs);
+/// what the per-event code fails on must stop the projection at the same event, applied up
+/// to the event before it, also among the folded events.
+#[tokio::test]
+async fn what_a_posts_own_batch_cannot_apply_stops_the_projection_there() {
+    let react = |conversation_id, user_id| MessageEvent::ReactionAdded {
+        conversation_id,
+        user_id,
+        emoji: "🎉".into(),
+    };
+    for case in [
+        "a reaction added twice",
+        "a reaction removed that is not there",
+        "a message deleted twice",
+        "a message read twice by one user",
+        "a reaction naming another conversation",
+    ] {
+        let mut chat = Chat::new().await;
+        let c = chat.group().await;
+        // Enough events before for the batch to take the multi-row path.
+        for _ in 0..8 {
+            chat.post(c, chat.bob, None).await;
+        }
+        let (m, _) = chat.post(c, chat.alice, None).await;
+        let bob = chat.bob;
+        let bad = match case {
+            "a reaction added twice" => {
+                chat.message(m, react(c, bob)).await;
+                react(c, bob)
+            }
+            "a reaction removed that is not there" => MessageEvent::ReactionRemoved {
+                conversation_id: c,
+                user_id: bob,
+                emoji: "🎉".into(),
+            },
+            "a message deleted twice" => {
+                let delete = MessageEvent::MessageDeleted {
+                    conversation_id: c,
+                    by: Some(chat.alice),
+                };
+                chat.message(m, delete.clone()).await;
+                delete
+            }
+            "a message read twice by one user" => {
+                chat.read(c, m, bob).await;
+                MessageEvent::MessageRead {
+                    conversation_id: c,
+                    user_id: bob,
+                }
+            }
+            _ => react(Uuid::new_v4(), bob),
+        };
+        let at = chat.message(m, bad).await;
+        chat.post(c, chat.bob, None).await;
+        assert_eq!(
+            failed_at(catch_up(chat.pool()).await),
+            ("messaging", at),
+            "{case}"
+        );
+        assert_eq!(checkpoint(chat.pool(), "messaging").await, at - 1, "{case}");
+    }
+}
+
 #[tokio::test]
 async fn a_rebuild_reproduces_the_messaging_tables_and_keeps_message_keys() {
     let mut chat = Chat::new().await;

@@ -10,9 +10,10 @@ use common::{checkpoint, populate, rows, sealed, snapshot, Actor, Ledger, TestDb
 use ledgerline_aggregates::organization::{OrganizationEvent, OrganizationProfile};
 use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{
-    catch_up, reset, retry, run_batch, run_leased_batch, status, BatchOutcome, Projection,
-    Projector, RunError,
+    bulk_fallbacks, catch_up, reset, retry, run_batch, run_leased_batch, status, BatchOutcome,
+    Projection, Projector, RunError,
 };
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -639,6 +640,65 @@ async fn a_failure_inside_a_bulk_insert_names_its_own_event() {
     assert_eq!(copied, (1..=28).collect::<Vec<i64>>());
     // The other projections are not held back by it.
     assert_eq!(checkpoint(&db.pool, "users").await, 40);
+}
+
+/// audit_events writes a long batch with one `COPY`, which has no `ON CONFLICT`: an event
+/// whose row is already in the table fails it. The batch then goes one event at a time, as
+/// `INSERT ... ON CONFLICT DO NOTHING`, and ends with the table that one event per batch
+/// gives (the row found there kept as it was), on a connection that serves on.
+#[tokio::test]
+async fn a_long_batch_meeting_a_row_already_there_ends_as_one_event_at_a_time() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let org = Uuid::new_v4();
+    let actor = Actor::api(org, None, Uuid::new_v4());
+    // Enough rows that the conflict (position 3) has most of the data after it, to be skipped.
+    for _ in 0..600 {
+        let user = Uuid::new_v4();
+        ledger
+            .append("User", user, &invite(user, org), &actor)
+            .await;
+    }
+    let plant = || {
+        sqlx::query(
+            "INSERT INTO audit_events (position, event_type, event_version, aggregate_type, \
+             aggregate_id, sequence, event_data, recorded_at) \
+             VALUES (3, 'Planted', '1', 'Test', 'planted', 1, '{}', '2001-02-03 04:05:06+00')",
+        )
+    };
+    plant().execute(&db.pool).await.unwrap();
+    run_to_head(&db.pool, Projection::AuditEvents, 1).await;
+    let one_by_one = rows(&db.pool, "audit_events").await;
+    assert_eq!(one_by_one.len(), 600);
+    assert!(one_by_one.iter().any(|r| r.contains("\"Planted\"")));
+
+    reset(&db.pool, Some(&["audit_events"])).await.unwrap();
+    plant().execute(&db.pool).await.unwrap();
+    // One connection: what the failed COPY left on it meets the statements after it.
+    let one = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with((*db.pool.connect_options()).clone())
+        .await
+        .unwrap();
+    let fallbacks = bulk_fallbacks();
+    run_to_head(&one, Projection::AuditEvents, 1000).await;
+    assert!(
+        bulk_fallbacks() > fallbacks,
+        "the batch was applied one by one"
+    );
+    assert_eq!(rows(&one, "audit_events").await, one_by_one);
+    assert_eq!(checkpoint(&one, "audit_events").await, 600);
+}
+
+/// Runs `projection` to the head, `size` events per transaction.
+async fn run_to_head(pool: &PgPool, projection: Projection, size: i64) {
+    loop {
+        match run_batch(pool, projection, size).await.unwrap() {
+            BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
+            BatchOutcome::Applied { .. } => {}
+            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
+        }
+    }
 }
 
 /// Waits up to 5 s until a session of this database (only: other tests' waits are not
