@@ -9,7 +9,10 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use chrono::{DateTime, Duration, TimeZone, Utc};
-use common::{hash_hex, rows, sealed, snapshot, Actor, Ledger, TestDb};
+use common::{
+    hash_hex, key_every_post, message_keys, rows, run_to_head, sealed, snapshot, Actor, Ledger,
+    Rng, TestDb,
+};
 use ledgerline_aggregates::conversation::{
     ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole,
 };
@@ -20,19 +23,6 @@ use serde_json::json;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use uuid::Uuid;
-
-/// xorshift64*: the choices follow a fixed seed (the ids are random, and with them the
-/// order of the sets picked from).
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
-    }
-}
 
 struct Message {
     conversation: Uuid,
@@ -228,45 +218,10 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
     }
 }
 
-/// A key for every message posted (the service layer writes them; the projection destroys
-/// those of deleted messages), none for the others: run before each way of applying the log.
-async fn key_every_post(pool: &PgPool) {
-    sqlx::query("DELETE FROM message_keys")
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
-         SELECT aggregate_id::uuid, (payload::jsonb #>> '{MessagePosted,author_id}')::uuid, \
-         organization_id, '\\x00' FROM events WHERE event_type = 'MessagePosted'",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
-async fn message_keys(pool: &PgPool) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT message_id FROM message_keys ORDER BY message_id")
-        .fetch_all(pool)
-        .await
-        .unwrap()
-}
-
 /// Runs the two multi-row projections to the head, `size` events per transaction.
 async fn run_in_batches(pool: &PgPool, size: i64) {
     for projection in [Projection::Messaging, Projection::AuditEvents] {
         run_to_head(pool, projection, size).await;
-    }
-}
-
-/// Runs `projection` to the head, `size` events per transaction.
-async fn run_to_head(pool: &PgPool, projection: Projection, size: i64) {
-    loop {
-        match run_batch(pool, projection, size).await.unwrap() {
-            BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
-            BatchOutcome::Applied { .. } => {}
-            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
-        }
     }
 }
 

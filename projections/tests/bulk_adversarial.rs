@@ -10,7 +10,9 @@ mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use common::{hash_hex, sealed, snapshot, Actor, Ledger, TestDb};
+use common::{
+    hash_hex, key_every_post, message_keys, sealed, snapshot, Actor, Ledger, Rng, TestDb,
+};
 use ledgerline_aggregates::conversation::{
     ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole,
 };
@@ -19,18 +21,6 @@ use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{reset, run_batch, BatchOutcome, Projection};
 use sqlx::PgPool;
 use uuid::Uuid;
-
-/// xorshift64*, as in bulk.rs: the choices follow the seed.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
-    }
-}
 
 struct Msg {
     id: Uuid,
@@ -207,28 +197,6 @@ async fn adversarial_log(ledger: &mut Ledger, seed: u64, steps: usize) {
         };
         ledger.append("Message", mid, &event, &actor).await;
     }
-}
-
-async fn key_every_post(pool: &PgPool) {
-    sqlx::query("DELETE FROM message_keys")
-        .execute(pool)
-        .await
-        .unwrap();
-    sqlx::query(
-        "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
-         SELECT aggregate_id::uuid, (payload::jsonb #>> '{MessagePosted,author_id}')::uuid, \
-         organization_id, '\\x00' FROM events WHERE event_type = 'MessagePosted'",
-    )
-    .execute(pool)
-    .await
-    .unwrap();
-}
-
-async fn message_keys(pool: &PgPool) -> Vec<Uuid> {
-    sqlx::query_scalar("SELECT message_id FROM message_keys ORDER BY message_id")
-        .fetch_all(pool)
-        .await
-        .unwrap()
 }
 
 /// Runs `messaging` to the head or to its first failure: (the failure's position and error,

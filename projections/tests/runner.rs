@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{checkpoint, populate, rows, sealed, snapshot, Actor, Ledger, TestDb};
+use common::{checkpoint, populate, rows, run_to_head, sealed, snapshot, Actor, Ledger, TestDb};
 use ledgerline_aggregates::organization::{OrganizationEvent, OrganizationProfile};
 use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{
@@ -688,17 +688,6 @@ async fn a_long_batch_meeting_a_row_already_there_ends_as_one_event_at_a_time() 
     );
     assert_eq!(rows(&one, "audit_events").await, one_by_one);
     assert_eq!(checkpoint(&one, "audit_events").await, 600);
-}
-
-/// Runs `projection` to the head, `size` events per transaction.
-async fn run_to_head(pool: &PgPool, projection: Projection, size: i64) {
-    loop {
-        match run_batch(pool, projection, size).await.unwrap() {
-            BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
-            BatchOutcome::Applied { .. } => {}
-            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
-        }
-    }
 }
 
 /// Waits up to 5 s until a session of this database (only: other tests' waits are not

@@ -550,3 +550,53 @@ pub async fn snapshot(pool: &PgPool) -> Vec<(String, Vec<String>)> {
     }
     all
 }
+
+/// xorshift64*: a log's choices follow a fixed seed (the ids are random, and with them the
+/// order of the sets picked from).
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 33) as usize % n
+    }
+}
+
+/// A key for every message posted (the service layer writes them; the projection destroys
+/// those of deleted messages), none for the others: run before each way of applying a log.
+pub async fn key_every_post(pool: &PgPool) {
+    sqlx::query("DELETE FROM message_keys")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
+         SELECT aggregate_id::uuid, (payload::jsonb #>> '{MessagePosted,author_id}')::uuid, \
+         organization_id, '\\x00' FROM events WHERE event_type = 'MessagePosted'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+}
+
+/// The messages whose keys are left, in order.
+pub async fn message_keys(pool: &PgPool) -> Vec<Uuid> {
+    sqlx::query_scalar("SELECT message_id FROM message_keys ORDER BY message_id")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+/// Runs `projection` to the head, `size` events per transaction; panics on a failure.
+pub async fn run_to_head(pool: &PgPool, projection: ledgerline_projections::Projection, size: i64) {
+    use ledgerline_projections::{run_batch, BatchOutcome};
+    loop {
+        match run_batch(pool, projection, size).await.unwrap() {
+            BatchOutcome::Applied { applied, .. } if (applied as i64) < size => break,
+            BatchOutcome::Applied { .. } => {}
+            BatchOutcome::Failed { failure, .. } => panic!("{failure:?}"),
+        }
+    }
+}
