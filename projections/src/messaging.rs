@@ -159,8 +159,8 @@ pub(crate) async fn apply_conversation_event(
             let result = sqlx::query(
                 "INSERT INTO conversation_participants (conversation_id, user_id, \
                  organization_id, role, joined_at, last_read_position) \
-                 SELECT c.id, $2, c.organization_id, $3, $4, GREATEST($5, \
-                 COALESCE((SELECT max(m.position) FROM messages m WHERE m.conversation_id = c.id), 0)) \
+                 SELECT c.id, $2, c.organization_id, $3, $4, GREATEST($5, COALESCE(( \
+                 SELECT max(m.position) FROM messages m WHERE m.conversation_id = c.id), 0)) \
                  FROM conversations c WHERE c.id = $1",
             )
             .bind(id)

@@ -13,9 +13,9 @@
 //! folded in memory, its row written once as its events leave it, with its attachments,
 //! reactions and receipts, by binary `COPY` (a message's reactions, edits and reads mostly
 //! come soon after its post: in a seeded chat log, 34% of them in the post's batch of 2,000
-//! and 72% in its batch of 20,000); the events of older messages go in "waves" (the first event of every
-//! such message in the segment, then the second, ...), the events of one wave applied by
-//! kind, one statement each, each moving the message's version.
+//! and 72% in its batch of 20,000); the events of older messages go in "waves" (the first
+//! event of every such message in the segment, then the second, ...), the events of one
+//! wave applied by kind, one statement each, each moving the message's version.
 //!
 //! Conversation events and user erasures are applied where they come, ahead of the
 //! held-back message events. Most write nothing a message event writes (the settings,
@@ -25,9 +25,9 @@
 //! read of an earlier message cannot move it, as it could not have one by one; a removed
 //! participant's row is gone, so a held-back read of theirs marks nothing, and what it
 //! would have marked one by one was deleted with the row. Receipts do not depend on who
-//! takes part. (Cutting the batch at every participant change instead, as this path once
-//! did, cut a chat log's batches into segments of a few hundred events, each costing its
-//! waves' statements.)
+//! takes part. (This path once cut the batch at every participant change in a conversation
+//! with held-back events: 567 segments in the 63 batches of 2,000 of a seeded chat log,
+//! and 1,170 waves against 276 now, each wave a statement per kind of event.)
 //!
 //! Anything unexpected (an event that does not decode, a statement that fails or touches
 //! fewer rows than it must) undoes the bulk work to a savepoint and applies the batch one
