@@ -415,8 +415,8 @@ pub struct RebuildArgs {
 pub struct BatchArgs {
     /// Events applied per transaction. Longer batches take fewer statements (a message's
     /// later events in its post's batch fold into its row) and more memory: a rebuild of every
-    /// projection over a 1M-event log peaked at 320 MB with 20,000, at 48 MB with 2,000
-    /// (docs/benchmarks.md).
+    /// projection over a 1M-event log peaked at 320-360 MB with 20,000, at 42-48 MB with
+    /// 2,000 (docs/benchmarks.md).
     #[arg(long, env = "LEDGERLINE_REBUILD_BATCH",
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.batch_size,
           value_parser = clap::value_parser!(i64).range(1..=100_000))]
