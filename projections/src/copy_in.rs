@@ -60,6 +60,7 @@ impl From<EncodeError> for sqlx::Error {
 /// trailer is added by [`BinaryCopy::finish`]. After an error the data is unusable.
 pub(crate) struct BinaryCopy {
     data: Vec<u8>,
+    rows: u64,
 }
 
 impl Default for BinaryCopy {
@@ -75,7 +76,7 @@ impl BinaryCopy {
         data.extend_from_slice(SIGNATURE);
         data.extend_from_slice(&0i32.to_be_bytes()); // flags: no OIDs
         data.extend_from_slice(&0i32.to_be_bytes()); // no header extension
-        Self { data }
+        Self { data, rows: 0 }
     }
 
     /// Adds one tuple: `fields` in the order of the `COPY`'s column list.
@@ -86,7 +87,13 @@ impl BinaryCopy {
         for field in fields {
             self.field(field)?;
         }
+        self.rows += 1;
         Ok(())
+    }
+
+    /// The tuples added so far.
+    pub(crate) fn rows(&self) -> u64 {
+        self.rows
     }
 
     /// The whole stream, trailer included.

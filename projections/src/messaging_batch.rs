@@ -265,8 +265,6 @@ struct Folded {
     attachments: BinaryCopy,
     reactions: BinaryCopy,
     reads: BinaryCopy,
-    /// Rows in each of the four, in that order.
-    rows: [u64; 4],
     /// Per conversation: the posts still there (deletions in the segment taken off) and the
     /// latest post's time, as the per-event statements add them up.
     conversations: HashMap<Uuid, (i64, DateTime<Utc>)>,
@@ -365,7 +363,6 @@ impl Folded {
                         Field::Timestamptz(at),
                         Field::Uuid(organization),
                     ])?;
-                    self.rows[3] += 1;
                     // A reader's mark moves to the furthest message they read, if further
                     // than it is (see mark_read).
                     let mark = self
@@ -387,7 +384,6 @@ impl Folded {
                 Field::Uuid(organization),
                 Field::Timestamptz(*at),
             ])?;
-            self.rows[2] += 1;
         }
         for (ordinal, a) in attachments.iter().enumerate() {
             self.attachments.row(&[
@@ -401,7 +397,6 @@ impl Folded {
                 Field::Text(&a.blake3),
                 Field::Timestamptz(created_at),
             ])?;
-            self.rows[1] += 1;
         }
         let uuid = |id: Option<Uuid>| Field::or_null(id.map(Field::Uuid));
         let time = |t: Option<DateTime<Utc>>| Field::or_null(t.map(Field::Timestamptz));
@@ -420,7 +415,6 @@ impl Folded {
             time(deleted_at),
             uuid(deleted_by),
         ])?;
-        self.rows[0] += 1;
         let counted = self
             .conversations
             .entry(conversation)
@@ -434,7 +428,7 @@ impl Folded {
     }
 
     async fn write(self, conn: &mut PgConnection) -> Result<(), GiveUp> {
-        if self.rows[0] == 0 {
+        if self.messages.rows() == 0 {
             return Ok(());
         }
         let copies = [
@@ -443,7 +437,8 @@ impl Folded {
             (COPY_REACTIONS, self.reactions),
             (COPY_READS, self.reads),
         ];
-        for ((statement, data), rows) in copies.into_iter().zip(self.rows) {
+        for (statement, data) in copies {
+            let rows = data.rows();
             if rows > 0 {
                 let copied = copy_in::copy(conn, statement, data).await?;
                 exactly(rows as usize, copied as i64)?;
