@@ -196,7 +196,8 @@ impl ProjectorHandle {
     /// that it reads. False on timeout, or if a projection is stopped at or before `position`
     /// (it will not get there by itself: not waited for, while the others still are, so
     /// that one stopped projection leaves the rest read-your-writes). A projection that is
-    /// catching up ([`Projector::catching_up`]) is not waited for.
+    /// catching up ([`Projector::catching_up`]) is not waited for. A projection reset by
+    /// another process counts as where it was until the reset's notification arrives.
     pub async fn wait_for(&self, position: i64, timeout: Duration) -> bool {
         self.wait(position, timeout).await.all_there()
     }

@@ -421,7 +421,8 @@ fn created(org: Uuid) -> OrganizationEvent {
 }
 
 /// A projector that polls every 10 minutes, so a wait that depended on the poll would time
-/// out, after it has applied one organization's creation (`first`).
+/// out, after it has applied one organization's creation (`first`). It renews its leases
+/// every third of `lease_ttl`, which also wakes a projection behind the events it reads.
 struct SlowPoll {
     slow_poll: Projector,
     head_tx: tokio::sync::watch::Sender<i64>,
@@ -432,9 +433,10 @@ struct SlowPoll {
 }
 
 impl SlowPoll {
-    async fn start(db: &TestDb, ledger: &mut Ledger) -> SlowPoll {
+    async fn start(db: &TestDb, ledger: &mut Ledger, lease_ttl: Duration) -> SlowPoll {
         let slow_poll = Projector {
             poll_interval: Duration::from_secs(600),
+            lease_ttl,
             ..Projector::default()
         };
         let (head_tx, head_rx) = tokio::sync::watch::channel(0i64);
@@ -490,7 +492,7 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
         org,
         actor,
         first,
-    } = SlowPoll::start(&db, &mut ledger).await;
+    } = SlowPoll::start(&db, &mut ledger, Projector::default().lease_ttl).await;
     assert_eq!(checkpoint(&db.pool, "organizations").await, first);
 
     // A second process: it holds no lease, so it follows the first one's progress.
@@ -567,6 +569,10 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
 /// A projection reset while the projector runs starts over: waiting for a later position
 /// (past an event it does not read) waits for it to apply its own events again, and does
 /// not count it as caught up from the checkpoint it had before the reset.
+///
+/// The process learns of the reset from its notification, which may arrive after this
+/// test's next commit is known (own commits move the head directly): the test waits for
+/// the handle to have taken the reset first, as `ProjectorHandle::wait_for` documents.
 #[tokio::test]
 async fn a_reset_projection_is_waited_for_until_it_has_applied_its_events_again() {
     let db = TestDb::new().await;
@@ -576,10 +582,29 @@ async fn a_reset_projection_is_waited_for_until_it_has_applied_its_events_again(
         runs,
         org,
         actor,
+        first,
         ..
-    } = SlowPoll::start(&db, &mut ledger).await;
+    } = SlowPoll::start(&db, &mut ledger, Duration::from_secs(1800)).await;
 
+    // A notification sent before the listener subscribed is lost (its resubscription then
+    // runs a batch instead, from the database's checkpoint).
+    assert!(listening(&db.pool, 1).await, "the projector listens");
     reset(&db.pool, Some(&["organizations"])).await.unwrap();
+    // With a 10-minute poll and a 10-minute renewal nothing runs the projection again
+    // before the next head.
+    let mut heard = false;
+    for _ in 0..300 {
+        let behind = runs
+            .checkpoints()
+            .into_iter()
+            .any(|(name, reach)| name == "organizations" && reach < first);
+        if behind {
+            heard = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(heard, "the reset's notification reached the handle");
     let user = Uuid::new_v4();
     let later = ledger
         .append("User", user, &invite(user, org), &actor)
