@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{eventually, ledgerline, ledgerline_logging, tamper, TestApp};
-use ledgerline_projections::{Progress, Projector, RebuildOptions, RebuildSummary, RunError};
+use ledgerline_projections::{
+    fault, Progress, Projection, Projector, RebuildOptions, RebuildSummary, RunError,
+};
 use serde_json::json;
 use sqlx::Connection;
 use uuid::Uuid;
@@ -975,6 +977,65 @@ async fn a_rebuild_stopped_by_an_event_it_cannot_apply_changes_nothing_live() {
             .unwrap(),
         None
     );
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// A panic in a projection's code during a rebuild (a bug met only by some event) stops the
+/// job at that event, named, with every event before it kept, as an event it cannot apply
+/// would; once the code is fixed the job resumes from there and swaps in equal tables.
+#[tokio::test]
+async fn a_rebuild_stopped_by_a_panic_names_the_event_and_resumes_after_the_fix() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    let (position, aggregate_id, sequence): (i64, String, i64) = sqlx::query_as(
+        "SELECT position, aggregate_id, sequence FROM events \
+         WHERE event_type = 'UserInvited' ORDER BY position DESC LIMIT 1",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    // Applied live already: only the rebuild's copy of `users` meets it.
+    fault::panic_on(Projection::Users, &aggregate_id, sequence);
+    let options = RebuildOptions {
+        batch_size: 7,
+        ..RebuildOptions::default()
+    };
+    let progress = Arc::new(Progress::default());
+    let error = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
+        .await
+        .unwrap_err();
+    match &error {
+        RunError::Replay {
+            name,
+            position: at,
+            error: why,
+        } => {
+            assert_eq!((*name, *at), ("users", position), "{error}");
+            assert!(
+                why.contains("panicked") && why.contains("fault injected"),
+                "{error}"
+            );
+        }
+        other => panic!("expected the event that panics, got {other}"),
+    }
+    let job = ledgerline_projections::rebuild_progress(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(job.len(), 1, "{job:?}");
+    assert_eq!(
+        job[0].position,
+        position - 1,
+        "every event before it is kept"
+    );
+    assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
+
+    fault::disarm(Projection::Users, &aggregate_id, sequence);
+    let progress = Arc::new(Progress::default());
+    let summary = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
+        .await
+        .unwrap();
+    assert!(summary.resumed, "{summary:?}");
     assert_eq!(snapshot(&t).await, live);
 }
 

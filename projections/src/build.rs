@@ -9,15 +9,19 @@
 //! destroying a key again is a no-op, and destroying it because the rebuild reached the
 //! erasure before the live projection did is what the erasure asked for.
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures::FutureExt;
 
 use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinSet};
 
-use crate::{Projection, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// One projection's share of a build: its tables are at `from`, and are to reach `to`.
 #[derive(Debug, Clone, Copy)]
@@ -680,23 +684,31 @@ async fn work(
             continue;
         };
         let last = slice[slice.len() - 1].position;
-        let mut tx = pool.begin().await?;
-        sqlx::query(&fence).execute(&mut *tx).await?;
-        if let Err((index, error)) = lane.projection.apply_many(&mut tx, slice).await {
-            return Err(RunError::of_event(name, slice[index].position, error));
+        match caught(commit(&pool, &fence, lane, record, slice)).await {
+            Ok(committed) => committed?,
+            // As the live projector does (`runner::run_leased_batch`): the batch's events
+            // again one per transaction, so that the job stops at the one that panics,
+            // named, with every event before it kept.
+            Err(message) => {
+                tracing::warn!(
+                    projection = name,
+                    error = %message,
+                    "a batch panicked; applying its events one at a time to find the one"
+                );
+                for event in slice {
+                    let one = std::slice::from_ref(event);
+                    match caught(commit(&pool, &fence, lane, record, one)).await {
+                        Ok(committed) => committed?,
+                        Err(message) => {
+                            let position = event.position;
+                            let error = ProjectionError::Panicked { position, message };
+                            return Err(RunError::of_event(name, position, error));
+                        }
+                    }
+                    progress.advance(name, event.position);
+                }
+            }
         }
-        if let Record::Job(job) = record {
-            sqlx::query(
-                "UPDATE projection_rebuild_progress SET position = $3, updated_at = now() \
-                 WHERE rebuild_id = $1 AND name = $2",
-            )
-            .bind(job)
-            .bind(name)
-            .bind(last)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
         position = last;
         progress.advance(name, position);
         if position >= lane.to {
@@ -704,4 +716,46 @@ async fn work(
         }
     }
     Ok(())
+}
+
+/// Applies `events` to the lane's copy and records how far the job got, in one transaction.
+async fn commit(
+    pool: &PgPool,
+    fence: &str,
+    lane: Lane,
+    record: Record,
+    events: &[StoredEvent],
+) -> Result<(), RunError> {
+    let name = lane.projection.name();
+    let Some(last) = events.last().map(|e| e.position) else {
+        return Ok(());
+    };
+    let mut tx = pool.begin().await?;
+    sqlx::query(fence).execute(&mut *tx).await?;
+    if let Err((index, error)) = lane.projection.apply_many(&mut tx, events).await {
+        return Err(RunError::of_event(name, events[index].position, error));
+    }
+    if let Record::Job(job) = record {
+        sqlx::query(
+            "UPDATE projection_rebuild_progress SET position = $3, updated_at = now() \
+             WHERE rebuild_id = $1 AND name = $2",
+        )
+        .bind(job)
+        .bind(name)
+        .bind(last)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs `work`, turning a panic in it into `Err` with the panic's message (the transaction
+/// it held is dropped, so rolled back). In the worker's own task, so that a worker stopped
+/// with its job stops its batch too.
+async fn caught<T>(work: impl Future<Output = T>) -> Result<T, String> {
+    AssertUnwindSafe(work)
+        .catch_unwind()
+        .await
+        .map_err(crate::runner::panic_message)
 }

@@ -100,14 +100,7 @@ async fn caught(
     task.await.unwrap_or_else(|e| {
         let panicked = e.is_panic();
         let message = match e.try_into_panic() {
-            Ok(payload) => match (
-                payload.downcast_ref::<&str>(),
-                payload.downcast_ref::<String>(),
-            ) {
-                (Some(text), _) => text.to_string(),
-                (_, Some(text)) => text.clone(),
-                _ => "a panic without a message".to_string(),
-            },
+            Ok(payload) => panic_message(payload),
             Err(e) => e.to_string(),
         };
         Err(RunError::Aborted {
@@ -116,6 +109,18 @@ async fn caught(
             panicked,
         })
     })
+}
+
+/// What a panic said, if it said it in text.
+pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
+    match (
+        payload.downcast_ref::<&str>(),
+        payload.downcast_ref::<String>(),
+    ) {
+        (Some(text), _) => text.to_string(),
+        (_, Some(text)) => text.clone(),
+        _ => "a panic without a message".to_string(),
+    }
 }
 
 /// After a batch panicked: the events after the checkpoint again, one per batch, until the
