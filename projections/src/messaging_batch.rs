@@ -34,7 +34,8 @@
 //! event at a time, so a failure is reported at exactly the event and with exactly the
 //! error the per-event code gives.
 
-use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use ledgerline_aggregates::message::MessageEvent;
@@ -311,9 +312,10 @@ impl Folded {
         let mut content = Some(content.0);
         let mut version = post.event.sequence;
         let (mut edited_at, mut deleted_at, mut deleted_by) = (None, None, None);
-        // (user, emoji, when added) of the reactions present.
-        let mut reactions: Vec<(Uuid, String, DateTime<Utc>)> = Vec::new();
-        let mut readers: Vec<Uuid> = Vec::new();
+        // The reactions present, (user, emoji) to when added, and the readers so far: sets,
+        // as a popular message can gather thousands of each in one batch.
+        let mut reactions: HashMap<(Uuid, String), DateTime<Utc>> = HashMap::new();
+        let mut readers: HashSet<Uuid> = HashSet::new();
         for item in items {
             let at = item.event.recorded_at;
             if conversation_of(&item.kind) != conversation {
@@ -336,26 +338,20 @@ impl Folded {
                     deleted_by = by;
                 }
                 MessageEvent::ReactionAdded { user_id, emoji, .. } => {
-                    if reactions
-                        .iter()
-                        .any(|(u, e, _)| *u == user_id && *e == emoji)
-                    {
-                        return Err(GiveUp::Uncovered);
-                    }
-                    reactions.push((user_id, emoji, at));
+                    match reactions.entry((user_id, emoji)) {
+                        Entry::Occupied(_) => return Err(GiveUp::Uncovered),
+                        Entry::Vacant(v) => v.insert(at),
+                    };
                 }
                 MessageEvent::ReactionRemoved { user_id, emoji, .. } => {
-                    let present = reactions
-                        .iter()
-                        .position(|(u, e, _)| *u == user_id && *e == emoji)
+                    reactions
+                        .remove(&(user_id, emoji))
                         .ok_or(GiveUp::Uncovered)?;
-                    reactions.remove(present);
                 }
                 MessageEvent::MessageRead { user_id, .. } => {
-                    if readers.contains(&user_id) {
+                    if !readers.insert(user_id) {
                         return Err(GiveUp::Uncovered);
                     }
-                    readers.push(user_id);
                     self.reads.row(&[
                         Field::Uuid(message),
                         Field::Uuid(user_id),
@@ -375,7 +371,7 @@ impl Folded {
                 }
             }
         }
-        for (user, emoji, at) in &reactions {
+        for ((user, emoji), at) in &reactions {
             self.reactions.row(&[
                 Field::Uuid(message),
                 Field::Uuid(*user),
