@@ -126,10 +126,16 @@ async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), Giv
     // Each statement planned for its own arrays, for the rest of the caller's transaction:
     // on a pooled connection a generic plan, made once the first executions found the
     // tables small (a projection reset or added to a running system), assumes a hundred
-    // rows per array and goes on scanning `messages` whole as it grows.
-    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
-        .execute(&mut *conn)
-        .await?;
+    // rows per array and goes on scanning `messages` whole as it grows. Not on a rebuild's
+    // connections, whose sequential scans are off (`build::schema_pool`): their generic
+    // plans cannot turn into such scans, and planning each of the many one-row statements
+    // of conversation events would cost more than running them.
+    sqlx::query(
+        "SELECT set_config('plan_cache_mode', CASE current_setting('enable_seqscan') \
+         WHEN 'off' THEN current_setting('plan_cache_mode') ELSE 'force_custom_plan' END, true)",
+    )
+    .execute(&mut *conn)
+    .await?;
     sqlx::query("SAVEPOINT messaging_bulk")
         .execute(&mut *conn)
         .await?;
@@ -224,6 +230,9 @@ fn conversation_of(kind: &MessageEvent) -> Uuid {
 /// (each written once, as its events there leave it), the others wave by wave: wave k holds
 /// the k-th event of each message.
 async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>) -> Result<(), GiveUp> {
+    if segment.is_empty() {
+        return Ok(());
+    }
     let mut groups: Vec<Vec<Item>> = Vec::new();
     let mut group_of: HashMap<Uuid, usize> = HashMap::new();
     for item in segment {
