@@ -538,9 +538,8 @@ pub(crate) async fn end_orphans(conn: &mut PgConnection, schema: &str) -> Result
 /// them when resumed. Sequential scans are off: the tables start empty, and a generic plan
 /// cached then (a sequential scan is cheapest on an empty table) would scan the whole
 /// table on every execution by the end. Planning every statement for its own parameters
-/// instead (`plan_cache_mode`) cost more than many one-row statements themselves: a
-/// rebuild of 1,000,000 events took 35.4 s that way, 29.2–30.2 s this way
-/// (docs/benchmarks.md).
+/// instead (`plan_cache_mode`) cost more than many one-row statements themselves
+/// (docs/benchmarks.md, 2026-12-06); those that take arrays still are (`messaging_batch`).
 pub(crate) async fn schema_pool(
     pool: &PgPool,
     schema: &str,
@@ -692,7 +691,7 @@ async fn work(
             continue;
         };
         let last = slice[slice.len() - 1].position;
-        match caught(commit(&pool, &fence, lane, record, slice)).await {
+        match panic_as_err(commit(&pool, &fence, lane, record, slice)).await {
             Ok(committed) => committed?,
             // As the live projector does (`runner::run_leased_batch`): the batch's events
             // again one per transaction, so that the job stops at the one that panics,
@@ -705,7 +704,7 @@ async fn work(
                 );
                 for event in slice {
                     let one = std::slice::from_ref(event);
-                    match caught(commit(&pool, &fence, lane, record, one)).await {
+                    match panic_as_err(commit(&pool, &fence, lane, record, one)).await {
                         Ok(committed) => committed?,
                         Err(message) => {
                             let position = event.position;
@@ -769,7 +768,7 @@ async fn commit(
 /// Runs `work`, turning a panic in it into `Err` with the panic's message (the transaction
 /// it held is dropped, so rolled back). In the worker's own task, so that a worker stopped
 /// with its job stops its batch too.
-async fn caught<T>(work: impl Future<Output = T>) -> Result<T, String> {
+async fn panic_as_err<T>(work: impl Future<Output = T>) -> Result<T, String> {
     AssertUnwindSafe(work)
         .catch_unwind()
         .await

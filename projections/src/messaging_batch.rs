@@ -123,23 +123,23 @@ impl From<ProjectionError> for GiveUp {
 }
 
 async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
-    // Each statement planned for its own arrays, for the rest of the caller's transaction:
-    // on a pooled connection a generic plan, made once the first executions found the
-    // tables small (a projection reset or added to a running system), assumes a hundred
-    // rows per array and goes on scanning `messages` whole as it grows. Not on a rebuild's
-    // connections, whose sequential scans are off (`build::schema_pool`): their generic
-    // plans cannot turn into such scans, and planning each of the many one-row statements
-    // of conversation events would cost more than running them.
-    sqlx::query(
+    // Each statement planned for its own parameters, for the rest of the caller's
+    // transaction, where sequential scans are on: on a pooled connection a generic plan,
+    // made once the first executions found the tables small (a projection reset or added
+    // to a running system), would go on scanning them whole as they grow. A rebuild's
+    // connections have them off (`build::schema_pool`), and there planning each of the
+    // many one-row statements would cost more than running them; only the statements that
+    // take arrays are planned for their own there (`waves`).
+    let plans: String = sqlx::query_scalar(
         "SELECT set_config('plan_cache_mode', CASE current_setting('enable_seqscan') \
          WHEN 'off' THEN current_setting('plan_cache_mode') ELSE 'force_custom_plan' END, true)",
     )
-    .execute(&mut *conn)
+    .fetch_one(&mut *conn)
     .await?;
     sqlx::query("SAVEPOINT messaging_bulk")
         .execute(&mut *conn)
         .await?;
-    let result = segments(conn, events).await;
+    let result = segments(conn, events, &plans).await;
     let end = if result.is_ok() {
         "RELEASE SAVEPOINT messaging_bulk"
     } else {
@@ -156,7 +156,12 @@ struct Item<'e> {
     kind: MessageEvent,
 }
 
-async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+/// `plans`: the transaction's `plan_cache_mode`, which `waves` returns to.
+async fn segments(
+    conn: &mut PgConnection,
+    events: &[StoredEvent],
+    plans: &str,
+) -> Result<(), GiveUp> {
     let mut segment: Vec<Item> = Vec::new();
     // The conversations with message events in `segment`, each with the position of its
     // newest post there (0 if none).
@@ -179,7 +184,7 @@ async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(),
             // by one, not find the conversation the later creation made.
             "Conversation" if event.event_type == "ConversationCreated" => {
                 if pending.contains_key(&decode::aggregate_id(event)?) {
-                    waves(conn, std::mem::take(&mut segment)).await?;
+                    waves(conn, std::mem::take(&mut segment), plans).await?;
                     pending.clear();
                 }
                 messaging::apply(conn, event).await?;
@@ -199,7 +204,7 @@ async fn segments(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(),
             _ => {}
         }
     }
-    waves(conn, segment).await
+    waves(conn, segment, plans).await
 }
 
 /// The conversation a message event belongs to.
@@ -229,7 +234,7 @@ fn conversation_of(kind: &MessageEvent) -> Uuid {
 /// Applies a segment's message events: the messages posted in the segment are folded
 /// (each written once, as its events there leave it), the others wave by wave: wave k holds
 /// the k-th event of each message.
-async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>) -> Result<(), GiveUp> {
+async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>, plans: &str) -> Result<(), GiveUp> {
     if segment.is_empty() {
         return Ok(());
     }
@@ -257,10 +262,19 @@ async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>) -> Result<(), Gi
             waves[k].push(item);
         }
     }
+    // A generic plan assumes a hundred rows per array; one cached while the tables were
+    // small could join them whole (with sequential scans off, by a full index scan).
+    sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
+        .execute(&mut *conn)
+        .await?;
     folded.write(conn).await?;
     for wave in waves {
         apply_wave(conn, wave).await?;
     }
+    sqlx::query("SELECT set_config('plan_cache_mode', $1, true)")
+        .bind(plans)
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
