@@ -10,12 +10,16 @@
 //! big-endian. Each field must be of its column's type exactly: the server reads the bytes
 //! with that type's receive function, and casts nothing.
 
-use chrono::{DateTime, NaiveDate, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-/// The first bytes of every binary COPY stream.
-const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+/// The first bytes of every binary COPY stream (also what the ledger's reader expects).
+pub const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z), from which its
+/// `timestamptz` counts (also what the ledger's verifier reads times with).
+pub const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// The version byte that starts `jsonb`'s binary form, before the JSON text.
 const JSONB_VERSION: u8 = 1;
@@ -160,9 +164,9 @@ fn timestamptz_micros(t: DateTime<Utc>) -> Result<i64, EncodeError> {
 }
 
 fn postgres_epoch() -> NaiveDateTime {
-    NaiveDate::from_ymd_opt(2000, 1, 1)
-        .and_then(|d| d.and_hms_opt(0, 0, 0))
+    DateTime::from_timestamp_micros(PG_EPOCH_UNIX_MICROS)
         .expect("2000-01-01 00:00:00 is a valid date and time")
+        .naive_utc()
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 mod build;
 mod check;
-mod copy_in;
+pub mod copy_in;
 mod decode;
 mod dependents;
 mod error;

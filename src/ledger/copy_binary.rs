@@ -9,8 +9,8 @@
 //! integers are big-endian. Malformed input is an error, never a panic: the bytes come from a
 //! database that anyone with enough rights can fill with anything.
 
-/// The first bytes of every binary COPY stream.
-const SIGNATURE: &[u8; 11] = b"PGCOPY\n\xff\r\n\0";
+use ledgerline_projections::copy_in::SIGNATURE;
+
 /// Bits 16-31 of the header flags denote format changes a reader must not ignore (bit 16:
 /// OIDs included).
 const CRITICAL_FLAGS: u32 = 0xffff_0000;

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::FuturesOrdered;
 use futures::{StreamExt, TryStreamExt};
+use ledgerline_projections::copy_in::PG_EPOCH_UNIX_MICROS;
 use sqlx::{PgConnection, PgPool};
 
 use super::copy_binary::CopyBinaryReader;
@@ -452,9 +453,6 @@ struct RawRow<'a> {
     prev_hash: [u8; 32],
     hash: [u8; 32],
 }
-
-/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01T00:00:00Z).
-const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
 
 /// A row of `COLUMNS` in binary form (`bigint`: 8 bytes big-endian; `text`, `json`, `bytea`:
 /// the bytes; `uuid`: 16 bytes; `timestamptz`: 8 bytes big-endian, microseconds since
