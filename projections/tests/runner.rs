@@ -27,6 +27,16 @@ fn invite(user: Uuid, org: Uuid) -> UserEvent {
     }
 }
 
+/// Appends `n` invitations of new users to `org`; the last one's position.
+async fn invite_users(ledger: &mut Ledger, org: Uuid, actor: &Actor, n: usize) -> i64 {
+    let mut last = ledger.head();
+    for _ in 0..n {
+        let user = Uuid::new_v4();
+        last = ledger.append("User", user, &invite(user, org), actor).await;
+    }
+    last
+}
+
 async fn user_ids(pool: &PgPool) -> Vec<Uuid> {
     sqlx::query_scalar("SELECT id FROM users ORDER BY created_at")
         .fetch_all(pool)
@@ -311,12 +321,7 @@ async fn concurrent_runners_apply_each_event_once() {
     let mut ledger = Ledger::new(&db.pool);
     let org = Uuid::new_v4();
     let actor = Actor::api(org, None, Uuid::new_v4());
-    for _ in 0..200 {
-        let user = Uuid::new_v4();
-        ledger
-            .append("User", user, &invite(user, org), &actor)
-            .await;
-    }
+    invite_users(&mut ledger, org, &actor, 200).await;
     let mut runners = tokio::task::JoinSet::new();
     for _ in 0..4 {
         let pool = db.pool.clone();
@@ -510,13 +515,7 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
     for name in idle {
         before.push(checkpoint(&db.pool, name).await);
     }
-    let mut last = first;
-    for _ in 0..5 {
-        let user = Uuid::new_v4();
-        last = ledger
-            .append("User", user, &invite(user, org), &actor)
-            .await;
-    }
+    let last = invite_users(&mut ledger, org, &actor, 5).await;
     head_tx.send_replace(last);
     follower_head_tx.send_replace(last);
     assert!(runs.wait_for(last, Duration::from_secs(30)).await);
@@ -641,12 +640,7 @@ async fn a_failure_inside_a_bulk_insert_names_its_own_event() {
     let mut ledger = Ledger::new(&db.pool);
     let org = Uuid::new_v4();
     let actor = Actor::api(org, None, Uuid::new_v4());
-    for _ in 0..40 {
-        let user = Uuid::new_v4();
-        ledger
-            .append("User", user, &invite(user, org), &actor)
-            .await;
-    }
+    invite_users(&mut ledger, org, &actor, 40).await;
     sqlx::raw_sql(
         "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
          IF NEW.position = 29 THEN RAISE EXCEPTION 'audit refuses'; END IF; RETURN NEW; END $$; \
@@ -678,12 +672,7 @@ async fn a_long_batch_meeting_a_row_already_there_ends_as_one_event_at_a_time() 
     let org = Uuid::new_v4();
     let actor = Actor::api(org, None, Uuid::new_v4());
     // Enough rows that the conflict (position 3) has most of the data after it, to be skipped.
-    for _ in 0..600 {
-        let user = Uuid::new_v4();
-        ledger
-            .append("User", user, &invite(user, org), &actor)
-            .await;
-    }
+    invite_users(&mut ledger, org, &actor, 600).await;
     let plant = || {
         sqlx::query(
             "INSERT INTO audit_events (position, event_type, event_version, aggregate_type, \
