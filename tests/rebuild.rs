@@ -1434,17 +1434,10 @@ async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
             .await
         })
     };
-    let at_the_swap = eventually(Duration::from_secs(60), || async {
-        count(
-            &t,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock'",
-        )
-        .await
-            > 0
-    })
-    .await;
-    assert!(at_the_swap, "the swap waits for the checkpoint row");
+    assert!(
+        at_the_swap(&t).await,
+        "the swap waits for the checkpoint row"
+    );
     execute_all(&t, &["CREATE PUBLICATION feed FOR TABLE users"]).await;
     held.commit().await.unwrap();
     let error = job.await.unwrap().unwrap_err();
@@ -1496,6 +1489,100 @@ async fn a_rebuild_keeps_the_tables_comments() {
         .await
         .unwrap();
     assert_eq!(after, before);
+}
+
+/// The swapped-in tables keep what `LIKE` does not copy: a reporting role's privileges (on
+/// the table, with the grant option, and on a column), the storage parameters of the table
+/// and of its TOAST table, a column's statistics target, the replica identity and the owner;
+/// as they are at the swap, where they changed while the job ran.
+#[tokio::test]
+async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let id = Uuid::new_v4().simple();
+    let (reader, owner) = (format!("ll_reader_{id}"), format!("ll_owner_{id}"));
+    let settings = "SELECT concat_ws(' | ', c.reloptions::text, x.reloptions::text, c.relacl::text, \
+        (SELECT attacl::text FROM pg_attribute WHERE attrelid = c.oid AND attname = 'name'), \
+        (SELECT attstattarget::text FROM pg_attribute WHERE attrelid = c.oid AND attname = 'slug'), \
+        c.relreplident::text, (SELECT i.relname::text FROM pg_index JOIN pg_class i \
+          ON i.oid = indexrelid WHERE indrelid = c.oid AND indisreplident), \
+        pg_get_userbyid(c.relowner)::text) \
+        FROM pg_class c LEFT JOIN pg_class x ON x.oid = c.reltoastrelid \
+        WHERE c.oid = 'organizations'::regclass";
+    let before_the_job = [
+        "ALTER TABLE organizations SET (fillfactor = 70, autovacuum_enabled = false)",
+        "ALTER TABLE organizations ALTER COLUMN slug SET STATISTICS 500",
+    ];
+    execute_all(&t, &before_the_job).await;
+    let held = common::hold_checkpoint(t.pool(), "organizations").await;
+    let job = {
+        let pool = t.pool().clone();
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            let names = Some(&["organizations"][..]);
+            ledgerline_projections::rebuild(&pool, names, RebuildOptions::default(), &progress)
+                .await
+        })
+    };
+    assert!(
+        at_the_swap(&t).await,
+        "the swap waits for the checkpoint row"
+    );
+    let while_it_waits = [
+        "ALTER TABLE organizations RESET (autovacuum_enabled)".to_string(),
+        "ALTER TABLE organizations SET (toast.autovacuum_enabled = false)".into(),
+        format!("CREATE ROLE {reader}"),
+        format!("CREATE ROLE {owner}"),
+        format!("GRANT SELECT ON organizations TO {reader} WITH GRANT OPTION"),
+        format!("GRANT UPDATE (name) ON organizations TO {reader}"),
+        "ALTER TABLE organizations REPLICA IDENTITY USING INDEX organizations_pkey".into(),
+        format!("ALTER TABLE organizations OWNER TO {owner}"),
+    ];
+    execute_all(
+        &t,
+        &while_it_waits
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let before: String = sqlx::query_scalar(settings)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    let expected = format!(
+        "{{fillfactor=70}} | {{autovacuum_enabled=false}} | \
+         {{{owner}=arwdDxt/{owner},{reader}=r*/{owner}}} | {{{reader}=w/{owner}}} | 500 | i | \
+         organizations_pkey | {owner}"
+    );
+    assert_eq!(before, expected);
+    held.commit().await.unwrap();
+    job.await.unwrap().unwrap();
+    let after: String = sqlx::query_scalar(settings)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(after, before);
+    let cleanup = [
+        format!("DROP OWNED BY {reader}, {owner}"),
+        format!("DROP ROLE {reader}, {owner}"),
+    ];
+    execute_all(&t, &cleanup.iter().map(String::as_str).collect::<Vec<_>>()).await;
+}
+
+/// Whether, within a minute, a rebuild's session waits for a lock (the swap's, on a held
+/// checkpoint row).
+async fn at_the_swap(t: &TestApp) -> bool {
+    eventually(Duration::from_secs(60), || async {
+        count(
+            t,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock'",
+        )
+        .await
+            > 0
+    })
+    .await
 }
 
 /// A swap statement that fails says what PostgreSQL's DETAIL says (sqlx leaves it out): here

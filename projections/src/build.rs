@@ -21,7 +21,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::mpsc;
 use tokio::task::{JoinError, JoinSet};
 
-use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
+use crate::{dependents, Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
 /// One projection's share of a build: its tables are at `from`, and are to reach `to`.
 #[derive(Debug, Clone, Copy)]
@@ -177,8 +177,8 @@ pub(crate) enum Record {
 
 /// Creates `schema` holding an empty copy of each projection's tables: the live tables'
 /// columns, defaults, checks, unique indexes (under the live names, so the swapped-in
-/// tables are indistinguishable from migrated ones) and foreign keys. Runs in the caller's
-/// transaction.
+/// tables are indistinguishable from migrated ones), foreign keys, storage parameters and
+/// statistics targets. Runs in the caller's transaction.
 pub(crate) async fn create_schema(
     conn: &mut PgConnection,
     schema: &str,
@@ -194,6 +194,10 @@ pub(crate) async fn create_schema(
         .execute(&mut *conn)
         .await?;
         rename_indexes_as_live(conn, schema, table).await?;
+        // The live table's storage parameters (a fillfactor, say) apply to the build's writes.
+        for statement in dependents::storage_statements(conn, schema, &[table], schema).await? {
+            sqlx::query(&statement).execute(&mut *conn).await?;
+        }
         // Kept up row by row, the read models' secondary indexes cost more than the rows:
         // built once at the end (`finish_tables`), a sort each. The unique ones
         // stay, as the projections rely on what they enforce.

@@ -8,7 +8,12 @@
 //! subscribers would keep the old rows besides: logical replication does not carry a
 //! swap). A job refuses to start while any is there, naming them, and the swap looks again
 //! under its locks. Comments are carried over instead ([`comment_statements`]): simple, and
-//! nothing reads them but people.
+//! nothing reads them but people. So are the tables' own settings, which `CREATE TABLE ...
+//! (LIKE ... INCLUDING ALL)` leaves behind: storage parameters and columns' statistics
+//! targets ([`storage_statements`], given to the copies when made, so that the build writes
+//! with them, and again at the swap), and the owner, privileges and replica identity
+//! ([`access_statements`], at the swap): without them a rebuild would lock a reporting role
+//! out of `audit_events`, or undo an operator's autovacuum tuning of `messages`.
 
 use sqlx::PgConnection;
 
@@ -104,6 +109,103 @@ pub(crate) async fn comment_statements(
            ELSE format('COMMENT ON CONSTRAINT %I ON public.%I IS %L', sub, tab, live.description) END \
          FROM live FULL JOIN copy USING (kind, tab, sub) \
          WHERE live.description IS DISTINCT FROM copy.description ORDER BY 1",
+    )
+    .bind(owned(tables))
+    .bind(schema.to_string())
+    .fetch_all(conn)
+    .await
+}
+
+/// The statements that give the copies in `schema` of `tables` the live tables' storage
+/// parameters (`WITH (...)`, their TOAST tables' included) and columns' statistics targets,
+/// where they differ, naming each copy as `target.table`: `schema` while the job builds,
+/// `public` for the swap, which runs them once the copies have moved there.
+pub(crate) async fn storage_statements(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[&str],
+    target: &str,
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH pair AS ( \
+           SELECT l.relname, l.oid AS live, c.oid AS copy, \
+                  coalesce(l.reloptions, '{}') || coalesce(array(SELECT 'toast.' || o \
+                    FROM pg_class x, unnest(x.reloptions) o WHERE x.oid = l.reltoastrelid), '{}') AS live_options, \
+                  coalesce(c.reloptions, '{}') || coalesce(array(SELECT 'toast.' || o \
+                    FROM pg_class x, unnest(x.reloptions) o WHERE x.oid = c.reltoastrelid), '{}') AS copy_options \
+           FROM pg_class l JOIN pg_class c ON c.relname = l.relname \
+           WHERE l.relnamespace = 'public'::regnamespace AND c.relnamespace = $2::regnamespace \
+           AND l.relname = ANY($1) AND l.relkind = 'r' AND c.relkind = 'r') \
+         SELECT format('ALTER TABLE %I.%I RESET (%s)', $3, relname, \
+                       (SELECT string_agg(split_part(o, '=', 1), ', ') FROM unnest(copy_options) o)) \
+         FROM pair WHERE live_options IS DISTINCT FROM copy_options AND copy_options <> '{}' \
+         UNION ALL \
+         SELECT format('ALTER TABLE %I.%I SET (%s)', $3, relname, \
+                       (SELECT string_agg(format('%s = %L', split_part(o, '=', 1), \
+                                                 substr(o, strpos(o, '=') + 1)), ', ') \
+                        FROM unnest(live_options) o)) \
+         FROM pair WHERE live_options IS DISTINCT FROM copy_options AND live_options <> '{}' \
+         UNION ALL \
+         SELECT format('ALTER TABLE %I.%I ALTER COLUMN %I SET STATISTICS %s', $3, pair.relname, \
+                       l.attname, l.attstattarget) \
+         FROM pair JOIN pg_attribute l ON l.attrelid = pair.live \
+         JOIN pg_attribute c ON c.attrelid = pair.copy AND c.attname = l.attname \
+         WHERE l.attnum > 0 AND NOT l.attisdropped AND l.attstattarget <> c.attstattarget",
+    )
+    .bind(owned(tables))
+    .bind(schema.to_string())
+    .bind(target.to_string())
+    .fetch_all(conn)
+    .await
+}
+
+/// The statements that give the copies in `schema` of `tables`, once moved into `public`,
+/// the live tables' privileges (on the table and on its columns), replica identity and
+/// owner, read before the live tables are dropped. The grants are made by the role running
+/// the swap, the copies' owner until the last statement hands them to the live tables' owner.
+pub(crate) async fn access_statements(
+    conn: &mut PgConnection,
+    schema: &str,
+    tables: &[&str],
+) -> sqlx::Result<Vec<String>> {
+    sqlx::query_scalar(
+        "WITH pair AS ( \
+           SELECT l.relname, l.oid AS live, c.oid AS copy, l.relacl AS live_acl, \
+                  c.relacl AS copy_acl, l.relowner AS live_owner, c.relowner AS copy_owner, \
+                  l.relreplident AS live_identity, c.relreplident AS copy_identity \
+           FROM pg_class l JOIN pg_class c ON c.relname = l.relname \
+           WHERE l.relnamespace = 'public'::regnamespace AND c.relnamespace = $2::regnamespace \
+           AND l.relname = ANY($1) AND l.relkind = 'r' AND c.relkind = 'r'), \
+         who(oid, name) AS ( \
+           SELECT 0::oid, 'PUBLIC' UNION ALL SELECT oid, quote_ident(rolname) FROM pg_roles), \
+         step(n, statement) AS ( \
+           SELECT 1, format('REVOKE ALL ON public.%I FROM %s', relname, who.name) \
+           FROM pair, aclexplode(copy_acl) a JOIN who ON who.oid = a.grantee \
+           WHERE a.grantee <> copy_owner \
+           UNION \
+           SELECT 2, format('GRANT %s ON public.%I TO %s%s', a.privilege_type, relname, who.name, \
+                            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
+           FROM pair, aclexplode(live_acl) a JOIN who ON who.oid = a.grantee \
+           WHERE a.grantee <> live_owner \
+           UNION ALL \
+           SELECT 2, format('GRANT %s (%I) ON public.%I TO %s%s', a.privilege_type, att.attname, \
+                            relname, who.name, \
+                            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
+           FROM pair JOIN pg_attribute att ON att.attrelid = pair.live AND att.attnum > 0 \
+                AND NOT att.attisdropped, \
+                aclexplode(att.attacl) a JOIN who ON who.oid = a.grantee \
+           UNION ALL \
+           SELECT 3, format('ALTER TABLE public.%I REPLICA IDENTITY %s', relname, \
+                            CASE live_identity WHEN 'd' THEN 'DEFAULT' WHEN 'f' THEN 'FULL' \
+                              WHEN 'n' THEN 'NOTHING' \
+                              ELSE (SELECT format('USING INDEX %I', i.relname) FROM pg_index x \
+                                    JOIN pg_class i ON i.oid = x.indexrelid \
+                                    WHERE x.indrelid = pair.live AND x.indisreplident) END) \
+           FROM pair WHERE live_identity <> copy_identity \
+           UNION ALL \
+           SELECT 4, format('ALTER TABLE public.%I OWNER TO %s', relname, who.name) \
+           FROM pair JOIN who ON who.oid = live_owner WHERE live_owner <> copy_owner) \
+         SELECT statement FROM step ORDER BY n, statement",
     )
     .bind(owned(tables))
     .bind(schema.to_string())

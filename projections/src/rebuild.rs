@@ -691,7 +691,10 @@ async fn swap(
             next: job_kept(job.id, &names),
         });
     }
-    let comments = dependents::comment_statements(&mut tx, &job.schema, &tables).await?;
+    // What `LIKE` left behind or the live tables gained since, read before they go.
+    let mut carried = dependents::comment_statements(&mut tx, &job.schema, &tables).await?;
+    carried.extend(dependents::storage_statements(&mut tx, &job.schema, &tables, "public").await?);
+    carried.extend(dependents::access_statements(&mut tx, &job.schema, &tables).await?);
     sqlx::query(&format!("DROP TABLE {}", live.join(", ")))
         .execute(&mut *tx)
         .await?;
@@ -703,8 +706,8 @@ async fn swap(
         .execute(&mut *tx)
         .await?;
     }
-    for comment in &comments {
-        sqlx::query(comment).execute(&mut *tx).await?;
+    for statement in &carried {
+        sqlx::query(statement).execute(&mut *tx).await?;
     }
     // With whatever a newer binary no longer counts among the projection's tables.
     sqlx::query(&format!("DROP SCHEMA {} CASCADE", job.schema))
