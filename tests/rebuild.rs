@@ -1010,7 +1010,31 @@ async fn a_rebuild_stopped_by_a_panic_names_the_event_and_resumes_after_the_fix(
     let error = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
         .await
         .unwrap_err();
-    match &error {
+    let job = panicked_at_and_kept(&t, &error, position).await;
+    assert_eq!(
+        job[0].position,
+        position - 1,
+        "every event before it is kept"
+    );
+    assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
+
+    fault::disarm(Projection::Users, &aggregate_id, sequence);
+    let progress = Arc::new(Progress::default());
+    let summary = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
+        .await
+        .unwrap();
+    assert!(summary.resumed, "{summary:?}");
+    assert_eq!(snapshot(&t).await, live);
+}
+
+/// `error` says that the copy of `users` panicked at the event at `position`, and the job is
+/// kept; returns the job's progress.
+async fn panicked_at_and_kept(
+    t: &TestApp,
+    error: &RunError,
+    position: i64,
+) -> Vec<ledgerline_projections::RebuildProgress> {
+    match error {
         RunError::Replay {
             name,
             position: at,
@@ -1027,19 +1051,96 @@ async fn a_rebuild_stopped_by_a_panic_names_the_event_and_resumes_after_the_fix(
     let job = ledgerline_projections::rebuild_progress(t.pool())
         .await
         .unwrap();
-    assert_eq!(job.len(), 1, "{job:?}");
-    assert_eq!(
-        job[0].position,
-        position - 1,
-        "every event before it is kept"
-    );
-    assert_eq!(snapshot(&t).await, live, "the live tables are untouched");
+    assert_eq!(job.len(), 1, "the job is kept: {job:?}");
+    job
+}
 
-    fault::disarm(Projection::Users, &aggregate_id, sequence);
-    let progress = Arc::new(Progress::default());
-    let summary = ledgerline_projections::rebuild(t.pool(), Some(&["users"]), options, &progress)
+/// A panic among the events a swap applies in its final transaction (those appended after
+/// the build caught up) names the event too, found by applying them again one at a time; the
+/// job keeps its work, and resumes and swaps once the code is fixed.
+#[tokio::test]
+async fn a_panic_in_the_swaps_final_events_names_the_event() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let org: Uuid = sqlx::query_scalar("SELECT id FROM organizations ORDER BY created_at LIMIT 1")
+        .fetch_one(t.pool())
         .await
         .unwrap();
+    let head = t.head().await;
+    let held = common::hold_checkpoint(t.pool(), "users").await;
+    let job = {
+        let pool = t.pool().clone();
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            let names = Some(&["users"][..]);
+            ledgerline_projections::rebuild(&pool, names, RebuildOptions::default(), &progress)
+                .await
+        })
+    };
+    assert!(
+        at_the_swap(&t).await,
+        "the swap waits for the checkpoint row"
+    );
+    // Two invitations while the swap waits, past the build: the swap applies them in one
+    // batch, and the second panics.
+    let path = format!("/v1/organizations/{org}/users");
+    let invite = |email: &str| {
+        t.post(
+            &path,
+            &t.admin_key,
+            json!({"email": email, "full_name": "Late"}),
+        )
+    };
+    let arm = async {
+        let found = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let found: Option<(i64, String)> = sqlx::query_as(
+                    "SELECT position, aggregate_id FROM events \
+                     WHERE position > $1 AND event_type = 'UserInvited' \
+                     ORDER BY position OFFSET 1",
+                )
+                .bind(head)
+                .fetch_optional(t.pool())
+                .await
+                .unwrap();
+                if let Some(found) = found {
+                    return found;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        let (position, aggregate_id) = found.expect("both invitations are in the log");
+        fault::panic_on(Projection::Users, &aggregate_id, 1);
+        held.commit().await.unwrap();
+        (position, aggregate_id)
+    };
+    let (_, _, (position, aggregate_id)) =
+        tokio::join!(invite("early@example.com"), invite("late@example.com"), arm);
+    let error = job.await.unwrap().unwrap_err();
+    panicked_at_and_kept(&t, &error, position).await;
+
+    fault::disarm(Projection::Users, &aggregate_id, 1);
+    // The live projector met the panic too, and stopped there.
+    ledgerline_projections::retry(t.pool(), "users")
+        .await
+        .unwrap();
+    let head = t.head().await;
+    let caught_up = eventually(Duration::from_secs(30), || async {
+        count(
+            &t,
+            "SELECT position FROM projection_checkpoints WHERE name = 'users'",
+        )
+        .await
+            == head
+    })
+    .await;
+    assert!(
+        caught_up,
+        "the live projection applies the invitations after the fix"
+    );
+    let live = snapshot(&t).await;
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
     assert!(summary.resumed, "{summary:?}");
     assert_eq!(snapshot(&t).await, live);
 }

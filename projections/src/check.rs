@@ -248,12 +248,12 @@ async fn compare(
         .bind(position)
         .fetch_all(&mut *tx)
         .await?;
-        if let Err((index, error)) = projection.apply_many(&mut tx, &tail).await {
-            return Err(RunError::of_event(
-                projection.name(),
-                tail[index].position,
-                error,
-            ));
+        match build::apply_final(&mut tx, *projection, &tail).await {
+            Ok(applied) => applied?,
+            Err(message) => {
+                tx.rollback().await.ok();
+                return Err(build::panicked_at(pool, schema, *projection, &tail, message).await);
+            }
         }
         let mut tables = Vec::new();
         for &table in projection.tables() {

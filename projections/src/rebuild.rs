@@ -656,13 +656,14 @@ async fn swap(
             .iter()
             .find(|(n, _)| n == projection.name())
             .map_or(0, |(_, p)| *p);
-        let start = tail.partition_point(|e| e.position <= at);
-        if let Err((index, error)) = projection.apply_many(&mut tx, &tail[start..]).await {
-            return Err(RunError::of_event(
-                projection.name(),
-                tail[start + index].position,
-                error,
-            ));
+        let events = &tail[tail.partition_point(|e| e.position <= at)..];
+        match build::apply_final(&mut tx, projection, events).await {
+            Ok(applied) => applied?,
+            Err(message) => {
+                tx.rollback().await.ok();
+                let schema = &job.schema;
+                return Err(build::panicked_at(pool, schema, projection, events, message).await);
+            }
         }
     }
     let live: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
