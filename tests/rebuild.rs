@@ -1056,8 +1056,9 @@ async fn panicked_at_and_kept(
 }
 
 /// A panic among the events a swap applies in its final transaction (those appended after
-/// the build caught up) names the event too, found by applying them again one at a time; the
-/// job keeps its work, and resumes and swaps once the code is fixed.
+/// the build caught up) names the event too, found by applying them again one at a time
+/// after rolling back to before them; the job keeps its work, and resumes and swaps once the
+/// code is fixed.
 #[tokio::test]
 async fn a_panic_in_the_swaps_final_events_names_the_event() {
     let t = TestApp::spawn().await;
@@ -1120,8 +1121,18 @@ async fn a_panic_in_the_swaps_final_events_names_the_event() {
     let error = job.await.unwrap().unwrap_err();
     panicked_at_and_kept(&t, &error, position).await;
 
+    // The live projector meets the panic too, and stops there: retried only once it has.
+    let stopped = eventually(Duration::from_secs(30), || async {
+        count(
+            &t,
+            "SELECT count(*) FROM projection_failures WHERE name = 'users'",
+        )
+        .await
+            > 0
+    })
+    .await;
+    assert!(stopped, "the live projection stops at the event");
     fault::disarm(Projection::Users, &aggregate_id, 1);
-    // The live projector met the panic too, and stopped there.
     ledgerline_projections::retry(t.pool(), "users")
         .await
         .unwrap();
@@ -1602,7 +1613,9 @@ async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
     story(&t).await;
     let id = Uuid::new_v4().simple();
     let (reader, owner) = (format!("ll_reader_{id}"), format!("ll_owner_{id}"));
-    let settings = "SELECT concat_ws(' | ', c.reloptions::text, x.reloptions::text, c.relacl::text, \
+    // The privileges sorted: their order means nothing, and the swap grants in its own.
+    let settings = "SELECT concat_ws(' | ', c.reloptions::text, x.reloptions::text, \
+        (SELECT array_agg(a::text ORDER BY a::text)::text FROM unnest(c.relacl) a), \
         (SELECT attacl::text FROM pg_attribute WHERE attrelid = c.oid AND attname = 'name'), \
         (SELECT attstattarget::text FROM pg_attribute WHERE attrelid = c.oid AND attname = 'slug'), \
         c.relreplident::text, (SELECT i.relname::text FROM pg_index JOIN pg_class i \
@@ -1636,8 +1649,11 @@ async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
         format!("CREATE ROLE {owner}"),
         format!("GRANT SELECT ON organizations TO {reader} WITH GRANT OPTION"),
         format!("GRANT UPDATE (name) ON organizations TO {reader}"),
+        "GRANT REFERENCES ON organizations TO PUBLIC".into(),
         "ALTER TABLE organizations REPLICA IDENTITY USING INDEX organizations_pkey".into(),
         format!("ALTER TABLE organizations OWNER TO {owner}"),
+        // To the role running the rebuild, which makes (so owns) the copies until the swap.
+        "GRANT TRIGGER ON organizations TO CURRENT_USER".into(),
     ];
     execute_all(
         &t,
@@ -1653,18 +1669,26 @@ async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
         .unwrap();
     let expected = format!(
         "{{fillfactor=70}} | {{autovacuum_enabled=false}} | \
-         {{{owner}=arwdDxt/{owner},{reader}=r*/{owner}}} | {{{reader}=w/{owner}}} | 500 | i | \
-         organizations_pkey | {owner}"
+         {{=x/{owner},{owner}=arwdDxt/{owner},{reader}=r*/{owner},postgres=t/{owner}}} | \
+         {{{reader}=w/{owner}}} | 500 | i | organizations_pkey | {owner}"
     );
     assert_eq!(before, expected);
+    let table = "SELECT 'organizations'::regclass::oid::bigint";
+    let old_table = count(&t, table).await;
     held.commit().await.unwrap();
     job.await.unwrap().unwrap();
+    assert_ne!(
+        count(&t, table).await,
+        old_table,
+        "the copy took the table's place"
+    );
     let after: String = sqlx::query_scalar(settings)
         .fetch_one(t.pool())
         .await
         .unwrap();
     assert_eq!(after, before);
     let cleanup = [
+        format!("REASSIGN OWNED BY {owner} TO CURRENT_USER"),
         format!("DROP OWNED BY {reader}, {owner}"),
         format!("DROP ROLE {reader}, {owner}"),
     ];

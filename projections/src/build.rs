@@ -770,71 +770,60 @@ async fn commit(
 }
 
 /// Applies `events` to `projection` in a run's final transaction (a swap's, a check's), as
-/// `apply_many` does, with a panic in the projection's code caught: `Err` with its message.
-/// The transaction is then unusable; the caller ends it and calls [`panicked_at`].
+/// `apply_many` does, but with a panic in the projection's code handled as the build's
+/// workers handle it: rolled back to before the events, which are then applied one at a
+/// time, so that the run stops at the one that panics, named; a panic only in a multi-row
+/// path, which no single event meets, is pinned on none. (A panic comes from the
+/// projection's own code between its statements, so the connection is not left mid-way
+/// through one.)
 pub(crate) async fn apply_final(
     tx: &mut PgConnection,
     projection: Projection,
     events: &[StoredEvent],
-) -> Result<Result<(), RunError>, String> {
-    let applied = panic_as_err(projection.apply_many(tx, events)).await?;
-    Ok(applied.map_err(|(index, error)| {
-        RunError::of_event(projection.name(), events[index].position, error)
-    }))
-}
-
-/// The failure of the event among `events` at which `projection` panicked (`message`) in a
-/// final transaction, since ended: found as the live projector finds it, by applying them
-/// again one at a time, here in a transaction on the copies in `schema` that is rolled
-/// back. One that fails without panicking on its own fails the run as it would have one
-/// by one; if none does (a panic that depends on more than the events), the first event
-/// is named.
-pub(crate) async fn panicked_at(
-    pool: &PgPool,
-    schema: &str,
-    projection: Projection,
-    events: &[StoredEvent],
-    message: String,
-) -> RunError {
+) -> Result<(), RunError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let name = projection.name();
-    let Some(first) = events.first() else {
-        return RunError::Sql(sqlx::Error::Protocol(format!("{name} panicked: {message}")));
+    let failed = |(index, error): (usize, ProjectionError)| {
+        RunError::of_event(name, events[index].position, error)
     };
-    let located = async {
-        let mut conn = schema_connection(pool, schema).await?;
-        let mut tx = conn.begin().await?;
-        for event in events {
-            match apply_final(&mut tx, projection, std::slice::from_ref(event)).await {
-                Ok(Ok(())) => {}
-                Ok(Err(failed)) => return Ok(Some(failed)),
-                Err(message) => {
-                    let position = event.position;
-                    let error = ProjectionError::Panicked { position, message };
-                    return Ok(Some(RunError::of_event(name, position, error)));
+    sqlx::query("SAVEPOINT final_events")
+        .execute(&mut *tx)
+        .await?;
+    match panic_as_err(projection.apply_many(tx, events)).await {
+        Ok(applied) => applied.map_err(failed)?,
+        Err(message) => {
+            tracing::warn!(
+                projection = name,
+                error = %message,
+                "the final events panicked; applying them one at a time to find the one"
+            );
+            sqlx::query("ROLLBACK TO SAVEPOINT final_events")
+                .execute(&mut *tx)
+                .await?;
+            for (index, event) in events.iter().enumerate() {
+                let one = std::slice::from_ref(event);
+                match panic_as_err(projection.apply_many(tx, one)).await {
+                    Ok(applied) => applied.map_err(|(_, error)| failed((index, error)))?,
+                    Err(message) => {
+                        let position = event.position;
+                        let error = ProjectionError::Panicked { position, message };
+                        return Err(failed((index, error)));
+                    }
                 }
             }
         }
-        tx.rollback().await?;
-        Ok::<_, RunError>(None)
-    };
-    let unlocated = |message| {
-        let position = first.position;
-        RunError::of_event(
-            name,
-            position,
-            ProjectionError::Panicked { position, message },
-        )
-    };
-    match located.await {
-        Ok(Some(failed)) => failed,
-        Ok(None) => unlocated(message),
-        Err(e) => unlocated(format!("{message} (not located: {e})")),
     }
+    sqlx::query("RELEASE SAVEPOINT final_events")
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
 }
 
-/// Runs `work`, turning a panic in it into `Err` with the panic's message (the transaction
-/// it held is dropped, so rolled back). In the worker's own task, so that a worker stopped
-/// with its job stops its batch too.
+/// Runs `work`, turning a panic in it into `Err` with the panic's message (a transaction it
+/// owned is dropped, so rolled back; one it borrowed is the caller's to roll back). In the
+/// caller's own task, so that a worker stopped with its job stops its batch too.
 async fn panic_as_err<T>(work: impl Future<Output = T>) -> Result<T, String> {
     AssertUnwindSafe(work)
         .catch_unwind()

@@ -248,13 +248,7 @@ async fn compare(
         .bind(position)
         .fetch_all(&mut *tx)
         .await?;
-        match build::apply_final(&mut tx, *projection, &tail).await {
-            Ok(applied) => applied?,
-            Err(message) => {
-                tx.rollback().await.ok();
-                return Err(build::panicked_at(pool, schema, *projection, &tail, message).await);
-            }
-        }
+        build::apply_final(&mut tx, *projection, &tail).await?;
         let mut tables = Vec::new();
         for &table in projection.tables() {
             tables.push(compare_table(&mut tx, schema, table).await?);

@@ -128,29 +128,35 @@ pub(crate) async fn storage_statements(
 ) -> sqlx::Result<Vec<String>> {
     sqlx::query_scalar(
         "WITH pair AS ( \
-           SELECT l.relname, l.oid AS live, c.oid AS copy, \
-                  coalesce(l.reloptions, '{}') || coalesce(array(SELECT 'toast.' || o \
-                    FROM pg_class x, unnest(x.reloptions) o WHERE x.oid = l.reltoastrelid), '{}') AS live_options, \
-                  coalesce(c.reloptions, '{}') || coalesce(array(SELECT 'toast.' || o \
-                    FROM pg_class x, unnest(x.reloptions) o WHERE x.oid = c.reltoastrelid), '{}') AS copy_options \
+           SELECT l.relname, l.oid AS live, c.oid AS copy \
            FROM pg_class l JOIN pg_class c ON c.relname = l.relname \
            WHERE l.relnamespace = 'public'::regnamespace AND c.relnamespace = $2::regnamespace \
-           AND l.relname = ANY($1) AND l.relkind = 'r' AND c.relkind = 'r') \
-         SELECT format('ALTER TABLE %I.%I RESET (%s)', $3, relname, \
-                       (SELECT string_agg(split_part(o, '=', 1), ', ') FROM unnest(copy_options) o)) \
-         FROM pair WHERE live_options IS DISTINCT FROM copy_options AND copy_options <> '{}' \
-         UNION ALL \
-         SELECT format('ALTER TABLE %I.%I SET (%s)', $3, relname, \
-                       (SELECT string_agg(format('%s = %L', split_part(o, '=', 1), \
-                                                 substr(o, strpos(o, '=') + 1)), ', ') \
-                        FROM unnest(live_options) o)) \
-         FROM pair WHERE live_options IS DISTINCT FROM copy_options AND live_options <> '{}' \
-         UNION ALL \
-         SELECT format('ALTER TABLE %I.%I ALTER COLUMN %I SET STATISTICS %s', $3, pair.relname, \
-                       l.attname, l.attstattarget) \
-         FROM pair JOIN pg_attribute l ON l.attrelid = pair.live \
-         JOIN pg_attribute c ON c.attrelid = pair.copy AND c.attname = l.attname \
-         WHERE l.attnum > 0 AND NOT l.attisdropped AND l.attstattarget <> c.attstattarget",
+           AND l.relname = ANY($1) AND l.relkind = 'r' AND c.relkind = 'r'), \
+         options(oid, list) AS ( \
+           SELECT r.oid, coalesce(r.reloptions, '{}') || coalesce(array(SELECT 'toast.' || o \
+                    FROM pg_class x, unnest(x.reloptions) o WHERE x.oid = r.reltoastrelid), '{}') \
+           FROM pg_class r WHERE r.oid IN (SELECT live FROM pair UNION ALL SELECT copy FROM pair)), \
+         differ AS ( \
+           SELECT pair.relname, l.list AS live_options, c.list AS copy_options FROM pair \
+           JOIN options l ON l.oid = pair.live JOIN options c ON c.oid = pair.copy \
+           WHERE l.list <> c.list), \
+         step(n, statement) AS ( \
+           SELECT 1, format('ALTER TABLE %I.%I RESET (%s)', $3, relname, \
+                  (SELECT string_agg(split_part(o, '=', 1), ', ') FROM unnest(copy_options) o)) \
+           FROM differ WHERE copy_options <> '{}' \
+           UNION ALL \
+           SELECT 2, format('ALTER TABLE %I.%I SET (%s)', $3, relname, \
+                  (SELECT string_agg(format('%s = %L', split_part(o, '=', 1), \
+                                            substr(o, strpos(o, '=') + 1)), ', ') \
+                   FROM unnest(live_options) o)) \
+           FROM differ WHERE live_options <> '{}' \
+           UNION ALL \
+           SELECT 3, format('ALTER TABLE %I.%I ALTER COLUMN %I SET STATISTICS %s', $3, \
+                            pair.relname, l.attname, l.attstattarget) \
+           FROM pair JOIN pg_attribute l ON l.attrelid = pair.live \
+           JOIN pg_attribute c ON c.attrelid = pair.copy AND c.attname = l.attname \
+           WHERE l.attnum > 0 AND NOT l.attisdropped AND l.attstattarget <> c.attstattarget) \
+         SELECT statement FROM step ORDER BY n, statement",
     )
     .bind(owned(tables))
     .bind(schema.to_string())
@@ -162,7 +168,10 @@ pub(crate) async fn storage_statements(
 /// The statements that give the copies in `schema` of `tables`, once moved into `public`,
 /// the live tables' privileges (on the table and on its columns), replica identity and
 /// owner, read before the live tables are dropped. The grants are made by the role running
-/// the swap, the copies' owner until the last statement hands them to the live tables' owner.
+/// the swap (a member of the owner's), so they read as granted by the owner, whoever granted
+/// them on the live table. Handing a copy to the live owner rewrites its old owner's entries
+/// as the new owner's, so the grants to the old owner (the role that made the copies) come
+/// after that.
 pub(crate) async fn access_statements(
     conn: &mut PgConnection,
     schema: &str,
@@ -178,22 +187,26 @@ pub(crate) async fn access_statements(
            AND l.relname = ANY($1) AND l.relkind = 'r' AND c.relkind = 'r'), \
          who(oid, name) AS ( \
            SELECT 0::oid, 'PUBLIC' UNION ALL SELECT oid, quote_ident(rolname) FROM pg_roles), \
+         granted(live_owner, copy_owner, grantee, statement) AS ( \
+           SELECT live_owner, copy_owner, a.grantee, \
+                  format('GRANT %s ON public.%I TO %s%s', a.privilege_type, relname, who.name, \
+                         CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
+           FROM pair, aclexplode(live_acl) a JOIN who ON who.oid = a.grantee \
+           WHERE a.grantee <> live_owner \
+           UNION ALL \
+           SELECT live_owner, copy_owner, a.grantee, \
+                  format('GRANT %s (%I) ON public.%I TO %s%s', a.privilege_type, att.attname, \
+                         relname, who.name, \
+                         CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
+           FROM pair JOIN pg_attribute att ON att.attrelid = pair.live AND att.attnum > 0 \
+                AND NOT att.attisdropped, \
+                aclexplode(att.attacl) a JOIN who ON who.oid = a.grantee), \
          step(n, statement) AS ( \
            SELECT 1, format('REVOKE ALL ON public.%I FROM %s', relname, who.name) \
            FROM pair, aclexplode(copy_acl) a JOIN who ON who.oid = a.grantee \
            WHERE a.grantee <> copy_owner \
            UNION \
-           SELECT 2, format('GRANT %s ON public.%I TO %s%s', a.privilege_type, relname, who.name, \
-                            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
-           FROM pair, aclexplode(live_acl) a JOIN who ON who.oid = a.grantee \
-           WHERE a.grantee <> live_owner \
-           UNION ALL \
-           SELECT 2, format('GRANT %s (%I) ON public.%I TO %s%s', a.privilege_type, att.attname, \
-                            relname, who.name, \
-                            CASE WHEN a.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END) \
-           FROM pair JOIN pg_attribute att ON att.attrelid = pair.live AND att.attnum > 0 \
-                AND NOT att.attisdropped, \
-                aclexplode(att.attacl) a JOIN who ON who.oid = a.grantee \
+           SELECT 2, statement FROM granted WHERE grantee <> copy_owner OR live_owner = copy_owner \
            UNION ALL \
            SELECT 3, format('ALTER TABLE public.%I REPLICA IDENTITY %s', relname, \
                             CASE live_identity WHEN 'd' THEN 'DEFAULT' WHEN 'f' THEN 'FULL' \
@@ -204,7 +217,9 @@ pub(crate) async fn access_statements(
            FROM pair WHERE live_identity <> copy_identity \
            UNION ALL \
            SELECT 4, format('ALTER TABLE public.%I OWNER TO %s', relname, who.name) \
-           FROM pair JOIN who ON who.oid = live_owner WHERE live_owner <> copy_owner) \
+           FROM pair JOIN who ON who.oid = live_owner WHERE live_owner <> copy_owner \
+           UNION ALL \
+           SELECT 5, statement FROM granted WHERE grantee = copy_owner AND live_owner <> copy_owner) \
          SELECT statement FROM step ORDER BY n, statement",
     )
     .bind(owned(tables))

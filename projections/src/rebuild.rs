@@ -657,14 +657,7 @@ async fn swap(
             .find(|(n, _)| n == projection.name())
             .map_or(0, |(_, p)| *p);
         let events = &tail[tail.partition_point(|e| e.position <= at)..];
-        match build::apply_final(&mut tx, projection, events).await {
-            Ok(applied) => applied?,
-            Err(message) => {
-                tx.rollback().await.ok();
-                let schema = &job.schema;
-                return Err(build::panicked_at(pool, schema, projection, events, message).await);
-            }
-        }
+        build::apply_final(&mut tx, projection, events).await?;
     }
     let live: Vec<String> = tables.iter().map(|t| format!("public.{t}")).collect();
     sqlx::query(&format!("SET LOCAL lock_timeout = '{LOCK_WAIT}'"))
