@@ -14,6 +14,7 @@ mod dependents;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod give_up;
 pub mod lease;
 mod messaging_batch;
 pub mod notify;
@@ -24,6 +25,7 @@ mod run_lock;
 mod runner;
 mod snapshots;
 mod tail;
+mod users_batch;
 
 pub mod api_keys;
 pub mod audit_events;

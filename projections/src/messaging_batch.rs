@@ -43,11 +43,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::copy_in::{self, BinaryCopy, Field};
+use crate::give_up::{exactly, GiveUp, BULK_FROM};
 use crate::{decode, messaging, ProjectionError, StoredEvent};
-
-/// Batches shorter than this (the live projector's usual few events) go one by one: the
-/// savepoint would cost more than the statements it saves.
-const BULK_FROM: usize = 8;
 
 pub async fn apply_many(
     conn: &mut PgConnection,
@@ -72,54 +69,6 @@ async fn one_by_one(
             .map_err(|e| (index, e))?;
     }
     Ok(())
-}
-
-/// Why the bulk path gave up; the per-event path then says what is wrong, if anything.
-#[derive(Debug)]
-enum GiveUp {
-    Sql(sqlx::Error),
-    Event(ProjectionError),
-    /// A statement touched another number of rows than the events it applied.
-    Rows {
-        expected: usize,
-        touched: i64,
-    },
-    /// An event the multi-row statements do not cover (or that names another message).
-    Uncovered,
-}
-
-impl std::fmt::Display for GiveUp {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            GiveUp::Sql(e) => write!(f, "{e}"),
-            GiveUp::Event(e) => write!(f, "{e}"),
-            GiveUp::Rows { expected, touched } => {
-                write!(
-                    f,
-                    "a statement touched {touched} rows for {expected} events"
-                )
-            }
-            GiveUp::Uncovered => write!(f, "an event the multi-row path does not cover"),
-        }
-    }
-}
-
-impl From<sqlx::Error> for GiveUp {
-    fn from(e: sqlx::Error) -> Self {
-        GiveUp::Sql(e)
-    }
-}
-
-impl From<copy_in::EncodeError> for GiveUp {
-    fn from(e: copy_in::EncodeError) -> Self {
-        GiveUp::Sql(e.into())
-    }
-}
-
-impl From<ProjectionError> for GiveUp {
-    fn from(e: ProjectionError) -> Self {
-        GiveUp::Event(e)
-    }
 }
 
 async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
@@ -599,15 +548,6 @@ async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), 
     edit(conn, &edits).await?;
     delete(conn, &deletes).await?;
     Ok(())
-}
-
-/// Fails (to the one-by-one path) unless a statement touched exactly `expected` rows.
-fn exactly(expected: usize, touched: i64) -> Result<(), GiveUp> {
-    if i64::try_from(expected).is_ok_and(|n| n == touched) {
-        Ok(())
-    } else {
-        Err(GiveUp::Rows { expected, touched })
-    }
 }
 
 /// The rows of a wave's touches as a CTE `t`, and `m`: the touched messages, their version

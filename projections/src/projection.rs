@@ -5,7 +5,7 @@ use sqlx::PgConnection;
 
 use crate::{
     api_keys, audit_events, messaging, messaging_batch, organizations, roles, user_roles, users,
-    ProjectionError, StoredEvent,
+    users_batch, ProjectionError, StoredEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -112,8 +112,9 @@ impl Projection {
     }
 
     /// Applies `events` in order inside the caller's transaction; on failure, the index of
-    /// the failing event and why. `audit_events` and `messaging` apply a long batch with a
-    /// few multi-row statements; the others (a small share of any log) one event at a time.
+    /// the failing event and why. `audit_events`, `messaging` and `users` apply a long batch
+    /// with a few multi-row statements; the others (a small share of any log) one event at a
+    /// time.
     pub async fn apply_many(
         self,
         conn: &mut PgConnection,
@@ -124,6 +125,7 @@ impl Projection {
         match self {
             Projection::AuditEvents => return audit_events::apply_many(conn, events).await,
             Projection::Messaging => return messaging_batch::apply_many(conn, events).await,
+            Projection::Users => return users_batch::apply_many(conn, events).await,
             _ => {}
         }
         for (index, event) in events.iter().enumerate() {

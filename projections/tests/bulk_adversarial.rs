@@ -11,14 +11,15 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 
 use common::{
-    hash_hex, key_every_post, message_keys, sealed, snapshot, Actor, Ledger, Rng, TestDb,
+    hash_hex, key_every_post, message_keys, run_until_failure, sealed, snapshot, Actor, Ledger,
+    Rng, TestDb,
 };
 use ledgerline_aggregates::conversation::{
     ConversationEvent, ConversationKind, ConversationSpec, Member, ParticipantRole,
 };
 use ledgerline_aggregates::message::{Attachment, MessageEvent};
 use ledgerline_aggregates::user::UserEvent;
-use ledgerline_projections::{reset, run_batch, BatchOutcome, Projection};
+use ledgerline_projections::{reset, Projection};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -199,36 +200,18 @@ async fn adversarial_log(ledger: &mut Ledger, seed: u64, steps: usize) {
     }
 }
 
-/// Runs `messaging` to the head or to its first failure: (the failure's position and error,
-/// the checkpoint).
-async fn run(pool: &PgPool, size: i64) -> (Option<(i64, String)>, i64) {
-    loop {
-        match run_batch(pool, Projection::Messaging, size).await.unwrap() {
-            BatchOutcome::Applied {
-                applied,
-                checkpoint,
-            } if (applied as i64) < size => return (None, checkpoint),
-            BatchOutcome::Applied { .. } => {}
-            BatchOutcome::Failed {
-                failure,
-                checkpoint,
-            } => return (Some((failure.position, failure.error)), checkpoint),
-        }
-    }
-}
-
 /// Applies the log one event at a time, then in batches of each of `sizes`: the same
 /// outcome, tables and message keys each time.
 async fn compare(pool: &PgPool, sizes: &[i64]) {
     reset(pool, Some(&["messaging"])).await.unwrap();
     key_every_post(pool).await;
-    let one = run(pool, 1).await;
+    let one = run_until_failure(pool, Projection::Messaging, 1).await;
     let snap1 = snapshot(pool).await;
     let keys1 = message_keys(pool).await;
     for &size in sizes {
         reset(pool, Some(&["messaging"])).await.unwrap();
         key_every_post(pool).await;
-        let got = run(pool, size).await;
+        let got = run_until_failure(pool, Projection::Messaging, size).await;
         assert_eq!(got, one, "outcome with batches of {size}");
         let snap = snapshot(pool).await;
         for ((table, a), (_, b)) in snap1.iter().zip(&snap) {

@@ -600,3 +600,26 @@ pub async fn run_to_head(pool: &PgPool, projection: ledgerline_projections::Proj
         }
     }
 }
+
+/// Runs `projection` to the head or to its first failure, `size` events per transaction:
+/// (the failure's position and error, the checkpoint).
+pub async fn run_until_failure(
+    pool: &PgPool,
+    projection: ledgerline_projections::Projection,
+    size: i64,
+) -> (Option<(i64, String)>, i64) {
+    use ledgerline_projections::{run_batch, BatchOutcome};
+    loop {
+        match run_batch(pool, projection, size).await.unwrap() {
+            BatchOutcome::Applied {
+                applied,
+                checkpoint,
+            } if (applied as i64) < size => return (None, checkpoint),
+            BatchOutcome::Applied { .. } => {}
+            BatchOutcome::Failed {
+                failure,
+                checkpoint,
+            } => return (Some((failure.position, failure.error)), checkpoint),
+        }
+    }
+}

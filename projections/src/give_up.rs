@@ -1,0 +1,66 @@
+//! What the multi-row paths (`messaging_batch`, `users_batch`) share: when they are taken,
+//! and why one gave up on a batch, which the per-event path then applies, saying what is
+//! wrong, if anything.
+
+use crate::{copy_in, ProjectionError};
+
+/// Batches shorter than this (the live projector's usual few events) go one by one: the
+/// savepoint would cost more than the statements it saves.
+pub(crate) const BULK_FROM: usize = 8;
+
+#[derive(Debug)]
+pub(crate) enum GiveUp {
+    Sql(sqlx::Error),
+    Event(ProjectionError),
+    /// A statement touched another number of rows than the events it applied.
+    Rows {
+        expected: usize,
+        touched: i64,
+    },
+    /// An event the multi-row statements do not cover, or whose outcome one by one depends
+    /// on more than the fold sees.
+    Uncovered,
+}
+
+impl std::fmt::Display for GiveUp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GiveUp::Sql(e) => write!(f, "{e}"),
+            GiveUp::Event(e) => write!(f, "{e}"),
+            GiveUp::Rows { expected, touched } => {
+                write!(
+                    f,
+                    "a statement touched {touched} rows for {expected} events"
+                )
+            }
+            GiveUp::Uncovered => write!(f, "an event the multi-row path does not cover"),
+        }
+    }
+}
+
+impl From<sqlx::Error> for GiveUp {
+    fn from(e: sqlx::Error) -> Self {
+        GiveUp::Sql(e)
+    }
+}
+
+impl From<copy_in::EncodeError> for GiveUp {
+    fn from(e: copy_in::EncodeError) -> Self {
+        GiveUp::Sql(e.into())
+    }
+}
+
+impl From<ProjectionError> for GiveUp {
+    fn from(e: ProjectionError) -> Self {
+        GiveUp::Event(e)
+    }
+}
+
+/// Fails (to the one-by-one path) unless a statement touched exactly `expected` rows.
+pub(crate) fn exactly(expected: usize, touched: i64) -> Result<(), GiveUp> {
+    if i64::try_from(expected).is_ok_and(|n| n == touched) {
+        Ok(())
+    } else {
+        Err(GiveUp::Rows { expected, touched })
+    }
+}
