@@ -710,11 +710,7 @@ async fn work(
                     let one = std::slice::from_ref(event);
                     match panic_as_err(commit(&pool, &fence, lane, record, one)).await {
                         Ok(committed) => committed?,
-                        Err(message) => {
-                            let position = event.position;
-                            let error = ProjectionError::Panicked { position, message };
-                            return Err(RunError::of_event(name, position, error));
-                        }
+                        Err(message) => return Err(panicked(name, event.position, message)),
                     }
                     progress.advance(name, event.position);
                 }
@@ -785,14 +781,12 @@ pub(crate) async fn apply_final(
         return Ok(());
     }
     let name = projection.name();
-    let failed = |(index, error): (usize, ProjectionError)| {
-        RunError::of_event(name, events[index].position, error)
-    };
+    let failed = |event: &StoredEvent, error| RunError::of_event(name, event.position, error);
     sqlx::query("SAVEPOINT final_events")
         .execute(&mut *tx)
         .await?;
     match panic_as_err(projection.apply_many(tx, events)).await {
-        Ok(applied) => applied.map_err(failed)?,
+        Ok(applied) => applied.map_err(|(index, error)| failed(&events[index], error))?,
         Err(message) => {
             tracing::warn!(
                 projection = name,
@@ -802,15 +796,11 @@ pub(crate) async fn apply_final(
             sqlx::query("ROLLBACK TO SAVEPOINT final_events")
                 .execute(&mut *tx)
                 .await?;
-            for (index, event) in events.iter().enumerate() {
+            for event in events {
                 let one = std::slice::from_ref(event);
                 match panic_as_err(projection.apply_many(tx, one)).await {
-                    Ok(applied) => applied.map_err(|(_, error)| failed((index, error)))?,
-                    Err(message) => {
-                        let position = event.position;
-                        let error = ProjectionError::Panicked { position, message };
-                        return Err(failed((index, error)));
-                    }
+                    Ok(applied) => applied.map_err(|(_, error)| failed(event, error))?,
+                    Err(message) => return Err(panicked(name, event.position, message)),
                 }
             }
         }
@@ -819,6 +809,15 @@ pub(crate) async fn apply_final(
         .execute(&mut *tx)
         .await?;
     Ok(())
+}
+
+/// The failure of a run stopped by `name`'s code panicking at the event at `position`.
+fn panicked(name: &'static str, position: i64, message: String) -> RunError {
+    RunError::of_event(
+        name,
+        position,
+        ProjectionError::Panicked { position, message },
+    )
 }
 
 /// Runs `work`, turning a panic in it into `Err` with the panic's message (a transaction it

@@ -2,10 +2,12 @@
 //! and why one gave up on a batch, which the per-event path then applies, saying what is
 //! wrong, if anything.
 
+use sqlx::PgConnection;
+
 use crate::{copy_in, ProjectionError};
 
 /// Batches shorter than this (the live projector's usual few events) go one by one: the
-/// savepoint would cost more than the statements it saves.
+/// savepoint would cost more than the statements it saves (`Projection::apply_many`).
 pub(crate) const BULK_FROM: usize = 8;
 
 #[derive(Debug)]
@@ -54,6 +56,27 @@ impl From<ProjectionError> for GiveUp {
     fn from(e: ProjectionError) -> Self {
         GiveUp::Event(e)
     }
+}
+
+/// Opens the savepoint a multi-row path writes under.
+pub(crate) async fn savepoint(conn: &mut PgConnection) -> Result<(), GiveUp> {
+    sqlx::query("SAVEPOINT multi_row").execute(conn).await?;
+    Ok(())
+}
+
+/// Ends it: the writes kept if they all worked, undone if the path gave up, so that the
+/// one-by-one path starts from the batch's beginning. Returns `result`.
+pub(crate) async fn end_savepoint(
+    conn: &mut PgConnection,
+    result: Result<(), GiveUp>,
+) -> Result<(), GiveUp> {
+    let end = if result.is_ok() {
+        "RELEASE SAVEPOINT multi_row"
+    } else {
+        "ROLLBACK TO SAVEPOINT multi_row"
+    };
+    sqlx::query(end).execute(conn).await?;
+    result
 }
 
 /// Fails (to the one-by-one path) unless a statement touched exactly `expected` rows.

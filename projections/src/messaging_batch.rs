@@ -43,35 +43,12 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use crate::copy_in::{self, BinaryCopy, Field};
-use crate::give_up::{exactly, GiveUp, BULK_FROM};
-use crate::{decode, messaging, ProjectionError, StoredEvent};
+use crate::give_up::{self, exactly, GiveUp};
+use crate::{decode, messaging, StoredEvent};
 
-pub async fn apply_many(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-) -> Result<(), (usize, ProjectionError)> {
-    if events.len() >= BULK_FROM {
-        match bulk(conn, events).await {
-            Ok(()) => return Ok(()),
-            Err(why) => crate::note_bulk_fallback(messaging::NAME, &why),
-        }
-    }
-    one_by_one(conn, events).await
-}
-
-async fn one_by_one(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-) -> Result<(), (usize, ProjectionError)> {
-    for (index, event) in events.iter().enumerate() {
-        messaging::apply(conn, event)
-            .await
-            .map_err(|e| (index, e))?;
-    }
-    Ok(())
-}
-
-async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+/// Applies a batch of 8 events or more with multi-row statements; `Err` when it gave up,
+/// its writes undone.
+pub(crate) async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     // Each statement planned for its own parameters, for the rest of the caller's
     // transaction, where sequential scans are on: on a pooled connection a generic plan,
     // made once the first executions found the tables small (a projection reset or added
@@ -85,17 +62,9 @@ async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), Giv
     )
     .fetch_one(&mut *conn)
     .await?;
-    sqlx::query("SAVEPOINT messaging_bulk")
-        .execute(&mut *conn)
-        .await?;
+    give_up::savepoint(conn).await?;
     let result = segments(conn, events, &plans).await;
-    let end = if result.is_ok() {
-        "RELEASE SAVEPOINT messaging_bulk"
-    } else {
-        "ROLLBACK TO SAVEPOINT messaging_bulk"
-    };
-    sqlx::query(end).execute(&mut *conn).await?;
-    result
+    give_up::end_savepoint(conn, result).await
 }
 
 /// A message event that can go in a wave, decoded.

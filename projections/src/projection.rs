@@ -3,6 +3,7 @@
 
 use sqlx::PgConnection;
 
+use crate::give_up::BULK_FROM;
 use crate::{
     api_keys, audit_events, messaging, messaging_batch, organizations, roles, user_roles, users,
     users_batch, ProjectionError, StoredEvent,
@@ -122,11 +123,18 @@ impl Projection {
     ) -> Result<(), (usize, ProjectionError)> {
         #[cfg(feature = "fault-injection")]
         crate::fault::check(self, events);
-        match self {
+        let folded = match self {
             Projection::AuditEvents => return audit_events::apply_many(conn, events).await,
-            Projection::Messaging => return messaging_batch::apply_many(conn, events).await,
-            Projection::Users => return users_batch::apply_many(conn, events).await,
-            _ => {}
+            _ if events.len() < BULK_FROM => None,
+            Projection::Messaging => Some(messaging_batch::bulk(conn, events).await),
+            Projection::Users => Some(users_batch::bulk(conn, events).await),
+            _ => None,
+        };
+        match folded {
+            Some(Ok(())) => return Ok(()),
+            // The per-event code, the definition, says what is wrong, if anything.
+            Some(Err(why)) => crate::note_bulk_fallback(self.name(), &why),
+            None => {}
         }
         for (index, event) in events.iter().enumerate() {
             self.apply(conn, event).await.map_err(|e| (index, e))?;

@@ -23,41 +23,15 @@ use ledgerline_aggregates::user::UserEvent;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::give_up::{exactly, GiveUp, BULK_FROM};
-use crate::{decode, users, Projection, ProjectionError, StoredEvent};
+use crate::give_up::{self, exactly, GiveUp};
+use crate::{decode, Projection, StoredEvent};
 
-pub async fn apply_many(
-    conn: &mut PgConnection,
-    events: &[StoredEvent],
-) -> Result<(), (usize, ProjectionError)> {
-    if events.len() >= BULK_FROM {
-        match bulk(conn, events).await {
-            Ok(()) => return Ok(()),
-            Err(why) => crate::note_bulk_fallback(users::NAME, &why),
-        }
-    }
-    for (index, event) in events.iter().enumerate() {
-        Projection::Users
-            .apply(conn, event)
-            .await
-            .map_err(|e| (index, e))?;
-    }
-    Ok(())
-}
-
-async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
+/// Applies a batch of 8 events or more folded; `Err` when it gave up, its writes undone.
+pub(crate) async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     let folded = Fold::of(events)?;
-    sqlx::query("SAVEPOINT users_bulk")
-        .execute(&mut *conn)
-        .await?;
+    give_up::savepoint(conn).await?;
     let result = folded.write(conn).await;
-    let end = if result.is_ok() {
-        "RELEASE SAVEPOINT users_bulk"
-    } else {
-        "ROLLBACK TO SAVEPOINT users_bulk"
-    };
-    sqlx::query(end).execute(&mut *conn).await?;
-    result
+    give_up::end_savepoint(conn, result).await
 }
 
 /// A column the batch sets (`Some`, to a value or to NULL) or leaves as it is (`None`).
