@@ -479,13 +479,26 @@ async fn org_event(t: &TestApp, org: &str, sequence: i64) -> i64 {
 /// and once the code is fixed a retry goes on from there.
 #[tokio::test]
 async fn a_projection_whose_code_panics_stops_at_that_event_and_a_retry_resumes_it() {
+    panicking_projection_stops_at_the_event(ledgerline_projections::fault::When::BeforeWriting)
+        .await;
+}
+
+/// The same with the panic after the batch wrote its rows: what it wrote is rolled back,
+/// both the batch of three and the panicking event's own batch, which wrote its name.
+#[tokio::test]
+async fn what_a_batch_wrote_before_it_panicked_is_rolled_back() {
+    panicking_projection_stops_at_the_event(ledgerline_projections::fault::When::AfterWriting)
+        .await;
+}
+
+async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::fault::When) {
     use ledgerline_projections::{fault, Projection};
     let t = TestApp::spawn().await;
     let org = t.create_org("Panicky Co").await;
     let id = org.to_string();
     // The three updates queue behind a stop, so that one batch takes them all.
     t.stop_projection("organizations").await;
-    fault::panic_on(Projection::Organizations, &id, 3);
+    fault::arm(Projection::Organizations, &id, 3, when);
     for name in ["First", "Second", "Third"] {
         let r = t
             .patch(

@@ -986,6 +986,17 @@ async fn a_rebuild_stopped_by_an_event_it_cannot_apply_changes_nothing_live() {
 /// the code is fixed the job resumes from there and swaps in equal tables.
 #[tokio::test]
 async fn a_rebuild_stopped_by_a_panic_names_the_event_and_resumes_after_the_fix() {
+    rebuild_stopped_by_a_panic(fault::When::BeforeWriting).await;
+}
+
+/// The same with the panic after the batch wrote its rows: what it wrote is rolled back (a
+/// resumed job would otherwise meet the panicking event's user in its copy already).
+#[tokio::test]
+async fn a_rebuild_rolls_back_what_a_panicking_batch_wrote() {
+    rebuild_stopped_by_a_panic(fault::When::AfterWriting).await;
+}
+
+async fn rebuild_stopped_by_a_panic(when: fault::When) {
     let t = TestApp::spawn().await;
     story(&t).await;
     let live = snapshot(&t).await;
@@ -997,7 +1008,7 @@ async fn a_rebuild_stopped_by_a_panic_names_the_event_and_resumes_after_the_fix(
     .await
     .unwrap();
     // Applied live already: only the rebuild's copy of `users` meets it.
-    fault::panic_on(Projection::Users, &aggregate_id, sequence);
+    fault::arm(Projection::Users, &aggregate_id, sequence, when);
     // Batches are (0, b], (b, 2b], ...: one in which the event is not the first, so that
     // the job's position can reach just before it only by the events before it in its
     // batch committed one at a time.
@@ -1061,6 +1072,18 @@ async fn panicked_at_and_kept(
 /// code is fixed.
 #[tokio::test]
 async fn a_panic_in_the_swaps_final_events_names_the_event() {
+    panic_in_the_swaps_final_events(fault::When::BeforeWriting).await;
+}
+
+/// The same with the panic after the final events were written: the swap's transaction
+/// goes back to before them (else applying them again one at a time would meet the first
+/// invitation's user already there, and fail on it instead).
+#[tokio::test]
+async fn the_swap_rolls_back_final_events_written_before_a_panic() {
+    panic_in_the_swaps_final_events(fault::When::AfterWriting).await;
+}
+
+async fn panic_in_the_swaps_final_events(when: fault::When) {
     let t = TestApp::spawn().await;
     story(&t).await;
     let org: Uuid = sqlx::query_scalar("SELECT id FROM organizations ORDER BY created_at LIMIT 1")
@@ -1112,7 +1135,7 @@ async fn a_panic_in_the_swaps_final_events_names_the_event() {
         })
         .await;
         let (position, aggregate_id) = found.expect("both invitations are in the log");
-        fault::panic_on(Projection::Users, &aggregate_id, 1);
+        fault::arm(Projection::Users, &aggregate_id, 1, when);
         held.commit().await.unwrap();
         (position, aggregate_id)
     };
@@ -1154,6 +1177,92 @@ async fn a_panic_in_the_swaps_final_events_names_the_event() {
     let summary = rebuild_named(&t, &["users"]).await.unwrap();
     assert!(summary.resumed, "{summary:?}");
     assert_eq!(snapshot(&t).await, live);
+}
+
+/// A panic among the events a check applies to its copies at the comparison (those the live
+/// side took while the check built) names the event, as at a swap; once the code is fixed,
+/// a check finds the tables equal.
+#[tokio::test]
+async fn a_panic_in_the_checks_final_events_names_the_event() {
+    panic_in_the_checks_final_events(fault::When::BeforeWriting).await;
+}
+
+/// The same with the panic after the final events were written into the copy: the
+/// comparison's transaction goes back to before them, as the swap's does.
+#[tokio::test]
+async fn the_check_rolls_back_final_events_written_before_a_panic() {
+    panic_in_the_checks_final_events(fault::When::AfterWriting).await;
+}
+
+async fn panic_in_the_checks_final_events(when: fault::When) {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Checked Co").await;
+    t.invite(org, "ada@example.com", "Ada").await;
+    // Holds the log, so that the check's build waits after it read the live checkpoints and
+    // made its copies.
+    let mut log = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *log)
+        .await
+        .unwrap();
+    let check = {
+        let pool = t.pool().clone();
+        tokio::spawn(async move {
+            let progress = Arc::new(Progress::default());
+            ledgerline_projections::check(&pool, Some(&["users"]), 100, &progress).await
+        })
+    };
+    assert!(
+        build_waits_for_the_log(&t).await,
+        "the check's build waits for the log"
+    );
+    // Then holds the copy of `users`, so that the comparison waits while the live side
+    // takes two invitations.
+    let schema = schemas_like(&t, "ledgerline\\_check\\_%")
+        .await
+        .pop()
+        .unwrap();
+    let mut copy = t.pool().begin().await.unwrap();
+    sqlx::query("SET LOCAL lock_timeout = '10s'")
+        .execute(&mut *copy)
+        .await
+        .unwrap();
+    sqlx::query(&format!(
+        "LOCK TABLE {schema}.users IN ACCESS EXCLUSIVE MODE"
+    ))
+    .execute(&mut *copy)
+    .await
+    .unwrap();
+    log.commit().await.unwrap();
+    t.invite(org, "bob@example.com", "Bob").await;
+    let late = t.invite(org, "cy@example.com", "Cy").await.to_string();
+    let position: i64 =
+        sqlx::query_scalar("SELECT position FROM events WHERE aggregate_id = $1 AND sequence = 1")
+            .bind(&late)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    // Applied live already: only the check's copy meets it.
+    fault::arm(Projection::Users, &late, 1, when);
+    copy.commit().await.unwrap();
+    let error = check.await.unwrap().unwrap_err();
+    fault::disarm(Projection::Users, &late, 1);
+    match &error {
+        RunError::Replay {
+            name: "users",
+            position: at,
+            error: why,
+        } if *at == position => assert!(
+            why.contains("panicked") && why.contains("fault injected"),
+            "{error}"
+        ),
+        other => panic!("expected the panic at {position}, got {other}"),
+    }
+    let progress = Arc::new(Progress::default());
+    let report = ledgerline_projections::check(t.pool(), Some(&["users"]), 100, &progress)
+        .await
+        .unwrap();
+    assert!(report.equal(), "{report:?}");
 }
 
 /// A projection the running system has never run has no checkpoint and empty tables: the
@@ -1911,18 +2020,10 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
     let progress = Arc::new(Progress::default());
     let check = ledgerline_projections::check(t.pool(), Some(&["users"]), 100, &progress);
     let reset_meanwhile = async {
-        let waiting = eventually(Duration::from_secs(30), || async {
-            sqlx::query_scalar(
-                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-                 AND wait_event_type = 'Lock' AND query LIKE '%FROM events WHERE position > $1 \
-                 AND position <= $2%')",
-            )
-            .fetch_one(t.pool())
-            .await
-            .unwrap()
-        })
-        .await;
-        assert!(waiting, "the check's build waits for the log");
+        assert!(
+            build_waits_for_the_log(&t).await,
+            "the check's build waits for the log"
+        );
         sqlx::query("UPDATE projection_checkpoints SET position = 0 WHERE name = 'users'")
             .execute(&mut *hold)
             .await
@@ -1936,6 +2037,21 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
         }) if to < t.head().await => {}
         other => panic!("expected MovedBack, got {other:?}"),
     }
+}
+
+/// True once a build's reading of the log waits for a lock on it.
+async fn build_waits_for_the_log(t: &TestApp) -> bool {
+    eventually(Duration::from_secs(30), || async {
+        sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%FROM events WHERE position > $1 \
+             AND position <= $2%')",
+        )
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+    })
+    .await
 }
 
 /// The pid of the session holding `projections check`'s or a rebuild's advisory lock (the

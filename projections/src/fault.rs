@@ -1,33 +1,49 @@
 //! Test support, compiled only with the `fault-injection` feature (the workspace's tests
 //! turn it on; a release build has none of it): makes a projection's code panic on chosen
 //! events, as a bug met only by some event would, so that what the runner does then can be
-//! tested.
+//! tested. The panic comes before the batch writes anything or after it wrote everything:
+//! the second shows that what a panicking batch wrote is rolled back.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::{Projection, StoredEvent};
 
+/// When, in `Projection::apply_many`, an armed event's batch panics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    /// Before the batch writes anything.
+    BeforeWriting,
+    /// Once the whole batch is written, before the caller commits it.
+    AfterWriting,
+}
+
 /// Each armed event: the projection, the event's aggregate id and sequence number (unique
-/// across the tests of a process, which share this).
-static ARMED: Mutex<Vec<(Projection, String, i64)>> = Mutex::new(Vec::new());
+/// across the tests of a process, which share this), and when it panics.
+static ARMED: Mutex<Vec<(Projection, String, i64, When)>> = Mutex::new(Vec::new());
 /// Whether anything is armed: the common case costs one load.
 static ANY: AtomicBool = AtomicBool::new(false);
 
-/// From now on, `projection` panics whenever a batch holds that event.
+/// From now on, `projection` panics whenever a batch holds that event, before the batch
+/// writes anything.
 pub fn panic_on(projection: Projection, aggregate_id: &str, sequence: i64) {
+    arm(projection, aggregate_id, sequence, When::BeforeWriting);
+}
+
+/// From now on, `projection` panics whenever a batch holds that event, at `when`.
+pub fn arm(projection: Projection, aggregate_id: &str, sequence: i64, when: When) {
     let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-    armed.push((projection, aggregate_id.to_string(), sequence));
+    armed.push((projection, aggregate_id.to_string(), sequence, when));
     ANY.store(true, Ordering::SeqCst);
 }
 
-/// Undoes [`panic_on`] (the bug fixed).
+/// Undoes [`panic_on`] and [`arm`] (the bug fixed).
 pub fn disarm(projection: Projection, aggregate_id: &str, sequence: i64) {
     let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-    armed.retain(|(p, a, s)| (*p, a.as_str(), *s) != (projection, aggregate_id, sequence));
+    armed.retain(|(p, a, s, _)| (*p, a.as_str(), *s) != (projection, aggregate_id, sequence));
 }
 
-pub(crate) fn check(projection: Projection, events: &[StoredEvent]) {
+pub(crate) fn check(projection: Projection, events: &[StoredEvent], now: When) {
     if !ANY.load(Ordering::SeqCst) {
         return;
     }
@@ -36,7 +52,10 @@ pub(crate) fn check(projection: Projection, events: &[StoredEvent]) {
         events.iter().find_map(|e| {
             armed
                 .iter()
-                .any(|(p, a, s)| *p == projection && *a == e.aggregate_id && *s == e.sequence)
+                .any(|(p, a, s, when)| {
+                    (*p, a.as_str(), *s, *when)
+                        == (projection, e.aggregate_id.as_str(), e.sequence, now)
+                })
                 .then_some(e.position)
         })
     };

@@ -122,7 +122,20 @@ impl Projection {
         events: &[StoredEvent],
     ) -> Result<(), (usize, ProjectionError)> {
         #[cfg(feature = "fault-injection")]
-        crate::fault::check(self, events);
+        crate::fault::check(self, events, crate::fault::When::BeforeWriting);
+        let applied = self.apply_all(conn, events).await;
+        #[cfg(feature = "fault-injection")]
+        if applied.is_ok() {
+            crate::fault::check(self, events, crate::fault::When::AfterWriting);
+        }
+        applied
+    }
+
+    async fn apply_all(
+        self,
+        conn: &mut PgConnection,
+        events: &[StoredEvent],
+    ) -> Result<(), (usize, ProjectionError)> {
         let folded = match self {
             Projection::AuditEvents => return audit_events::apply_many(conn, events).await,
             _ if events.len() < BULK_FROM => None,
