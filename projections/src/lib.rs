@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 mod build;
 mod check;
+mod conversation_batch;
 pub mod copy_in;
 mod decode;
 mod dependents;

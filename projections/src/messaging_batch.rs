@@ -17,8 +17,10 @@
 //! event of every such message in the segment, then the second, ...), the events of one
 //! wave applied by kind, one statement each, each moving the message's version.
 //!
-//! Conversation events and user erasures are applied where they come, ahead of the
-//! held-back message events. Most write nothing a message event writes (the settings,
+//! User erasures are applied where they come; conversation events are held back too and
+//! applied before the message events, a few multi-row statements in all
+//! (`conversation_batch`). Either way they take effect ahead of the held-back message
+//! events. Most write nothing a message event writes (the settings,
 //! status, version, a participant's role or muting; key rows). Participant changes share the
 //! read mark, and come out the same: a newcomer's mark starts at the conversation's newest
 //! message as of the addition, held-back posts included (`unwritten_newest`), so a held-back
@@ -44,7 +46,7 @@ use uuid::Uuid;
 
 use crate::copy_in::{self, BinaryCopy, Field};
 use crate::give_up::{self, exactly, GiveUp};
-use crate::{decode, messaging, StoredEvent};
+use crate::{conversation_batch, decode, messaging, StoredEvent};
 
 /// Applies a batch of 8 events or more with multi-row statements; `Err` when it gave up,
 /// its writes undone.
@@ -81,6 +83,7 @@ async fn segments(
     plans: &str,
 ) -> Result<(), GiveUp> {
     let mut segment: Vec<Item> = Vec::new();
+    let mut held = conversation_batch::Held::default();
     // The conversations with message events in `segment`, each with the position of its
     // newest post there (0 if none).
     let mut pending: HashMap<Uuid, i64> = HashMap::new();
@@ -99,22 +102,29 @@ async fn segments(
                 });
             }
             // A message event before its conversation was created must fail as it does one
-            // by one, not find the conversation the later creation made.
+            // by one, not find the conversation the later creation made; so must a held-back
+            // change of it (`conversation_batch`).
             "Conversation" if event.event_type == "ConversationCreated" => {
-                if pending.contains_key(&decode::aggregate_id(event)?) {
-                    waves(conn, std::mem::take(&mut segment), plans).await?;
+                let id = decode::aggregate_id(event)?;
+                if held.holds(id) {
+                    return Err(GiveUp::Uncovered);
+                }
+                if pending.contains_key(&id) {
+                    let segment = std::mem::take(&mut segment);
+                    waves(conn, std::mem::take(&mut held), segment, plans).await?;
                     pending.clear();
                 }
-                messaging::apply(conn, event).await?;
+                held.create(event)?;
             }
             // The other conversation events commute with the held-back message events (see
-            // the module's comment); a newcomer's mark starts past the held-back posts.
+            // the module's comment) and are held back too, applied before them; a
+            // newcomer's mark starts past the held-back posts.
             "Conversation" => {
                 let unwritten = pending
                     .get(&decode::aggregate_id(event)?)
                     .copied()
                     .unwrap_or(0);
-                messaging::apply_conversation_event(conn, event, unwritten).await?;
+                held.hold(event, unwritten)?;
             }
             // Erasing a user only deletes key rows.
             "User" if event.event_type == "UserErased" => messaging::apply(conn, event).await?,
@@ -122,7 +132,7 @@ async fn segments(
             _ => {}
         }
     }
-    waves(conn, segment, plans).await
+    waves(conn, held, segment, plans).await
 }
 
 /// The conversation a message event belongs to.
@@ -149,11 +159,17 @@ fn conversation_of(kind: &MessageEvent) -> Uuid {
     }
 }
 
-/// Applies a segment's message events: the messages posted in the segment are folded
-/// (each written once, as its events there leave it), the others wave by wave: wave k holds
-/// the k-th event of each message.
-async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>, plans: &str) -> Result<(), GiveUp> {
-    if segment.is_empty() {
+/// Applies a segment's held-back conversation changes (`conversation_batch`), then its
+/// message events: the messages posted in the segment are folded (each written once, as its
+/// events there leave it), the others wave by wave: wave k holds the k-th event of each
+/// message.
+async fn waves(
+    conn: &mut PgConnection,
+    held: conversation_batch::Held,
+    segment: Vec<Item<'_>>,
+    plans: &str,
+) -> Result<(), GiveUp> {
+    if segment.is_empty() && held.is_empty() {
         return Ok(());
     }
     let mut groups: Vec<Vec<Item>> = Vec::new();
@@ -185,6 +201,7 @@ async fn waves(conn: &mut PgConnection, segment: Vec<Item<'_>>, plans: &str) -> 
     sqlx::query("SET LOCAL plan_cache_mode = force_custom_plan")
         .execute(&mut *conn)
         .await?;
+    held.write(conn).await?;
     folded.write(conn).await?;
     for wave in waves {
         apply_wave(conn, wave).await?;

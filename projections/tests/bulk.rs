@@ -178,34 +178,41 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
                     .copied()
                     .filter(|u| !members[&conversation].contains(u))
                     .collect();
-                let change = if rng.below(2) == 0 && !outside.is_empty() {
-                    let user = outside[rng.below(outside.len())];
-                    members.get_mut(&conversation).unwrap().insert(user);
-                    ConversationEvent::ParticipantAdded {
-                        user_id: user,
-                        role: ParticipantRole::Member,
+                let spec = |title: String| ConversationSpec {
+                    title: Some(title),
+                    description: None,
+                };
+                let change = match rng.below(4) {
+                    0 if !outside.is_empty() => {
+                        let user = outside[rng.below(outside.len())];
+                        members.get_mut(&conversation).unwrap().insert(user);
+                        ConversationEvent::ParticipantAdded {
+                            user_id: user,
+                            role: ParticipantRole::Member,
+                        }
                     }
-                } else if user != users[0] {
-                    members.get_mut(&conversation).unwrap().remove(&user);
-                    ConversationEvent::ParticipantRemoved {
-                        user_id: user,
-                        by: Some(users[0]),
+                    1 if user != users[0] => {
+                        members.get_mut(&conversation).unwrap().remove(&user);
+                        ConversationEvent::ParticipantRemoved {
+                            user_id: user,
+                            by: Some(users[0]),
+                        }
                     }
-                } else {
-                    match rng.below(3) {
+                    _ => match rng.below(6) {
                         0 => ConversationEvent::ParticipantMuted { user_id: user },
-                        1 => ConversationEvent::ConversationUpdated {
-                            before: ConversationSpec {
-                                title: Some("t".into()),
-                                description: None,
-                            },
-                            after: ConversationSpec {
-                                title: Some(format!("t{}", rng.below(9))),
-                                description: None,
-                            },
+                        1 => ConversationEvent::ParticipantUnmuted { user_id: user },
+                        2 if user != users[0] => ConversationEvent::ParticipantRoleChanged {
+                            user_id: user,
+                            before: ParticipantRole::Member,
+                            after: [ParticipantRole::Admin, ParticipantRole::Member][rng.below(2)],
                         },
-                        _ => ConversationEvent::ConversationArchived {},
-                    }
+                        3 => ConversationEvent::ConversationArchived {},
+                        4 => ConversationEvent::ConversationUnarchived {},
+                        _ => ConversationEvent::ConversationUpdated {
+                            before: spec("t".into()),
+                            after: spec(format!("t{}", rng.below(9))),
+                        },
+                    },
                 };
                 ledger
                     .append("Conversation", conversation, &change, &actor)
@@ -244,6 +251,12 @@ async fn the_multi_row_paths_give_the_tables_of_one_event_at_a_time() {
         "MessageDeleted",
         "ParticipantAdded",
         "ParticipantRemoved",
+        "ParticipantMuted",
+        "ParticipantUnmuted",
+        "ParticipantRoleChanged",
+        "ConversationUpdated",
+        "ConversationArchived",
+        "ConversationUnarchived",
     ] {
         assert!(
             kinds.iter().any(|(k, n)| k == kind && *n >= 3),

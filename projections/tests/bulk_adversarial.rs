@@ -253,7 +253,7 @@ async fn last(pool: &PgPool, event_type: &str) -> (Uuid, Uuid) {
 /// Each case puts one event the per-event code fails on into the middle of a log.
 #[tokio::test]
 async fn the_multi_row_path_fails_where_one_by_one_does() {
-    for case in 0..9 {
+    for case in 0..12 {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         adversarial_log(&mut ledger, 1000 + case, 500).await;
@@ -331,6 +331,29 @@ async fn the_multi_row_path_fails_where_one_by_one_does() {
                 };
                 ledger.append("Message", Uuid::new_v4(), &e, &actor).await;
             }
+            8 => {
+                // A participant's change in a conversation created afterwards.
+                let c = Uuid::new_v4();
+                let e = ConversationEvent::ParticipantMuted { user_id: newcomer };
+                ledger.append("Conversation", c, &e, &actor).await;
+                let only = created(c, Uuid::new_v4(), &[newcomer].into_iter().collect());
+                ledger.append("Conversation", c, &only, &actor).await;
+            }
+            9 => {
+                let e = ConversationEvent::ParticipantUnmuted { user_id: newcomer };
+                ledger.append("Conversation", conv, &e, &actor).await;
+            }
+            10 => {
+                // A creation naming another conversation than its aggregate.
+                let e = created(
+                    Uuid::new_v4(),
+                    Uuid::new_v4(),
+                    &[newcomer].into_iter().collect(),
+                );
+                ledger
+                    .append("Conversation", Uuid::new_v4(), &e, &actor)
+                    .await;
+            }
             _ => {
                 // A post into a conversation created afterwards.
                 let c = Uuid::new_v4();
@@ -346,15 +369,8 @@ async fn the_multi_row_path_fails_where_one_by_one_does() {
                     attachments: vec![],
                 };
                 ledger.append("Message", id, &e, &actor).await;
-                let members: BTreeSet<Uuid> = [newcomer].into_iter().collect();
-                ledger
-                    .append(
-                        "Conversation",
-                        c,
-                        &created(c, Uuid::new_v4(), &members),
-                        &actor,
-                    )
-                    .await;
+                let only = created(c, Uuid::new_v4(), &[newcomer].into_iter().collect());
+                ledger.append("Conversation", c, &only, &actor).await;
             }
         }
         adversarial_log(&mut ledger, 2000 + case, 150).await;
