@@ -26,6 +26,7 @@ mod run_lock;
 mod runner;
 mod snapshots;
 mod tail;
+mod user_roles_batch;
 mod users_batch;
 
 pub mod api_keys;
