@@ -22,6 +22,7 @@ pub mod notify;
 mod projection;
 mod projector;
 mod rebuild;
+mod roles_batch;
 mod run_lock;
 mod runner;
 mod snapshots;
