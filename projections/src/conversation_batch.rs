@@ -1,10 +1,10 @@
 //! A segment's conversation events, held back by `messaging_batch` like its message events
 //! and applied before them with a few multi-row statements, instead of one or two round
-//! trips each (57,000 of them in a million-event chat log, 483 statements now): the conversations created
-//! are inserted with their first participants, each other conversation's row is updated
-//! once, as its events in the segment leave it, and the participants' changes go in waves
-//! (wave k holds the k-th change of each (conversation, user)), one statement per kind of
-//! change in a wave.
+//! trips each (57,000 of them in a million-event chat log, 483 statements now): the
+//! conversations created are inserted with their first participants, each other
+//! conversation's row is updated once, as its events in the segment leave it, and the
+//! participants' changes go in waves (wave k holds the k-th change of each (conversation,
+//! user)), one statement per kind of change in a wave.
 //!
 //! Why this gives the tables one event at a time gives:
 //! - A conversation's row: every such event sets its `updated_at` and `version` (the last
@@ -13,16 +13,17 @@
 //!   folded row is one of them). Nothing else in the segment reads those columns: a
 //!   newcomer's row reads only the conversation's organization.
 //! - Participants: the changes of one (conversation, user) keep their order; changes of
-//!   different ones touch different rows. A newcomer's read mark is computed from the
-//!   messages table as one by one (held-back posts are not written yet in either case) and
-//!   the newest held-back post before the addition (`unwritten`), as `messaging::
-//!   apply_conversation_event` does.
+//!   different ones touch different rows. A newcomer's read mark is computed as
+//!   `messaging::apply_conversation_event` computes it in this path: from the messages
+//!   table, which holds none of the segment's posts yet, and the newest post held back
+//!   before the addition (`unwritten`), so that it starts where one by one starts it.
 //! - Both are applied where the segment's message events are, before them, as the per-event
 //!   code applied them before the held-back message events (see `messaging_batch`).
 //! - Every event must touch exactly its row (the conversation's, the participant's; a
 //!   newcomer's must be new): a statement touching another number of rows, or failing,
 //!   gives up, and the per-event code says what is wrong. A creation of a conversation that
-//!   has held-back changes gives up too (one by one, those changes fail first). Creations
+//!   has held-back changes gives up too (one by one, either those changes fail, the
+//!   conversation not being there yet, or the creation does, it being there already). Creations
 //!   come first: a conversation's other events follow its creation in the log.
 
 use std::collections::HashMap;

@@ -11,8 +11,8 @@
 //! of a role already there, an update or deletion of a role that is not; the fold gives up
 //! on the first, on a creation after another event of its role in the batch, and on any
 //! event after a deletion in it (one by one, those fail or make the role again), and the
-//! statements touch exactly the rows they must or give up, so that the per-event code says
-//! what is wrong.
+//! statements touch exactly the rows they must or give up (a role made and deleted in the
+//! batch must not be there before it), so that the per-event code says what is wrong.
 
 use std::collections::HashMap;
 
@@ -108,11 +108,14 @@ impl Fold {
         let mut updated = Rows::default();
         let mut deleted = Vec::new();
         let mut permissions: (Vec<Uuid>, Vec<&'static str>) = (Vec::new(), Vec::new());
+        // Made and deleted in the batch: nothing is left of it, but one by one its creation
+        // fails if the role is there already.
+        let mut fleeting = Vec::new();
         for (id, role) in &self.roles {
             let Some(spec) = &role.spec else {
-                // Made and deleted in the batch: nothing is left of it.
-                if role.created.is_none() {
-                    deleted.push(*id);
+                match role.created {
+                    Some(_) => fleeting.push(*id),
+                    None => deleted.push(*id),
                 }
                 continue;
             };
@@ -124,6 +127,13 @@ impl Fold {
                 permissions.0.push(*id);
                 permissions.1.push(permission.as_str());
             }
+        }
+        if !fleeting.is_empty() {
+            let there: i64 = sqlx::query_scalar("SELECT count(*) FROM roles WHERE id = ANY($1)")
+                .bind(&fleeting)
+                .fetch_one(&mut *conn)
+                .await?;
+            exactly(0, there)?;
         }
         if !created.id.is_empty() {
             let done = sqlx::query(
@@ -164,7 +174,8 @@ impl Fold {
             exactly(updated.id.len(), done.rows_affected() as i64)?;
         }
         // As `roles::set_permissions` does for one role: the spec's set replaces the old.
-        let replaced: Vec<Uuid> = (created.id.iter().chain(&updated.id).chain(&deleted))
+        let replaced: Vec<Uuid> = (created.id.iter().chain(&updated.id))
+            .chain(deleted.iter().chain(&fleeting))
             .copied()
             .collect();
         if !replaced.is_empty() {

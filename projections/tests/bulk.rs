@@ -30,7 +30,10 @@ struct Message {
     deleted: bool,
 }
 
-/// Writes a valid chat log: what the aggregates would accept, tracked here.
+/// Writes a chat log the projection applies without failing: messages and memberships as
+/// the aggregates would accept them, tracked here; conversation settings (archiving,
+/// muting, roles) set without regard to what they were, which the aggregates would refuse
+/// but the projection takes as it comes.
 async fn chat_log(ledger: &mut Ledger, steps: usize) {
     let org = Uuid::new_v4();
     let actor = Actor::api(org, None, Uuid::new_v4());

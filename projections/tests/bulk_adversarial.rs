@@ -19,7 +19,7 @@ use ledgerline_aggregates::conversation::{
 };
 use ledgerline_aggregates::message::{Attachment, MessageEvent};
 use ledgerline_aggregates::user::UserEvent;
-use ledgerline_projections::{reset, Projection};
+use ledgerline_projections::{bulk_fallbacks, reset, Projection};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -228,13 +228,25 @@ async fn compare(pool: &PgPool, sizes: &[i64]) {
     }
 }
 
+/// One test, so that the fallbacks the failing logs cause come after the count that must be
+/// zero over the valid ones.
 #[tokio::test]
+async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
+    the_multi_row_path_agrees_over_logs_bulk_rs_does_not_make().await;
+    the_multi_row_path_fails_where_one_by_one_does().await;
+}
+
 async fn the_multi_row_path_agrees_over_logs_bulk_rs_does_not_make() {
     for seed in [1u64, 7, 42, 99, 12345, 0xdead_beef] {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         adversarial_log(&mut ledger, seed, 1200).await;
         compare(&db.pool, &[5000, 301, 64, 8]).await;
+        assert_eq!(
+            bulk_fallbacks(),
+            0,
+            "every batch of 8 or more was multi-row"
+        );
     }
 }
 
@@ -251,9 +263,8 @@ async fn last(pool: &PgPool, event_type: &str) -> (Uuid, Uuid) {
 }
 
 /// Each case puts one event the per-event code fails on into the middle of a log.
-#[tokio::test]
 async fn the_multi_row_path_fails_where_one_by_one_does() {
-    for case in 0..12 {
+    for case in 0..13 {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         adversarial_log(&mut ledger, 1000 + case, 500).await;
@@ -342,6 +353,13 @@ async fn the_multi_row_path_fails_where_one_by_one_does() {
             9 => {
                 let e = ConversationEvent::ParticipantUnmuted { user_id: newcomer };
                 ledger.append("Conversation", conv, &e, &actor).await;
+            }
+            11 => {
+                // A conversation that was never created archived.
+                let e = ConversationEvent::ConversationArchived {};
+                ledger
+                    .append("Conversation", Uuid::new_v4(), &e, &actor)
+                    .await;
             }
             10 => {
                 // A creation naming another conversation than its aggregate.

@@ -122,7 +122,7 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
 
     // Each case puts events the per-event code fails on, or that the fold must not take,
     // into the middle of a log.
-    for case in 0..7 {
+    for case in 0..8 {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         let (org, roles) = role_log(&mut ledger, 900 + case, 300).await;
@@ -154,6 +154,11 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
             4 => vec![(stranger, created(stranger, Uuid::new_v4(), &mut rng))],
             // Deleted, then updated.
             5 => vec![(someone, deleted), (someone, updated(&mut rng))],
+            // Made again while it is there, then deleted.
+            6 => vec![
+                (someone, created(someone, someone, &mut rng)),
+                (someone, deleted),
+            ],
             // Deleted, then made again (one by one applies it).
             _ => vec![
                 (someone, deleted),
@@ -165,6 +170,6 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
         }
         role_log(&mut ledger, 1900 + case, 100).await;
         let failed = compare(&db.pool, &[5000, 64, 8]).await;
-        assert_eq!(failed.is_none(), case == 6, "case {case}: {failed:?}");
+        assert_eq!(failed.is_none(), case == 7, "case {case}: {failed:?}");
     }
 }
