@@ -31,6 +31,7 @@ mod user_roles_batch;
 mod users_batch;
 
 pub mod api_keys;
+mod api_keys_batch;
 pub mod audit_events;
 pub mod messaging;
 pub mod organizations;

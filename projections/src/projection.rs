@@ -5,8 +5,8 @@ use sqlx::PgConnection;
 
 use crate::give_up::BULK_FROM;
 use crate::{
-    api_keys, audit_events, messaging, messaging_batch, organizations, roles, roles_batch,
-    user_roles, user_roles_batch, users, users_batch, ProjectionError, StoredEvent,
+    api_keys, api_keys_batch, audit_events, messaging, messaging_batch, organizations, roles,
+    roles_batch, user_roles, user_roles_batch, users, users_batch, ProjectionError, StoredEvent,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -113,9 +113,8 @@ impl Projection {
     }
 
     /// Applies `events` in order inside the caller's transaction; on failure, the index of
-    /// the failing event and why. All but `organizations` and `api_keys` apply a long batch
-    /// with a few multi-row statements; those two (a small share of any log) one event at a
-    /// time.
+    /// the failing event and why. All but `organizations` (a small share of any log) apply a
+    /// long batch with a few multi-row statements.
     pub async fn apply_many(
         self,
         conn: &mut PgConnection,
@@ -143,6 +142,7 @@ impl Projection {
             Projection::Users => Some(users_batch::bulk(conn, events).await),
             Projection::UserRoles => Some(user_roles_batch::bulk(conn, events).await),
             Projection::Roles => Some(roles_batch::bulk(conn, events).await),
+            Projection::ApiKeys => Some(api_keys_batch::bulk(conn, events).await),
             _ => None,
         };
         match folded {

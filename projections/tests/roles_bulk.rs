@@ -7,9 +7,9 @@
 
 mod common;
 
-use common::{rows, run_until_failure, Actor, Ledger, Rng, TestDb};
+use common::{agrees_in_batches, rows, Actor, Ledger, Rng, TestDb};
 use ledgerline_aggregates::role::{RoleEvent, RoleSpec};
-use ledgerline_projections::{bulk_fallbacks, reset, Projection};
+use ledgerline_projections::{bulk_fallbacks, Projection};
 use sqlx::PgPool;
 use uuid::Uuid;
 
@@ -83,24 +83,6 @@ async fn tables(pool: &PgPool) -> (Vec<String>, Vec<String>) {
     )
 }
 
-/// Applies the log one event at a time, then in batches of each of `sizes`: the same
-/// outcome and tables each time. Returns the outcome.
-async fn compare(pool: &PgPool, sizes: &[i64]) -> Option<(i64, String)> {
-    reset(pool, Some(&["roles"])).await.unwrap();
-    let one = run_until_failure(pool, Projection::Roles, 1).await;
-    let left = tables(pool).await;
-    for &size in sizes {
-        reset(pool, Some(&["roles"])).await.unwrap();
-        assert_eq!(
-            run_until_failure(pool, Projection::Roles, size).await,
-            one,
-            "outcome with batches of {size}"
-        );
-        assert_eq!(tables(pool).await, left, "tables with batches of {size}");
-    }
-    one.0
-}
-
 /// One test, so that the fallbacks the failing logs cause come after the count that must be
 /// zero over the valid ones.
 #[tokio::test]
@@ -109,7 +91,10 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         role_log(&mut ledger, seed, 1200).await;
-        assert_eq!(compare(&db.pool, &[5000, 301, 64, 8]).await, None);
+        assert_eq!(
+            agrees_in_batches(&db.pool, Projection::Roles, &[5000, 301, 64, 8]).await,
+            None
+        );
         let (roles, permissions) = tables(&db.pool).await;
         assert!(
             roles.len() > 20 && permissions.len() > 20,
@@ -169,7 +154,7 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
             ledger.append("Role", *role, event, &actor).await;
         }
         role_log(&mut ledger, 1900 + case, 100).await;
-        let failed = compare(&db.pool, &[5000, 64, 8]).await;
+        let failed = agrees_in_batches(&db.pool, Projection::Roles, &[5000, 64, 8]).await;
         assert_eq!(failed.is_none(), case == 7, "case {case}: {failed:?}");
     }
 }

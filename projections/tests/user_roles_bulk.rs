@@ -9,11 +9,10 @@
 mod common;
 
 use chrono::{Duration, TimeZone, Utc};
-use common::{rows, run_until_failure, Actor, Ledger, Rng, TestDb};
+use common::{agrees_in_batches, Actor, Ledger, Rng, TestDb};
 use ledgerline_aggregates::role::{RoleEvent, RoleSpec};
 use ledgerline_aggregates::user::UserEvent;
-use ledgerline_projections::{bulk_fallbacks, reset, Projection};
-use sqlx::PgPool;
+use ledgerline_projections::{bulk_fallbacks, Projection};
 use uuid::Uuid;
 
 fn spec(name: &str) -> RoleSpec {
@@ -101,28 +100,6 @@ async fn role_log(ledger: &mut Ledger, seed: u64, steps: usize) -> Uuid {
     org
 }
 
-/// Applies the log one event at a time, then in batches of each of `sizes`: the same
-/// outcome and table each time. Returns the outcome.
-async fn compare(pool: &PgPool, sizes: &[i64]) -> Option<(i64, String)> {
-    reset(pool, Some(&["user_roles"])).await.unwrap();
-    let one = run_until_failure(pool, Projection::UserRoles, 1).await;
-    let table = rows(pool, "user_roles").await;
-    for &size in sizes {
-        reset(pool, Some(&["user_roles"])).await.unwrap();
-        assert_eq!(
-            run_until_failure(pool, Projection::UserRoles, size).await,
-            one,
-            "outcome with batches of {size}"
-        );
-        assert_eq!(
-            rows(pool, "user_roles").await,
-            table,
-            "user_roles with batches of {size}"
-        );
-    }
-    one.0
-}
-
 /// One test, so that the fallbacks the failing logs cause come after the count that must be
 /// zero over the valid ones.
 #[tokio::test]
@@ -149,7 +126,10 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
             ],
             "the log has every kind of event the projection reads"
         );
-        assert_eq!(compare(&db.pool, &[5000, 301, 64, 8]).await, None);
+        assert_eq!(
+            agrees_in_batches(&db.pool, Projection::UserRoles, &[5000, 301, 64, 8]).await,
+            None
+        );
         let left: i64 = sqlx::query_scalar("SELECT count(*) FROM user_roles")
             .fetch_one(&db.pool)
             .await
@@ -190,7 +170,7 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
             }
         }
         role_log(&mut ledger, 800 + case, 200).await;
-        let failed = compare(&db.pool, &[5000, 64, 8]).await;
+        let failed = agrees_in_batches(&db.pool, Projection::UserRoles, &[5000, 64, 8]).await;
         assert!(failed.is_some(), "case {case} fails");
     }
 }

@@ -623,3 +623,42 @@ pub async fn run_until_failure(
         }
     }
 }
+
+/// Applies `projection` from scratch one event at a time, then in batches of each of
+/// `sizes`: the same outcome (failing event and error, checkpoint) and the same rows of its
+/// tables each time. Returns the outcome's failure.
+pub async fn agrees_in_batches(
+    pool: &PgPool,
+    projection: ledgerline_projections::Projection,
+    sizes: &[i64],
+) -> Option<(i64, String)> {
+    let name = projection.name();
+    let tables = || async {
+        let mut all = Vec::new();
+        for table in projection.tables() {
+            all.push(rows(pool, table).await);
+        }
+        all
+    };
+    ledgerline_projections::reset(pool, Some(&[name]))
+        .await
+        .unwrap();
+    let one = run_until_failure(pool, projection, 1).await;
+    let left = tables().await;
+    for &size in sizes {
+        ledgerline_projections::reset(pool, Some(&[name]))
+            .await
+            .unwrap();
+        assert_eq!(
+            run_until_failure(pool, projection, size).await,
+            one,
+            "{name}: outcome with batches of {size}"
+        );
+        assert_eq!(
+            tables().await,
+            left,
+            "{name}: tables with batches of {size}"
+        );
+    }
+    one.0
+}
