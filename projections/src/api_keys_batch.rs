@@ -92,13 +92,13 @@ impl Fold {
         let mut fleeting = Vec::new();
         for event in events.iter().filter(|e| e.aggregate_type == "ApiKey") {
             let id = decode::aggregate_id(event)?;
-            let kind = decode::payload::<ApiKeyEvent>(event)?;
+            let kind = give_up::payload::<ApiKeyEvent>(event)?;
+            let first = !index.contains_key(&id);
             let slot = *index.entry(id).or_insert_with(|| {
                 keys.push((id, Key::default()));
                 keys.len() - 1
             });
             let key = &mut keys[slot].1;
-            let first = key.version == 0;
             key.version = event.sequence;
             match kind {
                 ApiKeyEvent::ApiKeyIssued {

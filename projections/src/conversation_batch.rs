@@ -33,7 +33,7 @@ use ledgerline_aggregates::conversation::ConversationEvent;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use crate::give_up::{exactly, GiveUp};
+use crate::give_up::{self, exactly, GiveUp};
 use crate::{decode, StoredEvent};
 
 /// The held-back changes of a segment.
@@ -112,7 +112,7 @@ impl Held {
             spec,
             created_by,
             participants,
-        } = decode::payload::<ConversationEvent>(event)?
+        } = give_up::payload::<ConversationEvent>(event)?
         else {
             return Err(GiveUp::Uncovered);
         };
@@ -151,7 +151,7 @@ impl Held {
             version: event.sequence,
         });
         (row.updated_at, row.version) = (at, event.sequence);
-        let (user, change) = match decode::payload::<ConversationEvent>(event)? {
+        let (user, change) = match give_up::payload::<ConversationEvent>(event)? {
             ConversationEvent::ConversationCreated { .. } => return Err(GiveUp::Uncovered),
             ConversationEvent::ConversationUpdated { after, .. } => {
                 row.spec = Some((after.title, after.description));

@@ -2,9 +2,11 @@
 //! and why one gave up on a batch, which the per-event path then applies, saying what is
 //! wrong, if anything.
 
+use cqrs_es::DomainEvent;
+use serde::de::DeserializeOwned;
 use sqlx::PgConnection;
 
-use crate::{copy_in, ProjectionError};
+use crate::{copy_in, decode, ProjectionError, StoredEvent};
 
 /// Batches shorter than this (the live projector's usual few events) go one by one: the
 /// savepoint would cost more than the statements it saves (`Projection::apply_many`).
@@ -86,4 +88,15 @@ pub(crate) fn exactly(expected: usize, touched: i64) -> Result<(), GiveUp> {
     } else {
         Err(GiveUp::Rows { expected, touched })
     }
+}
+
+/// An event's payload as a multi-row path reads it: as `decode::payload` does, but giving
+/// up on a payload holding a NUL character (`\u0000` in its JSON). PostgreSQL's text refuses
+/// NUL, so one by one such a value fails where it is written; a fold might never write it
+/// (a later event of the batch replacing it) and so never fail.
+pub(crate) fn payload<E: DeserializeOwned + DomainEvent>(event: &StoredEvent) -> Result<E, GiveUp> {
+    if event.payload.contains("\\u0000") {
+        return Err(GiveUp::Uncovered);
+    }
+    Ok(decode::payload(event)?)
 }

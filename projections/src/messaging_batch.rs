@@ -90,7 +90,7 @@ async fn segments(
     for event in events {
         match event.aggregate_type.as_str() {
             "Message" => {
-                let kind = decode::payload::<MessageEvent>(event)?;
+                let kind = give_up::payload::<MessageEvent>(event)?;
                 let newest = pending.entry(conversation_of(&kind)).or_insert(0);
                 if matches!(kind, MessageEvent::MessagePosted { .. }) {
                     *newest = event.position;

@@ -53,7 +53,7 @@ impl Fold {
         let mut index: HashMap<Uuid, usize> = HashMap::new();
         for event in events.iter().filter(|e| e.aggregate_type == "Role") {
             let id = decode::aggregate_id(event)?;
-            let kind = decode::payload::<RoleEvent>(event)?;
+            let kind = give_up::payload::<RoleEvent>(event)?;
             let (at, version) = (event.recorded_at, event.sequence);
             let seen = index.get(&id).map(|&i| &mut roles[i].1);
             match (kind, seen) {

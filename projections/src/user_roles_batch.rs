@@ -52,7 +52,7 @@ impl Fold {
             match event.aggregate_type.as_str() {
                 "User" => fold.user_event(event)?,
                 "Role" => {
-                    if let RoleEvent::RoleDeleted { .. } = decode::payload::<RoleEvent>(event)? {
+                    if let RoleEvent::RoleDeleted { .. } = give_up::payload::<RoleEvent>(event)? {
                         let role = decode::aggregate_id(event)?;
                         fold.deleted_roles.push(role);
                         for (_, standing) in fold.keys.iter_mut().filter(|(k, _)| k.1 == role) {
@@ -68,7 +68,7 @@ impl Fold {
 
     fn user_event(&mut self, event: &StoredEvent) -> Result<(), GiveUp> {
         let user = decode::aggregate_id(event)?;
-        match decode::payload::<UserEvent>(event)? {
+        match give_up::payload::<UserEvent>(event)? {
             UserEvent::UserRoleAssigned {
                 role_id,
                 expires_at,

@@ -73,7 +73,7 @@ impl Fold {
                 continue;
             }
             let id = decode::aggregate_id(event)?;
-            let kind = decode::payload::<UserEvent>(event)?;
+            let kind = give_up::payload::<UserEvent>(event)?;
             let seen = index.get(&id).copied();
             let slot = *index.entry(id).or_insert_with(|| {
                 rows.push((id, Row::default()));
