@@ -395,9 +395,9 @@ pub struct RebuildArgs {
     pub abandon: bool,
     #[command(flatten)]
     pub batch: BatchArgs,
-    /// Database connections that build the copies' indexes and vacuum them once the rows
-    /// are in, a table each at a time. More than the server has cores gains nothing, and
-    /// each may sort in 256 MB (`maintenance_work_mem`).
+    /// Database connections that vacuum the copies, build their indexes and analyse them
+    /// once the rows are in, sharing these steps one at a time. More than the server has
+    /// cores gains nothing, and each may sort in 256 MB (`maintenance_work_mem`).
     #[arg(long, env = "LEDGERLINE_REBUILD_FINISH_CONNECTIONS",
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.finish_connections,
           value_parser = clap::value_parser!(u16).range(1..=16))]

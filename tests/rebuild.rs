@@ -553,21 +553,40 @@ async fn a_rebuild_job_swaps_in_equal_tables_while_the_api_keeps_serving() {
         before,
         "indexes and constraints as migrated"
     );
+    let tables: Vec<&str> = live.iter().map(|(table, _)| table.as_str()).collect();
     // The copies were vacuumed and analysed before they served (this server may run
     // without autovacuum): PostgreSQL keeps a table's record of both when it moves schema.
     let unready: Vec<String> = sqlx::query_scalar(
         "SELECT relname::text FROM pg_stat_user_tables WHERE schemaname = 'public' \
          AND relname = ANY($1) AND (last_vacuum IS NULL OR last_analyze IS NULL) ORDER BY 1",
     )
-    .bind(
-        live.iter()
-            .map(|(table, _)| table.as_str())
-            .collect::<Vec<_>>(),
-    )
+    .bind(&tables)
     .fetch_all(t.pool())
     .await
     .unwrap();
     assert!(unready.is_empty(), "tables without statistics: {unready:?}");
+    // And analysed after their indexes were built: only then does an index on an expression
+    // get statistics of its own (for each such index of a table with rows).
+    let expression_indexes: Vec<(String, bool)> = sqlx::query_as(
+        "SELECT c.relname::text, \
+                EXISTS (SELECT 1 FROM pg_statistic s WHERE s.starelid = i.indexrelid) \
+         FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
+         JOIN pg_class t ON t.oid = i.indrelid \
+         WHERE t.relnamespace = 'public'::regnamespace AND t.relname = ANY($1) \
+           AND i.indexprs IS NOT NULL AND t.reltuples > 0 ORDER BY 1",
+    )
+    .bind(&tables)
+    .fetch_all(t.pool())
+    .await
+    .unwrap();
+    assert!(
+        !expression_indexes.is_empty(),
+        "the story makes conversations"
+    );
+    assert!(
+        expression_indexes.iter().all(|(_, analysed)| *analysed),
+        "expression indexes without statistics: {expression_indexes:?}"
+    );
     assert!(schemas_like(&t, "ledgerline\\_rebuild\\_%")
         .await
         .is_empty());

@@ -199,7 +199,7 @@ pub(crate) async fn create_schema(
             sqlx::query(&statement).execute(&mut *conn).await?;
         }
         // Kept up row by row, the read models' secondary indexes cost more than the rows:
-        // built once at the end (`finish_tables`), a sort each. The unique ones
+        // built once at the end (`finish::finish_tables`), a sort each. The unique ones
         // stay, as the projections rely on what they enforce.
         let secondary: Vec<String> = sqlx::query_scalar(
             "SELECT c.relname::text FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid \
@@ -264,68 +264,8 @@ async fn rename_indexes_as_live(
     Ok(())
 }
 
-/// What each index build may sort in, per connection, unless the server allows more: room
-/// for PostgreSQL to give a large build two parallel workers (32 MB each; its default 64 MB
-/// allows one). Its share of the two connections' gain was not told apart from the noise
-/// (docs/benchmarks.md).
-const INDEX_BUILD_MEMORY: &str = "256MB";
-
-/// Readies the copies in `schema` to serve: creates the secondary indexes [`create_schema`]
-/// left out, then `VACUUM (ANALYZE)`s each table (the planner's estimates and index-only
-/// scans depend on statistics and a visibility map, and the server may run without
-/// autovacuum). Tables are taken largest first by `connections` connections at once, so
-/// the small tables' steps and the vacuums' scans fill the cores while the largest table's
-/// indexes sort (on two cores, 13% off the serial finish in five alternating pairs).
-/// Idempotent, so a job killed here does the rest when resumed.
-pub(crate) async fn finish_tables(
-    pool: &PgPool,
-    schema: &str,
-    projections: &[Projection],
-    connections: u16,
-) -> sqlx::Result<()> {
-    let names = Projection::tables_of(projections);
-    let mut sized: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT pg_total_relation_size(format('%I.%I', $1::text, t)::regclass), t \
-         FROM unnest($2::text[]) AS t",
-    )
-    .bind(schema)
-    .bind(&names)
-    .fetch_all(pool)
-    .await?;
-    // Ascending, as each finisher pops the next from the end: the largest first.
-    sized.sort();
-    tracing::info!(
-        schema,
-        tables = sized.len(),
-        connections,
-        "building the copies' indexes and statistics"
-    );
-    let queue = Arc::new(Mutex::new(
-        sized.into_iter().map(|(_, t)| t).collect::<Vec<_>>(),
-    ));
-    let mut finishers = JoinSet::new();
-    for _ in 0..connections.max(1) {
-        let (pool, schema, queue) = (pool.clone(), schema.to_string(), Arc::clone(&queue));
-        finishers.spawn(async move {
-            let finished = finish_queued(&pool, &schema, &queue).await;
-            if finished.is_err() {
-                // The job fails anyway: the other finishers stop after their current table.
-                queue.lock().unwrap_or_else(|e| e.into_inner()).clear();
-            }
-            finished
-        });
-    }
-    let mut first_error = None;
-    while let Some(joined) = finishers.join_next().await {
-        if let Err(e) = task_result(joined, "index builder") {
-            first_error.get_or_insert(e);
-        }
-    }
-    first_error.map_or(Ok(()), Err)
-}
-
 /// A task's own result, or its panic or cancellation as an error of `what`.
-fn task_result<E: From<sqlx::Error>>(
+pub(crate) fn task_result<E: From<sqlx::Error>>(
     joined: Result<Result<(), E>, JoinError>,
     what: &str,
 ) -> Result<(), E> {
@@ -334,58 +274,8 @@ fn task_result<E: From<sqlx::Error>>(
     })
 }
 
-/// One finisher: takes tables from `queue` until it is empty.
-async fn finish_queued(
-    pool: &PgPool,
-    schema: &str,
-    queue: &Mutex<Vec<String>>,
-) -> sqlx::Result<()> {
-    let mut conn = schema_connection(pool, schema).await?;
-    // Never less than the server's own setting.
-    sqlx::query(
-        "SELECT set_config('maintenance_work_mem', \
-         greatest(pg_size_bytes(current_setting('maintenance_work_mem')), pg_size_bytes($1)) \
-         / 1024 || 'kB', false)",
-    )
-    .bind(INDEX_BUILD_MEMORY)
-    .execute(&mut conn)
-    .await?;
-    loop {
-        let next = queue.lock().unwrap_or_else(|e| e.into_inner()).pop();
-        let Some(table) = next else { break };
-        create_missing_indexes(&mut conn, schema, &table).await?;
-        sqlx::query(&format!("VACUUM (ANALYZE) {schema}.{table}"))
-            .execute(&mut conn)
-            .await?;
-    }
-    conn.close().await
-}
-
-/// Creates each index the live `table` has and its copy in `schema` lacks, under the live
-/// name.
-async fn create_missing_indexes(
-    conn: &mut PgConnection,
-    schema: &str,
-    table: &str,
-) -> sqlx::Result<()> {
-    let live = index_definitions(conn, "public", table).await?;
-    let copy = index_definitions(conn, schema, table).await?;
-    for (name, definition) in live {
-        if copy.iter().any(|(_, d)| *d == definition) {
-            continue;
-        }
-        let create = definition.replacen(
-            "INDEX ON ",
-            &format!("INDEX {name} ON {schema}.{table} "),
-            1,
-        );
-        sqlx::query(&create).execute(&mut *conn).await?;
-    }
-    Ok(())
-}
-
 /// Each index of `schema.table` with its definition, the index's own name and table left out.
-async fn index_definitions(
+pub(crate) async fn index_definitions(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,

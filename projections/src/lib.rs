@@ -15,6 +15,7 @@ mod dependents;
 mod error;
 #[cfg(feature = "fault-injection")]
 pub mod fault;
+mod finish;
 mod give_up;
 pub mod lease;
 mod messaging_batch;

@@ -19,6 +19,7 @@ use sqlx::{Connection, PgConnection, PgPool, Postgres};
 
 use crate::build::{self, Lane, Phase, Progress, Record};
 use crate::dependents;
+use crate::finish;
 use crate::run_lock::{self, LockWatch};
 use crate::runner::head;
 use crate::snapshots::{self, Waited};
@@ -50,8 +51,8 @@ pub struct RebuildOptions {
     /// At most this many events are left for the swap transaction to apply while it holds
     /// the live projections back; until then the job keeps catching up without locks.
     pub swap_tail: i64,
-    /// Connections building the copies' secondary indexes and statistics at the end, one
-    /// table each at a time (0 is taken as 1).
+    /// Connections vacuuming the copies, building their secondary indexes and analysing
+    /// them at the end, one step each at a time (0 is taken as 1).
     pub finish_connections: u16,
     /// How long the job waits, once its copies are complete, for transactions whose
     /// snapshots are older than the copies (see `snapshots`) before it gives up, keeping
@@ -283,7 +284,7 @@ pub async fn rebuild(
             }
         }
         progress.set_phase(Phase::Indexing);
-        build::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
+        finish::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
         // Events that arrived while the indexes were built.
         let mut target = catch_up().await?;
         // A snapshot older than the copies' last batch would read them half-built once
