@@ -7,8 +7,9 @@
 //! The order within a table is fixed by PostgreSQL's locks and by what each step is for:
 //! - `VACUUM` first. It sets the visibility map (index-only scans; the server may run
 //!   without autovacuum) and hint bits once here rather than by the first readers, and it
-//!   prunes the dead rows the build's updates left, so that an index built after it finds no
-//!   broken update chain that would keep it from older snapshots. Before the secondary
+//!   prunes the dead rows the build's updates left where no older snapshot still sees them,
+//!   so that an index built after it seldom finds a broken update chain (which would keep it
+//!   from older snapshots). Before the secondary
 //!   indexes exist it has fewer indexes to clean.
 //! - Then the indexes, any number at once (`CREATE INDEX` takes a lock that another index
 //!   build shares and a `VACUUM` does not).
@@ -79,12 +80,12 @@ pub(crate) async fn finish_tables(
     for _ in 0..connections.max(1) {
         let (pool, schema, plan) = (pool.clone(), schema.to_string(), Arc::clone(&plan));
         finishers.spawn(async move {
+            let mut ends = EndsOnDrop {
+                plan: Arc::clone(&plan),
+                armed: true,
+            };
             let finished = finish(&pool, &schema, &plan).await;
-            if finished.is_err() {
-                // The job fails anyway: the other finishers stop after their current step.
-                plan.steps().failed = true;
-                plan.changed.notify_waiters();
-            }
+            ends.armed = finished.is_err();
             finished
         });
     }
@@ -240,28 +241,7 @@ async fn finish(pool: &PgPool, schema: &str, plan: &Plan) -> sqlx::Result<()> {
     .bind(INDEX_BUILD_MEMORY)
     .execute(&mut conn)
     .await?;
-    loop {
-        // Made before looking, so that a step ending after the look still wakes this one.
-        let changed = plan.changed.notified();
-        let (next, table) = {
-            let mut steps = plan.steps();
-            let next = steps.take();
-            let table = match &next {
-                Next::Run(Step::Vacuum(i) | Step::Index(i, _) | Step::Analyze(i)) => {
-                    steps.tables[*i].name.clone()
-                }
-                Next::Wait | Next::Done => String::new(),
-            };
-            (next, table)
-        };
-        let step = match next {
-            Next::Run(step) => step,
-            Next::Wait => {
-                changed.await;
-                continue;
-            }
-            Next::Done => break,
-        };
+    while let Some((step, table)) = next_step(plan).await {
         let statement = match &step {
             Step::Vacuum(_) => format!("VACUUM {schema}.{table}"),
             Step::Index(_, create) => create.clone(),
@@ -279,6 +259,45 @@ async fn finish(pool: &PgPool, schema: &str, plan: &Plan) -> sqlx::Result<()> {
         plan.changed.notify_waiters();
     }
     conn.close().await
+}
+
+/// The next step for a finisher, with its table's name, once one can start; `None` when
+/// every step is taken or the finish failed.
+async fn next_step(plan: &Plan) -> Option<(Step, String)> {
+    loop {
+        // Made before looking, so that a step ending after the look still wakes this one.
+        let changed = plan.changed.notified();
+        {
+            let mut steps = plan.steps();
+            match steps.take() {
+                Next::Run(step) => {
+                    let (Step::Vacuum(i) | Step::Index(i, _) | Step::Analyze(i)) = step;
+                    let table = steps.tables[i].name.clone();
+                    return Some((step, table));
+                }
+                Next::Done => return None,
+                Next::Wait => {}
+            }
+        }
+        changed.await;
+    }
+}
+
+/// Ends the finish for every finisher when dropped armed: a finisher that fails, or panics
+/// in the middle of a step, leaves that step running for good, and the others would wait
+/// for it forever. They stop after their current step; the job fails anyway.
+struct EndsOnDrop {
+    plan: Arc<Plan>,
+    armed: bool,
+}
+
+impl Drop for EndsOnDrop {
+    fn drop(&mut self) {
+        if self.armed {
+            self.plan.steps().failed = true;
+            self.plan.changed.notify_waiters();
+        }
+    }
 }
 
 /// The `CREATE INDEX` statement of each index the live `table` has and its copy in
@@ -342,11 +361,35 @@ mod tests {
         assert_eq!(s.take(), Next::Done);
     }
 
-    #[test]
-    fn a_failure_ends_every_finisher() {
-        let mut s = steps(&[("big", 2)]);
-        assert_eq!(s.take(), Next::Run(Step::Vacuum(0)));
-        s.failed = true;
-        assert_eq!(s.take(), Next::Done);
+    #[tokio::test]
+    async fn a_finisher_that_fails_or_panics_mid_step_ends_the_others_wait() {
+        for panics in [false, true] {
+            let plan = Arc::new(Plan {
+                steps: Mutex::new(steps(&[("big", 2)])),
+                changed: Notify::new(),
+            });
+            let step = next_step(&plan).await;
+            assert_eq!(step, Some((Step::Vacuum(0), "big".into())));
+            let waiting = Arc::clone(&plan);
+            let other = tokio::spawn(async move { next_step(&waiting).await });
+            tokio::task::yield_now().await;
+            assert!(!other.is_finished(), "nothing starts while the vacuum runs");
+            // The vacuum's finisher ends without ending its step: by an error or a panic.
+            let ends = EndsOnDrop {
+                plan: Arc::clone(&plan),
+                armed: true,
+            };
+            if panics {
+                let finisher = tokio::spawn(async move {
+                    let _ends = ends;
+                    panic!("a finisher's panic");
+                });
+                assert!(finisher.await.is_err());
+            } else {
+                drop(ends);
+            }
+            let woken = tokio::time::timeout(std::time::Duration::from_secs(10), other).await;
+            assert_eq!(woken.expect("woken").unwrap(), None, "panics: {panics}");
+        }
     }
 }
