@@ -2,15 +2,14 @@
 //! gets the secondary indexes the build left out ([`crate::build::create_schema`]), and is
 //! analysed. A few connections share these steps one at a time, not a table at a time, so
 //! that the largest table's indexes are built on every connection once the other tables
-//! are done, instead of on one while the others sit idle.
+//! are done, instead of on one while the others run out of work.
 //!
 //! The order within a table is fixed by PostgreSQL's locks and by what each step is for:
 //! - `VACUUM` first. It sets the visibility map (index-only scans; the server may run
 //!   without autovacuum) and hint bits once here rather than by the first readers, and it
 //!   prunes the dead rows the build's updates left where no older snapshot still sees them,
 //!   so that an index built after it seldom finds a broken update chain (which would keep it
-//!   from older snapshots). Before the secondary
-//!   indexes exist it has fewer indexes to clean.
+//!   from older snapshots). Before the secondary indexes exist it has fewer indexes to clean.
 //! - Then the indexes, any number at once (`CREATE INDEX` takes a lock that another index
 //!   build shares and a `VACUUM` does not).
 //! - `ANALYZE` last: an index on an expression gets its statistics only from an `ANALYZE`
