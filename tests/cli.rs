@@ -402,7 +402,7 @@ async fn waiting_at_the_swap(pool: &PgPool) -> bool {
 
 #[tokio::test]
 async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     t.create_org("Rebuild Status Co").await;
     let head = t.head().await;
     let (_, out, _) = ledgerline(&t.db.url, &["projections", "status"]).await;
@@ -476,7 +476,7 @@ async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
 /// on standard error is a JSON object, progress included, with its figures as fields.
 #[tokio::test]
 async fn rebuild_progress_is_a_json_log_event_when_json_logs_are_asked_for() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     t.create_org("Json Progress Co").await;
     let head = t.head().await;
     let held = hold_the_swap(t.pool()).await;
@@ -678,7 +678,7 @@ async fn check_and_rebuild_refuse_a_database_whose_migrations_differ_and_change_
 /// it, as every failure after the job exists does.
 #[tokio::test]
 async fn a_rebuild_of_all_that_loses_its_database_names_both_commands() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     t.create_org("Lost Database Co").await;
     let mut held = hold_the_swap(t.pool()).await;
     let holder: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
@@ -853,7 +853,7 @@ async fn projections_status_shows_who_holds_each_lease() {
 /// its last progress figures agree.
 #[tokio::test]
 async fn a_rebuild_failing_after_its_job_began_says_how_to_resume_it() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     t.create_org("Resume Hint Co").await;
     let held = hold_the_swap(t.pool()).await;
     let child = start_rebuild(&t.db.url, &["--log-format", "json"], "info");

@@ -739,7 +739,7 @@ async fn an_unfinished_rebuild_shows_its_progress_its_age_and_that_nothing_runs_
 /// with SIGKILL, its job stays but the lock is gone.
 #[tokio::test]
 async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     let held = common::hold_checkpoint(t.pool(), "users").await;
     let log = std::env::temp_dir().join(format!("ll-rebuild-{}.log", uuid::Uuid::new_v4()));
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))

@@ -1103,7 +1103,7 @@ async fn the_swap_rolls_back_final_events_written_before_a_panic() {
 }
 
 async fn panic_in_the_swaps_final_events(when: fault::When) {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     story(&t).await;
     let org: Uuid = sqlx::query_scalar("SELECT id FROM organizations ORDER BY created_at LIMIT 1")
         .fetch_one(t.pool())
@@ -1657,7 +1657,7 @@ async fn a_rebuild_refuses_before_any_work_what_hangs_on_its_live_tables() {
 /// dropped with the table; the job keeps its work for a rerun.
 #[tokio::test]
 async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     story(&t).await;
     let live = snapshot(&t).await;
     let held = common::hold_checkpoint(t.pool(), "users").await;
@@ -1737,7 +1737,7 @@ async fn a_rebuild_keeps_the_tables_comments() {
 /// as they are at the swap, where they changed while the job ran.
 #[tokio::test]
 async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
-    let t = TestApp::spawn().await;
+    let t = TestApp::spawn_without_polls().await;
     story(&t).await;
     let id = Uuid::new_v4().simple();
     let (reader, owner) = (format!("ll_reader_{id}"), format!("ll_owner_{id}"));

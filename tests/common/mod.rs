@@ -181,6 +181,20 @@ impl TestApp {
         Self::spawn_with(Projector::default()).await
     }
 
+    /// [`TestApp::spawn`] whose projectors run a batch only when told of new events, never
+    /// on a poll: for a test that holds a projection's checkpoint row ([`hold_checkpoint`])
+    /// while a rebuild reaches its swap. A poll's batch would block on the held row, and its
+    /// statement's snapshot counts as older than the rebuild's copies (its xmin is the held
+    /// transaction's id), so the rebuild would wait for it instead of reaching the swap:
+    /// seen when the rebuild was slow (tests in parallel) and the poll came first.
+    pub async fn spawn_without_polls() -> Self {
+        Self::spawn_with(Projector {
+            poll_interval: std::time::Duration::from_secs(3600),
+            ..Projector::default()
+        })
+        .await
+    }
+
     /// [`TestApp::spawn`] with the projector's settings.
     pub async fn spawn_with(projector: Projector) -> Self {
         let db = TestDb::new().await;
