@@ -60,18 +60,17 @@ impl From<ProjectionError> for GiveUp {
     }
 }
 
-/// Opens the savepoint a multi-row path writes under.
-pub(crate) async fn savepoint(conn: &mut PgConnection) -> Result<(), GiveUp> {
-    sqlx::query("SAVEPOINT multi_row").execute(conn).await?;
-    Ok(())
-}
-
-/// Ends it: the writes kept if they all worked, undone if the path gave up, so that the
-/// one-by-one path starts from the batch's beginning. Returns `result`.
-pub(crate) async fn end_savepoint(
+/// Runs a multi-row path's `write` under a savepoint: its writes kept if they all worked,
+/// undone if it gave up, so that the one-by-one path starts from the batch's beginning.
+/// Returns what `write` returned.
+pub(crate) async fn under_savepoint(
     conn: &mut PgConnection,
-    result: Result<(), GiveUp>,
+    write: impl AsyncFnOnce(&mut PgConnection) -> Result<(), GiveUp>,
 ) -> Result<(), GiveUp> {
+    sqlx::query("SAVEPOINT multi_row")
+        .execute(&mut *conn)
+        .await?;
+    let result = write(&mut *conn).await;
     let end = if result.is_ok() {
         "RELEASE SAVEPOINT multi_row"
     } else {

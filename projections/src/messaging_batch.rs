@@ -64,9 +64,7 @@ pub(crate) async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Res
     )
     .fetch_one(&mut *conn)
     .await?;
-    give_up::savepoint(conn).await?;
-    let result = segments(conn, events, &plans).await;
-    give_up::end_savepoint(conn, result).await
+    give_up::under_savepoint(conn, async |conn| segments(conn, events, &plans).await).await
 }
 
 /// A message event that can go in a wave, decoded.

@@ -27,9 +27,7 @@ use crate::{decode, StoredEvent};
 /// Applies a batch of 8 events or more folded; `Err` when it gave up, its writes undone.
 pub(crate) async fn bulk(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), GiveUp> {
     let folded = Fold::of(events)?;
-    give_up::savepoint(conn).await?;
-    let result = folded.write(conn).await;
-    give_up::end_savepoint(conn, result).await
+    give_up::under_savepoint(conn, async |conn| folded.write(conn).await).await
 }
 
 /// One role as the batch's events leave it.

@@ -9,7 +9,7 @@
 mod common;
 
 use chrono::{Duration, TimeZone, Utc};
-use common::{agrees_in_batches, Actor, Ledger, Rng, TestDb};
+use common::{agrees_in_batches, frequent_event_types, Actor, Ledger, Rng, TestDb};
 use ledgerline_aggregates::role::{RoleEvent, RoleSpec};
 use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{bulk_fallbacks, Projection};
@@ -108,14 +108,8 @@ async fn the_multi_row_path_agrees_with_one_event_at_a_time() {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         role_log(&mut ledger, seed, 1500).await;
-        let kinds: Vec<String> = sqlx::query_scalar(
-            "SELECT event_type FROM events GROUP BY 1 HAVING count(*) >= 5 ORDER BY 1",
-        )
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
         assert_eq!(
-            kinds,
+            frequent_event_types(&db.pool).await,
             [
                 "RoleCreated",
                 "RoleDeleted",

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{rows, run_until_failure, sealed, Actor, Ledger, Rng, TestDb};
+use common::{frequent_event_types, rows, run_until_failure, sealed, Actor, Ledger, Rng, TestDb};
 use ledgerline_aggregates::user::UserEvent;
 use ledgerline_projections::{bulk_fallbacks, reset, Projection};
 use sqlx::PgPool;
@@ -156,14 +156,8 @@ async fn valid_logs_are_folded_into_the_same_table() {
         let db = TestDb::new().await;
         let mut ledger = Ledger::new(&db.pool);
         user_log(&mut ledger, seed, 1500).await;
-        let kinds: Vec<String> = sqlx::query_scalar(
-            "SELECT event_type FROM events GROUP BY 1 HAVING count(*) >= 5 ORDER BY 1",
-        )
-        .fetch_all(&db.pool)
-        .await
-        .unwrap();
         assert_eq!(
-            kinds,
+            frequent_event_types(&db.pool).await,
             [
                 "UserDeactivated",
                 "UserErased",

@@ -239,6 +239,15 @@ pub async fn rows(pool: &PgPool, table: &str) -> Vec<String> {
     .unwrap()
 }
 
+/// The event types the log holds at least 5 of, sorted: that a generated log exercises
+/// every kind of event a projection reads.
+pub async fn frequent_event_types(pool: &PgPool) -> Vec<String> {
+    sqlx::query_scalar("SELECT event_type FROM events GROUP BY 1 HAVING count(*) >= 5 ORDER BY 1")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
 pub async fn checkpoint(pool: &PgPool, name: &str) -> i64 {
     sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = $1")
         .bind(name)
