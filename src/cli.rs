@@ -145,6 +145,13 @@ async fn migrate(db_args: &crate::config::DatabaseArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(db_args: &crate::config::DatabaseArgs, args: ServeArgs) -> anyhow::Result<()> {
+    use crate::config::MIN_SERVE_POOL;
+    anyhow::ensure!(
+        db_args.db_pool >= MIN_SERVE_POOL,
+        "LEDGERLINE_DB_POOL (--db-pool) is {}: `serve` needs at least {MIN_SERVE_POOL} \
+         connections (per-organization turns may hold six at once, and their work needs more)",
+        db_args.db_pool
+    );
     let mut signals = StopSignals::catch().context("catching SIGINT and SIGTERM")?;
     let master = args.keys.load()?;
     let signer = args.log.signer()?;

@@ -63,9 +63,28 @@ pub struct DatabaseArgs {
         hide_env_values = true
     )]
     pub database_url: Option<Secret>,
-    /// Connections in the pool.
-    #[arg(long, env = "LEDGERLINE_DB_POOL", default_value_t = 16, global = true)]
+    /// Connections in the pool (`serve` needs at least 8). By default four per core of this
+    /// machine, from 8 to 16: statements beyond what the cores can run at once only queue
+    /// inside PostgreSQL, where they slow the ledger's writer and the projections that every
+    /// command waits for.
+    #[arg(long, env = "LEDGERLINE_DB_POOL", default_value_t = default_pool(), global = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool: u32,
+}
+
+/// The smallest pool `serve` runs with: per-organization turns (`api/turns.rs`) may hold six
+/// connections at once while their work needs more, so a pool of six or fewer could be all
+/// held by turns that wait for a connection until the pool's acquire timeout fails them.
+pub const MIN_SERVE_POOL: u32 = 8;
+
+/// Four connections per core, from [`MIN_SERVE_POOL`] to 16. On two cores, 8 did 16-30% more
+/// commands per second than 16 under `scripts/load` (docs/benchmarks.md, "HTTP load"); no
+/// other size of machine was measured (four cores or more keep the earlier 16).
+fn default_pool() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    u32::try_from(cores.saturating_mul(4))
+        .unwrap_or(u32::MAX)
+        .clamp(MIN_SERVE_POOL, 16)
 }
 
 impl DatabaseArgs {

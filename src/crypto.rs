@@ -215,18 +215,53 @@ impl Vault {
         author_id: Uuid,
         organization_id: Uuid,
     ) -> Result<Option<DataKey>, sqlx::Error> {
-        let Some(author) = self.keys(db, &[author_id]).await?.remove(&author_id) else {
+        let Some(author) = self.author_key(db, author_id, organization_id).await? else {
             return Ok(None);
         };
+        self.store_message_key(db, message_id, author_id, &author, organization_id)
+            .await
+    }
+
+    /// The data key of `author`, a user of `organization_id`; `None` when erased (or not
+    /// theirs: another organization's key is never read).
+    pub async fn author_key(
+        &self,
+        db: &sqlx::PgPool,
+        author: Uuid,
+        organization_id: Uuid,
+    ) -> Result<Option<DataKey>, sqlx::Error> {
+        let wrapped: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT wrapped_key FROM subject_keys WHERE subject_id = $1 AND organization_id = $2",
+        )
+        .bind(author)
+        .bind(organization_id)
+        .fetch_optional(db)
+        .await?;
+        Ok(wrapped.and_then(|w| self.unwrap_subject_key(author, &w)))
+    }
+
+    /// [`Vault::create_message_key`] with the author's data key already read (by
+    /// [`Vault::author_key`]), so that a post can read it beside its other reads. `None`
+    /// when the author's key is gone by the time of the write (erased meanwhile): a message
+    /// key is never stored under a destroyed key.
+    pub async fn store_message_key(
+        &self,
+        db: &sqlx::PgPool,
+        message_id: Uuid,
+        author_id: Uuid,
+        author: &DataKey,
+        organization_id: Uuid,
+    ) -> Result<Option<DataKey>, sqlx::Error> {
         let mut k = [0u8; 32];
         rand::rngs::OsRng.fill_bytes(&mut k);
         let wrapped = seal_with(&author.cipher(), &message_key_aad(message_id), &k);
         // Committed without waiting for the WAL flush: the post's event commits after it,
         // synchronously, and flushing its commit flushes this earlier one too. A crash
         // before that loses the key of a message that was never posted.
-        sqlx::query(
+        let stored = sqlx::query(
             "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
-             SELECT $1, $2, $3, $4 FROM (SELECT set_config('synchronous_commit', 'off', true)) s",
+             SELECT $1, $2, $3, $4 FROM (SELECT set_config('synchronous_commit', 'off', true)) s \
+             WHERE EXISTS (SELECT 1 FROM subject_keys WHERE subject_id = $2)",
         )
         .bind(message_id)
         .bind(author_id)
@@ -234,7 +269,7 @@ impl Vault {
         .bind(wrapped)
         .execute(db)
         .await?;
-        Ok(Some(DataKey(k)))
+        Ok((stored.rows_affected() == 1).then_some(DataKey(k)))
     }
 
     /// The data keys that can still be opened among `messages`: a deleted message, or one

@@ -938,3 +938,30 @@ async fn the_auditors_flags_are_described_in_the_help() {
         }
     }
 }
+
+/// `serve` refuses a pool the per-organization turns could hold all of, before it starts
+/// anything; other commands take any size; the default, which depends on the machine's
+/// cores, is at least what `serve` needs.
+#[tokio::test]
+async fn serve_refuses_a_pool_too_small_for_the_turns() {
+    let (code, out, err) = ledgerline_offline(&["serve", "--db-pool", "7"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("LEDGERLINE_DB_POOL (--db-pool) is 7: `serve` needs at least 8"),
+        "{err}"
+    );
+    let db = TestDb::new().await;
+    let (code, out, err) = ledgerline(&db.url, &["migrate", "--db-pool", "1"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = ledgerline_offline(&["serve", "--help"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let out = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    let default: u32 = out
+        .split("--db-pool <DB_POOL>")
+        .nth(1)
+        .and_then(|s| s.split("[default: ").nth(1))
+        .and_then(|s| s.split(']').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no default pool in the help: {out}"));
+    assert!((8..=16).contains(&default), "{default}");
+}

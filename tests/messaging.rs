@@ -60,6 +60,30 @@ fn id(r: &Response) -> Uuid {
 }
 
 impl Chat {
+    /// Erases `user` with the platform operator's key.
+    async fn erase(&self, user: Uuid) {
+        let r = self
+            .t
+            .post(
+                &format!("/v1/organizations/{}/users/{user}/erase", self.org),
+                &self.t.admin_key,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+
+    /// How many message keys have `id` in `column` (`author_id` or `message_id`).
+    async fn message_keys(&self, column: &str, id: Uuid) -> i64 {
+        sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM message_keys WHERE {column} = $1"
+        ))
+        .bind(id)
+        .fetch_one(self.t.pool())
+        .await
+        .unwrap()
+    }
+
     fn path(&self, rest: &str) -> String {
         format!("/v1/organizations/{}/conversations{rest}", self.org)
     }
@@ -742,27 +766,64 @@ async fn erasing_an_author_leaves_their_messages_unreadable() {
         c.message(&c.alice.1, conv, msg).await["content"],
         "bob's secret: marmalade"
     );
-    let r =
-        c.t.post(
-            &format!("/v1/organizations/{}/users/{}/erase", c.org, c.bob.0),
-            &c.t.admin_key,
-            json!({}),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    c.erase(c.bob.0).await;
     let page = c.messages(&c.alice.1, conv, "").await;
     assert_eq!(texts(&page.body), ["alice stays", "<none>"]);
     assert_eq!(page.body["items"][1]["content_status"], "erased");
     for (table, row) in every_row(&c.t).await {
         assert!(!row.contains("marmalade"), "{table} still holds it: {row}");
     }
-    let (keys,): (i64,) = sqlx::query_as("SELECT count(*) FROM message_keys WHERE author_id = $1")
-        .bind(c.bob.0)
-        .fetch_one(c.t.pool())
+    assert_eq!(
+        c.message_keys("author_id", c.bob.0).await,
+        0,
+        "no wrapped key of the erased author lingers"
+    );
+    assert!(c.t.verify().await.intact(), "the chain verifies");
+}
+
+/// A post reads its author's key before it writes the message key: an erasure in between
+/// leaves no message key wrapped under the destroyed key, and another organization's user
+/// key is never read as an author's.
+#[tokio::test]
+async fn a_message_key_is_never_stored_under_an_erased_or_foreign_authors_key() {
+    let c = chat().await;
+    let vault = &c.t.app.vault;
+    let bob_key = vault
+        .author_key(c.t.pool(), c.bob.0, c.org)
+        .await
+        .unwrap()
+        .expect("bob has a key");
+    let other = c.t.create_org("Other Co").await;
+    assert!(
+        vault
+            .author_key(c.t.pool(), c.bob.0, other)
+            .await
+            .unwrap()
+            .is_none(),
+        "bob's key read as another organization's"
+    );
+    c.erase(c.bob.0).await;
+    let message = Uuid::new_v4();
+    let stored = vault
+        .store_message_key(c.t.pool(), message, c.bob.0, &bob_key, c.org)
         .await
         .unwrap();
-    assert_eq!(keys, 0, "no wrapped key of the erased author lingers");
-    assert!(c.t.verify().await.intact(), "the chain verifies");
+    assert!(
+        stored.is_none(),
+        "a message key stored under an erased author's key"
+    );
+    assert_eq!(c.message_keys("message_id", message).await, 0);
+    // While the author's key exists, the same call stores one.
+    let alice_key = vault
+        .author_key(c.t.pool(), c.alice.0, c.org)
+        .await
+        .unwrap()
+        .expect("alice has a key");
+    let stored = vault
+        .store_message_key(c.t.pool(), message, c.alice.0, &alice_key, c.org)
+        .await
+        .unwrap();
+    assert!(stored.is_some());
 }
 
 #[tokio::test]

@@ -24,7 +24,8 @@ use crate::app::App;
 
 /// The owners' turns: the lock's key is `'ledgerline owners ' || org`. A few at once per
 /// process (each holds a connection, up to [`TURN_HELD_FOR`] after its command), so that
-/// they never hold much of the pool (16 connections by default).
+/// they never hold all of the pool (with the role tree's two, six of at least eight:
+/// `MIN_SERVE_POOL` in `config.rs`).
 static OWNERS: LazyLock<Turns> = LazyLock::new(|| Turns::new("ledgerline owners ", 4));
 
 /// What a command would take away from the organization's owners.
