@@ -205,23 +205,6 @@ impl Vault {
         Ok(())
     }
 
-    /// Makes and stores a data key for one message, wrapped by its author's data key: erasing
-    /// the author makes it unreadable, and deleting the message deletes it. `None` when the
-    /// author has no key (erased).
-    pub async fn create_message_key(
-        &self,
-        db: &sqlx::PgPool,
-        message_id: Uuid,
-        author_id: Uuid,
-        organization_id: Uuid,
-    ) -> Result<Option<DataKey>, sqlx::Error> {
-        let Some(author) = self.author_key(db, author_id, organization_id).await? else {
-            return Ok(None);
-        };
-        self.store_message_key(db, message_id, author_id, &author, organization_id)
-            .await
-    }
-
     /// The data key of `author`, a user of `organization_id`; `None` when erased (or not
     /// theirs: another organization's key is never read).
     pub async fn author_key(
@@ -240,10 +223,11 @@ impl Vault {
         Ok(wrapped.and_then(|w| self.unwrap_subject_key(author, &w)))
     }
 
-    /// [`Vault::create_message_key`] with the author's data key already read (by
-    /// [`Vault::author_key`]), so that a post can read it beside its other reads. `None`
-    /// when the author's key is gone by the time of the write (erased meanwhile): a message
-    /// key is never stored under a destroyed key.
+    /// Makes and stores a data key for one message, wrapped by its author's data key (read
+    /// by [`Vault::author_key`], which a post does beside its other reads): erasing the
+    /// author makes it unreadable, and deleting the message deletes it. `None` when the
+    /// author's key is gone by the time of the write (erased meanwhile): a message key is
+    /// never stored under a destroyed key.
     pub async fn store_message_key(
         &self,
         db: &sqlx::PgPool,

@@ -1207,18 +1207,22 @@ async fn a_post_decided_against_an_outdated_conversation_is_refused() {
         role: Some(ParticipantRole::Member),
     };
     let message = Uuid::new_v4();
-    let key =
-        c.t.app
-            .vault
-            .create_message_key(c.t.pool(), message, c.carol.0, c.org)
-            .await
-            .unwrap()
-            .unwrap();
+    let vault = &c.t.app.vault;
+    let carol = vault
+        .author_key(c.t.pool(), c.carol.0, c.org)
+        .await
+        .unwrap()
+        .unwrap();
+    let key = vault
+        .store_message_key(c.t.pool(), message, c.carol.0, &carol, c.org)
+        .await
+        .unwrap()
+        .unwrap();
     let command = MessageCommand::Post {
         message_id: message,
         conversation: facts,
         author_id: c.carol.0,
-        content: c.t.app.vault.seal(&key, message, "content", "sneaky"),
+        content: vault.seal(&key, message, "content", "sneaky"),
         content_bytes: 6,
         parent: None,
         attachments: vec![],
