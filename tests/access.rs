@@ -3230,6 +3230,59 @@ async fn a_removal_waits_a_moment_for_the_read_models_to_show_a_new_owner() {
     assert_eq!(permanent_owners(&t, org).await, 1);
 }
 
+/// At the smallest pool `serve` runs with (`MIN_SERVE_POOL`), bursts of both kinds of turns
+/// in ten organizations at once (deactivations take the owners' turns; roles created under a
+/// parent, the role tree's) go through with invitations beside them, which take no turn:
+/// the turns hold at most six of the eight connections, so their commands, and everyone
+/// else's, still get one. (Turns holding the whole pool would leave their own commands
+/// waiting for a connection until the pool's 10 s wait ran out: 500s.) Ten organizations, as
+/// turns are striped 64 ways by organization and two on one stripe take turns: ten fill
+/// the four owners' and two role tree's places at once in all but a tiny share of runs.
+#[tokio::test]
+async fn both_kinds_of_turns_at_the_smallest_serve_pool_leave_room_for_other_commands() {
+    let db = common::TestDb::new().await;
+    let pool = ledgerline::db::connect(&db.url, ledgerline::config::MIN_SERVE_POOL)
+        .await
+        .unwrap();
+    let t = TestApp::spawn_on(db, pool, Default::default()).await;
+    let mut requests = Vec::new();
+    for n in 0..10 {
+        let org = t.create_org(&format!("Offboarding {n}")).await;
+        let member = t.role_id(org, "member").await;
+        let emails: Vec<String> = (0..3)
+            .map(|i| format!("leaver{i}@{}.example", org.simple()))
+            .collect();
+        let leavers =
+            futures::future::join_all(emails.iter().map(|e| t.invite(org, e, "Leaver"))).await;
+        for user in leavers {
+            let path = org_path(org, &format!("/users/{user}/deactivate"));
+            requests.push((path, json!({}), 200));
+        }
+        for i in 0..2 {
+            let role =
+                json!({"name": format!("team {i}"), "permissions": [], "parent_role_id": member});
+            requests.push((org_path(org, "/roles"), role, 201));
+        }
+        for i in 0..3 {
+            let email = format!("joiner{i}@{}.example", org.simple());
+            let user = json!({"email": email, "full_name": "Joiner"});
+            requests.push((org_path(org, "/users"), user, 201));
+        }
+    }
+    let burst = futures::future::join_all(
+        requests
+            .iter()
+            .map(|(path, body, _)| t.post(path, &t.admin_key, body.clone())),
+    );
+    // Only against a hang: each request is answered within its 30 s.
+    let answers = tokio::time::timeout(Duration::from_secs(120), burst)
+        .await
+        .expect("the burst ends");
+    for ((path, _, expected), r) in requests.iter().zip(answers) {
+        assert_eq!(r.status, *expected, "{path}: {}", r.body);
+    }
+}
+
 /// More commands taking one organization's owners' turn at once than the pool has
 /// connections (an offboarding in bulk) all go through: waiters queue in the process
 /// holding no connection, so the turn's holder can still run its command.
