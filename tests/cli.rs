@@ -5,7 +5,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{eventually, ledgerline, ledgerline_offline, tamper, TestApp, TestDb};
+use common::{at_the_swap, eventually, ledgerline, ledgerline_offline, tamper, TestApp, TestDb};
 use serde_json::Value;
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -386,20 +386,6 @@ fn start_rebuild(url: &str, extra: &[&str], log: &str) -> Child {
         .expect("run ledgerline")
 }
 
-/// True once the rebuild's swap is waiting for the row [`hold_the_swap`] holds.
-async fn waiting_at_the_swap(pool: &PgPool) -> bool {
-    eventually(Duration::from_secs(60), || async {
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock')",
-        )
-        .fetch_one(pool)
-        .await
-        .unwrap()
-    })
-    .await
-}
-
 #[tokio::test]
 async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
     let t = TestApp::spawn_without_polls().await;
@@ -410,10 +396,7 @@ async fn projections_status_tells_a_running_rebuild_from_a_killed_one() {
 
     let held = hold_the_swap(t.pool()).await;
     let mut child = start_rebuild(&t.db.url, &[], "warn");
-    assert!(
-        waiting_at_the_swap(t.pool()).await,
-        "the rebuild reached its swap"
-    );
+    assert!(at_the_swap(t.pool()).await, "the rebuild reached its swap");
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "status"]).await;
     assert_eq!(code, 0, "{err}");
     let job = out
@@ -686,7 +669,7 @@ async fn a_rebuild_of_all_that_loses_its_database_names_both_commands() {
         .await
         .unwrap();
     let child = spawn_piped(&t.db.url, &["projections", "rebuild", "--all"], "warn");
-    assert!(waiting_at_the_swap(t.pool()).await, "at the swap");
+    assert!(at_the_swap(t.pool()).await, "at the swap");
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE datname = current_database() AND pid NOT IN (pg_backend_pid(), $1)",
@@ -857,7 +840,7 @@ async fn a_rebuild_failing_after_its_job_began_says_how_to_resume_it() {
     t.create_org("Resume Hint Co").await;
     let held = hold_the_swap(t.pool()).await;
     let child = start_rebuild(&t.db.url, &["--log-format", "json"], "info");
-    assert!(waiting_at_the_swap(t.pool()).await, "at the swap");
+    assert!(at_the_swap(t.pool()).await, "at the swap");
     sqlx::query(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
          WHERE datname = current_database() AND wait_event_type = 'Lock' \
@@ -889,7 +872,7 @@ async fn a_rebuild_failing_after_its_job_began_says_how_to_resume_it() {
     let held = hold_the_swap(t.pool()).await;
     let args = ["--log-format", "json", "projections", "rebuild", "users"];
     let child = spawn_piped(&t.db.url, &args, "info");
-    assert!(waiting_at_the_swap(t.pool()).await, "at the swap again");
+    assert!(at_the_swap(t.pool()).await, "at the swap again");
     t.create_org("Arrives During The Swap Co").await;
     let head = t.head().await;
     held.commit().await.unwrap();

@@ -751,30 +751,7 @@ async fn a_rebuild_at_work_holds_its_lock_and_a_killed_one_does_not() {
         .kill_on_drop(true)
         .spawn()
         .expect("run ledgerline");
-    let at_swap = eventually(Duration::from_secs(60), || async {
-        // A projector batch that came to the held row after it was taken (the one the
-        // listener's subscription runs can come that late; seen in CI) waits on it, and its
-        // snapshot, older than the copies, keeps the rebuild waiting for it instead of going
-        // on to its swap: that session is ended (its projector retries the batch later).
-        // The rebuild's own sessions ('ledgerline-rebuild', 'ledgerline_rebuild_<schema>';
-        // `_` matches either) are left alone.
-        sqlx::query(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock' \
-             AND application_name NOT LIKE 'ledgerline_rebuild%' AND pid <> pg_backend_pid()",
-        )
-        .execute(t.pool())
-        .await
-        .unwrap();
-        sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock')",
-        )
-        .fetch_one(t.pool())
-        .await
-        .unwrap()
-    })
-    .await;
+    let at_swap = common::at_the_swap(t.pool()).await;
     let sessions: Vec<String> = sqlx::query_scalar(
         "SELECT concat_ws(' | ', application_name, state, wait_event_type, left(query, 100)) \
          FROM pg_stat_activity WHERE datname = current_database()",

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, ledgerline, ledgerline_logging, tamper, TestApp};
+use common::{at_the_swap, eventually, ledgerline, ledgerline_logging, tamper, TestApp};
 use ledgerline_projections::{
     fault, Progress, Projection, Projector, RebuildOptions, RebuildSummary, RunError,
 };
@@ -1121,7 +1121,7 @@ async fn panic_in_the_swaps_final_events(when: fault::When) {
         })
     };
     assert!(
-        at_the_swap(&t).await,
+        at_the_swap(t.pool()).await,
         "the swap waits for the checkpoint row"
     );
     // Two invitations while the swap waits, past the build: the swap applies them in one
@@ -1675,7 +1675,7 @@ async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
         })
     };
     assert!(
-        at_the_swap(&t).await,
+        at_the_swap(t.pool()).await,
         "the swap waits for the checkpoint row"
     );
     execute_all(&t, &["CREATE PUBLICATION feed FOR TABLE users"]).await;
@@ -1767,7 +1767,7 @@ async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
         })
     };
     assert!(
-        at_the_swap(&t).await,
+        at_the_swap(t.pool()).await,
         "the swap waits for the checkpoint row"
     );
     let while_it_waits = [
@@ -1821,21 +1821,6 @@ async fn a_rebuild_keeps_the_tables_privileges_owner_and_settings() {
         format!("DROP ROLE {reader}, {owner}"),
     ];
     execute_all(&t, &cleanup.iter().map(String::as_str).collect::<Vec<_>>()).await;
-}
-
-/// Whether, within a minute, a rebuild's session waits for a lock (the swap's, on a held
-/// checkpoint row).
-async fn at_the_swap(t: &TestApp) -> bool {
-    eventually(Duration::from_secs(60), || async {
-        count(
-            t,
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-             AND application_name LIKE 'ledgerline\\_rebuild\\_%' AND wait_event_type = 'Lock'",
-        )
-        .await
-            > 0
-    })
-    .await
 }
 
 /// A swap statement that fails says what PostgreSQL's DETAIL says (sqlx leaves it out): here
