@@ -51,7 +51,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         } => rebuild(&cli.db, args).await.map(|_| ExitCode::SUCCESS),
         Command::Projections {
             command: ProjectionsCommand::Check { names, batch },
-        } => check(&cli.db, &names, batch.batch_size).await,
+        } => check(&cli.db, &names, &batch).await,
         Command::Claims {
             command: ClaimsCommand::Check { repair },
         } => check_claims(&cli.db, repair).await,
@@ -769,6 +769,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
+        stall_limit: std::time::Duration::from_secs(args.batch.stall_secs),
         finish_connections: args.finish_connections,
         snapshot_wait: std::time::Duration::from_secs(args.snapshot_wait_secs),
         ..Default::default()
@@ -824,7 +825,7 @@ fn says_what_next(e: &ledgerline_projections::RunError) -> bool {
 async fn check(
     db_args: &crate::config::DatabaseArgs,
     names: &[String],
-    batch_size: i64,
+    batch: &crate::config::BatchArgs,
 ) -> anyhow::Result<ExitCode> {
     let pool = pool_as_migrated(db_args, db::CHECK_APPLICATION_NAME).await?;
     let names: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -833,7 +834,14 @@ async fn check(
     let names = (!names.is_empty()).then_some(names.as_slice());
     let monitor = std::sync::Arc::new(ledgerline_projections::Progress::default());
     let display = progress::show("check", monitor.clone());
-    let result = ledgerline_projections::check(&pool, names, batch_size, &monitor).await;
+    let result = ledgerline_projections::check(
+        &pool,
+        names,
+        batch.batch_size,
+        std::time::Duration::from_secs(batch.stall_secs),
+        &monitor,
+    )
+    .await;
     progress::finish(display).await;
     let report = result.context("checking projections")?;
     for projection in &report.projections {

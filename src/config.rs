@@ -440,4 +440,11 @@ pub struct BatchArgs {
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.batch_size,
           value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub batch_size: i64,
+    /// How long the build may go without any projection advancing (a batch takes well under
+    /// a second) before its sessions are ended and it resumes on new ones; after two such
+    /// resumes the run stops, keeping its work.
+    #[arg(long, env = "LEDGERLINE_REBUILD_STALL_SECS",
+          default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.stall_limit.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub stall_secs: u64,
 }

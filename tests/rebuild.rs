@@ -696,9 +696,7 @@ async fn a_rebuild_while_commands_arrive_loses_nothing_and_never_goes_back() {
     t.app.await_ledger().await;
     let r = t.get(&conversation, &key).await;
     assert_eq!(r.body["message_count"], json!(posted), "{}", r.body);
-    let report = ledgerline_projections::check(t.pool(), None, 100, &Arc::new(Progress::default()))
-        .await
-        .unwrap();
+    let report = check_all(&t).await;
     assert!(report.equal(), "{report:?}");
     assert_eq!(
         ledgerline_projections::status(t.pool())
@@ -1019,14 +1017,7 @@ async fn rebuild_stopped_by_a_panic(when: fault::When) {
     let t = TestApp::spawn().await;
     story(&t).await;
     let live = snapshot(&t).await;
-    let (position, aggregate_id, sequence): (i64, String, i64) = sqlx::query_as(
-        "SELECT position, aggregate_id, sequence FROM events \
-         WHERE event_type = 'UserInvited' ORDER BY position DESC LIMIT 1",
-    )
-    .fetch_one(t.pool())
-    .await
-    .unwrap();
-    // Applied live already: only the rebuild's copy of `users` meets it.
+    let (position, aggregate_id, sequence) = last_invitation(&t).await;
     fault::arm(Projection::Users, &aggregate_id, sequence, when);
     // Batches are (0, b], (b, 2b], ...: one in which the event is not the first, so that
     // the job's position can reach just before it only by the events before it in its
@@ -1055,6 +1046,149 @@ async fn rebuild_stopped_by_a_panic(when: fault::When) {
         .unwrap();
     assert!(summary.resumed, "{summary:?}");
     assert_eq!(snapshot(&t).await, live);
+}
+
+/// A check of every projection, in batches of 100.
+async fn check_all(t: &TestApp) -> ledgerline_projections::CheckReport {
+    ledgerline_projections::check(
+        t.pool(),
+        None,
+        100,
+        RebuildOptions::DEFAULT.stall_limit,
+        &Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap()
+}
+
+/// The last invitation's position, aggregate id and sequence number: applied live already,
+/// so only a rebuild's copy of `users` meets it when it is armed.
+async fn last_invitation(t: &TestApp) -> (i64, String, i64) {
+    sqlx::query_as(
+        "SELECT position, aggregate_id, sequence FROM events \
+         WHERE event_type = 'UserInvited' ORDER BY position DESC LIMIT 1",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap()
+}
+
+/// Options for a build of small batches that counts itself stalled after a second.
+fn stalling_soon() -> RebuildOptions {
+    RebuildOptions {
+        batch_size: 5,
+        stall_limit: Duration::from_secs(1),
+        ..RebuildOptions::default()
+    }
+}
+
+/// What [`rebuild_meeting_a_hang`] saw: the live tables before it, the armed event (its
+/// position, aggregate id and sequence number), and how the rebuild ended.
+struct MetAHang {
+    live: Vec<(String, Vec<String>)>,
+    event: (i64, String, i64),
+    result: Result<RebuildSummary, RunError>,
+}
+
+/// Rebuilds `users` over the story with the last invitation's batch armed to hang (`when`),
+/// counting the build stalled after a second.
+async fn rebuild_meeting_a_hang(t: &TestApp, when: fault::When) -> MetAHang {
+    story(t).await;
+    let live = snapshot(t).await;
+    let event = last_invitation(t).await;
+    fault::arm(Projection::Users, &event.1, event.2, when);
+    let progress = Arc::new(Progress::default());
+    let result =
+        ledgerline_projections::rebuild(t.pool(), Some(&["users"]), stalling_soon(), &progress)
+            .await;
+    MetAHang {
+        live,
+        event,
+        result,
+    }
+}
+
+/// A batch that never ends (a rebuild here once stopped for eleven minutes with a `COPY`
+/// half-sent and every task parked) stalls the build: once no projection has advanced for
+/// the stall limit, its sessions are ended and it resumes from what it committed on new
+/// connections, and the job goes on to swap in equal tables by itself. (The hung batch's
+/// transaction holds the copy's lock: the swap could not take it from a session left
+/// behind.)
+#[tokio::test]
+async fn a_rebuild_whose_build_stalls_resumes_on_new_connections_by_itself() {
+    let t = TestApp::spawn().await;
+    let met = rebuild_meeting_a_hang(&t, fault::When::HangOnce).await;
+    let (_, aggregate_id, sequence) = &met.event;
+    assert!(
+        !fault::armed(Projection::Users, aggregate_id, *sequence),
+        "the build met the batch that hangs"
+    );
+    assert_eq!(met.result.unwrap().position, t.head().await);
+    assert_eq!(snapshot(&t).await, met.live);
+}
+
+/// A build that stalls on every attempt stops after the third, naming the projection short
+/// of its end; the job keeps its work and resumes once the cause is gone.
+#[tokio::test]
+async fn a_rebuild_that_stalls_on_every_attempt_stops_and_keeps_its_job() {
+    let t = TestApp::spawn().await;
+    let met = rebuild_meeting_a_hang(&t, fault::When::Hang).await;
+    let (position, aggregate_id, sequence) = &met.event;
+    let error = met.result.unwrap_err();
+    let said = error.to_string();
+    assert!(
+        matches!(error, RunError::Stalled { attempts: 3, .. }),
+        "expected a build stalled three times, got {said}"
+    );
+    assert!(
+        said.contains("for 1 s") && said.contains("users at "),
+        "{said}"
+    );
+    let job = ledgerline_projections::rebuild_progress(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(job.len(), 1, "the job is kept: {job:?}");
+    assert!(job[0].position < *position, "{job:?}");
+    assert_eq!(
+        snapshot(&t).await,
+        met.live,
+        "the live tables are untouched"
+    );
+
+    fault::disarm(Projection::Users, aggregate_id, *sequence);
+    let progress = Arc::new(Progress::default());
+    let summary =
+        ledgerline_projections::rebuild(t.pool(), Some(&["users"]), stalling_soon(), &progress)
+            .await
+            .unwrap();
+    assert!(summary.resumed, "{summary:?}");
+    assert_eq!(snapshot(&t).await, met.live);
+}
+
+/// A check's build resumes after a stall too, from the positions it reached (it records
+/// none in the database), and finds the tables equal.
+#[tokio::test]
+async fn a_check_whose_build_stalls_resumes_by_itself() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let (_, aggregate_id, sequence) = last_invitation(&t).await;
+    fault::arm(
+        Projection::Users,
+        &aggregate_id,
+        sequence,
+        fault::When::HangOnce,
+    );
+    let report = ledgerline_projections::check(
+        t.pool(),
+        Some(&["users"]),
+        5,
+        Duration::from_secs(1),
+        &Arc::new(Progress::default()),
+    )
+    .await
+    .unwrap();
+    assert!(!fault::armed(Projection::Users, &aggregate_id, sequence));
+    assert!(report.equal(), "{report:?}");
 }
 
 /// `error` says that the copy of `users` panicked at the event at `position`, and the job is
@@ -1228,7 +1362,14 @@ async fn panic_in_the_checks_final_events(when: fault::When) {
         let pool = t.pool().clone();
         tokio::spawn(async move {
             let progress = Arc::new(Progress::default());
-            ledgerline_projections::check(&pool, Some(&["users"]), 100, &progress).await
+            ledgerline_projections::check(
+                &pool,
+                Some(&["users"]),
+                100,
+                RebuildOptions::DEFAULT.stall_limit,
+                &progress,
+            )
+            .await
         })
     };
     assert!(
@@ -1278,9 +1419,15 @@ async fn panic_in_the_checks_final_events(when: fault::When) {
         other => panic!("expected the panic at {position}, got {other}"),
     }
     let progress = Arc::new(Progress::default());
-    let report = ledgerline_projections::check(t.pool(), Some(&["users"]), 100, &progress)
-        .await
-        .unwrap();
+    let report = ledgerline_projections::check(
+        t.pool(),
+        Some(&["users"]),
+        100,
+        RebuildOptions::DEFAULT.stall_limit,
+        &progress,
+    )
+    .await
+    .unwrap();
     assert!(report.equal(), "{report:?}");
 }
 
@@ -1993,9 +2140,7 @@ async fn a_check_drops_only_scratch_schemas_it_could_have_made() {
             .unwrap();
     }
     let head = t.head().await;
-    let report = ledgerline_projections::check(t.pool(), None, 100, &Arc::new(Progress::default()))
-        .await
-        .unwrap();
+    let report = check_all(&t).await;
     assert!(report.equal(), "{report:?}");
     let schemas: Vec<String> = sqlx::query_scalar(
         "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'ledgerline\\_check\\_%' \
@@ -2022,7 +2167,13 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
         .await
         .unwrap();
     let progress = Arc::new(Progress::default());
-    let check = ledgerline_projections::check(t.pool(), Some(&["users"]), 100, &progress);
+    let check = ledgerline_projections::check(
+        t.pool(),
+        Some(&["users"]),
+        100,
+        RebuildOptions::DEFAULT.stall_limit,
+        &progress,
+    );
     let reset_meanwhile = async {
         assert!(
             build_waits_for_the_log(&t).await,
@@ -2187,7 +2338,14 @@ async fn a_check_whose_lock_session_ends_stops_and_says_so() {
     let pool = t.pool().clone();
     let run = tokio::spawn(async move {
         let progress = Arc::new(Progress::default());
-        ledgerline_projections::check(&pool, Some(&["users"]), 2000, &progress).await
+        ledgerline_projections::check(
+            &pool,
+            Some(&["users"]),
+            2000,
+            RebuildOptions::DEFAULT.stall_limit,
+            &progress,
+        )
+        .await
     });
     let pid = lock_holder(&t, 0x6c6c_6368, 2).await;
     let made = eventually(Duration::from_secs(30), || async {

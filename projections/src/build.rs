@@ -96,12 +96,7 @@ impl ProgressState {
         self.positions
             .iter()
             .map(|&(name, p)| {
-                let end = self
-                    .ends
-                    .iter()
-                    .find(|(n, _)| *n == name)
-                    .map_or(self.target, |&(_, e)| e);
-                if p >= end {
+                if p >= self.end_of(name) {
                     self.target
                 } else {
                     p
@@ -109,6 +104,14 @@ impl ProgressState {
             })
             .min()
             .unwrap_or(self.target)
+    }
+
+    /// Where `name`'s work ends.
+    fn end_of(&self, name: &str) -> i64 {
+        self.ends
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map_or(self.target, |&(_, e)| e)
     }
 }
 
@@ -463,31 +466,149 @@ pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Resu
     PgConnection::connect_with(&options).await
 }
 
-/// Brings every lane from its `from` to its `to`: one task reads the log once, in batches
-/// of `batch` events, and hands each batch to one worker per projection over a short
-/// queue, so the slowest projection sets the pace and memory stays a few batches. Each
-/// worker commits its batch and its position together. The first failure stops the build;
-/// what was committed stays, so a rebuild job resumes from there.
+/// How long a build may go without any of its projections advancing before its sessions
+/// are ended and it resumes on new ones ([`build`]): a batch takes well under a second.
+pub const STALL_LIMIT: Duration = Duration::from_secs(120);
+
+/// How many times a build that stalled resumes on new connections before it gives up.
+const STALL_RESUMES: u32 = 2;
+
+/// How long a build waits for its pool's connections to close before leaving them to the
+/// server (one stuck mid-statement may never answer).
+const CLOSE_WAIT: Duration = Duration::from_secs(10);
+
+/// Brings every lane from its `from` to its `to` on a pool of its own for `schema` (see
+/// [`schema_pool`]): one task reads the log once, in batches of `batch` events, and hands
+/// each batch to one worker per projection over a short queue, so the slowest projection
+/// sets the pace and memory stays a few batches. Each worker commits its batch and its
+/// position together. The first failure stops the build; what was committed stays, so a
+/// rebuild job resumes from there.
+///
+/// A build in which no projection advances for `stall_limit` while one has events left is
+/// stalled (once, a `COPY` stayed half-sent for eleven minutes with every task parked;
+/// docs/design/known-limits.md): its workers are dropped, its database sessions ended, and
+/// it resumes from what it committed on new connections, up to [`STALL_RESUMES`] times,
+/// and then fails with [`RunError::Stalled`], its work kept.
 pub(crate) async fn build(
     log: &PgPool,
     schema: &str,
-    schema_pool: &PgPool,
+    lanes: &[Lane],
+    batch: i64,
+    record: Record,
+    progress: &Arc<Progress>,
+    stall_limit: Duration,
+) -> Result<(), RunError> {
+    let mut lanes: Vec<Lane> = lanes.iter().copied().filter(|l| l.to > l.from).collect();
+    let mut attempts = 0;
+    while !lanes.is_empty() {
+        attempts += 1;
+        let pool = ClosedOnDrop(schema_pool(log, schema, lanes.len() as u32).await?);
+        let result = tokio::select! {
+            built = build_on(log, schema, &pool.0, &lanes, batch, record, progress) => built,
+            behind = stalled(progress, stall_limit) => Err(RunError::Stalled {
+                waited: stall_limit,
+                behind,
+                attempts,
+            }),
+        };
+        // The dropped workers' sessions may be stuck in the middle of a statement, their
+        // transactions holding the copies' locks: ended, they free them, and the
+        // connections' clients (which `close` waits for) see their sockets closed.
+        if matches!(result, Err(RunError::Stalled { .. })) {
+            let mut conn = log.acquire().await?;
+            end_orphans(&mut conn, schema).await?;
+        }
+        if tokio::time::timeout(CLOSE_WAIT, pool.0.close())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                schema,
+                "the build's connections did not close; left to the server"
+            );
+        }
+        match result {
+            Err(RunError::Stalled { behind, .. }) if attempts <= STALL_RESUMES => {
+                tracing::warn!(
+                    schema,
+                    waited_seconds = stall_limit.as_secs_f64(),
+                    behind = %behind,
+                    "no projection of the build advanced; resuming it on new connections"
+                );
+                let reached = progress.snapshot().positions;
+                lanes = lanes
+                    .iter()
+                    .map(|&lane| Lane {
+                        from: reached
+                            .iter()
+                            .find(|(name, _)| *name == lane.projection.name())
+                            .map_or(lane.from, |&(_, p)| p.max(lane.from)),
+                        ..lane
+                    })
+                    .filter(|l| l.to > l.from)
+                    .collect();
+            }
+            result => return result,
+        }
+    }
+    Ok(())
+}
+
+/// A build's pool, closed when dropped, also with a build cut off (a lost lock): the
+/// connections its aborted workers held are then closed as they come back, not kept.
+struct ClosedOnDrop(PgPool);
+
+impl Drop for ClosedOnDrop {
+    fn drop(&mut self) {
+        // Closing takes effect at the call; the future only waits for the connections.
+        drop(self.0.close());
+    }
+}
+
+/// Resolves once no position in `progress` has moved for `limit` while a projection is
+/// short of its end, with those projections and their positions; never otherwise.
+async fn stalled(progress: &Progress, limit: Duration) -> String {
+    let tick = (limit / 10).clamp(Duration::from_millis(10), Duration::from_secs(1));
+    let mut last = progress.snapshot();
+    let mut since = Instant::now();
+    loop {
+        tokio::time::sleep(tick).await;
+        let now = progress.snapshot();
+        if now.positions != last.positions {
+            (last, since) = (now, Instant::now());
+            continue;
+        }
+        let behind: Vec<String> = now
+            .positions
+            .iter()
+            .filter_map(|&(name, position)| {
+                let end = now.end_of(name);
+                (position < end).then(|| format!("{name} at {position} of {end}"))
+            })
+            .collect();
+        if !behind.is_empty() && since.elapsed() >= limit {
+            return behind.join(", ");
+        }
+    }
+}
+
+/// [`build`]'s one attempt, on `pool`.
+async fn build_on(
+    log: &PgPool,
+    schema: &str,
+    pool: &PgPool,
     lanes: &[Lane],
     batch: i64,
     record: Record,
     progress: &Arc<Progress>,
 ) -> Result<(), RunError> {
-    let lanes: Vec<Lane> = lanes.iter().copied().filter(|l| l.to > l.from).collect();
-    if lanes.is_empty() {
-        return Ok(());
-    }
     let mut workers = JoinSet::new();
     let mut queues = Vec::new();
-    for lane in &lanes {
+    for lane in lanes {
         let (tx, rx) = mpsc::channel::<Arc<Vec<StoredEvent>>>(2);
         queues.push((*lane, tx));
         workers.spawn(work(
-            schema_pool.clone(),
+            pool.clone(),
             schema.to_string(),
             *lane,
             rx,

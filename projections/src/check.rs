@@ -8,6 +8,7 @@
 //! compares, all in the same snapshot as the live tables it reads. Nothing live is locked.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde::Serialize;
 use sqlx::{Connection, PgConnection, PgPool};
@@ -77,6 +78,7 @@ pub async fn check(
     pool: &PgPool,
     names: Option<&[&str]>,
     batch_size: i64,
+    stall_limit: Duration,
     progress: &Arc<Progress>,
 ) -> Result<CheckReport, RunError> {
     let projections = resolve(names)?;
@@ -101,7 +103,7 @@ pub async fn check(
     };
     let checked = async {
         let built = tokio::select! {
-            built = build_scratch(pool, &schema, &projections, batch_size, progress) => built,
+            built = build_scratch(pool, &schema, &projections, batch_size, stall_limit, progress) => built,
             cause = watch.lost() => Err(lock_lost(cause)),
         };
         let started = built?;
@@ -151,6 +153,7 @@ async fn build_scratch(
     schema: &str,
     projections: &[Projection],
     batch_size: i64,
+    stall_limit: Duration,
     progress: &Arc<Progress>,
 ) -> Result<Vec<(Projection, i64)>, RunError> {
     let started = live_checkpoints(pool, projections).await?;
@@ -163,19 +166,16 @@ async fn build_scratch(
         })
         .collect();
     progress.start(&lanes);
-    let scratch = build::schema_pool(pool, schema, projections.len() as u32).await?;
-    let built = build::build(
+    build::build(
         pool,
         schema,
-        &scratch,
         &lanes,
         batch_size,
         Record::Nowhere,
         progress,
+        stall_limit,
     )
-    .await;
-    scratch.close().await;
-    built?;
+    .await?;
     Ok(started)
 }
 

@@ -219,4 +219,16 @@ pub enum RunError {
         sessions: String,
         why: String,
     },
+    /// No projection of a build advanced for `waited`, on each of its `attempts` sets of
+    /// connections; its sessions were ended, and what it committed stays.
+    #[error(
+        "the build stalled: no projection advanced for {} s (`--stall-secs`) in each of \
+         {attempts} attempts, the later ones on new connections; still to go: {behind}",
+        waited.as_secs_f64()
+    )]
+    Stalled {
+        waited: std::time::Duration,
+        behind: String,
+        attempts: u32,
+    },
 }

@@ -2,20 +2,26 @@
 //! turn it on; a release build has none of it): makes a projection's code panic on chosen
 //! events, as a bug met only by some event would, so that what the runner does then can be
 //! tested. The panic comes before the batch writes anything or after it wrote everything:
-//! the second shows that what a panicking batch wrote is rolled back.
+//! the second shows that what a panicking batch wrote is rolled back. A batch can also be
+//! made to hang, as one whose connection stops answering would, for the build's stall
+//! watch.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::{Projection, StoredEvent};
 
-/// When, in `Projection::apply_many`, an armed event's batch panics.
+/// When, in `Projection::apply_many`, an armed event's batch panics, or that it hangs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum When {
     /// Before the batch writes anything.
     BeforeWriting,
     /// Once the whole batch is written, before the caller commits it.
     AfterWriting,
+    /// The batch never ends (it waits for ever, before writing anything), every time.
+    Hang,
+    /// The batch never ends the first time; the event is then disarmed.
+    HangOnce,
 }
 
 /// Each armed event: the projection, the event's aggregate id and sequence number (unique
@@ -41,6 +47,39 @@ pub fn arm(projection: Projection, aggregate_id: &str, sequence: i64, when: When
 pub fn disarm(projection: Projection, aggregate_id: &str, sequence: i64) {
     let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
     armed.retain(|(p, a, s, _)| (*p, a.as_str(), *s) != (projection, aggregate_id, sequence));
+}
+
+/// Whether that event is still armed in `projection` (one armed to hang once no longer is
+/// once a batch met it).
+pub fn armed(projection: Projection, aggregate_id: &str, sequence: i64) -> bool {
+    let armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+    armed
+        .iter()
+        .any(|(p, a, s, _)| (*p, a.as_str(), *s) == (projection, aggregate_id, sequence))
+}
+
+/// Waits for ever when `events` hold an event armed to hang in `projection`.
+pub(crate) async fn hang(projection: Projection, events: &[StoredEvent]) {
+    if !ANY.load(Ordering::SeqCst) {
+        return;
+    }
+    let hit = {
+        let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+        let found = armed.iter().position(|(p, a, s, when)| {
+            *p == projection
+                && matches!(when, When::Hang | When::HangOnce)
+                && events
+                    .iter()
+                    .any(|e| (e.aggregate_id.as_str(), e.sequence) == (a.as_str(), *s))
+        });
+        if let Some(i) = found.filter(|&i| armed[i].3 == When::HangOnce) {
+            armed.remove(i);
+        }
+        found.is_some()
+    };
+    if hit {
+        std::future::pending::<()>().await;
+    }
 }
 
 pub(crate) fn check(projection: Projection, events: &[StoredEvent], now: When) {

@@ -122,6 +122,8 @@ impl Projection {
     ) -> Result<(), (usize, ProjectionError)> {
         #[cfg(feature = "fault-injection")]
         crate::fault::check(self, events, crate::fault::When::BeforeWriting);
+        #[cfg(feature = "fault-injection")]
+        crate::fault::hang(self, events).await;
         let applied = self.apply_all(conn, events).await;
         #[cfg(feature = "fault-injection")]
         if applied.is_ok() {

@@ -58,6 +58,9 @@ pub struct RebuildOptions {
     /// snapshots are older than the copies (see `snapshots`) before it gives up, keeping
     /// its work.
     pub snapshot_wait: Duration,
+    /// How long the build may go without any projection advancing before it resumes on
+    /// new connections (twice), and then stops, keeping its work.
+    pub stall_limit: Duration,
 }
 
 impl RebuildOptions {
@@ -67,6 +70,7 @@ impl RebuildOptions {
         swap_tail: 2000,
         finish_connections: 2,
         snapshot_wait: Duration::from_secs(600),
+        stall_limit: build::STALL_LIMIT,
     };
 }
 
@@ -250,7 +254,6 @@ pub async fn rebuild(
         next: job_kept(job.id, &wanted),
     };
 
-    let shadow = build::schema_pool(pool, &job.schema, projections.len() as u32).await?;
     // Brings every lane of the job to the head as it is now; returns that head.
     let catch_up = || async {
         let target = head(pool).await?;
@@ -265,11 +268,11 @@ pub async fn rebuild(
         build::build(
             pool,
             &job.schema,
-            &shadow,
             &lanes,
             options.batch_size,
             record,
             progress,
+            options.stall_limit,
         )
         .await?;
         Ok::<_, RunError>(target)
@@ -320,7 +323,6 @@ pub async fn rebuild(
         built = built => built,
         cause = watch.lost() => Err(lock_lost(cause)),
     };
-    shadow.close().await;
     let result = match built {
         Ok(()) => {
             progress.set_phase(Phase::Swapping);
