@@ -1236,9 +1236,21 @@ async fn the_swap_rolls_back_final_events_written_before_a_panic() {
     panic_in_the_swaps_final_events(fault::When::AfterWriting).await;
 }
 
-async fn panic_in_the_swaps_final_events(when: fault::When) {
-    let t = TestApp::spawn_without_polls().await;
-    story(&t).await;
+/// Starts a rebuild of `users` with `options` and, once it waits at the swap (for a
+/// checkpoint row the test holds), makes two invitations past its build, the second armed
+/// with `when`, then lets the swap go on: it takes the row before the live projector, so it
+/// meets the armed event first. Returns the job's task and the armed event's position and
+/// aggregate id.
+async fn swap_meeting_an_armed_invitation(
+    t: &TestApp,
+    when: fault::When,
+    options: RebuildOptions,
+) -> (
+    tokio::task::JoinHandle<Result<RebuildSummary, RunError>>,
+    i64,
+    String,
+) {
+    story(t).await;
     let org: Uuid = sqlx::query_scalar("SELECT id FROM organizations ORDER BY created_at LIMIT 1")
         .fetch_one(t.pool())
         .await
@@ -1249,9 +1261,7 @@ async fn panic_in_the_swaps_final_events(when: fault::When) {
         let pool = t.pool().clone();
         tokio::spawn(async move {
             let progress = Arc::new(Progress::default());
-            let names = Some(&["users"][..]);
-            ledgerline_projections::rebuild(&pool, names, RebuildOptions::default(), &progress)
-                .await
+            ledgerline_projections::rebuild(&pool, Some(&["users"]), options, &progress).await
         })
     };
     assert!(
@@ -1259,7 +1269,7 @@ async fn panic_in_the_swaps_final_events(when: fault::When) {
         "the swap waits for the checkpoint row"
     );
     // Two invitations while the swap waits, past the build: the swap applies them in one
-    // batch, and the second panics.
+    // batch, and the second is armed.
     let path = format!("/v1/organizations/{org}/users");
     let invite = |email: &str| {
         t.post(
@@ -1294,6 +1304,44 @@ async fn panic_in_the_swaps_final_events(when: fault::When) {
     };
     let (_, _, (position, aggregate_id)) =
         tokio::join!(invite("early@example.com"), invite("late@example.com"), arm);
+    (job, position, aggregate_id)
+}
+
+/// A swap whose final events never end (a `COPY` among them can hang as the build's did)
+/// holds the live checkpoints, and with them the live projector: after the stall limit its
+/// session is ended, which rolls it back, and the swap is tried again, and swaps in tables
+/// equal to the live ones.
+#[tokio::test]
+async fn a_swap_that_stalls_is_ended_and_tried_again() {
+    let t = TestApp::spawn_without_polls().await;
+    let options = RebuildOptions {
+        // Longer than the test holds the checkpoint row before the swap meets the hang.
+        stall_limit: Duration::from_secs(5),
+        ..RebuildOptions::default()
+    };
+    let (job, _, aggregate_id) =
+        swap_meeting_an_armed_invitation(&t, fault::When::HangOnce, options).await;
+    let summary = tokio::time::timeout(Duration::from_secs(60), job)
+        .await
+        .expect("the stalled swap is ended")
+        .unwrap()
+        .unwrap();
+    assert!(
+        !fault::armed(Projection::Users, &aggregate_id, 1),
+        "the swap met the event that hangs"
+    );
+    assert_eq!(summary.position, t.head().await);
+    // With the invitations, which the swap applied: a second rebuild makes the same tables.
+    let swapped = snapshot(&t).await;
+    let again = rebuild_named(&t, &["users"]).await.unwrap();
+    assert_eq!(again.position, summary.position);
+    assert_eq!(snapshot(&t).await, swapped);
+}
+
+async fn panic_in_the_swaps_final_events(when: fault::When) {
+    let t = TestApp::spawn_without_polls().await;
+    let (job, position, aggregate_id) =
+        swap_meeting_an_armed_invitation(&t, when, RebuildOptions::default()).await;
     let error = job.await.unwrap().unwrap_err();
     panicked_at_and_kept(&t, &error, position).await;
 

@@ -467,11 +467,12 @@ pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Resu
 }
 
 /// How long a build may go without any of its projections advancing before its sessions
-/// are ended and it resumes on new ones ([`build`]): a batch takes well under a second.
-pub const STALL_LIMIT: Duration = Duration::from_secs(120);
+/// are ended and it resumes on new ones ([`build`]): a batch takes well under a second, and
+/// each second stalled is a second lost.
+pub const STALL_LIMIT: Duration = Duration::from_secs(30);
 
 /// How many times a build that stalled resumes on new connections before it gives up.
-const STALL_RESUMES: u32 = 2;
+pub(crate) const STALL_RESUMES: u32 = 2;
 
 /// How long a build waits for its pool's connections to close before leaving them to the
 /// server (one stuck mid-statement may never answer).
@@ -735,11 +736,18 @@ async fn work(
             break;
         }
     }
+    // Its queue also closes when the reader stops short (a failure elsewhere, a stall).
     tracing::debug!(
         projection = name,
+        position,
         applying_seconds = applying.as_secs_f64(),
         waiting_for_the_log_seconds = waiting.as_secs_f64(),
-        "lane built"
+        "{}",
+        if position >= lane.to {
+            "lane built"
+        } else {
+            "lane stopped short"
+        }
     );
     Ok(())
 }

@@ -219,11 +219,12 @@ pub enum RunError {
         sessions: String,
         why: String,
     },
-    /// No projection of a build advanced for `waited`, on each of its `attempts` sets of
-    /// connections; its sessions were ended, and what it committed stays.
+    /// No projection of a build advanced for `waited`, or a swap did not end in that time,
+    /// on each of its `attempts` sets of connections; its sessions were ended, and what it
+    /// committed stays.
     #[error(
-        "the build stalled: no projection advanced for {} s (`--stall-secs`) in each of \
-         {attempts} attempts, the later ones on new connections; still to go: {behind}",
+        "the run stalled: nothing advanced for {} s (`--stall-secs`) in each of {attempts} \
+         attempts, the later ones on new connections; still to go: {behind}",
         waited.as_secs_f64()
     )]
     Stalled {

@@ -58,8 +58,9 @@ pub struct RebuildOptions {
     /// snapshots are older than the copies (see `snapshots`) before it gives up, keeping
     /// its work.
     pub snapshot_wait: Duration,
-    /// How long the build may go without any projection advancing before it resumes on
-    /// new connections (twice), and then stops, keeping its work.
+    /// How long the build may go without any projection advancing, or the swap take, before
+    /// its sessions are ended and it goes on on new connections (twice), and then stops,
+    /// keeping its work.
     pub stall_limit: Duration,
 }
 
@@ -326,7 +327,15 @@ pub async fn rebuild(
     let result = match built {
         Ok(()) => {
             progress.set_phase(Phase::Swapping);
-            swap_when_quiet(pool, &job, &projections, watch.pid(), &lock_lost).await
+            swap_when_quiet(
+                pool,
+                &job,
+                &projections,
+                watch.pid(),
+                options.stall_limit,
+                &lock_lost,
+            )
+            .await
         }
         Err(e) => Err(e),
     };
@@ -500,17 +509,52 @@ async fn lanes(
 
 /// Tries the swap until no reader holds the live tables longer than [`LOCK_WAIT`]: a waiting
 /// table lock queues every later reader behind it, so it must not wait long.
+///
+/// An attempt that has not ended after `stall_limit` is stalled (its final events' `COPY`
+/// can hang as the build's did; `build::build`): it holds the live checkpoints, and so the
+/// live projectors, and perhaps the live tables. Its session is ended, which rolls it back
+/// unless it committed, and the swap is tried again on a new one, up to
+/// [`build::STALL_RESUMES`] times.
 async fn swap_when_quiet(
     pool: &PgPool,
     job: &Job,
     projections: &[Projection],
     lock_pid: i32,
+    stall_limit: Duration,
     lock_lost: &impl Fn(String) -> RunError,
 ) -> Result<i64, RunError> {
     let tables = Projection::tables_of(projections);
     let mut attempt = 1;
+    let mut stalls = 0;
     loop {
-        match swap(pool, job, projections, lock_pid, lock_lost).await {
+        let attempted = tokio::time::timeout(
+            stall_limit,
+            swap(pool, job, projections, lock_pid, lock_lost),
+        )
+        .await;
+        let Ok(swapped) = attempted else {
+            stalls += 1;
+            let mut conn = pool.acquire().await?;
+            build::end_orphans(&mut conn, &job.schema).await?;
+            // Cut off between its commit and the answer, it is done.
+            if let Some(position) = swapped_at(&mut conn, job.id).await? {
+                return Ok(position);
+            }
+            if stalls > build::STALL_RESUMES {
+                return Err(RunError::Stalled {
+                    waited: stall_limit,
+                    behind: "the swap".to_string(),
+                    attempts: stalls,
+                });
+            }
+            tracing::warn!(
+                job = job.id,
+                waited_seconds = stall_limit.as_secs_f64(),
+                "the swap did not end; its session was ended, trying it again"
+            );
+            continue;
+        };
+        match swapped {
             Err(RunError::Sql(sqlx::Error::Database(e)))
                 if e.code().is_some_and(|c| BACK_OFF.contains(&c.as_ref())) =>
             {
@@ -751,6 +795,16 @@ async fn swap(
     }
     tx.commit().await?;
     Ok(position)
+}
+
+/// The position job `job` was swapped in at, if it was.
+async fn swapped_at(conn: &mut PgConnection, job: i64) -> sqlx::Result<Option<i64>> {
+    sqlx::query_scalar(
+        "SELECT target_position FROM projection_rebuilds WHERE id = $1 AND status = 'swapped'",
+    )
+    .bind(job)
+    .fetch_optional(conn)
+    .await
 }
 
 /// Whether the session `pid` holds the rebuild lock now (read from `pg_locks`, as
