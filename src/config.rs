@@ -279,6 +279,13 @@ pub struct ProjectorArgs {
     #[arg(long, env = "LEDGERLINE_PROJECTION_POLL_MS", default_value_t = 1000,
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub projection_poll_ms: u64,
+    /// How long a projection batch may take before its database session is ended and the
+    /// batch tried again (a batch takes milliseconds, or as long as a rebuild's swap or a
+    /// check holds its checkpoint), in seconds.
+    #[arg(long, env = "LEDGERLINE_PROJECTION_STALL_SECS",
+          default_value_t = ledgerline_projections::Projector::default().stall_limit.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub projection_stall_secs: u64,
 }
 
 impl ProjectorArgs {
@@ -286,6 +293,7 @@ impl ProjectorArgs {
         ledgerline_projections::Projector {
             poll_interval: std::time::Duration::from_millis(self.projection_poll_ms),
             lease_ttl: std::time::Duration::from_secs(self.lease_ttl_secs),
+            stall_limit: std::time::Duration::from_secs(self.projection_stall_secs),
             ..Default::default()
         }
     }

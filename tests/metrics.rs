@@ -460,6 +460,15 @@ async fn a_stopped_projection_shows_in_readyz_and_the_metrics() {
     assert_eq!(r.status, 200, "{}", r.body);
 }
 
+/// `org`'s name in the `organizations` read model.
+async fn org_name(t: &TestApp, org: uuid::Uuid) -> String {
+    sqlx::query_scalar("SELECT name FROM organizations WHERE id = $1")
+        .bind(org)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
 /// The position of `org`'s event `sequence`.
 async fn org_event(t: &TestApp, org: &str, sequence: i64) -> i64 {
     sqlx::query_scalar(
@@ -533,13 +542,7 @@ async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::f
         error.contains("panicked") && error.contains("fault injected into organizations"),
         "{error}"
     );
-    let name = || async {
-        sqlx::query_scalar::<_, String>("SELECT name FROM organizations WHERE id = $1")
-            .bind(org)
-            .fetch_one(t.pool())
-            .await
-            .unwrap()
-    };
+    let name = || org_name(&t, org);
     assert_eq!(name().await, "First", "the event before it in its batch");
     let ready = t.call(reqwest::Method::GET, "/readyz", None, None).await;
     assert_error(&ready, 503);
@@ -574,6 +577,49 @@ async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::f
         "the projection resumes at the event"
     );
     assert_eq!(stopped().await.1, None);
+}
+
+/// A live batch that never ends (a rebuild's `COPY` once stayed half-sent with every task
+/// parked) holds its projection's checkpoint row, and with it every command waiting for the
+/// projection: after the projector's stall limit its session is ended and its task dropped,
+/// the batch is counted as one that failed for the moment, and the next one applies the
+/// event.
+#[tokio::test]
+async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
+    use ledgerline_projections::{fault, Projection, Projector};
+    let t = TestApp::spawn_with(Projector {
+        stall_limit: Duration::from_secs(1),
+        ..Projector::default()
+    })
+    .await;
+    let org = t.create_org("Stuck Co").await;
+    let id = org.to_string();
+    let errors =
+        |m: &Metrics| m.projection("ledgerline_projection_batch_errors_total", "organizations");
+    let before = errors(&scrape(&t).await);
+    // Its first update.
+    fault::arm(Projection::Organizations, &id, 2, fault::When::HangOnce);
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{org}"),
+            &t.admin_key,
+            json!({ "name": "Unstuck" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let name = || org_name(&t, org);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            name().await == "Unstuck"
+        })
+        .await,
+        "the next batch applies the update"
+    );
+    assert!(
+        !fault::armed(Projection::Organizations, &id, 2),
+        "a batch met the hang"
+    );
+    scrape_until(&t, "the stalled batch counted", |m| errors(m) > before).await;
 }
 
 /// The same at the very first event of the log, just after a reset: the projection has no

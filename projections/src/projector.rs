@@ -38,6 +38,10 @@ pub struct Projector {
     /// for it, as they could not within their timeout, and every command would otherwise
     /// take that whole timeout until it is done.
     pub catching_up: i64,
+    /// How long a batch may take before its session is ended and it is tried again
+    /// (`runner::run_leased_batch`); a batch takes milliseconds, or as long as a swap or a
+    /// check holds its checkpoint row.
+    pub stall_limit: Duration,
 }
 
 impl Default for Projector {
@@ -47,6 +51,7 @@ impl Default for Projector {
             poll_interval: Duration::from_secs(1),
             lease_ttl: DEFAULT_TTL,
             catching_up: 10_000,
+            stall_limit: Duration::from_secs(30),
         }
     }
 }
@@ -454,7 +459,14 @@ async fn batch(
     lease: &Lease,
     progress: &watch::Sender<Progress>,
 ) -> Step {
-    match run_leased_batch(pool, projection, config.batch_size, lease.holder()).await {
+    let ran = run_leased_batch(
+        pool,
+        projection,
+        config.batch_size,
+        lease.holder(),
+        config.stall_limit,
+    );
+    match ran.await {
         Ok(BatchOutcome::Applied {
             applied,
             checkpoint,

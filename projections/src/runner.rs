@@ -2,6 +2,9 @@
 //! commit together, so each event takes effect exactly once; an event that cannot be applied
 //! stops its projection there, recorded in `projection_failures`, until an operator retries.
 
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
@@ -59,7 +62,7 @@ pub async fn run_batch(
     projection: Projection,
     max_events: i64,
 ) -> Result<BatchOutcome, RunError> {
-    batch(pool, projection, max_events, None).await
+    batch(pool, projection, max_events, None, None).await
 }
 
 /// [`run_batch`] for the holder of the projection's lease (`projection:<name>`): refused
@@ -72,32 +75,75 @@ pub async fn run_batch(
 /// projection stops at the one that panics, recorded as a failure like an event it cannot
 /// apply (shown by `status`, `/readyz` and the metrics, and tried again by [`retry`] once the
 /// code is fixed).
+///
+/// A batch that has not ended after `stall_limit` is stalled (a rebuild's `COPY` once stayed
+/// half-sent with every task parked; `build::build`): it holds the checkpoint row, and so
+/// every command waiting for the projection. Its session is ended, which rolls it back, its
+/// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh.
 pub async fn run_leased_batch(
     pool: &PgPool,
     projection: Projection,
     max_events: i64,
     holder: &str,
+    stall_limit: Duration,
 ) -> Result<BatchOutcome, RunError> {
-    match caught(pool, projection, max_events, holder).await {
+    match caught(pool, projection, max_events, holder, stall_limit).await {
         Err(RunError::Aborted { panicked: true, .. }) => {
-            one_at_a_time(pool, projection, max_events, holder).await
+            one_at_a_time(pool, projection, max_events, holder, stall_limit).await
         }
         outcome => outcome,
     }
 }
 
-/// A leased batch in a task of its own, which a panic ends instead of the caller's. (The
-/// task runs to its end even if the caller stops waiting; the projector never does.)
+/// A batch's database session, once its transaction has begun: its pid and the
+/// transaction's start, which tell it from a later transaction of the same pooled
+/// connection.
+type Session = Arc<Mutex<Option<(i32, DateTime<Utc>)>>>;
+
+/// A leased batch in a task of its own, which a panic ends instead of the caller's, and
+/// which is dropped, its session ended, if it stalls (see [`run_leased_batch`]).
 async fn caught(
     pool: &PgPool,
     projection: Projection,
     max_events: i64,
     holder: &str,
+    stall_limit: Duration,
 ) -> Result<BatchOutcome, RunError> {
-    let (pool, holder) = (pool.clone(), holder.to_string());
-    let task =
-        tokio::spawn(async move { batch(&pool, projection, max_events, Some(&holder)).await });
-    task.await.unwrap_or_else(|e| {
+    let session = Session::default();
+    let mut task = {
+        let (pool, holder, session) = (pool.clone(), holder.to_string(), Arc::clone(&session));
+        tokio::spawn(async move {
+            batch(&pool, projection, max_events, Some(&holder), Some(&session)).await
+        })
+    };
+    let Ok(joined) = tokio::time::timeout(stall_limit, &mut task).await else {
+        let began = *session.lock().unwrap_or_else(|p| p.into_inner());
+        // Unknown while its first statement still waits (for the checkpoint row, say): the
+        // server then finishes the wait on its own, and the dropped transaction rolls back.
+        if let Some((pid, xact_start)) = began {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE pid = $1 AND xact_start = $2",
+            )
+            .bind(pid)
+            .bind(xact_start)
+            .execute(pool)
+            .await?;
+        }
+        task.abort();
+        let _ = task.await;
+        tracing::warn!(
+            projection = projection.name(),
+            waited_seconds = stall_limit.as_secs_f64(),
+            "a projection batch did not end; its session was ended"
+        );
+        return Err(RunError::Stalled {
+            waited: stall_limit,
+            behind: format!("a batch of {}", projection.name()),
+            attempts: 1,
+        });
+    };
+    joined.unwrap_or_else(|e| {
         let panicked = e.is_panic();
         let message = match e.try_into_panic() {
             Ok(payload) => panic_message(payload),
@@ -131,6 +177,7 @@ async fn one_at_a_time(
     projection: Projection,
     max_events: i64,
     holder: &str,
+    stall_limit: Duration,
 ) -> Result<BatchOutcome, RunError> {
     tracing::warn!(
         projection = projection.name(),
@@ -139,7 +186,7 @@ async fn one_at_a_time(
     let mut applied: usize = 0;
     let mut reached = None;
     loop {
-        let outcome = match (single(pool, projection, holder).await, reached) {
+        let outcome = match (single(pool, projection, holder, stall_limit).await, reached) {
             (Ok(outcome), _) => outcome,
             // What was applied before the error stands: report it; the next batch meets the
             // error again if it lasts.
@@ -179,12 +226,13 @@ async fn single(
     pool: &PgPool,
     projection: Projection,
     holder: &str,
+    stall_limit: Duration,
 ) -> Result<BatchOutcome, RunError> {
     // Read before the batch, which reads it again under the checkpoint's lock: the event it
     // panics at is the one after this, unless another runner moved the checkpoint meanwhile,
     // which `stop_at` sees.
     let (checkpoint, next) = checkpoint_and_next(pool, projection.name()).await?;
-    match caught(pool, projection, 1, holder).await {
+    match caught(pool, projection, 1, holder, stall_limit).await {
         Err(RunError::Aborted {
             panicked: true,
             message,
@@ -231,10 +279,14 @@ async fn batch(
     projection: Projection,
     max_events: i64,
     holder: Option<&str>,
+    session: Option<&Session>,
 ) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
     let mut tx = pool.begin().await?;
-    let (fenced, checkpoint, failure) = open(&mut tx, name, holder).await?;
+    let (fenced, checkpoint, failure, began) = open(&mut tx, name, holder).await?;
+    if let Some(session) = session {
+        *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
+    }
     if !fenced {
         return Err(RunError::NotLeaseHolder(name));
     }
@@ -358,7 +410,7 @@ async fn stop_at(
             Err(error) => error,
         };
         let mut tx = pool.begin().await?;
-        let (fenced, now, recorded) = open(&mut tx, name, holder).await?;
+        let (fenced, now, recorded, _) = open(&mut tx, name, holder).await?;
         if !fenced {
             // The lease moved while the batch failed: its new holder meets the event itself.
             return Err(RunError::NotLeaseHolder(name));
@@ -435,26 +487,29 @@ async fn stop_at(
 ///   checkpoint's, so it runs after it (a failure row held while waiting for a checkpoint a
 ///   swap held made a deadlock). The failure is read by `projection_first_failure` (migration
 ///   0009) with a snapshot taken then, not the statement's: a failure another runner recorded
-///   while this one waited for the checkpoint is seen, not applied past.
+///   while this one waited for the checkpoint is seen, not applied past;
+/// - returns its session (pid and transaction start), for ending a batch that stalls.
 async fn open(
     tx: &mut Transaction<'_, Postgres>,
     name: &'static str,
     holder: Option<&str>,
-) -> Result<(bool, i64, Option<ProjectionFailure>), RunError> {
+) -> Result<(bool, i64, Option<ProjectionFailure>, (i32, DateTime<Utc>)), RunError> {
     type Row = (
         bool,
         Option<i64>,
         Option<i64>,
         Option<String>,
         Option<DateTime<Utc>>,
+        i32,
+        DateTime<Utc>,
     );
-    let (fenced, checkpoint, position, error, failed_at): Row = sqlx::query_as(
+    let (fenced, checkpoint, position, error, failed_at, pid, began): Row = sqlx::query_as(
         "SELECT \
          ($2::text IS NULL OR EXISTS (SELECT 1 FROM leases WHERE name = $3 AND holder = $2 \
               AND expires_at > clock_timestamp() FOR SHARE)) \
            AND set_config('synchronous_commit', 'off', true) = 'off' \
            AND set_config('idle_in_transaction_session_timeout', $4, true) <> '', \
-         c.position, f.position, f.error, f.failed_at \
+         c.position, f.position, f.error, f.failed_at, pg_backend_pid(), now() \
          FROM (SELECT 1) AS one \
          LEFT JOIN LATERAL (SELECT name, position FROM projection_checkpoints \
               WHERE name = $1 FOR UPDATE) c ON true \
@@ -474,13 +529,14 @@ async fn open(
         }),
         _ => None,
     };
+    let session = (pid, began);
     match checkpoint {
-        Some(position) => Ok((fenced, position, failure)),
+        Some(position) => Ok((fenced, position, failure, session)),
         // No checkpoint row yet (a first batch): the failure was read before the row was
         // made and locked, so it is read again.
         None => {
             let position = lock_checkpoint(tx, name).await?;
-            Ok((fenced, position, first_failure(tx, name).await?))
+            Ok((fenced, position, first_failure(tx, name).await?, session))
         }
     }
 }

@@ -852,8 +852,15 @@ async fn a_follower_learns_of_a_reset_whose_notification_it_missed() {
 async fn a_batch_under_a_lease_not_held_is_refused_and_applies_nothing() {
     let (db, mut ledger, actor, first) = one_organization().await;
     let refused = |r: Result<BatchOutcome, RunError>| matches!(r, Err(RunError::NotLeaseHolder(_)));
-    let batch =
-        |holder: &'static str| run_leased_batch(&db.pool, Projection::Organizations, 100, holder);
+    let batch = |holder: &'static str| {
+        run_leased_batch(
+            &db.pool,
+            Projection::Organizations,
+            100,
+            holder,
+            Projector::default().stall_limit,
+        )
+    };
 
     assert!(refused(batch("nobody").await), "no one holds it");
     assert_eq!(checkpoint(&db.pool, "organizations").await, 0);
