@@ -280,8 +280,8 @@ pub struct ProjectorArgs {
           value_parser = clap::value_parser!(u64).range(10..=3_600_000))]
     pub projection_poll_ms: u64,
     /// How long a projection batch may take before its database session is ended and the
-    /// batch tried again (a batch takes milliseconds, or as long as a rebuild's swap or a
-    /// check holds its checkpoint), in seconds.
+    /// batch tried again (a batch takes milliseconds, or as long as a rebuild's swap holds
+    /// its checkpoint), in seconds.
     #[arg(long, env = "LEDGERLINE_PROJECTION_STALL_SECS",
           default_value_t = ledgerline_projections::Projector::default().stall_limit.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]
@@ -448,9 +448,10 @@ pub struct BatchArgs {
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.batch_size,
           value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub batch_size: i64,
-    /// How long the build may go without any projection advancing (a batch takes well under
-    /// a second) before its sessions are ended and it resumes on new ones; after two such
-    /// resumes the run stops, keeping its work.
+    /// How long the build may go without any projection advancing (a batch takes about a
+    /// second at most), or a rebuild's swap take, before their database sessions are ended. A
+    /// rebuild then resumes on new connections, twice, and then stops, keeping its work; a
+    /// check stops at once.
     #[arg(long, env = "LEDGERLINE_REBUILD_STALL_SECS",
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.stall_limit.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..))]

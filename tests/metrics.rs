@@ -579,11 +579,11 @@ async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::f
     assert_eq!(stopped().await.1, None);
 }
 
-/// A live batch that never ends (a rebuild's `COPY` once stayed half-sent with every task
+/// A live batch that never ends (a rebuild's `COPY` twice stayed half-sent with every task
 /// parked) holds its projection's checkpoint row, and with it every command waiting for the
-/// projection: after the projector's stall limit its session is ended and its task dropped,
-/// the batch is counted as one that failed for the moment, and the next one applies the
-/// event.
+/// projection: after the projector's stall limit its session (busy in a statement, as the
+/// injected hang keeps it) is ended and its task dropped, the batch is counted as one that
+/// failed for the moment, and the next one applies the event.
 #[tokio::test]
 async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
     use ledgerline_projections::{fault, Projection, Projector};

@@ -467,11 +467,12 @@ pub(crate) async fn schema_connection(pool: &PgPool, schema: &str) -> sqlx::Resu
 }
 
 /// How long a build may go without any of its projections advancing before its sessions
-/// are ended and it resumes on new ones ([`build`]): a batch takes well under a second, and
-/// each second stalled is a second lost.
-pub const STALL_LIMIT: Duration = Duration::from_secs(30);
+/// are ended ([`build`]): a batch takes about a second at most here (20,000 events), and a
+/// multi-row path that gives up applies its batch an event at a time.
+pub const STALL_LIMIT: Duration = Duration::from_secs(60);
 
-/// How many times a build that stalled resumes on new connections before it gives up.
+/// How many times a rebuild's build (or swap) that stalled is resumed on new connections
+/// before it gives up.
 pub(crate) const STALL_RESUMES: u32 = 2;
 
 /// How long a build waits for its pool's connections to close before leaving them to the
@@ -486,10 +487,13 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// rebuild job resumes from there.
 ///
 /// A build in which no projection advances for `stall_limit` while one has events left is
-/// stalled (once, a `COPY` stayed half-sent for eleven minutes with every task parked;
-/// docs/design/known-limits.md): its workers are dropped, its database sessions ended, and
-/// it resumes from what it committed on new connections, up to [`STALL_RESUMES`] times,
-/// and then fails with [`RunError::Stalled`], its work kept.
+/// stalled (twice, a `COPY` stayed half-sent with every task parked;
+/// docs/design/known-limits.md): its workers and reader are dropped and their database
+/// sessions ended, which rolls back what they had not committed and frees the copies'
+/// locks. A rebuild job then resumes from the positions it recorded (read again: a batch
+/// cut off in its `COMMIT` may have committed) on new connections, up to
+/// [`STALL_RESUMES`] times; a check, which records none, stops at once. Either fails with
+/// [`RunError::Stalled`] in the end.
 pub(crate) async fn build(
     log: &PgPool,
     schema: &str,
@@ -503,16 +507,19 @@ pub(crate) async fn build(
     let mut attempts = 0;
     while !lanes.is_empty() {
         attempts += 1;
-        let pool = ClosedOnDrop(schema_pool(log, schema, lanes.len() as u32).await?);
+        // One connection per lane and the reader's, all named after the schema.
+        let pool = ClosedOnDrop(schema_pool(log, schema, lanes.len() as u32 + 1).await?);
         let result = tokio::select! {
-            built = build_on(log, schema, &pool.0, &lanes, batch, record, progress) => built,
+            built = build_on(schema, &pool.0, &lanes, batch, record, progress) => built,
             behind = stalled(progress, stall_limit) => Err(RunError::Stalled {
+                what: "the build",
+                setting: "--stall-secs",
                 waited: stall_limit,
                 behind,
                 attempts,
             }),
         };
-        // The dropped workers' sessions may be stuck in the middle of a statement, their
+        // The dropped tasks' sessions may be stuck in the middle of a statement, their
         // transactions holding the copies' locks: ended, they free them, and the
         // connections' clients (which `close` waits for) see their sockets closed.
         if matches!(result, Err(RunError::Stalled { .. })) {
@@ -528,29 +535,29 @@ pub(crate) async fn build(
                 "the build's connections did not close; left to the server"
             );
         }
-        match result {
-            Err(RunError::Stalled { behind, .. }) if attempts <= STALL_RESUMES => {
+        let job = match (result, record) {
+            (Err(RunError::Stalled { behind, .. }), Record::Job(job))
+                if attempts <= STALL_RESUMES =>
+            {
                 tracing::warn!(
                     schema,
                     waited_seconds = stall_limit.as_secs_f64(),
                     behind = %behind,
                     "no projection of the build advanced; resuming it on new connections"
                 );
-                let reached = progress.snapshot().positions;
-                lanes = lanes
-                    .iter()
-                    .map(|&lane| Lane {
-                        from: reached
-                            .iter()
-                            .find(|(name, _)| *name == lane.projection.name())
-                            .map_or(lane.from, |&(_, p)| p.max(lane.from)),
-                        ..lane
-                    })
-                    .filter(|l| l.to > l.from)
-                    .collect();
+                job
             }
-            result => return result,
-        }
+            (result, _) => return result,
+        };
+        let recorded = crate::rebuild::recorded_positions(log, job).await?;
+        lanes = lanes
+            .iter()
+            .map(|&lane| Lane {
+                from: crate::rebuild::recorded(&recorded, lane.projection).max(lane.from),
+                ..lane
+            })
+            .filter(|l| l.to > l.from)
+            .collect();
     }
     Ok(())
 }
@@ -595,7 +602,6 @@ async fn stalled(progress: &Progress, limit: Duration) -> String {
 
 /// [`build`]'s one attempt, on `pool`.
 async fn build_on(
-    log: &PgPool,
     schema: &str,
     pool: &PgPool,
     lanes: &[Lane],
@@ -619,7 +625,7 @@ async fn build_on(
     }
     let from = lanes.iter().map(|l| l.from).min().unwrap_or(0);
     let to = lanes.iter().map(|l| l.to).max().unwrap_or(0);
-    let read = read_log(log, from, to, batch, &queues).await;
+    let read = read_log(pool, from, to, batch, &queues).await;
     drop(queues);
     let mut first_error = read.err();
     while let Some(joined) = workers.join_next().await {

@@ -219,15 +219,21 @@ pub enum RunError {
         sessions: String,
         why: String,
     },
-    /// No projection of a build advanced for `waited`, or a swap did not end in that time,
-    /// on each of its `attempts` sets of connections; its sessions were ended, and what it
-    /// committed stays.
+    /// `what` (a build, a swap, a live batch) went `waited` without advancing, on each of
+    /// its `attempts` sets of connections (`setting` says how long it may); its sessions
+    /// were ended, and what it committed stays.
     #[error(
-        "the run stalled: nothing advanced for {} s (`--stall-secs`) in each of {attempts} \
-         attempts, the later ones on new connections; still to go: {behind}",
-        waited.as_secs_f64()
+        "{what} stalled: nothing advanced for {} s (`{setting}`){}; still to go: {behind}",
+        waited.as_secs_f64(),
+        if *attempts > 1 {
+            format!(" in each of {attempts} attempts, the later ones on new connections")
+        } else {
+            String::new()
+        }
     )]
     Stalled {
+        what: &'static str,
+        setting: &'static str,
         waited: std::time::Duration,
         behind: String,
         attempts: u32,

@@ -3,11 +3,13 @@
 //! events, as a bug met only by some event would, so that what the runner does then can be
 //! tested. The panic comes before the batch writes anything or after it wrote everything:
 //! the second shows that what a panicking batch wrote is rolled back. A batch can also be
-//! made to hang, as one whose connection stops answering would, for the build's stall
-//! watch.
+//! made to hang, its session stuck in a statement that holds its transaction's locks, as a
+//! half-sent `COPY` was, for the stall watches.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+
+use sqlx::PgConnection;
 
 use crate::{Projection, StoredEvent};
 
@@ -18,7 +20,8 @@ pub enum When {
     BeforeWriting,
     /// Once the whole batch is written, before the caller commits it.
     AfterWriting,
-    /// The batch never ends (it waits for ever, before writing anything), every time.
+    /// The batch never ends (before writing anything, its session sleeps in a statement for
+    /// an hour, then the batch waits for ever), every time.
     Hang,
     /// The batch never ends the first time; the event is then disarmed.
     HangOnce,
@@ -58,8 +61,10 @@ pub fn armed(projection: Projection, aggregate_id: &str, sequence: i64) -> bool 
         .any(|(p, a, s, _)| (*p, a.as_str(), *s) == (projection, aggregate_id, sequence))
 }
 
-/// Waits for ever when `events` hold an event armed to hang in `projection`.
-pub(crate) async fn hang(projection: Projection, events: &[StoredEvent]) {
+/// Waits for ever when `events` hold an event armed to hang in `projection`: first in a
+/// statement on `conn`, so that its session stays busy, holding its locks, until it is
+/// ended.
+pub(crate) async fn hang(projection: Projection, conn: &mut PgConnection, events: &[StoredEvent]) {
     if !ANY.load(Ordering::SeqCst) {
         return;
     }
@@ -78,6 +83,7 @@ pub(crate) async fn hang(projection: Projection, events: &[StoredEvent]) {
         found.is_some()
     };
     if hit {
+        let _ = sqlx::query("SELECT pg_sleep(3600)").execute(conn).await;
         std::future::pending::<()>().await;
     }
 }

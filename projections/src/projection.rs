@@ -123,7 +123,7 @@ impl Projection {
         #[cfg(feature = "fault-injection")]
         crate::fault::check(self, events, crate::fault::When::BeforeWriting);
         #[cfg(feature = "fault-injection")]
-        crate::fault::hang(self, events).await;
+        crate::fault::hang(self, conn, events).await;
         let applied = self.apply_all(conn, events).await;
         #[cfg(feature = "fault-injection")]
         if applied.is_ok() {

@@ -39,8 +39,8 @@ pub struct Projector {
     /// take that whole timeout until it is done.
     pub catching_up: i64,
     /// How long a batch may take before its session is ended and it is tried again
-    /// (`runner::run_leased_batch`); a batch takes milliseconds, or as long as a swap or a
-    /// check holds its checkpoint row.
+    /// (`runner::run_leased_batch`); a batch takes milliseconds, or as long as a rebuild's
+    /// swap holds its checkpoint row.
     pub stall_limit: Duration,
 }
 

@@ -488,23 +488,34 @@ async fn lanes(
     projections: &[Projection],
     to: i64,
 ) -> sqlx::Result<Vec<Lane>> {
-    let positions: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1",
-    )
-    .bind(job)
-    .fetch_all(pool)
-    .await?;
+    let positions = recorded_positions(pool, job).await?;
     Ok(projections
         .iter()
         .map(|&projection| Lane {
             projection,
-            from: positions
-                .iter()
-                .find(|(n, _)| n == projection.name())
-                .map_or(0, |(_, p)| *p),
+            from: recorded(&positions, projection),
             to,
         })
         .collect())
+}
+
+/// Each projection's position as job `job` recorded it with its last committed batch.
+pub(crate) async fn recorded_positions(
+    pool: &PgPool,
+    job: i64,
+) -> sqlx::Result<Vec<(String, i64)>> {
+    sqlx::query_as("SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1")
+        .bind(job)
+        .fetch_all(pool)
+        .await
+}
+
+/// `projection`'s position among `positions` (0 before its first batch).
+pub(crate) fn recorded(positions: &[(String, i64)], projection: Projection) -> i64 {
+    positions
+        .iter()
+        .find(|(n, _)| n == projection.name())
+        .map_or(0, |(_, p)| *p)
 }
 
 /// Tries the swap until no reader holds the live tables longer than [`LOCK_WAIT`]: a waiting
@@ -535,15 +546,18 @@ async fn swap_when_quiet(
         let Ok(swapped) = attempted else {
             stalls += 1;
             let mut conn = pool.acquire().await?;
-            build::end_orphans(&mut conn, &job.schema).await?;
+            let ended = build::end_orphans(&mut conn, &job.schema).await;
             // Cut off between its commit and the answer, it is done.
             if let Some(position) = swapped_at(&mut conn, job.id).await? {
                 return Ok(position);
             }
+            ended?;
             if stalls > build::STALL_RESUMES {
                 return Err(RunError::Stalled {
+                    what: "the swap",
+                    setting: "--stall-secs",
                     waited: stall_limit,
-                    behind: "the swap".to_string(),
+                    behind: "the last events, and replacing the live tables".to_string(),
                     attempts: stalls,
                 });
             }
@@ -699,10 +713,7 @@ async fn swap(
     .await?;
     let position = tail.last().map_or(from, |e| e.position);
     for &projection in projections {
-        let at = positions
-            .iter()
-            .find(|(n, _)| n == projection.name())
-            .map_or(0, |(_, p)| *p);
+        let at = recorded(&positions, projection);
         let events = &tail[tail.partition_point(|e| e.position <= at)..];
         build::apply_final(&mut tx, projection, events).await?;
     }

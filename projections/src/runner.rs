@@ -76,7 +76,7 @@ pub async fn run_batch(
 /// apply (shown by `status`, `/readyz` and the metrics, and tried again by [`retry`] once the
 /// code is fixed).
 ///
-/// A batch that has not ended after `stall_limit` is stalled (a rebuild's `COPY` once stayed
+/// A batch that has not ended after `stall_limit` is stalled (a rebuild's `COPY` twice stayed
 /// half-sent with every task parked; `build::build`): it holds the checkpoint row, and so
 /// every command waiting for the projection. Its session is ended, which rolls it back, its
 /// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh.
@@ -116,32 +116,46 @@ async fn caught(
             batch(&pool, projection, max_events, Some(&holder), Some(&session)).await
         })
     };
-    let Ok(joined) = tokio::time::timeout(stall_limit, &mut task).await else {
-        let began = *session.lock().unwrap_or_else(|p| p.into_inner());
-        // Unknown while its first statement still waits (for the checkpoint row, say): the
-        // server then finishes the wait on its own, and the dropped transaction rolls back.
-        if let Some((pid, xact_start)) = began {
-            sqlx::query(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                 WHERE pid = $1 AND xact_start = $2",
-            )
-            .bind(pid)
-            .bind(xact_start)
-            .execute(pool)
-            .await?;
+    let joined = match tokio::time::timeout(stall_limit, &mut task).await {
+        Ok(joined) => joined,
+        Err(_) => {
+            let began = *session.lock().unwrap_or_else(|p| p.into_inner());
+            // Unknown while its first statement still waits (for the checkpoint row, say):
+            // the server then ends the wait on its own, and the dropped transaction rolls
+            // back. A transaction that has ended meanwhile has another start, or none.
+            let ended = match began {
+                Some((pid, xact_start)) => sqlx::query(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                     WHERE pid = $1 AND xact_start = $2",
+                )
+                .bind(pid)
+                .bind(xact_start)
+                .execute(pool)
+                .await
+                .map(drop),
+                None => Ok(()),
+            };
+            task.abort();
+            match task.await {
+                Err(e) if e.is_cancelled() => {
+                    tracing::warn!(
+                        projection = projection.name(),
+                        waited_seconds = stall_limit.as_secs_f64(),
+                        ended = ?ended,
+                        "a projection batch did not end; its session was ended"
+                    );
+                    return Err(RunError::Stalled {
+                        what: "a projection batch",
+                        setting: "LEDGERLINE_PROJECTION_STALL_SECS",
+                        waited: stall_limit,
+                        behind: format!("the events of {} after its checkpoint", projection.name()),
+                        attempts: 1,
+                    });
+                }
+                // It ended as the time ran out (or panicked): its own outcome stands.
+                other => other,
+            }
         }
-        task.abort();
-        let _ = task.await;
-        tracing::warn!(
-            projection = projection.name(),
-            waited_seconds = stall_limit.as_secs_f64(),
-            "a projection batch did not end; its session was ended"
-        );
-        return Err(RunError::Stalled {
-            waited: stall_limit,
-            behind: format!("a batch of {}", projection.name()),
-            attempts: 1,
-        });
     };
     joined.unwrap_or_else(|e| {
         let panicked = e.is_panic();
