@@ -141,8 +141,10 @@ async fn caught(
                     tracing::warn!(
                         projection = projection.name(),
                         waited_seconds = stall_limit.as_secs_f64(),
+                        session = ?began,
                         ended = ?ended,
-                        "a projection batch did not end; its session was ended"
+                        "a projection batch did not end; its task was dropped and its \
+                         session, once known, ended"
                     );
                     return Err(RunError::Stalled {
                         what: "a projection batch",
