@@ -769,7 +769,7 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,
-        stall_limit: std::time::Duration::from_secs(args.batch.stall_secs),
+        stall_limit: args.batch.stall_limit(),
         finish_connections: args.finish_connections,
         snapshot_wait: std::time::Duration::from_secs(args.snapshot_wait_secs),
         ..Default::default()
@@ -838,7 +838,7 @@ async fn check(
         &pool,
         names,
         batch.batch_size,
-        std::time::Duration::from_secs(batch.stall_secs),
+        batch.stall_limit(),
         &monitor,
     )
     .await;

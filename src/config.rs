@@ -457,3 +457,9 @@ pub struct BatchArgs {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub stall_secs: u64,
 }
+
+impl BatchArgs {
+    pub fn stall_limit(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.stall_secs)
+    }
+}

@@ -1098,6 +1098,22 @@ fn stalling_soon() -> RebuildOptions {
     }
 }
 
+/// Checks that `error` is a build of `users` that stalled for a second in each of
+/// `attempts` attempts, and says so.
+fn build_stalled(error: RunError, attempts: u32) {
+    let said = error.to_string();
+    assert!(
+        matches!(error, RunError::Stalled { attempts: a, .. } if a == attempts),
+        "expected a build stalled {attempts} times, got {said}"
+    );
+    assert!(
+        said.starts_with("the build stalled")
+            && said.contains("for 1 s")
+            && said.contains("users at "),
+        "{said}"
+    );
+}
+
 /// What [`rebuild_meeting_a_hang`] saw: the live tables before it, the armed event (its
 /// position, aggregate id and sequence number), and how the rebuild ended.
 struct MetAHang {
@@ -1150,16 +1166,7 @@ async fn a_rebuild_that_stalls_on_every_attempt_stops_and_keeps_its_job() {
     let t = TestApp::spawn().await;
     let met = rebuild_meeting_a_hang(&t, fault::When::Hang).await;
     let (position, aggregate_id, sequence) = &met.event;
-    let error = met.result.unwrap_err();
-    let said = error.to_string();
-    assert!(
-        matches!(error, RunError::Stalled { attempts: 3, .. }),
-        "expected a build stalled three times, got {said}"
-    );
-    assert!(
-        said.contains("for 1 s") && said.contains("users at "),
-        "{said}"
-    );
+    build_stalled(met.result.unwrap_err(), 3);
     let job = ledgerline_projections::rebuild_progress(t.pool())
         .await
         .unwrap();
@@ -1205,16 +1212,7 @@ async fn a_check_whose_build_stalls_stops_and_a_rerun_is_equal() {
             &progress,
         )
     };
-    let error = checking().await.unwrap_err();
-    let said = error.to_string();
-    assert!(
-        matches!(error, RunError::Stalled { attempts: 1, .. }),
-        "expected a build stalled once, got {said}"
-    );
-    assert!(
-        said.starts_with("the build stalled") && said.contains("users at "),
-        "{said}"
-    );
+    build_stalled(checking().await.unwrap_err(), 1);
     assert!(!fault::armed(Projection::Users, &aggregate_id, sequence));
     let report = checking().await.unwrap();
     assert!(report.equal(), "{report:?}");

@@ -65,49 +65,43 @@ pub fn armed(projection: Projection, aggregate_id: &str, sequence: i64) -> bool 
 /// statement on `conn`, so that its session stays busy, holding its locks, until it is
 /// ended.
 pub(crate) async fn hang(projection: Projection, conn: &mut PgConnection, events: &[StoredEvent]) {
-    if !ANY.load(Ordering::SeqCst) {
-        return;
-    }
-    let hit = {
-        let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-        let found = armed.iter().position(|(p, a, s, when)| {
-            *p == projection
-                && matches!(when, When::Hang | When::HangOnce)
-                && events
-                    .iter()
-                    .any(|e| (e.aggregate_id.as_str(), e.sequence) == (a.as_str(), *s))
-        });
-        if let Some(i) = found.filter(|&i| armed[i].3 == When::HangOnce) {
-            armed.remove(i);
-        }
-        found.is_some()
-    };
-    if hit {
+    let hit = hit(projection, events, |when| {
+        matches!(when, When::Hang | When::HangOnce)
+    });
+    if hit.is_some() {
         let _ = sqlx::query("SELECT pg_sleep(3600)").execute(conn).await;
         std::future::pending::<()>().await;
     }
 }
 
 pub(crate) fn check(projection: Projection, events: &[StoredEvent], now: When) {
-    if !ANY.load(Ordering::SeqCst) {
-        return;
-    }
-    let hit = {
-        let armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-        events.iter().find_map(|e| {
-            armed
-                .iter()
-                .any(|(p, a, s, when)| {
-                    (*p, a.as_str(), *s, *when)
-                        == (projection, e.aggregate_id.as_str(), e.sequence, now)
-                })
-                .then_some(e.position)
-        })
-    };
-    if let Some(position) = hit {
+    if let Some(position) = hit(projection, events, |when| when == now) {
         panic!(
             "fault injected into {} at position {position}",
             projection.name()
         );
     }
+}
+
+/// The position of the first of `events` armed in `projection` with a `When` that `wanted`
+/// takes, if any; an event armed to hang once is disarmed as it is found.
+fn hit(
+    projection: Projection,
+    events: &[StoredEvent],
+    wanted: impl Fn(When) -> bool,
+) -> Option<i64> {
+    if !ANY.load(Ordering::SeqCst) {
+        return None;
+    }
+    let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+    events.iter().find_map(|e| {
+        let i = armed.iter().position(|(p, a, s, when)| {
+            (*p, a.as_str(), *s) == (projection, e.aggregate_id.as_str(), e.sequence)
+                && wanted(*when)
+        })?;
+        if armed[i].3 == When::HangOnce {
+            armed.remove(i);
+        }
+        Some(e.position)
+    })
 }

@@ -501,12 +501,12 @@ async fn lanes(
 
 /// Each projection's position as job `job` recorded it with its last committed batch.
 pub(crate) async fn recorded_positions(
-    pool: &PgPool,
+    db: impl sqlx::PgExecutor<'_>,
     job: i64,
 ) -> sqlx::Result<Vec<(String, i64)>> {
     sqlx::query_as("SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1")
         .bind(job)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await
 }
 
@@ -698,12 +698,7 @@ async fn swap(
     .bind(&names)
     .execute(&mut *tx)
     .await?;
-    let positions: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT name, position FROM projection_rebuild_progress WHERE rebuild_id = $1",
-    )
-    .bind(job.id)
-    .fetch_all(&mut *tx)
-    .await?;
+    let positions = recorded_positions(&mut *tx, job.id).await?;
     let from = positions.iter().map(|(_, p)| *p).min().unwrap_or(0);
     let tail: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position"
