@@ -622,6 +622,62 @@ async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
     scrape_until(&t, "the stalled batch counted", |m| errors(m) > before).await;
 }
 
+/// A live batch that stalls before its session is known, waiting in its opening statement
+/// for a checkpoint row held elsewhere (a swap's, here the test's): its wait ends on the
+/// server at the stall limit, so no session of the projector waits on the row much longer,
+/// however long the row is held (before, each stalled batch left its pooled connection
+/// waiting until the row was free, and the next one joined it). Then the events apply.
+#[tokio::test]
+async fn a_live_batch_stalled_on_a_held_checkpoint_frees_its_session() {
+    use ledgerline_projections::Projector;
+    let t = TestApp::spawn_with(Projector {
+        stall_limit: Duration::from_secs(1),
+        ..Projector::default()
+    })
+    .await;
+    let org = t.create_org("Held Co").await;
+    let held = common::hold_checkpoint(t.pool(), "organizations").await;
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{org}"),
+            &t.admin_key,
+            json!({ "name": "Released" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // The longest wait of the sessions waiting for a lock on the checkpoints, sampled while
+    // the row stays held (the command above already waited for the read models, up to 5 s).
+    let mut longest = 0.0f64;
+    let mut waiters = 0i64;
+    let until = std::time::Instant::now() + Duration::from_secs(4);
+    while std::time::Instant::now() < until {
+        let (count, age): (i64, Option<f64>) = sqlx::query_as(
+            "SELECT count(*), max(extract(epoch FROM clock_timestamp() - query_start))::float8 \
+             FROM pg_stat_activity WHERE datname = current_database() \
+             AND wait_event_type = 'Lock' AND query LIKE '%projection_checkpoints%'",
+        )
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        waiters = waiters.max(count);
+        longest = longest.max(age.unwrap_or(0.0));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(waiters >= 1, "a batch came to the held row");
+    assert!(
+        longest < 3.0,
+        "a batch waited {longest:.1} s for the held row, its limit being 1 s"
+    );
+    held.rollback().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            org_name(&t, org).await == "Released"
+        })
+        .await,
+        "the next batch applies the update"
+    );
+}
+
 /// The same at the very first event of the log, just after a reset: the projection has no
 /// checkpoint row yet (the panicking batch's was rolled back).
 #[tokio::test]

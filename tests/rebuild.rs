@@ -1159,6 +1159,64 @@ async fn a_rebuild_whose_build_stalls_resumes_on_new_connections_by_itself() {
     assert_eq!(snapshot(&t).await, met.live);
 }
 
+/// A rebuild whose `COPY` stops halfway, the client waiting for ever and the server in the
+/// `COPY` waiting for the rest, as the rebuilds that hung were seen: only ending the session
+/// frees it. The stall watch does, and the job resumes on new connections and swaps in
+/// equal tables by itself.
+#[tokio::test]
+async fn a_rebuild_whose_copy_stops_halfway_resumes_by_itself() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let live = snapshot(&t).await;
+    // An event in the middle of the log: its batch of 10 is long enough to be copied.
+    let (aggregate_id, sequence): (String, i64) = sqlx::query_as(
+        "SELECT aggregate_id, sequence FROM events \
+         WHERE position = (SELECT max(position) / 2 FROM events)",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let cut = fault::When::HangInCopyOnce;
+    fault::arm(Projection::AuditEvents, &aggregate_id, sequence, cut);
+    let options = RebuildOptions {
+        batch_size: 10,
+        ..stalling_soon()
+    };
+    let progress = Arc::new(Progress::default());
+    let done = AtomicBool::new(false);
+    let rebuild = async {
+        let r =
+            ledgerline_projections::rebuild(t.pool(), Some(&["audit_events"]), options, &progress)
+                .await;
+        done.store(true, Ordering::SeqCst);
+        r
+    };
+    // Whether the server was seen waiting for the rest of the `COPY`.
+    let watch = async {
+        let mut seen = false;
+        while !done.load(Ordering::SeqCst) {
+            seen |= sqlx::query_scalar::<_, bool>(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                 WHERE datname = current_database() AND state = 'active' \
+                 AND wait_event = 'ClientRead' AND query LIKE 'COPY audit_events %')",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        seen
+    };
+    let (result, seen) = tokio::join!(rebuild, watch);
+    assert!(
+        !fault::armed(Projection::AuditEvents, &aggregate_id, sequence),
+        "the build's COPY stopped halfway"
+    );
+    assert!(seen, "the server waited in the COPY for the rest");
+    assert_eq!(result.unwrap().position, t.head().await);
+    assert_eq!(snapshot(&t).await, live);
+}
+
 /// A build that stalls on every attempt stops after the third, naming the projection short
 /// of its end; the job keeps its work and resumes once the cause is gone.
 #[tokio::test]

@@ -487,8 +487,9 @@ const CLOSE_WAIT: Duration = Duration::from_secs(10);
 /// rebuild job resumes from there.
 ///
 /// A build in which no projection advances for `stall_limit` while one has events left is
-/// stalled (twice, a `COPY` stayed half-sent with every task parked;
-/// docs/design/known-limits.md): its workers and reader are dropped and their database
+/// stalled (twice, a `COPY` stayed half-sent over TLS with every task parked, which the
+/// patched sqlx-core in `vendor/` fixes; the watch stays for causes not known): its
+/// workers and reader are dropped and their database
 /// sessions ended, which rolls back what they had not committed and frees the copies'
 /// locks. A rebuild job then resumes from the positions it recorded (read again: a batch
 /// cut off in its `COMMIT` may have committed) on new connections, up to

@@ -150,6 +150,11 @@ pub(crate) async fn copy(
     // ever cut off (a lost lock aborts them), and their schema pool is closed or dropped
     // after them, which discards its connections. The live projector's batches are not.
     let mut copy = conn.copy_in_raw(statement).await?;
+    #[cfg(feature = "fault-injection")]
+    if crate::fault::cut_copy() {
+        copy.send(&data[..data.len() / 2]).await?;
+        std::future::pending::<()>().await;
+    }
     copy.send(data.as_slice()).await?;
     copy.finish().await
 }

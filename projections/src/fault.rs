@@ -3,8 +3,8 @@
 //! events, as a bug met only by some event would, so that what the runner does then can be
 //! tested. The panic comes before the batch writes anything or after it wrote everything:
 //! the second shows that what a panicking batch wrote is rolled back. A batch can also be
-//! made to hang, its session stuck in a statement that holds its transaction's locks, as a
-//! half-sent `COPY` was, for the stall watches.
+//! made to hang, for the stall watches: its session stuck in a statement that holds its
+//! transaction's locks, or its `COPY` half-sent, as the rebuilds that hung were seen.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -25,6 +25,17 @@ pub enum When {
     Hang,
     /// The batch never ends the first time; the event is then disarmed.
     HangOnce,
+    /// The batch's binary `COPY` (`copy_in::copy`) sends half its data and then waits for
+    /// ever, the server waiting in the `COPY` for the rest, once: as the rebuilds that hung
+    /// were seen (a client's TLS layer waiting to read while the server waited for data).
+    /// The event is disarmed when its `COPY` stops, so a batch that never reached one leaves
+    /// it armed.
+    HangInCopyOnce,
+}
+
+tokio::task_local! {
+    /// The armed event of the batch being applied whose `COPY` is to stop halfway.
+    static COPY_TO_CUT: (Projection, String, i64);
 }
 
 /// Each armed event: the projection, the event's aggregate id and sequence number (unique
@@ -72,6 +83,48 @@ pub(crate) async fn hang(projection: Projection, conn: &mut PgConnection, events
         let _ = sqlx::query("SELECT pg_sleep(3600)").execute(conn).await;
         std::future::pending::<()>().await;
     }
+}
+
+/// Runs `apply` (a batch of `events` in `projection`) so that its binary `COPY` stops
+/// halfway ([`cut_copy`]) when one of `events` is armed with [`When::HangInCopyOnce`].
+pub(crate) async fn cutting_copy<T>(
+    projection: Projection,
+    events: &[StoredEvent],
+    apply: impl std::future::Future<Output = T>,
+) -> T {
+    let key = if ANY.load(Ordering::SeqCst) {
+        let armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+        events.iter().find_map(|e| {
+            armed
+                .iter()
+                .find(|(p, a, s, when)| {
+                    (*p, a.as_str(), *s) == (projection, e.aggregate_id.as_str(), e.sequence)
+                        && *when == When::HangInCopyOnce
+                })
+                .map(|(p, a, s, _)| (*p, a.clone(), *s))
+        })
+    } else {
+        None
+    };
+    match key {
+        Some(key) => COPY_TO_CUT.scope(key, apply).await,
+        None => apply.await,
+    }
+}
+
+/// Whether the `COPY` about to be sent is to stop halfway (see [`cutting_copy`]); its event
+/// is disarmed.
+pub(crate) fn cut_copy() -> bool {
+    COPY_TO_CUT
+        .try_with(|(projection, aggregate_id, sequence)| {
+            let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+            let before = armed.len();
+            armed.retain(|(p, a, s, when)| {
+                (p, a, s, *when) != (projection, aggregate_id, sequence, When::HangInCopyOnce)
+            });
+            armed.len() < before
+        })
+        .unwrap_or(false)
 }
 
 pub(crate) fn check(projection: Projection, events: &[StoredEvent], now: When) {

@@ -124,6 +124,9 @@ impl Projection {
         crate::fault::check(self, events, crate::fault::When::BeforeWriting);
         #[cfg(feature = "fault-injection")]
         crate::fault::hang(self, conn, events).await;
+        #[cfg(feature = "fault-injection")]
+        let applied = crate::fault::cutting_copy(self, events, self.apply_all(conn, events)).await;
+        #[cfg(not(feature = "fault-injection"))]
         let applied = self.apply_all(conn, events).await;
         #[cfg(feature = "fault-injection")]
         if applied.is_ok() {

@@ -79,7 +79,9 @@ pub async fn run_batch(
 /// A batch that has not ended after `stall_limit` is stalled (a rebuild's `COPY` twice stayed
 /// half-sent with every task parked; `build::build`): it holds the checkpoint row, and so
 /// every command waiting for the projection. Its session is ended, which rolls it back, its
-/// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh.
+/// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh. Its lock
+/// waits end at the same limit, on the server (see [`batch`]): a batch still waiting in its
+/// opening statement has no session known to end.
 pub async fn run_leased_batch(
     pool: &PgPool,
     projection: Projection,
@@ -113,7 +115,8 @@ async fn caught(
     let mut task = {
         let (pool, holder, session) = (pool.clone(), holder.to_string(), Arc::clone(&session));
         tokio::spawn(async move {
-            batch(&pool, projection, max_events, Some(&holder), Some(&session)).await
+            let watch = Some((&session, stall_limit));
+            batch(&pool, projection, max_events, Some(&holder), watch).await
         })
     };
     let joined = match tokio::time::timeout(stall_limit, &mut task).await {
@@ -121,8 +124,9 @@ async fn caught(
         Err(_) => {
             let began = *session.lock().unwrap_or_else(|p| p.into_inner());
             // Unknown while its first statement still waits (for the checkpoint row, say):
-            // the server then ends the wait on its own, and the dropped transaction rolls
-            // back. A transaction that has ended meanwhile has another start, or none.
+            // the batch's lock timeout ends that wait as this one ends, and the dropped
+            // transaction rolls back. A transaction that has ended meanwhile has another
+            // start, or none.
             let ended = match began {
                 Some((pid, xact_start)) => sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -290,17 +294,29 @@ async fn checkpoint_and_next(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Op
     .await
 }
 
+/// `watch`: where a watched batch ([`caught`]) tells its session, and the watch's limit,
+/// which also bounds each of the batch's lock waits: a batch waiting for a lock (the
+/// checkpoint row, behind a swap, before its session is known) ends its wait then, on the
+/// server, instead of holding its pooled connection until the lock is free.
 async fn batch(
     pool: &PgPool,
     projection: Projection,
     max_events: i64,
     holder: Option<&str>,
-    session: Option<&Session>,
+    watch: Option<(&Session, Duration)>,
 ) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
-    let mut tx = pool.begin().await?;
+    let mut tx = match watch {
+        // In `BEGIN`'s own round trip.
+        Some((_, limit)) => {
+            let millis = limit.as_millis().max(1);
+            pool.begin_with(format!("BEGIN; SET LOCAL lock_timeout = {millis}"))
+                .await?
+        }
+        None => pool.begin().await?,
+    };
     let (fenced, checkpoint, failure, began) = open(&mut tx, name, holder).await?;
-    if let Some(session) = session {
+    if let Some((session, _)) = watch {
         *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
     }
     if !fenced {
