@@ -12,7 +12,7 @@
 //! - `LEDGERLINE_BENCH_TLS_SECONDS`: how long to go on (default 300).
 //! - `LEDGERLINE_BENCH_TLS_CONNECTIONS`: connections copying at once (default 4).
 //!
-//! Each `COPY` sends 20,000 rows of about 600 bytes (12 MB, as a rebuild's batch of
+//! Each `COPY` sends 20,000 rows of about 600 bytes (11.4 MB, as a rebuild's batch of
 //! `audit_events` does) into a temporary table, inside a transaction with a savepoint, and
 //! the rows are counted back.
 
@@ -30,7 +30,7 @@ use sqlx::{Connection, PgPool};
 
 const ROWS: usize = 20_000;
 const WIDTH: usize = 600;
-/// A `COPY` of 12 MB takes well under a second here; twenty without an end is a hang.
+/// A `COPY` of 11.4 MB takes well under a second here; twenty without an end is a hang.
 const HANG: Duration = Duration::from_secs(20);
 
 #[tokio::main(worker_threads = 2)]
