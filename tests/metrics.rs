@@ -678,6 +678,35 @@ async fn a_live_batch_stalled_on_a_held_checkpoint_frees_its_session() {
     );
 }
 
+/// A stall limit past the longest lock timeout PostgreSQL takes (about 24.8 days) bounds a
+/// batch's lock waits by that instead: refused, the `SET` would leave every batch failing on
+/// a connection left inside an aborted transaction.
+#[tokio::test]
+async fn a_stall_limit_longer_than_any_lock_timeout_still_applies_events() {
+    use ledgerline_projections::Projector;
+    let t = TestApp::spawn_with(Projector {
+        stall_limit: Duration::from_secs(3_000_000),
+        ..Projector::default()
+    })
+    .await;
+    let org = t.create_org("Patient Co").await;
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{org}"),
+            &t.admin_key,
+            json!({ "name": "Still Patient" }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            org_name(&t, org).await == "Still Patient"
+        })
+        .await,
+        "the projector applies the update"
+    );
+}
+
 /// The same at the very first event of the log, just after a reset: the projection has no
 /// checkpoint row yet (the panicking batch's was rolled back).
 #[tokio::test]

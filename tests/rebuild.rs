@@ -1167,6 +1167,19 @@ async fn a_rebuild_whose_build_stalls_resumes_on_new_connections_by_itself() {
 async fn a_rebuild_whose_copy_stops_halfway_resumes_by_itself() {
     let t = TestApp::spawn().await;
     story(&t).await;
+    // The live projection past every event first: the fault is armed for the process, and
+    // a live batch of as many events would copy them too.
+    let head = t.head().await;
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let status = ledgerline_projections::status(t.pool()).await.unwrap();
+            status
+                .iter()
+                .any(|s| s.name == "audit_events" && s.checkpoint == head)
+        })
+        .await,
+        "the live audit_events reached the head"
+    );
     let live = snapshot(&t).await;
     // An event in the middle of the log: its batch of 10 is long enough to be copied.
     let (aggregate_id, sequence): (String, i64) = sqlx::query_as(
@@ -1191,13 +1204,15 @@ async fn a_rebuild_whose_copy_stops_halfway_resumes_by_itself() {
         done.store(true, Ordering::SeqCst);
         r
     };
-    // Whether the server was seen waiting for the rest of the `COPY`.
+    // Whether the server was seen waiting for the rest of the build's `COPY` (its sessions
+    // are named after its schema).
     let watch = async {
         let mut seen = false;
         while !done.load(Ordering::SeqCst) {
             seen |= sqlx::query_scalar::<_, bool>(
                 "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
                  WHERE datname = current_database() AND state = 'active' \
+                 AND application_name LIKE 'ledgerline\\_rebuild\\_%' \
                  AND wait_event = 'ClientRead' AND query LIKE 'COPY audit_events %')",
             )
             .fetch_one(t.pool())

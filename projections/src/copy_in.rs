@@ -146,9 +146,11 @@ pub(crate) async fn copy(
     // used here: after the server's own error it leaves ReadyForQuery unread, and the next
     // statement would take it for its own.) `send` fails only when the socket does: the
     // dropped `PgCopyIn` then queues a CopyFail on a connection that is lost anyway. Dropped
-    // mid-`COPY`, this would leave the connection out of step; only a build's workers are
-    // ever cut off (a lost lock aborts them), and their schema pool is closed or dropped
-    // after them, which discards its connections. The live projector's batches are not.
+    // mid-`COPY`, this would leave the connection out of step. A build's workers are cut
+    // off by a lost lock or a stall, and their schema pool is closed or dropped after them,
+    // which discards its connections; a live batch is cut off only by its stall watch,
+    // after the watch ended its session (`runner::caught`), so the pooled connection finds
+    // its socket closed (were that statement to fail, the connection could be left waiting).
     let mut copy = conn.copy_in_raw(statement).await?;
     #[cfg(feature = "fault-injection")]
     if crate::fault::cut_copy() {

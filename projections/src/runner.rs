@@ -79,9 +79,9 @@ pub async fn run_batch(
 /// A batch that has not ended after `stall_limit` is stalled (a rebuild's `COPY` twice stayed
 /// half-sent with every task parked; `build::build`): it holds the checkpoint row, and so
 /// every command waiting for the projection. Its session is ended, which rolls it back, its
-/// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh. Its lock
-/// waits end at the same limit, on the server (see [`batch`]): a batch still waiting in its
-/// opening statement has no session known to end.
+/// task dropped, and [`RunError::Stalled`] returned; the next batch starts afresh. Its
+/// transactions' lock waits end at about the same limit, on the server (see [`begin`]): a
+/// batch still waiting in its opening statement has no session known to end.
 pub async fn run_leased_batch(
     pool: &PgPool,
     projection: Projection,
@@ -124,9 +124,9 @@ async fn caught(
         Err(_) => {
             let began = *session.lock().unwrap_or_else(|p| p.into_inner());
             // Unknown while its first statement still waits (for the checkpoint row, say):
-            // the batch's lock timeout ends that wait as this one ends, and the dropped
-            // transaction rolls back. A transaction that has ended meanwhile has another
-            // start, or none.
+            // the batch's lock timeout ends that wait about now (see `begin`), and the
+            // dropped transaction rolls back. A transaction that has ended meanwhile has
+            // another start, or none.
             let ended = match began {
                 Some((pid, xact_start)) => sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -271,6 +271,7 @@ async fn single(
                 pool,
                 projection,
                 Some(holder),
+                None,
                 checkpoint,
                 &[],
                 position,
@@ -294,22 +295,34 @@ async fn checkpoint_and_next(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Op
     .await
 }
 
-/// `watch`: where a watched batch ([`caught`]) tells its session, and the watch's limit,
-/// which also bounds each of the batch's lock waits: a batch waiting for a lock (the
-/// checkpoint row, behind a swap, before its session is known) ends its wait then, on the
-/// server, instead of holding its pooled connection until the lock is free.
-async fn batch(
+/// The most PostgreSQL takes as a `lock_timeout`, in milliseconds (`i32::MAX`, about 24.8
+/// days): a longer stall limit bounds a batch's lock waits by this instead.
+const LOCK_TIMEOUT_MAX_MS: u128 = 2_147_483_647;
+
+/// Begins a batch's transaction and opens it ([`open`]). A watched batch ([`caught`]) has
+/// `watch`: where it tells its session, and the watch's limit, which also bounds each of
+/// its transaction's lock waits (in `BEGIN`'s own round trip). A batch waiting for a lock
+/// (the checkpoint row, behind a swap) before its session is known so ends its wait on
+/// the server about when the watch gives up on it (the server's clock starts a little
+/// later, once the pool gave a connection), instead of holding its pooled connection until
+/// the lock is free.
+async fn begin(
     pool: &PgPool,
-    projection: Projection,
-    max_events: i64,
+    name: &'static str,
     holder: Option<&str>,
     watch: Option<(&Session, Duration)>,
-) -> Result<BatchOutcome, RunError> {
-    let name = projection.name();
+) -> Result<
+    (
+        Transaction<'static, Postgres>,
+        bool,
+        i64,
+        Option<ProjectionFailure>,
+    ),
+    RunError,
+> {
     let mut tx = match watch {
-        // In `BEGIN`'s own round trip.
         Some((_, limit)) => {
-            let millis = limit.as_millis().max(1);
+            let millis = limit.as_millis().clamp(1, LOCK_TIMEOUT_MAX_MS);
             pool.begin_with(format!("BEGIN; SET LOCAL lock_timeout = {millis}"))
                 .await?
         }
@@ -319,6 +332,18 @@ async fn batch(
     if let Some((session, _)) = watch {
         *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
     }
+    Ok((tx, fenced, checkpoint, failure))
+}
+
+async fn batch(
+    pool: &PgPool,
+    projection: Projection,
+    max_events: i64,
+    holder: Option<&str>,
+    watch: Option<(&Session, Duration)>,
+) -> Result<BatchOutcome, RunError> {
+    let name = projection.name();
+    let (mut tx, fenced, checkpoint, failure) = begin(pool, name, holder, watch).await?;
     if !fenced {
         return Err(RunError::NotLeaseHolder(name));
     }
@@ -356,7 +381,7 @@ async fn batch(
                  names it)",
             );
             return stop_at(
-                pool, projection, holder, checkpoint, &before, altered, error,
+                pool, projection, holder, watch, checkpoint, &before, altered, error,
             )
             .await;
         }
@@ -382,6 +407,7 @@ async fn batch(
                 pool,
                 projection,
                 holder,
+                watch,
                 checkpoint,
                 &events[..index],
                 failed,
@@ -424,10 +450,12 @@ async fn read_events(
 /// failure, in one transaction opened as a batch is (the lease checked and held, an idle
 /// limit). If one of those events now fails too (the database changed in between), the
 /// projection stops at that earlier one instead.
+#[allow(clippy::too_many_arguments)] // the batch's own, passed on
 async fn stop_at(
     pool: &PgPool,
     projection: Projection,
     holder: Option<&str>,
+    watch: Option<(&Session, Duration)>,
     checkpoint: i64,
     mut prefix: &[StoredEvent],
     mut failed: i64,
@@ -441,8 +469,7 @@ async fn stop_at(
             Ok(e) => return Err(RunError::Sql(e)),
             Err(error) => error,
         };
-        let mut tx = pool.begin().await?;
-        let (fenced, now, recorded, _) = open(&mut tx, name, holder).await?;
+        let (mut tx, fenced, now, recorded) = begin(pool, name, holder, watch).await?;
         if !fenced {
             // The lease moved while the batch failed: its new holder meets the event itself.
             return Err(RunError::NotLeaseHolder(name));
