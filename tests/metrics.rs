@@ -622,6 +622,73 @@ async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
     scrape_until(&t, "the stalled batch counted", |m| errors(m) > before).await;
 }
 
+/// A stalled live batch is ended even when the pool has no connection free: the watch ends
+/// its session on a connection of its own, not once the pool's acquire timeout (30 s here)
+/// gives it one.
+#[tokio::test]
+async fn a_live_batch_that_stalls_is_ended_with_no_pooled_connection_free() {
+    use ledgerline_projections::{fault, Projection, Projector};
+    use sqlx::Connection;
+    let t = TestApp::spawn_with(Projector {
+        stall_limit: Duration::from_secs(3),
+        ..Projector::default()
+    })
+    .await;
+    let org = t.create_org("Crowded Co").await;
+    let id = org.to_string();
+    fault::arm(Projection::Organizations, &id, 2, fault::When::HangOnce);
+    let mut observer = sqlx::PgConnection::connect(&t.db.url).await.unwrap();
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                    AND state = 'active' AND query = 'SELECT pg_sleep(3600)'";
+    let path = format!("/v1/organizations/{org}");
+    let update = t.patch(&path, &t.admin_key, json!({ "name": "Uncrowded" }));
+    let crowd = async {
+        let until = std::time::Instant::now() + Duration::from_secs(30);
+        while sqlx::query_scalar::<_, i64>(sleeping)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap()
+            == 0
+        {
+            assert!(std::time::Instant::now() < until, "the batch never hung");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let hung = std::time::Instant::now();
+        // Every connection the pool has or may open, held.
+        let mut held = Vec::new();
+        while let Ok(Ok(conn)) =
+            tokio::time::timeout(Duration::from_millis(300), t.pool().acquire()).await
+        {
+            held.push(conn);
+        }
+        while sqlx::query_scalar::<_, i64>(sleeping)
+            .fetch_one(&mut observer)
+            .await
+            .unwrap()
+            > 0
+        {
+            assert!(
+                hung.elapsed() < Duration::from_secs(15),
+                "the stalled batch's session still runs {:?} after it hung, with {} \
+                 pooled connections held",
+                hung.elapsed(),
+                held.len()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(held);
+    };
+    let (r, ()) = tokio::join!(update, crowd);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            org_name(&t, org).await == "Uncrowded"
+        })
+        .await,
+        "the next batch applies the update"
+    );
+}
+
 /// A live batch that stalls before its session is known, waiting in its opening statement
 /// for a checkpoint row held elsewhere (a swap's, here the test's): its wait ends on the
 /// server at the stall limit, so no session of the projector waits on the row much longer,

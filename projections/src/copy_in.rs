@@ -149,8 +149,9 @@ pub(crate) async fn copy(
     // mid-`COPY`, this would leave the connection out of step. A build's workers are cut
     // off by a lost lock or a stall, and their schema pool is closed or dropped after them,
     // which discards its connections; a live batch is cut off only by its stall watch,
-    // after the watch ended its session (`runner::caught`), so the pooled connection finds
-    // its socket closed (were that statement to fail, the connection could be left waiting).
+    // after the watch ended its session on a connection of its own (`runner::end_session`),
+    // so the pooled connection finds its socket closed (were that to fail, the connection
+    // could be left waiting).
     let mut copy = conn.copy_in_raw(statement).await?;
     #[cfg(feature = "fault-injection")]
     if crate::fault::cut_copy() {

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Postgres, Transaction};
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Transaction};
 
 use crate::{Projection, ProjectionError, RunError, StoredEvent, STORED_EVENT_COLUMNS};
 
@@ -128,15 +128,7 @@ async fn caught(
             // dropped transaction rolls back. A transaction that has ended meanwhile has
             // another start, or none.
             let ended = match began {
-                Some((pid, xact_start)) => sqlx::query(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-                     WHERE pid = $1 AND xact_start = $2",
-                )
-                .bind(pid)
-                .bind(xact_start)
-                .execute(pool)
-                .await
-                .map(drop),
+                Some((pid, xact_start)) => end_session(pool, pid, xact_start).await,
                 None => Ok(()),
             };
             task.abort();
@@ -175,6 +167,23 @@ async fn caught(
             panicked,
         })
     })
+}
+
+/// Ends a stalled batch's session, if its transaction is still the one that began then, on
+/// a connection of its own: the pool may have none free (its connections may all be
+/// batches waiting as this one does), and the batch's task, dropped next, must not be cut
+/// off in the middle of a `COPY` on a live connection.
+async fn end_session(pool: &PgPool, pid: i32, xact_start: DateTime<Utc>) -> sqlx::Result<()> {
+    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+    sqlx::query(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE pid = $1 AND xact_start = $2",
+    )
+    .bind(pid)
+    .bind(xact_start)
+    .execute(&mut conn)
+    .await?;
+    conn.close().await
 }
 
 /// What a panic said, if it said it in text.
