@@ -172,19 +172,28 @@ async fn caught(
 /// Ends a stalled batch's session, if its transaction is still the one that began then, on
 /// a connection of its own: the pool may have none free (its connections may all be
 /// batches waiting as this one does), and the batch's task, dropped next, must not be cut
-/// off in the middle of a `COPY` on a live connection.
+/// off in the middle of a `COPY` on a live connection. Within [`END_SESSION_WAIT`], as the
+/// pool's acquire was: a connection has no time limit of its own.
 async fn end_session(pool: &PgPool, pid: i32, xact_start: DateTime<Utc>) -> sqlx::Result<()> {
-    let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
-    sqlx::query(
-        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-         WHERE pid = $1 AND xact_start = $2",
-    )
-    .bind(pid)
-    .bind(xact_start)
-    .execute(&mut conn)
-    .await?;
-    conn.close().await
+    let end = async {
+        let mut conn = PgConnection::connect_with(&pool.connect_options()).await?;
+        sqlx::query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE pid = $1 AND xact_start = $2",
+        )
+        .bind(pid)
+        .bind(xact_start)
+        .execute(&mut conn)
+        .await?;
+        conn.close().await
+    };
+    tokio::time::timeout(END_SESSION_WAIT, end)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
 }
+
+/// How long [`end_session`] may take.
+const END_SESSION_WAIT: Duration = Duration::from_secs(10);
 
 /// What a panic said, if it said it in text.
 pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
