@@ -94,15 +94,10 @@ pub(crate) async fn cutting_copy<T>(
 ) -> T {
     let key = if ANY.load(Ordering::SeqCst) {
         let armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
-        events.iter().find_map(|e| {
-            armed
-                .iter()
-                .find(|(p, a, s, when)| {
-                    (*p, a.as_str(), *s) == (projection, e.aggregate_id.as_str(), e.sequence)
-                        && *when == When::HangInCopyOnce
-                })
-                .map(|(p, a, s, _)| (*p, a.clone(), *s))
+        first_armed(&armed, projection, events, |when| {
+            when == When::HangInCopyOnce
         })
+        .map(|(i, _)| (armed[i].0, armed[i].1.clone(), armed[i].2))
     } else {
         None
     };
@@ -147,14 +142,26 @@ fn hit(
         return None;
     }
     let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());
+    let (i, event) = first_armed(&armed, projection, events, wanted)?;
+    if armed[i].3 == When::HangOnce {
+        armed.remove(i);
+    }
+    Some(event.position)
+}
+
+/// The first of `events` armed in `projection` with a `When` that `wanted` takes: where it
+/// stands in `armed`, and the event.
+fn first_armed<'e>(
+    armed: &[(Projection, String, i64, When)],
+    projection: Projection,
+    events: &'e [StoredEvent],
+    wanted: impl Fn(When) -> bool,
+) -> Option<(usize, &'e StoredEvent)> {
     events.iter().find_map(|e| {
         let i = armed.iter().position(|(p, a, s, when)| {
             (*p, a.as_str(), *s) == (projection, e.aggregate_id.as_str(), e.sequence)
                 && wanted(*when)
         })?;
-        if armed[i].3 == When::HangOnce {
-            armed.remove(i);
-        }
-        Some(e.position)
+        Some((i, e))
     })
 }
