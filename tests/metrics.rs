@@ -469,6 +469,35 @@ async fn org_name(t: &TestApp, org: uuid::Uuid) -> String {
         .unwrap()
 }
 
+/// The app, whose projector counts a batch stalled after `stall_limit`.
+async fn stalling_after(stall_limit: Duration) -> TestApp {
+    TestApp::spawn_with(ledgerline_projections::Projector {
+        stall_limit,
+        ..ledgerline_projections::Projector::default()
+    })
+    .await
+}
+
+/// Renames `org` through the API, and checks the answer.
+async fn rename(t: &TestApp, org: uuid::Uuid, name: &str) {
+    let r = t
+        .patch(
+            &format!("/v1/organizations/{org}"),
+            &t.admin_key,
+            json!({ "name": name }),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
+/// Whether, within 30 s, the `organizations` read model shows `org` named `name`.
+async fn shows_name(t: &TestApp, org: uuid::Uuid, name: &str) -> bool {
+    eventually(Duration::from_secs(30), || async {
+        org_name(t, org).await == name
+    })
+    .await
+}
+
 /// The position of `org`'s event `sequence`.
 async fn org_event(t: &TestApp, org: &str, sequence: i64) -> i64 {
     sqlx::query_scalar(
@@ -509,14 +538,7 @@ async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::f
     t.stop_projection("organizations").await;
     fault::arm(Projection::Organizations, &id, 3, when);
     for name in ["First", "Second", "Third"] {
-        let r = t
-            .patch(
-                &format!("/v1/organizations/{org}"),
-                &t.admin_key,
-                json!({ "name": name }),
-            )
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        rename(&t, org, name).await;
     }
     let (first, panics) = (org_event(&t, &id, 2).await, org_event(&t, &id, 3).await);
     t.resume_projection("organizations").await;
@@ -586,12 +608,8 @@ async fn panicking_projection_stops_at_the_event(when: ledgerline_projections::f
 /// failed for the moment, and the next one applies the event.
 #[tokio::test]
 async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
-    use ledgerline_projections::{fault, Projection, Projector};
-    let t = TestApp::spawn_with(Projector {
-        stall_limit: Duration::from_secs(1),
-        ..Projector::default()
-    })
-    .await;
+    use ledgerline_projections::{fault, Projection};
+    let t = stalling_after(Duration::from_secs(1)).await;
     let org = t.create_org("Stuck Co").await;
     let id = org.to_string();
     let errors =
@@ -599,20 +617,9 @@ async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
     let before = errors(&scrape(&t).await);
     // Its first update.
     fault::arm(Projection::Organizations, &id, 2, fault::When::HangOnce);
-    let r = t
-        .patch(
-            &format!("/v1/organizations/{org}"),
-            &t.admin_key,
-            json!({ "name": "Unstuck" }),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    let name = || org_name(&t, org);
+    rename(&t, org, "Unstuck").await;
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            name().await == "Unstuck"
-        })
-        .await,
+        shows_name(&t, org, "Unstuck").await,
         "the next batch applies the update"
     );
     assert!(
@@ -627,29 +634,27 @@ async fn a_live_batch_that_stalls_is_ended_and_tried_again() {
 /// gives it one.
 #[tokio::test]
 async fn a_live_batch_that_stalls_is_ended_with_no_pooled_connection_free() {
-    use ledgerline_projections::{fault, Projection, Projector};
+    use ledgerline_projections::{fault, Projection};
     use sqlx::Connection;
-    let t = TestApp::spawn_with(Projector {
-        stall_limit: Duration::from_secs(3),
-        ..Projector::default()
-    })
-    .await;
+    let t = stalling_after(Duration::from_secs(3)).await;
     let org = t.create_org("Crowded Co").await;
     let id = org.to_string();
     fault::arm(Projection::Organizations, &id, 2, fault::When::HangOnce);
     let mut observer = sqlx::PgConnection::connect(&t.db.url).await.unwrap();
-    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-                    AND state = 'active' AND query = 'SELECT pg_sleep(3600)'";
-    let path = format!("/v1/organizations/{org}");
-    let update = t.patch(&path, &t.admin_key, json!({ "name": "Uncrowded" }));
+    // The sessions asleep in the hung batch, counted outside the pool.
+    let mut sleeping = async || -> i64 {
+        sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND state = 'active' AND query = 'SELECT pg_sleep(3600)'",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .unwrap()
+    };
+    let update = rename(&t, org, "Uncrowded");
     let crowd = async {
         let until = std::time::Instant::now() + Duration::from_secs(30);
-        while sqlx::query_scalar::<_, i64>(sleeping)
-            .fetch_one(&mut observer)
-            .await
-            .unwrap()
-            == 0
-        {
+        while sleeping().await == 0 {
             assert!(std::time::Instant::now() < until, "the batch never hung");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -661,12 +666,7 @@ async fn a_live_batch_that_stalls_is_ended_with_no_pooled_connection_free() {
         {
             held.push(conn);
         }
-        while sqlx::query_scalar::<_, i64>(sleeping)
-            .fetch_one(&mut observer)
-            .await
-            .unwrap()
-            > 0
-        {
+        while sleeping().await > 0 {
             assert!(
                 hung.elapsed() < Duration::from_secs(15),
                 "the stalled batch's session still runs {:?} after it hung, with {} \
@@ -678,13 +678,9 @@ async fn a_live_batch_that_stalls_is_ended_with_no_pooled_connection_free() {
         }
         drop(held);
     };
-    let (r, ()) = tokio::join!(update, crowd);
-    assert_eq!(r.status, 200, "{}", r.body);
+    tokio::join!(update, crowd);
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            org_name(&t, org).await == "Uncrowded"
-        })
-        .await,
+        shows_name(&t, org, "Uncrowded").await,
         "the next batch applies the update"
     );
 }
@@ -696,22 +692,10 @@ async fn a_live_batch_that_stalls_is_ended_with_no_pooled_connection_free() {
 /// waiting until the row was free, and the next one joined it). Then the events apply.
 #[tokio::test]
 async fn a_live_batch_stalled_on_a_held_checkpoint_frees_its_session() {
-    use ledgerline_projections::Projector;
-    let t = TestApp::spawn_with(Projector {
-        stall_limit: Duration::from_secs(1),
-        ..Projector::default()
-    })
-    .await;
+    let t = stalling_after(Duration::from_secs(1)).await;
     let org = t.create_org("Held Co").await;
     let held = common::hold_checkpoint(t.pool(), "organizations").await;
-    let r = t
-        .patch(
-            &format!("/v1/organizations/{org}"),
-            &t.admin_key,
-            json!({ "name": "Released" }),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    rename(&t, org, "Released").await;
     // The longest wait of the sessions waiting for a lock on the checkpoints, sampled while
     // the row stays held (the command above already waited for the read models, up to 5 s).
     let mut longest = 0.0f64;
@@ -737,10 +721,7 @@ async fn a_live_batch_stalled_on_a_held_checkpoint_frees_its_session() {
     );
     held.rollback().await.unwrap();
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            org_name(&t, org).await == "Released"
-        })
-        .await,
+        shows_name(&t, org, "Released").await,
         "the next batch applies the update"
     );
 }
@@ -750,26 +731,11 @@ async fn a_live_batch_stalled_on_a_held_checkpoint_frees_its_session() {
 /// a connection left inside an aborted transaction.
 #[tokio::test]
 async fn a_stall_limit_longer_than_any_lock_timeout_still_applies_events() {
-    use ledgerline_projections::Projector;
-    let t = TestApp::spawn_with(Projector {
-        stall_limit: Duration::from_secs(3_000_000),
-        ..Projector::default()
-    })
-    .await;
+    let t = stalling_after(Duration::from_secs(3_000_000)).await;
     let org = t.create_org("Patient Co").await;
-    let r = t
-        .patch(
-            &format!("/v1/organizations/{org}"),
-            &t.admin_key,
-            json!({ "name": "Still Patient" }),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
+    rename(&t, org, "Still Patient").await;
     assert!(
-        eventually(Duration::from_secs(30), || async {
-            org_name(&t, org).await == "Still Patient"
-        })
-        .await,
+        shows_name(&t, org, "Still Patient").await,
         "the projector applies the update"
     );
 }
