@@ -1172,10 +1172,9 @@ async fn a_rebuild_whose_copy_stops_halfway_resumes_by_itself() {
     let head = t.head().await;
     assert!(
         eventually(Duration::from_secs(30), || async {
-            let status = ledgerline_projections::status(t.pool()).await.unwrap();
-            status
-                .iter()
-                .any(|s| s.name == "audit_events" && s.checkpoint == head)
+            checkpoints(&t)
+                .await
+                .contains(&("audit_events".to_string(), head))
         })
         .await,
         "the live audit_events reached the head"
