@@ -267,6 +267,23 @@ async fn messages_page_newest_first_with_a_cursor() {
     assert_error(&c.messages(&c.alice.1, conv, "?limit=201").await, 400);
 }
 
+/// Message ids are time-ordered (UUID version 7): a later post gets a greater id, so the
+/// indexes on message ids take each new one beside the last instead of anywhere.
+#[tokio::test]
+async fn later_posts_get_greater_ids() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let mut ids = Vec::new();
+    for (i, key) in [&c.alice.1, &c.bob.1, &c.alice.1, &c.carol.1]
+        .into_iter()
+        .enumerate()
+    {
+        ids.push(c.say(key, conv, &format!("m{i}")).await);
+    }
+    assert!(ids.iter().all(|id| id.get_version_num() == 7), "{ids:?}");
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
+}
+
 #[tokio::test]
 async fn direct_conversations_need_exactly_two_distinct_people() {
     let c = chat().await;

@@ -84,8 +84,16 @@ impl Ids {
         }
     }
 
+    /// A fresh id of the old one's kind: a time-ordered id (version 7, as message ids are)
+    /// stays time-ordered, in the copy's order, as the API would have made it.
     fn map(&mut self, old: Uuid) -> Uuid {
-        *self.map.entry(old).or_insert_with(Uuid::new_v4)
+        *self
+            .map
+            .entry(old)
+            .or_insert_with(|| match old.get_version_num() {
+                7 => Uuid::now_v7(),
+                _ => Uuid::new_v4(),
+            })
     }
 
     fn text(&mut self, s: &str) -> String {
