@@ -285,17 +285,13 @@ async fn single(
                 });
             };
             let error = ProjectionError::Panicked { position, message };
-            stop_at(
+            let opening = Opening {
                 pool,
                 projection,
-                Some(holder),
-                None,
-                checkpoint,
-                &[],
-                position,
-                error,
-            )
-            .await
+                holder: Some(holder),
+                watch: None,
+            };
+            stop_at(opening, checkpoint, &[], position, error).await
         }
         other => other,
     }
@@ -317,6 +313,17 @@ async fn checkpoint_and_next(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Op
 /// days): a longer stall limit bounds a batch's lock waits by this instead.
 const LOCK_TIMEOUT_MAX_MS: u128 = 2_147_483_647;
 
+/// How a batch's transactions are begun: the projection, the lease's holder (none where the
+/// caller holds no lease) and, for a watched batch, its watch. A batch that fails records the
+/// failure in a transaction begun the same way ([`stop_at`]).
+#[derive(Clone, Copy)]
+struct Opening<'a> {
+    pool: &'a PgPool,
+    projection: Projection,
+    holder: Option<&'a str>,
+    watch: Option<(&'a Session, Duration)>,
+}
+
 /// Begins a batch's transaction and opens it ([`open`]). A watched batch ([`caught`]) has
 /// `watch`: where it tells its session, and the watch's limit, which also bounds each of
 /// its transaction's lock waits (in `BEGIN`'s own round trip). A batch waiting for a lock
@@ -325,10 +332,12 @@ const LOCK_TIMEOUT_MAX_MS: u128 = 2_147_483_647;
 /// later, once the pool gave a connection), instead of holding its pooled connection until
 /// the lock is free.
 async fn begin(
-    pool: &PgPool,
-    name: &'static str,
-    holder: Option<&str>,
-    watch: Option<(&Session, Duration)>,
+    Opening {
+        pool,
+        projection,
+        holder,
+        watch,
+    }: Opening<'_>,
 ) -> Result<
     (
         Transaction<'static, Postgres>,
@@ -346,7 +355,7 @@ async fn begin(
         }
         None => pool.begin().await?,
     };
-    let (fenced, checkpoint, failure, began) = open(&mut tx, name, holder).await?;
+    let (fenced, checkpoint, failure, began) = open(&mut tx, projection.name(), holder).await?;
     if let Some((session, _)) = watch {
         *session.lock().unwrap_or_else(|p| p.into_inner()) = Some(began);
     }
@@ -361,7 +370,13 @@ async fn batch(
     watch: Option<(&Session, Duration)>,
 ) -> Result<BatchOutcome, RunError> {
     let name = projection.name();
-    let (mut tx, fenced, checkpoint, failure) = begin(pool, name, holder, watch).await?;
+    let opening = Opening {
+        pool,
+        projection,
+        holder,
+        watch,
+    };
+    let (mut tx, fenced, checkpoint, failure) = begin(opening).await?;
     if !fenced {
         return Err(RunError::NotLeaseHolder(name));
     }
@@ -398,10 +413,7 @@ async fn batch(
                  a recorded_at no writer stores (the log was altered; `ledgerline verify` \
                  names it)",
             );
-            return stop_at(
-                pool, projection, holder, watch, checkpoint, &before, altered, error,
-            )
-            .await;
+            return stop_at(opening, checkpoint, &before, altered, error).await;
         }
         Err(e) => return Err(e.into()),
     };
@@ -421,17 +433,7 @@ async fn batch(
             // The failed statement aborted the transaction: start over without the event.
             tx.rollback().await?;
             let failed = events[index].position;
-            stop_at(
-                pool,
-                projection,
-                holder,
-                watch,
-                checkpoint,
-                &events[..index],
-                failed,
-                error,
-            )
-            .await
+            stop_at(opening, checkpoint, &events[..index], failed, error).await
         }
     }
 }
@@ -468,18 +470,14 @@ async fn read_events(
 /// failure, in one transaction opened as a batch is (the lease checked and held, an idle
 /// limit). If one of those events now fails too (the database changed in between), the
 /// projection stops at that earlier one instead.
-#[allow(clippy::too_many_arguments)] // the batch's own, passed on
 async fn stop_at(
-    pool: &PgPool,
-    projection: Projection,
-    holder: Option<&str>,
-    watch: Option<(&Session, Duration)>,
+    opening: Opening<'_>,
     checkpoint: i64,
     mut prefix: &[StoredEvent],
     mut failed: i64,
     mut error: ProjectionError,
 ) -> Result<BatchOutcome, RunError> {
-    let name = projection.name();
+    let name = opening.projection.name();
     loop {
         // A lost connection or a deadlock says nothing about the event: retry the batch
         // later rather than stop the projection.
@@ -487,7 +485,7 @@ async fn stop_at(
             Ok(e) => return Err(RunError::Sql(e)),
             Err(error) => error,
         };
-        let (mut tx, fenced, now, recorded) = begin(pool, name, holder, watch).await?;
+        let (mut tx, fenced, now, recorded) = begin(opening).await?;
         if !fenced {
             // The lease moved while the batch failed: its new holder meets the event itself.
             return Err(RunError::NotLeaseHolder(name));
@@ -507,7 +505,7 @@ async fn stop_at(
                 },
             });
         }
-        if let Err((earlier, e)) = projection.apply_many(&mut tx, prefix).await {
+        if let Err((earlier, e)) = opening.projection.apply_many(&mut tx, prefix).await {
             tx.rollback().await?;
             (failed, error) = (prefix[earlier].position, e);
             prefix = &prefix[..earlier];
