@@ -267,8 +267,9 @@ async fn messages_page_newest_first_with_a_cursor() {
     assert_error(&c.messages(&c.alice.1, conv, "?limit=201").await, 400);
 }
 
-/// Message ids are time-ordered (UUID version 7): a later post gets a greater id, so the
-/// indexes on message ids take each new one beside the last instead of anywhere.
+/// Message ids are time-ordered (UUID version 7): a post made after another by the same
+/// server gets a greater id, so the indexes on message ids take each new one beside the last
+/// instead of anywhere.
 #[tokio::test]
 async fn later_posts_get_greater_ids() {
     let c = chat().await;

@@ -85,7 +85,8 @@ impl Ids {
     }
 
     /// A fresh id of the old one's kind: a time-ordered id (version 7, as message ids are)
-    /// stays time-ordered, in the copy's order, as the API would have made it.
+    /// gets one made now, so a copy's ids grow in its positions' order as the API's do (their
+    /// time is the copying's, not the events' `recorded_at`).
     fn map(&mut self, old: Uuid) -> Uuid {
         *self
             .map

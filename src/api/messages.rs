@@ -397,10 +397,11 @@ pub async fn post(
             })
         }
     };
-    // Time-ordered (version 7): a new id lands beside the last ones in every index keyed by it
-    // (the log's, as the aggregate's id; messages, keys, reactions, receipts), where a random
-    // one lands anywhere, costing page reads and splits on every post and in every rebuild.
-    // The time it carries is the message's `created_at`, shown anyway.
+    // Time-ordered (version 7): a new id lands beside the last ones in the indexes keyed by it
+    // (the log's primary key, as the aggregate's id, and those of messages, keys, attachments,
+    // reactions, receipts and the audit view), where a random one lands anywhere, costing page
+    // reads and splits on every post and in every rebuild. The time it carries is about the
+    // message's `created_at`, shown anyway; it is no secret (every read checks the conversation).
     let id = Uuid::now_v7();
     // From the key's creation to its fate, in a task of its own: a client hanging up must not
     // stop the handler halfway and leave a key behind that protects nothing.
