@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use ledgerline_projections::copy_in::{BinaryCopy, Field};
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgSslMode};
 use sqlx::{Connection, PgPool};
 
@@ -46,7 +47,7 @@ async fn main() -> anyhow::Result<()> {
         .connect_with(options)
         .await
         .context("connecting with sslmode=require (does the server offer TLS?)")?;
-    let data = Arc::new(copy_data());
+    let data = Arc::new(copy_data()?);
     println!(
         "{connections} connections, {seconds} s, COPYs of {ROWS} rows ({:.1} MB) over TLS",
         data.len() as f64 / 1e6
@@ -128,22 +129,15 @@ async fn hang(pool: &PgPool, worker: usize, copies: u64, started: Instant) -> an
     )
 }
 
-/// The binary `COPY` data: `ROWS` rows of a bigint and a text of about `WIDTH` bytes.
-fn copy_data() -> Vec<u8> {
-    let mut data = Vec::with_capacity(ROWS * (WIDTH + 24));
-    data.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
-    data.extend_from_slice(&0i32.to_be_bytes());
-    data.extend_from_slice(&0i32.to_be_bytes());
-    let text = vec![b'x'; WIDTH];
+/// The binary `COPY` data, encoded as a rebuild's is (`copy_in`): `ROWS` rows of a bigint
+/// and a text of about `WIDTH` bytes.
+fn copy_data() -> anyhow::Result<Vec<u8>> {
+    let text = "x".repeat(WIDTH);
+    let mut copy = BinaryCopy::new();
     for i in 0..ROWS {
-        data.extend_from_slice(&2i16.to_be_bytes());
-        data.extend_from_slice(&8i32.to_be_bytes());
-        data.extend_from_slice(&(i as i64).to_be_bytes());
         // Lengths vary, so records and chunks end at different places each row.
         let width = WIDTH - i % 97;
-        data.extend_from_slice(&(width as i32).to_be_bytes());
-        data.extend_from_slice(&text[..width]);
+        copy.row(&[Field::Bigint(i as i64), Field::Text(&text[..width])])?;
     }
-    data.extend_from_slice(&(-1i16).to_be_bytes());
-    data
+    Ok(copy.finish())
 }

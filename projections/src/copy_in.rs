@@ -26,7 +26,7 @@ const JSONB_VERSION: u8 = 1;
 
 /// One field of a tuple, in the type of its column.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub(crate) enum Field<'a> {
+pub enum Field<'a> {
     Null,
     Int(i32),
     Bigint(i64),
@@ -44,8 +44,9 @@ impl<'a> Field<'a> {
     }
 }
 
+/// Why a tuple could not be encoded.
 #[derive(Debug, thiserror::Error)]
-pub(crate) enum EncodeError {
+pub enum EncodeError {
     #[error("a field of {0} bytes is longer than COPY takes")]
     TooLong(usize),
     #[error("{0} is too far from 2000-01-01 for PostgreSQL's microseconds")]
@@ -62,7 +63,7 @@ impl From<EncodeError> for sqlx::Error {
 
 /// The data of one binary `COPY ... FROM STDIN`: the header, then the tuples added; the
 /// trailer is added by [`BinaryCopy::finish`]. After an error the data is unusable.
-pub(crate) struct BinaryCopy {
+pub struct BinaryCopy {
     data: Vec<u8>,
     rows: u64,
 }
@@ -74,7 +75,7 @@ impl Default for BinaryCopy {
 }
 
 impl BinaryCopy {
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         // Grown as rows come: most segments of the live projector's batches fold nothing.
         let mut data = Vec::new();
         data.extend_from_slice(SIGNATURE);
@@ -84,7 +85,7 @@ impl BinaryCopy {
     }
 
     /// Adds one tuple: `fields` in the order of the `COPY`'s column list.
-    pub(crate) fn row(&mut self, fields: &[Field<'_>]) -> Result<(), EncodeError> {
+    pub fn row(&mut self, fields: &[Field<'_>]) -> Result<(), EncodeError> {
         let count =
             i16::try_from(fields.len()).map_err(|_| EncodeError::TooManyFields(fields.len()))?;
         self.data.extend_from_slice(&count.to_be_bytes());
@@ -101,7 +102,7 @@ impl BinaryCopy {
     }
 
     /// The whole stream, trailer included.
-    pub(crate) fn finish(mut self) -> Vec<u8> {
+    pub fn finish(mut self) -> Vec<u8> {
         self.data.extend_from_slice(&(-1i16).to_be_bytes());
         self.data
     }
