@@ -5,8 +5,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use cqrs_es::persist::PersistedEventStore;
-use cqrs_es::{Aggregate, AggregateError, CqrsFramework};
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::persist::{PersistedEventStore, SerializedEvent};
+use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope};
 use ledgerline_aggregates::api_key::ApiKey;
 use ledgerline_aggregates::conversation::Conversation;
 use ledgerline_aggregates::message::Message;
@@ -22,7 +23,7 @@ use uuid::Uuid;
 use crate::crypto::Vault;
 use crate::ledger::checkpoint::LogSigner;
 use crate::ledger::tree::{self, CheckpointPolicy};
-use crate::ledger::{AppendError, LedgerStore};
+use crate::ledger::{AppendError, Appended, LedgerStore};
 
 pub type Framework<A> = CqrsFramework<A, PersistedEventStore<LedgerStore, A>>;
 
@@ -86,8 +87,21 @@ impl Actor {
         }
     }
 
-    fn metadata(&self, organization_id: Option<Uuid>) -> HashMap<String, String> {
+    /// A command's metadata: who issued it, for which organization, and what it was decided
+    /// against (`guard`).
+    fn metadata(
+        &self,
+        organization_id: Option<Uuid>,
+        guard: Option<Guard>,
+    ) -> HashMap<String, String> {
         let mut m = HashMap::new();
+        if let Some(g) = guard {
+            m.insert(
+                metadata::GUARD_AGGREGATE.into(),
+                format!("{}:{}", g.aggregate_type, g.aggregate_id),
+            );
+            m.insert(metadata::GUARD_SEQUENCE.into(), g.sequence.to_string());
+        }
         m.insert(metadata::ACTOR_KIND.into(), self.kind.clone());
         m.insert(metadata::REQUEST_ID.into(), self.request_id.clone());
         let optional = [
@@ -132,15 +146,21 @@ impl<E: std::error::Error> From<AggregateError<E>> for CommandError<E> {
         match e {
             AggregateError::UserError(e) => CommandError::Rejected(e),
             AggregateError::AggregateConflict => CommandError::Conflict,
-            AggregateError::UnexpectedError(inner) => match inner.downcast_ref::<AppendError>() {
-                Some(AppendError::Taken { scope, holder }) => CommandError::Taken {
-                    scope,
-                    holder: holder.clone(),
-                },
-                Some(AppendError::Conflict) => CommandError::Conflict,
-                Some(AppendError::Stale(what)) => CommandError::Stale(what.clone()),
-                _ => CommandError::Internal(inner.to_string()),
+            AggregateError::UnexpectedError(inner) => match inner.downcast::<AppendError>() {
+                Ok(e) => CommandError::from(*e),
+                Err(other) => CommandError::Internal(other.to_string()),
             },
+            other => CommandError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl<E: std::error::Error> From<AppendError> for CommandError<E> {
+    fn from(e: AppendError) -> Self {
+        match e {
+            AppendError::Taken { scope, holder } => CommandError::Taken { scope, holder },
+            AppendError::Conflict => CommandError::Conflict,
+            AppendError::Stale(what) => CommandError::Stale(what),
             other => CommandError::Internal(other.to_string()),
         }
     }
@@ -153,6 +173,13 @@ pub struct Frameworks {
     pub api_keys: Framework<ApiKey>,
     pub conversations: Framework<Conversation>,
     pub messages: Framework<Message>,
+}
+
+/// What a command on a new aggregate appended ([`App::execute_fresh`]).
+#[derive(Debug)]
+pub struct Created<A: Aggregate> {
+    pub events: Vec<A::Event>,
+    pub appended: Appended,
 }
 
 /// What a command was decided against: the aggregate's type, id and sequence then. The
@@ -331,23 +358,101 @@ impl App {
         A::Error: std::error::Error,
         A::Command: std::fmt::Debug,
     {
-        let mut metadata = actor.metadata(organization_id);
-        if let Some(g) = guard {
-            metadata.insert(
-                metadata::GUARD_AGGREGATE.into(),
-                format!("{}:{}", g.aggregate_type, g.aggregate_id),
-            );
-            metadata.insert(metadata::GUARD_SEQUENCE.into(), g.sequence.to_string());
-        }
+        let metadata = actor.metadata(organization_id, guard);
         let timer = crate::metrics::CommandTimer::start(A::TYPE, &command);
-        let result = framework
+        let decided = framework
             .execute_with_metadata(&aggregate_id.to_string(), command, metadata)
             .await
             .map_err(CommandError::from);
-        timer.finish(&result);
-        result?;
+        self.settled(timer, decided).await
+    }
+
+    /// [`App::execute_guarded`] for a command that creates aggregate `aggregate_id`, whose id
+    /// the handler has just made (a post's message id): with no events to load, cqrs-es's
+    /// load (a round trip through the store's group loader) is skipped and the command is
+    /// decided against the empty aggregate. Were the id taken after all, the append would
+    /// refuse it as a conflict (its first sequence number is stored), as it refuses the
+    /// second of two commands racing on one aggregate. Returns what was appended, so that
+    /// the handler can answer without reading it back.
+    pub async fn execute_fresh<A>(
+        &self,
+        aggregate_id: Uuid,
+        organization_id: Option<Uuid>,
+        actor: &Actor,
+        guard: Option<Guard>,
+        command: A::Command,
+    ) -> Result<Created<A>, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Error: std::error::Error,
+        A::Command: std::fmt::Debug,
+    {
+        let metadata = actor.metadata(organization_id, guard);
+        let timer = crate::metrics::CommandTimer::start(A::TYPE, &command);
+        let decided = self.create(aggregate_id, command, metadata).await;
+        self.settled(timer, decided).await
+    }
+
+    /// Counts a command's outcome (`timer`); on success waits for the read models
+    /// (read-your-writes).
+    async fn settled<T, E: std::error::Error>(
+        &self,
+        timer: crate::metrics::CommandTimer,
+        decided: Result<T, CommandError<E>>,
+    ) -> Result<T, CommandError<E>> {
+        timer.finish(&decided);
+        let done = decided?;
         self.await_projections().await;
-        Ok(())
+        Ok(done)
+    }
+
+    /// Decides `command` against the empty aggregate and appends its events with cqrs-es's
+    /// envelopes and serialization, as `execute_with_metadata` does after a load that found
+    /// nothing, except that a command deciding no event is an error here (cqrs-es would
+    /// count it done). No query is dispatched: the frameworks have none (read models follow
+    /// the log).
+    async fn create<A>(
+        &self,
+        aggregate_id: Uuid,
+        command: A::Command,
+        metadata: HashMap<String, String>,
+    ) -> Result<Created<A>, CommandError<A::Error>>
+    where
+        A: Aggregate<Services = ()>,
+        A::Error: std::error::Error,
+    {
+        let mut aggregate = A::default();
+        let sink = EventSink::default();
+        aggregate
+            .handle(command, &(), &sink)
+            .await
+            .map_err(CommandError::Rejected)?;
+        let envelopes: Vec<EventEnvelope<A>> = (1..)
+            .zip(sink.collect().await)
+            .map(|(sequence, payload)| EventEnvelope {
+                aggregate_id: aggregate_id.to_string(),
+                sequence,
+                payload,
+                metadata: metadata.clone(),
+            })
+            .collect();
+        let serialized = envelopes
+            .iter()
+            .map(SerializedEvent::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| CommandError::Internal(e.to_string()))?;
+        if serialized.is_empty() {
+            // A creation that appends nothing created nothing: there is no answer to give.
+            return Err(CommandError::Internal(format!(
+                "a command on the new {} {aggregate_id} decided no event",
+                A::TYPE
+            )));
+        }
+        let appended = self.store.append(&serialized).await?;
+        Ok(Created {
+            events: envelopes.into_iter().map(|e| e.payload).collect(),
+            appended,
+        })
     }
 
     /// Waits until the read models show everything committed so far by any process. A
@@ -396,6 +501,12 @@ impl App {
             // Also when one far behind was not waited for (it is catching up).
             mark_unless_reached(projector, target);
         }
+    }
+
+    /// Whether every read model shows the log up to `position` (false without a projector
+    /// in this process: then nothing here knows).
+    pub fn read_models_show(&self, position: i64) -> bool {
+        self.projector.as_ref().is_some_and(|p| p.reached(position))
     }
 
     /// Logs what a wait for the read models found: a timeout each time (it says the

@@ -6,7 +6,10 @@ mod common;
 use std::sync::Arc;
 
 use common::TestApp;
+use ledgerline::app::{Actor, CommandError, Created};
+use ledgerline_aggregates::organization::{Organization, OrganizationCommand, OrganizationError};
 use serde_json::json;
+use uuid::Uuid;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
@@ -88,6 +91,62 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
     .await
     .unwrap();
     assert_eq!(name, json!(last.0));
+}
+
+/// Creates organization `id` as `App::execute_fresh` does: with no load.
+async fn create_fresh(
+    t: &TestApp,
+    id: Uuid,
+    slug: &str,
+) -> Result<Created<Organization>, CommandError<OrganizationError>> {
+    let command = OrganizationCommand::Create {
+        organization_id: id,
+        name: format!("Org {slug}"),
+        slug: slug.into(),
+        country_code: None,
+        domain: None,
+        settings: Default::default(),
+    };
+    let actor = Actor::cli("test");
+    t.app
+        .execute_fresh(id, Some(id), &actor, None, command)
+        .await
+}
+
+/// A command on an aggregate whose id its handler just made (a post's) skips the load
+/// (`App::execute_fresh`). Its safety rests on the append: were the id taken after all, the
+/// command is refused as a conflict, as two racing commands are, and appends nothing.
+#[tokio::test]
+async fn a_fresh_command_on_a_taken_id_is_a_conflict_and_appends_nothing() {
+    let t = TestApp::spawn().await;
+    let taken = t.create_org("Taken").await;
+    let head = t.head().await;
+    let outcome = create_fresh(&t, taken, "another-slug").await;
+    assert!(
+        matches!(outcome, Err(CommandError::Conflict)),
+        "{outcome:?}"
+    );
+    assert_eq!(t.head().await, head, "a refused command appends nothing");
+
+    // An id nobody holds: created, and shown by the read model once the call returns.
+    let fresh = Uuid::new_v4();
+    let created = create_fresh(&t, fresh, "fresh-slug").await.unwrap();
+    assert_eq!(t.head().await, head + 1);
+    assert_eq!(created.appended.position, head + 1);
+    assert_eq!(created.events.len(), 1);
+    let recorded_at: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT recorded_at FROM events WHERE position = $1")
+            .bind(head + 1)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(created.appended.recorded_at, recorded_at);
+    let r = t
+        .get(&format!("/v1/organizations/{fresh}"), &t.admin_key)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.body["slug"], "fresh-slug");
+    assert!(t.verify().await.intact());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -285,6 +285,100 @@ async fn later_posts_get_greater_ids() {
     assert!(ids.windows(2).all(|w| w[0] < w[1]), "{ids:?}");
 }
 
+/// A post's answer is made from what it appended, not read back: it must be what a read of
+/// the message shows, for every kind of post (a reply in a thread, attachments with names
+/// the API trims, empty text beside them, a service key's post for an author).
+#[tokio::test]
+async fn a_posts_answer_is_what_a_read_of_it_shows() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let root = c.say(&c.alice.1, conv, "the root").await;
+    let digest = blake3::hash(b"the file").to_hex().to_string();
+    let attachment = |name: &str| json!({"file_name": name, "mime_type": "application/pdf", "size_bytes": 8, "blake3": digest});
+    let posts = [
+        (&c.bob.1, json!({"content": "plain"})),
+        (
+            &c.carol.1,
+            json!({"content": "a reply", "parent_message_id": root}),
+        ),
+        (
+            &c.bob.1,
+            json!({"content": "two files", "attachments": [attachment("  plan.pdf "), attachment("b.pdf")]}),
+        ),
+        (
+            &c.alice.1,
+            json!({"content": "", "attachments": [attachment("only.pdf")]}),
+        ),
+        (
+            &c.service,
+            json!({"content": "for Bob", "author_id": c.bob.0}),
+        ),
+    ];
+    for (key, body) in posts {
+        let r = c.post(key, conv, body.clone()).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let read = c.message(&c.alice.1, conv, id(&r)).await;
+        assert_eq!(r.body, read, "the answer to {body}");
+    }
+    // The reply's thread, the trimmed name and the empty text, as the read model holds them.
+    let page = c.messages(&c.alice.1, conv, "").await;
+    let items = page.body["items"].as_array().unwrap();
+    assert_eq!(items[1]["attachments"][0]["file_name"], "only.pdf");
+    assert_eq!(items[1]["content"], "");
+    assert_eq!(items[2]["attachments"][0]["file_name"], "plan.pdf");
+    assert_eq!(items[3]["thread_root_id"], json!(root));
+}
+
+/// The answer is made from what the post appended, not read back (a round trip and a
+/// message's decryption less on every post): a read model that differs from the log, here
+/// through a trigger the test adds, shows in a read and not in the answer.
+#[tokio::test]
+async fn a_posts_answer_is_not_read_back() {
+    let c = chat().await;
+    let conv = c.group().await;
+    sqlx::raw_sql(
+        "CREATE FUNCTION test_mark_edited() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN NEW.edited_at := NEW.created_at; RETURN NEW; END $$; \
+         CREATE TRIGGER test_mark_edited BEFORE INSERT ON messages \
+         FOR EACH ROW EXECUTE FUNCTION test_mark_edited()",
+    )
+    .execute(c.t.pool())
+    .await
+    .unwrap();
+    let r = c
+        .post(&c.bob.1, conv, json!({"content": "as posted"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(r.body["edited_at"], Value::Null);
+    let read = c.message(&c.bob.1, conv, id(&r)).await;
+    assert_eq!(read["edited_at"], r.body["created_at"]);
+}
+
+/// A post the read models do not show yet (`messaging` stopped) is in the log all the same:
+/// 202 with its id, said to be behind, not a view made as if they showed it.
+#[tokio::test]
+async fn a_post_the_read_models_do_not_show_yet_answers_202() {
+    let c = chat().await;
+    let conv = c.group().await;
+    c.t.stop_projection("messaging").await;
+    let head = c.t.head().await;
+    let r = c.post(&c.bob.1, conv, json!({"content": "pending"})).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    assert_eq!(r.body["read_models"], "behind");
+    assert_eq!(r.headers["ledgerline-read-models"], "behind");
+    assert_eq!(c.t.head().await, head + 1, "the post is in the log");
+    c.t.resume_projection("messaging").await;
+    let path = c.path(&format!("/{conv}/messages/{}", id(&r)));
+    assert!(
+        common::eventually(std::time::Duration::from_secs(10), || async {
+            let read = c.t.get(&path, &c.bob.1).await;
+            read.status == 200 && read.body["content"] == "pending"
+        })
+        .await,
+        "shown once messaging resumes"
+    );
+}
+
 #[tokio::test]
 async fn direct_conversations_need_exactly_two_distinct_people() {
     let c = chat().await;

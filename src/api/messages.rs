@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::message::{
-    Message, MessageActor, MessageCommand, MessageError, NewAttachment, ParentFacts,
+    Message, MessageActor, MessageCommand, MessageError, MessageEvent, NewAttachment, ParentFacts,
     MAX_CONTENT_BYTES,
 };
 use ledgerline_aggregates::{validate, Permission};
@@ -29,8 +29,9 @@ use super::conversations::{access, access_for, require_active_members, Access, U
 use super::error::{ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page;
-use crate::app::{App, CommandError};
+use crate::app::{App, CommandError, Created};
 use crate::crypto::DataKey;
+use crate::ledger::Appended;
 
 /// How often a message command is decided again when its conversation changed meanwhile.
 const STALE_RETRIES: usize = 3;
@@ -209,14 +210,19 @@ async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView>
 /// After a post: when it failed but the message exists after all (its commit went through
 /// and only the answer was lost), it is a success; otherwise the message never came to be
 /// and its key, which protects nothing, goes.
-async fn settle(app: &App, org: Uuid, id: Uuid, outcome: ApiResult<()>) -> ApiResult<()> {
+async fn settle<T>(
+    app: &App,
+    org: Uuid,
+    id: Uuid,
+    outcome: ApiResult<Option<T>>,
+) -> ApiResult<Option<T>> {
     if outcome.is_ok() {
-        return Ok(());
+        return outcome;
     }
     if super::created(&app.pool, Message::TYPE, id, org).await? {
         // The writer may not have published the head of a commit whose answer it lost.
         app.await_ledger_for_answer().await;
-        return Ok(());
+        return Ok(None);
     }
     app.vault.destroy_message_key(&app.pool, id).await?;
     outcome
@@ -228,11 +234,13 @@ struct Target {
     org: Uuid,
     conversation: Uuid,
     message: Uuid,
+    /// `message` is a post's, its id made by this request: there are no events to load.
+    fresh: bool,
 }
 
 /// Decides and appends one message command against the handler's read of its conversation
 /// (`first`); when the conversation (or the message) changed in between, reads it again and
-/// decides again.
+/// decides again. For a post (`fresh`), what it appended.
 async fn run(
     app: &App,
     caller: &Caller,
@@ -240,35 +248,45 @@ async fn run(
         org,
         conversation,
         message,
+        fresh,
     }: Target,
     permission: Permission,
     on_behalf: Option<Uuid>,
     first: Access,
     mut make: impl FnMut(&Access) -> ApiResult<MessageCommand>,
-) -> ApiResult<()> {
+) -> ApiResult<Option<Created<Message>>> {
     // The guard catches any change to the conversation since `first` was read.
     let mut access = first;
     let mut attempt = 0;
     loop {
         let command = make(&access)?;
-        let outcome = app
-            .execute_guarded(
+        let (actor, guard) = (&caller.actor, Some(access.guard()));
+        let outcome = if fresh {
+            app.execute_fresh(message, Some(org), actor, guard, command)
+                .await
+                .map(Some)
+        } else {
+            app.execute_guarded(
                 &app.cqrs.messages,
                 message,
                 Some(org),
-                &caller.actor,
-                Some(access.guard()),
+                actor,
+                guard,
                 command,
             )
-            .await;
+            .await
+            .map(|()| None)
+        };
         match outcome {
+            // A post's id taken (a conflict) stays taken: not retried.
+            taken @ Err(CommandError::Conflict) if fresh => return taken.map_err(ApiError::from),
             Err(CommandError::Stale(_) | CommandError::Conflict) if attempt < STALE_RETRIES => {
                 attempt += 1;
                 app.await_ledger().await;
                 access = access_for(app, caller, org, conversation, permission, on_behalf).await?;
             }
             // Another request (a second device, say) marked it first: what was asked holds.
-            Err(CommandError::Rejected(MessageError::AlreadyRead)) => return Ok(()),
+            Err(CommandError::Rejected(MessageError::AlreadyRead)) => return Ok(None),
             other => return other.map_err(ApiError::from),
         }
     }
@@ -419,6 +437,7 @@ pub async fn post(
                 org,
                 conversation,
                 message: id,
+                fresh: true,
             };
             let outcome = run(
                 &app,
@@ -451,11 +470,68 @@ pub async fn post(
                 },
             )
             .await;
-            settle(&app, org, id, outcome).await
+            let created = settle(&app, org, id, outcome).await?;
+            // Once the read models show the post, a read of it would show what it appended
+            // and the text it sealed: the answer is made from those, without the read.
+            Ok(created
+                .filter(|c| app.read_models_show(c.appended.position))
+                .and_then(|c| posted(c, body.content, names)))
         })
     };
-    task.await?;
-    super::created_answer(find(&app, conversation, id).await, id)
+    match task.await? {
+        Some(view) => super::created_answer(Ok(view), id),
+        // The read models do not show it (yet: 202), or its answer was lost on the way.
+        None => super::created_answer(find(&app, conversation, id).await, id),
+    }
+}
+
+/// The view a read of a post's message gives while nothing has happened to it since: from
+/// the `MessagePosted` it appended (its one event, so the position is its own), its text and
+/// its attachments' names (as sealed in it). Like any command's answer it is the message as
+/// the command left it: an edit or deletion by someone else in the moment between the read
+/// models showing the post and this answer is not in it, as it was not in the answer read
+/// back once that read was done.
+fn posted(created: Created<Message>, content: String, names: Vec<String>) -> Option<MessageView> {
+    let Appended {
+        position,
+        recorded_at,
+    } = created.appended;
+    let [MessageEvent::MessagePosted {
+        message_id,
+        conversation_id,
+        author_id,
+        parent_message_id,
+        thread_root_id,
+        attachments,
+        ..
+    }] = <[MessageEvent; 1]>::try_from(created.events).ok()?
+    else {
+        return None;
+    };
+    Some(MessageView {
+        id: message_id,
+        conversation_id,
+        author_id,
+        parent_message_id,
+        thread_root_id,
+        content: Some(content),
+        content_status: "present",
+        attachments: attachments
+            .into_iter()
+            .zip(names)
+            .map(|(a, name)| AttachmentView {
+                file_name: Some(name),
+                mime_type: a.mime_type,
+                size_bytes: a.size_bytes,
+                blake3: a.blake3,
+            })
+            .collect(),
+        reactions: Vec::new(),
+        position,
+        created_at: recorded_at,
+        edited_at: None,
+        deleted_at: None,
+    })
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -563,6 +639,7 @@ pub async fn edit(
             org,
             conversation,
             message,
+            fresh: false,
         },
         Permission::ConversationsWrite,
         None,
@@ -607,6 +684,7 @@ pub async fn delete(
                 org,
                 conversation,
                 message,
+                fresh: false,
             };
             let outcome = run(
                 &app,
@@ -635,7 +713,7 @@ pub async fn delete(
                 app.vault.destroy_message_key(&app.pool, message).await?;
                 super::idempotency::forget_answers_naming(&app.pool, message).await?;
             }
-            outcome
+            outcome.map(drop)
         })
     };
     task.await?;
@@ -664,6 +742,7 @@ async fn reaction(
             org,
             conversation,
             message,
+            fresh: false,
         },
         Permission::ConversationsWrite,
         None,
@@ -774,6 +853,7 @@ pub async fn mark_read(
                 org,
                 conversation,
                 message: body.message_id,
+                fresh: false,
             },
             Permission::ConversationsRead,
             None,

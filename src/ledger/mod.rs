@@ -15,7 +15,7 @@ pub mod tree;
 pub mod verify;
 mod writer;
 
-pub use store::{AppendError, Head, LedgerStore};
+pub use store::{AppendError, Appended, Head, LedgerStore};
 pub use writer::APPLICATION_NAME as WRITER_APPLICATION_NAME;
 
 /// `n` and its noun, in the singular for one: `1 event`, `0 events`, `2 events`.

@@ -1,6 +1,7 @@
 //! The chained event store: a `PersistedEventRepository` for cqrs-es. Appends go through
 //! the group-commit writer (`writer.rs`), loads through the group loader (`loader.rs`).
 
+use chrono::{DateTime, Utc};
 use cqrs_es::persist::{
     PersistedEventRepository, PersistenceError, ReplayStream, SerializedEvent, SerializedSnapshot,
 };
@@ -46,6 +47,15 @@ impl From<AppendError> for PersistenceError {
             other => PersistenceError::UnknownError(Box::new(other)),
         }
     }
+}
+
+/// Where a command's events went: its last event's position, and the time the writer
+/// recorded its batch at (every event's `recorded_at`, which read models show as the time
+/// of what the event did).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Appended {
+    pub position: i64,
+    pub recorded_at: DateTime<Utc>,
 }
 
 /// The ledger head: the newest position (0 when empty) and its hash.
@@ -95,7 +105,8 @@ impl LedgerStore {
         read_head(&self.pool).await
     }
 
-    async fn append(&self, events: &[SerializedEvent]) -> Result<i64, AppendError> {
+    /// Appends one command's events (of one aggregate, in sequence) through the writer.
+    pub async fn append(&self, events: &[SerializedEvent]) -> Result<Appended, AppendError> {
         let prepared = prepare(events)?;
         let (reply, answer) = oneshot::channel();
         self.sender

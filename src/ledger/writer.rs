@@ -22,7 +22,11 @@ use uuid::Uuid;
 
 use super::claim_book::ClaimBook;
 use super::hash::{event_hash, truncate_to_micros, EventFields, HashVersion, GENESIS};
-use super::store::AppendError;
+use super::store::{AppendError, Appended};
+
+/// What the writer answers each command: its events' place in the log, or why they are not
+/// there.
+type Outcome = Result<Appended, AppendError>;
 
 /// The advisory lock every appender holds until commit, in every process ("ledger").
 pub(super) const APPEND_LOCK: i64 = 0x6c65_6467_6572;
@@ -126,7 +130,7 @@ pub(super) struct Row {
 
 pub(super) struct AppendRequest {
     pub prepared: Prepared,
-    pub reply: oneshot::Sender<Result<i64, AppendError>>,
+    pub reply: oneshot::Sender<Outcome>,
 }
 
 pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendError> {
@@ -318,7 +322,7 @@ enum BatchError {
 
 /// What a batch had decided when it sent COMMIT.
 struct Sent {
-    outcomes: Vec<Result<i64, AppendError>>,
+    outcomes: Vec<Outcome>,
     head: i64,
     /// The last row's hash, which covers every row before it.
     hash: [u8; 32],
@@ -346,10 +350,7 @@ const LEARN_PAUSE: std::time::Duration = std::time::Duration::from_millis(500);
 /// server restarted), whether it committed, read from the log: answering such commands
 /// with an error, or retrying them (refused then as conflicts with themselves), would tell
 /// their callers that something in the log is not.
-async fn commit(
-    conn: &mut Conn,
-    batch: &[Prepared],
-) -> Result<(Vec<Result<i64, AppendError>>, i64), BatchError> {
+async fn commit(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcome>, i64), BatchError> {
     let (error, sent) = match commit_batch(conn, batch).await {
         Ok(done) => return Ok(done),
         Err(Attempt::Before(e)) => {
@@ -406,10 +407,7 @@ fn publish(committed: &watch::Sender<i64>, head: i64) {
 
 /// Commits what it can of `batch` in one transaction. Returns, per command, its last
 /// position or why it was refused, and the head position after the commit.
-async fn commit_batch(
-    conn: &mut Conn,
-    batch: &[Prepared],
-) -> Result<(Vec<Result<i64, AppendError>>, i64), Attempt> {
+async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcome>, i64), Attempt> {
     let conn = conn.get().await?;
     // The lock in a statement of its own, so that every later statement's snapshot is taken
     // after it is held and sees every earlier appender's commit.
@@ -419,8 +417,7 @@ async fn commit_batch(
     let mut claims = within(ClaimBook::load(conn, batch)).await?;
 
     // Decide, in arrival order, which commands go in.
-    let mut outcomes: Vec<Option<Result<i64, AppendError>>> =
-        (0..batch.len()).map(|_| None).collect();
+    let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
     let mut taken: HashSet<(&str, &str, i64)> = HashSet::new();
     // Aggregates written by commands accepted earlier in this batch: a guard on one of them
     // is stale even though the database does not show it yet.
@@ -488,7 +485,10 @@ async fn commit_batch(
             cols.push(p, r, position, recorded_at, &prev, &hash);
             prev = hash;
         }
-        outcomes[i] = Some(Ok(position));
+        outcomes[i] = Some(Ok(Appended {
+            position,
+            recorded_at,
+        }));
     }
 
     if !cols.position.is_empty() {
@@ -511,7 +511,7 @@ async fn commit_batch(
     Ok((decided(outcomes), position))
 }
 
-fn decided(outcomes: Vec<Option<Result<i64, AppendError>>>) -> Vec<Result<i64, AppendError>> {
+fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
     outcomes
         .into_iter()
         .map(|o| o.expect("every command decided"))
