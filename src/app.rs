@@ -368,7 +368,7 @@ impl App {
     }
 
     /// [`App::execute_guarded`] for a command that creates aggregate `aggregate_id`, whose id
-    /// the handler has just made (a post's message id): with no events to load, cqrs-es's
+    /// the handler has just made (a post's message id, a new user's): with no events to load, cqrs-es's
     /// load (a round trip through the store's group loader) is skipped and the command is
     /// decided against the empty aggregate. Were the id taken after all, the append would
     /// refuse it as a conflict (its first sequence number is stored), as it refuses the

@@ -125,7 +125,7 @@ const COMMANDS_HELP: &str = "Commands executed (each attempt, retries included),
      aggregate.command and outcome (ok, rejected by the aggregate, conflict on its sequence, \
      taken unique claim, stale guard, error)";
 const LATENCY_HELP: &str = "Seconds App::execute took for a command that committed: loading \
-     the aggregate (none for a new one, such as a post), deciding, waiting in the writer queue \
+     the aggregate (none for a creation, such as a post), deciding, waiting in the writer queue \
      and for the group commit; the wait for read models afterwards is not included";
 
 /// Times one command and counts its outcome.

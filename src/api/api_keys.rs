@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use chrono::{DateTime, SubsecRound, Utc};
-use ledgerline_aggregates::api_key::ApiKeyCommand;
+use ledgerline_aggregates::api_key::{ApiKey, ApiKeyCommand};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -154,7 +154,7 @@ pub async fn issue(
         grantable: caller.permissions.clone(),
         now,
     };
-    app.execute(&app.cqrs.api_keys, id, Some(org), &caller.actor, command)
+    app.execute_fresh::<ApiKey>(id, Some(org), &caller.actor, None, command)
         .await?;
     let key = match find(&app, org, id).await {
         Err(e) if e.status == StatusCode::NOT_FOUND => issued,

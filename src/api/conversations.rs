@@ -378,13 +378,7 @@ pub async fn create(
         members: body.participants,
     };
     let outcome = app
-        .execute(
-            &app.cqrs.conversations,
-            id,
-            Some(org),
-            &caller.actor,
-            command,
-        )
+        .execute_fresh::<Conversation>(id, Some(org), &caller.actor, None, command)
         .await;
     // Another request opened the same pair's conversation since the check above.
     if outcome.is_err() && direct && super::created(&app.pool, Conversation::TYPE, id, org).await? {

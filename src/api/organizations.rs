@@ -83,15 +83,9 @@ pub async fn create(
     // organization without some of its roles (a crash can; see `complete_interrupted`).
     let work = app.clone();
     super::to_the_end(async move {
-        work.execute(
-            &work.cqrs.organizations,
-            id,
-            Some(id),
-            &caller.actor,
-            command,
-        )
-        .await
-        .map_err(|e| naming_holder(&caller, None, e))?;
+        work.execute_fresh::<Organization>(id, Some(id), &caller.actor, None, command)
+            .await
+            .map_err(|e| naming_holder(&caller, None, e))?;
         create_built_in_roles(&work, id, &caller.actor).await
     })
     .await?;

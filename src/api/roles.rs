@@ -173,7 +173,7 @@ async fn create_role(
         built_in: false,
         grantable: caller.permissions.clone(),
     };
-    app.execute(&app.cqrs.roles, id, Some(org), &caller.actor, command)
+    app.execute_fresh::<Role>(id, Some(org), &caller.actor, None, command)
         .await
         .map_err(|e| naming_holder(&caller, Some(org), e))?;
     Ok(())

@@ -124,7 +124,7 @@ pub async fn invite(
                 },
             };
             let Err(e) = app
-                .execute(&app.cqrs.users, id, Some(org), &caller.actor, command)
+                .execute_fresh::<User>(id, Some(org), &caller.actor, None, command)
                 .await
             else {
                 return Ok(());
