@@ -1680,6 +1680,26 @@ async fn a_pair_of_people_has_one_direct_conversation() {
     assert_eq!(c.t.head().await, head + 1, "one ConversationCreated");
 }
 
+/// Opened again while the read models do not show it yet (`messaging` stopped), a direct
+/// conversation is not found there but in the log: the same 409 naming it. Two guards give
+/// that answer: the handler's look in the log before the command and, for a creation that
+/// got past it in a race, the writer's refusal of the taken id. This test fails only with
+/// both gone; the race itself is `a_pair_of_people_has_one_direct_conversation`'s.
+#[tokio::test]
+async fn a_direct_conversation_the_read_models_do_not_show_yet_is_refused_from_the_log() {
+    let c = chat().await;
+    let direct = |with: Uuid| json!({"kind": "direct", "participants": [with]});
+    c.t.stop_projection("messaging").await;
+    let r = c.create(&c.alice.1, direct(c.bob.0)).await;
+    assert_eq!(r.status, 202, "{}", r.body);
+    let conv = id(&r);
+    let head = c.t.head().await;
+    let r = c.create(&c.bob.1, direct(c.alice.0)).await;
+    c.refused(&r, 409, head).await;
+    let message = r.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(&conv.to_string()), "{message}");
+}
+
 /// A direct conversation made before ids were derived from the pair (a random id) is found
 /// in the read models.
 #[tokio::test]
