@@ -368,9 +368,9 @@ impl App {
     }
 
     /// [`App::execute_guarded`] for a command that creates aggregate `aggregate_id`, whose id
-    /// the handler has just made (a post's message id, a new user's): with no events to load, cqrs-es's
-    /// load (a round trip through the store's group loader) is skipped and the command is
-    /// decided against the empty aggregate. Were the id taken after all, the append would
+    /// the handler has just made (a post's message id, a new user's): with no events to
+    /// load, cqrs-es's load (a round trip through the store's group loader) is skipped and
+    /// the command is decided against the empty aggregate. Were the id taken after all, the append would
     /// refuse it as a conflict (its first sequence number is stored), as it refuses the
     /// second of two commands racing on one aggregate. Returns what was appended, so that
     /// the handler can answer without reading it back.
@@ -427,8 +427,16 @@ impl App {
             .handle(command, &(), &sink)
             .await
             .map_err(CommandError::Rejected)?;
+        let events = sink.collect().await;
+        if events.is_empty() {
+            // A creation that appends nothing created nothing: there is no answer to give.
+            return Err(CommandError::Internal(format!(
+                "a command on the new {} {aggregate_id} decided no event",
+                A::TYPE
+            )));
+        }
         let envelopes: Vec<EventEnvelope<A>> = (1..)
-            .zip(sink.collect().await)
+            .zip(events)
             .map(|(sequence, payload)| EventEnvelope {
                 aggregate_id: aggregate_id.to_string(),
                 sequence,
@@ -441,13 +449,6 @@ impl App {
             .map(SerializedEvent::try_from)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| CommandError::Internal(e.to_string()))?;
-        if serialized.is_empty() {
-            // A creation that appends nothing created nothing: there is no answer to give.
-            return Err(CommandError::Internal(format!(
-                "a command on the new {} {aggregate_id} decided no event",
-                A::TYPE
-            )));
-        }
         let appended = self.store.append(&serialized).await?;
         Ok(Created {
             events: envelopes.into_iter().map(|e| e.payload).collect(),
