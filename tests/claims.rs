@@ -189,13 +189,11 @@ async fn wait_for_appenders(t: &TestApp, n: i64) {
     panic!("{n} session(s) never waited for the append lock");
 }
 
-/// A claim taken while a repair compared and verified is folded before the rewrite: kept,
-/// not rewritten away as one the log does not give. The append lock is held so that a
-/// command queues for it first and the repair (past its comparison) behind it.
-#[tokio::test]
-async fn a_repair_folds_what_was_appended_after_its_comparison() {
-    let t = TestApp::spawn().await;
-    let (org, ops) = log_with_claims(&t).await;
+/// The log with claims, a claim in the table that the log does not give (`{org}:ghost`,
+/// for a repair to rewrite) and a session holding the append lock, which a repair then waits
+/// for past its comparison.
+async fn ghost_claim_and_append_lock(t: &TestApp) -> (Uuid, sqlx::PgConnection) {
+    let (org, ops) = log_with_claims(t).await;
     tamper(
         t.pool(),
         &[format!(
@@ -209,6 +207,16 @@ async fn a_repair_folds_what_was_appended_after_its_comparison() {
         .execute(&mut holder)
         .await
         .unwrap();
+    (org, holder)
+}
+
+/// A claim taken while a repair compared and verified is folded before the rewrite: kept,
+/// not rewritten away as one the log does not give. The append lock is held so that a
+/// command queues for it first and the repair (past its comparison) behind it.
+#[tokio::test]
+async fn a_repair_folds_what_was_appended_after_its_comparison() {
+    let t = TestApp::spawn().await;
+    let (org, mut holder) = ghost_claim_and_append_lock(&t).await;
     let roles = format!("/v1/organizations/{org}/roles");
     let create = t.post(
         &roles,
@@ -240,4 +248,65 @@ async fn a_repair_folds_what_was_appended_after_its_comparison() {
     );
     let (code, out, err) = ledgerline(&t.db.url, &["claims", "check"]).await;
     assert_eq!(code, 0, "{out}{err}");
+}
+
+/// A repair frozen while it holds the append lock (a stopped process, a paused machine) is
+/// ended by the database once it idles for `STALLED_TRANSACTION_LIMIT` (10 s), as every other
+/// holder of that lock is, within the 12 s a batch waits for it: appends go on. Here the
+/// repair is stopped (SIGSTOP) right after it took the lock and read the table.
+#[tokio::test]
+async fn a_repair_frozen_with_the_append_lock_does_not_stop_appends() {
+    let t = TestApp::spawn().await;
+    // The repair waits for the append lock (past its comparison), then for the table.
+    let (org, mut holder) = ghost_claim_and_append_lock(&t).await;
+    let mut repair = tokio::process::Command::new(env!("CARGO_BIN_EXE_ledgerline"))
+        .args(["claims", "check", "--repair"])
+        .env("LEDGERLINE_DATABASE_URL", &t.db.url)
+        .env("RUST_LOG", "warn")
+        .env_remove("LEDGERLINE_LOG_ORIGIN")
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run ledgerline");
+    wait_for_appenders(&t, 1).await;
+    let mut table = t.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE unique_claims IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *table)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    assert!(
+        common::eventually(std::time::Duration::from_secs(30), || async {
+            sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE datname = current_database() \
+                 AND wait_event_type = 'Lock' AND query LIKE '%FROM unique_claims%')",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+        })
+        .await,
+        "the repair, holding the append lock, waits for the table"
+    );
+    let pid = repair.id().expect("running").to_string();
+    let stopped = std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .expect("kill -STOP");
+    assert!(stopped.success());
+    table.commit().await.unwrap();
+
+    let created = t
+        .post(
+            &format!("/v1/organizations/{org}/roles"),
+            &t.admin_key,
+            json!({"name": "after the freeze", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    repair.start_kill().expect("SIGKILL");
+    repair.wait().await.expect("reaped");
 }

@@ -1500,11 +1500,7 @@ async fn panic_in_the_checks_final_events(when: fault::When) {
     t.invite(org, "ada@example.com", "Ada").await;
     // Holds the log, so that the check's build waits after it read the live checkpoints and
     // made its copies.
-    let mut log = t.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *log)
-        .await
-        .unwrap();
+    let log = holding(&t, "events").await;
     let check = {
         let pool = t.pool().clone();
         tokio::spawn(async move {
@@ -2293,11 +2289,7 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
     let org = t.create_org("Moved Co").await;
     t.invite(org, "ada@example.com", "Ada").await;
     // Holds the log, so that the check's build waits after it read the live checkpoints.
-    let mut hold = t.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE events IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *hold)
-        .await
-        .unwrap();
+    let mut hold = holding(&t, "events").await;
     let progress = Arc::new(Progress::default());
     let check = check_users(t.pool(), 100, &progress);
     let reset_meanwhile = async {
@@ -2318,6 +2310,109 @@ async fn a_check_during_which_a_projection_goes_back_says_so() {
         }) if to < t.head().await => {}
         other => panic!("expected MovedBack, got {other:?}"),
     }
+}
+
+/// A check whose comparison waits for a rebuild's swap of a live table compares with the
+/// table swapped in: its snapshot comes after the table locks, so the swap is either all
+/// in it or not begun. (A snapshot taken before the lock saw the swapped-in table empty and
+/// reported every row missing from live: drift that was the check's own timing.)
+#[tokio::test]
+async fn a_check_that_waits_for_a_swap_compares_with_the_table_swapped_in() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    // Holds the log, so that the check's build waits with its copies made; the "swap" then
+    // takes the live table before the comparison can.
+    let hold = holding(&t, "events").await;
+    let progress = Arc::new(Progress::default());
+    let check = check_users(t.pool(), 100, &progress);
+    let swap_meanwhile = async {
+        assert!(
+            build_waits_for_the_log(&t).await,
+            "the check's build waits for the log"
+        );
+        // What a swap does to `users`, with the same rows: a new table in its place.
+        let mut swap = holding(&t, "public.users").await;
+        hold.commit().await.unwrap();
+        assert!(
+            eventually(Duration::from_secs(60), || async {
+                sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event_type = 'Lock' \
+                     AND query LIKE 'LOCK TABLE public.users%')",
+                )
+                .fetch_one(t.pool())
+                .await
+                .unwrap()
+            })
+            .await,
+            "the comparison waits for the swapped table"
+        );
+        for statement in [
+            "CREATE TABLE public.users_swapped (LIKE public.users INCLUDING ALL)",
+            "INSERT INTO public.users_swapped SELECT * FROM public.users",
+            "DROP TABLE public.users",
+            "ALTER TABLE public.users_swapped RENAME TO users",
+        ] {
+            sqlx::query(statement).execute(&mut *swap).await.unwrap();
+        }
+        swap.commit().await.unwrap();
+    };
+    let (checked, ()) = tokio::join!(check, swap_meanwhile);
+    let report = checked.unwrap();
+    assert!(report.equal(), "{report:?}");
+    let users = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM users")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert!(users > 0, "the story has users");
+}
+
+/// A live table with two indexes of one definition (an operator's duplicate, or an invalid
+/// index a failed `CREATE INDEX CONCURRENTLY` left beside its retry) is rebuilt and swapped:
+/// each copied index takes one live index's name.
+#[tokio::test]
+async fn a_rebuild_of_a_table_with_two_identical_indexes_swaps_with_both() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let definition: String = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'users' \
+         AND indexname <> 'users_pkey' ORDER BY indexname LIMIT 1",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let (_, rest) = definition.split_once(" ON ").unwrap();
+    sqlx::query(&format!("CREATE INDEX users_twin ON {rest}"))
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let indexes = || async {
+        sqlx::query_scalar::<_, String>(
+            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' \
+             AND tablename = 'users' ORDER BY indexname",
+        )
+        .fetch_all(t.pool())
+        .await
+        .unwrap()
+    };
+    let before = indexes().await;
+    assert!(before.contains(&"users_twin".to_string()), "{before:?}");
+    let live = snapshot(&t).await;
+
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert_eq!(summary.position, t.head().await, "{summary:?}");
+    assert_eq!(snapshot(&t).await, live);
+    assert_eq!(indexes().await, before);
+}
+
+/// A transaction holding `table` in ACCESS EXCLUSIVE mode: every reader waits for it.
+async fn holding(t: &TestApp, table: &str) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let mut tx = t.pool().begin().await.unwrap();
+    sqlx::query(&format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx
 }
 
 /// True once a build's reading of the log waits for a lock on it.
@@ -2456,11 +2551,7 @@ async fn a_check_whose_lock_session_ends_stops_and_says_so() {
     let t = TestApp::spawn().await;
     story(&t).await;
     // The check's build starts by reading the live checkpoints: it waits there.
-    let mut holder = t.pool().begin().await.unwrap();
-    sqlx::query("LOCK TABLE projection_checkpoints IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
+    let holder = holding(&t, "projection_checkpoints").await;
     let pool = t.pool().clone();
     let run = tokio::spawn(async move {
         let progress = Arc::new(Progress::default());

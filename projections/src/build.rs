@@ -235,19 +235,21 @@ pub(crate) async fn create_schema(
 }
 
 /// `LIKE … INCLUDING ALL` names the copied indexes by PostgreSQL's defaults; give each the
-/// name of the live index with the same definition. Two steps, so that a default name that
-/// happens to be another live index's name cannot collide.
+/// name of the live index with the same definition, each live name once (a table may have
+/// two indexes of one definition). Two steps, so that a default name that happens to be
+/// another live index's name cannot collide.
 async fn rename_indexes_as_live(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
 ) -> sqlx::Result<()> {
-    let live = index_definitions(conn, "public", table).await?;
+    let mut live = index_definitions(conn, "public", table).await?;
     let copy = index_definitions(conn, schema, table).await?;
     let mut renames = Vec::new();
     for (copy_name, definition) in &copy {
-        if let Some((live_name, _)) = live.iter().find(|(_, d)| d == definition) {
-            renames.push((copy_name.clone(), live_name.clone()));
+        if let Some(at) = live.iter().position(|(_, d)| d == definition) {
+            let (live_name, _) = live.remove(at);
+            renames.push((copy_name.clone(), live_name));
         }
     }
     for (i, (from, _)) in renames.iter().enumerate() {

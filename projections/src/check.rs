@@ -200,7 +200,8 @@ async fn compare(
         .execute(&mut *tx)
         .await?;
     // It holds the live tables (against a swap, or a migration that every reader would
-    // then queue behind): a frozen operator process must not hold them for long.
+    // then queue behind): a frozen operator process must not hold them for long. A `SET`:
+    // no snapshot yet either (one taken here saw a table swapped in meanwhile empty).
     crate::lease::idle_limit(&mut tx).await?;
     // The copies too: once the lock is seen held below, a next check that finds it gone
     // cannot drop them under this comparison (whose unqualified names would then fall

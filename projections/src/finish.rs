@@ -300,17 +300,26 @@ impl Drop for EndsOnDrop {
 }
 
 /// The `CREATE INDEX` statement of each index the live `table` has and its copy in
-/// `schema` lacks, under the live name.
+/// `schema` lacks, under the live name. Each index of the copy stands for one live index:
+/// a table may have two of one definition.
 async fn missing_indexes(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
 ) -> sqlx::Result<Vec<String>> {
     let live = index_definitions(conn, "public", table).await?;
-    let copy = index_definitions(conn, schema, table).await?;
+    let mut copy = index_definitions(conn, schema, table).await?;
     Ok(live
         .into_iter()
-        .filter(|(_, definition)| !copy.iter().any(|(_, d)| d == definition))
+        .filter(
+            |(_, definition)| match copy.iter().position(|(_, d)| d == definition) {
+                Some(at) => {
+                    copy.remove(at);
+                    false
+                }
+                None => true,
+            },
+        )
         .map(|(name, definition)| {
             definition.replacen(
                 "INDEX ON ",

@@ -152,13 +152,17 @@ pub async fn holders(pool: &PgPool) -> sqlx::Result<Vec<LeaseHolder>> {
 
 /// Ends the current transaction if it idles past [`STALLED_TRANSACTION_LIMIT`]: for a
 /// transaction that holds what a lease holder, the projector or the API needs (a swap, a
-/// check's comparison, a signing under the maintainer's lease), which a frozen process
-/// would otherwise hold until TCP gives up.
+/// check's comparison, a signing under the maintainer's lease, a claims repair's hold of the
+/// append lock), which a frozen process would otherwise hold until TCP gives up.
+///
+/// A `SET`, not a `SELECT set_config(..)`: it takes no snapshot, so a `REPEATABLE READ`
+/// transaction may set it before the locks its snapshot must come after.
 pub async fn idle_limit(conn: &mut PgConnection) -> sqlx::Result<()> {
-    sqlx::query("SELECT set_config('idle_in_transaction_session_timeout', $1, true)")
-        .bind(STALLED_TRANSACTION_LIMIT)
-        .execute(conn)
-        .await?;
+    sqlx::query(&format!(
+        "SET LOCAL idle_in_transaction_session_timeout = '{STALLED_TRANSACTION_LIMIT}'"
+    ))
+    .execute(conn)
+    .await?;
     Ok(())
 }
 

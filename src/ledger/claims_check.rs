@@ -186,6 +186,9 @@ pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, C
             });
         }
         let mut tx = pool.begin().await?;
+        // Every append waits for this lock, and gives up after 12 s counting on its holders
+        // to idle 10 s at most: a frozen repair must not hold it for as long as TCP keeps it.
+        ledgerline_projections::lease::idle_limit(&mut tx).await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(APPEND_LOCK)
             .execute(&mut *tx)
