@@ -57,6 +57,33 @@ pub fn arm(projection: Projection, aggregate_id: &str, sequence: i64, when: When
     ANY.store(true, Ordering::SeqCst);
 }
 
+/// Batches that report where they got only after a pause: a projection run by a lease
+/// holder (unique to a projector, so that tests sharing this do not meet), and the pause.
+static REPORT_PAUSES: Mutex<Vec<(Projection, String, std::time::Duration)>> =
+    Mutex::new(Vec::new());
+
+/// The next batch of `projection` under the lease holder `holder` that ends (applied or
+/// stopped) pauses for `pause` after its commit, before the projector reports it to the
+/// waits of its process: the time a busy process may take to come back to a task.
+pub fn pause_next_report(projection: Projection, holder: &str, pause: std::time::Duration) {
+    let mut pauses = REPORT_PAUSES.lock().unwrap_or_else(|p| p.into_inner());
+    pauses.push((projection, holder.to_string(), pause));
+}
+
+/// The pause [`pause_next_report`] armed for this batch, once.
+pub(crate) async fn before_report(projection: Projection, holder: &str) {
+    let pause = {
+        let mut pauses = REPORT_PAUSES.lock().unwrap_or_else(|p| p.into_inner());
+        let at = pauses
+            .iter()
+            .position(|(p, h, _)| *p == projection && h == holder);
+        at.map(|at| pauses.remove(at).2)
+    };
+    if let Some(pause) = pause {
+        tokio::time::sleep(pause).await;
+    }
+}
+
 /// Undoes [`panic_on`] and [`arm`] (the bug fixed).
 pub fn disarm(projection: Projection, aggregate_id: &str, sequence: i64) {
     let mut armed = ARMED.lock().unwrap_or_else(|p| p.into_inner());

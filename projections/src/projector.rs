@@ -65,6 +65,9 @@ struct Progress {
     /// Whether the task has learnt where the projection stands (at start-up it has not:
     /// a checkpoint of 0 then says nothing about catching up).
     known: bool,
+    /// How many resets this process has heard of: a batch that began before one reports
+    /// nothing (see [`publish`]).
+    resets: u64,
 }
 
 /// The running projection tasks. Dropping it also stops them (after their current batch),
@@ -105,6 +108,7 @@ impl Projector {
                 checkpoint: 0,
                 failed_at: None,
                 known: false,
+                resets: 0,
             });
             progress.push((projection, rx));
             senders.push((projection.name(), tx.clone()));
@@ -169,6 +173,10 @@ impl Projector {
 fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
     if checkpoint == p.checkpoint && p.known {
         return false;
+    }
+    // A reset says 0; a batch's notification, the position it reached (at least 1).
+    if checkpoint == 0 && p.checkpoint > 0 {
+        p.resets += 1;
     }
     p.checkpoint = checkpoint;
     p.known = true;
@@ -459,6 +467,7 @@ async fn batch(
     lease: &Lease,
     progress: &watch::Sender<Progress>,
 ) -> Step {
+    let resets = progress.borrow().resets;
     let ran = run_leased_batch(
         pool,
         projection,
@@ -466,19 +475,15 @@ async fn batch(
         lease.holder(),
         config.stall_limit,
     );
-    match ran.await {
+    let outcome = ran.await;
+    #[cfg(feature = "fault-injection")]
+    crate::fault::before_report(projection, lease.holder()).await;
+    match outcome {
         Ok(BatchOutcome::Applied {
             applied,
             checkpoint,
         }) => {
-            publish(
-                progress,
-                Progress {
-                    checkpoint,
-                    failed_at: None,
-                    known: true,
-                },
-            );
+            publish(progress, resets, checkpoint, None);
             // A short batch has read every committed event.
             if (applied as i64) < config.batch_size {
                 Step::Wait
@@ -490,14 +495,7 @@ async fn batch(
             checkpoint,
             failure,
         }) => {
-            publish(
-                progress,
-                Progress {
-                    checkpoint,
-                    failed_at: Some(failure.position),
-                    known: true,
-                },
-            );
+            publish(progress, resets, checkpoint, Some(failure.position));
             Step::Wait
         }
         Err(RunError::NotLeaseHolder(_)) => Step::LeaseLost,
@@ -532,6 +530,7 @@ async fn follow(pool: &PgPool, name: &str, progress: &watch::Sender<Progress>) -
             },
             failed_at,
             known: true,
+            resets: p.resets + u64::from(reset),
         };
         std::mem::replace(p, now) != now
     });
@@ -549,6 +548,26 @@ async fn read_progress(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Option<i
     .await
 }
 
-fn publish(progress: &watch::Sender<Progress>, now: Progress) {
-    progress.send_if_modified(|p| std::mem::replace(p, now) != now);
+/// Publishes where this process's batch got, unless a reset was heard of since the batch
+/// began (`resets`, read then): the batch may have committed just before the reset, whose
+/// notification, taken meanwhile, is then the truth, and must not be undone by this later
+/// report. Skipping it only makes a wait longer: the batch's own notification follows.
+fn publish(
+    progress: &watch::Sender<Progress>,
+    resets: u64,
+    checkpoint: i64,
+    failed_at: Option<i64>,
+) {
+    progress.send_if_modified(|p| {
+        if p.resets != resets {
+            return false;
+        }
+        let now = Progress {
+            checkpoint,
+            failed_at,
+            known: true,
+            resets,
+        };
+        std::mem::replace(p, now) != now
+    });
 }

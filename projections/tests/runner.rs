@@ -627,6 +627,68 @@ async fn a_reset_projection_is_waited_for_until_it_has_applied_its_events_again(
     runs.shutdown().await;
 }
 
+/// A batch that committed just before a reset, reported by its task only after the
+/// reset's notification was taken (a busy process comes back to a task late), does not undo
+/// the reset: the projection counts as behind until it has applied its events again.
+#[tokio::test]
+async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    // Nothing but the next head wakes it: no poll, no lease renewal during the test.
+    let slow = SlowPoll::start(&db, &mut ledger, Duration::from_secs(1800)).await;
+    let (runs, first) = (&slow.runs, slow.first);
+    assert!(listening(&db.pool, 1).await, "the projector listens");
+    let holder: String =
+        sqlx::query_scalar("SELECT holder FROM leases WHERE name = 'projection:organizations'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    ledgerline_projections::fault::pause_next_report(
+        Projection::Organizations,
+        &holder,
+        Duration::from_secs(3),
+    );
+    let suspended = ledger
+        .append(
+            "Organization",
+            slow.org,
+            &OrganizationEvent::OrganizationSuspended { reason: None },
+            &slow.actor,
+        )
+        .await;
+    slow.head_tx.send_replace(suspended);
+    // The batch commits; its report waits.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while checkpoint(&db.pool, "organizations").await != suspended {
+        assert!(Instant::now() < deadline, "the batch commits");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    reset(&db.pool, Some(&["organizations"])).await.unwrap();
+    let behind = || {
+        runs.checkpoints()
+            .into_iter()
+            .any(|(name, reach)| name == "organizations" && reach < first)
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !behind() {
+        assert!(
+            Instant::now() < deadline,
+            "the reset's notification is taken before the batch's report"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Past the batch's report.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let orgs: i64 = sqlx::query_scalar("SELECT count(*) FROM organizations")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(orgs, 0, "reset, and nothing applied since");
+    assert!(behind(), "{:?}", runs.checkpoints());
+    assert!(!runs.reached(suspended));
+    slow.runs.shutdown().await;
+}
+
 #[tokio::test]
 async fn status_of_an_empty_ledger() {
     let db = TestDb::new().await;
