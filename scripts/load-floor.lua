@@ -1,7 +1,7 @@
 -- wrk script: the floor of scripts/load (LEDGERLINE_LOAD_FLOOR). One kind of request alone,
 -- as cheap as this server answers: LEDGERLINE_LOAD_FLOOR_PATH=healthz (no key, no database)
--- or me (GET /v1/me: the key's authentication and its organization, two statements), with
--- every user's key in turn.
+-- or me (GET /v1/me: the key's authentication and its organization, two statements), with a
+-- user's key picked at random for each request.
 
 dofile(os.getenv("LEDGERLINE_LOAD_DIR") .. "/load-common.lua")
 

@@ -1936,19 +1936,7 @@ async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
     story(&t).await;
     let live = snapshot(&t).await;
     let held = common::hold_checkpoint(t.pool(), "users").await;
-    let job = {
-        let pool = t.pool().clone();
-        tokio::spawn(async move {
-            let progress = Arc::new(Progress::default());
-            ledgerline_projections::rebuild(
-                &pool,
-                Some(&["users"]),
-                RebuildOptions::default(),
-                &progress,
-            )
-            .await
-        })
-    };
+    let job = spawn_rebuild_of_users(&t);
     assert!(
         at_the_swap(t.pool()).await,
         "the swap waits for the checkpoint row"
@@ -2374,9 +2362,93 @@ async fn a_check_that_waits_for_a_swap_compares_with_the_table_swapped_in() {
 async fn a_rebuild_of_a_table_with_two_identical_indexes_swaps_with_both() {
     let t = TestApp::spawn().await;
     story(&t).await;
-    let definition: String = sqlx::query_scalar(
-        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'public' AND tablename = 'users' \
-         AND indexname <> 'users_pkey' ORDER BY indexname LIMIT 1",
+    let twin = twin_index(&t).await;
+    let before = user_indexes(&t, "public").await;
+    assert!(before.contains(&"users_twin".to_string()), "{before:?}");
+    assert!(before.contains(&twin), "{before:?}");
+    let live = snapshot(&t).await;
+
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert_eq!(summary.position, t.head().await, "{summary:?}");
+    assert_eq!(snapshot(&t).await, live);
+    assert_eq!(user_indexes(&t, "public").await, before);
+}
+
+/// The same, resumed after a run killed in its finish when it had built one of the twins
+/// (here: the job kept at its swap by a lost lock, then the other twin's copy dropped): the
+/// rerun builds the other one, not the one it has under a name already in use.
+#[tokio::test]
+async fn a_rebuild_resumed_with_one_of_two_identical_indexes_built_swaps_with_both() {
+    let t = TestApp::spawn().await;
+    story(&t).await;
+    let twin = twin_index(&t).await;
+    let before = user_indexes(&t, "public").await;
+    let live = snapshot(&t).await;
+    rebuild_of_users_whose_lock_ends_at_its_swap(&t).await;
+    let schema: String = sqlx::query_scalar(
+        "SELECT shadow_schema FROM projection_rebuilds WHERE status = 'running'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(
+        user_indexes(&t, &schema).await,
+        before,
+        "the copy's indexes"
+    );
+    sqlx::query(&format!("DROP INDEX {schema}.{twin}"))
+        .execute(t.pool())
+        .await
+        .unwrap();
+
+    let summary = rebuild_named(&t, &["users"]).await.unwrap();
+    assert!(summary.resumed);
+    assert_eq!(snapshot(&t).await, live);
+    assert_eq!(user_indexes(&t, "public").await, before);
+}
+
+/// `projections rebuild users`, with the default options, on a task of its own.
+fn spawn_rebuild_of_users(
+    t: &TestApp,
+) -> tokio::task::JoinHandle<Result<RebuildSummary, RunError>> {
+    let pool = t.pool().clone();
+    tokio::spawn(async move {
+        let progress = Arc::new(Progress::default());
+        ledgerline_projections::rebuild(
+            &pool,
+            Some(&["users"]),
+            RebuildOptions::default(),
+            &progress,
+        )
+        .await
+    })
+}
+
+/// A rebuild of `users` whose lock's session is ended while the job waits at its swap (a
+/// reader holds the table): the job stops with [`RunError::LockLost`], returned, and is kept.
+async fn rebuild_of_users_whose_lock_ends_at_its_swap(t: &TestApp) -> RunError {
+    let reader = reading_users(t).await;
+    let run = spawn_rebuild_of_users(t);
+    let pid = lock_holder(t, 0x6c65_6467, 1).await;
+    assert!(
+        waiting_for_a_lock(t, "ledgerline\\_rebuild\\_%").await,
+        "at the swap"
+    );
+    terminate(t, pid).await;
+    // Past the next look at the lock's session; then the swap may have the table.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    reader.commit().await.unwrap();
+    let error = run.await.unwrap().unwrap_err();
+    assert!(matches!(error, RunError::LockLost { .. }), "{error}");
+    error
+}
+
+/// Gives the live `users` a second index of one of its indexes' definition, `users_twin`;
+/// returns the first one's name.
+async fn twin_index(t: &TestApp) -> String {
+    let (name, definition): (String, String) = sqlx::query_as(
+        "SELECT indexname::text, indexdef FROM pg_indexes WHERE schemaname = 'public' \
+         AND tablename = 'users' AND indexname <> 'users_pkey' ORDER BY indexname LIMIT 1",
     )
     .fetch_one(t.pool())
     .await
@@ -2386,23 +2458,19 @@ async fn a_rebuild_of_a_table_with_two_identical_indexes_swaps_with_both() {
         .execute(t.pool())
         .await
         .unwrap();
-    let indexes = || async {
-        sqlx::query_scalar::<_, String>(
-            "SELECT indexname FROM pg_indexes WHERE schemaname = 'public' \
-             AND tablename = 'users' ORDER BY indexname",
-        )
-        .fetch_all(t.pool())
-        .await
-        .unwrap()
-    };
-    let before = indexes().await;
-    assert!(before.contains(&"users_twin".to_string()), "{before:?}");
-    let live = snapshot(&t).await;
+    name
+}
 
-    let summary = rebuild_named(&t, &["users"]).await.unwrap();
-    assert_eq!(summary.position, t.head().await, "{summary:?}");
-    assert_eq!(snapshot(&t).await, live);
-    assert_eq!(indexes().await, before);
+/// The names of the indexes of `users` in `schema`.
+async fn user_indexes(t: &TestApp, schema: &str) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT indexname::text FROM pg_indexes WHERE schemaname = $1 AND tablename = 'users' \
+         ORDER BY indexname",
+    )
+    .bind(schema)
+    .fetch_all(t.pool())
+    .await
+    .unwrap()
 }
 
 /// A transaction holding `table` in ACCESS EXCLUSIVE mode: every reader waits for it.
@@ -2496,31 +2564,7 @@ async fn a_rebuild_whose_lock_session_ends_stops_and_a_rerun_resumes_it() {
             .unwrap()
     };
     let before = table().await;
-    // The job waits at its swap while the reader holds `users`.
-    let reader = reading_users(&t).await;
-    let pool = t.pool().clone();
-    let run = tokio::spawn(async move {
-        let progress = Arc::new(Progress::default());
-        ledgerline_projections::rebuild(
-            &pool,
-            Some(&["users"]),
-            RebuildOptions::default(),
-            &progress,
-        )
-        .await
-    });
-    let pid = lock_holder(&t, 0x6c65_6467, 1).await;
-    assert!(
-        waiting_for_a_lock(&t, "ledgerline\\_rebuild\\_%").await,
-        "at the swap"
-    );
-    terminate(&t, pid).await;
-    // Past the next look at the lock's session; then the swap may have the table.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    reader.commit().await.unwrap();
-
-    let error = run.await.unwrap().unwrap_err();
-    assert!(matches!(error, RunError::LockLost { .. }), "{error}");
+    let error = rebuild_of_users_whose_lock_ends_at_its_swap(&t).await;
     let said = error.to_string();
     assert!(said.contains("lost its lock"), "{said}");
     assert!(

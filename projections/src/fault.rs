@@ -4,7 +4,8 @@
 //! tested. The panic comes before the batch writes anything or after it wrote everything:
 //! the second shows that what a panicking batch wrote is rolled back. A batch can also be
 //! made to hang, for the stall watches: its session stuck in a statement that holds its
-//! transaction's locks, or its `COPY` half-sent, as the rebuilds that hung were seen.
+//! transaction's locks, or its `COPY` half-sent, as the rebuilds that hung were seen. And a
+//! live batch's report to its process can be held back, as a busy process's can be late.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -57,30 +58,36 @@ pub fn arm(projection: Projection, aggregate_id: &str, sequence: i64, when: When
     ANY.store(true, Ordering::SeqCst);
 }
 
-/// Batches that report where they got only after a pause: a projection run by a lease
-/// holder (unique to a projector, so that tests sharing this do not meet), and the pause.
-static REPORT_PAUSES: Mutex<Vec<(Projection, String, std::time::Duration)>> =
-    Mutex::new(Vec::new());
+/// Batches whose report waits: a projection run by a lease holder (unique to a projector,
+/// so that tests sharing this do not meet), and what releases it.
+type ReportPause = (Projection, String, std::sync::Arc<tokio::sync::Notify>);
+static REPORT_PAUSES: Mutex<Vec<ReportPause>> = Mutex::new(Vec::new());
 
-/// The next batch of `projection` under the lease holder `holder` that ends (applied or
-/// stopped) pauses for `pause` after its commit, before the projector reports it to the
-/// waits of its process: the time a busy process may take to come back to a task.
-pub fn pause_next_report(projection: Projection, holder: &str, pause: std::time::Duration) {
+/// The next batch of `projection` under the lease holder `holder` waits, once it has ended
+/// (whatever its outcome), before the projector reports where it got to the waits of its
+/// process, until the returned `Notify` is notified: as a busy process may come back to a
+/// task late.
+pub fn pause_next_report(
+    projection: Projection,
+    holder: &str,
+) -> std::sync::Arc<tokio::sync::Notify> {
+    let release = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut pauses = REPORT_PAUSES.lock().unwrap_or_else(|p| p.into_inner());
-    pauses.push((projection, holder.to_string(), pause));
+    pauses.push((projection, holder.to_string(), release.clone()));
+    release
 }
 
-/// The pause [`pause_next_report`] armed for this batch, once.
+/// The wait [`pause_next_report`] armed for this batch, once.
 pub(crate) async fn before_report(projection: Projection, holder: &str) {
-    let pause = {
+    let release = {
         let mut pauses = REPORT_PAUSES.lock().unwrap_or_else(|p| p.into_inner());
         let at = pauses
             .iter()
             .position(|(p, h, _)| *p == projection && h == holder);
         at.map(|at| pauses.remove(at).2)
     };
-    if let Some(pause) = pause {
-        tokio::time::sleep(pause).await;
+    if let Some(release) = release {
+        release.notified().await;
     }
 }
 

@@ -300,26 +300,27 @@ impl Drop for EndsOnDrop {
 }
 
 /// The `CREATE INDEX` statement of each index the live `table` has and its copy in
-/// `schema` lacks, under the live name. Each index of the copy stands for one live index:
-/// a table may have two of one definition.
+/// `schema` lacks, under the live name. Each index of the copy stands for one live index (a
+/// table may have two of one definition): the one of its own name first, as a resumed job
+/// built it, so that its twin is not taken for it and built again under a name in use.
 async fn missing_indexes(
     conn: &mut PgConnection,
     schema: &str,
     table: &str,
 ) -> sqlx::Result<Vec<String>> {
-    let live = index_definitions(conn, "public", table).await?;
+    let mut live = index_definitions(conn, "public", table).await?;
     let mut copy = index_definitions(conn, schema, table).await?;
+    let mut take = |wanted: &dyn Fn(&(String, String)) -> bool| match copy.iter().position(wanted) {
+        Some(at) => {
+            copy.remove(at);
+            true
+        }
+        None => false,
+    };
+    live.retain(|index| !take(&|c| c == index));
+    live.retain(|(_, definition)| !take(&|(_, d)| d == definition));
     Ok(live
         .into_iter()
-        .filter(
-            |(_, definition)| match copy.iter().position(|(_, d)| d == definition) {
-                Some(at) => {
-                    copy.remove(at);
-                    false
-                }
-                None => true,
-            },
-        )
         .map(|(name, definition)| {
             definition.replacen(
                 "INDEX ON ",

@@ -551,7 +551,8 @@ async fn read_progress(pool: &PgPool, name: &str) -> sqlx::Result<(i64, Option<i
 /// Publishes where this process's batch got, unless a reset was heard of since the batch
 /// began (`resets`, read then): the batch may have committed just before the reset, whose
 /// notification, taken meanwhile, is then the truth, and must not be undone by this later
-/// report. Skipping it only makes a wait longer: the batch's own notification follows.
+/// report. Skipping it only makes a wait longer: the batch's own notification follows (for
+/// a batch that stopped at a failure, which notifications do not carry, the next poll).
 fn publish(
     progress: &watch::Sender<Progress>,
     resets: u64,
