@@ -174,9 +174,11 @@ fn advanced(p: &mut Progress, checkpoint: i64) -> bool {
     if checkpoint == p.checkpoint && p.known {
         return false;
     }
-    // A reset says 0; a batch's notification, the position it reached (at least 1).
+    // A reset says 0; a batch's notification, the position it reached (at least 1). A reset
+    // deletes the projection's failures too.
     if checkpoint == 0 && p.checkpoint > 0 {
         p.resets += 1;
+        p.failed_at = None;
     }
     p.checkpoint = checkpoint;
     p.known = true;

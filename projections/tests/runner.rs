@@ -464,6 +464,39 @@ impl SlowPoll {
     }
 }
 
+impl SlowPoll {
+    /// Suspends the organization (an event `organizations` reads) and tells the projector.
+    async fn suspend(&self, ledger: &mut Ledger) -> i64 {
+        let suspended = ledger
+            .append(
+                "Organization",
+                self.org,
+                &OrganizationEvent::OrganizationSuspended { reason: None },
+                &self.actor,
+            )
+            .await;
+        self.head_tx.send_replace(suspended);
+        suspended
+    }
+
+    /// Whether the handle counts `organizations` as behind the organization's creation.
+    fn organizations_behind(&self) -> bool {
+        self.runs
+            .checkpoints()
+            .into_iter()
+            .any(|(name, reach)| name == "organizations" && reach < self.first)
+    }
+
+    /// Waits up to 30 s until the handle has heard of a reset of `organizations`.
+    async fn reset_heard(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self.organizations_behind() {
+            assert!(Instant::now() < deadline, "the reset is heard of");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 /// Waits up to 30 s until `n` connections on this database have run LISTEN.
 async fn listening(pool: &PgPool, n: i64) -> bool {
     for _ in 0..300 {
@@ -636,7 +669,7 @@ async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
     let mut ledger = Ledger::new(&db.pool);
     // Nothing but the next head wakes it: no poll, no lease renewal during the test.
     let slow = SlowPoll::start(&db, &mut ledger, Duration::from_secs(1800)).await;
-    let (runs, first) = (&slow.runs, slow.first);
+    let runs = &slow.runs;
     assert!(listening(&db.pool, 1).await, "the projector listens");
     let holder: String =
         sqlx::query_scalar("SELECT holder FROM leases WHERE name = 'projection:organizations'")
@@ -645,15 +678,7 @@ async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
             .unwrap();
     let report =
         ledgerline_projections::fault::pause_next_report(Projection::Organizations, &holder);
-    let suspended = ledger
-        .append(
-            "Organization",
-            slow.org,
-            &OrganizationEvent::OrganizationSuspended { reason: None },
-            &slow.actor,
-        )
-        .await;
-    slow.head_tx.send_replace(suspended);
+    let suspended = slow.suspend(&mut ledger).await;
     // The batch commits; its report waits for `report`.
     let deadline = Instant::now() + Duration::from_secs(30);
     while checkpoint(&db.pool, "organizations").await != suspended {
@@ -661,19 +686,8 @@ async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     reset(&db.pool, Some(&["organizations"])).await.unwrap();
-    let behind = || {
-        runs.checkpoints()
-            .into_iter()
-            .any(|(name, reach)| name == "organizations" && reach < first)
-    };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !behind() {
-        assert!(
-            Instant::now() < deadline,
-            "the reset's notification is taken while the batch's report waits"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    // The reset's notification is taken while the batch's report waits.
+    slow.reset_heard().await;
     report.notify_one();
     // The test's runtime has one thread: the released task reports while this sleeps.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -682,8 +696,34 @@ async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
         .await
         .unwrap();
     assert_eq!(orgs, 0, "reset, and nothing applied since");
-    assert!(behind(), "{:?}", runs.checkpoints());
+    assert!(slow.organizations_behind(), "{:?}", runs.checkpoints());
     assert!(!runs.reached(suspended));
+    slow.runs.shutdown().await;
+}
+
+/// A reset deletes the projection's failures too: a process that knew it stopped no longer
+/// counts it stopped once it hears of the reset (until a batch stops there again).
+#[tokio::test]
+async fn a_reset_projection_is_no_longer_counted_stopped() {
+    let db = TestDb::new().await;
+    let mut ledger = Ledger::new(&db.pool);
+    let slow = SlowPoll::start(&db, &mut ledger, Duration::from_secs(1800)).await;
+    assert!(listening(&db.pool, 1).await, "the projector listens");
+    let org = slow.org.to_string();
+    ledgerline_projections::fault::panic_on(Projection::Organizations, &org, 2);
+    let suspended = slow.suspend(&mut ledger).await;
+    let waited = slow.runs.wait(suspended, Duration::from_secs(30)).await;
+    assert_eq!(
+        waited.stopped,
+        vec![("organizations", suspended)],
+        "{waited:?}"
+    );
+
+    ledgerline_projections::fault::disarm(Projection::Organizations, &org, 2);
+    reset(&db.pool, Some(&["organizations"])).await.unwrap();
+    slow.reset_heard().await;
+    let waited = slow.runs.wait(suspended, Duration::from_millis(500)).await;
+    assert!(waited.stopped.is_empty(), "{waited:?}");
     slow.runs.shutdown().await;
 }
 
