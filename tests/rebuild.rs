@@ -1795,18 +1795,7 @@ async fn the_swap_waits_for_snapshots_older_than_the_rebuilt_tables() {
     assert!(users > 0);
     let (mut reader, _) = old_snapshot(&t).await;
     let progress = Arc::new(Progress::default());
-    let job = {
-        let (pool, progress) = (t.pool().clone(), Arc::clone(&progress));
-        tokio::spawn(async move {
-            ledgerline_projections::rebuild(
-                &pool,
-                Some(&["users"]),
-                RebuildOptions::default(),
-                &progress,
-            )
-            .await
-        })
-    };
+    let job = spawn_rebuild_of_users(&t, Arc::clone(&progress));
     let waiting = eventually(Duration::from_secs(60), || async {
         progress.snapshot().phase == ledgerline_projections::Phase::WaitingForSnapshots
     })
@@ -1936,7 +1925,7 @@ async fn a_publication_made_during_the_job_stops_the_swap_and_keeps_the_job() {
     story(&t).await;
     let live = snapshot(&t).await;
     let held = common::hold_checkpoint(t.pool(), "users").await;
-    let job = spawn_rebuild_of_users(&t);
+    let job = spawn_rebuild_of_users(&t, Arc::default());
     assert!(
         at_the_swap(t.pool()).await,
         "the swap waits for the checkpoint row"
@@ -2407,13 +2396,14 @@ async fn a_rebuild_resumed_with_one_of_two_identical_indexes_built_swaps_with_bo
     assert_eq!(user_indexes(&t, "public").await, before);
 }
 
-/// `projections rebuild users`, with the default options, on a task of its own.
+/// `projections rebuild users`, with the default options, on a task of its own, showing
+/// its progress in `progress`.
 fn spawn_rebuild_of_users(
     t: &TestApp,
+    progress: Arc<Progress>,
 ) -> tokio::task::JoinHandle<Result<RebuildSummary, RunError>> {
     let pool = t.pool().clone();
     tokio::spawn(async move {
-        let progress = Arc::new(Progress::default());
         ledgerline_projections::rebuild(
             &pool,
             Some(&["users"]),
@@ -2428,7 +2418,7 @@ fn spawn_rebuild_of_users(
 /// reader holds the table): the job stops with [`RunError::LockLost`], returned, and is kept.
 async fn rebuild_of_users_whose_lock_ends_at_its_swap(t: &TestApp) -> RunError {
     let reader = reading_users(t).await;
-    let run = spawn_rebuild_of_users(t);
+    let run = spawn_rebuild_of_users(t, Arc::default());
     let pid = lock_holder(t, 0x6c65_6467, 1).await;
     assert!(
         waiting_for_a_lock(t, "ledgerline\\_rebuild\\_%").await,
