@@ -3,6 +3,8 @@
 
 mod common;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
 use common::{assert_error, assert_error_says, Response, TestApp};
 use ledgerline::app::Actor;
 use ledgerline_aggregates::organization::{built_in_roles, OrganizationCommand};
@@ -2019,6 +2021,22 @@ async fn nul_characters_in_query_parameters_are_400() {
             &r,
             "invalid query: cursor must not contain the NUL character",
         );
+    }
+    // Nor can a cursor made by hand carry one inside its encoding, to a list whose key
+    // holds text (a role's name).
+    for (list, key) in [
+        (
+            org_path(org, "/roles"),
+            json!(["roles", ["2026-01-01T00:00:00Z", "a\u{0}"]]),
+        ),
+        (
+            org_path(org, &format!("/users/{user}/roles")),
+            json!(["user-roles", ["a\u{0}", Uuid::nil()]]),
+        ),
+    ] {
+        let cursor = URL_SAFE_NO_PAD.encode(key.to_string());
+        let r = refused_bodyless(t, Method::GET, &format!("{list}?cursor={cursor}"), 400).await;
+        assert_error_mentions(&r, "invalid query: cursor is malformed");
     }
     // A path's only free strings (an entity type, an emoji) are checked against what they
     // may be before any query: the NUL is a 400 (the emoji's is in tests/messaging.rs).

@@ -12,6 +12,7 @@
 use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
+use ledgerline_aggregates::validate;
 use schemars::JsonSchema;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -146,6 +147,8 @@ fn open<K: DeserializeOwned>(list: &str, cursor: &str) -> ApiResult<K> {
     URL_SAFE_NO_PAD
         .decode(cursor)
         .ok()
+        // A key with a NUL (never made here) would reach PostgreSQL, which refuses it in text.
+        .filter(|json| !validate::json_has_nul(json))
         .and_then(|json| serde_json::from_slice::<(String, K)>(&json).ok())
         .filter(|(of, _)| of == list)
         .map(|(_, key)| key)
