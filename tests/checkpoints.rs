@@ -675,6 +675,95 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
     assert!(out.starts_with("REWRITTEN"), "{out}");
 }
 
+/// A log signed at one size and integrated past it, with the app's own maintainer kept off
+/// it (the test holds its lease): events the tree holds but no checkpoint covers yet, open to
+/// a rewrite before the next integration. Returns the signed and the integrated size, the
+/// second a multiple of four, so that the check of the newest leaf climbs through a stored
+/// node as well as its neighbour's leaf.
+async fn integrated_past_the_signed(t: &TestApp) -> (i64, i64) {
+    sqlx::query(
+        "INSERT INTO leases (name, holder, expires_at) \
+         VALUES ($1, 'the test', now() + interval '1 hour') \
+         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+             expires_at = EXCLUDED.expires_at",
+    )
+    .bind(tree::LEASE)
+    .execute(t.pool())
+    .await
+    .unwrap();
+    some_history(t).await;
+    sign_now(t).await;
+    let signed = t.head().await;
+    let org = t.create_org("Delta").await;
+    for i in 0.. {
+        if t.head().await % 4 == 0 && t.head().await >= signed + 4 {
+            break;
+        }
+        assert!(i < 12, "invites move the head by one event each");
+        t.invite(org, &format!("d{i}@delta.example"), "D").await;
+    }
+    let (integrated, _, _) = tree::integrate_batch(t.pool()).await.unwrap();
+    assert_eq!(integrated as i64, t.head().await);
+    (signed, integrated as i64)
+}
+
+async fn checkpoint_count(t: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM checkpoints")
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+/// Events integrated but not yet signed are rewritten, every later hash recomputed, and the
+/// next command links to the new head: the maintainer refuses to go on from a head that is
+/// not the leaf its tree holds, where it used to sign a root of the old events under a chain
+/// head through the new ones (a checkpoint that `verify` took as agreeing).
+#[tokio::test]
+async fn integrated_events_rewritten_before_they_are_signed_stop_the_maintainer() {
+    let t = TestApp::spawn().await;
+    let (signed, integrated) = integrated_past_the_signed(&t).await;
+    let checkpoints = checkpoint_count(&t).await;
+    assert!(integrated - 2 > signed);
+    rewrite_metadata_from(&t, integrated - 2).await;
+    t.create_org("Epsilon").await;
+    let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
+    assert!(
+        matches!(refused, Err(tree::TreeError::Tampered(p)) if p == integrated),
+        "{refused:?}"
+    );
+    assert_eq!(checkpoint_count(&t).await, checkpoints, "nothing signed");
+}
+
+/// The newest integrated event's format is read from the event checked against the tree, not
+/// taken from its column: set back to v1 there, it would have made the next event the start
+/// of v2, and the tree's recorded boundary would have moved.
+#[tokio::test]
+async fn the_newest_integrated_events_format_is_checked_against_its_hash() {
+    let t = TestApp::spawn().await;
+    let (_, integrated) = integrated_past_the_signed(&t).await;
+    let checkpoints = checkpoint_count(&t).await;
+    tamper(
+        t.pool(),
+        &[format!(
+            "UPDATE events SET hash_version = 1 WHERE position = {integrated}"
+        )],
+    )
+    .await;
+    t.create_org("Epsilon").await;
+    let refused = tree::catch_up(t.pool(), Some(&t.signer), POLICY, true).await;
+    assert!(
+        matches!(refused, Err(tree::TreeError::Tampered(p)) if p == integrated),
+        "{refused:?}"
+    );
+    let (size, v2_from): (i64, Option<i64>) =
+        sqlx::query_as("SELECT size, hash_v2_from FROM merkle_state")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!((size, v2_from), (integrated, Some(1)), "nothing integrated");
+    assert_eq!(checkpoint_count(&t).await, checkpoints, "nothing signed");
+}
+
 /// Someone who can write the database but holds no key rewrites the log, rebuilds the tree
 /// from it and waits for the server to sign: it refuses, as the tree does not extend the
 /// checkpoint it signed (found in the stored notes after a restart, remembered while running

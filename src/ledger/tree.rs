@@ -160,22 +160,15 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
         mut v2_from,
     } = state(&mut tx, true).await?;
     let size = frontier.size() as i64;
-    // Whether the last integrated event is v2 comes from that event (its format is bound by
-    // its hash), not from the column above, which only records where v2 began.
+    // Whether the last integrated event is v2 comes from that event, checked against the
+    // tree, not from the column above, which only records where v2 began.
     let mut formats = FormatRun::default();
     let mut prev: Digest = if size == 0 {
         GENESIS
     } else {
-        let Some((h, version)): Option<(Vec<u8>, i16)> =
-            sqlx::query_as("SELECT hash, hash_version FROM events WHERE position = $1")
-                .bind(size)
-                .fetch_optional(&mut *tx)
-                .await?
-        else {
-            return Err(truncated(&mut tx, size).await);
-        };
-        formats.admit(HashVersion::from_number(version.into()).unwrap_or(HashVersion::V1));
-        digest(&h)?
+        let (hash, version) = integrated_head(&mut tx, &frontier).await?;
+        formats.admit(version);
+        hash
     };
     let events: Vec<StoredEvent> = sqlx::query_as(&format!(
         "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position > $1 ORDER BY position LIMIT $2"
@@ -240,6 +233,88 @@ async fn integrate(pool: &PgPool, holder: Option<&str>) -> Result<(u64, Digest, 
     }
     tx.commit().await?;
     Ok((frontier.size(), prev, events.len()))
+}
+
+/// The hash and format of the newest event the tree integrated, read from the log and checked
+/// against the tree: its hash recomputed from its content, and its leaf hashed up with the
+/// stored nodes beside it to the frontier's last peak. The next event must link to it, so it
+/// cannot be taken from the table on trust: integrated events rewritten with their hashes
+/// recomputed would otherwise be linked to by the next append and signed over, the signed root
+/// still holding the old leaves while the signed chain head goes through the new ones.
+async fn integrated_head(
+    conn: &mut PgConnection,
+    frontier: &Frontier<Blake3>,
+) -> Result<(Digest, HashVersion), TreeError> {
+    let size = frontier.size() as i64;
+    let Some(e): Option<StoredEvent> = sqlx::query_as(&format!(
+        "SELECT {STORED_EVENT_COLUMNS} FROM events WHERE position = $1"
+    ))
+    .bind(size)
+    .fetch_optional(&mut *conn)
+    .await?
+    else {
+        return Err(truncated(conn, size).await);
+    };
+    let tampered = || {
+        tracing::error!(
+            position = size,
+            "the newest integrated event no longer matches the tree; tree integration stopped"
+        );
+        TreeError::Tampered(size)
+    };
+    let version = HashVersion::from_number(e.hash_version.into()).ok_or_else(tampered)?;
+    let prev: Digest = e.prev_hash.as_slice().try_into().map_err(|_| tampered())?;
+    let hash = event_hash(&prev, &EventFields::of(&e));
+    if e.hash != hash {
+        return Err(tampered());
+    }
+    // The last peak covers the newest 2^k leaves, k the trailing zeros of the size; the newest
+    // leaf is its rightmost, so each sibling on the way up is a left one.
+    let last = size as u64 - 1;
+    let levels = (size as u64).trailing_zeros();
+    let below: Option<(Vec<u8>,)> = if levels > 0 {
+        sqlx::query_as("SELECT hash FROM events WHERE position = $1")
+            .bind(size - 1)
+            .fetch_optional(&mut *conn)
+            .await?
+    } else {
+        None
+    };
+    let (node_levels, node_indexes): (Vec<i16>, Vec<i64>) = (1..levels)
+        .map(|level| (level as i16, ((last >> level) - 1) as i64))
+        .unzip();
+    let nodes: HashMap<i16, Vec<u8>> = sqlx::query_as(
+        "SELECT m.level, m.hash FROM merkle_nodes m \
+         JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) \
+           ON m.level = w.level AND m.idx = w.idx",
+    )
+    .persistent(false)
+    .bind(&node_levels)
+    .bind(&node_indexes)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    let mut climbed = Blake3::leaf(&hash);
+    for level in 0..levels {
+        let sibling = if level == 0 {
+            let (h,) = below.as_ref().ok_or_else(tampered)?;
+            Blake3::leaf(&digest(h)?)
+        } else {
+            let h = nodes.get(&(level as i16)).ok_or_else(|| {
+                TreeError::Damaged(format!(
+                    "the stored node at level {level} beside the newest integrated event is \
+                     missing"
+                ))
+            })?;
+            digest(h)?
+        };
+        climbed = Blake3::node(&sibling, &climbed);
+    }
+    if frontier.peaks().last() != Some(&climbed) {
+        return Err(tampered());
+    }
+    Ok((hash, version))
 }
 
 /// The log holds no event at `size`, which the tree integrated: [`TreeError::Truncated`] if it
