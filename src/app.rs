@@ -74,6 +74,8 @@ pub struct Actor {
     pub user_id: Option<Uuid>,
     pub key_id: Option<Uuid>,
     pub request_id: String,
+    /// The request's `Idempotency-Key` (`api::idempotency`), if it was sent with one.
+    pub idempotency_key: Option<String>,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
 }
@@ -111,6 +113,7 @@ impl Actor {
             ),
             (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
+            (metadata::IDEMPOTENCY_KEY, self.idempotency_key.clone()),
             (metadata::CLIENT_IP, self.client_ip.clone()),
             (metadata::USER_AGENT, self.user_agent.clone()),
         ];

@@ -464,6 +464,140 @@ async fn an_erasure_forgets_the_answers_that_showed_the_user() {
     assert_eq!(t.head().await, head, "not invited again");
 }
 
+/// Whether a session waits for an advisory lock: 4242 (`on`), or another one.
+async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+         AND (classid = 0 AND objid = 4242) = $1)",
+    )
+    .bind(on)
+    .fetch_one(t.pool())
+    .await
+    .unwrap()
+}
+
+/// An answer read before an erasure of the user it shows, and kept only after the erasure
+/// forgot the answers naming them (the request slow to settle: its keeping held on a lock the
+/// test holds), is not kept with what it showed of them.
+#[tokio::test]
+async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let ada = t.invite(org, "ada@example.com", "Ada").await;
+    // Keeping an answer (`running` becoming `done`) waits for advisory lock 4242.
+    for s in [
+        "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
+             RETURN NEW; END $$",
+        "CREATE TRIGGER wait_for_the_test BEFORE UPDATE ON idempotency_keys FOR EACH ROW \
+             WHEN (OLD.state = 'running' AND NEW.state = 'done') \
+             EXECUTE FUNCTION wait_for_the_test()",
+    ] {
+        sqlx::query(s).execute(t.pool()).await.unwrap();
+    }
+    let mut holder = t.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let path = org_path(org, &format!("/users/{ada}"));
+    let rename = || {
+        let body = Some(json!({"full_name": "Ada King"}));
+        send(
+            &t,
+            Method::PATCH,
+            &path,
+            &t.admin_key,
+            Some(b"rename"),
+            body,
+        )
+    };
+    let erase = async {
+        let kept_waits = || waits_on_4242(&t, true);
+        assert!(common::eventually(std::time::Duration::from_secs(30), kept_waits).await);
+        let erase_path = format!("{path}/erase");
+        let erase = t.post(&erase_path, &t.admin_key, json!({}));
+        tokio::pin!(erase);
+        // The erasure runs until it is done, or until it waits for the answer being kept.
+        let erased = tokio::select! {
+            erased = &mut erase => Some(erased),
+            _ = async {
+                while !waits_on_4242(&t, false).await {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            } => None,
+        };
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+        match erased {
+            Some(erased) => erased,
+            None => erase.await,
+        }
+    };
+    let (patched, erased) = tokio::join!(rename(), erase);
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    assert!(patched.body.to_string().contains("Ada King"));
+    assert_eq!(erased.status, 200, "{}", erased.body);
+    assert_eq!(kept_answer(&t, "rename").await, None, "forgotten");
+    assert_error_says(&rename().await, 409, "no longer kept");
+}
+
+/// A client may send one `x-request-id` with many requests: a keyed request that failed is
+/// not taken for one that took effect because another request with that id appended while it
+/// ran (it waited for its organization's turn, which the test held).
+#[tokio::test]
+async fn a_failure_is_not_taken_for_another_requests_effect_under_the_same_request_id() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let owner_role = t.role_id(org, "owner").await;
+    let (owner, _) = t.member_with_key(org, "owner", "owner@acme.example").await;
+    let mut turn = t.pool().begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || $2, 0))")
+        .bind("ledgerline owners ")
+        .bind(org.to_string())
+        .execute(&mut *turn)
+        .await
+        .unwrap();
+    let request = |method: Method, path: String| {
+        t.client
+            .request(method, format!("{}{path}", t.base))
+            .bearer_auth(&t.admin_key)
+            .header("x-request-id", "one-id-for-all")
+    };
+    // Taking the only owner's role away: refused, once it has its turn.
+    let revoke = org_path(org, &format!("/users/{owner}/roles/{owner_role}"));
+    let refused =
+        answer(request(Method::DELETE, revoke.clone()).header("Idempotency-Key", "revoke"));
+    let other = async {
+        let waiting = || async {
+            sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap()
+                > 0
+        };
+        assert!(common::eventually(std::time::Duration::from_secs(30), waiting).await);
+        let invited = answer(
+            request(Method::POST, org_path(org, "/users"))
+                .json(&json!({"email": "bea@acme.example", "full_name": "Bea"})),
+        )
+        .await;
+        turn.rollback().await.unwrap();
+        invited
+    };
+    let (refused, invited) = tokio::join!(refused, other);
+    assert_eq!(invited.status, 201, "{}", invited.body);
+    assert_error_says(&refused, 409, "without an active owner");
+    // The key was let go, as the request appended nothing: a retry runs again.
+    let retry = answer(request(Method::DELETE, revoke).header("Idempotency-Key", "revoke")).await;
+    assert!(!replayed(&retry), "{}", retry.body);
+    assert_error_says(&retry, 409, "without an active owner");
+}
+
 #[tokio::test]
 async fn an_expired_key_is_free_again_and_pruned() {
     let t = TestApp::spawn().await;

@@ -10,6 +10,10 @@ pub const ACTOR_KIND: &str = "actor_kind";
 pub const ACTOR_USER_ID: &str = "actor_user_id";
 pub const ACTOR_KEY_ID: &str = "actor_key_id";
 pub const REQUEST_ID: &str = "request_id";
+/// The `Idempotency-Key` the request was sent with, if any. Unlike the request id (the
+/// client's `x-request-id`, which many requests may share), the key names one request of its
+/// API key at a time: what a keyed request's failure looks for in the log.
+pub const IDEMPOTENCY_KEY: &str = "idempotency_key";
 pub const CLIENT_IP: &str = "client_ip";
 pub const USER_AGENT: &str = "user_agent";
 

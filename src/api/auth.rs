@@ -88,6 +88,8 @@ pub fn request_actor(parts: &Parts) -> Actor {
         user_id: None,
         key_id: None,
         request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
+        // Set by `api::idempotency` once it has checked and taken the key.
+        idempotency_key: None,
         client_ip: parts
             .extensions
             .get::<ConnectInfo<SocketAddr>>()

@@ -57,6 +57,7 @@ async fn departure(app: &App, user: Uuid) -> ApiResult<Option<(Departure, Actor)
         user_id: by,
         key_id: id(metadata::ACTOR_KEY_ID),
         request_id: text(metadata::REQUEST_ID).unwrap_or_else(|| Uuid::new_v4().to_string()),
+        idempotency_key: text(metadata::IDEMPOTENCY_KEY),
         client_ip: text(metadata::CLIENT_IP),
         user_agent: text(metadata::USER_AGENT),
     };

@@ -21,8 +21,11 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
+use cqrs_es::Aggregate;
 use futures::FutureExt;
+use ledgerline_aggregates::message::Message;
 use ledgerline_aggregates::metadata;
+use ledgerline_aggregates::user::User;
 use serde_json::Value;
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -120,8 +123,10 @@ async fn idempotent(app: App, req: Request, next: Next) -> ApiResult<Response> {
     let (mut parts, body) = req.into_parts();
     // The key is the caller's: authenticated first (the handler reuses it), so that nothing
     // is said about a key to whoever cannot use it.
-    let caller = Caller::from_request_parts(&mut parts, &app).await?;
+    let mut caller = Caller::from_request_parts(&mut parts, &app).await?;
     let key = key_of(&parts.headers)?;
+    // The request's events carry the key: what `settle` finds them by.
+    caller.actor.idempotency_key = Some(key.clone());
     parts.extensions.insert(caller.clone());
     let body = super::extract::body(Request::from_parts(parts.clone(), body), &()).await?;
     let target = parts
@@ -402,14 +407,16 @@ async fn settle(
     // Not an answer to keep. A failure can come after a commit, though (the database lost
     // between the append and the read of the answer, a lost COMMIT's outcome): then running
     // the request again would do it twice, so the key answers what the log shows instead.
+    // Its events are found by the key, which only this request of its API key holds, not by
+    // the request id: a client may send one `x-request-id` with many requests.
     let first: Option<(i64, String, String, String)> = sqlx::query_as(
         "SELECT position, event_type, aggregate_type, aggregate_id FROM events \
          WHERE position > $1 AND metadata->>$2 = $3 AND metadata->>$4 = $5 \
          ORDER BY position LIMIT 1",
     )
     .bind(since)
-    .bind(metadata::REQUEST_ID)
-    .bind(&claim.request_id)
+    .bind(metadata::IDEMPOTENCY_KEY)
+    .bind(&claim.key)
     .bind(metadata::ACTOR_KEY_ID)
     .bind(claim.api_key.to_string())
     .fetch_optional(&app.pool)
@@ -446,7 +453,18 @@ async fn keep(app: &App, claim: &Claim, answer: &ApiError) -> sqlx::Result<()> {
     keep_answer(app, claim, answer.status, Some("application/json"), &body).await
 }
 
+/// The advisory lock ("answers") that orders keeping answers, which take it shared, with
+/// forgetting them ([`forget_answers_naming`]), which takes it alone.
+const ANSWERS_LOCK: i64 = 0x0061_6e73_7765_7273;
+
 /// Keeps `body`, sealed, with every id it names: an erasure or deletion of one forgets it.
+///
+/// An answer may have been read before an erasure of a user it shows and be kept only after
+/// that erasure's forgetting ran, which found nothing yet to forget. So an answer is kept under
+/// [`ANSWERS_LOCK`] shared, without its body if the log already holds the erasure or deletion
+/// of an id it names: the forgetting, which begins once that event is committed and waits for
+/// the lock alone, then either comes after the answer was kept, and forgets it, or before the
+/// statement below began, which so reads the event.
 async fn keep_answer(
     app: &App,
     claim: &Claim,
@@ -458,9 +476,22 @@ async fn keep_answer(
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         ids_in(&value, &mut subjects);
     }
+    let ids: Vec<String> = subjects.iter().map(Uuid::to_string).collect();
+    let mut tx = app.pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
+        .bind(ANSWERS_LOCK)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE idempotency_keys \
-         SET state = 'done', status = $3, content_type = $4, body = $5, subjects = $6 \
+         SET state = 'done', status = $3, content_type = $4, subjects = $6, \
+             body = CASE WHEN EXISTS ( \
+                 SELECT 1 FROM events WHERE aggregate_type = $7 AND aggregate_id = ANY($8) \
+                    AND event_type = $9 \
+                 UNION ALL \
+                 SELECT 1 FROM events WHERE aggregate_type = $10 AND aggregate_id = ANY($8) \
+                    AND event_type = $11) \
+             THEN NULL ELSE $5 END \
          WHERE api_key_id = $1 AND key = $2 AND state = 'running'",
     )
     .bind(claim.api_key)
@@ -469,9 +500,14 @@ async fn keep_answer(
     .bind(content_type)
     .bind(app.vault.seal_answer(&claim.binding(), body))
     .bind(subjects)
-    .execute(&app.pool)
+    .bind(User::TYPE)
+    .bind(&ids)
+    .bind("UserErased")
+    .bind(Message::TYPE)
+    .bind("MessageDeleted")
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// Every string in `value` that is a UUID.
@@ -493,15 +529,23 @@ fn ids_in(value: &Value, found: &mut Vec<Uuid>) {
 /// Forgets the kept answers that name `subject` (a user erased, a message deleted), as its
 /// key's destruction makes what they showed of it unreadable everywhere else. The keys stay
 /// taken: a replay says the request was carried out, and its answer is no longer kept.
+/// Called once the erasure or deletion is in the log: waiting for [`ANSWERS_LOCK`] alone, it
+/// comes after every answer being kept now, and those kept later read the event
+/// ([`keep_answer`]).
 pub async fn forget_answers_naming(pool: &PgPool, subject: Uuid) -> sqlx::Result<()> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+        .bind(ANSWERS_LOCK)
+        .execute(&mut *tx)
+        .await?;
     sqlx::query(
         "UPDATE idempotency_keys SET body = NULL \
          WHERE subjects @> ARRAY[$1::uuid] AND body IS NOT NULL",
     )
     .bind(subject)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?;
-    Ok(())
+    tx.commit().await
 }
 
 /// Deletes the rows older than [`KEPT_FOR`]; returns how many.
