@@ -3161,6 +3161,34 @@ async fn owners_with_a_change_the_read_models_do_not_show_are_not_counted_on() {
     assert_eq!(permanent_owners(&t, org).await, 1);
 }
 
+/// Read models that show no owner while changes of the organization's users or roles are
+/// pending do not prove it has none: its first owner's role, given but not shown yet, is not
+/// taken away again on them (503, as when they show owners with changes pending), and once
+/// shown is kept by the rule.
+#[tokio::test]
+async fn a_first_owner_the_read_models_do_not_show_yet_is_not_removed_unseen() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("First Owner").await;
+    let ada = t.invite(org, "ada@first.example", "Ada").await;
+    let owner_role = t.role_id(org, "owner").await;
+    t.stop_projection("user_roles").await;
+    t.assign(org, ada, owner_role).await;
+    let before = t.head().await;
+    let revoke = org_path(org, &format!("/users/{ada}/roles/{owner_role}"));
+    let r = t.delete(&revoke, &t.admin_key).await;
+    assert_error_says(&r, 503, "do not show it yet");
+    assert_eq!(t.head().await, before, "a refused command appends nothing");
+
+    t.resume_projection("user_roles").await;
+    let shown = common::eventually(Duration::from_secs(20), || async {
+        permanent_owners(&t, org).await == 1
+    })
+    .await;
+    assert!(shown, "user_roles shows the owner once resumed");
+    let r = t.delete(&revoke, &t.admin_key).await;
+    refused_for_the_last_owner(&t, r, before).await;
+}
+
 /// A client hanging up on a removal ends neither it nor the organization's turn: the next
 /// removal is not answered while the read models do not show the first, and is then decided
 /// on them. (Ended at the hang-up, the first's turn would let the second in while the read
