@@ -156,22 +156,35 @@ impl Checkpoint {
         if lines.next().is_some() {
             return Err(bad("unexpected extension line"));
         }
-        Ok(Checkpoint {
+        let checkpoint = Checkpoint {
             origin,
             tree_size,
             root,
             chain_head,
             time,
             hash_v2_from,
-        })
+        };
+        // One checkpoint, one text: the parsers above also take `+42`, capital hex and other
+        // times than whole seconds in UTC, which no signer here writes.
+        if checkpoint.text() != text {
+            return Err(bad(
+                "not in the form ledgerline writes (a tree size with a sign, a chain head in \
+                 capitals, a time not in whole seconds with Z?)",
+            ));
+        }
+        Ok(checkpoint)
     }
 
     /// A whole signed note's claims, its signature NOT checked: for comparing what a note says
     /// with what is stored beside it, or to find the size a proof is wanted for. Whoever relies
     /// on the claims opens the note with [`NoteVerifier::open`]. Split as `open` splits it, so
-    /// what it refuses in form (control characters) no reader takes either.
+    /// what it refuses in form (control characters, a line below the blank one that is no
+    /// signature line) no reader takes either.
     pub fn parse_unverified(note: &str) -> Result<Checkpoint, NoteError> {
-        let (text, _) = split_note(note)?;
+        let (text, signatures) = split_note(note)?;
+        for line in signature_lines(signatures) {
+            line?;
+        }
         Checkpoint::parse_text(text)
     }
 }
@@ -720,6 +733,17 @@ pub(crate) mod tests {
         }
         // No log can sign such a note: its name may not hold one either.
         assert!(LogSigner::generate("ledgerline.test/\u{1}log").is_err());
+        // Nor a line under the blank one that is not a signature line.
+        for damaged in [
+            format!("{text}\n\nnot a signature\n"),
+            format!("{note}\u{2014} other-log not*base64\n"),
+        ] {
+            assert!(
+                Checkpoint::parse_unverified(&damaged).is_err(),
+                "{damaged:?}"
+            );
+            assert!(signer.verifier().open(&damaged).is_err(), "{damaged:?}");
+        }
     }
 
     #[test]
@@ -731,5 +755,23 @@ pub(crate) mod tests {
         ] {
             assert!(Checkpoint::parse_text(text).is_err(), "{text:?}");
         }
+        // What the line parsers take but no signer writes: one checkpoint has one text.
+        let cp = Checkpoint {
+            chain_head: [0xab; 32],
+            ..checkpoint()
+        };
+        let text = cp.text();
+        let size = format!("\n{}\n", cp.tree_size);
+        let head = hex::encode(cp.chain_head);
+        for other in [
+            text.replace(&size, &format!("\n+{}\n", cp.tree_size)),
+            text.replace(&head, &head.to_uppercase()),
+            text.replace("05Z\n", "05.000Z\n"),
+            text.replace("03:04:05Z", "04:04:05+01:00"),
+        ] {
+            assert_ne!(other, text);
+            assert!(Checkpoint::parse_text(&other).is_err(), "{other:?}");
+        }
+        assert_eq!(Checkpoint::parse_text(&text).unwrap(), cp);
     }
 }
