@@ -181,9 +181,10 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
                     .copied()
                     .filter(|u| !members[&conversation].contains(u))
                     .collect();
-                let spec = |title: String| ConversationSpec {
+                // A description given and taken away again: an update sets both columns.
+                let spec = |title: String, described: bool| ConversationSpec {
                     title: Some(title),
-                    description: None,
+                    description: described.then(|| "d".to_string()),
                 };
                 let change = match rng.below(4) {
                     0 if !outside.is_empty() => {
@@ -212,8 +213,8 @@ async fn chat_log(ledger: &mut Ledger, steps: usize) {
                         3 => ConversationEvent::ConversationArchived {},
                         4 => ConversationEvent::ConversationUnarchived {},
                         _ => ConversationEvent::ConversationUpdated {
-                            before: spec("t".into()),
-                            after: spec(format!("t{}", rng.below(9))),
+                            before: spec("t".into(), false),
+                            after: spec(format!("t{}", rng.below(9)), rng.below(2) == 0),
                         },
                     },
                 };

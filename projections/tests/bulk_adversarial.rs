@@ -160,10 +160,15 @@ async fn adversarial_log(ledger: &mut Ledger, seed: u64, steps: usize) {
                             }
                         }
                         2 => ConversationEvent::ParticipantMuted { user_id: user },
+                        // Beside mutes, removals and re-additions in one batch.
                         _ => ConversationEvent::ParticipantRoleChanged {
                             user_id: user,
                             before: ParticipantRole::Member,
-                            after: ParticipantRole::Member,
+                            after: [
+                                ParticipantRole::Owner,
+                                ParticipantRole::Admin,
+                                ParticipantRole::Member,
+                            ][rng.below(3)],
                         },
                     }
                 } else {
