@@ -845,8 +845,8 @@ struct Chunk {
     formats: FormatRun,
     /// The first line's position, if it parsed.
     first_position: Option<i64>,
-    /// The stored `prev_hash` of the first line when it is a full event that hashes correctly:
-    /// its link is checked when the piece is joined to the one before.
+    /// The stored `prev_hash` of the first line when it is a full event or a v2 stub that
+    /// hashes correctly: its link is checked when the piece is joined to the one before.
     first_prev: Option<Digest>,
     /// The last line checked good: its position and its hash (recomputed, or a stub's).
     last: Option<(i64, Digest)>,
@@ -1165,6 +1165,16 @@ impl Walk {
             });
             return;
         }
+        // A first line that hashed correctly has its link checked here, before any fault the
+        // piece found on it after its hash (an own event's stub), as the sequential walk does.
+        if c.first_prev.is_some_and(|p| p != self.prev) {
+            self.first_bad = Some(FileFault {
+                position: Some(self.expected),
+                line: at_line(0),
+                kind: FileFaultKind::Chain(Fault::LinkBroken),
+            });
+            return;
+        }
         if let Some(f) = c.first_bad.as_ref().filter(|f| f.line == Some(0)) {
             self.first_bad = Some(FileFault {
                 position: f.position.or(Some(self.expected)),
@@ -1174,14 +1184,6 @@ impl Walk {
             return;
         }
         self.formats = c.formats.after(&self.formats);
-        if c.first_prev.is_some_and(|p| p != self.prev) {
-            self.first_bad = Some(FileFault {
-                position: Some(self.expected),
-                line: at_line(0),
-                kind: FileFaultKind::Chain(Fault::LinkBroken),
-            });
-            return;
-        }
         // Counted only once the piece joins: its events are checked up to its own fault.
         self.full += c.full;
         self.stubs += c.stubs;
@@ -1756,6 +1758,20 @@ mod tests {
         assert_eq!(
             fault(&unlines(&relinked)),
             chain_fault(theirs, Fault::LinkBroken)
+        );
+        // The organization's own event as a stub that also breaks the link: the link comes
+        // first (as in the sequential walk), whether or not the stub starts a piece.
+        let k = own(20);
+        let e = &events[k as usize - 1];
+        let (tag, digest) = stub_parts(&e.fields());
+        let forged = hash::chain_v2(&[5; 32], &tag, &digest);
+        let mut line = Vec::new();
+        write_stub_v2_line(&mut line, k, &[5; 32], &tag, &digest, &forged);
+        let mut relinked = org.clone();
+        relinked[k as usize] = String::from_utf8(line).unwrap().trim_end().to_string();
+        assert_eq!(
+            fault(&unlines(&relinked)),
+            chain_fault(k, Fault::LinkBroken)
         );
         // A v2 event moved is found where it was written, as a v1 one is.
         let mut moved = whole.clone();
