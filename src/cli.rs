@@ -434,7 +434,7 @@ async fn verify(
             (Some(_), None) => anyhow::bail!("--checkpoint needs --public-key"),
             (None, _) => None,
         };
-        return offline(file, checkpoint, args.workers);
+        return offline(file, checkpoint, args.org, args.workers);
     }
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
     if !args.since.is_empty() {
@@ -540,11 +540,13 @@ async fn export(
 fn offline(
     file: &std::path::Path,
     checkpoint: Option<(String, &crate::ledger::checkpoint::NoteVerifier)>,
+    organization: Option<uuid::Uuid>,
     workers: usize,
 ) -> anyhow::Result<ExitCode> {
-    let report = crate::ledger::offline::verify_file(
+    let report = crate::ledger::offline::verify_file_of(
         file,
         checkpoint.as_ref().map(|(note, key)| (note.as_str(), *key)),
+        organization,
         workers,
     )
     .with_context(|| format!("verifying {}", file.display()))?;

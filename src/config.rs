@@ -317,6 +317,10 @@ pub struct VerifyArgs {
     /// With --file: a signed checkpoint the export must match.
     #[arg(long, requires = "file")]
     pub checkpoint: Option<PathBuf>,
+    /// With --file: the organization whose export the file must be; a file of another
+    /// organization, or of every organization, is refused.
+    #[arg(long, requires = "file")]
+    pub org: Option<uuid::Uuid>,
     /// Checkpoints kept earlier: prove the database's log is a consistent extension of each.
     #[arg(long, conflicts_with = "file")]
     pub since: Vec<PathBuf>,

@@ -150,6 +150,46 @@ async fn an_empty_export_holds_no_events_and_a_blank_line_is_named() {
     std::fs::remove_file(&out).ok();
 }
 
+/// `verify --file --org` refuses the export of another organization (or of every one): a
+/// header naming another organization is what an exporter hiding this one's events as
+/// stubs would write.
+#[tokio::test]
+async fn verify_file_with_org_refuses_another_organizations_export() {
+    let t = TestApp::spawn().await;
+    let acme = t.create_org("Acme").await;
+    let globex = t.create_org("Globex").await;
+    let out = std::env::temp_dir().join(format!("ll_org_{}.jsonl", uuid::Uuid::new_v4()));
+    let path = out.to_str().unwrap();
+    let (code, summary, err) = ledgerline(
+        &t.db.url,
+        &["export", "--org", &acme.to_string(), "--out", path],
+    )
+    .await;
+    assert_eq!(code, 0, "{summary}{err}");
+    let head = t.head().await;
+    let (code, said, err) =
+        ledgerline_offline(&["verify", "--file", path, "--org", &acme.to_string()]).await;
+    assert_eq!(code, 0, "{said}{err}");
+    assert!(
+        said.contains(&format!(
+            "; covers positions 1 to {head} for organization {acme}: its events in full, every \
+             other position a stub; "
+        )),
+        "{said}"
+    );
+    let (code, said, err) =
+        ledgerline_offline(&["verify", "--file", path, "--org", &globex.to_string()]).await;
+    assert_eq!(code, 1, "{said}{err}");
+    assert!(
+        said.starts_with(&format!(
+            "TAMPERED: line 1: the export is of organization {acme}, not of organization \
+             {globex}, whose export was asked for ("
+        )),
+        "{said}"
+    );
+    std::fs::remove_file(&out).ok();
+}
+
 /// Counts of one are said in the singular.
 #[tokio::test]
 async fn verify_says_one_event_in_the_singular() {

@@ -341,6 +341,32 @@ async fn an_export_that_hides_one_of_the_organizations_events_as_a_stub_is_refus
         first_bad(&TempFile::with_lines(&hidden).0),
         (Some(position), FileFaultKind::OwnEventAsStub)
     );
+    // ... under a header naming another organization, whose tag the stub's is not: Acme's
+    // events still in full give the file away, the first of them at its position.
+    let other = Uuid::new_v4();
+    hidden[0] = hidden[0].replacen(&log.acme.to_string(), &other.to_string(), 1);
+    assert_ne!(hidden[0], lines[0]);
+    let first = (1..lines.len()).find(|&i| !is_stub(&lines[i])).unwrap();
+    assert_eq!(
+        first_bad(&TempFile::with_lines(&hidden).0),
+        (
+            Some(position_of(&lines[first])),
+            FileFaultKind::OtherTenantInFull {
+                tenant: Some(log.acme),
+                organization: other
+            }
+        )
+    );
+    // The intact report says whose export it vouches for, and of which positions.
+    let head = t.head().await;
+    assert!(
+        report.to_string().contains(&format!(
+            "; covers positions 1 to {head} for organization {}: its events in full, every \
+             other position a stub; ",
+            log.acme
+        )),
+        "{report}"
+    );
     let mut hidden = lines.clone();
     hidden[i] = format!(
         "{{\"position\":{position},\"hash\":\"{}\"}}",

@@ -1,9 +1,11 @@
 //! Offline verification of an export file (`export.rs`, docs/ledger-format.md "Export
 //! files"): no database, no server. Every full event's hash (and every v2 stub's) is
 //! recomputed from its fields and the previous hash, never taken from the file; links and
-//! positions are checked as the database verifier checks them; and, given a signed
-//! checkpoint, its signature is checked, the file's chain head and Merkle root at the
-//! checkpoint's size must be the signed ones, and each line's hash format the one it signs.
+//! positions are checked as the database verifier checks them; in an organization's export,
+//! only that organization's events may be in full and no v2 stub may carry its tag; and,
+//! given a signed checkpoint, its signature is checked, the file's chain head and Merkle root
+//! at the checkpoint's size must be the signed ones, and each line's hash format the one it
+//! signs.
 //!
 //! The file is read in blocks of [`BLOCK`] bytes, each cut at line boundaries into pieces that
 //! the workers take from a queue and check on their own: parse (`line.rs`: borrowed, no
@@ -18,6 +20,8 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use uuid::Uuid;
 
 use super::checkpoint::{Checkpoint, NoteError, NoteVerifier};
 use super::count;
@@ -63,6 +67,17 @@ pub enum FileFaultKind {
     /// A v2 stub whose tenant tag is the header organization's: one of its own events was
     /// left out of the file.
     OwnEventAsStub,
+    /// A full event of another tenant (`None`: a platform event) in the export of one
+    /// organization, whose events alone are in full: the file is not that organization's
+    /// export (a header naming another organization would let its own events pass as
+    /// stubs whose tags are not the header's).
+    OtherTenantInFull {
+        tenant: Option<Uuid>,
+        organization: Uuid,
+    },
+    /// The header names another organization (`None`: every organization) than the one
+    /// whose export the auditor asked to verify.
+    OrganizationNotAsked { asked: Uuid, file: Option<Uuid> },
     /// A line in another hash format than the checkpoint signs for its position: a v2 event
     /// passed off as v1 (whose stub shows nothing of whose it is), or the other way round.
     HashVersionNotAsSigned {
@@ -92,6 +107,30 @@ impl std::fmt::Display for FileFaultKind {
                 "an event of the exported organization is left out: this stub's tenant tag \
                  is the organization's own",
             ),
+            FileFaultKind::OtherTenantInFull {
+                tenant,
+                organization,
+            } => {
+                match tenant {
+                    Some(t) => write!(f, "an event of organization {t} in full")?,
+                    None => f.write_str("a platform event (of no organization) in full")?,
+                }
+                write!(
+                    f,
+                    ", in the export of organization {organization}, whose events alone are in \
+                     full"
+                )
+            }
+            FileFaultKind::OrganizationNotAsked { asked, file } => {
+                match file {
+                    Some(o) => write!(f, "the export is of organization {o}")?,
+                    None => f.write_str("the export is of every organization")?,
+                }
+                write!(
+                    f,
+                    ", not of organization {asked}, whose export was asked for"
+                )
+            }
             FileFaultKind::HashVersionNotAsSigned { v2_from, tree_size } => match v2_from {
                 // No v1 event comes before position 1: the log was v2 from its start.
                 Some(1) => f.write_str(
@@ -233,9 +272,15 @@ impl std::fmt::Display for OfflineReport {
         };
         match &self.first_bad {
             None => {
+                write!(f, "intact: {counts}; ")?;
+                // What the file vouches for: an auditor sees which organization and range
+                // checked out, not only that something did.
+                if let Some(h) = &self.header {
+                    write!(f, "{}; ", Covers(h))?;
+                }
                 write!(
                     f,
-                    "intact: {counts}; head position {} hash {}",
+                    "head position {} hash {}",
                     self.head_position,
                     hex::encode(self.head_hash)
                 )?;
@@ -335,6 +380,31 @@ impl std::fmt::Display for OfflineReport {
     }
 }
 
+/// The range a header gives and whose events it says are in full, as an intact report says it.
+struct Covers<'h>(&'h ExportHeader);
+
+impl std::fmt::Display for Covers<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let h = self.0;
+        match h.to - h.from {
+            ..0 => write!(
+                f,
+                "covers no position (from {} to {}: an empty range)",
+                h.from, h.to
+            )?,
+            0 => write!(f, "covers position {}", h.from)?,
+            _ => write!(f, "covers positions {} to {}", h.from, h.to)?,
+        }
+        match h.organization_id {
+            Some(org) => write!(
+                f,
+                " for organization {org}: its events in full, every other position a stub"
+            ),
+            None => f.write_str(" for every organization: every event in full"),
+        }
+    }
+}
+
 /// Why a verification could not run (as opposed to finding a fault).
 #[derive(Debug, thiserror::Error)]
 pub enum OfflineError {
@@ -357,8 +427,19 @@ pub fn verify_file(
     checkpoint: Option<(&str, &NoteVerifier)>,
     workers: usize,
 ) -> Result<OfflineReport, OfflineError> {
+    verify_file_of(path, checkpoint, None, workers)
+}
+
+/// [`verify_file`], and with `organization` the file must be that organization's export: a
+/// header naming another (or every organization) is a fault of line 1, as a malformed one is.
+pub fn verify_file_of(
+    path: &Path,
+    checkpoint: Option<(&str, &NoteVerifier)>,
+    organization: Option<Uuid>,
+    workers: usize,
+) -> Result<OfflineReport, OfflineError> {
     let file = std::fs::File::open(path)?;
-    verify_reader(file, checkpoint, workers)
+    verify_blocks(file, checkpoint, organization, workers, BLOCK)
 }
 
 /// [`verify_file`] over any reader.
@@ -367,12 +448,13 @@ pub fn verify_reader(
     checkpoint: Option<(&str, &NoteVerifier)>,
     workers: usize,
 ) -> Result<OfflineReport, OfflineError> {
-    verify_blocks(input, checkpoint, workers, BLOCK)
+    verify_blocks(input, checkpoint, None, workers, BLOCK)
 }
 
 fn verify_blocks(
     input: impl Read,
     checkpoint: Option<(&str, &NoteVerifier)>,
+    organization: Option<Uuid>,
     workers: usize,
     block: usize,
 ) -> Result<OfflineReport, OfflineError> {
@@ -427,6 +509,19 @@ fn verify_blocks(
         Err(e) => return Err(e),
     };
     report.header = Some(header.clone());
+    if let Some(asked) = organization.filter(|o| header.organization_id != Some(*o)) {
+        report.checkpoint = None;
+        report.first_bad = refused.or(Some(FileFault {
+            position: None,
+            line: Some(1),
+            kind: FileFaultKind::OrganizationNotAsked {
+                asked,
+                file: header.organization_id,
+            },
+        }));
+        report.elapsed = started.elapsed();
+        return Ok(report);
+    }
     report.head_position = header.from - 1;
     report.head_hash = header.prev_hash;
 
@@ -639,7 +734,8 @@ fn check_header(h: &ExportHeader) -> Result<(), String> {
 struct Ctx {
     /// Every event must be in full (no organization in the header).
     full_export: bool,
-    /// The header's organization, whose tenant tag no v2 stub may carry.
+    /// The header's organization: its events alone may be in full, and no v2 stub may
+    /// carry its tenant tag.
     organization: Option<[u8; 16]>,
     /// The checkpoint, whose signed format each line must be in.
     checkpoint: Option<Checkpoint>,
@@ -873,9 +969,21 @@ enum Checked {
         /// For a full event that does not hash to `hash`: the nearby position at which it
         /// does (where a moved event was written).
         written_at: Option<i64>,
-        /// For a v2 stub: whether its tenant tag is the header organization's.
-        own_stub: Option<bool>,
+        whose: Whose,
     },
+}
+
+/// Whose event a full line or a v2 stub is, against the header's organization.
+enum Whose {
+    /// A full event that may be in full: the organization's, or any in an export of every
+    /// organization.
+    InFull,
+    /// A full event of another tenant in an organization's export.
+    OtherInFull(Option<[u8; 16]>),
+    /// A v2 stub whose tag is not the organization's.
+    OtherAsStub,
+    /// A v2 stub whose tag is the organization's own.
+    OwnAsStub,
 }
 
 impl Checked {
@@ -909,7 +1017,11 @@ fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checke
                 hash: s.hash,
                 recomputed: hash::chain_v2(&s.prev_hash, &s.tenant_tag, &s.content_digest),
                 written_at: None,
-                own_stub: Some(own),
+                whose: if own {
+                    Whose::OwnAsStub
+                } else {
+                    Whose::OtherAsStub
+                },
             };
             (checked, true)
         }
@@ -928,7 +1040,12 @@ fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checke
                 } else {
                     hash::written_at(input, &e.prev_hash, &fields, REORDER_WINDOW, &e.hash)
                 },
-                own_stub: None,
+                whose: match ctx.organization {
+                    Some(org) if e.organization_id != Some(org) => {
+                        Whose::OtherInFull(e.organization_id)
+                    }
+                    _ => Whose::InFull,
+                },
             };
             (checked, authentic)
         }
@@ -1025,7 +1142,7 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
                 hash,
                 recomputed,
                 written_at,
-                own_stub,
+                whose,
                 ..
             } => {
                 if recomputed != hash {
@@ -1047,11 +1164,22 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
                     }
                     Some(_) => {}
                 }
-                match own_stub {
-                    None => c.full += 1,
-                    Some(false) => c.stubs += 1,
-                    Some(true) => {
+                match whose {
+                    Whose::InFull => c.full += 1,
+                    Whose::OtherAsStub => c.stubs += 1,
+                    Whose::OwnAsStub => {
                         c.first_bad = Some(fault(Some(position), FileFaultKind::OwnEventAsStub));
+                        continue;
+                    }
+                    Whose::OtherInFull(tenant) => {
+                        let organization = ctx.organization.expect("an organization's export");
+                        c.first_bad = Some(fault(
+                            Some(position),
+                            FileFaultKind::OtherTenantInFull {
+                                tenant: tenant.map(Uuid::from_bytes),
+                                organization: Uuid::from_bytes(organization),
+                            },
+                        ));
                         continue;
                     }
                 }
@@ -1389,7 +1517,7 @@ mod tests {
     fn check(file: &[u8], checkpoint: Option<(&str, &NoteVerifier)>) -> OfflineReport {
         let mut first: Option<OfflineReport> = None;
         for (block, workers) in [(BLOCK, 1), (BLOCK, 2), (150, 2), (700, 3), (2500, 4)] {
-            let r = verify_blocks(file, checkpoint, workers, block).unwrap();
+            let r = verify_blocks(file, checkpoint, None, workers, block).unwrap();
             if let Some(f) = &first {
                 assert_eq!(
                     (&r.first_bad, r.lines, r.head_position, r.root),
@@ -1450,6 +1578,68 @@ mod tests {
                 .contains(&format!("{} positions are stubs of v1 events", r.stubs)),
             "{r}"
         );
+    }
+
+    #[test]
+    fn an_intact_report_names_the_organization_and_the_range_it_covers() {
+        let events = chain(40);
+        let said = check(&export(&events, tenant(2), 11, 30), None).to_string();
+        let org = tenant(2).unwrap();
+        assert!(
+            said.contains(&format!(
+                "; covers positions 11 to 30 for organization {org}: its events in full, every \
+                 other position a stub; head position 30 hash "
+            )),
+            "{said}"
+        );
+        let said = check(&export(&events, None, 1, 40), None).to_string();
+        assert!(
+            said.contains(
+                "; covers positions 1 to 40 for every organization: every event in full; head \
+                 position 40 hash "
+            ),
+            "{said}"
+        );
+        let said = check(&export(&events, tenant(1), 4, 4), None).to_string();
+        assert!(
+            said.contains("; covers position 4 for organization "),
+            "{said}"
+        );
+        let said = check(&export(&events, None, 41, 40), None).to_string();
+        assert!(
+            said.contains("; covers no position (from 41 to 40: an empty range) for every"),
+            "{said}"
+        );
+    }
+
+    #[test]
+    fn a_file_of_another_organization_than_asked_is_refused() {
+        let events = chain(10);
+        let file = export(&events, tenant(1), 1, 10);
+        let r = verify_blocks(&file[..], None, tenant(1), 2, BLOCK).unwrap();
+        assert!(r.intact(), "{r}");
+        let asked = tenant(2).unwrap();
+        for (file, of) in [
+            (file.clone(), format!("organization {}", tenant(1).unwrap())),
+            (export(&events, None, 1, 10), "every organization".into()),
+        ] {
+            let r = verify_blocks(&file[..], None, Some(asked), 2, BLOCK).unwrap();
+            let said = r.to_string();
+            let f = r.first_bad.expect("refused");
+            assert_eq!((f.position, f.line), (None, Some(1)), "{said}");
+            assert!(
+                said.starts_with(&format!(
+                    "TAMPERED: line 1: the export is of {of}, not of organization {asked}, whose \
+                     export was asked for ("
+                )),
+                "{said}"
+            );
+        }
+        // A checkpoint that does not open under the key is still the verdict.
+        let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 10);
+        let key = LogSigner::generate(ORIGIN).unwrap().verifier();
+        let r = verify_blocks(&file[..], Some((&forged, &key)), Some(asked), 2, BLOCK).unwrap();
+        assert!(r.to_string().starts_with("FORGED: "), "{r}");
     }
 
     #[test]
@@ -1645,6 +1835,59 @@ mod tests {
         assert_eq!(
             fault(&unlines(&hidden)),
             Some((Some(k), FileFaultKind::OwnEventAsStub))
+        );
+        // ... under a header that names another organization, so that the tag is not that
+        // one's: the organization's events still in full give the file away, the first of
+        // them at its position.
+        let mut header: ExportHeader = serde_json::from_str(&hidden[0]).unwrap();
+        header.organization_id = tenant(3);
+        let mut h = Vec::new();
+        header.write_line(&mut h);
+        hidden[0] = String::from_utf8(h).unwrap().trim_end().to_string();
+        let first = own(1);
+        assert!(first < k);
+        let r = check(&unlines(&hidden), None);
+        let f = r.first_bad.clone().expect("a fault");
+        assert_eq!(
+            (f.position, f.line, f.kind),
+            (
+                Some(first),
+                Some(first as u64 + 1),
+                FileFaultKind::OtherTenantInFull {
+                    tenant: tenant(1),
+                    organization: tenant(3).unwrap(),
+                }
+            )
+        );
+        assert!(
+            r.to_string().starts_with(&format!(
+                "TAMPERED: first bad position {first}: an event of organization {} in full, \
+                 in the export of organization {}, whose events alone are in full",
+                tenant(1).unwrap(),
+                tenant(3).unwrap()
+            )),
+            "{r}"
+        );
+        // A platform event in full is no organization's own either.
+        let platform = (1..=40)
+            .find(|p| events[*p as usize - 1].org.is_none())
+            .unwrap();
+        let mut shown = org.clone();
+        let e = &events[platform as usize - 1];
+        let mut line = Vec::new();
+        write_event_line(&mut line, &e.fields(), &e.prev_hash, &e.hash);
+        shown[platform as usize] = String::from_utf8(line).unwrap().trim_end().to_string();
+        let f = check(&unlines(&shown), None).first_bad.expect("a fault");
+        assert_eq!(
+            (f.position, f.kind.to_string()),
+            (
+                Some(platform),
+                format!(
+                    "a platform event (of no organization) in full, in the export of \
+                     organization {}, whose events alone are in full",
+                    tenant(1).unwrap()
+                )
+            )
         );
         // ... or as a v1 stub, its hash alone: after v2 lines, refused as such.
         let mut hidden = org.clone();
@@ -1845,7 +2088,7 @@ mod tests {
         // Nothing to check: the verifier could not run (exit 2), it found no fault.
         for empty in [&b""[..], b"\n", b" \t\r\n\n  \n", b"   "] {
             for (block, workers) in [(BLOCK, 1), (2, 2)] {
-                let r = verify_blocks(empty, None, workers, block);
+                let r = verify_blocks(empty, None, None, workers, block);
                 assert!(
                     matches!(r, Err(OfflineError::NoEvents)),
                     "{empty:?}: {:?}",
@@ -1861,7 +2104,7 @@ mod tests {
         let events = chain(3);
         let forged = signed(&LogSigner::generate(ORIGIN).unwrap(), &events, 3);
         let key = LogSigner::generate(ORIGIN).unwrap().verifier();
-        let r = verify_blocks(&b""[..], Some((&forged, &key)), 1, BLOCK).unwrap();
+        let r = verify_blocks(&b""[..], Some((&forged, &key)), None, 1, BLOCK).unwrap();
         assert!(
             r.to_string().starts_with("FORGED: checkpoint refused: "),
             "{r}"
@@ -1956,7 +2199,7 @@ mod tests {
 
         let note = signed(&signer, &events, 9);
         assert!(matches!(
-            verify_blocks(&file[..], Some((&note, &key)), 2, BLOCK),
+            verify_blocks(&file[..], Some((&note, &key)), None, 2, BLOCK),
             Err(OfflineError::CheckpointNotCovered {
                 tree_size: 9,
                 from: 11

@@ -47,7 +47,7 @@ pub(super) struct FullEvent<'a> {
     text: EventText<'a>,
     pub hash_version: HashVersion,
     position: i64,
-    organization_id: Option<[u8; 16]>,
+    pub organization_id: Option<[u8; 16]>,
     pub prev_hash: Digest,
     pub hash: Digest,
 }
