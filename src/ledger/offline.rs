@@ -12,7 +12,8 @@
 //! allocation per field), hash, check positions and links within the piece, and build the
 //! piece's Merkle subtrees. This thread reads ahead and joins the pieces' results in file
 //! order: the positions and links between pieces, the first fault, the Merkle frontier. The
-//! result is that of a sequential walk. Memory: at most three blocks and the pieces' results,
+//! result is that of a sequential walk. Memory: at most three blocks (each with the start of
+//! a line the block before cut, which [`LINE_LIMIT`] bounds) and the pieces' results,
 //! whatever the file's size.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -40,6 +41,12 @@ pub const BLOCK: usize = 8 << 20;
 const PIECES_PER_BLOCK: usize = 8;
 /// A header longer than this is malformed (a real one is under 5 KiB).
 const HEADER_LIMIT: u64 = 1 << 20;
+/// An event line longer than this (without its newline) is malformed, so that one line
+/// cannot make the reader hold more than this and a block. The longest line the API can make
+/// is under 8 MiB: a request body is at most 1 MiB, an organization's update carries its
+/// settings twice (before and after), and re-serialized numbers grow at most about fourfold
+/// (`1e15` is stored as `1000000000000000.0`); docs/ledger-format.md, "Export files".
+pub const LINE_LIMIT: usize = 16 << 20;
 /// How far around a position to look for where a moved event was written (as `verify`).
 const REORDER_WINDOW: i64 = 4096;
 
@@ -814,19 +821,33 @@ fn walk_blocks(
             let mut buf = spare.pop().unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(&carry);
-            let want = buf.len() + block;
-            let eof = fill(reader, &mut buf, want)?;
-            let split = if eof {
-                buf.len()
-            } else {
-                match buf.iter().rposition(|b| *b == b'\n') {
-                    Some(i) => i + 1,
-                    None => {
-                        // One line longer than a block: read on.
-                        carry = buf;
-                        continue;
-                    }
+            // The carried bytes start a line and hold no newline: only new bytes are searched.
+            let mut searched = buf.len();
+            let (split, eof) = loop {
+                let want = buf.len() + block;
+                if fill(reader, &mut buf, want)? {
+                    break (Some(buf.len()), true);
                 }
+                if let Some(i) = buf[searched..].iter().rposition(|b| *b == b'\n') {
+                    break (Some(searched + i + 1), false);
+                }
+                // One line longer than a block: read on, but not past the limit.
+                if buf.len() > LINE_LIMIT {
+                    break (None, false);
+                }
+                searched = buf.len();
+            };
+            let Some(split) = split else {
+                // As a worker would report it (`check_chunk`), without holding the line.
+                joiner.waiting.insert(seq, Chunk::overlong());
+                seq += 1;
+                joiner.drain();
+                let eof = skip_line(reader, &mut buf, &mut carry, block)?;
+                spare.push(buf);
+                if eof {
+                    break;
+                }
+                continue;
             };
             carry.clear();
             carry.extend_from_slice(&buf[split..]);
@@ -889,6 +910,28 @@ impl Joiner<'_> {
         while let Some(chunk) = self.waiting.remove(&self.next) {
             self.walk.join(chunk);
             self.next += 1;
+        }
+    }
+}
+
+/// Reads and drops the rest of a line (with `buf` as scratch space) and puts what follows its
+/// newline in `carry`; true if the input ends first.
+fn skip_line(
+    reader: &mut impl Read,
+    buf: &mut Vec<u8>,
+    carry: &mut Vec<u8>,
+    block: usize,
+) -> std::io::Result<bool> {
+    carry.clear();
+    loop {
+        buf.clear();
+        let eof = fill(reader, buf, block)?;
+        if let Some(i) = buf.iter().position(|b| *b == b'\n') {
+            carry.extend_from_slice(&buf[i + 1..]);
+            return Ok(false);
+        }
+        if eof {
+            return Ok(true);
         }
     }
 }
@@ -986,6 +1029,29 @@ enum Whose {
     OwnAsStub,
 }
 
+impl Chunk {
+    /// A piece of one line longer than [`LINE_LIMIT`], which the reader does not hold.
+    fn overlong() -> Self {
+        Chunk {
+            lines: 1,
+            first_bad: Some(FileFault {
+                position: None,
+                line: Some(0),
+                kind: FileFaultKind::MalformedLine(too_long()),
+            }),
+            ..Chunk::default()
+        }
+    }
+}
+
+/// Why a line longer than [`LINE_LIMIT`] is malformed.
+fn too_long() -> String {
+    format!(
+        "longer than {} MiB ({LINE_LIMIT} bytes), which no export line is",
+        LINE_LIMIT >> 20
+    )
+}
+
 impl Checked {
     fn position(&self) -> i64 {
         match self {
@@ -1070,6 +1136,16 @@ fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
             line: Some(index),
             kind,
         };
+        // The reader drops such a line rather than hold it (`walk_blocks`); one that ends in
+        // the block is refused the same way, wherever the file was cut.
+        if rest.len() > LINE_LIMIT {
+            let mut after = rest;
+            if line::next_line(&mut after).len() > LINE_LIMIT {
+                rest = after;
+                c.first_bad = Some(fault(expected, FileFaultKind::MalformedLine(too_long())));
+                continue;
+            }
+        }
         // Every line the exporter writes is a JSON object, so this costs one comparison.
         if rest[0] == b'\n' || blank(rest[0]) {
             let mut after = rest;
@@ -2404,6 +2480,71 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// `events` with every hash recomputed from the first on, as after an edit.
+    fn rehash(events: &mut [Event]) {
+        let mut prev = GENESIS;
+        for e in events {
+            e.prev_hash = prev;
+            e.hash = event_hash(&prev, &e.fields());
+            prev = e.hash;
+        }
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_malformed_at_its_position() {
+        // Events whose event at `at` has a line of `len` bytes (without its newline).
+        let long = |at: usize, len: usize| {
+            let padded = |n: usize| {
+                let mut events = chain(4);
+                events[at - 1].payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(n));
+                rehash(&mut events);
+                events
+            };
+            let base = lines(&export(&padded(0), None, 1, 4))[at].len();
+            padded(len - base)
+        };
+        let events = long(2, LINE_LIMIT);
+        let file = export(&events, None, 1, 4);
+        assert_eq!(lines(&file)[2].len(), LINE_LIMIT);
+        let r = check(&file, None);
+        assert!(r.intact(), "{:?}", r.first_bad);
+
+        let too_long = FileFaultKind::MalformedLine(format!(
+            "longer than 16 MiB ({LINE_LIMIT} bytes), which no export line is"
+        ));
+        let events = long(2, LINE_LIMIT + 1);
+        let file = export(&events, None, 1, 4);
+        assert_eq!(lines(&file)[2].len(), LINE_LIMIT + 1);
+        let r = check(&file, None);
+        let f = r.first_bad.clone().expect("a fault");
+        assert_eq!((f.position, f.line, &f.kind), (Some(2), Some(3), &too_long));
+        // The lines after it are counted, as after any fault.
+        assert_eq!(r.lines, 4);
+        assert!(
+            r.to_string().starts_with(
+                "TAMPERED: first bad position 2: malformed line: longer than 16 MiB (16777216 \
+                 bytes), which no export line is ("
+            ),
+            "{r}"
+        );
+        // Two of them, the last one without a newline: the first is reported.
+        let mut events = long(4, LINE_LIMIT + 2);
+        events[1].payload = events[3].payload.clone();
+        rehash(&mut events);
+        let mut file = export(&events, None, 1, 4);
+        assert_eq!(file.pop(), Some(b'\n'));
+        let r = check(&file, None);
+        let f = r.first_bad.clone().expect("a fault");
+        assert_eq!((f.position, f.line, &f.kind), (Some(2), Some(3), &too_long));
+        assert_eq!(r.lines, 4);
+        // The last one alone, where a block may end with it.
+        let events = long(4, LINE_LIMIT + 1);
+        let mut file = export(&events, None, 1, 4);
+        assert_eq!(file.pop(), Some(b'\n'));
+        let f = check(&file, None).first_bad.expect("a fault");
+        assert_eq!((f.position, f.line, f.kind), (Some(4), Some(5), too_long));
     }
 
     #[test]
