@@ -19,6 +19,7 @@
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -562,6 +563,8 @@ fn verify_blocks(
         to: header.to,
         leaves_to: target.unwrap_or(0).min(header.to),
         hash_at: target.unwrap_or(-1),
+        #[cfg(test)]
+        work: tests::WORK.with(|w| Arc::clone(&w.borrow())),
     };
     let frontier =
         Frontier::<Blake3>::from_parts((header.from - 1) as u64, header.frontier.clone())
@@ -754,6 +757,9 @@ struct Ctx {
     leaves_to: i64,
     /// The hash at this position is kept (the checkpoint's chain head).
     hash_at: i64,
+    /// What the workers did, for the tests to count.
+    #[cfg(test)]
+    work: Arc<tests::Work>,
 }
 
 /// A piece of a block for a worker: `data[range]`, whole lines, the `seq`-th of the file.
@@ -778,18 +784,30 @@ fn walk_blocks(
     let (job_tx, job_rx) = mpsc::sync_channel::<Job>(PIECES_PER_BLOCK * IN_FLIGHT);
     let job_rx = Mutex::new(job_rx);
     let (done_tx, done_rx) = mpsc::channel::<(u64, Chunk)>();
+    // The first piece known to hold a fault, or to make one where it joins: no piece after it
+    // can change the verdict (the walk stops at its first fault), so they are only counted.
+    let stop = AtomicU64::new(u64::MAX);
     std::thread::scope(|s| {
         // Owned here, so that an early return (a read error) drops it and the workers stop.
         let job_tx = job_tx;
         for _ in 0..workers {
-            let (job_rx, done_tx) = (&job_rx, done_tx.clone());
+            let (job_rx, done_tx, stop) = (&job_rx, done_tx.clone(), &stop);
             s.spawn(move || loop {
                 let job = match job_rx.lock() {
                     Ok(rx) => rx.recv(),
                     Err(_) => return, // another worker panicked; the scope reports it
                 };
                 let Ok(job) = job else { return };
-                let chunk = check_chunk(&job.data[job.range], ctx);
+                let data = &job.data[job.range];
+                let chunk = if job.seq > stop.load(Ordering::Relaxed) {
+                    Chunk::counted(data)
+                } else {
+                    let chunk = check_chunk(data, ctx);
+                    if chunk.first_bad.is_some() {
+                        stop.fetch_min(job.seq, Ordering::Relaxed);
+                    }
+                    chunk
+                };
                 drop(job.data);
                 if done_tx.send((job.seq, chunk)).is_err() {
                     return;
@@ -803,6 +821,7 @@ fn walk_blocks(
             next: 0,
             waiting: BTreeMap::new(),
             rx: done_rx,
+            stop: &stop,
         };
         let mut blocks: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
@@ -840,6 +859,7 @@ fn walk_blocks(
             let Some(split) = split else {
                 // As a worker would report it (`check_chunk`), without holding the line.
                 joiner.waiting.insert(seq, Chunk::overlong());
+                stop.fetch_min(seq, Ordering::Relaxed);
                 seq += 1;
                 joiner.drain();
                 let eof = skip_line(reader, &mut buf, &mut carry, block)?;
@@ -883,6 +903,8 @@ struct Joiner<'w> {
     next: u64,
     waiting: BTreeMap<u64, Chunk>,
     rx: mpsc::Receiver<(u64, Chunk)>,
+    /// Set to a piece whose join found a fault.
+    stop: &'w AtomicU64,
 }
 
 impl Joiner<'_> {
@@ -909,6 +931,9 @@ impl Joiner<'_> {
     fn drain(&mut self) {
         while let Some(chunk) = self.waiting.remove(&self.next) {
             self.walk.join(chunk);
+            if self.walk.first_bad.is_some() {
+                self.stop.fetch_min(self.next, Ordering::Relaxed);
+            }
             self.next += 1;
         }
     }
@@ -982,6 +1007,8 @@ struct Chunk {
     /// here or across the join). Its first line's is taken once the line passed the checks
     /// that come before this rule.
     formats: FormatRun,
+    /// Counted only, after a piece with a fault: what else it says is empty.
+    unchecked: bool,
     /// The first line's position, if it parsed.
     first_position: Option<i64>,
     /// The stored `prev_hash` of the first line when it is a full event or a v2 stub that
@@ -1030,6 +1057,18 @@ enum Whose {
 }
 
 impl Chunk {
+    /// A piece after one with a fault: its lines are counted, not checked.
+    fn counted(data: &[u8]) -> Self {
+        let newlines = data.iter().filter(|b| **b == b'\n').count();
+        // The last line may lack its newline, as `line::next_line` reads it.
+        let unended = data.last().is_some_and(|b| *b != b'\n');
+        Chunk {
+            lines: (newlines + usize::from(unended)) as u64,
+            unchecked: true,
+            ..Chunk::default()
+        }
+    }
+
     /// A piece of one line longer than [`LINE_LIMIT`], which the reader does not hold.
     fn overlong() -> Self {
         Chunk {
@@ -1063,7 +1102,7 @@ impl Checked {
 /// Reads the next line of `rest` and hashes a full event (with `input` as scratch space) or
 /// a v2 stub.
 fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checked, String> {
-    line::read_next(rest, ctx.full_export, |parsed| match parsed {
+    line::read_next(rest, ctx.full_export, |parsed, kept| match parsed {
         Parsed::Stub { position, hash } => (
             Checked::Stub {
                 position: *position,
@@ -1101,9 +1140,12 @@ fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checke
                 prev_hash: e.prev_hash,
                 hash: e.hash,
                 recomputed,
-                written_at: if authentic {
+                // Up to twice the window's hashes of the whole line: only for a reading kept.
+                written_at: if authentic || !kept {
                     None
                 } else {
+                    #[cfg(test)]
+                    ctx.work.searches.fetch_add(1, Ordering::Relaxed);
                     hash::written_at(input, &e.prev_hash, &fields, REORDER_WINDOW, &e.hash)
                 },
                 whose: match ctx.organization {
@@ -1119,6 +1161,8 @@ fn check_line(rest: &mut &[u8], ctx: &Ctx, input: &mut Vec<u8>) -> Result<Checke
 }
 
 fn check_chunk(data: &[u8], ctx: &Ctx) -> Chunk {
+    #[cfg(test)]
+    ctx.work.pieces.fetch_add(1, Ordering::Relaxed);
     let mut c = Chunk::default();
     let mut input = Vec::with_capacity(4096);
     let mut rest = data;
@@ -1343,6 +1387,11 @@ impl Walk {
         let line_no = self.line_no;
         self.line_no += c.lines;
         self.lines += c.lines;
+        // Pieces are counted only after one with a fault, which joined before them.
+        assert!(
+            !c.unchecked || self.first_bad.is_some(),
+            "a piece was skipped before any fault"
+        );
         if self.first_bad.is_some() || c.lines == 0 {
             return;
         }
@@ -1442,6 +1491,9 @@ impl Peaks {
 
 #[cfg(test)]
 mod tests {
+    use std::cell::RefCell;
+    use std::sync::atomic::AtomicU64;
+
     use chrono::{DateTime, Utc};
     use uuid::Uuid;
 
@@ -1452,6 +1504,29 @@ mod tests {
     use crate::ledger::merkle::{self, TreeHash};
 
     const ORIGIN: &str = "ledgerline.test/log";
+
+    /// What the workers of a verification did: the work a fault cuts short.
+    #[derive(Default)]
+    pub(super) struct Work {
+        /// Pieces checked (not only counted).
+        pub pieces: AtomicU64,
+        /// Searches for the position a line that does not hash was written at.
+        pub searches: AtomicU64,
+    }
+
+    thread_local! {
+        /// The counts of the verifications this thread runs.
+        pub(super) static WORK: RefCell<Arc<Work>> = RefCell::default();
+    }
+
+    /// Verifies `file` with `workers` threads and blocks of `block` bytes, counting the work.
+    fn counted(file: &[u8], workers: usize, block: usize) -> (OfflineReport, u64, u64) {
+        let work = Arc::new(Work::default());
+        WORK.with(|w| *w.borrow_mut() = Arc::clone(&work));
+        let r = verify_blocks(file, None, None, workers, block).unwrap();
+        let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        (r, n(&work.pieces), n(&work.searches))
+    }
 
     struct Event {
         version: HashVersion,
@@ -2480,6 +2555,52 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn checking_stops_after_a_fault_and_the_first_fault_is_the_verdict() {
+        let events = chain(40);
+        let full = lines(&export(&events, None, 1, 40));
+        let mut edited = full.clone();
+        for p in [30, 5, 22] {
+            edited[p] = edited[p].replacen(&format!("\"n\": {p},"), "\"n\": 0,", 1);
+        }
+        let file = unlines(&edited);
+        // Whatever the cut and the workers, the first fault in file order, every line counted.
+        let r = check(&file, None);
+        assert_eq!(
+            r.first_bad.as_ref().map(|f| (f.position, f.kind.clone())),
+            chain_fault(5, Fault::ContentChanged)
+        );
+        assert_eq!((r.lines, r.full_events), (40, 4));
+        // One worker takes the pieces in order: once a piece has a fault, those after it are
+        // counted, not checked; and the line that does not hash is searched for a reordering
+        // once, for the reading kept.
+        let (r, pieces, searches) = counted(&file, 1, BLOCK);
+        assert_eq!(r.first_bad.map(|f| f.position), Some(Some(5)));
+        assert_eq!(r.lines, 40);
+        let first = pieces_of(&file, BLOCK, 1)
+            .iter()
+            .position(|lines| lines.contains(&6))
+            .unwrap();
+        assert_eq!((pieces, searches), (first as u64 + 1, 1));
+    }
+
+    /// The lines of each piece a verification with `workers` cuts `file` into (one block of
+    /// `block` bytes or more), by their line numbers (1 is the header).
+    fn pieces_of(file: &[u8], block: usize, workers: usize) -> Vec<Vec<usize>> {
+        let header = file.iter().position(|b| *b == b'\n').unwrap() + 1;
+        assert!(file.len() - header <= block, "one block");
+        let body = &file[header..];
+        let mut line = 2;
+        pieces(body, PIECES_PER_BLOCK.max(workers))
+            .into_iter()
+            .map(|r| {
+                let n = body[r].iter().filter(|b| **b == b'\n').count();
+                line += n;
+                (line - n..line).collect()
+            })
+            .collect()
     }
 
     /// `events` with every hash recomputed from the first on, as after an edit.

@@ -89,15 +89,17 @@ impl Parsed<'_> {
 ///
 /// `f` hashes a full event and says whether it hashed to its stored hash: a reading that
 /// found `payload` and `metadata` by the line's tail (see [`Split::ByTail`]) is only kept if
-/// so; otherwise the line is read again by its structure, and that reading is final.
+/// so; otherwise the line is read again by its structure, and that reading is final. `f`'s
+/// second argument says whether its reading is final (kept whatever it says), so that work
+/// only a kept reading needs (the search for where a moved event was written) is done once.
 pub(super) fn read_next<T>(
     rest: &mut &[u8],
     full_export: bool,
-    mut f: impl FnMut(&Parsed<'_>) -> (T, bool),
+    mut f: impl FnMut(&Parsed<'_>, bool) -> (T, bool),
 ) -> Result<T, String> {
     let line = next_line(rest);
     if let Some(Ok(parsed)) = fast(line, Split::ByTail).map(|t| t.check(full_export)) {
-        let (result, authentic) = f(&parsed);
+        let (result, authentic) = f(&parsed, false);
         if authentic {
             return Ok(result);
         }
@@ -105,11 +107,11 @@ pub(super) fn read_next<T>(
     // A line the fast path cannot read, or reads but finds wrong, goes to serde_json, so
     // that every verdict on a line is serde_json's.
     if let Some(Ok(parsed)) = fast(line, Split::ByStructure).map(|t| t.check(full_export)) {
-        return Ok(f(&parsed).0);
+        return Ok(f(&parsed, true).0);
     }
     let json: LineJson<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
     let text = json.text()?;
-    Ok(f(&text.check(full_export)?).0)
+    Ok(f(&text.check(full_export)?, true).0)
 }
 
 /// The next line of `rest` without its newline; advances `rest` past both.
@@ -841,7 +843,7 @@ mod tests {
     fn read(line: &[u8], full_export: bool, mut f: impl FnMut(&Parsed<'_>)) -> Result<(), String> {
         let mut rest = line;
         let mut input = Vec::new();
-        read_next(&mut rest, full_export, |p| {
+        read_next(&mut rest, full_export, |p, _| {
             f(p);
             let authentic = match p {
                 Parsed::Full(e) => raw_hash(&mut input, &e.prev_hash, &e.fields()) == e.hash,
