@@ -464,11 +464,11 @@ async fn an_erasure_forgets_the_answers_that_showed_the_user() {
     assert_eq!(t.head().await, head, "not invited again");
 }
 
-/// Whether a session waits for an advisory lock: 4242 (`on`), or another one.
+/// Whether a session waits for a lock: advisory lock 4242 (`on`), or any other.
 async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-         AND (classid = 0 AND objid = 4242) = $1)",
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted \
+         AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1)",
     )
     .bind(on)
     .fetch_one(t.pool())
@@ -542,6 +542,25 @@ async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
     assert_eq!(erased.status, 200, "{}", erased.body);
     assert_eq!(kept_answer(&t, "rename").await, None, "forgotten");
     assert_error_says(&rename().await, 409, "no longer kept");
+}
+
+/// The erasure's own answer is read once the key is gone: its forgetting leaves it kept, and
+/// a retry is answered with it again.
+#[tokio::test]
+async fn a_keyed_erasure_is_answered_again() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let ada = t.invite(org, "ada@example.com", "Ada").await;
+    let erase = org_path(org, &format!("/users/{ada}/erase"));
+    let first = bare(&t, &erase, "erase-ada").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert!(!first.body.to_string().contains("ada@example.com"));
+    let head = t.head().await;
+    let again = bare(&t, &erase, "erase-ada").await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert!(replayed(&again));
+    assert_eq!(again.body, first.body);
+    assert_eq!(t.head().await, head);
 }
 
 /// A client may send one `x-request-id` with many requests: a keyed request that failed is

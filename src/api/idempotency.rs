@@ -21,11 +21,8 @@ use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, SecondsFormat, Utc};
-use cqrs_es::Aggregate;
 use futures::FutureExt;
-use ledgerline_aggregates::message::Message;
 use ledgerline_aggregates::metadata;
-use ledgerline_aggregates::user::User;
 use serde_json::Value;
 use sqlx::PgPool;
 use tracing::Instrument;
@@ -453,18 +450,13 @@ async fn keep(app: &App, claim: &Claim, answer: &ApiError) -> sqlx::Result<()> {
     keep_answer(app, claim, answer.status, Some("application/json"), &body).await
 }
 
-/// The advisory lock ("answers") that orders keeping answers, which take it shared, with
-/// forgetting them ([`forget_answers_naming`]), which takes it alone.
-const ANSWERS_LOCK: i64 = 0x0061_6e73_7765_7273;
-
 /// Keeps `body`, sealed, with every id it names: an erasure or deletion of one forgets it.
 ///
 /// An answer may have been read before an erasure of a user it shows and be kept only after
-/// that erasure's forgetting ran, which found nothing yet to forget. So an answer is kept under
-/// [`ANSWERS_LOCK`] shared, without its body if the log already holds the erasure or deletion
-/// of an id it names: the forgetting, which begins once that event is committed and waits for
-/// the lock alone, then either comes after the answer was kept, and forgets it, or before the
-/// statement below began, which so reads the event.
+/// that erasure's forgetting ran: the forgetting then added the user's id to the `subjects`
+/// of this row, still `running`, and the answer is kept without its body if it names one of
+/// them. One at a time on the row: whichever of the two updates comes second reads the
+/// other's.
 async fn keep_answer(
     app: &App,
     claim: &Claim,
@@ -476,22 +468,10 @@ async fn keep_answer(
     if let Ok(value) = serde_json::from_slice::<Value>(body) {
         ids_in(&value, &mut subjects);
     }
-    let ids: Vec<String> = subjects.iter().map(Uuid::to_string).collect();
-    let mut tx = app.pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock_shared($1)")
-        .bind(ANSWERS_LOCK)
-        .execute(&mut *tx)
-        .await?;
     sqlx::query(
         "UPDATE idempotency_keys \
-         SET state = 'done', status = $3, content_type = $4, subjects = $6, \
-             body = CASE WHEN EXISTS ( \
-                 SELECT 1 FROM events WHERE aggregate_type = $7 AND aggregate_id = ANY($8) \
-                    AND event_type = $9 \
-                 UNION ALL \
-                 SELECT 1 FROM events WHERE aggregate_type = $10 AND aggregate_id = ANY($8) \
-                    AND event_type = $11) \
-             THEN NULL ELSE $5 END \
+         SET state = 'done', status = $3, content_type = $4, \
+             body = CASE WHEN subjects && $6 THEN NULL ELSE $5 END, subjects = $6 \
          WHERE api_key_id = $1 AND key = $2 AND state = 'running'",
     )
     .bind(claim.api_key)
@@ -500,14 +480,9 @@ async fn keep_answer(
     .bind(content_type)
     .bind(app.vault.seal_answer(&claim.binding(), body))
     .bind(subjects)
-    .bind(User::TYPE)
-    .bind(&ids)
-    .bind("UserErased")
-    .bind(Message::TYPE)
-    .bind("MessageDeleted")
-    .execute(&mut *tx)
+    .execute(&app.pool)
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Every string in `value` that is a UUID.
@@ -529,23 +504,25 @@ fn ids_in(value: &Value, found: &mut Vec<Uuid>) {
 /// Forgets the kept answers that name `subject` (a user erased, a message deleted), as its
 /// key's destruction makes what they showed of it unreadable everywhere else. The keys stay
 /// taken: a replay says the request was carried out, and its answer is no longer kept.
-/// Called once the erasure or deletion is in the log: waiting for [`ANSWERS_LOCK`] alone, it
-/// comes after every answer being kept now, and those kept later read the event
-/// ([`keep_answer`]).
-pub async fn forget_answers_naming(pool: &PgPool, subject: Uuid) -> sqlx::Result<()> {
-    let mut tx = pool.begin().await?;
-    sqlx::query("SELECT pg_advisory_xact_lock($1)")
-        .bind(ANSWERS_LOCK)
-        .execute(&mut *tx)
-        .await?;
+///
+/// Called once the key is destroyed, so a request that begins later cannot read what it
+/// sealed; one still running may have, before: its row takes `subject` into its `subjects`,
+/// and [`keep_answer`] then keeps no body that names it. Not the row of `by`, the request
+/// that erases or deletes, whose answer is read after the key is gone.
+pub async fn forget_answers_naming(pool: &PgPool, subject: Uuid, by: &Caller) -> sqlx::Result<()> {
     sqlx::query(
-        "UPDATE idempotency_keys SET body = NULL \
-         WHERE subjects @> ARRAY[$1::uuid] AND body IS NOT NULL",
+        "UPDATE idempotency_keys SET body = NULL, \
+             subjects = CASE WHEN state = 'running' THEN array_append(subjects, $1) \
+                             ELSE subjects END \
+         WHERE (state = 'running' OR (subjects @> ARRAY[$1::uuid] AND body IS NOT NULL)) \
+           AND (api_key_id, key) IS DISTINCT FROM ($2, $3)",
     )
     .bind(subject)
-    .execute(&mut *tx)
+    .bind(by.key_id)
+    .bind(by.actor.idempotency_key.as_deref())
+    .execute(pool)
     .await?;
-    tx.commit().await
+    Ok(())
 }
 
 /// Deletes the rows older than [`KEPT_FOR`]; returns how many.

@@ -711,7 +711,7 @@ pub async fn delete(
                 || super::recorded(&app, Message::TYPE, message, "MessageDeleted").await?
             {
                 app.vault.destroy_message_key(&app.pool, message).await?;
-                super::idempotency::forget_answers_naming(&app.pool, message).await?;
+                super::idempotency::forget_answers_naming(&app.pool, message, &caller).await?;
             }
             outcome.map(drop)
         })

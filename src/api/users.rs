@@ -329,7 +329,7 @@ pub async fn erase(
         // erased") finishes an erasure whose answer was lost or whose handler stopped.
         if outcome.is_ok() || super::recorded(&task, User::TYPE, user, "UserErased").await? {
             task.vault.destroy_key(&task.pool, user).await?;
-            super::idempotency::forget_answers_naming(&task.pool, user).await?;
+            super::idempotency::forget_answers_naming(&task.pool, user, &caller).await?;
         }
         // The erased user leaves their conversations, after the organization's turn (its
         // owners are not the conversations'); also after a retry refused as "already

@@ -271,45 +271,24 @@ async fn integrated_head(
     // The last peak covers the newest 2^k leaves, k the trailing zeros of the size; the newest
     // leaf is its rightmost, so each sibling on the way up is a left one.
     let last = size as u64 - 1;
-    let levels = (size as u64).trailing_zeros();
-    let below: Option<(Vec<u8>,)> = if levels > 0 {
-        sqlx::query_as("SELECT hash FROM events WHERE position = $1")
-            .bind(size - 1)
-            .fetch_optional(&mut *conn)
-            .await?
-    } else {
-        None
-    };
-    let (node_levels, node_indexes): (Vec<i16>, Vec<i64>) = (1..levels)
-        .map(|level| (level as i16, ((last >> level) - 1) as i64))
-        .unzip();
-    let nodes: HashMap<i16, Vec<u8>> = sqlx::query_as(
-        "SELECT m.level, m.hash FROM merkle_nodes m \
-         JOIN unnest($1::smallint[], $2::bigint[]) AS w(level, idx) \
-           ON m.level = w.level AND m.idx = w.idx",
-    )
-    .persistent(false)
-    .bind(&node_levels)
-    .bind(&node_indexes)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .collect();
+    let siblings: Vec<(u32, u64)> = (0..(size as u64).trailing_zeros())
+        .map(|level| (level, (last >> level) - 1))
+        .collect();
+    let nodes = fetch(conn, siblings.clone()).await?;
     let mut climbed = Blake3::leaf(&hash);
-    for level in 0..levels {
-        let sibling = if level == 0 {
-            let (h,) = below.as_ref().ok_or_else(tampered)?;
-            Blake3::leaf(&digest(h)?)
-        } else {
-            let h = nodes.get(&(level as i16)).ok_or_else(|| {
-                TreeError::Damaged(format!(
+    for (level, index) in siblings {
+        let sibling = match nodes.get(&(level, index)) {
+            Some(node) => node,
+            // The event before it, gone.
+            None if level == 0 => return Err(tampered()),
+            None => {
+                return Err(TreeError::Damaged(format!(
                     "the stored node at level {level} beside the newest integrated event is \
                      missing"
-                ))
-            })?;
-            digest(h)?
+                )))
+            }
         };
-        climbed = Blake3::node(&sibling, &climbed);
+        climbed = Blake3::node(sibling, &climbed);
     }
     if frontier.peaks().last() != Some(&climbed) {
         return Err(tampered());
@@ -336,7 +315,7 @@ async fn truncated(conn: &mut PgConnection, size: i64) -> TreeError {
 /// The nodes a computation asked for: leaves from the events' hashes, the rest from
 /// `merkle_nodes`, in two queries.
 async fn fetch(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     wanted: Vec<(u32, u64)>,
 ) -> Result<HashMap<(u32, u64), Digest>, TreeError> {
     let (leaves, inner): (Vec<_>, Vec<_>) = wanted.into_iter().partition(|(level, _)| *level == 0);
@@ -345,7 +324,7 @@ async fn fetch(
     let rows: Vec<(i64, Vec<u8>)> =
         sqlx::query_as("SELECT position, hash FROM events WHERE position = ANY($1)")
             .bind(&positions)
-            .fetch_all(pool)
+            .fetch_all(&mut *conn)
             .await?;
     for (position, hash) in rows {
         out.insert((0, position as u64 - 1), Blake3::leaf(&digest(&hash)?));
@@ -360,7 +339,7 @@ async fn fetch(
     .persistent(false)
     .bind(&levels)
     .bind(&indexes)
-    .fetch_all(pool)
+    .fetch_all(&mut *conn)
     .await?;
     for (level, idx, hash) in rows {
         out.insert((level as u32, idx as u64), digest(&hash)?);
@@ -383,7 +362,7 @@ async fn with_nodes<T>(
     }
     let recorder = Recorder::default();
     let _ = compute(&recorder);
-    let nodes = fetch(pool, recorder.requests()).await?;
+    let nodes = fetch(&mut *pool.acquire().await?, recorder.requests()).await?;
     compute(&nodes).ok_or_else(|| TreeError::Damaged("a stored node is missing".into()))
 }
 
