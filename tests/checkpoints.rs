@@ -698,16 +698,7 @@ async fn two_histories_signed_at_one_size_are_a_fork() {
 /// second a multiple of four, so that the check of the newest leaf climbs through a stored
 /// node as well as its neighbour's leaf.
 async fn integrated_past_the_signed(t: &TestApp) -> (i64, i64) {
-    sqlx::query(
-        "INSERT INTO leases (name, holder, expires_at) \
-         VALUES ($1, 'the test', now() + interval '1 hour') \
-         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
-             expires_at = EXCLUDED.expires_at",
-    )
-    .bind(tree::LEASE)
-    .execute(t.pool())
-    .await
-    .unwrap();
+    hold_off_the_maintainer(t).await;
     some_history(t).await;
     sign_now(t).await;
     let signed = t.head().await;
@@ -722,6 +713,68 @@ async fn integrated_past_the_signed(t: &TestApp) -> (i64, i64) {
     let (integrated, _, _) = tree::integrate_batch(t.pool()).await.unwrap();
     assert_eq!(integrated as i64, t.head().await);
     (signed, integrated as i64)
+}
+
+/// Keeps the app's own log maintainer from integrating or signing: the test holds its lease.
+async fn hold_off_the_maintainer(t: &TestApp) {
+    sqlx::query(
+        "INSERT INTO leases (name, holder, expires_at) \
+         VALUES ($1, 'the test', now() + interval '1 hour') \
+         ON CONFLICT (name) DO UPDATE SET holder = EXCLUDED.holder, \
+             expires_at = EXCLUDED.expires_at",
+    )
+    .bind(tree::LEASE)
+    .execute(t.pool())
+    .await
+    .unwrap();
+}
+
+/// The tree loses the integrations its database had not flushed when it crashed
+/// (integration does not wait for the flush), behind a checkpoint already signed and
+/// remembered: while it catches up it is neither signed below that checkpoint nor refused as
+/// cut back, since the log still reaches it; past it, it is signed again, checked against it.
+#[tokio::test]
+async fn a_tree_that_lost_integrations_behind_a_signed_size_catches_up() {
+    let t = TestApp::spawn().await;
+    hold_off_the_maintainer(&t).await;
+    some_history(&t).await;
+    tree::integrate_batch(t.pool()).await.unwrap();
+    let (early, peaks): (i64, Vec<Vec<u8>>) =
+        sqlx::query_as("SELECT size, peaks FROM merkle_state")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    some_history_more(&t).await;
+    sign_now(&t).await;
+    let signed = t.head().await;
+    assert!(early < signed);
+    // What the crash lost: the tree's state and nodes since `early`.
+    sqlx::query("UPDATE merkle_state SET size = $1, peaks = $2")
+        .bind(early)
+        .bind(&peaks)
+        .execute(t.pool())
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM merkle_nodes WHERE (idx + 1) * (1::bigint << level) > $1")
+        .bind(early)
+        .execute(t.pool())
+        .await
+        .unwrap();
+    let behind = tree::sign_checkpoint(t.pool(), &t.signer, None).await;
+    assert!(
+        matches!(behind, Ok(None)),
+        "not signed, not refused: {behind:?}"
+    );
+    t.create_org("After").await;
+    tree::catch_up(t.pool(), Some(&t.signer), POLICY, true)
+        .await
+        .unwrap();
+    let newest: i64 = sqlx::query_scalar("SELECT max(tree_size) FROM checkpoints")
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(newest, t.head().await);
+    assert!(newest > signed);
 }
 
 async fn checkpoint_count(t: &TestApp) -> i64 {

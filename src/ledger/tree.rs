@@ -565,8 +565,9 @@ pub async fn observe_signed(
 /// at the anchor's size is its chain head, the stored tree is consistent with its root (an
 /// RFC 9162 consistency proof from the stored nodes, checked against both roots), and
 /// `next`'s chain head is the last leaf of `next`'s root. `Ok(false)` when `next` is behind a
-/// checkpoint another process signed after `next` was read (the tree has grown since: skip
-/// this round); a tree still behind a signed size was cut back, and is refused.
+/// signed checkpoint that the tree or the log reaches (another process signed after `next`
+/// was read, or the tree is catching up: skip this round); behind one that the log does not
+/// reach, events were cut off, and it is refused.
 async fn check_extends_signed(
     pool: &PgPool,
     signer: &LogSigner,
@@ -591,7 +592,16 @@ async fn check_extends_signed(
         return Ok(true);
     };
     if next.tree_size < signed.tree_size {
-        if integrated_size(pool).await? >= signed.tree_size {
+        // Behind a signed size: another process signed after this tree was read, or the tree
+        // lost integrations its database did not flush before a crash (integration does not
+        // wait for the flush) and is catching up. Either way it is checked against the signed
+        // checkpoint once it reaches it; only a log that ends before it is refused here.
+        let head: Option<i64> = sqlx::query_scalar("SELECT max(position) FROM events")
+            .fetch_one(pool)
+            .await?;
+        if integrated_size(pool).await? >= signed.tree_size
+            || head.unwrap_or(0) >= signed.tree_size as i64
+        {
             return Ok(false);
         }
         return refuse(signed.tree_size, "the stored tree is smaller".into());
