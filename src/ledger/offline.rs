@@ -826,6 +826,8 @@ fn walk_blocks(
         let mut blocks: VecDeque<Arc<Vec<u8>>> = VecDeque::new();
         let mut spare: Vec<Vec<u8>> = Vec::new();
         let mut carry: Vec<u8> = Vec::new();
+        // Whether `carry` is what follows a dropped line: the rest of a block, whole lines too.
+        let mut after_skip = false;
         let mut seq = 0u64;
         loop {
             // A buffer: a new one, or the oldest block's once no worker holds it.
@@ -840,8 +842,11 @@ fn walk_blocks(
             let mut buf = spare.pop().unwrap_or_default();
             buf.clear();
             buf.extend_from_slice(&carry);
-            // The carried bytes start a line and hold no newline: only new bytes are searched.
-            let mut searched = buf.len();
+            // The carried bytes start a line. Cut at a block's last newline, they hold none, so
+            // only new bytes are searched (a long line is not searched again for every block).
+            // After a dropped line they may hold whole lines, which must not count as one long
+            // line with the next: they are searched too.
+            let mut searched = if after_skip { 0 } else { buf.len() };
             let (split, eof) = loop {
                 let want = buf.len() + block;
                 if fill(reader, &mut buf, want)? {
@@ -858,11 +863,14 @@ fn walk_blocks(
             };
             let Some(split) = split else {
                 // As a worker would report it (`check_chunk`), without holding the line.
+                #[cfg(test)]
+                ctx.work.skipped.fetch_add(1, Ordering::Relaxed);
                 joiner.waiting.insert(seq, Chunk::overlong());
                 stop.fetch_min(seq, Ordering::Relaxed);
                 seq += 1;
                 joiner.drain();
                 let eof = skip_line(reader, &mut buf, &mut carry, block)?;
+                after_skip = true;
                 spare.push(buf);
                 if eof {
                     break;
@@ -871,6 +879,7 @@ fn walk_blocks(
             };
             carry.clear();
             carry.extend_from_slice(&buf[split..]);
+            after_skip = false;
             buf.truncate(split);
             let data = Arc::new(buf);
             for range in pieces(&data, PIECES_PER_BLOCK.max(workers)) {
@@ -940,7 +949,8 @@ impl Joiner<'_> {
 }
 
 /// Reads and drops the rest of a line (with `buf` as scratch space) and puts what follows its
-/// newline in `carry`; true if the input ends first.
+/// newline in `carry` (the rest of a block: it may hold whole lines); true if the input ends
+/// first.
 fn skip_line(
     reader: &mut impl Read,
     buf: &mut Vec<u8>,
@@ -1512,6 +1522,8 @@ mod tests {
         pub pieces: AtomicU64,
         /// Searches for the position a line that does not hash was written at.
         pub searches: AtomicU64,
+        /// Lines the reader dropped past [`LINE_LIMIT`] (`skip_line`) rather than hold.
+        pub skipped: AtomicU64,
     }
 
     thread_local! {
@@ -1519,13 +1531,14 @@ mod tests {
         pub(super) static WORK: RefCell<Arc<Work>> = RefCell::default();
     }
 
-    /// Verifies `file` with `workers` threads and blocks of `block` bytes, counting the work.
-    fn counted(file: &[u8], workers: usize, block: usize) -> (OfflineReport, u64, u64) {
+    /// Verifies `file` with `workers` threads and blocks of `block` bytes, counting the work:
+    /// the pieces checked, the searches, the lines skipped.
+    fn counted(file: &[u8], workers: usize, block: usize) -> (OfflineReport, [u64; 3]) {
         let work = Arc::new(Work::default());
         WORK.with(|w| *w.borrow_mut() = Arc::clone(&work));
         let r = verify_blocks(file, None, None, workers, block).unwrap();
         let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        (r, n(&work.pieces), n(&work.searches))
+        (r, [n(&work.pieces), n(&work.searches), n(&work.skipped)])
     }
 
     struct Event {
@@ -2576,7 +2589,7 @@ mod tests {
         // One worker takes the pieces in order: once a piece has a fault, those after it are
         // counted, not checked; and the line that does not hash is searched for a reordering
         // once, for the reading kept.
-        let (r, pieces, searches) = counted(&file, 1, BLOCK);
+        let (r, [pieces, searches, _]) = counted(&file, 1, BLOCK);
         assert_eq!(r.first_bad.map(|f| f.position), Some(Some(5)));
         assert_eq!(r.lines, 40);
         let first = pieces_of(&file, BLOCK, 1)
@@ -2666,6 +2679,47 @@ mod tests {
         assert_eq!(file.pop(), Some(b'\n'));
         let f = check(&file, None).first_bad.expect("a fault");
         assert_eq!((f.position, f.line, f.kind), (Some(4), Some(5), too_long));
+    }
+
+    #[test]
+    fn the_lines_after_a_dropped_line_are_counted_as_a_sequential_walk_counts_them() {
+        // The lines of positions 8 and 12 are so long that each small block size reaches the
+        // limit at least a block before their newline: the reader drops them (`skip_line`)
+        // rather than hold them, and keeps the rest of the block where one ends (in 8 MiB
+        // blocks the read that passes the limit reaches the newline: they are held whole).
+        // Between them, three short stubs of other tenants' events, so that in blocks of 700
+        // and 2500 bytes the rest of the block where line 8 ends holds whole lines and the
+        // start of line 12.
+        let len = LINE_LIMIT + 3 * 2500;
+        let org = tenant(1);
+        let padded = |n: &dyn Fn(usize) -> usize| {
+            let mut events = chain(13);
+            for at in [8, 12] {
+                events[at - 1].payload = format!("{{\"pad\":\"{}\"}}", "x".repeat(n(at)));
+            }
+            rehash(&mut events);
+            export(&events, org, 1, 13)
+        };
+        let base = lines(&padded(&|_| 0));
+        let file = padded(&|at| len - base[at].len());
+        let all = lines(&file);
+        assert_eq!((all.len(), all[8].len(), all[12].len()), (14, len, len));
+        assert!(
+            all[9..12].iter().all(|l| l.len() < 100),
+            "{:?}",
+            &all[9..12]
+        );
+
+        let r = check(&file, None);
+        let f = r.first_bad.clone().expect("a fault");
+        let too_long = FileFaultKind::MalformedLine(too_long());
+        assert_eq!((f.position, f.line, f.kind), (Some(8), Some(9), too_long));
+        assert_eq!((r.lines, r.full_events, r.stubs), (13, 3, 4));
+        // The path under test ran: each small block size dropped both lines.
+        for (block, workers) in [(150, 2), (700, 3), (2500, 4)] {
+            let (r, [.., skipped]) = counted(&file, workers, block);
+            assert_eq!((r.lines, skipped), (13, 2), "block {block}");
+        }
     }
 
     #[test]
