@@ -40,7 +40,7 @@ pub async fn connect_with(
     tune: impl FnOnce(PgConnectOptions) -> PgConnectOptions,
 ) -> anyhow::Result<PgPool> {
     let context = || format!("connecting to the database at {}", redact_url(url));
-    check_scheme(url).with_context(context)?;
+    check_url(url).with_context(context)?;
     let connect_options = tune(url.parse::<PgConnectOptions>().with_context(context)?);
     let options = PgPoolOptions::new()
         .max_connections(max_connections)
@@ -76,8 +76,9 @@ pub async fn connect_with(
 
 /// sqlx's PostgreSQL driver takes any scheme (`mysql://x@host/db` connects to PostgreSQL
 /// on the default port as role `x`), so a URL meant for another database would fail later
-/// with a message about roles or databases rather than about the URL.
-fn check_scheme(url: &str) -> anyhow::Result<()> {
+/// with a message about roles or databases rather than about the URL. And it ignores a query
+/// parameter it does not know, logging its value.
+fn check_url(url: &str) -> anyhow::Result<()> {
     // One that does not parse is left to sqlx, which says why.
     let Ok(parsed) = url::Url::parse(url) else {
         return Ok(());
@@ -88,7 +89,41 @@ fn check_scheme(url: &str) -> anyhow::Result<()> {
          such as postgres://user@127.0.0.1:5432/ledgerline",
         parsed.scheme()
     );
+    // sqlx ignores any other parameter, and logs its value as it does: a libpq parameter
+    // such as `sslpassword` would neither work nor stay secret.
+    if let Some((key, _)) = parsed.query_pairs().find(|(key, _)| !driver_parameter(key)) {
+        anyhow::bail!(
+            "the URL's parameter `{key}` is not one the PostgreSQL driver takes (sslmode, \
+             sslrootcert, sslcert, sslkey, host, hostaddr, port, dbname, user, password, \
+             application_name, options, statement-cache-capacity): it would be ignored"
+        );
+    }
     Ok(())
+}
+
+/// Whether sqlx-postgres 0.8 reads query parameter `key` of a URL (`options/parse.rs`).
+fn driver_parameter(key: &str) -> bool {
+    matches!(
+        key,
+        "sslmode"
+            | "ssl-mode"
+            | "sslrootcert"
+            | "ssl-root-cert"
+            | "ssl-ca"
+            | "sslcert"
+            | "ssl-cert"
+            | "sslkey"
+            | "ssl-key"
+            | "statement-cache-capacity"
+            | "host"
+            | "hostaddr"
+            | "port"
+            | "dbname"
+            | "user"
+            | "password"
+            | "application_name"
+            | "options"
+    ) || (key.starts_with("options[") && key.ends_with(']'))
 }
 
 /// Applies this binary's migrations the database does not have yet; returns how many.
@@ -241,7 +276,7 @@ pub fn redact_url(raw: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{check_scheme, redact_url};
+    use super::{check_url, redact_url};
 
     #[test]
     fn only_postgres_urls_are_taken() {
@@ -251,12 +286,23 @@ mod tests {
             // Left to sqlx, which says why it does not parse.
             "postgres://app:s3cret@db:notaport/x",
         ] {
-            assert!(check_scheme(url).is_ok(), "{url}");
+            assert!(check_url(url).is_ok(), "{url}");
         }
         for url in ["mysql://x@127.0.0.1/db", "http://127.0.0.1/db"] {
-            let said = check_scheme(url).unwrap_err().to_string();
+            let said = check_url(url).unwrap_err().to_string();
             assert!(said.contains("is not a PostgreSQL URL"), "{url}: {said}");
         }
+        // What the driver would ignore, naming the parameter but never its value.
+        let said = check_url("postgresql://app@db/x?sslmode=require&sslpassword=k3y")
+            .unwrap_err()
+            .to_string();
+        assert!(said.contains("`sslpassword` is not one"), "{said}");
+        assert!(!said.contains("k3y"), "{said}");
+        assert!(check_url("postgres://app@db/x?PassWord=s3cret").is_err());
+        assert!(check_url(
+            "postgres://app@db/x?sslmode=disable&application_name=a&options[search_path]=b&port=5"
+        )
+        .is_ok());
     }
 
     #[test]
