@@ -7,6 +7,8 @@
 mod common;
 
 use common::{answer, assert_error, assert_error_says, Response, TestApp};
+use ledgerline::app::Actor;
+use ledgerline_aggregates::user::UserCommand;
 use reqwest::Method;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -542,6 +544,29 @@ async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
     assert_eq!(erased.status, 200, "{}", erased.body);
     assert_eq!(kept_answer(&t, "rename").await, None, "forgotten");
     assert_error_says(&rename().await, 409, "no longer kept");
+}
+
+/// An erasure whose request stopped right after its append (a crash) never forgot the answers
+/// itself: the users projection does, in the transaction that destroys the key.
+#[tokio::test]
+async fn an_erasure_cut_off_before_it_forgot_the_answers_still_forgets_them() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let first = invite(&t, org, &t.admin_key, "inv", "ada@example.com").await;
+    assert_eq!(first.status, 201, "{}", first.body);
+    assert!(kept_answer(&t, "inv").await.is_some());
+    let ada: Uuid = first.body["id"].as_str().unwrap().parse().unwrap();
+    let by = Actor {
+        kind: "api_key".into(),
+        request_id: Uuid::new_v4().to_string(),
+        ..Actor::default()
+    };
+    t.app
+        .execute(&t.app.cqrs.users, ada, Some(org), &by, UserCommand::Erase)
+        .await
+        .unwrap();
+    t.app.await_projections().await;
+    assert_eq!(kept_answer(&t, "inv").await, None, "forgotten");
 }
 
 /// The erasure's own answer is read once the key is gone: its forgetting leaves it kept, and

@@ -159,3 +159,21 @@ pub const STORED_EVENT_COLUMNS: &str = concat!(
     " THEN recorded_at END AS recorded_at, \
      payload::text AS payload, metadata::text AS metadata, prev_hash, hash, hash_version"
 );
+
+/// Forgets the answers the API keeps for `Idempotency-Key` replays (`idempotency_keys`) that
+/// name one of `subjects` (users erased, messages deleted), in the transaction that destroys
+/// their keys: exactly once with the event, as the destruction, even when the request that
+/// erased or deleted stopped before forgetting them itself. A rebuild replays it as a no-op.
+pub(crate) async fn forget_kept_answers(
+    conn: &mut sqlx::PgConnection,
+    subjects: &[Uuid],
+) -> sqlx::Result<()> {
+    sqlx::query(
+        "UPDATE idempotency_keys SET body = NULL WHERE subjects && $1 AND body IS NOT NULL",
+    )
+    .bind(subjects)
+    .persistent(false)
+    .execute(conn)
+    .await?;
+    Ok(())
+}

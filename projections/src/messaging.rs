@@ -351,6 +351,7 @@ async fn apply_message_event(
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
+            crate::forget_kept_answers(conn, &[id]).await?;
             let result = sqlx::query(
                 "UPDATE conversations SET message_count = message_count - 1 WHERE id = $1",
             )

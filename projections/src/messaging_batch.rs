@@ -446,6 +446,7 @@ impl Folded {
                 .bind(&self.deleted)
                 .execute(&mut *conn)
                 .await?;
+            crate::forget_kept_answers(conn, &self.deleted).await?;
         }
         Ok(())
     }
@@ -667,5 +668,7 @@ async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
     exactly(
         usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
         lowered,
-    )
+    )?;
+    crate::forget_kept_answers(conn, &d.message).await?;
+    Ok(())
 }

@@ -111,6 +111,7 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
                 .bind(id)
                 .execute(&mut *conn)
                 .await?;
+            crate::forget_kept_answers(conn, &[id]).await?;
             erased
         }
         // Assignments live in `user_roles`; here they only move the aggregate's version,

@@ -168,6 +168,7 @@ impl Fold {
                 .persistent(false)
                 .execute(&mut *conn)
                 .await?;
+            crate::forget_kept_answers(conn, &self.erased).await?;
         }
         Ok(())
     }

@@ -143,6 +143,32 @@ impl Chat {
         .unwrap();
     }
 
+    /// An answer the API keeps for an `Idempotency-Key` replay, naming `subject`; its key.
+    async fn kept_answer_naming(&self, subject: Uuid) -> String {
+        let key = Uuid::new_v4().to_string();
+        sqlx::query(
+            "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, method, path, \
+             request_id, since_position, state, status, body, subjects) \
+             VALUES ($1, $2, $3, 'POST', '/', 'r', 0, 'done', 201, 'sealed', ARRAY[$4])",
+        )
+        .bind(Uuid::new_v4())
+        .bind(&key)
+        .bind(vec![0u8; 32])
+        .bind(subject)
+        .execute(self.pool())
+        .await
+        .unwrap();
+        key
+    }
+
+    async fn answer_kept(&self, key: &str) -> bool {
+        sqlx::query_scalar("SELECT body IS NOT NULL FROM idempotency_keys WHERE key = $1")
+            .bind(key)
+            .fetch_one(self.pool())
+            .await
+            .unwrap()
+    }
+
     async fn message_keys(&self) -> Vec<Uuid> {
         sqlx::query_scalar("SELECT message_id FROM message_keys ORDER BY message_id")
             .fetch_all(self.pool())
@@ -622,6 +648,10 @@ async fn deleting_a_message_clears_its_content_file_names_and_key() {
     chat.add_message_key(doomed, alice).await;
     chat.add_message_key(kept, bob).await;
     chat.add_message_key(moderated, bob).await;
+    let (doomed_answer, kept_answer) = (
+        chat.kept_answer_naming(doomed).await,
+        chat.kept_answer_naming(kept).await,
+    );
     let deleted = MessageEvent::MessageDeleted {
         conversation_id: c,
         by: Some(alice),
@@ -663,6 +693,9 @@ async fn deleting_a_message_clears_its_content_file_names_and_key() {
     );
     assert_eq!(chat.message_keys().await, vec![kept], "crypto-shredded");
     assert!(message(chat.pool(), kept).await.content_sealed.is_some());
+    // With the key, the answers kept for replays that showed the message.
+    assert!(!chat.answer_kept(&doomed_answer).await);
+    assert!(chat.answer_kept(&kept_answer).await);
     let row = conversation(chat.pool(), c).await;
     assert_eq!(
         (row.message_count, row.last_message_at),
