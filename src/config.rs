@@ -436,9 +436,11 @@ pub struct RebuildArgs {
     /// Once the copies are complete, how long to wait for transactions whose snapshots are
     /// older (an export or `pg_dump` in one REPEATABLE READ transaction): swapped in under
     /// them, the tables would look half-built to them. The log names them; after this the
-    /// run stops and its job keeps its work.
+    /// run stops and its job keeps its work. At most a week (a deadline far beyond it would
+    /// overflow the clock at the swap, after the whole build).
     #[arg(long, env = "LEDGERLINE_REBUILD_SNAPSHOT_WAIT_SECS",
-          default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.snapshot_wait.as_secs())]
+          default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.snapshot_wait.as_secs(),
+          value_parser = clap::value_parser!(u64).range(0..=604_800))]
     pub snapshot_wait_secs: u64,
 }
 

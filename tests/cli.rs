@@ -89,6 +89,29 @@ async fn an_unreachable_database_is_reported_with_its_cause() {
     assert!(err.to_lowercase().contains("refused"), "{err}");
 }
 
+/// A database URL with a parameter the driver would ignore (and log the value of) is refused
+/// before any connection, naming the parameter, never its value; and a snapshot wait beyond a
+/// week is refused before any work (it overflowed the clock at the swap, after the build).
+#[tokio::test]
+async fn settings_that_would_fail_late_or_leak_are_refused_at_once() {
+    let url = "postgres://postgres@127.0.0.1:1/nothing?sslmode=disable&sslpassword=k3y";
+    let (code, out, err) = ledgerline(url, &["verify"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("`sslpassword` is not one"), "{err}");
+    assert!(!format!("{out}{err}").contains("k3y"), "{out}{err}");
+    let far = u64::MAX.to_string();
+    let args = [
+        "projections",
+        "rebuild",
+        "--all",
+        "--snapshot-wait-secs",
+        &far,
+    ];
+    let (code, out, err) = ledgerline("postgres://postgres@127.0.0.1:1/nothing", &args).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--snapshot-wait-secs"), "{err}");
+}
+
 /// An export of an organization the log never created is refused, not a file of stubs
 /// alone that verifies as intact.
 #[tokio::test]
