@@ -3189,6 +3189,23 @@ async fn a_first_owner_the_read_models_do_not_show_yet_is_not_removed_unseen() {
     refused_for_the_last_owner(&t, r, before).await;
 }
 
+/// In an organization with no owner, changes pending that cannot make one (invitations,
+/// while `users` is stopped) do not hold a removal up: it is not the owner rule's to refuse
+/// (seen in CI as 503s for deactivations beside a burst of invitations).
+#[tokio::test]
+async fn a_removal_where_no_owner_can_appear_does_not_wait_for_other_changes() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Ownerless").await;
+    let ada = t.invite(org, "ada@ownerless.example", "Ada").await;
+    t.stop_projection("users").await;
+    let bea = json!({"email": "bea@ownerless.example", "full_name": "Bea"});
+    let r = t.post(&org_path(org, "/users"), &t.admin_key, bea).await;
+    assert_eq!(r.status, 202, "taken, not shown yet: {}", r.body);
+    let deactivate = org_path(org, &format!("/users/{ada}/deactivate"));
+    let r = t.post(&deactivate, &t.admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// A client hanging up on a removal ends neither it nor the organization's turn: the next
 /// removal is not answered while the read models do not show the first, and is then decided
 /// on them. (Ended at the hang-up, the first's turn would let the second in while the read

@@ -104,22 +104,25 @@ where
 /// changes the read models do not show (after waiting for them a moment).
 async fn check(app: &App, turn: &mut sqlx::PgConnection, org: Uuid, loss: &Loss) -> ApiResult<()> {
     let mut counted = count_owners(turn, org, loss).await?;
-    // No owner shown is no proof of none while changes are pending: a first owner's
-    // assignment may be among them.
-    if let ((_, 0, Some(pending)), Some(projector)) = (counted, &app.projector) {
-        projector
-            .wait_for_these(&COUNTED_FROM, pending, PENDING_WAIT)
-            .await;
-        counted = count_owners(turn, org, loss).await?;
+    // No owner shown is no proof of none while a pending change could make one (a first
+    // owner's assignment, a reactivation, a role moved under `owner`); other changes (the
+    // invitations of an organization being set up) cannot.
+    if let ((shown, 0, Some(pending), gaining), Some(projector)) = (counted, &app.projector) {
+        if shown > 0 || gaining {
+            projector
+                .wait_for_these(&COUNTED_FROM, pending, PENDING_WAIT)
+                .await;
+            counted = count_owners(turn, org, loss).await?;
+        }
     }
     match counted {
-        (0, _, None) | (_, 1.., _) => Ok(()),
-        (_, _, None) => Err(ApiError::conflict(
+        (0, _, None, _) | (0, _, _, false) | (_, 1.., _, _) => Ok(()),
+        (_, _, None, _) => Err(ApiError::conflict(
             "this would leave the organization without an active owner (one whose owner role \
              does not expire): give the owner role, without an expiry, to another active user \
              first",
         )),
-        (_, _, Some(_)) => Err(ApiError::new(
+        (_, _, Some(_), _) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "this organization's users or roles are being changed and the read models do not \
              show it yet, so whether it keeps an active owner cannot be told; retry shortly",
@@ -153,13 +156,13 @@ async fn hold_until_shown(app: App, org: Uuid, turn: Turn) {
 }
 
 /// The organization's active owners now; those certain to be left after `loss` (none of
-/// their changes pending); and the position of the newest change of its users or roles that
-/// the read models do not show yet, if any.
+/// their changes pending); the position of the newest change of its users or roles that the
+/// read models do not show yet, if any; and whether one of those could make an owner.
 async fn count_owners(
     turn: &mut sqlx::PgConnection,
     org: Uuid,
     loss: &Loss,
-) -> sqlx::Result<(i64, i64, Option<i64>)> {
+) -> sqlx::Result<(i64, i64, Option<i64>, bool)> {
     let (user, assignment, branch) = match *loss {
         Loss::User(user) => (Some(user), None, None),
         Loss::Assignment { user, role } => (None, Some((user, role)), None),
@@ -201,6 +204,13 @@ async fn count_owners(
                  WHERE e.organization_id = $1 \
                    AND e.position > least(s.users, s.roles, s.user_roles) \
                    AND ((e.aggregate_type = 'User' AND e.position > least(s.users, s.user_roles)) \
+                     OR (e.aggregate_type = 'Role' AND e.position > least(s.roles, s.user_roles)))), \
+                EXISTS (SELECT 1 FROM events e, shown s \
+                 WHERE e.organization_id = $1 \
+                   AND e.position > least(s.users, s.roles, s.user_roles) \
+                   AND ((e.aggregate_type = 'User' \
+                         AND e.event_type IN ('UserRoleAssigned', 'UserReactivated') \
+                         AND e.position > least(s.users, s.user_roles)) \
                      OR (e.aggregate_type = 'Role' AND e.position > least(s.roles, s.user_roles)))) \
          FROM holders",
     )
