@@ -195,23 +195,22 @@ async fn count_owners(
              FROM user_roles ur \
              JOIN owning o ON o.id = ur.role_id \
              JOIN users u ON u.id = ur.user_id \
-             WHERE u.organization_id = $1 AND u.status = 'active' AND ur.expires_at IS NULL) \
+             WHERE u.organization_id = $1 AND u.status = 'active' AND ur.expires_at IS NULL), \
+         pending AS ( \
+             SELECT max(e.position) AS newest, \
+                    coalesce(bool_or(e.aggregate_type = 'Role' \
+                        OR e.event_type IN ('UserRoleAssigned', 'UserReactivated')), false) \
+                        AS gaining \
+             FROM events e, shown s \
+             WHERE e.organization_id = $1 \
+               AND e.position > least(s.users, s.roles, s.user_roles) \
+               AND ((e.aggregate_type = 'User' AND e.position > least(s.users, s.user_roles)) \
+                 OR (e.aggregate_type = 'Role' AND e.position > least(s.roles, s.user_roles)))) \
          SELECT count(DISTINCT user_id), \
                 count(DISTINCT user_id) FILTER ( \
                     WHERE kept AND sure AND user_id IS DISTINCT FROM $3 \
                       AND NOT COALESCE(user_id = $4 AND role_id = $5, false)), \
-                (SELECT max(e.position) FROM events e, shown s \
-                 WHERE e.organization_id = $1 \
-                   AND e.position > least(s.users, s.roles, s.user_roles) \
-                   AND ((e.aggregate_type = 'User' AND e.position > least(s.users, s.user_roles)) \
-                     OR (e.aggregate_type = 'Role' AND e.position > least(s.roles, s.user_roles)))), \
-                EXISTS (SELECT 1 FROM events e, shown s \
-                 WHERE e.organization_id = $1 \
-                   AND e.position > least(s.users, s.roles, s.user_roles) \
-                   AND ((e.aggregate_type = 'User' \
-                         AND e.event_type IN ('UserRoleAssigned', 'UserReactivated') \
-                         AND e.position > least(s.users, s.user_roles)) \
-                     OR (e.aggregate_type = 'Role' AND e.position > least(s.roles, s.user_roles)))) \
+                (SELECT newest FROM pending), (SELECT gaining FROM pending) \
          FROM holders",
     )
     .bind(org)
