@@ -268,17 +268,19 @@ async fn integrated_head(
     if e.hash != hash {
         return Err(tampered());
     }
-    // The last peak covers the newest 2^k leaves, k the trailing zeros of the size; the newest
-    // leaf is its rightmost, so each sibling on the way up is a left one.
+    // The last peak covers the newest 2^k leaves, k the trailing zeros of the size: the newest
+    // leaf is the last of that subtree, whose inclusion proof is the left sibling at each
+    // level on the way up.
     let last = size as u64 - 1;
-    let siblings: Vec<(u32, u64)> = (0..(size as u64).trailing_zeros())
+    let levels = (size as u64).trailing_zeros();
+    let siblings: Vec<(u32, u64)> = (0..levels)
         .map(|level| (level, (last >> level) - 1))
         .collect();
     let nodes = fetch(conn, siblings.clone()).await?;
-    let mut climbed = Blake3::leaf(&hash);
+    let mut proof = Vec::with_capacity(siblings.len());
     for (level, index) in siblings {
-        let sibling = match nodes.get(&(level, index)) {
-            Some(node) => node,
+        proof.push(match nodes.get(&(level, index)) {
+            Some(node) => *node,
             // The event before it, gone.
             None if level == 0 => return Err(tampered()),
             None => {
@@ -287,12 +289,12 @@ async fn integrated_head(
                      missing"
                 )))
             }
-        };
-        climbed = Blake3::node(sibling, &climbed);
+        });
     }
-    if frontier.peaks().last() != Some(&climbed) {
-        return Err(tampered());
-    }
+    let peak = frontier.peaks().last().ok_or_else(tampered)?;
+    let subtree = 1u64 << levels;
+    merkle::verify_inclusion::<Blake3>(subtree - 1, subtree, &Blake3::leaf(&hash), &proof, peak)
+        .map_err(|_| tampered())?;
     Ok((hash, version))
 }
 
