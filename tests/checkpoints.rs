@@ -861,10 +861,7 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
         .await
         .unwrap()
         .is_some());
-    let signed: i64 = sqlx::query_scalar("SELECT count(*) FROM checkpoints")
-        .fetch_one(t.pool())
-        .await
-        .unwrap();
+    let signed = checkpoint_count(&t).await;
     // The tree is rebuilt from nothing in the rewrite's transaction: the app's own maintainer
     // never sees the rewritten log beside the old tree, where it would stop at once, at the
     // newest event it integrated (no longer its tree's leaf), before anything is signed.
@@ -883,12 +880,7 @@ async fn the_running_server_does_not_sign_a_rewritten_history() {
         matches!(&refused, Err(tree::TreeError::Unsignable(why)) if why.contains("chain head")),
         "{refused:?}"
     );
-    let count = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints")
-            .fetch_one(t.pool())
-            .await
-            .unwrap()
-    };
+    let count = || checkpoint_count(&t);
     assert_eq!(count().await, signed, "nothing signed after the rewrite");
     // The app's own maintainer, woken by those commands, stopped too, and says so where an
     // operator looks (a quiet log's checkpoint ages as well).
@@ -1069,12 +1061,7 @@ async fn a_signer_that_does_not_hold_the_maintainers_lease_signs_nothing() {
     let t = TestApp::spawn().await;
     some_history(&t).await;
     let signer = LogSigner::from_hex(t.signer.name(), &t.signer.seed_hex()).unwrap();
-    let count = || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM checkpoints")
-            .fetch_one(t.pool())
-            .await
-            .unwrap()
-    };
+    let count = || checkpoint_count(&t);
     // Settled: the whole tree integrated and signed, so no round is skipped for a newer one.
     sign_now(&t).await;
     let before = count().await;
