@@ -8,8 +8,11 @@
 //! baseline (`reset`, then `run_batch(pool, projection, 1)` for every projection, event
 //! after event) over the first `LEDGERLINE_BENCH_BASELINE_EVENTS` events only; `catch_up`
 //! back to the head, so the database stays valid. After each of these every checkpoint
-//! must be at the head and every read-model table hold as many rows as the projector made
-//! while seeding, or the run exits non-zero (after printing its figures). A plain binary
+//! must be at the head and every read-model table hold the same rows (count and a digest of
+//! their contents) as before the first rebuild, or the run exits non-zero (after printing
+//! its figures); the last check is of the projector's own batches (`catch_up`), so a rebuild
+//! that folds differently cannot pass. A rebuild job left unfinished by an earlier run is
+//! abandoned first: resuming it would time only its remainder. A plain binary
 //! (`harness = false`): `cargo bench --bench rebuild`. See docs/benchmarks.md.
 //!
 //! Environment:
@@ -35,7 +38,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use chrono::Utc;
 use ledgerline_projections::{
-    catch_up, rebuild, reset, run_batch, status, BatchOutcome, Progress, Projection, RebuildOptions,
+    abandon_rebuild, catch_up, rebuild, reset, run_batch, status, BatchOutcome, Progress,
+    Projection, RebuildOptions,
 };
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
@@ -52,26 +56,38 @@ const APP_POOL: u32 = 16;
 const GOAL_EVENTS_PER_SEC: f64 = 50_000.0;
 const GOAL_LOG: i64 = 1_000_000;
 
-/// Rows of every read-model table, by table, in `Projection::ALL` order.
-type Counts = Vec<(&'static str, i64)>;
+/// Every read-model table's rows, by table, in `Projection::ALL` order: how many, and a
+/// digest of their contents, the sum of each row's text's MD5 (its first 64 bits): a row off
+/// by one column changes it, and it needs neither a sort nor one long string of a million
+/// rows.
+type Contents = Vec<(&'static str, (i64, String))>;
 
-async fn counts(pool: &PgPool) -> anyhow::Result<Counts> {
+async fn contents(pool: &PgPool) -> anyhow::Result<Contents> {
     let mut out = Vec::new();
     for table in Projection::ALL
         .iter()
         .flat_map(|p| p.tables().iter().copied())
     {
-        let n: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
-            .fetch_one(pool)
-            .await?;
-        out.push((table, n));
+        let rows: (i64, String) = sqlx::query_as(&format!(
+            "SELECT count(*), \
+                    coalesce(sum(('x' || left(md5(r::text), 16))::bit(64)::bigint), 0)::text \
+             FROM {table} r"
+        ))
+        .fetch_one(pool)
+        .await?;
+        out.push((table, rows));
     }
     Ok(out)
 }
 
 /// What is wrong with the read models after `what`: checkpoints not at `head`, recorded
-/// failures, or row counts other than `want`.
-async fn check(pool: &PgPool, what: &str, head: i64, want: &Counts) -> anyhow::Result<Vec<String>> {
+/// failures, or rows other than `want`.
+async fn check(
+    pool: &PgPool,
+    what: &str,
+    head: i64,
+    want: &Contents,
+) -> anyhow::Result<Vec<String>> {
     let mut problems = Vec::new();
     for s in status(pool).await? {
         if s.position != head || !s.failures.is_empty() {
@@ -83,15 +99,19 @@ async fn check(pool: &PgPool, what: &str, head: i64, want: &Counts) -> anyhow::R
             ));
         }
     }
-    let got = counts(pool).await?;
-    for ((table, n), (_, w)) in got.iter().zip(want) {
+    let got = contents(pool).await?;
+    for ((table, (n, digest)), (_, (w, wanted))) in got.iter().zip(want) {
         if n != w {
             problems.push(format!("after {what}: {table} has {n} rows, expected {w}"));
+        } else if digest != wanted {
+            problems.push(format!(
+                "after {what}: {table} has its {n} rows, but other contents (digest {digest}, expected {wanted})"
+            ));
         }
     }
     if problems.is_empty() {
         println!(
-            "  checked: every checkpoint at {head}, row counts of all {} tables as seeded",
+            "  checked: every checkpoint at {head}, the rows of all {} tables (counts and contents) as before",
             got.len()
         );
     }
@@ -143,6 +163,9 @@ async fn measure_rebuild(pool: &PgPool, head: i64) -> anyhow::Result<Rebuilt> {
     let busy = busy_since(busy);
     sampler.abort();
     let summary = summary.context("rebuild")?;
+    if summary.resumed {
+        bail!("the rebuild resumed an unfinished job: its time is not a whole rebuild's");
+    }
     if summary.position != head {
         bail!(
             "the rebuild swapped in tables at {}, the head is {head}",
@@ -345,12 +368,17 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
     );
     let event_mix = mix(pool, head).await?;
     print_mix(&event_mix);
-    let reference = counts(pool).await?;
+    // A job an earlier run left (killed, or stopped after its stalls) would be resumed, and
+    // only its remainder timed.
+    if let Some(job) = abandon_rebuild(pool).await? {
+        println!("abandoned rebuild job {job}, left unfinished by an earlier run");
+    }
+    let reference = contents(pool).await?;
     println!(
-        "read models as the projector made them while seeding: {}",
+        "read models before the first rebuild (as the projector made them, or an earlier run's rebuild; the baseline's catch_up is checked against them too): {}",
         reference
             .iter()
-            .map(|(t, n)| format!("{t} {n}"))
+            .map(|(t, (n, _))| format!("{t} {n}"))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -358,7 +386,7 @@ async fn run(pool: &PgPool, database: &str, kept: bool) -> anyhow::Result<()> {
     let messages = reference
         .iter()
         .find(|(t, _)| *t == "messages")
-        .map_or(0, |(_, n)| *n);
+        .map_or(0, |(_, (n, _))| *n);
     let posted_now = posted(pool).await?;
     if messages != posted_now {
         problems.push(format!(

@@ -370,6 +370,25 @@ impl Verdict {
     }
 }
 
+/// What a job that takes the log as the truth (a rebuild, a check, a claims repair) makes
+/// sure of first, as plain `verify` does: the chain, then the database's checkpoints and tree
+/// against it (a cut or a rewrite behind a signed checkpoint leaves a chain that links).
+/// `Ok(Err(why))`: the log does not verify, and why, in `verify`'s words.
+pub async fn verify_before_trusting(pool: &PgPool) -> Result<Result<Report, String>, sqlx::Error> {
+    let report = verify_database(pool, 2).await?;
+    if let Some(bad) = &report.first_bad {
+        return Ok(Err(format!(
+            "first bad position {}: {}",
+            bad.position, bad.fault
+        )));
+    }
+    let records = check_records(pool, &report, None, false).await?;
+    if !records.intact() {
+        return Ok(Err(records.to_string()));
+    }
+    Ok(Ok(report))
+}
+
 /// Compares a verified chain (`report`) with the database's records of the log: each
 /// checkpoint row's note (opened with `key` when given) and the tree's size. Appends go on
 /// meanwhile: a checkpoint is compared only if the walk reached its size, and a cut is one

@@ -716,29 +716,20 @@ async fn retry(db_args: &crate::config::DatabaseArgs, name: &str) -> anyhow::Res
 
 /// Rebuilds and checks take the log as the truth: one that does not verify would pass its
 /// edits into the read models (or flag the honest live rows as wrong) as if it were intact.
-/// So they verify the chain first and refuse (exit 2, nothing started) on any fault. Events
-/// appended after this, by the writer, are not verified again.
+/// So they verify it first, chain and checkpoints as `verify` does, and refuse (exit 2,
+/// nothing started) on any fault. Events appended after this, by the writer, are not
+/// verified again.
 async fn require_intact_log(pool: &sqlx::PgPool) -> anyhow::Result<()> {
     tracing::info!("verifying the log before building from it");
-    let report = verify_database(pool, 2)
+    let report = auditor::verify_before_trusting(pool)
         .await
-        .context("verifying the log first")?;
-    if let Some(bad) = report.first_bad {
-        anyhow::bail!(
-            "the log does not verify (first bad position {}: {}): read models built from it \
-             would show it as intact; `ledgerline verify` reports it, and nothing was started",
-            bad.position,
-            bad.fault
-        );
-    }
-    let records = auditor::check_records(pool, &report, None, false)
-        .await
-        .context("reading the log's checkpoints")?;
-    anyhow::ensure!(
-        records.intact(),
-        "the log does not verify ({records}): read models built from it would show it as \
-         intact; nothing was started"
-    );
+        .context("verifying the log first")?
+        .map_err(|why| {
+            anyhow::anyhow!(
+                "the log does not verify ({why}): read models built from it would show it as \
+                 intact; `ledgerline verify` reports it, and nothing was started"
+            )
+        })?;
     tracing::info!(
         events = report.events,
         seconds = report.elapsed.as_secs_f64(),

@@ -145,12 +145,10 @@ pub struct LogArgs {
     /// Sign a checkpoint every this many events...
     #[arg(long, env = "LEDGERLINE_CHECKPOINT_EVERY", default_value_t = 1000)]
     pub checkpoint_every: u64,
-    /// ...or after this many seconds when fewer arrived.
-    #[arg(
-        long,
-        env = "LEDGERLINE_CHECKPOINT_INTERVAL_SECS",
-        default_value_t = 10
-    )]
+    /// ...or after this many seconds when fewer arrived (at most a week: a timer much further
+    /// off overflows the clock in the maintainer's task, which would sign nothing again).
+    #[arg(long, env = "LEDGERLINE_CHECKPOINT_INTERVAL_SECS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub checkpoint_interval_secs: u64,
 }
 
@@ -246,8 +244,8 @@ pub enum ClaimsCommand {
     /// key), 2 could not run. Never migrates.
     Check {
         /// Rewrite the rows that differ, under the ledger's append lock (appends wait for the
-        /// rewrite only), once the chain verifies; exit 0 once the table equals the log's
-        /// claims.
+        /// rewrite only), once the log verifies (chain and checkpoints); exit 0 once the table
+        /// equals the log's claims.
         #[arg(long)]
         repair: bool,
     },

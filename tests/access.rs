@@ -272,8 +272,13 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     assert_ne!(new, old);
     assert_eq!(r.body["id"], json!(id), "the same key, a new secret");
     assert_eq!(r.body["prefix"].as_str().unwrap(), &new[..15]);
-    // The old secret is told it was rotated away.
+    // The old secret is told it was rotated away; a made-up secret under its prefix (which
+    // lists and logs show) learns nothing of the key.
     assert_error_says(&t.get("/v1/me", &old).await, 401, "secret has been rotated");
+    let forged = |secret: &str| format!("{}{}", &secret[..16], "A".repeat(43));
+    let r = t.get("/v1/me", &forged(&old)).await;
+    assert_error(&r, 401);
+    assert_eq!(r.body["error"]["message"], json!("invalid API key"));
     // A prefix no key ever had stays plainly invalid.
     let unknown = format!("ll_{}{}", "0".repeat(12), &old[15..]);
     let r = t.get("/v1/me", &unknown).await;
@@ -283,6 +288,20 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     assert_eq!(me.status, 200, "{}", me.body);
     assert_eq!(me.body["key"]["id"], json!(id));
     assert_eq!(t.get(&org_path(org, "/users"), &new).await.status, 200);
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{id}/revoke")),
+            &t.admin_key,
+            json!({"reason": "done"}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_error_says(&t.get("/v1/me", &old).await, 401, "revoked or rotated");
+    for secret in [&old, &new] {
+        let r = t.get("/v1/me", &forged(secret)).await;
+        assert_error(&r, 401);
+        assert_eq!(r.body["error"]["message"], json!("invalid API key"));
+    }
 }
 
 #[tokio::test]
@@ -638,12 +657,17 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
         );
     }
     // Not yet in the read model, so not yet usable: refused, not let through, and told to
-    // retry rather than that the secret is wrong.
+    // retry rather than that the secret is wrong; a made-up secret under the new prefix is
+    // simply wrong.
     assert_error_says(
         &t.get(&org_path(org, "/users"), &new_secret).await,
         503,
         "the read models do not show it yet",
     );
+    let forged = format!("{}{}", &new_secret[..16], "A".repeat(43));
+    let r = t.get(&org_path(org, "/users"), &forged).await;
+    assert_error(&r, 401);
+    assert_eq!(r.body["error"]["message"], json!("invalid API key"));
     // A key issued meanwhile: its secret is in the answer, which the read model cannot give.
     let r = issue_key(
         &t,
@@ -655,6 +679,13 @@ async fn a_key_revoked_or_rotated_while_api_keys_is_stopped_is_refused_at_once()
     assert_eq!(r.status, 201, "{}", r.body);
     assert_eq!(behind(&r), Some("behind"));
     let later_secret = r.body["secret"].as_str().unwrap().to_string();
+    // Told to retry too, as the rotated secret is: the client keeps a key the server will
+    // take, not one it called invalid.
+    assert_error_says(
+        &t.get(&org_path(org, "/users"), &later_secret).await,
+        503,
+        "the read models do not show it yet",
+    );
 
     t.resume_projection("api_keys").await;
     assert!(

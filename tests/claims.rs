@@ -3,7 +3,8 @@
 
 mod common;
 
-use common::{ledgerline, tamper, TestApp};
+use common::{ledgerline, tamper, TestApp, POLICY};
+use ledgerline::ledger::tree;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -161,6 +162,37 @@ async fn a_contested_claim_is_reported_and_a_forged_log_is_not_repaired_from() {
     assert_eq!(code, 2, "{out}{err}");
     assert!(
         err.contains("not repairing: the log does not verify"),
+        "{err}"
+    );
+    assert_eq!(claim_rows(&t).await, before, "nothing rewritten");
+}
+
+/// A log cut off behind a signed checkpoint: the chain that is left links, but `verify`
+/// reports it truncated, and a repair must not release what the cut events still held.
+#[tokio::test]
+async fn a_log_cut_off_behind_a_checkpoint_is_not_repaired_from() {
+    let t = TestApp::spawn().await;
+    let (org, _) = log_with_claims(&t).await;
+    tree::catch_up(t.pool(), Some(&t.signer), POLICY, true)
+        .await
+        .expect("integrate and sign");
+    // The newest event is the deletion that released `dev`: without it the log holds the name.
+    tamper(
+        t.pool(),
+        &["DELETE FROM events WHERE position = (SELECT max(position) FROM events)".to_string()],
+    )
+    .await;
+    let before = claim_rows(&t).await;
+    let (code, out, err) = ledgerline(&t.db.url, &["claims", "check"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains(&format!("  DIFFERENT role_name {org}:dev: table nobody")),
+        "{out}"
+    );
+    let (code, out, err) = ledgerline(&t.db.url, &["claims", "check", "--repair"]).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("not repairing: the log does not verify") && err.contains("TRUNCATED"),
         "{err}"
     );
     assert_eq!(claim_rows(&t).await, before, "nothing rewritten");

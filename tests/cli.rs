@@ -110,6 +110,12 @@ async fn settings_that_would_fail_late_or_leak_are_refused_at_once() {
     let (code, out, err) = ledgerline("postgres://postgres@127.0.0.1:1/nothing", &args).await;
     assert_eq!(code, 2, "{out}{err}");
     assert!(err.contains("--snapshot-wait-secs"), "{err}");
+    // A timer that far off overflows the clock when it is first set, in the maintainer's
+    // task, after the server said it serves: nothing would be signed again.
+    let args = ["serve", "--checkpoint-interval-secs", &far];
+    let (code, out, err) = ledgerline("postgres://postgres@127.0.0.1:1/nothing", &args).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("--checkpoint-interval-secs"), "{err}");
 }
 
 /// An export of an organization the log never created is refused, not a file of stubs

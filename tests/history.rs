@@ -183,6 +183,20 @@ impl Audited {
         id_of(&r)
     }
 
+    /// A group conversation the owner opens with `participants`; its id.
+    async fn open_group(&self, title: &str, participants: Value) -> Uuid {
+        let r = self
+            .t
+            .post(
+                &self.path("/conversations"),
+                &self.owner_key,
+                json!({"kind": "group", "title": title, "participants": participants}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        id_of(&r)
+    }
+
     fn assert_owner_acted(&self, item: &Value) {
         assert_eq!(item["actor"]["kind"], "api_key", "{item}");
         assert_eq!(item["actor"]["user_id"], json!(self.owner), "{item}");
@@ -528,15 +542,7 @@ async fn api_key_history_shows_issue_rotation_and_revocation() {
 async fn conversation_history_shows_creation_and_rename() {
     let a = audited("Conversation History").await;
     let bob = a.invite("bob@audited.example", "Bob").await;
-    let r =
-        a.t.post(
-            &a.path("/conversations"),
-            &a.owner_key,
-            json!({"kind": "group", "title": "Launch", "participants": [bob]}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let conversation = id_of(&r);
+    let conversation = a.open_group("Launch", json!([bob])).await;
     let r =
         a.t.patch(
             &a.path(&format!("/conversations/{conversation}")),
@@ -574,15 +580,7 @@ async fn conversation_history_shows_creation_and_rename() {
 async fn message_history_shows_sealed_edits_and_erased_content_after_deletion() {
     let a = audited("Message History").await;
     let bob = a.invite("bob@audited.example", "Bob").await;
-    let r =
-        a.t.post(
-            &a.path("/conversations"),
-            &a.owner_key,
-            json!({"kind": "group", "title": "Launch", "participants": [bob]}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let conversation = id_of(&r);
+    let conversation = a.open_group("Launch", json!([bob])).await;
     let messages = a.path(&format!("/conversations/{conversation}/messages"));
     let r =
         a.t.post(
@@ -877,9 +875,39 @@ async fn history_needs_audit_read() {
     assert_eq!(a.t.get(&path, &audit_only).await.status, 200);
 }
 
-/// Appends `count` events of a made-up user straight into the log (the harness connects as
-/// a superuser), after the head: far quicker than as many commands, and enough for the
-/// size rule, which is checked before anything is replayed.
+/// Appends `count` events of entity `id` straight into the log (the harness connects as a
+/// superuser), after the head and its `from_sequence - 1` events, each with the payload the
+/// SQL expression `payload` makes: far quicker than as many commands, and enough for the
+/// history's limits, which care for the events, not their hashes.
+async fn append_raw_events(
+    t: &TestApp,
+    org: Uuid,
+    (aggregate_type, id): (&str, Uuid),
+    (event_type, payload): (&str, &str),
+    from_sequence: i64,
+    count: i64,
+) {
+    sqlx::query(&format!(
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
+                             payload, metadata, position, organization_id, recorded_at, prev_hash, hash,
+                             hash_version)
+         SELECT $5, $1, $2 + s, $6, '1', {payload}, '{{}}',
+                (SELECT coalesce(max(position), 0) FROM events) + s, $3, now(),
+                decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'), 2
+         FROM generate_series(1, $4) AS s"
+    ))
+    .bind(id.to_string())
+    .bind(from_sequence - 1)
+    .bind(org)
+    .bind(count)
+    .bind(aggregate_type)
+    .bind(event_type)
+    .execute(t.pool())
+    .await
+    .expect("raw events appended");
+}
+
+/// `count` reactivations of a made-up user (see [`append_raw_events`]).
 async fn append_raw_user_events(
     t: &TestApp,
     org: Uuid,
@@ -887,22 +915,9 @@ async fn append_raw_user_events(
     from_sequence: i64,
     count: i64,
 ) {
-    sqlx::query(
-        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version,
-                             payload, metadata, position, organization_id, recorded_at, prev_hash, hash,
-                             hash_version)
-         SELECT 'User', $1, $2 + s, 'UserReactivated', '1', '{\"UserReactivated\":{}}', '{}',
-                (SELECT coalesce(max(position), 0) FROM events) + s, $3, now(),
-                decode(repeat('00', 32), 'hex'), decode(repeat('00', 32), 'hex'), 2
-         FROM generate_series(1, $4) AS s",
-    )
-    .bind(user.to_string())
-    .bind(from_sequence - 1)
-    .bind(org)
-    .bind(count)
-    .execute(t.pool())
-    .await
-    .expect("raw events appended");
+    let payload = r#"'{"UserReactivated":{}}'"#;
+    let event = ("UserReactivated", payload);
+    append_raw_events(t, org, ("User", user), event, from_sequence, count).await;
 }
 
 #[tokio::test]
@@ -934,6 +949,73 @@ async fn a_history_longer_than_the_cap_is_422() {
     assert_error(&r, 404);
 }
 
+/// `count` reads of `message` by made-up users (see [`append_raw_events`]).
+async fn append_raw_reads(
+    t: &TestApp,
+    org: Uuid,
+    conversation: Uuid,
+    message: Uuid,
+    from_sequence: i64,
+    count: i64,
+) {
+    let payload = format!(
+        "json_build_object('MessageRead', json_build_object(\
+             'conversation_id', '{conversation}', 'user_id', gen_random_uuid()))"
+    );
+    let event = ("MessageRead", payload.as_str());
+    append_raw_events(t, org, ("Message", message), event, from_sequence, count).await;
+}
+
+/// A set or map an event adds to shows only what the event changed in it: a message read by
+/// thousands answers in proportion to its events, not to their square (a whole `readers`
+/// set on each side of each read would make 2,000 reads some 150 MB). A replay whose states
+/// hold too much in all is refused, as a long one is.
+#[tokio::test]
+async fn a_collection_shows_only_what_each_event_changed_in_it() {
+    let a = audited("Widely Read").await;
+    let conversation = a.open_group("All hands", json!([a.auditor])).await;
+    let r =
+        a.t.post(
+            &a.path(&format!("/conversations/{conversation}/messages")),
+            &a.owner_key,
+            json!({"content": "all hands at noon"}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let message = id_of(&r);
+    append_raw_reads(&a.t, a.org, conversation, message, 2, 2_000).await;
+
+    let path = history_path(a.org, "message", message);
+    let r = a.t.get(&path, &a.auditor_key).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let size = r.body.to_string().len();
+    assert!(size < 2_000_000, "the answer is {size} bytes");
+    let items = r.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), 2_001);
+    let mut readers = BTreeSet::new();
+    for item in &items[1..] {
+        assert_eq!(changed(item), names(&["readers"]), "{item}");
+        assert_eq!(item["changes"]["before"]["readers"], json!([]), "{item}");
+        let added = item["changes"]["after"]["readers"].as_array().unwrap();
+        assert_eq!(added.len(), 1, "{item}");
+        assert!(
+            readers.insert(added[0].as_str().unwrap().to_string()),
+            "each read adds its reader once"
+        );
+    }
+    assert_eq!(readers.len(), 2_000);
+
+    // 5,000 reads: the replay's states would hold some 12.5 million values in all.
+    append_raw_reads(&a.t, a.org, conversation, message, 2_002, 3_000).await;
+    let r = a.t.get(&path, &a.auditor_key).await;
+    assert_error(&r, 422);
+    let text = r.body["error"]["message"].as_str().unwrap();
+    assert!(
+        text.contains("10000000") && text.contains(&format!("aggregate_id={message}")),
+        "the message names the limit and where to read the events: {text}"
+    );
+}
+
 #[tokio::test]
 async fn the_history_route_is_documented_with_audit_read() {
     let route = ROUTES
@@ -957,18 +1039,26 @@ async fn auditor_reads_audit_events_ledger_and_history() {
         a.t.member_with_key(a.org, "member", "m@audited.example")
             .await;
 
+    // An id is an id however it is written: upper case finds the same events, and what is
+    // no id at all is refused rather than answered with an empty trail.
+    for id in [user.to_string(), user.to_string().to_uppercase()] {
+        let r =
+            a.t.get(
+                &a.path(&format!("/audit-events?aggregate_id={id}")),
+                &a.auditor_key,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(
+            r.body["items"][0]["event_type"], "UserInvited",
+            "{id}: {}",
+            r.body
+        );
+    }
     let r =
-        a.t.get(
-            &a.path(&format!("/audit-events?aggregate_id={user}")),
-            &a.auditor_key,
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.body);
-    assert_eq!(
-        r.body["items"][0]["event_type"], "UserInvited",
-        "{}",
-        r.body
-    );
+        a.t.get(&a.path("/audit-events?aggregate_id=abc"), &a.auditor_key)
+            .await;
+    assert_error(&r, 400);
 
     // The entity type filter takes the history path's name or the stored one, and an
     // unknown one is refused rather than answered with an empty trail.
@@ -1023,6 +1113,59 @@ async fn auditor_reads_audit_events_ledger_and_history() {
         history_path(a.org, "user", user),
     ] {
         assert_error(&a.t.get(&path, &member_key).await, 403);
+    }
+}
+
+/// The `x-request-id` an answer gives back is the one its events record, so that
+/// `audit-events?request_id=` finds them by it: one the server will not keep whole (too long,
+/// or not visible ASCII) is replaced by one of its own, on both.
+#[tokio::test]
+async fn the_request_id_an_answer_gives_is_the_one_its_events_record() {
+    let a = audited("Request Ids").await;
+    let too_long = "r".repeat(600);
+    let not_ascii = reqwest::header::HeaderValue::from_bytes(b"caf\xe9-request").unwrap();
+    let given = [
+        reqwest::header::HeaderValue::from_str(&too_long).unwrap(),
+        not_ascii,
+        reqwest::header::HeaderValue::from_static("kept-as-sent"),
+    ];
+    for (i, request_id) in given.into_iter().enumerate() {
+        let r =
+            a.t.client
+                .post(format!("{}{}", a.t.base, a.path("/users")))
+                .bearer_auth(&a.owner_key)
+                .header("x-request-id", request_id.clone())
+                .json(&json!({"email": format!("r{i}@audited.example"), "full_name": "Req"}))
+                .send()
+                .await
+                .expect("request sent");
+        assert_eq!(r.status().as_u16(), 201);
+        let answered = r
+            .headers()
+            .get("x-request-id")
+            .expect("an x-request-id in the answer")
+            .to_str()
+            .expect("visible ASCII")
+            .to_string();
+        if i == 2 {
+            assert_eq!(answered, "kept-as-sent");
+        } else {
+            assert!(
+                answered.as_bytes() != request_id.as_bytes(),
+                "{i}: the server made its own, {answered}"
+            );
+        }
+        let found =
+            a.t.get(
+                &a.path(&format!("/audit-events?request_id={answered}")),
+                &a.auditor_key,
+            )
+            .await;
+        assert_eq!(found.status, 200, "{}", found.body);
+        let items = found.body["items"].as_array().unwrap();
+        assert_eq!(items.len(), 1, "{i}: {}", found.body);
+        assert_eq!(items[0]["event_type"], "UserInvited", "{}", found.body);
+        assert_eq!(items[0]["request_id"], json!(answered), "{}", found.body);
     }
 }
 

@@ -695,7 +695,6 @@ async fn a_taken_address_or_role_name_names_its_holder_within_the_tenant() {
     };
     let writer = issue(json!(["users:write", "roles:write"])).await;
     let reader = issue(json!(["users:write", "users:read"])).await;
-    let owner = t.role_id(org, "owner").await;
     let users = org_path(org, "/users");
     let again = json!({"email": "ADA@example.com", "full_name": "Ada again"});
     let head = t.head().await;
@@ -734,8 +733,8 @@ async fn a_taken_address_or_role_name_names_its_holder_within_the_tenant() {
             Method::POST,
             &roles,
             &t.admin_key,
-            &json!({"name": "OWNER"}),
-            format!("by role {owner}"),
+            &json!({"name": "SUPPORT"}),
+            format!("by role {support}"),
         ),
         (
             Method::PATCH,

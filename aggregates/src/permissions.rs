@@ -80,7 +80,8 @@ impl Permission {
             Permission::KeysRead => "List and read API keys",
             Permission::KeysWrite => {
                 "Issue, revoke and rotate API keys: a user key only its own user's, and a key \
-                 revokes or rotates only keys listing no more than it holds"
+                 revokes or rotates only keys listing no more than it holds (a user key revokes \
+                 any of its own user's)"
             }
             Permission::AuditRead => "Read the audit events",
             Permission::LedgerRead => "Read the raw ledger events and hashes",
@@ -179,6 +180,14 @@ mod tests {
         let said = Permission::OrganizationsWrite.description();
         assert!(!said.contains("suspend and reactivate the"), "{said}");
         assert!(said.contains(Permission::PlatformAdmin.as_str()), "{said}");
+    }
+
+    /// A user key revokes any key of its own user, whatever that key lists
+    /// (`api::api_keys::revoke`): the limit the description states must name that exception.
+    #[test]
+    fn keys_write_names_the_own_keys_exception() {
+        let said = Permission::KeysWrite.description();
+        assert!(said.contains("revokes any of its own user's"), "{said}");
     }
 
     #[test]

@@ -34,13 +34,13 @@ pub const MAX_MIME_TYPE_CHARS: usize = 255;
 /// DerivedCoreProperties.txt): the combining grapheme joiner, the Hangul fillers, the Khmer
 /// inherent vowels and the unassigned default-ignorables.
 ///
-/// Some stay on purpose, as letters and emoji need them: the zero-width joiner and
-/// non-joiner (Persian and Indic names, emoji sequences), the variation selectors (emoji
-/// presentation, ideographic variants) and the Mongolian free variation selectors. One of
-/// these can still follow a name unseen (a limit of this rule, not of the uniqueness check).
+/// Some stay on purpose, as letters and emoji need them: the joiners ([`is_joiner`]) and the
+/// variation selectors, only where their scripts use them ([`misplaced_invisible`]). One of
+/// these can still follow a base that takes it unseen ("❤" and "❤\u{FE0F}" are two names: a
+/// limit of this rule, not of the uniqueness check). The blank Braille cell (U+2800), which
+/// draws nothing though it is no format character, goes with the rest.
 fn is_invisible_format(c: char) -> bool {
-    let kept = matches!(c, '\u{200C}' | '\u{200D}');
-    (c.general_category() == GeneralCategory::Format && !kept)
+    (c.general_category() == GeneralCategory::Format && !is_joiner(c))
         || matches!(
             c,
             '\u{034F}'
@@ -49,12 +49,96 @@ fn is_invisible_format(c: char) -> bool {
                 | '\u{17B4}'
                 | '\u{17B5}'
                 | '\u{2065}'
+                | '\u{2800}'
                 | '\u{3164}'
                 | '\u{FFA0}'
                 | '\u{FFF0}'..='\u{FFF8}'
                 | '\u{E0000}'..='\u{E00FF}'
                 | '\u{E01F0}'..='\u{E0FFF}'
         )
+}
+
+/// The zero-width non-joiner and joiner: Persian and Indic names, emoji sequences.
+fn is_joiner(c: char) -> bool {
+    matches!(c, '\u{200C}' | '\u{200D}')
+}
+
+/// The first joiner or selector where no letter or emoji needs one, by which a name could
+/// pass for another unseen ("support" and "support\u{FE0F}", "Мария" and "Мар\u{200C}ия") or
+/// be nothing but invisible. Each is placed only where its script uses it:
+/// - a joiner after a virama, a non-joiner also between two Arabic-script letters (the
+///   CONTEXTJ rules of RFC 5892, the Arabic joining context simplified), and a joiner between
+///   two emoji (a ZWJ sequence of UTS #51, a presentation selector after the first allowed);
+/// - an emoji presentation selector (U+FE0E, U+FE0F) after an emoji, or a keycap's `#`, `*`
+///   or digit before U+20E3;
+/// - the other variation selectors after the ideographs, symbols and scripts that have
+///   standardized or ideographic variants ([`has_variants`]);
+/// - the Mongolian free variation selectors (U+180E, a format character, is refused with the
+///   rest) after a Mongolian letter.
+fn misplaced_invisible(v: &str) -> Option<char> {
+    let chars: Vec<char> = v.chars().collect();
+    let is_emoji = |c: char| !c.is_ascii() && c.is_emoji_char();
+    chars.iter().enumerate().find_map(|(i, &c)| {
+        let before = i.checked_sub(1).map(|j| chars[j]);
+        let after = chars.get(i + 1).copied();
+        let placed = match c {
+            '\u{200C}' | '\u{200D}' => {
+                let after_virama = before.is_some_and(|b| {
+                    unicode_normalization::char::canonical_combining_class(b) == 9
+                });
+                let arabic = c == '\u{200C}'
+                    && before.is_some_and(is_arabic_letter)
+                    && after.is_some_and(is_arabic_letter);
+                let emoji_before = match before {
+                    Some('\u{FE0F}') => i >= 2 && is_emoji(chars[i - 2]),
+                    Some(b) => is_emoji(b),
+                    None => false,
+                };
+                let sequence = c == '\u{200D}' && emoji_before && after.is_some_and(is_emoji);
+                after_virama || arabic || sequence
+            }
+            '\u{FE0E}' | '\u{FE0F}' => {
+                before.is_some_and(is_emoji)
+                    || (before.is_some_and(|b| matches!(b, '#' | '*' | '0'..='9'))
+                        && after == Some('\u{20E3}'))
+            }
+            '\u{FE00}'..='\u{FE0D}' | '\u{E0100}'..='\u{E01EF}' => before.is_some_and(has_variants),
+            '\u{180B}'..='\u{180D}' | '\u{180F}' => {
+                before.is_some_and(|b| ('\u{1820}'..='\u{18AF}').contains(&b))
+            }
+            _ => true,
+        };
+        (!placed).then_some(c)
+    })
+}
+
+/// A letter of the Arabic script's blocks.
+fn is_arabic_letter(c: char) -> bool {
+    c.is_alphabetic()
+        && matches!(
+            c,
+            '\u{0600}'..='\u{06FF}'
+                | '\u{0750}'..='\u{077F}'
+                | '\u{0870}'..='\u{08FF}'
+                | '\u{FB50}'..='\u{FDFF}'
+                | '\u{FE70}'..='\u{FEFF}'
+        )
+}
+
+/// A character of the blocks where standardized variation sequences (Myanmar, Phags-pa,
+/// mathematical and other symbols, Egyptian hieroglyphs) and ideographic variation sequences
+/// (CJK ideographs) have their bases: not Latin, Greek or Cyrillic letters.
+fn has_variants(c: char) -> bool {
+    matches!(
+        c,
+        '\u{1000}'..='\u{109F}'
+            | '\u{2000}'..='\u{2BFF}'
+            | '\u{3000}'..='\u{9FFF}'
+            | '\u{A840}'..='\u{A87F}'
+            | '\u{F900}'..='\u{FAFF}'
+            | '\u{13000}'..='\u{1345F}'
+            | '\u{20000}'..='\u{3FFFF}'
+    )
 }
 
 /// A display name: trimmed, 1 to [`MAX_NAME_CHARS`] characters, no control characters and
@@ -78,13 +162,21 @@ pub fn name(field: &str, value: &str) -> Result<String, String> {
             u32::from(c)
         ));
     }
+    if let Some(c) = misplaced_invisible(v) {
+        return Err(format!(
+            "{field} must not contain invisible formatting characters (U+{:04X}) where no \
+             letter or emoji needs one",
+            u32::from(c)
+        ));
+    }
     Ok(v.to_string())
 }
 
 /// Free text up to [`MAX_DESCRIPTION_CHARS`] characters (may be empty), lines and tabs
 /// allowed but no other control characters.
 pub fn description(value: &str) -> Result<String, String> {
-    if value.chars().count() > MAX_DESCRIPTION_CHARS {
+    // Measured as kept: a line break a text area adds is trimmed, not counted.
+    if value.trim().chars().count() > MAX_DESCRIPTION_CHARS {
         return Err(format!(
             "description must be at most {MAX_DESCRIPTION_CHARS} characters"
         ));
@@ -410,9 +502,56 @@ mod tests {
             "👩\u{200D}💻 team"
         );
         // So are variation selectors: emoji presentation, ideographic variants.
-        for kept in ["❤\u{FE0F} team", "葛\u{E0100}西", "ᠠ\u{180B}ᠨ"] {
+        for kept in [
+            "❤\u{FE0F} team",
+            "葛\u{E0100}西",
+            "ᠠ\u{180B}ᠨ",
+            "#\u{FE0F}\u{20E3} team",
+            // ZWJ sequences: a fire heart, a rainbow flag, a family, a technologist with a tone.
+            "❤\u{FE0F}\u{200D}🔥",
+            "🏳\u{FE0F}\u{200D}🌈",
+            "👨\u{200D}👩\u{200D}👧",
+            "🧑🏽\u{200D}💻",
+            // After a virama: Malayalam and Bengali word ends, Sinhala's "Sri".
+            "ജോണ്\u{200D}",
+            "അര്\u{200D}ജുന്\u{200D}",
+            "শরত্\u{200D}",
+            "ශ්\u{200D}රී",
+        ] {
             assert_eq!(name("name", kept).unwrap(), kept);
         }
+        // But not where nothing needs one: after a Latin letter, at the start, alone; nor a
+        // blank Braille cell, which draws nothing.
+        for sneaky in [
+            "support\u{FE0F}",
+            "support\u{200D}",
+            "sup\u{200C}port",
+            "team 1\u{FE0F}",
+            "\u{200C}",
+            "\u{FE0F}\u{FE0F}",
+            "\u{200D}team",
+            "team \u{200D}",
+            "support\u{2800}",
+            "\u{2800}",
+            // Twins of names in other scripts: no accented, Cyrillic or CJK letter takes one.
+            "Café\u{FE0F}",
+            "Мар\u{200C}ия",
+            "山田\u{FE0F}",
+            "Ελένη\u{FE00}",
+        ] {
+            let refused = name("name", sneaky).unwrap_err();
+            assert!(
+                refused.contains("invisible formatting characters"),
+                "{sneaky:?}: {refused}"
+            );
+        }
+    }
+
+    #[test]
+    fn descriptions_are_measured_as_kept() {
+        let d = "d".repeat(MAX_DESCRIPTION_CHARS);
+        assert_eq!(description(&format!(" {d}\n")).unwrap(), d);
+        assert!(description(&format!("{d}d")).is_err());
     }
 
     #[test]

@@ -733,9 +733,9 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
     Ok(Projection::ALL
         .iter()
         .zip(reached)
-        .map(|(p, (checkpoint, position))| {
+        .map(|(p, (checkpoint, reached))| {
             let name = p.name();
-            let failures = failures
+            let failures: Vec<ProjectionFailure> = failures
                 .iter()
                 .filter(|(n, ..)| n == name)
                 .map(|(_, position, error, failed_at)| ProjectionFailure {
@@ -744,6 +744,13 @@ pub async fn status(pool: &PgPool) -> Result<Vec<ProjectionStatus>, RunError> {
                     failed_at: *failed_at,
                 })
                 .collect();
+            // Never past the event it is stopped at, as the projector's own reach: an event
+            // no projection can read stops even those that skip its kind.
+            let position = failures
+                .iter()
+                .map(|f| f.position)
+                .min()
+                .map_or(reached, |f| reached.min(f - 1).max(checkpoint));
             ProjectionStatus {
                 name,
                 position,

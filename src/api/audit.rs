@@ -80,7 +80,8 @@ pub struct AuditQuery {
     /// The entity type: `organization`, `user`, `role`, `api_key`, `conversation` or
     /// `message` (as in a history path), or the stored name the events show (`ApiKey`).
     aggregate_type: Option<String>,
-    aggregate_id: Option<String>,
+    /// The entity's id (any case; not an id at all is refused, 400).
+    aggregate_id: Option<Uuid>,
     /// The request a change was made by (its `x-request-id`, as `request_id` shows it): what
     /// a request with an `Idempotency-Key` whose outcome is not known did.
     request_id: Option<String>,
@@ -172,7 +173,8 @@ pub async fn list(
             .push_bind(history::EntityType::audit_filter(&t)?);
     }
     if let Some(id) = q.aggregate_id {
-        sql.push(" AND aggregate_id = ").push_bind(id);
+        // Stored as `Uuid`'s own text: lower case.
+        sql.push(" AND aggregate_id = ").push_bind(id.to_string());
     }
     if let Some(id) = q.request_id {
         sql.push(" AND request_id = ").push_bind(id);

@@ -217,7 +217,7 @@ impl FromRequestParts<App> for Caller {
         .fetch_optional(&app.pool)
         .await?;
         let Some(row) = row else {
-            return Err(match prefix_of_a_known_key(&app.pool, prefix).await? {
+            return Err(match prefix_of_a_known_key(&app.pool, prefix, presented).await? {
                 None => invalid(),
                 Some(KnownPrefix::Retired { active: true }) => ApiError::unauthorized(
                     "this API key's secret has been rotated: use the secret the rotation returned",
@@ -291,41 +291,51 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
-/// A prefix no row shows that belongs to a key the read model knows.
+/// A prefix no row shows that belongs to a key the log holds.
 enum KnownPrefix {
     /// The key was rotated away from it (and is `active`, or revoked since).
     Retired { active: bool },
-    /// Given by a rotation the read model does not show yet.
+    /// Given by an issue or a rotation the read model does not show yet.
     NotShownYet,
 }
 
-/// What became of `prefix`, when no key row shows it. Prefixes stay claimed by their key for
-/// good (so none is issued twice); the key's event that gave it says whether the row has
-/// moved past it (shown: rotated away) or not yet. A key whose row is not shown at all is
-/// not known here. Asked only when no row has the prefix, so a key that works costs nothing
-/// more; prefixes are not secret (lists and logs show them), so this gives nothing away.
+/// What became of `prefix`, when no key row shows it, told only to the holder of the secret
+/// it was given with: prefixes are not secret (lists, logs and exports show them), so to
+/// anyone else the key's state (live, revoked, being rotated) is none of theirs. Prefixes
+/// stay claimed by their key for good (so none is issued twice); the key's event that gave
+/// it holds that secret's hash and says whether the row has moved past it (shown: rotated
+/// away) or not yet, if there is a row at all. Asked only when no row has the prefix, so a
+/// key that works costs nothing more.
 async fn prefix_of_a_known_key(
     pool: &sqlx::PgPool,
     prefix: &str,
+    presented: &str,
 ) -> Result<Option<KnownPrefix>, sqlx::Error> {
-    let found: Option<(bool, bool)> = sqlx::query_as(
-        "SELECT e.sequence <= k.version, k.status = 'active'
+    let found: Option<(bool, bool, String)> = sqlx::query_as(
+        // A row that shows the prefix by now (shown since the first look) reads as not shown
+        // yet: the retry it is told to make finds it.
+        "SELECT coalesce(k.prefix <> $2 AND e.sequence <= k.version, false),
+                coalesce(k.status = 'active', false),
+                e.payload::jsonb -> e.event_type ->> 'secret_hash'
          FROM unique_claims c
-         JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
-         JOIN events e ON e.aggregate_type = 'ApiKey' AND e.aggregate_id = k.id::text
+         JOIN events e ON e.aggregate_type = 'ApiKey'
+          AND e.aggregate_id = split_part(c.owner, ':', 2)
           AND jsonb_path_exists(e.payload::jsonb, '$.*.prefix ? (@ == $p)',
                                 jsonb_build_object('p', $2::text))
-         WHERE c.scope = $1 AND c.key = $2 AND k.prefix <> $2
+         LEFT JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
+         WHERE c.scope = $1 AND c.key = $2
          LIMIT 1",
     )
     .bind(ledgerline_aggregates::claims::API_KEY_PREFIX)
     .bind(prefix)
     .fetch_optional(pool)
     .await?;
-    Ok(found.map(|(shown, active)| match shown {
-        true => KnownPrefix::Retired { active },
-        false => KnownPrefix::NotShownYet,
-    }))
+    Ok(found
+        .filter(|(_, _, hash)| keys::matches(presented, hash))
+        .map(|(shown, active, _)| match shown {
+            true => KnownPrefix::Retired { active },
+            false => KnownPrefix::NotShownYet,
+        }))
 }
 
 /// A role's effective permissions: its own and every ancestor's.

@@ -243,11 +243,8 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let value = match axum::extract::Query::<T>::from_request_parts(parts, state).await {
-            Ok(axum::extract::Query(v)) => v,
-            Err(r) => return Err(query_rejection(r)),
-        };
-        // The same decoding as the struct's (percent-escapes and `+`), pair by pair.
+        // The same decoding as the struct's (percent-escapes and `+`), pair by pair; first, so
+        // that a NUL is named as such in a value the struct would refuse anyway (an id).
         let pairs = axum::extract::Query::<Vec<(String, String)>>::try_from_uri(&parts.uri)
             .map_err(query_rejection)?
             .0;
@@ -264,7 +261,10 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for Query<T> {
                 "invalid query: {what} must not contain the NUL character (%00)"
             )));
         }
-        Ok(Query(value))
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(Query(v)),
+            Err(r) => Err(query_rejection(r)),
+        }
     }
 }
 

@@ -31,6 +31,21 @@ use crate::app::App;
 /// conversation's messages are streams of their own), so a longer one is refused, not paged.
 pub const MAX_EVENTS: usize = 10_000;
 
+/// The most JSON values a replay's states may hold in all, each event's state counted whole
+/// (a message read by thousands holds them all after each read): what a replay costs, while
+/// its answer shows only what each event changed. A costlier one is refused as a longer one
+/// is.
+pub const MAX_REPLAYED_VALUES: usize = 10_000_000;
+
+/// Why an entity's events could not be replayed.
+#[derive(Debug)]
+enum ReplayError {
+    /// An event the aggregate cannot read: a fault, not the caller's.
+    Unreadable(String),
+    /// Over [`MAX_REPLAYED_VALUES`].
+    TooCostly,
+}
+
 /// What a sealed value reads once its key is destroyed.
 pub const ERASED: &str = "erased";
 
@@ -111,7 +126,7 @@ impl EntityType {
         }
     }
 
-    fn replay(self, events: &[StoredEvent]) -> Result<Vec<HistoryEntry>, String> {
+    fn replay(self, events: &[StoredEvent]) -> Result<Vec<HistoryEntry>, ReplayError> {
         match self {
             Self::Organization => replay::<Organization>(events, &[]),
             Self::User => replay::<User>(events, &[]),
@@ -153,7 +168,10 @@ pub struct ActorView {
     pub key_id: Option<String>,
 }
 
-/// The top-level fields an event changed; a field on one side only is `null` on the other.
+/// The top-level fields an event changed; a field on one side only is `null` on the other. A
+/// field that is a list or an object on both sides shows only what changed in it: under
+/// `before` the elements or entries the event removed or replaced, under `after` those it
+/// added or replaced (a list whose elements only moved shows whole).
 #[derive(Debug, Default, Serialize, JsonSchema)]
 pub struct Changes {
     pub before: Map<String, Value>,
@@ -187,7 +205,21 @@ pub async fn get(
              read them from /audit-events?aggregate_id={id}"
         )));
     }
-    let mut items = kind.replay(&events).map_err(ApiError::internal)?;
+    // Off the async workers: a replay is all CPU, up to its limit.
+    let replayed = tokio::task::spawn_blocking(move || kind.replay(&events))
+        .await
+        .map_err(ApiError::internal)?;
+    let mut items = match replayed {
+        Ok(items) => items,
+        Err(ReplayError::Unreadable(why)) => return Err(ApiError::internal(why)),
+        Err(ReplayError::TooCostly) => {
+            return Err(ApiError::invalid(format!(
+                "this {entity_type}'s states hold more than {MAX_REPLAYED_VALUES} values in all \
+                 over its events, too many to replay here; read them from \
+                 /audit-events?aggregate_id={id}"
+            )))
+        }
+    };
     for item in &mut items {
         super::audit::fields_without_blind_indexes(&mut item.changes.before);
         super::audit::fields_without_blind_indexes(&mut item.changes.after);
@@ -205,31 +237,32 @@ pub async fn get(
 fn replay<A: Aggregate>(
     events: &[StoredEvent],
     carried: &[&str],
-) -> Result<Vec<HistoryEntry>, String> {
+) -> Result<Vec<HistoryEntry>, ReplayError> {
     let mut state = A::default();
     let mut kept = Map::new();
-    let mut before = view(&state, &kept)?;
+    let mut before = view(&state, &kept).map_err(ReplayError::Unreadable)?;
     let mut items = Vec::with_capacity(events.len());
+    let mut replayed = 0usize;
     for e in events {
         let what = || format!("{} {} #{}", e.aggregate_type, e.aggregate_id, e.sequence);
         if e.event_version != EVENT_VERSION {
-            return Err(format!(
+            return Err(ReplayError::Unreadable(format!(
                 "{}: unsupported event version {}",
                 what(),
                 e.event_version
-            ));
+            )));
         }
-        let payload: Value =
-            serde_json::from_str(&e.payload).map_err(|err| format!("{}: {err}", what()))?;
-        let event: A::Event =
-            serde_json::from_value(payload.clone()).map_err(|err| format!("{}: {err}", what()))?;
+        let unreadable =
+            |err: serde_json::Error| ReplayError::Unreadable(format!("{}: {err}", what()));
+        let payload: Value = serde_json::from_str(&e.payload).map_err(unreadable)?;
+        let event: A::Event = serde_json::from_value(payload.clone()).map_err(unreadable)?;
         if event.event_type() != e.event_type {
-            return Err(format!(
+            return Err(ReplayError::Unreadable(format!(
                 "{}: event_type is {} but the payload is {}",
                 what(),
                 e.event_type,
                 event.event_type()
-            ));
+            )));
         }
         state.apply(event);
         // A payload is `{"<EventType>": {fields}}`.
@@ -244,7 +277,11 @@ fn replay<A: Aggregate>(
                 }
             }
         }
-        let after = view(&state, &kept)?;
+        let after = view(&state, &kept).map_err(ReplayError::Unreadable)?;
+        replayed = replayed.saturating_add(after.values().map(values_in).sum());
+        if replayed > MAX_REPLAYED_VALUES {
+            return Err(ReplayError::TooCostly);
+        }
         items.push(HistoryEntry {
             position: e.position,
             sequence: e.sequence,
@@ -276,6 +313,15 @@ fn view<A: Aggregate>(
     }
 }
 
+/// How many JSON values `v` is: itself and all it holds.
+fn values_in(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(values_in).sum::<usize>(),
+        Value::Object(fields) => 1 + fields.values().map(values_in).sum::<usize>(),
+        _ => 1,
+    }
+}
+
 fn changes(before: &Map<String, Value>, after: &Map<String, Value>) -> Changes {
     let mut c = Changes::default();
     let names: HashSet<&String> = before.keys().chain(after.keys()).collect();
@@ -285,12 +331,82 @@ fn changes(before: &Map<String, Value>, after: &Map<String, Value>) -> Changes {
             before.get(name).unwrap_or(&Value::Null),
             after.get(name).unwrap_or(&Value::Null),
         );
-        if b != a {
-            c.before.insert(name.clone(), b.clone());
-            c.after.insert(name.clone(), a.clone());
+        if b == a {
+            continue;
         }
+        // A set or map an event changes a part of (a reader, a participant) shows that part:
+        // whole, each side would repeat all the entity's earlier events in every later one.
+        let (b, a) = match (b, a) {
+            (Value::Array(b), Value::Array(a)) => match elements_changed(b, a) {
+                Some((removed, added)) => (Value::Array(removed), Value::Array(added)),
+                // Only the order changed: whole, as nothing else shows that.
+                None => (Value::Array(b.clone()), Value::Array(a.clone())),
+            },
+            (Value::Object(b), Value::Object(a)) => {
+                let (removed, added) = entries_changed(b, a);
+                (Value::Object(removed), Value::Object(added))
+            }
+            _ => (b.clone(), a.clone()),
+        };
+        c.before.insert(name.clone(), b);
+        c.after.insert(name.clone(), a);
     }
     c
+}
+
+/// The elements of `before` that `after` lacks and those `after` adds, counted as multisets;
+/// `None` when there are none (the two differ only in order). Linear for what the states hold
+/// (sorted sets, changed at one place): the common ends are skipped first.
+fn elements_changed(before: &[Value], after: &[Value]) -> Option<(Vec<Value>, Vec<Value>)> {
+    let start = before.iter().zip(after).take_while(|(b, a)| b == a).count();
+    let (before, after) = (&before[start..], &after[start..]);
+    let end = before
+        .iter()
+        .rev()
+        .zip(after.iter().rev())
+        .take_while(|(b, a)| b == a)
+        .count();
+    let (before, after) = (&before[..before.len() - end], &after[..after.len() - end]);
+    // `Value` has no `Hash`: its text stands for it.
+    let counted = |values: &[Value]| {
+        let mut counts: std::collections::HashMap<String, usize> = Default::default();
+        for v in values {
+            *counts.entry(v.to_string()).or_default() += 1;
+        }
+        counts
+    };
+    let only_in = |these: &[Value], mut others: std::collections::HashMap<String, usize>| {
+        these
+            .iter()
+            .filter(|v| match others.get_mut(&v.to_string()) {
+                Some(n) if *n > 0 => {
+                    *n -= 1;
+                    false
+                }
+                _ => true,
+            })
+            .cloned()
+            .collect::<Vec<Value>>()
+    };
+    let removed = only_in(before, counted(after));
+    let added = only_in(after, counted(before));
+    (!removed.is_empty() || !added.is_empty()).then_some((removed, added))
+}
+
+/// The entries of `before` that `after` lacks or holds otherwise, and those of `after` that
+/// are new or other.
+fn entries_changed(
+    before: &Map<String, Value>,
+    after: &Map<String, Value>,
+) -> (Map<String, Value>, Map<String, Value>) {
+    let only_in = |these: &Map<String, Value>, others: &Map<String, Value>| {
+        these
+            .iter()
+            .filter(|(k, v)| others.get(*k) != Some(*v))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    };
+    (only_in(before, after), only_in(after, before))
 }
 
 fn metadata_text(metadata: &str, key: &str) -> Option<String> {
@@ -388,6 +504,47 @@ mod tests {
             Value::Object(c.after),
             json!({"a": 2, "gone": null, "new": [1]})
         );
+    }
+
+    #[test]
+    fn lists_and_objects_show_only_what_changed_in_them() {
+        let before = object(json!({
+            "readers": ["a", "b", "d"],
+            "tags": ["x", "x", "y"],
+            "order": [1, 2],
+            "members": {"u1": {"role": "member"}, "u2": {"role": "admin"}, "u3": 1},
+        }));
+        let after = object(json!({
+            "readers": ["a", "b", "c", "d"],
+            "tags": ["x", "y"],
+            "order": [2, 1],
+            "members": {"u1": {"role": "owner"}, "u2": {"role": "admin"}, "u4": 2},
+        }));
+        let c = changes(&before, &after);
+        assert_eq!(
+            Value::Object(c.before),
+            json!({
+                "readers": [],
+                "tags": ["x"],
+                "order": [1, 2],
+                "members": {"u1": {"role": "member"}, "u3": 1},
+            })
+        );
+        assert_eq!(
+            Value::Object(c.after),
+            json!({
+                "readers": ["c"],
+                "tags": [],
+                "order": [2, 1],
+                "members": {"u1": {"role": "owner"}, "u4": 2},
+            })
+        );
+    }
+
+    #[test]
+    fn values_count_themselves_and_all_they_hold() {
+        assert_eq!(values_in(&json!(1)), 1);
+        assert_eq!(values_in(&json!([1, [2, 3], {"a": null}])), 7);
     }
 
     #[test]

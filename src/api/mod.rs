@@ -617,7 +617,27 @@ pub fn router(app: App) -> Router {
             tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
         }))
         .layer(SetRequestIdLayer::new(x_request_id, MakeRequestUuid))
+        .layer(middleware::from_fn(drop_unkept_request_ids))
         .with_state(app)
+}
+
+/// The longest `x-request-id` kept as the client sent it.
+pub const MAX_REQUEST_ID_CHARS: usize = 512;
+
+/// An `x-request-id` that events could not record as sent (longer than
+/// [`MAX_REQUEST_ID_CHARS`], empty, or not visible ASCII) is dropped before the server makes
+/// its own: the answer then gives back the id the events record, which
+/// `audit-events?request_id=` finds.
+async fn drop_unkept_request_ids(mut req: Request, next: Next) -> Response {
+    let kept = |v: &header::HeaderValue| {
+        v.to_str()
+            .is_ok_and(|s| !s.is_empty() && s.len() <= MAX_REQUEST_ID_CHARS)
+    };
+    let headers = req.headers_mut();
+    if !headers.get_all("x-request-id").iter().all(kept) {
+        headers.remove("x-request-id");
+    }
+    next.run(req).await
 }
 
 /// `DefaultBodyLimit` only limits extractors; a declared length over the limit is refused up

@@ -29,10 +29,10 @@ pub enum ClaimsError {
     Undecodable { position: i64, error: String },
     /// `--repair` writes what the log says: not from a log that does not verify.
     #[error(
-        "not repairing: the log does not verify (first bad position {position}: {fault}); \
-         a repair would write a forger's claims; see `ledgerline verify`"
+        "not repairing: the log does not verify ({why}); a repair would write a forger's \
+         claims; see `ledgerline verify`"
     )]
-    Untrusted { position: i64, fault: String },
+    Untrusted { why: String },
 }
 
 /// One key whose owner in the table is not the one the log gives it (`None`: no owner).
@@ -163,9 +163,9 @@ fn differing(table: &Claims, log: &Claims) -> Vec<ClaimDifference> {
 }
 
 /// Compares `unique_claims` with the claims the log gives. With `repair`, rewrites the rows
-/// that differ, once the chain verifies: under the ledger's append lock, so that no append
-/// takes or releases a claim meanwhile, and after folding what was appended since the
-/// comparison; appends wait only for that part and the rewrite.
+/// that differ, once the log verifies (chain and checkpoints): under the ledger's append
+/// lock, so that no append takes or releases a claim meanwhile, and after folding what was
+/// appended since the comparison; appends wait only for that part and the rewrite.
 pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, ClaimsError> {
     let mut fold = Fold::default();
     // One snapshot for the log and the table, which appends change together.
@@ -178,12 +178,8 @@ pub async fn check_claims(pool: &PgPool, repair: bool) -> Result<ClaimsReport, C
     tx.commit().await?;
     let mut repaired = false;
     if repair && !differences.is_empty() {
-        let verified = super::verify::verify_database(pool, 2).await?;
-        if let Some(bad) = verified.first_bad {
-            return Err(ClaimsError::Untrusted {
-                position: bad.position,
-                fault: bad.fault.to_string(),
-            });
+        if let Err(why) = crate::auditor::verify_before_trusting(pool).await? {
+            return Err(ClaimsError::Untrusted { why });
         }
         let mut tx = pool.begin().await?;
         // Every append waits for this lock, and gives up after 12 s counting on its holders

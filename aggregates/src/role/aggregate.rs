@@ -124,6 +124,9 @@ impl Role {
                         built_in_roles::NAMES.join(", ")
                     )));
                 }
+                if !built_in {
+                    not_a_built_in_name(&name)?;
+                }
                 let description = invalid(validate::description(&description))?;
                 if let Some(parent) = parent_role_id {
                     check_parent(role_id, parent, &parent_ancestry, 0)?;
@@ -154,6 +157,9 @@ impl Role {
                 let mut after = before.clone();
                 if let Some(name) = name {
                     after.name = invalid(validate::name("name", &name))?;
+                    if !self.built_in && after.name != before.name {
+                        not_a_built_in_name(&after.name)?;
+                    }
                 }
                 if let Some(description) = description {
                     after.description = invalid(validate::description(&description))?;
@@ -231,6 +237,19 @@ fn check_parent(own: Uuid, parent: Uuid, ancestry: &[Uuid], below: usize) -> Res
         });
     }
     Ok(())
+}
+
+/// A built-in role's name (in any case, as names are unique) is its own: a role of one's own
+/// taking it would read as the built-in role, and keep an organization whose creation was cut
+/// off before that role from ever getting it (`complete_interrupted` makes it by name).
+fn not_a_built_in_name(name: &str) -> Result<(), RoleError> {
+    let folded = name.to_lowercase();
+    match built_in_roles::NAMES.iter().find(|n| **n == folded) {
+        Some(n) => Err(RoleError::Invalid(format!(
+            "role name `{n}` is reserved for the built-in role"
+        ))),
+        None => Ok(()),
+    }
 }
 
 fn invalid<T>(result: Result<T, String>) -> Result<T, RoleError> {

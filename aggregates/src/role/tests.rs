@@ -267,6 +267,23 @@ fn create_rejects_a_blank_name() {
 }
 
 #[test]
+fn a_role_of_ones_own_cannot_take_a_built_in_name() {
+    for name in ["member", "Auditor", "OWNER"] {
+        Framework::with(())
+            .given_no_previous_events()
+            .when(create(name, PermissionSet::new(), admin()))
+            .then_expect_error_message(&format!(
+                "role name `{}` is reserved for the built-in role",
+                name.to_lowercase()
+            ));
+    }
+    Framework::with(())
+        .given(vec![created()])
+        .when(rename("Admin"))
+        .then_expect_error_message("role name `admin` is reserved for the built-in role");
+}
+
+#[test]
 fn create_rejects_a_long_description() {
     Framework::with(())
         .given_no_previous_events()
