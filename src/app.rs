@@ -140,6 +140,10 @@ pub enum CommandError<E: std::error::Error> {
     /// The aggregate the command was decided against (its guard) changed in the meantime.
     #[error("the {0} changed while the command was being decided; retry")]
     Stale(String),
+    /// The answer to the batch's COMMIT was lost and the log could not be read to learn
+    /// whether it committed (`AppendError::Unknown`): the command may be in the log.
+    #[error("the ledger could not confirm whether the command was recorded: it may have been")]
+    Unknown,
     #[error("{0}")]
     Internal(String),
 }
@@ -164,6 +168,7 @@ impl<E: std::error::Error> From<AppendError> for CommandError<E> {
             AppendError::Taken { scope, holder } => CommandError::Taken { scope, holder },
             AppendError::Conflict => CommandError::Conflict,
             AppendError::Stale(what) => CommandError::Stale(what),
+            AppendError::Unknown => CommandError::Unknown,
             other => CommandError::Internal(other.to_string()),
         }
     }

@@ -58,7 +58,7 @@ impl Outcome {
             Err(CommandError::Conflict) => Outcome::Conflict,
             Err(CommandError::Taken { .. }) => Outcome::Taken,
             Err(CommandError::Stale(_)) => Outcome::Stale,
-            Err(CommandError::Internal(_)) => Outcome::Error,
+            Err(CommandError::Unknown | CommandError::Internal(_)) => Outcome::Error,
         }
     }
 }

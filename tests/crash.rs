@@ -280,6 +280,63 @@ async fn every_acknowledged_command_survives_a_kill_9() {
     );
 }
 
+/// An organization whose built-in roles could not be made when it was created (an error, the
+/// process running on: here a trigger that refuses them for a moment) gets them in the
+/// background, without waiting for the next start.
+#[tokio::test]
+async fn an_organization_whose_roles_failed_gets_them_while_the_server_runs() {
+    use ledgerline_aggregates::organization::built_in_roles;
+
+    let t = common::TestApp::spawn().await;
+    common::tamper(
+        t.pool(),
+        &[
+            "CREATE FUNCTION refuse_roles() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+                 IF NEW.aggregate_type = 'Role' THEN RAISE EXCEPTION 'refused by the test'; \
+                 END IF; RETURN NEW; END $$"
+                .to_string(),
+            "CREATE TRIGGER refuse_roles BEFORE INSERT ON events FOR EACH ROW \
+                 EXECUTE FUNCTION refuse_roles()"
+                .to_string(),
+        ],
+    )
+    .await;
+    let body = json!({"name": "Half Made", "slug": "half-made"});
+    let r = t.post("/v1/organizations", &t.admin_key, body).await;
+    assert_eq!(r.status, 500, "{}", r.body);
+    common::tamper(
+        t.pool(),
+        &["DROP TRIGGER refuse_roles ON events".to_string()],
+    )
+    .await;
+    let org: Uuid = sqlx::query_scalar(
+        "SELECT organization_id FROM events WHERE event_type = 'OrganizationCreated' \
+         AND payload::jsonb #>> '{OrganizationCreated,profile,slug}' = 'half-made'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .expect("the organization was created");
+    let roles = || async {
+        let found: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM events WHERE aggregate_type = 'Role' AND organization_id = $1",
+        )
+        .bind(org)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        found
+    };
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            roles().await == built_in_roles::NAMES.len() as i64
+        })
+        .await,
+        "made in the background, {} of {}",
+        roles().await,
+        built_in_roles::NAMES.len()
+    );
+}
+
 /// A process that died between creating an organization and its built-in roles (five
 /// commands, not one transaction) left an organization without them; the next `serve`
 /// makes them as it starts, from the log.

@@ -466,11 +466,13 @@ async fn an_erasure_forgets_the_answers_that_showed_the_user() {
     assert_eq!(t.head().await, head, "not invited again");
 }
 
-/// Whether a session waits for a lock: advisory lock 4242 (`on`), or any other.
+/// Whether a session of this test's database waits for a lock: advisory lock 4242 (`on`), or
+/// any other (the cluster holds other tests' databases, whose sessions may wait too).
 async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
     sqlx::query_scalar(
         "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted \
-         AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1)",
+         AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1 \
+         AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database()))",
     )
     .bind(on)
     .fetch_one(t.pool())
@@ -478,15 +480,9 @@ async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
     .unwrap()
 }
 
-/// An answer read before an erasure of the user it shows, and kept only after the erasure
-/// forgot the answers naming them (the request slow to settle: its keeping held on a lock the
-/// test holds), is not kept with what it showed of them.
-#[tokio::test]
-async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
-    let t = TestApp::spawn().await;
-    let org = t.create_org("Acme").await;
-    let ada = t.invite(org, "ada@example.com", "Ada").await;
-    // Keeping an answer (`running` becoming `done`) waits for advisory lock 4242.
+/// Makes keeping an answer (`running` becoming `done`) wait for advisory lock 4242, which the
+/// connection returned holds.
+async fn hold_keeping(t: &TestApp) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
     for s in [
         "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
              PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
@@ -502,20 +498,53 @@ async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
         .execute(&mut *holder)
         .await
         .unwrap();
-    let path = org_path(org, &format!("/users/{ada}"));
-    let rename = || {
+    holder
+}
+
+/// Ada in Acme, with keeping an answer held on lock 4242 (see [`hold_keeping`]), for a keyed
+/// rename of her to be kept only once the test releases it.
+struct Held {
+    t: TestApp,
+    org: Uuid,
+    ada: Uuid,
+    path: String,
+}
+
+impl Held {
+    async fn new() -> (Self, sqlx::pool::PoolConnection<sqlx::Postgres>) {
+        let t = TestApp::spawn().await;
+        let org = t.create_org("Acme").await;
+        let ada = t.invite(org, "ada@example.com", "Ada").await;
+        let holder = hold_keeping(&t).await;
+        let path = org_path(org, &format!("/users/{ada}"));
+        (Held { t, org, ada, path }, holder)
+    }
+
+    async fn rename(&self) -> Response {
         let body = Some(json!({"full_name": "Ada King"}));
+        let key = &self.t.admin_key;
         send(
-            &t,
+            &self.t,
             Method::PATCH,
-            &path,
-            &t.admin_key,
+            &self.path,
+            key,
             Some(b"rename"),
             body,
         )
-    };
+        .await
+    }
+}
+
+/// An answer read before an erasure of the user it shows, and kept only after the erasure
+/// forgot the answers naming them (the request slow to settle: its keeping held on a lock the
+/// test holds), is not kept with what it showed of them.
+#[tokio::test]
+async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
+    let (h, mut holder) = Held::new().await;
+    let (t, path) = (&h.t, &h.path);
+    let rename = || h.rename();
     let erase = async {
-        let kept_waits = || waits_on_4242(&t, true);
+        let kept_waits = || waits_on_4242(t, true);
         assert!(common::eventually(std::time::Duration::from_secs(30), kept_waits).await);
         let erase_path = format!("{path}/erase");
         let erase = t.post(&erase_path, &t.admin_key, json!({}));
@@ -524,7 +553,7 @@ async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
         let erased = tokio::select! {
             erased = &mut erase => Some(erased),
             _ = async {
-                while !waits_on_4242(&t, false).await {
+                while !waits_on_4242(t, false).await {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             } => None,
@@ -540,9 +569,13 @@ async fn an_answer_kept_after_an_erasure_of_who_it_shows_is_forgotten() {
     };
     let (patched, erased) = tokio::join!(rename(), erase);
     assert_eq!(patched.status, 200, "{}", patched.body);
-    assert!(patched.body.to_string().contains("Ada King"));
+    assert!(
+        patched.body.to_string().contains("Ada King"),
+        "{}",
+        patched.body
+    );
     assert_eq!(erased.status, 200, "{}", erased.body);
-    assert_eq!(kept_answer(&t, "rename").await, None, "forgotten");
+    assert_eq!(kept_answer(t, "rename").await, None, "forgotten");
     assert_error_says(&rename().await, 409, "no longer kept");
 }
 
@@ -556,6 +589,55 @@ async fn an_erasure_cut_off_before_it_forgot_the_answers_still_forgets_them() {
     assert_eq!(first.status, 201, "{}", first.body);
     assert!(kept_answer(&t, "inv").await.is_some());
     let ada: Uuid = first.body["id"].as_str().unwrap().parse().unwrap();
+    erase_cut_off(&t, org, ada).await;
+    t.app.await_projections().await;
+    assert_eq!(kept_answer(&t, "inv").await, None, "forgotten");
+}
+
+/// The same, when the request that erased stopped right after its append: the projection
+/// that destroys the key marks the requests still running, as the erasing request would
+/// have, so that one that read the user before cannot keep what it showed of them.
+#[tokio::test]
+async fn an_answer_kept_after_a_cut_off_erasure_of_who_it_shows_is_forgotten() {
+    let (h, mut holder) = Held::new().await;
+    let (t, org, ada) = (&h.t, h.org, h.ada);
+    let rename = || h.rename();
+    let erase = async {
+        let kept_waits = || waits_on_4242(t, true);
+        assert!(common::eventually(std::time::Duration::from_secs(30), kept_waits).await);
+        erase_cut_off(t, org, ada).await;
+        let erased = t.head().await;
+        // Until the users projection is past the erasure, or waits for the rename's row.
+        let settled = || async {
+            let reached: i64 = sqlx::query_scalar(
+                "SELECT position FROM projection_checkpoints WHERE name = 'users'",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+            reached >= erased || waits_on_4242(t, false).await
+        };
+        assert!(common::eventually(std::time::Duration::from_secs(30), settled).await);
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+    };
+    let (patched, ()) = tokio::join!(rename(), erase);
+    assert_eq!(patched.status, 200, "{}", patched.body);
+    assert!(
+        patched.body.to_string().contains("Ada King"),
+        "{}",
+        patched.body
+    );
+    t.app.await_projections().await;
+    assert_eq!(kept_answer(t, "rename").await, None, "forgotten");
+    assert_error_says(&rename().await, 409, "no longer kept");
+}
+
+/// Erases `ada` as a request that stopped right after its append would have: the command
+/// alone, none of the handler's own forgetting.
+async fn erase_cut_off(t: &TestApp, org: Uuid, ada: Uuid) {
     let by = Actor {
         kind: "api_key".into(),
         request_id: Uuid::new_v4().to_string(),
@@ -565,12 +647,11 @@ async fn an_erasure_cut_off_before_it_forgot_the_answers_still_forgets_them() {
         .execute(&t.app.cqrs.users, ada, Some(org), &by, UserCommand::Erase)
         .await
         .unwrap();
-    t.app.await_projections().await;
-    assert_eq!(kept_answer(&t, "inv").await, None, "forgotten");
 }
 
 /// The erasure's own answer is read once the key is gone: its forgetting leaves it kept, and
-/// a retry is answered with it again.
+/// a retry is answered with it again, also after the erasure is applied again (a check or a
+/// rebuild of the users projection).
 #[tokio::test]
 async fn a_keyed_erasure_is_answered_again() {
     let t = TestApp::spawn().await;
@@ -581,11 +662,26 @@ async fn a_keyed_erasure_is_answered_again() {
     assert_eq!(first.status, 200, "{}", first.body);
     assert!(!first.body.to_string().contains("ada@example.com"));
     let head = t.head().await;
+    let (code, out, err) = common::ledgerline(&t.db.url, &["projections", "check", "users"]).await;
+    assert_eq!(code, 0, "{out}{err}");
     let again = bare(&t, &erase, "erase-ada").await;
     assert_eq!(again.status, 200, "{}", again.body);
     assert!(replayed(&again));
     assert_eq!(again.body, first.body);
     assert_eq!(t.head().await, head);
+    // The replay gives back the first request's id, by which its events are found.
+    let id = &first.headers["x-request-id"];
+    assert_eq!(&again.headers["x-request-id"], id);
+    let path = org_path(
+        org,
+        &format!("/audit-events?request_id={}", id.to_str().unwrap()),
+    );
+    let found = t.get(&path, &t.admin_key).await;
+    assert_eq!(
+        found.body["items"][0]["event_type"], "UserErased",
+        "{}",
+        found.body
+    );
 }
 
 /// A client may send one `x-request-id` with many requests: a keyed request that failed is

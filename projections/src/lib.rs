@@ -160,20 +160,94 @@ pub const STORED_EVENT_COLUMNS: &str = concat!(
      payload::text AS payload, metadata::text AS metadata, prev_hash, hash, hash_version"
 );
 
-/// Forgets the answers the API keeps for `Idempotency-Key` replays (`idempotency_keys`) that
-/// name one of `subjects` (users erased, messages deleted), in the transaction that destroys
-/// their keys: exactly once with the event, as the destruction, even when the request that
-/// erased or deleted stopped before forgetting them itself. A rebuild replays it as a no-op.
-pub(crate) async fn forget_kept_answers(
+/// A subject whose key an event destroys (a user erased, a message deleted), and the request
+/// that appended the event (its API key and `Idempotency-Key`), whose own kept answer, read
+/// once the key was gone, stays.
+#[derive(Debug, Clone)]
+pub(crate) struct Forgotten {
+    subject: Uuid,
+    by_key: Option<Uuid>,
+    by_idempotency_key: Option<String>,
+}
+
+impl Forgotten {
+    pub(crate) fn of(subject: Uuid, event: &StoredEvent) -> Result<Self, ProjectionError> {
+        let meta = decode::Metadata::of(event)?;
+        Ok(Self {
+            subject,
+            by_key: meta.uuid(ledgerline_aggregates::metadata::ACTOR_KEY_ID)?,
+            by_idempotency_key: meta
+                .text(ledgerline_aggregates::metadata::IDEMPOTENCY_KEY)?
+                .map(str::to_string),
+        })
+    }
+
+    pub(crate) fn subjects(forgotten: &[Forgotten]) -> Vec<Uuid> {
+        forgotten.iter().map(|f| f.subject).collect()
+    }
+}
+
+/// Users' data keys, by user.
+pub(crate) const SUBJECT_KEYS: (&str, &str) = ("subject_keys", "subject_id");
+/// Messages' content keys, by message.
+pub(crate) const MESSAGE_KEYS: (&str, &str) = ("message_keys", "message_id");
+
+/// Destroys the keys of `forgotten`'s subjects (`table`: `subject_keys` or `message_keys`,
+/// keyed by `column`) and forgets the answers the API keeps for `Idempotency-Key` replays
+/// (`idempotency_keys`) that name them, in the transaction that applies their erasure or
+/// deletion, as the request that erased or deleted does (`api::idempotency::
+/// forget_answers_naming`), for when it stopped before it could. The row of the request that
+/// appended the event is left alone: its answer was read with the key gone.
+///
+/// Rows still `running` take a subject into their `subjects` (so that one that read it
+/// before cannot keep what it showed) only when this transaction is the one that destroys its
+/// key: a rebuild or check replaying an erasure long done finds no key and marks no live
+/// request. They are marked first, and stored answers blanked after, in statements of their
+/// own that index scans serve: a request that keeps its answer meanwhile is either marked
+/// before it keeps, or kept before the blanking reads it.
+pub(crate) async fn destroy_keys_and_forget(
     conn: &mut sqlx::PgConnection,
-    subjects: &[Uuid],
+    (table, column): (&str, &str),
+    forgotten: &[Forgotten],
 ) -> sqlx::Result<()> {
-    sqlx::query(
-        "UPDATE idempotency_keys SET body = NULL WHERE subjects && $1 AND body IS NOT NULL",
-    )
-    .bind(subjects)
+    let subjects = Forgotten::subjects(forgotten);
+    let destroyed: Vec<Uuid> = sqlx::query_scalar(&format!(
+        "DELETE FROM {table} WHERE {column} = ANY($1) RETURNING {column}"
+    ))
+    .bind(&subjects)
     .persistent(false)
-    .execute(conn)
+    .fetch_all(&mut *conn)
+    .await?;
+    let by_keys: Vec<Option<Uuid>> = forgotten.iter().map(|f| f.by_key).collect();
+    let by_idempotency_keys: Vec<Option<String>> = forgotten
+        .iter()
+        .map(|f| f.by_idempotency_key.clone())
+        .collect();
+    // The appending requests' own rows: (API key, Idempotency-Key) pairs.
+    const NOT_THEIRS: &str = "NOT EXISTS (SELECT 1 FROM unnest($2::uuid[], $3::text[]) o (k, i) \
+                              WHERE o.k = idempotency_keys.api_key_id AND o.i = idempotency_keys.key)";
+    if !destroyed.is_empty() {
+        sqlx::query(&format!(
+            "UPDATE idempotency_keys SET subjects = subjects || ARRAY( \
+                 SELECT d FROM unnest($1::uuid[]) d WHERE NOT subjects @> ARRAY[d]) \
+             WHERE state = 'running' AND {NOT_THEIRS}"
+        ))
+        .bind(&destroyed)
+        .bind(&by_keys)
+        .bind(&by_idempotency_keys)
+        .persistent(false)
+        .execute(&mut *conn)
+        .await?;
+    }
+    sqlx::query(&format!(
+        "UPDATE idempotency_keys SET body = NULL \
+         WHERE subjects && $1 AND body IS NOT NULL AND {NOT_THEIRS}"
+    ))
+    .bind(&subjects)
+    .bind(&by_keys)
+    .bind(&by_idempotency_keys)
+    .persistent(false)
+    .execute(&mut *conn)
     .await?;
     Ok(())
 }

@@ -347,11 +347,8 @@ async fn apply_message_event(
             // Crypto-shredding, in the transaction that moves the checkpoint past the event
             // (see users.rs): the content's copies in the log and audit_events go dark with
             // it. A rebuild replays it as a no-op.
-            sqlx::query("DELETE FROM message_keys WHERE message_id = $1")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            crate::forget_kept_answers(conn, &[id]).await?;
+            let forgotten = [crate::Forgotten::of(id, event)?];
+            crate::destroy_keys_and_forget(conn, crate::MESSAGE_KEYS, &forgotten).await?;
             let result = sqlx::query(
                 "UPDATE conversations SET message_count = message_count - 1 WHERE id = $1",
             )

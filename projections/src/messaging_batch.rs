@@ -228,7 +228,7 @@ struct Folded {
     /// Per reader (conversation, user): the furthest message read, its position and when.
     marks: HashMap<(Uuid, Uuid), (Uuid, i64, DateTime<Utc>)>,
     /// Messages deleted in the segment: their keys are destroyed (see messaging.rs).
-    deleted: Vec<Uuid>,
+    deleted: Vec<crate::Forgotten>,
 }
 
 const COPY_MESSAGES: &str = "COPY messages (id, conversation_id, organization_id, author_id, \
@@ -268,6 +268,7 @@ impl Folded {
         let mut content = Some(content.0);
         let mut version = post.event.sequence;
         let (mut edited_at, mut deleted_at, mut deleted_by) = (None, None, None);
+        let mut forgotten = None;
         // The reactions present, (user, emoji) to when added, and the readers so far: sets,
         // as a popular message can gather thousands of each in one batch.
         let mut reactions: HashMap<(Uuid, String), DateTime<Utc>> = HashMap::new();
@@ -292,6 +293,7 @@ impl Folded {
                     content = None;
                     deleted_at = Some(at);
                     deleted_by = by;
+                    forgotten = Some(crate::Forgotten::of(message, item.event)?);
                 }
                 MessageEvent::ReactionAdded { user_id, emoji, .. } => {
                     match reactions.entry((user_id, emoji)) {
@@ -373,8 +375,8 @@ impl Folded {
             .or_insert((0, created_at));
         counted.0 += i64::from(deleted_at.is_none());
         counted.1 = counted.1.max(created_at);
-        if deleted_at.is_some() {
-            self.deleted.push(message);
+        if let Some(forgotten) = forgotten {
+            self.deleted.push(forgotten);
         }
         Ok(())
     }
@@ -442,11 +444,7 @@ impl Folded {
             .await?;
         }
         if !self.deleted.is_empty() {
-            sqlx::query("DELETE FROM message_keys WHERE message_id = ANY($1)")
-                .bind(&self.deleted)
-                .execute(&mut *conn)
-                .await?;
-            crate::forget_kept_answers(conn, &self.deleted).await?;
+            crate::destroy_keys_and_forget(conn, crate::MESSAGE_KEYS, &self.deleted).await?;
         }
         Ok(())
     }
@@ -475,10 +473,11 @@ impl Touches {
     }
 }
 
-/// Deleted messages: who deleted them, when.
+/// Deleted messages: who deleted them, when, by which request.
 #[derive(Default)]
 struct Deletes {
     message: Vec<Uuid>,
+    forgotten: Vec<crate::Forgotten>,
     conversation: Vec<Uuid>,
     version: Vec<i64>,
     by: Vec<Option<Uuid>>,
@@ -520,6 +519,9 @@ async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), 
                 by,
             } => {
                 deletes.message.push(item.message);
+                deletes
+                    .forgotten
+                    .push(crate::Forgotten::of(item.message, e)?);
                 deletes.conversation.push(*conversation_id);
                 deletes.version.push(e.sequence);
                 deletes.by.push(*by);
@@ -647,8 +649,6 @@ async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
          ), attachments AS ( \
              UPDATE message_attachments a SET file_name_sealed = NULL FROM m \
              WHERE a.message_id = m.id \
-         ), keys AS ( \
-             DELETE FROM message_keys k USING m WHERE k.message_id = m.id \
          ), conversation AS ( \
              UPDATE conversations c SET message_count = c.message_count - x.n \
              FROM (SELECT conversation_id, count(*) AS n FROM t GROUP BY conversation_id) x \
@@ -669,6 +669,7 @@ async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
         usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
         lowered,
     )?;
-    crate::forget_kept_answers(conn, &d.message).await?;
+    // Every message of `d` was deleted here (counted above): their keys go.
+    crate::destroy_keys_and_forget(conn, crate::MESSAGE_KEYS, &d.forgotten).await?;
     Ok(())
 }

@@ -107,11 +107,8 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
             // destroyed exactly once per erasure and a crash either keeps both the key and
             // the unapplied event (to be applied again) or neither. A rebuild replays it as
             // a no-op. Sealed copies in the log and in audit_events become unreadable.
-            sqlx::query("DELETE FROM subject_keys WHERE subject_id = $1")
-                .bind(id)
-                .execute(&mut *conn)
-                .await?;
-            crate::forget_kept_answers(conn, &[id]).await?;
+            let forgotten = [crate::Forgotten::of(id, event)?];
+            crate::destroy_keys_and_forget(conn, crate::SUBJECT_KEYS, &forgotten).await?;
             erased
         }
         // Assignments live in `user_roles`; here they only move the aggregate's version,

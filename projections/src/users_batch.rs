@@ -55,7 +55,7 @@ struct Row {
 /// The batch's users, in the order of their first event.
 struct Fold {
     rows: Vec<(Uuid, Row)>,
-    erased: Vec<Uuid>,
+    erased: Vec<crate::Forgotten>,
 }
 
 impl Fold {
@@ -145,7 +145,7 @@ impl Fold {
                     row.erased_at = Some(Some(at));
                     row.updated_at = Some(at);
                     row.erased = true;
-                    erased.push(id);
+                    erased.push(crate::Forgotten::of(id, event)?);
                 }
                 // Only the version moves (see users.rs).
                 UserEvent::UserRoleAssigned { .. } | UserEvent::UserRoleRevoked { .. } => {}
@@ -163,12 +163,7 @@ impl Fold {
         update(conn, changed).await?;
         if !self.erased.is_empty() {
             // As users.rs: the erased users' data keys are destroyed with the erasure.
-            sqlx::query("DELETE FROM subject_keys WHERE subject_id = ANY($1)")
-                .bind(&self.erased)
-                .persistent(false)
-                .execute(&mut *conn)
-                .await?;
-            crate::forget_kept_answers(conn, &self.erased).await?;
+            crate::destroy_keys_and_forget(conn, crate::SUBJECT_KEYS, &self.erased).await?;
         }
         Ok(())
     }

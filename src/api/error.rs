@@ -76,6 +76,7 @@ impl ApiError {
             StatusCode::NOT_FOUND => "not_found",
             StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
             StatusCode::CONFLICT => "conflict",
+            StatusCode::REQUEST_TIMEOUT => "timeout",
             StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             StatusCode::UNPROCESSABLE_ENTITY => "invalid",
@@ -152,6 +153,16 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
             CommandError::Taken { scope, .. } => {
                 ApiError::conflict(format!("{} is already taken", scope.replace('_', " ")))
             }
+            CommandError::Unknown => {
+                tracing::error!("a command's outcome is not known: its COMMIT's answer was lost");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!(
+                        "{e}. Look for it in the audit events (?request_id= this answer's \
+                         x-request-id) before sending it again"
+                    ),
+                )
+            }
             CommandError::Internal(cause) => ApiError::internal(cause),
         }
     }
@@ -203,4 +214,23 @@ fn readable_holder(
     };
     caller.require_in(tenant, permission).ok()?;
     Some(format!("{noun} {id}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ledger::store::AppendError;
+    use ledgerline_aggregates::user::UserError;
+
+    /// A command whose COMMIT's answer was lost may be in the log: its 500 says so and how to
+    /// find out, not the bare "internal error" of one that surely was not recorded.
+    #[test]
+    fn an_unknown_outcome_says_it_may_have_been_recorded() {
+        let e = ApiError::from(CommandError::<UserError>::from(AppendError::Unknown));
+        assert_eq!(e.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(e.message.contains("may have been"), "{}", e.message);
+        assert!(e.message.contains("request_id"), "{}", e.message);
+        let e = ApiError::from(CommandError::<UserError>::from(AppendError::WriterGone));
+        assert_eq!(e.message, "internal error");
+    }
 }

@@ -344,6 +344,11 @@ fn answer_again(app: &App, claim: &Claim, kept: Kept) -> Response {
     answer
         .headers_mut()
         .insert(REPLAYED, HeaderValue::from_static("true"));
+    // The first request's id, which its events record: the one to look them up by (the
+    // retry's own id, had it kept it, would find nothing).
+    if let Ok(id) = HeaderValue::from_str(&kept.request_id) {
+        answer.headers_mut().insert("x-request-id", id);
+    }
     answer
 }
 

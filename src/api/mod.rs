@@ -610,7 +610,7 @@ pub fn router(app: App) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::from_fn(refuse_large_bodies))
         .layer(middleware::from_fn(mark_answers_behind))
-        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(middleware::from_fn_with_state(REQUEST_TIME_LIMIT, time_limit))
         .layer(PropagateRequestIdLayer::new(x_request_id.clone()))
         .layer(TraceLayer::new_for_http().make_span_with(|req: &Request| {
             let id = req.headers().get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("-");
@@ -640,6 +640,32 @@ async fn drop_unkept_request_ids(mut req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// How long a request may take before it is answered 408.
+pub const REQUEST_TIME_LIMIT: Duration = Duration::from_secs(30);
+
+/// Answers 408, in the API's one error shape, a request that takes longer than `limit`. Its
+/// handler is dropped; work it handed to a task of its own (`to_the_end`: a command, once
+/// sent) runs on, so a command may still take effect.
+async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<Duration>,
+    req: Request,
+    next: Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(answer) => answer,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!(
+                "the request took longer than {} s and was answered without its outcome: a \
+                 command it began may still take effect. Look for it in the audit events \
+                 (?request_id= this answer's x-request-id) before sending it again",
+                limit.as_secs_f64()
+            ),
+        )
+        .into_response(),
+    }
+}
+
 /// `DefaultBodyLimit` only limits extractors; a declared length over the limit is refused up
 /// front, before any extractor reads the body.
 async fn refuse_large_bodies(req: Request, next: Next) -> Response {
@@ -665,7 +691,9 @@ async fn refuse_large_bodies(req: Request, next: Next) -> Response {
 pub(crate) fn to_the_end<T: Send + 'static>(
     work: impl std::future::Future<Output = ApiResult<T>> + Send + 'static,
 ) -> impl std::future::Future<Output = ApiResult<T>> {
-    let task = tokio::spawn(answer_marks(work));
+    // In the request's span, so that what the work logs (an internal error's cause) names
+    // the request.
+    let task = tokio::spawn(tracing::Instrument::in_current_span(answer_marks(work)));
     async move {
         let (answer, behind) = task.await.map_err(ApiError::internal)?;
         if behind {
@@ -877,4 +905,47 @@ fn say(schema: &mut schemars::Schema, what: &str) {
         .map(|d| format!("{d} "))
         .unwrap_or_default();
     schema.insert("description".into(), format!("{said}{what}").into());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// A request over the time limit is answered 408 in the API's one error shape, saying
+    /// that a command it began may still take effect; one within it passes untouched.
+    #[tokio::test]
+    async fn a_request_over_the_time_limit_is_a_408_in_the_error_shape() {
+        let router = Router::new()
+            .route(
+                "/slow",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    "late"
+                }),
+            )
+            .route("/fast", get(|| async { "soon" }))
+            .layer(middleware::from_fn_with_state(
+                Duration::from_millis(50),
+                time_limit,
+            ));
+        let call = |path: &'static str| {
+            let request = axum::http::Request::get(path)
+                .body(axum::body::Body::empty())
+                .unwrap();
+            router.clone().oneshot(request)
+        };
+        let answer = call("/slow").await.unwrap();
+        assert_eq!(answer.status(), StatusCode::REQUEST_TIMEOUT);
+        let body = axum::body::to_bytes(answer.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(body["error"]["status"], 408, "{body}");
+        assert_eq!(body["error"]["code"], "timeout", "{body}");
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("may still take effect"), "{message}");
+        let answer = call("/fast").await.unwrap();
+        assert_eq!(answer.status(), StatusCode::OK);
+    }
 }

@@ -19,7 +19,7 @@ use super::error::{naming_holder, ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::page::{self, PageQuery};
 use super::{absent_not_null, absent_or_null, double_option, not_null};
-use crate::app::{Actor, App};
+use crate::app::{Actor, App, CommandError};
 
 #[derive(Debug, Serialize, JsonSchema, sqlx::FromRow)]
 pub struct OrganizationView {
@@ -80,24 +80,69 @@ pub async fn create(
         settings: body.settings,
     };
     // Five commands: a client hanging up or the request's time limit must not leave the
-    // organization without some of its roles (a crash can; see `complete_interrupted`).
+    // organization without some of its roles (a crash can; see `complete_interrupted`), nor
+    // may an error after its creation (a database restart, a lock held too long): the roles
+    // are then made in the background, as soon as they can be.
     let work = app.clone();
     super::to_the_end(async move {
-        work.execute_fresh::<Organization>(id, Some(id), &caller.actor, None, command)
-            .await
-            .map_err(|e| naming_holder(&caller, None, e))?;
-        create_built_in_roles(&work, id, &caller.actor).await
+        let created = work
+            .execute_fresh::<Organization>(id, Some(id), &caller.actor, None, command)
+            .await;
+        if let Err(e) = created {
+            if matches!(e, CommandError::Unknown) {
+                complete_later(work.clone(), id, caller.actor.clone());
+            }
+            return Err(naming_holder(&caller, None, e));
+        }
+        let made = create_built_in_roles(&work, id, &caller.actor).await;
+        if made.is_err() {
+            complete_later(work.clone(), id, caller.actor.clone());
+        }
+        made
     })
     .await?;
     super::created_answer(find(&app, id).await, id)
 }
 
+/// Tries, in the background, to make the built-in roles of `org` that a creation failed to
+/// make, once the log shows the organization (a creation whose outcome was not known may not
+/// be in it), at growing intervals for about ten minutes; `serve`'s start-up completion
+/// (`complete_interrupted`) does what is left after that.
+fn complete_later(app: App, org: Uuid, actor: Actor) {
+    let work = async move {
+        let mut seen = false;
+        for wait in [1, 2, 4, 8, 15, 30, 60, 120, 180, 180] {
+            tokio::time::sleep(std::time::Duration::from_secs(wait)).await;
+            match super::created(&app.pool, Organization::TYPE, org, org).await {
+                Ok(true) => seen = true,
+                Ok(false) | Err(_) => continue,
+            }
+            match create_built_in_roles(&app, org, &actor).await {
+                Ok(()) => {
+                    tracing::info!(organization = %org, "made the built-in roles its creation failed to make");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(organization = %org, error = e.message, "could not make the built-in roles yet");
+                }
+            }
+        }
+        if seen {
+            tracing::error!(organization = %org, "gave up making the built-in roles; the next `serve` start makes them");
+        }
+    };
+    // In the request's span, so that what it logs names the request.
+    tokio::spawn(tracing::Instrument::in_current_span(work));
+}
+
 /// Every organization starts with the built-in roles, each a real role made by events.
 /// Their ids are derived from the organization's, and a role already in the log is left
 /// as it is, so a creation cut off between the organization and its roles is completed by
-/// running this again.
+/// running this again. A role that cannot be made does not keep the others from being made;
+/// the first such error is returned.
 pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiResult<()> {
     let everything: PermissionSet = Permission::ALL.into_iter().collect();
+    let mut first_error = None;
     for name in built_in_roles::NAMES {
         let role_id = built_in_roles::role_id(org, name);
         if super::created(&app.pool, Role::TYPE, role_id, org).await? {
@@ -120,11 +165,11 @@ pub async fn create_built_in_roles(app: &App, org: Uuid, actor: &Actor) -> ApiRe
         // Another process completing the same organization may have made it meanwhile.
         if let Err(e) = made {
             if !super::created(&app.pool, Role::TYPE, role_id, org).await? {
-                return Err(e.into());
+                first_error.get_or_insert(ApiError::from(e));
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 /// Completes the organizations whose creation was cut off before all their built-in roles
