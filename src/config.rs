@@ -14,6 +14,10 @@ use crate::ledger::tree::CheckpointPolicy;
 /// The log's name (checkpoint origin) when none is configured.
 pub const DEFAULT_LOG_ORIGIN: &str = "ledgerline.local/log";
 
+/// The longest wait a setting may ask for, in seconds: a week. Timers much further off
+/// overflow the clock where they are set, late (in a maintainer's task, at a rebuild's swap).
+pub const A_WEEK_SECS: u64 = 604_800;
+
 /// A string that never prints in `Debug` output.
 #[derive(Clone)]
 pub struct Secret(pub String);
@@ -148,7 +152,7 @@ pub struct LogArgs {
     /// ...or after this many seconds when fewer arrived (at most a week: a timer much further
     /// off overflows the clock in the maintainer's task, which would sign nothing again).
     #[arg(long, env = "LEDGERLINE_CHECKPOINT_INTERVAL_SECS", default_value_t = 10,
-          value_parser = clap::value_parser!(u64).range(1..=604_800))]
+          value_parser = clap::value_parser!(u64).range(1..=A_WEEK_SECS))]
     pub checkpoint_interval_secs: u64,
 }
 
@@ -438,7 +442,7 @@ pub struct RebuildArgs {
     /// overflow the clock at the swap, after the whole build).
     #[arg(long, env = "LEDGERLINE_REBUILD_SNAPSHOT_WAIT_SECS",
           default_value_t = ledgerline_projections::RebuildOptions::DEFAULT.snapshot_wait.as_secs(),
-          value_parser = clap::value_parser!(u64).range(0..=604_800))]
+          value_parser = clap::value_parser!(u64).range(0..=A_WEEK_SECS))]
     pub snapshot_wait_secs: u64,
 }
 

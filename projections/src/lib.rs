@@ -226,28 +226,28 @@ pub(crate) async fn destroy_keys_and_forget(
     // The appending requests' own rows: (API key, Idempotency-Key) pairs.
     const NOT_THEIRS: &str = "NOT EXISTS (SELECT 1 FROM unnest($2::uuid[], $3::text[]) o (k, i) \
                               WHERE o.k = idempotency_keys.api_key_id AND o.i = idempotency_keys.key)";
+    // Each statement takes its subjects as $1 and the appending requests as $2 and $3.
+    let mut forget = async |sql: String, subjects: &[Uuid]| {
+        sqlx::query(&sql)
+            .bind(subjects)
+            .bind(&by_keys)
+            .bind(&by_idempotency_keys)
+            .persistent(false)
+            .execute(&mut *conn)
+            .await
+    };
     if !destroyed.is_empty() {
-        sqlx::query(&format!(
+        let sql = format!(
             "UPDATE idempotency_keys SET subjects = subjects || ARRAY( \
                  SELECT d FROM unnest($1::uuid[]) d WHERE NOT subjects @> ARRAY[d]) \
              WHERE state = 'running' AND {NOT_THEIRS}"
-        ))
-        .bind(&destroyed)
-        .bind(&by_keys)
-        .bind(&by_idempotency_keys)
-        .persistent(false)
-        .execute(&mut *conn)
-        .await?;
+        );
+        forget(sql, &destroyed).await?;
     }
-    sqlx::query(&format!(
+    let sql = format!(
         "UPDATE idempotency_keys SET body = NULL \
          WHERE subjects && $1 AND body IS NOT NULL AND {NOT_THEIRS}"
-    ))
-    .bind(&subjects)
-    .bind(&by_keys)
-    .bind(&by_idempotency_keys)
-    .persistent(false)
-    .execute(&mut *conn)
-    .await?;
+    );
+    forget(sql, &subjects).await?;
     Ok(())
 }

@@ -473,10 +473,9 @@ impl Touches {
     }
 }
 
-/// Deleted messages: who deleted them, when, by which request.
+/// Deleted messages (with the requests that deleted them), who deleted them, when.
 #[derive(Default)]
 struct Deletes {
-    message: Vec<Uuid>,
     forgotten: Vec<crate::Forgotten>,
     conversation: Vec<Uuid>,
     version: Vec<i64>,
@@ -518,7 +517,6 @@ async fn apply_wave(conn: &mut PgConnection, wave: Vec<Item<'_>>) -> Result<(), 
                 conversation_id,
                 by,
             } => {
-                deletes.message.push(item.message);
                 deletes
                     .forgotten
                     .push(crate::Forgotten::of(item.message, e)?);
@@ -634,7 +632,7 @@ async fn edit(conn: &mut PgConnection, t: &Touches) -> Result<(), GiveUp> {
 /// (crypto-shredding, see messaging.rs), the conversation's count lowered. Each message must
 /// have been there and not deleted, each conversation there.
 async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
-    if d.message.is_empty() {
+    if d.forgotten.is_empty() {
         return Ok(());
     }
     let (deleted, conversations, lowered): (i64, i64, i64) = sqlx::query_as(
@@ -657,14 +655,14 @@ async fn delete(conn: &mut PgConnection, d: &Deletes) -> Result<(), GiveUp> {
          SELECT (SELECT count(*) FROM m), (SELECT count(DISTINCT conversation_id) FROM t), \
                 (SELECT count(*) FROM conversation)",
     )
-    .bind(&d.message)
+    .bind(crate::Forgotten::subjects(&d.forgotten))
     .bind(&d.conversation)
     .bind(&d.version)
     .bind(&d.by)
     .bind(&d.at)
     .fetch_one(&mut *conn)
     .await?;
-    exactly(d.message.len(), deleted)?;
+    exactly(d.forgotten.len(), deleted)?;
     exactly(
         usize::try_from(conversations).map_err(|_| GiveUp::Uncovered)?,
         lowered,
