@@ -327,7 +327,7 @@ impl App {
         .await
     }
 
-    /// [`App::execute`] as a future that owns what it needs (`framework` picks the
+    /// [`App::execute_guarded`] as a future that owns what it needs (`framework` picks the
     /// aggregate's), so that it can run in a task of its own ([`crate::api::to_the_end`]).
     pub fn execute_owned<A>(
         &self,
@@ -335,6 +335,7 @@ impl App {
         aggregate_id: Uuid,
         organization_id: Option<Uuid>,
         actor: &Actor,
+        guard: Option<Guard>,
         command: A::Command,
     ) -> impl std::future::Future<Output = Result<(), CommandError<A::Error>>> + Send + 'static
     where
@@ -345,8 +346,15 @@ impl App {
         let (app, actor) = (self.clone(), actor.clone());
         async move {
             let framework = framework(&app.cqrs);
-            app.execute(framework, aggregate_id, organization_id, &actor, command)
-                .await
+            app.execute_guarded(
+                framework,
+                aggregate_id,
+                organization_id,
+                &actor,
+                guard,
+                command,
+            )
+            .await
         }
     }
 

@@ -3,7 +3,9 @@
 
 mod common;
 
-use common::{ledgerline, tamper, TestApp, POLICY};
+use common::{
+    hold_appends, ledgerline, release_appends, tamper, wait_for_appenders, TestApp, POLICY,
+};
 use ledgerline::ledger::tree;
 use serde_json::json;
 use uuid::Uuid;
@@ -198,29 +200,6 @@ async fn a_log_cut_off_behind_a_checkpoint_is_not_repaired_from() {
     assert_eq!(claim_rows(&t).await, before, "nothing rewritten");
 }
 
-/// The ledger's append lock (`writer::APPEND_LOCK`): every appender holds it until commit.
-const APPEND_LOCK: i64 = 0x6c65_6467_6572;
-
-/// Waits until `n` sessions wait for the append lock.
-async fn wait_for_appenders(t: &TestApp, n: i64) {
-    for _ in 0..1_000 {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
-             AND ((classid::bigint << 32) | objid::bigint) = $1",
-        )
-        .bind(APPEND_LOCK)
-        .fetch_one(t.pool())
-        .await
-        .unwrap();
-        if waiting >= n {
-            return;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    panic!("{n} session(s) never waited for the append lock");
-}
-
 /// The log with claims, a claim in the table that the log does not give (`{org}:ghost`,
 /// for a repair to rewrite) and a session holding the append lock, which a repair then waits
 /// for past its comparison.
@@ -233,13 +212,7 @@ async fn ghost_claim_and_append_lock(t: &TestApp) -> (Uuid, sqlx::PgConnection) 
         )],
     )
     .await;
-    let mut holder = t.pool().acquire().await.unwrap().detach();
-    sqlx::query("SELECT pg_advisory_lock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut holder)
-        .await
-        .unwrap();
-    (org, holder)
+    (org, hold_appends(t.pool()).await)
 }
 
 /// A claim taken while a repair compared and verified is folded before the rewrite: kept,
@@ -256,15 +229,11 @@ async fn a_repair_folds_what_was_appended_after_its_comparison() {
         json!({"name": "late", "permissions": ["users:read"]}),
     );
     let repair = async {
-        wait_for_appenders(&t, 1).await;
+        wait_for_appenders(t.pool(), 1).await;
         let repair = ledgerline(&t.db.url, &["claims", "check", "--repair"]);
         let release = async {
-            wait_for_appenders(&t, 2).await;
-            sqlx::query("SELECT pg_advisory_unlock($1)")
-                .bind(APPEND_LOCK)
-                .execute(&mut holder)
-                .await
-                .unwrap();
+            wait_for_appenders(t.pool(), 2).await;
+            release_appends(&mut holder).await;
         };
         tokio::join!(repair, release).0
     };
@@ -299,17 +268,13 @@ async fn a_repair_frozen_with_the_append_lock_does_not_stop_appends() {
         .kill_on_drop(true)
         .spawn()
         .expect("run ledgerline");
-    wait_for_appenders(&t, 1).await;
+    wait_for_appenders(t.pool(), 1).await;
     let mut table = t.pool().begin().await.unwrap();
     sqlx::query("LOCK TABLE unique_claims IN ACCESS EXCLUSIVE MODE")
         .execute(&mut *table)
         .await
         .unwrap();
-    sqlx::query("SELECT pg_advisory_unlock($1)")
-        .bind(APPEND_LOCK)
-        .execute(&mut holder)
-        .await
-        .unwrap();
+    release_appends(&mut holder).await;
     assert!(
         common::eventually(std::time::Duration::from_secs(30), || async {
             sqlx::query_scalar(

@@ -9,7 +9,7 @@ mod common;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 
-use common::{TestApp, TestDb};
+use common::{TestApp, TestDb, APPEND_LOCK};
 use ledgerline::ledger::WRITER_APPLICATION_NAME;
 use ledgerline_projections::notify::HEAD_CHANNEL;
 use ledgerline_projections::Projector;
@@ -257,9 +257,6 @@ async fn a_database_that_stops_answering_the_writer_stalls_it_for_a_limited_time
 async fn a_connection_the_database_never_answers_stalls_the_writer_for_a_limited_time() {
     issue_a_key_through(CUT_COMMIT, true).await;
 }
-
-/// The ledger's append lock, as the writer takes it (`pg_advisory_xact_lock`).
-const APPEND_LOCK: i64 = 0x6c65_6467_6572;
 
 fn create_org(id: Uuid) -> ledgerline_aggregates::organization::OrganizationCommand {
     ledgerline_aggregates::organization::OrganizationCommand::Create {

@@ -1601,10 +1601,10 @@ async fn participant_changes_check_access_before_the_body() {
     c.refused(&r, 422, head).await;
 }
 
-/// A key that may create conversations but not read them: the conversation is made (it is in
-/// the log), so the answer is 201 with its id, not a 403 that would have it made again.
+/// A key that may create and change conversations but not read them: each command is in the
+/// log, so the answer says so with the id alone, not a 403 that would have it sent again.
 #[tokio::test]
-async fn a_key_that_may_create_but_not_read_a_conversation_gets_its_id() {
+async fn a_key_that_may_change_but_not_read_a_conversation_gets_its_id() {
     let c = chat().await;
     let r =
         c.t.post(
@@ -1624,9 +1624,51 @@ async fn a_key_that_may_create_but_not_read_a_conversation_gets_its_id() {
         .await;
     assert_eq!(r.status, 201, "{}", r.body);
     let made = id(&r);
+    assert_eq!(r.body, json!({"id": made}));
     assert!(c.t.head().await > before);
     let r = c.t.get(&c.path(&format!("/{made}")), &c.service).await;
     assert_eq!(r.status, 200, "{}", r.body);
+
+    // Its changes are done and said so with the id alone, never a 403 after the append (a
+    // retry would then meet "already archived").
+    let conv = |rest: &str| c.path(&format!("/{made}{rest}"));
+    let changes = [
+        ("PATCH", conv(""), json!({"title": "Seen"}), 200),
+        (
+            "POST",
+            conv("/participants"),
+            json!({"user_id": c.dave.0}),
+            201,
+        ),
+        (
+            "PATCH",
+            conv(&format!("/participants/{}", c.dave.0)),
+            json!({"role": "admin"}),
+            200,
+        ),
+        ("POST", conv("/archive"), json!({}), 200),
+        ("POST", conv("/unarchive"), json!({}), 200),
+    ];
+    for (method, path, body, status) in changes {
+        let before = c.t.head().await;
+        let r = match method {
+            "PATCH" => c.t.patch(&path, &writer, body).await,
+            _ => c.t.post(&path, &writer, body).await,
+        };
+        assert_eq!(r.status, status, "{method} {path}: {}", r.body);
+        assert_eq!(r.body, json!({"id": made}), "{method} {path}");
+        assert_eq!(c.t.head().await, before + 1, "{method} {path}");
+    }
+    let r = c.t.get(&conv(""), &c.service).await;
+    assert_eq!(r.body["title"], "Seen", "{}", r.body);
+    assert_eq!(r.body["status"], "active", "{}", r.body);
+    let dave = r.body["participants"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["user_id"] == json!(c.dave.0))
+        .cloned();
+    assert_eq!(dave.unwrap()["role"], "admin", "{}", r.body);
 }
 
 /// A direct conversation is one per pair of people: opening it again, from either side, is

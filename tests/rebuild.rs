@@ -644,7 +644,14 @@ async fn a_rebuild_while_commands_arrive_loses_nothing_and_never_goes_back() {
                         json!({"content": format!("busy {posted}")}),
                     )
                     .await;
-                assert_eq!(r.status, 201, "a post during the rebuild: {}", r.body);
+                // 202 when the read models do not show it within 5 s (the swap holds the
+                // live projector up a moment): posted all the same.
+                assert!(
+                    [201, 202].contains(&r.status),
+                    "a post during the rebuild: {} {}",
+                    r.status,
+                    r.body
+                );
                 posted += 1;
             }
             posted
@@ -1089,16 +1096,21 @@ async fn last_invitation(t: &TestApp) -> (i64, String, i64) {
     .unwrap()
 }
 
-/// Options for a build of small batches that counts itself stalled after a second.
+/// The stall limit of the builds here that meet a hang: soon met, and yet longer than the
+/// slow moments of a machine the rest of the suite keeps busy, which would count as stalls
+/// of their own (a build gives up after three).
+const STALL: Duration = Duration::from_secs(2);
+
+/// Options for a build of small batches that counts itself stalled after [`STALL`].
 fn stalling_soon() -> RebuildOptions {
     RebuildOptions {
         batch_size: 5,
-        stall_limit: Duration::from_secs(1),
+        stall_limit: STALL,
         ..RebuildOptions::default()
     }
 }
 
-/// Checks that `error` is a build of `users` that stalled for a second in each of
+/// Checks that `error` is a build of `users` that stalled for [`STALL`] in each of
 /// `attempts` attempts, and says so.
 fn build_stalled(error: RunError, attempts: u32) {
     let said = error.to_string();
@@ -1108,7 +1120,7 @@ fn build_stalled(error: RunError, attempts: u32) {
     );
     assert!(
         said.starts_with("the build stalled")
-            && said.contains("for 1 s")
+            && said.contains(&format!("for {} s", STALL.as_secs()))
             && said.contains("users at "),
         "{said}"
     );
@@ -1123,7 +1135,7 @@ struct MetAHang {
 }
 
 /// Rebuilds `users` over the story with the last invitation's batch armed to hang (`when`),
-/// counting the build stalled after a second.
+/// counting the build stalled after [`STALL`].
 async fn rebuild_meeting_a_hang(t: &TestApp, when: fault::When) -> MetAHang {
     story(t).await;
     let live = snapshot(t).await;
@@ -1275,18 +1287,13 @@ async fn a_check_whose_build_stalls_stops_and_a_rerun_is_equal() {
         fault::When::HangOnce,
     );
     let progress = Arc::new(Progress::default());
-    let checking = || {
-        ledgerline_projections::check(
-            t.pool(),
-            Some(&["users"]),
-            5,
-            Duration::from_secs(1),
-            &progress,
-        )
+    // The rerun meets no hang: a limit no slow moment of a loaded machine reaches.
+    let checking = |stall: Duration| {
+        ledgerline_projections::check(t.pool(), Some(&["users"]), 5, stall, &progress)
     };
-    build_stalled(checking().await.unwrap_err(), 1);
+    build_stalled(checking(STALL).await.unwrap_err(), 1);
     assert!(!fault::armed(Projection::Users, &aggregate_id, sequence));
-    let report = checking().await.unwrap();
+    let report = checking(Duration::from_secs(60)).await.unwrap();
     assert!(report.equal(), "{report:?}");
 }
 

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_error_says, TestApp};
+use common::{assert_error_says, hold_appends, release_appends, wait_for_appenders, TestApp};
 use ledgerline::app::Actor;
 use ledgerline_aggregates::role::{RoleCommand, MAX_INHERITANCE_DEPTH};
 use ledgerline_aggregates::PermissionSet;
@@ -368,4 +368,174 @@ async fn a_role_change_waits_for_role_events_the_read_models_do_not_show() {
     let r = t.delete(&role_path(org, parent), &t.admin_key).await;
     assert_error_says(&r, 409, "1 role(s) inherit from this role");
     assert_eq!(orphans(&t, org).await, 0);
+}
+
+/// A second `serve` process on the test's database: an app of its own (its own writer, no
+/// projector) answering HTTP at the returned base address until the task is aborted.
+async fn second_process(t: &TestApp) -> (String, tokio::task::JoinHandle<()>) {
+    let app = ledgerline::app::App::with_projector(t.pool().clone(), t.app.vault.clone(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = ledgerline::api::router(app);
+    let server = tokio::spawn(async move {
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service).await.unwrap();
+    });
+    (base, server)
+}
+
+/// Sends `change` through the test's app and then `decided` through a second process
+/// (given its base address), with appends held back until both wait for the lock: `decided`
+/// was decided on the state before `change`, and is appended after it (the database grants
+/// the lock in the order it was asked for).
+async fn decided_before_appended<F>(
+    t: &TestApp,
+    change: impl std::future::Future<Output = common::Response>,
+    decided: impl FnOnce(String) -> F,
+) -> (common::Response, common::Response)
+where
+    F: std::future::Future<Output = common::Response>,
+{
+    let (base, second) = second_process(t).await;
+    let mut holder = hold_appends(t.pool()).await;
+    let after = async {
+        wait_for_appenders(t.pool(), 1).await;
+        let release = async {
+            wait_for_appenders(t.pool(), 2).await;
+            release_appends(&mut holder).await;
+        };
+        tokio::join!(decided(base), release).0
+    };
+    let answers = tokio::join!(change, after);
+    second.abort();
+    answers
+}
+
+/// A request through `base` (another process) with `key`.
+fn through(
+    t: &TestApp,
+    base: &str,
+    method: reqwest::Method,
+    path: &str,
+    key: &str,
+) -> reqwest::RequestBuilder {
+    t.client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(key)
+}
+
+/// An assignment decided on what a role grants is refused (appending nothing) when the role
+/// changes before it is appended: else the log would show an administrator giving a role
+/// that by then granted the owner's powers they do not hold.
+#[tokio::test]
+async fn a_role_widened_while_it_is_being_assigned_is_not_assigned() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Widening").await;
+    let role = t.create_role(org, "helpdesk", &["users:read"], None).await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@widening.example")
+        .await;
+    let user = t.invite(org, "u@widening.example", "U").await;
+    let owner = t.role_id(org, "owner").await;
+    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
+    let (moved, assigned) =
+        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), |base| {
+            common::answer(
+                through(&t, &base, reqwest::Method::PUT, &assignment, &admin).json(&json!({})),
+            )
+        })
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_error_says(
+        &assigned,
+        409,
+        "the role changed while the command was being decided",
+    );
+    let assignments = org_path(org, &format!("/users/{user}/roles"));
+    let r = t.get(&assignments, &t.admin_key).await;
+    assert_eq!(r.body["items"], json!([]), "{}", r.body);
+    // Asked again, the admin is refused for what the role grants now.
+    let r = t.put(&assignment, &admin, json!({})).await;
+    common::assert_error(&r, 403);
+}
+
+/// Taking a role away is decided on what it grants too: one moved under the owner role
+/// while an admin revokes it stays assigned.
+#[tokio::test]
+async fn a_role_widened_while_it_is_being_revoked_stays_assigned() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Keeping").await;
+    let role = t.create_role(org, "helpdesk", &["users:read"], None).await;
+    let (_, admin) = t
+        .member_with_key(org, "admin", "admin@keeping.example")
+        .await;
+    let user = t.invite(org, "u@keeping.example", "U").await;
+    t.assign(org, user, role).await;
+    let owner = t.role_id(org, "owner").await;
+    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
+    let (moved, revoked) =
+        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), |base| {
+            common::answer(through(
+                &t,
+                &base,
+                reqwest::Method::DELETE,
+                &assignment,
+                &admin,
+            ))
+        })
+        .await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    assert_error_says(
+        &revoked,
+        409,
+        "the role changed while the command was being decided",
+    );
+    let assignments = org_path(org, &format!("/users/{user}/roles"));
+    let r = t.get(&assignments, &t.admin_key).await;
+    assert_eq!(r.body["items"][0]["role_id"], json!(role), "{}", r.body);
+}
+
+/// An assignment of a role deleted before it is appended is refused: it would be kept in
+/// the user's record and `user_roles` for a role no list shows. Asked again, the role is
+/// gone (404).
+#[tokio::test]
+async fn a_role_deleted_while_it_is_being_assigned_is_not_assigned() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Vanishing").await;
+    let role = t.create_role(org, "temp", &["users:read"], None).await;
+    let user = t.invite(org, "u@vanishing.example", "U").await;
+    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
+    let (deleted, assigned) =
+        decided_before_appended(&t, t.delete(&role_path(org, role), &t.admin_key), |base| {
+            common::answer(
+                through(&t, &base, reqwest::Method::PUT, &assignment, &t.admin_key)
+                    .json(&json!({})),
+            )
+        })
+        .await;
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+    assert_error_says(
+        &assigned,
+        409,
+        "the role changed while the command was being decided",
+    );
+    let assignments: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1 \
+           AND event_type = 'UserRoleAssigned'",
+    )
+    .bind(user.to_string())
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(assignments, 0);
+    let orphans: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM user_roles ur WHERE NOT EXISTS \
+           (SELECT 1 FROM roles r WHERE r.id = ur.role_id)",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(orphans, 0);
+    let r = t.put(&assignment, &t.admin_key, json!({})).await;
+    assert_error_says(&r, 404, "role");
 }

@@ -541,7 +541,9 @@ async fn projections_pass_over_events_they_do_not_read_without_a_transaction() {
     // notification may have been lost), which rightly moves their checkpoints; let both
     // processes' first subscriptions and those batches be over before the events come.
     assert!(listening(&db.pool, 2).await, "both processes listen");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Nothing shows those batches over; a moment well past their usual length makes that
+    // likely.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
 
     let idle = ["organizations", "roles", "api_keys", "messaging"];
     let mut before = Vec::new();
@@ -673,8 +675,9 @@ async fn a_batch_reported_after_a_reset_it_preceded_does_not_undo_it() {
     assert!(listening(&db.pool, 1).await, "the projector listens");
     // Its first subscription wakes each projection for a batch (a notification may have been
     // lost): let that be over before the reset, or on a busy machine it comes after and
-    // applies the organization again (seen once in a full run).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // applies the organization again (seen once in a full run). Nothing shows that batch
+    // over; a moment well past its usual length makes that likely.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let holder: String =
         sqlx::query_scalar("SELECT holder FROM leases WHERE name = 'projection:organizations'")
             .fetch_one(&db.pool)

@@ -29,7 +29,7 @@ pub struct PageOf<T, C = i64> {
     pub next_cursor: Option<C>,
 }
 
-/// A creation's answer to a key that may create the resource but not read it.
+/// The answer to a key that may create or change a resource but not read it: its id alone.
 #[derive(Debug, Serialize, JsonSchema)]
 // Closed, so that in the document's `anyOf` (the view, or this) a view missing a field
 // it promises does not pass for this.

@@ -350,12 +350,22 @@ pub async fn role_permissions(
 /// the role or an ancestor beyond what the read models show (as authentication does), since
 /// the tables may then show less than the role will grant.
 pub async fn granted_by_role(pool: &sqlx::PgPool, role_id: Uuid) -> ApiResult<PermissionSet> {
+    Ok(granted_by_role_at(pool, role_id).await?.0)
+}
+
+/// [`granted_by_role`], with the role's own version (the sequence of its last event; `None`
+/// when no row shows the role, deleted or never made): a command decided on what the role
+/// grants is guarded with it, so that a change of the role before the append refuses it.
+pub async fn granted_by_role_at(
+    pool: &sqlx::PgPool,
+    role_id: Uuid,
+) -> ApiResult<(PermissionSet, Option<i64>)> {
     match role_permissions_and_change(pool, role_id).await? {
-        (_, true) => Err(ApiError::new(
+        (_, true, _) => Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the role is being changed and the read models do not show it yet; retry shortly",
         )),
-        (permissions, false) => Ok(permissions),
+        (permissions, false, version) => Ok((permissions, version)),
     }
 }
 
@@ -384,14 +394,15 @@ pub async fn user_permissions(pool: &sqlx::PgPool, user: Uuid) -> ApiResult<Perm
     Ok(held)
 }
 
-/// A role's effective permissions, and whether the log holds events of it or an ancestor
-/// past the versions their rows show. The walk's guard of 64 levels is met only by a cycle
-/// or a chain deeper than `MAX_INHERITANCE_DEPTH` that an older release let through.
+/// A role's effective permissions, whether the log holds events of it or an ancestor past
+/// the versions their rows show, and the role's own version. The walk's guard of 64 levels
+/// is met only by a cycle or a chain deeper than `MAX_INHERITANCE_DEPTH` that an older
+/// release let through.
 async fn role_permissions_and_change(
     pool: &sqlx::PgPool,
     role_id: Uuid,
-) -> Result<(PermissionSet, bool), sqlx::Error> {
-    let (permissions, changing): (Vec<String>, bool) = sqlx::query_as(
+) -> Result<(PermissionSet, bool, Option<i64>), sqlx::Error> {
+    let (permissions, changing, version): (Vec<String>, bool, Option<i64>) = sqlx::query_as(
         "WITH RECURSIVE chain(id, parent, version, depth) AS (
              SELECT id, parent_role_id, version, 0 FROM roles WHERE id = $1
            UNION
@@ -404,11 +415,12 @@ async fn role_permissions_and_change(
                 EXISTS (SELECT 1 FROM chain c, LATERAL (
                             SELECT 1 FROM events e WHERE e.aggregate_type = 'Role'
                               AND e.aggregate_id = c.id::text AND e.sequence > c.version
-                            LIMIT 1) pending)",
+                            LIMIT 1) pending),
+                (SELECT version FROM chain WHERE depth = 0)",
     )
     .bind(role_id)
     .fetch_one(pool)
     .await?;
     let permissions = permissions.iter().filter_map(|p| p.parse().ok()).collect();
-    Ok((permissions, changing))
+    Ok((permissions, changing, version))
 }

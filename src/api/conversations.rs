@@ -4,6 +4,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::conversation::{
@@ -535,28 +536,29 @@ pub async fn get(
 }
 
 /// Runs one Conversation command for a caller that may write and see the conversation,
-/// then answers with the conversation as the caller now sees it.
+/// then answers with the conversation as the caller now sees it ([`changed`]).
 async fn command(
     app: &App,
     caller: &Caller,
     org: Uuid,
     id: Uuid,
     make: impl FnOnce(ConversationActor) -> ConversationCommand,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     let access = access(app, caller, org, id, Permission::ConversationsWrite).await?;
-    command_as(app, caller, org, id, access, make).await
+    command_as(app, caller, org, id, access, StatusCode::OK, make).await
 }
 
 /// [`command`] with the caller's access already read, for handlers that check it before
-/// anything else.
+/// anything else, answering with `answer`.
 async fn command_as(
     app: &App,
     caller: &Caller,
     org: Uuid,
     id: Uuid,
     access: Access,
+    answer: StatusCode,
     make: impl FnOnce(ConversationActor) -> ConversationCommand,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     let command = make(access.actor);
     app.execute(
         &app.cqrs.conversations,
@@ -566,7 +568,18 @@ async fn command_as(
         command,
     )
     .await?;
-    Ok(axum::Json(view(app, caller, org, id).await?))
+    changed(app, caller, org, id, answer).await
+}
+
+/// A change's answer: the view after it, or the id alone to a key that may not read it.
+async fn changed(
+    app: &App,
+    caller: &Caller,
+    org: Uuid,
+    id: Uuid,
+    status: StatusCode,
+) -> ApiResult<Response> {
+    super::changed_answer(status, view(app, caller, org, id).await, id)
 }
 
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -585,7 +598,7 @@ pub async fn update(
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
     Json(body): Json<UpdateConversation>,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     command(&app, &caller, org, id, |actor| {
         ConversationCommand::Update {
             title: body.title,
@@ -601,7 +614,7 @@ pub async fn archive(
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
     _: super::NoBody,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     command(&app, &caller, org, id, |actor| {
         ConversationCommand::Archive { actor }
     })
@@ -613,7 +626,7 @@ pub async fn unarchive(
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
     _: super::NoBody,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     command(&app, &caller, org, id, |actor| {
         ConversationCommand::Unarchive { actor }
     })
@@ -637,19 +650,19 @@ pub async fn add_participant(
     caller: Caller,
     Path((org, id)): Path<(Uuid, Uuid)>,
     Json(body): Json<AddParticipant>,
-) -> ApiResult<(StatusCode, axum::Json<ConversationView>)> {
+) -> ApiResult<Response> {
     // Access first: a conversation the caller cannot see is a 404 whatever the body says.
     let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     require_active_members(&app, org, &[body.user_id]).await?;
-    let view = command_as(&app, &caller, org, id, access, |actor| {
+    let answer = StatusCode::CREATED;
+    command_as(&app, &caller, org, id, access, answer, |actor| {
         ConversationCommand::AddParticipant {
             user_id: body.user_id,
             role: body.role,
             actor,
         }
     })
-    .await?;
-    Ok((StatusCode::CREATED, view))
+    .await
 }
 
 /// Removes a participant; removing oneself is leaving.
@@ -693,7 +706,7 @@ pub async fn update_participant(
     caller: Caller,
     Path((org, id, user)): Path<(Uuid, Uuid, Uuid)>,
     Json(body): Json<UpdateParticipant>,
-) -> ApiResult<axum::Json<ConversationView>> {
+) -> ApiResult<Response> {
     // Access first: a conversation the caller cannot see is a 404 whatever the body says.
     let access = access(&app, &caller, org, id, Permission::ConversationsWrite).await?;
     // Two commands would be two appends: the first could stand while the second is refused.
@@ -741,5 +754,5 @@ pub async fn update_participant(
         )
         .await?;
     }
-    Ok(axum::Json(view(&app, &caller, org, id).await?))
+    changed(&app, &caller, org, id, StatusCode::OK).await
 }

@@ -125,6 +125,14 @@ impl RouteDoc {
         }
     }
 
+    /// Answers with [`changed_answer`], the view being of this schema.
+    const fn changes(self, schema: SchemaFn) -> Self {
+        Self {
+            answer: Answer::Changed(schema),
+            ..self
+        }
+    }
+
     /// Answers no content.
     const fn no_content(self) -> Self {
         Self {
@@ -427,35 +435,35 @@ pub const ROUTES: &[RouteDoc] = &[
         Some("conversations:write"),
         200,
         "Rename or re-describe (owner or admin)",
-    ).body(schema::<conversations::UpdateConversation>).answers(schema::<conversations::ConversationView>),
+    ).body(schema::<conversations::UpdateConversation>).changes(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/archive",
         Some("conversations:write"),
         200,
         "Archive: no new messages (owner or admin)",
-    ).answers(schema::<conversations::ConversationView>),
+    ).changes(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/unarchive",
         Some("conversations:write"),
         200,
         "Unarchive (owner or admin)",
-    ).answers(schema::<conversations::ConversationView>),
+    ).changes(schema::<conversations::ConversationView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/participants",
         Some("conversations:write"),
         201,
         "Add a participant (owner or admin)",
-    ).body(schema::<conversations::AddParticipant>).answers(schema::<conversations::ConversationView>),
+    ).body(schema::<conversations::AddParticipant>).changes(schema::<conversations::ConversationView>),
     r(
         "PATCH",
         "/v1/organizations/{org}/conversations/{id}/participants/{user}",
         Some("conversations:write"),
         200,
         "Change a participant's role (owner) or mute/unmute oneself",
-    ).body(schema::<conversations::UpdateParticipant>).answers(schema::<conversations::ConversationView>),
+    ).body(schema::<conversations::UpdateParticipant>).changes(schema::<conversations::ConversationView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/participants/{user}",
@@ -763,6 +771,23 @@ pub(crate) fn created_answer<T: serde::Serialize>(
             }),
         )
             .into_response()),
+        Err(e) => Err(e),
+    }
+}
+
+/// A change's answer with `status`: the changed resource's view, or its id alone to a key
+/// that may change it but not read it (the change is in the log: a 403 would say it was
+/// refused, and a retry would meet "already so").
+pub(crate) fn changed_answer<T: serde::Serialize>(
+    status: StatusCode,
+    found: ApiResult<T>,
+    id: Uuid,
+) -> ApiResult<Response> {
+    match found {
+        Ok(view) => Ok((status, axum::Json(view)).into_response()),
+        Err(e) if e.status == StatusCode::FORBIDDEN => {
+            Ok((status, axum::Json(CreatedId { id })).into_response())
+        }
         Err(e) => Err(e),
     }
 }

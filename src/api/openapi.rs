@@ -45,6 +45,9 @@ pub enum Answer {
     /// its id alone to a key that may create but not read; 202 with its id while the read
     /// models do not show it.
     Created(SchemaFn),
+    /// A change's ([`super::changed_answer`]): the view of this schema, or its id alone to a
+    /// key that may change but not read it.
+    Changed(SchemaFn),
     /// An answer no type describes: its media type and what it holds.
     Described {
         media_type: &'static str,
@@ -169,6 +172,13 @@ fn operation(
                 "description": "recorded in the log, not yet shown by the read models \
                                 (header `ledgerline-read-models: behind`)",
                 "content": json_content(answers.subschema_for::<Recorded>()),
+            });
+        }
+        Answer::Changed(f) => {
+            let either = json!({"anyOf": [f(answers), answers.subschema_for::<CreatedId>()]});
+            responses[success] = json!({
+                "description": "changed: its view, or its id alone to a key that may change but not read it",
+                "content": json_content(either),
             });
         }
         Answer::Described {
@@ -314,7 +324,7 @@ mod tests {
                     assert_eq!(r.success, 201, "{} {}", r.method, r.path);
                     assert!(op["responses"]["202"]["content"].is_object());
                 }
-                Answer::Json(_) | Answer::Described { .. } => {
+                Answer::Json(_) | Answer::Changed(_) | Answer::Described { .. } => {
                     assert_ne!(r.success, 204, "{} {}", r.method, r.path)
                 }
             }

@@ -14,7 +14,7 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::answers::{List, PageOf};
-use super::auth::{granted_by_role, role_permissions, Caller};
+use super::auth::{granted_by_role, granted_by_role_at, role_permissions, Caller};
 use super::error::{naming_holder, ApiError, ApiResult};
 use super::extract::{Json, Path, Query};
 use super::owners::{keeping_an_owner, Loss};
@@ -23,7 +23,7 @@ use super::role_tree::{ancestry, in_turn, in_turn_if, levels_below};
 use super::{
     absent_not_null, absent_or_null, double_option, not_null, organizations, users, OptionalJson,
 };
-use crate::app::App;
+use crate::app::{App, Guard};
 
 #[derive(Debug, sqlx::FromRow)]
 struct RoleRow {
@@ -126,10 +126,29 @@ pub(super) fn check_grantable(caller: &Caller, effective: &PermissionSet) -> Api
     })
 }
 
-/// 403 unless `caller` could give everything `role` grants now (with its ancestors'); 503
-/// while the read models do not show a change of it yet.
-async fn may_give(app: &App, caller: &Caller, role: Uuid) -> ApiResult<()> {
-    check_grantable(caller, &granted_by_role(&app.pool, role).await?)
+/// The guard under which a command decided on what `role` grants is appended, once
+/// `caller` is found to be able to give everything it grants now (with its ancestors'; 403
+/// otherwise, 503 while the read models do not show a change of it yet): a change of the
+/// role in the meantime (its permissions widened, its parent moved, its deletion) refuses
+/// the command as stale, so the log never shows a key giving a role past what the key
+/// holds, or a deleted role given. A role no row shows (deleted since the caller's first
+/// look) is a 404. A change of an ancestor is not guarded: see docs/design/known-limits.md.
+async fn may_give(app: &App, caller: &Caller, role: Uuid) -> ApiResult<Guard> {
+    may_give_or_gone(app, caller, role)
+        .await?
+        .ok_or_else(|| ApiError::not_found("role"))
+}
+
+/// [`may_give`] for taking a role away, which a deleted role (it grants nothing, and has
+/// no row to be guarded by) still may be: `None` then.
+async fn may_give_or_gone(app: &App, caller: &Caller, role: Uuid) -> ApiResult<Option<Guard>> {
+    let (grants, version) = granted_by_role_at(&app.pool, role).await?;
+    check_grantable(caller, &grants)?;
+    Ok(version.map(|sequence| Guard {
+        aggregate_type: Role::TYPE,
+        aggregate_id: role,
+        sequence,
+    }))
 }
 
 pub async fn create(
@@ -271,9 +290,10 @@ async fn update_role(
     }
     check_grantable(&caller, &effective)?;
     // And what it grants now, which a change of parent or permissions may take away.
-    if permissions.is_some() || body.parent_role_id.is_some() {
-        may_give(&app, &caller, role).await?;
-    }
+    let guard = match permissions.is_some() || body.parent_role_id.is_some() {
+        true => Some(may_give(&app, &caller, role).await?),
+        false => None,
+    };
     // The tree as it stands in this turn, for the aggregate's cycle and depth rules.
     let (parent_ancestry, inheriting_levels) = match body.parent_role_id {
         Some(Some(p)) => (ancestry(&app, p).await?, levels_below(&app, role).await?),
@@ -296,7 +316,8 @@ async fn update_role(
     };
     let update = {
         let caller = caller.clone();
-        let execute = app.execute_owned(|f| &f.roles, role, Some(org), &caller.actor, command);
+        let execute =
+            app.execute_owned(|f| &f.roles, role, Some(org), &caller.actor, guard, command);
         async move {
             execute
                 .await
@@ -322,7 +343,7 @@ async fn delete_role(app: App, caller: Caller, org: Uuid, role: Uuid) -> ApiResu
     find(&app, org, role).await?;
     // Deleting a role takes what it grants from everyone holding it: only for a key that
     // could give it.
-    may_give(&app, &caller, role).await?;
+    let guard = Some(may_give(&app, &caller, role).await?);
     // A child would silently lose what it inherits; make the operator re-parent it first.
     let (children,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM roles WHERE parent_role_id = $1")
@@ -339,6 +360,7 @@ async fn delete_role(app: App, caller: Caller, org: Uuid, role: Uuid) -> ApiResu
         role,
         Some(org),
         &caller.actor,
+        guard,
         RoleCommand::Delete,
     );
     keeping_an_owner(&app, org, Some(Loss::Branch(role)), delete).await
@@ -424,7 +446,7 @@ pub async fn assign(
     users::find(&app, org, user).await?;
     find_row(&app, org, role).await?;
     // Assigning a role is granting what it grants: no more than the caller holds.
-    may_give(&app, &caller, role).await?;
+    let guard = Some(may_give(&app, &caller, role).await?);
     let body = body.0.unwrap_or_default();
     super::api_keys::require_not_outliving(&caller, body.expires_at, "a role it assigns")?;
     let now = Utc::now();
@@ -441,7 +463,7 @@ pub async fn assign(
         reason: body.reason,
         now,
     };
-    let assign = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    let assign = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, guard, command);
     keeping_an_owner(&app, org, loss, assign).await?;
     Ok(axum::Json(List::of(assignments(&app, user, None).await?)))
 }
@@ -463,12 +485,12 @@ pub async fn revoke(
     }
     // Taking a role away is the other half of granting it: an admin who may not give the
     // owner role may not take it from the owner either (a deleted role grants nothing).
-    may_give(&app, &caller, role).await?;
+    let guard = may_give_or_gone(&app, &caller, role).await?;
     let command = UserCommand::RevokeRole {
         role_id: role,
         reason: None,
     };
-    let revoke = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    let revoke = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, guard, command);
     keeping_an_owner(&app, org, Some(Loss::Assignment { user, role }), revoke).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -261,7 +261,7 @@ async fn change_status(
     // Reactivating takes nothing away; the lock is only for what could.
     let deactivating = matches!(command, UserCommand::Deactivate { .. });
     let loss = deactivating.then_some(Loss::User(user));
-    let change = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, command);
+    let change = app.execute_owned(|f| &f.users, user, Some(org), &caller.actor, None, command);
     let task = app.clone();
     // One task to the end, so a client hanging up stops neither the command nor the handing
     // on of what the user owned.
@@ -319,6 +319,7 @@ pub async fn erase(
         user,
         Some(org),
         &caller.actor,
+        None,
         UserCommand::Erase,
     );
     let task = app.clone();

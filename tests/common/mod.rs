@@ -96,6 +96,49 @@ pub const POLICY: CheckpointPolicy = CheckpointPolicy {
     interval: std::time::Duration::from_secs(1),
 };
 
+/// The ledger's append lock (`writer::APPEND_LOCK`): every appender holds it until commit.
+pub const APPEND_LOCK: i64 = 0x6c65_6467_6572;
+
+/// A connection of its own holding the append lock: appends wait until [`release_appends`].
+pub async fn hold_appends(pool: &PgPool) -> PgConnection {
+    let mut holder = pool.acquire().await.unwrap().detach();
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(APPEND_LOCK)
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    holder
+}
+
+/// Lets go of the append lock [`hold_appends`] took.
+pub async fn release_appends(holder: &mut PgConnection) {
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(APPEND_LOCK)
+        .execute(holder)
+        .await
+        .unwrap();
+}
+
+/// Waits until `n` sessions of this test's database wait for the append lock.
+pub async fn wait_for_appenders(pool: &PgPool, n: i64) {
+    for _ in 0..1_000 {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
+             AND ((classid::bigint << 32) | objid::bigint) = $1",
+        )
+        .bind(APPEND_LOCK)
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if waiting >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    panic!("{n} session(s) never waited for the append lock");
+}
+
 /// Waits up to `within` for `done` to hold; false if it never did.
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut done: F) -> bool
 where

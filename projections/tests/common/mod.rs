@@ -12,9 +12,15 @@ use sqlx::postgres::PgPoolOptions;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
 use uuid::Uuid;
 
+/// The server, without a database name: `LEDGERLINE_TEST_ADMIN_URL` (as the app's tests
+/// and `scripts/test` read it) with its database cut off.
 fn admin_url() -> String {
-    std::env::var("LEDGERLINE_TEST_PG")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string())
+    let admin = std::env::var("LEDGERLINE_TEST_ADMIN_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    match admin.rsplit_once('/') {
+        Some((server, _)) if !server.ends_with('/') => server.to_string(),
+        _ => admin,
+    }
 }
 
 /// A database of its own, dropped (best effort) when the value goes out of scope, even when
