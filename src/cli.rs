@@ -480,6 +480,13 @@ async fn export(
     args: ExportArgs,
 ) -> anyhow::Result<ExitCode> {
     let pool = db::connect(db_args.url()?, db_args.db_pool).await?;
+    // A file of the rows this session is shown would verify, whatever the application reads.
+    if let Some(what) = crate::ledger::verify::not_a_plain_table(&pool).await? {
+        anyhow::bail!(
+            "the events table is not a plain table ({what}): nothing exported; \
+             `ledgerline verify` reports it"
+        );
+    }
     // A mistyped id would give a file of stubs alone that verifies as intact.
     if let Some(org) = args.org {
         let created = api::created(&pool, Organization::TYPE, org, org).await?;

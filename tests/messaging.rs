@@ -1778,3 +1778,107 @@ async fn a_direct_conversation_of_an_earlier_release_is_found_too() {
     let message = r.body["error"]["message"].as_str().unwrap();
     assert!(message.contains(&earlier.to_string()), "{message}");
 }
+
+/// A key that may change messages but not read them (a bot that reacts to the messages it
+/// is handed) is told its change is done with the message's id alone: not the text, nor
+/// who reacted, which its key may not read.
+#[tokio::test]
+async fn a_key_that_may_change_but_not_read_messages_gets_their_id() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let r = c
+        .post(&c.bob.1, conv, json!({"content": "marmalade"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let bobs = id(&r);
+    let r =
+        c.t.post(
+            &format!("/v1/organizations/{}/api-keys", c.org),
+            &c.t.admin_key,
+            json!({"label": "bot", "permissions": ["conversations:write"], "user_id": c.alice.0}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let bot = r.body["secret"].as_str().unwrap().to_string();
+    let r = c
+        .post(&bot, conv, json!({"content": "the bot's own"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let own = id(&r);
+    let message = |m: Uuid, rest: &str| c.path(&format!("/{conv}/messages/{m}{rest}"));
+    for (method, path, body) in [
+        ("PUT", message(bobs, "/reactions/👍"), None),
+        ("DELETE", message(bobs, "/reactions/👍"), None),
+        (
+            "PATCH",
+            message(own, ""),
+            Some(json!({"content": "edited"})),
+        ),
+    ] {
+        let before = c.t.head().await;
+        let r = match method {
+            "PUT" => c.t.put(&path, &bot, json!({})).await,
+            "DELETE" => c.t.delete(&path, &bot).await,
+            _ => c.t.patch(&path, &bot, body.unwrap()).await,
+        };
+        assert_eq!(r.status, 200, "{method} {path}: {}", r.body);
+        assert!(
+            r.body["id"].is_string() && r.body.get("content").is_none(),
+            "{}",
+            r.body
+        );
+        assert_eq!(c.t.head().await, before + 1, "{method} {path}");
+    }
+    let r = c.t.get(&message(own, ""), &c.alice.1).await;
+    assert_eq!(r.body["content"], "edited", "{}", r.body);
+}
+
+/// Many people marking one message read, or reacting to it, at once (an announcement in a
+/// busy channel): each is a command on that message, and all land; none is told 409.
+#[tokio::test]
+async fn many_marks_and_reactions_on_one_message_at_once_all_land() {
+    let c = chat().await;
+    let conv = c.group().await;
+    const PEOPLE: usize = 24;
+    let mut people = Vec::new();
+    for i in 0..PEOPLE {
+        let (user, key) =
+            c.t.member_with_key(c.org, "member", &format!("p{i}@chat.example"))
+                .await;
+        let r =
+            c.t.post(
+                &c.path(&format!("/{conv}/participants")),
+                &c.alice.1,
+                json!({"user_id": user}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        people.push(key);
+    }
+    let r = c
+        .post(&c.alice.1, conv, json!({"content": "all hands at noon"}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let announcement = id(&r);
+    let before = c.t.head().await;
+    let read = c.path(&format!("/{conv}/read"));
+    let marks = people
+        .iter()
+        .map(|key| c.t.post(&read, key, json!({"message_id": announcement})));
+    for r in futures::future::join_all(marks).await {
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    let react = c.path(&format!("/{conv}/messages/{announcement}/reactions/👍"));
+    let reactions = people.iter().map(|key| c.t.put(&react, key, json!({})));
+    for r in futures::future::join_all(reactions).await {
+        assert_eq!(r.status, 200, "{}", r.body);
+    }
+    assert_eq!(c.t.head().await, before + 2 * PEOPLE as i64);
+    let r =
+        c.t.get(
+            &c.path(&format!("/{conv}/messages/{announcement}")),
+            &c.alice.1,
+        )
+        .await;
+    assert_eq!(r.body["reactions"][0]["count"], json!(PEOPLE), "{}", r.body);
+}

@@ -1159,3 +1159,59 @@ async fn attacks_at_the_verifier_segment_boundary() {
         (report.events, report.head_hash)
     );
 }
+
+/// Row-level security on `events` can show each session other rows: here a role of its own
+/// (an auditor's, or the one a verifier runs as) is shown the log without its newest event,
+/// a tail cut off only for it, while every other session reads it whole. The rows it is
+/// shown form an intact chain, so only the table's make-up tells: `verify` reports it as
+/// tampering, whoever runs it, and `export` refuses.
+#[tokio::test]
+async fn row_level_security_on_the_log_is_tampering() {
+    let t = TestApp::spawn().await;
+    let log = build_log(&t).await;
+    let role = format!("auditor_{}", Uuid::new_v4().simple());
+    tamper(
+        t.pool(),
+        &[
+            format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"),
+            format!("GRANT SELECT ON events TO {role}"),
+            "ALTER TABLE events ENABLE ROW LEVEL SECURITY".to_string(),
+            format!(
+                "CREATE POLICY split ON events USING (current_user <> '{role}' OR position < {})",
+                log.n
+            ),
+        ],
+    )
+    .await;
+    let as_role =
+        t.db.url
+            .parse::<sqlx::postgres::PgConnectOptions>()
+            .unwrap()
+            .username(&role);
+    let shown = sqlx::PgPool::connect_with(as_role).await.unwrap();
+    let (seen,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
+        .fetch_one(&shown)
+        .await
+        .unwrap();
+    assert_eq!(seen, log.n - 1, "the role is shown a cut-off log");
+    let what = "row-level security is enabled; 1 row-level security policy(ies)".to_string();
+    for pool in [&shown, t.pool()] {
+        let report = verify_database(pool, 2).await.unwrap();
+        assert_first_bad(&report, 0, Fault::NotAPlainTable { what: what.clone() });
+    }
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("not a plain table"), "{out}");
+    let file = std::env::temp_dir().join(format!("{role}.jsonl"));
+    let path = file.to_str().unwrap();
+    let (code, out, err) = ledgerline(&t.db.url, &["export", "--out", path]).await;
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.contains("not a plain table"), "{err}");
+    assert!(!file.exists());
+    shown.close().await;
+    tamper(
+        t.pool(),
+        &[format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")],
+    )
+    .await;
+}

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::Response;
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::message::{
@@ -35,6 +36,11 @@ use crate::ledger::Appended;
 
 /// How often a message command is decided again when its conversation changed meanwhile.
 const STALE_RETRIES: usize = 3;
+/// How often a command on a message is decided again when another command on that message
+/// took the sequence number first (read marks and reactions: many people at once on a
+/// popular message). One of those racing lands in each commit, so this many can land
+/// together; past it, the rest are 409.
+const CONFLICT_RETRIES: usize = 64;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 
@@ -195,6 +201,21 @@ fn open(app: &App, mut rows: Vec<MessageRow>) -> Vec<MessageView> {
 }
 
 /// The message `id` of conversation `conversation`, or a 404.
+/// A change's answer ([`super::changed_answer`]): the message as it now is, or its id alone
+/// to a key that may change it but not read it (nor, so, its text or who reacted).
+async fn changed(
+    app: &App,
+    caller: &Caller,
+    (org, conversation, id): (Uuid, Uuid, Uuid),
+) -> ApiResult<Response> {
+    let readable = caller.require_in(org, Permission::ConversationsRead);
+    let found = match readable {
+        Ok(()) => find(app, conversation, id).await,
+        Err(e) => Err(e),
+    };
+    super::changed_answer(StatusCode::OK, found, id)
+}
+
 async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView> {
     let row: MessageRow = sqlx::query_as(&format!(
         "{SELECT} WHERE m.id = $1 AND m.conversation_id = $2"
@@ -257,7 +278,7 @@ async fn run(
 ) -> ApiResult<Option<Created<Message>>> {
     // The guard catches any change to the conversation since `first` was read.
     let mut access = first;
-    let mut attempt = 0;
+    let (mut attempt, mut conflicts) = (0, 0);
     loop {
         let command = make(&access)?;
         let (actor, guard) = (&caller.actor, Some(access.guard()));
@@ -280,7 +301,10 @@ async fn run(
         match outcome {
             // A post's id taken (a conflict) stays taken: not retried.
             taken @ Err(CommandError::Conflict) if fresh => return taken.map_err(ApiError::from),
-            Err(CommandError::Stale(_) | CommandError::Conflict) if attempt < STALE_RETRIES => {
+            // Only the message moved (its conversation did not, or the guard would say so):
+            // decided again at once, on the message as the log now holds it.
+            Err(CommandError::Conflict) if conflicts < CONFLICT_RETRIES => conflicts += 1,
+            Err(CommandError::Stale(_)) if attempt < STALE_RETRIES => {
                 attempt += 1;
                 app.await_ledger().await;
                 access = access_for(app, caller, org, conversation, permission, on_behalf).await?;
@@ -343,7 +367,7 @@ pub async fn post(
     caller: Caller,
     Path((org, conversation)): Path<(Uuid, Uuid)>,
     Json(body): Json<PostMessage>,
-) -> ApiResult<axum::response::Response> {
+) -> ApiResult<Response> {
     let author = match (caller.user_id, body.author_id) {
         (Some(user), None) => Ok(user),
         (Some(user), Some(a)) if a == user => Ok(user),
@@ -613,7 +637,7 @@ pub async fn edit(
     caller: Caller,
     Path((org, conversation, message)): Path<(Uuid, Uuid, Uuid)>,
     Json(body): Json<EditMessage>,
-) -> ApiResult<axum::Json<MessageView>> {
+) -> ApiResult<Response> {
     let first = access(
         &app,
         &caller,
@@ -655,7 +679,7 @@ pub async fn edit(
         },
     )
     .await?;
-    Ok(axum::Json(find(&app, conversation, message).await?))
+    changed(&app, &caller, (org, conversation, message)).await
 }
 
 /// The author, a conversation owner or admin, or a service key deletes: the message's key
@@ -725,7 +749,7 @@ async fn reaction(
     caller: &Caller,
     (org, conversation, message, emoji): (Uuid, Uuid, Uuid, String),
     add: bool,
-) -> ApiResult<axum::Json<MessageView>> {
+) -> ApiResult<Response> {
     let first = access(
         app,
         caller,
@@ -767,7 +791,7 @@ async fn reaction(
         },
     )
     .await?;
-    Ok(axum::Json(find(app, conversation, message).await?))
+    changed(app, caller, (org, conversation, message)).await
 }
 
 pub async fn react(
@@ -775,7 +799,7 @@ pub async fn react(
     caller: Caller,
     Path(path): Path<(Uuid, Uuid, Uuid, String)>,
     _: super::NoBody,
-) -> ApiResult<axum::Json<MessageView>> {
+) -> ApiResult<Response> {
     reaction(&app, &caller, path, true).await
 }
 
@@ -784,7 +808,7 @@ pub async fn unreact(
     caller: Caller,
     Path(path): Path<(Uuid, Uuid, Uuid, String)>,
     _: super::NoBody,
-) -> ApiResult<axum::Json<MessageView>> {
+) -> ApiResult<Response> {
     reaction(&app, &caller, path, false).await
 }
 

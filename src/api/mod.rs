@@ -498,7 +498,7 @@ pub const ROUTES: &[RouteDoc] = &[
         Some("conversations:write"),
         200,
         "Edit a message (author only)",
-    ).body(schema::<messages::EditMessage>).answers(schema::<messages::MessageView>),
+    ).body(schema::<messages::EditMessage>).changes(schema::<messages::MessageView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}",
@@ -512,14 +512,14 @@ pub const ROUTES: &[RouteDoc] = &[
         Some("conversations:write"),
         200,
         "React with an emoji (once per user, message and emoji)",
-    ).answers(schema::<messages::MessageView>),
+    ).changes(schema::<messages::MessageView>),
     r(
         "DELETE",
         "/v1/organizations/{org}/conversations/{id}/messages/{msg}/reactions/{emoji}",
         Some("conversations:write"),
         200,
         "Take a reaction back",
-    ).answers(schema::<messages::MessageView>),
+    ).changes(schema::<messages::MessageView>),
     r(
         "POST",
         "/v1/organizations/{org}/conversations/{id}/read",

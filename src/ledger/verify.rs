@@ -39,6 +39,10 @@ pub enum Fault {
     /// A v1 event after a v2 one: the writer switched to v2 for good (migration 0010), so
     /// such a row came past the trigger that refuses it, or is a v2 event relabelled.
     V1AfterV2,
+    /// `events` is not the plain table the migrations made (`what` says how): row-level
+    /// security or a rule can show one session other rows than another, so the rows this
+    /// check read need not be those the application reads. Reported at position 0.
+    NotAPlainTable { what: String },
 }
 
 impl std::fmt::Display for Fault {
@@ -72,6 +76,11 @@ impl std::fmt::Display for Fault {
             Fault::V1AfterV2 => {
                 f.write_str("v1 after v2: a v1 event after a v2 one, which the writer never stores")
             }
+            Fault::NotAPlainTable { what } => write!(
+                f,
+                "not a plain table: {what}, so the rows checked here need not be the rows \
+                 another session (the application's) reads"
+            ),
         }
     }
 }
@@ -186,7 +195,52 @@ pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sq
     if let Some(outside) = outside_the_chain(pool).await? {
         report.first_bad = Some(outside);
     }
+    // And what could have hidden rows from every read above comes before all else.
+    if let Some(what) = not_a_plain_table(pool).await? {
+        report.first_bad = Some(BadEvent {
+            position: 0,
+            fault: Fault::NotAPlainTable { what },
+        });
+    }
     Ok(report)
+}
+
+/// What makes `events` (as this session resolves the name) more than the plain table the
+/// migrations made, if anything: a view or another kind of relation, row-level security
+/// (enabled, forced on its owner, or with policies), or rules. Each can show the sessions of
+/// one role or application name other rows than another's, so a verifier could be shown an
+/// intact log while the application reads a forged one: none of them is ever made by
+/// ledgerline, so each is a tampering.
+pub async fn not_a_plain_table(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
+    let (kind, enabled, forced, policies, rules): (String, bool, bool, i64, i64) = sqlx::query_as(
+        "SELECT c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
+                    (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), \
+                    (SELECT count(*) FROM pg_rewrite r WHERE r.ev_class = c.oid) \
+             FROM pg_class c WHERE c.oid = 'events'::regclass",
+    )
+    .fetch_one(pool)
+    .await?;
+    let mut found = Vec::new();
+    if kind != "r" {
+        found.push(format!(
+            "`events` is a relation of kind '{kind}', not a table"
+        ));
+    }
+    if enabled || forced {
+        let on = if forced {
+            "enabled and forced on its owner"
+        } else {
+            "enabled"
+        };
+        found.push(format!("row-level security is {on}"));
+    }
+    if policies > 0 {
+        found.push(format!("{policies} row-level security policy(ies)"));
+    }
+    if rules > 0 {
+        found.push(format!("{rules} rule(s) rewrite its queries"));
+    }
+    Ok((!found.is_empty()).then(|| found.join("; ")))
 }
 
 /// Rows that no range reads: a NULL position or one below 1 (both index look-ups).
