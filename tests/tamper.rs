@@ -1208,10 +1208,34 @@ async fn row_level_security_on_the_log_is_tampering() {
     assert_ne!(code, 0, "{out}{err}");
     assert!(err.contains("not a plain table"), "{err}");
     assert!(!file.exists());
+    // A policy that makes the role's reads fail is said as such too, not as "could not run".
+    tamper(
+        t.pool(),
+        &["CREATE POLICY fails ON events AS RESTRICTIVE USING (1 / 0 = 1)".to_string()],
+    )
+    .await;
+    let report = verify_database(&shown, 2).await.unwrap();
+    let what = "row-level security is enabled; 2 row-level security policy(ies)".to_string();
+    assert_first_bad(&report, 0, Fault::NotAPlainTable { what });
     shown.close().await;
     tamper(
         t.pool(),
         &[format!("DROP OWNED BY {role}"), format!("DROP ROLE {role}")],
     )
     .await;
+}
+
+/// A table inheriting from `events` adds its rows to every read of it (a foreign one, read
+/// through each role's own user mapping, can add other rows for each role): tampering.
+#[tokio::test]
+async fn a_table_inheriting_from_the_log_is_tampering() {
+    let t = TestApp::spawn().await;
+    build_log(&t).await;
+    tamper(
+        t.pool(),
+        &["CREATE TABLE more_events () INHERITS (events)".to_string()],
+    )
+    .await;
+    let what = "1 table(s) inherit from it (their rows read as its own)".to_string();
+    assert_first_bad(&t.verify().await, 0, Fault::NotAPlainTable { what });
 }

@@ -41,6 +41,8 @@ const STALE_RETRIES: usize = 3;
 /// popular message). One of those racing lands in each commit, so this many can land
 /// together; past it, the rest are 409.
 const CONFLICT_RETRIES: usize = 64;
+/// The longest pause before the n-th of those is n times this (ms), each drawn at random.
+const CONFLICT_PAUSE_MS: u64 = 2;
 const DEFAULT_PAGE: i64 = 50;
 const MAX_PAGE: i64 = 200;
 
@@ -200,7 +202,6 @@ fn open(app: &App, mut rows: Vec<MessageRow>) -> Vec<MessageView> {
         .collect()
 }
 
-/// The message `id` of conversation `conversation`, or a 404.
 /// A change's answer ([`super::changed_answer`]): the message as it now is, or its id alone
 /// to a key that may change it but not read it (nor, so, its text or who reacted).
 async fn changed(
@@ -216,6 +217,7 @@ async fn changed(
     super::changed_answer(StatusCode::OK, found, id)
 }
 
+/// The message `id` of conversation `conversation`, or a 404.
 async fn find(app: &App, conversation: Uuid, id: Uuid) -> ApiResult<MessageView> {
     let row: MessageRow = sqlx::query_as(&format!(
         "{SELECT} WHERE m.id = $1 AND m.conversation_id = $2"
@@ -302,8 +304,15 @@ async fn run(
             // A post's id taken (a conflict) stays taken: not retried.
             taken @ Err(CommandError::Conflict) if fresh => return taken.map_err(ApiError::from),
             // Only the message moved (its conversation did not, or the guard would say so):
-            // decided again at once, on the message as the log now holds it.
-            Err(CommandError::Conflict) if conflicts < CONFLICT_RETRIES => conflicts += 1,
+            // decided again on the message as the log now holds it, after a random pause
+            // that grows with the losses, so that those who lost do not all come back to
+            // the same commit (each reload reads the message's whole stream).
+            Err(CommandError::Conflict) if conflicts < CONFLICT_RETRIES => {
+                conflicts += 1;
+                let most = CONFLICT_PAUSE_MS * conflicts as u64;
+                let pause = rand::Rng::gen_range(&mut rand::thread_rng(), 0..=most);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+            }
             Err(CommandError::Stale(_)) if attempt < STALE_RETRIES => {
                 attempt += 1;
                 app.await_ledger().await;

@@ -139,6 +139,20 @@ const SEGMENT: i64 = 65_536;
 
 pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sqlx::Error> {
     let started = Instant::now();
+    // First: what could hide rows from every read below, or make them fail (a policy that
+    // errors for this session), comes before all else, and no walk is needed to say so.
+    if let Some(what) = not_a_plain_table(pool).await? {
+        return Ok(Report {
+            events: 0,
+            head_position: 0,
+            head_hash: GENESIS,
+            first_bad: Some(BadEvent {
+                position: 0,
+                fault: Fault::NotAPlainTable { what },
+            }),
+            elapsed: started.elapsed(),
+        });
+    }
     let workers = workers.max(1);
     let (max,): (Option<i64>,) = sqlx::query_as("SELECT max(position) FROM events")
         .fetch_one(pool)
@@ -195,50 +209,49 @@ pub async fn verify_database(pool: &PgPool, workers: usize) -> Result<Report, sq
     if let Some(outside) = outside_the_chain(pool).await? {
         report.first_bad = Some(outside);
     }
-    // And what could have hidden rows from every read above comes before all else.
-    if let Some(what) = not_a_plain_table(pool).await? {
-        report.first_bad = Some(BadEvent {
-            position: 0,
-            fault: Fault::NotAPlainTable { what },
-        });
-    }
     Ok(report)
 }
 
 /// What makes `events` (as this session resolves the name) more than the plain table the
 /// migrations made, if anything: a view or another kind of relation, row-level security
-/// (enabled, forced on its owner, or with policies), or rules. Each can show the sessions of
-/// one role or application name other rows than another's, so a verifier could be shown an
-/// intact log while the application reads a forged one: none of them is ever made by
-/// ledgerline, so each is a tampering.
+/// (enabled or forced, or policies), rules, or tables inheriting from it (a foreign table
+/// among them can show each role other rows). Each can show the sessions of one role or
+/// application name other rows than another's, so a verifier could be shown an intact log
+/// while the application reads a forged one: none of them is ever made by ledgerline, so
+/// each is a tampering.
 pub async fn not_a_plain_table(pool: &PgPool) -> Result<Option<String>, sqlx::Error> {
-    let (kind, enabled, forced, policies, rules): (String, bool, bool, i64, i64) = sqlx::query_as(
-        "SELECT c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
+    let (kind, enabled, forced, policies, rules, children): (String, bool, bool, i64, i64, i64) =
+        sqlx::query_as(
+            "SELECT c.relkind::text, c.relrowsecurity, c.relforcerowsecurity, \
                     (SELECT count(*) FROM pg_policy p WHERE p.polrelid = c.oid), \
-                    (SELECT count(*) FROM pg_rewrite r WHERE r.ev_class = c.oid) \
+                    (SELECT count(*) FROM pg_rewrite r WHERE r.ev_class = c.oid), \
+                    (SELECT count(*) FROM pg_inherits i WHERE i.inhparent = c.oid) \
              FROM pg_class c WHERE c.oid = 'events'::regclass",
-    )
-    .fetch_one(pool)
-    .await?;
+        )
+        .fetch_one(pool)
+        .await?;
     let mut found = Vec::new();
     if kind != "r" {
         found.push(format!(
             "`events` is a relation of kind '{kind}', not a table"
         ));
     }
-    if enabled || forced {
-        let on = if forced {
-            "enabled and forced on its owner"
-        } else {
-            "enabled"
-        };
-        found.push(format!("row-level security is {on}"));
+    if enabled {
+        found.push("row-level security is enabled".to_string());
+    }
+    if forced {
+        found.push("row-level security is forced on its owner".to_string());
     }
     if policies > 0 {
         found.push(format!("{policies} row-level security policy(ies)"));
     }
     if rules > 0 {
         found.push(format!("{rules} rule(s) rewrite its queries"));
+    }
+    if children > 0 {
+        found.push(format!(
+            "{children} table(s) inherit from it (their rows read as its own)"
+        ));
     }
     Ok((!found.is_empty()).then(|| found.join("; ")))
 }
