@@ -1180,7 +1180,8 @@ async fn verify_phase(
 
     let total = last_position as u64;
     checkpoint(pool).await;
-    // verify_database starts with this query; timed alone to show its share of each run.
+    // verify_database reads the head with a query like this one (after a look at the table's
+    // make-up in the catalogue); timed alone to show its share of each run.
     let t = Instant::now();
     sqlx::query("SELECT count(*), max(position) FROM events")
         .fetch_one(pool)

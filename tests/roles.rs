@@ -370,8 +370,9 @@ async fn a_role_change_waits_for_role_events_the_read_models_do_not_show() {
     assert_eq!(orphans(&t, org).await, 0);
 }
 
-/// A second `serve` process on the test's database: an app of its own (its own writer, no
-/// projector) answering HTTP at the returned base address until the task is aborted.
+/// Stands in for a second `serve` process on the test's database: an app of its own in this
+/// process (its own writer; no projector, no log maintainer) answering HTTP at the returned
+/// base address until the task is aborted.
 async fn second_process(t: &TestApp) -> (String, tokio::task::JoinHandle<()>) {
     let app = ledgerline::app::App::with_projector(t.pool().clone(), t.app.vault.clone(), None);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

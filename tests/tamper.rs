@@ -17,7 +17,7 @@ use ledgerline::ledger::verify::{verify_database, BadEvent, Fault, Report};
 use ledgerline_projections::StoredEvent;
 use reqwest::Method;
 use serde_json::json;
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Executor, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 /// The log every attack starts from.
@@ -1173,7 +1173,7 @@ async fn row_level_security_on_the_log_is_tampering() {
     tamper(
         t.pool(),
         &[
-            format!("CREATE ROLE {role} LOGIN NOSUPERUSER NOBYPASSRLS"),
+            format!("CREATE ROLE {role} NOLOGIN NOSUPERUSER NOBYPASSRLS"),
             format!("GRANT SELECT ON events TO {role}"),
             "ALTER TABLE events ENABLE ROW LEVEL SECURITY".to_string(),
             format!(
@@ -1183,12 +1183,16 @@ async fn row_level_security_on_the_log_is_tampering() {
         ],
     )
     .await;
-    let as_role =
-        t.db.url
-            .parse::<sqlx::postgres::PgConnectOptions>()
-            .unwrap()
-            .username(&role);
-    let shown = sqlx::PgPool::connect_with(as_role).await.unwrap();
+    // Sessions that take the role on (RLS follows `current_user`), so no login of its own.
+    let set_role = format!("SET ROLE {role}");
+    let shown = sqlx::postgres::PgPoolOptions::new()
+        .after_connect(move |conn, _| {
+            let set_role = set_role.clone();
+            Box::pin(async move { conn.execute(set_role.as_str()).await.map(drop) })
+        })
+        .connect(&t.db.url)
+        .await
+        .unwrap();
     let (seen,): (i64,) = sqlx::query_as("SELECT count(*) FROM events")
         .fetch_one(&shown)
         .await

@@ -759,10 +759,6 @@ pub(crate) fn created_answer<T: serde::Serialize>(
     id: Uuid,
 ) -> ApiResult<Response> {
     match found {
-        Ok(view) => Ok((StatusCode::CREATED, axum::Json(view)).into_response()),
-        Err(e) if e.status == StatusCode::FORBIDDEN => {
-            Ok((StatusCode::CREATED, axum::Json(CreatedId { id })).into_response())
-        }
         Err(e) if e.status == StatusCode::NOT_FOUND => Ok((
             StatusCode::ACCEPTED,
             axum::Json(Recorded {
@@ -771,7 +767,7 @@ pub(crate) fn created_answer<T: serde::Serialize>(
             }),
         )
             .into_response()),
-        Err(e) => Err(e),
+        found => changed_answer(StatusCode::CREATED, found, id),
     }
 }
 
