@@ -104,6 +104,14 @@ impl Chat {
         id(&r)
     }
 
+    /// `key` adds `user` to `conv` as a member.
+    async fn add(&self, key: &str, conv: Uuid, user: Uuid) -> Response {
+        let participants = self.path(&format!("/{conv}/participants"));
+        self.t
+            .post(&participants, key, json!({"user_id": user}))
+            .await
+    }
+
     async fn post(&self, key: &str, conv: Uuid, body: Value) -> Response {
         self.t
             .post(&self.path(&format!("/{conv}/messages")), key, body)
@@ -422,13 +430,7 @@ async fn direct_conversations_need_exactly_two_distinct_people() {
     assert_eq!(r.body["title"], Value::Null);
     // Fixed for life: nobody joins or leaves a direct conversation.
     let head = c.t.head().await;
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.alice.1,
-            json!({"user_id": c.carol.0}),
-        )
-        .await;
+    let r = c.add(&c.alice.1, conv, c.carol.0).await;
     c.refused(&r, 409, head).await;
     let r =
         c.t.delete(
@@ -478,13 +480,7 @@ async fn participants_must_be_active_users_of_the_same_organization() {
     c.refused(&r, 422, head).await;
     let conv = c.group().await;
     let head = c.t.head().await;
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.alice.1,
-            json!({"user_id": stranger}),
-        )
-        .await;
+    let r = c.add(&c.alice.1, conv, stranger).await;
     c.refused(&r, 422, head).await;
 }
 
@@ -1118,13 +1114,7 @@ async fn a_participant_removed_and_added_again_while_messaging_is_stopped_reads_
         .await;
     assert_eq!(r.status, 204, "{}", r.body);
     assert_error(&c.messages(&c.carol.1, conv, "").await, 404);
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.alice.1,
-            json!({"user_id": c.carol.0}),
-        )
-        .await;
+    let r = c.add(&c.alice.1, conv, c.carol.0).await;
     assert!(matches!(r.status, 201 | 202), "{}", r.body);
     let r = c.messages(&c.carol.1, conv, "").await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -1145,22 +1135,10 @@ async fn roles_moderation_and_muting() {
             .await;
     assert_eq!(r.status, 200, "{}", r.body);
     // An admin adds and removes members, and deletes others' messages.
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.bob.1,
-            json!({"user_id": c.dave.0}),
-        )
-        .await;
+    let r = c.add(&c.bob.1, conv, c.dave.0).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let head = c.t.head().await;
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.bob.1,
-            json!({"user_id": c.dave.0}),
-        )
-        .await;
+    let r = c.add(&c.bob.1, conv, c.dave.0).await;
     c.refused(&r, 409, head).await; // already in
     let daves = c.say(&c.dave.1, conv, "spam").await;
     let r =
@@ -1476,13 +1454,7 @@ async fn a_newcomer_starts_with_the_history_behind_it_read() {
     for text in ["one", "two", "three"] {
         c.say(&c.bob.1, conv, text).await;
     }
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.alice.1,
-            json!({"user_id": c.dave.0}),
-        )
-        .await;
+    let r = c.add(&c.alice.1, conv, c.dave.0).await;
     assert_eq!(r.status, 201, "{}", r.body);
     let me = |key: String| {
         let c = &c;
@@ -1591,13 +1563,7 @@ async fn participant_changes_check_access_before_the_body() {
         c.refused(&r, 404, head).await;
     }
     // A participant still hears what is wrong with the body.
-    let r =
-        c.t.post(
-            &c.path(&format!("/{conv}/participants")),
-            &c.alice.1,
-            json!({"user_id": nobody}),
-        )
-        .await;
+    let r = c.add(&c.alice.1, conv, nobody).await;
     c.refused(&r, 422, head).await;
 }
 
@@ -1845,13 +1811,7 @@ async fn many_marks_and_reactions_on_one_message_at_once_all_land() {
         let (user, key) =
             c.t.member_with_key(c.org, "member", &format!("p{i}@chat.example"))
                 .await;
-        let r =
-            c.t.post(
-                &c.path(&format!("/{conv}/participants")),
-                &c.alice.1,
-                json!({"user_id": user}),
-            )
-            .await;
+        let r = c.add(&c.alice.1, conv, user).await;
         assert_eq!(r.status, 201, "{}", r.body);
         people.push(key);
     }

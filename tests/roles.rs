@@ -385,19 +385,23 @@ async fn second_process(t: &TestApp) -> (String, tokio::task::JoinHandle<()>) {
     (base, server)
 }
 
-/// Sends `change` through the test's app and then `decided` through a second process
-/// (given its base address), with appends held back until both wait for the lock: `decided`
+/// Sends `change` through the test's app and then `decided` (method, path, key and body)
+/// through a second process, with appends held back until both wait for the lock: `decided`
 /// was decided on the state before `change`, and is appended after it (the database grants
 /// the lock in the order it was asked for).
-async fn decided_before_appended<F>(
+async fn decided_before_appended(
     t: &TestApp,
     change: impl std::future::Future<Output = common::Response>,
-    decided: impl FnOnce(String) -> F,
-) -> (common::Response, common::Response)
-where
-    F: std::future::Future<Output = common::Response>,
-{
+    (method, path, key, body): (reqwest::Method, &str, &str, Option<serde_json::Value>),
+) -> (common::Response, common::Response) {
     let (base, second) = second_process(t).await;
+    let mut request = t
+        .client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
     let mut holder = hold_appends(t.pool()).await;
     let after = async {
         wait_for_appenders(t.pool(), 1).await;
@@ -405,24 +409,34 @@ where
             wait_for_appenders(t.pool(), 2).await;
             release_appends(&mut holder).await;
         };
-        tokio::join!(decided(base), release).0
+        tokio::join!(common::answer(request), release).0
     };
     let answers = tokio::join!(change, after);
     second.abort();
     answers
 }
 
-/// A request through `base` (another process) with `key`.
-fn through(
-    t: &TestApp,
-    base: &str,
-    method: reqwest::Method,
-    path: &str,
-    key: &str,
-) -> reqwest::RequestBuilder {
-    t.client
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(key)
+/// `r` is the refusal of a command decided on a role that changed before its append.
+fn refused_as_stale(r: &common::Response) {
+    assert_error_says(
+        r,
+        409,
+        "the role changed while the command was being decided",
+    );
+}
+
+/// An organization with a role granting `users:read`, an admin's key, a user, and the path
+/// of that user's assignment of the role: (org, role, admin's key, user, path).
+async fn helpdesk(t: &TestApp, org_name: &str) -> (Uuid, Uuid, String, Uuid, String) {
+    let org = t.create_org(org_name).await;
+    let role = t.create_role(org, "helpdesk", &["users:read"], None).await;
+    let domain = org_name.to_lowercase();
+    let (_, admin) = t
+        .member_with_key(org, "admin", &format!("admin@{domain}.example"))
+        .await;
+    let user = t.invite(org, &format!("u@{domain}.example"), "U").await;
+    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
+    (org, role, admin, user, assignment)
 }
 
 /// An assignment decided on what a role grants is refused (appending nothing) when the role
@@ -431,27 +445,18 @@ fn through(
 #[tokio::test]
 async fn a_role_widened_while_it_is_being_assigned_is_not_assigned() {
     let t = TestApp::spawn().await;
-    let org = t.create_org("Widening").await;
-    let role = t.create_role(org, "helpdesk", &["users:read"], None).await;
-    let (_, admin) = t
-        .member_with_key(org, "admin", "admin@widening.example")
-        .await;
-    let user = t.invite(org, "u@widening.example", "U").await;
+    let (org, role, admin, user, assignment) = helpdesk(&t, "Widening").await;
     let owner = t.role_id(org, "owner").await;
-    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
-    let (moved, assigned) =
-        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), |base| {
-            common::answer(
-                through(&t, &base, reqwest::Method::PUT, &assignment, &admin).json(&json!({})),
-            )
-        })
-        .await;
-    assert_eq!(moved.status, 200, "{}", moved.body);
-    assert_error_says(
-        &assigned,
-        409,
-        "the role changed while the command was being decided",
+    let put = (
+        reqwest::Method::PUT,
+        assignment.as_str(),
+        admin.as_str(),
+        Some(json!({})),
     );
+    let (moved, assigned) =
+        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), put).await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    refused_as_stale(&assigned);
     let assignments = org_path(org, &format!("/users/{user}/roles"));
     let r = t.get(&assignments, &t.admin_key).await;
     assert_eq!(r.body["items"], json!([]), "{}", r.body);
@@ -465,32 +470,19 @@ async fn a_role_widened_while_it_is_being_assigned_is_not_assigned() {
 #[tokio::test]
 async fn a_role_widened_while_it_is_being_revoked_stays_assigned() {
     let t = TestApp::spawn().await;
-    let org = t.create_org("Keeping").await;
-    let role = t.create_role(org, "helpdesk", &["users:read"], None).await;
-    let (_, admin) = t
-        .member_with_key(org, "admin", "admin@keeping.example")
-        .await;
-    let user = t.invite(org, "u@keeping.example", "U").await;
+    let (org, role, admin, user, assignment) = helpdesk(&t, "Keeping").await;
     t.assign(org, user, role).await;
     let owner = t.role_id(org, "owner").await;
-    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
-    let (moved, revoked) =
-        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), |base| {
-            common::answer(through(
-                &t,
-                &base,
-                reqwest::Method::DELETE,
-                &assignment,
-                &admin,
-            ))
-        })
-        .await;
-    assert_eq!(moved.status, 200, "{}", moved.body);
-    assert_error_says(
-        &revoked,
-        409,
-        "the role changed while the command was being decided",
+    let delete = (
+        reqwest::Method::DELETE,
+        assignment.as_str(),
+        admin.as_str(),
+        None,
     );
+    let (moved, revoked) =
+        decided_before_appended(&t, set_parent(&t, org, role, Some(owner)), delete).await;
+    assert_eq!(moved.status, 200, "{}", moved.body);
+    refused_as_stale(&revoked);
     let assignments = org_path(org, &format!("/users/{user}/roles"));
     let r = t.get(&assignments, &t.admin_key).await;
     assert_eq!(r.body["items"][0]["role_id"], json!(role), "{}", r.body);
@@ -502,24 +494,18 @@ async fn a_role_widened_while_it_is_being_revoked_stays_assigned() {
 #[tokio::test]
 async fn a_role_deleted_while_it_is_being_assigned_is_not_assigned() {
     let t = TestApp::spawn().await;
-    let org = t.create_org("Vanishing").await;
-    let role = t.create_role(org, "temp", &["users:read"], None).await;
-    let user = t.invite(org, "u@vanishing.example", "U").await;
-    let assignment = org_path(org, &format!("/users/{user}/roles/{role}"));
-    let (deleted, assigned) =
-        decided_before_appended(&t, t.delete(&role_path(org, role), &t.admin_key), |base| {
-            common::answer(
-                through(&t, &base, reqwest::Method::PUT, &assignment, &t.admin_key)
-                    .json(&json!({})),
-            )
-        })
-        .await;
-    assert_eq!(deleted.status, 204, "{}", deleted.body);
-    assert_error_says(
-        &assigned,
-        409,
-        "the role changed while the command was being decided",
+    let (org, role, _, user, assignment) = helpdesk(&t, "Vanishing").await;
+    let put = (
+        reqwest::Method::PUT,
+        assignment.as_str(),
+        t.admin_key.as_str(),
+        Some(json!({})),
     );
+    let role_at = role_path(org, role);
+    let delete = t.delete(&role_at, &t.admin_key);
+    let (deleted, assigned) = decided_before_appended(&t, delete, put).await;
+    assert_eq!(deleted.status, 204, "{}", deleted.body);
+    refused_as_stale(&assigned);
     let assignments: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM events WHERE aggregate_type = 'User' AND aggregate_id = $1 \
            AND event_type = 'UserRoleAssigned'",

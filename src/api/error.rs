@@ -137,6 +137,11 @@ rejectable!(
     ledgerline_aggregates::message::MessageError
 );
 
+/// What an answer says whose command may or may not have taken effect (its outcome lost,
+/// or its time limit struck): how to find out before sending it again without a key.
+pub(crate) const LOOK_FOR_IT: &str = "Look for it in the audit events (?request_id= this \
+     answer's x-request-id) before sending it again";
+
 impl<E: Rejectable> From<CommandError<E>> for ApiError {
     fn from(e: CommandError<E>) -> Self {
         match e {
@@ -157,10 +162,7 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
                 tracing::error!("a command's outcome is not known: its COMMIT's answer was lost");
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
-                    format!(
-                        "{e}. Look for it in the audit events (?request_id= this answer's \
-                         x-request-id) before sending it again"
-                    ),
+                    format!("{e}. {LOOK_FOR_IT}"),
                 )
             }
             CommandError::Internal(cause) => ApiError::internal(cause),

@@ -209,12 +209,11 @@ async fn changed(
     caller: &Caller,
     (org, conversation, id): (Uuid, Uuid, Uuid),
 ) -> ApiResult<Response> {
-    let readable = caller.require_in(org, Permission::ConversationsRead);
-    let found = match readable {
-        Ok(()) => find(app, conversation, id).await,
-        Err(e) => Err(e),
+    let found = async {
+        caller.require_in(org, Permission::ConversationsRead)?;
+        find(app, conversation, id).await
     };
-    super::changed_answer(StatusCode::OK, found, id)
+    super::changed_answer(StatusCode::OK, found.await, id)
 }
 
 /// The message `id` of conversation `conversation`, or a 404.

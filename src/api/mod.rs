@@ -665,9 +665,9 @@ async fn time_limit(
             StatusCode::REQUEST_TIMEOUT,
             format!(
                 "the request took longer than {} s and was answered without its outcome: a \
-                 command it began may still take effect. Look for it in the audit events \
-                 (?request_id= this answer's x-request-id) before sending it again",
-                limit.as_secs_f64()
+                 command it began may still take effect. {}",
+                limit.as_secs_f64(),
+                error::LOOK_FOR_IT
             ),
         )
         .into_response(),

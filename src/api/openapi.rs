@@ -119,6 +119,11 @@ fn make() -> Value {
     })
 }
 
+/// The answer [`super::changed_answer`] gives: the view of `view`'s schema, or the id alone.
+fn view_or_id(view: SchemaFn, answers: &mut SchemaGenerator) -> Value {
+    json!({"anyOf": [view(answers), answers.subschema_for::<CreatedId>()]})
+}
+
 fn operation(
     r: &RouteDoc,
     requests: &mut SchemaGenerator,
@@ -163,10 +168,9 @@ fn operation(
                 json!({"description": "success", "content": json_content(f(answers))})
         }
         Answer::Created(f) => {
-            let either = json!({"anyOf": [f(answers), answers.subschema_for::<CreatedId>()]});
             responses[success] = json!({
                 "description": "created: its view, or its id alone to a key that may create but not read it",
-                "content": json_content(either),
+                "content": json_content(view_or_id(f, answers)),
             });
             responses["202"] = json!({
                 "description": "recorded in the log, not yet shown by the read models \
@@ -175,10 +179,9 @@ fn operation(
             });
         }
         Answer::Changed(f) => {
-            let either = json!({"anyOf": [f(answers), answers.subschema_for::<CreatedId>()]});
             responses[success] = json!({
                 "description": "changed: its view, or its id alone to a key that may change but not read it",
-                "content": json_content(either),
+                "content": json_content(view_or_id(f, answers)),
             });
         }
         Answer::Described {
