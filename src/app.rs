@@ -20,6 +20,7 @@ use ledgerline_projections::{Projector, ProjectorHandle, Waited};
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::aggregate_locks::AggregateLocks;
 use crate::crypto::Vault;
 use crate::ledger::checkpoint::LogSigner;
 use crate::ledger::tree::{self, CheckpointPolicy};
@@ -213,6 +214,8 @@ pub struct AppInner {
     pub vault: Vault,
     pub cqrs: Frameworks,
     pub projector: Option<ProjectorHandle>,
+    /// Commands on one aggregate take turns from load to append in this process.
+    pub aggregate_locks: AggregateLocks,
     /// The log's signing identity, once [`App::start_log`] ran.
     log: std::sync::OnceLock<Arc<LogSigner>>,
     maintainer: std::sync::Mutex<Option<tree::MaintainerHandle>>,
@@ -255,6 +258,7 @@ impl App {
             vault,
             cqrs,
             projector,
+            aggregate_locks: AggregateLocks::default(),
             log: std::sync::OnceLock::new(),
             maintainer: std::sync::Mutex::new(None),
             stops_said: StopsSaid::default(),
@@ -375,11 +379,15 @@ impl App {
         A::Command: std::fmt::Debug,
     {
         let metadata = actor.metadata(organization_id, guard);
+        // Held from the load to the append's answer, not while the read models catch up.
+        // The latency metric starts once the turn is ours: it times the command, not the queue.
+        let turn = self.aggregate_locks.lock(aggregate_id).await;
         let timer = crate::metrics::CommandTimer::start(A::TYPE, &command);
         let decided = framework
             .execute_with_metadata(&aggregate_id.to_string(), command, metadata)
             .await
             .map_err(CommandError::from);
+        drop(turn);
         self.settled(timer, decided).await
     }
 

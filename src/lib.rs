@@ -2,6 +2,7 @@
 //! the HTTP API, the CLI and the wiring, so that tests can start the app in-process.
 #![forbid(unsafe_code)]
 
+pub mod aggregate_locks;
 pub mod api;
 pub mod app;
 pub mod auditor;

@@ -126,7 +126,8 @@ const COMMANDS_HELP: &str = "Commands executed (each attempt, retries included),
      taken unique claim, stale guard, error)";
 const LATENCY_HELP: &str = "Seconds App::execute took for a command that committed: loading \
      the aggregate (none for a creation, such as a post), deciding, waiting in the writer queue \
-     and for the group commit; the wait for read models afterwards is not included";
+     and for the group commit; neither the wait for the aggregate's turn in the process before it \
+     nor the wait for read models after it is included";
 
 /// Times one command and counts its outcome.
 #[must_use = "finish() records the command"]

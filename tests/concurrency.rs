@@ -1,25 +1,24 @@
-//! Concurrency: optimistic concurrency per aggregate (one winner per sequence, 409 for the
-//! rest, never a fork) and group commit across aggregates (positions 1..N with no gap).
+//! Concurrency: commands on one aggregate take turns within a process; across processes,
+//! optimistic concurrency per aggregate (one winner per sequence, 409 for the rest, never a
+//! fork); group commit across aggregates (positions 1..N with no gap).
 
 mod common;
 
 use std::sync::Arc;
 
-use common::TestApp;
+use common::{assert_error_says, decided_before_appended, TestApp};
 use ledgerline::app::{Actor, CommandError, Created};
 use ledgerline_aggregates::organization::{Organization, OrganizationCommand, OrganizationError};
 use serde_json::json;
 use uuid::Uuid;
 
+/// Within one process commands on one aggregate take turns (`aggregate_locks`): 32 renames
+/// at once all land, one after another, at consecutive sequence numbers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
+async fn concurrent_commands_on_one_aggregate_in_one_process_all_land_in_turn() {
     let t = Arc::new(TestApp::spawn().await);
     let org = t.create_org("Contended").await;
-    let before: (i64,) = sqlx::query_as("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
-        .bind(org.to_string())
-        .fetch_one(t.pool())
-        .await
-        .unwrap();
+    let before = last_sequence(&t, org).await;
 
     let tasks: Vec<_> = (0..32)
         .map(|i| {
@@ -34,50 +33,18 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
             })
         })
         .collect();
-    let mut ok = 0;
-    let mut conflicts = 0;
     for task in tasks {
         let r = task.await.unwrap();
-        match r.status {
-            200 => ok += 1,
-            409 => {
-                conflicts += 1;
-                assert_eq!(r.body["error"]["code"], "conflict", "{}", r.body);
-            }
-            other => panic!("unexpected status {other}: {}", r.body),
-        }
+        assert_eq!(r.status, 200, "{}", r.body);
     }
-    assert_eq!(ok + conflicts, 32);
-    assert!(
-        ok >= 1 && conflicts >= 1,
-        "expected contention: {ok} ok, {conflicts} conflicts"
-    );
-
-    // Every success is exactly one new event, at consecutive sequence numbers: no fork.
-    let seqs: Vec<(i64,)> = sqlx::query_as(
-        "SELECT sequence FROM events WHERE aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
-    )
-    .bind(org.to_string())
-    .bind(before.0)
-    .fetch_all(t.pool())
-    .await
-    .unwrap();
-    let seqs: Vec<i64> = seqs.into_iter().map(|(s,)| s).collect();
     assert_eq!(
-        seqs,
-        ((before.0 + 1)..=(before.0 + ok as i64)).collect::<Vec<_>>()
+        sequences_after(&t, org, before).await,
+        ((before + 1)..=(before + 32)).collect::<Vec<_>>()
     );
+    assert_eq!(t.app.aggregate_locks.in_use(), 0, "no turn left behind");
+    gap_free_and_intact(&t).await;
 
-    let (count, max): (i64, Option<i64>) =
-        sqlx::query_as("SELECT count(*), max(position) FROM events")
-            .fetch_one(t.pool())
-            .await
-            .unwrap();
-    assert_eq!(Some(count), max, "positions are gap-free");
-    let report = t.verify().await;
-    assert!(report.intact(), "{:?}", report.first_bad);
-
-    // The read model shows the last successful name; the released names are free again.
+    // The read model shows the last name appended.
     let name = t
         .get(&format!("/v1/organizations/{org}"), &t.admin_key)
         .await
@@ -91,6 +58,63 @@ async fn concurrent_commands_on_one_aggregate_give_one_winner_per_sequence() {
     .await
     .unwrap();
     assert_eq!(name, json!(last.0));
+}
+
+/// Two processes do not share turns: two renames decided at the same sequence, one in each,
+/// give one winner; the other is a 409 and appends nothing (no fork).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn commands_on_one_aggregate_racing_across_processes_give_one_winner_per_sequence() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Contended").await;
+    let before = last_sequence(&t, org).await;
+    let path = format!("/v1/organizations/{org}");
+    let (first, second) = decided_before_appended(
+        &t,
+        t.patch(&path, &t.admin_key, json!({"name": "First"})),
+        (
+            reqwest::Method::PATCH,
+            &path,
+            &t.admin_key,
+            Some(json!({"name": "Second"})),
+        ),
+    )
+    .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_error_says(&second, 409, "changed concurrently");
+    assert_eq!(sequences_after(&t, org, before).await, vec![before + 1]);
+    gap_free_and_intact(&t).await;
+    let shown = t.get(&path, &t.admin_key).await;
+    assert_eq!(shown.body["name"], "First", "{}", shown.body);
+}
+
+async fn last_sequence(t: &TestApp, aggregate: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT max(sequence) FROM events WHERE aggregate_id = $1")
+        .bind(aggregate.to_string())
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+async fn sequences_after(t: &TestApp, aggregate: Uuid, after: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "SELECT sequence FROM events WHERE aggregate_id = $1 AND sequence > $2 ORDER BY sequence",
+    )
+    .bind(aggregate.to_string())
+    .bind(after)
+    .fetch_all(t.pool())
+    .await
+    .unwrap()
+}
+
+async fn gap_free_and_intact(t: &TestApp) {
+    let (count, max): (i64, Option<i64>) =
+        sqlx::query_as("SELECT count(*), max(position) FROM events")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(Some(count), max, "positions are gap-free");
+    let report = t.verify().await;
+    assert!(report.intact(), "{:?}", report.first_bad);
 }
 
 /// Creates organization `id` as `App::execute_fresh` does: with no load.

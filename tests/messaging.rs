@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_error, every_row, Response, TestApp};
+use common::{assert_error, decided_before_appended, every_row, Response, TestApp};
 use ledgerline::app::{Actor, CommandError, Guard};
 use ledgerline_aggregates::conversation::ParticipantRole;
 use ledgerline_aggregates::message::{ConversationFacts, MessageCommand};
@@ -116,6 +116,13 @@ impl Chat {
         self.t
             .post(&self.path(&format!("/{conv}/messages")), key, body)
             .await
+    }
+
+    /// `key` posts `text` to `conv`; the new message's id.
+    async fn posted(&self, key: &str, conv: Uuid, text: &str) -> Uuid {
+        let r = self.post(key, conv, json!({ "content": text })).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        id(&r)
     }
 
     /// A post by the service key on `author`'s behalf.
@@ -1752,11 +1759,7 @@ async fn a_direct_conversation_of_an_earlier_release_is_found_too() {
 async fn a_key_that_may_change_but_not_read_messages_gets_their_id() {
     let c = chat().await;
     let conv = c.group().await;
-    let r = c
-        .post(&c.bob.1, conv, json!({"content": "marmalade"}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let bobs = id(&r);
+    let bobs = c.posted(&c.bob.1, conv, "marmalade").await;
     let r =
         c.t.post(
             &format!("/v1/organizations/{}/api-keys", c.org),
@@ -1815,11 +1818,7 @@ async fn many_marks_and_reactions_on_one_message_at_once_all_land() {
         assert_eq!(r.status, 201, "{}", r.body);
         people.push(key);
     }
-    let r = c
-        .post(&c.alice.1, conv, json!({"content": "all hands at noon"}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let announcement = id(&r);
+    let announcement = c.posted(&c.alice.1, conv, "all hands at noon").await;
     let before = c.t.head().await;
     let read = c.path(&format!("/{conv}/read"));
     let marks = people
@@ -1841,4 +1840,40 @@ async fn many_marks_and_reactions_on_one_message_at_once_all_land() {
         )
         .await;
     assert_eq!(r.body["reactions"][0]["count"], json!(PEOPLE), "{}", r.body);
+}
+
+/// Commands on one message take turns only within a process: a read mark decided in a second
+/// process at the sequence another process's mark then takes loses the race, is decided again
+/// on the message as the log holds it, and lands (`messages::CONFLICT_RETRIES`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_mark_that_loses_its_message_to_another_process_is_decided_again_and_lands() {
+    let c = chat().await;
+    let conv = c.group().await;
+    let announcement = c.posted(&c.alice.1, conv, "all hands at noon").await;
+    let before = c.t.head().await;
+    let read = c.path(&format!("/{conv}/read"));
+    let mark = json!({ "message_id": announcement });
+    let (here, there) = decided_before_appended(
+        &c.t,
+        c.t.post(&read, &c.bob.1, mark.clone()),
+        (reqwest::Method::POST, &read, &c.carol.1, Some(mark)),
+    )
+    .await;
+    assert_eq!(here.status, 200, "{}", here.body);
+    assert_eq!(there.status, 200, "{}", there.body);
+    let marks: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT sequence, payload::text FROM events WHERE aggregate_id = $1 AND position > $2 \
+         ORDER BY sequence",
+    )
+    .bind(announcement.to_string())
+    .bind(before)
+    .fetch_all(c.t.pool())
+    .await
+    .unwrap();
+    assert_eq!(marks.len(), 2, "both marks are in the log: {marks:?}");
+    assert_eq!(marks[1].0, marks[0].0 + 1);
+    assert!(
+        marks.iter().all(|(_, p)| p.contains("MessageRead")),
+        "{marks:?}"
+    );
 }

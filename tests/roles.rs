@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{assert_error_says, hold_appends, release_appends, wait_for_appenders, TestApp};
+use common::{assert_error_says, decided_before_appended, TestApp};
 use ledgerline::app::Actor;
 use ledgerline_aggregates::role::{RoleCommand, MAX_INHERITANCE_DEPTH};
 use ledgerline_aggregates::PermissionSet;
@@ -368,52 +368,6 @@ async fn a_role_change_waits_for_role_events_the_read_models_do_not_show() {
     let r = t.delete(&role_path(org, parent), &t.admin_key).await;
     assert_error_says(&r, 409, "1 role(s) inherit from this role");
     assert_eq!(orphans(&t, org).await, 0);
-}
-
-/// Stands in for a second `serve` process on the test's database: an app of its own in this
-/// process (its own writer; no projector, no log maintainer) answering HTTP at the returned
-/// base address until the task is aborted.
-async fn second_process(t: &TestApp) -> (String, tokio::task::JoinHandle<()>) {
-    let app = ledgerline::app::App::with_projector(t.pool().clone(), t.app.vault.clone(), None);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base = format!("http://{}", listener.local_addr().unwrap());
-    let router = ledgerline::api::router(app);
-    let server = tokio::spawn(async move {
-        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
-        axum::serve(listener, service).await.unwrap();
-    });
-    (base, server)
-}
-
-/// Sends `change` through the test's app and then `decided` (method, path, key and body)
-/// through a second process, with appends held back until both wait for the lock: `decided`
-/// was decided on the state before `change`, and is appended after it (the database grants
-/// the lock in the order it was asked for).
-async fn decided_before_appended(
-    t: &TestApp,
-    change: impl std::future::Future<Output = common::Response>,
-    (method, path, key, body): (reqwest::Method, &str, &str, Option<serde_json::Value>),
-) -> (common::Response, common::Response) {
-    let (base, second) = second_process(t).await;
-    let mut request = t
-        .client
-        .request(method, format!("{base}{path}"))
-        .bearer_auth(key);
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let mut holder = hold_appends(t.pool()).await;
-    let after = async {
-        wait_for_appenders(t.pool(), 1).await;
-        let release = async {
-            wait_for_appenders(t.pool(), 2).await;
-            release_appends(&mut holder).await;
-        };
-        tokio::join!(common::answer(request), release).0
-    };
-    let answers = tokio::join!(change, after);
-    second.abort();
-    answers
 }
 
 /// `r` is the refusal of a command decided on a role that changed before its append.

@@ -139,6 +139,52 @@ pub async fn wait_for_appenders(pool: &PgPool, n: i64) {
     panic!("{n} session(s) never waited for the append lock");
 }
 
+/// Stands in for a second `serve` process on the test's database: an app of its own in this
+/// process (its own writer; no projector, no log maintainer) answering HTTP at the returned
+/// base address until the task is aborted.
+pub async fn second_process(t: &TestApp) -> (String, tokio::task::JoinHandle<()>) {
+    let app = App::with_projector(t.pool().clone(), t.app.vault.clone(), None);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let router = ledgerline::api::router(app);
+    let server = tokio::spawn(async move {
+        let service = router.into_make_service_with_connect_info::<std::net::SocketAddr>();
+        axum::serve(listener, service).await.unwrap();
+    });
+    (base, server)
+}
+
+/// Sends `change` through the test's app and then `decided` (method, path, key and body)
+/// through a second process, with appends held back until both wait for the lock: `decided`
+/// was decided on the state before `change`, and is appended after it (the database grants
+/// the lock in the order it was asked for).
+pub async fn decided_before_appended(
+    t: &TestApp,
+    change: impl std::future::Future<Output = Response>,
+    (method, path, key, body): (reqwest::Method, &str, &str, Option<serde_json::Value>),
+) -> (Response, Response) {
+    let (base, second) = second_process(t).await;
+    let mut request = t
+        .client
+        .request(method, format!("{base}{path}"))
+        .bearer_auth(key);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let mut holder = hold_appends(t.pool()).await;
+    let after = async {
+        wait_for_appenders(t.pool(), 1).await;
+        let release = async {
+            wait_for_appenders(t.pool(), 2).await;
+            release_appends(&mut holder).await;
+        };
+        tokio::join!(answer(request), release).0
+    };
+    let answers = tokio::join!(change, after);
+    second.abort();
+    answers
+}
+
 /// Waits up to `within` for `done` to hold; false if it never did.
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut done: F) -> bool
 where
