@@ -15,8 +15,8 @@ use uuid::Uuid;
 
 use crate::app::{Actor, App, CommandError};
 use crate::config::{
-    BootstrapArgs, ClaimsCommand, Cli, Command, ExportArgs, ProjectionsCommand, ProveCommand,
-    RebuildArgs, ServeArgs, VerifyArgs,
+    BootstrapArgs, ClaimsCommand, Cli, Command, ExportArgs, PlatformKeyCommand, ProjectionsCommand,
+    ProveCommand, RebuildArgs, ServeArgs, VerifyArgs,
 };
 use crate::crypto::Vault;
 use crate::ledger::verify::verify_database;
@@ -55,6 +55,7 @@ pub async fn run(cli: Cli) -> ExitCode {
         Command::Claims {
             command: ClaimsCommand::Check { repair },
         } => check_claims(&cli.db, repair).await,
+        Command::PlatformKey { command } => platform_keys(&cli.db, command).await,
     };
     result.unwrap_or_else(|e| {
         eprintln!("error: {}", causes(&e));
@@ -318,18 +319,18 @@ impl StopSignals {
 pub async fn bootstrap_key(
     app: &App,
     label: &str,
-) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
+) -> Result<(Uuid, String), CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
     platform_key(app, label, true).await
 }
 
-/// Issues a platform key (every permission grantable) and returns its secret. Only the
-/// `bootstrap` one is limited to one per ledger; others are for tools that already hold the
-/// database, such as benchmarks reusing a seeded one.
+/// Issues a platform key (every permission grantable) and returns its id and secret. Only
+/// the `bootstrap` one is limited to one per ledger; others are for whoever holds the
+/// database (`platform-key issue`, benchmarks reusing a seeded log).
 pub async fn platform_key(
     app: &App,
     label: &str,
     bootstrap: bool,
-) -> Result<String, CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
+) -> Result<(Uuid, String), CommandError<ledgerline_aggregates::api_key::ApiKeyError>> {
     let id = Uuid::new_v4();
     let secret = keys::generate();
     let all: PermissionSet = Permission::ALL.into_iter().collect();
@@ -359,7 +360,7 @@ pub async fn platform_key(
         command,
     )
     .await?;
-    Ok(secret.secret)
+    Ok((id, secret.secret))
 }
 
 async fn bootstrap(
@@ -385,34 +386,157 @@ async fn bootstrap(
         false,
     );
     match bootstrap_key(&app, &args.label).await {
-        Ok(secret) => {
-            // Shown before anything else can fail: only its hash is kept, and a second
-            // bootstrap is refused, so a secret not shown now would be lost for good. Not
-            // quietly, then, even to a reader that went away.
-            let shown = crate::out::try_write(format_args!("{}\n", json!({ "api_key": secret })));
-            if let Err(e) = shown {
-                eprintln!(
-                    "error: the platform key could not be written to standard output ({e}): it \
-                     is in the log, but its secret is lost (only its hash is kept, and \
-                     bootstrap makes a key only once)"
-                );
-                return Ok(ExitCode::from(2));
-            }
-            // The key works once `api_keys` shows it; a running server does that too.
-            if let Err(e) = ledgerline_projections::catch_up(&pool).await {
-                eprintln!(
-                    "warning: the key is in the log, but the read models could not show it yet \
-                     ({e}); it works once they do (`ledgerline projections status`)"
-                );
-            }
-            Ok(ExitCode::SUCCESS)
-        }
+        Ok((id, secret)) => show_secret(&pool, id, &secret).await,
         Err(CommandError::Taken { .. }) => {
             eprintln!("error: the platform is already bootstrapped; its operator key was shown when it was made");
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
     }
+}
+
+/// Prints a platform key's new secret, once, as JSON, then lets the read models show it.
+/// Shown before anything else can fail: only its hash is kept, so a secret not shown now is
+/// lost. Not quietly, then, even to a reader that went away.
+async fn show_secret(pool: &sqlx::PgPool, id: Uuid, secret: &str) -> anyhow::Result<ExitCode> {
+    let shown = crate::out::try_write(format_args!("{}\n", json!({ "id": id, "api_key": secret })));
+    if let Err(e) = shown {
+        eprintln!(
+            "error: the platform key could not be written to standard output ({e}): it is in \
+             the log, but its secret is lost (only its hash is kept); give it a new one with \
+             `ledgerline platform-key rotate {id}`"
+        );
+        return Ok(ExitCode::from(2));
+    }
+    show_in_read_models(pool).await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Brings the read models up to the log (a running server does that too), so that a key
+/// just changed works, or stops working, in `api_keys` as in the log.
+async fn show_in_read_models(pool: &sqlx::PgPool) {
+    if let Err(e) = ledgerline_projections::catch_up(pool).await {
+        eprintln!(
+            "warning: the change is in the log, but the read models could not show it yet \
+             ({e}); they do once a server runs them (`ledgerline projections status`)"
+        );
+    }
+}
+
+/// `ledgerline platform-key`: the operator's own keys, changed through the log like any
+/// other key. Exit 0 done, 1 refused (not a platform key, already revoked), 2 could not run.
+async fn platform_keys(
+    db_args: &crate::config::DatabaseArgs,
+    command: PlatformKeyCommand,
+) -> anyhow::Result<ExitCode> {
+    let pool = pool_as_migrated(db_args, "ledgerline platform-key").await?;
+    // No personal data is sealed here; a throwaway vault keeps the wiring uniform.
+    let app = App::new(
+        pool.clone(),
+        Vault::new(&crate::crypto::MasterKey::generate()),
+        false,
+    );
+    let actor = Actor::cli("platform-key");
+    let refused = |e: CommandError<ledgerline_aggregates::api_key::ApiKeyError>| match e {
+        CommandError::Rejected(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        other => Err(anyhow::anyhow!("{other}")),
+    };
+    match command {
+        PlatformKeyCommand::List => {
+            type Row = (
+                Uuid,
+                String,
+                String,
+                String,
+                DateTime<Utc>,
+                Option<DateTime<Utc>>,
+                Option<DateTime<Utc>>,
+            );
+            let rows: Vec<Row> = sqlx::query_as(
+                "SELECT id, label, prefix, status, created_at, rotated_at, revoked_at \
+                 FROM api_keys WHERE organization_id IS NULL ORDER BY created_at, id",
+            )
+            .fetch_all(&pool)
+            .await
+            .context("reading the platform keys")?;
+            for (id, label, prefix, status, created_at, rotated_at, revoked_at) in rows {
+                outln!(
+                    "{}",
+                    json!({
+                        "id": id, "label": label, "prefix": prefix, "status": status,
+                        "created_at": created_at, "rotated_at": rotated_at,
+                        "revoked_at": revoked_at,
+                    })
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        PlatformKeyCommand::Issue { label } => match platform_key(&app, &label, false).await {
+            Ok((id, secret)) => show_secret(&pool, id, &secret).await,
+            Err(e) => refused(e),
+        },
+        PlatformKeyCommand::Rotate { id } => {
+            if let Some(refusal) = not_a_platform_key(&pool, id).await? {
+                eprintln!("error: {refusal}");
+                return Ok(ExitCode::from(1));
+            }
+            let secret = keys::generate();
+            let command = ApiKeyCommand::Rotate {
+                prefix: secret.prefix.clone(),
+                secret_hash: secret.hash.clone(),
+            };
+            match app
+                .execute(&app.cqrs.api_keys, id, None, &actor, command)
+                .await
+            {
+                Ok(()) => show_secret(&pool, id, &secret.secret).await,
+                Err(e) => refused(e),
+            }
+        }
+        PlatformKeyCommand::Revoke { id, reason } => {
+            if let Some(refusal) = not_a_platform_key(&pool, id).await? {
+                eprintln!("error: {refusal}");
+                return Ok(ExitCode::from(1));
+            }
+            let command = ApiKeyCommand::Revoke { reason };
+            match app
+                .execute(&app.cqrs.api_keys, id, None, &actor, command)
+                .await
+            {
+                Ok(()) => {
+                    outln!("{}", json!({ "id": id, "status": "revoked" }));
+                    show_in_read_models(&pool).await;
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => refused(e),
+            }
+        }
+    }
+}
+
+/// Why key `id` is not one `platform-key` may change, from the log (not the read models,
+/// which may lag): an organization's keys are changed through the API, by that
+/// organization's admins.
+async fn not_a_platform_key(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<Option<String>> {
+    let issued: Option<Option<Uuid>> = sqlx::query_scalar(
+        "SELECT organization_id FROM events \
+         WHERE aggregate_type = 'ApiKey' AND aggregate_id = $1 AND sequence = 1",
+    )
+    .bind(id.to_string())
+    .fetch_optional(pool)
+    .await
+    .context("reading the key's issue from the log")?;
+    Ok(match issued {
+        None => Some(format!("the log holds no API key {id}")),
+        Some(Some(org)) => Some(format!(
+            "API key {id} belongs to organization {org}: its admins revoke or rotate it through \
+             the API"
+        )),
+        Some(None) => None,
+    })
 }
 
 async fn verify(

@@ -239,6 +239,38 @@ pub enum Command {
         #[command(subcommand)]
         command: ClaimsCommand,
     },
+    /// The platform operator's keys (no organization, `platform:admin`): list, issue, rotate,
+    /// revoke. No API route reaches them, so that a leaked one can be cut here, by whoever
+    /// holds the database, and not by whoever holds the key. Never migrates.
+    PlatformKey {
+        #[command(subcommand)]
+        command: PlatformKeyCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformKeyCommand {
+    /// Print the platform keys as the read models show them, one JSON object per line.
+    List,
+    /// Issue another platform key; prints its secret once as JSON.
+    Issue {
+        /// A label for the key.
+        #[arg(long, default_value = "platform operator")]
+        label: String,
+    },
+    /// Give a platform key a new secret, printed once as JSON; the old one stops working.
+    Rotate {
+        /// The key's id (`list` shows it).
+        id: uuid::Uuid,
+    },
+    /// Revoke a platform key: it stops working for good.
+    Revoke {
+        /// The key's id (`list` shows it).
+        id: uuid::Uuid,
+        /// Why, kept in the log with the revocation.
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

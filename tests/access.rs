@@ -2551,7 +2551,7 @@ async fn an_invite_whose_commit_answer_was_lost_keeps_its_user_and_key() {
         .await
         .unwrap();
     });
-    let admin = ledgerline::cli::bootstrap_key(&app, "test operator")
+    let (_, admin) = ledgerline::cli::bootstrap_key(&app, "test operator")
         .await
         .unwrap();
     let client = reqwest::Client::new();

@@ -1017,3 +1017,88 @@ async fn serve_refuses_a_pool_too_small_for_the_turns() {
         .unwrap_or_else(|| panic!("no default pool in the help: {out}"));
     assert!((8..=16).contains(&default), "{default}");
 }
+
+/// The platform key, which no API route reaches, is cut by whoever holds the database:
+/// `platform-key rotate` gives it a new secret (the old one fails at once), `revoke` ends
+/// it, `issue` makes another, `list` shows them. An organization's key, a key the log does
+/// not hold and a second revocation are refused (exit 1), appending nothing.
+#[tokio::test]
+async fn the_platform_key_is_rotated_revoked_and_replaced_from_the_cli() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Keys Co").await;
+    let url = t.db.url.clone();
+    let r = t
+        .post(
+            &format!("/v1/organizations/{org}/api-keys"),
+            &t.admin_key,
+            serde_json::json!({"label": "ops", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let org_key = r.body["id"].as_str().unwrap().to_string();
+
+    let listed = platform_keys(&url).await;
+    assert_eq!(listed.len(), 1, "the bootstrap key alone: {listed:?}");
+    assert_eq!(listed[0]["status"], "active", "{listed:?}");
+    let id = listed[0]["id"].as_str().unwrap().to_string();
+
+    let (code, out, err) = ledgerline(&url, &["platform-key", "rotate", &id]).await;
+    assert_eq!(code, 0, "{err}");
+    let rotated: Value = serde_json::from_str(&out).expect("the new secret as JSON");
+    assert_eq!(rotated["id"], id.as_str());
+    let secret = rotated["api_key"].as_str().unwrap();
+    assert_eq!(
+        me(&t, &t.admin_key).await,
+        401,
+        "the old secret stops working"
+    );
+    assert_eq!(me(&t, secret).await, 200, "the new one works");
+
+    let revoke = ["platform-key", "revoke", &id, "--reason", "leaked"];
+    let (code, out, err) = ledgerline(&url, &revoke).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("revoked"), "{out}");
+    assert_eq!(me(&t, secret).await, 401, "a revoked key stops working");
+
+    let unknown = uuid::Uuid::new_v4().to_string();
+    for (args, says) in [
+        (["platform-key", "revoke", &id], "already revoked"),
+        (["platform-key", "rotate", &id], "revoked"),
+        (["platform-key", "rotate", &unknown], "holds no API key"),
+        (
+            ["platform-key", "revoke", &org_key],
+            "belongs to organization",
+        ),
+    ] {
+        let before = t.head().await;
+        let (code, out, err) = ledgerline(&url, &args).await;
+        assert_eq!(code, 1, "{args:?}: {out}{err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+        assert_eq!(t.head().await, before, "{args:?} appended nothing");
+    }
+
+    let (code, out, err) = ledgerline(&url, &["platform-key", "issue"]).await;
+    assert_eq!(code, 0, "{err}");
+    let issued: Value = serde_json::from_str(&out).expect("the new key as JSON");
+    assert_eq!(me(&t, issued["api_key"].as_str().unwrap()).await, 200);
+    let statuses: Vec<Value> = platform_keys(&url)
+        .await
+        .iter()
+        .map(|k| k["status"].clone())
+        .collect();
+    assert_eq!(statuses, ["revoked", "active"]);
+}
+
+/// The status `GET /v1/me` answers `key`.
+async fn me(t: &TestApp, key: &str) -> u16 {
+    t.get("/v1/me", key).await.status
+}
+
+/// `ledgerline platform-key list`, one key a line.
+async fn platform_keys(url: &str) -> Vec<Value> {
+    let (code, out, err) = ledgerline(url, &["platform-key", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    out.lines()
+        .map(|l| serde_json::from_str(l).expect("a key as JSON"))
+        .collect()
+}

@@ -104,11 +104,12 @@ pub async fn serve(pool: PgPool) -> anyhow::Result<Served> {
 /// A platform operator's key: the bootstrap key on a fresh ledger, another platform key
 /// on one bootstrapped before (a bench database seeded again).
 async fn operator_key(app: &App) -> anyhow::Result<String> {
-    if let Ok(secret) = ledgerline::cli::bootstrap_key(app, "bench operator").await {
+    if let Ok((_, secret)) = ledgerline::cli::bootstrap_key(app, "bench operator").await {
         return Ok(secret);
     }
     ledgerline::cli::platform_key(app, "bench operator", false)
         .await
+        .map(|(_, secret)| secret)
         .map_err(|e| anyhow::anyhow!("issuing a platform key: {e}"))
 }
 

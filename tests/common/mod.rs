@@ -355,7 +355,7 @@ impl TestApp {
             .await
             .expect("serve");
         });
-        let admin_key = ledgerline::cli::bootstrap_key(&app, "test operator")
+        let (_, admin_key) = ledgerline::cli::bootstrap_key(&app, "test operator")
             .await
             .expect("bootstrap");
         Self {
