@@ -2623,3 +2623,47 @@ async fn a_check_whose_lock_session_ends_stops_and_says_so() {
     assert_eq!(code, 0, "a check run again works: {out}{err}");
     assert!(schemas_like(&t, "ledgerline\\_check\\_%").await.is_empty());
 }
+
+/// A check is read-only: replaying an erasure neither destroys a live data key nor forgets a
+/// kept answer, not even those that name the erased user (here: an answer kept after the
+/// erasure, and a key as an erasing request that stopped before destroying it leaves).
+#[tokio::test]
+async fn a_check_changes_nothing_outside_its_scratch_schema() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Quiet Co").await;
+    let (bob, _) = t.member_with_key(org, "member", "bob@example.com").await;
+    let erase = format!("/v1/organizations/{org}/users/{bob}/erase");
+    let r = t.post(&erase, &t.admin_key, json!({})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    sqlx::query(
+        "INSERT INTO idempotency_keys (api_key_id, key, fingerprint, method, path, request_id, \
+         since_position, state, status, content_type, body, subjects) \
+         VALUES (gen_random_uuid(), 'kept later', decode(repeat('00', 32), 'hex'), 'POST', \
+         '/v1/x', 'r', 0, 'done', 200, 'application/json', '\\x01', ARRAY[$1::uuid])",
+    )
+    .bind(bob)
+    .execute(t.pool())
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO subject_keys (subject_id, organization_id, wrapped_key) VALUES ($1, $2, '\\x02')")
+        .bind(bob)
+        .bind(org)
+        .execute(t.pool())
+        .await
+        .unwrap();
+
+    let report = check_all(&t).await;
+    assert!(report.equal(), "{report:?}");
+    let kept: Option<Vec<u8>> =
+        sqlx::query_scalar("SELECT body FROM idempotency_keys WHERE key = 'kept later'")
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(kept, Some(vec![1]), "the kept answer is not forgotten");
+    let keys: i64 = sqlx::query_scalar("SELECT count(*) FROM subject_keys WHERE subject_id = $1")
+        .bind(bob)
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+    assert_eq!(keys, 1, "the key is not destroyed");
+}

@@ -4,10 +4,12 @@
 //!
 //! The projections' own code does the work, unchanged: the workers' connections put the
 //! build schema first on their `search_path`, so the unqualified table names of every
-//! projection's SQL resolve to the copies. Tables a projection only deletes from outside
-//! its own (`subject_keys`, `message_keys`) have no copy and resolve to the live ones:
-//! destroying a key again is a no-op, and destroying it because the rebuild reached the
-//! erasure before the live projection did is what the erasure asked for.
+//! projection's SQL resolve to the copies. Tables a projection only changes outside its own
+//! (`subject_keys`, `message_keys`, `idempotency_keys`: [`OUTSIDE_TABLES`]) have no copy in a
+//! rebuild and resolve to the live ones: destroying a key again is a no-op, and destroying it
+//! because the rebuild reached the erasure before the live projection did is what the
+//! erasure asked for. A check changes nothing live: its schema holds empty stand-ins for
+//! them ([`create_stand_ins`]).
 
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -176,6 +178,24 @@ pub(crate) enum Record {
     Job(i64),
     /// Nowhere: a check's scratch schema does not outlive the check.
     Nowhere,
+}
+
+/// Tables outside the read models that replaying an erasure or a deletion changes: the keys
+/// it destroys and the API's kept answers it forgets (`destroy_keys_and_forget`).
+pub(crate) const OUTSIDE_TABLES: [&str; 3] = ["subject_keys", "message_keys", "idempotency_keys"];
+
+/// Empty tables in `schema` standing in for [`OUTSIDE_TABLES`], so that a build whose
+/// connections put `schema` first changes none of the live ones (a check's). Runs in the
+/// caller's transaction.
+pub(crate) async fn create_stand_ins(conn: &mut PgConnection, schema: &str) -> sqlx::Result<()> {
+    for table in OUTSIDE_TABLES {
+        sqlx::query(&format!(
+            "CREATE TABLE {schema}.{table} (LIKE public.{table} INCLUDING DEFAULTS)"
+        ))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
 }
 
 /// Creates `schema` holding an empty copy of each projection's tables: the live tables'

@@ -92,6 +92,9 @@ pub async fn check(
         .await?;
     let mut tx = lock.begin().await?;
     build::create_schema(&mut tx, &schema, &projections).await?;
+    // A check is read-only: replayed erasures and deletions destroy no live key and forget
+    // no kept answer.
+    build::create_stand_ins(&mut tx, &schema).await?;
     tx.commit().await?;
     // Without its lock, the next check would take the scratch schema for a killed check's
     // and drop it under this one (see `run_lock`).
