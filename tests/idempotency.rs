@@ -892,3 +892,26 @@ async fn a_taken_organization_name_is_named_to_the_platform_operator_only() {
         assert_eq!(t.head().await, head);
     }
 }
+
+/// A 415 depends on the `Content-Type` header, which the fingerprint does not cover: it is
+/// not kept, so the same request with the header mended, under the same key, is carried out.
+#[tokio::test]
+async fn a_request_refused_for_its_media_type_runs_once_the_header_is_mended() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let users = format!("{}{}", t.base, org_path(org, "/users"));
+    let body = json!({"email": "ada@example.com", "full_name": "Ada"}).to_string();
+    let send = |content_type: &'static str| {
+        t.client
+            .post(&users)
+            .bearer_auth(&t.admin_key)
+            .header("Idempotency-Key", "mended")
+            .header("content-type", content_type)
+            .body(body.clone())
+    };
+    let r = answer(send("text/plain")).await;
+    assert_error(&r, 415);
+    let r = answer(send("application/json")).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert!(!replayed(&r));
+}

@@ -45,15 +45,16 @@ pub const ABANDONED_AFTER: Duration = Duration::from_secs(120);
 /// The longest key taken.
 pub const MAX_KEY_CHARS: usize = 255;
 
-/// The refusals kept like successes: they depend on the request alone (malformed, too large,
-/// not JSON, invalid), so a retry would get them again. Other refusals (401, 403, 404, 409:
-/// access may be granted, a resource shown, a conflict pass) and failures are not kept: the
-/// key is let go and a retry runs again, which cannot do anything twice, as they appended
-/// nothing (checked in the log: see [`settle`]).
-const KEPT_REFUSALS: [StatusCode; 4] = [
+/// The refusals kept like successes: they depend on what the fingerprint covers alone
+/// (malformed, too large, invalid), so a retry would get them again. Other refusals (401,
+/// 403, 404, 409: access may be granted, a resource shown, a conflict pass; 415: it depends
+/// on the `Content-Type` header, which the fingerprint does not cover, so a client that
+/// mends the header gets its request carried out) and failures are not kept: the key is let
+/// go and a retry runs again, which cannot do anything twice, as they appended nothing
+/// (checked in the log: see [`settle`]).
+const KEPT_REFUSALS: [StatusCode; 3] = [
     StatusCode::BAD_REQUEST,
     StatusCode::PAYLOAD_TOO_LARGE,
-    StatusCode::UNSUPPORTED_MEDIA_TYPE,
     StatusCode::UNPROCESSABLE_ENTITY,
 ];
 
