@@ -388,7 +388,11 @@ async fn bootstrap(
     match bootstrap_key(&app, &args.label).await {
         Ok((id, secret)) => show_secret(&pool, id, &secret).await,
         Err(CommandError::Taken { .. }) => {
-            eprintln!("error: the platform is already bootstrapped; its operator key was shown when it was made");
+            eprintln!(
+                "error: the platform is already bootstrapped; its operator key was shown when \
+                 it was made (`ledgerline platform-key list` shows it, `rotate` gives it a new \
+                 secret, `issue` makes another)"
+            );
             Ok(ExitCode::from(1))
         }
         Err(e) => Err(anyhow::anyhow!("{e}")),
@@ -400,16 +404,20 @@ async fn bootstrap(
 /// lost. Not quietly, then, even to a reader that went away.
 async fn show_secret(pool: &sqlx::PgPool, id: Uuid, secret: &str) -> anyhow::Result<ExitCode> {
     let shown = crate::out::try_write(format_args!("{}\n", json!({ "id": id, "api_key": secret })));
-    if let Err(e) = shown {
+    if let Err(e) = &shown {
         eprintln!(
             "error: the platform key could not be written to standard output ({e}): it is in \
              the log, but its secret is lost (only its hash is kept); give it a new one with \
              `ledgerline platform-key rotate {id}`"
         );
-        return Ok(ExitCode::from(2));
     }
+    // Either way: a key shown works, and one whose secret was lost is listed for rotation.
     show_in_read_models(pool).await;
-    Ok(ExitCode::SUCCESS)
+    Ok(if shown.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
 }
 
 /// Brings the read models up to the log (a running server does that too), so that a key
@@ -429,7 +437,7 @@ async fn platform_keys(
     db_args: &crate::config::DatabaseArgs,
     command: PlatformKeyCommand,
 ) -> anyhow::Result<ExitCode> {
-    let pool = pool_as_migrated(db_args, "ledgerline platform-key").await?;
+    let pool = pool_as_migrated(db_args, db::PLATFORM_KEY_APPLICATION_NAME).await?;
     // No personal data is sealed here; a throwaway vault keeps the wiring uniform.
     let app = App::new(
         pool.clone(),
@@ -462,6 +470,23 @@ async fn platform_keys(
             .fetch_all(&pool)
             .await
             .context("reading the platform keys")?;
+            // Auth reads key changes from the log; this list reads the read models, which may
+            // lag or be stopped: said, so that a revoked key shown active misleads nobody.
+            let (shown, last): (i64, i64) = sqlx::query_as(
+                "SELECT COALESCE((SELECT position FROM projection_checkpoints \
+                 WHERE name = 'api_keys'), 0), COALESCE((SELECT max(position) FROM events \
+                 WHERE aggregate_type = 'ApiKey'), 0)",
+            )
+            .fetch_one(&pool)
+            .await
+            .context("reading how far the read models show the keys")?;
+            if shown < last {
+                eprintln!(
+                    "warning: the read models show the keys as of position {shown}, and the log \
+                     changed a key at {last}: this list may be out of date (`ledgerline \
+                     projections status`); the API goes by the log"
+                );
+            }
             for (id, label, prefix, status, created_at, rotated_at, revoked_at) in rows {
                 outln!(
                     "{}",
@@ -493,6 +518,20 @@ async fn platform_keys(
                 .await
             {
                 Ok(()) => show_secret(&pool, id, &secret.secret).await,
+                // The rotation may be in the log, the old secret then dead: the new one is
+                // shown all the same (it works only if its hash was recorded).
+                Err(CommandError::Unknown) => {
+                    outln!(
+                        "{}",
+                        json!({ "id": id, "api_key": secret.secret, "recorded": "unknown" })
+                    );
+                    eprintln!(
+                        "error: the ledger could not confirm whether the rotation was recorded: \
+                         if the secret above does not work, run `ledgerline platform-key \
+                         rotate {id}` again"
+                    );
+                    Ok(ExitCode::from(2))
+                }
                 Err(e) => refused(e),
             }
         }
@@ -521,8 +560,9 @@ async fn platform_keys(
 /// which may lag): an organization's keys are changed through the API, by that
 /// organization's admins.
 async fn not_a_platform_key(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<Option<String>> {
-    let issued: Option<Option<Uuid>> = sqlx::query_scalar(
-        "SELECT organization_id FROM events \
+    // The issue's own payload, not the event's tenant column, which the appender sets.
+    let issued: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT payload::jsonb -> 'ApiKeyIssued' ->> 'organization_id' FROM events \
          WHERE aggregate_type = 'ApiKey' AND aggregate_id = $1 AND sequence = 1",
     )
     .bind(id.to_string())

@@ -26,6 +26,8 @@ pub const REBUILD_APPLICATION_NAME: &str = "ledgerline-rebuild";
 /// The `application_name` of `projections check`'s sessions (those building its scratch
 /// schema carry the schema's name).
 pub const CHECK_APPLICATION_NAME: &str = "ledgerline-check";
+/// The `application_name` of `platform-key`'s sessions.
+pub const PLATFORM_KEY_APPLICATION_NAME: &str = "ledgerline-platform-key";
 /// The `application_name` of `claims check`'s sessions.
 pub const CLAIMS_CHECK_APPLICATION_NAME: &str = "ledgerline-claims-check";
 

@@ -382,7 +382,7 @@ async fn a_check_says_a_projection_is_stopped_beside_its_comparison() {
 }
 
 /// The operator key is shown even when the read models cannot show it yet: only its hash
-/// is kept and a second bootstrap is refused, so a key not printed would be lost for good.
+/// is kept and a second bootstrap is refused, so a key not printed would need a rotation.
 #[tokio::test]
 async fn bootstrap_prints_the_key_even_when_a_projection_is_stopped() {
     let db = TestDb::new().await;
@@ -857,8 +857,8 @@ async fn a_command_whose_output_reader_goes_away_exits_141_quietly() {
 }
 
 /// A reader gone before the platform key is printed: its secret is lost (only its hash is
-/// kept, and bootstrap makes a key once), so the command says so and fails, rather than end
-/// quietly with 141 as the others do.
+/// kept, and bootstrap makes a key once), so the command says so, and how to give the key a
+/// new secret, and fails, rather than end quietly with 141 as the others do.
 #[tokio::test]
 async fn bootstrap_says_so_when_its_key_cannot_be_printed() {
     let db = TestDb::new().await;
@@ -871,6 +871,16 @@ async fn bootstrap_says_so_when_its_key_cannot_be_printed() {
         err.contains("the platform key could not be written to standard output"),
         "{err}"
     );
+    let id = platform_keys(&db.url).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!("ledgerline platform-key rotate {id}")),
+        "{err}"
+    );
+    let (code, _, err) = ledgerline(&db.url, &["platform-key", "rotate", &id]).await;
+    assert_eq!(code, 0, "the lost secret is replaced: {err}");
 }
 
 /// `projections status` names which process holds each lease, and for how long.
@@ -1087,6 +1097,20 @@ async fn the_platform_key_is_rotated_revoked_and_replaced_from_the_cli() {
         .map(|k| k["status"].clone())
         .collect();
     assert_eq!(statuses, ["revoked", "active"]);
+
+    // A list the read models cannot bring up to date says so.
+    sqlx::query(
+        "INSERT INTO projection_failures (name, position, error) VALUES ('api_keys', $1, 'boom')",
+    )
+    .bind(t.head().await + 1)
+    .execute(t.pool())
+    .await
+    .unwrap();
+    let (code, _, _) = ledgerline(&url, &["platform-key", "issue"]).await;
+    assert_eq!(code, 0);
+    let (code, _, err) = ledgerline(&url, &["platform-key", "list"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("this list may be out of date"), "{err}");
 }
 
 /// The status `GET /v1/me` answers `key`.
