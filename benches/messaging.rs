@@ -644,10 +644,11 @@ async fn contrast(
                 .enumerate()
                 .map(|(i, (_, event_type, version, payload, metadata))| {
                     let mut metadata = metadata.clone();
-                    // The guard names the real conversation, which this ledger lacks.
+                    // The guards name the real conversation and key, which this ledger lacks.
                     if let Some(m) = metadata.as_object_mut() {
                         m.remove(md::GUARD_AGGREGATE);
                         m.remove(md::GUARD_SEQUENCE);
+                        m.remove(md::ACTOR_KEY_SEQUENCE);
                     }
                     SerializedEvent::new(
                         id.clone(),

@@ -74,6 +74,9 @@ pub struct Actor {
     pub kind: String,
     pub user_id: Option<Uuid>,
     pub key_id: Option<Uuid>,
+    /// The key's sequence when the request was authenticated: its commands are refused if
+    /// the key changes before their append (`metadata::ACTOR_KEY_SEQUENCE`).
+    pub key_sequence: Option<i64>,
     pub request_id: String,
     /// The request's `Idempotency-Key` (`api::idempotency`), if it was sent with one.
     pub idempotency_key: Option<String>,
@@ -87,6 +90,15 @@ impl Actor {
             kind: format!("cli:{command}"),
             request_id: Uuid::new_v4().to_string(),
             ..Self::default()
+        }
+    }
+
+    /// The same actor for what follows from a command already recorded (an organization's
+    /// built-in roles): not refused if its key changes afterwards.
+    pub fn for_what_follows(&self) -> Self {
+        Self {
+            key_sequence: None,
+            ..self.clone()
         }
     }
 
@@ -114,6 +126,10 @@ impl Actor {
             ),
             (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
+            (
+                metadata::ACTOR_KEY_SEQUENCE,
+                self.key_sequence.map(|s| s.to_string()),
+            ),
             (metadata::IDEMPOTENCY_KEY, self.idempotency_key.clone()),
             (metadata::CLIENT_IP, self.client_ip.clone()),
             (metadata::USER_AGENT, self.user_agent.clone()),
@@ -141,6 +157,12 @@ pub enum CommandError<E: std::error::Error> {
     /// The aggregate the command was decided against (its guard) changed in the meantime.
     #[error("the {0} changed while the command was being decided; retry")]
     Stale(String),
+    /// The acting API key was revoked or rotated after its request was authenticated.
+    #[error(
+        "this API key was revoked or rotated while the request was being carried out: this \
+         command was not recorded"
+    )]
+    KeyChanged,
     /// The answer to the batch's COMMIT was lost and the log could not be read to learn
     /// whether it committed (`AppendError::Unknown`): the command may be in the log.
     #[error("the ledger could not confirm whether the command was recorded: it may have been")]
@@ -169,6 +191,7 @@ impl<E: std::error::Error> From<AppendError> for CommandError<E> {
             AppendError::Taken { scope, holder } => CommandError::Taken { scope, holder },
             AppendError::Conflict => CommandError::Conflict,
             AppendError::Stale(what) => CommandError::Stale(what),
+            AppendError::KeyChanged => CommandError::KeyChanged,
             AppendError::Unknown => CommandError::Unknown,
             other => CommandError::Internal(other.to_string()),
         }

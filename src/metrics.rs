@@ -27,16 +27,18 @@ pub enum Outcome {
     Conflict,
     Taken,
     Stale,
+    KeyChanged,
     Error,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 6] = [
+    const ALL: [Outcome; 7] = [
         Outcome::Ok,
         Outcome::Rejected,
         Outcome::Conflict,
         Outcome::Taken,
         Outcome::Stale,
+        Outcome::KeyChanged,
         Outcome::Error,
     ];
 
@@ -47,6 +49,7 @@ impl Outcome {
             Outcome::Conflict => "conflict",
             Outcome::Taken => "taken",
             Outcome::Stale => "stale",
+            Outcome::KeyChanged => "key_changed",
             Outcome::Error => "error",
         }
     }
@@ -58,6 +61,7 @@ impl Outcome {
             Err(CommandError::Conflict) => Outcome::Conflict,
             Err(CommandError::Taken { .. }) => Outcome::Taken,
             Err(CommandError::Stale(_)) => Outcome::Stale,
+            Err(CommandError::KeyChanged) => Outcome::KeyChanged,
             Err(CommandError::Unknown | CommandError::Internal(_)) => Outcome::Error,
         }
     }
@@ -111,7 +115,7 @@ impl<const N: usize> Histogram<N> {
 
 /// Per command label, a count per [`Outcome`] in `Outcome::ALL` order. Labels are
 /// `<aggregate>.<variant>`, so their number is fixed by the code, never by the data.
-static COMMANDS: Mutex<BTreeMap<String, [u64; 6]>> = Mutex::new(BTreeMap::new());
+static COMMANDS: Mutex<BTreeMap<String, [u64; Outcome::ALL.len()]>> = Mutex::new(BTreeMap::new());
 static APPEND_LATENCY: Histogram<14> = Histogram::new([
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ]);
@@ -123,7 +127,7 @@ static BATCH_EVENTS: Histogram<12> = Histogram::new([
 
 const COMMANDS_HELP: &str = "Commands executed (each attempt, retries included), by \
      aggregate.command and outcome (ok, rejected by the aggregate, conflict on its sequence, \
-     taken unique claim, stale guard, error)";
+     taken unique claim, stale guard, acting key changed, error)";
 const LATENCY_HELP: &str = "Seconds App::execute took for a command that committed: loading \
      the aggregate (none for a creation, such as a post), deciding, waiting in the writer queue \
      and for the group commit; neither the wait for the aggregate's turn in the process before it \
@@ -159,7 +163,7 @@ fn count_command(command: &str, outcome: Outcome) {
     match commands.get_mut(command) {
         Some(counts) => counts[index] += 1,
         None => {
-            let mut counts = [0; 6];
+            let mut counts = [0; Outcome::ALL.len()];
             counts[index] = 1;
             commands.insert(command.to_string(), counts);
         }
@@ -276,9 +280,9 @@ pub async fn render(pool: &PgPool, log_halted: bool) -> String {
         &mut out,
         name,
         "gauge",
-        "1 when this process's log maintainer stopped for good (the ledger does not verify, or \
-         its tree cannot be signed): nothing more is signed; checkpoint age alone cannot tell \
-         this from a quiet log",
+        "1 when this process's log maintainer stopped for good (the ledger does not verify, its \
+         tree cannot be signed, or the newest checkpoint is another signing key's): nothing \
+         more is signed; checkpoint age alone cannot tell this from a quiet log",
     );
     sample(&mut out, name, &[], log_halted as u8);
     let gauges = read_gauges(pool).await;
@@ -456,7 +460,8 @@ fn render_gauges(out: &mut String, g: &Gauges, now: DateTime<Utc>) {
         (
             "ledgerline_rebuild_progress_age_seconds",
             "Seconds since the unfinished rebuild job last recorded a batch of the projection \
-             (it also grows while a live job builds its indexes at the end)",
+             (it also grows while a live job builds its indexes, waits for older snapshots and \
+             swaps, at the end)",
             |r, now| seconds(now - r.updated_at).max(0.0),
         ),
     ];
@@ -581,10 +586,20 @@ mod tests {
         assert_eq!(out, "m{a=\"x\\\"y\\\\z\\nw\",b=\"ok\"} 3\n");
     }
 
+    /// Each outcome has its count (an array one short once made every `error` panic).
+    #[test]
+    fn every_outcome_is_counted() {
+        for outcome in Outcome::ALL {
+            count_command("test.every_outcome", outcome);
+        }
+        let commands = COMMANDS.lock().unwrap();
+        assert_eq!(commands["test.every_outcome"], [1; Outcome::ALL.len()]);
+    }
+
     #[test]
     fn outcomes_follow_command_errors() {
         type R = Result<(), CommandError<std::fmt::Error>>;
-        let cases: [(R, &str); 6] = [
+        let cases: [(R, &str); 7] = [
             (Ok(()), "ok"),
             (Err(CommandError::Rejected(std::fmt::Error)), "rejected"),
             (Err(CommandError::Conflict), "conflict"),
@@ -596,6 +611,7 @@ mod tests {
                 "taken",
             ),
             (Err(CommandError::Stale("conversation".into())), "stale"),
+            (Err(CommandError::KeyChanged), "key_changed"),
             (Err(CommandError::Internal("boom".into())), "error"),
         ];
         for (result, outcome) in cases {

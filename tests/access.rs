@@ -7,7 +7,10 @@ mod common;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use common::{assert_error, assert_error_says, concrete, Response, TestApp};
+use common::{
+    assert_error, assert_error_says, concrete, eventually, hold_on_4242, waits_on_4242, Response,
+    TestApp,
+};
 use ledgerline::api::ROUTES;
 use ledgerline_aggregates::organization::built_in_roles;
 use reqwest::Method;
@@ -259,7 +262,7 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     let (id, old) = issued(
         &t,
         org,
-        json!({"label": "svc", "permissions": ["users:read"]}),
+        json!({"label": "svc", "permissions": ["users:read", "users:write"]}),
     )
     .await;
     let r = t
@@ -290,6 +293,11 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     assert_eq!(me.status, 200, "{}", me.body);
     assert_eq!(me.body["key"]["id"], json!(id));
     assert_eq!(t.get(&org_path(org, "/users"), &new).await.status, 200);
+    // Its commands go on under the new secret: the version they are guarded by moved with
+    // the rotation.
+    let invite = json!({"email": "after@example.com", "full_name": "After"});
+    let r = t.post(&org_path(org, "/users"), &new, invite).await;
+    assert_eq!(r.status, 201, "{}", r.body);
     let r = t
         .post(
             &org_path(org, &format!("/api-keys/{id}/revoke")),
@@ -3379,4 +3387,58 @@ async fn a_burst_of_owner_turns_does_not_starve_the_pool() {
     for r in answers {
         assert_eq!(r.status, 200, "{}", r.body);
     }
+}
+
+/// A key revoked while one of its requests waits (here: for its new user's data key to be
+/// stored, held on a lock the test holds) records nothing in its name after the revocation:
+/// the append is refused on the key's changed version, and the request answered 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_its_request_waits_records_nothing_in_its_name() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let keys = format!("/v1/organizations/{org}/api-keys");
+    let r = t
+        .post(
+            &keys,
+            &t.admin_key,
+            json!({"label": "hr", "permissions": ["users:read", "users:write"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let (key, secret) = (
+        r.body["id"].as_str().unwrap().to_string(),
+        r.body["secret"].as_str().unwrap().to_string(),
+    );
+    let mut holder = hold_on_4242(&t, "BEFORE INSERT ON subject_keys FOR EACH ROW").await;
+
+    let users = format!("/v1/organizations/{org}/users");
+    let invite = t.post(
+        &users,
+        &secret,
+        json!({"email": "ada@example.com", "full_name": "Ada"}),
+    );
+    let revoke_meanwhile = async {
+        let waits = eventually(std::time::Duration::from_secs(30), || {
+            waits_on_4242(&t, true)
+        });
+        assert!(waits.await, "the invitation waits to store its user's key");
+        let r = t
+            .post(&format!("{keys}/{key}/revoke"), &t.admin_key, json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        sqlx::query("SELECT pg_advisory_unlock(4242)")
+            .execute(&mut *holder)
+            .await
+            .unwrap();
+    };
+    let (invited, ()) = tokio::join!(invite, revoke_meanwhile);
+    assert_error_says(&invited, 401, "revoked or rotated while the request");
+    let in_its_name: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM events WHERE metadata::jsonb ->> 'actor_key_id' = $1",
+    )
+    .bind(&key)
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(in_its_name, 0, "no event in the revoked key's name");
 }

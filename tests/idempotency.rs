@@ -6,7 +6,9 @@
 
 mod common;
 
-use common::{answer, assert_error, assert_error_says, Response, TestApp};
+use common::{
+    answer, assert_error, assert_error_says, hold_on_4242, waits_on_4242, Response, TestApp,
+};
 use ledgerline::app::Actor;
 use ledgerline_aggregates::user::UserCommand;
 use reqwest::Method;
@@ -466,39 +468,15 @@ async fn an_erasure_forgets_the_answers_that_showed_the_user() {
     assert_eq!(t.head().await, head, "not invited again");
 }
 
-/// Whether a session of this test's database waits for a lock: advisory lock 4242 (`on`), or
-/// any other (the cluster holds other tests' databases, whose sessions may wait too).
-async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
-    sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted \
-         AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1 \
-         AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database()))",
-    )
-    .bind(on)
-    .fetch_one(t.pool())
-    .await
-    .unwrap()
-}
-
 /// Makes keeping an answer (`running` becoming `done`) wait for advisory lock 4242, which the
 /// connection returned holds.
 async fn hold_keeping(t: &TestApp) -> sqlx::pool::PoolConnection<sqlx::Postgres> {
-    for s in [
-        "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
-             PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
-             RETURN NEW; END $$",
-        "CREATE TRIGGER wait_for_the_test BEFORE UPDATE ON idempotency_keys FOR EACH ROW \
-             WHEN (OLD.state = 'running' AND NEW.state = 'done') \
-             EXECUTE FUNCTION wait_for_the_test()",
-    ] {
-        sqlx::query(s).execute(t.pool()).await.unwrap();
-    }
-    let mut holder = t.pool().acquire().await.unwrap();
-    sqlx::query("SELECT pg_advisory_lock(4242)")
-        .execute(&mut *holder)
-        .await
-        .unwrap();
-    holder
+    hold_on_4242(
+        t,
+        "BEFORE UPDATE ON idempotency_keys FOR EACH ROW \
+         WHEN (OLD.state = 'running' AND NEW.state = 'done')",
+    )
+    .await
 }
 
 /// Ada in Acme, with keeping an answer held on lock 4242 (see [`hold_keeping`]), for a keyed

@@ -23,3 +23,9 @@ pub const USER_AGENT: &str = "user_agent";
 /// slip in after its author was removed or the conversation archived.
 pub const GUARD_AGGREGATE: &str = "guard_aggregate";
 pub const GUARD_SEQUENCE: &str = "guard_sequence";
+/// The acting key's sequence when its request was authenticated (`ACTOR_KEY_ID` at this
+/// sequence): the ledger store refuses the append (401) if the key has changed since, so
+/// that nothing is recorded in the name of a key revoked or rotated while its request
+/// waited (for a turn, a lock, a slow body). Requests' commands carry it; what the system
+/// appends as a request's consequence (`system:` kinds) does not.
+pub const ACTOR_KEY_SEQUENCE: &str = "actor_key_sequence";

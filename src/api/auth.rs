@@ -87,6 +87,7 @@ pub fn request_actor(parts: &Parts) -> Actor {
         kind: "api_key".into(),
         user_id: None,
         key_id: None,
+        key_sequence: None,
         request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
         // Set by `api::idempotency` once it has checked and taken the key.
         idempotency_key: None,
@@ -101,6 +102,8 @@ pub fn request_actor(parts: &Parts) -> Actor {
 #[derive(sqlx::FromRow)]
 struct KeyRow {
     id: Uuid,
+    /// The key's last event as `api_keys` shows it; with `key_changing` false, the log's too.
+    version: i64,
     organization_id: Option<Uuid>,
     user_id: Option<Uuid>,
     key_hash: String,
@@ -173,7 +176,7 @@ impl FromRequestParts<App> for Caller {
         // through meets that guard, and grants what it granted then.
         let row: Option<KeyRow> = sqlx::query_as(
             concat!(
-            "SELECT k.id, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
+            "SELECT k.id, k.version, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, u.status AS user_status, g.held,
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
                               AND e.aggregate_id = k.id::text AND e.sequence > k.version
@@ -277,6 +280,7 @@ impl FromRequestParts<App> for Caller {
         }
         let mut actor = request_actor(parts);
         actor.key_id = Some(row.id);
+        actor.key_sequence = Some(row.version);
         actor.user_id = row.user_id;
         Ok(Caller {
             key_id: row.id,

@@ -90,13 +90,16 @@ pub async fn create(
             .await;
         if let Err(e) = created {
             if matches!(e, CommandError::Unknown) {
-                complete_later(work.clone(), id, caller.actor.clone());
+                // Made only once the log shows the organization, which the key made.
+                complete_later(work.clone(), id, caller.actor.for_what_follows());
             }
             return Err(naming_holder(&caller, None, e));
         }
-        let made = create_built_in_roles(&work, id, &caller.actor).await;
+        // The roles follow from the creation, made by a key that was good then.
+        let actor = caller.actor.for_what_follows();
+        let made = create_built_in_roles(&work, id, &actor).await;
         if made.is_err() {
-            complete_later(work.clone(), id, caller.actor.clone());
+            complete_later(work.clone(), id, actor);
         }
         made
     })

@@ -23,6 +23,10 @@ pub enum AppendError {
     /// The aggregate a command was decided against (its guard) changed before the append.
     #[error("the {0} changed while the command was being decided; retry")]
     Stale(String),
+    /// The acting API key changed (was revoked or rotated) after its request was
+    /// authenticated (`metadata::ACTOR_KEY_SEQUENCE`).
+    #[error("the acting API key changed after its request was authenticated")]
+    KeyChanged,
     /// A name, slug, address or prefix that must be unique is taken, by `holder`
     /// (`<aggregate type>:<id>`).
     #[error("{scope} is already taken")]

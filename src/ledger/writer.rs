@@ -84,37 +84,65 @@ pub(super) struct Prepared {
     pub first_sequence: i64,
     pub rows: Vec<Row>,
     pub claims: Vec<ClaimOp>,
-    pub guard: Option<Guard>,
+    /// The acting key's guard first (its refusal says more than another's), then the one
+    /// the command was decided against.
+    pub guards: Vec<Guard>,
 }
 
-/// The aggregate a command was decided against and the sequence it had then
-/// (`metadata::GUARD_*`): the append is refused if that aggregate has moved on.
+/// An aggregate and the sequence it had when the command was decided: the append is
+/// refused if that aggregate has moved on. Either what the command was decided against
+/// (`metadata::GUARD_*`) or the API key acting (`metadata::ACTOR_KEY_*`).
 pub(super) struct Guard {
     aggregate_type: String,
     aggregate_id: String,
     sequence: i64,
+    actor_key: bool,
 }
 
 impl Guard {
-    fn from_metadata(metadata: &Value) -> Result<Option<Guard>, AppendError> {
+    fn from_metadata(metadata: &Value) -> Result<Vec<Guard>, AppendError> {
         let text = |key: &str| metadata.get(key).and_then(Value::as_str);
+        let mut guards = Vec::new();
+        if let Some(sequence) = text(metadata::ACTOR_KEY_SEQUENCE) {
+            let key = text(metadata::ACTOR_KEY_ID).unwrap_or_default();
+            let bad = || AppendError::Invalid(format!("bad actor key guard `{key}@{sequence}`"));
+            guards.push(Guard {
+                aggregate_type: "ApiKey".into(),
+                aggregate_id: key.parse::<Uuid>().map_err(|_| bad())?.to_string(),
+                sequence: sequence.parse().map_err(|_| bad())?,
+                actor_key: true,
+            });
+        }
         match (
             text(metadata::GUARD_AGGREGATE),
             text(metadata::GUARD_SEQUENCE),
         ) {
-            (None, None) => Ok(None),
+            (None, None) => {}
             (Some(aggregate), Some(sequence)) => {
                 let bad = || AppendError::Invalid(format!("bad guard `{aggregate}@{sequence}`"));
                 let (aggregate_type, aggregate_id) = aggregate.split_once(':').ok_or_else(bad)?;
-                Ok(Some(Guard {
+                guards.push(Guard {
                     aggregate_type: aggregate_type.to_string(),
                     aggregate_id: aggregate_id.to_string(),
                     sequence: sequence.parse().map_err(|_| bad())?,
-                }))
+                    actor_key: false,
+                });
             }
-            _ => Err(AppendError::Invalid(
-                "a guard needs both its aggregate and its sequence".into(),
-            )),
+            _ => {
+                return Err(AppendError::Invalid(
+                    "a guard needs both its aggregate and its sequence".into(),
+                ))
+            }
+        }
+        Ok(guards)
+    }
+
+    /// Why a command whose guard moved is refused.
+    fn refusal(&self) -> AppendError {
+        if self.actor_key {
+            AppendError::KeyChanged
+        } else {
+            AppendError::Stale(self.aggregate_type.to_lowercase())
         }
     }
 }
@@ -182,7 +210,7 @@ pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendErro
         first_sequence: first.sequence as i64,
         rows,
         claims,
-        guard: Guard::from_metadata(&first.metadata)?,
+        guards: Guard::from_metadata(&first.metadata)?,
     })
 }
 
@@ -423,13 +451,13 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
     // is stale even though the database does not show it yet.
     let mut written: HashSet<(&str, &str)> = HashSet::new();
     for (i, p) in batch.iter().enumerate() {
-        if let Some(g) = &p.guard {
-            let moved_here =
-                written.contains(&(g.aggregate_type.as_str(), g.aggregate_id.as_str()));
-            if stale.contains(&i) || moved_here {
-                outcomes[i] = Some(Err(AppendError::Stale(g.aggregate_type.to_lowercase())));
-                continue;
-            }
+        let moved = p.guards.iter().enumerate().find(|(n, g)| {
+            stale.contains(&(i, *n))
+                || written.contains(&(g.aggregate_type.as_str(), g.aggregate_id.as_str()))
+        });
+        if let Some((_, g)) = moved {
+            outcomes[i] = Some(Err(g.refusal()));
+            continue;
         }
         let clash = existing.contains(&i)
             || p.rows.iter().any(|r| {
@@ -519,21 +547,22 @@ fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
 }
 
 /// The head; the indexes of the commands whose first sequence number is already stored (a
-/// concurrent command on the same aggregate committed first); and the indexes of the
-/// commands whose guarded aggregate has moved past the guard's sequence. One round trip.
+/// concurrent command on the same aggregate committed first); and the guards, as (command
+/// index, guard index), whose aggregate has moved past the guard's sequence. One round trip.
 async fn head_and_conflicts(
     conn: &mut PgConnection,
     batch: &[Prepared],
-) -> Result<(i64, [u8; 32], HashSet<usize>, HashSet<usize>), sqlx::Error> {
+) -> Result<(i64, [u8; 32], HashSet<usize>, HashSet<(usize, usize)>), sqlx::Error> {
     let types: Vec<&str> = batch.iter().map(|p| p.aggregate_type.as_str()).collect();
     let ids: Vec<&str> = batch.iter().map(|p| p.aggregate_id.as_str()).collect();
     let seqs: Vec<i64> = batch.iter().map(|p| p.first_sequence).collect();
-    let guarded: Vec<(i64, &Guard)> = batch
+    // Every guard of every command, and where it came from.
+    let guarded: Vec<((usize, usize), &Guard)> = batch
         .iter()
         .enumerate()
-        .filter_map(|(i, p)| p.guard.as_ref().map(|g| (i as i64, g)))
+        .flat_map(|(i, p)| p.guards.iter().enumerate().map(move |(n, g)| ((i, n), g)))
         .collect();
-    let guard_idx: Vec<i64> = guarded.iter().map(|(i, _)| *i).collect();
+    let guard_idx: Vec<i64> = (0..guarded.len() as i64).collect();
     let guard_types: Vec<&str> = guarded
         .iter()
         .map(|(_, g)| g.aggregate_type.as_str())
@@ -573,7 +602,10 @@ async fn head_and_conflicts(
         position.unwrap_or(0),
         hash,
         existing.into_iter().map(|idx| idx as usize - 1).collect(),
-        stale.into_iter().map(|idx| idx as usize).collect(),
+        stale
+            .into_iter()
+            .map(|idx| guarded[idx as usize].0)
+            .collect(),
     ))
 }
 

@@ -185,6 +185,42 @@ pub async fn decided_before_appended(
     answers
 }
 
+/// Whether a session of this test's database waits for a lock: advisory lock 4242 (`on`), or
+/// any other (the cluster holds other tests' databases, whose sessions may wait too).
+pub async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
+    sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted \
+         AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1 \
+         AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database()))",
+    )
+    .bind(on)
+    .fetch_one(t.pool())
+    .await
+    .unwrap()
+}
+
+/// Makes the rows `when` names (a trigger's timing and event: `BEFORE INSERT ON t FOR EACH
+/// ROW`, with a `WHEN` if need be) wait for advisory lock 4242, which the connection
+/// returned holds until it unlocks it or is dropped ([`waits_on_4242`] tells when a session
+/// waits).
+pub async fn hold_on_4242(t: &TestApp, when: &str) -> sqlx::pool::PoolConnection<Postgres> {
+    for s in [
+        "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+             PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
+             RETURN NEW; END $$"
+            .to_string(),
+        format!("CREATE TRIGGER wait_for_the_test {when} EXECUTE FUNCTION wait_for_the_test()"),
+    ] {
+        sqlx::query(&s).execute(t.pool()).await.unwrap();
+    }
+    let mut holder = t.pool().acquire().await.unwrap();
+    sqlx::query("SELECT pg_advisory_lock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    holder
+}
+
 /// Waits up to `within` for `done` to hold; false if it never did.
 pub async fn eventually<F, Fut>(within: std::time::Duration, mut done: F) -> bool
 where
