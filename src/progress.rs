@@ -79,7 +79,7 @@ pub fn show(label: &'static str, progress: Arc<Progress>) -> Display {
                 let figures = Figures::of(&state, first, started.elapsed());
                 if terminal {
                     let mut err = std::io::stderr().lock();
-                    let _ = write!(err, "\r\x1b[2K{}", figures.line(label));
+                    let _ = write!(err, "\r\x1b[2K{}", fit(figures.line(label), width()));
                     let _ = err.flush();
                     BAR_DRAWN.store(true, Ordering::Relaxed);
                 } else if last || logged.elapsed() >= LOG_EVERY {
@@ -134,7 +134,9 @@ impl Figures {
             done as f64 * 100.0 / total as f64
         };
         let rate = (reached - first) as f64 / elapsed.as_secs_f64().max(0.001);
-        let eta = (rate > 0.0).then(|| (state.target - reached) as f64 / rate);
+        // Only events have a rate to tell the rest by: the phases after them do not.
+        let eta = (state.phase == Phase::Applying && rate > 0.0)
+            .then(|| (state.target - reached) as f64 / rate);
         Self {
             phase: state.phase,
             done,
@@ -178,6 +180,27 @@ impl Figures {
     }
 }
 
+/// The terminal's width: `COLUMNS` when the shell exports it, else the common 80.
+fn width() -> usize {
+    std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.parse().ok())
+        .filter(|w| *w >= 20)
+        .unwrap_or(80)
+}
+
+/// `line` cut to fit in `width` columns with one to spare: the bar is redrawn with `\r`,
+/// which returns only to the start of the last physical line, so a line that wrapped would
+/// leave its first part behind at every redraw.
+fn fit(line: String, width: usize) -> String {
+    if line.chars().count() < width {
+        return line;
+    }
+    let mut cut: String = line.chars().take(width.saturating_sub(2)).collect();
+    cut.push('…');
+    cut
+}
+
 fn thousands(n: i64) -> String {
     let digits = n.unsigned_abs().to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3 + 1);
@@ -215,17 +238,22 @@ mod tests {
         );
     }
 
+    /// A run in `phase` with its `events` all applied.
+    fn all_applied(phase: Phase, events: i64) -> ProgressState {
+        ProgressState {
+            job: None,
+            phase,
+            first: 0,
+            target: events,
+            positions: vec![("users", events)],
+            ends: vec![],
+        }
+    }
+
     /// Once the events are applied the count stands still: the line says what goes on.
     #[test]
     fn a_line_says_what_the_run_does_after_the_events() {
-        let state = ProgressState {
-            job: None,
-            phase: Phase::Indexing,
-            first: 0,
-            target: 5_000,
-            positions: vec![("users", 5_000)],
-            ends: vec![],
-        };
+        let state = all_applied(Phase::Indexing, 5_000);
         assert_eq!(
             Figures::of(&state, 0, Duration::from_secs(2)).line("rebuild"),
             "rebuild: 5,000/5,000 events (100%), building indexes and statistics"
@@ -264,6 +292,25 @@ mod tests {
         clear_bar_then_write(&mut out, b"INFO one\n").unwrap();
         clear_bar_then_write(&mut out, b"INFO two\n").unwrap();
         assert_eq!(out, b"\r\x1b[2KINFO one\nINFO two\n");
+    }
+
+    /// Past the events nothing tells how long the rest takes: no ETA, in the log either.
+    #[test]
+    fn no_eta_once_the_events_are_applied() {
+        let state = all_applied(Phase::Indexing, 5_000);
+        assert_eq!(Figures::of(&state, 0, Duration::from_secs(2)).eta, None);
+    }
+
+    /// A bar wider than the terminal would wrap, and every redraw leave a line behind.
+    #[test]
+    fn the_bar_fits_the_terminal() {
+        let state = all_applied(Phase::WaitingForSnapshots, 1_000_000_000);
+        let line = Figures::of(&state, 0, Duration::from_secs(2)).line("rebuild");
+        assert!(line.chars().count() > 80, "{line}");
+        let fitted = fit(line, 80);
+        assert_eq!(fitted.chars().count(), 79, "{fitted}");
+        assert!(fitted.ends_with('…'), "{fitted}");
+        assert_eq!(fit("check: 1/2 events".into(), 80), "check: 1/2 events");
     }
 
     #[test]

@@ -278,19 +278,23 @@ pub async fn rebuild(
         .await?;
         Ok::<_, RunError>(target)
     };
-    let built = async {
-        // Catch up without holding anything back, until what is left is small enough for
-        // the swap to apply under its locks.
+    // Catches up without holding anything back, until what is left is small enough for the
+    // swap to apply under its locks; returns where the copies are.
+    let within_tail = || async {
         loop {
             let target = catch_up().await?;
             if head(pool).await? - target <= options.swap_tail {
-                break;
+                return Ok::<_, RunError>(target);
             }
         }
+    };
+    let built = async {
+        within_tail().await?;
         progress.set_phase(Phase::Indexing);
         finish::finish_tables(pool, &job.schema, &projections, options.finish_connections).await?;
-        // Events that arrived while the indexes were built.
-        let mut target = catch_up().await?;
+        // Events that arrived while the indexes were built (minutes of them on a large log):
+        // caught up until the tail is short again, not left for the swap.
+        let mut target = within_tail().await?;
         // A snapshot older than the copies' last batch would read them half-built once
         // swapped in. A long wait for such snapshots lets the swap's tail grow: the job
         // catches up once more, and waits for the snapshots taken meanwhile, which saw the
@@ -313,7 +317,7 @@ pub async fn rebuild(
             if round == 1 || head(pool).await? - target <= options.swap_tail {
                 break;
             }
-            target = catch_up().await?;
+            target = within_tail().await?;
         }
         Ok(())
     };
