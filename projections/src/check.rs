@@ -149,8 +149,17 @@ pub async fn check(
     }
 }
 
-/// Builds the scratch copies up to each projection's live checkpoint as it is now; returns
-/// those checkpoints.
+/// At most about this many events per projection are left for the comparison to apply in
+/// its one transaction, which holds the live tables and reads its tail at once: until then
+/// the build catches up with the live checkpoints without locks.
+const COMPARE_TAIL: i64 = 2_000;
+/// Catch-up rounds before the comparison takes whatever tail is left (a live projection
+/// that keeps pace with the build would otherwise hold the check off for ever).
+const CATCH_UP_ROUNDS: usize = 8;
+
+/// Builds the scratch copies up to each projection's live checkpoint, again while a live
+/// projection moved on by more than [`COMPARE_TAIL`] meanwhile (one catching up fast, say);
+/// returns the checkpoints the copies reached.
 async fn build_scratch(
     pool: &PgPool,
     schema: &str,
@@ -159,27 +168,39 @@ async fn build_scratch(
     stall_limit: Duration,
     progress: &Arc<Progress>,
 ) -> Result<Vec<(Projection, i64)>, RunError> {
-    let started = live_checkpoints(pool, projections).await?;
-    let lanes: Vec<Lane> = started
-        .iter()
-        .map(|&(projection, to)| Lane {
-            projection,
-            from: 0,
-            to,
-        })
-        .collect();
-    progress.start(&lanes);
-    build::build(
-        pool,
-        schema,
-        &lanes,
-        batch_size,
-        Record::Nowhere,
-        progress,
-        stall_limit,
-    )
-    .await?;
-    Ok(started)
+    let mut built: Vec<(Projection, i64)> = projections.iter().map(|&p| (p, 0)).collect();
+    for round in 0..=CATCH_UP_ROUNDS {
+        let live = live_checkpoints(pool, projections).await?;
+        let close = |(&(_, from), &(_, to)): (&(Projection, i64), &(Projection, i64))| {
+            to - from <= COMPARE_TAIL
+        };
+        if round > 0 && (round == CATCH_UP_ROUNDS || built.iter().zip(&live).all(close)) {
+            break;
+        }
+        // A checkpoint that went back (a reset) is left for the comparison to name.
+        let lanes: Vec<Lane> = built
+            .iter()
+            .zip(&live)
+            .map(|(&(projection, from), &(_, to))| Lane {
+                projection,
+                from,
+                to: to.max(from),
+            })
+            .collect();
+        progress.start(&lanes);
+        build::build(
+            pool,
+            schema,
+            &lanes,
+            batch_size,
+            Record::Nowhere,
+            progress,
+            stall_limit,
+        )
+        .await?;
+        built = lanes.iter().map(|l| (l.projection, l.to)).collect();
+    }
+    Ok(built)
 }
 
 /// Compares the copies built up to `started` with the live tables, in one snapshot, after
