@@ -386,7 +386,7 @@ async fn bootstrap(
         false,
     );
     match bootstrap_key(&app, &args.label).await {
-        Ok((id, secret)) => show_secret(&pool, id, &secret).await,
+        Ok((id, secret)) => show_secret(&pool, id, &secret, true).await,
         Err(CommandError::Taken { .. }) => {
             eprintln!(
                 "error: the platform is already bootstrapped; its operator key was shown when \
@@ -401,9 +401,20 @@ async fn bootstrap(
 
 /// Prints a platform key's new secret, once, as JSON, then lets the read models show it.
 /// Shown before anything else can fail: only its hash is kept, so a secret not shown now is
-/// lost. Not quietly, then, even to a reader that went away.
-async fn show_secret(pool: &sqlx::PgPool, id: Uuid, secret: &str) -> anyhow::Result<ExitCode> {
-    let shown = crate::out::try_write(format_args!("{}\n", json!({ "id": id, "api_key": secret })));
+/// lost. Not quietly, then, even to a reader that went away. `recorded` is false when the
+/// commit's outcome was lost: the secret is shown all the same (it works only if its hash
+/// was recorded), marked `"recorded": "unknown"`, and the command exits 2.
+async fn show_secret(
+    pool: &sqlx::PgPool,
+    id: Uuid,
+    secret: &str,
+    recorded: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut answer = json!({ "id": id, "api_key": secret });
+    if !recorded {
+        answer["recorded"] = json!("unknown");
+    }
+    let shown = crate::out::try_write(format_args!("{answer}\n"));
     if let Err(e) = &shown {
         eprintln!(
             "error: the platform key could not be written to standard output ({e}): it is in \
@@ -411,9 +422,15 @@ async fn show_secret(pool: &sqlx::PgPool, id: Uuid, secret: &str) -> anyhow::Res
              `ledgerline platform-key rotate {id}`"
         );
     }
+    if !recorded {
+        eprintln!(
+            "error: the ledger could not confirm whether the change was recorded: if the \
+             secret does not work, run `ledgerline platform-key rotate {id}`"
+        );
+    }
     // Either way: a key shown works, and one whose secret was lost is listed for rotation.
     show_in_read_models(pool).await;
-    Ok(if shown.is_ok() {
+    Ok(if shown.is_ok() && recorded {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(2)
@@ -500,13 +517,12 @@ async fn platform_keys(
             Ok(ExitCode::SUCCESS)
         }
         PlatformKeyCommand::Issue { label } => match platform_key(&app, &label, false).await {
-            Ok((id, secret)) => show_secret(&pool, id, &secret).await,
+            Ok((id, secret)) => show_secret(&pool, id, &secret, true).await,
             Err(e) => refused(e),
         },
         PlatformKeyCommand::Rotate { id } => {
-            if let Some(refusal) = not_a_platform_key(&pool, id).await? {
-                eprintln!("error: {refusal}");
-                return Ok(ExitCode::from(1));
+            if let Some(refused) = unless_a_platform_key(&pool, id).await? {
+                return Ok(refused);
             }
             let secret = keys::generate();
             let command = ApiKeyCommand::Rotate {
@@ -517,28 +533,15 @@ async fn platform_keys(
                 .execute(&app.cqrs.api_keys, id, None, &actor, command)
                 .await
             {
-                Ok(()) => show_secret(&pool, id, &secret.secret).await,
-                // The rotation may be in the log, the old secret then dead: the new one is
-                // shown all the same (it works only if its hash was recorded).
-                Err(CommandError::Unknown) => {
-                    outln!(
-                        "{}",
-                        json!({ "id": id, "api_key": secret.secret, "recorded": "unknown" })
-                    );
-                    eprintln!(
-                        "error: the ledger could not confirm whether the rotation was recorded: \
-                         if the secret above does not work, run `ledgerline platform-key \
-                         rotate {id}` again"
-                    );
-                    Ok(ExitCode::from(2))
-                }
+                Ok(()) => show_secret(&pool, id, &secret.secret, true).await,
+                // The rotation may be in the log, the old secret then dead.
+                Err(CommandError::Unknown) => show_secret(&pool, id, &secret.secret, false).await,
                 Err(e) => refused(e),
             }
         }
         PlatformKeyCommand::Revoke { id, reason } => {
-            if let Some(refusal) = not_a_platform_key(&pool, id).await? {
-                eprintln!("error: {refusal}");
-                return Ok(ExitCode::from(1));
+            if let Some(refused) = unless_a_platform_key(&pool, id).await? {
+                return Ok(refused);
             }
             let command = ApiKeyCommand::Revoke { reason };
             match app
@@ -556,27 +559,39 @@ async fn platform_keys(
     }
 }
 
-/// Why key `id` is not one `platform-key` may change, from the log (not the read models,
-/// which may lag): an organization's keys are changed through the API, by that
-/// organization's admins.
-async fn not_a_platform_key(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<Option<String>> {
-    // The issue's own payload, not the event's tenant column, which the appender sets.
-    let issued: Option<Option<String>> = sqlx::query_scalar(
-        "SELECT payload::jsonb -> 'ApiKeyIssued' ->> 'organization_id' FROM events \
-         WHERE aggregate_type = 'ApiKey' AND aggregate_id = $1 AND sequence = 1",
+/// Exit 1, saying why, unless key `id` is a platform key, told from the log (not the read
+/// models, which may lag) by its issue's own payload: an organization's keys are changed
+/// through the API, by that organization's admins.
+async fn unless_a_platform_key(pool: &sqlx::PgPool, id: Uuid) -> anyhow::Result<Option<ExitCode>> {
+    // The event's type, and the JSON type and text of the organization its issue names.
+    let issued: Option<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT event_type, jsonb_typeof(payload::jsonb -> 'ApiKeyIssued' -> 'organization_id'), \
+                payload::jsonb -> 'ApiKeyIssued' ->> 'organization_id' \
+         FROM events WHERE aggregate_type = 'ApiKey' AND aggregate_id = $1 AND sequence = 1",
     )
     .bind(id.to_string())
     .fetch_optional(pool)
     .await
     .context("reading the key's issue from the log")?;
-    Ok(match issued {
-        None => Some(format!("the log holds no API key {id}")),
-        Some(Some(org)) => Some(format!(
-            "API key {id} belongs to organization {org}: its admins revoke or rotate it through \
-             the API"
-        )),
-        Some(None) => None,
-    })
+    let refusal = match issued {
+        None => format!("the log holds no API key {id}"),
+        Some((event, Some(json_type), _)) if event == "ApiKeyIssued" && json_type == "null" => {
+            return Ok(None)
+        }
+        Some((event, Some(json_type), Some(org)))
+            if event == "ApiKeyIssued" && json_type == "string" =>
+        {
+            format!(
+                "API key {id} belongs to organization {org}: its admins revoke or rotate it \
+                 through the API"
+            )
+        }
+        Some((event, ..)) => {
+            format!("API key {id}'s first event ({event}) does not say whose key it is")
+        }
+    };
+    eprintln!("error: {refusal}");
+    Ok(Some(ExitCode::from(1)))
 }
 
 async fn verify(

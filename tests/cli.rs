@@ -879,8 +879,16 @@ async fn bootstrap_says_so_when_its_key_cannot_be_printed() {
         err.contains(&format!("ledgerline platform-key rotate {id}")),
         "{err}"
     );
-    let (code, _, err) = ledgerline(&db.url, &["platform-key", "rotate", &id]).await;
+    let (code, out, err) = ledgerline(&db.url, &["platform-key", "rotate", &id]).await;
     assert_eq!(code, 0, "the lost secret is replaced: {err}");
+    let secret: Value = serde_json::from_str(&out).expect("the new secret as JSON");
+    let secret = secret["api_key"].as_str().unwrap();
+    let prefix: String = sqlx::query_scalar("SELECT prefix FROM api_keys WHERE id = $1::uuid")
+        .bind(&id)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(ledgerline::keys::prefix_of(secret), Some(prefix.as_str()));
 }
 
 /// `projections status` names which process holds each lease, and for how long.

@@ -2651,6 +2651,16 @@ async fn a_check_changes_nothing_outside_its_scratch_schema() {
         .execute(t.pool())
         .await
         .unwrap();
+    // And a message key of his (`messaging` destroys an erased author's message keys).
+    sqlx::query(
+        "INSERT INTO message_keys (message_id, author_id, organization_id, wrapped_key) \
+         VALUES (gen_random_uuid(), $1, $2, '\\x03')",
+    )
+    .bind(bob)
+    .bind(org)
+    .execute(t.pool())
+    .await
+    .unwrap();
 
     let report = check_all(&t).await;
     assert!(report.equal(), "{report:?}");
@@ -2666,4 +2676,11 @@ async fn a_check_changes_nothing_outside_its_scratch_schema() {
         .await
         .unwrap();
     assert_eq!(keys, 1, "the key is not destroyed");
+    let message_keys: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM message_keys WHERE author_id = $1")
+            .bind(bob)
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+    assert_eq!(message_keys, 1, "the message key is not destroyed");
 }

@@ -180,6 +180,11 @@ pub(crate) enum Record {
     Nowhere,
 }
 
+/// At most this many builds (the first and the catch-ups after it) run before a check's
+/// comparison or a rebuild's next step takes whatever tail is left: a live log written as
+/// fast as a build applies it would otherwise hold them off for ever.
+pub(crate) const CATCH_UP_ROUNDS: usize = 8;
+
 /// Tables outside the read models that replaying an erasure or a deletion changes: the keys
 /// it destroys and the API's kept answers it forgets (`destroy_keys_and_forget`).
 pub(crate) const OUTSIDE_TABLES: [&str; 3] = ["subject_keys", "message_keys", "idempotency_keys"];

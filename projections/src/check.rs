@@ -153,9 +153,6 @@ pub async fn check(
 /// its one transaction, which holds the live tables and reads its tail at once: until then
 /// the build catches up with the live checkpoints without locks.
 const COMPARE_TAIL: i64 = 2_000;
-/// Catch-up rounds before the comparison takes whatever tail is left (a live projection
-/// that keeps pace with the build would otherwise hold the check off for ever).
-const CATCH_UP_ROUNDS: usize = 8;
 
 /// Builds the scratch copies up to each projection's live checkpoint, again while a live
 /// projection moved on by more than [`COMPARE_TAIL`] meanwhile (one catching up fast, say);
@@ -169,12 +166,12 @@ async fn build_scratch(
     progress: &Arc<Progress>,
 ) -> Result<Vec<(Projection, i64)>, RunError> {
     let mut built: Vec<(Projection, i64)> = projections.iter().map(|&p| (p, 0)).collect();
-    for round in 0..=CATCH_UP_ROUNDS {
+    for round in 0..build::CATCH_UP_ROUNDS {
         let live = live_checkpoints(pool, projections).await?;
         let close = |(&(_, from), &(_, to)): (&(Projection, i64), &(Projection, i64))| {
             to - from <= COMPARE_TAIL
         };
-        if round > 0 && (round == CATCH_UP_ROUNDS || built.iter().zip(&live).all(close)) {
+        if round > 0 && built.iter().zip(&live).all(close) {
             break;
         }
         // A checkpoint that went back (a reset) is left for the comparison to name.

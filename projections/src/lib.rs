@@ -201,10 +201,11 @@ pub(crate) const MESSAGE_KEYS: (&str, &str) = ("message_keys", "message_id");
 ///
 /// Rows still `running` take a subject into their `subjects` (so that one that read it
 /// before cannot keep what it showed) only when this transaction is the one that destroys its
-/// key: a rebuild or check replaying an erasure long done finds no key and marks no live
-/// request. They are marked first, and stored answers blanked after, in statements of their
-/// own that index scans serve: a request that keeps its answer meanwhile is either marked
-/// before it keeps, or kept before the blanking reads it.
+/// key: a rebuild replaying an erasure long done finds no key and marks no live request (a
+/// check replays into empty stand-ins, `build::OUTSIDE_TABLES`, and touches nothing live).
+/// They are marked first, and stored answers blanked after, in statements of their own that
+/// index scans serve: a request that keeps its answer meanwhile is either marked before it
+/// keeps, or kept before the blanking reads it.
 pub(crate) async fn destroy_keys_and_forget(
     conn: &mut sqlx::PgConnection,
     (table, column): (&str, &str),

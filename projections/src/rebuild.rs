@@ -279,14 +279,17 @@ pub async fn rebuild(
         Ok::<_, RunError>(target)
     };
     // Catches up without holding anything back, until what is left is small enough for the
-    // swap to apply under its locks; returns where the copies are.
+    // swap to apply under its locks (or for `build::CATCH_UP_ROUNDS` rounds); returns where
+    // the copies are.
     let within_tail = || async {
-        loop {
-            let target = catch_up().await?;
+        let mut target = 0;
+        for _ in 0..build::CATCH_UP_ROUNDS {
+            target = catch_up().await?;
             if head(pool).await? - target <= options.swap_tail {
-                return Ok::<_, RunError>(target);
+                break;
             }
         }
+        Ok::<_, RunError>(target)
     };
     let built = async {
         within_tail().await?;
@@ -297,7 +300,7 @@ pub async fn rebuild(
         let mut target = within_tail().await?;
         // A snapshot older than the copies' last batch would read them half-built once
         // swapped in. A long wait for such snapshots lets the swap's tail grow: the job
-        // catches up once more, and waits for the snapshots taken meanwhile, which saw the
+        // catches up again, and waits for the snapshots taken meanwhile, which saw the
         // copies complete up to the first wait.
         let deadline = tokio::time::Instant::now() + options.snapshot_wait;
         for round in 0..2 {

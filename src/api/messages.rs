@@ -38,8 +38,8 @@ use crate::ledger::Appended;
 const STALE_RETRIES: usize = 3;
 /// How often a command on a message is decided again when another command on that message
 /// took the sequence number first (read marks and reactions: many people at once on a
-/// popular message). Within a process they take turns (`aggregate_locks`), so this is for
-/// commands through other `serve` processes: one of those racing lands in each commit, so
+/// popular message). Within a process they take turns (`aggregate_locks`), so this is mostly
+/// for commands through other `serve` processes: one of those racing lands in each commit, so
 /// this many can land together; past it, the rest are 409.
 const CONFLICT_RETRIES: usize = 64;
 /// The longest pause before the n-th of those is n times this (ms), each drawn at random.
@@ -303,11 +303,12 @@ async fn run(
         match outcome {
             // A post's id taken (a conflict) stays taken: not retried.
             taken @ Err(CommandError::Conflict) if fresh => return taken.map_err(ApiError::from),
-            // Only the message moved, through another process (its conversation did not,
-            // or the guard would say so): decided again on the message as the log now holds
-            // it, after a random pause that grows with the losses, so that those who lost do
-            // not all come back to the same commit (each reload reads the message's whole
-            // stream).
+            // Only the message moved (its conversation did not, or the guard would say so),
+            // usually through another process, or through a request of this one dropped
+            // mid-append, which let its turn go: decided again on the message as the log now
+            // holds it, after a random pause that grows with the losses, so that those who
+            // lost do not all come back to the same commit (each reload reads the message's
+            // whole stream).
             Err(CommandError::Conflict) if conflicts < CONFLICT_RETRIES => {
                 conflicts += 1;
                 let most = CONFLICT_PAUSE_MS * conflicts as u64;
