@@ -462,13 +462,6 @@ async fn platform_keys(
         false,
     );
     let actor = Actor::cli("platform-key");
-    let refused = |e: CommandError<ledgerline_aggregates::api_key::ApiKeyError>| match e {
-        CommandError::Rejected(e) => {
-            eprintln!("error: {e}");
-            Ok(ExitCode::from(1))
-        }
-        other => Err(anyhow::anyhow!("{other}")),
-    };
     match command {
         PlatformKeyCommand::List => {
             type Row = (
@@ -520,42 +513,62 @@ async fn platform_keys(
             Ok((id, secret)) => show_secret(&pool, id, &secret, true).await,
             Err(e) => refused(e),
         },
+        // A rotation shows its new secret; a revocation only that it is done.
         PlatformKeyCommand::Rotate { id } => {
-            if let Some(refused) = unless_a_platform_key(&pool, id).await? {
-                return Ok(refused);
-            }
             let secret = keys::generate();
             let command = ApiKeyCommand::Rotate {
                 prefix: secret.prefix.clone(),
                 secret_hash: secret.hash.clone(),
             };
-            match app
-                .execute(&app.cqrs.api_keys, id, None, &actor, command)
-                .await
-            {
-                Ok(()) => show_secret(&pool, id, &secret.secret, true).await,
-                // The rotation may be in the log, the old secret then dead.
-                Err(CommandError::Unknown) => show_secret(&pool, id, &secret.secret, false).await,
-                Err(e) => refused(e),
-            }
+            change_platform_key(&app, &actor, id, command, Some(secret.secret)).await
         }
         PlatformKeyCommand::Revoke { id, reason } => {
-            if let Some(refused) = unless_a_platform_key(&pool, id).await? {
-                return Ok(refused);
-            }
             let command = ApiKeyCommand::Revoke { reason };
-            match app
-                .execute(&app.cqrs.api_keys, id, None, &actor, command)
-                .await
-            {
-                Ok(()) => {
-                    outln!("{}", json!({ "id": id, "status": "revoked" }));
-                    show_in_read_models(&pool).await;
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(e) => refused(e),
-            }
+            change_platform_key(&app, &actor, id, command, None).await
         }
+    }
+}
+
+/// Appends `command` to platform key `id`, once the log says it is one; then shows the new
+/// `secret` a rotation made, or says the key is revoked.
+async fn change_platform_key(
+    app: &App,
+    actor: &Actor,
+    id: Uuid,
+    command: ApiKeyCommand,
+    secret: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let pool = &app.pool;
+    if let Some(refused) = unless_a_platform_key(pool, id).await? {
+        return Ok(refused);
+    }
+    let done = app
+        .execute(&app.cqrs.api_keys, id, None, actor, command)
+        .await;
+    match (done, secret) {
+        (Ok(()), Some(secret)) => show_secret(pool, id, &secret, true).await,
+        // The rotation may be in the log, the old secret then dead.
+        (Err(CommandError::Unknown), Some(secret)) => show_secret(pool, id, &secret, false).await,
+        (Ok(()), None) => {
+            outln!("{}", json!({ "id": id, "status": "revoked" }));
+            show_in_read_models(pool).await;
+            Ok(ExitCode::SUCCESS)
+        }
+        (Err(e), _) => refused(e),
+    }
+}
+
+/// A command the key's aggregate refused is exit 1, saying why; any other failure could not
+/// run (2).
+fn refused(
+    e: CommandError<ledgerline_aggregates::api_key::ApiKeyError>,
+) -> anyhow::Result<ExitCode> {
+    match e {
+        CommandError::Rejected(e) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(1))
+        }
+        other => Err(anyhow::anyhow!("{other}")),
     }
 }
 

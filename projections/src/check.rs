@@ -165,12 +165,12 @@ async fn build_scratch(
     stall_limit: Duration,
     progress: &Arc<Progress>,
 ) -> Result<Vec<(Projection, i64)>, RunError> {
+    let close = |(&(_, from), &(_, to)): (&(Projection, i64), &(Projection, i64))| {
+        to - from <= COMPARE_TAIL
+    };
     let mut built: Vec<(Projection, i64)> = projections.iter().map(|&p| (p, 0)).collect();
     for round in 0..build::CATCH_UP_ROUNDS {
         let live = live_checkpoints(pool, projections).await?;
-        let close = |(&(_, from), &(_, to)): (&(Projection, i64), &(Projection, i64))| {
-            to - from <= COMPARE_TAIL
-        };
         if round > 0 && built.iter().zip(&live).all(close) {
             break;
         }

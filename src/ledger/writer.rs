@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use cqrs_es::persist::SerializedEvent;
+use ledgerline_aggregates::api_key::ApiKey;
 use ledgerline_aggregates::{claims_for, metadata, validate, ClaimOp};
 use ledgerline_projections::notify::HEAD_CHANNEL;
 use serde_json::Value;
@@ -107,7 +108,7 @@ impl Guard {
             let key = text(metadata::ACTOR_KEY_ID).unwrap_or_default();
             let bad = || AppendError::Invalid(format!("bad actor key guard `{key}@{sequence}`"));
             guards.push(Guard {
-                aggregate_type: "ApiKey".into(),
+                aggregate_type: <ApiKey as cqrs_es::Aggregate>::TYPE.into(),
                 aggregate_id: key.parse::<Uuid>().map_err(|_| bad())?.to_string(),
                 sequence: sequence.parse().map_err(|_| bad())?,
                 actor_key: true,
