@@ -644,11 +644,18 @@ async fn contrast(
                 .enumerate()
                 .map(|(i, (_, event_type, version, payload, metadata))| {
                     let mut metadata = metadata.clone();
-                    // The guards name the real conversation and key, which this ledger lacks.
+                    // The guards name the real conversation, key, user and organization, which
+                    // this ledger lacks.
                     if let Some(m) = metadata.as_object_mut() {
-                        m.remove(md::GUARD_AGGREGATE);
-                        m.remove(md::GUARD_SEQUENCE);
-                        m.remove(md::ACTOR_KEY_SEQUENCE);
+                        for guard in [
+                            md::GUARD_AGGREGATE,
+                            md::GUARD_SEQUENCE,
+                            md::ACTOR_KEY_SEQUENCE,
+                            md::ACTOR_USER_SEQUENCE,
+                            md::ACTOR_ORGANIZATION_SEQUENCE,
+                        ] {
+                            m.remove(guard);
+                        }
                     }
                     SerializedEvent::new(
                         id.clone(),

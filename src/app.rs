@@ -74,14 +74,29 @@ pub struct Actor {
     pub kind: String,
     pub user_id: Option<Uuid>,
     pub key_id: Option<Uuid>,
-    /// The key's sequence when the request was authenticated: its commands are refused if
-    /// the key changes before their append (`metadata::ACTOR_KEY_SEQUENCE`).
-    pub key_sequence: Option<i64>,
+    /// What the request was authenticated on: its commands are refused if that is lost
+    /// before their append. `None` for the CLI and for what follows from a command already
+    /// recorded.
+    pub standing: Option<Standing>,
     pub request_id: String,
     /// The request's `Idempotency-Key` (`api::idempotency`), if it was sent with one.
     pub idempotency_key: Option<String>,
     pub client_ip: Option<String>,
     pub user_agent: Option<String>,
+}
+
+/// Where a request's key stood when it was authenticated, as sequences of the log: its
+/// commands are refused if the key changed since (`metadata::ACTOR_KEY_SEQUENCE`: revoked,
+/// rotated), its user was deactivated, erased or lost a role (`ACTOR_USER_SEQUENCE`), or its
+/// organization was suspended (`ACTOR_ORGANIZATION_SEQUENCE`). So the log never shows a
+/// key acting after what stopped it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub key: i64,
+    /// A user key's user.
+    pub user: Option<i64>,
+    /// An organization's key's organization, and its sequence.
+    pub organization: Option<(Uuid, i64)>,
 }
 
 impl Actor {
@@ -94,10 +109,10 @@ impl Actor {
     }
 
     /// The same actor for what follows from a command already recorded (an organization's
-    /// built-in roles): not refused if its key changes afterwards.
+    /// built-in roles): not refused if its key, user or organization changes afterwards.
     pub fn for_what_follows(&self) -> Self {
         Self {
-            key_sequence: None,
+            standing: None,
             ..self.clone()
         }
     }
@@ -109,6 +124,12 @@ impl Actor {
         organization_id: Option<Uuid>,
         guard: Option<Guard>,
     ) -> HashMap<String, String> {
+        debug_assert!(
+            self.standing
+                .and_then(|s| s.organization)
+                .is_none_or(|(org, _)| Some(org) == organization_id),
+            "an organization's key acting outside its organization loses its guard"
+        );
         let mut m = HashMap::new();
         if let Some(g) = guard {
             m.insert(
@@ -128,7 +149,20 @@ impl Actor {
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
             (
                 metadata::ACTOR_KEY_SEQUENCE,
-                self.key_sequence.map(|s| s.to_string()),
+                self.standing.map(|s| s.key.to_string()),
+            ),
+            (
+                metadata::ACTOR_USER_SEQUENCE,
+                self.standing.and_then(|s| s.user).map(|s| s.to_string()),
+            ),
+            // Named by the event's organization, which is the key's: a key acts in no other
+            // (were one to, the guard would be left out, so say it in tests).
+            (
+                metadata::ACTOR_ORGANIZATION_SEQUENCE,
+                self.standing
+                    .and_then(|s| s.organization)
+                    .filter(|(org, _)| Some(*org) == organization_id)
+                    .map(|(_, s)| s.to_string()),
             ),
             (metadata::IDEMPOTENCY_KEY, self.idempotency_key.clone()),
             (metadata::CLIENT_IP, self.client_ip.clone()),
@@ -163,6 +197,13 @@ pub enum CommandError<E: std::error::Error> {
          command was not recorded"
     )]
     KeyChanged,
+    /// The acting key's user or organization was stopped (`AppendError::ActorStopped`)
+    /// after its request was authenticated.
+    #[error(
+        "{0} while the request was being carried out: this command was not recorded; send \
+         it again to have it decided on what holds now"
+    )]
+    ActorStopped(&'static str),
     /// The answer to the batch's COMMIT was lost and the log could not be read to learn
     /// whether it committed (`AppendError::Unknown`): the command may be in the log.
     #[error("the ledger could not confirm whether the command was recorded: it may have been")]
@@ -192,6 +233,7 @@ impl<E: std::error::Error> From<AppendError> for CommandError<E> {
             AppendError::Conflict => CommandError::Conflict,
             AppendError::Stale(what) => CommandError::Stale(what),
             AppendError::KeyChanged => CommandError::KeyChanged,
+            AppendError::ActorStopped(what) => CommandError::ActorStopped(what),
             AppendError::Unknown => CommandError::Unknown,
             other => CommandError::Internal(other.to_string()),
         }

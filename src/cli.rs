@@ -516,9 +516,12 @@ async fn platform_keys(
         // A rotation shows its new secret; a revocation only that it is done.
         PlatformKeyCommand::Rotate { id } => {
             let secret = keys::generate();
+            // No grace period: a platform key is rotated here because it leaked.
             let command = ApiKeyCommand::Rotate {
                 prefix: secret.prefix.clone(),
                 secret_hash: secret.hash.clone(),
+                previous_valid_until: None,
+                now: chrono::Utc::now(),
             };
             change_platform_key(&app, &actor, id, command, Some(secret.secret)).await
         }

@@ -28,17 +28,19 @@ pub enum Outcome {
     Taken,
     Stale,
     KeyChanged,
+    ActorStopped,
     Error,
 }
 
 impl Outcome {
-    const ALL: [Outcome; 7] = [
+    const ALL: [Outcome; 8] = [
         Outcome::Ok,
         Outcome::Rejected,
         Outcome::Conflict,
         Outcome::Taken,
         Outcome::Stale,
         Outcome::KeyChanged,
+        Outcome::ActorStopped,
         Outcome::Error,
     ];
 
@@ -50,6 +52,7 @@ impl Outcome {
             Outcome::Taken => "taken",
             Outcome::Stale => "stale",
             Outcome::KeyChanged => "key_changed",
+            Outcome::ActorStopped => "actor_stopped",
             Outcome::Error => "error",
         }
     }
@@ -62,6 +65,7 @@ impl Outcome {
             Err(CommandError::Taken { .. }) => Outcome::Taken,
             Err(CommandError::Stale(_)) => Outcome::Stale,
             Err(CommandError::KeyChanged) => Outcome::KeyChanged,
+            Err(CommandError::ActorStopped(_)) => Outcome::ActorStopped,
             Err(CommandError::Unknown | CommandError::Internal(_)) => Outcome::Error,
         }
     }
@@ -599,7 +603,7 @@ mod tests {
     #[test]
     fn outcomes_follow_command_errors() {
         type R = Result<(), CommandError<std::fmt::Error>>;
-        let cases: [(R, &str); 7] = [
+        let cases: [(R, &str); 8] = [
             (Ok(()), "ok"),
             (Err(CommandError::Rejected(std::fmt::Error)), "rejected"),
             (Err(CommandError::Conflict), "conflict"),
@@ -612,6 +616,12 @@ mod tests {
             ),
             (Err(CommandError::Stale("conversation".into())), "stale"),
             (Err(CommandError::KeyChanged), "key_changed"),
+            (
+                Err(CommandError::ActorStopped(
+                    "this key's user was deactivated",
+                )),
+                "actor_stopped",
+            ),
             (Err(CommandError::Internal("boom".into())), "error"),
         ];
         for (result, outcome) in cases {

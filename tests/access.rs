@@ -314,6 +314,157 @@ async fn rotated_key_old_secret_is_401_and_new_secret_works() {
     }
 }
 
+/// A rotation may keep the old secret working for a while: a client that rotates its own
+/// key and loses the answer rotates again with the old secret, instead of being locked out.
+/// What the old secret does is the key's, but nothing it issues outlives its grace; only the
+/// newest rotation's grace counts, a revocation ends every secret, and the grace ends on
+/// time. While `api_keys` does not show the rotation yet, the old secret is told to retry.
+#[tokio::test]
+async fn a_rotation_may_give_the_old_secret_a_grace_period() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Rollers").await;
+    let (id, first) = issued(
+        &t,
+        org,
+        json!({"label": "svc", "permissions": ["users:read", "users:write", "keys:write"]}),
+    )
+    .await;
+    let rotate = |secret: String, grace: Value| {
+        let t = &t;
+        async move {
+            t.post(
+                &org_path(org, &format!("/api-keys/{id}/rotate")),
+                &secret,
+                grace,
+            )
+            .await
+        }
+    };
+    let me = |secret: String| {
+        let t = &t;
+        async move { t.get("/v1/me", &secret).await }
+    };
+    let for_secs = |secs: u32| json!({ "previous_secret_valid_for_seconds": secs });
+    let time = |v: &Value| v.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
+    let head = t.head().await;
+    for (body, says) in [
+        (for_secs(0), "from 1 to 86400"),
+        (for_secs(86_401), "from 1 to 86400"),
+        (
+            json!({"previous_secret_valid_for_seconds": -5}),
+            "previous_secret_valid_for_seconds",
+        ),
+        (
+            json!({"previous_secret_valid_for_seconds": null}),
+            "cannot be null",
+        ),
+        (json!({"previous_secret_ttl": 5}), "previous_secret_ttl"),
+    ] {
+        assert_error_says(&rotate(first.clone(), body).await, 422, says);
+    }
+    assert_eq!(t.head().await, head, "a refused rotation appends nothing");
+
+    // The key rotates itself with an hour's grace, and the answer is "lost"; until
+    // `api_keys` shows the rotation, the old secret is told to retry, not refused.
+    t.stop_projection("api_keys").await;
+    let before = Utc::now();
+    let r = rotate(first.clone(), for_secs(3600)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let until = time(&r.body["previous_secret_valid_until"]);
+    let hour = chrono::TimeDelta::hours(1);
+    assert!(until >= before + hour - chrono::TimeDelta::seconds(1) && until <= Utc::now() + hour);
+    let lost = r.body["secret"].as_str().unwrap().to_string();
+    assert_error_says(&me(first.clone()).await, 503, "retry shortly");
+    t.resume_projection("api_keys").await;
+    let shown = eventually(Duration::from_secs(30), || async {
+        me(first.clone()).await.status == 200
+    });
+    assert!(
+        shown.await,
+        "the old secret works once the rotation is shown"
+    );
+    // It acts as the key, says until when, and what it does is recorded in the key's name.
+    let r = me(first.clone()).await;
+    assert_eq!(r.body["key"]["id"], json!(id));
+    assert_eq!(r.body["key"]["prefix"].as_str().unwrap(), &first[..15]);
+    assert_eq!(time(&r.body["key"]["secret_valid_until"]), until);
+    let r = me(lost.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(
+        r.body["key"].get("secret_valid_until").is_none(),
+        "{}",
+        r.body
+    );
+    let invite = json!({"email": "grace@example.com", "full_name": "Grace"});
+    let r = t.post(&org_path(org, "/users"), &first, invite).await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let actor: Option<String> = sqlx::query_scalar(
+        "SELECT metadata::jsonb ->> 'actor_key_id' FROM events \
+         WHERE event_type = 'UserInvited' AND aggregate_id = $1",
+    )
+    .bind(r.body["id"].as_str().unwrap())
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    assert_eq!(actor, Some(id.to_string()));
+    // Nothing it issues outlives its grace.
+    let r = t
+        .post(
+            &org_path(org, "/api-keys"),
+            &first,
+            json!({"label": "escape", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_error_says(&r, 403, "grace period) stops working at");
+
+    // Rotated again with the old secret: the newest rotation's grace is the only one, so the
+    // first secret stops, the lost one is now in grace, and the newest works.
+    let r = rotate(first.clone(), for_secs(5)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let newest = r.body["secret"].as_str().unwrap().to_string();
+    let ends = time(&r.body["previous_secret_valid_until"]);
+    assert_error_says(&me(first.clone()).await, 401, "rotated again since");
+    assert_eq!(
+        me(lost.clone()).await.status,
+        200,
+        "in the newest rotation's grace"
+    );
+    assert_eq!(me(newest.clone()).await.status, 200);
+    sleep_past(ends).await;
+    assert_error_says(
+        &me(lost.clone()).await,
+        401,
+        "grace period the rotation gave it ended at",
+    );
+    assert_eq!(me(newest.clone()).await.status, 200);
+
+    // A revocation stops a secret in its grace, also one `api_keys` does not show yet.
+    let r = rotate(newest.clone(), for_secs(600)).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let last = r.body["secret"].as_str().unwrap().to_string();
+    assert_eq!(me(newest.clone()).await.status, 200);
+    t.stop_projection("api_keys").await;
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{id}/revoke")),
+            &t.admin_key,
+            json!({}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    for secret in [newest.clone(), last.clone()] {
+        assert_error_says(&me(secret).await, 401, "revoked");
+    }
+    t.resume_projection("api_keys").await;
+    let shown = eventually(Duration::from_secs(30), || async {
+        me(last.clone()).await.status == 401 && me(newest.clone()).await.status == 401
+    });
+    assert!(
+        shown.await,
+        "both stay refused once the revocation is shown"
+    );
+}
+
 #[tokio::test]
 async fn suspended_organization_keys_are_401_until_reactivated() {
     let t = TestApp::spawn().await;
@@ -3389,56 +3540,172 @@ async fn a_burst_of_owner_turns_does_not_starve_the_pool() {
     }
 }
 
-/// A key revoked while one of its requests waits (here: for its new user's data key to be
-/// stored, held on a lock the test holds) records nothing in its name after the revocation:
-/// the append is refused on the key's changed version, and the request answered 401.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_key_revoked_while_its_request_waits_records_nothing_in_its_name() {
-    let t = TestApp::spawn().await;
-    let org = t.create_org("Acme").await;
-    let keys = format!("/v1/organizations/{org}/api-keys");
-    let r = t
-        .post(
-            &keys,
-            &t.admin_key,
-            json!({"label": "hr", "permissions": ["users:read", "users:write"]}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let (key, secret) = (
-        r.body["id"].as_str().unwrap().to_string(),
-        r.body["secret"].as_str().unwrap().to_string(),
-    );
-    let mut holder = hold_on_4242(&t, "BEFORE INSERT ON subject_keys FOR EACH ROW").await;
-
-    let users = format!("/v1/organizations/{org}/users");
+/// Runs an invitation of a new user by `secret` that waits (for its new user's data key to
+/// be stored, held on a lock the test holds) while `meanwhile` runs, and answers it.
+async fn invite_while(
+    t: &TestApp,
+    org: Uuid,
+    secret: &str,
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Response {
+    let mut holder = hold_on_4242(t, "BEFORE INSERT ON subject_keys FOR EACH ROW").await;
+    let users = org_path(org, "/users");
     let invite = t.post(
         &users,
-        &secret,
-        json!({"email": "ada@example.com", "full_name": "Ada"}),
+        secret,
+        json!({"email": "grace@example.com", "full_name": "Grace"}),
     );
-    let revoke_meanwhile = async {
-        let waits = eventually(std::time::Duration::from_secs(30), || {
-            waits_on_4242(&t, true)
-        });
+    let then_release = async {
+        let waits = eventually(Duration::from_secs(30), || waits_on_4242(t, true));
         assert!(waits.await, "the invitation waits to store its user's key");
-        let r = t
-            .post(&format!("{keys}/{key}/revoke"), &t.admin_key, json!({}))
-            .await;
-        assert_eq!(r.status, 200, "{}", r.body);
+        meanwhile.await;
         sqlx::query("SELECT pg_advisory_unlock(4242)")
             .execute(&mut *holder)
             .await
             .unwrap();
     };
-    let (invited, ()) = tokio::join!(invite, revoke_meanwhile);
+    tokio::join!(invite, then_release).0
+}
+
+/// A service key's issue that may invite users.
+fn hr_key() -> Value {
+    json!({"label": "hr", "permissions": ["users:read", "users:write"]})
+}
+
+/// How many events the log holds whose metadata gives `key` as `value`.
+async fn events_with(t: &TestApp, key: &str, value: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM events WHERE metadata::jsonb ->> $1 = $2")
+        .bind(key)
+        .bind(value)
+        .fetch_one(t.pool())
+        .await
+        .unwrap()
+}
+
+/// A key revoked while one of its requests waits records nothing in its name after the
+/// revocation: the append is refused on the key's changed version, and the request answered
+/// 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_while_its_request_waits_records_nothing_in_its_name() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let keys = format!("/v1/organizations/{org}/api-keys");
+    let (key, secret) = issued(&t, org, hr_key()).await;
+    let invited = invite_while(&t, org, &secret, async {
+        let r = t
+            .post(&format!("{keys}/{key}/revoke"), &t.admin_key, json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    })
+    .await;
     assert_error_says(&invited, 401, "revoked or rotated while the request");
-    let in_its_name: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE metadata::jsonb ->> 'actor_key_id' = $1",
-    )
-    .bind(&key)
-    .fetch_one(t.pool())
-    .await
-    .unwrap();
-    assert_eq!(in_its_name, 0, "no event in the revoked key's name");
+    assert_eq!(
+        events_with(&t, "actor_key_id", &key.to_string()).await,
+        0,
+        "no event in the revoked key's name"
+    );
+}
+
+/// A user deactivated, or stripped of the role that let them act, while one of their key's
+/// requests waits: nothing is recorded in their name after it (409, sent again it is
+/// decided on what holds now: a 401, a 403). A change of the user that takes nothing away
+/// (a new name) lets the request land.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_user_stopped_while_their_request_waits_records_nothing_in_their_name() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let admin_role = t.role_id(org, "admin").await;
+    let t = &t;
+    let (ada, secret) = t.member_with_key(org, "admin", "ada@example.com").await;
+    let invited = invite_while(t, org, &secret, t.deactivate(org, ada)).await;
+    assert_error_says(
+        &invited,
+        409,
+        "this key's user was deactivated, erased or lost a role",
+    );
+    assert_error_says(&invited, 409, "send it again");
+    let (bob, secret) = t.member_with_key(org, "admin", "bob@example.com").await;
+    let invited = invite_while(t, org, &secret, t.revoke_role(org, bob, admin_role)).await;
+    assert_error_says(&invited, 409, "lost a role");
+    for user in [ada, bob] {
+        assert_eq!(
+            events_with(t, "actor_user_id", &user.to_string()).await,
+            0,
+            "no event in the stopped user's name"
+        );
+    }
+    let sent_again = t
+        .post(
+            &org_path(org, "/users"),
+            &secret,
+            json!({"email": "grace@example.com", "full_name": "Grace"}),
+        )
+        .await;
+    assert_error(&sent_again, 403);
+
+    let (cy, secret) = t.member_with_key(org, "admin", "cy@example.com").await;
+    let renamed = invite_while(t, org, &secret, async {
+        let r = t
+            .patch(
+                &org_path(org, &format!("/users/{cy}")),
+                &t.admin_key,
+                json!({"full_name": "Cy Renamed"}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    })
+    .await;
+    assert_eq!(renamed.status, 201, "{}", renamed.body);
+}
+
+/// Where a user stood is read from the log, not from their `users` row, which can lag a
+/// role revocation `user_roles` already shows: a request made after the revocation is
+/// decided on the roles left, and lands, though the row is behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_request_after_a_role_revocation_lands_while_users_lags() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let (ada, secret) = t.member_with_key(org, "admin", "ada@example.com").await;
+    let member = t.role_id(org, "member").await;
+    t.assign(org, ada, member).await;
+    t.stop_projection("users").await;
+    t.revoke_role(org, ada, member).await;
+    let r = t
+        .post(
+            &org_path(org, "/roles"),
+            &secret,
+            json!({"name": "ops", "permissions": ["users:read"]}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+}
+
+/// An organization suspended while one of its keys' requests waits: nothing is recorded in
+/// the key's name after the suspension (409; sent again, 401).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_organization_suspended_while_its_keys_request_waits_records_nothing_in_its_name() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let (key, secret) = issued(&t, org, hr_key()).await;
+    let invited = invite_while(&t, org, &secret, async {
+        let r = t
+            .post(&org_path(org, "/suspend"), &t.admin_key, json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    })
+    .await;
+    assert_error_says(&invited, 409, "this key's organization was suspended");
+    assert_eq!(
+        events_with(&t, "actor_key_id", &key.to_string()).await,
+        0,
+        "no event in the key's name after its organization's suspension"
+    );
+    let sent_again = t
+        .post(
+            &org_path(org, "/users"),
+            &secret,
+            json!({"email": "grace@example.com", "full_name": "Grace"}),
+        )
+        .await;
+    assert_error_says(&sent_again, 401, "suspended");
 }

@@ -6,10 +6,15 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{assert_error_says, decided_before_appended, TestApp};
+use common::{
+    assert_error_says, decided_before_appended, hold_appends, release_appends, wait_for_appenders,
+    TestApp, TestDb,
+};
+use cqrs_es::persist::SerializedEvent;
 use ledgerline::app::{Actor, CommandError, Created};
+use ledgerline::ledger::store::{AppendError, Appended, LedgerStore};
 use ledgerline_aggregates::organization::{Organization, OrganizationCommand, OrganizationError};
-use serde_json::json;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 /// Within one process commands on one aggregate take turns (`aggregate_locks`): 32 renames
@@ -254,4 +259,119 @@ async fn a_thousand_commands_from_32_tasks_are_gap_free_and_projected() {
     .await
     .unwrap();
     assert_eq!(per_org, from_events);
+}
+
+/// One event of a batch the test makes by hand: `payload` is `{"<event type>": {...}}`.
+fn by_hand(
+    aggregate_type: &str,
+    id: Uuid,
+    sequence: usize,
+    payload: Value,
+    metadata: Value,
+) -> SerializedEvent {
+    SerializedEvent {
+        aggregate_id: id.to_string(),
+        sequence,
+        aggregate_type: aggregate_type.into(),
+        event_type: payload.as_object().unwrap().keys().next().unwrap().clone(),
+        event_version: "1.0".into(),
+        payload,
+        metadata,
+    }
+}
+
+/// A command of user `user`'s key, authenticated when the user was at `sequence`: an
+/// organization (a new one, so that nothing else refuses it) suspended in their name.
+fn acting_as(user: Uuid, sequence: i64) -> Vec<SerializedEvent> {
+    vec![by_hand(
+        "Organization",
+        Uuid::new_v4(),
+        1,
+        json!({"OrganizationSuspended": {"reason": null}}),
+        json!({"actor_kind": "api_key", "request_id": "r", "actor_user_id": user,
+               "actor_user_sequence": sequence.to_string()}),
+    )]
+}
+
+/// Appends each command in one batch, in this order, behind one that holds the writer until
+/// all have queued (the append lock is held meanwhile), and answers their outcomes.
+async fn in_one_batch(
+    store: &LedgerStore,
+    pool: &sqlx::PgPool,
+    commands: &[Vec<SerializedEvent>],
+) -> Vec<Result<Appended, AppendError>> {
+    let mut holder = hold_appends(pool).await;
+    let ahead = acting_as(Uuid::new_v4(), 0);
+    let ahead = store.append(&ahead);
+    let mut ahead = Box::pin(ahead);
+    assert!(futures::poll!(&mut ahead).is_pending());
+    wait_for_appenders(pool, 1).await;
+    // Each append queues for the writer on its first poll, in the order given.
+    let mut all = Box::pin(futures::future::join_all(
+        commands.iter().map(|events| store.append(events)),
+    ));
+    assert!(futures::poll!(&mut all).is_pending());
+    release_appends(&mut holder).await;
+    ahead.await.unwrap();
+    all.await
+}
+
+/// Where a key stood is checked against the commands before it in the same batch, not only
+/// against the log: a user's role revoked earlier in the batch refuses the commands of their
+/// key authenticated before it, while a new name of another user lets theirs through. And a
+/// guard many commands share, looked up once, refuses each of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_users_loss_refuses_their_commands_in_the_same_batch_and_each_sharing_the_guard() {
+    let db = TestDb::new().await;
+    let store = LedgerStore::start(db.pool.clone());
+    let (ada, bob, org, role) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let system = json!({"actor_kind": "cli:test", "request_id": "r", "organization_id": org});
+    for user in [ada, bob] {
+        let assigned =
+            json!({"UserRoleAssigned": {"role_id": role, "expires_at": null, "reason": null}});
+        store
+            .append(&[by_hand("User", user, 1, assigned, system.clone())])
+            .await
+            .unwrap();
+    }
+    let revoked = json!({"UserRoleRevoked": {"role_id": role, "reason": null}});
+    let renamed = json!({"UserProfileUpdated": {"email": null, "email_blind_index": null,
+                         "previous_email_blind_index": null, "full_name": null}});
+    let outcomes = in_one_batch(
+        &store,
+        &db.pool,
+        &[
+            vec![by_hand("User", ada, 2, revoked, system.clone())],
+            acting_as(ada, 1),
+            vec![by_hand("User", bob, 2, renamed, system.clone())],
+            acting_as(bob, 1),
+        ],
+    )
+    .await;
+    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("user was deactivated, erased or lost a role"));
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
+    assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
+    assert!(
+        outcomes[3].is_ok(),
+        "a new name takes nothing away: {:?}",
+        outcomes[3]
+    );
+
+    // Ada's revocation in the log now: both commands authenticated before it are refused by
+    // the one guard they share; one authenticated after it lands.
+    let outcomes = in_one_batch(
+        &store,
+        &db.pool,
+        &[acting_as(ada, 1), acting_as(ada, 1), acting_as(ada, 2)],
+    )
+    .await;
+    assert!(stopped(&outcomes[0]), "{:?}", outcomes[0]);
+    assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
+    assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
 }

@@ -29,3 +29,18 @@ pub const GUARD_SEQUENCE: &str = "guard_sequence";
 /// waited (for a turn, a lock, a slow body). Requests' commands carry it; what the system
 /// appends as a request's consequence (`system:` kinds) does not.
 pub const ACTOR_KEY_SEQUENCE: &str = "actor_key_sequence";
+/// A user key's user's sequence when its request was authenticated (`ACTOR_USER_ID` at this
+/// sequence, read from the log): the ledger store refuses the append (409) if the user was
+/// deactivated or erased, or lost a role ([`ACTOR_USER_LOSSES`]), since, so that nothing is
+/// recorded in the name of a user who could no longer act when it was. Other changes of the
+/// user (a new name, a role given) do not refuse it. Carried like `ACTOR_KEY_SEQUENCE`.
+pub const ACTOR_USER_SEQUENCE: &str = "actor_user_sequence";
+/// The user's events that refuse what their key's requests still had in flight.
+pub const ACTOR_USER_LOSSES: [&str; 3] = ["UserDeactivated", "UserErased", "UserRoleRevoked"];
+/// For an organization's key: the version of its organization (the event's `ORGANIZATION_ID`)
+/// at which its request's authentication found no suspension pending (its read model's, which
+/// may be behind the log's): the append is refused (409) if the organization was suspended
+/// ([`ACTOR_ORGANIZATION_LOSSES`]) after it. Carried like `ACTOR_KEY_SEQUENCE`.
+pub const ACTOR_ORGANIZATION_SEQUENCE: &str = "actor_organization_sequence";
+/// The organization's events that refuse what its keys' requests still had in flight.
+pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];

@@ -68,13 +68,14 @@ pub async fn apply(conn: &mut PgConnection, event: &StoredEvent) -> Result<(), P
             .execute(&mut *conn)
             .await?
         }
-        // The old secret stops working because its prefix and hash are overwritten here.
-        // Matching on the previous prefix proves the log and the row agree on which secret
-        // is being replaced.
+        // The row's secret is replaced here (a grace period the rotation gave the old one
+        // is honoured from the log, by authentication). Matching on the previous prefix
+        // proves the log and the row agree on which secret is being replaced.
         ApiKeyEvent::ApiKeyRotated {
             prefix,
             secret_hash,
             previous_prefix,
+            ..
         } => {
             sqlx::query(
                 "UPDATE api_keys SET prefix = $2, key_hash = $3, rotated_at = $4, \

@@ -134,6 +134,7 @@ impl Fold {
                     prefix,
                     secret_hash,
                     previous_prefix,
+                    ..
                 } => {
                     match &key.prefix {
                         Some(now) if *now != previous_prefix => return Err(GiveUp::Uncovered),

@@ -39,6 +39,7 @@ fn rotated(previous: &str, prefix: &str, rng: &mut Rng) -> ApiKeyEvent {
         prefix: prefix.into(),
         secret_hash: hash(rng),
         previous_prefix: previous.into(),
+        previous_valid_until: None,
     }
 }
 

@@ -575,6 +575,7 @@ async fn api_keys_are_issued_rotated_and_revoked_as_hashes_only() {
         prefix: "ll_b".into(),
         secret_hash: h2.clone(),
         previous_prefix: "ll_a".into(),
+        previous_valid_until: None,
     };
     let rotated_at = ledger.append("ApiKey", key, &rotated, &actor).await;
     let revoked = ApiKeyEvent::ApiKeyRevoked {

@@ -5,7 +5,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Extension;
 use chrono::{DateTime, SubsecRound, Utc};
-use ledgerline_aggregates::api_key::{ApiKey, ApiKeyCommand};
+use ledgerline_aggregates::api_key::{ApiKey, ApiKeyCommand, MAX_ROTATION_GRACE};
 use ledgerline_aggregates::{Permission, PermissionSet};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
@@ -54,6 +54,21 @@ pub struct IssuedKey {
     pub key: ApiKeyView,
     /// Shown once; ledgerline keeps only its hash.
     pub secret: String,
+    /// After a rotation given a grace period: until when the replaced secret keeps working.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_secret_valid_until: Option<DateTime<Utc>>,
+}
+
+/// A rotation's options.
+#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RotateKey {
+    /// Keep the replaced secret working for this many seconds more (1 to 86400), so that
+    /// its users can move over, and a client whose answer was lost can rotate again with it;
+    /// a later rotation or a revocation ends it. Absent: it stops at once.
+    #[serde(default, deserialize_with = "super::not_null")]
+    #[schemars(transform = super::absent_not_null, extend("minimum" = 1, "maximum" = 86400))]
+    pub previous_secret_valid_for_seconds: Option<u32>,
 }
 
 // A subquery, so that the lists' keyset conditions and order read its columns unqualified.
@@ -170,6 +185,7 @@ pub async fn issue(
         axum::Json(IssuedKey {
             key,
             secret: secret.secret,
+            previous_secret_valid_until: None,
         }),
     ))
 }
@@ -197,9 +213,13 @@ pub(super) fn require_not_outliving(
     expires_at: Option<DateTime<Utc>>,
     what: &str,
 ) -> ApiResult<()> {
+    let whose = match caller.secret_valid_until {
+        Some(_) => "this secret (rotated away, in its grace period) stops working",
+        None => "this key expires",
+    };
     match caller.expires_at {
         Some(limit) if expires_at.is_none_or(|t| t > limit) => Err(ApiError::forbidden(format!(
-            "this key expires at {}: {what} must expire by then",
+            "{whose} at {}: {what} must expire by then",
             limit.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
         ))),
         _ => Ok(()),
@@ -288,12 +308,13 @@ pub async fn revoke(
     Ok(axum::Json(find(&app, org, key).await?))
 }
 
-/// A new secret for the same key; the old secret stops working with the event.
+/// A new secret for the same key; the old secret stops working with the event, or at the
+/// end of the grace period asked for.
 pub async fn rotate(
     State(app): State<App>,
     caller: Caller,
     Path((org, key)): Path<(Uuid, Uuid)>,
-    _: super::NoBody,
+    body: OptionalJson<RotateKey>,
 ) -> ApiResult<(Extension<SecretShownOnce>, axum::Json<IssuedKey>)> {
     caller.require_in(org, Permission::KeysWrite)?;
     let current = find(&app, org, key).await?;
@@ -305,11 +326,26 @@ pub async fn rotate(
         require_standing(&app, &caller, user, "rotate").await?;
     }
     require_holds_all(&caller, &current, "rotate")?;
-    require_not_outliving(&caller, current.expires_at, "a key it may rotate")?;
+    // A key rotating itself gets a secret for its own life: so may one whose secret is in a
+    // grace period (a client whose rotation's answer was lost rotates again with it).
+    if caller.key_id != key {
+        require_not_outliving(&caller, current.expires_at, "a key it may rotate")?;
+    }
+    let grace = body.0.unwrap_or_default().previous_secret_valid_for_seconds;
+    let longest = MAX_ROTATION_GRACE.num_seconds();
+    if grace.is_some_and(|secs| secs == 0 || i64::from(secs) > longest) {
+        return Err(ApiError::invalid(format!(
+            "previous_secret_valid_for_seconds must be from 1 to {longest}"
+        )));
+    }
+    let now = Utc::now().trunc_subsecs(6);
+    let previous_valid_until = grace.map(|secs| now + chrono::TimeDelta::seconds(secs.into()));
     let secret = keys::generate();
     let command = ApiKeyCommand::Rotate {
         prefix: secret.prefix.clone(),
         secret_hash: secret.hash.clone(),
+        previous_valid_until,
+        now,
     };
     app.execute(&app.cqrs.api_keys, key, Some(org), &caller.actor, command)
         .await?;
@@ -326,6 +362,7 @@ pub async fn rotate(
         axum::Json(IssuedKey {
             key,
             secret: secret.secret,
+            previous_secret_valid_until: previous_valid_until,
         }),
     ))
 }

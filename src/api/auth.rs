@@ -11,14 +11,18 @@ use ledgerline_aggregates::{permissions, Permission, PermissionSet};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
-use crate::app::{Actor, App};
+use crate::app::{Actor, App, Standing};
 use crate::keys;
 
 /// The authenticated caller of a request.
 #[derive(Debug, Clone)]
 pub struct Caller {
     pub key_id: Uuid,
+    /// The prefix of the secret presented.
     pub prefix: String,
+    /// When the secret presented stops working, if it was rotated away and is in the grace
+    /// period the rotation gave it.
+    pub secret_valid_until: Option<DateTime<Utc>>,
     pub organization_id: Option<Uuid>,
     pub user_id: Option<Uuid>,
     /// What this request may do: the key's permissions, cut down to its user's roles.
@@ -26,7 +30,8 @@ pub struct Caller {
     /// What the key lists but its user's roles do not grant (cut from `permissions`): a
     /// refusal for one of these names the user's roles, not the key, as what to change.
     pub not_granted: PermissionSet,
-    /// When the key stops working, if ever: no key it issues outlives it.
+    /// When the key stops working, if ever, or the secret presented (in a grace period)
+    /// does, if sooner: nothing it issues or assigns outlives it.
     pub expires_at: Option<DateTime<Utc>>,
     pub actor: Actor,
 }
@@ -87,7 +92,7 @@ pub fn request_actor(parts: &Parts) -> Actor {
         kind: "api_key".into(),
         user_id: None,
         key_id: None,
-        key_sequence: None,
+        standing: None,
         request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
         // Set by `api::idempotency` once it has checked and taken the key.
         idempotency_key: None,
@@ -114,6 +119,10 @@ struct KeyRow {
     user_status: Option<String>,
     /// A user key's user's permissions now; `None` for a service key.
     held: Option<Vec<String>>,
+    /// A user key's user's last sequence in the log (which the `users` row may lag).
+    user_sequence: Option<i64>,
+    /// The organization's last event as `organizations` shows it.
+    org_version: Option<i64>,
     /// The log holds events of the key that `api_keys` does not show yet.
     key_changing: bool,
     /// The log suspends the organization, and `organizations` does not show it yet.
@@ -141,43 +150,22 @@ macro_rules! assignments_changing {
     };
 }
 
-impl FromRequestParts<App> for Caller {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
-        // Already authenticated for this very request, by the `Idempotency-Key` layer (which
-        // scopes keys by the caller): once is enough. Extensions are the server's own.
-        if let Some(caller) = parts.extensions.get::<Caller>() {
-            return Ok(caller.clone());
-        }
-        let presented = parts
-            .headers
-            .get(header::AUTHORIZATION)
-            .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>`"))?
-            .to_str()
-            .ok()
-            // The scheme is case-insensitive (RFC 9110 §11.1).
-            .and_then(|v| v.split_once(' '))
-            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-            .map(|(_, key)| key.trim())
-            .ok_or_else(|| {
-                ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`")
-            })?;
-        let invalid = || ApiError::unauthorized("invalid API key");
-        let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
-        // The key and its user's permissions in one statement: every request makes it.
-        // Read models can lag the log, or stop at an event they cannot apply, and a key must
-        // not outlive its revocation meanwhile: events of the key, its organization, its
-        // user and its roles that the read models do not show yet are looked for in the log
-        // itself (each a range of the events' primary key, beyond the version a row shows).
-        // An assignment counts too: assigning again replaces it, with a nearer expiry say.
-        // The walk up each role's parents stops at 64 levels: chains are at most 16 deep
-        // (`MAX_INHERITANCE_DEPTH`), so only a cycle or a longer chain an older release let
-        // through meets that guard, and grants what it granted then.
-        let row: Option<KeyRow> = sqlx::query_as(
-            concat!(
+/// The statement every request makes: the key `$where` picks (by `$1`) and its user's
+/// permissions in one round trip. Read models can lag the log, or stop at an event they
+/// cannot apply, and a key must not outlive its revocation meanwhile: events of the key, its
+/// organization, its user and its roles that the read models do not show yet are looked for
+/// in the log itself (each a range of the events' primary key, beyond the version a row
+/// shows). An assignment counts too: assigning again replaces it, with a nearer expiry say.
+/// The walk up each role's parents stops at 64 levels: chains are at most 16 deep
+/// (`MAX_INHERITANCE_DEPTH`), so only a cycle or a longer chain an older release let through
+/// meets that guard, and grants what it granted then.
+macro_rules! key_row_query {
+    ($where:literal) => {
+        concat!(
             "SELECT k.id, k.version, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
-                    o.status AS org_status, u.status AS user_status, g.held,
+                    o.status AS org_status, o.version AS org_version, u.status AS user_status, g.held,
+                    (SELECT max(e.sequence) FROM events e WHERE e.aggregate_type = 'User'
+                       AND e.aggregate_id = k.user_id::text) AS user_sequence,
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
                               AND e.aggregate_id = k.id::text AND e.sequence > k.version
                            ) AS key_changing,
@@ -213,31 +201,70 @@ impl FromRequestParts<App> for Caller {
                                       AND e.aggregate_id = g.id::text AND e.sequence > g.version
                                     LIMIT 1) pending) AS roles_changing
              ) g ON k.user_id IS NOT NULL
-             WHERE k.prefix = $1"
-        ),
+             WHERE ", $where
         )
-        .bind(prefix)
-        .fetch_optional(&app.pool)
-        .await?;
-        let Some(row) = row else {
-            return Err(match prefix_of_a_known_key(&app.pool, prefix, presented).await? {
-                None => invalid(),
-                Some(KnownPrefix::Retired { active: true }) => ApiError::unauthorized(
-                    "this API key's secret has been rotated: use the secret the rotation returned",
-                ),
-                Some(KnownPrefix::Retired { active: false }) => {
-                    ApiError::unauthorized("this API key has been revoked or rotated")
-                }
-                Some(KnownPrefix::NotShownYet) => ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "this API key's secret is new and the read models do not show it yet; \
-                     retry shortly",
-                ),
-            });
-        };
-        if !keys::matches(presented, &row.key_hash) {
-            return Err(invalid());
+    };
+}
+
+/// The key whose current secret has this prefix.
+const KEY_BY_PREFIX: &str = key_row_query!("k.prefix = $1");
+/// The key of this id (for a secret in its grace period: [`KnownPrefix::InGrace`]).
+const KEY_BY_ID: &str = key_row_query!("k.id = $1::uuid");
+
+async fn key_row(
+    pool: &sqlx::PgPool,
+    query: &'static str,
+    by: impl ToString,
+) -> Result<Option<KeyRow>, sqlx::Error> {
+    sqlx::query_as(query)
+        .bind(by.to_string())
+        .fetch_optional(pool)
+        .await
+}
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        // Already authenticated for this very request, by the `Idempotency-Key` layer (which
+        // scopes keys by the caller): once is enough. Extensions are the server's own.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
         }
+        let presented = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .ok_or_else(|| ApiError::unauthorized("missing `Authorization: Bearer <key>`"))?
+            .to_str()
+            .ok()
+            // The scheme is case-insensitive (RFC 9110 §11.1).
+            .and_then(|v| v.split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, key)| key.trim())
+            .ok_or_else(|| {
+                ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`")
+            })?;
+        let invalid = || ApiError::unauthorized("invalid API key");
+        let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
+        let (row, secret_valid_until) = match key_row(&app.pool, KEY_BY_PREFIX, prefix).await? {
+            Some(row) if keys::matches(presented, &row.key_hash) => {
+                // The secret is being rotated away with a grace period, and `api_keys` does
+                // not show it yet: let in once it does, rather than refused as rotated.
+                if row.key_changing && grace_pending(&app.pool, &row, prefix).await? {
+                    return Err(ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "this API key was rotated with a grace period for this secret, and the \
+                         read models do not show the rotation yet; retry shortly",
+                    ));
+                }
+                (row, None)
+            }
+            Some(_) => return Err(invalid()),
+            None => {
+                let (row, until) = by_retired_prefix(&app.pool, prefix, presented).await?;
+                (row, Some(until))
+            }
+        };
         // A pending revocation or rotation is as good as shown: the event is in the log.
         if row.status != "active" || row.key_changing {
             return Err(ApiError::unauthorized(
@@ -247,6 +274,13 @@ impl FromRequestParts<App> for Caller {
         if row.expires_at.is_some_and(|t| t <= Utc::now()) {
             return Err(ApiError::unauthorized("this API key has expired"));
         }
+        // A secret in its grace period acts as the key until then: nothing it issues or
+        // assigns outlives that (`api_keys::require_not_outliving`), nor does it claim to.
+        let secret_valid_until = secret_valid_until.map(|t| row.expires_at.map_or(t, |k| k.min(t)));
+        let expires_at = match (row.expires_at, secret_valid_until) {
+            (Some(k), Some(t)) => Some(k.min(t)),
+            (k, t) => k.or(t),
+        };
         if row.organization_id.is_some()
             && (row.org_status.as_deref() != Some("active") || row.org_suspending)
         {
@@ -280,16 +314,26 @@ impl FromRequestParts<App> for Caller {
         }
         let mut actor = request_actor(parts);
         actor.key_id = Some(row.id);
-        actor.key_sequence = Some(row.version);
+        // Where the key stands, for the writer to refuse its commands if that is lost before
+        // they are appended: the key as the log has it (`key_changing` is false), and from
+        // what was checked above no deactivation, erasure, role revocation or suspension
+        // after these sequences. The user's is the log's: its `users` row may lag role
+        // revocations that `user_roles` already shows.
+        actor.standing = Some(Standing {
+            key: row.version,
+            user: row.user_sequence,
+            organization: row.organization_id.zip(row.org_version),
+        });
         actor.user_id = row.user_id;
         Ok(Caller {
             key_id: row.id,
             prefix: prefix.to_string(),
+            secret_valid_until,
             organization_id: row.organization_id,
             user_id: row.user_id,
             permissions,
             not_granted,
-            expires_at: row.expires_at,
+            expires_at,
             actor,
         })
     }
@@ -297,10 +341,104 @@ impl FromRequestParts<App> for Caller {
 
 /// A prefix no row shows that belongs to a key the log holds.
 enum KnownPrefix {
-    /// The key was rotated away from it (and is `active`, or revoked since).
-    Retired { active: bool },
+    /// The key was rotated away from it (and is `active`, or revoked since), with no grace
+    /// period left.
+    Retired { active: bool, grace: GraceLeft },
+    /// The key's last rotation replaced it and gave it a grace period that is not over:
+    /// it still opens key `key`, as the row at `version` shows it.
+    InGrace {
+        key: Uuid,
+        version: i64,
+        until: DateTime<Utc>,
+    },
     /// Given by an issue or a rotation the read model does not show yet.
     NotShownYet,
+}
+
+/// Why a rotated-away secret has no grace period left.
+enum GraceLeft {
+    /// Its rotation gave it none.
+    NoneGiven,
+    /// It ended at this time.
+    Ended(DateTime<Utc>),
+    /// A later rotation of the key ended it.
+    RotatedAgain,
+}
+
+/// A key by a secret no row shows: the key's row when the secret is in the grace period its
+/// rotation gave it, and when that ends; otherwise why it is refused.
+async fn by_retired_prefix(
+    pool: &sqlx::PgPool,
+    prefix: &str,
+    presented: &str,
+) -> ApiResult<(KeyRow, DateTime<Utc>)> {
+    let rotated = |why: String| Err(ApiError::unauthorized(why));
+    match prefix_of_a_known_key(pool, prefix, presented).await? {
+        None => Err(ApiError::unauthorized("invalid API key")),
+        // The key as it is now, if nothing changed it since the look.
+        Some(KnownPrefix::InGrace {
+            key,
+            version,
+            until,
+        }) => match key_row(pool, KEY_BY_ID, key).await? {
+            Some(row) if row.version == version => Ok((row, until)),
+            _ => rotated("this API key has been rotated again or revoked".into()),
+        },
+        Some(KnownPrefix::Retired { active: false, .. }) => {
+            rotated("this API key has been revoked or rotated".into())
+        }
+        Some(KnownPrefix::Retired { grace, .. }) => rotated(match grace {
+            GraceLeft::NoneGiven => {
+                "this API key's secret has been rotated: use the secret the rotation returned"
+                    .into()
+            }
+            GraceLeft::Ended(at) => format!(
+                "this API key's secret has been rotated, and the grace period the rotation \
+                 gave it ended at {}: use the new secret",
+                at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            ),
+            GraceLeft::RotatedAgain => "this API key's secret has been rotated, and the key \
+                 rotated again since, which ended its grace period: use the newest secret"
+                .into(),
+        }),
+        Some(KnownPrefix::NotShownYet) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this API key's secret is new and the read models do not show it yet; retry shortly",
+        )),
+    }
+}
+
+/// Whether the key's events beyond its row (`key_changing`) are only its rotation away from
+/// `prefix`, giving it a grace period that is not over.
+async fn grace_pending(pool: &sqlx::PgPool, row: &KeyRow, prefix: &str) -> sqlx::Result<bool> {
+    sqlx::query_scalar(
+        "SELECT coalesce(bool_and(e.event_type = 'ApiKeyRotated'
+                         AND e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_prefix' = $3
+                         AND (e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz
+                             > now()) AND count(*) = 1, false)
+         FROM events e WHERE e.aggregate_type = 'ApiKey' AND e.aggregate_id = $1
+           AND e.sequence > $2",
+    )
+    .bind(row.id.to_string())
+    .bind(row.version)
+    .bind(prefix)
+    .fetch_one(pool)
+    .await
+}
+
+#[derive(sqlx::FromRow)]
+struct PrefixFound {
+    /// The key's row shows a later secret than the one this prefix names.
+    shown: bool,
+    active: bool,
+    /// The hash of the secret the prefix names.
+    secret_hash: String,
+    /// The grace period the rotation that retired the prefix gave it, if any.
+    grace_until: Option<DateTime<Utc>>,
+    /// A rotation of the key came after that one.
+    rotated_again: bool,
+    key: Option<Uuid>,
+    version: Option<i64>,
 }
 
 /// What became of `prefix`, when no key row shows it, told only to the holder of the secret
@@ -308,25 +446,39 @@ enum KnownPrefix {
 /// anyone else the key's state (live, revoked, being rotated) is none of theirs. Prefixes
 /// stay claimed by their key for good (so none is issued twice); the key's event that gave
 /// it holds that secret's hash and says whether the row has moved past it (shown: rotated
-/// away) or not yet, if there is a row at all. Asked only when no row has the prefix, so a
-/// key that works costs nothing more.
+/// away) or not yet, if there is a row at all; the rotation after it says whether it is in
+/// a grace period. Asked only when no row has the prefix, so a key that works costs nothing
+/// more.
 async fn prefix_of_a_known_key(
     pool: &sqlx::PgPool,
     prefix: &str,
     presented: &str,
 ) -> Result<Option<KnownPrefix>, sqlx::Error> {
-    let found: Option<(bool, bool, String)> = sqlx::query_as(
+    let found: Option<PrefixFound> = sqlx::query_as(
         // A row that shows the prefix by now (shown since the first look) reads as not shown
-        // yet: the retry it is told to make finds it.
-        "SELECT coalesce(k.prefix <> $2 AND e.sequence <= k.version, false),
-                coalesce(k.status = 'active', false),
-                e.payload::jsonb -> e.event_type ->> 'secret_hash'
+        // yet: the retry it is told to make finds it. The rotation that retired the prefix
+        // is the key's first after the event that gave it.
+        "SELECT coalesce(k.prefix <> $2 AND e.sequence <= k.version, false) AS shown,
+                coalesce(k.status = 'active', false) AS active,
+                e.payload::jsonb -> e.event_type ->> 'secret_hash' AS secret_hash,
+                r.grace_until,
+                EXISTS (SELECT 1 FROM events l WHERE l.aggregate_type = 'ApiKey'
+                          AND l.aggregate_id = e.aggregate_id AND l.event_type = 'ApiKeyRotated'
+                          AND l.sequence > r.sequence) AS rotated_again,
+                k.id AS key, k.version
          FROM unique_claims c
          JOIN events e ON e.aggregate_type = 'ApiKey'
           AND e.aggregate_id = split_part(c.owner, ':', 2)
           AND jsonb_path_exists(e.payload::jsonb, '$.*.prefix ? (@ == $p)',
                                 jsonb_build_object('p', $2::text))
          LEFT JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
+         LEFT JOIN LATERAL (
+             SELECT r.sequence,
+                    (r.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz
+                      AS grace_until
+             FROM events r WHERE r.aggregate_type = 'ApiKey' AND r.aggregate_id = e.aggregate_id
+               AND r.event_type = 'ApiKeyRotated' AND r.sequence > e.sequence
+             ORDER BY r.sequence LIMIT 1) r ON true
          WHERE c.scope = $1 AND c.key = $2
          LIMIT 1",
     )
@@ -335,10 +487,30 @@ async fn prefix_of_a_known_key(
     .fetch_optional(pool)
     .await?;
     Ok(found
-        .filter(|(_, _, hash)| keys::matches(presented, hash))
-        .map(|(shown, active, _)| match shown {
-            true => KnownPrefix::Retired { active },
-            false => KnownPrefix::NotShownYet,
+        .filter(|f| keys::matches(presented, &f.secret_hash))
+        .map(|f| {
+            let grace = match (f.grace_until, f.rotated_again) {
+                (None, _) => GraceLeft::NoneGiven,
+                (Some(_), true) => GraceLeft::RotatedAgain,
+                (Some(until), false) if until <= Utc::now() => GraceLeft::Ended(until),
+                (Some(until), false) => match (f.active, f.key, f.version) {
+                    (true, Some(key), Some(version)) if f.shown => {
+                        return KnownPrefix::InGrace {
+                            key,
+                            version,
+                            until,
+                        }
+                    }
+                    _ => GraceLeft::Ended(until),
+                },
+            };
+            match f.shown {
+                true => KnownPrefix::Retired {
+                    active: f.active,
+                    grace,
+                },
+                false => KnownPrefix::NotShownYet,
+            }
         }))
 }
 

@@ -154,7 +154,9 @@ impl<E: Rejectable> From<CommandError<E>> for ApiError {
                 };
                 ApiError::new(status, e.to_string())
             }
-            CommandError::Conflict | CommandError::Stale(_) => ApiError::conflict(e.to_string()),
+            CommandError::Conflict | CommandError::Stale(_) | CommandError::ActorStopped(_) => {
+                ApiError::conflict(e.to_string())
+            }
             CommandError::KeyChanged => ApiError::unauthorized(e.to_string()),
             CommandError::Taken { scope, .. } => {
                 ApiError::conflict(format!("{} is already taken", scope.replace('_', " ")))

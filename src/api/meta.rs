@@ -3,6 +3,7 @@
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
+use chrono::{DateTime, Utc};
 use ledgerline_aggregates::Permission;
 use schemars::JsonSchema;
 use serde::Serialize;
@@ -106,7 +107,12 @@ pub struct MeView {
 #[derive(Debug, Serialize, JsonSchema)]
 pub struct KeyIdentity {
     pub id: Uuid,
+    /// The prefix of the secret this request was made with.
     pub prefix: String,
+    /// Set when that secret was rotated away and is in the grace period the rotation gave
+    /// it: when it stops working (move to the new one before).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_valid_until: Option<DateTime<Utc>>,
 }
 
 pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<MeView>> {
@@ -118,6 +124,7 @@ pub async fn me(State(app): State<App>, caller: Caller) -> ApiResult<axum::Json<
         key: KeyIdentity {
             id: caller.key_id,
             prefix: caller.prefix,
+            secret_valid_until: caller.secret_valid_until,
         },
         user_id: caller.user_id,
         organization,

@@ -369,8 +369,8 @@ pub const ROUTES: &[RouteDoc] = &[
         "/v1/organizations/{org}/api-keys/{key}/rotate",
         Some("keys:write"),
         200,
-        "Give a key a new secret; the old one stops working",
-    ).answers(schema::<api_keys::IssuedKey>),
+        "Give a key a new secret; the old one stops working, at once or after the grace period asked for",
+    ).optional_body(schema::<api_keys::RotateKey>).answers(schema::<api_keys::IssuedKey>),
     r(
         "GET",
         "/v1/organizations/{org}/audit-events",

@@ -27,6 +27,11 @@ pub enum AppendError {
     /// authenticated (`metadata::ACTOR_KEY_SEQUENCE`).
     #[error("the acting API key changed after its request was authenticated")]
     KeyChanged,
+    /// The acting key's user was deactivated, erased or lost a role, or its organization was
+    /// suspended, after its request was authenticated (`metadata::ACTOR_USER_SEQUENCE`,
+    /// `ACTOR_ORGANIZATION_SEQUENCE`); says which, as "this key's user was ...".
+    #[error("{0} after its request was authenticated")]
+    ActorStopped(&'static str),
     /// A name, slug, address or prefix that must be unique is taken, by `holder`
     /// (`<aggregate type>:<id>`).
     #[error("{scope} is already taken")]

@@ -7,12 +7,15 @@
 //! It keeps a connection of its own (no pool wait) and spends four round trips on a batch
 //! without claims: BEGIN + lock, head + conflict check, INSERT, COMMIT.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chrono::Utc;
 use cqrs_es::persist::SerializedEvent;
+use cqrs_es::Aggregate;
 use ledgerline_aggregates::api_key::ApiKey;
+use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::user::User;
 use ledgerline_aggregates::{claims_for, metadata, validate, ClaimOp};
 use ledgerline_projections::notify::HEAD_CHANNEL;
 use serde_json::Value;
@@ -85,33 +88,77 @@ pub(super) struct Prepared {
     pub first_sequence: i64,
     pub rows: Vec<Row>,
     pub claims: Vec<ClaimOp>,
-    /// The acting key's guard first (its refusal says more than another's), then the one
-    /// the command was decided against.
+    /// The acting key's guards first (the key's, its user's, its organization's: their
+    /// refusals say more than another's), then the one the command was decided against.
     pub guards: Vec<Guard>,
 }
 
-/// An aggregate and the sequence it had when the command was decided: the append is
-/// refused if that aggregate has moved on. Either what the command was decided against
-/// (`metadata::GUARD_*`) or the API key acting (`metadata::ACTOR_KEY_*`).
+/// An aggregate and the sequence it had when the command was decided or its request was
+/// authenticated: the append is refused if that aggregate has moved on since (by one of
+/// `moved_by`'s events, when it names any). Either what the command was decided against
+/// (`metadata::GUARD_*`) or where the acting API key stood (`metadata::ACTOR_*_SEQUENCE`).
 pub(super) struct Guard {
     aggregate_type: String,
     aggregate_id: String,
     sequence: i64,
-    actor_key: bool,
+    /// The event types that move it; empty: any event of the aggregate.
+    moved_by: &'static [&'static str],
+    kind: GuardKind,
+}
+
+/// A guard as the database checks it: aggregate type, id, sequence, `moved_by` joined.
+type GuardKey<'a> = (&'a str, &'a str, i64, String);
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum GuardKind {
+    ActorKey,
+    ActorUser,
+    ActorOrganization,
+    Decided,
 }
 
 impl Guard {
     fn from_metadata(metadata: &Value) -> Result<Vec<Guard>, AppendError> {
         let text = |key: &str| metadata.get(key).and_then(Value::as_str);
+        // Where the key stood: its own version, and (when it has them) its user's and its
+        // organization's, each kept beside the id the metadata names it by.
+        let standing = [
+            (
+                metadata::ACTOR_KEY_SEQUENCE,
+                metadata::ACTOR_KEY_ID,
+                ApiKey::TYPE,
+                &[][..],
+                GuardKind::ActorKey,
+            ),
+            (
+                metadata::ACTOR_USER_SEQUENCE,
+                metadata::ACTOR_USER_ID,
+                User::TYPE,
+                &metadata::ACTOR_USER_LOSSES[..],
+                GuardKind::ActorUser,
+            ),
+            (
+                metadata::ACTOR_ORGANIZATION_SEQUENCE,
+                metadata::ORGANIZATION_ID,
+                Organization::TYPE,
+                &metadata::ACTOR_ORGANIZATION_LOSSES[..],
+                GuardKind::ActorOrganization,
+            ),
+        ];
         let mut guards = Vec::new();
-        if let Some(sequence) = text(metadata::ACTOR_KEY_SEQUENCE) {
-            let key = text(metadata::ACTOR_KEY_ID).unwrap_or_default();
-            let bad = || AppendError::Invalid(format!("bad actor key guard `{key}@{sequence}`"));
+        for (sequence_key, id_key, aggregate_type, moved_by, kind) in standing {
+            let Some(sequence) = text(sequence_key) else {
+                continue;
+            };
+            let id = text(id_key).unwrap_or_default();
+            let bad =
+                || AppendError::Invalid(format!("bad `{sequence_key}` guard `{id}@{sequence}`"));
             guards.push(Guard {
-                aggregate_type: <ApiKey as cqrs_es::Aggregate>::TYPE.into(),
-                aggregate_id: key.parse::<Uuid>().map_err(|_| bad())?.to_string(),
+                aggregate_type: aggregate_type.into(),
+                aggregate_id: id.parse::<Uuid>().map_err(|_| bad())?.to_string(),
                 sequence: sequence.parse().map_err(|_| bad())?,
-                actor_key: true,
+                moved_by,
+                kind,
             });
         }
         match (
@@ -126,7 +173,8 @@ impl Guard {
                     aggregate_type: aggregate_type.to_string(),
                     aggregate_id: aggregate_id.to_string(),
                     sequence: sequence.parse().map_err(|_| bad())?,
-                    actor_key: false,
+                    moved_by: &[],
+                    kind: GuardKind::Decided,
                 });
             }
             _ => {
@@ -138,12 +186,33 @@ impl Guard {
         Ok(guards)
     }
 
+    /// Whether events of these types, written after the guard's sequence, move it.
+    fn moved_by_any<'a>(&self, mut types: impl Iterator<Item = &'a str>) -> bool {
+        types.any(|t| self.moved_by.is_empty() || self.moved_by.contains(&t))
+    }
+
+    /// What it is checked by in the database: its aggregate, sequence and `moved_by` (as one
+    /// comma-separated text, empty for any event).
+    fn key(&self) -> GuardKey<'_> {
+        (
+            &self.aggregate_type,
+            &self.aggregate_id,
+            self.sequence,
+            self.moved_by.join(","),
+        )
+    }
+
     /// Why a command whose guard moved is refused.
     fn refusal(&self) -> AppendError {
-        if self.actor_key {
-            AppendError::KeyChanged
-        } else {
-            AppendError::Stale(self.aggregate_type.to_lowercase())
+        match self.kind {
+            GuardKind::ActorKey => AppendError::KeyChanged,
+            GuardKind::ActorUser => {
+                AppendError::ActorStopped("this key's user was deactivated, erased or lost a role")
+            }
+            GuardKind::ActorOrganization => {
+                AppendError::ActorStopped("this key's organization was suspended")
+            }
+            GuardKind::Decided => AppendError::Stale(self.aggregate_type.to_lowercase()),
         }
     }
 }
@@ -448,13 +517,15 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
     // Decide, in arrival order, which commands go in.
     let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
     let mut taken: HashSet<(&str, &str, i64)> = HashSet::new();
-    // Aggregates written by commands accepted earlier in this batch: a guard on one of them
-    // is stale even though the database does not show it yet.
-    let mut written: HashSet<(&str, &str)> = HashSet::new();
+    // The event types written to each aggregate by commands accepted earlier in this batch:
+    // a guard they move is stale even though the database does not show it yet.
+    let mut written: HashMap<(&str, &str), Vec<&str>> = HashMap::new();
     for (i, p) in batch.iter().enumerate() {
         let moved = p.guards.iter().enumerate().find(|(n, g)| {
             stale.contains(&(i, *n))
-                || written.contains(&(g.aggregate_type.as_str(), g.aggregate_id.as_str()))
+                || written
+                    .get(&(g.aggregate_type.as_str(), g.aggregate_id.as_str()))
+                    .is_some_and(|types| g.moved_by_any(types.iter().copied()))
         });
         if let Some((_, g)) = moved {
             outcomes[i] = Some(Err(g.refusal()));
@@ -482,7 +553,10 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
         for r in &p.rows {
             taken.insert((&p.aggregate_type, &p.aggregate_id, r.sequence));
         }
-        written.insert((&p.aggregate_type, &p.aggregate_id));
+        written
+            .entry((&p.aggregate_type, &p.aggregate_id))
+            .or_default()
+            .extend(p.rows.iter().map(|r| r.event_type.as_str()));
     }
 
     let recorded_at = truncate_to_micros(Utc::now());
@@ -549,7 +623,9 @@ fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
 
 /// The head; the indexes of the commands whose first sequence number is already stored (a
 /// concurrent command on the same aggregate committed first); and the guards, as (command
-/// index, guard index), whose aggregate has moved past the guard's sequence. One round trip.
+/// index, guard index), whose aggregate has moved past the guard's sequence (by one of its
+/// `moved_by` events, when it names any). One round trip; a guard many commands share (their
+/// key's, user's or organization's) is looked up once.
 async fn head_and_conflicts(
     conn: &mut PgConnection,
     batch: &[Prepared],
@@ -557,30 +633,34 @@ async fn head_and_conflicts(
     let types: Vec<&str> = batch.iter().map(|p| p.aggregate_type.as_str()).collect();
     let ids: Vec<&str> = batch.iter().map(|p| p.aggregate_id.as_str()).collect();
     let seqs: Vec<i64> = batch.iter().map(|p| p.first_sequence).collect();
-    // Every guard of every command, and where it came from.
-    let guarded: Vec<((usize, usize), &Guard)> = batch
-        .iter()
-        .enumerate()
-        .flat_map(|(i, p)| p.guards.iter().enumerate().map(move |(n, g)| ((i, n), g)))
-        .collect();
-    let guard_idx: Vec<i64> = (0..guarded.len() as i64).collect();
-    let guard_types: Vec<&str> = guarded
-        .iter()
-        .map(|(_, g)| g.aggregate_type.as_str())
-        .collect();
-    let guard_ids: Vec<&str> = guarded
-        .iter()
-        .map(|(_, g)| g.aggregate_id.as_str())
-        .collect();
-    let guard_seqs: Vec<i64> = guarded.iter().map(|(_, g)| g.sequence).collect();
+    // Each distinct guard once, with every (command, guard) it stands for.
+    let mut distinct: HashMap<GuardKey, Vec<(usize, usize)>> = HashMap::new();
+    for (i, p) in batch.iter().enumerate() {
+        for (n, g) in p.guards.iter().enumerate() {
+            distinct.entry(g.key()).or_default().push((i, n));
+        }
+    }
+    let distinct: Vec<_> = distinct.into_iter().collect();
+    let guard_idx: Vec<i64> = (0..distinct.len() as i64).collect();
+    let guard_types: Vec<&str> = distinct.iter().map(|((ty, ..), _)| *ty).collect();
+    let guard_ids: Vec<&str> = distinct.iter().map(|((_, id, ..), _)| *id).collect();
+    let guard_seqs: Vec<i64> = distinct.iter().map(|((_, _, seq, _), _)| *seq).collect();
+    let guard_moved_by: Vec<&str> = distinct.iter().map(|((.., by), _)| by.as_str()).collect();
     let (position, hash, existing, stale): (Option<i64>, Option<Vec<u8>>, Vec<i64>, Vec<i64>) =
         sqlx::query_as(
             "SELECT h.position, h.hash,
                 ARRAY(SELECT t.idx FROM unnest($1::text[], $2::text[], $3::bigint[]) WITH ORDINALITY AS t(ty, id, seq, idx)
                       JOIN events e ON e.aggregate_type = t.ty AND e.aggregate_id = t.id AND e.sequence = t.seq),
-                ARRAY(SELECT g.idx FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[]) AS g(idx, ty, id, seq)
-                      WHERE COALESCE((SELECT max(e.sequence) FROM events e
-                                      WHERE e.aggregate_type = g.ty AND e.aggregate_id = g.id), 0) <> g.seq)
+                ARRAY(SELECT g.idx FROM unnest($4::bigint[], $5::text[], $6::text[], $7::bigint[], $8::text[])
+                                        AS g(idx, ty, id, seq, moved_by)
+                      WHERE CASE WHEN g.moved_by = ''
+                            THEN COALESCE((SELECT max(e.sequence) FROM events e
+                                           WHERE e.aggregate_type = g.ty AND e.aggregate_id = g.id), 0) <> g.seq
+                            ELSE EXISTS (SELECT 1 FROM events e
+                                         WHERE e.aggregate_type = g.ty AND e.aggregate_id = g.id
+                                           AND e.sequence > g.seq
+                                           AND e.event_type = ANY (string_to_array(g.moved_by, ',')))
+                            END)
          FROM (SELECT 1) AS one
          LEFT JOIN LATERAL (SELECT position, hash FROM events ORDER BY position DESC LIMIT 1) h ON true",
         )
@@ -591,6 +671,7 @@ async fn head_and_conflicts(
         .bind(&guard_types)
         .bind(&guard_ids)
         .bind(&guard_seqs)
+        .bind(&guard_moved_by)
         .fetch_one(&mut *conn)
         .await?;
     let hash = match hash {
@@ -605,7 +686,7 @@ async fn head_and_conflicts(
         existing.into_iter().map(|idx| idx as usize - 1).collect(),
         stale
             .into_iter()
-            .map(|idx| guarded[idx as usize].0)
+            .flat_map(|idx| distinct[idx as usize].1.iter().copied())
             .collect(),
     ))
 }
@@ -685,7 +766,7 @@ mod tests {
     use cqrs_es::persist::SerializedEvent;
     use serde_json::json;
 
-    use super::{prepare, AppendError};
+    use super::{prepare, AppendError, Guard, GuardKind};
 
     fn event(payload: serde_json::Value, metadata: serde_json::Value) -> SerializedEvent {
         SerializedEvent {
@@ -714,6 +795,85 @@ mod tests {
             );
         }
         assert!(prepare(&[event(json!({"description": "\\u0000"}), json!({}))]).is_ok());
+    }
+
+    /// Where the acting key stood becomes its guards, key first; a user's or organization's
+    /// guard is moved only by the events that stop them, a decided-against guard by any.
+    #[test]
+    fn where_the_key_stood_guards_the_command_against_what_stops_it() {
+        let (key, user, org) = (
+            "00000000-0000-0000-0000-00000000000a",
+            "00000000-0000-0000-0000-00000000000b",
+            "00000000-0000-0000-0000-00000000000c",
+        );
+        let prepared = prepare(&[event(
+            json!({}),
+            json!({"actor_key_id": key, "actor_key_sequence": "3",
+                   "actor_user_id": user, "actor_user_sequence": "7",
+                   "organization_id": org, "actor_organization_sequence": "2",
+                   "guard_aggregate": "Conversation:c", "guard_sequence": "5"}),
+        )])
+        .unwrap();
+        let found: Vec<_> = prepared
+            .guards
+            .iter()
+            .map(|g| {
+                (
+                    g.kind,
+                    g.aggregate_type.as_str(),
+                    g.aggregate_id.as_str(),
+                    g.sequence,
+                )
+            })
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (GuardKind::ActorKey, "ApiKey", key, 3),
+                (GuardKind::ActorUser, "User", user, 7),
+                (GuardKind::ActorOrganization, "Organization", org, 2),
+                (GuardKind::Decided, "Conversation", "c", 5),
+            ]
+        );
+        let [key, user, org, decided] = &prepared.guards[..] else {
+            panic!("four guards");
+        };
+        let moves = |g: &Guard, types: &[&str]| g.moved_by_any(types.iter().copied());
+        assert!(moves(key, &["ApiKeyLabelled"]));
+        assert!(!moves(user, &["UserProfileUpdated", "UserRoleAssigned"]));
+        for stop in ["UserDeactivated", "UserErased", "UserRoleRevoked"] {
+            assert!(moves(user, &["UserProfileUpdated", stop]), "{stop}");
+        }
+        assert!(!moves(
+            org,
+            &["OrganizationUpdated", "OrganizationReactivated"]
+        ));
+        assert!(moves(org, &["OrganizationSuspended"]));
+        assert!(moves(decided, &["ConversationUpdated"]));
+        assert!(!moves(decided, &[]));
+        assert!(matches!(
+            user.refusal(),
+            AppendError::ActorStopped(m) if m.contains("user was deactivated")
+        ));
+        assert!(matches!(org.refusal(), AppendError::ActorStopped(m) if m.contains("suspended")));
+        assert!(matches!(key.refusal(), AppendError::KeyChanged));
+    }
+
+    /// A sequence without the id it belongs to is a bug of the caller, refused before the log.
+    #[test]
+    fn a_standing_sequence_without_its_id_is_refused() {
+        for metadata in [
+            json!({"actor_user_sequence": "7"}),
+            json!({"actor_organization_sequence": "2"}),
+            json!({"actor_user_id": "x", "actor_user_sequence": "7"}),
+        ] {
+            let refused = prepare(&[event(json!({}), metadata.clone())]);
+            assert!(
+                matches!(&refused, Err(AppendError::Invalid(m)) if m.contains("guard")),
+                "{metadata}: {:?}",
+                refused.err()
+            );
+        }
     }
 
     #[test]

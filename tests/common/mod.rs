@@ -202,14 +202,14 @@ pub async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
 /// Makes the rows `when` names (a trigger's timing and event: `BEFORE INSERT ON t FOR EACH
 /// ROW`, with a `WHEN` if need be) wait for advisory lock 4242, which the connection
 /// returned holds until it unlocks it or is dropped ([`waits_on_4242`] tells when a session
-/// waits).
+/// waits). Called again, it replaces the trigger (one of that name per table).
 pub async fn hold_on_4242(t: &TestApp, when: &str) -> sqlx::pool::PoolConnection<Postgres> {
     for s in [
-        "CREATE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+        "CREATE OR REPLACE FUNCTION wait_for_the_test() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
              PERFORM pg_advisory_lock_shared(4242); PERFORM pg_advisory_unlock_shared(4242); \
              RETURN NEW; END $$"
             .to_string(),
-        format!("CREATE TRIGGER wait_for_the_test {when} EXECUTE FUNCTION wait_for_the_test()"),
+        format!("CREATE OR REPLACE TRIGGER wait_for_the_test {when} EXECUTE FUNCTION wait_for_the_test()"),
     ] {
         sqlx::query(&s).execute(t.pool()).await.unwrap();
     }
@@ -549,6 +549,29 @@ impl TestApp {
             )
             .await;
         assert_eq!(r.status, 200, "assign: {}", r.body);
+    }
+
+    /// Revokes role `role` of user `user` of `org`, as the platform operator.
+    pub async fn revoke_role(&self, org: Uuid, user: Uuid, role: Uuid) {
+        let r = self
+            .delete(
+                &format!("/v1/organizations/{org}/users/{user}/roles/{role}"),
+                &self.admin_key,
+            )
+            .await;
+        assert_eq!(r.status, 204, "revoke: {}", r.body);
+    }
+
+    /// Deactivates user `user` of `org`, as the platform operator.
+    pub async fn deactivate(&self, org: Uuid, user: Uuid) {
+        let r = self
+            .post(
+                &format!("/v1/organizations/{org}/users/{user}/deactivate"),
+                &self.admin_key,
+                json!({}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "deactivate: {}", r.body);
     }
 
     /// A user holding the built-in role `role`, and a key of theirs with every permission

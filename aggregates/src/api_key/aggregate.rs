@@ -12,6 +12,9 @@ use crate::{validate, Rejection};
 
 /// The longest prefix accepted; prefixes are shown in lists and logs.
 const MAX_PREFIX_CHARS: usize = 64;
+/// The longest a rotated-away secret may keep working: long enough to move a fleet over, or
+/// to rotate again after a lost answer; short, as it is a second secret of the same powers.
+pub const MAX_ROTATION_GRACE: chrono::TimeDelta = chrono::TimeDelta::hours(24);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 // As the read models write it (an entity's history shows the aggregate's own state).
@@ -193,6 +196,8 @@ impl ApiKey {
             ApiKeyCommand::Rotate {
                 prefix,
                 secret_hash,
+                previous_valid_until,
+                now,
             } => {
                 match self.status {
                     None => return Err(ApiKeyError::NotFound),
@@ -206,10 +211,20 @@ impl ApiKey {
                     return Err(ApiKeyError::PrefixReused);
                 }
                 let secret_hash = invalid(validate::hex_digest("secret hash", &secret_hash))?;
+                if let Some(until) = previous_valid_until {
+                    if until <= now || until - now > MAX_ROTATION_GRACE {
+                        return Err(invalid_msg(&format!(
+                            "the previous secret's grace period must end in the future and \
+                             within {} hours",
+                            MAX_ROTATION_GRACE.num_hours()
+                        )));
+                    }
+                }
                 Ok(ApiKeyEvent::ApiKeyRotated {
                     prefix,
                     secret_hash,
                     previous_prefix: self.prefix.clone(),
+                    previous_valid_until,
                 })
             }
         }
@@ -285,6 +300,7 @@ impl Aggregate for ApiKey {
                 prefix,
                 secret_hash,
                 previous_prefix,
+                ..
             } => {
                 self.retired_prefixes.push(previous_prefix);
                 self.prefix = prefix;

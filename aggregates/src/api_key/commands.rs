@@ -29,5 +29,9 @@ pub enum ApiKeyCommand {
     Rotate {
         prefix: String,
         secret_hash: String,
+        /// Until when the secret being replaced keeps working, if at all: after `now`, at
+        /// most [`crate::api_key::MAX_ROTATION_GRACE`] later.
+        previous_valid_until: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
     },
 }

@@ -27,11 +27,18 @@ pub enum ApiKeyEvent {
     ApiKeyRevoked {
         reason: Option<String>,
     },
-    /// A new secret replaces the old one, which stops working with this event.
+    /// A new secret replaces the old one, which stops working with this event, or at
+    /// `previous_valid_until` when the rotation gave it a grace period (so that clients can
+    /// move over, and a client whose answer was lost can still rotate again). A later
+    /// rotation ends that grace; a revocation ends every secret.
     ApiKeyRotated {
         prefix: String,
         secret_hash: String,
         previous_prefix: String,
+        // Absent from rotations without a grace period, as from those written before it
+        // existed: their payloads stay as they were.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        previous_valid_until: Option<DateTime<Utc>>,
     },
 }
 

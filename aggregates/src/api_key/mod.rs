@@ -5,7 +5,7 @@ mod aggregate;
 mod commands;
 mod events;
 
-pub use aggregate::{ApiKey, ApiKeyError, ApiKeyStatus};
+pub use aggregate::{ApiKey, ApiKeyError, ApiKeyStatus, MAX_ROTATION_GRACE};
 pub use commands::ApiKeyCommand;
 pub use events::ApiKeyEvent;
 

@@ -85,13 +85,20 @@ fn rotated(prefix: &str, previous: &str) -> ApiKeyEvent {
         prefix: prefix.into(),
         secret_hash: hash('b'),
         previous_prefix: previous.into(),
+        previous_valid_until: None,
     }
 }
 
 fn rotate(prefix: &str) -> ApiKeyCommand {
+    rotate_with_grace(prefix, None)
+}
+
+fn rotate_with_grace(prefix: &str, previous_valid_until: Option<DateTime<Utc>>) -> ApiKeyCommand {
     ApiKeyCommand::Rotate {
         prefix: prefix.into(),
         secret_hash: hash('b'),
+        previous_valid_until,
+        now: now(),
     }
 }
 
@@ -360,6 +367,48 @@ fn rotate_again_names_the_latest_prefix() {
 }
 
 #[test]
+fn rotate_may_keep_the_previous_secret_working_for_a_while() {
+    let until = now() + Duration::hours(24);
+    Framework::with(())
+        .given(vec![issued()])
+        .when(rotate_with_grace("ll_def456", Some(until)))
+        .then_expect_events(vec![ApiKeyEvent::ApiKeyRotated {
+            prefix: "ll_def456".into(),
+            secret_hash: hash('b'),
+            previous_prefix: "ll_abc123".into(),
+            previous_valid_until: Some(until),
+        }]);
+}
+
+#[test]
+fn rotate_refuses_a_grace_period_past_or_too_long() {
+    for until in [
+        now(),
+        now() - Duration::seconds(1),
+        now() + Duration::hours(24) + Duration::seconds(1),
+    ] {
+        Framework::with(())
+            .given(vec![issued()])
+            .when(rotate_with_grace("ll_def456", Some(until)))
+            .then_expect_error_message(
+                "the previous secret's grace period must end in the future and within 24 hours",
+            );
+    }
+}
+
+/// Rotations written before the grace period existed read as rotations without one, and
+/// one without it is written with the same fields as they were (stored payloads are hashed
+/// as stored and never written again, so this keeps new ones alike, not old ones intact).
+#[test]
+fn a_rotation_without_a_grace_period_is_written_as_before() {
+    let before = serde_json::json!({"ApiKeyRotated": {
+        "prefix": "ll_def456", "secret_hash": hash('b'), "previous_prefix": "ll_abc123"}});
+    let read: ApiKeyEvent = serde_json::from_value(before.clone()).unwrap();
+    assert_eq!(read, rotated("ll_def456", "ll_abc123"));
+    assert_eq!(serde_json::to_value(&read).unwrap(), before);
+}
+
+#[test]
 fn rotate_rejects_a_missing_key() {
     Framework::with(())
         .given_no_previous_events()
@@ -406,6 +455,8 @@ fn rotate_rejects_a_bad_secret_hash() {
         .when(ApiKeyCommand::Rotate {
             prefix: "ll_def456".into(),
             secret_hash: hash('A'),
+            previous_valid_until: None,
+            now: now(),
         })
         .then_expect_error_message("secret hash must be 64 lower-case hexadecimal digits");
 }

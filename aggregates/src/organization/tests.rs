@@ -440,3 +440,14 @@ fn errors_map_to_rejections() {
         assert_eq!(e.rejection(), Rejection::Conflict, "{e}");
     }
 }
+
+/// The ledger store refuses an organization key's command in flight by this name
+/// (`metadata`): a rename of the event must not quietly let it through.
+#[test]
+fn the_event_that_refuses_an_organizations_requests_in_flight_is_named_as_recorded() {
+    let suspended = OrganizationEvent::OrganizationSuspended { reason: None };
+    assert_eq!(
+        [cqrs_es::DomainEvent::event_type(&suspended)],
+        crate::metadata::ACTOR_ORGANIZATION_LOSSES
+    );
+}

@@ -702,3 +702,22 @@ fn errors_map_to_rejections() {
         assert_eq!(e.rejection(), Rejection::Conflict, "{e}");
     }
 }
+
+/// The ledger store refuses a request's command by these names (`metadata`): a rename of an
+/// event must not quietly let a deactivated user's requests through.
+#[test]
+fn the_events_that_refuse_a_users_requests_in_flight_are_named_as_recorded() {
+    let losses = [
+        deactivated(),
+        erased(),
+        UserEvent::UserRoleRevoked {
+            role_id: role_id(),
+            reason: None,
+        },
+    ];
+    let names: Vec<String> = losses
+        .iter()
+        .map(cqrs_es::DomainEvent::event_type)
+        .collect();
+    assert_eq!(names, crate::metadata::ACTOR_USER_LOSSES);
+}

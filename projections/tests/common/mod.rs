@@ -414,6 +414,7 @@ pub async fn populate(ledger: &mut Ledger) -> Story {
         prefix: "ll_alice2".into(),
         secret_hash: hash_hex(),
         previous_prefix: "ll_alice1".into(),
+        previous_valid_until: None,
     };
     let as_alice = Actor::api(s.org, Some(s.alice), s.alice_key);
     ledger
