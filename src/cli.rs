@@ -521,7 +521,7 @@ async fn platform_keys(
                 prefix: secret.prefix.clone(),
                 secret_hash: secret.hash.clone(),
                 previous_valid_until: None,
-                now: chrono::Utc::now(),
+                now: Utc::now(),
             };
             change_platform_key(&app, &actor, id, command, Some(secret.secret)).await
         }
@@ -953,12 +953,24 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     // A wrong name is said before any long work.
     ledgerline_projections::resolve(Some(&names))?;
     // A job at work refuses this run; said at once, not after verifying the log.
-    if ledgerline_projections::rebuild_progress(&pool)
-        .await?
-        .iter()
-        .any(|r| r.held)
-    {
+    let unfinished = ledgerline_projections::rebuild_progress(&pool).await?;
+    if unfinished.iter().any(|r| r.held) {
         return Err(ledgerline_projections::RunError::RebuildRunning.into());
+    }
+    // With none to resume this run starts a job: say what the last one did, which a run
+    // killed just after its swap had no time to.
+    if unfinished.is_empty() {
+        if let Some(last) = ledgerline_projections::last_swapped(&pool).await? {
+            eprintln!(
+                "the last rebuild, job {} ({}), was swapped in at {} at position {}; this run \
+                 starts a new one",
+                last.job,
+                last.projections.join(", "),
+                last.finished_at
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                last.position
+            );
+        }
     }
     require_intact_log(&pool).await?;
     let names = (!args.all).then_some(names.as_slice());

@@ -434,6 +434,36 @@ async fn a_command_waiting_for_a_row_the_app_holds_gets_it() {
     holder.await.unwrap();
 }
 
+/// A rebuild with no job to resume says what the last one did: a run killed just after its
+/// swap committed printed nothing, and the operator running it again would otherwise not
+/// learn that it was swapped in.
+#[tokio::test]
+async fn a_new_rebuild_says_the_last_one_was_swapped_in() {
+    let t = TestApp::spawn().await;
+    t.create_org("Again Co").await;
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "users"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        !err.contains("the last rebuild"),
+        "none before the first: {err}"
+    );
+    let position: i64 = sqlx::query_scalar(
+        "SELECT target_position FROM projection_rebuilds WHERE status = 'swapped'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        err.contains("the last rebuild, job 1 (users), was swapped in at ")
+            && err.contains(&format!(
+                "at position {position}; this run starts a new one"
+            )),
+        "{err}"
+    );
+}
+
 /// Holds the `users` checkpoint row, which a rebuild's swap locks: a rebuild of `users`
 /// started meanwhile catches up, builds its indexes and then waits, alive and holding the
 /// rebuild lock, until the returned transaction ends.

@@ -46,8 +46,8 @@ pub use error::{is_connection_error, ProjectionError, RunError};
 pub use projection::Projection;
 pub use projector::{Projector, ProjectorHandle, Waited};
 pub use rebuild::{
-    abandon_rebuild, job_kept, rebuild, rebuild_progress, resolve, resume_command,
-    resume_or_abandon, RebuildOptions, RebuildProgress, RebuildSummary,
+    abandon_rebuild, job_kept, last_swapped, rebuild, rebuild_progress, resolve, resume_command,
+    resume_or_abandon, RebuildOptions, RebuildProgress, RebuildSummary, SwappedJob,
 };
 pub use runner::{
     catch_up, names, reset, retry, run_batch, run_leased_batch, status, BatchOutcome,

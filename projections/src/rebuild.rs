@@ -376,6 +376,27 @@ pub async fn rebuild(
     })
 }
 
+/// A rebuild job that was swapped in.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct SwappedJob {
+    pub job: i64,
+    pub projections: Vec<String>,
+    /// The position its tables were swapped in at.
+    pub position: i64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The newest job that was swapped in, if any: what a run starting a new job tells its
+/// operator, as a run killed just after its swap committed said nothing of it.
+pub async fn last_swapped(pool: &PgPool) -> Result<Option<SwappedJob>, RunError> {
+    Ok(sqlx::query_as(
+        "SELECT id AS job, projections, target_position AS position, finished_at \
+         FROM projection_rebuilds WHERE status = 'swapped' ORDER BY id DESC LIMIT 1",
+    )
+    .fetch_optional(pool)
+    .await?)
+}
+
 /// Drops the unfinished job's shadow schema and marks it abandoned. Returns its id, if
 /// there was one. The live tables are not touched.
 pub async fn abandon_rebuild(pool: &PgPool) -> Result<Option<i64>, RunError> {
