@@ -77,7 +77,7 @@ pub struct Actor {
     /// What the request was authenticated on: its commands are refused if that is lost
     /// before their append. `None` for the CLI and for what follows from a command already
     /// recorded.
-    pub standing: Option<Standing>,
+    pub authenticated_at: Option<AuthenticatedAt>,
     pub request_id: String,
     /// The request's `Idempotency-Key` (`api::idempotency`), if it was sent with one.
     pub idempotency_key: Option<String>,
@@ -89,9 +89,10 @@ pub struct Actor {
 /// commands are refused if the key changed since (`metadata::ACTOR_KEY_SEQUENCE`: revoked,
 /// rotated), its user was deactivated, erased or lost a role (`ACTOR_USER_SEQUENCE`), or its
 /// organization was suspended (`ACTOR_ORGANIZATION_SEQUENCE`). So the log never shows a
-/// key acting after what stopped it.
+/// key acting after one of those events (other ends, such as an expiry, are not guarded:
+/// docs/design/known-limits.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Standing {
+pub struct AuthenticatedAt {
     pub key: i64,
     /// A user key's user.
     pub user: Option<i64>,
@@ -112,7 +113,7 @@ impl Actor {
     /// built-in roles): not refused if its key, user or organization changes afterwards.
     pub fn for_what_follows(&self) -> Self {
         Self {
-            standing: None,
+            authenticated_at: None,
             ..self.clone()
         }
     }
@@ -125,7 +126,7 @@ impl Actor {
         guard: Option<Guard>,
     ) -> HashMap<String, String> {
         debug_assert!(
-            self.standing
+            self.authenticated_at
                 .and_then(|s| s.organization)
                 .is_none_or(|(org, _)| Some(org) == organization_id),
             "an organization's key acting outside its organization loses its guard"
@@ -149,17 +150,19 @@ impl Actor {
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
             (
                 metadata::ACTOR_KEY_SEQUENCE,
-                self.standing.map(|s| s.key.to_string()),
+                self.authenticated_at.map(|s| s.key.to_string()),
             ),
             (
                 metadata::ACTOR_USER_SEQUENCE,
-                self.standing.and_then(|s| s.user).map(|s| s.to_string()),
+                self.authenticated_at
+                    .and_then(|s| s.user)
+                    .map(|s| s.to_string()),
             ),
             // Named by the event's organization, which is the key's: a key acts in no other
             // (were one to, the guard would be left out, so say it in tests).
             (
                 metadata::ACTOR_ORGANIZATION_SEQUENCE,
-                self.standing
+                self.authenticated_at
                     .and_then(|s| s.organization)
                     .filter(|(org, _)| Some(*org) == organization_id)
                     .map(|(_, s)| s.to_string()),

@@ -957,22 +957,22 @@ async fn rebuild(db_args: &crate::config::DatabaseArgs, args: RebuildArgs) -> an
     if unfinished.iter().any(|r| r.held) {
         return Err(ledgerline_projections::RunError::RebuildRunning.into());
     }
+    require_intact_log(&pool).await?;
     // With none to resume this run starts a job: say what the last one did, which a run
     // killed just after its swap had no time to.
     if unfinished.is_empty() {
         if let Some(last) = ledgerline_projections::last_swapped(&pool).await? {
             eprintln!(
-                "the last rebuild, job {} ({}), was swapped in at {} at position {}; this run \
+                "the last rebuild, job {} ({}), was swapped in at position {} ({}); this run \
                  starts a new one",
                 last.job,
                 last.projections.join(", "),
+                last.position,
                 last.finished_at
-                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                last.position
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             );
         }
     }
-    require_intact_log(&pool).await?;
     let names = (!args.all).then_some(names.as_slice());
     let options = ledgerline_projections::RebuildOptions {
         batch_size: args.batch.batch_size,

@@ -447,8 +447,8 @@ async fn a_new_rebuild_says_the_last_one_was_swapped_in() {
         !err.contains("the last rebuild"),
         "none before the first: {err}"
     );
-    let position: i64 = sqlx::query_scalar(
-        "SELECT target_position FROM projection_rebuilds WHERE status = 'swapped'",
+    let (job, position): (i64, i64) = sqlx::query_as(
+        "SELECT id, target_position FROM projection_rebuilds WHERE status = 'swapped'",
     )
     .fetch_one(t.pool())
     .await
@@ -456,10 +456,9 @@ async fn a_new_rebuild_says_the_last_one_was_swapped_in() {
     let (code, out, err) = ledgerline(&t.db.url, &["projections", "rebuild", "--all"]).await;
     assert_eq!(code, 0, "{out}{err}");
     assert!(
-        err.contains("the last rebuild, job 1 (users), was swapped in at ")
-            && err.contains(&format!(
-                "at position {position}; this run starts a new one"
-            )),
+        err.contains(&format!(
+            "the last rebuild, job {job} (users), was swapped in at position {position} ("
+        )) && err.contains("); this run starts a new one"),
         "{err}"
     );
 }

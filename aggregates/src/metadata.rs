@@ -32,7 +32,7 @@ pub const ACTOR_KEY_SEQUENCE: &str = "actor_key_sequence";
 /// A user key's user's sequence when its request was authenticated (`ACTOR_USER_ID` at this
 /// sequence, read from the log): the ledger store refuses the append (409) if the user was
 /// deactivated or erased, or lost a role ([`ACTOR_USER_LOSSES`]), since, so that nothing is
-/// recorded in the name of a user who could no longer act when it was. Other changes of the
+/// recorded in a user's name after one of those events. Other changes of the
 /// user (a new name, a role given) do not refuse it. Carried like `ACTOR_KEY_SEQUENCE`.
 pub const ACTOR_USER_SEQUENCE: &str = "actor_user_sequence";
 /// The user's events that refuse what their key's requests still had in flight.

@@ -362,7 +362,25 @@ pub async fn rotate(
         axum::Json(IssuedKey {
             key,
             secret: secret.secret,
-            previous_secret_valid_until: previous_valid_until,
+            // As authentication will hold it: not past the key's own expiry.
+            previous_secret_valid_until: previous_valid_until
+                .map(|t| current.expires_at.map_or(t, |k| k.min(t))),
         }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use ledgerline_aggregates::api_key::MAX_ROTATION_GRACE;
+
+    use super::RotateKey;
+
+    /// The documented bounds of a rotation's grace are the aggregate's.
+    #[test]
+    fn the_grace_periods_schema_says_the_aggregates_limit() {
+        let schema = schemars::schema_for!(RotateKey);
+        let field = &schema.as_value()["properties"]["previous_secret_valid_for_seconds"];
+        assert_eq!(field["minimum"], 1);
+        assert_eq!(field["maximum"], MAX_ROTATION_GRACE.num_seconds());
+    }
 }

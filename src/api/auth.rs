@@ -11,7 +11,7 @@ use ledgerline_aggregates::{permissions, Permission, PermissionSet};
 use uuid::Uuid;
 
 use super::error::{ApiError, ApiResult};
-use crate::app::{Actor, App, Standing};
+use crate::app::{Actor, App, AuthenticatedAt};
 use crate::keys;
 
 /// The authenticated caller of a request.
@@ -92,7 +92,7 @@ pub fn request_actor(parts: &Parts) -> Actor {
         kind: "api_key".into(),
         user_id: None,
         key_id: None,
-        standing: None,
+        authenticated_at: None,
         request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
         // Set by `api::idempotency` once it has checked and taken the key.
         idempotency_key: None,
@@ -274,13 +274,11 @@ impl FromRequestParts<App> for Caller {
         if row.expires_at.is_some_and(|t| t <= Utc::now()) {
             return Err(ApiError::unauthorized("this API key has expired"));
         }
-        // A secret in its grace period acts as the key until then: nothing it issues or
-        // assigns outlives that (`api_keys::require_not_outliving`), nor does it claim to.
+        // A secret in its grace period acts as the key until then, or until the key expires
+        // if sooner (what `/v1/me` shows): nothing it issues or assigns outlives that
+        // (`api_keys::require_not_outliving`).
         let secret_valid_until = secret_valid_until.map(|t| row.expires_at.map_or(t, |k| k.min(t)));
-        let expires_at = match (row.expires_at, secret_valid_until) {
-            (Some(k), Some(t)) => Some(k.min(t)),
-            (k, t) => k.or(t),
-        };
+        let expires_at = secret_valid_until.or(row.expires_at);
         if row.organization_id.is_some()
             && (row.org_status.as_deref() != Some("active") || row.org_suspending)
         {
@@ -319,7 +317,7 @@ impl FromRequestParts<App> for Caller {
         // what was checked above no deactivation, erasure, role revocation or suspension
         // after these sequences. The user's is the log's: its `users` row may lag role
         // revocations that `user_roles` already shows.
-        actor.standing = Some(Standing {
+        actor.authenticated_at = Some(AuthenticatedAt {
             key: row.version,
             user: row.user_sequence,
             organization: row.organization_id.zip(row.org_version),
@@ -415,13 +413,14 @@ async fn grace_pending(pool: &sqlx::PgPool, row: &KeyRow, prefix: &str) -> sqlx:
         "SELECT coalesce(bool_and(e.event_type = 'ApiKeyRotated'
                          AND e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_prefix' = $3
                          AND (e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz
-                             > now()) AND count(*) = 1, false)
+                             > $4) AND count(*) = 1, false)
          FROM events e WHERE e.aggregate_type = 'ApiKey' AND e.aggregate_id = $1
            AND e.sequence > $2",
     )
     .bind(row.id.to_string())
     .bind(row.version)
     .bind(prefix)
+    .bind(Utc::now())
     .fetch_one(pool)
     .await
 }
@@ -489,27 +488,27 @@ async fn prefix_of_a_known_key(
     Ok(found
         .filter(|f| keys::matches(presented, &f.secret_hash))
         .map(|f| {
-            let grace = match (f.grace_until, f.rotated_again) {
-                (None, _) => GraceLeft::NoneGiven,
-                (Some(_), true) => GraceLeft::RotatedAgain,
-                (Some(until), false) if until <= Utc::now() => GraceLeft::Ended(until),
-                (Some(until), false) => match (f.active, f.key, f.version) {
-                    (true, Some(key), Some(version)) if f.shown => {
-                        return KnownPrefix::InGrace {
-                            key,
-                            version,
-                            until,
-                        }
+            // The app's clock, as for a key's expiry.
+            let now = Utc::now();
+            match (f.shown, f.key, f.version, f.grace_until) {
+                (true, Some(key), Some(version), Some(until))
+                    if f.active && !f.rotated_again && until > now =>
+                {
+                    KnownPrefix::InGrace {
+                        key,
+                        version,
+                        until,
                     }
-                    _ => GraceLeft::Ended(until),
-                },
-            };
-            match f.shown {
-                true => KnownPrefix::Retired {
+                }
+                (true, ..) => KnownPrefix::Retired {
                     active: f.active,
-                    grace,
+                    grace: match f.grace_until {
+                        None => GraceLeft::NoneGiven,
+                        Some(_) if f.rotated_again => GraceLeft::RotatedAgain,
+                        Some(until) => GraceLeft::Ended(until),
+                    },
                 },
-                false => KnownPrefix::NotShownYet,
+                (false, ..) => KnownPrefix::NotShownYet,
             }
         }))
 }

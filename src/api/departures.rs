@@ -57,8 +57,9 @@ async fn departure(app: &App, user: Uuid) -> ApiResult<Option<(Departure, Actor)
         user_id: by,
         key_id: id(metadata::ACTOR_KEY_ID),
         // The system carries out what the key asked for while it was good: not refused for
-        // the key's later revocation (nor, so, for the departure it carries out).
-        standing: None,
+        // the key's later revocation, nor for the deactivation or erasure it carries out,
+        // which stops the user it acts as.
+        authenticated_at: None,
         request_id: text(metadata::REQUEST_ID).unwrap_or_else(|| Uuid::new_v4().to_string()),
         idempotency_key: text(metadata::IDEMPOTENCY_KEY),
         client_ip: text(metadata::CLIENT_IP),
