@@ -362,9 +362,9 @@ pub async fn rotate(
         axum::Json(IssuedKey {
             key,
             secret: secret.secret,
-            // As authentication will hold it: not past the key's own expiry.
+            // As authentication will hold it.
             previous_secret_valid_until: previous_valid_until
-                .map(|t| current.expires_at.map_or(t, |k| k.min(t))),
+                .map(|t| auth::grace_end(t, current.expires_at)),
         }),
     ))
 }

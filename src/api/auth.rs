@@ -206,6 +206,22 @@ macro_rules! key_row_query {
     };
 }
 
+/// What a secret no key has, or one whose key's hash it does not match, is told: nothing of
+/// any key.
+const INVALID_KEY: &str = "invalid API key";
+
+/// The end of the grace period the `ApiKeyRotated` event `$e` (an SQL alias of `events`)
+/// gave the secret it replaced, as `timestamptz`; NULL when it gave none.
+macro_rules! grace_until {
+    ($e:literal) => {
+        concat!(
+            "(",
+            $e,
+            ".payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz"
+        )
+    };
+}
+
 /// The key whose current secret has this prefix.
 const KEY_BY_PREFIX: &str = key_row_query!("k.prefix = $1");
 /// The key of this id (for a secret in its grace period: [`KnownPrefix::InGrace`]).
@@ -244,7 +260,7 @@ impl FromRequestParts<App> for Caller {
             .ok_or_else(|| {
                 ApiError::unauthorized("malformed Authorization header: expected `Bearer <key>`")
             })?;
-        let invalid = || ApiError::unauthorized("invalid API key");
+        let invalid = || ApiError::unauthorized(INVALID_KEY);
         let prefix = keys::prefix_of(presented).ok_or_else(invalid)?;
         let (row, secret_valid_until) = match key_row(&app.pool, KEY_BY_PREFIX, prefix).await? {
             Some(row) if keys::matches(presented, &row.key_hash) => {
@@ -277,7 +293,7 @@ impl FromRequestParts<App> for Caller {
         // A secret in its grace period acts as the key until then, or until the key expires
         // if sooner (what `/v1/me` shows): nothing it issues or assigns outlives that
         // (`api_keys::require_not_outliving`).
-        let secret_valid_until = secret_valid_until.map(|t| row.expires_at.map_or(t, |k| k.min(t)));
+        let secret_valid_until = secret_valid_until.map(|t| grace_end(t, row.expires_at));
         let expires_at = secret_valid_until.or(row.expires_at);
         if row.organization_id.is_some()
             && (row.org_status.as_deref() != Some("active") || row.org_suspending)
@@ -337,6 +353,15 @@ impl FromRequestParts<App> for Caller {
     }
 }
 
+/// Where a rotated-away secret's grace period ends for the key it opens: at its own end, or
+/// at the key's expiry if sooner (a grace never outlives its key).
+pub(super) fn grace_end(
+    until: DateTime<Utc>,
+    key_expires_at: Option<DateTime<Utc>>,
+) -> DateTime<Utc> {
+    key_expires_at.map_or(until, |k| k.min(until))
+}
+
 /// A prefix no row shows that belongs to a key the log holds.
 enum KnownPrefix {
     /// The key was rotated away from it (and is `active`, or revoked since), with no grace
@@ -372,7 +397,7 @@ async fn by_retired_prefix(
 ) -> ApiResult<(KeyRow, DateTime<Utc>)> {
     let rotated = |why: String| Err(ApiError::unauthorized(why));
     match prefix_of_a_known_key(pool, prefix, presented).await? {
-        None => Err(ApiError::unauthorized("invalid API key")),
+        None => Err(ApiError::unauthorized(INVALID_KEY)),
         // The key as it is now, if nothing changed it since the look.
         Some(KnownPrefix::InGrace {
             key,
@@ -409,14 +434,15 @@ async fn by_retired_prefix(
 /// Whether the key's events beyond its row (`key_changing`) are only its rotation away from
 /// `prefix`, giving it a grace period that is not over.
 async fn grace_pending(pool: &sqlx::PgPool, row: &KeyRow, prefix: &str) -> sqlx::Result<bool> {
-    sqlx::query_scalar(
+    sqlx::query_scalar(concat!(
         "SELECT coalesce(bool_and(e.event_type = 'ApiKeyRotated'
                          AND e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_prefix' = $3
-                         AND (e.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz
-                             > $4) AND count(*) = 1, false)
+                         AND ",
+        grace_until!("e"),
+        " > $4) AND count(*) = 1, false)
          FROM events e WHERE e.aggregate_type = 'ApiKey' AND e.aggregate_id = $1
            AND e.sequence > $2",
-    )
+    ))
     .bind(row.id.to_string())
     .bind(row.version)
     .bind(prefix)
@@ -453,7 +479,7 @@ async fn prefix_of_a_known_key(
     prefix: &str,
     presented: &str,
 ) -> Result<Option<KnownPrefix>, sqlx::Error> {
-    let found: Option<PrefixFound> = sqlx::query_as(
+    let found: Option<PrefixFound> = sqlx::query_as(concat!(
         // A row that shows the prefix by now (shown since the first look) reads as not shown
         // yet: the retry it is told to make finds it. The rotation that retired the prefix
         // is the key's first after the event that gave it.
@@ -472,15 +498,15 @@ async fn prefix_of_a_known_key(
                                 jsonb_build_object('p', $2::text))
          LEFT JOIN api_keys k ON k.id = split_part(c.owner, ':', 2)::uuid
          LEFT JOIN LATERAL (
-             SELECT r.sequence,
-                    (r.payload::jsonb -> 'ApiKeyRotated' ->> 'previous_valid_until')::timestamptz
-                      AS grace_until
+             SELECT r.sequence, ",
+        grace_until!("r"),
+        " AS grace_until
              FROM events r WHERE r.aggregate_type = 'ApiKey' AND r.aggregate_id = e.aggregate_id
                AND r.event_type = 'ApiKeyRotated' AND r.sequence > e.sequence
              ORDER BY r.sequence LIMIT 1) r ON true
          WHERE c.scope = $1 AND c.key = $2
          LIMIT 1",
-    )
+    ))
     .bind(ledgerline_aggregates::claims::API_KEY_PREFIX)
     .bind(prefix)
     .fetch_optional(pool)
