@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, SecondsFormat, Utc};
 use cqrs_es::event_sink::EventSink;
 use cqrs_es::persist::{PersistedEventStore, SerializedEvent};
 use cqrs_es::{Aggregate, AggregateError, CqrsFramework, EventEnvelope};
@@ -74,6 +75,8 @@ pub struct Actor {
     pub kind: String,
     pub user_id: Option<Uuid>,
     pub key_id: Option<Uuid>,
+    /// The prefix of the key's secret the request presented.
+    pub key_prefix: Option<String>,
     /// What the request was authenticated on: its commands are refused if that is lost
     /// before their append. `None` for the CLI and for what follows from a command already
     /// recorded.
@@ -85,11 +88,13 @@ pub struct Actor {
     pub user_agent: Option<String>,
 }
 
-/// Where a request's key stood when it was authenticated, as sequences of the log: its
-/// commands are refused if the key changed since (`metadata::ACTOR_KEY_SEQUENCE`: revoked,
-/// rotated), its user was deactivated, erased or lost a role (`ACTOR_USER_SEQUENCE`), or its
-/// organization was suspended (`ACTOR_ORGANIZATION_SEQUENCE`). So the log never shows a
-/// key acting after one of those events (other ends, such as an expiry, are not guarded:
+/// Where a request's key stood when it was authenticated, as sequences of the log and the
+/// time it ends: its commands are refused if the key changed since
+/// (`metadata::ACTOR_KEY_SEQUENCE`: revoked, rotated), its user was deactivated, erased or
+/// lost a role (`ACTOR_USER_SEQUENCE`), its organization was suspended
+/// (`ACTOR_ORGANIZATION_SEQUENCE`), or they would be recorded at or after `until`
+/// (`ACTOR_VALID_UNTIL`). So the log never shows a key acting after one of those events or
+/// past its end (a change of one of its user's roles themselves is not guarded:
 /// docs/design/known-limits.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthenticatedAt {
@@ -98,6 +103,9 @@ pub struct AuthenticatedAt {
     pub user: Option<i64>,
     /// An organization's key's organization, and its sequence.
     pub organization: Option<(Uuid, i64)>,
+    /// The soonest of the key's expiry, its secret's grace end and its user's role
+    /// assignments' expiries.
+    pub until: Option<DateTime<Utc>>,
 }
 
 impl Actor {
@@ -148,6 +156,7 @@ impl Actor {
             ),
             (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
+            (metadata::ACTOR_KEY_PREFIX, self.key_prefix.clone()),
             (
                 metadata::ACTOR_KEY_SEQUENCE,
                 self.authenticated_at.map(|s| s.key.to_string()),
@@ -166,6 +175,12 @@ impl Actor {
                     .and_then(|s| s.organization)
                     .filter(|(org, _)| Some(*org) == organization_id)
                     .map(|(_, s)| s.to_string()),
+            ),
+            (
+                metadata::ACTOR_VALID_UNTIL,
+                self.authenticated_at
+                    .and_then(|s| s.until)
+                    .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
             ),
             (metadata::IDEMPOTENCY_KEY, self.idempotency_key.clone()),
             (metadata::CLIENT_IP, self.client_ip.clone()),
@@ -200,8 +215,8 @@ pub enum CommandError<E: std::error::Error> {
          command was not recorded"
     )]
     KeyChanged,
-    /// The acting key's user or organization was stopped (`AppendError::ActorStopped`)
-    /// after its request was authenticated.
+    /// The acting key's user or organization was stopped, or its end passed
+    /// (`AppendError::ActorStopped`), after its request was authenticated.
     #[error(
         "{0} while the request was being carried out: this command was not recorded; send \
          it again to have it decided on what holds now"

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{
-    assert_error, assert_error_says, concrete, eventually, hold_on_4242, waits_on_4242, Response,
-    TestApp,
+    assert_error, assert_error_says, concrete, eventually, hold_on_4242, Response, TestApp,
 };
 use ledgerline::api::ROUTES;
 use ledgerline_aggregates::organization::built_in_roles;
@@ -395,18 +394,24 @@ async fn a_rotation_may_give_the_old_secret_a_grace_period() {
         "{}",
         r.body
     );
-    let invite = json!({"email": "grace@example.com", "full_name": "Grace"});
-    let r = t.post(&org_path(org, "/users"), &first, invite).await;
-    assert_eq!(r.status, 201, "{}", r.body);
-    let actor: Option<String> = sqlx::query_scalar(
-        "SELECT metadata::jsonb ->> 'actor_key_id' FROM events \
-         WHERE event_type = 'UserInvited' AND aggregate_id = $1",
-    )
-    .bind(r.body["id"].as_str().unwrap())
-    .fetch_one(t.pool())
-    .await
-    .unwrap();
-    assert_eq!(actor, Some(id.to_string()));
+    // The log says which of its secrets acted.
+    for (secret, email) in [(&first, "grace@example.com"), (&lost, "lost@example.com")] {
+        let invite = json!({"email": email, "full_name": "Grace"});
+        let r = t.post(&org_path(org, "/users"), secret, invite).await;
+        assert_eq!(r.status, 201, "{}", r.body);
+        let actor: (Option<String>, Option<String>) = sqlx::query_as(
+            "SELECT metadata::jsonb ->> 'actor_key_id', metadata::jsonb ->> 'actor_key_prefix' \
+             FROM events WHERE event_type = 'UserInvited' AND aggregate_id = $1",
+        )
+        .bind(r.body["id"].as_str().unwrap())
+        .fetch_one(t.pool())
+        .await
+        .unwrap();
+        assert_eq!(
+            actor,
+            (Some(id.to_string()), Some(secret[..15].to_string()))
+        );
+    }
     // Nothing it issues outlives its grace.
     let r = t
         .post(
@@ -3558,23 +3563,54 @@ async fn invite_while(
     secret: &str,
     meanwhile: impl std::future::Future<Output = ()>,
 ) -> Response {
+    let mut answers = invites_while(t, org, &[secret], meanwhile).await;
+    answers.pop().expect("one answer")
+}
+
+/// [`invite_while`] for an invitation by each of `secrets` at once, each of its own user;
+/// answered in the same order. `meanwhile` runs once every invitation waits or was already
+/// answered (refused before it could wait, say: the answers then tell).
+async fn invites_while(
+    t: &TestApp,
+    org: Uuid,
+    secrets: &[&str],
+    meanwhile: impl std::future::Future<Output = ()>,
+) -> Vec<Response> {
     let mut holder = hold_on_4242(t, "BEFORE INSERT ON subject_keys FOR EACH ROW").await;
     let users = org_path(org, "/users");
-    let invite = t.post(
-        &users,
-        secret,
-        json!({"email": "grace@example.com", "full_name": "Grace"}),
-    );
+    let answered = std::sync::atomic::AtomicI64::new(0);
+    let invites = futures::future::join_all(secrets.iter().enumerate().map(|(i, secret)| {
+        let (users, answered) = (&users, &answered);
+        async move {
+            let body = json!({"email": format!("invitee{i}@example.com"), "full_name": "Invitee"});
+            let answer = t.post(users, secret, body).await;
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            answer
+        }
+    }));
     let then_release = async {
-        let waits = eventually(Duration::from_secs(30), || waits_on_4242(t, true));
-        assert!(waits.await, "the invitation waits to store its user's key");
+        let all_wait = eventually(Duration::from_secs(30), || async {
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory' \
+                 AND classid = 0 AND objid = 4242 \
+                 AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())",
+            )
+            .fetch_one(t.pool())
+            .await
+            .unwrap();
+            waiting + answered.load(std::sync::atomic::Ordering::SeqCst) >= secrets.len() as i64
+        });
+        assert!(
+            all_wait.await,
+            "every invitation waits to store its user's key"
+        );
         meanwhile.await;
         sqlx::query("SELECT pg_advisory_unlock(4242)")
             .execute(&mut *holder)
             .await
             .unwrap();
     };
-    tokio::join!(invite, then_release).0
+    tokio::join!(invites, then_release).0
 }
 
 /// A service key's issue that may invite users.
@@ -3718,4 +3754,104 @@ async fn an_organization_suspended_while_its_keys_request_waits_records_nothing_
         )
         .await;
     assert_error_says(&sent_again, 401, "suspended");
+}
+
+/// A key's end passing while one of its requests waits records nothing in its name after
+/// it: the key's expiry, the end of a rotated-away secret's grace period, the expiry of a
+/// role assignment of its user's, sooner than the key's own (409; sent again, answered on what
+/// holds then). A key whose end is yet to come is not held back by it, and its events say when
+/// that is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_name() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let expiring = |expires_at: DateTime<Utc>| {
+        let mut body = hr_key();
+        body["expires_at"] = json!(expires_at);
+        body
+    };
+    let later = in_seconds(3600);
+    let (lasting, lasting_secret) = issued(&t, org, expiring(later)).await;
+    let (rotated, old_secret) = issued(&t, org, hr_key()).await;
+    let ada = t.invite(org, "ada@example.com", "Ada").await;
+    let admin = t.role_id(org, "admin").await;
+    let mut adas_key = expiring(later);
+    adas_key["user_id"] = json!(ada);
+    let (adas, adas_secret) = issued(&t, org, adas_key).await;
+
+    // The ends, each within seconds: only what sets them is left to do before the requests.
+    let ends = in_seconds(8);
+    let (expired, expired_secret) = issued(&t, org, expiring(ends)).await;
+    let r = t
+        .put(
+            &org_path(org, &format!("/users/{ada}/roles/{admin}")),
+            &t.admin_key,
+            json!({"expires_at": ends}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = t
+        .post(
+            &org_path(org, &format!("/api-keys/{rotated}/rotate")),
+            &t.admin_key,
+            json!({"previous_secret_valid_for_seconds": 8}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let grace_ends: DateTime<Utc> = r.body["previous_secret_valid_until"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let secrets = [&expired_secret, &old_secret, &adas_secret, &lasting_secret];
+    let answers = invites_while(
+        &t,
+        org,
+        &secrets.map(String::as_str),
+        sleep_past(ends.max(grace_ends)),
+    )
+    .await;
+    let [expired_answer, grace_answer, role_answer, lasting_answer] = &answers[..] else {
+        panic!("four answers");
+    };
+    for answer in [expired_answer, grace_answer, role_answer] {
+        assert_error_says(
+            answer,
+            409,
+            "expired while the request was being carried out",
+        );
+        assert_error_says(answer, 409, "send it again");
+    }
+    assert_eq!(lasting_answer.status, 201, "{}", lasting_answer.body);
+    for key in [expired, rotated, adas] {
+        assert_eq!(
+            events_with(&t, "actor_key_id", &key.to_string()).await,
+            0,
+            "no event in the name of a key past its end"
+        );
+    }
+    let written = later.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    assert_eq!(
+        events_with(&t, "actor_valid_until", &written).await,
+        events_with(&t, "actor_key_id", &lasting.to_string()).await,
+        "the lasting key's events say when it ends"
+    );
+    assert!(events_with(&t, "actor_key_id", &lasting.to_string()).await > 0);
+
+    let users = org_path(org, "/users");
+    let again = |secret: String| {
+        let users = users.clone();
+        let t = &t;
+        async move {
+            let body = json!({"email": "grace@example.com", "full_name": "Grace"});
+            t.post(&users, &secret, body).await
+        }
+    };
+    assert_error_says(&again(expired_secret).await, 401, "expired");
+    assert_error_says(
+        &again(old_secret).await,
+        401,
+        "grace period the rotation gave it ended",
+    );
+    assert_error(&again(adas_secret).await, 403);
 }

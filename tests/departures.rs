@@ -216,6 +216,11 @@ async fn an_erased_owner_leaves_and_the_longest_standing_admin_owns_the_group() 
         json!(o.dave.0)
     );
     assert_eq!(items[items.len() - 1]["actor"]["kind"], "system:erasure");
+    assert_eq!(
+        items[items.len() - 1]["actor"]["key_prefix"],
+        json!(o.boss.1[..15]),
+        "the erasing request's secret"
+    );
     // The new owner manages it.
     let r =
         o.t.patch(

@@ -201,6 +201,11 @@ impl Audited {
         assert_eq!(item["actor"]["kind"], "api_key", "{item}");
         assert_eq!(item["actor"]["user_id"], json!(self.owner), "{item}");
         assert_eq!(item["actor"]["key_id"], json!(self.owner_key_id), "{item}");
+        assert_eq!(
+            item["actor"]["key_prefix"],
+            json!(self.owner_key[..15]),
+            "{item}"
+        );
         assert!(
             item["request_id"].as_str().is_some_and(|r| !r.is_empty()),
             "{item}"

@@ -9,6 +9,10 @@ pub const ORGANIZATION_ID: &str = "organization_id";
 pub const ACTOR_KIND: &str = "actor_kind";
 pub const ACTOR_USER_ID: &str = "actor_user_id";
 pub const ACTOR_KEY_ID: &str = "actor_key_id";
+/// The prefix of the secret the request presented (public: the key's answers and lists show
+/// it): which of the key's secrets acted, the current one or, in the grace period a rotation
+/// gave it, the one rotated away. Requests' events since the third release of 2026-12-07.
+pub const ACTOR_KEY_PREFIX: &str = "actor_key_prefix";
 pub const REQUEST_ID: &str = "request_id";
 /// The `Idempotency-Key` the request was sent with, if any. Unlike the request id (the
 /// client's `x-request-id`, which many requests may share), the key names one request of its
@@ -44,3 +48,10 @@ pub const ACTOR_USER_LOSSES: [&str; 3] = ["UserDeactivated", "UserErased", "User
 pub const ACTOR_ORGANIZATION_SEQUENCE: &str = "actor_organization_sequence";
 /// The organization's events that refuse what its keys' requests still had in flight.
 pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];
+/// When what the request was authenticated on stops holding, at the soonest: the acting
+/// key's expiry, the end of the grace period of the secret it presented (a rotated-away one),
+/// or the expiry of one of its user's role assignments (RFC 3339, microseconds, UTC). The
+/// ledger store refuses the append (409) if the event would be recorded at or after it, so
+/// that the log never shows a key acting past its end (the event's `recorded_at` says when it
+/// acted). Carried like `ACTOR_KEY_SEQUENCE`, when any of those ends is set.
+pub const ACTOR_VALID_UNTIL: &str = "actor_valid_until";

@@ -92,6 +92,7 @@ pub fn request_actor(parts: &Parts) -> Actor {
         kind: "api_key".into(),
         user_id: None,
         key_id: None,
+        key_prefix: None,
         authenticated_at: None,
         request_id: header("x-request-id").unwrap_or_else(|| Uuid::new_v4().to_string()),
         // Set by `api::idempotency` once it has checked and taken the key.
@@ -119,6 +120,8 @@ struct KeyRow {
     user_status: Option<String>,
     /// A user key's user's permissions now; `None` for a service key.
     held: Option<Vec<String>>,
+    /// When the first of the user's role assignments that count now expires, if any does.
+    roles_until: Option<DateTime<Utc>>,
     /// A user key's user's last sequence in the log (which the `users` row may lag).
     user_sequence: Option<i64>,
     /// The organization's last event as `organizations` shows it.
@@ -158,12 +161,15 @@ macro_rules! assignments_changing {
 /// shows). An assignment counts too: assigning again replaces it, with a nearer expiry say.
 /// The walk up each role's parents stops at 64 levels: chains are at most 16 deep
 /// (`MAX_INHERITANCE_DEPTH`), so only a cycle or a longer chain an older release let through
-/// meets that guard, and grants what it granted then.
+/// meets that guard, and grants what it granted then. Assignments count until `$2`, the app's
+/// clock, which the writer also checks their expiry against (`metadata::ACTOR_VALID_UNTIL`):
+/// on the database's, one expired by the app's could be granted and then always refused.
 macro_rules! key_row_query {
     ($where:literal) => {
         concat!(
             "SELECT k.id, k.version, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, o.version AS org_version, u.status AS user_status, g.held,
+                    g.roles_until,
                     (SELECT max(e.sequence) FROM events e WHERE e.aggregate_type = 'User'
                        AND e.aggregate_id = k.user_id::text) AS user_sequence,
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
@@ -186,7 +192,7 @@ macro_rules! key_row_query {
                      SELECT r.id, r.parent_role_id, r.version, 0
                      FROM user_roles ur JOIN roles r ON r.id = ur.role_id
                      WHERE ur.user_id = k.user_id
-                       AND (ur.expires_at IS NULL OR ur.expires_at > now())
+                       AND (ur.expires_at IS NULL OR ur.expires_at > $2)
                    UNION
                      SELECT p.id, p.parent_role_id, p.version, g.depth + 1
                      FROM roles p JOIN granted g ON p.id = g.parent
@@ -199,7 +205,9 @@ macro_rules! key_row_query {
                         EXISTS (SELECT 1 FROM granted g, LATERAL (
                                     SELECT 1 FROM events e WHERE e.aggregate_type = 'Role'
                                       AND e.aggregate_id = g.id::text AND e.sequence > g.version
-                                    LIMIT 1) pending) AS roles_changing
+                                    LIMIT 1) pending) AS roles_changing,
+                        (SELECT min(ur.expires_at) FROM user_roles ur
+                         WHERE ur.user_id = k.user_id AND ur.expires_at > $2) AS roles_until
              ) g ON k.user_id IS NOT NULL
              WHERE ", $where
         )
@@ -234,6 +242,7 @@ async fn key_row(
 ) -> Result<Option<KeyRow>, sqlx::Error> {
     sqlx::query_as(query)
         .bind(by.to_string())
+        .bind(Utc::now())
         .fetch_optional(pool)
         .await
 }
@@ -328,15 +337,20 @@ impl FromRequestParts<App> for Caller {
         }
         let mut actor = request_actor(parts);
         actor.key_id = Some(row.id);
+        actor.key_prefix = Some(prefix.to_string());
         // Where the key stands, for the writer to refuse its commands if that is lost before
         // they are appended: the key as the log has it (`key_changing` is false), and from
         // what was checked above no deactivation, erasure, role revocation or suspension
-        // after these sequences. The user's is the log's: its `users` row may lag role
-        // revocations that `user_roles` already shows.
+        // after these sequences, nor any of its ends passed. The user's is the log's: its
+        // `users` row may lag role revocations that `user_roles` already shows.
         actor.authenticated_at = Some(AuthenticatedAt {
             key: row.version,
             user: row.user_sequence,
             organization: row.organization_id.zip(row.org_version),
+            // Which assignment granted what the handler will check is not known here: the
+            // first to expire bounds them all (sent again after it, a command is decided on
+            // the roles left).
+            until: [expires_at, row.roles_until].into_iter().flatten().min(),
         });
         actor.user_id = row.user_id;
         Ok(Caller {

@@ -56,6 +56,7 @@ async fn departure(app: &App, user: Uuid) -> ApiResult<Option<(Departure, Actor)
         kind: format!("system:{cause}"),
         user_id: by,
         key_id: id(metadata::ACTOR_KEY_ID),
+        key_prefix: text(metadata::ACTOR_KEY_PREFIX),
         // The system carries out what the key asked for while it was good: not refused for
         // the key's later revocation, nor for the deactivation or erasure it carries out,
         // which stops the user it acts as.

@@ -166,6 +166,9 @@ pub struct ActorView {
     pub kind: Option<String>,
     pub user_id: Option<String>,
     pub key_id: Option<String>,
+    /// The prefix of the key's secret the request presented: a rotated-away one in its grace
+    /// period, or the current one (events since the third release of 2026-12-07).
+    pub key_prefix: Option<String>,
 }
 
 /// The top-level fields an event changed; a field on one side only is `null` on the other. A
@@ -419,6 +422,7 @@ fn actor_of(metadata: &str) -> ActorView {
         kind: metadata_text(metadata, metadata::ACTOR_KIND),
         user_id: metadata_text(metadata, metadata::ACTOR_USER_ID),
         key_id: metadata_text(metadata, metadata::ACTOR_KEY_ID),
+        key_prefix: metadata_text(metadata, metadata::ACTOR_KEY_PREFIX),
     }
 }
 

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use cqrs_es::persist::SerializedEvent;
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::api_key::ApiKey;
@@ -91,6 +91,37 @@ pub(super) struct Prepared {
     /// The acting key's guards first (the key's, its user's, its organization's: their
     /// refusals say more than another's), then the one the command was decided against.
     pub guards: Vec<Guard>,
+    /// When what the acting key's request was authenticated on ends
+    /// (`metadata::ACTOR_VALID_UNTIL`): refused if it would be recorded then or later.
+    pub valid_until: Option<DateTime<Utc>>,
+}
+
+impl Prepared {
+    /// Whether what its request was authenticated on has ended by `recorded_at`: a key
+    /// expiring at `t` no longer acts at `t`, as authentication holds it.
+    fn ended_by(&self, recorded_at: DateTime<Utc>) -> bool {
+        self.valid_until.is_some_and(|until| recorded_at >= until)
+    }
+}
+
+/// Why a command recorded at or after its `valid_until` is refused.
+const ACTOR_ENDED: &str =
+    "this key, its secret's grace period or one of its user's role assignments expired";
+
+/// A command's `metadata::ACTOR_VALID_UNTIL`, if it carries one.
+fn valid_until(metadata: &Value) -> Result<Option<DateTime<Utc>>, AppendError> {
+    let Some(value) = metadata.get(metadata::ACTOR_VALID_UNTIL) else {
+        return Ok(None);
+    };
+    // `FromStr`, not `parse_from_rfc3339`: it also reads the years past 9999 that chrono
+    // writes with a sign (an expiry may be that far off).
+    value
+        .as_str()
+        .and_then(|text| text.parse::<DateTime<Utc>>().ok())
+        .map(Some)
+        .ok_or_else(|| {
+            AppendError::Invalid(format!("bad `{}` {value}", metadata::ACTOR_VALID_UNTIL))
+        })
 }
 
 /// An aggregate and the sequence it had when the command was decided or its request was
@@ -281,6 +312,7 @@ pub(super) fn prepare(events: &[SerializedEvent]) -> Result<Prepared, AppendErro
         rows,
         claims,
         guards: Guard::from_metadata(&first.metadata)?,
+        valid_until: valid_until(&first.metadata)?,
     })
 }
 
@@ -514,6 +546,9 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
         within(head_and_conflicts(conn, batch)).await?;
     let mut claims = within(ClaimBook::load(conn, batch)).await?;
 
+    // When the batch is recorded, as its events will say: what an acting key's request was
+    // authenticated on must still hold then.
+    let recorded_at = truncate_to_micros(Utc::now());
     // Decide, in arrival order, which commands go in.
     let mut outcomes: Vec<Option<Outcome>> = (0..batch.len()).map(|_| None).collect();
     let mut taken: HashSet<(&str, &str, i64)> = HashSet::new();
@@ -529,6 +564,10 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
         });
         if let Some((_, g)) = moved {
             outcomes[i] = Some(Err(g.refusal()));
+            continue;
+        }
+        if p.ended_by(recorded_at) {
+            outcomes[i] = Some(Err(AppendError::ActorStopped(ACTOR_ENDED)));
             continue;
         }
         let clash = existing.contains(&i)
@@ -559,7 +598,6 @@ async fn commit_batch(conn: &mut Conn, batch: &[Prepared]) -> Result<(Vec<Outcom
             .extend(p.rows.iter().map(|r| r.event_type.as_str()));
     }
 
-    let recorded_at = truncate_to_micros(Utc::now());
     let mut cols = Columns::default();
     let mut position = head_position;
     let mut prev = head_hash;
@@ -767,6 +805,8 @@ mod tests {
     use serde_json::json;
 
     use super::{prepare, AppendError, Guard, GuardKind};
+    use chrono::{DateTime, SecondsFormat, TimeDelta, Utc};
+    use serde_json::Value;
 
     fn event(payload: serde_json::Value, metadata: serde_json::Value) -> SerializedEvent {
         SerializedEvent {
@@ -872,6 +912,39 @@ mod tests {
                 matches!(&refused, Err(AppendError::Invalid(m)) if m.contains("guard")),
                 "{metadata}: {:?}",
                 refused.err()
+            );
+        }
+    }
+
+    /// The end a request's key carries is read as the app writes it (RFC 3339, microseconds,
+    /// a year past 9999 with a sign), and holds until just before it; anything else is a bug
+    /// of the caller, refused before the log.
+    #[test]
+    fn an_actors_end_is_read_or_refused() {
+        let prepared = |metadata: Value| prepare(&[event(json!({}), metadata)]);
+        let until = |metadata: Value| prepared(metadata).map(|p| p.valid_until);
+        assert_eq!(until(json!({})).unwrap(), None);
+        let written = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Micros, true);
+        for at in [
+            "2026-12-07T21:00:00.123456Z"
+                .parse::<DateTime<Utc>>()
+                .unwrap(),
+            "+10000-01-01T00:00:00Z".parse().unwrap(),
+        ] {
+            assert_eq!(
+                until(json!({ "actor_valid_until": written(at) })).unwrap(),
+                Some(at)
+            );
+            let p = prepared(json!({ "actor_valid_until": written(at) })).unwrap();
+            let micro = TimeDelta::microseconds(1);
+            assert!(!p.ended_by(at - micro) && p.ended_by(at) && p.ended_by(at + micro));
+        }
+        assert!(!prepared(json!({})).unwrap().ended_by(Utc::now()));
+        for bad in [json!("tomorrow"), json!(1_765_000_000), json!(null)] {
+            let refused = until(json!({ "actor_valid_until": bad }));
+            assert!(
+                matches!(&refused, Err(AppendError::Invalid(m)) if m.contains("actor_valid_until")),
+                "{bad}: {refused:?}"
             );
         }
     }
