@@ -314,6 +314,16 @@ async fn truncated(conn: &mut PgConnection, size: i64) -> TreeError {
     }
 }
 
+/// `e`, unless the log now ends before `size` (the tree's): then [`TreeError::Truncated`].
+/// Events cut off while a round was checking its tree fail whichever check reads them
+/// next; the operator is told of the cut, not of the check it broke.
+async fn cut_off_or(conn: &mut PgConnection, size: u64, e: TreeError) -> TreeError {
+    match truncated(conn, size as i64).await {
+        cut @ TreeError::Truncated { .. } => cut,
+        _ => e,
+    }
+}
+
 /// The nodes a computation asked for: leaves from the events' hashes, the rest from
 /// `merkle_nodes`, in two queries.
 async fn fetch(
@@ -475,8 +485,9 @@ pub async fn sign_checkpoint(
     let v2_from = v2_from
         .and_then(|p| u64::try_from(p).ok())
         .filter(|p| *p <= size);
-    check_boundary(&mut conn, v2_from, size).await?;
-    drop(conn);
+    if let Err(e) = check_boundary(&mut conn, v2_from, size).await {
+        return Err(cut_off_or(&mut conn, size, e).await);
+    }
     let checkpoint = Checkpoint {
         origin: signer.name().to_string(),
         tree_size: size,
@@ -485,8 +496,14 @@ pub async fn sign_checkpoint(
         time: Utc::now().trunc_subsecs(0),
         hash_v2_from: v2_from,
     };
-    if !check_extends_signed(pool, signer, &checkpoint).await? {
-        return Ok(None);
+    drop(conn);
+    match check_extends_signed(pool, signer, &checkpoint).await {
+        Ok(true) => {}
+        Ok(false) => return Ok(None),
+        Err(e) => {
+            let mut conn = pool.acquire().await?;
+            return Err(cut_off_or(&mut conn, size, e).await);
+        }
     }
     let mut tx = pool.begin().await?;
     if let Some(holder) = holder {
