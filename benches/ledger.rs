@@ -205,7 +205,8 @@ fn asset_command(rng: &mut StdRng, asset_id: Uuid, organization_id: Uuid) -> Ass
     }
 }
 
-/// Metadata as `app::Actor::metadata` writes it for a request made with an API key.
+/// Metadata as `app::Actor::metadata` writes it for a request made with an API key, less
+/// the guards and the key's prefix and end.
 fn request_metadata(rng: &mut StdRng, organization_id: Option<Uuid>) -> HashMap<String, String> {
     let mut m = HashMap::new();
     m.insert(md::ACTOR_KIND.into(), "api_key".into());

@@ -94,8 +94,8 @@ pub struct Actor {
 /// lost a role (`ACTOR_USER_SEQUENCE`), its organization was suspended
 /// (`ACTOR_ORGANIZATION_SEQUENCE`), or they would be recorded at or after `until`
 /// (`ACTOR_VALID_UNTIL`). So the log never shows a key acting after one of those events or
-/// past its end (a change of one of its user's roles themselves is not guarded:
-/// docs/design/known-limits.md).
+/// past the end it had then (an end made nearer meanwhile, and a change of one of its user's
+/// roles themselves, are not guarded: docs/design/known-limits.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AuthenticatedAt {
     pub key: i64,

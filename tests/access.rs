@@ -3780,7 +3780,7 @@ async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_n
     let (adas, adas_secret) = issued(&t, org, adas_key).await;
 
     // The ends, each within seconds: only what sets them is left to do before the requests.
-    let ends = in_seconds(8);
+    let ends = in_seconds(12);
     let (expired, expired_secret) = issued(&t, org, expiring(ends)).await;
     let r = t
         .put(
@@ -3794,7 +3794,7 @@ async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_n
         .post(
             &org_path(org, &format!("/api-keys/{rotated}/rotate")),
             &t.admin_key,
-            json!({"previous_secret_valid_for_seconds": 8}),
+            json!({"previous_secret_valid_for_seconds": 12}),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
@@ -3804,12 +3804,14 @@ async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_n
         .parse()
         .unwrap();
     let secrets = [&expired_secret, &old_secret, &adas_secret, &lasting_secret];
-    let answers = invites_while(
-        &t,
-        org,
-        &secrets.map(String::as_str),
-        sleep_past(ends.max(grace_ends)),
-    )
+    let answers = invites_while(&t, org, &secrets.map(String::as_str), async {
+        let now = Utc::now();
+        assert!(
+            now < ends,
+            "the requests waited only at {now}, after the ends"
+        );
+        sleep_past(ends.max(grace_ends)).await
+    })
     .await;
     let [expired_answer, grace_answer, role_answer, lasting_answer] = &answers[..] else {
         panic!("four answers");

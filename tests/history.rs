@@ -723,6 +723,11 @@ async fn organization_history_shows_its_own_changes() {
     let created = &items[0];
     assert_eq!(created["actor"]["kind"], "api_key");
     assert_eq!(created["actor"]["key_id"], json!(operator_key));
+    assert_eq!(
+        created["actor"]["key_prefix"],
+        Value::Null,
+        "a platform key's prefix stays out of the tenant's log"
+    );
     assert_eq!(created["actor"]["user_id"], Value::Null);
     assert_eq!(created["changes"]["before"]["status"], Value::Null);
     assert_eq!(created["changes"]["after"]["status"], "active");

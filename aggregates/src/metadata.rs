@@ -9,9 +9,10 @@ pub const ORGANIZATION_ID: &str = "organization_id";
 pub const ACTOR_KIND: &str = "actor_kind";
 pub const ACTOR_USER_ID: &str = "actor_user_id";
 pub const ACTOR_KEY_ID: &str = "actor_key_id";
-/// The prefix of the secret the request presented (public: the key's answers and lists show
-/// it): which of the key's secrets acted, the current one or, in the grace period a rotation
-/// gave it, the one rotated away. Requests' events since the third release of 2026-12-07.
+/// The prefix of the secret the request presented (the organization's key lists show it):
+/// which of the key's secrets acted, the current one or, in the grace period a rotation gave
+/// it, the one rotated away. Events of requests made with an organization's keys since the
+/// third release of 2026-12-07 (not the platform operator's, which rotate with no grace).
 pub const ACTOR_KEY_PREFIX: &str = "actor_key_prefix";
 pub const REQUEST_ID: &str = "request_id";
 /// The `Idempotency-Key` the request was sent with, if any. Unlike the request id (the
@@ -50,8 +51,10 @@ pub const ACTOR_ORGANIZATION_SEQUENCE: &str = "actor_organization_sequence";
 pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];
 /// When what the request was authenticated on stops holding, at the soonest: the acting
 /// key's expiry, the end of the grace period of the secret it presented (a rotated-away one),
-/// or the expiry of one of its user's role assignments (RFC 3339, microseconds, UTC). The
-/// ledger store refuses the append (409) if the event would be recorded at or after it, so
-/// that the log never shows a key acting past its end (the event's `recorded_at` says when it
-/// acted). Carried like `ACTOR_KEY_SEQUENCE`, when any of those ends is set.
+/// or the expiry of one of its user's role assignments (RFC 3339, microseconds, UTC; a year
+/// past 9999 written `+10000-...`, as chrono does). The ledger store refuses the append (409)
+/// if the event would be recorded at or after it, so that the log never shows a key acting
+/// past the end it had when its request was authenticated (the event's `recorded_at` says
+/// when it acted; an end made nearer meanwhile, by an assignment given again with a nearer
+/// expiry, is not seen). Carried like `ACTOR_KEY_SEQUENCE`, when any of those ends is set.
 pub const ACTOR_VALID_UNTIL: &str = "actor_valid_until";

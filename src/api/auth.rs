@@ -337,7 +337,10 @@ impl FromRequestParts<App> for Caller {
         }
         let mut actor = request_actor(parts);
         actor.key_id = Some(row.id);
-        actor.key_prefix = Some(prefix.to_string());
+        // Which secret acted matters where a grace lets two act: an organization's keys. A
+        // platform key (rotated only by the CLI, with no grace) acting in an organization
+        // leaves its prefix out of that tenant's log.
+        actor.key_prefix = row.organization_id.map(|_| prefix.to_string());
         // Where the key stands, for the writer to refuse its commands if that is lost before
         // they are appended: the key as the log has it (`key_changing` is false), and from
         // what was checked above no deactivation, erasure, role revocation or suspension
@@ -589,10 +592,12 @@ pub async fn granted_by_role_at(
 pub async fn user_permissions(pool: &sqlx::PgPool, user: Uuid) -> ApiResult<PermissionSet> {
     let (roles, changing): (Vec<Uuid>, bool) = sqlx::query_as(concat!(
         "SELECT ARRAY(SELECT role_id FROM user_roles \
-                      WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > now())), ",
+                      WHERE user_id = $1 AND (expires_at IS NULL OR expires_at > $2)), ",
         assignments_changing!("$1")
     ))
     .bind(user)
+    // The app's clock, as authentication counts assignments (`key_row_query!`).
+    .bind(Utc::now())
     .fetch_one(pool)
     .await?;
     if changing {

@@ -30,7 +30,7 @@ pub enum AppendError {
     /// The acting key's user was deactivated, erased or lost a role, or its organization was
     /// suspended, after its request was authenticated (`metadata::ACTOR_USER_SEQUENCE`,
     /// `ACTOR_ORGANIZATION_SEQUENCE`), or the key's end passed (`ACTOR_VALID_UNTIL`); says
-    /// which, as "this key's user was ...".
+    /// what, as "this key's user was ..." (for an end, the three it may have been).
     #[error("{0} after its request was authenticated")]
     ActorStopped(&'static str),
     /// A name, slug, address or prefix that must be unique is taken, by `holder`
