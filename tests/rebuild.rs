@@ -10,7 +10,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{at_the_swap, eventually, ledgerline, ledgerline_logging, tamper, TestApp};
+use common::{
+    at_the_swap, eventually, hold_on_4242, ledgerline, ledgerline_logging, tamper, waits_on_4242,
+    TestApp,
+};
 use ledgerline_projections::{
     fault, Progress, Projection, Projector, RebuildOptions, RebuildSummary, RunError,
 };
@@ -714,6 +717,80 @@ async fn a_rebuild_while_commands_arrive_loses_nothing_and_never_goes_back() {
             .count(),
         0
     );
+}
+
+/// More events than the swap's tail arriving while a rebuild catches up are caught up with
+/// in another round before the indexes are built, not left for the swap under its locks:
+/// the job's target moves from the head its first round read to the head after them, and a
+/// round after the indexes finds nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_catches_up_again_with_what_arrived_during_a_round() {
+    let t = Arc::new(TestApp::spawn().await);
+    story(&t).await;
+    let org = any_org(&t).await;
+    // Each move of the job's target, in order (the swap's included).
+    for s in [
+        "CREATE TABLE seen_targets (n serial PRIMARY KEY, target bigint NOT NULL, status text NOT NULL)",
+        "CREATE FUNCTION note_target() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+           INSERT INTO seen_targets (target, status) VALUES (NEW.target_position, NEW.status); \
+           RETURN NEW; END $$",
+        "CREATE TRIGGER note_target AFTER UPDATE ON projection_rebuilds FOR EACH ROW \
+           EXECUTE FUNCTION note_target()",
+    ] {
+        sqlx::query(s).execute(t.pool()).await.unwrap();
+    }
+    // The first round, having read the head, waits to record it as its target until let go.
+    let mut holder = hold_on_4242(
+        &t,
+        "BEFORE UPDATE ON projection_rebuilds FOR EACH ROW WHEN (NEW.status = 'running')",
+    )
+    .await;
+    let swap_tail = 3;
+    let options = RebuildOptions {
+        batch_size: 7,
+        swap_tail,
+        ..Default::default()
+    };
+    let job = tokio::spawn({
+        let t = Arc::clone(&t);
+        async move {
+            ledgerline_projections::rebuild(t.pool(), None, options, &Arc::new(Progress::default()))
+                .await
+        }
+    });
+    let waits = eventually(Duration::from_secs(30), || waits_on_4242(&t, true));
+    assert!(waits.await, "the first round waits to record its target");
+    let first = t.head().await;
+    for i in 0..6 {
+        t.invite(org, &format!("late{i}@example.com"), "Late").await;
+    }
+    let arrived = t.head().await;
+    assert!(arrived - first > swap_tail, "{first} then {arrived}");
+    sqlx::query("SELECT pg_advisory_unlock(4242)")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let summary = job.await.unwrap().unwrap();
+    assert_eq!(summary.position, arrived);
+    let seen: Vec<(i64, String)> =
+        sqlx::query_as("SELECT target, status FROM seen_targets ORDER BY n")
+            .fetch_all(t.pool())
+            .await
+            .unwrap();
+    let at = |target: i64, status: &str| (target, status.to_string());
+    assert_eq!(
+        seen,
+        [
+            at(first, "running"),
+            at(arrived, "running"),
+            at(arrived, "running"),
+            at(arrived, "swapped")
+        ],
+        "a round to the head first read, one to the head after what arrived meanwhile, one \
+         after the indexes, then the swap"
+    );
+    let report = check_all(&t).await;
+    assert!(report.equal(), "{report:?}");
 }
 
 #[tokio::test]
