@@ -500,9 +500,12 @@ pub async fn sign_checkpoint(
     match check_extends_signed(pool, signer, &checkpoint).await {
         Ok(true) => {}
         Ok(false) => return Ok(None),
+        // Without a connection to look, the check's own error stands.
         Err(e) => {
-            let mut conn = pool.acquire().await?;
-            return Err(cut_off_or(&mut conn, size, e).await);
+            return Err(match pool.acquire().await {
+                Ok(mut conn) => cut_off_or(&mut conn, size, e).await,
+                Err(_) => e,
+            })
         }
     }
     let mut tx = pool.begin().await?;
