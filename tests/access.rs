@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use common::{
-    assert_error, assert_error_says, concrete, eventually, hold_on_4242, Response, TestApp,
+    assert_error, assert_error_says, concrete, eventually, hold_on_4242, sessions_waiting_on_4242,
+    Response, TestApp,
 };
 use ledgerline::api::ROUTES;
 use ledgerline_aggregates::organization::built_in_roles;
@@ -99,6 +100,11 @@ async fn user_with_role_and_key(
 /// commands and reads before them on a machine the rest of the suite keeps busy.
 fn in_seconds(s: i64) -> DateTime<Utc> {
     Utc::now() + chrono::Duration::seconds(s)
+}
+
+/// A time the API answered (RFC 3339).
+fn time(v: &Value) -> DateTime<Utc> {
+    v.as_str().unwrap().parse().unwrap()
 }
 
 /// Sleeps until `at` has passed by a little.
@@ -344,7 +350,6 @@ async fn a_rotation_may_give_the_old_secret_a_grace_period() {
         async move { t.get("/v1/me", &secret).await }
     };
     let for_secs = |secs: u32| json!({ "previous_secret_valid_for_seconds": secs });
-    let time = |v: &Value| v.as_str().unwrap().parse::<DateTime<Utc>>().unwrap();
     let head = t.head().await;
     for (body, says) in [
         (for_secs(0), "from 1 to 86400"),
@@ -396,8 +401,7 @@ async fn a_rotation_may_give_the_old_secret_a_grace_period() {
     );
     // The log says which of its secrets acted.
     for (secret, email) in [(&first, "grace@example.com"), (&lost, "lost@example.com")] {
-        let invite = json!({"email": email, "full_name": "Grace"});
-        let r = t.post(&org_path(org, "/users"), secret, invite).await;
+        let r = t.invite_by(org, secret, email, "Grace").await;
         assert_eq!(r.status, 201, "{}", r.body);
         let actor: (Option<String>, Option<String>) = sqlx::query_as(
             "SELECT metadata::jsonb ->> 'actor_key_id', metadata::jsonb ->> 'actor_key_prefix' \
@@ -3577,27 +3581,19 @@ async fn invites_while(
     meanwhile: impl std::future::Future<Output = ()>,
 ) -> Vec<Response> {
     let mut holder = hold_on_4242(t, "BEFORE INSERT ON subject_keys FOR EACH ROW").await;
-    let users = org_path(org, "/users");
     let answered = std::sync::atomic::AtomicI64::new(0);
     let invites = futures::future::join_all(secrets.iter().enumerate().map(|(i, secret)| {
-        let (users, answered) = (&users, &answered);
+        let answered = &answered;
         async move {
-            let body = json!({"email": format!("invitee{i}@example.com"), "full_name": "Invitee"});
-            let answer = t.post(users, secret, body).await;
+            let email = format!("invitee{i}@example.com");
+            let answer = t.invite_by(org, secret, &email, "Invitee").await;
             answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             answer
         }
     }));
     let then_release = async {
         let all_wait = eventually(Duration::from_secs(30), || async {
-            let waiting: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM pg_locks WHERE NOT granted AND locktype = 'advisory' \
-                 AND classid = 0 AND objid = 4242 \
-                 AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())",
-            )
-            .fetch_one(t.pool())
-            .await
-            .unwrap();
+            let waiting = sessions_waiting_on_4242(t, true).await;
             waiting + answered.load(std::sync::atomic::Ordering::SeqCst) >= secrets.len() as i64
         });
         assert!(
@@ -3681,11 +3677,7 @@ async fn a_user_stopped_while_their_request_waits_records_nothing_in_their_name(
         );
     }
     let sent_again = t
-        .post(
-            &org_path(org, "/users"),
-            &secret,
-            json!({"email": "grace@example.com", "full_name": "Grace"}),
-        )
+        .invite_by(org, &secret, "grace@example.com", "Grace")
         .await;
     assert_error(&sent_again, 403);
 
@@ -3747,11 +3739,7 @@ async fn an_organization_suspended_while_its_keys_request_waits_records_nothing_
         "no event in the key's name after its organization's suspension"
     );
     let sent_again = t
-        .post(
-            &org_path(org, "/users"),
-            &secret,
-            json!({"email": "grace@example.com", "full_name": "Grace"}),
-        )
+        .invite_by(org, &secret, "grace@example.com", "Grace")
         .await;
     assert_error_says(&sent_again, 401, "suspended");
 }
@@ -3798,11 +3786,7 @@ async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_n
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.body);
-    let grace_ends: DateTime<Utc> = r.body["previous_secret_valid_until"]
-        .as_str()
-        .unwrap()
-        .parse()
-        .unwrap();
+    let grace_ends = time(&r.body["previous_secret_valid_until"]);
     let secrets = [&expired_secret, &old_secret, &adas_secret, &lasting_secret];
     let answers = invites_while(&t, org, &secrets.map(String::as_str), async {
         let now = Utc::now();
@@ -3840,14 +3824,10 @@ async fn a_key_whose_end_passes_while_its_request_waits_records_nothing_in_its_n
     );
     assert!(events_with(&t, "actor_key_id", &lasting.to_string()).await > 0);
 
-    let users = org_path(org, "/users");
-    let again = |secret: String| {
-        let users = users.clone();
-        let t = &t;
-        async move {
-            let body = json!({"email": "grace@example.com", "full_name": "Grace"});
-            t.post(&users, &secret, body).await
-        }
+    let t = &t;
+    let again = |secret: String| async move {
+        t.invite_by(org, &secret, "grace@example.com", "Grace")
+            .await
     };
     assert_error_says(&again(expired_secret).await, 401, "expired");
     assert_error_says(

@@ -188,10 +188,16 @@ pub async fn decided_before_appended(
 /// Whether a session of this test's database waits for a lock: advisory lock 4242 (`on`), or
 /// any other (the cluster holds other tests' databases, whose sessions may wait too).
 pub async fn waits_on_4242(t: &TestApp, on: bool) -> bool {
+    sessions_waiting_on_4242(t, on).await > 0
+}
+
+/// How many sessions of this test's database wait for a lock: advisory lock 4242 (`on`), or
+/// any other.
+pub async fn sessions_waiting_on_4242(t: &TestApp, on: bool) -> i64 {
     sqlx::query_scalar(
-        "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted \
+        "SELECT count(*) FROM pg_locks WHERE NOT granted \
          AND (locktype = 'advisory' AND classid = 0 AND objid = 4242) = $1 \
-         AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database()))",
+         AND pid IN (SELECT pid FROM pg_stat_activity WHERE datname = current_database())",
     )
     .bind(on)
     .fetch_one(t.pool())
@@ -526,15 +532,19 @@ impl TestApp {
         r.body["id"].as_str().unwrap().parse().unwrap()
     }
 
+    /// An invitation of `email` to `org` sent with `key`, answered as it is.
+    pub async fn invite_by(&self, org: Uuid, key: &str, email: &str, name: &str) -> Response {
+        self.post(
+            &format!("/v1/organizations/{org}/users"),
+            key,
+            json!({"email": email, "full_name": name}),
+        )
+        .await
+    }
+
     /// Invites a user into `org`; returns its id.
     pub async fn invite(&self, org: Uuid, email: &str, name: &str) -> Uuid {
-        let r = self
-            .post(
-                &format!("/v1/organizations/{org}/users"),
-                &self.admin_key,
-                json!({"email": email, "full_name": name}),
-            )
-            .await;
+        let r = self.invite_by(org, &self.admin_key, email, name).await;
         assert_eq!(r.status, 201, "invite: {}", r.body);
         r.body["id"].as_str().unwrap().parse().unwrap()
     }
