@@ -644,8 +644,9 @@ async fn contrast(
                 .enumerate()
                 .map(|(i, (_, event_type, version, payload, metadata))| {
                     let mut metadata = metadata.clone();
-                    // The guards name the real conversation, key, user and organization, which
-                    // this ledger lacks, and the key's end, long past when the bench runs.
+                    // The guards name the real conversation, key, user, organization and
+                    // roles, which this ledger lacks, and the key's end, long past when the
+                    // bench runs.
                     if let Some(m) = metadata.as_object_mut() {
                         for guard in [
                             md::GUARD_AGGREGATE,
@@ -653,6 +654,7 @@ async fn contrast(
                             md::ACTOR_KEY_SEQUENCE,
                             md::ACTOR_USER_SEQUENCE,
                             md::ACTOR_ORGANIZATION_SEQUENCE,
+                            md::ACTOR_ROLE_SEQUENCES,
                             md::ACTOR_VALID_UNTIL,
                         ] {
                             m.remove(guard);

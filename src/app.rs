@@ -90,13 +90,13 @@ pub struct Actor {
 
 /// Where a request's key stood when it was authenticated, as sequences of the log and the
 /// time it ends: its commands are refused if the key changed since
-/// (`metadata::ACTOR_KEY_SEQUENCE`: revoked, rotated), its user was deactivated, erased or
-/// lost a role (`ACTOR_USER_SEQUENCE`), its organization was suspended
-/// (`ACTOR_ORGANIZATION_SEQUENCE`), or they would be recorded at or after `until`
+/// (`metadata::ACTOR_KEY_SEQUENCE`: revoked, rotated), its user was deactivated, erased, or
+/// given or lost a role (`ACTOR_USER_SEQUENCE`), its organization was suspended
+/// (`ACTOR_ORGANIZATION_SEQUENCE`), one of its user's roles was changed or deleted
+/// (`ACTOR_ROLE_SEQUENCES`), or they would be recorded at or after `until`
 /// (`ACTOR_VALID_UNTIL`). So the log never shows a key acting after one of those events or
-/// past the end it had then (an end made nearer meanwhile, and a change of one of its user's
-/// roles themselves, are not guarded: docs/design/known-limits.md).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// past the end it had then (an end made nearer meanwhile is one of them: a role given again).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AuthenticatedAt {
     pub key: i64,
     /// A user key's user.
@@ -106,6 +106,8 @@ pub struct AuthenticatedAt {
     /// The soonest of the key's expiry, its secret's grace end and its user's role
     /// assignments' expiries.
     pub until: Option<DateTime<Utc>>,
+    /// A user key's user's roles and their ancestors, each with its sequence, by id.
+    pub roles: Arc<[(Uuid, i64)]>,
 }
 
 impl Actor {
@@ -118,7 +120,8 @@ impl Actor {
     }
 
     /// The same actor for what follows from a command already recorded (an organization's
-    /// built-in roles): not refused if its key, user or organization changes afterwards.
+    /// built-in roles): not refused if its key, user, user's roles or organization change
+    /// afterwards.
     pub fn for_what_follows(&self) -> Self {
         Self {
             authenticated_at: None,
@@ -135,6 +138,7 @@ impl Actor {
     ) -> HashMap<String, String> {
         debug_assert!(
             self.authenticated_at
+                .as_ref()
                 .and_then(|s| s.organization)
                 .is_none_or(|(org, _)| Some(org) == organization_id),
             "an organization's key acting outside its organization loses its guard"
@@ -149,6 +153,7 @@ impl Actor {
         }
         m.insert(metadata::ACTOR_KIND.into(), self.kind.clone());
         m.insert(metadata::REQUEST_ID.into(), self.request_id.clone());
+        let at = self.authenticated_at.as_ref();
         let optional = [
             (
                 metadata::ORGANIZATION_ID,
@@ -157,29 +162,33 @@ impl Actor {
             (metadata::ACTOR_USER_ID, self.user_id.map(|u| u.to_string())),
             (metadata::ACTOR_KEY_ID, self.key_id.map(|k| k.to_string())),
             (metadata::ACTOR_KEY_PREFIX, self.key_prefix.clone()),
-            (
-                metadata::ACTOR_KEY_SEQUENCE,
-                self.authenticated_at.map(|s| s.key.to_string()),
-            ),
+            (metadata::ACTOR_KEY_SEQUENCE, at.map(|s| s.key.to_string())),
             (
                 metadata::ACTOR_USER_SEQUENCE,
-                self.authenticated_at
-                    .and_then(|s| s.user)
-                    .map(|s| s.to_string()),
+                at.and_then(|s| s.user).map(|s| s.to_string()),
             ),
             // Named by the event's organization, which is the key's: a key acts in no other
             // (were one to, the guard would be left out, so say it in tests).
             (
                 metadata::ACTOR_ORGANIZATION_SEQUENCE,
-                self.authenticated_at
-                    .and_then(|s| s.organization)
+                at.and_then(|s| s.organization)
                     .filter(|(org, _)| Some(*org) == organization_id)
                     .map(|(_, s)| s.to_string()),
             ),
             (
+                metadata::ACTOR_ROLE_SEQUENCES,
+                at.filter(|s| !s.roles.is_empty()).map(|s| {
+                    let roles: Vec<String> = s
+                        .roles
+                        .iter()
+                        .map(|(id, seq)| format!("{id}@{seq}"))
+                        .collect();
+                    roles.join(",")
+                }),
+            ),
+            (
                 metadata::ACTOR_VALID_UNTIL,
-                self.authenticated_at
-                    .and_then(|s| s.until)
+                at.and_then(|s| s.until)
                     .map(|t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
             ),
             (metadata::IDEMPOTENCY_KEY, self.idempotency_key.clone()),

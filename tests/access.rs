@@ -3648,6 +3648,28 @@ async fn a_key_revoked_while_its_request_waits_records_nothing_in_its_name() {
     );
 }
 
+/// `answer`, to a request of `user`'s key (`secret`), refused for `why` while it waited (409,
+/// "send it again"), with nothing recorded in the user's name; sent again, it is decided on
+/// what the user's roles grant now: too little (403).
+async fn refused_then_forbidden(
+    t: &TestApp,
+    org: Uuid,
+    user: Uuid,
+    secret: &str,
+    answer: &Response,
+    why: &str,
+) {
+    assert_error_says(answer, 409, why);
+    assert_error_says(answer, 409, "send it again");
+    assert_eq!(
+        events_with(t, "actor_user_id", &user.to_string()).await,
+        0,
+        "nothing recorded in the user's name"
+    );
+    let sent_again = t.invite_by(org, secret, "grace@example.com", "Grace").await;
+    assert_error(&sent_again, 403);
+}
+
 /// A user deactivated, or stripped of the role that let them act, while one of their key's
 /// requests waits: nothing is recorded in their name after it (409, sent again it is
 /// decided on what holds now: a 401, a 403). A change of the user that takes nothing away
@@ -3663,23 +3685,17 @@ async fn a_user_stopped_while_their_request_waits_records_nothing_in_their_name(
     assert_error_says(
         &invited,
         409,
-        "this key's user was deactivated, erased or lost a role",
+        "this key's user was deactivated, erased, or given or lost a role",
     );
     assert_error_says(&invited, 409, "send it again");
     let (bob, secret) = t.member_with_key(org, "admin", "bob@example.com").await;
     let invited = invite_while(t, org, &secret, t.revoke_role(org, bob, admin_role)).await;
-    assert_error_says(&invited, 409, "lost a role");
-    for user in [ada, bob] {
-        assert_eq!(
-            events_with(t, "actor_user_id", &user.to_string()).await,
-            0,
-            "no event in the stopped user's name"
-        );
-    }
-    let sent_again = t
-        .invite_by(org, &secret, "grace@example.com", "Grace")
-        .await;
-    assert_error(&sent_again, 403);
+    refused_then_forbidden(t, org, bob, &secret, &invited, "lost a role").await;
+    assert_eq!(
+        events_with(t, "actor_user_id", &ada.to_string()).await,
+        0,
+        "no event in the deactivated user's name"
+    );
 
     let (cy, secret) = t.member_with_key(org, "admin", "cy@example.com").await;
     let renamed = invite_while(t, org, &secret, async {
@@ -3694,6 +3710,188 @@ async fn a_user_stopped_while_their_request_waits_records_nothing_in_their_name(
     })
     .await;
     assert_eq!(renamed.status, 201, "{}", renamed.body);
+}
+
+/// Why a request whose user's role changed while it waited is refused.
+const ROLE_CHANGED: &str =
+    "one of the roles this key's user held (or inherited) was changed or deleted";
+
+/// A new user of `org` holding `roles`, and the secret of a key of theirs issued with `key`
+/// (its label and permissions).
+async fn holder_of(
+    t: &TestApp,
+    org: Uuid,
+    email: &str,
+    roles: &[Uuid],
+    mut key: Value,
+) -> (Uuid, String) {
+    let user = t.invite(org, email, "Holder").await;
+    for role in roles {
+        t.assign(org, user, *role).await;
+    }
+    key["user_id"] = json!(user);
+    (user, issued(t, org, key).await.1)
+}
+
+/// `PATCH` of role `role` of `org` with `key`.
+async fn change_role(t: &TestApp, org: Uuid, role: Uuid, key: &str, body: Value) -> Response {
+    t.patch(&org_path(org, &format!("/roles/{role}")), key, body)
+        .await
+}
+
+/// A role its user holds, or inherits from, changed while one of their key's requests waits:
+/// nothing is recorded on the role's old authority (409; sent again, it is decided on what
+/// the role grants now: a 403 once it grants too little). Any change of the role counts, a new
+/// name too; a change of a role the user does not hold (or no more: its assignment expired)
+/// lets the request land, and its events name the roles it acted under and their versions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_changed_while_its_holders_request_waits_records_nothing_on_its_old_authority() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let t = &t;
+    let inviting = ["users:read", "users:write"];
+    let holder = |email: &'static str, role: Uuid| async move {
+        holder_of(t, org, email, &[role], hr_key()).await
+    };
+    let change = |role: Uuid, body: Value| async move {
+        let r = change_role(t, org, role, &t.admin_key, body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    };
+
+    // Narrowed: the role itself, and the parent a role inherits from.
+    let narrowed = t.create_role(org, "narrowed", &inviting, None).await;
+    let parent = t.create_role(org, "parent", &inviting, None).await;
+    let child = t.create_role(org, "child", &[], Some(parent)).await;
+    for (email, held, narrowing) in [
+        ("ada@example.com", narrowed, narrowed),
+        ("bob@example.com", child, parent),
+    ] {
+        let (user, secret) = holder(email, held).await;
+        let narrow = change(narrowing, json!({"permissions": ["users:read"]}));
+        let answer = invite_while(t, org, &secret, narrow).await;
+        refused_then_forbidden(t, org, user, &secret, &answer, ROLE_CHANGED).await;
+    }
+
+    // Renamed: nothing taken away, refused all the same; sent again, it lands.
+    let renamed = t.create_role(org, "renamed", &inviting, None).await;
+    let (cy, cy_secret) = holder("cy@example.com", renamed).await;
+    let answer = invite_while(t, org, &cy_secret, change(renamed, json!({"name": "new"}))).await;
+    assert_error_says(&answer, 409, ROLE_CHANGED);
+    let sent_again = t
+        .invite_by(org, &cy_secret, "grace@example.com", "Grace")
+        .await;
+    assert_eq!(sent_again.status, 201, "{}", sent_again.body);
+
+    // A change of a role the user does not hold, or holds no more (its assignment expired),
+    // does not touch the holder's request, whose events say what it acted under.
+    let held = t.create_role(org, "held", &inviting, None).await;
+    let lapsed = t.create_role(org, "lapsed", &inviting, None).await;
+    let (dee, dee_secret) = holder("dee@example.com", held).await;
+    let ends = in_seconds(2);
+    t.assign_until(org, dee, lapsed, ends).await;
+    sleep_past(ends).await;
+    let answer = invite_while(t, org, &dee_secret, async {
+        change(renamed, json!({"permissions": []})).await;
+        change(lapsed, json!({"permissions": []})).await;
+    })
+    .await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    let acted = events_with(t, "actor_user_id", &dee.to_string()).await;
+    assert!(acted > 0);
+    assert_eq!(
+        events_with(t, "actor_role_sequences", &format!("{held}@1")).await,
+        acted,
+        "the events name the role the request acted under, at its version, and no other"
+    );
+    assert_eq!(
+        events_with(t, "actor_user_id", &cy.to_string()).await,
+        events_with(t, "actor_role_sequences", &format!("{renamed}@2")).await,
+        "the sent-again request acted under the renamed role"
+    );
+}
+
+/// The other ways a role goes while its holder's request waits (deleted; re-parented under a
+/// role that grants less) refuse it too (409; sent again, 403). A holder's own change of a
+/// role they hold lands, refusing only their requests authenticated before it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_role_deleted_or_re_parented_refuses_its_holders_requests_and_only_roles_held_guard() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let t = &t;
+    let inviting = ["users:read", "users:write"];
+    let reading = t.create_role(org, "reading", &["users:read"], None).await;
+
+    let deleted = t.create_role(org, "deleted", &inviting, None).await;
+    let (_, ada_secret) = holder_of(t, org, "ada@example.com", &[deleted], hr_key()).await;
+    let ada_answer = invite_while(t, org, &ada_secret, async {
+        let r = t
+            .delete(&org_path(org, &format!("/roles/{deleted}")), &t.admin_key)
+            .await;
+        assert_eq!(r.status, 204, "{}", r.body);
+    })
+    .await;
+    let parent = t.create_role(org, "parent", &inviting, None).await;
+    let child = t.create_role(org, "child", &[], Some(parent)).await;
+    let (_, bob_secret) = holder_of(t, org, "bob@example.com", &[child], hr_key()).await;
+    let bob_answer = invite_while(t, org, &bob_secret, async {
+        let body = json!({"parent_role_id": reading});
+        let r = change_role(t, org, child, &t.admin_key, body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    })
+    .await;
+    for (answer, secret) in [(&ada_answer, &ada_secret), (&bob_answer, &bob_secret)] {
+        assert_error_says(answer, 409, "send it again");
+        let sent_again = t.invite_by(org, secret, "grace@example.com", "Grace").await;
+        assert_error(&sent_again, 403);
+    }
+    assert_error_says(&bob_answer, 409, ROLE_CHANGED);
+
+    // A holder renames a role they hold: their change lands, their invitation in flight
+    // across it does not.
+    let managing = ["users:read", "users:write", "roles:read", "roles:write"];
+    let own = t.create_role(org, "own", &managing, None).await;
+    let key = json!({"label": "own", "permissions": managing});
+    let (cy, cy_secret) = holder_of(t, org, "cy@example.com", &[own], key).await;
+    let answer = invite_while(t, org, &cy_secret, async {
+        let body = json!({"name": "own renamed"});
+        let r = change_role(t, org, own, &cy_secret, body).await;
+        assert_eq!(r.status, 200, "{}", r.body);
+    })
+    .await;
+    assert_error_says(&answer, 409, ROLE_CHANGED);
+    assert_eq!(
+        events_with(t, "actor_role_sequences", &format!("{own}@1")).await,
+        1,
+        "the rename, in the name of the role as it was"
+    );
+    assert_eq!(events_with(t, "actor_user_id", &cy.to_string()).await, 1);
+}
+
+/// An end made nearer while a request waits is seen too: a role its user holds given again
+/// with an expiry (where it had none) refuses the request (409), whose events would otherwise
+/// carry the end it had before (`actor_valid_until`: none). Sent again, it lands, carrying the
+/// new end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_assignment_given_again_with_a_nearer_end_refuses_the_request_in_flight() {
+    let t = TestApp::spawn().await;
+    let org = t.create_org("Acme").await;
+    let t = &t;
+    let admin = t.role_id(org, "admin").await;
+    let (ada, secret) = t.member_with_key(org, "admin", "ada@example.com").await;
+    let ends = in_seconds(3600);
+    let invited = invite_while(t, org, &secret, t.assign_until(org, ada, admin, ends)).await;
+    assert_error_says(&invited, 409, "given or lost a role");
+    assert_eq!(events_with(t, "actor_user_id", &ada.to_string()).await, 0);
+    let sent_again = t
+        .invite_by(org, &secret, "grace@example.com", "Grace")
+        .await;
+    assert_eq!(sent_again.status, 201, "{}", sent_again.body);
+    let written = ends.to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+    assert_eq!(
+        events_with(t, "actor_valid_until", &written).await,
+        events_with(t, "actor_user_id", &ada.to_string()).await,
+        "what lands carries the nearer end"
+    );
 }
 
 /// Where a user stood is read from the log, not from their `users` row, which can lag a

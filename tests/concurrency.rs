@@ -353,7 +353,7 @@ async fn a_users_loss_refuses_their_commands_in_the_same_batch_and_each_sharing_
         ],
     )
     .await;
-    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("user was deactivated, erased or lost a role"));
+    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("user was deactivated, erased, or given or lost a role"));
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
     assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
     assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
@@ -374,4 +374,64 @@ async fn a_users_loss_refuses_their_commands_in_the_same_batch_and_each_sharing_
     assert!(stopped(&outcomes[0]), "{:?}", outcomes[0]);
     assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
     assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
+}
+
+/// A command of a user's key authenticated while the user acted under `roles` (each a role
+/// and its sequence then): an organization (a new one) suspended in their name.
+fn acting_under(roles: &[(Uuid, i64)]) -> Vec<SerializedEvent> {
+    let roles: Vec<String> = roles
+        .iter()
+        .map(|(id, seq)| format!("{id}@{seq}"))
+        .collect();
+    vec![by_hand(
+        "Organization",
+        Uuid::new_v4(),
+        1,
+        json!({"OrganizationSuspended": {"reason": null}}),
+        json!({"actor_kind": "api_key", "request_id": "r", "actor_user_id": Uuid::new_v4(),
+               "actor_role_sequences": roles.join(",")}),
+    )]
+}
+
+/// A role changed earlier in the batch, or in the log, refuses the commands of keys whose
+/// user acted under it (each role a guard of its own, its parent too), and a change of a role
+/// a command did not act under lets it through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_roles_change_refuses_its_holders_commands_in_the_same_batch_and_after() {
+    let db = TestDb::new().await;
+    let store = LedgerStore::start(db.pool.clone());
+    let (held, parent, other) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let system = json!({"actor_kind": "cli:test", "request_id": "r"});
+    let spec = json!({"name": "r", "description": "", "permissions": [], "parent_role_id": null});
+    let updated = json!({"RoleUpdated": {"before": spec, "after": spec}});
+    let outcomes = in_one_batch(
+        &store,
+        &db.pool,
+        &[
+            vec![by_hand("Role", parent, 1, updated.clone(), system.clone())],
+            acting_under(&[(held, 0), (parent, 0)]),
+            vec![by_hand("Role", other, 1, updated, system)],
+            acting_under(&[(held, 0)]),
+        ],
+    )
+    .await;
+    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("roles this key's user held"));
+    assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
+    assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
+    assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
+    assert!(outcomes[3].is_ok(), "{:?}", outcomes[3]);
+
+    // The parent's change in the log now: a command authenticated before it is refused, one
+    // authenticated after it lands.
+    let outcomes = in_one_batch(
+        &store,
+        &db.pool,
+        &[
+            acting_under(&[(held, 0), (parent, 0)]),
+            acting_under(&[(held, 0), (parent, 1)]),
+        ],
+    )
+    .await;
+    assert!(stopped(&outcomes[0]), "{:?}", outcomes[0]);
+    assert!(outcomes[1].is_ok(), "{:?}", outcomes[1]);
 }

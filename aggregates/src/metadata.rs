@@ -36,12 +36,19 @@ pub const GUARD_SEQUENCE: &str = "guard_sequence";
 pub const ACTOR_KEY_SEQUENCE: &str = "actor_key_sequence";
 /// A user key's user's sequence when its request was authenticated (`ACTOR_USER_ID` at this
 /// sequence, read from the log): the ledger store refuses the append (409) if the user was
-/// deactivated or erased, or lost a role ([`ACTOR_USER_LOSSES`]), since, so that nothing is
-/// recorded in a user's name after one of those events. Other changes of the
-/// user (a new name, a role given) do not refuse it. Carried like `ACTOR_KEY_SEQUENCE`.
+/// deactivated or erased, or given or lost a role ([`ACTOR_USER_LOSSES`]), since, so that
+/// nothing is recorded in a user's name after one of those events. A role given counts
+/// because giving a role again replaces its assignment, with a nearer expiry say, which
+/// `ACTOR_VALID_UNTIL` did not know. Other changes of the user (a new name) do not refuse
+/// it. Carried like `ACTOR_KEY_SEQUENCE`.
 pub const ACTOR_USER_SEQUENCE: &str = "actor_user_sequence";
 /// The user's events that refuse what their key's requests still had in flight.
-pub const ACTOR_USER_LOSSES: [&str; 3] = ["UserDeactivated", "UserErased", "UserRoleRevoked"];
+pub const ACTOR_USER_LOSSES: [&str; 4] = [
+    "UserDeactivated",
+    "UserErased",
+    "UserRoleAssigned",
+    "UserRoleRevoked",
+];
 /// For an organization's key: the version of its organization (the event's `ORGANIZATION_ID`)
 /// at which its request's authentication found no suspension pending (its read model's, which
 /// may be behind the log's): the append is refused (409) if the organization was suspended
@@ -49,6 +56,18 @@ pub const ACTOR_USER_LOSSES: [&str; 3] = ["UserDeactivated", "UserErased", "User
 pub const ACTOR_ORGANIZATION_SEQUENCE: &str = "actor_organization_sequence";
 /// The organization's events that refuse what its keys' requests still had in flight.
 pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];
+/// A user key's user's roles when its request was authenticated, with their ancestors: each
+/// as `<role id>@<sequence>` (the role's last sequence in the log then), comma-separated,
+/// ordered by id. The ledger store refuses the append (409) if one of them was changed or
+/// deleted ([`ACTOR_ROLE_LOSSES`]) since, so that nothing is recorded on the authority of a
+/// role after it was narrowed, re-parented or deleted. Any change counts, also one that takes
+/// nothing away (a new name): which of the role's permissions a command needed is the
+/// handler's to know, not the writer's. Carried like `ACTOR_KEY_SEQUENCE`, when the user
+/// holds a role.
+pub const ACTOR_ROLE_SEQUENCES: &str = "actor_role_sequences";
+/// A role's events that refuse what its holders' requests still had in flight: every event
+/// of a role after its creation.
+pub const ACTOR_ROLE_LOSSES: [&str; 2] = ["RoleUpdated", "RoleDeleted"];
 /// When what the request was authenticated on stops holding, at the soonest: the acting
 /// key's expiry, the end of the grace period of the secret it presented (a rotated-away one),
 /// or the expiry of one of its user's role assignments (RFC 3339, microseconds, UTC; a year
@@ -56,5 +75,6 @@ pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];
 /// if the event would be recorded at or after it, so that the log never shows a key acting
 /// past the end it had when its request was authenticated (the event's `recorded_at` says
 /// when it acted; an end made nearer meanwhile, by an assignment given again with a nearer
-/// expiry, is not seen). Carried like `ACTOR_KEY_SEQUENCE`, when any of those ends is set.
+/// expiry, refuses it by `ACTOR_USER_SEQUENCE`). Carried like `ACTOR_KEY_SEQUENCE`, when any
+/// of those ends is set.
 pub const ACTOR_VALID_UNTIL: &str = "actor_valid_until";

@@ -122,6 +122,11 @@ struct KeyRow {
     held: Option<Vec<String>>,
     /// When the first of the user's role assignments that count now expires, if any does.
     roles_until: Option<DateTime<Utc>>,
+    /// The roles the user's permissions come from (those assigned, their ancestors), by id,
+    /// and their versions beside them; `None` when there are none. With `roles_changing`
+    /// false, each version is the role's last sequence in the log.
+    role_ids: Option<Vec<Uuid>>,
+    role_versions: Option<Vec<i64>>,
     /// A user key's user's last sequence in the log (which the `users` row may lag).
     user_sequence: Option<i64>,
     /// The organization's last event as `organizations` shows it.
@@ -169,7 +174,7 @@ macro_rules! key_row_query {
         concat!(
             "SELECT k.id, k.version, k.organization_id, k.user_id, k.key_hash, k.permissions, k.status, k.expires_at,
                     o.status AS org_status, o.version AS org_version, u.status AS user_status, g.held,
-                    g.roles_until,
+                    g.roles_until, g.role_ids, g.role_versions,
                     (SELECT max(e.sequence) FROM events e WHERE e.aggregate_type = 'User'
                        AND e.aggregate_id = k.user_id::text) AS user_sequence,
                     EXISTS (SELECT 1 FROM events e WHERE e.aggregate_type = 'ApiKey'
@@ -207,7 +212,11 @@ macro_rules! key_row_query {
                                       AND e.aggregate_id = g.id::text AND e.sequence > g.version
                                     LIMIT 1) pending) AS roles_changing,
                         (SELECT min(ur.expires_at) FROM user_roles ur
-                         WHERE ur.user_id = k.user_id AND ur.expires_at > $2) AS roles_until
+                         WHERE ur.user_id = k.user_id AND ur.expires_at > $2) AS roles_until,
+                        acted_under.role_ids, acted_under.role_versions
+                 FROM (SELECT array_agg(d.id ORDER BY d.id) AS role_ids,
+                              array_agg(d.version ORDER BY d.id) AS role_versions
+                       FROM (SELECT DISTINCT id, version FROM granted) d) acted_under
              ) g ON k.user_id IS NOT NULL
              WHERE ", $where
         )
@@ -343,8 +352,8 @@ impl FromRequestParts<App> for Caller {
         actor.key_prefix = row.organization_id.map(|_| prefix.to_string());
         // Where the key stands, for the writer to refuse its commands if that is lost before
         // they are appended: the key as the log has it (`key_changing` is false), and from
-        // what was checked above no deactivation, erasure, role revocation or suspension
-        // after these sequences, nor any of its ends passed. The user's is the log's: its
+        // what was checked above no deactivation, erasure, role revocation, change of one of
+        // its roles or suspension after these sequences, nor any of its ends passed. The user's is the log's: its
         // `users` row may lag role revocations that `user_roles` already shows.
         actor.authenticated_at = Some(AuthenticatedAt {
             key: row.version,
@@ -354,6 +363,13 @@ impl FromRequestParts<App> for Caller {
             // first to expire bounds them all (sent again after it, a command is decided on
             // the roles left).
             until: [expires_at, row.roles_until].into_iter().flatten().min(),
+            // Likewise every role assigned or inherited, not only what the handler will need.
+            roles: row
+                .role_ids
+                .unwrap_or_default()
+                .into_iter()
+                .zip(row.role_versions.unwrap_or_default())
+                .collect(),
         });
         actor.user_id = row.user_id;
         Ok(Caller {

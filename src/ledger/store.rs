@@ -27,8 +27,9 @@ pub enum AppendError {
     /// authenticated (`metadata::ACTOR_KEY_SEQUENCE`).
     #[error("the acting API key changed after its request was authenticated")]
     KeyChanged,
-    /// The acting key's user was deactivated, erased or lost a role, or its organization was
-    /// suspended, after its request was authenticated (`metadata::ACTOR_USER_SEQUENCE`,
+    /// The acting key's user was deactivated, erased, or given or lost a role, one of its roles
+    /// was changed or deleted, or its organization was suspended, after its request was
+    /// authenticated (`metadata::ACTOR_USER_SEQUENCE`, `ACTOR_ROLE_SEQUENCES`,
     /// `ACTOR_ORGANIZATION_SEQUENCE`), or the key's end passed (`ACTOR_VALID_UNTIL`); says
     /// what, as "this key's user was ..." (for an end, the three it may have been).
     #[error("{0} after its request was authenticated")]

@@ -15,6 +15,7 @@ use cqrs_es::persist::SerializedEvent;
 use cqrs_es::Aggregate;
 use ledgerline_aggregates::api_key::ApiKey;
 use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::role::Role;
 use ledgerline_aggregates::user::User;
 use ledgerline_aggregates::{claims_for, metadata, validate, ClaimOp};
 use ledgerline_projections::notify::HEAD_CHANNEL;
@@ -88,8 +89,9 @@ pub(super) struct Prepared {
     pub first_sequence: i64,
     pub rows: Vec<Row>,
     pub claims: Vec<ClaimOp>,
-    /// The acting key's guards first (the key's, its user's, its organization's: their
-    /// refusals say more than another's), then the one the command was decided against.
+    /// The acting key's guards first (the key's, its user's, its organization's, its user's
+    /// roles': their refusals say more than another's), then the one the command was decided
+    /// against.
     pub guards: Vec<Guard>,
     /// When what the acting key's request was authenticated on ends
     /// (`metadata::ACTOR_VALID_UNTIL`): refused if it would be recorded then or later.
@@ -145,6 +147,7 @@ enum GuardKind {
     ActorKey,
     ActorUser,
     ActorOrganization,
+    ActorRole,
     Decided,
 }
 
@@ -192,6 +195,24 @@ impl Guard {
                 kind,
             });
         }
+        // And each of its user's roles, moved by a change or deletion of the role.
+        for role in text(metadata::ACTOR_ROLE_SEQUENCES)
+            .into_iter()
+            .flat_map(|roles| roles.split(','))
+        {
+            let bad = || {
+                let key = metadata::ACTOR_ROLE_SEQUENCES;
+                AppendError::Invalid(format!("bad `{key}` guard `{role}`"))
+            };
+            let (id, sequence) = role.split_once('@').ok_or_else(bad)?;
+            guards.push(Guard {
+                aggregate_type: Role::TYPE.into(),
+                aggregate_id: id.parse::<Uuid>().map_err(|_| bad())?.to_string(),
+                sequence: sequence.parse().map_err(|_| bad())?,
+                moved_by: &metadata::ACTOR_ROLE_LOSSES[..],
+                kind: GuardKind::ActorRole,
+            });
+        }
         match (
             text(metadata::GUARD_AGGREGATE),
             text(metadata::GUARD_SEQUENCE),
@@ -237,12 +258,15 @@ impl Guard {
     fn refusal(&self) -> AppendError {
         match self.kind {
             GuardKind::ActorKey => AppendError::KeyChanged,
-            GuardKind::ActorUser => {
-                AppendError::ActorStopped("this key's user was deactivated, erased or lost a role")
-            }
+            GuardKind::ActorUser => AppendError::ActorStopped(
+                "this key's user was deactivated, erased, or given or lost a role",
+            ),
             GuardKind::ActorOrganization => {
                 AppendError::ActorStopped("this key's organization was suspended")
             }
+            GuardKind::ActorRole => AppendError::ActorStopped(
+                "one of the roles this key's user held (or inherited) was changed or deleted",
+            ),
             GuardKind::Decided => AppendError::Stale(self.aggregate_type.to_lowercase()),
         }
     }
@@ -663,7 +687,7 @@ fn decided(outcomes: Vec<Option<Outcome>>) -> Vec<Outcome> {
 /// concurrent command on the same aggregate committed first); and the guards, as (command
 /// index, guard index), whose aggregate has moved past the guard's sequence (by one of its
 /// `moved_by` events, when it names any). One round trip; a guard many commands share (their
-/// key's, user's or organization's) is looked up once.
+/// key's, user's, roles' or organization's) is looked up once.
 async fn head_and_conflicts(
     conn: &mut PgConnection,
     batch: &[Prepared],
@@ -837,20 +861,24 @@ mod tests {
         assert!(prepare(&[event(json!({"description": "\\u0000"}), json!({}))]).is_ok());
     }
 
-    /// Where the acting key stood becomes its guards, key first; a user's or organization's
-    /// guard is moved only by the events that stop them, a decided-against guard by any.
+    /// Where the acting key stood becomes its guards, key first; a user's, organization's
+    /// or role's guard is moved only by the events that stop them or change it, a
+    /// decided-against guard by any.
     #[test]
     fn where_the_key_stood_guards_the_command_against_what_stops_it() {
-        let (key, user, org) = (
+        let (key, user, org, role, parent) = (
             "00000000-0000-0000-0000-00000000000a",
             "00000000-0000-0000-0000-00000000000b",
             "00000000-0000-0000-0000-00000000000c",
+            "00000000-0000-0000-0000-00000000000d",
+            "00000000-0000-0000-0000-00000000000e",
         );
         let prepared = prepare(&[event(
             json!({}),
             json!({"actor_key_id": key, "actor_key_sequence": "3",
                    "actor_user_id": user, "actor_user_sequence": "7",
                    "organization_id": org, "actor_organization_sequence": "2",
+                   "actor_role_sequences": format!("{role}@4,{parent}@1"),
                    "guard_aggregate": "Conversation:c", "guard_sequence": "5"}),
         )])
         .unwrap();
@@ -872,16 +900,23 @@ mod tests {
                 (GuardKind::ActorKey, "ApiKey", key, 3),
                 (GuardKind::ActorUser, "User", user, 7),
                 (GuardKind::ActorOrganization, "Organization", org, 2),
+                (GuardKind::ActorRole, "Role", role, 4),
+                (GuardKind::ActorRole, "Role", parent, 1),
                 (GuardKind::Decided, "Conversation", "c", 5),
             ]
         );
-        let [key, user, org, decided] = &prepared.guards[..] else {
-            panic!("four guards");
+        let [key, user, org, role, _, decided] = &prepared.guards[..] else {
+            panic!("six guards");
         };
         let moves = |g: &Guard, types: &[&str]| g.moved_by_any(types.iter().copied());
         assert!(moves(key, &["ApiKeyLabelled"]));
-        assert!(!moves(user, &["UserProfileUpdated", "UserRoleAssigned"]));
-        for stop in ["UserDeactivated", "UserErased", "UserRoleRevoked"] {
+        assert!(!moves(user, &["UserProfileUpdated", "UserReactivated"]));
+        for stop in [
+            "UserDeactivated",
+            "UserErased",
+            "UserRoleAssigned",
+            "UserRoleRevoked",
+        ] {
             assert!(moves(user, &["UserProfileUpdated", stop]), "{stop}");
         }
         assert!(!moves(
@@ -889,6 +924,10 @@ mod tests {
             &["OrganizationUpdated", "OrganizationReactivated"]
         ));
         assert!(moves(org, &["OrganizationSuspended"]));
+        assert!(!moves(role, &["RoleCreated"]));
+        for change in ["RoleUpdated", "RoleDeleted"] {
+            assert!(moves(role, &[change]), "{change}");
+        }
         assert!(moves(decided, &["ConversationUpdated"]));
         assert!(!moves(decided, &[]));
         assert!(matches!(
@@ -896,16 +935,25 @@ mod tests {
             AppendError::ActorStopped(m) if m.contains("user was deactivated")
         ));
         assert!(matches!(org.refusal(), AppendError::ActorStopped(m) if m.contains("suspended")));
+        assert!(matches!(
+            role.refusal(),
+            AppendError::ActorStopped(m) if m.contains("roles this key's user held")
+        ));
         assert!(matches!(key.refusal(), AppendError::KeyChanged));
     }
 
-    /// A sequence without the id it belongs to is a bug of the caller, refused before the log.
+    /// A sequence without the id it belongs to, or a role's guard not written as the app
+    /// writes it, is a bug of the caller, refused before the log.
     #[test]
     fn a_standing_sequence_without_its_id_is_refused() {
         for metadata in [
             json!({"actor_user_sequence": "7"}),
             json!({"actor_organization_sequence": "2"}),
             json!({"actor_user_id": "x", "actor_user_sequence": "7"}),
+            json!({"actor_role_sequences": "00000000-0000-0000-0000-00000000000d"}),
+            json!({"actor_role_sequences": "x@1"}),
+            json!({"actor_role_sequences": "00000000-0000-0000-0000-00000000000d@one"}),
+            json!({"actor_role_sequences": ""}),
         ] {
             let refused = prepare(&[event(json!({}), metadata.clone())]);
             assert!(

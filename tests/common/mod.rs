@@ -551,11 +551,27 @@ impl TestApp {
 
     /// Assigns role `role` to user `user` of `org`, with no expiry, as the platform operator.
     pub async fn assign(&self, org: Uuid, user: Uuid, role: Uuid) {
+        self.assign_with(org, user, role, json!({})).await
+    }
+
+    /// Assigns as [`Self::assign`] does, until `expires_at`.
+    pub async fn assign_until(
+        &self,
+        org: Uuid,
+        user: Uuid,
+        role: Uuid,
+        expires_at: chrono::DateTime<chrono::Utc>,
+    ) {
+        let body = json!({ "expires_at": expires_at });
+        self.assign_with(org, user, role, body).await
+    }
+
+    async fn assign_with(&self, org: Uuid, user: Uuid, role: Uuid, body: Value) {
         let r = self
             .put(
                 &format!("/v1/organizations/{org}/users/{user}/roles/{role}"),
                 &self.admin_key,
-                json!({}),
+                body,
             )
             .await;
         assert_eq!(r.status, 200, "assign: {}", r.body);

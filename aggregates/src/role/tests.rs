@@ -762,3 +762,25 @@ fn errors_map_to_rejections() {
     };
     assert_eq!(escalation.rejection(), Rejection::Forbidden);
 }
+
+/// The ledger store refuses a role holder's command in flight by these names (`metadata`):
+/// every event of a role after its creation, so that a new event of a role, or a rename of
+/// one, must not quietly let a narrowed role's requests through.
+#[test]
+fn the_events_that_refuse_a_role_holders_requests_in_flight_are_named_as_recorded() {
+    let updated = RoleEvent::RoleUpdated {
+        before: spec(),
+        after: spec(),
+    };
+    // No wildcard: a new event of a role does not compile here until it is placed.
+    let after_creation = |e: &RoleEvent| match e {
+        RoleEvent::RoleCreated { .. } => false,
+        RoleEvent::RoleUpdated { .. } | RoleEvent::RoleDeleted { .. } => true,
+    };
+    let names: Vec<String> = [created(), updated, deleted()]
+        .iter()
+        .filter(|e| after_creation(e))
+        .map(cqrs_es::DomainEvent::event_type)
+        .collect();
+    assert_eq!(names, crate::metadata::ACTOR_ROLE_LOSSES);
+}

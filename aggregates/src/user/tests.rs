@@ -710,6 +710,11 @@ fn the_events_that_refuse_a_users_requests_in_flight_are_named_as_recorded() {
     let losses = [
         deactivated(),
         erased(),
+        UserEvent::UserRoleAssigned {
+            role_id: role_id(),
+            expires_at: None,
+            reason: None,
+        },
         UserEvent::UserRoleRevoked {
             role_id: role_id(),
             reason: None,
