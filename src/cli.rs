@@ -656,7 +656,17 @@ async fn verify(
                 report.head_position,
                 hex::encode(report.head_hash)
             );
-            Ok(ExitCode::SUCCESS)
+            if !args.actors {
+                return Ok(ExitCode::SUCCESS);
+            }
+            let standing = crate::ledger::standing::check_database(&pool)
+                .await
+                .context("reading the log's actors")?;
+            outln!("{standing}");
+            Ok(match standing.unguarded {
+                0 => ExitCode::SUCCESS,
+                _ => ExitCode::from(1),
+            })
         }
         Some(bad) => {
             outln!(

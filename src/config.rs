@@ -362,6 +362,11 @@ pub struct VerifyArgs {
     /// holding it. Needed with --checkpoint and --since.
     #[arg(long)]
     pub public_key: Option<String>,
+    /// Also check, from the log alone, that no request's command was recorded after its key,
+    /// user, roles or organization lost the standing it was authenticated on, after what it
+    /// was decided against moved on, or past its key's end (exit 1 if one was).
+    #[arg(long, conflicts_with_all = ["file", "since"])]
+    pub actors: bool,
 }
 
 #[derive(Debug, Args)]

@@ -8,8 +8,8 @@ mod common;
 use std::path::PathBuf;
 
 use common::{
-    event_at, hash_of, ledgerline, ledgerline_offline, set_hashes, superuser_tx, tamper, TestApp,
-    POLICY,
+    event_at, hash_of, ledgerline, ledgerline_offline, rewrite_json_from, superuser_tx, tamper,
+    TestApp, POLICY,
 };
 use ledgerline::ledger::checkpoint::{Checkpoint, LogSigner, NoteVerifier};
 use ledgerline::ledger::merkle::{self, Blake3, Digest, TreeHash};
@@ -121,47 +121,6 @@ async fn rewrite_metadata_from(t: &TestApp, k: i64) {
         &[],
     )
     .await;
-}
-
-/// Sets `column` (`payload` or `metadata`) of event `k` to `edit` of its text and recomputes
-/// every later link and hash, and runs `also` in the same transaction.
-async fn rewrite_json_from(
-    t: &TestApp,
-    k: i64,
-    column: &str,
-    edit: impl Fn(&str) -> String,
-    also: &[&str],
-) {
-    let n = t.head().await;
-    let mut tx = superuser_tx(t.pool()).await;
-    let mut prev = event_at(t.pool(), k - 1).await.hash;
-    for p in k..=n {
-        let mut e = event_at(t.pool(), p).await;
-        if p == k {
-            let text = match column {
-                "payload" => &mut e.payload,
-                "metadata" => &mut e.metadata,
-                other => panic!("not a JSON column of events: {other}"),
-            };
-            *text = edit(text);
-            sqlx::query(&format!(
-                "UPDATE events SET {column} = $2::text::json WHERE position = $1"
-            ))
-            .bind(p)
-            .bind(&*text)
-            .execute(&mut *tx)
-            .await
-            .unwrap();
-        }
-        e.prev_hash = prev;
-        e.hash = hash_of(&e.prev_hash, &e);
-        set_hashes(&mut tx, p, &e.prev_hash, &e.hash).await;
-        prev = e.hash;
-    }
-    for s in also {
-        sqlx::query(s).execute(&mut *tx).await.unwrap();
-    }
-    tx.commit().await.unwrap();
 }
 
 /// The position of the event that created organization "Beta".

@@ -7,8 +7,8 @@ mod common;
 use std::sync::Arc;
 
 use common::{
-    assert_error_says, decided_before_appended, hold_appends, release_appends, wait_for_appenders,
-    TestApp, TestDb,
+    assert_actors_guarded, assert_error_says, decided_before_appended, hold_appends,
+    release_appends, wait_for_appenders, TestApp, TestDb,
 };
 use cqrs_es::persist::SerializedEvent;
 use ledgerline::app::{Actor, CommandError, Created};
@@ -374,6 +374,7 @@ async fn a_users_loss_refuses_their_commands_in_the_same_batch_and_each_sharing_
     assert!(stopped(&outcomes[0]), "{:?}", outcomes[0]);
     assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
     assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
+    assert_actors_guarded(&db.pool).await;
 }
 
 /// A command of a user's key authenticated while the user acted under `roles` (each a role
@@ -434,4 +435,5 @@ async fn a_roles_change_refuses_its_holders_commands_in_the_same_batch_and_after
     .await;
     assert!(stopped(&outcomes[0]), "{:?}", outcomes[0]);
     assert!(outcomes[1].is_ok(), "{:?}", outcomes[1]);
+    assert_actors_guarded(&db.pool).await;
 }

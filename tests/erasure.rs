@@ -251,6 +251,7 @@ async fn erased_users_key_is_401() {
     common::assert_error(&r, 401);
     let r = s.t.get(&org_path(s.org, "/users"), &s.zelda_key).await;
     common::assert_error(&r, 401);
+    common::assert_actors_guarded(s.t.pool()).await;
 }
 
 #[tokio::test]

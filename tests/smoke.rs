@@ -69,4 +69,5 @@ async fn walkthrough() {
     let report = t.verify().await;
     assert!(report.intact(), "{:?}", report.first_bad);
     assert_eq!(report.events as i64, t.head().await);
+    common::assert_actors_guarded(t.pool()).await;
 }

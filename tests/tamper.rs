@@ -9,8 +9,8 @@ mod common;
 
 use chrono::Duration;
 use common::{
-    event_at, hash_of, ledgerline, ledgerline_offline, set_hashes, superuser_tx, tamper, TestApp,
-    TestDb,
+    event_at, hash_of, ledgerline, ledgerline_offline, rewrite_json_from, set_hashes, superuser_tx,
+    tamper, TestApp, TestDb,
 };
 use ledgerline::ledger::hash::GENESIS;
 use ledgerline::ledger::verify::{verify_database, BadEvent, Fault, Report};
@@ -727,27 +727,8 @@ async fn rewrite_and_truncation_need_an_external_head() {
     assert_intact(&kept);
 
     // Rewrite: edit k, then rehash everything after it.
-    let mut tx = superuser_tx(t.pool()).await;
-    let mut prev = event_at(t.pool(), k - 1).await.hash;
-    for p in k..=log.n {
-        let mut e = event_at(t.pool(), p).await;
-        if p == k {
-            e.payload = e
-                .payload
-                .replace(r#""name":"support""#, r#""name":"suppOrt""#);
-            sqlx::query("UPDATE events SET payload = $2::text::json WHERE position = $1")
-                .bind(p)
-                .bind(&e.payload)
-                .execute(&mut *tx)
-                .await
-                .unwrap();
-        }
-        e.prev_hash = prev;
-        e.hash = hash_of(&e.prev_hash, &e);
-        set_hashes(&mut tx, p, &e.prev_hash, &e.hash).await;
-        prev = e.hash;
-    }
-    tx.commit().await.unwrap();
+    let edit = |text: &str| text.replace(r#""name":"support""#, r#""name":"suppOrt""#);
+    rewrite_json_from(&t, k, "payload", edit, &[]).await;
     let rewritten = t.verify().await;
     assert_intact(&rewritten);
     assert_eq!(rewritten.head_position, kept.head_position);
@@ -1242,4 +1223,48 @@ async fn a_table_inheriting_from_the_log_is_tampering() {
     .await;
     let what = "1 table(s) inherit from it (their rows read as its own)".to_string();
     assert_first_bad(&t.verify().await, 0, Fault::NotAPlainTable { what });
+}
+
+/// `verify --actors` checks from the log alone that nothing was recorded after its actor lost
+/// the standing it was authenticated on: a log the writer wrote shows none (exit 0). An event
+/// made to say its key was authenticated at another version than the key had where it was
+/// recorded (as if authenticated before a rotation), with the chain made whole again after
+/// it, verifies intact, but `--actors` finds it at its position (exit 1).
+#[tokio::test]
+async fn verify_actors_finds_a_command_recorded_after_its_key_changed() {
+    let t = TestApp::spawn().await;
+    build_log(&t).await;
+    let (code, out, err) = ledgerline(&t.db.url, &["verify", "--actors"]).await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("intact"), "{out}");
+    assert!(
+        out.contains("none recorded after its actor lost its standing"),
+        "{out}"
+    );
+
+    let k: i64 = sqlx::query_scalar(
+        "SELECT max(position) FROM events WHERE metadata::jsonb ? 'actor_key_sequence'",
+    )
+    .fetch_one(t.pool())
+    .await
+    .unwrap();
+    // As if authenticated before a change of its key, the chain made whole again after it.
+    let edit = |text: &str| {
+        let mut metadata: serde_json::Value = serde_json::from_str(text).unwrap();
+        metadata["actor_key_sequence"] = json!("0");
+        metadata.to_string()
+    };
+    rewrite_json_from(&t, k, "metadata", edit, &[]).await;
+
+    let (code, out, err) = ledgerline(&t.db.url, &["verify"]).await;
+    assert_eq!(code, 0, "the chain alone shows nothing: {out}\n{err}");
+    let (code, out, err) = ledgerline(&t.db.url, &["verify", "--actors"]).await;
+    assert_eq!(code, 1, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains("intact"), "{out}");
+    assert!(out.contains("UNGUARDED: 1 of "), "{out}");
+    assert!(
+        out.contains(&format!("position {k}: its API key (ApiKey ")),
+        "{out}"
+    );
+    assert!(out.contains("not at 0"), "{out}");
 }

@@ -352,9 +352,10 @@ impl FromRequestParts<App> for Caller {
         actor.key_prefix = row.organization_id.map(|_| prefix.to_string());
         // Where the key stands, for the writer to refuse its commands if that is lost before
         // they are appended: the key as the log has it (`key_changing` is false), and from
-        // what was checked above no deactivation, erasure, role revocation, change of one of
-        // its roles or suspension after these sequences, nor any of its ends passed. The user's is the log's: its
-        // `users` row may lag role revocations that `user_roles` already shows.
+        // what was checked above no deactivation, erasure, role assignment or revocation,
+        // change of one of its roles or suspension after these sequences, nor any of its ends
+        // passed. The user's is the log's: its `users` row may lag role revocations that
+        // `user_roles` already shows.
         actor.authenticated_at = Some(AuthenticatedAt {
             key: row.version,
             user: row.user_sequence,

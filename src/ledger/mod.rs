@@ -10,6 +10,7 @@ pub mod hash;
 mod loader;
 pub mod merkle;
 pub mod offline;
+pub mod standing;
 pub mod store;
 pub mod tree;
 pub mod verify;

@@ -827,6 +827,61 @@ pub async fn hold_checkpoint(pool: &PgPool, name: &str) -> Transaction<'static, 
     tx
 }
 
+/// Checks from the log alone, as `verify --actors` does, that no request's command was
+/// recorded after its actor lost its standing: what the writer wrote always passes, so this
+/// holds the writer's guards and the auditor's check to each other.
+pub async fn assert_actors_guarded(pool: &PgPool) {
+    let report = ledgerline::ledger::standing::check_database(pool)
+        .await
+        .expect("the actors check runs");
+    assert_eq!(report.unguarded, 0, "{report}");
+    assert!(
+        report.checked > 0,
+        "requests' commands were checked: {report}"
+    );
+}
+
+/// Sets `column` (`payload` or `metadata`) of event `k` to `edit` of its text and recomputes
+/// every later link and hash, and runs `also` in the same transaction.
+pub async fn rewrite_json_from(
+    t: &TestApp,
+    k: i64,
+    column: &str,
+    edit: impl Fn(&str) -> String,
+    also: &[&str],
+) {
+    let n = t.head().await;
+    let mut tx = superuser_tx(t.pool()).await;
+    let mut prev = event_at(t.pool(), k - 1).await.hash;
+    for p in k..=n {
+        let mut e = event_at(t.pool(), p).await;
+        if p == k {
+            let text = match column {
+                "payload" => &mut e.payload,
+                "metadata" => &mut e.metadata,
+                other => panic!("not a JSON column of events: {other}"),
+            };
+            *text = edit(text);
+            sqlx::query(&format!(
+                "UPDATE events SET {column} = $2::text::json WHERE position = $1"
+            ))
+            .bind(p)
+            .bind(&*text)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        }
+        e.prev_hash = prev;
+        e.hash = hash_of(&e.prev_hash, &e);
+        set_hashes(&mut tx, p, &e.prev_hash, &e.hash).await;
+        prev = e.hash;
+    }
+    for s in also {
+        sqlx::query(s).execute(&mut *tx).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
 /// A transaction in which the append-only triggers do not fire (superuser only).
 pub async fn superuser_tx(pool: &PgPool) -> Transaction<'static, Postgres> {
     let mut tx = pool.begin().await.unwrap();
