@@ -659,7 +659,7 @@ async fn verify(
             if !args.actors {
                 return Ok(ExitCode::SUCCESS);
             }
-            let standing = crate::ledger::standing::check_database(&pool)
+            let standing = crate::ledger::standing::check_database(&pool, report.head_position)
                 .await
                 .context("reading the log's actors")?;
             outln!("{standing}");

@@ -13,7 +13,7 @@
 //! it, so events written before a rule existed are held to the rules of their day (a role
 //! given to the user counts for the events that also name their roles, written since both).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
@@ -65,6 +65,13 @@ pub const KEPT: usize = 20;
 impl std::fmt::Display for Report {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let commands = super::count(self.checked, "command", "commands");
+        if self.checked == 0 {
+            return write!(
+                f,
+                "actors: no command in the log carries a standing to check (none of a request \
+                 since the guards were written)"
+            );
+        }
         if self.unguarded == 0 {
             return write!(
                 f,
@@ -140,11 +147,14 @@ struct Current {
     metadata: Box<str>,
 }
 
-/// The walk's state: each aggregate's last event so far, and the last event of each kind of
-/// loss of each user, organization and role.
+/// The walk's state: the last event so far of each aggregate a guard can name, and the last
+/// event of each kind of loss of each user, organization and role.
 #[derive(Default)]
 pub struct StandingCheck {
     kinds: Vec<Box<str>>,
+    /// The aggregate types whose last events are kept (`None`: all): API keys and those
+    /// commands are decided against. Not messages, most of any log's aggregates.
+    tracked: Option<HashSet<String>>,
     last: HashMap<Aggregate, At>,
     losses: HashMap<(Aggregate, Loss), At>,
     current: Option<Current>,
@@ -152,8 +162,20 @@ pub struct StandingCheck {
 }
 
 impl StandingCheck {
+    /// A walk that keeps every aggregate's last event.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A walk that keeps the last events of API keys and of the aggregates of `decided_against`
+    /// types only: a `guard_aggregate` of any other type then reads as never written to.
+    pub fn tracking<'a>(decided_against: impl IntoIterator<Item = &'a str>) -> Self {
+        let mut tracked: HashSet<String> = decided_against.into_iter().map(String::from).collect();
+        tracked.insert("ApiKey".into());
+        Self {
+            tracked: Some(tracked),
+            ..Self::default()
+        }
     }
 
     fn aggregate(&mut self, aggregate_type: &str, id: &str) -> Aggregate {
@@ -203,7 +225,13 @@ impl StandingCheck {
         if let Some(loss) = Loss::of(e.aggregate_type, e.event_type) {
             self.losses.insert((aggregate.clone(), loss), at);
         }
-        self.last.insert(aggregate.clone(), at);
+        if self
+            .tracked
+            .as_ref()
+            .is_none_or(|t| t.contains(e.aggregate_type))
+        {
+            self.last.insert(aggregate.clone(), at);
+        }
         self.current = Some(Current {
             aggregate,
             sequence: e.sequence,
@@ -218,9 +246,21 @@ impl StandingCheck {
     /// The rules a command's first event carries that the log before it breaks, each said.
     fn broken_rules(&mut self, e: &Seen<'_>) -> Vec<String> {
         let Ok(Value::Object(m)) = serde_json::from_str::<Value>(e.metadata) else {
+            self.report.checked += 1;
             return vec!["its metadata is not a JSON object".into()];
         };
         let text = |key: &str| m.get(key).and_then(Value::as_str);
+        // Where a standing sequence is, its id must be a UUID, which the writer reads as such
+        // (so in its own spelling) and refuses otherwise.
+        let standing = |sequence_key: &str, id_key: &str| {
+            let sequence = text(sequence_key)?;
+            Some(match text(id_key).map(Uuid::parse_str) {
+                Some(Ok(id)) => Ok((id.to_string(), sequence)),
+                _ => Err(format!(
+                    "`{sequence_key}` without a readable `{id_key}`, which the writer refuses"
+                )),
+            })
+        };
         let mut broken = Vec::new();
         let mut carried = false;
         let mut rule = |outcome: Result<Option<String>, String>| {
@@ -230,45 +270,50 @@ impl StandingCheck {
                 Ok(Some(why)) | Err(why) => broken.push(why),
             }
         };
-        if let (Some(id), Some(seq)) = (
-            text(metadata::ACTOR_KEY_ID),
-            text(metadata::ACTOR_KEY_SEQUENCE),
-        ) {
-            rule(self.unmoved("its API key", "ApiKey", id, seq));
+        match standing(metadata::ACTOR_KEY_SEQUENCE, metadata::ACTOR_KEY_ID) {
+            Some(Ok((id, seq))) => rule(self.unmoved("its API key", "ApiKey", &id, seq)),
+            Some(Err(why)) => rule(Err(why)),
+            None => {}
         }
-        if let (Some(id), Some(seq)) = (
-            text(metadata::ACTOR_USER_ID),
-            text(metadata::ACTOR_USER_SEQUENCE),
-        ) {
-            rule(self.not_lost(
-                "its user was deactivated, erased or stripped of a role",
-                ("User", id, Loss::UserStopped),
-                seq,
-            ));
-            if m.contains_key(metadata::ACTOR_ROLE_SEQUENCES) {
+        match standing(metadata::ACTOR_USER_SEQUENCE, metadata::ACTOR_USER_ID) {
+            Some(Ok((id, seq))) => {
                 rule(self.not_lost(
-                    "its user was given a role",
-                    ("User", id, Loss::UserGiven),
+                    "its user was deactivated, erased or stripped of a role",
+                    ("User", &id, Loss::UserStopped),
                     seq,
                 ));
+                if m.contains_key(metadata::ACTOR_ROLE_SEQUENCES) {
+                    rule(self.not_lost(
+                        "its user was given a role",
+                        ("User", &id, Loss::UserGiven),
+                        seq,
+                    ));
+                }
             }
+            Some(Err(why)) => rule(Err(why)),
+            None => {}
         }
-        if let (Some(id), Some(seq)) = (
-            text(metadata::ORGANIZATION_ID),
-            text(metadata::ACTOR_ORGANIZATION_SEQUENCE),
+        match standing(
+            metadata::ACTOR_ORGANIZATION_SEQUENCE,
+            metadata::ORGANIZATION_ID,
         ) {
-            rule(self.not_lost(
+            Some(Ok((id, seq))) => rule(self.not_lost(
                 "its organization was suspended",
-                ("Organization", id, Loss::OrganizationSuspended),
+                ("Organization", &id, Loss::OrganizationSuspended),
                 seq,
-            ));
+            )),
+            Some(Err(why)) => rule(Err(why)),
+            None => {}
         }
         if let Some(roles) = text(metadata::ACTOR_ROLE_SEQUENCES) {
             for role in roles.split(',') {
-                rule(match role.split_once('@') {
+                let read = role
+                    .split_once('@')
+                    .and_then(|(id, seq)| Some((Uuid::parse_str(id).ok()?.to_string(), seq)));
+                rule(match read {
                     Some((id, seq)) => self.not_lost(
                         "one of its user's roles was changed or deleted",
-                        ("Role", id, Loss::RoleChanged),
+                        ("Role", &id, Loss::RoleChanged),
                         seq,
                     ),
                     None => Err(format!(
@@ -278,17 +323,23 @@ impl StandingCheck {
                 });
             }
         }
-        if let (Some(aggregate), Some(seq)) = (
+        match (
             text(metadata::GUARD_AGGREGATE),
             text(metadata::GUARD_SEQUENCE),
         ) {
-            rule(match aggregate.split_once(':') {
+            (Some(aggregate), Some(seq)) => rule(match aggregate.split_once(':') {
                 Some((ty, id)) => self.unmoved("what it was decided against", ty, id, seq),
                 None => Err(format!(
                     "unreadable `{}` {aggregate:?}",
                     metadata::GUARD_AGGREGATE
                 )),
-            });
+            }),
+            (None, None) => {}
+            _ => rule(Err(format!(
+                "`{}` without `{}`, or the other way, which the writer refuses",
+                metadata::GUARD_AGGREGATE,
+                metadata::GUARD_SEQUENCE
+            ))),
         }
         if let Some(until) = text(metadata::ACTOR_VALID_UNTIL) {
             rule(match until.parse::<DateTime<Utc>>() {
@@ -357,14 +408,24 @@ impl StandingCheck {
     }
 }
 
-/// Walks the database's log in position order.
-pub async fn check_database(pool: &PgPool) -> Result<Report, sqlx::Error> {
-    let mut check = StandingCheck::new();
+/// Walks the database's log in position order, up to `head` (the position the chain check
+/// verified to): first for the types commands were decided against, whose aggregates' last
+/// events the walk must keep, then event by event.
+pub async fn check_database(pool: &PgPool, head: i64) -> Result<Report, sqlx::Error> {
+    let decided_against: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT split_part(metadata::jsonb ->> 'guard_aggregate', ':', 1)
+         FROM events WHERE position <= $1 AND metadata::jsonb ? 'guard_aggregate'",
+    )
+    .bind(head)
+    .fetch_all(pool)
+    .await?;
+    let mut check = StandingCheck::tracking(decided_against.iter().map(String::as_str));
     let mut rows = sqlx::query_as::<_, (i64, String, String, i64, String, String, DateTime<Utc>)>(
         "SELECT position, aggregate_type, aggregate_id, sequence, event_type, metadata::text, \
                 recorded_at
-         FROM events ORDER BY position",
+         FROM events WHERE position <= $1 ORDER BY position",
     )
+    .bind(head)
     .fetch(pool);
     while let Some((
         position,
@@ -567,15 +628,31 @@ mod tests {
             metadata: "[]",
             recorded_at: log.recorded_at,
         });
+        // 28-30: what the writer refuses, a guard's half, a sequence without its id, a role
+        // that is not a UUID, is said too.
+        let guard_half = with(acting(3, 4, 3), metadata::GUARD_SEQUENCE, "9");
+        log.command(talk, 14, &["ConversationUpdated"], &guard_half);
+        let mut no_key = acting(3, 4, 3);
+        no_key
+            .as_object_mut()
+            .unwrap()
+            .remove(metadata::ACTOR_KEY_ID);
+        log.command(talk, 15, &["ConversationUpdated"], &no_key);
+        let not_a_role = with(acting(3, 4, 3), metadata::ACTOR_ROLE_SEQUENCES, "ops@1");
+        log.command(talk, 16, &["ConversationUpdated"], &not_a_role);
         let report = log.check.finish();
-        assert_eq!(report.unguarded, 8);
-        assert!(
-            report.first[6].why.contains("unreadable sequence"),
-            "{}",
-            report.first[6]
-        );
-        assert_eq!(report.events, 27);
-        // Every command but the system's carried a rule.
-        assert_eq!(report.checked, 14);
+        assert_eq!(report.unguarded, 11);
+        let said = |n: usize, what: &str| {
+            let why = &report.first[n].why;
+            assert!(why.contains(what), "{n}: {why}");
+        };
+        said(6, "unreadable sequence");
+        said(7, "not a JSON object");
+        said(8, "without `guard_sequence`, or the other way");
+        said(9, "`actor_key_sequence` without a readable `actor_key_id`");
+        said(10, "unreadable `actor_role_sequences`");
+        assert_eq!(report.events, 30);
+        // Every command but the system's was judged.
+        assert_eq!(report.checked, 18);
     }
 }

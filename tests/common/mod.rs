@@ -831,7 +831,11 @@ pub async fn hold_checkpoint(pool: &PgPool, name: &str) -> Transaction<'static, 
 /// recorded after its actor lost its standing: what the writer wrote always passes, so this
 /// holds the writer's guards and the auditor's check to each other.
 pub async fn assert_actors_guarded(pool: &PgPool) {
-    let report = ledgerline::ledger::standing::check_database(pool)
+    let head: i64 = sqlx::query_scalar("SELECT coalesce(max(position), 0) FROM events")
+        .fetch_one(pool)
+        .await
+        .unwrap();
+    let report = ledgerline::ledger::standing::check_database(pool, head)
         .await
         .expect("the actors check runs");
     assert_eq!(report.unguarded, 0, "{report}");
