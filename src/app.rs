@@ -224,7 +224,8 @@ pub enum CommandError<E: std::error::Error> {
          command was not recorded"
     )]
     KeyChanged,
-    /// The acting key's user or organization was stopped, or its end passed
+    /// The acting key's user was stopped or given or lost a role, one of its user's roles
+    /// changed, its organization was suspended, or its end passed
     /// (`AppendError::ActorStopped`), after its request was authenticated.
     #[error(
         "{0} while the request was being carried out: this command was not recorded; send \

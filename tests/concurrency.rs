@@ -316,6 +316,11 @@ async fn in_one_batch(
     all.await
 }
 
+/// Whether the outcome is a refusal because the acting key's standing was lost, saying `why`.
+fn stopped_by(outcome: &Result<Appended, AppendError>, why: &str) -> bool {
+    matches!(outcome, Err(AppendError::ActorStopped(m)) if m.contains(why))
+}
+
 /// Where a key stood is checked against the commands before it in the same batch, not only
 /// against the log: a user's role revoked earlier in the batch refuses the commands of their
 /// key authenticated before it, while a new name of another user lets theirs through. And a
@@ -353,7 +358,7 @@ async fn a_users_loss_refuses_their_commands_in_the_same_batch_and_each_sharing_
         ],
     )
     .await;
-    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("user was deactivated, erased, or given or lost a role"));
+    let stopped = |o: &_| stopped_by(o, "user was deactivated, erased, or given or lost a role");
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
     assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
     assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);
@@ -416,7 +421,7 @@ async fn a_roles_change_refuses_its_holders_commands_in_the_same_batch_and_after
         ],
     )
     .await;
-    let stopped = |o: &Result<Appended, AppendError>| matches!(o, Err(AppendError::ActorStopped(m)) if m.contains("roles this key's user held"));
+    let stopped = |o: &_| stopped_by(o, "roles this key's user held");
     assert!(outcomes[0].is_ok(), "{:?}", outcomes[0]);
     assert!(stopped(&outcomes[1]), "{:?}", outcomes[1]);
     assert!(outcomes[2].is_ok(), "{:?}", outcomes[2]);

@@ -16,14 +16,19 @@
 use std::collections::{HashMap, HashSet};
 
 use chrono::{DateTime, Utc};
+use cqrs_es::Aggregate as _;
 use futures::TryStreamExt;
+use ledgerline_aggregates::api_key::ApiKey;
 use ledgerline_aggregates::metadata;
+use ledgerline_aggregates::organization::Organization;
+use ledgerline_aggregates::role::Role;
+use ledgerline_aggregates::user::User;
 use serde_json::Value;
 use sqlx::PgPool;
 use uuid::Uuid;
 
 /// One event, as far as the check reads it.
-pub struct Seen<'a> {
+struct Seen<'a> {
     pub position: i64,
     pub aggregate_type: &'a str,
     pub aggregate_id: &'a str,
@@ -52,7 +57,7 @@ impl std::fmt::Display for Unguarded {
 #[derive(Debug, Default)]
 pub struct Report {
     pub events: u64,
-    /// Commands whose metadata carries at least one rule.
+    /// Commands whose metadata carries at least one rule, or cannot be read.
     pub checked: u64,
     /// How many commands broke a rule, and the first [`KEPT`] of them.
     pub unguarded: u64,
@@ -128,12 +133,12 @@ enum Loss {
 impl Loss {
     fn of(aggregate_type: &str, event_type: &str) -> Option<Loss> {
         match (aggregate_type, event_type) {
-            ("User", "UserRoleAssigned") => Some(Loss::UserGiven),
-            ("User", t) if metadata::ACTOR_USER_LOSSES.contains(&t) => Some(Loss::UserStopped),
-            ("Organization", t) if metadata::ACTOR_ORGANIZATION_LOSSES.contains(&t) => {
+            (User::TYPE, "UserRoleAssigned") => Some(Loss::UserGiven),
+            (User::TYPE, t) if metadata::ACTOR_USER_LOSSES.contains(&t) => Some(Loss::UserStopped),
+            (Organization::TYPE, t) if metadata::ACTOR_ORGANIZATION_LOSSES.contains(&t) => {
                 Some(Loss::OrganizationSuspended)
             }
-            ("Role", t) if metadata::ACTOR_ROLE_LOSSES.contains(&t) => Some(Loss::RoleChanged),
+            (Role::TYPE, t) if metadata::ACTOR_ROLE_LOSSES.contains(&t) => Some(Loss::RoleChanged),
             _ => None,
         }
     }
@@ -150,7 +155,7 @@ struct Current {
 /// The walk's state: the last event so far of each aggregate a guard can name, and the last
 /// event of each kind of loss of each user, organization and role.
 #[derive(Default)]
-pub struct StandingCheck {
+struct StandingCheck {
     kinds: Vec<Box<str>>,
     /// The aggregate types whose last events are kept (`None`: all): API keys and those
     /// commands are decided against. Not messages, most of any log's aggregates.
@@ -163,15 +168,16 @@ pub struct StandingCheck {
 
 impl StandingCheck {
     /// A walk that keeps every aggregate's last event.
-    pub fn new() -> Self {
+    #[cfg(test)]
+    fn new() -> Self {
         Self::default()
     }
 
     /// A walk that keeps the last events of API keys and of the aggregates of `decided_against`
     /// types only: a `guard_aggregate` of any other type then reads as never written to.
-    pub fn tracking<'a>(decided_against: impl IntoIterator<Item = &'a str>) -> Self {
+    fn tracking<'a>(decided_against: impl IntoIterator<Item = &'a str>) -> Self {
         let mut tracked: HashSet<String> = decided_against.into_iter().map(String::from).collect();
-        tracked.insert("ApiKey".into());
+        tracked.insert(ApiKey::TYPE.into());
         Self {
             tracked: Some(tracked),
             ..Self::default()
@@ -200,7 +206,7 @@ impl StandingCheck {
     }
 
     /// Takes the log's next event (in position order).
-    pub fn see(&mut self, e: &Seen<'_>) {
+    fn see(&mut self, e: &Seen<'_>) {
         self.report.events += 1;
         let aggregate = self.aggregate(e.aggregate_type, e.aggregate_id);
         let continues = self.current.as_ref().is_some_and(|c| {
@@ -239,7 +245,7 @@ impl StandingCheck {
         });
     }
 
-    pub fn finish(self) -> Report {
+    fn finish(self) -> Report {
         self.report
     }
 
@@ -271,7 +277,7 @@ impl StandingCheck {
             }
         };
         match standing(metadata::ACTOR_KEY_SEQUENCE, metadata::ACTOR_KEY_ID) {
-            Some(Ok((id, seq))) => rule(self.unmoved("its API key", "ApiKey", &id, seq)),
+            Some(Ok((id, seq))) => rule(self.unmoved("its API key", ApiKey::TYPE, &id, seq)),
             Some(Err(why)) => rule(Err(why)),
             None => {}
         }
@@ -279,13 +285,13 @@ impl StandingCheck {
             Some(Ok((id, seq))) => {
                 rule(self.not_lost(
                     "its user was deactivated, erased or stripped of a role",
-                    ("User", &id, Loss::UserStopped),
+                    (User::TYPE, &id, Loss::UserStopped),
                     seq,
                 ));
                 if m.contains_key(metadata::ACTOR_ROLE_SEQUENCES) {
                     rule(self.not_lost(
                         "its user was given a role",
-                        ("User", &id, Loss::UserGiven),
+                        (User::TYPE, &id, Loss::UserGiven),
                         seq,
                     ));
                 }
@@ -299,7 +305,7 @@ impl StandingCheck {
         ) {
             Some(Ok((id, seq))) => rule(self.not_lost(
                 "its organization was suspended",
-                ("Organization", &id, Loss::OrganizationSuspended),
+                (Organization::TYPE, &id, Loss::OrganizationSuspended),
                 seq,
             )),
             Some(Err(why)) => rule(Err(why)),
@@ -313,7 +319,7 @@ impl StandingCheck {
                 rule(match read {
                     Some((id, seq)) => self.not_lost(
                         "one of its user's roles was changed or deleted",
-                        ("Role", &id, Loss::RoleChanged),
+                        (Role::TYPE, &id, Loss::RoleChanged),
                         seq,
                     ),
                     None => Err(format!(

@@ -31,7 +31,8 @@ pub enum AppendError {
     /// was changed or deleted, or its organization was suspended, after its request was
     /// authenticated (`metadata::ACTOR_USER_SEQUENCE`, `ACTOR_ROLE_SEQUENCES`,
     /// `ACTOR_ORGANIZATION_SEQUENCE`), or the key's end passed (`ACTOR_VALID_UNTIL`); says
-    /// what, as "this key's user was ..." (for an end, the three it may have been).
+    /// what ("this key's user was ...", "one of the roles this key's user held ...", for an
+    /// end the three it may have been).
     #[error("{0} after its request was authenticated")]
     ActorStopped(&'static str),
     /// A name, slug, address or prefix that must be unique is taken, by `holder`
