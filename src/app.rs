@@ -177,14 +177,8 @@ impl Actor {
             ),
             (
                 metadata::ACTOR_ROLE_SEQUENCES,
-                at.filter(|s| !s.roles.is_empty()).map(|s| {
-                    let roles: Vec<String> = s
-                        .roles
-                        .iter()
-                        .map(|(id, seq)| format!("{id}@{seq}"))
-                        .collect();
-                    roles.join(",")
-                }),
+                at.filter(|s| !s.roles.is_empty())
+                    .map(|s| metadata::role_sequences_text(&s.roles)),
             ),
             (
                 metadata::ACTOR_VALID_UNTIL,

@@ -65,6 +65,29 @@ pub const ACTOR_ORGANIZATION_LOSSES: [&str; 1] = ["OrganizationSuspended"];
 /// handler's to know, not the writer's. Carried like `ACTOR_KEY_SEQUENCE`, when the user
 /// holds a role.
 pub const ACTOR_ROLE_SEQUENCES: &str = "actor_role_sequences";
+/// [`ACTOR_ROLE_SEQUENCES`] as written, from each role's id and sequence (in the order given,
+/// which the caller makes the id's).
+pub fn role_sequences_text(roles: &[(uuid::Uuid, i64)]) -> String {
+    let parts: Vec<String> = roles
+        .iter()
+        .map(|(id, seq)| format!("{id}@{seq}"))
+        .collect();
+    parts.join(",")
+}
+
+/// [`ACTOR_ROLE_SEQUENCES`] read: each role's id and sequence, or the part that is not
+/// `<uuid>@<sequence>` (an empty text is one such part). The writer and the auditor's check
+/// read it alike.
+pub fn role_sequences(text: &str) -> impl Iterator<Item = Result<(uuid::Uuid, i64), &str>> {
+    text.split(',').map(|part| {
+        let (id, seq) = part.split_once('@').ok_or(part)?;
+        Ok((
+            id.parse().map_err(|_| part)?,
+            seq.parse().map_err(|_| part)?,
+        ))
+    })
+}
+
 /// A role's events that refuse what its holders' requests still had in flight: every event
 /// of a role after its creation.
 pub const ACTOR_ROLE_LOSSES: [&str; 2] = ["RoleUpdated", "RoleDeleted"];
@@ -78,3 +101,36 @@ pub const ACTOR_ROLE_LOSSES: [&str; 2] = ["RoleUpdated", "RoleDeleted"];
 /// expiry, refuses it by `ACTOR_USER_SEQUENCE`). Carried like `ACTOR_KEY_SEQUENCE`, when any
 /// of those ends is set.
 pub const ACTOR_VALID_UNTIL: &str = "actor_valid_until";
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::{role_sequences, role_sequences_text};
+
+    /// What the app writes reads back; any part not `<uuid>@<sequence>` is handed back as it
+    /// is, for the writer to refuse and the auditor's check to name.
+    #[test]
+    fn role_sequences_read_back_and_bad_parts_are_named() {
+        let (a, b) = (Uuid::from_u128(1), Uuid::from_u128(2));
+        let text = role_sequences_text(&[(a, 3), (b, 1)]);
+        assert_eq!(text, format!("{a}@3,{b}@1"));
+        assert_eq!(
+            role_sequences(&text).collect::<Vec<_>>(),
+            [Ok((a, 3)), Ok((b, 1))]
+        );
+        for bad in [
+            "",
+            "x@1",
+            &format!("{a}"),
+            &format!("{a}@one"),
+            &format!("{a}@1,"),
+        ] {
+            assert!(
+                role_sequences(bad).any(|r| r.is_err()),
+                "{bad:?} read as {:?}",
+                role_sequences(bad).collect::<Vec<_>>()
+            );
+        }
+    }
+}

@@ -312,18 +312,15 @@ impl StandingCheck {
             None => {}
         }
         if let Some(roles) = text(metadata::ACTOR_ROLE_SEQUENCES) {
-            for role in roles.split(',') {
-                let read = role
-                    .split_once('@')
-                    .and_then(|(id, seq)| Some((Uuid::parse_str(id).ok()?.to_string(), seq)));
-                rule(match read {
-                    Some((id, seq)) => self.not_lost(
+            for role in metadata::role_sequences(roles) {
+                rule(match role {
+                    Ok((id, seq)) => Ok(self.lost_after(
                         "one of its user's roles was changed or deleted",
-                        (Role::TYPE, &id, Loss::RoleChanged),
+                        (Role::TYPE, &id.to_string(), Loss::RoleChanged),
                         seq,
-                    ),
-                    None => Err(format!(
-                        "unreadable `{}` {role:?}",
+                    )),
+                    Err(part) => Err(format!(
+                        "unreadable `{}` {part:?}",
                         metadata::ACTOR_ROLE_SEQUENCES
                     )),
                 });
@@ -399,9 +396,18 @@ impl StandingCheck {
         let seq: i64 = seq
             .parse()
             .map_err(|_| format!("unreadable sequence {seq:?} of {ty} {id}"))?;
+        Ok(self.lost_after(what, (ty, id, loss), seq))
+    }
+
+    /// The loss of `loss`'s kind of the aggregate after sequence `seq`, said, if there is one.
+    fn lost_after(
+        &mut self,
+        what: &str,
+        (ty, id, loss): (&str, &str, Loss),
+        seq: i64,
+    ) -> Option<String> {
         let aggregate = self.aggregate(ty, id);
-        Ok(self
-            .losses
+        self.losses
             .get(&(aggregate, loss))
             .filter(|at| at.sequence > seq)
             .map(|at| {
@@ -410,7 +416,7 @@ impl StandingCheck {
                      at sequence {seq}",
                     at.sequence, at.position
                 )
-            }))
+            })
     }
 }
 

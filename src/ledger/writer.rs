@@ -198,17 +198,16 @@ impl Guard {
         // And each of its user's roles, moved by a change or deletion of the role.
         for role in text(metadata::ACTOR_ROLE_SEQUENCES)
             .into_iter()
-            .flat_map(|roles| roles.split(','))
+            .flat_map(metadata::role_sequences)
         {
-            let bad = || {
+            let (id, sequence) = role.map_err(|part| {
                 let key = metadata::ACTOR_ROLE_SEQUENCES;
-                AppendError::Invalid(format!("bad `{key}` guard `{role}`"))
-            };
-            let (id, sequence) = role.split_once('@').ok_or_else(bad)?;
+                AppendError::Invalid(format!("bad `{key}` guard `{part}`"))
+            })?;
             guards.push(Guard {
                 aggregate_type: Role::TYPE.into(),
-                aggregate_id: id.parse::<Uuid>().map_err(|_| bad())?.to_string(),
-                sequence: sequence.parse().map_err(|_| bad())?,
+                aggregate_id: id.to_string(),
+                sequence,
                 moved_by: &metadata::ACTOR_ROLE_LOSSES[..],
                 kind: GuardKind::ActorRole,
             });
