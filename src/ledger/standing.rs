@@ -256,12 +256,14 @@ impl StandingCheck {
             return vec!["its metadata is not a JSON object".into()];
         };
         let text = |key: &str| m.get(key).and_then(Value::as_str);
-        // Where a standing sequence is, its id must be a UUID, which the writer reads as such
-        // (so in its own spelling) and refuses otherwise.
+        // Where a standing sequence is, it must be a number and its id a UUID, which the
+        // writer reads as such (so in its own spelling) and refuses otherwise.
         let standing = |sequence_key: &str, id_key: &str| {
             let sequence = text(sequence_key)?;
             Some(match text(id_key).map(Uuid::parse_str) {
-                Some(Ok(id)) => Ok((id.to_string(), sequence)),
+                Some(Ok(id)) => {
+                    read_sequence(sequence, sequence_key).map(|seq| (id.to_string(), seq))
+                }
                 _ => Err(format!(
                     "`{sequence_key}` without a readable `{id_key}`, which the writer refuses"
                 )),
@@ -276,40 +278,32 @@ impl StandingCheck {
                 Ok(Some(why)) | Err(why) => broken.push(why),
             }
         };
-        match standing(metadata::ACTOR_KEY_SEQUENCE, metadata::ACTOR_KEY_ID) {
-            Some(Ok((id, seq))) => rule(self.unmoved("its API key", ApiKey::TYPE, &id, seq)),
-            Some(Err(why)) => rule(Err(why)),
-            None => {}
+        if let Some(key) = standing(metadata::ACTOR_KEY_SEQUENCE, metadata::ACTOR_KEY_ID) {
+            rule(key.map(|(id, seq)| self.unmoved("its API key", ApiKey::TYPE, &id, seq)));
         }
-        match standing(metadata::ACTOR_USER_SEQUENCE, metadata::ACTOR_USER_ID) {
-            Some(Ok((id, seq))) => {
-                rule(self.not_lost(
+        if let Some(user) = standing(metadata::ACTOR_USER_SEQUENCE, metadata::ACTOR_USER_ID) {
+            rule(user.clone().map(|(id, seq)| {
+                let lost = (User::TYPE, &*id, Loss::UserStopped);
+                self.lost_after(
                     "its user was deactivated, erased or stripped of a role",
-                    (User::TYPE, &id, Loss::UserStopped),
+                    lost,
                     seq,
-                ));
-                if m.contains_key(metadata::ACTOR_ROLE_SEQUENCES) {
-                    rule(self.not_lost(
-                        "its user was given a role",
-                        (User::TYPE, &id, Loss::UserGiven),
-                        seq,
-                    ));
-                }
+                )
+            }));
+            // A role given counts for the events that name their roles, written since both.
+            if let (Ok((id, seq)), true) = (user, m.contains_key(metadata::ACTOR_ROLE_SEQUENCES)) {
+                let lost = (User::TYPE, &*id, Loss::UserGiven);
+                rule(Ok(self.lost_after("its user was given a role", lost, seq)));
             }
-            Some(Err(why)) => rule(Err(why)),
-            None => {}
         }
-        match standing(
+        if let Some(org) = standing(
             metadata::ACTOR_ORGANIZATION_SEQUENCE,
             metadata::ORGANIZATION_ID,
         ) {
-            Some(Ok((id, seq))) => rule(self.not_lost(
-                "its organization was suspended",
-                (Organization::TYPE, &id, Loss::OrganizationSuspended),
-                seq,
-            )),
-            Some(Err(why)) => rule(Err(why)),
-            None => {}
+            rule(org.map(|(id, seq)| {
+                let lost = (Organization::TYPE, &*id, Loss::OrganizationSuspended);
+                self.lost_after("its organization was suspended", lost, seq)
+            }));
         }
         if let Some(roles) = text(metadata::ACTOR_ROLE_SEQUENCES) {
             for role in metadata::role_sequences(roles) {
@@ -331,7 +325,8 @@ impl StandingCheck {
             text(metadata::GUARD_SEQUENCE),
         ) {
             (Some(aggregate), Some(seq)) => rule(match aggregate.split_once(':') {
-                Some((ty, id)) => self.unmoved("what it was decided against", ty, id, seq),
+                Some((ty, id)) => read_sequence(seq, metadata::GUARD_SEQUENCE)
+                    .map(|seq| self.unmoved("what it was decided against", ty, id, seq)),
                 None => Err(format!(
                     "unreadable `{}` {aggregate:?}",
                     metadata::GUARD_AGGREGATE
@@ -365,41 +360,20 @@ impl StandingCheck {
     }
 
     /// A guard moved by any event of its aggregate: the aggregate must stand at `seq`.
-    fn unmoved(
-        &mut self,
-        what: &str,
-        ty: &str,
-        id: &str,
-        seq: &str,
-    ) -> Result<Option<String>, String> {
-        let seq: i64 = seq
-            .parse()
-            .map_err(|_| format!("unreadable sequence {seq:?} of {what} ({ty} {id})"))?;
+    fn unmoved(&mut self, what: &str, ty: &str, id: &str, seq: i64) -> Option<String> {
         let aggregate = self.aggregate(ty, id);
         let last = self.last.get(&aggregate).copied().unwrap_or_default();
-        Ok((last.sequence != seq).then(|| {
+        (last.sequence != seq).then(|| {
             format!(
                 "{what} ({ty} {id}) stood at sequence {} (position {}), not at {seq} as when \
                  the command was authenticated or decided",
                 last.sequence, last.position
             )
-        }))
+        })
     }
 
-    /// A guard moved only by a kind of loss: none of the aggregate's may follow `seq`.
-    fn not_lost(
-        &mut self,
-        what: &str,
-        (ty, id, loss): (&str, &str, Loss),
-        seq: &str,
-    ) -> Result<Option<String>, String> {
-        let seq: i64 = seq
-            .parse()
-            .map_err(|_| format!("unreadable sequence {seq:?} of {ty} {id}"))?;
-        Ok(self.lost_after(what, (ty, id, loss), seq))
-    }
-
-    /// The loss of `loss`'s kind of the aggregate after sequence `seq`, said, if there is one.
+    /// A guard moved only by a kind of loss: the loss of `loss`'s kind of the aggregate after
+    /// sequence `seq`, said, if there is one.
     fn lost_after(
         &mut self,
         what: &str,
@@ -418,6 +392,12 @@ impl StandingCheck {
                 )
             })
     }
+}
+
+/// A guard's sequence, as the writer reads it (refusing what is not a number).
+fn read_sequence(text: &str, key: &str) -> Result<i64, String> {
+    text.parse()
+        .map_err(|_| format!("unreadable sequence {text:?} in `{key}`"))
 }
 
 /// Walks the database's log in position order, up to `head` (the position the chain check
